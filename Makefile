@@ -1,0 +1,37 @@
+# agent-sidecar: the two commands a fresh machine needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test proto install clean policy-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Reinstall whenever pyproject.toml changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the sidecar on the embedded defaults (embedded engine, rego/, dev identity).
+run: install
+	$(BIN)/agent-sidecar serve --config examples/dev.yaml
+
+## Install everything and run the whole test suite.
+test: install
+	$(BIN)/agent-sidecar policy test rego/
+	$(BIN)/python -m pytest -q
+
+## Regenerate the gRPC stubs in sidecar/v1 from protos/.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/sidecar/v1/sidecar.proto
+
+policy-test: install
+	$(BIN)/agent-sidecar policy test rego/
+
+clean:
+	rm -rf $(VENV) .pytest_cache

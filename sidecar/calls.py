@@ -1,0 +1,120 @@
+"""One tool call as the sidecar sees it, and the checks made before policy runs.
+
+A call that fails these checks is still decided (deny, with reasons a person
+understands) and still recorded; it just never reaches the policy engine.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+
+MAX_TOOL_NAME_BYTES = 256
+MAX_ID_BYTES = 256
+MAX_INTENT_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    tool: str
+    arguments: Any
+    call_id: str = ""
+    task_id: str = ""
+    intent: str = ""
+    signals: Any = None
+    escalation_id: str = ""
+    server: str = ""
+
+
+def depth_of(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counting stops once past `limit`."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[str], str]:
+    """Return (problems, arguments_digest). No problems means policy may see the call."""
+    problems: list[str] = []
+    tool_bytes = len(call.tool.encode("utf-8", "surrogatepass"))
+    if tool_bytes == 0:
+        problems.append("invalid_tool: the tool name is empty")
+    elif tool_bytes > MAX_TOOL_NAME_BYTES:
+        problems.append(f"invalid_tool: the tool name is {tool_bytes} bytes, over the {MAX_TOOL_NAME_BYTES}-byte limit")
+    elif not call.tool.isprintable():
+        problems.append("invalid_tool: the tool name holds control characters")
+    for label, value, limit in (
+        ("call_id", call.call_id, MAX_ID_BYTES),
+        ("task_id", call.task_id, MAX_ID_BYTES),
+        ("server", call.server, MAX_ID_BYTES),
+        ("escalation_id", call.escalation_id, MAX_ID_BYTES),
+        ("intent", call.intent, MAX_INTENT_BYTES),
+    ):
+        if len(value.encode("utf-8", "surrogatepass")) > limit:
+            problems.append(f"invalid_{label}: {label} is over the {limit}-byte limit")
+
+    if not isinstance(call.arguments, dict):
+        problems.append(f"invalid_arguments: arguments must be a JSON object, not {_json_kind(call.arguments)}")
+    if call.signals is not None and not isinstance(call.signals, dict):
+        problems.append(f"invalid_signals: signals must be a JSON object, not {_json_kind(call.signals)}")
+
+    for label, value in (("arguments", call.arguments), ("signals", call.signals)):
+        depth = depth_of(value, max_depth)
+        if depth > max_depth:
+            problems.append(f"input_too_deep: {label} nest deeper than the limit of {max_depth} levels")
+
+    try:
+        encoded = canonical_json(call.arguments)
+        digest = sha256_digest(encoded)
+        if len(encoded) > max_bytes:
+            problems.append(f"input_too_large: arguments are {len(encoded)} bytes, over the limit of {max_bytes}")
+    except NotCanonicalizable as exc:
+        digest = sha256_digest(repr(call.arguments).encode("utf-8", "surrogatepass"))
+        problems.append(f"invalid_arguments: arguments are not valid JSON ({exc})")
+    if call.signals is not None and not problems:
+        try:
+            if len(canonical_json(call.signals)) > max_bytes:
+                problems.append(f"input_too_large: signals are over the limit of {max_bytes} bytes")
+        except NotCanonicalizable as exc:
+            problems.append(f"invalid_signals: signals are not valid JSON ({exc})")
+    return problems, digest
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+class CallIdRegistry:
+    """Remembers recent call ids with the digest of what they carried.
+
+    A call id reused for a different tool or other arguments is refused: it
+    would let one approval or one evidence entry stand for two calls.
+    """
+
+    def __init__(self, capacity: int):
+        self._capacity = capacity
+        self._seen: OrderedDict[str, str] = OrderedDict()
+
+    def claim(self, call_id: str, fingerprint: str) -> bool:
+        """True if the id is new or was used for the same call before."""
+        previous = self._seen.get(call_id)
+        if previous is not None:
+            self._seen.move_to_end(call_id)
+            return previous == fingerprint
+        self._seen[call_id] = fingerprint
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+        return True

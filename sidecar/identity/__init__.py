@@ -1,0 +1,88 @@
+"""Who is calling: the verified subject of a decision and the resolvers that find it.
+
+Every decision's subject is a SPIFFE ID that a resolver verified (Workload API,
+mTLS peer, JWT-SVID) or, only when configured, a generated dev identity. A
+resolver never trusts an ID the caller merely claims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+from sidecar.identity.spiffe_id import SpiffeIdError, parse_spiffe_id
+
+SOURCES = ("workload_api", "mtls", "jwt_svid", "dev")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A verified workload identity, as it appears in policy input and evidence."""
+
+    spiffe_id: str
+    source: str
+    svid_expires_at: str | None = None  # RFC 3339, UTC
+
+    @property
+    def trust_domain(self) -> str:
+        return parse_spiffe_id(self.spiffe_id).trust_domain
+
+    @property
+    def path(self) -> str:
+        return parse_spiffe_id(self.spiffe_id).path
+
+    def to_input(self) -> dict:
+        return {
+            "spiffe_id": self.spiffe_id,
+            "trust_domain": self.trust_domain,
+            "path": self.path,
+            "source": self.source,
+            "svid_expires_at": self.svid_expires_at,
+        }
+
+
+@dataclass(frozen=True)
+class CallerIdentity:
+    """The caller and the agents upstream of it (outermost first)."""
+
+    subject: Subject
+    delegation: tuple[Subject, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a transport tells about a caller, independent of grpcio."""
+
+    transport: str  # "unix", "tcp" or "tls"
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    auth_context: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)
+
+
+class IdentityError(Exception):
+    """The caller could not be verified; the call is denied with this reason."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IdentityResolver(Protocol):
+    """Turns what the transport tells into a verified caller, or raises IdentityError."""
+
+    def resolve(self, peer: PeerInfo) -> CallerIdentity: ...
+
+    def health(self) -> tuple[bool, str]:
+        """(serving, detail): False until the resolver can verify anyone."""
+        ...
+
+
+__all__ = [
+    "SOURCES",
+    "CallerIdentity",
+    "IdentityError",
+    "IdentityResolver",
+    "PeerInfo",
+    "SpiffeIdError",
+    "Subject",
+    "parse_spiffe_id",
+]

@@ -1,0 +1,151 @@
+"""Compile a PolicyBundle with the embedded Rego interpreter (regopy) and run its tests.
+
+regopy's native library prints compile errors on stdout; they are captured
+here (fd 1 redirected for the duration of a compile) so they end up in the
+BundleError with their file and line, not in a `check` command's JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from regopy import Interpreter
+
+from sidecar.policy.bundle import BundleError, PolicyBundle
+
+DECISION_ENTRYPOINT = "sidecar/decision"
+
+_stdout_lock = threading.Lock()
+_LOCATION = re.compile(r"^-- (?P<where>\S+:\d+):\d+$")
+_TEST_RULE = re.compile(r"^(test_[A-Za-z0-9_]*)\b", re.MULTILINE)
+_PACKAGE = re.compile(r"^package\s+([A-Za-z0-9_.]+)", re.MULTILINE)
+
+
+class EvaluationError(RuntimeError):
+    """The interpreter failed while evaluating (a builtin error, a conflict...)."""
+
+
+@contextmanager
+def _captured_native_stdout() -> Iterator[list[str]]:
+    """Redirect fd 1 into a temporary file; the yielded list receives what was written."""
+    captured: list[str] = []
+    with _stdout_lock, tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(1)
+        try:
+            os.dup2(sink.fileno(), 1)
+            yield captured
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace"))
+
+
+def _problems_from(native_output: str, fallback: str) -> list[str]:
+    """Turn rego-cpp's "message / -- file:line:col" blocks into "file:line: message"."""
+    problems = []
+    message: list[str] = []
+    for line in native_output.splitlines():
+        located = _LOCATION.match(line.strip())
+        if located:
+            text = " ".join(m for m in message if m and m != "Errors:") or "compile error"
+            problems.append(f"{located.group('where')}: {text}")
+            message = []
+        elif line.startswith("---"):
+            message = []
+        elif line.strip() and not line.startswith(("~", " ")):
+            message.append(line.strip())
+    unique = list(dict.fromkeys(problems))
+    return unique or [fallback]
+
+
+def new_interpreter(bundle: PolicyBundle, *, with_tests: bool) -> Interpreter:
+    interpreter = Interpreter()
+    interpreter.strict_built_in_errors = True
+    interpreter.add_data(bundle.data)
+    modules = {**bundle.modules, **(bundle.tests if with_tests else {})}
+    for name, source in modules.items():
+        interpreter.add_module(name, source)
+    return interpreter
+
+
+def compile_decision(bundle: PolicyBundle) -> Any:
+    """Compile the bundle's decision entrypoint; raise BundleError with file:line problems."""
+    return _build(bundle, [DECISION_ENTRYPOINT], with_tests=False)[1]
+
+
+def _build(bundle: PolicyBundle, entrypoints: list[str], *, with_tests: bool) -> tuple[Interpreter, Any]:
+    with _captured_native_stdout() as output:
+        try:
+            interpreter = new_interpreter(bundle, with_tests=with_tests)
+            compiled = interpreter.build(None, entrypoints)
+            error = None
+        except Exception as exc:  # regopy raises RegoError, or JSONDecodeError on some failures
+            error = exc
+    if error is not None:
+        raise BundleError(_problems_from(output[0], f"policy does not compile: {error}")) from None
+    return interpreter, compiled
+
+
+def query(interpreter: Interpreter, compiled: Any, entrypoint: str) -> Any:
+    """Evaluate one entrypoint; None when undefined; EvaluationError on interpreter errors."""
+    output = interpreter.query_bundle_entrypoint(compiled, entrypoint)
+    text = str(output)
+    if text == "undefined":
+        return None
+    if not output.ok():
+        if text.strip() == "<error>":
+            raise EvaluationError("a built-in function failed or rules conflicted (strict evaluation)")
+        raise EvaluationError(text.strip() or "policy evaluation failed")
+    try:
+        expressions = json.loads(text)["expressions"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise EvaluationError(f"unexpected interpreter output: {text[:200]}") from None
+    return expressions[0] if expressions else None
+
+
+@dataclass(frozen=True)
+class TestResult:
+    file: str
+    line: int
+    rule: str  # fully qualified, e.g. data.sidecar.tests.test_x
+    passed: bool
+    detail: str = ""
+
+
+def run_tests(bundle: PolicyBundle) -> list[TestResult]:
+    """Run every `test_*` rule of the bundle's *_test.rego files; a test passes when it is true."""
+    found: list[tuple[str, int, str]] = []
+    for file, source in sorted(bundle.tests.items()):
+        package = _PACKAGE.search(source)
+        if not package:
+            continue
+        for match in _TEST_RULE.finditer(source):
+            line = source.count("\n", 0, match.start()) + 1
+            found.append((file, line, f"{package.group(1)}.{match.group(1)}"))
+    # A rule may have several definitions (incremental tests): run each name once.
+    unique = list({rule: (file, line, rule) for file, line, rule in reversed(found)}.values())[::-1]
+    if not unique:
+        return []
+    entrypoints = [rule.replace(".", "/") for _, _, rule in unique]
+    interpreter, compiled = _build(bundle, entrypoints, with_tests=True)
+    results = []
+    for (file, line, rule), entrypoint in zip(unique, entrypoints):
+        try:
+            value = query(interpreter, compiled, entrypoint)
+        except EvaluationError as exc:
+            results.append(TestResult(file, line, f"data.{rule}", False, f"error: {exc}"))
+            continue
+        if value is True:
+            results.append(TestResult(file, line, f"data.{rule}", True))
+        else:
+            detail = "undefined" if value is None else f"got {json.dumps(value)}"
+            results.append(TestResult(file, line, f"data.{rule}", False, detail))
+    return results
