@@ -24,6 +24,7 @@ identity and Rego policy (allow / deny / escalate) before it runs.
   agent-sidecar check --subject spiffe://dev.local/agent --tool read_file \\
       --args '{"path": "/workspace/notes.txt"}'       one decision, as JSON
   agent-sidecar policy test rego/                    run the *_test.rego tests
+  agent-sidecar evidence verify var/evidence         prove the evidence log is intact
 """
 
 
@@ -115,29 +116,58 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    from sidecar.policy.bundle import BundleError, load_bundle
-    from sidecar.policy.compiler import compile_decision, run_tests
+    from sidecar.policy.validate import validate_bundle
 
-    try:
-        bundle = load_bundle(args.dir)
-        compile_decision(bundle)
-        results = run_tests(bundle)
-    except BundleError as exc:
-        for problem in exc.problems:
-            print(f"ERROR {problem}")
-        print("0 passed, 1 failed")
-        return 1
-    for result in results:
+    report = validate_bundle(args.dir)
+    for problem in report.problems:
+        print(f"ERROR {problem}")
+    for result in report.results:
         if not result.passed:
             print(f"FAIL {result.file}:{result.line}: {result.rule}: {result.detail}")
         elif args.verbose:
             print(f"PASS {result.file}:{result.line}: {result.rule}")
-    passed = sum(r.passed for r in results)
-    failed = len(results) - passed
-    if not results:
+    passed = sum(r.passed for r in report.results)
+    failed = len(report.results) - passed + (1 if report.problems else 0)
+    if not report.results and not report.problems:
         print(f"no test_* rules found in {args.dir}/**/*_test.rego")
     print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 and results else 1
+    return 0 if failed == 0 and report.results else 1
+
+
+def cmd_evidence_verify(args: argparse.Namespace) -> int:
+    from sidecar.evidence.signing import SigningError, load_bundle, load_public_keys
+    from sidecar.evidence.verify import format_report, verify_dir
+
+    try:
+        keys = load_public_keys(args.key or [])
+        bundle = load_bundle(args.bundle) if args.bundle else None
+    except (SigningError, OSError) as exc:
+        raise ConfigError(f"--key/--bundle: {exc}") from None
+    report = verify_dir(args.dir, public_keys=keys, bundle=bundle, mirror=args.mirror)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_evidence_show(args: argparse.Namespace) -> int:
+    from sidecar.evidence.show import Filter, parse_since, show
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    flt = Filter(
+        tool=args.tool or "",
+        subject=args.subject or "",
+        outcome=args.outcome or "",
+        since=since,
+        decision_id=args.decision_id or "",
+        kind=args.kind or "",
+    )
+    try:
+        show(args.dir, flt, as_json=args.json, out=sys.stdout, limit=args.limit)
+    except BrokenPipeError:
+        pass
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +216,38 @@ def build_parser() -> argparse.ArgumentParser:
     policy_test.add_argument("dir", nargs="?", default="rego", help="policy bundle directory (default rego)")
     policy_test.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
     policy_test.set_defaults(run=cmd_policy_test)
+
+    evidence = commands.add_parser("evidence", help="check and read the hash-chained evidence log")
+    evidence_commands = evidence.add_subparsers(dest="evidence_command", metavar="SUBCOMMAND", required=True)
+    verify = evidence_commands.add_parser(
+        "verify",
+        help="check chain, hashes, sequence, checkpoints and signatures; exit 0 only when intact",
+        description="Check an evidence directory (docs/evidence.md). Prints a summary and, when the log "
+        "is not intact, the first broken seq and what is wrong. Exit 0 intact, 1 broken.",
+    )
+    verify.add_argument("dir", help="the evidence directory (evidence.dir)")
+    verify.add_argument(
+        "--key",
+        action="append",
+        metavar="PEM",
+        help="public key (or certificate) that must have signed the checkpoints; may repeat",
+    )
+    verify.add_argument("--bundle", metavar="PEM", help="trust bundle: checkpoint signers' SVIDs must chain to it")
+    verify.add_argument("--mirror", metavar="FILE", help="checkpoint mirror (default DIR/checkpoints.jsonl)")
+    verify.set_defaults(run=cmd_evidence_verify)
+    show = evidence_commands.add_parser(
+        "show", help="print matching records as a table, or as JSON lines with --json"
+    )
+    show.add_argument("dir", help="the evidence directory (evidence.dir)")
+    show.add_argument("--tool", metavar="NAME")
+    show.add_argument("--subject", metavar="SPIFFE_ID", help="this SPIFFE ID or the IDs under it")
+    show.add_argument("--outcome", choices=["allow", "deny", "escalate"])
+    show.add_argument("--since", metavar="TIME", help="RFC 3339 time or a duration back from now (15m, 2h, 7d)")
+    show.add_argument("--decision-id", metavar="ID")
+    show.add_argument("--kind", metavar="KIND", help="decision, escalation, approval, checkpoint, startup, ...")
+    show.add_argument("--limit", type=int, default=0, metavar="N", help="stop after N records")
+    show.add_argument("--json", action="store_true", help="one canonical JSON record per line")
+    show.set_defaults(run=cmd_evidence_show)
     return parser
 
 

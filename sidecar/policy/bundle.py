@@ -148,7 +148,7 @@ _KEYWORDS = {
     "package", "import", "true", "false", "null",
 }
 # A "{" right after one of these opens an object or set literal, not a rule body.
-_VALUE_CONTEXT = {":=", "=", "==", "!=", ",", "(", "[", "{", "in", "|", "&", "+", "-", "*", "/", "%", "<", ">", "<=", ">=", ":", "if", "else", "contains", "not"}
+_VALUE_CONTEXT = {":=", "=", "==", "!=", ",", "(", "[", "{", "in", "as", "|", "&", "+", "-", "*", "/", "%", "<", ">", "<=", ">=", ":", "if", "else", "contains", "not"}
 
 
 @dataclass

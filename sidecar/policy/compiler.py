@@ -14,7 +14,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from regopy import Interpreter
 
@@ -120,32 +120,47 @@ class TestResult:
     detail: str = ""
 
 
-def run_tests(bundle: PolicyBundle) -> list[TestResult]:
-    """Run every `test_*` rule of the bundle's *_test.rego files; a test passes when it is true."""
-    found: list[tuple[str, int, str]] = []
+def run_tests(
+    bundle: PolicyBundle,
+    *,
+    start: int = 0,
+    on_start: Callable[[int, tuple[str, int, str]], None] | None = None,
+) -> Iterator[TestResult]:
+    """Run the bundle's `test_*` rules (from the `start`-th on); a test passes when it is true.
+
+    Yields each result as it completes; `on_start` hears of each test before it
+    runs, so a caller can tell which test a crash interrupted.
+    """
+    tests = discover_tests(bundle)
+    if start >= len(tests):
+        return
+    entrypoints = [rule.replace(".", "/") for _, _, rule in tests]
+    interpreter, compiled = _build(bundle, entrypoints, with_tests=True)
+    for index in range(start, len(tests)):
+        file, line, rule = tests[index]
+        if on_start:
+            on_start(index, tests[index])
+        try:
+            value = query(interpreter, compiled, entrypoints[index])
+        except EvaluationError as exc:
+            yield TestResult(file, line, f"data.{rule}", False, f"error: {exc}")
+            continue
+        if value is True:
+            yield TestResult(file, line, f"data.{rule}", True)
+        else:
+            detail = "undefined" if value is None else f"got {json.dumps(value)}"
+            yield TestResult(file, line, f"data.{rule}", False, detail)
+
+
+def discover_tests(bundle: PolicyBundle) -> list[tuple[str, int, str]]:
+    """(file, line, package.rule) of every distinct `test_*` rule, in file order."""
+    found: dict[str, tuple[str, int, str]] = {}
     for file, source in sorted(bundle.tests.items()):
         package = _PACKAGE.search(source)
         if not package:
             continue
         for match in _TEST_RULE.finditer(source):
+            rule = f"{package.group(1)}.{match.group(1)}"
             line = source.count("\n", 0, match.start()) + 1
-            found.append((file, line, f"{package.group(1)}.{match.group(1)}"))
-    # A rule may have several definitions (incremental tests): run each name once.
-    unique = list({rule: (file, line, rule) for file, line, rule in reversed(found)}.values())[::-1]
-    if not unique:
-        return []
-    entrypoints = [rule.replace(".", "/") for _, _, rule in unique]
-    interpreter, compiled = _build(bundle, entrypoints, with_tests=True)
-    results = []
-    for (file, line, rule), entrypoint in zip(unique, entrypoints):
-        try:
-            value = query(interpreter, compiled, entrypoint)
-        except EvaluationError as exc:
-            results.append(TestResult(file, line, f"data.{rule}", False, f"error: {exc}"))
-            continue
-        if value is True:
-            results.append(TestResult(file, line, f"data.{rule}", True))
-        else:
-            detail = "undefined" if value is None else f"got {json.dumps(value)}"
-            results.append(TestResult(file, line, f"data.{rule}", False, detail))
-    return results
+            found.setdefault(rule, (file, line, rule))
+    return list(found.values())

@@ -18,15 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.policy.bundle import BundleError, PolicyBundle, load_bundle
-from sidecar.policy.compiler import (
-    DECISION_ENTRYPOINT,
-    EvaluationError,
-    compile_decision,
-    new_interpreter,
-    query,
-    run_tests,
-)
+from sidecar.policy.compiler import DECISION_ENTRYPOINT, EvaluationError, new_interpreter, query
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
+from sidecar.policy.validate import validate_bundle
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +32,15 @@ class _Generation:
 
 
 def prepare(directory: str | Path) -> PolicyBundle:
-    """Load, lint, compile and test a bundle; raise BundleError if it must not serve."""
+    """Validate a bundle in a child process, then load it; raise BundleError if it must not serve."""
+    report = validate_bundle(directory)
+    if report.problems:
+        raise BundleError(report.problems)
+    if report.failed:
+        raise BundleError([f"{t.file}:{t.line}: {t.rule} failed ({t.detail})" for t in report.failed])
     bundle = load_bundle(directory)
-    compile_decision(bundle)
-    failed = [t for t in run_tests(bundle) if not t.passed]
-    if failed:
-        raise BundleError([f"{t.file}:{t.line}: {t.rule} failed ({t.detail})" for t in failed])
+    if bundle.revision != report.revision:
+        raise BundleError([f"{directory}: policy files changed while they were being validated"])
     return bundle
 
 

@@ -1,0 +1,90 @@
+"""Shared fixtures: real sidecars on loopback / unix sockets, with real policy bundles."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from sidecar.client import AsyncClient
+from sidecar.config import Config, load_config
+from sidecar.server import RunningSidecar, start_sidecar
+
+REPO = Path(__file__).resolve().parent.parent
+REGO = REPO / "rego"
+
+
+def write_policy(directory: Path, rego: str, tests: str | None = None, data: str | None = None) -> Path:
+    """A one-file policy bundle for engine-mechanics tests (package sidecar)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "policy.rego").write_text(textwrap.dedent(rego))
+    if tests is not None:
+        (directory / "policy_test.rego").write_text(textwrap.dedent(tests))
+    if data is not None:
+        (directory / "data.yaml").write_text(textwrap.dedent(data))
+    return directory
+
+
+SIMPLE_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: listed"], "obligations": {}} if {
+        some name in ["echo", "search_docs"]
+        name == input.tool.name
+    }
+"""
+
+
+@pytest.fixture
+def shipped_bundle(tmp_path: Path) -> Path:
+    """A private copy of rego/, so a test may edit it."""
+    target = tmp_path / "rego"
+    shutil.copytree(REGO, target)
+    return target
+
+
+@pytest.fixture
+def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
+    def make(**overrides) -> Config:
+        settings = {
+            "listen.tcp": "127.0.0.1:0",
+            "listen.unix": str(tmp_path / "sock" / "sidecar.sock"),
+            "policy.dir": str(REGO),
+            "policy.reload": False,
+            "sidecar.instance_id": "test-sidecar",
+        }
+        settings.update(overrides)
+        return load_config(None, settings)
+
+    return make
+
+
+@pytest.fixture
+async def running_sidecar() -> AsyncIterator[Callable[[Config], Awaitable[RunningSidecar]]]:
+    """Start real sidecars; all are stopped at the end of the test."""
+    started: list[RunningSidecar] = []
+
+    async def start(config: Config) -> RunningSidecar:
+        sidecar = await start_sidecar(config)
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        await sidecar.stop(grace=0)
+
+
+@pytest.fixture
+async def sidecar(running_sidecar, sidecar_config) -> RunningSidecar:
+    return await running_sidecar(sidecar_config())
+
+
+@pytest.fixture
+async def client(sidecar: RunningSidecar) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(sidecar.addresses[0]) as client:
+        yield client

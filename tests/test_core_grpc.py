@@ -1,0 +1,125 @@
+"""ToolGate.Authorize through a real gRPC server, over loopback TCP and a unix socket."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from sidecar.client import AsyncClient, build_request
+from sidecar.policy.bundle import load_bundle
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import REGO
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_allow_deny_escalate_over_each_listener(sidecar, transport):
+    address = next(a for a in sidecar.addresses if a.startswith("unix:") == (transport == "unix"))
+    async with AsyncClient(address) as client:
+        allowed = await client.authorize("read_file", {"path": "/workspace/notes.txt"}, task_id="t-1")
+        denied = await client.authorize("not_a_tool", {})
+        escalated = await client.authorize("send_email", {"to": "cfo@example.com", "body": "hi"})
+
+    assert allowed.outcome == "allow", allowed.reasons
+    assert denied.outcome == "deny"
+    assert any(r.startswith("tool_not_in_catalog:") for r in denied.reasons)
+    assert escalated.outcome == "escalate", escalated.reasons
+    for result in (allowed, denied, escalated):
+        assert result.reasons and all(result.reasons)
+        assert result.decision_id and result.policy_revision == sidecar.engine.revision
+        assert len(result.trace_id) == 32
+    assert len({allowed.decision_id, denied.decision_id, escalated.decision_id}) == 3
+
+
+async def test_deny_is_a_normal_response_not_a_grpc_error(sidecar):
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        call = stub.Authorize(build_request("not_a_tool", {}))
+        response = await call
+        assert await call.code() == grpc.StatusCode.OK
+    assert response.outcome == sidecar_pb2.OUTCOME_DENY
+
+
+@pytest.mark.parametrize(
+    "tool, arguments, code",
+    [
+        ("", {}, "invalid_tool"),
+        ("x" * 257, {}, "invalid_tool"),
+        ("unknown_tool", {}, "tool_not_in_catalog"),
+        ("read_file", {"blob": "x" * (1024 * 1024 + 10)}, "input_too_large"),
+    ],
+)
+async def test_bad_calls_are_denied_with_a_reason_and_the_server_keeps_serving(client, tool, arguments, code):
+    result = await client.authorize(tool, arguments)
+    assert result.outcome == "deny"
+    assert any(r.startswith(code + ":") for r in result.reasons), result.reasons
+    follow_up = await client.authorize("read_file", {"path": "/workspace/a.txt"})
+    assert follow_up.outcome == "allow"
+
+
+async def test_arguments_nested_past_the_depth_cap_are_denied(client):
+    deep: dict = {}
+    node = deep
+    for _ in range(70):
+        node["d"] = {}
+        node = node["d"]
+    result = await client.authorize("read_file", {"path": "/workspace/a", "nested": deep})
+    assert result.outcome == "deny"
+    assert any(r.startswith("input_too_deep:") for r in result.reasons)
+
+
+async def test_a_call_id_reused_with_other_arguments_is_denied(client):
+    first = await client.authorize("read_file", {"path": "/workspace/a.txt"}, call_id="call-42")
+    same = await client.authorize("read_file", {"path": "/workspace/a.txt"}, call_id="call-42")
+    other = await client.authorize("read_file", {"path": "/workspace/b.txt"}, call_id="call-42")
+    assert first.outcome == "allow" and same.outcome == "allow"
+    assert other.outcome == "deny"
+    assert any(r.startswith("call_id_reused:") for r in other.reasons)
+
+
+async def test_a_message_with_invalid_utf8_is_invalid_argument_and_serving_continues(sidecar, client):
+    valid = build_request("read_file", {"path": "/workspace/a"}).SerializeToString()
+    # Field 1 (tool), length-delimited, holding bytes that are not UTF-8.
+    broken = b"\x0a\x03\xff\xfe\xfd" + valid
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        raw = channel.unary_unary(
+            "/sidecar.v1.ToolGate/Authorize",
+            request_serializer=lambda b: b,
+            response_deserializer=sidecar_pb2.AuthorizeResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await raw(broken)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed_request" in failure.value.details()
+    assert "recorded as decision" in failure.value.details()
+    assert (await client.authorize("read_file", {"path": "/workspace/a"})).outcome == "allow"
+
+
+async def test_health_and_reflection_are_served(sidecar):
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "sidecar.v1.ToolGate"):
+            call = health.Check(health_pb2.HealthCheckRequest(service=service))
+            answer = await call
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        trailing = dict(await call.trailing_metadata())
+        assert "policy: ok" in trailing["sidecar-health-detail"]
+
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = set()
+        async for response in responses:
+            names |= {s.name for s in response.list_services_response.service}
+            break
+    assert {"sidecar.v1.ToolGate", "grpc.health.v1.Health"} <= names
+
+
+async def test_usage_counter_feeds_the_rate_rule(sidecar, client):
+    limit = load_bundle(REGO).data["sidecar"]["limits"]["max_calls_in_window"]
+    results = [await client.authorize("create_ticket", {"title": f"t{i}"}) for i in range(limit + 1)]
+    assert all(r.outcome == "allow" for r in results[:limit]), results[0].reasons
+    assert results[-1].outcome == "deny"
+    assert any(r.startswith("rate_limited:") for r in results[-1].reasons)
+    # The window is per (subject, tool): another tool is unaffected.
+    assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
