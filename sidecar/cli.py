@@ -42,6 +42,7 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from sidecar.evidence import EvidenceError
     from sidecar.policy.bundle import BundleError
     from sidecar.server import serve
 
@@ -52,6 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"agent-sidecar: the policy in {config.policy.dir} cannot be served:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
+        return 2
+    except EvidenceError as exc:
+        print(f"agent-sidecar: the evidence log cannot be opened: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -88,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
 
     async def decide() -> dict[str, Any]:
-        engine = build_engine(config)
+        engine = build_engine(config, run_bundle_tests=False)
         await engine.start()
         try:
             verdict = await build_gate(config, engine, recorder=None).authorize(call, CallerIdentity(subject))
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="decide one call with the configured engine and print it as JSON (records no evidence)",
+        help="decide one call with the configured engine and print it as JSON (records no evidence, skips the bundle's tests)",
         description="Decide one tool call as if SUBJECT made it, and print "
         '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON.',
     )

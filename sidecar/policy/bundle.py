@@ -146,6 +146,7 @@ _TOKEN = re.compile(
 _KEYWORDS = {
     "if", "not", "some", "every", "with", "as", "contains", "in", "else", "default",
     "package", "import", "true", "false", "null",
+    "set",  # set() is the empty-set literal
 }
 # A "{" right after one of these opens an object or set literal, not a rule body.
 _VALUE_CONTEXT = {":=", "=", "==", "!=", ",", "(", "[", "{", "in", "as", "|", "&", "+", "-", "*", "/", "%", "<", ">", "<=", ">=", ":", "if", "else", "contains", "not"}
@@ -186,7 +187,7 @@ def lint_modules(
     for name, tokens in tokenized.items():
         problems += _lint_v0_bodies(name, tokens)
         problems += _lint_builtins(name, tokens, user_functions, is_builtin)
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 def _defined_functions(tokens: list[_Token]) -> set[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.policy.bundle import BundleError, PolicyBundle, load_bundle
-from sidecar.policy.compiler import DECISION_ENTRYPOINT, EvaluationError, new_interpreter, query
+from sidecar.policy.compiler import DECISION_ENTRYPOINT, EvaluationError, compile_decision, new_interpreter, query
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
 from sidecar.policy.validate import validate_bundle
 
@@ -31,8 +31,12 @@ class _Generation:
     bundle: PolicyBundle
 
 
-def prepare(directory: str | Path) -> PolicyBundle:
+def prepare(directory: str | Path, *, run_bundle_tests: bool = True) -> PolicyBundle:
     """Validate a bundle in a child process, then load it; raise BundleError if it must not serve."""
+    if not run_bundle_tests:
+        bundle = load_bundle(directory)
+        compile_decision(bundle)
+        return bundle
     report = validate_bundle(directory)
     if report.problems:
         raise BundleError(report.problems)
@@ -47,8 +51,18 @@ def prepare(directory: str | Path) -> PolicyBundle:
 class EmbeddedEngine:
     name = "embedded"
 
-    def __init__(self, directory: str | Path, *, timeout_ms: int = 100, workers: int = 2, reload: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        timeout_ms: int = 100,
+        workers: int = 2,
+        reload: bool = True,
+        run_bundle_tests: bool = True,
+    ):
+        """`run_bundle_tests=False` skips the bundle's own tests (for one-off `check`s), never its compile."""
         self._directory = Path(directory)
+        self._run_bundle_tests = run_bundle_tests
         self._timeout = timeout_ms / 1000
         self._workers = workers
         self._reload = reload
@@ -62,7 +76,7 @@ class EmbeddedEngine:
 
     async def start(self) -> None:
         """Load the policy (raising BundleError if the first one is bad) and start watching."""
-        bundle = await asyncio.to_thread(prepare, self._directory)
+        bundle = await asyncio.to_thread(prepare, self._directory, run_bundle_tests=self._run_bundle_tests)
         self._swap(bundle)
         await self._warm_workers()
         if self._reload:
@@ -80,7 +94,7 @@ class EmbeddedEngine:
     async def reload(self) -> bool:
         """Try the directory's current contents; True if they now serve."""
         try:
-            bundle = await asyncio.to_thread(prepare, self._directory)
+            bundle = await asyncio.to_thread(prepare, self._directory, run_bundle_tests=self._run_bundle_tests)
         except BundleError as exc:
             self.last_reload_error = str(exc)
             log.error("policy reload rejected, previous policy %s keeps serving: %s", self.revision, exc)

@@ -1,0 +1,102 @@
+"""The agent-sidecar command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sidecar.client import Client
+from tests.conftest import REGO, REPO, SIMPLE_POLICY, write_policy
+
+CLI = [sys.executable, "-m", "sidecar"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_help_explains_each_command():
+    top = run("--help")
+    assert top.returncode == 0
+    for command in ("serve", "check", "policy"):
+        assert command in top.stdout
+    check = run("check", "--help")
+    assert "--subject" in check.stdout and "--tool" in check.stdout and "--args" in check.stdout
+
+
+def test_check_prints_one_decision_as_json():
+    allowed = run("check", "--policy", str(REGO), "--subject", "spiffe://dev.local/agent", "--tool", "read_file",
+                  "--args", '{"path": "/workspace/notes.txt"}')
+    assert allowed.returncode == 0, allowed.stderr
+    decision = json.loads(allowed.stdout)
+    assert decision["outcome"] == "allow"
+    assert decision["reasons"] and decision["decision_id"] and decision["policy_revision"].startswith("sha256:")
+
+    escalated = json.loads(run("check", "--subject", "spiffe://dev.local/agent", "--tool", "send_email",
+                               "--args", '{"to": "a@example.org"}').stdout)
+    assert escalated["outcome"] == "escalate"
+
+    denied = json.loads(run("check", "--subject", "spiffe://dev.local/agent", "--tool", "read_file",
+                            "--args", "[1, 2]").stdout)
+    assert denied["outcome"] == "deny"
+    assert any(r.startswith("invalid_arguments:") for r in denied["reasons"])
+
+
+def test_check_refuses_bad_options_with_exit_2():
+    bad_id = run("check", "--subject", "spiffe://Example.org/agent", "--tool", "x")
+    assert bad_id.returncode == 2 and "--subject" in bad_id.stderr
+    bad_json = run("check", "--subject", "spiffe://dev.local/agent", "--tool", "x", "--args", "{nope")
+    assert bad_json.returncode == 2 and "--args: not valid JSON" in bad_json.stderr
+
+
+def test_config_errors_name_the_key(tmp_path):
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("policy:\n  timeout_ms: fast\n")
+    result = run("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "policy.timeout_ms: must be an integer" in result.stderr
+    config.write_text("polcy:\n  dir: rego\n")
+    assert "polcy: unknown key" in run("serve", "--config", str(config)).stderr
+
+
+def test_policy_test_reports_each_failure_and_the_totals(tmp_path):
+    tests = """\
+        package sidecar.tests
+        test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
+        test_wrong_on_purpose if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "rm"}}
+    """
+    directory = write_policy(tmp_path / "p", SIMPLE_POLICY, tests=tests)
+    result = run("policy", "test", str(directory))
+    assert result.returncode == 1
+    assert "FAIL policy_test.rego:3: data.sidecar.tests.test_wrong_on_purpose" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "1 passed, 1 failed"
+
+
+def test_policy_test_passes_on_the_shipped_bundle():
+    result = run("policy", "test", str(REGO), timeout=120)
+    assert result.returncode == 0, result.stdout
+    passed, failed = result.stdout.strip().splitlines()[-1].split(", ")
+    assert failed == "0 failed" and int(passed.split()[0]) > 20
+
+
+def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
+    config = tmp_path / "sidecar.yaml"
+    socket_path = tmp_path / "s.sock"
+    config.write_text(f"listen:\n  tcp: ''\n  unix: {socket_path}\npolicy:\n  dir: {REGO}\n")
+    process = subprocess.Popen([*CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        banner = process.stdout.readline()
+        assert "serving" in banner, process.stderr.read() if process.poll() is not None else banner
+        with Client(f"unix:{socket_path}") as client:
+            assert client.authorize("search_docs", {"query": "x"}).outcome == "allow"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,87 @@
+"""The policy input document: real inputs from the real pipeline checked against the JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+
+import sidecar.policy.input as input_module
+from sidecar.calls import CallIdRegistry, ToolCall
+from sidecar.gate import Gate
+from sidecar.identity import CallerIdentity, Subject
+from sidecar.policy.embedded import EmbeddedEngine
+from sidecar.usage import UsageCounters
+from tests.conftest import REGO
+
+SCHEMA = json.loads((Path(input_module.__file__).parent / "input.schema.json").read_text())
+
+
+class InputCapturingEngine:
+    """Delegates to the real embedded engine and keeps every input it was given."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.inputs: list[dict] = []
+        self.name = engine.name
+
+    async def evaluate(self, document):
+        self.inputs.append(document)
+        return await self._engine.evaluate(document)
+
+    def catalog_entry(self, tool):
+        return self._engine.catalog_entry(tool)
+
+    @property
+    def revision(self):
+        return self._engine.revision
+
+
+async def test_inputs_built_by_the_gate_match_the_schema():
+    engine = EmbeddedEngine(REGO, reload=False)
+    await engine.start()
+    capturing = InputCapturingEngine(engine)
+    gate = Gate(
+        engine=capturing,
+        usage=UsageCounters(60, 100),
+        call_ids=CallIdRegistry(100),
+        recorder=None,
+        max_input_bytes=1 << 20,
+        max_depth=64,
+        instance_id="schema-test",
+    )
+    caller = Subject("spiffe://example.org/ns/agents/sa/research", source="mtls", svid_expires_at="2026-11-22T12:00:00Z")
+    upstream = Subject("spiffe://example.org/ns/agents/sa/planner", source="jwt_svid", svid_expires_at=None)
+    try:
+        for call, identity in [
+            (ToolCall("read_file", {"path": "/workspace/a"}), CallerIdentity(caller)),
+            (
+                ToolCall("send_email", {"to": "x@example.org"}, task_id="t-1", intent="report", signals={"risk_score": 0.9}, server="mail"),
+                CallerIdentity(caller, (upstream,)),
+            ),
+            (ToolCall("not_in_catalog", {}), CallerIdentity(Subject("spiffe://dev.local/agent", source="dev"))),
+        ]:
+            await gate.authorize(call, identity)
+    finally:
+        await engine.close()
+
+    assert len(capturing.inputs) == 3
+    for document in capturing.inputs:
+        jsonschema.validate(document, SCHEMA, format_checker=jsonschema.FormatChecker())
+    first, second, third = capturing.inputs
+    assert first["tool"]["catalog"]["risk"] == "low"
+    assert third["tool"]["catalog"] is None
+    assert second["delegation"][0]["spiffe_id"].endswith("/planner")
+    assert second["usage"] == {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 1}
+    assert len({d["request"]["call_id"] for d in capturing.inputs}) == 3
+
+
+def test_the_schema_rejects_a_document_missing_a_field():
+    document = {"version": "sidecar/v1"}
+    try:
+        jsonschema.validate(document, SCHEMA)
+    except jsonschema.ValidationError as exc:
+        assert "required" in exc.message
+    else:
+        raise AssertionError("schema accepted an incomplete document")

@@ -1,0 +1,92 @@
+"""Config loading, usage counters, call checks: the small pieces the gate is built from."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.calls import CallIdRegistry, ToolCall, check_call
+from sidecar.config import ConfigError, load_config
+from sidecar.usage import UsageCounters
+
+
+def test_defaults_are_the_embedded_dev_setup():
+    config = load_config()
+    assert config.policy.engine == "embedded" and config.identity.sources == ["dev"]
+    assert config.policy.timeout_ms == 100 and config.policy.max_input_bytes == 1 << 20 and config.policy.max_depth == 64
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("policy: {timeout_ms: '100'}", "policy.timeout_ms: must be an integer"),
+        ("policy: {reload: 1}", "policy.reload: must be true or false"),
+        ("policy: {engine: wasm}", "policy.engine: must be 'embedded' or 'opa'"),
+        ("listen: {tcp: '', unix: ''}", "listen: at least one"),
+        ("identity: {sources: [dev, mtls]}", "identity.sources: 'dev' cannot be combined"),
+        ("identity: {sources: [kerberos]}", "identity.sources: unknown source 'kerberos'"),
+        ("usage: {window: 5}", "usage.window: unknown key"),
+        ("- a list", "top level must be a mapping"),
+        ("policy: [1]", "policy: must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, yaml_text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(path)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_usage_window_slides_and_tasks_count():
+    now = [1000.0]
+    usage = UsageCounters(window_seconds=60, max_tracked=10, clock=lambda: now[0])
+    assert usage.count("s", "t", "task").calls_in_window == 1
+    now[0] += 30
+    second = usage.count("s", "t", "task")
+    assert (second.calls_in_window, second.calls_in_task) == (2, 2)
+    now[0] += 31  # the first call left the window
+    assert usage.count("s", "t", "").calls_in_window == 2
+    assert usage.count("s", "other", "").calls_in_window == 1
+
+
+def test_usage_forgets_least_recently_used_keys_past_the_bound():
+    usage = UsageCounters(window_seconds=60, max_tracked=2, clock=lambda: 0.0)
+    usage.count("a", "t", "")
+    usage.count("b", "t", "")
+    usage.count("c", "t", "")
+    assert usage.count("a", "t", "").calls_in_window == 1  # "a" was forgotten
+
+
+def test_call_ids_are_bound_to_one_call():
+    registry = CallIdRegistry(capacity=2)
+    assert registry.claim("c1", "f1") and registry.claim("c1", "f1")
+    assert not registry.claim("c1", "f2")
+
+
+@pytest.mark.parametrize(
+    "call, code",
+    [
+        (ToolCall("", {}), "invalid_tool"),
+        (ToolCall("t" * 257, {}), "invalid_tool"),
+        (ToolCall("a\x00b", {}), "invalid_tool"),
+        (ToolCall("t", [1]), "invalid_arguments"),
+        (ToolCall("t", {"x": float("nan")}), "invalid_arguments"),
+        (ToolCall("t", {}, signals=[1]), "invalid_signals"),
+        (ToolCall("t", {}, intent="i" * 5000), "invalid_intent"),
+        (ToolCall("t", {"x": "y" * 200}), "input_too_large"),
+    ],
+)
+def test_call_checks_explain_what_is_wrong(call, code):
+    problems, digest = check_call(call, max_bytes=100, max_depth=8)
+    assert any(p.startswith(code + ":") for p in problems), problems
+    assert digest.startswith("sha256:")
+
+
+def test_a_good_call_has_no_problems_and_a_stable_digest():
+    first = check_call(ToolCall("t", {"b": 1, "a": [1, 2]}), max_bytes=100, max_depth=8)
+    second = check_call(ToolCall("t", {"a": [1, 2], "b": 1}), max_bytes=100, max_depth=8)
+    assert first == second and first[0] == []
