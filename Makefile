@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test proto install clean policy-test
+.PHONY: run test proto install clean policy-test bench deploy-bundle
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,11 @@ policy-test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+## Benchmark: sidecar vs. a bare gRPC floor (docs/performance.md).
+bench: install
+	$(BIN)/python bench/run.py
+
+## Copy rego/ into deploy/k8s/policy/ and list it in the kustomization (the policy ConfigMap).
+deploy-bundle: install
+	$(BIN)/python deploy/sync_bundle.py

@@ -25,6 +25,9 @@ identity and Rego policy (allow / deny / escalate) before it runs.
       --args '{"path": "/workspace/notes.txt"}'       one decision, as JSON
   agent-sidecar policy test rego/                    run the *_test.rego tests
   agent-sidecar evidence verify var/evidence         prove the evidence log is intact
+  agent-sidecar approvals list                       escalated calls waiting for a human
+  agent-sidecar approvals approve ID --note TEXT     let one escalated call through, once
+  agent-sidecar console --config FILE                the approvers' web page
 """
 
 
@@ -42,6 +45,7 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from sidecar.escalation import StoreError
     from sidecar.evidence import EvidenceError
     from sidecar.policy.bundle import BundleError
     from sidecar.server import serve
@@ -56,6 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     except EvidenceError as exc:
         print(f"agent-sidecar: the evidence log cannot be opened: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"agent-sidecar: the escalation store cannot be opened: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -252,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--limit", type=int, default=0, metavar="N", help="stop after N records")
     show.add_argument("--json", action="store_true", help="one canonical JSON record per line")
     show.set_defaults(run=cmd_evidence_show)
+
+    from sidecar.escalation.cli import add_commands as add_escalation_commands
+
+    add_escalation_commands(commands)  # approvals list|show|approve|deny, console
     return parser
 
 

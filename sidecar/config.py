@@ -30,6 +30,28 @@ class ListenConfig:
 
 
 @dataclass
+class OpaConfig:
+    # Used when policy.engine is "opa"; docs/deploy.md. The whole call, retries
+    # included, stays inside policy.timeout_ms.
+    # Base URL of the OPA REST API beside the sidecar (http or https).
+    url: str = "http://127.0.0.1:8181"
+    # Extra attempts after a connection error or a 5xx, inside the budget.
+    retries: int = 2
+    # Pause before the first retry (doubled for each further one).
+    retry_backoff_ms: int = 5
+    # Consecutive failed decisions that open the circuit breaker: calls then
+    # fail fast (deny naming OPA) until a probe succeeds.
+    breaker_failures: int = 5
+    # How long the breaker stays open before one probe call is let through.
+    breaker_cooldown_ms: int = 2000
+    # How often OPA's /health?bundles is polled for the sidecar's health.
+    health_interval_ms: int = 1000
+    health_timeout_ms: int = 500
+    # Pooled keep-alive connections to OPA.
+    max_connections: int = 32
+
+
+@dataclass
 class PolicyConfig:
     # "embedded" (in-process Rego) or "opa" (OPA REST API beside the sidecar).
     engine: str = "embedded"
@@ -43,6 +65,8 @@ class PolicyConfig:
     reload: bool = True
     # Threads evaluating the embedded engine, each with its own interpreter.
     workers: int = 2
+    # The OPA REST engine (engine: opa).
+    opa: OpaConfig = field(default_factory=OpaConfig)
 
 
 @dataclass
@@ -52,6 +76,21 @@ class IdentityConfig:
     sources: list[str] = field(default_factory=lambda: ["dev"])
     # The SPIFFE ID every caller gets in dev mode (marked source: dev).
     dev_spiffe_id: str = "spiffe://dev.local/agent"
+    # SPIFFE Workload API socket, unix:///abs/path; "" = $SPIFFE_ENDPOINT_SOCKET.
+    workload_api_socket: str = ""
+    # How long a Workload API stream may take to answer before it is reopened.
+    workload_api_timeout_ms: int = 10_000
+    # Longest pause between attempts to reach the Workload API (exponential backoff).
+    workload_api_max_backoff_ms: int = 10_000
+    # Trust domains whose callers are accepted (mtls, jwt_svid, delegation);
+    # empty = only the sidecar's own trust domain.
+    trust_domains: list[str] = field(default_factory=list)
+    # The audience a caller's JWT-SVID must carry; required with jwt_svid.
+    jwt_audience: str = ""
+    # The audience of delegation JWT-SVIDs; "" = jwt_audience (empty too: chains refused).
+    delegation_audience: str = ""
+    # The most upstream agents a call's x-spiffe-delegation may name; 0 refuses chains.
+    max_delegation_links: int = 8
 
 
 @dataclass
@@ -64,11 +103,129 @@ class UsageConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # host:port serving Prometheus /metrics; "" disables it.
+    listen: str = ""
+
+
+@dataclass
 class SidecarConfig:
     # Instance id in input.request.sidecar and evidence; "" = hostname + pid.
     instance_id: str = ""
     # How many recent call_ids are remembered to refuse reuse with other arguments.
     call_id_memory: int = 100_000
+
+
+@dataclass
+class EvidenceConfig:
+    # Directory of the hash-chained evidence log (docs/evidence.md).
+    dir: str = "var/evidence"
+    # Start a new file when the current one passes this size; the chain continues.
+    rotate_bytes: int = 64 * 1024 * 1024
+    # A signed checkpoint every this many records...
+    checkpoint_every: int = 1000
+    # ...or this many seconds (whichever comes first), and at a clean shutdown.
+    checkpoint_seconds: float = 60.0
+    # PEM private key (Ed25519, EC or RSA) signing checkpoints; "" = the SVID key
+    # when identity provides one, else a development key generated in `dir`.
+    signing_key: str = ""
+    # Extra copy of every checkpoint (put it on another volume); "" = dir/checkpoints.jsonl.
+    checkpoint_mirror: str = ""
+    # Arguments in records: "digest" (sha256 only), "policy" (in clear only when the
+    # decision's obligations say record_arguments: true) or "clear". Secret-looking
+    # keys are always redacted.
+    arguments: str = "policy"
+    # Argument keys (case-insensitive substrings) redacted in addition to the built-in list.
+    redact_keys: list[str] = field(default_factory=list)
+    # Records allowed to wait for the disk before new ones are refused (and denied).
+    max_pending: int = 10_000
+
+
+@dataclass
+class TelemetryConfig:
+    # Span export of evidence records: "otlp" or "none". OTEL_TRACES_EXPORTER and
+    # OTEL_SDK_DISABLED override; the other OTEL_EXPORTER_OTLP_* variables apply.
+    exporter: str = "otlp"
+    # "grpc" or "http/protobuf"; "" = OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else grpc.
+    protocol: str = ""
+    # Collector endpoint; "" = OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else the exporter default.
+    endpoint: str = ""
+    # service.name of the spans; "" = OTEL_SERVICE_NAME, else agent-sidecar.
+    service_name: str = ""
+    # One export attempt's budget; failed exports are retried with backoff forever.
+    export_timeout_seconds: float = 10.0
+    max_backoff_seconds: float = 30.0
+
+
+@dataclass
+class EscalationConfig:
+    # docs/escalation.md. Where escalations live: "sqlite" (one sidecar) or
+    # "postgres" (shared by many sidecars).
+    store: str = "sqlite"
+    # SQLite file (WAL mode), used when store is sqlite.
+    path: str = "var/escalations.db"
+    # libpq connection string or URL, used when store is postgres; "" = the PG*
+    # environment variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
+    dsn: str = ""
+    # PostgreSQL connections per sidecar.
+    pool_size: int = 4
+    # Budget of one store operation (connect, lock wait, statement).
+    store_timeout_ms: int = 5000
+    # A pending escalation nobody decided expires after this long.
+    ttl_seconds: float = 900.0
+    # An approval must be used (the call repeated) within this long of the decision.
+    use_window_seconds: float = 300.0
+    # The longest one AwaitDecision call waits, whatever the caller asks.
+    await_max_seconds: float = 60.0
+    # How often waiters and watchers re-read the store for changes made by other sidecars.
+    poll_interval_ms: int = 1000
+    # How often overdue escalations and unused approvals are expired (and recorded).
+    sweep_interval_seconds: float = 5.0
+    # Who may approve, deny and read escalations: SPIFFE IDs or identities, a
+    # trailing * matches a prefix; empty = any verified caller (never the call's
+    # own subject or its delegation chain).
+    approvers: list[str] = field(default_factory=list)
+    # Callers (the web console's SPIFFE ID) allowed to name the human approver in
+    # a request's approver field.
+    console_identities: list[str] = field(default_factory=list)
+    # Keep a redacted, shortened copy of the arguments for approvers to read.
+    preview_arguments: bool = True
+    preview_max_bytes: int = 4096
+    # POST a JSON notice of each new escalation here ("" = no webhook).
+    webhook_url: str = ""
+    # File holding a secret: the webhook body is signed (X-Sidecar-Signature: sha256=HMAC).
+    webhook_secret_file: str = ""
+    webhook_timeout_seconds: float = 5.0
+    # Attempts per notice (connection errors, timeouts, 429 and 5xx are retried).
+    webhook_attempts: int = 5
+    # Base URL of the approvers' console, for links in webhook notices.
+    console_url: str = ""
+
+
+@dataclass
+class ConsoleConfig:
+    # `agent-sidecar console`: the approvers' web page (docs/escalation.md).
+    # host:port the page is served on; put the auth proxy in front of it.
+    listen: str = "127.0.0.1:8080"
+    # The sidecar whose Approvals API the console uses (host:port or unix:/path);
+    # "" = this config's listen.unix, else listen.tcp.
+    sidecar: str = ""
+    # A file with a JWT-SVID the console presents to the sidecar (refreshed by
+    # e.g. spiffe-helper); "" = none (dev, or the unix socket's pod identity).
+    token_file: str = ""
+    # Request header the auth proxy sets to the signed-in person (e.g.
+    # X-Auth-Request-Email); "" = dev mode, everyone is console.dev_approver.
+    trusted_header: str = ""
+    # Prefix turning the header's value into an approver identity (email:alice@example.org).
+    approver_prefix: str = "email:"
+    # The approver in dev mode (no trusted_header); the sidecar must be in dev mode too.
+    dev_approver: str = ""
+    # Jaeger UI base URL: trace ids link to {jaeger_url}/trace/{trace_id}; "" = no links.
+    jaeger_url: str = ""
+    # File with the secret that signs CSRF tokens; "" = a random secret per start.
+    csrf_secret_file: str = ""
+    # How many decided escalations the history page shows.
+    history_limit: int = 100
 
 
 @dataclass
@@ -78,6 +235,11 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     def validate(self) -> None:
         """Cross-field checks that a single field's type cannot express."""
@@ -86,6 +248,7 @@ class Config:
         for key in ("timeout_ms", "max_input_bytes", "max_depth", "workers"):
             if getattr(self.policy, key) <= 0:
                 raise ConfigError(f"policy.{key}: must be positive")
+        _validate_opa(self.policy.opa)
         if self.usage.window_seconds <= 0:
             raise ConfigError("usage.window_seconds: must be positive")
         if not self.listen.tcp and not self.listen.unix:
@@ -99,12 +262,164 @@ class Config:
             raise ConfigError("identity.sources: at least one source is needed")
         if "dev" in sources and len(sources) > 1:
             raise ConfigError("identity.sources: 'dev' cannot be combined with a real identity source")
+        _validate_evidence_sections(self)
         from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
 
         try:
             validate_spiffe_id(self.identity.dev_spiffe_id)
         except SpiffeIdError as exc:
             raise ConfigError(f"identity.dev_spiffe_id: {exc}") from None
+        self._validate_identity_sources()
+        _validate_escalation(self.escalation)
+        _validate_console(self.console)
+
+    def _validate_identity_sources(self) -> None:
+        from sidecar.identity.spiffe_id import SpiffeIdError, validate_trust_domain
+
+        ident = self.identity
+        repeated = sorted({s for s in ident.sources if ident.sources.count(s) > 1})
+        if repeated:
+            raise ConfigError(f"identity.sources: {', '.join(repeated)} listed more than once")
+        for i, td in enumerate(ident.trust_domains):
+            try:
+                validate_trust_domain(td)
+            except SpiffeIdError as exc:
+                raise ConfigError(f"identity.trust_domains[{i}]: {exc}") from None
+        for key in ("workload_api_timeout_ms", "workload_api_max_backoff_ms"):
+            if getattr(ident, key) <= 0:
+                raise ConfigError(f"identity.{key}: must be positive")
+        if ident.max_delegation_links < 0:
+            raise ConfigError("identity.max_delegation_links: must be 0 or more")
+        socket = ident.workload_api_socket
+        if socket and not (socket.startswith("unix://") and socket[len("unix://"):].startswith("/")):
+            raise ConfigError(f"identity.workload_api_socket: {socket!r} must look like unix:///absolute/path")
+        for key in ("jwt_audience", "delegation_audience"):
+            value = getattr(ident, key)
+            if value != value.strip() or len(value) > 512:
+                raise ConfigError(f"identity.{key}: must be at most 512 characters without surrounding spaces")
+        if "jwt_svid" in ident.sources and not ident.jwt_audience:
+            raise ConfigError(
+                "identity.jwt_audience: required when jwt_svid is among identity.sources "
+                "(the audience agents mint their JWT-SVIDs for)"
+            )
+        if "mtls" in ident.sources and not self.listen.tcp:
+            raise ConfigError("identity.sources: mtls serves on listen.tcp, which is empty")
+        if "workload_api" in ident.sources and not self.listen.unix:
+            raise ConfigError("identity.sources: workload_api identifies callers on listen.unix, which is empty")
+
+
+def _validate_evidence_sections(config: "Config") -> None:
+    evidence, telemetry = config.evidence, config.telemetry
+    if not evidence.dir:
+        raise ConfigError("evidence.dir: must name a directory (every decision is recorded)")
+    for key in ("rotate_bytes", "max_pending"):
+        if getattr(evidence, key) <= 0:
+            raise ConfigError(f"evidence.{key}: must be positive")
+    if evidence.rotate_bytes < 4096:
+        raise ConfigError("evidence.rotate_bytes: must be at least 4096")
+    if evidence.checkpoint_every < 0 or evidence.checkpoint_seconds < 0:
+        raise ConfigError("evidence.checkpoint_every/checkpoint_seconds: must not be negative (0 turns one off)")
+    if evidence.checkpoint_every == 0 and evidence.checkpoint_seconds == 0:
+        raise ConfigError("evidence: checkpoint_every and checkpoint_seconds cannot both be 0")
+    if evidence.arguments not in ("digest", "policy", "clear"):
+        raise ConfigError(f"evidence.arguments: must be digest, policy or clear, not {evidence.arguments!r}")
+    if telemetry.exporter not in ("otlp", "none"):
+        raise ConfigError(f"telemetry.exporter: must be otlp or none, not {telemetry.exporter!r}")
+    if telemetry.protocol not in ("", "grpc", "http/protobuf"):
+        raise ConfigError(f"telemetry.protocol: must be grpc or http/protobuf, not {telemetry.protocol!r}")
+    if telemetry.export_timeout_seconds <= 0 or telemetry.max_backoff_seconds <= 0:
+        raise ConfigError("telemetry.export_timeout_seconds/max_backoff_seconds: must be positive")
+
+
+def _http_url(value: str, key: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(value)
+        url.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, not {value!r}")
+
+
+def _identity_pattern(value: str, key: str) -> None:
+    body = value[:-1] if value.endswith("*") else value
+    scheme, colon, rest = body.partition(":")
+    if not value or not colon or not scheme or any(c.isspace() for c in value) or not value.isprintable():
+        raise ConfigError(f"{key}: {value!r} must be a SPIFFE ID or scheme:value identity (a trailing * matches a prefix)")
+    if scheme == "spiffe" and not value.endswith("*"):
+        from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
+
+        try:
+            validate_spiffe_id(value)
+        except SpiffeIdError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
+def _validate_escalation(esc: "EscalationConfig") -> None:
+    if esc.store not in ("sqlite", "postgres"):
+        raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
+    if esc.store == "sqlite" and not esc.path:
+        raise ConfigError("escalation.path: must name the SQLite file when escalation.store is sqlite")
+    for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
+                "webhook_timeout_seconds"):
+        if not getattr(esc, key) > 0:
+            raise ConfigError(f"escalation.{key}: must be positive")
+    for key in ("pool_size", "store_timeout_ms", "poll_interval_ms", "webhook_attempts"):
+        if getattr(esc, key) <= 0:
+            raise ConfigError(f"escalation.{key}: must be positive")
+    if esc.preview_max_bytes < 0:
+        raise ConfigError("escalation.preview_max_bytes: must not be negative")
+    if esc.webhook_url:
+        _http_url(esc.webhook_url, "escalation.webhook_url")
+    if esc.console_url:
+        _http_url(esc.console_url, "escalation.console_url")
+    for i, pattern in enumerate(esc.approvers):
+        _identity_pattern(pattern, f"escalation.approvers[{i}]")
+    for i, pattern in enumerate(esc.console_identities):
+        _identity_pattern(pattern, f"escalation.console_identities[{i}]")
+
+
+def _validate_console(console: "ConsoleConfig") -> None:
+    import re
+
+    host, colon, port = console.listen.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"console.listen: must be host:port, not {console.listen!r}")
+    if console.trusted_header and not re.fullmatch(r"[A-Za-z0-9-]{1,128}", console.trusted_header):
+        raise ConfigError(f"console.trusted_header: {console.trusted_header!r} is not an HTTP header name")
+    if console.jaeger_url:
+        _http_url(console.jaeger_url, "console.jaeger_url")
+    if console.approver_prefix and not re.fullmatch(r"[a-z][a-z0-9+-]*:([A-Za-z0-9._~/-]*)", console.approver_prefix):
+        raise ConfigError(
+            f"console.approver_prefix: {console.approver_prefix!r} must start an identity, like 'email:' or 'user:'"
+        )
+    if console.dev_approver:
+        _identity_pattern(console.dev_approver, "console.dev_approver")
+        if console.dev_approver.endswith("*"):
+            raise ConfigError("console.dev_approver: must be one identity, not a pattern")
+    if console.history_limit <= 0:
+        raise ConfigError("console.history_limit: must be positive")
+
+
+def _validate_opa(opa: OpaConfig) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(opa.url)
+        url.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"policy.opa.url: not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"policy.opa.url: must be an http:// or https:// URL with a host, not {opa.url!r}")
+    if url.query or url.fragment or url.path not in ("", "/"):
+        raise ConfigError(f"policy.opa.url: must be OPA's base URL (no path or query), not {opa.url!r}")
+    if opa.retries < 0 or opa.retry_backoff_ms < 0:
+        raise ConfigError("policy.opa.retries/retry_backoff_ms: must not be negative")
+    for key in ("breaker_failures", "breaker_cooldown_ms", "health_interval_ms", "health_timeout_ms", "max_connections"):
+        if getattr(opa, key) <= 0:
+            raise ConfigError(f"policy.opa.{key}: must be positive")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -13,15 +13,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from sidecar.calls import CallIdRegistry, ToolCall, check_call
 from sidecar.canonical import sha256_digest
+from sidecar.escalation import StoreError
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, Recorder, TraceContext
 from sidecar.identity import CallerIdentity, IdentityError
+from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision
 from sidecar.policy.engine import PolicyEngine
 from sidecar.policy.input import build_input
 from sidecar.usage import UsageCounters
+
+if TYPE_CHECKING:
+    from sidecar.escalation.service import EscalationService, RetryCheck
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Gate:
         max_input_bytes: int,
         max_depth: int,
         instance_id: str,
+        metrics: Metrics | None = None,
+        escalations: "EscalationService | None" = None,
     ):
         self.engine = engine
         self._usage = usage
@@ -63,6 +71,9 @@ class Gate:
         self._max_bytes = max_input_bytes
         self._max_depth = max_depth
         self.instance_id = instance_id
+        self._metrics = metrics
+        # Escalations (docs/escalation.md): None = escalate answers carry no escalation id.
+        self.escalations = escalations
 
     async def authorize(
         self,
@@ -90,6 +101,13 @@ class Gate:
                 problems.append(
                     f"call_id_reused: call_id {call.call_id!r} was already used for a different tool call"
                 )
+        retry = None
+        if call.escalation_id and not problems:
+            retry, problem = await self._check_retry(call, identity, arguments_digest)
+            if problem:
+                problems.append(problem)
+            if retry is not None and retry.parent is not None:
+                trace = TraceContext.new(retry.parent)  # the retry joins the escalated call's trace
 
         timings: dict[str, float] = {}
         if problems:
@@ -106,7 +124,7 @@ class Gate:
                 task_id=call.task_id,
                 intent=call.intent,
                 signals=call.signals or {},
-                approval=None,
+                approval=retry.approval if retry is not None else None,
                 usage=usage,
                 call_id=call_id,
                 time=now,
@@ -115,6 +133,13 @@ class Gate:
             engine_started = time.perf_counter()
             decision = await self.engine.evaluate(document)
             timings["engine"] = (time.perf_counter() - engine_started) * 1000
+
+        escalation_id, approver, new_escalation = call.escalation_id, "", None
+        if not problems and self.escalations is not None:
+            assert isinstance(identity, CallerIdentity)
+            decision, escalation_id, approver, new_escalation = await self._escalation_step(
+                decision, call, identity, arguments_digest, retry, decision_id, call_id, trace
+            )
 
         event = DecisionEvent(
             time=now,
@@ -134,8 +159,8 @@ class Gate:
             policy_revision=decision.policy_revision,
             engine=decision.engine,
             engine_error=decision.error,
-            escalation_id=call.escalation_id,
-            approver="",
+            escalation_id=escalation_id,
+            approver=approver,
             trace=trace,
             sidecar=self.instance_id,
             timings_ms=timings,
@@ -152,5 +177,94 @@ class Gate:
                     policy_revision=decision.policy_revision,
                 )
             timings["evidence"] = (time.perf_counter() - evidence_started) * 1000
+        if new_escalation is not None and self.escalations is not None:
+            if decision.outcome == "escalate":
+                await self.escalations.announce(new_escalation, trace.span_id)
+            else:  # the escalating decision could not be recorded: nobody may approve it
+                await self.escalations.withdraw(new_escalation)
         timings["total"] = (time.perf_counter() - started) * 1000
-        return Verdict(decision, decision_id, call_id, trace, receipt=receipt)
+        if self._metrics is not None:
+            self._metrics.observe(decision.outcome, decision.engine, decision.error is not None, timings)
+        return Verdict(
+            decision,
+            decision_id,
+            call_id,
+            trace,
+            escalation_id=escalation_id if decision.outcome == "escalate" else "",
+            receipt=receipt,
+        )
+
+    async def _check_retry(
+        self, call: ToolCall, identity: CallerIdentity | IdentityError, arguments_digest: str
+    ) -> tuple["RetryCheck | None", str | None]:
+        """A call repeated with an escalation id: may it go to policy, and with which approval?"""
+        if self.escalations is None:
+            return None, "escalation_unknown: this sidecar keeps no escalations, so no escalation id is valid here"
+        if not isinstance(identity, CallerIdentity):
+            return None, None
+        shape = self.escalations.shape(identity, call.tool, call.server, arguments_digest, call.task_id)
+        try:
+            retry = await self.escalations.check_retry(call.escalation_id, shape)
+        except StoreError as exc:
+            return None, f"escalation_unavailable: the escalation store cannot be read ({exc})"
+        return retry, retry.refusal
+
+    async def _escalation_step(
+        self,
+        decision: Decision,
+        call: ToolCall,
+        identity: CallerIdentity,
+        arguments_digest: str,
+        retry: "RetryCheck | None",
+        decision_id: str,
+        call_id: str,
+        trace: TraceContext,
+    ):
+        """Returns (decision, escalation_id, approver, new escalation to announce or None).
+
+        escalate → the call's escalation (the pending one for the same call, or a new one);
+        an approved retry that policy allows → the approval is consumed, once.
+        """
+        service = self.escalations
+        assert service is not None
+        approval = retry.approval if retry is not None else None
+        if approval is not None and retry is not None and retry.record is not None:
+            if decision.outcome == "allow":
+                try:
+                    used, reason = await service.consume(retry.record, decision_id)
+                except StoreError as exc:
+                    used, reason = False, f"escalation_unavailable: the approval could not be used ({exc})"
+                if not used:
+                    return Decision.refused([reason], policy_revision=decision.policy_revision), call.escalation_id, "", None
+                return decision, retry.record.id, approval.approver, None
+            if decision.outcome == "escalate":
+                reasons = (
+                    f"approval_insufficient: policy still escalates this call with escalation {retry.record.id} "
+                    f"approved by {approval.approver}; ask again without the escalation id",
+                    *decision.reasons,
+                )
+                return (
+                    Decision("deny", reasons, decision.obligations, decision.policy_revision, decision.engine),
+                    call.escalation_id,
+                    approval.approver,
+                    None,
+                )
+            return decision, call.escalation_id, approval.approver, None
+        if decision.outcome != "escalate":
+            return decision, call.escalation_id, "", None
+        try:
+            record, created = await service.escalate(
+                identity=identity,
+                call=call,
+                arguments_digest=arguments_digest,
+                reasons=decision.reasons,
+                obligations=decision.obligations,
+                policy_revision=decision.policy_revision,
+                decision_id=decision_id,
+                call_id=call_id,
+                trace=trace,
+            )
+        except StoreError as exc:
+            reason = f"escalation_unavailable: the call needs approval but the escalation store failed ({exc})"
+            return Decision.refused([reason, *decision.reasons], policy_revision=decision.policy_revision), "", "", None
+        return decision, record.id, "", record if created else None

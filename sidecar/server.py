@@ -12,6 +12,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +24,9 @@ from sidecar.evidence import Recorder
 from sidecar.gate import Gate, default_instance_id
 from sidecar.health import SidecarHealth
 from sidecar.identity import IdentityResolver
-from sidecar.identity.dev import DevIdentityResolver
+from sidecar.identity.factory import IdentityRuntime
+from sidecar.metrics import Metrics
+from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.embedded import EmbeddedEngine
 from sidecar.policy.engine import PolicyEngine
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
@@ -33,21 +36,58 @@ from sidecar.v1 import sidecar_pb2
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: Config) -> PolicyEngine:
+def build_engine(config: Config, *, run_bundle_tests: bool = True) -> PolicyEngine:
+    """The configured engine; `run_bundle_tests=False` is for one-off decisions (`check`)."""
     policy = config.policy
-    return EmbeddedEngine(policy.dir, timeout_ms=policy.timeout_ms, workers=policy.workers, reload=policy.reload)
+    if policy.engine == "opa":
+        from sidecar.policy.opa import OpaEngine
+
+        return OpaEngine.from_config(policy)
+    return EmbeddedEngine(
+        policy.dir,
+        timeout_ms=policy.timeout_ms,
+        workers=policy.workers,
+        reload=policy.reload,
+        run_bundle_tests=run_bundle_tests,
+    )
 
 
-def build_identity(config: Config) -> tuple[IdentityResolver, grpc.ServerCredentials | None]:
-    """The caller resolver, and TLS credentials when the TCP listener serves mTLS."""
-    return DevIdentityResolver(config.identity.dev_spiffe_id), None
+def build_identity(config: Config) -> IdentityRuntime:
+    """The caller resolver, and TLS credentials when the TCP listener serves mTLS.
+
+    Unpacks as `(resolver, server_credentials)`; `.grpc_options` and `.close()`
+    come with it (docs/identity.md). Never blocks: the Workload API is watched
+    in the background and identity health is NOT_SERVING until an SVID is held.
+    """
+    return build_identity_runtime(config.identity)
 
 
-def build_recorder(config: Config) -> Recorder | None:
-    return None
+def build_recorder(
+    config: Config, engine: PolicyEngine | None = None, svid_source: object | None = None
+) -> Recorder | None:
+    """The evidence log in evidence.dir, shipping its spans over OTLP (docs/evidence.md).
+
+    Checkpoints are signed with evidence.signing_key, else the sidecar's SVID
+    (when the Workload API source is running), else a generated dev key.
+    """
+    from sidecar.evidence.recorder import open_recorder
+    from sidecar.evidence.signing import svid_key_provider
+
+    known_tool = None
+    if engine is not None:
+        known_tool = lambda tool: engine.catalog_entry(tool) is not None  # noqa: E731
+    return open_recorder(
+        config.evidence,
+        config.telemetry,
+        instance_id=config.sidecar.instance_id or default_instance_id(),
+        known_tool=known_tool,
+        key_provider=svid_key_provider(svid_source) if svid_source is not None else None,
+    )
 
 
-def build_gate(config: Config, engine: PolicyEngine, recorder: Recorder | None) -> Gate:
+def build_gate(
+    config: Config, engine: PolicyEngine, recorder: Recorder | None, metrics: Metrics | None = None
+) -> Gate:
     return Gate(
         engine=engine,
         usage=UsageCounters(config.usage.window_seconds, config.usage.max_tracked),
@@ -55,6 +95,42 @@ def build_gate(config: Config, engine: PolicyEngine, recorder: Recorder | None) 
         recorder=recorder,
         max_input_bytes=config.policy.max_input_bytes,
         max_depth=config.policy.max_depth,
+        instance_id=config.sidecar.instance_id or default_instance_id(),
+        metrics=metrics,
+    )
+
+
+def build_escalations(config: Config, recorder: Recorder | None):
+    """The escalation service on the configured store (docs/escalation.md); not started yet."""
+    from sidecar.escalation.notify import WebhookNotifier
+    from sidecar.escalation.service import EscalationService
+    from sidecar.escalation.store import open_store
+
+    esc = config.escalation
+    notifier = None
+    if esc.webhook_url:
+        secret = Path(esc.webhook_secret_file).read_bytes().strip() if esc.webhook_secret_file else None
+        notifier = WebhookNotifier(
+            esc.webhook_url,
+            timeout_seconds=esc.webhook_timeout_seconds,
+            attempts=esc.webhook_attempts,
+            secret=secret,
+            console_url=esc.console_url,
+        )
+    return EscalationService(
+        open_store(esc),
+        recorder=recorder,
+        ttl_seconds=esc.ttl_seconds,
+        use_window_seconds=esc.use_window_seconds,
+        await_max_seconds=esc.await_max_seconds,
+        poll_interval_seconds=esc.poll_interval_ms / 1000,
+        sweep_interval_seconds=esc.sweep_interval_seconds,
+        approvers=esc.approvers,
+        console_identities=esc.console_identities,
+        preview_arguments=esc.preview_arguments,
+        preview_max_bytes=esc.preview_max_bytes,
+        redact_keys=config.evidence.redact_keys,
+        notifier=notifier,
         instance_id=config.sidecar.instance_id or default_instance_id(),
     )
 
@@ -71,10 +147,20 @@ class RunningSidecar:
     gate: Gate
     health: SidecarHealth
     _health_task: asyncio.Task
+    identity_runtime: IdentityRuntime | None = None
+    metrics: Metrics | None = None
+    metrics_port: int | None = None
+    escalations: Any = None  # sidecar.escalation.service.EscalationService
 
     async def stop(self, grace: float = 5.0) -> None:
         self._health_task.cancel()
         await self.server.stop(grace)
+        if self.escalations is not None:
+            await self.escalations.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.identity_runtime is not None:
+            await asyncio.to_thread(self.identity_runtime.close)
         await self.engine.close()
         if self.recorder is not None:
             await self.recorder.close()
@@ -84,20 +170,51 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     """Load policy, build every stage, bind the listeners and start serving."""
     engine = build_engine(config)
     await engine.start()
-    identity, tls_credentials = build_identity(config)
-    recorder = build_recorder(config)
-    gate = build_gate(config, engine, recorder)
+    identity_runtime = build_identity(config)
+    identity, tls_credentials = identity_runtime
+    try:
+        recorder = await asyncio.to_thread(build_recorder, config, engine, identity_runtime.source)
+    except BaseException:
+        await engine.close()
+        identity_runtime.close()
+        raise
+    metrics = Metrics()
+    gate = build_gate(config, engine, recorder, metrics)
+    escalations = build_escalations(config, recorder)
+    try:
+        await escalations.start()
+    except BaseException:
+        await engine.close()
+        identity_runtime.close()
+        if recorder is not None:
+            await recorder.close()
+        raise
+    gate.escalations = escalations
 
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.policy.max_input_bytes + 64 * 1024)])
-    server.add_generic_rpc_handlers((ToolGateServicer(gate, identity).handler(),))
+    server = grpc.aio.server(
+        options=[
+            # Room above the policy cap, so an oversized call is denied and recorded,
+            # not refused by the transport unseen (docs/api.md: RESOURCE_EXHAUSTED).
+            ("grpc.max_receive_message_length", 4 * config.policy.max_input_bytes + 64 * 1024),
+            *identity_runtime.grpc_options,  # room for JWT-SVIDs: an oversized one is denied and recorded
+        ]
+    )
+    from sidecar.escalation.grpc_api import EscalationApi
+
+    escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
+    server.add_generic_rpc_handlers(
+        (ToolGateServicer(gate, identity, escalation_api).handler(), escalation_api.approvals_handler())
+    )
     sources = {"policy": engine.health, "identity": identity.health}
     if recorder is not None:
         sources["evidence"] = recorder.health
+    sources["escalation"] = escalations.health
     health = SidecarHealth(sources, [TOOLGATE_SERVICE])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             sidecar_pb2.DESCRIPTOR.services_by_name["ToolGate"].full_name,
+            sidecar_pb2.DESCRIPTOR.services_by_name["Approvals"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -122,7 +239,11 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     await server.start()
     await health.refresh()
     health_task = asyncio.create_task(health.run(), name="health")
-    return RunningSidecar(server, addresses, engine, identity, recorder, gate, health, health_task)
+    metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+    return RunningSidecar(
+        server, addresses, engine, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
+        escalations=escalations,
+    )
 
 
 async def serve(config: Config) -> None:
@@ -134,6 +255,15 @@ async def serve(config: Config) -> None:
         print(f"  listening on  {address}", flush=True)
     print(f"  policy        {config.policy.dir} ({sidecar.engine.name} engine, revision {sidecar.engine.revision})", flush=True)
     print(f"  identity      {ident_detail}", flush=True)
+    if sidecar.recorder is not None:
+        exporting = "spans shipped over OTLP" if getattr(sidecar.recorder, "shipper", None) else "span export off"
+        print(f"  evidence      {config.evidence.dir} ({exporting}; `agent-sidecar evidence verify {config.evidence.dir}`)", flush=True)
+    if sidecar.escalations is not None:
+        print(
+            f"  escalations   {sidecar.escalations.store.describe()} (`agent-sidecar approvals list --address "
+            f"{sidecar.addresses[0]}`)",
+            flush=True,
+        )
     first = sidecar.addresses[0]
     print("Send a first call from another terminal:", flush=True)
     print(

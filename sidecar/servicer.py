@@ -62,7 +62,9 @@ def peer_info(context: grpc.aio.ServicerContext) -> PeerInfo:
     metadata = {}
     for key, value in context.invocation_metadata() or ():
         if not key.endswith("-bin") and isinstance(value, str):
-            metadata[key.lower()] = value
+            key = key.lower()
+            # A repeated key joins with ", " as in HTTP: a second authorization token is refused, not dropped.
+            metadata[key] = f"{metadata[key]}, {value}" if key in metadata else value
     return PeerInfo(transport=transport, metadata=metadata, auth_context=auth)
 
 
@@ -101,9 +103,11 @@ def verdict_to_response(verdict: Verdict) -> sidecar_pb2.AuthorizeResponse:
 
 
 class ToolGateServicer:
-    def __init__(self, gate: Gate, identity: IdentityResolver):
+    def __init__(self, gate: Gate, identity: IdentityResolver, escalation_api: Any = None):
         self._gate = gate
         self._identity = identity
+        # sidecar.escalation.grpc_api.EscalationApi: serves AwaitDecision when present.
+        self._escalation_api = escalation_api
 
     async def authorize(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.AuthorizeResponse:
         peer = peer_info(context)
@@ -128,13 +132,17 @@ class ToolGateServicer:
             return IdentityError(f"identity could not be verified ({type(exc).__name__})")
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            TOOLGATE_SERVICE,
-            {
-                "Authorize": grpc.unary_unary_rpc_method_handler(
-                    self.authorize,
-                    request_deserializer=_lenient(sidecar_pb2.AuthorizeRequest),
-                    response_serializer=sidecar_pb2.AuthorizeResponse.SerializeToString,
-                ),
-            },
-        )
+        methods = {
+            "Authorize": grpc.unary_unary_rpc_method_handler(
+                self.authorize,
+                request_deserializer=_lenient(sidecar_pb2.AuthorizeRequest),
+                response_serializer=sidecar_pb2.AuthorizeResponse.SerializeToString,
+            ),
+        }
+        if self._escalation_api is not None:
+            methods["AwaitDecision"] = grpc.unary_unary_rpc_method_handler(
+                self._escalation_api.await_decision,
+                request_deserializer=_lenient(sidecar_pb2.AwaitDecisionRequest),
+                response_serializer=sidecar_pb2.AwaitDecisionResponse.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(TOOLGATE_SERVICE, methods)

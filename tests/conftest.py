@@ -57,6 +57,8 @@ def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
             "policy.dir": str(REGO),
             "policy.reload": False,
             "sidecar.instance_id": "test-sidecar",
+            "evidence.dir": str(tmp_path / "evidence"),
+            "telemetry.exporter": "none",
         }
         settings.update(overrides)
         return load_config(None, settings)

@@ -104,5 +104,5 @@ class CircuitBreaker:
             return "breaker closed" + (f" ({self._failures} consecutive failures)" if self._failures else "")
         if state == OPEN:
             left = max(0.0, self._opened_at + self.cooldown - self._clock())
-            return f"breaker open, next probe in {left * 1000:.0f} ms (last error: {self.last_error})"
-        return f"breaker half-open, probing (last error: {self.last_error})"
+            return f"breaker open, next probe in {left * 1000:.0f} ms (last: OPA {self.last_error})"
+        return f"breaker half-open, probing (last: OPA {self.last_error})"

@@ -1,0 +1,161 @@
+"""`make bench`: what the sidecar adds to every tool call, against a bare gRPC floor.
+
+Starts the sidecar (embedded engine, durable evidence) and a bare floor
+server as separate processes, drives each from a separate load process, and
+prints a table; `--out` writes the figures as JSON. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+SCENARIOS = [
+    ("open 100/s", ["open", "--rate", "100"]),
+    ("open 1000/s", ["open", "--rate", "1000"]),
+    ("closed x64", ["closed", "--concurrency", "64"]),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def bench_bundle(workdir: Path) -> Path:
+    """rego/ with the rate limits lifted, so load is decided by the rules, not throttled."""
+    bundle = workdir / "rego"
+    shutil.copytree(REPO / "rego", bundle)
+    limits_file = bundle / "sidecar" / "limits" / "data.yaml"
+    limits = yaml.safe_load(limits_file.read_text())
+    limits.update(max_calls_in_window=10**9, max_calls_in_task=10**9)
+    limits_file.write_text(yaml.safe_dump(limits))
+    return bundle
+
+
+def start(command: list[str], ready: str, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if ready in line:
+            return process
+        if process.poll() is not None:
+            break
+    process.kill()
+    raise SystemExit(f"{' '.join(command)} did not start; see {log}:\n{log.read_text()[-2000:]}")
+
+
+def stage_totals(port: int) -> dict[str, tuple[float, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("sidecar_stage_seconds_sum", "sidecar_stage_seconds_count"):
+                entry = totals.setdefault(sample.labels["stage"], [0.0, 0.0])
+                entry[0 if sample.name.endswith("_sum") else 1] = sample.value
+    return {stage: (s, c) for stage, (s, c) in totals.items()}
+
+
+def cost_split(before: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds per decision spent in each stage between two scrapes."""
+    split = {}
+    for stage, (total, count) in after.items():
+        total0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            split[stage] = (total - total0) / (count - count0) * 1000
+    return split
+
+
+def load(target: str, args: list[str], seconds: float) -> dict:
+    output = subprocess.run(
+        [PYTHON, str(REPO / "bench" / "load.py"), target, *args, "--seconds", str(seconds)],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each scenario (default 5)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    metrics_port = free_port()
+    config = {
+        "listen": {"tcp": "", "unix": str(workdir / "sidecar.sock")},
+        "policy": {"dir": str(bench_bundle(workdir)), "reload": False},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "sidecar": {"instance_id": "bench"},
+    }
+    from sidecar.config import Config
+
+    if "evidence" in Config.__dataclass_fields__:
+        config["evidence"] = {"dir": str(workdir / "evidence")}
+        config["telemetry"] = {"exporter": "none"}
+    (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config))
+
+    sidecar = start([PYTHON, "-m", "sidecar", "serve", "--config", str(workdir / "sidecar.yaml")], "serving",
+                    workdir / "sidecar.log")
+    floor = start([PYTHON, str(REPO / "bench" / "floor.py"), f"unix:{workdir / 'floor.sock'}"], "floor serving",
+                  workdir / "floor.log")
+    results = []
+    try:
+        for name, scenario in SCENARIOS:
+            floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds)
+            before = stage_totals(metrics_port)
+            sidecar_result = load(f"unix:{workdir / 'sidecar.sock'}", scenario, args.seconds)
+            sidecar_result["cost_split_ms"] = cost_split(before, stage_totals(metrics_port))
+            results.append({"scenario": name, "identity": "dev over unix socket", "floor": floor_result,
+                            "sidecar": sidecar_result})
+    finally:
+        for process in (sidecar, floor):
+            process.terminate()
+            process.wait(timeout=15)
+
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "processor": platform.processor() or platform.machine()}
+    report = {"machine": machine, "seconds_per_scenario": args.seconds, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(f"\nJSON: {args.out}   (work dir with logs and evidence: {workdir})")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    header = f"{'scenario':<13} {'server':<8} {'calls/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6}"
+    print(header)
+    print("-" * len(header))
+    for row in report["results"]:
+        for label in ("floor", "sidecar"):
+            r = row[label]
+            lat = r["latency_ms"]
+            print(f"{row['scenario']:<13} {label:<8} {r['throughput']:>9.0f} {lat['p50']:>8.3f} {lat['p90']:>8.3f} "
+                  f"{lat['p99']:>8.3f} {lat['max']:>8.3f} {r['errors']:>6}")
+        ratio = row["sidecar"]["latency_ms"]["p50"] / row["floor"]["latency_ms"]["p50"]
+        split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["sidecar"]["cost_split_ms"].items()))
+        print(f"{'':<13} ratio p50 sidecar/floor {ratio:.2f}x; sidecar mean ms per stage: {split}")
+        print(f"{'':<13} outcomes {row['sidecar']['outcomes']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The approvers' web console (`agent-sidecar console`): see app.py and docs/escalation.md."""

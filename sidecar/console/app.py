@@ -1,0 +1,309 @@
+"""The approvers' web console: aiohttp.web, server-rendered, a client of the Approvals API.
+
+    GET  /                           pending escalations, each with Approve / Deny and a note
+    GET  /history                    decided, expired and used escalations
+    GET  /escalations/{id}           one escalation (webhook notices link here)
+    POST /escalations/{id}/decide    decision=approve|deny, note, csrf_token
+    GET  /healthz                    "ok"
+
+Who is deciding: the value of `console.trusted_header`, set by the auth proxy
+in front (e.g. oauth2-proxy's X-Auth-Request-Email), prefixed with
+`console.approver_prefix` (email:alice@example.org). The console must only be
+reachable through that proxy, which must strip the header from clients. With
+no trusted header the console is in dev mode and everyone is
+`console.dev_approver`. The sidecar applies separation of duties, records the
+decision and answers refusals; the console shows them.
+
+Forms carry an HMAC CSRF token bound to the approver (csrf.py); a POST without
+a valid one, or from another origin, is refused (403), logged, and never
+reaches the sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.console import pages
+from sidecar.console.csrf import CsrfError, CsrfTokens, load_secret
+from sidecar.escalation import EscalationRefused
+from sidecar.escalation.client import ApprovalsClient, ApprovalsError, token_file_metadata
+from sidecar.escalation.grpc_api import validate_approver
+
+log = logging.getLogger(__name__)
+
+APPROVER_KEY = web.AppKey("approver_settings", dict)
+CLIENT_KEY = web.AppKey("approvals_client", ApprovalsClient)
+CSRF_KEY = web.AppKey("csrf", CsrfTokens)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+HISTORY_STATES = ("approved", "denied", "expired", "used")
+
+
+class ConsoleError(Exception):
+    """The console cannot start as configured."""
+
+
+def sidecar_address(config: Any) -> str:
+    if config.console.sidecar:
+        return config.console.sidecar
+    if config.listen.unix:
+        return f"unix:{config.listen.unix}"
+    return config.listen.tcp
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+def approver_of(request: web.Request) -> str:
+    settings = request.app[APPROVER_KEY]
+    header = settings["trusted_header"]
+    if not header:
+        return settings["dev_approver"]
+    values = request.headers.getall(header, [])
+    if len(values) != 1 or not values[0].strip():
+        raise Unauthenticated(
+            f"no signed-in person: the {header} header is missing or repeated. "
+            "Open the console through its sign-in proxy."
+        )
+    try:
+        return validate_approver(settings["prefix"] + values[0].strip())
+    except EscalationRefused as exc:
+        raise Unauthenticated(f"the signed-in identity cannot approve: {exc.message}") from None
+
+
+def _html(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
+
+
+@web.middleware
+async def security(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except Unauthenticated as exc:
+        log.warning("console: refused %s %s from %s: %s", request.method, request.path, request.remote, exc)
+        response = _html(pages.error_page("Not signed in", str(exc)), status=401)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "text/html":
+            response = _html(pages.error_page(exc.reason, exc.text or exc.reason), status=exc.status)
+        else:
+            raise
+    for key, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(key, value)
+    return response
+
+
+async def _pending(request: web.Request) -> list[dict]:
+    return await request.app[CLIENT_KEY].list(state="pending", limit=500)
+
+
+async def _render_pending(request: web.Request, approver: str, banner: tuple[str, str] | None,
+                          status: int = 200) -> web.Response:
+    try:
+        escalations = list(reversed(await _pending(request)))  # oldest first: it expires first
+    except ApprovalsError as exc:
+        return _html(pages.error_page("Sidecar unavailable", _sidecar_problem(exc), approver=approver), status=502)
+    token = request.app[CSRF_KEY].issue(approver)
+    jaeger = request.app[APPROVER_KEY]["jaeger_url"]
+    return _html(pages.pending_page(escalations, approver=approver, jaeger_url=jaeger, csrf_token=token,
+                                    banner=banner), status=status)
+
+
+def _sidecar_problem(exc: ApprovalsError) -> str:
+    return f"The sidecar answered: {exc.message}"
+
+
+async def pending_view(request: web.Request) -> web.Response:
+    approver = approver_of(request)
+    banner = None
+    for verb in ("approved", "denied"):
+        eid = request.query.get(verb, "")
+        if eid.startswith("esc-") and len(eid) <= 64 and eid.isprintable():
+            banner = ("ok", f"{verb.capitalize()} {eid}." + (" The agent may now repeat the call once."
+                                                           if verb == "approved" else ""))
+    return await _render_pending(request, approver, banner)
+
+
+async def history_view(request: web.Request) -> web.Response:
+    approver = approver_of(request)
+    client = request.app[CLIENT_KEY]
+    limit = request.app[APPROVER_KEY]["history_limit"]
+    try:
+        batches = await asyncio.gather(*(client.list(state=s, limit=limit) for s in HISTORY_STATES))
+    except ApprovalsError as exc:
+        return _html(pages.error_page("Sidecar unavailable", _sidecar_problem(exc), approver=approver), status=502)
+    rows = [e for batch in batches for e in batch]
+    rows.sort(key=lambda e: e["decided_at"] or e["expires_at"], reverse=True)
+    jaeger = request.app[APPROVER_KEY]["jaeger_url"]
+    return _html(pages.history_page(rows[:limit], approver=approver, jaeger_url=jaeger))
+
+
+async def detail_view(request: web.Request) -> web.Response:
+    approver = approver_of(request)
+    try:
+        escalation = await request.app[CLIENT_KEY].get(request.match_info["id"])
+    except ApprovalsError as exc:
+        status = 404 if exc.status == "NOT_FOUND" else 502
+        return _html(pages.error_page("Not found" if status == 404 else "Sidecar unavailable",
+                                      _sidecar_problem(exc), approver=approver), status=status)
+    token = request.app[CSRF_KEY].issue(approver)
+    jaeger = request.app[APPROVER_KEY]["jaeger_url"]
+    return _html(pages.detail_page(escalation, approver=approver, jaeger_url=jaeger, csrf_token=token))
+
+
+def _same_origin(request: web.Request) -> str | None:
+    """Why a POST looks cross-site, or None. Browsers send Origin on POST; Sec-Fetch-Site when they can."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return f"the form was sent from another site (Sec-Fetch-Site: {request.headers['Sec-Fetch-Site']})"
+    origin = request.headers.get("Origin")
+    if origin and origin != "null":
+        expected = {f"{scheme}://{request.host}" for scheme in ("http", "https")}
+        forwarded_host = request.headers.get("X-Forwarded-Host")
+        if forwarded_host:
+            expected |= {f"{scheme}://{forwarded_host}" for scheme in ("http", "https")}
+        if origin not in expected:
+            return f"the form was sent from another origin ({origin})"
+    return None
+
+
+async def decide_view(request: web.Request) -> web.Response:
+    approver = approver_of(request)
+    escalation_id = request.match_info["id"]
+    form = await request.post()
+    decision = form.get("decision")
+    note = form.get("note", "")
+    note = note.replace("\r\n", "\n") if isinstance(note, str) else ""
+    problem = _same_origin(request)
+    if problem is None:
+        try:
+            request.app[CSRF_KEY].check(form.get("csrf_token") if isinstance(form.get("csrf_token"), str) else None,
+                                        approver)
+        except CsrfError as exc:
+            problem = str(exc)
+    if problem is not None:
+        log.warning(
+            "console: refused %s of %s by %s from %s: csrf: %s; nothing was sent to the sidecar",
+            decision, escalation_id, approver, request.remote, problem,
+        )
+        return await _render_pending(request, approver, ("error", f"Refused: {problem}. Nothing was changed."), 403)
+    if decision not in ("approve", "deny"):
+        return await _render_pending(request, approver, ("error", "Refused: choose Approve or Deny."), 400)
+    client = request.app[CLIENT_KEY]
+    method = client.approve if decision == "approve" else client.deny
+    try:
+        await method(escalation_id, note=note, approver=approver)
+    except ApprovalsError as exc:
+        log.info("console: %s of %s by %s refused: %s", decision, escalation_id, approver, exc.message)
+        status = 502 if exc.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and ":" not in exc.message else 409
+        return await _render_pending(request, approver, ("error", f"Refused: {exc.message}"), status)
+    log.info("console: %s %s by %s", "approved" if decision == "approve" else "denied", escalation_id, approver)
+    verb = "approved" if decision == "approve" else "denied"
+    raise web.HTTPSeeOther(f"/?{verb}={escalation_id}")
+
+
+async def css_view(request: web.Request) -> web.Response:
+    return web.Response(text=pages.CSS, content_type="text/css", charset="utf-8")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def build_app(
+    client: ApprovalsClient,
+    *,
+    trusted_header: str = "",
+    approver_prefix: str = "email:",
+    dev_approver: str = "",
+    jaeger_url: str = "",
+    csrf: CsrfTokens,
+    history_limit: int = 100,
+) -> web.Application:
+    if not trusted_header and not dev_approver:
+        raise ConsoleError(
+            "console: set console.trusted_header (the header your auth proxy sets, e.g. X-Auth-Request-Email) "
+            "or, for development only, console.dev_approver"
+        )
+    app = web.Application(middlewares=[security], client_max_size=64 * 1024)
+    app[APPROVER_KEY] = {
+        "trusted_header": trusted_header,
+        "prefix": approver_prefix,
+        "dev_approver": dev_approver,
+        "jaeger_url": jaeger_url,
+        "history_limit": history_limit,
+    }
+    app[CLIENT_KEY] = client
+    app[CSRF_KEY] = csrf
+    app.router.add_get("/", pending_view)
+    app.router.add_get("/history", history_view)
+    app.router.add_get("/escalations/{id}", detail_view)
+    app.router.add_post("/escalations/{id}/decide", decide_view)
+    app.router.add_get("/static/console.css", css_view)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def app_from_config(config: Any) -> web.Application:
+    console = config.console
+    metadata = token_file_metadata(console.token_file) if console.token_file else None
+    try:
+        secret = load_secret(console.csrf_secret_file)
+    except (CsrfError, OSError) as exc:
+        raise ConsoleError(f"console.csrf_secret_file: {exc}") from None
+    client = ApprovalsClient(sidecar_address(config), metadata=metadata)
+    app = build_app(
+        client,
+        trusted_header=console.trusted_header,
+        approver_prefix=console.approver_prefix,
+        dev_approver=console.dev_approver,
+        jaeger_url=console.jaeger_url,
+        csrf=CsrfTokens(secret),
+        history_limit=console.history_limit,
+    )
+
+    async def close_client(app: web.Application) -> None:
+        await client.close()
+
+    app.on_cleanup.append(close_client)
+    return app
+
+
+async def start_console(config: Any, listen: str | None = None) -> tuple[web.AppRunner, int]:
+    """Serve the console; returns the runner (await runner.cleanup() to stop) and the bound port."""
+    app = app_from_config(config)
+    host, _, port = (listen or config.console.listen).rpartition(":")
+    runner = web.AppRunner(app, access_log=log)
+    await runner.setup()
+    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, bound
+
+
+async def run_console(config: Any) -> None:
+    runner, port = await start_console(config)
+    host = config.console.listen.rpartition(":")[0]
+    mode = (f"approver from the {config.console.trusted_header} header"
+            if config.console.trusted_header else f"DEV MODE: everyone is {config.console.dev_approver}")
+    print(f"agent-sidecar console serving on http://{host}:{port}/", flush=True)
+    print(f"  sidecar       {sidecar_address(config)}", flush=True)
+    print(f"  identity      {mode}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,222 @@
+"""Server-rendered HTML of the console. Every value from outside goes through html.escape."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from html import escape
+from typing import Any, Iterable
+from urllib.parse import quote
+
+from sidecar.escalation.cli import human_duration
+from sidecar.escalation.client import parse_time
+
+CSS = """
+:root { --fg:#1d2330; --muted:#5d6678; --line:#d9dee7; --bg:#f5f7fa; --card:#fff;
+        --ok:#1d7a46; --no:#b3261e; --warn:#8a5a00; --accent:#2450a6; }
+* { box-sizing: border-box; }
+body { margin:0; font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; color:var(--fg); background:var(--bg); }
+header { background:#1d2330; color:#fff; padding:12px 24px; display:flex; gap:24px; align-items:baseline; flex-wrap:wrap; }
+header h1 { font-size:18px; margin:0; font-weight:600; }
+header nav a { color:#cfd8ea; margin-right:16px; text-decoration:none; }
+header nav a.here { color:#fff; font-weight:600; border-bottom:2px solid #fff; }
+header .who { margin-left:auto; color:#cfd8ea; font-size:14px; }
+main { max-width:1100px; margin:0 auto; padding:20px 24px 48px; }
+.banner { padding:10px 14px; border-radius:6px; margin-bottom:16px; border:1px solid; }
+.banner.ok { background:#e8f5ee; border-color:#9fd3b5; color:var(--ok); }
+.banner.error { background:#fdecea; border-color:#f0b4ae; color:var(--no); }
+.empty { color:var(--muted); padding:32px 0; text-align:center; }
+.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:16px 18px; margin-bottom:16px; }
+.card h2 { font-size:17px; margin:0 0 6px; display:flex; gap:10px; align-items:baseline; flex-wrap:wrap; }
+.card h2 .tool { font-family:ui-monospace,SFMono-Regular,Menlo,monospace; }
+.meta { color:var(--muted); font-size:13px; }
+.meta b { color:var(--fg); font-weight:600; }
+dl { display:grid; grid-template-columns:110px 1fr; gap:4px 12px; margin:10px 0; }
+dt { color:var(--muted); }
+dd { margin:0; overflow-wrap:anywhere; }
+code, pre { font-family:ui-monospace,SFMono-Regular,Menlo,monospace; font-size:13px; }
+pre { background:#f0f2f6; border:1px solid var(--line); border-radius:6px; padding:8px 10px; margin:0; max-height:320px; overflow:auto; white-space:pre-wrap; }
+ul.reasons { margin:0; padding-left:18px; }
+.state { font-size:12px; text-transform:uppercase; letter-spacing:.04em; padding:2px 8px; border-radius:10px; border:1px solid var(--line); }
+.state.pending { color:var(--warn); border-color:#e8cf9c; background:#fff8e6; }
+.state.approved, .state.used { color:var(--ok); border-color:#9fd3b5; background:#e8f5ee; }
+.state.denied { color:var(--no); border-color:#f0b4ae; background:#fdecea; }
+.state.expired { color:var(--muted); }
+form.decide { display:flex; gap:10px; align-items:flex-end; flex-wrap:wrap; margin-top:12px; border-top:1px solid var(--line); padding-top:12px; }
+form.decide label { flex:1 1 320px; display:flex; flex-direction:column; font-size:13px; color:var(--muted); }
+form.decide textarea { font:inherit; min-height:38px; padding:6px 8px; border:1px solid var(--line); border-radius:6px; resize:vertical; }
+button { font:inherit; font-weight:600; padding:8px 18px; border-radius:6px; border:1px solid transparent; cursor:pointer; }
+button.approve { background:var(--ok); color:#fff; }
+button.deny { background:#fff; color:var(--no); border-color:var(--no); }
+table { width:100%; border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:8px; }
+th, td { text-align:left; padding:8px 10px; border-bottom:1px solid var(--line); vertical-align:top; font-size:14px; }
+th { color:var(--muted); font-weight:600; font-size:13px; }
+a { color:var(--accent); }
+"""
+
+
+def _ts(value: str) -> datetime | None:
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
+
+
+def age(value: str, now: datetime) -> str:
+    moment = _ts(value)
+    return human_duration((now - moment).total_seconds()) + " ago" if moment else "-"
+
+
+def until(value: str, now: datetime) -> str:
+    moment = _ts(value)
+    if moment is None:
+        return "-"
+    seconds = (moment - now).total_seconds()
+    return "now" if seconds <= 0 else "in " + human_duration(seconds)
+
+
+def trace_link(trace_id: str, jaeger_url: str) -> str:
+    if not trace_id:
+        return "-"
+    if not jaeger_url:
+        return f"<code>{escape(trace_id)}</code>"
+    href = f"{jaeger_url.rstrip('/')}/trace/{quote(trace_id, safe='')}"
+    return f'<a href="{escape(href)}" target="_blank" rel="noopener noreferrer"><code>{escape(trace_id)}</code></a>'
+
+
+def layout(*, title: str, approver: str, here: str, body: str, pending_count: int | None = None,
+           banner: tuple[str, str] | None = None) -> str:
+    count = f" ({pending_count})" if pending_count is not None else ""
+    nav = (
+        f'<a href="/" class="{"here" if here == "pending" else ""}">Pending{count}</a>'
+        f'<a href="/history" class="{"here" if here == "history" else ""}">History</a>'
+        f'<a href="{"/history" if here == "history" else "/"}">Refresh</a>'
+    )
+    banner_html = ""
+    if banner is not None:
+        kind, text = banner
+        banner_html = f'<div class="banner {escape(kind)}" role="status">{escape(text)}</div>'
+    return (
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{escape(title)}</title><link rel=\"stylesheet\" href=\"/static/console.css\"></head><body>"
+        f"<header><h1>agent-sidecar approvals</h1><nav>{nav}</nav>"
+        f'<span class="who">signed in as <b data-testid="approver">{escape(approver)}</b></span></header>'
+        f"<main>{banner_html}{body}</main></body></html>"
+    )
+
+
+def _preview(escalation: dict) -> str:
+    preview = escalation.get("arguments_preview")
+    digest = escape(escalation.get("arguments_digest", ""))
+    if preview is None:
+        return f'<span class="meta">not kept; digest <code>{digest}</code></span>'
+    text = json.dumps(preview, indent=2, sort_keys=True, ensure_ascii=False)
+    return f'<pre>{escape(text)}</pre><div class="meta">digest <code>{digest}</code></div>'
+
+
+def _reasons(reasons: Iterable[str]) -> str:
+    items = "".join(f"<li>{escape(r)}</li>" for r in reasons)
+    return f'<ul class="reasons">{items}</ul>'
+
+
+def _who(escalation: dict) -> str:
+    who = f"<code>{escape(escalation['subject'])}</code>"
+    if escalation.get("delegation"):
+        chain = " → ".join(f"<code>{escape(d)}</code>" for d in escalation["delegation"])
+        who += f'<div class="meta">on behalf of {chain}</div>'
+    return who
+
+
+def escalation_card(escalation: dict, *, now: datetime, jaeger_url: str, csrf_token: str, decidable: bool) -> str:
+    eid = escalation["escalation_id"]
+    state = escalation["state"]
+    tool = escape(escalation["tool"])
+    server = f' <span class="meta">on {escape(escalation["server"])}</span>' if escalation.get("server") else ""
+    timing = f'created <b title="{escape(escalation["created_at"])}">{age(escalation["created_at"], now)}</b>'
+    if state == "pending":
+        timing += f' · expires <b title="{escape(escalation["expires_at"])}">{until(escalation["expires_at"], now)}</b>'
+    rows = [
+        ("who", _who(escalation)),
+        ("why", _reasons(escalation.get("reasons", ()))),
+        ("arguments", _preview(escalation)),
+    ]
+    if escalation.get("task_id"):
+        rows.insert(1, ("task", f"<code>{escape(escalation['task_id'])}</code>"))
+    rows.append(("trace", trace_link(escalation.get("trace_id", ""), jaeger_url)))
+    if escalation.get("approver"):
+        decided = f"{escape(escalation['approver'])} <span class=\"meta\">{age(escalation['decided_at'], now)}</span>"
+        rows.append(("decided by", decided))
+    if escalation.get("note"):
+        rows.append(("note", escape(escalation["note"])))
+    details = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
+    form = ""
+    if decidable and state == "pending":
+        action = f"/escalations/{quote(eid, safe='')}"
+        form = (
+            f'<form class="decide" method="post" action="{escape(action)}/decide">'
+            f'<input type="hidden" name="csrf_token" value="{escape(csrf_token)}">'
+            f'<label>Note (kept with your decision and in the evidence log)'
+            f'<textarea name="note" maxlength="2000" rows="1" aria-label="note for {escape(eid)}"></textarea></label>'
+            '<button class="approve" type="submit" name="decision" value="approve">Approve</button>'
+            '<button class="deny" type="submit" name="decision" value="deny">Deny</button>'
+            "</form>"
+        )
+    return (
+        f'<section class="card" id="{escape(eid)}" data-escalation-id="{escape(eid)}" data-state="{escape(state)}">'
+        f'<h2><span class="tool">{tool}</span>{server}<span class="state {escape(state)}">{escape(state)}</span></h2>'
+        f'<div class="meta">{timing} · <a href="/escalations/{quote(eid, safe="")}"><code>{escape(eid)}</code></a></div>'
+        f"<dl>{details}</dl>{form}</section>"
+    )
+
+
+def pending_page(escalations: list[dict], *, approver: str, jaeger_url: str, csrf_token: str,
+                 banner: tuple[str, str] | None = None) -> str:
+    now = datetime.now(timezone.utc)
+    if escalations:
+        body = "".join(
+            escalation_card(e, now=now, jaeger_url=jaeger_url, csrf_token=csrf_token, decidable=True)
+            for e in escalations
+        )
+    else:
+        body = '<p class="empty">Nothing is waiting for a decision.</p>'
+    return layout(title="Pending approvals", approver=approver, here="pending", body=body,
+                  pending_count=len(escalations), banner=banner)
+
+
+def detail_page(escalation: dict, *, approver: str, jaeger_url: str, csrf_token: str,
+                banner: tuple[str, str] | None = None) -> str:
+    now = datetime.now(timezone.utc)
+    body = escalation_card(escalation, now=now, jaeger_url=jaeger_url, csrf_token=csrf_token, decidable=True)
+    return layout(title=f"Escalation {escalation['escalation_id']}", approver=approver, here="", body=body, banner=banner)
+
+
+def history_page(escalations: list[dict], *, approver: str, jaeger_url: str) -> str:
+    now = datetime.now(timezone.utc)
+    if not escalations:
+        body = '<p class="empty">No decided escalations yet.</p>'
+    else:
+        rows = []
+        for e in escalations:
+            when = e["decided_at"] or e["expires_at"]
+            tool = escape(e["tool"]) + (f' <span class="meta">on {escape(e["server"])}</span>' if e["server"] else "")
+            rows.append(
+                f'<tr data-escalation-id="{escape(e["escalation_id"])}" data-state="{escape(e["state"])}">'
+                f'<td><span class="state {escape(e["state"])}">{escape(e["state"])}</span></td>'
+                f'<td><code>{tool}</code></td><td><code>{escape(e["subject"])}</code></td>'
+                f'<td>{escape(e["approver"]) or "-"}</td>'
+                f'<td title="{escape(when)}">{age(when, now)}</td>'
+                f'<td>{escape(e["note"])}</td>'
+                f'<td>{trace_link(e["trace_id"], jaeger_url)}</td>'
+                f'<td><a href="/escalations/{quote(e["escalation_id"], safe="")}">details</a></td></tr>'
+            )
+        body = (
+            "<table><thead><tr><th>state</th><th>tool</th><th>who</th><th>decided by</th><th>when</th>"
+            "<th>note</th><th>trace</th><th></th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        )
+    return layout(title="Approval history", approver=approver, here="history", body=body)
+
+
+def error_page(status_text: str, message: str, *, approver: str = "") -> str:
+    body = f'<div class="banner error" role="alert">{escape(message)}</div><p><a href="/">Back to pending approvals</a></p>'
+    return layout(title=status_text, approver=approver or "nobody", here="", body=body)

@@ -1,0 +1,164 @@
+"""A human decides: escalations bound to the exact call, approved at most once.
+
+When policy answers `escalate`, the gate asks the EscalationService for an
+escalation (a new one, or the pending one for the very same call). A person
+approves or denies it through the Approvals API (CLI, web console); the agent
+then repeats the call with the escalation id, the service checks that the call
+is exactly the one approved (fingerprint) and hands `input.approval` to policy,
+and an allowed approved call consumes the approval.
+
+This module holds the types every part shares; docs/escalation.md tells the
+whole story.
+
+    store.py        EscalationStore: SQLite (default) and PostgreSQL, atomic
+                    compare-and-set state transitions
+    fingerprint.py  what "the exact call" means
+    service.py      EscalationService: the state machine, evidence, expiry sweeper
+    notify.py       webhook on new escalations
+    grpc_api.py     ToolGate.AwaitDecision and the Approvals service
+    client.py       an Approvals client (CLI and console)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+PENDING = "pending"
+APPROVED = "approved"
+DENIED = "denied"
+EXPIRED = "expired"
+USED = "used"
+STATES = (PENDING, APPROVED, DENIED, EXPIRED, USED)
+FINAL_STATES = (DENIED, EXPIRED, USED)
+
+ID_PREFIX = "esc-"
+
+
+@dataclass(frozen=True)
+class EscalationRecord:
+    """One escalation as stored. Times are Unix seconds (float), UTC."""
+
+    id: str
+    fingerprint: str
+    subject: str  # the caller's SPIFFE ID
+    subject_source: str
+    delegation: tuple[str, ...]  # upstream agents' SPIFFE IDs, outermost first
+    tool: str
+    server: str
+    arguments_digest: str
+    arguments_preview: Any  # redacted, truncated arguments for approvers; None when not kept
+    task_id: str
+    intent: str
+    call_id: str
+    decision_id: str  # the decision that escalated
+    reasons: tuple[str, ...]
+    policy_revision: str
+    trace_id: str  # the escalation's span: the approval and the approved retry join this trace
+    span_id: str
+    created_at: float
+    expires_at: float  # a pending escalation expires then
+    state: str = PENDING
+    approver: str = ""
+    approver_via: str = ""  # the console identity that relayed a human approver, if any
+    decided_at: float | None = None
+    note: str = ""
+    use_by: float | None = None  # an approval must be used before then
+    used_at: float | None = None
+    used_by_decision: str = ""
+    updated_at: float = 0.0
+    sidecar: str = ""
+
+    def with_changes(self, **changes: Any) -> "EscalationRecord":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict:
+        """The escalation as plain JSON (webhook payload, `approvals show --json`); times in RFC 3339."""
+        from sidecar.evidence.records import rfc3339
+
+        def at(ts: float | None) -> str:
+            return rfc3339(ts) if ts is not None else ""
+
+        return {
+            "escalation_id": self.id,
+            "state": self.state,
+            "subject": self.subject,
+            "subject_source": self.subject_source,
+            "delegation": list(self.delegation),
+            "tool": self.tool,
+            "server": self.server,
+            "arguments_digest": self.arguments_digest,
+            "arguments_preview": self.arguments_preview,
+            "task_id": self.task_id,
+            "intent": self.intent,
+            "call_id": self.call_id,
+            "decision_id": self.decision_id,
+            "reasons": list(self.reasons),
+            "policy_revision": self.policy_revision,
+            "trace_id": self.trace_id,
+            "created_at": at(self.created_at),
+            "expires_at": at(self.expires_at),
+            "approver": self.approver,
+            "approver_via": self.approver_via,
+            "decided_at": at(self.decided_at),
+            "note": self.note,
+            "use_by": at(self.use_by),
+            "used_at": at(self.used_at),
+            "used_by_decision": self.used_by_decision,
+            "sidecar": self.sidecar,
+        }
+
+    @property
+    def short_id(self) -> str:
+        return self.id[len(ID_PREFIX):][:8] if self.id.startswith(ID_PREFIX) else self.id[:8]
+
+
+class EscalationRefused(Exception):
+    """A request about an escalation was refused; nothing was changed.
+
+    `code` is the stable reason code (`escalation_unknown`, `escalation_expired`,
+    `already_decided`, `approval_used`, `self_approval`, ...), `status` the gRPC
+    status name the Approvals API answers with.
+    """
+
+    def __init__(self, code: str, message: str, status: str = "FAILED_PRECONDITION",
+                 record: EscalationRecord | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+        self.record = record
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class StoreError(Exception):
+    """The escalation store could not be reached or answered an error."""
+
+
+@dataclass(frozen=True)
+class Approver:
+    """Who approves or denies: a verified SPIFFE ID, or a human relayed by a trusted console."""
+
+    identity: str
+    source: str  # workload_api | mtls | jwt_svid | dev | console
+    via: str = ""  # the console's SPIFFE ID when a console relayed a human
+    extra: dict = field(default_factory=dict)
+
+
+__all__ = [
+    "APPROVED",
+    "DENIED",
+    "EXPIRED",
+    "FINAL_STATES",
+    "ID_PREFIX",
+    "PENDING",
+    "STATES",
+    "USED",
+    "Approver",
+    "EscalationRecord",
+    "EscalationRefused",
+    "StoreError",
+]

@@ -1,0 +1,266 @@
+"""`agent-sidecar approvals list | show ID | approve ID | deny ID` and `agent-sidecar console`.
+
+The approvals commands are clients of a running sidecar's Approvals API
+(`--address`, default $AGENT_SIDECAR_ADDRESS or 127.0.0.1:50051). Who
+approves is whoever the sidecar verifies the caller to be; in dev mode
+`--approver` names the person (e.g. email:alice@example.org).
+
+Exit status: 0 done, 1 refused by the sidecar (the message says why),
+2 bad usage or the sidecar could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+STATE_CHOICES = ["pending", "approved", "denied", "expired", "used", "all"]
+
+
+def _client(args: argparse.Namespace):
+    from sidecar.escalation.client import ApprovalsClient, token_file_metadata
+
+    metadata = token_file_metadata(args.token_file) if args.token_file else None
+    return ApprovalsClient(args.address, metadata=metadata, timeout=args.timeout)
+
+
+def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> int:
+    from sidecar.escalation.client import ApprovalsError
+
+    async def go() -> Any:
+        async with _client(args) as client:
+            return await work(client)
+
+    try:
+        asyncio.run(go())
+    except ApprovalsError as exc:
+        unreachable = exc.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and ":" not in exc.message
+        if unreachable:
+            print(f"agent-sidecar: cannot reach the sidecar at {args.address}: {exc.message}", file=sys.stderr)
+            return 2
+        print(f"agent-sidecar: refused: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. --token-file unreadable
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _age(stamp: str, now: datetime) -> str:
+    from sidecar.escalation.client import parse_time
+
+    moment = parse_time(stamp)
+    if moment is None:
+        return "-"
+    return human_duration((now - moment).total_seconds())
+
+
+def human_duration(seconds: float) -> str:
+    """3s, 4m, 2h05m, 3d: short and readable, negative as 'overdue'."""
+    if seconds < 0:
+        return "overdue"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d"
+
+
+def _until(stamp: str, now: datetime) -> str:
+    from sidecar.escalation.client import parse_time
+
+    moment = parse_time(stamp)
+    if moment is None:
+        return "-"
+    return human_duration((moment - now).total_seconds())
+
+
+def _reason_codes(reasons: list[str]) -> str:
+    codes = []
+    for reason in reasons:
+        code, sep, _ = reason.partition(": ")
+        codes.append(code if sep and " " not in code else reason[:40])
+    return ",".join(codes)
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no escalations"
+    now = datetime.now(timezone.utc)
+    header = ["ID", "STATE", "AGE", "EXPIRES", "SUBJECT", "TOOL", "APPROVER", "REASONS"]
+    table = [header]
+    for e in rows:
+        expires = _until(e["expires_at"], now) if e["state"] == "pending" else "-"
+        tool = e["tool"] + (f" ({e['server']})" if e["server"] else "")
+        table.append([e["escalation_id"], e["state"], _age(e["created_at"], now), expires, e["subject"], tool,
+                      e["approver"] or "-", _reason_codes(e["reasons"])])
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+    lines = []
+    for row in table:
+        cells = [str(cell).ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, str(row[-1])]).rstrip())
+    return "\n".join(lines)
+
+
+def format_detail(e: dict) -> str:
+    now = datetime.now(timezone.utc)
+    lines = [
+        f"escalation   {e['escalation_id']}",
+        f"state        {e['state']}",
+        f"subject      {e['subject']}",
+    ]
+    if e["delegation"]:
+        lines.append(f"delegation   {' -> '.join(e['delegation'])}")
+    lines += [
+        f"tool         {e['tool']}" + (f" (server {e['server']})" if e["server"] else ""),
+        f"task         {e['task_id'] or '-'}",
+        f"created      {e['created_at']} ({_age(e['created_at'], now)} ago)",
+        f"expires      {e['expires_at']}" + (f" (in {_until(e['expires_at'], now)})" if e["state"] == "pending" else ""),
+    ]
+    if e["approver"]:
+        lines.append(f"decided      {e['decided_at']} by {e['approver']}")
+    if e["note"]:
+        lines.append(f"note         {e['note']}")
+    lines.append(f"trace        {e['trace_id'] or '-'}")
+    lines.append(f"policy       {e['policy_revision'] or '-'}")
+    lines.append("reasons")
+    lines += [f"  - {reason}" for reason in e["reasons"]]
+    lines.append(f"arguments    {e['arguments_digest']}")
+    if e["arguments_preview"] is not None:
+        preview = json.dumps(e["arguments_preview"], indent=2, sort_keys=True, ensure_ascii=False)
+        lines += ["  " + line for line in preview.splitlines()]
+    else:
+        lines.append("  (no preview kept)")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def work(client: Any) -> None:
+        state = "" if args.state == "all" else args.state
+        rows = await client.list(state=state, subject=args.subject or "", tool=args.tool or "", limit=args.limit)
+        if args.json:
+            for row in rows:
+                print(json.dumps(row, sort_keys=True))
+        else:
+            print(format_table(rows))
+
+    return _run(args, work)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    async def work(client: Any) -> None:
+        row = await client.get(args.id)
+        print(json.dumps(row, sort_keys=True, indent=2) if args.json else format_detail(row))
+
+    return _run(args, work)
+
+
+def _decide(args: argparse.Namespace, approve: bool) -> int:
+    async def work(client: Any) -> None:
+        method = client.approve if approve else client.deny
+        row = await method(args.id, note=args.note or "", approver=args.approver or "")
+        if args.json:
+            print(json.dumps(row, sort_keys=True, indent=2))
+        else:
+            verb = "approved" if approve else "denied"
+            print(f"{verb} {row['escalation_id']} ({row['tool']} for {row['subject']}) as {row['approver']}")
+            if approve:
+                print("the agent may now repeat the call once, with this escalation id")
+
+    return _run(args, work)
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _decide(args, True)
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    return _decide(args, False)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from sidecar.config import ConfigError, load_config
+    from sidecar.console.app import ConsoleError, run_console
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["console.listen"] = args.listen
+    if args.sidecar:
+        overrides["console.sidecar"] = args.sidecar
+    config = load_config(args.config, overrides)
+    try:
+        asyncio.run(run_console(config))
+    except ConsoleError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, *, json_help: str = "print JSON") -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("AGENT_SIDECAR_ADDRESS", DEFAULT_ADDRESS),
+        metavar="ADDR",
+        help="the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS or %(default)s)",
+    )
+    parser.add_argument("--token-file", metavar="FILE", help="a JWT-SVID to present (authorization: Bearer)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline")
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def add_commands(commands: Any) -> None:
+    """Register `approvals ...` and `console` on the main parser's subcommands."""
+    approvals = commands.add_parser(
+        "approvals",
+        help="list, show, approve and deny escalated calls on a running sidecar",
+        description="Work with escalations through a sidecar's Approvals API (docs/escalation.md). "
+        "Exit 0 done, 1 refused (the message says why), 2 unreachable or bad usage.",
+    )
+    sub = approvals.add_subparsers(dest="approvals_command", metavar="SUBCOMMAND", required=True)
+
+    listing = sub.add_parser("list", help="a table of escalations (pending by default)")
+    _common(listing, json_help="one JSON object per line")
+    listing.add_argument("--state", choices=STATE_CHOICES, default="pending", help="default pending; all for every state")
+    listing.add_argument("--subject", metavar="SPIFFE_ID", help="only this caller's")
+    listing.add_argument("--tool", metavar="NAME", help="only calls of this tool")
+    listing.add_argument("--limit", type=int, default=100, metavar="N", help="at most N, newest first")
+    listing.set_defaults(run=cmd_list)
+
+    show = sub.add_parser("show", help="one escalation: who, what, why, argument preview")
+    _common(show)
+    show.add_argument("id", help="escalation id (esc-...)")
+    show.set_defaults(run=cmd_show)
+
+    for name, run, verb in (("approve", cmd_approve, "approve"), ("deny", cmd_deny, "deny")):
+        decide = sub.add_parser(
+            name,
+            help=f"{verb} a pending escalation" + (" (the agent may repeat the call once)" if name == "approve" else ""),
+        )
+        _common(decide)
+        decide.add_argument("id", help="escalation id (esc-...)")
+        decide.add_argument("--note", metavar="TEXT", help="why; kept with the decision and in the evidence log")
+        decide.add_argument(
+            "--approver",
+            metavar="IDENTITY",
+            help="dev mode only: who you are (e.g. email:alice@example.org); otherwise your verified identity counts",
+        )
+        decide.set_defaults(run=run)
+
+    console = commands.add_parser(
+        "console",
+        help="serve the approvers' web page (behind an auth proxy; docs/escalation.md)",
+        description="Serve the approvers' web console: pending escalations with Approve/Deny and a history. "
+        "It talks to the sidecar's Approvals API; configure it under `console:` (docs/configuration.md).",
+    )
+    console.add_argument("--config", metavar="FILE", help="YAML config; its console section is used")
+    console.add_argument("--listen", metavar="HOST:PORT", help="overrides console.listen")
+    console.add_argument("--sidecar", metavar="ADDR", help="the sidecar's address, overrides console.sidecar")
+    console.set_defaults(run=cmd_console)

@@ -1,0 +1,310 @@
+"""The gRPC face of escalations: ToolGate.AwaitDecision and the Approvals service.
+
+Approvers are callers like any other: their identity comes from the same
+resolver as an agent's (Workload API, mTLS, JWT-SVID), through the
+servicer's `peer_info`. The request's `approver` field is honoured only
+
+- in dev mode (identity.sources == [dev]), where it names the approver, or
+- from a caller listed in escalation.console_identities (the web console
+  relaying the human its auth proxy verified), recorded as `approver_via`.
+
+Refusals are answered with a gRPC status and a message "<code>: <text>":
+NOT_FOUND (unknown escalation), FAILED_PRECONDITION (expired, already
+decided, already used), PERMISSION_DENIED (separation of duties, not an
+approver, unverified approver), INVALID_ARGUMENT (bad note or approver),
+UNAVAILABLE (the store or the evidence log is down). Each is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, AsyncIterator
+
+import grpc
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sidecar.escalation import (
+    STATES,
+    Approver,
+    EscalationRecord,
+    EscalationRefused,
+    StoreError,
+)
+from sidecar.escalation.service import MAX_APPROVER_BYTES, EscalationService, approver_matches
+from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver
+from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
+from sidecar.v1 import sidecar_pb2
+
+log = logging.getLogger(__name__)
+
+APPROVALS_SERVICE = "sidecar.v1.Approvals"
+
+STATE_TO_PROTO = {
+    "pending": sidecar_pb2.ESCALATION_STATE_PENDING,
+    "approved": sidecar_pb2.ESCALATION_STATE_APPROVED,
+    "denied": sidecar_pb2.ESCALATION_STATE_DENIED,
+    "expired": sidecar_pb2.ESCALATION_STATE_EXPIRED,
+    "used": sidecar_pb2.ESCALATION_STATE_USED,
+}
+PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
+assert set(STATE_TO_PROTO) == set(STATES)
+
+
+def _timestamp(ts: float | None) -> Timestamp | None:
+    if ts is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(round(ts * 1_000_000)) * 1000)
+    return stamp
+
+
+def record_to_proto(record: EscalationRecord) -> sidecar_pb2.Escalation:
+    message = sidecar_pb2.Escalation(
+        escalation_id=record.id,
+        state=STATE_TO_PROTO[record.state],
+        subject=record.subject,
+        delegation=list(record.delegation),
+        tool=record.tool,
+        server=record.server,
+        arguments_digest=record.arguments_digest,
+        task_id=record.task_id,
+        reasons=list(record.reasons),
+        policy_revision=record.policy_revision,
+        trace_id=record.trace_id,
+        created_at=_timestamp(record.created_at),
+        expires_at=_timestamp(record.expires_at),
+        approver=record.approver,
+        decided_at=_timestamp(record.decided_at),
+        note=record.note,
+    )
+    if isinstance(record.arguments_preview, dict):
+        preview = Struct()
+        preview.update(record.arguments_preview)
+        message.arguments_preview.CopyFrom(preview)
+    return message
+
+
+def validate_approver(value: str) -> str:
+    """An approver identity string: a SPIFFE ID, or `scheme:value` (e.g. email:alice@example.org)."""
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_APPROVER_BYTES:
+        raise EscalationRefused("invalid_approver", f"the approver is over {MAX_APPROVER_BYTES} bytes", "INVALID_ARGUMENT")
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise EscalationRefused("invalid_approver", "the approver holds spaces or control characters", "INVALID_ARGUMENT")
+    scheme, colon, rest = value.partition(":")
+    if not colon or not scheme or not rest or not scheme.replace("-", "").replace("+", "").isalnum():
+        raise EscalationRefused(
+            "invalid_approver",
+            f"{value!r} is not an identity: use a SPIFFE ID or scheme:value (e.g. email:alice@example.org)",
+            "INVALID_ARGUMENT",
+        )
+    if scheme == "spiffe":
+        try:
+            validate_spiffe_id(value)
+        except SpiffeIdError as exc:
+            raise EscalationRefused("invalid_approver", f"{value!r}: {exc}", "INVALID_ARGUMENT") from None
+    return value
+
+
+class EscalationApi:
+    """Resolves who is calling and turns service answers and refusals into gRPC."""
+
+    def __init__(self, service: EscalationService, identity: IdentityResolver, *, dev_mode: bool):
+        self.service = service
+        self._identity = identity
+        self.dev_mode = dev_mode
+
+    # ------------------------------------------------------------- identity
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> CallerIdentity:
+        from sidecar.servicer import peer_info
+
+        try:
+            return self._identity.resolve(peer_info(context))
+        except IdentityError as exc:
+            raise EscalationRefused("unverified_caller", exc.reason, "UNAUTHENTICATED") from None
+        except Exception as exc:  # a resolver bug refuses, never crashes the call
+            log.exception("identity resolver failed")
+            raise EscalationRefused(
+                "unverified_caller", f"identity could not be verified ({type(exc).__name__})", "UNAUTHENTICATED"
+            ) from None
+
+    def approver_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
+        caller = self._caller(context)
+        claimed = claimed.strip() if isinstance(claimed, str) else ""
+        subject = caller.subject
+        if self.dev_mode:
+            if claimed:
+                return Approver(validate_approver(claimed), "dev")
+            return Approver(subject.spiffe_id, "dev")
+        if caller.delegation:
+            raise EscalationRefused(
+                "delegated_approval",
+                "an approval cannot be given through a delegation chain; call as the approver itself",
+                "PERMISSION_DENIED",
+            )
+        if claimed and claimed != subject.spiffe_id:
+            if approver_matches(subject.spiffe_id, self.service.console_identities):
+                return Approver(validate_approver(claimed), "console", via=subject.spiffe_id)
+            raise EscalationRefused(
+                "approver_not_verified",
+                f"the approver field ({claimed}) is honoured only in dev mode or from a console listed in "
+                f"escalation.console_identities; the verified caller is {subject.spiffe_id}",
+                "PERMISSION_DENIED",
+            )
+        return Approver(subject.spiffe_id, subject.source)
+
+    def reader(self, context: grpc.aio.ServicerContext) -> str:
+        """Who may read escalations: any verified caller, or only approvers/consoles when approvers are configured."""
+        caller = self._caller(context)
+        who = caller.subject.spiffe_id
+        if not self.dev_mode and self.service.approvers:
+            if not (approver_matches(who, self.service.approvers) or approver_matches(who, self.service.console_identities)):
+                raise EscalationRefused("not_an_approver", f"{who} is not among escalation.approvers", "PERMISSION_DENIED")
+        return who
+
+    # ---------------------------------------------------------------- errors
+
+    @staticmethod
+    async def abort(context: grpc.aio.ServicerContext, refusal: EscalationRefused) -> None:
+        status = getattr(grpc.StatusCode, refusal.status, grpc.StatusCode.FAILED_PRECONDITION)
+        await context.abort(status, refusal.reason)
+
+    @staticmethod
+    async def unavailable(context: grpc.aio.ServicerContext, exc: StoreError) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"escalation_unavailable: the escalation store failed ({exc})")
+
+    @staticmethod
+    async def malformed(context: grpc.aio.ServicerContext, request: Any) -> None:
+        from sidecar.servicer import UnparseableRequest
+
+        if isinstance(request, UnparseableRequest):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed_request: the request could not be parsed ({request.error})"
+            )
+
+    # ---------------------------------------------------------- AwaitDecision
+
+    async def await_decision(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.AwaitDecisionResponse:
+        await self.malformed(context, request)
+        try:
+            caller = self._caller(context)
+            timeout = request.timeout_seconds
+            if not math.isfinite(timeout) or timeout < 0:
+                raise EscalationRefused("invalid_timeout", "timeout_seconds must be a finite number >= 0", "INVALID_ARGUMENT")
+            record = await self.service.get(request.escalation_id)
+            if record.subject != caller.subject.spiffe_id:
+                raise EscalationRefused(
+                    "not_your_escalation",
+                    f"escalation {record.id} belongs to another subject; only its caller may await it",
+                    "PERMISSION_DENIED",
+                )
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = min(timeout, max(0.0, remaining - 0.2))
+            record, timed_out = await self.service.wait(record.id, timeout)
+        except EscalationRefused as refusal:
+            await self.abort(context, refusal)
+        except StoreError as exc:
+            await self.unavailable(context, exc)
+        return sidecar_pb2.AwaitDecisionResponse(escalation=record_to_proto(record), timed_out=timed_out)
+
+    # -------------------------------------------------------------- Approvals
+
+    async def list(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.ListEscalationsResponse:
+        await self.malformed(context, request)
+        try:
+            self.reader(context)
+            limit = request.limit if request.limit > 0 else 100
+            records = await self.service.list(
+                state=PROTO_TO_STATE.get(request.state, ""),
+                subject=request.subject,
+                tool=request.tool,
+                limit=min(limit, 1000),
+            )
+        except EscalationRefused as refusal:
+            await self.abort(context, refusal)
+        except StoreError as exc:
+            await self.unavailable(context, exc)
+        return sidecar_pb2.ListEscalationsResponse(escalations=[record_to_proto(r) for r in records])
+
+    async def get(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
+        await self.malformed(context, request)
+        try:
+            self.reader(context)
+            record = await self.service.get(request.escalation_id)
+        except EscalationRefused as refusal:
+            await self.abort(context, refusal)
+        except StoreError as exc:
+            await self.unavailable(context, exc)
+        return record_to_proto(record)
+
+    async def approve(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
+        return await self._decide(request, context, approve=True)
+
+    async def deny(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
+        return await self._decide(request, context, approve=False)
+
+    async def _decide(self, request: Any, context: grpc.aio.ServicerContext, *, approve: bool) -> sidecar_pb2.Escalation:
+        from sidecar.servicer import UnparseableRequest
+
+        kind = "approval" if approve else "human_denial"
+        if isinstance(request, UnparseableRequest):
+            refusal = EscalationRefused("malformed_request", f"the request could not be parsed ({request.error})",
+                                        "INVALID_ARGUMENT")
+            await self.service.record_refusal(kind, "", Approver("", "unknown"), refusal)
+            await self.abort(context, refusal)
+        try:
+            try:
+                approver = self.approver_for(context, request.approver)
+            except EscalationRefused as refusal:
+                claimed = request.approver if isinstance(request.approver, str) else ""
+                await self.service.record_refusal(
+                    kind, request.escalation_id, Approver(claimed[:MAX_APPROVER_BYTES], "unverified"), refusal
+                )
+                raise
+            if approve:
+                record = await self.service.approve(request.escalation_id, approver, request.note)
+            else:
+                record = await self.service.deny(request.escalation_id, approver, request.note)
+        except EscalationRefused as refusal:
+            await self.abort(context, refusal)
+        except StoreError as exc:
+            await self.unavailable(context, exc)
+        return record_to_proto(record)
+
+    async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[sidecar_pb2.Escalation]:
+        await self.malformed(context, request)
+        try:
+            self.reader(context)
+        except EscalationRefused as refusal:
+            await self.abort(context, refusal)
+        try:
+            async for record in self.service.watch(PROTO_TO_STATE.get(request.state, "")):
+                yield record_to_proto(record)
+        except StoreError as exc:
+            await self.unavailable(context, exc)
+
+    def approvals_handler(self) -> grpc.GenericRpcHandler:
+        from sidecar.servicer import _lenient
+
+        def unary(method, request_type, response_type):
+            return grpc.unary_unary_rpc_method_handler(
+                method, request_deserializer=_lenient(request_type), response_serializer=response_type.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            APPROVALS_SERVICE,
+            {
+                "List": unary(self.list, sidecar_pb2.ListEscalationsRequest, sidecar_pb2.ListEscalationsResponse),
+                "Get": unary(self.get, sidecar_pb2.GetEscalationRequest, sidecar_pb2.Escalation),
+                "Approve": unary(self.approve, sidecar_pb2.DecideEscalationRequest, sidecar_pb2.Escalation),
+                "Deny": unary(self.deny, sidecar_pb2.DecideEscalationRequest, sidecar_pb2.Escalation),
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    self.watch,
+                    request_deserializer=_lenient(sidecar_pb2.WatchEscalationsRequest),
+                    response_serializer=sidecar_pb2.Escalation.SerializeToString,
+                ),
+            },
+        )

@@ -1,0 +1,132 @@
+"""Tell people a call is waiting: a JSON POST to a webhook for each new escalation.
+
+Sent in the background: the agent has its ESCALATE answer before the first
+attempt starts, and a webhook that is down never slows or fails a decision.
+Connection errors, timeouts, 429 and 5xx answers are retried with
+exponential backoff (tenacity) up to `escalation.webhook_attempts`; other
+answers are final. With a secret, the body is signed:
+`X-Sidecar-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+
+Payload:
+
+    {"type": "escalation.created", "escalation": {...Escalation as JSON...},
+     "console_url": "https://approvals.example.org/escalations/esc-..."}   # when console_url is set
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from sidecar.escalation import EscalationRecord
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "agent-sidecar-webhook/1"
+
+
+class RetryableWebhookError(Exception):
+    pass
+
+
+class WebhookNotifier:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_seconds: float = 5.0,
+        attempts: int = 5,
+        backoff_seconds: float = 0.5,
+        max_backoff_seconds: float = 30.0,
+        secret: bytes | None = None,
+        console_url: str = "",
+        max_in_flight: int = 100,
+    ):
+        self.url = url
+        self._timeout = timeout_seconds
+        self._attempts = attempts
+        self._backoff = backoff_seconds
+        self._max_backoff = max_backoff_seconds
+        self._secret = secret
+        self._console_url = console_url.rstrip("/")
+        self._max_in_flight = max_in_flight
+        self._tasks: set[asyncio.Task] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def payload(self, record: EscalationRecord) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": "escalation.created", "escalation": record.to_json()}
+        if self._console_url:
+            body["console_url"] = f"{self._console_url}/escalations/{record.id}"
+        return body
+
+    def notify(self, record: EscalationRecord) -> None:
+        """Queue one notification and return at once."""
+        if len(self._tasks) >= self._max_in_flight:
+            self.dropped += 1
+            log.warning("webhook: %d notifications in flight; not sending one for %s", len(self._tasks), record.id)
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver(record), name=f"webhook-{record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, record: EscalationRecord) -> None:
+        body = json.dumps(self.payload(record), sort_keys=True).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   "X-Sidecar-Escalation-Id": record.id}
+        if self._secret:
+            headers["X-Sidecar-Signature"] = "sha256=" + hmac.new(self._secret, body, hashlib.sha256).hexdigest()
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self._attempts),
+                wait=wait_exponential(multiplier=self._backoff, max=self._max_backoff),
+                retry=retry_if_exception_type((RetryableWebhookError, aiohttp.ClientError, TimeoutError)),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._post(body, headers)
+            self.sent += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failed += 1
+            log.warning("webhook: giving up on %s after %d attempts: %s", record.id, self._attempts, exc)
+
+    async def _post(self, body: bytes, headers: dict[str, str]) -> None:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        async with self._session.post(self.url, data=body, headers=headers, allow_redirects=False) as response:
+            await response.read()
+            if response.status == 429 or response.status >= 500:
+                raise RetryableWebhookError(f"HTTP {response.status}")
+            if response.status >= 300:
+                log.warning("webhook: %s answered HTTP %d; not retried", self.url, response.status)
+                raise _Final(f"HTTP {response.status}")
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait for notifications in flight (tests, shutdown)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    async def close(self, grace: float = 1.0) -> None:
+        await self.drain(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _Final(Exception):
+    """An answer that retrying will not change."""

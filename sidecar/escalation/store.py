@@ -1,0 +1,450 @@
+"""Where escalations live: one interface, SQLite (default) and PostgreSQL (shared).
+
+Every state change is one compare-and-set UPDATE whose WHERE clause names the
+state it leaves (and, where it matters, the expiry, the fingerprint):
+
+    approve/deny   ... WHERE id = ? AND state = 'pending'  AND expires_at > now
+    consume        ... WHERE id = ? AND state = 'approved' AND fingerprint = ? AND use_by > now
+    expire         ... WHERE (state = 'pending' AND expires_at <= now) OR (state = 'approved' AND use_by <= now)
+
+so when two approvers race (in one sidecar or in many sharing PostgreSQL)
+exactly one UPDATE matches the row and the other finds nothing to change. A
+partial unique index allows one pending escalation per fingerprint, so a
+repeated call gets the pending id back instead of a second escalation, even
+when two sidecars see it at once.
+
+Times are Unix seconds from the deciding sidecar's clock (sidecars keep NTP
+time anyway: SVIDs and JWTs depend on it). The store is synchronous
+underneath; the async methods run it on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from sidecar.escalation import APPROVED, EXPIRED, PENDING, STATES, USED, EscalationRecord, StoreError
+
+log = logging.getLogger(__name__)
+
+TABLE = "sidecar_escalations"
+COLUMNS = (
+    "id", "fingerprint", "subject", "subject_source", "delegation", "tool", "server",
+    "arguments_digest", "arguments_preview", "task_id", "intent", "call_id", "decision_id",
+    "reasons", "policy_revision", "trace_id", "span_id", "created_at", "expires_at", "state",
+    "approver", "approver_via", "decided_at", "note", "use_by", "used_at", "used_by_decision",
+    "updated_at", "sidecar",
+)
+JSON_COLUMNS = ("delegation", "arguments_preview", "reasons")
+SELECT = ", ".join(COLUMNS)
+_state_list = ", ".join(f"'{s}'" for s in STATES)
+
+SCHEMA = (
+    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+        id TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        subject_source TEXT NOT NULL DEFAULT '',
+        delegation TEXT NOT NULL DEFAULT '[]',
+        tool TEXT NOT NULL,
+        server TEXT NOT NULL DEFAULT '',
+        arguments_digest TEXT NOT NULL,
+        arguments_preview TEXT,
+        task_id TEXT NOT NULL DEFAULT '',
+        intent TEXT NOT NULL DEFAULT '',
+        call_id TEXT NOT NULL DEFAULT '',
+        decision_id TEXT NOT NULL DEFAULT '',
+        reasons TEXT NOT NULL DEFAULT '[]',
+        policy_revision TEXT NOT NULL DEFAULT '',
+        trace_id TEXT NOT NULL DEFAULT '',
+        span_id TEXT NOT NULL DEFAULT '',
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_state_list})),
+        approver TEXT NOT NULL DEFAULT '',
+        approver_via TEXT NOT NULL DEFAULT '',
+        decided_at DOUBLE PRECISION,
+        note TEXT NOT NULL DEFAULT '',
+        use_by DOUBLE PRECISION,
+        used_at DOUBLE PRECISION,
+        used_by_decision TEXT NOT NULL DEFAULT '',
+        updated_at DOUBLE PRECISION NOT NULL,
+        sidecar TEXT NOT NULL DEFAULT ''
+    )""",
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_one_pending ON {TABLE} (fingerprint) WHERE state = '{PENDING}'",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_state_created ON {TABLE} (state, created_at)",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_updated ON {TABLE} (updated_at)",
+)
+
+# Rows that have outlived their state: pending past expires_at, approved past use_by.
+_DUE = f"((state = '{PENDING}' AND expires_at <= ?) OR (state = '{APPROVED}' AND use_by <= ?))"
+_ACTIVE = f"((state = '{PENDING}' AND expires_at > ?) OR (state = '{APPROVED}' AND use_by > ?))"
+
+SQL = {
+    "get": f"SELECT {SELECT} FROM {TABLE} WHERE id = ?",
+    "find_active": (
+        f"SELECT {SELECT} FROM {TABLE} WHERE fingerprint = ? AND {_ACTIVE} "
+        "ORDER BY created_at DESC LIMIT 1"
+    ),
+    "insert": (
+        f"INSERT INTO {TABLE} ({SELECT}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
+        f"ON CONFLICT DO NOTHING RETURNING {SELECT}"
+    ),
+    "expire_fingerprint": (
+        f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE fingerprint = ? AND {_DUE} "
+        f"RETURNING {SELECT}"
+    ),
+    "expire_id": f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE id = ? AND {_DUE} RETURNING {SELECT}",
+    "expire_due": f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE {_DUE} RETURNING {SELECT}",
+    "decide": (
+        f"UPDATE {TABLE} SET state = ?, approver = ?, approver_via = ?, note = ?, decided_at = ?, "
+        f"use_by = ?, updated_at = ? WHERE id = ? AND state = '{PENDING}' AND expires_at > ? "
+        f"RETURNING {SELECT}"
+    ),
+    "consume": (
+        f"UPDATE {TABLE} SET state = '{USED}', used_at = ?, used_by_decision = ?, updated_at = ? "
+        f"WHERE id = ? AND state = '{APPROVED}' AND fingerprint = ? AND use_by > ? RETURNING {SELECT}"
+    ),
+    "withdraw": (
+        f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE id = ? AND state = '{PENDING}' "
+        f"RETURNING {SELECT}"
+    ),
+    "changed_since": f"SELECT {SELECT} FROM {TABLE} WHERE updated_at >= ? ORDER BY updated_at LIMIT ?",
+}
+
+
+def _to_row(record: EscalationRecord) -> tuple:
+    values = []
+    for column in COLUMNS:
+        value = getattr(record, column)
+        if column in JSON_COLUMNS:
+            value = None if value is None and column == "arguments_preview" else json.dumps(
+                list(value) if isinstance(value, tuple) else value, sort_keys=True, separators=(",", ":")
+            )
+        values.append(value)
+    return tuple(values)
+
+
+def _from_row(row: Sequence[Any]) -> EscalationRecord:
+    values = dict(zip(COLUMNS, row))
+    for column in JSON_COLUMNS:
+        raw = values[column]
+        values[column] = None if raw is None else json.loads(raw)
+    values["delegation"] = tuple(values["delegation"] or ())
+    values["reasons"] = tuple(values["reasons"] or ())
+    for column in ("created_at", "expires_at", "updated_at"):
+        values[column] = float(values[column])
+    for column in ("decided_at", "use_by", "used_at"):
+        if values[column] is not None:
+            values[column] = float(values[column])
+    return EscalationRecord(**values)
+
+
+class EscalationStore(Protocol):
+    """The store interface the EscalationService uses. Every method may raise StoreError."""
+
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> tuple[bool, str]: ...
+
+    async def get(self, escalation_id: str) -> EscalationRecord | None: ...
+
+    async def create(self, record: EscalationRecord, now: float) -> tuple[EscalationRecord, bool, list[EscalationRecord]]:
+        """Insert `record` unless the same call (fingerprint) has an active escalation.
+
+        Returns (the escalation, True if it is new, the escalations of that
+        fingerprint that this call found overdue and expired).
+        """
+        ...
+
+    async def list(self, *, state: str = "", subject: str = "", tool: str = "", limit: int = 100) -> list[EscalationRecord]: ...
+
+    async def decide(self, escalation_id: str, state: str, *, approver: str, via: str, note: str,
+                     now: float, use_by: float | None) -> EscalationRecord | None:
+        """pending → approved|denied, only while pending and unexpired; None when it was not."""
+        ...
+
+    async def consume(self, escalation_id: str, fingerprint: str, now: float, decision_id: str) -> EscalationRecord | None:
+        """approved → used, only for that fingerprint and inside the use window; None otherwise."""
+        ...
+
+    async def expire(self, now: float, escalation_id: str | None = None) -> list[EscalationRecord]:
+        """Overdue pending/approved → expired (one id, or all); returns the rows this call changed."""
+        ...
+
+    async def withdraw(self, escalation_id: str, now: float) -> EscalationRecord | None:
+        """pending → expired at once (an escalation whose decision could not be recorded)."""
+        ...
+
+    async def changed_since(self, since: float, limit: int = 500) -> list[EscalationRecord]: ...
+
+
+class _SqlStore:
+    """The shared logic; subclasses provide `_transaction(fn)` running fn(execute) atomically."""
+
+    name = "sql"
+    placeholder = "?"
+
+    def __init__(self) -> None:
+        self._last_error: str | None = None
+        self._last_ok = 0.0
+
+    def _sql(self, key: str) -> str:
+        text = SQL[key]
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    def _run_sync(self, fn: Callable[[Callable[..., list]], Any], transaction: bool = False) -> Any:
+        raise NotImplementedError
+
+    async def _run(self, fn: Callable[[Callable[..., list]], Any], transaction: bool = False) -> Any:
+        try:
+            result = await asyncio.to_thread(self._run_sync, fn, transaction)
+        except StoreError as exc:
+            self._last_error = str(exc)
+            raise
+        self._last_error = None
+        self._last_ok = time.time()
+        return result
+
+    def health(self) -> tuple[bool, str]:
+        if self._last_error:
+            return False, f"{self.describe()}: {self._last_error}"
+        return True, self.describe()
+
+    def describe(self) -> str:
+        return self.name
+
+    async def get(self, escalation_id: str) -> EscalationRecord | None:
+        rows = await self._run(lambda q: q(self._sql("get"), (escalation_id,)))
+        return _from_row(rows[0]) if rows else None
+
+    async def create(self, record: EscalationRecord, now: float):
+        def work(q):
+            expired = [_from_row(r) for r in q(self._sql("expire_fingerprint"), (now, record.fingerprint, now, now))]
+            for attempt in range(2):
+                active = q(self._sql("find_active"), (record.fingerprint, now, now))
+                if active:
+                    return _from_row(active[0]), False, expired
+                if attempt == 0:
+                    inserted = q(self._sql("insert"), _to_row(record))
+                    if inserted:
+                        return _from_row(inserted[0]), True, expired
+            raise StoreError("could not create or find the escalation (concurrent change); try again")
+
+        return await self._run(work, transaction=True)
+
+    async def list(self, *, state: str = "", subject: str = "", tool: str = "", limit: int = 100):
+        where, params = [], []
+        for column, value in (("state", state), ("subject", subject), ("tool", tool)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        sql = f"SELECT {SELECT} FROM {TABLE}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id LIMIT ?"
+        params.append(max(1, min(int(limit), 1000)))
+        if self.placeholder != "?":
+            sql = sql.replace("?", self.placeholder)
+        rows = await self._run(lambda q: q(sql, tuple(params)))
+        return [_from_row(r) for r in rows]
+
+    async def decide(self, escalation_id, state, *, approver, via, note, now, use_by):
+        if state not in (APPROVED, "denied"):
+            raise ValueError(f"decide: state must be approved or denied, not {state!r}")
+        rows = await self._run(
+            lambda q: q(self._sql("decide"), (state, approver, via, note, now, use_by, now, escalation_id, now))
+        )
+        return _from_row(rows[0]) if rows else None
+
+    async def consume(self, escalation_id, fingerprint, now, decision_id):
+        rows = await self._run(
+            lambda q: q(self._sql("consume"), (now, decision_id, now, escalation_id, fingerprint, now))
+        )
+        return _from_row(rows[0]) if rows else None
+
+    async def expire(self, now, escalation_id=None):
+        if escalation_id is None:
+            rows = await self._run(lambda q: q(self._sql("expire_due"), (now, now, now)))
+        else:
+            rows = await self._run(lambda q: q(self._sql("expire_id"), (now, escalation_id, now, now)))
+        return [_from_row(r) for r in rows]
+
+    async def withdraw(self, escalation_id, now):
+        rows = await self._run(lambda q: q(self._sql("withdraw"), (now, escalation_id)))
+        return _from_row(rows[0]) if rows else None
+
+    async def changed_since(self, since, limit=500):
+        rows = await self._run(lambda q: q(self._sql("changed_since"), (since, limit)))
+        return [_from_row(r) for r in rows]
+
+
+class SqliteStore(_SqlStore):
+    """A SQLite file in WAL mode, synchronous=FULL: a decided approval survives a crash."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str | Path, *, timeout_ms: int = 5000):
+        super().__init__()
+        self.path = Path(path)
+        self._timeout = timeout_ms / 1000
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"sqlite {self.path}"
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+
+    def _open_sync(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"could not switch to WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+            for statement in SCHEMA:
+                conn.execute(statement)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the escalation store {self.path}: {exc}") from None
+        self._conn = conn
+
+    async def close(self) -> None:
+        def close_sync() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await asyncio.to_thread(close_sync)
+
+    def _run_sync(self, fn, transaction=False):
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the escalation store is closed")
+            conn = self._conn
+
+            def execute(sql: str, params: Sequence[Any] = ()) -> list:
+                return conn.execute(sql, tuple(params)).fetchall()
+
+            try:
+                if not transaction:
+                    return fn(execute)
+                conn.execute("BEGIN IMMEDIATE")
+                result = fn(execute)
+                conn.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite: {exc}") from None
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+
+class PostgresStore(_SqlStore):
+    """PostgreSQL shared by many sidecars, through a psycopg connection pool."""
+
+    name = "postgres"
+    placeholder = "%s"
+
+    def __init__(self, dsn: str, *, timeout_ms: int = 5000, pool_size: int = 4):
+        super().__init__()
+        self.dsn = dsn
+        self._timeout_ms = timeout_ms
+        self._pool_size = pool_size
+        self._pool: Any = None
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+
+    def describe(self) -> str:
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            info = conninfo_to_dict(self.dsn)
+            where = f"{info.get('host', 'default host')}:{info.get('port', '5432')}/{info.get('dbname', '')}"
+        except Exception:
+            where = "(dsn)"
+        return f"postgres {where}"
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+
+    def _open_sync(self) -> None:
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:  # pragma: no cover - dependency is declared
+            raise StoreError(f"escalation.store postgres needs psycopg and psycopg-pool: {exc}") from None
+        self._pool = ConnectionPool(
+            self.dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            timeout=self._timeout_ms / 1000,
+            kwargs={"autocommit": True, "options": f"-c statement_timeout={self._timeout_ms}",
+                    "connect_timeout": max(1, self._timeout_ms // 1000)},
+            name="sidecar-escalations",
+        )
+        self._pool.open(wait=False)
+        try:
+            self._run_sync(lambda q: None)
+        except StoreError as exc:
+            # Not fatal: the store is retried on every use and health says why meanwhile.
+            self._last_error = str(exc)
+            log.warning("escalation store not reachable yet: %s", exc)
+
+    def _ensure_schema(self, conn) -> None:
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(7270120501)")
+                for statement in SCHEMA:
+                    conn.execute(statement)
+            self._schema_ready = True
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.close)
+            self._pool = None
+
+    def _run_sync(self, fn, transaction=False):
+        import psycopg
+        import psycopg_pool
+
+        if self._pool is None:
+            raise StoreError("the escalation store is closed")
+        try:
+            with self._pool.connection() as conn:
+                self._ensure_schema(conn)
+
+                def execute(sql: str, params: Sequence[Any] = ()) -> list:
+                    cursor = conn.execute(sql, tuple(params))
+                    return cursor.fetchall() if cursor.description is not None else []
+
+                if not transaction:
+                    return fn(execute)
+                with conn.transaction():
+                    return fn(execute)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreError(f"postgres: {message}") from None
+
+
+def open_store(config: Any) -> EscalationStore:
+    """The store `escalation.store` names (not opened yet)."""
+    if config.store == "postgres":
+        return PostgresStore(config.dsn, timeout_ms=config.store_timeout_ms, pool_size=config.pool_size)
+    return SqliteStore(config.path, timeout_ms=config.store_timeout_ms)

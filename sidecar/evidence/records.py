@@ -1,0 +1,245 @@
+"""The evidence record format: kinds, hashing, file names, and DecisionEvent → record.
+
+One record is one line of canonical JSON (RFC 8785: sorted keys, no spaces),
+terminated by a newline. Every record carries
+
+    kind       decision | escalation | approval | human_denial | expiry |
+               invocation | checkpoint | startup
+    seq        1, 2, 3, ... with no gaps, across all files of the log
+    prev_hash  the `hash` of the record before (GENESIS for seq 1)
+    logged_at  RFC 3339 time the writer put it in the log
+    hash       "sha256:<hex>" of the canonical JSON of the record without `hash`
+
+and the fields of its kind. Everything here is pure (no I/O) so the writer,
+the verifier and the shipper agree on it by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterable
+
+from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+
+if TYPE_CHECKING:
+    from sidecar.evidence import DecisionEvent
+
+KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation", "checkpoint", "startup")
+# Kinds that describe a tool call and so become an execute_tool span.
+CALL_KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation")
+GENESIS = "sha256:" + "0" * 64
+CHAIN_FIELDS = ("kind", "seq", "prev_hash", "logged_at", "hash")
+FILE_PATTERN = re.compile(r"^evidence-(\d{6})\.jsonl$")
+MIRROR_NAME = "checkpoints.jsonl"
+SHIP_STATE_NAME = "ship-state.json"
+DEV_KEY_NAME = "checkpoint-key.pem"
+DEV_PUBLIC_KEY_NAME = "checkpoint-key.pub.pem"
+
+# Argument keys whose values are never written in clear, whatever config or
+# policy says (matched case-insensitively as substrings of the key).
+BUILTIN_REDACT_KEYS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "access_key",
+    "private_key",
+    "authorization",
+    "credential",
+    "cookie",
+    "session",
+)
+REDACTED = "[REDACTED]"
+ARGUMENT_MODES = ("digest", "policy", "clear")
+
+
+def file_name(index: int) -> str:
+    return f"evidence-{index:06d}.jsonl"
+
+
+def rfc3339(ts: float | None = None) -> str:
+    moment = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(value: str) -> datetime:
+    """Parse an RFC 3339 time (Z or offset); naive times are taken as UTC."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+def record_hash(record: dict) -> str:
+    """sha256 over the canonical JSON of the record without its `hash`."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return sha256_digest(canonical_json(body))
+
+
+def _utf16_key(key: str) -> bytes:
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def seal(record: dict) -> bytes:
+    """Add `hash` to a record that has everything else; return its line (with newline).
+
+    Same bytes as canonical_json(record) (RFC 8785 sorts members by UTF-16 code
+    units), but each value is serialized once for both the hash and the line.
+    """
+    record.pop("hash", None)
+    for key in record:
+        if not isinstance(key, str):
+            raise NotCanonicalizable(f"record key {key!r} is not a string")
+    members = {key: canonical_json(key) + b":" + canonical_json(value) for key, value in record.items()}
+    body = b"{" + b",".join(members[k] for k in sorted(members, key=_utf16_key)) + b"}"
+    digest = sha256_digest(body)
+    record["hash"] = digest
+    members["hash"] = b'"hash":' + canonical_json(digest)
+    return b"{" + b",".join(members[k] for k in sorted(members, key=_utf16_key)) + b"}\n"
+
+
+def reason_code(reason: str) -> str:
+    """The low-cardinality part of a reason: the text before ': ' (reasons are '<code>: <text>')."""
+    code, sep, _ = reason.partition(": ")
+    code = code.strip()
+    if not sep or not code or len(code) > 64 or " " in code:
+        return "other"
+    return code
+
+
+def recordable(value: Any) -> Any:
+    """The value itself if it has a canonical JSON form, else a placeholder saying why not."""
+    try:
+        canonical_json(value)
+        return value
+    except NotCanonicalizable as exc:
+        return {
+            "unrecordable": str(exc)[:200],
+            "repr_digest": sha256_digest(repr(value).encode("utf-8", "backslashreplace")),
+        }
+
+
+def sanitize(fields: dict) -> dict:
+    """Make every top-level value canonical-JSON-able (replacing the ones that are not)."""
+    try:
+        canonical_json(fields)
+        return fields
+    except NotCanonicalizable:
+        clean = {}
+        for key, value in fields.items():
+            key = key if isinstance(key, str) else str(key)
+            clean[key] = recordable(value)
+        return clean
+
+
+def redact(value: Any, keys: Iterable[str], path: str = "") -> tuple[Any, list[str]]:
+    """Replace the values of secret-looking keys (at any depth) with REDACTED.
+
+    Returns the redacted copy and the paths (`a.b[2].c`) that were redacted.
+    """
+    needles = tuple(k.lower() for k in keys if k)
+    redacted: list[str] = []
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                here = f"{where}.{k}" if where else str(k)
+                if isinstance(k, str) and any(n in k.lower() for n in needles):
+                    out[k] = REDACTED
+                    redacted.append(here)
+                else:
+                    out[k] = walk(v, here)
+            return out
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    return walk(value, path), redacted
+
+
+def arguments_in_clear(event: "DecisionEvent", mode: str) -> bool:
+    if mode == "clear":
+        return True
+    if mode == "policy":
+        return (event.obligations or {}).get("record_arguments") is True
+    return False
+
+
+def decision_fields(
+    event: "DecisionEvent",
+    *,
+    arguments_mode: str = "policy",
+    redact_keys: Iterable[str] = (),
+    tool_known: bool = False,
+) -> dict:
+    """The fields of a `decision` record (the writer adds kind, seq, prev_hash, logged_at, hash)."""
+    identity = event.identity
+    subject = None
+    delegation: list[dict] = []
+    if identity is not None:
+        subject = {
+            "spiffe_id": identity.subject.spiffe_id,
+            "source": identity.subject.source,
+            "svid_expires_at": identity.subject.svid_expires_at,
+        }
+        delegation = [
+            {"spiffe_id": d.spiffe_id, "source": d.source, "svid_expires_at": d.svid_expires_at}
+            for d in identity.delegation
+        ]
+    fields: dict[str, Any] = {
+        "time": event.time,
+        "decision_id": event.decision_id,
+        "call_id": event.call_id,
+        "subject": subject,
+        "delegation": delegation,
+        "tool": event.tool,
+        "tool_known": bool(tool_known),
+        "server": event.server,
+        "arguments_digest": event.arguments_digest,
+        "task_id": event.task_id,
+        "intent": event.intent,
+        "signals": event.signals,
+        "outcome": event.outcome,
+        "reasons": list(event.reasons),
+        "obligations": dict(event.obligations or {}),
+        "policy_revision": event.policy_revision,
+        "engine": event.engine,
+        "engine_error": event.engine_error,
+        "escalation_id": event.escalation_id,
+        "approver": event.approver,
+        "trace_id": event.trace.trace_id,
+        "span_id": event.trace.span_id,
+        "parent_span_id": event.trace.parent_span_id,
+        "sidecar": event.sidecar,
+    }
+    engine_ms = (event.timings_ms or {}).get("engine")
+    if isinstance(engine_ms, (int, float)):
+        fields["engine_ms"] = round(float(engine_ms), 3)
+    if arguments_in_clear(event, arguments_mode) and isinstance(event.arguments, dict):
+        try:
+            canonical_json(event.arguments)
+        except NotCanonicalizable:
+            pass  # malformed arguments are only ever recorded as their digest
+        else:
+            extra = (event.obligations or {}).get("redact_arguments") or []
+            extra = [k for k in extra if isinstance(k, str)] if isinstance(extra, list) else []
+            clear, paths = redact(event.arguments, (*BUILTIN_REDACT_KEYS, *redact_keys, *extra))
+            fields["arguments"] = clear
+            fields["arguments_redacted"] = paths
+    # values with no canonical JSON form (a NaN in signals...) are replaced by the writer
+    return fields
+
+
+def derived_id(seed: str, hex_digits: int) -> str:
+    """A deterministic non-zero hex id, so re-exported spans keep identical ids."""
+    digest = hashlib.sha256(seed.encode()).hexdigest()[:hex_digits]
+    return digest if int(digest, 16) else "1".rjust(hex_digits, "0")

@@ -1,0 +1,311 @@
+"""Evidence records → OpenTelemetry spans, and the OTLP exporter the shipper uses.
+
+Spans are built from the durable records, never from live calls, so a span
+can be rebuilt and re-exported after any outage with identical trace and
+span ids and timestamps. A decision record becomes:
+
+    execute_tool {tool}            (tool name only when it is in the catalog;
+                                    otherwise the fixed name `execute_tool`)
+      └─ run_guardrail policy      (gen_ai.guardrail.* verdict attributes)
+
+Other call records (escalation, approval, ...) become `sidecar.{kind}` spans
+in the call's trace when they carry trace ids; checkpoints become
+`evidence.checkpoint` spans in a trace of their own, so the collector holds
+an outside copy of every signed chain head.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from sidecar.evidence.records import CALL_KINDS, derived_id, parse_rfc3339, reason_code
+
+DEFAULT_SERVICE_NAME = "agent-sidecar"
+SCOPE = InstrumentationScope("sidecar.evidence", "0.1.0")
+
+# Kubernetes downward-API variables (first one set wins) → resource attributes.
+K8S_ENV = {
+    "k8s.pod.name": ("K8S_POD_NAME", "POD_NAME"),
+    "k8s.namespace.name": ("K8S_NAMESPACE_NAME", "K8S_NAMESPACE", "POD_NAMESPACE"),
+    "k8s.node.name": ("K8S_NODE_NAME", "NODE_NAME"),
+    "k8s.pod.uid": ("K8S_POD_UID", "POD_UID"),
+}
+
+
+def service_name(configured: str = "") -> str:
+    return configured or os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
+
+
+class ResourceCache:
+    """One Resource per sidecar instance id (records shipped after a restart keep their own instance)."""
+
+    def __init__(self, service: str = "", environ: dict | None = None):
+        self.service = service_name(service)
+        env = os.environ if environ is None else environ
+        self._k8s = {}
+        for attribute, names in K8S_ENV.items():
+            for name in names:
+                if env.get(name):
+                    self._k8s[attribute] = env[name]
+                    break
+        self._cache: dict[str, Resource] = {}
+
+    def __call__(self, instance_id: str) -> Resource:
+        resource = self._cache.get(instance_id)
+        if resource is None:
+            # Resource.create also merges OTEL_RESOURCE_ATTRIBUTES; ours win on conflict.
+            attributes = {"service.name": self.service, **self._k8s}
+            if instance_id:
+                attributes["service.instance.id"] = instance_id
+            resource = Resource.create(attributes)
+            self._cache[instance_id] = resource
+        return resource
+
+
+def _ns(rfc3339_time: str | None, fallback: int) -> int:
+    if not rfc3339_time:
+        return fallback
+    try:
+        moment = parse_rfc3339(rfc3339_time)
+    except ValueError:
+        return fallback
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def _hex_int(value: Any, digits: int) -> int | None:
+    if not isinstance(value, str) or len(value) != digits:
+        return None
+    try:
+        number = int(value, 16)
+    except ValueError:
+        return None
+    return number or None
+
+
+def _context(trace_id: int, span_id: int) -> SpanContext:
+    return SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list[ReadableSpan]:
+    kind = record.get("kind")
+    if kind == "checkpoint":
+        return _checkpoint_span(record, resources)
+    if kind not in CALL_KINDS:
+        return []
+    trace_id = _hex_int(record.get("trace_id"), 32)
+    span_id = _hex_int(record.get("span_id"), 16)
+    if trace_id is None or span_id is None:
+        return []
+    parent_id = _hex_int(record.get("parent_span_id"), 16)
+    parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)) if parent_id else None
+    end = _ns(record.get("logged_at"), 0)
+    start = _ns(record.get("time"), end)
+    end = max(end, start)
+    resource = resources(_str(record.get("sidecar")))
+    tool = _str(record.get("tool"))
+    subject = record.get("subject") if isinstance(record.get("subject"), dict) else {}
+    reasons = [r for r in record.get("reasons") or [] if isinstance(r, str)]
+    codes = sorted({reason_code(r) for r in reasons})
+    outcome = _str(record.get("outcome"))
+
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.name": tool,
+        "gen_ai.tool.call.id": _str(record.get("call_id")),
+        "spiffe.id": _str(subject.get("spiffe_id")),
+        "sidecar.subject.source": _str(subject.get("source")),
+        "sidecar.evidence.kind": kind,
+        "sidecar.evidence.seq": int(record.get("seq") or 0),
+        "sidecar.evidence.hash": _str(record.get("hash")),
+        "sidecar.decision.id": _str(record.get("decision_id")),
+        "sidecar.decision.outcome": outcome,
+        "sidecar.decision.reason_codes": codes,
+        "sidecar.policy.revision": _str(record.get("policy_revision")),
+        "sidecar.policy.engine": _str(record.get("engine")),
+    }
+    for key, attribute in (
+        ("server", "sidecar.tool.server"),
+        ("task_id", "sidecar.task.id"),
+        ("escalation_id", "sidecar.escalation.id"),
+        ("approver", "sidecar.approver"),
+    ):
+        if record.get(key):
+            attributes[attribute] = _str(record.get(key))
+    if record.get("delegation"):
+        attributes["sidecar.delegation"] = [
+            _str(d.get("spiffe_id")) for d in record["delegation"] if isinstance(d, dict)
+        ]
+    events = [
+        Event(
+            "sidecar.decision.reason",
+            {"sidecar.reason.code": reason_code(r), "sidecar.reason.text": r},
+            timestamp=start,
+        )
+        for r in reasons
+    ]
+    status = Status(StatusCode.UNSET)
+    engine_error = record.get("engine_error")
+    if engine_error:
+        status = Status(StatusCode.ERROR, _str(engine_error)[:256])
+        attributes["error.type"] = "policy_engine_error"
+
+    if kind == "decision":
+        name = f"execute_tool {tool}" if record.get("tool_known") and tool else "execute_tool"
+    else:
+        name = f"sidecar.{kind}"
+        del attributes["gen_ai.operation.name"]
+        if record.get("state"):
+            attributes["sidecar.escalation.state"] = _str(record.get("state"))
+    links = []
+    for link in record.get("links") or []:
+        if not isinstance(link, dict):
+            continue
+        link_trace, link_span = _hex_int(link.get("trace_id"), 32), _hex_int(link.get("span_id"), 16)
+        if link_trace and link_span:
+            links.append(
+                trace_api.Link(_context(link_trace, link_span), {"sidecar.link.type": _str(link.get("type"))})
+            )
+    span = ReadableSpan(
+        name=name,
+        context=_context(trace_id, span_id),
+        parent=parent,
+        resource=resource,
+        attributes=attributes,
+        events=events,
+        links=links,
+        kind=SpanKind.INTERNAL,
+        status=status,
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=SCOPE,
+    )
+    if kind != "decision":
+        return [span]
+
+    engine_ms = record.get("engine_ms")
+    guard_end = start + int(engine_ms * 1_000_000) if isinstance(engine_ms, (int, float)) else end
+    guard_id = int(derived_id(f"{record.get('span_id')}/run_guardrail", 16), 16)
+    verdict_reason = codes[0] if codes else ""
+    guard_attributes = {
+        "gen_ai.operation.name": "run_guardrail",
+        "gen_ai.guardrail.component.name": "policy",
+        "gen_ai.guardrail.verdict.type": outcome,
+        "gen_ai.guardrail.action.type": {"allow": "allow", "deny": "block", "escalate": "escalate"}.get(outcome, outcome),
+        "gen_ai.guardrail.target.type": "tool",
+        "gen_ai.guardrail.target.subtype": "tool_call",
+        "gen_ai.guardrail.target.id": _str(record.get("call_id")),
+        "gen_ai.guardrail.security.policy.id": _str(record.get("policy_revision")),
+        "gen_ai.guardrail.verdict.reason": verdict_reason,
+        "gen_ai.guardrail.security.content.input.hash": _str(record.get("arguments_digest")),
+        "sidecar.policy.engine": _str(record.get("engine")),
+    }
+    if engine_error:
+        guard_attributes["error.type"] = "policy_engine_error"
+    guard = ReadableSpan(
+        name="run_guardrail policy",
+        context=_context(trace_id, guard_id),
+        parent=_context(trace_id, span_id),
+        resource=resource,
+        attributes=guard_attributes,
+        kind=SpanKind.INTERNAL,
+        status=status,
+        start_time=start,
+        end_time=max(start, min(guard_end, end)),
+        instrumentation_scope=SCOPE,
+    )
+    return [span, guard]
+
+
+def _checkpoint_span(record: dict, resources: Callable[[str], Resource]) -> list[ReadableSpan]:
+    checkpoint = record.get("checkpoint") if isinstance(record.get("checkpoint"), dict) else {}
+    seed = f"{checkpoint.get('log_id')}/{record.get('seq')}"
+    trace_id = int(derived_id(seed + "/trace", 32), 16)
+    span_id = int(derived_id(seed + "/span", 16), 16)
+    at = _ns(record.get("logged_at"), 0)
+    signature = record.get("signature") if isinstance(record.get("signature"), dict) else {}
+    signer = record.get("signer") if isinstance(record.get("signer"), dict) else {}
+    return [
+        ReadableSpan(
+            name="evidence.checkpoint",
+            context=_context(trace_id, span_id),
+            resource=resources(_str(record.get("sidecar"))),
+            attributes={
+                "sidecar.evidence.kind": "checkpoint",
+                "sidecar.evidence.log_id": _str(checkpoint.get("log_id")),
+                "sidecar.evidence.seq": int(record.get("seq") or 0),
+                "sidecar.evidence.hash": _str(record.get("hash")),
+                "sidecar.evidence.checkpoint.seq": int(checkpoint.get("seq") or 0),
+                "sidecar.evidence.checkpoint.head_hash": _str(checkpoint.get("head_hash")),
+                "sidecar.evidence.checkpoint.signature": _str(signature.get("value")),
+                "sidecar.evidence.checkpoint.key_id": _str(signer.get("key_id")),
+                "sidecar.evidence.checkpoint.key_source": _str(signer.get("source")),
+            },
+            kind=SpanKind.INTERNAL,
+            start_time=at,
+            end_time=at,
+            instrumentation_scope=SCOPE,
+        )
+    ]
+
+
+def exporter_from_env(
+    *,
+    exporter: str = "otlp",
+    protocol: str = "",
+    endpoint: str = "",
+    timeout_seconds: float = 10.0,
+    environ: dict | None = None,
+) -> SpanExporter | None:
+    """The span exporter the standard OTEL_* variables ask for; None when export is off.
+
+    Explicit arguments (from config) win over the environment. OTEL_SDK_DISABLED=true
+    or OTEL_TRACES_EXPORTER=none turn export off.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    choice = (env.get("OTEL_TRACES_EXPORTER") or exporter or "otlp").split(",")[0].strip().lower()
+    if exporter == "none":
+        choice = "none"
+    if choice == "none":
+        return None
+    if choice == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if choice != "otlp":
+        raise ValueError(f"unsupported traces exporter {choice!r} (otlp, console or none)")
+    proto = (
+        protocol
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).strip().lower()
+    kwargs: dict[str, Any] = {"timeout": timeout_seconds}
+    if proto == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+            if endpoint.startswith("http://"):
+                kwargs["insecure"] = True
+        return OTLPSpanExporter(**kwargs)
+    if proto in ("http/protobuf", "http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        if endpoint:
+            kwargs["endpoint"] = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
+        return HttpExporter(**kwargs)
+    raise ValueError(f"unsupported OTLP protocol {proto!r} (grpc or http/protobuf)")

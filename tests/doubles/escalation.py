@@ -1,0 +1,125 @@
+"""TEST HELPERS for the escalation and console tests: a policy that escalates, configs, evidence.
+
+Not production code. The policy is the shipped combinator's shape in one
+file (deny beats escalate, an approval satisfies escalate, never deny), so
+these tests do not move when the shipped rego/ library changes:
+
+    rm_rf                              deny
+    send_email, delete_repo            escalate; any approval satisfies it
+    wire_money                         escalate; only an approver in data.finance_approvers satisfies it
+    search_docs                        allow
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import Config, load_config
+from tests.conftest import write_policy
+
+ESCALATION_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    escalating_tools := {"send_email", "wire_money", "delete_repo"}
+    allowed_tools := {"send_email", "wire_money", "delete_repo", "search_docs"}
+
+    deny contains "blocked_tool: this tool is never allowed" if input.tool.name == "rm_rf"
+
+    escalate contains "high_risk_tool: a human approves this tool" if escalating_tools[input.tool.name]
+
+    allow contains "listed: the tool is in the test catalog" if allowed_tools[input.tool.name]
+
+    approval_given if {
+        is_string(input.approval.escalation_id)
+        input.approval.escalation_id != ""
+        is_string(input.approval.approver)
+        input.approval.approver != ""
+    }
+
+    approved if {
+        approval_given
+        input.tool.name != "wire_money"
+    }
+
+    # Policy sees the approver and may require more: wire_money needs finance.
+    approved if {
+        approval_given
+        input.tool.name == "wire_money"
+        input.approval.approver in data.finance_approvers
+    }
+
+    approval_reasons contains sprintf("approved: escalation %v approved by %v", [
+        input.approval.escalation_id, input.approval.approver]) if approved
+
+    decision := {"outcome": "deny", "reasons": sort(deny), "obligations": {}} if {
+        count(deny) > 0
+    } else := {"outcome": "escalate", "reasons": sort(escalate), "obligations": {}} if {
+        count(escalate) > 0
+        not approved
+    } else := {"outcome": "allow", "reasons": sort(allow | approval_reasons), "obligations": {}} if {
+        count(allow) > 0
+    }
+"""
+
+ESCALATION_DATA = """\
+    finance_approvers:
+      - email:cfo@example.org
+"""
+
+AGENT = "spiffe://dev.local/agent"
+ALICE = "email:alice@example.org"
+BOB = "email:bob@example.org"
+CFO = "email:cfo@example.org"
+
+STORES = ["sqlite", "postgres"]
+
+
+def policy_dir(tmp_path: Path) -> Path:
+    return write_policy(tmp_path / "escalation-policy", ESCALATION_POLICY, data=ESCALATION_DATA)
+
+
+def store_settings(kind: str, tmp_path: Path) -> dict[str, Any]:
+    if kind == "postgres":
+        from tests.doubles.postgres import PostgresServer
+
+        return {"escalation.store": "postgres", "escalation.dsn": PostgresServer.shared().new_database()}
+    return {"escalation.store": "sqlite", "escalation.path": str(tmp_path / "escalations.db")}
+
+
+def make_config(tmp_path: Path, store: dict[str, Any] | None = None, **overrides: Any) -> Config:
+    settings: dict[str, Any] = {
+        "listen.tcp": "127.0.0.1:0",
+        "listen.unix": "",
+        "policy.dir": str(policy_dir(tmp_path)),
+        "policy.reload": False,
+        "sidecar.instance_id": "escalation-test",
+        "evidence.dir": str(tmp_path / "evidence"),
+        "telemetry.exporter": "none",
+        "escalation.sweep_interval_seconds": 0.1,
+        "escalation.poll_interval_ms": 100,
+    }
+    settings.update(store or store_settings("sqlite", tmp_path))
+    settings.update(overrides)
+    return load_config(None, settings)
+
+
+def records(evidence_dir: Path) -> list[dict]:
+    out = []
+    for path in sorted(Path(evidence_dir).glob("evidence-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def records_of(evidence_dir: Path, escalation_id: str) -> list[dict]:
+    return [r for r in records(evidence_dir) if r.get("escalation_id") == escalation_id]
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request) -> str:
+    return request.param

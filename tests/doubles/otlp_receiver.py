@@ -1,0 +1,133 @@
+"""TEST DOUBLE: an in-process OTLP/gRPC trace receiver on loopback.
+
+Stands in for the OpenTelemetry Collector (which cannot be installed on these
+machines). It speaks the real OTLP protocol through opentelemetry-proto's
+TraceServiceServicer, and can be told to misbehave:
+
+- `mode = "ok"`: acknowledge and keep the spans;
+- `mode = "fail"`: answer UNAVAILABLE (the collector is overloaded / restarting);
+- `delay = 0.5`: answer slowly;
+- `stop()` / `start()`: go down and come back on the same port.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    attributes: dict
+    resource: dict
+    events: tuple
+    status_code: int
+    start_time_unix_nano: int
+    end_time_unix_nano: int
+
+
+def _value(any_value):
+    which = any_value.WhichOneof("value")
+    if which == "array_value":
+        return [_value(v) for v in any_value.array_value.values]
+    return getattr(any_value, which) if which else None
+
+
+def _attrs(key_values) -> dict:
+    return {kv.key: _value(kv.value) for kv in key_values}
+
+
+class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: "OtlpReceiver"):
+        self.receiver = receiver
+
+    def Export(self, request, context):
+        r = self.receiver
+        r.requests += 1
+        if r.delay:
+            time.sleep(r.delay)
+        if r.mode == "fail":
+            r.refused += 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "test double: collector unavailable")
+        spans = []
+        for resource_spans in request.resource_spans:
+            resource = _attrs(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append(
+                        ReceivedSpan(
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_span_id=span.parent_span_id.hex(),
+                            name=span.name,
+                            attributes=_attrs(span.attributes),
+                            resource=resource,
+                            events=tuple((e.name, _attrs(e.attributes)) for e in span.events),
+                            status_code=span.status.code,
+                            start_time_unix_nano=span.start_time_unix_nano,
+                            end_time_unix_nano=span.end_time_unix_nano,
+                        )
+                    )
+        with r.lock:
+            r.spans.extend(spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class OtlpReceiver:
+    def __init__(self, port: int = 0):
+        self.port = port
+        self.mode = "ok"
+        self.delay = 0.0
+        self.spans: list[ReceivedSpan] = []
+        self.requests = 0
+        self.refused = 0
+        self.lock = threading.Lock()
+        self._server: grpc.Server | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "OtlpReceiver":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), server)
+        self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None).wait()
+            self._server = None
+
+    def span_ids(self) -> set[str]:
+        with self.lock:
+            return {s.span_id for s in self.spans}
+
+    def by_name(self, prefix: str) -> list[ReceivedSpan]:
+        with self.lock:
+            return [s for s in self.spans if s.name.startswith(prefix)]
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.02)
+        return predicate(self)
+
+    def __enter__(self) -> "OtlpReceiver":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

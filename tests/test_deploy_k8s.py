@@ -1,0 +1,575 @@
+"""deploy/k8s: manifests valid offline, files present, config loadable, bundle == rego/, containers agreeing.
+
+No cluster, kustomize or kubectl here: the kustomization is read as data
+(its resources and configMapGenerators are what `kubectl apply -k` would
+send), every manifest and generated ConfigMap is validated against the
+Kubernetes OpenAPI schemas of one pinned version with `kubernetes-validate`
+(strict: unknown fields are errors). Custom resources are not in those
+schemas: the ClusterSPIFFEID is checked against the subset of the SPIRE
+Controller Manager's CRD schema written below (an unknown field or a wrong
+type fails), and no other custom kind is allowed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from sidecar.config import Config, load_config
+from sidecar.policy.bundle import load_bundle
+from tests.conftest import REGO, REPO
+
+K8S = REPO / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.34.0"  # the oldest Kubernetes the example targets (native sidecars are GA since 1.33)
+
+sys.path.insert(0, str(REPO / "deploy"))
+import sync_bundle  # noqa: E402  (deploy/sync_bundle.py, behind `make deploy-bundle`)
+
+
+# --- reading the kustomization ------------------------------------------------------------------
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def resource_documents() -> list[tuple[str, dict]]:
+    found = []
+    for rel in kustomization()["resources"]:
+        for document in yaml.safe_load_all((K8S / rel).read_text()):
+            if document:
+                found.append((rel, document))
+    return found
+
+
+def generator_entries(generator: dict) -> list[tuple[str, Path]]:
+    """(key, file) pairs of a configMapGenerator, as kustomize reads `files:`."""
+    entries = []
+    for item in generator.get("files", []):
+        key, _, rel = item.partition("=") if "=" in item else (Path(item).name, "", item)
+        entries.append((key, K8S / rel))
+    return entries
+
+
+def generated_config_maps() -> dict[tuple[str, str], dict]:
+    """The ConfigMaps the configMapGenerators make (without kustomize's name hash)."""
+    made = {}
+    for generator in kustomization().get("configMapGenerator", []):
+        data = {key: path.read_text() for key, path in generator_entries(generator)}
+        namespace = generator.get("namespace", "default")
+        made[(namespace, generator["name"])] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": generator["name"], "namespace": namespace},
+            "data": data,
+        }
+    return made
+
+
+def find(kind: str, name: str) -> dict:
+    matches = [d for _, d in resource_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_spec(deployment: str) -> dict:
+    return find("Deployment", deployment)["spec"]["template"]["spec"]
+
+
+def all_containers(spec: dict) -> list[dict]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def container(spec: dict, name: str) -> dict:
+    (found,) = [c for c in all_containers(spec) if c["name"] == name]
+    return found
+
+
+def mount_path(c: dict, volume: str) -> str:
+    (path,) = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] == volume]
+    return path
+
+
+def mount(c: dict, volume: str) -> dict:
+    (found,) = [m for m in c.get("volumeMounts", []) if m["name"] == volume]
+    return found
+
+
+def volume(spec: dict, name: str) -> dict:
+    (found,) = [v for v in spec["volumes"] if v["name"] == name]
+    return found
+
+
+def env(c: dict, name: str) -> dict:
+    (found,) = [e for e in c.get("env", []) if e["name"] == name]
+    return found
+
+
+def port_number(c: dict, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in c.get("ports", []) if p["name"] == port]
+    return number
+
+
+def flag(args: list[str], name: str) -> str:
+    """`--name=value` or `--name value` from a container's args."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+        if arg == name:
+            return args[i + 1]
+    raise AssertionError(f"{name} not in {args}")
+
+
+def sidecar_config() -> Config:
+    return load_config(K8S / "agent" / "sidecar.yaml")
+
+
+def service_target(host: str, port: int) -> tuple[dict, dict, int]:
+    """The Service a cluster DNS name + port designates, and the container + port number behind it."""
+    match = re.fullmatch(r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc(\.cluster\.local)?", host)
+    assert match, f"{host} is not a <service>.<namespace>.svc[.cluster.local] name"
+    name, namespace = match.group(1), match.group(2)
+    service = find("Service", name)
+    assert service["metadata"]["namespace"] == namespace
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    selector = service["spec"]["selector"]
+    pods = [
+        d for _, d in resource_documents()
+        if d["kind"] == "Deployment" and d["metadata"]["namespace"] == namespace
+        and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert len(pods) == 1, f"Service {name} selects {len(pods)} Deployments"
+    spec = pods[0]["spec"]["template"]["spec"]
+    target = service_port.get("targetPort", port)
+    for c in spec["containers"]:
+        if any(p["name"] == target or p["containerPort"] == target for p in c.get("ports", [])):
+            return service, c, port_number(c, target)
+    raise AssertionError(f"no container of {pods[0]['metadata']['name']} has port {target}")
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def test_kustomization_resources_and_generator_files_exist():
+    k = kustomization()
+    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
+    paths = [K8S / rel for rel in k["resources"]]
+    paths += [path for g in k["configMapGenerator"] for _, path in generator_entries(g)]
+    for path in paths:
+        assert path.is_file(), f"{path} is missing"
+        # kustomize's default load restrictor: nothing outside deploy/k8s.
+        assert path.resolve().is_relative_to(K8S.resolve()), f"{path} is outside deploy/k8s"
+    listed = {K8S / rel for rel in k["resources"]}
+    on_disk = {p for p in K8S.rglob("*.yaml") if "policy" not in p.relative_to(K8S).parts[:1]}
+    generated_from = {path for g in k["configMapGenerator"] for _, path in generator_entries(g)}
+    assert on_disk - listed - generated_from - {K8S / "kustomization.yaml"} == set(), "a manifest is not in resources"
+    assert "namespace" not in k, "a kustomization-wide namespace would be put on the ClusterSPIFFEID"
+
+
+# --- schemas ---------------------------------------------------------------------------------------
+
+LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+# spire.spiffe.io/v1alpha1 ClusterSPIFFEID, the fields of spire-controller-manager's CRD.
+CLUSTER_SPIFFE_ID_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "spire.spiffe.io/v1alpha1"},
+        "kind": {"const": "ClusterSPIFFEID"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "not": {"required": ["namespace"]},  # cluster-scoped
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["spiffeIDTemplate"],
+            "additionalProperties": False,
+            "properties": {
+                "spiffeIDTemplate": {"type": "string", "pattern": r"^spiffe://"},
+                "className": {"type": "string"},
+                "podSelector": LABEL_SELECTOR,
+                "namespaceSelector": LABEL_SELECTOR,
+                "workloadSelectorTemplates": {"type": "array", "items": {"type": "string"}},
+                "dnsNameTemplates": {"type": "array", "items": {"type": "string"}},
+                "federatesWith": {"type": "array", "items": {"type": "string"}},
+                "ttl": {"type": "string"},
+                "jwtTtl": {"type": "string"},
+                "admin": {"type": "boolean"},
+                "downstream": {"type": "boolean"},
+                "autoPopulateDNSNames": {"type": "boolean"},
+                "hint": {"type": "string"},
+                "fallback": {"type": "boolean"},
+            },
+        },
+    },
+}
+CUSTOM_SCHEMAS = {("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID"): CLUSTER_SPIFFE_ID_SCHEMA}
+
+
+def validate(document: dict) -> None:
+    custom = CUSTOM_SCHEMAS.get((document.get("apiVersion"), document.get("kind")))
+    if custom is not None:
+        jsonschema.validate(document, custom)
+    else:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def every_document() -> Iterator[tuple[str, dict]]:
+    yield from resource_documents()
+    for (namespace, name), config_map in generated_config_maps().items():
+        yield f"configMapGenerator {namespace}/{name}", config_map
+
+
+@pytest.mark.parametrize("where, document", list(every_document()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_manifest_validates_offline(where, document):
+    try:
+        validate(document)
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        pytest.fail(f"{where}: {exc.message} (a custom resource needs a schema in CUSTOM_SCHEMAS)")
+    except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
+        pytest.fail(f"{where}: {document['kind']} {document['metadata'].get('name')}: {exc.message} at {list(exc.absolute_path)}")
+
+
+def test_the_validation_is_strict():
+    deployment = copy.deepcopy(find("Deployment", "research-agent"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment)
+    deployment = copy.deepcopy(find("Deployment", "research-agent"))
+    deployment["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment)
+    registration = copy.deepcopy(find("ClusterSPIFFEID", "ai-agents"))
+    registration["spec"]["podSelecter"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        validate(registration)
+    registration = copy.deepcopy(find("ClusterSPIFFEID", "ai-agents"))
+    registration["metadata"]["namespace"] = "agents"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(registration)
+
+
+def _grant_matches(pattern: str, spiffe_id: str) -> bool:
+    """OPA's glob.match(pattern, ["/"], id): * within a segment, ** across segments."""
+    regex = "".join(
+        "[^/]*" if part == "*" else ".*" if part == "**" else re.escape(part) for part in re.split(r"(\*\*|\*)", pattern)
+    )
+    return re.fullmatch(regex, spiffe_id) is not None
+
+
+def test_the_cluster_spiffe_id_selects_the_agent_pod_and_its_id_is_granted():
+    registration = find("ClusterSPIFFEID", "ai-agents")["spec"]
+    deployment = find("Deployment", "research-agent")
+    namespace = deployment["metadata"]["namespace"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert registration["podSelector"]["matchLabels"].items() <= labels.items()
+    assert registration["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    assert find("ServiceAccount", account)["metadata"]["namespace"] == namespace
+    spiffe_id = (
+        registration["spiffeIDTemplate"]
+        .replace("{{ .TrustDomain }}", "example.org")
+        .replace("{{ .PodMeta.Namespace }}", namespace)
+        .replace("{{ .PodSpec.ServiceAccountName }}", account)
+    )
+    assert "{{" not in spiffe_id
+    grants = load_bundle(REGO).data["sidecar"]["grants"]
+    tools = {tool for g in grants if _grant_matches(g["spiffe_id"], spiffe_id) for tool in g["tools"]}
+    assert "search_docs" in tools, f"rego/ grants {spiffe_id} nothing the demo agent uses"
+
+
+# --- the sidecar's config ------------------------------------------------------------------------------
+
+
+def test_the_sidecar_config_loads_with_the_real_loader():
+    config = sidecar_config()  # unknown keys or wrong types raise ConfigError
+    assert config.policy.engine == "opa"
+    assert config.identity.sources == ["workload_api"]
+    assert config.telemetry.exporter == "otlp"
+    generated = generated_config_maps()[("agents", "agent-sidecar-config")]
+    assert generated["data"]["sidecar.yaml"] == (K8S / "agent" / "sidecar.yaml").read_text()
+
+
+# --- the policy bundle ----------------------------------------------------------------------------------
+
+
+def test_the_policy_config_map_is_rego():
+    problems = sync_bundle.out_of_sync()
+    assert not problems, "deploy/k8s/policy is not rego/ — run `make deploy-bundle`:\n" + "\n".join(problems)
+    data = generated_config_maps()[("agents", "agent-policy")]["data"]
+    files = {rel: (REGO / rel).read_text() for rel in sync_bundle.bundle_files(REGO)}
+    assert {key.replace("__", "/"): text for key, text in data.items()} == files
+    assert sum(len(k) + len(v.encode()) for k, v in data.items()) < 1_000_000, "a ConfigMap holds at most 1 MiB"
+
+
+def kubelet_config_map_volume(root: Path, data: dict[str, str]) -> Path:
+    """A configMap volume as the kubelet writes it: ..<timestamp>/ files, ..data symlink, key symlinks."""
+    stamp = root / "..2026_11_22_10_00_00.000000001"
+    stamp.mkdir(parents=True)
+    for key, text in data.items():
+        (stamp / key).write_text(text)
+    (root / "..data").symlink_to(stamp.name)
+    for key in data:
+        (root / key).symlink_to(f"..data/{key}")
+    return root
+
+
+def test_the_policy_bundle_init_container_rebuilds_rego(tmp_path):
+    spec = pod_spec("research-agent")
+    init = container(spec, "policy-bundle")
+    assert spec["initContainers"][0]["name"] == "policy-bundle"
+    assert volume(spec, "policy-src")["configMap"]["name"] == "agent-policy"
+    source = kubelet_config_map_volume(tmp_path / "src", generated_config_maps()[("agents", "agent-policy")]["data"])
+    target = tmp_path / "policy"
+    target.mkdir()
+    assert env(init, "BUNDLE_SRC")["value"] == mount_path(init, "policy-src")
+    assert env(init, "BUNDLE_DIR")["value"] == mount_path(init, "policy")
+    # Run the init container's own script, with its two directories pointed here.
+    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BUNDLE_SRC": str(source), "BUNDLE_DIR": str(target)}
+    done = subprocess.run([*init["command"], *init["args"]], env=environment, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert sync_bundle.bundle_files(target) == sync_bundle.bundle_files(REGO)
+    assert not any(p.is_symlink() for p in target.rglob("*")), "the sidecar's loader does not follow symlinked dirs"
+    assert load_bundle(target).revision == load_bundle(REGO).revision
+
+
+# --- containers agree -----------------------------------------------------------------------------------------
+
+
+def test_opa_address_bundle_and_probes_agree_with_the_sidecar():
+    config = sidecar_config()
+    spec = pod_spec("research-agent")
+    opa, sidecar = container(spec, "opa"), container(spec, "agent-sidecar")
+    assert re.fullmatch(r"openpolicyagent/opa:\d+\.\d+\.\d+(-static)?", opa["image"]), "OPA is pinned to a release"
+    url = urlsplit(config.policy.opa.url)
+    assert flag(opa["args"], "--addr") == f"{url.hostname}:{url.port}"
+    assert url.hostname == "127.0.0.1", "OPA's data API stays on the pod's loopback"
+    assert flag(opa["args"], "--bundle") == config.policy.dir == mount_path(opa, "policy") == mount_path(sidecar, "policy")
+    assert mount(opa, "policy").get("readOnly") and mount(sidecar, "policy").get("readOnly")
+    diagnostic_port = int(flag(opa["args"], "--diagnostic-addr").rsplit(":", 1)[1])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert port_number(opa, opa[probe]["httpGet"]["port"]) == diagnostic_port
+    assert opa["readinessProbe"]["httpGet"]["path"] == "/health?bundles=true"
+    assert opa["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_sidecar_listeners_probes_and_config_mount_agree():
+    config = sidecar_config()
+    spec = pod_spec("research-agent")
+    sidecar, agent = container(spec, "agent-sidecar"), container(spec, "agent")
+    tcp_port = int(config.listen.tcp.rsplit(":", 1)[1])
+    assert port_number(sidecar, "grpc") == tcp_port
+    assert sidecar["startupProbe"]["grpc"]["port"] == sidecar["readinessProbe"]["grpc"]["port"] == tcp_port
+    assert port_number(sidecar, sidecar["livenessProbe"]["tcpSocket"]["port"]) == tcp_port
+    # The config file the sidecar is told to read is the generated ConfigMap's key, where it is mounted.
+    config_path = Path(flag(sidecar["args"], "--config"))
+    assert str(config_path.parent) == mount_path(sidecar, "sidecar-config")
+    assert volume(spec, "sidecar-config")["configMap"]["name"] == "agent-sidecar-config"
+    assert config_path.name in generated_config_maps()[("agents", "agent-sidecar-config")]["data"]
+    # The unix socket: under the emptyDir both containers mount, where the agent looks for it.
+    socket = Path(config.listen.unix)
+    assert "emptyDir" in volume(spec, "sidecar-socket")
+    assert str(socket.parent) == mount_path(sidecar, "sidecar-socket") == mount_path(agent, "sidecar-socket")
+    assert env(agent, "SIDECAR_ADDRESS")["value"] == f"unix:{socket}"
+
+
+def test_spiffe_workload_api_socket_is_the_csi_mount():
+    config = sidecar_config()
+    spec = pod_spec("research-agent")
+    sidecar = container(spec, "agent-sidecar")
+    assert "workload_api" in config.identity.sources
+    assert config.identity.workload_api_socket == "", "the socket comes from SPIFFE_ENDPOINT_SOCKET"
+    endpoint = env(sidecar, "SPIFFE_ENDPOINT_SOCKET")["value"]
+    assert endpoint.startswith("unix:///")
+    socket = Path(endpoint[len("unix://") :])
+    csi = volume(spec, "spiffe-workload-api")["csi"]
+    assert csi == {"driver": "csi.spiffe.io", "readOnly": True}
+    assert str(socket.parent) == mount_path(sidecar, "spiffe-workload-api")
+    assert mount(sidecar, "spiffe-workload-api").get("readOnly")
+
+
+def test_writable_paths_are_volumes():
+    config = sidecar_config()
+    spec = pod_spec("research-agent")
+    sidecar = container(spec, "agent-sidecar")
+    evidence = Path(config.evidence.dir)
+    mounted = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    writable = [path for path, m in mounted.items() if not m.get("readOnly") and "emptyDir" in volume(spec, m["name"])]
+    assert any(evidence.is_relative_to(path) for path in writable), "evidence.dir must be on a writable volume"
+    assert "/tmp" in writable  # tempfiles (embedded engine compiles) on a read-only root
+
+
+def test_otlp_goes_sidecar_to_collector_to_jaeger():
+    config = sidecar_config()
+    endpoint = urlsplit(config.telemetry.endpoint)
+    assert config.telemetry.protocol == "grpc" and endpoint.scheme == "http"
+    _, collector, collector_port = service_target(endpoint.hostname, endpoint.port)
+    collector_config = yaml.safe_load((K8S / "observability" / "collector.yaml").read_text())
+    receiver = collector_config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    assert int(receiver.rsplit(":", 1)[1]) == collector_port
+    config_file = Path(flag(collector["args"], "--config"))
+    collector_spec = pod_spec("otel-collector")
+    assert str(config_file.parent) == mount_path(collector, "config")
+    assert volume(collector_spec, "config")["configMap"]["name"] == "otel-collector-config"
+    assert config_file.name in generated_config_maps()[("observability", "otel-collector-config")]["data"]
+    pipeline = collector_config["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"]
+    (exporter_name,) = pipeline["exporters"]
+    exporter = collector_config["exporters"][exporter_name]
+    assert exporter_name.split("/")[0] == "otlp"
+    host, port = exporter["endpoint"].rsplit(":", 1)
+    _, jaeger, jaeger_port = service_target(host, int(port))
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
+    assert jaeger_port == 4317
+    query, _, ui_port = service_target("jaeger-query.observability.svc", 16686)
+    assert ui_port == 16686 and query["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+def test_the_demo_agent_runs_from_its_config_map_with_the_image_python():
+    spec = pod_spec("research-agent")
+    agent = container(spec, "agent")
+    python, script = agent["command"]
+    assert python == "/opt/agent-sidecar/bin/python"  # the venv the Dockerfile installs into
+    assert str(Path(script).parent) == mount_path(agent, "demo-agent")
+    assert Path(script).name in generated_config_maps()[("agents", "demo-agent")]["data"]
+
+
+# --- security, resources, order ----------------------------------------------------------------------------
+
+
+def deployments() -> list[dict]:
+    return [d for _, d in resource_documents() if d["kind"] == "Deployment"]
+
+
+@pytest.mark.parametrize("deployment", [d["metadata"]["name"] for _, d in resource_documents() if d["kind"] == "Deployment"])
+def test_every_container_is_locked_down_and_bounded(deployment):
+    spec = pod_spec(deployment)
+    pod_security = spec.get("securityContext", {})
+    assert pod_security.get("runAsNonRoot") is True and pod_security.get("runAsUser", 0) > 0
+    assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+    assert spec.get("automountServiceAccountToken") is False
+    for c in all_containers(spec):
+        where = f"{deployment}/{c['name']}"
+        security = c.get("securityContext", {})
+        assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, where
+        assert security.get("readOnlyRootFilesystem") is True, where
+        assert security.get("allowPrivilegeEscalation") is False, where
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert not security.get("capabilities", {}).get("add"), where
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), f"{where}: resources.{kind}"
+        image = c["image"]
+        assert re.search(r"(:\d+\.\d+\.\d+[-\w.]*|@sha256:[0-9a-f]{64})$", image), f"{where}: {image} is not pinned"
+
+
+def test_the_sidecar_gets_pod_name_and_namespace_from_the_downward_api():
+    spec = pod_spec("research-agent")
+    for name in ("agent-sidecar", "agent"):
+        c = container(spec, name)
+        assert env(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_start_order_bundle_then_opa_then_sidecar_then_agent():
+    spec = pod_spec("research-agent")
+    assert [c["name"] for c in spec["initContainers"]] == ["policy-bundle", "opa", "agent-sidecar"]
+    assert "restartPolicy" not in spec["initContainers"][0]  # runs to completion first
+    for name in ("opa", "agent-sidecar"):  # native sidecars: up before the agent, down after it
+        c = container(spec, name)
+        assert c["restartPolicy"] == "Always" and "startupProbe" in c
+    assert [c["name"] for c in spec["containers"]] == ["agent"]
+    assert find("NetworkPolicy", "research-agent-deny-ingress")["spec"]["podSelector"]["matchLabels"].items() <= (
+        find("Deployment", "research-agent")["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_every_config_map_volume_is_generated_in_the_same_namespace():
+    generated = generated_config_maps()
+    for deployment in deployments():
+        namespace = deployment["metadata"]["namespace"]
+        for v in deployment["spec"]["template"]["spec"].get("volumes", []):
+            if "configMap" in v:
+                assert (namespace, v["configMap"]["name"]) in generated, v
+
+
+# --- the demo agent, against a real sidecar run from the example's config --------------------------------------
+
+
+async def test_the_demo_agent_talks_to_a_sidecar_run_from_the_example_config(running_sidecar, tmp_path):
+    from tests.doubles.opa_server import OpaTestServer
+
+    socket_dir = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))
+    try:
+        async with OpaTestServer(REGO) as opa:
+            overrides = {  # what differs on a laptop: no SPIRE, no collector, paths
+                "listen.tcp": "127.0.0.1:0",
+                "listen.unix": str(socket_dir / "sidecar.sock"),
+                "policy.dir": str(REGO),
+                "policy.opa": {"url": opa.url},
+                "identity.sources": ["dev"],
+                "evidence.dir": str(tmp_path / "evidence"),
+                "telemetry.exporter": "none",
+            }
+            config = load_config(K8S / "agent" / "sidecar.yaml", overrides)
+            assert {f.name for f in dataclasses.fields(config)} >= {"evidence", "telemetry"}
+            await running_sidecar(config)
+            environment = {**os.environ, "SIDECAR_ADDRESS": f"unix:{socket_dir / 'sidecar.sock'}", "PYTHONPATH": str(REPO)}
+            # A child process, awaited: the sidecar serves on this test's event loop.
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, str(K8S / "agent" / "demo_agent.py"), "--once",
+                env=environment, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=60)
+            assert child.returncode == 0, (stdout + stderr).decode()
+            lines = [yaml.safe_load(line) for line in stdout.decode().splitlines()]
+            assert len(lines) == 5 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
+            assert opa.data_requests == 5
+    finally:
+        for leftover in socket_dir.iterdir():
+            leftover.unlink()
+        socket_dir.rmdir()
+
+

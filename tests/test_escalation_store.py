@@ -1,0 +1,211 @@
+"""The escalation store on SQLite and on a real PostgreSQL server: atomic transitions, once.
+
+PostgreSQL is Debian's server package, started once per test run in a temp
+dir on a unix socket (tests/doubles/postgres.py); each test gets a fresh
+database. "Two sidecars" are two store objects on the same file / database,
+each with its own connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from sidecar.escalation import APPROVED, DENIED, EXPIRED, PENDING, USED, EscalationRecord
+from sidecar.escalation.service import new_escalation_id
+from sidecar.escalation.store import PostgresStore, SqliteStore
+from tests.doubles.escalation import STORES
+
+NOW = 1_800_000_000.0
+
+
+def record(fingerprint: str = "sha256:aa", *, now: float = NOW, ttl: float = 900, tool: str = "send_email",
+           subject: str = "spiffe://example.org/agent") -> EscalationRecord:
+    return EscalationRecord(
+        id=new_escalation_id(), fingerprint=fingerprint, subject=subject, subject_source="dev",
+        delegation=("spiffe://example.org/orchestrator",), tool=tool, server="mail",
+        arguments_digest="sha256:" + "1" * 64, arguments_preview={"to": "cfo@example.com", "n": 1.5},
+        task_id="t-1", intent="send the report", call_id="c-1", decision_id="d-1",
+        reasons=("high_risk_tool: x",), policy_revision="sha256:rev", trace_id="a" * 32, span_id="b" * 16,
+        created_at=now, expires_at=now + ttl, state=PENDING, updated_at=now, sidecar="s1",
+    )
+
+
+@pytest.fixture(params=STORES)
+async def stores(request, tmp_path):
+    """Two store objects over the same data: two sidecars sharing it."""
+    if request.param == "sqlite":
+        make = lambda: SqliteStore(tmp_path / "esc.db")  # noqa: E731
+    else:
+        from tests.doubles.postgres import PostgresServer
+
+        dsn = PostgresServer.shared().new_database()
+        make = lambda: PostgresStore(dsn, pool_size=4)  # noqa: E731
+    first, second = make(), make()
+    await first.open()
+    await second.open()
+    yield first, second, make
+    await first.close()
+    await second.close()
+
+
+async def test_round_trip_keeps_every_field(stores):
+    store, _, _ = stores
+    original = record()
+    stored, created, expired = await store.create(original, NOW)
+    assert created and expired == [] and stored == original
+    assert await store.get(original.id) == original
+    assert await store.get("esc-" + "0" * 32) is None
+
+
+async def test_same_call_while_active_gets_the_same_escalation(stores):
+    store, other, _ = stores
+    first, created, _ = await store.create(record("sha256:same"), NOW)
+    again, created_again, _ = await other.create(record("sha256:same"), NOW + 1)
+    assert created and not created_again and again.id == first.id
+    different, created_other, _ = await store.create(record("sha256:other"), NOW + 1)
+    assert created_other and different.id != first.id
+    # approved but unused: still the same escalation for the same call
+    await store.decide(first.id, APPROVED, approver="email:a@x", via="", note="", now=NOW + 2, use_by=NOW + 300)
+    reused, created3, _ = await store.create(record("sha256:same"), NOW + 3)
+    assert not created3 and reused.id == first.id and reused.state == APPROVED
+
+
+async def test_an_overdue_pending_one_is_expired_and_replaced(stores):
+    store, _, _ = stores
+    old, _, _ = await store.create(record("sha256:fp", ttl=10), NOW)
+    new, created, expired = await store.create(record("sha256:fp", now=NOW + 11), NOW + 11)
+    assert created and new.id != old.id
+    assert [e.id for e in expired] == [old.id] and expired[0].state == EXPIRED
+
+
+async def test_two_sidecars_creating_the_same_call_at_once_make_one_escalation(stores):
+    store, other, _ = stores
+    results = await asyncio.gather(
+        *(s.create(record("sha256:race"), NOW) for s in (store, other, store, other, store, other))
+    )
+    assert len({r[0].id for r in results}) == 1
+    assert sum(1 for r in results if r[1]) == 1
+    assert len(await store.list(state=PENDING)) == 1
+
+
+async def test_racing_approvers_exactly_one_decision_wins(stores):
+    store, other, _ = stores
+    escalation, _, _ = await store.create(record(), NOW)
+    attempts = []
+    for i in range(10):
+        target = store if i % 2 else other
+        state = APPROVED if i % 3 else DENIED
+        attempts.append(target.decide(escalation.id, state, approver=f"email:approver{i}@x", via="", note=f"n{i}",
+                                      now=NOW + 1, use_by=NOW + 301 if state == APPROVED else None))
+    results = await asyncio.gather(*attempts)
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    final = await other.get(escalation.id)
+    assert final.state == winners[0].state and final.approver == winners[0].approver and final.note == winners[0].note
+
+
+async def test_decide_refuses_what_is_not_pending_or_is_overdue(stores):
+    store, _, _ = stores
+    late, _, _ = await store.create(record("sha256:late", ttl=5), NOW)
+    assert await store.decide(late.id, APPROVED, approver="a:b", via="", note="", now=NOW + 5, use_by=NOW + 9) is None
+    assert (await store.get(late.id)).state == PENDING  # nothing changed
+    done, _, _ = await store.create(record("sha256:done"), NOW)
+    assert await store.decide(done.id, DENIED, approver="a:b", via="", note="no", now=NOW + 1, use_by=None)
+    assert await store.decide(done.id, APPROVED, approver="a:c", via="", note="", now=NOW + 2, use_by=NOW + 9) is None
+    assert (await store.get(done.id)).approver == "a:b"
+    assert await store.decide("esc-" + "f" * 32, APPROVED, approver="a:b", via="", note="", now=NOW, use_by=NOW) is None
+
+
+async def test_an_approval_is_consumed_once_for_its_fingerprint_inside_the_window(stores):
+    store, other, _ = stores
+    escalation, _, _ = await store.create(record("sha256:fp"), NOW)
+    assert await store.consume(escalation.id, "sha256:fp", NOW + 1, "d-x") is None  # pending: nothing to use
+    await store.decide(escalation.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 100)
+    assert await store.consume(escalation.id, "sha256:other", NOW + 2, "d-x") is None  # another call
+    results = await asyncio.gather(*(s.consume(escalation.id, "sha256:fp", NOW + 3, f"d-{i}")
+                                     for i, s in enumerate((store, other, store, other))))
+    used = [r for r in results if r is not None]
+    assert len(used) == 1 and used[0].state == USED and used[0].used_by_decision.startswith("d-")
+    assert await store.consume(escalation.id, "sha256:fp", NOW + 4, "d-again") is None
+
+
+async def test_unused_approval_and_undecided_escalation_expire_exactly_once(stores):
+    store, other, _ = stores
+    pending, _, _ = await store.create(record("sha256:p", ttl=10), NOW)
+    approved, _, _ = await store.create(record("sha256:a", ttl=10), NOW)
+    await store.decide(approved.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 20)
+    assert await store.expire(NOW + 5) == []
+    first, second = await asyncio.gather(store.expire(NOW + 30), other.expire(NOW + 30))
+    expired = first + second
+    assert sorted(e.id for e in expired) == sorted([pending.id, approved.id])
+    assert all(e.state == EXPIRED for e in expired)
+    assert await store.consume(approved.id, "sha256:a", NOW + 31, "d") is None
+    assert await store.expire(NOW + 60) == []
+
+
+async def test_withdraw_only_touches_pending(stores):
+    store, _, _ = stores
+    escalation, _, _ = await store.create(record(), NOW)
+    withdrawn = await store.withdraw(escalation.id, NOW + 1)
+    assert withdrawn.state == EXPIRED
+    assert await store.withdraw(escalation.id, NOW + 2) is None
+
+
+async def test_list_filters_and_changes_since(stores):
+    store, _, _ = stores
+    a, _, _ = await store.create(record("sha256:1", tool="send_email"), NOW)
+    b, _, _ = await store.create(record("sha256:2", tool="delete_repo", now=NOW + 1), NOW + 1)
+    c, _, _ = await store.create(record("sha256:3", tool="delete_repo", subject="spiffe://example.org/other",
+                                        now=NOW + 2), NOW + 2)
+    await store.decide(a.id, DENIED, approver="a:b", via="", note="", now=NOW + 3, use_by=None)
+    assert [e.id for e in await store.list()] == [c.id, b.id, a.id]  # newest first
+    assert [e.id for e in await store.list(state=PENDING)] == [c.id, b.id]
+    assert [e.id for e in await store.list(tool="delete_repo", subject="spiffe://example.org/other")] == [c.id]
+    assert [e.id for e in await store.list(limit=1)] == [c.id]
+    assert [e.id for e in await store.changed_since(NOW + 2.5)] == [a.id]
+
+
+async def test_pending_escalations_survive_a_restart(stores):
+    store, other, make = stores
+    escalation, _, _ = await store.create(record(), NOW)
+    await store.close()
+    await other.close()
+    reopened = make()
+    await reopened.open()
+    try:
+        assert (await reopened.get(escalation.id)) == escalation
+        assert await reopened.decide(escalation.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1,
+                                     use_by=NOW + 10)
+    finally:
+        await reopened.close()
+    await store.open()  # the fixture closes both again
+    await other.open()
+
+
+async def test_sqlite_runs_in_wal_mode(tmp_path):
+    store = SqliteStore(tmp_path / "wal.db")
+    await store.open()
+    await store.close()
+    with sqlite3.connect(tmp_path / "wal.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_unreachable_stores_say_so():
+    bad = SqliteStore("/proc/no/such/dir/esc.db")
+    with pytest.raises(Exception) as info:
+        await bad.open()
+    assert "cannot open the escalation store" in str(info.value)
+    pg = PostgresStore("host=/tmp/no-such-postgres-dir port=1 user=x dbname=x connect_timeout=1", timeout_ms=500)
+    await pg.open()  # not fatal: reported by health, retried on use
+    try:
+        ok, detail = pg.health()
+        assert not ok and "postgres" in detail
+        from sidecar.escalation import StoreError
+
+        with pytest.raises(StoreError):
+            await pg.get("esc-" + "0" * 32)
+    finally:
+        await pg.close()

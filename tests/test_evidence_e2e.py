@@ -1,0 +1,105 @@
+"""Evidence through the real gRPC server: records, spans with the response's trace id, a full disk denies."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar.client import AsyncClient
+from sidecar.evidence.verify import verify_dir
+from sidecar.v1 import sidecar_pb2_grpc
+from sidecar.client import build_request
+from tests.conftest import SIMPLE_POLICY, write_policy
+from tests.doubles.otlp_receiver import OtlpReceiver
+
+
+@pytest.fixture
+def receiver():
+    rx = OtlpReceiver().start()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture
+async def evidence_sidecar(tmp_path, running_sidecar, sidecar_config, receiver, monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    policy = write_policy(tmp_path / "rego", SIMPLE_POLICY)
+    config = sidecar_config(**{"policy.dir": str(policy), "evidence.dir": str(tmp_path / "ev")})
+    config.telemetry.exporter = "otlp"
+    config.telemetry.endpoint = receiver.endpoint
+    config.telemetry.export_timeout_seconds = 2.0
+    config.telemetry.max_backoff_seconds = 0.3
+    return await running_sidecar(config)
+
+
+def read_records(directory) -> list[dict]:
+    records = []
+    for path in sorted(directory.glob("evidence-*.jsonl")):
+        records.extend(json.loads(line) for line in path.read_bytes().splitlines())
+    return records
+
+
+async def test_each_authorize_leaves_a_record_and_a_span_with_the_response_ids(evidence_sidecar, receiver, tmp_path):
+    sidecar = evidence_sidecar
+    parent_trace, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with AsyncClient(sidecar.addresses[0]) as client:
+        allowed = await client.authorize("echo", {"text": "hi", "password": "pw-1"}, task_id="t-1")
+        denied = await client.authorize("rm_everything", {})
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        traced = await stub.Authorize(
+            build_request("echo", {}), metadata=(("traceparent", f"00-{parent_trace}-{parent_span}-01"),)
+        )
+    assert allowed.outcome == "allow" and denied.outcome == "deny"
+
+    records = {r.get("decision_id"): r for r in read_records(tmp_path / "ev") if r["kind"] == "decision"}
+    for result in (allowed, denied):
+        record = records[result.decision_id]
+        assert record["outcome"] == result.outcome and record["reasons"] == list(result.reasons)
+        assert record["trace_id"] == result.trace_id
+        assert record["subject"]["source"] == "dev" and record["sidecar"] == "test-sidecar"
+        assert record["policy_revision"] == result.policy_revision
+    assert b"pw-1" not in b"".join(p.read_bytes() for p in (tmp_path / "ev").glob("evidence-*"))
+    assert records[traced.decision_id]["parent_span_id"] == parent_span
+    assert records[traced.decision_id]["trace_id"] == parent_trace == traced.trace_id
+
+    ids = {r.decision_id for r in (allowed, denied)} | {traced.decision_id}
+    assert receiver.wait_for(lambda r: ids <= {s.attributes.get("sidecar.decision.id") for s in r.by_name("execute_tool")})
+    spans = {s.attributes["sidecar.decision.id"]: s for s in receiver.by_name("execute_tool")}
+    assert spans[allowed.decision_id].trace_id == allowed.trace_id  # search Jaeger by the response's trace id
+    assert spans[traced.decision_id].parent_span_id == parent_span
+    assert spans[allowed.decision_id].resource["service.instance.id"] == "test-sidecar"
+    assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_a_full_disk_denies_calls_and_marks_the_sidecar_not_serving(evidence_sidecar, tmp_path):
+    sidecar = evidence_sidecar
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    sidecar.recorder.log._write = full
+    async with AsyncClient(sidecar.addresses[0]) as client:
+        result = await client.authorize("echo", {"text": "hi"})
+        assert result.outcome == "deny"
+        assert result.reasons[0].startswith("evidence_unavailable:")
+        await sidecar.health.refresh()
+        async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+            status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        sidecar.recorder.log._write = __import__("os").write  # space again
+        again = await client.authorize("echo", {"text": "hi"})
+        assert again.outcome == "allow"
+        await sidecar.health.refresh()
+        async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+            status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    ids = [r.get("decision_id") for r in read_records(tmp_path / "ev")]
+    assert result.decision_id not in ids and again.decision_id in ids
+    assert verify_dir(tmp_path / "ev").ok

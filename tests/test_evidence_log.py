@@ -1,0 +1,479 @@
+"""The evidence log: record fields for every outcome, group commit, rotation, restart, failing disks."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sidecar.canonical import canonical_json, sha256_digest
+from sidecar.config import EvidenceConfig, TelemetryConfig
+from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, TraceContext
+from sidecar.evidence.log import EvidenceLog
+from sidecar.evidence.recorder import EvidenceRecorder, open_recorder
+from sidecar.evidence.records import GENESIS, record_hash
+from sidecar.evidence.signing import dev_signing_key
+from sidecar.evidence.verify import verify_dir
+from sidecar.identity import CallerIdentity, Subject
+
+AGENT = "spiffe://example.org/ns/agents/sa/research"
+PLANNER = "spiffe://example.org/ns/agents/sa/planner"
+
+
+def make_event(i: int = 0, **changes) -> DecisionEvent:
+    arguments = changes.pop("arguments", {"path": f"/workspace/{i}.txt", "api_token": "tok-SECRET-1"})
+    fields = dict(
+        time="2026-11-22T10:00:00.000000Z",
+        decision_id=f"decision-{i}",
+        call_id=f"call-{i}",
+        identity=CallerIdentity(
+            Subject(AGENT, "workload_api", "2026-11-22T11:00:00Z"), delegation=(Subject(PLANNER, "jwt_svid"),)
+        ),
+        tool="read_file",
+        server="files",
+        arguments=arguments,
+        arguments_digest=sha256_digest(canonical_json(arguments)),
+        task_id="task-7",
+        intent="summarise the notes",
+        signals={"risk_score": 0.2, "model": "m-1"},
+        outcome="allow",
+        reasons=("ok: read_file is allowed in /workspace",),
+        obligations={},
+        policy_revision="rev-42",
+        engine="embedded",
+        engine_error=None,
+        escalation_id="",
+        approver="",
+        trace=TraceContext.new(),
+        sidecar="sidecar-test-1",
+        timings_ms={"engine": 0.25},
+    )
+    fields.update(changes)
+    return DecisionEvent(**fields)
+
+
+def evidence_config(directory: Path, **changes) -> EvidenceConfig:
+    config = EvidenceConfig(dir=str(directory))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def no_export() -> TelemetryConfig:
+    return TelemetryConfig(exporter="none")
+
+
+def read_records(directory: Path) -> list[dict]:
+    records = []
+    for path in sorted(directory.glob("evidence-*.jsonl")):
+        records.extend(json.loads(line) for line in path.read_bytes().splitlines())
+    return records
+
+
+@pytest.fixture
+async def recorder(tmp_path):
+    rec = open_recorder(
+        evidence_config(tmp_path / "ev"), no_export(), instance_id="sidecar-test-1", known_tool=lambda t: t == "read_file"
+    )
+    yield rec
+    await rec.close()
+
+
+OUTCOMES = {
+    "allow": dict(outcome="allow", reasons=("ok: read_file is allowed in /workspace",)),
+    "deny": dict(outcome="deny", reasons=("path_outside_workspace: /etc/passwd is outside /workspace",)),
+    "escalate": dict(
+        outcome="escalate",
+        reasons=("needs_approval: send_email to an outside address",),
+        escalation_id="esc-1",
+        obligations={"approvers": ["group:finance"]},
+    ),
+    "engine_failure": dict(
+        outcome="deny",
+        reasons=("policy_unavailable: the policy engine timed out after 100 ms",),
+        engine_error="policy_unavailable: the policy engine timed out after 100 ms",
+    ),
+    "unverified": dict(identity=None, outcome="deny", reasons=("unverified_caller: no SVID",), engine="sidecar"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTCOMES))
+async def test_every_outcome_is_recorded_with_who_what_why(recorder, tmp_path, case):
+    event = make_event(1, **OUTCOMES[case])
+    receipt = await recorder.record(event)
+    assert isinstance(receipt, Receipt) and receipt.seq == 2  # after the startup record
+
+    records = read_records(tmp_path / "ev")
+    record = records[-1]
+    assert record["kind"] == "decision" and record["seq"] == receipt.seq and record["hash"] == receipt.hash
+    assert record["prev_hash"] == records[-2]["hash"]
+    assert record["hash"] == record_hash(record)
+    # who
+    if event.identity is None:
+        assert record["subject"] is None and record["delegation"] == []
+    else:
+        assert record["subject"] == {"spiffe_id": AGENT, "source": "workload_api", "svid_expires_at": "2026-11-22T11:00:00Z"}
+        assert record["delegation"] == [{"spiffe_id": PLANNER, "source": "jwt_svid", "svid_expires_at": None}]
+    # what
+    assert record["tool"] == "read_file" and record["server"] == "files" and record["tool_known"] is True
+    assert record["arguments_digest"] == event.arguments_digest
+    assert "arguments" not in record  # digest only unless policy or config allow clear arguments
+    assert record["task_id"] == "task-7" and record["intent"] == "summarise the notes"
+    assert record["signals"] == {"risk_score": 0.2, "model": "m-1"}
+    assert record["call_id"] == "call-1" and record["decision_id"] == "decision-1"
+    # why
+    assert record["outcome"] == event.outcome and record["reasons"] == list(event.reasons)
+    assert record["obligations"] == event.obligations
+    assert record["policy_revision"] == "rev-42" and record["engine"] == event.engine
+    assert record["engine_error"] == event.engine_error
+    # who approved / where
+    assert record["escalation_id"] == event.escalation_id and record["approver"] == ""
+    assert record["trace_id"] == event.trace.trace_id and record["span_id"] == event.trace.span_id
+    assert record["sidecar"] == "sidecar-test-1"
+    assert record["time"] == event.time and record["logged_at"].endswith("Z")
+    # canonical JSON line
+    line = (tmp_path / "ev" / "evidence-000001.jsonl").read_bytes().splitlines()[-1]
+    assert line == canonical_json(record)
+
+
+async def test_the_first_record_is_a_startup_record_starting_the_chain(recorder, tmp_path):
+    (startup,) = read_records(tmp_path / "ev")
+    assert startup["kind"] == "startup" and startup["seq"] == 1 and startup["prev_hash"] == GENESIS
+    assert startup["log_id"] and startup["sidecar"] == "sidecar-test-1" and startup["recovered"] is None
+    assert startup["settings"]["signing_key"] == "dev"
+
+
+async def test_arguments_in_clear_only_when_allowed_and_secrets_never(tmp_path):
+    secret_args = {"path": "/w/a", "api_token": "tok-SECRET-1", "nested": {"Password": "hunter2", "keep": 1}, "x_custom": "c"}
+    for mode, obligations, expect_clear in (
+        ("digest", {"record_arguments": True}, False),
+        ("policy", {}, False),
+        ("policy", {"record_arguments": True, "redact_arguments": ["x_custom"]}, True),
+        ("clear", {}, True),
+    ):
+        directory = tmp_path / f"{mode}-{len(obligations)}"
+        rec = open_recorder(evidence_config(directory, arguments=mode, redact_keys=["custom"]), no_export(), instance_id="s")
+        try:
+            await rec.record(make_event(1, arguments=secret_args, obligations=obligations))
+        finally:
+            await rec.close()
+        raw = b"".join(p.read_bytes() for p in directory.glob("evidence-*.jsonl"))
+        assert b"tok-SECRET-1" not in raw and b"hunter2" not in raw, mode
+        record = [r for r in read_records(directory) if r["kind"] == "decision"][0]
+        if expect_clear:
+            assert record["arguments"] == {
+                "path": "/w/a",
+                "api_token": "[REDACTED]",
+                "nested": {"Password": "[REDACTED]", "keep": 1},
+                "x_custom": "[REDACTED]",
+            }
+            assert sorted(record["arguments_redacted"]) == ["api_token", "nested.Password", "x_custom"]
+        else:
+            assert "arguments" not in record
+        assert record["arguments_digest"] == sha256_digest(canonical_json(secret_args))
+
+
+async def test_values_without_canonical_json_are_recorded_as_placeholders(recorder, tmp_path):
+    await recorder.record(make_event(1, signals={"risk_score": float("nan")}, obligations={"big": 2**60}))
+    record = read_records(tmp_path / "ev")[-1]
+    assert "unrecordable" in record["signals"] and "unrecordable" in record["obligations"]
+    assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_group_commit_shares_syncs_under_concurrent_load(recorder, tmp_path):
+    receipts = await asyncio.gather(*(recorder.record(make_event(i)) for i in range(300)))
+    assert sorted(r.seq for r in receipts) == list(range(2, 302))
+    assert len({r.hash for r in receipts}) == 300
+    # one sync for the startup record, then far fewer than one per record
+    assert recorder.log.syncs < 60, recorder.log.syncs
+    assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_record_is_on_disk_when_record_returns(recorder, tmp_path):
+    calls = []
+    real = recorder.log._datasync
+    recorder.log._datasync = lambda fd: (calls.append(fd), real(fd))
+    receipt = await recorder.record(make_event(1))
+    assert calls, "no sync before the receipt"
+    assert read_records(tmp_path / "ev")[-1]["hash"] == receipt.hash
+
+
+async def test_rotation_continues_the_chain_across_files(tmp_path):
+    rec = open_recorder(evidence_config(tmp_path / "ev", rotate_bytes=4096, checkpoint_every=25), no_export(), instance_id="s")
+    try:
+        for i in range(60):
+            await rec.record(make_event(i))
+    finally:
+        await rec.close()
+    files = sorted((tmp_path / "ev").glob("evidence-*.jsonl"))
+    assert len(files) > 5
+    records = read_records(tmp_path / "ev")
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    for before, after in zip(records, records[1:]):
+        assert after["prev_hash"] == before["hash"]
+    report = verify_dir(tmp_path / "ev")
+    assert report.ok, report.problems
+    assert report.checkpoints >= 2 and report.files == len(files)
+
+
+async def test_restart_continues_the_chain_with_a_new_startup_record(tmp_path):
+    directory = tmp_path / "ev"
+    first = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    last = await first.record(make_event(1))
+    await first.close()
+    second = open_recorder(evidence_config(directory), no_export(), instance_id="two")
+    try:
+        await second.record(make_event(2))
+    finally:
+        await second.close()
+    records = read_records(directory)
+    startups = [r for r in records if r["kind"] == "startup"]
+    assert len(startups) == 2 and startups[0]["log_id"] == startups[1]["log_id"]
+    assert startups[1]["sidecar"] == "two"
+    # first close wrote a final checkpoint; the second startup follows it
+    assert records[last.seq]["kind"] == "checkpoint"
+    assert verify_dir(directory).ok
+
+
+async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
+    directory = tmp_path / "ev"
+    rec = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    receipt = await rec.record(make_event(1))
+    rec.log.close_sync(checkpoint=False)
+    path = directory / "evidence-000001.jsonl"
+    torn = b'{"approver":"","arguments_digest":"sha256:ab'
+    with open(path, "ab") as f:
+        f.write(torn)
+    assert not verify_dir(directory).problems  # a torn tail is a warning, not tampering
+    assert any("unterminated" in w for w in verify_dir(directory).warnings)
+
+    reopened = open_recorder(evidence_config(directory), no_export(), instance_id="two")
+    await reopened.close()
+    records = read_records(directory)
+    startup = [r for r in records if r["kind"] == "startup"][-1]
+    assert startup["prev_hash"] == receipt.hash and startup["seq"] == receipt.seq + 1
+    assert startup["recovered"]["bytes"] == len(torn)
+    assert (directory / startup["recovered"]["kept_as"]).read_bytes() == torn
+    assert verify_dir(directory).ok
+
+
+async def test_damaged_complete_last_record_refuses_to_open(tmp_path):
+    directory = tmp_path / "ev"
+    rec = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    await rec.record(make_event(1))
+    rec.log.close_sync(checkpoint=False)
+    path = directory / "evidence-000001.jsonl"
+    path.write_bytes(path.read_bytes().replace(b'"outcome":"allow"', b'"outcome":"deny!"'))
+    with pytest.raises(EvidenceError, match="damaged"):
+        open_recorder(evidence_config(directory), no_export(), instance_id="two")
+
+
+async def test_disk_full_raises_evidence_error_degrades_health_and_recovers(recorder, tmp_path):
+    good = await recorder.record(make_event(1))
+
+    def full(fd, data):
+        os.write(fd, bytes(data[:10]))  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    recorder.log._write = full
+    with pytest.raises(EvidenceError, match="no space left"):
+        await recorder.record(make_event(2))
+    ok, detail = recorder.health()
+    assert not ok and "no space left" in detail
+
+    recorder.log._write = os.write  # space freed
+    after = await recorder.record(make_event(3))
+    assert after.seq == good.seq + 1  # the refused record never entered the chain
+    assert recorder.health()[0]
+    ids = [r.get("decision_id") for r in read_records(tmp_path / "ev")]
+    assert "decision-2" not in ids and ids[-1] == "decision-3"
+    assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_sync_failure_is_an_evidence_error(recorder, tmp_path):
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    recorder.log._datasync = broken
+    with pytest.raises(EvidenceError, match="Input/output error"):
+        await recorder.record(make_event(1))
+    assert not recorder.health()[0]
+
+
+@pytest.fixture
+def tiny_volume(tmp_path):
+    """A real 256 KiB tmpfs, so the kernel itself says ENOSPC (needs root; skipped otherwise)."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def test_a_really_full_volume_denies_then_recovers(tiny_volume, tmp_path):
+    directory = tiny_volume / "ev"
+    dev_signing_key(tmp_path)  # the key and the mirror live off the tiny volume
+    config = evidence_config(
+        directory, signing_key=str(tmp_path / "checkpoint-key.pem"), checkpoint_mirror=str(tmp_path / "cp.jsonl")
+    )
+    rec = open_recorder(config, no_export(), instance_id="s")
+    try:
+        filler = tiny_volume / "filler"
+        receipts, error = [], None
+        with open(filler, "wb") as f:
+            try:
+                f.write(b"x" * (256 * 1024))
+                f.flush()
+            except OSError:
+                pass
+        for i in range(400):
+            try:
+                receipts.append(await rec.record(make_event(i, intent="x" * 2000)))
+            except EvidenceError as exc:
+                error = exc
+                break
+        assert error is not None and "no space left" in str(error)
+        assert not rec.health()[0]
+        filler.unlink()  # space again
+        after = await rec.record(make_event(1000))
+        assert after.seq == (receipts[-1].seq if receipts else 1) + 1
+    finally:
+        await rec.close()
+    report = verify_dir(directory, mirror=tmp_path / "cp.jsonl")
+    assert report.ok, report.problems
+
+
+def test_an_unwritable_directory_refuses_to_open(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(EvidenceError):
+        open_recorder(evidence_config(blocker / "ev"), no_export(), instance_id="s")
+
+
+async def test_two_writers_cannot_share_a_directory(recorder, tmp_path):
+    with pytest.raises(EvidenceError, match="in use"):
+        open_recorder(evidence_config(tmp_path / "ev"), no_export(), instance_id="other")
+
+
+async def test_checkpoints_by_count_and_time_and_mirror(tmp_path):
+    directory = tmp_path / "ev"
+    rec = open_recorder(evidence_config(directory, checkpoint_every=10, checkpoint_seconds=0.2), no_export(), instance_id="s")
+    try:
+        for i in range(10):
+            await rec.record(make_event(i))
+        await rec.record(make_event(99))
+        await asyncio.sleep(0.6)  # the timer writes a checkpoint for the one record since
+        records = read_records(directory)
+    finally:
+        await rec.close()
+    checkpoints = [r for r in records if r["kind"] == "checkpoint"]
+    assert len(checkpoints) == 2
+    first = checkpoints[0]
+    assert first["checkpoint"]["seq"] == first["seq"] - 1 and first["checkpoint"]["head_hash"] == first["prev_hash"]
+    assert first["signer"]["source"] == "dev" and first["signature"]["alg"] == "ed25519"
+    mirror = [json.loads(line) for line in (directory / "checkpoints.jsonl").read_bytes().splitlines()]
+    assert [m["hash"] for m in mirror][:2] == [c["hash"] for c in checkpoints]
+
+
+async def test_other_kinds_are_appended_to_the_same_chain(recorder, tmp_path):
+    receipt = await recorder.append("approval", {"escalation_id": "esc-1", "approver": "alice", "time": "2026-11-22T10:00:01Z"})
+    assert receipt.seq == 2
+    with pytest.raises(EvidenceError):
+        await recorder.append("checkpoint", {})
+    with pytest.raises(EvidenceError):
+        await recorder.append("gossip", {})
+    with pytest.raises(EvidenceError):
+        await recorder.append("approval", {"seq": 7})
+    assert read_records(tmp_path / "ev")[-1]["approver"] == "alice"
+
+
+async def test_gate_denies_when_evidence_cannot_be_written(recorder):
+    from sidecar.calls import CallIdRegistry, ToolCall
+    from sidecar.gate import Gate
+    from sidecar.policy.decision import Decision
+    from sidecar.usage import UsageCounters
+
+    class AllowAll:
+        name = "fake"
+        revision = "rev-1"
+
+        async def evaluate(self, document):
+            return Decision("allow", ("ok: test",), {}, "rev-1", "fake")
+
+        def catalog_entry(self, tool):
+            return {"name": tool}
+
+    gate = Gate(
+        engine=AllowAll(),
+        usage=UsageCounters(60, 100),
+        call_ids=CallIdRegistry(100),
+        recorder=recorder,
+        max_input_bytes=1 << 20,
+        max_depth=32,
+        instance_id="sidecar-test-1",
+    )
+    identity = CallerIdentity(Subject(AGENT, "dev"))
+    allowed = await gate.authorize(ToolCall("read_file", {"path": "/w"}), identity)
+    assert allowed.decision.outcome == "allow" and allowed.receipt is not None
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    recorder.log._write = full
+    denied = await gate.authorize(ToolCall("read_file", {"path": "/w"}), identity)
+    assert denied.decision.outcome == "deny" and denied.receipt is None
+    assert denied.decision.reasons[0].startswith("evidence_unavailable:")
+
+
+def test_records_direct_log_api(tmp_path):
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    try:
+        r = log.append_sync("expiry", {"escalation_id": "esc-9"})
+        assert r.seq == 2
+    finally:
+        log.close_sync()
+
+
+def test_recorder_rejects_unknown_argument_mode(tmp_path):
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s")
+    try:
+        with pytest.raises(ValueError):
+            EvidenceRecorder(log, None, arguments_mode="sometimes")
+    finally:
+        log.close_sync()
+
+
+async def test_a_disk_that_hangs_denies_after_the_record_timeout(recorder):
+    import threading
+
+    release = threading.Event()
+    real = recorder.log._datasync
+    recorder.log._datasync = lambda fd: (release.wait(5), real(fd))
+    recorder.record_timeout = 0.2
+    try:
+        with pytest.raises(EvidenceError, match="did not confirm"):
+            await recorder.record(make_event(1))
+    finally:
+        release.set()
+
+
+async def test_a_bug_in_the_writer_fails_the_batch_instead_of_hanging(recorder, monkeypatch):
+    import sidecar.evidence.log as log_module
+
+    def broken(record):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(log_module, "seal", broken)
+    with pytest.raises(EvidenceError, match="internal error"):
+        await asyncio.wait_for(recorder.record(make_event(1)), 5)
+    monkeypatch.undo()
+    assert (await recorder.record(make_event(2))).seq == 2

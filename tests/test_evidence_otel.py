@@ -1,0 +1,258 @@
+"""Spans from evidence records, shipped losslessly to an OTLP receiver (test double) that fails, slows and dies."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from sidecar.config import TelemetryConfig
+from sidecar.evidence import TraceContext
+from sidecar.evidence.recorder import open_recorder
+from sidecar.evidence.spans import exporter_from_env
+from sidecar.evidence.verify import verify_dir
+from tests.doubles.otlp_receiver import OtlpReceiver
+from tests.test_evidence_log import AGENT, OUTCOMES, evidence_config, make_event
+
+
+def telemetry(receiver: OtlpReceiver, **changes) -> TelemetryConfig:
+    config = TelemetryConfig(endpoint=receiver.endpoint, export_timeout_seconds=1.0, max_backoff_seconds=0.3)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture
+def receiver():
+    rx = OtlpReceiver().start()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture
+def clean_otel_env(monkeypatch):
+    for name in ("OTEL_SERVICE_NAME", "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED", "OTEL_RESOURCE_ATTRIBUTES",
+                 "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def test_each_decision_is_an_execute_tool_span_with_a_guardrail_child(tmp_path, receiver, clean_otel_env, monkeypatch):
+    monkeypatch.setenv("POD_NAME", "agent-7f9c")
+    monkeypatch.setenv("POD_NAMESPACE", "agents")
+    rec = open_recorder(
+        evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="sidecar-test-1",
+        known_tool=lambda t: t == "read_file",
+    )
+    events, receipts = {}, {}
+    try:
+        parent = TraceContext.new()
+        for i, case in enumerate(sorted(OUTCOMES)):
+            trace = TraceContext.new(parent) if case == "allow" else TraceContext.new()
+            events[case] = make_event(i, trace=trace, **OUTCOMES[case])
+            receipts[case] = await rec.record(events[case])
+        events["unknown_tool"] = make_event(9, tool="rm_rf_everything")
+        receipts["unknown_tool"] = await rec.record(events["unknown_tool"])
+        assert receiver.wait_for(lambda r: len(r.by_name("execute_tool")) == len(events) and len(r.by_name("run_guardrail")) == len(events))
+    finally:
+        await rec.close()
+
+    spans = {s.span_id: s for s in receiver.spans}
+    for case, event in events.items():
+        span = spans[event.trace.span_id]
+        receipt = receipts[case]
+        assert span.trace_id == event.trace.trace_id
+        assert span.parent_span_id == (event.trace.parent_span_id or "")
+        assert span.name == ("execute_tool" if case == "unknown_tool" else "execute_tool read_file")
+        a = span.attributes
+        assert a["gen_ai.operation.name"] == "execute_tool"
+        assert a["gen_ai.tool.name"] == event.tool and a["gen_ai.tool.call.id"] == event.call_id
+        assert a["spiffe.id"] == ("" if event.identity is None else AGENT)
+        assert a["sidecar.subject.source"] == ("" if event.identity is None else "workload_api")
+        assert a["sidecar.decision.id"] == event.decision_id and a["sidecar.policy.revision"] == "rev-42"
+        assert a["sidecar.evidence.seq"] == receipt.seq and a["sidecar.evidence.hash"] == receipt.hash
+        assert a["sidecar.decision.outcome"] == event.outcome
+        assert a["sidecar.decision.reason_codes"] == [r.split(": ")[0] for r in event.reasons]
+        assert [e[1]["sidecar.reason.text"] for e in span.events] == list(event.reasons)
+        # a deny is not an error; an engine failure is
+        assert span.status_code == (2 if event.engine_error else 0), case
+        assert span.resource["service.name"] == "agent-sidecar"
+        assert span.resource["service.instance.id"] == "sidecar-test-1"
+        assert span.resource["k8s.pod.name"] == "agent-7f9c" and span.resource["k8s.namespace.name"] == "agents"
+
+        (guard,) = [s for s in receiver.spans if s.parent_span_id == event.trace.span_id]
+        assert guard.name == "run_guardrail policy" and guard.trace_id == event.trace.trace_id
+        g = guard.attributes
+        assert g["gen_ai.guardrail.verdict.type"] == event.outcome
+        assert g["gen_ai.guardrail.target.subtype"] == "tool_call" and g["gen_ai.guardrail.target.id"] == event.call_id
+        assert g["gen_ai.guardrail.security.content.input.hash"] == event.arguments_digest
+        assert g["gen_ai.guardrail.verdict.reason"] == event.reasons[0].split(": ")[0]
+    assert receiver.by_name("evidence.checkpoint"), "the closing checkpoint goes to the collector too"
+
+
+async def test_service_name_from_config_or_env(tmp_path, receiver, clean_otel_env, monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="s")
+    try:
+        await rec.record(make_event(1))
+        assert receiver.wait_for(lambda r: r.by_name("execute_tool"))
+    finally:
+        await rec.close()
+    span = receiver.by_name("execute_tool")[0]
+    assert span.resource["service.name"] == "from-env"
+    assert span.resource["deployment.environment"] == "test"
+
+
+async def test_a_collector_down_for_a_while_receives_every_span_when_back(tmp_path, receiver, clean_otel_env):
+    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="s")
+    try:
+        await rec.record(make_event(0))
+        assert receiver.wait_for(lambda r: r.by_name("execute_tool"))
+        receiver.stop()
+        started = time.monotonic()
+        events = [make_event(i) for i in range(1, 301)]
+        await asyncio.gather(*(rec.record(e) for e in events))
+        assert time.monotonic() - started < 5, "decisions waited for the collector"
+        await asyncio.sleep(1.0)  # several failed attempts
+        assert rec.shipper.failures > 0 and rec.shipper.lag() > 0
+        assert rec.health()[0], "a collector outage does not make the sidecar unhealthy"
+        receiver.mode = "fail"  # comes back refusing (UNAVAILABLE) for a while
+        receiver.start()
+        assert await asyncio.to_thread(receiver.wait_for, lambda r: r.refused > 0, 15)
+        receiver.mode = "ok"
+        assert receiver.wait_for(lambda r: {e.trace.span_id for e in events} <= r.span_ids(), timeout=15)
+    finally:
+        await rec.close()
+    received = {s.span_id: s for s in receiver.by_name("execute_tool")}
+    for event in events:
+        assert received[event.trace.span_id].trace_id == event.trace.trace_id
+    assert receiver.refused > 0
+
+
+async def test_spans_not_acknowledged_before_shutdown_are_shipped_by_the_next_start(tmp_path, receiver, clean_otel_env):
+    directory = tmp_path / "ev"
+    receiver.mode = "fail"
+    rec = open_recorder(evidence_config(directory), telemetry(receiver), instance_id="one")
+    events = [make_event(i, sidecar="one") for i in range(20)]
+    try:
+        for event in events:
+            await rec.record(event)
+    finally:
+        await rec.close()
+    assert not receiver.spans
+    receiver.mode = "ok"
+    rec = open_recorder(evidence_config(directory), telemetry(receiver), instance_id="two")
+    try:
+        assert receiver.wait_for(lambda r: {e.trace.span_id for e in events} <= r.span_ids())
+    finally:
+        await rec.close()
+    by_id = {s.span_id: s for s in receiver.spans}
+    # shipped after the restart, the spans keep the instance that decided them
+    assert by_id[events[0].trace.span_id].resource["service.instance.id"] == "one"
+    assert verify_dir(directory).ok
+
+
+async def test_a_slow_collector_does_not_slow_decisions(tmp_path, receiver, clean_otel_env):
+    receiver.delay = 1.5
+    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver, export_timeout_seconds=5.0), instance_id="s")
+    try:
+        await rec.record(make_event(0))
+        await asyncio.sleep(0.1)  # the shipper is now inside a slow export
+        started = time.monotonic()
+        for i in range(1, 21):
+            await rec.record(make_event(i))
+        assert time.monotonic() - started < 1.0
+    finally:
+        receiver.delay = 0
+        await rec.close()
+
+
+def test_exporter_choice_follows_config_and_otel_env(clean_otel_env):
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    assert isinstance(exporter_from_env(environ={}), GrpcExporter)
+    assert isinstance(exporter_from_env(environ={"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}), HttpExporter)
+    assert isinstance(exporter_from_env(protocol="http/protobuf", environ={}), HttpExporter)
+    assert exporter_from_env(environ={"OTEL_TRACES_EXPORTER": "none"}) is None
+    assert exporter_from_env(environ={"OTEL_SDK_DISABLED": "true"}) is None
+    assert exporter_from_env(exporter="none", environ={}) is None
+
+
+class _OtlpHttpHandler(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        for rs in request.resource_spans:
+            for ss in rs.scope_spans:
+                self.received.extend(s.span_id.hex() for s in ss.spans)
+        reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+async def test_otlp_over_http_protobuf(tmp_path, clean_otel_env):
+    """TEST DOUBLE: a minimal OTLP/HTTP endpoint (POST /v1/traces, protobuf)."""
+    _OtlpHttpHandler.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpHttpHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = TelemetryConfig(protocol="http/protobuf", endpoint=f"http://127.0.0.1:{server.server_address[1]}", export_timeout_seconds=2)
+    rec = open_recorder(evidence_config(tmp_path / "ev"), config, instance_id="s")
+    try:
+        event = make_event(1)
+        await rec.record(event)
+        deadline = time.monotonic() + 10
+        while event.trace.span_id not in _OtlpHttpHandler.received and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert event.trace.span_id in _OtlpHttpHandler.received
+    finally:
+        await rec.close()
+        server.shutdown()
+
+
+async def test_escalation_kinds_become_spans_in_the_calls_trace_with_links(tmp_path, receiver, clean_otel_env):
+    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="s")
+    decision = make_event(1, outcome="escalate", reasons=("needs_approval: outside address",), escalation_id="esc-1")
+    approval_span = TraceContext.new(decision.trace)
+    try:
+        await rec.record(decision)
+        await rec.append(
+            "approval",
+            {
+                "time": "2026-11-22T10:00:05.000000Z",
+                "escalation_id": "esc-1",
+                "decision_id": decision.decision_id,
+                "call_id": decision.call_id,
+                "tool": "read_file",
+                "subject": {"spiffe_id": AGENT, "source": "workload_api"},
+                "outcome": "approved",
+                "reasons": ["approved: by alice"],
+                "approver": "alice",
+                "state": "approved",
+                "trace_id": approval_span.trace_id,
+                "span_id": approval_span.span_id,
+                "parent_span_id": decision.trace.span_id,
+                "links": [{"trace_id": decision.trace.trace_id, "span_id": decision.trace.span_id, "type": "escalation"}],
+                "sidecar": "s",
+            },
+        )
+        assert receiver.wait_for(lambda r: r.by_name("sidecar.approval"))
+    finally:
+        await rec.close()
+    (span,) = receiver.by_name("sidecar.approval")
+    assert span.trace_id == decision.trace.trace_id and span.parent_span_id == decision.trace.span_id
+    assert span.attributes["sidecar.approver"] == "alice" and span.attributes["sidecar.escalation.id"] == "esc-1"
+    assert span.attributes["sidecar.escalation.state"] == "approved"
+    assert "gen_ai.operation.name" not in span.attributes

@@ -1,0 +1,337 @@
+"""`mtls`: the sidecar serves gRPC over mutual TLS with its SVID; the subject is the client's.
+
+Real grpc.aio servers on loopback, certificates from the test CA the fake
+Workload API hands out (tests/doubles), py-spiffe on the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import ssl
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from spiffe import X509Source
+
+from sidecar.identity import IdentityError, PeerInfo
+from sidecar.identity.mtls import MtlsResolver, SvidServerCredentials, x509_source_channel_credentials
+from sidecar.identity.workload_api import WorkloadApiSource
+from tests.doubles.identity_harness import (
+    METHOD,
+    SIDECAR_DNS,
+    ProbeServer,
+    ask,
+    client_credentials,
+    fake_agent,
+    remove_dir,
+    short_dir,
+)
+from tests.doubles.pki import TestCa
+
+SIDECAR_PATH = "/ns/agents/sa/sidecar"
+PEM = Encoding.PEM
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Env:
+    def __init__(self, directory, agent, source, creds, probe):
+        self.dir, self.agent, self.source, self.creds, self.probe = directory, agent, source, creds, probe
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.probe.tls_port}"
+
+    def client(self, svid, bundle: bytes | None = None) -> grpc.ChannelCredentials:
+        return client_credentials(svid, bundle or self.agent.ca.bundle_pem())
+
+    async def call(self, svid, **kw) -> dict:
+        return await ask(self.target, credentials=self.client(svid), **kw)
+
+
+async def start_env(trust_domains=(), ca: TestCa | None = None, identity: bool = True) -> Env:
+    directory = short_dir()
+    agent = fake_agent(directory, path=SIDECAR_PATH, ca=ca) if identity else None
+    if agent is None:
+        from tests.doubles.fake_workload_api import FakeWorkloadApi
+
+        agent = FakeWorkloadApi(f"{directory}/agent.sock", ca=ca).start()
+        agent.dns_names = (SIDECAR_DNS,)
+    source = WorkloadApiSource(agent.endpoint, jwt_bundles=False, backoff_initial=0.02, backoff_max=0.1).start()
+    if identity:
+        assert source.wait_until_ready(5)
+    creds = SvidServerCredentials(source, trust_domains)
+    probe = await ProbeServer(MtlsResolver(source, trust_domains), directory).start(creds.credentials())
+    return Env(directory, agent, source, creds, probe)
+
+
+async def stop_env(env: Env) -> None:
+    await env.probe.stop()
+    env.source.close()
+    env.agent.stop()
+    remove_dir(env.dir)
+
+
+@pytest.fixture
+async def env():
+    e = await start_env()
+    yield e
+    await stop_env(e)
+
+
+async def assert_refused_at_handshake(env: Env, creds: grpc.ChannelCredentials) -> None:
+    calls = env.probe.calls
+    with pytest.raises(grpc.RpcError) as info:
+        await ask(env.target, credentials=creds)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert env.probe.calls == calls  # never reached the servicer
+
+
+async def assert_alive(env: Env) -> None:
+    good = env.agent.ca.issue("/ns/agents/sa/probe")
+    assert (await env.call(good))["subject"]["spiffe_id"] == "spiffe://example.org/ns/agents/sa/probe"
+
+
+def served_serial(env: Env, client_svid) -> int:
+    """A raw TLS handshake (ALPN h2) to see which certificate the server presents."""
+    import os
+
+    cert_file, key_file = os.path.join(env.dir, "c.pem"), os.path.join(env.dir, "k.pem")
+    with open(cert_file, "wb") as f:
+        f.write(client_svid.chain_pem())
+    with open(key_file, "wb") as f:
+        f.write(client_svid.key_pem())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=env.agent.ca.bundle_pem().decode())
+    context.load_cert_chain(cert_file, key_file)
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", env.probe.tls_port)) as raw:
+        with context.wrap_socket(raw) as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+# ---------------------------------------------------------------- good callers
+
+
+async def test_subject_is_the_verified_client_certificate(env):
+    client = env.agent.ca.issue("/ns/agents/sa/planner")
+    reply = await env.call(client)
+    assert reply["transport"] == "tls"
+    assert reply["subject"] == {
+        "spiffe_id": "spiffe://example.org/ns/agents/sa/planner",
+        "trust_domain": "example.org",
+        "path": "/ns/agents/sa/planner",
+        "source": "mtls",
+        "svid_expires_at": client.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+async def test_client_with_an_x509_source_and_intermediate_ca():
+    ca = TestCa("example.org", intermediate=True)
+    env = await start_env(ca=ca)
+    try:
+        client_agent = fake_agent(env.dir, "client.sock", path="/ns/agents/sa/planner", ca=ca)
+        with X509Source(socket_path=client_agent.endpoint, timeout_in_seconds=5) as x509_source:
+            creds = x509_source_channel_credentials(x509_source)
+            reply = await ask(env.target, credentials=creds)
+        assert reply["subject"]["spiffe_id"] == "spiffe://example.org/ns/agents/sa/planner"
+        client_agent.stop()
+    finally:
+        await stop_env(env)
+
+
+async def test_python_client_needs_the_dns_name_override(env):
+    # grpc's Python client checks the server's hostname, never its SPIFFE ID.
+    channel = grpc.aio.secure_channel(env.target, env.client(env.agent.ca.issue("/agent")))
+    with pytest.raises(grpc.RpcError) as info:
+        await channel.unary_unary(METHOD)(b"", timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    await channel.close()
+
+
+# ---------------------------------------------------------------- bad certificates
+
+
+async def test_no_client_certificate_is_refused_at_handshake(env):
+    await assert_refused_at_handshake(env, grpc.ssl_channel_credentials(env.agent.ca.bundle_pem()))
+    await assert_alive(env)
+
+
+async def test_certificate_from_another_ca_is_refused_at_handshake(env):
+    rogue = TestCa("example.org").issue("/ns/agents/sa/planner")  # same ID, untrusted CA
+    await assert_refused_at_handshake(env, env.client(rogue))
+    await assert_alive(env)
+
+
+async def test_expired_certificate_is_refused_at_handshake(env):
+    expired = env.agent.ca.issue("/agent", ttl=-10, not_before=utc_now() - dt.timedelta(hours=1))
+    await assert_refused_at_handshake(env, env.client(expired))
+    await assert_alive(env)
+
+
+@pytest.mark.parametrize(
+    "uris, reason",
+    [
+        (["spiffe://example.org/a", "spiffe://example.org/b"], "exactly one URI SAN; this certificate has 2"),
+        ([], "exactly one URI SAN; this certificate has 0"),
+        (["spiffe://Example.org/agent"], "not a valid SPIFFE ID"),
+        (["spiffe://example.org/" + "a" * 2100], "longer than 2048 bytes"),
+        (["spiffe://example.org"], "names only a trust domain"),
+        (["https://example.org/agent"], "not a valid SPIFFE ID"),
+    ],
+    ids=["two-uri-sans", "no-uri-san", "upper-case", "over-long", "trust-domain-only", "not-spiffe"],
+)
+async def test_malformed_svids_are_denied_with_a_reason(env, uris, reason):
+    odd = env.agent.ca.issue(uris=uris)
+    reply = await env.call(odd)
+    assert "subject" not in reply
+    assert reply["denied"].startswith("mtls: client certificate: ")
+    assert reason in reply["denied"]
+    await assert_alive(env)
+
+
+async def test_foreign_trust_domain_refused_unless_accepted():
+    partner = TestCa("partner.example")
+    # Default: only the sidecar's own trust domain is in the root pool.
+    env = await start_env()
+    try:
+        env.agent.federate_with("partner.example", ca=partner)
+        await asyncio.sleep(0.2)
+        await assert_refused_at_handshake(env, client_credentials(partner.issue("/agent"), env.agent.ca.bundle_pem()))
+    finally:
+        await stop_env(env)
+    # Accepted by config: the partner's callers get their own SPIFFE ID ...
+    env = await start_env(trust_domains=("example.org", "partner.example"))
+    try:
+        env.agent.federate_with("partner.example", ca=partner)
+        assert await_until(lambda: "partner.example" in env.source.x509().bundles)
+        reply = await ask(env.target, credentials=client_credentials(partner.issue("/agent"), env.agent.ca.bundle_pem()))
+        assert reply["subject"]["spiffe_id"] == "spiffe://partner.example/agent"
+        assert reply["subject"]["trust_domain"] == "partner.example"
+        # ... but the partner's CA cannot vouch for our trust domain's IDs.
+        spoof = partner.issue(spiffe_id="spiffe://example.org/ns/agents/sa/admin")
+        reply = await ask(env.target, credentials=client_credentials(spoof, env.agent.ca.bundle_pem()))
+        assert "does not chain to that trust domain's X.509 bundle" in reply["denied"]
+    finally:
+        await stop_env(env)
+
+
+def await_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except Exception:
+            pass
+        time.sleep(0.02)
+    return False
+
+
+def test_resolver_checks_what_grpc_does_not(tmp_path):
+    """Direct resolver checks on a synthetic auth context (what grpc would hand over)."""
+    directory = short_dir()
+    agent = fake_agent(directory, path=SIDECAR_PATH)
+    source = WorkloadApiSource(agent.endpoint, jwt_bundles=False).start()
+    try:
+        assert source.wait_until_ready(5)
+        resolver = MtlsResolver(source)
+        client = agent.ca.issue("/agent")
+
+        def peer(spiffe_ids, svid=client, transport="tls"):
+            return PeerInfo(transport=transport, auth_context={
+                "x509_pem_cert": (svid.cert.public_bytes(PEM),),
+                "x509_pem_cert_chain": (svid.chain_pem(),),
+                "peer_spiffe_id": tuple(s.encode() for s in spiffe_ids),
+            })
+
+        assert resolver.resolve(peer(["spiffe://example.org/agent"])).subject.source == "mtls"
+        with pytest.raises(IdentityError, match="verified SPIFFE ID"):
+            resolver.resolve(peer(["spiffe://example.org/other"]))
+        with pytest.raises(IdentityError, match="verified SPIFFE ID"):
+            resolver.resolve(peer([]))
+        with pytest.raises(IdentityError, match="did not come over mutual TLS"):
+            resolver.resolve(peer(["spiffe://example.org/agent"], transport="unix"))
+        with pytest.raises(IdentityError, match="no client certificate"):
+            resolver.resolve(PeerInfo(transport="tls"))
+        foreign = TestCa("other.org").issue("/agent")
+        with pytest.raises(IdentityError, match="trust domain 'other.org' is not accepted"):
+            resolver.resolve(peer(["spiffe://other.org/agent"], svid=foreign))
+        # The sidecar's own SVID withdrawn: nobody is verified.
+        agent.withdraw()
+        assert await_until(lambda: not source.health()[0])
+        with pytest.raises(IdentityError, match="withdrew"):
+            resolver.resolve(peer(["spiffe://example.org/agent"]))
+    finally:
+        source.close()
+        agent.stop()
+        remove_dir(directory)
+
+
+# ---------------------------------------------------------------- rotation and expiry
+
+
+async def test_new_connections_see_the_rotated_server_certificate(env):
+    client = env.agent.ca.issue("/agent")
+    first = served_serial(env, client)
+    assert first == env.agent.svids[0].serial
+    rotated = env.agent.rotate()[0]
+    assert await_until(lambda: env.source.x509().serial == rotated.serial)
+    second = served_serial(env, client)
+    assert second == rotated.serial != first
+    assert env.creds.reloads == 1
+    assert (await env.call(client))["subject"]["source"] == "mtls"
+
+
+async def test_client_certificate_not_accepted_after_expiry(env):
+    short = env.agent.ca.issue("/ns/agents/sa/short", ttl=1.0)
+    channel = grpc.aio.secure_channel(env.target, env.client(short),
+                                      options=[("grpc.ssl_target_name_override", SIDECAR_DNS)])
+    try:
+        import json
+
+        first = json.loads(await channel.unary_unary(METHOD)(b"", timeout=5))
+        assert first["subject"]["spiffe_id"] == "spiffe://example.org/ns/agents/sa/short"
+        delay = (short.cert.not_valid_after_utc - utc_now()).total_seconds() + 1.1
+        await asyncio.sleep(max(delay, 0))
+        # The open connection outlived the certificate: denied per call.
+        again = json.loads(await channel.unary_unary(METHOD)(b"", timeout=5))
+        assert "expired at" in again["denied"] and "reconnect with a fresh SVID" in again["denied"]
+    finally:
+        await channel.close()
+    # A new connection with it fails the handshake.
+    await assert_refused_at_handshake(env, env.client(short))
+    # Its rotated successor is accepted.
+    fresh = env.agent.ca.issue("/ns/agents/sa/short")
+    assert (await env.call(fresh))["subject"]["spiffe_id"] == "spiffe://example.org/ns/agents/sa/short"
+
+
+async def test_server_starts_before_its_svid_and_serves_once_issued():
+    env = await start_env(identity=False)
+    try:
+        client = env.agent.ca.issue("/agent")
+        with pytest.raises(grpc.RpcError) as info:
+            await env.call(client)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        env.agent.set_identity(SIDECAR_PATH)
+        assert env.source.wait_until_ready(5)
+        assert (await env.call(client))["subject"]["spiffe_id"] == "spiffe://example.org/agent"
+    finally:
+        await stop_env(env)
+
+
+async def test_no_bundle_for_the_accepted_trust_domains_trusts_nobody():
+    # Never an empty root pool: grpc would fall back to the system's public CAs.
+    env = await start_env(trust_domains=("nobody.example",))
+    try:
+        await assert_refused_at_handshake(env, env.client(env.agent.ca.issue("/agent")))
+    finally:
+        await stop_env(env)
