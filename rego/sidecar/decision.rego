@@ -1,0 +1,42 @@
+# The combinator: the one place that turns the deny / escalate / allow sets
+# (partial rules in package sidecar, each member a "<code>: <text>" reason)
+# into the decision the sidecar reads at data.sidecar.decision.
+#
+#   any deny                               -> deny,     reasons = sorted deny
+#   else any escalate and no approval      -> escalate, reasons = sorted escalate
+#   else any allow                         -> allow,    reasons = sorted allow
+#                                             plus "approved: ..." when an
+#                                             approval satisfied escalate rules
+#   else                                   -> deny,     "no rule allows this call"
+#
+# Reasons are never empty. obligations is merged in whatever the outcome.
+package sidecar
+
+default decision := {
+	"outcome": "deny",
+	"reasons": ["no rule allows this call"],
+	"obligations": {},
+}
+
+decision := {"outcome": "deny", "reasons": sorted(deny), "obligations": obligations} if {
+	count(deny) > 0
+} else := {"outcome": "escalate", "reasons": sorted(escalate), "obligations": obligations} if {
+	count(escalate) > 0
+	not approved
+} else := {"outcome": "allow", "reasons": sorted(allow | approval_reasons), "obligations": obligations} if {
+	count(allow) > 0
+} else := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": obligations}
+
+# A set of reasons as a sorted array. (Through an array comprehension: in
+# regopy, sort() of a set does not give a value that behaves as an array.)
+sorted(reasons) := sort([r | some r in reasons])
+
+# Said on an allow when escalate rules fired but an approval satisfied them.
+# (A set, sorted together with the allow reasons.)
+approval_reasons contains reason([
+	"approved: escalation ", input.approval.escalation_id,
+	" approved by ", input.approval.approver,
+]) if {
+	approved
+	count(escalate) > 0
+}

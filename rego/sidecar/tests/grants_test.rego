@@ -1,0 +1,97 @@
+package sidecar.tests
+
+test_granted_caller_allowed if {
+	allows(base_input, "granted")
+	not denies(base_input, "not_granted")
+}
+
+test_caller_without_grant_for_tool_denied if {
+	inp := call("run_sql", {"query": "select 1"})
+	denies(inp, "not_granted")
+	not allows(inp, "granted")
+	d := decide(inp)
+	d.outcome == "deny"
+	sprintf("not_granted: %v is not granted tool \"run_sql\"", [research]) in d.reasons
+}
+
+test_caller_from_other_trust_domain_denied if {
+	denies(mk({"subject": identity(outsider)}), "not_granted")
+}
+
+test_specific_grant_adds_to_namespace_grant if {
+	inp := call_as(data_agent, "run_sql", {"query": "select 1"})
+	not denies(inp, "not_granted")
+	allows(inp, "granted")
+}
+
+test_glob_star_stays_within_one_segment if {
+	not data.sidecar.granted("spiffe://example.org/ns/agents/sa/team/nested", "read_file")
+	data.sidecar.granted("spiffe://example.org/ns/agents/sa/anything", "read_file")
+}
+
+test_wildcard_tools_grant_every_tool if {
+	data.sidecar.granted(orchestrator, "delete_records")
+	data.sidecar.granted(dev_agent, "send_email")
+	not data.sidecar.granted(research, "delete_records")
+}
+
+test_dev_identity_allowed_read_file if {
+	inp := mk({
+		"subject": object.union(identity(dev_agent), {"source": "dev", "svid_expires_at": null}),
+		"tool": tool("read_file", {"path": "/workspace/a.txt"}),
+	})
+	d := decide(inp)
+	d.outcome == "allow"
+	d.reasons == ["granted: spiffe://dev.local/agent is granted tool \"read_file\""]
+}
+
+test_grant_with_odd_shape_grants_nothing if {
+	grants := [{"spiffe_id": 5, "tools": ["*"]}, {"spiffe_id": "spiffe://**", "tools": "*"}]
+	denies(base_input, "not_granted") with data.sidecar.grants as grants
+}
+
+test_delegation_chain_all_granted_allowed if {
+	inp := mk({"delegation": [identity(orchestrator)]})
+	not denies(inp, "delegation_not_granted")
+	d := decide(inp)
+	d.outcome == "allow"
+	d.reasons == [sprintf("granted: %v is granted tool \"read_file\" (as are all 1 upstream agents)", [research])]
+}
+
+test_delegation_link_without_grant_denied if {
+	# ops-agent may send email, but it is acting for the research agent, which may not.
+	inp := mk({
+		"subject": identity(ops_agent),
+		"delegation": [identity(research)],
+		"tool": tool("send_email", {"to": ["a@example.org"], "subject": "hi", "body": "x"}),
+	})
+	denies(inp, "delegation_not_granted")
+	not allows(inp, "granted")
+	d := decide(inp)
+	d.outcome == "deny"
+	sprintf("delegation_not_granted: upstream agent %v is not granted tool \"send_email\"", [research]) in d.reasons
+}
+
+test_delegation_cannot_widen_the_caller if {
+	# The orchestrator has "*", but the research agent it delegates to lacks run_sql.
+	inp := mk({"delegation": [identity(orchestrator)], "tool": tool("run_sql", {"query": "select 1"})})
+	denies(inp, "not_granted")
+	not denies(inp, "delegation_not_granted")
+}
+
+# The shipped grants are well formed and name only catalog tools.
+test_grants_well_formed if {
+	count(data.sidecar.grants) > 0
+	every grant in data.sidecar.grants {
+		is_string(grant.spiffe_id)
+		startswith(grant.spiffe_id, "spiffe://")
+		is_array(grant.tools)
+		every name in grant.tools {
+			grantable(name)
+		}
+	}
+}
+
+grantable("*")
+
+grantable(name) if is_object(data.sidecar.catalog.tools[name])

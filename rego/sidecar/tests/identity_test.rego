@@ -1,0 +1,47 @@
+package sidecar.tests
+
+# base_input: request.time 2026-11-22T10:00:00Z, SVIDs valid until 12:00Z.
+
+test_valid_svid_not_denied if {
+	not denies(base_input, "svid_expired")
+}
+
+test_expired_svid_denied if {
+	inp := mk({"subject": object.union(identity(research), {"svid_expires_at": "2026-11-22T09:59:59Z"})})
+	denies(inp, "svid_expired")
+	d := decide(inp)
+	d.outcome == "deny"
+	sprintf("svid_expired: the SVID of %v expired at 2026-11-22T09:59:59Z", [research]) in d.reasons
+}
+
+test_svid_expiring_at_request_time_denied if {
+	inp := mk({"subject": object.union(identity(research), {"svid_expires_at": "2026-11-22T10:00:00Z"})})
+	denies(inp, "svid_expired")
+}
+
+test_expiry_with_offset_and_fractions_compared_as_instants if {
+	# 11:30+02:00 is 09:30Z: expired.
+	expired := mk({"subject": object.union(identity(research), {"svid_expires_at": "2026-11-22T11:30:00+02:00"})})
+	denies(expired, "svid_expired")
+
+	# Request time with microseconds, as the sidecar writes it.
+	fresh := mk({
+		"request": {"call_id": "c", "time": "2026-11-22T10:00:00.123456Z", "sidecar": "t"},
+		"subject": object.union(identity(research), {"svid_expires_at": "2026-11-22T10:00:00.5Z"}),
+	})
+	not denies(fresh, "svid_expired")
+}
+
+test_expired_upstream_svid_denied if {
+	link := object.union(identity(orchestrator), {"svid_expires_at": "2026-11-21T00:00:00Z"})
+	denies(mk({"delegation": [link]}), "svid_expired")
+}
+
+test_null_or_unparseable_expiry_not_checked if {
+	nul := mk({"subject": object.union(identity(research), {"svid_expires_at": null})})
+	not denies(nul, "svid_expired")
+	odd := mk({"subject": object.union(identity(research), {"svid_expires_at": "soon"})})
+	not denies(odd, "svid_expired")
+	notime := mk({"request": {"call_id": "c"}})
+	not denies(notime, "svid_expired")
+}
