@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test proto install clean policy-test bench deploy-bundle
+.PHONY: run test proto install clean policy-test bench deploy-bundle system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,22 @@ run: install
 	$(BIN)/agent-sidecar serve --config examples/dev.yaml
 
 ## Install everything and run the whole test suite.
-test: install
+test: install system-deps
 	$(BIN)/agent-sidecar policy test rego/
 	$(BIN)/python -m pytest -q
+
+## Debian packages the tests run for real: PostgreSQL (escalation store) and Chromium
+## (console browser test). Installed only when missing; as root in CI (no tty), else via sudo.
+system-deps:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
+	fi
 
 ## Regenerate the gRPC stubs in sidecar/v1 from protos/.
 proto: install

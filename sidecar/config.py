@@ -181,9 +181,9 @@ class EscalationConfig:
     poll_interval_ms: int = 1000
     # How often overdue escalations and unused approvals are expired (and recorded).
     sweep_interval_seconds: float = 5.0
-    # Who may approve, deny and read escalations: SPIFFE IDs or identities, a
-    # trailing * matches a prefix; empty = any verified caller (never the call's
-    # own subject or its delegation chain).
+    # Who may approve, deny and read escalations: SPIFFE IDs or identities
+    # (email:alice@example.org), * matches any characters; empty = any verified
+    # caller (never the call's own subject or its delegation chain).
     approvers: list[str] = field(default_factory=list)
     # Callers (the web console's SPIFFE ID) allowed to name the human approver in
     # a request's approver field.
@@ -344,11 +344,13 @@ def _http_url(value: str, key: str) -> None:
 
 
 def _identity_pattern(value: str, key: str) -> None:
-    body = value[:-1] if value.endswith("*") else value
-    scheme, colon, rest = body.partition(":")
-    if not value or not colon or not scheme or any(c.isspace() for c in value) or not value.isprintable():
-        raise ConfigError(f"{key}: {value!r} must be a SPIFFE ID or scheme:value identity (a trailing * matches a prefix)")
-    if scheme == "spiffe" and not value.endswith("*"):
+    scheme, colon, rest = value.partition(":")
+    if not colon or not scheme or not rest or "*" in scheme or any(c.isspace() for c in value) or not value.isprintable():
+        raise ConfigError(
+            f"{key}: {value!r} must be a SPIFFE ID or scheme:value identity (* matches any characters, "
+            "e.g. spiffe://example.org/humans/* or email:*@example.org)"
+        )
+    if scheme == "spiffe" and "*" not in value:
         from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
 
         try:
@@ -397,7 +399,7 @@ def _validate_console(console: "ConsoleConfig") -> None:
         )
     if console.dev_approver:
         _identity_pattern(console.dev_approver, "console.dev_approver")
-        if console.dev_approver.endswith("*"):
+        if "*" in console.dev_approver:
             raise ConfigError("console.dev_approver: must be one identity, not a pattern")
     if console.history_limit <= 0:
         raise ConfigError("console.history_limit: must be positive")

@@ -70,6 +70,7 @@ def make_config(tmp_path, sockdir):
             "policy.reload": False,
             "sidecar.instance_id": "identity-test",
             "evidence.dir": str(tmp_path / "evidence"),
+            "escalation.path": str(tmp_path / "escalations.db"),
             "telemetry.exporter": "none",
             "identity.sources": ["jwt_svid", "mtls", "workload_api"],
             "identity.workload_api_socket": f"unix://{sockdir}/agent.sock",

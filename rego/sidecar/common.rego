@@ -57,13 +57,33 @@ reason(parts) := concat("", [text(part) | some part in parts])
 text(x) := x if is_string(x)
 else := sprintf("%v", [x])
 
-# RFC 3339 text to nanoseconds since the epoch; undefined when it does not
-# parse. A trailing "Z" is rewritten to "+00:00" first (some Rego
-# implementations only accept the numeric offset form).
+# Comma-separated text of a list, whatever its members are.
+list_text(xs) := concat(", ", [text(x) | some x in xs]) if is_array(xs)
+else := text(xs)
+
+# True when xs is a list of strings (safe to hand to string built-ins).
+strings_list(xs) if {
+	is_array(xs)
+	every x in xs {
+		is_string(x)
+	}
+}
+
+# RFC 3339 text to nanoseconds since the epoch; undefined unless s looks like
+# an RFC 3339 date-time. The sidecar evaluates with strict built-in errors (a
+# built-in that fails fails the whole decision, closed), so text is checked
+# with a regex before it reaches the parser. A trailing "Z" is rewritten to
+# "+00:00" first (regopy only accepts the numeric offset form).
+rfc3339_pattern := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
+
 time_ns(s) := time.parse_rfc3339_ns(concat("", [trim_suffix(s, "Z"), "+00:00"])) if {
 	is_string(s)
+	regex.match(rfc3339_pattern, s)
 	endswith(s, "Z")
-} else := time.parse_rfc3339_ns(s) if is_string(s)
+} else := time.parse_rfc3339_ns(s) if {
+	is_string(s)
+	regex.match(rfc3339_pattern, s)
+}
 
 # True when the call carries a usable human approval: escalation_id and
 # approver are non-empty strings. An approval satisfies escalate rules, never

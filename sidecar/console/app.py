@@ -205,7 +205,7 @@ async def decide_view(request: web.Request) -> web.Response:
         await method(escalation_id, note=note, approver=approver)
     except ApprovalsError as exc:
         log.info("console: %s of %s by %s refused: %s", decision, escalation_id, approver, exc.message)
-        status = 502 if exc.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and ":" not in exc.message else 409
+        status = 502 if exc.unreachable else 409
         return await _render_pending(request, approver, ("error", f"Refused: {exc.message}"), status)
     log.info("console: %s %s by %s", "approved" if decision == "approve" else "denied", escalation_id, approver)
     verb = "approved" if decision == "approve" else "denied"

@@ -49,7 +49,8 @@ button { font:inherit; font-weight:600; padding:8px 18px; border-radius:6px; bor
 button.approve { background:var(--ok); color:#fff; }
 button.deny { background:#fff; color:var(--no); border-color:var(--no); }
 table { width:100%; border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:8px; }
-th, td { text-align:left; padding:8px 10px; border-bottom:1px solid var(--line); vertical-align:top; font-size:14px; }
+th, td { text-align:left; padding:8px 10px; border-bottom:1px solid var(--line); vertical-align:top; font-size:14px; overflow-wrap:anywhere; }
+td:nth-child(5) { white-space:nowrap; }
 th { color:var(--muted); font-weight:600; font-size:13px; }
 a { color:var(--accent); }
 """
@@ -75,13 +76,15 @@ def until(value: str, now: datetime) -> str:
     return "now" if seconds <= 0 else "in " + human_duration(seconds)
 
 
-def trace_link(trace_id: str, jaeger_url: str) -> str:
+def trace_link(trace_id: str, jaeger_url: str, *, short: bool = False) -> str:
     if not trace_id:
         return "-"
+    shown = escape(trace_id[:12] + "…" if short else trace_id)
     if not jaeger_url:
-        return f"<code>{escape(trace_id)}</code>"
+        return f'<code title="{escape(trace_id)}">{shown}</code>'
     href = f"{jaeger_url.rstrip('/')}/trace/{quote(trace_id, safe='')}"
-    return f'<a href="{escape(href)}" target="_blank" rel="noopener noreferrer"><code>{escape(trace_id)}</code></a>'
+    return (f'<a href="{escape(href)}" target="_blank" rel="noopener noreferrer" title="{escape(trace_id)}">'
+            f"<code>{shown}</code></a>")
 
 
 def layout(*, title: str, approver: str, here: str, body: str, pending_count: int | None = None,
@@ -207,7 +210,7 @@ def history_page(escalations: list[dict], *, approver: str, jaeger_url: str) -> 
                 f'<td>{escape(e["approver"]) or "-"}</td>'
                 f'<td title="{escape(when)}">{age(when, now)}</td>'
                 f'<td>{escape(e["note"])}</td>'
-                f'<td>{trace_link(e["trace_id"], jaeger_url)}</td>'
+                f'<td>{trace_link(e["trace_id"], jaeger_url, short=True)}</td>'
                 f'<td><a href="/escalations/{quote(e["escalation_id"], safe="")}">details</a></td></tr>'
             )
         body = (

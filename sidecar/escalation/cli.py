@@ -40,8 +40,7 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> int:
     try:
         asyncio.run(go())
     except ApprovalsError as exc:
-        unreachable = exc.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and ":" not in exc.message
-        if unreachable:
+        if exc.unreachable:
             print(f"agent-sidecar: cannot reach the sidecar at {args.address}: {exc.message}", file=sys.stderr)
             return 2
         print(f"agent-sidecar: refused: {exc.message}", file=sys.stderr)

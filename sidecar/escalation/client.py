@@ -12,6 +12,7 @@ status name and the sidecar's "<code>: <text>" message.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -39,7 +40,13 @@ class ApprovalsError(Exception):
 
     @property
     def code(self) -> str:
-        return self.message.partition(":")[0] if ":" in self.message else ""
+        """The sidecar's reason code (`already_decided`, ...); "" when the sidecar never answered."""
+        match = re.match(r"([a-z][a-z0-9_]*): ", self.message)
+        return match.group(1) if match else ""
+
+    @property
+    def unreachable(self) -> bool:
+        return self.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not self.code
 
 
 def _time(message: Any, field: str) -> str:

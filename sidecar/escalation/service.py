@@ -59,11 +59,13 @@ def iso(ts: float | None) -> str:
 
 
 def approver_matches(identity: str, patterns: Iterable[str]) -> bool:
-    """Exact match, or a pattern ending in `*` matching by prefix."""
+    """Exact match; `*` in a pattern matches any run of characters
+    (spiffe://example.org/humans/*, email:*@example.org)."""
     for pattern in patterns:
-        if pattern.endswith("*") and identity.startswith(pattern[:-1]):
-            return True
-        if identity == pattern:
+        if "*" not in pattern:
+            if identity == pattern:
+                return True
+        elif re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), identity):
             return True
     return False
 
@@ -324,6 +326,7 @@ class EscalationService:
         await self._record_transition(
             kind,
             decided,
+            approver=approver,
             outcome=state,
             reasons=[
                 f"{'approved' if state == APPROVED else 'denied_by_human'}: escalation {decided.id} "
@@ -583,8 +586,9 @@ class EscalationService:
             fields["links"] = [{"trace_id": record.trace_id, "span_id": record.span_id, "type": "escalation"}]
         return fields
 
-    async def _record_transition(self, kind: str, record: EscalationRecord, *, outcome: str, reasons: list[str]) -> None:
-        await self._append(kind, self._fields(record, outcome=outcome, reasons=reasons))
+    async def _record_transition(self, kind: str, record: EscalationRecord, *, outcome: str, reasons: list[str],
+                                 approver: Approver | None = None) -> None:
+        await self._append(kind, self._fields(record, outcome=outcome, reasons=reasons, approver=approver))
 
     async def record_refusal(
         self, kind: str, escalation_id: str, approver: Approver, refusal: EscalationRefused, note: str = ""

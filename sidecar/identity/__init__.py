@@ -3,6 +3,10 @@
 Every decision's subject is a SPIFFE ID that a resolver verified (Workload API,
 mTLS peer, JWT-SVID) or, only when configured, a generated dev identity. A
 resolver never trusts an ID the caller merely claims.
+
+Built from config by `sidecar.identity.factory.build_identity`; the sources
+live in `workload_api.py`, `mtls.py`, `jwt_svid.py` and `dev.py`, their
+precedence and delegation chains in `composite.py`; docs/identity.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,168 @@
+"""The approvers' console over HTTP: identity from the trusted header, CSRF, refusals shown, history.
+
+A real sidecar (gRPC) and the real console (aiohttp on 127.0.0.1), driven
+with an HTTP client. tests/test_console_browser.py drives it in Chromium.
+"""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+import pytest
+
+from sidecar.client import AsyncClient
+from sidecar.console.app import ConsoleError, build_app, start_console
+from sidecar.console.csrf import CsrfError, CsrfTokens
+from sidecar.escalation.client import ApprovalsClient
+from tests.doubles.escalation import ALICE, make_config, records
+
+HEADER = "X-Auth-Request-Email"
+
+
+@pytest.fixture
+async def setup(tmp_path, running_sidecar):
+    """(sidecar address, start_console(**console settings) -> base URL)."""
+    runners = []
+    sidecar = await running_sidecar(make_config(tmp_path))
+    address = sidecar.addresses[0]
+
+    async def console(**settings) -> str:
+        config = make_config(tmp_path, **{f"console.{k}": v for k, v in settings.items()})
+        config.console.sidecar = settings.get("sidecar", address)
+        runner, port = await start_console(config, "127.0.0.1:0")
+        runners.append(runner)
+        return f"http://127.0.0.1:{port}"
+
+    yield address, console
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def escalate(address: str, tool: str = "send_email", **arguments) -> str:
+    async with AsyncClient(address) as agent:
+        result = await agent.authorize(tool, arguments or {"to": "cfo@example.com", "body": "hi"})
+    assert result.outcome == "escalate"
+    return result.escalation_id
+
+
+def token_in(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+async def state_of(address: str, escalation_id: str) -> dict:
+    async with ApprovalsClient(address) as approvals:
+        return await approvals.get(escalation_id)
+
+
+async def test_dev_mode_page_approve_and_csrf_refusals(setup, tmp_path):
+    address, console = setup
+    base = await console(dev_approver=ALICE, jaeger_url="http://jaeger.example:16686")
+    eid = await escalate(address, to="cfo@example.com", body="<script>alert(1)</script>", password="pw")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as response:
+            page = await response.text()
+            assert response.status == 200
+            assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+            assert response.headers["X-Frame-Options"] == "DENY" and response.headers["Cache-Control"] == "no-store"
+        assert eid in page and "send_email" in page and "spiffe://dev.local/agent" in page
+        assert "high_risk_tool: a human approves this tool" in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page  # escaped
+        assert "[REDACTED]" in page and '"pw"' not in page
+        assert "http://jaeger.example:16686/trace/" in page and "expires <b" in page
+        assert ALICE in page
+        token = token_in(page)
+        decide = f"{base}/escalations/{eid}/decide"
+
+        forged = CsrfTokens(b"not-the-console-secret-at-all!!").issue(ALICE)
+        bad_forms = {
+            "no token": {"decision": "approve"},
+            "garbage token": {"decision": "approve", "csrf_token": "123.abc"},
+            "forged token": {"decision": "approve", "csrf_token": forged},
+        }
+        for name, form in bad_forms.items():
+            async with http.post(decide, data=form, allow_redirects=False) as response:
+                assert response.status == 403, name
+                assert "Refused:" in await response.text() and "Nothing was changed" in await response.text()
+        async with http.post(decide, data={"decision": "approve", "csrf_token": token}, allow_redirects=False,
+                             headers={"Origin": "https://evil.example"}) as response:
+            assert response.status == 403 and "another origin" in await response.text()
+        async with http.post(decide, data={"decision": "approve", "csrf_token": token}, allow_redirects=False,
+                             headers={"Sec-Fetch-Site": "cross-site"}) as response:
+            assert response.status == 403
+        assert (await state_of(address, eid))["state"] == "pending"  # nothing changed
+
+        async with http.post(decide, data={"decision": "approve", "csrf_token": token, "note": "ok\r\nchecked"},
+                             allow_redirects=False, headers={"Origin": base}) as response:
+            assert response.status == 303 and response.headers["Location"] == f"/?approved={eid}"
+        after = await state_of(address, eid)
+        assert (after["state"], after["approver"], after["note"]) == ("approved", ALICE, "ok\nchecked")
+
+        # deciding again: the sidecar's refusal is shown, nothing changes
+        async with http.post(decide, data={"decision": "deny", "csrf_token": token}, allow_redirects=False) as r:
+            assert r.status == 409 and "already_decided" in await r.text()
+        async with http.get(base + "/history") as response:
+            history = await response.text()
+        assert eid in history and "ok\nchecked" in history and 'data-state="approved"' in history
+        async with http.get(f"{base}/escalations/{eid}") as response:
+            assert response.status == 200 and "approved" in await response.text()
+        async with http.get(f"{base}/escalations/esc-{'0' * 32}") as response:
+            assert response.status == 404 and "escalation_unknown" in await response.text()
+    approvals = [r for r in records(tmp_path / "evidence") if r["kind"] in ("approval", "human_denial")]
+    assert [(r["kind"], r["outcome"]) for r in approvals] == [("approval", "approved"), ("human_denial", "refused")]
+
+
+async def test_trusted_header_names_the_approver(setup):
+    address, console = setup
+    base = await console(trusted_header=HEADER, approver_prefix="email:")
+    eid = await escalate(address, "delete_repo", repo="acme/old")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as response:
+            assert response.status == 401 and "sign-in proxy" in await response.text()
+        async with http.get(base + "/", headers=[(HEADER, "a@x.org"), (HEADER, "b@x.org")]) as response:
+            assert response.status == 401  # a repeated header is not trusted
+        async with http.get(base + "/", headers={HEADER: "has space@x.org"}) as response:
+            assert response.status == 401
+        bob = {HEADER: "bob@example.org"}
+        async with http.get(base + "/", headers=bob) as response:
+            page = await response.text()
+        assert "email:bob@example.org" in page
+        token = token_in(page)
+        # the token is bound to bob: carol cannot use it
+        carol = {HEADER: "carol@example.org"}
+        async with http.post(f"{base}/escalations/{eid}/decide", headers=carol, allow_redirects=False,
+                             data={"decision": "deny", "csrf_token": token}) as response:
+            assert response.status == 403 and "not valid for you" in await response.text()
+        async with http.post(f"{base}/escalations/{eid}/decide", headers=bob, allow_redirects=False,
+                             data={"decision": "deny", "csrf_token": token, "note": "not now"}) as response:
+            assert response.status == 303
+    after = await state_of(address, eid)
+    assert (after["state"], after["approver"], after["note"]) == ("denied", "email:bob@example.org", "not now")
+
+
+async def test_sidecar_down_is_shown_not_crashed(setup):
+    _, console = setup
+    base = await console(dev_approver=ALICE, sidecar="127.0.0.1:1")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as response:
+            assert response.status == 502 and "The sidecar answered" in await response.text()
+        async with http.get(base + "/healthz") as response:
+            assert response.status == 200
+
+
+def test_console_needs_an_identity_source():
+    with pytest.raises(ConsoleError) as info:
+        build_app(None, csrf=CsrfTokens(b"x" * 32))  # type: ignore[arg-type]
+    assert "console.trusted_header" in str(info.value)
+
+
+def test_csrf_tokens_expire_and_bind_to_the_approver():
+    tokens = CsrfTokens(b"s" * 32, max_age=60)
+    token = tokens.issue(ALICE, now=1000)
+    tokens.check(token, ALICE, now=1030)
+    for approver, now, why in ((ALICE, 1061, "expired"), ("email:eve@example.org", 1030, "not valid for you")):
+        with pytest.raises(CsrfError) as info:
+            tokens.check(token, approver, now=now)
+        assert why in str(info.value)

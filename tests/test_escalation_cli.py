@@ -1,0 +1,78 @@
+"""`agent-sidecar approvals list | show | approve | deny` as a person runs them, against a real sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from sidecar.client import AsyncClient
+from tests.conftest import REPO
+from tests.doubles.escalation import ALICE, BOB, make_config
+
+CLI = [sys.executable, "-m", "sidecar"]
+
+
+async def run(*args: str, env: dict | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_list_show_approve_deny(tmp_path, running_sidecar):
+    sidecar = await running_sidecar(make_config(tmp_path))
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent:
+        email = await agent.authorize("send_email", {"to": "cfo@example.com", "body": "hi", "token": "xyz"},
+                                      task_id="t-1")
+        repo = await agent.authorize("delete_repo", {"repo": "acme/old"})
+
+    code, out, err = await run("approvals", "list", "--address", address)
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split() == ["ID", "STATE", "AGE", "EXPIRES", "SUBJECT", "TOOL", "APPROVER", "REASONS"]
+    assert [row.split()[0] for row in rows] == [repo.escalation_id, email.escalation_id]
+    assert all("pending" in row and "spiffe://dev.local/agent" in row and "high_risk_tool" in row for row in rows)
+
+    code, out, err = await run("approvals", "show", email.escalation_id, "--address", address)
+    assert code == 0, err
+    assert f"escalation   {email.escalation_id}" in out and "tool         send_email" in out
+    assert '"token": "[REDACTED]"' in out and "xyz" not in out and "task         t-1" in out
+
+    code, out, err = await run("approvals", "approve", email.escalation_id, "--note", "fine by me",
+                               "--approver", ALICE, env={"AGENT_SIDECAR_ADDRESS": address})
+    assert code == 0, err
+    assert out.startswith(f"approved {email.escalation_id} (send_email for spiffe://dev.local/agent) as {ALICE}")
+
+    code, out, err = await run("approvals", "deny", repo.escalation_id, "--note", "no", "--approver", BOB,
+                               "--address", address, "--json")
+    assert code == 0, err
+    denied = json.loads(out)
+    assert (denied["state"], denied["approver"], denied["note"]) == ("denied", BOB, "no")
+
+    code, out, err = await run("approvals", "list", "--state", "all", "--address", address, "--json")
+    states = {json.loads(line)["escalation_id"]: json.loads(line)["state"] for line in out.splitlines()}
+    assert states == {email.escalation_id: "approved", repo.escalation_id: "denied"}
+    code, out, err = await run("approvals", "list", "--address", address)
+    assert (code, out.strip()) == (0, "no escalations")
+
+
+async def test_refusals_and_unreachable_sidecars_exit_nonzero_with_the_reason(tmp_path, running_sidecar):
+    sidecar = await running_sidecar(make_config(tmp_path))
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent:
+        escalated = await agent.authorize("send_email", {"to": "x@example.com", "body": "b"})
+
+    code, out, err = await run("approvals", "approve", escalated.escalation_id, "--address", address)
+    assert code == 1
+    assert err.startswith("agent-sidecar: refused: self_approval: spiffe://dev.local/agent cannot approve")
+    code, out, err = await run("approvals", "show", "esc-" + "0" * 32, "--address", address)
+    assert code == 1 and "escalation_unknown" in err
+    code, out, err = await run("approvals", "list", "--address", "127.0.0.1:1", "--timeout", "2")
+    assert code == 2 and "cannot reach the sidecar at 127.0.0.1:1" in err
+    code, out, err = await run("approvals", "list", "--address", address, "--state", "bogus")
+    assert code == 2 and "invalid choice" in err

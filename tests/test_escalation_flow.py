@@ -1,0 +1,424 @@
+"""Escalation end to end over gRPC: a real sidecar, on SQLite and on a real PostgreSQL.
+
+Dev identity: the agent is spiffe://dev.local/agent, and approvers name
+themselves in the request's approver field (honoured only in dev mode). The
+policy is tests/doubles/escalation.py's (send_email escalates, an approval
+satisfies it; wire_money needs a finance approver).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import grpc
+import pytest
+
+from sidecar.client import AsyncClient, AuthorizationDenied, Client, EscalationRequired
+from sidecar.escalation.client import ApprovalsClient, ApprovalsError
+from sidecar.evidence.verify import verify_dir
+from sidecar.v1 import sidecar_pb2
+from tests.doubles.escalation import (
+    AGENT,
+    ALICE,
+    BOB,
+    CFO,
+    make_config,
+    records,
+    records_of,
+    store_kind,  # noqa: F401  (fixture)
+    store_settings,
+)
+
+EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers", "api_token": "s3cret-token"}
+
+
+@pytest.fixture
+def config(tmp_path, store_kind):
+    store = store_settings(store_kind, tmp_path)
+
+    def make(**overrides):
+        return make_config(tmp_path, store, **overrides)
+
+    return make
+
+
+async def await_decision(client: AsyncClient, escalation_id: str, timeout: float = 0.0):
+    return await client._stub.AwaitDecision(
+        sidecar_pb2.AwaitDecisionRequest(escalation_id=escalation_id, timeout_seconds=timeout),
+        timeout=(timeout if math.isfinite(timeout) else 0) + 5,
+    )
+
+
+async def refused(call) -> ApprovalsError:
+    with pytest.raises(ApprovalsError) as info:
+        await call
+    return info.value
+
+
+async def test_full_flow_escalate_wait_approve_repeat_once(config, running_sidecar, tmp_path):
+    sidecar = await running_sidecar(config())
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        first = await agent.authorize("send_email", EMAIL, task_id="t-1", call_id="call-1")
+        assert first.outcome == "escalate" and first.escalation_id.startswith("esc-")
+        assert first.reasons == ("high_risk_tool: a human approves this tool",)
+        again = await agent.authorize("send_email", EMAIL, task_id="t-1", call_id="call-2")
+        assert again.escalation_id == first.escalation_id  # the same call while pending: no second escalation
+
+        pending = await approvals.list(state="pending")
+        assert [e["escalation_id"] for e in pending] == [first.escalation_id]
+        shown = pending[0]
+        assert shown["subject"] == AGENT and shown["tool"] == "send_email" and shown["task_id"] == "t-1"
+        assert shown["arguments_preview"] == {"to": "cfo@example.com", "body": "Q3 numbers", "api_token": "[REDACTED]"}
+        assert shown["trace_id"] == first.trace_id
+
+        # a long poll that a decision ends early
+        waiting = asyncio.create_task(await_decision(agent, first.escalation_id, timeout=10))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        started = time.monotonic()
+        approved = await approvals.approve(first.escalation_id, note="ok for the board pack", approver=ALICE)
+        answer = await waiting
+        assert time.monotonic() - started < 2
+        assert answer.escalation.state == sidecar_pb2.ESCALATION_STATE_APPROVED and not answer.timed_out
+        assert answer.escalation.approver == ALICE and answer.escalation.note == "ok for the board pack"
+        assert approved["state"] == "approved"
+
+        retry = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=first.escalation_id)
+        assert retry.outcome == "allow", retry.reasons
+        assert f"approved: escalation {first.escalation_id} approved by {ALICE}" in retry.reasons
+        assert retry.trace_id == first.trace_id  # the retry joins the escalated call's trace
+
+        second_use = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=first.escalation_id)
+        assert second_use.outcome == "deny"
+        assert second_use.reasons[0].startswith(f"approval_used: the approval of escalation {first.escalation_id}")
+        assert (await approvals.get(first.escalation_id))["state"] == "used"
+
+    chain = records_of(tmp_path / "evidence", first.escalation_id)
+    kinds = [(r["kind"], r["outcome"]) for r in chain]
+    assert kinds == [
+        ("decision", "escalate"), ("escalation", "escalate"), ("decision", "escalate"),
+        ("approval", "approved"), ("decision", "allow"), ("decision", "deny"),
+    ]
+    escalation = chain[1]
+    approval = chain[3]
+    retry_record = chain[4]
+    assert {r["trace_id"] for r in chain[:2] + chain[3:5]} == {first.trace_id}
+    assert escalation["parent_span_id"] == chain[0]["span_id"]
+    assert approval["parent_span_id"] == escalation["span_id"]
+    assert approval["links"] == [{"trace_id": first.trace_id, "span_id": escalation["span_id"], "type": "escalation"}]
+    assert approval["approver"] == ALICE and approval["note"] == "ok for the board pack"
+    assert retry_record["parent_span_id"] == escalation["span_id"] and retry_record["approver"] == ALICE
+    assert "s3cret-token" not in (tmp_path / "evidence").joinpath("evidence-000001.jsonl").read_text()
+    await sidecar.stop(grace=0)
+    assert verify_dir(tmp_path / "evidence").ok
+
+
+async def test_human_denial_is_final_and_recorded(config, running_sidecar, tmp_path):
+    sidecar = await running_sidecar(config())
+    async with AsyncClient(sidecar.addresses[0]) as agent, ApprovalsClient(sidecar.addresses[0]) as approvals:
+        escalated = await agent.authorize("delete_repo", {"repo": "acme/billing"})
+        denied = await approvals.deny(escalated.escalation_id, note="not during the freeze", approver=BOB)
+        assert denied["state"] == "denied" and denied["approver"] == BOB
+        answer = await await_decision(agent, escalated.escalation_id, timeout=5)
+        assert answer.escalation.state == sidecar_pb2.ESCALATION_STATE_DENIED and not answer.timed_out
+        retry = await agent.authorize("delete_repo", {"repo": "acme/billing"}, escalation_id=escalated.escalation_id)
+        assert retry.outcome == "deny"
+        assert retry.reasons == (
+            f"escalation_denied: escalation {escalated.escalation_id} was denied by {BOB} at {denied['decided_at']}: "
+            "not during the freeze",
+        )
+        late = await refused(approvals.approve(escalated.escalation_id, approver=ALICE))
+        assert late.status == "FAILED_PRECONDITION" and late.code == "already_decided"
+        assert (await approvals.get(escalated.escalation_id))["approver"] == BOB  # nothing changed
+    kinds = [(r["kind"], r["outcome"]) for r in records_of(tmp_path / "evidence", escalated.escalation_id)]
+    assert ("human_denial", "denied") in kinds and ("approval", "refused") in kinds
+
+
+async def test_bad_approvals_are_refused_recorded_and_change_nothing(config, running_sidecar, tmp_path):
+    sidecar = await running_sidecar(config())
+    async with AsyncClient(sidecar.addresses[0]) as agent, ApprovalsClient(sidecar.addresses[0]) as approvals:
+        escalated = await agent.authorize("send_email", EMAIL)
+        eid = escalated.escalation_id
+        cases = {
+            "unknown": (approvals.approve("esc-" + "0" * 32, approver=ALICE), "NOT_FOUND", "escalation_unknown"),
+            "not an id": (approvals.approve("../../etc/passwd", approver=ALICE), "NOT_FOUND", "escalation_unknown"),
+            "own call": (approvals.approve(eid), "PERMISSION_DENIED", "self_approval"),  # dev: the agent itself
+            "own call named": (approvals.deny(eid, approver=AGENT), "PERMISSION_DENIED", "self_approval"),
+            "bad approver": (approvals.approve(eid, approver="alice"), "INVALID_ARGUMENT", "invalid_approver"),
+            "control chars in note": (approvals.approve(eid, approver=ALICE, note="ok\x1b[2J"), "INVALID_ARGUMENT",
+                                      "invalid_note"),
+            "huge note": (approvals.approve(eid, approver=ALICE, note="x" * 5000), "INVALID_ARGUMENT", "invalid_note"),
+        }
+        for name, (call, status, code) in cases.items():
+            error = await refused(call)
+            assert (error.status, error.code) == (status, code), (name, error)
+        assert (await approvals.get(eid))["state"] == "pending"
+        assert (await approvals.approve(eid, approver=ALICE))["state"] == "approved"
+        for again in (approvals.approve(eid, approver=BOB), approvals.deny(eid, approver=BOB)):
+            error = await refused(again)
+            assert error.code == "already_decided" and ALICE in error.message
+        assert (await agent.authorize("send_email", EMAIL, escalation_id=eid)).outcome == "allow"
+        error = await refused(approvals.approve(eid, approver=BOB))
+        assert error.code == "approval_used"
+    refusals = [r for r in records(tmp_path / "evidence") if r.get("outcome") == "refused"]
+    codes = sorted(r["reasons"][0].split(":")[0] for r in refusals)
+    assert codes == sorted(["escalation_unknown", "escalation_unknown", "self_approval", "self_approval",
+                            "invalid_approver", "invalid_note", "invalid_note", "already_decided",
+                            "already_decided", "approval_used"])
+    assert {r["kind"] for r in refusals} == {"approval", "human_denial"}
+
+
+async def test_an_approval_holds_only_for_the_exact_call(config, running_sidecar, tmp_path):
+    cfg = config()
+    sidecar = await running_sidecar(cfg)
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        one = await agent.authorize("send_email", EMAIL, task_id="t-1")
+        other = await agent.authorize("delete_repo", {"repo": "acme/x"}, task_id="t-1")
+        await approvals.approve(one.escalation_id, approver=ALICE)
+        mismatches = {
+            "different arguments": ("send_email", {**EMAIL, "to": "everyone@example.com"}, "t-1"),
+            "another tool": ("delete_repo", {"repo": "acme/x"}, "t-1"),
+            "another task": ("send_email", EMAIL, "t-2"),
+        }
+        for what, (tool, arguments, task) in mismatches.items():
+            result = await agent.authorize(tool, arguments, task_id=task, escalation_id=one.escalation_id)
+            assert result.outcome == "deny", what
+            assert result.reasons[0].startswith(f"escalation_mismatch: escalation {one.escalation_id} was made for "
+                                                "another call"), what
+            assert what.split()[-1] in result.reasons[0] or what in result.reasons[0], (what, result.reasons)
+        # another call's escalation id: the delete_repo call carrying send_email's approval
+        carried = await agent.authorize("delete_repo", {"repo": "acme/x"}, task_id="t-1",
+                                        escalation_id=one.escalation_id)
+        assert carried.outcome == "deny" and "another tool" in carried.reasons[0]
+        unknown = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id="esc-" + "9" * 32)
+        assert unknown.outcome == "deny" and unknown.reasons[0].startswith("escalation_unknown:")
+        assert (await approvals.get(one.escalation_id))["state"] == "approved"  # nothing was used up
+        assert (await approvals.get(other.escalation_id))["state"] == "pending"
+
+    # another subject: a second sidecar (another dev identity) sharing the same store
+    stranger = await running_sidecar(config(**{"identity.dev_spiffe_id": "spiffe://dev.local/other-agent",
+                                               "evidence.dir": str(tmp_path / "evidence-2")}))
+    async with AsyncClient(stranger.addresses[0]) as intruder:
+        stolen = await intruder.authorize("send_email", EMAIL, task_id="t-1", escalation_id=one.escalation_id)
+        assert stolen.outcome == "deny"
+        assert "another subject (spiffe://dev.local/other-agent" in stolen.reasons[0]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await await_decision(intruder, one.escalation_id)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    async with AsyncClient(address) as agent:
+        assert (await agent.authorize("send_email", EMAIL, task_id="t-1",
+                                      escalation_id=one.escalation_id)).outcome == "allow"
+    mismatch_records = [r for r in records(tmp_path / "evidence")
+                        if r["kind"] == "decision" and r["reasons"][0].startswith("escalation_mismatch")]
+    assert len(mismatch_records) == 4 and all(r["escalation_id"] == one.escalation_id for r in mismatch_records)
+
+
+async def test_two_approvers_racing_exactly_one_wins(config, running_sidecar):
+    sidecar = await running_sidecar(config())
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent:
+        escalated = await agent.authorize("send_email", EMAIL)
+    clients = [ApprovalsClient(address) for _ in range(6)]
+    try:
+        calls = [
+            (c.approve if i % 2 == 0 else c.deny)(escalated.escalation_id, approver=f"email:approver{i}@example.org")
+            for i, c in enumerate(clients)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        for c in clients:
+            await c.close()
+    winners = [r for r in results if isinstance(r, dict)]
+    losers = [r for r in results if isinstance(r, ApprovalsError)]
+    assert len(winners) == 1 and len(losers) == 5
+    assert all(e.code == "already_decided" for e in losers)
+    async with ApprovalsClient(address) as approvals:
+        final = await approvals.get(escalated.escalation_id)
+    assert (final["state"], final["approver"]) == (winners[0]["state"], winners[0]["approver"])
+
+
+async def test_expiry_of_pending_escalations_and_unused_approvals(config, running_sidecar, tmp_path):
+    sidecar = await running_sidecar(config(**{"escalation.ttl_seconds": 0.5, "escalation.use_window_seconds": 0.5}))
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        lapsing = await agent.authorize("send_email", EMAIL)
+        answer = await await_decision(agent, lapsing.escalation_id, timeout=5)  # ends when it expires
+        assert answer.escalation.state == sidecar_pb2.ESCALATION_STATE_EXPIRED and not answer.timed_out
+        error = await refused(approvals.approve(lapsing.escalation_id, approver=ALICE))
+        assert error.code == "escalation_expired"
+        late = await agent.authorize("send_email", EMAIL, escalation_id=lapsing.escalation_id)
+        assert late.outcome == "deny" and late.reasons[0].startswith("escalation_expired:")
+        fresh = await agent.authorize("send_email", EMAIL)  # asking again opens a new escalation
+        assert fresh.outcome == "escalate" and fresh.escalation_id != lapsing.escalation_id
+
+        await approvals.approve(fresh.escalation_id, approver=ALICE)
+        await asyncio.sleep(0.8)  # the use window passes; the sweeper expires the approval
+        assert (await approvals.get(fresh.escalation_id))["state"] == "expired"
+        unused = await agent.authorize("send_email", EMAIL, escalation_id=fresh.escalation_id)
+        assert unused.outcome == "deny" and unused.reasons[0].startswith("approval_unused:")
+    expiries = [r for r in records(tmp_path / "evidence") if r["kind"] == "expiry"]
+    assert sorted(r["escalation_id"] for r in expiries) == sorted([lapsing.escalation_id, fresh.escalation_id])
+    assert all(r["outcome"] == "expired" and r["trace_id"] for r in expiries)
+
+
+async def test_await_decision_times_out_and_caps_the_wait(config, running_sidecar):
+    sidecar = await running_sidecar(config(**{"escalation.await_max_seconds": 0.5}))
+    async with AsyncClient(sidecar.addresses[0]) as agent:
+        escalated = await agent.authorize("send_email", EMAIL)
+        started = time.monotonic()
+        answer = await await_decision(agent, escalated.escalation_id, timeout=30)
+        assert answer.timed_out and answer.escalation.state == sidecar_pb2.ESCALATION_STATE_PENDING
+        assert 0.4 < time.monotonic() - started < 3
+        for bad, code in (("esc-" + "1" * 32, grpc.StatusCode.NOT_FOUND), ("nope", grpc.StatusCode.NOT_FOUND)):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await await_decision(agent, bad)
+            assert info.value.code() == code
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await await_decision(agent, escalated.escalation_id, timeout=float("nan"))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_policy_may_require_more_of_the_approver(config, running_sidecar):
+    sidecar = await running_sidecar(config())
+    async with AsyncClient(sidecar.addresses[0]) as agent, ApprovalsClient(sidecar.addresses[0]) as approvals:
+        wire = {"amount": 1000, "to": "ACME"}
+        first = await agent.authorize("wire_money", wire)
+        await approvals.approve(first.escalation_id, approver=ALICE)  # not in data.finance_approvers
+        insufficient = await agent.authorize("wire_money", wire, escalation_id=first.escalation_id)
+        assert insufficient.outcome == "deny"
+        assert insufficient.reasons[0].startswith("approval_insufficient:")
+        assert (await approvals.get(first.escalation_id))["state"] == "approved"  # not used up
+        second = await agent.authorize("wire_money", wire)
+        assert second.escalation_id == first.escalation_id  # still the active one for this call
+        # a fresh call (other arguments) approved by finance goes through
+        third = await agent.authorize("wire_money", {**wire, "memo": "Q3"})
+        await approvals.approve(third.escalation_id, approver=CFO)
+        ok = await agent.authorize("wire_money", {**wire, "memo": "Q3"}, escalation_id=third.escalation_id)
+        assert ok.outcome == "allow"
+
+
+async def test_deny_rules_beat_an_approval(config, running_sidecar, tmp_path):
+    # policy files change under the sidecar: rm_rf escalates... then is denied outright
+    sidecar = await running_sidecar(config())
+    async with AsyncClient(sidecar.addresses[0]) as agent:
+        denied = await agent.authorize("rm_rf", {"path": "/"})
+        assert denied.outcome == "deny" and denied.escalation_id == ""
+    assert not [r for r in records(tmp_path / "evidence") if r["kind"] == "escalation"]
+
+
+async def test_pending_escalations_survive_a_restart(config, running_sidecar, tmp_path):
+    cfg = config()
+    first = await running_sidecar(cfg)
+    async with AsyncClient(first.addresses[0]) as agent:
+        escalated = await agent.authorize("send_email", EMAIL)
+    await first.stop(grace=0)
+
+    second = await running_sidecar(cfg)
+    async with AsyncClient(second.addresses[0]) as agent, ApprovalsClient(second.addresses[0]) as approvals:
+        assert [e["escalation_id"] for e in await approvals.list()] == [escalated.escalation_id]
+        again = await agent.authorize("send_email", EMAIL)
+        assert again.escalation_id == escalated.escalation_id
+        await approvals.approve(escalated.escalation_id, approver=ALICE)
+        assert (await agent.authorize("send_email", EMAIL, escalation_id=escalated.escalation_id)).outcome == "allow"
+
+
+async def test_watch_streams_current_and_new_changes(config, running_sidecar):
+    sidecar = await running_sidecar(config())
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        before = await agent.authorize("send_email", EMAIL)
+        seen: list[tuple[str, str]] = []
+
+        async def watch() -> None:
+            async for change in approvals.watch():
+                seen.append((change["escalation_id"], change["state"]))
+                if len(seen) == 4:
+                    return
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.3)
+        after = await agent.authorize("delete_repo", {"repo": "acme/x"})
+        await approvals.approve(before.escalation_id, approver=ALICE)
+        await approvals.deny(after.escalation_id, approver=ALICE)
+        await asyncio.wait_for(watcher, 5)
+    assert seen == [
+        (before.escalation_id, "pending"),
+        (after.escalation_id, "pending"),
+        (before.escalation_id, "approved"),
+        (after.escalation_id, "denied"),
+    ]
+
+
+async def test_the_client_guard_waits_for_a_human_then_repeats_the_call(config, running_sidecar):
+    sidecar = await running_sidecar(config())
+    address = sidecar.addresses[0]
+    ran: list[str] = []
+
+    async def approve_when_asked(approve: bool, tool: str = "send_email") -> None:
+        async with ApprovalsClient(address) as approvals:
+            for _ in range(100):
+                pending = await approvals.list(state="pending", tool=tool)
+                if pending:
+                    decide = approvals.approve if approve else approvals.deny
+                    await decide(pending[0]["escalation_id"], approver=ALICE, note="checked")
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("no escalation appeared")
+
+    def agent_side(timeout: float, body: str) -> None:
+        with Client(address, escalation_timeout=timeout) as client:
+
+            @client.guard()
+            def send_email(to: str, body: str) -> str:
+                ran.append(body)
+                return "sent"
+
+            if body == "approved":
+                assert send_email("cfo@example.com", body) == "sent"
+            elif body == "denied":
+                with pytest.raises(AuthorizationDenied) as info:
+                    send_email("cfo@example.com", body)
+                assert info.value.reasons[0].startswith("escalation_denied:") and "checked" in info.value.reasons[0]
+            else:
+                with pytest.raises(EscalationRequired) as info:
+                    send_email("cfo@example.com", body)
+                assert info.value.escalation_id
+
+    helper = asyncio.create_task(approve_when_asked(True))
+    await asyncio.to_thread(agent_side, 10, "approved")
+    await helper
+    helper = asyncio.create_task(approve_when_asked(False))
+    await asyncio.to_thread(agent_side, 10, "denied")
+    await helper
+    await asyncio.to_thread(agent_side, 0.3, "nobody decides")
+    await asyncio.to_thread(agent_side, 0, "waiting disabled")
+    assert ran == ["approved"]
+
+    # and the asyncio client
+    async with AsyncClient(address, escalation_timeout=10) as client:
+
+        @client.guard(tool="delete_repo")
+        async def delete(repo: str) -> str:
+            ran.append(repo)
+            return "deleted"
+
+        helper = asyncio.create_task(approve_when_asked(True, tool="delete_repo"))
+        assert await delete("acme/old") == "deleted"
+        await helper
+    assert ran == ["approved", "acme/old"]
+
+
+async def test_escalations_without_a_working_store_are_denied_not_lost(config, running_sidecar):
+    sidecar = await running_sidecar(config())
+    async with AsyncClient(sidecar.addresses[0]) as agent:
+        await sidecar.escalations.store.close()  # the store goes away under the sidecar
+        result = await agent.authorize("send_email", EMAIL)
+        assert result.outcome == "deny" and result.escalation_id == ""
+        assert result.reasons[0].startswith("escalation_unavailable:")
+        allowed = await agent.authorize("search_docs", {"query": "x"})
+        assert allowed.outcome == "allow"  # decisions that need no human go on
+        await sidecar.escalations.store.open()

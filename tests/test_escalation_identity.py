@@ -1,0 +1,137 @@
+"""Separation of duties with real SPIFFE identities: approvers are verified like any caller.
+
+The sidecar runs with `identity.sources: [jwt_svid, workload_api]` on a fake
+SPIRE Workload API (tests/doubles/fake_workload_api.py) that issues real
+JWT-SVIDs. The agent (planner) calls on behalf of an orchestrator
+(x-spiffe-delegation); approvers present their own JWT-SVIDs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar.client import AsyncClient, delegated_by
+from sidecar.escalation.client import ApprovalsClient, ApprovalsError
+from tests.doubles.escalation import make_config, records
+from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
+
+SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
+AUD = SIDECAR_ID
+PLANNER = "spiffe://example.org/ns/agents/sa/planner"
+ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
+ALICE = "spiffe://example.org/humans/alice"
+MALLORY = "spiffe://example.org/ns/agents/sa/mallory"
+CONSOLE = "spiffe://example.org/ns/ops/sa/approvals-console"
+EMAIL = {"to": "cfo@example.com", "body": "numbers"}
+
+
+def bearer(token: str):
+    return lambda: (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture
+async def world(tmp_path, running_sidecar):
+    sockdir = short_dir()
+    agent = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
+    config = make_config(
+        tmp_path,
+        **{
+            "listen.unix": f"{sockdir}/sidecar.sock",
+            "identity.sources": ["jwt_svid", "workload_api"],
+            "identity.workload_api_socket": f"unix://{sockdir}/agent.sock",
+            "identity.jwt_audience": AUD,
+            "identity.workload_api_max_backoff_ms": 100,
+            "escalation.approvers": ["spiffe://example.org/humans/*", "email:*@example.org", PLANNER, ORCHESTRATOR,
+                                     SIDECAR_ID],
+            "escalation.console_identities": [CONSOLE],
+        },
+    )
+    sidecar = await running_sidecar(config)
+    deadline = time.monotonic() + 10
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        while True:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    yield agent, sidecar
+    agent.stop()
+    remove_dir(sockdir)
+
+
+async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp_path):
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    tcp = sidecar.addresses[0]
+    token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+
+    async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
+        with delegated_by(token(ORCHESTRATOR)):
+            escalated = await planner.authorize("send_email", EMAIL)
+    assert escalated.outcome == "escalate", escalated.reasons
+    eid = escalated.escalation_id
+
+    async def attempt(who: str | None, *, approver: str = "", address: str = tcp) -> ApprovalsError | dict:
+        metadata = bearer(token(who)) if who else None
+        async with ApprovalsClient(address, metadata=metadata) as approvals:
+            try:
+                return await approvals.approve(eid, approver=approver, note="attempt")
+            except ApprovalsError as exc:
+                return exc
+
+    cases = {
+        "the subject itself": (PLANNER, "", tcp, "PERMISSION_DENIED", "self_approval"),
+        "an agent upstream in its chain": (ORCHESTRATOR, "", tcp, "PERMISSION_DENIED", "delegation_approval"),
+        "not an approver": (MALLORY, "", tcp, "PERMISSION_DENIED", "not_an_approver"),
+        "no credential over TCP": (None, "", tcp, "UNAUTHENTICATED", "unverified_caller"),
+        "naming someone else without being a console": (ALICE, "email:bob@example.org", tcp, "PERMISSION_DENIED",
+                                                         "approver_not_verified"),
+    }
+    for name, (who, approver, address, status, code) in cases.items():
+        error = await attempt(who, approver=approver, address=address)
+        assert isinstance(error, ApprovalsError), name
+        assert (error.status, error.code) == (status, code), (name, error)
+
+    async with ApprovalsClient(tcp, metadata=bearer(token(MALLORY))) as nosy:
+        with pytest.raises(ApprovalsError) as info:
+            await nosy.list()
+        assert info.value.code == "not_an_approver"
+    async with ApprovalsClient(tcp, metadata=bearer(token(ALICE))) as alice:
+        assert (await alice.get(eid))["state"] == "pending"  # nothing changed
+
+    # a console relaying a human signed in at its proxy
+    approved = await attempt(CONSOLE, approver="email:bob@example.org")
+    assert isinstance(approved, dict) and approved["approver"] == "email:bob@example.org"
+
+    async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
+        undelegated = await planner.authorize("send_email", EMAIL, escalation_id=eid)
+        assert undelegated.outcome == "deny" and "another delegation chain" in undelegated.reasons[0]
+        with delegated_by(token(ORCHESTRATOR)):
+            retry = await planner.authorize("send_email", EMAIL, escalation_id=eid)
+    assert retry.outcome == "allow", retry.reasons
+
+    log = records(tmp_path / "evidence")
+    refusals = [r for r in log if r["kind"] == "approval" and r["outcome"] == "refused"]
+    assert sorted(r["reasons"][0].split(":")[0] for r in refusals) == sorted(
+        ["self_approval", "delegation_approval", "not_an_approver", "unverified_caller", "approver_not_verified"]
+    )
+    approval = next(r for r in log if r["kind"] == "approval" and r["outcome"] == "approved")
+    assert approval["approver"] == "email:bob@example.org" and approval["approver_via"] == CONSOLE
+    assert approval["approver_source"] == "console"
+    assert [d["spiffe_id"] for d in approval["delegation"]] == [ORCHESTRATOR]
+
+
+async def test_on_the_pod_socket_an_approver_without_a_token_is_the_pod_itself(world):
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    async with AsyncClient(unix) as pod:  # the workload_api identity: the pod's own SVID
+        escalated = await pod.authorize("send_email", EMAIL)
+    async with ApprovalsClient(unix) as same_pod:
+        with pytest.raises(ApprovalsError) as info:
+            await same_pod.approve(escalated.escalation_id)
+    assert info.value.code == "self_approval" and SIDECAR_ID in info.value.message
