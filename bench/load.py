@@ -45,7 +45,7 @@ def call_mix(seed: int = 7, size: int = 2000) -> list[bytes]:
             request = build_request("no_such_tool", {"x": i}, task_id=task)
         else:
             body = " ".join(rng.choice(words) for _ in range(200))
-            request = build_request("send_email", {"to": f"user{i}@example.org", "subject": "Weekly report", "body": body},
+            request = build_request("send_email", {"to": [f"user{i}@example.org"], "subject": "Weekly report", "body": body},
                                     task_id=task, signals={"risk_score": 0.5})
         calls.append(request.SerializeToString())
     return calls
@@ -62,8 +62,18 @@ def percentiles(latencies_ms: list[float]) -> dict[str, float]:
     return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": ordered[-1]}
 
 
-async def run(target: str, mode: str, rate: float, concurrency: int, seconds: float, channels: int) -> dict:
-    pool = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+def open_channel(target: str, tls_dir: str | None) -> grpc.aio.Channel:
+    """Plaintext, or mTLS with the client SVID files (svid.pem, key.pem, bundle.pem) in tls_dir."""
+    if tls_dir is None:
+        return grpc.aio.insecure_channel(target)
+    files = {name: open(f"{tls_dir}/{name}", "rb").read() for name in ("svid.pem", "key.pem", "bundle.pem")}
+    credentials = grpc.ssl_channel_credentials(files["bundle.pem"], files["key.pem"], files["svid.pem"])
+    return grpc.aio.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", "sidecar.local")])
+
+
+async def run(target: str, mode: str, rate: float, concurrency: int, seconds: float, channels: int,
+              tls_dir: str | None = None) -> dict:
+    pool = [open_channel(target, tls_dir) for _ in range(channels)]
     methods = [
         channel.unary_unary("/sidecar.v1.ToolGate/Authorize", request_serializer=lambda b: b,
                             response_deserializer=sidecar_pb2.AuthorizeResponse.FromString)
@@ -134,8 +144,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--tls-dir", help="directory with svid.pem, key.pem, bundle.pem for mTLS")
     args = parser.parse_args()
-    result = asyncio.run(run(args.target, args.mode, args.rate, args.concurrency, args.seconds, args.channels))
+    result = asyncio.run(run(args.target, args.mode, args.rate, args.concurrency, args.seconds, args.channels,
+                             args.tls_dir))
     print(json.dumps(result))
 
 

@@ -40,9 +40,12 @@ def free_port() -> int:
 
 
 def bench_bundle(workdir: Path) -> Path:
-    """rego/ with the rate limits lifted, so load is decided by the rules, not throttled."""
+    """rego/ with the rate limits lifted, so load is decided by the rules, not throttled.
+
+    The bundle's own *_test.rego are left out: they pin the shipped limits.
+    """
     bundle = workdir / "rego"
-    shutil.copytree(REPO / "rego", bundle)
+    shutil.copytree(REPO / "rego", bundle, ignore=shutil.ignore_patterns("*_test.rego"))
     limits_file = bundle / "sidecar" / "limits" / "data.yaml"
     limits = yaml.safe_load(limits_file.read_text())
     limits.update(max_calls_in_window=10**9, max_calls_in_task=10**9)
@@ -92,44 +95,93 @@ def load(target: str, args: list[str], seconds: float) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def write_config(workdir: Path, name: str, bundle: Path, metrics_port: int, identity: dict, listen: dict) -> Path:
+    config = {
+        "listen": listen,
+        "policy": {"dir": str(bundle), "reload": False},
+        "identity": identity,
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "sidecar": {"instance_id": f"bench-{name}"},
+        "evidence": {"dir": str(workdir / f"evidence-{name}")},
+        "telemetry": {"exporter": "none"},
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_fake_spire(workdir: Path):
+    """TEST DOUBLE Workload APIs (tests/doubles): one for the sidecar, one for the agent, one CA."""
+    sys.path.insert(0, str(REPO))
+    from tests.doubles.fake_workload_api import FakeWorkloadApi
+
+    sidecar_api = FakeWorkloadApi(str(workdir / "spire-sidecar.sock"), "example.org").start()
+    sidecar_api.set_identity("/ns/agents/sa/sidecar", ttl=3600, dns_names=("sidecar.local",))
+    agent_api = FakeWorkloadApi(str(workdir / "spire-agent.sock"), "example.org", ca=sidecar_api.ca).start()
+    (agent_svid,) = agent_api.set_identity("/ns/agents/sa/ops-agent", ttl=3600)
+    tls_dir = workdir / "agent-tls"
+    tls_dir.mkdir()
+    (tls_dir / "svid.pem").write_bytes(agent_svid.chain_pem())
+    (tls_dir / "key.pem").write_bytes(agent_svid.key_pem())
+    (tls_dir / "bundle.pem").write_bytes(sidecar_api.ca.bundle_pem())
+    return [sidecar_api, agent_api], sidecar_api.endpoint, tls_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each scenario (default 5)")
+    parser.add_argument("--modes", default="unix,mtls", help="identity modes to run: unix (dev identity over the "
+                        "in-pod socket), mtls (X.509-SVIDs from a test Workload API); default both")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    metrics_port = free_port()
-    config = {
-        "listen": {"tcp": "", "unix": str(workdir / "sidecar.sock")},
-        "policy": {"dir": str(bench_bundle(workdir)), "reload": False},
-        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-        "sidecar": {"instance_id": "bench"},
-    }
-    from sidecar.config import Config
-
-    if "evidence" in Config.__dataclass_fields__:
-        config["evidence"] = {"dir": str(workdir / "evidence")}
-        config["telemetry"] = {"exporter": "none"}
-    (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config))
-
-    sidecar = start([PYTHON, "-m", "sidecar", "serve", "--config", str(workdir / "sidecar.yaml")], "serving",
-                    workdir / "sidecar.log")
+    workdir = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))  # short: unix socket paths are limited
+    bundle = bench_bundle(workdir)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     floor = start([PYTHON, str(REPO / "bench" / "floor.py"), f"unix:{workdir / 'floor.sock'}"], "floor serving",
                   workdir / "floor.log")
+    fakes: list = []
     results = []
     try:
-        for name, scenario in SCENARIOS:
-            floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds)
-            before = stage_totals(metrics_port)
-            sidecar_result = load(f"unix:{workdir / 'sidecar.sock'}", scenario, args.seconds)
-            sidecar_result["cost_split_ms"] = cost_split(before, stage_totals(metrics_port))
-            results.append({"scenario": name, "identity": "dev over unix socket", "floor": floor_result,
-                            "sidecar": sidecar_result})
+        for mode in modes:
+            metrics_port = free_port()
+            tls_dir = None
+            if mode == "unix":
+                target = f"unix:{workdir / 'sidecar.sock'}"
+                config = write_config(workdir, mode, bundle, metrics_port, {"sources": ["dev"]},
+                                      {"tcp": "", "unix": str(workdir / "sidecar.sock")})
+                label = "dev identity, unix socket"
+            elif mode == "mtls":
+                apis, endpoint, tls_dir = start_fake_spire(workdir)
+                fakes += apis
+                port = free_port()
+                target = f"127.0.0.1:{port}"
+                config = write_config(workdir, mode, bundle, metrics_port,
+                                      {"sources": ["mtls"], "workload_api_socket": endpoint},
+                                      {"tcp": target, "unix": ""})
+                label = "X.509-SVID, mTLS over loopback"
+            else:
+                raise SystemExit(f"unknown mode {mode!r}: use unix or mtls")
+            sidecar = start([PYTHON, "-m", "sidecar", "serve", "--config", str(config)], "serving",
+                            workdir / f"sidecar-{mode}.log")
+            try:
+                time.sleep(1.0)  # identity fetched, health SERVING
+                for name, scenario in SCENARIOS:
+                    floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds)
+                    before = stage_totals(metrics_port)
+                    extra = ["--tls-dir", str(tls_dir)] if tls_dir else []
+                    sidecar_result = load(target, scenario + extra, args.seconds)
+                    sidecar_result["cost_split_ms"] = cost_split(before, stage_totals(metrics_port))
+                    results.append({"scenario": name, "identity": label, "floor": floor_result,
+                                    "sidecar": sidecar_result})
+            finally:
+                sidecar.terminate()
+                sidecar.wait(timeout=15)
     finally:
-        for process in (sidecar, floor):
-            process.terminate()
-            process.wait(timeout=15)
+        floor.terminate()
+        floor.wait(timeout=15)
+        for api in fakes:
+            api.stop()
 
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "processor": platform.processor() or platform.machine()}
@@ -142,19 +194,19 @@ def main() -> int:
 
 
 def print_table(report: dict) -> None:
-    header = f"{'scenario':<13} {'server':<8} {'calls/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6}"
+    header = f"{'identity':<31} {'scenario':<13} {'server':<8} {'calls/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6}"
     print(header)
     print("-" * len(header))
     for row in report["results"]:
         for label in ("floor", "sidecar"):
             r = row[label]
             lat = r["latency_ms"]
-            print(f"{row['scenario']:<13} {label:<8} {r['throughput']:>9.0f} {lat['p50']:>8.3f} {lat['p90']:>8.3f} "
+            print(f"{row['identity']:<31} {row['scenario']:<13} {label:<8} {r['throughput']:>9.0f} {lat['p50']:>8.3f} {lat['p90']:>8.3f} "
                   f"{lat['p99']:>8.3f} {lat['max']:>8.3f} {r['errors']:>6}")
         ratio = row["sidecar"]["latency_ms"]["p50"] / row["floor"]["latency_ms"]["p50"]
         split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["sidecar"]["cost_split_ms"].items()))
-        print(f"{'':<13} ratio p50 sidecar/floor {ratio:.2f}x; sidecar mean ms per stage: {split}")
-        print(f"{'':<13} outcomes {row['sidecar']['outcomes']}")
+        print(f"{'':<45} ratio p50 sidecar/floor {ratio:.2f}x; sidecar mean ms per stage: {split}")
+        print(f"{'':<45} outcomes {row['sidecar']['outcomes']}")
 
 
 if __name__ == "__main__":

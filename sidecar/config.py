@@ -162,8 +162,8 @@ class EscalationConfig:
     # docs/escalation.md. Where escalations live: "sqlite" (one sidecar) or
     # "postgres" (shared by many sidecars).
     store: str = "sqlite"
-    # SQLite file (WAL mode), used when store is sqlite.
-    path: str = "var/escalations.db"
+    # SQLite file (WAL mode), used when store is sqlite; "" = escalations.db in evidence.dir.
+    path: str = ""
     # libpq connection string or URL, used when store is postgres; "" = the PG*
     # environment variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
     dsn: str = ""
@@ -362,8 +362,6 @@ def _identity_pattern(value: str, key: str) -> None:
 def _validate_escalation(esc: "EscalationConfig") -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
-    if esc.store == "sqlite" and not esc.path:
-        raise ConfigError("escalation.path: must name the SQLite file when escalation.store is sqlite")
     for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
                 "webhook_timeout_seconds"):
         if not getattr(esc, key) > 0:

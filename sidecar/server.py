@@ -118,7 +118,7 @@ def build_escalations(config: Config, recorder: Recorder | None):
             console_url=esc.console_url,
         )
     return EscalationService(
-        open_store(esc),
+        open_store(esc, config.evidence.dir),
         recorder=recorder,
         ttl_seconds=esc.ttl_seconds,
         use_window_seconds=esc.use_window_seconds,

@@ -11,7 +11,7 @@ from sidecar.escalation.service import approver_matches
 def test_defaults():
     config = load_config(None)
     esc = config.escalation
-    assert (esc.store, esc.path, esc.ttl_seconds, esc.use_window_seconds) == ("sqlite", "var/escalations.db", 900.0, 300.0)
+    assert (esc.store, esc.path, esc.ttl_seconds, esc.use_window_seconds) == ("sqlite", "", 900.0, 300.0)
     assert esc.webhook_url == "" and esc.approvers == [] and esc.preview_arguments is True
     assert config.console.listen == "127.0.0.1:8080" and config.console.trusted_header == ""
 
@@ -20,7 +20,6 @@ def test_defaults():
     "key, value, message",
     [
         ("escalation.store", "redis", "escalation.store: must be sqlite or postgres"),
-        ("escalation.path", "", "escalation.path: must name the SQLite file"),
         ("escalation.ttl_seconds", 0, "escalation.ttl_seconds: must be positive"),
         ("escalation.use_window_seconds", -1, "escalation.use_window_seconds: must be positive"),
         ("escalation.await_max_seconds", 0, "escalation.await_max_seconds: must be positive"),

@@ -421,4 +421,18 @@ async def test_escalations_without_a_working_store_are_denied_not_lost(config, r
         assert result.reasons[0].startswith("escalation_unavailable:")
         allowed = await agent.authorize("search_docs", {"query": "x"})
         assert allowed.outcome == "allow"  # decisions that need no human go on
+        serving, detail = sidecar.health.snapshot()
+        assert not serving and "escalation: NOT OK" in detail
         await sidecar.escalations.store.open()
+
+
+async def test_an_unparseable_approval_is_refused_and_recorded(config, running_sidecar, tmp_path):
+    sidecar = await running_sidecar(config())
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        approve = channel.unary_unary("/sidecar.v1.Approvals/Approve")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await approve(b"\x0a\x02\xff\xfe", timeout=5)  # escalation_id: two bytes that are not UTF-8
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("malformed_request:")
+    (record,) = [r for r in records(tmp_path / "evidence") if r["kind"] == "approval"]
+    assert record["outcome"] == "refused" and record["reasons"][0].startswith("malformed_request:")

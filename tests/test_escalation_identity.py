@@ -97,6 +97,13 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
         assert isinstance(error, ApprovalsError), name
         assert (error.status, error.code) == (status, code), (name, error)
 
+    delegated = lambda: (("authorization", f"Bearer {token(ALICE)}"),  # noqa: E731
+                         ("x-spiffe-delegation", token(MALLORY)))
+    async with ApprovalsClient(tcp, metadata=delegated) as through_chain:
+        with pytest.raises(ApprovalsError) as info:
+            await through_chain.approve(eid)
+        assert (info.value.status, info.value.code) == ("PERMISSION_DENIED", "delegated_approval")
+
     async with ApprovalsClient(tcp, metadata=bearer(token(MALLORY))) as nosy:
         with pytest.raises(ApprovalsError) as info:
             await nosy.list()
@@ -118,7 +125,8 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
     log = records(tmp_path / "evidence")
     refusals = [r for r in log if r["kind"] == "approval" and r["outcome"] == "refused"]
     assert sorted(r["reasons"][0].split(":")[0] for r in refusals) == sorted(
-        ["self_approval", "delegation_approval", "not_an_approver", "unverified_caller", "approver_not_verified"]
+        ["self_approval", "delegation_approval", "not_an_approver", "unverified_caller", "approver_not_verified",
+         "delegated_approval"]
     )
     approval = next(r for r in log if r["kind"] == "approval" and r["outcome"] == "approved")
     assert approval["approver"] == "email:bob@example.org" and approval["approver_via"] == CONSOLE

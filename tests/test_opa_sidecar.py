@@ -8,6 +8,7 @@ is down, and allow again when it is back; the health service follows OPA.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import grpc
 import pytest
@@ -48,6 +49,13 @@ def test_build_engine_selects_opa(sidecar_config, tmp_path):
     assert type(build_engine(sidecar_config())).__name__ == "EmbeddedEngine"
 
 
+def evidence_records(tmp_path) -> list[dict]:
+    records = []
+    for path in sorted((tmp_path / "evidence").glob("evidence-*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
 async def health_status(address: str) -> int:
     async with grpc.aio.insecure_channel(address) as channel:
         response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
@@ -73,6 +81,10 @@ async def test_decisions_through_the_sidecar_follow_opa(running_sidecar, sidecar
         denied = await client.authorize("search_docs", {"query": "sidecar"})
         assert denied.outcome == "deny"
         assert denied.reasons[0].startswith(f"policy_unavailable: OPA at {opa.url} ")
+        if sidecar.recorder is not None:  # recorded (durably, before the answer) with the engine error
+            record = next(r for r in evidence_records(tmp_path) if r.get("decision_id") == denied.decision_id)
+            assert record["outcome"] == "deny" and record["engine"] == "opa"
+            assert record["engine_error"] == denied.reasons[0]
         await sidecar.engine.check_health()
         await sidecar.health.refresh()
         assert await health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -4,7 +4,7 @@ package sidecar
 
 # Declared arguments (catalog entry "arguments": {name: type}) must be present
 # with that type; "string" and "array" must also be non-empty.
-deny contains reason(["invalid_argument: tool \"", tool_label, "\" needs argument \"", name, "\" of type ", kind]) if {
+deny contains reason(["invalid_argument: tool \"", tool_label, "\" needs argument \"", show(name), "\" of type ", show(kind)]) if {
 	is_object(tool_entry.arguments)
 	some name, kind in tool_entry.arguments
 	not argument_has_type(name, kind)

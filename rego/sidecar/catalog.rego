@@ -10,8 +10,8 @@ deny contains reason(["tool_not_in_catalog: tool \"", tool_label, "\" is not in 
 # the same name on another server is not mistaken for the catalogued tool.
 # An empty or absent server is not checked.
 deny contains reason([
-	"tool_server_mismatch: tool \"", tool_label, "\" is served by \"", tool_entry.server,
-	"\", not \"", input.tool.server, "\"",
+	"tool_server_mismatch: tool \"", tool_label, "\" is served by \"", show(tool_entry.server),
+	"\", not \"", show(input.tool.server), "\"",
 ]) if {
 	is_string(input.tool.server)
 	input.tool.server != ""
@@ -20,7 +20,7 @@ deny contains reason([
 }
 
 # high and critical escalate; so does a risk that is missing or unknown.
-escalate contains reason(["high_risk_tool: tool \"", tool_label, "\" has risk ", risk]) if {
+escalate contains reason(["high_risk_tool: tool \"", tool_label, "\" has risk ", show(risk)]) if {
 	is_object(tool_entry)
 	risk := object.get(tool_entry, "risk", "unset")
 	not risk in {"low", "medium"}

@@ -34,8 +34,8 @@ sorted(reasons) := sort([r | some r in reasons])
 # Said on an allow when escalate rules fired but an approval satisfied them.
 # (A set, sorted together with the allow reasons.)
 approval_reasons contains reason([
-	"approved: escalation ", input.approval.escalation_id,
-	" approved by ", input.approval.approver,
+	"approved: escalation ", show(input.approval.escalation_id),
+	" approved by ", show(input.approval.approver),
 ]) if {
 	approved
 	count(escalate) > 0

@@ -4,7 +4,7 @@ package sidecar
 
 deny contains reason([
 	"delegation_too_deep: ", count(delegation_links),
-	" upstream agents, over the limit of ", limit("max_delegation_depth"),
+	" upstream agents, over the limit of ", show(limit("max_delegation_depth")),
 ]) if {
 	count(delegation_links) > limit("max_delegation_depth")
 }

@@ -4,7 +4,7 @@
 # input.request.time, never the clock, so decisions are reproducible.
 package sidecar
 
-deny contains reason(["svid_expired: the SVID of ", who.spiffe_id, " expired at ", who.svid_expires_at]) if {
+deny contains reason(["svid_expired: the SVID of ", show(who.spiffe_id), " expired at ", show(who.svid_expires_at)]) if {
 	now := time_ns(input.request.time)
 	some who in identities
 	expires := time_ns(who.svid_expires_at)

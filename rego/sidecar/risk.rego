@@ -4,7 +4,7 @@ package sidecar
 
 escalate contains reason([
 	"risk_score_over_threshold: risk score ", score,
-	" is over the threshold ", limit("risk_score_threshold"),
+	" is over the threshold ", show(limit("risk_score_threshold")),
 ]) if {
 	score := input.signals.risk_score
 	is_number(score)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from html import escape
-from typing import Any, Iterable
+from typing import Iterable
 from urllib.parse import quote
 
 from sidecar.escalation.cli import human_duration

@@ -17,11 +17,13 @@ whole story.
     notify.py       webhook on new escalations
     grpc_api.py     ToolGate.AwaitDecision and the Approvals service
     client.py       an Approvals client (CLI and console)
+    cli.py          `agent-sidecar approvals ...` and `agent-sidecar console`
+    preview.py      the redacted argument preview approvers see
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 PENDING = "pending"
@@ -145,7 +147,6 @@ class Approver:
     identity: str
     source: str  # workload_api | mtls | jwt_svid | dev | console
     via: str = ""  # the console's SPIFFE ID when a console relayed a human
-    extra: dict = field(default_factory=dict)
 
 
 __all__ = [

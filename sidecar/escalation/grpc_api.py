@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import grpc
@@ -56,7 +57,8 @@ def _timestamp(ts: float | None) -> Timestamp | None:
     if ts is None:
         return None
     stamp = Timestamp()
-    stamp.FromNanoseconds(int(round(ts * 1_000_000)) * 1000)
+    # via datetime, so the microseconds match the RFC 3339 times in evidence records and reasons
+    stamp.FromDatetime(datetime.fromtimestamp(ts, timezone.utc))
     return stamp
 
 

@@ -443,8 +443,8 @@ class PostgresStore(_SqlStore):
             raise StoreError(f"postgres: {message}") from None
 
 
-def open_store(config: Any) -> EscalationStore:
-    """The store `escalation.store` names (not opened yet)."""
+def open_store(config: Any, default_dir: str | Path = ".") -> EscalationStore:
+    """The store `escalation.store` names (not opened yet); SQLite defaults to default_dir/escalations.db."""
     if config.store == "postgres":
         return PostgresStore(config.dsn, timeout_ms=config.store_timeout_ms, pool_size=config.pool_size)
-    return SqliteStore(config.path, timeout_ms=config.store_timeout_ms)
+    return SqliteStore(config.path or Path(default_dir) / "escalations.db", timeout_ms=config.store_timeout_ms)

@@ -1,6 +1,6 @@
 """The OPA engine: decisions from the OPA REST API of the OPA container beside the sidecar.
 
-Each decision is `POST {url}/v1/data/sidecar/decision?provenance=true` with
+Each decision is `POST {url}/v1/data/sidecar/decision?provenance=true&strict-builtin-errors=true` with
 `{"input": <input document>}`. OPA answers `{"result": ..., "decision_id":
 ..., "provenance": {"bundles": {<name>: {"revision": ...}}}}`; an undefined
 decision is a 200 with no `result`; errors are `{"code": ..., "message": ...}`
@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_before_delay, wait_exponential
 
-from sidecar.policy.breaker import OPEN, Admission, CircuitBreaker
+from sidecar.policy.breaker import CLOSED, OPEN, Admission, CircuitBreaker
 from sidecar.policy.bundle import BundleError, PolicyBundle, load_bundle
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
 
@@ -101,21 +102,31 @@ def _short(text: Any) -> str:
     return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|`[^`]*`')
+
+
+def _without_values(text: str) -> str:
+    """OPA quotes the operands of a failed built-in ("parsing time \"...\""): they may be an
+    agent's arguments, and reasons are recorded and exported in clear, so quoted values go."""
+    return _QUOTED.sub('"…"', text)
+
+
 def _opa_error(raw: bytes) -> str:
-    """OPA's error body `{"code", "message", "errors"?}` as one line, or the raw text."""
+    """OPA's error body `{"code", "message", "errors"?}` as one line (quoted values removed), or the raw text."""
     try:
         body = json.loads(raw)
     except ValueError:
-        return _short(raw.decode("utf-8", "replace")) or "(empty body)"
+        return _short(_without_values(raw.decode("utf-8", "replace"))) or "(empty body)"
     if not isinstance(body, dict):
-        return _short(body)
+        return _short(_without_values(json.dumps(body)))
     code = body.get("code")
     message = body.get("message") or body.get("error") or ""
-    details = [e.get("message") for e in body.get("errors") or [] if isinstance(e, dict) and e.get("message")]
+    errors = body.get("errors") if isinstance(body.get("errors"), list) else []
+    details = [e.get("message") for e in errors if isinstance(e, dict) and e.get("message")]
     text = " ".join(str(part) for part in (code and f"{code}:", message) if part)
     if details:
         text += " (" + "; ".join(str(d) for d in details[:3]) + ")"
-    return _short(text or body)
+    return _short(_without_values(text or json.dumps(body)))
 
 
 def _is_opa_error(raw: bytes) -> bool:
@@ -278,7 +289,8 @@ class OpaEngine:
                 async with self._session.get(self._health_url) as response:
                     status, raw = response.status, await response.read()
         except TimeoutError:
-            result = (False, f"OPA at {self.url} did not answer its health check within {self._health_timeout * 1000:.0f} ms")
+            budget = f"{self._health_timeout * 1000:.0f} ms"
+            result = (False, f"OPA at {self.url} did not answer its health check within {budget}")
         except aiohttp.ClientError as exc:
             result = (False, f"OPA at {self.url} {_connection_problem(exc)}")
         else:
@@ -331,14 +343,17 @@ class OpaEngine:
         try:
             payload = json.dumps({"input": input_document}, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            return self._failed(f"policy_error: OPA at {self.url} was not called: the input cannot be sent as JSON: {_short(exc)}")
+            return self._failed(
+                f"policy_error: OPA at {self.url} was not called: the input cannot be sent as JSON: {_short(exc)}"
+            )
         if self._session is None:
             return self._failed(f"policy_unavailable: the OPA engine for {self.url} is not started")
         admission = self.breaker.admit()
         if not admission.allowed:
             return self._failed(
                 f"policy_unavailable: OPA at {self.url} is not being called: circuit breaker open after "
-                f"repeated failures (last: it {self.breaker.last_error}); next probe in {admission.retry_in * 1000:.0f} ms"
+                f"repeated failures (last: it {self.breaker.last_error}); "
+                f"next probe in {admission.retry_in * 1000:.0f} ms"
             )
         settled = False
         try:
@@ -366,9 +381,13 @@ class OpaEngine:
                 self.breaker.release(admission)
 
     def _note_failure(self, admission: Admission, reason: str) -> None:
-        was_open = self.breaker.state == OPEN
+        was_closed = self.breaker.state == CLOSED
         self.breaker.record_failure(admission, reason)
-        if self.breaker.state == OPEN and not was_open:
+        if self.breaker.state != OPEN:
+            return
+        if admission.probe:
+            log.info("OPA probe failed, circuit breaker stays open: %s", reason)
+        elif was_closed:
             log.warning(
                 "OPA circuit breaker open after %d consecutive failures; next probe in %.0f ms: %s",
                 self.breaker.consecutive_failures,

@@ -100,6 +100,7 @@ class OpaTestServer:
         self.health_delay = 0.0
         self.status: int | None = None  # answer every data request with this status (OPA error body)
         self.plain_errors = False  # injected errors carry a plain-text body (a proxy's 503, a crash), not OPA's
+        self.error_message: str | None = None  # the message of injected errors
         self.fail_next = 0  # answer the next N data requests with 500
         self.drop = False  # close every data request's connection without an answer
         self.drop_next = 0
@@ -198,6 +199,7 @@ class OpaTestServer:
         return web.json_response({"code": code, "message": message}, status=status)
 
     def _injected(self, status: int, code: str, message: str) -> web.Response:
+        message = self.error_message if self.error_message is not None else message
         if self.plain_errors:
             return web.Response(status=status, text=f"upstream unavailable: {message}")
         return self._error(status, code, message)

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 SUPERUSER = "sidecar"
@@ -132,11 +131,3 @@ class PostgresServer:
                 cls._shared = server
             return cls._shared
 
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -4,7 +4,7 @@ package sidecar
 
 # Declared arguments (catalog entry "arguments": {name: type}) must be present
 # with that type; "string" and "array" must also be non-empty.
-deny contains reason(["invalid_argument: tool \"", tool_label, "\" needs argument \"", name, "\" of type ", kind]) if {
+deny contains reason(["invalid_argument: tool \"", tool_label, "\" needs argument \"", show(name), "\" of type ", show(kind)]) if {
 	is_object(tool_entry.arguments)
 	some name, kind in tool_entry.arguments
 	not argument_has_type(name, kind)
@@ -36,8 +36,9 @@ deny contains reason(["path_traversal: argument \"path\" of tool \"", tool_label
 }
 
 # Tools listed in limits.path_prefixes: "path" must start with a listed prefix.
-# A missing or non-string path is denied too (fail closed).
-deny contains reason(["path_not_allowed: argument \"path\" of tool \"", tool_label, "\" is outside ", concat(", ", prefixes)]) if {
+# A missing or non-string path is denied too, and so is every path when the
+# prefix list is not a list of strings (fail closed).
+deny contains reason(["path_not_allowed: argument \"path\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
 	prefixes := path_prefixes_for_tool
 	not path_under(input.tool.arguments.path, prefixes)
 }
@@ -49,6 +50,7 @@ path_prefixes_for_tool := prefixes if {
 
 path_under(path, prefixes) if {
 	is_string(path)
+	strings_list(prefixes)
 	strings.any_prefix_match(path, prefixes)
 }
 
@@ -56,7 +58,7 @@ path_under(path, prefixes) if {
 
 # Tools listed in limits.url_hosts: "url" must be https:// to an allowed host
 # (no user info; an explicit port is allowed).
-deny contains reason(["url_not_allowed: argument \"url\" of tool \"", tool_label, "\" is not https:// to one of ", concat(", ", hosts)]) if {
+deny contains reason(["url_not_allowed: argument \"url\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
 	hosts := url_hosts_for_tool
 	not url_allowed(input.tool.arguments.url, hosts)
 }
@@ -68,13 +70,15 @@ url_hosts_for_tool := hosts if {
 
 url_allowed(url, hosts) if {
 	host := url_host(url)
+	is_array(hosts)
 	some pattern in hosts
+	is_string(pattern)
 	glob.match(lower(pattern), ["."], host)
 }
 
-url_host(url) := lower(match[0][1]) if {
+url_host(url) := match[0][1] if {
 	is_string(url)
-	match := regex.find_all_string_submatch_n(`(?i)^https://([a-z0-9.-]+)(:[0-9]+)?([/?#]|$)`, url, 1)
+	match := regex.find_all_string_submatch_n(`^https://([a-z0-9.-]+)(:[0-9]+)?([/?#]|$)`, lower(url), 1)
 	count(match) == 1
 }
 
@@ -90,7 +94,11 @@ escalate contains reason(["sql_not_read_only: tool \"", tool_label, "\" was aske
 	not sql_read_only(query)
 }
 
+# The keyword lists come from data and are spliced into regexes: the
+# limits test checks that they are plain lower-case words.
 sql_read_only(query) if {
+	strings_list(limit("sql_read_only_statements"))
+	strings_list(limit("sql_write_keywords"))
 	sql := lower(trim_space(query))
 	regex.match(concat("", [`^(`, concat("|", limit("sql_read_only_statements")), `)\b`]), sql)
 	not regex.match(`;\s*\S`, sql)

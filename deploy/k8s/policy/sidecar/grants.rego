@@ -27,7 +27,7 @@ deny contains reason(["not_granted: ", caller_label, " is not granted tool \"", 
 	not granted(input.subject.spiffe_id, input.tool.name)
 }
 
-deny contains reason(["delegation_not_granted: upstream agent ", link.spiffe_id, " is not granted tool \"", tool_label, "\""]) if {
+deny contains reason(["delegation_not_granted: upstream agent ", show(link.spiffe_id), " is not granted tool \"", tool_label, "\""]) if {
 	some link in delegation_links
 	is_string(link.spiffe_id)
 	not granted(link.spiffe_id, input.tool.name)

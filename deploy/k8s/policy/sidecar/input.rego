@@ -5,7 +5,7 @@ deny contains reason(["unsupported_input_version: input version ", version_label
 	not input.version == "sidecar/v1"
 }
 
-version_label := reason(["\"", input.version, "\""]) if {
+version_label := reason(["\"", show(input.version), "\""]) if {
 	is_string(input.version)
 } else := "(missing or not a string)"
 

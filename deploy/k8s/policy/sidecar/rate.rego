@@ -5,7 +5,7 @@ package sidecar
 # (waiting is the remedy; an approval does not lift it).
 deny contains reason([
 	"rate_limited: ", n, " calls in the last ", window_label,
-	", over the limit of ", limit("max_calls_in_window"),
+	", over the limit of ", show(limit("max_calls_in_window")),
 ]) if {
 	n := input.usage.calls_in_window
 	is_number(n)
@@ -15,7 +15,7 @@ deny contains reason([
 # A task that keeps calling past its budget may be looping: ask a human.
 escalate contains reason([
 	"task_call_budget_exceeded: ", n, " calls in this task, over the budget of ",
-	limit("max_calls_in_task"),
+	show(limit("max_calls_in_task")),
 ]) if {
 	n := input.usage.calls_in_task
 	is_number(n)

@@ -45,3 +45,16 @@ test_null_or_unparseable_expiry_not_checked if {
 	notime := mk({"request": {"call_id": "c"}})
 	not denies(notime, "svid_expired")
 }
+
+test_impossible_dates_not_checked if {
+	# Would make the time parser fail (a failed built-in fails the whole
+	# decision under strict evaluation); they are treated as unparseable.
+	every t in ["2026-02-31T00:00:00Z", "2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-11-22T24:00:00Z"] {
+		not data.sidecar.parseable_time(t)
+	}
+	data.sidecar.parseable_time("2028-02-29T00:00:00Z")
+	data.sidecar.parseable_time("2000-02-29T00:00:00+01:00")
+	not data.sidecar.parseable_time("1900-02-29T00:00:00Z")
+	old := mk({"subject": object.union(identity(research), {"svid_expires_at": "2026-02-31T00:00:00Z"})})
+	not denies(old, "svid_expired")
+}
