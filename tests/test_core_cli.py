@@ -38,7 +38,7 @@ def test_check_prints_one_decision_as_json():
     assert decision["reasons"] and decision["decision_id"] and decision["policy_revision"].startswith("sha256:")
 
     escalated = json.loads(run("check", "--subject", "spiffe://dev.local/agent", "--tool", "send_email",
-                               "--args", '{"to": "a@example.org"}').stdout)
+                               "--args", '{"to": ["a@example.org"], "subject": "s", "body": "b"}').stdout)
     assert escalated["outcome"] == "escalate"
 
     denied = json.loads(run("check", "--subject", "spiffe://dev.local/agent", "--tool", "read_file",

@@ -22,7 +22,7 @@ async def test_sync_guard_runs_the_tool_only_when_allowed(sidecar):
                 return f"contents of {path}"
 
             @client.guard(tool="send_email")
-            def email(to: str, body: str) -> None:
+            def email(to: list[str], subject: str, body: str) -> None:
                 ran.append(to)
 
             assert read_file("/workspace/a.txt") == "contents of /workspace/a.txt"
@@ -30,7 +30,7 @@ async def test_sync_guard_runs_the_tool_only_when_allowed(sidecar):
                 read_file("/etc/shadow")
             assert denied.value.reasons and denied.value.result.decision_id
             with pytest.raises(EscalationRequired) as escalated:
-                email("cfo@example.com", body="numbers")
+                email(["cfo@example.com"], "Q3", body="numbers")
             assert escalated.value.result.outcome == "escalate"
 
     await asyncio.to_thread(use_client)

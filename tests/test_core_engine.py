@@ -187,7 +187,8 @@ async def test_the_first_policy_must_be_good(tmp_path):
 
 
 async def test_concurrent_evaluations_use_separate_interpreters(tmp_path):
-    engine = await started(write_policy(tmp_path / "p", SIMPLE_POLICY), reload=False, workers=4)
+    # A generous budget: this is about interpreter isolation, not time.
+    engine = await started(write_policy(tmp_path / "p", SIMPLE_POLICY), reload=False, workers=4, timeout_ms=10_000)
     try:
         tools = ["echo", "rm", "search_docs", "x"] * 50
         results = await asyncio.gather(*(engine.evaluate({"tool": {"name": t}}) for t in tools))
@@ -224,3 +225,27 @@ async def test_a_bundle_that_crashes_the_interpreter_is_rejected_and_serving_con
         assert (await engine.evaluate(INPUT)).outcome == "allow"
     finally:
         await engine.close()
+
+
+def test_validation_is_cached_by_bundle_revision(tmp_path, monkeypatch):
+    from sidecar.policy import validate
+
+    monkeypatch.setenv("AGENT_SIDECAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(validate, "_memo", {})
+    directory = write_policy(tmp_path / "p", SIMPLE_POLICY, tests="""\
+        package sidecar.tests
+        test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
+    """)
+    first = validate.validate_bundle(directory)
+    assert first.ok and len(first.results) == 1
+
+    def no_children(*args, **kwargs):
+        raise AssertionError("validated again although the files did not change")
+
+    monkeypatch.setattr(validate, "_run_child", no_children)
+    monkeypatch.setattr(validate, "_memo", {})  # only the on-disk cache is left
+    assert validate.validate_bundle(directory).results == first.results
+
+    (directory / "policy.rego").write_text((directory / "policy.rego").read_text() + "\n# changed\n")
+    with pytest.raises(AssertionError, match="validated again"):
+        validate.validate_bundle(directory)

@@ -19,7 +19,7 @@ async def test_allow_deny_escalate_over_each_listener(sidecar, transport):
     async with AsyncClient(address) as client:
         allowed = await client.authorize("read_file", {"path": "/workspace/notes.txt"}, task_id="t-1")
         denied = await client.authorize("not_a_tool", {})
-        escalated = await client.authorize("send_email", {"to": "cfo@example.com", "body": "hi"})
+        escalated = await client.authorize("send_email", {"to": ["cfo@example.com"], "subject": "Q3", "body": "hi"})
 
     assert allowed.outcome == "allow", allowed.reasons
     assert denied.outcome == "deny"
@@ -58,15 +58,21 @@ async def test_bad_calls_are_denied_with_a_reason_and_the_server_keeps_serving(c
     assert follow_up.outcome == "allow"
 
 
-async def test_arguments_nested_past_the_depth_cap_are_denied(client):
+async def test_arguments_nested_past_the_depth_cap_are_denied(running_sidecar, sidecar_config):
+    # Protobuf refuses messages nested past ~50 JSON levels (those are answered
+    # INVALID_ARGUMENT, see the fuzz suite), so the cap is tested below that.
+    sidecar = await running_sidecar(sidecar_config(**{"policy.max_depth": 8}))
     deep: dict = {}
     node = deep
-    for _ in range(70):
+    for _ in range(12):
         node["d"] = {}
         node = node["d"]
-    result = await client.authorize("read_file", {"path": "/workspace/a", "nested": deep})
+    async with AsyncClient(sidecar.addresses[0]) as client:
+        result = await client.authorize("read_file", {"path": "/workspace/a", "nested": deep})
+        shallow = await client.authorize("read_file", {"path": "/workspace/a", "nested": {"d": {"d": 1}}})
     assert result.outcome == "deny"
     assert any(r.startswith("input_too_deep:") for r in result.reasons)
+    assert not any(r.startswith("input_too_deep:") for r in shallow.reasons)
 
 
 async def test_a_call_id_reused_with_other_arguments_is_denied(client):

@@ -57,7 +57,7 @@ async def test_inputs_built_by_the_gate_match_the_schema():
         for call, identity in [
             (ToolCall("read_file", {"path": "/workspace/a"}), CallerIdentity(caller)),
             (
-                ToolCall("send_email", {"to": "x@example.org"}, task_id="t-1", intent="report", signals={"risk_score": 0.9}, server="mail"),
+                ToolCall("send_email", {"to": ["x@example.org"], "subject": "s", "body": "b"}, task_id="t-1", intent="report", signals={"risk_score": 0.9}, server="mail"),
                 CallerIdentity(caller, (upstream,)),
             ),
             (ToolCall("not_in_catalog", {}), CallerIdentity(Subject("spiffe://dev.local/agent", source="dev"))),

@@ -96,7 +96,10 @@ def _build(bundle: PolicyBundle, entrypoints: list[str], *, with_tests: bool) ->
 
 def query(interpreter: Interpreter, compiled: Any, entrypoint: str) -> Any:
     """Evaluate one entrypoint; None when undefined; EvaluationError on interpreter errors."""
-    output = interpreter.query_bundle_entrypoint(compiled, entrypoint)
+    try:
+        output = interpreter.query_bundle_entrypoint(compiled, entrypoint)
+    except Exception as exc:  # regopy raises RegoError, or JSONDecodeError on output it cannot print
+        raise EvaluationError(f"the interpreter failed: {type(exc).__name__}: {str(exc)[:200]}") from None
     text = str(output)
     if text == "undefined":
         return None

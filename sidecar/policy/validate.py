@@ -6,17 +6,23 @@ child keeps such a bundle from taking the sidecar (or `policy test`) down.
 A crash fails what was running: the test, or — when it struck while
 compiling a test file — that file's tests; the rest run in a fresh child.
 
-The child speaks JSON lines on stdout: {"problems"}, {"start": i},
-{"result": {...}}, {"done": true}.
+The child speaks JSON lines on stdout: {"revision"}, {"problems"},
+{"start": i}, {"result": {...}}, {"done": true}. Reports are cached by bundle
+revision (a digest of every file) and interpreter version, in memory and in
+$AGENT_SIDECAR_CACHE_DIR (default ~/.cache/agent-sidecar): the same files
+always validate the same way, and a big bundle's tests take seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 from sidecar.policy.bundle import BundleError, PolicyBundle, load_bundle
@@ -46,6 +52,7 @@ class _ChildRun:
     running: int | None  # index of the test a crash interrupted
     exit_code: int
     stderr: str
+    revision: str = ""  # of the files the child read
 
 
 def _run_child(directory: Path, *, test_file: str | None, start: int, timeout: float) -> _ChildRun:
@@ -59,7 +66,9 @@ def _run_child(directory: Path, *, test_file: str | None, start: int, timeout: f
             message = json.loads(line)
         except json.JSONDecodeError:
             continue  # native library chatter
-        if "problems" in message:
+        if "revision" in message:
+            run.revision = message["revision"]
+        elif "problems" in message:
             run.problems = message["problems"]
         elif "start" in message:
             run.running = message["start"]
@@ -83,6 +92,9 @@ def _run_selection(
     start = 0
     while start < len(tests) or start == 0:
         run = _run_child(directory, test_file=test_file, start=start, timeout=timeout)
+        if run.revision and run.revision != report.revision:
+            report.problems.append(f"{directory}: policy files changed while they were being validated")
+            return True
         report.results += run.results
         if run.problems:
             report.problems += run.problems
@@ -101,16 +113,64 @@ def _run_selection(
     return True
 
 
+def _cache_dir() -> Path:
+    base = os.environ.get("AGENT_SIDECAR_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "agent-sidecar" / "validated"
+
+
+def _cache_key(revision: str) -> str:
+    """The bundle's content digest and the interpreter it was validated with."""
+    stamp = f"{revision}|regopy {version('regopy')}|agent-sidecar {version('agent-sidecar')}"
+    return hashlib.sha256(stamp.encode()).hexdigest()
+
+
+_memo: dict[str, ValidationReport] = {}
+
+
+def _cached(revision: str) -> ValidationReport | None:
+    key = _cache_key(revision)
+    if key in _memo:
+        return _memo[key]
+    try:
+        raw = json.loads((_cache_dir() / f"{key}.json").read_text())
+        report = ValidationReport(raw["revision"], raw["problems"], [TestResult(**r) for r in raw["results"]])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    _memo[key] = report
+    return report
+
+
+def _remember(report: ValidationReport) -> None:
+    """Keep a report: the same files with the same interpreter always validate the same way."""
+    key = _cache_key(report.revision)
+    _memo[key] = report
+    try:
+        _cache_dir().mkdir(parents=True, exist_ok=True)
+        payload = {"revision": report.revision, "problems": report.problems,
+                   "results": [asdict(r) for r in report.results]}
+        (_cache_dir() / f"{key}.json").write_text(json.dumps(payload))
+    except OSError:
+        pass  # a read-only home (e.g. in a pod) only costs a re-validation
+
+
 def validate_bundle(directory: str | Path, timeout: float = 120.0) -> ValidationReport:
-    """Validate `directory` in child processes and report problems and test results."""
+    """Validate `directory` (lint, compile, run its tests); reports are cached by bundle revision."""
     directory = Path(directory)
-    report = ValidationReport()
     try:
         bundle = load_bundle(directory)  # lint only: pure Python
     except BundleError as exc:
-        report.problems = exc.problems
-        return report
-    report.revision = bundle.revision
+        return ValidationReport(problems=exc.problems)
+    cached = _cached(bundle.revision)
+    if cached is not None:
+        return cached
+    report = _validate_in_children(directory, bundle, timeout)
+    if not any("changed while they were being validated" in p for p in report.problems):
+        _remember(report)
+    return report
+
+
+def _validate_in_children(directory: Path, bundle: PolicyBundle, timeout: float) -> ValidationReport:
+    report = ValidationReport(revision=bundle.revision)
     tests = discover_tests(bundle)
     if _run_selection(directory, tests, None, report, timeout):
         return report
@@ -147,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = _select(load_bundle(args.directory), args.test_file)
+        emit({"revision": bundle.revision})
         compile_decision(bundle)
         for result in run_tests(bundle, start=args.start, on_start=lambda index, _test: emit({"start": index})):
             emit({"result": asdict(result)})
