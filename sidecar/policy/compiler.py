@@ -94,6 +94,22 @@ def _build(bundle: PolicyBundle, entrypoints: list[str], *, with_tests: bool) ->
     return interpreter, compiled
 
 
+class DuplicateKey(ValueError):
+    """An object in the interpreter's output names a key twice."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """regopy 1.5.2 does not escape quotes in strings built by concat(): input text
+    can smuggle `"outcome": "allow"` into its JSON output, and json.loads would let
+    the last copy win. A repeated key is therefore an evaluation error (deny)."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKey(key)
+        result[key] = value
+    return result
+
+
 def query(interpreter: Interpreter, compiled: Any, entrypoint: str) -> Any:
     """Evaluate one entrypoint; None when undefined; EvaluationError on interpreter errors."""
     try:
@@ -108,9 +124,11 @@ def query(interpreter: Interpreter, compiled: Any, entrypoint: str) -> Any:
             raise EvaluationError("a built-in function failed or rules conflicted (strict evaluation)")
         raise EvaluationError(text.strip() or "policy evaluation failed")
     try:
-        expressions = json.loads(text)["expressions"]
+        expressions = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)["expressions"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise EvaluationError(f"unexpected interpreter output: {text[:200]}") from None
+        raise EvaluationError("the interpreter's output is not valid JSON") from None
+    except DuplicateKey as exc:
+        raise EvaluationError(f"the interpreter's output repeats the key {exc.args[0]!r}") from None
     return expressions[0] if expressions else None
 
 

@@ -44,8 +44,8 @@ deny contains reason(["path_not_allowed: argument \"path\" of tool \"", tool_lab
 }
 
 path_prefixes_for_tool := prefixes if {
-	all := limit("path_prefixes")
-	prefixes := all[input.tool.name]
+	configured := limit("path_prefixes")
+	prefixes := configured[input.tool.name]
 }
 
 path_under(path, prefixes) if {
@@ -64,8 +64,8 @@ deny contains reason(["url_not_allowed: argument \"url\" of tool \"", tool_label
 }
 
 url_hosts_for_tool := hosts if {
-	all := limit("url_hosts")
-	hosts := all[input.tool.name]
+	configured := limit("url_hosts")
+	hosts := configured[input.tool.name]
 }
 
 url_allowed(url, hosts) if {

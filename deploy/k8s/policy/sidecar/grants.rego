@@ -41,6 +41,6 @@ allow contains reason(["granted: ", caller_label, " is granted tool \"", tool_la
 	}
 }
 
-chain_note := reason([" (as are all ", count(delegation_links), " upstream agents)"]) if {
+chain_note := reason([" (so are all ", count(delegation_links), " agents upstream of it)"]) if {
 	count(delegation_links) > 0
 } else := ""

@@ -3,18 +3,18 @@
 # two rules giving one key different values is an evaluation error.
 package sidecar
 
-# Low-risk tools without redactions: record the arguments in clear in the
-# evidence log (otherwise only their sha256 is recorded). A catalog entry can
-# opt out with record_arguments: false.
+# Low-risk tools: the evidence log may hold their arguments in clear (with
+# the sidecar's redaction applied); otherwise it keeps only their sha256. A
+# catalog entry can opt out with record_arguments: false.
 obligations["record_arguments"] := true if {
 	tool_entry.risk == "low"
 	object.get(tool_entry, "record_arguments", true) != false
-	not has_redactions
 }
 
-# Argument names from the catalog's "redact" list: never recorded in clear,
-# whatever the config says.
-obligations["redact"] := tool_entry.redact if has_redactions
+# Argument keys from the catalog's "redact" list: the sidecar replaces their
+# values with "[REDACTED]" wherever arguments are shown (evidence in clear,
+# the approvers' preview), on top of its built-in secret keys.
+obligations["redact_arguments"] := tool_entry.redact if has_redactions
 
 has_redactions if {
 	is_array(tool_entry.redact)

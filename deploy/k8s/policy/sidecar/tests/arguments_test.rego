@@ -156,6 +156,7 @@ test_write_sql_escalated if {
 		"insert into t values (1)",
 		"drop table orders",
 		"select 1; drop table orders",
+		"select 1; vacuum full",
 		"select * into backup from orders",
 		"with d as (delete from orders returning *) select * from d",
 		"explain analyze update orders set x = 1",

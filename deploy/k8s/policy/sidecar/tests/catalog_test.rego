@@ -70,7 +70,7 @@ test_missing_reversible_counts_as_irreversible if {
 # The shipped catalog is well formed: a typo here would silently change rules.
 test_catalog_entries_well_formed if {
 	count(data.sidecar.catalog.tools) > 0
-	every name, entry in data.sidecar.catalog.tools {
+	every _, entry in data.sidecar.catalog.tools {
 		entry.risk in {"low", "medium", "high", "critical"}
 		is_boolean(entry.reversible)
 		is_string(entry.owner)
@@ -79,7 +79,7 @@ test_catalog_entries_well_formed if {
 		entry.description != ""
 		is_string(entry.server)
 		entry.server != ""
-		every arg, kind in object.get(entry, "arguments", {}) {
+		every _, kind in object.get(entry, "arguments", {}) {
 			kind in {"string", "array", "object", "number", "boolean"}
 		}
 		every path in object.get(entry, "redact", []) {

@@ -2,11 +2,11 @@
 # to end on the shipped data.
 package sidecar.tests
 
-combine(deny, escalate, allow, appr) := d if {
+combine(denials, escalations, allowances, appr) := d if {
 	d := decide(mk({"approval": appr}))
-		with data.sidecar.deny as deny
-		with data.sidecar.escalate as escalate
-		with data.sidecar.allow as allow
+		with data.sidecar.deny as denials
+		with data.sidecar.escalate as escalations
+		with data.sidecar.allow as allowances
 }
 
 test_deny_beats_escalate_and_allow if {

@@ -55,7 +55,7 @@ test_delegation_chain_all_granted_allowed if {
 	not denies(inp, "delegation_not_granted")
 	d := decide(inp)
 	d.outcome == "allow"
-	d.reasons == [sprintf("granted: %v is granted tool \"read_file\" (as are all 1 upstream agents)", [research])]
+	d.reasons == [sprintf("granted: %v is granted tool \"read_file\" (so are all 1 agents upstream of it)", [research])]
 }
 
 test_delegation_link_without_grant_denied if {

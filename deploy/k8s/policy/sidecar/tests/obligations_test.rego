@@ -16,14 +16,20 @@ test_low_risk_tool_can_opt_out if {
 }
 
 test_redacted_arguments_obligation if {
-	inp := call_as(ops_agent, "send_email", {"to": ["a@example.org"], "subject": "s", "body": "secret"})
-	decide(inp).obligations == {"redact": ["body"]}
+	inp := call_as(ops_agent, "send_email", {"to": ["a@example.org"], "subject": "s", "body": "b"})
+	decide(inp).obligations == {"redact_arguments": ["attachments"]}
 }
 
-test_redaction_wins_over_record_arguments if {
+test_redaction_comes_with_record_arguments if {
 	tools := {"t": {"risk": "low", "reversible": true, "server": "s", "redact": ["token"]}}
 	d := decide(call("t", {})) with data.sidecar.catalog.tools as tools
-	d.obligations == {"redact": ["token"]}
+	d.obligations == {"record_arguments": true, "redact_arguments": ["token"]}
+}
+
+test_empty_redact_list_adds_nothing if {
+	tools := {"t": {"risk": "medium", "reversible": true, "server": "s", "redact": []}}
+	d := decide(call("t", {})) with data.sidecar.catalog.tools as tools
+	d.obligations == {}
 }
 
 test_obligations_travel_with_a_deny if {
