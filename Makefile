@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test proto install clean policy-test bench deploy-bundle system-deps
+.PHONY: run test proto install clean policy-test bench reliability deploy-bundle system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ policy-test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+## Reliability suite (docs/reliability.md): crash, collector, OPA, Workload API and
+## fuzzing scenarios, fuzzing at 10,000+ generated calls. The soak is separate:
+## `.venv/bin/python bench/soak.py --minutes 10 --rate 500`.
+reliability: install system-deps
+	FUZZ_EXAMPLES=3400 $(BIN)/python -m pytest -q tests/test_reliability_fuzz.py \
+	  tests/test_evidence_crash.py tests/test_evidence_otel.py tests/test_opa_engine.py \
+	  tests/test_opa_breaker.py tests/test_identity_workload_api.py tests/test_identity_sidecar.py
 
 ## Benchmark: sidecar vs. a bare gRPC floor (docs/performance.md).
 bench: install

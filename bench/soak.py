@@ -1,0 +1,80 @@
+"""Soak (not in CI): the sidecar at a steady rate for minutes, memory and descriptors sampled.
+
+    python bench/soak.py --minutes 10 --rate 500
+
+Starts the sidecar (embedded engine, durable evidence) as its own process,
+drives it open-loop from a load process, samples the sidecar's RSS and open
+file descriptors from /proc every `--every` seconds, and prints them with the
+growth between the first and the second half of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import PYTHON, REPO, bench_bundle, start  # noqa: E402
+
+
+def sample(pid: int) -> tuple[float, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return rss_kib / 1024, len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--rate", type=float, default=500)
+    parser.add_argument("--every", type=float, default=10, help="seconds between samples")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
+    config = {
+        "listen": {"tcp": "", "unix": str(workdir / "s.sock")},
+        "policy": {"dir": str(bench_bundle(workdir)), "reload": False},
+        "evidence": {"dir": str(workdir / "evidence")},
+        "telemetry": {"exporter": "none"},
+        "sidecar": {"instance_id": "soak"},
+    }
+    (workdir / "soak.yaml").write_text(yaml.safe_dump(config))
+    sidecar = start([PYTHON, "-m", "sidecar", "serve", "--config", str(workdir / "soak.yaml")], "serving",
+                    workdir / "sidecar.log")
+    seconds = args.minutes * 60
+    load = subprocess.Popen([PYTHON, str(REPO / "bench" / "load.py"), f"unix:{workdir / 's.sock'}", "open",
+                             "--rate", str(args.rate), "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
+    samples = []
+    began = time.monotonic()
+    try:
+        while load.poll() is None:
+            rss, fds = sample(sidecar.pid)
+            samples.append((time.monotonic() - began, rss, fds))
+            print(f"{samples[-1][0]:7.0f} s  rss {rss:8.1f} MiB  fds {fds:5d}", flush=True)
+            time.sleep(args.every)
+        result = json.loads(load.stdout.read().strip().splitlines()[-1])
+    finally:
+        if load.poll() is None:
+            load.kill()
+        sidecar.terminate()
+        sidecar.wait(timeout=30)
+    half = len(samples) // 2
+    first, second = samples[1:half] or samples[:1], samples[half:]
+    growth = max(s[1] for s in second) - max(s[1] for s in first)
+    print(f"\ncalls {result['calls']} ({result['throughput']:.0f}/s), errors {result['errors']}, "
+          f"latency ms {json.dumps({k: round(v, 3) for k, v in result['latency_ms'].items()})}")
+    print(f"rss max first half {max(s[1] for s in first):.1f} MiB, second half {max(s[1] for s in second):.1f} MiB "
+          f"(growth {growth:+.1f} MiB); fds max {max(s[2] for s in samples)}")
+    print(f"evidence and logs: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
