@@ -159,6 +159,7 @@ class Gate:
             policy_revision=decision.policy_revision,
             engine=decision.engine,
             engine_error=decision.error,
+            engine_decision_id=decision.engine_decision_id,
             escalation_id=escalation_id,
             approver=approver,
             trace=trace,

@@ -76,6 +76,8 @@ async def test_decisions_through_the_sidecar_follow_opa(running_sidecar, sidecar
         assert sent["tool"]["catalog"] == sidecar.engine.catalog_entry("search_docs")  # from the local bundle
         await sidecar.health.refresh()
         assert await health_status(address) == health_pb2.HealthCheckResponse.SERVING
+        allowed_record = next(r for r in evidence_records(tmp_path) if r.get("decision_id") == result.decision_id)
+        assert allowed_record["engine_decision_id"]  # OPA's decision_id: joins OPA's decision logs
 
         await opa.stop()
         denied = await client.authorize("search_docs", {"query": "sidecar"})

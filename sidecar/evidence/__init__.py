@@ -73,6 +73,7 @@ class DecisionEvent:
     trace: TraceContext
     sidecar: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    engine_decision_id: str = ""  # e.g. OPA's decision_id, to join OPA's decision logs
 
 
 @dataclass(frozen=True)

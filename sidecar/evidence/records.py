@@ -221,6 +221,8 @@ def decision_fields(
         "parent_span_id": event.trace.parent_span_id,
         "sidecar": event.sidecar,
     }
+    if event.engine_decision_id:
+        fields["engine_decision_id"] = event.engine_decision_id
     engine_ms = (event.timings_ms or {}).get("engine")
     if isinstance(engine_ms, (int, float)):
         fields["engine_ms"] = round(float(engine_ms), 3)

@@ -26,6 +26,8 @@ class Decision:
     engine: str = ""
     # Set when the engine failed and this deny was made in its place.
     error: str | None = None
+    # The engine's own id for this decision (OPA's decision_id, for its decision logs).
+    engine_decision_id: str = ""
 
     @classmethod
     def failed(cls, reason: str, *, engine: str, policy_revision: str = "") -> "Decision":

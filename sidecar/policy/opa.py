@@ -49,7 +49,7 @@ import asyncio
 import json
 import logging
 import re
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,6 @@ log = logging.getLogger(__name__)
 
 DECISION_PATH = "sidecar/decision"
 _MAX_TEXT = 300
-
-
-@dataclass(frozen=True)
-class OpaDecision(Decision):
-    """A Decision that also carries OPA's `decision_id` (present when OPA's decision logging is on)."""
-
-    engine_decision_id: str = ""
 
 
 class _Failure(Exception):
@@ -472,5 +465,4 @@ class OpaEngine:
             decision = parse_decision(body["result"], engine=self.name, policy_revision=policy_revision)
         except MalformedDecision as exc:
             return self._failed(f"policy_malformed: OPA at {self.url} answered a malformed decision: {exc}")
-        values = {f.name: getattr(decision, f.name) for f in fields(Decision)}
-        return OpaDecision(**values, engine_decision_id=decision_id)
+        return replace(decision, engine_decision_id=decision_id)
