@@ -256,7 +256,9 @@ async def test_expiry_of_pending_escalations_and_unused_approvals(config, runnin
         assert fresh.outcome == "escalate" and fresh.escalation_id != lapsing.escalation_id
 
         await approvals.approve(fresh.escalation_id, approver=ALICE)
-        await asyncio.sleep(0.8)  # the use window passes; the sweeper expires the approval
+        deadline = time.monotonic() + 10  # the use window passes; the sweeper expires the approval
+        while (await approvals.get(fresh.escalation_id))["state"] != "expired" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert (await approvals.get(fresh.escalation_id))["state"] == "expired"
         unused = await agent.authorize("send_email", EMAIL, escalation_id=fresh.escalation_id)
         assert unused.outcome == "deny" and unused.reasons[0].startswith("approval_unused:")
