@@ -100,6 +100,7 @@ async def run(target: str, mode: str, rate: float, concurrency: int, seconds: fl
     await asyncio.gather(*(one(i) for i in range(50)))
     latencies.clear()
     outcomes.clear()
+    print("warmed", flush=True)  # bench/run.py starts its measurement window here
 
     began = time.perf_counter()
     if mode == "open":

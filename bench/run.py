@@ -87,12 +87,21 @@ def cost_split(before: dict, after: dict) -> dict[str, float]:
     return split
 
 
-def load(target: str, args: list[str], seconds: float) -> dict:
-    output = subprocess.run(
+def load(target: str, args: list[str], seconds: float, on_warm=None) -> dict:
+    """Run one load process; `on_warm` runs once its warm-up calls are done."""
+    process = subprocess.Popen(
         [PYTHON, str(REPO / "bench" / "load.py"), target, *args, "--seconds", str(seconds)],
-        capture_output=True, text=True, check=True, cwd=REPO,
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
     )
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    warm = process.stdout.readline()
+    if warm.strip() != "warmed":
+        raise SystemExit(f"load process failed before warming up: {warm}")
+    if on_warm is not None:
+        on_warm()
+    output, _ = process.communicate(timeout=seconds + 120)
+    if process.returncode != 0:
+        raise SystemExit(f"load process failed (exit {process.returncode})")
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def write_config(workdir: Path, name: str, bundle: Path, metrics_port: int, identity: dict, listen: dict) -> Path:
@@ -168,9 +177,10 @@ def main() -> int:
                 time.sleep(1.0)  # identity fetched, health SERVING
                 for name, scenario in SCENARIOS:
                     floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds)
-                    before = stage_totals(metrics_port)
+                    before: dict = {}
                     extra = ["--tls-dir", str(tls_dir)] if tls_dir else []
-                    sidecar_result = load(target, scenario + extra, args.seconds)
+                    sidecar_result = load(target, scenario + extra, args.seconds,
+                                          on_warm=lambda: before.update(stage_totals(metrics_port)))
                     sidecar_result["cost_split_ms"] = cost_split(before, stage_totals(metrics_port))
                     results.append({"scenario": name, "identity": label, "floor": floor_result,
                                     "sidecar": sidecar_result})
