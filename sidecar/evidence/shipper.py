@@ -31,6 +31,9 @@ from sidecar.evidence.records import SHIP_STATE_NAME, file_name
 from sidecar.evidence.spans import ResourceCache, spans_for_record
 
 log = logging.getLogger(__name__)
+# The shipper reports an outage once, and its end; the SDK's OTLP exporters
+# would log every retry of every attempt for as long as the collector is away.
+_SDK_EXPORTER_LOGGER = "opentelemetry.exporter.otlp"
 
 
 class Shipper:
@@ -48,6 +51,7 @@ class Shipper:
     ):
         self.directory = Path(directory)
         self.exporter = exporter
+        logging.getLogger(_SDK_EXPORTER_LOGGER).setLevel(logging.CRITICAL)
         self._durable = durable
         self._resources = resources or ResourceCache()
         self.batch_size = batch_size
