@@ -3,8 +3,9 @@
     python bench/soak.py --minutes 10 --rate 500
 
 Starts the sidecar (embedded engine, durable evidence) as its own process,
-drives it open-loop from a load process, samples the sidecar's RSS and open
-file descriptors from /proc every `--every` seconds, and prints them with the
+drives it open-loop from a load process, samples RSS and open file
+descriptors of the sidecar's whole process tree (its policy workers included)
+from /proc every `--every` seconds, and prints them with the
 growth between the first and the second half of the run.
 """
 
@@ -24,10 +25,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import PYTHON, REPO, bench_bundle, start  # noqa: E402
 
 
-def sample(pid: int) -> tuple[float, int]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return rss_kib / 1024, len(list(Path(f"/proc/{pid}/fd").iterdir()))
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (the engine's worker processes live under a forkserver)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(parents.get(current, []))
+    return found
+
+
+def sample(pid: int) -> tuple[float, int, int]:
+    """(RSS MiB, open fds, processes) summed over the sidecar's process tree."""
+    rss_kib = fds = count = 0
+    for process in descendants(pid):
+        try:
+            status = Path(f"/proc/{process}/status").read_text()
+            rss_kib += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            fds += len(list(Path(f"/proc/{process}/fd").iterdir()))
+            count += 1
+        except (OSError, StopIteration):
+            continue
+    return rss_kib / 1024, fds, count
 
 
 def main() -> int:
@@ -55,9 +81,9 @@ def main() -> int:
     began = time.monotonic()
     try:
         while load.poll() is None:
-            rss, fds = sample(sidecar.pid)
+            rss, fds, processes = sample(sidecar.pid)
             samples.append((time.monotonic() - began, rss, fds))
-            print(f"{samples[-1][0]:7.0f} s  rss {rss:8.1f} MiB  fds {fds:5d}", flush=True)
+            print(f"{samples[-1][0]:7.0f} s  rss {rss:8.1f} MiB  fds {fds:5d}  processes {processes}", flush=True)
             time.sleep(args.every)
         result = json.loads(load.stdout.read().strip().splitlines()[-1])
     finally:

@@ -47,6 +47,7 @@ def build_engine(config: Config, *, run_bundle_tests: bool = True) -> PolicyEngi
         policy.dir,
         timeout_ms=policy.timeout_ms,
         workers=policy.workers,
+        recycle_after=policy.recycle_after,
         reload=policy.reload,
         run_bundle_tests=run_bundle_tests,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import textwrap
 
 import pytest
@@ -267,3 +269,50 @@ async def test_input_smuggling_json_through_the_interpreter_output_is_denied(tmp
     assert plain.outcome == "deny" and plain.reasons == ("denied: mail",)
     assert smuggled.outcome == "deny"
     assert smuggled.reasons[0].startswith("policy_error:") and "repeats the key" in smuggled.reasons[0]
+
+
+async def worker_pid(engine: EmbeddedEngine) -> int:
+    from sidecar.policy import worker
+
+    generation = engine._generation
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(engine._pool, worker.warm, str(generation.snapshot), generation.bundle.revision)
+
+
+async def test_workers_are_replaced_after_recycle_after_decisions(tmp_path):
+    # regopy keeps native memory per distinct input: only a fresh process gives it back.
+    engine = await started(write_policy(tmp_path / "p", SIMPLE_POLICY), reload=False, workers=1, recycle_after=5,
+                           timeout_ms=10_000)
+    try:
+        first = await worker_pid(engine)
+        outcomes = [(await engine.evaluate({"tool": {"name": f"echo{i}"}})).outcome for i in range(12)]
+        later = await worker_pid(engine)
+        assert (await engine.evaluate(INPUT)).outcome == "allow"
+    finally:
+        await engine.close()
+    assert outcomes == ["deny"] * 12
+    assert later != first
+
+
+async def test_a_worker_dying_mid_decision_denies_that_call_and_serving_continues(tmp_path):
+    slow = """\
+        package sidecar
+        decision := {"outcome": "allow", "reasons": [sprintf("%v", [n])], "obligations": {}} if {
+            input.tool.name == "slow"
+            n := count([x | some x in numbers.range(1, 3000000); x % 7 == 0])
+        }
+        decision := {"outcome": "allow", "reasons": ["ok: listed"], "obligations": {}} if input.tool.name == "echo"
+    """
+    engine = await started(write_policy(tmp_path / "p", slow), reload=False, workers=1, timeout_ms=20_000)
+    try:
+        pid = await worker_pid(engine)
+        deciding = asyncio.create_task(engine.evaluate({"tool": {"name": "slow"}}))
+        await asyncio.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        crashed = await deciding
+        after = await engine.evaluate(INPUT)
+    finally:
+        await engine.close()
+    assert crashed.outcome == "deny"
+    assert crashed.reasons[0].startswith("policy_error:") and "crashed" in crashed.reasons[0]
+    assert after.outcome == "allow"

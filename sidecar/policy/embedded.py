@@ -1,24 +1,27 @@
-"""The embedded engine: Rego evaluated in-process by regopy, reloaded atomically.
+"""The embedded engine: Rego evaluated by regopy in recycled worker processes.
 
 A policy is compiled and its own *_test.rego run before it serves; a bundle
 that fails either is reported (log + health detail) and the previous one
-keeps serving. Each worker thread owns its interpreter and compiled copy —
-regopy objects are never shared between threads — rebuilt lazily when a new
-policy generation is swapped in.
+keeps serving. Decisions are evaluated in a pool of worker processes
+(sidecar/policy/worker.py): regopy leaks native memory per distinct input
+and can crash, so each worker is replaced after `recycle_after` decisions,
+and a worker that dies costs the call it was deciding (a deny), not the
+sidecar.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from sidecar.policy import worker
 from sidecar.policy.bundle import BundleError, PolicyBundle, load_bundle
-from sidecar.policy.compiler import DECISION_ENTRYPOINT, EvaluationError, compile_decision, new_interpreter, query
+from sidecar.policy.compiler import EvaluationError, compile_decision
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
 from sidecar.policy.validate import validate_bundle
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 class _Generation:
     number: int
     bundle: PolicyBundle
+    snapshot: Path  # what the workers load (sidecar/policy/worker.py)
 
 
 def prepare(directory: str | Path, *, run_bundle_tests: bool = True) -> PolicyBundle:
@@ -48,6 +52,14 @@ def prepare(directory: str | Path, *, run_bundle_tests: bool = True) -> PolicyBu
     return bundle
 
 
+def _new_pool(workers: int, recycle_after: int) -> ProcessPoolExecutor:
+    # forkserver: workers are forked from a clean server process, never from
+    # this one with its gRPC threads.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["sidecar.policy.worker"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=recycle_after)
+
+
 class EmbeddedEngine:
     name = "embedded"
 
@@ -57,6 +69,7 @@ class EmbeddedEngine:
         *,
         timeout_ms: int = 100,
         workers: int = 2,
+        recycle_after: int = 1000,
         reload: bool = True,
         run_bundle_tests: bool = True,
     ):
@@ -65,10 +78,11 @@ class EmbeddedEngine:
         self._run_bundle_tests = run_bundle_tests
         self._timeout = timeout_ms / 1000
         self._workers = workers
+        self._recycle_after = recycle_after
         self._reload = reload
         self._generation: _Generation | None = None
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rego")
-        self._local = threading.local()
+        self._retired: list[Path] = []  # snapshots in-flight calls may still read
+        self._pool = _new_pool(workers, recycle_after)
         self._watcher: asyncio.Task | None = None
         self.last_reload_error: str | None = None
 
@@ -89,7 +103,9 @@ class EmbeddedEngine:
                 await self._watcher
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for snapshot in [*self._retired, *([self._generation.snapshot] if self._generation else [])]:
+            worker.remove_snapshot(snapshot)
 
     async def reload(self) -> bool:
         """Try the directory's current contents; True if they now serve."""
@@ -115,22 +131,30 @@ class EmbeddedEngine:
             await self.reload()
 
     def _swap(self, bundle: PolicyBundle) -> None:
-        number = self._generation.number + 1 if self._generation else 1
-        self._generation = _Generation(number, bundle)
+        previous = self._generation
+        number = previous.number + 1 if previous else 1
+        self._generation = _Generation(number, bundle, worker.write_snapshot(bundle))
+        if previous is not None:
+            self._retired.append(previous.snapshot)
+            while len(self._retired) > 1:  # keep one: calls in flight may still load it
+                worker.remove_snapshot(self._retired.pop(0))
 
     async def _warm_workers(self) -> None:
-        """Compile the serving generation in every worker thread before calls need it."""
-        barrier = threading.Barrier(self._workers)
-
-        def warm() -> None:
-            try:
-                barrier.wait(timeout=5)
-            except threading.BrokenBarrierError:
-                pass
-            self._compiled_for_thread()
-
+        """Start the workers and compile the serving generation before calls need it."""
+        generation = self._generation
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._executor, warm) for _ in range(self._workers)))
+        try:
+            await asyncio.gather(*(
+                loop.run_in_executor(self._pool, worker.warm, str(generation.snapshot), generation.bundle.revision)
+                for _ in range(self._workers)
+            ))
+        except BrokenProcessPool:
+            self._replace_pool()
+
+    def _replace_pool(self) -> None:
+        log.error("an embedded policy worker died; starting a new pool")
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = _new_pool(self._workers, self._recycle_after)
 
     # --- evaluation ----------------------------------------------------------
 
@@ -150,49 +174,32 @@ class EmbeddedEngine:
         return True, detail
 
     async def evaluate(self, input_document: dict) -> Decision:
-        revision = self.revision
-        if self._generation is None:
+        generation = self._generation
+        if generation is None:
             return Decision.failed("policy_unavailable: no policy is loaded", engine=self.name)
+        revision = generation.bundle.revision
+
+        def failed(reason: str) -> Decision:
+            return Decision.failed(reason, engine=self.name, policy_revision=revision)
+
         loop = asyncio.get_running_loop()
         try:
-            result, revision = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._evaluate_in_thread, input_document),
+            result = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, worker.evaluate, str(generation.snapshot), revision, input_document),
                 timeout=self._timeout,
             )
         except asyncio.TimeoutError:
-            return Decision.failed(
-                f"policy_timeout: the embedded policy engine did not decide within {self._timeout * 1000:.0f} ms",
-                engine=self.name,
-                policy_revision=revision,
+            return failed(
+                f"policy_timeout: the embedded policy engine did not decide within {self._timeout * 1000:.0f} ms"
             )
+        except BrokenProcessPool:
+            self._replace_pool()
+            return failed("policy_error: the embedded Rego interpreter crashed while deciding this call")
         except EvaluationError as exc:
-            return Decision.failed(
-                f"policy_error: the embedded policy engine failed: {str(exc)[:500]}",
-                engine=self.name,
-                policy_revision=revision,
-            )
+            return failed(f"policy_error: the embedded policy engine failed: {str(exc)[:500]}")
         except Exception as exc:  # fail closed on anything the interpreter throws
-            return Decision.failed(
-                f"policy_error: the embedded policy engine failed: {type(exc).__name__}: {str(exc)[:500]}",
-                engine=self.name,
-                policy_revision=revision,
-            )
+            return failed(f"policy_error: the embedded policy engine failed: {type(exc).__name__}: {str(exc)[:500]}")
         try:
             return parse_decision(result, engine=self.name, policy_revision=revision)
         except MalformedDecision as exc:
-            return Decision.failed(f"policy_malformed: {exc}", engine=self.name, policy_revision=revision)
-
-    def _compiled_for_thread(self) -> tuple[Any, Any, _Generation]:
-        generation = self._generation
-        cached = getattr(self._local, "compiled", None)
-        if cached is None or cached[2] is not generation:
-            interpreter = new_interpreter(generation.bundle, with_tests=False)
-            compiled = interpreter.build(None, [DECISION_ENTRYPOINT])
-            cached = (interpreter, compiled, generation)
-            self._local.compiled = cached
-        return cached
-
-    def _evaluate_in_thread(self, input_document: dict) -> tuple[Any, str]:
-        interpreter, compiled, generation = self._compiled_for_thread()
-        interpreter.set_input(input_document)
-        return query(interpreter, compiled, DECISION_ENTRYPOINT), generation.bundle.revision
+            return failed(f"policy_malformed: {exc}")
