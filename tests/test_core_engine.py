@@ -316,3 +316,38 @@ async def test_a_worker_dying_mid_decision_denies_that_call_and_serving_continue
     assert crashed.outcome == "deny"
     assert crashed.reasons[0].startswith("policy_error:") and "crashed" in crashed.reasons[0]
     assert after.outcome == "allow"
+
+
+def test_workers_exit_when_the_sidecar_dies_without_closing(tmp_path):
+    # A sidecar killed mid-flight never shuts its pool down; its workers must not linger.
+    directory = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    script = f"""
+import asyncio, os
+from sidecar.policy.embedded import EmbeddedEngine
+from tests.test_core_engine import worker_pid
+async def main():
+    engine = EmbeddedEngine({str(directory)!r}, reload=False, workers=1)
+    await engine.start()
+    print(await worker_pid(engine), flush=True)
+    os._exit(0)  # no close(): as after SIGKILL
+asyncio.run(main())
+"""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "out"
+    with out.open("w") as stdout:  # not a pipe: the workers share the child's stdout
+        subprocess.run([sys.executable, "-c", script], stdout=stdout, timeout=60, cwd=REPO, check=True)
+    pid = int(out.read_text().strip().splitlines()[-1])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"worker {pid} outlived its sidecar")

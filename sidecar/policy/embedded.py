@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -57,7 +58,13 @@ def _new_pool(workers: int, recycle_after: int) -> ProcessPoolExecutor:
     # this one with its gRPC threads.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["sidecar.policy.worker"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=recycle_after)
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        max_tasks_per_child=recycle_after,
+        initializer=worker.exit_with,
+        initargs=(os.getpid(),),
+    )
 
 
 class EmbeddedEngine:

@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,38 @@ def evaluate(snapshot: str, revision: str, document: dict) -> Any:
     _, interpreter, compiled = _compiled
     interpreter.set_input(document)
     return query(interpreter, compiled, DECISION_ENTRYPOINT)
+
+
+def exit_with(sidecar_pid: int, interval: float = 1.0) -> None:
+    """Pool initializer: leave when the sidecar is gone.
+
+    Workers hold their own call queue's write end, so a sidecar that dies
+    without shutting the pool down (SIGKILL, OOM) would leave them waiting
+    forever, and with them the forkserver.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if not _alive(sidecar_pid):
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-sidecar", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: fall back to a signal probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state not in ("Z", "X")
 
 
 def warm(snapshot: str, revision: str) -> int:
