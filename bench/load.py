@@ -20,7 +20,7 @@ import time
 import grpc
 
 from sidecar.client import build_request
-from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar.v1 import sidecar_pb2
 
 OUTCOMES = {sidecar_pb2.OUTCOME_ALLOW: "allow", sidecar_pb2.OUTCOME_DENY: "deny", sidecar_pb2.OUTCOME_ESCALATE: "escalate"}
 

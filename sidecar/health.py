@@ -12,7 +12,6 @@ import asyncio
 import logging
 from typing import Callable
 
-import grpc
 from grpc_health.v1 import health, health_pb2
 
 log = logging.getLogger(__name__)

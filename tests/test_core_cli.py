@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 from sidecar.client import Client
 from tests.conftest import REGO, REPO, SIMPLE_POLICY, write_policy

@@ -12,12 +12,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 import yaml
-from google.protobuf.struct_pb2 import Struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

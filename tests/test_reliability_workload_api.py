@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 
 from sidecar.client import AsyncClient
 from tests.doubles.fake_workload_api import FakeWorkloadApi
-from tests.test_identity_sidecar import make_config, sockdir, unix_target, wait_health  # noqa: F401  (fixtures)
+from tests.test_identity_sidecar import make_config, sockdir, unix_target, wait_health  # noqa: F401,F811  (fixtures)
 
 SVID_TTL = 4.0
 

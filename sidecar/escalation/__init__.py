@@ -23,7 +23,7 @@ whole story.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 PENDING = "pending"
@@ -71,9 +71,6 @@ class EscalationRecord:
     updated_at: float = 0.0
     sidecar: str = ""
 
-    def with_changes(self, **changes: Any) -> "EscalationRecord":
-        return replace(self, **changes)
-
     def to_json(self) -> dict:
         """The escalation as plain JSON (webhook payload, `approvals show --json`); times in RFC 3339."""
         from sidecar.evidence.records import rfc3339
@@ -110,9 +107,6 @@ class EscalationRecord:
             "sidecar": self.sidecar,
         }
 
-    @property
-    def short_id(self) -> str:
-        return self.id[len(ID_PREFIX):][:8] if self.id.startswith(ID_PREFIX) else self.id[:8]
 
 
 class EscalationRefused(Exception):

@@ -25,7 +25,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -197,7 +196,6 @@ class _SqlStore:
 
     def __init__(self) -> None:
         self._last_error: str | None = None
-        self._last_ok = 0.0
 
     def _sql(self, key: str) -> str:
         text = SQL[key]
@@ -213,7 +211,6 @@ class _SqlStore:
             self._last_error = str(exc)
             raise
         self._last_error = None
-        self._last_ok = time.time()
         return result
 
     def health(self) -> tuple[bool, str]:

@@ -268,7 +268,7 @@ class EvidenceLog:
             if not path.is_file():
                 raise EvidenceError(f"{path}: not a regular file")
         # log_id from the first record of the first file
-        first_index, first_path = files[0]
+        _, first_path = files[0]
         with open(first_path, "rb") as f:
             first_line = f.readline(1 << 20)
         try:

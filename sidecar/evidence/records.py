@@ -30,7 +30,6 @@ KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invoca
 # Kinds that describe a tool call and so become an execute_tool span.
 CALL_KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation")
 GENESIS = "sha256:" + "0" * 64
-CHAIN_FIELDS = ("kind", "seq", "prev_hash", "logged_at", "hash")
 FILE_PATTERN = re.compile(r"^evidence-(\d{6})\.jsonl$")
 MIRROR_NAME = "checkpoints.jsonl"
 SHIP_STATE_NAME = "ship-state.json"

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from sidecar.canonical import canonical_json, sha256_digest
+from sidecar.evidence.records import DEV_KEY_NAME, DEV_PUBLIC_KEY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def load_private_key(path: str | Path, source: str = "file") -> SigningKey:
 def dev_signing_key(directory: str | Path) -> SigningKey:
     """The generated development key in the evidence directory (created on first use)."""
     directory = Path(directory)
-    path = directory / "checkpoint-key.pem"
+    path = directory / DEV_KEY_NAME
     if not path.exists():
         key = ed25519.Ed25519PrivateKey.generate()
         pem = key.private_bytes(
@@ -162,7 +163,7 @@ def dev_signing_key(directory: str | Path) -> SigningKey:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        (directory / "checkpoint-key.pub.pem").write_bytes(
+        (directory / DEV_PUBLIC_KEY_NAME).write_bytes(
             key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
         log.warning(

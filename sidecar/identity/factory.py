@@ -34,9 +34,6 @@ from sidecar.identity.workload_api import WorkloadApiResolver, WorkloadApiSource
 MAX_METADATA_BYTES = 64 * 1024
 GRPC_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.max_metadata_size", MAX_METADATA_BYTES),)
 
-WORKLOAD_API_SOURCES = ("workload_api", "mtls", "jwt_svid")
-
-
 @dataclass
 class IdentityRuntime:
     """The resolver, the mTLS credentials (None when mtls is not configured), and what to close."""

@@ -156,7 +156,6 @@ def _withdrawn(error: BaseException | None) -> bool:
 @dataclass
 class _StreamState:
     name: str
-    connected: bool = False
     last_error: str = ""
     attempts: int = 0
     session: _Session | None = None
@@ -413,7 +412,6 @@ class WorkloadApiSource:
                 return
             why = "the SVID expired without a rotation on the open stream" if stale else _describe(error)
             with self._lock:
-                state.connected = False
                 state.last_error = why
             if _withdrawn(error):
                 self._withdraw(kind, why)
@@ -470,7 +468,6 @@ class WorkloadApiSource:
             session.first.wait(min(0.05, remaining))
         if session.first.is_set():
             with self._lock:
-                state.connected = True
                 state.last_error = ""
             return session
         error = session.error
