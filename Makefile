@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The Go programs built from their modules (tools/pins.env) into .tools/bin.
+# `make install TOOLS=opa` skips SPIRE and Jaeger (only the tests and `make demo` need them).
+TOOLS ?= opa spire jaeger
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: run test proto install clean policy-test bench reliability deploy-bundle system-deps
+.PHONY: run test proto install tools clean policy-test bench reliability deploy-bundle system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +19,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) tools
 
-## Start the sidecar on the embedded defaults (embedded engine, rego/, dev identity).
+## Build the pinned OPA, SPIRE and Jaeger into .tools/bin (once per pin; see tools/pins.env).
+tools:
+	@tools/build.sh $(TOOLS)
+
+## Start the sidecar with a managed OPA on rego/ and the dev identity (examples/dev.yaml).
+run: TOOLS = opa
 run: install
 	$(BIN)/agent-sidecar serve --config examples/dev.yaml
 
