@@ -33,7 +33,7 @@ from spiffe import WorkloadApiClient
 from sidecar.client import AsyncClient, delegated_by
 from sidecar.config import Config, load_config
 from tests.conftest import write_policy
-from tests.infra.spire import SpireAgent, SpireServer, SpireUnavailable, Workload, X509Svid, own_process_selectors
+from tests.infra.spire import SpireAgent, SpireServer, SpireUnavailable, X509Svid, own_process_selectors
 
 TD = "sidecar.test"
 SIDECAR_PATH = "/ns/agents/sa/sidecar"
@@ -287,7 +287,7 @@ async def test_a_delegation_chain_of_spire_jwt_svids(node, sidecar):
     assert refused.reasons[0].startswith("unverified_caller: delegation[0]: ")
 
 
-async def test_an_expired_spire_jwt_svid_is_refused(node, sidecar, spire):
+async def test_an_expired_spire_jwt_svid_is_refused(node, sidecar):
     agent, _ = node
     courier = agent.workload("courier")
     agent.register("/ns/agents/sa/courier", *courier.selectors, jwt_ttl=2)
