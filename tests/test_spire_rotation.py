@@ -20,13 +20,12 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2
 
-from sidecar.client import AsyncClient
+from spiffe import X509Source
+
+from sidecar.client import AsyncClient, SpiffeMtls
 from tests.test_spire_sidecar import (
     SIDECAR_DNS,
     SIDECAR_ID,
-    TD,
-    mtls_client,
-    not_after,
     register_sidecar,
     rfc3339,
     seen,
@@ -92,15 +91,23 @@ async def test_a_short_svid_ttl_rotates_without_a_restart(spire, tmp_path, runni
     assert served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.UniformResourceIdentifier) == [SIDECAR_ID]
 
-    # ... and the client's own SPIRE rotation is accepted on a new channel.
-    async def client_rotated():
-        svid = planner.fetch_x509()
-        return svid if not_after(svid.chain_pem) > not_after(client_svid.chain_pem) else None
+    # ... and the client library follows its own rotation: SpiffeMtls on an
+    # X509Source (this process's registration, rotating the same way) opens a
+    # new channel with the new SVID.
+    source = await asyncio.to_thread(X509Source, socket_path=agent.endpoint, timeout_in_seconds=10)
+    try:
+        async with AsyncClient(tls_target(sidecar), credentials=SpiffeMtls(source, SIDECAR_DNS)) as client:
+            before = seen(await client.authorize("echo", {}))
+            assert before["source"] == "mtls"
 
-    newer = await wait_for(client_rotated, "the planner's SVID to rotate")
-    async with mtls_client(sidecar, newer) as client:
-        got = seen(await client.authorize("echo", {}))
-    assert got["svid_expires_at"] == not_after(newer.chain_pem) and got["trust_domain"] == TD
+            async def client_rotated():
+                got = seen(await client.authorize("echo", {}))
+                return got if got["svid_expires_at"] > before["svid_expires_at"] else None
+
+            after = await wait_for(client_rotated, "the client's SVID to rotate")
+    finally:
+        source.close()
+    assert (after["spiffe_id"], after["source"]) == (SIDECAR_ID, "mtls")
 
 
 async def test_agent_stopped_denies_once_the_svid_expires_and_serves_again_when_back(

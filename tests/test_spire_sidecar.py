@@ -28,9 +28,9 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from spiffe import WorkloadApiClient
+from spiffe import WorkloadApiClient, X509Source
 
-from sidecar.client import AsyncClient, delegated_by
+from sidecar.client import AsyncClient, JwtSvidAuth, SpiffeMtls, delegated_by
 from sidecar.config import Config, load_config
 from tests.conftest import write_policy
 from tests.infra.spire import SpireAgent, SpireServer, SpireUnavailable, X509Svid, own_process_selectors
@@ -273,7 +273,7 @@ async def test_a_jwt_svid_minted_by_spire_is_verified_and_another_audience_refus
     assert refused.outcome == "deny" and "signature does not verify" in refused.reasons[0]
 
 
-async def test_a_delegation_chain_of_spire_jwt_svids(node, sidecar):
+async def test_a_delegation_chain_of_spire_jwt_svids(node, sidecar, tmp_path):
     _, callers = node
     caller = callers["planner"].fetch_jwt(AUD)
     upstream = callers["orchestrator"].fetch_jwt(AUD)
@@ -283,6 +283,8 @@ async def test_a_delegation_chain_of_spire_jwt_svids(node, sidecar):
         with delegated_by(callers["orchestrator"].fetch_jwt("not-the-sidecar")):
             refused = await client.authorize("echo", {})
     assert (seen(chained)["spiffe_id"], seen(chained)["delegation"]) == (PLANNER_ID, [ORCHESTRATOR_ID])
+    record = record_of(tmp_path / "evidence", chained)
+    assert [link["spiffe_id"] for link in record["delegation"]] == [ORCHESTRATOR_ID]
     assert refused.outcome == "deny"
     assert refused.reasons[0].startswith("unverified_caller: delegation[0]: ")
 
@@ -300,3 +302,40 @@ async def test_an_expired_spire_jwt_svid_is_refused(node, sidecar):
         await asyncio.sleep(max(0.0, expires - time.time()) + 0.5)
         refused = await client.authorize("echo", {})
     assert refused.outcome == "deny" and "jwt_svid: the token expired at" in refused.reasons[0]
+
+
+async def test_the_agent_side_client_library_with_spire(node, sidecar):
+    """SpiffeMtls and JwtSvidAuth take their credentials from the agent, as an agent pod would.
+
+    Run in this process, they get this process's registration: the sidecar's ID.
+    """
+    agent, _ = node
+    source = await asyncio.to_thread(X509Source, socket_path=agent.endpoint, timeout_in_seconds=10)
+    try:
+        async with AsyncClient(tls_target(sidecar), credentials=SpiffeMtls(source, SIDECAR_DNS)) as client:
+            got = seen(await client.authorize("echo", {}))
+        assert (got["spiffe_id"], got["source"]) == (SIDECAR_ID, "mtls")
+    finally:
+        source.close()
+    with WorkloadApiClient(agent.endpoint) as workload_api:
+        async with AsyncClient(unix_target(sidecar), metadata=JwtSvidAuth(AUD, source=workload_api)) as client:
+            got = seen(await client.authorize("echo", {}))
+    assert (got["spiffe_id"], got["source"]) == (SIDECAR_ID, "jwt_svid")
+
+
+async def test_the_sidecar_starts_before_the_agent_and_serves_once_it_is_up(spire, tmp_path, running_sidecar):
+    agent = spire.agent("late", start=False)
+    register_sidecar(agent)
+    sidecar = await running_sidecar(sidecar_settings(tmp_path, agent))  # no agent socket yet: starts anyway
+    detail = await wait_health(sidecar, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert "does not exist yet" in detail
+    async with AsyncClient(unix_target(sidecar)) as client:
+        refused = await client.authorize("echo", {})
+        assert refused.outcome == "deny"
+        assert refused.reasons[0].startswith("unverified_caller: workload_api: no X.509-SVID from the Workload API")
+        assert record_of(tmp_path / "evidence", refused)["subject"] is None
+
+        agent.start()
+        await wait_health(sidecar, health_pb2.HealthCheckResponse.SERVING)
+        allowed = await client.authorize("echo", {})
+    assert allowed.outcome == "allow" and seen(allowed)["spiffe_id"] == SIDECAR_ID

@@ -401,11 +401,11 @@ plugins {{
         self.cli("bundle", "set", "-id", f"spiffe://{other.trust_domain}", "-path", str(path), "-format", "spiffe")
 
     # ------------------------------------------------------------ agents
-    def agent(self, name: str = "node1", **kwargs) -> "SpireAgent":
-        """Start an agent attested with a fresh join token (see SpireAgent)."""
+    def agent(self, name: str = "node1", *, start: bool = True, **kwargs) -> "SpireAgent":
+        """An agent of this server, started unless `start=False` (see SpireAgent); `close()` stops it."""
         agent = SpireAgent(self, name, **kwargs)
         self.agents.append(agent)
-        return agent.start()
+        return agent.start() if start else agent
 
 
 # ---------------------------------------------------------------- agent
