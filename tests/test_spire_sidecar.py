@@ -323,7 +323,11 @@ async def test_the_agent_side_client_library_with_spire(node, sidecar):
     assert (got["spiffe_id"], got["source"]) == (SIDECAR_ID, "jwt_svid")
 
 
-async def test_the_sidecar_starts_before_the_agent_and_serves_once_it_is_up(spire, tmp_path, running_sidecar):
+async def test_the_sidecar_starts_before_the_agent_and_serves_once_it_is_up(
+    spire, node, tmp_path, running_sidecar
+):
+    _, callers = node
+    planner = callers["planner"].fetch_x509()  # from another agent of the same trust domain
     agent = spire.agent("late", start=False)
     register_sidecar(agent)
     sidecar = await running_sidecar(sidecar_settings(tmp_path, agent))  # no agent socket yet: starts anyway
@@ -334,8 +338,15 @@ async def test_the_sidecar_starts_before_the_agent_and_serves_once_it_is_up(spir
         assert refused.outcome == "deny"
         assert refused.reasons[0].startswith("unverified_caller: workload_api: no X.509-SVID from the Workload API")
         assert record_of(tmp_path / "evidence", refused)["subject"] is None
+        # Without its SVID the mTLS listener presents a placeholder nobody trusts.
+        async with mtls_client(sidecar, planner) as tls_client:
+            with pytest.raises(grpc.RpcError) as info:
+                await tls_client.authorize("echo", {})
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
         agent.start()
         await wait_health(sidecar, health_pb2.HealthCheckResponse.SERVING)
         allowed = await client.authorize("echo", {})
     assert allowed.outcome == "allow" and seen(allowed)["spiffe_id"] == SIDECAR_ID
+    async with mtls_client(sidecar, planner) as tls_client:
+        assert seen(await tls_client.authorize("echo", {}))["spiffe_id"] == PLANNER_ID

@@ -1,9 +1,21 @@
-"""TEST DOUBLE: a fake SPIFFE Workload API (the SPIRE agent's socket) for tests.
+"""TEST DOUBLE: a fake SPIFFE Workload API (the SPIRE agent's socket), only for what SPIRE will not do.
 
-Not production code. No SPIRE binary can be installed here, so tests talk to
-this grpcio server instead. It speaks the real protocol over a unix socket,
-using the `SpiffeWorkloadAPI` stubs that ship inside the `spiffe` wheel
-(`spiffe._proto`), and behaves like the SPIRE agent where it matters:
+Not production code. The identity tests run against the real SPIRE server and
+agent (tests/infra/spire.py, tests/test_spire_*.py): the sidecar's SVID and
+bundles, rotation, "no identity issued", a deleted registration, the agent
+going away, mTLS and JWT-SVIDs, other trust domains. This double stays for
+the cases a real SPIRE cannot be made to produce:
+
+- forged credentials: tokens and certificates signed by keys that look like
+  the trust domain's (tests/doubles/pki.py), a partner CA vouching for our IDs;
+- malformed ones: upper-case or over-long IDs, two URI SANs, oversized tokens;
+- expired ones on demand: an SVID that arrives already expired, a 1-second
+  certificate; an agent that hangs without answering, X.509-SVIDs without
+  JWT bundles, a JWT signing key swapped at an instant the test picks.
+
+It speaks the real protocol over a unix socket, using the `SpiffeWorkloadAPI`
+stubs that ship inside the `spiffe` wheel (`spiffe._proto`), and behaves like
+the SPIRE agent where it matters:
 
 - every RPC requires the `workload.spiffe.io: true` header
   (INVALID_ARGUMENT "security header missing from request" otherwise);
