@@ -21,7 +21,7 @@ the SPIRE agent where it matters:
   (INVALID_ARGUMENT "security header missing from request" otherwise);
 - with no identity it answers PERMISSION_DENIED "no identity issued";
 - the streaming RPCs (FetchX509SVID, FetchJWTBundles) push a new response
-  whenever the test changes something (`set_identity`, `rotate`,
+  whenever the test changes something (`set_identity`, `set_svids`,
   `rotate_jwt_key`, ...) and end with PERMISSION_DENIED on `withdraw()`.
 
 Test controls beyond SPIRE: `hang()` makes new calls block without answering,
@@ -112,11 +112,6 @@ class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self.svids = list(svids)
         self._x509.set(self._x509_response())
         return self.svids
-
-    def rotate(self, ttl: float | None = None) -> list[TestSvid]:
-        """What SPIRE does at half-life: same SPIFFE IDs, new keys and certificates."""
-        prefix = f"spiffe://{self.trust_domain}"
-        return self.set_identity(*[s.spiffe_id[len(prefix):] for s in self.svids], ttl=ttl)
 
     def withdraw(self) -> None:
         """The registration entry is gone: streams end PERMISSION_DENIED "no identity issued"."""
