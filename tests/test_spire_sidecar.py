@@ -350,3 +350,13 @@ async def test_the_sidecar_starts_before_the_agent_and_serves_once_it_is_up(
     assert allowed.outcome == "allow" and seen(allowed)["spiffe_id"] == SIDECAR_ID
     async with mtls_client(sidecar, planner) as tls_client:
         assert seen(await tls_client.authorize("echo", {}))["spiffe_id"] == PLANNER_ID
+
+
+def test_missing_spire_binaries_fail_saying_how_to_build_them(monkeypatch, tmp_path):
+    import tests.infra.spire as infra
+
+    monkeypatch.setattr(infra, "BIN", tmp_path)
+    with pytest.raises(SpireUnavailable, match=r"spire-server is not built .*run `make install`.*SPIRE v1\.13\.3"):
+        SpireServer(TD)
+    with pytest.raises(pytest.fail.Exception, match="make install"):
+        start_spire()

@@ -243,6 +243,8 @@ class SpireServer:
         log_level: str = "INFO",
         database: str | None = None,
     ):
+        self._binary = binary("spire-server")  # first: nothing is created when SPIRE is not built
+        binary("spire-agent")
         self.trust_domain = trust_domain
         self._database = database
         self._owns_directory = directory is None
@@ -257,7 +259,6 @@ class SpireServer:
         self.port = 0
         self.agents: list[SpireAgent] = []
         self._process: _Process | None = None
-        self._binary = binary("spire-server")
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> "SpireServer":
