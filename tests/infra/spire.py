@@ -196,6 +196,7 @@ def _wait_ready(process: _Process, check: Sequence[str], what: str, timeout: flo
     deadline = time.monotonic() + timeout
     while True:
         if not process.alive:
+            process.stop()
             raise SpireError(f"{what} exited during startup; its log ({process.log_path}):\n{process.log_tail()}")
         probe = subprocess.run(list(check), capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if probe.returncode == 0:
