@@ -120,7 +120,8 @@ async def test_a_registration_removed_while_serving_denies_at_once(spire, tmp_pa
     assert record_of(tmp_path / "evidence", refused)["outcome"] == "deny"
 
 
-async def test_svids_from_another_trust_domain_are_refused(spire, other, tmp_path, running_sidecar):
+async def test_svids_from_another_trust_domain_are_refused(spire, other, tmp_path, running_sidecar, caplog):
+    caplog.set_level(logging.INFO, logger="sidecar.gate")
     other_server, stranger = other
     spire.trust(other_server)  # static federation: SPIRE hands the sidecar other.test's bundles too
     agent = spire.agent("border")
@@ -141,6 +142,8 @@ async def test_svids_from_another_trust_domain_are_refused(spire, other, tmp_pat
         f"unverified_caller: jwt_svid: trust domain {OTHER_TD} is not accepted (accepted: {TD})"
     )
     assert record_of(tmp_path / "evidence", refused)["subject"] is None
+    assert f"unverified caller denied (decision {refused.decision_id})" in messages(caplog)
+    assert f"trust domain {OTHER_TD} is not accepted" in messages(caplog)
 
     # An X.509-SVID of other.test: the TLS handshake is refused before any call.
     async with mtls_client(sidecar, stranger.fetch_x509()) as client:
