@@ -1,12 +1,12 @@
 """WorkloadApiSource against the fake Workload API: what the real SPIRE cannot be made to do.
 
 Startup before the agent, "no identity issued", rotation, withdrawal, the
-agent going away and coming back, expiry and federated bundles are tested
-against the real SPIRE agent (tests/test_spire_*.py). What stays here needs
-the test double (tests/doubles/fake_workload_api.py): an agent that hangs,
-X.509-SVIDs without JWT bundles, a swapped JWT signing key on demand, SVIDs
-that arrive expired or with a malformed ID, plus the source's own mechanics
-(endpoint parsing, unix only, a prompt close).
+agent going away and coming back, expiry, federated bundles and JWT key
+rotation are tested against the real SPIRE agent (tests/test_spire_*.py).
+What stays here needs the test double (tests/doubles/fake_workload_api.py):
+an agent that hangs, X.509-SVIDs without JWT bundles, SVIDs that arrive
+expired or with a malformed ID, plus the source's own mechanics (endpoint
+parsing, unix only, a prompt close).
 """
 
 from __future__ import annotations
@@ -143,17 +143,6 @@ def test_endpoint_configuration(monkeypatch):
 
 
 # ---------------------------------------------------------------- while running
-
-
-def test_jwt_bundle_rotation(agent, sources):
-    source = sources(agent.endpoint)
-    assert source.wait_until_ready(5)
-    old_kid = agent.jwt_authority.kid
-    assert old_kid in source.jwt_keys("example.org")
-    new = agent.rotate_jwt_key()
-    assert wait_for(lambda: new.kid in (source.jwt_keys("example.org") or {}))
-    assert old_kid not in source.jwt_keys("example.org")
-    assert source.jwt_keys("other.org") is None
 
 
 def test_svid_that_arrives_expired_is_not_used(sockdir, sources):

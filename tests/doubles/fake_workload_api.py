@@ -3,7 +3,8 @@
 Not production code. The identity tests run against the real SPIRE server and
 agent (tests/infra/spire.py, tests/test_spire_*.py): the sidecar's SVID and
 bundles, rotation, "no identity issued", a deleted registration, the agent
-going away, mTLS and JWT-SVIDs, other trust domains. This double stays for
+going away, mTLS and JWT-SVIDs, other trust domains, key rotation and
+revocation. This double stays for
 the cases a real SPIRE cannot be made to produce:
 
 - forged credentials: tokens and certificates signed by keys that look like
@@ -11,7 +12,7 @@ the cases a real SPIRE cannot be made to produce:
 - malformed ones: upper-case or over-long IDs, two URI SANs, oversized tokens;
 - expired ones on demand: an SVID that arrives already expired, a 1-second
   certificate; an agent that hangs without answering, X.509-SVIDs without
-  JWT bundles, a JWT signing key swapped at an instant the test picks.
+  JWT bundles.
 
 It speaks the real protocol over a unix socket, using the `SpiffeWorkloadAPI`
 stubs that ship inside the `spiffe` wheel (`spiffe._proto`), and behaves like
@@ -22,7 +23,7 @@ the SPIRE agent where it matters:
 - with no identity it answers PERMISSION_DENIED "no identity issued";
 - the streaming RPCs (FetchX509SVID, FetchJWTBundles) push a new response
   whenever the test changes something (`set_identity`, `set_svids`,
-  `rotate_jwt_key`, ...) and end with PERMISSION_DENIED on `withdraw()`.
+  `publish_jwt_bundles`, `federate_with`) and end with PERMISSION_DENIED on `withdraw()`.
 
 Test controls beyond SPIRE: `hang()` makes new calls block without answering,
 `stop()` makes the agent go away (socket removed), `start()` brings it back
@@ -124,12 +125,6 @@ class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             if authority is not None:
                 bundles[td] = authority.jwks()
         self._jwt.set(workload_pb2.JWTBundlesResponse(bundles=bundles))
-
-    def rotate_jwt_key(self) -> TestJwtAuthority:
-        """A new signing key (new kid) replaces the old one in the JWT bundle."""
-        self.jwt_authority = TestJwtAuthority(self.trust_domain)
-        self.publish_jwt_bundles()
-        return self.jwt_authority
 
     def federate_with(self, trust_domain: str, *, ca: TestCa | None = None,
                       jwt_authority: TestJwtAuthority | None = None) -> None:

@@ -341,8 +341,13 @@ plugins {{
 
     # ------------------------------------------------------------ CLI
     def cli(self, *args: str) -> str:
-        """`spire-server <command> <subcommand> -socketPath <ours> <args...>`; stdout."""
-        command, rest = list(args[:2]), list(args[2:])
+        """`spire-server <command words> -socketPath <ours> <flags...>`; stdout.
+
+        The command is the words before the first flag: `cli("entry", "show")`,
+        `cli("localauthority", "jwt", "taint", "-authorityID", kid)`.
+        """
+        split = next((i for i, arg in enumerate(args) if arg.startswith("-")), len(args))
+        command, rest = list(args[:split]), list(args[split:])
         return _run([str(self._binary), *command, "-socketPath", str(self.socket_path), *rest],
                     f"spire-server {' '.join(command)}")
 
@@ -420,6 +425,7 @@ class SpireAgent:
         self.home = server.directory / name
         self.socket_path = self.home / "api.sock"
         self.node_id = server.spiffe_id(f"/node/{name}")
+        self.agent_id = ""  # spiffe://<td>/spire/agent/join_token/<token>, once started
         self.log_level = log_level
         self.entries: list[Entry] = []
         self._process: _Process | None = None
@@ -449,12 +455,19 @@ class SpireAgent:
             self.home.chmod(0o755)  # workloads connect to the socket inside it
             bundle = self.home / "bootstrap.pem"
             bundle.write_text(self.server.bundle_pem())
-            config.write_text(self._config(self.server.join_token(f"/node/{self.name}"), bundle))
+            token = self.server.join_token(f"/node/{self.name}")
+            self.agent_id = self.server.spiffe_id(f"/spire/agent/join_token/{token}")
+            config.write_text(self._config(token, bundle))
         self._process = _Process([str(self._binary), "run", "-config", str(config)], self.home / "agent.log")
         self._process.start()
         _wait_ready(self._process, [str(self._binary), "healthcheck", "-socketPath", str(self.socket_path)],
                     f"spire-agent {self.name} ({self.server.trust_domain})")
         return self
+
+    def svid_serial(self) -> str:
+        """The serial number of the agent's own X.509-SVID, as the server knows it (`agent show`)."""
+        out = json.loads(self.server.cli("agent", "show", "-spiffeID", self.agent_id, "-output", "json"))
+        return out["x509svid_serial_number"]
 
     def stop(self) -> None:
         """Stop the agent (its socket goes away); `start()` brings it back on the same path."""
