@@ -68,7 +68,8 @@ def start_spire(trust_domain: str = TD) -> SpireServer:
 
 
 def seen(result) -> dict:
-    """What policy saw of the caller, from IDENTITY_POLICY's reason."""
+    """What policy saw of the caller, from IDENTITY_POLICY's reason (the call must have been allowed)."""
+    assert result.outcome == "allow", result.reasons
     spiffe_id, source, td, path, expires, chain = result.reasons[0].split("|")
     return {"spiffe_id": spiffe_id, "source": source, "trust_domain": td, "path": path,
             "svid_expires_at": expires, "delegation": chain.split(">") if chain else []}
@@ -159,6 +160,7 @@ def sidecar_settings(tmp_path: Path, agent: SpireAgent, **identity) -> Config:
         "listen.unix": str(sock / "sidecar.sock"),
         "policy.dir": str(write_policy(tmp_path / "rego", IDENTITY_POLICY)),
         "policy.reload": False,
+        "policy.timeout_ms": 5000,  # identity is under test, not policy speed on a loaded machine
         "sidecar.instance_id": "spire-test",
         "evidence.dir": str(tmp_path / "evidence"),
         "escalation.path": str(tmp_path / "escalations.db"),
