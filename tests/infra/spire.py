@@ -14,6 +14,11 @@ directory (unix socket paths must stay under ~108 bytes):
         agent.endpoint                                    # unix:///tmp/spire.../node1/api.sock, for SPIFFE_ENDPOINT_SOCKET
 
 Shapes and rules:
+- The server's datastore is PostgreSQL (the pinned SPIRE is built without
+  cgo, and SPIRE's sqlite3 needs cgo): by default a fresh database on the
+  test process's shared server (tests/doubles/postgres.py; `make test`
+  installs Debian's postgresql). The server's CLI is `SpireServer.cli(...)`,
+  e.g. `cli("localauthority", "jwt", "show", "-output", "json")`.
 - Node attestation is `join_token`: each agent gets a fresh token whose
   node alias is `spiffe://<td>/node/<name>`; registration entries are
   parented to that alias. `SpireAgent.start()` after `stop()` reuses the
