@@ -17,11 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient, delegated_by
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError
+from sidecar.identity.delegation import link_audience
 from tests.doubles.escalation import make_config, records
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 AUD = SIDECAR_ID
+DELEGATION = "spiffe://example.org/agent-sidecar/delegation"
 PLANNER = "spiffe://example.org/ns/agents/sa/planner"
 ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
 ALICE = "spiffe://example.org/humans/alice"
@@ -45,9 +47,10 @@ async def world(tmp_path, running_sidecar):
             "identity.sources": ["jwt_svid", "workload_api"],
             "identity.workload_api_socket": f"unix://{sockdir}/agent.sock",
             "identity.jwt_audience": AUD,
+            "identity.delegation_audience": DELEGATION,
             "identity.workload_api_max_backoff_ms": 100,
-            "escalation.approvers": ["spiffe://example.org/humans/*", "email:*@example.org", PLANNER, ORCHESTRATOR,
-                                     SIDECAR_ID],
+            # workloads by their exact SPIFFE IDs (never a pattern), people by pattern
+            "escalation.approvers": [ALICE, "email:*@example.org", PLANNER, ORCHESTRATOR, SIDECAR_ID],
             "escalation.console_identities": [CONSOLE],
         },
     )
@@ -69,9 +72,10 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
     unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
     tcp = sidecar.addresses[0]
     token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    link = lambda who, to: agent.jwt_authority.mint(who, link_audience(DELEGATION, to=to))  # noqa: E731
 
     async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
-        with delegated_by(token(ORCHESTRATOR)):
+        with delegated_by(link(ORCHESTRATOR, PLANNER)):
             escalated = await planner.authorize("send_email", EMAIL)
     assert escalated.outcome == "escalate", escalated.reasons
     eid = escalated.escalation_id
@@ -98,7 +102,7 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
         assert (error.status, error.code) == (status, code), (name, error)
 
     delegated = lambda: (("authorization", f"Bearer {token(ALICE)}"),  # noqa: E731
-                         ("x-spiffe-delegation", token(MALLORY)))
+                         ("x-spiffe-delegation", link(MALLORY, ALICE)))
     async with ApprovalsClient(tcp, metadata=delegated) as through_chain:
         with pytest.raises(ApprovalsError) as info:
             await through_chain.approve(eid)
@@ -118,7 +122,7 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
     async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
         undelegated = await planner.authorize("send_email", EMAIL, escalation_id=eid)
         assert undelegated.outcome == "deny" and "another delegation chain" in undelegated.reasons[0]
-        with delegated_by(token(ORCHESTRATOR)):
+        with delegated_by(link(ORCHESTRATOR, PLANNER)):
             retry = await planner.authorize("send_email", EMAIL, escalation_id=eid)
     assert retry.outcome == "allow", retry.reasons
 
