@@ -17,6 +17,8 @@ from pathlib import Path
 
 import jwt
 import pytest
+from hypothesis import HealthCheck, given, settings as hypothesis_settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.serialization import Encoding
 from spiffe import WorkloadApiClient
 
@@ -227,6 +229,61 @@ def test_a_caller_never_appears_in_its_own_chain(agent, resolver):
 def test_a_link_for_another_sidecar_deployment_is_refused(agent, resolver):
     foreign = agent.jwt_authority.mint(ORCHESTRATOR, link_audience("spiffe://example.org/other/delegation", to=RESEARCH))
     assert "not bound" in denied(resolver, call(caller_token(agent, RESEARCH), [foreign]))
+
+
+AGENTS = [f"spiffe://example.org/ns/agents/sa/a{i}" for i in range(6)]
+
+
+@st.composite
+def chains_and_tampering(draw):
+    """A bound chain (distinct agents, then the caller) and what an attacker makes of it."""
+    people = draw(st.permutations(AGENTS))
+    n = draw(st.integers(1, 4))
+    hops, caller = list(people[:n]), people[n]
+    indices = list(range(n))
+    op = draw(st.sampled_from(["none", "permute", "drop", "repeat", "caller", "splice"]))
+    presented, presenter = indices, caller
+    if op == "permute":
+        presented = draw(st.permutations(indices))
+    elif op == "drop":
+        presented = sorted(draw(st.sets(st.sampled_from(indices), max_size=n - 1))) if n > 1 else []
+    elif op == "repeat":
+        presented = list(indices)
+        presented.insert(draw(st.integers(0, n)), draw(st.sampled_from(indices)))
+    elif op == "caller":
+        presenter = draw(st.sampled_from([p for p in people if p != caller]))
+    elif op == "splice":  # a link minted for another place by the same agent
+        presented = list(indices)
+    return hops, caller, op, presented, presenter, draw(st.integers(0, n - 1))
+
+
+@pytest.fixture(scope="module")
+def module_resolver(agent):
+    rt = build_identity(load_config(None, settings(agent)).identity)
+    assert rt.source.wait_until_ready(5)
+    yield rt.resolver
+    rt.close()
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=chains_and_tampering())
+def test_property_a_chain_is_accepted_exactly_as_minted(agent, module_resolver, case):
+    hops, caller, op, presented, presenter, spliced = case
+    links = chain(agent, *hops, caller=caller)
+    tokens = [links[i] for i in presented]
+    if op == "splice":  # the same agent's link, minted for a different next hop
+        tokens[spliced] = link(agent, hops[spliced], "spiffe://example.org/ns/agents/sa/elsewhere",
+                               hops[spliced - 1] if spliced else None)
+    peer = call(caller_token(agent, presenter), tokens) if tokens else call(caller_token(agent, presenter))
+    untouched = tokens == links and presenter == caller
+    if untouched:
+        got = module_resolver.resolve(peer)
+        assert [d.spiffe_id for d in got.delegation] == hops and got.subject.spiffe_id == caller
+    elif not tokens:
+        assert module_resolver.resolve(peer).delegation == ()  # no chain at all: the caller on its own
+    else:
+        with pytest.raises(IdentityError, match=r"^delegation\[\d+\]: "):
+            module_resolver.resolve(peer)
 
 
 # ------------------------------------------------------------ trust domains

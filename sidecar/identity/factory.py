@@ -68,8 +68,6 @@ def build_identity(identity_config, *, source: WorkloadApiSource | None = None) 
     jwt_audience = identity_config.jwt_audience
     # No fallback to jwt_audience: a delegation link must never pass as a caller's token (config refuses equal ones).
     delegation_audience = identity_config.delegation_audience
-    if delegation_audience and delegation_audience == jwt_audience:
-        raise ValueError("identity.delegation_audience: must differ from identity.jwt_audience")
     want_jwt = "jwt_svid" in sources or bool(delegation_audience)
 
     if source is None:
