@@ -192,6 +192,8 @@ def test_delegation_refused_without_an_audience_or_in_dev(agent):
     dev = build_identity(load_config(None, {}).identity)
     assert dev.source is None and dev.server_credentials is None
     assert dev.resolver.resolve(PeerInfo(transport="tcp")).subject.source == "dev"
+    assert dev.resolver.health() == (True, "DEV MODE: every caller is the dev identity spiffe://dev.local/agent "
+                                           "(source: dev), and approvals are open (docs/configuration.md#outside-dev-mode)")
     with pytest.raises(IdentityError, match="cannot be verified here"):
         dev.resolver.resolve(PeerInfo(transport="tcp", metadata=chain_metadata("a.b.c")))
     with pytest.raises(IdentityError, match="0"):
