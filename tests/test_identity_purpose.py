@@ -440,3 +440,24 @@ async def test_the_research_agent_cannot_run_sql_as_the_orchestrator(agent, tmp_
         with delegated_by(orchestrator_link):
             delegated = await research.authorize("run_sql", {"query": "select 1"})
     assert delegated.outcome == "deny" and list(delegated.reasons) == ["no rule allows this call"]
+
+
+async def test_over_grpc_links_in_repeated_metadata_keep_their_order(agent, make_runtime):
+    """gRPC joins a repeated key in order (servicer.peer_info): the binding still decides."""
+    runtime = make_runtime()
+    directory = short_dir()
+    probe = await ProbeServer(runtime.resolver, directory).start()
+    try:
+        target = f"unix:{probe.unix_path}"
+        links = chain(agent, ORCHESTRATOR, PLANNER, caller=RESEARCH)
+        me = ("authorization", f"Bearer {caller_token(agent, RESEARCH)}")
+        in_order = await ask(target, metadata=[me, (DELEGATION_METADATA, links[0]), (DELEGATION_METADATA, links[1])])
+        assert [d["spiffe_id"] for d in in_order["delegation"]] == [ORCHESTRATOR, PLANNER]
+        swapped = await ask(target, metadata=[me, (DELEGATION_METADATA, links[1]), (DELEGATION_METADATA, links[0])])
+        assert swapped["denied"].startswith("delegation[0]: the link is not bound")
+        # a link as the caller's token, over the wire
+        stolen = await ask(target, metadata=[("authorization", f"Bearer {links[1]}")])
+        assert stolen["denied"].startswith("jwt_svid: the token's audience does not include")
+    finally:
+        await probe.stop()
+        remove_dir(directory)
