@@ -27,6 +27,7 @@ from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 PLANNER = "spiffe://example.org/ns/agents/sa/planner"
 AUD = SIDECAR_ID
+DELEGATION = "spiffe://example.org/agent-sidecar/delegation"
 
 # Allows `echo` and echoes what policy saw of the caller into the reason.
 IDENTITY_POLICY = """\
@@ -68,7 +69,9 @@ def make_config(tmp_path, sockdir):
             "identity.sources": ["jwt_svid", "mtls", "workload_api"],
             "identity.workload_api_socket": f"unix://{sockdir}/agent.sock",
             "identity.jwt_audience": AUD,
+            "identity.delegation_audience": DELEGATION,
             "identity.workload_api_max_backoff_ms": 100,
+            "escalation.approvers": ["email:*@example.org"],
         }
         settings.update({f"identity.{k}": v for k, v in identity.items()})
         return load_config(None, settings)
