@@ -5,8 +5,9 @@ Registrations on that agent (parent: its node alias):
 
 - the sidecar, i.e. this Python process: `unix:uid:<ours>` + `unix:path:<python>`,
   DNS SAN `sidecar.local` (python grpc clients check the server's hostname);
-- the callers `planner` and `orchestrator`: `unix:uid:<ours>` + `unix:path:` of
-  their own hard link of spire-agent, whose `api fetch` gets their SVIDs.
+- the callers `orchestrator`, `planner` and `research`: `unix:uid:<ours>` +
+  `unix:path:` of their own hard link of spire-agent, whose `api fetch` gets
+  their SVIDs.
 
 Everything the sidecar verifies here was issued by SPIRE: its own SVID and
 bundles (Workload API), the planner's X.509-SVID (mTLS), JWT-SVIDs (bearer and
@@ -32,6 +33,7 @@ from spiffe import WorkloadApiClient, X509Source
 
 from sidecar.client import AsyncClient, JwtSvidAuth, SpiffeMtls, delegated_by
 from sidecar.config import Config, load_config
+from sidecar.identity.delegation import link_audience
 from tests.conftest import write_policy
 from tests.infra.spire import SpireAgent, SpireServer, SpireUnavailable, X509Svid, own_process_selectors
 
@@ -40,7 +42,9 @@ SIDECAR_PATH = "/ns/agents/sa/sidecar"
 SIDECAR_ID = f"spiffe://{TD}{SIDECAR_PATH}"
 PLANNER_ID = f"spiffe://{TD}/ns/agents/sa/planner"
 ORCHESTRATOR_ID = f"spiffe://{TD}/ns/agents/sa/orchestrator"
+RESEARCH_ID = f"spiffe://{TD}/ns/agents/sa/research"
 AUD = SIDECAR_ID  # identity.jwt_audience
+DELEGATION = f"spiffe://{TD}/agent-sidecar/delegation"  # identity.delegation_audience
 SIDECAR_DNS = "sidecar.local"
 
 # Allows `echo` and echoes what policy saw of the caller into the reason.
@@ -168,7 +172,9 @@ def sidecar_settings(tmp_path: Path, agent: SpireAgent, **identity) -> Config:
         "identity.sources": ["jwt_svid", "mtls", "workload_api"],
         "identity.workload_api_socket": agent.endpoint,
         "identity.jwt_audience": AUD,
+        "identity.delegation_audience": DELEGATION,
         "identity.workload_api_max_backoff_ms": 200,
+        "escalation.approvers": ["email:*@example.org"],
     }
     settings.update({f"identity.{k}": v for k, v in identity.items()})
     return load_config(None, settings)
@@ -187,7 +193,7 @@ def node(spire):
     agent = spire.agent("node1")
     register_sidecar(agent)
     callers = {}
-    for name, spiffe_id in (("planner", PLANNER_ID), ("orchestrator", ORCHESTRATOR_ID)):
+    for name, spiffe_id in (("planner", PLANNER_ID), ("orchestrator", ORCHESTRATOR_ID), ("research", RESEARCH_ID)):
         callers[name] = agent.workload(name)
         agent.register(spiffe_id.removeprefix(f"spiffe://{TD}"), *callers[name].selectors)
     for workload in callers.values():
@@ -276,19 +282,24 @@ async def test_a_jwt_svid_minted_by_spire_is_verified_and_another_audience_refus
 
 
 async def test_a_delegation_chain_of_spire_jwt_svids(node, sidecar, tmp_path):
+    """orchestrator -> planner -> research (the caller); each link minted by SPIRE for its place."""
     _, callers = node
-    caller = callers["planner"].fetch_jwt(AUD)
-    upstream = callers["orchestrator"].fetch_jwt(AUD)
+    caller = callers["research"].fetch_jwt(AUD)
+    orchestrator_link = callers["orchestrator"].fetch_jwt(link_audience(DELEGATION, to=PLANNER_ID))
+    planner_link = callers["planner"].fetch_jwt(link_audience(DELEGATION, to=RESEARCH_ID, from_=ORCHESTRATOR_ID))
     async with AsyncClient(unix_target(sidecar), metadata=bearer(caller)) as client:
-        with delegated_by(upstream):
+        with delegated_by(orchestrator_link, planner_link):
             chained = await client.authorize("echo", {})
-        with delegated_by(callers["orchestrator"].fetch_jwt("not-the-sidecar")):
-            refused = await client.authorize("echo", {})
-    assert (seen(chained)["spiffe_id"], seen(chained)["delegation"]) == (PLANNER_ID, [ORCHESTRATOR_ID])
+        with delegated_by(orchestrator_link):  # the planner's link dropped: the chain no longer reaches the caller
+            dropped = await client.authorize("echo", {})
+        with delegated_by(callers["orchestrator"].fetch_jwt(AUD)):  # a caller token is not a link
+            not_a_link = await client.authorize("echo", {})
+    assert (seen(chained)["spiffe_id"], seen(chained)["delegation"]) == (RESEARCH_ID, [ORCHESTRATOR_ID, PLANNER_ID])
     record = record_of(tmp_path / "evidence", chained)
-    assert [link["spiffe_id"] for link in record["delegation"]] == [ORCHESTRATOR_ID]
-    assert refused.outcome == "deny"
-    assert refused.reasons[0].startswith("unverified_caller: delegation[0]: ")
+    assert [link["spiffe_id"] for link in record["delegation"]] == [ORCHESTRATOR_ID, PLANNER_ID]
+    for refused in (dropped, not_a_link):
+        assert refused.outcome == "deny"
+        assert refused.reasons[0].startswith("unverified_caller: delegation[0]: "), refused.reasons
 
 
 async def test_an_expired_spire_jwt_svid_is_refused(node, sidecar):
