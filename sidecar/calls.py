@@ -7,10 +7,11 @@ understands) and still recorded; it just never reaches the policy engine.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.jsonvalues import normalize, number_problems
 
 MAX_TOOL_NAME_BYTES = 256
 MAX_ID_BYTES = 256
@@ -27,6 +28,11 @@ class ToolCall:
     signals: Any = None
     escalation_id: str = ""
     server: str = ""
+
+
+def normalized(call: ToolCall) -> ToolCall:
+    """The call with the numbers rule applied to arguments and signals (1.0 → 1), as every door must see it."""
+    return replace(call, arguments=normalize(call.arguments), signals=normalize(call.signals))
 
 
 def depth_of(value: Any, limit: int) -> int:
@@ -73,6 +79,8 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         depth = depth_of(value, max_depth)
         if depth > max_depth:
             problems.append(f"input_too_deep: {label} nest deeper than the limit of {max_depth} levels")
+        else:
+            problems += [f"invalid_{label}: {problem}" for problem in number_problems(value, label)]
 
     try:
         encoded = canonical_json(call.arguments)
@@ -81,7 +89,8 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
             problems.append(f"input_too_large: arguments are {len(encoded)} bytes, over the limit of {max_bytes}")
     except NotCanonicalizable as exc:
         digest = sha256_digest(repr(call.arguments).encode("utf-8", "surrogatepass"))
-        problems.append(f"invalid_arguments: arguments are not valid JSON ({exc})")
+        if not any(problem.startswith("invalid_arguments:") for problem in problems):
+            problems.append(f"invalid_arguments: arguments are not valid JSON ({exc})")
     if call.signals is not None and not problems:
         try:
             if len(canonical_json(call.signals)) > max_bytes:
