@@ -21,7 +21,9 @@ Hidden characters (`hidden`):
 A value holding any of them is shown whole in escaped form (`visible`):
 `\\n \\r \\t`, `\\xNN`, `\\uNNNN`, `\\UNNNNNNNN`, with backslashes doubled so
 the escaped form cannot be mistaken for the same text typed out; and it is
-flagged (`FLAG`, `NOTICE`). A value without them is shown unchanged.
+flagged (`FLAG`, `NOTICE`). So is a value that holds the flag itself, so no
+value can pose as another one's escaped form (`needs_flag`). Any other value is
+shown unchanged: two different values never read the same.
 JSON for people (`json_text`) uses JSON's own `\\uNNNN` escapes, so it stays
 valid JSON with the same value; JSON for programs (`exact_json`) is ASCII-only.
 """
@@ -55,6 +57,11 @@ def has_hidden(text: str) -> bool:
     return any(hidden(ch) for ch in text)
 
 
+def needs_flag(text: str) -> bool:
+    """True when the text must be shown escaped and flagged: hidden characters, or the flag itself in it."""
+    return FLAG in text or has_hidden(text)
+
+
 def _escape(ch: str) -> str:
     if ch in _SHORT:
         return _SHORT[ch]
@@ -69,7 +76,7 @@ def _escape(ch: str) -> str:
 def visible(text: Any) -> str:
     """The text unchanged when it has no hidden characters; else all of it escaped (backslashes doubled)."""
     text = "" if text is None else str(text)
-    if not has_hidden(text):
+    if not needs_flag(text):
         return text
     return "".join("\\\\" if ch == "\\" else _escape(ch) if hidden(ch) else ch for ch in text)
 
@@ -77,20 +84,20 @@ def visible(text: Any) -> str:
 def cell(text: Any) -> str:
     """A table cell: `visible(text)`, prefixed with FLAG when it held hidden characters."""
     text = "" if text is None else str(text)
-    return FLAG + visible(text) if has_hidden(text) else text
+    return FLAG + visible(text) if needs_flag(text) else text
 
 
-def value_has_hidden(value: Any) -> bool:
-    """True when any string or object key inside a JSON value holds hidden characters."""
+def value_needs_flag(value: Any) -> bool:
+    """True when any string or object key inside a JSON value needs the flag (`needs_flag`)."""
     stack = [value]
     while stack:
         node = stack.pop()
         if isinstance(node, str):
-            if has_hidden(node):
+            if needs_flag(node):
                 return True
         elif isinstance(node, dict):
             for key, item in node.items():
-                if isinstance(key, str) and has_hidden(key):
+                if isinstance(key, str) and needs_flag(key):
                     return True
                 stack.append(item)
         elif isinstance(node, (list, tuple)):
@@ -126,4 +133,4 @@ def exact_json(value: Any, **kwargs: Any) -> str:
 
 def flagged(fields: dict[str, Any]) -> list[str]:
     """The names of the fields whose values (strings, lists, objects, keys too) hold hidden characters."""
-    return [name for name, value in fields.items() if value_has_hidden(value)]
+    return [name for name, value in fields.items() if value_needs_flag(value)]

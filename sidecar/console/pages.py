@@ -12,7 +12,7 @@ from html import escape
 from typing import Iterable
 from urllib.parse import quote
 
-from sidecar.display import FLAG, NOTICE, has_hidden, json_text, value_has_hidden, visible
+from sidecar.display import FLAG, NOTICE, needs_flag, json_text, value_needs_flag, visible
 from sidecar.escalation.cli import human_duration
 from sidecar.escalation.client import parse_time
 
@@ -75,7 +75,7 @@ def flag_html(what: str = "") -> str:
 def text(value: object) -> str:
     """A value from outside as HTML text: hidden characters escaped and flagged, then HTML-escaped."""
     raw = "" if value is None else str(value)
-    return escape(visible(raw)) + (" " + flag_html() if has_hidden(raw) else "")
+    return escape(visible(raw)) + (" " + flag_html() if needs_flag(raw) else "")
 
 
 def note_html(note: str) -> str:
@@ -106,7 +106,7 @@ def until(value: str, now: datetime) -> str:
 def trace_link(trace_id: str, jaeger_url: str, *, short: bool = False) -> str:
     if not trace_id:
         return "-"
-    shown = text(trace_id[:12] + "…" if short and not has_hidden(trace_id) else trace_id)
+    shown = text(trace_id[:12] + "…" if short and not needs_flag(trace_id) else trace_id)
     if not jaeger_url:
         return f'<code title="{attr(trace_id)}">{shown}</code>'
     href = f"{jaeger_url.rstrip('/')}/trace/{quote(trace_id, safe='')}"
@@ -141,7 +141,7 @@ def _preview(escalation: dict) -> str:
     digest = text(escalation.get("arguments_digest", ""))
     if preview is None:
         return f'<span class="meta">not kept; digest <code>{digest}</code></span>'
-    flag = flag_html(f"the arguments {NOTICE} as JSON escapes") if value_has_hidden(preview) else ""
+    flag = flag_html(f"the arguments {NOTICE} as JSON escapes") if value_needs_flag(preview) else ""
     return f'{flag}<pre>{escape(json_text(preview))}</pre><div class="meta">digest <code>{digest}</code></div>'
 
 

@@ -18,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged, has_hidden, json_text, value_has_hidden, visible
+from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged, needs_flag, json_text, value_needs_flag, visible
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 STATE_CHOICES = ["pending", "approved", "denied", "expired", "used", "all"]
@@ -118,7 +118,7 @@ def format_table(rows: list[dict]) -> str:
 
 def _line(label: str, value: Any, suffix: str = "") -> str:
     text = "" if value is None else str(value)
-    flag = f"   {FLAG} {NOTICE}" if has_hidden(text) else ""
+    flag = f"   {FLAG} {NOTICE}" if needs_flag(text) else ""
     return f"{label:<12} {visible(text)}{suffix}{flag}"
 
 
@@ -137,7 +137,7 @@ def format_detail(e: dict) -> str:
     ]
     if e["delegation"]:
         hops = " -> ".join(visible(d) for d in e["delegation"])
-        lines.append(f"delegation   {hops}" + (f"   {FLAG} {NOTICE}" if value_has_hidden(e["delegation"]) else ""))
+        lines.append(f"delegation   {hops}" + (f"   {FLAG} {NOTICE}" if value_needs_flag(e["delegation"]) else ""))
     lines += [
         _line("tool", e["tool"]),
     ]
@@ -158,7 +158,7 @@ def format_detail(e: dict) -> str:
     lines += [_line("  -", reason) for reason in e["reasons"]]
     lines.append(_line("arguments", e["arguments_digest"]))
     if e["arguments_preview"] is not None:
-        if value_has_hidden(e["arguments_preview"]):
+        if value_needs_flag(e["arguments_preview"]):
             lines.append(f"  {FLAG} the arguments {NOTICE} as JSON escapes")
         lines += ["  " + line for line in json_text(e["arguments_preview"]).splitlines()]
     else:
