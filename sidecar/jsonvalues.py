@@ -85,7 +85,7 @@ def normalize(value: Any) -> Any:
 
 
 def number_problems(value: Any, path: str) -> list[str]:
-    """Server side: "path: why" for each number the rule refuses (the first few, then a count)."""
+    """Server side: "path: why" for each number the rule refuses (the first few by key order, then a count)."""
     found: list[str] = []
     count = 0
     stack: list[tuple[Any, str]] = [(value, path)]
@@ -100,7 +100,8 @@ def number_problems(value: Any, path: str) -> list[str]:
                 if len(found) < MAX_NAMED:
                     found.append(f"{where}: {problem}")
         elif isinstance(node, dict):
-            stack.extend((item, child_path(where, str(key))) for key, item in reversed(list(node.items())))
+            # Sorted: the reasons do not depend on the order a Struct's map arrived in.
+            stack.extend((node[key], child_path(where, str(key))) for key in sorted(node, key=str, reverse=True))
         elif isinstance(node, list):
             stack.extend((item, child_path(where, i)) for i, item in reversed(list(enumerate(node))))
     if count > len(found):
