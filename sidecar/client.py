@@ -11,9 +11,11 @@ the reasons, ESCALATE raises EscalationRequired with the escalation id.
 Arguments, signals and every other Struct go out exactly or not at all: a
 value the sidecar would receive changed (an integer beyond ±(2^53−1), NaN,
 Infinity, a non-string key, a non-JSON value) raises NotExact naming the
-field before anything is sent (docs/api.md, "Numbers"). The guard runs the
-function only when the sidecar's `arguments_digest` is the digest of the
-arguments it runs with (ArgumentsChanged otherwise). With
+field before anything is sent (docs/api.md, "Numbers"). The guard decides on
+a private copy of the arguments and runs the function with that copy, only
+when the sidecar's `arguments_digest` is the copy's digest (ArgumentsChanged
+otherwise): changing the caller's objects while a human decides changes
+nothing. With
 `Client(..., escalation_timeout=600)` the guard instead waits (AwaitDecision)
 for a human to decide and then repeats the call with the escalation id, so
 an approved call runs and tool code needs no change (docs/escalation.md).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import threading
@@ -271,6 +274,15 @@ def _call_arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, 
     return dict(bound.arguments)
 
 
+def _pinned_call(function: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[str, Any], str]:
+    """(args, kwargs, arguments, digest) of a private copy: what is decided is what runs, even if the
+    caller's objects change while a human decides. Raises NotExact before copying anything odd."""
+    arguments_digest(_call_arguments(function, args, kwargs))
+    args, kwargs = copy.deepcopy((args, kwargs))
+    arguments = _call_arguments(function, args, kwargs)
+    return args, kwargs, arguments, arguments_digest(arguments)
+
+
 @dataclass(frozen=True)
 class EscalationDecision:
     """Where an escalation stands after AwaitDecision."""
@@ -404,8 +416,7 @@ class Client(_ClientBase):
 
             @functools.wraps(function)
             def guarded(*args: Any, **kwargs: Any) -> Any:
-                arguments = _call_arguments(function, args, kwargs)
-                digest = arguments_digest(arguments)
+                args, kwargs, arguments, digest = _pinned_call(function, args, kwargs)
                 result = self.authorize_waiting(name, arguments, **fields)
                 _raise_unless_allowed(name, result, digest)
                 return function(*args, **kwargs)
@@ -511,8 +522,7 @@ class AsyncClient(_ClientBase):
 
             @functools.wraps(function)
             async def guarded(*args: Any, **kwargs: Any) -> Any:
-                arguments = _call_arguments(function, args, kwargs)
-                digest = arguments_digest(arguments)
+                args, kwargs, arguments, digest = _pinned_call(function, args, kwargs)
                 result = await self.authorize_waiting(name, arguments, **fields)
                 _raise_unless_allowed(name, result, digest)
                 return await function(*args, **kwargs)

@@ -217,6 +217,33 @@ async def cli(*args: str) -> str:
     return out.decode()
 
 
+async def test_the_guard_runs_the_values_decided_even_if_the_caller_changes_them_meanwhile(
+        tmp_path, running_sidecar):
+    sidecar = await running_sidecar(make_config(tmp_path))
+    address = sidecar.addresses[0]
+    recipients, body = ["ops@example.com"], {"text": "hi"}
+    ran: list = []
+
+    def agent() -> None:
+        with Client(address, escalation_timeout=30) as client:
+            client.guard(tool="send_email")(lambda to, body: ran.append((to, body)))(recipients, body=body)
+
+    async with ApprovalsClient(address) as approvals:
+        running = asyncio.create_task(asyncio.to_thread(agent))
+        for _ in range(200):
+            pending = await approvals.list(state="pending")
+            if pending:
+                break
+            await asyncio.sleep(0.05)
+        recipients.append("attacker@evil.example")  # while the human reads the preview
+        body["text"] = "wire the money"
+        [escalation] = pending
+        assert escalation["arguments_preview"] == {"to": ["ops@example.com"], "body": {"text": "hi"}}
+        await approvals.approve(escalation["escalation_id"], approver=ALICE)
+        await running
+    assert ran == [(["ops@example.com"], {"text": "hi"})]
+
+
 class _LyingToolGate:
     """TEST DOUBLE for a case the real sidecar cannot produce: it allows, with another arguments digest
     (a sidecar or proxy that changed the arguments on the way)."""
