@@ -125,22 +125,24 @@ def _exact(value: Any, path: str) -> Any:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise NotExact(path, "the string holds a lone surrogate, which is not valid Unicode text") from None
-        return value
-    if isinstance(value, (int, float)) and type(value) in (int, float):
-        problem = number_problem(value)
+        return str(value)
+    if isinstance(value, (int, float)):  # subclasses (IntEnum, numpy.float64) as the plain number they hold
+        plain = int(value) if isinstance(value, int) else float(value)
+        problem = number_problem(plain)
         if problem:
             raise NotExact(path, problem)
-        return value
+        return plain
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise NotExact(path, f"key {key!r} is a {type(key).__name__}; JSON object keys are strings")
+                raise NotExact(path, f"the key {key!r} is not a string; JSON object keys are strings")
             out[_exact(key, f"{path} (a key)")] = _exact(item, child_path(path, key))
         return out
     if isinstance(value, (list, tuple)):
         return [_exact(item, child_path(path, i)) for i, item in enumerate(value)]
-    raise NotExact(path, f"a {type(value).__name__} is not a JSON value (use dict, list, str, int, float, bool, None)")
+    raise NotExact(path, f"a value of type {type(value).__name__} is not JSON "
+                         "(use dict, list, tuple, str, int, float, bool or None)")
 
 
 def to_struct(value: dict[str, Any], what: str) -> Struct:

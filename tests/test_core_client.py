@@ -64,7 +64,7 @@ async def test_guard_refuses_arguments_that_are_not_json(sidecar):
         async def search_docs(query: object) -> None:
             pass
 
-        with pytest.raises(NotExact, match="arguments.query: a object is not a JSON value"):
+        with pytest.raises(NotExact, match="arguments.query: a value of type object is not JSON"):
             await search_docs(object())
 
 

@@ -13,6 +13,7 @@ approvals show/list --json, AwaitDecision, obligations, evidence records.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import math
 import subprocess
@@ -82,10 +83,13 @@ def test_the_client_refuses_values_that_would_not_arrive_as_sent(arguments, sign
 
 
 def test_values_that_arrive_exactly_round_trip_through_struct():
-    value = {"max": SAFE_INTEGER, "min": -SAFE_INTEGER, "one": 1, "float_one": 1.0, "half": 0.5, "tiny": 5e-324,
+    class Code(enum.IntEnum):
+        OK = 7
+
+    value = {"code": Code.OK, "max": SAFE_INTEGER, "min": -SAFE_INTEGER, "one": 1, "float_one": 1.0, "half": 0.5, "tiny": 5e-324,
              "neg_zero": -0.0, "t": (1, "a"), "nested": {"l": [True, None, "\u202e"]}, "big_float": 2.0**52 + 0.5}
     decoded = from_struct(to_struct(value, "arguments"))
-    assert decoded == {**value, "t": [1, "a"]}
+    assert decoded == {**value, "t": [1, "a"]} and type(decoded["code"]) is int
     assert type(decoded["one"]) is int and type(decoded["float_one"]) is int and type(decoded["neg_zero"]) is int
     assert type(decoded["half"]) is float
     assert canonical_json(decoded) == canonical_json({**value, "t": [1, "a"]})
