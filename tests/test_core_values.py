@@ -21,7 +21,6 @@ import sys
 
 import grpc
 import pytest
-from google.protobuf.struct_pb2 import Struct
 
 from sidecar.canonical import canonical_json, sha256_digest
 from sidecar.client import (
