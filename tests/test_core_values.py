@@ -33,7 +33,8 @@ from sidecar.client import (
 )
 from sidecar.escalation.client import ApprovalsClient
 from sidecar.jsonvalues import SAFE_INTEGER, from_struct, to_struct
-from sidecar.v1 import sidecar_pb2
+from sidecar.console import pages
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import REPO, write_policy
 from tests.doubles.escalation import ALICE, make_config, records
 
@@ -202,6 +203,13 @@ async def test_issue_example_is_refused_and_a_safe_integer_is_shown_approved_and
         assert all(type(i) is int for i in escalation["arguments_preview"]["ids"])
         shown = await cli("approvals", "show", escalation["escalation_id"], "--address", address)
         assert "9007199254740991," in shown and "9007199254740991.0" not in shown and "7.0" not in shown
+        page = pages.detail_page(escalation, approver=ALICE, jaeger_url="", csrf_token="t")  # what the console renders
+        assert "9007199254740991," in page and "9007199254740991.0" not in page and "7.0" not in page
+        async with grpc.aio.insecure_channel(address) as channel:  # AwaitDecision carries the same preview
+            waited = await sidecar_pb2_grpc.ToolGateStub(channel).AwaitDecision(
+                sidecar_pb2.AwaitDecisionRequest(escalation_id=escalation["escalation_id"], timeout_seconds=0))
+        awaited = from_struct(waited.escalation.arguments_preview)
+        assert awaited == {"table": "orders", "ids": [SAFE_INTEGER, 7]} and all(type(i) is int for i in awaited["ids"])
         await approvals.approve(escalation["escalation_id"], approver=ALICE)
         await running
     assert ran == [[SAFE_INTEGER, 7]]
