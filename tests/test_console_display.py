@@ -99,6 +99,9 @@ def test_every_renderer_escapes_and_flags_every_field(text):
     for label in ("tool", "server", "task", "note", "decided by"):
         [line] = [line for line in detail.splitlines() if line.startswith(label + " ")]
         assert line.endswith(f"{FLAG} holds control or invisible characters, shown escaped"), line
+    reasons = [line for line in detail.splitlines() if line.startswith("  - ")]
+    assert len(reasons) == 2 and all(line.endswith(f"{FLAG} holds control or invisible characters, shown escaped")
+                                     for line in reasons)
     table = format_table([escalation])
     assert no_hidden(table) and FLAG + visible("send_" + text) in table
     for page in (pages.pending_page([escalation], approver=ALICE, jaeger_url="", csrf_token="t"),

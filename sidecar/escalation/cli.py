@@ -117,9 +117,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _line(label: str, value: Any, suffix: str = "") -> str:
+    """`label        value`; a value with hidden characters is escaped and the line ends with the flag."""
     text = "" if value is None else str(value)
     flag = f"   {FLAG} {NOTICE}" if needs_flag(text) else ""
     return f"{label:<12} {visible(text)}{suffix}{flag}"
+
+
+def _item(value: str) -> str:
+    return f"  - {visible(value)}" + (f"   {FLAG} {NOTICE}" if needs_flag(value) else "")
 
 
 def format_detail(e: dict) -> str:
@@ -155,7 +160,7 @@ def format_detail(e: dict) -> str:
     lines.append(_line("trace", e["trace_id"] or "-"))
     lines.append(_line("policy", e["policy_revision"] or "-"))
     lines.append("reasons")
-    lines += [_line("  -", reason) for reason in e["reasons"]]
+    lines += [_item(reason) for reason in e["reasons"]]
     lines.append(_line("arguments", e["arguments_digest"]))
     if e["arguments_preview"] is not None:
         if value_needs_flag(e["arguments_preview"]):
