@@ -82,13 +82,15 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         else:
             problems += [f"invalid_{label}: {problem}" for problem in number_problems(value, label)]
 
+    # Too deep: digest what lies within the limit, so nothing below recurses past Python's limit.
+    arguments = call.arguments if depth_of(call.arguments, max_depth) <= max_depth else cut_depth(call.arguments, max_depth)
     try:
-        encoded = canonical_json(call.arguments)
+        encoded = canonical_json(arguments)
         digest = sha256_digest(encoded)
         if len(encoded) > max_bytes:
             problems.append(f"input_too_large: arguments are {len(encoded)} bytes, over the limit of {max_bytes}")
     except NotCanonicalizable as exc:
-        digest = sha256_digest(repr(call.arguments).encode("utf-8", "surrogatepass"))
+        digest = sha256_digest(repr(arguments).encode("utf-8", "surrogatepass"))
         if not any(problem.startswith("invalid_arguments:") for problem in problems):
             problems.append(f"invalid_arguments: arguments are not valid JSON ({exc})")
     if call.signals is not None and not problems:
@@ -98,6 +100,27 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         except NotCanonicalizable as exc:
             problems.append(f"invalid_signals: signals are not valid JSON ({exc})")
     return problems, digest
+
+
+TOO_DEEP = "…[too deep]"
+
+
+def cut_depth(value: Any, limit: int) -> Any:
+    """A copy of a JSON value with every object or array below `limit` levels replaced by TOO_DEEP (iterative)."""
+    root = [value]
+    stack: list[tuple[Any, Any, int]] = [(root, 0, 1)]
+    while stack:
+        holder, key, depth = stack.pop()
+        node = holder[key]
+        if isinstance(node, (dict, list)) and depth > limit:
+            holder[key] = TOO_DEEP
+        elif isinstance(node, dict):
+            holder[key] = node = dict(node)
+            stack.extend((node, k, depth + 1) for k in node)
+        elif isinstance(node, list):
+            holder[key] = node = list(node)
+            stack.extend((node, i, depth + 1) for i in range(len(node)))
+    return root[0]
 
 
 def _json_kind(value: Any) -> str:

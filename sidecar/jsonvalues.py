@@ -72,16 +72,23 @@ def normalize_number(value: float) -> int | float:
 
 
 def normalize(value: Any) -> Any:
-    """The value with the numbers rule applied (integral floats → int); nothing is refused here."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return normalize_number(value)
-    if isinstance(value, dict):
-        return {key: normalize(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [normalize(item) for item in value]
-    return value
+    """A copy of the value with the numbers rule applied (integral floats → int); nothing is refused here.
+
+    Iterative, so input nested past Python's recursion limit (the gate refuses it later) cannot crash it."""
+    root = [value]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        holder, key = stack.pop()
+        node = holder[key]
+        if isinstance(node, float):
+            holder[key] = normalize_number(node)
+        elif isinstance(node, dict):
+            holder[key] = node = dict(node)
+            stack.extend((node, k) for k in node)
+        elif isinstance(node, list):
+            holder[key] = node = list(node)
+            stack.extend((node, i) for i in range(len(node)))
+    return root[0]
 
 
 def number_problems(value: Any, path: str) -> list[str]:

@@ -308,3 +308,16 @@ async def test_a_sync_guard_with_a_number_the_sidecar_could_not_carry_never_call
 
     await asyncio.to_thread(use)
     assert ran == [3.0]
+
+
+def test_normalizing_input_nested_past_the_recursion_limit_does_not_crash():
+    """Doors other than gRPC (check --args, MCP) hand the gate parsed JSON of any depth; the gate refuses
+    it as too deep afterwards, so normalizing must not raise first."""
+    from sidecar.calls import ToolCall, check_call, normalized
+
+    deep: list = [1.0]
+    for _ in range(5000):
+        deep = [deep]
+    call = normalized(ToolCall("echo", {"deep": deep}))
+    problems, _digest = check_call(call, max_bytes=1 << 20, max_depth=64)
+    assert problems[0].startswith("input_too_deep: arguments nest deeper")
