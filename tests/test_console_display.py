@@ -203,3 +203,19 @@ async def test_the_issue_example_and_variants_on_every_real_surface(tmp_path, ru
 def test_json_safe_keeps_the_value_of_a_canonical_line():
     line = json.dumps({"a\u202e": "x\x7f\u2028\U000e0041"}, ensure_ascii=False, separators=(",", ":"))
     assert json.loads(json_safe(line)) == json.loads(line) and no_hidden(json_safe(line), newlines=False)
+
+
+async def test_console_logs_show_request_values_escaped(tmp_path, running_sidecar, caplog):
+    sidecar = await running_sidecar(make_config(tmp_path))
+    runner, port = await start_console(make_config(tmp_path, **{"console.dev_approver": ALICE,
+                                                                "console.sidecar": sidecar.addresses[0]}), "127.0.0.1:0")
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/escalations/esc-%1B%5B2K%0Dapproved%E2%80%AE/decide",
+                                 data={"decision": "approve\x1b[1A"}, allow_redirects=False) as response:
+                assert response.status == 403
+    finally:
+        await runner.cleanup()
+    [line] = [r.getMessage() for r in caplog.records if "csrf" in r.getMessage()]
+    assert no_hidden(line, newlines=False) and "of esc-\\x1b[2K\\rapproved\\u202e by" in line
+    assert "refused approve\\x1b[1A of" in line
