@@ -59,8 +59,8 @@ def _check_readable(out: bytes) -> None:
     for digits in _LONG_INTEGER.findall(bare):
         if int(digits) > _INT_MAX:
             raise NotCanonicalizable(
-                f"a float serializes as the integer {digits[:40].decode()}, past 2^53 - 1: "
-                "a JSON reader cannot get it back (RFC 8785 numbers are IEEE 754 doubles)"
+                f"a float past 2^53 - 1 serializes as a {len(digits)}-digit integer that a JSON reader "
+                "cannot get back (RFC 8785 numbers are IEEE 754 doubles)"
             )
     brackets = bare.translate(None, _BRACKETS)
     if len(brackets) > 2 * MAX_DEPTH:

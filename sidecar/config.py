@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
