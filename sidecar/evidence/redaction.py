@@ -15,6 +15,9 @@ through `Redactor.value`. The rules:
 2. Secrets inside strings, in every string at any depth:
    - `<secret key>=<value>` and `<secret key>: <value>` (query strings,
      header lines, `"token": "..."` in JSON text, `password=...` in prose);
+   - `<secret key> <value>` in prose when the value looks like a credential
+     (6 or more characters, with a digit or a symbol: `api-key sk-123abc`,
+     `password hunter2`, not `token limit`);
    - the credential after `Bearer` or `Basic` (HTTP authorization schemes);
    - the password in a URL's user information (`postgres://u:pw@host`);
    - PEM private key blocks;
@@ -61,6 +64,11 @@ SECRET_KEY_NAMES = ("auth", "pass", "pwd", "pw", "pin", "otp", "jwt")
 # Longest string read as JSON for rule 2 (longer ones get the text rules only).
 MAX_JSON_STRING = 1 << 20
 
+_KEY_SPACE_VALUE = re.compile(
+    # the value is only looked at (not consumed): it may be the next key ("use api-key sk-1...")
+    r"""(?<![A-Za-z0-9_.\-])(?P<key>[A-Za-z_][A-Za-z0-9_.\-]{0,63})[ \t]+"""
+    r"""(?=(?P<value>(?=[^\s"'&;,)}\]]*[0-9\-_./+!@#$%^*~])[^\s"'&;,)}\]]{6,}))"""
+)
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9\-._~+/]+=*)|\b(basic\s+)([A-Za-z0-9+/]{8,}=*)")
@@ -158,9 +166,20 @@ class Redactor:
         out = _AUTH_SCHEME.sub(_scheme_credential, out)
         out = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", out)
         out = _ASSIGNMENT.sub(self._assignment, out)
+        out = self._key_space_value(out)
         if out != text:
             found.append(where or "(text)")
             return out
+        return text
+
+    def _key_space_value(self, text: str) -> str:
+        spans = [
+            match.span("value")
+            for match in _KEY_SPACE_VALUE.finditer(text)
+            if self.is_secret_key(match.group("key")) and not match.group("value").startswith(REDACTED)
+        ]
+        for start, end in reversed(spans):  # later spans first, so earlier offsets stay right
+            text = text[:start] + REDACTED + text[end:]
         return text
 
     def _assignment(self, match: re.Match) -> str:
