@@ -140,7 +140,8 @@ class EvidenceConfig:
     # decision's obligations say record_arguments: true) or "clear". Secret-looking
     # keys are always redacted.
     arguments: str = "policy"
-    # Argument keys (case-insensitive substrings) redacted in addition to the built-in list.
+    # More secret keys (case and separators ignored, substrings) for the one redaction rule set
+    # (sidecar/evidence/redaction.py) applied to every record; the built-in keys always apply.
     redact_keys: list[str] = field(default_factory=list)
     # Records allowed to wait for the disk before new ones are refused (and denied).
     max_pending: int = 10_000
