@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -248,6 +249,10 @@ async def test_no_planted_secret_reaches_any_record_or_span(tmp_path, running_si
     assert call["arguments"]["to"] == "cfo@example.com" and call["arguments"]["items"][1] == {"ok": 1}
     assert "arguments.items[0].Password" in call["redacted"] and "intent" in call["redacted"]
     assert verify_dir(evidence).ok
+    # the escalation store (and so the webhook and approvers) keeps ids, intent, notes and previews redacted too
+    store = b"".join(p.read_bytes() for p in tmp_path.glob("escalations.db*"))
+    assert b"send_email" in store
+    assert not [n for n in range(1, 25) if re.search(rb"PLANT-%d(?![0-9])" % n, store)]
 
     receiver.wait_for(lambda r: any(s.name == "sidecar.expiry" for s in r.spans), timeout=15)
     with receiver.lock:

@@ -26,8 +26,13 @@ says what is wrong.
 Checkpoints: every `checkpoint_every` records or `checkpoint_seconds`
 seconds (and at a clean close), a signed `checkpoint` record over
 `{log_id, seq, head_hash, time}` is added to the chain and mirrored to
-`checkpoints.jsonl` (which may live on another volume), so cutting records
-off the end of the log is detectable up to the last checkpoint.
+`<dir>-checkpoints.jsonl` beside the directory, never in it (or
+`evidence.checkpoint_mirror`, on another volume), so cutting records off the
+end of the log is detectable up to the last checkpoint.
+
+Redaction: every record is redacted by the one rule set (redaction.py) in
+`submit`, before it is queued; a value with no canonical form is replaced by
+a placeholder (records.recordable) rather than sealed.
 """
 
 from __future__ import annotations
