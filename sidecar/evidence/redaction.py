@@ -88,7 +88,13 @@ class Redactor:
     """The rule set, with the extra secret keys of a deployment (`evidence.redact_keys`)."""
 
     def __init__(self, extra_keys: Iterable[str] = ()):
-        self._parts = tuple(dict.fromkeys((*SECRET_KEY_PARTS, *_normalized(extra_keys))))
+        self._set_parts((*SECRET_KEY_PARTS, *_normalized(extra_keys)))
+
+    def _set_parts(self, parts: Iterable[str]) -> None:
+        self._parts = tuple(dict.fromkeys(parts))
+        # any of these in a string's squashed letters and digits: a text rule might match
+        self._trigger = re.compile("|".join(re.escape(p) for p in (*self._parts, *SECRET_KEY_NAMES, "basic")))
+        self._keys: dict[str, bool] = {}  # is_secret_key, remembered (keys repeat across records)
 
     def with_keys(self, extra_keys: Iterable[str]) -> "Redactor":
         """This rule set plus more secret keys (a decision's `redact_arguments` obligation)."""
@@ -96,14 +102,25 @@ class Redactor:
         if not extra:
             return self
         clone = Redactor()
-        clone._parts = tuple(dict.fromkeys((*self._parts, *extra)))
+        clone._set_parts((*self._parts, *extra))
         return clone
 
     def is_secret_key(self, key: Any) -> bool:
         if not isinstance(key, str):
             return False
-        normal = normalize_key(key)
-        return bool(normal) and (normal in SECRET_KEY_NAMES or any(part in normal for part in self._parts))
+        known = self._keys.get(key)
+        if known is None:
+            normal = normalize_key(key)
+            known = bool(normal) and (normal in SECRET_KEY_NAMES or any(part in normal for part in self._parts))
+            if len(self._keys) < 4096:
+                self._keys[key] = known
+        return known
+
+    def _may_hold_secret(self, text: str) -> bool:
+        """Cheap pre-check: could any text rule match? (Every rule needs one of these in the text.)"""
+        if ("@" in text and "://" in text) or "PRIVATE KEY" in text:
+            return True
+        return self._trigger.search(normalize_key(text)) is not None
 
     # -- values ---------------------------------------------------------------
 
@@ -148,7 +165,7 @@ class Redactor:
         return node
 
     def _string(self, text: str, where: str, found: list[str], depth: int) -> str:
-        if not text:
+        if not text or not self._may_hold_secret(text):
             return text
         out = text
         head = text.lstrip()[:1]
