@@ -95,6 +95,7 @@ def test_ordinary_keys_are_kept(key):
         "Basic UExBTlQtMTpQTEFOVC0x",
         "-----BEGIN RSA PRIVATE KEY-----\nPLANT-1\n-----END RSA PRIVATE KEY-----",
         "-----BEGIN PRIVATE KEY-----\nPLANT-1 (cut short",
+        "jwt_svid: token eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJQTEFOVC0xIn0.PLANT-1sig was refused",
         "secret='PLANT-1 with spaces'",
         "use api-key PLANT-1 for this",
         "the password hunter2-PLANT-1 is old",

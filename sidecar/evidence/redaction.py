@@ -20,7 +20,8 @@ through `Redactor.value`. The rules:
      `password hunter2`, not `token limit`);
    - the credential after `Bearer` or `Basic` (HTTP authorization schemes);
    - the password in a URL's user information (`postgres://u:pw@host`);
-   - PEM private key blocks;
+   - PEM private key blocks, and JSON Web Tokens (`eyJ...` `.` `eyJ...` `.` ...,
+     JWT-SVIDs among them) wherever they stand;
    - a string that holds a JSON object or array is read, and redacted by
      rule 1 too; it is rewritten (compact JSON) only when something in it was.
 3. Paths. `record()` lists what it replaced as paths (`signals.api_key`,
@@ -71,6 +72,7 @@ _KEY_SPACE_VALUE = re.compile(
 )
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9\-._~+/]+=*)|\b(basic\s+)([A-Za-z0-9+/]{8,}=*)")
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*):([^\s/@?#]+)@")
 _ASSIGNMENT = re.compile(
@@ -118,7 +120,7 @@ class Redactor:
 
     def _may_hold_secret(self, text: str) -> bool:
         """Cheap pre-check: could any text rule match? (Every rule needs one of these in the text.)"""
-        if ("@" in text and "://" in text) or "PRIVATE KEY" in text:
+        if ("@" in text and "://" in text) or "PRIVATE KEY" in text or "eyJ" in text:
             return True
         return self._trigger.search(normalize_key(text)) is not None
 
@@ -180,6 +182,7 @@ class Redactor:
                 if inner:
                     out = json.dumps(cleaned, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
         out = _PEM_PRIVATE.sub(REDACTED, out)
+        out = _JWT.sub(REDACTED, out)
         out = _AUTH_SCHEME.sub(_scheme_credential, out)
         out = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", out)
         out = _ASSIGNMENT.sub(self._assignment, out)
