@@ -225,8 +225,9 @@ def decision_fields(
             pass  # malformed arguments are only ever recorded as their digest
         else:
             fields["arguments"] = event.arguments  # redacted by the log's Redactor, like every field
-    # a value with no canonical form (the call was denied for it) is described, never written
-    return recordable(fields)
+    # a value with no canonical form (the call was denied for it) is described, never written:
+    # the writer replaces it with recordable() when sealing fails
+    return fields
 
 
 def derived_id(seed: str, hex_digits: int) -> str:
