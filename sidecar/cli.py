@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check chain, hashes, sequence, checkpoints and signatures against your trust anchors",
         description="Check an evidence directory (docs/evidence.md). With --key or --bundle every record must be "
         "covered by a checkpoint a named signer signed (INTACT, exit 0); records after the last one are NOT YET "
-        "COVERED (exit 2). Without anchors only internal consistency is checked (CONSISTENT, exit 0). "
+        "COVERED (exit 3). Without anchors only internal consistency is checked (CONSISTENT, exit 0). "
         "BROKEN (exit 1) names the first broken seq and what is wrong.",
     )
     verify.add_argument("dir", help="the evidence directory (evidence.dir)")

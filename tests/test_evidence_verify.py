@@ -262,7 +262,7 @@ def test_a_dev_signed_log_does_not_pass_a_bundle_check(tmp_path, log_dir):
 
 def test_cli_verify_exit_codes_and_summary(log_dir, tmp_path, capsys):
     key = str(tmp_path / "ev-dev-key.pub.pem")
-    assert main(["evidence", "verify", str(log_dir), "--key", key]) == 2  # seq 34 follows the last checkpoint
+    assert main(["evidence", "verify", str(log_dir), "--key", key]) == 3  # seq 34 follows the last checkpoint
     out = capsys.readouterr().out
     assert "NOT YET COVERED: seq 1..33 intact; seq 34..34" in out and "records:  34" in out
     closed = build_log(tmp_path / "closed", records=30, clean=True)

@@ -448,5 +448,5 @@ def format_report(report: VerifyReport) -> str:
 
 
 def exit_code(report: VerifyReport) -> int:
-    """0 intact (or, without anchors, consistent), 1 broken, 2 not yet covered."""
-    return {INTACT: 0, CONSISTENT: 0, NOT_YET_COVERED: 2}.get(report.verdict, 1)
+    """0 intact (or, without anchors, consistent), 1 broken, 3 not yet covered (2 is a usage error)."""
+    return {INTACT: 0, CONSISTENT: 0, NOT_YET_COVERED: 3}.get(report.verdict, 1)
