@@ -67,7 +67,7 @@ def test_the_issue_example_signals_api_key():
      "db_password", "passwd", "passphrase", "client_secret", "clientSecret", "SECRET", "token", "access_token",
      "refreshToken", "id-token", "Authorization", "proxy-authorization", "credentials", "aws_access_key_id",
      "private_key", "privateKey", "cookie", "Set-Cookie", "session", "sessionId", "auth", "AUTH", "pwd", "pin", "otp",
-     "jwt", "bearer", "custom_field"],
+     "jwt", "bearer", "custom_field", "ＡＰＩ＿ＫＥＹ", "Pａssword", "ＴＯＫＥＮ"],
 )
 def test_secret_keys_in_any_case_and_with_any_separator(key):
     redactor = Redactor(["custom"])

@@ -6,7 +6,7 @@ carry only redacted values), and the argument preview approvers see passes
 through `Redactor.value`. The rules:
 
 1. Secret keys. A mapping key is secret when its letters and digits,
-   lower-cased (case and separators dropped: `API-Key`, `x_api_key` and
+   compatibility-normalized and case-folded (case, width and separators dropped: `API-Key`, `x_api_key` and
    `XApiKey` read `apikey`, `xapikey`), contain one of SECRET_KEY_PARTS or a
    configured extra key (`evidence.redact_keys`, the `redact_arguments`
    obligation; normalized the same way), or are exactly one of
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from typing import Any, Iterable
 
 REDACTED = "[REDACTED]"
@@ -82,8 +83,10 @@ _ASSIGNMENT = re.compile(
 
 
 def normalize_key(key: str) -> str:
-    """Lower-case letters and digits only: `X-Api_Key` → `xapikey`."""
-    return _NON_ALNUM.sub("", key.lower())
+    """Compatibility-normalized (NFKC), case-folded, letters and digits only: `X-Api_Key`, `ＡＰＩ＿ＫＥＹ` → `apikey`."""
+    if not key.isascii():
+        key = unicodedata.normalize("NFKC", key)
+    return _NON_ALNUM.sub("", key.casefold())
 
 
 class Redactor:
