@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.calls import CallIdRegistry, ToolCall, check_call
 from sidecar.canonical import sha256_digest
@@ -21,13 +21,21 @@ from sidecar.escalation import StoreError
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, Recorder, TraceContext
 from sidecar.identity import CallerIdentity, IdentityError
 from sidecar.metrics import Metrics
-from sidecar.policy.decision import Decision
-from sidecar.policy.engine import PolicyEngine
+from sidecar.policy.decision import Decision, DecisionClient
 from sidecar.policy.input import build_input
 from sidecar.usage import UsageCounters
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
+
+
+class Catalog(Protocol):
+    """The tool catalog of the policy serving now (sidecar/policy/catalog.py)."""
+
+    def entry(self, tool: str) -> dict | None: ...
+
+    @property
+    def revision(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,8 @@ class Gate:
     def __init__(
         self,
         *,
-        engine: PolicyEngine,
+        decisions: DecisionClient,
+        catalog: Catalog,
         usage: UsageCounters,
         call_ids: CallIdRegistry,
         recorder: Recorder | None,
@@ -64,7 +73,8 @@ class Gate:
         metrics: Metrics | None = None,
         escalations: "EscalationService | None" = None,
     ):
-        self.engine = engine
+        self.decisions = decisions
+        self.catalog = catalog
         self._usage = usage
         self._call_ids = call_ids
         self._recorder = recorder
@@ -111,7 +121,7 @@ class Gate:
 
         timings: dict[str, float] = {}
         if problems:
-            decision = Decision.refused(problems, policy_revision=self.engine.revision)
+            decision = Decision.refused(problems, policy_revision=self.catalog.revision)
         else:
             assert isinstance(identity, CallerIdentity)
             usage = self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
@@ -120,7 +130,7 @@ class Gate:
                 tool=call.tool,
                 server=call.server,
                 arguments=call.arguments,
-                catalog_entry=self.engine.catalog_entry(call.tool),
+                catalog_entry=self.catalog.entry(call.tool),
                 task_id=call.task_id,
                 intent=call.intent,
                 signals=call.signals or {},
@@ -131,7 +141,7 @@ class Gate:
                 sidecar=self.instance_id,
             )
             engine_started = time.perf_counter()
-            decision = await self.engine.evaluate(document)
+            decision = await self.decisions.decide(document)
             timings["engine"] = (time.perf_counter() - engine_started) * 1000
 
         escalation_id, approver, new_escalation = call.escalation_id, "", None
