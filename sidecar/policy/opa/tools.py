@@ -165,6 +165,7 @@ async def run_tests(binary: str, directory: Path, *, run: str = "", timeout: flo
 
 
 _FAILURE_HEADER = re.compile(r"^(data\.\S+): (FAIL|ERROR)\b")
+_SUMMARY = re.compile(r"^(PASS|FAIL|ERROR|SKIPPED): \d+/\d+$")
 
 
 async def explain_failures(binary: str, directory: Path, failed: list[TestResult]) -> dict[str, str]:
@@ -185,10 +186,10 @@ async def explain_failures(binary: str, directory: Path, failed: list[TestResult
         if header:
             current = header.group(1)
             explained[current] = []
-        elif current is not None and not set(line) <= {"-"} and not line.startswith("SUMMARY"):
-            explained[current].append(line)
-        if line.startswith("SUMMARY"):
+        elif _SUMMARY.match(line):
             break
+        elif current is not None and not set(line) <= {"-"}:
+            explained[current].append(line)
     return {rule: "\n".join(lines).strip("\n") for rule, lines in explained.items()}
 
 
