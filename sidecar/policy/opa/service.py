@@ -96,7 +96,7 @@ class PolicyService:
         self._client_options = client_options
         self._url = url
         self._managed = managed
-        self._reload = reload
+        self._watch_directory = reload
         self._binary = ""
         self._workdir: Path | None = None
         self._current: _Generation | None = None
@@ -105,6 +105,7 @@ class PolicyService:
         self._retiring: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
         self.last_reload_error: str | None = None
+        self._rejected_revision = ""
         self.catalog = _ServingCatalog(self)
 
     @property
@@ -130,7 +131,7 @@ class PolicyService:
             self._remove_workdir()
             raise
         log.info("policy %s serving revision %s (%s)", self.directory, self.revision, self._describe())
-        if self._reload:
+        if self._watch_directory:
             self._watcher = asyncio.create_task(self._watch(), name="policy-reload")
 
     async def aclose(self) -> None:
@@ -272,9 +273,9 @@ class PolicyService:
     async def reload(self) -> bool:
         """Serve the directory's current contents if they pass every step; True if they now serve."""
         async with self._lock:
-            return await self._reload()
+            return await self._reload_once()
 
-    async def _reload(self) -> bool:
+    async def _reload_once(self) -> bool:
         current = self._current_generation()
         started = time.monotonic()
         try:
@@ -285,7 +286,11 @@ class PolicyService:
             if self.last_reload_error is not None:
                 log.info("policy %s is back to the serving revision %s; nothing to reload", self.directory, revision)
                 self.last_reload_error = None
+                self._rejected_revision = ""
             return True
+        if revision == self._rejected_revision:
+            return False  # already tried, rejected and logged
+        self._rejected_revision = revision
         if not self.managed:
             try:
                 catalog = await asyncio.to_thread(_read_catalog, self.directory)
@@ -293,6 +298,7 @@ class PolicyService:
                 return self._rejected(exc.problems)
             current.catalog = catalog
             self.last_reload_error = None
+            self._rejected_revision = ""
             log.info("policy catalog reloaded from %s: revision %s", self.directory, catalog.revision)
             return True
         try:
@@ -301,6 +307,7 @@ class PolicyService:
             return self._rejected(exc.problems)
         previous, self._current = current, generation
         self.last_reload_error = None
+        self._rejected_revision = ""
         log.info(
             "policy reloaded in %.2f s: now serving revision %s (was %s; %s)",
             time.monotonic() - started, generation.catalog.revision, previous.catalog.revision, self._describe(),
@@ -319,9 +326,11 @@ class PolicyService:
         return False
 
     async def _watch(self) -> None:
+        """Reload on every change, and every 2 s regardless (a change made before the watch began, or one
+        inotify misses, e.g. a Kubernetes ConfigMap's symlink swap); an unchanged revision costs one digest."""
         from watchfiles import awatch
 
-        async for _changes in awatch(self.directory, debounce=200, step=50):
+        async for _changes in awatch(self.directory, debounce=200, step=50, rust_timeout=2000, yield_on_timeout=True):
             try:
                 await self.reload()
             except Exception:  # never let the watcher die
