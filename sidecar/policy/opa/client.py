@@ -357,14 +357,31 @@ class OpaClient:
         """POST within the budget, retrying connection errors and 5xx; raise _Failure."""
         attempts = 0
         last: _Failure | None = None
+        started = asyncio.get_running_loop().time()
+        try:
+            # The first attempt without the retry machinery: it is the hot path.
+            async with asyncio.timeout(self._budget):
+                attempts = 1
+                return await self._attempt(payload)
+        except TimeoutError:
+            raise _Failure(
+                "policy_timeout", self.url, f"did not answer within {self._budget * 1000:.0f} ms"
+            ) from None
+        except _Retryable as failure:
+            if self.options.retries == 0:
+                raise
+            last = failure
+        remaining = self._budget - (asyncio.get_running_loop().time() - started)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.options.retries + 1) | stop_before_delay(self._budget),
-            wait=wait_exponential(multiplier=self._backoff, min=self._backoff, max=max(self._backoff, self._budget)),
+            stop=stop_after_attempt(self.options.retries) | stop_before_delay(max(0.0, remaining)),
+            # The first pause is taken below; tenacity's come after: twice it, then doubling.
+            wait=wait_exponential(multiplier=2 * self._backoff, max=max(self._backoff, self._budget)),
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
         )
         try:
-            async with asyncio.timeout(self._budget):
+            async with asyncio.timeout(max(0.0, remaining)):
+                await asyncio.sleep(self._backoff)
                 async for attempt in retrying:
                     with attempt:
                         attempts += 1

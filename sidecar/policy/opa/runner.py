@@ -9,11 +9,15 @@ activated); `opa.url` is then `unix:///path/opa.sock` for `OpaClient`.
 - OPA runs in its own process group (a new session), so a Ctrl-C at the
   terminal reaches the sidecar, which stops OPA itself; stopping signals the
   whole group (SIGTERM, then SIGKILL after `stop_grace_seconds`).
-- OPA never outlives the sidecar, SIGKILL included: on Linux the child asks
-  the kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG, set
-  between fork and exec). The kernel sends it when the *thread* that forked
-  exits; the runner is started from the event loop's thread, which lives as
-  long as the process (asyncio.run in the main thread).
+- OPA never outlives the sidecar, SIGKILL included: OPA is started through
+  util-linux `setpriv --pdeathsig KILL`, which asks the kernel (prctl
+  PR_SET_PDEATHSIG, kept across exec) to SIGKILL it when its parent dies.
+  Not a Python preexec_fn: that forces fork() instead of vfork(), and fork()
+  runs gRPC's atfork handlers in the child, which can abort it. The kernel
+  sends the signal when the *thread* that spawned OPA exits; the runner is
+  started from the event loop's thread, which lives as long as the process
+  (asyncio.run in the main thread). Without setpriv (not Linux) a warning
+  says OPA may outlive a killed sidecar.
 - When OPA dies while serving, it is started again after a capped
   exponential back-off (`restart_backoff_seconds` doubling up to
   `restart_backoff_max_seconds`; back to the first step once it has run
@@ -32,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -46,9 +49,6 @@ from pathlib import Path
 import aiohttp
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 INSTALL_HINT = (
     "build the pinned OPA with `make install` (or `tools/build.sh opa`), which puts it in .tools/bin; "
@@ -113,18 +113,13 @@ class OpaRunOptions:
         return f"unix://{self.socket}"
 
 
-def _die_with_parent(parent: int):
-    """preexec_fn: SIGKILL this child when its parent dies (Linux); exit at once if it already has."""
-    if _LIBC is None:
-        return None
-    prctl = _LIBC.prctl  # resolved before fork: the child only calls it
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+def _die_with_parent() -> list[str]:
+    """The command prefix that has the kernel SIGKILL the child when its parent dies ([] if unavailable)."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None:
+        log.warning("no setpriv (util-linux): a managed OPA may outlive a sidecar killed with SIGKILL")
+        return []
+    return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 class OpaRunner:
@@ -183,14 +178,16 @@ class OpaRunner:
         with contextlib.suppress(FileNotFoundError):
             self.options.socket.unlink()  # a stale socket from a killed OPA
         argv = self.options.argv()
+        if not os.access(argv[0], os.X_OK):
+            raise OpaNotFound(f"no OPA binary at {argv[0]}: {INSTALL_HINT}")
         try:
             self._process = await asyncio.create_subprocess_exec(
+                *_die_with_parent(),
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),
             )
         except FileNotFoundError:
             raise OpaNotFound(f"no OPA binary at {argv[0]}: {INSTALL_HINT}") from None
