@@ -59,7 +59,7 @@ class OpaConfig:
     # Pooled keep-alive connections to OPA.
     max_connections: int = 32
     # Decisions waiting for OPA at once; a call over it is denied at once (overloaded).
-    max_in_flight: int = 256
+    max_in_flight: int = 64
 
 
 @dataclass

@@ -176,7 +176,7 @@ class OpaClientOptions:
     health_interval_ms: int = 1000
     health_timeout_ms: int = 500
     max_connections: int = 32
-    max_in_flight: int = 256
+    max_in_flight: int = 64
 
 
 class OpaClient:

@@ -140,9 +140,7 @@ class PolicyService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        for task in list(self._retiring):
-            task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await asyncio.gather(*self._retiring, return_exceptions=True)  # bounded: see _retire
         if self._current is not None:
             current, self._current = self._current, None
             await self._stop_generation(current)
@@ -265,8 +263,11 @@ class PolicyService:
             generation.bundle.unlink(missing_ok=True)
 
     async def _retire(self, generation: _Generation) -> None:
-        await generation.client.drained(timeout=max(1.0, 2 * self._client_options.timeout_ms / 1000))
-        await self._stop_generation(generation)
+        """Stop a replaced generation once its calls in flight have returned (at most twice the budget)."""
+        try:
+            await generation.client.drained(timeout=max(1.0, 2 * self._client_options.timeout_ms / 1000))
+        finally:
+            await self._stop_generation(generation)
 
     # --- reload --------------------------------------------------------------------
 
