@@ -322,6 +322,9 @@ class FaultServer:
             return web.Response(status=200, text="\x00\x01 not json")
         if fault == "list":
             return web.json_response([1, 2])
+        if fault == "slow":
+            await asyncio.sleep(1.0)
+            return web.json_response({"result": ALLOW})
         if fault == "drop":
             request.transport.close()
             return web.Response()
@@ -397,3 +400,17 @@ async def test_the_breaker_fails_fast_probes_and_closes_when_opa_is_back(faults,
     await wait_for(lambda: client.breaker.state == "half_open")
     assert (await client.decide(INPUT)).outcome == "allow"
     assert client.breaker.state == "closed"
+
+
+async def test_a_timeout_while_opa_answers_others_is_overload_and_does_not_open_the_breaker(faults, make_client):
+    client = await make_client(faults.url, timeout_ms=300, breaker_failures=1, retries=0)
+    faults.faults = ["slow"]
+    slow = asyncio.create_task(client.decide(INPUT))
+    await wait_for(lambda: faults.requests == 1)
+    assert (await client.decide(INPUT)).outcome == "allow"  # OPA answers meanwhile
+    assert_opa_deny(await slow, "policy_timeout", faults.url, "did not answer within 300 ms")
+    assert client.breaker.state == "closed"
+    # With no answer in between, a timeout counts (OPA hung): the breaker opens.
+    faults.faults = ["slow"]
+    assert_opa_deny(await client.decide(INPUT), "policy_timeout", faults.url)
+    assert client.breaker.state == "open"

@@ -17,7 +17,9 @@ Failing closed, always naming OPA in the reason (a deny with `error` set):
 - `policy_unavailable`: OPA cannot be reached, or the circuit breaker
   (sidecar/policy/breaker.py) is open after `breaker_failures` consecutive
   failures (unreachable, timed out, a 5xx not in OPA's error shape, a 200
-  that is not JSON); it lets one probe through after the cool-down;
+  that is not JSON); it lets one probe through after the cool-down. A call
+  that timed out while OPA answered others is overload, not OPA failing: it
+  does not count;
 - `policy_error`: OPA refused the query or failed evaluating it (with
   `strict-builtin-errors`, a built-in error fails the decision instead of
   quietly making an expression undefined);
@@ -202,6 +204,7 @@ class OpaClient:
         self._poller: asyncio.Task | None = None
         self._health: tuple[bool, str] = (False, f"OPA at {self.url} not checked yet")
         self.in_flight = 0
+        self._last_answer = 0.0  # loop time of OPA's last answer
         self.revision = ""  # the bundle revision OPA last reported
 
     async def __aenter__(self) -> "OpaClient":
@@ -314,16 +317,22 @@ class OpaClient:
             )
         self.in_flight += 1
         settled = False
+        started = asyncio.get_running_loop().time()
         try:
             try:
                 body = await self._post(payload)
             except _Failure as failure:
-                if failure.counts:
+                if failure.code == "policy_timeout" and self._last_answer > started:
+                    # OPA answered other calls meanwhile: it is up, this call waited behind
+                    # others (overload). Not held against OPA, or overload would open the breaker.
+                    self.breaker.release(admission)
+                elif failure.counts:
                     self._note_failure(admission, failure.detail)
                 else:
                     self.breaker.record_success(admission)
                 settled = True
                 return self._failed(failure.reason)
+            self._last_answer = asyncio.get_running_loop().time()
             self.breaker.record_success(admission)
             settled = True
             return self._decision_from(body)
