@@ -86,6 +86,23 @@ def assert_opa_deny(decision, code: str, url: str, *fragments: str) -> None:
     assert decision.engine == "opa"
 
 
+def stop(pid: int) -> None:
+    """SIGSTOP a process and wait until every one of its threads is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, IndexError):
+                pass
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{pid} did not stop")
+
+
 async def wait_for(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -224,7 +241,7 @@ async def test_opa_stopped_with_sigstop_times_out_opens_the_breaker_and_recovers
     opa = await serve_opa(write_policy(tmp_path / "p", SIMPLE_POLICY))
     client = await make_client(opa.url, timeout_ms=150, breaker_failures=2, breaker_cooldown_ms=100)
     assert (await client.decide(INPUT)).outcome == "allow"
-    os.kill(opa.pid, signal.SIGSTOP)
+    stop(opa.pid)
     try:
         assert_opa_deny(await client.decide(INPUT), "policy_timeout", opa.url, "did not answer within 150 ms")
         assert_opa_deny(await client.decide(INPUT), "policy_timeout", opa.url)
@@ -241,10 +258,11 @@ async def test_opa_stopped_with_sigstop_times_out_opens_the_breaker_and_recovers
 async def test_over_the_in_flight_bound_a_call_is_denied_at_once(tmp_path, serve_opa, make_client):
     opa = await serve_opa(write_policy(tmp_path / "p", SIMPLE_POLICY))
     client = await make_client(opa.url, timeout_ms=20_000, max_in_flight=2)
-    os.kill(opa.pid, signal.SIGSTOP)  # OPA holds the first two calls
+    stop(opa.pid)  # OPA holds the first two calls
     try:
         waiting = [asyncio.create_task(client.decide(INPUT)) for _ in range(2)]
-        await wait_for(lambda: client.in_flight == 2)
+        await wait_for(lambda: client.in_flight == 2 or any(t.done() for t in waiting))
+        assert client.in_flight == 2, [t.result() for t in waiting if t.done()]
         refused = await client.decide(INPUT)
         assert not any(task.done() for task in waiting), [t.result() for t in waiting if t.done()]  # refused at once
         assert_opa_deny(refused, "overloaded", opa.url, "the limit is 2")

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.client import AsyncClient
 from sidecar.policy.catalog import read_data
 from tests.conftest import REPO, SIMPLE_POLICY, write_policy
+from tests.test_opa_client import stop
 
 TESTS = """\
     package sidecar.tests
@@ -79,7 +80,7 @@ async def test_decisions_follow_the_managed_opa_through_stop_kill_and_recovery(r
         assert f"serving revision {result.policy_revision}" in detail
 
         # OPA hangs: calls are denied with a reason naming OPA and recorded with the engine error.
-        os.kill(runner.pid, signal.SIGSTOP)
+        stop(runner.pid)
         try:
             denied = await client.authorize("echo", {"text": "hi"})
             assert denied.outcome == "deny"

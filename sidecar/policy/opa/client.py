@@ -18,8 +18,9 @@ Failing closed, always naming OPA in the reason (a deny with `error` set):
   (sidecar/policy/breaker.py) is open after `breaker_failures` consecutive
   failures (unreachable, timed out, a 5xx not in OPA's error shape, a 200
   that is not JSON); it lets one probe through after the cool-down. A call
-  that timed out while OPA answered others is overload, not OPA failing: it
-  does not count;
+  that timed out while OPA answered others, or while others waited with it
+  and OPA passed its health check, is overload, not OPA failing: it does not
+  count;
 - `policy_error`: OPA refused the query or failed evaluating it (with
   `strict-builtin-errors`, a built-in error fails the decision instead of
   quietly making an expression undefined);
@@ -316,15 +317,16 @@ class OpaClient:
                 f"next probe in {admission.retry_in * 1000:.0f} ms"
             )
         self.in_flight += 1
+        alone = self.in_flight == 1
         settled = False
         started = asyncio.get_running_loop().time()
         try:
             try:
                 body = await self._post(payload)
             except _Failure as failure:
-                if failure.code == "policy_timeout" and self._last_answer > started:
-                    # OPA answered other calls meanwhile: it is up, this call waited behind
-                    # others (overload). Not held against OPA, or overload would open the breaker.
+                if failure.code == "policy_timeout" and self._overloaded(started, alone):
+                    # Overload, not OPA failing: not held against OPA, or overload would open
+                    # the breaker and turn a slow sidecar into one that denies everything.
                     self.breaker.release(admission)
                 elif failure.counts:
                     self._note_failure(admission, failure.detail)
@@ -346,6 +348,15 @@ class OpaClient:
             self.in_flight -= 1
             if not settled:  # cancelled: neither a success nor OPA's fault
                 self.breaker.release(admission)
+
+    def _overloaded(self, started: float, alone: bool) -> bool:
+        """Did a call that timed out wait behind others rather than on a failing OPA?
+
+        Yes when OPA answered another call while it waited, or when other calls were waiting
+        with it and OPA still passes its health check (a saturated event loop delays every
+        answer at once; a hung OPA fails its health check too).
+        """
+        return self._last_answer > started or (not alone and self._health[0])
 
     def _note_failure(self, admission: Admission, reason: str) -> None:
         was_closed = self.breaker.state == CLOSED
