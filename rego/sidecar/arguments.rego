@@ -40,8 +40,10 @@ deny contains reason(["path_traversal: argument \"path\" of tool \"", tool_label
 # prefix list is not a list of strings (fail closed).
 deny contains reason(["path_not_allowed: argument \"path\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
 	prefixes := path_prefixes_for_tool
-	not path_under(input.tool.arguments.path, prefixes)
+	not path_allowed
 }
+
+path_allowed if path_under(input.tool.arguments.path, path_prefixes_for_tool)
 
 path_prefixes_for_tool := prefixes if {
 	configured := limit("path_prefixes")
@@ -60,8 +62,10 @@ path_under(path, prefixes) if {
 # (no user info; an explicit port is allowed).
 deny contains reason(["url_not_allowed: argument \"url\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
 	hosts := url_hosts_for_tool
-	not url_allowed(input.tool.arguments.url, hosts)
+	not url_host_allowed
 }
+
+url_host_allowed if url_allowed(input.tool.arguments.url, url_hosts_for_tool)
 
 url_hosts_for_tool := hosts if {
 	configured := limit("url_hosts")
@@ -84,23 +88,64 @@ url_host(url) := match[0][1] if {
 
 # --- SQL ----------------------------------------------------------------------
 
-# Tools listed in limits.sql_tools: a "query" that is not one read-only
-# statement escalates (a human approves writes). A missing query is caught by
-# the declared-arguments rule above when the catalog declares it.
-escalate contains reason(["sql_not_read_only: tool \"", tool_label, "\" was asked to run SQL that is not a single read-only statement"]) if {
-	input.tool.name in limit("sql_tools")
-	query := input.tool.arguments.query
-	is_string(query)
-	not sql_read_only(query)
+# Arguments whose catalog format is "sql" are judged by what PostgreSQL's
+# parser found in them (input.tool.facts[name], computed by the sidecar:
+# sidecar/policy/facts/sql.py), never by their words. Anything that is not
+# one read-only statement calling only allowed functions escalates: a human
+# approves writes, unknown functions and text the parser refused. A missing
+# argument is the declared-arguments rule's job, above.
+sql_arguments contains name if {
+	some name, format in object.get(tool_entry, "formats", {})
+	format == "sql"
+	_ = input.tool.arguments[name]
 }
 
-# The keyword lists come from data and are spliced into regexes: the
-# limits test checks that they are plain lower-case words.
-sql_read_only(query) if {
-	strings_list(limit("sql_read_only_statements"))
-	strings_list(limit("sql_write_keywords"))
-	sql := lower(trim_space(query))
-	regex.match(concat("", [`^(`, concat("|", limit("sql_read_only_statements")), `)\b`]), sql)
-	not regex.match(`;\s*\S`, sql)
-	not regex.match(concat("", [`\b(`, concat("|", limit("sql_write_keywords")), `)\b`]), sql)
+# Facts the sidecar could parse; undefined when missing (e.g. OPA queried
+# without the sidecar) or when the parser refused the text.
+sql_facts(name) := facts if {
+	facts := input.tool.facts[name]
+	facts.format == "sql"
+	facts.parsed == true
+}
+
+sql_parsed(name) if sql_facts(name)
+
+escalate contains reason(["sql_unparsed: argument \"", show(name), "\" of tool \"", tool_label, "\" is not SQL the parser accepts"]) if {
+	some name in sql_arguments
+	not sql_parsed(name)
+}
+
+escalate contains reason(["sql_not_single_statement: argument \"", show(name), "\" of tool \"", tool_label, "\" holds ", count(sql_facts(name).statements), " statements"]) if {
+	some name in sql_arguments
+	count(sql_facts(name).statements) != 1
+}
+
+escalate contains reason(["sql_write: argument \"", show(name), "\" of tool \"", tool_label, "\" writes, locks or runs a statement that is not read-only"]) if {
+	some name in sql_arguments
+	sql_writes(sql_facts(name))
+}
+
+sql_writes(facts) if {
+	some command in facts.commands
+	not command in limit("sql_read_only_statements")
+}
+
+sql_writes(facts) if count(facts.tables_written) > 0
+
+sql_writes(facts) if facts.row_locks == true
+
+escalate contains reason(["sql_function_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" calls a function not in sql_functions"]) if {
+	some name in sql_arguments
+	some function in sql_facts(name).functions
+	not sql_function_allowed(function)
+}
+
+# Unqualified names, or qualified with pg_catalog (PostgreSQL's built-ins;
+# the parser qualifies SQL syntax such as EXTRACT itself). A quoted name
+# ("LOWER") is another function and never matches.
+sql_function_allowed(function) if function in limit("sql_functions")
+
+sql_function_allowed(function) if {
+	startswith(function, "pg_catalog.")
+	substring(function, count("pg_catalog."), -1) in limit("sql_functions")
 }

@@ -1,9 +1,5 @@
 package sidecar.tests
 
-# "None of these fire" is written [x | some x in [...]; fires(x)] == [] rather
-# than every x in [...] { not fires(x) }: regopy cannot evaluate a `not` over a
-# function call that depends on the `every` variable.
-
 # --- declared arguments ----------------------------------------------------------
 
 test_declared_argument_present_not_denied if {
@@ -134,43 +130,116 @@ test_url_missing_fails_closed if {
 }
 
 # --- SQL ----------------------------------------------------------------------
+#
+# The rules read the facts the sidecar's parser computed (input.tool.facts);
+# tests/test_policy_facts_sql.py checks that the parser gives these facts for
+# these texts, and the end-to-end tests run both through `agent-sidecar check`.
 
-sql(q) := call_as(data_agent, "run_sql", {"query": q})
+# Facts of a read-only query, with some keys replaced.
+sql_facts(patch) := object.union(
+	{
+		"format": "sql", "parsed": true, "error": null,
+		"statements": ["select"], "commands": ["select"],
+		"tables_read": ["orders"], "tables_written": [],
+		"functions": [], "row_locks": false,
+	},
+	patch,
+)
 
-test_read_only_sql_not_escalated if {
-	read_only := [
-		"select * from orders",
-		"  SELECT count(*) FROM orders WHERE updated_at > now() - interval '1 day';",
-		"with recent as (select * from orders) select * from recent",
-		"explain select * from orders",
-		"show tables",
-	]
-	[q | some q in read_only; escalates(sql(q), "sql_not_read_only")] == []
-	decide(sql("select 1")).outcome == "allow"
+unparsed := {"format": "sql", "parsed": false, "error": "syntax error at or near \"sel\", at index 0"}
+
+# A run_sql call by the data agent carrying `facts` for its query.
+sql_call(q, facts) := mk({
+	"subject": identity(data_agent),
+	"tool": object.union(tool("run_sql", {"query": q}), {"facts": {"query": facts}}),
+})
+
+test_read_only_sql_allowed if {
+	inp := sql_call("select count(*) from orders", sql_facts({"functions": ["count"]}))
+	d := decide(inp)
+	d.outcome == "allow"
+	d.reasons == [sprintf("granted: %v is granted tool \"run_sql\"", [data_agent])]
 }
 
-test_write_sql_escalated if {
-	every q in [
-		"delete from orders",
-		"UPDATE orders SET status = 'x'",
-		"insert into t values (1)",
-		"drop table orders",
-		"select 1; drop table orders",
-		"select 1; vacuum full",
-		"select * into backup from orders",
-		"with d as (delete from orders returning *) select * from d",
-		"explain analyze update orders set x = 1",
-		"/* hi */ select 1",
-	] {
-		escalates(sql(q), "sql_not_read_only")
-	}
-	d := decide(sql("delete from orders"))
+test_read_only_variants_not_escalated if {
+	read_only := [
+		sql_facts({}),
+		sql_facts({"statements": ["explain"], "commands": ["explain", "select"]}),
+		sql_facts({"statements": ["show"], "commands": ["show"], "tables_read": []}),
+		sql_facts({"functions": ["pg_catalog.extract", "lower", "date_trunc", "now"]}),
+	]
+	[f | some f in read_only; escalated_sql(f)] == []
+}
+
+escalated_sql(facts) if {
+	some code in escalate_codes(sql_call("q", facts))
+	startswith(code, "sql_")
+}
+
+# select lo_unlink(16403): a SELECT that deletes a large object.
+test_function_not_on_allow_list_escalates if {
+	inp := sql_call("select lo_unlink(16403)", sql_facts({"functions": ["lo_unlink"], "tables_read": []}))
+	d := decide(inp)
 	d.outcome == "escalate"
-	d.reasons == ["sql_not_read_only: tool \"run_sql\" was asked to run SQL that is not a single read-only statement"]
+	d.reasons == ["sql_function_not_allowed: argument \"query\" of tool \"run_sql\" calls a function not in sql_functions"]
+}
+
+test_function_variants_escalate if {
+	every functions in [
+		["pg_read_file"], ["dblink"], ["set_config"], ["nextval"], ["pg_sleep"], ["lo_import"],
+		["pg_catalog.lo_unlink"], ["public.lower"], ["\"LOWER\""], ["\"pg_catalog.lower\""],
+		["count", "pg_advisory_lock"],
+	] {
+		escalates(sql_call("q", sql_facts({"functions": functions})), "sql_function_not_allowed")
+	}
+}
+
+test_writes_escalate if {
+	every facts in [
+		sql_facts({"statements": ["delete"], "commands": ["delete"], "tables_read": [], "tables_written": ["orders"]}),
+		sql_facts({"commands": ["delete", "select"], "tables_written": ["orders"]}), # WITH d AS (DELETE ...) SELECT
+		sql_facts({"statements": ["select_into"], "commands": ["select_into"], "tables_written": ["backup"]}),
+		sql_facts({"statements": ["explain"], "commands": ["explain", "update"], "tables_written": ["orders"]}),
+		sql_facts({"statements": ["copy"], "commands": ["copy"]}), # COPY orders TO PROGRAM
+		sql_facts({"statements": ["set"], "commands": ["set"], "tables_read": []}), # SET ROLE
+		sql_facts({"statements": ["do"], "commands": ["do"], "tables_read": []}),
+		sql_facts({"statements": ["call"], "commands": ["call"], "tables_read": []}),
+		sql_facts({"row_locks": true}), # SELECT ... FOR UPDATE
+		sql_facts({"tables_written": ["orders"]}), # whatever the kind, a written table is a write
+	] {
+		escalates(sql_call("q", facts), "sql_write")
+	}
+}
+
+test_several_statements_escalate if {
+	inp := sql_call("select 1; select 2", sql_facts({"statements": ["select", "select"]}))
+	escalates(inp, "sql_not_single_statement")
+	"sql_not_single_statement: argument \"query\" of tool \"run_sql\" holds 2 statements" in decide(inp).reasons
+}
+
+test_unparsed_sql_escalates if {
+	inp := sql_call("sel ect", unparsed)
+	d := decide(inp)
+	d.outcome == "escalate"
+	d.reasons == ["sql_unparsed: argument \"query\" of tool \"run_sql\" is not SQL the parser accepts"]
+}
+
+# Facts missing (OPA asked without the sidecar, or by an older sidecar), of
+# another format, or not an object: unknown, so escalated.
+test_missing_or_odd_facts_escalate if {
+	every tool_facts in [{}, {"query": sql_facts({"format": "url"})}, {"query": "select"}, {"other": sql_facts({})}] {
+		inp := mk({
+			"subject": identity(data_agent),
+			"tool": object.union(tool("run_sql", {"query": "select 1"}), {"facts": tool_facts}),
+		})
+		escalates(inp, "sql_unparsed")
+	}
+	escalates(call_as(data_agent, "run_sql", {"query": "select 1"}), "sql_unparsed")
 }
 
 test_approved_write_sql_allowed if {
-	inp := object.union(sql("delete from orders where id = 1"), {"approval": approval})
+	facts := sql_facts({"statements": ["delete"], "commands": ["delete"], "tables_written": ["orders"]})
+	inp := object.union(sql_call("delete from orders where id = 1", facts), {"approval": approval})
 	d := decide(inp)
 	d.outcome == "allow"
 	d.reasons == [
@@ -179,12 +248,26 @@ test_approved_write_sql_allowed if {
 	]
 }
 
-test_sql_rule_only_for_sql_tools if {
-	not escalates(call("search_docs", {"query": "delete everything"}), "sql_not_read_only")
+test_allow_lists_come_from_data if {
+	inp := sql_call("select lo_unlink(1)", sql_facts({"functions": ["lo_unlink"]}))
+	not escalates(inp, "sql_function_not_allowed") with data.sidecar.limits.sql_functions as ["lo_unlink"]
+	set_role := sql_call("set role x", sql_facts({"statements": ["set"], "commands": ["set"]}))
+	not escalates(set_role, "sql_write") with data.sidecar.limits.sql_read_only_statements as ["set"]
+}
+
+# Only arguments the catalog marks as SQL are judged as SQL.
+test_sql_rules_only_for_sql_arguments if {
+	inp := call("search_docs", {"query": "delete everything"})
+	[c | some c in escalate_codes(inp); startswith(c, "sql_")] == []
+}
+
+test_sql_format_from_the_catalog if {
+	tools := {"q": {"risk": "low", "reversible": true, "server": "s", "formats": {"text": "sql"}}}
+	escalates(call("q", {"text": "select 1"}), "sql_unparsed") with data.sidecar.catalog.tools as tools
 }
 
 test_sql_missing_query_denied_not_escalated if {
 	inp := call_as(data_agent, "run_sql", {})
 	denies(inp, "invalid_argument")
-	not escalates(inp, "sql_not_read_only")
+	[c | some c in escalate_codes(inp); startswith(c, "sql_")] == []
 }

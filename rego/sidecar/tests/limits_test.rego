@@ -32,15 +32,19 @@ test_limits_url_hosts if {
 	}
 }
 
-test_limits_sql_words if {
-	every tool in data.sidecar.limits.sql_tools {
-		is_object(data.sidecar.catalog.tools[tool])
-	}
-	every key in ["sql_read_only_statements", "sql_write_keywords"] {
+test_limits_sql_lists if {
+	every key in ["sql_read_only_statements", "sql_functions"] {
 		count(data.sidecar.limits[key]) > 0
 		every word in data.sidecar.limits[key] {
-			regex.match(`^[a-z_]+$`, word)
+			regex.match(`^[a-z_][a-z0-9_]*$`, word)
 		}
+	}
+}
+
+# The functions that motivated the SQL facts are not allowed.
+test_sql_functions_leave_out_side_effects if {
+	every f in ["lo_unlink", "lo_import", "lo_export", "pg_read_file", "pg_read_binary_file", "dblink", "dblink_exec", "set_config", "nextval", "setval", "pg_sleep", "pg_advisory_lock", "pg_terminate_backend", "pg_cancel_backend", "current_setting", "query_to_xml"] {
+		not f in data.sidecar.limits.sql_functions
 	}
 }
 
