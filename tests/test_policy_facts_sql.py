@@ -190,12 +190,17 @@ def test_argument_facts_follow_the_catalog_formats():
 
 
 def policy_input(query: str, subject: str = DATA_AGENT) -> dict:
+    return tool_input("run_sql", {"query": query}, subject)
+
+
+def tool_input(tool: str, arguments: dict, subject: str) -> dict:
+    """The input document the sidecar builds for this call (validated against the schema)."""
     document = build_input(
         identity=CallerIdentity(Subject(subject, source="workload_api")),
-        tool="run_sql",
+        tool=tool,
         server="",
-        arguments={"query": query},
-        catalog_entry=CATALOG["run_sql"],
+        arguments=arguments,
+        catalog_entry=CATALOG[tool],
         task_id="t-1",
         intent="",
         signals={},

@@ -26,31 +26,62 @@ argument_has_type(name, "number") if is_number(input.tool.arguments[name])
 
 argument_has_type(name, "boolean") if is_boolean(input.tool.arguments[name])
 
+# --- structured arguments -------------------------------------------------------
+#
+# The catalog entry's "formats" ({argument: sql|url|path}) names the arguments
+# whose text the sidecar parses; the rules below decide on what the parser
+# found (input.tool.facts[argument], sidecar/policy/facts/), never on the
+# words. Facts that are missing or say "not parsed" never pass a check.
+
+# Arguments of this tool with the given format, whether the call carries them or not.
+formatted_arguments(format) := {name |
+	some name, f in object.get(tool_entry, "formats", {})
+	f == format
+}
+
+# Parsed facts of an argument in the given format; undefined otherwise.
+parsed_facts(name, format) := facts if {
+	facts := input.tool.facts[name]
+	facts.format == format
+	facts.parsed == true
+}
+
 # --- paths --------------------------------------------------------------------
 
-# A "path" argument of any tool with a ".." segment is path traversal.
+# A path argument with a ".." segment (also percent-encoded, or as a Unicode
+# look-alike) is path traversal, whatever its prefix.
+deny contains reason(["path_traversal: argument \"", show(name), "\" of tool \"", tool_label, "\" has a \"..\" segment"]) if {
+	some name in formatted_arguments("path")
+	parsed_facts(name, "path").traversal == true
+}
+
+# A "path" argument of a tool the catalog gives no format for is checked on
+# its text, so a tool added without "formats" is not left open.
 deny contains reason(["path_traversal: argument \"path\" of tool \"", tool_label, "\" has a \"..\" segment"]) if {
+	not "path" in formatted_arguments("path")
 	path := input.tool.arguments.path
 	is_string(path)
 	regex.match(`(^|[/\\])\.\.([/\\]|$)`, path)
 }
 
-# Tools listed in limits.path_prefixes: "path" must start with a listed prefix.
-# A missing or non-string path is denied too, and so is every path when the
-# prefix list is not a list of strings (fail closed).
-deny contains reason(["path_not_allowed: argument \"path\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
+# Tools listed in limits.path_prefixes: each path argument must start with a
+# listed prefix, and be unambiguous (no backslash, no control character). A
+# missing path, one that is not a string, and every path when the prefix list
+# is not a list of strings are denied too (fail closed).
+deny contains reason(["path_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
 	prefixes := path_prefixes_for_tool
-	not path_allowed
+	some name in formatted_arguments("path")
+	not path_allowed(name, prefixes)
 }
-
-path_allowed if path_under(input.tool.arguments.path, path_prefixes_for_tool)
 
 path_prefixes_for_tool := prefixes if {
 	configured := limit("path_prefixes")
 	prefixes := configured[input.tool.name]
 }
 
-path_under(path, prefixes) if {
+path_allowed(name, prefixes) if {
+	parsed_facts(name, "path").ambiguous == false
+	path := input.tool.arguments[name]
 	is_string(path)
 	strings_list(prefixes)
 	strings.any_prefix_match(path, prefixes)
@@ -58,32 +89,30 @@ path_under(path, prefixes) if {
 
 # --- URLs ---------------------------------------------------------------------
 
-# Tools listed in limits.url_hosts: "url" must be https:// to an allowed host
-# (no user info; an explicit port is allowed).
-deny contains reason(["url_not_allowed: argument \"url\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
+# Tools listed in limits.url_hosts: each url argument must be https:// to an
+# allowed host as the parser reads it (lower case, IDNA), with no user info
+# and nothing parsers read differently; an explicit port is allowed.
+deny contains reason(["url_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
 	hosts := url_hosts_for_tool
-	not url_host_allowed
+	some name in formatted_arguments("url")
+	not url_allowed(name, hosts)
 }
-
-url_host_allowed if url_allowed(input.tool.arguments.url, url_hosts_for_tool)
 
 url_hosts_for_tool := hosts if {
 	configured := limit("url_hosts")
 	hosts := configured[input.tool.name]
 }
 
-url_allowed(url, hosts) if {
-	host := url_host(url)
+url_allowed(name, hosts) if {
+	facts := parsed_facts(name, "url")
+	facts.scheme == "https"
+	facts.userinfo == false
+	facts.ambiguous == false
+	is_string(facts.host)
 	is_array(hosts)
 	some pattern in hosts
 	is_string(pattern)
-	glob.match(lower(pattern), ["."], host)
-}
-
-url_host(url) := match[0][1] if {
-	is_string(url)
-	match := regex.find_all_string_submatch_n(`^https://([a-z0-9.-]+)(:[0-9]+)?([/?#]|$)`, lower(url), 1)
-	count(match) == 1
+	glob.match(lower(pattern), ["."], facts.host)
 }
 
 # --- SQL ----------------------------------------------------------------------
@@ -95,18 +124,13 @@ url_host(url) := match[0][1] if {
 # approves writes, unknown functions and text the parser refused. A missing
 # argument is the declared-arguments rule's job, above.
 sql_arguments contains name if {
-	some name, format in object.get(tool_entry, "formats", {})
-	format == "sql"
+	some name in formatted_arguments("sql")
 	_ = input.tool.arguments[name]
 }
 
-# Facts the sidecar could parse; undefined when missing (e.g. OPA queried
-# without the sidecar) or when the parser refused the text.
-sql_facts(name) := facts if {
-	facts := input.tool.facts[name]
-	facts.format == "sql"
-	facts.parsed == true
-}
+# Undefined when the facts are missing (e.g. OPA queried without the
+# sidecar) or the parser refused the text.
+sql_facts(name) := parsed_facts(name, "sql")
 
 sql_parsed(name) if sql_facts(name)
 

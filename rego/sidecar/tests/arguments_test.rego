@@ -129,6 +129,65 @@ test_url_missing_fails_closed if {
 	denies(call("http_get", {"url": 5}), "url_not_allowed")
 }
 
+# --- paths and URLs judged by their parsers ------------------------------------
+
+test_path_traversal_hidden_from_a_regex_denied if {
+	every p in ["/workspace/%2e%2e/etc/passwd", "/workspace/%2E%2E/x", "/workspace/\u2025/etc", "/workspace/a/../../etc"] {
+		denies(call("read_file", {"path": p}), "path_traversal")
+	}
+}
+
+test_ambiguous_path_denied if {
+	every p in ["/workspace\\notes", "/workspace/a\tb", "/workspace/a\nb"] {
+		denies(call("read_file", {"path": p}), "path_not_allowed")
+	}
+}
+
+# A tool added without "formats" still has its "path" argument checked.
+test_path_traversal_checked_without_formats if {
+	tools := {"t": {"risk": "low", "reversible": true, "server": "s"}}
+	denies(call("t", {"path": "/workspace/../x"}), "path_traversal") with data.sidecar.catalog.tools as tools
+	not denies(call("t", {"path": "/workspace/x"}), "path_traversal") with data.sidecar.catalog.tools as tools
+}
+
+test_url_tricks_denied if {
+	every u in [
+		"https://example.org:443@evil.com/",
+		"https://evil.com#@example.org",
+		"https://example.org\\@evil.com/",
+		"https://exam\tple.org/",
+		"https://%65xample.org/",
+		"https://\u0435xample.org/",
+		"https://example.org./",
+		"https:example.org",
+		"//example.org/",
+	] {
+		denies(call("http_get", {"url": u}), "url_not_allowed")
+	}
+}
+
+# An international host is compared in the IDNA (xn--) form DNS is asked
+# for, and must be written so: its Unicode form is ambiguous (parsers map
+# characters such as "ß" differently).
+test_url_host_compared_as_the_parser_reads_it if {
+	hosts := {"http_get": ["xn--bcher-kva.example"]}
+	not denies(call("http_get", {"url": "https://xn--bcher-kva.example/"}), "url_not_allowed") with data.sidecar.limits.url_hosts as hosts
+	not denies(call("http_get", {"url": "https://XN--BCHER-KVA.example/"}), "url_not_allowed") with data.sidecar.limits.url_hosts as hosts
+	denies(call("http_get", {"url": "https://b\u00fccher.example/"}), "url_not_allowed") with data.sidecar.limits.url_hosts as hosts
+}
+
+test_missing_facts_fail_closed if {
+	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), {}), "url_not_allowed")
+	denies(with_facts(tool("read_file", {"path": "/workspace/a"}), {}), "path_not_allowed")
+	unparsed := {"url": {"format": "url", "parsed": false, "error": "x"}}
+	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), unparsed), "url_not_allowed")
+	other := {"url": {"format": "path", "parsed": true, "error": null, "ambiguous": false, "traversal": false}}
+	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), other), "url_not_allowed")
+}
+
+# A call of tool object t with exactly these facts.
+with_facts(t, facts) := mk({"tool": object.union(object.remove(t, ["facts"]), {"facts": facts})})
+
 # --- SQL ----------------------------------------------------------------------
 #
 # The rules read the facts the sidecar's parser computed (input.tool.facts);

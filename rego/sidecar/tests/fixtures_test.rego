@@ -26,14 +26,23 @@ identity(id) := {
 	"svid_expires_at": "2026-11-22T12:00:00Z",
 }
 
-# An input tool object, with the catalog entry the sidecar would attach and
-# no parsed-argument facts (sql_call in arguments_test.rego adds them).
+# An input tool object, with the catalog entry and the parsed-argument facts
+# the sidecar would attach.
 tool(name, args) := {
 	"name": name,
 	"server": "",
 	"arguments": args,
 	"catalog": object.get(data.sidecar.catalog.tools, name, null),
-	"facts": {},
+	"facts": facts_for(name, args),
+}
+
+# The facts the sidecar's parsers give for the arguments the catalog entry
+# formats as path or url: looked up in facts/data.json (data.sidecar.tests.facts),
+# which tests/test_policy_facts_fixture.py keeps equal to the parsers' output.
+# SQL facts are written out in arguments_test.rego.
+facts_for(name, args) := {arg: facts |
+	some arg, format in object.get(object.get(data.sidecar.catalog.tools, name, {}), "formats", {})
+	facts := data.sidecar.tests.facts[format][args[arg]]
 }
 
 # The dev identity, as the sidecar makes it in dev mode.

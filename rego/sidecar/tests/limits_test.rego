@@ -13,6 +13,7 @@ test_limits_numbers if {
 test_limits_path_prefixes if {
 	every tool, prefixes in data.sidecar.limits.path_prefixes {
 		is_object(data.sidecar.catalog.tools[tool])
+		"path" in {f | some f in data.sidecar.catalog.tools[tool].formats} # else nothing is checked
 		count(prefixes) > 0
 		every prefix in prefixes {
 			is_string(prefix)
@@ -25,6 +26,7 @@ test_limits_path_prefixes if {
 test_limits_url_hosts if {
 	every tool, hosts in data.sidecar.limits.url_hosts {
 		is_object(data.sidecar.catalog.tools[tool])
+		"url" in {f | some f in data.sidecar.catalog.tools[tool].formats} # else nothing is checked
 		count(hosts) > 0
 		every host in hosts {
 			regex.match(`^[a-z0-9*][a-z0-9.*-]*$`, host)

@@ -6,7 +6,9 @@ what a parser found into the policy input at `tool.facts.<argument>`, so the
 rules judge what the text would do rather than the words it contains
 (docs/policy-input.md, docs/policy-authoring.md).
 
-Formats: "sql" (sidecar.policy.facts.sql, PostgreSQL's parser). A format
+Formats: "sql" (sidecar.policy.facts.sql, PostgreSQL's parser), "url"
+(sidecar.policy.facts.url, yarl as aiohttp uses it), "path"
+(sidecar.policy.facts.path, segments as file systems read them). A format
 this module does not know, or a value that is not a string, gives
 `{"format": ..., "parsed": false, "error": ...}`: policy treats unparsed
 text as unknown and escalates or denies it.
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from sidecar.policy.facts.path import path_facts
 from sidecar.policy.facts.sql import sql_facts
+from sidecar.policy.facts.url import url_facts
 
-PARSERS: dict[str, Callable[[str], dict[str, Any]]] = {"sql": sql_facts}
+PARSERS: dict[str, Callable[[str], dict[str, Any]]] = {"sql": sql_facts, "url": url_facts, "path": path_facts}
 
 
 def argument_facts(catalog_entry: Mapping[str, Any] | None, arguments: Mapping[str, Any]) -> dict[str, dict]:
