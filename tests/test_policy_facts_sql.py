@@ -51,6 +51,10 @@ NOT_READ_ONLY = {
     "select nextval('order_ids')": "sql_function_not_allowed",
     "select pg_sleep(3600)": "sql_function_not_allowed",
     'select "LOWER"(name) from orders': "sql_function_not_allowed",
+    # operators run functions too
+    "select 1 OPERATOR(public.===) 2": "sql_operator_not_allowed",
+    "select * from orders where id === 1": "sql_operator_not_allowed",
+    "select * from orders where id OPERATOR(pg_catalog.=) 1 and note @@@ 'x'": "sql_operator_not_allowed",
     "select public.lower(name) from orders": "sql_function_not_allowed",
     # writes, also hidden inside a read
     "delete from orders": "sql_write",
@@ -112,6 +116,8 @@ READ_ONLY = [
     "select pg_catalog.lower(name) from orders",
     "select id, row_number() over (order by id) from orders",
     "show search_path",
+    "select * from orders where status != 'x' and note like '%a%' and id between 1 and 9 and id in (1, 2)",
+    "select * from orders where id OPERATOR(pg_catalog.=) 1 and tags @> '{a}' and payload ->> 'k' = 'v'",
 ]
 
 
@@ -125,6 +131,7 @@ def test_facts_of_the_issue_example():
         "tables_read": [],
         "tables_written": [],
         "functions": ["lo_unlink"],
+        "operators": [],
         "row_locks": False,
     }
 
@@ -146,6 +153,7 @@ def test_facts_of_the_issue_example():
          {"functions": ['"LO_UNLINK"', '"pg_catalog.lower"', '"we""ird"', "pg_catalog.lower"]}),
         ("select extract(year from now())", {"functions": ["now", "pg_catalog.extract"]}),
         ("select * from orders for update", {"row_locks": True}),
+        ("select 1 from t where a != 1 and n like 'x' and 1 OPERATOR(public.===) 2", {"operators": ["<>", "public.===", "~~"]}),
     ],
 )
 def test_facts_of_variants(text, expected):

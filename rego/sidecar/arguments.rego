@@ -164,12 +164,21 @@ escalate contains reason(["sql_function_not_allowed: argument \"", show(name), "
 	not sql_function_allowed(function)
 }
 
+# Operators are functions too: a user-defined operator runs its function.
+escalate contains reason(["sql_operator_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" uses an operator not in sql_operators"]) if {
+	some name in sql_arguments
+	some operator in sql_facts(name).operators
+	not sql_builtin_allowed(operator, "sql_operators")
+}
+
+sql_function_allowed(function) if sql_builtin_allowed(function, "sql_functions")
+
 # Unqualified names, or qualified with pg_catalog (PostgreSQL's built-ins;
 # the parser qualifies SQL syntax such as EXTRACT itself). A quoted name
 # ("LOWER") is another function and never matches.
-sql_function_allowed(function) if function in limit("sql_functions")
+sql_builtin_allowed(name, list) if name in limit(list)
 
-sql_function_allowed(function) if {
-	startswith(function, "pg_catalog.")
-	substring(function, count("pg_catalog."), -1) in limit("sql_functions")
+sql_builtin_allowed(name, list) if {
+	startswith(name, "pg_catalog.")
+	substring(name, count("pg_catalog."), -1) in limit(list)
 }

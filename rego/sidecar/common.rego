@@ -49,6 +49,7 @@ default_limits := {
 	"url_hosts": {},
 	"sql_read_only_statements": ["select", "explain", "show"],
 	"sql_functions": [],
+	"sql_operators": [],
 }
 
 limit(key) := value if {

@@ -200,7 +200,7 @@ sql_facts(patch) := object.union(
 		"format": "sql", "parsed": true, "error": null,
 		"statements": ["select"], "commands": ["select"],
 		"tables_read": ["orders"], "tables_written": [],
-		"functions": [], "row_locks": false,
+		"functions": [], "operators": [], "row_locks": false,
 	},
 	patch,
 )
@@ -268,6 +268,13 @@ test_writes_escalate if {
 	] {
 		escalates(sql_call("q", facts), "sql_write")
 	}
+}
+
+test_operator_not_on_allow_list_escalates if {
+	every operators in [["public.==="], ["==="], ["pg_catalog.!!!"], ["=", "@@@"]] {
+		escalates(sql_call("q", sql_facts({"operators": operators})), "sql_operator_not_allowed")
+	}
+	not escalates(sql_call("q", sql_facts({"operators": ["=", "~~", "pg_catalog.+", "BETWEEN"]})), "sql_operator_not_allowed")
 }
 
 test_several_statements_escalate if {

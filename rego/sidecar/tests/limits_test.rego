@@ -43,6 +43,15 @@ test_limits_sql_lists if {
 	}
 }
 
+test_limits_sql_operators if {
+	count(data.sidecar.limits.sql_operators) > 0
+	every op in data.sidecar.limits.sql_operators {
+		is_string(op)
+		op != ""
+		not contains(op, ".")
+	}
+}
+
 # The functions that motivated the SQL facts are not allowed.
 test_sql_functions_leave_out_side_effects if {
 	every f in ["lo_unlink", "lo_import", "lo_export", "pg_read_file", "pg_read_binary_file", "dblink", "dblink_exec", "set_config", "nextval", "setval", "pg_sleep", "pg_advisory_lock", "pg_terminate_backend", "pg_cancel_backend", "current_setting", "query_to_xml"] {

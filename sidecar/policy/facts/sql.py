@@ -20,6 +20,10 @@ JSON for the policy input (docs/policy-input.md, "tool.facts"):
                                     resolved its name: schema-qualified when
                                     written so ("pg_catalog.lower"), with
                                     quoted parts kept quoted ('"LO_UNLINK"')
+      "operators": ["=", "~~"],     every operator used (operators are
+                                    functions too), as the parser names it
+                                    ("!=" is "<>", LIKE is "~~"), schema-
+                                    qualified when written OPERATOR(s.op)
       "row_locks": false            SELECT ... FOR UPDATE/SHARE
     }
 
@@ -32,8 +36,8 @@ policy must treat that as "unknown", never as "reads nothing".
 Limits (what the syntax cannot tell): which function an unqualified name
 resolves to depends on the server's search_path (pg_catalog comes first unless
 the path names it later); user-defined operators and functional notation on
-composite values (`row.func`) run functions the parse tree does not show as
-calls. The database role the tool uses is the second line of defence.
+composite values (`row.func`) run a function the parse tree does not show
+as a call. The database role the tool uses is the second line of defence.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def sql_facts(text: str) -> dict[str, Any]:
     read: set[str] = set()
     written: set[str] = set()
     functions: set[str] = set()
+    operators: set[str] = set()
     row_locks = False
     stack: list[tuple[Any, Any, str]] = [(raw.stmt, None, "") for raw in statements]
     while stack:
@@ -89,6 +94,9 @@ def sql_facts(text: str) -> dict[str, Any]:
             (written if _is_target(parent, field) else read).add(name)
         elif isinstance(node, ast.FuncCall):
             functions.add(_qualified(*(part.sval for part in node.funcname)))
+        elif isinstance(node, ast.A_Expr) and node.name:
+            *schema, symbol = (part.sval for part in node.name)
+            operators.add(".".join([*(_quote(part) for part in schema), symbol]))
         for slot in type(node).__slots__:
             child = getattr(node, slot, None)
             if isinstance(child, (ast.Node, list, tuple)):
@@ -102,6 +110,7 @@ def sql_facts(text: str) -> dict[str, Any]:
         "tables_read": sorted(read - written),
         "tables_written": sorted(written),
         "functions": sorted(functions),
+        "operators": sorted(operators),
         "row_locks": row_locks,
     }
 
@@ -116,6 +125,7 @@ def _unparsed(error: str) -> dict[str, Any]:
         "tables_read": [],
         "tables_written": [],
         "functions": [],
+        "operators": [],
         "row_locks": False,
     }
 
