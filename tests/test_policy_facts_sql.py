@@ -265,3 +265,45 @@ def test_end_to_end_through_agent_sidecar_check():
     assert check("select 1; drop table orders")["outcome"] == "escalate"
     assert check("sel ect")["outcome"] == "escalate"
     assert check("/* delete */ select count(*) from orders")["outcome"] == "allow"
+
+
+# --- every combination of a dangerous core and a disguise --------------------------------------------
+
+WRITES = ["delete from orders", "update orders set status = 'x'", "insert into orders values (1)"]
+SIDE_EFFECTS = ["select lo_unlink(16403)", "select pg_read_file('/etc/passwd')", "select * from dblink('h', 'q') as t(a int)"]
+WRAPPERS = [
+    "{p}",
+    "explain analyze {p}",
+    "select 1; {p}",
+    "{p}; select 1",
+    "/* select only */ {p} -- read only",
+]
+WRITE_WRAPPERS = ["with d as ({p} returning *) select * from d", "with d as ({p} returning *) select count(*) from d"]
+READ_WRAPPERS = ["with d as ({p}) select * from d", "select * from ({p}) s", "select exists ({p})"]
+
+
+def disguised() -> list[str]:
+    texts = []
+    for core, wrappers in [(w, WRAPPERS + WRITE_WRAPPERS) for w in WRITES] + [(s, WRAPPERS + READ_WRAPPERS) for s in SIDE_EFFECTS]:
+        for wrapper in wrappers:
+            text = wrapper.format(p=core)
+            for cased in (text, text.upper(), "".join(c.upper() if i % 2 else c for i, c in enumerate(text))):
+                texts.append(cased)
+                texts.append(cased.replace(" ", " /**/ ", 2))
+    return texts
+
+
+def test_no_disguise_makes_a_write_or_side_effect_read_only(tmp_path):
+    """Every combination, decided by OPA on the documents the sidecar builds (one opa eval for all)."""
+    texts = disguised()
+    assert len(texts) > 200
+    documents = tmp_path / "documents.json"
+    documents.write_text(json.dumps({"trial_documents": [policy_input(text) for text in texts]}))
+    result = subprocess.run(
+        [OPA, "eval", "--format", "json", "--bundle", str(REGO), "--data", str(documents),
+         "[d.outcome | some x in data.trial_documents; d := data.sidecar.decision with input as x]"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    outcomes = json.loads(result.stdout)["result"][0]["expressions"][0]["value"]
+    allowed = [text for text, outcome in zip(texts, outcomes, strict=True) if outcome != "escalate"]
+    assert allowed == []
