@@ -55,6 +55,13 @@ deny contains reason(["path_traversal: argument \"", show(name), "\" of tool \""
 	parsed_facts(name, "path").traversal == true
 }
 
+# Without facts (OPA asked without the sidecar) a path cannot be cleared.
+deny contains reason(["path_traversal: argument \"", show(name), "\" of tool \"", tool_label, "\" was not read as a path"]) if {
+	some name in formatted_arguments("path")
+	_ = input.tool.arguments[name]
+	not parsed_facts(name, "path")
+}
+
 # A "path" argument of a tool the catalog gives no format for is checked on
 # its text, so a tool added without "formats" is not left open.
 deny contains reason(["path_traversal: argument \"path\" of tool \"", tool_label, "\" has a \"..\" segment"]) if {

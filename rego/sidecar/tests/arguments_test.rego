@@ -179,6 +179,9 @@ test_url_host_compared_as_the_parser_reads_it if {
 test_missing_facts_fail_closed if {
 	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), {}), "url_not_allowed")
 	denies(with_facts(tool("read_file", {"path": "/workspace/a"}), {}), "path_not_allowed")
+	tools := {"t": {"risk": "low", "reversible": true, "server": "s", "formats": {"p": "path"}}}
+	denies(with_facts(tool("t", {"p": "/x"}), {}), "path_traversal") with data.sidecar.catalog.tools as tools
+	not denies(call("t", {"p": "/workspace/a"}), "path_traversal") with data.sidecar.catalog.tools as tools
 	unparsed := {"url": {"format": "url", "parsed": false, "error": "x"}}
 	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), unparsed), "url_not_allowed")
 	other := {"url": {"format": "path", "parsed": true, "error": null, "ambiguous": false, "traversal": false}}
