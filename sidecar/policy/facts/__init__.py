@@ -41,7 +41,7 @@ def argument_facts(catalog_entry: Mapping[str, Any] | None, arguments: Mapping[s
         value = arguments[name]
         parser = PARSERS.get(fmt) if isinstance(fmt, str) else None
         if parser is None:
-            facts[name] = {"format": fmt, "parsed": False, "error": f"no parser for format {fmt!r}"}
+            facts[name] = {"format": str(fmt), "parsed": False, "error": f"no parser for format {fmt!r}"}
         elif not isinstance(value, str):
             facts[name] = {"format": fmt, "parsed": False, "error": "the argument is not a string"}
         else:
