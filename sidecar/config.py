@@ -75,6 +75,11 @@ class PolicyConfig:
     reload: bool = True
     # OPA: managed by the sidecar (default) or external (opa.url).
     opa: OpaConfig = field(default_factory=OpaConfig)
+    # Shadow mode: a candidate bundle directory decided by its own managed OPA beside the real
+    # policy, recorded (`shadow` in each decision record) and never enforced. "" = off.
+    shadow_dir: str = ""
+    # The shadow's own budget; a call waits at most this long for it after the real decision.
+    shadow_timeout_ms: int = 50
 
 
 @dataclass
@@ -267,7 +272,7 @@ class Config:
         checks that say "required outside dev mode" are listed in
         docs/configuration.md ("Outside dev mode").
         """
-        for key in ("timeout_ms", "max_input_bytes", "max_depth"):
+        for key in ("timeout_ms", "max_input_bytes", "max_depth", "shadow_timeout_ms"):
             if getattr(self.policy, key) <= 0:
                 raise ConfigError(f"policy.{key}: must be positive")
         _validate_opa(self.policy.opa)

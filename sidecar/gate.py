@@ -29,6 +29,7 @@ from sidecar.usage import UsageCounters
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
+    from sidecar.policy.shadow import Shadow
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Gate:
         instance_id: str,
         metrics: Metrics | None = None,
         escalations: "EscalationService | None" = None,
+        shadow: "Shadow | None" = None,
     ):
         self.decisions = decisions
         self.catalog = catalog
@@ -89,6 +91,8 @@ class Gate:
         self._metrics = metrics
         # Escalations (docs/escalation.md): None = escalate answers carry no escalation id.
         self.escalations = escalations
+        # Shadow mode (sidecar/policy/shadow.py): a candidate bundle decides too, never enforced.
+        self._shadow = shadow
 
     async def authorize(
         self,
@@ -127,6 +131,8 @@ class Gate:
                 trace = TraceContext.new(retry.parent)  # the retry joins the escalated call's trace
 
         timings: dict[str, float] = {}
+        document: dict | None = None
+        shadow: dict | None = None
         if problems:
             decision = Decision.refused(problems, policy_revision=self.catalog.revision)
         else:
@@ -148,6 +154,7 @@ class Gate:
                 sidecar=self.instance_id,
             )
             engine_started = time.perf_counter()
+            pending_shadow = self._shadow.begin(document) if self._shadow is not None else None
             decision = await self.decisions.decide(document)
             timings["engine"] = (time.perf_counter() - engine_started) * 1000
             unexact = number_problems(decision.obligations, "obligations")
@@ -157,6 +164,9 @@ class Gate:
                     engine=decision.engine,
                     policy_revision=decision.policy_revision,
                 )
+            if pending_shadow is not None and self._shadow is not None:
+                shadow = await self._shadow.finish(pending_shadow, decision)  # bounded by the shadow's budget
+        policy_decision = decision
 
         escalation_id, approver, new_escalation = call.escalation_id, "", None
         if not problems and self.escalations is not None:
@@ -189,6 +199,14 @@ class Gate:
             trace=trace,
             sidecar=self.instance_id,
             timings_ms=timings,
+            input_document=document,
+            policy_decision=(
+                {"outcome": policy_decision.outcome, "reasons": list(policy_decision.reasons)}
+                if document is not None
+                and (policy_decision.outcome, policy_decision.reasons) != (decision.outcome, decision.reasons)
+                else None
+            ),
+            shadow=shadow,
         )
         receipt = None
         if self._recorder is not None:

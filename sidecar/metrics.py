@@ -38,7 +38,25 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self.shadow_decisions = Counter(
+            "sidecar_shadow_decisions",
+            "Calls the shadow bundle (policy.shadow_dir) also decided, by the real and the shadow outcome "
+            "(equal labels: agreement; different: a transition)",
+            ["recorded", "shadow"],
+            registry=self.registry,
+        )
+        self.shadow_errors = Counter(
+            "sidecar_shadow_errors",
+            "Calls the shadow bundle could not decide (its OPA failed or exceeded policy.shadow_timeout_ms)",
+            registry=self.registry,
+        )
         self._server = None
+
+    def observe_shadow(self, recorded: str, shadow: str, failed: bool) -> None:
+        if failed:
+            self.shadow_errors.inc()
+        else:
+            self.shadow_decisions.labels(recorded, shadow).inc()
 
     def observe(self, outcome: str, engine: str, failed: bool, timings_ms: dict[str, float]) -> None:
         self.decisions.labels(outcome, engine or "none").inc()

@@ -29,6 +29,7 @@ from sidecar.metrics import Metrics
 from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyService
+from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
 from sidecar.usage import UsageCounters
 from sidecar.v1 import sidecar_pb2
@@ -36,13 +37,17 @@ from sidecar.v1 import sidecar_pb2
 log = logging.getLogger(__name__)
 
 
-def build_policy(config: Config) -> PolicyService:
-    """The policy service: a managed OPA on policy.dir, or the OPA at policy.opa.url; not started yet."""
+def build_policy(config: Config, *, shadow: bool = False) -> PolicyService:
+    """The policy service: a managed OPA on policy.dir, or the OPA at policy.opa.url; not started yet.
+
+    shadow=True: the shadow bundle's service instead (policy.shadow_dir, always a managed OPA,
+    budget policy.shadow_timeout_ms; sidecar/policy/shadow.py).
+    """
     policy, opa = config.policy, config.policy.opa
     return PolicyService(
-        policy.dir,
+        policy.shadow_dir if shadow else policy.dir,
         OpaClientOptions(
-            timeout_ms=policy.timeout_ms,
+            timeout_ms=policy.shadow_timeout_ms if shadow else policy.timeout_ms,
             retries=opa.retries,
             retry_backoff_ms=opa.retry_backoff_ms,
             breaker_failures=opa.breaker_failures,
@@ -52,7 +57,7 @@ def build_policy(config: Config) -> PolicyService:
             max_connections=opa.max_connections,
             max_in_flight=opa.max_in_flight,
         ),
-        url=opa.url,
+        url="" if shadow else opa.url,
         managed=ManagedOpaOptions(
             binary=opa.binary,
             log_level=opa.log_level,
@@ -98,7 +103,11 @@ def build_recorder(
 
 
 def build_gate(
-    config: Config, policy: PolicyService, recorder: Recorder | None, metrics: Metrics | None = None
+    config: Config,
+    policy: PolicyService,
+    recorder: Recorder | None,
+    metrics: Metrics | None = None,
+    shadow: PolicyService | None = None,
 ) -> Gate:
     return Gate(
         decisions=policy,
@@ -110,6 +119,7 @@ def build_gate(
         max_depth=config.policy.max_depth,
         instance_id=config.sidecar.instance_id or default_instance_id(),
         metrics=metrics,
+        shadow=Shadow(shadow, metrics) if shadow is not None else None,
     )
 
 
@@ -164,6 +174,7 @@ class RunningSidecar:
     metrics: Metrics | None = None
     metrics_port: int | None = None
     escalations: Any = None  # sidecar.escalation.service.EscalationService
+    shadow: PolicyService | None = None  # policy.shadow_dir
 
     async def stop(self, grace: float = 5.0) -> None:
         self._health_task.cancel()
@@ -175,6 +186,8 @@ class RunningSidecar:
         if self.identity_runtime is not None:
             await asyncio.to_thread(self.identity_runtime.close)
         await self.policy.aclose()
+        if self.shadow is not None:
+            await self.shadow.aclose()
         if self.recorder is not None:
             await self.recorder.close()
 
@@ -183,25 +196,38 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     """Load policy, build every stage, bind the listeners and start serving."""
     policy = build_policy(config)
     await policy.start()
+    shadow = build_policy(config, shadow=True) if config.policy.shadow_dir else None
+    if shadow is not None:
+        try:
+            await shadow.start()  # a shadow bundle that fails check/test refuses the start, like policy.dir
+        except BaseException:
+            await policy.aclose()
+            raise
+        log.info("shadow policy %s serving revision %s (never enforced)", shadow.directory, shadow.revision)
     try:
         identity_runtime = build_identity(config)
     except BaseException:
         await policy.aclose()
+        if shadow is not None:
+            await shadow.aclose()
         raise
+    policy_services = [policy, *([shadow] if shadow is not None else [])]
     identity, tls_credentials = identity_runtime
     try:
         recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source)
     except BaseException:
-        await policy.aclose()
+        for service in policy_services:
+            await service.aclose()
         identity_runtime.close()
         raise
     metrics = Metrics()
-    gate = build_gate(config, policy, recorder, metrics)
+    gate = build_gate(config, policy, recorder, metrics, shadow)
     escalations = build_escalations(config, recorder)
     try:
         await escalations.start()
     except BaseException:
-        await policy.aclose()
+        for service in policy_services:
+            await service.aclose()
         identity_runtime.close()
         if recorder is not None:
             await recorder.close()
@@ -260,6 +286,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     return RunningSidecar(
         server, addresses, policy, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
         escalations=escalations,
+        shadow=shadow,
     )
 
 

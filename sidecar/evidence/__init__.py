@@ -74,6 +74,13 @@ class DecisionEvent:
     sidecar: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     engine_decision_id: str = ""  # e.g. OPA's decision_id, to join OPA's decision logs
+    # The policy input document exactly as sent to OPA; None when the call never reached policy.
+    input_document: dict | None = None
+    # OPA's own answer {"outcome", "reasons"} when the recorded outcome differs from it
+    # (an approval that could not be used, an escalation store failure); None otherwise.
+    policy_decision: dict | None = None
+    # The shadow bundle's answer {"outcome", "reasons", "revision"[, "error"]}; None without one.
+    shadow: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.evidence.redaction import digest
 
 if TYPE_CHECKING:
     from sidecar.evidence import DecisionEvent
@@ -218,7 +219,14 @@ def decision_fields(
     engine_ms = (event.timings_ms or {}).get("engine")
     if isinstance(engine_ms, (int, float)):
         fields["engine_ms"] = round(float(engine_ms), 3)
-    if arguments_in_clear(event, arguments_mode) and isinstance(event.arguments, dict):
+    in_clear = arguments_in_clear(event, arguments_mode)
+    if event.input_document is not None:
+        fields["input"] = replay_input(event.input_document, arguments_in_clear=in_clear)
+    if event.policy_decision is not None:
+        fields["policy_decision"] = event.policy_decision
+    if event.shadow is not None:
+        fields["shadow"] = event.shadow
+    if in_clear and isinstance(event.arguments, dict):
         try:
             canonical_json(event.arguments)
         except NotCanonicalizable:
@@ -228,6 +236,35 @@ def decision_fields(
     # a value with no canonical form (the call was denied for it) is described, never written:
     # the writer replaces it with recordable() when sealing fails
     return fields
+
+
+def replay_input(document: dict, *, arguments_in_clear: bool) -> dict:
+    """The policy input as a decision record keeps it (`input`, for `agent-sidecar policy replay`).
+
+    `tool.arguments` and `tool.facts` are in clear exactly when the record's
+    `arguments` are (arguments_in_clear); otherwise every scalar in them (string,
+    number, boolean, null) becomes `digest()` of it, keys and list lengths kept.
+    The writer then applies the one rule set with digests for what it picks
+    (redaction.py, rule 3). docs/evidence.md says what a replay can reproduce.
+    """
+    if arguments_in_clear:
+        return document
+    tool = document.get("tool")
+    if not isinstance(tool, dict):
+        return document
+    tool = dict(tool)
+    for key in ("arguments", "facts"):
+        if key in tool:
+            tool[key] = _digest_leaves(tool[key])
+    return {**document, "tool": tool}
+
+
+def _digest_leaves(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _digest_leaves(child) for key, child in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_digest_leaves(child) for child in node]
+    return digest(node)
 
 
 def derived_id(seed: str, hex_digits: int) -> str:

@@ -24,7 +24,13 @@ through `Redactor.value`. The rules:
      JWT-SVIDs among them) wherever they stand;
    - a string that holds a JSON object or array is read, and redacted by
      rule 1 too; it is rewritten (compact JSON) only when something in it was.
-3. Paths. `record()` lists what it replaced as paths (`signals.api_key`,
+3. Digests for replay. A decision record's `input` (the policy input, for
+   `agent-sidecar policy replay`) follows the same rules, but each value a
+   rule picks (the value under a secret key; a string in which a text rule
+   found a secret, as a whole) is replaced by `digest()` of it, not by
+   "[REDACTED]": equal values keep equal digests, so a replayed policy can
+   still compare them for equality (docs/evidence.md, "Replayable input").
+4. Paths. `record()` lists what it replaced as paths (`signals.api_key`,
    `arguments.items[2].password`, `intent`) in the record's `redacted` field.
    Top-level field names of a record are the sidecar's own schema (e.g. an
    invocation's `credential_id`), so rule 1 is not applied to them; their
@@ -40,9 +46,13 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
 
 REDACTED = "[REDACTED]"
+# Record fields whose picked values become digests rather than REDACTED (rule 3).
+DIGESTED_FIELDS = ("input",)
 
 # Substrings of a normalized key (lower-case letters and digits only) that make it secret.
 SECRET_KEY_PARTS = (
@@ -135,9 +145,14 @@ class Redactor:
         return self._walk(value, path, found, 0), found
 
     def record(self, fields: dict) -> dict:
-        """Every field of one evidence record, redacted; adds `redacted` (paths) when anything was."""
+        """Every field of one evidence record, redacted; adds `redacted` (paths) when anything was.
+
+        Fields named in DIGESTED_FIELDS get digests instead of REDACTED (rule 3)."""
         found: list[str] = []
-        out = {key: self._walk(value, key, found, 1) for key, value in fields.items()}
+        out = {
+            key: self._walk(value, key, found, 1, digest if key in DIGESTED_FIELDS else None)
+            for key, value in fields.items()
+        }
         if found:
             out["redacted"] = sorted(set(found) | set(fields.get("redacted") or ()))
         return out
@@ -146,24 +161,28 @@ class Redactor:
         """One string with rule 2 applied."""
         return self._string(text, "", [], 0)
 
-    def _walk(self, node: Any, where: str, found: list[str], depth: int) -> Any:
+    def _walk(
+        self, node: Any, where: str, found: list[str], depth: int, whole: Callable[[Any], str] | None = None
+    ) -> Any:
+        """`whole`: what a picked value becomes in full (rule 3); None = rule 1 and 2's REDACTED."""
         if isinstance(node, str):
-            return self._string(node, where, found, depth)
+            cleaned = self._string(node, where, found, depth)
+            return whole(node) if whole is not None and cleaned is not node else cleaned
         if isinstance(node, dict):
             out = {}
             changed = False
             for key, child in node.items():
                 here = f"{where}.{key}" if where else str(key)
                 if self.is_secret_key(key):
-                    out[key] = REDACTED
+                    out[key] = whole(child) if whole is not None else REDACTED
                     found.append(here)
                     changed = True
                 else:
-                    out[key] = self._walk(child, here, found, depth + 1)
+                    out[key] = self._walk(child, here, found, depth + 1, whole)
                     changed = changed or out[key] is not child
             return out if changed else node
         if isinstance(node, (list, tuple)):
-            items = [self._walk(child, f"{where}[{i}]", found, depth + 1) for i, child in enumerate(node)]
+            items = [self._walk(child, f"{where}[{i}]", found, depth + 1, whole) for i, child in enumerate(node)]
             if any(new is not old for new, old in zip(items, node)):
                 return items
             return node
@@ -214,6 +233,18 @@ class Redactor:
         whole = match.group(0)
         offset = match.start()
         return whole[: start - offset] + f"{quote}{REDACTED}{quote}" + whole[end - offset :]
+
+
+def digest(value: Any) -> str:
+    """A stable stand-in for a value (rule 3): "sha256:<hex>" of its canonical JSON (of its repr if it has none).
+
+    Unsalted, so equal values give equal digests across records and sidecars; a
+    short secret (a PIN) can be found again by trying every candidate.
+    """
+    try:
+        return sha256_digest(canonical_json(value))
+    except NotCanonicalizable:
+        return sha256_digest(repr(value).encode("utf-8", "backslashreplace"))
 
 
 def _scheme_credential(match: re.Match) -> str:

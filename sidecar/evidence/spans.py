@@ -147,6 +147,13 @@ def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list
         attributes["sidecar.delegation"] = [
             _str(d.get("spiffe_id")) for d in record["delegation"] if isinstance(d, dict)
         ]
+    shadow = record.get("shadow")
+    if isinstance(shadow, dict):  # shadow mode (sidecar/policy/shadow.py): what the candidate bundle said
+        attributes["sidecar.shadow.outcome"] = _str(shadow.get("outcome"))
+        attributes["sidecar.shadow.reasons"] = [r for r in shadow.get("reasons") or [] if isinstance(r, str)]
+        attributes["sidecar.shadow.revision"] = _str(shadow.get("revision"))
+        if shadow.get("error"):
+            attributes["sidecar.shadow.error"] = _str(shadow.get("error"))
     events = [
         Event(
             "sidecar.decision.reason",
