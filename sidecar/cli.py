@@ -24,6 +24,8 @@ identity and Rego policy (allow / deny / escalate) before it runs.
   agent-sidecar check --subject spiffe://dev.local/agent --tool read_file \\
       --args '{"path": "/workspace/notes.txt"}'       one decision, as JSON
   agent-sidecar policy test rego/                    run the *_test.rego tests
+  agent-sidecar policy replay --evidence var/evidence --policy candidate/ --fail-on allow
+                                                     what a policy change would have decided
   agent-sidecar evidence verify var/evidence         prove the evidence log is intact
   agent-sidecar approvals list                       escalated calls waiting for a human
   agent-sidecar approvals approve ID --note TEXT     let one escalated call through, once
@@ -213,6 +215,55 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return 0 if failed == 0 and report.results else 1
 
 
+def cmd_policy_replay(args: argparse.Namespace) -> int:
+    """Exit codes: sidecar/policy/replay.py EXIT_* (docs/policy-authoring.md)."""
+    from sidecar.evidence.show import parse_since
+    from sidecar.policy import replay
+    from sidecar.policy.opa.runner import OpaNotFound, OpaStartError, find_opa
+    from sidecar.policy.opa.service import PolicyRejected
+
+    config = load_config(args.config, {})
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        until = parse_since(args.until) if args.until else None
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("--since", "--until", 1)) from None
+    selection = replay.Selection(tool=args.tool or "", subject=args.subject or "", since=since, until=until)
+    try:
+        binary = find_opa(config.policy.opa.binary)
+        report = asyncio.run(
+            replay.replay(args.evidence, args.policy, selection, binary=binary, verify=not args.no_verify)
+        )
+    except OpaNotFound as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return replay.EXIT_USAGE
+    except (PolicyRejected, OpaStartError) as exc:
+        print(f"agent-sidecar: the candidate {args.policy} is refused; nothing replayed:", file=sys.stderr)
+        for problem in getattr(exc, "problems", [str(exc)]):
+            print(f"  {problem}", file=sys.stderr)
+        return replay.EXIT_USAGE
+    except replay.ReplayError as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        for line in replay.json_lines(report):
+            print(line)
+        print(replay.format_report(report).splitlines()[-1], file=sys.stderr)
+    else:
+        print(replay.format_report(report))
+    code = replay.exit_code(report, args.fail_on or ())
+    if code and args.fail_on:
+        hit = sorted({r.outcome for r in report.changed if r.outcome in args.fail_on})
+        if hit:
+            print(f"agent-sidecar: decisions changed to {', '.join(hit)} (--fail-on)", file=sys.stderr)
+    if report.errors:
+        print(f"agent-sidecar: the candidate could not decide {len(report.errors)} recorded inputs", file=sys.stderr)
+    return code
+
+
 def cmd_evidence_verify(args: argparse.Namespace) -> int:
     from sidecar.evidence.signing import SigningError, load_bundle, load_public_keys
     from sidecar.evidence.verify import exit_code, format_report, verify_dir
@@ -299,6 +350,28 @@ def build_parser() -> argparse.ArgumentParser:
     policy_test.add_argument("dir", nargs="?", default="rego", help="policy bundle directory (default rego)")
     policy_test.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
     policy_test.set_defaults(run=cmd_policy_test)
+    policy_replay = policy_commands.add_parser(
+        "replay",
+        help="re-decide recorded decisions with a candidate bundle and show what would change",
+        description="Re-decide every recorded decision (evidence records with `input`) with OPA on a "
+        "candidate bundle. Exit status: 0 done, 1 a decision changed to a --fail-on outcome (or the "
+        "candidate could not decide one), 2 bad usage or the candidate is refused (opa check/test/build), "
+        "3 nothing to replay, 4 the evidence log fails verification.",
+    )
+    policy_replay.add_argument("--evidence", required=True, metavar="DIR", help="the evidence directory (an export of evidence.dir)")
+    policy_replay.add_argument("--policy", required=True, metavar="DIR", help="the candidate bundle directory")
+    policy_replay.add_argument("--since", metavar="TIME", help="RFC 3339 time or a duration back from now (15m, 2h, 7d)")
+    policy_replay.add_argument("--until", metavar="TIME", help="RFC 3339 time or a duration back from now")
+    policy_replay.add_argument("--tool", metavar="NAME", help="only this tool's decisions")
+    policy_replay.add_argument("--subject", metavar="SPIFFE_ID", help="this SPIFFE ID or the IDs under it")
+    policy_replay.add_argument("--json", action="store_true", help="one JSON object per changed decision on stdout")
+    policy_replay.add_argument(
+        "--fail-on", action="append", choices=["allow", "deny", "escalate"], metavar="OUTCOME",
+        help="exit 1 when any decision changes to this outcome (allow, deny, escalate; repeatable)",
+    )
+    policy_replay.add_argument("--no-verify", action="store_true", help="replay a log that `evidence verify` rejects")
+    policy_replay.add_argument("--config", metavar="FILE", help="YAML config (policy.opa.binary names OPA)")
+    policy_replay.set_defaults(run=cmd_policy_replay)
 
     evidence = commands.add_parser("evidence", help="check and read the hash-chained evidence log")
     evidence_commands = evidence.add_subparsers(dest="evidence_command", metavar="SUBCOMMAND", required=True)
