@@ -56,7 +56,7 @@ def _path(parent: str, key: Any) -> str:
         return f"{parent}[{key}]"
     text = json.dumps(str(key), ensure_ascii=True)[1:-1]
     text = text if len(text) <= 64 else text[:63] + "…"
-    return f"{parent}.{text}" if key and key.isidentifier() else f"{parent}[\"{text}\"]"
+    return f"{parent}.{text}" if isinstance(key, str) and key.isidentifier() else f"{parent}[\"{text}\"]"
 
 
 def find_nul(value: Any, label: str) -> str | None:
