@@ -136,6 +136,11 @@ async def test_replay_reports_exactly_the_decisions_the_changed_rule_flips(runni
     assert later.returncode == 3 and "no decision record matches" in later.stderr
     early = replay_cli("--evidence", str(evidence), "--policy", str(candidate), "--until", "2000-01-01T00:00:00Z")
     assert early.returncode == 3
+    other = replay_cli("--evidence", str(evidence), "--policy", str(candidate), "--subject", "spiffe://dev.local/other")
+    assert other.returncode == 3
+    mine = replay_cli("--evidence", str(evidence), "--policy", str(candidate), "--subject", "spiffe://dev.local/agent",
+                      "--since", "1h", "--until", "2999-01-01T00:00:00Z")
+    assert mine.stdout.splitlines()[-1] == f"{len(TRAFFIC)} replayed, {len(expected)} changed"
 
 
 async def test_replay_of_the_same_bundle_changes_nothing(running_sidecar, sidecar_config, tmp_path):
