@@ -28,7 +28,7 @@ from sidecar.identity.factory import IdentityRuntime
 from sidecar.metrics import Metrics
 from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.opa.client import OpaClientOptions
-from sidecar.policy.opa.service import ManagedOpaOptions, PolicyService
+from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
 from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
 from sidecar.usage import UsageCounters
@@ -200,6 +200,9 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     if shadow is not None:
         try:
             await shadow.start()  # a shadow bundle that fails check/test refuses the start, like policy.dir
+        except PolicyRejected as exc:
+            await policy.aclose()
+            raise PolicyRejected([f"policy.shadow_dir {config.policy.shadow_dir}: {p}" for p in exc.problems]) from None
         except BaseException:
             await policy.aclose()
             raise

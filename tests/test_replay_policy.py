@@ -20,11 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from opentelemetry.sdk.resources import Resource
 
 from sidecar.client import AsyncClient
 from sidecar.evidence.redaction import REDACTED, digest
 from sidecar.evidence.spans import spans_for_record
+from sidecar.policy.opa.service import PolicyRejected
+from sidecar.server import start_sidecar
 from tests.conftest import REGO
 
 CLI = [sys.executable, "-m", "sidecar"]
@@ -316,3 +319,38 @@ async def test_the_shadow_bundle_hot_reloads_behind_the_same_test_gate(running_s
         shadow = await shadow_of(client)
         assert shadow["outcome"] == "deny" and shadow["revision"] == sidecar.shadow.revision
     assert sidecar.policy.revision == before  # the real policy is untouched
+
+
+async def test_a_shadow_bundle_that_fails_its_tests_refuses_the_start(sidecar_config, tmp_path):
+    candidate = tmp_path / "candidate"
+    shutil.copytree(REGO, candidate)
+    (candidate / "sidecar" / "tests" / "broken_test.rego").write_text("package sidecar.tests\n\ntest_broken if false\n")
+    with pytest.raises(PolicyRejected) as refused:
+        await start_sidecar(sidecar_config(**{"policy.shadow_dir": str(candidate)}))
+    assert all(p.startswith(f"policy.shadow_dir {candidate}: ") for p in refused.value.problems)
+    assert any("test_broken" in p for p in refused.value.problems)
+
+
+async def test_replay_and_shadow_see_the_candidates_catalog(running_sidecar, sidecar_config, tmp_path):
+    """A candidate that changes a tool's catalog entry (search_docs becomes high risk) escalates its calls."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REGO, bundle)
+    candidate = tmp_path / "candidate"
+    shutil.copytree(bundle, candidate)
+    catalog = candidate / "sidecar" / "catalog" / "data.yaml"
+    text = catalog.read_text()
+    assert "  search_docs:\n    risk: low" in text
+    catalog.write_text(text.replace("  search_docs:\n    risk: low", "  search_docs:\n    risk: high", 1))
+    results, sidecar = await record_traffic(running_sidecar, sidecar_config, bundle, tmp_path / "evidence",
+                                            **{"policy.shadow_dir": str(candidate)})
+    await sidecar.stop()
+    expected = {r.decision_id for r, t in zip(results, TRAFFIC) if t[0] == "search_docs" and t[3] == "allow"}
+    assert expected
+    by_id = {r["decision_id"]: r for r in records(tmp_path / "evidence")}
+    assert {i for i, r in by_id.items() if r["shadow"]["outcome"] != r["outcome"]} == expected
+    done = replay_cli("--evidence", str(tmp_path / "evidence"), "--policy", str(candidate), "--json",
+                      "--fail-on", "escalate")
+    assert done.returncode == 1
+    objects = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {o["decision_id"] for o in objects} == expected
+    assert all(o["replayed"]["outcome"] == "escalate" for o in objects)

@@ -74,3 +74,20 @@ def build_input(
         },
         "request": {"call_id": call_id, "time": time, "sidecar": sidecar},
     }
+
+
+def with_catalog_entry(document: dict, entry: Mapping[str, Any] | None, *, recompute_facts: bool = True) -> dict:
+    """`document` as another bundle would have built it: `tool.catalog` is that bundle's `entry`.
+
+    `tool.facts` follow the entry's formats when `recompute_facts` (the arguments
+    are in clear); else they stay as they are. The same document when the entry is
+    unchanged. Used by shadow mode and replay (sidecar/policy/shadow.py, replay.py).
+    """
+    tool = document.get("tool")
+    if not isinstance(tool, dict) or tool.get("catalog") == entry:
+        return document
+    tool = {**tool, "catalog": dict(entry) if entry is not None else None}
+    arguments = tool.get("arguments")
+    if recompute_facts and isinstance(arguments, dict):
+        tool["facts"] = argument_facts(entry, arguments)
+    return {**document, "tool": tool}

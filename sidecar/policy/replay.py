@@ -42,7 +42,7 @@ from sidecar.evidence.records import parse_rfc3339
 from sidecar.evidence.show import Filter, iter_lines
 from sidecar.evidence.verify import BROKEN, verify_dir
 from sidecar.evidence.verify import format_report as verify_text
-from sidecar.policy.facts import argument_facts
+from sidecar.policy.input import with_catalog_entry
 from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyService
 
@@ -182,14 +182,7 @@ def read_decisions(directory: str | Path, selection: Selection, *, verify: bool 
 
 def candidate_input(recorded: Recorded, catalog_entry: dict | None) -> dict:
     """The recorded input with the candidate's catalog entry (and, for clear arguments, its facts)."""
-    tool = recorded.input.get("tool")
-    if not isinstance(tool, dict) or tool.get("catalog") == catalog_entry:
-        return recorded.input
-    tool = {**tool, "catalog": catalog_entry}
-    arguments = tool.get("arguments")
-    if recorded.arguments_in_clear and isinstance(arguments, dict):
-        tool["facts"] = argument_facts(catalog_entry, arguments)
-    return {**recorded.input, "tool": tool}
+    return with_catalog_entry(recorded.input, catalog_entry, recompute_facts=recorded.arguments_in_clear)
 
 
 def candidate_service(candidate: str | Path, binary: str) -> PolicyService:

@@ -27,7 +27,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from sidecar.policy.decision import Decision
-from sidecar.policy.facts import argument_facts
+from sidecar.policy.input import with_catalog_entry
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -44,11 +44,7 @@ class Shadow:
     def shadow_input(self, document: dict) -> dict:
         """The input document with the shadow bundle's catalog entry (and the facts it implies)."""
         tool = document.get("tool") or {}
-        entry = self.service.catalog.entry(str(tool.get("name", "")))
-        if entry == tool.get("catalog"):
-            return document
-        arguments = tool.get("arguments") if isinstance(tool.get("arguments"), dict) else {}
-        return {**document, "tool": {**tool, "catalog": entry, "facts": argument_facts(entry, arguments)}}
+        return with_catalog_entry(document, self.service.catalog.entry(str(tool.get("name", ""))))
 
     def begin(self, document: dict) -> "asyncio.Task[Decision]":
         """Start the shadow's decision on `document` (call just before the real decision)."""
