@@ -92,7 +92,7 @@ class Gate:
         # Escalations (docs/escalation.md): None = escalate answers carry no escalation id.
         self.escalations = escalations
         # Shadow mode (sidecar/policy/shadow.py): a candidate bundle decides too, never enforced.
-        self._shadow = shadow
+        self.shadow = shadow
 
     async def authorize(
         self,
@@ -132,7 +132,7 @@ class Gate:
 
         timings: dict[str, float] = {}
         document: dict | None = None
-        shadow: dict | None = None
+        shadow_answer: dict | None = None
         if problems:
             decision = Decision.refused(problems, policy_revision=self.catalog.revision)
         else:
@@ -154,7 +154,7 @@ class Gate:
                 sidecar=self.instance_id,
             )
             engine_started = time.perf_counter()
-            pending_shadow = self._shadow.begin(document) if self._shadow is not None else None
+            pending_shadow = self.shadow.begin(document) if self.shadow is not None else None
             decision = await self.decisions.decide(document)
             timings["engine"] = (time.perf_counter() - engine_started) * 1000
             unexact = number_problems(decision.obligations, "obligations")
@@ -164,8 +164,8 @@ class Gate:
                     engine=decision.engine,
                     policy_revision=decision.policy_revision,
                 )
-            if pending_shadow is not None and self._shadow is not None:
-                shadow = await self._shadow.finish(pending_shadow, decision)  # bounded by the shadow's budget
+            if pending_shadow is not None and self.shadow is not None:
+                shadow_answer = await self.shadow.finish(pending_shadow, decision)  # bounded by the shadow's budget
         policy_decision = decision
 
         escalation_id, approver, new_escalation = call.escalation_id, "", None
@@ -206,7 +206,7 @@ class Gate:
                 and (policy_decision.outcome, policy_decision.reasons) != (decision.outcome, decision.reasons)
                 else None
             ),
-            shadow=shadow,
+            shadow=shadow_answer,
         )
         receipt = None
         if self._recorder is not None:

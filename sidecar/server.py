@@ -255,6 +255,8 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     if recorder is not None:
         sources["evidence"] = recorder.health
     sources["escalation"] = escalations.health
+    if gate.shadow is not None:
+        sources["shadow"] = gate.shadow.health
     health = SidecarHealth(sources, [TOOLGATE_SERVICE])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

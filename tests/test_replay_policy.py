@@ -311,6 +311,10 @@ async def test_the_shadow_bundle_hot_reloads_behind_the_same_test_gate(running_s
             await asyncio.sleep(0.1)
         assert "test_broken" in (sidecar.shadow.last_reload_error or "")
         assert sidecar.shadow.revision == before
+        await sidecar.health.refresh()
+        serving, detail = sidecar.health.snapshot()
+        assert serving and "shadow: ok (never enforced; deciding; serving revision" in detail
+        assert "last reload rejected" in detail.split("shadow: ", 1)[1]
         (candidate / "sidecar" / "tests" / "broken_test.rego").unlink()
         (candidate / "sidecar" / "model_block.rego").write_text(NEW_RULE)
         while sidecar.shadow.revision == before and time.monotonic() < deadline:

@@ -41,6 +41,11 @@ class Shadow:
         self.service = service
         self._metrics = metrics
 
+    def health(self) -> tuple[bool, str]:
+        """Always ok (a shadow never makes the sidecar NOT_SERVING); the detail says how the shadow is doing."""
+        ok, detail = self.service.ready()
+        return True, f"never enforced; {'deciding' if ok else 'NOT deciding'}; {detail}"
+
     def shadow_input(self, document: dict) -> dict:
         """The input document with the shadow bundle's catalog entry (and the facts it implies)."""
         tool = document.get("tool") or {}
