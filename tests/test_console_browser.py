@@ -184,6 +184,7 @@ async def test_the_escalation_page_shows_what_the_approver_decides(tmp_path, run
             assert '"risk_score": 0.82' in await card.get_by_test_id("signals").inner_text()
             shown = await card.get_by_test_id("arguments").inner_text()
             assert '"password": "hunter2"' in shown and '"amount": 1250' in shown
+            assert await card.get_by_test_id("kept-out").inner_text() == "kept out of the evidence log: password"
             assert (await card.get_by_test_id("agent").inner_text()).startswith("waiting now")
 
             await page.goto(f"{base}/escalations/{gone.escalation_id}")

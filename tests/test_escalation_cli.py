@@ -57,6 +57,7 @@ async def test_list_show_approve_deny(tmp_path, running_sidecar):
     code, out, err = await run("approvals", "show", email.escalation_id, "--address", address, "--approver", ALICE)
     assert code == 0, err
     assert "in full, exactly as the tool will receive them:" in out and '"token": "xyz"' in out
+    assert "  kept out of the evidence log: token" in out
     code, out, err = await run("approvals", "show", email.escalation_id, "--address", address, "--approver", ALICE,
                                "--json")
     shown = json.loads(out)

@@ -13,7 +13,7 @@ from typing import Iterable
 from urllib.parse import quote
 
 from sidecar.display import FLAG, NOTICE, needs_flag, json_text, value_needs_flag, visible
-from sidecar.escalation.cli import agent_presence, catalog_facts, human_duration
+from sidecar.escalation.cli import agent_presence, catalog_facts, human_duration, kept_out_of_the_log
 from sidecar.escalation.client import parse_time
 
 CSS = """
@@ -165,8 +165,11 @@ def _arguments(escalation: dict) -> str:
     digest = f'<div class="meta">digest <code>{text(escalation.get("arguments_digest", ""))}</code></div>'
     withheld = escalation.get("arguments_withheld") or ""
     if escalation.get("arguments") is not None:
+        secret = kept_out_of_the_log(escalation["arguments"], escalation.get("arguments_preview"))
+        secret_html = (f'<div class="meta" data-testid="kept-out">kept out of the evidence log: '
+                       f'{", ".join(f"<code>{text(path)}</code>" for path in secret)}</div>' if secret else "")
         return ('<div class="meta">in full, exactly as the tool will receive them</div>'
-                + _json_block(escalation["arguments"], "the arguments", "arguments") + digest)
+                + _json_block(escalation["arguments"], "the arguments", "arguments") + secret_html + digest)
     preview = escalation.get("arguments_preview")
     why = f'<div class="meta" data-testid="withheld">{text(withheld)}</div>' if withheld else ""
     if preview is None:

@@ -154,6 +154,27 @@ def catalog_facts(e: dict) -> list[tuple[str, Any]]:
     return facts
 
 
+def kept_out_of_the_log(arguments: Any, preview: Any) -> list[str]:
+    """Paths (`a.b[2]`) of the full arguments that the redacted preview (and so the evidence log) hides."""
+    from sidecar.evidence.redaction import REDACTED
+
+    paths: list[str] = []
+    stack = [(arguments, preview, "")]
+    while stack:
+        full, shown, where = stack.pop()
+        if isinstance(full, dict) and isinstance(shown, dict):
+            for key in sorted(full):
+                here = f"{where}.{key}" if where else key
+                if key in shown:
+                    if shown[key] == REDACTED and full[key] != REDACTED:
+                        paths.append(here)
+                    else:
+                        stack.append((full[key], shown[key], here))
+        elif isinstance(full, list) and isinstance(shown, list):
+            stack.extend((f, p, f"{where}[{i}]") for i, (f, p) in enumerate(zip(full, shown)))
+    return sorted(paths)
+
+
 def _block(value: Any, what: str) -> list[str]:
     lines = []
     if value_needs_flag(value):
@@ -207,6 +228,9 @@ def format_detail(e: dict) -> str:
     if e.get("arguments") is not None:
         lines.append("  in full, exactly as the tool will receive them:")
         lines += _block(e["arguments"], "the arguments")
+        hidden_from_log = kept_out_of_the_log(e["arguments"], e["arguments_preview"])
+        if hidden_from_log:
+            lines.append(_line("  kept out of the evidence log:", ", ".join(hidden_from_log)))
     elif e["arguments_preview"] is not None:
         lines.append("  redacted preview; in full only to an approver who may decide it")
         if e.get("arguments_withheld"):
