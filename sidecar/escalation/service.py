@@ -557,7 +557,8 @@ class EscalationService:
         opened = False
         try:
             record = await self.get(escalation_id)
-            opened = await self._agent_wait(record.id, opened_until=waiting_until)
+            opened = True  # from here on the finally below notes the end, whatever happens
+            await self._agent_wait(record.id, opened_until=waiting_until)
             while True:
                 if record.state == PENDING and self._overdue(record, self.clock()):
                     record = await self.expire_one(record) or await self.get(escalation_id)
@@ -583,9 +584,10 @@ class EscalationService:
                 await self._agent_wait(escalation_id, closed_until=waiting_until)
 
     async def _agent_wait(self, escalation_id: str, *, opened_until: float | None = None,
-                          closed_until: float | None = None) -> bool:
-        """Keep the store's agent_waiting_until in step with the AwaitDecisions open here (best effort:
-        a store failure only leaves approvers a stale "waiting"). True when an open was noted."""
+                          closed_until: float | None = None) -> None:
+        """Keep the store's agent_waiting_until in step with the AwaitDecisions open here: one opening
+        (until `opened_until`) or closing (the one opened until `closed_until`). Best effort: a store
+        failure only leaves approvers a stale "waiting" or "not waiting" hint, never fails the wait."""
         deadlines = self._waiting.setdefault(escalation_id, [])
         if opened_until is not None:
             deadlines.append(opened_until)
@@ -603,7 +605,6 @@ class EscalationService:
                     then_until=max(deadlines, default=now)))
         except StoreError as exc:
             log.warning("escalation %s: could not note the agent's wait: %s", escalation_id, exc)
-        return True
 
     async def watch(self, state: str = "", *, limit: int = 200) -> AsyncIterator[EscalationRecord]:
         """The current escalations (in `state`, or all), then every change as it happens.
