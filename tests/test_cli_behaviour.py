@@ -43,6 +43,14 @@ async def run_into_closed_pipe(*args: str) -> tuple[int, str]:
     return code, err
 
 
+@pytest.fixture
+def patient_config(tmp_path) -> str:
+    """A loaded test machine must not turn the decision under test into policy_timeout."""
+    path = tmp_path / "patient.yaml"
+    path.write_text(f"policy:\n  dir: {REGO}\n  timeout_ms: 5000\n")
+    return str(path)
+
+
 @pytest.mark.parametrize(
     "tool, arguments, outcome",
     [
@@ -51,8 +59,9 @@ async def run_into_closed_pipe(*args: str) -> tuple[int, str]:
         ("send_email", '{"to": ["cfo@example.com"], "subject": "Q3", "body": "hi"}', "escalate"),
     ],
 )
-async def test_check_exit_status_names_the_outcome(tool, arguments, outcome):
-    code, out, err = await run("check", "--subject", AGENT, "--tool", tool, "--args", arguments, "--compact")
+async def test_check_exit_status_names_the_outcome(tool, arguments, outcome, patient_config):
+    code, out, err = await run("check", "--config", patient_config, "--subject", AGENT, "--tool", tool,
+                               "--args", arguments, "--compact")
     assert f'"outcome": "{outcome}"' in out, err
     assert code == CHECK_EXIT[outcome]
     assert sorted(CHECK_EXIT.values()) == [0, 3, 4]  # distinct, and none is 1 (error) or 2 (usage)
@@ -102,7 +111,7 @@ async def test_a_top_level_abbreviation_is_refused():
 @pytest.fixture
 async def served(running_sidecar, sidecar_config, tmp_path):
     """(address, evidence dir) of a sidecar with decisions, escalations and an evidence log to read."""
-    config = sidecar_config()
+    config = sidecar_config(**{"policy.timeout_ms": 5000})
     sidecar = await running_sidecar(config)
     async with AsyncClient(sidecar.addresses[0]) as agent:
         for i in range(3):
@@ -118,7 +127,7 @@ async def test_broken_pipes_are_quiet(served):
         ["approvals", "list", "--address", address, "--json"],
         ["evidence", "show", evidence_dir],
         ["evidence", "show", evidence_dir, "--json"],
-        ["check", "--subject", AGENT, "--tool", "read_file", "--args", '{"path": "/workspace/a"}'],
+        ["check", "--subject", AGENT, "--tool", "send_email", "--args", '{"to": ["a@example.com"]}'],
     ):
         code, err = await run_into_closed_pipe(*args)
         assert code == BROKEN_PIPE_EXIT, (args, err)

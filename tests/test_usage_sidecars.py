@@ -39,6 +39,7 @@ def shared_config(sidecar_config, tmp_path):
             "usage.store": "postgres",
             "usage.dsn": dsn,
             "usage.timeout_ms": 2000,
+            "policy.timeout_ms": 5000,  # a loaded test machine must not turn allows into policy_timeout
             **overrides,
         })
 
@@ -74,6 +75,7 @@ async def test_memory_store_counts_each_sidecar_alone(running_sidecar, sidecar_c
     sidecars = [
         await running_sidecar(sidecar_config(**{
             "listen.unix": str(tmp_path / name / "s.sock"), "evidence.dir": str(tmp_path / name / "ev"),
+            "policy.timeout_ms": 5000,
         }))
         for name in ("a", "b")
     ]

@@ -10,16 +10,18 @@ outlive a sidecar restart. Two tables (created on first use):
 `key` is a sha256 of the logical key (subject and tool; task id), so any
 string a caller sends (NUL, lone surrogates, 256 bytes) is a valid key and
 the index stays small. Counting one call is one transaction that first takes
-`pg_advisory_xact_lock` on the (subject, tool) key, so concurrent calls from
-many sidecars are counted one after another and each sees every earlier one:
-no two calls are told the same `calls_in_window`. The task count is one
+`pg_advisory_xact_lock` on the (subject, tool) key, then forgets, adds and
+counts in one statement, so concurrent calls from many sidecars are counted
+one after another and each sees every earlier one: no two calls are told the
+same `calls_in_window`. The task count is one
 `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`, atomic on its own.
 
 Times are Unix seconds from the counting sidecar's clock (sidecars keep NTP
-time anyway: SVIDs and JWTs depend on it). Rows that left the window and
-tasks idle for `task_idle_seconds` are deleted about once per window by
-whichever sidecar counts then; every sidecar sharing a database must use the
-same `usage.window_seconds`.
+time anyway: SVIDs and JWTs depend on it). Each count forgets its own key's
+calls that left the window; a background task deletes every key's old calls
+and the tasks idle for `task_idle_seconds` once per window, outside any
+count. Every sidecar sharing a database must use the same
+`usage.window_seconds`.
 
 Failures (unreachable, timeout, any database error) raise UsageUnavailable,
 or, with a `fallback` counter (usage.on_store_error: memory), are counted
@@ -53,10 +55,15 @@ SCHEMA = (
     "updated_at DOUBLE PRECISION NOT NULL)",
     f"CREATE INDEX IF NOT EXISTS {TASKS}_updated ON {TASKS} (updated_at)",
 )
-LOCK_KEY = "SELECT pg_advisory_xact_lock(%s)"
-FORGET_KEY = f"DELETE FROM {CALLS} WHERE key = %s AND at <= %s"
-ADD_CALL = f"INSERT INTO {CALLS} (key, at) VALUES (%s, %s)"
-IN_WINDOW = f"SELECT count(*) FROM {CALLS} WHERE key = %s AND at > %s"
+LOCK_KEY = "SELECT pg_advisory_xact_lock(%(lock)s)"
+# One statement, run after LOCK_KEY (so its snapshot holds every call counted before):
+# forget this key's calls that left the window, add this one, and count the window.
+# The SELECT sees the table as it was before the statement, hence the + 1 for this call.
+COUNT_CALL = (
+    f"WITH gone AS (DELETE FROM {CALLS} WHERE key = %(key)s AND at <= %(horizon)s), "
+    f"added AS (INSERT INTO {CALLS} (key, at) VALUES (%(key)s, %(now)s)) "
+    f"SELECT count(*) + 1 FROM {CALLS} WHERE key = %(key)s AND at > %(horizon)s"
+)
 ADD_TASK_CALL = (
     f"INSERT INTO {TASKS} (key, calls, updated_at) VALUES (%s, 1, %s) "
     f"ON CONFLICT (key) DO UPDATE SET calls = {TASKS}.calls + 1, updated_at = excluded.updated_at RETURNING calls"
@@ -104,7 +111,7 @@ class PostgresCounter:
         self._clock = clock
         self._pool: Any = None
         self._schema_ready = False
-        self._next_purge = 0.0
+        self._purger: asyncio.Task | None = None
         self._last_error: str | None = None
 
     def describe(self) -> str:
@@ -136,6 +143,7 @@ class PostgresCounter:
             name="sidecar-usage",
         )
         await self._pool.open(wait=False)
+        self._purger = asyncio.create_task(self._purge_forever(), name="usage-purge")
 
     async def count(self, subject: str, tool: str, task_id: str) -> Usage:
         """Count one call in the shared tables; see the module docstring for the transaction."""
@@ -188,19 +196,38 @@ class PostgresCounter:
         async with self._pool.connection() as conn:
             await self._ensure_schema(conn)
             async with conn.transaction():
-                await conn.execute(LOCK_KEY, (lock,))
-                await conn.execute(FORGET_KEY, (key, horizon))
-                await conn.execute(ADD_CALL, (key, now))
-                row = await (await conn.execute(IN_WINDOW, (key, horizon))).fetchone()
+                await conn.execute(LOCK_KEY, {"lock": lock})
+                row = await (await conn.execute(COUNT_CALL, {"key": key, "horizon": horizon, "now": now})).fetchone()
                 calls_in_task = 0
                 if task_id:
                     task = await (await conn.execute(ADD_TASK_CALL, (_digest("task", task_id), now))).fetchone()
                     calls_in_task = int(task[0])
-            if now >= self._next_purge:
-                self._next_purge = now + self._window
-                await conn.execute(PURGE_CALLS, (horizon,))
-                await conn.execute(PURGE_TASKS, (now - self._task_idle,))
         return Usage(calls_in_window=int(row[0]), window_seconds=self._window, calls_in_task=calls_in_task)
+
+    async def purge(self) -> None:
+        """Delete calls that left the window and tasks idle past task_idle_seconds (all keys).
+
+        Runs every window_seconds in the background from open() until aclose(),
+        never inside a count; a failure is logged and tried again next time.
+        """
+        now = self._clock()
+        if self._pool is None:
+            return
+        async with self._pool.connection() as conn:
+            await self._ensure_schema(conn)
+            await conn.execute(PURGE_CALLS, (now - self._window,))
+            await conn.execute(PURGE_TASKS, (now - self._task_idle,))
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._window)
+            try:
+                await self.purge()
+            except Exception as exc:
+                if self._failure(exc) is None:
+                    raise
+                log.warning("usage store %s: purge failed (tried again in %ss): %s",
+                            self.describe(), self._window, self._failure(exc))
 
     async def _ensure_schema(self, conn: Any) -> None:
         if self._schema_ready:
@@ -218,6 +245,10 @@ class PostgresCounter:
         return True, self.describe()
 
     async def aclose(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
+            self._purger = None
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
