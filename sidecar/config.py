@@ -417,6 +417,13 @@ def _validate_usage(usage: UsageConfig) -> None:
             raise ConfigError(f"usage.{key}: must be positive")
     if not usage.task_idle_seconds > 0:
         raise ConfigError("usage.task_idle_seconds: must be positive")
+    if usage.store == "postgres":
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(usage.dsn)
+        except Exception:  # its message may quote the string, password included
+            raise ConfigError("usage.dsn: not a libpq connection string or postgresql:// URL") from None
 
 
 def _validate_evidence_sections(config: "Config") -> None:

@@ -232,3 +232,22 @@ async def test_the_database_going_away_and_coming_back():
             await counter.aclose()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"usage.store": "redis"}, "usage.store: must be memory or postgres"),
+        ({"usage.on_store_error": "allow"}, "usage.on_store_error: must be deny or memory"),
+        ({"usage.timeout_ms": 0}, "usage.timeout_ms: must be positive"),
+        ({"usage.max_tracked": -1}, "usage.max_tracked: must be positive"),
+        ({"usage.task_idle_seconds": 0}, "usage.task_idle_seconds: must be positive"),
+        ({"usage.store": "postgres", "usage.dsn": "host=db password=hunter2 dbname"}, "usage.dsn: not a libpq"),
+    ],
+)
+def test_usage_config_is_checked_and_never_echoes_the_dsn(overrides, message):
+    from sidecar.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value) and "hunter2" not in str(info.value)

@@ -37,6 +37,10 @@ import logging
 import time
 from typing import Any, Callable
 
+import psycopg
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
+
 from sidecar.policy.input import Usage
 from sidecar.usage import UsageCounter, UsageUnavailable
 
@@ -76,12 +80,6 @@ def _digest(*parts: str) -> bytes:
     return hashlib.sha256(json.dumps(parts).encode("ascii")).digest()
 
 
-def _undefined_table(exc: Exception) -> bool:
-    from psycopg import errors
-
-    return isinstance(exc, errors.UndefinedTable)
-
-
 class PostgresCounter:
     """Shared counters on `dsn` (libpq string or URL; "" = the PG* environment variables).
 
@@ -115,8 +113,6 @@ class PostgresCounter:
         self._last_error: str | None = None
 
     def describe(self) -> str:
-        from psycopg.conninfo import conninfo_to_dict
-
         try:
             info = conninfo_to_dict(self._dsn)
         except Exception:
@@ -124,17 +120,15 @@ class PostgresCounter:
         return f"postgres {info.get('host', 'default host')}:{info.get('port', '5432')}/{info.get('dbname', '')}"
 
     async def open(self) -> None:
-        from psycopg_pool import AsyncConnectionPool
-
         if self._fallback is not None:
             await self._fallback.open()
-        self._pool = AsyncConnectionPool(
+        self._pool = psycopg_pool.AsyncConnectionPool(
             self._dsn,
             min_size=1,
             max_size=self._pool_size,
             open=False,
             timeout=self._timeout,
-            check=AsyncConnectionPool.check_connection,  # a connection broken by a database restart is replaced
+            check=psycopg_pool.AsyncConnectionPool.check_connection,  # a connection broken by a database restart is replaced
             kwargs={
                 "autocommit": True,
                 "options": f"-c statement_timeout={self._timeout_ms}",
@@ -152,7 +146,7 @@ class PostgresCounter:
                 try:
                     usage = await self._count(subject, tool, task_id)
                 except Exception as exc:
-                    if not _undefined_table(exc):
+                    if not isinstance(exc, psycopg.errors.UndefinedTable):
                         raise
                     self._schema_ready = False  # a new or restored database: create the tables, count again
                     usage = await self._count(subject, tool, task_id)
@@ -174,9 +168,6 @@ class PostgresCounter:
     @staticmethod
     def _failure(exc: Exception) -> str | None:
         """What went wrong, for a failure of the store; None for anything else (a bug: re-raised)."""
-        import psycopg
-        import psycopg_pool
-
         if isinstance(exc, TimeoutError):
             return "no answer within usage.timeout_ms (database unreachable or slow)"
         if isinstance(exc, psycopg_pool.PoolTimeout):
