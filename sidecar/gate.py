@@ -109,17 +109,19 @@ class Gate:
             if retry is not None and retry.parent is not None:
                 trace = TraceContext.new(retry.parent)  # the retry joins the escalated call's trace
 
-        usage = None
+        usage, usage_failure = None, ""
         if not problems:
             assert isinstance(identity, CallerIdentity)
             try:
                 usage = await self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
             except UsageUnavailable as exc:
-                problems.append(f"usage_unavailable: the call could not be counted for input.usage ({exc})")
+                usage_failure = f"usage_unavailable: the call could not be counted for input.usage ({exc})"
 
         timings: dict[str, float] = {}
         if problems:
             decision = Decision.refused(problems, policy_revision=self.engine.revision)
+        elif usage_failure:  # a stage failed: fail closed, like an engine or evidence failure
+            decision = Decision.failed(usage_failure, engine="sidecar", policy_revision=self.engine.revision)
         else:
             assert isinstance(identity, CallerIdentity) and usage is not None
             document = build_input(
