@@ -113,6 +113,9 @@ async def test_an_unreachable_store_denies_with_a_reason_recorded_and_in_health(
     decisions = [record for _, record in iter_lines(evidence_dir) if record.get("kind") == "decision"]
     assert [d["outcome"] for d in decisions] == ["deny", "deny"]
     assert all(d["reasons"][0].startswith("usage_unavailable:") for d in decisions), decisions
+    assert all(d["engine_error"].startswith("usage_unavailable:") for d in decisions)
+    # Counted as a stage failing closed, like an engine or evidence failure.
+    assert sidecar.metrics.registry.get_sample_value("sidecar_fail_closed_total", {"engine": "sidecar"}) == 2
 
 
 async def test_on_store_error_memory_keeps_serving_from_local_counts(running_sidecar, shared_config):
