@@ -26,7 +26,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision
 from sidecar.policy.engine import PolicyEngine
 from sidecar.policy.input import build_input
-from sidecar.usage import UsageCounters
+from sidecar.usage import UsageCounter, UsageUnavailable
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
@@ -60,7 +60,7 @@ class Gate:
         self,
         *,
         engine: PolicyEngine,
-        usage: UsageCounters,
+        usage: UsageCounter,
         call_ids: CallIdRegistry,
         recorder: Recorder | None,
         max_input_bytes: int,
@@ -116,13 +116,22 @@ class Gate:
             if retry is not None and retry.parent is not None:
                 trace = TraceContext.new(retry.parent)  # the retry joins the escalated call's trace
 
+        usage, usage_failure = None, ""
+        if not problems:
+            assert isinstance(identity, CallerIdentity)
+            try:
+                usage = await self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
+            except UsageUnavailable as exc:
+                usage_failure = f"usage_unavailable: the call could not be counted for input.usage ({exc})"
+
         timings: dict[str, float] = {}
         catalog_entry = None  # the entry policy decided with; an escalation keeps it for approvers
         if problems:
             decision = Decision.refused(problems, policy_revision=self.engine.revision)
+        elif usage_failure:  # a stage failed: fail closed, like an engine or evidence failure
+            decision = Decision.failed(usage_failure, engine="sidecar", policy_revision=self.engine.revision)
         else:
-            assert isinstance(identity, CallerIdentity)
-            usage = self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
+            assert isinstance(identity, CallerIdentity) and usage is not None
             catalog_entry = self.engine.catalog_entry(call.tool)
             document = build_input(
                 identity=identity,

@@ -47,6 +47,8 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> int:
             return 2
         print(f"agent-sidecar: refused: {visible(exc.message)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # stdout's reader went away: sidecar.cli.main ends quietly
     except OSError as exc:  # e.g. --token-file unreadable
         print(f"agent-sidecar: {visible(exc)}", file=sys.stderr)
         return 2
