@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,11 +104,27 @@ class IdentityConfig:
 
 @dataclass
 class UsageConfig:
-    # Sliding window behind input.usage.calls_in_window.
+    # Where input.usage is counted: "memory" (this sidecar only, reset on restart)
+    # or "postgres" (shared by every sidecar on the database, kept across restarts).
+    store: str = "memory"
+    # Sliding window behind input.usage.calls_in_window; the same on every
+    # sidecar sharing a postgres store.
     window_seconds: int = 60
-    # How many (subject, tool) pairs and tasks are tracked before the least
-    # recently used are forgotten.
+    # memory: how many (subject, tool) pairs and tasks are tracked before the
+    # least recently used are forgotten.
     max_tracked: int = 100_000
+    # postgres: libpq connection string or URL; "" = the PG* environment
+    # variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
+    dsn: str = ""
+    # postgres: connections per sidecar.
+    pool_size: int = 4
+    # postgres: budget of one count (waiting for a connection included).
+    timeout_ms: int = 250
+    # postgres: a task with no call for this long is forgotten (its count restarts).
+    task_idle_seconds: float = 86_400.0
+    # postgres: when the database cannot count a call, "deny" it (reason
+    # usage_unavailable) or count it in this sidecar's "memory" meanwhile.
+    on_store_error: str = "deny"
 
 
 @dataclass
@@ -134,16 +151,18 @@ class EvidenceConfig:
     checkpoint_every: int = 1000
     # ...or this many seconds (whichever comes first), and at a clean shutdown.
     checkpoint_seconds: float = 60.0
-    # PEM private key (Ed25519, EC or RSA) signing checkpoints; "" = the SVID key
-    # when identity provides one, else a development key generated in `dir`.
+    # PEM private key (Ed25519, EC or RSA) signing checkpoints, never inside `dir`; "" = the
+    # SVID key when identity provides one, else a development key generated as `<dir>-dev-key.pem`.
     signing_key: str = ""
-    # Extra copy of every checkpoint (put it on another volume); "" = dir/checkpoints.jsonl.
+    # Extra copy of every checkpoint, never inside `dir` (put it on another volume);
+    # "" = `<dir>-checkpoints.jsonl` beside the directory.
     checkpoint_mirror: str = ""
     # Arguments in records: "digest" (sha256 only), "policy" (in clear only when the
     # decision's obligations say record_arguments: true) or "clear". Secret-looking
     # keys are always redacted.
     arguments: str = "policy"
-    # Argument keys (case-insensitive substrings) redacted in addition to the built-in list.
+    # More secret keys (case and separators ignored, substrings) for the one redaction rule set
+    # (sidecar/evidence/redaction.py) applied to every record; the built-in keys always apply.
     redact_keys: list[str] = field(default_factory=list)
     # Records allowed to wait for the disk before new ones are refused (and denied).
     max_pending: int = 10_000
@@ -268,8 +287,7 @@ class Config:
             if getattr(self.policy, key) <= 0:
                 raise ConfigError(f"policy.{key}: must be positive")
         _validate_opa(self.policy.opa)
-        if self.usage.window_seconds <= 0:
-            raise ConfigError("usage.window_seconds: must be positive")
+        _validate_usage(self.usage)
         if not self.listen.tcp and not self.listen.unix:
             raise ConfigError("listen: at least one of listen.tcp and listen.unix is needed")
         sources = self.identity.sources
@@ -394,6 +412,25 @@ class Config:
             )
 
 
+def _validate_usage(usage: UsageConfig) -> None:
+    if usage.store not in ("memory", "postgres"):
+        raise ConfigError(f"usage.store: must be memory or postgres, not {usage.store!r}")
+    if usage.on_store_error not in ("deny", "memory"):
+        raise ConfigError(f"usage.on_store_error: must be deny or memory, not {usage.on_store_error!r}")
+    for key in ("window_seconds", "max_tracked", "pool_size", "timeout_ms"):
+        if getattr(usage, key) <= 0:
+            raise ConfigError(f"usage.{key}: must be positive")
+    if not usage.task_idle_seconds > 0:
+        raise ConfigError("usage.task_idle_seconds: must be positive")
+    if usage.store == "postgres":
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(usage.dsn)
+        except Exception:  # its message may quote the string, password included
+            raise ConfigError("usage.dsn: not a libpq connection string or postgresql:// URL") from None
+
+
 def _validate_evidence_sections(config: "Config") -> None:
     evidence, telemetry = config.evidence, config.telemetry
     if not evidence.dir:
@@ -409,6 +446,14 @@ def _validate_evidence_sections(config: "Config") -> None:
         raise ConfigError("evidence: checkpoint_every and checkpoint_seconds cannot both be 0")
     if evidence.arguments not in ("digest", "policy", "clear"):
         raise ConfigError(f"evidence.arguments: must be digest, policy or clear, not {evidence.arguments!r}")
+    log_dir = os.path.abspath(evidence.dir)
+    for key in ("signing_key", "checkpoint_mirror"):
+        path = getattr(evidence, key)
+        if path and os.path.commonpath([log_dir, os.path.abspath(path)]) == log_dir:
+            raise ConfigError(
+                f"evidence.{key}: {path} is inside evidence.dir; whoever can rewrite the log would hold it "
+                "too, so keep it elsewhere (another volume)"
+            )
     if telemetry.exporter not in ("otlp", "none"):
         raise ConfigError(f"telemetry.exporter: must be otlp or none, not {telemetry.exporter!r}")
     if telemetry.protocol not in ("", "grpc", "http/protobuf"):
