@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.client import Client
+from sidecar.jsonvalues import SAFE_INTEGER
 from sidecar.policy.opa.runner import find_opa
 from tests.conftest import REGO
 
@@ -45,10 +46,13 @@ urls = st.one_of(
                      "ftp://example.org/f", "https://docs.example.org.evil.com/", "not a url", ""]),
     st.builds(lambda h, p: f"https://{h}/{p}", texts, texts),
 )
+# Numbers an agent can send exactly (docs/api.md, numbers): integers within ±(2^53−1), any finite double
+# that is not an integer beyond it. The client refuses the others before they leave the agent.
+safe_integers = st.integers(min_value=-SAFE_INTEGER, max_value=SAFE_INTEGER)
 numbers = st.one_of(
-    st.integers(min_value=-(2**63), max_value=2**63),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from([0.7, 0.7000001, 0.6999999, 0.71, 1, 0, -1, 2**53 + 1]),
+    safe_integers,
+    st.floats(min_value=-1e15, max_value=1e15),  # every double past 2^53 is an integer: none of those
+    st.sampled_from([0.7, 0.7000001, 0.6999999, 0.71, 1, 0, -1, SAFE_INTEGER, 5e-324]),
 )
 json_values = st.recursive(
     st.none() | st.booleans() | numbers | texts,
@@ -63,7 +67,7 @@ arguments = st.fixed_dictionaries(
         "query": texts | json_values,
         "sql": st.sampled_from(["select 1", "DELETE FROM orders", "drop table x", "SELECT * FROM users; --"]) | texts,
         "table": st.sampled_from(["orders", "users", ""]) | texts,
-        "ids": st.lists(st.integers(), max_size=5) | json_values,
+        "ids": st.lists(safe_integers, max_size=5) | json_values,
         "to": st.lists(st.sampled_from(["a@example.org", "x@evil.com", ""]), max_size=3) | json_values,
         "subject": texts,
         "body": texts,
@@ -86,7 +90,7 @@ fitting = st.one_of(
     st.tuples(st.just("send_email"), st.fixed_dictionaries(
         {"to": st.lists(st.sampled_from(["a@example.org", "x@evil.com"]), max_size=3), "subject": texts, "body": texts})),
     st.tuples(st.just("delete_records"), st.fixed_dictionaries(
-        {"table": st.sampled_from(["orders", "users"]), "ids": st.lists(st.integers(), max_size=3)})),
+        {"table": st.sampled_from(["orders", "users"]), "ids": st.lists(safe_integers, max_size=3)})),
 )
 anything = st.tuples(st.sampled_from(CATALOG_TOOLS) | st.sampled_from(["rm_rf", "shell", "x"]), arguments)
 calls = st.builds(
