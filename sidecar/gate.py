@@ -23,7 +23,7 @@ from sidecar.identity import CallerIdentity, IdentityError
 from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision
 from sidecar.policy.engine import PolicyEngine
-from sidecar.policy.input import build_input
+from sidecar.policy.input import Usage, build_input
 from sidecar.usage import UsageCounters
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ class Verdict:
     trace: TraceContext
     escalation_id: str = ""
     receipt: Receipt | None = None
+    approver: str = ""  # who approved the escalation this allow carries out ("" = autonomous)
 
 
 def rfc3339_now() -> str:
@@ -193,7 +194,33 @@ class Gate:
             trace,
             escalation_id=escalation_id if decision.outcome == "escalate" else "",
             receipt=receipt,
+            approver=approver if decision.outcome == "allow" else "",
         )
+
+    async def visible(self, identity: CallerIdentity, tool: str, server: str) -> Decision:
+        """Would policy let this caller see `tool` of `server` (MCP tools/list)?
+
+        Evaluates the input document with `request.phase: "list"`, arguments {}
+        and zero usage; not counted and not recorded (listing calls nothing).
+        A tool is shown unless the decision is deny; failures deny (hidden).
+        """
+        document = build_input(
+            identity=identity,
+            tool=tool,
+            server=server,
+            arguments={},
+            catalog_entry=self.engine.catalog_entry(tool),
+            task_id="",
+            intent="",
+            signals={},
+            approval=None,
+            usage=Usage(calls_in_window=0, window_seconds=0, calls_in_task=0),
+            call_id=str(uuid.uuid4()),
+            time=rfc3339_now(),
+            sidecar=self.instance_id,
+            phase="list",
+        )
+        return await self.engine.evaluate(document)
 
     async def _check_retry(
         self, call: ToolCall, identity: CallerIdentity | IdentityError, arguments_digest: str
