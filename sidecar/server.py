@@ -136,6 +136,50 @@ def build_escalations(config: Config, recorder: Recorder | None):
     )
 
 
+def build_credential(credential, config: Config):
+    """The CredentialProvider for an upstream's `credential` section, or None (docs/mcp.md#credentials)."""
+    from sidecar.invoke.credentials import JwtSvidCredential, SecretFileCredential
+
+    if credential.kind == "secret_file":
+        return SecretFileCredential(credential.file, header_name=credential.header.lower(), scheme=credential.scheme)
+    if credential.kind == "jwt_svid":
+        return JwtSvidCredential(
+            credential.audience,
+            socket=config.identity.workload_api_socket,
+            refresh_before_seconds=config.invoke.jwt_refresh_before_seconds,
+        )
+    return None
+
+
+def build_mcp_gateway(config: Config, gate: Gate, identity: IdentityResolver, recorder: Recorder | None):
+    """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md); not started yet."""
+    from sidecar.invoke.executor import Executor
+    from sidecar.invoke.mcp import McpInvoker, McpUpstream
+    from sidecar.mcp.gateway import McpGateway
+
+    upstreams = [
+        McpUpstream(
+            name,
+            url=up.url,
+            command=up.command,
+            env=up.env or None,
+            credential=build_credential(up.credential, config),
+            timeout_seconds=up.timeout_seconds,
+            max_result_bytes=up.max_result_bytes,
+        )
+        for name, up in config.mcp.upstreams.items()
+    ]
+    return McpGateway(
+        gate=gate,
+        identity=identity,
+        executor=Executor(sink=recorder, instance_id=gate.instance_id),
+        invoker=McpInvoker(upstreams),
+        listen=config.mcp.listen,
+        max_body_bytes=4 * config.policy.max_input_bytes + 64 * 1024,
+        escalation_memory=config.mcp.escalation_memory,
+    )
+
+
 @dataclass
 class RunningSidecar:
     """A started sidecar: its server, bound addresses and stages, for `serve` and tests."""
@@ -152,9 +196,12 @@ class RunningSidecar:
     metrics: Metrics | None = None
     metrics_port: int | None = None
     escalations: Any = None  # sidecar.escalation.service.EscalationService
+    mcp: Any = None  # sidecar.mcp.gateway.McpGateway, when mcp.listen is set
 
     async def stop(self, grace: float = 5.0) -> None:
         self._health_task.cancel()
+        if self.mcp is not None:
+            await self.mcp.aclose()
         await self.server.stop(grace)
         if self.escalations is not None:
             await self.escalations.stop()
@@ -241,10 +288,18 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     await health.refresh()
     health_task = asyncio.create_task(health.run(), name="health")
     metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
-    return RunningSidecar(
+    running = RunningSidecar(
         server, addresses, engine, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
         escalations=escalations,
     )
+    if config.mcp.listen:
+        running.mcp = build_mcp_gateway(config, gate, identity, recorder)
+        try:
+            await running.mcp.start()
+        except BaseException:
+            await running.stop()
+            raise
+    return running
 
 
 async def serve(config: Config) -> None:
@@ -265,6 +320,8 @@ async def serve(config: Config) -> None:
             f"{sidecar.addresses[0]}`)",
             flush=True,
         )
+    if sidecar.mcp is not None:
+        print(f"  mcp gateway   {sidecar.mcp.url} ({len(config.mcp.upstreams)} upstreams; docs/mcp.md)", flush=True)
     first = sidecar.addresses[0]
     print("Send a first call from another terminal:", flush=True)
     print(

@@ -1,0 +1,330 @@
+"""The MCP gateway: MCP over Streamable HTTP at http://<mcp.listen>/mcp, in front of upstream MCP servers.
+
+    gateway = McpGateway(gate=..., identity=..., executor=..., invoker=McpInvoker(...), listen="127.0.0.1:8765")
+    await gateway.start()        # returns once the listener is bound; gateway.url is http://host:port/mcp
+    await gateway.aclose()
+
+- tools/list: every upstream's tools as `U__T` (sidecar.mcp.names), only those
+  policy does not deny in the list phase (`input.request.phase: "list"`);
+  descriptions and schemas pass through.
+- tools/call: the same Gate as Authorize (`tool.name = T`, `tool.server = U`).
+  allow → obligations applied, the call made by the invoker, its result
+  returned (and an `invocation` record written); deny → a tool error result
+  with the reasons; escalate → a tool error result with the escalation id.
+  The same call repeated after the approval carries the approval (once).
+- resources/*, prompts/*: not served (the gateway declares only `tools`),
+  so the SDK answers "method not found"; nothing reaches an upstream unchecked.
+- Identity: the configured resolvers over the HTTP headers (JWT-SVID in
+  `authorization: Bearer`, `x-spiffe-delegation`, dev). The caller's own
+  `authorization` header is never forwarded upstream.
+- A body that is not JSON-RPC is recorded as a denied call, then answered by the SDK.
+
+`_meta` keys a client may send with tools/call: `sidecar/task_id`,
+`sidecar/intent`, `sidecar/signals`, `sidecar/call_id`, `sidecar/escalation_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections import OrderedDict
+from typing import Any
+
+import mcp_types as types
+import uvicorn
+from mcp.server.lowlevel.server import Server
+from mcp.shared.exceptions import MCPError
+from starlette.requests import Request
+
+from sidecar.calls import ToolCall
+from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.evidence import TraceContext
+from sidecar.evidence.records import reason_code
+from sidecar.gate import Gate, Verdict
+from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo
+from sidecar.invoke import FAILED, NOT_CALLED, UNKNOWN_TOOL
+from sidecar.invoke.executor import Executor
+from sidecar.invoke.mcp import McpInvoker
+from sidecar.mcp import names
+
+log = logging.getLogger(__name__)
+META_PREFIX = "sidecar/"
+TEXT_META = ("task_id", "intent", "call_id", "escalation_id")
+
+
+def peer_from_headers(headers: Any, transport: str = "tcp") -> PeerInfo:
+    """PeerInfo of an HTTP request: header names lowercased, repeats joined with ", " as gRPC metadata is."""
+    metadata: dict[str, str] = {}
+    for key, value in headers.items() if not hasattr(headers, "multi_items") else headers.multi_items():
+        key = key.lower()
+        metadata[key] = f"{metadata[key]}, {value}" if key in metadata else value
+    return PeerInfo(transport=transport, metadata=metadata)
+
+
+def _text_result(text: str, meta: dict[str, Any]) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(text=text)], is_error=True, _meta=meta)
+
+
+class McpGateway:
+    def __init__(
+        self,
+        *,
+        gate: Gate,
+        identity: IdentityResolver,
+        executor: Executor,
+        invoker: McpInvoker,
+        listen: str,
+        max_body_bytes: int,
+        escalation_memory: int = 10_000,
+        await_hint: str = "",
+    ):
+        self._gate = gate
+        self._identity = identity
+        self._executor = executor
+        self._invoker = invoker
+        self._listen = listen
+        self._max_body = max_body_bytes
+        self._pending: OrderedDict[tuple, str] = OrderedDict()  # call shape → escalation id
+        self._memory = escalation_memory
+        self._await_hint = await_hint
+        self._server = Server(
+            "agent-sidecar",
+            instructions="Tools behind agent-sidecar: every call is decided by policy and recorded.",
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+        )
+        self._uvicorn: uvicorn.Server | None = None
+        self._task: asyncio.Task | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------ serving
+
+    async def start(self) -> str:
+        """Connect the upstreams (in the background) and bind the listener; returns the /mcp URL."""
+        self._invoker.start()
+        host, _, port = self._listen.rpartition(":")
+        app = self._server.streamable_http_app(
+            host=host, max_request_body_size=self._max_body, json_response=False
+        )
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), int(port)))
+        sock.listen(128)
+        sock.setblocking(False)
+        config = uvicorn.Config(
+            _RecordMalformed(app, self), log_level="warning", lifespan="on", access_log=False,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn.config.setup_event_loop = lambda: None  # the sidecar's loop is already running
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="mcp-gateway")
+        while not self._uvicorn.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the MCP gateway stopped while starting")
+            await asyncio.sleep(0.01)
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
+        self.url = f"http://{shown}:{bound_port}/mcp"
+        return self.url
+
+    async def aclose(self) -> None:
+        if self._uvicorn is not None and self._task is not None:
+            self._uvicorn.should_exit = True
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except asyncio.TimeoutError:
+                self._uvicorn.force_exit = True
+                self._task.cancel()
+        await self._invoker.aclose()
+
+    # ----------------------------------------------------------- identity
+
+    def resolve(self, peer: PeerInfo) -> CallerIdentity | IdentityError:
+        try:
+            return self._identity.resolve(peer)
+        except IdentityError as exc:
+            return exc
+        except Exception as exc:  # a resolver bug must deny, not crash the call
+            log.exception("identity resolver failed")
+            return IdentityError(f"identity could not be verified ({type(exc).__name__})")
+
+    def _peer(self, ctx: Any) -> PeerInfo:
+        request = ctx.request
+        if isinstance(request, Request):
+            return peer_from_headers(request.headers)
+        return PeerInfo(transport="tcp")
+
+    # ------------------------------------------------------------ handlers
+
+    async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        identity = self.resolve(self._peer(ctx))
+        if isinstance(identity, IdentityError):
+            raise MCPError(types.INVALID_REQUEST, f"unverified_caller: {identity.reason}")
+        upstream_names = list(self._invoker.upstreams)
+        offered = []
+        for upstream, tool in await self._invoker.tools():
+            problem = names.refusal(upstream, tool.name, upstream_names)
+            if problem:
+                log.warning("MCP gateway: %s", problem)
+                continue
+            offered.append((upstream, tool))
+        decisions = await asyncio.gather(*(self._gate.visible(identity, t.name, u) for u, t in offered))
+        tools = [
+            tool.model_copy(update={"name": names.exposed_name(upstream, tool.name)})
+            for (upstream, tool), decision in zip(offered, decisions)
+            if decision.outcome != "deny"
+        ]
+        return types.ListToolsResult(tools=tools)
+
+    async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        peer = self._peer(ctx)
+        identity = self.resolve(peer)
+        meta = dict(params.meta or {})
+        parent = TraceContext.from_traceparent(peer.metadata.get("traceparent")) or TraceContext.from_traceparent(
+            meta.get("traceparent") if isinstance(meta.get("traceparent"), str) else None
+        )
+        arguments = params.arguments if params.arguments is not None else {}
+        fields: dict[str, Any] = {}
+        problem = ""
+        for key in TEXT_META:
+            value = meta.get(META_PREFIX + key, "")
+            if not isinstance(value, str):
+                problem = f"malformed_request: _meta {META_PREFIX}{key} must be a string"
+                value = ""
+            fields[key] = value
+        signals = meta.get(META_PREFIX + "signals")
+        split = names.split_name(params.name)
+        upstream, tool = split if split else ("", params.name)
+        if not problem:
+            if split is None or upstream not in self._invoker.upstreams:
+                problem = (f"{UNKNOWN_TOOL}: no tool {params.name!r} behind this gateway "
+                           f"(names are <upstream>{names.SEPARATOR}<tool>)")
+            else:
+                refused = names.refusal(upstream, tool, self._invoker.upstreams)
+                if refused:
+                    problem = f"{UNKNOWN_TOOL}: {refused}"
+        call = ToolCall(
+            tool=tool,
+            server=upstream,
+            arguments=arguments,
+            call_id=fields["call_id"],
+            task_id=fields["task_id"],
+            intent=fields["intent"],
+            signals=signals,
+            escalation_id=fields["escalation_id"],
+        )
+        shape = self._shape(identity, call)
+        remembered = False
+        if not problem and not call.escalation_id and shape is not None and shape in self._pending:
+            call = ToolCall(**{**call.__dict__, "escalation_id": self._pending[shape]})
+            remembered = True
+        verdict = await self._gate.authorize(call, identity, parent, malformed=problem or None)
+        outcome = verdict.decision.outcome
+        base_meta = {"sidecar/decision_id": verdict.decision_id, "sidecar/trace_id": verdict.trace.trace_id,
+                     "sidecar/outcome": outcome}
+        if shape is not None and (remembered or outcome == "escalate"):
+            self._remember(shape, verdict, remembered)
+        if outcome == "deny":
+            reasons = "; ".join(verdict.decision.reasons)
+            return _text_result(f"denied by policy (decision {verdict.decision_id}): {reasons}", base_meta)
+        if outcome == "escalate":
+            return _text_result(self._escalation_text(verdict), {**base_meta, "sidecar/escalation_id": verdict.escalation_id})
+        assert isinstance(identity, CallerIdentity)
+        performed = await self._executor.perform(call, identity, verdict, self._invoker)
+        result = performed.result
+        if performed.record_error:
+            return _text_result(performed.record_error, base_meta)
+        if result.status in (FAILED, NOT_CALLED):
+            return _text_result(f"allowed (decision {verdict.decision_id}) but the call failed: {result.error}", base_meta)
+        answer = types.CallToolResult.model_validate(result.result)
+        return answer.model_copy(update={"meta": {**(answer.meta or {}), **base_meta}})
+
+    # ------------------------------------------------------- escalations
+
+    @staticmethod
+    def _shape(identity: CallerIdentity | IdentityError, call: ToolCall) -> tuple | None:
+        if not isinstance(identity, CallerIdentity) or not isinstance(call.arguments, dict):
+            return None
+        try:
+            digest = sha256_digest(canonical_json(call.arguments))
+        except NotCanonicalizable:
+            return None
+        delegation = tuple(link.spiffe_id for link in identity.delegation)
+        return (identity.subject.spiffe_id, delegation, call.server, call.tool, digest, call.task_id)
+
+    def _remember(self, shape: tuple, verdict: Verdict, remembered: bool) -> None:
+        """Keep the escalation id of an escalated call, so the same call after the approval carries it."""
+        if verdict.decision.outcome == "escalate":
+            self._pending[shape] = verdict.escalation_id
+            self._pending.move_to_end(shape)
+            while len(self._pending) > self._memory:
+                self._pending.popitem(last=False)
+            return
+        still_waiting = any(reason_code(r) == "escalation_pending" for r in verdict.decision.reasons)
+        if remembered and not still_waiting:
+            self._pending.pop(shape, None)  # used, denied or expired: the next call asks policy afresh
+
+    def _escalation_text(self, verdict: Verdict) -> str:
+        reasons = "; ".join(verdict.decision.reasons)
+        hint = f" {self._await_hint}" if self._await_hint else ""
+        return (
+            f"needs approval: escalation {verdict.escalation_id} (decision {verdict.decision_id}) waits for a "
+            f"human approver. Reasons: {reasons}. To wait, call AwaitDecision(escalation_id={verdict.escalation_id!r}) "
+            f"on the sidecar's gRPC API or watch `agent-sidecar approvals list`.{hint} Once it is approved, call this "
+            "tool again with the same arguments: the approval is used once."
+        )
+
+
+class _RecordMalformed:
+    """ASGI wrapper: a POST body that is not JSON-RPC is recorded as a denied call before the SDK answers it."""
+
+    def __init__(self, app: Any, gateway: McpGateway):
+        self._app = app
+        self._gateway = gateway
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            await self._app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        messages = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size <= self._gateway._max_body:
+                chunks.append(body)
+            if not message.get("more_body"):
+                break
+        problem = self._problem(b"".join(chunks), size)
+        if problem:
+            peer = peer_from_headers(Request(scope).headers)
+            await self._gateway._gate.authorize(
+                ToolCall(tool="", arguments={}), self._gateway.resolve(peer), None, malformed=problem
+            )
+
+        async def replay() -> dict:
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        await self._app(scope, replay, send)
+
+    def _problem(self, body: bytes, size: int) -> str:
+        if size > self._gateway._max_body:
+            return f"malformed_request: the MCP message is {size} bytes, over the {self._gateway._max_body}-byte limit"
+        try:
+            message = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"malformed_request: the MCP message is not JSON ({str(exc)[:200]})"
+        batch = message if isinstance(message, list) else [message]
+        if not batch or not all(isinstance(m, dict) and m.get("jsonrpc") == "2.0" for m in batch):
+            return "malformed_request: the MCP message is not a JSON-RPC 2.0 object"
+        return ""
