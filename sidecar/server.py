@@ -151,6 +151,25 @@ def build_credential(credential, config: Config):
     return None
 
 
+def build_http_tools(config: Config):
+    """The HTTP invoker for ToolGate.Invoke over `invoke.tools` (docs/mcp.md#invoke-for-http-tools)."""
+    from sidecar.invoke.http import HttpInvoker, HttpTool
+
+    return HttpInvoker([
+        HttpTool(
+            name,
+            url=tool.url,
+            method=tool.method.upper(),
+            headers=dict(tool.headers),
+            timeout_seconds=tool.timeout_seconds,
+            max_response_bytes=tool.max_response_bytes,
+            rollback_header=tool.rollback_header.lower(),
+            credential=build_credential(tool.credential, config),
+        )
+        for name, tool in config.invoke.tools.items()
+    ])
+
+
 def build_mcp_gateway(config: Config, gate: Gate, identity: IdentityResolver, recorder: Recorder | None):
     """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md); not started yet."""
     from sidecar.invoke.executor import Executor
@@ -197,12 +216,15 @@ class RunningSidecar:
     metrics_port: int | None = None
     escalations: Any = None  # sidecar.escalation.service.EscalationService
     mcp: Any = None  # sidecar.mcp.gateway.McpGateway, when mcp.listen is set
+    http_tools: Any = None  # sidecar.invoke.http.HttpInvoker behind ToolGate.Invoke
 
     async def stop(self, grace: float = 5.0) -> None:
         self._health_task.cancel()
         if self.mcp is not None:
             await self.mcp.aclose()
         await self.server.stop(grace)
+        if self.http_tools is not None:
+            await self.http_tools.aclose()
         if self.escalations is not None:
             await self.escalations.stop()
         if self.metrics is not None:
@@ -249,10 +271,13 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     )
     from sidecar.escalation.grpc_api import EscalationApi
 
+    from sidecar.invoke.executor import Executor
+
     escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
-    server.add_generic_rpc_handlers(
-        (ToolGateServicer(gate, identity, escalation_api).handler(), escalation_api.approvals_handler())
-    )
+    http_tools = build_http_tools(config)
+    executor = Executor(sink=recorder, instance_id=gate.instance_id)
+    servicer = ToolGateServicer(gate, identity, escalation_api, executor=executor, http_tools=http_tools)
+    server.add_generic_rpc_handlers((servicer.handler(), escalation_api.approvals_handler()))
     sources = {"policy": engine.health, "identity": identity.health}
     if recorder is not None:
         sources["evidence"] = recorder.health
@@ -290,7 +315,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
     running = RunningSidecar(
         server, addresses, engine, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
-        escalations=escalations,
+        escalations=escalations, http_tools=http_tools,
     )
     if config.mcp.listen:
         running.mcp = build_mcp_gateway(config, gate, identity, recorder)

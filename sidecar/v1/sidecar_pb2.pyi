@@ -136,14 +136,18 @@ class InvokeRequest(_message.Message):
     def __init__(self, call: _Optional[_Union[AuthorizeRequest, _Mapping]] = ...) -> None: ...
 
 class InvokeResponse(_message.Message):
-    __slots__ = ("decision", "result", "error")
+    __slots__ = ("decision", "result", "error", "status", "upstream_status")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
     decision: AuthorizeResponse
     result: _struct_pb2.Struct
     error: str
-    def __init__(self, decision: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    status: str
+    upstream_status: int
+    def __init__(self, decision: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., status: _Optional[str] = ..., upstream_status: _Optional[int] = ...) -> None: ...
 
 class ListEscalationsRequest(_message.Message):
     __slots__ = ("state", "subject", "tool", "limit")
