@@ -207,10 +207,9 @@ async def test_unknown_obligation_fails_closed_and_is_recorded(gateway):
     ],
 )
 async def test_bad_calls_get_clear_error_results_are_recorded_and_the_gateway_keeps_serving(
-    gateway, name, arguments, code, sidecar_config
+    gateway, name, arguments, code
 ):
     sidecar, _, config = gateway
-    sidecar.gate  # noqa: B018
     async with Client(sidecar.mcp.url) as agent:
         result = await agent.call_tool(name, arguments)
         assert result.is_error and code in result.content[0].text, result
