@@ -277,3 +277,26 @@ async def test_resources_and_prompts_are_not_served(gateway):
             await agent.list_resources()
         with pytest.raises(MCPError):
             await agent.list_prompts()
+
+
+async def test_invocations_show_in_evidence_show_and_as_child_spans(gateway, capsys):
+    from opentelemetry.sdk.resources import Resource
+
+    from sidecar.cli import main
+    from sidecar.evidence.spans import spans_for_record
+
+    sidecar, _, config = gateway
+    async with Client(sidecar.mcp.url) as agent:
+        assert not (await agent.call_tool("docs__whoami", {})).is_error
+    records = evidence(Path(config.evidence.dir))
+    decision = next(r for r in records if r["kind"] == "decision")
+    invocation = next(r for r in records if r["kind"] == "invocation")
+    (span,) = spans_for_record(invocation, lambda _: Resource.create({}))
+    decision_span = spans_for_record(decision, lambda _: Resource.create({}))[0]  # then the guardrail span
+    assert span.parent.span_id == decision_span.context.span_id
+    assert span.context.trace_id == decision_span.context.trace_id
+    assert span.name == "sidecar.invocation"
+    capsys.readouterr()
+    assert main(["evidence", "show", config.evidence.dir]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " invocation " in line]
+    assert len(lines) == 1 and "whoami" in lines[0]
