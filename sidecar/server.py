@@ -170,7 +170,9 @@ def build_http_tools(config: Config):
     ])
 
 
-def build_mcp_gateway(config: Config, gate: Gate, identity: IdentityResolver, recorder: Recorder | None):
+def build_mcp_gateway(
+    config: Config, gate: Gate, identity: IdentityResolver, recorder: Recorder | None, grpc_address: str = ""
+):
     """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md); not started yet."""
     from sidecar.invoke.executor import Executor
     from sidecar.invoke.mcp import McpInvoker, McpUpstream
@@ -196,6 +198,7 @@ def build_mcp_gateway(config: Config, gate: Gate, identity: IdentityResolver, re
         listen=config.mcp.listen,
         max_body_bytes=4 * config.policy.max_input_bytes + 64 * 1024,
         escalation_memory=config.mcp.escalation_memory,
+        grpc_address=grpc_address,
     )
 
 
@@ -318,7 +321,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         escalations=escalations, http_tools=http_tools,
     )
     if config.mcp.listen:
-        running.mcp = build_mcp_gateway(config, gate, identity, recorder)
+        running.mcp = build_mcp_gateway(config, gate, identity, recorder, addresses[0])
         try:
             await running.mcp.start()
         except BaseException:

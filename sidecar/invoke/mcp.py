@@ -166,12 +166,17 @@ class McpUpstream:
         await self._attach_credential()
         tools: list[types.Tool] = []
         cursor = None
-        for _ in range(100):
-            page = await asyncio.wait_for(client.list_tools(cursor=cursor), self.timeout_seconds)
-            tools.extend(page.tools)
-            cursor = page.next_cursor
-            if not cursor:
-                break
+        try:
+            for _ in range(100):
+                page = await asyncio.wait_for(client.list_tools(cursor=cursor), self.timeout_seconds)
+                tools.extend(page.tools)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+        except MCPError as exc:
+            if exc.code == types.CONNECTION_CLOSED:
+                self._broken.set()
+            raise
         return tools
 
     async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> InvocationResult:
@@ -193,8 +198,13 @@ class McpUpstream:
                 error=f"{UPSTREAM_TIMEOUT}: upstream {self.name} did not answer within {self.timeout_seconds:g} s",
             )
         except MCPError as exc:
+            if exc.code == types.CONNECTION_CLOSED:
+                self._broken.set()  # the process exited or the stream ended: reconnect
+                code = UPSTREAM_UNAVAILABLE
+            else:
+                code = UPSTREAM_MALFORMED if exc.code == types.PARSE_ERROR else UPSTREAM_ERROR
             return InvocationResult(
-                FAILED, self.name, credential=credential, error=f"{UPSTREAM_ERROR}: upstream {self.name}: {_describe(exc)}"
+                FAILED, self.name, credential=credential, error=f"{code}: upstream {self.name}: {_describe(exc)}"
             )
         except Exception as exc:
             self._broken.set()  # the session is in an unknown state: reconnect

@@ -78,7 +78,7 @@ class McpGateway:
         listen: str,
         max_body_bytes: int,
         escalation_memory: int = 10_000,
-        await_hint: str = "",
+        grpc_address: str = "",
     ):
         self._gate = gate
         self._identity = identity
@@ -88,7 +88,8 @@ class McpGateway:
         self._max_body = max_body_bytes
         self._pending: OrderedDict[tuple, str] = OrderedDict()  # call shape → escalation id
         self._memory = escalation_memory
-        self._await_hint = await_hint
+        self._grpc_address = grpc_address  # named in escalation answers: where AwaitDecision is served
+        self._refused: set[tuple[str, str]] = set()
         self._server = Server(
             "agent-sidecar",
             instructions="Tools behind agent-sidecar: every call is decided by policy and recorded.",
@@ -168,7 +169,9 @@ class McpGateway:
         for upstream, tool in await self._invoker.tools():
             problem = names.refusal(upstream, tool.name, upstream_names)
             if problem:
-                log.warning("MCP gateway: %s", problem)
+                if (upstream, tool.name) not in self._refused:  # once per tool, not per listing
+                    self._refused.add((upstream, tool.name))
+                    log.warning("MCP gateway: %s", problem)
                 continue
             offered.append((upstream, tool))
         decisions = await asyncio.gather(*(self._gate.visible(identity, t.name, u) for u, t in offered))
@@ -269,11 +272,11 @@ class McpGateway:
 
     def _escalation_text(self, verdict: Verdict) -> str:
         reasons = "; ".join(verdict.decision.reasons)
-        hint = f" {self._await_hint}" if self._await_hint else ""
+        where = f" at {self._grpc_address}" if self._grpc_address else ""
         return (
             f"needs approval: escalation {verdict.escalation_id} (decision {verdict.decision_id}) waits for a "
             f"human approver. Reasons: {reasons}. To wait, call AwaitDecision(escalation_id={verdict.escalation_id!r}) "
-            f"on the sidecar's gRPC API or watch `agent-sidecar approvals list`.{hint} Once it is approved, call this "
+            f"on the sidecar's gRPC API{where} or watch `agent-sidecar approvals list`. Once it is approved, call this "
             "tool again with the same arguments: the approval is used once."
         )
 

@@ -1,0 +1,101 @@
+"""The gateway's caller is resolved by the same identity resolvers as Authorize: a JWT-SVID in
+`authorization: Bearer`, delegation in `x-spiffe-delegation`; an unverifiable caller sees no
+tools and every call is denied and recorded. Workload API: tests/doubles/fake_workload_api.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx2
+import pytest
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from sidecar.config import load_config
+from tests.conftest import write_policy
+from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
+from tests.mcp_upstreams import Seen, docs_server, serve_http
+from tests.test_mcp_gateway import POLICY
+
+SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
+PLANNER = "spiffe://example.org/ns/agents/sa/planner"
+ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
+AUD = SIDECAR_ID
+
+
+@pytest.fixture
+async def world(tmp_path, running_sidecar):
+    sockdir = short_dir()
+    agent = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
+    seen = Seen()
+    upstream = await serve_http(docs_server(seen))
+    config = load_config(None, {
+        "listen.tcp": "127.0.0.1:0",
+        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+        "policy.reload": False,
+        "evidence.dir": str(tmp_path / "evidence"),
+        "telemetry.exporter": "none",
+        "identity.sources": ["jwt_svid"],
+        "identity.workload_api_socket": agent.endpoint,
+        "identity.jwt_audience": AUD,
+        "mcp.listen": "127.0.0.1:0",
+        "mcp.upstreams": {"docs": {"url": upstream.url}},
+    })
+    sidecar = await running_sidecar(config)
+    for _ in range(100):  # the JWT bundle arrives from the Workload API in the background
+        if sidecar.identity.health()[0]:
+            break
+        await asyncio.sleep(0.05)
+    yield agent, sidecar, seen, tmp_path / "evidence"
+    await upstream.stop()
+    agent.stop()
+    remove_dir(sockdir)
+
+
+def agent_client(url: str, headers: dict[str, str]) -> Client:
+    return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers)))
+
+
+def decisions(directory: Path) -> list[dict]:
+    lines = (directory / "evidence-000001.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "decision"]
+
+
+async def test_a_jwt_svid_caller_is_the_subject_and_delegation_rides_along(world):
+    agent, sidecar, seen, evidence = world
+    token = agent.jwt_authority.mint(PLANNER, AUD)
+    chain = agent.jwt_authority.mint(ORCHESTRATOR, AUD)
+    async with agent_client(sidecar.mcp.url, {"authorization": f"Bearer {token}",
+                                              "x-spiffe-delegation": chain}) as client:
+        assert "docs__search" in {t.name for t in (await client.list_tools()).tools}
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    record = decisions(evidence)[-1]
+    assert record["subject"]["spiffe_id"] == PLANNER and record["subject"]["source"] == "jwt_svid"
+    assert [d["spiffe_id"] for d in record["delegation"]] == [ORCHESTRATOR]
+    assert seen.authorization == [""]  # the agent's token is not passed upstream
+
+
+@pytest.mark.parametrize("headers, why", [
+    ({}, "unverified_caller"),
+    ({"authorization": "Bearer not-a-jwt"}, "unverified_caller"),
+    ("wrong-audience", "unverified_caller"),
+    ("expired", "unverified_caller"),
+])
+async def test_unverified_callers_see_nothing_and_are_denied_and_recorded(world, headers, why):
+    agent, sidecar, seen, evidence = world
+    if headers == "wrong-audience":
+        headers = {"authorization": f"Bearer {agent.jwt_authority.mint(PLANNER, 'elsewhere')}"}
+    elif headers == "expired":
+        headers = {"authorization": f"Bearer {agent.jwt_authority.mint(PLANNER, AUD, ttl=-5)}"}
+    async with agent_client(sidecar.mcp.url, headers) as client:
+        with pytest.raises(MCPError) as info:
+            await client.list_tools()
+        assert why in str(info.value)
+        result = await client.call_tool("docs__whoami", {})
+    assert result.is_error and why in result.content[0].text
+    assert not seen.calls
+    record = decisions(evidence)[-1]
+    assert record["outcome"] == "deny" and record["subject"] is None and record["reasons"][0].startswith(why)
