@@ -85,7 +85,7 @@ async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    tool = {"method": "POST", "timeout_seconds": 1, "max_response_bytes": 10_000}
+    tool = {"method": "POST", "timeout_seconds": 10, "max_response_bytes": 10_000}
     config = sidecar_config(**{
         "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
         "listen.unix": "",
@@ -94,7 +94,7 @@ async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
                               "credential": {"kind": "secret_file", "file": str(secret), "header": "X-Api-Key",
                                              "scheme": ""}},
             "delete_ticket": {**tool, "url": base + "/delete"},
-            "slow_tool": {**tool, "url": base + "/slow"},
+            "slow_tool": {**tool, "url": base + "/slow", "timeout_seconds": 0.5},
             "broken_tool": {**tool, "url": base + "/broken"},
             "huge_tool": {**tool, "url": base + "/huge"},
             "garbage_tool": {**tool, "url": base + "/garbage"},

@@ -44,6 +44,8 @@ def test_the_yaml_examples_in_docs_mcp_load(tmp_path):
         ({"mcp.upstreams": {"docs": {"url": "http://x", "typo": 1}}}, "mcp.upstreams.docs.typo"),
         ({"mcp.upstreams": {"docs": {"command": "python server.py"}}}, "mcp.upstreams.docs.command"),
         ({"mcp.listen": "8765"}, "mcp.listen"),
+        ({"mcp.listen": "0.0.0.0:8765", "identity.sources": ["jwt_svid", "mtls"], "identity.jwt_audience": "a",
+          "identity.delegation_audience": "b", "escalation.approvers": ["email:*@example.org"]}, "mcp.listen"),
         ({"invoke.tools": {"t": {"url": "http://x/{a}", "method": "TRACE"}}}, "invoke.tools.t.method"),
         ({"invoke.tools": {"t": {"url": "http://x", "credential": {"kind": "secret_file"}}}}, "invoke.tools.t.credential.file"),
         ({"invoke.tools": {"t": {"url": "http://x", "headers": {"a": 1}}}}, "invoke.tools.t.headers.a"),

@@ -87,7 +87,7 @@ async def gateway(tmp_path, sidecar_config, running_sidecar, docs_upstream):
         "listen.unix": "",
         "mcp.listen": "127.0.0.1:0",
         "mcp.upstreams": {
-            "docs": {"url": upstream.url, "timeout_seconds": 2, "max_result_bytes": 20_000,
+            "docs": {"url": upstream.url, "timeout_seconds": 4, "max_result_bytes": 20_000,
                      "credential": {"kind": "secret_file", "file": str(secret)}},
             "notes": {"command": [sys.executable, STDIO_SERVER]},
         },
@@ -202,7 +202,7 @@ async def test_unknown_obligation_fails_closed_and_is_recorded(gateway):
         ("no-separator", {}, "unknown_tool"),
         ("notes__docs__search", {"query": "x"}, "unknown_tool"),  # looks like the docs upstream's tool
         ("docs__search", {"query": "x" * 1_100_000}, "input_too_large"),
-        ("docs__slow", {"seconds": 5}, "upstream_timeout"),
+        ("docs__slow", {"seconds": 10}, "upstream_timeout"),
         ("docs__big", {"n": 50_000}, "upstream_too_large"),
     ],
 )

@@ -15,6 +15,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from sidecar.config import load_config
+from sidecar.identity.delegation import link_audience
 from tests.conftest import write_policy
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 from tests.mcp_upstreams import Seen, docs_server, serve_http
@@ -24,6 +25,7 @@ SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 PLANNER = "spiffe://example.org/ns/agents/sa/planner"
 ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
 AUD = SIDECAR_ID
+DELEGATION_AUD = "spiffe://example.org/delegation"
 
 
 @pytest.fixture
@@ -41,6 +43,8 @@ async def world(tmp_path, running_sidecar):
         "identity.sources": ["jwt_svid"],
         "identity.workload_api_socket": agent.endpoint,
         "identity.jwt_audience": AUD,
+        "identity.delegation_audience": DELEGATION_AUD,
+        "escalation.approvers": ["email:*@example.org"],
         "mcp.listen": "127.0.0.1:0",
         "mcp.upstreams": {"docs": {"url": upstream.url}},
     })
@@ -67,7 +71,7 @@ def decisions(directory: Path) -> list[dict]:
 async def test_a_jwt_svid_caller_is_the_subject_and_delegation_rides_along(world):
     agent, sidecar, seen, evidence = world
     token = agent.jwt_authority.mint(PLANNER, AUD)
-    chain = agent.jwt_authority.mint(ORCHESTRATOR, AUD)
+    chain = agent.jwt_authority.mint(ORCHESTRATOR, link_audience(DELEGATION_AUD, to=PLANNER))
     async with agent_client(sidecar.mcp.url, {"authorization": f"Bearer {token}",
                                               "x-spiffe-delegation": chain}) as client:
         assert "docs__search" in {t.name for t in (await client.list_tools()).tools}
