@@ -61,6 +61,12 @@ def docs_server(seen: Seen) -> MCPServer:
         )
 
     @srv.tool()
+    def unsend(message_token: str) -> str:
+        """Recall a sent message by its rollback token."""
+        seen.calls.append(("unsend", {"message_token": message_token}))
+        return f"recalled {message_token}"
+
+    @srv.tool()
     def forbidden() -> str:
         """Policy denies this one."""
         seen.calls.append(("forbidden", {}))
