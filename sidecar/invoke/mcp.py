@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ROLLBACK_META_KEY = "rollback_token"
+# JSON-RPC errors about the request itself: the session is fine. After any other error it is reopened.
+_SESSION_INTACT = frozenset({types.INVALID_PARAMS, types.METHOD_NOT_FOUND, types.INVALID_REQUEST})
 
 
 class _CurrentCredential(httpx2.Auth):
@@ -108,9 +110,8 @@ class McpUpstream:
     def describe(self) -> str:
         return self.url or " ".join(self.command)
 
-    def _new_client(self) -> Client:
-        if self.url:
-            http = httpx2.AsyncClient(auth=self._auth, timeout=httpx2.Timeout(self.timeout_seconds))
+    def _new_client(self, http: httpx2.AsyncClient | None) -> Client:
+        if http is not None:
             return Client(streamable_http_client(self.url, http_client=http), cache=None)
         params = StdioServerParameters(command=self.command[0], args=self.command[1:], env=self._env)
         return Client(params, cache=None)
@@ -121,10 +122,13 @@ class McpUpstream:
     async def _run(self) -> None:
         backoff = 0.2
         while not self._stopping:
+            http = None
+            if self.url:  # ours to close: the SDK closes only the HTTP clients it made itself
+                http = httpx2.AsyncClient(auth=self._auth, timeout=httpx2.Timeout(self.timeout_seconds))
             try:
                 if self._credential is not None:
                     await self._attach_credential()
-                async with self._new_client() as client:
+                async with self._new_client(http) as client:
                     self._client = client
                     self.last_error = ""
                     backoff = 0.2
@@ -139,6 +143,8 @@ class McpUpstream:
                 self._client = None
                 self._connected.clear()
                 self._broken.clear()
+                if http is not None:
+                    await http.aclose()
             if self._stopping:
                 break
             await asyncio.sleep(backoff)
@@ -174,7 +180,7 @@ class McpUpstream:
                 if not cursor:
                     break
         except MCPError as exc:
-            if exc.code == types.CONNECTION_CLOSED:
+            if exc.code not in _SESSION_INTACT:
                 self._broken.set()
             raise
         return tools
@@ -198,8 +204,9 @@ class McpUpstream:
                 error=f"{UPSTREAM_TIMEOUT}: upstream {self.name} did not answer within {self.timeout_seconds:g} s",
             )
         except MCPError as exc:
+            if exc.code not in _SESSION_INTACT:
+                self._broken.set()  # the process exited, the stream ended or the session expired: reconnect
             if exc.code == types.CONNECTION_CLOSED:
-                self._broken.set()  # the process exited or the stream ended: reconnect
                 code = UPSTREAM_UNAVAILABLE
             else:
                 code = UPSTREAM_MALFORMED if exc.code == types.PARSE_ERROR else UPSTREAM_ERROR
