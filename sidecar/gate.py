@@ -28,6 +28,7 @@ from sidecar.usage import UsageCounters
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
+    from sidecar.tasks import TaskRegistry
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Gate:
         instance_id: str,
         metrics: Metrics | None = None,
         escalations: "EscalationService | None" = None,
+        tasks: "TaskRegistry | None" = None,
     ):
         self.engine = engine
         self._usage = usage
@@ -75,6 +77,8 @@ class Gate:
         self._metrics = metrics
         # Escalations (docs/escalation.md): None = escalate answers carry no escalation id.
         self.escalations = escalations
+        # Task lifetimes (EndTask, idle timeout): None = tasks never end.
+        self._tasks = tasks
 
     async def authorize(
         self,
@@ -102,6 +106,10 @@ class Gate:
                 problems.append(
                     f"call_id_reused: call_id {call.call_id!r} was already used for a different tool call"
                 )
+        if call.task_id and not problems and self._tasks is not None and isinstance(identity, CallerIdentity):
+            ended = self._tasks.check(call.task_id, identity.subject.spiffe_id)
+            if ended:
+                problems.append(ended)
         retry = None
         if call.escalation_id and not problems:
             retry, problem = await self._check_retry(call, identity, arguments_digest)
