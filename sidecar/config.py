@@ -292,6 +292,8 @@ class InvokeConfig:
     tools: dict[str, HttpToolConfig] = field(default_factory=dict)
     # A cached JWT-SVID is replaced this long before it expires.
     jwt_refresh_before_seconds: float = 30.0
+    # A task with no call for this long is ended (its later calls denied); 0 = no idle timeout.
+    task_idle_seconds: float = 0.0
 
 
 @dataclass
@@ -634,6 +636,8 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
 def _validate_invoke(invoke: InvokeConfig) -> None:
     if invoke.jwt_refresh_before_seconds < 0:
         raise ConfigError("invoke.jwt_refresh_before_seconds: must not be negative")
+    if invoke.task_idle_seconds < 0:
+        raise ConfigError("invoke.task_idle_seconds: must not be negative (0 turns the idle timeout off)")
     for name, tool in invoke.tools.items():
         key = f"invoke.tools.{name}"
         if tool.method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):

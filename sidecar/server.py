@@ -30,6 +30,7 @@ from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.embedded import EmbeddedEngine
 from sidecar.policy.engine import PolicyEngine
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
+from sidecar.tasks import TaskRegistry
 from sidecar.usage import UsageCounters
 from sidecar.v1 import sidecar_pb2
 
@@ -87,7 +88,11 @@ def build_recorder(
 
 
 def build_gate(
-    config: Config, engine: PolicyEngine, recorder: Recorder | None, metrics: Metrics | None = None
+    config: Config,
+    engine: PolicyEngine,
+    recorder: Recorder | None,
+    metrics: Metrics | None = None,
+    tasks: TaskRegistry | None = None,
 ) -> Gate:
     return Gate(
         engine=engine,
@@ -98,6 +103,7 @@ def build_gate(
         max_depth=config.policy.max_depth,
         instance_id=config.sidecar.instance_id or default_instance_id(),
         metrics=metrics,
+        tasks=tasks,
     )
 
 
@@ -252,7 +258,8 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         identity_runtime.close()
         raise
     metrics = Metrics()
-    gate = build_gate(config, engine, recorder, metrics)
+    tasks = TaskRegistry(idle_seconds=config.invoke.task_idle_seconds, max_tracked=config.usage.max_tracked)
+    gate = build_gate(config, engine, recorder, metrics, tasks)
     escalations = build_escalations(config, recorder)
     try:
         await escalations.start()
@@ -279,7 +286,9 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
     http_tools = build_http_tools(config)
     executor = Executor(sink=recorder, instance_id=gate.instance_id)
-    servicer = ToolGateServicer(gate, identity, escalation_api, executor=executor, http_tools=http_tools)
+    servicer = ToolGateServicer(
+        gate, identity, escalation_api, executor=executor, http_tools=http_tools, tasks=tasks
+    )
     server.add_generic_rpc_handlers((servicer.handler(), escalation_api.approvals_handler()))
     sources = {"policy": engine.health, "identity": identity.health}
     if recorder is not None:

@@ -26,6 +26,7 @@ from sidecar.v1 import sidecar_pb2
 if TYPE_CHECKING:
     from sidecar.invoke.executor import Executor, Performed
     from sidecar.invoke.http import HttpInvoker
+    from sidecar.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class ToolGateServicer:
         *,
         executor: "Executor | None" = None,
         http_tools: "HttpInvoker | None" = None,
+        tasks: "TaskRegistry | None" = None,
     ):
         self._gate = gate
         self._identity = identity
@@ -136,6 +138,7 @@ class ToolGateServicer:
         # Invoke (docs/mcp.md#invoke-for-http-tools): the HTTP tools of invoke.tools and who carries calls out.
         self._executor = executor
         self._http_tools = http_tools
+        self._tasks = tasks
 
     async def authorize(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.AuthorizeResponse:
         peer = peer_info(context)
@@ -172,6 +175,26 @@ class ToolGateServicer:
         performed = await self._executor.perform(call, identity, verdict, self._http_tools)
         return invocation_to_response(verdict, performed)
 
+    async def end_task(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.EndTaskResponse:
+        """End a task for good (docs/mcp.md#tasks). Only the task's own subject may."""
+        from sidecar.calls import MAX_ID_BYTES
+        from sidecar.tasks import TaskOwnerMismatch
+
+        identity = self._resolve(peer_info(context))
+        if isinstance(identity, IdentityError):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unverified_caller: {identity.reason}")
+        if isinstance(request, UnparseableRequest) or self._tasks is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed_request: the request could not be parsed")
+        task_id = request.task_id
+        if not task_id or len(task_id.encode()) > MAX_ID_BYTES or not task_id.isprintable():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid_task: task_id must be 1-256 printable bytes")
+        try:
+            ended_at, already = self._tasks.end(task_id, identity.subject.spiffe_id)
+        except TaskOwnerMismatch as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not_task_owner: {exc}")
+        log.info("task %s ended by %s", task_id, identity.subject.spiffe_id)
+        return sidecar_pb2.EndTaskResponse(task_id=task_id, ended_at=ended_at, already_ended=already)
+
     def _resolve(self, peer: PeerInfo) -> CallerIdentity | IdentityError:
         try:
             return self._identity.resolve(peer)
@@ -194,6 +217,12 @@ class ToolGateServicer:
             request_deserializer=_lenient(sidecar_pb2.InvokeRequest),
             response_serializer=sidecar_pb2.InvokeResponse.SerializeToString,
         )
+        if self._tasks is not None:
+            methods["EndTask"] = grpc.unary_unary_rpc_method_handler(
+                self.end_task,
+                request_deserializer=_lenient(sidecar_pb2.EndTaskRequest),
+                response_serializer=sidecar_pb2.EndTaskResponse.SerializeToString,
+            )
         if self._escalation_api is not None:
             methods["AwaitDecision"] = grpc.unary_unary_rpc_method_handler(
                 self._escalation_api.await_decision,

@@ -149,6 +149,22 @@ class InvokeResponse(_message.Message):
     upstream_status: int
     def __init__(self, decision: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., status: _Optional[str] = ..., upstream_status: _Optional[int] = ...) -> None: ...
 
+class EndTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class EndTaskResponse(_message.Message):
+    __slots__ = ("task_id", "ended_at", "already_ended")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_ENDED_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    ended_at: str
+    already_ended: bool
+    def __init__(self, task_id: _Optional[str] = ..., ended_at: _Optional[str] = ..., already_ended: _Optional[bool] = ...) -> None: ...
+
 class ListEscalationsRequest(_message.Message):
     __slots__ = ("state", "subject", "tool", "limit")
     STATE_FIELD_NUMBER: _ClassVar[int]
