@@ -270,6 +270,8 @@ class McpConfig:
     upstreams: dict[str, McpUpstreamConfig] = field(default_factory=dict)
     # Escalated calls remembered so that the same call, repeated, carries its approval.
     escalation_memory: int = 10_000
+    # How long a client may reuse its tools/list answer (a private cache hint); 0 = ask every time.
+    list_ttl_ms: int = 5000
 
 
 @dataclass
@@ -618,6 +620,8 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
             )
     if mcp.escalation_memory <= 0:
         raise ConfigError("mcp.escalation_memory: must be positive")
+    if mcp.list_ttl_ms < 0:
+        raise ConfigError("mcp.list_ttl_ms: must not be negative")
     for name, upstream in mcp.upstreams.items():
         key = f"mcp.upstreams.{name}"
         if not UPSTREAM_NAME.fullmatch(name):

@@ -205,6 +205,7 @@ def build_mcp_gateway(
         max_body_bytes=4 * config.policy.max_input_bytes + 64 * 1024,
         escalation_memory=config.mcp.escalation_memory,
         grpc_address=grpc_address,
+        list_ttl_ms=config.mcp.list_ttl_ms,
     )
 
 

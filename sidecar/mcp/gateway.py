@@ -34,6 +34,7 @@ from typing import Any
 
 import mcp_types as types
 import uvicorn
+from mcp.server.caching import CacheHint
 from mcp.server.lowlevel.server import Server
 from mcp.shared.exceptions import MCPError
 from starlette.requests import Request
@@ -79,6 +80,7 @@ class McpGateway:
         max_body_bytes: int,
         escalation_memory: int = 10_000,
         grpc_address: str = "",
+        list_ttl_ms: int = 0,
     ):
         self._gate = gate
         self._identity = identity
@@ -90,11 +92,17 @@ class McpGateway:
         self._memory = escalation_memory
         self._grpc_address = grpc_address  # named in escalation answers: where AwaitDecision is served
         self._refused: set[tuple[str, str]] = set()
+        self._input_schemas: dict[str, dict[str, Any]] = {}  # exposed name → input schema, from the last listing
         self._server = Server(
             "agent-sidecar",
             instructions="Tools behind agent-sidecar: every call is decided by policy and recorded.",
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
+            # The SDK checks a call's Mcp-Param-* headers against the tool's input schema; without
+            # this lookup it would run the whole tools/list handler (upstreams, policy) per call.
+            get_tool_input_schema=self._input_schemas.get,
+            # A client may reuse its caller's own tools/list this long (never shared across callers).
+            cache_hints={"tools/list": CacheHint(ttl_ms=list_ttl_ms, scope="private")},
         )
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
@@ -174,6 +182,7 @@ class McpGateway:
                     log.warning("MCP gateway: %s", problem)
                 continue
             offered.append((upstream, tool))
+            self._input_schemas[names.exposed_name(upstream, tool.name)] = tool.input_schema
         decisions = await asyncio.gather(*(self._gate.visible(identity, t.name, u) for u, t in offered))
         tools = [
             tool.model_copy(update={"name": names.exposed_name(upstream, tool.name)})
