@@ -264,8 +264,10 @@ class McpUpstreamConfig:
 
 @dataclass
 class McpConfig:
-    # docs/mcp.md. host:port of the MCP gateway (Streamable HTTP at /mcp); "" disables it.
+    # docs/mcp.md. host:port of the MCP gateway (Streamable HTTP at /mcp); "" = no TCP listener.
     listen: str = ""
+    # Path of a unix socket also serving the gateway, for agents in the same pod; "" = none.
+    unix: str = ""
     # Upstream MCP servers by name ([a-z0-9-]); their tools are offered as <name>__<tool>.
     upstreams: dict[str, McpUpstreamConfig] = field(default_factory=dict)
     # Escalated calls remembered so that the same call, repeated, carries its approval.

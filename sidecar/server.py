@@ -202,6 +202,7 @@ def build_mcp_gateway(
         executor=Executor(sink=recorder, instance_id=gate.instance_id),
         invoker=McpInvoker(upstreams),
         listen=config.mcp.listen,
+        unix=config.mcp.unix,
         max_body_bytes=4 * config.policy.max_input_bytes + 64 * 1024,
         escalation_memory=config.mcp.escalation_memory,
         grpc_address=grpc_address,
@@ -330,7 +331,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         server, addresses, engine, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
         escalations=escalations, http_tools=http_tools,
     )
-    if config.mcp.listen:
+    if config.mcp.listen or config.mcp.unix:
         running.mcp = build_mcp_gateway(config, gate, identity, recorder, addresses[0])
         try:
             await running.mcp.start()
@@ -359,7 +360,8 @@ async def serve(config: Config) -> None:
             flush=True,
         )
     if sidecar.mcp is not None:
-        print(f"  mcp gateway   {sidecar.mcp.url} ({len(config.mcp.upstreams)} upstreams; docs/mcp.md)", flush=True)
+        where = " and ".join(x for x in (sidecar.mcp.url, f"unix:{config.mcp.unix}" if config.mcp.unix else "") if x)
+        print(f"  mcp gateway   {where} ({len(config.mcp.upstreams)} upstreams; docs/mcp.md)", flush=True)
     first = sidecar.addresses[0]
     print("Send a first call from another terminal:", flush=True)
     print(

@@ -300,3 +300,16 @@ async def test_invocations_show_in_evidence_show_and_as_child_spans(gateway, cap
     assert main(["evidence", "show", config.evidence.dir]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if " invocation " in line]
     assert len(lines) == 1 and "whoami" in lines[0]
+
+
+async def test_dns_rebinding_a_foreign_host_header_is_refused(gateway):
+    sidecar, seen, _ = gateway
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "docs__whoami", "arguments": {}}}
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(
+            sidecar.mcp.url, json=body,
+            headers={"host": "evil.example", "accept": "application/json, text/event-stream",
+                     "mcp-protocol-version": "2025-06-18"},
+        )
+    assert response.status_code in (400, 403, 421)
+    assert not seen.calls

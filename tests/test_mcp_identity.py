@@ -103,3 +103,39 @@ async def test_unverified_callers_see_nothing_and_are_denied_and_recorded(world,
     assert not seen.calls
     record = decisions(evidence)[-1]
     assert record["outcome"] == "deny" and record["subject"] is None and record["reasons"][0].startswith(why)
+
+
+async def test_callers_on_the_unix_socket_get_the_pod_identity_and_tcp_callers_do_not(tmp_path, running_sidecar):
+    sockdir = short_dir()
+    agent = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
+    seen = Seen()
+    upstream = await serve_http(docs_server(seen))
+    try:
+        config = load_config(None, {
+            "listen.tcp": "", "listen.unix": f"{sockdir}/grpc.sock",
+            "policy.dir": str(write_policy(tmp_path / "policy", POLICY)), "policy.reload": False,
+            "evidence.dir": str(tmp_path / "evidence"), "telemetry.exporter": "none",
+            "identity.sources": ["workload_api"], "identity.workload_api_socket": agent.endpoint,
+            "escalation.approvers": ["email:*@example.org"],
+            "mcp.listen": "127.0.0.1:0", "mcp.unix": f"{sockdir}/mcp.sock",
+            "mcp.upstreams": {"docs": {"url": upstream.url}},
+        })
+        sidecar = await running_sidecar(config)
+        for _ in range(100):
+            if sidecar.identity.health()[0]:
+                break
+            await asyncio.sleep(0.05)
+        http = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=f"{sockdir}/mcp.sock"))
+        async with Client(streamable_http_client("http://localhost/mcp", http_client=http)) as in_pod:
+            assert not (await in_pod.call_tool("docs__whoami", {})).is_error
+        async with Client(sidecar.mcp.url) as over_tcp:
+            refused = await over_tcp.call_tool("docs__whoami", {})
+        assert refused.is_error and "unverified_caller" in refused.content[0].text
+        records = decisions(tmp_path / "evidence")
+        assert records[-2]["subject"]["spiffe_id"] == SIDECAR_ID
+        assert records[-2]["subject"]["source"] == "workload_api"
+        assert records[-1]["subject"] is None and len(seen.calls) == 1
+    finally:
+        await upstream.stop()
+        agent.stop()
+        remove_dir(sockdir)

@@ -30,12 +30,14 @@ import json
 import logging
 import socket
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import mcp_types as types
 import uvicorn
 from mcp.server.caching import CacheHint
 from mcp.server.lowlevel.server import Server
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 from starlette.requests import Request
 
@@ -78,6 +80,7 @@ class McpGateway:
         invoker: McpInvoker,
         listen: str,
         max_body_bytes: int,
+        unix: str = "",
         escalation_memory: int = 10_000,
         grpc_address: str = "",
         list_ttl_ms: int = 0,
@@ -87,6 +90,7 @@ class McpGateway:
         self._executor = executor
         self._invoker = invoker
         self._listen = listen
+        self._unix = unix  # path of an in-pod unix socket also serving /mcp ("" = none)
         self._max_body = max_body_bytes
         self._pending: OrderedDict[tuple, str] = OrderedDict()  # call shape → escalation id
         self._memory = escalation_memory
@@ -104,49 +108,54 @@ class McpGateway:
             # A client may reuse its caller's own tools/list this long (never shared across callers).
             cache_hints={"tools/list": CacheHint(ttl_ms=list_ttl_ms, scope="private")},
         )
-        self._uvicorn: uvicorn.Server | None = None
-        self._task: asyncio.Task | None = None
+        self._servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
         self.url = ""
 
     # ------------------------------------------------------------ serving
 
     async def start(self) -> str:
-        """Connect the upstreams (in the background) and bind the listener; returns the /mcp URL."""
+        """Connect the upstreams (in the background) and bind the listeners; returns the TCP /mcp URL ("" without one)."""
         self._invoker.start()
-        host, _, port = self._listen.rpartition(":")
+        host = self._listen.rpartition(":")[0] if self._listen else "127.0.0.1"
+        security = None
+        if host.strip("[]") in ("127.0.0.1", "localhost", "::1"):
+            # The SDK's DNS-rebinding protection for loopback, also accepting a Host without a port
+            # (http://localhost/mcp, what clients of the unix socket send).
+            hosts = ["127.0.0.1", "localhost", "[::1]"]
+            security = TransportSecuritySettings(
+                enable_dns_rebinding_protection=True,
+                allowed_hosts=[*hosts, *(f"{h}:*" for h in hosts)],
+                allowed_origins=[f"http://{h}{port}" for h in hosts for port in ("", ":*")],
+            )
         app = self._server.streamable_http_app(
-            host=host, max_request_body_size=self._max_body, json_response=False
+            host=host, max_request_body_size=self._max_body, json_response=False, transport_security=security
         )
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), int(port)))
-        sock.listen(128)
-        sock.setblocking(False)
-        config = uvicorn.Config(
-            _RecordMalformed(app, self), log_level="warning", lifespan="on", access_log=False,
-        )
-        self._uvicorn = uvicorn.Server(config)
-        self._uvicorn.config.setup_event_loop = lambda: None  # the sidecar's loop is already running
-        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="mcp-gateway")
-        while not self._uvicorn.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("the MCP gateway stopped while starting")
-            await asyncio.sleep(0.01)
-        bound_host, bound_port = sock.getsockname()[:2]
-        shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
-        self.url = f"http://{shown}:{bound_port}/mcp"
+        recording = _RecordMalformed(app, self)
+        if self._listen:
+            sock, self.url = _tcp_socket(self._listen)
+            self._servers.append(await _serve(_Transport(recording, "tcp"), sock, lifespan="on"))
+        if self._unix:
+            path = Path(self._unix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            sock.listen(128)
+            sock.setblocking(False)
+            # The session manager runs in the TCP server's lifespan; this one needs its own without TCP.
+            lifespan = "off" if self._servers else "on"
+            self._servers.append(await _serve(_Transport(recording, "unix"), sock, lifespan=lifespan))
         return self.url
 
     async def aclose(self) -> None:
-        if self._uvicorn is not None and self._task is not None:
-            self._uvicorn.should_exit = True
+        for server, task in reversed(self._servers):
+            server.should_exit = True
             try:
-                await asyncio.wait_for(self._task, 10)
+                await asyncio.wait_for(task, 10)
             except asyncio.TimeoutError:
-                self._uvicorn.force_exit = True
-                self._task.cancel()
+                server.force_exit = True
+                task.cancel()
+        self._servers.clear()
         await self._invoker.aclose()
 
     # ----------------------------------------------------------- identity
@@ -163,7 +172,7 @@ class McpGateway:
     def _peer(self, ctx: Any) -> PeerInfo:
         request = ctx.request
         if isinstance(request, Request):
-            return peer_from_headers(request.headers)
+            return peer_from_headers(request.headers, request.scope.get(_TRANSPORT_KEY, "tcp"))
         return PeerInfo(transport="tcp")
 
     # ------------------------------------------------------------ handlers
@@ -290,6 +299,47 @@ class McpGateway:
         )
 
 
+_TRANSPORT_KEY = "sidecar.transport"
+
+
+class _Transport:
+    """ASGI wrapper: marks each request with the listener it came in on (tcp | unix) for the identity resolvers."""
+
+    def __init__(self, app: Any, transport: str):
+        self._app = app
+        self._transport = transport
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            scope[_TRANSPORT_KEY] = self._transport
+        await self._app(scope, receive, send)
+
+
+def _tcp_socket(listen: str) -> tuple[socket.socket, str]:
+    host, _, port = listen.rpartition(":")
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((bare, int(port)))
+    sock.listen(128)
+    sock.setblocking(False)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
+    return sock, f"http://{shown}:{bound_port}/mcp"
+
+
+async def _serve(app: Any, sock: socket.socket, *, lifespan: str) -> tuple[uvicorn.Server, asyncio.Task]:
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="mcp-gateway")
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the MCP gateway stopped while starting")
+        await asyncio.sleep(0.01)
+    return server, task
+
+
 class _RecordMalformed:
     """ASGI wrapper: a POST body that is not JSON-RPC is recorded as a denied call before the SDK answers it."""
 
@@ -317,7 +367,7 @@ class _RecordMalformed:
                 break
         problem = self._problem(b"".join(chunks), size)
         if problem:
-            peer = peer_from_headers(Request(scope).headers)
+            peer = peer_from_headers(Request(scope).headers, scope.get(_TRANSPORT_KEY, "tcp"))
             await self._gateway._gate.authorize(
                 ToolCall(tool="", arguments={}), self._gateway.resolve(peer), None, malformed=problem
             )
