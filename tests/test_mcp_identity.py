@@ -139,3 +139,23 @@ async def test_callers_on_the_unix_socket_get_the_pod_identity_and_tcp_callers_d
         await upstream.stop()
         agent.stop()
         remove_dir(sockdir)
+
+
+async def test_two_authorization_headers_are_refused_not_one_picked(world):
+    agent, sidecar, seen, evidence = world
+    good = agent.jwt_authority.mint(PLANNER, AUD)
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+            "io.modelcontextprotocol/clientCapabilities": {}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "docs__whoami", "arguments": {}, "_meta": meta}}
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(sidecar.mcp.url, json=body, headers=[
+            ("accept", "application/json, text/event-stream"), ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"), ("mcp-name", "docs__whoami"),
+            ("authorization", f"Bearer {good}"), ("authorization", "Bearer forged"),
+        ])
+    assert "unverified_caller" in response.text, response.text
+    assert not seen.calls
+    record = decisions(evidence)[-1]
+    assert record["outcome"] == "deny" and record["subject"] is None

@@ -39,6 +39,7 @@ from mcp.server.caching import CacheHint
 from mcp.server.lowlevel.server import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from sidecar.calls import ToolCall
@@ -57,10 +58,11 @@ META_PREFIX = "sidecar/"
 TEXT_META = ("task_id", "intent", "call_id", "escalation_id")
 
 
-def peer_from_headers(headers: Any, transport: str = "tcp") -> PeerInfo:
-    """PeerInfo of an HTTP request: header names lowercased, repeats joined with ", " as gRPC metadata is."""
+def peer_from_headers(headers: Headers, transport: str = "tcp") -> PeerInfo:
+    """PeerInfo of an HTTP request: header names lowercased, repeats joined with ", " as gRPC metadata is
+    (a second authorization header is then refused by the resolver, not silently dropped)."""
     metadata: dict[str, str] = {}
-    for key, value in headers.items() if not hasattr(headers, "multi_items") else headers.multi_items():
+    for key, value in headers.items():  # starlette: every header line, repeats included
         key = key.lower()
         metadata[key] = f"{metadata[key]}, {value}" if key in metadata else value
     return PeerInfo(transport=transport, metadata=metadata)
