@@ -22,6 +22,13 @@ class UsageCounters:
         self._windows: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
         self._tasks: OrderedDict[str, int] = OrderedDict()
 
+    def peek(self, subject: str, tool: str) -> Usage:
+        """The usage a call made now would see (this one included), without counting anything."""
+        horizon = self._clock() - self._window
+        stamps = self._windows.get((subject, tool)) or ()
+        recent = sum(1 for stamp in stamps if stamp > horizon)
+        return Usage(calls_in_window=recent + 1, window_seconds=self._window, calls_in_task=0)
+
     def count(self, subject: str, tool: str, task_id: str) -> Usage:
         """Count one call and return the usage including it."""
         now = self._clock()
