@@ -23,7 +23,7 @@ from sidecar.identity import CallerIdentity, IdentityError
 from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision
 from sidecar.policy.engine import PolicyEngine
-from sidecar.policy.input import Usage, build_input
+from sidecar.policy.input import build_input
 from sidecar.usage import UsageCounters
 
 if TYPE_CHECKING:
@@ -209,7 +209,8 @@ class Gate:
         """Would policy let this caller see `tool` of `server` (MCP tools/list)?
 
         Evaluates the input document with `request.phase: "list"`, arguments {}
-        and zero usage; not counted and not recorded (listing calls nothing).
+        and the usage a call made now would see; nothing is counted or recorded
+        (listing calls nothing).
         A tool is shown unless the decision is deny; failures deny (hidden).
         """
         document = build_input(
@@ -222,7 +223,7 @@ class Gate:
             intent="",
             signals={},
             approval=None,
-            usage=Usage(calls_in_window=0, window_seconds=0, calls_in_task=0),
+            usage=self._usage.peek(identity.subject.spiffe_id, tool),
             call_id=str(uuid.uuid4()),
             time=rfc3339_now(),
             sidecar=self.instance_id,
