@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -101,3 +102,41 @@ def test_obligations_change_only_what_they_name_and_say_so():
     assert arguments["n"] == 50 and "gone" in arguments  # the original is untouched
     assert sorted(c["action"] for c in changes) == ["capped", "clamped", "dropped", "redacted"]
     assert yaml.safe_dump(changes)  # plain data, recordable
+
+
+async def test_the_list_phase_input_matches_the_schema_and_says_list():
+    import json as _json
+
+    import jsonschema
+
+    from sidecar.calls import CallIdRegistry
+    from sidecar.gate import Gate
+    from sidecar.identity import CallerIdentity, Subject
+    from sidecar.policy import input as input_module
+    from sidecar.policy.decision import Decision
+    from sidecar.usage import UsageCounters
+
+    seen = []
+
+    class Capturing:  # the Gate's engine seam; answers allow and keeps the input document
+        revision = "test"
+
+        def catalog_entry(self, tool):
+            return None
+
+        async def evaluate(self, document):
+            seen.append(document)
+            return Decision("allow", ("ok: test",), {}, "test", "test")
+
+    gate = Gate(engine=Capturing(), usage=UsageCounters(60, 100), call_ids=CallIdRegistry(100), recorder=None,
+                max_input_bytes=1 << 20, max_depth=64, instance_id="t")
+    decision = await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
+    assert decision.outcome == "allow"
+    (document,) = seen
+    schema = _json.loads((Path(input_module.__file__).parent / "input.schema.json").read_text())
+    jsonschema.validate(document, schema, format_checker=jsonschema.FormatChecker())
+    assert document["request"]["phase"] == "list" and document["tool"] == {
+        "name": "read_file", "server": "fs", "arguments": {}, "catalog": None}
+    assert document["usage"] == {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 0}
+    await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
+    assert seen[-1]["usage"]["calls_in_window"] == 1  # listing counts nothing
