@@ -7,6 +7,7 @@ recorded before it is returned, and every failure ends in a deny.
 
 from __future__ import annotations
 
+import logging
 import socket
 import os
 import time
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from sidecar.calls import CallIdRegistry, ToolCall, check_call
+from sidecar.calls import CallIdRegistry, ToolCall, check_call, normalized
 from sidecar.canonical import sha256_digest
 from sidecar.escalation import StoreError
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, Recorder, TraceContext
 from sidecar.identity import CallerIdentity, IdentityError
+from sidecar.jsonvalues import number_problems
 from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision
 from sidecar.policy.engine import PolicyEngine
@@ -29,6 +31,8 @@ from sidecar.usage import UsageCounters
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
     from sidecar.tasks import TaskRegistry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Verdict:
     escalation_id: str = ""
     receipt: Receipt | None = None
     approver: str = ""  # who approved the escalation this allow carries out ("" = autonomous)
+    arguments_digest: str = ""  # of the arguments exactly as decided
 
 
 def rfc3339_now() -> str:
@@ -90,6 +95,7 @@ class Gate:
     ) -> Verdict:
         """Decide one call. `malformed` is a reason the request could not be read at all."""
         started = time.perf_counter()
+        call = normalized(call)  # the numbers rule: policy, evidence and approvals see one value
         decision_id = str(uuid.uuid4())
         call_id = call.call_id or str(uuid.uuid4())
         trace = TraceContext.new(parent_trace)
@@ -100,6 +106,7 @@ class Gate:
             problems = [malformed]
         if isinstance(identity, IdentityError):
             problems.insert(0, f"unverified_caller: {identity.reason}")
+            log.info("unverified caller denied (decision %s): %r", decision_id, identity.reason)
         elif call.call_id and not problems:
             fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{arguments_digest}".encode())
             if not self._call_ids.claim(call.call_id, fingerprint):
@@ -142,6 +149,13 @@ class Gate:
             engine_started = time.perf_counter()
             decision = await self.engine.evaluate(document)
             timings["engine"] = (time.perf_counter() - engine_started) * 1000
+            unexact = number_problems(decision.obligations, "obligations")
+            if unexact:  # the agent would receive other obligations than the ones recorded
+                decision = Decision.failed(
+                    f"policy_malformed: {'; '.join(unexact)}; obligations must reach the agent exactly",
+                    engine=decision.engine,
+                    policy_revision=decision.policy_revision,
+                )
 
         escalation_id, approver, new_escalation = call.escalation_id, "", None
         if not problems and self.escalations is not None:
@@ -203,6 +217,7 @@ class Gate:
             escalation_id=escalation_id if decision.outcome == "escalate" else "",
             receipt=receipt,
             approver=approver if decision.outcome == "allow" else "",
+            arguments_digest=arguments_digest,
         )
 
     async def visible(self, identity: CallerIdentity, tool: str, server: str) -> Decision:
