@@ -25,7 +25,7 @@ POLICY = """\
     default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
 
     decision := {"outcome": "allow", "reasons": ["ok: tickets"], "obligations": {"cap_list_arguments": {"labels": 1}}} if {
-        input.tool.name in {"create_ticket", "slow_tool", "broken_tool", "huge_tool", "down_tool", "garbage_tool"}
+        input.tool.name in {"create_ticket", "slow_tool", "broken_tool", "huge_tool", "down_tool", "garbage_tool", "bigint_tool"}
         not input.tool.arguments.project == "secret-project"
     }
 
@@ -55,6 +55,8 @@ class Upstream:
             return web.Response(status=503, text="maintenance")
         if request.path == "/huge":
             return web.Response(body=b"x" * 100_000, content_type="text/plain")
+        if request.path == "/bigint":
+            return web.Response(body=b'{"id": 1152921504606846977}', content_type="application/json")
         if request.path == "/garbage":
             return web.Response(body=b"{not json", content_type="application/json")
         return web.Response(text="?")
@@ -98,6 +100,7 @@ async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
             "broken_tool": {**tool, "url": base + "/broken"},
             "huge_tool": {**tool, "url": base + "/huge"},
             "garbage_tool": {**tool, "url": base + "/garbage"},
+            "bigint_tool": {**tool, "url": base + "/bigint"},
             "down_tool": {**tool, "url": f"http://127.0.0.1:{dead}/x"},
         },
     })
@@ -165,6 +168,7 @@ async def test_deny_and_escalate_make_no_call(sidecar, tool, arguments, outcome)
         ("broken_tool", "upstream_error"),
         ("huge_tool", "upstream_too_large"),
         ("garbage_tool", "upstream_malformed"),
+        ("bigint_tool", "upstream_malformed"),  # 2^60+1 would reach the agent as another number
         ("down_tool", "upstream_unavailable"),
         ("create_ticket", "invalid_arguments"),  # the URL needs {project}
     ],

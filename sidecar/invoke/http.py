@@ -14,8 +14,9 @@ JSON-encoded). Headers: the configured ones, then the credential's. Redirects
 are not followed. The result is {"status": int, "body": JSON or text}:
 2xx → ok, other statuses below 500 → tool_error, 5xx → failed
 (upstream_error). A body over `max_response_bytes` → failed
-(upstream_too_large); a JSON content type with a body that does not parse →
-failed (upstream_malformed). The rollback token is the `rollback_header`
+(upstream_too_large); a JSON content type with a body that does not parse,
+or with numbers the numbers rule refuses (sidecar/jsonvalues.py: they would
+reach the agent changed) → failed (upstream_malformed). The rollback token is the `rollback_header`
 response header, when present.
 """
 
@@ -45,6 +46,7 @@ from sidecar.invoke import (
     InvocationResult,
 )
 from sidecar.invoke.credentials import CredentialError, CredentialProvider
+from sidecar.jsonvalues import number_problems
 
 if TYPE_CHECKING:
     from sidecar.calls import ToolCall
@@ -141,6 +143,9 @@ class HttpInvoker:
                 payload: Any = json.loads(body) if body else None
             except ValueError:
                 return failed(f"{UPSTREAM_MALFORMED}: {tool.name} answered {content_type} that does not parse", status)
+            inexact = number_problems(payload, "body")
+            if inexact:  # the agent (a protobuf Struct) would get other numbers than the tool gave
+                return failed(f"{UPSTREAM_MALFORMED}: {tool.name} answered {'; '.join(inexact[:3])}", status)
         else:
             payload = body.decode("utf-8", "replace")
         result = {"status": status, "body": payload}
