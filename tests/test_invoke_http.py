@@ -182,3 +182,43 @@ async def test_upstream_faults_are_clear_errors_recorded_and_serving_goes_on(sid
     assert invocation[-1]["reasons"][0].startswith(code)
     again = await invoke(running.addresses[0], "create_ticket", {"project": "p", "title": "t"})
     assert again.status == "ok"
+
+
+async def test_a_tls_failure_is_a_clear_error_and_nothing_is_sent(tmp_path, sidecar_config, running_sidecar):
+    """An upstream whose certificate the sidecar does not trust (a private test CA)."""
+    import ssl
+
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.doubles.pki import TestCa
+
+    svid = TestCa("example.org").issue("/tickets")
+    (tmp_path / "cert.pem").write_bytes(svid.chain_pem())
+    (tmp_path / "key.pem").write_bytes(svid.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    reached = []
+
+    async def handle(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/x", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x"
+        sidecar = await running_sidecar(sidecar_config(**{
+            "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+            "invoke.tools": {"create_ticket": {"url": url}},
+        }))
+        response = await invoke(sidecar.addresses[0], "create_ticket", {"title": "t"})
+        assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert response.error.startswith("upstream_unavailable: TLS with"), response.error
+        assert not reached
+    finally:
+        await runner.cleanup()
