@@ -102,3 +102,39 @@ async def test_many_calls_at_once_each_get_their_own_answer_and_record(gateway):
     decisions = {r["decision_id"] for r in log if r["kind"] == "decision"}
     assert len(invocations) == 20 and {r["decision_id"] for r in invocations} <= decisions
     assert verify_dir(Path(config.evidence.dir)).ok
+
+
+async def test_an_upstream_behind_an_untrusted_certificate_is_unavailable(tmp_path, sidecar_config, running_sidecar):
+    import socket
+
+    import uvicorn
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.doubles.pki import TestCa
+
+    svid = TestCa("example.org").issue("/docs")
+    (tmp_path / "cert.pem").write_bytes(svid.chain_pem())
+    (tmp_path / "key.pem").write_bytes(svid.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    seen = Seen()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(docs_server(seen).streamable_http_app(), log_level="warning",
+                                          ssl_certfile=str(tmp_path / "cert.pem"), ssl_keyfile=str(tmp_path / "key.pem")))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        sidecar = await running_sidecar(sidecar_config(**{
+            "policy.dir": str(write_policy(tmp_path / "policy", POLICY)), "listen.unix": "",
+            "mcp.listen": "127.0.0.1:0",
+            "mcp.upstreams": {"docs": {"url": f"https://127.0.0.1:{sock.getsockname()[1]}/mcp", "timeout_seconds": 2}},
+        }))
+        async with Client(sidecar.mcp.url) as agent:
+            result = await agent.call_tool("docs__whoami", {})
+        assert result.is_error and "upstream_unavailable" in result.content[0].text, result
+        assert not seen.calls
+    finally:
+        server.should_exit = True
+        await task

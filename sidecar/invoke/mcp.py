@@ -104,6 +104,7 @@ class McpUpstream:
         self._connected = asyncio.Event()
         self._broken = asyncio.Event()
         self._stopping = False
+        self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.last_error = ""
 
@@ -147,7 +148,10 @@ class McpUpstream:
                     await http.aclose()
             if self._stopping:
                 break
-            await asyncio.sleep(backoff)
+            try:  # the pause before reconnecting ends early when the upstream is closed
+                await asyncio.wait_for(self._stop.wait(), backoff)
+            except asyncio.TimeoutError:
+                pass
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _attach_credential(self) -> CredentialUse | None:
@@ -248,6 +252,7 @@ class McpUpstream:
 
     async def aclose(self) -> None:
         self._stopping = True
+        self._stop.set()
         self._broken.set()
         if self._task is not None:
             try:
