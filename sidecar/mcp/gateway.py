@@ -30,6 +30,7 @@ import json
 import logging
 import socket
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ class McpGateway:
         app = self._server.streamable_http_app(
             host=host, max_request_body_size=self._max_body, json_response=False, transport_security=security
         )
-        recording = _RecordMalformed(app, self)
+        recording = _RecordMalformed(app, gate=self._gate, resolve=self.resolve, max_body_bytes=self._max_body)
         if self._listen:
             sock, self.url = _tcp_socket(self._listen)
             self._servers.append(await _serve(_Transport(recording, "tcp"), sock, lifespan="on"))
@@ -242,7 +243,7 @@ class McpGateway:
         shape = self._shape(identity, call)
         remembered = False
         if not problem and not call.escalation_id and shape is not None and shape in self._pending:
-            call = ToolCall(**{**call.__dict__, "escalation_id": self._pending[shape]})
+            call = replace(call, escalation_id=self._pending[shape])
             remembered = True
         verdict = await self._gate.authorize(call, identity, parent, malformed=problem or None)
         outcome = verdict.decision.outcome
@@ -345,9 +346,11 @@ async def _serve(app: Any, sock: socket.socket, *, lifespan: str) -> tuple[uvico
 class _RecordMalformed:
     """ASGI wrapper: a POST body that is not JSON-RPC is recorded as a denied call before the SDK answers it."""
 
-    def __init__(self, app: Any, gateway: McpGateway):
+    def __init__(self, app: Any, *, gate: Gate, resolve: Any, max_body_bytes: int):
         self._app = app
-        self._gateway = gateway
+        self._gate = gate
+        self._resolve = resolve  # PeerInfo -> CallerIdentity | IdentityError
+        self._max_body = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or scope.get("method") != "POST":
@@ -363,16 +366,14 @@ class _RecordMalformed:
                 break
             body = message.get("body", b"")
             size += len(body)
-            if size <= self._gateway._max_body:
+            if size <= self._max_body:
                 chunks.append(body)
             if not message.get("more_body"):
                 break
         problem = self._problem(b"".join(chunks), size)
         if problem:
             peer = peer_from_headers(Request(scope).headers, scope.get(_TRANSPORT_KEY, "tcp"))
-            await self._gateway._gate.authorize(
-                ToolCall(tool="", arguments={}), self._gateway.resolve(peer), None, malformed=problem
-            )
+            await self._gate.authorize(ToolCall(tool="", arguments={}), self._resolve(peer), None, malformed=problem)
 
         async def replay() -> dict:
             if messages:
@@ -382,8 +383,8 @@ class _RecordMalformed:
         await self._app(scope, replay, send)
 
     def _problem(self, body: bytes, size: int) -> str:
-        if size > self._gateway._max_body:
-            return f"malformed_request: the MCP message is {size} bytes, over the {self._gateway._max_body}-byte limit"
+        if size > self._max_body:
+            return f"malformed_request: the MCP message is {size} bytes, over the {self._max_body}-byte limit"
         try:
             message = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
