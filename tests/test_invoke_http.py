@@ -140,7 +140,7 @@ async def test_allowed_call_is_made_by_the_sidecar_with_its_credential(sidecar):
     invocation = next(r for r in log if r["kind"] == "invocation")
     assert invocation["decision_id"] == decision["decision_id"] and invocation["decision_hash"] == decision["hash"]
     assert invocation["rollback_token"] == "delete-ticket-7"
-    assert invocation["credential"]["kind"] == "secret_file" and SECRET not in json.dumps(log)
+    assert invocation["credential_kind"] == "secret_file" and SECRET not in json.dumps(log)
     assert invocation["upstream_status"] == 201 and invocation["autonomy"] == "autonomous"
     assert verify_dir(Path(config.evidence.dir)).ok
 

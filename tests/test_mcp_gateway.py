@@ -131,7 +131,7 @@ async def test_allow_forwards_with_obligations_and_credential_the_agent_never_se
     assert invocation["decision_hash"] == decision["hash"]
     assert invocation["parent_span_id"] == decision["span_id"] and invocation["trace_id"] == decision["trace_id"]
     assert invocation["status"] == "ok" and invocation["autonomy"] == "autonomous"
-    assert invocation["credential"]["kind"] == "secret_file"
+    assert invocation["credential_kind"] == "secret_file"
     assert SECRET not in json.dumps(records)
     assert {c["action"] for c in invocation["arguments_changed"]} == {"clamped", "capped", "dropped", "redacted"}
     assert invocation["result_digest"].startswith("sha256:")
