@@ -126,17 +126,19 @@ class Gate:
                 trace = TraceContext.new(retry.parent)  # the retry joins the escalated call's trace
 
         timings: dict[str, float] = {}
+        catalog_entry = None  # the entry policy decided with; an escalation keeps it for approvers
         if problems:
             decision = Decision.refused(problems, policy_revision=self.engine.revision)
         else:
             assert isinstance(identity, CallerIdentity)
             usage = self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
+            catalog_entry = self.engine.catalog_entry(call.tool)
             document = build_input(
                 identity=identity,
                 tool=call.tool,
                 server=call.server,
                 arguments=call.arguments,
-                catalog_entry=self.engine.catalog_entry(call.tool),
+                catalog_entry=catalog_entry,
                 task_id=call.task_id,
                 intent=call.intent,
                 signals=call.signals or {},
@@ -161,7 +163,7 @@ class Gate:
         if not problems and self.escalations is not None:
             assert isinstance(identity, CallerIdentity)
             decision, escalation_id, approver, new_escalation = await self._escalation_step(
-                decision, call, identity, arguments_digest, retry, decision_id, call_id, trace
+                decision, call, identity, arguments_digest, retry, decision_id, call_id, trace, catalog_entry
             )
 
         event = DecisionEvent(
@@ -271,6 +273,7 @@ class Gate:
         decision_id: str,
         call_id: str,
         trace: TraceContext,
+        catalog_entry: dict | None = None,
     ):
         """Returns (decision, escalation_id, approver, new escalation to announce or None).
 
@@ -315,6 +318,7 @@ class Gate:
                 decision_id=decision_id,
                 call_id=call_id,
                 trace=trace,
+                catalog_entry=catalog_entry,
             )
         except StoreError as exc:
             reason = f"escalation_unavailable: the call needs approval but the escalation store failed ({exc})"
