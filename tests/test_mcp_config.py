@@ -118,17 +118,18 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
 
     seen = []
 
-    class Capturing:  # the Gate's engine seam; answers allow and keeps the input document
+    class Capturing:  # the Gate's DecisionClient and Catalog seams; answers allow and keeps the input document
         revision = "test"
 
-        def catalog_entry(self, tool):
+        def entry(self, tool):
             return None
 
-        async def evaluate(self, document):
+        async def decide(self, document):
             seen.append(document)
             return Decision("allow", ("ok: test",), {}, "test", "test")
 
-    gate = Gate(engine=Capturing(), usage=MemoryCounter(60, 100), call_ids=CallIdRegistry(100), recorder=None,
+    capturing = Capturing()
+    gate = Gate(decisions=capturing, catalog=capturing, usage=MemoryCounter(60, 100), call_ids=CallIdRegistry(100), recorder=None,
                 max_input_bytes=1 << 20, max_depth=64, instance_id="t")
     decision = await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
     assert decision.outcome == "allow"
@@ -136,7 +137,7 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
     schema = _json.loads((Path(input_module.__file__).parent / "input.schema.json").read_text())
     jsonschema.validate(document, schema, format_checker=jsonschema.FormatChecker())
     assert document["request"]["phase"] == "list" and document["tool"] == {
-        "name": "read_file", "server": "fs", "arguments": {}, "catalog": None}
+        "name": "read_file", "server": "fs", "arguments": {}, "catalog": None, "facts": {}}
     assert document["usage"] == {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 0}
     await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
     assert seen[-1]["usage"]["calls_in_window"] == 1  # listing counts nothing
