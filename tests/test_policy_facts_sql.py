@@ -251,8 +251,9 @@ def check(query: str) -> dict:
          "--tool", "run_sql", "--args", json.dumps({"query": query}), "--compact"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    decided = json.loads(result.stdout)
+    assert result.returncode == {"allow": 0, "deny": 3, "escalate": 4}[decided["outcome"]], result.stderr  # CHECK_EXIT
+    return decided
 
 
 def test_end_to_end_through_agent_sidecar_check():
