@@ -118,7 +118,7 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
 
     seen = []
 
-    class Capturing:  # the Gate's DecisionClient and Catalog seams; answers allow and keeps the input document
+    class Capturing:  # the Gate's DecisionClient and Catalog; answers allow and keeps the input document
         revision = "test"
 
         def entry(self, tool):
@@ -127,6 +127,12 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
         async def decide(self, document):
             seen.append(document)
             return Decision("allow", ("ok: test",), {}, "test", "test")
+
+        def ready(self):
+            return True, "test"
+
+        async def aclose(self):
+            pass
 
     capturing = Capturing()
     gate = Gate(decisions=capturing, catalog=capturing, usage=MemoryCounter(60, 100), call_ids=CallIdRegistry(100), recorder=None,
@@ -137,7 +143,7 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
     schema = _json.loads((Path(input_module.__file__).parent / "input.schema.json").read_text())
     jsonschema.validate(document, schema, format_checker=jsonschema.FormatChecker())
     assert document["request"]["phase"] == "list" and document["tool"] == {
-        "name": "read_file", "server": "fs", "arguments": {}, "catalog": None, "facts": {}}
+        "name": "read_file", "server": "fs", "arguments": {}, "catalog": None}
     assert document["usage"] == {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 0}
     await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
     assert seen[-1]["usage"]["calls_in_window"] == 1  # listing counts nothing
