@@ -143,7 +143,7 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
     schema = _json.loads((Path(input_module.__file__).parent / "input.schema.json").read_text())
     jsonschema.validate(document, schema, format_checker=jsonschema.FormatChecker())
     assert document["request"]["phase"] == "list" and document["tool"] == {
-        "name": "read_file", "server": "fs", "arguments": {}, "catalog": None}
+        "name": "read_file", "server": "fs", "arguments": {}, "catalog": None, "facts": {}}
     assert document["usage"] == {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 0}
     await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
     assert seen[-1]["usage"]["calls_in_window"] == 1  # listing counts nothing
