@@ -1,8 +1,11 @@
-"""TEST DOUBLE: an in-process OTLP/gRPC trace receiver on loopback.
+"""TEST DOUBLE: an in-process OTLP/gRPC trace receiver on loopback, for what the real Jaeger cannot do.
 
-Stands in for the OpenTelemetry Collector (which cannot be installed on these
-machines). It speaks the real OTLP protocol through opentelemetry-proto's
-TraceServiceServicer, and can be told to misbehave:
+Tests that need "a collector that receives spans" use the real Jaeger
+(tests/infra/jaeger.py; tests/test_jaeger_*.py), which also covers a
+collector that is down (stopped, connections refused) and one that hangs
+(SIGSTOP). Jaeger cannot be told to answer an OTLP export with an error, so
+this double remains for that: it speaks the real OTLP protocol through
+opentelemetry-proto's TraceServiceServicer and can be told to misbehave:
 
 - `mode = "ok"`: acknowledge and keep the spans;
 - `mode = "fail"`: answer UNAVAILABLE (the collector is overloaded / restarting);
