@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TOOLS ?= opa spire jaeger
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: run test proto install tools clean policy-test bench reliability deploy-bundle system-deps
+.PHONY: run test demo proto install tools clean policy-test bench reliability deploy-bundle system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ tools:
 run: TOOLS = opa
 run: install
 	$(BIN)/agent-sidecar serve --config examples/dev.yaml
+
+## The sidecar with Jaeger, a few calls of each outcome, where to look; Ctrl-C stops it (README "Demo").
+demo: TOOLS = opa jaeger
+demo: install
+	$(BIN)/python scripts/demo.py
 
 ## Install everything and run the whole test suite.
 test: install system-deps

@@ -1,0 +1,231 @@
+"""`make demo`: the sidecar, its policy and Jaeger running locally, a few calls of each outcome, where to look.
+
+    .venv/bin/python scripts/demo.py [--dir var/demo] [--query-port 16686] [--once]
+
+What runs (all on loopback, all stopped on Ctrl-C / SIGTERM, none left behind):
+
+- Jaeger v2 (`.tools/bin/jaeger`, tests/infra/jaeger.py: memory storage,
+  OTLP and the query API on free ports; the query API on --query-port when
+  that port is free);
+- the sidecar (`agent-sidecar serve`) on rego/ with the dev identity, its
+  evidence in DIR/evidence, its spans exported to that Jaeger over OTLP/gRPC.
+
+Then, as an agent would: two allowed calls, two denied ones, and an
+escalated `send_email` that an approver approves and the agent repeats (the
+three share one trace). It prints each call's outcome and trace id with the
+Jaeger query URL that returns it, waits until Jaeger has them all, and
+prints how to verify the evidence. With --once it stops everything right
+away (and runs `evidence verify` itself); without, it waits for Ctrl-C.
+
+DIR (default var/demo) is emptied at start. Exit status 0 when every call got
+the outcome the policy promises and every trace reached Jaeger, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from sidecar.client import AsyncClient  # noqa: E402
+from sidecar.escalation.client import ApprovalsClient  # noqa: E402
+from tests.infra.jaeger import Jaeger, JaegerError, free_port, pinned_version, wait_until  # noqa: E402
+
+SERVICE = "agent-sidecar-demo"
+APPROVER = "email:alice@example.org"
+# (tool, arguments, the outcome rego/ gives it; see README "Five-minute walk-through")
+CALLS = [
+    ("read_file", {"path": "/workspace/notes.txt"}, "allow"),
+    ("http_get", {"url": "https://example.org/"}, "allow"),
+    ("read_file", {"path": "/etc/shadow"}, "deny"),
+    ("rm_rf_everything", {"path": "/"}, "deny"),
+]
+ESCALATED = ("send_email", {"to": ["cfo@example.com"], "subject": "Q3", "body": "numbers"})
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class Sidecar:
+    """`agent-sidecar serve` as a child process: in its own session, dying with this process."""
+
+    def __init__(self, directory: Path, jaeger: Jaeger):
+        self.dir = directory
+        self.address = f"127.0.0.1:{free_port()}"
+        self.evidence = directory / "evidence"
+        self.config_path = directory / "sidecar.yaml"
+        self.log_path = directory / "sidecar.log"
+        config: dict[str, Any] = {
+            "listen": {"tcp": self.address, "unix": ""},
+            "policy": {"dir": str(REPO / "rego"), "reload": False},
+            "identity": {"sources": ["dev"], "dev_spiffe_id": "spiffe://dev.local/agent"},
+            "sidecar": {"instance_id": "demo-sidecar"},
+            "evidence": {"dir": str(self.evidence)},
+            "telemetry": {
+                "exporter": "otlp", "protocol": "grpc", "endpoint": jaeger.otlp_grpc_endpoint,
+                "service_name": SERVICE, "max_backoff_seconds": 2.0,
+            },
+            "escalation": {"path": str(directory / "escalations.db")},
+        }
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env["PATH"] = f"{REPO / '.tools' / 'bin'}:{env.get('PATH', '')}"
+        command = [str(Path(sys.executable).parent / "agent-sidecar"), "serve", "--config", str(self.config_path)]
+        if shutil.which("setpriv"):
+            command = ["setpriv", "--pdeathsig", "KILL", "--", *command]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        if not wait_until(self._serving_or_exited, timeout, 0.2) or self.process.poll() is not None:
+            raise RuntimeError(f"the sidecar did not start; {self.log_path}:\n{self.log_path.read_text()[-3000:]}")
+
+    def _serving_or_exited(self) -> bool:
+        if self.process.poll() is not None:
+            return True
+        import grpc
+
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM: the sidecar drains, writes its closing checkpoint and ships what it can."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+async def run_calls(address: str) -> list[tuple[str, str, Any]]:
+    """The agent's calls: (label, expected outcome, AuthorizationResult)."""
+    done = []
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        for tool, arguments, expected in CALLS:
+            done.append((f"{tool} {json.dumps(arguments)}", expected, await agent.authorize(tool, arguments)))
+        tool, arguments = ESCALATED
+        escalated = await agent.authorize(tool, arguments)
+        done.append((f"{tool} (first try)", "escalate", escalated))
+        if escalated.escalation_id:
+            await approvals.approve(escalated.escalation_id, approver=APPROVER, note="demo: approved")
+            retry = await agent.authorize(tool, arguments, escalation_id=escalated.escalation_id)
+            done.append((f"{tool} (retry after {APPROVER} approved {escalated.escalation_id})", "allow", retry))
+    return done
+
+
+def report(calls, jaeger: Jaeger, sidecar: Sidecar) -> bool:
+    say("\nCalls (outcome, trace id, the Jaeger query that returns its trace):")
+    ok = True
+    for label, expected, result in calls:
+        mark = "ok" if result.outcome == expected else f"UNEXPECTED (policy promised {expected})"
+        ok &= result.outcome == expected
+        say(f"  {result.outcome:<8} {label}")
+        say(f"           trace {result.trace_id}  {jaeger.trace_url(result.trace_id)}  [{mark}]")
+        if result.outcome != "allow":
+            say(f"           reasons: {'; '.join(result.reasons)}")
+
+    trace_ids = {result.trace_id for _, _, result in calls}
+    arrived = wait_until(lambda: all(jaeger.trace(t) for t in trace_ids), 60, 0.5)
+    say(f"\nJaeger has {'every' if arrived else 'NOT every'} trace "
+        f"({len(trace_ids)} traces; the escalated call, its approval and the retry share one).")
+    ok &= bool(arrived)
+    say(f"  query API      {jaeger.query_url}/api/traces?service={SERVICE}&limit=20")
+    say(f"  by tool name   {jaeger.query_url}/api/traces?service={SERVICE}&tags=%7B%22gen_ai.tool.name%22%3A%22read_file%22%7D")
+    say(f"  services       {jaeger.query_url}/api/services")
+    say(f"  (a module build of Jaeger has no UI assets: {jaeger.query_url}/ is a placeholder page)")
+    say("\nEvidence:")
+    say(f"  {Path(sys.executable).parent / 'agent-sidecar'} evidence show {sidecar.evidence}")
+    say(f"  {Path(sys.executable).parent / 'agent-sidecar'} evidence verify {sidecar.evidence}")
+    return ok
+
+
+def verify(sidecar: Sidecar) -> bool:
+    result = subprocess.run([str(Path(sys.executable).parent / "agent-sidecar"), "evidence", "verify",
+                             str(sidecar.evidence)], capture_output=True, text=True, check=False)
+    say(f"\n$ agent-sidecar evidence verify {sidecar.evidence}")
+    say(result.stdout.rstrip())
+    return result.returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--dir", default=str(REPO / "var" / "demo"), help="working directory, emptied at start")
+    parser.add_argument("--query-port", type=int, default=16686,
+                        help="Jaeger query port when free (0: any free port)")
+    parser.add_argument("--once", action="store_true", help="stop after the calls instead of waiting for Ctrl-C")
+    args = parser.parse_args(argv)
+
+    directory = Path(args.dir).resolve()
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    def on_signal(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    ports = {"query_http": args.query_port} if args.query_port and port_free(args.query_port) else {}
+    jaeger = Jaeger(directory / "jaeger", ports=ports)
+    sidecar = Sidecar(directory, jaeger)
+    ok = False
+    try:
+        say(f"demo: starting Jaeger v2 (module {pinned_version()}; query API {jaeger.query_url}, OTLP {jaeger.otlp_grpc_endpoint})")
+        jaeger.start()
+        say(f"demo: jaeger pid {jaeger.pid}")
+        say(f"demo: starting the sidecar on {sidecar.address} (rego/, dev identity; log {sidecar.log_path})")
+        sidecar.start()
+        say(f"demo: sidecar pid {sidecar.process.pid}")
+        calls = asyncio.run(run_calls(sidecar.address))
+        ok = report(calls, jaeger, sidecar)
+        if not args.once:
+            say("\nRunning. Press Ctrl-C to stop the sidecar and Jaeger.")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        say("\ndemo: stopping")
+    except (JaegerError, RuntimeError) as exc:
+        say(f"demo: {exc}")
+        ok = False
+    finally:
+        sidecar.stop()
+        jaeger.stop()
+    ok = verify(sidecar) and ok
+    say(f"demo: stopped; evidence kept in {sidecar.evidence}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
