@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from sidecar.client import AsyncClient
+from tests.conftest import write_policy
 from tests.doubles.escalation import records as read_records
 from tests.infra.jaeger import Jaeger, Span, clean_otel_env, wait_until_async  # noqa: F401 (fixture)
 
@@ -141,3 +142,42 @@ async def test_otlp_over_http_protobuf_reaches_jaeger(tmp_path, running_sidecar,
     spans = await wait_until_async(lambda: jaeger.trace(result.trace_id))
     assert {s.name for s in spans} >= {"execute_tool read_file"}
     assert by_name(spans)["execute_tool read_file"].tags["sidecar.decision.id"] == result.decision_id
+
+
+CONFLICTING_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: listed"], "obligations": {}} if input.tool.name == "echo"
+
+    decision := {"outcome": "allow", "reasons": ["ok: listed twice"], "obligations": {}} if input.tool.name == "echo"
+"""
+
+
+@pytest.mark.parametrize("storage", ["memory", "badger"])
+async def test_a_policy_failure_is_an_error_span_found_by_its_error_type(tmp_path, running_sidecar, sidecar_config,
+                                                                       service, storage, clean_otel_env):
+    with Jaeger(tmp_path / "jaeger", storage=storage) as jaeger:
+        config = sidecar_config(**jaeger.telemetry_settings(service), **{
+            "policy.dir": str(write_policy(tmp_path / "policy", CONFLICTING_POLICY)),  # conflicts when evaluated
+            "evidence.dir": str(tmp_path / "ev"),
+        })
+        sidecar = await running_sidecar(config)
+        async with AsyncClient(sidecar.addresses[0]) as agent:
+            failed = await agent.authorize("echo", {})
+            plain_deny = await agent.authorize("other", {})
+        assert failed.outcome == "deny" and failed.reasons[0].startswith("policy_error:")
+        assert plain_deny.outcome == "deny" and not plain_deny.reasons[0].startswith("policy_error:")
+        every = {failed.trace_id, plain_deny.trace_id}
+        assert await wait_until_async(lambda: every <= set(jaeger.find(service)))
+
+        tool = by_name(jaeger.trace(failed.trace_id))["execute_tool"]
+        assert tool.tags["error"] is True and tool.tags["otel.status_code"] == "ERROR"
+        assert tool.tags["error.type"] == "policy_engine_error" and tool.tags["otel.status_description"]
+        assert "error" not in by_name(jaeger.trace(plain_deny.trace_id))["execute_tool"].tags, "a deny is not an error"
+        assert set(jaeger.find(service, tags={"error.type": "policy_engine_error"})) == {failed.trace_id}
+        # Jaeger v2.13's memory storage compares the search's "error" (a string from the query API)
+        # as a boolean and finds nothing; badger indexes the tag as text. docs/evidence.md says so.
+        by_error_tag = set(jaeger.find(service, tags={"error": "true"}))
+        assert by_error_tag == ({failed.trace_id} if storage == "badger" else set())
