@@ -113,6 +113,7 @@ def write_config(workdir: Path, name: str, bundle: Path, metrics_port: int, iden
         "sidecar": {"instance_id": f"bench-{name}"},
         "evidence": {"dir": str(workdir / f"evidence-{name}")},
         "telemetry": {"exporter": "none"},
+        "escalation": {"approvers": ["email:bench-approver@example.org"]},  # required outside dev mode
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -88,9 +88,10 @@ class IdentityConfig:
     # Trust domains whose callers are accepted (mtls, jwt_svid, delegation);
     # empty = only the sidecar's own trust domain.
     trust_domains: list[str] = field(default_factory=list)
-    # The audience a caller's JWT-SVID must carry; required with jwt_svid.
+    # The one audience a caller's JWT-SVID must carry; required with jwt_svid.
     jwt_audience: str = ""
-    # The audience of delegation JWT-SVIDs; "" = jwt_audience (empty too: chains refused).
+    # Base of the audiences delegation links carry (docs/identity.md); never equal to
+    # jwt_audience; "" = chains refused (required with jwt_svid unless max_delegation_links is 0).
     delegation_audience: str = ""
     # The most upstream agents a call's x-spiffe-delegation may name; 0 refuses chains.
     max_delegation_links: int = 8
@@ -184,12 +185,13 @@ class EscalationConfig:
     poll_interval_ms: int = 1000
     # How often overdue escalations and unused approvals are expired (and recorded).
     sweep_interval_seconds: float = 5.0
-    # Who may approve, deny and read escalations: SPIFFE IDs or identities
-    # (email:alice@example.org), * matches any characters; empty = any verified
-    # caller (never the call's own subject or its delegation chain).
+    # Who may approve, deny and read escalations: people (email:alice@example.org,
+    # * matches any characters: email:*@example.org) relayed by a console, or
+    # workloads named by their exact SPIFFE ID. Required outside dev mode; in dev
+    # mode empty = any caller. Never the call's own subject or its delegation chain.
     approvers: list[str] = field(default_factory=list)
-    # Callers (the web console's SPIFFE ID) allowed to name the human approver in
-    # a request's approver field.
+    # The exact SPIFFE IDs of consoles allowed to name the person approving in a
+    # request's approver field.
     console_identities: list[str] = field(default_factory=list)
     # Keep a redacted, shortened copy of the arguments for approvers to read.
     preview_arguments: bool = True
@@ -197,6 +199,7 @@ class EscalationConfig:
     # POST a JSON notice of each new escalation here ("" = no webhook).
     webhook_url: str = ""
     # File holding a secret: the webhook body is signed (X-Sidecar-Signature: sha256=HMAC).
+    # Required with webhook_url outside dev mode.
     webhook_secret_file: str = ""
     webhook_timeout_seconds: float = 5.0
     # Attempts per notice (connection errors, timeouts, 429 and 5xx are retried).
@@ -214,14 +217,15 @@ class ConsoleConfig:
     # "" = this config's listen.unix, else listen.tcp.
     sidecar: str = ""
     # A file with a JWT-SVID the console presents to the sidecar (refreshed by
-    # e.g. spiffe-helper); "" = none (dev, or the unix socket's pod identity).
+    # e.g. spiffe-helper); required outside dev mode; "" = none (dev mode only).
     token_file: str = ""
     # Request header the auth proxy sets to the signed-in person (e.g.
-    # X-Auth-Request-Email); "" = dev mode, everyone is console.dev_approver.
+    # X-Auth-Request-Email); required outside dev mode; "" = everyone is console.dev_approver.
     trusted_header: str = ""
-    # Prefix turning the header's value into an approver identity (email:alice@example.org).
+    # Prefix turning the header's value into a person's identity (email:alice@example.org);
+    # never spiffe: (a header never names a workload).
     approver_prefix: str = "email:"
-    # The approver in dev mode (no trusted_header); the sidecar must be in dev mode too.
+    # Dev mode only (identity.sources: [dev]): without trusted_header everyone is this approver.
     dev_approver: str = ""
     # Jaeger UI base URL: trace ids link to {jaeger_url}/trace/{trace_id}; "" = no links.
     jaeger_url: str = ""
@@ -244,8 +248,18 @@ class Config:
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
+    @property
+    def dev_mode(self) -> bool:
+        """identity.sources is [dev]: the laptop/demo setup, where conveniences may default open."""
+        return self.identity.sources == ["dev"]
+
     def validate(self) -> None:
-        """Cross-field checks that a single field's type cannot express."""
+        """Cross-field checks that a single field's type cannot express.
+
+        Outside dev mode nothing security-relevant may default to open: the
+        checks that say "required outside dev mode" are listed in
+        docs/configuration.md ("Outside dev mode").
+        """
         if self.policy.engine not in ("embedded", "opa"):
             raise ConfigError(f"policy.engine: must be 'embedded' or 'opa', not {self.policy.engine!r}")
         for key in ("timeout_ms", "max_input_bytes", "max_depth", "workers", "recycle_after"):
@@ -273,8 +287,35 @@ class Config:
         except SpiffeIdError as exc:
             raise ConfigError(f"identity.dev_spiffe_id: {exc}") from None
         self._validate_identity_sources()
-        _validate_escalation(self.escalation)
+        _validate_escalation(self.escalation, dev_mode=self.dev_mode)
         _validate_console(self.console)
+
+    def validate_console(self) -> None:
+        """What `agent-sidecar console` needs on top of `validate` (raises ConfigError naming the key).
+
+        Outside dev mode the console must know who is signed in (the auth
+        proxy's header) and prove its own identity to the sidecar (its
+        JWT-SVID); the dev approver is refused.
+        """
+        console = self.console
+        if self.dev_mode:
+            return
+        if console.dev_approver:
+            raise ConfigError(
+                "console.dev_approver: only in dev mode (identity.sources: [dev]); outside it the person "
+                "approving comes from console.trusted_header"
+            )
+        if not console.trusted_header:
+            raise ConfigError(
+                "console.trusted_header: required outside dev mode: the header the auth proxy in front of the "
+                "console sets to the signed-in person (e.g. X-Auth-Request-Email)"
+            )
+        if not console.token_file:
+            raise ConfigError(
+                "console.token_file: required outside dev mode: the console's own JWT-SVID, whose SPIFFE ID the "
+                "sidecar lists in escalation.console_identities (without it the console would be whoever its "
+                "transport says, e.g. the agent's pod identity on the unix socket)"
+            )
 
     def _validate_identity_sources(self) -> None:
         from sidecar.identity.spiffe_id import SpiffeIdError, validate_trust_domain
@@ -309,6 +350,46 @@ class Config:
             raise ConfigError("identity.sources: mtls serves on listen.tcp, which is empty")
         if "workload_api" in ident.sources and not self.listen.unix:
             raise ConfigError("identity.sources: workload_api identifies callers on listen.unix, which is empty")
+        self._validate_delegation_audience()
+        self._validate_token_transport()
+
+    def _validate_delegation_audience(self) -> None:
+        from sidecar.identity.delegation import AUDIENCE_FORBIDDEN
+
+        ident = self.identity
+        base = ident.delegation_audience
+        if base and any(c in AUDIENCE_FORBIDDEN or c.isspace() for c in base):
+            raise ConfigError(
+                f"identity.delegation_audience: {base!r} must not hold spaces, '?', '&', '=' or '#' "
+                "(each link's audience is built from it, docs/identity.md)"
+            )
+        if base and base == ident.jwt_audience:
+            raise ConfigError(
+                "identity.delegation_audience and identity.jwt_audience: must differ, or a delegation link "
+                "would be accepted as a caller's own token"
+            )
+        if base and ident.jwt_audience.startswith(base + "?"):
+            raise ConfigError(
+                "identity.jwt_audience: must not start with identity.delegation_audience followed by '?' "
+                "(that is the shape of a delegation link's audience)"
+            )
+        if "jwt_svid" in ident.sources and not base and ident.max_delegation_links > 0:
+            raise ConfigError(
+                "identity.delegation_audience: required with jwt_svid (it no longer falls back to "
+                "identity.jwt_audience, so a delegation link cannot pass as a caller's token): set it to a "
+                "value other than identity.jwt_audience, or set identity.max_delegation_links: 0 to refuse chains"
+            )
+
+    def _validate_token_transport(self) -> None:
+        """Bearer tokens never cross a network in clear (JWT-SVID spec section 6.3)."""
+        if self.dev_mode or "jwt_svid" not in self.identity.sources or "mtls" in self.identity.sources:
+            return
+        if self.listen.tcp and not _loopback(self.listen.tcp):
+            raise ConfigError(
+                f"listen.tcp: {self.listen.tcp} is plaintext (mtls is not among identity.sources), so JWT-SVIDs "
+                "sent to it could be read and replayed; add mtls to identity.sources, or listen on loopback "
+                "or the unix socket only"
+            )
 
 
 def _validate_evidence_sections(config: "Config") -> None:
@@ -346,6 +427,18 @@ def _http_url(value: str, key: str) -> None:
         raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, not {value!r}")
 
 
+def _loopback(host_port: str) -> bool:
+    import ipaddress
+
+    host = host_port.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _identity_pattern(value: str, key: str) -> None:
     scheme, colon, rest = value.partition(":")
     if not colon or not scheme or not rest or "*" in scheme or any(c.isspace() for c in value) or not value.isprintable():
@@ -353,7 +446,12 @@ def _identity_pattern(value: str, key: str) -> None:
             f"{key}: {value!r} must be a SPIFFE ID or scheme:value identity (* matches any characters, "
             "e.g. spiffe://example.org/humans/* or email:*@example.org)"
         )
-    if scheme == "spiffe" and "*" not in value:
+    if scheme == "spiffe":
+        if "*" in value:
+            raise ConfigError(
+                f"{key}: {value!r}: a workload (spiffe://) is named by its exact SPIFFE ID, never a pattern "
+                "(approval is a human act; each workload allowed to approve is listed on purpose)"
+            )
         from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
 
         try:
@@ -362,7 +460,7 @@ def _identity_pattern(value: str, key: str) -> None:
             raise ConfigError(f"{key}: {exc}") from None
 
 
-def _validate_escalation(esc: "EscalationConfig") -> None:
+def _validate_escalation(esc: "EscalationConfig", *, dev_mode: bool) -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
     for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
@@ -382,6 +480,22 @@ def _validate_escalation(esc: "EscalationConfig") -> None:
         _identity_pattern(pattern, f"escalation.approvers[{i}]")
     for i, pattern in enumerate(esc.console_identities):
         _identity_pattern(pattern, f"escalation.console_identities[{i}]")
+        if not pattern.startswith("spiffe://"):
+            raise ConfigError(f"escalation.console_identities[{i}]: {pattern!r} must be a console's SPIFFE ID")
+    if dev_mode:
+        return
+    if not esc.approvers:
+        raise ConfigError(
+            "escalation.approvers: required outside dev mode (identity.sources is not [dev]): name who may "
+            "approve, e.g. [email:*@example.org] for people signed in at the console (listed in "
+            "escalation.console_identities) or the exact SPIFFE ID of a workload allowed to approve; "
+            "with it empty any verified caller, another AI agent included, could approve"
+        )
+    if esc.webhook_url and not esc.webhook_secret_file:
+        raise ConfigError(
+            "escalation.webhook_secret_file: required with escalation.webhook_url outside dev mode, so the "
+            "receiver can tell the sidecar's notices (and their console links) from forged ones"
+        )
 
 
 def _validate_console(console: "ConsoleConfig") -> None:
@@ -394,9 +508,13 @@ def _validate_console(console: "ConsoleConfig") -> None:
         raise ConfigError(f"console.trusted_header: {console.trusted_header!r} is not an HTTP header name")
     if console.jaeger_url:
         _http_url(console.jaeger_url, "console.jaeger_url")
-    if console.approver_prefix and not re.fullmatch(r"[a-z][a-z0-9+-]*:([A-Za-z0-9._~/-]*)", console.approver_prefix):
+    if not re.fullmatch(r"[a-z][a-z0-9+-]*:([A-Za-z0-9._~/-]*)", console.approver_prefix):
         raise ConfigError(
             f"console.approver_prefix: {console.approver_prefix!r} must start an identity, like 'email:' or 'user:'"
+        )
+    if console.approver_prefix.startswith("spiffe:"):
+        raise ConfigError(
+            "console.approver_prefix: must not be spiffe: (the header names a person; workloads are never relayed)"
         )
     if console.dev_approver:
         _identity_pattern(console.dev_approver, "console.dev_approver")

@@ -45,6 +45,71 @@ def test_bad_values_name_the_key(key, value, message):
     assert message in str(info.value)
 
 
+PROD = {"identity.sources": ["workload_api"], "listen.unix": "/tmp/x.sock"}  # outside dev mode
+PEOPLE = ["email:*@example.org"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({}, "escalation.approvers: required outside dev mode"),
+        ({"escalation.approvers": []}, "escalation.approvers: required outside dev mode"),
+        ({"escalation.approvers": PEOPLE, "escalation.webhook_url": "https://hooks.example.org/x"},
+         "escalation.webhook_secret_file: required with escalation.webhook_url outside dev mode"),
+        ({"escalation.approvers": ["spiffe://example.org/humans/*"]},
+         "escalation.approvers[0]: 'spiffe://example.org/humans/*': a workload (spiffe://) is named by its exact"),
+        ({"escalation.approvers": PEOPLE, "escalation.console_identities": ["spiffe://example.org/consoles/*"]},
+         "escalation.console_identities[0]"),
+        ({"escalation.approvers": PEOPLE, "escalation.console_identities": ["email:console@example.org"]},
+         "escalation.console_identities[0]: 'email:console@example.org' must be a console's SPIFFE ID"),
+        ({"escalation.approvers": PEOPLE, "console.approver_prefix": ""}, "console.approver_prefix: '' must start"),
+        ({"escalation.approvers": PEOPLE, "console.approver_prefix": "spiffe:"},
+         "console.approver_prefix: must not be spiffe:"),
+    ],
+)
+def test_outside_dev_mode_nothing_defaults_open(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {**PROD, **overrides})
+    assert message in str(info.value)
+
+
+def test_dev_mode_keeps_its_conveniences_and_production_loads_when_explicit(tmp_path):
+    dev = load_config(None)  # the defaults are dev mode: anyone approves, webhook unsigned, console dev approver
+    assert dev.dev_mode and dev.escalation.approvers == []
+    load_config(None, {"escalation.webhook_url": "https://hooks.example.org/x", "console.dev_approver": "email:d@x.org"})
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    prod = load_config(None, {**PROD, "escalation.approvers": [*PEOPLE, "spiffe://example.org/ns/ops/sa/oncall-bot"],
+                              "escalation.webhook_url": "https://hooks.example.org/x",
+                              "escalation.webhook_secret_file": str(secret)})
+    assert not prod.dev_mode
+
+
+@pytest.mark.parametrize(
+    "console, message",
+    [
+        ({"console.dev_approver": "email:dev@example.org", "console.trusted_header": "X-Email"},
+         "console.dev_approver: only in dev mode"),
+        ({}, "console.trusted_header: required outside dev mode"),
+        ({"console.trusted_header": "X-Email"}, "console.token_file: required outside dev mode"),
+    ],
+)
+def test_the_console_outside_dev_mode_needs_a_signed_in_person_and_its_own_identity(console, message):
+    config = load_config(None, {**PROD, "escalation.approvers": PEOPLE, **console})
+    with pytest.raises(ConfigError) as info:
+        config.validate_console()
+    assert message in str(info.value)
+    # Through the console's own start-up too: it refuses before serving anything.
+    from sidecar.console.app import app_from_config
+
+    with pytest.raises(ConfigError):
+        app_from_config(config)
+    ok = load_config(None, {**PROD, "escalation.approvers": PEOPLE, "console.trusted_header": "X-Email",
+                            "console.token_file": "/var/run/secrets/console/jwt"})
+    ok.validate_console()
+    load_config(None, {"console.dev_approver": "email:dev@example.org"}).validate_console()  # dev mode
+
+
 def test_postgres_store_may_take_its_connection_from_the_environment():
     config = load_config(None, {"escalation.store": "postgres", "escalation.path": ""})
     assert config.escalation.dsn == ""
@@ -53,8 +118,12 @@ def test_postgres_store_may_take_its_connection_from_the_environment():
 @pytest.mark.parametrize(
     "identity, patterns, expected",
     [
-        ("spiffe://example.org/humans/alice", ["spiffe://example.org/humans/*"], True),
+        # A workload matches only its exact SPIFFE ID, never a pattern (config refuses spiffe patterns).
+        ("spiffe://example.org/humans/alice", ["spiffe://example.org/humans/*"], False),
+        ("spiffe://example.org/humans/alice", ["spiffe://example.org/humans/alice"], True),
         ("spiffe://example.org/humansx", ["spiffe://example.org/humans/*"], False),
+        ("spiffe://example.org/ns/agents/sa/x", ["*"], False),
+        ("spiffe://example.org/ns/agents/sa/x", ["spiffe:*"], False),
         ("email:alice@example.org", ["email:*@example.org"], True),
         ("email:alice@example.org.evil", ["email:*@example.org"], False),
         ("email:alice@example.org", ["email:alice@example.org"], True),

@@ -17,11 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient, delegated_by
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError
+from sidecar.identity.delegation import link_audience
 from tests.doubles.escalation import make_config, records
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 AUD = SIDECAR_ID
+DELEGATION = "spiffe://example.org/agent-sidecar/delegation"
 PLANNER = "spiffe://example.org/ns/agents/sa/planner"
 ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
 ALICE = "spiffe://example.org/humans/alice"
@@ -45,9 +47,10 @@ async def world(tmp_path, running_sidecar):
             "identity.sources": ["jwt_svid", "workload_api"],
             "identity.workload_api_socket": f"unix://{sockdir}/agent.sock",
             "identity.jwt_audience": AUD,
+            "identity.delegation_audience": DELEGATION,
             "identity.workload_api_max_backoff_ms": 100,
-            "escalation.approvers": ["spiffe://example.org/humans/*", "email:*@example.org", PLANNER, ORCHESTRATOR,
-                                     SIDECAR_ID],
+            # workloads by their exact SPIFFE IDs (never a pattern), people by pattern
+            "escalation.approvers": [ALICE, "email:*@example.org", PLANNER, ORCHESTRATOR, SIDECAR_ID],
             "escalation.console_identities": [CONSOLE],
         },
     )
@@ -69,9 +72,10 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
     unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
     tcp = sidecar.addresses[0]
     token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    link = lambda who, to: agent.jwt_authority.mint(who, link_audience(DELEGATION, to=to))  # noqa: E731
 
     async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
-        with delegated_by(token(ORCHESTRATOR)):
+        with delegated_by(link(ORCHESTRATOR, PLANNER)):
             escalated = await planner.authorize("send_email", EMAIL)
     assert escalated.outcome == "escalate", escalated.reasons
     eid = escalated.escalation_id
@@ -98,7 +102,7 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
         assert (error.status, error.code) == (status, code), (name, error)
 
     delegated = lambda: (("authorization", f"Bearer {token(ALICE)}"),  # noqa: E731
-                         ("x-spiffe-delegation", token(MALLORY)))
+                         ("x-spiffe-delegation", link(MALLORY, ALICE)))
     async with ApprovalsClient(tcp, metadata=delegated) as through_chain:
         with pytest.raises(ApprovalsError) as info:
             await through_chain.approve(eid)
@@ -118,7 +122,7 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
     async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
         undelegated = await planner.authorize("send_email", EMAIL, escalation_id=eid)
         assert undelegated.outcome == "deny" and "another delegation chain" in undelegated.reasons[0]
-        with delegated_by(token(ORCHESTRATOR)):
+        with delegated_by(link(ORCHESTRATOR, PLANNER)):
             retry = await planner.authorize("send_email", EMAIL, escalation_id=eid)
     assert retry.outcome == "allow", retry.reasons
 
@@ -143,3 +147,58 @@ async def test_on_the_pod_socket_an_approver_without_a_token_is_the_pod_itself(w
         with pytest.raises(ApprovalsError) as info:
             await same_pod.approve(escalated.escalation_id)
     assert info.value.code == "self_approval" and SIDECAR_ID in info.value.message
+
+
+async def test_approval_is_a_human_act_workloads_only_when_named_exactly(world):
+    """Issue 11 section 5: another AI agent's workload identity never approves unless the config names it."""
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    tcp = sidecar.addresses[0]
+    token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    async with AsyncClient(unix, metadata=bearer(token(MALLORY))) as mallory:
+        escalated = await mallory.authorize("send_email", EMAIL)
+    eid = escalated.escalation_id
+
+    async def attempt(who: str, approver: str = "") -> ApprovalsError | dict:
+        async with ApprovalsClient(tcp, metadata=bearer(token(who))) as approvals:
+            try:
+                return await approvals.approve(eid, approver=approver, note="attempt")
+            except ApprovalsError as exc:
+                return exc
+
+    refused = {
+        # another agent, not listed
+        "an unlisted agent": ("spiffe://example.org/ns/agents/sa/research", "", "not_an_approver"),
+        # under a listed workload's path: exact IDs only, no prefixes
+        "below a listed workload": (ALICE + "/bot", "", "not_an_approver"),
+        # a console relays people, never a workload identity
+        "a console relaying a workload": (CONSOLE, "spiffe://example.org/ns/agents/sa/research", "approver_not_a_person"),
+        "a console relaying a listed workload": (CONSOLE, PLANNER, "approver_not_a_person"),
+        "upper-case scheme": (CONSOLE, "SPIFFE://example.org/ns/agents/sa/research", "approver_not_a_person"),
+        # a console itself is not an approver
+        "the console as itself": (CONSOLE, "", "not_an_approver"),
+    }
+    for name, (who, approver, code) in refused.items():
+        error = await attempt(who, approver)
+        assert isinstance(error, ApprovalsError) and error.code == code, (name, error)
+    assert "exact SPIFFE ID" in (await attempt("spiffe://example.org/ns/agents/sa/research")).message
+    # A workload named exactly in escalation.approvers may approve (here: a listed agent, not the subject).
+    approved = await attempt(PLANNER)
+    assert isinstance(approved, dict) and approved["approver"] == PLANNER
+
+
+def test_serve_refuses_to_start_with_approvers_left_open(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        "listen: {tcp: '127.0.0.1:0', unix: '%s'}\n"
+        "identity: {sources: [workload_api]}\n"
+        "evidence: {dir: '%s'}\n" % (tmp_path / "s.sock", tmp_path / "evidence")
+    )
+    done = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "escalation.approvers: required outside dev mode" in done.stderr
+    assert not (tmp_path / "evidence").exists()  # refused before anything started

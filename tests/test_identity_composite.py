@@ -8,7 +8,8 @@ import pytest
 
 from sidecar.config import ConfigError, load_config
 from sidecar.identity import IdentityError, PeerInfo
-from sidecar.identity.composite import DELEGATION_METADATA, CompositeResolver, DelegationVerifier
+from sidecar.identity.composite import CompositeResolver
+from sidecar.identity.delegation import DELEGATION_METADATA, DelegationVerifier, link_audience
 from sidecar.identity.factory import GRPC_SERVER_OPTIONS, IdentityRuntime, build_identity
 from sidecar.identity.jwt_svid import JwtSvidValidator
 from sidecar.identity.workload_api import WorkloadApiSource
@@ -16,6 +17,7 @@ from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 from tests.doubles.pki import TestJwtAuthority, tamper_payload
 
 AUD = "spiffe://example.org/ns/agents/sa/sidecar"
+DELEGATION = "spiffe://example.org/agent-sidecar/delegation"
 POD = "spiffe://example.org/ns/agents/sa/sidecar"
 ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
 PLANNER = "spiffe://example.org/ns/agents/sa/planner"
@@ -36,6 +38,8 @@ def identity_config(agent, **overrides):
         "identity.sources": ["jwt_svid", "mtls", "workload_api"],
         "identity.workload_api_socket": agent.endpoint,
         "identity.jwt_audience": AUD,
+        "identity.delegation_audience": DELEGATION,
+        "escalation.approvers": ["email:*@example.org"],
     }
     settings.update({f"identity.{k}": v for k, v in overrides.items()})
     return load_config(None, settings).identity
@@ -106,8 +110,17 @@ def chain_metadata(*tokens: str, token_for_caller: str | None = None) -> dict:
     return md
 
 
+def links(agent, *hops: str, to: str = POD, base: str = DELEGATION, **kw) -> list[str]:
+    """The chain hops[0] -> hops[1] -> ... -> `to`, each link minted for its place (delegation.py)."""
+    tokens = []
+    for i, hop in enumerate(hops):
+        nxt = hops[i + 1] if i + 1 < len(hops) else to
+        tokens.append(agent.jwt_authority.mint(hop, link_audience(base, to=nxt, from_=hops[i - 1] if i else None), **kw))
+    return tokens
+
+
 def test_delegation_chain_outermost_first(agent, runtime):
-    upstream = [agent.jwt_authority.mint(ORCHESTRATOR, AUD), agent.jwt_authority.mint(PLANNER, AUD)]
+    upstream = links(agent, ORCHESTRATOR, PLANNER)
     identity = runtime.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(*upstream)))
     assert identity.subject.spiffe_id == POD
     assert [d.spiffe_id for d in identity.delegation] == [ORCHESTRATOR, PLANNER]
@@ -118,28 +131,37 @@ def test_delegation_chain_outermost_first(agent, runtime):
     assert len(runtime.resolver.resolve(PeerInfo(transport="unix", metadata=spaced)).delegation) == 2
 
 
+def test_link_audience_spelling():
+    assert link_audience("d", to=PLANNER) == f"d?to={PLANNER}"
+    assert link_audience("d", to=POD, from_=PLANNER) == f"d?from={PLANNER}&to={POD}"
+    for bad in ("", "d?x", "a b", "d#", "d&", "d="):
+        with pytest.raises(ValueError):
+            link_audience(bad, to=POD)
+
+
 @pytest.mark.parametrize(
     "make_links, reason",
     [
-        (lambda a: [a.jwt_authority.mint(ORCHESTRATOR, AUD), TestJwtAuthority().mint(PLANNER, AUD)],
+        (lambda a: [links(a, ORCHESTRATOR, PLANNER)[0],
+                    TestJwtAuthority().mint(PLANNER, link_audience(DELEGATION, to=POD, from_=ORCHESTRATOR))],
          "delegation[1]: unknown kid"),
-        (lambda a: [a.jwt_authority.mint(ORCHESTRATOR, AUD, ttl=-5), a.jwt_authority.mint(PLANNER, AUD)],
+        (lambda a: [links(a, ORCHESTRATOR, PLANNER, ttl=-5)[0], links(a, ORCHESTRATOR, PLANNER)[1]],
          "delegation[0]: the token expired at"),
-        (lambda a: [tamper_payload(a.jwt_authority.mint(ORCHESTRATOR, AUD), sub=PLANNER)],
+        (lambda a: [tamper_payload(links(a, ORCHESTRATOR)[0], exp=int(time.time()) + 9999)],
          "delegation[0]: the signature does not verify"),
         (lambda a: [a.jwt_authority.mint(ORCHESTRATOR, "someone-else")],
-         "delegation[0]: the token's audience does not include"),
-        (lambda a: [a.jwt_authority.mint("spiffe://Example.org/x", AUD)],
+         "delegation[0]: the link is not bound to this place in the chain"),
+        (lambda a: [a.jwt_authority.mint("spiffe://Example.org/x", link_audience(DELEGATION, to=POD))],
          "delegation[0]: sub 'spiffe://Example.org/x' is not a valid SPIFFE ID"),
-        (lambda a: [a.jwt_authority.mint(ORCHESTRATOR, AUD), ""], "none empty"),
-        (lambda a: [a.jwt_authority.mint(ORCHESTRATOR, AUD)] * 9, "9 links, more than the 8 allowed"),
+        (lambda a: [links(a, ORCHESTRATOR)[0], ""], "none empty"),
+        (lambda a: ["a.b.c"] * 9, "9 links, more than the 8 allowed"),
     ],
     ids=["forged", "expired", "tampered", "wrong-audience", "upper-case", "empty-link", "too-long"],
 )
 def test_bad_delegation_links_deny_naming_the_link(agent, runtime, make_links, reason):
-    links = make_links(agent)
+    tokens = make_links(agent)
     with pytest.raises(IdentityError) as info:
-        runtime.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(*links)))
+        runtime.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(*tokens)))
     assert reason in info.value.reason
 
 
@@ -147,12 +169,11 @@ def test_delegation_has_its_own_audience_and_limit(agent):
     rt = build_identity(identity_config(agent, delegation_audience="agents-delegation", max_delegation_links=1))
     try:
         assert rt.source.wait_until_ready(5)
-        ok = agent.jwt_authority.mint(ORCHESTRATOR, "agents-delegation")
+        (ok,) = links(agent, ORCHESTRATOR, base="agents-delegation")
         got = rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(ok)))
         assert [d.spiffe_id for d in got.delegation] == [ORCHESTRATOR]
-        with pytest.raises(IdentityError, match="audience does not include 'agents-delegation'"):
-            rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(
-                agent.jwt_authority.mint(ORCHESTRATOR, AUD))))
+        with pytest.raises(IdentityError, match=r"audience does not include 'agents-delegation\?to="):
+            rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(*links(agent, ORCHESTRATOR))))
         with pytest.raises(IdentityError, match="2 links, more than the 1 allowed"):
             rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(ok, ok)))
     finally:
@@ -160,10 +181,10 @@ def test_delegation_has_its_own_audience_and_limit(agent):
 
 
 def test_delegation_refused_without_an_audience_or_in_dev(agent):
-    rt = build_identity(identity_config(agent, sources=["workload_api"], jwt_audience=""))
+    rt = build_identity(identity_config(agent, sources=["workload_api"], jwt_audience="", delegation_audience=""))
     try:
         assert rt.source.wait_until_ready(5)
-        token = agent.jwt_authority.mint(ORCHESTRATOR, AUD)
+        (token,) = links(agent, ORCHESTRATOR)
         with pytest.raises(IdentityError, match="no delegation audience is configured"):
             rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(token)))
     finally:
@@ -171,10 +192,12 @@ def test_delegation_refused_without_an_audience_or_in_dev(agent):
     dev = build_identity(load_config(None, {}).identity)
     assert dev.source is None and dev.server_credentials is None
     assert dev.resolver.resolve(PeerInfo(transport="tcp")).subject.source == "dev"
+    assert dev.resolver.health() == (True, "DEV MODE: every caller is the dev identity spiffe://dev.local/agent "
+                                           "(source: dev), and approvals are open (docs/configuration.md#outside-dev-mode)")
     with pytest.raises(IdentityError, match="cannot be verified here"):
         dev.resolver.resolve(PeerInfo(transport="tcp", metadata=chain_metadata("a.b.c")))
     with pytest.raises(IdentityError, match="0"):
-        DelegationVerifier(None, max_links=0).verify({DELEGATION_METADATA: "a.b.c"})
+        DelegationVerifier(None, max_links=0).verify({DELEGATION_METADATA: "a.b.c"}, POD)
 
 
 # ---------------------------------------------------------------- config
@@ -185,6 +208,19 @@ def test_delegation_refused_without_an_audience_or_in_dev(agent):
     [
         ({"identity.sources": ["dev", "mtls"]}, "'dev' cannot be combined"),
         ({"identity.sources": ["jwt_svid"]}, "identity.jwt_audience: required"),
+        ({"identity.sources": ["jwt_svid"], "identity.jwt_audience": AUD},
+         "identity.delegation_audience: required with jwt_svid (it no longer falls back to identity.jwt_audience"),
+        ({"identity.sources": ["jwt_svid"], "identity.jwt_audience": AUD, "identity.delegation_audience": AUD},
+         "identity.delegation_audience and identity.jwt_audience: must differ"),
+        ({"identity.sources": ["workload_api"], "listen.unix": "/tmp/x.sock", "identity.jwt_audience": "same",
+          "identity.delegation_audience": "same", "escalation.approvers": ["email:a@example.org"]},
+         "identity.delegation_audience and identity.jwt_audience: must differ"),
+        ({"identity.delegation_audience": "agents?to=x"}, "identity.delegation_audience: 'agents?to=x' must not hold"),
+        ({"identity.delegation_audience": "d", "identity.jwt_audience": "d?to=spiffe://example.org/a"},
+         "identity.jwt_audience: must not start with identity.delegation_audience"),
+        ({"identity.sources": ["jwt_svid"], "identity.jwt_audience": AUD, "identity.max_delegation_links": 0,
+          "listen.tcp": "0.0.0.0:50051", "escalation.approvers": ["email:a@example.org"]},
+         "listen.tcp: 0.0.0.0:50051 is plaintext"),
         ({"identity.sources": ["mtls", "mtls"]}, "mtls listed more than once"),
         ({"identity.sources": ["kerberos"]}, "unknown source 'kerberos'"),
         ({"identity.sources": ["workload_api"], "listen.unix": ""}, "listen.unix, which is empty"),
@@ -204,7 +240,8 @@ def test_config_validation(overrides, message):
 
 def test_missing_workload_api_socket_is_a_startup_error(monkeypatch):
     monkeypatch.delenv("SPIFFE_ENDPOINT_SOCKET", raising=False)
-    config = load_config(None, {"identity.sources": ["workload_api"], "listen.unix": "/tmp/x.sock"})
+    config = load_config(None, {"identity.sources": ["workload_api"], "listen.unix": "/tmp/x.sock",
+                                "escalation.approvers": ["email:*@example.org"]})
     with pytest.raises(ValueError, match="SPIFFE_ENDPOINT_SOCKET"):
         build_identity(config.identity)
 
@@ -214,6 +251,7 @@ def test_build_identity_does_not_block_on_a_missing_agent():
     try:
         config = load_config(None, {
             "identity.sources": ["mtls", "workload_api"], "listen.unix": "/tmp/x.sock",
+            "escalation.approvers": ["email:*@example.org"],
             "identity.workload_api_socket": f"unix://{directory}/missing.sock",
         }).identity
         started = time.monotonic()

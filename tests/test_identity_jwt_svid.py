@@ -72,8 +72,12 @@ def test_valid_token(agent, validator):
     assert subject.svid_expires_at == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
 
 
-def test_audience_list_containing_ours_is_fine(agent, validator):
-    assert validator.validate(mint(agent, aud=["someone-else", AUD])).spiffe_id == CALLER
+def test_audience_list_containing_ours_is_refused(agent, validator):
+    # JWT-SVID spec 6.2: the holder of any other audience could replay the token here.
+    for audiences in (["someone-else", AUD], [AUD, "someone-else"], [AUD, AUD]):
+        assert "the token carries 2 audiences; a JWT-SVID presented here must carry exactly one" in refused(
+            validator, mint(agent, aud=audiences))
+    assert validator.validate(mint(agent, aud=[AUD])).spiffe_id == CALLER  # a one-element list is one audience
 
 
 def test_token_fetched_by_py_spiffe_validates(agent, validator):

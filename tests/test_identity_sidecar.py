@@ -20,6 +20,7 @@ from spiffe import WorkloadApiClient, X509Source
 
 from sidecar.client import AsyncClient, Client, JwtSvidAuth, SpiffeMtls, delegated_by
 from sidecar.config import load_config
+from sidecar.identity.delegation import link_audience
 from tests.conftest import write_policy
 from tests.doubles.fake_workload_api import FakeWorkloadApi
 from tests.doubles.identity_harness import SIDECAR_DNS, fake_agent, remove_dir, short_dir
@@ -28,6 +29,7 @@ SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 PLANNER = "spiffe://example.org/ns/agents/sa/planner"
 ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
 AUD = SIDECAR_ID
+DELEGATION = "spiffe://example.org/agent-sidecar/delegation"
 
 # Allows `echo` and echoes what policy saw of the caller into the reason.
 IDENTITY_POLICY = """\
@@ -75,7 +77,9 @@ def make_config(tmp_path, sockdir):
             "identity.sources": ["jwt_svid", "mtls", "workload_api"],
             "identity.workload_api_socket": f"unix://{sockdir}/agent.sock",
             "identity.jwt_audience": AUD,
+            "identity.delegation_audience": DELEGATION,
             "identity.workload_api_max_backoff_ms": 100,
+            "escalation.approvers": ["email:*@example.org"],
         }
         settings.update({f"identity.{k}": v for k, v in identity.items()})
         return load_config(None, settings)
@@ -171,18 +175,22 @@ async def test_every_mode_through_authorize(world, tmp_path):
             got = seen(await client.authorize("echo", {}))
         assert (got["spiffe_id"], got["source"]) == (PLANNER, "jwt_svid")
 
-        # delegation: upstream agents' JWT-SVIDs ride along, outermost first
-        orchestrator = agent.jwt_authority.mint(ORCHESTRATOR, AUD)
-        planner_link = wl.fetch_jwt_svid(audience={AUD}).token
-        async with AsyncClient(unix_target(sidecar), metadata=auth) as client:
+        # delegation: upstream agents' JWT-SVIDs ride along, outermost first, each minted for its
+        # place: orchestrator -> planner -> the pod (the caller on the unix socket, no token)
+        orchestrator = agent.jwt_authority.mint(ORCHESTRATOR, link_audience(DELEGATION, to=PLANNER))
+        planner_link = wl.fetch_jwt_svid(
+            audience={link_audience(DELEGATION, to=SIDECAR_ID, from_=ORCHESTRATOR)}).token
+        async with AsyncClient(unix_target(sidecar)) as client:
             with delegated_by(orchestrator, planner_link):
                 chained = await client.authorize("echo", {})
-            forged = agent.jwt_authority.mint(ORCHESTRATOR, "not-the-sidecar")
-            with delegated_by(forged):
+            # the planner's own caller token (audience: the sidecar) is not a delegation link
+            with delegated_by(wl.fetch_jwt_svid(audience={AUD}).token):
                 refused = await client.authorize("echo", {})
         assert seen(chained)["delegation"] == [ORCHESTRATOR, PLANNER]
+        assert seen(chained)["spiffe_id"] == SIDECAR_ID
         assert refused.outcome == "deny"
-        assert refused.reasons[0].startswith("unverified_caller: delegation[0]: the token's audience does not include")
+        assert refused.reasons[0].startswith(
+            "unverified_caller: delegation[0]: the link is not bound to this place in the chain"), refused.reasons
 
     # mtls: the caller's X.509-SVID from an X509Source, verified by the sidecar
     with X509Source(socket_path=caller.endpoint, timeout_in_seconds=5) as x509_source:

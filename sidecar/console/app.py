@@ -255,6 +255,7 @@ def build_app(
 
 
 def app_from_config(config: Any) -> web.Application:
+    config.validate_console()  # outside dev mode: trusted header and the console's own JWT-SVID (ConfigError)
     console = config.console
     metadata = token_file_metadata(console.token_file) if console.token_file else None
     try:

@@ -6,7 +6,10 @@ servicer's `peer_info`. The request's `approver` field is honoured only
 
 - in dev mode (identity.sources == [dev]), where it names the approver, or
 - from a caller listed in escalation.console_identities (the web console
-  relaying the human its auth proxy verified), recorded as `approver_via`.
+  relaying the person its auth proxy verified), recorded as `approver_via`;
+  a console relays people, never a workload (`spiffe://`) identity.
+
+Who may then approve is the service's rule (service.approver_matches).
 
 Refusals are answered with a gRPC status and a message "<code>: <text>":
 NOT_FOUND (unknown escalation), FAILED_PRECONDITION (expired, already
@@ -147,7 +150,14 @@ class EscalationApi:
                 "PERMISSION_DENIED",
             )
         if claimed and claimed != subject.spiffe_id:
-            if approver_matches(subject.spiffe_id, self.service.console_identities):
+            if subject.spiffe_id in self.service.console_identities:
+                if claimed.lower().startswith("spiffe:"):
+                    raise EscalationRefused(
+                        "approver_not_a_person",
+                        f"a console relays the person signed in at it, not a workload ({claimed}); a workload "
+                        "approves by calling with its own SPIFFE identity",
+                        "PERMISSION_DENIED",
+                    )
                 return Approver(validate_approver(claimed), "console", via=subject.spiffe_id)
             raise EscalationRefused(
                 "approver_not_verified",
@@ -162,7 +172,7 @@ class EscalationApi:
         caller = self._caller(context)
         who = caller.subject.spiffe_id
         if not self.dev_mode and self.service.approvers:
-            if not (approver_matches(who, self.service.approvers) or approver_matches(who, self.service.console_identities)):
+            if not (approver_matches(who, self.service.approvers) or who in self.service.console_identities):
                 raise EscalationRefused("not_an_approver", f"{who} is not among escalation.approvers", "PERMISSION_DENIED")
         return who
 

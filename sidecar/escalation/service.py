@@ -59,10 +59,16 @@ def iso(ts: float | None) -> str:
 
 
 def approver_matches(identity: str, patterns: Iterable[str]) -> bool:
-    """Exact match; `*` in a pattern matches any run of characters
-    (spiffe://example.org/humans/*, email:*@example.org)."""
+    """Whether `identity` is among `patterns` (escalation.approvers).
+
+    A workload (`spiffe://...`) matches only a pattern that is exactly its
+    SPIFFE ID: approval is a human act, and a workload approves only where the
+    config names it on purpose. Any other identity (a person relayed by a
+    console: email:alice@example.org) also matches patterns where `*` stands
+    for any run of characters (email:*@example.org).
+    """
     for pattern in patterns:
-        if "*" not in pattern:
+        if "*" not in pattern or identity.startswith("spiffe://"):
             if identity == pattern:
                 return True
         elif re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), identity):
@@ -361,10 +367,12 @@ class EscalationService:
                 "PERMISSION_DENIED",
                 record,
             )
+        # Empty approvers (anyone) only in dev mode: config refuses it elsewhere.
         if self.approvers and not approver_matches(who, self.approvers):
+            workload = " (a workload approves only when listed by its exact SPIFFE ID)" if who.startswith("spiffe://") else ""
             raise EscalationRefused(
                 "not_an_approver",
-                f"{who} is not among escalation.approvers",
+                f"{who} is not among escalation.approvers{workload}",
                 "PERMISSION_DENIED",
                 record,
             )

@@ -6,7 +6,8 @@ resolver never trusts an ID the caller merely claims.
 
 Built from config by `sidecar.identity.factory.build_identity`; the sources
 live in `workload_api.py`, `mtls.py`, `jwt_svid.py` and `dev.py`, their
-precedence and delegation chains in `composite.py`; docs/identity.md.
+precedence in `composite.py`, delegation chains in `delegation.py`;
+docs/identity.md.
 """
 
 from __future__ import annotations

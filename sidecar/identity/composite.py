@@ -12,21 +12,26 @@ source: a bad JWT on the unix socket is denied, not given the pod identity.
 The recommended order, `[jwt_svid, mtls, workload_api]`, lets an explicit
 credential on the call beat what the transport says.
 
-Delegation: `x-spiffe-delegation` metadata holds the JWT-SVIDs of the agents
-upstream of the caller, comma-separated, outermost first. Each is validated
-like a caller's JWT-SVID (audience `identity.delegation_audience`); one bad
-link denies the call, naming the link.
+Two credentials the caller presents must name the same caller: when both
+`jwt_svid` and `mtls` are configured and a call over mutual TLS carries a
+JWT-SVID, both are verified and their SPIFFE IDs must be equal (a client
+holding one workload's certificate cannot speak as another with a token).
+
+Delegation (delegation.py): `x-spiffe-delegation` metadata holds the
+JWT-SVIDs of the agents upstream of the caller, outermost first, each bound
+to its place in the chain; one bad link denies the call, naming the link.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from sidecar.identity import CallerIdentity, IdentityError, PeerInfo, Subject
-from sidecar.identity.jwt_svid import JwtSvidInvalid, JwtSvidValidator
+from sidecar.identity import CallerIdentity, IdentityError, PeerInfo
+from sidecar.identity.delegation import DelegationVerifier
 
-DELEGATION_METADATA = "x-spiffe-delegation"
-DEFAULT_MAX_DELEGATION_LINKS = 8
+# Sources whose credentials the caller presents on the call itself; when
+# several apply to one call they must agree on who is calling.
+PRESENTED_CREDENTIALS = ("jwt_svid", "mtls")
 
 
 class SourceResolver(Protocol):
@@ -37,42 +42,6 @@ class SourceResolver(Protocol):
     def resolve(self, peer: PeerInfo) -> CallerIdentity: ...
 
     def health(self) -> tuple[bool, str]: ...
-
-
-class DelegationVerifier:
-    """Turns `x-spiffe-delegation` metadata into verified subjects, outermost first."""
-
-    def __init__(
-        self,
-        validator: JwtSvidValidator | None,
-        max_links: int = DEFAULT_MAX_DELEGATION_LINKS,
-        unavailable: str = "no JWT bundles to verify it with (dev identity)",
-    ):
-        self._validator = validator
-        self._max_links = max_links
-        self._unavailable = unavailable
-
-    def verify(self, metadata) -> tuple[Subject, ...]:
-        raw = metadata.get(DELEGATION_METADATA)
-        if raw is None:
-            return ()
-        tokens = [t.strip() for t in raw.split(",")]
-        if not raw.strip() or any(not t for t in tokens):
-            raise IdentityError(f"delegation: {DELEGATION_METADATA} must be JWT-SVIDs separated by commas, none empty")
-        if self._max_links == 0:
-            raise IdentityError("delegation: delegation chains are not accepted (identity.max_delegation_links is 0)")
-        if len(tokens) > self._max_links:
-            raise IdentityError(f"delegation: {len(tokens)} links, more than the {self._max_links} allowed")
-        if self._validator is None:
-            raise IdentityError(f"delegation: the chain cannot be verified here: {self._unavailable}")
-        links = []
-        for index, token in enumerate(tokens):
-            try:
-                verified = self._validator.validate(token)
-            except JwtSvidInvalid as exc:
-                raise IdentityError(f"delegation[{index}]: {exc}") from None
-            links.append(verified.subject(source="jwt_svid"))
-        return tuple(links)
 
 
 class CompositeResolver:
@@ -89,16 +58,28 @@ class CompositeResolver:
         return tuple(r.source_name for r in self._resolvers)
 
     def resolve(self, peer: PeerInfo) -> CallerIdentity:
-        for resolver in self._resolvers:
-            if resolver.applies(peer):
-                identity = resolver.resolve(peer)
-                break
-        else:
+        deciding = next((r for r in self._resolvers if r.applies(peer)), None)
+        if deciding is None:
             raise IdentityError(self._nothing_applies(peer))
-        delegation = self._delegation.verify(peer.metadata)
+        identity = deciding.resolve(peer)
+        self._check_other_credentials(peer, deciding, identity)
+        delegation = self._delegation.verify(peer.metadata, identity.subject.spiffe_id)
         if delegation:
             identity = CallerIdentity(identity.subject, delegation)
         return identity
+
+    def _check_other_credentials(self, peer: PeerInfo, deciding: SourceResolver, identity: CallerIdentity) -> None:
+        if deciding.source_name not in PRESENTED_CREDENTIALS:
+            return
+        for other in self._resolvers:
+            if other is deciding or other.source_name not in PRESENTED_CREDENTIALS or not other.applies(peer):
+                continue
+            second = other.resolve(peer).subject.spiffe_id  # a bad second credential denies too
+            if second != identity.subject.spiffe_id:
+                raise IdentityError(
+                    f"{deciding.source_name} and {other.source_name} name different callers "
+                    f"({identity.subject.spiffe_id} and {second}); a call's credentials must all name its caller"
+                )
 
     def _nothing_applies(self, peer: PeerInfo) -> str:
         offered = f"transport {peer.transport}" + (

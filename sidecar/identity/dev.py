@@ -19,4 +19,5 @@ class DevIdentityResolver:
         return self._identity
 
     def health(self) -> tuple[bool, str]:
-        return True, f"dev identity {self._identity.subject.spiffe_id}"
+        return True, (f"DEV MODE: every caller is the dev identity {self._identity.subject.spiffe_id} (source: dev), "
+                      "and approvals are open (docs/configuration.md#outside-dev-mode)")

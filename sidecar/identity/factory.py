@@ -21,7 +21,8 @@ from typing import Iterator
 import grpc
 
 from sidecar.identity import IdentityResolver
-from sidecar.identity.composite import CompositeResolver, DelegationVerifier, DevSource
+from sidecar.identity.composite import CompositeResolver, DevSource
+from sidecar.identity.delegation import DelegationVerifier
 from sidecar.identity.dev import DevIdentityResolver
 from sidecar.identity.jwt_svid import MAX_TOKEN_BYTES, JwtSvidResolver, JwtSvidValidator
 from sidecar.identity.mtls import MtlsResolver, SvidServerCredentials
@@ -63,18 +64,18 @@ def build_identity(identity_config, *, source: WorkloadApiSource | None = None) 
     if "dev" in sources:
         raise ValueError("identity.sources: 'dev' cannot be combined with a real identity source")
 
-    trust_domains = tuple(getattr(identity_config, "trust_domains", ()) or ())
-    jwt_audience = getattr(identity_config, "jwt_audience", "")
-    delegation_audience = getattr(identity_config, "delegation_audience", "") or jwt_audience
-    max_links = getattr(identity_config, "max_delegation_links", 8)
+    trust_domains = tuple(identity_config.trust_domains)
+    jwt_audience = identity_config.jwt_audience
+    # No fallback to jwt_audience: a delegation link must never pass as a caller's token (config refuses equal ones).
+    delegation_audience = identity_config.delegation_audience
     want_jwt = "jwt_svid" in sources or bool(delegation_audience)
 
     if source is None:
         source = WorkloadApiSource(
-            getattr(identity_config, "workload_api_socket", ""),
+            identity_config.workload_api_socket,
             jwt_bundles=want_jwt,
-            answer_timeout=getattr(identity_config, "workload_api_timeout_ms", 10_000) / 1000,
-            backoff_max=getattr(identity_config, "workload_api_max_backoff_ms", 10_000) / 1000,
+            answer_timeout=identity_config.workload_api_timeout_ms / 1000,
+            backoff_max=identity_config.workload_api_max_backoff_ms / 1000,
         )
     source.start()
 
@@ -100,7 +101,9 @@ def build_identity(identity_config, *, source: WorkloadApiSource | None = None) 
         else None
     )
     delegation = DelegationVerifier(
-        delegation_validator, max_links, unavailable="no delegation audience is configured (identity.delegation_audience)"
+        delegation_validator,
+        identity_config.max_delegation_links,
+        unavailable="no delegation audience is configured (identity.delegation_audience)",
     )
     resolver = CompositeResolver(resolvers, delegation)
     return IdentityRuntime(resolver, server_credentials, source)

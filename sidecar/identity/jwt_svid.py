@@ -10,10 +10,14 @@ streams to the sidecar (no round trip per call):
   domain (default: the sidecar's own); the bundle of *that* trust domain is
   the one whose key (`kid`) must have signed the token, and the key type
   must fit `alg`;
-- `aud` contains the configured audience; `exp` present and in the future
-  (`nbf` honoured when present).
+- `aud` is exactly one value, the expected audience (a list with the right
+  audience and others is refused: any other audience's holder could replay
+  the token here, JWT-SVID spec section 6.2); `exp` present and in the
+  future (`nbf` honoured when present).
 
-Delegation links use the same validator (see composite.py).
+A caller's token is validated for `identity.jwt_audience`; delegation links
+for the audience that binds them into their chain (delegation.py), so a
+credential minted for one purpose is never accepted for the other.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class JwtSvidInvalid(Exception):
     """The token is not an acceptable JWT-SVID; the message says why."""
 
 
+class AudienceMismatch(JwtSvidInvalid):
+    """The token is a valid JWT-SVID, but minted for another audience (another purpose or hop)."""
+
+
 @dataclass(frozen=True)
 class VerifiedJwtSvid:
     spiffe_id: str
@@ -66,8 +74,38 @@ def _b64json(part: str, what: str) -> Any:
         raise JwtSvidInvalid(f"the token's {what} is not base64url JSON") from None
 
 
+def token_audiences(claims: dict) -> list[str]:
+    """The `aud` claim as a list (RFC 7519 allows one string or an array of strings)."""
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return [aud]
+    if isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        return list(aud)
+    raise JwtSvidInvalid("the token's aud claim is not a string or a list of strings")
+
+
+def unverified_sub(token: str) -> str:
+    """The `sub` of a token before its signature is checked (to work out which audience it needs).
+
+    Raises JwtSvidInvalid when there is no readable sub; the caller must still
+    validate the token, which verifies this sub with the signature.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1]:
+        raise JwtSvidInvalid("the token is not a signed JWT (header.payload.signature)")
+    claims = _b64json(parts[1], "payload")
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    if not isinstance(sub, str) or not sub:
+        raise JwtSvidInvalid("the token has no sub claim")
+    return sub
+
+
 class JwtSvidValidator:
-    """Validates JWT-SVIDs for one audience against the Workload API's JWT bundles."""
+    """Validates JWT-SVIDs against the Workload API's JWT bundles.
+
+    `audience` is the one audience tokens must carry unless `validate` is
+    given another (delegation links: each has its own, see delegation.py).
+    """
 
     def __init__(
         self,
@@ -91,7 +129,14 @@ class JwtSvidValidator:
         own = self._source.trust_domain()
         return (own,) if own else ()
 
-    def validate(self, token: str) -> VerifiedJwtSvid:
+    def validate(self, token: str, audience: str | None = None) -> VerifiedJwtSvid:
+        """The verified token, whose `aud` must be exactly [`audience`] (default: the validator's).
+
+        Raises JwtSvidInvalid (AudienceMismatch for a token minted for another audience).
+        """
+        expected = audience if audience is not None else self.audience
+        if not expected:
+            raise ValueError("a JWT-SVID audience is required")
         size = len(token.encode("utf-8", "surrogatepass"))
         if size > self._max_bytes:
             raise JwtSvidInvalid(f"the token is {size} bytes, over the {self._max_bytes}-byte limit")
@@ -150,7 +195,7 @@ class JwtSvidValidator:
                 token,
                 key=key,
                 algorithms=[alg],
-                audience=self.audience,
+                audience=expected,
                 options={"require": ["sub", "aud", "exp"], "verify_iat": False},
                 leeway=0,
             )
@@ -159,7 +204,7 @@ class JwtSvidValidator:
             when = rfc3339(dt.datetime.fromtimestamp(exp, dt.timezone.utc)) if isinstance(exp, (int, float)) else "?"
             raise JwtSvidInvalid(f"the token expired at {when}") from None
         except jwt.InvalidAudienceError:
-            raise JwtSvidInvalid(f"the token's audience does not include {self.audience!r}") from None
+            raise AudienceMismatch(f"the token's audience does not include {shorten(expected, 300)}") from None
         except jwt.InvalidSignatureError:
             raise JwtSvidInvalid(f"the signature does not verify with key {shorten(kid)} of {td}") from None
         except jwt.ImmatureSignatureError:
@@ -170,6 +215,12 @@ class JwtSvidValidator:
             raise JwtSvidInvalid(f"the token is malformed: {exc}") from None
         if verified.get("sub") != sub:  # same bytes, so cannot differ; kept as a guard
             raise JwtSvidInvalid("the verified sub differs from the parsed one")
+        audiences = token_audiences(verified)
+        if audiences != [expected]:
+            raise AudienceMismatch(
+                f"the token carries {len(audiences)} audiences; a JWT-SVID presented here must carry exactly one, "
+                f"{shorten(expected, 300)} (a token with several can be replayed by each audience's holder)"
+            )
         exp = verified["exp"]
         if not isinstance(exp, (int, float)) or isinstance(exp, bool):
             raise JwtSvidInvalid("the token's exp is not a number")
