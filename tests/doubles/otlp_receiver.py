@@ -1,11 +1,16 @@
 """TEST DOUBLE: an in-process OTLP/gRPC trace receiver on loopback, for what the real Jaeger cannot do.
 
 Tests that need "a collector that receives spans" use the real Jaeger
-(tests/infra/jaeger.py; tests/test_jaeger_*.py), which also covers a
-collector that is down (stopped, connections refused) and one that hangs
-(SIGSTOP). Jaeger cannot be told to answer an OTLP export with an error, so
-this double remains for that: it speaks the real OTLP protocol through
-opentelemetry-proto's TraceServiceServicer and can be told to misbehave:
+(tests/infra/jaeger.py): the sidecar's spans end to end, OTLP/HTTP, the
+escalation trace, a collector that is down (connections refused), restarted
+during load, or hung (SIGSTOP) are in tests/test_jaeger_*.py and
+tests/test_evidence_e2e.py. Jaeger cannot be told to answer an export with an
+error; that is what this double is for (`mode = "fail"`, in
+tests/test_evidence_otel.py). The other recorder-level tests there still use
+it too and have their end-to-end counterparts against Jaeger.
+
+It speaks the real OTLP protocol through opentelemetry-proto's
+TraceServiceServicer and can be told to misbehave:
 
 - `mode = "ok"`: acknowledge and keep the spans;
 - `mode = "fail"`: answer UNAVAILABLE (the collector is overloaded / restarting);
