@@ -1,9 +1,10 @@
 """Jaeger refusing or hanging: decisions are answered as policy says, the span is late, the log says why once.
 
-Both faults are the real Jaeger's: not started (connections refused), and
+The faults are the real Jaeger's: not started (connections refused), and
 stopped with SIGSTOP (it keeps its socket but answers nothing, like a hung
-collector). A collector that answers errors or garbage is in
-tests/test_evidence_otel.py with the OTLP double (Jaeger cannot be told to).
+collector). A port that answers bytes that are not OTLP needs a double
+(tests/doubles/otlp_receiver.py GarbageListener) until Jaeger takes it over;
+a collector answering OTLP errors is in tests/test_evidence_otel.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient
 from tests.conftest import SIMPLE_POLICY, write_policy
+from tests.doubles.otlp_receiver import GarbageListener
 from tests.infra import jaeger as infra
 from tests.infra.jaeger import Jaeger, clean_otel_env, wait_until_async  # noqa: F401 (fixture)
 
@@ -90,3 +92,27 @@ def test_a_missing_jaeger_binary_fails_and_says_make_install_builds_it(tmp_path,
     monkeypatch.setattr(infra, "BINARY", tmp_path / "no-jaeger")
     with pytest.raises(infra.JaegerMissing, match=r"`make install` builds it"):
         Jaeger(tmp_path / "jaeger")
+
+
+async def test_a_collector_port_answering_garbage_delays_spans_until_jaeger_answers_there(
+        tmp_path, running_sidecar, sidecar_config, clean_otel_env, caplog):
+    caplog.set_level(logging.INFO, logger=SHIPPER_LOG)
+    garbage = GarbageListener()
+    jaeger = Jaeger(tmp_path / "jaeger", ports={"otlp_grpc": garbage.port})
+    try:
+        sidecar = await running_sidecar(config_for(tmp_path, sidecar_config, jaeger, "sidecar-garbage"))
+        async with AsyncClient(sidecar.addresses[0]) as agent:
+            results = [await agent.authorize("echo", {"n": n}) for n in range(5)]
+            assert await wait_until_async(lambda: failures(caplog)), "no log line says the export fails"
+            assert garbage.connections > 0
+            results.append(await agent.authorize("echo", {"n": 5}))
+        assert [r.outcome for r in results] == ["allow"] * 6
+        assert await serving(sidecar)
+        garbage.close()
+        jaeger.start()  # the real collector now answers on that port
+        for result in results:
+            assert await wait_until_async(lambda: jaeger.trace(result.trace_id)), result.trace_id
+        assert len(failures(caplog)) == 1 and "export works again" in caplog.text
+    finally:
+        garbage.close()
+        jaeger.close()
