@@ -6,7 +6,8 @@ collector-style config: the OTLP receiver (gRPC and HTTP), the
 `jaeger_storage` extension (memory, or badger on disk so traces outlive a
 restart) and the `jaeger_query` extension (HTTP query API; the UI assets are
 not in a module build, Jaeger serves a placeholder page). Every port is a free
-loopback port chosen at start, and kept across stop()/start().
+loopback port chosen when the object is made (or given), and kept across
+stop()/start().
 
     with Jaeger(tmp_path / "jaeger") as jaeger:      # returns once OTLP and the query API answer
         telemetry_endpoint = jaeger.otlp_grpc_endpoint   # "http://127.0.0.1:PORT"
@@ -26,8 +27,8 @@ The process runs in its own session and is stopped (SIGTERM, then SIGKILL
 after `stop_timeout` seconds) by stop(), close(), leaving the `with` block,
 and at interpreter exit; it dies with the thread that started it (`setpriv
 --pdeathsig`), so call start() from the main thread (a blocking call: in an
-async test the event loop waits the second or two it takes). A missing binary raises JaegerMissing naming
-`make install`; it is never a skip.
+async test the event loop waits the fraction of a second it takes). A missing
+binary raises JaegerMissing naming `make install`; it is never a skip.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / ".tools" / "bin" / "jaeger"
 PINS = REPO / "tools" / "pins.env"
-# The debug exporter's "normal" line for one span: name, trace id, span id, attributes.
 # The process gets SIGKILL when the thread that started it ends (setpriv from util-linux):
 # even a test run killed with SIGKILL leaves no Jaeger behind.
 _DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--") if shutil.which("setpriv") else ()
 PORT_NAMES = ("otlp_grpc", "otlp_http", "query_http", "query_grpc")
+# The debug exporter's "normal" line for one span: name, trace id, span id, attributes.
 _SPAN_LINE = re.compile(r"^(?P<name>.*?) (?P<trace>[0-9a-f]{32}) (?P<span>[0-9a-f]{16})(?: |$)", re.M)
 
 
@@ -87,7 +88,7 @@ def find_binary() -> Path:
         return BINARY
     raise JaegerMissing(
         f"the Jaeger binary is missing ({BINARY}): `make install` builds it "
-        f"(or `tools/build.sh jaeger`: {pinned_version()} from the Go module, about 4 minutes)"
+        f"(or `tools/build.sh jaeger`: {pinned_version()} from the Go module, about 9 minutes on 2 busy cores)"
     )
 
 
