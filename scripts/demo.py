@@ -193,12 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(args.dir).resolve()
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+
     def on_signal(_signum, _frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
     ports = {"query_http": args.query_port} if args.query_port and port_free(args.query_port) else {}
-    jaeger = Jaeger(directory / "jaeger", ports=ports)
+    try:
+        jaeger = Jaeger(directory / "jaeger", ports=ports)
+    except JaegerError as exc:  # the binary is missing: say how to build it
+        say(f"demo: {exc}")
+        return 1
     sidecar = Sidecar(directory, jaeger)
     ok = False
     try:
