@@ -82,7 +82,8 @@ class Sidecar:
         self.log_path = directory / "sidecar.log"
         config: dict[str, Any] = {
             "listen": {"tcp": self.address, "unix": ""},
-            "policy": {"dir": str(REPO / "rego"), "reload": False},
+            # A generous budget: on a busy laptop the default 100 ms can turn a demo call into policy_timeout.
+            "policy": {"dir": str(REPO / "rego"), "reload": False, "timeout_ms": 2000},
             "identity": {"sources": ["dev"], "dev_spiffe_id": "spiffe://dev.local/agent"},
             "sidecar": {"instance_id": "demo-sidecar"},
             "evidence": {"dir": str(self.evidence)},
