@@ -7,6 +7,7 @@ recorded before it is returned, and every failure ends in a deny.
 
 from __future__ import annotations
 
+import logging
 import socket
 import os
 import time
@@ -28,6 +29,8 @@ from sidecar.usage import UsageCounters
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Gate:
             problems = [malformed]
         if isinstance(identity, IdentityError):
             problems.insert(0, f"unverified_caller: {identity.reason}")
+            log.info("unverified caller denied (decision %s): %r", decision_id, identity.reason)
         elif call.call_id and not problems:
             fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{arguments_digest}".encode())
             if not self._call_ids.claim(call.call_id, fingerprint):

@@ -191,19 +191,6 @@ def test_federated_trust_domain_when_accepted(world):
         lonely, TestJwtAuthority("nobody.example").mint("spiffe://nobody.example/a", AUD))
 
 
-def test_rotated_jwt_key(world):
-    agent, source, _ = world
-    validator = JwtSvidValidator(source, AUD)
-    old_token = mint(agent)
-    old_kid = agent.jwt_authority.kid
-    agent.rotate_jwt_key()
-    deadline = time.monotonic() + 5
-    while old_kid in (source.jwt_keys("example.org") or {}) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "unknown kid" in refused(validator, old_token)
-    assert validator.validate(mint(agent)).spiffe_id == CALLER
-
-
 def test_bearer_metadata_parsing():
     assert bearer_token({}) is None
     assert bearer_token({"authorization": "Bearer abc.def.ghi"}) == "abc.def.ghi"

@@ -1,16 +1,29 @@
-"""TEST DOUBLE: a fake SPIFFE Workload API (the SPIRE agent's socket) for tests.
+"""TEST DOUBLE: a fake SPIFFE Workload API (the SPIRE agent's socket), only for what SPIRE will not do.
 
-Not production code. No SPIRE binary can be installed here, so tests talk to
-this grpcio server instead. It speaks the real protocol over a unix socket,
-using the `SpiffeWorkloadAPI` stubs that ship inside the `spiffe` wheel
-(`spiffe._proto`), and behaves like the SPIRE agent where it matters:
+Not production code. The identity tests run against the real SPIRE server and
+agent (tests/infra/spire.py, tests/test_spire_*.py): the sidecar's SVID and
+bundles, rotation, "no identity issued", a deleted registration, the agent
+going away, mTLS and JWT-SVIDs, other trust domains, key rotation and
+revocation. This double stays for
+the cases a real SPIRE cannot be made to produce:
+
+- forged credentials: tokens and certificates signed by keys that look like
+  the trust domain's (tests/doubles/pki.py), a partner CA vouching for our IDs;
+- malformed ones: upper-case or over-long IDs, two URI SANs, oversized tokens;
+- expired ones on demand: an SVID that arrives already expired, a 1-second
+  certificate; an agent that hangs without answering, X.509-SVIDs without
+  JWT bundles.
+
+It speaks the real protocol over a unix socket, using the `SpiffeWorkloadAPI`
+stubs that ship inside the `spiffe` wheel (`spiffe._proto`), and behaves like
+the SPIRE agent where it matters:
 
 - every RPC requires the `workload.spiffe.io: true` header
   (INVALID_ARGUMENT "security header missing from request" otherwise);
 - with no identity it answers PERMISSION_DENIED "no identity issued";
 - the streaming RPCs (FetchX509SVID, FetchJWTBundles) push a new response
-  whenever the test changes something (`set_identity`, `rotate`,
-  `rotate_jwt_key`, ...) and end with PERMISSION_DENIED on `withdraw()`.
+  whenever the test changes something (`set_identity`, `set_svids`,
+  `publish_jwt_bundles`, `federate_with`) and end with PERMISSION_DENIED on `withdraw()`.
 
 Test controls beyond SPIRE: `hang()` makes new calls block without answering,
 `stop()` makes the agent go away (socket removed), `start()` brings it back
@@ -101,11 +114,6 @@ class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self._x509.set(self._x509_response())
         return self.svids
 
-    def rotate(self, ttl: float | None = None) -> list[TestSvid]:
-        """What SPIRE does at half-life: same SPIFFE IDs, new keys and certificates."""
-        prefix = f"spiffe://{self.trust_domain}"
-        return self.set_identity(*[s.spiffe_id[len(prefix):] for s in self.svids], ttl=ttl)
-
     def withdraw(self) -> None:
         """The registration entry is gone: streams end PERMISSION_DENIED "no identity issued"."""
         self.svids = []
@@ -117,12 +125,6 @@ class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             if authority is not None:
                 bundles[td] = authority.jwks()
         self._jwt.set(workload_pb2.JWTBundlesResponse(bundles=bundles))
-
-    def rotate_jwt_key(self) -> TestJwtAuthority:
-        """A new signing key (new kid) replaces the old one in the JWT bundle."""
-        self.jwt_authority = TestJwtAuthority(self.trust_domain)
-        self.publish_jwt_bundles()
-        return self.jwt_authority
 
     def federate_with(self, trust_domain: str, *, ca: TestCa | None = None,
                       jwt_authority: TestJwtAuthority | None = None) -> None:
