@@ -30,9 +30,9 @@ run: TOOLS = opa
 run: install
 	$(BIN)/agent-sidecar serve --config examples/dev.yaml
 
-## The sidecar with Jaeger, a few calls of each outcome, where to look; Ctrl-C stops it (README "Demo").
-demo: TOOLS = opa jaeger
-demo: install
+## SPIRE, the sidecar and Jaeger, a few calls of each outcome, where to look; Ctrl-C stops it (README "Demo").
+## SPIRE's datastore is PostgreSQL (system-deps).
+demo: install system-deps
 	$(BIN)/python scripts/demo.py
 
 ## Install everything and run the whole test suite.

@@ -2,17 +2,25 @@
 
     .venv/bin/python scripts/demo.py [--dir var/demo] [--query-port 16686] [--once]
 
-What runs (all on loopback, all stopped on Ctrl-C / SIGTERM, none left behind):
+What runs (all local, all stopped on Ctrl-C / SIGTERM, none left behind):
 
+- SPIRE (`.tools/bin/spire-server`, `spire-agent`; tests/infra/spire.py, its
+  datastore on the PostgreSQL of tests/doubles/postgres.py): trust domain
+  example.org, one agent; the sidecar's process is registered as
+  spiffe://example.org/ns/agents/sa/ops-agent (the `unix` selectors of this
+  Python interpreter, which `agent-sidecar serve` runs too) and an approver
+  workload as spiffe://example.org/ns/ops/sa/approver;
 - Jaeger v2 (`.tools/bin/jaeger`, tests/infra/jaeger.py: memory storage,
   OTLP and the query API on free ports; the query API on --query-port when
   that port is free);
-- the sidecar (`agent-sidecar serve`) on rego/ with the dev identity, its
-  evidence in DIR/evidence, its spans exported to that Jaeger over OTLP/gRPC.
+- the sidecar (`agent-sidecar serve`) on rego/, its identity from SPIRE's
+  Workload API, its evidence in DIR/evidence (checkpoints signed with its
+  SVID), its spans exported to that Jaeger over OTLP/gRPC.
 
-Then, as an agent would: two allowed calls, two denied ones, and an
-escalated `send_email` that an approver approves and the agent repeats (the
-three share one trace). It prints each call's outcome and trace id with the
+Then, as the agent in the pod (over the sidecar's unix socket, so the caller
+is the pod's SPIFFE ID): two allowed calls, two denied ones, and an escalated
+`send_email` that the approver workload approves with its JWT-SVID and the
+agent repeats (the three share one trace). It prints each call's outcome and trace id with the
 Jaeger query URL that returns it, waits until Jaeger has them all, and
 prints how to verify the evidence. With --once it stops everything right
 away (and runs `evidence verify` itself); without, it waits for Ctrl-C.
@@ -45,9 +53,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from sidecar.client import AsyncClient  # noqa: E402
 from sidecar.escalation.client import ApprovalsClient  # noqa: E402
 from tests.infra.jaeger import Jaeger, JaegerError, free_port, pinned_version, wait_until  # noqa: E402
+from tests.infra.spire import SpireError, SpireServer, SpireUnavailable, own_process_selectors  # noqa: E402
 
 SERVICE = "agent-sidecar-demo"
-APPROVER = "email:alice@example.org"
+TRUST_DOMAIN = "example.org"
+AGENT_PATH = "/ns/agents/sa/ops-agent"  # rego/sidecar/grants: may read, fetch and send_email (escalated)
+APPROVER_PATH = "/ns/ops/sa/approver"
+AUDIENCE = "agent-sidecar-demo"  # identity.jwt_audience: what the approver's JWT-SVID is minted for
 # (tool, arguments, the outcome rego/ gives it; see README "Five-minute walk-through")
 CALLS = [
     ("read_file", {"path": "/workspace/notes.txt"}, "allow"),
@@ -55,6 +67,7 @@ CALLS = [
     ("read_file", {"path": "/etc/shadow"}, "deny"),
     ("rm_rf_everything", {"path": "/"}, "deny"),
 ]
+CLI = str(Path(sys.executable).parent / "agent-sidecar")
 ESCALATED = ("send_email", {"to": ["cfo@example.com"], "subject": "Q3", "body": "numbers"})
 
 
@@ -74,24 +87,35 @@ def port_free(port: int) -> bool:
 class Sidecar:
     """`agent-sidecar serve` as a child process: in its own session, dying with this process."""
 
-    def __init__(self, directory: Path, jaeger: Jaeger):
+    def __init__(self, directory: Path, jaeger: Jaeger, spire: SpireServer, workload_api: str):
         self.dir = directory
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"  # health checks; the agent uses the unix socket
+        self.unix = f"unix:{spire.directory / 'sidecar.sock'}"  # a short path: unix sockets are limited to 108 bytes
         self.evidence = directory / "evidence"
         self.config_path = directory / "sidecar.yaml"
         self.log_path = directory / "sidecar.log"
+        self.bundle = directory / "bundle.pem"
+        self.bundle.write_text(spire.bundle_pem())
         config: dict[str, Any] = {
-            "listen": {"tcp": self.address, "unix": ""},
+            "listen": {"tcp": self.address, "unix": self.unix.removeprefix("unix:")},
             # A generous budget: on a busy laptop the default 100 ms can turn a demo call into policy_timeout.
             "policy": {"dir": str(REPO / "rego"), "reload": False, "timeout_ms": 2000},
-            "identity": {"sources": ["dev"], "dev_spiffe_id": "spiffe://dev.local/agent"},
+            # jwt_svid first: a call that presents a JWT-SVID (the approver) is that workload; the
+            # other unix-socket callers are the pod, i.e. the SVID SPIRE gives the sidecar.
+            "identity": {
+                "sources": ["jwt_svid", "workload_api"], "workload_api_socket": workload_api,
+                "jwt_audience": AUDIENCE, "max_delegation_links": 0,
+            },
             "sidecar": {"instance_id": "demo-sidecar"},
             "evidence": {"dir": str(self.evidence)},
             "telemetry": {
                 "exporter": "otlp", "protocol": "grpc", "endpoint": jaeger.otlp_grpc_endpoint,
                 "service_name": SERVICE, "max_backoff_seconds": 2.0,
             },
-            "escalation": {"path": str(directory / "escalations.db")},
+            "escalation": {
+                "path": str(directory / "escalations.db"),
+                "approvers": [spire.spiffe_id(APPROVER_PATH)],
+            },
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.process: subprocess.Popen | None = None
@@ -99,7 +123,7 @@ class Sidecar:
     def start(self, timeout: float = 90.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env["PATH"] = f"{REPO / '.tools' / 'bin'}:{env.get('PATH', '')}"
-        command = [str(Path(sys.executable).parent / "agent-sidecar"), "serve", "--config", str(self.config_path)]
+        command = [CLI, "serve", "--config", str(self.config_path)]
         if shutil.which("setpriv"):
             command = ["setpriv", "--pdeathsig", "KILL", "--", *command]
         with open(self.log_path, "ab") as log:
@@ -133,19 +157,20 @@ class Sidecar:
             process.wait()
 
 
-async def run_calls(address: str) -> list[tuple[str, str, Any]]:
+async def run_calls(address: str, approver: str, approver_token: str) -> list[tuple[str, str, Any]]:
     """The agent's calls: (label, expected outcome, AuthorizationResult)."""
     done = []
-    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+    bearer = (("authorization", f"Bearer {approver_token}"),)
+    async with AsyncClient(address) as agent, ApprovalsClient(address, metadata=lambda: bearer) as approvals:
         for tool, arguments, expected in CALLS:
             done.append((f"{tool} {json.dumps(arguments)}", expected, await agent.authorize(tool, arguments)))
         tool, arguments = ESCALATED
         escalated = await agent.authorize(tool, arguments)
         done.append((f"{tool} (first try)", "escalate", escalated))
         if escalated.escalation_id:
-            await approvals.approve(escalated.escalation_id, approver=APPROVER, note="demo: approved")
+            await approvals.approve(escalated.escalation_id, note="demo: approved")
             retry = await agent.authorize(tool, arguments, escalation_id=escalated.escalation_id)
-            done.append((f"{tool} (retry after {APPROVER} approved {escalated.escalation_id})", "allow", retry))
+            done.append((f"{tool} (retry after {approver} approved {escalated.escalation_id})", "allow", retry))
     return done
 
 
@@ -169,17 +194,17 @@ def report(calls, jaeger: Jaeger, sidecar: Sidecar) -> bool:
     say(f"  by tool name   {jaeger.query_url}/api/traces?service={SERVICE}&tags=%7B%22gen_ai.tool.name%22%3A%22read_file%22%7D")
     say(f"  services       {jaeger.query_url}/api/services")
     say(f"  (a module build of Jaeger has no UI assets: {jaeger.query_url}/ is a placeholder page)")
-    say("\nEvidence:")
-    say(f"  {Path(sys.executable).parent / 'agent-sidecar'} evidence show {sidecar.evidence}")
-    say(f"  {Path(sys.executable).parent / 'agent-sidecar'} evidence verify {sidecar.evidence}")
+    say("\nEvidence (checkpoints signed with the sidecar's SVID; the bundle proves who signed):")
+    say(f"  {CLI} evidence show {sidecar.evidence}")
+    say(f"  {CLI} evidence verify {sidecar.evidence} --bundle {sidecar.bundle}")
     return ok
 
 
 def verify(sidecar: Sidecar) -> bool:
-    result = subprocess.run([str(Path(sys.executable).parent / "agent-sidecar"), "evidence", "verify",
-                             str(sidecar.evidence)], capture_output=True, text=True, check=False)
-    say(f"\n$ agent-sidecar evidence verify {sidecar.evidence}")
-    say(result.stdout.rstrip())
+    result = subprocess.run([CLI, "evidence", "verify", str(sidecar.evidence), "--bundle", str(sidecar.bundle)],
+                            capture_output=True, text=True, check=False)
+    say(f"\n$ agent-sidecar evidence verify {sidecar.evidence} --bundle {sidecar.bundle}")
+    say(result.stdout.rstrip() or result.stderr.rstrip())
     return result.returncode == 0
 
 
@@ -202,34 +227,47 @@ def main(argv: list[str] | None = None) -> int:
     ports = {"query_http": args.query_port} if args.query_port and port_free(args.query_port) else {}
     try:
         jaeger = Jaeger(directory / "jaeger", ports=ports)
-    except JaegerError as exc:  # the binary is missing: say how to build it
+        spire = SpireServer(TRUST_DOMAIN)
+    except (JaegerError, SpireUnavailable) as exc:  # a binary is missing: the message says how to build it
         say(f"demo: {exc}")
         return 1
-    sidecar = Sidecar(directory, jaeger)
+    sidecar = None
     ok = False
     try:
+        say(f"demo: starting SPIRE ({TRUST_DOMAIN}: server and one agent)")
+        spire.start()
+        node = spire.agent("node1")
+        node.register(AGENT_PATH, *own_process_selectors())
+        approver = node.workload("approver")
+        node.register(APPROVER_PATH, *approver.selectors)
+        approver.wait_for_identity()
+        say(f"demo: SPIRE runs in {spire.directory}; Workload API {node.endpoint}")
         say(f"demo: starting Jaeger v2 (module {pinned_version()}; query API {jaeger.query_url}, OTLP {jaeger.otlp_grpc_endpoint})")
         jaeger.start()
         say(f"demo: jaeger pid {jaeger.pid}")
-        say(f"demo: starting the sidecar on {sidecar.address} (rego/, dev identity; log {sidecar.log_path})")
+        sidecar = Sidecar(directory, jaeger, spire, node.endpoint)
+        say(f"demo: starting the sidecar on {sidecar.unix} and {sidecar.address} (rego/; log {sidecar.log_path})")
         sidecar.start()
-        say(f"demo: sidecar pid {sidecar.process.pid}")
-        calls = asyncio.run(run_calls(sidecar.address))
+        say(f"demo: sidecar pid {sidecar.process.pid}, identity {spire.spiffe_id(AGENT_PATH)} from SPIRE")
+        calls = asyncio.run(run_calls(sidecar.unix, spire.spiffe_id(APPROVER_PATH), approver.fetch_jwt(AUDIENCE)))
         ok = report(calls, jaeger, sidecar)
         if not args.once:
-            say("\nRunning. Press Ctrl-C to stop the sidecar and Jaeger.")
+            say("\nRunning. Press Ctrl-C to stop the sidecar, Jaeger and SPIRE.")
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
         say("\ndemo: stopping")
-    except (JaegerError, RuntimeError) as exc:
+    except (JaegerError, SpireError, RuntimeError) as exc:
         say(f"demo: {exc}")
         ok = False
     finally:
-        sidecar.stop()
+        if sidecar is not None:
+            sidecar.stop()
         jaeger.stop()
-    ok = verify(sidecar) and ok
-    say(f"demo: stopped; evidence kept in {sidecar.evidence}")
+        spire.close()
+    if sidecar is not None:
+        ok = verify(sidecar) and ok
+        say(f"demo: stopped; evidence kept in {sidecar.evidence}")
     return 0 if ok else 1
 
 
