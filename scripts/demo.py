@@ -1,4 +1,4 @@
-"""`make demo`: the sidecar, its policy and Jaeger running locally, a few calls of each outcome, where to look.
+"""`make demo`: SPIRE, the sidecar and Jaeger running locally, a few calls of each outcome, where to look.
 
     .venv/bin/python scripts/demo.py [--dir var/demo] [--query-port 16686] [--once]
 
@@ -20,10 +20,11 @@ What runs (all local, all stopped on Ctrl-C / SIGTERM, none left behind):
 Then, as the agent in the pod (over the sidecar's unix socket, so the caller
 is the pod's SPIFFE ID): two allowed calls, two denied ones, and an escalated
 `send_email` that the approver workload approves with its JWT-SVID and the
-agent repeats (the three share one trace). It prints each call's outcome and trace id with the
-Jaeger query URL that returns it, waits until Jaeger has them all, and
-prints how to verify the evidence. With --once it stops everything right
-away (and runs `evidence verify` itself); without, it waits for Ctrl-C.
+agent repeats (the three share one trace). It prints each call's outcome and
+trace id with the Jaeger query URL that returns it, waits until Jaeger has
+them all, and prints how to verify the evidence against SPIRE's bundle
+(DIR/bundle.pem). With --once it stops everything right away; without, it
+waits for Ctrl-C. Either way it then runs `evidence verify` itself.
 
 DIR (default var/demo) is emptied at start. Exit status 0 when every call got
 the outcome the policy promises and every trace reached Jaeger, else 1.
@@ -55,6 +56,7 @@ from sidecar.escalation.client import ApprovalsClient  # noqa: E402
 from tests.infra.jaeger import Jaeger, JaegerError, free_port, pinned_version, wait_until  # noqa: E402
 from tests.infra.spire import SpireError, SpireServer, SpireUnavailable, own_process_selectors  # noqa: E402
 
+CLI = str(Path(sys.executable).parent / "agent-sidecar")
 SERVICE = "agent-sidecar-demo"
 TRUST_DOMAIN = "example.org"
 AGENT_PATH = "/ns/agents/sa/ops-agent"  # rego/sidecar/grants: may read, fetch and send_email (escalated)
@@ -67,7 +69,6 @@ CALLS = [
     ("read_file", {"path": "/etc/shadow"}, "deny"),
     ("rm_rf_everything", {"path": "/"}, "deny"),
 ]
-CLI = str(Path(sys.executable).parent / "agent-sidecar")
 ESCALATED = ("send_email", {"to": ["cfo@example.com"], "subject": "Q3", "body": "numbers"})
 
 
