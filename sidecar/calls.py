@@ -7,10 +7,11 @@ understands) and still recorded; it just never reaches the policy engine.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.jsonvalues import normalize, number_problems
 
 MAX_TOOL_NAME_BYTES = 256
 MAX_ID_BYTES = 256
@@ -27,6 +28,11 @@ class ToolCall:
     signals: Any = None
     escalation_id: str = ""
     server: str = ""
+
+
+def normalized(call: ToolCall) -> ToolCall:
+    """The call with the numbers rule applied to arguments and signals (1.0 → 1), as every door must see it."""
+    return replace(call, arguments=normalize(call.arguments), signals=normalize(call.signals))
 
 
 def depth_of(value: Any, limit: int) -> int:
@@ -73,15 +79,20 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         depth = depth_of(value, max_depth)
         if depth > max_depth:
             problems.append(f"input_too_deep: {label} nest deeper than the limit of {max_depth} levels")
+        else:
+            problems += [f"invalid_{label}: {problem}" for problem in number_problems(value, label)]
 
+    # Too deep: digest what lies within the limit, so nothing below recurses past Python's limit.
+    arguments = call.arguments if depth_of(call.arguments, max_depth) <= max_depth else cut_depth(call.arguments, max_depth)
     try:
-        encoded = canonical_json(call.arguments)
+        encoded = canonical_json(arguments)
         digest = sha256_digest(encoded)
         if len(encoded) > max_bytes:
             problems.append(f"input_too_large: arguments are {len(encoded)} bytes, over the limit of {max_bytes}")
     except NotCanonicalizable as exc:
-        digest = sha256_digest(repr(call.arguments).encode("utf-8", "surrogatepass"))
-        problems.append(f"invalid_arguments: arguments are not valid JSON ({exc})")
+        digest = sha256_digest(repr(arguments).encode("utf-8", "surrogatepass"))
+        if not any(problem.startswith("invalid_arguments:") for problem in problems):
+            problems.append(f"invalid_arguments: arguments are not valid JSON ({exc})")
     if call.signals is not None and not problems:
         try:
             if len(canonical_json(call.signals)) > max_bytes:
@@ -89,6 +100,27 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         except NotCanonicalizable as exc:
             problems.append(f"invalid_signals: signals are not valid JSON ({exc})")
     return problems, digest
+
+
+TOO_DEEP = "…[too deep]"
+
+
+def cut_depth(value: Any, limit: int) -> Any:
+    """A copy of a JSON value with every object or array below `limit` levels replaced by TOO_DEEP (iterative)."""
+    root = [value]
+    stack: list[tuple[Any, Any, int]] = [(root, 0, 1)]
+    while stack:
+        holder, key, depth = stack.pop()
+        node = holder[key]
+        if isinstance(node, (dict, list)) and depth > limit:
+            holder[key] = TOO_DEEP
+        elif isinstance(node, dict):
+            holder[key] = node = dict(node)
+            stack.extend((node, k, depth + 1) for k in node)
+        elif isinstance(node, list):
+            holder[key] = node = list(node)
+            stack.extend((node, i, depth + 1) for i in range(len(node)))
+    return root[0]
 
 
 def _json_kind(value: Any) -> str:

@@ -7,7 +7,15 @@
     def read_file(path: str) -> str: ...
 
 A guarded function runs only on ALLOW; DENY raises AuthorizationDenied with
-the reasons, ESCALATE raises EscalationRequired with the escalation id. With
+the reasons, ESCALATE raises EscalationRequired with the escalation id.
+Arguments, signals and every other Struct go out exactly or not at all: a
+value the sidecar would receive changed (an integer beyond ±(2^53−1), NaN,
+Infinity, a non-string key, a non-JSON value) raises NotExact naming the
+field before anything is sent (docs/api.md, "Numbers"). The guard decides on
+a private copy of the arguments and runs the function with that copy, only
+when the sidecar's `arguments_digest` is the copy's digest (ArgumentsChanged
+otherwise): changing the caller's objects while a human decides changes
+nothing. With
 `Client(..., escalation_timeout=600)` the guard instead waits (AwaitDecision)
 for a human to decide and then repeats the call with the escalation id, so
 an approved call runs and tool code needs no change (docs/escalation.md).
@@ -18,19 +26,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
-import json
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
+from sidecar.canonical import canonical_json, sha256_digest
+from sidecar.jsonvalues import NotExact, from_struct, to_json_value, to_struct
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+__all__ = [
+    "ArgumentsChanged", "AsyncClient", "AuthorizationDenied", "AuthorizationResult", "Client", "EscalationDecision",
+    "EscalationRequired", "JwtSvidAuth", "NotExact", "SpiffeMtls", "arguments_digest", "delegated_by",
+]
 
 MetadataProvider = Callable[[], Sequence[tuple[str, str]]]
 
@@ -155,6 +169,8 @@ class AuthorizationResult:
     policy_revision: str = ""
     trace_id: str = ""
     obligations: dict[str, Any] = field(default_factory=dict)
+    # sha256 of the canonical JSON of the arguments as the sidecar decided them (arguments_digest()).
+    arguments_digest: str = ""
 
     @property
     def allowed(self) -> bool:
@@ -185,17 +201,14 @@ class EscalationRequired(PermissionError):
 
 
 def _struct(value: dict[str, Any] | None, what: str) -> Struct | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise TypeError(f"{what} must be a dict of JSON values, not {type(value).__name__}")
-    try:
-        plain = json.loads(json.dumps(value))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must hold only JSON values: {exc}") from None
-    message = Struct()
-    message.update(plain)
-    return message
+    return None if value is None else to_struct(value, what)
+
+
+def arguments_digest(arguments: dict[str, Any]) -> str:
+    """"sha256:<hex>" of the arguments' RFC 8785 canonical JSON: what the sidecar decides on and records.
+
+    Raises NotExact (naming the field) for a value the sidecar could not be sent exactly."""
+    return sha256_digest(canonical_json(to_json_value(arguments, "arguments")))
 
 
 def build_request(
@@ -229,21 +242,45 @@ def result_from_response(response: sidecar_pb2.AuthorizeResponse) -> Authorizati
         escalation_id=response.escalation_id,
         policy_revision=response.policy_revision,
         trace_id=response.trace_id,
-        obligations=json_format.MessageToDict(response.obligations),
+        obligations=from_struct(response.obligations),
+        arguments_digest=response.arguments_digest,
     )
 
 
-def _raise_unless_allowed(tool: str, result: AuthorizationResult) -> None:
+class ArgumentsChanged(PermissionError):
+    """The sidecar allowed arguments other than the ones the tool would run with; the tool did not run."""
+
+    def __init__(self, tool: str, result: AuthorizationResult, expected: str):
+        super().__init__(
+            f"{tool}: not run: the sidecar decided on arguments {result.arguments_digest or '(no digest)'}, "
+            f"the tool would run with {expected} (decision {result.decision_id})"
+        )
+        self.tool = tool
+        self.result = result
+
+
+def _raise_unless_allowed(tool: str, result: AuthorizationResult, digest: str) -> None:
     if result.outcome == "escalate":
         raise EscalationRequired(tool, result)
     if result.outcome != "allow":
         raise AuthorizationDenied(tool, result)
+    if result.arguments_digest != digest:
+        raise ArgumentsChanged(tool, result, digest)
 
 
 def _call_arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = inspect.signature(function).bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+def _pinned_call(function: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[str, Any], str]:
+    """(args, kwargs, arguments, digest) of a private copy: what is decided is what runs, even if the
+    caller's objects change while a human decides. Raises NotExact before copying anything odd."""
+    arguments_digest(_call_arguments(function, args, kwargs))
+    args, kwargs = copy.deepcopy((args, kwargs))
+    arguments = _call_arguments(function, args, kwargs)
+    return args, kwargs, arguments, arguments_digest(arguments)
 
 
 @dataclass(frozen=True)
@@ -379,8 +416,9 @@ class Client(_ClientBase):
 
             @functools.wraps(function)
             def guarded(*args: Any, **kwargs: Any) -> Any:
-                result = self.authorize_waiting(name, _call_arguments(function, args, kwargs), **fields)
-                _raise_unless_allowed(name, result)
+                args, kwargs, arguments, digest = _pinned_call(function, args, kwargs)
+                result = self.authorize_waiting(name, arguments, **fields)
+                _raise_unless_allowed(name, result, digest)
                 return function(*args, **kwargs)
 
             return guarded
@@ -484,8 +522,9 @@ class AsyncClient(_ClientBase):
 
             @functools.wraps(function)
             async def guarded(*args: Any, **kwargs: Any) -> Any:
-                result = await self.authorize_waiting(name, _call_arguments(function, args, kwargs), **fields)
-                _raise_unless_allowed(name, result)
+                args, kwargs, arguments, digest = _pinned_call(function, args, kwargs)
+                result = await self.authorize_waiting(name, arguments, **fields)
+                _raise_unless_allowed(name, result, digest)
                 return await function(*args, **kwargs)
 
             return guarded

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from sidecar.calls import CallIdRegistry, ToolCall, check_call
+from sidecar.calls import CallIdRegistry, ToolCall, check_call, normalized
 from sidecar.canonical import sha256_digest
 from sidecar.escalation import StoreError
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, Recorder, TraceContext
 from sidecar.identity import CallerIdentity, IdentityError
+from sidecar.jsonvalues import number_problems
 from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision
 from sidecar.policy.engine import PolicyEngine
@@ -43,6 +44,7 @@ class Verdict:
     trace: TraceContext
     escalation_id: str = ""
     receipt: Receipt | None = None
+    arguments_digest: str = ""  # of the arguments exactly as decided
 
 
 def rfc3339_now() -> str:
@@ -88,6 +90,7 @@ class Gate:
     ) -> Verdict:
         """Decide one call. `malformed` is a reason the request could not be read at all."""
         started = time.perf_counter()
+        call = normalized(call)  # the numbers rule: policy, evidence and approvals see one value
         decision_id = str(uuid.uuid4())
         call_id = call.call_id or str(uuid.uuid4())
         trace = TraceContext.new(parent_trace)
@@ -137,6 +140,13 @@ class Gate:
             engine_started = time.perf_counter()
             decision = await self.engine.evaluate(document)
             timings["engine"] = (time.perf_counter() - engine_started) * 1000
+            unexact = number_problems(decision.obligations, "obligations")
+            if unexact:  # the agent would receive other obligations than the ones recorded
+                decision = Decision.failed(
+                    f"policy_malformed: {'; '.join(unexact)}; obligations must reach the agent exactly",
+                    engine=decision.engine,
+                    policy_revision=decision.policy_revision,
+                )
 
         escalation_id, approver, new_escalation = call.escalation_id, "", None
         if not problems and self.escalations is not None:
@@ -197,6 +207,7 @@ class Gate:
             trace,
             escalation_id=escalation_id if decision.outcome == "escalate" else "",
             receipt=receipt,
+            arguments_digest=arguments_digest,
         )
 
     async def _check_retry(

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from google.protobuf.struct_pb2 import Struct
 
 from sidecar.calls import ToolCall
 from sidecar.evidence import TraceContext
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo
+from sidecar.jsonvalues import from_struct, to_struct
 from sidecar.v1 import sidecar_pb2
 
 log = logging.getLogger(__name__)
@@ -69,9 +68,13 @@ def peer_info(context: grpc.aio.ServicerContext) -> PeerInfo:
 
 
 def struct_to_python(message: sidecar_pb2.AuthorizeRequest, field: str) -> Any:
+    """The Struct field as JSON values under the numbers rule (sidecar/jsonvalues.py), None when absent.
+
+    Numbers the rule refuses (NaN, ±Infinity, integers beyond ±(2^53−1)) are kept as they came: the
+    gate denies the call naming the field, and the decision is recorded."""
     if not message.HasField(field):
         return None
-    return json_format.MessageToDict(getattr(message, field))
+    return from_struct(getattr(message, field))
 
 
 def call_from_request(request: sidecar_pb2.AuthorizeRequest) -> ToolCall:
@@ -89,8 +92,8 @@ def call_from_request(request: sidecar_pb2.AuthorizeRequest) -> ToolCall:
 
 
 def verdict_to_response(verdict: Verdict) -> sidecar_pb2.AuthorizeResponse:
-    obligations = Struct()
-    obligations.update(verdict.decision.obligations)
+    # The gate refuses obligations the numbers rule would change, so they go out exactly.
+    obligations = to_struct(verdict.decision.obligations, "obligations")
     return sidecar_pb2.AuthorizeResponse(
         outcome=OUTCOME_TO_PROTO[verdict.decision.outcome],
         reasons=list(verdict.decision.reasons),
@@ -99,6 +102,7 @@ def verdict_to_response(verdict: Verdict) -> sidecar_pb2.AuthorizeResponse:
         policy_revision=verdict.decision.policy_revision,
         trace_id=verdict.trace.trace_id,
         obligations=obligations,
+        arguments_digest=verdict.arguments_digest,
     )
 
 

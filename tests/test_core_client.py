@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sidecar.client import AsyncClient, AuthorizationDenied, Client, EscalationRequired
+from sidecar.client import AsyncClient, AuthorizationDenied, Client, EscalationRequired, NotExact
 
 
 async def test_sync_guard_runs_the_tool_only_when_allowed(sidecar):
@@ -64,7 +64,7 @@ async def test_guard_refuses_arguments_that_are_not_json(sidecar):
         async def search_docs(query: object) -> None:
             pass
 
-        with pytest.raises(TypeError, match="JSON"):
+        with pytest.raises(NotExact, match="arguments.query: a value of type object is not JSON"):
             await search_docs(object())
 
 

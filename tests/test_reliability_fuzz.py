@@ -2,12 +2,17 @@
 
 Every answer must be a decision with reasons (or INVALID_ARGUMENT for bytes
 that are not a message), the process must stay up, and every call must be in
-the evidence log. `make test` runs FUZZ_EXAMPLES=1500 per property (about
+the evidence log. Generators for issue 11: numbers a Struct would change (§1) arrive
+exactly or are denied naming the field; text that hides itself (§6) reads
+escaped in `evidence show`. `make test` runs FUZZ_EXAMPLES=1500 per property (about
 4,500 calls); `make reliability` runs 10,000+.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +24,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.evidence.show import iter_lines
+from sidecar.client import NotExact, arguments_digest, build_request
+from sidecar.display import hidden, needs_flag
+from sidecar.evidence.show import Filter, iter_lines, show
+from sidecar.jsonvalues import SAFE_INTEGER, from_struct, number_problems
 from sidecar.v1 import sidecar_pb2
 from tests.conftest import REGO, REPO
 
@@ -134,6 +142,84 @@ def test_deep_and_huge_arguments_are_denied(fuzz_sidecar, depth, width, blob):
     if code == grpc.StatusCode.OK:
         assert response.outcome == sidecar_pb2.OUTCOME_DENY, response.reasons
     assert_answered(code, response, details)
+
+
+# Kind 1 (issue 11 §1): numbers a Struct would change. Integers of any size up to 2^64, integral and
+# non-integral doubles near and past 2^53, NaN, ±Infinity, -0.0, in arguments and signals at any depth.
+edge_numbers = st.one_of(
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.sampled_from([SAFE_INTEGER, SAFE_INTEGER + 1, SAFE_INTEGER + 2, -SAFE_INTEGER - 1, 2**63, 1e20, -1e300, 0.5,
+                     1.0, -0.0, 2.0**52 + 0.5, 5e-324, math.nan, math.inf, -math.inf]),
+    st.floats(),
+)
+numeric_values = st.recursive(st.one_of(edge_numbers, st.text(max_size=5)), lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=12)
+numeric_objects = st.dictionaries(st.text(max_size=8), numeric_values, max_size=4)
+
+
+@FUZZ
+@given(arguments=numeric_objects, signals=st.one_of(st.none(), numeric_objects))
+def test_numbers_arrive_exactly_or_are_refused_naming_the_field(fuzz_sidecar, arguments, signals):
+    try:
+        request = build_request("search_docs", arguments, signals=signals)
+        exact = True
+    except NotExact:  # the client library refuses it; a raw caller sends the rounded Struct anyway
+        exact = False
+        request = sidecar_pb2.AuthorizeRequest(tool="search_docs")
+        request.arguments.update(arguments)
+        if signals is not None:
+            request.signals.update(signals)
+    code, response, details = raw_authorize(fuzz_sidecar, request.SerializeToString())
+    assert_answered(code, response, details)
+    numbers_rule = [r for r in response.reasons if "is not a JSON number" in r or "(2^53−1)" in r]
+    if exact:
+        assert not numbers_rule, response.reasons
+        # What the sidecar decided on, recorded and would bind an approval to is what the client runs.
+        assert response.arguments_digest == arguments_digest(arguments)
+    else:
+        received = {"arguments": from_struct(request.arguments)}
+        if request.HasField("signals"):
+            received["signals"] = from_struct(request.signals)
+        expected = [f"invalid_{field}: {problem}" for field, value in received.items()
+                    for problem in number_problems(value, field)]
+        assert response.outcome == sidecar_pb2.OUTCOME_DENY
+        assert numbers_rule and set(numbers_rule) <= set(expected), (response.reasons, expected)
+
+
+# Kind 6 (issue 11 §6): text that hides itself, in every field a person reads in `evidence show`.
+HIDDEN_CHARS = ["\x1b[2K", "\r", "\n", "\x00", "\x7f", "\x9b", "\x85", "\u202e", "\u2066", "\u200f", "\u061c",
+                "\u200b", "\ufeff", "\u00ad", "\U000e0041", "\ufe0f", "\u3164", "\u2028", "\u2029", "\u00a0", "[!]"]
+hiding_text = st.builds(lambda a, h, b: a + h + b, st.text(max_size=6), st.sampled_from(HIDDEN_CHARS),
+                        st.text(max_size=6))
+HIDDEN_EXAMPLES = min(200, max(20, EXAMPLES // 8))
+
+
+@settings(FUZZ, max_examples=HIDDEN_EXAMPLES)
+@given(tool=st.one_of(hiding_text, st.sampled_from(["search_docs\u3164", "send_email\ufe0f", "read_file"])),
+       task=hiding_text, server=hiding_text, key=hiding_text, value=hiding_text, intent=hiding_text)
+def test_hidden_characters_read_escaped_in_evidence_show(fuzz_sidecar, tool, task, server, key, value, intent):
+    request = sidecar_pb2.AuthorizeRequest(tool=tool, task_id=task, server=server, intent=intent)
+    try:
+        request.arguments.update({key: value, "q": [value]})
+        payload = request.SerializeToString()
+    except ValueError:
+        return  # lone surrogates cannot be sent
+    code, response, details = raw_authorize(fuzz_sidecar, payload)
+    assert_answered(code, response, details)
+    decision_id = response.decision_id if response else details.rpartition("recorded as decision ")[2].strip()
+    table, as_json = io.StringIO(), io.StringIO()
+    deadline = time.monotonic() + 10
+    while not show(fuzz_sidecar["evidence"], Filter(decision_id=decision_id), as_json=True, out=as_json):
+        assert time.monotonic() < deadline, "the decision was not recorded"
+        time.sleep(0.05)
+    show(fuzz_sidecar["evidence"], Filter(decision_id=decision_id), as_json=False, out=table)
+    for text in (table.getvalue(), as_json.getvalue()):
+        assert not any(hidden(ch) for ch in text.replace("\n", "")), text
+    [record] = [json.loads(line) for line in as_json.getvalue().split("\n")[:-1]]
+    assert record["decision_id"] == decision_id and record.get("tool") in (tool, "", None)
+    row = table.getvalue().split("\n")[1]
+    if record.get("tool") == tool and needs_flag(tool):
+        assert row.split()[4].startswith("[!]"), row  # SEQ TIME KIND OUTCOME TOOL: the tool cell is flagged
 
 
 def test_zz_every_fuzzed_call_was_recorded_and_the_server_is_alive(fuzz_sidecar, capsys):

@@ -16,7 +16,8 @@ decision and answers refusals; the console shows them.
 
 Forms carry an HMAC CSRF token bound to the approver (csrf.py); a POST without
 a valid one, or from another origin, is refused (403), logged, and never
-reaches the sidecar.
+reaches the sidecar. Values from requests are logged through display.visible,
+so a path or form field cannot write terminal escapes into the log.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from aiohttp import web
 
 from sidecar.console import pages
 from sidecar.console.csrf import CsrfError, CsrfTokens, load_secret
+from sidecar.display import visible
 from sidecar.escalation import EscalationRefused
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError, token_file_metadata
 from sidecar.escalation.grpc_api import validate_approver
@@ -92,7 +94,8 @@ async def security(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response = await handler(request)
     except Unauthenticated as exc:
-        log.warning("console: refused %s %s from %s: %s", request.method, request.path, request.remote, exc)
+        log.warning("console: refused %s %s from %s: %s", visible(request.method), visible(request.path),
+                    request.remote, visible(exc))
         response = _html(pages.error_page("Not signed in", str(exc)), status=401)
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "text/html":
@@ -194,7 +197,7 @@ async def decide_view(request: web.Request) -> web.Response:
     if problem is not None:
         log.warning(
             "console: refused %s of %s by %s from %s: csrf: %s; nothing was sent to the sidecar",
-            decision, escalation_id, approver, request.remote, problem,
+            visible(decision), visible(escalation_id), visible(approver), request.remote, visible(problem),
         )
         return await _render_pending(request, approver, ("error", f"Refused: {problem}. Nothing was changed."), 403)
     if decision not in ("approve", "deny"):
@@ -204,10 +207,12 @@ async def decide_view(request: web.Request) -> web.Response:
     try:
         await method(escalation_id, note=note, approver=approver)
     except ApprovalsError as exc:
-        log.info("console: %s of %s by %s refused: %s", decision, escalation_id, approver, exc.message)
+        log.info("console: %s of %s by %s refused: %s", decision, visible(escalation_id), visible(approver),
+                 visible(exc.message))
         status = 502 if exc.unreachable else 409
         return await _render_pending(request, approver, ("error", f"Refused: {exc.message}"), status)
-    log.info("console: %s %s by %s", "approved" if decision == "approve" else "denied", escalation_id, approver)
+    log.info("console: %s %s by %s", "approved" if decision == "approve" else "denied", visible(escalation_id),
+             visible(approver))
     verb = "approved" if decision == "approve" else "denied"
     raise web.HTTPSeeOther(f"/?{verb}={escalation_id}")
 

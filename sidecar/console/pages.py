@@ -1,13 +1,18 @@
-"""Server-rendered HTML of the console. Every value from outside goes through html.escape."""
+"""Server-rendered HTML of the console.
+
+Every value from outside goes through `text` (or `attr` inside an attribute): hidden characters
+(control, bidirectional, zero-width, ... see sidecar/display.py) are shown escaped and the value is
+flagged, then the result is HTML-escaped.
+"""
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from html import escape
 from typing import Iterable
 from urllib.parse import quote
 
+from sidecar.display import FLAG, NOTICE, needs_flag, json_text, value_needs_flag, visible
 from sidecar.escalation.cli import human_duration
 from sidecar.escalation.client import parse_time
 
@@ -53,7 +58,29 @@ th, td { text-align:left; padding:8px 10px; border-bottom:1px solid var(--line);
 td:nth-child(5) { white-space:nowrap; }
 th { color:var(--muted); font-weight:600; font-size:13px; }
 a { color:var(--accent); }
+.note { white-space:pre-line; }
+.flag { color:var(--no); font-weight:600; font-size:12px; border:1px solid #f0b4ae; background:#fdecea; border-radius:4px; padding:0 4px; white-space:nowrap; }
 """
+
+
+def attr(value: object) -> str:
+    """A value from outside for an HTML attribute: hidden characters escaped, then HTML-escaped."""
+    return escape(visible(value))
+
+
+def flag_html(what: str = "") -> str:
+    return f'<span class="flag" data-testid="hidden-flag" title="{escape(NOTICE)}">{FLAG} {escape(what or NOTICE)}</span>'
+
+
+def text(value: object) -> str:
+    """A value from outside as HTML text: hidden characters escaped and flagged, then HTML-escaped."""
+    raw = "" if value is None else str(value)
+    return escape(visible(raw)) + (" " + flag_html() if needs_flag(raw) else "")
+
+
+def note_html(note: str) -> str:
+    """A person's note: its line breaks are kept as line breaks (class note), everything else as `text`."""
+    return '<span class="note">' + "\n".join(text(line) for line in note.split("\n")) + "</span>"
 
 
 def _ts(value: str) -> datetime | None:
@@ -79,11 +106,11 @@ def until(value: str, now: datetime) -> str:
 def trace_link(trace_id: str, jaeger_url: str, *, short: bool = False) -> str:
     if not trace_id:
         return "-"
-    shown = escape(trace_id[:12] + "…" if short else trace_id)
+    shown = text(trace_id[:12] + "…" if short and not needs_flag(trace_id) else trace_id)
     if not jaeger_url:
-        return f'<code title="{escape(trace_id)}">{shown}</code>'
+        return f'<code title="{attr(trace_id)}">{shown}</code>'
     href = f"{jaeger_url.rstrip('/')}/trace/{quote(trace_id, safe='')}"
-    return (f'<a href="{escape(href)}" target="_blank" rel="noopener noreferrer" title="{escape(trace_id)}">'
+    return (f'<a href="{escape(href)}" target="_blank" rel="noopener noreferrer" title="{attr(trace_id)}">'
             f"<code>{shown}</code></a>")
 
 
@@ -97,36 +124,36 @@ def layout(*, title: str, approver: str, here: str, body: str, pending_count: in
     )
     banner_html = ""
     if banner is not None:
-        kind, text = banner
-        banner_html = f'<div class="banner {escape(kind)}" role="status">{escape(text)}</div>'
+        kind, message = banner
+        banner_html = f'<div class="banner {escape(kind)}" role="status">{text(message)}</div>'
     return (
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{escape(title)}</title><link rel=\"stylesheet\" href=\"/static/console.css\"></head><body>"
+        f"<title>{attr(title)}</title><link rel=\"stylesheet\" href=\"/static/console.css\"></head><body>"
         f"<header><h1>agent-sidecar approvals</h1><nav>{nav}</nav>"
-        f'<span class="who">signed in as <b data-testid="approver">{escape(approver)}</b></span></header>'
+        f'<span class="who">signed in as <b data-testid="approver">{text(approver)}</b></span></header>'
         f"<main>{banner_html}{body}</main></body></html>"
     )
 
 
 def _preview(escalation: dict) -> str:
     preview = escalation.get("arguments_preview")
-    digest = escape(escalation.get("arguments_digest", ""))
+    digest = text(escalation.get("arguments_digest", ""))
     if preview is None:
         return f'<span class="meta">not kept; digest <code>{digest}</code></span>'
-    text = json.dumps(preview, indent=2, sort_keys=True, ensure_ascii=False)
-    return f'<pre>{escape(text)}</pre><div class="meta">digest <code>{digest}</code></div>'
+    flag = flag_html(f"the arguments {NOTICE} as JSON escapes") if value_needs_flag(preview) else ""
+    return f'{flag}<pre>{escape(json_text(preview))}</pre><div class="meta">digest <code>{digest}</code></div>'
 
 
 def _reasons(reasons: Iterable[str]) -> str:
-    items = "".join(f"<li>{escape(r)}</li>" for r in reasons)
+    items = "".join(f"<li>{text(r)}</li>" for r in reasons)
     return f'<ul class="reasons">{items}</ul>'
 
 
 def _who(escalation: dict) -> str:
-    who = f"<code>{escape(escalation['subject'])}</code>"
+    who = f"<code>{text(escalation['subject'])}</code>"
     if escalation.get("delegation"):
-        chain = " → ".join(f"<code>{escape(d)}</code>" for d in escalation["delegation"])
+        chain = " → ".join(f"<code>{text(d)}</code>" for d in escalation["delegation"])
         who += f'<div class="meta">on behalf of {chain}</div>'
     return who
 
@@ -134,24 +161,24 @@ def _who(escalation: dict) -> str:
 def escalation_card(escalation: dict, *, now: datetime, jaeger_url: str, csrf_token: str, decidable: bool) -> str:
     eid = escalation["escalation_id"]
     state = escalation["state"]
-    tool = escape(escalation["tool"])
-    server = f' <span class="meta">on {escape(escalation["server"])}</span>' if escalation.get("server") else ""
-    timing = f'created <b title="{escape(escalation["created_at"])}">{age(escalation["created_at"], now)}</b>'
+    tool = text(escalation["tool"])
+    server = f' <span class="meta">on {text(escalation["server"])}</span>' if escalation.get("server") else ""
+    timing = f'created <b title="{attr(escalation["created_at"])}">{age(escalation["created_at"], now)}</b>'
     if state == "pending":
-        timing += f' · expires <b title="{escape(escalation["expires_at"])}">{until(escalation["expires_at"], now)}</b>'
+        timing += f' · expires <b title="{attr(escalation["expires_at"])}">{until(escalation["expires_at"], now)}</b>'
     rows = [
         ("who", _who(escalation)),
         ("why", _reasons(escalation.get("reasons", ()))),
         ("arguments", _preview(escalation)),
     ]
     if escalation.get("task_id"):
-        rows.insert(1, ("task", f"<code>{escape(escalation['task_id'])}</code>"))
+        rows.insert(1, ("task", f"<code>{text(escalation['task_id'])}</code>"))
     rows.append(("trace", trace_link(escalation.get("trace_id", ""), jaeger_url)))
     if escalation.get("approver"):
-        decided = f"{escape(escalation['approver'])} <span class=\"meta\">{age(escalation['decided_at'], now)}</span>"
+        decided = f"{text(escalation['approver'])} <span class=\"meta\">{age(escalation['decided_at'], now)}</span>"
         rows.append(("decided by", decided))
     if escalation.get("note"):
-        rows.append(("note", escape(escalation["note"])))
+        rows.append(("note", note_html(escalation["note"])))
     details = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
     form = ""
     if decidable and state == "pending":
@@ -160,15 +187,15 @@ def escalation_card(escalation: dict, *, now: datetime, jaeger_url: str, csrf_to
             f'<form class="decide" method="post" action="{escape(action)}/decide">'
             f'<input type="hidden" name="csrf_token" value="{escape(csrf_token)}">'
             f'<label>Note (kept with your decision and in the evidence log)'
-            f'<textarea name="note" maxlength="2000" rows="1" aria-label="note for {escape(eid)}"></textarea></label>'
+            f'<textarea name="note" maxlength="2000" rows="1" aria-label="note for {attr(eid)}"></textarea></label>'
             '<button class="approve" type="submit" name="decision" value="approve">Approve</button>'
             '<button class="deny" type="submit" name="decision" value="deny">Deny</button>'
             "</form>"
         )
     return (
-        f'<section class="card" id="{escape(eid)}" data-escalation-id="{escape(eid)}" data-state="{escape(state)}">'
-        f'<h2><span class="tool">{tool}</span>{server}<span class="state {escape(state)}">{escape(state)}</span></h2>'
-        f'<div class="meta">{timing} · <a href="/escalations/{quote(eid, safe="")}"><code>{escape(eid)}</code></a></div>'
+        f'<section class="card" id="{attr(eid)}" data-escalation-id="{attr(eid)}" data-state="{attr(state)}">'
+        f'<h2><span class="tool">{tool}</span>{server}<span class="state {attr(state)}">{text(state)}</span></h2>'
+        f'<div class="meta">{timing} · <a href="/escalations/{quote(eid, safe="")}"><code>{text(eid)}</code></a></div>'
         f"<dl>{details}</dl>{form}</section>"
     )
 
@@ -202,14 +229,14 @@ def history_page(escalations: list[dict], *, approver: str, jaeger_url: str) -> 
         rows = []
         for e in escalations:
             when = e["decided_at"] or e["expires_at"]
-            tool = escape(e["tool"]) + (f' <span class="meta">on {escape(e["server"])}</span>' if e["server"] else "")
+            tool = text(e["tool"]) + (f' <span class="meta">on {text(e["server"])}</span>' if e["server"] else "")
             rows.append(
-                f'<tr data-escalation-id="{escape(e["escalation_id"])}" data-state="{escape(e["state"])}">'
-                f'<td><span class="state {escape(e["state"])}">{escape(e["state"])}</span></td>'
-                f'<td><code>{tool}</code></td><td><code>{escape(e["subject"])}</code></td>'
-                f'<td>{escape(e["approver"]) or "-"}</td>'
-                f'<td title="{escape(when)}">{age(when, now)}</td>'
-                f'<td>{escape(e["note"])}</td>'
+                f'<tr data-escalation-id="{attr(e["escalation_id"])}" data-state="{attr(e["state"])}">'
+                f'<td><span class="state {attr(e["state"])}">{text(e["state"])}</span></td>'
+                f'<td><code>{tool}</code></td><td><code>{text(e["subject"])}</code></td>'
+                f'<td>{text(e["approver"]) or "-"}</td>'
+                f'<td title="{attr(when)}">{age(when, now)}</td>'
+                f'<td>{note_html(e["note"])}</td>'
                 f'<td>{trace_link(e["trace_id"], jaeger_url, short=True)}</td>'
                 f'<td><a href="/escalations/{quote(e["escalation_id"], safe="")}">details</a></td></tr>'
             )
@@ -221,5 +248,5 @@ def history_page(escalations: list[dict], *, approver: str, jaeger_url: str) -> 
 
 
 def error_page(status_text: str, message: str, *, approver: str = "") -> str:
-    body = f'<div class="banner error" role="alert">{escape(message)}</div><p><a href="/">Back to pending approvals</a></p>'
+    body = f'<div class="banner error" role="alert">{text(message)}</div><p><a href="/">Back to pending approvals</a></p>'
     return layout(title=status_text, approver=approver or "nobody", here="", body=body)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from datetime import datetime, timezone
 from typing import Any, Callable
+
+from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged, needs_flag, json_text, value_needs_flag, visible
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 STATE_CHOICES = ["pending", "approved", "denied", "expired", "used", "all"]
@@ -41,12 +42,13 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> int:
         asyncio.run(go())
     except ApprovalsError as exc:
         if exc.unreachable:
-            print(f"agent-sidecar: cannot reach the sidecar at {args.address}: {exc.message}", file=sys.stderr)
+            print(f"agent-sidecar: cannot reach the sidecar at {visible(args.address)}: {visible(exc.message)}",
+                  file=sys.stderr)
             return 2
-        print(f"agent-sidecar: refused: {exc.message}", file=sys.stderr)
+        print(f"agent-sidecar: refused: {visible(exc.message)}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. --token-file unreadable
-        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        print(f"agent-sidecar: {visible(exc)}", file=sys.stderr)
         return 2
     return 0
 
@@ -92,6 +94,7 @@ def _reason_codes(reasons: list[str]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    """One line per escalation; a cell that held control or invisible characters is escaped and starts with [!]."""
     if not rows:
         return "no escalations"
     now = datetime.now(timezone.utc)
@@ -99,44 +102,70 @@ def format_table(rows: list[dict]) -> str:
     table = [header]
     for e in rows:
         expires = _until(e["expires_at"], now) if e["state"] == "pending" else "-"
-        tool = e["tool"] + (f" ({e['server']})" if e["server"] else "")
-        table.append([e["escalation_id"], e["state"], _age(e["created_at"], now), expires, e["subject"], tool,
-                      e["approver"] or "-", _reason_codes(e["reasons"])])
+        tool = cell(e["tool"]) + (f" ({cell(e['server'])})" if e["server"] else "")
+        table.append([cell(e["escalation_id"]), cell(e["state"]), _age(e["created_at"], now), expires,
+                      cell(e["subject"]), tool, cell(e["approver"]) if e["approver"] else "-",
+                      cell(_reason_codes(e["reasons"]))])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
     lines = []
     for row in table:
-        cells = [str(cell).ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        cells = [str(c).ljust(widths[i]) for i, c in enumerate(row[:-1])]
         lines.append("  ".join([*cells, str(row[-1])]).rstrip())
+    if any(flagged(row) for row in rows):
+        lines.append(f"{FLAG} a value {NOTICE}; `approvals show ID` says which")
     return "\n".join(lines)
 
 
+def _line(label: str, value: Any, suffix: str = "") -> str:
+    """`label        value`; a value with hidden characters is escaped and the line ends with the flag."""
+    text = "" if value is None else str(value)
+    flag = f"   {FLAG} {NOTICE}" if needs_flag(text) else ""
+    return f"{label:<12} {visible(text)}{suffix}{flag}"
+
+
+def _item(value: str) -> str:
+    return f"  - {visible(value)}" + (f"   {FLAG} {NOTICE}" if needs_flag(value) else "")
+
+
 def format_detail(e: dict) -> str:
+    """`approvals show`: every value from outside shown escaped when it holds hidden characters, and flagged."""
     now = datetime.now(timezone.utc)
-    lines = [
-        f"escalation   {e['escalation_id']}",
-        f"state        {e['state']}",
-        f"subject      {e['subject']}",
+    lines = []
+    suspicious = flagged(e)
+    if suspicious:
+        lines.append(f"WARNING {FLAG} {', '.join(suspicious)} {NOTICE} (\\x1b, \\u202e, ...): "
+                     "what you read below is what the agent sent, made visible")
+    lines += [
+        _line("escalation", e["escalation_id"]),
+        _line("state", e["state"]),
+        _line("subject", e["subject"]),
     ]
     if e["delegation"]:
-        lines.append(f"delegation   {' -> '.join(e['delegation'])}")
+        hops = " -> ".join(visible(d) for d in e["delegation"])
+        lines.append(f"delegation   {hops}" + (f"   {FLAG} {NOTICE}" if value_needs_flag(e["delegation"]) else ""))
     lines += [
-        f"tool         {e['tool']}" + (f" (server {e['server']})" if e["server"] else ""),
-        f"task         {e['task_id'] or '-'}",
-        f"created      {e['created_at']} ({_age(e['created_at'], now)} ago)",
-        f"expires      {e['expires_at']}" + (f" (in {_until(e['expires_at'], now)})" if e["state"] == "pending" else ""),
+        _line("tool", e["tool"]),
+    ]
+    if e["server"]:
+        lines.append(_line("server", e["server"]))
+    lines += [
+        _line("task", e["task_id"] or "-"),
+        _line("created", e["created_at"], f" ({_age(e['created_at'], now)} ago)"),
+        _line("expires", e["expires_at"], f" (in {_until(e['expires_at'], now)})" if e["state"] == "pending" else ""),
     ]
     if e["approver"]:
-        lines.append(f"decided      {e['decided_at']} by {e['approver']}")
+        lines.append(_line("decided by", e["approver"], f" at {visible(e['decided_at'])}"))
     if e["note"]:
-        lines.append(f"note         {e['note']}")
-    lines.append(f"trace        {e['trace_id'] or '-'}")
-    lines.append(f"policy       {e['policy_revision'] or '-'}")
+        lines.append(_line("note", e["note"]))
+    lines.append(_line("trace", e["trace_id"] or "-"))
+    lines.append(_line("policy", e["policy_revision"] or "-"))
     lines.append("reasons")
-    lines += [f"  - {reason}" for reason in e["reasons"]]
-    lines.append(f"arguments    {e['arguments_digest']}")
+    lines += [_item(reason) for reason in e["reasons"]]
+    lines.append(_line("arguments", e["arguments_digest"]))
     if e["arguments_preview"] is not None:
-        preview = json.dumps(e["arguments_preview"], indent=2, sort_keys=True, ensure_ascii=False)
-        lines += ["  " + line for line in preview.splitlines()]
+        if value_needs_flag(e["arguments_preview"]):
+            lines.append(f"  {FLAG} the arguments {NOTICE} as JSON escapes")
+        lines += ["  " + line for line in json_text(e["arguments_preview"]).splitlines()]
     else:
         lines.append("  (no preview kept)")
     return "\n".join(lines)
@@ -148,7 +177,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = await client.list(state=state, subject=args.subject or "", tool=args.tool or "", limit=args.limit)
         if args.json:
             for row in rows:
-                print(json.dumps(row, sort_keys=True))
+                print(exact_json(row, sort_keys=True))
         else:
             print(format_table(rows))
 
@@ -158,7 +187,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     async def work(client: Any) -> None:
         row = await client.get(args.id)
-        print(json.dumps(row, sort_keys=True, indent=2) if args.json else format_detail(row))
+        print(exact_json(row, sort_keys=True, indent=2) if args.json else format_detail(row))
 
     return _run(args, work)
 
@@ -168,10 +197,11 @@ def _decide(args: argparse.Namespace, approve: bool) -> int:
         method = client.approve if approve else client.deny
         row = await method(args.id, note=args.note or "", approver=args.approver or "")
         if args.json:
-            print(json.dumps(row, sort_keys=True, indent=2))
+            print(exact_json(row, sort_keys=True, indent=2))
         else:
             verb = "approved" if approve else "denied"
-            print(f"{verb} {row['escalation_id']} ({row['tool']} for {row['subject']}) as {row['approver']}")
+            print(f"{verb} {cell(row['escalation_id'])} ({cell(row['tool'])} for {cell(row['subject'])}) "
+                  f"as {cell(row['approver'])}")
             if approve:
                 print("the agent may now repeat the call once, with this escalation id")
 

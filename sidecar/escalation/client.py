@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import grpc
-from google.protobuf import json_format
 
+from sidecar.jsonvalues import from_struct
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 STATE_NAMES = {
@@ -65,7 +65,7 @@ def escalation_to_dict(message: sidecar_pb2.Escalation) -> dict[str, Any]:
         "tool": message.tool,
         "server": message.server,
         "arguments_digest": message.arguments_digest,
-        "arguments_preview": json_format.MessageToDict(message.arguments_preview)
+        "arguments_preview": from_struct(message.arguments_preview)
         if message.HasField("arguments_preview")
         else None,
         "task_id": message.task_id,

@@ -7,10 +7,16 @@ exponential backoff (tenacity) up to `escalation.webhook_attempts`; other
 answers are final. With a secret, the body is signed:
 `X-Sidecar-Signature: sha256=<hex HMAC-SHA256 of the body>`.
 
-Payload:
+Payload (ASCII-only JSON: every non-ASCII and control character is a JSON escape):
 
-    {"type": "escalation.created", "escalation": {...Escalation as JSON...},
+    {"type": "escalation.created", "escalation": {...Escalation as JSON, exact...},
+     "text": "send_email by spiffe://example.org/agent needs approval: high_risk_tool (esc-...)",
+     "hidden_characters": ["task_id"],        # fields holding control or invisible characters
      "console_url": "https://approvals.example.org/escalations/esc-..."}   # when console_url is set
+
+`text` is for chat tools that show a webhook's "text" (Slack-style): every value in it is
+shown with hidden characters escaped and flagged "[!]" (sidecar/display.py), so it reads as
+what will run. `escalation` keeps the exact values for programs.
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged
 from sidecar.escalation import EscalationRecord
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,15 @@ class WebhookNotifier:
         self.dropped = 0
 
     def payload(self, record: EscalationRecord) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": "escalation.created", "escalation": record.to_json()}
+        escalation = record.to_json()
+        hidden = flagged(escalation)
+        codes = ", ".join(cell(reason.partition(": ")[0]) for reason in record.reasons)
+        text = (f"{cell(record.tool)}" + (f" on {cell(record.server)}" if record.server else "")
+                + f" by {cell(record.subject)} needs approval: {codes} ({cell(record.id)})")
+        if hidden:
+            text += f"\n{FLAG} {', '.join(hidden)} {NOTICE}"
+        body: dict[str, Any] = {"type": "escalation.created", "escalation": escalation, "text": text,
+                                "hidden_characters": hidden}
         if self._console_url:
             body["console_url"] = f"{self._console_url}/escalations/{record.id}"
         return body
@@ -80,7 +94,7 @@ class WebhookNotifier:
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, record: EscalationRecord) -> None:
-        body = json.dumps(self.payload(record), sort_keys=True).encode()
+        body = exact_json(self.payload(record), sort_keys=True).encode()
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                    "X-Sidecar-Escalation-Id": record.id}
         if self._secret:

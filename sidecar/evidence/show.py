@@ -1,4 +1,9 @@
-"""`agent-sidecar evidence show DIR`: find records, print them as a table or JSON lines."""
+"""`agent-sidecar evidence show DIR`: find records, print them as a table or JSON lines.
+
+What a person reads cannot act on the terminal (sidecar/display.py): in the table a cell holding
+control or invisible characters is shown escaped and starts with [!]; `--json` prints each record
+with those characters as JSON escapes (the same JSON value as the log line; other bytes unchanged).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from sidecar.display import FLAG, NOTICE, cell, json_safe
 from sidecar.evidence.log import list_log_files
 from sidecar.evidence.records import parse_rfc3339, reason_code
 
@@ -77,7 +83,7 @@ def iter_lines(directory: str | Path) -> Iterator[tuple[bytes, dict]]:
 
 def show(directory: str | Path, flt: Filter, *, as_json: bool, out: TextIO, limit: int = 0) -> int:
     """Print matching records; return how many matched."""
-    count = 0
+    count = flagged = 0
     if not as_json:
         out.write(f"{'SEQ':>7}  {'TIME':<27} {'KIND':<12} {'OUTCOME':<8} {'TOOL':<24} {'SUBJECT':<40} REASONS\n")
     for line, record in iter_lines(directory):
@@ -85,7 +91,7 @@ def show(directory: str | Path, flt: Filter, *, as_json: bool, out: TextIO, limi
             continue
         count += 1
         if as_json:
-            out.write(line.decode("utf-8") + "\n")
+            out.write(json_safe(line.decode("utf-8", "replace")) + "\n")
         else:
             subject = record.get("subject")
             spiffe_id = subject.get("spiffe_id", "") if isinstance(subject, dict) else ""
@@ -97,11 +103,19 @@ def show(directory: str | Path, flt: Filter, *, as_json: bool, out: TextIO, limi
                 reasons = f"covers seq {cp.get('seq')} signed by {(record.get('signer') or {}).get('source', '?')} key"
             elif record.get("kind") == "startup":
                 reasons = f"sidecar {record.get('sidecar', '')}" + (" (recovered a torn write)" if record.get("recovered") else "")
-            out.write(
-                f"{record.get('seq', ''):>7}  {str(record.get('time') or record.get('logged_at') or ''):<27} "
-                f"{str(record.get('kind', '')):<12} {str(record.get('outcome') or ''):<8} "
-                f"{str(record.get('tool') or '')[:24]:<24} {spiffe_id[:40]:<40} {reasons}\n"
-            )
+            cells = [cell(record.get("seq", "")), cell(record.get("time") or record.get("logged_at") or ""),
+                     cell(record.get("kind", "")), cell(record.get("outcome") or ""), cell(record.get("tool") or ""),
+                     cell(spiffe_id), cell(reasons)]
+            flagged += any(c.startswith(FLAG) for c in cells)
+            seq, at, kind, outcome, tool, who, why = cells
+            out.write(f"{seq:>7}  {at:<27} {kind:<12} {outcome:<8} {_cut(tool, 24):<24} {_cut(who, 40):<40} {why}\n")
         if limit and count >= limit:
             break
+    if flagged:
+        out.write(f"{FLAG} {flagged} record(s): a value {NOTICE}; --json shows them whole\n")
     return count
+
+
+def _cut(text: str, width: int) -> str:
+    """Cut a cell to width, marking the cut (a [!] flag at the start is kept)."""
+    return text if len(text) <= width else text[: width - 1] + "…"

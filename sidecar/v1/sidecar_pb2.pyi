@@ -58,7 +58,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, tool: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., call_id: _Optional[str] = ..., task_id: _Optional[str] = ..., intent: _Optional[str] = ..., signals: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., escalation_id: _Optional[str] = ..., server: _Optional[str] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("outcome", "reasons", "decision_id", "escalation_id", "policy_revision", "trace_id", "obligations")
+    __slots__ = ("outcome", "reasons", "decision_id", "escalation_id", "policy_revision", "trace_id", "obligations", "arguments_digest")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class AuthorizeResponse(_message.Message):
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     OBLIGATIONS_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     outcome: Outcome
     reasons: _containers.RepeatedScalarFieldContainer[str]
     decision_id: str
@@ -73,7 +74,8 @@ class AuthorizeResponse(_message.Message):
     policy_revision: str
     trace_id: str
     obligations: _struct_pb2.Struct
-    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., decision_id: _Optional[str] = ..., escalation_id: _Optional[str] = ..., policy_revision: _Optional[str] = ..., trace_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    arguments_digest: str
+    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., decision_id: _Optional[str] = ..., escalation_id: _Optional[str] = ..., policy_revision: _Optional[str] = ..., trace_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., arguments_digest: _Optional[str] = ...) -> None: ...
 
 class AwaitDecisionRequest(_message.Message):
     __slots__ = ("escalation_id", "timeout_seconds")
