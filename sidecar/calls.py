@@ -69,6 +69,9 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
     ):
         if len(value.encode("utf-8", "surrogatepass")) > limit:
             problems.append(f"invalid_{label}: {label} is over the {limit}-byte limit")
+        elif not _is_text(value):
+            # evidence records only what a reader gets back byte for byte (sidecar/canonical.py)
+            problems.append(f"invalid_{label}: {label} is not valid Unicode text (a lone surrogate)")
 
     if not isinstance(call.arguments, dict):
         problems.append(f"invalid_arguments: arguments must be a JSON object, not {_json_kind(call.arguments)}")
@@ -121,6 +124,14 @@ def cut_depth(value: Any, limit: int) -> Any:
             holder[key] = node = list(node)
             stack.extend((node, i, depth + 1) for i in range(len(node)))
     return root[0]
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _json_kind(value: Any) -> str:

@@ -147,16 +147,18 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 def cmd_evidence_verify(args: argparse.Namespace) -> int:
     from sidecar.evidence.signing import SigningError, load_bundle, load_public_keys
-    from sidecar.evidence.verify import format_report, verify_dir
+    from sidecar.evidence.verify import exit_code, format_report, verify_dir
 
+    if args.signer and not args.bundle:
+        raise ConfigError("--signer names SPIFFE IDs of SVIDs checked against --bundle; give --bundle too")
     try:
         keys = load_public_keys(args.key or [])
         bundle = load_bundle(args.bundle) if args.bundle else None
     except (SigningError, OSError) as exc:
         raise ConfigError(f"--key/--bundle: {exc}") from None
-    report = verify_dir(args.dir, public_keys=keys, bundle=bundle, mirror=args.mirror)
+    report = verify_dir(args.dir, public_keys=keys, bundle=bundle, signer_ids=args.signer or (), mirror=args.mirror)
     print(format_report(report))
-    return 0 if report.ok else 1
+    return exit_code(report)
 
 
 def cmd_evidence_show(args: argparse.Namespace) -> int:
@@ -232,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     evidence_commands = evidence.add_subparsers(dest="evidence_command", metavar="SUBCOMMAND", required=True)
     verify = evidence_commands.add_parser(
         "verify",
-        help="check chain, hashes, sequence, checkpoints and signatures; exit 0 only when intact",
-        description="Check an evidence directory (docs/evidence.md). Prints a summary and, when the log "
-        "is not intact, the first broken seq and what is wrong. Exit 0 intact, 1 broken.",
+        help="check chain, hashes, sequence, checkpoints and signatures against your trust anchors",
+        description="Check an evidence directory (docs/evidence.md). With --key or --bundle every record must be "
+        "covered by a checkpoint a named signer signed (INTACT, exit 0); records after the last one are NOT YET "
+        "COVERED (exit 3). Without anchors only internal consistency is checked (CONSISTENT, exit 0). "
+        "BROKEN (exit 1) names the first broken seq and what is wrong.",
     )
     verify.add_argument("dir", help="the evidence directory (evidence.dir)")
     verify.add_argument(
@@ -244,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="public key (or certificate) that must have signed the checkpoints; may repeat",
     )
     verify.add_argument("--bundle", metavar="PEM", help="trust bundle: checkpoint signers' SVIDs must chain to it")
-    verify.add_argument("--mirror", metavar="FILE", help="checkpoint mirror (default DIR/checkpoints.jsonl)")
+    verify.add_argument(
+        "--signer",
+        action="append",
+        metavar="SPIFFE_ID",
+        help="with --bundle: the SVID that signs must have this SPIFFE ID (* matches any run); may repeat",
+    )
+    verify.add_argument("--mirror", metavar="FILE", help="checkpoint mirror (default DIR-checkpoints.jsonl beside DIR)")
     verify.set_defaults(run=cmd_evidence_verify)
     show = evidence_commands.add_parser(
         "show", help="print matching records as a table, or as JSON lines with --json"

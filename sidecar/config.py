@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,16 +131,18 @@ class EvidenceConfig:
     checkpoint_every: int = 1000
     # ...or this many seconds (whichever comes first), and at a clean shutdown.
     checkpoint_seconds: float = 60.0
-    # PEM private key (Ed25519, EC or RSA) signing checkpoints; "" = the SVID key
-    # when identity provides one, else a development key generated in `dir`.
+    # PEM private key (Ed25519, EC or RSA) signing checkpoints, never inside `dir`; "" = the
+    # SVID key when identity provides one, else a development key generated as `<dir>-dev-key.pem`.
     signing_key: str = ""
-    # Extra copy of every checkpoint (put it on another volume); "" = dir/checkpoints.jsonl.
+    # Extra copy of every checkpoint, never inside `dir` (put it on another volume);
+    # "" = `<dir>-checkpoints.jsonl` beside the directory.
     checkpoint_mirror: str = ""
     # Arguments in records: "digest" (sha256 only), "policy" (in clear only when the
     # decision's obligations say record_arguments: true) or "clear". Secret-looking
     # keys are always redacted.
     arguments: str = "policy"
-    # Argument keys (case-insensitive substrings) redacted in addition to the built-in list.
+    # More secret keys (case and separators ignored, substrings) for the one redaction rule set
+    # (sidecar/evidence/redaction.py) applied to every record; the built-in keys always apply.
     redact_keys: list[str] = field(default_factory=list)
     # Records allowed to wait for the disk before new ones are refused (and denied).
     max_pending: int = 10_000
@@ -407,6 +410,14 @@ def _validate_evidence_sections(config: "Config") -> None:
         raise ConfigError("evidence: checkpoint_every and checkpoint_seconds cannot both be 0")
     if evidence.arguments not in ("digest", "policy", "clear"):
         raise ConfigError(f"evidence.arguments: must be digest, policy or clear, not {evidence.arguments!r}")
+    log_dir = os.path.abspath(evidence.dir)
+    for key in ("signing_key", "checkpoint_mirror"):
+        path = getattr(evidence, key)
+        if path and os.path.commonpath([log_dir, os.path.abspath(path)]) == log_dir:
+            raise ConfigError(
+                f"evidence.{key}: {path} is inside evidence.dir; whoever can rewrite the log would hold it "
+                "too, so keep it elsewhere (another volume)"
+            )
     if telemetry.exporter not in ("otlp", "none"):
         raise ConfigError(f"telemetry.exporter: must be otlp or none, not {telemetry.exporter!r}")
     if telemetry.protocol not in ("", "grpc", "http/protobuf"):

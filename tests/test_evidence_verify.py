@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from sidecar.cli import main
 from sidecar.evidence.log import EvidenceLog
-from sidecar.evidence.records import seal
+from sidecar.evidence.records import default_mirror_path, dev_key_path, seal
 from sidecar.evidence.recorder import EvidenceRecorder
 from sidecar.evidence.signing import SigningKey, dev_signing_key, load_bundle
 from sidecar.evidence.verify import verify_dir
@@ -25,8 +25,12 @@ from tests.test_evidence_log import make_event
 PY = sys.executable
 
 
-def build_log(directory: Path, records: int = 30, checkpoint_every: int = 10, **kwargs) -> Path:
-    key = dev_signing_key(directory.parent)
+def build_log(directory: Path, records: int = 30, checkpoint_every: int = 10, clean: bool = False, **kwargs) -> Path:
+    """A log of `records` decisions; `clean`: closed with a final checkpoint, else as after a crash.
+
+    The dev key is shared by every log built under the same parent (`<parent>/ev-dev-key.pem`).
+    """
+    key = dev_signing_key(directory.parent / "ev-dev-key.pem")
     log = EvidenceLog.open(
         directory,
         instance_id="s",
@@ -40,7 +44,7 @@ def build_log(directory: Path, records: int = 30, checkpoint_every: int = 10, **
         for i in range(records):
             log.append_sync("decision", recorder.fields_for(make_event(i, outcome=("allow", "deny", "escalate")[i % 3])))
     finally:
-        log.close_sync(checkpoint=False)
+        log.close_sync(checkpoint=clean)
     return directory
 
 
@@ -149,11 +153,11 @@ def test_a_forger_who_rewrites_everything_with_their_own_key_is_caught_with_key(
             records[i]["signature"], records[i]["signer"] = sign_payload(forger, records[i]["checkpoint"])
         seal(records[i])
     path.write_bytes(b"".join(seal(r) for r in records))
-    (log_dir / "checkpoints.jsonl").unlink()
+    default_mirror_path(log_dir).unlink()
     # against the keys the log carries, a complete forgery is self-consistent...
     assert verify_dir(log_dir).ok
     # ...which is why an auditor passes the real public key (or the trust bundle)
-    report = verify_dir(log_dir, public_keys=load_public_keys([tmp_path / "checkpoint-key.pub.pem"]))
+    report = verify_dir(log_dir, public_keys=load_public_keys([tmp_path / "ev-dev-key.pub.pem"]))
     first_checkpoint = next(r["seq"] for r in records if r["kind"] == "checkpoint")
     assert report.first_broken.seq == first_checkpoint and "--key" in report.first_broken.message
 
@@ -169,7 +173,7 @@ def test_truncation_across_a_checkpoint_is_caught_by_the_mirror(log_dir):
 
 
 def test_truncation_is_caught_by_what_the_collector_acknowledged(log_dir):
-    (log_dir / "checkpoints.jsonl").unlink()
+    default_mirror_path(log_dir).unlink()
     (log_dir / "ship-state.json").write_text(json.dumps({"file_index": 1, "offset": 0, "seq": 34}))
     path, lines = lines_of(log_dir)
     path.write_bytes(b"".join(lines[:20]))
@@ -257,9 +261,14 @@ def test_a_dev_signed_log_does_not_pass_a_bundle_check(tmp_path, log_dir):
 
 
 def test_cli_verify_exit_codes_and_summary(log_dir, tmp_path, capsys):
-    assert main(["evidence", "verify", str(log_dir), "--key", str(tmp_path / "checkpoint-key.pub.pem")]) == 0
+    key = str(tmp_path / "ev-dev-key.pub.pem")
+    assert main(["evidence", "verify", str(log_dir), "--key", key]) == 3  # seq 34 follows the last checkpoint
     out = capsys.readouterr().out
-    assert "INTACT" in out and "records:  34" in out
+    assert "NOT YET COVERED: seq 1..33 intact; seq 34..34" in out and "records:  34" in out
+    closed = build_log(tmp_path / "closed", records=30, clean=True)
+    assert main(["evidence", "verify", str(closed), "--key", key]) == 0
+    out = capsys.readouterr().out
+    assert "INTACT: seq 1..35" in out and "log says source dev" in out
     path, lines = lines_of(log_dir)
     del lines[8]
     path.write_bytes(b"".join(lines))
@@ -287,4 +296,4 @@ def test_cli_show_filters_and_json(log_dir, capsys):
 def test_console_script_verify_runs(log_dir):
     done = subprocess.run([PY, "-m", "sidecar", "evidence", "verify", str(log_dir)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "INTACT" in done.stdout
+    assert "CONSISTENT: internal consistency only" in done.stdout and "INTACT" not in done.stdout

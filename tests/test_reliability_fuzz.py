@@ -22,6 +22,7 @@ import grpc
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
+from google.protobuf import json_format
 from hypothesis import strategies as st
 
 from sidecar.client import NotExact, arguments_digest, build_request
@@ -220,6 +221,65 @@ def test_hidden_characters_read_escaped_in_evidence_show(fuzz_sidecar, tool, tas
     row = table.getvalue().split("\n")[1]
     if record.get("tool") == tool and needs_flag(tool):
         assert row.split()[4].startswith("[!]"), row  # SEQ TIME KIND OUTCOME TOOL: the tool cell is flagged
+
+
+# -- kind 2 (issue 11): numbers and text the evidence writer and verifier must agree on -----------------
+
+# Struct numbers are doubles: these are the ones RFC 8785 writes as integer literals past 2^53 (1e20 →
+# 100000000000000000000), the exponent forms around 1e21, and the safe neighbours of both.
+kind2_numbers = st.one_of(
+    st.floats(min_value=2.0**53 - 8, max_value=1e21, allow_nan=False),
+    st.floats(min_value=-1e21, max_value=-(2.0**53) + 8, allow_nan=False),
+    st.sampled_from([1e20, -1e20, 1e16, 2.0**53, 2.0**53 - 1, 1e21, 1e22, 9.999999999999999e20, 5e-324, 1e308, 0.1]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+kind2_values = st.recursive(
+    st.one_of(kind2_numbers, st.text(max_size=20), st.booleans(), st.none()),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+def kind2_unreadable(value) -> bool:
+    """Whether a value holds a float the canonical writer must refuse (integral, past 2^53 - 1, below 1e21)."""
+    if isinstance(value, float):
+        return value.is_integer() and 2**53 - 1 < abs(value) < 1e21
+    if isinstance(value, dict):
+        return any(kind2_unreadable(v) for v in value.values())
+    if isinstance(value, list):
+        return any(kind2_unreadable(v) for v in value)
+    return False
+
+
+@FUZZ
+@given(signals=st.dictionaries(st.text(max_size=8), kind2_values, min_size=1, max_size=4),
+       arguments=st.dictionaries(st.text(max_size=8), kind2_values, max_size=4))
+def test_kind2_numbers_are_denied_or_sealed_readably(fuzz_sidecar, signals, arguments):
+    """Any number a caller sends is either refused before sealing (deny, with a reason) or read back intact."""
+    request = sidecar_pb2.AuthorizeRequest(tool="search_docs")
+    request.signals.update(signals)
+    request.arguments.update(arguments)
+    code, response, details = raw_authorize(fuzz_sidecar, request.SerializeToString())
+    assert_answered(code, response, details)
+    as_sent = json.loads(json_format.MessageToJson(request.signals)), json.loads(json_format.MessageToJson(request.arguments))
+    if any(kind2_unreadable(v) for v in as_sent):
+        assert response.outcome == sidecar_pb2.OUTCOME_DENY, response.reasons
+        assert any(r.startswith(("invalid_signals:", "invalid_arguments:")) for r in response.reasons), response.reasons
+
+
+def test_kind2_the_fuzzed_log_verifies_and_a_restart_accepts_it(fuzz_sidecar, tmp_path):
+    """After the generated calls, the live log is consistent, and a second writer recovering a copy starts."""
+    import shutil
+
+    from sidecar.evidence.log import EvidenceLog
+    from sidecar.evidence.verify import verify_dir
+
+    report = verify_dir(fuzz_sidecar["evidence"])
+    assert report.ok, report.problems
+    copy = tmp_path / "copy"
+    shutil.copytree(fuzz_sidecar["evidence"], copy, ignore=shutil.ignore_patterns("LOCK"))
+    EvidenceLog.open(copy, instance_id="recovery", key_provider=None).close_sync(checkpoint=False)
+    assert verify_dir(copy).ok
 
 
 def test_zz_every_fuzzed_call_was_recorded_and_the_server_is_alive(fuzz_sidecar, capsys):

@@ -1,8 +1,8 @@
 """The argument preview approvers see: redacted with the evidence rules, then cut to size.
 
-Secret-looking keys (the evidence stage's built-in list, `evidence.redact_keys`
-and a decision's `redact_arguments` obligation) are replaced by "[REDACTED]"
-before the preview is stored, so the escalation store never holds a secret
+Secrets are redacted by the evidence stage's one rule set
+(sidecar/evidence/redaction.py, plus `evidence.redact_keys` and a decision's
+`redact_arguments` obligation) before the preview is stored, so the escalation store never holds a secret
 in clear. Long strings, lists and objects are shortened with a marker.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from sidecar.canonical import NotCanonicalizable, canonical_json
-from sidecar.evidence.records import BUILTIN_REDACT_KEYS, redact
+from sidecar.evidence.redaction import Redactor, obligation_keys
 
 MAX_STRING = 256
 MAX_ITEMS = 50
@@ -47,9 +47,7 @@ def argument_preview(
     """The redacted, shortened arguments, or None when they cannot be shown."""
     if not isinstance(arguments, dict) or max_bytes <= 0:
         return None
-    extra = (obligations or {}).get("redact_arguments") or []
-    extra = [k for k in extra if isinstance(k, str)] if isinstance(extra, list) else []
-    clear, _paths = redact(arguments, (*BUILTIN_REDACT_KEYS, *redact_keys, *extra))
+    clear, _paths = Redactor(redact_keys).with_keys(obligation_keys(obligations)).value(arguments)
     preview = _shorten(clear)
     try:
         size = len(canonical_json(preview))

@@ -40,6 +40,7 @@ from sidecar.escalation.preview import argument_preview
 from sidecar.escalation.store import EscalationStore
 from sidecar.evidence import EvidenceError, TraceContext
 from sidecar.evidence.records import rfc3339
+from sidecar.evidence.redaction import Redactor
 from sidecar.policy.input import Approval
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class EscalationService:
         self._preview = preview_arguments
         self._preview_max = preview_max_bytes
         self._redact_keys = tuple(redact_keys)
+        # the evidence rule set: intent and notes are kept (store, webhook, approvers) without secrets
+        self._redactor = Redactor(self._redact_keys)
         self.notifier = notifier
         self.instance_id = instance_id
         self.clock = clock
@@ -200,9 +203,10 @@ class EscalationService:
             server=call.server,
             arguments_digest=arguments_digest,
             arguments_preview=preview,
-            task_id=call.task_id,
-            intent=call.intent,
-            call_id=call_id,
+            # kept without secrets, like the evidence (the fingerprint above is over the task id as sent)
+            task_id=self._redactor.text(call.task_id),
+            intent=self._redactor.text(call.intent),
+            call_id=self._redactor.text(call_id),
             decision_id=decision_id,
             reasons=tuple(reasons),
             policy_revision=policy_revision,
@@ -319,7 +323,8 @@ class EscalationService:
                 raise self._not_pending(record, verb)
             use_by = now + self.use_window if state == APPROVED else None
             decided = await self.store.decide(
-                record.id, state, approver=approver.identity, via=approver.via, note=note, now=now, use_by=use_by
+                record.id, state, approver=approver.identity, via=approver.via, note=self._redactor.text(note), now=now,
+                use_by=use_by
             )
             if decided is None:  # someone else decided first, or it expired this instant
                 current = await self.store.get(record.id) or record

@@ -26,8 +26,13 @@ says what is wrong.
 Checkpoints: every `checkpoint_every` records or `checkpoint_seconds`
 seconds (and at a clean close), a signed `checkpoint` record over
 `{log_id, seq, head_hash, time}` is added to the chain and mirrored to
-`checkpoints.jsonl` (which may live on another volume), so cutting records
-off the end of the log is detectable up to the last checkpoint.
+`<dir>-checkpoints.jsonl` beside the directory, never in it (or
+`evidence.checkpoint_mirror`, on another volume), so cutting records off the
+end of the log is detectable up to the last checkpoint.
+
+Redaction: every record is redacted by the one rule set (redaction.py) in
+`submit`, before it is queued; a value with no canonical form is replaced by
+a placeholder (records.recordable) rather than sealed.
 """
 
 from __future__ import annotations
@@ -47,19 +52,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sidecar.canonical import NotCanonicalizable, sha256_digest
+from sidecar.canonical import NotCanonicalizable, parse_json, sha256_digest
 from sidecar.evidence import EvidenceError, Receipt
 from sidecar.evidence.records import (
     FILE_PATTERN,
     GENESIS,
     KINDS,
-    MIRROR_NAME,
+    default_mirror_path,
     file_name,
     record_hash,
+    recordable,
     rfc3339,
-    sanitize,
     seal,
 )
+from sidecar.evidence.redaction import Redactor
 from sidecar.evidence.signing import KeyProvider, SigningError, SigningKey, sign_payload
 
 log = logging.getLogger(__name__)
@@ -157,6 +163,7 @@ class EvidenceLog:
         mirror_path: str | Path | None = None,
         max_pending: int = 10_000,
         startup_info: dict | None = None,
+        redactor: Redactor | None = None,
     ):
         self.directory = Path(directory)
         self.instance_id = instance_id
@@ -164,7 +171,8 @@ class EvidenceLog:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self._key_provider = key_provider
-        self.mirror_path = Path(mirror_path) if mirror_path else self.directory / MIRROR_NAME
+        self.mirror_path = Path(mirror_path) if mirror_path else default_mirror_path(self.directory)
+        self._redactor = redactor or Redactor()
         self._max_pending = max_pending
         self._startup_info = dict(startup_info or {})
 
@@ -272,7 +280,7 @@ class EvidenceLog:
         with open(first_path, "rb") as f:
             first_line = f.readline(1 << 20)
         try:
-            first = json.loads(first_line)
+            first = parse_json(first_line)
             self.log_id = first["log_id"]
         except (ValueError, KeyError, TypeError):
             if first_line.endswith(b"\n") or len(files) > 1:
@@ -299,7 +307,7 @@ class EvidenceLog:
                     raise EvidenceError(f"{path}: holds no complete record; run `agent-sidecar evidence verify`")
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line)
                 seq = record["seq"]
                 claimed = record["hash"]
                 ok = isinstance(seq, int) and claimed == record_hash(record)
@@ -357,7 +365,7 @@ class EvidenceLog:
         if line is None:
             return
         try:
-            mirrored = json.loads(line)
+            mirrored = parse_json(line)
             seq = mirrored["seq"]
         except (ValueError, KeyError, TypeError):
             self._warnings.append(f"checkpoint mirror {self.mirror_path.name}: last line does not parse")
@@ -379,8 +387,12 @@ class EvidenceLog:
 
     # -- appending ---------------------------------------------------------
 
-    def submit(self, kind: str, fields: dict) -> concurrent.futures.Future:
-        """Queue a record; the future gives a Receipt once it is durable, or raises EvidenceError."""
+    def submit(self, kind: str, fields: dict, *, secret_keys: tuple[str, ...] = ()) -> concurrent.futures.Future:
+        """Queue a record; the future gives a Receipt once it is durable, or raises EvidenceError.
+
+        Every field is redacted first (redaction.py; `secret_keys` adds keys for this record only,
+        e.g. a decision's `redact_arguments` obligation), so no secret reaches the disk or a span.
+        """
         future: concurrent.futures.Future = concurrent.futures.Future()
         if kind not in KINDS or kind in ("checkpoint",):
             future.set_exception(EvidenceError(f"unknown or reserved record kind {kind!r}"))
@@ -389,7 +401,12 @@ class EvidenceLog:
         if clash:
             future.set_exception(EvidenceError(f"record fields may not set {', '.join(clash)}"))
             return future
-        fields = dict(fields)
+        try:
+            fields = self._redactor.with_keys(secret_keys).record(fields)
+        except Exception as exc:  # a record we cannot redact is a record we do not write
+            log.exception("evidence: redaction failed")
+            future.set_exception(EvidenceError(f"the record could not be redacted: {exc}"))
+            return future
         with self._cond:
             if self._stopping or self._closed:
                 future.set_exception(EvidenceError("the evidence log is closed"))
@@ -406,8 +423,8 @@ class EvidenceLog:
             self._cond.notify()
         return future
 
-    async def append(self, kind: str, fields: dict) -> Receipt:
-        return await asyncio.wrap_future(self.submit(kind, fields))
+    async def append(self, kind: str, fields: dict, *, secret_keys: tuple[str, ...] = ()) -> Receipt:
+        return await asyncio.wrap_future(self.submit(kind, fields, secret_keys=secret_keys))
 
     def append_sync(self, kind: str, fields: dict, timeout: float | None = None) -> Receipt:
         try:
@@ -487,8 +504,8 @@ class EvidenceLog:
             try:
                 line = seal(record)
             except NotCanonicalizable:
-                # a value with no canonical JSON form is replaced by a placeholder saying so
-                record = sanitize(dict(item.fields))
+                # a value with no canonical JSON form is never written: a placeholder says what it was
+                record = recordable(dict(item.fields))
                 record.update(kind=item.kind, seq=seq + 1, prev_hash=head, logged_at=now)
                 try:
                     line = seal(record)

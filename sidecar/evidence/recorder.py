@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt
 from sidecar.evidence.log import EvidenceLog
-from sidecar.evidence.records import ARGUMENT_MODES, decision_fields
+from sidecar.evidence.records import ARGUMENT_MODES, decision_fields, dev_key_path
+from sidecar.evidence.redaction import Redactor, obligation_keys
 from sidecar.evidence.shipper import Shipper
 from sidecar.evidence.signing import KeyProvider, SigningError, dev_signing_key, load_private_key
 from sidecar.evidence.spans import ResourceCache, exporter_from_env
@@ -32,7 +33,6 @@ class EvidenceRecorder:
         shipper: Shipper | None,
         *,
         arguments_mode: str = "policy",
-        redact_keys: tuple[str, ...] = (),
         known_tool: Callable[[str], bool] | None = None,
         record_timeout: float = 10.0,
     ):
@@ -41,7 +41,6 @@ class EvidenceRecorder:
         self.log = evidence_log
         self.shipper = shipper
         self.arguments_mode = arguments_mode
-        self.redact_keys = tuple(redact_keys)
         self._known_tool = known_tool
         # How long a decision waits for its record before it is denied instead.
         self.record_timeout = record_timeout
@@ -58,7 +57,6 @@ class EvidenceRecorder:
         return decision_fields(
             event,
             arguments_mode=self.arguments_mode,
-            redact_keys=self.redact_keys,
             tool_known=self._tool_known(event.tool),
         )
 
@@ -68,7 +66,9 @@ class EvidenceRecorder:
             fields = self.fields_for(event)
         except Exception as exc:  # a record we cannot build is a record we do not have
             raise EvidenceError(f"could not build the evidence record: {exc}") from None
-        future = asyncio.wrap_future(self.log.submit("decision", fields))
+        future = asyncio.wrap_future(
+            self.log.submit("decision", fields, secret_keys=tuple(obligation_keys(event.obligations)))
+        )
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.record_timeout)
         except asyncio.TimeoutError:
@@ -138,7 +138,7 @@ def open_recorder(
     `evidence` is config's EvidenceConfig, `telemetry` its TelemetryConfig (None:
     defaults + OTEL_* env). Checkpoints are signed with `evidence.signing_key`
     when set, else by `key_provider` (the SVID: see signing.svid_key_provider),
-    else by a dev key generated in the evidence directory. `known_tool(name)` says whether a tool is in the catalog
+    else by a dev key generated next to (never in) the evidence directory. `known_tool(name)` says whether a tool is in the catalog
     (span names use only those). `exporter` overrides the OTLP exporter (tests).
     Raises EvidenceError when the log cannot be opened.
     """
@@ -150,8 +150,7 @@ def open_recorder(
             if signing_path:
                 key = load_private_key(signing_path)
             else:
-                directory.mkdir(parents=True, exist_ok=True)
-                key = dev_signing_key(directory)
+                key = dev_signing_key(dev_key_path(directory))
         except (SigningError, OSError) as exc:
             raise EvidenceError(f"evidence.signing_key: {exc}") from None
         provider: KeyProvider = lambda: key  # noqa: E731
@@ -168,6 +167,7 @@ def open_recorder(
         key_provider=provider,
         mirror_path=getattr(evidence, "checkpoint_mirror", "") or None,
         max_pending=getattr(evidence, "max_pending", 10_000),
+        redactor=Redactor(getattr(evidence, "redact_keys", ()) or ()),
         startup_info={
             "version": _version(),
             "settings": {
@@ -205,6 +205,5 @@ def open_recorder(
         evidence_log,
         shipper,
         arguments_mode=evidence.arguments,
-        redact_keys=tuple(getattr(evidence, "redact_keys", ()) or ()),
         known_tool=known_tool,
     )

@@ -17,11 +17,13 @@ the verifier and the shipper agree on it by construction.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, canonical_json, sha256_digest
 
 if TYPE_CHECKING:
     from sidecar.evidence import DecisionEvent
@@ -31,34 +33,33 @@ KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invoca
 CALL_KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation")
 GENESIS = "sha256:" + "0" * 64
 FILE_PATTERN = re.compile(r"^evidence-(\d{6})\.jsonl$")
-MIRROR_NAME = "checkpoints.jsonl"
 SHIP_STATE_NAME = "ship-state.json"
-DEV_KEY_NAME = "checkpoint-key.pem"
-DEV_PUBLIC_KEY_NAME = "checkpoint-key.pub.pem"
 
-# Argument keys whose values are never written in clear, whatever config or
-# policy says (matched case-insensitively as substrings of the key).
-BUILTIN_REDACT_KEYS = (
-    "password",
-    "passwd",
-    "passphrase",
-    "secret",
-    "token",
-    "api_key",
-    "apikey",
-    "access_key",
-    "private_key",
-    "authorization",
-    "credential",
-    "cookie",
-    "session",
-)
-REDACTED = "[REDACTED]"
 ARGUMENT_MODES = ("digest", "policy", "clear")
 
 
 def file_name(index: int) -> str:
     return f"evidence-{index:06d}.jsonl"
+
+
+def beside(directory: str | Path, suffix: str) -> Path:
+    """A path next to the evidence directory, never inside it: `var/evidence` → `var/evidence<suffix>`.
+
+    Whoever can rewrite the log's directory must not thereby hold the checkpoint
+    key or the checkpoint mirror as well.
+    """
+    path = Path(os.path.abspath(directory))
+    return path.with_name(path.name + suffix)
+
+
+def default_mirror_path(directory: str | Path) -> Path:
+    """Where checkpoints are mirrored when `evidence.checkpoint_mirror` is "": `<dir>-checkpoints.jsonl`."""
+    return beside(directory, "-checkpoints.jsonl")
+
+
+def dev_key_path(directory: str | Path) -> Path:
+    """The generated development checkpoint key: `<dir>-dev-key.pem` (public half `<dir>-dev-key.pub.pem`)."""
+    return beside(directory, "-dev-key.pem")
 
 
 def rfc3339(ts: float | None = None) -> str:
@@ -115,54 +116,47 @@ def reason_code(reason: str) -> str:
 
 
 def recordable(value: Any) -> Any:
-    """The value itself if it has a canonical JSON form, else a placeholder saying why not."""
+    """`value` itself when it has a canonical JSON form; else a copy in which each part that has none
+    (a NaN, 1e20, a lone surrogate, a non-string key, nesting past MAX_DEPTH, another type) is
+    replaced by `{"unrecordable": "<why>", "repr_digest": "sha256:<of its Python repr>"}`.
+
+    The result always has a canonical form: a record built from it can be sealed and verified.
+    """
     try:
         canonical_json(value)
         return value
-    except NotCanonicalizable as exc:
-        return {
-            "unrecordable": str(exc)[:200],
-            "repr_digest": sha256_digest(repr(value).encode("utf-8", "backslashreplace")),
-        }
-
-
-def sanitize(fields: dict) -> dict:
-    """Make every top-level value canonical-JSON-able (replacing the ones that are not)."""
-    try:
-        canonical_json(fields)
-        return fields
     except NotCanonicalizable:
-        clean = {}
-        for key, value in fields.items():
-            key = key if isinstance(key, str) else str(key)
-            clean[key] = recordable(value)
-        return clean
+        return _recordable(value, 1)
 
 
-def redact(value: Any, keys: Iterable[str], path: str = "") -> tuple[Any, list[str]]:
-    """Replace the values of secret-looking keys (at any depth) with REDACTED.
+def _unrecordable(value: Any, why: str) -> dict:
+    return {
+        "unrecordable": why[:200],
+        "repr_digest": sha256_digest(repr(value).encode("utf-8", "backslashreplace")),
+    }
 
-    Returns the redacted copy and the paths (`a.b[2].c`) that were redacted.
-    """
-    needles = tuple(k.lower() for k in keys if k)
-    redacted: list[str] = []
 
-    def walk(node: Any, where: str) -> Any:
+def _recordable(node: Any, depth: int) -> Any:
+    if isinstance(node, (dict, list, tuple)):
+        if depth >= MAX_DEPTH:
+            return _unrecordable(node, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
             out = {}
-            for k, v in node.items():
-                here = f"{where}.{k}" if where else str(k)
-                if isinstance(k, str) and any(n in k.lower() for n in needles):
-                    out[k] = REDACTED
-                    redacted.append(here)
-                else:
-                    out[k] = walk(v, here)
+            for key, child in node.items():
+                try:
+                    if not isinstance(key, str):
+                        raise NotCanonicalizable("object keys must be strings")
+                    canonical_json(key)
+                except NotCanonicalizable:
+                    key = "[unrecordable key " + sha256_digest(repr(key).encode("utf-8", "backslashreplace")) + "]"
+                out[key] = _recordable(child, depth + 1)
             return out
-        if isinstance(node, list):
-            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return [_recordable(child, depth + 1) for child in node]
+    try:
+        canonical_json(node)
         return node
-
-    return walk(value, path), redacted
+    except NotCanonicalizable as exc:
+        return _unrecordable(node, str(exc))
 
 
 def arguments_in_clear(event: "DecisionEvent", mode: str) -> bool:
@@ -177,10 +171,9 @@ def decision_fields(
     event: "DecisionEvent",
     *,
     arguments_mode: str = "policy",
-    redact_keys: Iterable[str] = (),
     tool_known: bool = False,
 ) -> dict:
-    """The fields of a `decision` record (the writer adds kind, seq, prev_hash, logged_at, hash)."""
+    """The fields of a `decision` record (the writer redacts them and adds kind, seq, prev_hash, logged_at, hash)."""
     identity = event.identity
     subject = None
     delegation: list[dict] = []
@@ -231,12 +224,9 @@ def decision_fields(
         except NotCanonicalizable:
             pass  # malformed arguments are only ever recorded as their digest
         else:
-            extra = (event.obligations or {}).get("redact_arguments") or []
-            extra = [k for k in extra if isinstance(k, str)] if isinstance(extra, list) else []
-            clear, paths = redact(event.arguments, (*BUILTIN_REDACT_KEYS, *redact_keys, *extra))
-            fields["arguments"] = clear
-            fields["arguments_redacted"] = paths
-    # values with no canonical JSON form (a NaN in signals...) are replaced by the writer
+            fields["arguments"] = event.arguments  # redacted by the log's Redactor, like every field
+    # a value with no canonical form (the call was denied for it) is described, never written:
+    # the writer replaces it with recordable() when sealing fails
     return fields
 
 

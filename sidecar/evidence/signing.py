@@ -8,9 +8,10 @@ The key is, in order of preference:
   certificate chain, so `evidence verify --bundle` can check it against the
   trust bundle);
 - a key file from `evidence.signing_key` (PEM, Ed25519 or EC or RSA);
-- in dev, an Ed25519 key generated into the evidence directory (said so in
-  the log and in every checkpoint: `source: dev`). A key kept beside the log
-  protects against accidents, not against whoever can write that directory.
+- in dev, an Ed25519 key generated next to the evidence directory, never in
+  it (`var/evidence-dev-key.pem`; said so in the log and in every checkpoint:
+  `source: dev`). It protects against accidents, not against whoever can
+  write where it lives.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +31,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from sidecar.canonical import canonical_json, sha256_digest
-from sidecar.evidence.records import DEV_KEY_NAME, DEV_PUBLIC_KEY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -146,38 +147,89 @@ def load_private_key(path: str | Path, source: str = "file") -> SigningKey:
     return SigningKey(key, source)
 
 
-def dev_signing_key(directory: str | Path) -> SigningKey:
-    """The generated development key in the evidence directory (created on first use)."""
-    directory = Path(directory)
-    path = directory / DEV_KEY_NAME
+def dev_public_key_path(path: str | Path) -> Path:
+    """The public half of a generated dev key: `x-dev-key.pem` → `x-dev-key.pub.pem`."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".pem") + ".pub.pem")
+
+
+def dev_signing_key(path: str | Path) -> SigningKey:
+    """The generated development key at `path` (records.dev_key_path), created on first use.
+
+    Concurrent first uses agree on one key: it is linked into place only if none is there yet.
+    """
+    path = Path(path)
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         key = ed25519.Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        public = dev_public_key_path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, pem)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        (directory / DEV_PUBLIC_KEY_NAME).write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        )
-        log.warning(
-            "evidence: no signing key configured; generated a development checkpoint key at %s "
-            "(its public half is checkpoint-key.pub.pem). Configure evidence.signing_key or run "
-            "with SVIDs in production: a key beside the log does not stop whoever can write there.",
-            path,
-        )
+        try:
+            os.link(tmp, path)
+            created = True
+        except FileExistsError:
+            created = False  # another process made it first: use theirs
+        finally:
+            os.unlink(tmp)
+        if created:
+            public.write_bytes(
+                key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+            log.warning(
+                "evidence: no signing key configured; generated a development checkpoint key at %s "
+                "(public half %s). Configure evidence.signing_key or run with SVIDs in production.",
+                path,
+                public,
+            )
     return load_private_key(path, source="dev")
 
 
-def load_public_keys(paths: Iterable[str | Path]) -> list[Any]:
-    """Public keys from PEM files: public keys, private keys (their public half) or certificates."""
-    keys = []
+@dataclass(frozen=True)
+class NamedKey:
+    """A signer key the operator trusts; `spiffe_id` when it came from an SVID certificate."""
+
+    key: Any
+    spiffe_id: str = ""
+
+
+def spiffe_id_of(cert: x509.Certificate) -> str:
+    """The SPIFFE ID of an X.509-SVID (its one spiffe:// URI SAN), or "" when it is not one."""
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
+    except x509.ExtensionNotFound:
+        return ""
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    return spiffe[0] if len(uris) == 1 and len(spiffe) == 1 else ""
+
+
+def spiffe_id_matches(spiffe_id: str, patterns: Iterable[str]) -> bool:
+    """Exact match, or `*` in a pattern matching any run of characters (spiffe://example.org/sidecar/*)."""
+    for pattern in patterns:
+        if "*" not in pattern:
+            if spiffe_id == pattern:
+                return True
+        elif re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), spiffe_id):
+            return True
+    return False
+
+
+def load_public_keys(paths: Iterable[str | Path]) -> list[NamedKey]:
+    """Signer keys from PEM files: public keys, private keys (their public half) or certificates
+    (whose SPIFFE ID, when they are SVIDs, then names the signer in reports)."""
+    keys: list[NamedKey] = []
     for path in paths:
         data = Path(path).read_bytes()
         found = False
@@ -186,14 +238,14 @@ def load_public_keys(paths: Iterable[str | Path]) -> list[Any]:
             lambda d: serialization.load_pem_private_key(d, password=None).public_key(),
         ):
             try:
-                keys.append(loader(data))
+                keys.append(NamedKey(loader(data)))
                 found = True
                 break
             except (ValueError, TypeError):
                 continue
         if not found:
             try:
-                keys.extend(c.public_key() for c in x509.load_pem_x509_certificates(data))
+                keys.extend(NamedKey(c.public_key(), spiffe_id_of(c)) for c in x509.load_pem_x509_certificates(data))
                 found = True
             except ValueError:
                 pass

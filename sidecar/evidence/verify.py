@@ -1,16 +1,29 @@
 """`agent-sidecar evidence verify DIR`: prove the log is whole and unaltered, or say where it is not.
 
+What the verdict rests on is the operator's trust anchors, never what the log carries:
+
+- with anchors (`--key` public keys or certificates, and/or a `--bundle` of CA
+  certificates, optionally `--signer` SPIFFE IDs), every checkpoint must be
+  signed by a named signer, and every record must be covered by such a
+  checkpoint (the record's seq at most the checkpoint's). The verdict is
+  INTACT only then; records after the last signed checkpoint are NOT YET
+  COVERED (whoever can write the log could have written them), never intact.
+  The report names who signed: key id, and the SPIFFE ID when a certificate
+  the operator trusts says it.
+- without anchors, the checks below run against the keys the log itself
+  carries, and the verdict says so: CONSISTENT, internal consistency only.
+  Anyone who can rewrite the log can rewrite it consistently.
+
 Checks, in order of the log:
 - files evidence-NNNNNN.jsonl are numbered without gaps;
 - every line is a complete, canonical JSON record whose `hash` is the sha256
-  of the record without `hash`;
+  of the record without `hash` (read with sidecar.canonical, the writer's own form);
 - `seq` counts 1, 2, 3, ... and each `prev_hash` is the previous record's hash
   (seq 1: GENESIS), across files;
 - every checkpoint covers exactly the record before it, names this log's
-  log_id and carries a valid signature (by a key given with --key, by a
-  certificate that chains to --bundle, or else by the key it carries);
+  log_id and carries a valid signature;
 and then, against copies kept outside the chain:
-- every checkpoint in the mirror (checkpoints.jsonl) is in the log, unchanged;
+- every checkpoint in the mirror (default `<DIR>-checkpoints.jsonl`) is in the log, unchanged;
 - the span shipper never acknowledged a seq the log no longer has.
 
 Truncation after the last checkpoint that reached the mirror (or the
@@ -20,18 +33,30 @@ collector) is the one change this cannot see.
 from __future__ import annotations
 
 import base64
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sidecar.canonical import NotCanonicalizable, canonical_json
+from sidecar.canonical import NotCanonicalizable, canonical_json, parse_json
 from sidecar.evidence.log import list_log_files
-from sidecar.evidence.records import GENESIS, KINDS, MIRROR_NAME, SHIP_STATE_NAME, parse_rfc3339, record_hash
-from sidecar.evidence.signing import chain_trusted, key_id, verify_signature
+from sidecar.evidence.records import (
+    GENESIS,
+    KINDS,
+    SHIP_STATE_NAME,
+    default_mirror_path,
+    parse_rfc3339,
+    record_hash,
+)
+from sidecar.evidence.signing import NamedKey, chain_trusted, key_id, spiffe_id_of, spiffe_id_matches, verify_signature
+
+INTACT = "intact"
+NOT_YET_COVERED = "not_yet_covered"
+CONSISTENT = "consistent"
+BROKEN = "broken"
 
 
 @dataclass
@@ -39,6 +64,18 @@ class Problem:
     seq: int | None
     where: str  # file:line
     message: str
+
+
+@dataclass
+class Signer:
+    """Who signed checkpoints, as the operator's anchors establish it."""
+
+    key_id: str
+    spiffe_id: str = ""  # from a --key certificate or an SVID chaining to --bundle; "" when unknown
+    source: str = ""  # what the log says (svid | file | dev): a claim, not proof
+    checkpoints: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
 
 
 @dataclass
@@ -53,15 +90,38 @@ class VerifyReport:
     kinds: Counter = field(default_factory=Counter)
     checkpoints: int = 0
     last_checkpoint_seq: int | None = None
-    signature_trust: str = ""
-    signer_keys: set = field(default_factory=set)
+    anchored: bool = False  # the operator named trust anchors
+    anchors: str = ""
+    covered_seq: int = 0  # every record up to this seq is covered by a checkpoint a named signer signed
+    signers: dict[str, Signer] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     truncated_problems: int = 0
 
     @property
     def ok(self) -> bool:
+        """Nothing broken: the log is internally consistent (and, with anchors, signed as named)."""
         return not self.problems and self.records > 0
+
+    @property
+    def verdict(self) -> str:
+        """intact (anchored, all covered) | not_yet_covered | consistent (no anchors) | broken."""
+        if not self.ok:
+            return BROKEN
+        if not self.anchored:
+            return CONSISTENT
+        return INTACT if self.uncovered == 0 else NOT_YET_COVERED
+
+    @property
+    def intact(self) -> bool:
+        return self.verdict == INTACT
+
+    @property
+    def uncovered(self) -> int:
+        """Records after the last checkpoint signed by a named signer."""
+        if self.last_seq is None:
+            return 0
+        return self.last_seq - self.covered_seq
 
     @property
     def first_broken(self) -> Problem | None:
@@ -78,23 +138,50 @@ def _decode_public(b64: str) -> Any:
     return serialization.load_der_public_key(base64.b64decode(b64))
 
 
+@dataclass
+class _Anchors:
+    keys: dict[str, NamedKey]
+    bundle: list[x509.Certificate]
+    signer_ids: tuple[str, ...]
+
+    @property
+    def given(self) -> bool:
+        return bool(self.keys or self.bundle)
+
+
 def verify_dir(
     directory: str | Path,
     *,
     public_keys: list[Any] | None = None,
-    bundle: list[Any] | None = None,
+    bundle: list[x509.Certificate] | None = None,
+    signer_ids: list[str] | tuple[str, ...] = (),
     mirror: str | Path | None = None,
     max_problems: int = 50,
 ) -> VerifyReport:
+    """Check the log in `directory` (see the module docstring); never raises on a bad log.
+
+    public_keys: the operator's signer keys (NamedKey, or bare public keys);
+    bundle: CA certificates an SVID signer must chain to; signer_ids: SPIFFE IDs
+    (`*` matches any run of characters) such an SVID must have, () = any;
+    mirror: the checkpoint mirror, default `<directory>-checkpoints.jsonl`.
+    """
     directory = Path(directory)
     report = VerifyReport(str(directory))
-    keys_by_id = {key_id(k): k for k in public_keys or []}
-    if keys_by_id:
-        report.signature_trust = f"--key ({len(keys_by_id)} key{'s' if len(keys_by_id) > 1 else ''})"
-    elif bundle:
-        report.signature_trust = f"--bundle ({len(bundle)} CA certificate{'s' if len(bundle) > 1 else ''})"
-    else:
-        report.signature_trust = "keys carried in the log itself (pass --key or --bundle to prove who signed)"
+    named = [k if isinstance(k, NamedKey) else NamedKey(k) for k in public_keys or []]
+    anchors = _Anchors({key_id(k.key): k for k in named}, list(bundle or []), tuple(signer_ids))
+    report.anchored = anchors.given
+    parts = []
+    if anchors.keys:
+        parts.append(f"--key ({len(anchors.keys)} key{'s' if len(anchors.keys) > 1 else ''})")
+    if anchors.bundle:
+        who = ", ".join(anchors.signer_ids) if anchors.signer_ids else "any SVID it issued"
+        parts.append(f"--bundle ({len(anchors.bundle)} CA certificate{'s' if len(anchors.bundle) > 1 else ''}; signers: {who})")
+        if not anchors.signer_ids:
+            report.warnings.append(
+                "--bundle without --signer accepts a checkpoint signed by any SVID of that trust domain "
+                "(another workload's included): name the sidecar's SPIFFE ID with --signer"
+            )
+    report.anchors = " and ".join(parts) or "none (keys carried in the log itself: internal consistency only)"
 
     def problem(seq: int | None, where: str, message: str) -> None:
         if len(report.problems) < max_problems:
@@ -134,7 +221,7 @@ def verify_dir(
         for number, line in enumerate(lines, start=1):
             where = f"{path.name}:{number}"
             try:
-                record = json.loads(line)
+                record = parse_json(line)
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
             except ValueError as exc:
@@ -185,17 +272,23 @@ def verify_dir(
             elif report.records == 1:
                 problem(seq, where, "the first record is not a startup record")
             if kind == "checkpoint":
-                _check_checkpoint(record, seq, where, report, keys_by_id, bundle or [], problem)
+                _check_checkpoint(record, seq, where, report, anchors, problem)
                 checkpoint_hashes[seq] = claimed if isinstance(claimed, str) else ""
             report.last_seq = seq
             report.last_hash = claimed if isinstance(claimed, str) else ""
             expected_seq, expected_prev = seq + 1, claimed
 
-    _check_outside_copies(directory, Path(mirror) if mirror else directory / MIRROR_NAME, report, checkpoint_hashes, problem)
+    mirror_path = Path(mirror) if mirror else default_mirror_path(directory)
+    _check_outside_copies(directory, mirror_path, report, checkpoint_hashes, problem)
+    if report.anchored and report.ok and not mirror_path.exists() and not (directory / SHIP_STATE_NAME).exists():
+        report.warnings.append(
+            f"no checkpoint mirror at {mirror_path} and no span acknowledgements: records cut off after "
+            "the last checkpoint cannot be seen (pass --mirror)"
+        )
     return report
 
 
-def _check_checkpoint(record, seq, where, report, keys_by_id, bundle, problem) -> None:
+def _check_checkpoint(record, seq, where, report: VerifyReport, anchors: _Anchors, problem) -> None:
     report.checkpoints += 1
     report.last_checkpoint_seq = seq
     payload = record.get("checkpoint")
@@ -206,13 +299,24 @@ def _check_checkpoint(record, seq, where, report, keys_by_id, bundle, problem) -
         return
     if payload.get("seq") != seq - 1 or payload.get("head_hash") != record.get("prev_hash"):
         problem(seq, where, f"seq {seq}: checkpoint does not cover the record before it")
+        return
     if payload.get("log_id") != report.log_id:
         problem(seq, where, f"seq {seq}: checkpoint names log {payload.get('log_id')!r}, not {report.log_id!r}")
+        return
     alg, value = signature.get("alg", ""), signature.get("value", "")
-    if keys_by_id:
-        key = keys_by_id.get(signature.get("key_id"))
-        if key is None:
-            problem(seq, where, f"seq {seq}: checkpoint signed by key {signature.get('key_id')}, not one given with --key")
+    claimed_id = signature.get("key_id")
+    spiffe_id = ""
+    if anchors.given:
+        named = anchors.keys.get(claimed_id) if isinstance(claimed_id, str) else None
+        if named is not None:
+            key, spiffe_id = named.key, named.spiffe_id
+        elif anchors.bundle:
+            key, spiffe_id, wrong = _svid_signer(signer, payload, anchors)
+            if wrong:
+                problem(seq, where, f"seq {seq}: checkpoint signer not trusted: {wrong}")
+                return
+        else:
+            problem(seq, where, f"seq {seq}: checkpoint signed by key {claimed_id}, not one named with --key")
             return
     else:
         try:
@@ -220,35 +324,37 @@ def _check_checkpoint(record, seq, where, report, keys_by_id, bundle, problem) -
         except (ValueError, TypeError):
             problem(seq, where, f"seq {seq}: checkpoint signer key does not parse")
             return
-        if key_id(key) != signature.get("key_id"):
+        if key_id(key) != claimed_id:
             problem(seq, where, f"seq {seq}: checkpoint key_id does not match the signer key")
             return
-        if bundle:
-            try:
-                at = parse_rfc3339(str(payload.get("time")))
-            except ValueError:
-                problem(seq, where, f"seq {seq}: checkpoint time does not parse")
-                return
-            wrong = chain_trusted(signer.get("certificates") or [], bundle, at)
-            if wrong:
-                problem(seq, where, f"seq {seq}: checkpoint signer not trusted: {wrong}")
-                return
-            leaf_key = _leaf_key(signer)
-            if leaf_key is None or key_id(leaf_key) != key_id(key):
-                problem(seq, where, f"seq {seq}: checkpoint key is not the signer certificate's key")
-                return
-    report.signer_keys.add(key_id(key))
     if not verify_signature(key, alg, payload, value):
         problem(seq, where, f"seq {seq}: checkpoint signature is not valid (forged or altered)")
+        return
+    who = report.signers.setdefault(key_id(key), Signer(key_id(key), spiffe_id, str(signer.get("source") or "")))
+    who.checkpoints += 1
+    who.first_seq = seq if who.first_seq is None else who.first_seq
+    who.last_seq = seq
+    if anchors.given:
+        # the checkpoint's payload is signed and names the record before it: seq 1..seq are covered
+        report.covered_seq = seq
 
 
-def _leaf_key(signer: dict) -> Any:
-    from cryptography import x509
-
+def _svid_signer(signer: dict, payload: dict, anchors: _Anchors) -> tuple[Any, str, str]:
+    """(key, SPIFFE ID, "") for an SVID chaining to the bundle, named by --signer; else (None, "", why)."""
     try:
-        return x509.load_pem_x509_certificate(signer["certificates"][0].encode()).public_key()
-    except (KeyError, IndexError, ValueError, AttributeError):
-        return None
+        at = parse_rfc3339(str(payload.get("time")))
+    except ValueError:
+        return None, "", "checkpoint time does not parse"
+    wrong = chain_trusted(signer.get("certificates") or [], anchors.bundle, at)
+    if wrong:
+        return None, "", wrong
+    leaf = x509.load_pem_x509_certificate(signer["certificates"][0].encode())
+    spiffe_id = spiffe_id_of(leaf)
+    if not spiffe_id:
+        return None, "", "the signer certificate is not an SVID (no single spiffe:// URI SAN)"
+    if anchors.signer_ids and not spiffe_id_matches(spiffe_id, anchors.signer_ids):
+        return None, "", f"signed by {spiffe_id}, not a SPIFFE ID named with --signer"
+    return leaf.public_key(), spiffe_id, ""
 
 
 def _check_outside_copies(directory, mirror, report, checkpoint_hashes, problem) -> None:
@@ -257,7 +363,7 @@ def _check_outside_copies(directory, mirror, report, checkpoint_hashes, problem)
         for number, line in enumerate(mirror.read_bytes().splitlines(), start=1):
             where = f"{mirror.name}:{number}"
             try:
-                copy = json.loads(line)
+                copy = parse_json(line)
                 seq, claimed = copy["seq"], copy["hash"]
             except (ValueError, KeyError, TypeError):
                 report.warnings.append(f"{where}: unreadable checkpoint copy")
@@ -277,7 +383,7 @@ def _check_outside_copies(directory, mirror, report, checkpoint_hashes, problem)
     state = directory / SHIP_STATE_NAME
     if state.exists():
         try:
-            shipped = int(json.loads(state.read_text())["seq"])
+            shipped = int(parse_json(state.read_text())["seq"])
         except (ValueError, KeyError, TypeError, OSError):
             report.warnings.append(f"{SHIP_STATE_NAME}: unreadable")
         else:
@@ -298,19 +404,35 @@ def format_report(report: VerifyReport) -> str:
     if report.kinds:
         out.append("kinds:    " + ", ".join(f"{k}={n}" for k, n in sorted(report.kinds.items(), key=lambda x: str(x[0]))))
     if report.checkpoints:
-        out.append(
-            f"checkpoints: {report.checkpoints}, last at seq {report.last_checkpoint_seq}; "
-            f"{report.unprotected_tail} record(s) after it are covered only by the mirror/collector copies"
-        )
+        out.append(f"checkpoints: {report.checkpoints}, last at seq {report.last_checkpoint_seq}")
     else:
-        out.append("checkpoints: none (any truncation of this log is undetectable)")
-    out.append(f"signatures checked with: {report.signature_trust}")
-    if report.signer_keys:
-        out.append("signing keys: " + ", ".join(sorted(report.signer_keys)))
+        out.append("checkpoints: none")
+    out.append(f"trust anchors: {report.anchors}")
+    for signer in report.signers.values():
+        name = signer.spiffe_id or ("(no SPIFFE ID known)" if report.anchored else "(unauthenticated: carried by the log)")
+        claimed = f", log says source {signer.source}" if signer.source else ""
+        out.append(
+            f"signed by: {name} key {signer.key_id}: {signer.checkpoints} checkpoint(s), "
+            f"seq {signer.first_seq}..{signer.last_seq}{claimed}"
+        )
     for warning in report.warnings:
         out.append(f"warning: {warning}")
-    if report.ok:
-        out.append(f"INTACT: head seq {report.last_seq} {report.last_hash}")
+    verdict = report.verdict
+    if verdict == INTACT:
+        out.append(f"INTACT: seq 1..{report.last_seq} covered by checkpoints of named signers; head {report.last_hash}")
+    elif verdict == NOT_YET_COVERED:
+        covered = f"seq 1..{report.covered_seq} intact; " if report.covered_seq else "no record is covered; "
+        out.append(
+            f"NOT YET COVERED: {covered}seq {report.covered_seq + 1}..{report.last_seq} "
+            f"({report.uncovered} record(s)) follow the last checkpoint signed by a named signer, "
+            "so nothing shows who wrote them (a clean shutdown or the next checkpoint covers them)"
+        )
+    elif verdict == CONSISTENT:
+        out.append(
+            f"CONSISTENT: internal consistency only, head seq {report.last_seq} {report.last_hash}. "
+            "No trust anchor was given (--key, --bundle): hashes, chain and signatures agree with each other "
+            "and with keys the log carries itself, which whoever can rewrite the log can replace"
+        )
     else:
         first = report.first_broken
         if first is not None:
@@ -323,3 +445,8 @@ def format_report(report: VerifyReport) -> str:
         else:
             out.append("BROKEN: no records")
     return "\n".join(out)
+
+
+def exit_code(report: VerifyReport) -> int:
+    """0 intact (or, without anchors, consistent), 1 broken, 3 not yet covered (2 is a usage error)."""
+    return {INTACT: 0, CONSISTENT: 0, NOT_YET_COVERED: 3}.get(report.verdict, 1)

@@ -1,0 +1,231 @@
+"""Secrets are never written in clear: the one rule set for evidence records, their spans and previews.
+
+Every value of every evidence record passes through `Redactor.record` before
+it is sealed (so the OpenTelemetry spans, which are built from the records,
+carry only redacted values), and the argument preview approvers see passes
+through `Redactor.value`. The rules:
+
+1. Secret keys. A mapping key is secret when its letters and digits,
+   compatibility-normalized and case-folded (case, width and separators dropped: `API-Key`, `x_api_key` and
+   `XApiKey` read `apikey`, `xapikey`), contain one of SECRET_KEY_PARTS or a
+   configured extra key (`evidence.redact_keys`, the `redact_arguments`
+   obligation; normalized the same way), or are exactly one of
+   SECRET_KEY_NAMES. The value under a secret key, whatever its shape
+   (string, number, list, object), becomes "[REDACTED]".
+2. Secrets inside strings, in every string at any depth:
+   - `<secret key>=<value>` and `<secret key>: <value>` (query strings,
+     header lines, `"token": "..."` in JSON text, `password=...` in prose);
+   - `<secret key> <value>` in prose when the value looks like a credential
+     (6 or more characters, with a digit or a symbol: `api-key sk-123abc`,
+     `password hunter2`, not `token limit`);
+   - the credential after `Bearer` or `Basic` (HTTP authorization schemes);
+   - the password in a URL's user information (`postgres://u:pw@host`);
+   - PEM private key blocks, and JSON Web Tokens (`eyJ...` `.` `eyJ...` `.` ...,
+     JWT-SVIDs among them) wherever they stand;
+   - a string that holds a JSON object or array is read, and redacted by
+     rule 1 too; it is rewritten (compact JSON) only when something in it was.
+3. Paths. `record()` lists what it replaced as paths (`signals.api_key`,
+   `arguments.items[2].password`, `intent`) in the record's `redacted` field.
+   Top-level field names of a record are the sidecar's own schema (e.g. an
+   invocation's `credential_id`), so rule 1 is not applied to them; their
+   values are redacted like everything else.
+
+What no rule recognizes (a bare secret in free text with no key, scheme or
+URL around it) cannot be redacted: arguments are therefore recorded as a
+digest unless config or policy asks for them in clear (docs/evidence.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from typing import Any, Iterable
+
+REDACTED = "[REDACTED]"
+
+# Substrings of a normalized key (lower-case letters and digits only) that make it secret.
+SECRET_KEY_PARTS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "apikey",
+    "accesskey",
+    "privatekey",
+    "authorization",
+    "credential",
+    "cookie",
+    "session",
+    "bearer",
+)
+# Whole normalized keys that are secret (too short to match as substrings: `author` is not `auth`).
+SECRET_KEY_NAMES = ("auth", "pass", "pwd", "pw", "pin", "otp", "jwt")
+
+# Longest string read as JSON for rule 2 (longer ones get the text rules only).
+MAX_JSON_STRING = 1 << 20
+
+_KEY_SPACE_VALUE = re.compile(
+    # the value is only looked at (not consumed): it may be the next key ("use api-key sk-1...")
+    r"""(?<![A-Za-z0-9_.\-])(?P<key>[A-Za-z_][A-Za-z0-9_.\-]{0,63})[ \t]+"""
+    r"""(?=(?P<value>(?=[^\s"'&;,)}\]]*[0-9\-_./+!@#$%^*~])[^\s"'&;,)}\]]{6,}))"""
+)
+_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+_PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*")
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9\-._~+/]+=*)|\b(basic\s+)([A-Za-z0-9+/]{8,}=*)")
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*):([^\s/@?#]+)@")
+_ASSIGNMENT = re.compile(
+    r"""(?P<key>[A-Za-z_][A-Za-z0-9_.\-]{0,63})["']?[ \t]*(?P<sep>[:=])[ \t]*"""
+    r"""(?P<value>"(?:[^"\\]|\\.)*"|'[^'\n]*'|[^\s"'&;,)}\]]+)"""
+)
+
+
+def normalize_key(key: str) -> str:
+    """Compatibility-normalized (NFKC), case-folded, letters and digits only: `X-Api_Key`, `ＡＰＩ＿ＫＥＹ` → `apikey`."""
+    if not key.isascii():
+        key = unicodedata.normalize("NFKC", key)
+    return _NON_ALNUM.sub("", key.casefold())
+
+
+class Redactor:
+    """The rule set, with the extra secret keys of a deployment (`evidence.redact_keys`)."""
+
+    def __init__(self, extra_keys: Iterable[str] = ()):
+        self._set_parts((*SECRET_KEY_PARTS, *_normalized(extra_keys)))
+
+    def _set_parts(self, parts: Iterable[str]) -> None:
+        self._parts = tuple(dict.fromkeys(parts))
+        # any of these in a string's squashed letters and digits: a text rule might match
+        self._trigger = re.compile("|".join(re.escape(p) for p in (*self._parts, *SECRET_KEY_NAMES, "basic")))
+        self._keys: dict[str, bool] = {}  # is_secret_key, remembered (keys repeat across records)
+
+    def with_keys(self, extra_keys: Iterable[str]) -> "Redactor":
+        """This rule set plus more secret keys (a decision's `redact_arguments` obligation)."""
+        extra = _normalized(extra_keys)
+        if not extra:
+            return self
+        clone = Redactor()
+        clone._set_parts((*self._parts, *extra))
+        return clone
+
+    def is_secret_key(self, key: Any) -> bool:
+        if not isinstance(key, str):
+            return False
+        known = self._keys.get(key)
+        if known is None:
+            normal = normalize_key(key)
+            known = bool(normal) and (normal in SECRET_KEY_NAMES or any(part in normal for part in self._parts))
+            if len(self._keys) < 4096:
+                self._keys[key] = known
+        return known
+
+    def _may_hold_secret(self, text: str) -> bool:
+        """Cheap pre-check: could any text rule match? (Every rule needs one of these in the text.)"""
+        if ("@" in text and "://" in text) or "PRIVATE KEY" in text or "eyJ" in text:
+            return True
+        return self._trigger.search(normalize_key(text)) is not None
+
+    # -- values ---------------------------------------------------------------
+
+    def value(self, value: Any, path: str = "") -> tuple[Any, list[str]]:
+        """A redacted copy of `value` (the value itself when nothing changed) and the redacted paths."""
+        found: list[str] = []
+        return self._walk(value, path, found, 0), found
+
+    def record(self, fields: dict) -> dict:
+        """Every field of one evidence record, redacted; adds `redacted` (paths) when anything was."""
+        found: list[str] = []
+        out = {key: self._walk(value, key, found, 1) for key, value in fields.items()}
+        if found:
+            out["redacted"] = sorted(set(found) | set(fields.get("redacted") or ()))
+        return out
+
+    def text(self, text: str) -> str:
+        """One string with rule 2 applied."""
+        return self._string(text, "", [], 0)
+
+    def _walk(self, node: Any, where: str, found: list[str], depth: int) -> Any:
+        if isinstance(node, str):
+            return self._string(node, where, found, depth)
+        if isinstance(node, dict):
+            out = {}
+            changed = False
+            for key, child in node.items():
+                here = f"{where}.{key}" if where else str(key)
+                if self.is_secret_key(key):
+                    out[key] = REDACTED
+                    found.append(here)
+                    changed = True
+                else:
+                    out[key] = self._walk(child, here, found, depth + 1)
+                    changed = changed or out[key] is not child
+            return out if changed else node
+        if isinstance(node, (list, tuple)):
+            items = [self._walk(child, f"{where}[{i}]", found, depth + 1) for i, child in enumerate(node)]
+            if any(new is not old for new, old in zip(items, node)):
+                return items
+            return node
+        return node
+
+    def _string(self, text: str, where: str, found: list[str], depth: int) -> str:
+        if not text or not self._may_hold_secret(text):
+            return text
+        out = text
+        head = text.lstrip()[:1]
+        if head in ("{", "[") and len(text) <= MAX_JSON_STRING and depth < 64:
+            try:
+                parsed = json.loads(text)
+            except (ValueError, RecursionError):
+                parsed = None
+            if isinstance(parsed, (dict, list)):
+                inner: list[str] = []
+                cleaned = self._walk(parsed, "", inner, depth + 1)
+                if inner:
+                    out = json.dumps(cleaned, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
+        out = _PEM_PRIVATE.sub(REDACTED, out)
+        out = _JWT.sub(REDACTED, out)
+        out = _AUTH_SCHEME.sub(_scheme_credential, out)
+        out = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", out)
+        out = _ASSIGNMENT.sub(self._assignment, out)
+        out = self._key_space_value(out)
+        if out != text:
+            found.append(where or "(text)")
+            return out
+        return text
+
+    def _key_space_value(self, text: str) -> str:
+        spans = [
+            match.span("value")
+            for match in _KEY_SPACE_VALUE.finditer(text)
+            if self.is_secret_key(match.group("key")) and not match.group("value").startswith(REDACTED)
+        ]
+        for start, end in reversed(spans):  # later spans first, so earlier offsets stay right
+            text = text[:start] + REDACTED + text[end:]
+        return text
+
+    def _assignment(self, match: re.Match) -> str:
+        value = match.group("value")
+        if not self.is_secret_key(match.group("key")) or value.strip("\"'").startswith(REDACTED):
+            return match.group(0)
+        start, end = match.span("value")
+        quote = value[0] if value[:1] in ("'", '"') else ""
+        whole = match.group(0)
+        offset = match.start()
+        return whole[: start - offset] + f"{quote}{REDACTED}{quote}" + whole[end - offset :]
+
+
+def _scheme_credential(match: re.Match) -> str:
+    scheme = match.group(1) or match.group(3)
+    return f"{scheme}{REDACTED}"
+
+
+def _normalized(keys: Iterable[str]) -> tuple[str, ...]:
+    return tuple(n for n in (normalize_key(k) for k in keys if isinstance(k, str)) if n)
+
+
+def obligation_keys(obligations: Any) -> list[str]:
+    """The extra secret keys a decision's `redact_arguments` obligation names."""
+    extra = (obligations or {}).get("redact_arguments") if isinstance(obligations, dict) else None
+    return [k for k in extra if isinstance(k, str)] if isinstance(extra, list) else []

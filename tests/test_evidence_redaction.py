@@ -1,0 +1,265 @@
+"""Secrets are never written in clear (issue 11, §7): one rule set, every field of every record and span.
+
+Planted secrets (each a distinct PLANT-n) go into every caller-controlled
+place a real sidecar takes: arguments at any depth and in any shape, signals,
+intent, task id, call id, gRPC metadata, approvers' notes. Then every field
+of every record kind (decision, escalation, approval, human_denial, expiry,
+checkpoint, startup, and invocation when present) in the log and the
+checkpoint mirror, and every attribute and event attribute of every span
+the collector received, is walked for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.canonical import canonical_json
+from sidecar.client import AsyncClient, build_request
+from sidecar.escalation.client import ApprovalsClient
+from sidecar.escalation.preview import argument_preview
+from sidecar.evidence.records import KINDS, default_mirror_path
+from sidecar.evidence.redaction import REDACTED, Redactor
+from sidecar.evidence.verify import verify_dir
+from sidecar.v1 import sidecar_pb2_grpc
+from tests.doubles.escalation import ALICE, BOB, make_config, records
+from tests.doubles.otlp_receiver import OtlpReceiver
+
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every (path, string) in a JSON value: keys and values, at any depth."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            yield f"{where}.{key}", str(key)
+            yield from strings(child, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, child in enumerate(value):
+            yield from strings(child, f"{where}[{i}]")
+
+
+def leaks(value: Any, needle: str = "PLANT-") -> list[str]:
+    return [f"{path}: {text[:120]!r}" for path, text in strings(value) if needle in text]
+
+
+# -- the rule set -------------------------------------------------------------------------------------
+
+
+def test_the_issue_example_signals_api_key():
+    clean = Redactor().record({"signals": {"api_key": "sk-TWO"}, "arguments": {"query": "x"}})
+    assert clean["signals"] == {"api_key": REDACTED} and clean["redacted"] == ["signals.api_key"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["api_key", "API-Key", "x_api_key", "X-API-KEY", "xApiKey", "apiKey", "api.key", "Api Key", "password", "PassWord",
+     "db_password", "passwd", "passphrase", "client_secret", "clientSecret", "SECRET", "token", "access_token",
+     "refreshToken", "id-token", "Authorization", "proxy-authorization", "credentials", "aws_access_key_id",
+     "private_key", "privateKey", "cookie", "Set-Cookie", "session", "sessionId", "auth", "AUTH", "pwd", "pin", "otp",
+     "jwt", "bearer", "custom_field", "ＡＰＩ＿ＫＥＹ", "Pａssword", "ＴＯＫＥＮ"],
+)
+def test_secret_keys_in_any_case_and_with_any_separator(key):
+    redactor = Redactor(["custom"])
+    for shape in ("PLANT-1", 12345, ["PLANT-1"], {"inner": "PLANT-1"}, None):
+        clean, paths = redactor.value({"outer": [{key: shape}]})
+        assert clean == {"outer": [{key: REDACTED}]} and paths == [f"outer[0].{key}"]
+
+
+@pytest.mark.parametrize("key", ["author", "authority", "path", "query", "keyboard", "passenger", "tokenizer_name"[:0] or "tool"])
+def test_ordinary_keys_are_kept(key):
+    clean, paths = Redactor().value({key: "value"})
+    assert clean == {key: "value"} and paths == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "call it with api_key=PLANT-1 please",
+        "password: PLANT-1",
+        'config {"token": "PLANT-1", "n": 1}',
+        "Authorization: Bearer PLANT-1",
+        "curl -H 'X-Api-Key: PLANT-1' https://example.org",
+        "https://example.org/v1?x=1&access_token=PLANT-1&y=2",
+        "postgres://app:PLANT-1@db:5432/orders",
+        "Basic UExBTlQtMTpQTEFOVC0x",
+        "-----BEGIN RSA PRIVATE KEY-----\nPLANT-1\n-----END RSA PRIVATE KEY-----",
+        "-----BEGIN PRIVATE KEY-----\nPLANT-1 (cut short",
+        "jwt_svid: token eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJQTEFOVC0xIn0.PLANT-1sig was refused",
+        "secret='PLANT-1 with spaces'",
+        "use api-key PLANT-1 for this",
+        "the password hunter2-PLANT-1 is old",
+        '{"headers": {"Cookie": "PLANT-1"}}',
+        '[{"nested": {"db": {"password": ["PLANT-1"]}}}]',
+    ],
+)
+def test_secrets_inside_strings(text):
+    clean, paths = Redactor().value({"body": text})
+    assert "PLANT-1" not in clean["body"] and "UExBTlQtMTpQTEFOVC0x" not in clean["body"], clean
+    assert paths == ["body"]
+
+
+def test_text_without_secrets_is_left_as_it_is():
+    for text in ("summarise the notes", "select 1", "a=b; c: d", "{not json", "spiffe://example.org/ns/a/sa/token-reader",
+                 "the basic idea", '{"author": "x"}', "token limit exceeded", "session started"):
+        assert Redactor().value({"t": text}) == ({"t": text}, [])
+
+
+def test_top_level_record_names_are_the_sidecar_schema_not_caller_keys():
+    fields = {"credential_id": "cred-7", "session": "s", "signals": {"session": "PLANT-1"}}
+    clean = Redactor().record(fields)
+    assert clean["credential_id"] == "cred-7" and clean["session"] == "s" and clean["signals"]["session"] == REDACTED
+
+
+def test_the_preview_approvers_see_uses_the_same_rules():
+    preview = argument_preview(
+        {"headers": {"X-Api-Key": "PLANT-1"}, "url": "https://u:PLANT-2@h/", "custom": "PLANT-3", "mine": "PLANT-4"},
+        redact_keys=["custom"], obligations={"redact_arguments": ["mine"]},
+    )
+    assert not leaks(preview), preview
+
+
+secret_keys = st.builds(
+    lambda word, case, sep, prefix: (prefix + sep if prefix else "") + {"lower": word, "upper": word.upper(),
+                                                                       "title": word.title()}[case].replace("_", sep),
+    st.sampled_from(["api_key", "password", "client_secret", "access_token", "private_key", "authorization", "cookie",
+                     "session_id", "passwd", "x_auth_token", "credentials"]),
+    st.sampled_from(["lower", "upper", "title"]),
+    st.sampled_from(["_", "-", ".", "", " "]),
+    st.sampled_from(["", "x", "my", "HTTP"]),
+)
+plain_keys = st.text(alphabet="abcdefghijklmnoqruvwxyz", min_size=1, max_size=6).filter(
+    lambda k: not Redactor().is_secret_key(k))
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1),
+                    st.text(alphabet="abc xyz", max_size=10))
+
+
+@st.composite
+def planted(draw):
+    """A JSON value with a secret under a secret key somewhere, possibly inside a JSON string."""
+    secret = {draw(secret_keys): draw(st.one_of(st.just("PLANT-1"), st.lists(st.just("PLANT-1"), min_size=1, max_size=2),
+                                                 st.fixed_dictionaries({"v": st.just("PLANT-1")})))}
+    value: Any = secret
+    for _ in range(draw(st.integers(min_value=0, max_value=6))):
+        wrap = draw(st.sampled_from(["dict", "list", "json"]))
+        if wrap == "dict":
+            value = {**draw(st.dictionaries(plain_keys, scalars, max_size=3)), draw(plain_keys): value}
+        elif wrap == "list":
+            items = draw(st.lists(scalars, max_size=3))
+            items.insert(draw(st.integers(min_value=0, max_value=len(items))), value)
+            value = items
+        else:
+            value = json.dumps(value) if not isinstance(value, str) else value
+    return value
+
+
+@PROPERTY
+@given(value=planted(), field=st.sampled_from(["arguments", "signals", "intent", "task_id", "note", "reasons", "obligations"]))
+def test_a_secret_under_a_secret_key_never_survives_at_any_depth_or_shape(value, field):
+    clean = Redactor().record({field: value, "decision_id": "d"})
+    assert b"PLANT-1" not in canonical_json(clean)
+    assert clean["redacted"]
+
+
+# -- through a real sidecar: every field of every record kind and every span -----------------------------
+
+
+SECRET_ARGUMENTS = {
+    "to": "cfo@example.com",
+    "items": [{"Password": "PLANT-1"}, {"ok": 1}],
+    "headers": {"X-Api-Key": "PLANT-2", "Authorization": "Bearer PLANT-3"},
+    "url": "https://user:PLANT-4@example.org/x?access_token=PLANT-5",
+    "body": json.dumps({"client_secret": "PLANT-6", "data": [1, 2]}),
+    "config": "password=PLANT-7",
+    "x_api_key": "PLANT-8",
+    "API-Key": "PLANT-9",
+    "nested": {"deep": [[{"session_id": "PLANT-10"}]]},
+    "pem": "-----BEGIN PRIVATE KEY-----\nPLANT-11\n-----END PRIVATE KEY-----",
+}
+
+
+@pytest.fixture
+def receiver():
+    rx = OtlpReceiver().start()
+    yield rx
+    rx.stop()
+
+
+async def test_no_planted_secret_reaches_any_record_or_span(tmp_path, running_sidecar, receiver, monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    config = make_config(tmp_path, **{"evidence.arguments": "clear", "evidence.checkpoint_every": 5,
+                                      "escalation.ttl_seconds": 1.0})
+    config.telemetry.exporter = "otlp"
+    config.telemetry.endpoint = receiver.endpoint
+    config.telemetry.max_backoff_seconds = 0.3
+    sidecar = await running_sidecar(config)
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        allowed = await agent.authorize("search_docs", {"query": "x"}, signals={"api_key": "sk-TWO", "risk_score": 0.1})
+        assert allowed.outcome == "allow"
+        approved = await agent.authorize(
+            "send_email", SECRET_ARGUMENTS, task_id="t api_key=PLANT-12", intent="use token: PLANT-13",
+            call_id="call password=PLANT-14", signals={"nested": [{"Cookie": "PLANT-15"}]},
+        )
+        await approvals.approve(approved.escalation_id, note="password: PLANT-16", approver=ALICE)
+        retry = await agent.authorize("send_email", SECRET_ARGUMENTS, task_id="t api_key=PLANT-12",
+                                      intent="use token: PLANT-13", escalation_id=approved.escalation_id)
+        assert retry.outcome == "allow", retry.reasons
+        denied = await agent.authorize("delete_repo", {"token": "PLANT-17"}, intent="Authorization: Bearer PLANT-18")
+        await approvals.deny(denied.escalation_id, note="no, secret=PLANT-19", approver=BOB)
+        expiring = await agent.authorize("wire_money", {"amount": 1, "pin": "PLANT-22"}, intent="api-key PLANT-23 x-api-key=PLANT-24")
+        assert expiring.outcome == "escalate"
+        async with grpc.aio.insecure_channel(address) as channel:  # headers: metadata the caller sends
+            await sidecar_pb2_grpc.ToolGateStub(channel).Authorize(
+                build_request("search_docs", {"q": "x"}),
+                metadata=(("authorization", "Bearer PLANT-20"), ("x-api-key", "PLANT-21"),
+                          ("traceparent", "00-PLANT-21-x")),
+            )
+        for _ in range(100):  # the sweeper expires it after escalation.ttl_seconds
+            if any(r["kind"] == "expiry" for r in records(tmp_path / "evidence")):
+                break
+            await asyncio.sleep(0.1)
+    await sidecar.stop(grace=0)
+
+    evidence = tmp_path / "evidence"
+    written = records(evidence)
+    kinds = {r["kind"] for r in written}
+    assert kinds >= {"startup", "decision", "escalation", "approval", "human_denial", "expiry", "checkpoint"}, kinds
+    assert kinds <= set(KINDS)
+    for record in written:  # every field of every record kind
+        assert not leaks(record), (record["kind"], leaks(record))
+    assert b"sk-TWO" not in b"".join(p.read_bytes() for p in evidence.iterdir() if p.is_file())
+    mirror = default_mirror_path(evidence).read_bytes()
+    assert b"PLANT-" not in mirror and b"sk-TWO" not in mirror
+    raw = b"".join(p.read_bytes() for p in evidence.glob("evidence-*.jsonl"))
+    assert b"PLANT-" not in raw
+    # what was redacted says so, and what is not secret is kept
+    call = next(r for r in written if r["kind"] == "decision" and r.get("escalation_id") == approved.escalation_id
+                and r["outcome"] == "escalate")
+    assert call["arguments"]["to"] == "cfo@example.com" and call["arguments"]["items"][1] == {"ok": 1}
+    assert "arguments.items[0].Password" in call["redacted"] and "intent" in call["redacted"]
+    assert verify_dir(evidence).ok
+    # the escalation store (and so the webhook and approvers) keeps ids, intent, notes and previews redacted too
+    store = b"".join(p.read_bytes() for p in tmp_path.glob("escalations.db*"))
+    assert b"send_email" in store
+    assert not [n for n in range(1, 25) if re.search(rb"PLANT-%d(?![0-9])" % n, store)]
+
+    receiver.wait_for(lambda r: any(s.name == "sidecar.expiry" for s in r.spans), timeout=15)
+    with receiver.lock:
+        spans = list(receiver.spans)
+    assert {s.name.split(" ")[0] for s in spans} >= {"execute_tool", "run_guardrail", "sidecar.escalation",
+                                                      "sidecar.approval", "evidence.checkpoint"}
+    for span in spans:  # every span attribute and event attribute
+        for value in (span.name, span.attributes, span.resource, [list(e) for e in span.events]):
+            assert not leaks(value) and "sk-TWO" not in json.dumps(value), (span.name, value)
