@@ -95,8 +95,10 @@ class Sidecar:
         self.evidence = directory / "evidence"
         self.config_path = directory / "sidecar.yaml"
         self.log_path = directory / "sidecar.log"
-        self.bundle = directory / "bundle.pem"
-        self.bundle.write_text(spire.bundle_pem())
+        bundle = directory / "bundle.pem"
+        bundle.write_text(spire.bundle_pem())
+        # what `evidence verify` trusts: SPIRE's CAs, and only the sidecar's SVID as the signer
+        self.anchors = ("--bundle", str(bundle), "--signer", spire.spiffe_id(AGENT_PATH))
         config: dict[str, Any] = {
             "listen": {"tcp": self.address, "unix": self.unix.removeprefix("unix:")},
             # A generous budget: on a busy laptop the default 100 ms can turn a demo call into policy_timeout.
@@ -197,14 +199,14 @@ def report(calls, jaeger: Jaeger, sidecar: Sidecar) -> bool:
     say(f"  (a module build of Jaeger has no UI assets: {jaeger.query_url}/ is a placeholder page)")
     say("\nEvidence (checkpoints signed with the sidecar's SVID; the bundle proves who signed):")
     say(f"  {CLI} evidence show {sidecar.evidence}")
-    say(f"  {CLI} evidence verify {sidecar.evidence} --bundle {sidecar.bundle}")
+    say(f"  {CLI} evidence verify {sidecar.evidence} {' '.join(sidecar.anchors)}")
     return ok
 
 
 def verify(sidecar: Sidecar) -> bool:
-    result = subprocess.run([CLI, "evidence", "verify", str(sidecar.evidence), "--bundle", str(sidecar.bundle)],
+    result = subprocess.run([CLI, "evidence", "verify", str(sidecar.evidence), *sidecar.anchors],
                             capture_output=True, text=True, check=False)
-    say(f"\n$ agent-sidecar evidence verify {sidecar.evidence} --bundle {sidecar.bundle}")
+    say(f"\n$ agent-sidecar evidence verify {sidecar.evidence} {' '.join(sidecar.anchors)}")
     say(result.stdout.rstrip() or result.stderr.rstrip())
     return result.returncode == 0
 

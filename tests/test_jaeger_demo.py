@@ -79,7 +79,8 @@ def test_demo_once_shows_each_outcome_in_jaeger_and_verifies_the_evidence(tmp_pa
     assert "has every trace" in output
     approver = re.search(r"retry after (spiffe://example\.org/\S+) approved", output)
     assert approver and approver[1] == "spiffe://example.org/ns/ops/sa/approver", output
-    assert "signatures checked with: --bundle" in output and "INTACT" in output
+    assert "trust anchors: --bundle" in output and "INTACT" in output
+    assert "signed by: spiffe://example.org/ns/agents/sa/ops-agent" in output
 
     evidence = tmp_path / "demo" / "evidence"
     assert verify_dir(evidence).ok
