@@ -2,7 +2,8 @@
 
 Each subcommand is a small function over the same stages the server uses.
 Exit status: 0 success, 1 a check failed (e.g. policy tests), 2 bad usage or
-configuration.
+configuration; `check` exits 0 allow, 3 deny, 4 escalate (CHECK_EXIT); 141
+(128 + SIGPIPE) when whoever reads the output stops reading (`| head`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -29,6 +31,31 @@ identity and Rego policy (allow / deny / escalate) before it runs.
   agent-sidecar approvals approve ID --note TEXT     let one escalated call through, once
   agent-sidecar console --config FILE                the approvers' web page
 """
+
+
+# `check`'s exit status per outcome: scripts can branch on the decision without parsing JSON.
+CHECK_EXIT = {"allow": 0, "deny": 3, "escalate": 4}
+# Exit status when stdout's reader went away (a shell reports a process killed by SIGPIPE the same way).
+BROKEN_PIPE_EXIT = 128 + 13
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of this CLI, subcommands' included (add_subparsers makes them of this class).
+
+    Options are never abbreviated (`--subj` is not `--subject`), and an
+    argument a subcommand does not know is refused by that subcommand, with
+    its own usage line (argparse would hand it up to the top-level parser).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
 
 
 def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +150,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=None if args.compact else 2, sort_keys=True))
-    return 0
+    return CHECK_EXIT[result["outcome"]]
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
@@ -162,8 +189,17 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_evidence_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sidecar.evidence.log import list_log_files
     from sidecar.evidence.show import Filter, parse_since, show
 
+    if not Path(args.dir).is_dir():
+        raise ConfigError(f"{args.dir}: not a directory (give the evidence directory, evidence.dir)")
+    if not list_log_files(args.dir):
+        raise ConfigError(
+            f"{args.dir}: no evidence log here (no evidence-NNNNNN.jsonl files); give the evidence directory, evidence.dir"
+        )
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
@@ -176,15 +212,12 @@ def cmd_evidence_show(args: argparse.Namespace) -> int:
         decision_id=args.decision_id or "",
         kind=args.kind or "",
     )
-    try:
-        show(args.dir, flt, as_json=args.json, out=sys.stdout, limit=args.limit)
-    except BrokenPipeError:
-        pass
+    show(args.dir, flt, as_json=args.json, out=sys.stdout, limit=args.limit)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agent-sidecar", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -200,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="decide one call with the configured engine and print it as JSON (records no evidence, skips the bundle's tests)",
         description="Decide one tool call as if SUBJECT made it, and print "
-        '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON.',
+        '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON. '
+        "Exit status: 0 allow, 3 deny, 4 escalate; 2 bad usage, configuration or policy.",
     )
     check.add_argument("--config", metavar="FILE", help="YAML config; its policy section chooses the engine")
     check.add_argument("--policy", metavar="DIR", help="policy bundle directory, overriding policy.dir")
@@ -257,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--mirror", metavar="FILE", help="checkpoint mirror (default DIR-checkpoints.jsonl beside DIR)")
     verify.set_defaults(run=cmd_evidence_verify)
     show = evidence_commands.add_parser(
-        "show", help="print matching records as a table, or as JSON lines with --json"
+        "show",
+        help="print matching records as a table, or as JSON lines with --json",
+        description="Print the records of an evidence directory that match every filter given. "
+        "Exit 0 (also when nothing matches), 2 when DIR holds no evidence log.",
     )
     show.add_argument("dir", help="the evidence directory (evidence.dir)")
     show.add_argument("--tool", metavar="NAME")
@@ -285,7 +322,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return status
     except ConfigError as exc:
         print(f"agent-sidecar: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `agent-sidecar approvals list | head`: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's final flush cannot raise again (Python's signal docs).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT

@@ -100,11 +100,27 @@ class IdentityConfig:
 
 @dataclass
 class UsageConfig:
-    # Sliding window behind input.usage.calls_in_window.
+    # Where input.usage is counted: "memory" (this sidecar only, reset on restart)
+    # or "postgres" (shared by every sidecar on the database, kept across restarts).
+    store: str = "memory"
+    # Sliding window behind input.usage.calls_in_window; the same on every
+    # sidecar sharing a postgres store.
     window_seconds: int = 60
-    # How many (subject, tool) pairs and tasks are tracked before the least
-    # recently used are forgotten.
+    # memory: how many (subject, tool) pairs and tasks are tracked before the
+    # least recently used are forgotten.
     max_tracked: int = 100_000
+    # postgres: libpq connection string or URL; "" = the PG* environment
+    # variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
+    dsn: str = ""
+    # postgres: connections per sidecar.
+    pool_size: int = 4
+    # postgres: budget of one count (waiting for a connection included).
+    timeout_ms: int = 250
+    # postgres: a task with no call for this long is forgotten (its count restarts).
+    task_idle_seconds: float = 86_400.0
+    # postgres: when the database cannot count a call, "deny" it (reason
+    # usage_unavailable) or count it in this sidecar's "memory" meanwhile.
+    on_store_error: str = "deny"
 
 
 @dataclass
@@ -269,8 +285,7 @@ class Config:
             if getattr(self.policy, key) <= 0:
                 raise ConfigError(f"policy.{key}: must be positive")
         _validate_opa(self.policy.opa)
-        if self.usage.window_seconds <= 0:
-            raise ConfigError("usage.window_seconds: must be positive")
+        _validate_usage(self.usage)
         if not self.listen.tcp and not self.listen.unix:
             raise ConfigError("listen: at least one of listen.tcp and listen.unix is needed")
         sources = self.identity.sources
@@ -393,6 +408,25 @@ class Config:
                 "sent to it could be read and replayed; add mtls to identity.sources, or listen on loopback "
                 "or the unix socket only"
             )
+
+
+def _validate_usage(usage: UsageConfig) -> None:
+    if usage.store not in ("memory", "postgres"):
+        raise ConfigError(f"usage.store: must be memory or postgres, not {usage.store!r}")
+    if usage.on_store_error not in ("deny", "memory"):
+        raise ConfigError(f"usage.on_store_error: must be deny or memory, not {usage.on_store_error!r}")
+    for key in ("window_seconds", "max_tracked", "pool_size", "timeout_ms"):
+        if getattr(usage, key) <= 0:
+            raise ConfigError(f"usage.{key}: must be positive")
+    if not usage.task_idle_seconds > 0:
+        raise ConfigError("usage.task_idle_seconds: must be positive")
+    if usage.store == "postgres":
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(usage.dsn)
+        except Exception:  # its message may quote the string, password included
+            raise ConfigError("usage.dsn: not a libpq connection string or postgresql:// URL") from None
 
 
 def _validate_evidence_sections(config: "Config") -> None:

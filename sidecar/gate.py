@@ -26,7 +26,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision
 from sidecar.policy.engine import PolicyEngine
 from sidecar.policy.input import build_input
-from sidecar.usage import UsageCounters
+from sidecar.usage import UsageCounter, UsageUnavailable
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
@@ -60,7 +60,7 @@ class Gate:
         self,
         *,
         engine: PolicyEngine,
-        usage: UsageCounters,
+        usage: UsageCounter,
         call_ids: CallIdRegistry,
         recorder: Recorder | None,
         max_input_bytes: int,
@@ -116,18 +116,29 @@ class Gate:
             if retry is not None and retry.parent is not None:
                 trace = TraceContext.new(retry.parent)  # the retry joins the escalated call's trace
 
+        usage, usage_failure = None, ""
+        if not problems:
+            assert isinstance(identity, CallerIdentity)
+            try:
+                usage = await self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
+            except UsageUnavailable as exc:
+                usage_failure = f"usage_unavailable: the call could not be counted for input.usage ({exc})"
+
         timings: dict[str, float] = {}
+        catalog_entry = None  # the entry policy decided with; an escalation keeps it for approvers
         if problems:
             decision = Decision.refused(problems, policy_revision=self.engine.revision)
+        elif usage_failure:  # a stage failed: fail closed, like an engine or evidence failure
+            decision = Decision.failed(usage_failure, engine="sidecar", policy_revision=self.engine.revision)
         else:
-            assert isinstance(identity, CallerIdentity)
-            usage = self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
+            assert isinstance(identity, CallerIdentity) and usage is not None
+            catalog_entry = self.engine.catalog_entry(call.tool)
             document = build_input(
                 identity=identity,
                 tool=call.tool,
                 server=call.server,
                 arguments=call.arguments,
-                catalog_entry=self.engine.catalog_entry(call.tool),
+                catalog_entry=catalog_entry,
                 task_id=call.task_id,
                 intent=call.intent,
                 signals=call.signals or {},
@@ -152,7 +163,7 @@ class Gate:
         if not problems and self.escalations is not None:
             assert isinstance(identity, CallerIdentity)
             decision, escalation_id, approver, new_escalation = await self._escalation_step(
-                decision, call, identity, arguments_digest, retry, decision_id, call_id, trace
+                decision, call, identity, arguments_digest, retry, decision_id, call_id, trace, catalog_entry
             )
 
         event = DecisionEvent(
@@ -235,6 +246,7 @@ class Gate:
         decision_id: str,
         call_id: str,
         trace: TraceContext,
+        catalog_entry: dict | None = None,
     ):
         """Returns (decision, escalation_id, approver, new escalation to announce or None).
 
@@ -279,6 +291,7 @@ class Gate:
                 decision_id=decision_id,
                 call_id=call_id,
                 trace=trace,
+                catalog_entry=catalog_entry,
             )
         except StoreError as exc:
             reason = f"escalation_unavailable: the call needs approval but the escalation store failed ({exc})"

@@ -27,7 +27,7 @@ class Metrics:
         )
         self.failures = Counter(
             "sidecar_fail_closed",
-            "Decisions denied because a stage failed (engine error, timeout, evidence unavailable)",
+            "Decisions denied because a stage failed (engine error, timeout, evidence or usage store unavailable)",
             ["engine"],
             registry=self.registry,
         )

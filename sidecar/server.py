@@ -30,7 +30,8 @@ from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.embedded import EmbeddedEngine
 from sidecar.policy.engine import PolicyEngine
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
-from sidecar.usage import UsageCounters
+from sidecar.usage import UsageCounter
+from sidecar.usage.memory import MemoryCounter
 from sidecar.v1 import sidecar_pb2
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,35 @@ def build_recorder(
     )
 
 
+def build_usage(config: Config) -> UsageCounter:
+    """The configured usage counters (docs/configuration.md `usage`); not opened yet."""
+    usage = config.usage
+    memory = MemoryCounter(usage.window_seconds, usage.max_tracked)
+    if usage.store == "memory":
+        return memory
+    from sidecar.usage.postgres import PostgresCounter
+
+    return PostgresCounter(
+        usage.dsn,
+        window_seconds=usage.window_seconds,
+        task_idle_seconds=usage.task_idle_seconds,
+        timeout_ms=usage.timeout_ms,
+        pool_size=usage.pool_size,
+        fallback=memory if usage.on_store_error == "memory" else None,
+    )
+
+
 def build_gate(
-    config: Config, engine: PolicyEngine, recorder: Recorder | None, metrics: Metrics | None = None
+    config: Config,
+    engine: PolicyEngine,
+    recorder: Recorder | None,
+    metrics: Metrics | None = None,
+    usage: UsageCounter | None = None,
 ) -> Gate:
+    """`usage` None = fresh in-memory counters (`check`: a one-off decision counts nothing shared)."""
     return Gate(
         engine=engine,
-        usage=UsageCounters(config.usage.window_seconds, config.usage.max_tracked),
+        usage=usage if usage is not None else MemoryCounter(config.usage.window_seconds, config.usage.max_tracked),
         call_ids=CallIdRegistry(config.sidecar.call_id_memory),
         recorder=recorder,
         max_input_bytes=config.policy.max_input_bytes,
@@ -152,12 +176,15 @@ class RunningSidecar:
     metrics: Metrics | None = None
     metrics_port: int | None = None
     escalations: Any = None  # sidecar.escalation.service.EscalationService
+    usage: UsageCounter | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         self._health_task.cancel()
         await self.server.stop(grace)
         if self.escalations is not None:
             await self.escalations.stop()
+        if self.usage is not None:
+            await self.usage.aclose()
         if self.metrics is not None:
             self.metrics.close()
         if self.identity_runtime is not None:
@@ -180,11 +207,14 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         identity_runtime.close()
         raise
     metrics = Metrics()
-    gate = build_gate(config, engine, recorder, metrics)
+    usage = build_usage(config)
+    gate = build_gate(config, engine, recorder, metrics, usage)
     escalations = build_escalations(config, recorder)
     try:
+        await usage.open()
         await escalations.start()
     except BaseException:
+        await usage.aclose()
         await engine.close()
         identity_runtime.close()
         if recorder is not None:
@@ -210,6 +240,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     if recorder is not None:
         sources["evidence"] = recorder.health
     sources["escalation"] = escalations.health
+    sources["usage"] = usage.health
     health = SidecarHealth(sources, [TOOLGATE_SERVICE])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -244,6 +275,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     return RunningSidecar(
         server, addresses, engine, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
         escalations=escalations,
+        usage=usage,
     )
 
 
@@ -265,6 +297,8 @@ async def serve(config: Config) -> None:
             f"{sidecar.addresses[0]}`)",
             flush=True,
         )
+    if sidecar.usage is not None:
+        print(f"  usage         {sidecar.usage.health()[1]} (input.usage counters)", flush=True)
     first = sidecar.addresses[0]
     print("Send a first call from another terminal:", flush=True)
     print(

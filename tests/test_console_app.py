@@ -70,7 +70,9 @@ async def test_dev_mode_page_approve_and_csrf_refusals(setup, tmp_path):
         assert eid in page and "send_email" in page and "spiffe://dev.local/agent" in page
         assert "high_risk_tool: a human approves this tool" in page
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page  # escaped
-        assert "[REDACTED]" in page and '"pw"' not in page
+        # alice may decide it: the arguments in full, as the tool will receive them (the password too)
+        assert "in full, exactly as the tool will receive them" in page
+        assert "&quot;password&quot;: &quot;pw&quot;" in page and "[REDACTED]" not in page
         assert "http://jaeger.example:16686/trace/" in page and "expires <b" in page
         assert ALICE in page
         token = token_in(page)
@@ -112,6 +114,19 @@ async def test_dev_mode_page_approve_and_csrf_refusals(setup, tmp_path):
             assert response.status == 404 and "escalation_unknown" in await response.text()
     approvals = [r for r in records(tmp_path / "evidence") if r["kind"] in ("approval", "human_denial")]
     assert [(r["kind"], r["outcome"]) for r in approvals] == [("approval", "approved"), ("human_denial", "refused")]
+
+
+async def test_who_may_not_decide_reads_the_redacted_preview_and_why(setup):
+    address, console = setup
+    base = await console(dev_approver="spiffe://dev.local/agent")  # the call's own subject
+    eid = await escalate(address, to="cfo@example.com", body="b", password="pw")
+    async with aiohttp.ClientSession() as http:
+        for path in ("/", f"/escalations/{eid}"):
+            async with http.get(base + path) as response:
+                page = await response.text()
+            assert "&quot;password&quot;: &quot;[REDACTED]&quot;" in page and "&quot;pw&quot;" not in page
+            assert "redacted preview; in full only to an approver who may decide it" in page
+            assert "self_approval: spiffe://dev.local/agent cannot decide" in page
 
 
 async def test_trusted_header_names_the_approver(setup):

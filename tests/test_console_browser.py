@@ -4,13 +4,15 @@ Debian's `chromium` package (installed by `make test`), driven by Playwright
 for Python through `executable_path`: no browser is downloaded
 (`playwright install` is never run). The browser context sends the header
 an auth proxy would (X-Auth-Request-Email), so the approver is
-email:alice@example.org. A screenshot of each page is saved in the test's
-tmp dir (console-*.png).
+email:alice@example.org. Screenshots at 1280x800 are saved in
+tests/artifacts/ (gitignored: console-*.png), to be looked at.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,15 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 APPROVER = "email:alice@example.org"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+VIEWPORT = {"width": 1280, "height": 800}
+LONG_NOTE = ("checked with finance: the Q3 numbers match the board pack that went out last Tuesday, "
+             "fine to send to the CFO before the call")
+
+
+def screenshot_path(name: str) -> str:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return str(ARTIFACTS / name)
 
 
 @pytest.fixture
@@ -57,11 +68,11 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
     base = f"http://127.0.0.1:{port}"
     try:
         context = await browser.new_context(
-            viewport={"width": 1200, "height": 900}, extra_http_headers={"X-Auth-Request-Email": "alice@example.org"}
+            viewport=VIEWPORT, extra_http_headers={"X-Auth-Request-Email": "alice@example.org"}
         )
         page = await context.new_page()
         await page.goto(base + "/")
-        await page.screenshot(path=str(tmp_path / "console-pending.png"), full_page=True)
+        await page.screenshot(path=screenshot_path("console-pending.png"), full_page=True)
         assert await page.title() == "Pending approvals"
         assert await page.locator('[data-testid="approver"]').inner_text() == APPROVER
         cards = page.locator("section.card")
@@ -70,12 +81,14 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
         repo_card = page.locator(f'section[data-escalation-id="{repo.escalation_id}"]')
         text = await email_card.inner_text()
         assert "send_email" in text and "spiffe://dev.local/agent" in text and "task-42" in text
-        assert "high_risk_tool: a human approves this tool" in text and "[REDACTED]" in text and "s3cret" not in text
+        assert "high_risk_tool: a human approves this tool" in text
+        # alice may decide it: the arguments in full, the secret too (it never reaches the evidence log)
+        assert "in full, exactly as the tool will receive them" in text and '"api_token": "s3cret"' in text
         assert "expires" in text and "in 14m" in text
         trace = email_card.locator("a[href*='/trace/']")
         assert await trace.get_attribute("href") == f"http://jaeger.example:16686/trace/{email.trace_id}"
 
-        await email_card.locator("textarea[name=note]").fill("checked with finance")
+        await email_card.locator("textarea[name=note]").fill(LONG_NOTE)
         await email_card.get_by_role("button", name="Approve").click()
         await page.wait_for_url(f"{base}/?approved={email.escalation_id}")
         assert f"Approved {email.escalation_id}" in await page.locator(".banner.ok").inner_text()
@@ -85,7 +98,7 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
         await repo_card.get_by_role("button", name="Deny").click()
         await page.wait_for_url(f"{base}/?denied={repo.escalation_id}")
         assert "Nothing is waiting for a decision." in await page.locator("main").inner_text()
-        await page.screenshot(path=str(tmp_path / "console-after.png"), full_page=True)
+        await page.screenshot(path=screenshot_path("console-after.png"), full_page=True)
 
         await page.get_by_role("link", name="History").click()
         await page.wait_for_url(f"{base}/history")
@@ -94,7 +107,8 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
         history = await page.locator("table").inner_text()
         assert "APPROVED" in history and "DENIED" in history and "checked with finance" in history
         assert APPROVER in history
-        await page.screenshot(path=str(tmp_path / "console-history.png"), full_page=True)
+        await page.screenshot(path=screenshot_path("console-history.png"), full_page=True)
+        await assert_rows_on_one_line(page)
         await context.close()
     finally:
         await runner.cleanup()
@@ -102,7 +116,7 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
     async with ApprovalsClient(address) as approvals:
         approved = await approvals.get(email.escalation_id)
         denied = await approvals.get(repo.escalation_id)
-    assert (approved["state"], approved["approver"], approved["note"]) == ("approved", APPROVER, "checked with finance")
+    assert (approved["state"], approved["approver"], approved["note"]) == ("approved", APPROVER, LONG_NOTE)
     assert (denied["state"], denied["approver"], denied["note"]) == ("denied", APPROVER, "not during the freeze")
     async with AsyncClient(address) as agent:
         assert (await agent.authorize("send_email", email_args, task_id="task-42",
@@ -112,6 +126,81 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
     kinds = [(r["kind"], r["outcome"], r.get("approver")) for r in records(tmp_path / "evidence")
              if r["kind"] in ("approval", "human_denial")]
     assert kinds == [("approval", "approved", APPROVER), ("human_denial", "denied", APPROVER)]
+    assert "s3cret" not in "".join(p.read_text() for p in (tmp_path / "evidence").glob("evidence-*.jsonl"))
+
+
+async def until_waiting(address: str, escalation_id: str) -> None:
+    """Until the sidecar notes the agent's open AwaitDecision (it opens in the background)."""
+    async with ApprovalsClient(address) as approvals:
+        for _ in range(200):
+            if (await approvals.get(escalation_id))["agent_waiting"]:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the agent's AwaitDecision on {escalation_id} was never noted")
+
+
+async def assert_rows_on_one_line(page) -> None:
+    """Every history cell is one line high: the table does not wrap at this width."""
+    heights = await page.locator("tbody td").evaluate_all(
+        "cells => cells.map(c => [c.getBoundingClientRect().height, "
+        "parseFloat(getComputedStyle(c).lineHeight) + parseFloat(getComputedStyle(c).paddingTop)"
+        " + parseFloat(getComputedStyle(c).paddingBottom) + 2])"
+    )
+    assert heights and all(height <= one_line for height, one_line in heights), heights
+    overflow = await page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the page scrolls sideways by {overflow}px"
+
+
+async def test_the_escalation_page_shows_what_the_approver_decides(tmp_path, running_sidecar, browser):
+    """Intent, signals, the tool's catalog facts, the full arguments, whether the agent still waits."""
+    config = make_config(tmp_path, **{"console.trusted_header": "X-Auth-Request-Email"})
+    sidecar = await running_sidecar(config)
+    address = sidecar.addresses[0]
+    config.console.sidecar = address
+    arguments = {"to": ["cfo@example.com"], "subject": "Q3 numbers", "body": "Attached, as discussed.",
+                 "password": "hunter2", "amount": 1250}
+    signals = {"risk_score": 0.82, "model": "claude-test-1"}
+    async with AsyncClient(address) as agent:
+        email = await agent.authorize("send_email", arguments, task_id="task-7", signals=signals,
+                                      intent="Send the CFO the Q3 numbers she asked for")
+        gone = await agent.authorize("delete_repo", {"repo": "acme/legacy"}, intent="clean up")
+        waiting = asyncio.create_task(agent.await_decision(email.escalation_id, timeout=30))
+        await until_waiting(address, email.escalation_id)
+        runner, port = await start_console(config, "127.0.0.1:0")
+        base = f"http://127.0.0.1:{port}"
+        try:
+            context = await browser.new_context(viewport=VIEWPORT,
+                                                extra_http_headers={"X-Auth-Request-Email": "alice@example.org"})
+            page = await context.new_page()
+            await page.goto(f"{base}/escalations/{email.escalation_id}")
+            await page.screenshot(path=screenshot_path("console-escalation.png"), full_page=True)
+            card = page.locator(f'section[data-escalation-id="{email.escalation_id}"]')
+            assert await card.get_by_test_id("intent").inner_text() == "Send the CFO the Q3 numbers she asked for"
+            assert await card.get_by_test_id("tool-description").inner_text() == (
+                "Send an email on behalf of the organisation.")
+            facts = await card.inner_text()
+            assert "owner communications" in facts and "risk high" in facts and "reversible no" in facts
+            assert "HIGH RISK" in facts.upper() and "IRREVERSIBLE" in facts.upper()
+            assert '"risk_score": 0.82' in await card.get_by_test_id("signals").inner_text()
+            shown = await card.get_by_test_id("arguments").inner_text()
+            assert '"password": "hunter2"' in shown and '"amount": 1250' in shown
+            assert await card.get_by_test_id("kept-out").inner_text() == "kept out of the evidence log: password"
+            assert (await card.get_by_test_id("agent").inner_text()).startswith("waiting now")
+
+            await page.goto(f"{base}/escalations/{gone.escalation_id}")
+            other = page.locator(f'section[data-escalation-id="{gone.escalation_id}"]')
+            assert (await other.get_by_test_id("agent").inner_text()).startswith("not waiting")
+            assert "developer-experience" in await other.inner_text()
+
+            # the pending list: newest first, the same order as `approvals list` and the API
+            await page.goto(base + "/")
+            await page.screenshot(path=screenshot_path("console-pending-full.png"), full_page=True)
+            order = await page.locator("section.card").evaluate_all("cards => cards.map(c => c.dataset.escalationId)")
+            assert order == [gone.escalation_id, email.escalation_id]
+            await context.close()
+        finally:
+            await runner.cleanup()
+        waiting.cancel()
 
 
 async def test_a_form_with_a_tampered_csrf_token_is_refused(tmp_path, running_sidecar, browser):

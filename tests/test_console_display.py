@@ -138,7 +138,8 @@ async def test_the_issue_example_and_variants_on_every_real_surface(tmp_path, ru
         async with AsyncClient(address) as agent:
             escalated = await agent.authorize(
                 "send_email", {"to": "ops@example.com", "body\u200b": "hi\x9b2J", "bcc\u202e": ["x@evil.example"]},
-                task_id=EXAMPLE_TASK, server="mail\u2066srv", intent="report\u2028\u2029")
+                task_id=EXAMPLE_TASK, server="mail\u2066srv", intent="report\u2028\u2029",
+                signals={"model\u202e": "x\x1b[2J", "risk_score": 0.5})
             denied = await agent.authorize("search_docs\u3164", {"q": "x"}, task_id="t\u202e")
         assert escalated.outcome == "escalate" and denied.outcome == "deny"
         eid = escalated.escalation_id
@@ -149,8 +150,14 @@ async def test_the_issue_example_and_variants_on_every_real_surface(tmp_path, ru
         assert [line for line in shown.splitlines() if line.startswith("tool")] == ["tool         send_email"]
         assert ("task         t-1\\x1b[1A\\r\\x1b[2Ktool         create_ticket   [!] holds control or invisible "
                 "characters, shown escaped") in shown
-        assert shown.startswith("WARNING [!] server, arguments_preview, task_id holds")
+        assert shown.startswith("WARNING [!] server, arguments_preview, task_id, intent, signals holds")
         assert '"bcc\\u202e": [' in shown and '"body\\u200b": "hi\\u009b2J"' in shown
+        assert "intent       report\\u2028\\u2029   [!] holds" in shown
+        assert '"model\\u202e": "x\\u001b[2J"' in shown and "[!] the signals holds" in shown
+        in_full = await cli("approvals", "show", eid, "--address", address, "--approver", ALICE)
+        assert no_hidden(in_full) and "WARNING [!] server, arguments_preview, arguments, task_id," in in_full
+        assert "in full, exactly as the tool will receive them:" in in_full
+        assert "[!] the arguments holds" in in_full and '"body\\u200b": "hi\\u009b2J"' in in_full
         listed = await cli("approvals", "list", "--address", address)
         assert no_hidden(listed) and "send_email ([!]mail\\u2066srv)" in listed
         exact = json.loads(await cli("approvals", "show", eid, "--address", address, "--json"))
@@ -176,6 +183,9 @@ async def test_the_issue_example_and_variants_on_every_real_surface(tmp_path, ru
         for page in (pending, detail, history):
             assert no_hidden(page) and 'data-testid="hidden-flag"' in page
         assert "t-1\\x1b[1A\\r\\x1b[2Ktool         create_ticket" in pending
+        assert "in full, exactly as the tool will receive them" in pending  # alice may decide it
+        assert "&quot;bcc\\u202e&quot;" in pending and "&quot;model\\u202e&quot;: &quot;x\\u001b[2J&quot;" in pending
+        assert "report\\u2028\\u2029" in pending
         assert "email:alice\\u3164@example.org" in detail and "fine\\rapproved by cfo\\x9b2K\\u202e\\ufe0f" in history
 
         after = await cli("approvals", "show", eid, "--address", address)
@@ -185,7 +195,8 @@ async def test_the_issue_example_and_variants_on_every_real_surface(tmp_path, ru
         assert body.isascii()
         payload = json.loads(body)
         assert payload["escalation"]["task_id"] == EXAMPLE_TASK and no_hidden(payload["text"])
-        assert payload["hidden_characters"] == ["server", "arguments_preview", "task_id", "intent"]
+        assert payload["hidden_characters"] == ["server", "arguments_preview", "task_id", "intent", "signals"]
+        assert "arguments" not in payload["escalation"]  # never the unredacted arguments
         assert payload["text"].startswith("send_email on [!]mail\\u2066srv by spiffe://dev.local/agent needs approval")
 
         table, as_json = io.StringIO(), io.StringIO()

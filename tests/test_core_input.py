@@ -12,7 +12,7 @@ from sidecar.calls import CallIdRegistry, ToolCall
 from sidecar.gate import Gate
 from sidecar.identity import CallerIdentity, Subject
 from sidecar.policy.embedded import EmbeddedEngine
-from sidecar.usage import UsageCounters
+from sidecar.usage.memory import MemoryCounter
 from tests.conftest import REGO
 
 SCHEMA = json.loads((Path(input_module.__file__).parent / "input.schema.json").read_text())
@@ -44,7 +44,7 @@ async def test_inputs_built_by_the_gate_match_the_schema():
     capturing = InputCapturingEngine(engine)
     gate = Gate(
         engine=capturing,
-        usage=UsageCounters(60, 100),
+        usage=MemoryCounter(60, 100),
         call_ids=CallIdRegistry(100),
         recorder=None,
         max_input_bytes=1 << 20,

@@ -1,4 +1,4 @@
-"""Config loading, usage counters, call checks: the small pieces the gate is built from."""
+"""Config loading, call checks: the small pieces the gate is built from."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 
 from sidecar.calls import CallIdRegistry, ToolCall, check_call
 from sidecar.config import ConfigError, load_config
-from sidecar.usage import UsageCounters
 
 
 def test_defaults_are_the_embedded_dev_setup():
@@ -39,26 +38,6 @@ def test_bad_config_names_the_key(tmp_path, yaml_text, message):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.yaml")
-
-
-def test_usage_window_slides_and_tasks_count():
-    now = [1000.0]
-    usage = UsageCounters(window_seconds=60, max_tracked=10, clock=lambda: now[0])
-    assert usage.count("s", "t", "task").calls_in_window == 1
-    now[0] += 30
-    second = usage.count("s", "t", "task")
-    assert (second.calls_in_window, second.calls_in_task) == (2, 2)
-    now[0] += 31  # the first call left the window
-    assert usage.count("s", "t", "").calls_in_window == 2
-    assert usage.count("s", "other", "").calls_in_window == 1
-
-
-def test_usage_forgets_least_recently_used_keys_past_the_bound():
-    usage = UsageCounters(window_seconds=60, max_tracked=2, clock=lambda: 0.0)
-    usage.count("a", "t", "")
-    usage.count("b", "t", "")
-    usage.count("c", "t", "")
-    assert usage.count("a", "t", "").calls_in_window == 1  # "a" was forgotten
 
 
 def test_call_ids_are_bound_to_one_call():

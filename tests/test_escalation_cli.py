@@ -28,20 +28,47 @@ async def test_list_show_approve_deny(tmp_path, running_sidecar):
     address = sidecar.addresses[0]
     async with AsyncClient(address) as agent:
         email = await agent.authorize("send_email", {"to": "cfo@example.com", "body": "hi", "token": "xyz"},
-                                      task_id="t-1")
+                                      task_id="t-1", intent="Send the Q3 numbers to the CFO",
+                                      signals={"risk_score": 0.7, "model": "test-model"})
         repo = await agent.authorize("delete_repo", {"repo": "acme/old"})
 
     code, out, err = await run("approvals", "list", "--address", address)
     assert code == 0, err
     header, *rows = out.splitlines()
-    assert header.split() == ["ID", "STATE", "AGE", "EXPIRES", "SUBJECT", "TOOL", "APPROVER", "REASONS"]
-    assert [row.split()[0] for row in rows] == [repo.escalation_id, email.escalation_id]
+    assert header.split() == ["ID", "STATE", "AGE", "EXPIRES", "AGENT", "SUBJECT", "TOOL", "APPROVER", "REASONS"]
+    assert [row.split()[0] for row in rows] == [repo.escalation_id, email.escalation_id]  # newest first
     assert all("pending" in row and "spiffe://dev.local/agent" in row and "high_risk_tool" in row for row in rows)
+    assert all(" idle " in row for row in rows)  # nobody awaits these decisions
 
+    # the dev identity is the agent's own: it may not decide, so it reads the redacted preview
     code, out, err = await run("approvals", "show", email.escalation_id, "--address", address)
     assert code == 0, err
     assert f"escalation   {email.escalation_id}" in out and "tool         send_email" in out
     assert '"token": "[REDACTED]"' in out and "xyz" not in out and "task         t-1" in out
+    assert "  withheld   self_approval: spiffe://dev.local/agent cannot decide" in out
+    assert "description  Send an email on behalf of the organisation." in out
+    assert "owner        communications" in out and "risk         high" in out
+    assert "reversible   no (cannot be undone)" in out
+    assert "intent       Send the Q3 numbers to the CFO" in out
+    assert "agent        not waiting (last asked" in out
+    assert '"risk_score": 0.7' in out and '"model": "test-model"' in out
+
+    # an approver who may decide reads the arguments in full, as the tool will receive them
+    code, out, err = await run("approvals", "show", email.escalation_id, "--address", address, "--approver", ALICE)
+    assert code == 0, err
+    assert "in full, exactly as the tool will receive them:" in out and '"token": "xyz"' in out
+    assert "  kept out of the evidence log: token" in out
+    code, out, err = await run("approvals", "show", email.escalation_id, "--address", address, "--approver", ALICE,
+                               "--json")
+    shown = json.loads(out)
+    assert shown["arguments"] == {"to": "cfo@example.com", "body": "hi", "token": "xyz"}
+    assert shown["arguments_withheld"] == "" and shown["intent"] == "Send the Q3 numbers to the CFO"
+    assert shown["signals"] == {"risk_score": 0.7, "model": "test-model"}
+    assert shown["tool_catalog"]["owner"] == "communications" and shown["tool_catalog"]["reversible"] is False
+    assert shown["agent_waiting"] is False and shown["agent_seen_at"].endswith("Z")
+    code, out, err = await run("approvals", "list", "--address", address, "--approver", ALICE, "--json")
+    assert [json.loads(line)["arguments"] for line in out.splitlines()] == [
+        {"repo": "acme/old"}, {"to": "cfo@example.com", "body": "hi", "token": "xyz"}]
 
     code, out, err = await run("approvals", "approve", email.escalation_id, "--note", "fine by me",
                                "--approver", ALICE, env={"AGENT_SIDECAR_ADDRESS": address})
@@ -59,6 +86,12 @@ async def test_list_show_approve_deny(tmp_path, running_sidecar):
     assert states == {email.escalation_id: "approved", repo.escalation_id: "denied"}
     code, out, err = await run("approvals", "list", "--address", address)
     assert (code, out.strip()) == (0, "no escalations")
+    # decided: the unredacted arguments are gone from the store, and say so
+    code, out, err = await run("approvals", "show", email.escalation_id, "--address", address, "--approver", BOB,
+                               "--json")
+    shown = json.loads(out)
+    assert shown["arguments"] is None and shown["arguments_withheld"].startswith("arguments_not_kept:")
+    assert "xyz" not in "".join(p.read_text() for p in (tmp_path / "evidence").glob("evidence-*.jsonl"))
 
 
 async def test_refusals_and_unreachable_sidecars_exit_nonzero_with_the_reason(tmp_path, running_sidecar):

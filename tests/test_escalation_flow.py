@@ -438,3 +438,85 @@ async def test_an_unparseable_approval_is_refused_and_recorded(config, running_s
     assert info.value.details().startswith("malformed_request:")
     (record,) = [r for r in records(tmp_path / "evidence") if r["kind"] == "approval"]
     assert record["outcome"] == "refused" and record["reasons"][0].startswith("malformed_request:")
+
+
+async def wait_until(read, predicate, what: str):
+    """Poll `read()` until `predicate(value)`; bounded, never timed."""
+    for _ in range(200):
+        value = await read()
+        if predicate(value):
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_approvers_see_what_they_decide(config, running_sidecar, tmp_path):
+    """Intent, signals, the catalog entry, the full arguments for who may decide, the agent's presence."""
+    sidecar = await running_sidecar(config(**{"escalation.approvers": [ALICE, CFO]}))
+    address = sidecar.addresses[0]
+    signals = {"risk_score": 0.82, "model": "claude-test", "nested": {"n": 1}}
+    intent = "Send the Q3 numbers to the CFO"
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        first = await agent.authorize("send_email", EMAIL, task_id="t-1", intent=intent, signals=signals)
+        wire = await agent.authorize("wire_money", {"amount": 12.5, "to": "acme"})
+
+        as_alice = await approvals.get(first.escalation_id, approver=ALICE)
+        assert as_alice["arguments"] == EMAIL and as_alice["arguments_withheld"] == ""  # the secret too
+        assert as_alice["arguments_preview"]["api_token"] == "[REDACTED]"
+        assert as_alice["intent"] == intent and as_alice["signals"] == signals
+        assert as_alice["tool_catalog"] == {
+            "risk": "high", "reversible": False, "owner": "communications", "server": "mail",
+            "description": "Send an email on behalf of the organisation."}
+        assert as_alice["subject_source"] == "dev" and as_alice["agent_waiting"] is False
+        assert as_alice["agent_seen_at"] == as_alice["created_at"]
+        assert (await approvals.get(wire.escalation_id, approver=ALICE))["tool_catalog"] is None  # not in catalog
+
+        # who may not decide it reads the redacted preview, and why
+        for reader, code in ((AGENT, "self_approval"), (BOB, "not_an_approver"), ("", "self_approval")):
+            seen = await approvals.get(first.escalation_id, approver=reader)
+            assert seen["arguments"] is None and seen["arguments_withheld"].startswith(code + ": ")
+            assert seen["intent"] == intent and seen["arguments_preview"]["api_token"] == "[REDACTED]"
+        listed = {e["escalation_id"]: e for e in await approvals.list(state="pending", approver=CFO)}
+        assert [e for e in listed] == [wire.escalation_id, first.escalation_id]  # newest first
+        assert listed[first.escalation_id]["arguments"] == EMAIL
+        assert listed[wire.escalation_id]["arguments"] == {"amount": 12.5, "to": "acme"}
+        assert all(e["arguments"] is None for e in await approvals.list(approver=BOB))
+
+        # a repeat of the call is the agent asking again
+        await agent.authorize("send_email", EMAIL, task_id="t-1", intent=intent, signals=signals)
+        repeated = await approvals.get(first.escalation_id)
+        assert repeated["agent_seen_at"] > as_alice["agent_seen_at"]
+
+        # an open AwaitDecision shows the agent waiting; one that timed out, or was cancelled, does not
+        answer = await await_decision(agent, first.escalation_id, timeout=0.2)
+        assert answer.timed_out and not answer.escalation.HasField("arguments")  # never to the agent
+        gave_up = await approvals.get(first.escalation_id)
+        assert gave_up["agent_waiting"] is False and gave_up["agent_seen_at"] > repeated["agent_seen_at"]
+        call = agent._stub.AwaitDecision(sidecar_pb2.AwaitDecisionRequest(escalation_id=first.escalation_id,
+                                                                          timeout_seconds=30), timeout=35)
+        await wait_until(lambda: approvals.get(first.escalation_id), lambda e: e["agent_waiting"], "waiting")
+        call.cancel()
+        await wait_until(lambda: approvals.get(first.escalation_id), lambda e: not e["agent_waiting"],
+                         "not waiting after the agent hung up")
+
+        waiting = asyncio.create_task(await_decision(agent, first.escalation_id, timeout=30))
+        await wait_until(lambda: approvals.get(first.escalation_id), lambda e: e["agent_waiting"], "waiting again")
+        decided = await approvals.approve(first.escalation_id, approver=ALICE)
+        assert decided["arguments"] is None and decided["state"] == "approved"
+        assert (await waiting).escalation.state == sidecar_pb2.ESCALATION_STATE_APPROVED
+        after = await approvals.get(first.escalation_id, approver=CFO)
+        assert after["arguments"] is None and after["arguments_withheld"].startswith("arguments_not_kept: ")
+        assert after["agent_waiting"] is False and after["intent"] == intent
+
+    log = "".join(p.read_text() for p in (tmp_path / "evidence").glob("evidence-*.jsonl"))
+    assert "s3cret-token" not in log
+
+
+async def test_no_unredacted_arguments_without_previews(config, running_sidecar):
+    sidecar = await running_sidecar(config(**{"escalation.preview_arguments": False}))
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        first = await agent.authorize("send_email", EMAIL, intent="x")
+        seen = await approvals.get(first.escalation_id, approver=ALICE)
+    assert seen["arguments"] is None and seen["arguments_preview"] is None
+    assert seen["arguments_withheld"].startswith("arguments_not_kept: escalation.preview_arguments is off")

@@ -30,6 +30,8 @@ def record(fingerprint: str = "sha256:aa", *, now: float = NOW, ttl: float = 900
         task_id="t-1", intent="send the report", call_id="c-1", decision_id="d-1",
         reasons=("high_risk_tool: x",), policy_revision="sha256:rev", trace_id="a" * 32, span_id="b" * 16,
         created_at=now, expires_at=now + ttl, state=PENDING, updated_at=now, sidecar="s1",
+        signals={"risk_score": 0.5, "model": "m-1"}, catalog={"risk": "high", "reversible": False},
+        arguments={"to": "cfo@example.com", "n": 1.5, "password": "pw"}, agent_seen_at=now,
     )
 
 
@@ -209,3 +211,83 @@ async def test_unreachable_stores_say_so():
             await pg.get("esc-" + "0" * 32)
     finally:
         await pg.close()
+
+
+# The table as sidecars before the approvers' view created it (no signals, catalog, arguments, agent columns).
+OLD_TABLE = """CREATE TABLE sidecar_escalations (
+    id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, subject TEXT NOT NULL, subject_source TEXT NOT NULL DEFAULT '',
+    delegation TEXT NOT NULL DEFAULT '[]', tool TEXT NOT NULL, server TEXT NOT NULL DEFAULT '',
+    arguments_digest TEXT NOT NULL, arguments_preview TEXT, task_id TEXT NOT NULL DEFAULT '',
+    intent TEXT NOT NULL DEFAULT '', call_id TEXT NOT NULL DEFAULT '', decision_id TEXT NOT NULL DEFAULT '',
+    reasons TEXT NOT NULL DEFAULT '[]', policy_revision TEXT NOT NULL DEFAULT '', trace_id TEXT NOT NULL DEFAULT '',
+    span_id TEXT NOT NULL DEFAULT '', created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+    state TEXT NOT NULL, approver TEXT NOT NULL DEFAULT '', approver_via TEXT NOT NULL DEFAULT '',
+    decided_at DOUBLE PRECISION, note TEXT NOT NULL DEFAULT '', use_by DOUBLE PRECISION, used_at DOUBLE PRECISION,
+    used_by_decision TEXT NOT NULL DEFAULT '', updated_at DOUBLE PRECISION NOT NULL, sidecar TEXT NOT NULL DEFAULT ''
+)"""
+OLD_ROW = ("INSERT INTO sidecar_escalations (id, fingerprint, subject, tool, arguments_digest, created_at, expires_at, "
+           "state, updated_at) VALUES ('esc-" + "1" * 32 + "', 'sha256:old', 'spiffe://example.org/agent', "
+           "'send_email', 'sha256:d', 1, 9999999999, 'pending', 1)")
+
+
+@pytest.mark.parametrize("kind", STORES)
+async def test_a_store_made_by_an_older_sidecar_gains_the_new_columns(kind, tmp_path):
+    if kind == "sqlite":
+        with sqlite3.connect(tmp_path / "old.db") as conn:
+            conn.execute(OLD_TABLE)
+            conn.execute(OLD_ROW)
+        store = SqliteStore(tmp_path / "old.db")
+    else:
+        import psycopg
+
+        from tests.doubles.postgres import PostgresServer
+
+        dsn = PostgresServer.shared().new_database()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(OLD_TABLE)
+            conn.execute(OLD_ROW)
+        store = PostgresStore(dsn)
+    await store.open()
+    try:
+        old = await store.get("esc-" + "1" * 32)
+        assert old is not None and old.state == PENDING
+        assert (old.signals, old.catalog, old.arguments, old.agent_seen_at) == (None, None, None, None)
+        new = record()
+        assert (await store.create(new, NOW))[0] == new
+        await store.agent_wait(new.id, NOW + 1, opened_until=NOW + 30)
+        assert (await store.get(new.id)).agent_waiting(NOW + 2)
+    finally:
+        await store.close()
+
+
+async def test_leaving_pending_drops_the_unredacted_arguments(stores):
+    store, other, _ = stores
+    kept = [record("sha256:a"), record("sha256:b"), record("sha256:c", ttl=10), record("sha256:d")]
+    for one in kept:
+        await store.create(one, NOW)
+    approved = await store.decide(kept[0].id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 100)
+    denied = await other.decide(kept[1].id, DENIED, approver="a:b", via="", note="", now=NOW + 1, use_by=None)
+    expired = await store.expire(NOW + 11)
+    withdrawn = await store.withdraw(kept[3].id, NOW + 12)
+    assert [approved.arguments, denied.arguments, withdrawn.arguments] == [None, None, None]
+    assert [r.id for r in expired] == [kept[2].id] and expired[0].arguments is None
+    for one in kept:
+        assert (await other.get(one.id)).arguments is None
+
+
+async def test_the_agents_waits_are_tracked_across_sidecars(stores):
+    store, other, _ = stores
+    one = record()
+    await store.create(one, NOW)
+    assert not (await store.get(one.id)).agent_waiting(NOW)
+    await store.agent_wait(one.id, NOW + 1, opened_until=NOW + 60)
+    await other.agent_wait(one.id, NOW + 2, opened_until=NOW + 30)  # a shorter wait does not cut a longer one
+    seen = await other.get(one.id)
+    assert seen.agent_waiting(NOW + 45) and seen.agent_seen_at == NOW + 2
+    await other.agent_wait(one.id, NOW + 3, closed_until=NOW + 30, then_until=NOW + 3)  # not the latest: kept
+    assert (await store.get(one.id)).agent_waiting(NOW + 45)
+    await store.agent_wait(one.id, NOW + 4, closed_until=NOW + 60, then_until=NOW + 4)
+    gone = await other.get(one.id)
+    assert not gone.agent_waiting(NOW + 5) and gone.agent_seen_at == NOW + 4
+    await store.agent_seen(one.id, NOW + 9)
+    assert (await other.get(one.id)).agent_seen_at == NOW + 9

@@ -404,7 +404,7 @@ async def test_gate_denies_when_evidence_cannot_be_written(recorder):
     from sidecar.calls import CallIdRegistry, ToolCall
     from sidecar.gate import Gate
     from sidecar.policy.decision import Decision
-    from sidecar.usage import UsageCounters
+    from sidecar.usage.memory import MemoryCounter
 
     class AllowAll:
         name = "fake"
@@ -418,7 +418,7 @@ async def test_gate_denies_when_evidence_cannot_be_written(recorder):
 
     gate = Gate(
         engine=AllowAll(),
-        usage=UsageCounters(60, 100),
+        usage=MemoryCounter(60, 100),
         call_ids=CallIdRegistry(100),
         recorder=recorder,
         max_input_bytes=1 << 20,

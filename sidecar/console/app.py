@@ -1,6 +1,6 @@
 """The approvers' web console: aiohttp.web, server-rendered, a client of the Approvals API.
 
-    GET  /                           pending escalations, each with Approve / Deny and a note
+    GET  /                           pending escalations, newest first, each with Approve / Deny and a note
     GET  /history                    decided, expired and used escalations
     GET  /escalations/{id}           one escalation (webhook notices link here)
     POST /escalations/{id}/decide    decision=approve|deny, note, csrf_token
@@ -12,7 +12,9 @@ in front (e.g. oauth2-proxy's X-Auth-Request-Email), prefixed with
 reachable through that proxy, which must strip the header from clients. With
 no trusted header the console is in dev mode and everyone is
 `console.dev_approver`. The sidecar applies separation of duties, records the
-decision and answers refusals; the console shows them.
+decision and answers refusals; the console shows them. The console names
+that person when it reads escalations too, so the sidecar sends the
+unredacted arguments only for escalations that person may decide.
 
 Forms carry an HMAC CSRF token bound to the approver (csrf.py); a POST without
 a valid one, or from another origin, is refused (403), logged, and never
@@ -107,14 +109,15 @@ async def security(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-async def _pending(request: web.Request) -> list[dict]:
-    return await request.app[CLIENT_KEY].list(state="pending", limit=500)
+async def _pending(request: web.Request, approver: str) -> list[dict]:
+    """Pending escalations, newest first (the one order of every list: API, CLI, console)."""
+    return await request.app[CLIENT_KEY].list(state="pending", limit=500, approver=approver)
 
 
 async def _render_pending(request: web.Request, approver: str, banner: tuple[str, str] | None,
                           status: int = 200) -> web.Response:
     try:
-        escalations = list(reversed(await _pending(request)))  # oldest first: it expires first
+        escalations = await _pending(request, approver)
     except ApprovalsError as exc:
         return _html(pages.error_page("Sidecar unavailable", _sidecar_problem(exc), approver=approver), status=502)
     token = request.app[CSRF_KEY].issue(approver)
@@ -155,7 +158,7 @@ async def history_view(request: web.Request) -> web.Response:
 async def detail_view(request: web.Request) -> web.Response:
     approver = approver_of(request)
     try:
-        escalation = await request.app[CLIENT_KEY].get(request.match_info["id"])
+        escalation = await request.app[CLIENT_KEY].get(request.match_info["id"], approver=approver)
     except ApprovalsError as exc:
         status = 404 if exc.status == "NOT_FOUND" else 502
         return _html(pages.error_page("Not found" if status == 404 else "Sidecar unavailable",

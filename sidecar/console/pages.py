@@ -13,7 +13,7 @@ from typing import Iterable
 from urllib.parse import quote
 
 from sidecar.display import FLAG, NOTICE, needs_flag, json_text, value_needs_flag, visible
-from sidecar.escalation.cli import human_duration
+from sidecar.escalation.cli import agent_presence, catalog_facts, human_duration, kept_out_of_the_log
 from sidecar.escalation.client import parse_time
 
 CSS = """
@@ -27,6 +27,7 @@ header nav a { color:#cfd8ea; margin-right:16px; text-decoration:none; }
 header nav a.here { color:#fff; font-weight:600; border-bottom:2px solid #fff; }
 header .who { margin-left:auto; color:#cfd8ea; font-size:14px; }
 main { max-width:1100px; margin:0 auto; padding:20px 24px 48px; }
+main.wide { max-width:1600px; }
 .banner { padding:10px 14px; border-radius:6px; margin-bottom:16px; border:1px solid; }
 .banner.ok { background:#e8f5ee; border-color:#9fd3b5; color:var(--ok); }
 .banner.error { background:#fdecea; border-color:#f0b4ae; color:var(--no); }
@@ -55,10 +56,19 @@ button.approve { background:var(--ok); color:#fff; }
 button.deny { background:#fff; color:var(--no); border-color:var(--no); }
 table { width:100%; border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:8px; }
 th, td { text-align:left; padding:8px 10px; border-bottom:1px solid var(--line); vertical-align:top; font-size:14px; overflow-wrap:anywhere; }
-td:nth-child(5) { white-space:nowrap; }
+table.history { table-layout:fixed; }
+table.history td { white-space:nowrap; overflow:hidden; text-overflow:ellipsis; overflow-wrap:normal; }
+table.history td .note { white-space:nowrap; }
+col.c-state { width:110px; } col.c-when { width:80px; } col.c-trace { width:140px; } col.c-link { width:70px; }
+col.c-tool { width:14%; } col.c-who { width:21%; } col.c-by { width:17%; }
 th { color:var(--muted); font-weight:600; font-size:13px; }
 a { color:var(--accent); }
 .note { white-space:pre-line; }
+.badge { font-size:12px; padding:2px 8px; border-radius:10px; border:1px solid var(--line); color:var(--muted); }
+.badge.risk.high, .badge.risk.critical, .badge.irreversible { color:var(--no); border-color:#f0b4ae; background:#fdecea; }
+.badge.risk.medium { color:var(--warn); border-color:#e8cf9c; background:#fff8e6; }
+.agent.waiting { color:var(--ok); font-weight:600; }
+.agent.gone { color:var(--warn); font-weight:600; }
 .flag { color:var(--no); font-weight:600; font-size:12px; border:1px solid #f0b4ae; background:#fdecea; border-radius:4px; padding:0 4px; white-space:nowrap; }
 """
 
@@ -76,6 +86,14 @@ def text(value: object) -> str:
     """A value from outside as HTML text: hidden characters escaped and flagged, then HTML-escaped."""
     raw = "" if value is None else str(value)
     return escape(visible(raw)) + (" " + flag_html() if needs_flag(raw) else "")
+
+
+def clipped(value: object) -> str:
+    """A value for a one-line table cell that may be cut with an ellipsis: the flag goes first, so it is
+    never the part cut off, and the whole value (escaped) is in the title."""
+    raw = "" if value is None else str(value)
+    flag = flag_html() + " " if needs_flag(raw) else ""
+    return f'{flag}<span title="{attr(raw)}">{escape(visible(raw))}</span>'
 
 
 def note_html(note: str) -> str:
@@ -123,6 +141,7 @@ def layout(*, title: str, approver: str, here: str, body: str, pending_count: in
         f'<a href="{"/history" if here == "history" else "/"}">Refresh</a>'
     )
     banner_html = ""
+    main_class = ' class="wide"' if here == "history" else ""
     if banner is not None:
         kind, message = banner
         banner_html = f'<div class="banner {escape(kind)}" role="status">{text(message)}</div>'
@@ -132,17 +151,67 @@ def layout(*, title: str, approver: str, here: str, body: str, pending_count: in
         f"<title>{attr(title)}</title><link rel=\"stylesheet\" href=\"/static/console.css\"></head><body>"
         f"<header><h1>agent-sidecar approvals</h1><nav>{nav}</nav>"
         f'<span class="who">signed in as <b data-testid="approver">{text(approver)}</b></span></header>'
-        f"<main>{banner_html}{body}</main></body></html>"
+        f"<main{main_class}>{banner_html}{body}</main></body></html>"
     )
 
 
-def _preview(escalation: dict) -> str:
+def _json_block(value: object, what: str, testid: str) -> str:
+    flag = flag_html(f"{what} {NOTICE} as JSON escapes") if value_needs_flag(value) else ""
+    return f'{flag}<pre data-testid="{testid}">{escape(json_text(value))}</pre>'
+
+
+def _arguments(escalation: dict) -> str:
+    """The arguments in full when the sidecar sent them (this approver may decide), else the redacted preview."""
+    digest = f'<div class="meta">digest <code>{text(escalation.get("arguments_digest", ""))}</code></div>'
+    withheld = escalation.get("arguments_withheld") or ""
+    if escalation.get("arguments") is not None:
+        secret = kept_out_of_the_log(escalation["arguments"], escalation.get("arguments_preview"))
+        secret_html = (f'<div class="meta" data-testid="kept-out">kept out of the evidence log: '
+                       f'{", ".join(f"<code>{text(path)}</code>" for path in secret)}</div>' if secret else "")
+        return ('<div class="meta">in full, exactly as the tool will receive them</div>'
+                + _json_block(escalation["arguments"], "the arguments", "arguments") + secret_html + digest)
     preview = escalation.get("arguments_preview")
-    digest = text(escalation.get("arguments_digest", ""))
+    why = f'<div class="meta" data-testid="withheld">{text(withheld)}</div>' if withheld else ""
     if preview is None:
-        return f'<span class="meta">not kept; digest <code>{digest}</code></span>'
-    flag = flag_html(f"the arguments {NOTICE} as JSON escapes") if value_needs_flag(preview) else ""
-    return f'{flag}<pre>{escape(json_text(preview))}</pre><div class="meta">digest <code>{digest}</code></div>'
+        return f'<span class="meta">not kept</span>{why}{digest}'
+    return ('<div class="meta">redacted preview; in full only to an approver who may decide it</div>'
+            + why + _json_block(preview, "the arguments", "arguments-preview") + digest)
+
+
+def _tool(escalation: dict) -> str:
+    """The tool as the catalog described it when policy decided."""
+    facts = dict(catalog_facts(escalation))
+    if "catalog" in facts:
+        return f'<span class="meta">{text(facts["catalog"])}</span>'
+    description = text(facts["description"])
+    return (f'<div data-testid="tool-description">{description}</div>'
+            f'<div class="meta">owner <b>{text(facts["owner"])}</b> · risk <b>{text(facts["risk"])}</b>'
+            f' · reversible <b>{text(facts["reversible"])}</b></div>')
+
+
+def _badges(escalation: dict) -> str:
+    entry = escalation.get("tool_catalog")
+    if not isinstance(entry, dict):
+        return '<span class="badge risk">not in catalog</span>'
+    badges = ""
+    if isinstance(entry.get("risk"), str) and entry["risk"]:
+        badges += f'<span class="badge risk {attr(entry["risk"])}">{text(entry["risk"])} risk</span>'
+    if entry.get("reversible") is False:
+        badges += '<span class="badge irreversible">irreversible</span>'
+    return badges
+
+
+def _signals(escalation: dict) -> str:
+    signals = escalation.get("signals")
+    if not signals:
+        return '<span class="meta">none sent</span>'
+    return _json_block(signals, "the signals", "signals")
+
+
+def _agent(escalation: dict, now: datetime) -> str:
+    waiting = escalation.get("agent_waiting") and escalation["state"] == "pending"
+    kind = "waiting" if waiting else "gone" if escalation["state"] == "pending" else "idle"
+    return f'<span class="agent {kind}" data-testid="agent">{text(agent_presence(escalation, now))}</span>'
 
 
 def _reasons(reasons: Iterable[str]) -> str:
@@ -167,13 +236,17 @@ def escalation_card(escalation: dict, *, now: datetime, jaeger_url: str, csrf_to
     if state == "pending":
         timing += f' · expires <b title="{attr(escalation["expires_at"])}">{until(escalation["expires_at"], now)}</b>'
     rows = [
+        ("agent", _agent(escalation, now)),
+        ("tool", _tool(escalation)),
         ("who", _who(escalation)),
+        ("task", f"<code>{text(escalation['task_id'])}</code>" if escalation.get("task_id") else "-"),
+        ("intent", f'<span data-testid="intent">{text(escalation["intent"])}</span>'
+         if escalation.get("intent") else '<span class="meta">none given</span>'),
         ("why", _reasons(escalation.get("reasons", ()))),
-        ("arguments", _preview(escalation)),
+        ("signals", _signals(escalation)),
+        ("arguments", _arguments(escalation)),
+        ("trace", trace_link(escalation.get("trace_id", ""), jaeger_url)),
     ]
-    if escalation.get("task_id"):
-        rows.insert(1, ("task", f"<code>{text(escalation['task_id'])}</code>"))
-    rows.append(("trace", trace_link(escalation.get("trace_id", ""), jaeger_url)))
     if escalation.get("approver"):
         decided = f"{text(escalation['approver'])} <span class=\"meta\">{age(escalation['decided_at'], now)}</span>"
         rows.append(("decided by", decided))
@@ -194,7 +267,8 @@ def escalation_card(escalation: dict, *, now: datetime, jaeger_url: str, csrf_to
         )
     return (
         f'<section class="card" id="{attr(eid)}" data-escalation-id="{attr(eid)}" data-state="{attr(state)}">'
-        f'<h2><span class="tool">{tool}</span>{server}<span class="state {attr(state)}">{text(state)}</span></h2>'
+        f'<h2><span class="tool">{tool}</span>{server}<span class="state {attr(state)}">{text(state)}</span>'
+        f"{_badges(escalation)}</h2>"
         f'<div class="meta">{timing} · <a href="/escalations/{quote(eid, safe="")}"><code>{text(eid)}</code></a></div>'
         f"<dl>{details}</dl>{form}</section>"
     )
@@ -229,20 +303,25 @@ def history_page(escalations: list[dict], *, approver: str, jaeger_url: str) -> 
         rows = []
         for e in escalations:
             when = e["decided_at"] or e["expires_at"]
-            tool = text(e["tool"]) + (f' <span class="meta">on {text(e["server"])}</span>' if e["server"] else "")
+            tool = clipped(e["tool"]) + (f' <span class="meta">on {clipped(e["server"])}</span>' if e["server"] else "")
+            note = e["note"]
+            flag = flag_html() + " " if needs_flag(note) else ""
             rows.append(
                 f'<tr data-escalation-id="{attr(e["escalation_id"])}" data-state="{attr(e["state"])}">'
                 f'<td><span class="state {attr(e["state"])}">{text(e["state"])}</span></td>'
-                f'<td><code>{tool}</code></td><td><code>{text(e["subject"])}</code></td>'
-                f'<td>{text(e["approver"]) or "-"}</td>'
+                f'<td><code>{tool}</code></td><td><code>{clipped(e["subject"])}</code></td>'
+                f'<td>{clipped(e["approver"]) if e["approver"] else "-"}</td>'
                 f'<td title="{attr(when)}">{age(when, now)}</td>'
-                f'<td>{note_html(e["note"])}</td>'
+                f'<td title="{attr(note)}">{flag}{note_html(note)}</td>'
                 f'<td>{trace_link(e["trace_id"], jaeger_url, short=True)}</td>'
                 f'<td><a href="/escalations/{quote(e["escalation_id"], safe="")}">details</a></td></tr>'
             )
+        columns = "".join(f'<col class="c-{name}">' for name in ("state", "tool", "who", "by", "when", "note",
+                                                                 "trace", "link"))
         body = (
-            "<table><thead><tr><th>state</th><th>tool</th><th>who</th><th>decided by</th><th>when</th>"
-            "<th>note</th><th>trace</th><th></th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+            f'<table class="history"><colgroup>{columns}</colgroup><thead><tr><th>state</th><th>tool</th><th>who</th>'
+            "<th>decided by</th><th>when</th><th>note</th><th>trace</th><th></th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>"
         )
     return layout(title="Approval history", approver=approver, here="history", body=body)
 

@@ -70,9 +70,24 @@ class EscalationRecord:
     used_by_decision: str = ""
     updated_at: float = 0.0
     sidecar: str = ""
+    signals: Any = None  # what the agent's model said about the call (risk_score, model, ...), as policy saw it
+    catalog: Any = None  # the tool's catalog entry when policy decided (description, owner, risk, reversible); None: not in the catalog
+    # The arguments exactly as decided (what the tool will receive), unredacted: kept only while the
+    # escalation is pending, shown only to a reader allowed to decide it (view.py), never in the
+    # evidence log or the webhook. None once it left pending, or with escalation.preview_arguments off.
+    arguments: Any = None
+    agent_seen_at: float | None = None  # the agent last asked about this call (escalating call, repeat, AwaitDecision)
+    agent_waiting_until: float | None = None  # an AwaitDecision is open until then (set at its start, cut at its end)
+
+    def agent_waiting(self, now: float) -> bool:
+        """Whether the agent has an AwaitDecision open on this escalation at `now` (Unix seconds)."""
+        return self.state == PENDING and self.agent_waiting_until is not None and self.agent_waiting_until > now
 
     def to_json(self) -> dict:
-        """The escalation as plain JSON (webhook payload, `approvals show --json`); times in RFC 3339."""
+        """The escalation as plain JSON for the webhook; times in RFC 3339.
+
+        Never holds the unredacted `arguments` (the webhook goes to chat tools, not to approvers
+        the sidecar verified); `arguments_preview` is redacted."""
         from sidecar.evidence.records import rfc3339
 
         def at(ts: float | None) -> str:
@@ -105,6 +120,9 @@ class EscalationRecord:
             "used_at": at(self.used_at),
             "used_by_decision": self.used_by_decision,
             "sidecar": self.sidecar,
+            "signals": self.signals,
+            "tool_catalog": self.catalog,
+            "agent_seen_at": at(self.agent_seen_at),
         }
 
 

@@ -47,6 +47,8 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> int:
             return 2
         print(f"agent-sidecar: refused: {visible(exc.message)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # stdout's reader went away: sidecar.cli.main ends quietly
     except OSError as exc:  # e.g. --token-file unreadable
         print(f"agent-sidecar: {visible(exc)}", file=sys.stderr)
         return 2
@@ -98,12 +100,14 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return "no escalations"
     now = datetime.now(timezone.utc)
-    header = ["ID", "STATE", "AGE", "EXPIRES", "SUBJECT", "TOOL", "APPROVER", "REASONS"]
+    header = ["ID", "STATE", "AGE", "EXPIRES", "AGENT", "SUBJECT", "TOOL", "APPROVER", "REASONS"]
     table = [header]
     for e in rows:
-        expires = _until(e["expires_at"], now) if e["state"] == "pending" else "-"
+        pending = e["state"] == "pending"
+        expires = _until(e["expires_at"], now) if pending else "-"
+        agent = ("waiting" if e.get("agent_waiting") else f"idle {_age(e.get('agent_seen_at', ''), now)}") if pending else "-"
         tool = cell(e["tool"]) + (f" ({cell(e['server'])})" if e["server"] else "")
-        table.append([cell(e["escalation_id"]), cell(e["state"]), _age(e["created_at"], now), expires,
+        table.append([cell(e["escalation_id"]), cell(e["state"]), _age(e["created_at"], now), expires, agent,
                       cell(e["subject"]), tool, cell(e["approver"]) if e["approver"] else "-",
                       cell(_reason_codes(e["reasons"]))])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
@@ -127,6 +131,59 @@ def _item(value: str) -> str:
     return f"  - {visible(value)}" + (f"   {FLAG} {NOTICE}" if needs_flag(value) else "")
 
 
+def agent_presence(e: dict, now: datetime) -> str:
+    """Whether the agent still waits for this decision, in words (CLI and console)."""
+    seen = _age(e.get("agent_seen_at", ""), now)
+    last = f"last asked {seen} ago" if seen != "-" else "never asked since"
+    if e["state"] != "pending":
+        return last
+    if e.get("agent_waiting"):
+        return f"waiting now (AwaitDecision open; {last})"
+    return f"not waiting ({last}): it may have given up; an approval still lets it repeat the call once"
+
+
+def catalog_facts(e: dict) -> list[tuple[str, Any]]:
+    """(label, value) of the tool's catalog entry as policy saw it: description, owner, risk, reversible."""
+    entry = e.get("tool_catalog")
+    if not isinstance(entry, dict):
+        return [("catalog", "the tool is not in the catalog")]
+    facts = []
+    for key, label in (("description", "description"), ("owner", "owner"), ("risk", "risk")):
+        facts.append((label, entry[key] if key in entry else "-"))
+    reversible = entry.get("reversible")
+    facts.append(("reversible", {True: "yes", False: "no (cannot be undone)"}.get(reversible, "-")
+                  if isinstance(reversible, bool) or reversible is None else reversible))
+    return facts
+
+
+def kept_out_of_the_log(arguments: Any, preview: Any) -> list[str]:
+    """Paths (`a.b[2]`) of the full arguments that the redacted preview (and so the evidence log) hides."""
+    from sidecar.evidence.redaction import REDACTED
+
+    paths: list[str] = []
+    stack = [(arguments, preview, "")]
+    while stack:
+        full, shown, where = stack.pop()
+        if isinstance(full, dict) and isinstance(shown, dict):
+            for key in sorted(full):
+                here = f"{where}.{key}" if where else key
+                if key in shown:
+                    if shown[key] == REDACTED and full[key] != REDACTED:
+                        paths.append(here)
+                    else:
+                        stack.append((full[key], shown[key], here))
+        elif isinstance(full, list) and isinstance(shown, list):
+            stack.extend((f, p, f"{where}[{i}]") for i, (f, p) in enumerate(zip(full, shown)))
+    return sorted(paths)
+
+
+def _block(value: Any, what: str) -> list[str]:
+    lines = []
+    if value_needs_flag(value):
+        lines.append(f"  {FLAG} {what} {NOTICE} as JSON escapes")
+    return lines + ["  " + line for line in json_text(value).splitlines()]
+
+
 def format_detail(e: dict) -> str:
     """`approvals show`: every value from outside shown escaped when it holds hidden characters, and flagged."""
     now = datetime.now(timezone.utc)
@@ -138,7 +195,8 @@ def format_detail(e: dict) -> str:
     lines += [
         _line("escalation", e["escalation_id"]),
         _line("state", e["state"]),
-        _line("subject", e["subject"]),
+        _line("agent", agent_presence(e, now)),
+        _line("subject", e["subject"], f" ({visible(e['subject_source'])})" if e.get("subject_source") else ""),
     ]
     if e["delegation"]:
         hops = " -> ".join(visible(d) for d in e["delegation"])
@@ -148,8 +206,10 @@ def format_detail(e: dict) -> str:
     ]
     if e["server"]:
         lines.append(_line("server", e["server"]))
+    lines += [_line(label, value) for label, value in catalog_facts(e)]
     lines += [
         _line("task", e["task_id"] or "-"),
+        _line("intent", e.get("intent") or "-"),
         _line("created", e["created_at"], f" ({_age(e['created_at'], now)} ago)"),
         _line("expires", e["expires_at"], f" (in {_until(e['expires_at'], now)})" if e["state"] == "pending" else ""),
     ]
@@ -161,20 +221,33 @@ def format_detail(e: dict) -> str:
     lines.append(_line("policy", e["policy_revision"] or "-"))
     lines.append("reasons")
     lines += [_item(reason) for reason in e["reasons"]]
-    lines.append(_line("arguments", e["arguments_digest"]))
-    if e["arguments_preview"] is not None:
-        if value_needs_flag(e["arguments_preview"]):
-            lines.append(f"  {FLAG} the arguments {NOTICE} as JSON escapes")
-        lines += ["  " + line for line in json_text(e["arguments_preview"]).splitlines()]
+    if e.get("signals"):
+        lines.append("signals      what the agent's model said")
+        lines += _block(e["signals"], "the signals")
     else:
-        lines.append("  (no preview kept)")
+        lines.append("signals      -")
+    lines.append(_line("arguments", e["arguments_digest"]))
+    if e.get("arguments") is not None:
+        lines.append("  in full, exactly as the tool will receive them:")
+        lines += _block(e["arguments"], "the arguments")
+        hidden_from_log = kept_out_of_the_log(e["arguments"], e["arguments_preview"])
+        if hidden_from_log:
+            lines.append(_line("  kept out of the evidence log:", ", ".join(hidden_from_log)))
+    elif e["arguments_preview"] is not None:
+        lines.append("  redacted preview; in full only to an approver who may decide it")
+        if e.get("arguments_withheld"):
+            lines.append(_line("  withheld", e["arguments_withheld"]))
+        lines += _block(e["arguments_preview"], "the arguments")
+    else:
+        lines.append(_line("  not kept", e.get("arguments_withheld") or "-"))
     return "\n".join(lines)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     async def work(client: Any) -> None:
         state = "" if args.state == "all" else args.state
-        rows = await client.list(state=state, subject=args.subject or "", tool=args.tool or "", limit=args.limit)
+        rows = await client.list(state=state, subject=args.subject or "", tool=args.tool or "", limit=args.limit,
+                                 approver=args.approver or "")
         if args.json:
             for row in rows:
                 print(exact_json(row, sort_keys=True))
@@ -186,7 +259,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     async def work(client: Any) -> None:
-        row = await client.get(args.id)
+        row = await client.get(args.id, approver=args.approver or "")
         print(exact_json(row, sort_keys=True, indent=2) if args.json else format_detail(row))
 
     return _run(args, work)
@@ -245,6 +318,14 @@ def _common(parser: argparse.ArgumentParser, *, json_help: str = "print JSON") -
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
+def _approver(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--approver",
+        metavar="IDENTITY",
+        help="dev mode only: who you are (e.g. email:alice@example.org); otherwise your verified identity counts",
+    )
+
+
 def add_commands(commands: Any) -> None:
     """Register `approvals ...` and `console` on the main parser's subcommands."""
     approvals = commands.add_parser(
@@ -261,11 +342,14 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--subject", metavar="SPIFFE_ID", help="only this caller's")
     listing.add_argument("--tool", metavar="NAME", help="only calls of this tool")
     listing.add_argument("--limit", type=int, default=100, metavar="N", help="at most N, newest first")
+    _approver(listing)
     listing.set_defaults(run=cmd_list)
 
-    show = sub.add_parser("show", help="one escalation: who, what, why, argument preview")
+    show = sub.add_parser("show", help="one escalation: who, what, why, the tool, the agent's intent and the "
+                                       "arguments (in full when you may decide it)")
     _common(show)
     show.add_argument("id", help="escalation id (esc-...)")
+    _approver(show)
     show.set_defaults(run=cmd_show)
 
     for name, run, verb in (("approve", cmd_approve, "approve"), ("deny", cmd_deny, "deny")):
@@ -276,11 +360,7 @@ def add_commands(commands: Any) -> None:
         _common(decide)
         decide.add_argument("id", help="escalation id (esc-...)")
         decide.add_argument("--note", metavar="TEXT", help="why; kept with the decision and in the evidence log")
-        decide.add_argument(
-            "--approver",
-            metavar="IDENTITY",
-            help="dev mode only: who you are (e.g. email:alice@example.org); otherwise your verified identity counts",
-        )
+        _approver(decide)
         decide.set_defaults(run=run)
 
     console = commands.add_parser(

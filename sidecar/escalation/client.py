@@ -5,9 +5,10 @@
             print(e["escalation_id"], e["tool"], e["subject"])
         await approvals.approve(escalation_id, note="ok for the Q3 report")
 
-Escalations come back as plain dicts with the keys of
-EscalationRecord.to_json(). A refusal raises ApprovalsError with the gRPC
-status name and the sidecar's "<code>: <text>" message.
+Escalations come back as plain dicts (`escalation_to_dict`: the Escalation
+message's fields, times in RFC 3339, Structs as JSON values, absent ones as
+None). A refusal raises ApprovalsError with the gRPC status name and the
+sidecar's "<code>: <text>" message.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def _time(message: Any, field: str) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _json(message: Any, field: str) -> Any:
+    return from_struct(getattr(message, field)) if message.HasField(field) else None
+
+
 def escalation_to_dict(message: sidecar_pb2.Escalation) -> dict[str, Any]:
+    """The Escalation message as JSON values (`approvals show --json`, the console)."""
     return {
         "escalation_id": message.escalation_id,
         "state": STATE_NAMES.get(message.state, "unknown"),
@@ -65,10 +71,13 @@ def escalation_to_dict(message: sidecar_pb2.Escalation) -> dict[str, Any]:
         "tool": message.tool,
         "server": message.server,
         "arguments_digest": message.arguments_digest,
-        "arguments_preview": from_struct(message.arguments_preview)
-        if message.HasField("arguments_preview")
-        else None,
+        "arguments_preview": _json(message, "arguments_preview"),
+        "arguments": _json(message, "arguments"),
+        "arguments_withheld": message.arguments_withheld,
         "task_id": message.task_id,
+        "intent": message.intent,
+        "signals": _json(message, "signals"),
+        "tool_catalog": _json(message, "tool_catalog"),
         "reasons": list(message.reasons),
         "policy_revision": message.policy_revision,
         "trace_id": message.trace_id,
@@ -77,6 +86,9 @@ def escalation_to_dict(message: sidecar_pb2.Escalation) -> dict[str, Any]:
         "approver": message.approver,
         "decided_at": _time(message, "decided_at"),
         "note": message.note,
+        "subject_source": message.subject_source,
+        "agent_waiting": message.agent_waiting,
+        "agent_seen_at": _time(message, "agent_seen_at"),
     }
 
 
@@ -125,17 +137,20 @@ class ApprovalsClient:
         except grpc.aio.AioRpcError as exc:
             raise ApprovalsError(exc.code().name, exc.details() or exc.code().name) from None
 
-    async def list(self, *, state: str = "", subject: str = "", tool: str = "", limit: int = 100) -> list[dict]:
+    async def list(self, *, state: str = "", subject: str = "", tool: str = "", limit: int = 100,
+                   approver: str = "") -> list[dict]:
+        """Newest first. `approver`: whom the unredacted arguments are judged for (dev mode, consoles)."""
         if state and state not in STATE_VALUES:
             raise ValueError(f"state must be one of {', '.join(STATE_VALUES)}")
         request = sidecar_pb2.ListEscalationsRequest(
-            state=STATE_VALUES.get(state, 0), subject=subject, tool=tool, limit=limit
+            state=STATE_VALUES.get(state, 0), subject=subject, tool=tool, limit=limit, approver=approver
         )
         response = await self._call(self._stub.List, request)
         return [escalation_to_dict(e) for e in response.escalations]
 
-    async def get(self, escalation_id: str) -> dict:
-        response = await self._call(self._stub.Get, sidecar_pb2.GetEscalationRequest(escalation_id=escalation_id))
+    async def get(self, escalation_id: str, *, approver: str = "") -> dict:
+        request = sidecar_pb2.GetEscalationRequest(escalation_id=escalation_id, approver=approver)
+        response = await self._call(self._stub.Get, request)
         return escalation_to_dict(response)
 
     async def approve(self, escalation_id: str, *, note: str = "", approver: str = "") -> dict:

@@ -9,7 +9,10 @@ servicer's `peer_info`. The request's `approver` field is honoured only
   relaying the person its auth proxy verified), recorded as `approver_via`;
   a console relays people, never a workload (`spiffe://`) identity.
 
-Who may then approve is the service's rule (service.approver_matches).
+Who may then approve is the service's rule (service.approver_matches). The
+same `approver` field on List and Get names whom the unredacted arguments are
+judged for: they are in the answer only when that approver could decide the
+pending escalation (service.view_for); otherwise `arguments_withheld` says why.
 
 Refusals are answered with a gRPC status and a message "<code>: <text>":
 NOT_FOUND (unknown escalation), FAILED_PRECONDITION (expired, already
@@ -36,7 +39,7 @@ from sidecar.escalation import (
     EscalationRefused,
     StoreError,
 )
-from sidecar.escalation.service import MAX_APPROVER_BYTES, EscalationService, approver_matches
+from sidecar.escalation.service import MAX_APPROVER_BYTES, EscalationService, ReaderView, approver_matches
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver
 from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
 from sidecar.v1 import sidecar_pb2
@@ -65,7 +68,18 @@ def _timestamp(ts: float | None) -> Timestamp | None:
     return stamp
 
 
-def record_to_proto(record: EscalationRecord) -> sidecar_pb2.Escalation:
+def _struct(value: Any) -> Struct | None:
+    if not isinstance(value, dict):
+        return None
+    message = Struct()
+    message.update(value)
+    return message
+
+
+def record_to_proto(record: EscalationRecord, *, now: float, view: ReaderView | None = None) -> sidecar_pb2.Escalation:
+    """The escalation as the API answers it; `view` (an approver reading it) adds the unredacted arguments.
+
+    Without a view (AwaitDecision, approve/deny answers) `arguments` stays absent."""
     message = sidecar_pb2.Escalation(
         escalation_id=record.id,
         state=STATE_TO_PROTO[record.state],
@@ -83,11 +97,17 @@ def record_to_proto(record: EscalationRecord) -> sidecar_pb2.Escalation:
         approver=record.approver,
         decided_at=_timestamp(record.decided_at),
         note=record.note,
+        intent=record.intent,
+        subject_source=record.subject_source,
+        agent_waiting=record.agent_waiting(now),
+        agent_seen_at=_timestamp(record.agent_seen_at),
+        arguments_withheld=view.withheld if view is not None else "",
     )
-    if isinstance(record.arguments_preview, dict):
-        preview = Struct()
-        preview.update(record.arguments_preview)
-        message.arguments_preview.CopyFrom(preview)
+    for field, value in (("arguments_preview", record.arguments_preview), ("signals", record.signals),
+                         ("tool_catalog", record.catalog), ("arguments", view.arguments if view else None)):
+        struct = _struct(value)
+        if struct is not None:
+            getattr(message, field).CopyFrom(struct)
     return message
 
 
@@ -220,14 +240,19 @@ class EscalationApi:
             await self.abort(context, refusal)
         except StoreError as exc:
             await self.unavailable(context, exc)
-        return sidecar_pb2.AwaitDecisionResponse(escalation=record_to_proto(record), timed_out=timed_out)
+        return sidecar_pb2.AwaitDecisionResponse(escalation=self._proto(record), timed_out=timed_out)
 
     # -------------------------------------------------------------- Approvals
+
+    def _proto(self, record: EscalationRecord, reader: Approver | None = None) -> sidecar_pb2.Escalation:
+        view = self.service.view_for(record, reader) if reader is not None else None
+        return record_to_proto(record, now=self.service.clock(), view=view)
 
     async def list(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.ListEscalationsResponse:
         await self.malformed(context, request)
         try:
             self.reader(context)
+            reader = self.approver_for(context, request.approver)
             limit = request.limit if request.limit > 0 else 100
             records = await self.service.list(
                 state=PROTO_TO_STATE.get(request.state, ""),
@@ -239,18 +264,19 @@ class EscalationApi:
             await self.abort(context, refusal)
         except StoreError as exc:
             await self.unavailable(context, exc)
-        return sidecar_pb2.ListEscalationsResponse(escalations=[record_to_proto(r) for r in records])
+        return sidecar_pb2.ListEscalationsResponse(escalations=[self._proto(r, reader) for r in records])
 
     async def get(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
         await self.malformed(context, request)
         try:
             self.reader(context)
+            reader = self.approver_for(context, request.approver)
             record = await self.service.get(request.escalation_id)
         except EscalationRefused as refusal:
             await self.abort(context, refusal)
         except StoreError as exc:
             await self.unavailable(context, exc)
-        return record_to_proto(record)
+        return self._proto(record, reader)
 
     async def approve(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
         return await self._decide(request, context, approve=True)
@@ -284,7 +310,7 @@ class EscalationApi:
             await self.abort(context, refusal)
         except StoreError as exc:
             await self.unavailable(context, exc)
-        return record_to_proto(record)
+        return self._proto(record)
 
     async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[sidecar_pb2.Escalation]:
         await self.malformed(context, request)
@@ -294,7 +320,7 @@ class EscalationApi:
             await self.abort(context, refusal)
         try:
             async for record in self.service.watch(PROTO_TO_STATE.get(request.state, "")):
-                yield record_to_proto(record)
+                yield self._proto(record)
         except StoreError as exc:
             await self.unavailable(context, exc)
 

@@ -16,6 +16,7 @@ it; the approved retry's decision uses the escalation's span as its parent.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import secrets
@@ -41,6 +42,7 @@ from sidecar.escalation.store import EscalationStore
 from sidecar.evidence import EvidenceError, TraceContext
 from sidecar.evidence.records import rfc3339
 from sidecar.evidence.redaction import Redactor
+from sidecar.jsonvalues import normalize
 from sidecar.policy.input import Approval
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,31 @@ def approver_matches(identity: str, patterns: Iterable[str]) -> bool:
         elif re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), identity):
             return True
     return False
+
+
+def json_copy(value: Any, what: str) -> Any:
+    """A plain-JSON copy of `value` for the store (numbers by the numbers rule), or None when it has no JSON form."""
+    if value is None:
+        return None
+    try:
+        return normalize(json.loads(json.dumps(value, allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        log.warning("escalation: %s is not JSON, not kept for approvers: %s", what, exc)
+        return None
+
+
+@dataclass(frozen=True)
+class ReaderView:
+    """What one reader of the Approvals API is shown beyond the stored record.
+
+    arguments: the unredacted arguments, only for a reader allowed to decide the pending escalation;
+    withheld: why `arguments` is None ("<code>: <text>"), "" when they are shown;
+    agent_waiting: an AwaitDecision is open on it now.
+    """
+
+    arguments: Any
+    withheld: str
+    agent_waiting: bool
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,7 @@ class EscalationService:
         self.clock = clock
         self._subscribers: set[asyncio.Queue] = set()
         self._sweeper: asyncio.Task | None = None
+        self._waiting: dict[str, list[float]] = {}  # escalation id -> deadlines of the AwaitDecisions open here
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -179,10 +207,14 @@ class EscalationService:
         decision_id: str,
         call_id: str,
         trace: TraceContext,
+        catalog_entry: Any = None,
     ) -> tuple[EscalationRecord, bool]:
         """The escalation for this call: the active one for the same fingerprint, or a new one.
 
-        Returns (record, created). Raises StoreError when the store fails.
+        `catalog_entry` is the tool's catalog entry policy decided with (input.tool.catalog).
+        A new escalation keeps the call's intent, signals, that entry and (with
+        escalation.preview_arguments) the unredacted arguments for approvers; a repeat of the
+        call marks the agent as seen. Returns (record, created). Raises StoreError when the store fails.
         A new escalation is announced (evidence, webhook, watchers) by `announce`
         once the gate has recorded the decision that escalated.
         """
@@ -217,12 +249,18 @@ class EscalationService:
             state=PENDING,
             updated_at=now,
             sidecar=self.instance_id,
+            signals=json_copy(self._redactor.value(call.signals)[0], "signals"),  # as the evidence records them
+            catalog=json_copy(catalog_entry, "the catalog entry"),
+            arguments=json_copy(call.arguments, "the arguments") if self._preview else None,
+            agent_seen_at=now,
         )
         stored, created, expired = await self.store.create(record, now)
         for old in expired:
             await self._record_transition("expiry", old, outcome="expired",
                                           reasons=[self._expiry_reason(old)])
             self._publish(old)
+        if not created:
+            await self.store.agent_seen(stored.id, now)
         return stored, created
 
     async def announce(self, record: EscalationRecord, decision_span_id: str) -> None:
@@ -355,9 +393,15 @@ class EscalationService:
             raise EscalationRefused("invalid_note", "the note holds control characters", "INVALID_ARGUMENT")
 
     def _check_approver(self, record: EscalationRecord, approver: Approver, verb: str) -> None:
+        problem = self.approver_problem(record, approver, verb)
+        if problem is not None:
+            raise problem
+
+    def approver_problem(self, record: EscalationRecord, approver: Approver, verb: str) -> EscalationRefused | None:
+        """Why `approver` may not `verb` this escalation (separation of duties, escalation.approvers), or None."""
         who = approver.identity
         if who == record.subject or (approver.via and approver.via == record.subject):
-            raise EscalationRefused(
+            return EscalationRefused(
                 "self_approval",
                 f"{who} cannot {verb} escalation {record.id}: it is that call's own subject "
                 "(separation of duties)",
@@ -365,7 +409,7 @@ class EscalationService:
                 record,
             )
         if who in record.delegation or (approver.via and approver.via in record.delegation):
-            raise EscalationRefused(
+            return EscalationRefused(
                 "delegation_approval",
                 f"{who} cannot {verb} escalation {record.id}: it is in the call's delegation chain "
                 "(separation of duties)",
@@ -375,12 +419,31 @@ class EscalationService:
         # Empty approvers (anyone) only in dev mode: config refuses it elsewhere.
         if self.approvers and not approver_matches(who, self.approvers):
             workload = " (a workload approves only when listed by its exact SPIFFE ID)" if who.startswith("spiffe://") else ""
-            raise EscalationRefused(
+            return EscalationRefused(
                 "not_an_approver",
                 f"{who} is not among escalation.approvers{workload}",
                 "PERMISSION_DENIED",
                 record,
             )
+        return None
+
+    def view_for(self, record: EscalationRecord, reader: Approver) -> ReaderView:
+        """What `reader` is shown of `record` besides its stored fields (see ReaderView).
+
+        The unredacted arguments go only to a reader who may decide the escalation now: it is
+        pending, and the reader passes the same approver rules as an approval would.
+        """
+        waiting = record.agent_waiting(self.clock())
+        if record.state != PENDING:
+            return ReaderView(None, f"arguments_not_kept: escalation {record.id} is {record.state}; the "
+                              "unredacted arguments are kept only while it is pending", waiting)
+        if record.arguments is None:
+            return ReaderView(None, "arguments_not_kept: escalation.preview_arguments is off, or the "
+                              "arguments have no JSON form", waiting)
+        problem = self.approver_problem(record, reader, "decide")
+        if problem is not None:
+            return ReaderView(None, problem.reason, waiting)
+        return ReaderView(record.arguments, "", waiting)
 
     def _check_evidence_writable(self) -> None:
         health = getattr(self._recorder, "health", None)
@@ -490,8 +553,12 @@ class EscalationService:
         timeout = max(0.0, min(float(timeout), self.await_max))
         deadline = time.monotonic() + timeout
         queue = self._subscribe()
+        waiting_until = self.clock() + timeout
+        opened = False
         try:
             record = await self.get(escalation_id)
+            opened = True  # from here on the finally below notes the end, whatever happens
+            await self._agent_wait(record.id, opened_until=waiting_until)
             while True:
                 if record.state == PENDING and self._overdue(record, self.clock()):
                     record = await self.expire_one(record) or await self.get(escalation_id)
@@ -513,6 +580,31 @@ class EscalationService:
                 record = await self.get(escalation_id)
         finally:
             self._unsubscribe(queue)
+            if opened:
+                await self._agent_wait(escalation_id, closed_until=waiting_until)
+
+    async def _agent_wait(self, escalation_id: str, *, opened_until: float | None = None,
+                          closed_until: float | None = None) -> None:
+        """Keep the store's agent_waiting_until in step with the AwaitDecisions open here: one opening
+        (until `opened_until`) or closing (the one opened until `closed_until`). Best effort: a store
+        failure only leaves approvers a stale "waiting" or "not waiting" hint, never fails the wait."""
+        deadlines = self._waiting.setdefault(escalation_id, [])
+        if opened_until is not None:
+            deadlines.append(opened_until)
+        else:
+            deadlines.remove(closed_until)
+            if not deadlines:
+                del self._waiting[escalation_id]
+        now = self.clock()
+        try:
+            if opened_until is not None:
+                await self.store.agent_wait(escalation_id, now, opened_until=opened_until)
+            else:
+                await asyncio.shield(self.store.agent_wait(
+                    escalation_id, now, closed_until=max([closed_until, *deadlines]),
+                    then_until=max(deadlines, default=now)))
+        except StoreError as exc:
+            log.warning("escalation %s: could not note the agent's wait: %s", escalation_id, exc)
 
     async def watch(self, state: str = "", *, limit: int = 200) -> AsyncIterator[EscalationRecord]:
         """The current escalations (in `state`, or all), then every change as it happens.

@@ -8,7 +8,9 @@ state it leaves (and, where it matters, the expiry, the fingerprint):
     expire         ... WHERE (state = 'pending' AND expires_at <= now) OR (state = 'approved' AND use_by <= now)
 
 so when two approvers race (in one sidecar or in many sharing PostgreSQL)
-exactly one UPDATE matches the row and the other finds nothing to change. A
+exactly one UPDATE matches the row and the other finds nothing to change.
+Every UPDATE that takes a row out of `pending` also clears its unredacted
+`arguments` (kept only while someone may still decide: docs/escalation.md). A
 partial unique index allows one pending escalation per fingerprint, so a
 repeated call gets the pending id back instead of a second escalation, even
 when two sidecars see it at once.
@@ -38,9 +40,18 @@ COLUMNS = (
     "arguments_digest", "arguments_preview", "task_id", "intent", "call_id", "decision_id",
     "reasons", "policy_revision", "trace_id", "span_id", "created_at", "expires_at", "state",
     "approver", "approver_via", "decided_at", "note", "use_by", "used_at", "used_by_decision",
-    "updated_at", "sidecar",
+    "updated_at", "sidecar", "signals", "catalog", "arguments", "agent_seen_at", "agent_waiting_until",
 )
-JSON_COLUMNS = ("delegation", "arguments_preview", "reasons")
+JSON_COLUMNS = ("delegation", "arguments_preview", "reasons", "signals", "catalog", "arguments")
+NULLABLE_JSON = ("arguments_preview", "signals", "catalog", "arguments")
+# Columns added after the first schema: a store created by an older sidecar gets them on open.
+ADDED_COLUMNS = (
+    ("signals", "TEXT"),
+    ("catalog", "TEXT"),
+    ("arguments", "TEXT"),
+    ("agent_seen_at", "DOUBLE PRECISION"),
+    ("agent_waiting_until", "DOUBLE PRECISION"),
+)
 SELECT = ", ".join(COLUMNS)
 _state_list = ", ".join(f"'{s}'" for s in STATES)
 
@@ -74,7 +85,12 @@ SCHEMA = (
         used_at DOUBLE PRECISION,
         used_by_decision TEXT NOT NULL DEFAULT '',
         updated_at DOUBLE PRECISION NOT NULL,
-        sidecar TEXT NOT NULL DEFAULT ''
+        sidecar TEXT NOT NULL DEFAULT '',
+        signals TEXT,
+        catalog TEXT,
+        arguments TEXT,
+        agent_seen_at DOUBLE PRECISION,
+        agent_waiting_until DOUBLE PRECISION
     )""",
     f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_one_pending ON {TABLE} (fingerprint) WHERE state = '{PENDING}'",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_state_created ON {TABLE} (state, created_at)",
@@ -96,14 +112,19 @@ SQL = {
         f"ON CONFLICT DO NOTHING RETURNING {SELECT}"
     ),
     "expire_fingerprint": (
-        f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE fingerprint = ? AND {_DUE} "
+        f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE fingerprint = ? AND {_DUE} "
         f"RETURNING {SELECT}"
     ),
-    "expire_id": f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE id = ? AND {_DUE} RETURNING {SELECT}",
-    "expire_due": f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE {_DUE} RETURNING {SELECT}",
+    "expire_id": (
+        f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE id = ? AND {_DUE} "
+        f"RETURNING {SELECT}"
+    ),
+    "expire_due": (
+        f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE {_DUE} RETURNING {SELECT}"
+    ),
     "decide": (
         f"UPDATE {TABLE} SET state = ?, approver = ?, approver_via = ?, note = ?, decided_at = ?, "
-        f"use_by = ?, updated_at = ? WHERE id = ? AND state = '{PENDING}' AND expires_at > ? "
+        f"use_by = ?, arguments = NULL, updated_at = ? WHERE id = ? AND state = '{PENDING}' AND expires_at > ? "
         f"RETURNING {SELECT}"
     ),
     "consume": (
@@ -111,8 +132,20 @@ SQL = {
         f"WHERE id = ? AND state = '{APPROVED}' AND fingerprint = ? AND use_by > ? RETURNING {SELECT}"
     ),
     "withdraw": (
-        f"UPDATE {TABLE} SET state = '{EXPIRED}', updated_at = ? WHERE id = ? AND state = '{PENDING}' "
-        f"RETURNING {SELECT}"
+        f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE id = ? "
+        f"AND state = '{PENDING}' RETURNING {SELECT}"
+    ),
+    # The agent asked about the call again (a repeat): only the time it was last seen.
+    "seen": f"UPDATE {TABLE} SET agent_seen_at = ? WHERE id = ?",
+    # An AwaitDecision opens: seen now, waiting until its deadline (or a later one already there).
+    "wait_open": (
+        f"UPDATE {TABLE} SET agent_seen_at = ?, agent_waiting_until = CASE WHEN agent_waiting_until IS NULL "
+        "OR agent_waiting_until < ? THEN ? ELSE agent_waiting_until END WHERE id = ?"
+    ),
+    # An AwaitDecision ends: seen now; the waiting time is cut back unless a later waiter extended it.
+    "wait_close": (
+        f"UPDATE {TABLE} SET agent_seen_at = ?, agent_waiting_until = CASE WHEN agent_waiting_until IS NOT NULL "
+        "AND agent_waiting_until <= ? THEN ? ELSE agent_waiting_until END WHERE id = ?"
     ),
     "changed_since": f"SELECT {SELECT} FROM {TABLE} WHERE updated_at >= ? ORDER BY updated_at LIMIT ?",
 }
@@ -123,7 +156,7 @@ def _to_row(record: EscalationRecord) -> tuple:
     for column in COLUMNS:
         value = getattr(record, column)
         if column in JSON_COLUMNS:
-            value = None if value is None and column == "arguments_preview" else json.dumps(
+            value = None if value is None and column in NULLABLE_JSON else json.dumps(
                 list(value) if isinstance(value, tuple) else value, sort_keys=True, separators=(",", ":")
             )
         values.append(value)
@@ -139,7 +172,7 @@ def _from_row(row: Sequence[Any]) -> EscalationRecord:
     values["reasons"] = tuple(values["reasons"] or ())
     for column in ("created_at", "expires_at", "updated_at"):
         values[column] = float(values[column])
-    for column in ("decided_at", "use_by", "used_at"):
+    for column in ("decided_at", "use_by", "used_at", "agent_seen_at", "agent_waiting_until"):
         if values[column] is not None:
             values[column] = float(values[column])
     return EscalationRecord(**values)
@@ -186,6 +219,16 @@ class EscalationStore(Protocol):
         ...
 
     async def changed_since(self, since: float, limit: int = 500) -> list[EscalationRecord]: ...
+
+    async def agent_seen(self, escalation_id: str, now: float) -> None:
+        """The agent asked about the call again: agent_seen_at = now."""
+        ...
+
+    async def agent_wait(self, escalation_id: str, now: float, *, opened_until: float | None = None,
+                         closed_until: float | None = None, then_until: float | None = None) -> None:
+        """An AwaitDecision opened (waiting until `opened_until`, or a later time already stored) or
+        closed (a stored time up to `closed_until` becomes `then_until`); agent_seen_at = now either way."""
+        ...
 
 
 class _SqlStore:
@@ -285,6 +328,17 @@ class _SqlStore:
         rows = await self._run(lambda q: q(self._sql("changed_since"), (since, limit)))
         return [_from_row(r) for r in rows]
 
+    async def agent_seen(self, escalation_id, now):
+        await self._run(lambda q: q(self._sql("seen"), (now, escalation_id)))
+
+    async def agent_wait(self, escalation_id, now, *, opened_until=None, closed_until=None, then_until=None):
+        if opened_until is not None:
+            params = (now, opened_until, opened_until, escalation_id)
+            await self._run(lambda q: q(self._sql("wait_open"), params))
+        else:
+            params = (now, closed_until, then_until, escalation_id)
+            await self._run(lambda q: q(self._sql("wait_close"), params))
+
 
 class SqliteStore(_SqlStore):
     """A SQLite file in WAL mode, synchronous=FULL: a decided approval survives a crash."""
@@ -315,6 +369,10 @@ class SqliteStore(_SqlStore):
             conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
             for statement in SCHEMA:
                 conn.execute(statement)
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
+            for column, kind in ADDED_COLUMNS:
+                if column not in present:
+                    conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {column} {kind}")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the escalation store {self.path}: {exc}") from None
         self._conn = conn
@@ -410,6 +468,8 @@ class PostgresStore(_SqlStore):
                 conn.execute("SELECT pg_advisory_xact_lock(7270120501)")
                 for statement in SCHEMA:
                     conn.execute(statement)
+                for column, kind in ADDED_COLUMNS:
+                    conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} {kind}")
             self._schema_ready = True
 
     async def close(self) -> None:

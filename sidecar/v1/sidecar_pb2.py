@@ -26,17 +26,17 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sidecar/v1/sidecar.proto\x12\nsidecar.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\x10\x41uthorizeRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x0e\n\x06intent\x18\x05 \x01(\t\x12(\n\x07signals\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rescalation_id\x18\x07 \x01(\t\x12\x0e\n\x06server\x18\x08 \x01(\t\"\xe9\x01\n\x11\x41uthorizeResponse\x12$\n\x07outcome\x18\x01 \x01(\x0e\x32\x13.sidecar.v1.Outcome\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x15\n\rescalation_id\x18\x04 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x05 \x01(\t\x12\x10\n\x08trace_id\x18\x06 \x01(\t\x12,\n\x0bobligations\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x61rguments_digest\x18\x08 \x01(\t\"F\n\x14\x41waitDecisionRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"\xdd\x03\n\nEscalation\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.sidecar.v1.EscalationState\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\ndelegation\x18\x04 \x03(\t\x12\x0c\n\x04tool\x18\x05 \x01(\t\x12\x0e\n\x06server\x18\x06 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x07 \x01(\t\x12\x32\n\x11\x61rguments_preview\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07task_id\x18\t \x01(\t\x12\x0f\n\x07reasons\x18\n \x03(\t\x12\x17\n\x0fpolicy_revision\x18\x0b \x01(\t\x12\x10\n\x08trace_id\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61pprover\x18\x0f \x01(\t\x12.\n\ndecided_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x11 \x01(\t\"V\n\x15\x41waitDecisionResponse\x12*\n\nescalation\x18\x01 \x01(\x0b\x32\x16.sidecar.v1.Escalation\x12\x11\n\ttimed_out\x18\x02 \x01(\x08\";\n\rInvokeRequest\x12*\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1c.sidecar.v1.AuthorizeRequest\"y\n\x0eInvokeResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.sidecar.v1.AuthorizeResponse\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"r\n\x16ListEscalationsRequest\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.sidecar.v1.EscalationState\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\"F\n\x17ListEscalationsResponse\x12+\n\x0b\x65scalations\x18\x01 \x03(\x0b\x32\x16.sidecar.v1.Escalation\"-\n\x14GetEscalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\"P\n\x17\x44\x65\x63ideEscalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x10\n\x08\x61pprover\x18\x03 \x01(\t\"E\n\x17WatchEscalationsRequest\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.sidecar.v1.EscalationState*]\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x11\n\rOUTCOME_ALLOW\x10\x01\x12\x10\n\x0cOUTCOME_DENY\x10\x02\x12\x14\n\x10OUTCOME_ESCALATE\x10\x03*\xc6\x01\n\x0f\x45scalationState\x12 \n\x1c\x45SCALATION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45SCALATION_STATE_PENDING\x10\x01\x12\x1d\n\x19\x45SCALATION_STATE_APPROVED\x10\x02\x12\x1b\n\x17\x45SCALATION_STATE_DENIED\x10\x03\x12\x1c\n\x18\x45SCALATION_STATE_EXPIRED\x10\x04\x12\x19\n\x15\x45SCALATION_STATE_USED\x10\x05\x32\xeb\x01\n\x08ToolGate\x12H\n\tAuthorize\x12\x1c.sidecar.v1.AuthorizeRequest\x1a\x1d.sidecar.v1.AuthorizeResponse\x12T\n\rAwaitDecision\x12 .sidecar.v1.AwaitDecisionRequest\x1a!.sidecar.v1.AwaitDecisionResponse\x12?\n\x06Invoke\x12\x19.sidecar.v1.InvokeRequest\x1a\x1a.sidecar.v1.InvokeResponse2\xf2\x02\n\tApprovals\x12O\n\x04List\x12\".sidecar.v1.ListEscalationsRequest\x1a#.sidecar.v1.ListEscalationsResponse\x12?\n\x03Get\x12 .sidecar.v1.GetEscalationRequest\x1a\x16.sidecar.v1.Escalation\x12\x46\n\x07\x41pprove\x12#.sidecar.v1.DecideEscalationRequest\x1a\x16.sidecar.v1.Escalation\x12\x43\n\x04\x44\x65ny\x12#.sidecar.v1.DecideEscalationRequest\x1a\x16.sidecar.v1.Escalation\x12\x46\n\x05Watch\x12#.sidecar.v1.WatchEscalationsRequest\x1a\x16.sidecar.v1.Escalation0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sidecar/v1/sidecar.proto\x12\nsidecar.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\x10\x41uthorizeRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x0e\n\x06intent\x18\x05 \x01(\t\x12(\n\x07signals\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rescalation_id\x18\x07 \x01(\t\x12\x0e\n\x06server\x18\x08 \x01(\t\"\xe9\x01\n\x11\x41uthorizeResponse\x12$\n\x07outcome\x18\x01 \x01(\x0e\x32\x13.sidecar.v1.Outcome\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x15\n\rescalation_id\x18\x04 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x05 \x01(\t\x12\x10\n\x08trace_id\x18\x06 \x01(\t\x12,\n\x0bobligations\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x61rguments_digest\x18\x08 \x01(\t\"F\n\x14\x41waitDecisionRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"\xf0\x05\n\nEscalation\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.sidecar.v1.EscalationState\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\ndelegation\x18\x04 \x03(\t\x12\x0c\n\x04tool\x18\x05 \x01(\t\x12\x0e\n\x06server\x18\x06 \x01(\t\x12\x18\n\x10\x61rguments_digest\x18\x07 \x01(\t\x12\x32\n\x11\x61rguments_preview\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07task_id\x18\t \x01(\t\x12\x0f\n\x07reasons\x18\n \x03(\t\x12\x17\n\x0fpolicy_revision\x18\x0b \x01(\t\x12\x10\n\x08trace_id\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61pprover\x18\x0f \x01(\t\x12.\n\ndecided_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x11 \x01(\t\x12\x0e\n\x06intent\x18\x12 \x01(\t\x12(\n\x07signals\x18\x13 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\x0ctool_catalog\x18\x14 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\targuments\x18\x15 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1a\n\x12\x61rguments_withheld\x18\x16 \x01(\t\x12\x15\n\ragent_waiting\x18\x17 \x01(\x08\x12\x31\n\ragent_seen_at\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esubject_source\x18\x19 \x01(\t\"V\n\x15\x41waitDecisionResponse\x12*\n\nescalation\x18\x01 \x01(\x0b\x32\x16.sidecar.v1.Escalation\x12\x11\n\ttimed_out\x18\x02 \x01(\x08\";\n\rInvokeRequest\x12*\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1c.sidecar.v1.AuthorizeRequest\"y\n\x0eInvokeResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.sidecar.v1.AuthorizeResponse\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x84\x01\n\x16ListEscalationsRequest\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.sidecar.v1.EscalationState\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\x12\x10\n\x08\x61pprover\x18\x05 \x01(\t\"F\n\x17ListEscalationsResponse\x12+\n\x0b\x65scalations\x18\x01 \x03(\x0b\x32\x16.sidecar.v1.Escalation\"?\n\x14GetEscalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pprover\x18\x02 \x01(\t\"P\n\x17\x44\x65\x63ideEscalationRequest\x12\x15\n\rescalation_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x10\n\x08\x61pprover\x18\x03 \x01(\t\"E\n\x17WatchEscalationsRequest\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.sidecar.v1.EscalationState*]\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x11\n\rOUTCOME_ALLOW\x10\x01\x12\x10\n\x0cOUTCOME_DENY\x10\x02\x12\x14\n\x10OUTCOME_ESCALATE\x10\x03*\xc6\x01\n\x0f\x45scalationState\x12 \n\x1c\x45SCALATION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45SCALATION_STATE_PENDING\x10\x01\x12\x1d\n\x19\x45SCALATION_STATE_APPROVED\x10\x02\x12\x1b\n\x17\x45SCALATION_STATE_DENIED\x10\x03\x12\x1c\n\x18\x45SCALATION_STATE_EXPIRED\x10\x04\x12\x19\n\x15\x45SCALATION_STATE_USED\x10\x05\x32\xeb\x01\n\x08ToolGate\x12H\n\tAuthorize\x12\x1c.sidecar.v1.AuthorizeRequest\x1a\x1d.sidecar.v1.AuthorizeResponse\x12T\n\rAwaitDecision\x12 .sidecar.v1.AwaitDecisionRequest\x1a!.sidecar.v1.AwaitDecisionResponse\x12?\n\x06Invoke\x12\x19.sidecar.v1.InvokeRequest\x1a\x1a.sidecar.v1.InvokeResponse2\xf2\x02\n\tApprovals\x12O\n\x04List\x12\".sidecar.v1.ListEscalationsRequest\x1a#.sidecar.v1.ListEscalationsResponse\x12?\n\x03Get\x12 .sidecar.v1.GetEscalationRequest\x1a\x16.sidecar.v1.Escalation\x12\x46\n\x07\x41pprove\x12#.sidecar.v1.DecideEscalationRequest\x1a\x16.sidecar.v1.Escalation\x12\x43\n\x04\x44\x65ny\x12#.sidecar.v1.DecideEscalationRequest\x1a\x16.sidecar.v1.Escalation\x12\x46\n\x05Watch\x12#.sidecar.v1.WatchEscalationsRequest\x1a\x16.sidecar.v1.Escalation0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar.v1.sidecar_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1761
-  _globals['_OUTCOME']._serialized_end=1854
-  _globals['_ESCALATIONSTATE']._serialized_start=1857
-  _globals['_ESCALATIONSTATE']._serialized_end=2055
+  _globals['_OUTCOME']._serialized_start=2073
+  _globals['_OUTCOME']._serialized_end=2166
+  _globals['_ESCALATIONSTATE']._serialized_start=2169
+  _globals['_ESCALATIONSTATE']._serialized_end=2367
   _globals['_AUTHORIZEREQUEST']._serialized_start=104
   _globals['_AUTHORIZEREQUEST']._serialized_end=311
   _globals['_AUTHORIZERESPONSE']._serialized_start=314
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AWAITDECISIONREQUEST']._serialized_start=549
   _globals['_AWAITDECISIONREQUEST']._serialized_end=619
   _globals['_ESCALATION']._serialized_start=622
-  _globals['_ESCALATION']._serialized_end=1099
-  _globals['_AWAITDECISIONRESPONSE']._serialized_start=1101
-  _globals['_AWAITDECISIONRESPONSE']._serialized_end=1187
-  _globals['_INVOKEREQUEST']._serialized_start=1189
-  _globals['_INVOKEREQUEST']._serialized_end=1248
-  _globals['_INVOKERESPONSE']._serialized_start=1250
-  _globals['_INVOKERESPONSE']._serialized_end=1371
-  _globals['_LISTESCALATIONSREQUEST']._serialized_start=1373
-  _globals['_LISTESCALATIONSREQUEST']._serialized_end=1487
-  _globals['_LISTESCALATIONSRESPONSE']._serialized_start=1489
-  _globals['_LISTESCALATIONSRESPONSE']._serialized_end=1559
-  _globals['_GETESCALATIONREQUEST']._serialized_start=1561
-  _globals['_GETESCALATIONREQUEST']._serialized_end=1606
-  _globals['_DECIDEESCALATIONREQUEST']._serialized_start=1608
-  _globals['_DECIDEESCALATIONREQUEST']._serialized_end=1688
-  _globals['_WATCHESCALATIONSREQUEST']._serialized_start=1690
-  _globals['_WATCHESCALATIONSREQUEST']._serialized_end=1759
-  _globals['_TOOLGATE']._serialized_start=2058
-  _globals['_TOOLGATE']._serialized_end=2293
-  _globals['_APPROVALS']._serialized_start=2296
-  _globals['_APPROVALS']._serialized_end=2666
+  _globals['_ESCALATION']._serialized_end=1374
+  _globals['_AWAITDECISIONRESPONSE']._serialized_start=1376
+  _globals['_AWAITDECISIONRESPONSE']._serialized_end=1462
+  _globals['_INVOKEREQUEST']._serialized_start=1464
+  _globals['_INVOKEREQUEST']._serialized_end=1523
+  _globals['_INVOKERESPONSE']._serialized_start=1525
+  _globals['_INVOKERESPONSE']._serialized_end=1646
+  _globals['_LISTESCALATIONSREQUEST']._serialized_start=1649
+  _globals['_LISTESCALATIONSREQUEST']._serialized_end=1781
+  _globals['_LISTESCALATIONSRESPONSE']._serialized_start=1783
+  _globals['_LISTESCALATIONSRESPONSE']._serialized_end=1853
+  _globals['_GETESCALATIONREQUEST']._serialized_start=1855
+  _globals['_GETESCALATIONREQUEST']._serialized_end=1918
+  _globals['_DECIDEESCALATIONREQUEST']._serialized_start=1920
+  _globals['_DECIDEESCALATIONREQUEST']._serialized_end=2000
+  _globals['_WATCHESCALATIONSREQUEST']._serialized_start=2002
+  _globals['_WATCHESCALATIONSREQUEST']._serialized_end=2071
+  _globals['_TOOLGATE']._serialized_start=2370
+  _globals['_TOOLGATE']._serialized_end=2605
+  _globals['_APPROVALS']._serialized_start=2608
+  _globals['_APPROVALS']._serialized_end=2978
 # @@protoc_insertion_point(module_scope)

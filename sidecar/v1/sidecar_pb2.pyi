@@ -86,7 +86,7 @@ class AwaitDecisionRequest(_message.Message):
     def __init__(self, escalation_id: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class Escalation(_message.Message):
-    __slots__ = ("escalation_id", "state", "subject", "delegation", "tool", "server", "arguments_digest", "arguments_preview", "task_id", "reasons", "policy_revision", "trace_id", "created_at", "expires_at", "approver", "decided_at", "note")
+    __slots__ = ("escalation_id", "state", "subject", "delegation", "tool", "server", "arguments_digest", "arguments_preview", "task_id", "reasons", "policy_revision", "trace_id", "created_at", "expires_at", "approver", "decided_at", "note", "intent", "signals", "tool_catalog", "arguments", "arguments_withheld", "agent_waiting", "agent_seen_at", "subject_source")
     ESCALATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,14 @@ class Escalation(_message.Message):
     APPROVER_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    INTENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CATALOG_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    AGENT_WAITING_FIELD_NUMBER: _ClassVar[int]
+    AGENT_SEEN_AT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     escalation_id: str
     state: EscalationState
     subject: str
@@ -121,7 +129,15 @@ class Escalation(_message.Message):
     approver: str
     decided_at: _timestamp_pb2.Timestamp
     note: str
-    def __init__(self, escalation_id: _Optional[str] = ..., state: _Optional[_Union[EscalationState, str]] = ..., subject: _Optional[str] = ..., delegation: _Optional[_Iterable[str]] = ..., tool: _Optional[str] = ..., server: _Optional[str] = ..., arguments_digest: _Optional[str] = ..., arguments_preview: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., task_id: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_revision: _Optional[str] = ..., trace_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., approver: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+    intent: str
+    signals: _struct_pb2.Struct
+    tool_catalog: _struct_pb2.Struct
+    arguments: _struct_pb2.Struct
+    arguments_withheld: str
+    agent_waiting: bool
+    agent_seen_at: _timestamp_pb2.Timestamp
+    subject_source: str
+    def __init__(self, escalation_id: _Optional[str] = ..., state: _Optional[_Union[EscalationState, str]] = ..., subject: _Optional[str] = ..., delegation: _Optional[_Iterable[str]] = ..., tool: _Optional[str] = ..., server: _Optional[str] = ..., arguments_digest: _Optional[str] = ..., arguments_preview: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., task_id: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_revision: _Optional[str] = ..., trace_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., approver: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ..., intent: _Optional[str] = ..., signals: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tool_catalog: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., arguments_withheld: _Optional[str] = ..., agent_waiting: _Optional[bool] = ..., agent_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., subject_source: _Optional[str] = ...) -> None: ...
 
 class AwaitDecisionResponse(_message.Message):
     __slots__ = ("escalation", "timed_out")
@@ -148,16 +164,18 @@ class InvokeResponse(_message.Message):
     def __init__(self, decision: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListEscalationsRequest(_message.Message):
-    __slots__ = ("state", "subject", "tool", "limit")
+    __slots__ = ("state", "subject", "tool", "limit", "approver")
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    APPROVER_FIELD_NUMBER: _ClassVar[int]
     state: EscalationState
     subject: str
     tool: str
     limit: int
-    def __init__(self, state: _Optional[_Union[EscalationState, str]] = ..., subject: _Optional[str] = ..., tool: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    approver: str
+    def __init__(self, state: _Optional[_Union[EscalationState, str]] = ..., subject: _Optional[str] = ..., tool: _Optional[str] = ..., limit: _Optional[int] = ..., approver: _Optional[str] = ...) -> None: ...
 
 class ListEscalationsResponse(_message.Message):
     __slots__ = ("escalations",)
@@ -166,10 +184,12 @@ class ListEscalationsResponse(_message.Message):
     def __init__(self, escalations: _Optional[_Iterable[_Union[Escalation, _Mapping]]] = ...) -> None: ...
 
 class GetEscalationRequest(_message.Message):
-    __slots__ = ("escalation_id",)
+    __slots__ = ("escalation_id", "approver")
     ESCALATION_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVER_FIELD_NUMBER: _ClassVar[int]
     escalation_id: str
-    def __init__(self, escalation_id: _Optional[str] = ...) -> None: ...
+    approver: str
+    def __init__(self, escalation_id: _Optional[str] = ..., approver: _Optional[str] = ...) -> None: ...
 
 class DecideEscalationRequest(_message.Message):
     __slots__ = ("escalation_id", "note", "approver")

@@ -8,6 +8,10 @@ these tests do not move when the shipped rego/ library changes:
     send_email, delete_repo            escalate; any approval satisfies it
     wire_money                         escalate; only an approver in data.finance_approvers satisfies it
     search_docs                        allow
+
+The catalog (data.sidecar.catalog) describes send_email and delete_repo, so
+approvers' views carry a description, owner, risk and reversibility; the
+other tools are not in it.
 """
 
 from __future__ import annotations
@@ -70,6 +74,20 @@ ESCALATION_POLICY = """\
 ESCALATION_DATA = """\
     finance_approvers:
       - email:cfo@example.org
+    sidecar:
+      catalog:
+        tools:
+          send_email:
+            risk: high
+            reversible: false
+            owner: communications
+            description: Send an email on behalf of the organisation.
+            server: mail
+          delete_repo:
+            risk: critical
+            reversible: false
+            owner: developer-experience
+            description: Delete a source repository and its history.
 """
 
 AGENT = "spiffe://dev.local/agent"

@@ -87,12 +87,23 @@ class PostgresServer:
             f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
         )
+        self._options = options
+        self.resume()
+        return self
+
+    def pause(self) -> None:
+        """Stop the server cleanly (committed data kept although fsync is off); clients are
+        disconnected and refused until resume()."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self._started = False
+
+    def resume(self) -> None:
+        """Start the (initialised) server again on the same socket."""
         self._run(
             str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "server.log"),
-            "-o", options, "-w", "-t", "60", "start",
+            "-o", self._options, "-w", "-t", "60", "start",
         )
         self._started = True
-        return self
 
     def stop(self) -> None:
         if self._started:

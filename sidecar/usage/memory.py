@@ -1,8 +1,10 @@
-"""In-memory usage counters behind `input.usage`.
+"""Usage counters in this sidecar's memory (usage.store: memory, the default).
 
 Calls per (subject, tool) in a sliding window, and calls per task. Bounded:
 the least recently used keys are forgotten past `max_tracked`, so a caller
-that invents task ids cannot grow memory without limit.
+that invents task ids cannot grow memory without limit. Counts start from
+zero when the sidecar starts and are not shared with other replicas; use the
+postgres store for that (docs/configuration.md `usage`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Callable
 from sidecar.policy.input import Usage
 
 
-class UsageCounters:
+class MemoryCounter:
+    """`window_seconds`: the sliding window; `max_tracked`: keys kept per kind; `clock`: seconds."""
+
     def __init__(self, window_seconds: int, max_tracked: int, clock: Callable[[], float] = time.monotonic):
         self._window = window_seconds
         self._max = max_tracked
@@ -22,8 +26,11 @@ class UsageCounters:
         self._windows: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
         self._tasks: OrderedDict[str, int] = OrderedDict()
 
-    def count(self, subject: str, tool: str, task_id: str) -> Usage:
-        """Count one call and return the usage including it."""
+    async def open(self) -> None:
+        pass
+
+    async def count(self, subject: str, tool: str, task_id: str) -> Usage:
+        """Count one call and return the usage including it; never raises."""
         now = self._clock()
         key = (subject, tool)
         stamps = self._windows.pop(key, None) or deque()
@@ -42,3 +49,9 @@ class UsageCounters:
             if len(self._tasks) > self._max:
                 self._tasks.popitem(last=False)
         return Usage(calls_in_window=len(stamps), window_seconds=self._window, calls_in_task=calls_in_task)
+
+    def health(self) -> tuple[bool, str]:
+        return True, "memory (this sidecar only)"
+
+    async def aclose(self) -> None:
+        pass

@@ -1,0 +1,182 @@
+"""The command line as a script sees it: exit codes, refused abbreviations, usage lines,
+quiet broken pipes, `evidence show` on the wrong directory, the dev config's spans.
+
+Every case runs the real `agent-sidecar` (python -m sidecar) as a subprocess;
+the sidecars it talks to are real, started in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import pytest
+
+from sidecar.cli import BROKEN_PIPE_EXIT, CHECK_EXIT, Parser, build_parser
+from sidecar.client import AsyncClient
+from sidecar.config import load_config
+from tests.conftest import REGO, REPO
+
+CLI = [sys.executable, "-m", "sidecar"]
+AGENT = "spiffe://dev.local/agent"
+
+
+async def run(*args: str, stdout: int | None = asyncio.subprocess.PIPE) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, cwd=REPO, stdout=stdout, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, (out or b"").decode(), err.decode()
+
+
+async def run_into_closed_pipe(*args: str) -> tuple[int, str]:
+    """Run with stdout a real pipe whose reader has already gone (what `| head` leaves behind)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        code, _, err = await run(*args, stdout=write_end)
+    finally:
+        os.close(write_end)
+    return code, err
+
+
+@pytest.fixture
+def patient_config(tmp_path) -> str:
+    """A loaded test machine must not turn the decision under test into policy_timeout."""
+    path = tmp_path / "patient.yaml"
+    path.write_text(f"policy:\n  dir: {REGO}\n  timeout_ms: 5000\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "tool, arguments, outcome",
+    [
+        ("read_file", '{"path": "/workspace/notes.txt"}', "allow"),
+        ("read_file", '{"path": "/etc/shadow"}', "deny"),
+        ("send_email", '{"to": ["cfo@example.com"], "subject": "Q3", "body": "hi"}', "escalate"),
+    ],
+)
+async def test_check_exit_status_names_the_outcome(tool, arguments, outcome, patient_config):
+    code, out, err = await run("check", "--config", patient_config, "--subject", AGENT, "--tool", tool,
+                               "--args", arguments, "--compact")
+    assert f'"outcome": "{outcome}"' in out, err
+    assert code == CHECK_EXIT[outcome]
+    assert sorted(CHECK_EXIT.values()) == [0, 3, 4]  # distinct, and none is 1 (error) or 2 (usage)
+
+
+def test_every_parser_refuses_abbreviations():
+    """Structural: every parser in the tree, subcommands' included, is a Parser without abbreviations."""
+    seen = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        seen.append(parser.prog)
+        assert isinstance(parser, Parser) and parser.allow_abbrev is False, parser.prog
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    walk(child)
+
+    walk(build_parser())
+    for command in ("check", "evidence show", "approvals list", "approvals approve", "console", "policy test"):
+        assert f"agent-sidecar {command}" in seen
+
+
+@pytest.mark.parametrize(
+    "args, command, unknown",
+    [
+        (["check", "--subject", AGENT, "--tool", "read_file", "--arg", "{}"], "check", "--arg"),
+        (["check", "--subj", AGENT, "--subject", AGENT, "--tool", "read_file"], "check", "--subj"),
+        (["check", "--subject", AGENT, "--tool", "read_file", "--arguments", "{}"], "check", "--arguments"),
+        (["evidence", "show", "var/evidence", "--subj", AGENT], "evidence show", "--subj"),
+        (["approvals", "list", "--stat", "all"], "approvals list", "--stat"),
+        (["policy", "test", "--verb"], "policy test", "--verb"),
+        (["serve", "--conf", "x.yaml"], "serve", "--conf"),
+    ],
+)
+async def test_an_unknown_or_abbreviated_option_is_refused_with_the_subcommands_usage(args, command, unknown):
+    code, out, err = await run(*args)
+    assert code == 2 and out == ""
+    assert err.startswith(f"usage: agent-sidecar {command} "), err
+    assert f"agent-sidecar {command}: error: unrecognized arguments: {unknown}" in err
+
+
+async def test_a_top_level_abbreviation_is_refused():
+    code, _, err = await run("--log-lev", "DEBUG", "policy", "test")
+    assert code == 2 and err.startswith("usage: agent-sidecar [-h]")
+
+
+@pytest.fixture
+async def served(running_sidecar, sidecar_config, tmp_path):
+    """(address, evidence dir) of a sidecar with decisions, escalations and an evidence log to read."""
+    config = sidecar_config(**{"policy.timeout_ms": 5000})
+    sidecar = await running_sidecar(config)
+    async with AsyncClient(sidecar.addresses[0]) as agent:
+        for i in range(3):
+            await agent.authorize("send_email", {"to": [f"p{i}@example.com"], "subject": "Q3", "body": "hi"})
+            await agent.authorize("read_file", {"path": f"/workspace/{i}.txt"})
+    return sidecar.addresses[0], config.evidence.dir
+
+
+async def test_broken_pipes_are_quiet(served):
+    address, evidence_dir = served
+    for args in (
+        ["approvals", "list", "--address", address],
+        ["approvals", "list", "--address", address, "--json"],
+        ["evidence", "show", evidence_dir],
+        ["evidence", "show", evidence_dir, "--json"],
+        ["check", "--subject", AGENT, "--tool", "send_email", "--args", '{"to": ["a@example.com"]}'],
+    ):
+        code, err = await run_into_closed_pipe(*args)
+        assert code == BROKEN_PIPE_EXIT, (args, err)
+        assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+async def test_a_real_pipe_into_head_prints_no_error(served):
+    """The shell pipeline itself, with a listing longer than the pipe's buffer."""
+    address, evidence_dir = served
+    async with AsyncClient(address) as agent:
+        for i in range(300):
+            await agent.authorize("read_file", {"path": f"/workspace/{i}.txt"})
+    command = f"{' '.join(CLI)} evidence show {evidence_dir} --json | head -n 1"
+    process = await asyncio.create_subprocess_shell(
+        command, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert len(out.decode().splitlines()) == 1
+    assert err.decode() == ""
+
+
+async def test_evidence_show_refuses_a_directory_without_a_log(served, tmp_path):
+    _, evidence_dir = served
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for where, message in (
+        (tmp_path / "empty", "no evidence log here"),
+        (tmp_path / "missing", "not a directory"),
+        (tmp_path / "a-file", "not a directory"),
+    ):
+        code, out, err = await run("evidence", "show", str(where))
+        assert code == 2 and out == "", (where, out)
+        assert message in err and str(where) in err
+    code, out, err = await run("evidence", "show", evidence_dir, "--tool", "send_email", "--kind", "decision", "--json")
+    assert code == 0 and len(out.splitlines()) == 3, err
+    code, out, _ = await run("evidence", "show", evidence_dir, "--tool", "no_such_tool")
+    assert code == 0 and len(out.splitlines()) == 1  # the header: a log with no match is not an error
+
+
+async def test_the_dev_config_exports_no_spans(running_sidecar, tmp_path, caplog):
+    config = load_config(REPO / "examples" / "dev.yaml", {
+        "listen.tcp": "127.0.0.1:0", "listen.unix": str(tmp_path / "s.sock"), "metrics.listen": "",
+        "evidence.dir": str(tmp_path / "evidence"), "policy.dir": str(REGO), "policy.reload": False,
+    })
+    assert config.telemetry.exporter == "none"
+    caplog.set_level(logging.WARNING)
+    sidecar = await running_sidecar(config)
+    async with AsyncClient(sidecar.addresses[0]) as agent:
+        for _ in range(3):
+            await agent.authorize("read_file", {"path": "/workspace/a.txt"})
+    assert getattr(sidecar.recorder, "shipper", None) is None  # nothing ships spans: nothing can fail to
+    assert not [r for r in caplog.records if r.name.startswith(("sidecar.evidence.shipper", "opentelemetry"))]
