@@ -2,9 +2,15 @@
 # hold secrets, and reasons are recorded and exported in clear.
 package sidecar
 
+# MCP tools/list asks whether to show a tool with input.request.phase "list"
+# and no arguments (docs/policy-input.md): the rules that judge argument
+# values apply to calls only, so an argument rule never hides a tool.
+judging_arguments if not input.request.phase == "list"
+
 # Declared arguments (catalog entry "arguments": {name: type}) must be present
 # with that type; "string" and "array" must also be non-empty.
 deny contains reason(["invalid_argument: tool \"", tool_label, "\" needs argument \"", show(name), "\" of type ", show(kind)]) if {
+	judging_arguments
 	is_object(tool_entry.arguments)
 	some name, kind in tool_entry.arguments
 	not argument_has_type(name, kind)
@@ -39,6 +45,7 @@ deny contains reason(["path_traversal: argument \"path\" of tool \"", tool_label
 # A missing or non-string path is denied too, and so is every path when the
 # prefix list is not a list of strings (fail closed).
 deny contains reason(["path_not_allowed: argument \"path\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
+	judging_arguments
 	prefixes := path_prefixes_for_tool
 	not path_under(input.tool.arguments.path, prefixes)
 }
@@ -59,6 +66,7 @@ path_under(path, prefixes) if {
 # Tools listed in limits.url_hosts: "url" must be https:// to an allowed host
 # (no user info; an explicit port is allowed).
 deny contains reason(["url_not_allowed: argument \"url\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
+	judging_arguments
 	hosts := url_hosts_for_tool
 	not url_allowed(input.tool.arguments.url, hosts)
 }
