@@ -301,7 +301,8 @@ class Jaeger:
         """Start (or start again, on the same ports); returns once OTLP and the query API answer."""
         if self.running:
             return self
-        # Until the first successful start, a port taken meanwhile means: choose others.
+        # Until the first successful start, a port taken meanwhile means: choose others (a
+        # sidecar already pointed at the old ports would miss it; such a collision is rare).
         attempts = 1 if self._started_once or self._fixed_ports else 3
         for attempt in range(attempts):
             self.config_path.write_text(yaml.safe_dump(self._config(), sort_keys=False))
@@ -316,11 +317,12 @@ class Jaeger:
                 self._started_once = True
                 return self
             output = self._log_since(log_size)
+            what = f"exited ({self._process.returncode})" if not self.running else f"was not ready within {self.start_timeout:g} s"
             self._kill()
             if attempt + 1 < attempts and "address already in use" in output:
                 self.ports = self._choose_ports()
                 continue
-            raise JaegerError(f"jaeger did not become ready within {self.start_timeout:g} s; its log:\n{output[-4000:]}")
+            raise JaegerError(f"jaeger {what} (config {self.config_path}); its log:\n{output[-4000:]}")
         raise AssertionError("unreachable")
 
     @staticmethod
