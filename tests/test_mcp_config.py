@@ -118,17 +118,24 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
 
     seen = []
 
-    class Capturing:  # the Gate's engine seam; answers allow and keeps the input document
+    class Capturing:  # the Gate's DecisionClient and Catalog; answers allow and keeps the input document
         revision = "test"
 
-        def catalog_entry(self, tool):
+        def entry(self, tool):
             return None
 
-        async def evaluate(self, document):
+        async def decide(self, document):
             seen.append(document)
             return Decision("allow", ("ok: test",), {}, "test", "test")
 
-    gate = Gate(engine=Capturing(), usage=MemoryCounter(60, 100), call_ids=CallIdRegistry(100), recorder=None,
+        def ready(self):
+            return True, "test"
+
+        async def aclose(self):
+            pass
+
+    capturing = Capturing()
+    gate = Gate(decisions=capturing, catalog=capturing, usage=MemoryCounter(60, 100), call_ids=CallIdRegistry(100), recorder=None,
                 max_input_bytes=1 << 20, max_depth=64, instance_id="t")
     decision = await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
     assert decision.outcome == "allow"

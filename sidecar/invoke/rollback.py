@@ -45,7 +45,7 @@ class UndoCall:
 
 
 def plan_rollback(evidence_dir: str | Path, policy_dir: str | Path, decision_id: str) -> UndoCall:
-    from sidecar.policy.bundle import BundleError, load_bundle
+    from sidecar.policy.catalog import Catalog, CatalogError
 
     decision = invocation = None
     for _, record in iter_lines(Path(evidence_dir)):
@@ -61,8 +61,8 @@ def plan_rollback(evidence_dir: str | Path, policy_dir: str | Path, decision_id:
     if not token:
         raise RollbackError(f"the call of decision {decision_id} ({invocation.get('tool')}) returned no rollback token")
     try:
-        entry = load_bundle(policy_dir).catalog_entry(str(invocation.get("tool")))
-    except BundleError as exc:
+        entry = Catalog.read(policy_dir).entry(str(invocation.get("tool")))
+    except CatalogError as exc:
         raise RollbackError(f"the policy bundle {policy_dir} cannot be read: {exc}") from None
     undo = (entry or {}).get("undo")
     if not isinstance(undo, dict) or not isinstance(undo.get("tool"), str) or not isinstance(
