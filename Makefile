@@ -62,10 +62,10 @@ clean:
 ## fuzzing scenarios, fuzzing at 10,000+ generated calls. The soak is separate:
 ## `.venv/bin/python bench/soak.py --minutes 10 --rate 500`.
 reliability: install system-deps
-	FUZZ_EXAMPLES=3400 $(BIN)/python -m pytest -q tests/test_reliability_fuzz.py \
-	  tests/test_evidence_crash.py tests/test_evidence_canonical.py tests/test_evidence_otel.py tests/test_opa_engine.py \
-	  tests/test_opa_breaker.py tests/test_identity_workload_api.py tests/test_spire_rotation.py \
-	  tests/test_spire_bad_input.py
+	FUZZ_EXAMPLES=3400 DIFFERENTIAL_EXAMPLES=100 $(BIN)/python -m pytest -q tests/test_reliability_fuzz.py \
+	  tests/test_evidence_crash.py tests/test_evidence_canonical.py tests/test_evidence_otel.py tests/test_opa_client.py \
+	  tests/test_opa_runner.py tests/test_opa_breaker.py tests/test_opa_sidecar.py tests/test_opa_differential.py \
+	  tests/test_identity_workload_api.py tests/test_spire_rotation.py tests/test_spire_bad_input.py
 
 ## Benchmark: sidecar vs. a bare gRPC floor (docs/performance.md).
 bench: install

@@ -82,6 +82,8 @@ async def run(target: str, mode: str, rate: float, concurrency: int, seconds: fl
     calls = call_mix()
     latencies: list[float] = []
     outcomes: dict[str, int] = {}
+    # Denies that stand in for a decision the sidecar could not make, by reason code.
+    fail_closed: dict[str, int] = {}
     errors = 0
 
     async def one(index: int) -> None:
@@ -95,11 +97,16 @@ async def run(target: str, mode: str, rate: float, concurrency: int, seconds: fl
         latencies.append((time.perf_counter() - started) * 1000)
         outcome = OUTCOMES.get(response.outcome, "unspecified")
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        for reason in response.reasons[:1]:
+            code = reason.split(":", 1)[0]
+            if code.startswith("policy_") or code in ("overloaded", "evidence_unavailable"):
+                fail_closed[code] = fail_closed.get(code, 0) + 1
 
     # Warm up connections and the server's first-call paths.
     await asyncio.gather(*(one(i) for i in range(50)))
     latencies.clear()
     outcomes.clear()
+    fail_closed.clear()
     print("warmed", flush=True)  # bench/run.py starts its measurement window here
 
     began = time.perf_counter()
@@ -134,6 +141,7 @@ async def run(target: str, mode: str, rate: float, concurrency: int, seconds: fl
         "throughput": len(latencies) / elapsed,
         "latency_ms": percentiles(latencies),
         "outcomes": outcomes,
+        "fail_closed": fail_closed,
     }
 
 

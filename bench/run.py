@@ -1,7 +1,7 @@
 """`make bench`: what the sidecar adds to every tool call, against a bare gRPC floor.
 
-Starts the sidecar (embedded engine, durable evidence) and a bare floor
-server as separate processes, drives each from a separate load process, and
+Starts the sidecar (managed OPA over its private unix socket, durable
+evidence) and a bare floor server as separate processes, drives each from a separate load process, and
 prints a table; `--out` writes the figures as JSON. See docs/performance.md.
 """
 
@@ -217,7 +217,7 @@ def print_table(report: dict) -> None:
         ratio = row["sidecar"]["latency_ms"]["p50"] / row["floor"]["latency_ms"]["p50"]
         split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["sidecar"]["cost_split_ms"].items()))
         print(f"{'':<45} ratio p50 sidecar/floor {ratio:.2f}x; sidecar mean ms per stage: {split}")
-        print(f"{'':<45} outcomes {row['sidecar']['outcomes']}")
+        print(f"{'':<45} outcomes {row['sidecar']['outcomes']}; fail-closed denies {row['sidecar'].get('fail_closed') or 'none'}")
 
 
 if __name__ == "__main__":

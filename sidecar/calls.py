@@ -6,6 +6,7 @@ understands) and still recorded; it just never reaches the policy engine.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
@@ -50,9 +51,56 @@ def depth_of(value: Any, limit: int) -> int:
     return deepest
 
 
+def _path(parent: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    text = json.dumps(str(key), ensure_ascii=True)[1:-1]
+    text = text if len(text) <= 64 else text[:63] + "…"
+    return f"{parent}.{text}" if key and key.isidentifier() else f"{parent}[\"{text}\"]"
+
+
+def find_nul(value: Any, label: str) -> str | None:
+    """Where the first string holding U+0000 is in `value` ("arguments.files[2]", "a key in arguments.meta"), or None.
+
+    Keys are strings too. Walks iteratively, so depth is no limit here (depth_of caps it separately).
+    """
+    stack = [(value, label)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return where
+        elif isinstance(node, dict):
+            for key, child in reversed(list(node.items())):
+                if isinstance(key, str) and "\x00" in key:
+                    return f"a key in {where}"
+                stack.append((child, _path(where, key)))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((child, _path(where, i)) for i, child in reversed(list(enumerate(node))))
+    return None
+
+
 def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[str], str]:
-    """Return (problems, arguments_digest). No problems means policy may see the call."""
+    """Return (problems, arguments_digest). No problems means policy may see the call.
+
+    A string holding U+0000 anywhere (a name, an id, the intent, argument and signal values
+    and keys at any depth) is refused with a reason naming where: C-string code cuts text
+    there, so the tool, an approver or a log could read less than policy decided on.
+    """
     problems: list[str] = []
+    for label, value in (
+        ("tool", call.tool),
+        ("server", call.server),
+        ("call_id", call.call_id),
+        ("task_id", call.task_id),
+        ("escalation_id", call.escalation_id),
+        ("intent", call.intent),
+        ("arguments", call.arguments),
+        ("signals", call.signals),
+    ):
+        where = find_nul(value, label)
+        if where is not None:
+            problems.append(f"invalid_{label}: {where} holds U+0000 (NUL), which is refused anywhere in a call")
     tool_bytes = len(call.tool.encode("utf-8", "surrogatepass"))
     if tool_bytes == 0:
         problems.append("invalid_tool: the tool name is empty")

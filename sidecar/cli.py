@@ -71,26 +71,41 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _policy_failure(config: Any, exc: Exception) -> int | None:
+    """Print why the policy cannot serve (exit 2), or None if `exc` is not such a failure."""
+    from sidecar.policy.opa.runner import OpaNotFound, OpaStartError
+    from sidecar.policy.opa.service import PolicyRejected
+
+    if isinstance(exc, OpaNotFound):
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, (PolicyRejected, OpaStartError)):
+        print(f"agent-sidecar: the policy in {config.policy.dir} cannot be served:", file=sys.stderr)
+        for problem in getattr(exc, "problems", [str(exc)]):
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.escalation import StoreError
     from sidecar.evidence import EvidenceError
-    from sidecar.policy.bundle import BundleError
     from sidecar.server import serve
 
     config = load_config(args.config, _config_overrides(args))
     try:
         asyncio.run(serve(config))
-    except BundleError as exc:
-        print(f"agent-sidecar: the policy in {config.policy.dir} cannot be served:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
     except EvidenceError as exc:
         print(f"agent-sidecar: the evidence log cannot be opened: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
         print(f"agent-sidecar: the escalation store cannot be opened: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        code = _policy_failure(config, exc)
+        if code is None:
+            raise
+        return code
     return 0
 
 
@@ -107,8 +122,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.calls import ToolCall
     from sidecar.identity import CallerIdentity, Subject
     from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
-    from sidecar.policy.bundle import BundleError
-    from sidecar.server import build_engine, build_gate
+    from sidecar.server import build_gate, build_policy
 
     config = load_config(args.config, {**_config_overrides(args), "policy.reload": False})
     try:
@@ -126,14 +140,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
 
     async def decide() -> dict[str, Any]:
-        engine = build_engine(config, run_bundle_tests=False)
-        await engine.start()
-        try:
-            verdict = await build_gate(config, engine, recorder=None).authorize(call, CallerIdentity(subject))
-        finally:
-            await engine.close()
+        # The server's own path: the same policy service (managed OPA on the same files, or policy.opa.url).
+        async with build_policy(config) as policy:
+            verdict = await build_gate(config, policy, recorder=None).authorize(call, CallerIdentity(subject))
         decision = verdict.decision
-        return {
+        result = {
             "outcome": decision.outcome,
             "reasons": list(decision.reasons),
             "decision_id": verdict.decision_id,
@@ -141,31 +152,88 @@ def cmd_check(args: argparse.Namespace) -> int:
             "obligations": decision.obligations,
             "engine": decision.engine,
         }
+        serving = await _served_revision(config)
+        if serving and serving != decision.policy_revision:
+            result["note"] = (
+                f"the sidecar serving at {config.listen.unix or config.listen.tcp} still serves revision {serving}, "
+                f"not {decision.policy_revision}: it decides differently until it reloads"
+            )
+        return result
 
     try:
         result = asyncio.run(decide())
-    except BundleError as exc:
-        print(f"agent-sidecar: the policy in {config.policy.dir} cannot be served:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        code = _policy_failure(config, exc)
+        if code is None:
+            raise
+        return code
+    if "note" in result:
+        print(f"agent-sidecar: note: {result['note']}", file=sys.stderr)
     print(json.dumps(result, indent=None if args.compact else 2, sort_keys=True))
     return CHECK_EXIT[result["outcome"]]
 
 
-def cmd_policy_test(args: argparse.Namespace) -> int:
-    from sidecar.policy.validate import validate_bundle
+async def _served_revision(config: Any) -> str:
+    """The revision a sidecar running with this config serves (from its health detail), or "" if none answers."""
+    import os
+    import re
 
-    report = validate_bundle(args.dir)
-    for problem in report.problems:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = f"unix:{config.listen.unix}" if config.listen.unix else config.listen.tcp
+    if not target or (config.listen.unix and not os.path.exists(config.listen.unix)):
+        return ""
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+            await call
+            trailers = await call.trailing_metadata()
+    except (grpc.RpcError, OSError):
+        return ""
+    detail = dict(trailers or ()).get("sidecar-health-detail", "")
+    found = re.search(r"serving revision (\S+?)[;)]", detail)
+    return found.group(1) if found else ""
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sidecar.policy.opa import tools
+    from sidecar.policy.opa.runner import OpaNotFound, find_opa
+
+    config = load_config(args.config, {})
+    try:
+        binary = find_opa(config.policy.opa.binary)
+    except OpaNotFound as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return 2
+    directory = Path(args.dir)
+
+    async def run() -> tuple[tools.TestReport, list[str], dict[str, str]]:
+        report = await tools.run_tests(binary, directory)
+        lint = await tools.check(binary, directory) if args.lint else []
+        explained = await tools.explain_failures(binary, directory, report.failed)
+        return report, lint, explained
+
+    try:
+        report, lint, explained = asyncio.run(run())
+    except tools.PolicyToolError as exc:
+        for problem in exc.problems:
+            print(f"ERROR {problem}")
+        return 1
+    for problem in [*report.problems, *(f"opa check --strict: {p}" for p in lint)]:
         print(f"ERROR {problem}")
     for result in report.results:
         if not result.passed:
-            print(f"FAIL {result.file}:{result.line}: {result.rule}: {result.detail}")
+            print(f"FAIL {result.file}:{result.row}: {result.rule}" + (f": {result.error}" if result.error else ""))
+            why = explained.get(result.rule, "")
+            if why:
+                print("\n".join("    " + line for line in why.splitlines()))
         elif args.verbose:
-            print(f"PASS {result.file}:{result.line}: {result.rule}")
+            print(f"PASS {result.file}:{result.row}: {result.rule}")
     passed = sum(r.passed for r in report.results)
-    failed = len(report.results) - passed + (1 if report.problems else 0)
+    failed = len(report.results) - passed + (1 if report.problems or lint else 0)
     if not report.results and not report.problems:
         print(f"no test_* rules found in {args.dir}/**/*_test.rego")
     print(f"{passed} passed, {failed} failed")
@@ -231,12 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="decide one call with the configured engine and print it as JSON (records no evidence, skips the bundle's tests)",
+        help="decide one call exactly as the server would (same OPA path) and print it as JSON (records no evidence)",
         description="Decide one tool call as if SUBJECT made it, and print "
         '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON. '
         "Exit status: 0 allow, 3 deny, 4 escalate; 2 bad usage, configuration or policy.",
     )
-    check.add_argument("--config", metavar="FILE", help="YAML config; its policy section chooses the engine")
+    check.add_argument("--config", metavar="FILE", help="YAML config; its policy section says how OPA is reached")
     check.add_argument("--policy", metavar="DIR", help="policy bundle directory, overriding policy.dir")
     check.add_argument("--subject", required=True, metavar="SPIFFE_ID", help="the caller, e.g. spiffe://dev.local/agent")
     check.add_argument(
@@ -258,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     policy_test = policy_commands.add_parser(
         "test",
-        help="run every test_* rule in *_test.rego; ends with 'N passed, M failed'",
+        help="run every test_* rule in *_test.rego with `opa test`; ends with 'N passed, M failed'",
     )
+    policy_test.add_argument("--config", metavar="FILE", help="YAML config (policy.opa.binary names OPA)")
+    policy_test.add_argument("--lint", action="store_true", help="also run `opa check --strict` (a problem counts as a failure)")
     policy_test.add_argument("dir", nargs="?", default="rego", help="policy bundle directory (default rego)")
     policy_test.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
     policy_test.set_defaults(run=cmd_policy_test)

@@ -32,10 +32,19 @@ class ListenConfig:
 
 @dataclass
 class OpaConfig:
-    # Used when policy.engine is "opa"; docs/deploy.md. The whole call, retries
-    # included, stays inside policy.timeout_ms.
-    # Base URL of the OPA REST API beside the sidecar (http or https).
-    url: str = "http://127.0.0.1:8181"
+    # docs/configuration.md. The whole call, retries included, stays inside policy.timeout_ms.
+    # "" (default): the sidecar runs and supervises its own OPA on a private unix socket
+    # (managed). An http(s) URL: decide through the OPA REST API there (the OPA container
+    # beside the sidecar in Kubernetes), which loads its own bundle.
+    url: str = ""
+    # The OPA binary for the managed OPA and `policy test`: a path, or a name looked up on PATH.
+    binary: str = "opa"
+    # The managed OPA's own log level (debug, info, error); its lines go to the sidecar's log.
+    log_level: str = "error"
+    # Longest wait for a managed OPA to answer /health?bundles=true after it starts.
+    ready_timeout_ms: int = 15000
+    # Longest pause before a managed OPA that died is started again (back-off doubles up to it).
+    restart_backoff_max_ms: int = 5000
     # Extra attempts after a connection error or a 5xx, inside the budget.
     retries: int = 2
     # Pause before the first retry (doubled for each further one).
@@ -50,26 +59,21 @@ class OpaConfig:
     health_timeout_ms: int = 500
     # Pooled keep-alive connections to OPA.
     max_connections: int = 32
+    # Decisions waiting for OPA at once; a call over it is denied at once (overloaded).
+    max_in_flight: int = 64
 
 
 @dataclass
 class PolicyConfig:
-    # "embedded" (in-process Rego) or "opa" (OPA REST API beside the sidecar).
-    engine: str = "embedded"
-    # OPA bundle directory (rego/): policies, data and the tool catalog.
+    # OPA bundle directory (rego/): policies, tests, data and the tool catalog.
     dir: str = "rego"
     # Whole-decision budget; past it the call is denied.
     timeout_ms: int = 100
     max_input_bytes: int = 1024 * 1024
     max_depth: int = 64
-    # Watch `dir` and swap in a new policy when it compiles and its tests pass.
+    # Watch `dir`; a changed policy that passes `opa check --strict` and `opa test` is swapped in.
     reload: bool = True
-    # Processes evaluating the embedded engine, each with its own interpreter.
-    workers: int = 2
-    # Decisions after which an embedded-engine worker process is replaced:
-    # regopy keeps ~140 KB of native memory per distinct input it evaluates.
-    recycle_after: int = 1000
-    # The OPA REST engine (engine: opa).
+    # OPA: managed by the sidecar (default) or external (opa.url).
     opa: OpaConfig = field(default_factory=OpaConfig)
 
 
@@ -279,9 +283,7 @@ class Config:
         checks that say "required outside dev mode" are listed in
         docs/configuration.md ("Outside dev mode").
         """
-        if self.policy.engine not in ("embedded", "opa"):
-            raise ConfigError(f"policy.engine: must be 'embedded' or 'opa', not {self.policy.engine!r}")
-        for key in ("timeout_ms", "max_input_bytes", "max_depth", "workers", "recycle_after"):
+        for key in ("timeout_ms", "max_input_bytes", "max_depth"):
             if getattr(self.policy, key) <= 0:
                 raise ConfigError(f"policy.{key}: must be positive")
         _validate_opa(self.policy.opa)
@@ -572,6 +574,15 @@ def _validate_console(console: "ConsoleConfig") -> None:
 def _validate_opa(opa: OpaConfig) -> None:
     from urllib.parse import urlsplit
 
+    if opa.log_level not in ("debug", "info", "error"):
+        raise ConfigError(f"policy.opa.log_level: must be debug, info or error, not {opa.log_level!r}")
+    if not opa.binary:
+        raise ConfigError("policy.opa.binary: must name the OPA binary (a path, or a name on PATH)")
+    for key in ("ready_timeout_ms", "restart_backoff_max_ms", "max_in_flight"):
+        if getattr(opa, key) <= 0:
+            raise ConfigError(f"policy.opa.{key}: must be positive")
+    if not opa.url:
+        return
     try:
         url = urlsplit(opa.url)
         url.port  # raises ValueError on a bad port

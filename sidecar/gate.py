@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.calls import CallIdRegistry, ToolCall, check_call, normalized
 from sidecar.canonical import sha256_digest
@@ -23,8 +23,7 @@ from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, Recorder, Tr
 from sidecar.identity import CallerIdentity, IdentityError
 from sidecar.jsonvalues import number_problems
 from sidecar.metrics import Metrics
-from sidecar.policy.decision import Decision
-from sidecar.policy.engine import PolicyEngine
+from sidecar.policy.decision import Decision, DecisionClient
 from sidecar.policy.input import build_input
 from sidecar.usage import UsageCounter, UsageUnavailable
 
@@ -32,6 +31,15 @@ if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
 
 log = logging.getLogger(__name__)
+
+
+class Catalog(Protocol):
+    """The tool catalog of the policy serving now (sidecar/policy/catalog.py)."""
+
+    def entry(self, tool: str) -> dict | None: ...
+
+    @property
+    def revision(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class Gate:
     def __init__(
         self,
         *,
-        engine: PolicyEngine,
+        decisions: DecisionClient,
+        catalog: Catalog,
         usage: UsageCounter,
         call_ids: CallIdRegistry,
         recorder: Recorder | None,
@@ -69,7 +78,8 @@ class Gate:
         metrics: Metrics | None = None,
         escalations: "EscalationService | None" = None,
     ):
-        self.engine = engine
+        self.decisions = decisions
+        self.catalog = catalog
         self._usage = usage
         self._call_ids = call_ids
         self._recorder = recorder
@@ -127,12 +137,12 @@ class Gate:
         timings: dict[str, float] = {}
         catalog_entry = None  # the entry policy decided with; an escalation keeps it for approvers
         if problems:
-            decision = Decision.refused(problems, policy_revision=self.engine.revision)
+            decision = Decision.refused(problems, policy_revision=self.catalog.revision)
         elif usage_failure:  # a stage failed: fail closed, like an engine or evidence failure
-            decision = Decision.failed(usage_failure, engine="sidecar", policy_revision=self.engine.revision)
+            decision = Decision.failed(usage_failure, engine="sidecar", policy_revision=self.catalog.revision)
         else:
             assert isinstance(identity, CallerIdentity) and usage is not None
-            catalog_entry = self.engine.catalog_entry(call.tool)
+            catalog_entry = self.catalog.entry(call.tool)
             document = build_input(
                 identity=identity,
                 tool=call.tool,
@@ -149,7 +159,7 @@ class Gate:
                 sidecar=self.instance_id,
             )
             engine_started = time.perf_counter()
-            decision = await self.engine.evaluate(document)
+            decision = await self.decisions.decide(document)
             timings["engine"] = (time.perf_counter() - engine_started) * 1000
             unexact = number_problems(decision.obligations, "obligations")
             if unexact:  # the agent would receive other obligations than the ones recorded

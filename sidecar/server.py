@@ -27,8 +27,8 @@ from sidecar.identity import IdentityResolver
 from sidecar.identity.factory import IdentityRuntime
 from sidecar.metrics import Metrics
 from sidecar.identity.factory import build_identity as build_identity_runtime
-from sidecar.policy.embedded import EmbeddedEngine
-from sidecar.policy.engine import PolicyEngine
+from sidecar.policy.opa.client import OpaClientOptions
+from sidecar.policy.opa.service import ManagedOpaOptions, PolicyService
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
 from sidecar.usage import UsageCounter
 from sidecar.usage.memory import MemoryCounter
@@ -37,20 +37,30 @@ from sidecar.v1 import sidecar_pb2
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: Config, *, run_bundle_tests: bool = True) -> PolicyEngine:
-    """The configured engine; `run_bundle_tests=False` is for one-off decisions (`check`)."""
-    policy = config.policy
-    if policy.engine == "opa":
-        from sidecar.policy.opa import OpaEngine
-
-        return OpaEngine.from_config(policy)
-    return EmbeddedEngine(
+def build_policy(config: Config) -> PolicyService:
+    """The policy service: a managed OPA on policy.dir, or the OPA at policy.opa.url; not started yet."""
+    policy, opa = config.policy, config.policy.opa
+    return PolicyService(
         policy.dir,
-        timeout_ms=policy.timeout_ms,
-        workers=policy.workers,
-        recycle_after=policy.recycle_after,
+        OpaClientOptions(
+            timeout_ms=policy.timeout_ms,
+            retries=opa.retries,
+            retry_backoff_ms=opa.retry_backoff_ms,
+            breaker_failures=opa.breaker_failures,
+            breaker_cooldown_ms=opa.breaker_cooldown_ms,
+            health_interval_ms=opa.health_interval_ms,
+            health_timeout_ms=opa.health_timeout_ms,
+            max_connections=opa.max_connections,
+            max_in_flight=opa.max_in_flight,
+        ),
+        url=opa.url,
+        managed=ManagedOpaOptions(
+            binary=opa.binary,
+            log_level=opa.log_level,
+            ready_timeout_seconds=opa.ready_timeout_ms / 1000,
+            restart_backoff_max_seconds=opa.restart_backoff_max_ms / 1000,
+        ),
         reload=policy.reload,
-        run_bundle_tests=run_bundle_tests,
     )
 
 
@@ -65,7 +75,7 @@ def build_identity(config: Config) -> IdentityRuntime:
 
 
 def build_recorder(
-    config: Config, engine: PolicyEngine | None = None, svid_source: object | None = None
+    config: Config, policy: PolicyService | None = None, svid_source: object | None = None
 ) -> Recorder | None:
     """The evidence log in evidence.dir, shipping its spans over OTLP (docs/evidence.md).
 
@@ -76,8 +86,9 @@ def build_recorder(
     from sidecar.evidence.signing import svid_key_provider
 
     known_tool = None
-    if engine is not None:
-        known_tool = lambda tool: engine.catalog_entry(tool) is not None  # noqa: E731
+    if policy is not None:
+        catalog = policy.catalog
+        known_tool = lambda tool: catalog.entry(tool) is not None  # noqa: E731
     return open_recorder(
         config.evidence,
         config.telemetry,
@@ -107,14 +118,15 @@ def build_usage(config: Config) -> UsageCounter:
 
 def build_gate(
     config: Config,
-    engine: PolicyEngine,
+    policy: PolicyService,
     recorder: Recorder | None,
     metrics: Metrics | None = None,
     usage: UsageCounter | None = None,
 ) -> Gate:
     """`usage` None = fresh in-memory counters (`check`: a one-off decision counts nothing shared)."""
     return Gate(
-        engine=engine,
+        decisions=policy,
+        catalog=policy.catalog,
         usage=usage if usage is not None else MemoryCounter(config.usage.window_seconds, config.usage.max_tracked),
         call_ids=CallIdRegistry(config.sidecar.call_id_memory),
         recorder=recorder,
@@ -166,7 +178,7 @@ class RunningSidecar:
 
     server: grpc.aio.Server
     addresses: list[str]
-    engine: PolicyEngine
+    policy: PolicyService
     identity: IdentityResolver
     recorder: Recorder | None
     gate: Gate
@@ -189,33 +201,37 @@ class RunningSidecar:
             self.metrics.close()
         if self.identity_runtime is not None:
             await asyncio.to_thread(self.identity_runtime.close)
-        await self.engine.close()
+        await self.policy.aclose()
         if self.recorder is not None:
             await self.recorder.close()
 
 
 async def start_sidecar(config: Config) -> RunningSidecar:
     """Load policy, build every stage, bind the listeners and start serving."""
-    engine = build_engine(config)
-    await engine.start()
-    identity_runtime = build_identity(config)
+    policy = build_policy(config)
+    await policy.start()
+    try:
+        identity_runtime = build_identity(config)
+    except BaseException:
+        await policy.aclose()
+        raise
     identity, tls_credentials = identity_runtime
     try:
-        recorder = await asyncio.to_thread(build_recorder, config, engine, identity_runtime.source)
+        recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source)
     except BaseException:
-        await engine.close()
+        await policy.aclose()
         identity_runtime.close()
         raise
     metrics = Metrics()
     usage = build_usage(config)
-    gate = build_gate(config, engine, recorder, metrics, usage)
+    gate = build_gate(config, policy, recorder, metrics, usage)
     escalations = build_escalations(config, recorder)
     try:
         await usage.open()
         await escalations.start()
     except BaseException:
         await usage.aclose()
-        await engine.close()
+        await policy.aclose()
         identity_runtime.close()
         if recorder is not None:
             await recorder.close()
@@ -236,7 +252,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     server.add_generic_rpc_handlers(
         (ToolGateServicer(gate, identity, escalation_api).handler(), escalation_api.approvals_handler())
     )
-    sources = {"policy": engine.health, "identity": identity.health}
+    sources = {"policy": policy.ready, "identity": identity.health}
     if recorder is not None:
         sources["evidence"] = recorder.health
     sources["escalation"] = escalations.health
@@ -273,7 +289,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     health_task = asyncio.create_task(health.run(), name="health")
     metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
     return RunningSidecar(
-        server, addresses, engine, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
+        server, addresses, policy, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
         escalations=escalations,
         usage=usage,
     )
@@ -286,7 +302,8 @@ async def serve(config: Config) -> None:
     print(f"agent-sidecar {os.getpid()} serving", flush=True)
     for address in sidecar.addresses:
         print(f"  listening on  {address}", flush=True)
-    print(f"  policy        {config.policy.dir} ({sidecar.engine.name} engine, revision {sidecar.engine.revision})", flush=True)
+    opa = "managed OPA" if sidecar.policy.managed else f"OPA at {config.policy.opa.url}"
+    print(f"  policy        {config.policy.dir} ({opa}, revision {sidecar.policy.revision})", flush=True)
     print(f"  identity      {ident_detail}", flush=True)
     if sidecar.recorder is not None:
         exporting = "spans shipped over OTLP" if getattr(sidecar.recorder, "shipper", None) else "span export off"

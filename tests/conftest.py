@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -15,6 +16,10 @@ from sidecar.server import RunningSidecar, start_sidecar
 
 REPO = Path(__file__).resolve().parent.parent
 REGO = REPO / "rego"
+
+# The pinned OPA `make install` builds (tools/build.sh), first on PATH as in the Makefile:
+# the managed OPA, `policy test` and the differential test all run it.
+os.environ["PATH"] = f"{REPO / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def write_policy(directory: Path, rego: str, tests: str | None = None, data: str | None = None) -> Path:

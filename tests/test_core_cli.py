@@ -72,6 +72,41 @@ def test_policy_test_reports_each_failure_and_the_totals(tmp_path):
     assert result.returncode == 1
     assert "FAIL policy_test.rego:3: data.sidecar.tests.test_wrong_on_purpose" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "1 passed, 1 failed"
+    # Why it failed: OPA's explanation of the failing test, indented under it.
+    why = result.stdout.split("test_wrong_on_purpose", 1)[1]
+    assert "Fail" in why and "policy_test.rego:3" in why and '"rm"' in why
+
+
+def test_policy_test_counts_a_bundle_that_does_not_compile_as_a_failure(tmp_path):
+    directory = write_policy(tmp_path / "p", "package sidecar\ndecision := := 1\n")
+    result = run("policy", "test", str(directory))
+    assert result.returncode == 1
+    assert "ERROR" in result.stdout and "policy.rego:2" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "0 passed, 1 failed"
+
+
+def test_policy_lint_is_opa_check_strict(tmp_path):
+    unused = SIMPLE_POLICY + "\n    extra if {\n        leftover := 1\n        input.x == 2\n    }\n"
+    tests = """\
+        package sidecar.tests
+        test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
+    """
+    directory = write_policy(tmp_path / "p", unused, tests=tests)
+    assert run("policy", "test", str(directory)).returncode == 0
+    linted = run("policy", "test", "--lint", str(directory))
+    assert linted.returncode == 1
+    assert "opa check --strict: policy.rego:" in linted.stdout and "leftover unused" in linted.stdout
+
+
+def test_a_missing_opa_is_a_clear_error_naming_the_fix(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"policy:\n  opa:\n    binary: {tmp_path / 'no-opa'}\n")
+    for command in (["policy", "test", "--config", str(config), str(REGO)],
+                    ["check", "--config", str(config), "--subject", "spiffe://dev.local/agent", "--tool", "x"],
+                    ["serve", "--config", str(config)]):
+        result = run(*command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "no OPA binary at" in result.stderr and "make install" in result.stderr, result.stderr
 
 
 def test_policy_test_passes_on_the_shipped_bundle():

@@ -1,353 +1,240 @@
-"""The embedded engine on small private bundles: compile, lint, fail closed, hot reload."""
+"""The policy service on small private bundles with the real OPA: first start, hot reload
+(blue/green), rejected bundles (compile error, failing tests, bad data), external OPA."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import signal
+import socket
+import subprocess
 import textwrap
+import time
 
 import pytest
 
-from sidecar.policy.bundle import BundleError, load_bundle
-from sidecar.policy.embedded import EmbeddedEngine
+from sidecar.policy.catalog import Catalog, CatalogError, read_data
+from sidecar.policy.opa.client import OpaClientOptions
+from sidecar.policy.opa.runner import OpaNotFound, find_opa
+from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
 from tests.conftest import SIMPLE_POLICY, write_policy
 
 INPUT = {"version": "sidecar/v1", "tool": {"name": "echo", "arguments": {}}}
+PING = {**INPUT, "tool": {"name": "ping"}}
+TESTS = """\
+    package sidecar.tests
+    test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
+"""
+CATALOG = "tools:\n  echo: {risk: low}\n"
 
 
-async def started(directory, **options) -> EmbeddedEngine:
-    engine = EmbeddedEngine(directory, **options)
-    await engine.start()
-    return engine
+def policy_dir(tmp_path, rego: str = SIMPLE_POLICY, tests: str | None = TESTS):
+    directory = write_policy(tmp_path / "p", rego, tests=tests)
+    (directory / "sidecar" / "catalog").mkdir(parents=True, exist_ok=True)
+    (directory / "sidecar" / "catalog" / "data.yaml").write_text(CATALOG)
+    return directory
 
 
-async def test_allow_and_default_deny(tmp_path):
-    engine = await started(write_policy(tmp_path / "p", SIMPLE_POLICY), reload=False)
-    try:
-        allowed = await engine.evaluate(INPUT)
-        denied = await engine.evaluate({**INPUT, "tool": {"name": "rm"}})
-    finally:
-        await engine.close()
-    assert (allowed.outcome, allowed.reasons) == ("allow", ("ok: listed",))
-    assert (denied.outcome, denied.reasons) == ("deny", ("no rule allows this call",))
-    assert allowed.policy_revision.startswith("sha256:") and allowed.engine == "embedded"
+@pytest.fixture
+async def service():
+    started: list[PolicyService] = []
+
+    async def start(directory, **options) -> PolicyService:
+        options.setdefault("reload", False)
+        policy = PolicyService(directory, OpaClientOptions(timeout_ms=1000, health_interval_ms=50), **options)
+        await policy.start()
+        started.append(policy)
+        return policy
+
+    yield start
+    for policy in started:
+        await policy.aclose()
+
+
+async def wait_for(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_serves_decisions_catalog_and_the_revision_opa_reports(tmp_path, service):
+    directory = policy_dir(tmp_path)
+    policy = await service(directory)
+    allowed = await policy.decide(INPUT)
+    assert (allowed.outcome, allowed.reasons, allowed.engine) == ("allow", ("ok: listed",), "opa")
+    revision = read_data(directory)[1]
+    assert revision.startswith("sha256:")
+    assert allowed.policy_revision == revision == policy.revision == policy.catalog.revision  # OPA's ?provenance
+    assert policy.catalog.entry("echo") == {"risk": "low"} and policy.catalog.entry("nope") is None
+    ready, detail = policy.ready()
+    assert ready and f"serving revision {revision}" in detail
 
 
 @pytest.mark.parametrize(
-    "rego, code",
+    "rego, tests, data, fragment",
     [
-        # A builtin error under strict evaluation.
-        ('package sidecar\ndecision := {"outcome": "allow", "reasons": [sprintf("%v", [to_number("abc")])], "obligations": {}}\n', "policy_error"),
-        # A result that is not a decision.
-        ('package sidecar\ndecision := "allow"\n', "policy_malformed"),
-        ('package sidecar\ndecision := {"outcome": "maybe", "reasons": ["x"], "obligations": {}}\n', "policy_malformed"),
-        ('package sidecar\ndecision := {"outcome": "allow", "reasons": [], "obligations": {}}\n', "policy_malformed"),
-        # Undefined decision.
-        ('package sidecar\ndecision := {"outcome": "allow", "reasons": ["x"], "obligations": {}} if input.nope\n', "policy_malformed"),
+        ("package sidecar\ndecision := := 1\n", None, None, "opa check --strict: policy.rego:2: rego_parse_error"),
+        (SIMPLE_POLICY.replace('["echo", ', "["), TESTS, None, "policy_test.rego:2: data.sidecar.tests.test_echo_allowed failed"),
+        (SIMPLE_POLICY, None, "tools: [unclosed\n", "data.yaml: not valid YAML"),
     ],
+    ids=["does-not-compile", "fails-its-tests", "bad-data"],
 )
-async def test_engine_errors_and_malformed_results_deny_with_a_reason(tmp_path, rego, code):
-    engine = await started(write_policy(tmp_path / "p", rego), reload=False)
+async def test_the_first_policy_must_pass_every_step(tmp_path, service, rego, tests, data, fragment):
+    directory = write_policy(tmp_path / "p", rego, tests=tests, data=data)
+    with pytest.raises(PolicyRejected) as failure:
+        await service(directory)
+    assert any(fragment in problem for problem in failure.value.problems), failure.value.problems
+
+
+async def test_bad_json_data_is_rejected_by_opa_too(tmp_path, service):
+    directory = policy_dir(tmp_path)
+    (directory / "sidecar" / "limits").mkdir()
+    (directory / "sidecar" / "limits" / "data.json").write_text('{"max": ')
+    with pytest.raises(PolicyRejected, match="data.json"):
+        await service(directory)
+
+
+async def test_a_missing_opa_names_the_fix(tmp_path):
+    policy = PolicyService(policy_dir(tmp_path), managed=ManagedOpaOptions(binary=str(tmp_path / "no-opa")))
+    with pytest.raises(OpaNotFound, match="make install"):
+        await policy.start()
+
+
+async def test_reload_swaps_good_rejects_bad_and_logs_a_return_to_the_serving_revision(tmp_path, service, caplog):
+    caplog.set_level(logging.INFO, logger="sidecar.policy.opa.service")
+    directory = policy_dir(tmp_path)
+    policy = await service(directory)
+    first = policy.revision
+    first_pid = policy._current.runner.pid
+    assert (await policy.decide(PING)).outcome == "deny"
+
+    # Good: ping becomes allowed, served by a new OPA; the old one stops.
+    (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo",', '["echo", "ping",'))
+    assert await policy.reload() is True
+    second = policy.revision
+    assert second != first
+    decision = await policy.decide(PING)
+    assert decision.outcome == "allow" and decision.policy_revision == second
+    await wait_for(lambda: not _alive(first_pid))
+
+    # Bad (does not compile): nothing served changes; health and the log tell why.
+    (directory / "policy.rego").write_text("package sidecar\ndecision := := 1\n")
+    assert await policy.reload() is False
+    assert policy.revision == second and (await policy.decide(PING)).outcome == "allow"
+    ready, detail = policy.ready()
+    assert ready and "last reload rejected" in detail and "policy.rego:2" in detail
+    assert any("rejected" in r.getMessage() and second in r.getMessage() for r in caplog.records)
+
+    # Fails its own tests: never serves either.
+    (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo", ', '["ping", '))
+    assert await policy.reload() is False
+    assert "test_echo_allowed failed" in policy.last_reload_error
+    assert (await policy.decide(INPUT)).outcome == "allow"
+
+    # Back to the serving files: nothing to swap, and the log says so.
+    (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo",', '["echo", "ping",'))
+    assert await policy.reload() is True
+    assert policy.last_reload_error is None and policy.revision == second
+    assert any("back to the serving revision" in r.getMessage() for r in caplog.records)
+
+
+def _alive(pid: int) -> bool:
     try:
-        decision = await engine.evaluate(INPUT)
-    finally:
-        await engine.close()
-    assert decision.outcome == "deny"
-    assert decision.reasons[0].startswith(code + ":"), decision.reasons
-    assert decision.error
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
-async def test_a_decision_past_the_time_budget_is_denied(tmp_path):
-    slow = """\
-        package sidecar
-        decision := {"outcome": "allow", "reasons": [sprintf("%v", [n])], "obligations": {}} if {
-            n := count([x | some x in numbers.range(1, 3000000); x % 7 == 0])
-        }
-    """
-    engine = await started(write_policy(tmp_path / "p", slow), reload=False, timeout_ms=1)
+async def test_calls_during_a_reload_are_all_decided(tmp_path, service):
+    """Blue/green: while the new OPA starts and takes over, no call fails."""
+    directory = policy_dir(tmp_path)
+    policy = await service(directory)
+    stop = asyncio.Event()
+    decisions = []
+
+    async def load():
+        while not stop.is_set():
+            decisions.append(await policy.decide(INPUT))
+
+    workers = [asyncio.create_task(load()) for _ in range(4)]
+    (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo",', '["echo", "ping",'))
+    assert await policy.reload() is True
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert decisions and all(d.outcome == "allow" and d.error is None for d in decisions), {
+        d.reasons for d in decisions if d.error
+    }
+    assert {d.policy_revision for d in decisions} <= {read_data(directory)[1], decisions[0].policy_revision}
+
+
+async def test_the_directory_is_watched(tmp_path, service):
+    directory = policy_dir(tmp_path)
+    policy = await service(directory, reload=True)
+    first = policy.revision
+    (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo",', '["echo", "ping",'))
+    await wait_for(lambda: policy.revision != first)
+    assert (await policy.decide(PING)).outcome == "allow"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_external_opa_decides_through_the_same_client_and_catalog_comes_from_the_directory(tmp_path, service):
+    directory = policy_dir(tmp_path)
+    port = _free_port()
+    opa = subprocess.Popen(
+        [find_opa(), "run", "--server", "--addr", f"127.0.0.1:{port}", "--bundle", str(directory), "--log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
     try:
-        decision = await engine.evaluate(INPUT)
+        url = f"http://127.0.0.1:{port}"
+        policy = await service(directory, url=url)
+        assert not policy.managed
+        decision = await decide_until(policy, "allow")
+        assert decision.outcome == "allow" and decision.engine == "opa"
+        assert policy.catalog.entry("echo") == {"risk": "low"}
+        # The catalog follows the directory; OPA there loads its own bundle.
+        (directory / "sidecar" / "catalog" / "data.yaml").write_text("tools:\n  echo: {risk: high}\n")
+        assert await policy.reload() is True
+        assert policy.catalog.entry("echo") == {"risk": "high"}
+        opa.kill()
+        opa.wait()
+        denied = await policy.decide(INPUT)
+        assert denied.outcome == "deny" and denied.reasons[0].startswith("policy_unavailable: OPA at " + url)
     finally:
-        await engine.close()
-    assert decision.outcome == "deny"
-    assert decision.reasons[0].startswith("policy_timeout:")
+        opa.kill()
+        opa.wait()
 
 
-def test_v0_syntax_and_unsupported_builtins_are_rejected_with_file_and_line(tmp_path):
-    directory = write_policy(
-        tmp_path / "p",
-        """\
-        package sidecar
-
-        allow[msg] {
-            msg := "v0 partial set"
-        }
-
-        fetched := http.send({"method": "get", "url": "https://example.org"})
-        """,
-    )
-    with pytest.raises(BundleError) as failure:
-        load_bundle(directory)
-    problems = failure.value.problems
-    assert any(p.startswith("policy.rego:3:") and "v0" in p for p in problems), problems
-    assert any(p.startswith("policy.rego:7:") and "http.send" in p for p in problems), problems
+async def decide_until(policy, outcome, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        decision = await policy.decide(INPUT)
+        if decision.outcome == outcome or time.monotonic() > deadline:
+            return decision
+        await asyncio.sleep(0.05)
 
 
-def test_v1_rules_and_literals_pass_the_lint(tmp_path):
-    directory = write_policy(
-        tmp_path / "p",
-        """\
-        package sidecar
-
-        default decision := {"outcome": "deny", "reasons": ["x: y"], "obligations": {}}
-        limits := {"a": 1}
-        deny contains msg if {
-            some name in {"a", "b"}
-            msg := sprintf("%v", [name])
-        }
-        helper(x) := y if { y := x + 1 }
-        uses_helper := helper(1)
-        obligations[k] := v if { some k, v in limits }
-        """,
-    )
-    assert load_bundle(directory).modules
-
-
-def test_data_files_land_at_their_directory_path(tmp_path):
+def test_catalog_data_lands_at_its_directory_path(tmp_path):
     directory = write_policy(tmp_path / "p", SIMPLE_POLICY)
     (directory / "sidecar" / "catalog").mkdir(parents=True)
     (directory / "sidecar" / "catalog" / "data.yaml").write_text("tools:\n  echo: {risk: low}\n")
     (directory / "sidecar" / "grants").mkdir()
     (directory / "sidecar" / "grants" / "data.json").write_text('[{"spiffe_id": "spiffe://x/*"}]')
-    bundle = load_bundle(directory)
-    assert bundle.catalog_entry("echo") == {"risk": "low"}
-    assert bundle.catalog_entry("nope") is None
-    assert bundle.data["sidecar"]["grants"] == [{"spiffe_id": "spiffe://x/*"}]
-
-
-async def wait_for(predicate, timeout=10.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-async def test_hot_reload_good_then_bad_then_good(tmp_path):
-    directory = write_policy(tmp_path / "p", SIMPLE_POLICY)
-    engine = await started(directory, reload=True)
-    try:
-        first = engine.revision
-        assert (await engine.evaluate({**INPUT, "tool": {"name": "ping"}})).outcome == "deny"
-
-        # Good: ping becomes allowed.
-        (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo",', '["echo", "ping",'))
-        await wait_for(lambda: engine.revision != first)
-        second = engine.revision
-        assert (await engine.evaluate({**INPUT, "tool": {"name": "ping"}})).outcome == "allow"
-
-        # Bad (does not compile): nothing served changes; health tells why.
-        (directory / "policy.rego").write_text("package sidecar\ndecision := := 1\n")
-        await wait_for(lambda: engine.last_reload_error is not None)
-        assert engine.revision == second
-        assert (await engine.evaluate({**INPUT, "tool": {"name": "ping"}})).outcome == "allow"
-        serving, detail = engine.health()
-        assert serving and "policy.rego:2" in detail
-
-        # Good again.
-        (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY))
-        await wait_for(lambda: engine.last_reload_error is None and engine.revision == first)
-        assert (await engine.evaluate({**INPUT, "tool": {"name": "ping"}})).outcome == "deny"
-    finally:
-        await engine.close()
-
-
-async def test_a_policy_failing_its_own_tests_is_not_swapped_in(tmp_path):
-    tests = """\
-        package sidecar.tests
-        test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
-    """
-    directory = write_policy(tmp_path / "p", SIMPLE_POLICY, tests=tests)
-    engine = await started(directory, reload=False)
-    try:
-        revision = engine.revision
-        (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo", ', "["))
-        assert await engine.reload() is False
-        assert "test_echo_allowed" in engine.last_reload_error
-        assert engine.revision == revision
-        assert (await engine.evaluate(INPUT)).outcome == "allow"
-    finally:
-        await engine.close()
-
-
-async def test_the_first_policy_must_be_good(tmp_path):
-    directory = write_policy(tmp_path / "p", "package sidecar\ndecision := := 1\n")
-    with pytest.raises(BundleError) as failure:
-        await EmbeddedEngine(directory, reload=False).start()
-    assert failure.value.problems[0].startswith("policy.rego:2:")
-
-
-async def test_concurrent_evaluations_use_separate_interpreters(tmp_path):
-    # A generous budget: this is about interpreter isolation, not time.
-    engine = await started(write_policy(tmp_path / "p", SIMPLE_POLICY), reload=False, workers=4, timeout_ms=10_000)
-    try:
-        tools = ["echo", "rm", "search_docs", "x"] * 50
-        results = await asyncio.gather(*(engine.evaluate({"tool": {"name": t}}) for t in tools))
-    finally:
-        await engine.close()
-    expected = {"echo": "allow", "search_docs": "allow", "rm": "deny", "x": "deny"}
-    assert [r.outcome for r in results] == [expected[t] for t in tools]
-
-
-# regopy 1.5.2 aborts on membership in a set literal under `with input as`.
-CRASHING_TEST = """\
-    package sidecar.tests
-    test_crashes if {
-        data.sidecar.crash with input as {"tool": {"name": "echo"}}
-    }
-"""
-CRASHING_RULE = """\
-    package sidecar
-    crash if input.tool.name in {"echo", "search_docs"}
-"""
-
-
-async def test_a_bundle_that_crashes_the_interpreter_is_rejected_and_serving_continues(tmp_path):
-    directory = write_policy(tmp_path / "p", SIMPLE_POLICY)
-    engine = await started(directory, reload=False)
-    try:
-        revision = engine.revision
-        (directory / "crash.rego").write_text(textwrap.dedent(CRASHING_RULE))
-        (directory / "crash_test.rego").write_text(textwrap.dedent(CRASHING_TEST))
-        assert await engine.reload() is False
-        assert "crashed the embedded Rego interpreter" in engine.last_reload_error
-        assert "crash_test.rego" in engine.last_reload_error
-        assert engine.revision == revision
-        assert (await engine.evaluate(INPUT)).outcome == "allow"
-    finally:
-        await engine.close()
-
-
-def test_validation_is_cached_by_bundle_revision(tmp_path, monkeypatch):
-    from sidecar.policy import validate
-
-    monkeypatch.setenv("AGENT_SIDECAR_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(validate, "_memo", {})
-    directory = write_policy(tmp_path / "p", SIMPLE_POLICY, tests="""\
-        package sidecar.tests
-        test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
-    """)
-    first = validate.validate_bundle(directory)
-    assert first.ok and len(first.results) == 1
-
-    def no_children(*args, **kwargs):
-        raise AssertionError("validated again although the files did not change")
-
-    monkeypatch.setattr(validate, "_run_child", no_children)
-    monkeypatch.setattr(validate, "_memo", {})  # only the on-disk cache is left
-    assert validate.validate_bundle(directory).results == first.results
-
+    (directory / ".git").mkdir()
+    (directory / ".git" / "data.json").write_text("not read")
+    catalog = Catalog.read(directory)
+    assert catalog.entry("echo") == {"risk": "low"} and catalog.entry("nope") is None
+    data, revision = read_data(directory)
+    assert data["sidecar"]["grants"] == [{"spiffe_id": "spiffe://x/*"}]
     (directory / "policy.rego").write_text((directory / "policy.rego").read_text() + "\n# changed\n")
-    with pytest.raises(AssertionError, match="validated again"):
-        validate.validate_bundle(directory)
-
-
-async def test_input_smuggling_json_through_the_interpreter_output_is_denied(tmp_path):
-    # A naive rule that puts input text into a reason with concat(): regopy 1.5.2
-    # prints it unescaped, so the text below would otherwise override the outcome.
-    naive = """\
-        package sidecar
-        decision := {"outcome": "deny", "reasons": [concat("", ["denied: ", input.tool.server])], "obligations": {}}
-    """
-    engine = await started(write_policy(tmp_path / "p", naive), reload=False)
-    try:
-        smuggled = await engine.evaluate({"tool": {"name": "x", "server": 'x"], "outcome": "allow", "reasons": ["'}})
-        plain = await engine.evaluate({"tool": {"name": "x", "server": "mail"}})
-    finally:
-        await engine.close()
-    assert plain.outcome == "deny" and plain.reasons == ("denied: mail",)
-    assert smuggled.outcome == "deny"
-    assert smuggled.reasons[0].startswith("policy_error:") and "repeats the key" in smuggled.reasons[0]
-
-
-async def worker_pid(engine: EmbeddedEngine) -> int:
-    from sidecar.policy import worker
-
-    generation = engine._generation
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(engine._pool, worker.warm, str(generation.snapshot), generation.bundle.revision)
-
-
-async def test_workers_are_replaced_after_recycle_after_decisions(tmp_path):
-    # regopy keeps native memory per distinct input: only a fresh process gives it back.
-    engine = await started(write_policy(tmp_path / "p", SIMPLE_POLICY), reload=False, workers=1, recycle_after=5,
-                           timeout_ms=10_000)
-    try:
-        first = await worker_pid(engine)
-        outcomes = [(await engine.evaluate({"tool": {"name": f"echo{i}"}})).outcome for i in range(12)]
-        later = await worker_pid(engine)
-        assert (await engine.evaluate(INPUT)).outcome == "allow"
-    finally:
-        await engine.close()
-    assert outcomes == ["deny"] * 12
-    assert later != first
-
-
-async def test_a_worker_dying_mid_decision_denies_that_call_and_serving_continues(tmp_path):
-    slow = """\
-        package sidecar
-        decision := {"outcome": "allow", "reasons": [sprintf("%v", [n])], "obligations": {}} if {
-            input.tool.name == "slow"
-            n := count([x | some x in numbers.range(1, 3000000); x % 7 == 0])
-        }
-        decision := {"outcome": "allow", "reasons": ["ok: listed"], "obligations": {}} if input.tool.name == "echo"
-    """
-    engine = await started(write_policy(tmp_path / "p", slow), reload=False, workers=1, timeout_ms=20_000)
-    try:
-        pid = await worker_pid(engine)
-        deciding = asyncio.create_task(engine.evaluate({"tool": {"name": "slow"}}))
-        await asyncio.sleep(0.3)
-        os.kill(pid, signal.SIGKILL)
-        crashed = await deciding
-        after = await engine.evaluate(INPUT)
-    finally:
-        await engine.close()
-    assert crashed.outcome == "deny"
-    assert crashed.reasons[0].startswith("policy_error:") and "crashed" in crashed.reasons[0]
-    assert after.outcome == "allow"
-
-
-def test_workers_exit_when_the_sidecar_dies_without_closing(tmp_path):
-    # A sidecar killed mid-flight never shuts its pool down; its workers must not linger.
-    directory = write_policy(tmp_path / "p", SIMPLE_POLICY)
-    script = f"""
-import asyncio, os
-from sidecar.policy.embedded import EmbeddedEngine
-from tests.test_core_engine import worker_pid
-async def main():
-    engine = EmbeddedEngine({str(directory)!r}, reload=False, workers=1)
-    await engine.start()
-    print(await worker_pid(engine), flush=True)
-    os._exit(0)  # no close(): as after SIGKILL
-asyncio.run(main())
-"""
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import REPO
-
-    out = tmp_path / "out"
-    with out.open("w") as stdout:  # not a pipe: the workers share the child's stdout
-        subprocess.run([sys.executable, "-c", script], stdout=stdout, timeout=60, cwd=REPO, check=True)
-    pid = int(out.read_text().strip().splitlines()[-1])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    raise AssertionError(f"worker {pid} outlived its sidecar")
+    assert read_data(directory)[1] != revision
+    with pytest.raises(CatalogError, match="does not exist"):
+        Catalog.read(tmp_path / "missing")

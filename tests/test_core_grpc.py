@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar.client import AsyncClient, build_request
-from sidecar.policy.bundle import load_bundle
+from sidecar.policy.catalog import read_data
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import REGO
 
@@ -27,7 +27,7 @@ async def test_allow_deny_escalate_over_each_listener(sidecar, transport):
     assert escalated.outcome == "escalate", escalated.reasons
     for result in (allowed, denied, escalated):
         assert result.reasons and all(result.reasons)
-        assert result.decision_id and result.policy_revision == sidecar.engine.revision
+        assert result.decision_id and result.policy_revision == sidecar.policy.revision
         assert len(result.trace_id) == 32
     assert len({allowed.decision_id, denied.decision_id, escalated.decision_id}) == 3
 
@@ -122,7 +122,7 @@ async def test_health_and_reflection_are_served(sidecar):
 
 
 async def test_usage_counter_feeds_the_rate_rule(sidecar, client):
-    limit = load_bundle(REGO).data["sidecar"]["limits"]["max_calls_in_window"]
+    limit = read_data(REGO)[0]["sidecar"]["limits"]["max_calls_in_window"]
     results = [await client.authorize("create_ticket", {"title": f"t{i}"}) for i in range(limit + 1)]
     assert all(r.outcome == "allow" for r in results[:limit]), results[0].reasons
     assert results[-1].outcome == "deny"

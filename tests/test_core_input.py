@@ -11,39 +11,38 @@ import sidecar.policy.input as input_module
 from sidecar.calls import CallIdRegistry, ToolCall
 from sidecar.gate import Gate
 from sidecar.identity import CallerIdentity, Subject
-from sidecar.policy.embedded import EmbeddedEngine
+from sidecar.policy.opa.service import PolicyService
 from sidecar.usage.memory import MemoryCounter
 from tests.conftest import REGO
 
 SCHEMA = json.loads((Path(input_module.__file__).parent / "input.schema.json").read_text())
 
 
-class InputCapturingEngine:
-    """Delegates to the real embedded engine and keeps every input it was given."""
+class InputCapturingClient:
+    """Delegates to the real managed OPA and keeps every input it was given."""
 
-    def __init__(self, engine):
-        self._engine = engine
+    def __init__(self, policy):
+        self._policy = policy
         self.inputs: list[dict] = []
-        self.name = engine.name
 
-    async def evaluate(self, document):
+    async def decide(self, document):
         self.inputs.append(document)
-        return await self._engine.evaluate(document)
+        return await self._policy.decide(document)
 
-    def catalog_entry(self, tool):
-        return self._engine.catalog_entry(tool)
+    def ready(self):
+        return self._policy.ready()
 
-    @property
-    def revision(self):
-        return self._engine.revision
+    async def aclose(self):
+        pass
 
 
 async def test_inputs_built_by_the_gate_match_the_schema():
-    engine = EmbeddedEngine(REGO, reload=False)
-    await engine.start()
-    capturing = InputCapturingEngine(engine)
+    policy = PolicyService(REGO, reload=False)
+    await policy.start()
+    capturing = InputCapturingClient(policy)
     gate = Gate(
-        engine=capturing,
+        decisions=capturing,
+        catalog=policy.catalog,
         usage=MemoryCounter(60, 100),
         call_ids=CallIdRegistry(100),
         recorder=None,
@@ -64,7 +63,7 @@ async def test_inputs_built_by_the_gate_match_the_schema():
         ]:
             await gate.authorize(call, identity)
     finally:
-        await engine.close()
+        await policy.aclose()
 
     assert len(capturing.inputs) == 3
     for document in capturing.inputs:

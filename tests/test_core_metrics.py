@@ -26,8 +26,8 @@ async def test_metrics_count_outcomes_and_time_stages(running_sidecar, sidecar_c
         await client.authorize("read_file", {"path": "/workspace/b"})
         await client.authorize("no_such_tool", {})
     samples = await asyncio.to_thread(scrape, sidecar.metrics_port)
-    assert samples[("sidecar_decisions_total", (("engine", "embedded"), ("outcome", "allow")))] == 2
-    assert samples[("sidecar_decisions_total", (("engine", "embedded"), ("outcome", "deny")))] == 1
+    assert samples[("sidecar_decisions_total", (("engine", "opa"), ("outcome", "allow")))] == 2
+    assert samples[("sidecar_decisions_total", (("engine", "opa"), ("outcome", "deny")))] == 1
     assert samples[("sidecar_stage_seconds_count", (("stage", "engine"),))] == 3
     assert samples[("sidecar_stage_seconds_count", (("stage", "total"),))] == 3
     assert 0 < samples[("sidecar_stage_seconds_sum", (("stage", "total"),))] < 3

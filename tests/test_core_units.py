@@ -8,9 +8,9 @@ from sidecar.calls import CallIdRegistry, ToolCall, check_call
 from sidecar.config import ConfigError, load_config
 
 
-def test_defaults_are_the_embedded_dev_setup():
+def test_defaults_are_the_managed_opa_dev_setup():
     config = load_config()
-    assert config.policy.engine == "embedded" and config.identity.sources == ["dev"]
+    assert config.policy.opa.url == "" and config.policy.opa.binary == "opa" and config.identity.sources == ["dev"]
     assert config.policy.timeout_ms == 100 and config.policy.max_input_bytes == 1 << 20 and config.policy.max_depth == 64
 
 
@@ -19,7 +19,9 @@ def test_defaults_are_the_embedded_dev_setup():
     [
         ("policy: {timeout_ms: '100'}", "policy.timeout_ms: must be an integer"),
         ("policy: {reload: 1}", "policy.reload: must be true or false"),
-        ("policy: {engine: wasm}", "policy.engine: must be 'embedded' or 'opa'"),
+        ("policy: {engine: embedded}", "policy.engine: unknown key"),
+        ("policy: {opa: {url: 'ftp://x'}}", "policy.opa.url: must be an http:// or https:// URL"),
+        ("policy: {opa: {max_in_flight: 0}}", "policy.opa.max_in_flight: must be positive"),
         ("listen: {tcp: '', unix: ''}", "listen: at least one"),
         ("identity: {sources: [dev, mtls]}", "identity.sources: 'dev' cannot be combined"),
         ("identity: {sources: [kerberos]}", "identity.sources: unknown source 'kerberos'"),

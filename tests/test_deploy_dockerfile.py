@@ -160,7 +160,7 @@ def context_files() -> list[str]:
 def test_dockerignore_leaves_only_what_the_build_copies():
     files = context_files()
     assert "pyproject.toml" in files and "README.md" in files
-    assert "sidecar/policy/opa.py" in files and "sidecar/v1/sidecar_pb2.py" in files
+    assert "sidecar/policy/opa/client.py" in files and "sidecar/v1/sidecar_pb2.py" in files
     for excluded in ("tests/", "deploy/", "rego/", ".venv/", "var/", "docs/"):
         assert not any(f.startswith(excluded) for f in files), excluded
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
@@ -189,7 +189,7 @@ def test_the_build_context_builds_the_package(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("agent_sidecar-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("sidecar/policy/opa.py", "sidecar/policy/breaker.py", "sidecar/v1/sidecar_pb2.py", "sidecar/cli.py"):
+    for module in ("sidecar/policy/opa/client.py", "sidecar/policy/opa/runner.py", "sidecar/policy/breaker.py", "sidecar/v1/sidecar_pb2.py", "sidecar/cli.py"):
         assert module in names, module
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     assert "agent-sidecar = sidecar.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

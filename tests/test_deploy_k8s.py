@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from sidecar.config import Config, load_config
-from sidecar.policy.bundle import load_bundle
+from sidecar.policy.catalog import read_data
 from tests.conftest import REGO, REPO
 
 K8S = REPO / "deploy" / "k8s"
@@ -316,7 +316,7 @@ def test_the_cluster_spiffe_id_selects_the_agent_pod_and_its_id_is_granted():
         .replace("{{ .PodSpec.ServiceAccountName }}", account)
     )
     assert "{{" not in spiffe_id
-    grants = load_bundle(REGO).data["sidecar"]["grants"]
+    grants = read_data(REGO)[0]["sidecar"]["grants"]
     tools = {tool for g in grants if _grant_matches(g["spiffe_id"], spiffe_id) for tool in g["tools"]}
     assert "search_docs" in tools, f"rego/ grants {spiffe_id} nothing the demo agent uses"
 
@@ -326,7 +326,7 @@ def test_the_cluster_spiffe_id_selects_the_agent_pod_and_its_id_is_granted():
 
 def test_the_sidecar_config_loads_with_the_real_loader():
     config = sidecar_config()  # unknown keys or wrong types raise ConfigError
-    assert config.policy.engine == "opa"
+    assert config.policy.opa.url  # the OPA container beside the sidecar (external OPA)
     assert config.identity.sources == ["workload_api"]
     assert config.telemetry.exporter == "otlp"
     generated = generated_config_maps()[("agents", "agent-sidecar-config")]
@@ -373,7 +373,7 @@ def test_the_policy_bundle_init_container_rebuilds_rego(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sync_bundle.bundle_files(target) == sync_bundle.bundle_files(REGO)
     assert not any(p.is_symlink() for p in target.rglob("*")), "the sidecar's loader does not follow symlinked dirs"
-    assert load_bundle(target).revision == load_bundle(REGO).revision
+    assert read_data(target)[1] == read_data(REGO)[1]
 
 
 # --- containers agree -----------------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def test_writable_paths_are_volumes():
     mounted = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
     writable = [path for path, m in mounted.items() if not m.get("readOnly") and "emptyDir" in volume(spec, m["name"])]
     assert any(evidence.is_relative_to(path) for path in writable), "evidence.dir must be on a writable volume"
-    assert "/tmp" in writable  # tempfiles (embedded engine compiles) on a read-only root
+    assert "/tmp" in writable  # tempfiles on a read-only root
 
 
 def test_otlp_goes_sidecar_to_collector_to_jaeger():
@@ -539,35 +539,48 @@ def test_every_config_map_volume_is_generated_in_the_same_namespace():
 
 
 async def test_the_demo_agent_talks_to_a_sidecar_run_from_the_example_config(running_sidecar, tmp_path):
-    from tests.doubles.opa_server import OpaTestServer
+    import socket
+
+    from sidecar.policy.opa.runner import find_opa
 
     socket_dir = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The real OPA, as the OPA container beside the sidecar runs it.
+    opa = subprocess.Popen([find_opa(), "run", "--server", "--addr", f"127.0.0.1:{port}", "--bundle", str(REGO),
+                            "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        async with OpaTestServer(REGO) as opa:
-            overrides = {  # what differs on a laptop: no SPIRE, no collector, paths
-                "listen.tcp": "127.0.0.1:0",
-                "listen.unix": str(socket_dir / "sidecar.sock"),
-                "policy.dir": str(REGO),
-                "policy.opa": {"url": opa.url},
-                "identity.sources": ["dev"],
-                "evidence.dir": str(tmp_path / "evidence"),
-                "telemetry.exporter": "none",
-            }
-            config = load_config(K8S / "agent" / "sidecar.yaml", overrides)
-            assert {f.name for f in dataclasses.fields(config)} >= {"evidence", "telemetry"}
-            await running_sidecar(config)
-            environment = {**os.environ, "SIDECAR_ADDRESS": f"unix:{socket_dir / 'sidecar.sock'}", "PYTHONPATH": str(REPO)}
-            # A child process, awaited: the sidecar serves on this test's event loop.
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, str(K8S / "agent" / "demo_agent.py"), "--once",
-                env=environment, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )
-            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=60)
-            assert child.returncode == 0, (stdout + stderr).decode()
-            lines = [yaml.safe_load(line) for line in stdout.decode().splitlines()]
-            assert len(lines) == 5 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
-            assert opa.data_requests == 5
+        overrides = {  # what differs on a laptop: no SPIRE, no collector, paths
+            "listen.tcp": "127.0.0.1:0",
+            "listen.unix": str(socket_dir / "sidecar.sock"),
+            "policy.dir": str(REGO),
+            "policy.opa": {"url": f"http://127.0.0.1:{port}"},
+            "identity.sources": ["dev"],
+            "evidence.dir": str(tmp_path / "evidence"),
+            "telemetry.exporter": "none",
+        }
+        config = load_config(K8S / "agent" / "sidecar.yaml", overrides)
+        assert {f.name for f in dataclasses.fields(config)} >= {"evidence", "telemetry"}
+        sidecar = await running_sidecar(config)
+        for _ in range(200):  # OPA loads its bundle
+            if sidecar.policy.ready()[0]:
+                break
+            await asyncio.sleep(0.05)
+        environment = {**os.environ, "SIDECAR_ADDRESS": f"unix:{socket_dir / 'sidecar.sock'}", "PYTHONPATH": str(REPO)}
+        # A child process, awaited: the sidecar serves on this test's event loop.
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, str(K8S / "agent" / "demo_agent.py"), "--once",
+            env=environment, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=60)
+        assert child.returncode == 0, (stdout + stderr).decode()
+        lines = [yaml.safe_load(line) for line in stdout.decode().splitlines()]
+        assert len(lines) == 5 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
+        assert not any(r.startswith("policy_") for line in lines for r in line.get("reasons", [])), lines
     finally:
+        opa.kill()
+        opa.wait()
         for leftover in socket_dir.iterdir():
             leftover.unlink()
         socket_dir.rmdir()

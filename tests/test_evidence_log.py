@@ -407,17 +407,24 @@ async def test_gate_denies_when_evidence_cannot_be_written(recorder):
     from sidecar.usage.memory import MemoryCounter
 
     class AllowAll:
-        name = "fake"
         revision = "rev-1"
 
-        async def evaluate(self, document):
+        async def decide(self, document):
             return Decision("allow", ("ok: test",), {}, "rev-1", "fake")
 
-        def catalog_entry(self, tool):
+        def ready(self):
+            return True, "always"
+
+        async def aclose(self):
+            pass
+
+        def entry(self, tool):
             return {"name": tool}
 
+    allow_all = AllowAll()
     gate = Gate(
-        engine=AllowAll(),
+        decisions=allow_all,
+        catalog=allow_all,
         usage=MemoryCounter(60, 100),
         call_ids=CallIdRegistry(100),
         recorder=recorder,

@@ -1,52 +1,41 @@
-"""End to end: a real gRPC sidecar with `policy.engine: opa`, deciding through the OPA TEST DOUBLE.
+"""End to end: a real gRPC sidecar deciding through its managed OPA (the real binary).
 
-(No OPA binary can be installed here: tests/doubles/opa_server.py plays OPA.)
-The agent's client sees allow while OPA answers, a deny naming OPA while it
-is down, and allow again when it is back; the health service follows OPA.
+The agent sees allow while OPA answers, a deny naming OPA while OPA is stopped
+(SIGSTOP) or dead (SIGKILL, until the runner has restarted it), and allow again
+by itself; the health service and the evidence follow; `check` decides as the
+server does and says when the server serves an older revision.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient
-from sidecar.config import Config
-from sidecar.policy.opa import OpaEngine
-from sidecar.server import build_engine
-from tests.conftest import REGO
-from tests.doubles.opa_server import OpaTestServer
+from sidecar.policy.catalog import read_data
+from tests.conftest import REPO, SIMPLE_POLICY, write_policy
+from tests.test_opa_client import stop
+
+TESTS = """\
+    package sidecar.tests
+    test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
+"""
 
 
-@pytest.fixture
-async def opa():
-    async with OpaTestServer(REGO) as server:
-        yield server
-
-
-def opa_config(sidecar_config, tmp_path, opa_url: str) -> Config:
-    overrides = {
-        "policy.engine": "opa",
-        "policy.opa": {"url": opa_url, "health_interval_ms": 50, "breaker_cooldown_ms": 200},
-    }
-    sections = {f.name for f in dataclasses.fields(Config)}
-    if "evidence" in sections:
-        overrides["evidence.dir"] = str(tmp_path / "evidence")
-    if "telemetry" in sections:
-        overrides["telemetry.exporter"] = "none"
-    return sidecar_config(**overrides)
-
-
-def test_build_engine_selects_opa(sidecar_config, tmp_path):
-    config = opa_config(sidecar_config, tmp_path, "http://127.0.0.1:8181")
-    engine = build_engine(config)
-    assert isinstance(engine, OpaEngine) and engine.name == "opa"
-    assert engine.url == "http://127.0.0.1:8181"
-    assert type(build_engine(sidecar_config())).__name__ == "EmbeddedEngine"
+def small_bundle(tmp_path):
+    directory = write_policy(tmp_path / "policy", SIMPLE_POLICY, tests=TESTS)
+    (directory / "sidecar" / "catalog").mkdir(parents=True)
+    (directory / "sidecar" / "catalog" / "data.yaml").write_text("tools:\n  echo: {risk: low}\n")
+    return directory
 
 
 def evidence_records(tmp_path) -> list[dict]:
@@ -56,53 +45,114 @@ def evidence_records(tmp_path) -> list[dict]:
     return records
 
 
-async def health_status(address: str) -> int:
+async def health(address: str) -> tuple[int, str]:
     async with grpc.aio.insecure_channel(address) as channel:
-        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
-        return response.status
+        call = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        response = await call
+        trailers = dict(await call.trailing_metadata() or ())
+        return response.status, trailers.get("sidecar-health-detail", "")
 
 
-async def test_decisions_through_the_sidecar_follow_opa(running_sidecar, sidecar_config, tmp_path, opa):
-    sidecar = await running_sidecar(opa_config(sidecar_config, tmp_path, opa.url))
-    assert sidecar.engine.name == "opa"
+async def until(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+async def test_decisions_follow_the_managed_opa_through_stop_kill_and_recovery(running_sidecar, sidecar_config, tmp_path):
+    directory = small_bundle(tmp_path)
+    sidecar = await running_sidecar(sidecar_config(**{
+        "policy.dir": str(directory),
+        "policy.opa": {"health_interval_ms": 50, "breaker_cooldown_ms": 200, "breaker_failures": 2},
+    }))
+    runner = sidecar.policy._current.runner
     address = sidecar.addresses[0]
     async with AsyncClient(address) as client:
-        result = await client.authorize("search_docs", {"query": "sidecar"})
+        result = await client.authorize("echo", {"text": "hi"})
         assert result.outcome == "allow", result
-        assert result.policy_revision == sidecar.engine.revision
-        assert opa.data_requests == 1
-        sent = opa.inputs[-1]
-        assert sent["tool"]["name"] == "search_docs" and sent["version"] == "sidecar/v1"
-        assert sent["tool"]["catalog"] == sidecar.engine.catalog_entry("search_docs")  # from the local bundle
+        assert result.policy_revision == read_data(directory)[1] == sidecar.policy.revision
         await sidecar.health.refresh()
-        assert await health_status(address) == health_pb2.HealthCheckResponse.SERVING
-        allowed_record = next(r for r in evidence_records(tmp_path) if r.get("decision_id") == result.decision_id)
-        assert allowed_record["engine_decision_id"]  # OPA's decision_id: joins OPA's decision logs
+        status, detail = await health(address)
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert f"serving revision {result.policy_revision}" in detail
 
-        await opa.stop()
-        denied = await client.authorize("search_docs", {"query": "sidecar"})
-        assert denied.outcome == "deny"
-        assert denied.reasons[0].startswith(f"policy_unavailable: OPA at {opa.url} ")
-        if sidecar.recorder is not None:  # recorded (durably, before the answer) with the engine error
+        # OPA hangs: calls are denied with a reason naming OPA and recorded with the engine error.
+        stop(runner.pid)
+        try:
+            denied = await client.authorize("echo", {"text": "hi"})
+            assert denied.outcome == "deny"
+            assert denied.reasons[0].startswith("policy_timeout: OPA at unix://"), denied.reasons
             record = next(r for r in evidence_records(tmp_path) if r.get("decision_id") == denied.decision_id)
-            assert record["outcome"] == "deny" and record["engine"] == "opa"
-            assert record["engine_error"] == denied.reasons[0]
-        await sidecar.engine.check_health()
-        await sidecar.health.refresh()
-        assert await health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert record["outcome"] == "deny" and record["engine"] == "opa" and record["engine_error"] == denied.reasons[0]
 
-        await opa.start()  # same port: recovers by itself
-        again = await client.authorize("search_docs", {"query": "sidecar"})
-        assert again.outcome == "allow", again
-        await sidecar.engine.check_health()
-        await sidecar.health.refresh()
-        assert await health_status(address) == health_pb2.HealthCheckResponse.SERVING
+            async def not_serving():
+                await sidecar.health.refresh()
+                return (await health(address))[0] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            assert await until(not_serving)
+        finally:
+            os.kill(runner.pid, signal.SIGCONT)
+
+        async def allowed():
+            return (await client.authorize("echo", {"text": "hi"})).outcome == "allow"
+
+        assert await until(allowed)
+
+        # OPA dies: the runner starts it again and calls recover by themselves.
+        first = runner.pid
+        os.kill(first, signal.SIGKILL)
+
+        async def restarted():
+            return runner.pid != first and runner.health()[0] and await allowed()
+
+        assert await until(restarted)
+        reasons = {r["reasons"][0].split(":")[0] for r in evidence_records(tmp_path) if r.get("outcome") == "deny"}
+        assert reasons <= {"policy_timeout", "policy_unavailable"}, reasons
 
 
-async def test_wrong_shape_answer_is_a_deny_through_the_sidecar(running_sidecar, sidecar_config, tmp_path, opa):
-    sidecar = await running_sidecar(opa_config(sidecar_config, tmp_path, opa.url))
-    opa.result = {"outcome": "allow"}  # no reasons: never an allow by accident
+async def test_a_rejected_reload_keeps_serving_and_the_health_detail_says_why(running_sidecar, sidecar_config, tmp_path):
+    directory = small_bundle(tmp_path)
+    sidecar = await running_sidecar(sidecar_config(**{"policy.dir": str(directory)}))
+    (directory / "policy.rego").write_text("package sidecar\ndecision := := 1\n")
+    assert await sidecar.policy.reload() is False
+    await sidecar.health.refresh()
+    status, detail = await health(sidecar.addresses[0])
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert "last reload rejected" in detail and "policy.rego:2" in detail
     async with AsyncClient(sidecar.addresses[0]) as client:
-        result = await client.authorize("search_docs", {"query": "sidecar"})
-    assert result.outcome == "deny"
-    assert result.reasons[0].startswith(f"policy_malformed: OPA at {opa.url} ")
+        assert (await client.authorize("echo", {})).outcome == "allow"
+
+
+def test_check_decides_like_the_server_and_names_an_older_served_revision(tmp_path):
+    directory = small_bundle(tmp_path)
+    socket_path = tmp_path / "s.sock"
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        listen: {{tcp: '', unix: {socket_path}}}
+        policy: {{dir: {directory}, reload: false}}
+        evidence: {{dir: {tmp_path / 'evidence'}}}
+        telemetry: {{exporter: none}}
+    """))
+    cli = [sys.executable, "-m", "sidecar"]
+    check = [*cli, "check", "--config", str(config), "--subject", "spiffe://dev.local/agent", "--tool", "ping"]
+    server = subprocess.Popen([*cli, "serve", "--config", str(config)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        assert "serving" in server.stdout.readline()
+        served = read_data(directory)[1]
+        same = subprocess.run(check, capture_output=True, text=True, cwd=REPO, timeout=60)
+        decision = json.loads(same.stdout)
+        assert decision["outcome"] == "deny" and decision["policy_revision"] == served and "note" not in decision
+
+        (directory / "policy.rego").write_text(textwrap.dedent(SIMPLE_POLICY).replace('["echo",', '["echo", "ping",'))
+        changed = subprocess.run(check, capture_output=True, text=True, cwd=REPO, timeout=60)
+        decision = json.loads(changed.stdout)
+        assert decision["outcome"] == "allow" and decision["policy_revision"] == read_data(directory)[1]
+        assert f"still serves revision {served}" in decision["note"]
+        assert "still serves revision" in changed.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)

@@ -1,1 +1,1 @@
-"""May it do this? The policy input document, the engines, and their decision."""
+"""May it do this? The policy input document, the catalog, and OPA's decision."""

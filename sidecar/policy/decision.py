@@ -1,4 +1,4 @@
-"""The decision every engine returns, and the checks that turn a policy result into one.
+"""The decision OPA returns, and the checks that turn a policy result into one.
 
 A result that is not exactly `{"outcome": allow|deny|escalate, "reasons":
 [string, ...], "obligations": {...}}` is malformed and becomes a deny: a
@@ -8,7 +8,7 @@ policy bug must never allow a call by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 OUTCOMES = ("allow", "deny", "escalate")
 
@@ -59,3 +59,17 @@ def parse_decision(result: Any, *, engine: str, policy_revision: str) -> Decisio
     if unknown:
         raise MalformedDecision(f"policy decision has unknown keys: {', '.join(sorted(unknown))}")
     return Decision(outcome, tuple(reasons), obligations, policy_revision, engine)
+
+
+class DecisionClient(Protocol):
+    """All the Gate needs from OPA (sidecar/policy/opa/client.py implements it)."""
+
+    async def decide(self, input_document: dict) -> Decision:
+        """The decision for one input document; never raises: a failure is `Decision.failed(...)`."""
+        ...
+
+    def ready(self) -> tuple[bool, str]:
+        """(able to decide now, detail) for the health service."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,67 +1,72 @@
-"""The OPA engine: decisions from the OPA REST API of the OPA container beside the sidecar.
+"""Decisions from OPA's REST API: `OpaClient.decide(input_document) -> Decision`, never raising.
 
-Each decision is `POST {url}/v1/data/sidecar/decision?provenance=true&strict-builtin-errors=true` with
-`{"input": <input document>}`. OPA answers `{"result": ..., "decision_id":
-..., "provenance": {"bundles": {<name>: {"revision": ...}}}}`; an undefined
+Each decision is `POST {url}/v1/data/sidecar/decision?provenance=true&strict-builtin-errors=true`
+with `{"input": <input document>}`. OPA answers `{"result": ..., "provenance":
+{"bundles": {<name>: {"revision": ...}}}, "decision_id"?: ...}`; an undefined
 decision is a 200 with no `result`; errors are `{"code": ..., "message": ...}`
-with a 4xx or 5xx status.
+with a 4xx or 5xx status. `url` is `unix:///path/opa.sock` (the managed OPA,
+sidecar/policy/opa/runner.py) or `http(s)://host:port` (an OPA beside the
+sidecar): the same code path decides for both.
 
-Failing closed, always naming OPA in the reason:
+Failing closed, always naming OPA in the reason (a deny with `error` set):
 
-- the whole call, retries included, has `policy.timeout_ms` (100 ms by
-  default); past it the call is a deny `policy_unavailable: OPA at ... did
-  not answer within 100 ms` (docs/configuration.md: OPA timeouts are
-  policy_unavailable);
-- connection errors and 5xx answers that are not OPA's own error shape
-  (a proxy's 503, a crash) are retried (tenacity, exponential back-off) while
-  the budget lasts; nothing else is retried (an OPA `{"code": ...}` 500 is
-  its deterministic answer for this input);
-- queries are sent with `strict-builtin-errors=true`, so a built-in error
-  fails the decision (a deny) as in the embedded engine, instead of OPA's
-  default of making the expression undefined;
-- a circuit breaker (sidecar/policy/breaker.py) opens after
-  `policy.opa.breaker_failures` consecutive failed calls (unreachable, timed
-  out, a 5xx not in OPA's error shape, a 200 that is not JSON): calls
-  then fail fast without touching the network until a probe after the
-  cool-down succeeds. An answer in OPA's shape — a 4xx, a 500 `{"code": ...}`
-  evaluation error, an undefined or malformed decision — is a deny but proves
-  OPA is up, so a policy that fails on some inputs cannot open the breaker
-  for every call;
-- a 200 whose `result` is missing (undefined: e.g. the bundle OPA serves has
-  no decision rule) or not a decision is `policy_malformed`.
+- `overloaded`: more than `max_in_flight` decisions are already waiting for
+  OPA; the call is denied at once instead of queueing into the time budget;
+- `policy_timeout`: the whole call, retries included, took longer than
+  `timeout_ms`;
+- `policy_unavailable`: OPA cannot be reached, or the circuit breaker
+  (sidecar/policy/breaker.py) is open after `breaker_failures` consecutive
+  failures (unreachable, timed out, a 5xx not in OPA's error shape, a 200
+  that is not JSON); it lets one probe through after the cool-down. A call
+  that timed out while OPA answered others, or while others waited with it
+  and OPA passed its health check, is overload, not OPA failing: it does not
+  count;
+- `policy_error`: OPA refused the query or failed evaluating it (with
+  `strict-builtin-errors`, a built-in error fails the decision instead of
+  quietly making an expression undefined);
+- `policy_malformed`: the decision is undefined or not a decision
+  (sidecar/policy/decision.py).
 
-The sidecar still reads the local bundle directory (`policy.dir`, the same
-files mounted into OPA) for the tool catalog, reloaded when it changes.
-`revision` is OPA's bundle revision from `provenance` when OPA reports a
-non-empty one, else that local bundle's digest.
+Connection errors and 5xx answers that are not OPA's own error shape are
+retried (tenacity, exponential back-off from `retry_backoff_ms`) while the
+budget lasts; nothing else is retried (an OPA `{"code": ...}` 500 is its
+deterministic answer for this input). An answer in OPA's shape proves OPA is
+up, so a policy failing on some inputs cannot open the breaker for every call.
 
-Why aiohttp and not `opa-python-client`: see docs/deploy.md ("OPA client").
-In short, its AsyncOpaClient.query_rule drops OPA's error body on non-2xx
-answers (raise_for_status), its health check returns a bare bool, its
-built-in retry sleeps 0.3 s / 0.6 s (three to six times the whole budget),
-and its timeout is per session, not per call. This module uses the
-aiohttp session the client is built on directly.
+The input is sent exactly as given: `json.dumps` keeps integers exact at any
+size and writes floats with all their digits (the shortest repr that reads
+back to the same double); strings are sent whole, U+0000 included (the gate
+refuses such calls before they get here, sidecar/calls.py). NaN and
+infinities are not JSON: such an input is not sent (`policy_error`).
+
+`ready()` is (OPA answers `GET /health?bundles=true` with 200 and the
+breaker is not open, detail), polled every `health_interval_ms`.
+
+Why aiohttp and not `opa-python-client`: its AsyncOpaClient.query_rule drops
+OPA's error body on non-2xx answers, its health check returns a bare bool,
+its retry sleeps 0.3 s / 0.6 s (several times the whole budget) and its
+timeout is per session, not per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_before_delay, wait_exponential
 
 from sidecar.policy.breaker import CLOSED, OPEN, Admission, CircuitBreaker
-from sidecar.policy.bundle import BundleError, PolicyBundle, load_bundle
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
 
 log = logging.getLogger(__name__)
 
+ENGINE = "opa"
 DECISION_PATH = "sidecar/decision"
 _MAX_TEXT = 300
 
@@ -162,128 +167,101 @@ def revision_from_provenance(provenance: Any) -> str:
     return ",".join(f"{name}={revision}" for name, revision in found)
 
 
-class OpaEngine:
-    name = "opa"
+@dataclass(frozen=True)
+class OpaClientOptions:
+    """How one OpaClient calls OPA (policy.timeout_ms and policy.opa.* in docs/configuration.md)."""
 
-    def __init__(
-        self,
-        directory: str | Path,
-        *,
-        url: str = "http://127.0.0.1:8181",
-        timeout_ms: int = 100,
-        retries: int = 2,
-        retry_backoff_ms: int = 5,
-        breaker_failures: int = 5,
-        breaker_cooldown_ms: int = 2000,
-        health_interval_ms: int = 1000,
-        health_timeout_ms: int = 500,
-        max_connections: int = 32,
-        reload: bool = True,
-    ):
-        self._directory = Path(directory)
+    timeout_ms: int = 100
+    retries: int = 2
+    retry_backoff_ms: int = 5
+    breaker_failures: int = 5
+    breaker_cooldown_ms: int = 2000
+    health_interval_ms: int = 1000
+    health_timeout_ms: int = 500
+    max_connections: int = 32
+    max_in_flight: int = 64
+
+
+class OpaClient:
+    """One OPA, one keep-alive connection pool. `async with OpaClient(url, options) as decisions:`."""
+
+    def __init__(self, url: str, options: OpaClientOptions = OpaClientOptions()):
         self.url = url.rstrip("/")
-        # strict-builtin-errors: a built-in error fails the query, as in the embedded engine (parity),
-        # instead of OPA's default of quietly making the expression undefined.
-        self._decision_url = f"{self.url}/v1/data/{DECISION_PATH}?provenance=true&strict-builtin-errors=true"
-        self._health_url = f"{self.url}/health?bundles=true"
-        self._budget = timeout_ms / 1000
-        self._retries = retries
-        self._backoff = retry_backoff_ms / 1000
-        self._health_interval = health_interval_ms / 1000
-        self._health_timeout = health_timeout_ms / 1000
-        self._max_connections = max_connections
-        self._reload = reload
-        self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_ms / 1000)
-        self._bundle: PolicyBundle | None = None
-        self._opa_revision = ""
-        self._opa_health: tuple[bool, str] = (False, "not checked yet")
+        self.options = options
+        if self.url.startswith("unix://"):
+            self._socket: str | None = self.url[len("unix://"):]
+            base = "http://opa"
+        else:
+            self._socket = None
+            base = self.url
+        # strict-builtin-errors: a built-in error fails the decision (a deny naming it) instead of
+        # OPA's default of quietly making the expression undefined.
+        self._decision_url = f"{base}/v1/data/{DECISION_PATH}?provenance=true&strict-builtin-errors=true"
+        self._health_url = f"{base}/health?bundles=true"
+        self._budget = options.timeout_ms / 1000
+        self._backoff = options.retry_backoff_ms / 1000
+        self.breaker = CircuitBreaker(options.breaker_failures, options.breaker_cooldown_ms / 1000)
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task] = []
-        self.last_reload_error: str | None = None
+        self._poller: asyncio.Task | None = None
+        self._health: tuple[bool, str] = (False, f"OPA at {self.url} not checked yet")
+        self.in_flight = 0
+        self._last_answer = 0.0  # loop time of OPA's last answer
+        self.revision = ""  # the bundle revision OPA last reported
 
-    @classmethod
-    def from_config(cls, policy: Any) -> "OpaEngine":
-        """Build from a `sidecar.config.PolicyConfig` (policy.dir, policy.timeout_ms, policy.opa.*)."""
-        opa = policy.opa
-        return cls(
-            policy.dir,
-            url=opa.url,
-            timeout_ms=policy.timeout_ms,
-            retries=opa.retries,
-            retry_backoff_ms=opa.retry_backoff_ms,
-            breaker_failures=opa.breaker_failures,
-            breaker_cooldown_ms=opa.breaker_cooldown_ms,
-            health_interval_ms=opa.health_interval_ms,
-            health_timeout_ms=opa.health_timeout_ms,
-            max_connections=opa.max_connections,
-            reload=policy.reload,
-        )
+    async def __aenter__(self) -> "OpaClient":
+        await self.start()
+        return self
 
-    # --- lifecycle -----------------------------------------------------------
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
     async def start(self) -> None:
-        """Load the local bundle (BundleError if it cannot be read), open the pool, check OPA once.
-
-        OPA not answering yet is not an error here: in a pod the sidecar may
-        start first; calls are denied and health is NOT_SERVING until it does.
-        """
-        self._bundle = await asyncio.to_thread(load_bundle, self._directory)
+        """Open the connection pool, check OPA once and keep checking it; OPA being down is no error here."""
+        if self._socket is not None:
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
+                path=self._socket, limit=self.options.max_connections, keepalive_timeout=30
+            )
+        else:
+            connector = aiohttp.TCPConnector(limit=self.options.max_connections, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30),
+            connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),
             headers={"Content-Type": "application/json", "Accept": "application/json"},
+            skip_auto_headers=("User-Agent",),
         )
         await self.check_health()
-        self._tasks.append(asyncio.create_task(self._poll_health(), name="opa-health"))
-        if self._reload:
-            self._tasks.append(asyncio.create_task(self._watch(), name="opa-catalog-reload"))
-        log.info("OPA engine: deciding through %s (%s)", self.url, self._opa_health[1])
+        self._poller = asyncio.create_task(self._poll_health(), name=f"opa-health {self.url}")
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks.clear()
+    async def aclose(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
         if self._session is not None:
-            await self._session.close()
-            self._session = None
+            session, self._session = self._session, None
+            await session.close()
 
-    async def reload(self) -> bool:
-        """Re-read the local bundle (catalog and fallback revision); keep the old one if it is bad."""
-        try:
-            bundle = await asyncio.to_thread(load_bundle, self._directory)
-        except BundleError as exc:
-            self.last_reload_error = str(exc)
-            log.error("local policy bundle reload rejected, keeping %s: %s", self.local_revision, exc)
-            return False
-        self.last_reload_error = None
-        if self._bundle is None or bundle.revision != self._bundle.revision:
-            self._bundle = bundle
-            log.info("local policy bundle reloaded: %s", bundle.revision)
-        return True
-
-    async def _watch(self) -> None:
-        from watchfiles import awatch
-
-        async for _changes in awatch(self._directory, debounce=200, step=50):
-            await self.reload()
+    async def drained(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until no decision is in flight: before closing a client that was replaced."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.in_flight:
+                    await asyncio.sleep(0.005)
 
     # --- health --------------------------------------------------------------
 
     async def check_health(self) -> tuple[bool, str]:
-        """One `GET /health?bundles=true`: OPA is up and every configured bundle is activated."""
-        assert self._session is not None
+        """One `GET /health?bundles=true`: OPA is up and every bundle is activated."""
+        if self._session is None:
+            return (False, f"the OPA client for {self.url} is closed")
+        timeout = self.options.health_timeout_ms / 1000
         try:
-            async with asyncio.timeout(self._health_timeout):
+            async with asyncio.timeout(timeout):
                 async with self._session.get(self._health_url) as response:
                     status, raw = response.status, await response.read()
         except TimeoutError:
-            budget = f"{self._health_timeout * 1000:.0f} ms"
-            result = (False, f"OPA at {self.url} did not answer its health check within {budget}")
+            result = (False, f"OPA at {self.url} did not answer its health check within {timeout * 1000:.0f} ms")
         except aiohttp.ClientError as exc:
             result = (False, f"OPA at {self.url} {_connection_problem(exc)}")
         else:
@@ -291,56 +269,46 @@ class OpaEngine:
                 result = (True, f"OPA at {self.url} is healthy, bundles activated")
             else:
                 result = (False, f"OPA at {self.url} is not healthy: {status} {_opa_error(raw)}")
-        if result[0] != self._opa_health[0]:
+        if result[0] != self._health[0]:
             (log.info if result[0] else log.warning)("%s", result[1])
-        self._opa_health = result
+        self._health = result
         return result
 
     async def _poll_health(self) -> None:
         while True:
-            await asyncio.sleep(self._health_interval)
+            await asyncio.sleep(self.options.health_interval_ms / 1000)
             try:
                 await self.check_health()
             except Exception as exc:  # never let the poller die
-                self._opa_health = (False, f"OPA health check failed: {type(exc).__name__}: {_short(exc)}")
+                self._health = (False, f"OPA health check failed: {type(exc).__name__}: {_short(exc)}")
 
-    def health(self) -> tuple[bool, str]:
-        if self._bundle is None:
-            return False, f"no local policy bundle loaded from {self._directory}"
-        opa_ok, opa_detail = self._opa_health
-        serving = opa_ok and self.breaker.state != OPEN
-        detail = f"{opa_detail}; {self.breaker.describe()}; serving policy {self.revision}"
-        if self.last_reload_error:
-            detail += f"; last local bundle reload rejected: {self.last_reload_error}"
-        return serving, detail
+    def ready(self) -> tuple[bool, str]:
+        """(OPA healthy and the breaker not open, detail)."""
+        ok, detail = self._health
+        return ok and self.breaker.state != OPEN, f"{detail}; {self.breaker.describe()}"
 
-    # --- catalog and revision -------------------------------------------------
-
-    @property
-    def local_revision(self) -> str:
-        return self._bundle.revision if self._bundle else ""
-
-    @property
-    def revision(self) -> str:
-        return self._opa_revision or self.local_revision
-
-    def catalog_entry(self, tool: str) -> dict | None:
-        return self._bundle.catalog_entry(tool) if self._bundle else None
-
-    # --- evaluation ----------------------------------------------------------
+    # --- decisions -------------------------------------------------------------
 
     def _failed(self, reason: str) -> Decision:
-        return Decision.failed(reason, engine=self.name, policy_revision=self.revision)
+        return Decision.failed(reason, engine=ENGINE, policy_revision=self.revision)
 
-    async def evaluate(self, input_document: dict) -> Decision:
+    async def decide(self, input_document: dict) -> Decision:
+        """OPA's `data.sidecar.decision` for this input, or a deny naming why there is none. Never raises."""
+        if self.in_flight >= self.options.max_in_flight:
+            return self._failed(
+                f"overloaded: {self.in_flight} decisions are already waiting for OPA at {self.url} "
+                f"(the limit is {self.options.max_in_flight}); denied at once instead of queueing"
+            )
         try:
-            payload = json.dumps({"input": input_document}, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            payload = json.dumps(
+                {"input": input_document}, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode("utf-8")
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) is a ValueError
             return self._failed(
                 f"policy_error: OPA at {self.url} was not called: the input cannot be sent as JSON: {_short(exc)}"
             )
         if self._session is None:
-            return self._failed(f"policy_unavailable: the OPA engine for {self.url} is not started")
+            return self._failed(f"policy_unavailable: the OPA client for {self.url} is not started")
         admission = self.breaker.admit()
         if not admission.allowed:
             return self._failed(
@@ -348,30 +316,47 @@ class OpaEngine:
                 f"repeated failures (last: it {self.breaker.last_error}); "
                 f"next probe in {admission.retry_in * 1000:.0f} ms"
             )
+        self.in_flight += 1
+        alone = self.in_flight == 1
         settled = False
+        started = asyncio.get_running_loop().time()
         try:
             try:
-                body = await self._post(payload.encode("utf-8"))
+                body = await self._post(payload)
             except _Failure as failure:
-                if failure.counts:
+                if failure.code == "policy_timeout" and self._overloaded(started, alone):
+                    # Overload, not OPA failing: not held against OPA, or overload would open
+                    # the breaker and turn a slow sidecar into one that denies everything.
+                    self.breaker.release(admission)
+                elif failure.counts:
                     self._note_failure(admission, failure.detail)
                 else:
                     self.breaker.record_success(admission)
                 settled = True
                 return self._failed(failure.reason)
+            self._last_answer = asyncio.get_running_loop().time()
             self.breaker.record_success(admission)
             settled = True
             return self._decision_from(body)
-        except Exception as exc:  # evaluate never raises: anything unexpected is a deny
+        except Exception as exc:  # decide never raises: anything unexpected is a deny
             detail = f"could not be used: {type(exc).__name__}: {_short(exc)}"
-            reason = f"policy_error: OPA at {self.url} {detail}"
             if not settled:
                 self._note_failure(admission, detail)
                 settled = True
-            return self._failed(reason)
+            return self._failed(f"policy_error: OPA at {self.url} {detail}")
         finally:
+            self.in_flight -= 1
             if not settled:  # cancelled: neither a success nor OPA's fault
                 self.breaker.release(admission)
+
+    def _overloaded(self, started: float, alone: bool) -> bool:
+        """Did a call that timed out wait behind others rather than on a failing OPA?
+
+        Yes when OPA answered another call while it waited, or when other calls were waiting
+        with it and OPA still passes its health check (a saturated event loop delays every
+        answer at once; a hung OPA fails its health check too).
+        """
+        return self._last_answer > started or (not alone and self._health[0])
 
     def _note_failure(self, admission: Admission, reason: str) -> None:
         was_closed = self.breaker.state == CLOSED
@@ -392,14 +377,31 @@ class OpaEngine:
         """POST within the budget, retrying connection errors and 5xx; raise _Failure."""
         attempts = 0
         last: _Failure | None = None
+        started = asyncio.get_running_loop().time()
+        try:
+            # The first attempt without the retry machinery: it is the hot path.
+            async with asyncio.timeout(self._budget):
+                attempts = 1
+                return await self._attempt(payload)
+        except TimeoutError:
+            raise _Failure(
+                "policy_timeout", self.url, f"did not answer within {self._budget * 1000:.0f} ms"
+            ) from None
+        except _Retryable as failure:
+            if self.options.retries == 0:
+                raise
+            last = failure
+        remaining = self._budget - (asyncio.get_running_loop().time() - started)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._retries + 1) | stop_before_delay(self._budget),
-            wait=wait_exponential(multiplier=self._backoff, min=self._backoff, max=max(self._backoff, self._budget)),
+            stop=stop_after_attempt(self.options.retries) | stop_before_delay(max(0.0, remaining)),
+            # The first pause is taken below; tenacity's come after: twice it, then doubling.
+            wait=wait_exponential(multiplier=2 * self._backoff, max=max(self._backoff, self._budget)),
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
         )
         try:
-            async with asyncio.timeout(self._budget):
+            async with asyncio.timeout(max(0.0, remaining)):
+                await asyncio.sleep(self._backoff)
                 async for attempt in retrying:
                     with attempt:
                         attempts += 1
@@ -412,7 +414,7 @@ class OpaEngine:
             detail = f"did not answer within {self._budget * 1000:.0f} ms"
             if last is not None:
                 detail += f" ({attempts} attempts; before that it {last.detail})"
-            raise _Failure("policy_unavailable", self.url, detail) from None
+            raise _Failure("policy_timeout", self.url, detail) from None
         except _Retryable as failure:
             if attempts > 1:
                 failure.detail += f" (after {attempts} attempts)"
@@ -431,15 +433,11 @@ class OpaEngine:
             raise _Retryable("policy_unavailable", url, _connection_problem(exc)) from None
         if status >= 500:
             if _is_opa_error(raw):
-                # OPA's own error shape ({"code": ...}: the policy failed on this input, e.g. a built-in
-                # error under strict-builtin-errors) is OPA up and deterministic: a deny, not retried, and
-                # not held against OPA's availability (a policy failing on some inputs must not open the
-                # breaker for every call).
+                # OPA's own error shape: the policy failed on this input. Deterministic, not retried,
+                # and not held against OPA's availability.
                 raise _Failure("policy_error", url, f"answered {status}: {_opa_error(raw)}", counts=False)
-            # Anything else (a proxy's 502/503, a crashing process) is retried and counts.
             raise _Retryable("policy_error", url, f"answered {status}: {_opa_error(raw)}")
         if status != 200:
-            # OPA is up and refused this query (400: bad input...): a deny, but not the breaker's business.
             raise _Failure("policy_error", url, f"refused the query: {status} {_opa_error(raw)}", counts=False)
         try:
             body = json.loads(raw)
@@ -453,8 +451,7 @@ class OpaEngine:
     def _decision_from(self, body: dict) -> Decision:
         revision = revision_from_provenance(body.get("provenance"))
         if revision:
-            self._opa_revision = revision
-        policy_revision = self.revision
+            self.revision = revision
         decision_id = body.get("decision_id") if isinstance(body.get("decision_id"), str) else ""
         if "result" not in body:
             return self._failed(
@@ -462,7 +459,7 @@ class OpaEngine:
                 "is undefined (does the bundle OPA serves have the decision rule?)"
             )
         try:
-            decision = parse_decision(body["result"], engine=self.name, policy_revision=policy_revision)
+            decision = parse_decision(body["result"], engine=ENGINE, policy_revision=self.revision)
         except MalformedDecision as exc:
             return self._failed(f"policy_malformed: OPA at {self.url} answered a malformed decision: {exc}")
         return replace(decision, engine_decision_id=decision_id)

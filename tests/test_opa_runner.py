@@ -1,0 +1,158 @@
+"""OpaRunner with the real `opa` binary: start, health, restart after death, never orphaned."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar.policy.opa.client import OpaClient
+from sidecar.policy.opa.runner import OpaNotFound, OpaRunner, OpaRunOptions, OpaStartError, find_opa
+from tests.conftest import REPO, SIMPLE_POLICY, write_policy
+
+INPUT = {"version": "sidecar/v1", "tool": {"name": "echo", "arguments": {}}}
+
+
+@pytest.fixture
+def socket_dir(tmp_path_factory) -> Path:
+    # Unix socket paths are limited to ~107 bytes: pytest's tmp paths can be longer.
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="opa-t-"))
+    yield directory
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def options(bundle: Path, socket_dir: Path, **overrides) -> OpaRunOptions:
+    settings = dict(binary=find_opa(), bundle=bundle, socket=socket_dir / "opa.sock", restart_backoff_seconds=0.05)
+    settings.update(overrides)
+    return OpaRunOptions(**settings)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): read its state.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.05)
+
+
+def test_arguments_come_from_the_options(tmp_path):
+    rendered = OpaRunOptions(binary="/x/opa", bundle=tmp_path / "b.tar.gz", socket=Path("/s/opa.sock")).argv()
+    assert rendered[:3] == ["/x/opa", "run", "--server"]
+    assert rendered[rendered.index("--addr") + 1] == "unix:///s/opa.sock"
+    assert rendered[rendered.index("--bundle") + 1] == str(tmp_path / "b.tar.gz")
+    assert rendered[rendered.index("--log-format") + 1] == "json"
+    assert rendered[rendered.index("--unix-socket-perm") + 1] == "600"
+
+
+def test_a_missing_binary_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(OpaNotFound, match="make install"):
+        find_opa("opa")
+    with pytest.raises(OpaNotFound, match=f"no OPA binary at {tmp_path}/nope"):
+        find_opa(str(tmp_path / "nope"))
+
+
+async def test_starts_healthy_decides_and_stops_its_process_group(tmp_path, socket_dir):
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    async with OpaRunner(options(bundle, socket_dir)) as runner:
+        pid = runner.pid
+        assert runner.health()[0] and runner.url == f"unix://{socket_dir / 'opa.sock'}"
+        assert os.getpgid(pid) == pid  # its own process group
+        async with OpaClient(runner.url) as client:
+            assert (await client.decide(INPUT)).outcome == "allow"
+            assert client.ready()[0]
+    assert not alive(pid)
+    assert not (socket_dir / "opa.sock").exists()
+    assert not runner.health()[0]
+
+
+async def test_a_bundle_that_does_not_compile_fails_the_start_with_opas_message(tmp_path, socket_dir):
+    bundle = write_policy(tmp_path / "p", "package sidecar\ndecision := := 1\n")
+    with pytest.raises(OpaStartError, match="exited with status") as failure:
+        await OpaRunner(options(bundle, socket_dir)).start()
+    assert "policy.rego:2" in str(failure.value)
+
+
+async def test_opa_killed_is_restarted_and_calls_recover(tmp_path, socket_dir, caplog):
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    async with OpaRunner(options(bundle, socket_dir)) as runner:
+        async with OpaClient(runner.url) as client:
+            first = runner.pid
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: not runner.health()[0] or runner.pid != first)
+            denied = await client.decide(INPUT)
+            if runner.pid == first:  # not restarted yet: the call meanwhile is a deny naming OPA
+                assert denied.outcome == "deny" and denied.error and "OPA at" in denied.reasons[0]
+            await wait_until(lambda: runner.restarts == 1 and runner.health()[0])
+            assert runner.pid != first and alive(runner.pid)
+            await wait_until(lambda: client.breaker.state != "open")
+            assert (await client.decide(INPUT)).outcome == "allow"
+    assert any("exited with status" in r.getMessage() for r in caplog.records)
+
+
+async def test_opa_log_lines_reach_our_logger(tmp_path, socket_dir, caplog):
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    caplog.set_level("DEBUG", logger="sidecar.policy.opa.runner")
+    async with OpaRunner(options(bundle, socket_dir, log_level="info")) as runner:
+        pid = runner.pid
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"opa[{pid}]: ")]
+    assert any("Initializing server" in line or "Starting server" in line or "Shutting down" in line for line in lines), lines
+
+
+SIDECAR = """
+import asyncio, sys
+from pathlib import Path
+from sidecar.policy.opa.runner import OpaRunner, OpaRunOptions, find_opa
+async def main():
+    runner = OpaRunner(OpaRunOptions(binary=find_opa(), bundle=Path(sys.argv[1]), socket=Path(sys.argv[2])))
+    await runner.start()
+    print(runner.pid, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+def test_opa_does_not_outlive_a_sidecar_killed_with_sigkill(tmp_path, socket_dir):
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIDECAR, str(bundle), str(socket_dir / "opa.sock")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        opa_pid = int(process.stdout.readline())
+        assert alive(opa_pid)
+        process.kill()  # SIGKILL: no cleanup code runs in the sidecar
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(opa_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive(opa_pid):
+            os.kill(opa_pid, signal.SIGKILL)
+            raise AssertionError(f"OPA {opa_pid} outlived its SIGKILLed sidecar")
+    finally:
+        if process.poll() is None:
+            process.kill()
