@@ -1,115 +1,150 @@
-"""Copy the policy bundle rego/ into deploy/k8s/policy/ and list it in the kustomization.
+"""Build the signed OPA bundle the Kubernetes example serves, from rego/.
 
-    make deploy-bundle          (or: python deploy/sync_bundle.py [--check])
+    make deploy-bundle SIGNING_KEY=path/to/bundle-signing.pem
+    python deploy/sync_bundle.py --signing-key KEY [--out DIR] [--opa OPA]
 
-kustomize cannot read ../../rego under its default load restrictions, so the
-bundle the cluster gets is a copy kept beside the manifests. The
-configMapGenerator `agent-policy` in deploy/k8s/kustomization.yaml lists every
-file, keyed by its path with "/" written as "__" (ConfigMap keys are flat);
-the pod's `policy-bundle` init container turns the keys back into the tree.
-The lines between the BEGIN/END markers are written by this script.
+Writes into deploy/k8s/policy/ (never committed; see its .gitignore), the
+files of the ConfigMap `agent-policy` (deploy/k8s/kustomization.yaml):
 
-tests/test_deploy_k8s.py fails, naming this command, when the copy or the
-list no longer matches rego/.
+    bundle.tar.gz    `opa build` of the production part of rego/, signed with
+                     --signing-key (RS256; .signatures.json inside); the OPA
+                     container verifies it with --verification-key
+    bundle.pub.pem   the public key of KEY, for that verification
+    catalog.yaml     rego/sidecar/catalog/data.yaml, the tool catalog the
+                     sidecar reads (policy.dir)
+
+The production part leaves out the dev grants (rego/sidecar/dev/, for the
+dev identity of `make run`) and the tests (*_test.rego), so the pod's OPA
+serves no dev grant. Before building, the whole of rego/ must pass
+`opa check --strict` and `opa test`, and the staged bundle `opa check
+--strict` on its own. KEY is an RSA private key in PEM; keep it out of the
+repository (docs/deploy.md says how to make one).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import hashlib
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO = Path(__file__).resolve().parent.parent
 REGO = REPO / "rego"
-K8S = REPO / "deploy" / "k8s"
-COPY = K8S / "policy"
-KUSTOMIZATION = K8S / "kustomization.yaml"
-BEGIN = "# BEGIN policy bundle (written by `make deploy-bundle`; do not edit)"
-END = "# END policy bundle"
-SEPARATOR = "__"
-_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+OUT = REPO / "deploy" / "k8s" / "policy"
+DEFAULT_OPA = REPO / ".tools" / "bin" / "opa"
+
+BUNDLE = "bundle.tar.gz"
+PUBLIC_KEY = "bundle.pub.pem"
+CATALOG = "catalog.yaml"
+CATALOG_SOURCE = Path("sidecar") / "catalog" / "data.yaml"
+# Parts of rego/ that never go into the production bundle.
+DEV_DIRECTORY = Path("sidecar") / "dev"
+TEST_SUFFIX = "_test.rego"
+DEV_TRUST_DOMAIN = "spiffe://dev.local"
+LOADED = (".rego", ".json", ".yaml", ".yml")
 
 
-def bundle_files(root: Path) -> list[str]:
-    """Every file of the bundle directory, relative, "/"-separated; hidden directories are skipped."""
+class BuildError(Exception):
+    """The bundle was not built; the message says why."""
+
+
+def production_files(rego: Path) -> list[Path]:
+    """Files of the production bundle, relative to rego/: .manifest, policies and data,
+    without hidden paths, dev/ or tests."""
     found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts[:-1]):
-            found.append(rel.as_posix())
+    for path in rego.rglob("*"):
+        rel = path.relative_to(rego)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts[:-1]):
+            continue
+        if rel.is_relative_to(DEV_DIRECTORY) or rel.name.endswith(TEST_SUFFIX):
+            continue
+        if rel.name == ".manifest" or rel.suffix in LOADED:
+            found.append(rel)
     return sorted(found)
 
 
-def config_map_key(rel: str) -> str:
-    parts = rel.split("/")
-    if any(SEPARATOR in part for part in parts):
-        raise ValueError(f"{rel}: a bundle path must not contain {SEPARATOR!r} (it separates directories in keys)")
-    key = SEPARATOR.join(parts)
-    if not _KEY.match(key) or len(key) > 253:
-        raise ValueError(f"{rel}: {key!r} is not a valid ConfigMap key")
-    return key
+def revision(stage: Path, files: list[Path]) -> str:
+    """sha256:<16 hex> over the staged files' paths and bytes (the bundle's .manifest revision)."""
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(rel.as_posix().encode() + b"\0" + (stage / rel).read_bytes() + b"\0")
+    return "sha256:" + digest.hexdigest()[:16]
 
 
-def generator_lines(files: list[str], indent: str) -> list[str]:
-    return [f"{indent}- {config_map_key(rel)}=policy/{rel}" for rel in files]
-
-
-def rewrite_block(text: str, files: list[str]) -> str:
-    lines = text.splitlines()
+def public_key_pem(signing_key: Path) -> bytes:
+    """The PEM public key of an RSA private key (BuildError for anything else)."""
     try:
-        begin = next(i for i, line in enumerate(lines) if line.strip() == BEGIN)
-        end = next(i for i, line in enumerate(lines) if i > begin and line.strip() == END)
-    except StopIteration:
-        raise SystemExit(f"{KUSTOMIZATION}: the {BEGIN!r} / {END!r} markers are missing") from None
-    indent = lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())]
-    return "\n".join([*lines[: begin + 1], *generator_lines(files, indent), *lines[end:]]) + "\n"
+        key = serialization.load_pem_private_key(signing_key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BuildError(f"{signing_key}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise BuildError(f"{signing_key}: an RSA key is needed (the pod's OPA verifies RS256)")
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def out_of_sync() -> list[str]:
-    """What differs between rego/ and the copy + generator list ([] when in sync)."""
-    problems = []
-    source, copy = bundle_files(REGO), bundle_files(COPY) if COPY.is_dir() else []
-    for rel in sorted(set(source) - set(copy)):
-        problems.append(f"missing from deploy/k8s/policy: {rel}")
-    for rel in sorted(set(copy) - set(source)):
-        problems.append(f"not in rego/ any more: deploy/k8s/policy/{rel}")
-    for rel in sorted(set(source) & set(copy)):
-        if (REGO / rel).read_bytes() != (COPY / rel).read_bytes():
-            problems.append(f"differs from rego/: deploy/k8s/policy/{rel}")
-    text = KUSTOMIZATION.read_text()
-    if rewrite_block(text, source) != text:
-        problems.append("the agent-policy configMapGenerator in deploy/k8s/kustomization.yaml does not list rego/ exactly")
-    return problems
+def _opa(opa: str, *args: str, cwd: Path | None = None) -> None:
+    done = subprocess.run([opa, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise BuildError(f"opa {' '.join(args)} failed:\n{(done.stdout + done.stderr).strip()}")
 
 
-def sync() -> None:
-    source = bundle_files(REGO)
-    for rel in source:
-        config_map_key(rel)  # refuse before touching anything
-    if COPY.exists():
-        shutil.rmtree(COPY)
-    for rel in source:
-        target = COPY / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REGO / rel, target)
-    KUSTOMIZATION.write_text(rewrite_block(KUSTOMIZATION.read_text(), source))
+def build(signing_key: Path, *, rego: Path = REGO, out: Path = OUT, opa: str = str(DEFAULT_OPA)) -> str:
+    """Check rego/, then write bundle.tar.gz (signed), bundle.pub.pem and catalog.yaml into out.
+
+    Returns the bundle's revision. Raises BuildError (nothing in out changed)
+    when the key is unusable, the policy fails its checks or tests, or the
+    shipped grants name the dev trust domain.
+    """
+    public = public_key_pem(signing_key)
+    _opa(opa, "check", "--strict", str(rego))
+    _opa(opa, "test", str(rego))
+    files = production_files(rego)
+    with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
+        stage = Path(tmp) / "stage"
+        for rel in files:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(rego / rel, stage / rel)
+        _refuse_dev_grants(stage, files)
+        _opa(opa, "check", "--strict", str(stage))
+        rev = revision(stage, files)
+        built = Path(tmp) / BUNDLE
+        _opa(opa, "build", "--bundle", ".", "--signing-key", str(signing_key.resolve()),
+             "--revision", rev, "--output", str(built), cwd=stage)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, out / BUNDLE)
+    (out / PUBLIC_KEY).write_bytes(public)
+    shutil.copyfile(rego / CATALOG_SOURCE, out / CATALOG)
+    return rev
+
+
+def _refuse_dev_grants(stage: Path, files: list[Path]) -> None:
+    """No grant for the dev identity's trust domain in the shipped grants (it belongs in dev/)."""
+    for rel in files:
+        if rel.parent == Path("sidecar") / "grants" and rel.suffix in (".yaml", ".yml", ".json"):
+            for grant in yaml.safe_load((stage / rel).read_text()) or []:
+                if str(grant.get("spiffe_id", "")).startswith(DEV_TRUST_DOMAIN):
+                    raise BuildError(f"rego/{rel}: a grant for {grant['spiffe_id']} belongs in rego/{DEV_DIRECTORY}/")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only report differences (exit 1 if any)")
+    parser.add_argument("--signing-key", required=True, type=Path, help="RSA private key (PEM) that signs the bundle")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT.relative_to(REPO)})")
+    parser.add_argument("--opa", default=str(DEFAULT_OPA), help="the opa binary (default .tools/bin/opa)")
     args = parser.parse_args(argv)
-    if args.check:
-        problems = out_of_sync()
-        for problem in problems:
-            print(problem)
-        if problems:
-            print("run `make deploy-bundle` to copy rego/ into deploy/k8s/policy/")
-        return 1 if problems else 0
-    sync()
-    print(f"deploy/k8s/policy: {len(bundle_files(COPY))} files from rego/ (ConfigMap agent-policy)")
+    try:
+        rev = build(args.signing_key, out=args.out, opa=args.opa)
+    except BuildError as exc:
+        print(f"deploy-bundle: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {BUNDLE} (revision {rev}, signed), {PUBLIC_KEY}, {CATALOG}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""deploy/k8s: manifests valid offline, files present, config loadable, bundle == rego/, containers agreeing.
+"""deploy/k8s: manifests valid offline, files present, config loadable, a signed bundle OPA verifies, containers agreeing.
 
 No cluster, kustomize or kubectl here: the kustomization is read as data
 (its resources and configMapGenerators are what `kubectl apply -k` would
@@ -8,18 +8,31 @@ Kubernetes OpenAPI schemas of one pinned version with `kubernetes-validate`
 schemas: the ClusterSPIFFEID is checked against the subset of the SPIRE
 Controller Manager's CRD schema written below (an unknown field or a wrong
 type fails), and no other custom kind is allowed in.
+
+The policy files (deploy/k8s/policy/) are built by `make deploy-bundle` with
+the operator's key and never committed: the tests build them with a
+throwaway key into a copy of deploy/k8s, and run the real OPA on the signed
+bundle the way the pod's OPA container does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import dataclasses
+import io
+import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -28,16 +41,38 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sidecar.config import Config, load_config
-from sidecar.policy.catalog import read_data
 from tests.conftest import REGO, REPO
 
-K8S = REPO / "deploy" / "k8s"
+SOURCE = REPO / "deploy" / "k8s"
+K8S = SOURCE  # swapped for the built copy while this module's tests run (the `built` fixture)
+OPA = str(REPO / ".tools" / "bin" / "opa")
 KUBERNETES_VERSION = "1.34.0"  # the oldest Kubernetes the example targets (native sidecars are GA since 1.33)
 
 sys.path.insert(0, str(REPO / "deploy"))
 import sync_bundle  # noqa: E402  (deploy/sync_bundle.py, behind `make deploy-bundle`)
+
+
+def rsa_key(path: Path) -> Path:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built(tmp_path_factory) -> Iterator[Path]:
+    """deploy/k8s with its policy/ built by `make deploy-bundle`'s code, signed with a throwaway key."""
+    global K8S
+    root = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(SOURCE, root, ignore=lambda d, names: [n for n in names if Path(d).name == "policy" and n != ".gitignore"])
+    sync_bundle.build(rsa_key(root.parent / "signing.pem"), out=root / "policy", opa=OPA)
+    K8S = root
+    yield root
+    K8S = SOURCE
 
 
 # --- reading the kustomization ------------------------------------------------------------------
@@ -48,6 +83,7 @@ def kustomization() -> dict:
 
 
 def resource_documents() -> list[tuple[str, dict]]:
+    """The manifests listed in resources (the same in deploy/k8s and its built copy)."""
     found = []
     for rel in kustomization()["resources"]:
         for document in yaml.safe_load_all((K8S / rel).read_text()):
@@ -66,18 +102,35 @@ def generator_entries(generator: dict) -> list[tuple[str, Path]]:
 
 
 def generated_config_maps() -> dict[tuple[str, str], dict]:
-    """The ConfigMaps the configMapGenerators make (without kustomize's name hash)."""
+    """The ConfigMaps the configMapGenerators make (without kustomize's name hash).
+
+    As kustomize does, a file that is not UTF-8 text goes into binaryData, base64.
+    """
     made = {}
     for generator in kustomization().get("configMapGenerator", []):
-        data = {key: path.read_text() for key, path in generator_entries(generator)}
+        data, binary = {}, {}
+        for key, path in generator_entries(generator):
+            content = path.read_bytes()
+            try:
+                data[key] = content.decode("utf-8")
+            except UnicodeDecodeError:
+                binary[key] = base64.b64encode(content).decode()
         namespace = generator.get("namespace", "default")
         made[(namespace, generator["name"])] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": {"name": generator["name"], "namespace": namespace},
             "data": data,
+            **({"binaryData": binary} if binary else {}),
         }
     return made
+
+
+def config_map_files(namespace: str, name: str) -> dict[str, bytes]:
+    made = generated_config_maps()[(namespace, name)]
+    files = {key: text.encode() for key, text in made["data"].items()}
+    files.update({key: base64.b64decode(text) for key, text in made.get("binaryData", {}).items()})
+    return files
 
 
 def find(kind: str, name: str) -> dict:
@@ -257,20 +310,27 @@ def validate(document: dict) -> None:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
 
-def every_document() -> Iterator[tuple[str, dict]]:
-    yield from resource_documents()
-    for (namespace, name), config_map in generated_config_maps().items():
-        yield f"configMapGenerator {namespace}/{name}", config_map
-
-
-@pytest.mark.parametrize("where, document", list(every_document()), ids=lambda v: v if isinstance(v, str) else "")
-def test_every_manifest_validates_offline(where, document):
+def validate_or_fail(where: str, document: dict) -> None:
     try:
         validate(document)
     except kubernetes_validate.SchemaNotFoundError as exc:
         pytest.fail(f"{where}: {exc.message} (a custom resource needs a schema in CUSTOM_SCHEMAS)")
     except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
         pytest.fail(f"{where}: {document['kind']} {document['metadata'].get('name')}: {exc.message} at {list(exc.absolute_path)}")
+
+
+@pytest.mark.parametrize("where, document", list(resource_documents()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_manifest_validates_offline(where, document):
+    validate_or_fail(where, document)
+
+
+def test_every_generated_config_map_validates_offline():
+    made = generated_config_maps()
+    assert ("agents", "agent-policy") in made and "bundle.tar.gz" in made[("agents", "agent-policy")]["binaryData"]
+    for (namespace, name), config_map in made.items():
+        validate_or_fail(f"configMapGenerator {namespace}/{name}", config_map)
+        size = sum(len(k) + len(v.encode()) for part in ("data", "binaryData") for k, v in config_map.get(part, {}).items())
+        assert size < 1_000_000, f"{namespace}/{name}: a ConfigMap holds at most 1 MiB"
 
 
 def test_the_validation_is_strict():
@@ -316,7 +376,7 @@ def test_the_cluster_spiffe_id_selects_the_agent_pod_and_its_id_is_granted():
         .replace("{{ .PodSpec.ServiceAccountName }}", account)
     )
     assert "{{" not in spiffe_id
-    grants = read_data(REGO)[0]["sidecar"]["grants"]
+    grants = yaml.safe_load((REGO / "sidecar" / "grants" / "data.yaml").read_text())
     tools = {tool for g in grants if _grant_matches(g["spiffe_id"], spiffe_id) for tool in g["tools"]}
     assert "search_docs" in tools, f"rego/ grants {spiffe_id} nothing the demo agent uses"
 
@@ -326,54 +386,218 @@ def test_the_cluster_spiffe_id_selects_the_agent_pod_and_its_id_is_granted():
 
 def test_the_sidecar_config_loads_with_the_real_loader():
     config = sidecar_config()  # unknown keys or wrong types raise ConfigError
-    assert config.policy.opa.url  # the OPA container beside the sidecar (external OPA)
+    assert config.policy.opa.url == "http://127.0.0.1:8181"  # the OPA container, not a managed OPA
+    assert config.policy.reload is False
     assert config.identity.sources == ["workload_api"]
     assert config.telemetry.exporter == "otlp"
     generated = generated_config_maps()[("agents", "agent-sidecar-config")]
     assert generated["data"]["sidecar.yaml"] == (K8S / "agent" / "sidecar.yaml").read_text()
 
 
-# --- the policy bundle ----------------------------------------------------------------------------------
+# --- the policy bundle: built, signed, verified by the real OPA ------------------------------------------
 
 
-def test_the_policy_config_map_is_rego():
-    problems = sync_bundle.out_of_sync()
-    assert not problems, "deploy/k8s/policy is not rego/ — run `make deploy-bundle`:\n" + "\n".join(problems)
-    data = generated_config_maps()[("agents", "agent-policy")]["data"]
-    files = {rel: (REGO / rel).read_text() for rel in sync_bundle.bundle_files(REGO)}
-    assert {key.replace("__", "/"): text for key, text in data.items()} == files
-    assert sum(len(k) + len(v.encode()) for k, v in data.items()) < 1_000_000, "a ConfigMap holds at most 1 MiB"
-
-
-def kubelet_config_map_volume(root: Path, data: dict[str, str]) -> Path:
+def kubelet_config_map_volume(root: Path, files: dict[str, bytes]) -> Path:
     """A configMap volume as the kubelet writes it: ..<timestamp>/ files, ..data symlink, key symlinks."""
     stamp = root / "..2026_11_22_10_00_00.000000001"
     stamp.mkdir(parents=True)
-    for key, text in data.items():
-        (stamp / key).write_text(text)
+    for key, content in files.items():
+        (stamp / key).write_bytes(content)
     (root / "..data").symlink_to(stamp.name)
-    for key in data:
+    for key in files:
         (root / key).symlink_to(f"..data/{key}")
     return root
 
 
-def test_the_policy_bundle_init_container_rebuilds_rego(tmp_path):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pod_opa_command(root: Path) -> list[str]:
+    """The OPA container's command line, its two ConfigMap volumes laid out under root as the kubelet would."""
     spec = pod_spec("research-agent")
-    init = container(spec, "policy-bundle")
-    assert spec["initContainers"][0]["name"] == "policy-bundle"
-    assert volume(spec, "policy-src")["configMap"]["name"] == "agent-policy"
-    source = kubelet_config_map_volume(tmp_path / "src", generated_config_maps()[("agents", "agent-policy")]["data"])
-    target = tmp_path / "policy"
-    target.mkdir()
-    assert env(init, "BUNDLE_SRC")["value"] == mount_path(init, "policy-src")
-    assert env(init, "BUNDLE_DIR")["value"] == mount_path(init, "policy")
-    # Run the init container's own script, with its two directories pointed here.
-    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BUNDLE_SRC": str(source), "BUNDLE_DIR": str(target)}
-    done = subprocess.run([*init["command"], *init["args"]], env=environment, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    assert sync_bundle.bundle_files(target) == sync_bundle.bundle_files(REGO)
-    assert not any(p.is_symlink() for p in target.rglob("*")), "the sidecar's loader does not follow symlinked dirs"
-    assert read_data(target)[1] == read_data(REGO)[1]
+    opa = container(spec, "opa")
+    args = list(opa["args"])
+    for name in ("policy", "policy-verification"):
+        config_map = volume(spec, name)["configMap"]["name"]
+        target = kubelet_config_map_volume(root / name, config_map_files("agents", config_map))
+        args = [arg.replace(mount_path(opa, name), str(target)) for arg in args]
+    port = free_port()
+    args = [f"--addr=127.0.0.1:{port}" if a.startswith("--addr=") else a for a in args]
+    args = [f"--diagnostic-addr=127.0.0.1:{free_port()}" if a.startswith("--diagnostic-addr=") else a for a in args]
+    return [OPA, *args]
+
+
+@contextmanager
+def opa_serving(command: list[str]) -> Iterator[str]:
+    """Run `opa run --server` until it serves its bundle; yield its URL."""
+    url = f"http://{flag(command, '--addr')}"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"OPA exited: {process.stderr.read()}"
+            try:
+                probe = subprocess.run(["curl", "-sf", f"{url}/health?bundles=true"], capture_output=True, timeout=5)
+                if probe.returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
+            assert time.monotonic() < deadline, "OPA did not activate its bundle"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def opa_refuses(command: list[str]) -> str:
+    """Run OPA on a bundle it must refuse: it exits non-zero at start; its error text."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, "OPA started on a bundle it should have refused"
+    return done.stdout + done.stderr  # OPA prints its start-up error on stdout
+
+
+def decide(url: str, document: dict) -> dict:
+    done = subprocess.run(["curl", "-sf", "-X", "POST", "--data-binary", "@-", f"{url}/v1/data/sidecar/decision?provenance"],
+                          input=json.dumps({"input": document}), capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(done.stdout)
+
+
+def decision_input(spiffe_id: str, source: str, tool: str, arguments: dict) -> dict:
+    return {
+        "version": "sidecar/v1",
+        "subject": {"spiffe_id": spiffe_id, "source": source, "svid_expires_at": None},
+        "delegation": [],
+        "tool": {"name": tool, "server": "", "arguments": arguments, "catalog": None, "facts": {}},
+        "task": {"id": "", "intent": ""},
+        "signals": {},
+        "approval": None,
+        "usage": {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 0},
+        "request": {"call_id": "c-1", "time": "2026-11-22T10:00:00Z", "sidecar": "test"},
+    }
+
+
+RESEARCH_AGENT = "spiffe://example.org/ns/agents/sa/research-agent"
+
+
+def bundle_members() -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(config_map_files("agents", "agent-policy")["bundle.tar.gz"])) as tar:
+        return {m.name.lstrip("/"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def repack(members: dict[str, bytes], path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(f"/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return path
+
+
+def test_opa_verifies_and_serves_the_signed_bundle_as_the_pod_runs_it(tmp_path):
+    members = bundle_members()
+    assert ".signatures.json" in members and ".manifest" in members
+    revision = json.loads(members[".manifest"])["revision"]
+    with opa_serving(pod_opa_command(tmp_path)) as url:
+        answer = decide(url, decision_input(RESEARCH_AGENT, "workload_api", "search_docs", {"query": "q"}))
+        assert answer["result"]["outcome"] == "allow", answer
+        (reported,) = [b["revision"] for b in answer["provenance"]["bundles"].values()]
+        assert reported == revision and revision.startswith("sha256:")
+        # The production bundle holds no dev grant: the dev identity gets nothing.
+        dev = decide(url, decision_input("spiffe://dev.local/agent", "dev", "search_docs", {"query": "q"}))
+        assert dev["result"]["outcome"] == "deny"
+        assert dev["result"]["reasons"] == ['not_granted: spiffe://dev.local/agent is not granted tool "search_docs"']
+
+
+@pytest.mark.parametrize("tamper", ["changed data", "changed rule", "added rule", "removed rule", "no signature"])
+def test_opa_refuses_a_tampered_bundle(tmp_path, tamper):
+    members = bundle_members()
+    if tamper == "changed data":
+        data = json.loads(members["data.json"])
+        data["sidecar"]["grants"].append({"spiffe_id": "spiffe://**", "tools": ["*"]})
+        members["data.json"] = json.dumps(data).encode()
+    elif tamper == "changed rule":
+        members["sidecar/grants.rego"] += b"\ngranted(_, _) if true\n"
+    elif tamper == "added rule":
+        members["sidecar/backdoor.rego"] = b"package sidecar\n\nallow contains \"granted: backdoor\"\n"
+    elif tamper == "removed rule":
+        del members["sidecar/arguments.rego"]
+    else:
+        del members[".signatures.json"]
+    command = pod_opa_command(tmp_path)
+    bundle = Path(flag(command, "--bundle"))
+    assert bundle.name == "bundle.tar.gz"
+    target = bundle.resolve()  # the kubelet's file behind the key's symlink
+    repack(members, target)
+    error = opa_refuses(command)
+    assert "bundle" in error and any(word in error for word in ("digest mismatch", "signature", "unexpected file", "missing")), error
+
+
+def test_opa_refuses_a_bundle_signed_with_another_key(tmp_path):
+    other = tmp_path / "other"
+    sync_bundle.build(rsa_key(tmp_path / "other.pem"), out=other, opa=OPA)
+    command = pod_opa_command(tmp_path / "pod")
+    Path(flag(command, "--bundle")).resolve().write_bytes((other / "bundle.tar.gz").read_bytes())
+    error = opa_refuses(command)
+    assert "verification" in error or "signature" in error, error
+
+
+def test_the_production_bundle_leaves_out_dev_grants_and_tests():
+    names = set(bundle_members())
+    assert not [n for n in names if n.endswith("_test.rego") or "/dev/" in n], names
+    data = json.loads(bundle_members()["data.json"])
+    assert "dev" not in data["sidecar"]
+    assert not [g for g in data["sidecar"]["grants"] if g["spiffe_id"].startswith("spiffe://dev.local")]
+    expected = {p.relative_to(REGO).as_posix() for p in REGO.rglob("*.rego")
+                if not p.name.endswith("_test.rego") and "dev" not in p.relative_to(REGO).parts}
+    assert {n for n in names if n.endswith(".rego")} == expected
+
+
+def test_the_sidecar_reads_the_catalog_of_the_same_policy():
+    spec = pod_spec("research-agent")
+    sidecar = container(spec, "agent-sidecar")
+    (catalog_mount,) = [m for m in sidecar["volumeMounts"] if m["name"] == "policy"]
+    assert catalog_mount["mountPath"] == f"{sidecar_config().policy.dir}/sidecar/catalog/data.yaml"
+    assert catalog_mount["subPath"] == "catalog.yaml" and catalog_mount["readOnly"]
+    catalog = config_map_files("agents", "agent-policy")["catalog.yaml"]
+    assert catalog == (REGO / "sidecar" / "catalog" / "data.yaml").read_bytes()
+    assert yaml.safe_load(catalog)["tools"] == json.loads(bundle_members()["data.json"])["sidecar"]["catalog"]["tools"]
+
+
+def test_deploy_bundle_refuses_without_a_usable_key(tmp_path):
+    ec_key = tmp_path / "ec.pem"
+    ec_key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for key, message in ((ec_key, "an RSA key is needed"), (tmp_path / "missing.pem", "not an unencrypted PEM private key")):
+        with pytest.raises(sync_bundle.BuildError, match=message):
+            sync_bundle.build(key, out=tmp_path / "out", opa=OPA)
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([sys.executable, str(REPO / "deploy" / "sync_bundle.py"), "--signing-key", str(ec_key),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "deploy-bundle: " in done.stderr
+
+
+def test_deploy_bundle_refuses_a_dev_grant_in_the_shipped_grants(tmp_path):
+    rego = tmp_path / "rego"
+    shutil.copytree(REGO, rego)
+    grants = rego / "sidecar" / "grants" / "data.yaml"
+    grants.write_text(grants.read_text() + '\n- spiffe_id: "spiffe://dev.local/*"\n  tools: ["*"]\n')
+    with pytest.raises(sync_bundle.BuildError, match="test_shipped_grants_carry_no_dev_grant: FAIL"):
+        sync_bundle.build(rsa_key(tmp_path / "k.pem"), rego=rego, out=tmp_path / "out", opa=OPA)
+    shutil.rmtree(rego / "sidecar" / "tests")  # the build checks it itself, too
+    with pytest.raises(sync_bundle.BuildError, match="belongs in rego/sidecar/dev/"):
+        sync_bundle.build(rsa_key(tmp_path / "k.pem"), rego=rego, out=tmp_path / "out", opa=OPA)
+
+
+def test_deploy_bundle_refuses_a_policy_that_fails_its_tests(tmp_path):
+    rego = tmp_path / "rego"
+    shutil.copytree(REGO, rego)
+    (rego / "sidecar" / "tests" / "broken_test.rego").write_text("package sidecar.tests\n\ntest_broken if false\n")
+    with pytest.raises(sync_bundle.BuildError, match="opa test"):
+        sync_bundle.build(rsa_key(tmp_path / "k.pem"), rego=rego, out=tmp_path / "out", opa=OPA)
 
 
 # --- containers agree -----------------------------------------------------------------------------------------
@@ -382,13 +606,19 @@ def test_the_policy_bundle_init_container_rebuilds_rego(tmp_path):
 def test_opa_address_bundle_and_probes_agree_with_the_sidecar():
     config = sidecar_config()
     spec = pod_spec("research-agent")
-    opa, sidecar = container(spec, "opa"), container(spec, "agent-sidecar")
+    opa = container(spec, "opa")
     assert re.fullmatch(r"openpolicyagent/opa:\d+\.\d+\.\d+(-static)?", opa["image"]), "OPA is pinned to a release"
+    tested = subprocess.run([OPA, "version"], capture_output=True, text=True, check=True).stdout
+    assert f"Version: {opa['image'].split(':')[1].removesuffix('-static')}" in tested, "the image runs the OPA the tests run"
     url = urlsplit(config.policy.opa.url)
     assert flag(opa["args"], "--addr") == f"{url.hostname}:{url.port}"
     assert url.hostname == "127.0.0.1", "OPA's data API stays on the pod's loopback"
-    assert flag(opa["args"], "--bundle") == config.policy.dir == mount_path(opa, "policy") == mount_path(sidecar, "policy")
-    assert mount(opa, "policy").get("readOnly") and mount(sidecar, "policy").get("readOnly")
+    assert flag(opa["args"], "--bundle") == f"{mount_path(opa, 'policy')}/bundle.tar.gz"
+    assert flag(opa["args"], "--verification-key") == f"{mount_path(opa, 'policy-verification')}/bundle.pub.pem"
+    assert "--skip-verify" not in " ".join(opa["args"])
+    assert volume(spec, "policy")["configMap"]["name"] == "agent-policy"
+    assert volume(spec, "policy-verification")["configMap"]["name"] == "agent-policy-verification"
+    assert mount(opa, "policy").get("readOnly") and mount(opa, "policy-verification").get("readOnly")
     diagnostic_port = int(flag(opa["args"], "--diagnostic-addr").rsplit(":", 1)[1])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert port_number(opa, opa[probe]["httpGet"]["port"]) == diagnostic_port
@@ -439,7 +669,7 @@ def test_writable_paths_are_volumes():
     mounted = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
     writable = [path for path, m in mounted.items() if not m.get("readOnly") and "emptyDir" in volume(spec, m["name"])]
     assert any(evidence.is_relative_to(path) for path in writable), "evidence.dir must be on a writable volume"
-    assert "/tmp" in writable  # tempfiles on a read-only root
+    assert "/tmp" in writable  # Python's tempfiles on a read-only root
 
 
 def test_otlp_goes_sidecar_to_collector_to_jaeger():
@@ -513,10 +743,9 @@ def test_the_sidecar_gets_pod_name_and_namespace_from_the_downward_api():
         assert env(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
-def test_start_order_bundle_then_opa_then_sidecar_then_agent():
+def test_start_order_opa_then_sidecar_then_agent():
     spec = pod_spec("research-agent")
-    assert [c["name"] for c in spec["initContainers"]] == ["policy-bundle", "opa", "agent-sidecar"]
-    assert "restartPolicy" not in spec["initContainers"][0]  # runs to completion first
+    assert [c["name"] for c in spec["initContainers"]] == ["opa", "agent-sidecar"]
     for name in ("opa", "agent-sidecar"):  # native sidecars: up before the agent, down after it
         c = container(spec, name)
         assert c["restartPolicy"] == "Always" and "startupProbe" in c
@@ -539,50 +768,41 @@ def test_every_config_map_volume_is_generated_in_the_same_namespace():
 
 
 async def test_the_demo_agent_talks_to_a_sidecar_run_from_the_example_config(running_sidecar, tmp_path):
-    import socket
-
-    from sidecar.policy.opa.runner import find_opa
-
     socket_dir = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # The real OPA, as the OPA container beside the sidecar runs it.
-    opa = subprocess.Popen([find_opa(), "run", "--server", "--addr", f"127.0.0.1:{port}", "--bundle", str(REGO),
-                            "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    catalog_dir = tmp_path / "policy" / "sidecar" / "catalog"  # the sidecar's subPath mount
+    catalog_dir.mkdir(parents=True)
+    (catalog_dir / "data.yaml").write_bytes(config_map_files("agents", "agent-policy")["catalog.yaml"])
     try:
-        overrides = {  # what differs on a laptop: no SPIRE, no collector, paths
-            "listen.tcp": "127.0.0.1:0",
-            "listen.unix": str(socket_dir / "sidecar.sock"),
-            "policy.dir": str(REGO),
-            "policy.opa": {"url": f"http://127.0.0.1:{port}"},
-            "identity.sources": ["dev"],
-            "evidence.dir": str(tmp_path / "evidence"),
-            "telemetry.exporter": "none",
-        }
-        config = load_config(K8S / "agent" / "sidecar.yaml", overrides)
-        assert {f.name for f in dataclasses.fields(config)} >= {"evidence", "telemetry"}
-        sidecar = await running_sidecar(config)
-        for _ in range(200):  # OPA loads its bundle
-            if sidecar.policy.ready()[0]:
-                break
-            await asyncio.sleep(0.05)
-        environment = {**os.environ, "SIDECAR_ADDRESS": f"unix:{socket_dir / 'sidecar.sock'}", "PYTHONPATH": str(REPO)}
-        # A child process, awaited: the sidecar serves on this test's event loop.
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, str(K8S / "agent" / "demo_agent.py"), "--once",
-            env=environment, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=60)
-        assert child.returncode == 0, (stdout + stderr).decode()
-        lines = [yaml.safe_load(line) for line in stdout.decode().splitlines()]
-        assert len(lines) == 5 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
-        assert not any(r.startswith("policy_") for line in lines for r in line.get("reasons", [])), lines
+        with opa_serving(pod_opa_command(tmp_path / "pod")) as opa_url:
+            overrides = {  # what differs on a laptop: no SPIRE, no collector, paths, OPA's port
+                "listen.tcp": "127.0.0.1:0",
+                "listen.unix": str(socket_dir / "sidecar.sock"),
+                "policy.dir": str(tmp_path / "policy"),
+                "policy.opa": {"url": opa_url},
+                "identity.sources": ["dev"],
+                "identity.dev_spiffe_id": RESEARCH_AGENT,
+                "evidence.dir": str(tmp_path / "evidence"),
+                "telemetry.exporter": "none",
+            }
+            config = load_config(K8S / "agent" / "sidecar.yaml", overrides)
+            assert {f.name for f in dataclasses.fields(config)} >= {"evidence", "telemetry"}
+            await running_sidecar(config)
+            environment = {**os.environ, "SIDECAR_ADDRESS": f"unix:{socket_dir / 'sidecar.sock'}", "PYTHONPATH": str(REPO)}
+            # A child process, awaited: the sidecar serves on this test's event loop.
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, str(K8S / "agent" / "demo_agent.py"), "--once",
+                env=environment, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=60)
+            assert child.returncode == 0, (stdout + stderr).decode()
+            lines = [yaml.safe_load(line) for line in stdout.decode().splitlines()]
+            assert len(lines) == 5 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
+            # Decided by the pod's OPA on the signed bundle: the research agent's grant allows search_docs.
+            (search,) = [line for line in lines if line["tool"] == "search_docs"]
+            assert search["outcome"] == "allow", search
+            revision = json.loads(bundle_members()[".manifest"])["revision"]
+            assert all(line.get("policy_revision") == revision for line in lines), lines
     finally:
-        opa.kill()
-        opa.wait()
         for leftover in socket_dir.iterdir():
             leftover.unlink()
         socket_dir.rmdir()
-
-

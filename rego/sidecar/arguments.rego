@@ -26,21 +26,59 @@ argument_has_type(name, "number") if is_number(input.tool.arguments[name])
 
 argument_has_type(name, "boolean") if is_boolean(input.tool.arguments[name])
 
+# --- structured arguments -------------------------------------------------------
+#
+# The catalog entry's "formats" ({argument: sql|url|path}) names the arguments
+# whose text the sidecar parses; the rules below decide on what the parser
+# found (input.tool.facts[argument], sidecar/policy/facts/), never on the
+# words. Facts that are missing or say "not parsed" never pass a check.
+
+# Arguments of this tool with the given format, whether the call carries them or not.
+formatted_arguments(format) := {name |
+	some name, f in object.get(tool_entry, "formats", {})
+	f == format
+}
+
+# Parsed facts of an argument in the given format; undefined otherwise.
+parsed_facts(name, format) := facts if {
+	facts := input.tool.facts[name]
+	facts.format == format
+	facts.parsed == true
+}
+
 # --- paths --------------------------------------------------------------------
 
-# A "path" argument of any tool with a ".." segment is path traversal.
+# A path argument with a ".." segment (also percent-encoded, or as a Unicode
+# look-alike) is path traversal, whatever its prefix.
+deny contains reason(["path_traversal: argument \"", show(name), "\" of tool \"", tool_label, "\" has a \"..\" segment"]) if {
+	some name in formatted_arguments("path")
+	parsed_facts(name, "path").traversal == true
+}
+
+# Without facts (OPA asked without the sidecar) a path cannot be cleared.
+deny contains reason(["path_traversal: argument \"", show(name), "\" of tool \"", tool_label, "\" was not read as a path"]) if {
+	some name in formatted_arguments("path")
+	_ = input.tool.arguments[name]
+	not parsed_facts(name, "path")
+}
+
+# A "path" argument of a tool the catalog gives no format for is checked on
+# its text, so a tool added without "formats" is not left open.
 deny contains reason(["path_traversal: argument \"path\" of tool \"", tool_label, "\" has a \"..\" segment"]) if {
+	not "path" in formatted_arguments("path")
 	path := input.tool.arguments.path
 	is_string(path)
 	regex.match(`(^|[/\\])\.\.([/\\]|$)`, path)
 }
 
-# Tools listed in limits.path_prefixes: "path" must start with a listed prefix.
-# A missing or non-string path is denied too, and so is every path when the
-# prefix list is not a list of strings (fail closed).
-deny contains reason(["path_not_allowed: argument \"path\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
+# Tools listed in limits.path_prefixes: each path argument must start with a
+# listed prefix, and be unambiguous (no backslash, no control character). A
+# missing path, one that is not a string, and every path when the prefix list
+# is not a list of strings are denied too (fail closed).
+deny contains reason(["path_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
 	prefixes := path_prefixes_for_tool
-	not path_under(input.tool.arguments.path, prefixes)
+	some name in formatted_arguments("path")
+	not path_allowed(name, prefixes)
 }
 
 path_prefixes_for_tool := prefixes if {
@@ -48,7 +86,9 @@ path_prefixes_for_tool := prefixes if {
 	prefixes := configured[input.tool.name]
 }
 
-path_under(path, prefixes) if {
+path_allowed(name, prefixes) if {
+	parsed_facts(name, "path").ambiguous == false
+	path := input.tool.arguments[name]
 	is_string(path)
 	strings_list(prefixes)
 	strings.any_prefix_match(path, prefixes)
@@ -56,11 +96,13 @@ path_under(path, prefixes) if {
 
 # --- URLs ---------------------------------------------------------------------
 
-# Tools listed in limits.url_hosts: "url" must be https:// to an allowed host
-# (no user info; an explicit port is allowed).
-deny contains reason(["url_not_allowed: argument \"url\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
+# Tools listed in limits.url_hosts: each url argument must be https:// to an
+# allowed host as the parser reads it (lower case, IDNA), with no user info
+# and nothing parsers read differently; an explicit port is allowed.
+deny contains reason(["url_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
 	hosts := url_hosts_for_tool
-	not url_allowed(input.tool.arguments.url, hosts)
+	some name in formatted_arguments("url")
+	not url_allowed(name, hosts)
 }
 
 url_hosts_for_tool := hosts if {
@@ -68,39 +110,82 @@ url_hosts_for_tool := hosts if {
 	hosts := configured[input.tool.name]
 }
 
-url_allowed(url, hosts) if {
-	host := url_host(url)
+url_allowed(name, hosts) if {
+	facts := parsed_facts(name, "url")
+	facts.scheme == "https"
+	facts.userinfo == false
+	facts.ambiguous == false
+	is_string(facts.host)
 	is_array(hosts)
 	some pattern in hosts
 	is_string(pattern)
-	glob.match(lower(pattern), ["."], host)
-}
-
-url_host(url) := match[0][1] if {
-	is_string(url)
-	match := regex.find_all_string_submatch_n(`^https://([a-z0-9.-]+)(:[0-9]+)?([/?#]|$)`, lower(url), 1)
-	count(match) == 1
+	glob.match(lower(pattern), ["."], facts.host)
 }
 
 # --- SQL ----------------------------------------------------------------------
 
-# Tools listed in limits.sql_tools: a "query" that is not one read-only
-# statement escalates (a human approves writes). A missing query is caught by
-# the declared-arguments rule above when the catalog declares it.
-escalate contains reason(["sql_not_read_only: tool \"", tool_label, "\" was asked to run SQL that is not a single read-only statement"]) if {
-	input.tool.name in limit("sql_tools")
-	query := input.tool.arguments.query
-	is_string(query)
-	not sql_read_only(query)
+# Arguments whose catalog format is "sql" are judged by what PostgreSQL's
+# parser found in them (input.tool.facts[name], computed by the sidecar:
+# sidecar/policy/facts/sql.py), never by their words. Anything that is not
+# one read-only statement calling only allowed functions escalates: a human
+# approves writes, unknown functions and text the parser refused. A missing
+# argument is the declared-arguments rule's job, above.
+sql_arguments contains name if {
+	some name in formatted_arguments("sql")
+	_ = input.tool.arguments[name]
 }
 
-# The keyword lists come from data and are spliced into regexes: the
-# limits test checks that they are plain lower-case words.
-sql_read_only(query) if {
-	strings_list(limit("sql_read_only_statements"))
-	strings_list(limit("sql_write_keywords"))
-	sql := lower(trim_space(query))
-	regex.match(concat("", [`^(`, concat("|", limit("sql_read_only_statements")), `)\b`]), sql)
-	not regex.match(`;\s*\S`, sql)
-	not regex.match(concat("", [`\b(`, concat("|", limit("sql_write_keywords")), `)\b`]), sql)
+# Undefined when the facts are missing (e.g. OPA queried without the
+# sidecar) or the parser refused the text.
+sql_facts(name) := parsed_facts(name, "sql")
+
+sql_parsed(name) if sql_facts(name)
+
+escalate contains reason(["sql_unparsed: argument \"", show(name), "\" of tool \"", tool_label, "\" is not SQL the parser accepts"]) if {
+	some name in sql_arguments
+	not sql_parsed(name)
+}
+
+escalate contains reason(["sql_not_single_statement: argument \"", show(name), "\" of tool \"", tool_label, "\" holds ", count(sql_facts(name).statements), " statements"]) if {
+	some name in sql_arguments
+	count(sql_facts(name).statements) != 1
+}
+
+escalate contains reason(["sql_write: argument \"", show(name), "\" of tool \"", tool_label, "\" writes, locks or runs a statement that is not read-only"]) if {
+	some name in sql_arguments
+	sql_writes(sql_facts(name))
+}
+
+sql_writes(facts) if {
+	some command in facts.commands
+	not command in limit("sql_read_only_statements")
+}
+
+sql_writes(facts) if count(facts.tables_written) > 0
+
+sql_writes(facts) if facts.row_locks == true
+
+escalate contains reason(["sql_function_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" calls a function not in sql_functions"]) if {
+	some name in sql_arguments
+	some function in sql_facts(name).functions
+	not sql_function_allowed(function)
+}
+
+# Operators are functions too: a user-defined operator runs its function.
+escalate contains reason(["sql_operator_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" uses an operator not in sql_operators"]) if {
+	some name in sql_arguments
+	some operator in sql_facts(name).operators
+	not sql_builtin_allowed(operator, "sql_operators")
+}
+
+sql_function_allowed(function) if sql_builtin_allowed(function, "sql_functions")
+
+# Unqualified names, or qualified with pg_catalog (PostgreSQL's built-ins;
+# the parser qualifies SQL syntax such as EXTRACT itself). A quoted name
+# ("LOWER") is another function and never matches.
+sql_builtin_allowed(name, list) if name in limit(list)
+
+sql_builtin_allowed(name, list) if {
+	startswith(name, "pg_catalog.")
+	substring(name, count("pg_catalog."), -1) in limit(list)
 }

@@ -3,7 +3,7 @@
 package sidecar
 
 deny contains reason(["tool_not_in_catalog: tool \"", tool_label, "\" is not in the tool catalog"]) if {
-	not is_object(tool_entry)
+	not tool_known
 }
 
 # A call that names its tool server must name the catalog's one, so a tool of
@@ -21,13 +21,13 @@ deny contains reason([
 
 # high and critical escalate; so does a risk that is missing or unknown.
 escalate contains reason(["high_risk_tool: tool \"", tool_label, "\" has risk ", show(risk)]) if {
-	is_object(tool_entry)
+	tool_known
 	risk := object.get(tool_entry, "risk", "unset")
 	not risk in {"low", "medium"}
 }
 
 # Only reversible: true counts as reversible.
 escalate contains reason(["irreversible_tool: tool \"", tool_label, "\" cannot be undone"]) if {
-	is_object(tool_entry)
+	tool_known
 	object.get(tool_entry, "reversible", false) != true
 }

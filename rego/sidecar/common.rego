@@ -1,28 +1,41 @@
 # Helpers shared by the rule files. Nothing here adds a reason by itself.
+#
+# A note on `not` (docs/policy-authoring.md, "The undefined-reference trap"):
+# OPA evaluates `not f(x)` with `x` undefined as undefined, so the rule
+# around it does not fire. Every negation in this bundle is over a helper
+# rule whose own body reads the possibly-missing value (`not tool_known`,
+# `tool_known if is_object(tool_entry)`), never over a call on such a value.
 package sidecar
 
 # The tool's entry in this bundle's catalog (data.sidecar.catalog.tools),
 # undefined when the tool is not in the catalog. The rules read the catalog
-# from the bundle, not from input.tool.catalog, so the policy decides the same
-# way in the embedded engine and in an OPA server holding this bundle.
+# from the bundle, not from input.tool.catalog: what the sidecar copied into
+# the input is for people and logs, this bundle is what decides.
 tool_entry := data.sidecar.catalog.tools[input.tool.name]
+
+tool_known if is_object(tool_entry)
 
 # Printable names for reason strings; never undefined, so a reason is never
 # lost because the input is odd.
 tool_label := show(input.tool.name) if is_string(input.tool.name)
+
 else := "<missing>"
 
 caller_label := show(input.subject.spiffe_id) if is_string(input.subject.spiffe_id)
+
 else := "<missing>"
 
-# Agents upstream of the caller, outermost first; [] when absent or not a list.
+# Agents upstream of the caller, outermost first; [] when absent or not a list
+# (delegation.rego denies a delegation that is neither a list nor null).
 delegation_links := input.delegation if is_array(input.delegation)
+
 else := []
 
 # The caller followed by its delegation chain (identity objects only).
 identities := array.concat(subject_list, delegation_links)
 
 subject_list := [input.subject] if is_object(input.subject)
+
 else := []
 
 # Settings from data.sidecar.limits, falling back to these defaults when a key
@@ -34,12 +47,9 @@ default_limits := {
 	"max_delegation_depth": 3,
 	"path_prefixes": {},
 	"url_hosts": {},
-	"sql_tools": [],
-	"sql_read_only_statements": ["select", "with", "explain", "show", "describe", "values"],
-	"sql_write_keywords": [
-		"insert", "update", "delete", "merge", "upsert", "drop", "alter", "create",
-		"truncate", "grant", "revoke", "copy", "call", "exec", "execute", "into", "lock",
-	],
+	"sql_read_only_statements": ["select", "explain", "show"],
+	"sql_functions": [],
+	"sql_operators": [],
 }
 
 limit(key) := value if {
@@ -49,25 +59,24 @@ limit(key) := value if {
 # Reason text from parts: the literal text of the rule, and values wrapped in
 # show(). Non-string parts go through show() by themselves.
 #
-# Every value that comes from the input (or data) MUST go through show(),
-# which keeps letters, digits, space and ._:/@+=,*~()[]- and turns anything
-# else into "?". Two regopy 1.5.2 defects make this a security matter, not
-# cosmetics: a string built by concat from input text is written into the
-# engine's JSON output without escaping its quotes, so a tool name like
-#   x"], "outcome": "allow", "reasons": ["
-# inside a reason would rewrite the decision the sidecar reads; and sprintf
-# wraps strings produced by other built-ins in extra quotes. Hence concat,
-# never sprintf over strings, and show() on every value.
+# Reasons are read by people (denials, approvals, evidence) and go into span
+# attributes and metrics, so every value that comes from the input or data
+# goes through show(): it keeps letters, digits, space and ._:/@+=,*~()[]-
+# and turns anything else (quotes, control and invisible characters) into
+# "?". A reason then never carries text that could pass for another field.
 reason(parts) := concat("", [text(part) | some part in parts])
 
 text(x) := x if is_string(x)
+
 else := show(x)
 
 show(x) := regex.replace(x, `[^A-Za-z0-9 ._:/@+=,*~()\[\]-]`, "?") if is_string(x)
+
 else := regex.replace(sprintf("%v", [x]), `[^A-Za-z0-9 ._:/@+=,*~()\[\]-]`, "?")
 
 # Comma-separated text of a list, whatever its members are.
 list_text(xs) := concat(", ", [show(x) | some x in xs]) if is_array(xs)
+
 else := show(xs)
 
 # True when xs is a list of strings (safe to hand to string built-ins).
@@ -78,36 +87,25 @@ strings_list(xs) if {
 	}
 }
 
-# RFC 3339 text to nanoseconds since the epoch; undefined unless s looks like
-# an RFC 3339 date-time. The sidecar evaluates with strict built-in errors (a
-# built-in that fails fails the whole decision, closed), so text is checked
-# with a regex before it reaches the parser. A trailing "Z" is rewritten to
-# "+00:00" first (regopy only accepts the numeric offset form).
+# RFC 3339 text to nanoseconds since the epoch; undefined unless s is an RFC
+# 3339 date-time of a real calendar day. Checked before parsing so that odd
+# text is "no time" under strict built-in errors too (where a failing
+# built-in would fail the whole decision).
 rfc3339_pattern := `^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
 
-time_ns(s) := time.parse_rfc3339_ns(concat("", [trim_suffix(s, "Z"), "+00:00"])) if {
-	parseable_time(s)
-	endswith(s, "Z")
-} else := time.parse_rfc3339_ns(s) if {
-	parseable_time(s)
-}
+time_ns(s) := time.parse_rfc3339_ns(s) if parseable_time(s)
 
 parseable_time(s) if {
 	is_string(s)
 	regex.match(rfc3339_pattern, s)
-	substring(s, 8, 2) <= last_day(substring(s, 0, 4), substring(s, 5, 2))
+	to_number(substring(s, 8, 2)) <= days_in_month(to_number(substring(s, 0, 4)), to_number(substring(s, 5, 2)))
 }
 
-# The last day of a month as two-digit text ("28".."31"). Compared as text:
-# regopy's to_number("02") on a built-in's output gives a number that is not 2.
-last_day(_, month) := days[month] if {
-	month != "02"
-	days := {"01": "31", "03": "31", "04": "30", "05": "31", "06": "30", "07": "31", "08": "31", "09": "30", "10": "31", "11": "30", "12": "31"}
-}
+days_in_month(_, month) := [31, 0, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][month - 1] if month != 2
 
-last_day(year, "02") := "29" if leap_year(to_number(year))
+days_in_month(year, 2) := 29 if leap_year(year)
 
-last_day(year, "02") := "28" if not leap_year(to_number(year))
+days_in_month(year, 2) := 28 if not leap_year(year)
 
 leap_year(y) if {
 	y % 4 == 0

@@ -18,21 +18,17 @@ default decision := {
 	"obligations": {},
 }
 
-decision := {"outcome": "deny", "reasons": sorted(deny), "obligations": obligations} if {
+decision := {"outcome": "deny", "reasons": sort(deny), "obligations": obligations} if {
 	count(deny) > 0
-} else := {"outcome": "escalate", "reasons": sorted(escalate), "obligations": obligations} if {
+} else := {"outcome": "escalate", "reasons": sort(escalate), "obligations": obligations} if {
 	count(escalate) > 0
 	not approved
-} else := {"outcome": "allow", "reasons": sorted(allow | approval_reasons), "obligations": obligations} if {
+} else := {"outcome": "allow", "reasons": sort(allow | approval_reasons), "obligations": obligations} if {
 	count(allow) > 0
 } else := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": obligations}
 
-# A set of reasons as a sorted array. (Through an array comprehension: in
-# regopy, sort() of a set does not give a value that behaves as an array.)
-sorted(reasons) := sort([r | some r in reasons])
-
-# Said on an allow when escalate rules fired but an approval satisfied them.
-# (A set, sorted together with the allow reasons.)
+# Said on an allow when escalate rules fired but an approval satisfied them,
+# sorted together with the allow reasons.
 approval_reasons contains reason([
 	"approved: escalation ", show(input.approval.escalation_id),
 	" approved by ", show(input.approval.approver),

@@ -9,13 +9,24 @@ deny contains reason([
 	count(delegation_links) > limit("max_delegation_depth")
 }
 
-# null or absent means no delegation; anything else that is not a list is denied.
+# null or absent means no delegation; anything else that is not a list is
+# denied (delegation_links would otherwise treat it as no delegation).
 deny contains "invalid_delegation: delegation is not a list" if {
-	input.delegation != null
-	not is_array(input.delegation)
+	not delegation_absent_or_list
 }
 
+delegation_absent_or_list if not delegation_given
+
+delegation_given if _ = input.delegation
+
+delegation_absent_or_list if input.delegation == null
+
+delegation_absent_or_list if is_array(input.delegation)
+
+# A link whose identity cannot be read cannot be checked against the grants.
 deny contains reason(["invalid_delegation: delegation link ", i, " has no string spiffe_id"]) if {
 	some i, link in delegation_links
-	not is_string(link.spiffe_id)
+	not link_has_id(link)
 }
+
+link_has_id(link) if is_string(link.spiffe_id)

@@ -1,17 +1,39 @@
-# Grants (data.sidecar.grants): who may call which tool.
+# Grants: who may call which tool.
 #
 # The caller (input.subject) AND every agent upstream of it
 # (input.delegation) must be granted the tool: an agent cannot obtain a tool
 # it lacks by asking another agent to call it, and a delegated call can do no
 # more than the least-privileged agent in the chain.
+#
+# The grants are data.sidecar.grants (grants/data.yaml, shipped everywhere)
+# plus data.sidecar.dev.grants (dev/data.yaml, the dev identity's grant). The
+# production bundle is built without dev/ (deploy/sync_bundle.py), and even
+# where it is loaded a dev grant only matches a subject whose source is "dev",
+# an identity the sidecar makes only when its config asks for dev mode.
 package sidecar
 
-# True when some grant's spiffe_id glob ("/" delimiter) matches id and the
-# grant lists tool or "*".
-granted(id, tool) if {
-	is_string(id)
+# True when some grant's spiffe_id glob ("/" delimiter) matches the identity
+# and the grant lists tool or "*".
+granted(who, tool) if {
+	is_string(who.spiffe_id)
 	is_string(tool)
 	some grant in data.sidecar.grants
+	grant_matches(grant, who.spiffe_id, tool)
+}
+
+granted(who, tool) if {
+	who.source == "dev"
+	is_string(who.spiffe_id)
+	is_string(tool)
+	some grant in dev_grants
+	grant_matches(grant, who.spiffe_id, tool)
+}
+
+dev_grants := data.sidecar.dev.grants if is_array(data.sidecar.dev.grants)
+
+else := []
+
+grant_matches(grant, id, tool) if {
 	is_string(grant.spiffe_id)
 	glob.match(grant.spiffe_id, ["/"], id)
 	grant_covers(grant, tool)
@@ -23,21 +45,25 @@ grant_covers(grant, tool) if {
 	name in {"*", tool}
 }
 
+caller_granted if granted(input.subject, input.tool.name)
+
+link_granted(link) if granted(link, input.tool.name)
+
 deny contains reason(["not_granted: ", caller_label, " is not granted tool \"", tool_label, "\""]) if {
-	not granted(input.subject.spiffe_id, input.tool.name)
+	not caller_granted
 }
 
 deny contains reason(["delegation_not_granted: upstream agent ", show(link.spiffe_id), " is not granted tool \"", tool_label, "\""]) if {
 	some link in delegation_links
 	is_string(link.spiffe_id)
-	not granted(link.spiffe_id, input.tool.name)
+	not link_granted(link)
 }
 
 allow contains reason(["granted: ", caller_label, " is granted tool \"", tool_label, "\"", chain_note]) if {
-	is_object(tool_entry)
-	granted(input.subject.spiffe_id, input.tool.name)
+	tool_known
+	caller_granted
 	every link in delegation_links {
-		granted(link.spiffe_id, input.tool.name)
+		link_granted(link)
 	}
 }
 

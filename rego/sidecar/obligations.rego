@@ -6,7 +6,7 @@ package sidecar
 # Low-risk tools: the evidence log may hold their arguments in clear (with
 # the sidecar's redaction applied); otherwise it keeps only their sha256. A
 # catalog entry can opt out with record_arguments: false.
-obligations["record_arguments"] := true if {
+obligations["record_arguments"] if {
 	tool_entry.risk == "low"
 	object.get(tool_entry, "record_arguments", true) != false
 }

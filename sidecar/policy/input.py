@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sidecar.identity import CallerIdentity
+from sidecar.policy.facts import argument_facts
 
 INPUT_VERSION = "sidecar/v1"
 
@@ -53,6 +54,7 @@ def build_input(
             "server": server,
             "arguments": dict(arguments),
             "catalog": dict(catalog_entry) if catalog_entry is not None else None,
+            "facts": argument_facts(catalog_entry, arguments),
         },
         "task": {"id": task_id, "intent": intent},
         "signals": dict(signals),

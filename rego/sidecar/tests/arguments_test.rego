@@ -1,9 +1,5 @@
 package sidecar.tests
 
-# "None of these fire" is written [x | some x in [...]; fires(x)] == [] rather
-# than every x in [...] { not fires(x) }: regopy cannot evaluate a `not` over a
-# function call that depends on the `every` variable.
-
 # --- declared arguments ----------------------------------------------------------
 
 test_declared_argument_present_not_denied if {
@@ -133,44 +129,186 @@ test_url_missing_fails_closed if {
 	denies(call("http_get", {"url": 5}), "url_not_allowed")
 }
 
-# --- SQL ----------------------------------------------------------------------
+# --- paths and URLs judged by their parsers ------------------------------------
 
-sql(q) := call_as(data_agent, "run_sql", {"query": q})
-
-test_read_only_sql_not_escalated if {
-	read_only := [
-		"select * from orders",
-		"  SELECT count(*) FROM orders WHERE updated_at > now() - interval '1 day';",
-		"with recent as (select * from orders) select * from recent",
-		"explain select * from orders",
-		"show tables",
-	]
-	[q | some q in read_only; escalates(sql(q), "sql_not_read_only")] == []
-	decide(sql("select 1")).outcome == "allow"
+test_path_traversal_hidden_from_a_regex_denied if {
+	every p in ["/workspace/%2e%2e/etc/passwd", "/workspace/%2E%2E/x", "/workspace/\u2025/etc", "/workspace/a/../../etc"] {
+		denies(call("read_file", {"path": p}), "path_traversal")
+	}
 }
 
-test_write_sql_escalated if {
-	every q in [
-		"delete from orders",
-		"UPDATE orders SET status = 'x'",
-		"insert into t values (1)",
-		"drop table orders",
-		"select 1; drop table orders",
-		"select 1; vacuum full",
-		"select * into backup from orders",
-		"with d as (delete from orders returning *) select * from d",
-		"explain analyze update orders set x = 1",
-		"/* hi */ select 1",
-	] {
-		escalates(sql(q), "sql_not_read_only")
+test_ambiguous_path_denied if {
+	every p in ["/workspace\\notes", "/workspace/a\tb", "/workspace/a\nb"] {
+		denies(call("read_file", {"path": p}), "path_not_allowed")
 	}
-	d := decide(sql("delete from orders"))
+}
+
+# A tool added without "formats" still has its "path" argument checked.
+test_path_traversal_checked_without_formats if {
+	tools := {"t": {"risk": "low", "reversible": true, "server": "s"}}
+	denies(call("t", {"path": "/workspace/../x"}), "path_traversal") with data.sidecar.catalog.tools as tools
+	not denies(call("t", {"path": "/workspace/x"}), "path_traversal") with data.sidecar.catalog.tools as tools
+}
+
+test_url_tricks_denied if {
+	every u in [
+		"https://example.org:443@evil.com/",
+		"https://evil.com#@example.org",
+		"https://example.org\\@evil.com/",
+		"https://exam\tple.org/",
+		"https://%65xample.org/",
+		"https://\u0435xample.org/",
+		"https://example.org./",
+		"https:example.org",
+		"//example.org/",
+	] {
+		denies(call("http_get", {"url": u}), "url_not_allowed")
+	}
+}
+
+# An international host is compared in the IDNA (xn--) form DNS is asked
+# for, and must be written so: its Unicode form is ambiguous (parsers map
+# characters such as "ß" differently).
+test_url_host_compared_as_the_parser_reads_it if {
+	hosts := {"http_get": ["xn--bcher-kva.example"]}
+	not denies(call("http_get", {"url": "https://xn--bcher-kva.example/"}), "url_not_allowed") with data.sidecar.limits.url_hosts as hosts
+	not denies(call("http_get", {"url": "https://XN--BCHER-KVA.example/"}), "url_not_allowed") with data.sidecar.limits.url_hosts as hosts
+	denies(call("http_get", {"url": "https://b\u00fccher.example/"}), "url_not_allowed") with data.sidecar.limits.url_hosts as hosts
+}
+
+test_missing_facts_fail_closed if {
+	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), {}), "url_not_allowed")
+	denies(with_facts(tool("read_file", {"path": "/workspace/a"}), {}), "path_not_allowed")
+	tools := {"t": {"risk": "low", "reversible": true, "server": "s", "formats": {"p": "path"}}}
+	denies(with_facts(tool("t", {"p": "/x"}), {}), "path_traversal") with data.sidecar.catalog.tools as tools
+	not denies(call("t", {"p": "/workspace/a"}), "path_traversal") with data.sidecar.catalog.tools as tools
+	unparsed := {"url": {"format": "url", "parsed": false, "error": "x"}}
+	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), unparsed), "url_not_allowed")
+	other := {"url": {"format": "path", "parsed": true, "error": null, "ambiguous": false, "traversal": false}}
+	denies(with_facts(tool("http_get", {"url": "https://example.org/"}), other), "url_not_allowed")
+}
+
+# A call of tool object t with exactly these facts.
+with_facts(t, facts) := mk({"tool": object.union(object.remove(t, ["facts"]), {"facts": facts})})
+
+# --- SQL ----------------------------------------------------------------------
+#
+# The rules read the facts the sidecar's parser computed (input.tool.facts);
+# tests/test_policy_facts_sql.py checks that the parser gives these facts for
+# these texts, and the end-to-end tests run both through `agent-sidecar check`.
+
+# Facts of a read-only query, with some keys replaced.
+sql_facts(patch) := object.union(
+	{
+		"format": "sql", "parsed": true, "error": null,
+		"statements": ["select"], "commands": ["select"],
+		"tables_read": ["orders"], "tables_written": [],
+		"functions": [], "operators": [], "row_locks": false,
+	},
+	patch,
+)
+
+unparsed := {"format": "sql", "parsed": false, "error": "syntax error at or near \"sel\", at index 0"}
+
+# A run_sql call by the data agent carrying `facts` for its query.
+sql_call(q, facts) := mk({
+	"subject": identity(data_agent),
+	"tool": object.union(tool("run_sql", {"query": q}), {"facts": {"query": facts}}),
+})
+
+test_read_only_sql_allowed if {
+	inp := sql_call("select count(*) from orders", sql_facts({"functions": ["count"]}))
+	d := decide(inp)
+	d.outcome == "allow"
+	d.reasons == [sprintf("granted: %v is granted tool \"run_sql\"", [data_agent])]
+}
+
+test_read_only_variants_not_escalated if {
+	read_only := [
+		sql_facts({}),
+		sql_facts({"statements": ["explain"], "commands": ["explain", "select"]}),
+		sql_facts({"statements": ["show"], "commands": ["show"], "tables_read": []}),
+		sql_facts({"functions": ["pg_catalog.extract", "lower", "date_trunc", "now"]}),
+	]
+	[f | some f in read_only; escalated_sql(f)] == []
+}
+
+escalated_sql(facts) if {
+	some code in escalate_codes(sql_call("q", facts))
+	startswith(code, "sql_")
+}
+
+# select lo_unlink(16403): a SELECT that deletes a large object.
+test_function_not_on_allow_list_escalates if {
+	inp := sql_call("select lo_unlink(16403)", sql_facts({"functions": ["lo_unlink"], "tables_read": []}))
+	d := decide(inp)
 	d.outcome == "escalate"
-	d.reasons == ["sql_not_read_only: tool \"run_sql\" was asked to run SQL that is not a single read-only statement"]
+	d.reasons == ["sql_function_not_allowed: argument \"query\" of tool \"run_sql\" calls a function not in sql_functions"]
+}
+
+test_function_variants_escalate if {
+	every functions in [
+		["pg_read_file"], ["dblink"], ["set_config"], ["nextval"], ["pg_sleep"], ["lo_import"],
+		["pg_catalog.lo_unlink"], ["public.lower"], ["\"LOWER\""], ["\"pg_catalog.lower\""],
+		["count", "pg_advisory_lock"],
+	] {
+		escalates(sql_call("q", sql_facts({"functions": functions})), "sql_function_not_allowed")
+	}
+}
+
+test_writes_escalate if {
+	every facts in [
+		sql_facts({"statements": ["delete"], "commands": ["delete"], "tables_read": [], "tables_written": ["orders"]}),
+		sql_facts({"commands": ["delete", "select"], "tables_written": ["orders"]}), # WITH d AS (DELETE ...) SELECT
+		sql_facts({"statements": ["select_into"], "commands": ["select_into"], "tables_written": ["backup"]}),
+		sql_facts({"statements": ["explain"], "commands": ["explain", "update"], "tables_written": ["orders"]}),
+		sql_facts({"statements": ["copy"], "commands": ["copy"]}), # COPY orders TO PROGRAM
+		sql_facts({"statements": ["set"], "commands": ["set"], "tables_read": []}), # SET ROLE
+		sql_facts({"statements": ["do"], "commands": ["do"], "tables_read": []}),
+		sql_facts({"statements": ["call"], "commands": ["call"], "tables_read": []}),
+		sql_facts({"row_locks": true}), # SELECT ... FOR UPDATE
+		sql_facts({"tables_written": ["orders"]}), # whatever the kind, a written table is a write
+	] {
+		escalates(sql_call("q", facts), "sql_write")
+	}
+}
+
+test_operator_not_on_allow_list_escalates if {
+	every operators in [["public.==="], ["==="], ["pg_catalog.!!!"], ["=", "@@@"]] {
+		escalates(sql_call("q", sql_facts({"operators": operators})), "sql_operator_not_allowed")
+	}
+	not escalates(sql_call("q", sql_facts({"operators": ["=", "~~", "pg_catalog.+", "BETWEEN"]})), "sql_operator_not_allowed")
+}
+
+test_several_statements_escalate if {
+	inp := sql_call("select 1; select 2", sql_facts({"statements": ["select", "select"]}))
+	escalates(inp, "sql_not_single_statement")
+	"sql_not_single_statement: argument \"query\" of tool \"run_sql\" holds 2 statements" in decide(inp).reasons
+}
+
+test_unparsed_sql_escalates if {
+	inp := sql_call("sel ect", unparsed)
+	d := decide(inp)
+	d.outcome == "escalate"
+	d.reasons == ["sql_unparsed: argument \"query\" of tool \"run_sql\" is not SQL the parser accepts"]
+}
+
+# Facts missing (OPA asked without the sidecar, or by an older sidecar), of
+# another format, or not an object: unknown, so escalated.
+test_missing_or_odd_facts_escalate if {
+	every tool_facts in [{}, {"query": sql_facts({"format": "url"})}, {"query": "select"}, {"other": sql_facts({})}] {
+		inp := mk({
+			"subject": identity(data_agent),
+			"tool": object.union(tool("run_sql", {"query": "select 1"}), {"facts": tool_facts}),
+		})
+		escalates(inp, "sql_unparsed")
+	}
+	escalates(call_as(data_agent, "run_sql", {"query": "select 1"}), "sql_unparsed")
 }
 
 test_approved_write_sql_allowed if {
-	inp := object.union(sql("delete from orders where id = 1"), {"approval": approval})
+	facts := sql_facts({"statements": ["delete"], "commands": ["delete"], "tables_written": ["orders"]})
+	inp := object.union(sql_call("delete from orders where id = 1", facts), {"approval": approval})
 	d := decide(inp)
 	d.outcome == "allow"
 	d.reasons == [
@@ -179,12 +317,26 @@ test_approved_write_sql_allowed if {
 	]
 }
 
-test_sql_rule_only_for_sql_tools if {
-	not escalates(call("search_docs", {"query": "delete everything"}), "sql_not_read_only")
+test_allow_lists_come_from_data if {
+	inp := sql_call("select lo_unlink(1)", sql_facts({"functions": ["lo_unlink"]}))
+	not escalates(inp, "sql_function_not_allowed") with data.sidecar.limits.sql_functions as ["lo_unlink"]
+	set_role := sql_call("set role x", sql_facts({"statements": ["set"], "commands": ["set"]}))
+	not escalates(set_role, "sql_write") with data.sidecar.limits.sql_read_only_statements as ["set"]
+}
+
+# Only arguments the catalog marks as SQL are judged as SQL.
+test_sql_rules_only_for_sql_arguments if {
+	inp := call("search_docs", {"query": "delete everything"})
+	[c | some c in escalate_codes(inp); startswith(c, "sql_")] == []
+}
+
+test_sql_format_from_the_catalog if {
+	tools := {"q": {"risk": "low", "reversible": true, "server": "s", "formats": {"text": "sql"}}}
+	escalates(call("q", {"text": "select 1"}), "sql_unparsed") with data.sidecar.catalog.tools as tools
 }
 
 test_sql_missing_query_denied_not_escalated if {
 	inp := call_as(data_agent, "run_sql", {})
 	denies(inp, "invalid_argument")
-	not escalates(inp, "sql_not_read_only")
+	[c | some c in escalate_codes(inp); startswith(c, "sql_")] == []
 }

@@ -85,6 +85,10 @@ test_catalog_entries_well_formed if {
 		every path in object.get(entry, "redact", []) {
 			is_string(path)
 		}
+		every name, format in object.get(entry, "formats", {}) {
+			format in {"sql", "url", "path"} # the formats sidecar/policy/facts parses
+			object.get(entry, "arguments", {})[name] == "string"
+		}
 	}
 }
 

@@ -26,13 +26,27 @@ identity(id) := {
 	"svid_expires_at": "2026-11-22T12:00:00Z",
 }
 
-# An input tool object, with the catalog entry the sidecar would attach.
+# An input tool object, with the catalog entry and the parsed-argument facts
+# the sidecar would attach.
 tool(name, args) := {
 	"name": name,
 	"server": "",
 	"arguments": args,
 	"catalog": object.get(data.sidecar.catalog.tools, name, null),
+	"facts": facts_for(name, args),
 }
+
+# The facts the sidecar's parsers give for the arguments the catalog entry
+# formats as path or url: looked up in facts/data.json (data.sidecar.tests.facts),
+# which tests/test_policy_facts_fixture.py keeps equal to the parsers' output.
+# SQL facts are written out in arguments_test.rego.
+facts_for(name, args) := {arg: facts |
+	some arg, format in object.get(object.get(data.sidecar.catalog.tools, name, {}), "formats", {})
+	facts := data.sidecar.tests.facts[format][args[arg]]
+}
+
+# The dev identity, as the sidecar makes it in dev mode.
+dev_identity(id) := object.union(identity(id), {"source": "dev", "svid_expires_at": null})
 
 base_input := {
 	"version": "sidecar/v1",
@@ -61,29 +75,13 @@ call(name, args) := mk({"tool": tool(name, args)})
 call_as(id, name, args) := mk({"subject": identity(id), "tool": tool(name, args)})
 
 # Evaluate the policy on an input document: the decision and the three sets.
-#
-# The input is given key by key (`with input.version as ...`) rather than as
-# `with input as inp`: regopy 1.5.2 (the embedded engine) crashes the process
-# when a whole-input `with input as` replacement meets a built-in function
-# call. Per-key replacement is equivalent for this policy, which reads only
-# these nine keys; a key missing from inp becomes null, which every rule
-# treats like an absent key.
 run(inp) := result if {
 	result := {
 		"decision": data.sidecar.decision,
 		"deny": data.sidecar.deny,
 		"escalate": data.sidecar.escalate,
 		"allow": data.sidecar.allow,
-	}
-		with input.version as object.get(inp, "version", null)
-		with input.subject as object.get(inp, "subject", null)
-		with input.delegation as object.get(inp, "delegation", null)
-		with input.tool as object.get(inp, "tool", null)
-		with input.task as object.get(inp, "task", null)
-		with input.signals as object.get(inp, "signals", null)
-		with input.approval as object.get(inp, "approval", null)
-		with input.usage as object.get(inp, "usage", null)
-		with input.request as object.get(inp, "request", null)
+	} with input as inp
 }
 
 decide(inp) := run(inp).decision
@@ -95,8 +93,6 @@ escalate_codes(inp) := codes(run(inp).escalate)
 allow_codes(inp) := codes(run(inp).allow)
 
 # Does the input make a deny / escalate / allow rule with this code fire?
-# (Use `not denies(...)` rather than `not "code" in deny_codes(...)`: regopy
-# fails on the latter inside `every`.)
 denies(inp, code) if code in deny_codes(inp)
 
 escalates(inp, code) if code in escalate_codes(inp)

@@ -25,24 +25,50 @@ test_specific_grant_adds_to_namespace_grant if {
 }
 
 test_glob_star_stays_within_one_segment if {
-	not data.sidecar.granted("spiffe://example.org/ns/agents/sa/team/nested", "read_file")
-	data.sidecar.granted("spiffe://example.org/ns/agents/sa/anything", "read_file")
+	not data.sidecar.granted(identity("spiffe://example.org/ns/agents/sa/team/nested"), "read_file")
+	data.sidecar.granted(identity("spiffe://example.org/ns/agents/sa/anything"), "read_file")
 }
 
 test_wildcard_tools_grant_every_tool if {
-	data.sidecar.granted(orchestrator, "delete_records")
-	data.sidecar.granted(dev_agent, "send_email")
-	not data.sidecar.granted(research, "delete_records")
+	data.sidecar.granted(identity(orchestrator), "delete_records")
+	data.sidecar.granted(dev_identity(dev_agent), "send_email")
+	not data.sidecar.granted(identity(research), "delete_records")
 }
 
 test_dev_identity_allowed_read_file if {
 	inp := mk({
-		"subject": object.union(identity(dev_agent), {"source": "dev", "svid_expires_at": null}),
+		"subject": dev_identity(dev_agent),
 		"tool": tool("read_file", {"path": "/workspace/a.txt"}),
 	})
 	d := decide(inp)
 	d.outcome == "allow"
 	d.reasons == ["granted: spiffe://dev.local/agent is granted tool \"read_file\""]
+}
+
+# A dev grant matches only the dev identity the sidecar makes in dev mode: an
+# SVID (any other source) that claims a dev.local ID gets nothing from it.
+test_dev_grant_needs_source_dev if {
+	every source in ["workload_api", "mtls", "jwt_svid"] {
+		who := object.union(identity(dev_agent), {"source": source})
+		not data.sidecar.granted(who, "read_file")
+	}
+	not data.sidecar.granted({"spiffe_id": dev_agent}, "read_file")
+	denies(call_as(dev_agent, "read_file", {"path": "/workspace/a.txt"}), "not_granted")
+}
+
+# Without dev/data.yaml (the production bundle, deploy/sync_bundle.py) the
+# dev identity has no grant at all.
+test_no_dev_grant_without_dev_data if {
+	inp := mk({"subject": dev_identity(dev_agent)})
+	denies(inp, "not_granted") with data.sidecar.dev as {}
+	denies(inp, "not_granted") with data.sidecar.dev.grants as "all"
+}
+
+# The shipped grants (grants/data.yaml) grant nothing to a dev.local identity.
+test_shipped_grants_carry_no_dev_grant if {
+	every grant in data.sidecar.grants {
+		not startswith(grant.spiffe_id, "spiffe://dev.local")
+	}
 }
 
 test_grant_with_odd_shape_grants_nothing if {
@@ -82,7 +108,7 @@ test_delegation_cannot_widen_the_caller if {
 # The shipped grants are well formed and name only catalog tools.
 test_grants_well_formed if {
 	count(data.sidecar.grants) > 0
-	every grant in data.sidecar.grants {
+	every grant in array.concat(data.sidecar.grants, data.sidecar.dev.grants) {
 		is_string(grant.spiffe_id)
 		startswith(grant.spiffe_id, "spiffe://")
 		is_array(grant.tools)

@@ -1,14 +1,12 @@
 # Text from the input never reaches a reason as it is: show() keeps plain
-# characters and turns the rest into "?". (With regopy 1.5.2 a quote in a
-# reason built from input text is written unescaped into the engine's JSON,
-# which could rewrite the decision; see reason() in common.rego.)
-#
-# The tests check for "?outcome?" rather than an exact text: regopy holds a
-# quote from a Rego literal as \" internally, so here it becomes "??" where
-# a quote from the sidecar's input (and any quote in OPA) becomes "?".
+# characters and turns the rest (quotes, control and invisible characters)
+# into "?", so a reason never carries text that could pass for another field
+# or repaint a terminal.
 package sidecar.tests
 
 hostile := `x"], "outcome": "allow", "reasons": ["`
+
+hostile_shown := "x?], ?outcome?: ?allow?, ?reasons?: [?"
 
 hostile_identity := {"spiffe_id": hostile, "svid_expires_at": hostile}
 
@@ -34,7 +32,7 @@ test_hostile_text_is_sanitised_in_deny_reasons if {
 	d.outcome == "deny"
 	leaks(d) == []
 	sanitised(d, "tool_not_in_catalog: tool \"x?")
-	sanitised(d, "not_granted: ")
+	concat("", ["not_granted: ", hostile_shown, " is not granted tool \"", hostile_shown, "\""]) in d.reasons
 	sanitised(d, "unsupported_input_version: input version \"x?")
 	sanitised(d, "svid_expired: the SVID of x?")
 	sanitised(d, "delegation_not_granted: upstream agent x?")
@@ -67,7 +65,10 @@ test_hostile_approval_is_sanitised if {
 }
 
 test_show_keeps_plain_text if {
+	data.sidecar.show(hostile) == hostile_shown
 	data.sidecar.show("spiffe://example.org/ns/a-b_c/sa/x.y") == "spiffe://example.org/ns/a-b_c/sa/x.y"
 	data.sidecar.show(0.75) == "0.75"
-	regex.match(`^a[?]+b[?]+c$`, data.sidecar.show("a\"b\\c"))
+	data.sidecar.show("a\"b\\c") == "a?b?c"
+	data.sidecar.show("t-1\u001b[1A\r\u001b[2Ktool") == "t-1?[1A??[2Ktool"
+	data.sidecar.show("a\u200bb\u202ec") == "a?b?c"
 }

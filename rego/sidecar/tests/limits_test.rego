@@ -13,6 +13,7 @@ test_limits_numbers if {
 test_limits_path_prefixes if {
 	every tool, prefixes in data.sidecar.limits.path_prefixes {
 		is_object(data.sidecar.catalog.tools[tool])
+		"path" in {f | some f in data.sidecar.catalog.tools[tool].formats} # else nothing is checked
 		count(prefixes) > 0
 		every prefix in prefixes {
 			is_string(prefix)
@@ -25,6 +26,7 @@ test_limits_path_prefixes if {
 test_limits_url_hosts if {
 	every tool, hosts in data.sidecar.limits.url_hosts {
 		is_object(data.sidecar.catalog.tools[tool])
+		"url" in {f | some f in data.sidecar.catalog.tools[tool].formats} # else nothing is checked
 		count(hosts) > 0
 		every host in hosts {
 			regex.match(`^[a-z0-9*][a-z0-9.*-]*$`, host)
@@ -32,15 +34,28 @@ test_limits_url_hosts if {
 	}
 }
 
-test_limits_sql_words if {
-	every tool in data.sidecar.limits.sql_tools {
-		is_object(data.sidecar.catalog.tools[tool])
-	}
-	every key in ["sql_read_only_statements", "sql_write_keywords"] {
+test_limits_sql_lists if {
+	every key in ["sql_read_only_statements", "sql_functions"] {
 		count(data.sidecar.limits[key]) > 0
 		every word in data.sidecar.limits[key] {
-			regex.match(`^[a-z_]+$`, word)
+			regex.match(`^[a-z_][a-z0-9_]*$`, word)
 		}
+	}
+}
+
+test_limits_sql_operators if {
+	count(data.sidecar.limits.sql_operators) > 0
+	every op in data.sidecar.limits.sql_operators {
+		is_string(op)
+		op != ""
+		not contains(op, ".")
+	}
+}
+
+# The functions that motivated the SQL facts are not allowed.
+test_sql_functions_leave_out_side_effects if {
+	every f in ["lo_unlink", "lo_import", "lo_export", "pg_read_file", "pg_read_binary_file", "dblink", "dblink_exec", "set_config", "nextval", "setval", "pg_sleep", "pg_advisory_lock", "pg_terminate_backend", "pg_cancel_backend", "current_setting", "query_to_xml"] {
+		not f in data.sidecar.limits.sql_functions
 	}
 }
 
