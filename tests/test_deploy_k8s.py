@@ -219,7 +219,7 @@ def service_target(host: str, port: int) -> tuple[dict, dict, int]:
     assert len(pods) == 1, f"Service {name} selects {len(pods)} workloads"
     spec = pods[0]["spec"]["template"]["spec"]
     target = service_port.get("targetPort", port)
-    for c in spec["containers"]:
+    for c in all_containers(spec):  # native sidecars (init containers) serve too
         if any(p["name"] == target or p["containerPort"] == target for p in c.get("ports", [])):
             return service, c, port_number(c, target)
     raise AssertionError(f"no container of {pods[0]['metadata']['name']} has port {target}")
