@@ -816,7 +816,10 @@ async def test_the_demo_agent_talks_to_a_sidecar_run_from_the_example_config(run
             stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=60)
             assert child.returncode == 0, (stdout + stderr).decode()
             lines = [yaml.safe_load(line) for line in stdout.decode().splitlines()]
-            assert len(lines) == 5 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
+            assert len(lines) == 6 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
+            # The example shows every outcome: a granted call whose risk score escalates to a person.
+            (ticket,) = [line for line in lines if line["tool"] == "create_ticket"]
+            assert ticket["outcome"] == "escalate" and ticket["escalation_id"], ticket
             # Decided by the pod's OPA on the signed bundle: the research agent's grant allows search_docs.
             (search,) = [line for line in lines if line["tool"] == "search_docs"]
             assert search["outcome"] == "allow", search
