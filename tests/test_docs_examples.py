@@ -24,7 +24,10 @@ escalation id shown elided (`esc-…`, `esc-...`) or as a sample is a fresh
 pending escalation of the documented kind (one whose task id hides control
 characters where the documented output flags `[!]`); a person stands by and
 approves, as `email:alice@example.org`, every escalation an agent is waiting
-on (so an example that "waits for a person" returns).
+on (so an example that "waits for a person" returns); the Python examples
+that fetch SVIDs (py-spiffe, `$SPIFFE_ENDPOINT_SOCKET`) get a real SPIRE
+Workload API (tests/infra/spire.py, trust domain example.org) that gives
+their process `spiffe://example.org/ns/agents/sa/research`.
 
 Not run: a block whose info string says `no-run: <reason>`, only for
 commands that start long-lived or long-running processes (`make run`, the
@@ -55,6 +58,7 @@ import yaml
 from sidecar.client import Client
 from sidecar.escalation.client import ApprovalsClient
 from tests.conftest import REPO
+from tests.infra.spire import SpireServer, SpireUnavailable, own_process_selectors
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_KINDS = ("sh", "console", "python")
@@ -316,11 +320,11 @@ for where, source in json.load(sys.stdin):
 """
 
 
-def run_python(blocks_of_file: list[Block], served: Served) -> None:
+def run_python(blocks_of_file: list[Block], served: Served, env: dict[str, str]) -> None:
     ids: dict[str, str] = {}
     sources = [(b.where, in_context(b.text, served, ids, hostile=False)) for b in blocks_of_file]
     done = subprocess.run([str(served.root / ".venv" / "bin" / "python"), "-c", PYTHON_RUNNER],
-                          input=json.dumps(sources), cwd=served.root, env=served.env,
+                          input=json.dumps(sources), cwd=served.root, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{blocks_of_file[0].path.name}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
@@ -334,6 +338,49 @@ def test_shell_example_runs(block, served):
     (run_sh if block.kind == "sh" else run_console)(block, served)
 
 
+@pytest.fixture(scope="module")
+def workload_api():
+    """SPIFFE_ENDPOINT_SOCKET of a real SPIRE agent that gives the examples' Python processes an identity."""
+    try:
+        server = SpireServer("example.org").start()
+    except SpireUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    agent = server.agent("docs")
+    agent.register("/ns/agents/sa/research", *own_process_selectors())  # the same interpreter runs the examples
+    yield agent.endpoint
+    server.close()
+
+
 @pytest.mark.parametrize("path", PYTHON_FILES, ids=lambda p: str(p.relative_to(REPO)))
-def test_python_examples_run(path, served):
-    run_python([b for b in RUN if b.kind == "python" and b.path == path], served)
+def test_python_examples_run(path, served, workload_api):
+    env = {**served.env, "SPIFFE_ENDPOINT_SOCKET": workload_api}
+    run_python([b for b in RUN if b.kind == "python" and b.path == path], served, env)
+
+
+# --- example records ----------------------------------------------------------------------------------------------
+
+PRODUCERS = [*(REPO / "rego").rglob("*.rego"), *(REPO / "sidecar").rglob("*.py")]
+
+
+def reason_codes_produced() -> set[str]:
+    """Reason codes the policy (`reason(["code: ...`) or the sidecar (`"code: ...`) can write."""
+    codes = set()
+    for path in PRODUCERS:
+        if path.name.endswith("_test.rego") or "/tests/" in path.as_posix():
+            continue
+        codes |= set(re.findall(r"[\"']([a-z][a-z0-9_]*): ", path.read_text()))
+    return codes
+
+
+def test_example_records_show_reasons_the_policy_or_sidecar_produce():
+    produced = reason_codes_produced()
+    shown = []
+    for path in DOCS:
+        for listed in re.findall(r'"reasons":\s*\[([^\]]*)\]', path.read_text()):
+            for reason in re.findall(r'"((?:[^"\\]|\\.)*)"', listed):
+                match = re.match(r"([a-z][a-z0-9_]*): ", reason)
+                if match:
+                    shown.append((path.name, match.group(1)))
+    assert shown, "the docs show example records"
+    unknown = [(name, code) for name, code in shown if code not in produced]
+    assert not unknown, f"example records show reasons nothing produces: {unknown}"
