@@ -2,7 +2,7 @@
 
 It uses the sidecar's client library (the image is the sidecar's own) over
 the unix socket the two containers share, and prints one JSON line per
-decision, so `kubectl logs deploy/research-agent -c agent` shows what policy
+decision, so `kubectl -n agents logs research-agent-0 -c agent` shows what policy
 said and each call appears as a trace in Jaeger.
 
     SIDECAR_ADDRESS   unix:/run/agent-sidecar/sidecar.sock (default)
