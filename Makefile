@@ -63,17 +63,15 @@ clean:
 ## `.venv/bin/python bench/soak.py --minutes 10 --rate 500`.
 reliability: install system-deps
 	FUZZ_EXAMPLES=3400 DIFFERENTIAL_EXAMPLES=100 $(BIN)/python -m pytest -q tests/test_reliability_fuzz.py \
-	  tests/test_evidence_crash.py tests/test_evidence_canonical.py tests/test_evidence_otel.py tests/test_opa_client.py \
-	  tests/test_opa_runner.py tests/test_opa_breaker.py tests/test_opa_sidecar.py tests/test_opa_differential.py \
-	  tests/test_identity_workload_api.py tests/test_spire_rotation.py tests/test_spire_bad_input.py
+	  tests/test_evidence_crash.py tests/test_evidence_canonical.py tests/test_evidence_otel.py \
+	  tests/test_opa_client.py tests/test_opa_runner.py tests/test_opa_breaker.py tests/test_opa_sidecar.py \
+	  tests/test_opa_differential.py tests/test_identity_workload_api.py tests/test_spire_rotation.py \
+	  tests/test_spire_bad_input.py
 
 ## Benchmark: sidecar vs. a bare gRPC floor (docs/performance.md).
 bench: install
 	$(BIN)/python bench/run.py
 
-## Build rego/ (without dev grants and tests) into deploy/k8s/policy/ as an OPA bundle
-## signed with SIGNING_KEY (an RSA private key in PEM, kept out of the repository; docs/deploy.md).
-deploy-bundle: TOOLS = opa
+## Copy rego/ into deploy/k8s/policy/ and list it in the kustomization (the policy ConfigMap).
 deploy-bundle: install
-	@test -n "$(SIGNING_KEY)" || { echo "make deploy-bundle SIGNING_KEY=path/to/bundle-signing.pem (docs/deploy.md)"; exit 2; }
-	$(BIN)/python deploy/sync_bundle.py --signing-key "$(SIGNING_KEY)"
+	$(BIN)/python deploy/sync_bundle.py

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient
 from sidecar.evidence.show import iter_lines
-from sidecar.policy.bundle import load_bundle
+from sidecar.policy.catalog import read_data
 from tests.conftest import REGO, REPO
 from tests.doubles.postgres import PostgresServer
 
@@ -31,7 +31,7 @@ UNREACHABLE = "host=/tmp/no-such-postgres-dir port=1 user=x dbname=x"
 
 @pytest.fixture
 def limit() -> int:
-    return load_bundle(REGO).data["sidecar"]["limits"]["max_calls_in_window"]
+    return read_data(REGO)[0]["sidecar"]["limits"]["max_calls_in_window"]
 
 
 @pytest.fixture
