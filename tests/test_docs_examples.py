@@ -246,7 +246,7 @@ def in_context(text: str, served: Served, ids: dict[str, str], hostile: bool) ->
 def run_sh(block: Block, served: Served) -> None:
     script = in_context(block.text, served, {}, hostile=False)
     done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=served.root, env=served.env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{block.where}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
@@ -294,7 +294,7 @@ def run_console(block: Block, served: Served) -> None:
         command = in_context(command, served, ids, hostile)
         script.append(f"echo '@@step {n}'; {command}\n__rc=$?; echo \"@@rc {n} $__rc\"; (exit $__rc)")
     done = subprocess.run(["bash", "-c", "\n".join(script)], cwd=served.root, env=served.env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=300)
     outputs = re.split(r"^@@step \d+\n", done.stdout, flags=re.M)[1:]
     assert len(outputs) == len(steps), f"{block.where}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
     for n, ((command, documented), output) in enumerate(zip(steps, outputs)):
@@ -325,7 +325,7 @@ def run_python(blocks_of_file: list[Block], served: Served, env: dict[str, str])
     sources = [(b.where, in_context(b.text, served, ids, hostile=False)) for b in blocks_of_file]
     done = subprocess.run([str(served.root / ".venv" / "bin" / "python"), "-c", PYTHON_RUNNER],
                           input=json.dumps(sources), cwd=served.root, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{blocks_of_file[0].path.name}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
 
