@@ -51,12 +51,11 @@ def depth_of(value: Any, limit: int) -> int:
     return deepest
 
 
-def _path(parent: str, key: Any) -> str:
-    if isinstance(key, int):
-        return f"{parent}[{key}]"
+def _key_path(parent: str, key: Any) -> str:
+    """`arguments` + "path" → `arguments.path`; other keys quoted and escaped (ASCII), at most 64 characters."""
     text = json.dumps(str(key), ensure_ascii=True)[1:-1]
     text = text if len(text) <= 64 else text[:63] + "…"
-    return f"{parent}.{text}" if key and key.isidentifier() else f"{parent}[\"{text}\"]"
+    return f"{parent}.{text}" if isinstance(key, str) and key.isascii() and key.isidentifier() else f'{parent}["{text}"]'
 
 
 def find_nul(value: Any, label: str) -> str | None:
@@ -74,9 +73,9 @@ def find_nul(value: Any, label: str) -> str | None:
             for key, child in reversed(list(node.items())):
                 if isinstance(key, str) and "\x00" in key:
                     return f"a key in {where}"
-                stack.append((child, _path(where, key)))
+                stack.append((child, _key_path(where, key)))
         elif isinstance(node, (list, tuple)):
-            stack.extend((child, _path(where, i)) for i, child in reversed(list(enumerate(node))))
+            stack.extend((child, f"{where}[{i}]") for i, child in reversed(list(enumerate(node))))
     return None
 
 
