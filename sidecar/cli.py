@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sidecar.escalation.cli import add_commands as add_escalation_commands
 
     add_escalation_commands(commands)  # approvals list|show|approve|deny, console
+    from sidecar.invoke.rollback import add_commands as add_rollback_command
+
+    add_rollback_command(commands)  # rollback DECISION_ID (docs/mcp.md#rollback)
     return parser
 
 

@@ -262,6 +262,71 @@ class ConsoleConfig:
 
 
 @dataclass
+class CredentialConfig:
+    # docs/mcp.md#credentials. What the sidecar attaches to calls to this
+    # upstream: "" (nothing), "jwt_svid" or "secret_file". Never logged.
+    kind: str = ""
+    # jwt_svid: the audience of the JWT-SVID fetched from the Workload API.
+    audience: str = ""
+    # secret_file: the file holding the secret (a mounted Kubernetes Secret).
+    file: str = ""
+    # The request header carrying it, and the scheme before the value ("" = none).
+    header: str = "authorization"
+    scheme: str = "Bearer"
+
+
+@dataclass
+class McpUpstreamConfig:
+    # Exactly one of url (Streamable HTTP) and command (stdio: argv).
+    url: str = ""
+    command: list[str] = field(default_factory=list)
+    # Environment of a stdio upstream ({} = the SDK's minimal default environment).
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 30.0
+    # Largest tool result (canonical JSON) passed back to the agent.
+    max_result_bytes: int = 1024 * 1024
+    credential: CredentialConfig = field(default_factory=CredentialConfig)
+
+
+@dataclass
+class McpConfig:
+    # docs/mcp.md. host:port of the MCP gateway (Streamable HTTP at /mcp); "" = no TCP listener.
+    listen: str = ""
+    # Path of a unix socket also serving the gateway, for agents in the same pod; "" = none.
+    unix: str = ""
+    # Upstream MCP servers by name ([a-z0-9-]); their tools are offered as <name>__<tool>.
+    upstreams: dict[str, McpUpstreamConfig] = field(default_factory=dict)
+    # Escalated calls remembered so that the same call, repeated, carries its approval.
+    escalation_memory: int = 10_000
+    # How long a client may reuse its tools/list answer (a private cache hint); 0 = ask every time.
+    list_ttl_ms: int = 5000
+
+
+@dataclass
+class HttpToolConfig:
+    # One HTTP tool served by ToolGate.Invoke (docs/mcp.md#invoke-for-http-tools).
+    method: str = "POST"
+    # URL template: {name} is replaced by the URL-quoted argument `name` (then not sent in the body).
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 10.0
+    max_response_bytes: int = 1024 * 1024
+    # Response header holding the rollback token, recorded in the invocation record.
+    rollback_header: str = "x-rollback-token"
+    credential: CredentialConfig = field(default_factory=CredentialConfig)
+
+
+@dataclass
+class InvokeConfig:
+    # HTTP tools by tool name, called by ToolGate.Invoke after an allow.
+    tools: dict[str, HttpToolConfig] = field(default_factory=dict)
+    # A cached JWT-SVID is replaced this long before it expires.
+    jwt_refresh_before_seconds: float = 30.0
+    # A task with no call for this long is ended (its later calls denied); 0 = no idle timeout.
+    task_idle_seconds: float = 0.0
+
+
+@dataclass
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -273,6 +338,8 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    mcp: McpConfig = field(default_factory=McpConfig)
+    invoke: InvokeConfig = field(default_factory=InvokeConfig)
 
     @property
     def dev_mode(self) -> bool:
@@ -312,6 +379,8 @@ class Config:
         self._validate_identity_sources()
         _validate_escalation(self.escalation, dev_mode=self.dev_mode)
         _validate_console(self.console)
+        _validate_mcp(self.mcp, self.identity.sources)
+        _validate_invoke(self.invoke)
 
     def validate_console(self) -> None:
         """What `agent-sidecar console` needs on top of `validate` (raises ConfigError naming the key).
@@ -576,6 +645,67 @@ def _validate_console(console: "ConsoleConfig") -> None:
         raise ConfigError("console.history_limit: must be positive")
 
 
+def _validate_credential(credential: CredentialConfig, key: str) -> None:
+    import re
+
+    if credential.kind not in ("", "jwt_svid", "secret_file"):
+        raise ConfigError(f"{key}.kind: must be jwt_svid or secret_file (or empty), not {credential.kind!r}")
+    if credential.kind == "jwt_svid" and not credential.audience:
+        raise ConfigError(f"{key}.audience: required with kind jwt_svid")
+    if credential.kind == "secret_file" and not credential.file:
+        raise ConfigError(f"{key}.file: required with kind secret_file")
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,128}", credential.header):
+        raise ConfigError(f"{key}.header: {credential.header!r} is not an HTTP header name")
+    if credential.scheme and not re.fullmatch(r"[A-Za-z0-9._~+/-]{1,64}", credential.scheme):
+        raise ConfigError(f"{key}.scheme: {credential.scheme!r} is not an authorization scheme")
+
+
+def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
+    from sidecar.mcp.names import UPSTREAM_NAME
+
+    if mcp.listen:
+        host, colon, port = mcp.listen.rpartition(":")
+        if not colon or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"mcp.listen: must be host:port, not {mcp.listen!r}")
+        if "jwt_svid" in identity_sources and not _loopback(mcp.listen):
+            raise ConfigError(
+                f"mcp.listen: {mcp.listen} is plaintext HTTP (the gateway serves no TLS), so JWT-SVIDs sent to it "
+                "could be read and replayed; listen on loopback (the agent in the same pod reaches it there)"
+            )
+    if mcp.escalation_memory <= 0:
+        raise ConfigError("mcp.escalation_memory: must be positive")
+    if mcp.list_ttl_ms < 0:
+        raise ConfigError("mcp.list_ttl_ms: must not be negative")
+    for name, upstream in mcp.upstreams.items():
+        key = f"mcp.upstreams.{name}"
+        if not UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(f"{key}: upstream names are 1-32 of a-z 0-9 - (no underscore: tools are exposed as <name>__<tool>)")
+        if bool(upstream.url) == bool(upstream.command):
+            raise ConfigError(f"{key}: give exactly one of url (Streamable HTTP) and command (stdio)")
+        if upstream.url:
+            _http_url(upstream.url, f"{key}.url")
+        if upstream.timeout_seconds <= 0 or upstream.max_result_bytes <= 0:
+            raise ConfigError(f"{key}.timeout_seconds/max_result_bytes: must be positive")
+        if upstream.command and upstream.credential.kind:
+            raise ConfigError(f"{key}.credential: credentials are attached to Streamable HTTP upstreams only (url)")
+        _validate_credential(upstream.credential, f"{key}.credential")
+
+
+def _validate_invoke(invoke: InvokeConfig) -> None:
+    if invoke.jwt_refresh_before_seconds < 0:
+        raise ConfigError("invoke.jwt_refresh_before_seconds: must not be negative")
+    if invoke.task_idle_seconds < 0:
+        raise ConfigError("invoke.task_idle_seconds: must not be negative (0 turns the idle timeout off)")
+    for name, tool in invoke.tools.items():
+        key = f"invoke.tools.{name}"
+        if tool.method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            raise ConfigError(f"{key}.method: must be GET, POST, PUT, PATCH or DELETE, not {tool.method!r}")
+        _http_url(tool.url.replace("{", "").replace("}", ""), f"{key}.url")
+        if tool.timeout_seconds <= 0 or tool.max_response_bytes <= 0:
+            raise ConfigError(f"{key}.timeout_seconds/max_response_bytes: must be positive")
+        _validate_credential(tool.credential, f"{key}.credential")
+
+
 def _validate_opa(opa: OpaConfig) -> None:
     from urllib.parse import urlsplit
 
@@ -670,7 +800,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a mapping, not {_kind(value)}")
-        return dict(value)
+        args = typing.get_args(hint)
+        if not args:
+            return dict(value)
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{key}: keys must be strings, not {_kind(name)}")
+            out[name] = _coerce(args[1], item, f"{key}.{name}")
+        return out
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: must be true or false, not {_kind(value)}")

@@ -29,6 +29,7 @@ from sidecar.usage import UsageCounter, UsageUnavailable
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
+    from sidecar.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Verdict:
     trace: TraceContext
     escalation_id: str = ""
     receipt: Receipt | None = None
+    approver: str = ""  # who approved the escalation this allow carries out ("" = autonomous)
     arguments_digest: str = ""  # of the arguments exactly as decided
 
 
@@ -77,6 +79,7 @@ class Gate:
         instance_id: str,
         metrics: Metrics | None = None,
         escalations: "EscalationService | None" = None,
+        tasks: "TaskRegistry | None" = None,
     ):
         self.decisions = decisions
         self.catalog = catalog
@@ -89,6 +92,8 @@ class Gate:
         self._metrics = metrics
         # Escalations (docs/escalation.md): None = escalate answers carry no escalation id.
         self.escalations = escalations
+        # Task lifetimes (EndTask, idle timeout): None = tasks never end.
+        self._tasks = tasks
 
     async def authorize(
         self,
@@ -118,6 +123,10 @@ class Gate:
                 problems.append(
                     f"call_id_reused: call_id {call.call_id!r} was already used for a different tool call"
                 )
+        if call.task_id and not problems and self._tasks is not None and isinstance(identity, CallerIdentity):
+            ended = self._tasks.check(call.task_id, identity.subject.spiffe_id)
+            if ended:
+                problems.append(ended)
         retry = None
         if call.escalation_id and not problems:
             retry, problem = await self._check_retry(call, identity, arguments_digest)
@@ -228,8 +237,39 @@ class Gate:
             trace,
             escalation_id=escalation_id if decision.outcome == "escalate" else "",
             receipt=receipt,
+            approver=approver if decision.outcome == "allow" else "",
             arguments_digest=arguments_digest,
         )
+
+    async def visible(self, identity: CallerIdentity, tool: str, server: str) -> Decision:
+        """Would policy let this caller see `tool` of `server` (MCP tools/list)?
+
+        Evaluates the input document with `request.phase: "list"`, arguments {}
+        and the usage a call made now would see; nothing is counted or recorded
+        (listing calls nothing).
+        A tool is shown unless the decision is deny; failures deny (hidden).
+        """
+        try:
+            usage = await self._usage.peek(identity.subject.spiffe_id, tool)
+        except UsageUnavailable as exc:
+            return Decision.failed(f"usage_unavailable: {exc}", engine="sidecar", policy_revision=self.catalog.revision)
+        document = build_input(
+            identity=identity,
+            tool=tool,
+            server=server,
+            arguments={},
+            catalog_entry=self.catalog.entry(tool),
+            task_id="",
+            intent="",
+            signals={},
+            approval=None,
+            usage=usage,
+            call_id=str(uuid.uuid4()),
+            time=rfc3339_now(),
+            sidecar=self.instance_id,
+            phase="list",
+        )
+        return await self.decisions.decide(document)
 
     async def _check_retry(
         self, call: ToolCall, identity: CallerIdentity | IdentityError, arguments_digest: str

@@ -30,6 +30,7 @@ from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyService
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
+from sidecar.tasks import TaskRegistry
 from sidecar.usage import UsageCounter
 from sidecar.usage.memory import MemoryCounter
 from sidecar.v1 import sidecar_pb2
@@ -122,6 +123,7 @@ def build_gate(
     recorder: Recorder | None,
     metrics: Metrics | None = None,
     usage: UsageCounter | None = None,
+    tasks: TaskRegistry | None = None,
 ) -> Gate:
     """`usage` None = fresh in-memory counters (`check`: a one-off decision counts nothing shared)."""
     return Gate(
@@ -134,6 +136,7 @@ def build_gate(
         max_depth=config.policy.max_depth,
         instance_id=config.sidecar.instance_id or default_instance_id(),
         metrics=metrics,
+        tasks=tasks,
     )
 
 
@@ -172,6 +175,74 @@ def build_escalations(config: Config, recorder: Recorder | None):
     )
 
 
+def build_credential(credential, config: Config):
+    """The CredentialProvider for an upstream's `credential` section, or None (docs/mcp.md#credentials)."""
+    from sidecar.invoke.credentials import JwtSvidCredential, SecretFileCredential
+
+    if credential.kind == "secret_file":
+        return SecretFileCredential(credential.file, header_name=credential.header.lower(), scheme=credential.scheme)
+    if credential.kind == "jwt_svid":
+        return JwtSvidCredential(
+            credential.audience,
+            socket=config.identity.workload_api_socket,
+            refresh_before_seconds=config.invoke.jwt_refresh_before_seconds,
+        )
+    return None
+
+
+def build_http_tools(config: Config):
+    """The HTTP invoker for ToolGate.Invoke over `invoke.tools` (docs/mcp.md#invoke-for-http-tools)."""
+    from sidecar.invoke.http import HttpInvoker, HttpTool
+
+    return HttpInvoker([
+        HttpTool(
+            name,
+            url=tool.url,
+            method=tool.method.upper(),
+            headers=dict(tool.headers),
+            timeout_seconds=tool.timeout_seconds,
+            max_response_bytes=tool.max_response_bytes,
+            rollback_header=tool.rollback_header.lower(),
+            credential=build_credential(tool.credential, config),
+        )
+        for name, tool in config.invoke.tools.items()
+    ])
+
+
+def build_mcp_gateway(
+    config: Config, gate: Gate, identity: IdentityResolver, recorder: Recorder | None, grpc_address: str = ""
+):
+    """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md); not started yet."""
+    from sidecar.invoke.executor import Executor
+    from sidecar.invoke.mcp import McpInvoker, McpUpstream
+    from sidecar.mcp.gateway import McpGateway
+
+    upstreams = [
+        McpUpstream(
+            name,
+            url=up.url,
+            command=up.command,
+            env=up.env or None,
+            credential=build_credential(up.credential, config),
+            timeout_seconds=up.timeout_seconds,
+            max_result_bytes=up.max_result_bytes,
+        )
+        for name, up in config.mcp.upstreams.items()
+    ]
+    return McpGateway(
+        gate=gate,
+        identity=identity,
+        executor=Executor(sink=recorder, instance_id=gate.instance_id),
+        invoker=McpInvoker(upstreams),
+        listen=config.mcp.listen,
+        unix=config.mcp.unix,
+        max_body_bytes=4 * config.policy.max_input_bytes + 64 * 1024,
+        escalation_memory=config.mcp.escalation_memory,
+        grpc_address=grpc_address,
+        list_ttl_ms=config.mcp.list_ttl_ms,
+    )
+
+
 @dataclass
 class RunningSidecar:
     """A started sidecar: its server, bound addresses and stages, for `serve` and tests."""
@@ -189,10 +260,16 @@ class RunningSidecar:
     metrics_port: int | None = None
     escalations: Any = None  # sidecar.escalation.service.EscalationService
     usage: UsageCounter | None = None
+    mcp: Any = None  # sidecar.mcp.gateway.McpGateway, when mcp.listen is set
+    http_tools: Any = None  # sidecar.invoke.http.HttpInvoker behind ToolGate.Invoke
 
     async def stop(self, grace: float = 5.0) -> None:
         self._health_task.cancel()
+        if self.mcp is not None:
+            await self.mcp.aclose()
         await self.server.stop(grace)
+        if self.http_tools is not None:
+            await self.http_tools.aclose()
         if self.escalations is not None:
             await self.escalations.stop()
         if self.usage is not None:
@@ -224,7 +301,8 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         raise
     metrics = Metrics()
     usage = build_usage(config)
-    gate = build_gate(config, policy, recorder, metrics, usage)
+    tasks = TaskRegistry(idle_seconds=config.invoke.task_idle_seconds, max_tracked=config.usage.max_tracked)
+    gate = build_gate(config, policy, recorder, metrics, usage, tasks)
     escalations = build_escalations(config, recorder)
     try:
         await usage.open()
@@ -248,10 +326,15 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     )
     from sidecar.escalation.grpc_api import EscalationApi
 
+    from sidecar.invoke.executor import Executor
+
     escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
-    server.add_generic_rpc_handlers(
-        (ToolGateServicer(gate, identity, escalation_api).handler(), escalation_api.approvals_handler())
+    http_tools = build_http_tools(config)
+    executor = Executor(sink=recorder, instance_id=gate.instance_id)
+    servicer = ToolGateServicer(
+        gate, identity, escalation_api, executor=executor, http_tools=http_tools, tasks=tasks
     )
+    server.add_generic_rpc_handlers((servicer.handler(), escalation_api.approvals_handler()))
     sources = {"policy": policy.ready, "identity": identity.health}
     if recorder is not None:
         sources["evidence"] = recorder.health
@@ -288,11 +371,20 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     await health.refresh()
     health_task = asyncio.create_task(health.run(), name="health")
     metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
-    return RunningSidecar(
+    running = RunningSidecar(
         server, addresses, policy, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
         escalations=escalations,
         usage=usage,
+        http_tools=http_tools,
     )
+    if config.mcp.listen or config.mcp.unix:
+        running.mcp = build_mcp_gateway(config, gate, identity, recorder, addresses[0])
+        try:
+            await running.mcp.start()
+        except BaseException:
+            await running.stop()
+            raise
+    return running
 
 
 async def serve(config: Config) -> None:
@@ -316,6 +408,9 @@ async def serve(config: Config) -> None:
         )
     if sidecar.usage is not None:
         print(f"  usage         {sidecar.usage.health()[1]} (input.usage counters)", flush=True)
+    if sidecar.mcp is not None:
+        where = " and ".join(x for x in (sidecar.mcp.url, f"unix:{config.mcp.unix}" if config.mcp.unix else "") if x)
+        print(f"  mcp gateway   {where} ({len(config.mcp.upstreams)} upstreams; docs/mcp.md)", flush=True)
     first = sidecar.addresses[0]
     print("Send a first call from another terminal:", flush=True)
     print(

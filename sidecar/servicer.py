@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -19,8 +19,13 @@ from sidecar.calls import ToolCall
 from sidecar.evidence import TraceContext
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo
-from sidecar.jsonvalues import from_struct, to_struct
+from sidecar.jsonvalues import NotExact, from_struct, to_struct
 from sidecar.v1 import sidecar_pb2
+
+if TYPE_CHECKING:
+    from sidecar.invoke.executor import Executor, Performed
+    from sidecar.invoke.http import HttpInvoker
+    from sidecar.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +111,41 @@ def verdict_to_response(verdict: Verdict) -> sidecar_pb2.AuthorizeResponse:
     )
 
 
+def invocation_to_response(verdict: Verdict, performed: "Performed | None") -> sidecar_pb2.InvokeResponse:
+    response = sidecar_pb2.InvokeResponse(decision=verdict_to_response(verdict))
+    if performed is None:
+        return response
+    result = performed.result
+    response.status = result.status
+    response.upstream_status = result.upstream_status or 0
+    response.error = performed.record_error or result.error
+    if isinstance(result.result, dict) and not performed.record_error:
+        try:
+            response.result.CopyFrom(to_struct(result.result, "result"))
+        except NotExact as exc:  # the agent would get another value than the tool gave (and evidence hashed)
+            response.error = f"upstream_malformed: the tool's result cannot reach the agent exactly ({exc})"
+    return response
+
+
 class ToolGateServicer:
-    def __init__(self, gate: Gate, identity: IdentityResolver, escalation_api: Any = None):
+    def __init__(
+        self,
+        gate: Gate,
+        identity: IdentityResolver,
+        escalation_api: Any = None,
+        *,
+        executor: "Executor | None" = None,
+        http_tools: "HttpInvoker | None" = None,
+        tasks: "TaskRegistry | None" = None,
+    ):
         self._gate = gate
         self._identity = identity
         # sidecar.escalation.grpc_api.EscalationApi: serves AwaitDecision when present.
         self._escalation_api = escalation_api
+        # Invoke (docs/mcp.md#invoke-for-http-tools): the HTTP tools of invoke.tools and who carries calls out.
+        self._executor = executor
+        self._http_tools = http_tools
+        self._tasks = tasks
 
     async def authorize(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.AuthorizeResponse:
         peer = peer_info(context)
@@ -125,6 +159,48 @@ class ToolGateServicer:
             )
         verdict = await self._gate.authorize(call_from_request(request), identity, parent)
         return verdict_to_response(verdict)
+
+    async def invoke(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.InvokeResponse:
+        """Authorize, and when allowed make the HTTP call from the sidecar (deny / escalate: no call)."""
+        peer = peer_info(context)
+        parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
+        identity = self._resolve(peer)
+        if isinstance(request, UnparseableRequest):
+            reason = f"malformed_request: the request could not be parsed ({request.error})"
+            verdict = await self._gate.authorize(ToolCall(tool="", arguments={}), identity, parent, malformed=reason)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{reason}; recorded as decision {verdict.decision_id}"
+            )
+        call = call_from_request(request.call)
+        unknown = None
+        if self._http_tools is None or not self._http_tools.knows(call.tool):
+            unknown = f"unknown_tool: {call.tool!r} is not an HTTP tool this sidecar invokes (invoke.tools)"
+        verdict = await self._gate.authorize(call, identity, parent, malformed=unknown)
+        if verdict.decision.outcome != "allow" or self._executor is None or self._http_tools is None:
+            return invocation_to_response(verdict, None)
+        assert isinstance(identity, CallerIdentity)
+        performed = await self._executor.perform(call, identity, verdict, self._http_tools)
+        return invocation_to_response(verdict, performed)
+
+    async def end_task(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.EndTaskResponse:
+        """End a task for good (docs/mcp.md#tasks). Only the task's own subject may."""
+        from sidecar.calls import MAX_ID_BYTES
+        from sidecar.tasks import TaskOwnerMismatch
+
+        identity = self._resolve(peer_info(context))
+        if isinstance(identity, IdentityError):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unverified_caller: {identity.reason}")
+        if isinstance(request, UnparseableRequest) or self._tasks is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed_request: the request could not be parsed")
+        task_id = request.task_id
+        if not task_id or len(task_id.encode()) > MAX_ID_BYTES or not task_id.isprintable():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid_task: task_id must be 1-256 printable bytes")
+        try:
+            ended_at, already = self._tasks.end(task_id, identity.subject.spiffe_id)
+        except TaskOwnerMismatch as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not_task_owner: {exc}")
+        log.info("task %s ended by %s", task_id, identity.subject.spiffe_id)
+        return sidecar_pb2.EndTaskResponse(task_id=task_id, ended_at=ended_at, already_ended=already)
 
     def _resolve(self, peer: PeerInfo) -> CallerIdentity | IdentityError:
         try:
@@ -143,6 +219,17 @@ class ToolGateServicer:
                 response_serializer=sidecar_pb2.AuthorizeResponse.SerializeToString,
             ),
         }
+        methods["Invoke"] = grpc.unary_unary_rpc_method_handler(
+            self.invoke,
+            request_deserializer=_lenient(sidecar_pb2.InvokeRequest),
+            response_serializer=sidecar_pb2.InvokeResponse.SerializeToString,
+        )
+        if self._tasks is not None:
+            methods["EndTask"] = grpc.unary_unary_rpc_method_handler(
+                self.end_task,
+                request_deserializer=_lenient(sidecar_pb2.EndTaskRequest),
+                response_serializer=sidecar_pb2.EndTaskResponse.SerializeToString,
+            )
         if self._escalation_api is not None:
             methods["AwaitDecision"] = grpc.unary_unary_rpc_method_handler(
                 self._escalation_api.await_decision,

@@ -76,6 +76,21 @@ async def test_the_window_slides_per_subject_and_tool_and_tasks_count(make_count
     assert (later.calls_in_window, later.calls_in_task) == (1, 4)  # the task counts on past the window
 
 
+async def test_peek_sees_the_window_a_call_would_see_and_counts_nothing(make_counter):
+    """The MCP gateway's tools/list phase reads the window without counting a call."""
+    clock = Clock()
+    usage = await make_counter(clock)
+    assert (await usage.peek(SUBJECT, "send_email")).calls_in_window == 1
+    await usage.count(SUBJECT, "send_email", "task-1")
+    await usage.count(SUBJECT, "send_email", "task-1")
+    for _ in range(3):  # peeking repeatedly changes nothing
+        seen = await usage.peek(SUBJECT, "send_email")
+        assert (seen.calls_in_window, seen.window_seconds, seen.calls_in_task) == (3, 60, 0)
+    assert (await usage.count(SUBJECT, "send_email", "task-1")).calls_in_window == 3
+    clock.now += 61
+    assert (await usage.peek(SUBJECT, "send_email")).calls_in_window == 1
+
+
 @pytest.mark.parametrize(
     "subject, tool, task",
     [

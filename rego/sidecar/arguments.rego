@@ -2,9 +2,15 @@
 # hold secrets, and reasons are recorded and exported in clear.
 package sidecar
 
+# MCP tools/list asks whether to show a tool with input.request.phase "list"
+# and no arguments (docs/policy-input.md): the rules that judge argument
+# values apply to calls only, so an argument rule never hides a tool.
+judging_arguments if not input.request.phase == "list"
+
 # Declared arguments (catalog entry "arguments": {name: type}) must be present
 # with that type; "string" and "array" must also be non-empty.
 deny contains reason(["invalid_argument: tool \"", tool_label, "\" needs argument \"", show(name), "\" of type ", show(kind)]) if {
+	judging_arguments
 	is_object(tool_entry.arguments)
 	some name, kind in tool_entry.arguments
 	not argument_has_type(name, kind)
@@ -76,6 +82,7 @@ deny contains reason(["path_traversal: argument \"path\" of tool \"", tool_label
 # missing path, one that is not a string, and every path when the prefix list
 # is not a list of strings are denied too (fail closed).
 deny contains reason(["path_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" is outside ", list_text(prefixes)]) if {
+	judging_arguments
 	prefixes := path_prefixes_for_tool
 	some name in formatted_arguments("path")
 	not path_allowed(name, prefixes)
@@ -100,6 +107,7 @@ path_allowed(name, prefixes) if {
 # allowed host as the parser reads it (lower case, IDNA), with no user info
 # and nothing parsers read differently; an explicit port is allowed.
 deny contains reason(["url_not_allowed: argument \"", show(name), "\" of tool \"", tool_label, "\" is not https:// to one of ", list_text(hosts)]) if {
+	judging_arguments
 	hosts := url_hosts_for_tool
 	some name in formatted_arguments("url")
 	not url_allowed(name, hosts)

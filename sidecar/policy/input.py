@@ -44,7 +44,10 @@ def build_input(
     call_id: str,
     time: str,
     sidecar: str,
+    phase: str = "call",
 ) -> dict:
+    """The input document. `phase` is "call" (a tool call) or "list" (may the caller see the
+    tool at all? MCP tools/list; arguments are then {} and usage zero)."""
     return {
         "version": INPUT_VERSION,
         "subject": identity.subject.to_input(),
@@ -72,5 +75,5 @@ def build_input(
             "window_seconds": usage.window_seconds,
             "calls_in_task": usage.calls_in_task,
         },
-        "request": {"call_id": call_id, "time": time, "sidecar": sidecar},
+        "request": {"call_id": call_id, "time": time, "sidecar": sidecar, "phase": phase},
     }

@@ -45,6 +45,13 @@ class UsageCounter(Protocol):
         """
         ...
 
+    async def peek(self, subject: str, tool: str) -> Usage:
+        """The usage a call made now would see (it included, `calls_in_task` 0), counting nothing.
+
+        For the MCP gateway's tools/list phase. Raises UsageUnavailable like `count`.
+        """
+        ...
+
     def health(self) -> tuple[bool, str]:
         """(ok, detail): not ok while the last attempt to count failed."""
         ...

@@ -29,6 +29,13 @@ class MemoryCounter:
     async def open(self) -> None:
         pass
 
+    async def peek(self, subject: str, tool: str) -> Usage:
+        """The usage a call made now would see (this one included), without counting anything."""
+        horizon = self._clock() - self._window
+        stamps = self._windows.get((subject, tool)) or ()
+        recent = sum(1 for stamp in stamps if stamp > horizon)
+        return Usage(calls_in_window=recent + 1, window_seconds=self._window, calls_in_task=0)
+
     async def count(self, subject: str, tool: str, task_id: str) -> Usage:
         """Count one call and return the usage including it; never raises."""
         now = self._clock()

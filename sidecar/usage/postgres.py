@@ -72,6 +72,7 @@ ADD_TASK_CALL = (
     f"INSERT INTO {TASKS} (key, calls, updated_at) VALUES (%s, 1, %s) "
     f"ON CONFLICT (key) DO UPDATE SET calls = {TASKS}.calls + 1, updated_at = excluded.updated_at RETURNING calls"
 )
+PEEK_CALLS = f"SELECT count(*) + 1 FROM {CALLS} WHERE key = %(key)s AND at > %(horizon)s"
 PURGE_CALLS = f"DELETE FROM {CALLS} WHERE at <= %s"
 PURGE_TASKS = f"DELETE FROM {TASKS} WHERE updated_at <= %s"
 
@@ -164,6 +165,25 @@ class PostgresCounter:
             log.info("usage store %s counts again", self.describe())
         self._last_error = None
         return usage
+
+    async def peek(self, subject: str, tool: str) -> Usage:
+        """The window a call made now would see, read without counting (tools/list)."""
+        if self._pool is None:
+            raise UsageUnavailable(f"{self.describe()}: the usage store is closed")
+        key = _digest("window", subject, tool)
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._pool.connection() as conn:
+                    await self._ensure_schema(conn)
+                    row = await (await conn.execute(PEEK_CALLS, {"key": key, "horizon": self._clock() - self._window})).fetchone()
+        except Exception as exc:
+            reason = self._failure(exc)
+            if reason is None:
+                raise
+            if self._fallback is not None:
+                return await self._fallback.peek(subject, tool)
+            raise UsageUnavailable(f"{self.describe()}: {reason}") from None
+        return Usage(calls_in_window=int(row[0]), window_seconds=self._window, calls_in_task=0)
 
     @staticmethod
     def _failure(exc: Exception) -> str | None:

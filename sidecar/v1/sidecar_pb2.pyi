@@ -154,14 +154,34 @@ class InvokeRequest(_message.Message):
     def __init__(self, call: _Optional[_Union[AuthorizeRequest, _Mapping]] = ...) -> None: ...
 
 class InvokeResponse(_message.Message):
-    __slots__ = ("decision", "result", "error")
+    __slots__ = ("decision", "result", "error", "status", "upstream_status")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
     decision: AuthorizeResponse
     result: _struct_pb2.Struct
     error: str
-    def __init__(self, decision: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    status: str
+    upstream_status: int
+    def __init__(self, decision: _Optional[_Union[AuthorizeResponse, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., status: _Optional[str] = ..., upstream_status: _Optional[int] = ...) -> None: ...
+
+class EndTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class EndTaskResponse(_message.Message):
+    __slots__ = ("task_id", "ended_at", "already_ended")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_ENDED_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    ended_at: str
+    already_ended: bool
+    def __init__(self, task_id: _Optional[str] = ..., ended_at: _Optional[str] = ..., already_ended: _Optional[bool] = ...) -> None: ...
 
 class ListEscalationsRequest(_message.Message):
     __slots__ = ("state", "subject", "tool", "limit", "approver")

@@ -49,6 +49,11 @@ class ToolGateStub:
                 request_serializer=sidecar_dot_v1_dot_sidecar__pb2.InvokeRequest.SerializeToString,
                 response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.InvokeResponse.FromString,
                 _registered_method=True)
+        self.EndTask = channel.unary_unary(
+                '/sidecar.v1.ToolGate/EndTask',
+                request_serializer=sidecar_dot_v1_dot_sidecar__pb2.EndTaskRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_sidecar__pb2.EndTaskResponse.FromString,
+                _registered_method=True)
 
 
 class ToolGateServicer:
@@ -75,6 +80,14 @@ class ToolGateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndTask(self, request, context):
+        """End a task: every later call under its task_id is denied (task_ended).
+        Only the subject that first called under the task may end it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolGateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ToolGateServicer_to_server(servicer, server):
                     servicer.Invoke,
                     request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.InvokeRequest.FromString,
                     response_serializer=sidecar_dot_v1_dot_sidecar__pb2.InvokeResponse.SerializeToString,
+            ),
+            'EndTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndTask,
+                    request_deserializer=sidecar_dot_v1_dot_sidecar__pb2.EndTaskRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_sidecar__pb2.EndTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class ToolGate:
             '/sidecar.v1.ToolGate/Invoke',
             sidecar_dot_v1_dot_sidecar__pb2.InvokeRequest.SerializeToString,
             sidecar_dot_v1_dot_sidecar__pb2.InvokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.ToolGate/EndTask',
+            sidecar_dot_v1_dot_sidecar__pb2.EndTaskRequest.SerializeToString,
+            sidecar_dot_v1_dot_sidecar__pb2.EndTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

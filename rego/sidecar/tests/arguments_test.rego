@@ -340,3 +340,24 @@ test_sql_missing_query_denied_not_escalated if {
 	denies(inp, "invalid_argument")
 	[c | some c in escalate_codes(inp); startswith(c, "sql_")] == []
 }
+
+# --- the list phase (MCP tools/list) ----------------------------------------------
+
+listing(name) := object.union(call(name, {}), {"request": {"call_id": "c-1", "time": "2026-11-22T10:00:00Z", "sidecar": "test", "phase": "list"}})
+
+test_list_phase_is_not_denied_for_missing_arguments if {
+	not denies(listing("read_file"), "invalid_argument")
+	not denies(listing("read_file"), "path_not_allowed")
+	not denies(listing("http_get"), "url_not_allowed")
+	decide(listing("read_file")).outcome == "allow"
+}
+
+test_call_phase_still_judges_arguments if {
+	inp := object.union(call("read_file", {}), {"request": {"call_id": "c-1", "time": "2026-11-22T10:00:00Z", "sidecar": "test", "phase": "call"}})
+	denies(inp, "invalid_argument")
+	denies(inp, "path_not_allowed")
+}
+
+test_list_phase_still_denies_what_is_not_about_arguments if {
+	decide(listing("no_such_tool")).outcome == "deny"
+}

@@ -1,0 +1,113 @@
+"""Credentials the agent never holds: attached by the sidecar to upstream calls.
+
+    provider = credential_provider(kind, ...)          # from config, in server.py
+    header, value, use = await provider.header()       # raises CredentialError
+    use.kind / use.id                                  # recorded; the value never is
+
+Two kinds (docs/mcp.md#credentials):
+- jwt_svid: a JWT-SVID for the upstream's audience from the SPIFFE Workload
+  API, cached until `refresh_before_seconds` before it expires;
+- secret_file: a secret read from a file (a mounted Kubernetes Secret),
+  re-read on each call so a rotated Secret takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from sidecar.invoke import CREDENTIAL_UNAVAILABLE, CredentialUse
+
+
+class CredentialError(Exception):
+    """The credential could not be had; `reason` is "credential_unavailable: ..." (no call is made)."""
+
+    def __init__(self, text: str):
+        self.reason = f"{CREDENTIAL_UNAVAILABLE}: {text}"
+        super().__init__(self.reason)
+
+
+class CredentialProvider(Protocol):
+    async def header(self) -> tuple[str, str, CredentialUse]:
+        """(header name, header value, what to record). Raises CredentialError."""
+        ...
+
+
+@dataclass(frozen=True)
+class SecretFileCredential:
+    """`header: scheme secret`, the secret being the file's contents without surrounding whitespace."""
+
+    path: str
+    header_name: str = "authorization"
+    scheme: str = "Bearer"
+
+    async def header(self) -> tuple[str, str, CredentialUse]:
+        try:
+            secret = (await asyncio.to_thread(Path(self.path).read_bytes)).strip()
+        except OSError as exc:
+            raise CredentialError(f"the secret file {self.path} cannot be read ({exc.strerror})") from None
+        if not secret:
+            raise CredentialError(f"the secret file {self.path} is empty")
+        try:
+            text = secret.decode("ascii")
+        except UnicodeDecodeError:
+            raise CredentialError(f"the secret file {self.path} is not ASCII") from None
+        if not text.isprintable() or "\n" in text:
+            raise CredentialError(f"the secret file {self.path} holds control characters or several lines")
+        fingerprint = hashlib.sha256(secret).hexdigest()[:12]
+        value = f"{self.scheme} {text}" if self.scheme else text
+        return self.header_name, value, CredentialUse("secret_file", f"{self.path}#sha256:{fingerprint}")
+
+
+class JwtSvidCredential:
+    """`authorization: Bearer <JWT-SVID for audience>`, fetched from the Workload API and cached.
+
+    `fetch(audience) -> (token, spiffe_id, expiry unix seconds)` defaults to
+    py-spiffe's WorkloadApiClient on `socket` (unix:///path; "" =
+    $SPIFFE_ENDPOINT_SOCKET). A token is reused until `refresh_before_seconds`
+    before its expiry.
+    """
+
+    def __init__(
+        self,
+        audience: str,
+        *,
+        socket: str = "",
+        refresh_before_seconds: float = 30.0,
+        fetch: Callable[[str], tuple[str, str, int]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.audience = audience
+        self._socket = socket
+        self._refresh_before = refresh_before_seconds
+        self._fetch = fetch or self._fetch_from_workload_api
+        self._clock = clock
+        self._cached: tuple[str, str, int] | None = None
+        self._lock = asyncio.Lock()
+
+    def _fetch_from_workload_api(self, audience: str) -> tuple[str, str, int]:
+        from spiffe import WorkloadApiClient
+
+        with WorkloadApiClient(self._socket or None) as client:
+            svid = client.fetch_jwt_svid(audience={audience}, timeout=5.0)
+        return svid.token, str(svid.spiffe_id), int(svid.expiry)
+
+    async def header(self) -> tuple[str, str, CredentialUse]:
+        async with self._lock:
+            cached = self._cached
+            if cached is None or cached[2] - self._refresh_before <= self._clock():
+                try:
+                    cached = await asyncio.to_thread(self._fetch, self.audience)
+                except Exception as exc:  # py-spiffe raises several kinds; the message never holds a token
+                    raise CredentialError(
+                        f"no JWT-SVID for audience {self.audience!r} from the Workload API ({type(exc).__name__}: {exc})"
+                    ) from None
+                if cached[2] <= self._clock():
+                    raise CredentialError(f"the Workload API gave an expired JWT-SVID for audience {self.audience!r}")
+                self._cached = cached
+        token, spiffe_id, _ = cached
+        return "authorization", f"Bearer {token}", CredentialUse("jwt_svid", f"{spiffe_id} aud={self.audience}")

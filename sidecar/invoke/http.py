@@ -1,0 +1,168 @@
+"""The HTTP invoker: tools that are plain HTTP endpoints, called by ToolGate.Invoke after an allow.
+
+    tool = HttpTool("create_ticket", method="POST", url="https://tickets.internal/api/{project}/issues",
+                    headers={...}, timeout_seconds=10, max_response_bytes=1 << 20,
+                    rollback_header="x-rollback-token", credential=SecretFileCredential(...))
+    invoker = HttpInvoker([tool, ...])
+    await invoker.invoke(call, verdict) -> InvocationResult      # never raises for upstream faults
+    await invoker.aclose()
+
+The request: `{name}` in the URL template takes the URL-quoted argument
+`name` (which is then not sent again); the other arguments go as the JSON
+body (POST, PUT, PATCH) or the query string (GET, DELETE; objects and lists
+JSON-encoded). Headers: the configured ones, then the credential's. Redirects
+are not followed. The result is {"status": int, "body": JSON or text}:
+2xx → ok, other statuses below 500 → tool_error, 5xx → failed
+(upstream_error). A body over `max_response_bytes` → failed
+(upstream_too_large); a JSON content type with a body that does not parse,
+or with numbers the numbers rule refuses (sidecar/jsonvalues.py: they would
+reach the agent changed) → failed (upstream_malformed). The rollback token is the `rollback_header`
+response header, when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+from urllib.parse import quote
+
+import aiohttp
+
+from sidecar.invoke import (
+    FAILED,
+    NOT_CALLED,
+    OK,
+    TOOL_ERROR,
+    UNKNOWN_TOOL,
+    UPSTREAM_ERROR,
+    UPSTREAM_MALFORMED,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_TOO_LARGE,
+    UPSTREAM_UNAVAILABLE,
+    InvocationResult,
+)
+from sidecar.invoke.credentials import CredentialError, CredentialProvider
+from sidecar.jsonvalues import number_problems
+
+if TYPE_CHECKING:
+    from sidecar.calls import ToolCall
+    from sidecar.gate import Verdict
+
+INVALID_ARGUMENTS = "invalid_arguments"
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class HttpTool:
+    name: str
+    url: str
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 10.0
+    max_response_bytes: int = 1024 * 1024
+    rollback_header: str = "x-rollback-token"
+    credential: CredentialProvider | None = None
+
+
+def _query_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class HttpInvoker:
+    def __init__(self, tools: Sequence[HttpTool]):
+        self.tools = {t.name: t for t in tools}
+        self._session: aiohttp.ClientSession | None = None
+
+    def knows(self, tool: str) -> bool:
+        return tool in self.tools
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(auto_decompress=True, trust_env=False)
+        return self._session
+
+    async def invoke(self, call: "ToolCall", verdict: "Verdict") -> InvocationResult:
+        tool = self.tools.get(call.tool)
+        if tool is None:
+            return InvocationResult(NOT_CALLED, "", error=f"{UNKNOWN_TOOL}: no HTTP tool named {call.tool!r} in invoke.tools")
+        arguments = dict(call.arguments)
+        missing = [n for n in _PLACEHOLDER.findall(tool.url) if n not in arguments]
+        if missing:
+            return InvocationResult(
+                NOT_CALLED, tool.url,
+                error=f"{INVALID_ARGUMENTS}: the URL of {tool.name} needs argument(s) {', '.join(missing)}",
+            )
+        url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments.pop(m.group(1))), safe=""), tool.url)
+        upstream = url.split("?", 1)[0]
+        headers = dict(tool.headers)
+        headers["traceparent"] = f"00-{verdict.trace.trace_id}-{verdict.trace.span_id}-01"
+        credential = None
+        if tool.credential is not None:
+            try:
+                name, value, credential = await tool.credential.header()
+            except CredentialError as exc:
+                return InvocationResult(NOT_CALLED, upstream, error=exc.reason)
+            headers[name] = value
+        method = tool.method.upper()
+        kwargs: dict[str, Any] = {}
+        if method in ("GET", "DELETE"):
+            kwargs["params"] = {k: _query_value(v) for k, v in arguments.items()}
+        else:
+            kwargs["json"] = arguments
+
+        def failed(error: str, status: int | None = None) -> InvocationResult:
+            return InvocationResult(FAILED, upstream, error=error, upstream_status=status, credential=credential)
+
+        try:
+            async with asyncio.timeout(tool.timeout_seconds):
+                async with self._client().request(
+                    method, url, headers=headers, allow_redirects=False, **kwargs
+                ) as response:
+                    body = await response.content.read(tool.max_response_bytes + 1)
+                    status = response.status
+                    content_type = response.headers.get("content-type", "")
+                    token = response.headers.get(tool.rollback_header, "") if tool.rollback_header else ""
+        except TimeoutError:
+            return failed(f"{UPSTREAM_TIMEOUT}: {tool.name} at {upstream} did not answer within {tool.timeout_seconds:g} s")
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            return failed(f"{UPSTREAM_UNAVAILABLE}: TLS with {upstream} failed ({type(exc).__name__})")
+        except (aiohttp.ClientError, OSError) as exc:
+            return failed(f"{UPSTREAM_UNAVAILABLE}: {tool.name} at {upstream} could not be reached ({type(exc).__name__}: {exc})")
+        if len(body) > tool.max_response_bytes:
+            return failed(
+                f"{UPSTREAM_TOO_LARGE}: {tool.name} answered more than the {tool.max_response_bytes}-byte cap", status
+            )
+        if "json" in content_type.lower():
+            try:
+                payload: Any = json.loads(body) if body else None
+            except ValueError:
+                return failed(f"{UPSTREAM_MALFORMED}: {tool.name} answered {content_type} that does not parse", status)
+            inexact = number_problems(payload, "body")
+            if inexact:  # the agent (a protobuf Struct) would get other numbers than the tool gave
+                return failed(f"{UPSTREAM_MALFORMED}: {tool.name} answered {'; '.join(inexact[:3])}", status)
+        else:
+            payload = body.decode("utf-8", "replace")
+        result = {"status": status, "body": payload}
+        if status >= 500:
+            return InvocationResult(
+                FAILED, upstream, result=result, upstream_status=status, credential=credential,
+                error=f"{UPSTREAM_ERROR}: {tool.name} answered HTTP {status}",
+            )
+        return InvocationResult(
+            OK if 200 <= status < 300 else TOOL_ERROR,
+            upstream,
+            result=result,
+            rollback_token=token,
+            upstream_status=status,
+            credential=credential,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,395 @@
+"""The MCP gateway: MCP over Streamable HTTP at http://<mcp.listen>/mcp, in front of upstream MCP servers.
+
+    gateway = McpGateway(gate=..., identity=..., executor=..., invoker=McpInvoker(...), listen="127.0.0.1:8765")
+    await gateway.start()        # returns once the listener is bound; gateway.url is http://host:port/mcp
+    await gateway.aclose()
+
+- tools/list: every upstream's tools as `U__T` (sidecar.mcp.names), only those
+  policy does not deny in the list phase (`input.request.phase: "list"`);
+  descriptions and schemas pass through.
+- tools/call: the same Gate as Authorize (`tool.name = T`, `tool.server = U`).
+  allow → obligations applied, the call made by the invoker, its result
+  returned (and an `invocation` record written); deny → a tool error result
+  with the reasons; escalate → a tool error result with the escalation id.
+  The same call repeated after the approval carries the approval (once).
+- resources/*, prompts/*: not served (the gateway declares only `tools`),
+  so the SDK answers "method not found"; nothing reaches an upstream unchecked.
+- Identity: the configured resolvers over the HTTP headers (JWT-SVID in
+  `authorization: Bearer`, `x-spiffe-delegation`, dev). The caller's own
+  `authorization` header is never forwarded upstream.
+- A body that is not JSON-RPC is recorded as a denied call, then answered by the SDK.
+
+`_meta` keys a client may send with tools/call: `sidecar/task_id`,
+`sidecar/intent`, `sidecar/signals`, `sidecar/call_id`, `sidecar/escalation_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import mcp_types as types
+import uvicorn
+from mcp.server.caching import CacheHint
+from mcp.server.lowlevel.server import Server
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+from sidecar.calls import ToolCall
+from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.evidence import TraceContext
+from sidecar.evidence.records import reason_code
+from sidecar.gate import Gate, Verdict
+from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo
+from sidecar.invoke import FAILED, NOT_CALLED, UNKNOWN_TOOL
+from sidecar.invoke.executor import Executor
+from sidecar.invoke.mcp import McpInvoker
+from sidecar.mcp import names
+
+log = logging.getLogger(__name__)
+META_PREFIX = "sidecar/"
+TEXT_META = ("task_id", "intent", "call_id", "escalation_id")
+
+
+def peer_from_headers(headers: Headers, transport: str = "tcp") -> PeerInfo:
+    """PeerInfo of an HTTP request: header names lowercased, repeats joined with ", " as gRPC metadata is
+    (a second authorization header is then refused by the resolver, not silently dropped)."""
+    metadata: dict[str, str] = {}
+    for key, value in headers.items():  # starlette: every header line, repeats included
+        key = key.lower()
+        metadata[key] = f"{metadata[key]}, {value}" if key in metadata else value
+    return PeerInfo(transport=transport, metadata=metadata)
+
+
+def _text_result(text: str, meta: dict[str, Any]) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(text=text)], is_error=True, _meta=meta)
+
+
+class McpGateway:
+    def __init__(
+        self,
+        *,
+        gate: Gate,
+        identity: IdentityResolver,
+        executor: Executor,
+        invoker: McpInvoker,
+        listen: str,
+        max_body_bytes: int,
+        unix: str = "",
+        escalation_memory: int = 10_000,
+        grpc_address: str = "",
+        list_ttl_ms: int = 0,
+    ):
+        self._gate = gate
+        self._identity = identity
+        self._executor = executor
+        self._invoker = invoker
+        self._listen = listen
+        self._unix = unix  # path of an in-pod unix socket also serving /mcp ("" = none)
+        self._max_body = max_body_bytes
+        self._pending: OrderedDict[tuple, str] = OrderedDict()  # call shape → escalation id
+        self._memory = escalation_memory
+        self._grpc_address = grpc_address  # named in escalation answers: where AwaitDecision is served
+        self._refused: set[tuple[str, str]] = set()
+        self._input_schemas: dict[str, dict[str, Any]] = {}  # exposed name → input schema, from the last listing
+        self._server = Server(
+            "agent-sidecar",
+            instructions="Tools behind agent-sidecar: every call is decided by policy and recorded.",
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            # The SDK checks a call's Mcp-Param-* headers against the tool's input schema; without
+            # this lookup it would run the whole tools/list handler (upstreams, policy) per call.
+            get_tool_input_schema=self._input_schemas.get,
+            # A client may reuse its caller's own tools/list this long (never shared across callers).
+            cache_hints={"tools/list": CacheHint(ttl_ms=list_ttl_ms, scope="private")},
+        )
+        self._servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
+        self.url = ""
+
+    # ------------------------------------------------------------ serving
+
+    async def start(self) -> str:
+        """Connect the upstreams (in the background) and bind the listeners; returns the TCP /mcp URL ("" without one)."""
+        self._invoker.start()
+        host = self._listen.rpartition(":")[0] if self._listen else "127.0.0.1"
+        security = None
+        if host.strip("[]") in ("127.0.0.1", "localhost", "::1"):
+            # The SDK's DNS-rebinding protection for loopback, also accepting a Host without a port
+            # (http://localhost/mcp, what clients of the unix socket send).
+            hosts = ["127.0.0.1", "localhost", "[::1]"]
+            security = TransportSecuritySettings(
+                enable_dns_rebinding_protection=True,
+                allowed_hosts=[*hosts, *(f"{h}:*" for h in hosts)],
+                allowed_origins=[f"http://{h}{port}" for h in hosts for port in ("", ":*")],
+            )
+        app = self._server.streamable_http_app(
+            host=host, max_request_body_size=self._max_body, json_response=False, transport_security=security
+        )
+        recording = _RecordMalformed(app, gate=self._gate, resolve=self.resolve, max_body_bytes=self._max_body)
+        if self._listen:
+            sock, self.url = _tcp_socket(self._listen)
+            self._servers.append(await _serve(_Transport(recording, "tcp"), sock, lifespan="on"))
+        if self._unix:
+            path = Path(self._unix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            sock.listen(128)
+            sock.setblocking(False)
+            # The session manager runs in the TCP server's lifespan; this one needs its own without TCP.
+            lifespan = "off" if self._servers else "on"
+            self._servers.append(await _serve(_Transport(recording, "unix"), sock, lifespan=lifespan))
+        return self.url
+
+    async def aclose(self) -> None:
+        for server, task in reversed(self._servers):
+            server.should_exit = True
+            try:
+                await asyncio.wait_for(task, 10)
+            except asyncio.TimeoutError:
+                server.force_exit = True
+                task.cancel()
+        self._servers.clear()
+        await self._invoker.aclose()
+
+    # ----------------------------------------------------------- identity
+
+    def resolve(self, peer: PeerInfo) -> CallerIdentity | IdentityError:
+        try:
+            return self._identity.resolve(peer)
+        except IdentityError as exc:
+            return exc
+        except Exception as exc:  # a resolver bug must deny, not crash the call
+            log.exception("identity resolver failed")
+            return IdentityError(f"identity could not be verified ({type(exc).__name__})")
+
+    def _peer(self, ctx: Any) -> PeerInfo:
+        request = ctx.request
+        if isinstance(request, Request):
+            return peer_from_headers(request.headers, request.scope.get(_TRANSPORT_KEY, "tcp"))
+        return PeerInfo(transport="tcp")
+
+    # ------------------------------------------------------------ handlers
+
+    async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        identity = self.resolve(self._peer(ctx))
+        if isinstance(identity, IdentityError):
+            raise MCPError(types.INVALID_REQUEST, f"unverified_caller: {identity.reason}")
+        upstream_names = list(self._invoker.upstreams)
+        offered = []
+        for upstream, tool in await self._invoker.tools():
+            problem = names.refusal(upstream, tool.name, upstream_names)
+            if problem:
+                if (upstream, tool.name) not in self._refused:  # once per tool, not per listing
+                    self._refused.add((upstream, tool.name))
+                    log.warning("MCP gateway: %s", problem)
+                continue
+            offered.append((upstream, tool))
+            self._input_schemas[names.exposed_name(upstream, tool.name)] = tool.input_schema
+        decisions = await asyncio.gather(*(self._gate.visible(identity, t.name, u) for u, t in offered))
+        tools = [
+            tool.model_copy(update={"name": names.exposed_name(upstream, tool.name)})
+            for (upstream, tool), decision in zip(offered, decisions)
+            if decision.outcome != "deny"
+        ]
+        return types.ListToolsResult(tools=tools)
+
+    async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        peer = self._peer(ctx)
+        identity = self.resolve(peer)
+        meta = dict(params.meta or {})
+        parent = TraceContext.from_traceparent(peer.metadata.get("traceparent")) or TraceContext.from_traceparent(
+            meta.get("traceparent") if isinstance(meta.get("traceparent"), str) else None
+        )
+        arguments = params.arguments if params.arguments is not None else {}
+        fields: dict[str, Any] = {}
+        problem = ""
+        for key in TEXT_META:
+            value = meta.get(META_PREFIX + key, "")
+            if not isinstance(value, str):
+                problem = f"malformed_request: _meta {META_PREFIX}{key} must be a string"
+                value = ""
+            fields[key] = value
+        signals = meta.get(META_PREFIX + "signals")
+        split = names.split_name(params.name)
+        upstream, tool = split if split else ("", params.name)
+        if not problem:
+            if split is None or upstream not in self._invoker.upstreams:
+                problem = (f"{UNKNOWN_TOOL}: no tool {params.name!r} behind this gateway "
+                           f"(names are <upstream>{names.SEPARATOR}<tool>)")
+            else:
+                refused = names.refusal(upstream, tool, self._invoker.upstreams)
+                if refused:
+                    problem = f"{UNKNOWN_TOOL}: {refused}"
+        call = ToolCall(
+            tool=tool,
+            server=upstream,
+            arguments=arguments,
+            call_id=fields["call_id"],
+            task_id=fields["task_id"],
+            intent=fields["intent"],
+            signals=signals,
+            escalation_id=fields["escalation_id"],
+        )
+        shape = self._shape(identity, call)
+        remembered = False
+        if not problem and not call.escalation_id and shape is not None and shape in self._pending:
+            call = replace(call, escalation_id=self._pending[shape])
+            remembered = True
+        verdict = await self._gate.authorize(call, identity, parent, malformed=problem or None)
+        outcome = verdict.decision.outcome
+        base_meta = {"sidecar/decision_id": verdict.decision_id, "sidecar/trace_id": verdict.trace.trace_id,
+                     "sidecar/outcome": outcome}
+        if shape is not None and (remembered or outcome == "escalate"):
+            self._remember(shape, verdict, remembered)
+        if outcome == "deny":
+            reasons = "; ".join(verdict.decision.reasons)
+            return _text_result(f"denied by policy (decision {verdict.decision_id}): {reasons}", base_meta)
+        if outcome == "escalate":
+            return _text_result(self._escalation_text(verdict), {**base_meta, "sidecar/escalation_id": verdict.escalation_id})
+        assert isinstance(identity, CallerIdentity)
+        performed = await self._executor.perform(call, identity, verdict, self._invoker)
+        result = performed.result
+        if performed.record_error:
+            return _text_result(performed.record_error, base_meta)
+        if result.status in (FAILED, NOT_CALLED):
+            return _text_result(f"allowed (decision {verdict.decision_id}) but the call failed: {result.error}", base_meta)
+        answer = types.CallToolResult.model_validate(result.result)
+        return answer.model_copy(update={"meta": {**(answer.meta or {}), **base_meta}})
+
+    # ------------------------------------------------------- escalations
+
+    @staticmethod
+    def _shape(identity: CallerIdentity | IdentityError, call: ToolCall) -> tuple | None:
+        if not isinstance(identity, CallerIdentity) or not isinstance(call.arguments, dict):
+            return None
+        try:
+            digest = sha256_digest(canonical_json(call.arguments))
+        except NotCanonicalizable:
+            return None
+        delegation = tuple(link.spiffe_id for link in identity.delegation)
+        return (identity.subject.spiffe_id, delegation, call.server, call.tool, digest, call.task_id)
+
+    def _remember(self, shape: tuple, verdict: Verdict, remembered: bool) -> None:
+        """Keep the escalation id of an escalated call, so the same call after the approval carries it."""
+        if verdict.decision.outcome == "escalate":
+            self._pending[shape] = verdict.escalation_id
+            self._pending.move_to_end(shape)
+            while len(self._pending) > self._memory:
+                self._pending.popitem(last=False)
+            return
+        still_waiting = any(reason_code(r) == "escalation_pending" for r in verdict.decision.reasons)
+        if remembered and not still_waiting:
+            self._pending.pop(shape, None)  # used, denied or expired: the next call asks policy afresh
+
+    def _escalation_text(self, verdict: Verdict) -> str:
+        reasons = "; ".join(verdict.decision.reasons)
+        where = f" at {self._grpc_address}" if self._grpc_address else ""
+        return (
+            f"needs approval: escalation {verdict.escalation_id} (decision {verdict.decision_id}) waits for a "
+            f"human approver. Reasons: {reasons}. To wait, call AwaitDecision(escalation_id={verdict.escalation_id!r}) "
+            f"on the sidecar's gRPC API{where} or watch `agent-sidecar approvals list`. Once it is approved, call this "
+            "tool again with the same arguments: the approval is used once."
+        )
+
+
+_TRANSPORT_KEY = "sidecar.transport"
+
+
+class _Transport:
+    """ASGI wrapper: marks each request with the listener it came in on (tcp | unix) for the identity resolvers."""
+
+    def __init__(self, app: Any, transport: str):
+        self._app = app
+        self._transport = transport
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            scope[_TRANSPORT_KEY] = self._transport
+        await self._app(scope, receive, send)
+
+
+def _tcp_socket(listen: str) -> tuple[socket.socket, str]:
+    host, _, port = listen.rpartition(":")
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((bare, int(port)))
+    sock.listen(128)
+    sock.setblocking(False)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
+    return sock, f"http://{shown}:{bound_port}/mcp"
+
+
+async def _serve(app: Any, sock: socket.socket, *, lifespan: str) -> tuple[uvicorn.Server, asyncio.Task]:
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="mcp-gateway")
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the MCP gateway stopped while starting")
+        await asyncio.sleep(0.01)
+    return server, task
+
+
+class _RecordMalformed:
+    """ASGI wrapper: a POST body that is not JSON-RPC is recorded as a denied call before the SDK answers it."""
+
+    def __init__(self, app: Any, *, gate: Gate, resolve: Any, max_body_bytes: int):
+        self._app = app
+        self._gate = gate
+        self._resolve = resolve  # PeerInfo -> CallerIdentity | IdentityError
+        self._max_body = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            await self._app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        messages = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size <= self._max_body:
+                chunks.append(body)
+            if not message.get("more_body"):
+                break
+        problem = self._problem(b"".join(chunks), size)
+        if problem:
+            peer = peer_from_headers(Request(scope).headers, scope.get(_TRANSPORT_KEY, "tcp"))
+            await self._gate.authorize(ToolCall(tool="", arguments={}), self._resolve(peer), None, malformed=problem)
+
+        async def replay() -> dict:
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        await self._app(scope, replay, send)
+
+    def _problem(self, body: bytes, size: int) -> str:
+        if size > self._max_body:
+            return f"malformed_request: the MCP message is {size} bytes, over the {self._max_body}-byte limit"
+        try:
+            message = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"malformed_request: the MCP message is not JSON ({str(exc)[:200]})"
+        batch = message if isinstance(message, list) else [message]
+        if not batch or not all(isinstance(m, dict) and m.get("jsonrpc") == "2.0" for m in batch):
+            return "malformed_request: the MCP message is not a JSON-RPC 2.0 object"
+        return ""

@@ -1,0 +1,224 @@
+"""ToolGate.Invoke against a real HTTP server on loopback: allow → the sidecar makes the call with
+the credential the agent never holds; deny / escalate → no call; upstream faults → clear errors,
+all recorded as invocation records chained to their decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import web
+from google.protobuf.struct_pb2 import Struct
+
+from sidecar.evidence.verify import verify_dir
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import write_policy
+
+SECRET = "ticket-api-key-91c2"
+
+POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: tickets"], "obligations": {"cap_list_arguments": {"labels": 1}}} if {
+        input.tool.name in {"create_ticket", "slow_tool", "broken_tool", "huge_tool", "down_tool", "garbage_tool", "bigint_tool"}
+        not input.tool.arguments.project == "secret-project"
+    }
+
+    decision := {"outcome": "escalate", "reasons": ["needs_approval: deletes"], "obligations": {}} if {
+        input.tool.name == "delete_ticket"
+    }
+"""
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append({"path": request.path, "body": body, "authorization": request.headers.get("authorization", ""),
+                              "api_key": request.headers.get("x-api-key", ""),
+                              "traceparent": request.headers.get("traceparent", "")})
+        return web.json_response({"id": 7, "title": body.get("title")}, status=201,
+                                 headers={"x-rollback-token": "delete-ticket-7"})
+
+    async def anything(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path})
+        if request.path == "/slow":
+            await asyncio.sleep(5)
+        if request.path == "/broken":
+            return web.Response(status=503, text="maintenance")
+        if request.path == "/huge":
+            return web.Response(body=b"x" * 100_000, content_type="text/plain")
+        if request.path == "/bigint":
+            return web.Response(body=b'{"id": 1152921504606846977}', content_type="application/json")
+        if request.path == "/garbage":
+            return web.Response(body=b"{not json", content_type="application/json")
+        return web.Response(text="?")
+
+
+@pytest.fixture
+async def upstream():
+    state = Upstream()
+    app = web.Application()
+    app.router.add_post("/projects/{project}/tickets", state.create)
+    app.router.add_route("*", "/{tail:.*}", state.anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield state, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
+    state, base = upstream
+    secret = tmp_path / "ticket-key"
+    secret.write_text(SECRET)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    tool = {"method": "POST", "timeout_seconds": 10, "max_response_bytes": 10_000}
+    config = sidecar_config(**{
+        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+        "listen.unix": "",
+        "invoke.tools": {
+            "create_ticket": {**tool, "url": base + "/projects/{project}/tickets",
+                              "credential": {"kind": "secret_file", "file": str(secret), "header": "X-Api-Key",
+                                             "scheme": ""}},
+            "delete_ticket": {**tool, "url": base + "/delete"},
+            "slow_tool": {**tool, "url": base + "/slow", "timeout_seconds": 0.5},
+            "broken_tool": {**tool, "url": base + "/broken"},
+            "huge_tool": {**tool, "url": base + "/huge"},
+            "garbage_tool": {**tool, "url": base + "/garbage"},
+            "bigint_tool": {**tool, "url": base + "/bigint"},
+            "down_tool": {**tool, "url": f"http://127.0.0.1:{dead}/x"},
+        },
+    })
+    return await running_sidecar(config), state, config
+
+
+async def invoke(address: str, tool: str, arguments: dict) -> sidecar_pb2.InvokeResponse:
+    args = Struct()
+    args.update(arguments)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        return await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool=tool, arguments=args)))
+
+
+def records(directory: str) -> list[dict]:
+    out = []
+    for path in sorted(Path(directory).glob("evidence-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines()]
+    return out
+
+
+async def test_allowed_call_is_made_by_the_sidecar_with_its_credential(sidecar):
+    running, state, config = sidecar
+    response = await invoke(running.addresses[0], "create_ticket",
+                            {"project": "ops team/1", "title": "disk full", "labels": ["a", "b"]})
+    assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+    assert response.status == "ok" and response.upstream_status == 201, response
+    assert response.result["body"]["id"] == 7
+    sent = state.requests[-1]
+    assert sent["path"] == "/projects/ops team/1/tickets"  # URL-quoted into one path segment
+    assert sent["body"] == {"title": "disk full", "labels": ["a"]}  # placeholder not repeated; list capped
+    assert sent["api_key"] == SECRET and sent["authorization"] == ""  # attached by the sidecar, no scheme
+    assert SECRET not in str(response)
+    assert sent["traceparent"].split("-")[1] == response.decision.trace_id
+    log = records(config.evidence.dir)
+    decision = next(r for r in log if r["kind"] == "decision")
+    invocation = next(r for r in log if r["kind"] == "invocation")
+    assert invocation["decision_id"] == decision["decision_id"] and invocation["decision_hash"] == decision["hash"]
+    assert invocation["rollback_token"] == "delete-ticket-7"
+    assert invocation["credential_kind"] == "secret_file" and SECRET not in json.dumps(log)
+    assert invocation["upstream_status"] == 201 and invocation["autonomy"] == "autonomous"
+    assert verify_dir(Path(config.evidence.dir)).ok
+
+
+@pytest.mark.parametrize(
+    "tool, arguments, outcome",
+    [
+        ("create_ticket", {"project": "secret-project", "title": "x"}, sidecar_pb2.OUTCOME_DENY),
+        ("delete_ticket", {"id": 7}, sidecar_pb2.OUTCOME_ESCALATE),
+        ("not_configured", {}, sidecar_pb2.OUTCOME_DENY),
+    ],
+)
+async def test_deny_and_escalate_make_no_call(sidecar, tool, arguments, outcome):
+    running, state, config = sidecar
+    response = await invoke(running.addresses[0], tool, arguments)
+    assert response.decision.outcome == outcome
+    assert response.status == "" and not state.requests
+    assert not [r for r in records(config.evidence.dir) if r["kind"] == "invocation"]
+
+
+@pytest.mark.parametrize(
+    "tool, code",
+    [
+        ("slow_tool", "upstream_timeout"),
+        ("broken_tool", "upstream_error"),
+        ("huge_tool", "upstream_too_large"),
+        ("garbage_tool", "upstream_malformed"),
+        ("bigint_tool", "upstream_malformed"),  # 2^60+1 would reach the agent as another number
+        ("down_tool", "upstream_unavailable"),
+        ("create_ticket", "invalid_arguments"),  # the URL needs {project}
+    ],
+)
+async def test_upstream_faults_are_clear_errors_recorded_and_serving_goes_on(sidecar, tool, code):
+    running, _, config = sidecar
+    response = await invoke(running.addresses[0], tool, {"title": "t"})
+    assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+    assert response.error.startswith(code + ":"), response
+    invocation = [r for r in records(config.evidence.dir) if r["kind"] == "invocation"]
+    assert invocation[-1]["reasons"][0].startswith(code)
+    again = await invoke(running.addresses[0], "create_ticket", {"project": "p", "title": "t"})
+    assert again.status == "ok"
+
+
+async def test_a_tls_failure_is_a_clear_error_and_nothing_is_sent(tmp_path, sidecar_config, running_sidecar):
+    """An upstream whose certificate the sidecar does not trust (a private test CA)."""
+    import ssl
+
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.doubles.pki import TestCa
+
+    svid = TestCa("example.org").issue("/tickets")
+    (tmp_path / "cert.pem").write_bytes(svid.chain_pem())
+    (tmp_path / "key.pem").write_bytes(svid.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    reached = []
+
+    async def handle(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/x", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x"
+        sidecar = await running_sidecar(sidecar_config(**{
+            "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+            "invoke.tools": {"create_ticket": {"url": url}},
+        }))
+        response = await invoke(sidecar.addresses[0], "create_ticket", {"title": "t"})
+        assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert response.error.startswith("upstream_unavailable: TLS with"), response.error
+        assert not reached
+    finally:
+        await runner.cleanup()

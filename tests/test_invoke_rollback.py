@@ -1,0 +1,146 @@
+"""`agent-sidecar rollback DECISION_ID`: the undo tool named in the catalog is called with the
+recorded rollback token, through the running sidecar, decided by policy and recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import yaml
+from mcp.client.client import Client
+
+from sidecar.cli import main
+from sidecar.evidence.verify import verify_dir
+from sidecar.invoke.rollback import RollbackError, plan_rollback
+from tests.conftest import write_policy
+from tests.mcp_upstreams import Seen, docs_server, serve_http
+
+POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: listed"], "obligations": {}} if {
+        input.tool.name in {"send", "whoami"}
+    }
+
+    decision := {"outcome": "allow", "reasons": ["ok: undo"], "obligations": {}} if {
+        input.tool.name == "unsend"
+        startswith(input.task.intent, "rollback of decision ")
+    }
+"""
+CATALOG = {"tools": {  # data.sidecar.catalog
+    "send": {"risk": "low", "undo": {"tool": "unsend", "token_argument": "message_token"}},
+    "whoami": {"risk": "low"},
+}}
+
+
+@pytest.fixture
+async def world(tmp_path, sidecar_config, running_sidecar):
+    policy = write_policy(tmp_path / "policy", POLICY)
+    (policy / "sidecar" / "catalog").mkdir(parents=True)
+    (policy / "sidecar" / "catalog" / "data.json").write_text(json.dumps(CATALOG))
+    seen = Seen()
+    upstream = await serve_http(docs_server(seen))
+    settings = {
+        "listen": {"tcp": "127.0.0.1:0"},
+        "policy": {"dir": str(policy), "reload": False},
+        "evidence": {"dir": str(tmp_path / "evidence")},
+        "telemetry": {"exporter": "none"},
+        "mcp": {"listen": "127.0.0.1:0", "upstreams": {"docs": {"url": upstream.url}}},
+    }
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(policy), "evidence.dir": str(tmp_path / "evidence"),
+        "mcp.listen": "127.0.0.1:0", "mcp.upstreams": {"docs": {"url": upstream.url}},
+    }))
+    yield sidecar, seen, path, tmp_path / "evidence"
+    await upstream.stop()
+
+
+async def test_rollback_calls_the_undo_tool_with_the_recorded_token(world, capsys):
+    sidecar, seen, config_path, evidence = world
+    async with Client(sidecar.mcp.url) as agent:
+        sent = await agent.call_tool("docs__send", {"to": ["a@example.com"], "body": "oops"},
+                                     meta={"sidecar/task_id": "task-9"})
+    decision_id = sent.meta["sidecar/decision_id"]
+    capsys.readouterr()
+    code = await asyncio.to_thread(
+        main, ["rollback", decision_id, "--config", str(config_path), "--mcp-url", sidecar.mcp.url]
+    )
+    out = capsys.readouterr()
+    assert out.out, (code, out.err)
+    answer = json.loads(out.out)
+    assert code == 0, answer
+    assert answer["undo_tool"] == "unsend" and answer["outcome"] == "allow"
+    assert seen.calls[-1] == ("unsend", {"message_token": "undo-42"})
+    log = [json.loads(line) for line in (evidence / "evidence-000001.jsonl").read_text().splitlines()]
+    undo_decision = next(r for r in log if r["kind"] == "decision" and r["tool"] == "unsend")
+    assert undo_decision["intent"] == f"rollback of decision {decision_id}" and undo_decision["task_id"] == "task-9"
+    assert [r["tool"] for r in log if r["kind"] == "invocation"] == ["send", "unsend"]
+    assert verify_dir(evidence).ok
+
+
+async def test_rollback_refuses_what_cannot_be_undone(world):
+    sidecar, _, config_path, evidence = world
+    async with Client(sidecar.mcp.url) as agent:
+        plain = await agent.call_tool("docs__whoami", {})
+        denied = await agent.call_tool("docs__forbidden", {})
+    policy = yaml.safe_load(config_path.read_text())["policy"]["dir"]
+    with pytest.raises(RollbackError, match="no rollback token"):
+        plan_rollback(evidence, policy, plain.meta["sidecar/decision_id"])
+    with pytest.raises(RollbackError, match="made no such call"):
+        plan_rollback(evidence, policy, denied.meta["sidecar/decision_id"])
+    with pytest.raises(RollbackError, match="made no such call"):
+        plan_rollback(evidence, policy, "no-such-decision")
+
+
+async def test_rollback_of_an_http_tool_goes_through_invoke(tmp_path, sidecar_config, running_sidecar, capsys):
+    import grpc
+    from aiohttp import web
+    from google.protobuf.struct_pb2 import Struct
+
+    from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+    calls = []
+
+    async def handle(request: web.Request) -> web.Response:
+        calls.append((request.path, await request.json()))
+        return web.json_response({"ok": True}, headers={"x-rollback-token": "ticket-7"})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    policy = write_policy(tmp_path / "policy", POLICY.replace('{"send", "whoami"}', '{"send", "whoami", "open_ticket"}')
+                          .replace('"unsend"', '"close_ticket"'))
+    (policy / "sidecar" / "catalog").mkdir(parents=True)
+    (policy / "sidecar" / "catalog" / "data.json").write_text(json.dumps({"tools": {
+        "open_ticket": {"undo": {"tool": "close_ticket", "token_argument": "id"}}}}))
+    tools = {"open_ticket": {"url": base + "/open"}, "close_ticket": {"url": base + "/close"}}
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump({"policy": {"dir": str(policy)}, "evidence": {"dir": str(tmp_path / "evidence")},
+                                    "invoke": {"tools": tools}}))
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(policy), "evidence.dir": str(tmp_path / "evidence"), "invoke.tools": tools,
+    }))
+    try:
+        arguments = Struct()
+        arguments.update({"title": "t"})
+        async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+            opened = await sidecar_pb2_grpc.ToolGateStub(channel).Invoke(
+                sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool="open_ticket", arguments=arguments)))
+        assert opened.status == "ok"
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["rollback", opened.decision.decision_id, "--config", str(path),
+                                              "--address", sidecar.addresses[0]])
+        answer = json.loads(capsys.readouterr().out)
+        assert code == 0 and answer["status"] == "ok" and answer["outcome"] == "allow", answer
+        assert calls[-1] == ("/close", {"id": "ticket-7"})
+    finally:
+        await runner.cleanup()
