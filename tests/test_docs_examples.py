@@ -2,10 +2,12 @@
 
 Each fenced block whose info string starts with `sh`, `console` or `python`
 is extracted and run against a served sidecar: `agent-sidecar serve` with
-examples/dev.yaml, in a temporary copy of the repository's layout (rego/ and
-examples/ copied; the package, .venv, tests/, bench/, the Makefile and
-.tools linked), with the working directory at its root, as a reader who
-cloned the repository and ran `make run` would be.
+examples/mcp.yaml (examples/dev.yaml plus the MCP gateway and its two example
+MCP servers, so the MCP examples have their gateway), in a temporary copy of
+the repository's layout (rego/ and examples/ copied; the package, .venv,
+tests/, bench/, the Makefile and .tools linked), with the working directory
+at its root, as a reader who cloned the repository and ran `make run` would
+be. Only the ports (and an MCP unix socket) are its own.
 
 - `sh`: the block runs as one bash script (`set -e`); it must exit 0.
 - `console`: each `$ command` (with `\\` continuations) runs in one bash
@@ -18,8 +20,9 @@ cloned the repository and ran `make run` would be.
   process; top-level `await` is allowed.
 
 What the examples take from their context is supplied, and only that:
-addresses the docs write for the pod (`unix:/run/agent-sidecar/sidecar.sock`)
-or the default port (`127.0.0.1:50051`) are the served sidecar's; an
+addresses the docs write for the pod (`unix:/run/agent-sidecar/sidecar.sock`,
+`/run/sidecar/mcp.sock`) or the default ports (`127.0.0.1:50051`, the MCP
+gateway's `127.0.0.1:8765`) are the served sidecar's; an
 escalation id shown elided (`esc-…`, `esc-...`) or as a sample is a fresh
 pending escalation of the documented kind (one whose task id hides control
 characters where the documented output flags `[!]`); a person stands by and
@@ -66,6 +69,9 @@ NO_RUN_ALLOWED = 6  # keep it short: see the module docstring
 APPROVER = "email:alice@example.org"
 POD_SOCKET = "unix:/run/agent-sidecar/sidecar.sock"
 DEFAULT_TCP = "127.0.0.1:50051"
+POD_MCP_SOCKET = "/run/sidecar/mcp.sock"
+DEFAULT_MCP = "127.0.0.1:8765"
+SERVED_CONFIG = "examples/mcp.yaml"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 ELIDED_ID = re.compile(r"esc-(?:[0-9a-f]{32}|…|\.\.\.)")
 
@@ -129,6 +135,8 @@ class Served:
     root: Path
     tcp: str
     unix: str
+    mcp: str
+    mcp_unix: str
     env: dict[str, str]
     process: subprocess.Popen
     made: int = 0
@@ -157,15 +165,22 @@ def layout(root: Path) -> None:
     for name in ("sidecar", "tests", "bench", "protos", "tools", "Makefile", "pyproject.toml", ".venv", ".tools", "deploy"):
         if (REPO / name).exists():
             (root / name).symlink_to(REPO / name)
-    config = yaml.safe_load((root / "examples" / "dev.yaml").read_text())
-    # Ports of its own on a shared machine; everything else as shipped.
-    config["listen"]["tcp"] = f"127.0.0.1:{free_port()}"
-    config.setdefault("metrics", {})["listen"] = f"127.0.0.1:{free_port()}"
-    config.setdefault("console", {})["listen"] = f"127.0.0.1:{free_port()}"
-    # The evidence examples show a log every record of which a checkpoint covers, as after a clean
-    # shutdown; a checkpoint after each record gives the same while the sidecar serves.
-    config.setdefault("evidence", {})["checkpoint_every"] = 1
-    (root / "examples" / "dev.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    tcp = f"127.0.0.1:{free_port()}"
+    for name in ("dev.yaml", "mcp.yaml"):
+        config = yaml.safe_load((root / "examples" / name).read_text())
+        # Ports of its own on a shared machine; everything else as shipped.
+        config["listen"]["tcp"] = tcp
+        if "metrics" in config:
+            config["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+        if "console" in config:
+            config["console"]["listen"] = f"127.0.0.1:{free_port()}"
+        if "mcp" in config:
+            config["mcp"]["listen"] = f"127.0.0.1:{free_port()}"
+            config["mcp"]["unix"] = str(root / "var" / "run" / "mcp.sock")
+        # The evidence examples show a log every record of which a checkpoint covers, as after a clean
+        # shutdown; a checkpoint after each record gives the same while the sidecar serves.
+        config.setdefault("evidence", {})["checkpoint_every"] = 1
+        (root / "examples" / name).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 class Approver(threading.Thread):
@@ -198,7 +213,7 @@ class Approver(threading.Thread):
 def served():
     root = Path(tempfile.mkdtemp(prefix="docs-", dir="/tmp"))  # short: the unix socket path lives here
     layout(root)
-    config = yaml.safe_load((root / "examples" / "dev.yaml").read_text())
+    config = yaml.safe_load((root / SERVED_CONFIG).read_text())
     env = {
         **os.environ,
         "PATH": f"{root / '.venv' / 'bin'}:{root / '.tools' / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -207,7 +222,7 @@ def served():
     }
     env.pop("SPIFFE_ENDPOINT_SOCKET", None)
     log = (root / "serve.log").open("wb")
-    process = subprocess.Popen([str(root / ".venv" / "bin" / "agent-sidecar"), "serve", "--config", "examples/dev.yaml"],
+    process = subprocess.Popen([str(root / ".venv" / "bin" / "agent-sidecar"), "serve", "--config", SERVED_CONFIG],
                                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     socket_path = root / config["listen"]["unix"]
     deadline = time.monotonic() + 120
@@ -215,7 +230,17 @@ def served():
         assert process.poll() is None, (root / "serve.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the sidecar did not start"
         time.sleep(0.1)
-    served = Served(root, config["listen"]["tcp"], f"unix:{socket_path}", env, process)
+    host, port = config["mcp"]["listen"].rsplit(":", 1)
+    while True:  # the MCP gateway too (it starts its upstreams first)
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            assert process.poll() is None, (root / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MCP gateway did not start"
+            time.sleep(0.1)
+    served = Served(root, config["listen"]["tcp"], f"unix:{socket_path}", config["mcp"]["listen"],
+                    config["mcp"]["unix"], env, process)
     # What a reader has after trying the sidecar a little: decisions of each outcome in var/evidence.
     with Client(served.unix) as client:
         client.authorize("read_file", {"path": "/workspace/a.txt"}, task_id="t-1")
@@ -233,6 +258,7 @@ def served():
 
 def in_context(text: str, served: Served, ids: dict[str, str], hostile: bool) -> str:
     text = text.replace(POD_SOCKET, served.unix).replace(DEFAULT_TCP, served.tcp)
+    text = text.replace(POD_MCP_SOCKET, served.mcp_unix).replace(DEFAULT_MCP, served.mcp)
     for placeholder in dict.fromkeys(ELIDED_ID.findall(text)):
         if placeholder not in ids:
             ids[placeholder] = served.escalation(hostile=hostile)
