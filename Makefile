@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TOOLS ?= opa spire jaeger
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: run test proto install tools clean policy-test bench reliability deploy-bundle system-deps
+.PHONY: run test demo proto install tools clean policy-test bench reliability deploy-bundle system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ tools:
 run: TOOLS = opa
 run: install
 	$(BIN)/agent-sidecar serve --config examples/dev.yaml
+
+## SPIRE, the sidecar and Jaeger, a few calls of each outcome, where to look; Ctrl-C stops it (README "Demo").
+## SPIRE's datastore is PostgreSQL (system-deps).
+demo: install system-deps
+	$(BIN)/python scripts/demo.py
 
 ## Install everything and run the whole test suite.
 test: install system-deps
@@ -66,7 +71,7 @@ reliability: install system-deps
 	  tests/test_evidence_crash.py tests/test_evidence_canonical.py tests/test_evidence_otel.py \
 	  tests/test_opa_client.py tests/test_opa_runner.py tests/test_opa_breaker.py tests/test_opa_sidecar.py \
 	  tests/test_opa_differential.py tests/test_identity_workload_api.py tests/test_spire_rotation.py \
-	  tests/test_spire_bad_input.py
+	  tests/test_spire_bad_input.py tests/test_jaeger_outage.py tests/test_jaeger_faults.py
 
 ## Benchmark: sidecar vs. a bare gRPC floor (docs/performance.md).
 bench: install

@@ -1,4 +1,4 @@
-"""Evidence through the real gRPC server: records, spans with the response's trace id, a full disk denies."""
+"""Evidence through the real gRPC server: records, spans in the real Jaeger with the response's trace id, a full disk denies."""
 
 from __future__ import annotations
 
@@ -14,26 +14,22 @@ from sidecar.evidence.verify import verify_dir
 from sidecar.v1 import sidecar_pb2_grpc
 from sidecar.client import build_request
 from tests.conftest import SIMPLE_POLICY, write_policy
-from tests.doubles.otlp_receiver import OtlpReceiver
+from tests.infra.jaeger import Jaeger, clean_otel_env, wait_until_async  # noqa: F401 (fixture)
+
+SERVICE = "sidecar-evidence-e2e"
 
 
 @pytest.fixture
-def receiver():
-    rx = OtlpReceiver().start()
-    yield rx
-    rx.stop()
+def jaeger(tmp_path):
+    with Jaeger(tmp_path / "jaeger") as running:
+        yield running
 
 
 @pytest.fixture
-async def evidence_sidecar(tmp_path, running_sidecar, sidecar_config, receiver, monkeypatch):
-    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
-    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+async def evidence_sidecar(tmp_path, running_sidecar, sidecar_config, jaeger, clean_otel_env):
     policy = write_policy(tmp_path / "rego", SIMPLE_POLICY)
-    config = sidecar_config(**{"policy.dir": str(policy), "evidence.dir": str(tmp_path / "ev")})
-    config.telemetry.exporter = "otlp"
-    config.telemetry.endpoint = receiver.endpoint
-    config.telemetry.export_timeout_seconds = 2.0
-    config.telemetry.max_backoff_seconds = 0.3
+    config = sidecar_config(**jaeger.telemetry_settings(SERVICE),
+                            **{"policy.dir": str(policy), "evidence.dir": str(tmp_path / "ev")})
     return await running_sidecar(config)
 
 
@@ -44,7 +40,7 @@ def read_records(directory) -> list[dict]:
     return records
 
 
-async def test_each_authorize_leaves_a_record_and_a_span_with_the_response_ids(evidence_sidecar, receiver, tmp_path):
+async def test_each_authorize_leaves_a_record_and_a_span_with_the_response_ids(evidence_sidecar, jaeger, tmp_path):
     sidecar = evidence_sidecar
     parent_trace, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     async with AsyncClient(sidecar.addresses[0]) as client:
@@ -68,12 +64,16 @@ async def test_each_authorize_leaves_a_record_and_a_span_with_the_response_ids(e
     assert records[traced.decision_id]["parent_span_id"] == parent_span
     assert records[traced.decision_id]["trace_id"] == parent_trace == traced.trace_id
 
-    ids = {r.decision_id for r in (allowed, denied)} | {traced.decision_id}
-    assert receiver.wait_for(lambda r: ids <= {s.attributes.get("sidecar.decision.id") for s in r.by_name("execute_tool")})
-    spans = {s.attributes["sidecar.decision.id"]: s for s in receiver.by_name("execute_tool")}
-    assert spans[allowed.decision_id].trace_id == allowed.trace_id  # search Jaeger by the response's trace id
+    def decision_spans() -> dict:
+        spans = [s for result in (allowed, denied, traced) for s in jaeger.trace(result.trace_id)]
+        return {s.tags["sidecar.decision.id"]: s for s in spans if s.name.startswith("execute_tool")}
+
+    ids = {r.decision_id for r in (allowed, denied, traced)}
+    spans = await wait_until_async(lambda: (found := decision_spans()).keys() >= ids and found)
+    assert spans, "the decisions' spans did not reach Jaeger"
+    assert spans[allowed.decision_id].trace_id == allowed.trace_id  # found in Jaeger by the response's trace id
     assert spans[traced.decision_id].parent_span_id == parent_span
-    assert spans[allowed.decision_id].resource["service.instance.id"] == "test-sidecar"
+    assert spans[allowed.decision_id].process["service.instance.id"] == "test-sidecar"
     assert verify_dir(tmp_path / "ev").ok
 
 

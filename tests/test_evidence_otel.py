@@ -1,14 +1,14 @@
-"""Spans from evidence records, shipped losslessly to an OTLP receiver (test double) that fails, slows and dies."""
+"""Spans from evidence records, shipped losslessly to an OTLP receiver (test double) that fails, slows and dies.
+
+OTLP over HTTP, and the sidecar's spans in the real Jaeger, are in tests/test_jaeger_*.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import http.server
-import threading
 import time
 
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from sidecar.config import TelemetryConfig
 from sidecar.evidence import TraceContext
@@ -183,45 +183,6 @@ def test_exporter_choice_follows_config_and_otel_env(clean_otel_env):
     assert exporter_from_env(environ={"OTEL_TRACES_EXPORTER": "none"}) is None
     assert exporter_from_env(environ={"OTEL_SDK_DISABLED": "true"}) is None
     assert exporter_from_env(exporter="none", environ={}) is None
-
-
-class _OtlpHttpHandler(http.server.BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-        for rs in request.resource_spans:
-            for ss in rs.scope_spans:
-                self.received.extend(s.span_id.hex() for s in ss.spans)
-        reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
-
-
-async def test_otlp_over_http_protobuf(tmp_path, clean_otel_env):
-    """TEST DOUBLE: a minimal OTLP/HTTP endpoint (POST /v1/traces, protobuf)."""
-    _OtlpHttpHandler.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpHttpHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = TelemetryConfig(protocol="http/protobuf", endpoint=f"http://127.0.0.1:{server.server_address[1]}", export_timeout_seconds=2)
-    rec = open_recorder(evidence_config(tmp_path / "ev"), config, instance_id="s")
-    try:
-        event = make_event(1)
-        await rec.record(event)
-        deadline = time.monotonic() + 10
-        while event.trace.span_id not in _OtlpHttpHandler.received and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert event.trace.span_id in _OtlpHttpHandler.received
-    finally:
-        await rec.close()
-        server.shutdown()
 
 
 async def test_escalation_kinds_become_spans_in_the_calls_trace_with_links(tmp_path, receiver, clean_otel_env):

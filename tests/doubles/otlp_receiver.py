@@ -1,8 +1,17 @@
-"""TEST DOUBLE: an in-process OTLP/gRPC trace receiver on loopback.
+"""TEST DOUBLE: an in-process OTLP/gRPC trace receiver on loopback, for what the real Jaeger cannot do.
 
-Stands in for the OpenTelemetry Collector (which cannot be installed on these
-machines). It speaks the real OTLP protocol through opentelemetry-proto's
-TraceServiceServicer, and can be told to misbehave:
+Tests that need "a collector that receives spans" use the real Jaeger
+(tests/infra/jaeger.py): the sidecar's spans end to end, OTLP/HTTP, the
+escalation trace, a collector that is down (connections refused), restarted
+during load, or hung (SIGSTOP) are in tests/test_jaeger_*.py and
+tests/test_evidence_e2e.py. Jaeger cannot be told to answer an export with an
+error; that is what this double is for (`mode = "fail"`, in
+tests/test_evidence_otel.py), and GarbageListener below for a port that
+answers bytes that are not OTLP at all. The other recorder-level tests there still use
+it too and have their end-to-end counterparts against Jaeger.
+
+It speaks the real OTLP protocol through opentelemetry-proto's
+TraceServiceServicer and can be told to misbehave:
 
 - `mode = "ok"`: acknowledge and keep the spans;
 - `mode = "fail"`: answer UNAVAILABLE (the collector is overloaded / restarting);
@@ -131,3 +140,52 @@ class OtlpReceiver:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class GarbageListener:
+    """TEST DOUBLE: a TCP listener that answers whatever it is sent with bytes that are not HTTP/2 or gRPC.
+
+    What a collector port looks like when something else answers on it (a
+    misrouted proxy, a half-started process); no real collector answers so.
+    `port` is fixed at start; close() frees it for the real Jaeger.
+    """
+
+    REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot otlp\n"
+
+    def __init__(self) -> None:
+        import socket
+
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, name="garbage-listener", daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._socket.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    conn.recv(65536)
+                    conn.sendall(self.REPLY)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._socket.close()
+        self._thread.join(5)
+
+    def __enter__(self) -> "GarbageListener":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
