@@ -30,7 +30,10 @@ approves, as `email:alice@example.org`, every escalation an agent is waiting
 on (so an example that "waits for a person" returns); the Python examples
 that fetch SVIDs (py-spiffe, `$SPIFFE_ENDPOINT_SOCKET`) get a real SPIRE
 Workload API (tests/infra/spire.py, trust domain example.org) that gives
-their process `spiffe://example.org/ns/agents/sa/research`.
+their process `spiffe://example.org/ns/agents/sa/research`; the served
+sidecar exports its spans to a real Jaeger (tests/infra/jaeger.py), whose
+query service stands for the one the docs reach at `127.0.0.1:16686`, and a
+sample trace id in a query URL is the trace of a call the reader made.
 
 Not run: a block whose info string says `no-run: <reason>`, only for
 commands that start long-lived or long-running processes (`make run`, the
@@ -61,6 +64,7 @@ import yaml
 from sidecar.client import Client
 from sidecar.escalation.client import ApprovalsClient
 from tests.conftest import REPO
+from tests.infra.jaeger import Jaeger, wait_until
 from tests.infra.spire import SpireServer, SpireUnavailable, own_process_selectors
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -71,6 +75,8 @@ POD_SOCKET = "unix:/run/agent-sidecar/sidecar.sock"
 DEFAULT_TCP = "127.0.0.1:50051"
 POD_MCP_SOCKET = "/run/sidecar/mcp.sock"
 DEFAULT_MCP = "127.0.0.1:8765"
+DEFAULT_JAEGER = "http://127.0.0.1:16686"
+SAMPLE_TRACE = re.compile(r"(?<=/traces/)[0-9a-f]{32}")
 SERVED_CONFIG = "examples/mcp.yaml"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 ELIDED_ID = re.compile(r"esc-(?:[0-9a-f]{32}|…|\.\.\.)")
@@ -137,6 +143,8 @@ class Served:
     unix: str
     mcp: str
     mcp_unix: str
+    jaeger: str
+    trace_id: str
     env: dict[str, str]
     process: subprocess.Popen
     made: int = 0
@@ -158,7 +166,7 @@ class Served:
         return result.escalation_id
 
 
-def layout(root: Path) -> None:
+def layout(root: Path, otlp_endpoint: str) -> None:
     """The repository as a reader has it: policy and examples copied (they may be written), the rest linked."""
     for name in ("rego", "examples"):
         shutil.copytree(REPO / name, root / name)
@@ -174,6 +182,8 @@ def layout(root: Path) -> None:
             config["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
         if "console" in config:
             config["console"]["listen"] = f"127.0.0.1:{free_port()}"
+        if config.get("telemetry", {}).get("exporter") == "otlp":
+            config["telemetry"]["endpoint"] = otlp_endpoint
         if "mcp" in config:
             config["mcp"]["listen"] = f"127.0.0.1:{free_port()}"
             config["mcp"]["unix"] = str(root / "var" / "run" / "mcp.sock")
@@ -212,7 +222,8 @@ class Approver(threading.Thread):
 @pytest.fixture(scope="module")
 def served():
     root = Path(tempfile.mkdtemp(prefix="docs-", dir="/tmp"))  # short: the unix socket path lives here
-    layout(root)
+    jaeger = Jaeger(root / "jaeger").start()
+    layout(root, jaeger.otlp_grpc_endpoint)
     config = yaml.safe_load((root / SERVED_CONFIG).read_text())
     env = {
         **os.environ,
@@ -239,12 +250,13 @@ def served():
             assert process.poll() is None, (root / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the MCP gateway did not start"
             time.sleep(0.1)
-    served = Served(root, config["listen"]["tcp"], f"unix:{socket_path}", config["mcp"]["listen"],
-                    config["mcp"]["unix"], env, process)
     # What a reader has after trying the sidecar a little: decisions of each outcome in var/evidence.
-    with Client(served.unix) as client:
-        client.authorize("read_file", {"path": "/workspace/a.txt"}, task_id="t-1")
+    with Client(f"unix:{socket_path}") as client:
+        read = client.authorize("read_file", {"path": "/workspace/a.txt"}, task_id="t-1")
         client.authorize("nope", {})
+    assert wait_until(lambda: jaeger.trace(read.trace_id), timeout=60), "the call's trace did not reach Jaeger"
+    served = Served(root, config["listen"]["tcp"], f"unix:{socket_path}", config["mcp"]["listen"],
+                    config["mcp"]["unix"], jaeger.query_url, read.trace_id, env, process)
     approver = Approver(served.tcp)
     approver.start()
     yield served
@@ -253,12 +265,14 @@ def served():
     process.send_signal(signal.SIGTERM)
     process.wait(60)
     log.close()
+    jaeger.close()
     shutil.rmtree(root, ignore_errors=True)
 
 
 def in_context(text: str, served: Served, ids: dict[str, str], hostile: bool) -> str:
     text = text.replace(POD_SOCKET, served.unix).replace(DEFAULT_TCP, served.tcp)
     text = text.replace(POD_MCP_SOCKET, served.mcp_unix).replace(DEFAULT_MCP, served.mcp)
+    text = SAMPLE_TRACE.sub(served.trace_id, text.replace(DEFAULT_JAEGER, served.jaeger))
     for placeholder in dict.fromkeys(ELIDED_ID.findall(text)):
         if placeholder not in ids:
             ids[placeholder] = served.escalation(hostile=hostile)
