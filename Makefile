@@ -77,6 +77,9 @@ reliability: install system-deps
 bench: install
 	$(BIN)/python bench/run.py
 
-## Copy rego/ into deploy/k8s/policy/ and list it in the kustomization (the policy ConfigMap).
+## Build rego/ (without dev grants and tests) into deploy/k8s/policy/ as an OPA bundle
+## signed with SIGNING_KEY (an RSA private key in PEM, kept out of the repository; docs/deploy.md).
+deploy-bundle: TOOLS = opa
 deploy-bundle: install
-	$(BIN)/python deploy/sync_bundle.py
+	@test -n "$(SIGNING_KEY)" || { echo "make deploy-bundle SIGNING_KEY=path/to/bundle-signing.pem (docs/deploy.md)"; exit 2; }
+	$(BIN)/python deploy/sync_bundle.py --signing-key "$(SIGNING_KEY)"
