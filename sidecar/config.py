@@ -171,6 +171,9 @@ class EvidenceConfig:
     redact_keys: list[str] = field(default_factory=list)
     # Records allowed to wait for the disk before new ones are refused (and denied).
     max_pending: int = 10_000
+    # How long a starting sidecar waits for another writer (a replaced pod still draining on the
+    # same volume) to release the directory's lock; 0 = refuse at once.
+    lock_wait_seconds: float = 0.0
 
 
 @dataclass
@@ -512,6 +515,8 @@ def _validate_evidence_sections(config: "Config") -> None:
     for key in ("rotate_bytes", "max_pending"):
         if getattr(evidence, key) <= 0:
             raise ConfigError(f"evidence.{key}: must be positive")
+    if evidence.lock_wait_seconds < 0:
+        raise ConfigError("evidence.lock_wait_seconds: must not be negative (0 refuses a locked directory at once)")
     if evidence.rotate_bytes < 4096:
         raise ConfigError("evidence.rotate_bytes: must be at least 4096")
     if evidence.checkpoint_every < 0 or evidence.checkpoint_seconds < 0:

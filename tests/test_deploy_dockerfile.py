@@ -54,8 +54,8 @@ def exec_form(rest: str) -> list[str]:
 
 
 def research_agent_pod() -> dict:
-    documents = yaml.safe_load_all((K8S / "agent" / "deployment.yaml").read_text())
-    (deployment,) = [d for d in documents if d and d["kind"] == "Deployment"]
+    documents = yaml.safe_load_all((K8S / "agent" / "statefulset.yaml").read_text())
+    (deployment,) = [d for d in documents if d and d["kind"] == "StatefulSet"]
     return deployment["spec"]["template"]["spec"]
 
 

@@ -139,8 +139,17 @@ def find(kind: str, name: str) -> dict:
     return matches[0]
 
 
-def pod_spec(deployment: str) -> dict:
-    return find("Deployment", deployment)["spec"]["template"]["spec"]
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def workload(name: str) -> dict:
+    matches = [d for _, d in resource_documents() if d["kind"] in WORKLOAD_KINDS and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one Deployment or StatefulSet {name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_spec(name: str) -> dict:
+    return workload(name)["spec"]["template"]["spec"]
 
 
 def all_containers(spec: dict) -> list[dict]:
@@ -204,13 +213,13 @@ def service_target(host: str, port: int) -> tuple[dict, dict, int]:
     selector = service["spec"]["selector"]
     pods = [
         d for _, d in resource_documents()
-        if d["kind"] == "Deployment" and d["metadata"]["namespace"] == namespace
+        if d["kind"] in WORKLOAD_KINDS and d["metadata"]["namespace"] == namespace
         and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
     ]
-    assert len(pods) == 1, f"Service {name} selects {len(pods)} Deployments"
+    assert len(pods) == 1, f"Service {name} selects {len(pods)} workloads"
     spec = pods[0]["spec"]["template"]["spec"]
     target = service_port.get("targetPort", port)
-    for c in spec["containers"]:
+    for c in all_containers(spec):  # native sidecars (init containers) serve too
         if any(p["name"] == target or p["containerPort"] == target for p in c.get("ports", [])):
             return service, c, port_number(c, target)
     raise AssertionError(f"no container of {pods[0]['metadata']['name']} has port {target}")
@@ -334,11 +343,11 @@ def test_every_generated_config_map_validates_offline():
 
 
 def test_the_validation_is_strict():
-    deployment = copy.deepcopy(find("Deployment", "research-agent"))
+    deployment = copy.deepcopy(workload("research-agent"))
     deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(deployment)
-    deployment = copy.deepcopy(find("Deployment", "research-agent"))
+    deployment = copy.deepcopy(workload("research-agent"))
     deployment["spec"]["replicas"] = "one"
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(deployment)
@@ -362,7 +371,7 @@ def _grant_matches(pattern: str, spiffe_id: str) -> bool:
 
 def test_the_cluster_spiffe_id_selects_the_agent_pod_and_its_id_is_granted():
     registration = find("ClusterSPIFFEID", "ai-agents")["spec"]
-    deployment = find("Deployment", "research-agent")
+    deployment = workload("research-agent")
     namespace = deployment["metadata"]["namespace"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert registration["podSelector"]["matchLabels"].items() <= labels.items()
@@ -388,7 +397,8 @@ def test_the_sidecar_config_loads_with_the_real_loader():
     config = sidecar_config()  # unknown keys or wrong types raise ConfigError
     assert config.policy.opa.url == "http://127.0.0.1:8181"  # the OPA container, not a managed OPA
     assert config.policy.reload is False
-    assert config.identity.sources == ["workload_api"]
+    # The agent on the unix socket; the console over mutual TLS with a JWT-SVID naming the same ID.
+    assert config.identity.sources == ["jwt_svid", "mtls", "workload_api"]
     assert config.telemetry.exporter == "otlp"
     generated = generated_config_maps()[("agents", "agent-sidecar-config")]
     assert generated["data"]["sidecar.yaml"] == (K8S / "agent" / "sidecar.yaml").read_text()
@@ -632,7 +642,11 @@ def test_sidecar_listeners_probes_and_config_mount_agree():
     sidecar, agent = container(spec, "agent-sidecar"), container(spec, "agent")
     tcp_port = int(config.listen.tcp.rsplit(":", 1)[1])
     assert port_number(sidecar, "grpc") == tcp_port
-    assert sidecar["startupProbe"]["grpc"]["port"] == sidecar["readinessProbe"]["grpc"]["port"] == tcp_port
+    assert "mtls" in config.identity.sources, "the TCP port serves mutual TLS only"
+    # The kubelet's gRPC probe cannot speak TLS: the probes ask over the unix socket.
+    probe = sidecar["startupProbe"]["exec"]["command"]
+    assert sidecar["readinessProbe"]["exec"]["command"] == probe
+    assert f'"unix:{config.listen.unix}"' in probe[-1]
     assert port_number(sidecar, sidecar["livenessProbe"]["tcpSocket"]["port"]) == tcp_port
     # The config file the sidecar is told to read is the generated ConfigMap's key, where it is mounted.
     config_path = Path(flag(sidecar["args"], "--config"))
@@ -667,7 +681,9 @@ def test_writable_paths_are_volumes():
     sidecar = container(spec, "agent-sidecar")
     evidence = Path(config.evidence.dir)
     mounted = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
-    writable = [path for path, m in mounted.items() if not m.get("readOnly") and "emptyDir" in volume(spec, m["name"])]
+    claims = {t["metadata"]["name"] for t in workload("research-agent")["spec"]["volumeClaimTemplates"]}
+    writable = [path for path, m in mounted.items()
+                if not m.get("readOnly") and (m["name"] in claims or "emptyDir" in volume(spec, m["name"]))]
     assert any(evidence.is_relative_to(path) for path in writable), "evidence.dir must be on a writable volume"
     assert "/tmp" in writable  # Python's tempfiles on a read-only root
 
@@ -711,10 +727,11 @@ def test_the_demo_agent_runs_from_its_config_map_with_the_image_python():
 
 
 def deployments() -> list[dict]:
-    return [d for _, d in resource_documents() if d["kind"] == "Deployment"]
+    """Every Deployment and StatefulSet."""
+    return [d for _, d in resource_documents() if d["kind"] in WORKLOAD_KINDS]
 
 
-@pytest.mark.parametrize("deployment", [d["metadata"]["name"] for _, d in resource_documents() if d["kind"] == "Deployment"])
+@pytest.mark.parametrize("deployment", [d["metadata"]["name"] for _, d in resource_documents() if d["kind"] in WORKLOAD_KINDS])
 def test_every_container_is_locked_down_and_bounded(deployment):
     spec = pod_spec(deployment)
     pod_security = spec.get("securityContext", {})
@@ -732,7 +749,7 @@ def test_every_container_is_locked_down_and_bounded(deployment):
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), f"{where}: resources.{kind}"
         image = c["image"]
-        assert re.search(r"(:\d+\.\d+\.\d+[-\w.]*|@sha256:[0-9a-f]{64})$", image), f"{where}: {image} is not pinned"
+        assert re.search(r"(:v?\d+\.\d+(\.\d+)?[-\w.]*|@sha256:[0-9a-f]{64})$", image), f"{where}: {image} is not pinned"
 
 
 def test_the_sidecar_gets_pod_name_and_namespace_from_the_downward_api():
@@ -751,7 +768,7 @@ def test_start_order_opa_then_sidecar_then_agent():
         assert c["restartPolicy"] == "Always" and "startupProbe" in c
     assert [c["name"] for c in spec["containers"]] == ["agent"]
     assert find("NetworkPolicy", "research-agent-deny-ingress")["spec"]["podSelector"]["matchLabels"].items() <= (
-        find("Deployment", "research-agent")["spec"]["template"]["metadata"]["labels"].items()
+        workload("research-agent")["spec"]["template"]["metadata"]["labels"].items()
     )
 
 
@@ -779,6 +796,9 @@ async def test_the_demo_agent_talks_to_a_sidecar_run_from_the_example_config(run
                 "listen.unix": str(socket_dir / "sidecar.sock"),
                 "policy.dir": str(tmp_path / "policy"),
                 "policy.opa": {"url": opa_url},
+                "escalation.store": "sqlite",  # the shared PostgreSQL: tests/test_deploy_loop.py
+                "escalation.path": str(tmp_path / "escalations.db"),
+                "usage.store": "memory",
                 "identity.sources": ["dev"],
                 "identity.dev_spiffe_id": RESEARCH_AGENT,
                 "evidence.dir": str(tmp_path / "evidence"),
@@ -796,7 +816,10 @@ async def test_the_demo_agent_talks_to_a_sidecar_run_from_the_example_config(run
             stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=60)
             assert child.returncode == 0, (stdout + stderr).decode()
             lines = [yaml.safe_load(line) for line in stdout.decode().splitlines()]
-            assert len(lines) == 5 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
+            assert len(lines) == 6 and all(line.get("outcome") in ("allow", "deny", "escalate") for line in lines)
+            # The example shows every outcome: a granted call whose risk score escalates to a person.
+            (ticket,) = [line for line in lines if line["tool"] == "create_ticket"]
+            assert ticket["outcome"] == "escalate" and ticket["escalation_id"], ticket
             # Decided by the pod's OPA on the signed bundle: the research agent's grant allows search_docs.
             (search,) = [line for line in lines if line["tool"] == "search_docs"]
             assert search["outcome"] == "allow", search

@@ -164,8 +164,10 @@ class EvidenceLog:
         max_pending: int = 10_000,
         startup_info: dict | None = None,
         redactor: Redactor | None = None,
+        lock_wait_seconds: float = 0.0,
     ):
         self.directory = Path(directory)
+        self.lock_wait_seconds = lock_wait_seconds
         self.instance_id = instance_id
         self.rotate_bytes = rotate_bytes
         self.checkpoint_every = checkpoint_every
@@ -240,17 +242,33 @@ class EvidenceLog:
         return self
 
     def _lock(self) -> None:
-        """One writer per directory: two sidecars appending to one chain would fork it."""
+        """One writer per directory: two sidecars appending to one chain would fork it.
+
+        A writer still holding the lock (a replaced pod draining on the same volume)
+        is waited for up to `lock_wait_seconds`, polling every 0.1 s; the lock is
+        released when that process closes the log or dies. EvidenceError after that.
+        """
         fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise EvidenceError(
-                f"{self.directory} is in use by another evidence writer (pid {holder}); "
-                "each sidecar needs its own evidence.dir"
-            ) from None
+        deadline = time.monotonic() + self.lock_wait_seconds
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    waited = f" after waiting {self.lock_wait_seconds:g} s" if self.lock_wait_seconds else ""
+                    raise EvidenceError(
+                        f"{self.directory} is in use by another evidence writer (pid {holder}){waited}; "
+                        "each sidecar needs its own evidence.dir"
+                    ) from None
+                if not waiting:
+                    log.warning("evidence: %s is locked by pid %s; waiting up to %g s for it to close",
+                                self.directory, holder, self.lock_wait_seconds)
+                    waiting = True
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

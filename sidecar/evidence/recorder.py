@@ -167,6 +167,7 @@ def open_recorder(
         key_provider=provider,
         mirror_path=getattr(evidence, "checkpoint_mirror", "") or None,
         max_pending=getattr(evidence, "max_pending", 10_000),
+        lock_wait_seconds=getattr(evidence, "lock_wait_seconds", 0.0),
         redactor=Redactor(getattr(evidence, "redact_keys", ()) or ()),
         startup_info={
             "version": _version(),

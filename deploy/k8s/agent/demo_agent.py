@@ -2,7 +2,7 @@
 
 It uses the sidecar's client library (the image is the sidecar's own) over
 the unix socket the two containers share, and prints one JSON line per
-decision, so `kubectl logs deploy/research-agent -c agent` shows what policy
+decision, so `kubectl -n agents logs research-agent-0 -c agent` shows what policy
 said and each call appears as a trace in Jaeger.
 
     SIDECAR_ADDRESS   unix:/run/agent-sidecar/sidecar.sock (default)
@@ -26,6 +26,10 @@ CALLS = [
     ("search_docs", {"query": "rollout checklist"}, {"risk_score": 0.1}),
     ("read_file", {"path": "/workspace/notes/plan.md"}, {"risk_score": 0.1}),
     ("http_get", {"url": "https://example.org/status"}, {"risk_score": 0.2}),
+    # Granted, but the model's risk score is over the policy's threshold: a person
+    # decides in the approvers' console (docs/deploy.md "Approve an escalation").
+    ("create_ticket", {"title": "Rotate the staging database password"}, {"risk_score": 0.85}),
+    # Not granted to this agent: denied.
     ("send_email", {"to": ["ops@example.org"], "subject": "done", "body": "all green"}, {"risk_score": 0.4}),
     ("delete_records", {"table": "orders", "ids": [1]}, {"risk_score": 0.9}),
 ]
@@ -47,6 +51,7 @@ def one_round(client: Client, task_id: str) -> bool:
                     "outcome": result.outcome,
                     "reasons": list(result.reasons),
                     "decision_id": result.decision_id,
+                    "escalation_id": result.escalation_id,
                     "trace_id": result.trace_id,
                     "policy_revision": result.policy_revision,
                 }

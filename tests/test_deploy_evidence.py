@@ -1,0 +1,189 @@
+"""Evidence outlives the pod (issue 14 item 2; docs/deploy.md "Evidence that outlives the pod").
+
+The example runs the agent as a StatefulSet with one PersistentVolumeClaim per
+pod, mounted where the config in deploy/k8s/agent/sidecar.yaml puts
+`evidence.dir`. A rolling update or a restart replaces the pod; the new
+sidecar opens the same directory. These tests run real `agent-sidecar serve`
+processes (and a managed OPA each) on one directory, with the example config:
+
+- a new sidecar started while the old one still serves waits for the
+  one-writer lock (`evidence.lock_wait_seconds`), the old one drains on
+  SIGTERM, the lock hands over, the chain continues, and `evidence verify`
+  (the CLI) passes over both lives;
+- a sidecar SIGKILLed mid-life is replaced in the same way (the kernel drops
+  its lock), and nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.client import Client
+from sidecar.config import load_config
+from tests.conftest import REGO, REPO
+
+SIDECAR_YAML = REPO / "deploy" / "k8s" / "agent" / "sidecar.yaml"
+STATEFULSET = REPO / "deploy" / "k8s" / "agent" / "statefulset.yaml"
+
+
+def pod_volume_config(tmp_path: Path, volume: Path, name: str) -> tuple[Path, Path]:
+    """The example's sidecar.yaml with what differs on a laptop: the PVC is `volume`, no SPIRE/collector, a local OPA."""
+    config = yaml.safe_load(SIDECAR_YAML.read_text())
+    evidence_in_pod = Path(config["evidence"]["dir"])
+    assert evidence_in_pod.is_relative_to("/var/lib/agent-sidecar"), "evidence.dir must be on the PVC's mount"
+    socket_dir = Path(tempfile.mkdtemp(prefix=f"ev-{name}-", dir="/tmp"))  # the pod's own emptyDir
+    config["listen"] = {"tcp": "", "unix": str(socket_dir / "sidecar.sock")}
+    config["policy"] = {"dir": str(REGO), "reload": False}  # a managed OPA on rego/ stands in for the OPA container
+    config["identity"] = {"sources": ["dev"]}
+    config["telemetry"] = {"exporter": "none"}
+    config["escalation"] = {**config.get("escalation", {}), "store": "sqlite", "path": str(tmp_path / f"{name}-esc.db")}
+    config["usage"] = {"store": "memory"}
+    config["evidence"]["dir"] = str(volume / evidence_in_pod.relative_to("/var/lib/agent-sidecar"))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    load_config(path)  # the real loader accepts it
+    return path, socket_dir / "sidecar.sock"
+
+
+class Sidecar:
+    """One `agent-sidecar serve` process; its log in a file (read while it runs)."""
+
+    def __init__(self, config: Path, socket_path: Path, log: Path):
+        self.socket_path, self.log = socket_path, log
+        self._log_file = log.open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
+                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log_file)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, condition, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, f"sidecar exited while waiting for {what}: {self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{what} did not happen: {self.text()[-3000:]}"
+            time.sleep(0.05)
+
+    def wait_serving(self) -> None:
+        self.wait_for(self.socket_path.exists, "serving on the unix socket")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(60)
+        self._log_file.close()
+        return code
+
+    def call(self, n: int) -> str:
+        with Client(f"unix:{self.socket_path}") as client:
+            return client.authorize("search_docs", {"query": f"q{n}"}, task_id="t").decision_id
+
+
+def records(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(directory.glob("*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def evidence_verify(directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar", "evidence", "verify", str(directory)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def volume(tmp_path):
+    path = tmp_path / "pvc"  # the agent pod's PersistentVolumeClaim
+    path.mkdir()
+    return path
+
+
+def test_the_manifest_waits_longer_for_the_lock_than_the_old_pod_may_drain():
+    config = load_config(SIDECAR_YAML)
+    stateful = yaml.safe_load(STATEFULSET.read_text())
+    grace = stateful["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert config.evidence.lock_wait_seconds > grace
+
+
+def test_a_replacement_waits_for_the_draining_sidecar_then_continues_the_chain(tmp_path, volume):
+    config_a, socket_a = pod_volume_config(tmp_path, volume, "old")
+    config_b, socket_b = pod_volume_config(tmp_path, volume, "new")
+    directory = Path(load_config(config_a).evidence.dir)
+    old = Sidecar(config_a, socket_a, tmp_path / "old.log")
+    new = None
+    try:
+        old.wait_serving()
+        before = [old.call(n) for n in range(5)]
+        # The replacement starts on the same volume while the old sidecar still serves.
+        new = Sidecar(config_b, socket_b, tmp_path / "new.log")
+        new.wait_for(lambda: "waiting up to" in new.text(), "the new sidecar waiting for the lock")
+        assert not socket_b.exists(), "the new sidecar serves while the old one holds the log"
+        during = [old.call(n) for n in range(5, 8)]  # the old one still records while the new one waits
+        assert old.stop() == 0  # drains: closes the log with a checkpoint, releases the lock
+        new.wait_serving()
+        after = [new.call(n) for n in range(8, 11)]
+    finally:
+        if new is not None:
+            new.stop()
+        old.stop(signal.SIGKILL)
+    logged = records(directory)
+    kinds = [r["kind"] for r in logged]
+    assert kinds.count("startup") == 2
+    (old_start, new_start) = [i for i, k in enumerate(kinds) if k == "startup"]
+    assert kinds[new_start - 1] == "checkpoint", "the old sidecar closed the log before the new one wrote"
+    decisions = [r["decision_id"] for r in logged if r["kind"] == "decision"]
+    assert decisions == before + during + after, "every acknowledged decision, in order, once"
+    done = evidence_verify(directory)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_replacement_after_a_sigkill_takes_the_lock_and_loses_nothing(tmp_path, volume):
+    config_a, socket_a = pod_volume_config(tmp_path, volume, "old")
+    config_b, socket_b = pod_volume_config(tmp_path, volume, "new")
+    directory = Path(load_config(config_a).evidence.dir)
+    old = Sidecar(config_a, socket_a, tmp_path / "old.log")
+    try:
+        old.wait_serving()
+        before = [old.call(n) for n in range(5)]
+    finally:
+        old.stop(signal.SIGKILL)  # the node died: no drain, no checkpoint
+    new = Sidecar(config_b, socket_b, tmp_path / "new.log")
+    try:
+        new.wait_serving()
+        after = [new.call(n) for n in range(5, 8)]
+    finally:
+        assert new.stop() == 0
+    assert "waiting up to" not in new.text(), "a dead writer's lock is free at once"
+    logged = records(directory)
+    assert [r["decision_id"] for r in logged if r["kind"] == "decision"] == before + after
+    done = evidence_verify(directory)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_second_live_writer_is_refused_after_the_wait(tmp_path, volume):
+    config_a, socket_a = pod_volume_config(tmp_path, volume, "old")
+    config_b, _ = pod_volume_config(tmp_path, volume, "new")
+    settings = yaml.safe_load(config_b.read_text())
+    settings["evidence"]["lock_wait_seconds"] = 1
+    config_b.write_text(yaml.safe_dump(settings))
+    old = Sidecar(config_a, socket_a, tmp_path / "old.log")
+    try:
+        old.wait_serving()
+        done = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(config_b)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0
+        assert f"in use by another evidence writer (pid {old.process.pid}) after waiting 1 s" in done.stderr
+        old.call(0)  # the first writer is untouched
+    finally:
+        assert old.stop() == 0
+    assert evidence_verify(Path(load_config(config_a).evidence.dir)).returncode == 0
