@@ -61,6 +61,8 @@ def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
             "listen.unix": str(tmp_path / "sock" / "sidecar.sock"),
             "policy.dir": str(REGO),
             "policy.reload": False,
+            # Room for a loaded 2-core CI machine: tests about the budget set their own.
+            "policy.timeout_ms": 1000,
             "sidecar.instance_id": "test-sidecar",
             "evidence.dir": str(tmp_path / "evidence"),
             "telemetry.exporter": "none",
