@@ -113,6 +113,44 @@ async def test_opa_killed_is_restarted_and_calls_recover(tmp_path, socket_dir, c
     assert any("exited with status" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_hung_opa_is_killed_and_replaced_and_calls_recover_without_sigcont(tmp_path, socket_dir, caplog):
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    async with OpaRunner(options(bundle, socket_dir, liveness_timeout_seconds=0.5)) as runner:
+        async with OpaClient(runner.url) as client:
+            first = runner.pid
+            os.kill(first, signal.SIGSTOP)  # never resumed by the test
+            try:
+                await wait_until(lambda: runner.restarts == 1 and runner.health()[0])
+            finally:
+                if alive(first):  # only if the runner failed to kill it
+                    os.kill(first, signal.SIGKILL)
+                    os.kill(first, signal.SIGCONT)
+            assert runner.pid != first and alive(runner.pid) and not alive(first)
+            await wait_until(lambda: client.breaker.state != "open")
+            assert (await client.decide(INPUT)).outcome == "allow"
+    hung = [r.getMessage() for r in caplog.records if f"OPA pid {first} hung: GET /health" in r.getMessage()]
+    assert hung and "killing its process group" in hung[0], hung
+
+
+async def test_without_liveness_a_stopped_opa_is_not_replaced(tmp_path, socket_dir):
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    async with OpaRunner(options(bundle, socket_dir, health_timeout_seconds=0.2)) as runner:
+        async with OpaClient(runner.url) as client:
+            first = runner.pid
+            os.kill(first, signal.SIGSTOP)
+            try:
+                denied = await client.decide(INPUT)  # answers only once OPA runs again
+                assert denied.outcome == "deny" and "OPA at" in denied.reasons[0]
+                # Longer than the default liveness timeout would allow, measured by OPA's own
+                # state: it is still the same stopped process.
+                await asyncio.sleep(1.0)
+                assert runner.pid == first and alive(first) and runner.restarts == 0
+            finally:
+                os.kill(first, signal.SIGCONT)
+            await wait_until(lambda: client.breaker.state != "open")
+            assert (await client.decide(INPUT)).outcome == "allow" and runner.pid == first
+
+
 async def test_opa_log_lines_reach_our_logger(tmp_path, socket_dir, caplog):
     bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
     caplog.set_level("DEBUG", logger="sidecar.policy.opa.runner")

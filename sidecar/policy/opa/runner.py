@@ -23,6 +23,10 @@ activated); `opa.url` is then `unix:///path/opa.sock` for `OpaClient`.
   `restart_backoff_max_seconds`; back to the first step once it has run
   healthy for the maximum). Meanwhile `health()` is (False, why) and calls
   fail at the client with a deny naming OPA.
+- A hung OPA (stopped, deadlocked) is treated as dead: while it serves, its
+  `GET /health` is asked every `liveness_timeout_seconds / 4` (at most 1 s);
+  when no 200 has come for `liveness_timeout_seconds`, its process group is
+  SIGKILLed (logged with the reason) and restarted as above. 0 disables it.
 - Every log line OPA writes (JSON, `--log-format json`) goes to this
   module's logger at OPA's level; the last lines are kept for error messages.
 
@@ -87,6 +91,8 @@ class OpaRunOptions:
     stop_grace_seconds: float = 2.0
     restart_backoff_seconds: float = 0.1
     restart_backoff_max_seconds: float = 5.0
+    # Longest time OPA's GET /health may go without a 200 before OPA is killed and restarted; 0 = never.
+    liveness_timeout_seconds: float = 0.0
 
     def argv(self) -> list[str]:
         return [
@@ -238,13 +244,17 @@ class OpaRunner:
         while True:
             process = self._process
             assert process is not None
-            code = await process.wait()
+            hung = await self._wait_while_alive(process)
+            code = process.returncode
             await asyncio.gather(*self._readers, return_exceptions=True)
             if self._closing:
                 return
             if time.monotonic() - healthy_since >= options.restart_backoff_max_seconds:
                 backoff = options.restart_backoff_seconds
-            why = f"OPA pid {process.pid} exited with status {code}{self._last_lines()}"
+            if hung:
+                why = f"OPA pid {process.pid} was killed: {hung}"
+            else:
+                why = f"OPA pid {process.pid} exited with status {code}{self._last_lines()}"
             self._health = (False, f"{why}; restarting in {backoff * 1000:.0f} ms")
             log.error("%s; restarting in %.0f ms", why, backoff * 1000)
             await self._kill_group(process)  # anything it left in its group
@@ -261,6 +271,51 @@ class OpaRunner:
                 self.restarts += 1
                 healthy_since = time.monotonic()
                 break
+
+    async def _wait_while_alive(self, process: asyncio.subprocess.Process) -> str:
+        """Wait until `process` exits; "" when it exited by itself, the reason when it hung and was SIGKILLed.
+
+        Without a liveness timeout this is just `process.wait()`. With one, `GET /health` is asked
+        on a fresh connection every quarter of the timeout (at most 1 s), each ask bounded by
+        `health_timeout_seconds` and by the timeout itself.
+        """
+        limit = self.options.liveness_timeout_seconds
+        if limit <= 0:
+            await process.wait()
+            return ""
+        exited = asyncio.ensure_future(process.wait())
+        interval = min(limit / 4, 1.0)
+        answered = time.monotonic()
+        last = "no answer"
+        connector = aiohttp.UnixConnector(path=str(self.options.socket), force_close=True)
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session:
+                while not exited.done():
+                    try:
+                        async with asyncio.timeout(min(self.options.health_timeout_seconds, limit)):
+                            async with session.get("http://opa/health") as response:
+                                await response.read()
+                                if response.status == 200:
+                                    answered = time.monotonic()
+                                else:
+                                    last = f"status {response.status}"
+                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    if exited.done():
+                        break
+                    silent = time.monotonic() - answered
+                    if silent >= limit:
+                        why = (f"hung: GET /health on {self.url} has not answered 200 for {silent * 1000:.0f} ms "
+                               f"(liveness timeout {limit * 1000:.0f} ms; last: {last})")
+                        log.error("OPA pid %d %s; killing its process group", process.pid, why)
+                        await self._kill_group(process)
+                        await exited
+                        return why
+                    await asyncio.wait({exited}, timeout=interval)
+        finally:
+            if not exited.done():  # cancelled (aclose): stop waiting here, _terminate waits
+                exited.cancel()
+        return ""
 
     async def _terminate(self) -> None:
         process = self._process

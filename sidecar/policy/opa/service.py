@@ -57,6 +57,7 @@ class ManagedOpaOptions:
     log_level: str = "error"
     ready_timeout_seconds: float = 15.0
     restart_backoff_max_seconds: float = 5.0
+    liveness_timeout_seconds: float = 0.0  # 0: a hung OPA is not killed
 
 
 @dataclass
@@ -212,6 +213,7 @@ class PolicyService:
                 log_level=self._managed.log_level,
                 ready_timeout_seconds=self._managed.ready_timeout_seconds,
                 restart_backoff_max_seconds=self._managed.restart_backoff_max_seconds,
+                liveness_timeout_seconds=self._managed.liveness_timeout_seconds,
             )
         )
         try:
