@@ -66,7 +66,9 @@ async def test_decisions_follow_the_managed_opa_through_stop_kill_and_recovery(r
     directory = small_bundle(tmp_path)
     sidecar = await running_sidecar(sidecar_config(**{
         "policy.dir": str(directory),
-        "policy.opa": {"health_interval_ms": 50, "breaker_cooldown_ms": 200, "breaker_failures": 2},
+        # Liveness off: a stopped OPA stays the same process until it is resumed.
+        "policy.opa": {"health_interval_ms": 50, "breaker_cooldown_ms": 200, "breaker_failures": 2,
+                       "liveness_timeout_ms": 0},
     }))
     runner = sidecar.policy._current.runner
     address = sidecar.addresses[0]
@@ -93,6 +95,7 @@ async def test_decisions_follow_the_managed_opa_through_stop_kill_and_recovery(r
                 return (await health(address))[0] == health_pb2.HealthCheckResponse.NOT_SERVING
 
             assert await until(not_serving)
+            assert runner.restarts == 0
         finally:
             os.kill(runner.pid, signal.SIGCONT)
 
@@ -111,6 +114,44 @@ async def test_decisions_follow_the_managed_opa_through_stop_kill_and_recovery(r
         assert await until(restarted)
         reasons = {r["reasons"][0].split(":")[0] for r in evidence_records(tmp_path) if r.get("outcome") == "deny"}
         assert reasons <= {"policy_timeout", "policy_unavailable"}, reasons
+
+
+async def test_a_hung_managed_opa_is_replaced_and_calls_recover_without_resuming_it(
+    running_sidecar, sidecar_config, tmp_path, caplog
+):
+    directory = small_bundle(tmp_path)
+    sidecar = await running_sidecar(sidecar_config(**{
+        "policy.dir": str(directory),
+        "policy.opa": {"health_interval_ms": 50, "breaker_cooldown_ms": 200, "breaker_failures": 2,
+                       "liveness_timeout_ms": 1000},
+    }))
+    runner = sidecar.policy._current.runner
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as client:
+        assert (await client.authorize("echo", {"text": "hi"})).outcome == "allow"
+        first = runner.pid
+        stop(first)  # never resumed by this test
+        try:
+            denied = await client.authorize("echo", {"text": "hi"})
+            if runner.pid == first:  # not replaced yet: a deny naming OPA
+                assert denied.outcome == "deny" and "OPA at unix://" in denied.reasons[0], denied.reasons
+
+            async def replaced_and_allowed():
+                return (runner.pid != first and runner.health()[0]
+                        and (await client.authorize("echo", {"text": "hi"})).outcome == "allow")
+
+            assert await until(replaced_and_allowed, timeout=30.0)
+            assert runner.restarts == 1
+            assert not os.path.exists(f"/proc/{first}")  # killed and reaped, not resumed
+        finally:
+            if os.path.exists(f"/proc/{first}"):
+                os.kill(first, signal.SIGKILL)
+                os.kill(first, signal.SIGCONT)
+        await sidecar.health.refresh()
+        assert (await health(address))[0] == health_pb2.HealthCheckResponse.SERVING
+    assert any(f"OPA pid {first} hung: GET /health" in r.getMessage() for r in caplog.records)
+    reasons = {r["reasons"][0].split(":")[0] for r in evidence_records(tmp_path) if r.get("outcome") == "deny"}
+    assert reasons <= {"policy_timeout", "policy_unavailable"}, reasons
 
 
 async def test_a_rejected_reload_keeps_serving_and_the_health_detail_says_why(running_sidecar, sidecar_config, tmp_path):
