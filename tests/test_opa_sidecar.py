@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -152,6 +155,48 @@ async def test_a_hung_managed_opa_is_replaced_and_calls_recover_without_resuming
     assert any(f"OPA pid {first} hung: GET /health" in r.getMessage() for r in caplog.records)
     reasons = {r["reasons"][0].split(":")[0] for r in evidence_records(tmp_path) if r.get("outcome") == "deny"}
     assert reasons <= {"policy_timeout", "policy_unavailable"}, reasons
+
+
+KILLED_SIDECAR = """
+import asyncio, sys
+from sidecar.policy.opa.service import PolicyService
+async def main():
+    service = PolicyService(sys.argv[1], reload=False)
+    await service.start()
+    print(service._workdir, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+async def test_the_work_directory_of_a_sigkilled_sidecar_is_removed_by_the_next_start(tmp_path, monkeypatch):
+    from sidecar.policy.opa.service import PolicyService
+
+    temp = Path(tempfile.mkdtemp(prefix="st-"))  # short: unix socket paths are limited
+    directory = small_bundle(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(temp)}
+    process = subprocess.Popen([sys.executable, "-c", KILLED_SIDECAR, str(directory)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left = Path(process.stdout.readline().strip())
+        process.kill()  # SIGKILL: no cleanup runs
+        process.wait(timeout=10)
+        assert left.parent == temp and left.name.startswith(f"sidecar-opa-{process.pid}-") and left.is_dir()
+        kept = temp / f"sidecar-opa-{live.pid}-x"  # a live owner's directory stays
+        kept.mkdir()
+        unrelated = temp / "sidecar-opa-notapid"  # not named by an owner: never touched
+        unrelated.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        async with PolicyService(directory, reload=False) as service:
+            assert not left.exists()
+            assert kept.is_dir() and unrelated.is_dir()
+            assert service._workdir.parent == temp and service._workdir.is_dir()
+    finally:
+        for child in (process, live):
+            child.kill()
+            child.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 async def test_a_rejected_reload_keeps_serving_and_the_health_detail_says_why(running_sidecar, sidecar_config, tmp_path):

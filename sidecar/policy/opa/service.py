@@ -26,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +42,50 @@ from sidecar.policy.opa.client import OpaClient, OpaClientOptions
 from sidecar.policy.opa.runner import OpaRunner, OpaRunOptions, OpaStartError, find_opa
 
 log = logging.getLogger(__name__)
+
+
+WORKDIR_PREFIX = "sidecar-opa-"  # + owner pid + "-" + random: one per managed PolicyService
+_WORKDIR = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-[^/]+")
+
+
+def remove_stale_workdirs(parent: str | Path | None = None) -> list[Path]:
+    """Remove the managed-OPA work directories (snapshots, bundles, sockets) left by dead owners.
+
+    A sidecar killed with SIGKILL cannot remove its `sidecar-opa-<pid>-*` directory in `parent`
+    (default: `tempfile.gettempdir()`, i.e. $TMPDIR or /tmp); the next one to start does. Only
+    directories owned by this user, named by a pid that no longer exists, are removed; a live pid
+    (even another user's, or a pid reused since) keeps its directory. Directories of owners in
+    another pid namespace sharing this temp dir cannot be told apart: give each its own $TMPDIR.
+    Returns the directories removed; errors are logged, never raised.
+    """
+    removed: list[Path] = []
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    try:
+        entries = list(parent.iterdir())
+    except OSError as exc:
+        log.warning("cannot list %s for stale OPA work directories: %s", parent, exc)
+        return removed
+    for entry in entries:
+        match = _WORKDIR.fullmatch(entry.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            status = entry.lstat()
+            if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
+                continue
+            os.kill(int(match.group(1)), 0)
+            continue  # the owner is alive
+        except PermissionError:
+            continue  # alive, another user's
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+            log.info("removed %s, left by a sidecar (pid %s) that is gone", entry, match.group(1))
+    return removed
 
 
 class PolicyRejected(ValueError):
@@ -125,7 +172,9 @@ class PolicyService:
     async def start(self) -> None:
         if self.managed:
             self._binary = find_opa(self._managed.binary)
-            self._workdir = Path(tempfile.mkdtemp(prefix="sidecar-opa-"))  # short: unix socket paths are limited
+            await asyncio.to_thread(remove_stale_workdirs)
+            # Short (unix socket paths are limited) and named by its owner's pid (remove_stale_workdirs).
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         try:
             self._current = await self._new_generation()
         except BaseException:
