@@ -73,7 +73,7 @@ reliability: install system-deps
 	  tests/test_opa_differential.py tests/test_identity_workload_api.py tests/test_spire_rotation.py \
 	  tests/test_spire_bad_input.py tests/test_jaeger_outage.py tests/test_jaeger_faults.py
 
-## Benchmark: sidecar vs. a bare gRPC floor (docs/performance.md).
+## Benchmark: sidecar vs. a bare gRPC floor, then an MCP call through the gateway vs. direct (docs/performance.md).
 bench: install
 	$(BIN)/python bench/run.py
 

@@ -5,8 +5,8 @@ directly, then through the sidecar's gateway (policy, evidence, invocation recor
 
 The sidecar (embedded engine, durable evidence, dev identity) and the MCP
 server run in this process's event loop on loopback, like a sidecar beside
-its agent; the figures are per call, client-observed. Not part of `make
-bench` yet (bench/run.py is the opa engineer's): run it on its own.
+its agent; the figures are per call, client-observed. `make bench`
+(bench/run.py) runs it after the gRPC scenarios and reports its figures.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Starts the sidecar (managed OPA over its private unix socket, durable
 evidence) and a bare floor server as separate processes, drives each from a separate load process, and
-prints a table; `--out` writes the figures as JSON. See docs/performance.md.
+prints a table; then what the MCP gateway adds to a call over calling the MCP
+server directly (bench/mcp_gateway.py, its own process). `--out` writes the
+figures as JSON, with the machine's load average. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -142,8 +144,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each scenario (default 5)")
     parser.add_argument("--modes", default="unix,mtls", help="identity modes to run: unix (dev identity over the "
                         "in-pod socket), mtls (X.509-SVIDs from a test Workload API); default both")
+    parser.add_argument("--mcp-calls", type=int, default=300, help="calls direct and through the MCP gateway "
+                        "(bench/mcp_gateway.py; default 300, 0 = skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     workdir = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))  # short: unix socket paths are limited
     bundle = bench_bundle(workdir)
@@ -194,14 +199,31 @@ def main() -> int:
         for api in fakes:
             api.stop()
 
+    gateway = mcp_gateway(workdir, args.mcp_calls) if args.mcp_calls > 0 else None
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-               "processor": platform.processor() or platform.machine()}
+               "processor": platform.processor() or platform.machine(),
+               # 1/5/15-minute load averages (os.getloadavg) at the start and the end: other work on the machine.
+               "load_average": {"start": [round(x, 2) for x in load_before],
+                                "end": [round(x, 2) for x in os.getloadavg()]}}
     report = {"machine": machine, "seconds_per_scenario": args.seconds, "results": results}
+    if gateway:
+        report["mcp_gateway"] = gateway
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_table(report)
     print(f"\nJSON: {args.out}   (work dir with logs and evidence: {workdir})")
     return 0
+
+
+def mcp_gateway(workdir: Path, calls: int) -> dict:
+    """bench/mcp_gateway.py's figures ({calls, direct, through_gateway, overhead}: p50_ms, p99_ms, mean_ms)."""
+    out, log = workdir / "mcp_gateway.json", workdir / "mcp_gateway.log"
+    with log.open("w") as stderr:  # the sidecar's and the SDK's logging: one line per HTTP request
+        done = subprocess.run([PYTHON, str(REPO / "bench" / "mcp_gateway.py"), "--calls", str(calls), "--out", str(out)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/mcp_gateway.py failed ({done.returncode}); see {log}")
+    return json.loads(out.read_text())
 
 
 def print_table(report: dict) -> None:
@@ -218,6 +240,15 @@ def print_table(report: dict) -> None:
         split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["sidecar"]["cost_split_ms"].items()))
         print(f"{'':<45} ratio p50 sidecar/floor {ratio:.2f}x; sidecar mean ms per stage: {split}")
         print(f"{'':<45} outcomes {row['sidecar']['outcomes']}; fail-closed denies {row['sidecar'].get('fail_closed') or 'none'}")
+    gateway = report.get("mcp_gateway")
+    if gateway:
+        print(f"\nMCP tool call, {gateway['calls']} sequential calls (bench/mcp_gateway.py)")
+        print(f"{'':<18}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+        for label in ("direct", "through_gateway", "overhead"):
+            row = gateway[label]
+            print(f"{label:<18}{row['p50_ms']:>10}{row['p99_ms']:>10}{row['mean_ms']:>10}")
+    load = report["machine"]["load_average"]
+    print(f"\nload average (1/5/15 min) at start {load['start']}, at end {load['end']} on {report['machine']['cpus']} CPUs")
 
 
 if __name__ == "__main__":

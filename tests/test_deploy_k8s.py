@@ -772,6 +772,151 @@ def test_start_order_opa_then_sidecar_then_agent():
     )
 
 
+# --- egress: the agent pods reach only what the sidecar needs ----------------------------------------
+
+EGRESS = ("NetworkPolicy", "research-agent-egress")
+
+
+def namespace_labels(name: str) -> dict:
+    """A namespace's labels as the cluster sets them (kubernetes.io/metadata.name is automatic)."""
+    declared = [d for _, d in resource_documents() if d["kind"] == "Namespace" and d["metadata"]["name"] == name]
+    labels = declared[0]["metadata"].get("labels", {}) if declared else {}
+    return {**labels, "kubernetes.io/metadata.name": name}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is evaluated here: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def egress_allows(policy: dict, namespace: str, pod_labels: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether one egress NetworkPolicy lets its pods open `protocol`/`port` to a pod (networking.k8s.io/v1 rules)."""
+    own = policy["metadata"]["namespace"]
+    for rule in policy["spec"].get("egress", []):
+        ports = rule.get("ports")
+        if ports is not None and not any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports):
+            continue
+        if not rule.get("to"):
+            return True  # no `to`: every destination
+        for peer in rule["to"]:
+            if "ipBlock" in peer:
+                continue  # pods are not matched by address here; the policy must not have any (asserted below)
+            if "namespaceSelector" in peer:
+                in_namespace = selects(peer["namespaceSelector"], namespace_labels(namespace))
+            else:
+                in_namespace = namespace == own
+            if in_namespace and selects(peer.get("podSelector", {}), pod_labels):
+                return True
+    return False
+
+
+def service_pod(host: str, port: int) -> tuple[str, dict, int]:
+    """(namespace, pod labels, container port) behind a <service>.<namespace>.svc name, as the policy sees them."""
+    service, _, container_port = service_target(host, port)
+    namespace = service["metadata"]["namespace"]
+    selector = service["spec"]["selector"]
+    (labels,) = [
+        d["spec"]["template"]["metadata"]["labels"] for _, d in resource_documents()
+        if d["kind"] in WORKLOAD_KINDS and d["metadata"]["namespace"] == namespace
+        and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    return namespace, labels, container_port
+
+
+KUBE_DNS = ("kube-system", {"k8s-app": "kube-dns"})  # the label kubeadm, kOps, EKS, GKE and AKS give CoreDNS/kube-dns
+TOOLS_NAMESPACE = "agent-tools"
+
+
+def needed_peers() -> list[tuple[str, str, dict, int, str]]:
+    """(what, namespace, pod labels, port, protocol) for every connection the example pod's sidecar makes."""
+    config = sidecar_config()
+    sidecar = container(pod_spec("research-agent"), "agent-sidecar")
+    needs = [("dns", *KUBE_DNS, 53, "UDP"), ("dns", *KUBE_DNS, 53, "TCP")]
+    pg_host, pg_port = env(sidecar, "PGHOST")["value"], int(env(sidecar, "PGPORT")["value"])
+    needs.append(("postgres", *service_pod(pg_host, pg_port), "TCP"))
+    endpoint = urlsplit(config.telemetry.endpoint)
+    needs.append(("collector", *service_pod(endpoint.hostname, endpoint.port), "TCP"))
+    # Tools: whatever mcp.upstreams / invoke.tools name must be a Service in the tools' namespace.
+    tool_urls = [u.url for u in config.mcp.upstreams.values() if u.url] + [t.url for t in config.invoke.tools.values()]
+    for url in tool_urls:
+        parts = urlsplit(url)
+        match = re.fullmatch(r"[a-z0-9-]+\.([a-z0-9-]+)\.svc(\.cluster\.local)?", parts.hostname)
+        assert match and match.group(1) == TOOLS_NAMESPACE, f"{url}: tools are Services in {TOOLS_NAMESPACE}"
+        needs.append(("tool", TOOLS_NAMESPACE, {}, parts.port or {"http": 80, "https": 443}[parts.scheme], "TCP"))
+    return needs
+
+
+def test_egress_policy_selects_the_agent_pods_and_denies_by_default():
+    policy = find(*EGRESS)
+    agent_labels = workload("research-agent")["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"], agent_labels)
+    assert policy["metadata"]["namespace"] == workload("research-agent")["metadata"]["namespace"]
+    # Listing Egress makes everything not allowed below denied.
+    assert "Egress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"]["egress"]:
+        # A rule without `to` (or with an empty one) allows every destination; without `ports`, every port.
+        assert rule.get("to") and rule.get("ports"), rule
+        assert not any("ipBlock" in peer for peer in rule["to"]), rule
+        for peer in rule["to"]:
+            # An empty namespaceSelector is every namespace.
+            assert peer.get("namespaceSelector", {"matchLabels": {"x": "own"}}).get("matchLabels"), peer
+
+
+def test_in_pod_peers_need_no_egress_rule():
+    """OPA and the SPIFFE Workload API are reached inside the pod: loopback and a unix socket."""
+    config = sidecar_config()
+    assert urlsplit(config.policy.opa.url).hostname == "127.0.0.1"
+    assert env(container(pod_spec("research-agent"), "agent-sidecar"), "SPIFFE_ENDPOINT_SOCKET")["value"].startswith("unix://")
+    assert pod_spec("research-agent")["automountServiceAccountToken"] is False  # no Kubernetes API either
+
+
+def test_egress_allows_each_peer_the_sidecar_needs():
+    policy = find(*EGRESS)
+    needs = needed_peers()
+    assert {what for what, *_ in needs} >= {"dns", "postgres", "collector"}
+    for what, namespace, labels, port, protocol in needs:
+        assert egress_allows(policy, namespace, labels, port, protocol), f"{what}: {namespace} {labels} {protocol}/{port}"
+    # The tools' namespace exists, and any of its pods is reachable on the tool ports only.
+    assert any(d["kind"] == "Namespace" and d["metadata"]["name"] == TOOLS_NAMESPACE for _, d in resource_documents())
+    assert egress_allows(policy, TOOLS_NAMESPACE, {"app": "docs-mcp"}, 8000)
+    assert not egress_allows(policy, TOOLS_NAMESPACE, {"app": "docs-mcp"}, 22)
+
+
+def test_egress_allows_nothing_else():
+    policy = find(*EGRESS)
+    (_, _, postgres, pg_port, _), = [need for need in needed_peers() if need[0] == "postgres"]
+    jaeger = service_pod("jaeger-collector.observability.svc", 4317)
+    console = workload("approvals-console")
+    refused = [
+        ("jaeger directly", jaeger[0], jaeger[1], jaeger[2], "TCP"),  # same port as the collector, another pod
+        ("the console", "approvals", console["spec"]["template"]["metadata"]["labels"], 8080, "TCP"),
+        ("another agent pod", "agents", {"app.kubernetes.io/name": "research-agent"}, 50051, "TCP"),
+        ("postgres on another port", "agents", postgres, pg_port + 1, "TCP"),
+        ("postgres from another namespace", "default", postgres, pg_port, "TCP"),
+        ("another kube-system pod", "kube-system", {"k8s-app": "metrics-server"}, 53, "UDP"),
+        ("dns in another namespace", "default", KUBE_DNS[1], 53, "UDP"),
+        ("the collector over HTTP", "observability", {"app.kubernetes.io/name": "otel-collector"}, 4318, "TCP"),
+        ("a tool over UDP", TOOLS_NAMESPACE, {}, 8000, "UDP"),
+    ]
+    for what, namespace, labels, port, protocol in refused:
+        assert not egress_allows(policy, namespace, labels, port, protocol), what
+    # Every rule is there for a need: no peer is named that the pod does not use.
+    needs = needed_peers() + [("tool", TOOLS_NAMESPACE, {}, p, "TCP") for p in (8000, 8443)]
+    for rule in policy["spec"]["egress"]:
+        alone = {**policy, "spec": {**policy["spec"], "egress": [rule]}}
+        assert any(egress_allows(alone, ns, labels, port, proto) for _, ns, labels, port, proto in needs), rule
+
+
+def test_egress_policy_evaluation_is_not_vacuous():
+    """The evaluator above refuses what a deny-all policy refuses and allows what an allow-all rule allows."""
+    policy = find(*EGRESS)
+    deny_all = {**policy, "spec": {**policy["spec"], "egress": []}}
+    allow_all = {**policy, "spec": {**policy["spec"], "egress": [{}]}}
+    for _, namespace, labels, port, protocol in needed_peers():
+        assert not egress_allows(deny_all, namespace, labels, port, protocol)
+        assert egress_allows(allow_all, namespace, labels, port, protocol)
+
+
 def test_every_config_map_volume_is_generated_in_the_same_namespace():
     generated = generated_config_maps()
     for deployment in deployments():
