@@ -73,6 +73,13 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _refusal_problems(exc: Exception) -> list[str]:
+    """The lines that say why a policy was refused: a rejection lists them, a start failure is one."""
+    from sidecar.policy.opa.service import PolicyRejected
+
+    return list(exc.problems) if isinstance(exc, PolicyRejected) else [str(exc)]
+
+
 def _policy_failure(config: Any, exc: Exception) -> int | None:
     """Print why the policy cannot serve (exit 2), or None if `exc` is not such a failure."""
     from sidecar.policy.opa.runner import OpaNotFound, OpaStartError
@@ -83,7 +90,7 @@ def _policy_failure(config: Any, exc: Exception) -> int | None:
         return 2
     if isinstance(exc, (PolicyRejected, OpaStartError)):
         print(f"agent-sidecar: the policy in {config.policy.dir} cannot be served:", file=sys.stderr)
-        for problem in getattr(exc, "problems", [str(exc)]):
+        for problem in _refusal_problems(exc):
             print(f"  {problem}", file=sys.stderr)
         return 2
     return None
@@ -269,7 +276,7 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
         return replay.EXIT_USAGE
     except (PolicyRejected, OpaStartError) as exc:
         print(f"agent-sidecar: the candidate {args.policy} is refused; nothing replayed:", file=sys.stderr)
-        for problem in getattr(exc, "problems", [str(exc)]):
+        for problem in _refusal_problems(exc):
             print(f"  {problem}", file=sys.stderr)
         return replay.EXIT_USAGE
     except replay.ReplayError as exc:

@@ -148,29 +148,13 @@ class ToolGateServicer:
         self._tasks = tasks
 
     async def authorize(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.AuthorizeResponse:
-        peer = peer_info(context)
-        parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
-        identity = self._resolve(peer)
-        if isinstance(request, UnparseableRequest):
-            reason = f"malformed_request: the request could not be parsed ({request.error})"
-            verdict = await self._gate.authorize(ToolCall(tool="", arguments={}), identity, parent, malformed=reason)
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{reason}; recorded as decision {verdict.decision_id}"
-            )
+        identity, parent = await self._caller(request, context)
         verdict = await self._gate.authorize(call_from_request(request), identity, parent)
         return verdict_to_response(verdict)
 
     async def invoke(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.InvokeResponse:
         """Authorize, and when allowed make the HTTP call from the sidecar (deny / escalate: no call)."""
-        peer = peer_info(context)
-        parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
-        identity = self._resolve(peer)
-        if isinstance(request, UnparseableRequest):
-            reason = f"malformed_request: the request could not be parsed ({request.error})"
-            verdict = await self._gate.authorize(ToolCall(tool="", arguments={}), identity, parent, malformed=reason)
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{reason}; recorded as decision {verdict.decision_id}"
-            )
+        identity, parent = await self._caller(request, context)
         call = call_from_request(request.call)
         unknown = None
         if self._http_tools is None or not self._http_tools.knows(call.tool):
@@ -201,6 +185,22 @@ class ToolGateServicer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not_task_owner: {exc}")
         log.info("task %s ended by %s", task_id, identity.subject.spiffe_id)
         return sidecar_pb2.EndTaskResponse(task_id=task_id, ended_at=ended_at, already_ended=already)
+
+    async def _caller(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[CallerIdentity | IdentityError, TraceContext | None]:
+        """The caller's identity and trace parent; a request that could not be parsed is denied,
+        recorded, and aborted with INVALID_ARGUMENT (never returns then)."""
+        peer = peer_info(context)
+        parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
+        identity = self._resolve(peer)
+        if isinstance(request, UnparseableRequest):
+            reason = f"malformed_request: the request could not be parsed ({request.error})"
+            verdict = await self._gate.authorize(ToolCall(tool="", arguments={}), identity, parent, malformed=reason)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{reason}; recorded as decision {verdict.decision_id}"
+            )
+        return identity, parent
 
     def _resolve(self, peer: PeerInfo) -> CallerIdentity | IdentityError:
         try:
