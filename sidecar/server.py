@@ -12,7 +12,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +35,11 @@ from sidecar.tasks import TaskRegistry
 from sidecar.usage import UsageCounter
 from sidecar.usage.memory import MemoryCounter
 from sidecar.v1 import sidecar_pb2
+
+if TYPE_CHECKING:
+    from sidecar.escalation.service import EscalationService
+    from sidecar.invoke.http import HttpInvoker
+    from sidecar.mcp.gateway import McpGateway
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +271,10 @@ class RunningSidecar:
     identity_runtime: IdentityRuntime | None = None
     metrics: Metrics | None = None
     metrics_port: int | None = None
-    escalations: Any = None  # sidecar.escalation.service.EscalationService
+    escalations: "EscalationService | None" = None
     usage: UsageCounter | None = None
-    mcp: Any = None  # sidecar.mcp.gateway.McpGateway, when mcp.listen is set
-    http_tools: Any = None  # sidecar.invoke.http.HttpInvoker behind ToolGate.Invoke
+    mcp: "McpGateway | None" = None  # when mcp.listen or mcp.unix is set
+    http_tools: "HttpInvoker | None" = None  # behind ToolGate.Invoke
     shadow: PolicyService | None = None  # policy.shadow_dir
 
     async def stop(self, grace: float = 5.0) -> None:
