@@ -474,6 +474,22 @@ class SpireAgent:
         out = json.loads(self.server.cli("agent", "show", "-spiffeID", self.agent_id, "-output", "json"))
         return out["x509svid_serial_number"]
 
+    def jwt_svid_fetches(self, spiffe_id: str) -> int:
+        """How many Workload API FetchJWTSVID calls this agent answered for `spiffe_id`, over all its runs.
+
+        Counted from the agent's own log lines `msg="Fetched JWT SVID" ... spiffe_id="<id>"`
+        (pkg/agent/endpoints/workload/handler.go), which SPIRE writes at DEBUG
+        level only: make the agent with `log_level="DEBUG"` (else SpireError).
+        A fetch the agent answered from its own JWT-SVID cache counts too.
+        """
+        if self.log_level.upper() != "DEBUG":
+            raise SpireError(f"agent {self.name}: jwt_svid_fetches() needs log_level='DEBUG'")
+        try:
+            lines = (self.home / "agent.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in lines if 'msg="Fetched JWT SVID"' in line and f'spiffe_id="{spiffe_id}"' in line)
+
     def stop(self) -> None:
         """Stop the agent (its socket goes away); `start()` brings it back on the same path."""
         if self._process is not None:
