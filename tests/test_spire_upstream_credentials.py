@@ -240,7 +240,10 @@ class World:
 
 
 @pytest.fixture
-async def world(spire, tmp_path, running_sidecar):
+async def world(request, spire, tmp_path, running_sidecar):
+    """The sidecar and both upstreams on an agent of its own; `invoke.jwt_refresh_before_seconds`
+    is REFRESH unless the test parametrizes `world` (indirect) with another value."""
+    refresh = getattr(request, "param", REFRESH)
     agent = spire.agent(f"node{next(AGENTS)}", log_level="DEBUG")
     agent.register(SIDECAR_PATH, *own_process_selectors(), dns=(SIDECAR_DNS,), jwt_ttl=JWT_TTL)
     planner = agent.workload("planner")
@@ -269,7 +272,7 @@ async def world(spire, tmp_path, running_sidecar):
                                     "credential": {"kind": "jwt_svid", "audience": VAULT_AUD}}},
         "invoke.tools": {"create_ticket": {"method": "POST", "url": tickets_up.url + "/tickets",
                                            "credential": {"kind": "jwt_svid", "audience": TICKETS_AUD}}},
-        "invoke.jwt_refresh_before_seconds": REFRESH,
+        "invoke.jwt_refresh_before_seconds": refresh,
     })
     sidecar = await running_sidecar(config)
     deadline = time.monotonic() + 30
@@ -382,3 +385,24 @@ async def test_spire_agent_down_fails_closed_and_no_call_goes_out_without_a_cred
         assert (await world.invoke("after")).status == "ok"
     assert claims(world.vault.tool_tokens[-1])["exp"] > held
     assert verify_dir(Path(world.config.evidence.dir)).ok
+
+
+@pytest.mark.parametrize("world", [30], indirect=True)  # the default margin, above JWT_TTL / 2
+async def test_a_jwt_svid_shorter_than_twice_the_refresh_margin_is_cached_too(world):
+    """SPIRE's agent hands back its cached JWT-SVID until about half its lifetime has passed
+    (pkg/common/rotationutil): a sidecar asking again whenever less than the 30 s margin is
+    left would ask on every call and get the same token back."""
+    async with world.mcp_client() as agent:
+        assert not (await agent.call_tool("vault__read_secret", {"name": "a"})).is_error
+        fetched = world.fetches()
+        assert not (await agent.call_tool("vault__read_secret", {"name": "b"})).is_error
+        assert world.fetches() == fetched
+        first = world.vault.tool_tokens[0]
+        assert world.vault.tool_tokens == [first, first]
+
+        await sleep_until(claims(first)["exp"] - 2)  # shortly before it expires: renewed
+        assert not (await agent.call_tool("vault__read_secret", {"name": "c"})).is_error
+    renewed = world.vault.tool_tokens[-1]
+    assert renewed != first and claims(renewed)["iat"] > claims(first)["iat"]
+    assert world.fetches() == fetched + 1
+    assert world.vault.refused == []
