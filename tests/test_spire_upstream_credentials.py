@@ -364,7 +364,7 @@ async def test_spire_agent_down_fails_closed_and_no_call_goes_out_without_a_cred
         assert not (await agent.call_tool("vault__read_secret", {"name": "a"})).is_error
         assert (await world.invoke("before")).status == "ok"
         held = max(claims(world.vault.tool_tokens[-1])["exp"], claims(world.tickets.tool_tokens[-1])["exp"])
-        vault_calls, tickets_calls = len(world.vault.tool_tokens), len(world.tickets.tool_tokens)
+        requests = len(world.vault.headers), len(world.tickets.headers)
 
         down()
         await sleep_until(held - REFRESH + 0.5)  # both cached tokens are now due for renewal
@@ -378,8 +378,8 @@ async def test_spire_agent_down_fails_closed_and_no_call_goes_out_without_a_cred
         assert not_made.status == "not_called" and not_made.upstream_status == 0
         assert not_made.error.startswith(f"credential_unavailable: no JWT-SVID for audience {TICKETS_AUD!r}")
         assert why in not_made.error and why in text, (not_made.error, text)
-        # Neither upstream got the call, with or without a credential.
-        assert (len(world.vault.tool_tokens), len(world.tickets.tool_tokens)) == (vault_calls, tickets_calls)
+        # Neither upstream got a request, with or without a credential.
+        assert (len(world.vault.headers), len(world.tickets.headers)) == requests
         assert world.vault.refused == [] and world.tickets.refused == []
         failed = world.invocations()[-2:]
         assert [(r["tool"], r["status"], r["credential_kind"]) for r in failed] == [
