@@ -48,6 +48,9 @@ class OpaConfig:
     # A managed OPA whose GET /health has not answered 200 this long is hung: it is
     # SIGKILLed and restarted. 0 disables it. Not used with an external OPA (url).
     liveness_timeout_ms: int = 5000
+    # The managed OPA's GOGC (Go's garbage-collection target, percent of live heap);
+    # 0 leaves Go's default (100). Not used with an external OPA (url).
+    gogc: int = 400
     # Extra attempts after a connection error or a 5xx, inside the budget.
     retries: int = 2
     # Pause before the first retry (doubled for each further one).
@@ -724,6 +727,8 @@ def _validate_opa(opa: OpaConfig) -> None:
     for key in ("ready_timeout_ms", "restart_backoff_max_ms", "max_in_flight"):
         if getattr(opa, key) <= 0:
             raise ConfigError(f"policy.opa.{key}: must be positive")
+    if opa.gogc < 0:
+        raise ConfigError("policy.opa.gogc: must not be negative (0 leaves Go's default, 100)")
     if opa.liveness_timeout_ms < 0:
         raise ConfigError("policy.opa.liveness_timeout_ms: must not be negative (0 disables it)")
     if not opa.url:

@@ -71,6 +71,7 @@ def build_policy(config: Config, *, shadow: bool = False) -> PolicyService:
             ready_timeout_seconds=opa.ready_timeout_ms / 1000,
             restart_backoff_max_seconds=opa.restart_backoff_max_ms / 1000,
             liveness_timeout_seconds=opa.liveness_timeout_ms / 1000,
+            gogc=opa.gogc,
         ),
         reload=policy.reload,
     )
