@@ -5,6 +5,7 @@ one `task_end` evidence record, chained before the decisions it explains (docs/m
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -14,9 +15,11 @@ import pytest
 from mcp.client.client import Client
 
 from sidecar.client import build_request
+from sidecar.display import FLAG
 from sidecar.evidence import EvidenceError, Receipt, TraceContext
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.records import dev_key_path, record_hash
+from sidecar.evidence.show import Filter, show
 from sidecar.evidence.verify import verify_dir
 from sidecar.identity import CallerIdentity, Subject
 from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch, TaskRegistry
@@ -120,6 +123,31 @@ async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_reco
     assert task_end["ended_at"] == ended_at and task_end["ended_by"] == "end_task"
     assert task_end["links"] == [{"trace_id": first.trace_id, "span_id": first.span_id, "type": "task_first_call"}]
     assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_evidence_show_lists_an_idle_ending_readably_whatever_the_task_id_holds(tmp_path):
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    now = [0.0]
+    tasks = TaskRegistry(idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
+                         clock=lambda: now[0])
+    sneaky = "t-1\x1b[1A\r\x1b[2K\u202e"  # EndTask refuses such an id; a call under it may still use it
+    try:
+        assert await tasks.check(sneaky, ALICE, call()) is None
+        now[0] = 31
+        assert (await tasks.check(sneaky, ALICE, call())).startswith("task_ended:")
+    finally:
+        log.close_sync()
+    out = io.StringIO()
+    assert show(tmp_path / "ev", Filter(kind="task_end"), as_json=False, out=out) == 1
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    row = text.splitlines()[1]
+    assert row.split()[2] == "task_end" and ALICE.subject.spiffe_id in row
+    assert row.endswith(f"{FLAG}task 't-1\\x1b[1A\\r\\x1b[2K\\u202e' ended after 30 s without calls (idle timeout)"), row
+    assert text.splitlines()[-1].startswith(FLAG)
+    as_json = io.StringIO()
+    show(tmp_path / "ev", Filter(kind="task_end"), as_json=True, out=as_json)
+    assert json.loads(as_json.getvalue())["task_id"] == sneaky and "\x1b" not in as_json.getvalue()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
