@@ -125,6 +125,25 @@ async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_reco
     assert verify_dir(tmp_path / "ev").ok
 
 
+async def test_end_task_on_a_task_idle_past_the_timeout_records_the_idle_timeout(tmp_path):
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    now = [0.0]
+    tasks = TaskRegistry(idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
+                         clock=lambda: now[0])
+    caller = call()
+    try:
+        assert await tasks.check("t", ALICE, call()) is None
+        now[0] = 31
+        ending = await tasks.end("t", ALICE, caller)
+        assert await tasks.end("t", ALICE) == ending  # the same answer, no second record
+    finally:
+        log.close_sync()
+    assert ending.already_ended and ending.receipt is not None and ending.trace_id == caller.trace_id
+    (task_end,) = [r for r in records(tmp_path / "ev") if r["kind"] == "task_end"]
+    assert task_end["ended_by"] == "idle_timeout" and task_end["idle_seconds"] == 30
+    assert task_end["seq"] == ending.receipt.seq and task_end["parent_span_id"] == caller.span_id
+
+
 async def test_evidence_show_lists_an_idle_ending_readably_whatever_the_task_id_holds(tmp_path):
     log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
     now = [0.0]
