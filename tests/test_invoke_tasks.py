@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -170,7 +171,9 @@ async def test_evidence_show_lists_an_idle_ending_readably_whatever_the_task_id_
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60)
+    """The installed `agent-sidecar` console script, as an auditor runs it."""
+    script = Path(sys.executable).parent / "agent-sidecar"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60)
 
 
 def traceparent(trace: TraceContext) -> tuple[tuple[str, str], ...]:
@@ -224,16 +227,19 @@ async def test_end_task_writes_one_task_end_record_chained_before_the_denied_cal
     assert row.endswith(" task 'task-1' ended by EndTask"), row
     assert f" {started['subject']['spiffe_id']} (dev) " in row, row
 
-    # a task_end record altered (even re-hashed) breaks the chain at its seq
+    # a task_end record altered breaks the chain: at its own seq, or re-hashed, at the next one
     path = sorted(evidence.glob("evidence-*.jsonl"))[-1]
-    lines = path.read_text().splitlines(keepends=True)
-    at = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "task_end")
-    tampered = dict(json.loads(lines[at]), ended_by="idle_timeout")
-    tampered["hash"] = record_hash(tampered)
-    lines[at] = json.dumps(tampered, sort_keys=True, separators=(",", ":")) + "\n"
-    path.write_text("".join(lines))
-    broken = run_cli("evidence", "verify", str(evidence), "--key", key)
-    assert broken.returncode == 1 and f"BROKEN at seq {task_end['seq'] + 1}" in broken.stdout, broken.stdout
+    original = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(original) if json.loads(line)["kind"] == "task_end")
+    for rehash, broken_seq in ((False, task_end["seq"]), (True, task_end["seq"] + 1)):
+        tampered = dict(json.loads(original[at]), ended_at="2026-01-01T00:00:00.000000Z")
+        if rehash:
+            tampered["hash"] = record_hash(tampered)
+        lines = list(original)
+        lines[at] = json.dumps(tampered, sort_keys=True, separators=(",", ":")) + "\n"
+        path.write_text("".join(lines))
+        broken = run_cli("evidence", "verify", str(evidence), "--key", key)
+        assert broken.returncode == 1 and f"BROKEN at seq {broken_seq} " in broken.stdout, broken.stdout
 
 
 @pytest.fixture
