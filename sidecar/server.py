@@ -333,7 +333,12 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         raise
     metrics = Metrics()
     usage = build_usage(config)
-    tasks = TaskRegistry(idle_seconds=config.invoke.task_idle_seconds, max_tracked=config.usage.max_tracked)
+    tasks = TaskRegistry(
+        idle_seconds=config.invoke.task_idle_seconds,
+        max_tracked=config.usage.max_tracked,
+        sink=recorder,
+        instance_id=config.sidecar.instance_id or default_instance_id(),
+    )
     gate = build_gate(config, policy, recorder, metrics, usage, tasks, shadow=shadow)
     escalations = build_escalations(config, recorder)
     try:

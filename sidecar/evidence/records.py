@@ -4,7 +4,7 @@ One record is one line of canonical JSON (RFC 8785: sorted keys, no spaces),
 terminated by a newline. Every record carries
 
     kind       decision | escalation | approval | human_denial | expiry |
-               invocation | checkpoint | startup
+               invocation | task_end | checkpoint | startup
     seq        1, 2, 3, ... with no gaps, across all files of the log
     prev_hash  the `hash` of the record before (GENESIS for seq 1)
     logged_at  RFC 3339 time the writer put it in the log
@@ -29,7 +29,9 @@ from sidecar.evidence.redaction import digest
 if TYPE_CHECKING:
     from sidecar.evidence import DecisionEvent
 
-KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation", "checkpoint", "startup")
+KINDS = (
+    "decision", "escalation", "approval", "human_denial", "expiry", "invocation", "task_end", "checkpoint", "startup"
+)
 # Kinds that describe a tool call and so become an execute_tool span.
 CALL_KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation")
 GENESIS = "sha256:" + "0" * 64
