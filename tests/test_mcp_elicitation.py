@@ -267,3 +267,46 @@ async def test_zero_wait_seconds_turns_the_question_off(start_gateway):
         result = await agent.call_tool("docs__send", CALL)
     assert result.is_error and "AwaitDecision" in result.content[0].text
     assert not user.questions and not seen.calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_two_waiting_copies_of_one_call_run_it_once(start_gateway, mode):
+    sidecar, seen, _ = await start_gateway()
+    user = User()
+    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
+            ApprovalsClient(sidecar.addresses[0]) as approvals:
+        first = asyncio.create_task(agent.call_tool("docs__send", CALL))
+        escalation_id = await until_waiting(approvals, user)
+        user.asked.clear()
+        second = asyncio.create_task(agent.call_tool("docs__send", CALL))
+        await user.asked.wait()
+        assert user.escalation_id == escalation_id  # the same call: the same escalation
+        await approvals.approve(escalation_id, approver=ALICE)
+        results = await asyncio.gather(first, second)
+    assert sorted(r.is_error for r in results) == [False, True]
+    refused = next(r for r in results if r.is_error)
+    assert "approval_used" in refused.content[0].text and escalation_id in refused.content[0].text
+    assert seen.calls == [("send", CALL)]
+
+
+async def test_a_client_naming_its_escalation_waits_on_the_one_the_gate_checked(start_gateway):
+    sidecar, seen, _ = await start_gateway()
+    async with Client(sidecar.mcp.url) as plain, ApprovalsClient(sidecar.addresses[0]) as approvals:
+        first = await plain.call_tool("docs__send", CALL)
+        escalation_id = first.meta["sidecar/escalation_id"]
+        other = await plain.call_tool("docs__send", {**CALL, "body": "another"})
+        other_id = other.meta["sidecar/escalation_id"]
+        await approvals.approve(other_id, approver=ALICE)  # approved, but for another call
+        user = User()
+        async with Client(sidecar.mcp.url, elicitation_callback=user) as agent:
+            # names the approved escalation of the other call: the Gate refuses it, nothing is asked or run
+            named = await agent.call_tool("docs__send", CALL, meta={"sidecar/escalation_id": other_id})
+            assert named.is_error and "escalation_mismatch" in named.content[0].text
+            assert not user.questions
+            # names its own pending one: asked, waits, runs after the approval
+            call = asyncio.create_task(agent.call_tool("docs__send", CALL, meta={"sidecar/escalation_id": escalation_id}))
+            assert await until_waiting(approvals, user) == escalation_id
+            await approvals.approve(escalation_id, approver=ALICE)
+            result = await call
+    assert not result.is_error, result
+    assert seen.calls == [("send", CALL)]

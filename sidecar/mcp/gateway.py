@@ -265,27 +265,25 @@ class McpGateway:
         if not problem and not call.escalation_id and shape is not None and shape in self._pending:
             call = replace(call, escalation_id=self._pending[shape])
             remembered = True
-        answer = elicitation.reply(params)  # the user's answer to our question, on a repeated call (2026-07-28)
-        waited = False
-        if remembered and answer == elicitation.ACCEPT and self._escalations is not None and self._wait_seconds > 0:
-            # Only an escalation this gateway remembers for this very caller and call is waited on.
-            waited = True
-            await elicitation.wait_for_decision(self._escalations, call.escalation_id, self._wait_seconds)
         verdict = await self._decide(call, identity, parent, problem, shape, remembered)
-        if verdict.decision.outcome == "escalate" and not waited and answer is None:
-            asked_at = asyncio.get_running_loop().time()
-            asked = await self._ask(ctx, call, verdict, params.name)
-            if isinstance(asked, types.InputRequiredResult):
-                return asked
-            if asked == elicitation.ACCEPT and self._escalations is not None:
+        if verdict.decision.outcome == "escalate" and verdict.escalation_id and self._escalations is not None:
+            started = asyncio.get_running_loop().time()
+            # On 2026-07-28 the user's answer comes with the repeated call; else ask now.
+            answer = elicitation.reply(params)
+            if answer is None:
+                asked = await self._ask(ctx, call, verdict, params.name)
+                if isinstance(asked, types.InputRequiredResult):
+                    return asked  # 2026-07-28: the client asks its user and repeats the call with the answer
+                answer = asked
+            if answer == elicitation.ACCEPT and self._wait_seconds > 0:
+                # Wait on the escalation the Gate named for this very call (never one the client names),
+                # then the call goes through the Gate again as its repeated call: only an approver's
+                # decision lets it run.
                 call = replace(call, escalation_id=verdict.escalation_id)
-                left = self._wait_seconds - (asyncio.get_running_loop().time() - asked_at)  # question and wait together
+                left = self._wait_seconds - (asyncio.get_running_loop().time() - started)  # question and wait together
                 if await elicitation.wait_for_decision(self._escalations, call.escalation_id, left) is None:
                     return self._still_pending(call, verdict)
-                # Decided by a human (or expired): the call goes through the Gate again as the approved retry.
                 verdict = await self._decide(call, identity, parent, "", shape, True)
-        elif verdict.decision.outcome == "escalate" and waited:
-            return self._still_pending(call, verdict)
         return await self._answer(call, identity, verdict)
 
     async def _decide(self, call: ToolCall, identity: CallerIdentity | IdentityError, parent: TraceContext | None,
