@@ -269,7 +269,7 @@ class McpGateway:
         if verdict.decision.outcome == "escalate" and verdict.escalation_id and self._escalations is not None:
             started = asyncio.get_running_loop().time()
             # On 2026-07-28 the user's answer comes with the repeated call; else ask now.
-            answer = elicitation.reply(params)
+            answer = elicitation.reply(params) if elicitation.supports_form(ctx.session.client_capabilities) else None
             if answer is None:
                 asked = await self._ask(ctx, call, verdict, params.name)
                 if isinstance(asked, types.InputRequiredResult):
