@@ -85,26 +85,14 @@ def record_hash(record: dict) -> str:
     return sha256_digest(canonical_json(body))
 
 
-def _utf16_key(key: str) -> bytes:
-    return key.encode("utf-16-be", "surrogatepass")
-
-
 def seal(record: dict) -> bytes:
-    """Add `hash` to a record that has everything else; return its line (with newline).
+    """Add `hash` to a record that has everything else; return its line (canonical JSON with newline).
 
-    Same bytes as canonical_json(record) (RFC 8785 sorts members by UTF-16 code
-    units), but each value is serialized once for both the hash and the line.
+    NotCanonicalizable when the record has no canonical form (canonical.py).
     """
     record.pop("hash", None)
-    for key in record:
-        if not isinstance(key, str):
-            raise NotCanonicalizable(f"record key {key!r} is not a string")
-    members = {key: canonical_json(key) + b":" + canonical_json(value) for key, value in record.items()}
-    body = b"{" + b",".join(members[k] for k in sorted(members, key=_utf16_key)) + b"}"
-    digest = sha256_digest(body)
-    record["hash"] = digest
-    members["hash"] = b'"hash":' + canonical_json(digest)
-    return b"{" + b",".join(members[k] for k in sorted(members, key=_utf16_key)) + b"}\n"
+    record["hash"] = sha256_digest(canonical_json(record))
+    return canonical_json(record) + b"\n"
 
 
 def reason_code(reason: str) -> str:
