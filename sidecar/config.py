@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -311,6 +312,9 @@ class McpConfig:
     escalation_memory: int = 10_000
     # How long a client may reuse its tools/list answer (a private cache hint); 0 = ask every time.
     list_ttl_ms: int = 5000
+    # An escalated tools/call asks a client with the elicitation capability whether to wait for the
+    # approver, then waits up to this long for the decision in the same call; 0 = never ask.
+    elicitation_wait_seconds: float = 60.0
 
 
 @dataclass
@@ -687,6 +691,8 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
         raise ConfigError("mcp.escalation_memory: must be positive")
     if mcp.list_ttl_ms < 0:
         raise ConfigError("mcp.list_ttl_ms: must not be negative")
+    if not math.isfinite(mcp.elicitation_wait_seconds) or mcp.elicitation_wait_seconds < 0:
+        raise ConfigError("mcp.elicitation_wait_seconds: must be a finite number >= 0")
     for name, upstream in mcp.upstreams.items():
         key = f"mcp.upstreams.{name}"
         if not UPSTREAM_NAME.fullmatch(name):

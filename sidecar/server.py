@@ -254,6 +254,8 @@ def build_mcp_gateway(
         escalation_memory=config.mcp.escalation_memory,
         grpc_address=grpc_address,
         list_ttl_ms=config.mcp.list_ttl_ms,
+        escalations=gate.escalations,
+        elicitation_wait_seconds=config.mcp.elicitation_wait_seconds,
     )
 
 
