@@ -44,7 +44,7 @@ from google.protobuf.struct_pb2 import Struct
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
-from spiffe import JwtBundle, JwtSvid, TrustDomain
+from spiffe import JwtBundle, JwtSvid, TrustDomain, WorkloadApiClient
 from starlette.responses import PlainTextResponse
 
 from sidecar.config import Config, load_config
@@ -95,6 +95,7 @@ class BearerCheck:
 
     server: SpireServer
     audience: str
+    subject: str = SIDECAR_ID
     accepted: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -117,8 +118,8 @@ class BearerCheck:
             svid = JwtSvid.parse_and_validate(token, self.bundle, {self.audience})
             if svid.audience != {self.audience}:
                 raise ValueError(f"aud is {sorted(svid.audience)}, not only {self.audience}")
-            if str(svid.spiffe_id) != SIDECAR_ID:
-                raise ValueError(f"sub is {svid.spiffe_id}, not the sidecar")
+            if str(svid.spiffe_id) != self.subject:
+                raise ValueError(f"sub is {svid.spiffe_id}, not the sidecar ({self.subject})")
         except Exception as exc:  # py-spiffe raises several kinds: each one is a refusal
             self.refused.append(f"{type(exc).__name__}: {exc}")
             return self.refused[-1]
@@ -212,9 +213,10 @@ class World:
     vault: BearerCheck
     tickets: BearerCheck
     planner_token: str
+    sidecar_id: str = SIDECAR_ID  # the SPIFFE ID SPIRE gives this process first
 
     def fetches(self) -> int:
-        return self.agent.jwt_svid_fetches(SIDECAR_ID)
+        return self.agent.jwt_svid_fetches(self.sidecar_id)
 
     def mcp_client(self) -> Client:
         # The timeouts the SDK gives the HTTP clients it makes itself (30 s, reads 300 s).
@@ -243,15 +245,20 @@ class World:
 
 @pytest.fixture
 async def world(request, spire, tmp_path, running_sidecar):
-    """The sidecar and both upstreams on an agent of its own; `invoke.jwt_refresh_before_seconds`
-    is REFRESH unless the test parametrizes `world` (indirect) with another value."""
-    refresh = getattr(request, "param", REFRESH)
+    """The sidecar and both upstreams on an agent of its own. A test may parametrize `world`
+    (indirect) with {"refresh": invoke.jwt_refresh_before_seconds (default REFRESH),
+    "also_registered_as": the path of a second entry for this process}."""
+    options = getattr(request, "param", {})
     agent = spire.agent(f"node{next(AGENTS)}", log_level="DEBUG")
     agent.register(SIDECAR_PATH, *own_process_selectors(), dns=(SIDECAR_DNS,), jwt_ttl=JWT_TTL)
+    sidecar_id = SIDECAR_ID
+    if "also_registered_as" in options:
+        agent.register(options["also_registered_as"], *own_process_selectors(), jwt_ttl=JWT_TTL)
+        sidecar_id = await asyncio.to_thread(default_identity, agent, count=2)
     planner = agent.workload("planner")
     agent.register(PLANNER_PATH, *planner.selectors)
     planner.wait_for_identity()
-    vault, tickets = BearerCheck(spire, VAULT_AUD), BearerCheck(spire, TICKETS_AUD)
+    vault, tickets = BearerCheck(spire, VAULT_AUD, sidecar_id), BearerCheck(spire, TICKETS_AUD, sidecar_id)
     vault_up, tickets_up = await serve_vault(vault), await serve_tickets(tickets)
     config = load_config(None, {
         "listen.tcp": "127.0.0.1:0",
@@ -274,17 +281,32 @@ async def world(request, spire, tmp_path, running_sidecar):
                                     "credential": {"kind": "jwt_svid", "audience": VAULT_AUD}}},
         "invoke.tools": {"create_ticket": {"method": "POST", "url": tickets_up.url + "/tickets",
                                            "credential": {"kind": "jwt_svid", "audience": TICKETS_AUD}}},
-        "invoke.jwt_refresh_before_seconds": refresh,
+        "invoke.jwt_refresh_before_seconds": options.get("refresh", REFRESH),
     })
     sidecar = await running_sidecar(config)
     deadline = time.monotonic() + 30
     while not sidecar.identity.health()[0]:  # the JWT bundle for callers comes from the agent
         assert time.monotonic() < deadline, sidecar.identity.health()
         await asyncio.sleep(0.1)
-    yield World(agent, sidecar, config, vault, tickets, planner.fetch_jwt(SIDECAR_ID))
+    yield World(agent, sidecar, config, vault, tickets, planner.fetch_jwt(SIDECAR_ID), sidecar_id)
     await vault_up.stop()
     await tickets_up.stop()
     agent.stop()
+
+
+def default_identity(agent: SpireAgent, count: int, timeout: float = 30.0) -> str:
+    """The SPIFFE ID of the first X.509-SVID the agent gives this process, once it gives `count`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with WorkloadApiClient(agent.endpoint) as client:
+                svids = client.fetch_x509_svids()
+            if len(svids) >= count:
+                return str(svids[0].spiffe_id)
+        except Exception:  # PERMISSION_DENIED until the agent has synced the entries
+            pass
+        assert time.monotonic() < deadline, f"the agent gave this process fewer than {count} identities"
+        time.sleep(0.2)
 
 
 async def sleep_until(unix_time: float) -> None:
@@ -394,7 +416,7 @@ async def test_spire_agent_down_fails_closed_and_no_call_goes_out_without_a_cred
     assert verify_dir(Path(world.config.evidence.dir)).ok
 
 
-@pytest.mark.parametrize("world", [30], indirect=True)  # the default margin, above JWT_TTL / 2
+@pytest.mark.parametrize("world", [{"refresh": 30}], indirect=True)  # the default margin, above JWT_TTL / 2
 async def test_a_jwt_svid_shorter_than_twice_the_refresh_margin_is_cached_too(world):
     """SPIRE's agent hands back its cached JWT-SVID until about half its lifetime has passed
     (pkg/common/rotationutil): a sidecar asking again whenever less than the 30 s margin is
@@ -413,3 +435,23 @@ async def test_a_jwt_svid_shorter_than_twice_the_refresh_margin_is_cached_too(wo
     assert renewed != first and claims(renewed)["iat"] > claims(first)["iat"]
     assert world.fetches() == fetched + 1
     assert world.vault.refused == []
+
+
+CANARY_PATH = "/ns/agents/sa/sidecar-canary"
+
+
+@pytest.mark.parametrize("world", [{"also_registered_as": CANARY_PATH}], indirect=True)
+async def test_with_two_spire_identities_the_upstream_gets_the_one_spire_lists_first(world):
+    """Two entries match the sidecar's process: SPIRE orders them by entry ID (an arbitrary
+    but stable order, pkg/agent/manager/cache matchingEntries) and the sidecar presents the
+    first, the same identity as its own default X.509-SVID; the record names that one."""
+    assert world.sidecar_id in (SIDECAR_ID, f"spiffe://{TD}{CANARY_PATH}")
+    async with world.mcp_client() as agent:
+        assert not (await agent.call_tool("vault__read_secret", {"name": "a"})).is_error
+        assert not (await agent.call_tool("vault__read_secret", {"name": "b"})).is_error
+    assert (await world.invoke("t")).status == "ok"
+    tokens = world.vault.tool_tokens + world.tickets.tool_tokens
+    assert {claims(token)["sub"] for token in tokens} == {world.sidecar_id}
+    assert world.vault.refused == [] and world.tickets.refused == []
+    assert {r["credential_id"] for r in world.invocations()} == {
+        f"{world.sidecar_id} aud={VAULT_AUD}", f"{world.sidecar_id} aud={TICKETS_AUD}"}

@@ -23,7 +23,7 @@ storage exporter: every span its pipeline receives is logged as one line
 (storage cannot show duplicates: badger overwrites a span with the same key and
 the query service de-duplicates).
 
-The process runs in its own session and is stopped (SIGTERM, then SIGKILL
+The process (tests/infra/process.py) runs in its own session and is stopped (SIGTERM, then SIGKILL
 after `stop_timeout` seconds) by stop(), close(), leaving the `with` block,
 and at interpreter exit; it dies with the thread that started it (`setpriv
 --pdeathsig`), so call start() from the main thread (a blocking call: in an
