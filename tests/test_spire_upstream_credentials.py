@@ -381,7 +381,8 @@ async def test_the_jwt_svid_is_cached_and_refetched_shortly_before_it_expires(wo
     ("pause", "DEADLINE_EXCEEDED"),  # the agent hangs: py-spiffe gives up after the sidecar's 5 s deadline
 ])
 async def test_spire_agent_down_fails_closed_and_no_call_goes_out_without_a_credential(world, outage, why):
-    down, back = {"stop": (world.agent.stop, world.agent.start), "pause": (world.agent.pause, world.agent.resume)}[outage]
+    down, back = {"stop": (world.agent.stop, world.agent.start),
+                  "pause": (world.agent.pause, world.agent.resume)}[outage]
     async with world.mcp_client() as agent:
         assert not (await agent.call_tool("vault__read_secret", {"name": "a"})).is_error
         assert (await world.invoke("before")).status == "ok"
