@@ -34,6 +34,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import grpc
 import httpx2
@@ -159,7 +160,7 @@ def vault_server(check: BearerCheck) -> MCPServer:
 @dataclass
 class Served:
     url: str
-    stop: object
+    stop: Callable[[], Awaitable[None]]
 
 
 async def serve_vault(check: BearerCheck) -> Served:
