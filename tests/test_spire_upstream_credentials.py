@@ -50,6 +50,7 @@ from starlette.responses import PlainTextResponse
 
 from sidecar.config import Config, load_config
 from sidecar.evidence.verify import verify_dir
+from sidecar.server import RunningSidecar
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import write_policy
 from tests.infra.spire import SpireAgent, SpireServer, own_process_selectors
@@ -209,7 +210,7 @@ def spire():
 @dataclass
 class World:
     agent: SpireAgent
-    sidecar: object
+    sidecar: RunningSidecar
     config: Config
     vault: BearerCheck
     tickets: BearerCheck
