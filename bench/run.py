@@ -89,7 +89,10 @@ def children(pid: int) -> list[int]:
     """The live child processes of `pid` (the managed OPA of a sidecar)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # that thread ended meanwhile
+            continue
     return found
 
 
