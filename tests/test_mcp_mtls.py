@@ -1,0 +1,317 @@
+"""The MCP gateway over HTTPS with mutual TLS (`mtls` among identity.sources): a real MCP client from
+the SDK presenting an X.509-SVID → the gateway → a real MCP upstream built with the SDK.
+
+Real SPIRE (tests/infra/spire.py) issues every credential in the first part: the sidecar's SVID and
+bundles (this process's registration, DNS SAN `sidecar.local`), the callers' X.509-SVIDs and
+JWT-SVIDs, another trust domain's SVIDs (a second SPIRE server, `other.test`, federated into the
+sidecar's bundles but not accepted), and a rotating SVID (`-x509SVIDTTL 20`).
+
+The second part uses the Workload API test double (tests/doubles/fake_workload_api.py) for
+certificates SPIRE will not issue: a partner CA vouching for our trust domain, two URI SANs, a
+client certificate that expires while its connection stays open; and a sidecar with no SVID yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+import tempfile
+import uuid
+from pathlib import Path
+
+import httpx2
+import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from sidecar.config import Config, load_config
+from tests.conftest import write_policy
+from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
+from tests.doubles.pki import TestCa
+from tests.infra.spire import X509Svid
+from tests.mcp_upstreams import Seen, docs_server, serve_http
+from tests.test_spire_sidecar import (
+    AUD,
+    DELEGATION,
+    ORCHESTRATOR_ID,
+    PLANNER_ID,
+    SIDECAR_DNS,
+    SIDECAR_ID,
+    TD,
+    not_after,
+    register_sidecar,
+    start_spire,
+    wait_for,
+    wait_health,
+)
+
+OTHER_TD = "other.test"
+STRANGER_ID = f"spiffe://{OTHER_TD}/ns/agents/sa/stranger"
+
+# whoami is allowed to callers proven by a certificate or a token; the reason echoes what policy saw.
+POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "obligations": {}, "reasons": [concat("|", [
+        "seen", input.subject.spiffe_id, input.subject.source, input.subject.trust_domain])]} if {
+        input.tool.name == "whoami"
+        input.subject.source in {"mtls", "jwt_svid"}
+    }
+"""
+
+
+# ---------------------------------------------------------------- helpers
+def client_context(bundle_pem: bytes, chain_pem: bytes | None = None, key_pem: bytes | None = None) -> ssl.SSLContext:
+    """An agent's TLS context: trusts the bundle for the gateway's certificate, presents an SVID if given.
+
+    Python's ssl checks a server's hostname, not its SPIFFE ID; the gateway is reached at
+    127.0.0.1, so the hostname check is off here and `presented_certificate` checks the ID.
+    """
+    context = ssl.create_default_context(cadata=bundle_pem.decode())
+    context.check_hostname = False
+    if chain_pem is not None:
+        with tempfile.TemporaryDirectory() as directory:
+            cert, key = os.path.join(directory, "svid.pem"), os.path.join(directory, "svid.key")
+            Path(cert).write_bytes(chain_pem)
+            Path(key).write_bytes(key_pem or b"")
+            context.load_cert_chain(cert, key)
+    return context
+
+
+def agent(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None) -> Client:
+    """The SDK's MCP client over HTTPS with this TLS context."""
+    return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(verify=context, headers=headers or {})))
+
+
+def svid_agent(url: str, svid: X509Svid, headers: dict[str, str] | None = None) -> Client:
+    return agent(url, client_context(svid.bundle_pem, svid.chain_pem, svid.key_pem), headers)
+
+
+def presented_certificate(url: str, context: ssl.SSLContext, server_hostname: str | None = None) -> x509.Certificate:
+    """The certificate the gateway presents to a new TLS connection."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_hostname) as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+
+
+def decisions(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(directory.glob("evidence-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r for r in out if r.get("kind") == "decision"]
+
+
+async def refused_at_handshake(url: str, context: ssl.SSLContext) -> httpx2.TransportError:
+    """POST to the gateway; the TLS handshake must fail (TLS 1.3 reports a refused client
+    certificate on the client's first read, so this is a ReadError or a ConnectError)."""
+    async with httpx2.AsyncClient(verify=context) as http:
+        with pytest.raises(httpx2.TransportError) as info:
+            await http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    return info.value
+
+
+def gateway_settings(directory: Path, spire_agent, upstream_url: str, **identity) -> Config:
+    """A sidecar on `spire_agent`'s Workload API: gRPC on loopback and a unix socket, the gateway on
+    loopback (HTTPS: mtls is among the sources), POLICY, evidence in `directory`."""
+    sockets = Path(spire_agent.server.directory) / f"sc-{uuid.uuid4().hex[:8]}"  # unix paths stay short
+    sockets.mkdir()
+    return load_config(None, {
+        "listen.tcp": "127.0.0.1:0",
+        "listen.unix": str(sockets / "sidecar.sock"),
+        "policy.dir": str(write_policy(directory / "policy", POLICY)),
+        "policy.reload": False,
+        "policy.timeout_ms": 5000,  # identity is under test, not policy speed on a loaded machine
+        "evidence.dir": str(directory / "evidence"),
+        "escalation.path": str(directory / "escalations.db"),
+        "escalation.approvers": ["email:*@example.org"],
+        "telemetry.exporter": "none",
+        "identity.sources": ["jwt_svid", "mtls", "workload_api"],
+        "identity.workload_api_socket": spire_agent.endpoint,
+        "identity.jwt_audience": AUD,
+        "identity.delegation_audience": DELEGATION,
+        "identity.workload_api_max_backoff_ms": 200,
+        **{f"identity.{k}": v for k, v in identity.items()},
+        "mcp.listen": "127.0.0.1:0",
+        "mcp.upstreams": {"docs": {"url": upstream_url}},
+    })
+
+
+# ---------------------------------------------------------------- real SPIRE
+@pytest.fixture(scope="module")
+def spire():
+    server = start_spire()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def other(spire):
+    """A second SPIRE (trust domain other.test) with a workload `stranger`, federated into sidecar.test."""
+    server = start_spire(OTHER_TD)
+    far = server.agent("far")
+    stranger = far.workload("stranger")
+    far.register(STRANGER_ID.removeprefix(f"spiffe://{OTHER_TD}"), *stranger.selectors)
+    stranger.wait_for_identity()
+    spire.trust(server)  # SPIRE then hands the sidecar other.test's X.509 bundle too
+    yield server, stranger
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def node(spire, other):
+    spire_agent = spire.agent("mcp")
+    register_sidecar(spire_agent, federates_with=(OTHER_TD,))
+    callers = {}
+    for name, spiffe_id in (("planner", PLANNER_ID), ("orchestrator", ORCHESTRATOR_ID)):
+        callers[name] = spire_agent.workload(name)
+        spire_agent.register(spiffe_id.removeprefix(f"spiffe://{TD}"), *callers[name].selectors)
+    for workload in callers.values():
+        workload.wait_for_identity()
+    return spire_agent, callers
+
+
+@pytest.fixture
+async def upstream():
+    seen = Seen()
+    served = await serve_http(docs_server(seen))
+    yield served, seen
+    await served.stop()
+
+
+@pytest.fixture
+async def gateway(node, upstream, tmp_path, running_sidecar):
+    spire_agent, callers = node
+    sidecar = await running_sidecar(gateway_settings(tmp_path, spire_agent, upstream[0].url))
+    await wait_health(sidecar, health_pb2.HealthCheckResponse.SERVING)
+    return sidecar, callers, upstream[1], tmp_path / "evidence"
+
+
+async def test_a_caller_is_identified_by_its_spire_x509_svid(gateway):
+    sidecar, callers, seen, evidence = gateway
+    assert sidecar.mcp.url.startswith("https://127.0.0.1:")
+    svid = callers["planner"].fetch_x509()
+    async with svid_agent(sidecar.mcp.url, svid) as client:
+        listed = {t.name for t in (await client.list_tools()).tools}
+        result = await client.call_tool("docs__whoami", {})
+    assert "docs__whoami" in listed and "docs__search" not in listed  # the list phase saw the caller too
+    assert not result.is_error, result
+    assert seen.calls == [("whoami", {})]
+    record = decisions(evidence)[-1]
+    assert record["outcome"] == "allow"
+    assert record["reasons"] == [f"seen|{PLANNER_ID}|mtls|{TD}"]  # what policy saw
+    assert record["subject"] == {"spiffe_id": PLANNER_ID, "source": "mtls", "svid_expires_at": not_after(svid.chain_pem)}
+
+    # The gateway presents the sidecar's SPIRE SVID, with the DNS SAN a hostname-checking client can use.
+    checking = client_context(svid.bundle_pem, svid.chain_pem, svid.key_pem)
+    checking.check_hostname = True
+    served = await asyncio.to_thread(presented_certificate, sidecar.mcp.url, checking, SIDECAR_DNS)
+    assert uri_sans(served) == [SIDECAR_ID]
+
+
+async def test_no_client_certificate_or_plain_http_is_refused_before_any_call(gateway):
+    sidecar, callers, seen, evidence = gateway
+    bundle = callers["planner"].fetch_x509().bundle_pem
+    await refused_at_handshake(sidecar.mcp.url, client_context(bundle))
+    async with httpx2.AsyncClient() as http:  # plain HTTP to the TLS port: no fallback
+        with pytest.raises(httpx2.TransportError):
+            await http.post(sidecar.mcp.url.replace("https://", "http://"), json={})
+    assert not seen.calls and decisions(evidence) == []  # nothing reached policy or the tool
+
+
+async def test_an_svid_of_another_trust_domain_is_refused_and_accepted_once_configured(
+    node, other, upstream, tmp_path, running_sidecar
+):
+    spire_agent, callers = node
+    _, stranger = other
+    own_bundle = callers["planner"].fetch_x509().bundle_pem
+    foreign = stranger.fetch_x509()
+    as_stranger = client_context(own_bundle, foreign.chain_pem, foreign.key_pem)  # trusts the sidecar by its own bundle
+
+    # Only the sidecar's trust domain is accepted: other.test's bundle reached the sidecar (federation)
+    # but is not among the client CAs, so the handshake fails.
+    sidecar = await running_sidecar(gateway_settings(tmp_path / "own", spire_agent, upstream[0].url))
+    await wait_health(sidecar, health_pb2.HealthCheckResponse.SERVING)
+    assert OTHER_TD in sidecar.identity_runtime.source.x509().bundles
+    await refused_at_handshake(sidecar.mcp.url, as_stranger)
+    async with svid_agent(sidecar.mcp.url, callers["planner"].fetch_x509()) as client:  # still serving its own
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    assert [r["subject"]["spiffe_id"] for r in decisions(tmp_path / "own" / "evidence")] == [PLANNER_ID]
+
+    # identity.trust_domains lists other.test: its SVID gets in, as itself.
+    sidecar = await running_sidecar(
+        gateway_settings(tmp_path / "both", spire_agent, upstream[0].url, trust_domains=[TD, OTHER_TD]))
+    await wait_health(sidecar, health_pb2.HealthCheckResponse.SERVING)
+    async with agent(sidecar.mcp.url, as_stranger) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    record = decisions(tmp_path / "both" / "evidence")[-1]
+    assert record["reasons"] == [f"seen|{STRANGER_ID}|mtls|{OTHER_TD}"]
+
+
+async def test_a_bearer_jwt_svid_must_name_the_certificate_s_caller(gateway):
+    sidecar, callers, seen, evidence = gateway
+    svid = callers["planner"].fetch_x509()
+    someone_else = callers["orchestrator"].fetch_jwt(AUD)
+    async with svid_agent(sidecar.mcp.url, svid, {"authorization": f"Bearer {someone_else}"}) as client:
+        with pytest.raises(MCPError) as info:
+            await client.list_tools()
+        result = await client.call_tool("docs__whoami", {})
+    mismatch = f"jwt_svid and mtls name different callers ({ORCHESTRATOR_ID} and {PLANNER_ID})"
+    assert mismatch in str(info.value)
+    assert result.is_error and mismatch in result.content[0].text
+    assert not seen.calls
+    record = decisions(evidence)[-1]
+    assert record["outcome"] == "deny" and record["subject"] is None
+    assert record["reasons"][0].startswith("unverified_caller: ") and mismatch in record["reasons"][0]
+
+    # The planner's own token with the planner's certificate: one caller, decided by the token (listed first).
+    own = callers["planner"].fetch_jwt(AUD)
+    async with svid_agent(sidecar.mcp.url, svid, {"authorization": f"Bearer {own}"}) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    assert decisions(evidence)[-1]["reasons"] == [f"seen|{PLANNER_ID}|jwt_svid|{TD}"]
+
+
+async def test_new_connections_get_the_rotated_svid_without_a_restart(spire, upstream, tmp_path, running_sidecar):
+    """`-x509SVIDTTL 20`: SPIRE rotates the sidecar's and the planner's SVIDs about every 5-10 s."""
+    rotating = spire.agent("mcp-rotating")
+    register_sidecar(rotating, x509_ttl=20)
+    planner = rotating.workload("planner")
+    rotating.register(PLANNER_ID.removeprefix(f"spiffe://{TD}"), *planner.selectors, x509_ttl=20)
+    first_svid = planner.wait_for_identity()
+    sidecar = await running_sidecar(gateway_settings(tmp_path, rotating, upstream[0].url))
+    await wait_health(sidecar, health_pb2.HealthCheckResponse.SERVING)
+    context = client_context(first_svid.bundle_pem, first_svid.chain_pem, first_svid.key_pem)
+    before = await asyncio.to_thread(presented_certificate, sidecar.mcp.url, context)
+    assert uri_sans(before) == [SIDECAR_ID]
+
+    async def rotated():
+        served = await asyncio.to_thread(presented_certificate, sidecar.mcp.url, context)
+        return served if served.serial_number != before.serial_number else None
+
+    after = await wait_for(rotated, "a new connection to get the sidecar's rotated SVID")
+    assert uri_sans(after) == [SIDECAR_ID] and after.not_valid_after_utc > before.not_valid_after_utc
+
+    # The planner's own rotated SVID is accepted over a new connection, with its new expiry.
+    async def planner_rotated():
+        svid = planner.fetch_x509()
+        return svid if svid.chain_pem != first_svid.chain_pem else None
+
+    second_svid = await wait_for(planner_rotated, "the planner's SVID to rotate")
+    async with svid_agent(sidecar.mcp.url, second_svid) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    record = decisions(tmp_path / "evidence")[-1]
+    assert record["subject"] == {"spiffe_id": PLANNER_ID, "source": "mtls",
+                                 "svid_expires_at": not_after(second_svid.chain_pem)}
