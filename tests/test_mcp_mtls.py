@@ -14,6 +14,8 @@ client certificate that expires while its connection stays open; and a sidecar w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import json
 import os
 import socket
@@ -21,6 +23,7 @@ import ssl
 import tempfile
 import uuid
 from pathlib import Path
+from typing import AsyncIterator
 
 import httpx2
 import pytest
@@ -32,6 +35,7 @@ from mcp.shared.exceptions import MCPError
 
 from sidecar.config import Config, load_config
 from tests.conftest import write_policy
+from tests.doubles.fake_workload_api import FakeWorkloadApi
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 from tests.doubles.pki import TestCa
 from tests.infra.spire import X509Svid
@@ -86,12 +90,15 @@ def client_context(bundle_pem: bytes, chain_pem: bytes | None = None, key_pem: b
     return context
 
 
-def agent(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None) -> Client:
+@contextlib.asynccontextmanager
+async def agent(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None) -> AsyncIterator[Client]:
     """The SDK's MCP client over HTTPS with this TLS context."""
-    return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(verify=context, headers=headers or {})))
+    async with httpx2.AsyncClient(verify=context, headers=headers or {}) as http:
+        async with Client(streamable_http_client(url, http_client=http)) as client:
+            yield client
 
 
-def svid_agent(url: str, svid: X509Svid, headers: dict[str, str] | None = None) -> Client:
+def svid_agent(url: str, svid: X509Svid, headers: dict[str, str] | None = None):
     return agent(url, client_context(svid.bundle_pem, svid.chain_pem, svid.key_pem), headers)
 
 
@@ -315,3 +322,114 @@ async def test_new_connections_get_the_rotated_svid_without_a_restart(spire, ups
     record = decisions(tmp_path / "evidence")[-1]
     assert record["subject"] == {"spiffe_id": PLANNER_ID, "source": "mtls",
                                  "svid_expires_at": not_after(second_svid.chain_pem)}
+
+
+# ---------------------------------------------------------------- the Workload API test double
+PARTNER_TD = "partner.org"
+
+
+@pytest.fixture
+async def partnered(tmp_path, running_sidecar, upstream):
+    """The sidecar (example.org, double) accepting example.org and partner.org, whose CA has an intermediate."""
+    sockdir = short_dir()
+    api = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
+    partner = TestCa(PARTNER_TD, intermediate=True)
+    api.federate_with(PARTNER_TD, ca=partner)
+    sidecar = await running_sidecar(double_settings(tmp_path, api, upstream[0].url, [api.trust_domain, PARTNER_TD]))
+    await wait_serving(sidecar)
+    yield sidecar, api, partner, tmp_path / "evidence"
+    api.stop()
+    remove_dir(sockdir)
+
+
+def double_settings(directory: Path, api, upstream_url: str, trust_domains: list[str]) -> Config:
+    return load_config(None, {
+        "listen.tcp": "127.0.0.1:0",
+        "policy.dir": str(write_policy(directory / "policy", POLICY)),
+        "policy.reload": False,
+        "evidence.dir": str(directory / "evidence"),
+        "escalation.approvers": ["email:*@example.org"],
+        "telemetry.exporter": "none",
+        "identity.sources": ["mtls"],
+        "identity.workload_api_socket": api.endpoint,
+        "identity.trust_domains": trust_domains,
+        "identity.workload_api_max_backoff_ms": 200,
+        "mcp.listen": "127.0.0.1:0",
+        "mcp.upstreams": {"docs": {"url": upstream_url}},
+    })
+
+
+async def wait_serving(sidecar) -> None:
+    await wait_for(lambda: asyncio.sleep(0, sidecar.identity.health()[0]), "the sidecar's SVID")
+
+
+def double_context(api, svid) -> ssl.SSLContext:
+    return client_context(api.ca.bundle_pem(), svid.chain_pem(), svid.key_pem())
+
+
+async def test_a_chain_through_an_intermediate_ca_is_verified_as_tls_built_it(partnered):
+    sidecar, api, partner, evidence = partnered
+    svid = partner.issue("/ns/agents/sa/partner-agent")  # leaf, then the intermediate
+    async with agent(sidecar.mcp.url, double_context(api, svid)) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    assert decisions(evidence)[-1]["reasons"] == [f"seen|spiffe://{PARTNER_TD}/ns/agents/sa/partner-agent|mtls|{PARTNER_TD}"]
+
+
+@pytest.mark.parametrize("forged, reason", [
+    # TLS trusts the union of the accepted bundles; the partner's CA must not vouch for example.org.
+    ("partner-ca-for-our-domain", "does not chain to that trust domain's X.509 bundle"),
+    ("two-uri-sans", "an X.509-SVID has exactly one URI SAN; this certificate has 2"),
+    ("upper-case-trust-domain", "is not a valid SPIFFE ID"),
+])
+async def test_certificates_tls_accepts_but_that_are_no_svid_of_their_caller_are_denied_and_recorded(
+    partnered, forged, reason
+):
+    sidecar, api, partner, evidence = partnered
+    if forged == "partner-ca-for-our-domain":
+        svid = partner.issue(spiffe_id="spiffe://example.org/ns/agents/sa/planner")
+    elif forged == "two-uri-sans":
+        svid = api.ca.issue(uris=["spiffe://example.org/ns/agents/sa/a", "spiffe://example.org/ns/agents/sa/b"])
+    else:
+        svid = api.ca.issue(uris=["spiffe://Example.org/ns/agents/sa/planner"])
+    async with agent(sidecar.mcp.url, double_context(api, svid)) as client:
+        with pytest.raises(MCPError) as info:
+            await client.list_tools()
+        result = await client.call_tool("docs__whoami", {})
+    assert "unverified_caller: mtls: " in str(info.value) and reason in str(info.value)
+    assert result.is_error and reason in result.content[0].text
+    record = decisions(evidence)[-1]
+    assert record["outcome"] == "deny" and record["subject"] is None
+    assert record["reasons"][0].startswith("unverified_caller: mtls: ") and reason in record["reasons"][0]
+
+    # The gateway keeps serving a proper SVID.
+    async with agent(sidecar.mcp.url, double_context(api, api.ca.issue("/ns/agents/sa/planner"))) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+
+
+async def test_a_client_certificate_that_expires_on_an_open_connection_is_denied(partnered):
+    sidecar, api, _, evidence = partnered
+    svid = api.ca.issue("/ns/agents/sa/planner", ttl=2)
+    async with agent(sidecar.mcp.url, double_context(api, svid)) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+        await asyncio.sleep(max(0.0, (svid.cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
+        result = await client.call_tool("docs__whoami", {})  # the same keep-alive connection
+    assert result.is_error and "expired at" in result.content[0].text
+    assert "while its connection stayed open" in decisions(evidence)[-1]["reasons"][0]
+
+
+async def test_before_the_first_svid_every_handshake_fails_then_the_svid_is_served(tmp_path, running_sidecar, upstream):
+    sockdir = short_dir()
+    api = FakeWorkloadApi(os.path.join(sockdir, "agent.sock")).start()  # no identity issued yet
+    try:
+        sidecar = await running_sidecar(double_settings(tmp_path, api, upstream[0].url, []))
+        caller = api.ca.issue("/ns/agents/sa/planner")
+        await refused_at_handshake(sidecar.mcp.url, double_context(api, caller))
+        own = api.set_identity("/ns/agents/sa/sidecar")[0]
+        await wait_serving(sidecar)
+        served = await asyncio.to_thread(presented_certificate, sidecar.mcp.url, double_context(api, caller))
+        assert served.serial_number == own.serial
+        async with agent(sidecar.mcp.url, double_context(api, caller)) as client:
+            assert not (await client.call_tool("docs__whoami", {})).is_error
+    finally:
+        api.stop()
+        remove_dir(sockdir)

@@ -165,6 +165,15 @@ class TlsH11Protocol(H11Protocol):
         if tls is not None:
             self.app = _WithTls(self.app, tls)
 
+    def shutdown(self) -> None:
+        """Server shutdown: an idle connection is dropped at once. Closing TLS waits for the client's
+        close_notify (up to asyncio's 30 s ssl_shutdown_timeout), which an idle pooled client never
+        sends, so the gateway's stop would hang; a connection with a response in flight finishes it."""
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle:
+            self.transport.abort()
+
 
 def peer_auth_context(scope: dict) -> dict[str, tuple[bytes, ...]]:
     """`PeerInfo.auth_context` from the scope's TLS extension, in grpc's keys; {} without a client chain.
