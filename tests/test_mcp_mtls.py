@@ -32,8 +32,10 @@ from grpc_health.v1 import health_pb2
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from spiffe import X509Source
 
 from sidecar.config import Config, load_config
+from sidecar.mcp.tls import client_ssl_context
 from tests.conftest import write_policy
 from tests.doubles.fake_workload_api import FakeWorkloadApi
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
@@ -289,6 +291,26 @@ async def test_a_bearer_jwt_svid_must_name_the_certificate_s_caller(gateway):
     async with svid_agent(sidecar.mcp.url, svid, {"authorization": f"Bearer {own}"}) as client:
         assert not (await client.call_tool("docs__whoami", {})).is_error
     assert decisions(evidence)[-1]["reasons"] == [f"seen|{PLANNER_ID}|jwt_svid|{TD}"]
+
+
+async def test_the_agent_side_context_from_a_py_spiffe_x509source(node, gateway):
+    """`client_ssl_context` in this process: SPIRE gives it the sidecar's own registration (SIDECAR_ID)."""
+    spire_agent, _ = node
+    sidecar, _, _, evidence = gateway
+    source = await asyncio.to_thread(X509Source, socket_path=spire_agent.endpoint, timeout_in_seconds=10)
+    try:
+        context = client_ssl_context(source)
+    finally:
+        source.close()
+    # It checks the gateway's hostname against the SVID's DNS SAN ...
+    assert context.check_hostname
+    served = await asyncio.to_thread(presented_certificate, sidecar.mcp.url, context, SIDECAR_DNS)
+    assert uri_sans(served) == [SIDECAR_ID]
+    # ... and presents this process's SVID (reached at 127.0.0.1 here, so without the hostname check).
+    context.check_hostname = False
+    async with agent(sidecar.mcp.url, context) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    assert decisions(evidence)[-1]["reasons"] == [f"seen|{SIDECAR_ID}|mtls|{TD}"]
 
 
 async def test_new_connections_get_the_rotated_svid_without_a_restart(spire, upstream, tmp_path, running_sidecar):

@@ -33,11 +33,12 @@ import ssl
 import threading
 from typing import Any, Iterable
 
+from cryptography.hazmat.primitives import serialization
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sidecar.identity.mtls import bundle_pem, svid_pem
 from sidecar.identity.workload_api import HeldSvid, SvidUnavailable, WorkloadApiSource
-from sidecar.identity.x509 import SvidError, load_pem_chain, uri_sans
+from sidecar.identity.x509 import SvidError, certs_pem, load_pem_chain, uri_sans
 
 log = logging.getLogger(__name__)
 
@@ -196,4 +197,24 @@ def peer_auth_context(scope: dict) -> dict[str, tuple[bytes, ...]]:
     return context
 
 
-__all__ = ["SvidSslContexts", "TlsH11Protocol", "peer_auth_context", "tls_extension"]
+def client_ssl_context(source) -> ssl.SSLContext:
+    """Agent side: an `ssl.SSLContext` presenting the current SVID of a py-spiffe `X509Source` and
+    trusting its X.509 bundles, for `httpx2.AsyncClient(verify=...)` in front of the MCP SDK client.
+
+    A snapshot, like `sidecar.identity.mtls.x509_source_channel_credentials`: build a new context
+    (and HTTP client) after the source rotates. Python's ssl checks the server's *hostname*, not its
+    SPIFFE ID: reach the gateway by a DNS name in the sidecar's SVID (docs/identity.md, `mtls`).
+    Linux only (the key is loaded from an in-memory file, never written to disk).
+    """
+    context = source.get_x509_context()
+    svid = context.default_svid
+    roots = certs_pem(a for b in context.x509_bundle_set.bundles for a in b.x509_authorities)
+    tls = ssl.create_default_context(cadata=roots.decode("ascii"))
+    key = svid.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _load_cert_chain(tls, key, certs_pem(svid.cert_chain))
+    return tls
+
+
+__all__ = ["SvidSslContexts", "TlsH11Protocol", "client_ssl_context", "peer_auth_context", "tls_extension"]
