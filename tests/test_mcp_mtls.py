@@ -231,10 +231,12 @@ async def test_a_caller_is_identified_by_its_spire_x509_svid(gateway):
     assert uri_sans(served) == [SIDECAR_ID]
 
 
-async def test_no_client_certificate_or_plain_http_is_refused_before_any_call(gateway):
+async def test_no_client_certificate_or_plain_http_is_refused_before_any_call(gateway, caplog):
     sidecar, callers, seen, evidence = gateway
     bundle = callers["planner"].fetch_x509().bundle_pem
     await refused_at_handshake(sidecar.mcp.url, client_context(bundle))
+    assert any("MCP gateway: TLS handshake refused:" in r.getMessage() and "CERTIFICATE" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     async with httpx2.AsyncClient() as http:  # plain HTTP to the TLS port: no fallback
         with pytest.raises(httpx2.TransportError):
             await http.post(sidecar.mcp.url.replace("https://", "http://"), json={})
@@ -439,13 +441,17 @@ async def test_a_client_certificate_that_expires_on_an_open_connection_is_denied
     assert "while its connection stayed open" in decisions(evidence)[-1]["reasons"][0]
 
 
-async def test_before_the_first_svid_every_handshake_fails_then_the_svid_is_served(tmp_path, running_sidecar, upstream):
+async def test_before_the_first_svid_every_handshake_fails_then_the_svid_is_served(
+    tmp_path, running_sidecar, upstream, caplog
+):
     sockdir = short_dir()
     api = FakeWorkloadApi(os.path.join(sockdir, "agent.sock")).start()  # no identity issued yet
     try:
         sidecar = await running_sidecar(double_settings(tmp_path, api, upstream[0].url, []))
         caller = api.ca.issue("/ns/agents/sa/planner")
         await refused_at_handshake(sidecar.mcp.url, double_context(api, caller))
+        assert any("TLS handshake refused" in r.getMessage() and "no certificate to present" in r.getMessage()
+                   and "no X.509-SVID from the Workload API" in r.getMessage() for r in caplog.records), caplog.text
         own = api.set_identity("/ns/agents/sa/sidecar")[0]
         await wait_serving(sidecar)
         served = await asyncio.to_thread(presented_certificate, sidecar.mcp.url, double_context(api, caller))

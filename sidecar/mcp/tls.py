@@ -22,7 +22,8 @@
   resolver applies the same checks to both front doors.
 
 Handshake refusals (no client certificate, a CA outside the accepted bundles, an expired
-certificate) never reach the app, so there is no request to record; asyncio logs them.
+certificate) never reach the app, so there is no request to record: `_LoggedHandshake` logs each
+with OpenSSL's reason (asyncio itself reports them only in debug mode).
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def _load_cert_chain(context: ssl.SSLContext, key_pem: bytes, chain_pem: bytes) 
         os.close(fd)
 
 
+class _LoggedHandshake(ssl.SSLObject):
+    """The listening context's SSLObject (`SSLContext.sslobject_class`): logs a refused handshake."""
+
+    no_context = ""  # set by the SNI callback when there was no SVID to serve: why
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # the handshake goes on when more bytes arrive
+        except ssl.SSLError as exc:
+            why = f" (the gateway has no certificate to present: {self.no_context})" if self.no_context else ""
+            log.warning("MCP gateway: TLS handshake refused: %s%s", exc, why)
+            raise
+
+
 class SvidSslContexts:
     """The gateway's server-side TLS, following the held SVID and bundles (module docstring)."""
 
@@ -65,7 +82,6 @@ class SvidSslContexts:
         self._trust_domains = tuple(trust_domains)  # empty: the sidecar's own
         self._lock = threading.Lock()
         self._served: tuple[int, ssl.SSLContext] | None = None  # (HeldSvid.version, its context)
-        self.reloads = 0  # contexts built after the first, i.e. rotations seen by new connections
 
     def listening_context(self) -> ssl.SSLContext:
         """The SSLContext to listen with: no certificate itself, each handshake moved to the current one."""
@@ -73,32 +89,46 @@ class SvidSslContexts:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.verify_mode = ssl.CERT_REQUIRED  # and no CA loaded: nobody verifies here
         context.sni_callback = self._select
+        context.sslobject_class = _LoggedHandshake
         return context
 
     def _select(self, connection: ssl.SSLObject, _server_name: str | None, _listening: ssl.SSLContext) -> None:
-        current = self.current()
-        if current is not None:
-            connection.context = current
+        # An exception here would fail the handshake with no word why: report it instead.
+        try:
+            connection.context = self.current()
+        except SvidUnavailable as exc:
+            if isinstance(connection, _LoggedHandshake):
+                connection.no_context = exc.reason
+        except Exception:
+            log.exception("MCP gateway: could not choose the TLS context of a new connection")
 
-    def current(self) -> ssl.SSLContext | None:
-        """The context for a new connection: rebuilt when the source's SVID or bundles change."""
+    def current(self) -> ssl.SSLContext:
+        """The context for a new connection, rebuilt when the source's SVID or bundles change.
+
+        Raises SvidUnavailable while no SVID was ever held; once one was, a source without a usable
+        SVID (withdrawn, expired) keeps the last context, as grpc's credentials do.
+        """
         try:
             held = self._source.x509()
         except SvidUnavailable:
-            held = None
+            with self._lock:
+                if self._served is None:
+                    raise
+                return self._served[1]
         with self._lock:
-            served = self._served
-            if held is None or (served is not None and served[0] == held.version):
-                return served[1] if served is not None else None
+            if self._served is not None and self._served[0] == held.version:
+                return self._served[1]
         try:
             context = self._context(held)
-        except Exception:  # an exception in the SNI callback would fail the handshake obscurely
-            log.exception("MCP gateway: could not build the TLS context; keeping the previous one")
-            return served[1] if served is not None else None
+        except Exception as exc:
+            log.exception("MCP gateway: could not build the TLS context from SVID serial %x", held.serial)
+            with self._lock:
+                if self._served is None:
+                    raise SvidUnavailable(f"the TLS context could not be built ({type(exc).__name__})") from None
+                return self._served[1]
         with self._lock:
             if self._served is None or self._served[0] < held.version:
                 if self._served is not None:
-                    self.reloads += 1
                     log.info("MCP gateway: TLS now serves SVID serial %x for new connections", held.serial)
                 self._served = (held.version, context)
             return self._served[1]
