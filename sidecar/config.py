@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -48,6 +49,9 @@ class OpaConfig:
     # A managed OPA whose GET /health has not answered 200 this long is hung: it is
     # SIGKILLed and restarted. 0 disables it. Not used with an external OPA (url).
     liveness_timeout_ms: int = 5000
+    # The managed OPA's GOGC (Go's garbage-collection target, percent of live heap);
+    # 0 leaves Go's default (100). Not used with an external OPA (url).
+    gogc: int = 400
     # Extra attempts after a connection error or a 5xx, inside the budget.
     retries: int = 2
     # Pause before the first retry (doubled for each further one).
@@ -309,6 +313,9 @@ class McpConfig:
     escalation_memory: int = 10_000
     # How long a client may reuse its tools/list answer (a private cache hint); 0 = ask every time.
     list_ttl_ms: int = 5000
+    # An escalated tools/call asks a client with the elicitation capability whether to wait for the
+    # approver, then waits up to this long for the decision in the same call; 0 = never ask.
+    elicitation_wait_seconds: float = 60.0
 
 
 @dataclass
@@ -686,6 +693,8 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
         raise ConfigError("mcp.escalation_memory: must be positive")
     if mcp.list_ttl_ms < 0:
         raise ConfigError("mcp.list_ttl_ms: must not be negative")
+    if not math.isfinite(mcp.elicitation_wait_seconds) or mcp.elicitation_wait_seconds < 0:
+        raise ConfigError("mcp.elicitation_wait_seconds: must be a finite number >= 0")
     for name, upstream in mcp.upstreams.items():
         key = f"mcp.upstreams.{name}"
         if not UPSTREAM_NAME.fullmatch(name):
@@ -726,6 +735,8 @@ def _validate_opa(opa: OpaConfig) -> None:
     for key in ("ready_timeout_ms", "restart_backoff_max_ms", "max_in_flight"):
         if getattr(opa, key) <= 0:
             raise ConfigError(f"policy.opa.{key}: must be positive")
+    if opa.gogc < 0:
+        raise ConfigError("policy.opa.gogc: must not be negative (0 leaves Go's default, 100)")
     if opa.liveness_timeout_ms < 0:
         raise ConfigError("policy.opa.liveness_timeout_ms: must not be negative (0 disables it)")
     if not opa.url:

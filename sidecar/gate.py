@@ -128,7 +128,7 @@ class Gate:
                     f"call_id_reused: call_id {call.call_id!r} was already used for a different tool call"
                 )
         if call.task_id and not problems and self._tasks is not None and isinstance(identity, CallerIdentity):
-            ended = self._tasks.check(call.task_id, identity.subject.spiffe_id)
+            ended = await self._tasks.check(call.task_id, identity, trace)
             if ended:
                 problems.append(ended)
         retry = None

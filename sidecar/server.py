@@ -72,6 +72,7 @@ def build_policy(config: Config, *, shadow: bool = False) -> PolicyService:
             ready_timeout_seconds=opa.ready_timeout_ms / 1000,
             restart_backoff_max_seconds=opa.restart_backoff_max_ms / 1000,
             liveness_timeout_seconds=opa.liveness_timeout_ms / 1000,
+            gogc=opa.gogc,
         ),
         reload=policy.reload,
     )
@@ -270,6 +271,8 @@ def build_mcp_gateway(
         escalation_memory=config.mcp.escalation_memory,
         grpc_address=grpc_address,
         list_ttl_ms=config.mcp.list_ttl_ms,
+        escalations=gate.escalations,
+        elicitation_wait_seconds=config.mcp.elicitation_wait_seconds,
         tls=tls,
     )
 
@@ -350,7 +353,12 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         raise
     metrics = Metrics()
     usage = build_usage(config)
-    tasks = TaskRegistry(idle_seconds=config.invoke.task_idle_seconds, max_tracked=config.usage.max_tracked)
+    tasks = TaskRegistry(
+        idle_seconds=config.invoke.task_idle_seconds,
+        max_tracked=config.usage.max_tracked,
+        sink=recorder,
+        instance_id=config.sidecar.instance_id or default_instance_id(),
+    )
     gate = build_gate(config, policy, recorder, metrics, usage, tasks, shadow=shadow)
     escalations = build_escalations(config, recorder)
     try:

@@ -167,11 +167,16 @@ class ToolGateServicer:
         return invocation_to_response(verdict, performed)
 
     async def end_task(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.EndTaskResponse:
-        """End a task for good (docs/mcp.md#tasks). Only the task's own subject may."""
-        from sidecar.calls import MAX_ID_BYTES
-        from sidecar.tasks import TaskOwnerMismatch
+        """End a task for good, recorded as one task_end evidence record (docs/mcp.md#tasks).
 
-        identity = self._resolve(peer_info(context))
+        Only the task's own subject may (PERMISSION_DENIED `not_task_owner`). When the record cannot be
+        written the task is ended all the same and the answer is UNAVAILABLE `evidence_unavailable`.
+        """
+        from sidecar.calls import MAX_ID_BYTES
+        from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch
+
+        peer = peer_info(context)
+        identity = self._resolve(peer)
         if isinstance(identity, IdentityError):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unverified_caller: {identity.reason}")
         if isinstance(request, UnparseableRequest) or self._tasks is None:
@@ -179,12 +184,23 @@ class ToolGateServicer:
         task_id = request.task_id
         if not task_id or len(task_id.encode()) > MAX_ID_BYTES or not task_id.isprintable():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid_task: task_id must be 1-256 printable bytes")
+        parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
         try:
-            ended_at, already = self._tasks.end(task_id, identity.subject.spiffe_id)
+            ending = await self._tasks.end(task_id, identity, parent)
         except TaskOwnerMismatch as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not_task_owner: {exc}")
-        log.info("task %s ended by %s", task_id, identity.subject.spiffe_id)
-        return sidecar_pb2.EndTaskResponse(task_id=task_id, ended_at=ended_at, already_ended=already)
+        except TaskEndUnrecorded as exc:
+            log.error("task %r ended by %s, not recorded: %s", task_id, identity.subject.spiffe_id, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"evidence_unavailable: {exc}")
+        receipt = ending.receipt
+        return sidecar_pb2.EndTaskResponse(
+            task_id=task_id,
+            ended_at=ending.ended_at,
+            already_ended=ending.already_ended,
+            evidence_seq=receipt.seq if receipt is not None else 0,
+            evidence_hash=receipt.hash if receipt is not None else "",
+            trace_id=ending.trace_id,
+        )
 
     async def _caller(
         self, request: Any, context: grpc.aio.ServicerContext

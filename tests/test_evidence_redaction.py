@@ -4,7 +4,7 @@ Planted secrets (each a distinct PLANT-n) go into every caller-controlled
 place a real sidecar takes: arguments at any depth and in any shape, signals,
 intent, task id, call id, gRPC metadata, approvers' notes. Then every field
 of every record kind (decision, escalation, approval, human_denial, expiry,
-checkpoint, startup, and invocation when present) in the log and the
+task_end, checkpoint, startup, and invocation when present) in the log and the
 checkpoint mirror, and every attribute and event attribute of every span
 the collector received, is walked for them.
 """
@@ -29,7 +29,7 @@ from sidecar.escalation.preview import argument_preview
 from sidecar.evidence.records import KINDS, default_mirror_path
 from sidecar.evidence.redaction import REDACTED, Redactor
 from sidecar.evidence.verify import verify_dir
-from sidecar.v1 import sidecar_pb2_grpc
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.doubles.escalation import ALICE, BOB, make_config, records
 from tests.doubles.otlp_receiver import OtlpReceiver
 
@@ -216,6 +216,12 @@ async def test_no_planted_secret_reaches_any_record_or_span(tmp_path, running_si
         retry = await agent.authorize("send_email", SECRET_ARGUMENTS, task_id="t api_key=PLANT-12",
                                       intent="use token: PLANT-13", escalation_id=approved.escalation_id)
         assert retry.outcome == "allow", retry.reasons
+        async with grpc.aio.insecure_channel(address) as channel:  # the task ends: a task_end record and span
+            ended = await sidecar_pb2_grpc.ToolGateStub(channel).EndTask(
+                sidecar_pb2.EndTaskRequest(task_id="t api_key=PLANT-12"),
+                metadata=(("traceparent", "00-PLANT-25-x"), ("authorization", "Bearer PLANT-26")),
+            )
+        assert ended.evidence_seq > 0
         denied = await agent.authorize("delete_repo", {"token": "PLANT-17"}, intent="Authorization: Bearer PLANT-18")
         await approvals.deny(denied.escalation_id, note="no, secret=PLANT-19", approver=BOB)
         expiring = await agent.authorize("wire_money", {"amount": 1, "pin": "PLANT-22"}, intent="api-key PLANT-23 x-api-key=PLANT-24")
@@ -235,7 +241,8 @@ async def test_no_planted_secret_reaches_any_record_or_span(tmp_path, running_si
     evidence = tmp_path / "evidence"
     written = records(evidence)
     kinds = {r["kind"] for r in written}
-    assert kinds >= {"startup", "decision", "escalation", "approval", "human_denial", "expiry", "checkpoint"}, kinds
+    assert kinds >= {"startup", "decision", "escalation", "approval", "human_denial", "expiry", "task_end",
+                     "checkpoint"}, kinds
     assert kinds <= set(KINDS)
     for record in written:  # every field of every record kind
         assert not leaks(record), (record["kind"], leaks(record))
@@ -253,13 +260,15 @@ async def test_no_planted_secret_reaches_any_record_or_span(tmp_path, running_si
     # the escalation store (and so the webhook and approvers) keeps ids, intent, notes and previews redacted too
     store = b"".join(p.read_bytes() for p in tmp_path.glob("escalations.db*"))
     assert b"send_email" in store
-    assert not [n for n in range(1, 25) if re.search(rb"PLANT-%d(?![0-9])" % n, store)]
+    assert not [n for n in range(1, 27) if re.search(rb"PLANT-%d(?![0-9])" % n, store)]
+    (task_end,) = [r for r in written if r["kind"] == "task_end"]
+    assert task_end["task_id"] == call["task_id"] == "t api_key=[REDACTED]"  # one rule set: the same id everywhere
 
-    receiver.wait_for(lambda r: any(s.name == "sidecar.expiry" for s in r.spans), timeout=15)
+    receiver.wait_for(lambda r: {"sidecar.expiry", "sidecar.task_end"} <= {s.name for s in r.spans}, timeout=15)
     with receiver.lock:
         spans = list(receiver.spans)
     assert {s.name.split(" ")[0] for s in spans} >= {"execute_tool", "run_guardrail", "sidecar.escalation",
-                                                      "sidecar.approval", "evidence.checkpoint"}
+                                                      "sidecar.approval", "sidecar.task_end", "evidence.checkpoint"}
     for span in spans:  # every span attribute and event attribute
         for value in (span.name, span.attributes, span.resource, [list(e) for e in span.events]):
             assert not leaks(value) and "sk-TWO" not in json.dumps(value), (span.name, value)

@@ -1,49 +1,314 @@
 """Task lifetimes: EndTask(task_id) and the idle timeout end a task; every later call under it is
-denied (task_ended) and recorded, through Authorize, Invoke and the MCP gateway alike."""
+denied (task_ended) and recorded, through Authorize, Invoke and the MCP gateway alike. Each ending is
+one `task_end` evidence record, chained before the decisions it explains (docs/mcp.md#tasks)."""
 
 from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
 from mcp.client.client import Client
 
-from sidecar.tasks import TaskOwnerMismatch, TaskRegistry
+from sidecar.client import build_request
+from sidecar.display import FLAG
+from sidecar.evidence import EvidenceError, Receipt, TraceContext
+from sidecar.evidence.log import EvidenceLog
+from sidecar.evidence.records import dev_key_path, record_hash
+from sidecar.evidence.show import Filter, show
+from sidecar.evidence.verify import verify_dir
+from sidecar.identity import CallerIdentity, Subject
+from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch, TaskRegistry
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import SIMPLE_POLICY, write_policy
+from tests.doubles.escalation import records
+from tests.infra.jaeger import Jaeger, clean_otel_env, wait_until_async  # noqa: F401 (fixture)
 from tests.mcp_upstreams import Seen, docs_server, serve_http
 
-ALICE = "spiffe://example.org/alice"
-BOB = "spiffe://example.org/bob"
+ALICE = CallerIdentity(Subject("spiffe://example.org/alice", "jwt_svid"))
+BOB = CallerIdentity(Subject("spiffe://example.org/bob", "jwt_svid"))
 
 
-def test_idle_tasks_end_and_stay_ended():
+def search(task_id: str) -> sidecar_pb2.AuthorizeRequest:
+    return build_request("search_docs", {"query": "rotation"}, task_id=task_id)
+
+
+def call() -> TraceContext:
+    return TraceContext.new()
+
+
+async def test_idle_tasks_end_and_stay_ended():
     now = [0.0]
     tasks = TaskRegistry(idle_seconds=60, max_tracked=100, clock=lambda: now[0], wall_clock=lambda: 0.0)
-    assert tasks.check("t", ALICE) is None
+    assert await tasks.check("t", ALICE, call()) is None
     now[0] = 59
-    assert tasks.check("t", ALICE) is None  # each call restarts the idle clock
+    assert await tasks.check("t", ALICE, call()) is None  # each call restarts the idle clock
     now[0] = 119
-    assert tasks.check("t", ALICE) is None
+    assert await tasks.check("t", ALICE, call()) is None
     now[0] = 180
-    refusal = tasks.check("t", ALICE)
+    refusal = await tasks.check("t", ALICE, call())
     assert refusal.startswith("task_ended: task 't' ended after 60 s without calls")
     now[0] = 181
-    assert tasks.check("t", ALICE).startswith("task_ended:")  # ended for good
+    assert (await tasks.check("t", ALICE, call())) == refusal  # ended for good
+    ending = await tasks.end("t", ALICE)
+    assert ending.already_ended and ending.ended_at == "1970-01-01T00:00:00.000000Z"
 
 
-def test_only_the_tasks_subject_may_end_it():
+async def test_only_the_tasks_subject_may_end_it():
     tasks = TaskRegistry(idle_seconds=0, max_tracked=100)
-    assert tasks.check("t", ALICE) is None
+    assert await tasks.check("t", ALICE, call()) is None
     with pytest.raises(TaskOwnerMismatch):
-        tasks.end("t", BOB)
-    assert tasks.check("t", ALICE) is None  # Bob's attempt changed nothing
-    at, already = tasks.end("t", ALICE)
-    assert not already and at.endswith("Z")
-    assert tasks.end("t", ALICE) == (at, True)
+        await tasks.end("t", BOB)
+    assert await tasks.check("t", ALICE, call()) is None  # Bob's attempt changed nothing
+    ending = await tasks.end("t", ALICE)
+    assert not ending.already_ended and ending.ended_at.endswith("Z") and ending.receipt is None
+    again = await tasks.end("t", ALICE)
+    assert again.already_ended and again.ended_at == ending.ended_at and again.trace_id == ending.trace_id
     with pytest.raises(TaskOwnerMismatch):
-        tasks.end("t", BOB)
-    assert tasks.check("t", ALICE).startswith("task_ended: task 't' was ended by EndTask at")
-    assert tasks.check("other", ALICE) is None
+        await tasks.end("t", BOB)
+    assert (await tasks.check("t", ALICE, call())).startswith("task_ended: task 't' was ended by EndTask at")
+    assert await tasks.check("other", ALICE, call()) is None
+
+
+class SwitchableSink:
+    """TEST DOUBLE: the real evidence log behind a switch that makes appends fail, then work again.
+
+    The real log fails only when its disk does (full, I/O error), which a test cannot bring about and
+    take away portably; every record that does get through is written, chained and verified for real.
+    """
+
+    def __init__(self, log: EvidenceLog):
+        self.log = log
+        self.failing = False
+        self.attempts = 0
+
+    async def append(self, kind: str, fields: dict) -> Receipt:
+        self.attempts += 1
+        if self.failing:
+            raise EvidenceError("no space left on the evidence volume")
+        return await self.log.append(kind, fields)
+
+
+async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_recorded_once_evidence_works(tmp_path):
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    sink = SwitchableSink(log)
+    tasks = TaskRegistry(idle_seconds=0, max_tracked=100, sink=sink, instance_id="s")
+    try:
+        first = call()
+        assert await tasks.check("t", ALICE, first) is None
+        sink.failing = True
+        with pytest.raises(TaskEndUnrecorded) as info:
+            await tasks.end("t", ALICE)
+        assert "task 't' ended at" in str(info.value) and "send EndTask again" in str(info.value)
+        ended_at = info.value.ending.ended_at
+        refusal = await tasks.check("t", ALICE, call())  # ended all the same, and says why it is not task_ended
+        assert refusal.startswith("evidence_unavailable: task 't' was ended by EndTask at " + ended_at)
+        with pytest.raises(TaskEndUnrecorded):
+            await tasks.end("t", ALICE)
+        sink.failing = False
+        # EndTask again, a call and another EndTask, all at once: the one ending is written once
+        again, refusal, last = await asyncio.gather(tasks.end("t", ALICE), tasks.check("t", ALICE, call()),
+                                                    tasks.end("t", ALICE))
+        assert refusal.startswith("task_ended: task 't' was ended by EndTask at " + ended_at)
+        assert again.already_ended and again.receipt is not None and last.receipt == again.receipt
+        assert again.ended_at == ended_at
+    finally:
+        log.close_sync()
+    (task_end,) = [r for r in records(tmp_path / "ev") if r["kind"] == "task_end"]
+    assert (task_end["seq"], task_end["hash"]) == (again.receipt.seq, again.receipt.hash)
+    assert task_end["ended_at"] == ended_at and task_end["ended_by"] == "end_task"
+    assert task_end["links"] == [{"trace_id": first.trace_id, "span_id": first.span_id, "type": "task_first_call"}]
+    assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_end_task_on_a_task_idle_past_the_timeout_records_the_idle_timeout(tmp_path):
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    now = [0.0]
+    tasks = TaskRegistry(idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
+                         clock=lambda: now[0])
+    caller = call()
+    try:
+        assert await tasks.check("t", ALICE, call()) is None
+        now[0] = 31
+        ending = await tasks.end("t", ALICE, caller)
+        assert await tasks.end("t", ALICE) == ending  # the same answer, no second record
+    finally:
+        log.close_sync()
+    assert ending.already_ended and ending.receipt is not None and ending.trace_id == caller.trace_id
+    (task_end,) = [r for r in records(tmp_path / "ev") if r["kind"] == "task_end"]
+    assert task_end["ended_by"] == "idle_timeout" and task_end["idle_seconds"] == 30
+    assert task_end["seq"] == ending.receipt.seq and task_end["parent_span_id"] == caller.span_id
+
+
+async def test_evidence_show_lists_an_idle_ending_readably_whatever_the_task_id_holds(tmp_path):
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    now = [0.0]
+    tasks = TaskRegistry(idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
+                         clock=lambda: now[0])
+    sneaky = "t-1\x1b[1A\r\x1b[2K\u202e"  # EndTask refuses such an id; a call under it may still use it
+    try:
+        assert await tasks.check(sneaky, ALICE, call()) is None
+        now[0] = 31
+        assert (await tasks.check(sneaky, ALICE, call())).startswith("task_ended:")
+    finally:
+        log.close_sync()
+    out = io.StringIO()
+    assert show(tmp_path / "ev", Filter(kind="task_end"), as_json=False, out=out) == 1
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    row = text.splitlines()[1]
+    assert row.split()[2] == "task_end" and ALICE.subject.spiffe_id in row
+    assert row.endswith(f"{FLAG}task 't-1\\x1b[1A\\r\\x1b[2K\\u202e' ended after 30 s without calls (idle timeout)"), row
+    assert text.splitlines()[-1].startswith(FLAG)
+    as_json = io.StringIO()
+    show(tmp_path / "ev", Filter(kind="task_end"), as_json=True, out=as_json)
+    assert json.loads(as_json.getvalue())["task_id"] == sneaky and "\x1b" not in as_json.getvalue()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The installed `agent-sidecar` console script, as an auditor runs it."""
+    script = Path(sys.executable).parent / "agent-sidecar"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60)
+
+
+def traceparent(trace: TraceContext) -> tuple[tuple[str, str], ...]:
+    return (("traceparent", f"00-{trace.trace_id}-{trace.span_id}-01"),)
+
+
+async def test_end_task_writes_one_task_end_record_chained_before_the_denied_calls(
+    tmp_path, sidecar_config, running_sidecar
+):
+    sidecar = await running_sidecar(sidecar_config(**{"listen.unix": ""}))
+    agent_span = TraceContext.new()
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        first = await stub.Authorize(search("task-1"))
+        assert first.outcome == sidecar_pb2.OUTCOME_ALLOW
+        ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="task-1"), metadata=traceparent(agent_span))
+        assert not ended.already_ended and ended.evidence_seq > 0 and ended.evidence_hash.startswith("sha256:")
+        assert ended.trace_id == agent_span.trace_id  # its span joins the caller's trace
+        again = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="task-1"))
+        assert again.already_ended and (again.evidence_seq, again.evidence_hash, again.ended_at) == (
+            ended.evidence_seq, ended.evidence_hash, ended.ended_at)  # no second record
+        after = await stub.Authorize(search("task-1"))
+        assert after.outcome == sidecar_pb2.OUTCOME_DENY and after.reasons[0].startswith("task_ended:")
+    await sidecar.stop(grace=0)
+
+    evidence = tmp_path / "evidence"
+    written = records(evidence)
+    by_decision = {r.get("decision_id"): r for r in written if r["kind"] == "decision"}
+    (task_end,) = [r for r in written if r["kind"] == "task_end"]
+    assert (task_end["seq"], task_end["hash"]) == (ended.evidence_seq, ended.evidence_hash)
+    assert by_decision[first.decision_id]["seq"] < task_end["seq"] < by_decision[after.decision_id]["seq"]
+    started = by_decision[first.decision_id]
+    assert task_end["task_id"] == "task-1" and task_end["ended_by"] == "end_task"
+    assert task_end["subject"] == started["subject"]  # who ended it: the task's own subject
+    assert task_end["ended_at"] == ended.ended_at and task_end["idle_seconds"] is None
+    assert task_end["last_call_at"] is not None and task_end["last_call_at"] <= task_end["ended_at"]
+    assert task_end["reasons"] == [after.reasons[0]]  # why every later call under it is denied
+    assert (task_end["trace_id"], task_end["parent_span_id"]) == (agent_span.trace_id, agent_span.span_id)
+    assert task_end["links"] == [{"trace_id": first.trace_id, "span_id": started["span_id"], "type": "task_first_call"}]
+    assert task_end["sidecar"] == "test-sidecar"
+
+    key = str(dev_key_path(evidence)).replace(".pem", ".pub.pem")
+    verified = run_cli("evidence", "verify", str(evidence), "--key", key)
+    assert verified.returncode == 0 and "INTACT" in verified.stdout, verified.stdout + verified.stderr
+    assert "task_end=1" in verified.stdout
+    shown = run_cli("evidence", "show", str(evidence), "--kind", "task_end")
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()
+    assert header.split()[:3] == ["SEQ", "TIME", "KIND"]
+    assert row.split()[:3] == [str(task_end["seq"]), ended.ended_at, "task_end"]
+    assert row.endswith(" task 'task-1' ended by EndTask"), row
+    assert f" {started['subject']['spiffe_id']} (dev) " in row, row
+
+    # a task_end record altered breaks the chain: at its own seq, or re-hashed, at the next one
+    path = sorted(evidence.glob("evidence-*.jsonl"))[-1]
+    original = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(original) if json.loads(line)["kind"] == "task_end")
+    for rehash, broken_seq in ((False, task_end["seq"]), (True, task_end["seq"] + 1)):
+        tampered = dict(json.loads(original[at]), ended_at="2026-01-01T00:00:00.000000Z")
+        if rehash:
+            tampered["hash"] = record_hash(tampered)
+        lines = list(original)
+        lines[at] = json.dumps(tampered, sort_keys=True, separators=(",", ":")) + "\n"
+        path.write_text("".join(lines))
+        broken = run_cli("evidence", "verify", str(evidence), "--key", key)
+        assert broken.returncode == 1 and f"BROKEN at seq {broken_seq} " in broken.stdout, broken.stdout
+
+
+@pytest.fixture
+def jaeger(tmp_path):
+    with Jaeger(tmp_path / "jaeger") as running:
+        yield running
+
+
+async def test_an_idle_timeout_is_recorded_when_found_before_the_call_it_denies(
+    tmp_path, sidecar_config, running_sidecar, jaeger, clean_otel_env
+):
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "invoke.task_idle_seconds": 1.0, **jaeger.telemetry_settings("sidecar-tasks-test"),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        first = await stub.Authorize(search("task-idle"))
+        assert first.outcome == sidecar_pb2.OUTCOME_ALLOW
+        await asyncio.sleep(1.5)  # past invoke.task_idle_seconds without a call
+        found = await stub.Authorize(search("task-idle"))
+        assert found.outcome == sidecar_pb2.OUTCOME_DENY
+        assert found.reasons[0].startswith("task_ended: task 'task-idle' ended after 1 s without calls (idle timeout)")
+        later = await stub.Authorize(search("task-idle"))
+        assert list(later.reasons) == list(found.reasons)
+        ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="task-idle"))
+        assert ended.already_ended
+    written = records(tmp_path / "evidence")
+    by_decision = {r.get("decision_id"): r for r in written if r["kind"] == "decision"}
+    (task_end,) = [r for r in written if r["kind"] == "task_end"]  # one, for the call that found it idle
+    assert (ended.evidence_seq, ended.evidence_hash) == (task_end["seq"], task_end["hash"])
+    denying = by_decision[found.decision_id]
+    assert by_decision[first.decision_id]["seq"] < task_end["seq"] == denying["seq"] - 1
+    assert by_decision[later.decision_id]["seq"] > denying["seq"]
+    assert task_end["ended_by"] == "idle_timeout" and task_end["idle_seconds"] == 1.0
+    assert task_end["subject"] == by_decision[first.decision_id]["subject"]
+    assert task_end["last_call_at"] < task_end["ended_at"] and found.reasons[0].endswith(task_end["ended_at"] + "; start a new task")
+    assert task_end["reasons"] == [found.reasons[0]]
+    # its span is a child of the denied call's span, linked to the task's first call
+    assert (task_end["trace_id"], task_end["parent_span_id"]) == (found.trace_id, denying["span_id"])
+
+    def task_end_span():
+        return next((s for s in jaeger.trace(found.trace_id) if s.name == "sidecar.task_end"), None)
+
+    span = await wait_until_async(task_end_span)
+    assert span is not None, "the task_end span did not reach Jaeger"
+    assert span.parent_span_id == denying["span_id"] and span.span_id == task_end["span_id"]
+    assert ("FOLLOWS_FROM", first.trace_id, by_decision[first.decision_id]["span_id"]) in span.references
+    assert span.tags["sidecar.task.id"] == "task-idle" and span.tags["sidecar.task.ended_by"] == "idle_timeout"
+    assert span.tags["sidecar.task.idle_seconds"] == 1.0 and span.tags["sidecar.evidence.seq"] == task_end["seq"]
+    assert span.tags["spiffe.id"] == task_end["subject"]["spiffe_id"]
+    assert span.tags["sidecar.evidence.hash"] == task_end["hash"]
+    assert [log["sidecar.reason.code"] for log in span.logs] == ["task_ended"]
+
+
+async def test_end_task_fails_closed_when_evidence_is_unavailable(tmp_path, sidecar_config, running_sidecar):
+    sidecar = await running_sidecar(sidecar_config(**{"listen.unix": ""}))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        first = await stub.Authorize(search("task-1"))
+        assert first.outcome == sidecar_pb2.OUTCOME_ALLOW
+        await sidecar.recorder.close()  # the evidence log is gone: nothing can be recorded any more
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="task-1"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert info.value.details().startswith("evidence_unavailable: task 'task-1' ended at ")
+        after = await stub.Authorize(search("task-1"))
+        assert after.outcome == sidecar_pb2.OUTCOME_DENY
+    assert not [r for r in records(tmp_path / "evidence") if r["kind"] == "task_end"]
 
 
 async def test_end_task_over_grpc_then_calls_under_it_are_denied_everywhere(tmp_path, sidecar_config, running_sidecar):

@@ -89,6 +89,21 @@ async def test_starts_healthy_decides_and_stops_its_process_group(tmp_path, sock
     assert not runner.health()[0]
 
 
+def environment_of(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+
+
+@pytest.mark.parametrize("gogc,expected", [(400, "400"), (0, None)])
+async def test_gogc_reaches_opas_go_runtime_only_when_set(tmp_path, socket_dir, monkeypatch, gogc, expected):
+    monkeypatch.delenv("GOGC", raising=False)
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    async with OpaRunner(options(bundle, socket_dir, gogc=gogc)) as runner:
+        assert environment_of(runner.pid).get("GOGC") == expected
+        async with OpaClient(runner.url) as client:
+            assert (await client.decide(INPUT)).outcome == "allow"
+
+
 async def test_a_bundle_that_does_not_compile_fails_the_start_with_opas_message(tmp_path, socket_dir):
     bundle = write_policy(tmp_path / "p", "package sidecar\ndecision := := 1\n")
     with pytest.raises(OpaStartError, match="exited with status") as failure:

@@ -95,6 +95,16 @@ class EvidenceError(Exception):
     """The record could not be made durable; the call must be denied."""
 
 
+class EvidenceSink(Protocol):
+    """Appends a record of a kind other than decision: escalation stage, invocations, task ends.
+
+    `append(kind, fields)` redacts, chains and makes the record durable, then returns where it
+    landed; raises EvidenceError when it cannot (sidecar.evidence.recorder.EvidenceRecorder.append).
+    """
+
+    async def append(self, kind: str, fields: dict) -> Receipt: ...
+
+
 class Recorder(Protocol):
     async def record(self, event: DecisionEvent) -> Receipt: ...
 

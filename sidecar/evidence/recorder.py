@@ -79,7 +79,7 @@ class EvidenceRecorder:
             ) from None
 
     async def append(self, kind: str, fields: dict) -> Receipt:
-        """Append a record of another kind (escalation, approval, human_denial, expiry, invocation).
+        """Append a record of another kind (escalation, approval, human_denial, expiry, invocation, task_end).
 
         Records that describe a call should carry `time`, `tool`, `call_id`,
         `decision_id`, `subject`, `outcome`, `reasons`, `trace_id`, `span_id`

@@ -4,7 +4,7 @@ One record is one line of canonical JSON (RFC 8785: sorted keys, no spaces),
 terminated by a newline. Every record carries
 
     kind       decision | escalation | approval | human_denial | expiry |
-               invocation | checkpoint | startup
+               invocation | task_end | checkpoint | startup
     seq        1, 2, 3, ... with no gaps, across all files of the log
     prev_hash  the `hash` of the record before (GENESIS for seq 1)
     logged_at  RFC 3339 time the writer put it in the log
@@ -29,7 +29,9 @@ from sidecar.evidence.redaction import digest
 if TYPE_CHECKING:
     from sidecar.evidence import DecisionEvent
 
-KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation", "checkpoint", "startup")
+KINDS = (
+    "decision", "escalation", "approval", "human_denial", "expiry", "invocation", "task_end", "checkpoint", "startup"
+)
 # Kinds that describe a tool call and so become an execute_tool span.
 CALL_KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation")
 GENESIS = "sha256:" + "0" * 64
@@ -85,26 +87,14 @@ def record_hash(record: dict) -> str:
     return sha256_digest(canonical_json(body))
 
 
-def _utf16_key(key: str) -> bytes:
-    return key.encode("utf-16-be", "surrogatepass")
-
-
 def seal(record: dict) -> bytes:
-    """Add `hash` to a record that has everything else; return its line (with newline).
+    """Add `hash` to a record that has everything else; return its line (canonical JSON with newline).
 
-    Same bytes as canonical_json(record) (RFC 8785 sorts members by UTF-16 code
-    units), but each value is serialized once for both the hash and the line.
+    NotCanonicalizable when the record has no canonical form (canonical.py).
     """
     record.pop("hash", None)
-    for key in record:
-        if not isinstance(key, str):
-            raise NotCanonicalizable(f"record key {key!r} is not a string")
-    members = {key: canonical_json(key) + b":" + canonical_json(value) for key, value in record.items()}
-    body = b"{" + b",".join(members[k] for k in sorted(members, key=_utf16_key)) + b"}"
-    digest = sha256_digest(body)
-    record["hash"] = digest
-    members["hash"] = b'"hash":' + canonical_json(digest)
-    return b"{" + b",".join(members[k] for k in sorted(members, key=_utf16_key)) + b"}\n"
+    record["hash"] = sha256_digest(canonical_json(record))
+    return canonical_json(record) + b"\n"
 
 
 def reason_code(reason: str) -> str:

@@ -92,6 +92,10 @@ _ASSIGNMENT = re.compile(
 )
 
 
+_PLAIN_MAX_CHARS = 1024  # longest string remembered as needing no rule
+_PLAIN_MAX_STRINGS = 8192  # how many are remembered
+
+
 def normalize_key(key: str) -> str:
     """Compatibility-normalized (NFKC), case-folded, letters and digits only: `X-Api_Key`, `ＡＰＩ＿ＫＥＹ` → `apikey`."""
     if not key.isascii():
@@ -110,6 +114,9 @@ class Redactor:
         # any of these in a string's squashed letters and digits: a text rule might match
         self._trigger = re.compile("|".join(re.escape(p) for p in (*self._parts, *SECRET_KEY_NAMES, "basic")))
         self._keys: dict[str, bool] = {}  # is_secret_key, remembered (keys repeat across records)
+        # Strings no text rule can match, remembered: most values repeat across records
+        # (SPIFFE IDs, tool names, catalog descriptions, reasons). Cleared when full.
+        self._plain: set[str] = set()
 
     def with_keys(self, extra_keys: Iterable[str]) -> "Redactor":
         """This rule set plus more secret keys (a decision's `redact_arguments` obligation)."""
@@ -189,7 +196,13 @@ class Redactor:
         return node
 
     def _string(self, text: str, where: str, found: list[str], depth: int) -> str:
-        if not text or not self._may_hold_secret(text):
+        if not text or text in self._plain:
+            return text
+        if not self._may_hold_secret(text):
+            if len(text) <= _PLAIN_MAX_CHARS:
+                if len(self._plain) >= _PLAIN_MAX_STRINGS:
+                    self._plain.clear()
+                self._plain.add(text)
             return text
         out = text
         head = text.lstrip()[:1]

@@ -58,13 +58,18 @@ class Filter:
             if not (spiffe_id == self.subject or spiffe_id.startswith(self.subject.rstrip("/") + "/")):
                 return False
         if self.since is not None:
-            stamp = record.get("time") or record.get("logged_at")
+            stamp = when(record)
             try:
                 if parse_rfc3339(str(stamp)) < self.since:
                     return False
             except ValueError:
                 return False
         return True
+
+
+def when(record: dict) -> str:
+    """When what the record tells happened: `time`, a task_end's `ended_at`, else when it was logged."""
+    return record.get("time") or record.get("ended_at") or record.get("logged_at") or ""
 
 
 def iter_lines(directory: str | Path) -> Iterator[tuple[bytes, dict]]:
@@ -103,7 +108,9 @@ def show(directory: str | Path, flt: Filter, *, as_json: bool, out: TextIO, limi
                 reasons = f"covers seq {cp.get('seq')} signed by {(record.get('signer') or {}).get('source', '?')} key"
             elif record.get("kind") == "startup":
                 reasons = f"sidecar {record.get('sidecar', '')}" + (" (recovered a torn write)" if record.get("recovered") else "")
-            cells = [cell(record.get("seq", "")), cell(record.get("time") or record.get("logged_at") or ""),
+            elif record.get("kind") == "task_end":
+                reasons = _task_end(record)
+            cells = [cell(record.get("seq", "")), cell(when(record)),
                      cell(record.get("kind", "")), cell(record.get("outcome") or ""), cell(record.get("tool") or ""),
                      cell(spiffe_id), cell(reasons)]
             flagged += any(c.startswith(FLAG) for c in cells)
@@ -114,6 +121,17 @@ def show(directory: str | Path, flt: Filter, *, as_json: bool, out: TextIO, limi
     if flagged:
         out.write(f"{FLAG} {flagged} record(s): a value {NOTICE}; --json shows them whole\n")
     return count
+
+
+def _task_end(record: dict) -> str:
+    """`task 'ID' ended by EndTask` or `task 'ID' ended after N s without calls (idle timeout)`."""
+    task = f"task '{record.get('task_id', '')}'"
+    idle = record.get("idle_seconds")
+    if record.get("ended_by") == "idle_timeout" and isinstance(idle, (int, float)):
+        return f"{task} ended after {idle:g} s without calls (idle timeout)"
+    if record.get("ended_by") == "end_task":
+        return f"{task} ended by EndTask"
+    return f"{task} ended ({record.get('ended_by')})"
 
 
 def _cut(text: str, width: int) -> str:

@@ -9,7 +9,9 @@ span ids and timestamps. A decision record becomes:
       └─ run_guardrail policy      (gen_ai.guardrail.* verdict attributes)
 
 Other call records (escalation, approval, ...) become `sidecar.{kind}` spans
-in the call's trace when they carry trace ids; checkpoints become
+in the call's trace when they carry trace ids; a task_end record becomes a
+`sidecar.task_end` span (a child of the EndTask caller's span, or of the call
+that found the task idle) linked to the task's first call; checkpoints become
 `evidence.checkpoint` spans in a trace of their own, so the collector holds
 an outside copy of every signed chain head.
 """
@@ -102,6 +104,8 @@ def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list
     kind = record.get("kind")
     if kind == "checkpoint":
         return _checkpoint_span(record, resources)
+    if kind == "task_end":
+        return _task_end_span(record, resources)
     if kind not in CALL_KINDS:
         return []
     trace_id = _hex_int(record.get("trace_id"), 32)
@@ -175,15 +179,6 @@ def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list
         del attributes["gen_ai.operation.name"]
         if record.get("state"):
             attributes["sidecar.escalation.state"] = _str(record.get("state"))
-    links = []
-    for link in record.get("links") or []:
-        if not isinstance(link, dict):
-            continue
-        link_trace, link_span = _hex_int(link.get("trace_id"), 32), _hex_int(link.get("span_id"), 16)
-        if link_trace and link_span:
-            links.append(
-                trace_api.Link(_context(link_trace, link_span), {"sidecar.link.type": _str(link.get("type"))})
-            )
     span = ReadableSpan(
         name=name,
         context=_context(trace_id, span_id),
@@ -191,7 +186,7 @@ def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list
         resource=resource,
         attributes=attributes,
         events=events,
-        links=links,
+        links=_links(record),
         kind=SpanKind.INTERNAL,
         status=status,
         start_time=start,
@@ -233,6 +228,71 @@ def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list
         instrumentation_scope=SCOPE,
     )
     return [span, guard]
+
+
+def _links(record: dict) -> list[trace_api.Link]:
+    links = []
+    for link in record.get("links") or []:
+        if not isinstance(link, dict):
+            continue
+        link_trace, link_span = _hex_int(link.get("trace_id"), 32), _hex_int(link.get("span_id"), 16)
+        if link_trace and link_span:
+            links.append(
+                trace_api.Link(_context(link_trace, link_span), {"sidecar.link.type": _str(link.get("type"))})
+            )
+    return links
+
+
+def _task_end_span(record: dict, resources: Callable[[str], Resource]) -> list[ReadableSpan]:
+    """`sidecar.task_end`: when, by whom and how a task ended (sidecar/tasks.py)."""
+    trace_id = _hex_int(record.get("trace_id"), 32)
+    span_id = _hex_int(record.get("span_id"), 16)
+    if trace_id is None or span_id is None:
+        return []
+    parent_id = _hex_int(record.get("parent_span_id"), 16)
+    parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)) if parent_id else None
+    end = _ns(record.get("logged_at"), 0)
+    start = _ns(record.get("ended_at"), end)
+    end = max(end, start)
+    subject = record.get("subject") if isinstance(record.get("subject"), dict) else {}
+    reasons = [r for r in record.get("reasons") or [] if isinstance(r, str)]
+    attributes: dict[str, Any] = {
+        "spiffe.id": _str(subject.get("spiffe_id")),
+        "sidecar.subject.source": _str(subject.get("source")),
+        "sidecar.evidence.kind": "task_end",
+        "sidecar.evidence.seq": int(record.get("seq") or 0),
+        "sidecar.evidence.hash": _str(record.get("hash")),
+        "sidecar.task.id": _str(record.get("task_id")),
+        "sidecar.task.ended_by": _str(record.get("ended_by")),
+        "sidecar.task.ended_at": _str(record.get("ended_at")),
+    }
+    if isinstance(record.get("idle_seconds"), (int, float)):
+        attributes["sidecar.task.idle_seconds"] = float(record["idle_seconds"])
+    if record.get("last_call_at"):
+        attributes["sidecar.task.last_call_at"] = _str(record.get("last_call_at"))
+    if record.get("delegation"):
+        attributes["sidecar.delegation"] = [
+            _str(d.get("spiffe_id")) for d in record["delegation"] if isinstance(d, dict)
+        ]
+    return [
+        ReadableSpan(
+            name="sidecar.task_end",
+            context=_context(trace_id, span_id),
+            parent=parent,
+            resource=resources(_str(record.get("sidecar"))),
+            attributes=attributes,
+            events=[
+                Event("sidecar.task.reason", {"sidecar.reason.code": reason_code(r), "sidecar.reason.text": r},
+                      timestamp=start)
+                for r in reasons
+            ],
+            links=_links(record),
+            kind=SpanKind.INTERNAL,
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=SCOPE,
+        )
+    ]
 
 
 def _checkpoint_span(record: dict, resources: Callable[[str], Resource]) -> list[ReadableSpan]:

@@ -17,11 +17,11 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from sidecar.calls import ToolCall
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
-from sidecar.evidence import EvidenceError, Receipt
+from sidecar.evidence import EvidenceError, EvidenceSink, Receipt
 from sidecar.gate import Verdict, rfc3339_now
 from sidecar.identity import CallerIdentity
 from sidecar.invoke import NOT_CALLED, InvocationResult, ToolInvoker
@@ -29,12 +29,6 @@ from sidecar.invoke.obligations import ObligationError, apply_obligations
 
 log = logging.getLogger(__name__)
 EVIDENCE_UNAVAILABLE = "evidence_unavailable"
-
-
-class EvidenceSink(Protocol):
-    """Appends a record of a kind other than decision (sidecar.evidence.recorder.EvidenceRecorder.append)."""
-
-    async def append(self, kind: str, fields: dict) -> Receipt: ...
 
 
 @dataclass(frozen=True)

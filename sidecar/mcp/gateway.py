@@ -13,6 +13,10 @@
   returned (and an `invocation` record written); deny → a tool error result
   with the reasons; escalate → a tool error result with the escalation id.
   The same call repeated after the approval carries the approval (once).
+  A client with the `elicitation` capability is first asked whether to wait
+  for the approver (sidecar.mcp.elicitation); on accept the gateway waits up
+  to `elicitation_wait_seconds` and answers the approved call in the same
+  tools/call. The answer is never an approval.
 - resources/*, prompts/*: not served (the gateway declares only `tools`),
   so the SDK answers "method not found"; nothing reaches an upstream unchecked.
 - Identity: the configured resolvers over the HTTP request (JWT-SVID in
@@ -35,11 +39,12 @@ import socket
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mcp_types as types
 import uvicorn
 from mcp.server.caching import CacheHint
+from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
@@ -48,6 +53,7 @@ from starlette.requests import Request
 
 from sidecar.calls import ToolCall
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.escalation import EscalationRefused, StoreError
 from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
 from sidecar.gate import Gate, Verdict
@@ -55,7 +61,7 @@ from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, Pe
 from sidecar.invoke import FAILED, NOT_CALLED, UNKNOWN_TOOL
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
-from sidecar.mcp import names
+from sidecar.mcp import elicitation, names
 from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,13 @@ def peer_from_scope(scope: dict) -> PeerInfo:
     return PeerInfo(transport=transport, metadata=metadata, auth_context=auth_context)
 
 
+class CallerResolver(Protocol):
+    """Who is calling, from the request's PeerInfo; never raises: an unverifiable caller is an IdentityError
+    value (McpGateway.resolve)."""
+
+    def __call__(self, peer: PeerInfo, /) -> CallerIdentity | IdentityError: ...
+
+
 def _text_result(text: str, meta: dict[str, Any]) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(text=text)], is_error=True, _meta=meta)
 
@@ -94,6 +107,8 @@ class McpGateway:
         escalation_memory: int = 10_000,
         grpc_address: str = "",
         list_ttl_ms: int = 0,
+        escalations: elicitation.Escalations | None = None,
+        elicitation_wait_seconds: float = 0.0,
         tls: SvidSslContexts | None = None,
     ):
         self._gate = gate
@@ -107,6 +122,9 @@ class McpGateway:
         self._pending: OrderedDict[tuple, str] = OrderedDict()  # call shape → escalation id
         self._memory = escalation_memory
         self._grpc_address = grpc_address  # named in escalation answers: where AwaitDecision is served
+        # MCP elicitation of escalated calls (sidecar.mcp.elicitation): None or 0 s = never asked.
+        self._escalations = escalations
+        self._wait_seconds = elicitation_wait_seconds
         self._refused: set[tuple[str, str]] = set()
         self._input_schemas: dict[str, dict[str, Any]] = {}  # exposed name → input schema, from the last listing
         self._server = Server(
@@ -217,7 +235,9 @@ class McpGateway:
         ]
         return types.ListToolsResult(tools=tools)
 
-    async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+    async def _call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult | types.InputRequiredResult:
         peer = self._peer(ctx)
         identity = self.resolve(peer)
         meta = dict(params.meta or {})
@@ -259,17 +279,53 @@ class McpGateway:
         if not problem and not call.escalation_id and shape is not None and shape in self._pending:
             call = replace(call, escalation_id=self._pending[shape])
             remembered = True
+        verdict = await self._decide(call, identity, parent, problem, shape, remembered)
+        if verdict.decision.outcome == "escalate" and verdict.escalation_id and self._escalations is not None:
+            started = asyncio.get_running_loop().time()
+            # On 2026-07-28 the user's answer comes with the repeated call; else ask now.
+            answer = elicitation.reply(params) if elicitation.supports_form(ctx.session.client_capabilities) else None
+            if answer is None:
+                asked = await self._ask(ctx, call, verdict, params.name)
+                if isinstance(asked, types.InputRequiredResult):
+                    return asked  # 2026-07-28: the client asks its user and repeats the call with the answer
+                answer = asked
+            if answer == elicitation.ACCEPT and self._wait_seconds > 0:
+                # Wait on the escalation the Gate named for this very call (never one the client names),
+                # then the call goes through the Gate again as its repeated call: only an approver's
+                # decision lets it run.
+                call = replace(call, escalation_id=verdict.escalation_id)
+                left = self._wait_seconds - (asyncio.get_running_loop().time() - started)  # question and wait together
+                if await elicitation.wait_for_decision(self._escalations, call.escalation_id, left) is None:
+                    return self._still_pending(call, verdict)
+                verdict = await self._decide(call, identity, parent, "", shape, True)
+        return await self._answer(call, identity, verdict)
+
+    async def _decide(self, call: ToolCall, identity: CallerIdentity | IdentityError, parent: TraceContext | None,
+                      problem: str, shape: tuple | None, remembered: bool) -> Verdict:
         verdict = await self._gate.authorize(call, identity, parent, malformed=problem or None)
-        outcome = verdict.decision.outcome
-        base_meta = {"sidecar/decision_id": verdict.decision_id, "sidecar/trace_id": verdict.trace.trace_id,
-                     "sidecar/outcome": outcome}
-        if shape is not None and (remembered or outcome == "escalate"):
+        if shape is not None and (remembered or verdict.decision.outcome == "escalate"):
             self._remember(shape, verdict, remembered)
+        return verdict
+
+    @staticmethod
+    def _meta(call: ToolCall, verdict: Verdict) -> dict[str, Any]:
+        meta = {"sidecar/decision_id": verdict.decision_id, "sidecar/trace_id": verdict.trace.trace_id,
+                "sidecar/outcome": verdict.decision.outcome}
+        escalation_id = verdict.escalation_id or call.escalation_id
+        if escalation_id:
+            meta["sidecar/escalation_id"] = escalation_id
+        return meta
+
+    async def _answer(self, call: ToolCall, identity: CallerIdentity | IdentityError,
+                      verdict: Verdict) -> types.CallToolResult:
+        """The answer to a decided call: the tool's result after an allow (the call made here), else a tool error."""
+        outcome = verdict.decision.outcome
+        base_meta = self._meta(call, verdict)
         if outcome == "deny":
             reasons = "; ".join(verdict.decision.reasons)
             return _text_result(f"denied by policy (decision {verdict.decision_id}): {reasons}", base_meta)
         if outcome == "escalate":
-            return _text_result(self._escalation_text(verdict), {**base_meta, "sidecar/escalation_id": verdict.escalation_id})
+            return _text_result(self._escalation_text(verdict), base_meta)
         assert isinstance(identity, CallerIdentity)
         performed = await self._executor.perform(call, identity, verdict, self._invoker)
         result = performed.result
@@ -304,6 +360,35 @@ class McpGateway:
         still_waiting = any(reason_code(r) == "escalation_pending" for r in verdict.decision.reasons)
         if remembered and not still_waiting:
             self._pending.pop(shape, None)  # used, denied or expired: the next call asks policy afresh
+
+    async def _ask(self, ctx: ServerRequestContext[Any, Any], call: ToolCall, verdict: Verdict,
+                   exposed_name: str) -> types.InputRequiredResult | str:
+        """Ask a client with the elicitation capability whether to wait (sidecar.mcp.elicitation): the question
+        to return (2026-07-28), or the answer to the question sent now (handshake revisions; NOT_ASKED: not asked)."""
+        if self._escalations is None or self._wait_seconds <= 0 or not verdict.escalation_id:
+            return elicitation.NOT_ASKED
+        session = ctx.session
+        if not elicitation.supports_form(session.client_capabilities):
+            return elicitation.NOT_ASKED
+        in_band = elicitation.in_band(session.protocol_version)
+        if not in_band and not session.can_send_request:
+            return elicitation.NOT_ASKED
+        try:
+            record = await self._escalations.get(verdict.escalation_id)
+        except (EscalationRefused, StoreError) as exc:
+            log.warning("escalation %s: not asking the client to wait: %s", verdict.escalation_id, exc)
+            return elicitation.NOT_ASKED
+        message = elicitation.question(record, exposed_name, self._wait_seconds)
+        if in_band:
+            asked = elicitation.input_required(message)
+            return asked.model_copy(update={"meta": self._meta(call, verdict)})
+        return await elicitation.ask(session, ctx.request_id, message, self._wait_seconds)
+
+    def _still_pending(self, call: ToolCall, verdict: Verdict) -> types.CallToolResult:
+        return _text_result(
+            f"still pending after waiting {self._wait_seconds:g} s: the call was not made. " + self._escalation_text(verdict),
+            self._meta(call, verdict),
+        )
 
     def _escalation_text(self, verdict: Verdict) -> str:
         reasons = "; ".join(verdict.decision.reasons)
@@ -365,10 +450,10 @@ async def _serve(
 class _RecordMalformed:
     """ASGI wrapper: a POST body that is not JSON-RPC is recorded as a denied call before the SDK answers it."""
 
-    def __init__(self, app: Any, *, gate: Gate, resolve: Any, max_body_bytes: int):
+    def __init__(self, app: Any, *, gate: Gate, resolve: CallerResolver, max_body_bytes: int):
         self._app = app
         self._gate = gate
-        self._resolve = resolve  # PeerInfo -> CallerIdentity | IdentityError
+        self._resolve = resolve
         self._max_body = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

@@ -174,14 +174,20 @@ class EndTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class EndTaskResponse(_message.Message):
-    __slots__ = ("task_id", "ended_at", "already_ended")
+    __slots__ = ("task_id", "ended_at", "already_ended", "evidence_seq", "evidence_hash", "trace_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     ALREADY_ENDED_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_HASH_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     ended_at: str
     already_ended: bool
-    def __init__(self, task_id: _Optional[str] = ..., ended_at: _Optional[str] = ..., already_ended: _Optional[bool] = ...) -> None: ...
+    evidence_seq: int
+    evidence_hash: str
+    trace_id: str
+    def __init__(self, task_id: _Optional[str] = ..., ended_at: _Optional[str] = ..., already_ended: _Optional[bool] = ..., evidence_seq: _Optional[int] = ..., evidence_hash: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class ListEscalationsRequest(_message.Message):
     __slots__ = ("state", "subject", "tool", "limit", "approver")

@@ -93,6 +93,14 @@ class OpaRunOptions:
     restart_backoff_max_seconds: float = 5.0
     # Longest time OPA's GET /health may go without a 200 before OPA is killed and restarted; 0 = never.
     liveness_timeout_seconds: float = 0.0
+    # GOGC for OPA's Go runtime (percent; 0 = Go's default of 100). A higher target trades
+    # some heap for less collection: 400 cut OPA's CPU per decision by about a quarter
+    # on the shipped bundle (docs/performance.md).
+    gogc: int = 0
+
+    def env(self) -> dict[str, str]:
+        """The environment OPA runs with: the sidecar's, plus GOGC when set."""
+        return {**os.environ, "GOGC": str(self.gogc)} if self.gogc > 0 else dict(os.environ)
 
     def argv(self) -> list[str]:
         return [
@@ -193,6 +201,7 @@ class OpaRunner:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env=self.options.env(),
                 start_new_session=True,
             )
         except FileNotFoundError:

@@ -105,6 +105,7 @@ class ManagedOpaOptions:
     ready_timeout_seconds: float = 15.0
     restart_backoff_max_seconds: float = 5.0
     liveness_timeout_seconds: float = 0.0  # 0: a hung OPA is not killed
+    gogc: int = 0  # 0: Go's default
 
 
 @dataclass
@@ -263,6 +264,7 @@ class PolicyService:
                 ready_timeout_seconds=self._managed.ready_timeout_seconds,
                 restart_backoff_max_seconds=self._managed.restart_backoff_max_seconds,
                 liveness_timeout_seconds=self._managed.liveness_timeout_seconds,
+                gogc=self._managed.gogc,
             )
         )
         try:
