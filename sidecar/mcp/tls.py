@@ -58,6 +58,16 @@ def _load_cert_chain(context: ssl.SSLContext, key_pem: bytes, chain_pem: bytes) 
         os.close(fd)
 
 
+def _server_context() -> ssl.SSLContext:
+    """TLS 1.2+, a client certificate required, no renegotiation: the caller's certificate is read
+    once per connection (TlsH11Protocol), so a TLS 1.2 client must not swap it mid-connection."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    return context
+
+
 class _LoggedHandshake(ssl.SSLObject):
     """The listening context's SSLObject (`SSLContext.sslobject_class`): logs a refused handshake."""
 
@@ -85,9 +95,7 @@ class SvidSslContexts:
 
     def listening_context(self) -> ssl.SSLContext:
         """The SSLContext to listen with: no certificate itself, each handshake moved to the current one."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.verify_mode = ssl.CERT_REQUIRED  # and no CA loaded: nobody verifies here
+        context = _server_context()  # and no certificate or CA loaded: nobody verifies here
         context.sni_callback = self._select
         context.sslobject_class = _LoggedHandshake
         return context
@@ -139,9 +147,7 @@ class SvidSslContexts:
         if missing:
             log.warning("MCP gateway: no X.509 bundle for accepted trust domain(s) %s; their clients cannot connect",
                         ", ".join(missing))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.verify_mode = ssl.CERT_REQUIRED
+        context = _server_context()
         _load_cert_chain(context, *svid_pem(held))
         roots = bundle_pem(held, accepted)
         if roots:
