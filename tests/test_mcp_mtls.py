@@ -441,6 +441,22 @@ async def test_a_client_certificate_that_expires_on_an_open_connection_is_denied
     assert "while its connection stayed open" in decisions(evidence)[-1]["reasons"][0]
 
 
+async def test_a_withdrawn_sidecar_identity_denies_every_call_with_the_reason(partnered):
+    """The TLS context stays (as grpc's does), and the mtls resolver denies each call and records it."""
+    sidecar, api, _, evidence = partnered
+    context = double_context(api, api.ca.issue("/ns/agents/sa/planner"))
+    async with agent(sidecar.mcp.url, context) as client:
+        assert not (await client.call_tool("docs__whoami", {})).is_error
+    api.withdraw()
+    await wait_for(lambda: asyncio.sleep(0, not sidecar.identity.health()[0]), "the withdrawal to reach the sidecar")
+    async with agent(sidecar.mcp.url, context) as client:
+        result = await client.call_tool("docs__whoami", {})
+    assert result.is_error and "unverified_caller: mtls: " in result.content[0].text
+    record = decisions(evidence)[-1]
+    assert record["outcome"] == "deny" and record["subject"] is None
+    assert "withdrew the sidecar's identity" in record["reasons"][0]
+
+
 async def test_before_the_first_svid_every_handshake_fails_then_the_svid_is_served(
     tmp_path, running_sidecar, upstream, caplog
 ):

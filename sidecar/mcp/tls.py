@@ -20,6 +20,7 @@
 - `peer_auth_context(scope)`: that chain as `PeerInfo.auth_context`, in the keys grpc uses and
   the `mtls` resolver reads (`x509_pem_cert`, `x509_pem_cert_chain`, `peer_spiffe_id`), so one
   resolver applies the same checks to both front doors.
+- `client_ssl_context(x509_source)`: the agent side, for an MCP SDK client over HTTPS.
 
 Handshake refusals (no client certificate, a CA outside the accepted bundles, an expired
 certificate) never reach the app, so there is no request to record: `_LoggedHandshake` logs each
@@ -98,6 +99,10 @@ class SvidSslContexts:
         context = _server_context()  # and no certificate or CA loaded: nobody verifies here
         context.sni_callback = self._select
         context.sslobject_class = _LoggedHandshake
+        try:
+            self.current()  # the SVID held at start is served even if it is withdrawn before the first handshake
+        except SvidUnavailable:
+            pass  # not yet: handshakes fail (and are logged) until it arrives
         return context
 
     def _select(self, connection: ssl.SSLObject, _server_name: str | None, _listening: ssl.SSLContext) -> None:
