@@ -29,6 +29,7 @@ with OpenSSL's reason (asyncio itself reports them only in debug mode).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import ssl
@@ -229,13 +230,19 @@ def peer_auth_context(scope: dict) -> dict[str, tuple[bytes, ...]]:
     if not chain:
         return {}
     context: dict[str, tuple[bytes, ...]] = {"x509_pem_cert": (chain[0],), "x509_pem_cert_chain": (b"".join(chain[1:]),)}
-    try:
-        uris = uri_sans(load_pem_chain(chain[0])[0])
-    except (SvidError, IndexError):
-        uris = []
-    if len(uris) == 1 and uris[0].startswith("spiffe://"):
-        context["peer_spiffe_id"] = (uris[0].encode("utf-8"),)
+    spiffe_id = _peer_spiffe_id(chain[0])
+    if spiffe_id is not None:
+        context["peer_spiffe_id"] = (spiffe_id,)
     return context
+
+
+@functools.lru_cache(maxsize=512)  # per request, mostly the same few callers' certificates
+def _peer_spiffe_id(leaf_pem: bytes) -> bytes | None:
+    try:
+        uris = uri_sans(load_pem_chain(leaf_pem)[0])
+    except (SvidError, IndexError):
+        return None
+    return uris[0].encode("utf-8") if len(uris) == 1 and uris[0].startswith("spiffe://") else None
 
 
 def client_ssl_context(source) -> ssl.SSLContext:
