@@ -110,6 +110,7 @@ async def run(target: str, mode: str, rate: float, concurrency: int, seconds: fl
     print("warmed", flush=True)  # bench/run.py starts its measurement window here
 
     began = time.perf_counter()
+    cpu_began = time.process_time()  # this process's CPU (all threads): what driving the load costs
     if mode == "open":
         total = int(rate * seconds)
         tasks = []
@@ -129,6 +130,7 @@ async def run(target: str, mode: str, rate: float, concurrency: int, seconds: fl
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
+    cpu_seconds = time.process_time() - cpu_began
     for channel in pool:
         await channel.close()
     return {
@@ -139,6 +141,7 @@ async def run(target: str, mode: str, rate: float, concurrency: int, seconds: fl
         "errors": errors,
         "seconds": elapsed,
         "throughput": len(latencies) / elapsed,
+        "cpu_seconds": cpu_seconds,
         "latency_ms": percentiles(latencies),
         "outcomes": outcomes,
         "fail_closed": fail_closed,

@@ -79,6 +79,34 @@ def stage_totals(port: int) -> dict[str, tuple[float, float]]:
     return {stage: (s, c) for stage, (s, c) in totals.items()}
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a live process has used, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5))
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (the managed OPA of a sidecar)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def server_cpu(sidecar_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by a server process (`sidecar`) and its child processes (`opa`, a managed OPA)."""
+    return {"sidecar": cpu_seconds(sidecar_pid), "opa": sum(cpu_seconds(c) for c in children(sidecar_pid))}
+
+
+def cpu_per_call(before: dict, after: dict, result: dict) -> dict[str, float]:
+    """Milliseconds of CPU per answered call: sidecar, OPA, the load process, and their sum."""
+    calls = max(result["calls"], 1)
+    split = {name: (after[name] - before[name]) * 1000 / calls for name in ("sidecar", "opa")}
+    split["load"] = result["cpu_seconds"] * 1000 / calls
+    split["total"] = sum(split.values())
+    return split
+
+
 def cost_split(before: dict, after: dict) -> dict[str, float]:
     """Mean milliseconds per decision spent in each stage between two scrapes."""
     split = {}
@@ -182,12 +210,21 @@ def main() -> int:
             try:
                 time.sleep(1.0)  # identity fetched, health SERVING
                 for name, scenario in SCENARIOS:
-                    floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds)
+                    floor_before: dict = {}
+                    floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds,
+                                        on_warm=lambda: floor_before.update(server_cpu(floor.pid)))
+                    floor_result["cpu_ms_per_call"] = cpu_per_call(floor_before, server_cpu(floor.pid), floor_result)
                     before: dict = {}
+                    cpu_before: dict = {}
                     extra = ["--tls-dir", str(tls_dir)] if tls_dir else []
-                    sidecar_result = load(target, scenario + extra, args.seconds,
-                                          on_warm=lambda: before.update(stage_totals(metrics_port)))
+
+                    def on_warm() -> None:
+                        before.update(stage_totals(metrics_port))
+                        cpu_before.update(server_cpu(sidecar.pid))
+
+                    sidecar_result = load(target, scenario + extra, args.seconds, on_warm=on_warm)
                     sidecar_result["cost_split_ms"] = cost_split(before, stage_totals(metrics_port))
+                    sidecar_result["cpu_ms_per_call"] = cpu_per_call(cpu_before, server_cpu(sidecar.pid), sidecar_result)
                     results.append({"scenario": name, "identity": label, "floor": floor_result,
                                     "sidecar": sidecar_result})
             finally:
@@ -240,6 +277,11 @@ def print_table(report: dict) -> None:
         split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["sidecar"]["cost_split_ms"].items()))
         print(f"{'':<45} ratio p50 sidecar/floor {ratio:.2f}x; sidecar mean ms per stage: {split}")
         print(f"{'':<45} outcomes {row['sidecar']['outcomes']}; fail-closed denies {row['sidecar'].get('fail_closed') or 'none'}")
+        cpu = row["sidecar"]["cpu_ms_per_call"]
+        ceiling = report["machine"]["cpus"] * 1000 / cpu["total"]
+        floor_cpu = row["floor"]["cpu_ms_per_call"]
+        print(f"{'':<45} CPU ms per call: sidecar {cpu['sidecar']:.3f}, OPA {cpu['opa']:.3f}, load {cpu['load']:.3f} "
+              f"(all {report['machine']['cpus']} cores busy at ~{ceiling:.0f} calls/s); floor server {floor_cpu['sidecar']:.3f}")
     gateway = report.get("mcp_gateway")
     if gateway:
         print(f"\nMCP tool call, {gateway['calls']} sequential calls (bench/mcp_gateway.py)")

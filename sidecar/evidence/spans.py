@@ -100,6 +100,21 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+def _frame(record: dict, start_field: str) -> tuple[int, int, SpanContext | None, int, int] | None:
+    """(trace id, span id, parent, start ns, end ns) of a record's span; None without trace and span ids.
+
+    The span runs from `start_field` (RFC 3339) to `logged_at`, never backwards."""
+    trace_id = _hex_int(record.get("trace_id"), 32)
+    span_id = _hex_int(record.get("span_id"), 16)
+    if trace_id is None or span_id is None:
+        return None
+    parent_id = _hex_int(record.get("parent_span_id"), 16)
+    parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)) if parent_id else None
+    end = _ns(record.get("logged_at"), 0)
+    start = _ns(record.get(start_field), end)
+    return trace_id, span_id, parent, start, max(end, start)
+
+
 def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list[ReadableSpan]:
     kind = record.get("kind")
     if kind == "checkpoint":
@@ -108,15 +123,10 @@ def spans_for_record(record: dict, resources: Callable[[str], Resource]) -> list
         return _task_end_span(record, resources)
     if kind not in CALL_KINDS:
         return []
-    trace_id = _hex_int(record.get("trace_id"), 32)
-    span_id = _hex_int(record.get("span_id"), 16)
-    if trace_id is None or span_id is None:
+    frame = _frame(record, "time")
+    if frame is None:
         return []
-    parent_id = _hex_int(record.get("parent_span_id"), 16)
-    parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)) if parent_id else None
-    end = _ns(record.get("logged_at"), 0)
-    start = _ns(record.get("time"), end)
-    end = max(end, start)
+    trace_id, span_id, parent, start, end = frame
     resource = resources(_str(record.get("sidecar")))
     tool = _str(record.get("tool"))
     subject = record.get("subject") if isinstance(record.get("subject"), dict) else {}
@@ -245,15 +255,10 @@ def _links(record: dict) -> list[trace_api.Link]:
 
 def _task_end_span(record: dict, resources: Callable[[str], Resource]) -> list[ReadableSpan]:
     """`sidecar.task_end`: when, by whom and how a task ended (sidecar/tasks.py)."""
-    trace_id = _hex_int(record.get("trace_id"), 32)
-    span_id = _hex_int(record.get("span_id"), 16)
-    if trace_id is None or span_id is None:
+    frame = _frame(record, "ended_at")
+    if frame is None:
         return []
-    parent_id = _hex_int(record.get("parent_span_id"), 16)
-    parent = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)) if parent_id else None
-    end = _ns(record.get("logged_at"), 0)
-    start = _ns(record.get("ended_at"), end)
-    end = max(end, start)
+    trace_id, span_id, parent, start, end = frame
     subject = record.get("subject") if isinstance(record.get("subject"), dict) else {}
     reasons = [r for r in record.get("reasons") or [] if isinstance(r, str)]
     attributes: dict[str, Any] = {
