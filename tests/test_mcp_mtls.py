@@ -441,6 +441,37 @@ async def test_a_client_certificate_that_expires_on_an_open_connection_is_denied
     assert "while its connection stayed open" in decisions(evidence)[-1]["reasons"][0]
 
 
+async def test_an_expired_client_certificate_is_refused_at_the_handshake(partnered, caplog):
+    sidecar, api, _, evidence = partnered
+    expired = api.ca.issue("/ns/agents/sa/planner", ttl=-60)
+    await refused_at_handshake(sidecar.mcp.url, double_context(api, expired))
+    assert any("TLS handshake refused" in r.getMessage() and "certificate has expired" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert decisions(evidence) == []
+
+
+async def test_a_session_opened_by_one_certificate_does_not_lend_its_caller_to_another(partnered):
+    """The caller is resolved per request from that request's connection, never from the MCP session."""
+    sidecar, api, _, evidence = partnered
+    headers = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-06-18"}
+    planner = double_context(api, api.ca.issue("/ns/agents/sa/planner"))
+    intruder = double_context(api, api.ca.issue("/ns/agents/sa/intruder"))
+    async with httpx2.AsyncClient(verify=planner, headers=headers) as http:
+        opened = await http.post(sidecar.mcp.url, json={
+            "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "planner", "version": "1"}}})
+        session = opened.headers["mcp-session-id"]
+        await http.post(sidecar.mcp.url, headers={"mcp-session-id": session},
+                        json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    async with httpx2.AsyncClient(verify=intruder, headers={**headers, "mcp-session-id": session}) as http:
+        answer = await http.post(sidecar.mcp.url, json={
+            "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "docs__whoami", "arguments": {}}})
+    assert answer.status_code == 200, answer.text
+    record = decisions(evidence)[-1]
+    assert record["subject"]["spiffe_id"] == "spiffe://example.org/ns/agents/sa/intruder"
+    assert record["subject"]["source"] == "mtls"
+
+
 async def test_a_withdrawn_sidecar_identity_denies_every_call_with_the_reason(partnered):
     """The TLS context stays (as grpc's does), and the mtls resolver denies each call and records it."""
     sidecar, api, _, evidence = partnered
