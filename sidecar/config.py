@@ -336,7 +336,8 @@ class HttpToolConfig:
 class InvokeConfig:
     # HTTP tools by tool name, called by ToolGate.Invoke after an allow.
     tools: dict[str, HttpToolConfig] = field(default_factory=dict)
-    # A cached JWT-SVID is replaced this long before it expires.
+    # A cached JWT-SVID is replaced this long before it expires (at most 40 % of the time it
+    # had left when fetched: docs/mcp.md#credentials).
     jwt_refresh_before_seconds: float = 30.0
     # A task with no call for this long is ended (its later calls denied); 0 = no idle timeout.
     task_idle_seconds: float = 0.0

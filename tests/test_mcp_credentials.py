@@ -3,7 +3,7 @@
 and id, never by value.
 
 The Workload API here is tests/doubles/fake_workload_api.py (it issues real ES256 JWT-SVIDs);
-real SPIRE fixtures live on the spire engineer's branch."""
+tests/test_spire_upstream_credentials.py runs the same paths against a real SPIRE server and agent."""
 
 from __future__ import annotations
 

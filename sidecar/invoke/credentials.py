@@ -6,7 +6,8 @@
 
 Two kinds (docs/mcp.md#credentials):
 - jwt_svid: a JWT-SVID for the upstream's audience from the SPIFFE Workload
-  API, cached until `refresh_before_seconds` before it expires;
+  API, cached until `refresh_before_seconds` before it expires (or, for a
+  short-lived token, until 40 % of the time it had left when fetched remains);
 - secret_file: a secret read from a file (a mounted Kubernetes Secret),
   re-read on each call so a rotated Secret takes effect without a restart.
 """
@@ -63,13 +64,23 @@ class SecretFileCredential:
         return self.header_name, value, CredentialUse("secret_file", f"{self.path}#sha256:{fingerprint}")
 
 
+# SPIRE's agent keeps handing out its cached JWT-SVID until 45-55 % of the token's
+# lifetime is left (a jittered half-life, spire pkg/common/rotationutil shouldRotateJWT).
+# Renewing once no more than 40 % of what was left at fetch time remains means the
+# agent has a new token to give; a larger margin would ask on every call and get the
+# same token back.
+RENEW_FRACTION = 0.4
+
+
 class JwtSvidCredential:
     """`authorization: Bearer <JWT-SVID for audience>`, fetched from the Workload API and cached.
 
     `fetch(audience) -> (token, spiffe_id, expiry unix seconds)` defaults to
     py-spiffe's WorkloadApiClient on `socket` (unix:///path; "" =
-    $SPIFFE_ENDPOINT_SOCKET). A token is reused until `refresh_before_seconds`
-    before its expiry.
+    $SPIFFE_ENDPOINT_SOCKET). A token fetched at time `t` is reused until
+    `min(refresh_before_seconds, RENEW_FRACTION * (expiry - t))` seconds
+    before its expiry: the margin as configured for SPIRE's default 5-minute
+    JWT-SVIDs, a share of the lifetime for tokens shorter than 2.5 margins.
     """
 
     def __init__(
@@ -87,6 +98,7 @@ class JwtSvidCredential:
         self._fetch = fetch or self._fetch_from_workload_api
         self._clock = clock
         self._cached: tuple[str, str, int] | None = None
+        self._renew_at = 0.0  # unix seconds: from then on the cached token is replaced
         self._lock = asyncio.Lock()
 
     def _fetch_from_workload_api(self, audience: str) -> tuple[str, str, int]:
@@ -99,15 +111,17 @@ class JwtSvidCredential:
     async def header(self) -> tuple[str, str, CredentialUse]:
         async with self._lock:
             cached = self._cached
-            if cached is None or cached[2] - self._refresh_before <= self._clock():
+            if cached is None or self._renew_at <= self._clock():
                 try:
                     cached = await asyncio.to_thread(self._fetch, self.audience)
                 except Exception as exc:  # py-spiffe raises several kinds; the message never holds a token
                     raise CredentialError(
                         f"no JWT-SVID for audience {self.audience!r} from the Workload API ({type(exc).__name__}: {exc})"
                     ) from None
-                if cached[2] <= self._clock():
+                fetched_at, expiry = self._clock(), cached[2]
+                if expiry <= fetched_at:
                     raise CredentialError(f"the Workload API gave an expired JWT-SVID for audience {self.audience!r}")
                 self._cached = cached
+                self._renew_at = expiry - min(self._refresh_before, RENEW_FRACTION * (expiry - fetched_at))
         token, spiffe_id, _ = cached
         return "authorization", f"Bearer {token}", CredentialUse("jwt_svid", f"{spiffe_id} aud={self.audience}")

@@ -23,7 +23,7 @@ storage exporter: every span its pipeline receives is logged as one line
 (storage cannot show duplicates: badger overwrites a span with the same key and
 the query service de-duplicates).
 
-The process runs in its own session and is stopped (SIGTERM, then SIGKILL
+The process (tests/infra/process.py) runs in its own session and is stopped (SIGTERM, then SIGKILL
 after `stop_timeout` seconds) by stop(), close(), leaving the `with` block,
 and at interpreter exit; it dies with the thread that started it (`setpriv
 --pdeathsig`), so call start() from the main thread (a blocking call: in an
@@ -34,15 +34,12 @@ binary raises JaegerMissing naming `make install`; it is never a skip.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import json
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -55,12 +52,11 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from tests.infra.process import NotReady, Process, free_port, wait_ready, wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / ".tools" / "bin" / "jaeger"
 PINS = REPO / "tools" / "pins.env"
-# The process gets SIGKILL when the thread that started it ends (setpriv from util-linux):
-# even a test run killed with SIGKILL leaves no Jaeger behind.
-_DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--") if shutil.which("setpriv") else ()
 PORT_NAMES = ("otlp_grpc", "otlp_http", "query_http", "query_grpc")
 # The debug exporter's "normal" line for one span: name, trace id, span id, attributes.
 _SPAN_LINE = re.compile(r"^(?P<name>.*?) (?P<trace>[0-9a-f]{32}) (?P<span>[0-9a-f]{16})(?: |$)", re.M)
@@ -90,22 +86,6 @@ def find_binary() -> Path:
         f"the Jaeger binary is missing ({BINARY}): `make install` builds it "
         f"(or `tools/build.sh jaeger`: {pinned_version()} from the Go module, about 9 minutes on 2 busy cores)"
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    """Poll `condition` until it returns something truthy (returned) or `timeout` seconds pass (falsy result)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result or time.monotonic() >= deadline:
-            return result
-        time.sleep(interval)
 
 
 async def wait_until_async(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
@@ -217,9 +197,8 @@ class Jaeger:
         self._fixed_ports = dict(ports or {})
         self.ports = self._choose_ports()  # known before start(): a sidecar may point at a Jaeger not up yet
         self._started_once = False
-        self._process: subprocess.Popen | None = None
-        self._paused = False
-        atexit.register(self._kill)
+        self._process = Process([str(self.binary), "--config", str(self.config_path)], self.log_path,
+                                cwd=self.dir, env=self._environment())
 
     # -- addresses --------------------------------------------------------------
 
@@ -306,23 +285,19 @@ class Jaeger:
         attempts = 1 if self._started_once or self._fixed_ports else 3
         for attempt in range(attempts):
             self.config_path.write_text(yaml.safe_dump(self._config(), sort_keys=False))
-            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
-            with open(self.log_path, "ab") as log_file:
-                self._process = subprocess.Popen(
-                    [*_DIE_WITH_PARENT, str(self.binary), "--config", str(self.config_path)],
-                    cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                    start_new_session=True, env=self._environment(),
-                )
-            if wait_until(self._ready_or_exited, self.start_timeout) and self.running:
-                self._started_once = True
-                return self
-            output = self._log_since(log_size)
-            what = f"exited ({self._process.returncode})" if not self.running else f"was not ready within {self.start_timeout:g} s"
-            self._kill()
-            if attempt + 1 < attempts and "address already in use" in output:
-                self.ports = self._choose_ports()
-                continue
-            raise JaegerError(f"jaeger {what} (config {self.config_path}); its log:\n{output[-4000:]}")
+            log_size = self._process.log_size()
+            self._process.start()
+            try:
+                wait_ready(self._process, self._ready, self.start_timeout)
+            except NotReady as exc:
+                output = self._process.log_since(log_size)
+                self._process.kill()
+                if attempt + 1 < attempts and "address already in use" in output:
+                    self.ports = self._choose_ports()
+                    continue
+                raise JaegerError(f"jaeger {exc} (config {self.config_path}); its log:\n{output[-4000:]}") from None
+            self._started_once = True
+            return self
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -332,15 +307,13 @@ class Jaeger:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._process.pid
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process.alive
 
-    def _ready_or_exited(self) -> bool:
-        if not self.running:
-            return True
+    def _ready(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.ports["otlp_grpc"]), timeout=1):
                 pass
@@ -351,51 +324,20 @@ class Jaeger:
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM: in-flight OTLP requests finish); SIGKILL after stop_timeout."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                os.killpg(process.pid, signal.SIGCONT)  # a paused process must run to handle SIGTERM
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self._killpg(process)
-        self._paused = False
+        self._process.stop(self.stop_timeout)
 
     def pause(self) -> None:
         """SIGSTOP: Jaeger keeps its sockets but answers nothing (a hung collector)."""
-        if self.running:
-            os.killpg(self._process.pid, signal.SIGSTOP)
-            self._paused = True
+        self._process.pause()
 
     def resume(self) -> None:
-        if self._process is not None and self._paused:
-            os.killpg(self._process.pid, signal.SIGCONT)
-            self._paused = False
+        self._process.resume()
 
     def close(self) -> None:
         """Stop, and remove the directory when this object created it."""
         self.stop()
-        atexit.unregister(self._kill)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _kill(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            self._killpg(process)
-
-    @staticmethod
-    def _killpg(process: subprocess.Popen) -> None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
 
     def __enter__(self) -> "Jaeger":
         try:
@@ -409,17 +351,9 @@ class Jaeger:
 
     # -- logs -------------------------------------------------------------------
 
-    def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
     def log_text(self) -> str:
         """Everything Jaeger logged, over all its runs in this directory."""
-        return self._log_since(0)
+        return self._process.log_since(0)
 
     def received(self) -> collections.Counter:
         """span id -> how many times Jaeger's pipeline received it (needs log_spans=True), over all runs."""

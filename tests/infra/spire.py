@@ -37,10 +37,10 @@ Shapes and rules:
   SPIRE's default is 5 s) and the server reloads its entry cache every
   `cache_reload_interval` (500 ms here): an entry created or deleted reaches
   workloads within about a second, not at once; wait for the outcome.
-- Processes run in their own process group, die with the process that
-  started them (`setpriv --pdeathsig`), and are stopped by `stop()`/`close()`,
-  the context manager, or at interpreter exit: none is left behind. Start
-  them from the main thread (the death signal follows the starting thread).
+- Processes (tests/infra/process.py) run in their own process group, die
+  with the thread that started them (`setpriv --pdeathsig`), and are stopped
+  by `stop()`/`close()`, the context manager, or at interpreter exit: none is
+  left behind. Start them from the main thread.
 
 Errors: `SpireUnavailable` when the binaries are missing (the message says
 `make install` builds them), `SpireError` when a process does not become
@@ -49,20 +49,19 @@ ready or a CLI call fails (with the command's output or the log's tail).
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from tests.infra.process import NotReady, Process, free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".tools" / "bin"
@@ -114,79 +113,7 @@ def own_process_selectors() -> tuple[str, ...]:
     return (f"unix:uid:{os.getuid()}", f"unix:path:{os.path.realpath('/proc/self/exe')}")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------- processes
-_RUNNING: set["_Process"] = set()
-_RUNNING_LOCK = threading.Lock()
-
-
-class _Process:
-    """One long-running SPIRE process in its own group, its output in a log file."""
-
-    def __init__(self, argv: Sequence[str], log_path: Path):
-        self.argv = list(argv)
-        self.log_path = log_path
-        self._popen: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        prefix = ["setpriv", "--pdeathsig", "SIGKILL", "--"] if shutil.which("setpriv") else []
-        with open(self.log_path, "ab") as log:
-            self._popen = subprocess.Popen(
-                prefix + self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        with _RUNNING_LOCK:
-            _RUNNING.add(self)
-
-    @property
-    def alive(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self._popen is not None else None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to the group, SIGKILL after `timeout` seconds; waits for the exit."""
-        popen, self._popen = self._popen, None
-        with _RUNNING_LOCK:
-            _RUNNING.discard(self)
-        if popen is None:
-            return
-        if popen.poll() is None:
-            try:
-                os.killpg(popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                popen.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _RUNNING_LOCK:
-        running = list(_RUNNING)
-    for process in running:
-        process.stop(timeout=5)
-
-
 def _run(argv: Sequence[str], what: str, timeout: float = CLI_TIMEOUT) -> str:
     try:
         out = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -197,22 +124,22 @@ def _run(argv: Sequence[str], what: str, timeout: float = CLI_TIMEOUT) -> str:
     return out.stdout
 
 
-def _wait_ready(process: _Process, check: Sequence[str], what: str, timeout: float = STARTUP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if not process.alive:
-            process.stop()
-            raise SpireError(f"{what} exited during startup; its log ({process.log_path}):\n{process.log_tail()}")
+def _start(process: Process, check: Sequence[str], what: str, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Start `process` and wait until the `check` command (its healthcheck) succeeds; SpireError if not."""
+    answer = [""]
+
+    def healthy() -> bool:
         probe = subprocess.run(list(check), capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if probe.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            process.stop()
-            raise SpireError(
-                f"{what} not healthy after {timeout:g}s ({(probe.stderr or probe.stdout).strip()}); "
-                f"its log ({process.log_path}):\n{process.log_tail()}"
-            )
-        time.sleep(0.1)
+        answer[0] = (probe.stderr or probe.stdout).strip()
+        return probe.returncode == 0
+
+    process.start()
+    try:
+        wait_ready(process, healthy, timeout)
+    except NotReady as exc:
+        process.stop()
+        problem = "exited during startup" if exc.exited else f"not healthy after {timeout:g}s ({answer[0]})"
+        raise SpireError(f"{what} {problem}; its log ({process.log_path}):\n{process.log_tail()}") from None
 
 
 # ---------------------------------------------------------------- server
@@ -264,7 +191,7 @@ class SpireServer:
         self.socket_path = self.home / "api.sock"
         self.port = 0
         self.agents: list[SpireAgent] = []
-        self._process: _Process | None = None
+        self._process: Process | None = None
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> "SpireServer":
@@ -290,13 +217,12 @@ class SpireServer:
         if self._process is not None and self._process.alive:
             return self
         self.home.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         config = self.home / "server.conf"
         config.write_text(self._config())
-        self._process = _Process([str(self._binary), "run", "-config", str(config)], self.home / "server.log")
-        self._process.start()
-        _wait_ready(self._process, [str(self._binary), "healthcheck", "-socketPath", str(self.socket_path)],
-                    f"spire-server ({self.trust_domain})")
+        self._process = Process([str(self._binary), "run", "-config", str(config)], self.home / "server.log")
+        _start(self._process, [str(self._binary), "healthcheck", "-socketPath", str(self.socket_path)],
+               f"spire-server ({self.trust_domain})")
         return self
 
     def stop(self) -> None:
@@ -433,7 +359,7 @@ class SpireAgent:
         self.agent_id = ""  # spiffe://<td>/spire/agent/join_token/<token>, once started
         self.log_level = log_level
         self.entries: list[Entry] = []
-        self._process: _Process | None = None
+        self._process: Process | None = None
         self._binary = binary("spire-agent")
 
     @property
@@ -463,16 +389,40 @@ class SpireAgent:
             token = self.server.join_token(f"/node/{self.name}")
             self.agent_id = self.server.spiffe_id(f"/spire/agent/join_token/{token}")
             config.write_text(self._config(token, bundle))
-        self._process = _Process([str(self._binary), "run", "-config", str(config)], self.home / "agent.log")
-        self._process.start()
-        _wait_ready(self._process, [str(self._binary), "healthcheck", "-socketPath", str(self.socket_path)],
-                    f"spire-agent {self.name} ({self.server.trust_domain})")
+        self._process = Process([str(self._binary), "run", "-config", str(config)], self.home / "agent.log")
+        _start(self._process, [str(self._binary), "healthcheck", "-socketPath", str(self.socket_path)],
+               f"spire-agent {self.name} ({self.server.trust_domain})")
         return self
 
     def svid_serial(self) -> str:
         """The serial number of the agent's own X.509-SVID, as the server knows it (`agent show`)."""
         out = json.loads(self.server.cli("agent", "show", "-spiffeID", self.agent_id, "-output", "json"))
         return out["x509svid_serial_number"]
+
+    def jwt_svid_fetches(self, spiffe_id: str) -> int:
+        """How many Workload API FetchJWTSVID calls this agent answered for `spiffe_id`, over all its runs.
+
+        Counted from the agent's own log lines `msg="Fetched JWT SVID" ... spiffe_id="<id>"`
+        (pkg/agent/endpoints/workload/handler.go), which SPIRE writes at DEBUG
+        level only: make the agent with `log_level="DEBUG"` (else SpireError).
+        A fetch the agent answered from its own JWT-SVID cache counts too.
+        """
+        if self.log_level.upper() != "DEBUG":
+            raise SpireError(f"agent {self.name}: jwt_svid_fetches() needs log_level='DEBUG'")
+        try:
+            lines = (self.home / "agent.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in lines if 'msg="Fetched JWT SVID"' in line and f'spiffe_id="{spiffe_id}"' in line)
+
+    def pause(self) -> None:
+        """SIGSTOP: the agent keeps its socket but answers nothing (a hung agent); `resume()` undoes it."""
+        if self._process is not None:
+            self._process.pause()
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.resume()
 
     def stop(self) -> None:
         """Stop the agent (its socket goes away); `start()` brings it back on the same path."""
