@@ -255,6 +255,35 @@ async def test_opa_stopped_with_sigstop_times_out_opens_the_breaker_and_recovers
     await wait_for(lambda: client.ready()[0])
 
 
+async def test_a_starved_event_loop_does_not_make_a_healthy_opa_look_down(tmp_path, serve_opa, make_client):
+    """Saturation delays every callback on the loop; OPA's health is judged in a thread (probe.py), so a late
+    loop neither marks OPA unhealthy nor lets timeouts count against it (the breaker stays closed)."""
+    opa = await serve_opa(write_policy(tmp_path / "p", SIMPLE_POLICY))
+    client = await make_client(opa.url, health_interval_ms=20, health_timeout_ms=100)
+    await wait_for(lambda: client.ready()[0])
+    saturated = True
+
+    async def busy() -> None:
+        while saturated:
+            time.sleep(0.005)  # CPU work between awaits, as a saturated sidecar's calls do
+            await asyncio.sleep(0)
+
+    workers = [asyncio.create_task(busy()) for _ in range(40)]  # each lap of the loop now takes ~200 ms
+    await asyncio.sleep(1.5)  # health checks (100 ms budget) keep running meanwhile
+    during = client.ready()
+    saturated = False
+    await asyncio.gather(*workers)
+    assert during[0], during[1]
+    # the other way round: an OPA that is really late still fails the check
+    stop(opa.pid)
+    try:
+        await wait_for(lambda: not client.ready()[0])
+        assert "did not answer within 100 ms (health check)" in client.ready()[1]
+    finally:
+        os.kill(opa.pid, signal.SIGCONT)
+    await wait_for(lambda: client.ready()[0])
+
+
 async def test_over_the_in_flight_bound_a_call_is_denied_at_once(tmp_path, serve_opa, make_client):
     opa = await serve_opa(write_policy(tmp_path / "p", SIMPLE_POLICY))
     client = await make_client(opa.url, timeout_ms=20_000, max_in_flight=2)

@@ -150,8 +150,12 @@ async def test_a_hung_managed_opa_is_replaced_and_calls_recover_without_resuming
             if os.path.exists(f"/proc/{first}"):
                 os.kill(first, signal.SIGKILL)
                 os.kill(first, signal.SIGCONT)
-        await sidecar.health.refresh()
-        assert (await health(address))[0] == health_pb2.HealthCheckResponse.SERVING
+
+        async def serving():  # OPA's health is polled (every 50 ms here): the first poll after the restart
+            await sidecar.health.refresh()
+            return (await health(address))[0] == health_pb2.HealthCheckResponse.SERVING
+
+        assert await until(serving, timeout=5.0)
     assert any(f"OPA pid {first} hung: GET /health" in r.getMessage() for r in caplog.records)
     reasons = {r["reasons"][0].split(":")[0] for r in evidence_records(tmp_path) if r.get("outcome") == "deny"}
     assert reasons <= {"policy_timeout", "policy_unavailable"}, reasons

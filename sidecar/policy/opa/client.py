@@ -40,7 +40,9 @@ refuses such calls before they get here, sidecar/calls.py). NaN and
 infinities are not JSON: such an input is not sent (`policy_error`).
 
 `ready()` is (OPA answers `GET /health?bundles=true` with 200 and the
-breaker is not open, detail), polled every `health_interval_ms`.
+breaker is not open, detail), polled every `health_interval_ms` from a worker
+thread (probe.py): under saturation the event loop is late for everything, and
+a check timed on it would call a healthy OPA down.
 
 Why aiohttp and not `opa-python-client`: its AsyncOpaClient.query_rule drops
 OPA's error body on non-2xx answers, its health check returns a bare bool,
@@ -63,11 +65,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from sidecar.policy.breaker import CLOSED, OPEN, Admission, CircuitBreaker
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
+from sidecar.policy.opa.probe import probe
 
 log = logging.getLogger(__name__)
 
 ENGINE = "opa"
 DECISION_PATH = "sidecar/decision"
+HEALTH_PATH = "/health?bundles=true"  # 200 once OPA is up and every bundle is activated
 _MAX_TEXT = 300
 
 
@@ -197,7 +201,6 @@ class OpaClient:
         # strict-builtin-errors: a built-in error fails the decision (a deny naming it) instead of
         # OPA's default of quietly making the expression undefined.
         self._decision_url = f"{base}/v1/data/{DECISION_PATH}?provenance=true&strict-builtin-errors=true"
-        self._health_url = f"{base}/health?bundles=true"
         self._budget = options.timeout_ms / 1000
         self._backoff = options.retry_backoff_ms / 1000
         self.breaker = CircuitBreaker(options.breaker_failures, options.breaker_cooldown_ms / 1000)
@@ -252,23 +255,18 @@ class OpaClient:
     # --- health --------------------------------------------------------------
 
     async def check_health(self) -> tuple[bool, str]:
-        """One `GET /health?bundles=true`: OPA is up and every bundle is activated."""
+        """One `GET /health?bundles=true`: OPA is up and every bundle is activated.
+
+        Asked from a worker thread (probe.py), so a saturated event loop is not mistaken for a slow OPA."""
         if self._session is None:
             return (False, f"the OPA client for {self.url} is closed")
-        timeout = self.options.health_timeout_ms / 1000
-        try:
-            async with asyncio.timeout(timeout):
-                async with self._session.get(self._health_url) as response:
-                    status, raw = response.status, await response.read()
-        except TimeoutError:
-            result = (False, f"OPA at {self.url} did not answer its health check within {timeout * 1000:.0f} ms")
-        except aiohttp.ClientError as exc:
-            result = (False, f"OPA at {self.url} {_connection_problem(exc)}")
+        answer = await probe(self.url, HEALTH_PATH, self.options.health_timeout_ms / 1000)
+        if answer.problem:
+            result = (False, f"OPA at {self.url} {answer.problem} (health check)")
+        elif answer.status == 200:
+            result = (True, f"OPA at {self.url} is healthy, bundles activated")
         else:
-            if status == 200:
-                result = (True, f"OPA at {self.url} is healthy, bundles activated")
-            else:
-                result = (False, f"OPA at {self.url} is not healthy: {status} {_opa_error(raw)}")
+            result = (False, f"OPA at {self.url} is not healthy: {answer.status} {_opa_error(answer.body)}")
         if result[0] != self._health[0]:
             (log.info if result[0] else log.warning)("%s", result[1])
         self._health = result

@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
+from sidecar.policy.opa.probe import probe
 
 log = logging.getLogger(__name__)
 
@@ -217,32 +217,25 @@ class OpaRunner:
         process = self._process
         assert process is not None
         deadline = time.monotonic() + self.options.ready_timeout_seconds
-        connector = aiohttp.UnixConnector(path=str(self.options.socket))
-        async with aiohttp.ClientSession(connector=connector) as session:
-            last = "no answer yet"
-            while True:
-                if process.returncode is not None:
-                    await asyncio.gather(*self._readers, return_exceptions=True)
-                    raise OpaStartError(
-                        f"OPA exited with status {process.returncode} while starting on {self.options.bundle}"
-                        f"{self._last_lines()}"
-                    )
-                if time.monotonic() > deadline:
-                    raise OpaStartError(
-                        f"OPA was not healthy within {self.options.ready_timeout_seconds:.0f} s "
-                        f"(last: {last}){self._last_lines()}"
-                    )
-                if self.options.socket.exists():
-                    try:
-                        async with asyncio.timeout(self.options.health_timeout_seconds):
-                            async with session.get("http://opa/health?bundles=true") as response:
-                                body = await response.read()
-                                if response.status == 200:
-                                    break
-                                last = f"{response.status} {body[:200].decode('utf-8', 'replace')}"
-                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                        last = f"{type(exc).__name__}: {exc}"
-                await asyncio.sleep(0.02)
+        last = "no answer yet"
+        while True:
+            if process.returncode is not None:
+                await asyncio.gather(*self._readers, return_exceptions=True)
+                raise OpaStartError(
+                    f"OPA exited with status {process.returncode} while starting on {self.options.bundle}"
+                    f"{self._last_lines()}"
+                )
+            if time.monotonic() > deadline:
+                raise OpaStartError(
+                    f"OPA was not healthy within {self.options.ready_timeout_seconds:.0f} s "
+                    f"(last: {last}){self._last_lines()}"
+                )
+            if self.options.socket.exists():
+                answer = await probe(self.url, "/health?bundles=true", self.options.health_timeout_seconds)
+                if answer.status == 200:
+                    break
+                last = answer.problem or f"{answer.status} {answer.body[:200].decode('utf-8', 'replace')}"
+            await asyncio.sleep(0.02)
         self._health = (True, f"OPA pid {process.pid} healthy on {self.url}")
         log.info("OPA pid %d serving %s on %s", process.pid, self.options.bundle, self.url)
 
@@ -296,31 +289,25 @@ class OpaRunner:
         interval = min(limit / 4, 1.0)
         answered = time.monotonic()
         last = "no answer"
-        connector = aiohttp.UnixConnector(path=str(self.options.socket), force_close=True)
         try:
-            async with aiohttp.ClientSession(connector=connector) as session:
-                while not exited.done():
-                    try:
-                        async with asyncio.timeout(min(self.options.health_timeout_seconds, limit)):
-                            async with session.get("http://opa/health") as response:
-                                await response.read()
-                                if response.status == 200:
-                                    answered = time.monotonic()
-                                else:
-                                    last = f"status {response.status}"
-                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                        last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                    if exited.done():
-                        break
-                    silent = time.monotonic() - answered
-                    if silent >= limit:
-                        why = (f"hung: GET /health on {self.url} has not answered 200 for {silent * 1000:.0f} ms "
-                               f"(liveness timeout {limit * 1000:.0f} ms; last: {last})")
-                        log.error("OPA pid %d %s; killing its process group", process.pid, why)
-                        await self._kill_group(process)
-                        await exited
-                        return why
-                    await asyncio.wait({exited}, timeout=interval)
+            while not exited.done():
+                # From a worker thread (probe.py): a saturated event loop must not make a healthy OPA look hung.
+                answer = await probe(self.url, "/health", min(self.options.health_timeout_seconds, limit))
+                if answer.status == 200:
+                    answered = time.monotonic()
+                else:
+                    last = answer.problem or f"status {answer.status}"
+                if exited.done():
+                    break
+                silent = time.monotonic() - answered
+                if silent >= limit:
+                    why = (f"hung: GET /health on {self.url} has not answered 200 for {silent * 1000:.0f} ms "
+                           f"(liveness timeout {limit * 1000:.0f} ms; last: {last})")
+                    log.error("OPA pid %d %s; killing its process group", process.pid, why)
+                    await self._kill_group(process)
+                    await exited
+                    return why
+                await asyncio.wait({exited}, timeout=interval)
         finally:
             if not exited.done():  # cancelled (aclose): stop waiting here, _terminate waits
                 exited.cancel()
