@@ -303,6 +303,7 @@ class McpUpstreamConfig:
 @dataclass
 class McpConfig:
     # docs/mcp.md. host:port of the MCP gateway (Streamable HTTP at /mcp); "" = no TCP listener.
+    # HTTPS with mutual TLS when mtls is among identity.sources, else plain HTTP.
     listen: str = ""
     # Path of a unix socket also serving the gateway, for agents in the same pod; "" = none.
     unix: str = ""
@@ -454,8 +455,8 @@ class Config:
                 "identity.jwt_audience: required when jwt_svid is among identity.sources "
                 "(the audience agents mint their JWT-SVIDs for)"
             )
-        if "mtls" in ident.sources and not self.listen.tcp:
-            raise ConfigError("identity.sources: mtls serves on listen.tcp, which is empty")
+        if "mtls" in ident.sources and not (self.listen.tcp or self.mcp.listen):
+            raise ConfigError("identity.sources: mtls serves on listen.tcp, which is empty (and so is mcp.listen)")
         if "workload_api" in ident.sources and not self.listen.unix:
             raise ConfigError("identity.sources: workload_api identifies callers on listen.unix, which is empty")
         self._validate_delegation_audience()
@@ -683,10 +684,11 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
         host, colon, port = mcp.listen.rpartition(":")
         if not colon or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"mcp.listen: must be host:port, not {mcp.listen!r}")
-        if "jwt_svid" in identity_sources and not _loopback(mcp.listen):
+        if "jwt_svid" in identity_sources and "mtls" not in identity_sources and not _loopback(mcp.listen):
             raise ConfigError(
-                f"mcp.listen: {mcp.listen} is plaintext HTTP (the gateway serves no TLS), so JWT-SVIDs sent to it "
-                "could be read and replayed; listen on loopback (the agent in the same pod reaches it there)"
+                f"mcp.listen: {mcp.listen} is plain HTTP (mtls is not among identity.sources), so JWT-SVIDs sent "
+                "to it could be read and replayed; add mtls to identity.sources (the gateway then serves HTTPS "
+                "with mutual TLS), or listen on loopback (the agent in the same pod reaches it there)"
             )
     if mcp.escalation_memory <= 0:
         raise ConfigError("mcp.escalation_memory: must be positive")

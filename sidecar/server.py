@@ -25,6 +25,7 @@ from sidecar.gate import Gate, default_instance_id
 from sidecar.health import SidecarHealth
 from sidecar.identity import IdentityResolver
 from sidecar.identity.factory import IdentityRuntime
+from sidecar.identity.workload_api import WorkloadApiSource
 from sidecar.metrics import Metrics
 from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.opa.client import OpaClientOptions
@@ -224,12 +225,28 @@ def build_http_tools(config: Config):
 
 
 def build_mcp_gateway(
-    config: Config, gate: Gate, identity: IdentityResolver, recorder: Recorder | None, grpc_address: str = ""
+    config: Config,
+    gate: Gate,
+    identity: IdentityResolver,
+    recorder: Recorder | None,
+    grpc_address: str = "",
+    svid_source: WorkloadApiSource | None = None,
 ):
-    """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md); not started yet."""
+    """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md); not started yet.
+
+    With `mtls` among identity.sources its TCP listener serves HTTPS with mutual TLS on the SVID
+    and bundles of `svid_source` (the identity runtime's Workload API source; required then).
+    """
     from sidecar.invoke.executor import Executor
     from sidecar.invoke.mcp import McpInvoker, McpUpstream
     from sidecar.mcp.gateway import McpGateway
+    from sidecar.mcp.tls import SvidSslContexts
+
+    tls = None
+    if "mtls" in config.identity.sources and config.mcp.listen:
+        if svid_source is None:
+            raise ValueError("build_mcp_gateway: mtls needs the Workload API source (svid_source)")
+        tls = SvidSslContexts(svid_source, config.identity.trust_domains)
 
     upstreams = [
         McpUpstream(
@@ -256,6 +273,7 @@ def build_mcp_gateway(
         list_ttl_ms=config.mcp.list_ttl_ms,
         escalations=gate.escalations,
         elicitation_wait_seconds=config.mcp.elicitation_wait_seconds,
+        tls=tls,
     )
 
 
@@ -421,7 +439,9 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         shadow=shadow,
     )
     if config.mcp.listen or config.mcp.unix:
-        running.mcp = build_mcp_gateway(config, gate, identity, recorder, addresses[0])
+        running.mcp = build_mcp_gateway(
+            config, gate, identity, recorder, addresses[0], svid_source=identity_runtime.source
+        )
         try:
             await running.mcp.start()
         except BaseException:

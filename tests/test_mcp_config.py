@@ -45,7 +45,7 @@ def test_the_yaml_examples_in_docs_mcp_load(tmp_path):
         ({"mcp.upstreams": {"docs": {"url": "http://x", "typo": 1}}}, "mcp.upstreams.docs.typo"),
         ({"mcp.upstreams": {"docs": {"command": "python server.py"}}}, "mcp.upstreams.docs.command"),
         ({"mcp.listen": "8765"}, "mcp.listen"),
-        ({"mcp.listen": "0.0.0.0:8765", "identity.sources": ["jwt_svid", "mtls"], "identity.jwt_audience": "a",
+        ({"mcp.listen": "0.0.0.0:8765", "identity.sources": ["jwt_svid"], "identity.jwt_audience": "a",
           "identity.delegation_audience": "b", "escalation.approvers": ["email:*@example.org"]}, "mcp.listen"),
         ({"invoke.tools": {"t": {"url": "http://x/{a}", "method": "TRACE"}}}, "invoke.tools.t.method"),
         ({"invoke.tools": {"t": {"url": "http://x", "credential": {"kind": "secret_file"}}}}, "invoke.tools.t.credential.file"),
@@ -56,6 +56,17 @@ def test_bad_settings_name_their_key(settings, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, settings)
     assert str(info.value).startswith(key), str(info.value)
+
+
+def test_with_mtls_the_gateway_may_take_bearer_tokens_off_loopback_and_mtls_may_serve_only_there():
+    """With mtls among the sources the gateway serves HTTPS with mutual TLS (docs/mcp.md#identity)."""
+    tokens = {"identity.jwt_audience": "a", "identity.delegation_audience": "b",
+              "escalation.approvers": ["email:*@example.org"]}
+    config = load_config(None, {"mcp.listen": "0.0.0.0:8765", "identity.sources": ["jwt_svid", "mtls"], **tokens})
+    assert config.mcp.listen == "0.0.0.0:8765"
+    only_gateway = load_config(None, {"identity.sources": ["mtls"], "listen.tcp": "", "listen.unix": "/tmp/x.sock",
+                                      "mcp.listen": "0.0.0.0:8765", "escalation.approvers": ["email:*@example.org"]})
+    assert only_gateway.identity.sources == ["mtls"] and not only_gateway.listen.tcp
 
 
 def test_exposed_names_split_unambiguously_and_impostors_are_refused():

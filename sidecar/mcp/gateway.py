@@ -1,7 +1,8 @@
 """The MCP gateway: MCP over Streamable HTTP at http://<mcp.listen>/mcp, in front of upstream MCP servers.
 
-    gateway = McpGateway(gate=..., identity=..., executor=..., invoker=McpInvoker(...), listen="127.0.0.1:8765")
-    await gateway.start()        # returns once the listener is bound; gateway.url is http://host:port/mcp
+    gateway = McpGateway(gate=..., identity=..., executor=..., invoker=McpInvoker(...), listen="127.0.0.1:8765",
+                         tls=SvidSslContexts(source))   # tls: optional, HTTPS with mutual TLS on `listen`
+    await gateway.start()        # returns once the listener is bound; gateway.url is http(s)://host:port/mcp
     await gateway.aclose()
 
 - tools/list: every upstream's tools as `U__T` (sidecar.mcp.names), only those
@@ -18,9 +19,11 @@
   tools/call. The answer is never an approval.
 - resources/*, prompts/*: not served (the gateway declares only `tools`),
   so the SDK answers "method not found"; nothing reaches an upstream unchecked.
-- Identity: the configured resolvers over the HTTP headers (JWT-SVID in
-  `authorization: Bearer`, `x-spiffe-delegation`, dev). The caller's own
-  `authorization` header is never forwarded upstream.
+- Identity: the configured resolvers over the HTTP request (JWT-SVID in
+  `authorization: Bearer`, `x-spiffe-delegation`, the pod identity on `unix`,
+  dev) and, with `tls` (sidecar.mcp.tls), the client certificate the TCP
+  listener's mutual TLS verified (`mtls`). The caller's own `authorization`
+  header is never forwarded upstream.
 - A body that is not JSON-RPC is recorded as a denied call, then answered by the SDK.
 
 `_meta` keys a client may send with tools/call: `sidecar/task_id`,
@@ -59,20 +62,24 @@ from sidecar.invoke import FAILED, NOT_CALLED, UNKNOWN_TOOL
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
 from sidecar.mcp import elicitation, names
+from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
 
 log = logging.getLogger(__name__)
 META_PREFIX = "sidecar/"
 TEXT_META = ("task_id", "intent", "call_id", "escalation_id")
 
 
-def peer_from_headers(headers: Headers, transport: str = "tcp") -> PeerInfo:
-    """PeerInfo of an HTTP request: header names lowercased, repeats joined with ", " as gRPC metadata is
-    (a second authorization header is then refused by the resolver, not silently dropped)."""
+def peer_from_scope(scope: dict) -> PeerInfo:
+    """PeerInfo of an HTTP request: the listener it came in on (tcp | tls | unix), header names
+    lowercased, repeats joined with ", " as gRPC metadata is (a second authorization header is then
+    refused by the resolver, not silently dropped), and on `tls` the verified client certificate."""
     metadata: dict[str, str] = {}
-    for key, value in headers.items():  # starlette: every header line, repeats included
+    for key, value in Headers(scope=scope).items():  # every header line, repeats included
         key = key.lower()
         metadata[key] = f"{metadata[key]}, {value}" if key in metadata else value
-    return PeerInfo(transport=transport, metadata=metadata)
+    transport = scope.get(_TRANSPORT_KEY, "tcp")
+    auth_context = peer_auth_context(scope) if transport == "tls" else {}
+    return PeerInfo(transport=transport, metadata=metadata, auth_context=auth_context)
 
 
 class CallerResolver(Protocol):
@@ -102,6 +109,7 @@ class McpGateway:
         list_ttl_ms: int = 0,
         escalations: elicitation.Escalations | None = None,
         elicitation_wait_seconds: float = 0.0,
+        tls: SvidSslContexts | None = None,
     ):
         self._gate = gate
         self._identity = identity
@@ -109,6 +117,7 @@ class McpGateway:
         self._invoker = invoker
         self._listen = listen
         self._unix = unix  # path of an in-pod unix socket also serving /mcp ("" = none)
+        self._tls = tls  # the TCP listener serves HTTPS with mutual TLS (None = plain HTTP)
         self._max_body = max_body_bytes
         self._pending: OrderedDict[tuple, str] = OrderedDict()  # call shape → escalation id
         self._memory = escalation_memory
@@ -143,18 +152,23 @@ class McpGateway:
             # The SDK's DNS-rebinding protection for loopback, also accepting a Host without a port
             # (http://localhost/mcp, what clients of the unix socket send).
             hosts = ["127.0.0.1", "localhost", "[::1]"]
+            schemes = ("http", "https") if self._tls is not None else ("http",)
             security = TransportSecuritySettings(
                 enable_dns_rebinding_protection=True,
                 allowed_hosts=[*hosts, *(f"{h}:*" for h in hosts)],
-                allowed_origins=[f"http://{h}{port}" for h in hosts for port in ("", ":*")],
+                allowed_origins=[f"{scheme}://{h}{port}" for scheme in schemes for h in hosts for port in ("", ":*")],
             )
         app = self._server.streamable_http_app(
             host=host, max_request_body_size=self._max_body, json_response=False, transport_security=security
         )
         recording = _RecordMalformed(app, gate=self._gate, resolve=self.resolve, max_body_bytes=self._max_body)
         if self._listen:
-            sock, self.url = _tcp_socket(self._listen)
-            self._servers.append(await _serve(_Transport(recording, "tcp"), sock, lifespan="on"))
+            sock, self.url = _tcp_socket(self._listen, "https" if self._tls is not None else "http")
+            if self._tls is not None:
+                served = await _serve(_Transport(recording, "tls"), sock, lifespan="on", tls=self._tls)
+            else:
+                served = await _serve(_Transport(recording, "tcp"), sock, lifespan="on")
+            self._servers.append(served)
         if self._unix:
             path = Path(self._unix)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +207,7 @@ class McpGateway:
     def _peer(self, ctx: Any) -> PeerInfo:
         request = ctx.request
         if isinstance(request, Request):
-            return peer_from_headers(request.headers, request.scope.get(_TRANSPORT_KEY, "tcp"))
+            return peer_from_scope(request.scope)
         return PeerInfo(transport="tcp")
 
     # ------------------------------------------------------------ handlers
@@ -391,7 +405,7 @@ _TRANSPORT_KEY = "sidecar.transport"
 
 
 class _Transport:
-    """ASGI wrapper: marks each request with the listener it came in on (tcp | unix) for the identity resolvers."""
+    """ASGI wrapper: marks each request with the listener it came in on (tcp | tls | unix) for the identity resolvers."""
 
     def __init__(self, app: Any, transport: str):
         self._app = app
@@ -403,7 +417,7 @@ class _Transport:
         await self._app(scope, receive, send)
 
 
-def _tcp_socket(listen: str) -> tuple[socket.socket, str]:
+def _tcp_socket(listen: str, scheme: str) -> tuple[socket.socket, str]:
     host, _, port = listen.rpartition(":")
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
@@ -414,11 +428,16 @@ def _tcp_socket(listen: str) -> tuple[socket.socket, str]:
     sock.setblocking(False)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
-    return sock, f"http://{shown}:{bound_port}/mcp"
+    return sock, f"{scheme}://{shown}:{bound_port}/mcp"
 
 
-async def _serve(app: Any, sock: socket.socket, *, lifespan: str) -> tuple[uvicorn.Server, asyncio.Task]:
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False))
+async def _serve(
+    app: Any, sock: socket.socket, *, lifespan: str, tls: SvidSslContexts | None = None
+) -> tuple[uvicorn.Server, asyncio.Task]:
+    options: dict[str, Any] = {}
+    if tls is not None:  # HTTPS: the SVID-following context, and the protocol that exposes the client chain
+        options = {"http": TlsH11Protocol, "ssl_context_factory": lambda _config, _default: tls.listening_context()}
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False, **options))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="mcp-gateway")
     while not server.started:
         if task.done():
@@ -457,7 +476,7 @@ class _RecordMalformed:
                 break
         problem = self._problem(b"".join(chunks), size)
         if problem:
-            peer = peer_from_headers(Request(scope).headers, scope.get(_TRANSPORT_KEY, "tcp"))
+            peer = peer_from_scope(scope)
             await self._gate.authorize(ToolCall(tool="", arguments={}), self._resolve(peer), None, malformed=problem)
 
         async def replay() -> dict:
