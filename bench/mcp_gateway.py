@@ -3,7 +3,7 @@ directly, then through the sidecar's gateway (policy, evidence, invocation recor
 
     .venv/bin/python bench/mcp_gateway.py [--calls 300] [--out FILE]
 
-The sidecar (embedded engine, durable evidence, dev identity) and the MCP
+The sidecar (managed OPA, durable evidence, dev identity) and the MCP
 server run in this process's event loop on loopback, like a sidecar beside
 its agent; the figures are per call, client-observed. `make bench`
 (bench/run.py) runs it after the gRPC scenarios and reports its figures.
@@ -43,7 +43,7 @@ async def timed_calls(url: str, calls: int, name: str) -> list[float]:
 
     samples = []
     async with Client(url) as client:
-        for i in range(20):  # warm-up: connections, caches, the policy worker
+        for i in range(20):  # warm-up: connections, caches, the managed OPA
             await client.call_tool(name, {"text": f"warm {i}"})
         for i in range(calls):
             started = time.perf_counter()

@@ -28,9 +28,11 @@ identity and Rego policy (allow / deny / escalate) before it runs.
   agent-sidecar policy test rego/                    run the *_test.rego tests
   agent-sidecar policy replay --evidence var/evidence --policy candidate/ --fail-on allow
                                                      what a policy change would have decided
-  agent-sidecar evidence verify var/evidence         prove the evidence log is intact
+  agent-sidecar evidence verify var/evidence --key var/evidence-dev-key.pub.pem
+                                                     prove the evidence log is intact (its signing key)
   agent-sidecar approvals list                       escalated calls waiting for a human
   agent-sidecar approvals approve ID --note TEXT     let one escalated call through, once
+      [--approver email:alice@example.org]           (dev mode: who you are; never the caller)
   agent-sidecar console --config FILE                the approvers' web page
 """
 

@@ -55,7 +55,8 @@ from sidecar.policy.opa.probe import probe
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "build the pinned OPA with `make install` (or `tools/build.sh opa`), which puts it in .tools/bin; "
+    "build the pinned OPA with `make install` (or `tools/build.sh opa`), which puts it in .tools/bin "
+    "(outside make, put that on PATH: export PATH=\"$PWD/.tools/bin:$PATH\"); "
     "or install the official OPA release (https://www.openpolicyagent.org/docs/#running-opa) and set "
     "policy.opa.binary to its path"
 )
