@@ -53,6 +53,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from tests.infra.spire import SpireServer, SpireUnavailable, own_process_selecto
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_KINDS = ("sh", "console", "python")
-NO_RUN_ALLOWED = 6  # keep it short: see the module docstring
+NO_RUN_ALLOWED = 7  # keep it short: see the module docstring
 APPROVER = "email:alice@example.org"
 POD_SOCKET = "unix:/run/agent-sidecar/sidecar.sock"
 DEFAULT_TCP = "127.0.0.1:50051"
@@ -78,7 +79,9 @@ DEFAULT_MCP = "127.0.0.1:8765"
 DEFAULT_JAEGER = "http://127.0.0.1:16686"
 SAMPLE_TRACE = re.compile(r"(?<=/traces/)[0-9a-f]{32}")
 SERVED_CONFIG = "examples/mcp.yaml"
-FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+# A fenced code block (CommonMark 4.5): the opening fence may be indented (inside a list item),
+# the closing fence has the same indentation, and a backtick fence's info string has no backticks.
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 ELIDED_ID = re.compile(r"esc-(?:[0-9a-f]{32}|…|\.\.\.)")
 
 
@@ -106,10 +109,11 @@ def blocks() -> list[Block]:
     for path in DOCS:
         text = path.read_text()
         for match in FENCE.finditer(text):
-            info = match.group(1).strip()
+            info = match.group("info").strip()
             kind = info.split()[0] if info else ""
             if kind in RUN_KINDS:
-                found.append(Block(path, text[: match.start()].count("\n") + 1, kind, info, match.group(2)))
+                body = textwrap.dedent(match.group("body")) if match.group("indent") else match.group("body")
+                found.append(Block(path, text[: match.start()].count("\n") + 1, kind, info, body))
     return found
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from sidecar.policy.opa.client import OpaClient
 from sidecar.policy.opa.runner import OpaNotFound, OpaRunner, OpaRunOptions, OpaStartError, find_opa
+from sidecar.policy.opa import runner as runner_module
 from tests.conftest import REPO, SIMPLE_POLICY, write_policy
 
 INPUT = {"version": "sidecar/v1", "tool": {"name": "echo", "arguments": {}}}
@@ -69,10 +70,19 @@ def test_arguments_come_from_the_options(tmp_path):
 
 def test_a_missing_binary_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(runner_module, "CHECKOUT_TOOLS", tmp_path / "no-tools")
     with pytest.raises(OpaNotFound, match="make install"):
         find_opa("opa")
     with pytest.raises(OpaNotFound, match=f"no OPA binary at {tmp_path}/nope"):
         find_opa(str(tmp_path / "nope"))
+
+
+def test_outside_make_the_checkouts_pinned_opa_is_found(tmp_path, monkeypatch):
+    """PATH without .tools/bin (a new terminal): a bare name falls back to the OPA `make install` built."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_opa("opa") == str(runner_module.CHECKOUT_TOOLS / "opa")
+    with pytest.raises(OpaNotFound):  # a path is taken as given
+        find_opa(str(tmp_path / "opa"))
 
 
 async def test_starts_healthy_decides_and_stops_its_process_group(tmp_path, socket_dir):

@@ -70,11 +70,21 @@ class OpaStartError(RuntimeError):
     """OPA exited, or did not become healthy, while starting."""
 
 
+# Where `make install` builds the pinned OPA in a checkout of this repository (tools/build.sh).
+CHECKOUT_TOOLS = Path(__file__).resolve().parents[3] / ".tools" / "bin"
+
+
 def find_opa(binary: str = "opa") -> str:
-    """Absolute path of the OPA binary (`binary` is a path or a name looked up on PATH); OpaNotFound if none."""
+    """Absolute path of the OPA binary; OpaNotFound if none.
+
+    `binary` is a path, or a name looked up on PATH and then in the checkout's .tools/bin
+    (so `agent-sidecar check` run from a checkout finds the OPA `make install` built).
+    """
     found = shutil.which(binary)
+    if found is None and os.sep not in binary:
+        found = shutil.which(binary, path=str(CHECKOUT_TOOLS))
     if found is None:
-        where = f"at {binary}" if os.sep in binary else f"named {binary!r} on PATH"
+        where = f"at {binary}" if os.sep in binary else f"named {binary!r} on PATH or in {CHECKOUT_TOOLS}"
         raise OpaNotFound(f"no OPA binary {where}: {INSTALL_HINT}")
     return os.path.abspath(found)
 
