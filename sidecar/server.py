@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.calls import CallIdRegistry
 from sidecar.config import Config
 from sidecar.evidence import Recorder
+from sidecar.evidence.records import dev_key_path
+from sidecar.evidence.signing import dev_public_key_path
 from sidecar.gate import Gate, default_instance_id
 from sidecar.health import SidecarHealth
 from sidecar.identity import IdentityResolver
@@ -461,8 +463,16 @@ async def serve(config: Config) -> None:
     print(f"  policy        {config.policy.dir} ({opa}, revision {sidecar.policy.revision})", flush=True)
     print(f"  identity      {ident_detail}", flush=True)
     if sidecar.recorder is not None:
-        exporting = "spans shipped over OTLP" if getattr(sidecar.recorder, "shipper", None) else "span export off"
-        print(f"  evidence      {config.evidence.dir} ({exporting}; `agent-sidecar evidence verify {config.evidence.dir}`)", flush=True)
+        exporting = "spans shipped over OTLP" if config.telemetry.exporter == "otlp" else "span export off"
+        # The anchor checkpoints are verified against, signed as build_recorder chose (docs/evidence.md#verifying).
+        if config.evidence.signing_key:
+            anchor = "--key <its public key>"
+        elif sidecar.identity_runtime is not None and sidecar.identity_runtime.source is not None:
+            anchor = "--bundle <trust bundle PEM>"
+        else:
+            anchor = f"--key {dev_public_key_path(dev_key_path(config.evidence.dir))}"
+        print(f"  evidence      {config.evidence.dir} ({exporting}; `agent-sidecar evidence verify {config.evidence.dir} {anchor}`)",
+              flush=True)
     if sidecar.escalations is not None:
         print(
             f"  escalations   {sidecar.escalations.store.describe()} (`agent-sidecar approvals list --address "
