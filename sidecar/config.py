@@ -151,6 +151,9 @@ class SidecarConfig:
     instance_id: str = ""
     # How many recent call_ids are remembered to refuse reuse with other arguments.
     call_id_memory: int = 100_000
+    # Past this event-loop lag a call is denied at once (overloaded) instead of
+    # queueing (sidecar/overload.py); 0 turns shedding off.
+    overload_lag_ms: int = 100
 
 
 @dataclass
@@ -375,6 +378,8 @@ class Config:
                 raise ConfigError(f"policy.{key}: must be positive")
         _validate_opa(self.policy.opa)
         _validate_usage(self.usage)
+        if self.sidecar.overload_lag_ms < 0:
+            raise ConfigError("sidecar.overload_lag_ms: must not be negative (0 turns load shedding off)")
         if not self.listen.tcp and not self.listen.unix:
             raise ConfigError("listen: at least one of listen.tcp and listen.unix is needed")
         sources = self.identity.sources

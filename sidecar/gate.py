@@ -29,6 +29,7 @@ from sidecar.usage import UsageCounter, UsageUnavailable
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService, RetryCheck
+    from sidecar.overload import LoopLag
     from sidecar.policy.shadow import Shadow
     from sidecar.tasks import TaskRegistry
 
@@ -82,6 +83,7 @@ class Gate:
         escalations: "EscalationService | None" = None,
         shadow: "Shadow | None" = None,
         tasks: "TaskRegistry | None" = None,
+        overload: "LoopLag | None" = None,
     ):
         self.decisions = decisions
         self.catalog = catalog
@@ -98,6 +100,8 @@ class Gate:
         self.shadow = shadow
         # Task lifetimes (EndTask, idle timeout): None = tasks never end.
         self._tasks = tasks
+        # Front-door load shedding (sidecar/overload.py): None = calls are never shed.
+        self._overload = overload
 
     async def authorize(
         self,
@@ -118,9 +122,12 @@ class Gate:
         problems, arguments_digest = check_call(call, max_bytes=self._max_bytes, max_depth=self._max_depth)
         if malformed:
             problems = [malformed]
+        shed = self._overload.refusal() if self._overload is not None and not problems else None
         if isinstance(identity, IdentityError):
             problems.insert(0, f"unverified_caller: {identity.reason}")
             log.info("unverified caller denied (decision %s): %r", decision_id, identity.reason)
+        elif shed:  # before the call id is claimed: the same call may be sent again once the load drops
+            problems.append(shed)
         elif call.call_id and not problems:
             fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{arguments_digest}".encode())
             if not self._call_ids.claim(call.call_id, fingerprint):

@@ -29,6 +29,7 @@ from sidecar.identity import IdentityResolver
 from sidecar.identity.factory import IdentityRuntime
 from sidecar.identity.workload_api import WorkloadApiSource
 from sidecar.metrics import Metrics
+from sidecar.overload import LoopLag
 from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
@@ -140,6 +141,7 @@ def build_gate(
     usage: UsageCounter | None = None,
     tasks: TaskRegistry | None = None,
     shadow: PolicyService | None = None,
+    overload: LoopLag | None = None,
 ) -> Gate:
     """`usage` None = fresh in-memory counters (`check`: a one-off decision counts nothing shared)."""
     return Gate(
@@ -154,6 +156,7 @@ def build_gate(
         metrics=metrics,
         tasks=tasks,
         shadow=Shadow(shadow, metrics) if shadow is not None else None,
+        overload=overload,
     )
 
 
@@ -299,9 +302,12 @@ class RunningSidecar:
     mcp: "McpGateway | None" = None  # when mcp.listen or mcp.unix is set
     http_tools: "HttpInvoker | None" = None  # behind ToolGate.Invoke
     shadow: PolicyService | None = None  # policy.shadow_dir
+    overload: LoopLag | None = None  # sidecar.overload_lag_ms
 
     async def stop(self, grace: float = 5.0) -> None:
         self._health_task.cancel()
+        if self.overload is not None:
+            await self.overload.aclose()
         if self.mcp is not None:
             await self.mcp.aclose()
         await self.server.stop(grace)
@@ -361,7 +367,9 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         sink=recorder,
         instance_id=config.sidecar.instance_id or default_instance_id(),
     )
-    gate = build_gate(config, policy, recorder, metrics, usage, tasks, shadow=shadow)
+    # Started once the sidecar serves (below); until then it sheds nothing.
+    overload = LoopLag(max_lag_seconds=config.sidecar.overload_lag_ms / 1000) if config.sidecar.overload_lag_ms else None
+    gate = build_gate(config, policy, recorder, metrics, usage, tasks, shadow=shadow, overload=overload)
     escalations = build_escalations(config, recorder)
     try:
         await usage.open()
@@ -439,6 +447,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         usage=usage,
         http_tools=http_tools,
         shadow=shadow,
+        overload=overload,
     )
     if config.mcp.listen or config.mcp.unix:
         running.mcp = build_mcp_gateway(
@@ -449,6 +458,8 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         except BaseException:
             await running.stop()
             raise
+    if overload is not None:
+        overload.start()
     return running
 
 

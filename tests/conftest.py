@@ -63,6 +63,9 @@ def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
             "policy.reload": False,
             # Room for a loaded 2-core CI machine: tests about the budget set their own.
             "policy.timeout_ms": 1000,
+            # and no load shedding: a test's own work on the shared event loop is not the sidecar's
+            # load (tests/test_core_overload.py turns it on).
+            "sidecar.overload_lag_ms": 0,
             "sidecar.instance_id": "test-sidecar",
             "evidence.dir": str(tmp_path / "evidence"),
             "telemetry.exporter": "none",
