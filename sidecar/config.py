@@ -153,7 +153,7 @@ class SidecarConfig:
     call_id_memory: int = 100_000
     # Past this event-loop lag a call is denied at once (overloaded) instead of
     # queueing (sidecar/overload.py); 0 turns shedding off.
-    overload_lag_ms: int = 100
+    overload_lag_ms: int = 500
 
 
 @dataclass

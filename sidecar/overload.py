@@ -1,6 +1,6 @@
 """Shedding load at the front door: while the event loop runs late, a call is denied at once.
 
-    lag = LoopLag(max_lag_seconds=0.1)
+    lag = LoopLag(max_lag_seconds=0.5)
     async with lag:                 # starts the ticker on the running loop
         refusal = lag.refusal()     # None, or "overloaded: ..." (the Gate denies with it, before policy)
 
