@@ -9,8 +9,10 @@ has accepted them, but the one event loop has not got to them yet. Each of
 them would wait its turn and then spend its policy budget too, so the queue
 grows and every answer comes late. How late the loop runs measures that
 queue: a timer set every `interval_seconds` fires late by about as long as
-a callback now waits for its turn. While that lag is over `max_lag_seconds`,
-the Gate denies new calls with `overloaded` before it asks OPA. Such a deny
+a callback now waits for its turn. While that lag is over `max_lag_seconds`
+for two ticks in a row, the Gate denies new calls with `overloaded` before
+it asks OPA. (Two, so that one stall that is already over, such as a pause
+of the whole process, sheds nothing.) Such a deny
 is recorded like any other, and costs a fraction of a decision, so the queue
 drains instead of growing.
 """
@@ -34,7 +36,7 @@ class LoopLag:
         self.max_lag = max_lag_seconds
         self._interval = interval_seconds
         self._clock = clock
-        self._measured = 0.0  # how late the last tick fired (seconds)
+        self._late = (0.0, 0.0)  # how late the last two ticks fired (seconds)
         self._due = clock() + interval_seconds  # when the next tick should fire
         self._ticker: asyncio.Task | None = None
 
@@ -48,6 +50,7 @@ class LoopLag:
     def start(self) -> None:
         """Start ticking on the running loop."""
         self._due = self._clock() + self._interval
+        self._late = (0.0, 0.0)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="loop-lag")
 
     async def aclose(self) -> None:
@@ -58,8 +61,8 @@ class LoopLag:
             self._ticker = None
 
     def lag(self) -> float:
-        """Seconds the loop runs late now: the last tick's lateness, or how overdue the next one already is."""
-        return max(self._measured, self._clock() - self._due)
+        """Seconds the loop has been running late: the lesser lateness of the last two ticks."""
+        return min(self._late)
 
     def refusal(self) -> str | None:
         """`overloaded: ...` while the loop is more than max_lag_seconds late; None otherwise (or when off)."""
@@ -77,5 +80,5 @@ class LoopLag:
         while True:
             await asyncio.sleep(self._interval)
             now = self._clock()
-            self._measured = max(0.0, now - self._due)
+            self._late = (self._late[1], max(0.0, now - self._due))
             self._due = now + self._interval
