@@ -100,3 +100,14 @@ async def sidecar(running_sidecar, sidecar_config) -> RunningSidecar:
 async def client(sidecar: RunningSidecar) -> AsyncIterator[AsyncClient]:
     async with AsyncClient(sidecar.addresses[0]) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def spire():
+    """A real SPIRE server in trust domain sidecar.test, one per test module that asks for it
+    (test_deploy_loop.py has its own, in another trust domain)."""
+    from tests.test_spire_sidecar import start_spire
+
+    server = start_spire()
+    yield server
+    server.close()

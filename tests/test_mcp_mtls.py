@@ -161,13 +161,6 @@ def gateway_settings(directory: Path, spire_agent, upstream_url: str, **identity
 
 # ---------------------------------------------------------------- real SPIRE
 @pytest.fixture(scope="module")
-def spire():
-    server = start_spire()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def other(spire):
     """A second SPIRE (trust domain other.test) with a workload `stranger`, federated into sidecar.test."""
     server = start_spire(OTHER_TD)

@@ -29,18 +29,10 @@ from tests.test_spire_sidecar import (
     register_sidecar,
     seen,
     sidecar_settings,
-    start_spire,
     unix_target,
     wait_for,
     wait_health,
 )
-
-
-@pytest.fixture(scope="module")
-def spire():
-    server = start_spire()
-    yield server
-    server.close()
 
 
 def kid(token: str) -> str:

@@ -43,13 +43,6 @@ STRANGER_ID = f"spiffe://{OTHER_TD}/ns/agents/sa/stranger"
 
 
 @pytest.fixture(scope="module")
-def spire():
-    server = start_spire()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def other(spire):
     """A second SPIRE (trust domain other.test) with a registered workload, `stranger`."""
     server = start_spire(OTHER_TD)

@@ -30,7 +30,6 @@ from tests.test_spire_sidecar import (
     rfc3339,
     seen,
     sidecar_settings,
-    start_spire,
     tls_target,
     unix_target,
     wait_for,
@@ -38,13 +37,6 @@ from tests.test_spire_sidecar import (
 )
 
 SHORT_TTL = 20  # seconds
-
-
-@pytest.fixture(scope="module")
-def spire():
-    server = start_spire()
-    yield server
-    server.close()
 
 
 def presented_certificate(target: str, svid) -> x509.Certificate:

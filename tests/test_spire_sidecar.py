@@ -64,7 +64,9 @@ IDENTITY_POLICY = """\
 
 # ---------------------------------------------------------------- helpers shared by the test_spire_* modules
 def start_spire(trust_domain: str = TD) -> SpireServer:
-    """A started SPIRE server; a missing build fails the test (never a skip)."""
+    """A started SPIRE server; a missing build fails the test (never a skip).
+
+    The module-scoped `spire` fixture (tests/conftest.py) starts one in TD for each test module."""
     try:
         return SpireServer(trust_domain).start()
     except SpireUnavailable as exc:
@@ -181,13 +183,6 @@ def sidecar_settings(tmp_path: Path, agent: SpireAgent, **identity) -> Config:
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def spire():
-    server = start_spire()
-    yield server
-    server.close()
-
-
 @pytest.fixture(scope="module")
 def node(spire):
     agent = spire.agent("node1")

@@ -54,7 +54,7 @@ from sidecar.server import RunningSidecar
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import write_policy
 from tests.infra.spire import SpireAgent, SpireServer, own_process_selectors
-from tests.test_spire_sidecar import SIDECAR_DNS, SIDECAR_ID, SIDECAR_PATH, TD, start_spire
+from tests.test_spire_sidecar import SIDECAR_DNS, SIDECAR_ID, SIDECAR_PATH, TD
 
 PLANNER_PATH = "/ns/agents/sa/planner"
 PLANNER_ID = f"spiffe://{TD}{PLANNER_PATH}"
@@ -200,13 +200,6 @@ async def serve_tickets(check: BearerCheck) -> Served:
 
 
 # ---------------------------------------------------------------- the world
-@pytest.fixture(scope="module")
-def spire():
-    server = start_spire()
-    yield server
-    server.close()
-
-
 @dataclass
 class World:
     agent: SpireAgent
