@@ -7,6 +7,7 @@ own config section and used only through its interface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -142,6 +143,7 @@ def build_gate(
     tasks: TaskRegistry | None = None,
     shadow: PolicyService | None = None,
     overload: LoopLag | None = None,
+    escalations: "EscalationService | None" = None,
 ) -> Gate:
     """`usage` None = fresh in-memory counters (`check`: a one-off decision counts nothing shared)."""
     return Gate(
@@ -157,6 +159,7 @@ def build_gate(
         tasks=tasks,
         shadow=Shadow(shadow, metrics) if shadow is not None else None,
         overload=overload,
+        escalations=escalations,
     )
 
 
@@ -282,6 +285,17 @@ def build_mcp_gateway(
     )
 
 
+class _ServerStop:
+    """Stops the gRPC server with the grace period `RunningSidecar.stop` was given (0 when a start fails)."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self.server = server
+        self.grace = 0.0
+
+    async def aclose(self) -> None:
+        await self.server.stop(self.grace)
+
+
 @dataclass
 class RunningSidecar:
     """A started sidecar: its server, bound addresses and stages, for `serve` and tests."""
@@ -293,96 +307,80 @@ class RunningSidecar:
     recorder: Recorder | None
     gate: Gate
     health: SidecarHealth
-    _health_task: asyncio.Task
-    identity_runtime: IdentityRuntime | None = None
-    metrics: Metrics | None = None
-    metrics_port: int | None = None
-    escalations: "EscalationService | None" = None
-    usage: UsageCounter | None = None
-    mcp: "McpGateway | None" = None  # when mcp.listen or mcp.unix is set
-    http_tools: "HttpInvoker | None" = None  # behind ToolGate.Invoke
-    shadow: PolicyService | None = None  # policy.shadow_dir
-    overload: LoopLag | None = None  # sidecar.overload_lag_ms
+    identity_runtime: IdentityRuntime
+    metrics: Metrics
+    metrics_port: int | None
+    escalations: "EscalationService"
+    usage: UsageCounter
+    http_tools: "HttpInvoker"  # behind ToolGate.Invoke
+    shadow: PolicyService | None  # policy.shadow_dir
+    overload: LoopLag | None  # sidecar.overload_lag_ms
+    mcp: "McpGateway | None"  # when mcp.listen or mcp.unix is set
+    _stages: contextlib.AsyncExitStack
+    _server_stop: _ServerStop
 
     async def stop(self, grace: float = 5.0) -> None:
-        self._health_task.cancel()
-        if self.overload is not None:
-            await self.overload.aclose()
-        if self.mcp is not None:
-            await self.mcp.aclose()
-        await self.server.stop(grace)
-        if self.http_tools is not None:
-            await self.http_tools.aclose()
-        if self.escalations is not None:
-            await self.escalations.stop()
-        if self.usage is not None:
-            await self.usage.aclose()
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.identity_runtime is not None:
-            await asyncio.to_thread(self.identity_runtime.close)
-        await self.policy.aclose()
-        if self.shadow is not None:
-            await self.shadow.aclose()
-        if self.recorder is not None:
-            await self.recorder.close()
+        """Stop every stage, in the reverse of the order they started (the gRPC server drains for `grace` s)."""
+        self._server_stop.grace = grace
+        await self._stages.aclose()
 
 
 async def start_sidecar(config: Config) -> RunningSidecar:
-    """Load policy, build every stage, bind the listeners and start serving."""
+    """Load policy, build every stage, bind the listeners and start serving.
+
+    Each stage is entered on one AsyncExitStack as it starts: a start that fails part way
+    closes what had started, and `RunningSidecar.stop` closes everything in reverse order.
+    """
+    stages = contextlib.AsyncExitStack()
+    try:
+        return await _start(config, stages)
+    except BaseException:
+        await stages.aclose()
+        raise
+
+
+async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSidecar:
+    from sidecar.escalation.grpc_api import EscalationApi
+    from sidecar.invoke.executor import Executor
+
     policy = build_policy(config)
     await policy.start()
-    shadow = build_policy(config, shadow=True) if config.policy.shadow_dir else None
-    if shadow is not None:
+    stages.push_async_callback(policy.aclose)
+    shadow = None
+    if config.policy.shadow_dir:
+        shadow = build_policy(config, shadow=True)
         try:
             await shadow.start()  # a shadow bundle that fails check/test refuses the start, like policy.dir
         except PolicyRejected as exc:
-            await policy.aclose()
             raise PolicyRejected([f"policy.shadow_dir {config.policy.shadow_dir}: {p}" for p in exc.problems]) from None
-        except BaseException:
-            await policy.aclose()
-            raise
+        stages.push_async_callback(shadow.aclose)
         log.info("shadow policy %s serving revision %s (never enforced)", shadow.directory, shadow.revision)
-    try:
-        identity_runtime = build_identity(config)
-    except BaseException:
-        await policy.aclose()
-        if shadow is not None:
-            await shadow.aclose()
-        raise
-    policy_services = [policy, *([shadow] if shadow is not None else [])]
+    identity_runtime = build_identity(config)
+    stages.push_async_callback(asyncio.to_thread, identity_runtime.close)
     identity, tls_credentials = identity_runtime
-    try:
-        recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source)
-    except BaseException:
-        for service in policy_services:
-            await service.aclose()
-        identity_runtime.close()
-        raise
+    recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source)
+    if recorder is not None:
+        stages.push_async_callback(recorder.close)
     metrics = Metrics()
+    stages.callback(metrics.close)
     usage = build_usage(config)
+    stages.push_async_callback(usage.aclose)
+    await usage.open()
+    escalations = build_escalations(config, recorder)
+    await escalations.start()
+    stages.push_async_callback(escalations.stop)
     tasks = TaskRegistry(
         idle_seconds=config.invoke.task_idle_seconds,
         max_tracked=config.usage.max_tracked,
         sink=recorder,
         instance_id=config.sidecar.instance_id or default_instance_id(),
     )
-    # Started once the sidecar serves (below); until then it sheds nothing.
     overload = LoopLag(max_lag_seconds=config.sidecar.overload_lag_ms / 1000) if config.sidecar.overload_lag_ms else None
-    gate = build_gate(config, policy, recorder, metrics, usage, tasks, shadow=shadow, overload=overload)
-    escalations = build_escalations(config, recorder)
-    try:
-        await usage.open()
-        await escalations.start()
-    except BaseException:
-        await usage.aclose()
-        for service in policy_services:
-            await service.aclose()
-        identity_runtime.close()
-        if recorder is not None:
-            await recorder.close()
-        raise
-    gate.escalations = escalations
+    gate = build_gate(
+        config, policy, recorder, metrics, usage, tasks, shadow=shadow, overload=overload, escalations=escalations
+    )
+    http_tools = build_http_tools(config)
+    stages.push_async_callback(http_tools.aclose)
 
     server = grpc.aio.server(
         options=[
@@ -392,12 +390,7 @@ async def start_sidecar(config: Config) -> RunningSidecar:
             *identity_runtime.grpc_options,  # room for JWT-SVIDs: an oversized one is denied and recorded
         ]
     )
-    from sidecar.escalation.grpc_api import EscalationApi
-
-    from sidecar.invoke.executor import Executor
-
     escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
-    http_tools = build_http_tools(config)
     executor = Executor(sink=recorder, instance_id=gate.instance_id)
     servicer = ToolGateServicer(
         gate, identity, escalation_api, executor=executor, http_tools=http_tools, tasks=tasks
@@ -437,30 +430,25 @@ async def start_sidecar(config: Config) -> RunningSidecar:
             socket_path.unlink()
         server.add_insecure_port(f"unix:{socket_path}")
         addresses.append(f"unix:{socket_path}")
+    server_stop = _ServerStop(server)
     await server.start()
+    stages.push_async_callback(server_stop.aclose)
     await health.refresh()
     health_task = asyncio.create_task(health.run(), name="health")
+    stages.callback(health_task.cancel)
     metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
-    running = RunningSidecar(
-        server, addresses, policy, identity, recorder, gate, health, health_task, identity_runtime, metrics, metrics_port,
-        escalations=escalations,
-        usage=usage,
-        http_tools=http_tools,
-        shadow=shadow,
-        overload=overload,
-    )
+    mcp = None
     if config.mcp.listen or config.mcp.unix:
-        running.mcp = build_mcp_gateway(
-            config, gate, identity, recorder, addresses[0], svid_source=identity_runtime.source
-        )
-        try:
-            await running.mcp.start()
-        except BaseException:
-            await running.stop()
-            raise
+        mcp = build_mcp_gateway(config, gate, identity, recorder, addresses[0], svid_source=identity_runtime.source)
+        stages.push_async_callback(mcp.aclose)
+        await mcp.start()
     if overload is not None:
-        overload.start()
-    return running
+        overload.start()  # last: until the sidecar serves, nothing is shed
+        stages.push_async_callback(overload.aclose)
+    return RunningSidecar(
+        server, addresses, policy, identity, recorder, gate, health, identity_runtime, metrics, metrics_port,
+        escalations, usage, http_tools, shadow, overload, mcp, stages, server_stop,
+    )
 
 
 async def serve(config: Config) -> None:

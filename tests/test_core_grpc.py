@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -9,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar.client import AsyncClient, build_request
 from sidecar.policy.catalog import read_data
+from sidecar.server import start_sidecar
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import REGO
 
@@ -129,3 +134,39 @@ async def test_usage_counter_feeds_the_rate_rule(sidecar, client):
     assert any(r.startswith("rate_limited:") for r in results[-1].reasons)
     # The window is per (subject, tool): another tool is unaffected.
     assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
+
+
+async def test_a_start_that_fails_part_way_closes_what_had_started(sidecar_config, tmp_path):
+    """The MCP gateway cannot bind (its port is taken) after policy, evidence and gRPC have started:
+    the start raises, and everything started before is closed (no OPA left, the evidence log free)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    config = sidecar_config(**{"mcp.listen": f"127.0.0.1:{port}"})
+    before = opa_children()
+    try:
+        with pytest.raises(OSError):
+            await start_sidecar(config)
+    finally:
+        taken.close()
+    assert opa_children() == before  # the managed OPA it started is gone
+    sidecar = await start_sidecar(config)  # same evidence dir: its lock was released
+    try:
+        assert sidecar.mcp is not None and sidecar.policy.revision
+    finally:
+        await sidecar.stop(grace=0)
+    assert opa_children() == before
+
+
+def opa_children() -> set[int]:
+    """This process's child processes that run OPA."""
+    found = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if "opa" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode():
+                    found.add(int(child))
+            except FileNotFoundError:
+                pass
+    return found
