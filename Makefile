@@ -40,12 +40,17 @@ test: install system-deps
 	$(BIN)/agent-sidecar policy test rego/
 	$(BIN)/python -m pytest -q
 
-## Debian packages the tests run for real: PostgreSQL (escalation store) and Chromium
-## (console browser test). Installed only when missing; as root in CI (no tty), else via sudo.
+## Debian packages the tests run for real: PostgreSQL (escalation store, SPIRE's datastore) and
+## Chromium (console browser test); a target that needs fewer names them in SYSTEM_PACKAGES.
+## Installed only when missing; as root in CI (no tty), else via sudo.
+SYSTEM_PACKAGES ?= postgresql chromium
+demo reliability: SYSTEM_PACKAGES = postgresql
 system-deps:
 	@missing=""; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	for package in $(SYSTEM_PACKAGES); do case $$package in \
+	  postgresql) ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql";; \
+	  chromium) command -v chromium >/dev/null 2>&1 || missing="$$missing chromium";; \
+	esac; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi; \
