@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from sidecar.config import EvidenceConfig, TelemetryConfig
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.records import ARGUMENT_MODES, decision_fields, dev_key_path
@@ -125,8 +126,8 @@ def _version() -> str:
 
 
 def open_recorder(
-    evidence: Any,
-    telemetry: Any = None,
+    evidence: EvidenceConfig,
+    telemetry: TelemetryConfig | None = None,
     *,
     instance_id: str,
     key_provider: KeyProvider | None = None,
@@ -135,15 +136,16 @@ def open_recorder(
 ) -> EvidenceRecorder:
     """Open the evidence log in `evidence.dir` and start shipping its spans.
 
-    `evidence` is config's EvidenceConfig, `telemetry` its TelemetryConfig (None:
-    defaults + OTEL_* env). Checkpoints are signed with `evidence.signing_key`
+    `evidence` and `telemetry` are config's sections (telemetry None: its defaults, with
+    the OTEL_* environment). Checkpoints are signed with `evidence.signing_key`
     when set, else by `key_provider` (the SVID: see signing.svid_key_provider),
     else by a dev key generated next to (never in) the evidence directory. `known_tool(name)` says whether a tool is in the catalog
     (span names use only those). `exporter` overrides the OTLP exporter (tests).
     Raises EvidenceError when the log cannot be opened.
     """
     directory = Path(evidence.dir)
-    signing_path = getattr(evidence, "signing_key", "")
+    telemetry = telemetry if telemetry is not None else TelemetryConfig()
+    signing_path = evidence.signing_key
     if signing_path or key_provider is None:
         # an explicitly configured key wins; with neither, a generated dev key
         try:
@@ -165,10 +167,10 @@ def open_recorder(
         checkpoint_every=evidence.checkpoint_every,
         checkpoint_seconds=evidence.checkpoint_seconds,
         key_provider=provider,
-        mirror_path=getattr(evidence, "checkpoint_mirror", "") or None,
-        max_pending=getattr(evidence, "max_pending", 10_000),
-        lock_wait_seconds=getattr(evidence, "lock_wait_seconds", 0.0),
-        redactor=Redactor(getattr(evidence, "redact_keys", ()) or ()),
+        mirror_path=evidence.checkpoint_mirror or None,
+        max_pending=evidence.max_pending,
+        lock_wait_seconds=evidence.lock_wait_seconds,
+        redactor=Redactor(evidence.redact_keys),
         startup_info={
             "version": _version(),
             "settings": {
@@ -184,18 +186,18 @@ def open_recorder(
     try:
         if exporter is None:
             exporter = exporter_from_env(
-                exporter=getattr(telemetry, "exporter", "otlp"),
-                protocol=getattr(telemetry, "protocol", ""),
-                endpoint=getattr(telemetry, "endpoint", ""),
-                timeout_seconds=getattr(telemetry, "export_timeout_seconds", 10.0),
+                exporter=telemetry.exporter,
+                protocol=telemetry.protocol,
+                endpoint=telemetry.endpoint,
+                timeout_seconds=telemetry.export_timeout_seconds,
             )
         if exporter is not None:
             shipper = Shipper(
                 directory,
                 exporter,
                 durable=lambda: evidence_log.position,
-                resources=ResourceCache(getattr(telemetry, "service_name", "")),
-                backoff_max=getattr(telemetry, "max_backoff_seconds", 30.0),
+                resources=ResourceCache(telemetry.service_name),
+                backoff_max=telemetry.max_backoff_seconds,
             )
             evidence_log.add_listener(shipper.wake)
             shipper.start()
