@@ -107,7 +107,7 @@ async def test_reload_swaps_good_rejects_bad_and_logs_a_return_to_the_serving_re
     directory = policy_dir(tmp_path)
     policy = await service(directory)
     first = policy.revision
-    first_pid = policy._current.runner.pid
+    first_pid = policy.runner.pid
     assert (await policy.decide(PING)).outcome == "deny"
 
     # Good: ping becomes allowed, served by a new OPA; the old one stops.

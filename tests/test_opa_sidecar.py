@@ -73,7 +73,7 @@ async def test_decisions_follow_the_managed_opa_through_stop_kill_and_recovery(r
         "policy.opa": {"health_interval_ms": 50, "breaker_cooldown_ms": 200, "breaker_failures": 2,
                        "liveness_timeout_ms": 0},
     }))
-    runner = sidecar.policy._current.runner
+    runner = sidecar.policy.runner
     address = sidecar.addresses[0]
     async with AsyncClient(address) as client:
         result = await client.authorize("echo", {"text": "hi"})
@@ -128,7 +128,7 @@ async def test_a_hung_managed_opa_is_replaced_and_calls_recover_without_resuming
         "policy.opa": {"health_interval_ms": 50, "breaker_cooldown_ms": 200, "breaker_failures": 2,
                        "liveness_timeout_ms": 1000},
     }))
-    runner = sidecar.policy._current.runner
+    runner = sidecar.policy.runner
     address = sidecar.addresses[0]
     async with AsyncClient(address) as client:
         assert (await client.authorize("echo", {"text": "hi"})).outcome == "allow"

@@ -274,7 +274,7 @@ async def test_a_stopped_shadow_never_changes_the_answer(running_sidecar, sideca
         "policy.shadow_dir": str(candidate), "policy.shadow_timeout_ms": 30,
         "evidence.dir": str(tmp_path / "evidence"),
     }))
-    pid = sidecar.shadow._current.runner.pid
+    pid = sidecar.shadow.runner.pid
     os.kill(pid, signal.SIGSTOP)
     try:
         async with AsyncClient(sidecar.addresses[0]) as client:

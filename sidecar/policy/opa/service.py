@@ -158,6 +158,11 @@ class PolicyService:
         self.catalog = _ServingCatalog(self)
 
     @property
+    def runner(self) -> OpaRunner | None:
+        """The managed OPA serving now (its pid, health, restarts); None with an external OPA or before start."""
+        return self._current.runner if self._current is not None else None
+
+    @property
     def managed(self) -> bool:
         return not self._url
 
