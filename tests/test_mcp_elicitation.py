@@ -10,6 +10,7 @@ the initialize handshake (the question is an `elicitation/create` request during
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,14 @@ def start_gateway(tmp_path, sidecar_config, running_sidecar, docs_upstream):  # 
     return start
 
 
+@contextlib.asynccontextmanager
+async def agent_and_approvals(sidecar, user: User, mode: str):
+    """The agent's MCP client (its user answering elicitations as `user`) and an approver's Approvals client."""
+    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
+            ApprovalsClient(sidecar.addresses[0]) as approvals:
+        yield agent, approvals
+
+
 async def until_waiting(approvals: ApprovalsClient, user: User) -> str:
     """The escalation id, once the gateway waits on it (so the decision lands during the wait)."""
     await user.asked.wait()
@@ -86,8 +95,7 @@ async def until_waiting(approvals: ApprovalsClient, user: User) -> str:
 async def test_accept_then_approver_approves_runs_the_call_once_in_the_same_call(start_gateway, mode):
     sidecar, seen, config = await start_gateway()
     user = User()
-    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
-            ApprovalsClient(sidecar.addresses[0]) as approvals:
+    async with agent_and_approvals(sidecar, user, mode) as (agent, approvals):
         call = asyncio.create_task(agent.call_tool("docs__send", CALL))
         escalation_id = await until_waiting(approvals, user)
         assert not seen.calls
@@ -116,8 +124,7 @@ async def test_accept_then_approver_approves_runs_the_call_once_in_the_same_call
 async def test_accept_then_human_deny_is_an_error_with_the_reason_and_nothing_runs(start_gateway, mode):
     sidecar, seen, config = await start_gateway()
     user = User()
-    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
-            ApprovalsClient(sidecar.addresses[0]) as approvals:
+    async with agent_and_approvals(sidecar, user, mode) as (agent, approvals):
         call = asyncio.create_task(agent.call_tool("docs__send", CALL))
         escalation_id = await until_waiting(approvals, user)
         await approvals.deny(escalation_id, note="not today", approver=ALICE)
@@ -152,8 +159,7 @@ async def test_accept_then_the_escalation_expires_is_an_error_with_the_reason(st
 async def test_accept_then_timeout_is_an_error_with_the_id_and_a_later_retry_runs_once(start_gateway, mode):
     sidecar, seen, config = await start_gateway(wait_seconds=0.5)
     user = User()
-    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
-            ApprovalsClient(sidecar.addresses[0]) as approvals:
+    async with agent_and_approvals(sidecar, user, mode) as (agent, approvals):
         result = await agent.call_tool("docs__send", CALL)
         escalation_id = user.escalation_id
         assert result.is_error and result.meta["sidecar/outcome"] == "escalate"
@@ -178,8 +184,7 @@ async def test_accept_then_timeout_is_an_error_with_the_id_and_a_later_retry_run
 async def test_decline_or_cancel_gets_the_escalation_answer_without_waiting(start_gateway, mode, action):
     sidecar, seen, _ = await start_gateway()
     user = User(action=action)
-    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
-            ApprovalsClient(sidecar.addresses[0]) as approvals:
+    async with agent_and_approvals(sidecar, user, mode) as (agent, approvals):
         result = await agent.call_tool("docs__send", CALL)
         escalation_id = user.escalation_id
         assert result.is_error and result.meta["sidecar/escalation_id"] == escalation_id
@@ -226,8 +231,7 @@ SMUGGLED = [
 async def test_accept_with_content_never_approves(start_gateway, mode, content):
     sidecar, seen, config = await start_gateway(wait_seconds=0.5)
     user = User(content=content)
-    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
-            ApprovalsClient(sidecar.addresses[0]) as approvals:
+    async with agent_and_approvals(sidecar, user, mode) as (agent, approvals):
         result = await agent.call_tool("docs__send", CALL)
         assert result.is_error and result.meta["sidecar/outcome"] == "escalate"
         escalation = await approvals.get(user.escalation_id)
@@ -273,8 +277,7 @@ async def test_zero_wait_seconds_turns_the_question_off(start_gateway):
 async def test_two_waiting_copies_of_one_call_run_it_once(start_gateway, mode):
     sidecar, seen, _ = await start_gateway()
     user = User()
-    async with Client(sidecar.mcp.url, elicitation_callback=user, mode=mode) as agent, \
-            ApprovalsClient(sidecar.addresses[0]) as approvals:
+    async with agent_and_approvals(sidecar, user, mode) as (agent, approvals):
         first = asyncio.create_task(agent.call_tool("docs__send", CALL))
         escalation_id = await until_waiting(approvals, user)
         user.asked.clear()
