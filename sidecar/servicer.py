@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from sidecar.calls import ToolCall
 from sidecar.evidence import TraceContext
 from sidecar.gate import Gate, Verdict
-from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo
+from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
 from sidecar.jsonvalues import NotExact, from_struct, to_struct
 from sidecar.v1 import sidecar_pb2
 
@@ -176,7 +176,7 @@ class ToolGateServicer:
         from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch
 
         peer = peer_info(context)
-        identity = self._resolve(peer)
+        identity = resolve_caller(self._identity, peer)
         if isinstance(identity, IdentityError):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unverified_caller: {identity.reason}")
         if isinstance(request, UnparseableRequest) or self._tasks is None:
@@ -209,7 +209,7 @@ class ToolGateServicer:
         recorded, and aborted with INVALID_ARGUMENT (never returns then)."""
         peer = peer_info(context)
         parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
-        identity = self._resolve(peer)
+        identity = resolve_caller(self._identity, peer)
         if isinstance(request, UnparseableRequest):
             reason = f"malformed_request: the request could not be parsed ({request.error})"
             verdict = await self._gate.authorize(ToolCall(tool="", arguments={}), identity, parent, malformed=reason)
@@ -217,15 +217,6 @@ class ToolGateServicer:
                 grpc.StatusCode.INVALID_ARGUMENT, f"{reason}; recorded as decision {verdict.decision_id}"
             )
         return identity, parent
-
-    def _resolve(self, peer: PeerInfo) -> CallerIdentity | IdentityError:
-        try:
-            return self._identity.resolve(peer)
-        except IdentityError as exc:
-            return exc
-        except Exception as exc:  # a resolver bug must deny, not crash the call
-            log.exception("identity resolver failed")
-            return IdentityError(f"identity could not be verified ({type(exc).__name__})")
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {

@@ -273,3 +273,22 @@ def test_composite_needs_a_source():
 def test_validator_needs_an_audience(agent):
     with pytest.raises(ValueError):
         JwtSvidValidator(WorkloadApiSource(agent.endpoint), "")
+
+
+def test_resolve_caller_never_raises_a_resolver_bug_denies():
+    """Every front door resolves through resolve_caller: a refusal passes through, a crash is a refusal."""
+    from sidecar.identity import IdentityError, PeerInfo, resolve_caller
+
+    class Refusing:
+        def resolve(self, peer):
+            raise IdentityError("no SVID on this connection")
+
+    class Broken:
+        def resolve(self, peer):
+            raise KeyError("x-spiffe")
+
+    peer = PeerInfo(transport="unix")
+    refused = resolve_caller(Refusing(), peer)
+    assert isinstance(refused, IdentityError) and refused.reason == "no SVID on this connection"
+    crashed = resolve_caller(Broken(), peer)
+    assert isinstance(crashed, IdentityError) and crashed.reason == "identity could not be verified (KeyError)"

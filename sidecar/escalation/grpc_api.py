@@ -23,7 +23,6 @@ UNAVAILABLE (the store or the evidence log is down). Each is recorded.
 
 from __future__ import annotations
 
-import logging
 import math
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
@@ -40,11 +39,9 @@ from sidecar.escalation import (
     StoreError,
 )
 from sidecar.escalation.service import MAX_APPROVER_BYTES, EscalationService, ReaderView, approver_matches
-from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver
+from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, resolve_caller
 from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
 from sidecar.v1 import sidecar_pb2
-
-log = logging.getLogger(__name__)
 
 APPROVALS_SERVICE = "sidecar.v1.Approvals"
 
@@ -145,15 +142,10 @@ class EscalationApi:
     def _caller(self, context: grpc.aio.ServicerContext) -> CallerIdentity:
         from sidecar.servicer import peer_info
 
-        try:
-            return self._identity.resolve(peer_info(context))
-        except IdentityError as exc:
-            raise EscalationRefused("unverified_caller", exc.reason, "UNAUTHENTICATED") from None
-        except Exception as exc:  # a resolver bug refuses, never crashes the call
-            log.exception("identity resolver failed")
-            raise EscalationRefused(
-                "unverified_caller", f"identity could not be verified ({type(exc).__name__})", "UNAUTHENTICATED"
-            ) from None
+        caller = resolve_caller(self._identity, peer_info(context))
+        if isinstance(caller, IdentityError):
+            raise EscalationRefused("unverified_caller", caller.reason, "UNAUTHENTICATED")
+        return caller
 
     def approver_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
         caller = self._caller(context)

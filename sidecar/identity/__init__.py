@@ -12,10 +12,13 @@ docs/identity.md.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
 from sidecar.identity.spiffe_id import SpiffeIdError, parse_spiffe_id
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("workload_api", "mtls", "jwt_svid", "dev")
 
@@ -81,6 +84,20 @@ class IdentityResolver(Protocol):
         ...
 
 
+def resolve_caller(resolver: IdentityResolver, peer: PeerInfo) -> CallerIdentity | IdentityError:
+    """The verified caller, or the reason there is none; never raises.
+
+    Every front door (gRPC, the MCP gateway, the Approvals API) resolves through this, so a
+    resolver bug denies the call (logged) instead of crashing it."""
+    try:
+        return resolver.resolve(peer)
+    except IdentityError as exc:
+        return exc
+    except Exception as exc:
+        log.exception("identity resolver failed")
+        return IdentityError(f"identity could not be verified ({type(exc).__name__})")
+
+
 __all__ = [
     "SOURCES",
     "CallerIdentity",
@@ -90,4 +107,5 @@ __all__ = [
     "SpiffeIdError",
     "Subject",
     "parse_spiffe_id",
+    "resolve_caller",
 ]

@@ -57,7 +57,7 @@ from sidecar.escalation import EscalationRefused, StoreError
 from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
 from sidecar.gate import Gate, Verdict
-from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo
+from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
 from sidecar.invoke import FAILED, NOT_CALLED, UNKNOWN_TOOL
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
@@ -196,13 +196,7 @@ class McpGateway:
     # ----------------------------------------------------------- identity
 
     def resolve(self, peer: PeerInfo) -> CallerIdentity | IdentityError:
-        try:
-            return self._identity.resolve(peer)
-        except IdentityError as exc:
-            return exc
-        except Exception as exc:  # a resolver bug must deny, not crash the call
-            log.exception("identity resolver failed")
-            return IdentityError(f"identity could not be verified ({type(exc).__name__})")
+        return resolve_caller(self._identity, peer)
 
     def _peer(self, ctx: Any) -> PeerInfo:
         request = ctx.request
