@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sidecar.config import ConfigError, load_config
+from sidecar.config import Config, ConfigError, load_config
 
 DESCRIPTION = """\
 agent-sidecar puts every AI-agent tool call through a verified SPIFFE
@@ -184,9 +184,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     return CHECK_EXIT[result["outcome"]]
 
 
-async def _served_revision(config: Any) -> str:
+async def _served_revision(config: Config) -> str:
     """The revision a sidecar running with this config serves (from its health detail), or "" if none answers."""
-    import os
     import re
 
     import grpc
