@@ -88,10 +88,10 @@ deny contains reason(["path_not_allowed: argument \"", show(name), "\" of tool \
 	not path_allowed(name, prefixes)
 }
 
-path_prefixes_for_tool := prefixes if {
-	configured := limit("path_prefixes")
-	prefixes := configured[input.tool.name]
-}
+# limit("path_prefixes")[input.tool.name], read straight from the data: the
+# default for path_prefixes is {} (no tool listed), so a missing setting
+# gives the same undefined, and only this tool's entry is read.
+path_prefixes_for_tool := data.sidecar.limits.path_prefixes[input.tool.name]
 
 path_allowed(name, prefixes) if {
 	parsed_facts(name, "path").ambiguous == false
@@ -113,10 +113,9 @@ deny contains reason(["url_not_allowed: argument \"", show(name), "\" of tool \"
 	not url_allowed(name, hosts)
 }
 
-url_hosts_for_tool := hosts if {
-	configured := limit("url_hosts")
-	hosts := configured[input.tool.name]
-}
+# limit("url_hosts")[input.tool.name], read straight from the data (see
+# path_prefixes_for_tool).
+url_hosts_for_tool := data.sidecar.limits.url_hosts[input.tool.name]
 
 url_allowed(name, hosts) if {
 	facts := parsed_facts(name, "url")

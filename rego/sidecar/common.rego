@@ -108,22 +108,16 @@ strings_list(xs) if {
 # The calendar is in the pattern, which is cheaper than computing it: the
 # month-day part admits days 01-28 of every month, the 29th and 30th of
 # every month but February, the 31st of the seven months that have one, and
-# 02-29, which leap_day_ok then checks against the leap years.
+# February 29th, which the second body admits in leap years only.
 rfc3339_pattern := `^[0-9]{4}-((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31|02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
 
-time_ns(s) := time.parse_rfc3339_ns(s) if parseable_time(s)
-
-parseable_time(s) if {
+time_ns(s) := time.parse_rfc3339_ns(s) if {
 	is_string(s)
 	regex.match(rfc3339_pattern, s)
-	leap_day_ok(s)
-}
-
-# s has passed rfc3339_pattern: only February 29th needs a leap year.
-leap_day_ok(s) if substring(s, 5, 5) != "02-29"
-
-leap_day_ok(s) if {
-	substring(s, 5, 5) == "02-29"
+	substring(s, 5, 5) != "02-29"
+} else := time.parse_rfc3339_ns(s) if {
+	is_string(s)
+	regex.match(rfc3339_pattern, s)
 	leap_year(to_number(substring(s, 0, 4)))
 }
 

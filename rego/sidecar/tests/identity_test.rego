@@ -50,11 +50,45 @@ test_impossible_dates_not_checked if {
 	# Would make the time parser fail (a failed built-in fails the whole
 	# decision under strict evaluation); they are treated as unparseable.
 	every t in ["2026-02-31T00:00:00Z", "2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-11-22T24:00:00Z"] {
-		not data.sidecar.parseable_time(t)
+		not data.sidecar.time_ns(t)
 	}
-	data.sidecar.parseable_time("2028-02-29T00:00:00Z")
-	data.sidecar.parseable_time("2000-02-29T00:00:00+01:00")
-	not data.sidecar.parseable_time("1900-02-29T00:00:00Z")
+	data.sidecar.time_ns("2028-02-29T00:00:00Z") == 1835395200000000000
+	data.sidecar.time_ns("2000-02-29T00:00:00+01:00") == 951778800000000000
+	not data.sidecar.time_ns("1900-02-29T00:00:00Z")
 	old := mk({"subject": object.union(identity(research), {"svid_expires_at": "2026-02-31T00:00:00Z"})})
 	not denies(old, "svid_expired")
+}
+
+# The calendar lives in rfc3339_pattern: every day a month has parses, and
+# the pattern refuses every other, so the parser (which fails on them, and
+# fails the decision under strict built-in errors) never sees one. 2026 is a
+# common year, 2028 a leap year, 2100 is not one.
+test_time_ns_knows_the_calendar if {
+	last_days := {
+		"01": 31, "02": 29, "03": 31, "04": 30, "05": 31, "06": 30,
+		"07": 31, "08": 31, "09": 30, "10": 31, "11": 30, "12": 31,
+	}
+	every month, last in last_days {
+		every day in numbers.range(1, last) {
+			regex.match(data.sidecar.rfc3339_pattern, sprintf("2026-%s-%02dT23:59:59Z", [month, day]))
+		}
+		every day in [d | some d in numbers.range(0, 32); not day_in_month(d, last)] {
+			not regex.match(data.sidecar.rfc3339_pattern, sprintf("2026-%s-%02dT23:59:59Z", [month, day]))
+		}
+	}
+	data.sidecar.time_ns("2026-02-28T23:59:59Z")
+	not data.sidecar.time_ns("2026-02-29T23:59:59Z")
+	data.sidecar.time_ns("2028-02-29T23:59:59Z")
+	not data.sidecar.time_ns("2100-02-29T23:59:59Z")
+	data.sidecar.leap_year(2028)
+	data.sidecar.leap_year(2000)
+	not data.sidecar.leap_year(2100)
+	not data.sidecar.leap_year(2026)
+	not regex.match(data.sidecar.rfc3339_pattern, "2026-00-10T00:00:00Z")
+	not regex.match(data.sidecar.rfc3339_pattern, "2026-13-10T00:00:00Z")
+}
+
+day_in_month(day, last) if {
+	day >= 1
+	day <= last
 }
