@@ -93,11 +93,11 @@ list_text(xs) := concat(", ", [show(x) | some x in xs]) if is_array(xs)
 else := show(xs)
 
 # True when xs is a list of strings (safe to hand to string built-ins).
+# (A comprehension of the members that are not strings costs less than
+# `every`, and says the same.)
 strings_list(xs) if {
 	is_array(xs)
-	every x in xs {
-		is_string(x)
-	}
+	[x | some x in xs; not is_string(x)] == []
 }
 
 # RFC 3339 text to nanoseconds since the epoch; undefined unless s is an RFC

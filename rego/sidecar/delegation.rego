@@ -15,13 +15,17 @@ deny contains "invalid_delegation: delegation is not a list" if {
 	not delegation_absent_or_list
 }
 
-delegation_absent_or_list if not delegation_given
+# One rule with else branches, most common case first, so a call with a
+# delegation list stops at the first test.
+delegation_absent_or_list if {
+	is_array(input.delegation)
+} else if {
+	input.delegation == null
+} else if {
+	not delegation_given
+}
 
 delegation_given if _ = input.delegation
-
-delegation_absent_or_list if input.delegation == null
-
-delegation_absent_or_list if is_array(input.delegation)
 
 # A link whose identity cannot be read cannot be checked against the grants.
 deny contains reason(["invalid_delegation: delegation link ", i, " has no string spiffe_id"]) if {
