@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from sidecar.canonical import canonical_json, sha256_digest
-from sidecar.config import EvidenceConfig, TelemetryConfig
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, TraceContext
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.recorder import EvidenceRecorder, open_recorder
@@ -58,17 +57,6 @@ def make_event(i: int = 0, **changes) -> DecisionEvent:
     return DecisionEvent(**fields)
 
 
-def evidence_config(directory: Path, **changes) -> EvidenceConfig:
-    config = EvidenceConfig(dir=str(directory))
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
-
-
-def no_export() -> TelemetryConfig:
-    return TelemetryConfig(exporter="none")
-
-
 def read_records(directory: Path) -> list[dict]:
     records = []
     for path in sorted(directory.glob("evidence-*.jsonl")):
@@ -78,9 +66,7 @@ def read_records(directory: Path) -> list[dict]:
 
 @pytest.fixture
 async def recorder(tmp_path):
-    rec = open_recorder(
-        evidence_config(tmp_path / "ev"), no_export(), instance_id="sidecar-test-1", known_tool=lambda t: t == "read_file"
-    )
+    rec = open_recorder(tmp_path / "ev", instance_id="sidecar-test-1", known_tool=lambda t: t == "read_file")
     yield rec
     await rec.close()
 
@@ -158,7 +144,7 @@ async def test_arguments_in_clear_only_when_allowed_and_secrets_never(tmp_path):
         ("clear", {}, True),
     ):
         directory = tmp_path / f"{mode}-{len(obligations)}"
-        rec = open_recorder(evidence_config(directory, arguments=mode, redact_keys=["custom"]), no_export(), instance_id="s")
+        rec = open_recorder(directory, arguments=mode, redact_keys=["custom"], instance_id="s")
         try:
             await rec.record(make_event(1, arguments=secret_args, obligations=obligations))
         finally:
@@ -206,7 +192,7 @@ async def test_record_is_on_disk_when_record_returns(recorder, tmp_path):
 
 
 async def test_rotation_continues_the_chain_across_files(tmp_path):
-    rec = open_recorder(evidence_config(tmp_path / "ev", rotate_bytes=4096, checkpoint_every=25), no_export(), instance_id="s")
+    rec = open_recorder(tmp_path / "ev", rotate_bytes=4096, checkpoint_every=25, instance_id="s")
     try:
         for i in range(60):
             await rec.record(make_event(i))
@@ -225,10 +211,10 @@ async def test_rotation_continues_the_chain_across_files(tmp_path):
 
 async def test_restart_continues_the_chain_with_a_new_startup_record(tmp_path):
     directory = tmp_path / "ev"
-    first = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    first = open_recorder(directory, instance_id="one")
     last = await first.record(make_event(1))
     await first.close()
-    second = open_recorder(evidence_config(directory), no_export(), instance_id="two")
+    second = open_recorder(directory, instance_id="two")
     try:
         await second.record(make_event(2))
     finally:
@@ -244,7 +230,7 @@ async def test_restart_continues_the_chain_with_a_new_startup_record(tmp_path):
 
 async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
     directory = tmp_path / "ev"
-    rec = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    rec = open_recorder(directory, instance_id="one")
     receipt = await rec.record(make_event(1))
     rec.log.close_sync(checkpoint=False)
     path = directory / "evidence-000001.jsonl"
@@ -254,7 +240,7 @@ async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
     assert not verify_dir(directory).problems  # a torn tail is a warning, not tampering
     assert any("unterminated" in w for w in verify_dir(directory).warnings)
 
-    reopened = open_recorder(evidence_config(directory), no_export(), instance_id="two")
+    reopened = open_recorder(directory, instance_id="two")
     await reopened.close()
     records = read_records(directory)
     startup = [r for r in records if r["kind"] == "startup"][-1]
@@ -266,13 +252,13 @@ async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
 
 async def test_damaged_complete_last_record_refuses_to_open(tmp_path):
     directory = tmp_path / "ev"
-    rec = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    rec = open_recorder(directory, instance_id="one")
     await rec.record(make_event(1))
     rec.log.close_sync(checkpoint=False)
     path = directory / "evidence-000001.jsonl"
     path.write_bytes(path.read_bytes().replace(b'"outcome":"allow"', b'"outcome":"deny!"'))
     with pytest.raises(EvidenceError, match="damaged"):
-        open_recorder(evidence_config(directory), no_export(), instance_id="two")
+        open_recorder(directory, instance_id="two")
 
 
 async def test_disk_full_raises_evidence_error_degrades_health_and_recovers(recorder, tmp_path):
@@ -324,10 +310,8 @@ def tiny_volume(tmp_path):
 async def test_a_really_full_volume_denies_then_recovers(tiny_volume, tmp_path):
     directory = tiny_volume / "ev"
     dev_signing_key(tmp_path / "key.pem")  # the key and the mirror live off the tiny volume
-    config = evidence_config(
-        directory, signing_key=str(tmp_path / "key.pem"), checkpoint_mirror=str(tmp_path / "cp.jsonl")
-    )
-    rec = open_recorder(config, no_export(), instance_id="s")
+    settings = dict(signing_key=str(tmp_path / "key.pem"), checkpoint_mirror=str(tmp_path / "cp.jsonl"))
+    rec = open_recorder(directory, **settings, instance_id="s")
     try:
         filler = tiny_volume / "filler"
         receipts, error = [], None
@@ -358,17 +342,17 @@ def test_an_unwritable_directory_refuses_to_open(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     with pytest.raises(EvidenceError):
-        open_recorder(evidence_config(blocker / "ev"), no_export(), instance_id="s")
+        open_recorder(blocker / "ev", instance_id="s")
 
 
 async def test_two_writers_cannot_share_a_directory(recorder, tmp_path):
     with pytest.raises(EvidenceError, match="in use"):
-        open_recorder(evidence_config(tmp_path / "ev"), no_export(), instance_id="other")
+        open_recorder(tmp_path / "ev", instance_id="other")
 
 
 async def test_checkpoints_by_count_and_time_and_mirror(tmp_path):
     directory = tmp_path / "ev"
-    rec = open_recorder(evidence_config(directory, checkpoint_every=10, checkpoint_seconds=0.2), no_export(), instance_id="s")
+    rec = open_recorder(directory, checkpoint_every=10, checkpoint_seconds=0.2, instance_id="s")
     try:
         for i in range(10):
             await rec.record(make_event(i))
@@ -488,3 +472,19 @@ async def test_a_bug_in_the_writer_fails_the_batch_instead_of_hanging(recorder, 
         await asyncio.wait_for(recorder.record(make_event(1)), 5)
     monkeypatch.undo()
     assert (await recorder.record(make_event(2))).seq == 2
+
+
+def test_open_recorder_defaults_are_the_config_defaults():
+    """open_recorder takes plain values; its defaults must not drift from config.py's (docs/configuration.md)."""
+    import inspect
+
+    from sidecar.config import EvidenceConfig, TelemetryConfig
+
+    parameters = inspect.signature(open_recorder).parameters
+    evidence, telemetry = EvidenceConfig(), TelemetryConfig()
+    for name in ("signing_key", "checkpoint_mirror", "rotate_bytes", "checkpoint_every", "checkpoint_seconds",
+                 "max_pending", "lock_wait_seconds", "arguments"):
+        assert parameters[name].default == getattr(evidence, name), name
+    assert list(parameters["redact_keys"].default) == evidence.redact_keys
+    for name in ("service_name", "max_backoff_seconds"):
+        assert parameters[name].default == getattr(telemetry, name), name
