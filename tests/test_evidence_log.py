@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from sidecar.evidence.recorder import EvidenceRecorder, open_recorder
 from sidecar.evidence.records import GENESIS, record_hash
 from sidecar.evidence.signing import dev_signing_key
 from sidecar.evidence.verify import verify_dir
+from tests.doubles.disk import FaultyDisk
 from sidecar.identity import CallerIdentity, Subject
 
 AGENT = "spiffe://example.org/ns/agents/sa/research"
@@ -182,12 +181,15 @@ async def test_group_commit_shares_syncs_under_concurrent_load(recorder, tmp_pat
     assert verify_dir(tmp_path / "ev").ok
 
 
-async def test_record_is_on_disk_when_record_returns(recorder, tmp_path):
-    calls = []
-    real = recorder.log._datasync
-    recorder.log._datasync = lambda fd: (calls.append(fd), real(fd))
+async def test_record_is_on_disk_when_record_returns(faulty_disk, tmp_path):
+    recorder, disk = faulty_disk
+    syncs_before = len(disk.synced)
     receipt = await recorder.record(make_event(1))
-    assert calls, "no sync before the receipt"
+    data = (tmp_path / "ev" / "evidence-000001.jsonl").read_bytes()
+    record_end = data.index(receipt.hash.encode())
+    record_end = data.index(b"\n", record_end) + 1
+    synced_sizes = [size for _, size in disk.synced[syncs_before:]]
+    assert synced_sizes and max(synced_sizes) >= record_end, "no sync covered the record before the receipt"
     assert read_records(tmp_path / "ev")[-1]["hash"] == receipt.hash
 
 
@@ -261,81 +263,59 @@ async def test_damaged_complete_last_record_refuses_to_open(tmp_path):
         open_recorder(directory, instance_id="two")
 
 
-async def test_disk_full_raises_evidence_error_degrades_health_and_recovers(recorder, tmp_path):
-    good = await recorder.record(make_event(1))
+@pytest.fixture
+async def tiny_recorder(tiny_volume, tmp_path):
+    """A recorder whose evidence directory is on the 256 KiB tmpfs; its key and mirror live off it."""
+    dev_signing_key(tmp_path / "key.pem")
+    rec = open_recorder(tiny_volume.path / "ev", instance_id="sidecar-test-1", signing_key=str(tmp_path / "key.pem"),
+                        checkpoint_mirror=str(tmp_path / "cp.jsonl"))
+    yield rec
+    await rec.close()
 
-    def full(fd, data):
-        os.write(fd, bytes(data[:10]))  # a partial write, then the disk is full
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    recorder.log._write = full
+# A record longer than a page (an intent of MAX_INTENT_BYTES) needs a new block of the
+# volume whatever room is left in the log file's last page: once the volume is full, its
+# write is cut short by the kernel and then fails with ENOSPC.
+PAGE_FILLING = dict(intent="x" * 4096)
+
+
+async def test_a_full_volume_raises_evidence_error_degrades_health_and_recovers(tiny_recorder, tiny_volume, tmp_path):
+    directory = tiny_volume.path / "ev"
+    good = await tiny_recorder.record(make_event(1))
+    tiny_volume.fill()
     with pytest.raises(EvidenceError, match="no space left"):
-        await recorder.record(make_event(2))
-    ok, detail = recorder.health()
+        await tiny_recorder.record(make_event(2, **PAGE_FILLING))
+    ok, detail = tiny_recorder.health()
     assert not ok and "no space left" in detail
 
-    recorder.log._write = os.write  # space freed
-    after = await recorder.record(make_event(3))
+    tiny_volume.free()
+    after = await tiny_recorder.record(make_event(3))
     assert after.seq == good.seq + 1  # the refused record never entered the chain
-    assert recorder.health()[0]
-    ids = [r.get("decision_id") for r in read_records(tmp_path / "ev")]
+    assert tiny_recorder.health()[0]
+    ids = [r.get("decision_id") for r in read_records(directory)]
     assert "decision-2" not in ids and ids[-1] == "decision-3"
-    assert verify_dir(tmp_path / "ev").ok
-
-
-async def test_sync_failure_is_an_evidence_error(recorder, tmp_path):
-    def broken(fd):
-        raise OSError(errno.EIO, "Input/output error")
-
-    recorder.log._datasync = broken
-    with pytest.raises(EvidenceError, match="Input/output error"):
-        await recorder.record(make_event(1))
-    assert not recorder.health()[0]
+    await tiny_recorder.close()  # the closing checkpoint, mirrored off the volume
+    report = verify_dir(directory, mirror=tmp_path / "cp.jsonl")
+    assert report.ok, report.problems
 
 
 @pytest.fixture
-def tiny_volume(tmp_path):
-    """A real 256 KiB tmpfs, so the kernel itself says ENOSPC (needs root; skipped otherwise)."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+async def faulty_disk(tmp_path):
+    """A recorder whose log makes its data syncs through FaultyDisk (tests/doubles/disk.py), and that double."""
+    disk = FaultyDisk()
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="sidecar-test-1", file_io=disk)
+    rec = EvidenceRecorder(log, None, known_tool=lambda t: t == "read_file")
+    yield rec, disk
+    disk.release()
+    await rec.close()
 
 
-async def test_a_really_full_volume_denies_then_recovers(tiny_volume, tmp_path):
-    directory = tiny_volume / "ev"
-    dev_signing_key(tmp_path / "key.pem")  # the key and the mirror live off the tiny volume
-    settings = dict(signing_key=str(tmp_path / "key.pem"), checkpoint_mirror=str(tmp_path / "cp.jsonl"))
-    rec = open_recorder(directory, **settings, instance_id="s")
-    try:
-        filler = tiny_volume / "filler"
-        receipts, error = [], None
-        with open(filler, "wb") as f:
-            try:
-                f.write(b"x" * (256 * 1024))
-                f.flush()
-            except OSError:
-                pass
-        for i in range(400):
-            try:
-                receipts.append(await rec.record(make_event(i, intent="x" * 2000)))
-            except EvidenceError as exc:
-                error = exc
-                break
-        assert error is not None and "no space left" in str(error)
-        assert not rec.health()[0]
-        filler.unlink()  # space again
-        after = await rec.record(make_event(1000))
-        assert after.seq == (receipts[-1].seq if receipts else 1) + 1
-    finally:
-        await rec.close()
-    report = verify_dir(directory, mirror=tmp_path / "cp.jsonl")
-    assert report.ok, report.problems
+async def test_sync_failure_is_an_evidence_error(faulty_disk):
+    recorder, disk = faulty_disk
+    disk.sync_error = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(EvidenceError, match="Input/output error"):
+        await recorder.record(make_event(1))
+    assert not recorder.health()[0]
 
 
 def test_an_unwritable_directory_refuses_to_open(tmp_path):
@@ -384,7 +364,7 @@ async def test_other_kinds_are_appended_to_the_same_chain(recorder, tmp_path):
     assert read_records(tmp_path / "ev")[-1]["approver"] == "alice"
 
 
-async def test_gate_denies_when_evidence_cannot_be_written(recorder):
+async def test_gate_denies_when_evidence_cannot_be_written(tiny_recorder, tiny_volume):
     from sidecar.calls import CallIdRegistry, ToolCall
     from sidecar.gate import Gate
     from sidecar.policy.decision import Decision
@@ -411,7 +391,7 @@ async def test_gate_denies_when_evidence_cannot_be_written(recorder):
         catalog=allow_all,
         usage=MemoryCounter(60, 100),
         call_ids=CallIdRegistry(100),
-        recorder=recorder,
+        recorder=tiny_recorder,
         max_input_bytes=1 << 20,
         max_depth=32,
         instance_id="sidecar-test-1",
@@ -420,11 +400,8 @@ async def test_gate_denies_when_evidence_cannot_be_written(recorder):
     allowed = await gate.authorize(ToolCall("read_file", {"path": "/w"}), identity)
     assert allowed.decision.outcome == "allow" and allowed.receipt is not None
 
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    recorder.log._write = full
-    denied = await gate.authorize(ToolCall("read_file", {"path": "/w"}), identity)
+    tiny_volume.fill()
+    denied = await gate.authorize(ToolCall("read_file", {"path": "/w"}, **PAGE_FILLING), identity)
     assert denied.decision.outcome == "deny" and denied.receipt is None
     assert denied.decision.reasons[0].startswith("evidence_unavailable:")
 
@@ -447,18 +424,15 @@ def test_recorder_rejects_unknown_argument_mode(tmp_path):
         log.close_sync()
 
 
-async def test_a_disk_that_hangs_denies_after_the_record_timeout(recorder):
-    import threading
-
-    release = threading.Event()
-    real = recorder.log._datasync
-    recorder.log._datasync = lambda fd: (release.wait(5), real(fd))
+async def test_a_disk_that_hangs_denies_after_the_record_timeout(faulty_disk):
+    recorder, disk = faulty_disk
     recorder.record_timeout = 0.2
+    disk.hold()
     try:
         with pytest.raises(EvidenceError, match="did not confirm"):
             await recorder.record(make_event(1))
     finally:
-        release.set()
+        disk.release()
 
 
 async def test_a_bug_in_the_writer_fails_the_batch_instead_of_hanging(recorder, monkeypatch):

@@ -50,7 +50,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from sidecar.canonical import NotCanonicalizable, parse_json, sha256_digest
 from sidecar.evidence import EvidenceError, Receipt
@@ -148,6 +148,24 @@ def _last_line(path: Path, size: int) -> tuple[bytes | None, int]:
         return line, good_end
 
 
+class LogFileIO(Protocol):
+    """The two system calls the writer makes on the current log file (`EvidenceLog(file_io=...)`).
+
+    A public injection point for disk faults the kernel cannot be made to produce on
+    demand, such as a data sync that fails with EIO or hangs; the default is `os.write`
+    and `fdatasync` (`fsync` where that is missing). A full disk is produced for real,
+    on a small tmpfs (tests/infra/volume.py).
+    """
+
+    def write(self, fd: int, data: memoryview) -> int:
+        """Write some of `data` at the end of `fd`; the number of bytes written (may be short). Raises OSError."""
+        ...
+
+    def datasync(self, fd: int) -> None:
+        """Return once what was written to `fd` is durable. Raises OSError."""
+        ...
+
+
 class EvidenceLog:
     """Append-only chained log with group commit. Thread-safe; use from any thread or event loop."""
 
@@ -165,6 +183,7 @@ class EvidenceLog:
         startup_info: dict | None = None,
         redactor: Redactor | None = None,
         lock_wait_seconds: float = 0.0,
+        file_io: LogFileIO | None = None,
     ):
         self.directory = Path(directory)
         self.lock_wait_seconds = lock_wait_seconds
@@ -203,9 +222,9 @@ class EvidenceLog:
         self._closed = False
         self._lock_fd: int | None = None
 
-        # seams for tests: the os calls the writer uses
-        self._write = os.write
-        self._datasync = _sync
+        # the os calls the writer makes on the log file (LogFileIO)
+        self._write = file_io.write if file_io is not None else os.write
+        self._datasync = file_io.datasync if file_io is not None else _sync
 
     # -- opening -----------------------------------------------------------
 
