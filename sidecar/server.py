@@ -195,6 +195,7 @@ def build_escalations(config: Config, recorder: Recorder | None):
             esc.webhook_url,
             timeout_seconds=esc.webhook_timeout_seconds,
             attempts=esc.webhook_attempts,
+            backoff_seconds=esc.webhook_backoff_seconds,
             secret=secret,
             console_url=esc.console_url,
         )
