@@ -462,3 +462,26 @@ def test_open_recorder_defaults_are_the_config_defaults():
     assert list(parameters["redact_keys"].default) == evidence.redact_keys
     for name in ("service_name", "max_backoff_seconds"):
         assert parameters[name].default == getattr(telemetry, name), name
+
+
+async def test_waiters_on_the_loop_and_on_threads_share_a_batch_and_one_that_gave_up_still_lands(tmp_path):
+    """Records awaited on the event loop (`append`) and from threads (`append_sync`) complete from the
+    same commits; a caller that stops waiting (its time budget) does not stop its record or the ones after."""
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    try:
+        from_threads = [asyncio.to_thread(log.append_sync, "expiry", {"escalation_id": f"t-{i}"}, 5) for i in range(20)]
+        from_loop = [log.append("expiry", {"escalation_id": f"l-{i}"}) for i in range(20)]
+        receipts = await asyncio.gather(*from_threads, *from_loop)
+        assert sorted(r.seq for r in receipts) == list(range(2, 42))
+        impatient = asyncio.ensure_future(log.append("expiry", {"escalation_id": "gave-up"}))
+        await asyncio.sleep(0)  # queued, now waiting for the disk
+        impatient.cancel()
+        after = await log.append("expiry", {"escalation_id": "after"})
+        records = [json.loads(line) for path in sorted((tmp_path / "ev").glob("evidence-*.jsonl"))
+                   for line in path.read_text().splitlines()]
+        ids = [r.get("escalation_id") for r in records]
+        assert after.seq == len(records) and ids[-1] == "after"
+        assert "gave-up" in ids and impatient.cancelled()
+    finally:
+        log.close_sync()
+    assert verify_dir(tmp_path / "ev").ok

@@ -68,12 +68,10 @@ class EvidenceRecorder:
             fields = self.fields_for(event)
         except Exception as exc:  # a record we cannot build is a record we do not have
             raise EvidenceError(f"could not build the evidence record: {exc}") from None
-        future = asyncio.wrap_future(
-            self.log.submit("decision", fields, secret_keys=tuple(obligation_keys(event.obligations)))
-        )
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.record_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.record_timeout):
+                return await self.log.append("decision", fields, secret_keys=tuple(obligation_keys(event.obligations)))
+        except TimeoutError:
             # The record may still land later: the log then holds a decision the agent
             # was told was denied. Over-recording is the safe side; never the reverse.
             raise EvidenceError(
