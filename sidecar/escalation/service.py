@@ -84,6 +84,13 @@ class RetryCheck:
 
 
 class EscalationService:
+    """The state machine over `store`, and the sweeper that expires what is overdue.
+
+    Composes the approver rules (approvers.ApproverRules), the evidence writer
+    (evidence.EscalationEvidence) and the change feed (feed.ChangeFeed), each built once here.
+    Times are Unix seconds from `clock`; durations are seconds.
+    """
+
     def __init__(
         self,
         store: EscalationStore,
