@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.config import ConfigError, load_config
-from sidecar.escalation.service import approver_matches
+from sidecar.escalation.approvers import approver_matches
 
 
 def test_defaults():
