@@ -245,6 +245,8 @@ class EscalationConfig:
     webhook_timeout_seconds: float = 5.0
     # Attempts per notice (connection errors, timeouts, 429 and 5xx are retried).
     webhook_attempts: int = 5
+    # First pause between attempts; each next one doubles, up to 30 s.
+    webhook_backoff_seconds: float = 0.5
     # Base URL of the approvers' console, for links in webhook notices.
     console_url: str = ""
 
@@ -607,7 +609,7 @@ def _validate_escalation(esc: "EscalationConfig", *, dev_mode: bool) -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
     for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
-                "webhook_timeout_seconds"):
+                "webhook_timeout_seconds", "webhook_backoff_seconds"):
         if not getattr(esc, key) > 0:
             raise ConfigError(f"escalation.{key}: must be positive")
     for key in ("pool_size", "store_timeout_ms", "poll_interval_ms", "webhook_attempts"):

@@ -12,7 +12,7 @@ import socket
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Protocol
 
@@ -57,6 +57,25 @@ class Verdict:
     receipt: Receipt | None = None
     approver: str = ""  # who approved the escalation this allow carries out ("" = autonomous)
     arguments_digest: str = ""  # of the arguments exactly as decided
+
+
+@dataclass
+class _CallState:
+    """One call on its way through `Gate.authorize`: what the stages learn and hand on."""
+
+    call: ToolCall
+    identity: CallerIdentity | IdentityError
+    decision_id: str
+    call_id: str
+    trace: TraceContext
+    now: str  # RFC 3339, the call's time for policy and evidence
+    arguments_digest: str = ""
+    problems: list[str] = field(default_factory=list)  # why the call may not go to policy
+    retry: "RetryCheck | None" = None  # a call repeated with an escalation id
+    catalog_entry: dict | None = None  # the entry policy decided with
+    document: dict | None = None  # the input document, when policy was asked
+    shadow_answer: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
 
 
 def rfc3339_now() -> str:
@@ -111,106 +130,140 @@ class Gate:
         *,
         malformed: str | None = None,
     ) -> Verdict:
-        """Decide one call. `malformed` is a reason the request could not be read at all."""
+        """Decide one call. `malformed` is a reason the request could not be read at all.
+
+        The stages, in order: admission (the call's own checks, identity, load shedding,
+        call-id replay, task end, an escalation retry), usage, policy, escalation, evidence;
+        then an escalation is announced only once the decision that raised it is recorded.
+        """
         started = time.perf_counter()
         call = normalized(call)  # the numbers rule: policy, evidence and approvals see one value
-        decision_id = str(uuid.uuid4())
-        call_id = call.call_id or str(uuid.uuid4())
-        trace = TraceContext.new(parent_trace)
-        now = rfc3339_now()
+        state = _CallState(
+            call=call,
+            identity=identity,
+            decision_id=str(uuid.uuid4()),
+            call_id=call.call_id or str(uuid.uuid4()),
+            trace=TraceContext.new(parent_trace),
+            now=rfc3339_now(),
+        )
+        problems, state.arguments_digest = check_call(call, max_bytes=self._max_bytes, max_depth=self._max_depth)
+        state.problems = [malformed] if malformed else problems
+        await self._admit(state)
+        decision = await self._policy_stage(state)
+        policy_decision = decision
 
-        problems, arguments_digest = check_call(call, max_bytes=self._max_bytes, max_depth=self._max_depth)
-        if malformed:
-            problems = [malformed]
+        escalation_id, approver, new_escalation = call.escalation_id, "", None
+        if not state.problems and self.escalations is not None:
+            decision, escalation_id, approver, new_escalation = await self._escalation_step(decision, state)
+
+        decision, receipt = await self._record(state, decision, policy_decision, escalation_id, approver)
+        if new_escalation is not None and self.escalations is not None:
+            if decision.outcome == "escalate":
+                await self.escalations.announce(new_escalation, state.trace.span_id)
+            else:  # the escalating decision could not be recorded: nobody may approve it
+                await self.escalations.withdraw(new_escalation)
+        state.timings["total"] = (time.perf_counter() - started) * 1000
+        if self._metrics is not None:
+            self._metrics.observe(decision.outcome, decision.engine, decision.error is not None, state.timings)
+        return Verdict(
+            decision,
+            state.decision_id,
+            state.call_id,
+            state.trace,
+            escalation_id=escalation_id if decision.outcome == "escalate" else "",
+            receipt=receipt,
+            approver=approver if decision.outcome == "allow" else "",
+            arguments_digest=state.arguments_digest,
+        )
+
+    async def _admit(self, state: _CallState) -> None:
+        """May the call go to policy? Adds to `state.problems` why not; sets the escalation retry."""
+        call, identity, problems = state.call, state.identity, state.problems
         shed = self._overload.refusal() if self._overload is not None and not problems else None
         if isinstance(identity, IdentityError):
             problems.insert(0, f"unverified_caller: {identity.reason}")
-            log.info("unverified caller denied (decision %s): %r", decision_id, identity.reason)
+            log.info("unverified caller denied (decision %s): %r", state.decision_id, identity.reason)
         elif shed:  # before the call id is claimed: the same call may be sent again once the load drops
             problems.append(shed)
         elif call.call_id and not problems:
-            fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{arguments_digest}".encode())
+            fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{state.arguments_digest}".encode())
             if not self._call_ids.claim(call.call_id, fingerprint):
                 problems.append(
                     f"call_id_reused: call_id {call.call_id!r} was already used for a different tool call"
                 )
         if call.task_id and not problems and self._tasks is not None and isinstance(identity, CallerIdentity):
-            ended = await self._tasks.check(call.task_id, identity, trace)
+            ended = await self._tasks.check(call.task_id, identity, state.trace)
             if ended:
                 problems.append(ended)
-        retry = None
         if call.escalation_id and not problems:
-            retry, problem = await self._check_retry(call, identity, arguments_digest)
+            state.retry, problem = await self._check_retry(call, identity, state.arguments_digest)
             if problem:
                 problems.append(problem)
-            if retry is not None and retry.parent is not None:
-                trace = TraceContext.new(retry.parent)  # the retry joins the escalated call's trace
+            if state.retry is not None and state.retry.parent is not None:
+                state.trace = TraceContext.new(state.retry.parent)  # the retry joins the escalated call's trace
 
-        usage, usage_failure = None, ""
-        if not problems:
-            assert isinstance(identity, CallerIdentity)
-            try:
-                usage = await self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
-            except UsageUnavailable as exc:
-                usage_failure = f"usage_unavailable: the call could not be counted for input.usage ({exc})"
-
-        timings: dict[str, float] = {}
-        document: dict | None = None
-        shadow_answer: dict | None = None
-        catalog_entry = None  # the entry policy decided with; an escalation keeps it for approvers
-        if problems:
-            decision = Decision.refused(problems, policy_revision=self.catalog.revision)
-        elif usage_failure:  # a stage failed: fail closed, like an engine or evidence failure
-            decision = Decision.failed(usage_failure, engine="sidecar", policy_revision=self.catalog.revision)
-        else:
-            assert isinstance(identity, CallerIdentity) and usage is not None
-            catalog_entry = self.catalog.entry(call.tool)
-            document = build_input(
-                identity=identity,
-                tool=call.tool,
-                server=call.server,
-                arguments=call.arguments,
-                catalog_entry=catalog_entry,
-                task_id=call.task_id,
-                intent=call.intent,
-                signals=call.signals or {},
-                approval=retry.approval if retry is not None else None,
-                usage=usage,
-                call_id=call_id,
-                time=now,
-                sidecar=self.instance_id,
+    async def _policy_stage(self, state: _CallState) -> Decision:
+        """The decision: a refusal for an inadmissible call, else OPA's on the input document
+        (and the shadow's beside it). Fails closed when the call cannot be counted."""
+        if state.problems:
+            return Decision.refused(state.problems, policy_revision=self.catalog.revision)
+        call, identity = state.call, state.identity
+        assert isinstance(identity, CallerIdentity)
+        try:
+            usage = await self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
+        except UsageUnavailable as exc:  # a stage failed: fail closed, like an engine or evidence failure
+            return Decision.failed(
+                f"usage_unavailable: the call could not be counted for input.usage ({exc})",
+                engine="sidecar",
+                policy_revision=self.catalog.revision,
             )
-            engine_started = time.perf_counter()
-            pending_shadow = self.shadow.begin(document) if self.shadow is not None else None
-            decision = await self.decisions.decide(document)
-            timings["engine"] = (time.perf_counter() - engine_started) * 1000
-            unexact = number_problems(decision.obligations, "obligations")
-            if unexact:  # the agent would receive other obligations than the ones recorded
-                decision = Decision.failed(
-                    f"policy_malformed: {'; '.join(unexact)}; obligations must reach the agent exactly",
-                    engine=decision.engine,
-                    policy_revision=decision.policy_revision,
-                )
-            if pending_shadow is not None and self.shadow is not None:
-                shadow_answer = await self.shadow.finish(pending_shadow, decision)  # bounded by the shadow's budget
-        policy_decision = decision
-
-        escalation_id, approver, new_escalation = call.escalation_id, "", None
-        if not problems and self.escalations is not None:
-            assert isinstance(identity, CallerIdentity)
-            decision, escalation_id, approver, new_escalation = await self._escalation_step(
-                decision, call, identity, arguments_digest, retry, decision_id, call_id, trace, catalog_entry
+        state.catalog_entry = self.catalog.entry(call.tool)  # an escalation keeps it for approvers
+        state.document = build_input(
+            identity=identity,
+            tool=call.tool,
+            server=call.server,
+            arguments=call.arguments,
+            catalog_entry=state.catalog_entry,
+            task_id=call.task_id,
+            intent=call.intent,
+            signals=call.signals or {},
+            approval=state.retry.approval if state.retry is not None else None,
+            usage=usage,
+            call_id=state.call_id,
+            time=state.now,
+            sidecar=self.instance_id,
+        )
+        engine_started = time.perf_counter()
+        pending_shadow = self.shadow.begin(state.document) if self.shadow is not None else None
+        decision = await self.decisions.decide(state.document)
+        state.timings["engine"] = (time.perf_counter() - engine_started) * 1000
+        unexact = number_problems(decision.obligations, "obligations")
+        if unexact:  # the agent would receive other obligations than the ones recorded
+            decision = Decision.failed(
+                f"policy_malformed: {'; '.join(unexact)}; obligations must reach the agent exactly",
+                engine=decision.engine,
+                policy_revision=decision.policy_revision,
             )
+        if pending_shadow is not None and self.shadow is not None:
+            state.shadow_answer = await self.shadow.finish(pending_shadow, decision)  # bounded by the shadow's budget
+        return decision
 
+    async def _record(
+        self, state: _CallState, decision: Decision, policy_decision: Decision, escalation_id: str, approver: str
+    ) -> tuple[Decision, Receipt | None]:
+        """Record the decision; when that fails, the answer becomes a deny naming why."""
+        if self._recorder is None:
+            return decision, None
+        call, identity, document = state.call, state.identity, state.document
         event = DecisionEvent(
-            time=now,
-            decision_id=decision_id,
-            call_id=call_id,
+            time=state.now,
+            decision_id=state.decision_id,
+            call_id=state.call_id,
             identity=identity if isinstance(identity, CallerIdentity) else None,
             tool=call.tool,
             server=call.server,
             arguments=call.arguments,
-            arguments_digest=arguments_digest,
+            arguments_digest=state.arguments_digest,
             task_id=call.task_id,
             intent=call.intent,
             signals=call.signals,
@@ -223,9 +276,9 @@ class Gate:
             engine_decision_id=decision.engine_decision_id,
             escalation_id=escalation_id,
             approver=approver,
-            trace=trace,
+            trace=state.trace,
             sidecar=self.instance_id,
-            timings_ms=timings,
+            timings_ms=state.timings,
             input_document=document,
             policy_decision=(
                 {"outcome": policy_decision.outcome, "reasons": list(policy_decision.reasons)}
@@ -233,38 +286,20 @@ class Gate:
                 and (policy_decision.outcome, policy_decision.reasons) != (decision.outcome, decision.reasons)
                 else None
             ),
-            shadow=shadow_answer,
+            shadow=state.shadow_answer,
         )
+        evidence_started = time.perf_counter()
         receipt = None
-        if self._recorder is not None:
-            evidence_started = time.perf_counter()
-            try:
-                receipt = await self._recorder.record(event)
-            except EvidenceError as exc:
-                decision = Decision.failed(
-                    f"evidence_unavailable: the decision could not be recorded ({exc}); denied until evidence works",
-                    engine=decision.engine,
-                    policy_revision=decision.policy_revision,
-                )
-            timings["evidence"] = (time.perf_counter() - evidence_started) * 1000
-        if new_escalation is not None and self.escalations is not None:
-            if decision.outcome == "escalate":
-                await self.escalations.announce(new_escalation, trace.span_id)
-            else:  # the escalating decision could not be recorded: nobody may approve it
-                await self.escalations.withdraw(new_escalation)
-        timings["total"] = (time.perf_counter() - started) * 1000
-        if self._metrics is not None:
-            self._metrics.observe(decision.outcome, decision.engine, decision.error is not None, timings)
-        return Verdict(
-            decision,
-            decision_id,
-            call_id,
-            trace,
-            escalation_id=escalation_id if decision.outcome == "escalate" else "",
-            receipt=receipt,
-            approver=approver if decision.outcome == "allow" else "",
-            arguments_digest=arguments_digest,
-        )
+        try:
+            receipt = await self._recorder.record(event)
+        except EvidenceError as exc:
+            decision = Decision.failed(
+                f"evidence_unavailable: the decision could not be recorded ({exc}); denied until evidence works",
+                engine=decision.engine,
+                policy_revision=decision.policy_revision,
+            )
+        state.timings["evidence"] = (time.perf_counter() - evidence_started) * 1000
+        return decision, receipt
 
     async def visible(self, identity: CallerIdentity, tool: str, server: str) -> Decision:
         """Would policy let this caller see `tool` of `server` (MCP tools/list)?
@@ -311,30 +346,20 @@ class Gate:
             return None, f"escalation_unavailable: the escalation store cannot be read ({exc})"
         return retry, retry.refusal
 
-    async def _escalation_step(
-        self,
-        decision: Decision,
-        call: ToolCall,
-        identity: CallerIdentity,
-        arguments_digest: str,
-        retry: "RetryCheck | None",
-        decision_id: str,
-        call_id: str,
-        trace: TraceContext,
-        catalog_entry: dict | None = None,
-    ):
+    async def _escalation_step(self, decision: Decision, state: _CallState):
         """Returns (decision, escalation_id, approver, new escalation to announce or None).
 
         escalate → the call's escalation (the pending one for the same call, or a new one);
         an approved retry that policy allows → the approval is consumed, once.
         """
         service = self.escalations
-        assert service is not None
+        assert service is not None and isinstance(state.identity, CallerIdentity)
+        call, identity, retry, trace = state.call, state.identity, state.retry, state.trace
         approval = retry.approval if retry is not None else None
         if approval is not None and retry is not None and retry.record is not None:
             if decision.outcome == "allow":
                 try:
-                    used, reason = await service.consume(retry.record, decision_id)
+                    used, reason = await service.consume(retry.record, state.decision_id)
                 except StoreError as exc:
                     used, reason = False, f"escalation_unavailable: the approval could not be used ({exc})"
                 if not used:
@@ -359,14 +384,14 @@ class Gate:
             record, created = await service.escalate(
                 identity=identity,
                 call=call,
-                arguments_digest=arguments_digest,
+                arguments_digest=state.arguments_digest,
                 reasons=decision.reasons,
                 obligations=decision.obligations,
                 policy_revision=decision.policy_revision,
-                decision_id=decision_id,
-                call_id=call_id,
+                decision_id=state.decision_id,
+                call_id=state.call_id,
                 trace=trace,
-                catalog_entry=catalog_entry,
+                catalog_entry=state.catalog_entry,
             )
         except StoreError as exc:
             reason = f"escalation_unavailable: the call needs approval but the escalation store failed ({exc})"

@@ -102,17 +102,35 @@ def build_recorder(
     """
     from sidecar.evidence.recorder import open_recorder
     from sidecar.evidence.signing import svid_key_provider
+    from sidecar.evidence.spans import exporter_from_env
 
     known_tool = None
     if policy is not None:
         catalog = policy.catalog
         known_tool = lambda tool: catalog.entry(tool) is not None  # noqa: E731
+    evidence, telemetry = config.evidence, config.telemetry
     return open_recorder(
-        config.evidence,
-        config.telemetry,
+        evidence.dir,
         instance_id=config.sidecar.instance_id or default_instance_id(),
-        known_tool=known_tool,
+        signing_key=evidence.signing_key,
         key_provider=svid_key_provider(svid_source) if svid_source is not None else None,
+        checkpoint_mirror=evidence.checkpoint_mirror,
+        rotate_bytes=evidence.rotate_bytes,
+        checkpoint_every=evidence.checkpoint_every,
+        checkpoint_seconds=evidence.checkpoint_seconds,
+        max_pending=evidence.max_pending,
+        lock_wait_seconds=evidence.lock_wait_seconds,
+        redact_keys=evidence.redact_keys,
+        arguments=evidence.arguments,
+        known_tool=known_tool,
+        exporter=exporter_from_env(
+            exporter=telemetry.exporter,
+            protocol=telemetry.protocol,
+            endpoint=telemetry.endpoint,
+            timeout_seconds=telemetry.export_timeout_seconds,
+        ),
+        service_name=telemetry.service_name,
+        max_backoff_seconds=telemetry.max_backoff_seconds,
     )
 
 
@@ -177,6 +195,7 @@ def build_escalations(config: Config, recorder: Recorder | None):
             esc.webhook_url,
             timeout_seconds=esc.webhook_timeout_seconds,
             attempts=esc.webhook_attempts,
+            backoff_seconds=esc.webhook_backoff_seconds,
             secret=secret,
             console_url=esc.console_url,
         )

@@ -13,6 +13,7 @@ import pytest
 from sidecar.client import AsyncClient
 from sidecar.config import Config, load_config
 from sidecar.server import RunningSidecar, start_sidecar
+from tests.infra.volume import TinyVolume
 
 REPO = Path(__file__).resolve().parent.parent
 REGO = REPO / "rego"
@@ -74,6 +75,13 @@ def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
         return load_config(None, settings)
 
     return make
+
+
+@pytest.fixture
+def tiny_volume(tmp_path: Path):
+    """A real 256 KiB tmpfs at tmp_path/tiny that the test can fill (tests/infra/volume.py; needs root)."""
+    with TinyVolume(tmp_path / "tiny", size_kib=256) as volume:
+        yield volume
 
 
 @pytest.fixture

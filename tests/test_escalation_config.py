@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.config import ConfigError, load_config
-from sidecar.escalation.service import approver_matches
+from sidecar.escalation.approvers import approver_matches
 
 
 def test_defaults():
@@ -25,6 +25,7 @@ def test_defaults():
         ("escalation.await_max_seconds", 0, "escalation.await_max_seconds: must be positive"),
         ("escalation.poll_interval_ms", 0, "escalation.poll_interval_ms: must be positive"),
         ("escalation.webhook_attempts", 0, "escalation.webhook_attempts: must be positive"),
+        ("escalation.webhook_backoff_seconds", 0, "escalation.webhook_backoff_seconds: must be positive"),
         ("escalation.webhook_url", "ftp://x", "escalation.webhook_url: must be an http:// or https:// URL"),
         ("escalation.approvers", ["alice"], "escalation.approvers[0]: 'alice' must be a SPIFFE ID or scheme:value"),
         ("escalation.approvers", ["spiffe://Bad/x"], "escalation.approvers[0]: trust domain may hold only"),

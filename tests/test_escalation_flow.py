@@ -18,7 +18,7 @@ import pytest
 from sidecar.client import AsyncClient, AuthorizationDenied, Client, EscalationRequired
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError
 from sidecar.evidence.verify import verify_dir
-from sidecar.v1 import sidecar_pb2
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.doubles.escalation import (
     AGENT,
     ALICE,
@@ -44,11 +44,14 @@ def config(tmp_path, store_kind):
     return make
 
 
-async def await_decision(client: AsyncClient, escalation_id: str, timeout: float = 0.0):
-    return await client._stub.AwaitDecision(
-        sidecar_pb2.AwaitDecisionRequest(escalation_id=escalation_id, timeout_seconds=timeout),
-        timeout=(timeout if math.isfinite(timeout) else 0) + 5,
-    )
+async def await_decision(address: str, escalation_id: str, timeout: float = 0.0):
+    """One raw AwaitDecision (the agent SDK's await_decision repeats it until decided), with the
+    generated ToolGate stub on its own channel: the response as sent, or the grpc.aio.AioRpcError."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await sidecar_pb2_grpc.ToolGateStub(channel).AwaitDecision(
+            sidecar_pb2.AwaitDecisionRequest(escalation_id=escalation_id, timeout_seconds=timeout),
+            timeout=(timeout if math.isfinite(timeout) else 0) + 5,
+        )
 
 
 async def refused(call) -> ApprovalsError:
@@ -75,7 +78,7 @@ async def test_full_flow_escalate_wait_approve_repeat_once(config, running_sidec
         assert shown["trace_id"] == first.trace_id
 
         # a long poll that a decision ends early
-        waiting = asyncio.create_task(await_decision(agent, first.escalation_id, timeout=10))
+        waiting = asyncio.create_task(await_decision(address, first.escalation_id, timeout=10))
         await asyncio.sleep(0.3)
         assert not waiting.done()
         started = time.monotonic()
@@ -122,7 +125,7 @@ async def test_human_denial_is_final_and_recorded(config, running_sidecar, tmp_p
         escalated = await agent.authorize("delete_repo", {"repo": "acme/billing"})
         denied = await approvals.deny(escalated.escalation_id, note="not during the freeze", approver=BOB)
         assert denied["state"] == "denied" and denied["approver"] == BOB
-        answer = await await_decision(agent, escalated.escalation_id, timeout=5)
+        answer = await await_decision(sidecar.addresses[0], escalated.escalation_id, timeout=5)
         assert answer.escalation.state == sidecar_pb2.ESCALATION_STATE_DENIED and not answer.timed_out
         retry = await agent.authorize("delete_repo", {"repo": "acme/billing"}, escalation_id=escalated.escalation_id)
         assert retry.outcome == "deny"
@@ -207,7 +210,7 @@ async def test_an_approval_holds_only_for_the_exact_call(config, running_sidecar
         assert stolen.outcome == "deny"
         assert "another subject (spiffe://dev.local/other-agent" in stolen.reasons[0]
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await await_decision(intruder, one.escalation_id)
+            await await_decision(stranger.addresses[0], one.escalation_id)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     async with AsyncClient(address) as agent:
         assert (await agent.authorize("send_email", EMAIL, task_id="t-1",
@@ -246,7 +249,7 @@ async def test_expiry_of_pending_escalations_and_unused_approvals(config, runnin
     address = sidecar.addresses[0]
     async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
         lapsing = await agent.authorize("send_email", EMAIL)
-        answer = await await_decision(agent, lapsing.escalation_id, timeout=5)  # ends when it expires
+        answer = await await_decision(address, lapsing.escalation_id, timeout=5)  # ends when it expires
         assert answer.escalation.state == sidecar_pb2.ESCALATION_STATE_EXPIRED and not answer.timed_out
         error = await refused(approvals.approve(lapsing.escalation_id, approver=ALICE))
         assert error.code == "escalation_expired"
@@ -272,15 +275,15 @@ async def test_await_decision_times_out_and_caps_the_wait(config, running_sideca
     async with AsyncClient(sidecar.addresses[0]) as agent:
         escalated = await agent.authorize("send_email", EMAIL)
         started = time.monotonic()
-        answer = await await_decision(agent, escalated.escalation_id, timeout=30)
+        answer = await await_decision(sidecar.addresses[0], escalated.escalation_id, timeout=30)
         assert answer.timed_out and answer.escalation.state == sidecar_pb2.ESCALATION_STATE_PENDING
         assert 0.4 < time.monotonic() - started < 3
         for bad, code in (("esc-" + "1" * 32, grpc.StatusCode.NOT_FOUND), ("nope", grpc.StatusCode.NOT_FOUND)):
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await await_decision(agent, bad)
+                await await_decision(sidecar.addresses[0], bad)
             assert info.value.code() == code
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await await_decision(agent, escalated.escalation_id, timeout=float("nan"))
+            await await_decision(sidecar.addresses[0], escalated.escalation_id, timeout=float("nan"))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -488,18 +491,19 @@ async def test_approvers_see_what_they_decide(config, running_sidecar, tmp_path)
         assert repeated["agent_seen_at"] > as_alice["agent_seen_at"]
 
         # an open AwaitDecision shows the agent waiting; one that timed out, or was cancelled, does not
-        answer = await await_decision(agent, first.escalation_id, timeout=0.2)
+        answer = await await_decision(address, first.escalation_id, timeout=0.2)
         assert answer.timed_out and not answer.escalation.HasField("arguments")  # never to the agent
         gave_up = await approvals.get(first.escalation_id)
         assert gave_up["agent_waiting"] is False and gave_up["agent_seen_at"] > repeated["agent_seen_at"]
-        call = agent._stub.AwaitDecision(sidecar_pb2.AwaitDecisionRequest(escalation_id=first.escalation_id,
-                                                                          timeout_seconds=30), timeout=35)
-        await wait_until(lambda: approvals.get(first.escalation_id), lambda e: e["agent_waiting"], "waiting")
-        call.cancel()
-        await wait_until(lambda: approvals.get(first.escalation_id), lambda e: not e["agent_waiting"],
-                         "not waiting after the agent hung up")
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = sidecar_pb2_grpc.ToolGateStub(channel).AwaitDecision(
+                sidecar_pb2.AwaitDecisionRequest(escalation_id=first.escalation_id, timeout_seconds=30), timeout=35)
+            await wait_until(lambda: approvals.get(first.escalation_id), lambda e: e["agent_waiting"], "waiting")
+            call.cancel()
+            await wait_until(lambda: approvals.get(first.escalation_id), lambda e: not e["agent_waiting"],
+                             "not waiting after the agent hung up")
 
-        waiting = asyncio.create_task(await_decision(agent, first.escalation_id, timeout=30))
+        waiting = asyncio.create_task(await_decision(address, first.escalation_id, timeout=30))
         await wait_until(lambda: approvals.get(first.escalation_id), lambda e: e["agent_waiting"], "waiting again")
         decided = await approvals.approve(first.escalation_id, approver=ALICE)
         assert decided["arguments"] is None and decided["state"] == "approved"

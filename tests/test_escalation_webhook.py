@@ -43,7 +43,7 @@ class Receiver:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/hook"
         return self
 
     async def stop(self) -> None:
@@ -75,8 +75,8 @@ async def test_new_escalations_are_posted_retried_and_never_block_the_decision(t
         "escalation.webhook_secret_file": str(secret),
         "escalation.console_url": "https://approvals.example.org/",
         "escalation.webhook_attempts": 3,
+        "escalation.webhook_backoff_seconds": 0.05,  # keep the test quick; the schedule is tenacity's
     }))
-    sidecar.escalations.notifier._backoff = 0.05  # keep the test quick; the schedule is tenacity's
     hook.release.clear()  # the receiver hangs: the agent must not wait for it
     async with AsyncClient(sidecar.addresses[0]) as agent:
         started = time.monotonic()
@@ -113,8 +113,8 @@ async def test_a_webhook_that_is_down_changes_nothing(tmp_path, receiver, runnin
     url = hook.url
     await hook.stop()  # nothing listens there any more: connection refused
     sidecar = await running_sidecar(make_config(tmp_path, **{"escalation.webhook_url": url,
-                                                             "escalation.webhook_attempts": 2}))
-    sidecar.escalations.notifier._backoff = 0.01
+                                                             "escalation.webhook_attempts": 2,
+                                                             "escalation.webhook_backoff_seconds": 0.01}))
     async with AsyncClient(sidecar.addresses[0]) as agent:
         escalated = await agent.authorize("send_email", EMAIL)
         assert escalated.outcome == "escalate" and escalated.escalation_id
@@ -136,7 +136,7 @@ async def test_a_client_error_is_not_retried(tmp_path, running_sidecar):
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
-        port = site._server.sockets[0].getsockname()[1]
+        port = runner.addresses[0][1]
         sidecar = await running_sidecar(make_config(tmp_path, **{
             "escalation.webhook_url": f"http://127.0.0.1:{port}/hook", "escalation.webhook_attempts": 4}))
         async with AsyncClient(sidecar.addresses[0]) as agent:

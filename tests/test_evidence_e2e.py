@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 
 import grpc
@@ -77,15 +76,20 @@ async def test_each_authorize_leaves_a_record_and_a_span_with_the_response_ids(e
     assert verify_dir(tmp_path / "ev").ok
 
 
-async def test_a_full_disk_denies_calls_and_marks_the_sidecar_not_serving(evidence_sidecar, tmp_path):
-    sidecar = evidence_sidecar
-
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    sidecar.recorder.log._write = full
+async def test_a_full_disk_denies_calls_and_marks_the_sidecar_not_serving(
+    tmp_path, tiny_volume, running_sidecar, sidecar_config, jaeger, clean_otel_env
+):
+    # evidence.dir on a 256 KiB tmpfs that the test fills; the mirror and the escalation store live off it
+    directory = tiny_volume.path / "ev"
+    policy = write_policy(tmp_path / "rego", SIMPLE_POLICY)
+    sidecar = await running_sidecar(sidecar_config(**jaeger.telemetry_settings(SERVICE), **{
+        "policy.dir": str(policy), "evidence.dir": str(directory),
+        "evidence.checkpoint_mirror": str(tmp_path / "cp.jsonl"), "escalation.path": str(tmp_path / "esc.db"),
+    }))
+    tiny_volume.fill()
     async with AsyncClient(sidecar.addresses[0]) as client:
-        result = await client.authorize("echo", {"text": "hi"})
+        # an intent of MAX_INTENT_BYTES: the record needs a new block, whatever room the file's last page has
+        result = await client.authorize("echo", {"text": "hi"}, intent="x" * 4096)
         assert result.outcome == "deny"
         assert result.reasons[0].startswith("evidence_unavailable:")
         await sidecar.health.refresh()
@@ -93,13 +97,13 @@ async def test_a_full_disk_denies_calls_and_marks_the_sidecar_not_serving(eviden
             status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-        sidecar.recorder.log._write = __import__("os").write  # space again
+        tiny_volume.free()
         again = await client.authorize("echo", {"text": "hi"})
         assert again.outcome == "allow"
         await sidecar.health.refresh()
         async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
             status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
-    ids = [r.get("decision_id") for r in read_records(tmp_path / "ev")]
+    ids = [r.get("decision_id") for r in read_records(directory)]
     assert result.decision_id not in ids and again.decision_id in ids
-    assert verify_dir(tmp_path / "ev").ok
+    assert verify_dir(directory).ok

@@ -5,21 +5,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from sidecar.canonical import canonical_json, sha256_digest
-from sidecar.config import EvidenceConfig, TelemetryConfig
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, TraceContext
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.recorder import EvidenceRecorder, open_recorder
 from sidecar.evidence.records import GENESIS, record_hash
 from sidecar.evidence.signing import dev_signing_key
 from sidecar.evidence.verify import verify_dir
+from tests.doubles.disk import FaultyDisk
 from sidecar.identity import CallerIdentity, Subject
 
 AGENT = "spiffe://example.org/ns/agents/sa/research"
@@ -58,17 +56,6 @@ def make_event(i: int = 0, **changes) -> DecisionEvent:
     return DecisionEvent(**fields)
 
 
-def evidence_config(directory: Path, **changes) -> EvidenceConfig:
-    config = EvidenceConfig(dir=str(directory))
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
-
-
-def no_export() -> TelemetryConfig:
-    return TelemetryConfig(exporter="none")
-
-
 def read_records(directory: Path) -> list[dict]:
     records = []
     for path in sorted(directory.glob("evidence-*.jsonl")):
@@ -78,9 +65,7 @@ def read_records(directory: Path) -> list[dict]:
 
 @pytest.fixture
 async def recorder(tmp_path):
-    rec = open_recorder(
-        evidence_config(tmp_path / "ev"), no_export(), instance_id="sidecar-test-1", known_tool=lambda t: t == "read_file"
-    )
+    rec = open_recorder(tmp_path / "ev", instance_id="sidecar-test-1", known_tool=lambda t: t == "read_file")
     yield rec
     await rec.close()
 
@@ -158,7 +143,7 @@ async def test_arguments_in_clear_only_when_allowed_and_secrets_never(tmp_path):
         ("clear", {}, True),
     ):
         directory = tmp_path / f"{mode}-{len(obligations)}"
-        rec = open_recorder(evidence_config(directory, arguments=mode, redact_keys=["custom"]), no_export(), instance_id="s")
+        rec = open_recorder(directory, arguments=mode, redact_keys=["custom"], instance_id="s")
         try:
             await rec.record(make_event(1, arguments=secret_args, obligations=obligations))
         finally:
@@ -196,17 +181,20 @@ async def test_group_commit_shares_syncs_under_concurrent_load(recorder, tmp_pat
     assert verify_dir(tmp_path / "ev").ok
 
 
-async def test_record_is_on_disk_when_record_returns(recorder, tmp_path):
-    calls = []
-    real = recorder.log._datasync
-    recorder.log._datasync = lambda fd: (calls.append(fd), real(fd))
+async def test_record_is_on_disk_when_record_returns(faulty_disk, tmp_path):
+    recorder, disk = faulty_disk
+    syncs_before = len(disk.synced)
     receipt = await recorder.record(make_event(1))
-    assert calls, "no sync before the receipt"
+    data = (tmp_path / "ev" / "evidence-000001.jsonl").read_bytes()
+    record_end = data.index(receipt.hash.encode())
+    record_end = data.index(b"\n", record_end) + 1
+    synced_sizes = [size for _, size in disk.synced[syncs_before:]]
+    assert synced_sizes and max(synced_sizes) >= record_end, "no sync covered the record before the receipt"
     assert read_records(tmp_path / "ev")[-1]["hash"] == receipt.hash
 
 
 async def test_rotation_continues_the_chain_across_files(tmp_path):
-    rec = open_recorder(evidence_config(tmp_path / "ev", rotate_bytes=4096, checkpoint_every=25), no_export(), instance_id="s")
+    rec = open_recorder(tmp_path / "ev", rotate_bytes=4096, checkpoint_every=25, instance_id="s")
     try:
         for i in range(60):
             await rec.record(make_event(i))
@@ -225,10 +213,10 @@ async def test_rotation_continues_the_chain_across_files(tmp_path):
 
 async def test_restart_continues_the_chain_with_a_new_startup_record(tmp_path):
     directory = tmp_path / "ev"
-    first = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    first = open_recorder(directory, instance_id="one")
     last = await first.record(make_event(1))
     await first.close()
-    second = open_recorder(evidence_config(directory), no_export(), instance_id="two")
+    second = open_recorder(directory, instance_id="two")
     try:
         await second.record(make_event(2))
     finally:
@@ -244,7 +232,7 @@ async def test_restart_continues_the_chain_with_a_new_startup_record(tmp_path):
 
 async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
     directory = tmp_path / "ev"
-    rec = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    rec = open_recorder(directory, instance_id="one")
     receipt = await rec.record(make_event(1))
     rec.log.close_sync(checkpoint=False)
     path = directory / "evidence-000001.jsonl"
@@ -254,7 +242,7 @@ async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
     assert not verify_dir(directory).problems  # a torn tail is a warning, not tampering
     assert any("unterminated" in w for w in verify_dir(directory).warnings)
 
-    reopened = open_recorder(evidence_config(directory), no_export(), instance_id="two")
+    reopened = open_recorder(directory, instance_id="two")
     await reopened.close()
     records = read_records(directory)
     startup = [r for r in records if r["kind"] == "startup"][-1]
@@ -266,109 +254,85 @@ async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
 
 async def test_damaged_complete_last_record_refuses_to_open(tmp_path):
     directory = tmp_path / "ev"
-    rec = open_recorder(evidence_config(directory), no_export(), instance_id="one")
+    rec = open_recorder(directory, instance_id="one")
     await rec.record(make_event(1))
     rec.log.close_sync(checkpoint=False)
     path = directory / "evidence-000001.jsonl"
     path.write_bytes(path.read_bytes().replace(b'"outcome":"allow"', b'"outcome":"deny!"'))
     with pytest.raises(EvidenceError, match="damaged"):
-        open_recorder(evidence_config(directory), no_export(), instance_id="two")
-
-
-async def test_disk_full_raises_evidence_error_degrades_health_and_recovers(recorder, tmp_path):
-    good = await recorder.record(make_event(1))
-
-    def full(fd, data):
-        os.write(fd, bytes(data[:10]))  # a partial write, then the disk is full
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    recorder.log._write = full
-    with pytest.raises(EvidenceError, match="no space left"):
-        await recorder.record(make_event(2))
-    ok, detail = recorder.health()
-    assert not ok and "no space left" in detail
-
-    recorder.log._write = os.write  # space freed
-    after = await recorder.record(make_event(3))
-    assert after.seq == good.seq + 1  # the refused record never entered the chain
-    assert recorder.health()[0]
-    ids = [r.get("decision_id") for r in read_records(tmp_path / "ev")]
-    assert "decision-2" not in ids and ids[-1] == "decision-3"
-    assert verify_dir(tmp_path / "ev").ok
-
-
-async def test_sync_failure_is_an_evidence_error(recorder, tmp_path):
-    def broken(fd):
-        raise OSError(errno.EIO, "Input/output error")
-
-    recorder.log._datasync = broken
-    with pytest.raises(EvidenceError, match="Input/output error"):
-        await recorder.record(make_event(1))
-    assert not recorder.health()[0]
+        open_recorder(directory, instance_id="two")
 
 
 @pytest.fixture
-def tiny_volume(tmp_path):
-    """A real 256 KiB tmpfs, so the kernel itself says ENOSPC (needs root; skipped otherwise)."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+async def tiny_recorder(tiny_volume, tmp_path):
+    """A recorder whose evidence directory is on the 256 KiB tmpfs; its key and mirror live off it."""
+    dev_signing_key(tmp_path / "key.pem")
+    rec = open_recorder(tiny_volume.path / "ev", instance_id="sidecar-test-1", signing_key=str(tmp_path / "key.pem"),
+                        checkpoint_mirror=str(tmp_path / "cp.jsonl"))
+    yield rec
+    await rec.close()
 
 
-async def test_a_really_full_volume_denies_then_recovers(tiny_volume, tmp_path):
-    directory = tiny_volume / "ev"
-    dev_signing_key(tmp_path / "key.pem")  # the key and the mirror live off the tiny volume
-    config = evidence_config(
-        directory, signing_key=str(tmp_path / "key.pem"), checkpoint_mirror=str(tmp_path / "cp.jsonl")
-    )
-    rec = open_recorder(config, no_export(), instance_id="s")
-    try:
-        filler = tiny_volume / "filler"
-        receipts, error = [], None
-        with open(filler, "wb") as f:
-            try:
-                f.write(b"x" * (256 * 1024))
-                f.flush()
-            except OSError:
-                pass
-        for i in range(400):
-            try:
-                receipts.append(await rec.record(make_event(i, intent="x" * 2000)))
-            except EvidenceError as exc:
-                error = exc
-                break
-        assert error is not None and "no space left" in str(error)
-        assert not rec.health()[0]
-        filler.unlink()  # space again
-        after = await rec.record(make_event(1000))
-        assert after.seq == (receipts[-1].seq if receipts else 1) + 1
-    finally:
-        await rec.close()
+# A record longer than a page (an intent of MAX_INTENT_BYTES) needs a new block of the
+# volume whatever room is left in the log file's last page: once the volume is full, its
+# write is cut short by the kernel and then fails with ENOSPC.
+PAGE_FILLING = dict(intent="x" * 4096)
+
+
+async def test_a_full_volume_raises_evidence_error_degrades_health_and_recovers(tiny_recorder, tiny_volume, tmp_path):
+    directory = tiny_volume.path / "ev"
+    good = await tiny_recorder.record(make_event(1))
+    tiny_volume.fill()
+    with pytest.raises(EvidenceError, match="no space left"):
+        await tiny_recorder.record(make_event(2, **PAGE_FILLING))
+    ok, detail = tiny_recorder.health()
+    assert not ok and "no space left" in detail
+
+    tiny_volume.free()
+    after = await tiny_recorder.record(make_event(3))
+    assert after.seq == good.seq + 1  # the refused record never entered the chain
+    assert tiny_recorder.health()[0]
+    ids = [r.get("decision_id") for r in read_records(directory)]
+    assert "decision-2" not in ids and ids[-1] == "decision-3"
+    await tiny_recorder.close()  # the closing checkpoint, mirrored off the volume
     report = verify_dir(directory, mirror=tmp_path / "cp.jsonl")
     assert report.ok, report.problems
+
+
+@pytest.fixture
+async def faulty_disk(tmp_path):
+    """A recorder whose log makes its data syncs through FaultyDisk (tests/doubles/disk.py), and that double."""
+    disk = FaultyDisk()
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="sidecar-test-1", file_io=disk)
+    rec = EvidenceRecorder(log, None, known_tool=lambda t: t == "read_file")
+    yield rec, disk
+    disk.release()
+    await rec.close()
+
+
+async def test_sync_failure_is_an_evidence_error(faulty_disk):
+    recorder, disk = faulty_disk
+    disk.sync_error = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(EvidenceError, match="Input/output error"):
+        await recorder.record(make_event(1))
+    assert not recorder.health()[0]
 
 
 def test_an_unwritable_directory_refuses_to_open(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     with pytest.raises(EvidenceError):
-        open_recorder(evidence_config(blocker / "ev"), no_export(), instance_id="s")
+        open_recorder(blocker / "ev", instance_id="s")
 
 
 async def test_two_writers_cannot_share_a_directory(recorder, tmp_path):
     with pytest.raises(EvidenceError, match="in use"):
-        open_recorder(evidence_config(tmp_path / "ev"), no_export(), instance_id="other")
+        open_recorder(tmp_path / "ev", instance_id="other")
 
 
 async def test_checkpoints_by_count_and_time_and_mirror(tmp_path):
     directory = tmp_path / "ev"
-    rec = open_recorder(evidence_config(directory, checkpoint_every=10, checkpoint_seconds=0.2), no_export(), instance_id="s")
+    rec = open_recorder(directory, checkpoint_every=10, checkpoint_seconds=0.2, instance_id="s")
     try:
         for i in range(10):
             await rec.record(make_event(i))
@@ -400,7 +364,7 @@ async def test_other_kinds_are_appended_to_the_same_chain(recorder, tmp_path):
     assert read_records(tmp_path / "ev")[-1]["approver"] == "alice"
 
 
-async def test_gate_denies_when_evidence_cannot_be_written(recorder):
+async def test_gate_denies_when_evidence_cannot_be_written(tiny_recorder, tiny_volume):
     from sidecar.calls import CallIdRegistry, ToolCall
     from sidecar.gate import Gate
     from sidecar.policy.decision import Decision
@@ -427,7 +391,7 @@ async def test_gate_denies_when_evidence_cannot_be_written(recorder):
         catalog=allow_all,
         usage=MemoryCounter(60, 100),
         call_ids=CallIdRegistry(100),
-        recorder=recorder,
+        recorder=tiny_recorder,
         max_input_bytes=1 << 20,
         max_depth=32,
         instance_id="sidecar-test-1",
@@ -436,11 +400,8 @@ async def test_gate_denies_when_evidence_cannot_be_written(recorder):
     allowed = await gate.authorize(ToolCall("read_file", {"path": "/w"}), identity)
     assert allowed.decision.outcome == "allow" and allowed.receipt is not None
 
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    recorder.log._write = full
-    denied = await gate.authorize(ToolCall("read_file", {"path": "/w"}), identity)
+    tiny_volume.fill()
+    denied = await gate.authorize(ToolCall("read_file", {"path": "/w"}, **PAGE_FILLING), identity)
     assert denied.decision.outcome == "deny" and denied.receipt is None
     assert denied.decision.reasons[0].startswith("evidence_unavailable:")
 
@@ -463,18 +424,15 @@ def test_recorder_rejects_unknown_argument_mode(tmp_path):
         log.close_sync()
 
 
-async def test_a_disk_that_hangs_denies_after_the_record_timeout(recorder):
-    import threading
-
-    release = threading.Event()
-    real = recorder.log._datasync
-    recorder.log._datasync = lambda fd: (release.wait(5), real(fd))
+async def test_a_disk_that_hangs_denies_after_the_record_timeout(faulty_disk):
+    recorder, disk = faulty_disk
     recorder.record_timeout = 0.2
+    disk.hold()
     try:
         with pytest.raises(EvidenceError, match="did not confirm"):
             await recorder.record(make_event(1))
     finally:
-        release.set()
+        disk.release()
 
 
 async def test_a_bug_in_the_writer_fails_the_batch_instead_of_hanging(recorder, monkeypatch):
@@ -488,3 +446,42 @@ async def test_a_bug_in_the_writer_fails_the_batch_instead_of_hanging(recorder, 
         await asyncio.wait_for(recorder.record(make_event(1)), 5)
     monkeypatch.undo()
     assert (await recorder.record(make_event(2))).seq == 2
+
+
+def test_open_recorder_defaults_are_the_config_defaults():
+    """open_recorder takes plain values; its defaults must not drift from config.py's (docs/configuration.md)."""
+    import inspect
+
+    from sidecar.config import EvidenceConfig, TelemetryConfig
+
+    parameters = inspect.signature(open_recorder).parameters
+    evidence, telemetry = EvidenceConfig(), TelemetryConfig()
+    for name in ("signing_key", "checkpoint_mirror", "rotate_bytes", "checkpoint_every", "checkpoint_seconds",
+                 "max_pending", "lock_wait_seconds", "arguments"):
+        assert parameters[name].default == getattr(evidence, name), name
+    assert list(parameters["redact_keys"].default) == evidence.redact_keys
+    for name in ("service_name", "max_backoff_seconds"):
+        assert parameters[name].default == getattr(telemetry, name), name
+
+
+async def test_waiters_on_the_loop_and_on_threads_share_a_batch_and_one_that_gave_up_still_lands(tmp_path):
+    """Records awaited on the event loop (`append`) and from threads (`append_sync`) complete from the
+    same commits; a caller that stops waiting (its time budget) does not stop its record or the ones after."""
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    try:
+        from_threads = [asyncio.to_thread(log.append_sync, "expiry", {"escalation_id": f"t-{i}"}, 5) for i in range(20)]
+        from_loop = [log.append("expiry", {"escalation_id": f"l-{i}"}) for i in range(20)]
+        receipts = await asyncio.gather(*from_threads, *from_loop)
+        assert sorted(r.seq for r in receipts) == list(range(2, 42))
+        impatient = asyncio.ensure_future(log.append("expiry", {"escalation_id": "gave-up"}))
+        await asyncio.sleep(0)  # queued, now waiting for the disk
+        impatient.cancel()
+        after = await log.append("expiry", {"escalation_id": "after"})
+        records = [json.loads(line) for path in sorted((tmp_path / "ev").glob("evidence-*.jsonl"))
+                   for line in path.read_text().splitlines()]
+        ids = [r.get("escalation_id") for r in records]
+        assert after.seq == len(records) and ids[-1] == "after"
+        assert "gave-up" in ids and impatient.cancelled()
+    finally:
+        log.close_sync()
+    assert verify_dir(tmp_path / "ev").ok

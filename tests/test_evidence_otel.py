@@ -10,20 +10,20 @@ import time
 
 import pytest
 
-from sidecar.config import TelemetryConfig
 from sidecar.evidence import TraceContext
 from sidecar.evidence.recorder import open_recorder
 from sidecar.evidence.spans import exporter_from_env
 from sidecar.evidence.verify import verify_dir
 from tests.doubles.otlp_receiver import OtlpReceiver
-from tests.test_evidence_log import AGENT, OUTCOMES, evidence_config, make_event
+from tests.test_evidence_log import AGENT, OUTCOMES, make_event
 
 
-def telemetry(receiver: OtlpReceiver, **changes) -> TelemetryConfig:
-    config = TelemetryConfig(endpoint=receiver.endpoint, export_timeout_seconds=1.0, max_backoff_seconds=0.3)
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return config
+def shipping_to(receiver: OtlpReceiver, timeout_seconds: float = 1.0) -> dict:
+    """open_recorder's span-export arguments for the receiver, as server.build_recorder builds them."""
+    return {
+        "exporter": exporter_from_env(endpoint=receiver.endpoint, timeout_seconds=timeout_seconds),
+        "max_backoff_seconds": 0.3,
+    }
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ async def test_each_decision_is_an_execute_tool_span_with_a_guardrail_child(tmp_
     monkeypatch.setenv("POD_NAME", "agent-7f9c")
     monkeypatch.setenv("POD_NAMESPACE", "agents")
     rec = open_recorder(
-        evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="sidecar-test-1",
+        tmp_path / "ev", **shipping_to(receiver), instance_id="sidecar-test-1",
         known_tool=lambda t: t == "read_file",
     )
     events, receipts = {}, {}
@@ -96,7 +96,7 @@ async def test_each_decision_is_an_execute_tool_span_with_a_guardrail_child(tmp_
 async def test_service_name_from_config_or_env(tmp_path, receiver, clean_otel_env, monkeypatch):
     monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
-    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="s")
+    rec = open_recorder(tmp_path / "ev", **shipping_to(receiver), instance_id="s")
     try:
         await rec.record(make_event(1))
         assert receiver.wait_for(lambda r: r.by_name("execute_tool"))
@@ -108,7 +108,7 @@ async def test_service_name_from_config_or_env(tmp_path, receiver, clean_otel_en
 
 
 async def test_a_collector_down_for_a_while_receives_every_span_when_back(tmp_path, receiver, clean_otel_env):
-    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="s")
+    rec = open_recorder(tmp_path / "ev", **shipping_to(receiver), instance_id="s")
     try:
         await rec.record(make_event(0))
         assert receiver.wait_for(lambda r: r.by_name("execute_tool"))
@@ -138,7 +138,7 @@ async def test_a_collector_down_for_a_while_receives_every_span_when_back(tmp_pa
 async def test_spans_not_acknowledged_before_shutdown_are_shipped_by_the_next_start(tmp_path, receiver, clean_otel_env):
     directory = tmp_path / "ev"
     receiver.mode = "fail"
-    rec = open_recorder(evidence_config(directory), telemetry(receiver), instance_id="one")
+    rec = open_recorder(directory, **shipping_to(receiver), instance_id="one")
     events = [make_event(i, sidecar="one") for i in range(20)]
     try:
         for event in events:
@@ -147,7 +147,7 @@ async def test_spans_not_acknowledged_before_shutdown_are_shipped_by_the_next_st
         await rec.close()
     assert not receiver.spans
     receiver.mode = "ok"
-    rec = open_recorder(evidence_config(directory), telemetry(receiver), instance_id="two")
+    rec = open_recorder(directory, **shipping_to(receiver), instance_id="two")
     try:
         assert receiver.wait_for(lambda r: {e.trace.span_id for e in events} <= r.span_ids())
     finally:
@@ -160,7 +160,7 @@ async def test_spans_not_acknowledged_before_shutdown_are_shipped_by_the_next_st
 
 async def test_a_slow_collector_does_not_slow_decisions(tmp_path, receiver, clean_otel_env):
     receiver.delay = 1.5
-    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver, export_timeout_seconds=5.0), instance_id="s")
+    rec = open_recorder(tmp_path / "ev", **shipping_to(receiver, timeout_seconds=5.0), instance_id="s")
     try:
         await rec.record(make_event(0))
         await asyncio.sleep(0.1)  # the shipper is now inside a slow export
@@ -186,7 +186,7 @@ def test_exporter_choice_follows_config_and_otel_env(clean_otel_env):
 
 
 async def test_escalation_kinds_become_spans_in_the_calls_trace_with_links(tmp_path, receiver, clean_otel_env):
-    rec = open_recorder(evidence_config(tmp_path / "ev"), telemetry(receiver), instance_id="s")
+    rec = open_recorder(tmp_path / "ev", **shipping_to(receiver), instance_id="s")
     decision = make_event(1, outcome="escalate", reasons=("needs_approval: outside address",), escalation_id="esc-1")
     approval_span = TraceContext.new(decision.trace)
     try:

@@ -30,7 +30,7 @@ from sidecar.evidence.recorder import EvidenceRecorder, open_recorder
 from sidecar.evidence.records import default_mirror_path, dev_key_path, seal
 from sidecar.evidence.signing import SigningKey, load_bundle, load_public_keys, sign_payload
 from sidecar.evidence.verify import BROKEN, CONSISTENT, INTACT, NOT_YET_COVERED, verify_dir
-from tests.test_evidence_log import evidence_config, make_event, no_export
+from tests.test_evidence_log import make_event
 
 
 def write_log(directory: Path, key: SigningKey, *, records: int = 30, clean: bool = True, **kwargs) -> Path:
@@ -298,7 +298,7 @@ def test_signer_without_bundle_is_refused(log_dir, capsys):
 
 async def test_the_dev_key_and_the_mirror_are_not_in_the_evidence_directory(tmp_path):
     directory = tmp_path / "ev"
-    recorder = open_recorder(evidence_config(directory, checkpoint_every=2), no_export(), instance_id="s")
+    recorder = open_recorder(directory, checkpoint_every=2, instance_id="s")
     try:
         for i in range(3):
             await recorder.record(make_event(i))

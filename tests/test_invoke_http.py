@@ -72,7 +72,7 @@ async def upstream():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     yield state, f"http://127.0.0.1:{port}"
     await runner.cleanup()
 
@@ -211,7 +211,7 @@ async def test_a_tls_failure_is_a_clear_error_and_nothing_is_sent(tmp_path, side
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     try:
-        url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x"
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}/x"
         sidecar = await running_sidecar(sidecar_config(**{
             "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
             "invoke.tools": {"create_ticket": {"url": url}},

@@ -116,7 +116,7 @@ async def test_rollback_of_an_http_tool_goes_through_invoke(tmp_path, sidecar_co
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     policy = write_policy(tmp_path / "policy", POLICY.replace('{"send", "whoami"}', '{"send", "whoami", "open_ticket"}')
                           .replace('"unsend"', '"close_ticket"'))
     (policy / "sidecar" / "catalog").mkdir(parents=True)

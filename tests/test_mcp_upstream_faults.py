@@ -39,7 +39,7 @@ async def garbage_upstream():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/mcp"
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}/mcp"
     await runner.cleanup()
 
 

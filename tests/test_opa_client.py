@@ -40,9 +40,10 @@ async def serve_opa(short_dir):
     """Start a real managed OPA on a policy directory or built bundle; stopped at the end."""
     runners: list[OpaRunner] = []
 
-    async def start(bundle: Path) -> OpaRunner:
+    async def start(bundle: Path, **options) -> OpaRunner:
+        options = {"restart_backoff_seconds": 0.05, **options}
         runner = OpaRunner(OpaRunOptions(binary=find_opa(), bundle=bundle, socket=short_dir / f"opa{len(runners)}.sock",
-                                         restart_backoff_seconds=0.05))
+                                         **options))
         await runner.start()
         runners.append(runner)
         return runner
@@ -222,13 +223,12 @@ async def test_input_that_is_not_json_is_denied_without_calling_opa(tmp_path, se
 
 
 async def test_opa_killed_denies_then_recovers_when_it_is_restarted(tmp_path, serve_opa, make_client):
-    opa = await serve_opa(write_policy(tmp_path / "p", SIMPLE_POLICY))
+    # An hour before the runner restarts it: OPA stays down while we look.
+    opa = await serve_opa(write_policy(tmp_path / "p", SIMPLE_POLICY), restart_backoff_seconds=3600)
     client = await make_client(opa.url, retries=0, breaker_failures=100)
     assert (await client.decide(INPUT)).outcome == "allow"
-    # Stop the supervisor first so OPA stays down while we look.
-    opa._supervisor.cancel()
     os.kill(opa.pid, signal.SIGKILL)
-    await opa._process.wait()
+    await wait_for(lambda: not opa.health()[0])  # the runner saw it die
     assert_opa_deny(await client.decide(INPUT), "policy_unavailable", opa.url, "unreachable")
     await wait_for(lambda: not client.ready()[0])
     await opa.aclose()

@@ -167,7 +167,7 @@ from sidecar.policy.opa.service import PolicyService
 async def main():
     service = PolicyService(sys.argv[1], reload=False)
     await service.start()
-    print(service._workdir, flush=True)
+    print(service.runner.options.socket.parent, flush=True)  # OPA's socket is in the work directory
     await asyncio.sleep(3600)
 asyncio.run(main())
 """
@@ -195,7 +195,8 @@ async def test_the_work_directory_of_a_sigkilled_sidecar_is_removed_by_the_next_
         async with PolicyService(directory, reload=False) as service:
             assert not left.exists()
             assert kept.is_dir() and unrelated.is_dir()
-            assert service._workdir.parent == temp and service._workdir.is_dir()
+            workdir = service.runner.options.socket.parent
+            assert workdir.parent == temp and workdir.name.startswith(f"sidecar-opa-{os.getpid()}-") and workdir.is_dir()
     finally:
         for child in (process, live):
             child.kill()

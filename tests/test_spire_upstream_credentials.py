@@ -196,7 +196,7 @@ async def serve_tickets(check: BearerCheck) -> Served:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    return Served(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", runner.cleanup)
+    return Served(f"http://127.0.0.1:{runner.addresses[0][1]}", runner.cleanup)
 
 
 # ---------------------------------------------------------------- the world

@@ -13,7 +13,10 @@ whole story.
     store.py        EscalationStore: SQLite (default) and PostgreSQL, atomic
                     compare-and-set state transitions
     fingerprint.py  what "the exact call" means
-    service.py      EscalationService: the state machine, evidence, expiry sweeper
+    service.py      EscalationService: the state machine and the expiry sweeper
+    approvers.py    who may decide an escalation, what a reader is shown
+    evidence.py     the escalation's evidence records and reason texts
+    feed.py         ChangeFeed: waiting for and watching changes
     notify.py       webhook on new escalations
     grpc_api.py     ToolGate.AwaitDecision and the Approvals service
     client.py       an Approvals client (CLI and console)
@@ -73,7 +76,7 @@ class EscalationRecord:
     signals: Any = None  # what the agent's model said about the call (risk_score, model, ...), as policy saw it
     catalog: Any = None  # the tool's catalog entry when policy decided (description, owner, risk, reversible); None: not in the catalog
     # The arguments exactly as decided (what the tool will receive), unredacted: kept only while the
-    # escalation is pending, shown only to a reader allowed to decide it (view.py), never in the
+    # escalation is pending, shown only to a reader allowed to decide it (approvers.py), never in the
     # evidence log or the webhook. None once it left pending, or with escalation.preview_arguments off.
     arguments: Any = None
     agent_seen_at: float | None = None  # the agent last asked about this call (escalating call, repeat, AwaitDecision)

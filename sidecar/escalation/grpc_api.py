@@ -38,7 +38,8 @@ from sidecar.escalation import (
     EscalationRefused,
     StoreError,
 )
-from sidecar.escalation.service import MAX_APPROVER_BYTES, EscalationService, ReaderView, approver_matches
+from sidecar.escalation.approvers import MAX_APPROVER_BYTES, ReaderView, approver_matches
+from sidecar.escalation.service import EscalationService
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, resolve_caller
 from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
 from sidecar.v1 import sidecar_pb2

@@ -1,4 +1,4 @@
-"""The escalation state machine, its evidence, waiting, watching and expiry.
+"""The escalation state machine and its expiry sweeper.
 
     pending ──approve──▶ approved ──allowed retry──▶ used
        │                    │
@@ -8,9 +8,9 @@
 Every transition is one compare-and-set in the store (store.py), so it
 happens at most once however many approvers, retries or sidecars race, and
 every transition and every refused attempt becomes a chained evidence record
-(kinds escalation, approval, human_denial, expiry) in the escalated call's
-trace: the approval's span is a child of the escalation's span and links to
-it; the approved retry's decision uses the escalation's span as its parent.
+(evidence.py) in the escalated call's trace; the approved retry's decision uses
+the escalation's span as its parent. Who may decide is approvers.py's rule,
+and waiters and watchers hear of every change through the feed (feed.py).
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from sidecar.escalation import (
     EscalationRefused,
     StoreError,
 )
+from sidecar.escalation.approvers import ApproverRules, ReaderView, check_note
+from sidecar.escalation.evidence import EscalationEvidence, final_reason, iso
+from sidecar.escalation.feed import ChangeFeed
 from sidecar.escalation.fingerprint import CallShape, differences
 from sidecar.escalation.preview import argument_preview
 from sidecar.escalation.store import EscalationStore
-from sidecar.evidence import EvidenceError, TraceContext
-from sidecar.evidence.records import rfc3339
+from sidecar.evidence import TraceContext
 from sidecar.evidence.redaction import Redactor
 from sidecar.jsonvalues import normalize
 from sidecar.policy.input import Approval
@@ -48,35 +50,10 @@ from sidecar.policy.input import Approval
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"esc-[0-9a-f]{32}")
-MAX_NOTE_CHARS = 2000
-MAX_APPROVER_BYTES = 512
-_NOTE_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def new_escalation_id() -> str:
     return ID_PREFIX + secrets.token_hex(16)
-
-
-def iso(ts: float | None) -> str:
-    return rfc3339(ts) if ts is not None else ""
-
-
-def approver_matches(identity: str, patterns: Iterable[str]) -> bool:
-    """Whether `identity` is among `patterns` (escalation.approvers).
-
-    A workload (`spiffe://...`) matches only a pattern that is exactly its
-    SPIFFE ID: approval is a human act, and a workload approves only where the
-    config names it on purpose. Any other identity (a person relayed by a
-    console: email:alice@example.org) also matches patterns where `*` stands
-    for any run of characters (email:*@example.org).
-    """
-    for pattern in patterns:
-        if "*" not in pattern or identity.startswith("spiffe://"):
-            if identity == pattern:
-                return True
-        elif re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), identity):
-            return True
-    return False
 
 
 def json_copy(value: Any, what: str) -> Any:
@@ -88,20 +65,6 @@ def json_copy(value: Any, what: str) -> Any:
     except (TypeError, ValueError) as exc:
         log.warning("escalation: %s is not JSON, not kept for approvers: %s", what, exc)
         return None
-
-
-@dataclass(frozen=True)
-class ReaderView:
-    """What one reader of the Approvals API is shown beyond the stored record.
-
-    arguments: the unredacted arguments, only for a reader allowed to decide the pending escalation;
-    withheld: why `arguments` is None ("<code>: <text>"), "" when they are shown;
-    agent_waiting: an AwaitDecision is open on it now.
-    """
-
-    arguments: Any
-    withheld: str
-    agent_waiting: bool
 
 
 @dataclass(frozen=True)
@@ -121,6 +84,13 @@ class RetryCheck:
 
 
 class EscalationService:
+    """The state machine over `store`, and the sweeper that expires what is overdue.
+
+    Composes the approver rules (approvers.ApproverRules), the evidence writer
+    (evidence.EscalationEvidence) and the change feed (feed.ChangeFeed), each built once here.
+    Times are Unix seconds from `clock`; durations are seconds.
+    """
+
     def __init__(
         self,
         store: EscalationStore,
@@ -141,14 +111,12 @@ class EscalationService:
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
-        self._recorder = recorder
         self.ttl = ttl_seconds
         self.use_window = use_window_seconds
-        self.await_max = await_max_seconds
-        self.poll_interval = poll_interval_seconds
         self.sweep_interval = sweep_interval_seconds
         self.approvers = tuple(approvers)
         self.console_identities = tuple(console_identities)
+        self._approver_rules = ApproverRules(self.approvers)
         self._preview = preview_arguments
         self._preview_max = preview_max_bytes
         self._redact_keys = tuple(redact_keys)
@@ -157,9 +125,10 @@ class EscalationService:
         self.notifier = notifier
         self.instance_id = instance_id
         self.clock = clock
-        self._subscribers: set[asyncio.Queue] = set()
+        self._evidence = EscalationEvidence(recorder, instance_id=instance_id, clock=clock)
+        self._feed = ChangeFeed(store, read=self.get, settle=self._settled, poll_interval=poll_interval_seconds,
+                                await_max=await_max_seconds, clock=clock)
         self._sweeper: asyncio.Task | None = None
-        self._waiting: dict[str, list[float]] = {}  # escalation id -> deadlines of the AwaitDecisions open here
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -255,28 +224,15 @@ class EscalationService:
             agent_seen_at=now,
         )
         stored, created, expired = await self.store.create(record, now)
-        for old in expired:
-            await self._record_transition("expiry", old, outcome="expired",
-                                          reasons=[self._expiry_reason(old)])
-            self._publish(old)
+        await self._expired(expired)
         if not created:
             await self.store.agent_seen(stored.id, now)
         return stored, created
 
     async def announce(self, record: EscalationRecord, decision_span_id: str) -> None:
         """Record the new escalation, tell watchers, and fire the webhook (never waited for)."""
-        await self._append(
-            "escalation",
-            self._fields(
-                record,
-                outcome="escalate",
-                reasons=list(record.reasons),
-                span_id=record.span_id,
-                parent_span_id=decision_span_id,
-                links=False,
-            ),
-        )
-        self._publish(record)
+        await self._evidence.escalation(record, decision_span_id)
+        self._feed.publish(record)
         if self.notifier is not None:
             self.notifier.notify(record)
 
@@ -288,7 +244,7 @@ class EscalationService:
             log.exception("could not withdraw escalation %s", record.id)
             return
         if withdrawn is not None:
-            self._publish(withdrawn)
+            self._feed.publish(withdrawn)
 
     async def check_retry(self, escalation_id: str, shape: CallShape) -> RetryCheck:
         """Judge a repeated call that carries `escalation_id` (raises StoreError)."""
@@ -315,18 +271,18 @@ class EscalationService:
         if record.state == APPROVED:
             approval = Approval(record.id, record.approver, iso(record.decided_at))
             return RetryCheck(record, approval=approval, parent=parent)
-        return RetryCheck(record, refusal=self._final_reason(record), parent=parent)
+        return RetryCheck(record, refusal=final_reason(record), parent=parent)
 
     async def consume(self, record: EscalationRecord, decision_id: str) -> tuple[bool, str]:
         """approved → used for the allowed retry; (False, reason) if another use or the clock won."""
         used = await self.store.consume(record.id, record.fingerprint, self.clock(), decision_id)
         if used is not None:
-            self._publish(used)
+            self._feed.publish(used)
             return True, ""
         current = await self.store.get(record.id) or record
         if current.state == APPROVED and self._overdue(current, self.clock()):
             current = await self.expire_one(current) or current
-        return False, self._final_reason(current)
+        return False, final_reason(current)
 
     # ----------------------------------------------------------- approvers side
 
@@ -350,10 +306,12 @@ class EscalationService:
         verb = "approve" if state == APPROVED else "deny"
         record: EscalationRecord | None = None
         try:
-            self._check_note(note)
+            check_note(note)
             record = await self.get(escalation_id)
-            self._check_approver(record, approver, verb)
-            self._check_evidence_writable()
+            problem = self._approver_rules.problem(record, approver, verb)
+            if problem is not None:
+                raise problem
+            self._evidence.check_writable()
             now = self.clock()
             if record.state == PENDING and self._overdue(record, now):
                 record = await self.expire_one(record) or record
@@ -370,9 +328,9 @@ class EscalationService:
                     current = await self.expire_one(current) or current
                 raise self._not_pending(current, verb)
         except EscalationRefused as refusal:
-            await self._record_refusal(kind, escalation_id, refusal.record or record, approver, refusal, note)
+            await self._evidence.refusal(kind, escalation_id, refusal.record or record, approver, refusal, note)
             raise
-        await self._record_transition(
+        await self._evidence.transition(
             kind,
             decided,
             approver=approver,
@@ -383,82 +341,12 @@ class EscalationService:
                 + (f" via {approver.via}" if approver.via else "")
             ],
         )
-        self._publish(decided)
+        self._feed.publish(decided)
         return decided
 
-    def _check_note(self, note: str) -> None:
-        if len(note) > MAX_NOTE_CHARS:
-            raise EscalationRefused("invalid_note", f"the note is over {MAX_NOTE_CHARS} characters", "INVALID_ARGUMENT")
-        if _NOTE_FORBIDDEN.search(note):
-            raise EscalationRefused("invalid_note", "the note holds control characters", "INVALID_ARGUMENT")
-
-    def _check_approver(self, record: EscalationRecord, approver: Approver, verb: str) -> None:
-        problem = self.approver_problem(record, approver, verb)
-        if problem is not None:
-            raise problem
-
-    def approver_problem(self, record: EscalationRecord, approver: Approver, verb: str) -> EscalationRefused | None:
-        """Why `approver` may not `verb` this escalation (separation of duties, escalation.approvers), or None."""
-        who = approver.identity
-        if who == record.subject or (approver.via and approver.via == record.subject):
-            return EscalationRefused(
-                "self_approval",
-                f"{who} cannot {verb} escalation {record.id}: it is that call's own subject "
-                "(separation of duties)",
-                "PERMISSION_DENIED",
-                record,
-            )
-        if who in record.delegation or (approver.via and approver.via in record.delegation):
-            return EscalationRefused(
-                "delegation_approval",
-                f"{who} cannot {verb} escalation {record.id}: it is in the call's delegation chain "
-                "(separation of duties)",
-                "PERMISSION_DENIED",
-                record,
-            )
-        # Empty approvers (anyone) only in dev mode: config refuses it elsewhere.
-        if self.approvers and not approver_matches(who, self.approvers):
-            workload = " (a workload approves only when listed by its exact SPIFFE ID)" if who.startswith("spiffe://") else ""
-            return EscalationRefused(
-                "not_an_approver",
-                f"{who} is not among escalation.approvers{workload}",
-                "PERMISSION_DENIED",
-                record,
-            )
-        return None
-
     def view_for(self, record: EscalationRecord, reader: Approver) -> ReaderView:
-        """What `reader` is shown of `record` besides its stored fields (see ReaderView).
-
-        The unredacted arguments go only to a reader who may decide the escalation now: it is
-        pending, and the reader passes the same approver rules as an approval would.
-        """
-        waiting = record.agent_waiting(self.clock())
-        if record.state != PENDING:
-            return ReaderView(None, f"arguments_not_kept: escalation {record.id} is {record.state}; the "
-                              "unredacted arguments are kept only while it is pending", waiting)
-        if record.arguments is None:
-            return ReaderView(None, "arguments_not_kept: escalation.preview_arguments is off, or the "
-                              "arguments have no JSON form", waiting)
-        problem = self.approver_problem(record, reader, "decide")
-        if problem is not None:
-            return ReaderView(None, problem.reason, waiting)
-        return ReaderView(record.arguments, "", waiting)
-
-    def _check_evidence_writable(self) -> None:
-        health = getattr(self._recorder, "health", None)
-        if health is None:
-            return
-        try:
-            ok, detail = health()
-        except Exception as exc:
-            ok, detail = False, str(exc)
-        if not ok:
-            raise EscalationRefused(
-                "evidence_unavailable",
-                f"decisions cannot be recorded right now ({detail}); nothing was changed",
-                "UNAVAILABLE",
-            )
+        """What `reader` is shown of `record` now besides its stored fields (approvers.ApproverRules.view)."""
+        return self._approver_rules.view(record, reader, self.clock())
 
     def _not_pending(self, record: EscalationRecord, verb: str) -> EscalationRefused:
         if record.state == EXPIRED:
@@ -488,27 +376,29 @@ class EscalationService:
             return record.use_by
         return record.expires_at
 
-    def _expiry_reason(self, record: EscalationRecord) -> str:
-        if record.approver and record.use_by is not None:
-            return (f"approval_unused: the approval of escalation {record.id} by {record.approver} was not used "
-                    f"by {iso(record.use_by)}")
-        return f"escalation_expired: nobody decided escalation {record.id} by {iso(record.expires_at)}"
-
     async def expire_one(self, record: EscalationRecord) -> EscalationRecord | None:
         """Expire one overdue escalation (once, whoever notices first); the expired record or None."""
         changed = await self.store.expire(self.clock(), record.id)
-        for old in changed:
-            await self._record_transition("expiry", old, outcome="expired", reasons=[self._expiry_reason(old)])
-            self._publish(old)
+        await self._expired(changed)
         return changed[0] if changed else None
 
     async def sweep(self) -> list[EscalationRecord]:
         """Expire everything overdue now; one evidence record each."""
         changed = await self.store.expire(self.clock())
-        for old in changed:
-            await self._record_transition("expiry", old, outcome="expired", reasons=[self._expiry_reason(old)])
-            self._publish(old)
+        await self._expired(changed)
         return changed
+
+    async def _expired(self, records: list[EscalationRecord]) -> None:
+        """Record and publish escalations the store just expired."""
+        for record in records:
+            await self._evidence.expiry(record)
+            self._feed.publish(record)
+
+    async def _settled(self, record: EscalationRecord) -> EscalationRecord:
+        """`record` as it stands now: expired first when it is pending past its TTL (the feed's wait asks)."""
+        if record.state == PENDING and self._overdue(record, self.clock()):
+            return await self.expire_one(record) or await self.get(record.id)
+        return record
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -520,180 +410,17 @@ class EscalationService:
             except Exception:
                 log.exception("escalation sweeper failed")
 
-    def _final_reason(self, record: EscalationRecord) -> str:
-        if record.state == DENIED:
-            note = f": {record.note}" if record.note else ""
-            return (f"escalation_denied: escalation {record.id} was denied by {record.approver} "
-                    f"at {iso(record.decided_at)}{note}")
-        if record.state == USED:
-            return (f"approval_used: the approval of escalation {record.id} was already used "
-                    f"by decision {record.used_by_decision} at {iso(record.used_at)}; an approval holds once")
-        if record.state == EXPIRED:
-            return self._expiry_reason(record)
-        if record.state == PENDING:
-            return f"escalation_pending: escalation {record.id} is still waiting for an approver"
-        return f"approval_unusable: escalation {record.id} is {record.state}"
-
     # ------------------------------------------------------- waiting, watching
 
-    def _publish(self, record: EscalationRecord) -> None:
-        for queue in list(self._subscribers):
-            queue.put_nowait(record)
-
-    def _subscribe(self) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue()
-        self._subscribers.add(queue)
-        return queue
-
-    def _unsubscribe(self, queue: asyncio.Queue) -> None:
-        self._subscribers.discard(queue)
-
     async def wait(self, escalation_id: str, timeout: float) -> tuple[EscalationRecord, bool]:
-        """Until the escalation leaves `pending` or `timeout` (capped) passes: (record, timed_out)."""
-        timeout = max(0.0, min(float(timeout), self.await_max))
-        deadline = time.monotonic() + timeout
-        queue = self._subscribe()
-        waiting_until = self.clock() + timeout
-        opened = False
-        try:
-            record = await self.get(escalation_id)
-            opened = True  # from here on the finally below notes the end, whatever happens
-            await self._agent_wait(record.id, opened_until=waiting_until)
-            while True:
-                if record.state == PENDING and self._overdue(record, self.clock()):
-                    record = await self.expire_one(record) or await self.get(escalation_id)
-                if record.state != PENDING:
-                    return record, False
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return record, True
-                until_expiry = max(0.0, record.expires_at - self.clock()) + 0.005
-                pause = min(remaining, self.poll_interval, until_expiry)
-                try:
-                    async with asyncio.timeout(pause):
-                        while True:
-                            changed = await queue.get()
-                            if changed.id == escalation_id:
-                                break
-                except TimeoutError:
-                    pass
-                record = await self.get(escalation_id)
-        finally:
-            self._unsubscribe(queue)
-            if opened:
-                await self._agent_wait(escalation_id, closed_until=waiting_until)
+        """Until the escalation leaves `pending` or `timeout` (capped) passes: (record, timed_out) (feed.ChangeFeed.wait)."""
+        return await self._feed.wait(escalation_id, timeout)
 
-    async def _agent_wait(self, escalation_id: str, *, opened_until: float | None = None,
-                          closed_until: float | None = None) -> None:
-        """Keep the store's agent_waiting_until in step with the AwaitDecisions open here: one opening
-        (until `opened_until`) or closing (the one opened until `closed_until`). Best effort: a store
-        failure only leaves approvers a stale "waiting" or "not waiting" hint, never fails the wait."""
-        deadlines = self._waiting.setdefault(escalation_id, [])
-        if opened_until is not None:
-            deadlines.append(opened_until)
-        else:
-            deadlines.remove(closed_until)
-            if not deadlines:
-                del self._waiting[escalation_id]
-        now = self.clock()
-        try:
-            if opened_until is not None:
-                await self.store.agent_wait(escalation_id, now, opened_until=opened_until)
-            else:
-                await asyncio.shield(self.store.agent_wait(
-                    escalation_id, now, closed_until=max([closed_until, *deadlines]),
-                    then_until=max(deadlines, default=now)))
-        except StoreError as exc:
-            log.warning("escalation %s: could not note the agent's wait: %s", escalation_id, exc)
-
-    async def watch(self, state: str = "", *, limit: int = 200) -> AsyncIterator[EscalationRecord]:
-        """The current escalations (in `state`, or all), then every change as it happens.
-
-        Changes made by this sidecar arrive at once; changes made by other
-        sidecars sharing the store are found by polling every poll interval.
-        """
-        queue = self._subscribe()
-        try:
-            started = self.clock()
-            seen: dict[str, tuple[str, float]] = {}
-
-            def fresh(record: EscalationRecord) -> bool:
-                key = (record.state, record.updated_at)
-                if seen.get(record.id) == key:
-                    return False
-                seen[record.id] = key
-                return not state or record.state == state
-
-            for record in reversed(await self.store.list(state=state, limit=limit)):
-                if fresh(record):
-                    yield record
-            last_poll = started
-            while True:
-                try:
-                    async with asyncio.timeout(self.poll_interval):
-                        record = await queue.get()
-                    if fresh(record):
-                        yield record
-                except TimeoutError:
-                    now = self.clock()
-                    for record in await self.store.changed_since(last_poll - 2 * self.poll_interval):
-                        if fresh(record):
-                            yield record
-                    last_poll = now
-        finally:
-            self._unsubscribe(queue)
+    def watch(self, state: str = "", *, limit: int = 200) -> AsyncIterator[EscalationRecord]:
+        """The current escalations (in `state`, or all), then every change as it happens (feed.ChangeFeed.watch)."""
+        return self._feed.watch(state, limit=limit)
 
     # ---------------------------------------------------------------- evidence
-
-    def _fields(
-        self,
-        record: EscalationRecord,
-        *,
-        outcome: str,
-        reasons: list[str],
-        span_id: str | None = None,
-        parent_span_id: str | None = None,
-        links: bool = True,
-        approver: Approver | None = None,
-        note: str | None = None,
-    ) -> dict:
-        trace_id = record.trace_id or TraceContext.new().trace_id
-        fields: dict[str, Any] = {
-            "time": rfc3339(self.clock()),
-            "escalation_id": record.id,
-            "decision_id": record.decision_id,
-            "call_id": record.call_id,
-            "subject": {"spiffe_id": record.subject, "source": record.subject_source},
-            "delegation": [{"spiffe_id": link} for link in record.delegation],
-            "tool": record.tool,
-            "server": record.server,
-            "arguments_digest": record.arguments_digest,
-            "task_id": record.task_id,
-            "fingerprint": record.fingerprint,
-            "outcome": outcome,
-            "reasons": reasons,
-            "state": record.state,
-            "policy_revision": record.policy_revision,
-            "approver": approver.identity if approver else record.approver,
-            "approver_via": approver.via if approver else record.approver_via,
-            "approver_source": approver.source if approver else "",
-            "note": record.note if note is None else note,
-            "created_at": iso(record.created_at),
-            "expires_at": iso(record.expires_at),
-            "decided_at": iso(record.decided_at),
-            "use_by": iso(record.use_by),
-            "trace_id": trace_id,
-            "span_id": span_id or TraceContext.new().span_id,
-            "parent_span_id": parent_span_id if parent_span_id is not None else (record.span_id or None),
-            "sidecar": self.instance_id,
-        }
-        if links and record.trace_id and record.span_id:
-            fields["links"] = [{"trace_id": record.trace_id, "span_id": record.span_id, "type": "escalation"}]
-        return fields
-
-    async def _record_transition(self, kind: str, record: EscalationRecord, *, outcome: str, reasons: list[str],
-                                 approver: Approver | None = None) -> None:
-        await self._append(kind, self._fields(record, outcome=outcome, reasons=reasons, approver=approver))
 
     async def record_refusal(
         self, kind: str, escalation_id: str, approver: Approver, refusal: EscalationRefused, note: str = ""
@@ -705,39 +432,4 @@ class EscalationService:
                 record = await self.store.get(escalation_id)
             except StoreError:
                 record = None
-        await self._record_refusal(kind, escalation_id, record, approver, refusal, note)
-
-    async def _record_refusal(
-        self,
-        kind: str,
-        escalation_id: str,
-        record: EscalationRecord | None,
-        approver: Approver,
-        refusal: EscalationRefused,
-        note: str,
-    ) -> None:
-        if record is None:
-            fields = {
-                "time": rfc3339(self.clock()),
-                "escalation_id": escalation_id[:256] if isinstance(escalation_id, str) else "",
-                "outcome": "refused",
-                "reasons": [refusal.reason],
-                "approver": approver.identity,
-                "approver_via": approver.via,
-                "approver_source": approver.source,
-                "note": note[:MAX_NOTE_CHARS],
-                "sidecar": self.instance_id,
-            }
-        else:
-            fields = self._fields(record, outcome="refused", reasons=[refusal.reason], approver=approver,
-                                  note=note[:MAX_NOTE_CHARS])
-        await self._append(kind, fields)
-
-    async def _append(self, kind: str, fields: dict) -> None:
-        append = getattr(self._recorder, "append", None)
-        if append is None:
-            return
-        try:
-            await append(kind, fields)
-        except EvidenceError as exc:
-            log.error("evidence: could not record %s for escalation %s: %s", kind, fields.get("escalation_id"), exc)
+        await self._evidence.refusal(kind, escalation_id, record, approver, refusal, note)

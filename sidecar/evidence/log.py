@@ -9,7 +9,9 @@ wait on a future. The writer takes everything that is waiting, gives it
 seq/prev_hash/hash, writes it with one write() and makes it durable with one
 fdatasync(), and only then completes the futures. Records that arrive while
 a sync is in progress wait for the next one and share it, so one sync
-serves many callers under load.
+serves many callers under load; the asyncio futures of one event loop are
+completed by one callback per batch (one wake-up of the loop, not one per
+record).
 
 A write or sync that fails (disk full, I/O error) fails every future in the
 batch with EvidenceError, marks the log degraded, and rolls the file back to
@@ -50,7 +52,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from sidecar.canonical import NotCanonicalizable, parse_json, sha256_digest
 from sidecar.evidence import EvidenceError, Receipt
@@ -82,11 +84,43 @@ class Position:
     seq: int
 
 
+Waiter = "concurrent.futures.Future[Receipt] | asyncio.Future[Receipt]"
+
+
 @dataclass
 class _Pending:
     kind: str
     fields: dict
-    future: concurrent.futures.Future
+    future: Waiter
+
+
+def _complete(future: Waiter, outcome: Receipt | BaseException) -> None:
+    if future.done():  # its caller gave up waiting (a time budget): the record still stands
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _complete_all(outcomes: list[tuple[Waiter, Receipt | BaseException]]) -> None:
+    for future, outcome in outcomes:
+        _complete(future, outcome)
+
+
+def _settle(outcomes: list[tuple[Waiter, Receipt | BaseException]]) -> None:
+    """Complete waiters from the writer thread: thread futures at once, each event loop's in one callback."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Waiter, Receipt | BaseException]]] = {}
+    for future, outcome in outcomes:
+        if isinstance(future, asyncio.Future):
+            by_loop.setdefault(future.get_loop(), []).append((future, outcome))
+        else:
+            _complete(future, outcome)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_complete_all, items)
+        except RuntimeError:  # that loop is closed: nobody is left waiting
+            pass
 
 
 def list_log_files(directory: str | Path) -> list[tuple[int, Path]]:
@@ -148,6 +182,24 @@ def _last_line(path: Path, size: int) -> tuple[bytes | None, int]:
         return line, good_end
 
 
+class LogFileIO(Protocol):
+    """The two system calls the writer makes on the current log file (`EvidenceLog(file_io=...)`).
+
+    A public injection point for disk faults the kernel cannot be made to produce on
+    demand, such as a data sync that fails with EIO or hangs; the default is `os.write`
+    and `fdatasync` (`fsync` where that is missing). A full disk is produced for real,
+    on a small tmpfs (tests/infra/volume.py).
+    """
+
+    def write(self, fd: int, data: memoryview) -> int:
+        """Write some of `data` at the end of `fd`; the number of bytes written (may be short). Raises OSError."""
+        ...
+
+    def datasync(self, fd: int) -> None:
+        """Return once what was written to `fd` is durable. Raises OSError."""
+        ...
+
+
 class EvidenceLog:
     """Append-only chained log with group commit. Thread-safe; use from any thread or event loop."""
 
@@ -165,6 +217,7 @@ class EvidenceLog:
         startup_info: dict | None = None,
         redactor: Redactor | None = None,
         lock_wait_seconds: float = 0.0,
+        file_io: LogFileIO | None = None,
     ):
         self.directory = Path(directory)
         self.lock_wait_seconds = lock_wait_seconds
@@ -203,9 +256,9 @@ class EvidenceLog:
         self._closed = False
         self._lock_fd: int | None = None
 
-        # seams for tests: the os calls the writer uses
-        self._write = os.write
-        self._datasync = _sync
+        # the os calls the writer makes on the log file (LogFileIO)
+        self._write = file_io.write if file_io is not None else os.write
+        self._datasync = file_io.datasync if file_io is not None else _sync
 
     # -- opening -----------------------------------------------------------
 
@@ -412,37 +465,43 @@ class EvidenceLog:
         e.g. a decision's `redact_arguments` obligation), so no secret reaches the disk or a span.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue(kind, fields, secret_keys, future)
+        return future
+
+    async def append(self, kind: str, fields: dict, *, secret_keys: tuple[str, ...] = ()) -> Receipt:
+        """`submit`, awaited on the running event loop."""
+        future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        self._queue(kind, fields, secret_keys, future)
+        return await future
+
+    def _queue(self, kind: str, fields: dict, secret_keys: tuple[str, ...], future: Waiter) -> None:
         if kind not in KINDS or kind in ("checkpoint",):
             future.set_exception(EvidenceError(f"unknown or reserved record kind {kind!r}"))
-            return future
+            return
         clash = [k for k in fields if k in ("kind", "seq", "prev_hash", "logged_at", "hash")]
         if clash:
             future.set_exception(EvidenceError(f"record fields may not set {', '.join(clash)}"))
-            return future
+            return
         try:
             fields = self._redactor.with_keys(secret_keys).record(fields)
         except Exception as exc:  # a record we cannot redact is a record we do not write
             log.exception("evidence: redaction failed")
             future.set_exception(EvidenceError(f"the record could not be redacted: {exc}"))
-            return future
+            return
         with self._cond:
             if self._stopping or self._closed:
                 future.set_exception(EvidenceError("the evidence log is closed"))
-                return future
+                return
             if self._thread is not None and not self._thread.is_alive():
                 future.set_exception(EvidenceError("the evidence writer has stopped"))
-                return future
+                return
             if len(self._pending) >= self._max_pending:
                 future.set_exception(
                     EvidenceError(f"{len(self._pending)} records are waiting for the disk; the evidence log is overloaded")
                 )
-                return future
+                return
             self._pending.append(_Pending(kind, fields, future))
             self._cond.notify()
-        return future
-
-    async def append(self, kind: str, fields: dict, *, secret_keys: tuple[str, ...] = ()) -> Receipt:
-        return await asyncio.wrap_future(self.submit(kind, fields, secret_keys=secret_keys))
 
     def append_sync(self, kind: str, fields: dict, timeout: float | None = None) -> Receipt:
         try:
@@ -516,6 +575,7 @@ class EvidenceLog:
         now = rfc3339()
         buf = bytearray()
         receipts: list[Receipt] = []
+        refused: list[tuple[Waiter, Receipt | BaseException]] = []
         for item in batch:
             record = dict(item.fields)
             record.update(kind=item.kind, seq=seq + 1, prev_hash=head, logged_at=now)
@@ -528,7 +588,7 @@ class EvidenceLog:
                 try:
                     line = seal(record)
                 except NotCanonicalizable as exc:
-                    item.future.set_exception(EvidenceError(f"record has no canonical form: {exc}"))
+                    refused.append((item.future, EvidenceError(f"record has no canonical form: {exc}")))
                     receipts.append(None)  # type: ignore[arg-type]
                     continue
             seq, head = record["seq"], record["hash"]
@@ -548,6 +608,7 @@ class EvidenceLog:
                 seq += 1
                 head = json.loads(checkpoint_line)["hash"]
         if not buf:
+            _settle(refused)
             return
         try:
             view = memoryview(bytes(buf))
@@ -556,6 +617,7 @@ class EvidenceLog:
                 view = view[n:]
             self._datasync(self._fd)
         except OSError as exc:
+            _settle(refused)
             self._fail([i for i, r in zip(batch, receipts) if r is not None], exc)
             return
         self.syncs += 1
@@ -569,9 +631,7 @@ class EvidenceLog:
             self._mirror(checkpoint_line)
         else:
             self._since_checkpoint = since
-        for item, receipt in zip(batch, receipts):
-            if receipt is not None:
-                item.future.set_result(receipt)
+        _settle(refused + [(item.future, receipt) for item, receipt in zip(batch, receipts) if receipt is not None])
         if self._offset >= self.rotate_bytes:
             self._rotate()
         self._position = Position(self._file_index, self._offset, self._seq)
@@ -653,9 +713,7 @@ class EvidenceLog:
             reason = "no space left on the evidence volume"
         self._error = reason
         log.error("evidence: write failed, %d record(s) refused: %s", len(batch), reason)
-        for item in batch:
-            if not item.future.done():
-                item.future.set_exception(EvidenceError(reason))
+        _settle([(item.future, EvidenceError(reason)) for item in batch])
         if self._fd is not None:
             try:
                 os.close(self._fd)

@@ -1,6 +1,6 @@
 """The Recorder the gate uses: evidence log + span shipper behind one object.
 
-    recorder = open_recorder(config.evidence, config.telemetry, instance_id=..., known_tool=...)
+    recorder = open_recorder(directory, instance_id=..., exporter=exporter_from_env(...), known_tool=...)
     receipt = await recorder.record(event)        # durable (fsync'd) when it returns
     receipt = await recorder.append("approval", {...})   # other kinds (escalation stage)
     ok, detail = recorder.health()
@@ -13,16 +13,17 @@ import asyncio
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from sidecar.config import EvidenceConfig, TelemetryConfig
+from opentelemetry.sdk.trace.export import SpanExporter
+
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.records import ARGUMENT_MODES, decision_fields, dev_key_path
 from sidecar.evidence.redaction import Redactor, obligation_keys
 from sidecar.evidence.shipper import Shipper
 from sidecar.evidence.signing import KeyProvider, SigningError, dev_signing_key, load_private_key
-from sidecar.evidence.spans import ResourceCache, exporter_from_env
+from sidecar.evidence.spans import ResourceCache
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,10 @@ class EvidenceRecorder:
             fields = self.fields_for(event)
         except Exception as exc:  # a record we cannot build is a record we do not have
             raise EvidenceError(f"could not build the evidence record: {exc}") from None
-        future = asyncio.wrap_future(
-            self.log.submit("decision", fields, secret_keys=tuple(obligation_keys(event.obligations)))
-        )
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.record_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.record_timeout):
+                return await self.log.append("decision", fields, secret_keys=tuple(obligation_keys(event.obligations)))
+        except TimeoutError:
             # The record may still land later: the log then holds a decision the agent
             # was told was denied. Over-recording is the safe side; never the reverse.
             raise EvidenceError(
@@ -126,87 +125,116 @@ def _version() -> str:
 
 
 def open_recorder(
-    evidence: EvidenceConfig,
-    telemetry: TelemetryConfig | None = None,
+    directory: str | Path,
     *,
     instance_id: str,
+    signing_key: str = "",
     key_provider: KeyProvider | None = None,
+    checkpoint_mirror: str = "",
+    rotate_bytes: int = 64 * 1024 * 1024,
+    checkpoint_every: int = 1000,
+    checkpoint_seconds: float = 60.0,
+    max_pending: int = 10_000,
+    lock_wait_seconds: float = 0.0,
+    redact_keys: Sequence[str] = (),
+    arguments: str = "policy",
     known_tool: Callable[[str], bool] | None = None,
-    exporter: Any = None,
+    exporter: SpanExporter | None = None,
+    service_name: str = "",
+    max_backoff_seconds: float = 30.0,
 ) -> EvidenceRecorder:
-    """Open the evidence log in `evidence.dir` and start shipping its spans.
+    """Open the evidence log in `directory` and, with an `exporter`, start shipping its spans.
 
-    `evidence` and `telemetry` are config's sections (telemetry None: its defaults, with
-    the OTEL_* environment). Checkpoints are signed with `evidence.signing_key`
-    when set, else by `key_provider` (the SVID: see signing.svid_key_provider),
-    else by a dev key generated next to (never in) the evidence directory. `known_tool(name)` says whether a tool is in the catalog
-    (span names use only those). `exporter` overrides the OTLP exporter (tests).
-    Raises EvidenceError when the log cannot be opened.
+    Every argument is a plain value; the defaults are config.py's `evidence`/`telemetry`
+    defaults (docs/configuration.md; tests/test_evidence_log.py checks they agree), and
+    the composition root (server.build_recorder) passes the configured ones.
+
+    - `directory`: the log's directory, created if missing. `instance_id`: the sidecar
+      instance written into every record (`sidecar`) and span (`service.instance.id`).
+    - Checkpoint signing: the PEM private key at `signing_key` (a path) when set, else
+      `key_provider` (the SVID: signing.svid_key_provider), else a dev key generated as
+      `<directory>-dev-key.pem`, beside (never in) the directory.
+    - `checkpoint_mirror`: path of the checkpoint copy; "" = `<directory>-checkpoints.jsonl`.
+    - `rotate_bytes` (bytes), `checkpoint_every` (records; 0 = never by count),
+      `checkpoint_seconds` (seconds; 0 = never by time), `max_pending` (records waiting
+      for the disk before new ones are refused), `lock_wait_seconds` (seconds to wait for
+      another writer's lock): see log.EvidenceLog.
+    - `redact_keys`: extra secret keys for the one redaction rule set (redaction.py).
+    - `arguments`: "digest", "policy" or "clear" (records.ARGUMENT_MODES).
+    - `known_tool(name)`: whether a tool is in the catalog (span names use only those).
+    - `exporter`: where spans go (spans.exporter_from_env builds it from config and the
+      OTEL_* environment); None = no span export. The recorder owns it: it is shut down
+      by `close()`, and at once when opening fails. `service_name` ("" = OTEL_SERVICE_NAME,
+      else agent-sidecar) and `max_backoff_seconds` (the longest wait between export
+      retries, seconds) apply to the shipper.
+
+    Raises EvidenceError when the signing key cannot be read or made, or the log cannot be
+    opened; ValueError for an `arguments` mode not in ARGUMENT_MODES.
     """
-    directory = Path(evidence.dir)
-    telemetry = telemetry if telemetry is not None else TelemetryConfig()
-    signing_path = evidence.signing_key
-    if signing_path or key_provider is None:
-        # an explicitly configured key wins; with neither, a generated dev key
-        try:
-            if signing_path:
-                key = load_private_key(signing_path)
-            else:
-                key = dev_signing_key(dev_key_path(directory))
-        except (SigningError, OSError) as exc:
-            raise EvidenceError(f"evidence.signing_key: {exc}") from None
-        provider: KeyProvider = lambda: key  # noqa: E731
-        key_source = key.source
-    else:
-        provider = key_provider
-        key_source = "svid"
-    evidence_log = EvidenceLog.open(
-        directory,
-        instance_id=instance_id,
-        rotate_bytes=evidence.rotate_bytes,
-        checkpoint_every=evidence.checkpoint_every,
-        checkpoint_seconds=evidence.checkpoint_seconds,
-        key_provider=provider,
-        mirror_path=evidence.checkpoint_mirror or None,
-        max_pending=evidence.max_pending,
-        lock_wait_seconds=evidence.lock_wait_seconds,
-        redactor=Redactor(evidence.redact_keys),
-        startup_info={
-            "version": _version(),
-            "settings": {
-                "rotate_bytes": evidence.rotate_bytes,
-                "checkpoint_every": evidence.checkpoint_every,
-                "checkpoint_seconds": evidence.checkpoint_seconds,
-                "arguments": evidence.arguments,
-                "signing_key": key_source,
+    try:
+        if arguments not in ARGUMENT_MODES:
+            raise ValueError(f"arguments mode must be one of {', '.join(ARGUMENT_MODES)}")
+        directory = Path(directory)
+        if signing_key or key_provider is None:
+            # an explicitly configured key wins; with neither, a generated dev key
+            try:
+                if signing_key:
+                    key = load_private_key(signing_key)
+                else:
+                    key = dev_signing_key(dev_key_path(directory))
+            except (SigningError, OSError) as exc:
+                raise EvidenceError(f"evidence.signing_key: {exc}") from None
+            provider: KeyProvider = lambda: key  # noqa: E731
+            key_source = key.source
+        else:
+            provider = key_provider
+            key_source = "svid"
+        evidence_log = EvidenceLog.open(
+            directory,
+            instance_id=instance_id,
+            rotate_bytes=rotate_bytes,
+            checkpoint_every=checkpoint_every,
+            checkpoint_seconds=checkpoint_seconds,
+            key_provider=provider,
+            mirror_path=checkpoint_mirror or None,
+            max_pending=max_pending,
+            lock_wait_seconds=lock_wait_seconds,
+            redactor=Redactor(redact_keys),
+            startup_info={
+                "version": _version(),
+                "settings": {
+                    "rotate_bytes": rotate_bytes,
+                    "checkpoint_every": checkpoint_every,
+                    "checkpoint_seconds": checkpoint_seconds,
+                    "arguments": arguments,
+                    "signing_key": key_source,
+                },
             },
-        },
-    )
+        )
+    except BaseException:
+        if exporter is not None:
+            exporter.shutdown()
+        raise
     shipper = None
     try:
-        if exporter is None:
-            exporter = exporter_from_env(
-                exporter=telemetry.exporter,
-                protocol=telemetry.protocol,
-                endpoint=telemetry.endpoint,
-                timeout_seconds=telemetry.export_timeout_seconds,
-            )
         if exporter is not None:
             shipper = Shipper(
                 directory,
                 exporter,
                 durable=lambda: evidence_log.position,
-                resources=ResourceCache(telemetry.service_name),
-                backoff_max=telemetry.max_backoff_seconds,
+                resources=ResourceCache(service_name),
+                backoff_max=max_backoff_seconds,
             )
             evidence_log.add_listener(shipper.wake)
             shipper.start()
-    except Exception:
+    except BaseException:
         evidence_log.close_sync()
+        if exporter is not None:
+            exporter.shutdown()
         raise
     return EvidenceRecorder(
         evidence_log,
         shipper,
-        arguments_mode=evidence.arguments,
+        arguments_mode=arguments,
         known_tool=known_tool,
     )

@@ -169,33 +169,41 @@ class Redactor:
         return self._string(text, "", [], 0)
 
     def _walk(
-        self, node: Any, where: str, found: list[str], depth: int, whole: Callable[[Any], str] | None = None
+        self, node: Any, where: Any, found: list[str], depth: int, whole: Callable[[Any], str] | None = None
     ) -> Any:
-        """`whole`: what a picked value becomes in full (rule 3); None = rule 1 and 2's REDACTED."""
-        if isinstance(node, str):
+        """`whole`: what a picked value becomes in full (rule 3); None = rule 1 and 2's REDACTED.
+
+        `where` is the node's path, spelled out (`_path`) only for what is redacted: most
+        records have nothing to redact, and building every path was most of the walk."""
+        kind = type(node)
+        if kind is str or isinstance(node, str):
             cleaned = self._string(node, where, found, depth)
             return whole(node) if whole is not None and cleaned is not node else cleaned
-        if isinstance(node, dict):
+        if kind is dict or isinstance(node, dict):
             out = {}
             changed = False
             for key, child in node.items():
-                here = f"{where}.{key}" if where else str(key)
                 if self.is_secret_key(key):
                     out[key] = whole(child) if whole is not None else REDACTED
-                    found.append(here)
+                    found.append(_path((where, key)))
                     changed = True
+                elif type(child) in _SCALARS:
+                    out[key] = child
                 else:
-                    out[key] = self._walk(child, here, found, depth + 1, whole)
-                    changed = changed or out[key] is not child
+                    out[key] = new = self._walk(child, (where, key), found, depth + 1, whole)
+                    changed = changed or new is not child
             return out if changed else node
-        if isinstance(node, (list, tuple)):
-            items = [self._walk(child, f"{where}[{i}]", found, depth + 1, whole) for i, child in enumerate(node)]
+        if kind is list or kind is tuple or isinstance(node, (list, tuple)):
+            items = [
+                child if type(child) in _SCALARS else self._walk(child, (where, i, None), found, depth + 1, whole)
+                for i, child in enumerate(node)
+            ]
             if any(new is not old for new, old in zip(items, node)):
                 return items
             return node
         return node
 
-    def _string(self, text: str, where: str, found: list[str], depth: int) -> str:
+    def _string(self, text: str, where: Any, found: list[str], depth: int) -> str:
         if not text or text in self._plain:
             return text
         if not self._may_hold_secret(text):
@@ -223,7 +231,7 @@ class Redactor:
         out = _ASSIGNMENT.sub(self._assignment, out)
         out = self._key_space_value(out)
         if out != text:
-            found.append(where or "(text)")
+            found.append(_path(where) or "(text)")
             return out
         return text
 
@@ -246,6 +254,25 @@ class Redactor:
         whole = match.group(0)
         offset = match.start()
         return whole[: start - offset] + f"{quote}{REDACTED}{quote}" + whole[end - offset :]
+
+
+# Values with nothing to redact in them: the walk copies them as they are.
+_SCALARS = frozenset((int, float, bool, type(None)))
+
+
+def _path(where: Any) -> str:
+    """A walk position as text: (parent, key) is `parent.key`, (parent, i, None) is `parent[i]`."""
+    steps = []
+    while isinstance(where, tuple):
+        steps.append(where)
+        where = where[0]
+    text = where
+    for step in reversed(steps):
+        if len(step) == 3:
+            text = f"{text}[{step[1]}]"
+        else:
+            text = f"{text}.{step[1]}" if text else str(step[1])
+    return text
 
 
 def digest(value: Any) -> str:

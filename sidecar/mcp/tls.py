@@ -25,6 +25,29 @@
 Handshake refusals (no client certificate, a CA outside the accepted bundles, an expired
 certificate) never reach the app, so there is no request to record: `_LoggedHandshake` logs each
 with OpenSSL's reason (asyncio itself reports them only in debug mode).
+
+Why uvicorn internals and, below Python 3.13, a private `ssl` method (checked 2026-11-29 against
+uvicorn 0.54.0, the newest release, pinned `uvicorn>=0.47`; Python 3.11.7, 3.12.1, 3.13.0):
+
+- No public route from the TLS layer to the ASGI scope. uvicorn 0.54.0 does not implement the ASGI
+  TLS extension (Kludex/uvicorn PRs #1119, #2586, #3132, #3133 are open, #3043 was closed
+  unmerged) and puts no transport in the scope (issues #400, #745, #2306 closed without it), so
+  neither the app nor an ASGI middleware can see the connection. Only the protocol object holds
+  it: `TlsH11Protocol` is chosen through uvicorn's public `Config(http=...)`, but wraps the
+  `app` attribute H11Protocol sets in `__init__`, and its `shutdown` reads `cycle` and
+  `transport` (tests/test_mcp_mtls.py fails if a uvicorn release changes them).
+- No public route to the verified chain on 3.11/3.12. `SSLObject.get_verified_chain()` is public
+  from 3.13 (gh-109109; DER bytes, gh-118658); 3.11/3.12 have it only on the private `_sslobj`
+  (bpo-18233; `_ssl.Certificate` objects). The public `getpeercert(binary_form=True)` gives the
+  leaf alone, and no public 3.11 call gives the intermediates the client sent, so the chain
+  cannot be rebuilt and checked against the SPIFFE bundles as `identity/mtls.py` does for grpc:
+  a client chain through an intermediate CA would be refused, and which trust domain's bundle
+  the chain ends in (a partner CA must not vouch for our trust domain) could not be checked
+  (tests/test_mcp_mtls.py, `..._intermediate_ca_...` and `partner-ca-for-our-domain`). uvicorn's
+  open TLS PRs give below 3.13 only the leaf, or nothing.
+- Revisit: with `requires-python >= 3.13`, drop the private branch of `_verified_chain_pem`; with
+  a uvicorn release that fills `scope["extensions"]["tls"]["client_cert_chain"]` with the
+  verified chain, drop `connection_made` and `_WithTls` here.
 """
 
 from __future__ import annotations
@@ -33,6 +56,7 @@ import functools
 import logging
 import os
 import ssl
+import sys
 import threading
 from typing import Any, Iterable
 
@@ -161,20 +185,25 @@ class SvidSslContexts:
         return context
 
 
+def _verified_chain_pem(ssl_object: ssl.SSLObject) -> list[str]:
+    """The chain OpenSSL verified for the peer, as PEM strings (leaf first, ending at the trust anchor);
+    [] without a peer certificate. Public from Python 3.13; private before (module docstring)."""
+    if sys.version_info >= (3, 13):
+        return [ssl.DER_cert_to_PEM_cert(der) for der in ssl_object.get_verified_chain()]
+    return [cert.public_bytes() for cert in ssl_object._sslobj.get_verified_chain() or ()]  # PEM str by default
+
+
 def tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any] | None:
     """The ASGI TLS extension of a connection (None when it is not TLS).
 
     `client_cert_chain` is the chain OpenSSL verified (leaf first, ending at the trust
-    anchor), not merely what the client sent. Python 3.13 has `get_verified_chain()`;
-    3.11/3.12 have the same method on the private `_sslobj`.
+    anchor), not merely what the client sent.
     """
     if ssl_object is None:
         return None
-    verified = getattr(ssl_object, "get_verified_chain", None) or ssl_object._sslobj.get_verified_chain
-    chain = [cert.public_bytes() for cert in verified() or ()]  # PEM str (the method's default encoding)
     return {
         "server_cert": None,
-        "client_cert_chain": chain,
+        "client_cert_chain": _verified_chain_pem(ssl_object),
         "client_cert_name": None,
         "client_cert_error": None,
         "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),

@@ -44,10 +44,12 @@ breaker is not open, detail), polled every `health_interval_ms` from a worker
 thread (probe.py): under saturation the event loop is late for everything, and
 a check timed on it would call a healthy OPA down.
 
-Why aiohttp and not `opa-python-client`: its AsyncOpaClient.query_rule drops
-OPA's error body on non-2xx answers, its health check returns a bare bool,
-its retry sleeps 0.3 s / 0.6 s (several times the whole budget) and its
-timeout is per session, not per call.
+The HTTP exchange is transport.py's pool of keep-alive connections (not
+aiohttp: it is the one HTTP request on every tool call, see there). Why not
+`opa-python-client`: its AsyncOpaClient.query_rule drops OPA's error body on
+non-2xx answers, its health check returns a bare bool, its retry sleeps
+0.3 s / 0.6 s (several times the whole budget) and its timeout is per
+session, not per call.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_before_delay, wait_exponential
 
 from sidecar.policy.breaker import CLOSED, OPEN, Admission, CircuitBreaker
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
 from sidecar.policy.opa.probe import probe
+from sidecar.policy.opa.transport import ConnectionProblem, HttpPool
 
 log = logging.getLogger(__name__)
 
@@ -139,22 +141,6 @@ def _is_opa_error(raw: bytes) -> bool:
     return isinstance(body, dict) and isinstance(body.get("code"), str) and bool(body["code"])
 
 
-def _connection_problem(exc: BaseException) -> str:
-    """A short, stable description of why a connection to OPA failed."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "closed the connection without answering"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        if isinstance(os_error, ConnectionRefusedError):
-            return "is unreachable: connection refused"
-        return f"is unreachable: {_short(os_error.strerror or os_error) or type(os_error).__name__}"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"broke off its answer: {_short(exc) or type(exc).__name__}"
-    if isinstance(exc, aiohttp.ClientOSError) and exc.strerror:
-        return f"is unreachable: {_short(exc.strerror)}"
-    return f"is unreachable: {_short(exc) or type(exc).__name__}"
-
-
 def revision_from_provenance(provenance: Any) -> str:
     """The bundle revision OPA reports: one bundle's revision, or "name=rev,..." for several; "" if none."""
     if not isinstance(provenance, dict) or not isinstance(provenance.get("bundles"), dict):
@@ -192,19 +178,13 @@ class OpaClient:
     def __init__(self, url: str, options: OpaClientOptions = OpaClientOptions()):
         self.url = url.rstrip("/")
         self.options = options
-        if self.url.startswith("unix://"):
-            self._socket: str | None = self.url[len("unix://"):]
-            base = "http://opa"
-        else:
-            self._socket = None
-            base = self.url
         # strict-builtin-errors: a built-in error fails the decision (a deny naming it) instead of
         # OPA's default of quietly making the expression undefined.
-        self._decision_url = f"{base}/v1/data/{DECISION_PATH}?provenance=true&strict-builtin-errors=true"
+        self._decision_path = f"/v1/data/{DECISION_PATH}?provenance=true&strict-builtin-errors=true"
         self._budget = options.timeout_ms / 1000
         self._backoff = options.retry_backoff_ms / 1000
         self.breaker = CircuitBreaker(options.breaker_failures, options.breaker_cooldown_ms / 1000)
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: HttpPool | None = None
         self._poller: asyncio.Task | None = None
         self._health: tuple[bool, str] = (False, f"OPA at {self.url} not checked yet")
         self.in_flight = 0
@@ -220,18 +200,7 @@ class OpaClient:
 
     async def start(self) -> None:
         """Open the connection pool, check OPA once and keep checking it; OPA being down is no error here."""
-        if self._socket is not None:
-            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
-                path=self._socket, limit=self.options.max_connections, keepalive_timeout=30
-            )
-        else:
-            connector = aiohttp.TCPConnector(limit=self.options.max_connections, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-            skip_auto_headers=("User-Agent",),
-        )
+        self._pool = HttpPool(self.url, max_connections=self.options.max_connections)
         await self.check_health()
         self._poller = asyncio.create_task(self._poll_health(), name=f"opa-health {self.url}")
 
@@ -241,9 +210,9 @@ class OpaClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.aclose()
 
     async def drained(self, timeout: float) -> None:
         """Wait (at most `timeout` s) until no decision is in flight: before closing a client that was replaced."""
@@ -258,7 +227,7 @@ class OpaClient:
         """One `GET /health?bundles=true`: OPA is up and every bundle is activated.
 
         Asked from a worker thread (probe.py), so a saturated event loop is not mistaken for a slow OPA."""
-        if self._session is None:
+        if self._pool is None:
             return (False, f"the OPA client for {self.url} is closed")
         answer = await probe(self.url, HEALTH_PATH, self.options.health_timeout_ms / 1000)
         if answer.problem:
@@ -305,7 +274,7 @@ class OpaClient:
             return self._failed(
                 f"policy_error: OPA at {self.url} was not called: the input cannot be sent as JSON: {_short(exc)}"
             )
-        if self._session is None:
+        if self._pool is None:
             return self._failed(f"policy_unavailable: the OPA client for {self.url} is not started")
         admission = self.breaker.admit()
         if not admission.allowed:
@@ -420,15 +389,14 @@ class OpaClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(self, payload: bytes) -> dict:
-        assert self._session is not None
+        if self._pool is None:
+            raise _Failure("policy_unavailable", self.url, "is not being called: the client is closed")
         url = self.url
         try:
-            async with self._session.post(self._decision_url, data=payload) as response:
-                status, raw = response.status, await response.read()
-        except aiohttp.ClientResponseError as exc:
-            raise _Retryable("policy_unavailable", url, f"broke off its answer: {_short(exc)}") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise _Retryable("policy_unavailable", url, _connection_problem(exc)) from None
+            response = await self._pool.post(self._decision_path, payload, content_type="application/json")
+        except ConnectionProblem as problem:
+            raise _Retryable("policy_unavailable", url, problem.detail) from None
+        status, raw = response.status, response.body
         if status >= 500:
             if _is_opa_error(raw):
                 # OPA's own error shape: the policy failed on this input. Deterministic, not retried,
