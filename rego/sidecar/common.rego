@@ -75,7 +75,7 @@ else := show(x)
 # kept characters as its cut set strips the whole of such a string, and
 # show() then returns it as it is, which is what the regex would give, at a
 # fraction of the cost. show_kept must list exactly the characters of the
-# regex's class (common_test.rego checks that they agree).
+# regex's class (hostile_test.rego checks that they agree).
 show(x) := x if {
 	is_string(x)
 	trim(x, show_kept) == ""

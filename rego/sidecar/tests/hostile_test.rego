@@ -72,3 +72,20 @@ test_show_keeps_plain_text if {
 	data.sidecar.show("t-1\u001b[1A\r\u001b[2Ktool") == "t-1?[1A??[2Ktool"
 	data.sidecar.show("a\u200bb\u202ec") == "a?b?c"
 }
+
+# show()'s shortcut (a string made only of show_kept characters is returned
+# as it is) gives what the regex gives, character by character: every
+# printable ASCII character, controls, and look-alike, invisible and
+# bidirectional characters.
+test_show_shortcut_agrees_with_the_regex if {
+	ascii := [c | some i in numbers.range(0, 127); c := sprintf("%c", [i])]
+	others := ["\u00a0", "\u00e9", "\u2024", "\u2025", "\u200b", "\u202e", "\u2028", "\ufeff", "\uff0e", "\ud83d\ude00"]
+	every c in array.concat(ascii, others) {
+		data.sidecar.show(c) == regex.replace(c, data.sidecar.show_replaced, "?")
+		data.sidecar.show(concat("", ["a", c, "b"])) == regex.replace(concat("", ["a", c, "b"]), data.sidecar.show_replaced, "?")
+	}
+	# The characters the regex keeps ("?" becomes "?" too, but is not kept).
+	kept := [c | some c in ascii; c != "?"; regex.replace(c, data.sidecar.show_replaced, "?") == c]
+	concat("", kept) == concat("", sort(split(data.sidecar.show_kept, "")))
+	data.sidecar.show("") == ""
+}
