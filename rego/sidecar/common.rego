@@ -64,7 +64,12 @@ limit(key) := value if {
 # goes through show(): it keeps letters, digits, space and ._:/@+=,*~()[]-
 # and turns anything else (quotes, control and invisible characters) into
 # "?". A reason then never carries text that could pass for another field.
-reason(parts) := concat("", [text(part) | some part in parts])
+#
+# Most reasons are all text already (labels, literal text, show()n values):
+# those are joined as they are; text() per part is only for the others.
+reason(parts) := concat("", parts) if {
+	[part | some part in parts; not is_string(part)] == []
+} else := concat("", [text(part) | some part in parts])
 
 text(x) := x if is_string(x)
 
