@@ -66,6 +66,7 @@ def test_arguments_come_from_the_options(tmp_path):
     assert rendered[rendered.index("--bundle") + 1] == str(tmp_path / "b.tar.gz")
     assert rendered[rendered.index("--log-format") + 1] == "json"
     assert rendered[rendered.index("--unix-socket-perm") + 1] == "600"
+    assert "--optimize-store-for-read-speed" in rendered  # the bundle's data is read by every decision
 
 
 def test_a_missing_binary_names_the_fix(tmp_path, monkeypatch):
