@@ -161,6 +161,8 @@ BAD_CASES = {
     "no sub": (lambda a: a.jwt_authority.mint(CALLER, AUD, extra_claims={"sub": None}), "no sub claim"),
     "no kid": (lambda a: mint(a, headers={"kid": None}), "no kid"),
     "no exp": (lambda a: mint(a, extra_claims={"exp": None}), "no exp claim"),
+    "exp in year 10000": (lambda a: mint(a, extra_claims={"exp": 253402300800}), "not a time before 10000-01-01"),
+    "exp past 64 bits": (lambda a: mint(a, extra_claims={"exp": 2**63}), "not a time before 10000-01-01"),
     "not yet valid": (lambda a: mint(a, extra_claims={"nbf": int(time.time()) + 600}), "not valid yet"),
     "typ not JWT": (lambda a: mint(a, headers={"typ": "at+jwt"}), "typ 'at+jwt'"),
     "not a JWT": (lambda a: "not-a-token", "not a signed JWT"),

@@ -22,7 +22,7 @@ from aiohttp import web
 from sidecar.policy.opa import tools
 from sidecar.policy.opa.client import OpaClient, OpaClientOptions, revision_from_provenance
 from sidecar.policy.opa.runner import OpaRunner, OpaRunOptions, find_opa
-from tests.conftest import SIMPLE_POLICY, write_policy
+from tests.conftest import REGO, SIMPLE_POLICY, write_policy
 
 INPUT = {"version": "sidecar/v1", "tool": {"name": "echo", "arguments": {}}}
 ALLOW = {"outcome": "allow", "reasons": ["ok: fault server"], "obligations": {}}
@@ -461,3 +461,38 @@ async def test_a_timeout_while_opa_answers_others_is_overload_and_does_not_open_
     faults.faults = ["slow"]
     assert_opa_deny(await client.decide(INPUT), "policy_timeout", faults.url)
     assert client.breaker.state == "open"
+
+
+@pytest.mark.parametrize(
+    "expires, outcome",
+    [
+        ("9999-12-31T23:59:59Z", "allow"),  # X.509's "no expiry" (RFC 5280 4.1.2.5), past OPA's clock
+        ("2262-04-12T00:00:00+01:00", "allow"),
+        ("1677-09-21T00:00:00Z", "deny"),  # before OPA's clock: long expired
+        ("0001-01-01T00:00:00Z", "deny"),
+    ],
+)
+async def test_svid_expiries_outside_opas_clock_are_decided_by_the_shipped_bundle(
+    serve_opa, make_client, expires, outcome
+):
+    """OPA's clock is int64 nanoseconds (1677-2262); with strict built-in errors (as the sidecar asks) a time
+    outside used to fail every decision of such a caller as policy_error instead of deciding it."""
+    runner = await serve_opa(REGO)
+    client = await make_client(runner.url)
+    document = {
+        "version": "sidecar/v1",
+        "request": {"call_id": "c", "time": "2026-11-22T10:00:00Z", "sidecar": "t", "phase": "call"},
+        "subject": {"spiffe_id": "spiffe://dev.local/agent", "trust_domain": "dev.local", "path": "/agent",
+                    "source": "dev", "svid_expires_at": expires},
+        "delegation": [],
+        "tool": {"name": "search_docs", "server": "", "arguments": {"query": "q"}, "catalog": None, "facts": {}},
+        "task": {"id": "", "intent": ""},
+        "signals": {},
+        "approval": None,
+        "usage": {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 1},
+    }
+    decision = await client.decide(document)
+    assert decision.error is None, decision.reasons
+    assert decision.outcome == outcome, decision.reasons
+    if outcome == "deny":
+        assert decision.reasons == (f"svid_expired: the SVID of spiffe://dev.local/agent expired at {expires}",)

@@ -117,13 +117,29 @@ strings_list(xs) if {
 rfc3339_pattern := `^[0-9]{4}-((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31|02-29)T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$`
 
 time_ns(s) := time.parse_rfc3339_ns(s) if {
-	is_string(s)
-	regex.match(rfc3339_pattern, s)
+	rfc3339_on_opas_clock(s)
 	substring(s, 5, 5) != "02-29"
 } else := time.parse_rfc3339_ns(s) if {
+	rfc3339_on_opas_clock(s)
+	leap_year(to_number(substring(s, 0, 4)))
+}
+
+# OPA counts time in nanoseconds since 1970 in 64 bits, from 1677-09-21 to
+# 2262-04-11, and fails to parse a time outside (which fails the decision
+# under strict built-in errors). Years 1678 to 2261 are inside whatever the
+# offset; a time of another year is "before" or "after" OPA's clock instead.
+# X.509 certificates say "no expiry" with 9999-12-31T23:59:59Z (RFC 5280,
+# section 4.1.2.5), which is such a time.
+rfc3339_on_opas_clock(s) if {
+	rfc3339_year(s) >= 1678
+	rfc3339_year(s) <= 2261
+}
+
+before_opas_clock(s) if rfc3339_year(s) < 1678
+
+rfc3339_year(s) := to_number(substring(s, 0, 4)) if {
 	is_string(s)
 	regex.match(rfc3339_pattern, s)
-	leap_year(to_number(substring(s, 0, 4)))
 }
 
 leap_year(y) if {

@@ -224,7 +224,10 @@ class JwtSvidValidator:
         exp = verified["exp"]
         if not isinstance(exp, (int, float)) or isinstance(exp, bool):
             raise JwtSvidInvalid("the token's exp is not a number")
-        expires_at = dt.datetime.fromtimestamp(exp, dt.timezone.utc)
+        try:
+            expires_at = dt.datetime.fromtimestamp(exp, dt.timezone.utc)
+        except (OverflowError, ValueError, OSError):  # past 9999-12-31: no time anyone can read back
+            raise JwtSvidInvalid(f"the token's exp {exp!r} is not a time before 10000-01-01") from None
         # PyJWT compares exp with its own clock; also honour the injectable one.
         if now >= expires_at:
             raise JwtSvidInvalid(f"the token expired at {rfc3339(expires_at)}")

@@ -92,3 +92,31 @@ day_in_month(day, last) if {
 	day >= 1
 	day <= last
 }
+
+# OPA's clock runs from 1677-09-21 to 2262-04-11 (nanoseconds in 64 bits);
+# parsing a time outside fails, which fails the whole decision under strict
+# built-in errors (as the sidecar asks). Such expiries are decided instead:
+# after the clock (X.509's "no expiry", 9999-12-31T23:59:59Z, RFC 5280
+# 4.1.2.5) is not expired, before it is long expired.
+test_expiries_past_opas_clock_are_not_expired if {
+	every t in ["9999-12-31T23:59:59Z", "2262-04-11T23:47:17Z", "2262-01-01T00:00:00-23:59", "3000-02-29T00:00:00Z"] {
+		not data.sidecar.time_ns(t)
+		not denies(mk({"subject": object.union(identity(research), {"svid_expires_at": t})}), "svid_expired")
+		not denies(mk({"delegation": [object.union(identity(orchestrator), {"svid_expires_at": t})]}), "svid_expired")
+	}
+}
+
+test_expiries_before_opas_clock_are_expired if {
+	every t in ["1677-09-21T00:12:43Z", "1600-02-29T00:00:00Z", "0000-01-01T00:00:00Z", "1677-12-31T23:59:59+23:59"] {
+		not data.sidecar.time_ns(t)
+		denies(mk({"subject": object.union(identity(research), {"svid_expires_at": t})}), "svid_expired")
+		denies(mk({"delegation": [object.union(identity(orchestrator), {"svid_expires_at": t})]}), "svid_expired")
+	}
+}
+
+# The first and last years parsed, at the offsets that push them furthest
+# out (instants computed with Python's datetime).
+test_the_edges_of_opas_clock_parse if {
+	data.sidecar.time_ns("1678-01-01T00:00:00+23:59") == -9214646340000000000
+	data.sidecar.time_ns("2261-12-31T23:59:59-23:59") == 9214732739000000000
+}
