@@ -23,6 +23,7 @@ from sidecar.jsonvalues import NotExact, from_struct, to_struct
 from sidecar.v1 import sidecar_pb2
 
 if TYPE_CHECKING:
+    from sidecar.escalation.grpc_api import EscalationApi
     from sidecar.invoke.executor import Executor, Performed
     from sidecar.invoke.http import HttpInvoker
     from sidecar.tasks import TaskRegistry
@@ -132,7 +133,7 @@ class ToolGateServicer:
         self,
         gate: Gate,
         identity: IdentityResolver,
-        escalation_api: Any = None,
+        escalation_api: "EscalationApi | None" = None,
         *,
         executor: "Executor | None" = None,
         http_tools: "HttpInvoker | None" = None,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from sidecar.escalation import DENIED, EXPIRED, PENDING, USED, Approver, EscalationRecord, EscalationRefused
 from sidecar.escalation.approvers import MAX_NOTE_CHARS
-from sidecar.evidence import EvidenceError, TraceContext
+from sidecar.evidence import EvidenceError, EvidenceSink, TraceContext
 from sidecar.evidence.records import rfc3339
 
 log = logging.getLogger(__name__)
@@ -53,25 +53,24 @@ def final_reason(record: EscalationRecord) -> str:
 
 
 class EscalationEvidence:
-    """Writes an escalation's evidence records through `recorder` (its `append(kind, fields)`, when it has one).
+    """Writes an escalation's evidence records through `recorder` (None: nothing is recorded).
 
     A record that cannot be written is logged, never raised: the transition already happened in the
     store. Before a human decision the service asks `check_writable`, so that a decision is refused
     rather than left unrecorded.
     """
 
-    def __init__(self, recorder: Any, *, instance_id: str, clock: Callable[[], float]):
-        self._append_to_log = getattr(recorder, "append", None)
-        self._log_health = getattr(recorder, "health", None)
+    def __init__(self, recorder: EvidenceSink | None, *, instance_id: str, clock: Callable[[], float]):
+        self._recorder = recorder
         self._instance_id = instance_id
         self._clock = clock
 
     def check_writable(self) -> None:
         """Raise EscalationRefused `evidence_unavailable` (status UNAVAILABLE) when the recorder reports itself unhealthy."""
-        if self._log_health is None:
+        if self._recorder is None:
             return
         try:
-            ok, detail = self._log_health()
+            ok, detail = self._recorder.health()
         except Exception as exc:
             ok, detail = False, str(exc)
         if not ok:
@@ -165,9 +164,9 @@ class EscalationEvidence:
         return fields
 
     async def _append(self, kind: str, fields: dict) -> None:
-        if self._append_to_log is None:
+        if self._recorder is None:
             return
         try:
-            await self._append_to_log(kind, fields)
+            await self._recorder.append(kind, fields)
         except EvidenceError as exc:
             log.error("evidence: could not record %s for escalation %s: %s", kind, fields.get("escalation_id"), exc)

@@ -25,7 +25,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -40,6 +40,19 @@ USER_AGENT = "agent-sidecar-webhook/1"
 
 class RetryableWebhookError(Exception):
     pass
+
+
+class Notifier(Protocol):
+    """Tells people about a new escalation (EscalationService's `notifier`).
+
+    `notify` must return at once and never raise: delivery happens in the background, and
+    a notifier that is down never slows or fails a decision. `close` waits for deliveries
+    in flight for at most `grace` seconds.
+    """
+
+    def notify(self, record: EscalationRecord) -> None: ...
+
+    async def close(self, grace: float = 1.0) -> None: ...
 
 
 class WebhookNotifier:

@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping
 
 from sidecar.escalation import (
     APPROVED,
@@ -40,12 +40,17 @@ from sidecar.escalation.approvers import ApproverRules, ReaderView, check_note
 from sidecar.escalation.evidence import EscalationEvidence, final_reason, iso
 from sidecar.escalation.feed import ChangeFeed
 from sidecar.escalation.fingerprint import CallShape, differences
+from sidecar.escalation.notify import Notifier
 from sidecar.escalation.preview import argument_preview
 from sidecar.escalation.store import EscalationStore
-from sidecar.evidence import TraceContext
+from sidecar.evidence import EvidenceSink, TraceContext
 from sidecar.evidence.redaction import Redactor
 from sidecar.jsonvalues import normalize
 from sidecar.policy.input import Approval
+
+if TYPE_CHECKING:
+    from sidecar.calls import ToolCall
+    from sidecar.identity import CallerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +100,7 @@ class EscalationService:
         self,
         store: EscalationStore,
         *,
-        recorder: Any = None,
+        recorder: EvidenceSink | None = None,
         ttl_seconds: float = 900.0,
         use_window_seconds: float = 300.0,
         await_max_seconds: float = 60.0,
@@ -106,7 +111,7 @@ class EscalationService:
         preview_arguments: bool = True,
         preview_max_bytes: int = 4096,
         redact_keys: Iterable[str] = (),
-        notifier: Any = None,
+        notifier: Notifier | None = None,
         instance_id: str = "",
         clock: Callable[[], float] = time.time,
     ):
@@ -154,7 +159,7 @@ class EscalationService:
 
     # --------------------------------------------------------------- gate side
 
-    def shape(self, identity: Any, tool: str, server: str, arguments_digest: str, task_id: str) -> CallShape:
+    def shape(self, identity: CallerIdentity, tool: str, server: str, arguments_digest: str, task_id: str) -> CallShape:
         return CallShape(
             subject=identity.subject.spiffe_id,
             delegation=tuple(link.spiffe_id for link in identity.delegation),
@@ -167,8 +172,8 @@ class EscalationService:
     async def escalate(
         self,
         *,
-        identity: Any,
-        call: Any,
+        identity: CallerIdentity,
+        call: ToolCall,
         arguments_digest: str,
         reasons: Iterable[str],
         obligations: dict | None,
@@ -176,7 +181,7 @@ class EscalationService:
         decision_id: str,
         call_id: str,
         trace: TraceContext,
-        catalog_entry: Any = None,
+        catalog_entry: Mapping[str, Any] | None = None,
     ) -> tuple[EscalationRecord, bool]:
         """The escalation for this call: the active one for the same fingerprint, or a new one.
 

@@ -100,9 +100,13 @@ class EvidenceSink(Protocol):
 
     `append(kind, fields)` redacts, chains and makes the record durable, then returns where it
     landed; raises EvidenceError when it cannot (sidecar.evidence.recorder.EvidenceRecorder.append).
+    `health()` is (records can be written now, detail): asked before an act that must not go
+    unrecorded, such as an approver's decision.
     """
 
     async def append(self, kind: str, fields: dict) -> Receipt: ...
+
+    def health(self) -> tuple[bool, str]: ...
 
 
 class Recorder(Protocol):
