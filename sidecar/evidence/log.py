@@ -95,12 +95,13 @@ class _Pending:
 
 
 def _complete(future: Waiter, outcome: Receipt | BaseException) -> None:
-    if future.done():  # its caller gave up waiting (a time budget): the record still stands
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
+        pass  # its caller gave up waiting (cancelled, a time budget): the record still stands
 
 
 def _complete_all(outcomes: list[tuple[Waiter, Receipt | BaseException]]) -> None:
