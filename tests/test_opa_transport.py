@@ -140,6 +140,17 @@ async def test_a_chunked_answer_comes_back_whole(server, pool):
     assert server.connections == 1  # chunked answers keep the connection
 
 
+async def test_an_answer_without_a_declared_length_ends_when_the_connection_closes(server, pool):
+    async def until_close(request, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + OK)
+        writer.close()  # RFC 9112 section 6.3: the body is what came before the close
+    server.script = [until_close, lambda r, w: RawServer._write(w, answer(b'{"result": 2}'))]
+    client = pool()
+    assert (await post(client)).body == OK
+    assert (await post(client)).body == b'{"result": 2}'
+    assert server.connections == 2
+
+
 async def test_connection_close_is_honoured(server, pool):
     async def closing(request, writer):
         writer.write(answer(headers="Connection: close\r\n"))

@@ -74,6 +74,8 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._received = False
         self._close_after = False
+        self._framed = False  # the answer declared its length (Content-Length or chunked)
+        self._headers_done = False
         self.closed = False
 
     # asyncio.Protocol
@@ -98,7 +100,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._answer is not None and not self._answer.done():
-            if not self._received:
+            if self._headers_done and not self._framed and exc is None:
+                # No declared length: the body is what came before the close (RFC 9112 section 6.3).
+                self._answer.set_result(Response(self._parser.get_status_code(), b"".join(self._body)))
+            elif not self._received:
                 self._fail(ConnectionProblem("closed the connection without answering"))
             else:
                 self._fail(ConnectionProblem("broke off its answer: the connection closed mid-answer", answered=True))
@@ -109,8 +114,14 @@ class _Connection(asyncio.Protocol):
             self._close_after = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"connection" and value.strip().lower() == b"close":
+        name = name.lower()
+        if name == b"connection" and value.strip().lower() == b"close":
             self._close_after = True
+        elif name in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -136,6 +147,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         self._answer = asyncio.get_running_loop().create_future()
         self._body, self._size, self._received = [], 0, False
+        self._framed = self._headers_done = False
         self._transport.write(request)
         try:
             return await self._answer
