@@ -64,6 +64,7 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
     async with AsyncClient(address) as agent:
         email = await agent.authorize("send_email", email_args, task_id="task-42")
         repo = await agent.authorize("delete_repo", {"repo": "acme/legacy-billing"})
+    assert (email.outcome, repo.outcome) == ("escalate", "escalate"), (email.reasons, repo.reasons)
     runner, port = await start_console(config, "127.0.0.1:0")
     base = f"http://127.0.0.1:{port}"
     try:

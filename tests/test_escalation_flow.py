@@ -347,6 +347,7 @@ async def test_watch_streams_current_and_new_changes(config, running_sidecar):
         watcher = asyncio.create_task(watch())
         await asyncio.sleep(0.3)
         after = await agent.authorize("delete_repo", {"repo": "acme/x"})
+        assert (before.outcome, after.outcome) == ("escalate", "escalate"), (before.reasons, after.reasons)
         await approvals.approve(before.escalation_id, approver=ALICE)
         await approvals.deny(after.escalation_id, approver=ALICE)
         await asyncio.wait_for(watcher, 5)
