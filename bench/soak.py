@@ -2,9 +2,9 @@
 
     python bench/soak.py --minutes 10 --rate 500
 
-Starts the sidecar (embedded engine, durable evidence) as its own process,
+Starts the sidecar (managed OPA, durable evidence) as its own process,
 drives it open-loop from a load process, samples RSS and open file
-descriptors of the sidecar's whole process tree (its policy workers included)
+descriptors of the sidecar's whole process tree (the sidecar and its OPA)
 from /proc every `--every` seconds, and prints them with the
 growth between the first and the second half of the run.
 """
