@@ -175,11 +175,10 @@ class Redactor:
 
         `where` is the node's path, spelled out (`_path`) only for what is redacted: most
         records have nothing to redact, and building every path was most of the walk."""
-        kind = type(node)
-        if kind is str or isinstance(node, str):
+        if isinstance(node, str):
             cleaned = self._string(node, where, found, depth)
             return whole(node) if whole is not None and cleaned is not node else cleaned
-        if kind is dict or isinstance(node, dict):
+        if isinstance(node, dict):
             out = {}
             changed = False
             for key, child in node.items():
@@ -193,7 +192,7 @@ class Redactor:
                     out[key] = new = self._walk(child, (where, key), found, depth + 1, whole)
                     changed = changed or new is not child
             return out if changed else node
-        if kind is list or kind is tuple or isinstance(node, (list, tuple)):
+        if isinstance(node, (list, tuple)):
             items = [
                 child if type(child) in _SCALARS else self._walk(child, (where, i, None), found, depth + 1, whole)
                 for i, child in enumerate(node)

@@ -395,7 +395,7 @@ class OpaClient:
         try:
             response = await self._pool.post(self._decision_path, payload, content_type="application/json")
         except ConnectionProblem as problem:
-            raise _Retryable("policy_unavailable", url, problem.detail) from None
+            raise _Retryable("policy_unavailable", url, _short(problem.detail)) from None
         status, raw = response.status, response.body
         if status >= 500:
             if _is_opa_error(raw):
