@@ -163,6 +163,32 @@ def planted(draw):
     return value
 
 
+token_keys = st.one_of(
+    st.builds(
+        lambda word, upper, sep, prefix: (prefix + sep if prefix else "") + (word.upper() if upper else word).replace("_", sep),
+        st.sampled_from(["api_key", "password", "client_secret", "access_token", "private_key", "authorization", "cookie",
+                         "session_id", "passwd", "x_auth_token", "credentials"]),
+        st.booleans(),
+        st.sampled_from(["_", "-", ".", ""]),
+        st.sampled_from(["", "x", "my", "HTTP"]),
+    ),
+    st.sampled_from(["pin", "PWD", "otp", "Jwt", "p-w", "a.u.t.h"]),  # whole names: secret only alone
+)
+prose = st.lists(st.sampled_from(["roadmap", "incident", "the", "ship", "ping", "map", "in", "x1", "a-b", "q.r", "to",
+                                  "(see", "notes)", "42", "pass", "word", "auth", "or", "&", ";", "\t"]), max_size=6)
+
+
+@PROPERTY
+@given(before=prose, key=token_keys, joint=st.sampled_from(["=", ": ", ":", " = ", " ", "\t", '="', "='", ": '"]),
+       after=prose)
+def test_a_secret_in_prose_is_found_whatever_surrounds_it(before, key, joint, after):
+    """The text rules' cheap pre-check joins letters within a token only: it must still see every key."""
+    text = " ".join([*before, key + joint + "PLANT-1" + joint.strip(" :=\t"), *after])
+    clean, paths = Redactor().value({"t": text})
+    assert "PLANT-1" not in clean["t"], (text, clean)
+    assert paths == ["t"]
+
+
 @PROPERTY
 @given(value=planted(), field=st.sampled_from(["arguments", "signals", "intent", "task_id", "note", "reasons", "obligations"]))
 def test_a_secret_under_a_secret_key_never_survives_at_any_depth_or_shape(value, field):

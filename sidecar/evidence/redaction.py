@@ -82,6 +82,7 @@ _KEY_SPACE_VALUE = re.compile(
     r"""(?=(?P<value>(?=[^\s"'&;,)}\]]*[0-9\-_./+!@#$%^*~])[^\s"'&;,)}\]]{6,}))"""
 )
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
+_IN_TOKEN = re.compile(r"[_.\-]+")  # what a key token holds besides letters and digits
 _PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9\-._~+/]+=*)|\b(basic\s+)([A-Za-z0-9+/]{8,}=*)")
@@ -139,9 +140,15 @@ class Redactor:
         return known
 
     def _may_hold_secret(self, text: str) -> bool:
-        """Cheap pre-check: could any text rule match? (Every rule needs one of these in the text.)"""
+        """Cheap pre-check: could any text rule match? (Every rule needs one of these in the text.)
+
+        In ASCII text that is not JSON, a rule's key is one token (`[A-Za-z0-9_.-]`, see
+        _ASSIGNMENT), so letters are joined within tokens only: `roadmap incident` holds no
+        `pin`. JSON text (keys may hold spaces) and other text are squashed whole."""
         if ("@" in text and "://" in text) or "PRIVATE KEY" in text or "eyJ" in text:
             return True
+        if text.isascii() and text.lstrip()[:1] not in ("{", "["):
+            return self._trigger.search(_IN_TOKEN.sub("", text.lower())) is not None
         return self._trigger.search(normalize_key(text)) is not None
 
     # -- values ---------------------------------------------------------------
@@ -181,12 +188,16 @@ class Redactor:
         if isinstance(node, dict):
             out = {}
             changed = False
+            known, plain = self._keys, self._plain
             for key, child in node.items():
-                if self.is_secret_key(key):
+                secret = known.get(key)
+                if secret is None:
+                    secret = self.is_secret_key(key)
+                if secret:
                     out[key] = whole(child) if whole is not None else REDACTED
                     found.append(_path((where, key)))
                     changed = True
-                elif type(child) in _SCALARS:
+                elif type(child) in _SCALARS or (type(child) is str and child in plain):
                     out[key] = child
                 else:
                     out[key] = new = self._walk(child, (where, key), found, depth + 1, whole)
