@@ -13,6 +13,19 @@ from typing import Any
 
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
 from sidecar.jsonvalues import normalize, number_problems
+from sidecar.reasons import (
+    INPUT_TOO_DEEP,
+    INPUT_TOO_LARGE,
+    INVALID_ARGUMENTS,
+    INVALID_CALL_ID,
+    INVALID_ESCALATION_ID,
+    INVALID_INTENT,
+    INVALID_SERVER,
+    INVALID_SIGNALS,
+    INVALID_TASK_ID,
+    INVALID_TOOL,
+    Reason,
+)
 
 MAX_TOOL_NAME_BYTES = 256
 MAX_ID_BYTES = 256
@@ -87,50 +100,57 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
     there, so the tool, an approver or a log could read less than policy decided on.
     """
     problems: list[str] = []
-    for label, value in (
-        ("tool", call.tool),
-        ("server", call.server),
-        ("call_id", call.call_id),
-        ("task_id", call.task_id),
-        ("escalation_id", call.escalation_id),
-        ("intent", call.intent),
-        ("arguments", call.arguments),
-        ("signals", call.signals),
+    for label, code, value in (
+        ("tool", INVALID_TOOL, call.tool),
+        ("server", INVALID_SERVER, call.server),
+        ("call_id", INVALID_CALL_ID, call.call_id),
+        ("task_id", INVALID_TASK_ID, call.task_id),
+        ("escalation_id", INVALID_ESCALATION_ID, call.escalation_id),
+        ("intent", INVALID_INTENT, call.intent),
+        ("arguments", INVALID_ARGUMENTS, call.arguments),
+        ("signals", INVALID_SIGNALS, call.signals),
     ):
         where = find_nul(value, label)
         if where is not None:
-            problems.append(f"invalid_{label}: {where} holds U+0000 (NUL), which is refused anywhere in a call")
+            problems.append(str(Reason(code, f"{where} holds U+0000 (NUL), which is refused anywhere in a call")))
     tool_bytes = len(call.tool.encode("utf-8", "surrogatepass"))
     if tool_bytes == 0:
-        problems.append("invalid_tool: the tool name is empty")
+        problems.append(str(Reason(INVALID_TOOL, "the tool name is empty")))
     elif tool_bytes > MAX_TOOL_NAME_BYTES:
-        problems.append(f"invalid_tool: the tool name is {tool_bytes} bytes, over the {MAX_TOOL_NAME_BYTES}-byte limit")
+        problems.append(str(Reason(
+            INVALID_TOOL, f"the tool name is {tool_bytes} bytes, over the {MAX_TOOL_NAME_BYTES}-byte limit"
+        )))
     elif not call.tool.isprintable():
-        problems.append("invalid_tool: the tool name holds control characters")
-    for label, value, limit in (
-        ("call_id", call.call_id, MAX_ID_BYTES),
-        ("task_id", call.task_id, MAX_ID_BYTES),
-        ("server", call.server, MAX_ID_BYTES),
-        ("escalation_id", call.escalation_id, MAX_ID_BYTES),
-        ("intent", call.intent, MAX_INTENT_BYTES),
+        problems.append(str(Reason(INVALID_TOOL, "the tool name holds control characters")))
+    for label, code, value, limit in (
+        ("call_id", INVALID_CALL_ID, call.call_id, MAX_ID_BYTES),
+        ("task_id", INVALID_TASK_ID, call.task_id, MAX_ID_BYTES),
+        ("server", INVALID_SERVER, call.server, MAX_ID_BYTES),
+        ("escalation_id", INVALID_ESCALATION_ID, call.escalation_id, MAX_ID_BYTES),
+        ("intent", INVALID_INTENT, call.intent, MAX_INTENT_BYTES),
     ):
         if len(value.encode("utf-8", "surrogatepass")) > limit:
-            problems.append(f"invalid_{label}: {label} is over the {limit}-byte limit")
+            problems.append(str(Reason(code, f"{label} is over the {limit}-byte limit")))
         elif not _is_text(value):
             # evidence records only what a reader gets back byte for byte (sidecar/canonical.py)
-            problems.append(f"invalid_{label}: {label} is not valid Unicode text (a lone surrogate)")
+            problems.append(str(Reason(code, f"{label} is not valid Unicode text (a lone surrogate)")))
 
     if not isinstance(call.arguments, dict):
-        problems.append(f"invalid_arguments: arguments must be a JSON object, not {_json_kind(call.arguments)}")
+        problems.append(str(Reason(
+            INVALID_ARGUMENTS, f"arguments must be a JSON object, not {_json_kind(call.arguments)}"
+        )))
     if call.signals is not None and not isinstance(call.signals, dict):
-        problems.append(f"invalid_signals: signals must be a JSON object, not {_json_kind(call.signals)}")
+        problems.append(str(Reason(INVALID_SIGNALS, f"signals must be a JSON object, not {_json_kind(call.signals)}")))
 
-    for label, value in (("arguments", call.arguments), ("signals", call.signals)):
+    for label, code, value in (
+        ("arguments", INVALID_ARGUMENTS, call.arguments),
+        ("signals", INVALID_SIGNALS, call.signals),
+    ):
         depth = depth_of(value, max_depth)
         if depth > max_depth:
-            problems.append(f"input_too_deep: {label} nest deeper than the limit of {max_depth} levels")
+            problems.append(str(Reason(INPUT_TOO_DEEP, f"{label} nest deeper than the limit of {max_depth} levels")))
         else:
-            problems += [f"invalid_{label}: {problem}" for problem in number_problems(value, label)]
+            problems += [str(Reason(code, problem)) for problem in number_problems(value, label)]
 
     # Too deep: digest what lies within the limit, so nothing below recurses past Python's limit.
     arguments = call.arguments if depth_of(call.arguments, max_depth) <= max_depth else cut_depth(call.arguments, max_depth)
@@ -138,17 +158,19 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         encoded = canonical_json(arguments)
         digest = sha256_digest(encoded)
         if len(encoded) > max_bytes:
-            problems.append(f"input_too_large: arguments are {len(encoded)} bytes, over the limit of {max_bytes}")
+            problems.append(str(Reason(
+                INPUT_TOO_LARGE, f"arguments are {len(encoded)} bytes, over the limit of {max_bytes}"
+            )))
     except NotCanonicalizable as exc:
         digest = sha256_digest(repr(arguments).encode("utf-8", "surrogatepass"))
-        if not any(problem.startswith("invalid_arguments:") for problem in problems):
-            problems.append(f"invalid_arguments: arguments are not valid JSON ({exc})")
+        if not any(problem.startswith(f"{INVALID_ARGUMENTS}:") for problem in problems):
+            problems.append(str(Reason(INVALID_ARGUMENTS, f"arguments are not valid JSON ({exc})")))
     if call.signals is not None and not problems:
         try:
             if len(canonical_json(call.signals)) > max_bytes:
-                problems.append(f"input_too_large: signals are over the limit of {max_bytes} bytes")
+                problems.append(str(Reason(INPUT_TOO_LARGE, f"signals are over the limit of {max_bytes} bytes")))
         except NotCanonicalizable as exc:
-            problems.append(f"invalid_signals: signals are not valid JSON ({exc})")
+            problems.append(str(Reason(INVALID_SIGNALS, f"signals are not valid JSON ({exc})")))
     return problems, digest
 
 

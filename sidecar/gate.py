@@ -25,6 +25,17 @@ from sidecar.jsonvalues import number_problems
 from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision, DecisionClient
 from sidecar.policy.input import build_input
+from sidecar.reasons import (
+    APPROVAL_INSUFFICIENT,
+    CALL_ID_REUSED,
+    ESCALATION_UNAVAILABLE,
+    ESCALATION_UNKNOWN,
+    EVIDENCE_UNAVAILABLE,
+    POLICY_MALFORMED,
+    UNVERIFIED_CALLER,
+    USAGE_UNAVAILABLE,
+    Reason,
+)
 from sidecar.usage import UsageCounter, UsageUnavailable
 
 if TYPE_CHECKING:
@@ -181,16 +192,16 @@ class Gate:
         call, identity, problems = state.call, state.identity, state.problems
         shed = self._overload.refusal() if self._overload is not None and not problems else None
         if isinstance(identity, IdentityError):
-            problems.insert(0, f"unverified_caller: {identity.reason}")
+            problems.insert(0, str(Reason(UNVERIFIED_CALLER, identity.reason)))
             log.info("unverified caller denied (decision %s): %r", state.decision_id, identity.reason)
         elif shed:  # before the call id is claimed: the same call may be sent again once the load drops
             problems.append(shed)
         elif call.call_id and not problems:
             fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{state.arguments_digest}".encode())
             if not self._call_ids.claim(call.call_id, fingerprint):
-                problems.append(
-                    f"call_id_reused: call_id {call.call_id!r} was already used for a different tool call"
-                )
+                problems.append(str(Reason(
+                    CALL_ID_REUSED, f"call_id {call.call_id!r} was already used for a different tool call"
+                )))
         if call.task_id and not problems and self._tasks is not None and isinstance(identity, CallerIdentity):
             ended = await self._tasks.check(call.task_id, identity, state.trace)
             if ended:
@@ -213,7 +224,7 @@ class Gate:
             usage = await self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
         except UsageUnavailable as exc:  # a stage failed: fail closed, like an engine or evidence failure
             return Decision.failed(
-                f"usage_unavailable: the call could not be counted for input.usage ({exc})",
+                str(Reason(USAGE_UNAVAILABLE, f"the call could not be counted for input.usage ({exc})")),
                 engine="sidecar",
                 policy_revision=self.catalog.revision,
             )
@@ -240,7 +251,7 @@ class Gate:
         unexact = number_problems(decision.obligations, "obligations")
         if unexact:  # the agent would receive other obligations than the ones recorded
             decision = Decision.failed(
-                f"policy_malformed: {'; '.join(unexact)}; obligations must reach the agent exactly",
+                str(Reason(POLICY_MALFORMED, f"{'; '.join(unexact)}; obligations must reach the agent exactly")),
                 engine=decision.engine,
                 policy_revision=decision.policy_revision,
             )
@@ -294,7 +305,9 @@ class Gate:
             receipt = await self._recorder.record(event)
         except EvidenceError as exc:
             decision = Decision.failed(
-                f"evidence_unavailable: the decision could not be recorded ({exc}); denied until evidence works",
+                str(Reason(
+                    EVIDENCE_UNAVAILABLE, f"the decision could not be recorded ({exc}); denied until evidence works"
+                )),
                 engine=decision.engine,
                 policy_revision=decision.policy_revision,
             )
@@ -312,7 +325,9 @@ class Gate:
         try:
             usage = await self._usage.peek(identity.subject.spiffe_id, tool)
         except UsageUnavailable as exc:
-            return Decision.failed(f"usage_unavailable: {exc}", engine="sidecar", policy_revision=self.catalog.revision)
+            return Decision.failed(
+                str(Reason(USAGE_UNAVAILABLE, str(exc))), engine="sidecar", policy_revision=self.catalog.revision
+            )
         document = build_input(
             identity=identity,
             tool=tool,
@@ -336,14 +351,16 @@ class Gate:
     ) -> tuple["RetryCheck | None", str | None]:
         """A call repeated with an escalation id: may it go to policy, and with which approval?"""
         if self.escalations is None:
-            return None, "escalation_unknown: this sidecar keeps no escalations, so no escalation id is valid here"
+            return None, str(Reason(
+                ESCALATION_UNKNOWN, "this sidecar keeps no escalations, so no escalation id is valid here"
+            ))
         if not isinstance(identity, CallerIdentity):
             return None, None
         shape = self.escalations.shape(identity, call.tool, call.server, arguments_digest, call.task_id)
         try:
             retry = await self.escalations.check_retry(call.escalation_id, shape)
         except StoreError as exc:
-            return None, f"escalation_unavailable: the escalation store cannot be read ({exc})"
+            return None, str(Reason(ESCALATION_UNAVAILABLE, f"the escalation store cannot be read ({exc})"))
         return retry, retry.refusal
 
     async def _escalation_step(self, decision: Decision, state: _CallState):
@@ -361,14 +378,17 @@ class Gate:
                 try:
                     used, reason = await service.consume(retry.record, state.decision_id)
                 except StoreError as exc:
-                    used, reason = False, f"escalation_unavailable: the approval could not be used ({exc})"
+                    used, reason = False, str(Reason(ESCALATION_UNAVAILABLE, f"the approval could not be used ({exc})"))
                 if not used:
                     return Decision.refused([reason], policy_revision=decision.policy_revision), call.escalation_id, "", None
                 return decision, retry.record.id, approval.approver, None
             if decision.outcome == "escalate":
                 reasons = (
-                    f"approval_insufficient: policy still escalates this call with escalation {retry.record.id} "
-                    f"approved by {approval.approver}; ask again without the escalation id",
+                    str(Reason(
+                        APPROVAL_INSUFFICIENT,
+                        f"policy still escalates this call with escalation {retry.record.id} "
+                        f"approved by {approval.approver}; ask again without the escalation id",
+                    )),
                     *decision.reasons,
                 )
                 return (
@@ -394,6 +414,8 @@ class Gate:
                 catalog_entry=state.catalog_entry,
             )
         except StoreError as exc:
-            reason = f"escalation_unavailable: the call needs approval but the escalation store failed ({exc})"
+            reason = str(Reason(
+                ESCALATION_UNAVAILABLE, f"the call needs approval but the escalation store failed ({exc})"
+            ))
             return Decision.refused([reason, *decision.reasons], policy_revision=decision.policy_revision), "", "", None
         return decision, record.id, "", record if created else None

@@ -24,6 +24,8 @@ import contextlib
 import time
 from typing import Callable
 
+from sidecar.reasons import OVERLOADED, Reason
+
 
 class LoopLag:
     def __init__(
@@ -71,10 +73,11 @@ class LoopLag:
         lag = self.lag()
         if lag <= self.max_lag:
             return None
-        return (
-            f"overloaded: the sidecar is saturated (its event loop runs {lag * 1000:.0f} ms late, over "
-            f"{self.max_lag * 1000:.0f} ms); denied at once instead of queueing"
-        )
+        return str(Reason(
+            OVERLOADED,
+            f"the sidecar is saturated (its event loop runs {lag * 1000:.0f} ms late, over "
+            f"{self.max_lag * 1000:.0f} ms); denied at once instead of queueing",
+        ))
 
     async def _tick(self) -> None:
         while True:

@@ -20,6 +20,16 @@ from sidecar.evidence import TraceContext
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
 from sidecar.jsonvalues import NotExact, from_struct, to_struct
+from sidecar.reasons import (
+    EVIDENCE_UNAVAILABLE,
+    INVALID_TASK,
+    MALFORMED_REQUEST,
+    NOT_TASK_OWNER,
+    UNKNOWN_TOOL,
+    UNVERIFIED_CALLER,
+    UPSTREAM_MALFORMED,
+    Reason,
+)
 from sidecar.v1 import sidecar_pb2
 
 if TYPE_CHECKING:
@@ -124,7 +134,9 @@ def invocation_to_response(verdict: Verdict, performed: "Performed | None") -> s
         try:
             response.result.CopyFrom(to_struct(result.result, "result"))
         except NotExact as exc:  # the agent would get another value than the tool gave (and evidence hashed)
-            response.error = f"upstream_malformed: the tool's result cannot reach the agent exactly ({exc})"
+            response.error = str(Reason(
+                UPSTREAM_MALFORMED, f"the tool's result cannot reach the agent exactly ({exc})"
+            ))
     return response
 
 
@@ -159,7 +171,9 @@ class ToolGateServicer:
         call = call_from_request(request.call)
         unknown = None
         if self._http_tools is None or not self._http_tools.knows(call.tool):
-            unknown = f"unknown_tool: {call.tool!r} is not an HTTP tool this sidecar invokes (invoke.tools)"
+            unknown = str(Reason(
+                UNKNOWN_TOOL, f"{call.tool!r} is not an HTTP tool this sidecar invokes (invoke.tools)"
+            ))
         verdict = await self._gate.authorize(call, identity, parent, malformed=unknown)
         if verdict.decision.outcome != "allow" or self._executor is None or self._http_tools is None:
             return invocation_to_response(verdict, None)
@@ -179,20 +193,24 @@ class ToolGateServicer:
         peer = peer_info(context)
         identity = resolve_caller(self._identity, peer)
         if isinstance(identity, IdentityError):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unverified_caller: {identity.reason}")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(Reason(UNVERIFIED_CALLER, identity.reason)))
         if isinstance(request, UnparseableRequest) or self._tasks is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed_request: the request could not be parsed")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, str(Reason(MALFORMED_REQUEST, "the request could not be parsed"))
+            )
         task_id = request.task_id
         if not task_id or len(task_id.encode()) > MAX_ID_BYTES or not task_id.isprintable():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid_task: task_id must be 1-256 printable bytes")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, str(Reason(INVALID_TASK, "task_id must be 1-256 printable bytes"))
+            )
         parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
         try:
             ending = await self._tasks.end(task_id, identity, parent)
         except TaskOwnerMismatch as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not_task_owner: {exc}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(Reason(NOT_TASK_OWNER, str(exc))))
         except TaskEndUnrecorded as exc:
             log.error("task %r ended by %s, not recorded: %s", task_id, identity.subject.spiffe_id, exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"evidence_unavailable: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(Reason(EVIDENCE_UNAVAILABLE, str(exc))))
         receipt = ending.receipt
         return sidecar_pb2.EndTaskResponse(
             task_id=task_id,
@@ -212,7 +230,7 @@ class ToolGateServicer:
         parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
         identity = resolve_caller(self._identity, peer)
         if isinstance(request, UnparseableRequest):
-            reason = f"malformed_request: the request could not be parsed ({request.error})"
+            reason = str(Reason(MALFORMED_REQUEST, f"the request could not be parsed ({request.error})"))
             verdict = await self._gate.authorize(ToolCall(tool="", arguments={}), identity, parent, malformed=reason)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{reason}; recorded as decision {verdict.decision_id}"

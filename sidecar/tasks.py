@@ -33,6 +33,7 @@ from typing import Any, Callable
 from sidecar.evidence import EvidenceError, EvidenceSink, Receipt, TraceContext
 from sidecar.evidence.records import rfc3339
 from sidecar.identity import CallerIdentity
+from sidecar.reasons import EVIDENCE_UNAVAILABLE, TASK_ENDED, Reason
 
 END_TASK = "end_task"
 IDLE_TIMEOUT = "idle_timeout"
@@ -122,7 +123,7 @@ def _subject(subject: Any) -> dict:
 
 
 def _refusal(task_id: str, why: str) -> str:
-    return f"task_ended: task {task_id!r} {why}; start a new task"
+    return str(Reason(TASK_ENDED, f"task {task_id!r} {why}; start a new task"))
 
 
 class TaskRegistry:
@@ -258,8 +259,9 @@ class TaskRegistry:
         try:
             await self._record(ended)
         except EvidenceError as exc:
-            return (
-                f"evidence_unavailable: task {task_id!r} {ended.why}, but its task_end record could not be "
-                f"written ({exc}); denied until evidence works"
-            )
+            return str(Reason(
+                EVIDENCE_UNAVAILABLE,
+                f"task {task_id!r} {ended.why}, but its task_end record could not be written ({exc}); "
+                "denied until evidence works",
+            ))
         return _refusal(task_id, ended.why)

@@ -62,6 +62,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sidecar import reasons
 from sidecar.client import Client
 from sidecar.escalation.client import ApprovalsClient
 from tests.conftest import REPO
@@ -407,8 +408,8 @@ PRODUCERS = [*(REPO / "rego").rglob("*.rego"), *(REPO / "sidecar").rglob("*.py")
 
 
 def reason_codes_produced() -> set[str]:
-    """Reason codes the policy (`reason(["code: ...`) or the sidecar (`"code: ...`) can write."""
-    codes = set()
+    """Reason codes the policy (`reason(["code: ...`) or the sidecar (sidecar/reasons.py, or `"code: ...`) can write."""
+    codes = {value for name, value in vars(reasons).items() if name.isupper() and isinstance(value, str)}
     for path in PRODUCERS:
         if path.name.endswith("_test.rego") or "/tests/" in path.as_posix():
             continue

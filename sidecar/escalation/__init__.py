@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.reasons import Reason
+
 PENDING = "pending"
 APPROVED = "approved"
 DENIED = "denied"
@@ -133,14 +135,14 @@ class EscalationRecord:
 class EscalationRefused(Exception):
     """A request about an escalation was refused; nothing was changed.
 
-    `code` is the stable reason code (`escalation_unknown`, `escalation_expired`,
-    `already_decided`, `approval_used`, `self_approval`, ...), `status` the gRPC
+    `code` is the stable reason code, a constant of sidecar/reasons.py (ESCALATION_UNKNOWN,
+    ESCALATION_EXPIRED, ALREADY_DECIDED, APPROVAL_USED, SELF_APPROVAL, ...), `status` the gRPC
     status name the Approvals API answers with.
     """
 
     def __init__(self, code: str, message: str, status: str = "FAILED_PRECONDITION",
                  record: EscalationRecord | None = None):
-        super().__init__(f"{code}: {message}")
+        super().__init__(str(Reason(code, message)))
         self.code = code
         self.message = message
         self.status = status
@@ -148,7 +150,7 @@ class EscalationRefused(Exception):
 
     @property
     def reason(self) -> str:
-        return f"{self.code}: {self.message}"
+        return str(Reason(self.code, self.message))
 
 
 class StoreError(Exception):

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from sidecar.escalation import PENDING, Approver, EscalationRecord, EscalationRefused
+from sidecar.reasons import (
+    ARGUMENTS_NOT_KEPT,
+    DELEGATION_APPROVAL,
+    INVALID_NOTE,
+    NOT_AN_APPROVER,
+    SELF_APPROVAL,
+    Reason,
+)
 
 MAX_NOTE_CHARS = 2000
 MAX_APPROVER_BYTES = 512
@@ -42,9 +50,9 @@ def check_note(note: str) -> None:
     """Refuse an approver's note over MAX_NOTE_CHARS characters or holding control characters
     (raises EscalationRefused `invalid_note`, status INVALID_ARGUMENT)."""
     if len(note) > MAX_NOTE_CHARS:
-        raise EscalationRefused("invalid_note", f"the note is over {MAX_NOTE_CHARS} characters", "INVALID_ARGUMENT")
+        raise EscalationRefused(INVALID_NOTE, f"the note is over {MAX_NOTE_CHARS} characters", "INVALID_ARGUMENT")
     if _NOTE_FORBIDDEN.search(note):
-        raise EscalationRefused("invalid_note", "the note holds control characters", "INVALID_ARGUMENT")
+        raise EscalationRefused(INVALID_NOTE, "the note holds control characters", "INVALID_ARGUMENT")
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class ApproverRules:
         who = approver.identity
         if who == record.subject or (approver.via and approver.via == record.subject):
             return EscalationRefused(
-                "self_approval",
+                SELF_APPROVAL,
                 f"{who} cannot {verb} escalation {record.id}: it is that call's own subject "
                 "(separation of duties)",
                 "PERMISSION_DENIED",
@@ -88,7 +96,7 @@ class ApproverRules:
             )
         if who in record.delegation or (approver.via and approver.via in record.delegation):
             return EscalationRefused(
-                "delegation_approval",
+                DELEGATION_APPROVAL,
                 f"{who} cannot {verb} escalation {record.id}: it is in the call's delegation chain "
                 "(separation of duties)",
                 "PERMISSION_DENIED",
@@ -97,7 +105,7 @@ class ApproverRules:
         if self.approvers and not approver_matches(who, self.approvers):
             workload = " (a workload approves only when listed by its exact SPIFFE ID)" if who.startswith("spiffe://") else ""
             return EscalationRefused(
-                "not_an_approver",
+                NOT_AN_APPROVER,
                 f"{who} is not among escalation.approvers{workload}",
                 "PERMISSION_DENIED",
                 record,
@@ -112,11 +120,15 @@ class ApproverRules:
         """
         waiting = record.agent_waiting(now)
         if record.state != PENDING:
-            return ReaderView(None, f"arguments_not_kept: escalation {record.id} is {record.state}; the "
-                              "unredacted arguments are kept only while it is pending", waiting)
+            return ReaderView(None, str(Reason(
+                ARGUMENTS_NOT_KEPT,
+                f"escalation {record.id} is {record.state}; "
+                "the unredacted arguments are kept only while it is pending",
+            )), waiting)
         if record.arguments is None:
-            return ReaderView(None, "arguments_not_kept: escalation.preview_arguments is off, or the "
-                              "arguments have no JSON form", waiting)
+            return ReaderView(None, str(Reason(
+                ARGUMENTS_NOT_KEPT, "escalation.preview_arguments is off, or the arguments have no JSON form"
+            )), waiting)
         problem = self.problem(record, reader, "decide")
         if problem is not None:
             return ReaderView(None, problem.reason, waiting)

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged, needs_flag, json_text, value_needs_flag, visible
+from sidecar.reasons import parse
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 STATE_CHOICES = ["pending", "approved", "denied", "expired", "used", "all"]
@@ -90,8 +91,8 @@ def _until(stamp: str, now: datetime) -> str:
 def _reason_codes(reasons: list[str]) -> str:
     codes = []
     for reason in reasons:
-        code, sep, _ = reason.partition(": ")
-        codes.append(code if sep and " " not in code else reason[:40])
+        parsed = parse(reason)
+        codes.append(parsed.code if parsed is not None else reason[:40])
     return ",".join(codes)
 
 

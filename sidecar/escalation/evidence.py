@@ -18,6 +18,16 @@ from sidecar.escalation import DENIED, EXPIRED, PENDING, USED, Approver, Escalat
 from sidecar.escalation.approvers import MAX_NOTE_CHARS
 from sidecar.evidence import EvidenceError, EvidenceSink, TraceContext
 from sidecar.evidence.records import rfc3339
+from sidecar.reasons import (
+    APPROVAL_UNUSABLE,
+    APPROVAL_UNUSED,
+    APPROVAL_USED,
+    ESCALATION_DENIED,
+    ESCALATION_EXPIRED,
+    ESCALATION_PENDING,
+    EVIDENCE_UNAVAILABLE,
+    Reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +40,11 @@ def iso(ts: float | None) -> str:
 def expiry_reason(record: EscalationRecord) -> str:
     """Why `record` expired: `approval_unused` (approved, not used by use_by) or `escalation_expired`."""
     if record.approver and record.use_by is not None:
-        return (f"approval_unused: the approval of escalation {record.id} by {record.approver} was not used "
-                f"by {iso(record.use_by)}")
-    return f"escalation_expired: nobody decided escalation {record.id} by {iso(record.expires_at)}"
+        return str(Reason(
+            APPROVAL_UNUSED,
+            f"the approval of escalation {record.id} by {record.approver} was not used by {iso(record.use_by)}",
+        ))
+    return str(Reason(ESCALATION_EXPIRED, f"nobody decided escalation {record.id} by {iso(record.expires_at)}"))
 
 
 def final_reason(record: EscalationRecord) -> str:
@@ -40,16 +52,21 @@ def final_reason(record: EscalationRecord) -> str:
     `escalation_pending` or `approval_unusable`."""
     if record.state == DENIED:
         note = f": {record.note}" if record.note else ""
-        return (f"escalation_denied: escalation {record.id} was denied by {record.approver} "
-                f"at {iso(record.decided_at)}{note}")
+        return str(Reason(
+            ESCALATION_DENIED,
+            f"escalation {record.id} was denied by {record.approver} at {iso(record.decided_at)}{note}",
+        ))
     if record.state == USED:
-        return (f"approval_used: the approval of escalation {record.id} was already used "
-                f"by decision {record.used_by_decision} at {iso(record.used_at)}; an approval holds once")
+        return str(Reason(
+            APPROVAL_USED,
+            f"the approval of escalation {record.id} was already used "
+            f"by decision {record.used_by_decision} at {iso(record.used_at)}; an approval holds once",
+        ))
     if record.state == EXPIRED:
         return expiry_reason(record)
     if record.state == PENDING:
-        return f"escalation_pending: escalation {record.id} is still waiting for an approver"
-    return f"approval_unusable: escalation {record.id} is {record.state}"
+        return str(Reason(ESCALATION_PENDING, f"escalation {record.id} is still waiting for an approver"))
+    return str(Reason(APPROVAL_UNUSABLE, f"escalation {record.id} is {record.state}"))
 
 
 class EscalationEvidence:
@@ -75,7 +92,7 @@ class EscalationEvidence:
             ok, detail = False, str(exc)
         if not ok:
             raise EscalationRefused(
-                "evidence_unavailable",
+                EVIDENCE_UNAVAILABLE,
                 f"decisions cannot be recorded right now ({detail}); nothing was changed",
                 "UNAVAILABLE",
             )

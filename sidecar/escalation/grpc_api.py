@@ -42,6 +42,19 @@ from sidecar.escalation.approvers import MAX_APPROVER_BYTES, ReaderView, approve
 from sidecar.escalation.service import EscalationService
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, resolve_caller
 from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
+from sidecar.reasons import (
+    APPROVER_NOT_A_PERSON,
+    APPROVER_NOT_VERIFIED,
+    DELEGATED_APPROVAL,
+    ESCALATION_UNAVAILABLE,
+    INVALID_APPROVER,
+    INVALID_TIMEOUT,
+    MALFORMED_REQUEST,
+    NOT_AN_APPROVER,
+    NOT_YOUR_ESCALATION,
+    UNVERIFIED_CALLER,
+    Reason,
+)
 from sidecar.v1 import sidecar_pb2
 
 APPROVALS_SERVICE = "sidecar.v1.Approvals"
@@ -112,13 +125,13 @@ def record_to_proto(record: EscalationRecord, *, now: float, view: ReaderView | 
 def validate_approver(value: str) -> str:
     """An approver identity string: a SPIFFE ID, or `scheme:value` (e.g. email:alice@example.org)."""
     if len(value.encode("utf-8", "surrogatepass")) > MAX_APPROVER_BYTES:
-        raise EscalationRefused("invalid_approver", f"the approver is over {MAX_APPROVER_BYTES} bytes", "INVALID_ARGUMENT")
+        raise EscalationRefused(INVALID_APPROVER, f"the approver is over {MAX_APPROVER_BYTES} bytes", "INVALID_ARGUMENT")
     if not value.isprintable() or any(c.isspace() for c in value):
-        raise EscalationRefused("invalid_approver", "the approver holds spaces or control characters", "INVALID_ARGUMENT")
+        raise EscalationRefused(INVALID_APPROVER, "the approver holds spaces or control characters", "INVALID_ARGUMENT")
     scheme, colon, rest = value.partition(":")
     if not colon or not scheme or not rest or not scheme.replace("-", "").replace("+", "").isalnum():
         raise EscalationRefused(
-            "invalid_approver",
+            INVALID_APPROVER,
             f"{value!r} is not an identity: use a SPIFFE ID or scheme:value (e.g. email:alice@example.org)",
             "INVALID_ARGUMENT",
         )
@@ -126,7 +139,7 @@ def validate_approver(value: str) -> str:
         try:
             validate_spiffe_id(value)
         except SpiffeIdError as exc:
-            raise EscalationRefused("invalid_approver", f"{value!r}: {exc}", "INVALID_ARGUMENT") from None
+            raise EscalationRefused(INVALID_APPROVER, f"{value!r}: {exc}", "INVALID_ARGUMENT") from None
     return value
 
 
@@ -145,7 +158,7 @@ class EscalationApi:
 
         caller = resolve_caller(self._identity, peer_info(context))
         if isinstance(caller, IdentityError):
-            raise EscalationRefused("unverified_caller", caller.reason, "UNAUTHENTICATED")
+            raise EscalationRefused(UNVERIFIED_CALLER, caller.reason, "UNAUTHENTICATED")
         return caller
 
     def approver_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
@@ -158,7 +171,7 @@ class EscalationApi:
             return Approver(subject.spiffe_id, "dev")
         if caller.delegation:
             raise EscalationRefused(
-                "delegated_approval",
+                DELEGATED_APPROVAL,
                 "an approval cannot be given through a delegation chain; call as the approver itself",
                 "PERMISSION_DENIED",
             )
@@ -166,14 +179,14 @@ class EscalationApi:
             if subject.spiffe_id in self.service.console_identities:
                 if claimed.lower().startswith("spiffe:"):
                     raise EscalationRefused(
-                        "approver_not_a_person",
+                        APPROVER_NOT_A_PERSON,
                         f"a console relays the person signed in at it, not a workload ({claimed}); a workload "
                         "approves by calling with its own SPIFFE identity",
                         "PERMISSION_DENIED",
                     )
                 return Approver(validate_approver(claimed), "console", via=subject.spiffe_id)
             raise EscalationRefused(
-                "approver_not_verified",
+                APPROVER_NOT_VERIFIED,
                 f"the approver field ({claimed}) is honoured only in dev mode or from a console listed in "
                 f"escalation.console_identities; the verified caller is {subject.spiffe_id}",
                 "PERMISSION_DENIED",
@@ -186,7 +199,7 @@ class EscalationApi:
         who = caller.subject.spiffe_id
         if not self.dev_mode and self.service.approvers:
             if not (approver_matches(who, self.service.approvers) or who in self.service.console_identities):
-                raise EscalationRefused("not_an_approver", f"{who} is not among escalation.approvers", "PERMISSION_DENIED")
+                raise EscalationRefused(NOT_AN_APPROVER, f"{who} is not among escalation.approvers", "PERMISSION_DENIED")
         return who
 
     # ---------------------------------------------------------------- errors
@@ -198,7 +211,9 @@ class EscalationApi:
 
     @staticmethod
     async def unavailable(context: grpc.aio.ServicerContext, exc: StoreError) -> None:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"escalation_unavailable: the escalation store failed ({exc})")
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, str(Reason(ESCALATION_UNAVAILABLE, f"the escalation store failed ({exc})"))
+        )
 
     @staticmethod
     async def malformed(context: grpc.aio.ServicerContext, request: Any) -> None:
@@ -206,7 +221,8 @@ class EscalationApi:
 
         if isinstance(request, UnparseableRequest):
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"malformed_request: the request could not be parsed ({request.error})"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                str(Reason(MALFORMED_REQUEST, f"the request could not be parsed ({request.error})")),
             )
 
     # ---------------------------------------------------------- AwaitDecision
@@ -217,11 +233,11 @@ class EscalationApi:
             caller = self._caller(context)
             timeout = request.timeout_seconds
             if not math.isfinite(timeout) or timeout < 0:
-                raise EscalationRefused("invalid_timeout", "timeout_seconds must be a finite number >= 0", "INVALID_ARGUMENT")
+                raise EscalationRefused(INVALID_TIMEOUT, "timeout_seconds must be a finite number >= 0", "INVALID_ARGUMENT")
             record = await self.service.get(request.escalation_id)
             if record.subject != caller.subject.spiffe_id:
                 raise EscalationRefused(
-                    "not_your_escalation",
+                    NOT_YOUR_ESCALATION,
                     f"escalation {record.id} belongs to another subject; only its caller may await it",
                     "PERMISSION_DENIED",
                 )
@@ -282,7 +298,7 @@ class EscalationApi:
 
         kind = "approval" if approve else "human_denial"
         if isinstance(request, UnparseableRequest):
-            refusal = EscalationRefused("malformed_request", f"the request could not be parsed ({request.error})",
+            refusal = EscalationRefused(MALFORMED_REQUEST, f"the request could not be parsed ({request.error})",
                                         "INVALID_ARGUMENT")
             await self.service.record_refusal(kind, "", Approver("", "unknown"), refusal)
             await self.abort(context, refusal)

@@ -47,6 +47,14 @@ from sidecar.evidence import EvidenceSink, TraceContext
 from sidecar.evidence.redaction import Redactor
 from sidecar.jsonvalues import normalize
 from sidecar.policy.input import Approval
+from sidecar.reasons import (
+    ALREADY_DECIDED,
+    APPROVAL_USED,
+    ESCALATION_EXPIRED,
+    ESCALATION_MISMATCH,
+    ESCALATION_UNKNOWN,
+    Reason,
+)
 
 if TYPE_CHECKING:
     from sidecar.calls import ToolCall
@@ -254,18 +262,25 @@ class EscalationService:
     async def check_retry(self, escalation_id: str, shape: CallShape) -> RetryCheck:
         """Judge a repeated call that carries `escalation_id` (raises StoreError)."""
         if not ID_PATTERN.fullmatch(escalation_id):
-            return RetryCheck(None, refusal=f"escalation_unknown: there is no escalation {escalation_id!r}")
+            return RetryCheck(None, refusal=str(Reason(
+                ESCALATION_UNKNOWN, f"there is no escalation {escalation_id!r}"
+            )))
         record = await self.store.get(escalation_id)
         if record is None:
-            return RetryCheck(None, refusal=f"escalation_unknown: there is no escalation {escalation_id!r}")
+            return RetryCheck(None, refusal=str(Reason(
+                ESCALATION_UNKNOWN, f"there is no escalation {escalation_id!r}"
+            )))
         if record.fingerprint != shape.fingerprint:
             escalated = CallShape(record.subject, record.delegation, record.tool, record.server,
                                   record.arguments_digest, record.task_id)
             what = "; ".join(differences(escalated, shape)) or "another call"
             return RetryCheck(
                 record,
-                refusal=f"escalation_mismatch: escalation {record.id} was made for another call "
-                f"(this one has {what}); an approval holds only for the exact call",
+                refusal=str(Reason(
+                    ESCALATION_MISMATCH,
+                    f"escalation {record.id} was made for another call "
+                    f"(this one has {what}); an approval holds only for the exact call",
+                )),
             )
         parent = TraceContext(record.trace_id, record.span_id) if record.trace_id and record.span_id else None
         now = self.clock()
@@ -294,7 +309,7 @@ class EscalationService:
     async def get(self, escalation_id: str) -> EscalationRecord:
         record = await self.store.get(escalation_id) if ID_PATTERN.fullmatch(escalation_id or "") else None
         if record is None:
-            raise EscalationRefused("escalation_unknown", f"there is no escalation {escalation_id!r}", "NOT_FOUND")
+            raise EscalationRefused(ESCALATION_UNKNOWN, f"there is no escalation {escalation_id!r}", "NOT_FOUND")
         return record
 
     async def list(self, *, state: str = "", subject: str = "", tool: str = "", limit: int = 100) -> list[EscalationRecord]:
@@ -355,13 +370,13 @@ class EscalationService:
 
     def _not_pending(self, record: EscalationRecord, verb: str) -> EscalationRefused:
         if record.state == EXPIRED:
-            return EscalationRefused("escalation_expired", f"escalation {record.id} expired at {iso(self._ended(record))}; "
+            return EscalationRefused(ESCALATION_EXPIRED, f"escalation {record.id} expired at {iso(self._ended(record))}; "
                                      f"it can no longer be {verb}d", "FAILED_PRECONDITION", record)
         if record.state == USED:
-            return EscalationRefused("approval_used", f"escalation {record.id} was approved by {record.approver} "
+            return EscalationRefused(APPROVAL_USED, f"escalation {record.id} was approved by {record.approver} "
                                      f"and already used by decision {record.used_by_decision}", "FAILED_PRECONDITION", record)
         return EscalationRefused(
-            "already_decided",
+            ALREADY_DECIDED,
             f"escalation {record.id} was already {record.state} by {record.approver} at {iso(record.decided_at)}",
             "FAILED_PRECONDITION",
             record,

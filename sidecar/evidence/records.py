@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, canonical_json, sha256_digest
 from sidecar.evidence.redaction import digest
+from sidecar.reasons import parse
 
 if TYPE_CHECKING:
     from sidecar.evidence import DecisionEvent
@@ -98,12 +99,9 @@ def seal(record: dict) -> bytes:
 
 
 def reason_code(reason: str) -> str:
-    """The low-cardinality part of a reason: the text before ': ' (reasons are '<code>: <text>')."""
-    code, sep, _ = reason.partition(": ")
-    code = code.strip()
-    if not sep or not code or len(code) > 64 or " " in code:
-        return "other"
-    return code
+    """The low-cardinality part of a reason (sidecar/reasons.py), "other" for a reason without a code."""
+    parsed = parse(reason)
+    return parsed.code if parsed is not None else "other"
 
 
 def recordable(value: Any) -> Any:

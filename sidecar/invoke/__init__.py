@@ -8,7 +8,8 @@ One ToolInvoker per upstream transport (MCP in `invoke/mcp.py`, HTTP in
 invoker with the obligations (`invoke/obligations.py`) and the `invocation`
 evidence record; the front doors (the MCP gateway, `ToolGate.Invoke`) call
 only the executor. Upstream failures become reasons `<code>: <text>` with the
-codes below, at this boundary (docs/mcp.md).
+codes of sidecar/reasons.py (UPSTREAM_*, UNKNOWN_TOOL, CREDENTIAL_UNAVAILABLE,
+OBLIGATION_*), at this boundary (docs/mcp.md).
 """
 
 from __future__ import annotations
@@ -19,17 +20,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from sidecar.calls import ToolCall
     from sidecar.gate import Verdict
-
-# Reason codes of invocation failures (the text before ": " in `InvocationResult.error`).
-UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # connection refused, reset, TLS failure, process gone
-UPSTREAM_TIMEOUT = "upstream_timeout"  # no answer within the upstream's timeout
-UPSTREAM_MALFORMED = "upstream_malformed"  # an answer that is not the protocol's (non-JSON, wrong shape)
-UPSTREAM_TOO_LARGE = "upstream_too_large"  # a result over the configured size cap
-UPSTREAM_ERROR = "upstream_error"  # the upstream answered with a protocol error (JSON-RPC error, HTTP 5xx)
-UNKNOWN_TOOL = "unknown_tool"  # no upstream serves this tool
-CREDENTIAL_UNAVAILABLE = "credential_unavailable"  # the upstream's credential could not be had: no call
-OBLIGATION_UNKNOWN = "obligation_unknown"  # policy asked for something the sidecar cannot do: no call
-OBLIGATION_INAPPLICABLE = "obligation_inapplicable"  # a known obligation that does not fit the arguments: no call
 
 # InvocationResult.status
 OK = "ok"  # the tool ran and answered

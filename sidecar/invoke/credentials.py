@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from sidecar.invoke import CREDENTIAL_UNAVAILABLE, CredentialUse
+from sidecar.invoke import CredentialUse
+from sidecar.reasons import CREDENTIAL_UNAVAILABLE, Reason
 
 
 class CredentialError(Exception):
     """The credential could not be had; `reason` is "credential_unavailable: ..." (no call is made)."""
 
     def __init__(self, text: str):
-        self.reason = f"{CREDENTIAL_UNAVAILABLE}: {text}"
+        self.reason = str(Reason(CREDENTIAL_UNAVAILABLE, text))
         super().__init__(self.reason)
 
 

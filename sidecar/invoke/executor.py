@@ -26,9 +26,9 @@ from sidecar.gate import Verdict, rfc3339_now
 from sidecar.identity import CallerIdentity
 from sidecar.invoke import NOT_CALLED, InvocationResult, ToolInvoker
 from sidecar.invoke.obligations import ObligationError, apply_obligations
+from sidecar.reasons import EVIDENCE_UNAVAILABLE, INVOKER_ERROR, Reason
 
 log = logging.getLogger(__name__)
-EVIDENCE_UNAVAILABLE = "evidence_unavailable"
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Executor:
                 result = await invoker.invoke(replace(call, arguments=sent), verdict)
             except Exception as exc:  # an invoker bug must not escape as an allowed, unrecorded call
                 log.exception("invoker failed")
-                result = InvocationResult("failed", call.server, error=f"invoker_error: {type(exc).__name__}")
+                result = InvocationResult("failed", call.server, error=str(Reason(INVOKER_ERROR, type(exc).__name__)))
             if result.status == NOT_CALLED:
                 sent = None
         duration_ms = (time.perf_counter() - started) * 1000
@@ -84,7 +84,9 @@ class Executor:
             try:
                 receipt = await self._sink.append("invocation", fields)
             except (EvidenceError, OSError, RuntimeError) as exc:
-                record_error = f"{EVIDENCE_UNAVAILABLE}: the call was made but its invocation could not be recorded ({exc})"
+                record_error = str(Reason(
+                    EVIDENCE_UNAVAILABLE, f"the call was made but its invocation could not be recorded ({exc})"
+                ))
                 log.error("invocation of decision %s not recorded: %s", verdict.decision_id, exc)
         return Performed(result, receipt, sent, tuple(changes), record_error)
 

@@ -32,27 +32,24 @@ from urllib.parse import quote
 
 import aiohttp
 
-from sidecar.invoke import (
-    FAILED,
-    NOT_CALLED,
-    OK,
-    TOOL_ERROR,
+from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult
+from sidecar.invoke.credentials import CredentialError, CredentialProvider
+from sidecar.jsonvalues import number_problems
+from sidecar.reasons import (
+    INVALID_ARGUMENTS,
     UNKNOWN_TOOL,
     UPSTREAM_ERROR,
     UPSTREAM_MALFORMED,
     UPSTREAM_TIMEOUT,
     UPSTREAM_TOO_LARGE,
     UPSTREAM_UNAVAILABLE,
-    InvocationResult,
+    Reason,
 )
-from sidecar.invoke.credentials import CredentialError, CredentialProvider
-from sidecar.jsonvalues import number_problems
 
 if TYPE_CHECKING:
     from sidecar.calls import ToolCall
     from sidecar.gate import Verdict
 
-INVALID_ARGUMENTS = "invalid_arguments"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -90,13 +87,15 @@ class HttpInvoker:
     async def invoke(self, call: "ToolCall", verdict: "Verdict") -> InvocationResult:
         tool = self.tools.get(call.tool)
         if tool is None:
-            return InvocationResult(NOT_CALLED, "", error=f"{UNKNOWN_TOOL}: no HTTP tool named {call.tool!r} in invoke.tools")
+            return InvocationResult(NOT_CALLED, "", error=str(Reason(
+                UNKNOWN_TOOL, f"no HTTP tool named {call.tool!r} in invoke.tools"
+            )))
         arguments = dict(call.arguments)
         missing = [n for n in _PLACEHOLDER.findall(tool.url) if n not in arguments]
         if missing:
             return InvocationResult(
                 NOT_CALLED, tool.url,
-                error=f"{INVALID_ARGUMENTS}: the URL of {tool.name} needs argument(s) {', '.join(missing)}",
+                error=str(Reason(INVALID_ARGUMENTS, f"the URL of {tool.name} needs argument(s) {', '.join(missing)}")),
             )
         url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments.pop(m.group(1))), safe=""), tool.url)
         upstream = url.split("?", 1)[0]
@@ -129,30 +128,38 @@ class HttpInvoker:
                     content_type = response.headers.get("content-type", "")
                     token = response.headers.get(tool.rollback_header, "") if tool.rollback_header else ""
         except TimeoutError:
-            return failed(f"{UPSTREAM_TIMEOUT}: {tool.name} at {upstream} did not answer within {tool.timeout_seconds:g} s")
+            return failed(str(Reason(
+                UPSTREAM_TIMEOUT, f"{tool.name} at {upstream} did not answer within {tool.timeout_seconds:g} s"
+            )))
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            return failed(f"{UPSTREAM_UNAVAILABLE}: TLS with {upstream} failed ({type(exc).__name__})")
+            return failed(str(Reason(UPSTREAM_UNAVAILABLE, f"TLS with {upstream} failed ({type(exc).__name__})")))
         except (aiohttp.ClientError, OSError) as exc:
-            return failed(f"{UPSTREAM_UNAVAILABLE}: {tool.name} at {upstream} could not be reached ({type(exc).__name__}: {exc})")
+            return failed(str(Reason(
+                UPSTREAM_UNAVAILABLE, f"{tool.name} at {upstream} could not be reached ({type(exc).__name__}: {exc})"
+            )))
         if len(body) > tool.max_response_bytes:
             return failed(
-                f"{UPSTREAM_TOO_LARGE}: {tool.name} answered more than the {tool.max_response_bytes}-byte cap", status
+                str(Reason(
+                    UPSTREAM_TOO_LARGE, f"{tool.name} answered more than the {tool.max_response_bytes}-byte cap"
+                )), status
             )
         if "json" in content_type.lower():
             try:
                 payload: Any = json.loads(body) if body else None
             except ValueError:
-                return failed(f"{UPSTREAM_MALFORMED}: {tool.name} answered {content_type} that does not parse", status)
+                return failed(str(Reason(
+                    UPSTREAM_MALFORMED, f"{tool.name} answered {content_type} that does not parse"
+                )), status)
             inexact = number_problems(payload, "body")
             if inexact:  # the agent (a protobuf Struct) would get other numbers than the tool gave
-                return failed(f"{UPSTREAM_MALFORMED}: {tool.name} answered {'; '.join(inexact[:3])}", status)
+                return failed(str(Reason(UPSTREAM_MALFORMED, f"{tool.name} answered {'; '.join(inexact[:3])}")), status)
         else:
             payload = body.decode("utf-8", "replace")
         result = {"status": status, "body": payload}
         if status >= 500:
             return InvocationResult(
                 FAILED, upstream, result=result, upstream_status=status, credential=credential,
-                error=f"{UPSTREAM_ERROR}: {tool.name} answered HTTP {status}",
+                error=str(Reason(UPSTREAM_ERROR, f"{tool.name} answered HTTP {status}")),
             )
         return InvocationResult(
             OK if 200 <= status < 300 else TOOL_ERROR,

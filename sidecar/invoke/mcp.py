@@ -29,21 +29,17 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from sidecar.canonical import NotCanonicalizable, canonical_json
-from sidecar.invoke import (
-    FAILED,
-    NOT_CALLED,
-    OK,
-    TOOL_ERROR,
+from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, CredentialUse, InvocationResult
+from sidecar.invoke.credentials import CredentialError, CredentialProvider
+from sidecar.reasons import (
     UNKNOWN_TOOL,
     UPSTREAM_ERROR,
     UPSTREAM_MALFORMED,
     UPSTREAM_TIMEOUT,
     UPSTREAM_TOO_LARGE,
     UPSTREAM_UNAVAILABLE,
-    CredentialUse,
-    InvocationResult,
+    Reason,
 )
-from sidecar.invoke.credentials import CredentialError, CredentialProvider
 
 if TYPE_CHECKING:
     from sidecar.calls import ToolCall
@@ -172,7 +168,9 @@ class McpUpstream:
         """The upstream's tools (every page). Raises on failure."""
         client = await self._session()
         if client is None:
-            raise ConnectionError(f"{UPSTREAM_UNAVAILABLE}: upstream {self.name} is not connected ({self.last_error or 'connecting'})")
+            raise ConnectionError(str(Reason(
+                UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not connected ({self.last_error or 'connecting'})"
+            )))
         await self._attach_credential()
         tools: list[types.Tool] = []
         cursor = None
@@ -194,7 +192,9 @@ class McpUpstream:
         if client is None:
             return InvocationResult(
                 FAILED, self.name,
-                error=f"{UPSTREAM_UNAVAILABLE}: upstream {self.name} is not connected ({self.last_error or 'connecting'})",
+                error=str(Reason(
+                    UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not connected ({self.last_error or 'connecting'})"
+                )),
             )
         try:
             credential = await self._attach_credential()
@@ -205,7 +205,9 @@ class McpUpstream:
         except asyncio.TimeoutError:
             return InvocationResult(
                 FAILED, self.name, credential=credential,
-                error=f"{UPSTREAM_TIMEOUT}: upstream {self.name} did not answer within {self.timeout_seconds:g} s",
+                error=str(Reason(
+                    UPSTREAM_TIMEOUT, f"upstream {self.name} did not answer within {self.timeout_seconds:g} s"
+                )),
             )
         except MCPError as exc:
             if exc.code not in _SESSION_INTACT:
@@ -215,18 +217,22 @@ class McpUpstream:
             else:
                 code = UPSTREAM_MALFORMED if exc.code == types.PARSE_ERROR else UPSTREAM_ERROR
             return InvocationResult(
-                FAILED, self.name, credential=credential, error=f"{code}: upstream {self.name}: {_describe(exc)}"
+                FAILED, self.name, credential=credential, error=str(Reason(
+                    code, f"upstream {self.name}: {_describe(exc)}"
+                ))
             )
         except Exception as exc:
             self._broken.set()  # the session is in an unknown state: reconnect
             return InvocationResult(
                 FAILED, self.name, credential=credential,
-                error=f"{UPSTREAM_UNAVAILABLE}: upstream {self.name} failed ({_describe(exc)})",
+                error=str(Reason(UPSTREAM_UNAVAILABLE, f"upstream {self.name} failed ({_describe(exc)})")),
             )
         if not isinstance(result, types.CallToolResult):
             return InvocationResult(
                 FAILED, self.name, credential=credential,
-                error=f"{UPSTREAM_MALFORMED}: upstream {self.name} answered {type(result).__name__}, not a tool result",
+                error=str(Reason(
+                    UPSTREAM_MALFORMED, f"upstream {self.name} answered {type(result).__name__}, not a tool result"
+                )),
             )
         payload = result.model_dump(mode="json", by_alias=True, exclude_none=True)
         try:
@@ -234,12 +240,17 @@ class McpUpstream:
         except NotCanonicalizable as exc:
             return InvocationResult(
                 FAILED, self.name, credential=credential,
-                error=f"{UPSTREAM_MALFORMED}: upstream {self.name} answered a result with no JSON form ({exc})",
+                error=str(Reason(
+                    UPSTREAM_MALFORMED, f"upstream {self.name} answered a result with no JSON form ({exc})"
+                )),
             )
         if size > self.max_result_bytes:
             return InvocationResult(
                 FAILED, self.name, credential=credential,
-                error=f"{UPSTREAM_TOO_LARGE}: upstream {self.name} answered {size} bytes, over the {self.max_result_bytes}-byte cap",
+                error=str(Reason(
+                    UPSTREAM_TOO_LARGE,
+                    f"upstream {self.name} answered {size} bytes, over the {self.max_result_bytes}-byte cap",
+                )),
             )
         token = (result.meta or {}).get(ROLLBACK_META_KEY)
         return InvocationResult(
@@ -287,7 +298,9 @@ class McpInvoker:
     async def invoke(self, call: "ToolCall", verdict: "Verdict") -> InvocationResult:
         upstream = self.upstreams.get(call.server)
         if upstream is None:
-            return InvocationResult(NOT_CALLED, call.server, error=f"{UNKNOWN_TOOL}: no MCP upstream named {call.server!r}")
+            return InvocationResult(NOT_CALLED, call.server, error=str(Reason(
+                UNKNOWN_TOOL, f"no MCP upstream named {call.server!r}"
+            )))
         meta = {"traceparent": f"00-{verdict.trace.trace_id}-{verdict.trace.span_id}-01"}
         return await upstream.call(call.tool, dict(call.arguments), meta)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sidecar.invoke import OBLIGATION_INAPPLICABLE, OBLIGATION_UNKNOWN
+from sidecar.reasons import OBLIGATION_INAPPLICABLE, OBLIGATION_UNKNOWN, Reason
 
 REDACTED = "[REDACTED]"
 DISPLAY_OBLIGATIONS = ("record_arguments", "redact_arguments")
@@ -37,7 +37,7 @@ class ObligationError(Exception):
 
 def _names(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ObligationError(f"{OBLIGATION_UNKNOWN}: obligation {key} must be a list of argument names")
+        raise ObligationError(str(Reason(OBLIGATION_UNKNOWN, f"obligation {key} must be a list of argument names")))
     return value
 
 
@@ -49,7 +49,7 @@ def _limits(key: str, value: Any, *, integer: bool) -> dict[str, float]:
     )
     if not ok:
         kind = "non-negative integers" if integer else "numbers"
-        raise ObligationError(f"{OBLIGATION_UNKNOWN}: obligation {key} must map argument names to {kind}")
+        raise ObligationError(str(Reason(OBLIGATION_UNKNOWN, f"obligation {key} must map argument names to {kind}")))
     return value
 
 
@@ -62,10 +62,11 @@ def apply_obligations(arguments: dict[str, Any], obligations: dict[str, Any]) ->
     """
     unknown = sorted(k for k in obligations if k not in DISPLAY_OBLIGATIONS + CALL_OBLIGATIONS)
     if unknown:
-        raise ObligationError(
-            f"{OBLIGATION_UNKNOWN}: policy asked for obligation(s) {', '.join(unknown)} that this sidecar "
-            "cannot apply; the call was not made"
-        )
+        raise ObligationError(str(Reason(
+            OBLIGATION_UNKNOWN,
+            f"policy asked for obligation(s) {', '.join(unknown)} that this sidecar "
+            "cannot apply; the call was not made",
+        )))
     out = copy.deepcopy(arguments)
     changes: list[dict] = []
     for name in _names("drop_arguments", obligations.get("drop_arguments", [])):
@@ -82,7 +83,10 @@ def apply_obligations(arguments: dict[str, Any], obligations: dict[str, Any]) ->
         value = out[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ObligationError(
-                f"{OBLIGATION_INAPPLICABLE}: clamp_arguments names {name!r}, which is not a number; the call was not made"
+                str(Reason(
+                    OBLIGATION_INAPPLICABLE,
+                    f"clamp_arguments names {name!r}, which is not a number; the call was not made",
+                ))
             )
         if value > limit:
             out[name] = limit
@@ -93,7 +97,10 @@ def apply_obligations(arguments: dict[str, Any], obligations: dict[str, Any]) ->
         value = out[name]
         if not isinstance(value, list):
             raise ObligationError(
-                f"{OBLIGATION_INAPPLICABLE}: cap_list_arguments names {name!r}, which is not a list; the call was not made"
+                str(Reason(
+                    OBLIGATION_INAPPLICABLE,
+                    f"cap_list_arguments names {name!r}, which is not a list; the call was not made",
+                ))
             )
         if len(value) > limit:
             out[name] = value[: int(limit)]

@@ -58,11 +58,12 @@ from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
-from sidecar.invoke import FAILED, NOT_CALLED, UNKNOWN_TOOL
+from sidecar.invoke import FAILED, NOT_CALLED
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
 from sidecar.mcp import elicitation, names
 from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
+from sidecar.reasons import ESCALATION_PENDING, MALFORMED_REQUEST, UNKNOWN_TOOL, UNVERIFIED_CALLER, Reason
 
 log = logging.getLogger(__name__)
 META_PREFIX = "sidecar/"
@@ -209,7 +210,7 @@ class McpGateway:
     async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         identity = self.resolve(self._peer(ctx))
         if isinstance(identity, IdentityError):
-            raise MCPError(types.INVALID_REQUEST, f"unverified_caller: {identity.reason}")
+            raise MCPError(types.INVALID_REQUEST, str(Reason(UNVERIFIED_CALLER, identity.reason)))
         upstream_names = list(self._invoker.upstreams)
         offered = []
         for upstream, tool in await self._invoker.tools():
@@ -244,7 +245,7 @@ class McpGateway:
         for key in TEXT_META:
             value = meta.get(META_PREFIX + key, "")
             if not isinstance(value, str):
-                problem = f"malformed_request: _meta {META_PREFIX}{key} must be a string"
+                problem = str(Reason(MALFORMED_REQUEST, f"_meta {META_PREFIX}{key} must be a string"))
                 value = ""
             fields[key] = value
         signals = meta.get(META_PREFIX + "signals")
@@ -252,12 +253,14 @@ class McpGateway:
         upstream, tool = split if split else ("", params.name)
         if not problem:
             if split is None or upstream not in self._invoker.upstreams:
-                problem = (f"{UNKNOWN_TOOL}: no tool {params.name!r} behind this gateway "
-                           f"(names are <upstream>{names.SEPARATOR}<tool>)")
+                problem = str(Reason(
+                    UNKNOWN_TOOL,
+                    f"no tool {params.name!r} behind this gateway (names are <upstream>{names.SEPARATOR}<tool>)",
+                ))
             else:
                 refused = names.refusal(upstream, tool, self._invoker.upstreams)
                 if refused:
-                    problem = f"{UNKNOWN_TOOL}: {refused}"
+                    problem = str(Reason(UNKNOWN_TOOL, refused))
         call = ToolCall(
             tool=tool,
             server=upstream,
@@ -351,7 +354,7 @@ class McpGateway:
             while len(self._pending) > self._memory:
                 self._pending.popitem(last=False)
             return
-        still_waiting = any(reason_code(r) == "escalation_pending" for r in verdict.decision.reasons)
+        still_waiting = any(reason_code(r) == ESCALATION_PENDING for r in verdict.decision.reasons)
         if remembered and not still_waiting:
             self._pending.pop(shape, None)  # used, denied or expired: the next call asks policy afresh
 
@@ -482,12 +485,14 @@ class _RecordMalformed:
 
     def _problem(self, body: bytes, size: int) -> str:
         if size > self._max_body:
-            return f"malformed_request: the MCP message is {size} bytes, over the {self._max_body}-byte limit"
+            return str(Reason(
+                MALFORMED_REQUEST, f"the MCP message is {size} bytes, over the {self._max_body}-byte limit"
+            ))
         try:
             message = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            return f"malformed_request: the MCP message is not JSON ({str(exc)[:200]})"
+            return str(Reason(MALFORMED_REQUEST, f"the MCP message is not JSON ({str(exc)[:200]})"))
         batch = message if isinstance(message, list) else [message]
         if not batch or not all(isinstance(m, dict) and m.get("jsonrpc") == "2.0" for m in batch):
-            return "malformed_request: the MCP message is not a JSON-RPC 2.0 object"
+            return str(Reason(MALFORMED_REQUEST, "the MCP message is not a JSON-RPC 2.0 object"))
         return ""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.policy.decision import Decision
 from sidecar.policy.input import with_catalog_entry
+from sidecar.reasons import POLICY_ERROR, Reason
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -60,7 +61,7 @@ class Shadow:
             return await self.service.decide(self.shadow_input(document))
         except Exception as exc:  # decide never raises; building the shadow's input might
             log.exception("shadow decision failed")
-            return Decision.failed(f"policy_error: shadow input could not be built ({exc})", engine="opa")
+            return Decision.failed(str(Reason(POLICY_ERROR, f"shadow input could not be built ({exc})")), engine="opa")
 
     async def finish(self, pending: "asyncio.Task[Decision]", real: Decision) -> dict:
         """The shadow's answer as the record keeps it (`shadow`), counted against the real decision."""

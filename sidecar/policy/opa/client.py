@@ -68,6 +68,7 @@ from sidecar.policy.breaker import CLOSED, OPEN, Admission, CircuitBreaker
 from sidecar.policy.decision import Decision, MalformedDecision, parse_decision
 from sidecar.policy.opa.probe import probe
 from sidecar.policy.opa.transport import ConnectionProblem, HttpPool
+from sidecar.reasons import OVERLOADED, POLICY_ERROR, POLICY_MALFORMED, POLICY_TIMEOUT, POLICY_UNAVAILABLE, Reason
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ _MAX_TEXT = 300
 
 
 class _Failure(Exception):
-    """A failed attempt, as "<code>: OPA at <url> <detail>".
+    """A failed attempt, as "<code>: OPA at <url> <detail>"; `code` is a POLICY_* code (sidecar/reasons.py).
 
     `retryable`: a connection error or a 5xx; `counts`: it is OPA's fault (fed to the breaker).
     """
@@ -92,8 +93,8 @@ class _Failure(Exception):
         self.counts = counts
 
     @property
-    def reason(self) -> str:
-        return f"{self.code}: OPA at {self.url} {self.detail}"
+    def reason(self) -> Reason:
+        return Reason(self.code, f"OPA at {self.url} {self.detail}")
 
 
 class _Retryable(_Failure):
@@ -256,33 +257,35 @@ class OpaClient:
 
     # --- decisions -------------------------------------------------------------
 
-    def _failed(self, reason: str) -> Decision:
-        return Decision.failed(reason, engine=ENGINE, policy_revision=self.revision)
+    def _failed(self, reason: Reason) -> Decision:
+        return Decision.failed(str(reason), engine=ENGINE, policy_revision=self.revision)
 
     async def decide(self, input_document: dict) -> Decision:
         """OPA's `data.sidecar.decision` for this input, or a deny naming why there is none. Never raises."""
         if self.in_flight >= self.options.max_in_flight:
-            return self._failed(
-                f"overloaded: {self.in_flight} decisions are already waiting for OPA at {self.url} "
-                f"(the limit is {self.options.max_in_flight}); denied at once instead of queueing"
-            )
+            return self._failed(Reason(
+                OVERLOADED,
+                f"{self.in_flight} decisions are already waiting for OPA at {self.url} "
+                f"(the limit is {self.options.max_in_flight}); denied at once instead of queueing",
+            ))
         try:
             payload = json.dumps(
                 {"input": input_document}, separators=(",", ":"), ensure_ascii=False, allow_nan=False
             ).encode("utf-8")
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) is a ValueError
-            return self._failed(
-                f"policy_error: OPA at {self.url} was not called: the input cannot be sent as JSON: {_short(exc)}"
-            )
+            return self._failed(Reason(
+                POLICY_ERROR, f"OPA at {self.url} was not called: the input cannot be sent as JSON: {_short(exc)}"
+            ))
         if self._pool is None:
-            return self._failed(f"policy_unavailable: the OPA client for {self.url} is not started")
+            return self._failed(Reason(POLICY_UNAVAILABLE, f"the OPA client for {self.url} is not started"))
         admission = self.breaker.admit()
         if not admission.allowed:
-            return self._failed(
-                f"policy_unavailable: OPA at {self.url} is not being called: circuit breaker open after "
+            return self._failed(Reason(
+                POLICY_UNAVAILABLE,
+                f"OPA at {self.url} is not being called: circuit breaker open after "
                 f"repeated failures (last: it {self.breaker.last_error}); "
-                f"next probe in {admission.retry_in * 1000:.0f} ms"
-            )
+                f"next probe in {admission.retry_in * 1000:.0f} ms",
+            ))
         self.in_flight += 1
         alone = self.in_flight == 1
         settled = False
@@ -291,7 +294,7 @@ class OpaClient:
             try:
                 body = await self._post(payload)
             except _Failure as failure:
-                if failure.code == "policy_timeout" and self._overloaded(started, alone):
+                if failure.code == POLICY_TIMEOUT and self._overloaded(started, alone):
                     # Overload, not OPA failing: not held against OPA, or overload would open
                     # the breaker and turn a slow sidecar into one that denies everything.
                     self.breaker.release(admission)
@@ -310,7 +313,7 @@ class OpaClient:
             if not settled:
                 self._note_failure(admission, detail)
                 settled = True
-            return self._failed(f"policy_error: OPA at {self.url} {detail}")
+            return self._failed(Reason(POLICY_ERROR, f"OPA at {self.url} {detail}"))
         finally:
             self.in_flight -= 1
             if not settled:  # cancelled: neither a success nor OPA's fault
@@ -352,7 +355,7 @@ class OpaClient:
                 return await self._attempt(payload)
         except TimeoutError:
             raise _Failure(
-                "policy_timeout", self.url, f"did not answer within {self._budget * 1000:.0f} ms"
+                POLICY_TIMEOUT, self.url, f"did not answer within {self._budget * 1000:.0f} ms"
             ) from None
         except _Retryable as failure:
             if self.options.retries == 0:
@@ -381,7 +384,7 @@ class OpaClient:
             detail = f"did not answer within {self._budget * 1000:.0f} ms"
             if last is not None:
                 detail += f" ({attempts} attempts; before that it {last.detail})"
-            raise _Failure("policy_timeout", self.url, detail) from None
+            raise _Failure(POLICY_TIMEOUT, self.url, detail) from None
         except _Retryable as failure:
             if attempts > 1:
                 failure.detail += f" (after {attempts} attempts)"
@@ -390,28 +393,28 @@ class OpaClient:
 
     async def _attempt(self, payload: bytes) -> dict:
         if self._pool is None:
-            raise _Failure("policy_unavailable", self.url, "is not being called: the client is closed")
+            raise _Failure(POLICY_UNAVAILABLE, self.url, "is not being called: the client is closed")
         url = self.url
         try:
             response = await self._pool.post(self._decision_path, payload, content_type="application/json")
         except ConnectionProblem as problem:
-            raise _Retryable("policy_unavailable", url, _short(problem.detail)) from None
+            raise _Retryable(POLICY_UNAVAILABLE, url, _short(problem.detail)) from None
         status, raw = response.status, response.body
         if status >= 500:
             if _is_opa_error(raw):
                 # OPA's own error shape: the policy failed on this input. Deterministic, not retried,
                 # and not held against OPA's availability.
-                raise _Failure("policy_error", url, f"answered {status}: {_opa_error(raw)}", counts=False)
-            raise _Retryable("policy_error", url, f"answered {status}: {_opa_error(raw)}")
+                raise _Failure(POLICY_ERROR, url, f"answered {status}: {_opa_error(raw)}", counts=False)
+            raise _Retryable(POLICY_ERROR, url, f"answered {status}: {_opa_error(raw)}")
         if status != 200:
-            raise _Failure("policy_error", url, f"refused the query: {status} {_opa_error(raw)}", counts=False)
+            raise _Failure(POLICY_ERROR, url, f"refused the query: {status} {_opa_error(raw)}", counts=False)
         try:
             body = json.loads(raw)
         except ValueError:
             text = _short(raw[:120].decode("utf-8", "replace"))
-            raise _Failure("policy_error", url, f"answered 200 with a body that is not JSON: {text!r}") from None
+            raise _Failure(POLICY_ERROR, url, f"answered 200 with a body that is not JSON: {text!r}") from None
         if not isinstance(body, dict):
-            raise _Failure("policy_error", url, f"answered 200 with a JSON {type(body).__name__}, not an object")
+            raise _Failure(POLICY_ERROR, url, f"answered 200 with a JSON {type(body).__name__}, not an object")
         return body
 
     def _decision_from(self, body: dict) -> Decision:
@@ -420,12 +423,13 @@ class OpaClient:
             self.revision = revision
         decision_id = body.get("decision_id") if isinstance(body.get("decision_id"), str) else ""
         if "result" not in body:
-            return self._failed(
-                f"policy_malformed: OPA at {self.url} answered no decision: data.{DECISION_PATH.replace('/', '.')} "
-                "is undefined (does the bundle OPA serves have the decision rule?)"
-            )
+            return self._failed(Reason(
+                POLICY_MALFORMED,
+                f"OPA at {self.url} answered no decision: data.{DECISION_PATH.replace('/', '.')} "
+                "is undefined (does the bundle OPA serves have the decision rule?)",
+            ))
         try:
             decision = parse_decision(body["result"], engine=ENGINE, policy_revision=self.revision)
         except MalformedDecision as exc:
-            return self._failed(f"policy_malformed: OPA at {self.url} answered a malformed decision: {exc}")
+            return self._failed(Reason(POLICY_MALFORMED, f"OPA at {self.url} answered a malformed decision: {exc}"))
         return replace(decision, engine_decision_id=decision_id)

@@ -40,6 +40,7 @@ from sidecar.policy.decision import Decision
 from sidecar.policy.opa import tools
 from sidecar.policy.opa.client import OpaClient, OpaClientOptions
 from sidecar.policy.opa.runner import OpaRunner, OpaRunOptions, OpaStartError, find_opa
+from sidecar.reasons import POLICY_UNAVAILABLE, Reason
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class PolicyService:
     async def decide(self, input_document: dict) -> Decision:
         generation = self._current
         if generation is None:
-            return Decision.failed("policy_unavailable: no policy is serving", engine="opa")
+            return Decision.failed(str(Reason(POLICY_UNAVAILABLE, "no policy is serving")), engine="opa")
         return await generation.client.decide(input_document)
 
     @property
