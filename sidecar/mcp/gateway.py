@@ -143,6 +143,17 @@ class McpGateway:
 
     # ------------------------------------------------------------ serving
 
+    async def __aenter__(self) -> "McpGateway":
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()  # a listener bound before the failure
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def start(self) -> str:
         """Connect the upstreams (in the background) and bind the listeners; returns the TCP /mcp URL ("" without one)."""
         self._invoker.start()
