@@ -15,6 +15,7 @@ from sidecar.evidence.recorder import open_recorder
 from sidecar.evidence.spans import exporter_from_env
 from sidecar.evidence.verify import verify_dir
 from tests.doubles.otlp_receiver import OtlpReceiver
+from tests.infra.jaeger import wait_until_async
 from tests.test_evidence_log import AGENT, OUTCOMES, make_event
 
 
@@ -156,6 +157,27 @@ async def test_spans_not_acknowledged_before_shutdown_are_shipped_by_the_next_st
     # shipped after the restart, the spans keep the instance that decided them
     assert by_id[events[0].trace.span_id].resource["service.instance.id"] == "one"
     assert verify_dir(directory).ok
+
+
+async def test_force_flush_waits_while_the_collector_answers_and_gives_up_at_once_in_an_outage(
+    tmp_path, receiver, clean_otel_env
+):
+    """The shipper's OTel verbs: force_flush returns True once what is durable is acknowledged, and
+    False at once while export fails (a shutdown is never held up by an outage); the recorder's
+    `async with` then flushes (bounded) and shuts the shipper down."""
+    async with open_recorder(tmp_path / "ev", **shipping_to(receiver), instance_id="s") as rec:
+        await rec.record(make_event(0))
+        assert await wait_until_async(lambda: rec.shipper.exported_spans > 0), "nothing was shipped"
+        await rec.record(make_event(1))
+        assert await asyncio.to_thread(rec.shipper.force_flush, 10_000)
+        assert rec.shipper.lag() == 0 and len(receiver.by_name("execute_tool")) == 2
+        receiver.mode = "fail"
+        await rec.record(make_event(2))
+        assert await wait_until_async(lambda: rec.shipper.last_error, timeout=15), "the outage went unnoticed"
+        started = time.monotonic()
+        assert not await asyncio.to_thread(rec.shipper.force_flush, 10_000)
+        assert time.monotonic() - started < 1.0
+    assert rec.health() == (False, "evidence log closed")
 
 
 async def test_a_slow_collector_does_not_slow_decisions(tmp_path, receiver, clean_otel_env):

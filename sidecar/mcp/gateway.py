@@ -4,6 +4,7 @@
                          tls=SvidSslContexts(source))   # tls: optional, HTTPS with mutual TLS on `listen`
     await gateway.start()        # returns once the listener is bound; gateway.url is http(s)://host:port/mcp
     await gateway.aclose()
+    async with gateway: ...      # the same; a start that fails part way closes what it had bound
 
 - tools/list: every upstream's tools as `U__T` (sidecar.mcp.names), only those
   policy does not deny in the list phase (`input.request.phase: "list"`);
