@@ -63,20 +63,36 @@ def find_nul(value: Any, label: str) -> str | None:
 
     Keys are strings too. Walks iteratively, so depth is no limit here (depth_of caps it separately).
     """
-    stack = [(value, label)]
+    stack: list[tuple[Any, Any]] = [(value, label)]
     while stack:
         node, where = stack.pop()
         if isinstance(node, str):
             if "\x00" in node:
-                return where
+                return _spelled(where)
         elif isinstance(node, dict):
             for key, child in reversed(list(node.items())):
                 if isinstance(key, str) and "\x00" in key:
-                    return f"a key in {where}"
-                stack.append((child, _key_path(where, key)))
+                    return f"a key in {_spelled(where)}"
+                if not isinstance(child, _NO_TEXT):
+                    stack.append((child, (where, key)))
         elif isinstance(node, (list, tuple)):
-            stack.extend((child, f"{where}[{i}]") for i, child in reversed(list(enumerate(node))))
+            stack.extend((child, (where, i, None)) for i, child in reversed(list(enumerate(node))))
     return None
+
+
+_NO_TEXT = (int, float, type(None))  # bool is an int
+
+
+def _spelled(where: Any) -> str:
+    """A walk position as text, built only for the string found: (parent, key) or (parent, i, None)."""
+    steps = []
+    while isinstance(where, tuple):
+        steps.append(where)
+        where = where[0]
+    text = where
+    for step in reversed(steps):
+        text = f"{text}[{step[1]}]" if len(step) == 3 else _key_path(text, step[1])
+    return text
 
 
 def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[str], str]:

@@ -121,6 +121,17 @@ def test_top_level_record_names_are_the_sidecar_schema_not_caller_keys():
     assert clean["credential_id"] == "cred-7" and clean["session"] == "s" and clean["signals"]["session"] == REDACTED
 
 
+def test_extra_keys_apply_to_the_record_that_names_them_only():
+    base = Redactor()
+    fields = {"arguments": {"attachments": "a.pdf", "mine": "m"}}
+    for _ in range(2):  # the rule sets are remembered: the second round uses them again
+        assert base.with_keys(["attachments"]).record(fields)["arguments"] == {"attachments": REDACTED, "mine": "m"}
+        assert base.with_keys(["MINE"]).record(fields)["arguments"] == {"attachments": "a.pdf", "mine": REDACTED}
+        assert base.record(fields)["arguments"] == fields["arguments"]
+    for i in range(100):  # more key sets than are remembered
+        assert base.with_keys([f"k{i}"]).record({"arguments": {f"k{i}": 1, "k": 2}})["arguments"] == {f"k{i}": REDACTED, "k": 2}
+
+
 def test_the_preview_approvers_see_uses_the_same_rules():
     preview = argument_preview(
         {"headers": {"X-Api-Key": "PLANT-1"}, "url": "https://u:PLANT-2@h/", "custom": "PLANT-3", "mine": "PLANT-4"},

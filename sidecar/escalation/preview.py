@@ -8,6 +8,7 @@ in clear. Long strings, lists and objects are shortened with a marker.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Mapping
 
 from sidecar.canonical import NotCanonicalizable, canonical_json
@@ -37,6 +38,12 @@ def _shorten(value: Any, depth: int = 0) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=8)
+def _redactor(redact_keys: tuple[str, ...]) -> Redactor:
+    """One rule set per configured key list, its caches kept warm across previews."""
+    return Redactor(redact_keys)
+
+
 def argument_preview(
     arguments: Any,
     *,
@@ -47,7 +54,7 @@ def argument_preview(
     """The redacted, shortened arguments, or None when they cannot be shown."""
     if not isinstance(arguments, dict) or max_bytes <= 0:
         return None
-    clear, _paths = Redactor(redact_keys).with_keys(obligation_keys(obligations)).value(arguments)
+    clear, _paths = _redactor(tuple(redact_keys)).with_keys(obligation_keys(obligations)).value(arguments)
     preview = _shorten(clear)
     try:
         size = len(canonical_json(preview))

@@ -95,6 +95,7 @@ _ASSIGNMENT = re.compile(
 
 _PLAIN_MAX_CHARS = 1024  # longest string remembered as needing no rule
 _PLAIN_MAX_STRINGS = 8192  # how many are remembered
+_MAX_CLONES = 64  # rule sets with extra keys remembered (with_keys)
 
 
 def normalize_key(key: str) -> str:
@@ -118,14 +119,23 @@ class Redactor:
         # Strings no text rule can match, remembered: most values repeat across records
         # (SPIFFE IDs, tool names, catalog descriptions, reasons). Cleared when full.
         self._plain: set[str] = set()
+        self._clones: dict[tuple[str, ...], Redactor] = {}  # with_keys, remembered
 
     def with_keys(self, extra_keys: Iterable[str]) -> "Redactor":
-        """This rule set plus more secret keys (a decision's `redact_arguments` obligation)."""
-        extra = _normalized(extra_keys)
+        """This rule set plus more secret keys (a decision's `redact_arguments` obligation).
+
+        The same extra keys get the same rule set back, caches warm: a tool's obligation
+        repeats on every call (a fresh rule set cost six times a warm one per record)."""
+        extra = tuple(sorted(set(_normalized(extra_keys))))
         if not extra:
             return self
-        clone = Redactor()
-        clone._set_parts((*self._parts, *extra))
+        clone = self._clones.get(extra)
+        if clone is None:
+            if len(self._clones) >= _MAX_CLONES:
+                self._clones.clear()
+            clone = Redactor()
+            clone._set_parts((*self._parts, *extra))
+            self._clones[extra] = clone
         return clone
 
     def is_secret_key(self, key: Any) -> bool:
