@@ -19,7 +19,8 @@ nothing. With
 `Client(..., escalation_timeout=600)` the guard instead waits (AwaitDecision)
 for a human to decide and then repeats the call with the escalation id, so
 an approved call runs and tool code needs no change (docs/escalation.md).
-`AsyncClient` is the same for asyncio agents.
+`AsyncClient` is the same for asyncio agents, closed by `aclose()` (or `async with`)
+where `Client` has `close()` (or `with`).
 """
 
 from __future__ import annotations
@@ -531,7 +532,7 @@ class AsyncClient(_ClientBase):
 
         return decorate
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for old in self._retired:
             await old.close()
         await self._channel.close()
@@ -540,4 +541,4 @@ class AsyncClient(_ClientBase):
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
+        await self.aclose()

@@ -44,8 +44,10 @@ from sidecar.v1 import sidecar_pb2
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService
+    from sidecar.evidence.recorder import EvidenceRecorder
     from sidecar.invoke.http import HttpInvoker
     from sidecar.mcp.gateway import McpGateway
+    from sidecar.usage.postgres import PostgresCounter
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def build_identity(config: Config) -> IdentityRuntime:
 
 def build_recorder(
     config: Config, policy: PolicyService | None = None, svid_source: object | None = None
-) -> Recorder | None:
+) -> "EvidenceRecorder | None":
     """The evidence log in evidence.dir, shipping its spans over OTLP (docs/evidence.md).
 
     Checkpoints are signed with evidence.signing_key, else the sidecar's SVID
@@ -135,7 +137,7 @@ def build_recorder(
     )
 
 
-def build_usage(config: Config) -> UsageCounter:
+def build_usage(config: Config) -> "MemoryCounter | PostgresCounter":
     """The configured usage counters (docs/configuration.md `usage`); not opened yet."""
     usage = config.usage
     memory = MemoryCounter(usage.window_seconds, usage.max_tracked)
@@ -305,14 +307,19 @@ def build_mcp_gateway(
     )
 
 
-class _ServerStop:
-    """Stops the gRPC server with the grace period `RunningSidecar.stop` was given (0 when a start fails)."""
+class _Serving:
+    """The gRPC server as a stage: serving inside, then stopped with the grace period
+    `RunningSidecar.stop` was given (0 when a start fails)."""
 
     def __init__(self, server: grpc.aio.Server):
         self.server = server
         self.grace = 0.0
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> "_Serving":
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         await self.server.stop(self.grace)
 
 
@@ -337,58 +344,47 @@ class RunningSidecar:
     overload: LoopLag | None  # sidecar.overload_lag_ms
     mcp: "McpGateway | None"  # when mcp.listen or mcp.unix is set
     _stages: contextlib.AsyncExitStack
-    _server_stop: _ServerStop
+    _serving: _Serving
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop every stage, in the reverse of the order they started (the gRPC server drains for `grace` s)."""
-        self._server_stop.grace = grace
+        self._serving.grace = grace
         await self._stages.aclose()
 
 
 async def start_sidecar(config: Config) -> RunningSidecar:
     """Load policy, build every stage, bind the listeners and start serving.
 
-    Each stage is entered on one AsyncExitStack as it starts: a start that fails part way
-    closes what had started, and `RunningSidecar.stop` closes everything in reverse order.
+    Each stage is an async context manager entered on one AsyncExitStack as it starts: a start
+    that fails part way leaves the stack, closing what had started; a start that succeeds hands
+    the stages to RunningSidecar (pop_all), whose `stop` closes them in reverse order.
     """
-    stages = contextlib.AsyncExitStack()
-    try:
+    async with contextlib.AsyncExitStack() as stages:
         return await _start(config, stages)
-    except BaseException:
-        await stages.aclose()
-        raise
 
 
 async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSidecar:
     from sidecar.escalation.grpc_api import EscalationApi
     from sidecar.invoke.executor import Executor
 
-    policy = build_policy(config)
-    await policy.start()
-    stages.push_async_callback(policy.aclose)
+    policy = await stages.enter_async_context(build_policy(config))
     shadow = None
     if config.policy.shadow_dir:
-        shadow = build_policy(config, shadow=True)
-        try:
-            await shadow.start()  # a shadow bundle that fails check/test refuses the start, like policy.dir
+        try:  # a shadow bundle that fails check/test refuses the start, like policy.dir
+            shadow = await stages.enter_async_context(build_policy(config, shadow=True))
         except PolicyRejected as exc:
             raise PolicyRejected([f"policy.shadow_dir {config.policy.shadow_dir}: {p}" for p in exc.problems]) from None
-        stages.push_async_callback(shadow.aclose)
         log.info("shadow policy %s serving revision %s (never enforced)", shadow.directory, shadow.revision)
     identity_runtime = build_identity(config)
     stages.push_async_callback(asyncio.to_thread, identity_runtime.close)
     identity, tls_credentials = identity_runtime
     recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source)
     if recorder is not None:
-        stages.push_async_callback(recorder.close)
+        await stages.enter_async_context(recorder)
     metrics = Metrics()
     stages.callback(metrics.close)
-    usage = build_usage(config)
-    stages.push_async_callback(usage.aclose)
-    await usage.open()
-    escalations = build_escalations(config, recorder)
-    await escalations.start()
-    stages.push_async_callback(escalations.stop)
+    usage = await stages.enter_async_context(build_usage(config))
+    escalations = await stages.enter_async_context(build_escalations(config, recorder))
     tasks = TaskRegistry(
         idle_seconds=config.invoke.task_idle_seconds,
         max_tracked=config.usage.max_tracked,
@@ -399,8 +395,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
     gate = build_gate(
         config, policy, recorder, metrics, usage, tasks, shadow=shadow, overload=overload, escalations=escalations
     )
-    http_tools = build_http_tools(config)
-    stages.push_async_callback(http_tools.aclose)
+    http_tools = await stages.enter_async_context(build_http_tools(config))
 
     server = grpc.aio.server(
         options=[
@@ -450,24 +445,21 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
             socket_path.unlink()
         server.add_insecure_port(f"unix:{socket_path}")
         addresses.append(f"unix:{socket_path}")
-    server_stop = _ServerStop(server)
-    await server.start()
-    stages.push_async_callback(server_stop.aclose)
+    serving = await stages.enter_async_context(_Serving(server))
     await health.refresh()
     health_task = asyncio.create_task(health.run(), name="health")
     stages.callback(health_task.cancel)
     metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
     mcp = None
     if config.mcp.listen or config.mcp.unix:
-        mcp = build_mcp_gateway(config, gate, identity, recorder, addresses[0], svid_source=identity_runtime.source)
-        stages.push_async_callback(mcp.aclose)
-        await mcp.start()
+        mcp = await stages.enter_async_context(
+            build_mcp_gateway(config, gate, identity, recorder, addresses[0], svid_source=identity_runtime.source)
+        )
     if overload is not None:
-        overload.start()  # last: until the sidecar serves, nothing is shed
-        stages.push_async_callback(overload.aclose)
+        await stages.enter_async_context(overload)  # last: until the sidecar serves, nothing is shed
     return RunningSidecar(
         server, addresses, policy, identity, recorder, gate, health, identity_runtime, metrics, metrics_port,
-        escalations, usage, http_tools, shadow, overload, mcp, stages, server_stop,
+        escalations, usage, http_tools, shadow, overload, mcp, stages.pop_all(), serving,
     )
 
 

@@ -234,7 +234,7 @@ async def test_two_approvers_racing_exactly_one_wins(config, running_sidecar):
         results = await asyncio.gather(*calls, return_exceptions=True)
     finally:
         for c in clients:
-            await c.close()
+            await c.aclose()
     winners = [r for r in results if isinstance(r, dict)]
     losers = [r for r in results if isinstance(r, ApprovalsError)]
     assert len(winners) == 1 and len(losers) == 5
@@ -421,7 +421,7 @@ async def test_the_client_guard_waits_for_a_human_then_repeats_the_call(config, 
 async def test_escalations_without_a_working_store_are_denied_not_lost(config, running_sidecar):
     sidecar = await running_sidecar(config())
     async with AsyncClient(sidecar.addresses[0]) as agent:
-        await sidecar.escalations.store.close()  # the store goes away under the sidecar
+        await sidecar.escalations.store.aclose()  # the store goes away under the sidecar
         result = await agent.authorize("send_email", EMAIL)
         assert result.outcome == "deny" and result.escalation_id == ""
         assert result.reasons[0].startswith("escalation_unavailable:")

@@ -49,8 +49,8 @@ async def stores(request, tmp_path):
     await first.open()
     await second.open()
     yield first, second, make
-    await first.close()
-    await second.close()
+    await first.aclose()
+    await second.aclose()
 
 
 async def test_round_trip_keeps_every_field(stores):
@@ -173,8 +173,8 @@ async def test_list_filters_and_changes_since(stores):
 async def test_pending_escalations_survive_a_restart(stores):
     store, other, make = stores
     escalation, _, _ = await store.create(record(), NOW)
-    await store.close()
-    await other.close()
+    await store.aclose()
+    await other.aclose()
     reopened = make()
     await reopened.open()
     try:
@@ -182,7 +182,7 @@ async def test_pending_escalations_survive_a_restart(stores):
         assert await reopened.decide(escalation.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1,
                                      use_by=NOW + 10)
     finally:
-        await reopened.close()
+        await reopened.aclose()
     await store.open()  # the fixture closes both again
     await other.open()
 
@@ -190,7 +190,7 @@ async def test_pending_escalations_survive_a_restart(stores):
 async def test_sqlite_runs_in_wal_mode(tmp_path):
     store = SqliteStore(tmp_path / "wal.db")
     await store.open()
-    await store.close()
+    await store.aclose()
     with sqlite3.connect(tmp_path / "wal.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -210,7 +210,7 @@ async def test_unreachable_stores_say_so():
         with pytest.raises(StoreError):
             await pg.get("esc-" + "0" * 32)
     finally:
-        await pg.close()
+        await pg.aclose()
 
 
 # The table as sidecars before the approvers' view created it (no signals, catalog, arguments, agent columns).
@@ -257,7 +257,7 @@ async def test_a_store_made_by_an_older_sidecar_gains_the_new_columns(kind, tmp_
         await store.agent_wait(new.id, NOW + 1, opened_until=NOW + 30)
         assert (await store.get(new.id)).agent_waiting(NOW + 2)
     finally:
-        await store.close()
+        await store.aclose()
 
 
 async def test_leaving_pending_drops_the_unredacted_arguments(stores):

@@ -179,12 +179,12 @@ def shared_log(tmp_path_factory):
     state = {"log": EvidenceLog.open(directory, instance_id="canon", checkpoint_every=7, checkpoint_seconds=0,
                                      key_provider=None), "dir": directory, "records": 0}
     yield state
-    state["log"].close_sync(checkpoint=False)
+    state["log"].close(checkpoint=False)
 
 
 def crash_and_reopen(state, torn: bytes = b"") -> None:
     """Stop the writer as a SIGKILL would (no final checkpoint), maybe leave a torn write, open again."""
-    state["log"].close_sync(checkpoint=False)
+    state["log"].close(checkpoint=False)
     if torn:
         newest = sorted(state["dir"].glob("evidence-*.jsonl"))[-1]
         with open(newest, "ab") as f:

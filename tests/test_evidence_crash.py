@@ -87,7 +87,7 @@ def test_sigkill_while_appending_loses_no_acknowledged_record(tmp_path):
 
     # restart: recovery cuts any torn tail, continues the chain, and the whole log verifies
     log = EvidenceLog.open(directory, instance_id="after")
-    log.close_sync()
+    log.close()
     report = verify_dir(directory)
     assert report.ok, report.problems
     _, records = logged(directory)

@@ -67,7 +67,7 @@ def read_records(directory: Path) -> list[dict]:
 async def recorder(tmp_path):
     rec = open_recorder(tmp_path / "ev", instance_id="sidecar-test-1", known_tool=lambda t: t == "read_file")
     yield rec
-    await rec.close()
+    await rec.aclose()
 
 
 OUTCOMES = {
@@ -147,7 +147,7 @@ async def test_arguments_in_clear_only_when_allowed_and_secrets_never(tmp_path):
         try:
             await rec.record(make_event(1, arguments=secret_args, obligations=obligations))
         finally:
-            await rec.close()
+            await rec.aclose()
         raw = b"".join(p.read_bytes() for p in directory.glob("evidence-*.jsonl"))
         assert b"tok-SECRET-1" not in raw and b"hunter2" not in raw, mode
         record = [r for r in read_records(directory) if r["kind"] == "decision"][0]
@@ -199,7 +199,7 @@ async def test_rotation_continues_the_chain_across_files(tmp_path):
         for i in range(60):
             await rec.record(make_event(i))
     finally:
-        await rec.close()
+        await rec.aclose()
     files = sorted((tmp_path / "ev").glob("evidence-*.jsonl"))
     assert len(files) > 5
     records = read_records(tmp_path / "ev")
@@ -215,12 +215,12 @@ async def test_restart_continues_the_chain_with_a_new_startup_record(tmp_path):
     directory = tmp_path / "ev"
     first = open_recorder(directory, instance_id="one")
     last = await first.record(make_event(1))
-    await first.close()
+    await first.aclose()
     second = open_recorder(directory, instance_id="two")
     try:
         await second.record(make_event(2))
     finally:
-        await second.close()
+        await second.aclose()
     records = read_records(directory)
     startups = [r for r in records if r["kind"] == "startup"]
     assert len(startups) == 2 and startups[0]["log_id"] == startups[1]["log_id"]
@@ -234,7 +234,7 @@ async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
     directory = tmp_path / "ev"
     rec = open_recorder(directory, instance_id="one")
     receipt = await rec.record(make_event(1))
-    rec.log.close_sync(checkpoint=False)
+    rec.log.close(checkpoint=False)
     path = directory / "evidence-000001.jsonl"
     torn = b'{"approver":"","arguments_digest":"sha256:ab'
     with open(path, "ab") as f:
@@ -243,7 +243,7 @@ async def test_torn_last_line_is_cut_kept_aside_and_reported(tmp_path):
     assert any("unterminated" in w for w in verify_dir(directory).warnings)
 
     reopened = open_recorder(directory, instance_id="two")
-    await reopened.close()
+    await reopened.aclose()
     records = read_records(directory)
     startup = [r for r in records if r["kind"] == "startup"][-1]
     assert startup["prev_hash"] == receipt.hash and startup["seq"] == receipt.seq + 1
@@ -256,7 +256,7 @@ async def test_damaged_complete_last_record_refuses_to_open(tmp_path):
     directory = tmp_path / "ev"
     rec = open_recorder(directory, instance_id="one")
     await rec.record(make_event(1))
-    rec.log.close_sync(checkpoint=False)
+    rec.log.close(checkpoint=False)
     path = directory / "evidence-000001.jsonl"
     path.write_bytes(path.read_bytes().replace(b'"outcome":"allow"', b'"outcome":"deny!"'))
     with pytest.raises(EvidenceError, match="damaged"):
@@ -270,7 +270,7 @@ async def tiny_recorder(tiny_volume, tmp_path):
     rec = open_recorder(tiny_volume.path / "ev", instance_id="sidecar-test-1", signing_key=str(tmp_path / "key.pem"),
                         checkpoint_mirror=str(tmp_path / "cp.jsonl"))
     yield rec
-    await rec.close()
+    await rec.aclose()
 
 
 # A record longer than a page (an intent of MAX_INTENT_BYTES) needs a new block of the
@@ -294,7 +294,7 @@ async def test_a_full_volume_raises_evidence_error_degrades_health_and_recovers(
     assert tiny_recorder.health()[0]
     ids = [r.get("decision_id") for r in read_records(directory)]
     assert "decision-2" not in ids and ids[-1] == "decision-3"
-    await tiny_recorder.close()  # the closing checkpoint, mirrored off the volume
+    await tiny_recorder.aclose()  # the closing checkpoint, mirrored off the volume
     report = verify_dir(directory, mirror=tmp_path / "cp.jsonl")
     assert report.ok, report.problems
 
@@ -307,7 +307,7 @@ async def faulty_disk(tmp_path):
     rec = EvidenceRecorder(log, None, known_tool=lambda t: t == "read_file")
     yield rec, disk
     disk.release()
-    await rec.close()
+    await rec.aclose()
 
 
 async def test_sync_failure_is_an_evidence_error(faulty_disk):
@@ -342,7 +342,7 @@ async def test_checkpoints_by_count_and_time_and_mirror(tmp_path):
             await asyncio.sleep(0.1)
         records = read_records(directory)
     finally:
-        await rec.close()
+        await rec.aclose()
     checkpoints = [r for r in records if r["kind"] == "checkpoint"]
     assert len(checkpoints) == 2
     first = checkpoints[0]
@@ -412,7 +412,7 @@ def test_records_direct_log_api(tmp_path):
         r = log.append_sync("expiry", {"escalation_id": "esc-9"})
         assert r.seq == 2
     finally:
-        log.close_sync()
+        log.close()
 
 
 def test_recorder_rejects_unknown_argument_mode(tmp_path):
@@ -421,7 +421,7 @@ def test_recorder_rejects_unknown_argument_mode(tmp_path):
         with pytest.raises(ValueError):
             EvidenceRecorder(log, None, arguments_mode="sometimes")
     finally:
-        log.close_sync()
+        log.close()
 
 
 async def test_a_disk_that_hangs_denies_after_the_record_timeout(faulty_disk):
@@ -483,5 +483,5 @@ async def test_waiters_on_the_loop_and_on_threads_share_a_batch_and_one_that_gav
         assert after.seq == len(records) and ids[-1] == "after"
         assert "gave-up" in ids and impatient.cancelled()
     finally:
-        log.close_sync()
+        log.close()
     assert verify_dir(tmp_path / "ev").ok

@@ -15,6 +15,7 @@ from sidecar.evidence.recorder import open_recorder
 from sidecar.evidence.spans import exporter_from_env
 from sidecar.evidence.verify import verify_dir
 from tests.doubles.otlp_receiver import OtlpReceiver
+from tests.infra.jaeger import wait_until_async
 from tests.test_evidence_log import AGENT, OUTCOMES, make_event
 
 
@@ -58,7 +59,7 @@ async def test_each_decision_is_an_execute_tool_span_with_a_guardrail_child(tmp_
         receipts["unknown_tool"] = await rec.record(events["unknown_tool"])
         assert receiver.wait_for(lambda r: len(r.by_name("execute_tool")) == len(events) and len(r.by_name("run_guardrail")) == len(events))
     finally:
-        await rec.close()
+        await rec.aclose()
 
     spans = {s.span_id: s for s in receiver.spans}
     for case, event in events.items():
@@ -101,7 +102,7 @@ async def test_service_name_from_config_or_env(tmp_path, receiver, clean_otel_en
         await rec.record(make_event(1))
         assert receiver.wait_for(lambda r: r.by_name("execute_tool"))
     finally:
-        await rec.close()
+        await rec.aclose()
     span = receiver.by_name("execute_tool")[0]
     assert span.resource["service.name"] == "from-env"
     assert span.resource["deployment.environment"] == "test"
@@ -128,7 +129,7 @@ async def test_a_collector_down_for_a_while_receives_every_span_when_back(tmp_pa
         receiver.mode = "ok"
         assert receiver.wait_for(lambda r: {e.trace.span_id for e in events} <= r.span_ids(), timeout=15)
     finally:
-        await rec.close()
+        await rec.aclose()
     received = {s.span_id: s for s in receiver.by_name("execute_tool")}
     for event in events:
         assert received[event.trace.span_id].trace_id == event.trace.trace_id
@@ -144,18 +145,39 @@ async def test_spans_not_acknowledged_before_shutdown_are_shipped_by_the_next_st
         for event in events:
             await rec.record(event)
     finally:
-        await rec.close()
+        await rec.aclose()
     assert not receiver.spans
     receiver.mode = "ok"
     rec = open_recorder(directory, **shipping_to(receiver), instance_id="two")
     try:
         assert receiver.wait_for(lambda r: {e.trace.span_id for e in events} <= r.span_ids())
     finally:
-        await rec.close()
+        await rec.aclose()
     by_id = {s.span_id: s for s in receiver.spans}
     # shipped after the restart, the spans keep the instance that decided them
     assert by_id[events[0].trace.span_id].resource["service.instance.id"] == "one"
     assert verify_dir(directory).ok
+
+
+async def test_force_flush_waits_while_the_collector_answers_and_gives_up_at_once_in_an_outage(
+    tmp_path, receiver, clean_otel_env
+):
+    """The shipper's OTel verbs: force_flush returns True once what is durable is acknowledged, and
+    False at once while export fails (a shutdown is never held up by an outage); the recorder's
+    `async with` then flushes (bounded) and shuts the shipper down."""
+    async with open_recorder(tmp_path / "ev", **shipping_to(receiver), instance_id="s") as rec:
+        await rec.record(make_event(0))
+        assert await wait_until_async(lambda: rec.shipper.exported_spans > 0), "nothing was shipped"
+        await rec.record(make_event(1))
+        assert await asyncio.to_thread(rec.shipper.force_flush, 10_000)
+        assert rec.shipper.lag() == 0 and len(receiver.by_name("execute_tool")) == 2
+        receiver.mode = "fail"
+        await rec.record(make_event(2))
+        assert await wait_until_async(lambda: rec.shipper.last_error, timeout=15), "the outage went unnoticed"
+        started = time.monotonic()
+        assert not await asyncio.to_thread(rec.shipper.force_flush, 10_000)
+        assert time.monotonic() - started < 1.0
+    assert rec.health() == (False, "evidence log closed")
 
 
 async def test_a_slow_collector_does_not_slow_decisions(tmp_path, receiver, clean_otel_env):
@@ -170,7 +192,7 @@ async def test_a_slow_collector_does_not_slow_decisions(tmp_path, receiver, clea
         assert time.monotonic() - started < 1.0
     finally:
         receiver.delay = 0
-        await rec.close()
+        await rec.aclose()
 
 
 def test_exporter_choice_follows_config_and_otel_env(clean_otel_env):
@@ -213,7 +235,7 @@ async def test_escalation_kinds_become_spans_in_the_calls_trace_with_links(tmp_p
         )
         assert receiver.wait_for(lambda r: r.by_name("sidecar.approval"))
     finally:
-        await rec.close()
+        await rec.aclose()
     (span,) = receiver.by_name("sidecar.approval")
     assert span.trace_id == decision.trace.trace_id and span.parent_span_id == decision.trace.span_id
     assert span.attributes["sidecar.approver"] == "alice" and span.attributes["sidecar.escalation.id"] == "esc-1"

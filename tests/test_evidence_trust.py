@@ -41,7 +41,7 @@ def write_log(directory: Path, key: SigningKey, *, records: int = 30, clean: boo
         for i in range(records):
             log.append_sync("decision", recorder.fields_for(make_event(i, outcome=("allow", "deny")[i % 2])))
     finally:
-        log.close_sync(checkpoint=clean)
+        log.close(checkpoint=clean)
     return directory
 
 
@@ -154,7 +154,7 @@ def test_a_crash_leaves_a_not_yet_covered_tail_which_the_next_checkpoint_covers(
     assert report.verdict == NOT_YET_COVERED and report.uncovered == 6  # checkpoint at 11 (after 10), then 12..17
     log = EvidenceLog.open(directory, instance_id="s", checkpoint_every=10, checkpoint_seconds=0,
                            key_provider=lambda: sidecar_key)
-    log.close_sync()
+    log.close()
     assert verify_dir(directory, public_keys=keys(pub)).verdict == INTACT
 
 
@@ -303,7 +303,7 @@ async def test_the_dev_key_and_the_mirror_are_not_in_the_evidence_directory(tmp_
         for i in range(3):
             await recorder.record(make_event(i))
     finally:
-        await recorder.close()
+        await recorder.aclose()
     inside = sorted(p.name for p in directory.iterdir())
     assert not [n for n in inside if n.endswith(".pem") or "checkpoints" in n], inside
     assert dev_key_path(directory) == tmp_path / "ev-dev-key.pem" and dev_key_path(directory).exists()

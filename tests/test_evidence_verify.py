@@ -44,7 +44,7 @@ def build_log(directory: Path, records: int = 30, checkpoint_every: int = 10, cl
         for i in range(records):
             log.append_sync("decision", recorder.fields_for(make_event(i, outcome=("allow", "deny", "escalate")[i % 3])))
     finally:
-        log.close_sync(checkpoint=clean)
+        log.close(checkpoint=clean)
     return directory
 
 

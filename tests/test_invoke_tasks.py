@@ -118,7 +118,7 @@ async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_reco
         assert again.already_ended and again.receipt is not None and last.receipt == again.receipt
         assert again.ended_at == ended_at
     finally:
-        log.close_sync()
+        log.close()
     (task_end,) = [r for r in records(tmp_path / "ev") if r["kind"] == "task_end"]
     assert (task_end["seq"], task_end["hash"]) == (again.receipt.seq, again.receipt.hash)
     assert task_end["ended_at"] == ended_at and task_end["ended_by"] == "end_task"
@@ -138,7 +138,7 @@ async def test_end_task_on_a_task_idle_past_the_timeout_records_the_idle_timeout
         ending = await tasks.end("t", ALICE, caller)
         assert await tasks.end("t", ALICE) == ending  # the same answer, no second record
     finally:
-        log.close_sync()
+        log.close()
     assert ending.already_ended and ending.receipt is not None and ending.trace_id == caller.trace_id
     (task_end,) = [r for r in records(tmp_path / "ev") if r["kind"] == "task_end"]
     assert task_end["ended_by"] == "idle_timeout" and task_end["idle_seconds"] == 30
@@ -156,7 +156,7 @@ async def test_evidence_show_lists_an_idle_ending_readably_whatever_the_task_id_
         now[0] = 31
         assert (await tasks.check(sneaky, ALICE, call())).startswith("task_ended:")
     finally:
-        log.close_sync()
+        log.close()
     out = io.StringIO()
     assert show(tmp_path / "ev", Filter(kind="task_end"), as_json=False, out=out) == 1
     text = out.getvalue()
@@ -300,7 +300,7 @@ async def test_end_task_fails_closed_when_evidence_is_unavailable(tmp_path, side
         stub = sidecar_pb2_grpc.ToolGateStub(channel)
         first = await stub.Authorize(search("task-1"))
         assert first.outcome == sidecar_pb2.OUTCOME_ALLOW
-        await sidecar.recorder.close()  # the evidence log is gone: nothing can be recorded any more
+        await sidecar.recorder.aclose()  # the evidence log is gone: nothing can be recorded any more
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="task-1"))

@@ -278,7 +278,7 @@ def test_kind2_the_fuzzed_log_verifies_and_a_restart_accepts_it(fuzz_sidecar, tm
     assert report.ok, report.problems
     copy = tmp_path / "copy"
     shutil.copytree(fuzz_sidecar["evidence"], copy, ignore=shutil.ignore_patterns("LOCK"))
-    EvidenceLog.open(copy, instance_id="recovery", key_provider=None).close_sync(checkpoint=False)
+    EvidenceLog.open(copy, instance_id="recovery", key_provider=None).close(checkpoint=False)
     assert verify_dir(copy).ok
 
 

@@ -282,7 +282,7 @@ def app_from_config(config: Any) -> web.Application:
     )
 
     async def close_client(app: web.Application) -> None:
-        await client.close()
+        await client.aclose()
 
     app.on_cleanup.append(close_client)
     return app

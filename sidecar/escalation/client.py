@@ -171,11 +171,11 @@ class ApprovalsClient:
         finally:
             call.cancel()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await self._channel.close()
 
     async def __aenter__(self) -> "ApprovalsClient":
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
+        await self.aclose()

@@ -46,13 +46,13 @@ class Notifier(Protocol):
     """Tells people about a new escalation (EscalationService's `notifier`).
 
     `notify` must return at once and never raise: delivery happens in the background, and
-    a notifier that is down never slows or fails a decision. `close` waits for deliveries
+    a notifier that is down never slows or fails a decision. `aclose` waits for deliveries
     in flight for at most `grace` seconds.
     """
 
     def notify(self, record: EscalationRecord) -> None: ...
 
-    async def close(self, grace: float = 1.0) -> None: ...
+    async def aclose(self, grace: float = 1.0) -> None: ...
 
 
 class WebhookNotifier:
@@ -144,7 +144,7 @@ class WebhookNotifier:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
-    async def close(self, grace: float = 1.0) -> None:
+    async def aclose(self, grace: float = 1.0) -> None:
         await self.drain(grace)
         for task in list(self._tasks):
             task.cancel()

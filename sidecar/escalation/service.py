@@ -145,12 +145,19 @@ class EscalationService:
 
     # ----------------------------------------------------------------- lifecycle
 
+    async def __aenter__(self) -> "EscalationService":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
     async def start(self) -> None:
         await self.store.open()
         if self.sweep_interval > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="escalation-sweeper")
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:
@@ -159,8 +166,8 @@ class EscalationService:
                 pass
             self._sweeper = None
         if self.notifier is not None:
-            await self.notifier.close()
-        await self.store.close()
+            await self.notifier.aclose()
+        await self.store.aclose()
 
     def health(self) -> tuple[bool, str]:
         return self.store.health()

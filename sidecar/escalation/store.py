@@ -185,7 +185,7 @@ class EscalationStore(Protocol):
 
     async def open(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
     def health(self) -> tuple[bool, str]: ...
 
@@ -377,14 +377,14 @@ class SqliteStore(_SqlStore):
             raise StoreError(f"cannot open the escalation store {self.path}: {exc}") from None
         self._conn = conn
 
-    async def close(self) -> None:
-        def close_sync() -> None:
+    async def aclose(self) -> None:
+        def close_connection() -> None:
             with self._lock:
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None
 
-        await asyncio.to_thread(close_sync)
+        await asyncio.to_thread(close_connection)
 
     def _run_sync(self, fn, transaction=False):
         with self._lock:
@@ -472,7 +472,7 @@ class PostgresStore(_SqlStore):
                     conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} {kind}")
             self._schema_ready = True
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._pool is not None:
             await asyncio.to_thread(self._pool.close)
             self._pool = None

@@ -291,7 +291,7 @@ class EvidenceLog:
         try:
             self.append_sync("startup", startup, timeout=30)
         except BaseException:
-            self.close_sync(checkpoint=False)
+            self.close(checkpoint=False)
             raise
         return self
 
@@ -729,8 +729,12 @@ class EvidenceLog:
 
     # -- closing -----------------------------------------------------------
 
-    def close_sync(self, *, checkpoint: bool = True, timeout: float = 10.0) -> None:
-        """Write a final checkpoint (when records follow the last one), stop the writer, close the file."""
+    def close(self, *, checkpoint: bool = True, timeout: float = 10.0) -> None:
+        """Write a final checkpoint (when records follow the last one), stop the writer, close the file.
+
+        Sync, for callers without an event loop (`open` failing, open_recorder in its thread, tools
+        and tests that write a log directly); `aclose` is the same from a loop.
+        """
         if self._closed:
             return
         with self._cond:
@@ -749,5 +753,6 @@ class EvidenceLog:
             self._fd = None
         self._unlock()
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self.close_sync)
+    async def aclose(self) -> None:
+        """`close()` with its defaults, in a thread: joining the writer and the final fsync block."""
+        await asyncio.to_thread(self.close)

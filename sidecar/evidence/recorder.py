@@ -4,7 +4,7 @@
     receipt = await recorder.record(event)        # durable (fsync'd) when it returns
     receipt = await recorder.append("approval", {...})   # other kinds (escalation stage)
     ok, detail = recorder.health()
-    await recorder.close()                        # final checkpoint, stop shipper
+    await recorder.aclose()                       # final checkpoint, stop shipper (or `async with`)
 """
 
 from __future__ import annotations
@@ -107,14 +107,21 @@ class EvidenceRecorder:
             out["export"] = self.shipper.status()
         return out
 
-    def close_sync(self) -> None:
-        self.log.close_sync()
-        if self.shipper is not None:
-            self.shipper.wake()
-            self.shipper.close()
+    async def __aenter__(self) -> "EvidenceRecorder":
+        return self  # open_recorder has opened it
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self.close_sync)
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the log (final checkpoint), then give the shipper up to 2 s to ship it and stop it."""
+        await self.log.aclose()
+        if self.shipper is not None:
+            await asyncio.to_thread(self._stop_shipping)
+
+    def _stop_shipping(self) -> None:
+        self.shipper.force_flush(timeout_millis=2000)  # the closing checkpoint, while the collector answers
+        self.shipper.shutdown()
 
 
 def _version() -> str:
@@ -164,7 +171,7 @@ def open_recorder(
     - `known_tool(name)`: whether a tool is in the catalog (span names use only those).
     - `exporter`: where spans go (spans.exporter_from_env builds it from config and the
       OTEL_* environment); None = no span export. The recorder owns it: it is shut down
-      by `close()`, and at once when opening fails. `service_name` ("" = OTEL_SERVICE_NAME,
+      by `aclose()`, and at once when opening fails. `service_name` ("" = OTEL_SERVICE_NAME,
       else agent-sidecar) and `max_backoff_seconds` (the longest wait between export
       retries, seconds) apply to the shipper.
 
@@ -228,7 +235,7 @@ def open_recorder(
             evidence_log.add_listener(shipper.wake)
             shipper.start()
     except BaseException:
-        evidence_log.close_sync()
+        evidence_log.close()
         if exporter is not None:
             exporter.shutdown()
         raise

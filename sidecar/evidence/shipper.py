@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # The shipper reports an outage once, and its end; the SDK's OTLP exporters
 # would log every retry of every attempt for as long as the collector is away.
 _SDK_EXPORTER_LOGGER = "opentelemetry.exporter.otlp"
+# How long `shutdown` waits for the thread to leave an export in progress.
+_JOIN_SECONDS = 3.0
 
 
 class Shipper:
@@ -104,13 +106,13 @@ class Shipper:
     def wake(self, _position: Position | None = None) -> None:
         self._wake.set()
 
-    def close(self, timeout: float = 3.0, drain_seconds: float = 2.0) -> None:
-        """Stop shipping; what is not acknowledged yet is shipped by the next start (from ship-state.json).
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Wait up to `timeout_millis` for the durable records to be acknowledged; True when none is left.
 
-        While the collector is known to be answering, wait up to `drain_seconds`
-        for the last records (the closing checkpoint) to go out first.
+        OTel's SpanProcessor verb. Waits only while the collector is known to be answering (a span
+        went out, no error since): an outage must not hold a shutdown for the whole timeout.
         """
-        deadline = time.monotonic() + drain_seconds
+        deadline = time.monotonic() + timeout_millis / 1000
         while (
             self._thread is not None
             and self._thread.is_alive()
@@ -121,6 +123,13 @@ class Shipper:
         ):
             self._wake.set()
             time.sleep(0.01)
+        return self.lag() == 0
+
+    def shutdown(self) -> None:
+        """Stop shipping; what is not acknowledged yet is shipped by the next start (from ship-state.json).
+
+        OTel's SpanProcessor verb: it does not drain, call `force_flush` first for that.
+        """
         self._stop.set()
         self._wake.set()
         try:
@@ -128,7 +137,7 @@ class Shipper:
         except Exception:
             pass
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(_JOIN_SECONDS)
 
     def lag(self) -> int:
         """Records durable in the log but not yet acknowledged by the collector."""

@@ -170,6 +170,12 @@ class HttpInvoker:
             credential=credential,
         )
 
+    async def __aenter__(self) -> "HttpInvoker":
+        return self  # the session is made by the first call
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()

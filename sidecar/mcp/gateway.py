@@ -4,6 +4,7 @@
                          tls=SvidSslContexts(source))   # tls: optional, HTTPS with mutual TLS on `listen`
     await gateway.start()        # returns once the listener is bound; gateway.url is http(s)://host:port/mcp
     await gateway.aclose()
+    async with gateway: ...      # the same; a start that fails part way closes what it had bound
 
 - tools/list: every upstream's tools as `U__T` (sidecar.mcp.names), only those
   policy does not deny in the list phase (`input.request.phase: "list"`);
@@ -143,6 +144,17 @@ class McpGateway:
         self.url = ""
 
     # ------------------------------------------------------------ serving
+
+    async def __aenter__(self) -> "McpGateway":
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()  # a listener bound before the failure
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def start(self) -> str:
         """Connect the upstreams (in the background) and bind the listeners; returns the TCP /mcp URL ("" without one)."""

@@ -26,6 +26,13 @@ class MemoryCounter:
         self._windows: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
         self._tasks: OrderedDict[str, int] = OrderedDict()
 
+    async def __aenter__(self) -> "MemoryCounter":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def open(self) -> None:
         pass
 

@@ -120,6 +120,17 @@ class PostgresCounter:
             return "postgres (dsn)"
         return f"postgres {info.get('host', 'default host')}:{info.get('port', '5432')}/{info.get('dbname', '')}"
 
+    async def __aenter__(self) -> "PostgresCounter":
+        try:
+            await self.open()
+        except BaseException:
+            await self.aclose()  # what opened before the failure (the fallback, the pool)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def open(self) -> None:
         if self._fallback is not None:
             await self._fallback.open()
