@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
-from sidecar.jsonvalues import normalize, number_problems
+from sidecar.jsonvalues import normalize, number_problems, spelled
 from sidecar.reasons import (
     INPUT_TOO_DEEP,
     INPUT_TOO_LARGE,
@@ -81,11 +81,11 @@ def find_nul(value: Any, label: str) -> str | None:
         node, where = stack.pop()
         if isinstance(node, str):
             if "\x00" in node:
-                return _spelled(where)
+                return spelled(where, _key_path)
         elif isinstance(node, dict):
             for key, child in reversed(list(node.items())):
                 if isinstance(key, str) and "\x00" in key:
-                    return f"a key in {_spelled(where)}"
+                    return f"a key in {spelled(where, _key_path)}"
                 if not isinstance(child, _NO_TEXT):
                     stack.append((child, (where, key)))
         elif isinstance(node, (list, tuple)):
@@ -94,18 +94,6 @@ def find_nul(value: Any, label: str) -> str | None:
 
 
 _NO_TEXT = (int, float, type(None))  # bool is an int
-
-
-def _spelled(where: Any) -> str:
-    """A walk position as text, built only for the string found: (parent, key) or (parent, i, None)."""
-    steps = []
-    while isinstance(where, tuple):
-        steps.append(where)
-        where = where[0]
-    text = where
-    for step in reversed(steps):
-        text = f"{text}[{step[1]}]" if len(step) == 3 else _key_path(text, step[1])
-    return text
 
 
 def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[str], str]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Callable
 
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
 
@@ -48,6 +48,20 @@ def child_path(path: str, key: str | int) -> str:
     if key.isascii() and key.isidentifier():
         return f"{path}.{key}"
     return f"{path}[{json.dumps(key)}]"
+
+
+def spelled(where: Any, key_step: Callable[[str, Any], str]) -> str:
+    """A walk position as text, built only when reported: walks keep it as a chain of
+    `(parent, key)` and `(parent, index, None)` tuples from a root label (cheap), and
+    `key_step(parent_text, key)` spells a key; an index is `[i]`."""
+    steps = []
+    while isinstance(where, tuple):
+        steps.append(where)
+        where = where[0]
+    text = where
+    for step in reversed(steps):
+        text = f"{text}[{step[1]}]" if len(step) == 3 else key_step(text, step[1])
+    return text
 
 
 def number_problem(value: int | float) -> str | None:

@@ -49,6 +49,7 @@ import unicodedata
 from typing import Any, Callable, Iterable
 
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.jsonvalues import spelled
 
 REDACTED = "[REDACTED]"
 # Record fields whose picked values become digests rather than REDACTED (rule 3).
@@ -282,17 +283,11 @@ _SCALARS = frozenset((int, float, bool, type(None)))
 
 def _path(where: Any) -> str:
     """A walk position as text: (parent, key) is `parent.key`, (parent, i, None) is `parent[i]`."""
-    steps = []
-    while isinstance(where, tuple):
-        steps.append(where)
-        where = where[0]
-    text = where
-    for step in reversed(steps):
-        if len(step) == 3:
-            text = f"{text}[{step[1]}]"
-        else:
-            text = f"{text}.{step[1]}" if text else str(step[1])
-    return text
+    return spelled(where, _dotted)
+
+
+def _dotted(parent: str, key: Any) -> str:
+    return f"{parent}.{key}" if parent else str(key)
 
 
 def digest(value: Any) -> str:
