@@ -1,59 +1,33 @@
-"""The decision pipeline, composed in one place: check → identity → policy → evidence.
+"""The decision pipeline: the Gate runs every call through its steps, then records it.
 
-The gRPC servicer and the `check` CLI both call `Gate.authorize`; neither
-knows how a stage works inside. Every path ends in a decision that is
+The gRPC servicer, the MCP gateway and the `check` CLI call `Gate.authorize`; none
+knows how a step works inside. The steps (sidecar/steps.py) are listed in the order
+they run in one place, `server.default_steps`. Every path ends in a decision that is
 recorded before it is returned, and every failure ends in a deny.
 """
 
 from __future__ import annotations
 
-import logging
 import socket
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-from sidecar.calls import CallIdRegistry, ToolCall, check_call, normalized
-from sidecar.canonical import sha256_digest
-from sidecar.escalation import StoreError
+from sidecar.calls import ToolCall, normalized
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, Recorder, TraceContext
 from sidecar.identity import CallerIdentity, IdentityError
-from sidecar.jsonvalues import number_problems
 from sidecar.metrics import Metrics
 from sidecar.policy.decision import Decision, DecisionClient
-from sidecar.policy.input import build_input
-from sidecar.reasons import (
-    APPROVAL_INSUFFICIENT,
-    CALL_ID_REUSED,
-    ESCALATION_UNAVAILABLE,
-    ESCALATION_UNKNOWN,
-    EVIDENCE_UNAVAILABLE,
-    POLICY_MALFORMED,
-    UNVERIFIED_CALLER,
-    USAGE_UNAVAILABLE,
-    Reason,
-)
-from sidecar.usage import UsageCounter, UsageUnavailable
+from sidecar.reasons import EVIDENCE_UNAVAILABLE, Reason
 
 if TYPE_CHECKING:
+    from sidecar.escalation import EscalationRecord
     from sidecar.escalation.service import EscalationService, RetryCheck
-    from sidecar.overload import LoopLag
     from sidecar.policy.shadow import Shadow
-    from sidecar.tasks import TaskRegistry
-
-log = logging.getLogger(__name__)
-
-
-class Catalog(Protocol):
-    """The tool catalog of the policy serving now (sidecar/policy/catalog.py)."""
-
-    def entry(self, tool: str) -> dict | None: ...
-
-    @property
-    def revision(self) -> str: ...
+    from sidecar.steps import AskPolicy
 
 
 @dataclass(frozen=True)
@@ -70,9 +44,9 @@ class Verdict:
     arguments_digest: str = ""  # of the arguments exactly as decided
 
 
-@dataclass
-class _CallState:
-    """One call on its way through `Gate.authorize`: what the stages learn and hand on."""
+@dataclass(slots=True)
+class CallState:
+    """One call on its way through the steps: what they learn and hand on, then what the Gate records."""
 
     call: ToolCall
     identity: CallerIdentity | IdentityError
@@ -80,13 +54,25 @@ class _CallState:
     call_id: str
     trace: TraceContext
     now: str  # RFC 3339, the call's time for policy and evidence
+    problems: list[str]  # why the call may not go to policy
+    escalation_id: str  # the escalation the answer names: the call's own unless a step sets another
     arguments_digest: str = ""
-    problems: list[str] = field(default_factory=list)  # why the call may not go to policy
     retry: "RetryCheck | None" = None  # a call repeated with an escalation id
     catalog_entry: dict | None = None  # the entry policy decided with
     document: dict | None = None  # the input document, when policy was asked
     shadow_answer: dict | None = None
+    decision: Decision | None = None  # the answer: set by the policy step, a later step may replace it
+    policy_decision: Decision | None = None  # what policy itself said, recorded when the answer differs
+    approver: str = ""  # who approved the escalation this call carries out
+    new_escalation: "EscalationRecord | None" = None  # raised by this call: announced once recorded
+    receipt: Receipt | None = None  # of the decision's evidence record
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+
+
+class Step(Protocol):
+    """One step of every call (sidecar/steps.py); `server.default_steps` lists them in order."""
+
+    async def __call__(self, state: CallState) -> None: ...
 
 
 def rfc3339_now() -> str:
@@ -98,40 +84,42 @@ def default_instance_id() -> str:
 
 
 class Gate:
+    """Runs each call through `steps` in order, then records the decision, then announces or
+    withdraws the escalation it raised. `policy` is the policy step among `steps`; it also
+    answers `visible`."""
+
     def __init__(
         self,
         *,
-        decisions: DecisionClient,
-        catalog: Catalog,
-        usage: UsageCounter,
-        call_ids: CallIdRegistry,
+        steps: Sequence[Step],
+        policy: "AskPolicy",
         recorder: Recorder | None,
-        max_input_bytes: int,
-        max_depth: int,
         instance_id: str,
-        metrics: Metrics | None = None,
         escalations: "EscalationService | None" = None,
-        shadow: "Shadow | None" = None,
-        tasks: "TaskRegistry | None" = None,
-        overload: "LoopLag | None" = None,
+        metrics: Metrics | None = None,
     ):
-        self.decisions = decisions
-        self.catalog = catalog
-        self._usage = usage
-        self._call_ids = call_ids
+        if policy not in steps:
+            raise ValueError("the policy step must be one of the gate's steps")
+        self._steps = tuple(steps)
+        self._policy = policy
         self._recorder = recorder
-        self._max_bytes = max_input_bytes
-        self._max_depth = max_depth
         self.instance_id = instance_id
-        self._metrics = metrics
         # Escalations (docs/escalation.md): None = escalate answers carry no escalation id.
         self.escalations = escalations
-        # Shadow mode (sidecar/policy/shadow.py): a candidate bundle decides too, never enforced.
-        self.shadow = shadow
-        # Task lifetimes (EndTask, idle timeout): None = tasks never end.
-        self._tasks = tasks
-        # Front-door load shedding (sidecar/overload.py): None = calls are never shed.
-        self._overload = overload
+        self._metrics = metrics
+
+    @property
+    def decisions(self) -> DecisionClient:
+        """The client policy decides with; assignable, so a test can watch what OPA is asked."""
+        return self._policy.decisions
+
+    @decisions.setter
+    def decisions(self, client: DecisionClient) -> None:
+        self._policy.decisions = client
+
+    @property
+    def shadow(self) -> "Shadow | None":
+        return self._policy.shadow
 
     async def authorize(
         self,
@@ -143,36 +131,31 @@ class Gate:
     ) -> Verdict:
         """Decide one call. `malformed` is a reason the request could not be read at all.
 
-        The stages, in order: admission (the call's own checks, identity, load shedding,
-        call-id replay, task end, an escalation retry), usage, policy, escalation, evidence;
-        then an escalation is announced only once the decision that raised it is recorded.
+        The steps run in order; then the decision is recorded, and an escalation is announced
+        only once the decision that raised it is recorded (withdrawn when it could not be).
         """
         started = time.perf_counter()
         call = normalized(call)  # the numbers rule: policy, evidence and approvals see one value
-        state = _CallState(
+        state = CallState(
             call=call,
             identity=identity,
             decision_id=str(uuid.uuid4()),
             call_id=call.call_id or str(uuid.uuid4()),
             trace=TraceContext.new(parent_trace),
             now=rfc3339_now(),
+            problems=[malformed] if malformed else [],
+            escalation_id=call.escalation_id,
         )
-        problems, state.arguments_digest = check_call(call, max_bytes=self._max_bytes, max_depth=self._max_depth)
-        state.problems = [malformed] if malformed else problems
-        await self._admit(state)
-        decision = await self._policy_stage(state)
-        policy_decision = decision
-
-        escalation_id, approver, new_escalation = call.escalation_id, "", None
-        if not state.problems and self.escalations is not None:
-            decision, escalation_id, approver, new_escalation = await self._escalation_step(decision, state)
-
-        decision, receipt = await self._record(state, decision, policy_decision, escalation_id, approver)
-        if new_escalation is not None and self.escalations is not None:
+        for step in self._steps:
+            await step(state)
+        await self._record(state)
+        decision = state.decision
+        assert decision is not None  # the policy step always decides
+        if state.new_escalation is not None and self.escalations is not None:
             if decision.outcome == "escalate":
-                await self.escalations.announce(new_escalation, state.trace.span_id)
+                await self.escalations.announce(state.new_escalation, state.trace.span_id)
             else:  # the escalating decision could not be recorded: nobody may approve it
-                await self.escalations.withdraw(new_escalation)
+                await self.escalations.withdraw(state.new_escalation)
         state.timings["total"] = (time.perf_counter() - started) * 1000
         if self._metrics is not None:
             self._metrics.observe(decision.outcome, decision.engine, decision.error is not None, state.timings)
@@ -181,91 +164,19 @@ class Gate:
             state.decision_id,
             state.call_id,
             state.trace,
-            escalation_id=escalation_id if decision.outcome == "escalate" else "",
-            receipt=receipt,
-            approver=approver if decision.outcome == "allow" else "",
+            escalation_id=state.escalation_id if decision.outcome == "escalate" else "",
+            receipt=state.receipt,
+            approver=state.approver if decision.outcome == "allow" else "",
             arguments_digest=state.arguments_digest,
         )
 
-    async def _admit(self, state: _CallState) -> None:
-        """May the call go to policy? Adds to `state.problems` why not; sets the escalation retry."""
-        call, identity, problems = state.call, state.identity, state.problems
-        shed = self._overload.refusal() if self._overload is not None and not problems else None
-        if isinstance(identity, IdentityError):
-            problems.insert(0, str(Reason(UNVERIFIED_CALLER, identity.reason)))
-            log.info("unverified caller denied (decision %s): %r", state.decision_id, identity.reason)
-        elif shed:  # before the call id is claimed: the same call may be sent again once the load drops
-            problems.append(shed)
-        elif call.call_id and not problems:
-            fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{state.arguments_digest}".encode())
-            if not self._call_ids.claim(call.call_id, fingerprint):
-                problems.append(str(Reason(
-                    CALL_ID_REUSED, f"call_id {call.call_id!r} was already used for a different tool call"
-                )))
-        if call.task_id and not problems and self._tasks is not None and isinstance(identity, CallerIdentity):
-            ended = await self._tasks.check(call.task_id, identity, state.trace)
-            if ended:
-                problems.append(ended)
-        if call.escalation_id and not problems:
-            state.retry, problem = await self._check_retry(call, identity, state.arguments_digest)
-            if problem:
-                problems.append(problem)
-            if state.retry is not None and state.retry.parent is not None:
-                state.trace = TraceContext.new(state.retry.parent)  # the retry joins the escalated call's trace
-
-    async def _policy_stage(self, state: _CallState) -> Decision:
-        """The decision: a refusal for an inadmissible call, else OPA's on the input document
-        (and the shadow's beside it). Fails closed when the call cannot be counted."""
-        if state.problems:
-            return Decision.refused(state.problems, policy_revision=self.catalog.revision)
-        call, identity = state.call, state.identity
-        assert isinstance(identity, CallerIdentity)
-        try:
-            usage = await self._usage.count(identity.subject.spiffe_id, call.tool, call.task_id)
-        except UsageUnavailable as exc:  # a stage failed: fail closed, like an engine or evidence failure
-            return Decision.failed(
-                str(Reason(USAGE_UNAVAILABLE, f"the call could not be counted for input.usage ({exc})")),
-                engine="sidecar",
-                policy_revision=self.catalog.revision,
-            )
-        state.catalog_entry = self.catalog.entry(call.tool)  # an escalation keeps it for approvers
-        state.document = build_input(
-            identity=identity,
-            tool=call.tool,
-            server=call.server,
-            arguments=call.arguments,
-            catalog_entry=state.catalog_entry,
-            task_id=call.task_id,
-            intent=call.intent,
-            signals=call.signals or {},
-            approval=state.retry.approval if state.retry is not None else None,
-            usage=usage,
-            call_id=state.call_id,
-            time=state.now,
-            sidecar=self.instance_id,
-        )
-        engine_started = time.perf_counter()
-        pending_shadow = self.shadow.begin(state.document) if self.shadow is not None else None
-        decision = await self.decisions.decide(state.document)
-        state.timings["engine"] = (time.perf_counter() - engine_started) * 1000
-        unexact = number_problems(decision.obligations, "obligations")
-        if unexact:  # the agent would receive other obligations than the ones recorded
-            decision = Decision.failed(
-                str(Reason(POLICY_MALFORMED, f"{'; '.join(unexact)}; obligations must reach the agent exactly")),
-                engine=decision.engine,
-                policy_revision=decision.policy_revision,
-            )
-        if pending_shadow is not None and self.shadow is not None:
-            state.shadow_answer = await self.shadow.finish(pending_shadow, decision)  # bounded by the shadow's budget
-        return decision
-
-    async def _record(
-        self, state: _CallState, decision: Decision, policy_decision: Decision, escalation_id: str, approver: str
-    ) -> tuple[Decision, Receipt | None]:
-        """Record the decision; when that fails, the answer becomes a deny naming why."""
+    async def _record(self, state: CallState) -> None:
+        """Record the decision (sets `state.receipt`); when that fails, the answer becomes a deny naming why."""
         if self._recorder is None:
-            return decision, None
+            return
         call, identity, document = state.call, state.identity, state.document
+        decision, policy_decision = state.decision, state.policy_decision
+        assert decision is not None and policy_decision is not None
         event = DecisionEvent(
             time=state.now,
             decision_id=state.decision_id,
@@ -285,8 +196,8 @@ class Gate:
             engine=decision.engine,
             engine_error=decision.error,
             engine_decision_id=decision.engine_decision_id,
-            escalation_id=escalation_id,
-            approver=approver,
+            escalation_id=state.escalation_id,
+            approver=state.approver,
             trace=state.trace,
             sidecar=self.instance_id,
             timings_ms=state.timings,
@@ -300,11 +211,10 @@ class Gate:
             shadow=state.shadow_answer,
         )
         evidence_started = time.perf_counter()
-        receipt = None
         try:
-            receipt = await self._recorder.record(event)
+            state.receipt = await self._recorder.record(event)
         except EvidenceError as exc:
-            decision = Decision.failed(
+            state.decision = Decision.failed(
                 str(Reason(
                     EVIDENCE_UNAVAILABLE, f"the decision could not be recorded ({exc}); denied until evidence works"
                 )),
@@ -312,7 +222,6 @@ class Gate:
                 policy_revision=decision.policy_revision,
             )
         state.timings["evidence"] = (time.perf_counter() - evidence_started) * 1000
-        return decision, receipt
 
     async def visible(self, identity: CallerIdentity, tool: str, server: str) -> Decision:
         """Would policy let this caller see `tool` of `server` (MCP tools/list)?
@@ -322,100 +231,4 @@ class Gate:
         (listing calls nothing).
         A tool is shown unless the decision is deny; failures deny (hidden).
         """
-        try:
-            usage = await self._usage.peek(identity.subject.spiffe_id, tool)
-        except UsageUnavailable as exc:
-            return Decision.failed(
-                str(Reason(USAGE_UNAVAILABLE, str(exc))), engine="sidecar", policy_revision=self.catalog.revision
-            )
-        document = build_input(
-            identity=identity,
-            tool=tool,
-            server=server,
-            arguments={},
-            catalog_entry=self.catalog.entry(tool),
-            task_id="",
-            intent="",
-            signals={},
-            approval=None,
-            usage=usage,
-            call_id=str(uuid.uuid4()),
-            time=rfc3339_now(),
-            sidecar=self.instance_id,
-            phase="list",
-        )
-        return await self.decisions.decide(document)
-
-    async def _check_retry(
-        self, call: ToolCall, identity: CallerIdentity | IdentityError, arguments_digest: str
-    ) -> tuple["RetryCheck | None", str | None]:
-        """A call repeated with an escalation id: may it go to policy, and with which approval?"""
-        if self.escalations is None:
-            return None, str(Reason(
-                ESCALATION_UNKNOWN, "this sidecar keeps no escalations, so no escalation id is valid here"
-            ))
-        if not isinstance(identity, CallerIdentity):
-            return None, None
-        shape = self.escalations.shape(identity, call.tool, call.server, arguments_digest, call.task_id)
-        try:
-            retry = await self.escalations.check_retry(call.escalation_id, shape)
-        except StoreError as exc:
-            return None, str(Reason(ESCALATION_UNAVAILABLE, f"the escalation store cannot be read ({exc})"))
-        return retry, retry.refusal
-
-    async def _escalation_step(self, decision: Decision, state: _CallState):
-        """Returns (decision, escalation_id, approver, new escalation to announce or None).
-
-        escalate → the call's escalation (the pending one for the same call, or a new one);
-        an approved retry that policy allows → the approval is consumed, once.
-        """
-        service = self.escalations
-        assert service is not None and isinstance(state.identity, CallerIdentity)
-        call, identity, retry, trace = state.call, state.identity, state.retry, state.trace
-        approval = retry.approval if retry is not None else None
-        if approval is not None and retry is not None and retry.record is not None:
-            if decision.outcome == "allow":
-                try:
-                    used, reason = await service.consume(retry.record, state.decision_id)
-                except StoreError as exc:
-                    used, reason = False, str(Reason(ESCALATION_UNAVAILABLE, f"the approval could not be used ({exc})"))
-                if not used:
-                    return Decision.refused([reason], policy_revision=decision.policy_revision), call.escalation_id, "", None
-                return decision, retry.record.id, approval.approver, None
-            if decision.outcome == "escalate":
-                reasons = (
-                    str(Reason(
-                        APPROVAL_INSUFFICIENT,
-                        f"policy still escalates this call with escalation {retry.record.id} "
-                        f"approved by {approval.approver}; ask again without the escalation id",
-                    )),
-                    *decision.reasons,
-                )
-                return (
-                    Decision("deny", reasons, decision.obligations, decision.policy_revision, decision.engine),
-                    call.escalation_id,
-                    approval.approver,
-                    None,
-                )
-            return decision, call.escalation_id, approval.approver, None
-        if decision.outcome != "escalate":
-            return decision, call.escalation_id, "", None
-        try:
-            record, created = await service.escalate(
-                identity=identity,
-                call=call,
-                arguments_digest=state.arguments_digest,
-                reasons=decision.reasons,
-                obligations=decision.obligations,
-                policy_revision=decision.policy_revision,
-                decision_id=state.decision_id,
-                call_id=state.call_id,
-                trace=trace,
-                catalog_entry=state.catalog_entry,
-            )
-        except StoreError as exc:
-            reason = str(Reason(
-                ESCALATION_UNAVAILABLE, f"the call needs approval but the escalation store failed ({exc})"
-            ))
-            return Decision.refused([reason, *decision.reasons], policy_revision=decision.policy_revision), "", "", None
-        return decision, record.id, "", record if created else None
+        return await self._policy.visible(identity, tool, server)

@@ -25,7 +25,7 @@ from sidecar.config import Config
 from sidecar.evidence import Recorder
 from sidecar.evidence.records import dev_key_path
 from sidecar.evidence.signing import dev_public_key_path
-from sidecar.gate import Gate, default_instance_id
+from sidecar.gate import Gate, Step, default_instance_id
 from sidecar.health import SidecarHealth
 from sidecar.identity import IdentityResolver
 from sidecar.identity.factory import IdentityRuntime
@@ -37,6 +37,7 @@ from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
 from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
+from sidecar.steps import Admit, AskPolicy, CheckRetry, Escalate
 from sidecar.tasks import TaskRegistry
 from sidecar.usage import UsageCounter
 from sidecar.usage.memory import MemoryCounter
@@ -167,21 +168,53 @@ def build_gate(
     escalations: "EscalationService | None" = None,
 ) -> Gate:
     """`usage` None = fresh in-memory counters (`check`: a one-off decision counts nothing shared)."""
-    return Gate(
+    instance_id = config.sidecar.instance_id or default_instance_id()
+    ask = AskPolicy(
         decisions=policy,
         catalog=policy.catalog,
         usage=usage if usage is not None else MemoryCounter(config.usage.window_seconds, config.usage.max_tracked),
+        instance_id=instance_id,
+        shadow=Shadow(shadow, metrics) if shadow is not None else None,
+    )
+    steps = default_steps(
+        policy=ask,
         call_ids=CallIdRegistry(config.sidecar.call_id_memory),
-        recorder=recorder,
         max_input_bytes=config.policy.max_input_bytes,
         max_depth=config.policy.max_depth,
-        instance_id=config.sidecar.instance_id or default_instance_id(),
-        metrics=metrics,
-        tasks=tasks,
-        shadow=Shadow(shadow, metrics) if shadow is not None else None,
         overload=overload,
+        tasks=tasks,
         escalations=escalations,
     )
+    return Gate(
+        steps=steps, policy=ask, recorder=recorder, instance_id=instance_id, escalations=escalations, metrics=metrics
+    )
+
+
+def default_steps(
+    *,
+    policy: AskPolicy,
+    call_ids: CallIdRegistry,
+    max_input_bytes: int,
+    max_depth: int,
+    overload: LoopLag | None = None,
+    tasks: TaskRegistry | None = None,
+    escalations: "EscalationService | None" = None,
+) -> tuple[Step, ...]:
+    """The steps of every call, in the order they run (sidecar/steps.py).
+
+    After the last one the Gate records the decision, then announces or withdraws the
+    escalation it raised. Without `escalations` an escalate answer carries no escalation id.
+    """
+    steps: tuple[Step, ...] = (
+        Admit(
+            max_input_bytes=max_input_bytes, max_depth=max_depth, call_ids=call_ids, overload=overload, tasks=tasks
+        ),
+        CheckRetry(escalations),
+        policy,
+    )
+    if escalations is not None:
+        steps += (Escalate(escalations),)
+    return steps
 
 
 def build_escalations(config: Config, recorder: Recorder | None):

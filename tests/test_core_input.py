@@ -12,6 +12,8 @@ from sidecar.calls import CallIdRegistry, ToolCall
 from sidecar.gate import Gate
 from sidecar.identity import CallerIdentity, Subject
 from sidecar.policy.opa.service import PolicyService
+from sidecar.server import default_steps
+from sidecar.steps import AskPolicy
 from sidecar.usage.memory import MemoryCounter
 from tests.conftest import REGO
 
@@ -40,16 +42,9 @@ async def test_inputs_built_by_the_gate_match_the_schema():
     policy = PolicyService(REGO, reload=False)
     await policy.start()
     capturing = InputCapturingClient(policy)
-    gate = Gate(
-        decisions=capturing,
-        catalog=policy.catalog,
-        usage=MemoryCounter(60, 100),
-        call_ids=CallIdRegistry(100),
-        recorder=None,
-        max_input_bytes=1 << 20,
-        max_depth=64,
-        instance_id="schema-test",
-    )
+    ask = AskPolicy(decisions=capturing, catalog=policy.catalog, usage=MemoryCounter(60, 100), instance_id="schema-test")
+    steps = default_steps(policy=ask, call_ids=CallIdRegistry(100), max_input_bytes=1 << 20, max_depth=64)
+    gate = Gate(steps=steps, policy=ask, recorder=None, instance_id="schema-test")
     caller = Subject("spiffe://example.org/ns/agents/sa/research", source="mtls", svid_expires_at="2026-11-22T12:00:00Z")
     upstream = Subject("spiffe://example.org/ns/agents/sa/planner", source="jwt_svid", svid_expires_at=None)
     try:

@@ -368,6 +368,8 @@ async def test_gate_denies_when_evidence_cannot_be_written(tiny_recorder, tiny_v
     from sidecar.calls import CallIdRegistry, ToolCall
     from sidecar.gate import Gate
     from sidecar.policy.decision import Decision
+    from sidecar.server import default_steps
+    from sidecar.steps import AskPolicy
     from sidecar.usage.memory import MemoryCounter
 
     class AllowAll:
@@ -386,16 +388,9 @@ async def test_gate_denies_when_evidence_cannot_be_written(tiny_recorder, tiny_v
             return {"name": tool}
 
     allow_all = AllowAll()
-    gate = Gate(
-        decisions=allow_all,
-        catalog=allow_all,
-        usage=MemoryCounter(60, 100),
-        call_ids=CallIdRegistry(100),
-        recorder=tiny_recorder,
-        max_input_bytes=1 << 20,
-        max_depth=32,
-        instance_id="sidecar-test-1",
-    )
+    ask = AskPolicy(decisions=allow_all, catalog=allow_all, usage=MemoryCounter(60, 100), instance_id="sidecar-test-1")
+    steps = default_steps(policy=ask, call_ids=CallIdRegistry(100), max_input_bytes=1 << 20, max_depth=32)
+    gate = Gate(steps=steps, policy=ask, recorder=tiny_recorder, instance_id="sidecar-test-1")
     identity = CallerIdentity(Subject(AGENT, "dev"))
     allowed = await gate.authorize(ToolCall("read_file", {"path": "/w"}), identity)
     assert allowed.decision.outcome == "allow" and allowed.receipt is not None

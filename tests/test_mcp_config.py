@@ -125,11 +125,13 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
     from sidecar.identity import CallerIdentity, Subject
     from sidecar.policy import input as input_module
     from sidecar.policy.decision import Decision
+    from sidecar.server import default_steps
+    from sidecar.steps import AskPolicy
     from sidecar.usage.memory import MemoryCounter
 
     seen = []
 
-    class Capturing:  # the Gate's DecisionClient and Catalog; answers allow and keeps the input document
+    class Capturing:  # the policy step's DecisionClient and Catalog; answers allow and keeps the input document
         revision = "test"
 
         def entry(self, tool):
@@ -146,8 +148,9 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
             pass
 
     capturing = Capturing()
-    gate = Gate(decisions=capturing, catalog=capturing, usage=MemoryCounter(60, 100), call_ids=CallIdRegistry(100), recorder=None,
-                max_input_bytes=1 << 20, max_depth=64, instance_id="t")
+    ask = AskPolicy(decisions=capturing, catalog=capturing, usage=MemoryCounter(60, 100), instance_id="t")
+    steps = default_steps(policy=ask, call_ids=CallIdRegistry(100), max_input_bytes=1 << 20, max_depth=64)
+    gate = Gate(steps=steps, policy=ask, recorder=None, instance_id="t")
     decision = await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
     assert decision.outcome == "allow"
     (document,) = seen
