@@ -206,14 +206,15 @@ def default_steps(
     escalation it raised. Without `escalations` an escalate answer carries no escalation id.
     """
     steps: tuple[Step, ...] = (
+        # may it go to policy at all: its own checks, the caller, load, call-id replay, an ended task
         Admit(
             max_input_bytes=max_input_bytes, max_depth=max_depth, call_ids=call_ids, overload=overload, tasks=tasks
         ),
-        CheckRetry(escalations),
-        policy,
+        CheckRetry(escalations),  # a call repeated with an escalation id: its approval, its trace
+        policy,  # usage, the input document, OPA (and the shadow): the decision
     )
     if escalations is not None:
-        steps += (Escalate(escalations),)
+        steps += (Escalate(escalations),)  # escalate → an escalation; an approved allow uses its approval
     return steps
 
 
