@@ -104,7 +104,7 @@ class Gate:
         self._policy = policy
         self._recorder = recorder
         self.instance_id = instance_id
-        # Escalations (docs/escalation.md): None = escalate answers carry no escalation id.
+        # Escalations (docs/escalation.md): one a call raised is announced, or withdrawn, once its decision is recorded.
         self.escalations = escalations
         self._metrics = metrics
 
@@ -119,6 +119,7 @@ class Gate:
 
     @property
     def shadow(self) -> "Shadow | None":
+        """The candidate bundle deciding beside policy (its health is served), or None."""
         return self._policy.shadow
 
     async def authorize(
