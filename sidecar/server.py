@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -497,6 +498,18 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
     )
 
 
+_BINDIR = Path(sys.executable).parent  # where this installation's commands are
+
+
+def _typed(command: Path) -> str:
+    """How a person types `command` (shown in the banner): its name when its directory is on
+    PATH, else its path, relative to the working directory when below it (`.venv/bin/...`)."""
+    if str(command.parent) in os.environ.get("PATH", "").split(os.pathsep):
+        return command.name
+    relative = os.path.relpath(command)
+    return str(command) if relative.startswith("..") else relative
+
+
 async def serve(config: Config) -> None:
     """Run until SIGINT / SIGTERM, then drain in-flight calls and close every stage."""
     sidecar = await start_sidecar(config)
@@ -506,6 +519,7 @@ async def serve(config: Config) -> None:
     gc.collect()
     gc.freeze()
     ident_ok, ident_detail = sidecar.identity.health()
+    cli, python = _typed(_BINDIR / "agent-sidecar"), _typed(Path(sys.executable))
     print(f"agent-sidecar {os.getpid()} serving", flush=True)
     for address in sidecar.addresses:
         print(f"  listening on  {address}", flush=True)
@@ -521,11 +535,11 @@ async def serve(config: Config) -> None:
             anchor = "--bundle <trust bundle PEM>"
         else:
             anchor = f"--key {dev_public_key_path(dev_key_path(config.evidence.dir))}"
-        print(f"  evidence      {config.evidence.dir} ({exporting}; `agent-sidecar evidence verify {config.evidence.dir} {anchor}`)",
+        print(f"  evidence      {config.evidence.dir} ({exporting}; `{cli} evidence verify {config.evidence.dir} {anchor}`)",
               flush=True)
     if sidecar.escalations is not None:
         print(
-            f"  escalations   {sidecar.escalations.store.describe()} (`agent-sidecar approvals list --address "
+            f"  escalations   {sidecar.escalations.store.describe()} (`{cli} approvals list --address "
             f"{sidecar.addresses[0]}`)",
             flush=True,
         )
@@ -537,7 +551,7 @@ async def serve(config: Config) -> None:
     first = sidecar.addresses[0]
     print("Send a first call from another terminal:", flush=True)
     print(
-        f"  .venv/bin/python -c \"from sidecar.client import Client; "
+        f"  {python} -c \"from sidecar.client import Client; "
         f"print(Client('{first}').authorize('search_docs', {{'query': 'sidecar'}}))\"",
         flush=True,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,13 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
     try:
         banner = process.stdout.readline()
         assert "serving" in banner, process.stderr.read() if process.poll() is not None else banner
+        lines = []
+        while not lines or not lines[-1].startswith("Send a first call"):
+            lines.append(process.stdout.readline())
+        first_call = process.stdout.readline().split()
+        commands = [line.split("`")[1].split()[0] for line in lines if "`" in line] + [first_call[0]]
+        for command in commands:  # as typed from the working directory: each one runs
+            assert shutil.which(command) or (REPO / command).is_file(), (command, lines)
         with Client(f"unix:{socket_path}") as client:
             assert client.authorize("search_docs", {"query": "x"}).outcome == "allow"
         process.send_signal(signal.SIGTERM)

@@ -17,7 +17,7 @@ say() { printf 'tools: %s\n' "$*" >&2; }
 
 no_go() {
   say "cannot build $1: no Go toolchain (go) on PATH, and no $1 $2 on PATH to reuse."
-  say "Install Go 1.25+ (https://go.dev/dl/), or put the official $1 $2 release binary on PATH:"
+  say "Install Go 1.26+ (https://go.dev/dl/; the pinned OPA needs it), or put the official $1 $2 release binary on PATH:"
   case "$1" in
     opa) say "  https://github.com/open-policy-agent/opa/releases/tag/$2 (opa_linux_amd64_static)";;
     spire) say "  https://github.com/spiffe/spire/releases/tag/$2 (spire-$2-linux-amd64-musl.tar.gz)";;
