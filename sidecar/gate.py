@@ -72,7 +72,7 @@ class CallState:
 class Step(Protocol):
     """One step of every call (sidecar/steps.py); `server.default_steps` lists them in order."""
 
-    async def __call__(self, state: CallState) -> None: ...
+    async def run(self, state: CallState) -> None: ...
 
 
 def rfc3339_now() -> str:
@@ -148,7 +148,7 @@ class Gate:
             escalation_id=call.escalation_id,
         )
         for step in self._steps:
-            await step(state)
+            await step.run(state)
         await self._record(state)
         decision = state.decision
         assert decision is not None  # the policy step always decides

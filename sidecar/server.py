@@ -38,7 +38,7 @@ from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
 from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
-from sidecar.steps import Admit, AskPolicy, CheckRetry, Escalate
+from sidecar.steps import Admit, AskPolicy, Escalate
 from sidecar.tasks import TaskRegistry
 from sidecar.usage import UsageCounter
 from sidecar.usage.memory import MemoryCounter
@@ -207,11 +207,14 @@ def default_steps(
     escalation it raised. Without `escalations` an escalate answer carries no escalation id.
     """
     steps: tuple[Step, ...] = (
-        # may it go to policy at all: its own checks, the caller, load, call-id replay, an ended task
-        Admit(
-            max_input_bytes=max_input_bytes, max_depth=max_depth, call_ids=call_ids, overload=overload, tasks=tasks
+        Admit(  # may it go to policy: its own checks, caller, load, call-id replay, ended task, a retry's escalation
+            max_input_bytes=max_input_bytes,
+            max_depth=max_depth,
+            call_ids=call_ids,
+            overload=overload,
+            tasks=tasks,
+            escalations=escalations,
         ),
-        CheckRetry(escalations),  # a call repeated with an escalation id: its approval, its trace
         policy,  # usage, the input document, OPA (and the shadow): the decision
     )
     if escalations is not None:

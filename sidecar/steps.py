@@ -54,10 +54,12 @@ class Catalog(Protocol):
 
 class Admit:
     """May the call go to policy at all? Its own checks (size, depth, values), a verified caller,
-    load shedding, call-id replay and an ended task each add to `state.problems` why not.
+    load shedding, call-id replay, an ended task and, for a call repeated with an escalation id,
+    that escalation: each adds to `state.problems` why not.
 
-    Sets `state.arguments_digest`. Shedding comes before the call id is claimed, so the same
-    call may be sent again once the load drops.
+    Sets `state.arguments_digest`, and for a repeated call `state.retry` (its approval reaches
+    policy as input.approval) and the escalated call's trace. Shedding comes before the call id
+    is claimed, so the same call may be sent again once the load drops.
     """
 
     def __init__(
@@ -68,14 +70,16 @@ class Admit:
         call_ids: CallIdRegistry,
         overload: "LoopLag | None" = None,  # None = calls are never shed (sidecar/overload.py)
         tasks: "TaskRegistry | None" = None,  # None = tasks never end (EndTask, idle timeout)
+        escalations: "EscalationService | None" = None,  # None = no escalation id is valid here
     ):
         self._max_bytes = max_input_bytes
         self._max_depth = max_depth
         self._call_ids = call_ids
         self._overload = overload
         self._tasks = tasks
+        self._escalations = escalations
 
-    async def __call__(self, state: CallState) -> None:
+    async def run(self, state: CallState) -> None:
         call, identity = state.call, state.identity
         found, state.arguments_digest = check_call(call, max_bytes=self._max_bytes, max_depth=self._max_depth)
         if not state.problems:  # a request that could not be read at all keeps its one reason
@@ -97,22 +101,12 @@ class Admit:
             ended = await self._tasks.check(call.task_id, identity, state.trace)
             if ended:
                 problems.append(ended)
+        if call.escalation_id and not problems:
+            await self._check_retry(state)
 
-
-class CheckRetry:
-    """A call repeated with an escalation id: may it go to policy, and with which approval?
-
-    Sets `state.retry` (its approval reaches policy as input.approval) and moves the call into
-    the escalated call's trace; adds a problem when the id is unknown, refused or unreadable.
-    """
-
-    def __init__(self, escalations: "EscalationService | None"):
-        self._escalations = escalations  # None = this sidecar keeps no escalations: every id is unknown
-
-    async def __call__(self, state: CallState) -> None:
+    async def _check_retry(self, state: CallState) -> None:
+        """A call repeated with an escalation id: may it go to policy, and with which approval?"""
         call, identity = state.call, state.identity
-        if not call.escalation_id or state.problems:
-            return
         if self._escalations is None:
             state.problems.append(str(Reason(
                 ESCALATION_UNKNOWN, "this sidecar keeps no escalations, so no escalation id is valid here"
@@ -158,7 +152,7 @@ class AskPolicy:
         # Shadow mode (sidecar/policy/shadow.py): a candidate bundle decides too, never enforced.
         self.shadow = shadow
 
-    async def __call__(self, state: CallState) -> None:
+    async def run(self, state: CallState) -> None:
         if state.problems:
             state.decision = state.policy_decision = Decision.refused(
                 state.problems, policy_revision=self._catalog.revision
@@ -246,7 +240,7 @@ class Escalate:
     def __init__(self, escalations: "EscalationService"):
         self._escalations = escalations
 
-    async def __call__(self, state: CallState) -> None:
+    async def run(self, state: CallState) -> None:
         if state.problems:  # refused before policy: nothing to escalate or consume
             return
         decision = state.decision

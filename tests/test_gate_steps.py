@@ -13,7 +13,7 @@ from sidecar.gate import Gate
 from sidecar.identity import CallerIdentity, Subject
 from sidecar.policy.decision import Decision
 from sidecar.server import default_steps
-from sidecar.steps import Admit, AskPolicy, CheckRetry, Escalate
+from sidecar.steps import Admit, AskPolicy, Escalate
 from sidecar.usage.memory import MemoryCounter
 
 CALLER = CallerIdentity(Subject("spiffe://dev.local/agent", source="dev"))
@@ -69,11 +69,11 @@ def gate_over(journal: Journal) -> Gate:
 def test_default_steps_are_listed_in_the_order_they_run():
     ask = AskPolicy(decisions=Escalating(), catalog=Escalating(), usage=MemoryCounter(60, 100), instance_id="t")
     common = dict(policy=ask, call_ids=CallIdRegistry(100), max_input_bytes=1 << 20, max_depth=64)
-    assert [type(s) for s in default_steps(**common)] == [Admit, CheckRetry, AskPolicy]
+    assert [type(s) for s in default_steps(**common)] == [Admit, AskPolicy]
     with_escalations = default_steps(**common, escalations=Journal())
-    assert [type(s) for s in with_escalations] == [Admit, CheckRetry, AskPolicy, Escalate]
+    assert [type(s) for s in with_escalations] == [Admit, AskPolicy, Escalate]
     with pytest.raises(ValueError, match="policy step"):
-        Gate(steps=with_escalations[:2], policy=ask, recorder=None, instance_id="t")
+        Gate(steps=with_escalations[:1], policy=ask, recorder=None, instance_id="t")
 
 
 async def test_an_escalation_is_announced_only_after_its_decision_is_recorded():
