@@ -1,9 +1,9 @@
 """The steps every tool call goes through, in the order `server.default_steps` lists them.
 
-Each step is one object with one async method over the call's `CallState`, and gets its
-collaborators through its constructor. Steps before policy only add to `state.problems`
-(why the call may not go to policy); the policy step decides; a step after it may replace
-the decision. The Gate records the outcome after the last step (sidecar/gate.py).
+Each step is one object with one async method, `run(state)`, over the call's `CallState`,
+and gets its collaborators through its constructor. `Admit` says why the call may not go to
+policy (`state.problems`), `AskPolicy` decides, `Escalate` may replace the decision. The
+Gate records the outcome after the last step (sidecar/gate.py).
 """
 
 from __future__ import annotations
