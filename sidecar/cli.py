@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check chain, hashes, sequence, checkpoints and signatures against your trust anchors",
         description="Check an evidence directory (docs/evidence.md). With --key or --bundle every record must be "
-        "covered by a checkpoint a named signer signed (INTACT, exit 0); records after the last one are NOT YET "
+        "covered by a checkpoint a trusted signer signed (INTACT, exit 0); records after the last one are NOT YET "
         "COVERED (exit 3). Without anchors only internal consistency is checked (CONSISTENT, exit 0). "
         "BROKEN (exit 1) names the first broken seq and what is wrong.",
     )

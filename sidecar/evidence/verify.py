@@ -4,7 +4,7 @@ What the verdict rests on is the operator's trust anchors, never what the log ca
 
 - with anchors (`--key` public keys or certificates, and/or a `--bundle` of CA
   certificates, optionally `--signer` SPIFFE IDs), every checkpoint must be
-  signed by a named signer, and every record must be covered by such a
+  signed by a trusted signer (one the anchors name), and every record must be covered by such a
   checkpoint (the record's seq at most the checkpoint's). The verdict is
   INTACT only then; records after the last signed checkpoint are NOT YET
   COVERED (whoever can write the log could have written them), never intact.
@@ -92,7 +92,7 @@ class VerifyReport:
     last_checkpoint_seq: int | None = None
     anchored: bool = False  # the operator named trust anchors
     anchors: str = ""
-    covered_seq: int = 0  # every record up to this seq is covered by a checkpoint a named signer signed
+    covered_seq: int = 0  # every record up to this seq is covered by a checkpoint a trusted signer signed
     signers: dict[str, Signer] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -118,7 +118,7 @@ class VerifyReport:
 
     @property
     def uncovered(self) -> int:
-        """Records after the last checkpoint signed by a named signer."""
+        """Records after the last checkpoint a trusted signer signed."""
         if self.last_seq is None:
             return 0
         return self.last_seq - self.covered_seq
@@ -409,7 +409,7 @@ def format_report(report: VerifyReport) -> str:
         out.append("checkpoints: none")
     out.append(f"trust anchors: {report.anchors}")
     for signer in report.signers.values():
-        name = signer.spiffe_id or ("(no SPIFFE ID known)" if report.anchored else "(unauthenticated: carried by the log)")
+        name = signer.spiffe_id or ("(a key you gave; no SPIFFE ID)" if report.anchored else "(unauthenticated: carried by the log)")
         claimed = f", log says source {signer.source}" if signer.source else ""
         out.append(
             f"signed by: {name} key {signer.key_id}: {signer.checkpoints} checkpoint(s), "
@@ -419,12 +419,12 @@ def format_report(report: VerifyReport) -> str:
         out.append(f"warning: {warning}")
     verdict = report.verdict
     if verdict == INTACT:
-        out.append(f"INTACT: seq 1..{report.last_seq} covered by checkpoints of named signers; head {report.last_hash}")
+        out.append(f"INTACT: seq 1..{report.last_seq} covered by checkpoints of trusted signers; head {report.last_hash}")
     elif verdict == NOT_YET_COVERED:
         covered = f"seq 1..{report.covered_seq} intact; " if report.covered_seq else "no record is covered; "
         out.append(
             f"NOT YET COVERED: {covered}seq {report.covered_seq + 1}..{report.last_seq} "
-            f"({report.uncovered} record(s)) follow the last checkpoint signed by a named signer, "
+            f"({report.uncovered} record(s)) follow the last checkpoint a trusted signer signed, "
             "so nothing shows who wrote them (a clean shutdown or the next checkpoint covers them)"
         )
     elif verdict == CONSISTENT:
