@@ -337,15 +337,17 @@ async def test_watch_streams_current_and_new_changes(config, running_sidecar):
     async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
         before = await agent.authorize("send_email", EMAIL)
         seen: list[tuple[str, str]] = []
+        subscribed = asyncio.Event()
 
         async def watch() -> None:
             async for change in approvals.watch():
                 seen.append((change["escalation_id"], change["state"]))
+                subscribed.set()  # the current state came first: what follows is new
                 if len(seen) == 4:
                     return
 
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(subscribed.wait(), 10)  # not a fixed sleep: a loaded machine subscribes late
         after = await agent.authorize("delete_repo", {"repo": "acme/x"})
         assert (before.outcome, after.outcome) == ("escalate", "escalate"), (before.reasons, after.reasons)
         await approvals.approve(before.escalation_id, approver=ALICE)
