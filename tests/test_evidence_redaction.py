@@ -135,7 +135,7 @@ def test_extra_keys_apply_to_the_record_that_names_them_only():
 def test_the_preview_approvers_see_uses_the_same_rules():
     preview = argument_preview(
         {"headers": {"X-Api-Key": "PLANT-1"}, "url": "https://u:PLANT-2@h/", "custom": "PLANT-3", "mine": "PLANT-4"},
-        redact_keys=["custom"], obligations={"redact_arguments": ["mine"]},
+        redactor=Redactor(["custom"]), obligations={"redact_arguments": ["mine"]},
     )
     assert not leaks(preview), preview
 

@@ -8,8 +8,7 @@ in clear. Long strings, lists and objects are shortened with a marker.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from sidecar.canonical import NotCanonicalizable, canonical_json
 from sidecar.evidence.redaction import Redactor, obligation_keys
@@ -38,23 +37,20 @@ def _shorten(value: Any, depth: int = 0) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=8)
-def _redactor(redact_keys: tuple[str, ...]) -> Redactor:
-    """One rule set per configured key list, its caches kept warm across previews."""
-    return Redactor(redact_keys)
-
-
 def argument_preview(
     arguments: Any,
     *,
-    redact_keys: Iterable[str] = (),
+    redactor: Redactor,
     obligations: Mapping[str, Any] | None = None,
     max_bytes: int = 4096,
 ) -> dict | None:
-    """The redacted, shortened arguments, or None when they cannot be shown."""
+    """The redacted, shortened arguments, or None when they cannot be shown.
+
+    `redactor` is the deployment's rule set (`evidence.redact_keys`), kept by the caller so
+    its caches stay warm; the decision's `redact_arguments` obligation is added to it."""
     if not isinstance(arguments, dict) or max_bytes <= 0:
         return None
-    clear, _paths = _redactor(tuple(redact_keys)).with_keys(obligation_keys(obligations)).value(arguments)
+    clear, _paths = redactor.with_keys(obligation_keys(obligations)).value(arguments)
     preview = _shorten(clear)
     try:
         size = len(canonical_json(preview))

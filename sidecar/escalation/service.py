@@ -132,9 +132,8 @@ class EscalationService:
         self._approver_rules = ApproverRules(self.approvers)
         self._preview = preview_arguments
         self._preview_max = preview_max_bytes
-        self._redact_keys = tuple(redact_keys)
-        # the evidence rule set: intent and notes are kept (store, webhook, approvers) without secrets
-        self._redactor = Redactor(self._redact_keys)
+        # the evidence rule set: intent, notes and the preview are kept (store, webhook, approvers) without secrets
+        self._redactor = Redactor(redact_keys)
         self.notifier = notifier
         self.instance_id = instance_id
         self.clock = clock
@@ -212,7 +211,7 @@ class EscalationService:
         preview = None
         if self._preview:
             preview = argument_preview(
-                call.arguments, redact_keys=self._redact_keys, obligations=obligations, max_bytes=self._preview_max
+                call.arguments, redactor=self._redactor, obligations=obligations, max_bytes=self._preview_max
             )
         record = EscalationRecord(
             id=new_escalation_id(),
