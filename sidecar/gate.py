@@ -8,8 +8,8 @@ recorded before it is returned, and every failure ends in a deny.
 
 from __future__ import annotations
 
-import socket
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field

@@ -54,6 +54,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _instance_id(config: Config) -> str:
+    """`sidecar.instance_id`, or this host and process when unset: what every stage records as `sidecar`."""
+    return config.sidecar.instance_id or default_instance_id()
+
+
 def build_policy(config: Config, *, shadow: bool = False) -> PolicyService:
     """The policy service: a managed OPA on policy.dir, or the OPA at policy.opa.url; not started yet.
 
@@ -116,7 +121,7 @@ def build_recorder(
     evidence, telemetry = config.evidence, config.telemetry
     return open_recorder(
         evidence.dir,
-        instance_id=config.sidecar.instance_id or default_instance_id(),
+        instance_id=_instance_id(config),
         signing_key=evidence.signing_key,
         key_provider=svid_key_provider(svid_source) if svid_source is not None else None,
         checkpoint_mirror=evidence.checkpoint_mirror,
@@ -169,7 +174,7 @@ def build_gate(
     escalations: "EscalationService | None" = None,
 ) -> Gate:
     """`usage` None = fresh in-memory counters (`check`: a one-off decision counts nothing shared)."""
-    instance_id = config.sidecar.instance_id or default_instance_id()
+    instance_id = _instance_id(config)
     ask = AskPolicy(
         decisions=policy,
         catalog=policy.catalog,
@@ -254,7 +259,7 @@ def build_escalations(config: Config, recorder: Recorder | None):
         preview_max_bytes=esc.preview_max_bytes,
         redact_keys=config.evidence.redact_keys,
         notifier=notifier,
-        instance_id=config.sidecar.instance_id or default_instance_id(),
+        instance_id=_instance_id(config),
     )
 
 
@@ -427,7 +432,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
         idle_seconds=config.invoke.task_idle_seconds,
         max_tracked=config.usage.max_tracked,
         sink=recorder,
-        instance_id=config.sidecar.instance_id or default_instance_id(),
+        instance_id=_instance_id(config),
     )
     overload = LoopLag(max_lag_seconds=config.sidecar.overload_lag_ms / 1000) if config.sidecar.overload_lag_ms else None
     gate = build_gate(
@@ -501,9 +506,6 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
     )
 
 
-_BINDIR = Path(sys.executable).parent  # where this installation's commands are
-
-
 def _typed(command: Path) -> str:
     """How a person types `command` (shown in the banner): its name when its directory is on
     PATH, else its path, relative to the working directory when below it (`.venv/bin/...`)."""
@@ -522,7 +524,7 @@ async def serve(config: Config) -> None:
     gc.collect()
     gc.freeze()
     ident_ok, ident_detail = sidecar.identity.health()
-    cli, python = _typed(_BINDIR / "agent-sidecar"), _typed(Path(sys.executable))
+    cli, python = _typed(Path(sys.executable).with_name("agent-sidecar")), _typed(Path(sys.executable))
     print(f"agent-sidecar {os.getpid()} serving", flush=True)
     for address in sidecar.addresses:
         print(f"  listening on  {address}", flush=True)

@@ -32,7 +32,11 @@ class Escalating:
 
 
 class Journal:
-    """A recorder and an escalation service that write down what was asked of them, in order."""
+    """A recorder and an escalation service that write down what was asked of them, in order.
+
+    Stand-ins: these tests read the order of the Gate's calls, which the real stages do not
+    report; the real recorder and service are exercised through running sidecars
+    (test_escalation_flow.py, test_evidence_*.py)."""
 
     def __init__(self, *, evidence_fails: bool = False, store_fails: bool = False):
         self.said: list[str] = []
