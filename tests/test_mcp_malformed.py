@@ -1,0 +1,190 @@
+"""Adversarial input to the MCP gateway: what the SDK refuses is still a recorded, denied call,
+and what the upstream tool receives is the value policy decided on.
+
+A `tools/call` whose params the SDK will not take (a name that is not a string, arguments that
+are not an object, a `_meta` that is not one), a body the SDK's own JSON parser refuses (a lone
+surrogate escape, nesting past its limit) and a JSON-RPC envelope it will not take (a batch, an
+id of the wrong type) each reach no upstream; each must leave a denied `decision` record
+(`malformed_request`) and the gateway must go on serving. Tests speak raw JSON-RPC over a real
+session, as an attacker would, not through the SDK client (which would refuse to send them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from mcp.client.client import Client
+from mcp.server.mcpserver import MCPServer
+
+from sidecar.evidence.verify import verify_dir
+from tests.conftest import write_policy
+from tests.mcp_upstreams import Seen, docs_server, serve_http
+
+VERSION = "2025-06-18"
+HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+
+POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: plain"], "obligations": {}} if {
+        input.tool.name in {"whoami", "search", "echo"}
+    }
+"""
+
+
+def evidence(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(directory.glob("evidence-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return out
+
+
+def raw_server(received: list[Any]) -> MCPServer:
+    """An upstream whose tool keeps the value exactly as its JSON arrived (no schema coercion)."""
+    srv = MCPServer("raw")
+
+    @srv.tool()
+    def echo(value: Any) -> str:
+        """Keeps what it received."""
+        received.append(value)
+        return repr(value)
+
+    return srv
+
+
+@pytest.fixture
+async def gateway(tmp_path, sidecar_config, running_sidecar):
+    seen = Seen()
+    received: list[Any] = []
+    docs = await serve_http(docs_server(seen))
+    raw = await serve_http(raw_server(received))
+    config = sidecar_config(**{
+        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+        "listen.unix": "",
+        "mcp.listen": "127.0.0.1:0",
+        "mcp.upstreams": {"docs": {"url": docs.url, "timeout_seconds": 4},
+                          "raw": {"url": raw.url, "timeout_seconds": 4}},
+    })
+    sidecar = await running_sidecar(config)
+    yield sidecar, seen, received, config
+    await docs.stop()
+    await raw.stop()
+
+
+async def open_session(http: httpx2.AsyncClient, url: str) -> dict[str, str]:
+    """initialize + initialized by hand; the headers for the session's next requests."""
+    response = await http.post(url, headers=HEADERS, json={
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": VERSION, "capabilities": {}, "clientInfo": {"name": "probe", "version": "1"}},
+    })
+    assert response.status_code == 200, response.text
+    headers = {**HEADERS, "mcp-protocol-version": VERSION}
+    if response.headers.get("mcp-session-id"):
+        headers["mcp-session-id"] = response.headers["mcp-session-id"]
+    await http.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    return headers
+
+
+def malformed_decisions(config) -> list[dict]:
+    return [r for r in evidence(Path(config.evidence.dir))
+            if r["kind"] == "decision" and any(x.startswith("malformed_request:") for x in r["reasons"])]
+
+
+def call(params: Any) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}).encode()
+
+
+REFUSED_BODIES = {
+    # params the SDK's CallToolRequestParams refuses, so the gateway's handler never sees the call
+    "name is a number": call({"name": 5, "arguments": {"query": "x"}}),
+    "name is null": call({"name": None}),
+    "name is an object": call({"name": {"upstream": "docs"}}),
+    "name is missing": call({"arguments": {"query": "x"}}),
+    "params missing": b'{"jsonrpc":"2.0","id":2,"method":"tools/call"}',
+    "arguments is a list": call({"name": "docs__search", "arguments": ["query", "x"]}),
+    "arguments is a string": call({"name": "docs__search", "arguments": '{"query": "x"}'}),
+    "arguments is a number": call({"name": "docs__search", "arguments": 7}),
+    "_meta is a string": call({"name": "docs__whoami", "arguments": {}, "_meta": "sidecar/task_id=t"}),
+    # text the SDK's JSON parser (pydantic) refuses though Python's json module reads it
+    "lone surrogate in an argument": b'{"jsonrpc":"2.0","id":2,"method":"tools/call",'
+                                     b'"params":{"name":"docs__search","arguments":{"query":"\\ud800"}}}',
+    "lone surrogate in the name": b'{"jsonrpc":"2.0","id":2,"method":"tools/call",'
+                                  b'"params":{"name":"docs__\\udc00search","arguments":{}}}',
+    "nesting past the parser's limit": b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":'
+                                       b'{"name":"docs__search","arguments":{"q":' + b"[" * 5000 + b"]" * 5000 + b"}}}",
+    "nesting past Python's recursion limit": b"[" * 30_000,
+    # envelopes the SDK refuses
+    "a batch of calls": b"[" + call({"name": "docs__whoami", "arguments": {}}) + b","
+                        + call({"name": "docs__search", "arguments": {"query": "x"}}) + b"]",
+    "id is a list": b'{"jsonrpc":"2.0","id":[2],"method":"tools/call","params":{"name":"docs__whoami"}}',
+    "method is a number": b'{"jsonrpc":"2.0","id":2,"method":7,"params":{"name":"docs__whoami"}}',
+}
+
+
+@pytest.mark.parametrize("body", REFUSED_BODIES.values(), ids=REFUSED_BODIES.keys())
+async def test_a_call_the_sdk_refuses_is_recorded_as_denied_and_the_gateway_keeps_serving(gateway, body):
+    sidecar, seen, _, config = gateway
+    async with httpx2.AsyncClient(timeout=20) as http:
+        headers = await open_session(http, sidecar.mcp.url)
+        response = await http.post(sidecar.mcp.url, headers=headers, content=body)
+        assert response.status_code < 500, response.text  # answered, not crashed
+        assert '"result"' not in response.text  # never a tool result
+    assert not seen.calls  # nothing reached the upstream
+    (record,) = malformed_decisions(config)
+    assert record["outcome"] == "deny"
+    assert record["subject"]["spiffe_id"] == "spiffe://dev.local/agent"  # who sent it is known
+    async with Client(sidecar.mcp.url) as agent:  # still serving
+        assert not (await agent.call_tool("docs__whoami", {})).is_error
+    assert verify_dir(Path(config.evidence.dir)).ok
+
+
+async def test_a_well_formed_call_and_other_methods_are_not_recorded_as_malformed(gateway):
+    sidecar, _, _, config = gateway
+    async with httpx2.AsyncClient(timeout=20) as http:
+        headers = await open_session(http, sidecar.mcp.url)
+        ok = await http.post(sidecar.mcp.url, headers=headers, content=call({"name": "docs__whoami", "arguments": {}}))
+        assert '"result"' in ok.text
+        # a method the gateway does not serve is refused by the SDK, but it is no tool call
+        await http.post(sidecar.mcp.url, headers=headers,
+                        content=b'{"jsonrpc":"2.0","id":3,"method":"resources/list","params":{}}')
+    assert malformed_decisions(config) == []
+    decisions = [r for r in evidence(Path(config.evidence.dir)) if r["kind"] == "decision"]
+    assert [(d["tool"], d["outcome"]) for d in decisions] == [("whoami", "allow")]
+
+
+# ---------------------------------------------------------------- the value the tool receives
+
+NUMBERS = [
+    # (sent as JSON text, what policy decides on and the tool must receive)
+    ("1.0", 1),
+    ("-0.0", 0),
+    ("-0", 0),
+    ("1e2", 100),
+    ("2.50", 2.5),
+    ('{"n": 3.0, "m": [1.0, -0.0, 0.5]}', {"n": 3, "m": [1, 0, 0.5]}),
+]
+
+
+@pytest.mark.parametrize("text, decided", NUMBERS, ids=[n[0] for n in NUMBERS])
+async def test_the_upstream_receives_the_numbers_policy_decided_on(gateway, text, decided):
+    """The gate applies the numbers rule (an integer-valued double is that integer, -0.0 is 0) to
+    what policy, the approver and the evidence see; the tool must be sent that same value, not the
+    spelling the agent used (1.0 to a tool that tells floats from integers, -0.0 to one that divides)."""
+    sidecar, _, received, config = gateway
+    async with httpx2.AsyncClient(timeout=20) as http:
+        headers = await open_session(http, sidecar.mcp.url)
+        body = b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"raw__echo","arguments":{"value":' \
+            + text.encode() + b"}}}"
+        response = await http.post(sidecar.mcp.url, headers=headers, content=body)
+        assert '"result"' in response.text, response.text
+    assert received == [decided]
+    assert repr(received[0]) == repr(decided)  # 1 not 1.0, 0 not -0.0
+    decision = next(r for r in evidence(Path(config.evidence.dir)) if r["kind"] == "decision")
+    invocation = next(r for r in evidence(Path(config.evidence.dir)) if r["kind"] == "invocation")
+    assert invocation["arguments_digest"] == decision["arguments_digest"]
