@@ -5,7 +5,9 @@
     performed.result      InvocationResult (status ok | tool_error | failed | not_called)
     performed.receipt     where the invocation record landed (None: it could not be recorded)
 
-Only an `allow` verdict whose decision was recorded is carried out; anything
+The call is made with its arguments as the Gate decided on them (the numbers
+rule of sidecar/jsonvalues.py applied, as `Gate.authorize` applies it), then
+the obligations. Only an `allow` verdict whose decision was recorded is carried out; anything
 else raises ValueError (a front door bug, never an upstream call). One
 `invocation` record per allowed call, also when the sidecar refused to make
 it (not_called) or it failed; its span is a child of the decision's span.
@@ -26,6 +28,7 @@ from sidecar.gate import Verdict, rfc3339_now
 from sidecar.identity import CallerIdentity
 from sidecar.invoke import NOT_CALLED, InvocationResult, ToolInvoker
 from sidecar.invoke.obligations import ObligationError, apply_obligations
+from sidecar.jsonvalues import normalize
 from sidecar.reasons import EVIDENCE_UNAVAILABLE, INVOKER_ERROR, Reason
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,10 @@ class Executor:
         sent: dict[str, Any] | None = None
         changes: list[dict] = []
         try:
-            sent, changes = apply_obligations(dict(call.arguments), dict(verdict.decision.obligations or {}))
+            # The arguments as the Gate decided on them (the numbers rule: 1.0 is 1, -0.0 is 0), whatever
+            # spelling the front door parsed: the tool gets the value policy, approvers and evidence saw.
+            decided = normalize(call.arguments)
+            sent, changes = apply_obligations(decided, dict(verdict.decision.obligations or {}))
         except ObligationError as exc:
             result = InvocationResult(NOT_CALLED, call.server, error=exc.reason)
         else:

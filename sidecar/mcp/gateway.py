@@ -25,7 +25,10 @@
   dev) and, with `tls` (sidecar.mcp.tls), the client certificate the TCP
   listener's mutual TLS verified (`mtls`). The caller's own `authorization`
   header is never forwarded upstream.
-- A body that is not JSON-RPC is recorded as a denied call, then answered by the SDK.
+- A body that is not JSON-RPC is recorded as a denied call, then answered by the SDK; so is
+  a `tools/call` the SDK refuses before the gateway sees it (params that do not validate).
+  Both judge with the SDK's own parser and models, so what it refuses and what is recorded
+  cannot drift apart.
 
 `_meta` keys a client may send with tools/call: `sidecar/task_id`,
 `sidecar/intent`, `sidecar/signals`, `sidecar/call_id`, `sidecar/escalation_id`.
@@ -34,21 +37,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import mcp_types as types
+import pydantic_core
 import uvicorn
 from mcp.server.caching import CacheHint
-from mcp.server.context import ServerRequestContext
+from mcp.server.context import CallNext, ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
@@ -69,6 +74,8 @@ from sidecar.reasons import ESCALATION_PENDING, MALFORMED_REQUEST, UNKNOWN_TOOL,
 log = logging.getLogger(__name__)
 META_PREFIX = "sidecar/"
 TEXT_META = ("task_id", "intent", "call_id", "escalation_id")
+# Set by `_record_refused_calls` around one tools/call; the handler marks it once the call is its own.
+_HANDLER_REACHED: ContextVar[list[bool] | None] = ContextVar("sidecar_mcp_handler_reached", default=None)
 
 
 def peer_from_scope(scope: dict) -> PeerInfo:
@@ -140,6 +147,7 @@ class McpGateway:
             # A client may reuse its caller's own tools/list this long (never shared across callers).
             cache_hints={"tools/list": CacheHint(ttl_ms=list_ttl_ms, scope="private")},
         )
+        self._server.middleware.append(self._record_refused_calls)
         self._servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
         self.url = ""
 
@@ -242,9 +250,30 @@ class McpGateway:
         ]
         return types.ListToolsResult(tools=tools)
 
+    async def _record_refused_calls(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> Any:
+        """SDK middleware: a tools/call refused before `_call_tool` runs (its params do not validate
+        as the SDK's CallToolRequestParams) is recorded as a denied call; the SDK answers the error."""
+        if ctx.method != "tools/call":
+            return await call_next(ctx)
+        reached: list[bool] = []
+        token = _HANDLER_REACHED.set(reached)
+        try:
+            return await call_next(ctx)
+        except Exception as exc:
+            if not reached:
+                problem = str(Reason(MALFORMED_REQUEST, f"the MCP tools/call was refused: {_refusal_text(exc)}"))
+                peer = self._peer(ctx)
+                await self._gate.authorize(ToolCall(tool="", arguments={}), self.resolve(peer), None, malformed=problem)
+            raise
+        finally:
+            _HANDLER_REACHED.reset(token)
+
     async def _call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult | types.InputRequiredResult:
+        reached = _HANDLER_REACHED.get()
+        if reached is not None:
+            reached.append(True)  # from here on the call is decided and recorded by the Gate
         peer = self._peer(ctx)
         identity = self.resolve(peer)
         meta = dict(params.meta or {})
@@ -496,15 +525,34 @@ class _RecordMalformed:
         await self._app(scope, replay, send)
 
     def _problem(self, body: bytes, size: int) -> str:
+        """Why the SDK will refuse this body, judged as the SDK judges it (its JSON parser, its
+        JSON-RPC message model), or "". Python's json module reads text the SDK refuses (lone
+        surrogate escapes) and fails on nesting with RecursionError, so it is not used here."""
         if size > self._max_body:
             return str(Reason(
                 MALFORMED_REQUEST, f"the MCP message is {size} bytes, over the {self._max_body}-byte limit"
             ))
         try:
-            message = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            message = pydantic_core.from_json(body)
+        except (ValueError, RecursionError) as exc:
             return str(Reason(MALFORMED_REQUEST, f"the MCP message is not JSON ({str(exc)[:200]})"))
-        batch = message if isinstance(message, list) else [message]
-        if not batch or not all(isinstance(m, dict) and m.get("jsonrpc") == "2.0" for m in batch):
+        try:
+            parsed = types.jsonrpc_message_adapter.validate_python(message, by_name=False)
+        except ValidationError:
             return str(Reason(MALFORMED_REQUEST, "the MCP message is not a JSON-RPC 2.0 object"))
+        if isinstance(parsed, types.JSONRPCNotification) and parsed.method == "tools/call":
+            # e.g. an id that is not a string or number: the SDK takes it for a notification and drops it
+            return str(Reason(MALFORMED_REQUEST, "the MCP tools/call has no valid id, so it is never answered"))
         return ""
+
+
+def _refusal_text(exc: BaseException) -> str:
+    """Where and why the SDK refused a call, without the values (they go to evidence only as the Gate records them)."""
+    if isinstance(exc, ValidationError):
+        where = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'params'}: {error['msg']}" for error in exc.errors()[:3]
+        )
+        return f"its params do not validate ({where[:300]})"
+    if isinstance(exc, MCPError):
+        return f"{exc.message[:200]} (JSON-RPC error {exc.code})"
+    return type(exc).__name__
