@@ -1,0 +1,128 @@
+"""ToolGate.Invoke: an argument put into the URL's path stays inside its one path segment.
+
+`{name}` in an HTTP tool's URL takes the URL-quoted argument. Quoting turns `/` into `%2F`, but
+`.` and `..` are unreserved and stay as they are, and an HTTP client (yarl, under aiohttp)
+resolves dot segments, even percent-encoded ones (`%2E%2E`), before the request leaves: an
+argument `..` would send `POST /api/projects/../issues` as `POST /api/issues`, an endpoint the
+configured URL never named, while policy, the approver and the evidence saw a project called
+`..`. Such a call is not made (`not_called`, `invalid_arguments`) and is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import web
+from google.protobuf.struct_pb2 import Struct
+
+from sidecar.evidence.verify import verify_dir
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import write_policy
+
+POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: tickets"], "obligations": {}} if {
+        startswith(input.tool.name, "t_")
+    }
+"""
+
+
+@pytest.fixture
+async def upstream():
+    seen: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield seen, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
+    seen, base = upstream
+    tool = {"method": "POST", "timeout_seconds": 5}
+    config = sidecar_config(**{
+        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+        "listen.unix": "",
+        "invoke.tools": {
+            "t_create": {**tool, "url": base + "/api/projects/{project}/issues"},
+            "t_nested": {**tool, "url": base + "/api/v1/orgs/{org}/projects/{project}/issues"},
+            "t_get": {**tool, "method": "GET", "url": base + "/api/items/{item}"},
+            "t_suffix": {**tool, "url": base + "/api/files/{name}.json"},
+            "t_query": {**tool, "method": "GET", "url": base + "/api/search?q={q}"},
+        },
+    })
+    return await running_sidecar(config), seen, config
+
+
+async def invoke(address: str, tool: str, arguments: dict) -> sidecar_pb2.InvokeResponse:
+    args = Struct()
+    args.update(arguments)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        return await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool=tool, arguments=args)))
+
+
+def invocations(directory: str) -> list[dict]:
+    out = []
+    for path in sorted(Path(directory).glob("evidence-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in out if r["kind"] == "invocation"]
+
+
+ESCAPES = [
+    ("t_create", {"project": ".."}),  # /api/issues
+    ("t_create", {"project": "."}),  # /api/projects/issues
+    ("t_create", {"project": ""}),  # /api/projects//issues: an empty segment, merged away by many servers
+    ("t_nested", {"org": "..", "project": ".."}),  # two levels up: /api/v1/issues
+    ("t_nested", {"org": "acme", "project": ".."}),
+    ("t_get", {"item": ".."}),  # a GET: the rest goes in the query, the path still escapes
+]
+
+
+@pytest.mark.parametrize("tool, arguments", ESCAPES, ids=[f"{t}-{json.dumps(a)}" for t, a in ESCAPES])
+async def test_a_dot_segment_argument_is_not_sent_and_is_recorded(sidecar, tool, arguments):
+    running, seen, config = sidecar
+    response = await invoke(running.addresses[0], tool, {**arguments, "title": "x"})
+    assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW  # policy allowed the call it saw
+    assert response.status == "not_called", response
+    assert response.error.startswith("invalid_arguments:") and "path segment" in response.error
+    assert seen == []  # no request left the sidecar
+    (invocation,) = invocations(config.evidence.dir)
+    assert invocation["status"] == "not_called" and invocation["arguments_digest"] == ""
+    assert verify_dir(Path(config.evidence.dir)).ok
+
+
+ARRIVES = [
+    # (tool, arguments, the raw path the upstream must see)
+    ("t_create", {"project": "..."}, "/api/projects/.../issues"),  # not a dot segment
+    ("t_create", {"project": "..a"}, "/api/projects/..a/issues"),
+    ("t_create", {"project": "%2e%2e"}, "/api/projects/%252e%252e/issues"),  # quoted: the text, not a dot segment
+    ("t_create", {"project": "../admin"}, "/api/projects/..%2Fadmin/issues"),  # one segment
+    ("t_suffix", {"name": "."}, "/api/files/..json"),  # part of a segment
+    ("t_suffix", {"name": ".."}, "/api/files/...json"),
+    ("t_query", {"q": ".."}, "/api/search?q=.."),  # in the query: no path meaning
+    ("t_query", {"q": ""}, "/api/search?q="),
+]
+
+
+@pytest.mark.parametrize("tool, arguments, path", ARRIVES, ids=[f"{t}-{json.dumps(a)}" for t, a, _ in ARRIVES])
+async def test_other_values_reach_the_segment_the_url_names(sidecar, tool, arguments, path):
+    running, seen, _ = sidecar
+    response = await invoke(running.addresses[0], tool, arguments)
+    assert response.status == "ok", response
+    assert seen == [path]
