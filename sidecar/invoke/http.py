@@ -8,7 +8,9 @@
     await invoker.aclose()
 
 The request: `{name}` in the URL template takes the URL-quoted argument
-`name` (which is then not sent again); the other arguments go as the JSON
+`name` (which is then not sent again; a path segment it would leave `.`, `..`
+or empty is refused, not_called invalid_arguments: the client would resolve
+it to another path); the other arguments go as the JSON
 body (POST, PUT, PATCH) or the query string (GET, DELETE; objects and lists
 JSON-encoded). Headers: the configured ones, then the credential's. Redirects
 are not followed. The result is {"status": int, "body": JSON or text}:
@@ -71,6 +73,31 @@ def _query_value(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+_DOT_SEGMENTS = ("", ".", "..")
+
+
+def _path_escape(template: str, url: str) -> str:
+    """Why `url` (the template filled in) would not reach the path the template names, or "".
+
+    Quoting keeps an argument inside its segment (`/` becomes %2F), but `.` and `..` are
+    unreserved: the HTTP client resolves them (yarl, even as %2E%2E) and the request goes to
+    another path. A segment that an argument filled is refused when it is `.`, `..` or empty
+    (`//`, which many servers merge)."""
+    template_path = template.split("?", 1)[0].split("#", 1)[0]
+    url_path = url.split("?", 1)[0].split("#", 1)[0]
+    template_segments = template_path.split("/")
+    url_segments = url_path.split("/")
+    if len(template_segments) != len(url_segments):  # cannot happen: quoted values hold no "/"
+        return "an argument would change the URL's path"
+    for written, filled in zip(template_segments, url_segments):
+        names = _PLACEHOLDER.findall(written)
+        if names and filled in _DOT_SEGMENTS:
+            shown = "empty" if not filled else repr(filled)
+            return (f"argument(s) {', '.join(names)} would make the path segment {written!r} {shown}, "
+                    "which sends the request to another path than the tool's URL names")
+    return ""
+
+
 class HttpInvoker:
     def __init__(self, tools: Sequence[HttpTool]):
         self.tools = {t.name: t for t in tools}
@@ -98,6 +125,9 @@ class HttpInvoker:
                 error=str(Reason(INVALID_ARGUMENTS, f"the URL of {tool.name} needs argument(s) {', '.join(missing)}")),
             )
         url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments.pop(m.group(1))), safe=""), tool.url)
+        escaped = _path_escape(tool.url, url)
+        if escaped:
+            return InvocationResult(NOT_CALLED, tool.url, error=str(Reason(INVALID_ARGUMENTS, escaped)))
         upstream = url.split("?", 1)[0]
         headers = dict(tool.headers)
         headers["traceparent"] = f"00-{verdict.trace.trace_id}-{verdict.trace.span_id}-01"
