@@ -15,6 +15,7 @@ it (not_called) or it failed; its span is a child of the decision's span.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -56,14 +57,26 @@ class Executor:
     def __init__(self, *, sink: EvidenceSink | None, instance_id: str):
         self._sink = sink
         self._instance_id = instance_id
+        self._carrying: set[asyncio.Future[Performed]] = set()  # calls still running after their caller left
 
     async def perform(
         self, call: ToolCall, identity: CallerIdentity, verdict: Verdict, invoker: ToolInvoker, *, upstream: str = ""
     ) -> Performed:
+        """Carry the call out and record it. The caller going away (a gRPC deadline or cancel, an MCP
+        client's notifications/cancelled) cancels only its wait: once begun, the call runs to its end
+        and its invocation record is written, since the tool may act whether anyone waits or not."""
         if verdict.decision.outcome != "allow":
             raise ValueError(f"only an allowed call is carried out, not {verdict.decision.outcome}")
         if self._sink is not None and verdict.receipt is None:
             raise ValueError("the decision was not recorded: the call is not carried out")
+        carried = asyncio.ensure_future(self._perform(call, identity, verdict, invoker, upstream))
+        self._carrying.add(carried)  # a strong reference while nobody may be awaiting it
+        carried.add_done_callback(self._carrying.discard)
+        return await asyncio.shield(carried)
+
+    async def _perform(
+        self, call: ToolCall, identity: CallerIdentity, verdict: Verdict, invoker: ToolInvoker, upstream: str
+    ) -> Performed:
         started_at = rfc3339_now()
         started = time.perf_counter()
         sent: dict[str, Any] | None = None
