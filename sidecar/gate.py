@@ -8,6 +8,7 @@ recorded before it is returned, and every failure ends in a deny.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -107,6 +108,7 @@ class Gate:
         # Escalations (docs/escalation.md): one a call raised is announced, or withdrawn, once its decision is recorded.
         self.escalations = escalations
         self._metrics = metrics
+        self._deciding: set[asyncio.Future[Verdict]] = set()  # decisions still running after their caller left
 
     @property
     def decisions(self) -> DecisionClient:
@@ -134,7 +136,22 @@ class Gate:
 
         The steps run in order; then the decision is recorded, and an escalation is announced
         only once the decision that raised it is recorded (withdrawn when it could not be).
+        A caller that goes away (a gRPC deadline or cancel, an MCP client's cancellation) stops
+        only its own wait: the decision runs to its end, so nothing a step began (an escalation
+        in the store, an approval used) is left without its records.
         """
+        deciding = asyncio.ensure_future(self._authorize(call, identity, parent_trace, malformed))
+        self._deciding.add(deciding)  # a strong reference while nobody may be awaiting it
+        deciding.add_done_callback(self._deciding.discard)
+        return await asyncio.shield(deciding)
+
+    async def _authorize(
+        self,
+        call: ToolCall,
+        identity: CallerIdentity | IdentityError,
+        parent_trace: TraceContext | None,
+        malformed: str | None,
+    ) -> Verdict:
         started = time.perf_counter()
         call = normalized(call)  # the numbers rule: policy, evidence and approvals see one value
         state = CallState(
