@@ -100,3 +100,37 @@ async def test_a_call_cancelled_before_policy_answers_leaves_nothing_approvable(
             await asyncio.sleep(0.05)
             pending, announced = await settled()
     assert {e["escalation_id"] for e in pending} <= announced
+
+
+@pytest.mark.parametrize("verb, kind, state", [("approve", "approval", "approved"), ("deny", "human_denial", "denied")])
+async def test_a_decision_made_after_its_approver_left_is_recorded(sidecar, verb, kind, state):
+    """The same for a person's decision: once the store has it, the agent's repeated call acts on it,
+    so its approval (or human_denial) record must be written though the approver's client gave up."""
+    running, config = sidecar
+    async with grpc.aio.insecure_channel(running.addresses[0]) as channel:
+        escalated = await sidecar_pb2_grpc.ToolGateStub(channel).Authorize(build_request("send_email", EMAIL))
+    assert escalated.outcome == sidecar_pb2.OUTCOME_ESCALATE
+    blocker = sqlite3.connect(config.escalation.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        async with ApprovalsClient(running.addresses[0], timeout=0.5) as approvals:
+            with pytest.raises(Exception):  # DEADLINE_EXCEEDED
+                await getattr(approvals, verb)(escalated.escalation_id, note="ok", approver="email:alice@example.org")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    async with ApprovalsClient(running.addresses[0]) as approvals:
+        async def decided():
+            return (await approvals.get(escalated.escalation_id))["state"] != "pending"
+
+        deadline = time.monotonic() + 10
+        while not await decided() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        current = await approvals.get(escalated.escalation_id)
+    assert current["state"] == state  # the store took the decision after the approver left ...
+    evidence = Path(config.evidence.dir)
+    written = await until(lambda: [r for r in records(evidence)
+                                   if r["kind"] == kind and r.get("escalation_id") == escalated.escalation_id
+                                   and r.get("outcome") == state])
+    assert written, f"the escalation is {state} but has no {kind} record"  # ... and it is recorded
+    assert verify_dir(evidence).ok
