@@ -1,0 +1,95 @@
+"""A call id belongs to one caller's call: another caller reusing it is a different tool call.
+
+`call_id_reused` refuses an id sent again for another tool, server or arguments. The same tool
+call sent by another subject (or by the same subject through another delegation chain) with the
+same id is a different call too: accepting it gives two callers' decisions, their spans
+(`gen_ai.tool.call.id`) and escalations one id, so one agent's call can pass for a repeat of
+another's in the evidence. Found by a review: the registry's fingerprint had no caller in it.
+Real JWT-SVIDs from a fake SPIRE Workload API, as in tests/test_escalation_identity.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar.client import AsyncClient, delegated_by
+from sidecar.identity.delegation import link_audience
+from tests.doubles.escalation import make_config, records
+from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
+
+SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
+AUD = SIDECAR_ID
+DELEGATION = "spiffe://example.org/agent-sidecar/delegation"
+PLANNER = "spiffe://example.org/ns/agents/sa/planner"
+RESEARCHER = "spiffe://example.org/ns/agents/sa/researcher"
+ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
+ALICE = "spiffe://example.org/humans/alice"
+QUERY = {"query": "rotation"}
+
+
+def bearer(token: str):
+    return lambda: (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture
+async def world(tmp_path, running_sidecar):
+    sockdir = short_dir()
+    agent = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
+    config = make_config(
+        tmp_path,
+        **{
+            "identity.sources": ["jwt_svid"],
+            "identity.workload_api_socket": f"unix://{sockdir}/agent.sock",
+            "identity.jwt_audience": AUD,
+            "identity.delegation_audience": DELEGATION,
+            "identity.workload_api_max_backoff_ms": 100,
+            "escalation.approvers": [ALICE],
+        },
+    )
+    sidecar = await running_sidecar(config)
+    deadline = time.monotonic() + 10
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        while True:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    yield agent, sidecar, tmp_path
+    agent.stop()
+    remove_dir(sockdir)
+
+
+def codes(result) -> list[str]:
+    return [reason.split(":")[0] for reason in result.reasons]
+
+
+async def test_another_caller_cannot_reuse_a_call_id(world):
+    agent, sidecar, tmp_path = world
+    tcp = sidecar.addresses[0]
+    token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    link = lambda who, to: agent.jwt_authority.mint(who, link_audience(DELEGATION, to=to))  # noqa: E731
+
+    async with AsyncClient(tcp, metadata=bearer(token(PLANNER))) as planner:
+        first = await planner.authorize("search_docs", QUERY, call_id="call-1")
+        assert "call_id_reused" not in codes(first)
+        again = await planner.authorize("search_docs", QUERY, call_id="call-1")  # the same caller repeating: fine
+        assert "call_id_reused" not in codes(again)
+        with delegated_by(link(ORCHESTRATOR, PLANNER)):  # the same agent, on another's behalf
+            delegated = await planner.authorize("search_docs", QUERY, call_id="call-1")
+        assert delegated.outcome == "deny" and codes(delegated)[0] == "call_id_reused", delegated.reasons
+
+    async with AsyncClient(tcp, metadata=bearer(token(RESEARCHER))) as researcher:
+        other = await researcher.authorize("search_docs", QUERY, call_id="call-1")
+        assert other.outcome == "deny" and codes(other)[0] == "call_id_reused", other.reasons
+        own = await researcher.authorize("search_docs", QUERY, call_id="call-2")  # its own ids are its own
+        assert "call_id_reused" not in codes(own)
+
+    decisions = [r for r in records(tmp_path / "evidence") if r["kind"] == "decision" and r["call_id"] == "call-1"]
+    callers = {(r["subject"]["spiffe_id"], tuple(d["spiffe_id"] for d in r.get("delegation") or ()))
+               for r in decisions if not any(x.startswith("call_id_reused") for x in r["reasons"])}
+    assert callers == {(PLANNER, ())}  # one call id, one caller's call
