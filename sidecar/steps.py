@@ -92,7 +92,9 @@ class Admit:
         elif shed:
             problems.append(shed)
         elif call.call_id and not problems:
-            fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{state.arguments_digest}".encode())
+            # One id, one caller's call: the verified caller and its chain are part of the call.
+            callers = "\n".join((identity.subject.spiffe_id, *(link.spiffe_id for link in identity.delegation)))
+            fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{state.arguments_digest}\n{callers}".encode())
             if not self._call_ids.claim(call.call_id, fingerprint):
                 problems.append(str(Reason(
                     CALL_ID_REUSED, f"call_id {call.call_id!r} was already used for a different tool call"
