@@ -372,7 +372,9 @@ class McpGateway:
         if result.status in (FAILED, NOT_CALLED):
             return _text_result(f"allowed (decision {verdict.decision_id}) but the call failed: {result.error}", base_meta)
         answer = types.CallToolResult.model_validate(result.result)
-        return answer.model_copy(update={"meta": {**(answer.meta or {}), **base_meta}})
+        # `sidecar/*` keys are the gateway's word (decision, outcome, escalation): an upstream's own are dropped
+        upstream_meta = {k: v for k, v in (answer.meta or {}).items() if not k.startswith(META_PREFIX)}
+        return answer.model_copy(update={"meta": {**upstream_meta, **base_meta}})
 
     # ------------------------------------------------------- escalations
 
