@@ -11,6 +11,7 @@ session, as an attacker would, not through the SDK client (which would refuse to
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,74 @@ async def test_a_result_cannot_speak_for_the_sidecar(gateway):
     assert meta["sidecar/trace_id"] == decision["trace_id"]
     assert "sidecar/escalation_id" not in meta and "sidecar/approver" not in meta
     assert meta["rollback_token"] == "undo-1" and meta["vendor/key"] == "kept"
+
+
+# ---------------------------------------------------------------- bodies past the limit
+
+async def _post_raw(url: str, head: dict[str, str], chunks, *, read_timeout: float) -> tuple[bytes, int]:
+    """POST by hand over a socket: headers, then `chunks` (bytes) as written; stops writing as soon as
+    the server answers. Returns (the start of the answer or b"", bytes of body written)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    lines = [f"POST {parts.path} HTTP/1.1", f"host: {parts.hostname}:{parts.port}",
+             *(f"{k}: {v}" for k, v in head.items()), "", ""]
+    writer.write("\r\n".join(lines).encode())
+    sent = 0
+    answer = b""
+    reading = asyncio.ensure_future(reader.read(200))
+    try:
+        for chunk in chunks:
+            if reading.done():
+                break
+            writer.write(chunk)
+            sent += len(chunk)
+            await writer.drain()
+            await asyncio.sleep(0)
+        answer = await asyncio.wait_for(reading, read_timeout)
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    finally:
+        reading.cancel()
+        writer.close()
+    return answer, sent
+
+
+@pytest.fixture
+async def small_gateway(tmp_path, sidecar_config, running_sidecar):
+    seen = Seen()
+    docs = await serve_http(docs_server(seen))
+    config = sidecar_config(**{
+        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+        "policy.max_input_bytes": 16 * 1024,  # bodies up to 4 × 16 KiB + 64 KiB = 128 KiB
+        "listen.unix": "",
+        "mcp.listen": "127.0.0.1:0",
+        "mcp.upstreams": {"docs": {"url": docs.url, "timeout_seconds": 4}},
+    })
+    sidecar = await running_sidecar(config)
+    yield sidecar, config
+    await docs.stop()
+
+
+@pytest.mark.parametrize("framing", ["declared", "chunked"])
+async def test_a_body_past_the_limit_is_refused_without_reading_it_all(small_gateway, framing):
+    """The SDK refuses a body past its limit as soon as it knows (413); the gateway's recording must
+    not first read the whole body into memory (any client could grow the sidecar without bound)."""
+    sidecar, config = small_gateway
+    chunk = b"x" * 65536
+    if framing == "declared":
+        head = {"content-type": "application/json", "accept": "application/json, text/event-stream",
+                "content-length": str(1 << 30)}
+        body = (chunk for _ in range(1 << 14))  # 1 GiB, if the server kept reading
+    else:
+        head = {"content-type": "application/json", "accept": "application/json, text/event-stream",
+                "transfer-encoding": "chunked"}
+        body = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(1 << 14))
+    answer, sent = await _post_raw(sidecar.mcp.url, head, body, read_timeout=10)
+    assert answer.startswith(b"HTTP/1.1 413"), (answer, sent)
+    assert sent < 64 * 1024 * 1024  # answered long before the body ended
+    (record,) = malformed_decisions(config)
+    assert "over the" in record["reasons"][0]
+    async with Client(sidecar.mcp.url) as agent:
+        assert not (await agent.call_tool("docs__whoami", {})).is_error
