@@ -500,21 +500,23 @@ class _RecordMalformed:
         if scope.get("type") != "http" or scope.get("method") != "POST":
             await self._app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
+        # Read no further than the limit: past it the SDK answers 413 without reading the rest,
+        # and nothing here may hold more of a body than the SDK would (memory is the limit's point).
         messages = []
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body = message.get("body", b"")
-            size += len(body)
-            if size <= self._max_body:
-                chunks.append(body)
-            if not message.get("more_body"):
-                break
-        problem = self._problem(b"".join(chunks), size)
+        size = _declared_length(scope)
+        declared = size is not None and size > self._max_body
+        if not declared:
+            size = 0
+            while True:
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request":
+                    break
+                size += len(message.get("body", b""))
+                if size > self._max_body or not message.get("more_body"):
+                    break
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        problem = self._problem(body, size or 0, declared)
         if problem:
             peer = peer_from_scope(scope)
             await self._gate.authorize(ToolCall(tool="", arguments={}), self._resolve(peer), None, malformed=problem)
@@ -526,13 +528,14 @@ class _RecordMalformed:
 
         await self._app(scope, replay, send)
 
-    def _problem(self, body: bytes, size: int) -> str:
+    def _problem(self, body: bytes, size: int, declared: bool = False) -> str:
         """Why the SDK will refuse this body, judged as the SDK judges it (its JSON parser, its
         JSON-RPC message model), or "". Python's json module reads text the SDK refuses (lone
         surrogate escapes) and fails on nesting with RecursionError, so it is not used here."""
         if size > self._max_body:
             return str(Reason(
-                MALFORMED_REQUEST, f"the MCP message is {size} bytes, over the {self._max_body}-byte limit"
+                MALFORMED_REQUEST, f"the MCP message is {size} bytes{'' if declared else ' or more'}, "
+                f"over the {self._max_body}-byte limit"
             ))
         try:
             message = pydantic_core.from_json(body)
@@ -546,6 +549,15 @@ class _RecordMalformed:
             # e.g. an id that is not a string or number: the SDK takes it for a notification and drops it
             return str(Reason(MALFORMED_REQUEST, "the MCP tools/call has no valid id, so it is never answered"))
         return ""
+
+
+def _declared_length(scope: dict) -> int | None:
+    """The request's Content-Length, when it declares one the SDK would read as a number."""
+    value = Headers(scope=scope).get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _refusal_text(exc: BaseException) -> str:
