@@ -286,3 +286,82 @@ async def test_a_body_past_the_limit_is_refused_without_reading_it_all(small_gat
     assert "over the" in record["reasons"][0]
     async with Client(sidecar.mcp.url) as agent:
         assert not (await agent.call_tool("docs__whoami", {})).is_error
+
+
+# ------------------------------------------- the per-request-envelope route (2026-07-28) and sessions
+
+MODERN = "2026-07-28"
+
+
+def modern_call(params: dict, *, envelope: bool = True) -> bytes:
+    params = dict(params)
+    if envelope:
+        params["_meta"] = {**params.get("_meta", {}), "io.modelcontextprotocol/protocolVersion": MODERN,
+                           "io.modelcontextprotocol/clientCapabilities": {}}
+    return json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}).encode()
+
+
+def modern_headers(name: str) -> dict[str, str]:
+    return {**HEADERS, "mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": name}
+
+
+async def test_modern_route_a_well_formed_call_is_decided_once(gateway):
+    sidecar, _, _, config = gateway
+    async with httpx2.AsyncClient(timeout=20) as http:
+        response = await http.post(sidecar.mcp.url, headers=modern_headers("docs__whoami"),
+                                   content=modern_call({"name": "docs__whoami", "arguments": {}}))
+    assert '"result"' in response.text, response.text
+    decisions = [r for r in evidence(Path(config.evidence.dir)) if r["kind"] == "decision"]
+    assert [(d["tool"], d["outcome"]) for d in decisions] == [("whoami", "allow")]
+
+
+async def test_modern_route_text_its_parser_reads_is_decided_by_the_gate_not_called_malformed(gateway):
+    """This route reads a lone surrogate escape (Python's json module): the Gate decides the call
+    (invalid_arguments) and it is recorded once, not also as malformed."""
+    sidecar, seen, _, config = gateway
+    body = modern_call({"name": "docs__search", "arguments": {"query": "X"}}).replace(b'"X"', b'"\\ud800"')
+    async with httpx2.AsyncClient(timeout=20) as http:
+        response = await http.post(sidecar.mcp.url, headers=modern_headers("docs__search"), content=body)
+    assert response.status_code < 500
+    decisions = [r for r in evidence(Path(config.evidence.dir)) if r["kind"] == "decision"]
+    assert len(decisions) == 1 and decisions[0]["outcome"] == "deny"
+    assert decisions[0]["reasons"][0].startswith("invalid_arguments:")
+    assert not seen.calls
+
+
+MODERN_REFUSED = {
+    "no per-request envelope": (modern_call({"name": "docs__whoami", "arguments": {}}, envelope=False),
+                                modern_headers("docs__whoami")),
+    "Mcp-Name disagrees with the body": (modern_call({"name": "docs__whoami", "arguments": {}}),
+                                         modern_headers("docs__search")),
+    "Mcp-Method disagrees with the body": (modern_call({"name": "docs__whoami", "arguments": {}}),
+                                           {**modern_headers("docs__whoami"), "mcp-method": "tools/list"}),
+    "name is a number": (modern_call({"name": 5, "arguments": {}}), modern_headers("5")),
+    "arguments is a list": (modern_call({"name": "docs__search", "arguments": ["x"]}), modern_headers("docs__search")),
+    "unsupported version in the envelope": (
+        modern_call({"name": "docs__whoami", "arguments": {}}).replace(MODERN.encode(), b"2099-01-01"),
+        modern_headers("docs__whoami")),
+    "not JSON": (b'{"jsonrpc":"2.0","id":2,"method":"tools/call",', modern_headers("docs__whoami")),
+    "nesting past Python's recursion limit": (b"[" * 30_000, modern_headers("docs__whoami")),
+    "a batch": (b"[" + modern_call({"name": "docs__whoami", "arguments": {}}) + b"]", modern_headers("docs__whoami")),
+    # the handshake route without a session: the SDK refuses it before any handler
+    "handshake route, no session id": (call({"name": "docs__whoami", "arguments": {}}),
+                                       {**HEADERS, "mcp-protocol-version": VERSION}),
+    "handshake route, unknown session id": (call({"name": "docs__whoami", "arguments": {}}),
+                                            {**HEADERS, "mcp-protocol-version": VERSION, "mcp-session-id": "nope"}),
+}
+
+
+@pytest.mark.parametrize("body, headers", MODERN_REFUSED.values(), ids=MODERN_REFUSED.keys())
+async def test_a_call_refused_on_either_route_before_any_handler_is_recorded_once(gateway, body, headers):
+    sidecar, seen, _, config = gateway
+    async with httpx2.AsyncClient(timeout=20) as http:
+        response = await http.post(sidecar.mcp.url, headers=headers, content=body)
+        assert response.status_code < 500, response.text
+        assert '"result"' not in response.text
+    assert not seen.calls
+    decisions = [r for r in evidence(Path(config.evidence.dir)) if r["kind"] == "decision"]
+    assert len(decisions) == 1, decisions  # once: not twice, not never
+    assert decisions[0]["outcome"] == "deny" and decisions[0]["reasons"][0].startswith("malformed_request:")
+    async with Client(sidecar.mcp.url) as agent:
+        assert not (await agent.call_tool("docs__whoami", {})).is_error

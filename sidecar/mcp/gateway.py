@@ -37,6 +37,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections import OrderedDict
@@ -53,6 +54,7 @@ from mcp.server.context import CallNext, ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -257,6 +259,7 @@ class McpGateway:
             return await call_next(ctx)
         reached: list[bool] = []
         token = _HANDLER_REACHED.set(reached)
+        _mark_decided(ctx)  # recorded by the handler, or below
         try:
             return await call_next(ctx)
         except Exception as exc:
@@ -274,6 +277,7 @@ class McpGateway:
         reached = _HANDLER_REACHED.get()
         if reached is not None:
             reached.append(True)  # from here on the call is decided and recorded by the Gate
+        _mark_decided(ctx)
         peer = self._peer(ctx)
         identity = self.resolve(peer)
         meta = dict(params.meta or {})
@@ -442,6 +446,7 @@ class McpGateway:
 
 
 _TRANSPORT_KEY = "sidecar.transport"
+_DECIDED_KEY = "sidecar.tools_call_decided"  # set on a request's scope once the gateway has its tools/call
 
 
 class _Transport:
@@ -516,39 +521,93 @@ class _RecordMalformed:
                 if size > self._max_body or not message.get("more_body"):
                     break
         body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
-        problem = self._problem(body, size or 0, declared)
+        problem = self._problem(body, size or 0, declared, modern=_modern_route(scope))
+        peer = peer_from_scope(scope)
         if problem:
-            peer = peer_from_scope(scope)
             await self._gate.authorize(ToolCall(tool="", arguments={}), self._resolve(peer), None, malformed=problem)
+        # A tools/call the SDK refuses before any handler runs (its session or protocol headers, the
+        # per-request envelope) is answered with an HTTP error status: recorded first, unless the
+        # gateway already decided it (`_mark_decided`) or it was recorded above.
+        attempt = not problem and _is_tools_call(body)
+        scope[_DECIDED_KEY] = False
+
+        async def sending(message: dict) -> None:
+            if (attempt and message["type"] == "http.response.start" and message.get("status", 200) >= 400
+                    and not scope.get(_DECIDED_KEY)):
+                scope[_DECIDED_KEY] = True
+                refused = str(Reason(MALFORMED_REQUEST, f"the MCP tools/call was refused before it could be "
+                                                        f"decided (HTTP {message.get('status')})"))
+                await self._gate.authorize(ToolCall(tool="", arguments={}), self._resolve(peer), None, malformed=refused)
+            await send(message)
 
         async def replay() -> dict:
             if messages:
                 return messages.pop(0)
             return await receive()
 
-        await self._app(scope, replay, send)
+        await self._app(scope, replay, sending)
 
-    def _problem(self, body: bytes, size: int, declared: bool = False) -> str:
-        """Why the SDK will refuse this body, judged as the SDK judges it (its JSON parser, its
-        JSON-RPC message model), or "". Python's json module reads text the SDK refuses (lone
-        surrogate escapes) and fails on nesting with RecursionError, so it is not used here."""
+    def _problem(self, body: bytes, size: int, declared: bool = False, *, modern: bool = False) -> str:
+        """Why the SDK will refuse this body, judged as the SDK judges it on the route it takes, or "".
+
+        The handshake route (the SDK's StreamableHTTPServerTransport) reads with pydantic's JSON parser
+        and its JSON-RPC message model; the per-request-envelope route (an MCP-Protocol-Version header
+        past the handshake versions) with Python's json module and its request model. The two read
+        different text (a lone surrogate escape), so each is judged as its route reads it."""
         if size > self._max_body:
             return str(Reason(
                 MALFORMED_REQUEST, f"the MCP message is {size} bytes{'' if declared else ' or more'}, "
                 f"over the {self._max_body}-byte limit"
             ))
         try:
-            message = pydantic_core.from_json(body)
+            message = json.loads(body) if modern else pydantic_core.from_json(body)
         except (ValueError, RecursionError) as exc:
             return str(Reason(MALFORMED_REQUEST, f"the MCP message is not JSON ({str(exc)[:200]})"))
-        try:
-            parsed = types.jsonrpc_message_adapter.validate_python(message, by_name=False)
-        except ValidationError:
-            return str(Reason(MALFORMED_REQUEST, "the MCP message is not a JSON-RPC 2.0 object"))
-        if isinstance(parsed, types.JSONRPCNotification) and parsed.method == "tools/call":
-            # e.g. an id that is not a string or number: the SDK takes it for a notification and drops it
+        if modern:
+            if isinstance(message, dict) and "id" not in message:  # the SDK acknowledges it as a notification
+                notification = True
+            else:
+                try:
+                    types.JSONRPCRequest.model_validate(message)
+                except ValidationError:
+                    return str(Reason(MALFORMED_REQUEST, "the MCP message is not a JSON-RPC 2.0 object"))
+                notification = False
+            method = message.get("method") if isinstance(message, dict) else None
+        else:
+            try:
+                parsed = types.jsonrpc_message_adapter.validate_python(message, by_name=False)
+            except ValidationError:
+                return str(Reason(MALFORMED_REQUEST, "the MCP message is not a JSON-RPC 2.0 object"))
+            notification = isinstance(parsed, types.JSONRPCNotification)
+            method = getattr(parsed, "method", None)
+        if notification and method == "tools/call":
+            # e.g. an id that is not a string or number: taken for a notification and dropped
             return str(Reason(MALFORMED_REQUEST, "the MCP tools/call has no valid id, so it is never answered"))
         return ""
+
+
+def _modern_route(scope: dict) -> bool:
+    """Whether the SDK serves this request on its per-request-envelope route (as its session manager
+    picks it: the first MCP-Protocol-Version header, when it names no handshake version)."""
+    version = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"mcp-protocol-version"), None)
+    return version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS
+
+
+def _is_tools_call(body: bytes) -> bool:
+    """Whether the body (read leniently) asks for a tools/call, alone or in a batch."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    batch = message if isinstance(message, list) else [message]
+    return any(isinstance(m, dict) and m.get("method") == "tools/call" for m in batch)
+
+
+def _mark_decided(ctx: Any) -> None:
+    """Tell the HTTP request that carried this tools/call that the gateway has it (recorded either way)."""
+    request = getattr(ctx, "request", None)
+    if isinstance(request, Request):
+        request.scope[_DECIDED_KEY] = True
 
 
 def _declared_length(scope: dict) -> int | None:
