@@ -223,7 +223,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     async def run() -> tuple[tools.TestReport, list[str], dict[str, str]]:
         report = await tools.run_tests(binary, directory)
         lint = await tools.check(binary, directory) if args.lint else []
-        explained = await tools.explain_failures(binary, directory, report.failed)
+        explained = await tools.explain_failures(binary, directory, report.failed, trace=args.trace)
         return report, lint, explained
 
     try:
@@ -391,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     policy_test.add_argument("--lint", action="store_true", help="also run `opa check --strict` (a problem counts as a failure)")
     policy_test.add_argument("dir", nargs="?", default="rego", help="policy bundle directory (default rego)")
     policy_test.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
+    policy_test.add_argument(
+        "--trace", action="store_true",
+        help="under a failing test, OPA's whole trace (`opa test --explain fails`) instead of the expression that failed",
+    )
     policy_test.set_defaults(run=cmd_policy_test)
     policy_replay = policy_commands.add_parser(
         "replay",
