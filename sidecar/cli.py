@@ -163,7 +163,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             "obligations": decision.obligations,
             "engine": decision.engine,
         }
-        serving = await _served_revision(config)
+        # A sidecar run with this config serves its policy.dir: compare only when check decided on that one
+        # (`--policy` naming another bundle is a candidate the server would never reload to).
+        serving = await _served_revision(config) if _same_dir(args.policy, args.config) else ""
         if serving and serving != decision.policy_revision:
             result["note"] = (
                 f"the sidecar serving at {config.listen.unix or config.listen.tcp} still serves revision {serving}, "
@@ -182,6 +184,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"agent-sidecar: note: {result['note']}", file=sys.stderr)
     print(json.dumps(result, indent=None if args.compact else 2, sort_keys=True))
     return CHECK_EXIT[result["outcome"]]
+
+
+def _same_dir(policy: str | None, config_file: str | None) -> bool:
+    """True unless `--policy` names another directory than the config's own policy.dir."""
+    if not policy:
+        return True
+    return os.path.realpath(policy) == os.path.realpath(load_config(config_file, {}).policy.dir)
 
 
 async def _served_revision(config: Config) -> str:
