@@ -237,3 +237,20 @@ def test_the_input_example_in_policy_input_is_what_the_sidecar_builds():
     assert tool["facts"] == argument_facts(shipped, tool["arguments"])
     schema = json.loads((REPO / "sidecar" / "policy" / "input.schema.json").read_text())
     jsonschema.validate(example, schema)
+
+
+def test_a_builtin_error_passes_opa_test_but_the_sidecar_denies_it(tmp_path):
+    """"Odd input never errors": opa test has no strict built-in errors; the sidecar asks OPA with them."""
+    bundle = shutil.copytree(REGO, tmp_path / "bundle")
+    risk = bundle / "sidecar" / "risk.rego"
+    risk.write_text(risk.read_text() + '\nescalate contains "model_version_old: an old model" if {\n'
+                    "\tto_number(input.signals.model_version) < 3\n}\n")
+    (bundle / "sidecar" / "tests" / "model_version_test.rego").write_text(
+        "package sidecar.tests\n\ntest_a_model_version_that_is_no_number_is_allowed if {\n"
+        '\tdecide(mk({"signals": {"model_version": "latest"}})).outcome == "allow"\n}\n')
+    assert cli("policy", "test", "--lint", str(bundle)).returncode == 0
+    done = cli("check", "--policy", str(bundle), "--subject", "spiffe://dev.local/agent", "--tool", "read_file",
+               "--args", '{"path": "/workspace/a.txt"}', "--signals", '{"model_version": "latest"}')
+    assert done.returncode == 3, done.stdout + done.stderr
+    (reason,) = json.loads(done.stdout)["reasons"]
+    assert reason.startswith("policy_error: ") and "to_number: " in reason and "invalid syntax" in reason
