@@ -252,5 +252,8 @@ def test_a_builtin_error_passes_opa_test_but_the_sidecar_denies_it(tmp_path):
     done = cli("check", "--policy", str(bundle), "--subject", "spiffe://dev.local/agent", "--tool", "read_file",
                "--args", '{"path": "/workspace/a.txt"}', "--signals", '{"model_version": "latest"}')
     assert done.returncode == 3, done.stdout + done.stderr
-    (reason,) = json.loads(done.stdout)["reasons"]
+    answer = json.loads(done.stdout)
+    (reason,) = answer["reasons"]
     assert reason.startswith("policy_error: ") and "to_number: " in reason and "invalid syntax" in reason
+    # The revision that failed is named, though OPA never answered a decision of it (it was "").
+    assert answer["policy_revision"].startswith("sha256:")
