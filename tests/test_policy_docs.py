@@ -257,3 +257,15 @@ def test_a_builtin_error_passes_opa_test_but_the_sidecar_denies_it(tmp_path):
     assert reason.startswith("policy_error: ") and "to_number: " in reason and "invalid syntax" in reason
     # The revision that failed is named, though OPA never answered a decision of it (it was "").
     assert answer["policy_revision"].startswith("sha256:")
+
+
+def test_a_key_written_twice_in_a_data_file_silently_replaces_the_first(tmp_path):
+    """Limits: a second `path_prefixes:` drops read_file's and write_file's prefixes; their tests catch it."""
+    bundle = shutil.copytree(REGO, tmp_path / "bundle")
+    limits = bundle / "sidecar" / "limits" / "data.yaml"
+    limits.write_text(limits.read_text() + '\npath_prefixes:\n  export_report: ["/exports/"]\n')
+    loaded = subprocess.run([OPA, "eval", "--format", "raw", "--bundle", str(bundle), "data.sidecar.limits.path_prefixes"],
+                            capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0 and json.loads(loaded.stdout) == {"export_report": ["/exports/"]}, loaded.stderr
+    tested = cli("policy", "test", str(bundle))
+    assert tested.returncode == 1 and "FAIL sidecar/tests/arguments_test.rego" in tested.stdout
