@@ -27,7 +27,6 @@ DOC = (REPO / "docs" / "policy-authoring.md").read_text()
 # Fenced blocks, also those indented inside a list item (dedented).
 FENCED = [(kind, textwrap.dedent(body)) for kind, body in
           re.findall(r"^[ \t]*```(\w*)[^\n]*\n(.*?)^[ \t]*```", DOC, flags=re.S | re.M)]
-BLOCKS = [body for kind, body in FENCED if kind == "rego"]
 
 
 def block(containing: str, kind: str = "rego") -> str:
