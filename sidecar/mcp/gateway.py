@@ -25,10 +25,10 @@
   dev) and, with `tls` (sidecar.mcp.tls), the client certificate the TCP
   listener's mutual TLS verified (`mtls`). The caller's own `authorization`
   header is never forwarded upstream.
-- A body that is not JSON-RPC is recorded as a denied call, then answered by the SDK; so is
-  a `tools/call` the SDK refuses before the gateway sees it (params that do not validate).
-  Both judge with the SDK's own parser and models, so what it refuses and what is recorded
-  cannot drift apart.
+- A body that is not JSON-RPC is recorded as a denied call, then answered by the SDK (judged
+  with the parser and model of the route the SDK takes for it); so is a `tools/call` the SDK
+  refuses before the gateway's handler: params that do not validate (an SDK middleware), or
+  any HTTP error status (session, protocol headers, envelope), recorded before it is sent.
 
 `_meta` keys a client may send with tools/call: `sidecar/task_id`,
 `sidecar/intent`, `sidecar/signals`, `sidecar/call_id`, `sidecar/escalation_id`.
@@ -528,12 +528,11 @@ class _RecordMalformed:
         # A tools/call the SDK refuses before any handler runs (its session or protocol headers, the
         # per-request envelope) is answered with an HTTP error status: recorded first, unless the
         # gateway already decided it (`_mark_decided`) or it was recorded above.
-        attempt = not problem and _is_tools_call(body)
-        scope[_DECIDED_KEY] = False
+        scope[_DECIDED_KEY] = bool(problem)
 
         async def sending(message: dict) -> None:
-            if (attempt and message["type"] == "http.response.start" and message.get("status", 200) >= 400
-                    and not scope.get(_DECIDED_KEY)):
+            if (message["type"] == "http.response.start" and message.get("status", 200) >= 400
+                    and not scope.get(_DECIDED_KEY) and _is_tools_call(body)):
                 scope[_DECIDED_KEY] = True
                 refused = str(Reason(MALFORMED_REQUEST, f"the MCP tools/call was refused before it could be "
                                                         f"decided (HTTP {message.get('status')})"))
