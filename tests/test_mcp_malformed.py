@@ -365,3 +365,42 @@ async def test_a_call_refused_on_either_route_before_any_handler_is_recorded_onc
     assert decisions[0]["outcome"] == "deny" and decisions[0]["reasons"][0].startswith("malformed_request:")
     async with Client(sidecar.mcp.url) as agent:
         assert not (await agent.call_tool("docs__whoami", {})).is_error
+
+
+# ----------------------------------------------------- duplicate keys: one reading everywhere
+
+DUPLICATES = {
+    "an argument": (b'{"name":"raw__echo","arguments":{"value":"first","value":"second"}}', "echo", "second"),
+    "the arguments": (b'{"name":"raw__echo","arguments":{"value":"first"},"arguments":{"value":"second"}}',
+                      "echo", "second"),
+    "the tool name": (b'{"name":"raw__spoof","arguments":{"value":"x"},"name":"raw__echo"}', "echo", "x"),
+    "a nested key": (b'{"name":"raw__echo","arguments":{"value":{"k":1,"k":2}}}', "echo", {"k": 2}),
+}
+
+
+@pytest.mark.parametrize("route", ["handshake", "envelope"])
+@pytest.mark.parametrize("params, tool, value", DUPLICATES.values(), ids=DUPLICATES.keys())
+async def test_duplicate_keys_are_read_one_way_by_policy_evidence_and_the_tool(gateway, route, params, tool, value):
+    """JSON text with a repeated key: whichever reading the SDK takes on either route (the last),
+    policy, the evidence and the tool all get that one. Tried by a review; it held."""
+    sidecar, _, received, config = gateway
+    async with httpx2.AsyncClient(timeout=20) as http:
+        if route == "handshake":
+            headers = await open_session(http, sidecar.mcp.url)
+            body = b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":' + params + b"}"
+        else:
+            headers = modern_headers(f"raw__{tool}")
+            envelope = (b',"_meta":{"io.modelcontextprotocol/protocolVersion":"' + MODERN.encode()
+                        + b'","io.modelcontextprotocol/clientCapabilities":{}}}')
+            body = b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":' + params[:-1] + envelope + b"}"
+        response = await http.post(sidecar.mcp.url, headers=headers, content=body)
+        assert '"result"' in response.text, response.text
+    assert received == [value]
+    records = evidence(Path(config.evidence.dir))
+    decision = next(r for r in records if r["kind"] == "decision")
+    invocation = next(r for r in records if r["kind"] == "invocation")
+    assert decision["tool"] == tool and invocation["tool"] == tool
+    from sidecar.canonical import canonical_json, sha256_digest
+
+    assert decision["arguments_digest"] == invocation["arguments_digest"] == sha256_digest(
+        canonical_json({"value": value}))
