@@ -15,7 +15,9 @@ field before anything is sent (docs/api.md, "Numbers"). The guard decides on
 a private copy of the arguments and runs the function with that copy, only
 when the sidecar's `arguments_digest` is the copy's digest (ArgumentsChanged
 otherwise): changing the caller's objects while a human decides changes
-nothing. With
+nothing. An allow whose obligations change the call's arguments (drop,
+redact, clamp or cap them) does not run the function either
+(ObligationsNotApplied): only the sidecar applies those. With
 `Client(..., escalation_timeout=600)` the guard instead waits (AwaitDecision)
 for a human to decide and then repeats the call with the escalation id, so
 an approved call runs and tool code needs no change (docs/escalation.md).
@@ -39,12 +41,14 @@ import grpc
 from google.protobuf.struct_pb2 import Struct
 
 from sidecar.canonical import canonical_json, sha256_digest
+from sidecar.invoke.obligations import CALL_OBLIGATIONS
 from sidecar.jsonvalues import NotExact, from_struct, to_json_value, to_struct
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 __all__ = [
     "ArgumentsChanged", "AsyncClient", "AuthorizationDenied", "AuthorizationResult", "Client", "EscalationDecision",
-    "EscalationRequired", "JwtSvidAuth", "NotExact", "SpiffeMtls", "arguments_digest", "delegated_by",
+    "EscalationRequired", "JwtSvidAuth", "NotExact", "ObligationsNotApplied", "SpiffeMtls", "arguments_digest",
+    "delegated_by",
 ]
 
 MetadataProvider = Callable[[], Sequence[tuple[str, str]]]
@@ -260,6 +264,23 @@ class ArgumentsChanged(PermissionError):
         self.result = result
 
 
+class ObligationsNotApplied(PermissionError):
+    """Policy allowed the call on conditions that change its arguments (the obligations
+    `drop_arguments`, `redact_call_arguments`, `clamp_arguments`, `cap_list_arguments`); the guard
+    cannot apply them to a Python call, so the tool did not run. Make such calls through the
+    sidecar (Invoke, the MCP gateway), which applies them. Other obligations are the caller's to
+    read (`result.obligations`) and do not stop the call."""
+
+    def __init__(self, tool: str, result: AuthorizationResult, obligations: list[str]):
+        super().__init__(
+            f"{tool}: not run: policy allowed it with obligation(s) {', '.join(obligations)} that change the "
+            f"call, which the guard cannot apply (decision {result.decision_id})"
+        )
+        self.tool = tool
+        self.result = result
+        self.obligations = obligations
+
+
 def _raise_unless_allowed(tool: str, result: AuthorizationResult, digest: str) -> None:
     if result.outcome == "escalate":
         raise EscalationRequired(tool, result)
@@ -267,6 +288,9 @@ def _raise_unless_allowed(tool: str, result: AuthorizationResult, digest: str) -
         raise AuthorizationDenied(tool, result)
     if result.arguments_digest != digest:
         raise ArgumentsChanged(tool, result, digest)
+    unapplied = sorted(key for key in result.obligations if key in CALL_OBLIGATIONS)
+    if unapplied:  # the tool would receive other arguments than policy allowed
+        raise ObligationsNotApplied(tool, result, unapplied)
 
 
 def _call_arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:

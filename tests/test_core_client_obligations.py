@@ -7,7 +7,7 @@ it does not know. The guard runs the Python function itself and cannot apply the
 arguments; it must not run the tool with the arguments policy meant to change. Found by a review:
 the guard ran `transfer(amount=5000)` where policy allowed it clamped to 100.
 The display obligations (`record_arguments`, `redact_arguments`) concern the evidence and the
-approvers' view, not the call, and never stop it.
+approvers' view, and other keys are the caller's own to read: neither stops the call.
 """
 
 from __future__ import annotations
@@ -76,20 +76,20 @@ async def test_sync_guard_does_not_run_a_tool_whose_allow_changes_the_call(sidec
                 return "found"
 
             for call, keys in ((lambda: transfer("acme", 5000), ["clamp_arguments"]),
-                               (lambda: search("x", debug=True), ["drop_arguments"]),
-                               (lambda: archive("/data"), ["notify_owner"])):
+                               (lambda: search("x", debug=True), ["drop_arguments"])):
                 with pytest.raises(ObligationsNotApplied) as refused:
                     call()
                 assert refused.value.obligations == keys
                 assert isinstance(refused.value, PermissionError)
                 assert refused.value.result.outcome == "allow"  # policy allowed it, on condition
             assert lookup("k", token="t") == "found"  # display obligations never stop a call
+            archive("/data")  # nor one addressed to the caller's own code (it reads result.obligations)
             # authorize() itself only reports: the obligations are there for the caller to honour
             answer = client.authorize("transfer", {"to": "acme", "amount": 5000})
             assert answer.outcome == "allow" and answer.obligations == {"clamp_arguments": {"amount": 100}}
 
     await asyncio.to_thread(use_client)
-    assert ran == [("lookup", "k")]
+    assert ran == [("lookup", "k"), ("archive", "/data")]
 
 
 async def test_async_guard_does_not_run_a_tool_whose_allow_changes_the_call(sidecar):
