@@ -356,7 +356,7 @@ async def test_watch_streams_current_and_new_changes(config, running_sidecar):
         assert (before.outcome, after.outcome) == ("escalate", "escalate"), (before.reasons, after.reasons)
         await approvals.approve(before.escalation_id, approver=ALICE)
         await approvals.deny(after.escalation_id, approver=ALICE)
-        await asyncio.wait_for(watcher, 5)
+        await asyncio.wait_for(watcher, 60)  # ends as soon as the four changes arrived
     assert seen == [
         (before.escalation_id, "pending"),
         (after.escalation_id, "pending"),

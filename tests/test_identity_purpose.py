@@ -27,7 +27,7 @@ from sidecar.config import load_config
 from sidecar.identity import IdentityError, PeerInfo
 from sidecar.identity.delegation import DELEGATION_METADATA, link_audience
 from sidecar.identity.factory import build_identity
-from tests.conftest import write_policy
+from tests.conftest import LOADED_MACHINE, write_policy
 from tests.doubles.identity_harness import ProbeServer, ask, client_credentials, fake_agent, remove_dir, short_dir
 from tests.doubles.pki import TestJwtAuthority
 
@@ -405,6 +405,7 @@ RUN_SQL_POLICY = """\
 
 async def test_the_research_agent_cannot_run_sql_as_the_orchestrator(agent, tmp_path: Path, running_sidecar):
     config = load_config(None, {
+        **LOADED_MACHINE,  # room for a loaded machine: identity is under test, not policy speed
         "listen.tcp": "127.0.0.1:0",
         "listen.unix": "",
         "policy.dir": str(write_policy(tmp_path / "rego", RUN_SQL_POLICY)),

@@ -104,7 +104,7 @@ def stop(pid: int) -> None:
     raise AssertionError(f"{pid} did not stop")
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:
+async def wait_for(predicate, timeout: float = 30.0) -> None:  # as soon as it holds; room for a loaded machine
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -112,7 +112,7 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def decide_until_allowed(client: OpaClient, timeout: float = 10.0):
+async def decide_until_allowed(client: OpaClient, timeout: float = 30.0):
     deadline = time.monotonic() + timeout
     while True:
         decision = await client.decide(INPUT)
