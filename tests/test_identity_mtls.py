@@ -68,7 +68,7 @@ async def start_env(trust_domains=(), ca: TestCa | None = None, identity: bool =
         agent.dns_names = (SIDECAR_DNS,)
     source = WorkloadApiSource(agent.endpoint, jwt_bundles=False, backoff_initial=0.02, backoff_max=0.1).start()
     if identity:
-        assert source.wait_until_ready(5)
+        assert source.wait_until_ready(30)
     creds = SvidServerCredentials(source, trust_domains)
     probe = await ProbeServer(MtlsResolver(source, trust_domains), directory).start(creds.credentials())
     return Env(directory, agent, source, creds, probe)
@@ -207,7 +207,7 @@ def test_resolver_checks_what_grpc_does_not(tmp_path):
     agent = fake_agent(directory, path=SIDECAR_PATH)
     source = WorkloadApiSource(agent.endpoint, jwt_bundles=False).start()
     try:
-        assert source.wait_until_ready(5)
+        assert source.wait_until_ready(30)
         resolver = MtlsResolver(source)
         client = agent.ca.issue("/agent")
 

@@ -72,9 +72,10 @@ def make_runtime(agent):
 
     def make(**identity):
         rt = build_identity(load_config(None, settings(agent, **identity)).identity)
-        assert rt.source.wait_until_ready(5)
-        deadline = time.monotonic() + 5
-        while rt.source.jwt_keys("partner.example") is None and time.monotonic() < deadline:
+        assert rt.source.wait_until_ready(30)
+        deadline = time.monotonic() + 30  # the federated bundle arrives on the stream in the background
+        while rt.source.jwt_keys("partner.example") is None:
+            assert time.monotonic() < deadline, "the partner's JWT keys never arrived"
             time.sleep(0.02)
         runtimes.append(rt)
         return rt
@@ -260,7 +261,7 @@ def chains_and_tampering(draw):
 @pytest.fixture(scope="module")
 def module_resolver(agent):
     rt = build_identity(load_config(None, settings(agent)).identity)
-    assert rt.source.wait_until_ready(5)
+    assert rt.source.wait_until_ready(30)
     yield rt.resolver
     rt.close()
 

@@ -34,7 +34,7 @@ AGENT_ID = "spiffe://example.org/ns/agents/sa/agent"
 UNIX = PeerInfo(transport="unix")
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
+def wait_for(predicate, timeout: float = 30.0) -> bool:  # as soon as it holds; room for a loaded machine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,14 @@ OK = b'{"result": true}'
 def answer(body: bytes = OK, *, headers: str = "") -> bytes:
     return (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{headers}\r\n"
             .encode() + body)
+
+
+async def until(condition, timeout: float = 30.0) -> None:
+    """Until `condition()` holds (polled), or fail after a deadline generous for a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 class RawServer:
@@ -254,7 +263,8 @@ async def test_at_most_max_connections_are_open_and_the_rest_wait(server, pool):
     server.script = [slow]
     client = pool(max_connections=3)
     calls = [asyncio.create_task(post(client)) for _ in range(10)]
-    await asyncio.sleep(0.1)
+    await until(lambda: len(server.requests) >= 3)  # the first three reached OPA (not: 0.1 s passed)
+    await asyncio.sleep(0.1)  # room for a fourth connection, if the pool wrongly opened one
     assert server.open_connections == 3 and len(server.requests) == 3
     gate.set()
     assert all(r.status == 200 for r in await asyncio.gather(*calls))
@@ -292,7 +302,7 @@ async def test_a_closed_pool_fails_requests_on_the_wire_and_refuses_new_ones(ser
     server.script = [never]
     client = pool()
     pending = asyncio.create_task(post(client))
-    await asyncio.sleep(0.05)
+    await until(lambda: len(server.requests) == 1)  # on the wire, as the test says (not: 0.05 s passed)
     await client.aclose()
     with pytest.raises(ConnectionProblem):
         await pending
