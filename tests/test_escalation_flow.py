@@ -351,7 +351,7 @@ async def test_watch_streams_current_and_new_changes(config, running_sidecar):
                     return
 
         watcher = asyncio.create_task(watch())
-        await asyncio.wait_for(subscribed.wait(), 10)  # not a fixed sleep: a loaded machine subscribes late
+        await asyncio.wait_for(subscribed.wait(), 60)  # not a fixed sleep: a loaded machine subscribes late
         after = await agent.authorize("delete_repo", {"repo": "acme/x"})
         assert (before.outcome, after.outcome) == ("escalate", "escalate"), (before.reasons, after.reasons)
         await approvals.approve(before.escalation_id, approver=ALICE)

@@ -239,7 +239,7 @@ async def test_a_cancelled_request_closes_its_connection_so_a_late_answer_is_nev
 
     async def late(request, writer):
         reader = server.reader
-        if await asyncio.wait_for(reader.read(), 5) == b"":  # EOF: the client hung up
+        if await asyncio.wait_for(reader.read(), 30) == b"":  # EOF: the client hung up (30 s: a loaded machine)
             closed_by_client.set()
         writer.write(answer(b'{"result": "late"}'))
 
@@ -248,7 +248,7 @@ async def test_a_cancelled_request_closes_its_connection_so_a_late_answer_is_nev
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.1):
             await post(client)
-    await asyncio.wait_for(closed_by_client.wait(), 5)  # at once, not left open until the late answer
+    await asyncio.wait_for(closed_by_client.wait(), 30)  # not left open until the late answer (EOF or bust)
     assert (await post(client)).body == OK
     assert server.connections == 2
 
