@@ -185,7 +185,8 @@ async def test_a_slow_collector_does_not_slow_decisions(tmp_path, receiver, clea
     rec = open_recorder(tmp_path / "ev", **shipping_to(receiver, timeout_seconds=5.0), instance_id="s")
     try:
         await rec.record(make_event(0))
-        await asyncio.sleep(0.1)  # the shipper is now inside a slow export
+        # the shipper is now inside a slow export (the receiver counts it before its delay): waited for, not 0.1 s
+        assert await asyncio.to_thread(receiver.wait_for, lambda r: r.requests >= 1)
         started = time.monotonic()
         for i in range(1, 21):
             await rec.record(make_event(i))
