@@ -281,7 +281,7 @@ async def test_await_decision_times_out_and_caps_the_wait(config, running_sideca
         started = time.monotonic()
         answer = await await_decision(sidecar.addresses[0], escalated.escalation_id, timeout=30)
         assert answer.timed_out and answer.escalation.state == sidecar_pb2.ESCALATION_STATE_PENDING
-        assert 0.4 < time.monotonic() - started < 3
+        assert 0.4 < time.monotonic() - started < 10  # capped at 0.5 s, not the 30 asked (10: a loaded machine)
         for bad, code in (("esc-" + "1" * 32, grpc.StatusCode.NOT_FOUND), ("nope", grpc.StatusCode.NOT_FOUND)):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await await_decision(sidecar.addresses[0], bad)

@@ -256,7 +256,7 @@ def test_build_identity_does_not_block_on_a_missing_agent():
         }).identity
         started = time.monotonic()
         rt = build_identity(config)
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 5  # not waiting for the missing agent (5: a loaded machine, was 1)
         assert isinstance(rt, IdentityRuntime) and rt.server_credentials is not None
         serving, detail = rt.resolver.health()
         assert not serving
