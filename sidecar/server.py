@@ -523,7 +523,7 @@ async def serve(config: Config) -> None:
     # every call in flight, for up to 28 ms under load (docs/performance.md; gc.freeze docs).
     gc.collect()
     gc.freeze()
-    ident_ok, ident_detail = sidecar.identity.health()
+    _, ident_detail = sidecar.identity.health()
     cli, python = _typed(Path(sys.executable).with_name("agent-sidecar")), _typed(Path(sys.executable))
     print(f"agent-sidecar {os.getpid()} serving", flush=True)
     for address in sidecar.addresses:

@@ -12,6 +12,8 @@ import pytest
 from aiohttp import web
 
 from sidecar.client import AsyncClient
+from sidecar.escalation import EscalationRecord
+from sidecar.escalation.notify import WebhookNotifier
 from tests.doubles.escalation import make_config
 
 EMAIL = {"to": "cfo@example.com", "body": "hi", "password": "hunter2"}
@@ -151,3 +153,18 @@ async def test_a_client_error_is_not_retried(tmp_path, running_sidecar):
         assert len(hits) == 1 and sidecar.escalations.notifier.failed == 1
     finally:
         await runner.cleanup()
+
+
+def test_the_text_names_each_reason_by_its_code_or_whole_when_it_has_none():
+    """A reason without a code (policy may give one) is named whole, not cut at a ": " inside it."""
+    notifier = WebhookNotifier("http://127.0.0.1:1/")
+    reasons = ("high_risk_tool: a human approves this tool", "no rule allows this call",
+               "a reason with spaces: before its colon", " sql_write : padded code")
+    record = EscalationRecord(
+        id="esc-1", fingerprint="f", subject="spiffe://dev.local/agent", subject_source="dev", delegation=(),
+        tool="send_email", server="mail", arguments_digest="sha256:0", arguments_preview={}, task_id="t",
+        intent="", call_id="c", decision_id="d", reasons=reasons, policy_revision="r",
+        trace_id="t", span_id="s", created_at=0.0, expires_at=1.0)
+    assert notifier.payload(record)["text"] == (
+        "send_email on mail by spiffe://dev.local/agent needs approval: high_risk_tool, "
+        "no rule allows this call, a reason with spaces: before its colon, sql_write (esc-1)")

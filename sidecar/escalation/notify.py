@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged
 from sidecar.escalation import EscalationRecord
+from sidecar.reasons import parse
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class WebhookNotifier:
     def payload(self, record: EscalationRecord) -> dict[str, Any]:
         escalation = record.to_json()
         hidden = flagged(escalation)
-        codes = ", ".join(cell(reason.partition(": ")[0]) for reason in record.reasons)
+        codes = ", ".join(cell(_code_or_text(reason)) for reason in record.reasons)
         text = (f"{cell(record.tool)}" + (f" on {cell(record.server)}" if record.server else "")
                 + f" by {cell(record.subject)} needs approval: {codes} ({cell(record.id)})")
         if hidden:
@@ -157,3 +158,10 @@ class WebhookNotifier:
 
 class _Final(Exception):
     """An answer that retrying will not change."""
+
+
+def _code_or_text(reason: str) -> str:
+    """What the one-line text names a reason by: its code (sidecar/reasons.py), or the whole
+    reason when policy gave it none ("no rule allows this call")."""
+    parsed = parse(reason)
+    return parsed.code if parsed is not None else reason

@@ -113,10 +113,6 @@ class VerifyReport:
         return INTACT if self.uncovered == 0 else NOT_YET_COVERED
 
     @property
-    def intact(self) -> bool:
-        return self.verdict == INTACT
-
-    @property
     def uncovered(self) -> int:
         """Records after the last checkpoint a trusted signer signed."""
         if self.last_seq is None:
@@ -126,12 +122,6 @@ class VerifyReport:
     @property
     def first_broken(self) -> Problem | None:
         return self.problems[0] if self.problems else None
-
-    @property
-    def unprotected_tail(self) -> int:
-        if self.last_seq is None:
-            return 0
-        return self.last_seq - (self.last_checkpoint_seq or 0)
 
 
 def _decode_public(b64: str) -> Any:

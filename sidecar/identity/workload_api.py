@@ -192,7 +192,6 @@ class WorkloadApiSource:
         self._jwt: JwtBundles | None = None
         self._jwt_gone = ""
         self._stale_version = -1
-        self._listeners: list[Callable[[HeldSvid], None]] = []
         self._streams = {"x509": _StreamState("X.509-SVID")}
         if jwt_bundles:
             self._streams["jwt"] = _StreamState("JWT bundles")
@@ -276,11 +275,6 @@ class WorkloadApiSource:
         with self._lock:
             return self._svid.trust_domain if self._svid is not None else None
 
-    def subscribe(self, listener: Callable[[HeldSvid], None]) -> None:
-        """Call `listener(svid)` (on a py-spiffe thread) after every X.509 update."""
-        with self._lock:
-            self._listeners.append(listener)
-
     def health(self) -> tuple[bool, str]:
         try:
             held = self.x509()
@@ -319,18 +313,12 @@ class WorkloadApiSource:
             previous = self._svid
             self._svid = held
             self._svid_gone = ""
-            listeners = list(self._listeners)
         if previous is None or previous.serial != held.serial:
             log.info(
                 "identity: %s SVID %s (serial %x) valid until %s",
                 "received" if previous is None else "rotated to",
                 spiffe_id, held.serial, rfc3339(held.expires_at),
             )
-        for listener in listeners:
-            try:
-                listener(held)
-            except Exception:  # a listener must never break the stream
-                log.exception("identity: SVID update listener failed")
 
     def _apply_jwt(self, bundle_set: Any) -> None:
         keys: dict[str, dict[str, Any]] = {}

@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 class Performed:
     result: InvocationResult
     receipt: Receipt | None
-    arguments_sent: dict[str, Any] | None  # None when no call was made
-    changes: tuple[dict, ...] = ()
     record_error: str = ""  # "evidence_unavailable: ..." when the invocation could not be recorded
 
 
@@ -88,7 +86,7 @@ class Executor:
                     EVIDENCE_UNAVAILABLE, f"the call was made but its invocation could not be recorded ({exc})"
                 ))
                 log.error("invocation of decision %s not recorded: %s", verdict.decision_id, exc)
-        return Performed(result, receipt, sent, tuple(changes), record_error)
+        return Performed(result, receipt, record_error)
 
     def _fields(
         self,

@@ -1,4 +1,4 @@
-"""OPA's own tools for the policy lifecycle, run as subprocesses: check, test, build, eval.
+"""OPA's own tools for the policy lifecycle, run as subprocesses: check, test, build.
 
 - `check(binary, dir)`: `opa check --strict --format json` (the lint); problems
   as "file:row: code: message".
@@ -9,8 +9,6 @@
 - `build(binary, dir, output, revision)`: `opa build --bundle` into a tarball
   whose `.manifest` revision is `revision` (what OPA then reports in
   `?provenance`).
-- `evaluate(binary, bundle, query, data)`: `opa eval --format json` of one
-  query over a bundle plus extra data.
 
 Each raises `PolicyToolError` (its `problems`, one line each) when the tool
 itself cannot run or answers what it should not; test failures are results,
@@ -25,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
 
 class PolicyToolError(RuntimeError):
     """An OPA tool run failed; `problems` are one-line messages (file:row: ... when OPA gives a place)."""
@@ -202,18 +200,3 @@ async def build(binary: str, directory: Path, output: Path, revision: str, *, ti
     )
     if code != 0:
         raise PolicyToolError(_errors_from(out, directory) or _errors_from(err, directory) or _text_problems(err))
-
-
-async def evaluate(binary: str, bundle: Path, query: str, data: Path | None = None, *, timeout: float = 300.0) -> Any:
-    """The value of `query` over `bundle` (and an extra data file), by `opa eval --format json`."""
-    argv = [binary, "eval", "--format", "json", "--bundle", str(bundle)]
-    if data is not None:
-        argv += ["--data", str(data)]
-    code, out, err = await _run([*argv, query], timeout=timeout)
-    if code != 0:
-        raise PolicyToolError(_errors_from(out, bundle) or _text_problems(err or out))
-    body = json.loads(out)
-    results = body.get("result") or []
-    if not results:
-        return None
-    return results[0]["expressions"][0]["value"]
