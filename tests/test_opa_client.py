@@ -90,7 +90,7 @@ def assert_opa_deny(decision, code: str, url: str, *fragments: str) -> None:
 def stop(pid: int) -> None:
     """SIGSTOP a process and wait until every one of its threads is stopped."""
     os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # as soon as all threads are stopped; room for a loaded machine
     while time.monotonic() < deadline:
         states = []
         for task in Path(f"/proc/{pid}/task").iterdir():
