@@ -37,7 +37,7 @@ demo: install system-deps
 
 ## Install everything and run the whole test suite.
 test: install system-deps
-	$(BIN)/agent-sidecar policy test rego/
+	$(BIN)/agent-sidecar policy test --lint rego/
 	$(BIN)/python -m pytest -q
 
 ## Debian packages the tests run for real: PostgreSQL (escalation store, SPIRE's datastore) and
@@ -63,7 +63,7 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/sidecar/v1/sidecar.proto
 
 policy-test: install
-	$(BIN)/agent-sidecar policy test rego/
+	$(BIN)/agent-sidecar policy test --lint rego/
 
 clean:
 	rm -rf $(VENV) .pytest_cache

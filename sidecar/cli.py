@@ -163,7 +163,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             "obligations": decision.obligations,
             "engine": decision.engine,
         }
-        serving = await _served_revision(config)
+        # A sidecar run with this config serves its policy.dir: compare only when check decided on that one
+        # (`--policy` naming another bundle is a candidate the server would never reload to).
+        serving = await _served_revision(config) if _same_dir(args.policy, args.config) else ""
         if serving and serving != decision.policy_revision:
             result["note"] = (
                 f"the sidecar serving at {config.listen.unix or config.listen.tcp} still serves revision {serving}, "
@@ -182,6 +184,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"agent-sidecar: note: {result['note']}", file=sys.stderr)
     print(json.dumps(result, indent=None if args.compact else 2, sort_keys=True))
     return CHECK_EXIT[result["outcome"]]
+
+
+def _same_dir(policy: str | None, config_file: str | None) -> bool:
+    """True unless `--policy` names another directory than the config's own policy.dir."""
+    if not policy:
+        return True
+    return os.path.realpath(policy) == os.path.realpath(load_config(config_file, {}).policy.dir)
 
 
 async def _served_revision(config: Config) -> str:
@@ -223,7 +232,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     async def run() -> tuple[tools.TestReport, list[str], dict[str, str]]:
         report = await tools.run_tests(binary, directory)
         lint = await tools.check(binary, directory) if args.lint else []
-        explained = await tools.explain_failures(binary, directory, report.failed)
+        explained = await tools.explain_failures(binary, directory, report.failed, trace=args.trace)
         return report, lint, explained
 
     try:
@@ -391,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     policy_test.add_argument("--lint", action="store_true", help="also run `opa check --strict` (a problem counts as a failure)")
     policy_test.add_argument("dir", nargs="?", default="rego", help="policy bundle directory (default rego)")
     policy_test.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
+    policy_test.add_argument(
+        "--trace", action="store_true",
+        help="under a failing test, OPA's whole trace (`opa test --explain fails`) instead of the expression that failed",
+    )
     policy_test.set_defaults(run=cmd_policy_test)
     policy_replay = policy_commands.add_parser(
         "replay",

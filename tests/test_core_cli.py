@@ -66,16 +66,25 @@ def test_policy_test_reports_each_failure_and_the_totals(tmp_path):
     tests = """\
         package sidecar.tests
         test_echo_allowed if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "echo"}}
-        test_wrong_on_purpose if data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "rm"}}
+        test_wrong_on_purpose if {
+            print("printed:", {"name": "rm"})
+            data.sidecar.decision.outcome == "allow" with input as {"tool": {"name": "rm"}}
+        }
     """
     directory = write_policy(tmp_path / "p", SIMPLE_POLICY, tests=tests)
     result = run("policy", "test", str(directory))
     assert result.returncode == 1
     assert "FAIL policy_test.rego:3: data.sidecar.tests.test_wrong_on_purpose" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "1 passed, 1 failed"
-    # Why it failed: OPA's explanation of the failing test, indented under it.
-    why = result.stdout.split("test_wrong_on_purpose", 1)[1]
-    assert "Fail" in why and "policy_test.rego:3" in why and '"rm"' in why
+    # Why it failed, indented under it: what the test printed, and OPA's summary of the expression that
+    # failed with the value it had; not OPA's whole trace (hundreds of lines a test on the shipped bundle).
+    why = result.stdout.split("test_wrong_on_purpose", 1)[1].split("passed,")[0]
+    assert 'printed: {"name": "rm"}' in why
+    assert "policy_test.rego:5:" in why and 'data.sidecar.decision.outcome == "allow"' in why and '"deny"' in why
+    assert "Enter" not in why
+    # --trace gives the whole trace instead.
+    traced = run("policy", "test", "--trace", str(directory)).stdout.split("test_wrong_on_purpose", 1)[1]
+    assert "Enter data.sidecar.tests.test_wrong_on_purpose" in traced and 'printed: {"name": "rm"}' in traced
 
 
 def test_policy_test_counts_a_bundle_that_does_not_compile_as_a_failure(tmp_path):

@@ -4,9 +4,10 @@ Each fenced block whose info string starts with `sh`, `console` or `python`
 is extracted and run against a served sidecar: `agent-sidecar serve` with
 examples/mcp.yaml (examples/dev.yaml plus the MCP gateway and its two example
 MCP servers, so the MCP examples have their gateway), in a temporary copy of
-the repository's layout (rego/ and examples/ copied; the package, .venv,
-tests/, bench/, the Makefile and .tools linked), with the working directory
-at its root, as a reader who cloned the repository and ran `make run` would
+the repository's layout (rego/ and examples/ copied, and candidate/: rego/
+with the edits of docs/policy-authoring.md's "A new tool, end to end"; the
+package, .venv, tests/, bench/, the Makefile and .tools linked), with the
+working directory at its root, as a reader who cloned the repository and ran `make run` would
 be. Only the ports (and an MCP unix socket) are its own.
 
 - `sh`: the block runs as one bash script (`set -e`); it must exit 0.
@@ -68,6 +69,7 @@ from sidecar.escalation.client import ApprovalsClient
 from tests.conftest import REPO
 from tests.infra.jaeger import Jaeger, wait_until
 from tests.infra.spire import SpireServer, SpireUnavailable, own_process_selectors
+from tests.test_policy_docs import apply_new_tool_example
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_KINDS = ("sh", "console", "python")
@@ -175,6 +177,9 @@ def layout(root: Path, otlp_endpoint: str) -> None:
     """The repository as a reader has it: policy and examples copied (they may be written), the rest linked."""
     for name in ("rego", "examples"):
         shutil.copytree(REPO / name, root / name)
+    # The reader's changed copy of rego/ that docs/policy-authoring.md's commands work on ("A new tool, end to
+    # end": cp -r rego candidate, then its edits).
+    apply_new_tool_example(shutil.copytree(REPO / "rego", root / "candidate"))
     for name in ("sidecar", "tests", "bench", "protos", "tools", "Makefile", "pyproject.toml", ".venv", ".tools", "deploy"):
         if (REPO / name).exists():
             (root / name).symlink_to(REPO / name)

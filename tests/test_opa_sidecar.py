@@ -244,6 +244,13 @@ def test_check_decides_like_the_server_and_names_an_older_served_revision(tmp_pa
         assert decision["outcome"] == "allow" and decision["policy_revision"] == read_data(directory)[1]
         assert f"still serves revision {served}" in decision["note"]
         assert "still serves revision" in changed.stderr
+        # --policy naming another bundle (a candidate) is not what that server would ever reload to: no note.
+        candidate = tmp_path / "candidate"
+        shutil.copytree(directory, candidate)
+        other = subprocess.run([*check, "--policy", str(candidate)], capture_output=True, text=True, cwd=REPO,
+                               timeout=60)
+        decision = json.loads(other.stdout)
+        assert decision["outcome"] == "allow" and "note" not in decision and "still serves" not in other.stderr
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=20)

@@ -358,3 +358,28 @@ async def test_replay_and_shadow_see_the_candidates_catalog(running_sidecar, sid
     objects = [json.loads(line) for line in done.stdout.splitlines()]
     assert {o["decision_id"] for o in objects} == expected
     assert all(o["replayed"]["outcome"] == "escalate" for o in objects)
+
+
+async def test_replay_marks_a_change_decided_on_digested_arguments(running_sidecar, sidecar_config, tmp_path):
+    # write_file is medium risk: its arguments (and their path facts) are recorded as digests, so replaying even
+    # the bundle that decided reads a digest as the path and denies: the change is the replay's, and says so.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REGO, bundle)
+    evidence = tmp_path / "evidence"
+    sidecar = await running_sidecar(sidecar_config(**{"policy.dir": str(bundle), "evidence.dir": str(evidence)}))
+    async with AsyncClient(sidecar.addresses[0]) as client:
+        write = await client.authorize("write_file", {"path": "/workspace/out.txt", "content": "x"})
+        read = await client.authorize("read_file", {"path": "/workspace/a.txt"})
+    assert (write.outcome, read.outcome) == ("allow", "allow")
+    await sidecar.stop()
+
+    done = replay_cli("--evidence", str(evidence), "--policy", str(bundle))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "2 replayed, 1 changed"
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"  {write.decision_id}"))
+    assert lines[at].split()[-3:] == ["allow", "->", "deny"]
+    assert lines[at + 3].strip().startswith("(arguments recorded as digests")
+    as_json = replay_cli("--evidence", str(evidence), "--policy", str(bundle), "--json")
+    (changed,) = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert changed["decision_id"] == write.decision_id and changed["arguments_digested"] is True

@@ -12,24 +12,27 @@
 # an identity the sidecar makes only when its config asks for dev mode.
 package sidecar
 
-# True when some grant's spiffe_id glob ("/" delimiter) matches the identity
-# and the grant lists tool or "*".
+# True when some grant's spiffe_id glob ("/" delimiter) matches the identity,
+# the grant lists tool or "*", and it serves the identity's role: "caller" (the
+# subject making the call) or "link" (an agent upstream of it, in
+# input.delegation).
 #
 # The grant checks are written out in each body rather than called through a
 # helper per grant: this loop runs for the caller and every upstream agent on
 # every call, and a function call per grant costs more than the checks. The
 # dev grants are read only for a dev subject, and only when they are a list
 # (anything else grants nothing).
-granted(who, tool) if {
+granted(who, tool, role) if {
 	is_string(who.spiffe_id)
 	is_string(tool)
 	some grant in data.sidecar.grants
 	is_string(grant.spiffe_id)
 	glob.match(grant.spiffe_id, ["/"], who.spiffe_id)
 	grant_covers(grant, tool)
+	grant_serves(grant, role)
 }
 
-granted(who, tool) if {
+granted(who, tool, role) if {
 	who.source == "dev"
 	is_string(who.spiffe_id)
 	is_string(tool)
@@ -38,6 +41,7 @@ granted(who, tool) if {
 	is_string(grant.spiffe_id)
 	glob.match(grant.spiffe_id, ["/"], who.spiffe_id)
 	grant_covers(grant, tool)
+	grant_serves(grant, role)
 }
 
 # A membership test, not a loop over grant.tools: `in` on a list is one
@@ -53,9 +57,19 @@ grant_covers(grant, _) if {
 	"*" in grant.tools
 }
 
-caller_granted if granted(input.subject, input.tool.name)
+# A grant with `delegate_only: true` serves its identities only as agents
+# upstream of a caller: an orchestrator that only hands work to agents never
+# calls a tool itself. Any other value than absent or false counts as true,
+# so a mistyped setting narrows the grant rather than widening it.
+grant_serves(_, "link")
 
-link_granted(link) if granted(link, input.tool.name)
+grant_serves(grant, "caller") if not "delegate_only" in object.keys(grant)
+
+grant_serves(grant, "caller") if grant.delegate_only == false
+
+caller_granted if granted(input.subject, input.tool.name, "caller")
+
+link_granted(link) if granted(link, input.tool.name, "link")
 
 deny contains reason(["not_granted: ", caller_label, " is not granted tool \"", tool_label, "\""]) if {
 	not caller_granted

@@ -53,6 +53,10 @@ EXIT_USAGE = 2  # bad usage; the candidate refused (opa check / opa test / opa b
 EXIT_NOTHING = 3  # no decision record to replay (none at all, none matching, none replayable)
 EXIT_UNVERIFIED = 4  # the evidence log fails `evidence verify` (use --no-verify to replay anyway)
 
+# Under a changed decision whose arguments the record holds only as digests: a rule that reads their text (a
+# path prefix, a URL host, SQL facts) decided on the digests, so the change may be the replay's, not the candidate's.
+DIGESTED_NOTE = "(arguments recorded as digests: rules reading their text decided on the digests, not the call)"
+
 SKIP_BEFORE_POLICY = "decided before policy (nothing was sent to OPA)"
 SKIP_POLICY_FAILED = "the policy call failed when recorded (a fail-closed deny, not a policy answer)"
 SKIP_NO_INPUT = "recorded before replayable evidence (no input)"
@@ -258,6 +262,8 @@ def format_report(report: ReplayReport) -> str:
             lines.append(f"  {item.decision_id}  {item.tool}  {item.subject}  {item.outcome} -> {r.outcome}")
             lines.append(f"      recorded ({_cell(item.revision, 32)}): {'; '.join(item.reasons)}")
             lines.append(f"      replayed: {'; '.join(r.reasons)}")
+            if not item.arguments_in_clear:
+                lines.append(f"      {DIGESTED_NOTE}")
     if report.errors:
         lines.append("")
         lines.append(f"the candidate could not decide {len(report.errors)}:")
@@ -278,6 +284,7 @@ def json_lines(report: ReplayReport) -> Iterable[str]:
                 "subject": item.subject,
                 "recorded": {"outcome": item.outcome, "reasons": list(item.reasons), "revision": item.revision},
                 "replayed": {"outcome": r.outcome, "reasons": list(r.reasons), "revision": report.revision},
+                "arguments_digested": not item.arguments_in_clear,
             },
             sort_keys=True,
         )

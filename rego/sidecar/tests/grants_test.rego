@@ -25,14 +25,14 @@ test_specific_grant_adds_to_namespace_grant if {
 }
 
 test_glob_star_stays_within_one_segment if {
-	not data.sidecar.granted(identity("spiffe://example.org/ns/agents/sa/team/nested"), "read_file")
-	data.sidecar.granted(identity("spiffe://example.org/ns/agents/sa/anything"), "read_file")
+	not data.sidecar.granted(identity("spiffe://example.org/ns/agents/sa/team/nested"), "read_file", "caller")
+	data.sidecar.granted(identity("spiffe://example.org/ns/agents/sa/anything"), "read_file", "caller")
 }
 
 test_wildcard_tools_grant_every_tool if {
-	data.sidecar.granted(identity(orchestrator), "delete_records")
-	data.sidecar.granted(dev_identity(dev_agent), "send_email")
-	not data.sidecar.granted(identity(research), "delete_records")
+	data.sidecar.granted(identity(orchestrator), "delete_records", "link")
+	data.sidecar.granted(dev_identity(dev_agent), "send_email", "caller")
+	not data.sidecar.granted(identity(research), "delete_records", "caller")
 }
 
 test_dev_identity_allowed_read_file if {
@@ -50,9 +50,9 @@ test_dev_identity_allowed_read_file if {
 test_dev_grant_needs_source_dev if {
 	every source in ["workload_api", "mtls", "jwt_svid"] {
 		who := object.union(identity(dev_agent), {"source": source})
-		not data.sidecar.granted(who, "read_file")
+		not data.sidecar.granted(who, "read_file", "caller")
 	}
-	not data.sidecar.granted({"spiffe_id": dev_agent}, "read_file")
+	not data.sidecar.granted({"spiffe_id": dev_agent}, "read_file", "caller")
 	denies(call_as(dev_agent, "read_file", {"path": "/workspace/a.txt"}), "not_granted")
 }
 
@@ -105,6 +105,43 @@ test_delegation_cannot_widen_the_caller if {
 	not denies(inp, "delegation_not_granted")
 }
 
+# A delegate-only grant (the orchestrators') covers its identities upstream of
+# a caller, never as the caller: with "*" they could otherwise call every tool,
+# each new one included, themselves.
+test_delegate_only_grant_never_serves_the_caller if {
+	some name in ["read_file", "delete_records", "run_sql"]
+	not data.sidecar.granted(identity(orchestrator), name, "caller")
+	data.sidecar.granted(identity(orchestrator), name, "link")
+}
+
+test_delegate_only_caller_denied_not_granted if {
+	inp := call_as(orchestrator, "read_file", {"path": "/workspace/a.txt"})
+	d := decide(inp)
+	d.outcome == "deny"
+	sprintf("not_granted: %v is not granted tool \"read_file\"", [orchestrator]) in d.reasons
+	not allows(inp, "granted")
+}
+
+# The same orchestrator upstream of an agent that holds the tool: allowed.
+test_delegate_only_link_still_bounds_by_the_agent if {
+	allows(mk({"delegation": [identity(orchestrator)]}), "granted")
+	denies(mk({"delegation": [identity(orchestrator)], "tool": tool("run_sql", {"query": "select 1"})}), "not_granted")
+}
+
+# delegate_only absent or false: the grant serves callers. Any other value
+# (a string, a number, null) narrows the grant to links rather than widening it.
+test_delegate_only_values if {
+	grants := [{"spiffe_id": orchestrator, "tools": ["*"], "delegate_only": false}]
+	data.sidecar.granted(identity(orchestrator), "read_file", "caller") with data.sidecar.grants as grants
+	no_key := [{"spiffe_id": orchestrator, "tools": ["*"]}]
+	data.sidecar.granted(identity(orchestrator), "read_file", "caller") with data.sidecar.grants as no_key
+	every odd in [true, "false", "true", 0, 1, null, []] {
+		odd_grants := [{"spiffe_id": orchestrator, "tools": ["*"], "delegate_only": odd}]
+		not data.sidecar.granted(identity(orchestrator), "read_file", "caller") with data.sidecar.grants as odd_grants
+		data.sidecar.granted(identity(orchestrator), "read_file", "link") with data.sidecar.grants as odd_grants
+	}
+}
+
 # The shipped grants are well formed and name only catalog tools.
 test_grants_well_formed if {
 	count(data.sidecar.grants) > 0
@@ -115,6 +152,7 @@ test_grants_well_formed if {
 		every name in grant.tools {
 			grantable(name)
 		}
+		object.get(grant, "delegate_only", false) in {true, false}
 	}
 }
 

@@ -5,7 +5,9 @@
 - `run_tests(binary, dir)`: `opa test --format json`; one `TestResult` per
   test_* rule, plus bundle-level problems (a file that does not parse, data
   that does not load). `explain_failures` runs the failing ones again with
-  `--explain fails --var-values` and returns OPA's trace per test.
+  `--var-values` and returns, per test, its `print()` output and OPA's
+  summary of the expression that failed with the values it saw (with
+  `trace=True`, OPA's whole trace of the failure, `--explain fails`).
 - `build(binary, dir, output, revision)`: `opa build --bundle` into a tarball
   whose `.manifest` revision is `revision` (what OPA then reports in
   `?provenance`).
@@ -166,29 +168,42 @@ _FAILURE_HEADER = re.compile(r"^(data\.\S+): (FAIL|ERROR)\b")
 _SUMMARY = re.compile(r"^(PASS|FAIL|ERROR|SKIPPED): \d+/\d+$")
 
 
-async def explain_failures(binary: str, directory: Path, failed: list[TestResult]) -> dict[str, str]:
-    """OPA's explanation (`--explain fails --var-values`) for each failed test, keyed by `rule`."""
+async def explain_failures(
+    binary: str, directory: Path, failed: list[TestResult], *, trace: bool = False
+) -> dict[str, str]:
+    """Why each failed test failed, keyed by `rule`: what it printed (`print()`), then OPA's summary of the
+    expression that failed and the values it saw (`--var-values`); with `trace`, OPA's whole trace of the
+    failure (`--explain fails`, every rule body entered and failed on the way: hundreds of lines a test)."""
     if not failed:
         return {}
     names = "|".join(re.escape(result.rule) for result in failed)
-    _, out, _ = await _run(
-        [binary, "test", "--explain", "fails", "--var-values", "--bundle", "--run",
-         f"^({names})$", str(directory)],
-        timeout=120.0,
-    )
-    _, _, section = out.partition("FAILURES\n")
-    explained: dict[str, list[str]] = {}
+    argv = [binary, "test", "--var-values", "--bundle", "--run", f"^({names})$", str(directory)]
+    if trace:
+        argv[2:2] = ["--explain", "fails"]
+    _, out, _ = await _run(argv, timeout=120.0)
+    before, _, section = out.partition("FAILURES\n")
+    printed, explained = _indented_blocks(before), _indented_blocks(section)
+    return {
+        rule: "\n".join([*printed.get(rule, []), *explained.get(rule, [])]).strip("\n")
+        for rule in dict.fromkeys([*printed, *explained])
+    }
+
+
+def _indented_blocks(text: str) -> dict[str, list[str]]:
+    """OPA's text report: the indented lines under each `data.x.test_y: FAIL` header (its print output before
+    `FAILURES`, its explanation after), up to the summary."""
+    blocks: dict[str, list[str]] = {}
     current: str | None = None
-    for line in section.splitlines():
+    for line in text.splitlines():
         header = _FAILURE_HEADER.match(line)
         if header:
             current = header.group(1)
-            explained[current] = []
+            blocks[current] = []
         elif _SUMMARY.match(line):
             break
-        elif current is not None and not set(line) <= {"-"}:
-            explained[current].append(line)
-    return {rule: "\n".join(lines).strip("\n") for rule, lines in explained.items()}
+        elif current is not None and line[:1].isspace() and line.strip():
+            blocks[current].append(line.rstrip())
+    return blocks
 
 
 async def build(binary: str, directory: Path, output: Path, revision: str, *, timeout: float = 60.0) -> None:
