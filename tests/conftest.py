@@ -34,6 +34,14 @@ def write_policy(directory: Path, rego: str, tests: str | None = None, data: str
     return directory
 
 
+# Every test sidecar gets these unless the test is about them: room for a loaded 2-core CI
+# machine, where a decision's 100 ms default budget can pass while OPA waits for a core (a
+# policy_timeout deny where the test needs an allow or an escalate), and no load shedding: a test's
+# own work on the shared event loop is not the sidecar's load (tests/test_core_overload.py and the
+# budget tests set their own). sidecar_config here and tests/doubles/escalation.make_config use it.
+LOADED_MACHINE = {"policy.timeout_ms": 1000, "sidecar.overload_lag_ms": 0}
+
+
 SIMPLE_POLICY = """\
     package sidecar
 
@@ -62,11 +70,7 @@ def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
             "listen.unix": str(tmp_path / "sock" / "sidecar.sock"),
             "policy.dir": str(REGO),
             "policy.reload": False,
-            # Room for a loaded 2-core CI machine: tests about the budget set their own.
-            "policy.timeout_ms": 1000,
-            # and no load shedding: a test's own work on the shared event loop is not the sidecar's
-            # load (tests/test_core_overload.py turns it on).
-            "sidecar.overload_lag_ms": 0,
+            **LOADED_MACHINE,
             "sidecar.instance_id": "test-sidecar",
             "evidence.dir": str(tmp_path / "evidence"),
             "telemetry.exporter": "none",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -130,14 +131,16 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
     assert "s3cret" not in "".join(p.read_text() for p in (tmp_path / "evidence").glob("evidence-*.jsonl"))
 
 
-async def until_waiting(address: str, escalation_id: str) -> None:
-    """Until the sidecar notes the agent's open AwaitDecision (it opens in the background)."""
+async def until_waiting(address: str, escalation_id: str, waiting: asyncio.Task, timeout: float = 60.0) -> None:
+    """Until the sidecar notes the agent's open AwaitDecision (`waiting`, opening in the background):
+    polled up to a generous deadline for a loaded machine; the agent's own error if it ends first."""
+    deadline = time.monotonic() + timeout
     async with ApprovalsClient(address) as approvals:
-        for _ in range(200):
-            if (await approvals.get(escalation_id))["agent_waiting"]:
-                return
+        while not (await approvals.get(escalation_id))["agent_waiting"]:
+            if waiting.done():
+                raise AssertionError(f"the agent's AwaitDecision on {escalation_id} ended: {waiting.result()!r}")
+            assert time.monotonic() < deadline, f"the agent's AwaitDecision on {escalation_id} was never noted"
             await asyncio.sleep(0.05)
-    raise AssertionError(f"the agent's AwaitDecision on {escalation_id} was never noted")
 
 
 async def assert_rows_on_one_line(page) -> None:
@@ -165,8 +168,8 @@ async def test_the_escalation_page_shows_what_the_approver_decides(tmp_path, run
         email = await agent.authorize("send_email", arguments, task_id="task-7", signals=signals,
                                       intent="Send the CFO the Q3 numbers she asked for")
         gone = await agent.authorize("delete_repo", {"repo": "acme/legacy"}, intent="clean up")
-        waiting = asyncio.create_task(agent.await_decision(email.escalation_id, timeout=30))
-        await until_waiting(address, email.escalation_id)
+        waiting = asyncio.create_task(agent.await_decision(email.escalation_id, timeout=120))
+        await until_waiting(address, email.escalation_id, waiting)
         runner, port = await start_console(config, "127.0.0.1:0")
         base = f"http://127.0.0.1:{port}"
         try:

@@ -17,9 +17,18 @@ from sidecar.client import AsyncClient
 from sidecar.overload import LoopLag
 
 
+async def until(condition, what: str, timeout: float = 30.0) -> None:
+    """Until `condition()` holds (polled), or fail after a deadline generous for a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never in {timeout:.0f} s: {what}"
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
-async def saturated_loop(tasks: int = 40):
-    """Every lap of the event loop takes about tasks * 5 ms while inside."""
+async def saturated_loop(tasks: int = 40, lag: LoopLag | None = None):
+    """Every lap of the event loop takes about tasks * 5 ms while inside. With `lag`, entered once
+    `lag` has seen tick after tick late (a loaded machine may need more than two laps in 0.5 s)."""
     running = True
 
     async def busy() -> None:
@@ -28,7 +37,10 @@ async def saturated_loop(tasks: int = 40):
             await asyncio.sleep(0)
 
     workers = [asyncio.create_task(busy()) for _ in range(tasks)]
-    await asyncio.sleep(0.5)  # the ticker has fired late at least once
+    if lag is not None:
+        await until(lambda: lag.refusal() is not None, "the ticker found the loop late twice in a row")
+    else:
+        await asyncio.sleep(0.5)  # the ticker has fired late at least once
     try:
         yield
     finally:
@@ -52,12 +64,11 @@ async def test_the_lag_is_measured_and_refused_only_while_the_loop_runs_late():
         time.sleep(0.2)  # one stall, over by the time a call is handled: sheds nothing
         await asyncio.sleep(0)
         assert lag.refusal() is None
-        async with saturated_loop():  # every lap ~200 ms: tick after tick is late
+        async with saturated_loop(lag=lag):  # every lap ~200 ms: tick after tick is late
             refusal = lag.refusal()
             assert refusal is not None and refusal.startswith("overloaded: the sidecar is saturated (its event loop runs ")
             assert "over 50 ms); denied at once instead of queueing" in refusal
-        await asyncio.sleep(0.1)  # ticks come on time again
-        assert lag.refusal() is None
+        await until(lambda: lag.refusal() is None, "ticks came on time again")  # polled, not 0.1 s
     assert lag.refusal() is None  # closed: sheds nothing
 
 
@@ -65,11 +76,11 @@ async def test_a_saturated_sidecar_denies_at_once_records_it_and_recovers(runnin
     sidecar = await running_sidecar(sidecar_config(**{"sidecar.overload_lag_ms": 50}))
     async with AsyncClient(sidecar.addresses[0]) as client:
         assert (await client.authorize("search_docs", {"query": "q"})).outcome == "allow"
-        async with saturated_loop():
+        async with saturated_loop(lag=sidecar.overload):
             shed = await client.authorize("search_docs", {"query": "q"}, call_id="call-under-load")
         assert shed.outcome == "deny", shed
         assert shed.reasons[0].startswith("overloaded: the sidecar is saturated"), shed.reasons
-        await asyncio.sleep(0.1)
+        await until(lambda: sidecar.overload.refusal() is None, "the sidecar's loop on time again")  # not 0.1 s
         again = await client.authorize("search_docs", {"query": "q"}, call_id="call-under-load")
         assert again.outcome == "allow", again.reasons  # the call id was not used up by the shed call
     written = [r for r in records(tmp_path / "evidence") if r["kind"] == "decision"]

@@ -36,9 +36,13 @@ from sidecar.jsonvalues import SAFE_INTEGER, from_struct, to_struct
 from sidecar.console import pages
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import REPO, write_policy
-from tests.doubles.escalation import ALICE, make_config, records
+from tests.doubles.escalation import ALICE, make_config, records, until_pending
 
 BIG = 9007199254740993  # 2^53 + 1: a double cannot hold it
+# How long an agent's guard waits for the approver, here the test itself: it lists, runs the CLI in a
+# new process and reads before it approves, which takes seconds on a loaded machine. A decision ends
+# the wait at once, so this only bounds a failure.
+WAIT_FOR_APPROVER = 120
 
 ECHO_POLICY = """\
     package sidecar
@@ -179,7 +183,7 @@ async def test_issue_example_is_refused_and_a_safe_integer_is_shown_approved_and
     ran: list = []
 
     def agent(ids: list) -> None:
-        with Client(address, escalation_timeout=30) as client:
+        with Client(address, escalation_timeout=WAIT_FOR_APPROVER) as client:
 
             @client.guard(tool="send_email")
             def delete_records(table: str, ids: list) -> None:
@@ -193,12 +197,7 @@ async def test_issue_example_is_refused_and_a_safe_integer_is_shown_approved_and
     async with ApprovalsClient(address) as approvals:
         assert await approvals.list(state="") == []  # nothing escalated, nothing to approve
         running = asyncio.create_task(asyncio.to_thread(agent, [SAFE_INTEGER, 7]))
-        for _ in range(200):
-            pending = await approvals.list(state="pending")
-            if pending:
-                break
-            await asyncio.sleep(0.05)
-        [escalation] = pending
+        [escalation] = await until_pending(approvals, running)
         assert escalation["arguments_preview"] == {"table": "orders", "ids": [SAFE_INTEGER, 7]}
         assert all(type(i) is int for i in escalation["arguments_preview"]["ids"])
         shown = await cli("approvals", "show", escalation["escalation_id"], "--address", address)
@@ -236,16 +235,12 @@ async def test_the_guard_runs_the_values_decided_even_if_the_caller_changes_them
     ran: list = []
 
     def agent() -> None:
-        with Client(address, escalation_timeout=30) as client:
+        with Client(address, escalation_timeout=WAIT_FOR_APPROVER) as client:
             client.guard(tool="send_email")(lambda to, body: ran.append((to, body)))(recipients, body=body)
 
     async with ApprovalsClient(address) as approvals:
         running = asyncio.create_task(asyncio.to_thread(agent))
-        for _ in range(200):
-            pending = await approvals.list(state="pending")
-            if pending:
-                break
-            await asyncio.sleep(0.05)
+        pending = await until_pending(approvals, running)
         recipients.append("attacker@evil.example")  # while the human reads the preview
         body["text"] = "wire the money"
         [escalation] = pending

@@ -29,6 +29,7 @@ from tests.doubles.escalation import (
     records_of,
     store_kind,  # noqa: F401  (fixture)
     store_settings,
+    until_pending,
 )
 
 EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers", "api_token": "s3cret-token"}
@@ -77,14 +78,15 @@ async def test_full_flow_escalate_wait_approve_repeat_once(config, running_sidec
         assert shown["arguments_preview"] == {"to": "cfo@example.com", "body": "Q3 numbers", "api_token": "[REDACTED]"}
         assert shown["trace_id"] == first.trace_id
 
-        # a long poll that a decision ends early
-        waiting = asyncio.create_task(await_decision(address, first.escalation_id, timeout=10))
-        await asyncio.sleep(0.3)
+        # a long poll that a decision ends early: the decision lands while the wait is open (the sidecar
+        # says so), and ends it long before its 60 s
+        waiting = asyncio.create_task(await_decision(address, first.escalation_id, timeout=60))
+        await wait_until(lambda: approvals.get(first.escalation_id), lambda e: e["agent_waiting"], "the long poll open")
         assert not waiting.done()
         started = time.monotonic()
         approved = await approvals.approve(first.escalation_id, note="ok for the board pack", approver=ALICE)
         answer = await waiting
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10
         assert answer.escalation.state == sidecar_pb2.ESCALATION_STATE_APPROVED and not answer.timed_out
         assert answer.escalation.approver == ALICE and answer.escalation.note == "ok for the board pack"
         assert approved["state"] == "approved"
@@ -245,11 +247,13 @@ async def test_two_approvers_racing_exactly_one_wins(config, running_sidecar):
 
 
 async def test_expiry_of_pending_escalations_and_unused_approvals(config, running_sidecar, tmp_path):
-    sidecar = await running_sidecar(config(**{"escalation.ttl_seconds": 0.5, "escalation.use_window_seconds": 0.5}))
+    # The TTL leaves a loaded machine time to approve `fresh` below before it lapses too (approving
+    # within 0.5 s was a race); the use window is the one waited out.
+    sidecar = await running_sidecar(config(**{"escalation.ttl_seconds": 3, "escalation.use_window_seconds": 0.5}))
     address = sidecar.addresses[0]
     async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
         lapsing = await agent.authorize("send_email", EMAIL)
-        answer = await await_decision(address, lapsing.escalation_id, timeout=5)  # ends when it expires
+        answer = await await_decision(address, lapsing.escalation_id, timeout=30)  # ends when it expires
         assert answer.escalation.state == sidecar_pb2.ESCALATION_STATE_EXPIRED and not answer.timed_out
         error = await refused(approvals.approve(lapsing.escalation_id, approver=ALICE))
         assert error.code == "escalation_expired"
@@ -259,7 +263,7 @@ async def test_expiry_of_pending_escalations_and_unused_approvals(config, runnin
         assert fresh.outcome == "escalate" and fresh.escalation_id != lapsing.escalation_id
 
         await approvals.approve(fresh.escalation_id, approver=ALICE)
-        deadline = time.monotonic() + 10  # the use window passes; the sweeper expires the approval
+        deadline = time.monotonic() + 60  # the use window passes; the sweeper expires the approval
         while (await approvals.get(fresh.escalation_id))["state"] != "expired" and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert (await approvals.get(fresh.escalation_id))["state"] == "expired"
@@ -277,7 +281,7 @@ async def test_await_decision_times_out_and_caps_the_wait(config, running_sideca
         started = time.monotonic()
         answer = await await_decision(sidecar.addresses[0], escalated.escalation_id, timeout=30)
         assert answer.timed_out and answer.escalation.state == sidecar_pb2.ESCALATION_STATE_PENDING
-        assert 0.4 < time.monotonic() - started < 3
+        assert 0.4 < time.monotonic() - started < 10  # capped at 0.5 s, not the 30 asked (10: a loaded machine)
         for bad, code in (("esc-" + "1" * 32, grpc.StatusCode.NOT_FOUND), ("nope", grpc.StatusCode.NOT_FOUND)):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await await_decision(sidecar.addresses[0], bad)
@@ -347,12 +351,12 @@ async def test_watch_streams_current_and_new_changes(config, running_sidecar):
                     return
 
         watcher = asyncio.create_task(watch())
-        await asyncio.wait_for(subscribed.wait(), 10)  # not a fixed sleep: a loaded machine subscribes late
+        await asyncio.wait_for(subscribed.wait(), 60)  # not a fixed sleep: a loaded machine subscribes late
         after = await agent.authorize("delete_repo", {"repo": "acme/x"})
         assert (before.outcome, after.outcome) == ("escalate", "escalate"), (before.reasons, after.reasons)
         await approvals.approve(before.escalation_id, approver=ALICE)
         await approvals.deny(after.escalation_id, approver=ALICE)
-        await asyncio.wait_for(watcher, 5)
+        await asyncio.wait_for(watcher, 60)  # ends as soon as the four changes arrived
     assert seen == [
         (before.escalation_id, "pending"),
         (after.escalation_id, "pending"),
@@ -368,14 +372,9 @@ async def test_the_client_guard_waits_for_a_human_then_repeats_the_call(config, 
 
     async def approve_when_asked(approve: bool, tool: str = "send_email") -> None:
         async with ApprovalsClient(address) as approvals:
-            for _ in range(100):
-                pending = await approvals.list(state="pending", tool=tool)
-                if pending:
-                    decide = approvals.approve if approve else approvals.deny
-                    await decide(pending[0]["escalation_id"], approver=ALICE, note="checked")
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError("no escalation appeared")
+            pending = await until_pending(approvals, tool=tool)  # a 60 s deadline, not 100 polls
+            decide = approvals.approve if approve else approvals.deny
+            await decide(pending[0]["escalation_id"], approver=ALICE, note="checked")
 
     def agent_side(timeout: float, body: str) -> None:
         with Client(address, escalation_timeout=timeout) as client:
@@ -396,18 +395,19 @@ async def test_the_client_guard_waits_for_a_human_then_repeats_the_call(config, 
                     send_email("cfo@example.com", body)
                 assert info.value.escalation_id
 
+    # the guard waits up to 120 s for the helper's decision, which ends the wait at once
     helper = asyncio.create_task(approve_when_asked(True))
-    await asyncio.to_thread(agent_side, 10, "approved")
+    await asyncio.to_thread(agent_side, 120, "approved")
     await helper
     helper = asyncio.create_task(approve_when_asked(False))
-    await asyncio.to_thread(agent_side, 10, "denied")
+    await asyncio.to_thread(agent_side, 120, "denied")
     await helper
     await asyncio.to_thread(agent_side, 0.3, "nobody decides")
     await asyncio.to_thread(agent_side, 0, "waiting disabled")
     assert ran == ["approved"]
 
     # and the asyncio client
-    async with AsyncClient(address, escalation_timeout=10) as client:
+    async with AsyncClient(address, escalation_timeout=120) as client:
 
         @client.guard(tool="delete_repo")
         async def delete(repo: str) -> str:
@@ -446,14 +446,16 @@ async def test_an_unparseable_approval_is_refused_and_recorded(config, running_s
     assert record["outcome"] == "refused" and record["reasons"][0].startswith("malformed_request:")
 
 
-async def wait_until(read, predicate, what: str):
-    """Poll `read()` until `predicate(value)`; bounded, never timed."""
-    for _ in range(200):
+async def wait_until(read, predicate, what: str, timeout: float = 60.0):
+    """Poll `read()` until `predicate(value)`, up to a deadline generous for a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
         value = await read()
         if predicate(value):
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never in {timeout:.0f} s: {what}")
         await asyncio.sleep(0.05)
-    raise AssertionError(f"never: {what}")
 
 
 async def test_approvers_see_what_they_decide(config, running_sidecar, tmp_path):

@@ -78,19 +78,25 @@ async def test_new_escalations_are_posted_retried_and_never_block_the_decision(t
         "escalation.console_url": "https://approvals.example.org/",
         "escalation.webhook_attempts": 3,
         "escalation.webhook_backoff_seconds": 0.05,  # keep the test quick; the schedule is tenacity's
+        # a decision that waited for the hanging receiver would take this long (not a loaded machine's second)
+        "escalation.webhook_timeout_seconds": 30,
     }))
     hook.release.clear()  # the receiver hangs: the agent must not wait for it
     async with AsyncClient(sidecar.addresses[0]) as agent:
         started = time.monotonic()
         escalated = await agent.authorize("send_email", EMAIL, task_id="t-9")
         assert escalated.outcome == "escalate"
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 5.0  # far below the webhook's 30 s: the decision did not wait for it
         again = await agent.authorize("send_email", EMAIL, task_id="t-9")  # same escalation: no second notice
         assert again.escalation_id == escalated.escalation_id
-        await asyncio.sleep(0.1)
+        # the first notice reaches the (hanging) receiver in the background: wait for it, not for 0.1 s
+        deadline = time.monotonic() + 60
+        while not hook.requests:
+            assert time.monotonic() < deadline, "the webhook never reached the receiver"
+            await asyncio.sleep(0.02)
         assert len(hook.requests) == 1
         hook.release.set()
-        await sidecar.escalations.notifier.drain(5)
+        await sidecar.escalations.notifier.drain(60)  # ends as soon as the notice is delivered
 
     assert len(hook.requests) == 2  # 503 first, then delivered
     assert sidecar.escalations.notifier.sent == 1 and sidecar.escalations.notifier.failed == 0
@@ -120,7 +126,7 @@ async def test_a_webhook_that_is_down_changes_nothing(tmp_path, receiver, runnin
     async with AsyncClient(sidecar.addresses[0]) as agent:
         escalated = await agent.authorize("send_email", EMAIL)
         assert escalated.outcome == "escalate" and escalated.escalation_id
-        await sidecar.escalations.notifier.drain(5)
+        await sidecar.escalations.notifier.drain(60)
     assert sidecar.escalations.notifier.failed == 1 and sidecar.escalations.notifier.sent == 0
 
 
@@ -143,7 +149,7 @@ async def test_a_client_error_is_not_retried(tmp_path, running_sidecar):
             "escalation.webhook_url": f"http://127.0.0.1:{port}/hook", "escalation.webhook_attempts": 4}))
         async with AsyncClient(sidecar.addresses[0]) as agent:
             await agent.authorize("send_email", EMAIL)
-            await sidecar.escalations.notifier.drain(5)
+            await sidecar.escalations.notifier.drain(60)
         assert len(hits) == 1 and sidecar.escalations.notifier.failed == 1
     finally:
         await runner.cleanup()

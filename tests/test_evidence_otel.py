@@ -181,15 +181,16 @@ async def test_force_flush_waits_while_the_collector_answers_and_gives_up_at_onc
 
 
 async def test_a_slow_collector_does_not_slow_decisions(tmp_path, receiver, clean_otel_env):
-    receiver.delay = 1.5
-    rec = open_recorder(tmp_path / "ev", **shipping_to(receiver, timeout_seconds=5.0), instance_id="s")
+    receiver.delay = 5.0  # an export takes 5 s: decisions that waited for it could not finish in 3
+    rec = open_recorder(tmp_path / "ev", **shipping_to(receiver, timeout_seconds=10.0), instance_id="s")
     try:
         await rec.record(make_event(0))
-        await asyncio.sleep(0.1)  # the shipper is now inside a slow export
+        # the shipper is now inside a slow export (the receiver counts it before its delay): waited for, not 0.1 s
+        assert await asyncio.to_thread(receiver.wait_for, lambda r: r.requests >= 1)
         started = time.monotonic()
         for i in range(1, 21):
             await rec.record(make_event(i))
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # 20 fsync'd records on a loaded disk, not one 5 s export
     finally:
         receiver.delay = 0
         await rec.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -269,9 +270,9 @@ async def test_no_planted_secret_reaches_any_record_or_span(tmp_path, running_si
                 metadata=(("authorization", "Bearer PLANT-20"), ("x-api-key", "PLANT-21"),
                           ("traceparent", "00-PLANT-21-x")),
             )
-        for _ in range(100):  # the sweeper expires it after escalation.ttl_seconds
-            if any(r["kind"] == "expiry" for r in records(tmp_path / "evidence")):
-                break
+        deadline = time.monotonic() + 60  # the sweeper expires it after escalation.ttl_seconds
+        while not any(r["kind"] == "expiry" for r in records(tmp_path / "evidence")):
+            assert time.monotonic() < deadline, "the sweeper never expired the escalation"
             await asyncio.sleep(0.1)
     await sidecar.stop(grace=0)
 

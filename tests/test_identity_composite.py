@@ -48,7 +48,7 @@ def identity_config(agent, **overrides):
 @pytest.fixture
 def runtime(agent):
     rt = build_identity(identity_config(agent))
-    assert rt.source.wait_until_ready(5)
+    assert rt.source.wait_until_ready(30)
     yield rt
     rt.close()
 
@@ -75,7 +75,7 @@ def test_a_bad_credential_never_falls_back_to_the_transport(agent, runtime):
 def test_configured_order_is_the_precedence(agent):
     rt = build_identity(identity_config(agent, sources=["workload_api", "jwt_svid"]))
     try:
-        assert rt.source.wait_until_ready(5)
+        assert rt.source.wait_until_ready(30)
         token = agent.jwt_authority.mint(PLANNER, AUD)
         # workload_api listed first: on the unix socket the pod identity wins, the token is not read.
         got = rt.resolver.resolve(PeerInfo(transport="unix", metadata=bearer(token)))
@@ -168,7 +168,7 @@ def test_bad_delegation_links_deny_naming_the_link(agent, runtime, make_links, r
 def test_delegation_has_its_own_audience_and_limit(agent):
     rt = build_identity(identity_config(agent, delegation_audience="agents-delegation", max_delegation_links=1))
     try:
-        assert rt.source.wait_until_ready(5)
+        assert rt.source.wait_until_ready(30)
         (ok,) = links(agent, ORCHESTRATOR, base="agents-delegation")
         got = rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(ok)))
         assert [d.spiffe_id for d in got.delegation] == [ORCHESTRATOR]
@@ -183,7 +183,7 @@ def test_delegation_has_its_own_audience_and_limit(agent):
 def test_delegation_refused_without_an_audience_or_in_dev(agent):
     rt = build_identity(identity_config(agent, sources=["workload_api"], jwt_audience="", delegation_audience=""))
     try:
-        assert rt.source.wait_until_ready(5)
+        assert rt.source.wait_until_ready(30)
         (token,) = links(agent, ORCHESTRATOR)
         with pytest.raises(IdentityError, match="no delegation audience is configured"):
             rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(token)))
@@ -256,7 +256,7 @@ def test_build_identity_does_not_block_on_a_missing_agent():
         }).identity
         started = time.monotonic()
         rt = build_identity(config)
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 5  # not waiting for the missing agent (5: a loaded machine, was 1)
         assert isinstance(rt, IdentityRuntime) and rt.server_credentials is not None
         serving, detail = rt.resolver.health()
         assert not serving

@@ -31,9 +31,10 @@ def world():
     partner = TestJwtAuthority("partner.example")
     agent.federate_with("partner.example", jwt_authority=partner)
     source = WorkloadApiSource(agent.endpoint, backoff_initial=0.02, backoff_max=0.1).start()
-    assert source.wait_until_ready(5)
-    deadline = time.monotonic() + 5
-    while source.jwt_keys("partner.example") is None and time.monotonic() < deadline:
+    assert source.wait_until_ready(30)
+    deadline = time.monotonic() + 30  # the federated bundle arrives on the stream in the background
+    while source.jwt_keys("partner.example") is None:
+        assert time.monotonic() < deadline, "the partner's JWT keys never arrived"
         time.sleep(0.02)
     yield agent, source, partner
     source.close()

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient
 from sidecar.config import load_config
-from tests.conftest import write_policy
+from tests.conftest import LOADED_MACHINE, write_policy
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
@@ -58,6 +58,7 @@ def make_config(tmp_path, sockdir):
 
     def make(**identity):
         settings = {
+            **LOADED_MACHINE,  # room for a loaded machine: identity is under test, not policy speed
             "listen.tcp": "127.0.0.1:0",
             "listen.unix": f"{sockdir}/sidecar.sock",
             "policy.dir": str(policy),
@@ -94,7 +95,7 @@ async def health(sidecar) -> tuple[int, str]:
         return reply.status, detail
 
 
-async def wait_health(sidecar, status, timeout: float = 10.0) -> str:
+async def wait_health(sidecar, status, timeout: float = 60.0) -> str:  # as soon as it holds; room for a loaded machine
     deadline = time.monotonic() + timeout
     while True:
         got, detail = await health(sidecar)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,11 @@ async def until_waiting(approvals: ApprovalsClient, user: User) -> str:
     """The escalation id, once the gateway waits on it (so the decision lands during the wait)."""
     await user.asked.wait()
     escalation_id = user.escalation_id
-    for _ in range(1000):
-        if (await approvals.get(escalation_id))["agent_waiting"]:
-            return escalation_id
+    deadline = time.monotonic() + 60  # a deadline for a loaded machine, not a count of polls
+    while not (await approvals.get(escalation_id))["agent_waiting"]:
+        assert time.monotonic() < deadline, f"the gateway never waited on {escalation_id}"
         await asyncio.sleep(0.01)
-    raise AssertionError(f"the gateway never waited on {escalation_id}")
+    return escalation_id
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx2
@@ -16,10 +17,19 @@ from mcp.shared.exceptions import MCPError
 
 from sidecar.config import load_config
 from sidecar.identity.delegation import link_audience
-from tests.conftest import write_policy
+from tests.conftest import LOADED_MACHINE, write_policy
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 from tests.mcp_upstreams import Seen, docs_server, serve_http
 from tests.test_mcp_gateway import POLICY
+
+
+async def until_identity(sidecar, timeout: float = 60.0) -> None:
+    """Until the sidecar's identity is healthy (SVID and bundles from the Workload API), or fail:
+    a deadline for a loaded machine, not 100 polls after which the test went on regardless."""
+    deadline = time.monotonic() + timeout
+    while not sidecar.identity.health()[0]:
+        assert time.monotonic() < deadline, sidecar.identity.health()
+        await asyncio.sleep(0.05)
 
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 PLANNER = "spiffe://example.org/ns/agents/sa/planner"
@@ -35,6 +45,7 @@ async def world(tmp_path, running_sidecar):
     seen = Seen()
     upstream = await serve_http(docs_server(seen))
     config = load_config(None, {
+        **LOADED_MACHINE,  # room for a loaded machine: identity is under test, not policy speed
         "listen.tcp": "127.0.0.1:0",
         "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
         "policy.reload": False,
@@ -49,10 +60,7 @@ async def world(tmp_path, running_sidecar):
         "mcp.upstreams": {"docs": {"url": upstream.url}},
     })
     sidecar = await running_sidecar(config)
-    for _ in range(100):  # the JWT bundle arrives from the Workload API in the background
-        if sidecar.identity.health()[0]:
-            break
-        await asyncio.sleep(0.05)
+    await until_identity(sidecar)  # the JWT bundle arrives from the Workload API in the background
     yield agent, sidecar, seen, tmp_path / "evidence"
     await upstream.stop()
     agent.stop()
@@ -112,6 +120,7 @@ async def test_callers_on_the_unix_socket_get_the_pod_identity_and_tcp_callers_d
     upstream = await serve_http(docs_server(seen))
     try:
         config = load_config(None, {
+            **LOADED_MACHINE,  # room for a loaded machine: identity is under test, not policy speed
             "listen.tcp": "", "listen.unix": f"{sockdir}/grpc.sock",
             "policy.dir": str(write_policy(tmp_path / "policy", POLICY)), "policy.reload": False,
             "evidence.dir": str(tmp_path / "evidence"), "telemetry.exporter": "none",
@@ -121,10 +130,7 @@ async def test_callers_on_the_unix_socket_get_the_pod_identity_and_tcp_callers_d
             "mcp.upstreams": {"docs": {"url": upstream.url}},
         })
         sidecar = await running_sidecar(config)
-        for _ in range(100):
-            if sidecar.identity.health()[0]:
-                break
-            await asyncio.sleep(0.05)
+        await until_identity(sidecar)
         http = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=f"{sockdir}/mcp.sock"))
         async with Client(streamable_http_client("http://localhost/mcp", http_client=http)) as in_pod:
             assert not (await in_pod.call_tool("docs__whoami", {})).is_error

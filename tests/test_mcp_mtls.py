@@ -36,7 +36,7 @@ from spiffe import X509Source
 
 from sidecar.config import Config, load_config
 from sidecar.mcp.tls import client_ssl_context
-from tests.conftest import write_policy
+from tests.conftest import LOADED_MACHINE, write_policy
 from tests.doubles.fake_workload_api import FakeWorkloadApi
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 from tests.doubles.pki import TestCa
@@ -361,6 +361,7 @@ async def partnered(tmp_path, running_sidecar, upstream):
 
 def double_settings(directory: Path, api, upstream_url: str, trust_domains: list[str]) -> Config:
     return load_config(None, {
+        **LOADED_MACHINE,  # room for a loaded machine: identity is under test, not policy speed
         "listen.tcp": "127.0.0.1:0",
         "policy.dir": str(write_policy(directory / "policy", POLICY)),
         "policy.reload": False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,8 @@ async def test_a_stdio_upstream_that_dies_is_an_error_then_restarted(gateway):
         assert not (await agent.call_tool("notes__search", {"query": "a"})).is_error
         died = await agent.call_tool("notes__crash", {})
         assert died.is_error and "upstream_" in died.content[0].text, died
-        for _ in range(50):  # the session is reconnected (the process restarted) in the background
-            again = await agent.call_tool("notes__search", {"query": "b"})
-            if not again.is_error:
-                break
+        deadline = time.monotonic() + 60  # the session is reconnected (the process restarted) in the background
+        while (again := await agent.call_tool("notes__search", {"query": "b"})).is_error and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert not again.is_error, again
     assert verify_dir(Path(config.evidence.dir)).ok

@@ -155,7 +155,7 @@ async def test_a_hung_managed_opa_is_replaced_and_calls_recover_without_resuming
             await sidecar.health.refresh()
             return (await health(address))[0] == health_pb2.HealthCheckResponse.SERVING
 
-        assert await until(serving, timeout=5.0)
+        assert await until(serving, timeout=30.0)  # as soon as it holds; room for a loaded machine
     assert any(f"OPA pid {first} hung: GET /health" in r.getMessage() for r in caplog.records)
     reasons = {r["reasons"][0].split(":")[0] for r in evidence_records(tmp_path) if r.get("outcome") == "deny"}
     assert reasons <= {"policy_timeout", "policy_unavailable"}, reasons

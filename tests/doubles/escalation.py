@@ -16,14 +16,16 @@ other tools are not in it.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.config import Config, load_config
-from tests.conftest import write_policy
+from tests.conftest import LOADED_MACHINE, write_policy
 
 ESCALATION_POLICY = """\
     package sidecar
@@ -116,6 +118,7 @@ def make_config(tmp_path: Path, store: dict[str, Any] | None = None, **overrides
         "listen.unix": "",
         "policy.dir": str(policy_dir(tmp_path)),
         "policy.reload": False,
+        **LOADED_MACHINE,  # an escalation test needs its calls escalated, not timed out or shed
         "sidecar.instance_id": "escalation-test",
         "evidence.dir": str(tmp_path / "evidence"),
         "telemetry.exporter": "none",
@@ -141,3 +144,25 @@ def records_of(evidence_dir: Path, escalation_id: str) -> list[dict]:
 @pytest.fixture(params=STORES)
 def store_kind(request) -> str:
     return request.param
+
+
+async def until_pending(approvals: Any, agent: "asyncio.Future | None" = None, *, tool: str = "",
+                        timeout: float = 60.0) -> list[dict]:
+    """The pending escalations (of `tool`, or all) once there are any: an agent escalates in the
+    background (a thread or task), and on a loaded machine it may take seconds to get there.
+
+    Polls until then; no fixed sleep decides. When `agent` (the background call) ends first, its own
+    error is raised (e.g. AuthorizationDenied with the reason the call was not escalated); after
+    `timeout` seconds an AssertionError says nothing escalated.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = await approvals.list(state="pending", tool=tool)
+        if pending:
+            return pending
+        if agent is not None and agent.done():
+            agent.result()  # the agent's own error, if it failed
+            raise AssertionError(f"the agent finished without escalating (it returned {agent.result()!r})")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no pending escalation{f' of {tool}' if tool else ''} after {timeout:.0f} s")
+        await asyncio.sleep(0.05)

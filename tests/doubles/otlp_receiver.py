@@ -127,7 +127,7 @@ class OtlpReceiver:
         with self.lock:
             return [s for s in self.spans if s.name.startswith(prefix)]
 
-    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+    def wait_for(self, predicate, timeout: float = 30.0) -> bool:  # as soon as it holds; room for a loaded machine
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate(self):
