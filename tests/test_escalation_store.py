@@ -14,6 +14,7 @@ import sqlite3
 import pytest
 
 from sidecar.escalation import APPROVED, DENIED, EXPIRED, PENDING, USED, EscalationRecord
+from sidecar.escalation.feed import ChangeFeed
 from sidecar.escalation.service import new_escalation_id
 from sidecar.escalation.store import PostgresStore, SqliteStore
 from tests.doubles.escalation import STORES
@@ -156,6 +157,25 @@ async def test_withdraw_only_touches_pending(stores):
     assert await store.withdraw(escalation.id, NOW + 2) is None
 
 
+async def test_withdraw_voids_an_approval_given_before_it_and_nothing_after_use_or_denial(stores):
+    """An escalation is listed from its insert: an approver can approve it before the gate withdraws
+    it (its decision could not be recorded). The approval must not outlive the withdraw."""
+    store, other, _ = stores
+    approved, _, _ = await store.create(record("sha256:ap"), NOW)
+    await other.decide(approved.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 60)
+    withdrawn = await store.withdraw(approved.id, NOW + 2)
+    assert withdrawn.state == EXPIRED and withdrawn.arguments is None
+    assert await store.consume(approved.id, "sha256:ap", NOW + 3, "d-retry") is None
+    used, _, _ = await store.create(record("sha256:us"), NOW)
+    await store.decide(used.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 60)
+    assert (await store.consume(used.id, "sha256:us", NOW + 2, "d-retry")).state == USED
+    denied, _, _ = await store.create(record("sha256:de"), NOW)
+    await store.decide(denied.id, DENIED, approver="a:b", via="", note="", now=NOW + 1, use_by=None)
+    for done in (used, denied):
+        assert await store.withdraw(done.id, NOW + 3) is None
+    assert (await store.get(used.id)).state == USED and (await store.get(denied.id)).state == DENIED
+
+
 async def test_list_filters_and_changes_since(stores):
     store, _, _ = stores
     a, _, _ = await store.create(record("sha256:1", tool="send_email"), NOW)
@@ -291,3 +311,36 @@ async def test_the_agents_waits_are_tracked_across_sidecars(stores):
     assert not gone.agent_waiting(NOW + 5) and gone.agent_seen_at == NOW + 4
     await store.agent_seen(one.id, NOW + 9)
     assert (await other.get(one.id)).agent_seen_at == NOW + 9
+
+
+async def test_watch_never_steps_an_escalation_back_to_an_older_version(tmp_path):
+    """A change can reach the feed after a newer one (an approval published before the escalation's
+    own announcement, which carries the state at its insert): watchers never see pending again."""
+    store = SqliteStore(tmp_path / "esc.db")
+    await store.open()
+    try:
+        pending, _, _ = await store.create(record(), NOW)
+
+        async def unused(_):
+            raise AssertionError("watch neither reads nor settles")
+
+        feed = ChangeFeed(store, read=unused, settle=unused, poll_interval=30, await_max=60, clock=lambda: NOW)
+        seen: list[tuple[str, float]] = []
+        watch = feed.watch()
+        first = await anext(watch)
+        seen.append((first.state, first.updated_at))
+        approved = await store.decide(pending.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1,
+                                      use_by=NOW + 60)
+        used = await store.consume(pending.id, "sha256:aa", NOW + 2, "d-retry")
+        for version in (approved, pending, used, approved):  # the announcement's pending arrives late
+            feed.publish(version)
+        for _ in range(2):
+            change = await asyncio.wait_for(anext(watch), 5)
+            seen.append((change.state, change.updated_at))
+        assert seen == [(PENDING, NOW), (APPROVED, NOW + 1), (USED, NOW + 2)]
+        feed.publish(pending)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(watch), 0.3)
+        await watch.aclose()
+    finally:
+        await store.aclose()

@@ -132,8 +132,11 @@ class ChangeFeed:
             seen: dict[str, tuple[str, float]] = {}
 
             def fresh(record: EscalationRecord) -> bool:
+                # Changes can reach the feed out of order (an approval published before the
+                # escalation's own announcement): an older version never follows a newer one.
                 key = (record.state, record.updated_at)
-                if seen.get(record.id) == key:
+                before = seen.get(record.id)
+                if before == key or (before is not None and record.updated_at < before[1]):
                     return False
                 seen[record.id] = key
                 return not state or record.state == state

@@ -131,9 +131,11 @@ SQL = {
         f"UPDATE {TABLE} SET state = '{USED}', used_at = ?, used_by_decision = ?, updated_at = ? "
         f"WHERE id = ? AND state = '{APPROVED}' AND fingerprint = ? AND use_by > ? RETURNING {SELECT}"
     ),
+    # An approval can land between the insert and the withdraw (the escalation is listed from its
+    # insert on): it goes too, unused, so no call runs on an escalation with no decision record.
     "withdraw": (
         f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE id = ? "
-        f"AND state = '{PENDING}' RETURNING {SELECT}"
+        f"AND state IN ('{PENDING}', '{APPROVED}') RETURNING {SELECT}"
     ),
     # The agent asked about the call again (a repeat): only the time it was last seen.
     "seen": f"UPDATE {TABLE} SET agent_seen_at = ? WHERE id = ?",
@@ -215,7 +217,8 @@ class EscalationStore(Protocol):
         ...
 
     async def withdraw(self, escalation_id: str, now: float) -> EscalationRecord | None:
-        """pending → expired at once (an escalation whose decision could not be recorded)."""
+        """pending or approved (unused) → expired at once: an escalation whose decision could not be
+        recorded. None when it was neither (denied, expired, used)."""
         ...
 
     async def changed_since(self, since: float, limit: int = 500) -> list[EscalationRecord]: ...
