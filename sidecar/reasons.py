@@ -65,7 +65,7 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
 
     tasks (tasks.py, servicer.py EndTask):
     task_ended              the call's task was ended (EndTask or idle timeout)
-    not_task_owner          EndTask by another subject than the task's
+    not_task_owner          a call under, or EndTask of, a task another agent owns
     invalid_task            EndTask with an empty or over-long task id
 
     invocation (invoke/, servicer.py Invoke, mcp/gateway.py), in InvocationResult.error or as a deny:

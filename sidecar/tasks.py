@@ -4,8 +4,12 @@
     refusal = await tasks.check(task_id, identity, trace)   # None, or the reason the Gate denies with
     ending = await tasks.end(task_id, identity, parent)     # TaskEnd; raises TaskOwnerMismatch, TaskEndUnrecorded
 
-A task belongs to the subject (SPIFFE ID) that first called under it; only
-that subject may end it. Bounded: past `max_tracked` the least recently used
+A task belongs to whoever started it: the outermost agent of its first
+call's delegation chain, or that call's caller when it has no chain (`owner`).
+Later calls under it, and EndTask, are accepted from that agent or from any
+agent it delegated to (whose verified chain starts with it); anyone else is
+refused `not_task_owner`, so another agent can neither spend a task's call
+budget, keep it from going idle, nor end it. Bounded: past `max_tracked` the least recently used
 tasks are forgotten (an ended task forgotten this way would be usable again:
 keep `max_tracked` above the tasks a sidecar sees in its lifetime window).
 
@@ -33,7 +37,7 @@ from typing import Any, Callable
 from sidecar.evidence import EvidenceError, EvidenceSink, Receipt, TraceContext
 from sidecar.evidence.records import rfc3339
 from sidecar.identity import CallerIdentity
-from sidecar.reasons import EVIDENCE_UNAVAILABLE, TASK_ENDED, Reason
+from sidecar.reasons import EVIDENCE_UNAVAILABLE, NOT_TASK_OWNER, TASK_ENDED, Reason
 
 END_TASK = "end_task"
 IDLE_TIMEOUT = "idle_timeout"
@@ -41,7 +45,12 @@ TASK_END = "task_end"  # the evidence record kind
 
 
 class TaskOwnerMismatch(Exception):
-    """Someone other than the task's subject tried to end it."""
+    """An agent that is not the task's owner, nor one its owner delegated to, tried to end it."""
+
+
+def owner(identity: CallerIdentity) -> str:
+    """Who a call acts for: the outermost agent of its delegation chain, else its caller (SPIFFE ID)."""
+    return (identity.delegation[0] if identity.delegation else identity.subject).spiffe_id
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class TaskEndUnrecorded(Exception):
 
 @dataclass(slots=True)
 class _Active:
-    identity: CallerIdentity  # the task's subject, as verified at its first call
+    identity: CallerIdentity  # the caller of the task's first call, as verified then
+    owner: str  # owner(identity): the agent the task belongs to
     last_seen: float  # monotonic clock
     last_wall: float  # wall clock of the same moment
     first_call: TraceContext  # the span of the task's first call, linked from its task_end record
@@ -126,6 +136,13 @@ def _refusal(task_id: str, why: str) -> str:
     return str(Reason(TASK_ENDED, f"task {task_id!r} {why}; start a new task"))
 
 
+def _not_owner(task_id: str, task_owner: str, identity: CallerIdentity) -> str:
+    return str(Reason(NOT_TASK_OWNER, (
+        f"task {task_id!r} belongs to {task_owner}; {owner(identity)} acts for another agent "
+        "(a task's calls come from its owner or an agent it delegated to)"
+    )))
+
+
 class TaskRegistry:
     def __init__(
         self,
@@ -160,10 +177,12 @@ class TaskRegistry:
         now = self._clock()
         active = self._active.get(task_id)
         if active is None:
-            self._active[task_id] = _Active(identity, now, self._wall(), trace)
+            self._active[task_id] = _Active(identity, owner(identity), now, self._wall(), trace)
             while len(self._active) > self._max:
                 self._active.popitem(last=False)
             return None
+        if owner(identity) != active.owner:
+            return _not_owner(task_id, active.owner, identity)
         if self._idle > 0 and now - active.last_seen > self._idle:
             ended = self._end_idle(task_id, active, trace)
             return await self._refusal_once_recorded(task_id, ended)
@@ -177,13 +196,13 @@ class TaskRegistry:
         A task already ended (or idle past the timeout) answers `already_ended`; its one task_end record
         is not written again. Raises TaskOwnerMismatch (nothing changes) or TaskEndUnrecorded (it ended).
         """
-        caller = identity.subject.spiffe_id
+        caller = owner(identity)
         ended = self._ended.get(task_id)
         already = ended is not None
         if ended is None:
             active = self._active.get(task_id)
-            if active is not None and active.identity.subject.spiffe_id != caller:
-                raise TaskOwnerMismatch(f"task {task_id!r} belongs to {active.identity.subject.spiffe_id}")
+            if active is not None and active.owner != caller:
+                raise TaskOwnerMismatch(f"task {task_id!r} belongs to {active.owner}")
             if active is not None and self._idle > 0 and self._clock() - active.last_seen > self._idle:
                 ended, already = self._end_idle(task_id, active, parent), True
             else:
@@ -212,7 +231,7 @@ class TaskRegistry:
             first_call=active.first_call if active is not None else None,
             sidecar=self._instance_id,
         )
-        return self._remember_ended(task_id, identity.subject.spiffe_id, why, at, trace, fields)
+        return self._remember_ended(task_id, owner(identity), why, at, trace, fields)
 
     def _end_idle(self, task_id: str, active: _Active, parent: TraceContext | None) -> _Ended:
         """The task was idle past the timeout: ended now, found by the call (or EndTask) whose span is `parent`."""
@@ -232,12 +251,12 @@ class TaskRegistry:
             first_call=active.first_call,
             sidecar=self._instance_id,
         )
-        return self._remember_ended(task_id, active.identity.subject.spiffe_id, why, at, trace, fields)
+        return self._remember_ended(task_id, active.owner, why, at, trace, fields)
 
     def _remember_ended(
-        self, task_id: str, owner: str, why: str, at: str, trace: TraceContext, fields: dict
+        self, task_id: str, task_owner: str, why: str, at: str, trace: TraceContext, fields: dict
     ) -> _Ended:
-        ended = _Ended(owner, why, at, trace.trace_id)
+        ended = _Ended(task_owner, why, at, trace.trace_id)
         if self._sink is not None:
             ended.unrecorded, ended.lock = fields, asyncio.Lock()
         self._ended[task_id] = ended

@@ -5,6 +5,8 @@ call sent by another subject (or by the same subject through another delegation 
 same id is a different call too: accepting it gives two callers' decisions, their spans
 (`gen_ai.tool.call.id`) and escalations one id, so one agent's call can pass for a repeat of
 another's in the evidence. Found by a review: the registry's fingerprint had no caller in it.
+A task belongs to the agent that started it in the same way (sidecar/tasks.py): another agent's
+calls under it were accepted, spending its budget and keeping it alive.
 Real JWT-SVIDs from a fake SPIRE Workload API, as in tests/test_escalation_identity.py.
 """
 
@@ -17,8 +19,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar.client import AsyncClient, delegated_by
+from sidecar.client import DELEGATION_METADATA, AsyncClient, delegated_by
 from sidecar.identity.delegation import link_audience
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.doubles.escalation import make_config, records
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
 
@@ -93,3 +96,47 @@ async def test_another_caller_cannot_reuse_a_call_id(world):
     callers = {(r["subject"]["spiffe_id"], tuple(d["spiffe_id"] for d in r.get("delegation") or ()))
                for r in decisions if not any(x.startswith("call_id_reused") for x in r["reasons"])}
     assert callers == {(PLANNER, ())}  # one call id, one caller's call
+
+
+async def test_a_task_is_its_owners_and_its_delegates_and_nobody_elses(world):
+    """Another agent's call under a task is denied `not_task_owner` before policy and recorded, and spends
+    none of the task's budget; the agents the owner delegated to share it; EndTask is the owner's too."""
+    agent, sidecar, tmp_path = world
+    tcp = sidecar.addresses[0]
+    token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    link = lambda who, to: agent.jwt_authority.mint(who, link_audience(DELEGATION, to=to))  # noqa: E731
+
+    async with AsyncClient(tcp, metadata=bearer(token(PLANNER))) as planner, \
+            AsyncClient(tcp, metadata=bearer(token(RESEARCHER))) as researcher:
+        with delegated_by(link(ORCHESTRATOR, PLANNER)):
+            started = await planner.authorize("search_docs", QUERY, task_id="task-o")
+        assert "not_task_owner" not in codes(started), started.reasons
+        with delegated_by(link(ORCHESTRATOR, RESEARCHER)):
+            shared = await researcher.authorize("search_docs", QUERY, task_id="task-o")
+        assert "not_task_owner" not in codes(shared), shared.reasons
+        intruder = await researcher.authorize("search_docs", QUERY, task_id="task-o")  # on its own behalf
+        assert intruder.outcome == "deny" and codes(intruder) == ["not_task_owner"], intruder.reasons
+        own = await planner.authorize("search_docs", QUERY, task_id="task-o")
+        assert own.outcome == "deny" and codes(own) == ["not_task_owner"]
+    async with grpc.aio.insecure_channel(tcp) as channel:
+        end_task = sidecar_pb2_grpc.ToolGateStub(channel).EndTask
+        request = sidecar_pb2.EndTaskRequest(task_id="task-o")
+        as_researcher = (("authorization", f"Bearer {token(RESEARCHER)}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await end_task(request, metadata=as_researcher)  # on its own behalf
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert refused.value.details().startswith("not_task_owner: ")
+        for_orchestrator = (*as_researcher, (DELEGATION_METADATA, link(ORCHESTRATOR, RESEARCHER)))
+        ended = await end_task(request, metadata=for_orchestrator)
+        assert not ended.already_ended
+    async with AsyncClient(tcp, metadata=bearer(token(RESEARCHER))) as researcher:
+        with delegated_by(link(ORCHESTRATOR, RESEARCHER)):
+            after = await researcher.authorize("search_docs", QUERY, task_id="task-o")
+    assert codes(after) == ["task_ended"]
+
+    decisions = [r for r in records(tmp_path / "evidence") if r["kind"] == "decision" and r.get("task_id") == "task-o"]
+    refused_records = [r for r in decisions if r["reasons"][0].startswith("not_task_owner: ")]
+    assert [r["decision_id"] for r in refused_records] == [intruder.decision_id, own.decision_id]
+    assert all(r["outcome"] == "deny" and "input" not in r for r in refused_records)  # denied before policy
+    counted = [r["input"]["usage"]["calls_in_task"] for r in decisions if "input" in r]
+    assert counted == [1, 2]  # the refused calls spent none of the task's budget

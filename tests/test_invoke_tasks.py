@@ -75,6 +75,50 @@ async def test_only_the_tasks_subject_may_end_it():
     assert await tasks.check("other", ALICE, call()) is None
 
 
+ORCHESTRATOR = Subject("spiffe://example.org/orchestrator", "jwt_svid")
+PLANNER = Subject("spiffe://example.org/planner", "jwt_svid")
+RESEARCHER = Subject("spiffe://example.org/researcher", "jwt_svid")
+
+
+def acting_for(caller: Subject, *chain: Subject) -> CallerIdentity:
+    return CallerIdentity(caller, tuple(chain))
+
+
+async def test_another_agent_can_neither_call_under_a_task_nor_keep_it_alive():
+    now = [0.0]
+    tasks = TaskRegistry(idle_seconds=60, max_tracked=100, clock=lambda: now[0], wall_clock=lambda: 0.0)
+    assert await tasks.check("t", ALICE, call()) is None
+    for when in (30, 59, 90):  # Bob's calls are refused, and do not restart the task's idle clock
+        now[0] = when
+        refusal = await tasks.check("t", BOB, call())
+        assert refusal == ("not_task_owner: task 't' belongs to spiffe://example.org/alice; spiffe://example.org/bob "
+                           "acts for another agent (a task's calls come from its owner or an agent it delegated to)")
+    assert (await tasks.check("t", ALICE, call())).startswith("task_ended: task 't' ended after 60 s without calls")
+    # another agent through a chain that does not start with the owner is refused too
+    assert (await tasks.check("u", ALICE, call())) is None
+    assert (await tasks.check("u", acting_for(BOB.subject, ORCHESTRATOR), call())).startswith("not_task_owner: ")
+    assert (await tasks.check("u", acting_for(ALICE.subject, ORCHESTRATOR), call())).startswith("not_task_owner: ")
+
+
+async def test_a_task_belongs_to_the_agent_that_started_it_and_to_the_agents_it_delegated_to():
+    tasks = TaskRegistry(idle_seconds=0, max_tracked=100)
+    # the orchestrator hands the task to the planner: the planner's first call makes it the orchestrator's
+    assert await tasks.check("t", acting_for(PLANNER, ORCHESTRATOR), call()) is None
+    assert await tasks.check("t", acting_for(RESEARCHER, ORCHESTRATOR), call()) is None
+    assert await tasks.check("t", acting_for(RESEARCHER, ORCHESTRATOR, PLANNER), call()) is None
+    assert await tasks.check("t", CallerIdentity(ORCHESTRATOR), call()) is None
+    on_its_own = await tasks.check("t", CallerIdentity(PLANNER), call())  # the planner acting for itself
+    assert on_its_own.startswith("not_task_owner: task 't' belongs to spiffe://example.org/orchestrator; ")
+    with pytest.raises(TaskOwnerMismatch):
+        await tasks.end("t", CallerIdentity(PLANNER))
+    ending = await tasks.end("t", acting_for(RESEARCHER, ORCHESTRATOR))  # an agent it delegated to ends it
+    assert not ending.already_ended
+    assert (await tasks.check("t", CallerIdentity(ORCHESTRATOR), call())).startswith("task_ended: ")
+    with pytest.raises(TaskOwnerMismatch):
+        await tasks.end("t", CallerIdentity(PLANNER))
+    assert (await tasks.end("t", CallerIdentity(ORCHESTRATOR))).already_ended
+
+
 class SwitchableSink:
     """TEST DOUBLE: the real evidence log behind a switch that makes appends fail, then work again.
 
