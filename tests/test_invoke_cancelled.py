@@ -24,6 +24,7 @@ from mcp.server.mcpserver import MCPServer
 from sidecar.evidence.verify import verify_dir
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import write_policy
+from tests.infra.http import serve_app
 from tests.mcp_upstreams import serve_http
 
 POLICY = """\
@@ -68,12 +69,8 @@ async def slow_http():
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield state, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serve_app(app) as base:
+        yield state, base
 
 
 @pytest.mark.parametrize("how", ["deadline", "cancel"])

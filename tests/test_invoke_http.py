@@ -8,14 +8,14 @@ import asyncio
 import json
 from pathlib import Path
 
-import grpc
 import pytest
 from aiohttp import web
-from google.protobuf.struct_pb2 import Struct
 
 from sidecar.evidence.verify import verify_dir
-from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar.v1 import sidecar_pb2
 from tests.conftest import write_policy
+from tests.infra.http import serve_app
+from tests.infra.invoke import invoke, records
 
 SECRET = "ticket-api-key-91c2"
 
@@ -68,13 +68,8 @@ async def upstream():
     app = web.Application()
     app.router.add_post("/projects/{project}/tickets", state.create)
     app.router.add_route("*", "/{tail:.*}", state.anything)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield state, f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_app(app) as base:
+        yield state, base
 
 
 @pytest.fixture
@@ -105,21 +100,6 @@ async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
         },
     })
     return await running_sidecar(config), state, config
-
-
-async def invoke(address: str, tool: str, arguments: dict) -> sidecar_pb2.InvokeResponse:
-    args = Struct()
-    args.update(arguments)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = sidecar_pb2_grpc.ToolGateStub(channel)
-        return await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool=tool, arguments=args)))
-
-
-def records(directory: str) -> list[dict]:
-    out = []
-    for path in sorted(Path(directory).glob("evidence-*.jsonl")):
-        out += [json.loads(line) for line in path.read_text().splitlines()]
-    return out
 
 
 async def test_allowed_call_is_made_by_the_sidecar_with_its_credential(sidecar):
@@ -206,19 +186,12 @@ async def test_a_tls_failure_is_a_clear_error_and_nothing_is_sent(tmp_path, side
 
     app = web.Application()
     app.router.add_post("/x", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    try:
-        url = f"https://127.0.0.1:{runner.addresses[0][1]}/x"
+    async with serve_app(app, ssl_context=context) as base:
         sidecar = await running_sidecar(sidecar_config(**{
             "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-            "invoke.tools": {"create_ticket": {"url": url}},
+            "invoke.tools": {"create_ticket": {"url": base + "/x"}},
         }))
         response = await invoke(sidecar.addresses[0], "create_ticket", {"title": "t"})
         assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
         assert response.error.startswith("upstream_unavailable: TLS with"), response.error
         assert not reached
-    finally:
-        await runner.cleanup()

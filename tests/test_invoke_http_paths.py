@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import grpc
 import pytest
 from aiohttp import web
-from google.protobuf.struct_pb2 import Struct
 
 from sidecar.evidence.verify import verify_dir
-from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar.v1 import sidecar_pb2
 from tests.conftest import write_policy
+from tests.infra.http import serve_app
+from tests.infra.invoke import invoke, records
 
 POLICY = """\
     package sidecar
@@ -43,12 +43,8 @@ async def upstream():
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", anything)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield seen, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serve_app(app) as base:
+        yield seen, base
 
 
 @pytest.fixture
@@ -69,19 +65,8 @@ async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
     return await running_sidecar(config), seen, config
 
 
-async def invoke(address: str, tool: str, arguments: dict) -> sidecar_pb2.InvokeResponse:
-    args = Struct()
-    args.update(arguments)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = sidecar_pb2_grpc.ToolGateStub(channel)
-        return await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool=tool, arguments=args)))
-
-
 def invocations(directory: str) -> list[dict]:
-    out = []
-    for path in sorted(Path(directory).glob("evidence-*.jsonl")):
-        out += [json.loads(line) for line in path.read_text().splitlines()]
-    return [r for r in out if r["kind"] == "invocation"]
+    return [r for r in records(directory) if r["kind"] == "invocation"]
 
 
 ESCAPES = [

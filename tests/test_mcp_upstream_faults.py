@@ -16,6 +16,7 @@ from mcp.client.client import Client
 
 from sidecar.evidence.verify import verify_dir
 from tests.conftest import write_policy
+from tests.infra.http import serve_app
 from tests.mcp_upstreams import STDIO_SERVER, Seen, docs_server, serve_http
 from tests.test_mcp_gateway import POLICY
 
@@ -36,12 +37,8 @@ async def garbage_upstream():
 
     app = web.Application()
     app.router.add_route("*", "/mcp", garbage)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/mcp"
-    await runner.cleanup()
+    async with serve_app(app) as base:
+        yield base + "/mcp"
 
 
 @pytest.fixture
