@@ -8,18 +8,13 @@ JWT-SVIDs. The agent (planner) calls on behalf of an orchestrator
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient, delegated_by
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError
 from sidecar.identity.delegation import link_audience
 from tests.doubles.escalation import make_config, records
-from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
+from tests.doubles.identity_harness import bearer, fake_agent, remove_dir, short_dir, until_serving
 
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 AUD = SIDECAR_ID
@@ -30,10 +25,6 @@ ALICE = "spiffe://example.org/humans/alice"
 MALLORY = "spiffe://example.org/ns/agents/sa/mallory"
 CONSOLE = "spiffe://example.org/ns/ops/sa/approvals-console"
 EMAIL = {"to": "cfo@example.com", "body": "numbers"}
-
-
-def bearer(token: str):
-    return lambda: (("authorization", f"Bearer {token}"),)
 
 
 @pytest.fixture
@@ -55,14 +46,7 @@ async def world(tmp_path, running_sidecar):
         },
     )
     sidecar = await running_sidecar(config)
-    deadline = time.monotonic() + 60  # the SVID comes from the Workload API in the background
-    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
-        while True:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                break
-            assert time.monotonic() < deadline, "the sidecar never became SERVING"
-            await asyncio.sleep(0.05)
+    await until_serving(sidecar.addresses[0])
     yield agent, sidecar
     agent.stop()
     remove_dir(sockdir)

@@ -12,18 +12,14 @@ Real JWT-SVIDs from a fake SPIRE Workload API, as in tests/test_escalation_ident
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import DELEGATION_METADATA, AsyncClient, delegated_by
 from sidecar.identity.delegation import link_audience
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.doubles.escalation import make_config, records
-from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
+from tests.doubles.identity_harness import bearer, fake_agent, remove_dir, short_dir, until_serving
 
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 AUD = SIDECAR_ID
@@ -33,10 +29,6 @@ RESEARCHER = "spiffe://example.org/ns/agents/sa/researcher"
 ORCHESTRATOR = "spiffe://example.org/ns/agents/sa/orchestrator"
 ALICE = "spiffe://example.org/humans/alice"
 QUERY = {"query": "rotation"}
-
-
-def bearer(token: str):
-    return lambda: (("authorization", f"Bearer {token}"),)
 
 
 @pytest.fixture
@@ -55,13 +47,7 @@ async def world(tmp_path, running_sidecar):
         },
     )
     sidecar = await running_sidecar(config)
-    deadline = time.monotonic() + 10
-    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
-        while True:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+    await until_serving(sidecar.addresses[0])
     yield agent, sidecar, tmp_path
     agent.stop()
     remove_dir(sockdir)

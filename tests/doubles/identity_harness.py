@@ -12,13 +12,16 @@ Not production code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+import time
+from typing import Any, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.identity import IdentityError
 from sidecar.servicer import peer_info
@@ -101,6 +104,24 @@ async def ask(target: str, *, credentials: grpc.ChannelCredentials | None = None
         return json.loads(reply)
     finally:
         await channel.close()
+
+
+def bearer(token: str) -> Callable[[], tuple[tuple[str, str], ...]]:
+    """`metadata=` for a client: `token` (a JWT-SVID) as the caller's bearer credential."""
+    return lambda: (("authorization", f"Bearer {token}"),)
+
+
+async def until_serving(address: str, timeout: float = 60.0) -> None:
+    """Until the sidecar's health check answers SERVING (its own SVID comes from the Workload API in the
+    background); fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        while True:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            assert time.monotonic() < deadline, f"the sidecar at {address} never became SERVING"
+            await asyncio.sleep(0.05)
 
 
 def client_credentials(svid, bundle_pem: bytes) -> grpc.ChannelCredentials:
