@@ -61,7 +61,17 @@ metadata_values = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzz_sidecar(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("fuzz")
+    yield from serve_fuzz_sidecar(tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="module")
+def show_sidecar(tmp_path_factory):
+    """A sidecar of its own for the `evidence show` property: each example scans the log for its
+    decision, which stays short here instead of holding every other property's calls."""
+    yield from serve_fuzz_sidecar(tmp_path_factory.mktemp("show"))
+
+
+def serve_fuzz_sidecar(workdir):
     bundle = workdir / "rego"
     import shutil
 
@@ -198,22 +208,22 @@ HIDDEN_EXAMPLES = min(200, max(20, EXAMPLES // 8))
 @settings(FUZZ, max_examples=HIDDEN_EXAMPLES)
 @given(tool=st.one_of(hiding_text, st.sampled_from(["search_docs\u3164", "send_email\ufe0f", "read_file"])),
        task=hiding_text, server=hiding_text, key=hiding_text, value=hiding_text, intent=hiding_text)
-def test_hidden_characters_read_escaped_in_evidence_show(fuzz_sidecar, tool, task, server, key, value, intent):
+def test_hidden_characters_read_escaped_in_evidence_show(show_sidecar, tool, task, server, key, value, intent):
     request = sidecar_pb2.AuthorizeRequest(tool=tool, task_id=task, server=server, intent=intent)
     try:
         request.arguments.update({key: value, "q": [value]})
         payload = request.SerializeToString()
     except ValueError:
         return  # lone surrogates cannot be sent
-    code, response, details = raw_authorize(fuzz_sidecar, payload)
+    code, response, details = raw_authorize(show_sidecar, payload)
     assert_answered(code, response, details)
     decision_id = response.decision_id if response else details.rpartition("recorded as decision ")[2].strip()
     table, as_json = io.StringIO(), io.StringIO()
     deadline = time.monotonic() + 60  # as soon as it is recorded; room for a loaded machine
-    while not show(fuzz_sidecar["evidence"], Filter(decision_id=decision_id), as_json=True, out=as_json):
+    while not show(show_sidecar["evidence"], Filter(decision_id=decision_id), as_json=True, out=as_json):
         assert time.monotonic() < deadline, "the decision was not recorded"
         time.sleep(0.05)
-    show(fuzz_sidecar["evidence"], Filter(decision_id=decision_id), as_json=False, out=table)
+    show(show_sidecar["evidence"], Filter(decision_id=decision_id), as_json=False, out=table)
     for text in (table.getvalue(), as_json.getvalue()):
         assert not any(hidden(ch) for ch in text.replace("\n", "")), text
     [record] = [json.loads(line) for line in as_json.getvalue().split("\n")[:-1]]
