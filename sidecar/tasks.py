@@ -9,9 +9,11 @@ call's delegation chain, or that call's caller when it has no chain (`owner`).
 Later calls under it, and EndTask, are accepted from that agent or from any
 agent it delegated to (whose verified chain starts with it); anyone else is
 refused `not_task_owner`, so another agent can neither spend a task's call
-budget, keep it from going idle, nor end it. Bounded: past `max_tracked` the least recently used
-tasks are forgotten (an ended task forgotten this way would be usable again:
-keep `max_tracked` above the tasks a sidecar sees in its lifetime window).
+budget, keep it from going idle, nor end it.
+
+Bounded: past `max_tracked` the least recently used tasks are forgotten (an
+ended task forgotten this way would be usable again: keep `max_tracked` above
+the tasks a sidecar sees in its lifetime window).
 
 Every ending is written once to the evidence log as a `task_end` record
 (fields: `task_end_fields`; docs/mcp.md#tasks), through the same EvidenceSink
