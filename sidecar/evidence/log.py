@@ -516,6 +516,7 @@ class EvidenceLog:
 
     @property
     def position(self) -> Position:
+        """The durable end of the log: every record whose append has returned is at or before it."""
         return self._position
 
     def health(self) -> tuple[bool, str]:
@@ -632,10 +633,12 @@ class EvidenceLog:
             self._mirror(checkpoint_line)
         else:
             self._since_checkpoint = since
+        # The position first: a caller whose record is durable finds `position` past it once told.
+        self._position = Position(self._file_index, self._offset, self._seq)
         _settle(refused + [(item.future, receipt) for item, receipt in zip(batch, receipts) if receipt is not None])
         if self._offset >= self.rotate_bytes:
             self._rotate()
-        self._position = Position(self._file_index, self._offset, self._seq)
+            self._position = Position(self._file_index, self._offset, self._seq)
         for listener in list(self._listeners):
             try:
                 listener(self._position)
