@@ -8,7 +8,6 @@ recorded before it is returned, and every failure ends in a deny.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from sidecar.calls import ToolCall, normalized
+from sidecar.concurrency import RunToEnd
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt, Recorder, TraceContext
 from sidecar.identity import CallerIdentity, IdentityError
 from sidecar.metrics import Metrics
@@ -108,7 +108,7 @@ class Gate:
         # Escalations (docs/escalation.md): one a call raised is announced, or withdrawn, once its decision is recorded.
         self.escalations = escalations
         self._metrics = metrics
-        self._deciding: set[asyncio.Future[Verdict]] = set()  # decisions still running after their caller left
+        self._to_the_end = RunToEnd()
 
     @property
     def decisions(self) -> DecisionClient:
@@ -140,10 +140,7 @@ class Gate:
         only its own wait: the decision runs to its end, so nothing a step began (an escalation
         in the store, an approval used) is left without its records.
         """
-        deciding = asyncio.ensure_future(self._authorize(call, identity, parent_trace, malformed))
-        self._deciding.add(deciding)  # a strong reference while nobody may be awaiting it
-        deciding.add_done_callback(self._deciding.discard)
-        return await asyncio.shield(deciding)
+        return await self._to_the_end(self._authorize(call, identity, parent_trace, malformed))
 
     async def _authorize(
         self,

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping
 
+from sidecar.concurrency import RunToEnd
 from sidecar.escalation import (
     APPROVED,
     DENIED,
@@ -141,7 +142,9 @@ class EscalationService:
         self._feed = ChangeFeed(store, read=self.get, settle=self._settled, poll_interval=poll_interval_seconds,
                                 await_max=await_max_seconds, clock=clock)
         self._sweeper: asyncio.Task | None = None
-        self._transitions: set[asyncio.Future] = set()  # transitions still running after their caller left
+        # Transitions run to their end even when their caller goes away (an approver's deadline passing
+        # while the store is slow): once the store has changed, its evidence record must follow.
+        self._to_the_end = RunToEnd()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -328,14 +331,6 @@ class EscalationService:
     async def deny(self, escalation_id: str, approver: Approver, note: str = "") -> EscalationRecord:
         return await self._to_the_end(self._decide(escalation_id, approver, note, DENIED))
 
-    async def _to_the_end(self, transition: Any) -> Any:
-        """Run a transition to its end even when its caller goes away (an approver's deadline passing
-        while the store is slow): once the store has changed, its evidence record must follow."""
-        running = asyncio.ensure_future(transition)
-        self._transitions.add(running)  # a strong reference while nobody may be awaiting it
-        running.add_done_callback(self._transitions.discard)
-        return await asyncio.shield(running)
-
     async def _decide(self, escalation_id: str, approver: Approver, note: str, state: str) -> EscalationRecord:
         kind = "approval" if state == APPROVED else "human_denial"
         verb = "approve" if state == APPROVED else "deny"
@@ -413,17 +408,17 @@ class EscalationService:
 
     async def expire_one(self, record: EscalationRecord) -> EscalationRecord | None:
         """Expire one overdue escalation (once, whoever notices first); the expired record or None."""
-        return await self._to_the_end(self._expire(record.id))
+        changed = await self._to_the_end(self._expire(record.id))
+        return changed[0] if changed else None
 
     async def sweep(self) -> list[EscalationRecord]:
         """Expire everything overdue now; one evidence record each."""
         return await self._to_the_end(self._expire(None))
 
-    async def _expire(self, escalation_id: str | None) -> Any:
+    async def _expire(self, escalation_id: str | None) -> list[EscalationRecord]:
+        """The store's expiry (of one escalation, or of all overdue) and the records of what it expired."""
         changed = await self.store.expire(self.clock(), escalation_id)
         await self._expired(changed)
-        if escalation_id is not None:
-            return changed[0] if changed else None
         return changed
 
     async def _expired(self, records: list[EscalationRecord]) -> None:

@@ -15,7 +15,6 @@ it (not_called) or it failed; its span is a child of the decision's span.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 from sidecar.calls import ToolCall
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.concurrency import RunToEnd
 from sidecar.evidence import EvidenceError, EvidenceSink, Receipt
 from sidecar.gate import Verdict, rfc3339_now
 from sidecar.identity import CallerIdentity
@@ -55,7 +55,7 @@ class Executor:
     def __init__(self, *, sink: EvidenceSink | None, instance_id: str):
         self._sink = sink
         self._instance_id = instance_id
-        self._carrying: set[asyncio.Future[Performed]] = set()  # calls still running after their caller left
+        self._to_the_end = RunToEnd()
 
     async def perform(
         self, call: ToolCall, identity: CallerIdentity, verdict: Verdict, invoker: ToolInvoker, *, upstream: str = ""
@@ -67,10 +67,7 @@ class Executor:
             raise ValueError(f"only an allowed call is carried out, not {verdict.decision.outcome}")
         if self._sink is not None and verdict.receipt is None:
             raise ValueError("the decision was not recorded: the call is not carried out")
-        carried = asyncio.ensure_future(self._perform(call, identity, verdict, invoker, upstream))
-        self._carrying.add(carried)  # a strong reference while nobody may be awaiting it
-        carried.add_done_callback(self._carrying.discard)
-        return await asyncio.shield(carried)
+        return await self._to_the_end(self._perform(call, identity, verdict, invoker, upstream))
 
     async def _perform(
         self, call: ToolCall, identity: CallerIdentity, verdict: Verdict, invoker: ToolInvoker, upstream: str
