@@ -176,7 +176,9 @@ class OpaClientOptions:
 class OpaClient:
     """One OPA, one keep-alive connection pool. `async with OpaClient(url, options) as decisions:`."""
 
-    def __init__(self, url: str, options: OpaClientOptions = OpaClientOptions()):
+    def __init__(self, url: str, options: OpaClientOptions = OpaClientOptions(), *, revision: str = ""):
+        """`revision`: the bundle revision OPA is known to serve before it first reports one (a managed
+        OPA's, from the files it was built from), so a decision failing before then still names it."""
         self.url = url.rstrip("/")
         self.options = options
         # strict-builtin-errors: a built-in error fails the decision (a deny naming it) instead of
@@ -190,7 +192,7 @@ class OpaClient:
         self._health: tuple[bool, str] = (False, f"OPA at {self.url} not checked yet")
         self.in_flight = 0
         self._last_answer = 0.0  # loop time of OPA's last answer
-        self.revision = ""  # the bundle revision OPA last reported
+        self.revision = revision  # the bundle revision OPA last reported
 
     async def __aenter__(self) -> "OpaClient":
         await self.start()

@@ -278,10 +278,9 @@ class PolicyService:
         except OpaStartError as exc:
             bundle.unlink(missing_ok=True)
             raise PolicyRejected([f"OPA would not serve revision {catalog.revision}: {exc}"]) from None
-        client = OpaClient(runner.url, self._client_options)
         # Built with `opa build --revision <catalog.revision>`: a decision that fails before OPA has answered once
         # (a policy_error on the first call) still names the revision that failed.
-        client.revision = catalog.revision
+        client = OpaClient(runner.url, self._client_options, revision=catalog.revision)
         await client.start()
         return _Generation(number, catalog, client, runner, bundle)
 
