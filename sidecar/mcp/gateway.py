@@ -602,11 +602,11 @@ def _is_tools_call(body: bytes) -> bool:
     return any(isinstance(m, dict) and m.get("method") == "tools/call" for m in batch)
 
 
-def _mark_decided(ctx: Any) -> None:
-    """Tell the HTTP request that carried this tools/call that the gateway has it (recorded either way)."""
-    request = getattr(ctx, "request", None)
-    if isinstance(request, Request):
-        request.scope[_DECIDED_KEY] = True
+def _mark_decided(ctx: ServerRequestContext[Any, Any]) -> None:
+    """Tell the HTTP request that carried this tools/call that the gateway has it (recorded either way);
+    a call over stdio has no HTTP request (`ctx.request` None)."""
+    if isinstance(ctx.request, Request):
+        ctx.request.scope[_DECIDED_KEY] = True
 
 
 def _declared_length(scope: dict) -> int | None:
