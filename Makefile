@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The Go programs built from their modules (tools/pins.env) into .tools/bin.
-# `make install TOOLS=opa` skips SPIRE and Jaeger (only the tests and `make demo` need them).
-TOOLS ?= opa spire jaeger
+# The Go programs built from their modules (tools/pins.env) into .tools/bin, and the
+# benchmark's load generator built from our own bench/loadgen (the bench tests run it).
+# `make install TOOLS=opa` skips SPIRE, Jaeger and the load generator (only the tests,
+# `make demo` and `make bench` need them).
+TOOLS ?= opa spire jaeger loadgen
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
 .PHONY: run test demo proto install tools clean policy-test bench reliability deploy-bundle system-deps
@@ -21,7 +23,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP) tools
 
-## Build the pinned OPA, SPIRE and Jaeger into .tools/bin (once per pin; see tools/pins.env).
+## Build the pinned OPA, SPIRE and Jaeger into .tools/bin (once per pin; see tools/pins.env),
+## and the load generator (once per change of bench/loadgen).
 tools:
 	@tools/build.sh $(TOOLS)
 
@@ -79,6 +82,8 @@ reliability: install system-deps
 	  tests/test_spire_bad_input.py tests/test_jaeger_outage.py tests/test_jaeger_faults.py
 
 ## Benchmark: sidecar vs. a bare gRPC floor, then an MCP call through the gateway vs. direct (docs/performance.md).
+## Needs OPA and the Go load generator (bench/loadgen, `tools/build.sh loadgen`), not SPIRE or Jaeger.
+bench: TOOLS = opa loadgen
 bench: install
 	$(BIN)/python bench/run.py
 

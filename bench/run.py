@@ -1,8 +1,8 @@
 """`make bench`: what the sidecar adds to every tool call, against a bare gRPC floor.
 
 Starts the sidecar (managed OPA over its private unix socket, durable
-evidence) and a bare floor server as separate processes, drives each from a separate load process, and
-prints a table; then what the MCP gateway adds to a call over calling the MCP
+evidence) and a bare floor server as separate processes, drives each from a separate load process
+(bench/loadgen, Go, sending bench/calls.py's call mix), and prints a table; then what the MCP gateway adds to a call over calling the MCP
 server directly (bench/mcp_gateway.py, its own process). `--out` writes the
 figures as JSON, with the machine's load average. See docs/performance.md.
 """
@@ -25,8 +25,13 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calls import call_mix, write_calls  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# The load process: bench/loadgen (Go), built into .tools/bin by `tools/build.sh loadgen`.
+LOADGEN = REPO / ".tools" / "bin" / "sidecar-loadgen"
 
 SCENARIOS = [
     ("open 100/s", ["open", "--rate", "100"]),
@@ -120,14 +125,25 @@ def cost_split(before: dict, after: dict) -> dict[str, float]:
     return split
 
 
-def load(target: str, args: list[str], seconds: float, on_warm=None) -> dict:
+def build_loadgen() -> Path:
+    """The Go load generator (bench/loadgen) in .tools/bin, built by tools/build.sh when its sources changed."""
+    if subprocess.run([str(REPO / "tools" / "build.sh"), "loadgen"], cwd=REPO).returncode != 0:
+        raise SystemExit("could not build the load generator (tools/build.sh loadgen); see above")
+    return LOADGEN
+
+
+def loader_command(target: str, args: list[str], seconds: float, calls_file: Path) -> list[str]:
+    """The load process's command line: `sidecar-loadgen TARGET MODE ...` sending the requests in `calls_file`."""
+    return [str(LOADGEN), target, *args, "--seconds", str(seconds), "--calls", str(calls_file)]
+
+
+def load(target: str, args: list[str], seconds: float, calls_file: Path, on_warm=None) -> dict:
     """Run one load process; `on_warm` runs once its warm-up calls are done."""
-    process = subprocess.Popen(
-        [PYTHON, str(REPO / "bench" / "load.py"), target, *args, "--seconds", str(seconds)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )
+    process = subprocess.Popen(loader_command(target, args, seconds, calls_file), stdout=subprocess.PIPE, text=True,
+                               cwd=REPO)
     warm = process.stdout.readline()
     if warm.strip() != "warmed":
+        process.kill()
         raise SystemExit(f"load process failed before warming up: {warm}")
     if on_warm is not None:
         on_warm()
@@ -181,8 +197,10 @@ def main() -> int:
     args = parser.parse_args()
     load_before = os.getloadavg()
 
+    build_loadgen()
     workdir = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))  # short: unix socket paths are limited
     bundle = bench_bundle(workdir)
+    calls_file = write_calls(workdir / "calls.bin", call_mix())
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     floor = start([PYTHON, str(REPO / "bench" / "floor.py"), f"unix:{workdir / 'floor.sock'}"], "floor serving",
                   workdir / "floor.log")
@@ -214,7 +232,7 @@ def main() -> int:
                 time.sleep(1.0)  # identity fetched, health SERVING
                 for name, scenario in SCENARIOS:
                     floor_before: dict = {}
-                    floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds,
+                    floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds, calls_file,
                                         on_warm=lambda: floor_before.update(server_cpu(floor.pid)))
                     floor_result["cpu_ms_per_call"] = cpu_per_call(floor_before, server_cpu(floor.pid), floor_result)
                     before: dict = {}
@@ -225,7 +243,7 @@ def main() -> int:
                         before.update(stage_totals(metrics_port))
                         cpu_before.update(server_cpu(sidecar.pid))
 
-                    sidecar_result = load(target, scenario + extra, args.seconds, on_warm=on_warm)
+                    sidecar_result = load(target, scenario + extra, args.seconds, calls_file, on_warm=on_warm)
                     sidecar_result["cost_split_ms"] = cost_split(before, stage_totals(metrics_port))
                     sidecar_result["cpu_ms_per_call"] = cpu_per_call(cpu_before, server_cpu(sidecar.pid), sidecar_result)
                     results.append({"scenario": name, "identity": label, "floor": floor_result,

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import PYTHON, REPO, bench_bundle, start  # noqa: E402
+from calls import call_mix, write_calls  # noqa: E402
+from run import PYTHON, build_loadgen, bench_bundle, loader_command, start  # noqa: E402
 
 
 def descendants(pid: int) -> list[int]:
@@ -63,7 +64,9 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=10, help="seconds between samples")
     args = parser.parse_args()
 
+    build_loadgen()
     workdir = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
+    calls_file = write_calls(workdir / "calls.bin", call_mix())
     config = {
         "listen": {"tcp": "", "unix": str(workdir / "s.sock")},
         "policy": {"dir": str(bench_bundle(workdir)), "reload": False},
@@ -75,8 +78,8 @@ def main() -> int:
     sidecar = start([PYTHON, "-m", "sidecar", "serve", "--config", str(workdir / "soak.yaml")], "serving",
                     workdir / "sidecar.log")
     seconds = args.minutes * 60
-    load = subprocess.Popen([PYTHON, str(REPO / "bench" / "load.py"), f"unix:{workdir / 's.sock'}", "open",
-                             "--rate", str(args.rate), "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
+    load = subprocess.Popen(loader_command(f"unix:{workdir / 's.sock'}", ["open", "--rate", str(args.rate)], seconds,
+                                           calls_file), stdout=subprocess.PIPE, text=True)
     samples = []
     began = time.monotonic()
     try:

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Build the pinned Go programs into .tools/bin (see tools/pins.env):
 #   tools/build.sh opa spire jaeger
+# and our own benchmark load generator (bench/loadgen, `make bench`):
+#   tools/build.sh loadgen
 # Each tool is built once per pin: .tools/bin/.<tool>.pin records the pin it was built
 # from, so a second run does nothing until the pin changes. A binary of the pinned
 # version already on PATH is reused (symlinked) instead of building.
 # Builds use `go mod download` + `go build` inside the downloaded module, because
 # SPIRE's and Jaeger's go.mod carry replace directives that `go install pkg@v` refuses.
+# The load generator is our source: its stamp is a hash of bench/loadgen's go.mod, go.sum
+# and *.go, so it is rebuilt only when they change; its module versions are pinned in go.mod.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=pins.env
@@ -16,6 +20,11 @@ mkdir -p "$bin"
 say() { printf 'tools: %s\n' "$*" >&2; }
 
 no_go() {
+  if [ "$1" = loadgen ]; then
+    say "cannot build the benchmark's load generator (bench/loadgen, our own Go source): no Go toolchain (go) on PATH."
+    say "Install Go 1.26+ (https://go.dev/dl/); \`make bench\` and the tests need it."
+    exit 1
+  fi
   say "cannot build $1: no Go toolchain (go) on PATH, and no $1 $2 on PATH to reuse."
   say "Install Go 1.26+ (https://go.dev/dl/; the pinned OPA needs it), or put the official $1 $2 release binary on PATH:"
   case "$1" in
@@ -33,6 +42,11 @@ go_build() {
   dir=$(GOFLAGS=-mod=mod go mod download -json "$module@$version" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
   [ -n "$dir" ] || { say "go mod download $module@$version failed"; exit 1; }
   (cd "$dir" && GOFLAGS=-buildvcs=false CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $LDFLAGS" -o "$bin/" "$@")
+}
+
+# The load generator's pin: a hash of its sources (names and contents).
+loadgen_pin() {
+  (cd "$root/bench/loadgen" && sha256sum go.mod go.sum ./*.go | sha256sum | cut -c1-16 | sed 's/^/bench\/loadgen@sha256:/')
 }
 
 stamp_ok() { [ -f "$bin/.$1.pin" ] && [ "$(cat "$bin/.$1.pin")" = "$2" ]; }
@@ -55,9 +69,11 @@ build_tool() {
     opa) module=$OPA_MODULE version=$OPA_VERSION;;
     spire) module=$SPIRE_MODULE version=$SPIRE_VERSION;;
     jaeger) module=$JAEGER_MODULE version=$JAEGER_VERSION;;
-    *) say "unknown tool '$name' (known: opa spire jaeger)"; exit 2;;
+    loadgen) module=bench/loadgen version=source;;
+    *) say "unknown tool '$name' (known: opa spire jaeger loadgen)"; exit 2;;
   esac
   pin="$module@$version"
+  [ "$name" = loadgen ] && pin=$(loadgen_pin)
   stamp_ok "$name" "$pin" && return 0
   started=$(date +%s)
   case "$name" in
@@ -79,6 +95,13 @@ build_tool() {
       command -v go >/dev/null || no_go jaeger "$version"
       say "building jaeger from $JAEGER_MODULE $version (first build: about 4 minutes)"
       LDFLAGS="" go_build "$JAEGER_MODULE" "$version" ./cmd/jaeger;;
+    loadgen)
+      command -v go >/dev/null || no_go loadgen
+      say "building sidecar-loadgen from bench/loadgen (first build: under a minute)"
+      # Built beside the target and renamed: other worktrees share .tools/bin.
+      (cd "$root/bench/loadgen" && GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0 \
+        go build -trimpath -ldflags "-s -w" -o "$bin/.sidecar-loadgen.$$" .)
+      mv -f "$bin/.sidecar-loadgen.$$" "$bin/sidecar-loadgen";;
   esac
   printf '%s' "$pin" > "$bin/.$name.pin"
   say "$name ready in $(( $(date +%s) - started )) s"
