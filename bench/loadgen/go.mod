@@ -1,4 +1,4 @@
-module github.com/agent-sidecar/agent-sidecar/bench/loadgen
+module agent-sidecar/bench/loadgen
 
 go 1.26.0
 

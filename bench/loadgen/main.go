@@ -8,7 +8,8 @@
 // whatever the answers' latency (so queueing shows in the percentiles); closed loop keeps
 // --concurrency calls in flight to find saturation. Calls go round-robin over --channels
 // connections; --tls-dir (svid.pem, key.pem, bundle.pem) turns on mTLS with the server
-// name sidecar.local.
+// name sidecar.local. It runs Go code on one thread (--procs 1): on a 2-core machine
+// shared with the server under test, that costs the least CPU per call.
 //
 // The call mix is defined once, in Python (bench/calls.py call_mix), which writes the
 // serialized sidecar.v1.AuthorizeRequest messages to the --calls file: each message is a
@@ -61,7 +62,8 @@ const (
 	fieldReasons protowire.Number = 2
 )
 
-// Outcome enum values to the names load.py used; anything else is "unspecified".
+// Outcome enum values (sidecar.v1.Outcome) to the names in the result; anything else,
+// OUTCOME_UNSPECIFIED included, counts as "unspecified".
 var outcomeNames = map[uint64]string{1: "allow", 2: "deny", 3: "escalate"}
 
 // rawCodec sends the request bytes as they are and hands back the response bytes.
@@ -149,7 +151,8 @@ func parseResponse(b []byte) (outcome uint64, firstReason string, err error) {
 }
 
 // failClosedCode is the reason code of a deny that stands in for a decision the sidecar
-// could not make (same rule as before: policy_*, overloaded, evidence_unavailable), or "".
+// could not make (policy_*, overloaded, evidence_unavailable: the code before the first
+// ":" of the first reason), or "".
 func failClosedCode(reason string) string {
 	code, _, _ := strings.Cut(reason, ":")
 	if strings.HasPrefix(code, "policy_") || code == "overloaded" || code == "evidence_unavailable" {
@@ -217,7 +220,8 @@ func (l *loader) one(i int) {
 	}
 }
 
-// percentiles: the sample at index int(q*n) of the sorted latencies, as bench/load.py did.
+// percentiles: the sample at index int(q*n) of the n sorted latencies (as the Python load
+// process that came before computed them, so figures stay comparable).
 func percentiles(latencies []float64) map[string]float64 {
 	if len(latencies) == 0 {
 		return map[string]float64{}
