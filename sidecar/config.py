@@ -29,6 +29,8 @@ class ListenConfig:
     tcp: str = "127.0.0.1:50051"
     # Path of a unix socket for agents in the same pod; "" to disable.
     unix: str = ""
+    # Extra accept loops for Authorize and Invoke each (sidecar/accept.py); 0 = grpcio's one loop.
+    accept_loops: int = 4
 
 
 @dataclass
@@ -380,6 +382,8 @@ class Config:
                 raise ConfigError(f"policy.{key}: must be positive")
         _validate_opa(self.policy.opa)
         _validate_usage(self.usage)
+        if not 0 <= self.listen.accept_loops <= 64:
+            raise ConfigError("listen.accept_loops: must be 0 to 64 (0 leaves grpcio's one accept loop per method)")
         if self.sidecar.overload_lag_ms < 0:
             raise ConfigError("sidecar.overload_lag_ms: must not be negative (0 turns load shedding off)")
         if not self.listen.tcp and not self.listen.unix:

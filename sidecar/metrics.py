@@ -50,6 +50,7 @@ class Metrics:
             "Calls the shadow bundle could not decide (its OPA failed or exceeded policy.shadow_timeout_ms)",
             registry=self.registry,
         )
+        self._children: dict[tuple, object] = {}  # _child
         self._server = None
 
     def observe_shadow(self, recorded: str, shadow: str, failed: bool) -> None:
@@ -59,11 +60,22 @@ class Metrics:
             self.shadow_decisions.labels(recorded, shadow).inc()
 
     def observe(self, outcome: str, engine: str, failed: bool, timings_ms: dict[str, float]) -> None:
-        self.decisions.labels(outcome, engine or "none").inc()
+        """One decision: its outcome, whether it failed closed, and its stages' times (ms)."""
+        engine = engine or "none"
+        self._child(self.decisions, outcome, engine).inc()
         if failed:
-            self.failures.labels(engine or "none").inc()
+            self._child(self.failures, engine).inc()
         for stage, milliseconds in timings_ms.items():
-            self.stage_seconds.labels(stage).observe(milliseconds / 1000)
+            self._child(self.stage_seconds, stage).observe(milliseconds / 1000)
+
+    def _child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, remembered: every call observes the same few label sets,
+        and `labels()` checks and locks each time."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def serve(self, listen: str) -> int:
         """Serve /metrics on host:port in a background thread; return the bound port."""

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar.accept import Acceptors
 from sidecar.calls import CallIdRegistry
 from sidecar.config import Config
 from sidecar.evidence import Recorder
@@ -351,19 +352,22 @@ def build_mcp_gateway(
 
 
 class _Serving:
-    """The gRPC server as a stage: serving inside, then stopped with the grace period
-    `RunningSidecar.stop` was given (0 when a start fails)."""
+    """The gRPC server and its extra accept loops as a stage: serving inside, then stopped
+    with the grace period `RunningSidecar.stop` was given (0 when a start fails)."""
 
-    def __init__(self, server: grpc.aio.Server):
+    def __init__(self, server: grpc.aio.Server, acceptors: Acceptors):
         self.server = server
+        self.acceptors = acceptors
         self.grace = 0.0
 
     async def __aenter__(self) -> "_Serving":
         await self.server.start()
+        await self.acceptors.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.server.stop(self.grace)
+        await self.acceptors.stop()
 
 
 @dataclass
@@ -453,7 +457,16 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
     servicer = ToolGateServicer(
         gate, identity, escalation_api, executor=executor, http_tools=http_tools, tasks=tasks
     )
-    server.add_generic_rpc_handlers((servicer.handler(), escalation_api.approvals_handler()))
+    toolgate = servicer.method_handlers()
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(TOOLGATE_SERVICE, toolgate), escalation_api.approvals_handler())
+    )
+    # The calls every tool call makes get extra accept loops (sidecar/accept.py).
+    acceptors = Acceptors(
+        server,
+        {f"/{TOOLGATE_SERVICE}/{name}": toolgate[name] for name in ("Authorize", "Invoke")},
+        loops_per_method=config.listen.accept_loops,
+    )
     sources = {"policy": policy.ready, "identity": identity.health}
     if recorder is not None:
         sources["evidence"] = recorder.health
@@ -488,7 +501,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
             socket_path.unlink()
         server.add_insecure_port(f"unix:{socket_path}")
         addresses.append(f"unix:{socket_path}")
-    serving = await stages.enter_async_context(_Serving(server))
+    serving = await stages.enter_async_context(_Serving(server, acceptors))
     await health.refresh()
     health_task = asyncio.create_task(health.run(), name="health")
     stages.callback(health_task.cancel)

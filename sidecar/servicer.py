@@ -237,7 +237,8 @@ class ToolGateServicer:
             )
         return identity, parent
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """ToolGate's methods by name (`Authorize`, ...), for `grpc.method_handlers_generic_handler`."""
         methods = {
             "Authorize": grpc.unary_unary_rpc_method_handler(
                 self.authorize,
@@ -262,4 +263,4 @@ class ToolGateServicer:
                 request_deserializer=_lenient(sidecar_pb2.AwaitDecisionRequest),
                 response_serializer=sidecar_pb2.AwaitDecisionResponse.SerializeToString,
             )
-        return grpc.method_handlers_generic_handler(TOOLGATE_SERVICE, methods)
+        return methods

@@ -11,6 +11,7 @@ most 2048 bytes in all and 255 bytes of trust domain.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -32,8 +33,16 @@ class SpiffeIdParts:
 
 
 def parse_spiffe_id(value: object) -> SpiffeIdParts:
+    """The trust domain and path of a SPIFFE ID; SpiffeIdError naming the broken rule."""
     if not isinstance(value, str):
         raise SpiffeIdError("SPIFFE ID must be a string")
+    return _parse(value)
+
+
+# Every call parses its caller's ID (and its chain's) again: the answers are remembered
+# (a valid ID's parts are immutable; an error is raised again each time, never cached).
+@functools.lru_cache(maxsize=4096)
+def _parse(value: str) -> SpiffeIdParts:
     if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
         raise SpiffeIdError(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
     if not value.startswith("spiffe://"):
