@@ -1,9 +1,10 @@
 """`make bench`: what the sidecar adds to every tool call, against a bare gRPC floor.
 
 Starts the sidecar (managed OPA over its private unix socket, durable
-evidence) and a bare floor server as separate processes, drives each from a separate load process
-(bench/loadgen, Go, sending bench/calls.py's call mix), and prints a table; then what the MCP gateway adds to a call over calling the MCP
-server directly (bench/mcp_gateway.py, its own process). `--out` writes the
+evidence) and a bare floor server as separate processes, drives each from a
+separate load process (bench/loadgen, Go, sending bench/calls.py's call mix),
+and prints a table; then what the MCP gateway adds to a call over calling the
+MCP server directly (bench/mcp_gateway.py, its own process). `--out` writes the
 figures as JSON, with the machine's load average. See docs/performance.md.
 """
 
