@@ -336,7 +336,7 @@ func run(o options) (*result, error) {
 		conn, err := grpc.NewClient(o.target, grpc.WithTransportCredentials(creds),
 			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})),
 			// Fixed flow-control windows turn off BDP estimation, whose PINGs cost
-			// both sides a read and a write per response; the messages are small.
+			// both sides a read and a write on most responses here; the messages are small.
 			grpc.WithInitialWindowSize(1<<20), grpc.WithInitialConnWindowSize(1<<20))
 		if err != nil {
 			return nil, err
