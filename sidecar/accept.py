@@ -24,8 +24,9 @@ How: each loop does what grpcio's own loop does for a registered method —
 These are grpcio internals, not its API, so `supported()` checks that they
 are there with the signatures used here; when they are not (another grpcio
 release), the server runs with grpcio's own loop alone and says so in the
-log: slower, never wrong. The test suite checks that the loops take calls
-on the pinned grpcio, so an upgrade that drops them is seen.
+log: slower, never wrong. tests/test_core_accept.py checks that the loops
+take calls on the grpcio `make install` installs, so an upgrade that drops
+them fails there.
 
 Limits: the loops run no server interceptors and no
 `maximum_concurrent_rpcs` limiter; the sidecar's server uses neither.

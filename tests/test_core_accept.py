@@ -1,6 +1,6 @@
 """The extra accept loops (sidecar/accept.py) on a real grpc.aio server over a unix socket.
 
-The loops use grpcio internals: these tests are what says, on the pinned grpcio, that the
+The loops use grpcio internals: these tests are what says, on the grpcio installed, that the
 loops take calls, hand the handler the same context grpcio's own loop does (peer, metadata,
 deadline, the client's cancellation), stop with the server, and that a grpcio without
 those internals still serves, through its own loop.
