@@ -105,6 +105,27 @@ async def test_stopping_the_server_ends_the_loops(tmp_path):
     assert not echo.acceptors._tasks
 
 
+async def test_a_graceful_stop_lets_the_calls_the_loops_took_finish(tmp_path):
+    echo = EchoServer(tmp_path, loops=4, delay=0.5)
+    await echo.__aenter__()
+    try:
+        calls = [asyncio.ensure_future(echo.say_stub(f"c{i}".encode(), timeout=10)) for i in range(16)]
+
+        async def all_in_their_handlers() -> None:
+            while echo.started < 16:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(all_in_their_handlers(), 10)
+        assert echo.acceptors.accepted > 0
+        await echo.server.stop(grace=10)
+        answers = await asyncio.gather(*calls)
+        assert sorted(a.split(b"|")[0] for a in answers) == sorted(f"c{i}".encode() for i in range(16))
+    finally:
+        await echo.channel.close()
+        await echo.acceptors.stop()
+    assert not echo.acceptors._tasks
+
+
 async def test_a_grpcio_without_the_internals_serves_through_its_own_loop(tmp_path, monkeypatch, caplog):
     # grpcio's own loop calls the same internals, so they are left alone: the loops are told
     # to expect another signature, as with a grpcio release that changed it.
