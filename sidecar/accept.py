@@ -86,6 +86,8 @@ class Acceptors:
         self._calls: set[asyncio.Task] = set()  # the event loop holds only weak references to tasks
         self._core = getattr(server, "_server", None)  # grpcio's AioServer under grpc.aio.Server
         self.unsupported = supported() if loops_per_method > 0 else ""
+        if not self.unsupported and not hasattr(self._core, "is_running"):
+            self.unsupported = f"grpc.aio.Server of grpcio {grpc.__version__} has no grpcio AioServer as _server"
         if loops_per_method <= 0 or self.unsupported:
             return
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
@@ -123,7 +125,7 @@ class Acceptors:
                 raise
             except Exception as exc:  # the core failed the request: shutting down, or a fault
                 if self._core.is_running():
-                    log.error("gRPC: an extra accept loop for %s stopped: %r", method, exc)
+                    log.error("gRPC: an extra accept loop for %s stopped (the others serve on): %r", method, exc)
                 return
             self.accepted += 1
             handling = cygrpc._handle_rpc(method, resolver, (), rpc_state, loop, False)
