@@ -39,6 +39,7 @@ import logging
 from typing import Mapping
 
 import grpc
+from grpc._cython import cygrpc
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ def _parameters(function: object) -> tuple[str, ...]:
 
 def supported() -> str:
     """"" when this grpcio has the internals the loops use; else what is missing."""
-    try:
-        from grpc._cython import cygrpc
-    except ImportError as exc:  # pragma: no cover - grpcio always ships it
-        return f"grpc._cython.cygrpc cannot be imported ({exc})"
     missing = [
         name
         for name, wanted in (("_handle_rpc", _HANDLE_RPC_PARAMETERS), ("_schedule_rpc_coro", _SCHEDULE_PARAMETERS))
@@ -104,8 +101,6 @@ class Acceptors:
         if self.unsupported:
             log.warning("gRPC: one accept loop per method (grpcio's own): %s", self.unsupported)
             return
-        from grpc._cython import cygrpc
-
         resolver = cygrpc._MethodResolver([], self._handlers)
         for method in self._handlers:
             for _ in range(self._loops):
@@ -114,8 +109,6 @@ class Acceptors:
                 task.add_done_callback(self._tasks.discard)
 
     async def _accept(self, method: str, resolver: object) -> None:
-        from grpc._cython import cygrpc
-
         loop = asyncio.get_running_loop()
         name = method.encode()
         while self._core.is_running():

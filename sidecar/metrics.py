@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Metrics:
             "Calls the shadow bundle could not decide (its OPA failed or exceeded policy.shadow_timeout_ms)",
             registry=self.registry,
         )
-        self._children: dict[tuple, object] = {}  # _child
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}  # _child
         self._server = None
 
     def observe_shadow(self, recorded: str, shadow: str, failed: bool) -> None:
@@ -68,7 +69,7 @@ class Metrics:
         for stage, milliseconds in timings_ms.items():
             self._child(self.stage_seconds, stage).observe(milliseconds / 1000)
 
-    def _child(self, metric, *labels: str):
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
         """`metric.labels(*labels)`, remembered: every call observes the same few label sets,
         and `labels()` checks and locks each time."""
         key = (metric, labels)
