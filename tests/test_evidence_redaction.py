@@ -209,6 +209,64 @@ def test_a_secret_under_a_secret_key_never_survives_at_any_depth_or_shape(value,
     assert clean["redacted"]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        r'{"to\u006ben": "PLANT-1"}',  # an escaped letter
+        r'{"\u0074\u006F\u006B\u0065\u006E": "PLANT-1"}',  # every letter escaped, either hex case
+        r'[{"api\u005fkey": "PLANT-1"}]',  # an escaped separator
+        r'{"tok\nen": "PLANT-1"}',  # a control character inside the key, dropped by normalization
+        r'{"pass\tword": ["PLANT-1"]}',
+        json.dumps({"ＡＰＩ＿ＫＥＹ": "PLANT-1"}),  # ensure_ascii: the fullwidth key written as \uff21...
+        json.dumps({"outer": json.dumps({"secret": "PLANT-1"}).replace("c", r"\u0063")}),  # JSON in JSON
+        r'{"note": "Authorization: Bearer\u0020PLANT-1"}',  # the scheme's space escaped
+        r'{"url": "https://u:PLANT-1\u0040db/x"}',  # the URL's `@` escaped
+    ],
+)
+def test_escapes_in_json_text_hide_no_secret(text):
+    """JSON text is read as a reader would read it: escapes cannot hide a key or a credential from the rules."""
+    clean, paths = Redactor().value({"body": text})
+    assert "PLANT-1" not in json.dumps(json.loads(clean["body"]), ensure_ascii=False), clean
+    assert paths == ["body"]
+
+
+def _disguised(word: str, cut: int, inserted: str, wide: bool) -> str:
+    """A secret word as JSON text may hide it: a character inside it, letters in fullwidth forms."""
+    if wide:
+        word = "".join(chr(ord(c) + 0xFEE0) if c.isalpha() else c for c in word)
+    cut = cut % (len(word) + 1)
+    return word[:cut] + inserted + word[cut:]
+
+
+json_texts = st.one_of(
+    st.lists(st.sampled_from([*"ab _-.:=@/{}[]\"'\\\n\té€𝐀", "word", "eyJ", "://", r"\u0074", "Bearer ", "PRIVATE KEY",
+                              "eyJhbGci.eyJzdWIi.c2ln", "db://u:pw@h", "-----BEGIN PRIVATE KEY-----x"]),
+             max_size=6).map("".join),
+    st.builds(_disguised, st.sampled_from(["token", "api_key", "pin", "passwd", "secret", "cookie"]),
+              st.integers(min_value=0, max_value=8), st.sampled_from(["", "\n", "\t", "\\", '"', "é", " ", "_", "\x7f"]),
+              st.booleans()),
+)
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1), json_texts),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(json_texts, inner, max_size=3),
+                            inner.map(lambda v: json.dumps(v, ensure_ascii=False))),
+    max_leaves=8,
+)
+
+
+@settings(PROPERTY, max_examples=1000)
+@given(value=st.fixed_dictionaries({"arguments": st.dictionaries(json_texts, json_values, max_size=3)},
+                                   optional={"intent": json_texts, "input": json_values}))
+def test_the_cheap_whole_record_check_never_skips_a_redaction(value):
+    """`record` and `value` skip the walk when a pre-check of the whole value finds nothing: the walk must agree."""
+    redactor = Redactor()
+    if redactor._nothing_to_redact(value):
+        walked: list[str] = []
+        redactor._walk(value, "", walked, 0)
+        assert walked == [], (value, walked)
+        assert redactor.value(value) == (value, []) and "redacted" not in redactor.record(value)
+
+
 # -- through a real sidecar: every field of every record kind and every span -----------------------------
 
 

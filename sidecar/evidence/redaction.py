@@ -48,6 +48,8 @@ import re
 import unicodedata
 from typing import Any, Callable, Iterable
 
+import orjson
+
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
 from sidecar.jsonvalues import spelled
 
@@ -83,6 +85,8 @@ _KEY_SPACE_VALUE = re.compile(
     r"""(?=(?P<value>(?=[^\s"'&;,)}\]]*[0-9\-_./+!@#$%^*~])[^\s"'&;,)}\]]{6,}))"""
 )
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
+_NOT_ALNUM_BYTES = bytes(range(256)).translate(None, b"0123456789abcdefghijklmnopqrstuvwxyz")  # all but these
+_LETTER_ESCAPE = re.compile(rb"\\[bfnrtu]")  # a JSON escape that writes a letter: `\n`, `\u0041`
 _IN_TOKEN = re.compile(r"[_.\-]+")  # what a key token holds besides letters and digits
 _PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*")
@@ -116,6 +120,7 @@ class Redactor:
         self._parts = tuple(dict.fromkeys(parts))
         # any of these in a string's squashed letters and digits: a text rule might match
         self._trigger = re.compile("|".join(re.escape(p) for p in (*self._parts, *SECRET_KEY_NAMES, "basic")))
+        self._trigger_bytes = re.compile(self._trigger.pattern.encode())
         self._keys: dict[str, bool] = {}  # is_secret_key, remembered (keys repeat across records)
         # Strings no text rule can match, remembered: most values repeat across records
         # (SPIFFE IDs, tool names, catalog descriptions, reasons). Cleared when full.
@@ -158,14 +163,39 @@ class Redactor:
         `pin`. JSON text (keys may hold spaces) and other text are squashed whole."""
         if ("@" in text and "://" in text) or "PRIVATE KEY" in text or "eyJ" in text:
             return True
-        if text.isascii() and text.lstrip()[:1] not in ("{", "["):
+        looks_json = text.lstrip()[:1] in ("{", "[")
+        if looks_json and "\\" in text:  # escapes (`\u0074oken`, `to\nken`) hide a key's letters: read it
+            return True
+        if text.isascii() and not looks_json:
             return self._trigger.search(_IN_TOKEN.sub("", text.lower())) is not None
         return self._trigger.search(normalize_key(text)) is not None
+
+    def _nothing_to_redact(self, value: Any) -> bool:
+        """Cheap pre-check of a whole value: True when no rule can pick anything in it.
+
+        Its JSON text (orjson) holds every key and string verbatim, bar the escapes of `"` and
+        `\\`, when it is ASCII and has no escape that writes a letter (`\\n`, `\\u0041`). Then,
+        lower-cased with all but letters and digits dropped, it holds each key's normalized form
+        and each string's squashed letters as a run: no trigger in it, no rule can match
+        (`_may_hold_secret` and `is_secret_key` need one). Anything else (non-ASCII text, a value
+        orjson does not write) answers False, and the walk decides.
+        """
+        try:
+            text = orjson.dumps(value)
+        except TypeError:  # orjson.JSONEncodeError: not JSON (a non-string key, another type)
+            return False
+        if not text.isascii() or _LETTER_ESCAPE.search(text) is not None:
+            return False
+        if (b"@" in text and b"://" in text) or b"PRIVATE KEY" in text or b"eyJ" in text:
+            return False
+        return self._trigger_bytes.search(text.lower().translate(None, _NOT_ALNUM_BYTES)) is None
 
     # -- values ---------------------------------------------------------------
 
     def value(self, value: Any, path: str = "") -> tuple[Any, list[str]]:
         """A redacted copy of `value` (the value itself when nothing changed) and the redacted paths."""
+        if self._nothing_to_redact(value):
+            return value, []
         found: list[str] = []
         return self._walk(value, path, found, 0), found
 
@@ -173,6 +203,8 @@ class Redactor:
         """Every field of one evidence record, redacted; adds `redacted` (paths) when anything was.
 
         Fields named in DIGESTED_FIELDS get digests instead of REDACTED (rule 3)."""
+        if self._nothing_to_redact(fields):  # most records: one C-speed scan instead of the walk
+            return dict(fields)
         found: list[str] = []
         out = {
             key: self._walk(value, key, found, 1, digest if key in DIGESTED_FIELDS else None)
