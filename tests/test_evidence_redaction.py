@@ -212,6 +212,42 @@ def test_a_secret_under_a_secret_key_never_survives_at_any_depth_or_shape(value,
 @pytest.mark.parametrize(
     "text",
     [
+        "note: password=PLANT-1",  # an assignment inside the value of another
+        "https://api.example.org/v1?api_key=PLANT-1",  # the first query parameter, after `https:`
+        "url=https://h/x?token=PLANT-1&page=2",
+        "password=token=PLANT-1",
+        'label: "x" secret=PLANT-1',
+        "k: 'token=PLANT-1'",
+    ],
+)
+def test_an_assignment_inside_another_value_is_still_judged(text):
+    clean, paths = Redactor().value({"body": text})
+    assert "PLANT-1" not in clean["body"], clean
+    assert paths == ["body"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://api.example.org/v1?to%6Ben=PLANT-1",  # percent-encoding, either hex case
+        "a=1&pass%77ord=PLANT-1&b=2",
+        "api%2Dkey%3A%20PLANT-1",
+        "Authorization%3A%20Bearer%20PLANT-1",
+        "q=to%256Ben%253DPLANT-1",  # encoded twice
+        '{"to%6Ben": "PLANT-1"}',
+        "next=https%3A%2F%2Fu%3APLANT-1%40db%2F",  # a URL's password, encoded inside another URL
+    ],
+)
+def test_percent_encoding_hides_no_secret(text):
+    """A server reads `to%6Ben=` as `token=` (RFC 3986, section 2.1): so do the rules."""
+    clean, paths = Redactor().value({"body": text})
+    assert "PLANT-1" not in clean["body"], clean
+    assert paths == ["body"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         r'{"to\u006ben": "PLANT-1"}',  # an escaped letter
         r'{"\u0074\u006F\u006B\u0065\u006E": "PLANT-1"}',  # every letter escaped, either hex case
         r'[{"api\u005fkey": "PLANT-1"}]',  # an escaped separator
@@ -230,12 +266,15 @@ def test_escapes_in_json_text_hide_no_secret(text):
     assert paths == ["body"]
 
 
-def _disguised(word: str, cut: int, inserted: str, wide: bool) -> str:
-    """A secret word as JSON text may hide it: a character inside it, letters in fullwidth forms."""
-    if wide:
+def _disguised(word: str, cut: int, inserted: str, form: str, value: str) -> str:
+    """A secret word as text may hide it: a character inside it, letters in fullwidth forms, a letter
+    percent-encoded; then perhaps a value assigned to it."""
+    if form == "wide":
         word = "".join(chr(ord(c) + 0xFEE0) if c.isalpha() else c for c in word)
-    cut = cut % (len(word) + 1)
-    return word[:cut] + inserted + word[cut:]
+    cut = cut % len(word)
+    if form == "percent":
+        word = word[:cut] + f"%{ord(word[cut]):02x}" + word[cut + 1:]
+    return word[:cut] + inserted + word[cut:] + value
 
 
 json_texts = st.one_of(
@@ -244,7 +283,7 @@ json_texts = st.one_of(
              max_size=6).map("".join),
     st.builds(_disguised, st.sampled_from(["token", "api_key", "pin", "passwd", "secret", "cookie"]),
               st.integers(min_value=0, max_value=8), st.sampled_from(["", "\n", "\t", "\\", '"', "é", " ", "_", "\x7f"]),
-              st.booleans()),
+              st.sampled_from(["plain", "wide", "percent"]), st.sampled_from(["", "=sk-12345", ": hunter2!"])),
 )
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1), json_texts),

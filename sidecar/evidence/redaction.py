@@ -24,6 +24,9 @@ through `Redactor.value`. The rules:
      JWT-SVIDs among them) wherever they stand;
    - a string that holds a JSON object or array is read, and redacted by
      rule 1 too; it is rewritten (compact JSON) only when something in it was.
+   - a string with percent-encoding (RFC 3986, section 2.1: `to%6Ben=...` in a
+     query string) is judged decoded too, as a server reads it; when a rule
+     finds a secret there, the decoded text, redacted, is what is kept.
 3. Digests for replay. A decision record's `input` (the policy input, for
    `agent-sidecar policy replay`) follows the same rules, but each value a
    rule picks (the value under a secret key; a string in which a text rule
@@ -47,6 +50,7 @@ import json
 import re
 import unicodedata
 from typing import Any, Callable, Iterable
+from urllib.parse import unquote
 
 import orjson
 
@@ -87,14 +91,16 @@ _KEY_SPACE_VALUE = re.compile(
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _NOT_ALNUM_BYTES = bytes(range(256)).translate(None, b"0123456789abcdefghijklmnopqrstuvwxyz")  # all but these
 _LETTER_ESCAPE = re.compile(rb"\\[bfnrtu]")  # a JSON escape that writes a letter: `\n`, `\u0041`
+_PERCENT_ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")  # percent-encoding (RFC 3986, section 2.1): `%6B` is `k`
 _IN_TOKEN = re.compile(r"[_.\-]+")  # what a key token holds besides letters and digits
 _PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9\-._~+/]+=*)|\b(basic\s+)([A-Za-z0-9+/]{8,}=*)")
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*):([^\s/@?#]+)@")
 _ASSIGNMENT = re.compile(
-    r"""(?P<key>[A-Za-z_][A-Za-z0-9_.\-]{0,63})["']?[ \t]*(?P<sep>[:=])[ \t]*"""
-    r"""(?P<value>"(?:[^"\\]|\\.)*"|'[^'\n]*'|[^\s"'&;,)}\]]+)"""
+    # the value is only looked at, not consumed: it may hold the next assignment ("note: password=...", "?token=...")
+    r"""(?P<key>[A-Za-z_][A-Za-z0-9_.\-]{0,63})["']?[ \t]*[:=][ \t]*"""
+    r"""(?=(?P<value>"(?:[^"\\]|\\.)*"|'[^'\n]*'|[^\s"'&;,)}\]]+))"""
 )
 
 
@@ -163,6 +169,10 @@ class Redactor:
         `pin`. JSON text (keys may hold spaces) and other text are squashed whole."""
         if ("@" in text and "://" in text) or "PRIVATE KEY" in text or "eyJ" in text:
             return True
+        if "%" in text:
+            decoded = unquote(text)
+            if decoded != text and self._may_hold_secret(decoded):
+                return True
         looks_json = text.lstrip()[:1] in ("{", "[")
         if looks_json and "\\" in text:  # escapes (`\u0074oken`, `to\nken`) hide a key's letters: read it
             return True
@@ -184,7 +194,7 @@ class Redactor:
             text = orjson.dumps(value)
         except TypeError:  # orjson.JSONEncodeError: not JSON (a non-string key, another type)
             return False
-        if not text.isascii() or _LETTER_ESCAPE.search(text) is not None:
+        if not text.isascii() or _LETTER_ESCAPE.search(text) is not None or _PERCENT_ESCAPE.search(text) is not None:
             return False
         if (b"@" in text and b"://" in text) or b"PRIVATE KEY" in text or b"eyJ" in text:
             return False
@@ -281,32 +291,52 @@ class Redactor:
         out = _JWT.sub(REDACTED, out)
         out = _AUTH_SCHEME.sub(_scheme_credential, out)
         out = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", out)
-        out = _ASSIGNMENT.sub(self._assignment, out)
+        out = self._assignments(out)
         out = self._key_space_value(out)
+        if "%" in out and depth < 64:
+            decoded = unquote(out)
+            if decoded != out:  # a reader decodes `to%6Ben=...` to `token=...`: judge what it reads
+                inner = []
+                cleaned = self._string(decoded, "", inner, depth + 1)
+                if inner:
+                    out = cleaned
         if out != text:
             found.append(_path(where) or "(text)")
             return out
         return text
 
     def _key_space_value(self, text: str) -> str:
-        spans = [
+        return _replaced(text, [
             match.span("value")
             for match in _KEY_SPACE_VALUE.finditer(text)
             if self.is_secret_key(match.group("key")) and not match.group("value").startswith(REDACTED)
-        ]
-        for start, end in reversed(spans):  # later spans first, so earlier offsets stay right
-            text = text[:start] + REDACTED + text[end:]
-        return text
+        ])
 
-    def _assignment(self, match: re.Match) -> str:
-        value = match.group("value")
-        if not self.is_secret_key(match.group("key")) or value.strip("\"'").startswith(REDACTED):
-            return match.group(0)
-        start, end = match.span("value")
-        quote = value[0] if value[:1] in ("'", '"') else ""
-        whole = match.group(0)
-        offset = match.start()
-        return whole[: start - offset] + f"{quote}{REDACTED}{quote}" + whole[end - offset :]
+    def _assignments(self, text: str) -> str:
+        """`<secret key>=<value>` and `<secret key>: <value>`: the value becomes REDACTED (quotes kept)."""
+        spans = []
+        for match in _ASSIGNMENT.finditer(text):
+            if not self.is_secret_key(match.group("key")):
+                continue
+            start, end = match.span("value")
+            if text[start] in "\"'":
+                start, end = start + 1, end - 1
+            if not text.startswith(REDACTED, start):
+                spans.append((start, end))
+        return _replaced(text, spans)
+
+
+def _replaced(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with each span, (start, end) offsets into it, replaced by REDACTED; overlapping spans count as one."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    for start, end in reversed(merged):  # later spans first, so earlier offsets stay right
+        text = text[:start] + REDACTED + text[end:]
+    return text
 
 
 # Values with nothing to redact in them: the walk copies them as they are.
