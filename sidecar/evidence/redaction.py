@@ -125,8 +125,9 @@ class Redactor:
     def _set_parts(self, parts: Iterable[str]) -> None:
         self._parts = tuple(dict.fromkeys(parts))
         # any of these in a string's squashed letters and digits: a text rule might match
-        self._trigger = re.compile("|".join(re.escape(p) for p in (*self._parts, *SECRET_KEY_NAMES, "basic")))
-        self._trigger_bytes = re.compile(self._trigger.pattern.encode())
+        trigger = _any_of((*self._parts, *SECRET_KEY_NAMES, "basic"))
+        self._trigger = re.compile(trigger)
+        self._trigger_bytes = re.compile(trigger.encode())
         self._keys: dict[str, bool] = {}  # is_secret_key, remembered (keys repeat across records)
         # Strings no text rule can match, remembered: most values repeat across records
         # (SPIFFE IDs, tool names, catalog descriptions, reasons). Cleared when full.
@@ -324,6 +325,18 @@ class Redactor:
             if not text.startswith(REDACTED, start):
                 spans.append((start, end))
         return _replaced(text, spans)
+
+
+def _any_of(words: Iterable[str]) -> str:
+    """A regex that finds any of `words` (letters and digits): a word holding another is left out (the
+    shorter one is found anyway), and words are grouped by first letter, which `re` scans about
+    twice as fast as a flat alternation."""
+    unique = set(words)
+    kept = sorted(w for w in unique if not any(other != w and other in w for other in unique))
+    groups: dict[str, list[str]] = {}
+    for word in kept:
+        groups.setdefault(word[0], []).append(word[1:])
+    return "|".join(first + (rests[0] if len(rests) == 1 else f"(?:{'|'.join(rests)})") for first, rests in groups.items())
 
 
 def _replaced(text: str, spans: list[tuple[int, int]]) -> str:
