@@ -369,6 +369,11 @@ class FaultServer:
             return web.Response(status=200, text="\x00\x01 not json")
         if fault == "list":
             return web.json_response([1, 2])
+        if fault in ("nan", "overflow"):  # numbers that are not JSON or that no double holds (the gate's
+            # check of what OPA can write, 2^70, is tested with real OPA in tests/test_opa_sidecar.py)
+            number = {"nan": "NaN", "overflow": "1e400"}[fault]
+            return web.Response(status=200, content_type="application/json", text=(
+                '{"result": {"outcome": "allow", "reasons": ["ok"], "obligations": {"limit": %s}}}' % number))
         if fault == "slow":
             await asyncio.sleep(1.0)
             return web.json_response({"result": ALLOW})
@@ -411,11 +416,16 @@ async def test_4xx_is_not_retried_and_does_not_trip_the_breaker(faults, make_cli
     assert faults.requests == 1 and client.breaker.state == "closed"
 
 
-@pytest.mark.parametrize("fault, fragment", [("garbage", "not JSON"), ("list", "JSON list, not an object")])
-async def test_garbage_answers_deny(faults, make_client, fault, fragment):
+@pytest.mark.parametrize("fault, code, fragment", [
+    ("garbage", "policy_error", "cannot be read as JSON"),
+    ("list", "policy_error", "JSON list, not an object"),
+    ("nan", "policy_error", "cannot be read as JSON"),  # not JSON at all
+    ("overflow", "policy_error", "cannot be read as JSON"),  # 1e400: JSON, but no double holds it
+])
+async def test_garbage_answers_deny(faults, make_client, fault, code, fragment):
     client = await make_client(faults.url)
     faults.faults = [fault]
-    assert_opa_deny(await client.decide(INPUT), "policy_error", faults.url, fragment)
+    assert_opa_deny(await client.decide(INPUT), code, faults.url, fragment)
     assert client.breaker.consecutive_failures == 1
     assert (await client.decide(INPUT)).outcome == "allow"
 

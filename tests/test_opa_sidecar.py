@@ -254,3 +254,31 @@ def test_check_decides_like_the_server_and_names_an_older_served_revision(tmp_pa
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=20)
+
+
+INEXACT_OBLIGATIONS = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok"], "obligations": {"limit": limits[input.tool.name]}}
+
+    limits := {"exact": 9007199254740991, "huge": 1180591620717411303424, "fraction": 0.1, "deep": {"a": [1, 36893488147419103232]}}
+"""
+
+
+async def test_obligations_a_double_cannot_hold_deny_naming_the_field(running_sidecar, sidecar_config, tmp_path):
+    """Real OPA writes integers past 2^53 exactly; the agent's proto would get them rounded, so the call is denied."""
+    directory = write_policy(tmp_path / "policy", INEXACT_OBLIGATIONS)
+    (directory / "sidecar" / "catalog").mkdir(parents=True)
+    (directory / "sidecar" / "catalog" / "data.yaml").write_text("tools: {}\n")
+    sidecar = await running_sidecar(sidecar_config(**{"policy.dir": str(directory)}))
+    async with AsyncClient(sidecar.addresses[0]) as client:
+        for tool, limit in (("exact", 9007199254740991), ("fraction", 0.1)):
+            result = await client.authorize(tool, {})
+            assert result.outcome == "allow" and result.obligations == {"limit": limit}, result
+        for tool, where in (("huge", "obligations.limit"), ("deep", "obligations.limit.a[1]")):
+            result = await client.authorize(tool, {})
+            assert result.outcome == "deny", result
+            assert result.reasons[0].startswith(f"policy_malformed: {where}: "), result.reasons
+            assert "obligations must reach the agent exactly" in result.reasons[0]

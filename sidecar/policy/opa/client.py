@@ -62,6 +62,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_before_delay, wait_exponential
 
 from sidecar.policy.breaker import CLOSED, OPEN, Admission, CircuitBreaker
@@ -411,10 +412,12 @@ class OpaClient:
         if status != 200:
             raise _Failure(POLICY_ERROR, url, f"refused the query: {status} {_opa_error(raw)}", counts=False)
         try:
-            body = json.loads(raw)
-        except ValueError:
+            body = orjson.loads(raw)  # strict RFC 8259: no NaN, no Infinity, no overflow to inf
+        except ValueError as exc:  # orjson.JSONDecodeError
             text = _short(raw[:120].decode("utf-8", "replace"))
-            raise _Failure(POLICY_ERROR, url, f"answered 200 with a body that is not JSON: {text!r}") from None
+            raise _Failure(
+                POLICY_ERROR, url, f"answered 200 with a body that cannot be read as JSON ({_short(exc)}): {text!r}"
+            ) from None
         if not isinstance(body, dict):
             raise _Failure(POLICY_ERROR, url, f"answered 200 with a JSON {type(body).__name__}, not an object")
         return body
