@@ -146,18 +146,19 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
     if call.signals is not None and not isinstance(call.signals, dict):
         problems.append(str(Reason(INVALID_SIGNALS, f"signals must be a JSON object, not {_json_kind(call.signals)}")))
 
+    too_deep = set()
     for label, code, value in (
         ("arguments", INVALID_ARGUMENTS, call.arguments),
         ("signals", INVALID_SIGNALS, call.signals),
     ):
-        depth = depth_of(value, max_depth)
-        if depth > max_depth:
+        if depth_of(value, max_depth) > max_depth:
+            too_deep.add(label)
             problems.append(str(Reason(INPUT_TOO_DEEP, f"{label} nest deeper than the limit of {max_depth} levels")))
         else:
             problems += [str(Reason(code, problem)) for problem in number_problems(value, label)]
 
     # Too deep: digest what lies within the limit, so nothing below recurses past Python's limit.
-    arguments = call.arguments if depth_of(call.arguments, max_depth) <= max_depth else cut_depth(call.arguments, max_depth)
+    arguments = cut_depth(call.arguments, max_depth) if "arguments" in too_deep else call.arguments
     try:
         encoded = canonical_json(arguments)
         digest = sha256_digest(encoded)

@@ -317,3 +317,26 @@ def test_a_float_past_2_53_is_denied_recorded_described_and_survives_kill_9(tmp_
     report = verify_dir(tmp_path / "ev")
     assert report.ok, report.problems
     assert report.kinds["startup"] == 2
+
+
+near_hash = st.sampled_from(["hash", "h", "ha", "has", "hasg", "hasi", "hash0", "hash_", "hat", "Hash", "HASH", "",
+                             "a", "z", "é", "ｈａｓｈ", "\U0001d400", "\ue000", "kind", "seq", "prev_hash"])
+
+
+@PROPERTY
+@given(record=st.dictionaries(st.one_of(near_hash, keys), values, max_size=8))
+def test_seal_writes_the_canonical_form_of_the_whole_record(record):
+    """`seal` serializes the members before and after `hash` apart: the line must be canonical_json of
+    the record with its hash, and the hash that of the record without it, for any keys around `hash`."""
+    from sidecar.evidence.records import record_hash, seal
+
+    try:
+        expected_body = canonical_json({k: v for k, v in record.items() if k != "hash"})
+    except NotCanonicalizable:
+        with pytest.raises(NotCanonicalizable):
+            seal(dict(record))
+        return
+    sealed = dict(record)
+    line = seal(sealed)
+    assert sealed["hash"] == sha256_digest(expected_body) == record_hash(sealed)
+    assert line == canonical_json(sealed) + b"\n"
