@@ -75,6 +75,24 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+# How to try a command locally: dev mode exists only where a config asks for it (identity.sources: [dev]).
+TRY_LOCALLY = "--config examples/dev.yaml (dev identity: every caller is spiffe://dev.local/agent, marked source: dev)"
+
+
+def not_dev_mode_hint(command: str, config_file: str | None) -> str:
+    """The line added under a refusal of `serve` or `console` run outside dev mode: what applied, how to try it."""
+    applied = (
+        "no --config was given, so the defaults apply, and they are not dev mode"
+        if config_file is None
+        else f"{config_file} is not dev mode"
+    )
+    return (
+        f"  ({applied}: identity.sources is [workload_api] unless a config says otherwise, and the settings "
+        f"required outside dev mode must be set, docs/configuration.md#outside-dev-mode. "
+        f"To try it locally: agent-sidecar {command} {TRY_LOCALLY})"
+    )
+
+
 def _refusal_problems(exc: Exception) -> list[str]:
     """The lines that say why a policy was refused: a rejection lists them, a start failure is one."""
     from sidecar.policy.opa.service import PolicyRejected
@@ -103,9 +121,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.evidence import EvidenceError
     from sidecar.server import serve
 
-    config = load_config(args.config, _config_overrides(args))
+    try:
+        config = load_config(args.config, _config_overrides(args))
+    except ConfigError as exc:
+        if args.config is None:
+            raise ConfigError(f"{exc}\n{not_dev_mode_hint('serve', None)}") from None
+        raise
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # found at start, e.g. no Workload API socket
+        if config.dev_mode:
+            raise
+        raise ConfigError(f"{exc}\n{not_dev_mode_hint('serve', args.config)}") from None
     except EvidenceError as exc:
         print(f"agent-sidecar: the evidence log cannot be opened: {exc}", file=sys.stderr)
         return 2
@@ -135,7 +162,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
     from sidecar.server import build_gate, build_policy
 
-    config = load_config(args.config, {**_config_overrides(args), "policy.reload": False})
+    # The subject is --subject/--source, not a verified caller: with no file check needs no identity settings.
+    config = load_config(args.config, {**_config_overrides(args), "policy.reload": False}, runs_sidecar=False)
     try:
         subject = Subject(validate_spiffe_id(args.subject), source=args.source)
     except SpiffeIdError as exc:
@@ -190,7 +218,7 @@ def _same_dir(policy: str | None, config_file: str | None) -> bool:
     """True unless `--policy` names another directory than the config's own policy.dir."""
     if not policy:
         return True
-    return os.path.realpath(policy) == os.path.realpath(load_config(config_file, {}).policy.dir)
+    return os.path.realpath(policy) == os.path.realpath(load_config(config_file, {}, runs_sidecar=False).policy.dir)
 
 
 async def _served_revision(config: Config) -> str:
@@ -221,7 +249,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from sidecar.policy.opa import tools
     from sidecar.policy.opa.runner import OpaNotFound, find_opa
 
-    config = load_config(args.config, {})
+    config = load_config(args.config, {}, runs_sidecar=False)  # only policy.opa.binary is used
     try:
         binary = find_opa(config.policy.opa.binary)
     except OpaNotFound as exc:
@@ -266,7 +294,7 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
     from sidecar.policy.opa.runner import OpaNotFound, OpaStartError, find_opa
     from sidecar.policy.opa.service import PolicyRejected
 
-    config = load_config(args.config, {})
+    config = load_config(args.config, {}, runs_sidecar=False)  # only policy.opa.binary is used
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
@@ -359,8 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = commands.add_parser("serve", help="run the sidecar's gRPC server")
-    serve.add_argument("--config", metavar="FILE", help="YAML config (docs/configuration.md); defaults apply without it")
+    serve = commands.add_parser(
+        "serve",
+        help="run the sidecar's gRPC server",
+        description="Run the sidecar until SIGINT/SIGTERM. Dev mode (every caller the dev identity, marked "
+        "source: dev) only when the config says identity.sources: [dev], as examples/dev.yaml does (make run); "
+        "without --config the defaults are not dev mode and, alone, are refused (they need listen.unix and "
+        "escalation.approvers).",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config (docs/configuration.md). Without it the defaults apply: identity from the SPIRE "
+        "Workload API (identity.sources: [workload_api]), which also needs listen.unix and "
+        f"escalation.approvers. To try it locally: {TRY_LOCALLY.replace('%', '%%')}",
+    )
     serve.add_argument("--listen", metavar="ADDR", help="host:port or unix:/path, overriding listen.* in the config")
     serve.add_argument("--policy", metavar="DIR", help="policy bundle directory, overriding policy.dir")
     serve.set_defaults(run=cmd_serve)
@@ -372,14 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
         '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON. '
         "Exit status: 0 allow, 3 deny, 4 escalate; 2 bad usage, configuration or policy.",
     )
-    check.add_argument("--config", metavar="FILE", help="YAML config; its policy section says how OPA is reached")
+    check.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config; its policy section says how OPA is reached (the file is validated as serve would). "
+        "Without it the defaults apply; check needs no identity settings (the caller is --subject/--source)",
+    )
     check.add_argument("--policy", metavar="DIR", help="policy bundle directory, overriding policy.dir")
     check.add_argument("--subject", required=True, metavar="SPIFFE_ID", help="the caller, e.g. spiffe://dev.local/agent")
     check.add_argument(
         "--source",
         default="dev",
         choices=["workload_api", "mtls", "jwt_svid", "dev"],
-        help="input.subject.source to pretend (default dev)",
+        help="input.subject.source to pretend (default dev); no dev-mode config is needed for it",
     )
     check.add_argument("--tool", required=True, metavar="NAME", help="tool name from the catalog")
     check.add_argument("--args", metavar="JSON", help="tool arguments as a JSON object")

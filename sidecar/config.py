@@ -94,8 +94,10 @@ class PolicyConfig:
 @dataclass
 class IdentityConfig:
     # Where the caller's identity comes from: any of workload_api, mtls,
-    # jwt_svid; or dev alone. Order is precedence.
-    sources: list[str] = field(default_factory=lambda: ["dev"])
+    # jwt_svid; or dev alone. Order is precedence. The default is the pod's
+    # X.509-SVID from the SPIRE Workload API; dev mode exists only when a
+    # config says `sources: [dev]` (examples/dev.yaml).
+    sources: list[str] = field(default_factory=lambda: ["workload_api"])
     # The SPIFFE ID every caller gets in dev mode (marked source: dev).
     dev_spiffe_id: str = "spiffe://dev.local/agent"
     # SPIFFE Workload API socket, unix:///abs/path; "" = $SPIFFE_ENDPOINT_SOCKET.
@@ -370,12 +372,18 @@ class Config:
         """identity.sources is [dev]: the laptop/demo setup, where conveniences may default open."""
         return self.identity.sources == ["dev"]
 
-    def validate(self) -> None:
+    def validate(self, *, runs_sidecar: bool = True) -> None:
         """Cross-field checks that a single field's type cannot express.
 
         Outside dev mode nothing security-relevant may default to open: the
         checks that say "required outside dev mode" are listed in
         docs/configuration.md ("Outside dev mode").
+
+        `runs_sidecar=False` leaves out what only a sidecar serving callers
+        needs: a listener for each identity source (listen.unix for
+        workload_api) and escalation.approvers / webhook_secret_file outside
+        dev mode. Only `load_config` passes it, for a command that serves
+        nothing and is given no file (see there).
         """
         for key in ("timeout_ms", "max_input_bytes", "max_depth", "shadow_timeout_ms"):
             if getattr(self.policy, key) <= 0:
@@ -404,8 +412,10 @@ class Config:
             validate_spiffe_id(self.identity.dev_spiffe_id)
         except SpiffeIdError as exc:
             raise ConfigError(f"identity.dev_spiffe_id: {exc}") from None
-        self._validate_identity_sources()
-        _validate_escalation(self.escalation, dev_mode=self.dev_mode)
+        self._validate_identity_sources(runs_sidecar=runs_sidecar)
+        _validate_escalation(self.escalation)
+        if runs_sidecar and not self.dev_mode:
+            _require_closed_escalation(self.escalation)
         _validate_console(self.console)
         _validate_mcp(self.mcp, self.identity.sources)
         _validate_invoke(self.invoke)
@@ -437,7 +447,7 @@ class Config:
                 "transport says, e.g. the agent's pod identity on the unix socket)"
             )
 
-    def _validate_identity_sources(self) -> None:
+    def _validate_identity_sources(self, *, runs_sidecar: bool) -> None:
         from sidecar.identity.spiffe_id import SpiffeIdError, validate_trust_domain
 
         ident = self.identity
@@ -466,10 +476,14 @@ class Config:
                 "identity.jwt_audience: required when jwt_svid is among identity.sources "
                 "(the audience agents mint their JWT-SVIDs for)"
             )
-        if "mtls" in ident.sources and not (self.listen.tcp or self.mcp.listen):
+        if runs_sidecar and "mtls" in ident.sources and not (self.listen.tcp or self.mcp.listen):
             raise ConfigError("identity.sources: mtls serves on listen.tcp, which is empty (and so is mcp.listen)")
-        if "workload_api" in ident.sources and not self.listen.unix:
-            raise ConfigError("identity.sources: workload_api identifies callers on listen.unix, which is empty")
+        if runs_sidecar and "workload_api" in ident.sources and not self.listen.unix:
+            raise ConfigError(
+                "identity.sources: workload_api identifies callers on listen.unix, which is empty (the agent "
+                "in the pod reaches the sidecar on that unix socket; set listen.unix, e.g. "
+                "/run/agent-sidecar/sidecar.sock)"
+            )
         self._validate_delegation_audience()
         self._validate_token_transport()
 
@@ -609,7 +623,7 @@ def _identity_pattern(value: str, key: str) -> None:
             raise ConfigError(f"{key}: {exc}") from None
 
 
-def _validate_escalation(esc: "EscalationConfig", *, dev_mode: bool) -> None:
+def _validate_escalation(esc: "EscalationConfig") -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
     for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
@@ -631,8 +645,10 @@ def _validate_escalation(esc: "EscalationConfig", *, dev_mode: bool) -> None:
         _identity_pattern(pattern, f"escalation.console_identities[{i}]")
         if not pattern.startswith("spiffe://"):
             raise ConfigError(f"escalation.console_identities[{i}]: {pattern!r} must be a console's SPIFFE ID")
-    if dev_mode:
-        return
+
+
+def _require_closed_escalation(esc: "EscalationConfig") -> None:
+    """Outside dev mode, escalation settings that would default open must be set (docs/configuration.md)."""
     if not esc.approvers:
         raise ConfigError(
             "escalation.approvers: required outside dev mode (identity.sources is not [dev]): name who may "
@@ -769,8 +785,20 @@ def _validate_opa(opa: OpaConfig) -> None:
             raise ConfigError(f"policy.opa.{key}: must be positive")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load YAML from `path` (defaults when None), apply dotted-key overrides, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, *, runs_sidecar: bool = True
+) -> Config:
+    """Load YAML from `path` (defaults when None), apply dotted-key overrides, validate.
+
+    The defaults are not dev mode (identity.sources: [workload_api]), so they
+    alone cannot serve: `serve` with no file is refused (listen.unix,
+    escalation.approvers). A command that serves nothing and verifies no
+    caller (`check`, `policy test|replay`, `rollback`, `console`'s own
+    settings) passes `runs_sidecar=False`: with no file it then needs only
+    the defaults it uses (policy.*, ...), not what a serving sidecar needs
+    (Config.validate). A file is always validated in full, so `check --config
+    F` refuses whatever `serve --config F` would.
+    """
     raw: Any = {}
     if path is not None:
         try:
@@ -790,7 +818,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{section}: must be a mapping")
         raw[section][key] = value
     config = _build(Config, raw, "")
-    config.validate()
+    config.validate(runs_sidecar=runs_sidecar or path is not None)
     return config
 
 

@@ -299,11 +299,18 @@ def cmd_console(args: argparse.Namespace) -> int:
         overrides["console.listen"] = args.listen
     if args.sidecar:
         overrides["console.sidecar"] = args.sidecar
-    config = load_config(args.config, overrides)
+    from sidecar.cli import not_dev_mode_hint
+
+    # The console serves no agent: with no file only its own settings are checked (validate_console, at start).
+    config = load_config(args.config, overrides, runs_sidecar=False)
     try:
         asyncio.run(run_console(config))
     except ConsoleError as exc:
         raise ConfigError(str(exc)) from None
+    except ConfigError as exc:
+        if config.dev_mode:
+            raise
+        raise ConfigError(f"{exc}\n{not_dev_mode_hint('console', args.config)}") from None
     return 0
 
 
@@ -370,7 +377,13 @@ def add_commands(commands: Any) -> None:
         description="Serve the approvers' web console: pending escalations with Approve/Deny and a history. "
         "It talks to the sidecar's Approvals API; configure it under `console:` (docs/configuration.md).",
     )
-    console.add_argument("--config", metavar="FILE", help="YAML config; its console section is used")
+    console.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config; its console section is used. Outside dev mode (identity.sources other than [dev], "
+        "the default) console.trusted_header and console.token_file are required; to try it locally: "
+        "--config examples/dev.yaml",
+    )
     console.add_argument("--listen", metavar="HOST:PORT", help="overrides console.listen")
     console.add_argument("--sidecar", metavar="ADDR", help="the sidecar's address, overrides console.sidecar")
     console.set_defaults(run=cmd_console)

@@ -92,16 +92,22 @@ def resolve_endpoint(configured: str = "") -> str:
     """The Workload API address: config first, else SPIFFE_ENDPOINT_SOCKET.
 
     Only `unix:///absolute/path` is accepted (the agent's socket in the pod);
-    a bad value is a configuration error, found at startup, not retried.
+    a bad or missing value is a configuration error (ConfigError, a
+    ValueError naming the setting), found at startup, not retried: the
+    sidecar refuses to start rather than serve without an identity.
     """
+    from sidecar.config import ConfigError
+
     endpoint = configured or os.environ.get(ENDPOINT_ENV, "")
     if not endpoint:
-        raise ValueError(
-            f"no Workload API socket: set identity.workload_api_socket or {ENDPOINT_ENV} "
-            "(unix:///path/to/agent.sock)"
+        raise ConfigError(
+            f"identity.workload_api_socket: empty and {ENDPOINT_ENV} is not set, so there is no SPIFFE "
+            "Workload API to take the sidecar's identity from (workload_api, mtls and jwt_svid need it); "
+            "set either to the SPIRE agent's socket (unix:///path/to/agent.sock)"
         )
     if not endpoint.startswith("unix://") or not endpoint[len("unix://"):].startswith("/"):
-        raise ValueError(f"Workload API socket {endpoint!r} must look like unix:///absolute/path")
+        key = "identity.workload_api_socket" if configured else ENDPOINT_ENV
+        raise ConfigError(f"{key}: Workload API socket {endpoint!r} must look like unix:///absolute/path")
     return endpoint
 
 

@@ -131,7 +131,8 @@ async def undo_through_invoke(address: str, undo: UndoCall, token: str = "") -> 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from sidecar.config import load_config
 
-    config = load_config(args.config)
+    # A client of the running sidecar (its evidence.dir, policy.dir, mcp, listen): it serves nothing itself.
+    config = load_config(args.config, runs_sidecar=False)
     token = Path(args.token_file).read_text().strip() if args.token_file else ""
     try:
         undo = plan_rollback(config.evidence.dir, config.policy.dir, args.decision_id)
