@@ -79,18 +79,30 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 TRY_LOCALLY = "--config examples/dev.yaml (dev identity: every caller is spiffe://dev.local/agent, marked source: dev)"
 
 
-def not_dev_mode_hint(command: str, config_file: str | None) -> str:
-    """The line added under a refusal of `serve` or `console` run outside dev mode: what applied, how to try it."""
-    applied = (
-        "no --config was given, so the defaults apply, and they are not dev mode"
-        if config_file is None
-        else f"{config_file} is not dev mode"
-    )
+def not_dev_mode_hint(command: str, config_file: str | None, sources: list[str]) -> str:
+    """The line added under a refusal outside dev mode: which config and identity applied, how to try it locally."""
+    applied = "no --config was given, so the defaults apply" if config_file is None else f"{config_file} applies"
     return (
-        f"  ({applied}: identity.sources is [workload_api] unless a config says otherwise, and the settings "
-        f"required outside dev mode must be set, docs/configuration.md#outside-dev-mode. "
+        f"  ({applied}: identity.sources is [{', '.join(sources)}], not dev mode, so what a sidecar needs "
+        f"outside dev mode must be set (docs/configuration.md#outside-dev-mode). "
         f"To try it locally: agent-sidecar {command} {TRY_LOCALLY})"
     )
+
+
+def load_sidecar_config(command: str, path: str | None, overrides: dict[str, Any]) -> Config:
+    """`load_config` of a sidecar's config (serve; check and console given a file), every check made.
+
+    A refusal of what only a serving sidecar needs (a listener, the settings required outside dev mode)
+    says which identity applied and how to try the command locally; a bad setting's own message is enough.
+    """
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        try:
+            config = load_config(path, overrides, runs_sidecar=False)
+        except ConfigError:
+            raise exc from None
+        raise ConfigError(f"{exc}\n{not_dev_mode_hint(command, path, config.identity.sources)}") from None
 
 
 def _refusal_problems(exc: Exception) -> list[str]:
@@ -121,18 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.evidence import EvidenceError
     from sidecar.server import serve
 
-    try:
-        config = load_config(args.config, _config_overrides(args))
-    except ConfigError as exc:
-        if args.config is None:
-            raise ConfigError(f"{exc}\n{not_dev_mode_hint('serve', None)}") from None
-        raise
+    config = load_sidecar_config("serve", args.config, _config_overrides(args))
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # found at start, e.g. no Workload API socket
         if config.dev_mode:
             raise
-        raise ConfigError(f"{exc}\n{not_dev_mode_hint('serve', args.config)}") from None
+        raise ConfigError(f"{exc}\n{not_dev_mode_hint('serve', args.config, config.identity.sources)}") from None
     except EvidenceError as exc:
         print(f"agent-sidecar: the evidence log cannot be opened: {exc}", file=sys.stderr)
         return 2
@@ -162,8 +169,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
     from sidecar.server import build_gate, build_policy
 
-    # The subject is --subject/--source, not a verified caller: with no file check needs no identity settings.
-    config = load_config(args.config, {**_config_overrides(args), "policy.reload": False}, runs_sidecar=False)
+    # The subject is --subject/--source, not a verified caller: with no file, check needs nothing only a
+    # serving sidecar needs; a file is a sidecar's config, refused where `serve` would refuse it.
+    overrides = {**_config_overrides(args), "policy.reload": False}
+    if args.config is None:
+        config = load_config(None, overrides, runs_sidecar=False)
+    else:
+        config = load_sidecar_config("check", args.config, overrides)
     try:
         subject = Subject(validate_spiffe_id(args.subject), source=args.source)
     except SpiffeIdError as exc:
@@ -218,7 +230,8 @@ def _same_dir(policy: str | None, config_file: str | None) -> bool:
     """True unless `--policy` names another directory than the config's own policy.dir."""
     if not policy:
         return True
-    return os.path.realpath(policy) == os.path.realpath(load_config(config_file, {}, runs_sidecar=False).policy.dir)
+    configured = load_config(config_file, {}, runs_sidecar=False).policy.dir  # cmd_check validated the file
+    return os.path.realpath(policy) == os.path.realpath(configured)
 
 
 async def _served_revision(config: Config) -> str:
@@ -442,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test",
         help="run every test_* rule in *_test.rego with `opa test`; ends with 'N passed, M failed'",
     )
-    policy_test.add_argument("--config", metavar="FILE", help="YAML config (policy.opa.binary names OPA)")
+    policy_test.add_argument("--config", metavar="FILE", help="YAML config: only policy.opa.binary (OPA) is read from it")
     policy_test.add_argument("--lint", action="store_true", help="also run `opa check --strict` (a problem counts as a failure)")
     policy_test.add_argument("dir", nargs="?", default="rego", help="policy bundle directory (default rego)")
     policy_test.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
@@ -471,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when any decision changes to this outcome (allow, deny, escalate; repeatable)",
     )
     policy_replay.add_argument("--no-verify", action="store_true", help="replay a log that `evidence verify` rejects")
-    policy_replay.add_argument("--config", metavar="FILE", help="YAML config (policy.opa.binary names OPA)")
+    policy_replay.add_argument("--config", metavar="FILE", help="YAML config: only policy.opa.binary (OPA) is read from it")
     policy_replay.set_defaults(run=cmd_policy_replay)
 
     evidence = commands.add_parser("evidence", help="check and read the hash-chained evidence log")

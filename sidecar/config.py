@@ -379,11 +379,9 @@ class Config:
         checks that say "required outside dev mode" are listed in
         docs/configuration.md ("Outside dev mode").
 
-        `runs_sidecar=False` leaves out what only a sidecar serving callers
-        needs: a listener for each identity source (listen.unix for
-        workload_api) and escalation.approvers / webhook_secret_file outside
-        dev mode. Only `load_config` passes it, for a command that serves
-        nothing and is given no file (see there).
+        Every setting is checked on its own first, then what a sidecar serving
+        callers needs (`_validate_serving`). `runs_sidecar=False` leaves that
+        last part out, for a command that serves nothing (`load_config`).
         """
         for key in ("timeout_ms", "max_input_bytes", "max_depth", "shadow_timeout_ms"):
             if getattr(self.policy, key) <= 0:
@@ -412,13 +410,28 @@ class Config:
             validate_spiffe_id(self.identity.dev_spiffe_id)
         except SpiffeIdError as exc:
             raise ConfigError(f"identity.dev_spiffe_id: {exc}") from None
-        self._validate_identity_sources(runs_sidecar=runs_sidecar)
+        self._validate_identity_sources()
         _validate_escalation(self.escalation)
-        if runs_sidecar and not self.dev_mode:
-            _require_closed_escalation(self.escalation)
         _validate_console(self.console)
         _validate_mcp(self.mcp, self.identity.sources)
         _validate_invoke(self.invoke)
+        if runs_sidecar:
+            self._validate_serving()
+
+    def _validate_serving(self) -> None:
+        """What serving callers needs beyond well-formed settings: a listener for each identity source, and
+        outside dev mode the escalation settings whose defaults would be open (docs/configuration.md)."""
+        sources = self.identity.sources
+        if "mtls" in sources and not (self.listen.tcp or self.mcp.listen):
+            raise ConfigError("identity.sources: mtls serves on listen.tcp, which is empty (and so is mcp.listen)")
+        if "workload_api" in sources and not self.listen.unix:
+            raise ConfigError(
+                "identity.sources: workload_api identifies callers on listen.unix, which is empty (the agent "
+                "in the pod reaches the sidecar on that unix socket; set listen.unix, e.g. "
+                "/run/agent-sidecar/sidecar.sock)"
+            )
+        if not self.dev_mode:
+            _require_closed_escalation(self.escalation)
 
     def validate_console(self) -> None:
         """What `agent-sidecar console` needs on top of `validate` (raises ConfigError naming the key).
@@ -447,7 +460,7 @@ class Config:
                 "transport says, e.g. the agent's pod identity on the unix socket)"
             )
 
-    def _validate_identity_sources(self, *, runs_sidecar: bool) -> None:
+    def _validate_identity_sources(self) -> None:
         from sidecar.identity.spiffe_id import SpiffeIdError, validate_trust_domain
 
         ident = self.identity
@@ -475,14 +488,6 @@ class Config:
             raise ConfigError(
                 "identity.jwt_audience: required when jwt_svid is among identity.sources "
                 "(the audience agents mint their JWT-SVIDs for)"
-            )
-        if runs_sidecar and "mtls" in ident.sources and not (self.listen.tcp or self.mcp.listen):
-            raise ConfigError("identity.sources: mtls serves on listen.tcp, which is empty (and so is mcp.listen)")
-        if runs_sidecar and "workload_api" in ident.sources and not self.listen.unix:
-            raise ConfigError(
-                "identity.sources: workload_api identifies callers on listen.unix, which is empty (the agent "
-                "in the pod reaches the sidecar on that unix socket; set listen.unix, e.g. "
-                "/run/agent-sidecar/sidecar.sock)"
             )
         self._validate_delegation_audience()
         self._validate_token_transport()
@@ -792,12 +797,12 @@ def load_config(
 
     The defaults are not dev mode (identity.sources: [workload_api]), so they
     alone cannot serve: `serve` with no file is refused (listen.unix,
-    escalation.approvers). A command that serves nothing and verifies no
-    caller (`check`, `policy test|replay`, `rollback`, `console`'s own
-    settings) passes `runs_sidecar=False`: with no file it then needs only
-    the defaults it uses (policy.*, ...), not what a serving sidecar needs
-    (Config.validate). A file is always validated in full, so `check --config
-    F` refuses whatever `serve --config F` would.
+    escalation.approvers). `runs_sidecar=False` is for a command that serves
+    nothing and verifies no caller: every setting is still checked, but not
+    what only a serving sidecar needs (Config._validate_serving). `policy
+    test|replay` and `rollback` always pass it; `check` and `console` only
+    when given no file (a file is a sidecar's config: they refuse what `serve`
+    would).
     """
     raw: Any = {}
     if path is not None:
@@ -818,7 +823,7 @@ def load_config(
             raise ConfigError(f"{section}: must be a mapping")
         raw[section][key] = value
     config = _build(Config, raw, "")
-    config.validate(runs_sidecar=runs_sidecar or path is not None)
+    config.validate(runs_sidecar=runs_sidecar)
     return config
 
 

@@ -74,6 +74,7 @@ def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
             "sidecar.instance_id": "test-sidecar",
             "evidence.dir": str(tmp_path / "evidence"),
             "telemetry.exporter": "none",
+            "identity.sources": ["dev"],  # dev mode on purpose: the default is workload_api
         }
         settings.update(overrides)
         return load_config(None, settings)

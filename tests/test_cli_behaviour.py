@@ -47,7 +47,7 @@ async def run_into_closed_pipe(*args: str) -> tuple[int, str]:
 def patient_config(tmp_path) -> str:
     """A loaded test machine must not turn the decision under test into policy_timeout."""
     path = tmp_path / "patient.yaml"
-    path.write_text(f"policy:\n  dir: {REGO}\n  timeout_ms: 5000\n")
+    path.write_text(f"policy:\n  dir: {REGO}\n  timeout_ms: 5000\nidentity:\n  sources: [dev]\n")  # a dev config
     return str(path)
 
 

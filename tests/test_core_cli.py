@@ -110,7 +110,7 @@ def test_policy_lint_is_opa_check_strict(tmp_path):
 
 def test_a_missing_opa_is_a_clear_error_naming_the_fix(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(f"policy:\n  opa:\n    binary: {tmp_path / 'no-opa'}\n")
+    config.write_text(f"policy:\n  opa:\n    binary: {tmp_path / 'no-opa'}\nidentity:\n  sources: [dev]\n")
     for command in (["policy", "test", "--config", str(config), str(REGO)],
                     ["check", "--config", str(config), "--subject", "spiffe://dev.local/agent", "--tool", "x"],
                     ["serve", "--config", str(config)]):
@@ -129,7 +129,7 @@ def test_policy_test_passes_on_the_shipped_bundle():
 def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
     config = tmp_path / "sidecar.yaml"
     socket_path = tmp_path / "s.sock"
-    config.write_text(f"listen:\n  tcp: ''\n  unix: {socket_path}\npolicy:\n  dir: {REGO}\n")
+    config.write_text(f"listen:\n  tcp: ''\n  unix: {socket_path}\npolicy:\n  dir: {REGO}\nidentity:\n  sources: [dev]\n")
     process = subprocess.Popen([*CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -8,9 +8,10 @@ from sidecar.calls import CallIdRegistry, ToolCall, check_call
 from sidecar.config import ConfigError, load_config
 
 
-def test_defaults_are_the_managed_opa_dev_setup():
-    config = load_config()
-    assert config.policy.opa.url == "" and config.policy.opa.binary == "opa" and config.identity.sources == ["dev"]
+def test_defaults_are_the_managed_opa_and_the_workload_api_not_dev():
+    config = load_config(runs_sidecar=False)  # the defaults alone cannot serve: tests/test_core_config_default.py
+    assert config.policy.opa.url == "" and config.policy.opa.binary == "opa"
+    assert config.identity.sources == ["workload_api"] and not config.dev_mode
     assert config.policy.timeout_ms == 100 and config.policy.max_input_bytes == 1 << 20 and config.policy.max_depth == 64
 
 

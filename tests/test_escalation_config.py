@@ -8,8 +8,11 @@ from sidecar.config import ConfigError, load_config
 from sidecar.escalation.approvers import approver_matches
 
 
+DEV = {"identity.sources": ["dev"]}  # dev mode only when a config asks for it
+
+
 def test_defaults():
-    config = load_config(None)
+    config = load_config(None, runs_sidecar=False)  # the defaults as such (alone they cannot serve)
     esc = config.escalation
     assert (esc.store, esc.path, esc.ttl_seconds, esc.use_window_seconds) == ("sqlite", "", 900.0, 300.0)
     assert esc.webhook_url == "" and esc.approvers == [] and esc.preview_arguments is True
@@ -75,9 +78,11 @@ def test_outside_dev_mode_nothing_defaults_open(overrides, message):
 
 
 def test_dev_mode_keeps_its_conveniences_and_production_loads_when_explicit(tmp_path):
-    dev = load_config(None)  # the defaults are dev mode: anyone approves, webhook unsigned, console dev approver
+    dev = load_config(None, DEV)  # dev mode, asked for: anyone approves, webhook unsigned, console dev approver
     assert dev.dev_mode and dev.escalation.approvers == []
-    load_config(None, {"escalation.webhook_url": "https://hooks.example.org/x", "console.dev_approver": "email:d@x.org"})
+    load_config(None, {**DEV, "escalation.webhook_url": "https://hooks.example.org/x",
+                       "console.dev_approver": "email:d@x.org"})
+    assert not load_config(None, runs_sidecar=False).dev_mode  # the defaults are not dev mode
     secret = tmp_path / "secret"
     secret.write_text("s" * 32)
     prod = load_config(None, {**PROD, "escalation.approvers": [*PEOPLE, "spiffe://example.org/ns/ops/sa/oncall-bot"],
@@ -108,11 +113,12 @@ def test_the_console_outside_dev_mode_needs_a_signed_in_person_and_its_own_ident
     ok = load_config(None, {**PROD, "escalation.approvers": PEOPLE, "console.trusted_header": "X-Email",
                             "console.token_file": "/var/run/secrets/console/jwt"})
     ok.validate_console()
-    load_config(None, {"console.dev_approver": "email:dev@example.org"}).validate_console()  # dev mode
+    load_config(None, {**DEV, "console.dev_approver": "email:dev@example.org"}).validate_console()
 
 
 def test_postgres_store_may_take_its_connection_from_the_environment():
-    config = load_config(None, {"escalation.store": "postgres", "escalation.path": ""})
+    config = load_config(None, {**PROD, "escalation.approvers": PEOPLE, "escalation.store": "postgres",
+                                "escalation.path": ""})
     assert config.escalation.dsn == ""
 
 

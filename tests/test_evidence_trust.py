@@ -320,7 +320,7 @@ async def test_the_dev_key_and_the_mirror_are_not_in_the_evidence_directory(tmp_
 def test_config_refuses_a_key_or_mirror_inside_the_evidence_directory(tmp_path, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, {"evidence.dir": str(tmp_path / "ev"), key: str(tmp_path / "ev" / "sub" / "x")})
-    load_config(None, {"evidence.dir": str(tmp_path / "ev"), key: str(tmp_path / "ev2" / "x")})
+    load_config(None, {"evidence.dir": str(tmp_path / "ev"), key: str(tmp_path / "ev2" / "x")}, runs_sidecar=False)
     os.makedirs(tmp_path / "ev", exist_ok=True)
     with pytest.raises(ConfigError, match=key):
         load_config(None, {"evidence.dir": str(tmp_path / "ev") + "/", key: str(tmp_path / "ev" / ".." / "ev" / "x")})

@@ -189,7 +189,7 @@ def test_delegation_refused_without_an_audience_or_in_dev(agent):
             rt.resolver.resolve(PeerInfo(transport="unix", metadata=chain_metadata(token)))
     finally:
         rt.close()
-    dev = build_identity(load_config(None, {}).identity)
+    dev = build_identity(load_config(None, {"identity.sources": ["dev"]}).identity)  # dev mode, asked for
     assert dev.source is None and dev.server_credentials is None
     assert dev.resolver.resolve(PeerInfo(transport="tcp")).subject.source == "dev"
     assert dev.resolver.health() == (True, "DEV MODE: every caller is the dev identity spiffe://dev.local/agent "

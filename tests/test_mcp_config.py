@@ -14,6 +14,10 @@ from sidecar.mcp import names
 from tests.conftest import REPO
 
 
+# What the rest of a pod's config says (the sections docs/mcp.md's fragments leave out), outside dev mode.
+POD = {"listen.unix": "/run/agent-sidecar/sidecar.sock", "escalation.approvers": ["email:*@example.org"]}
+
+
 def test_the_yaml_examples_in_docs_mcp_load(tmp_path):
     text = (REPO / "docs" / "mcp.md").read_text()
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if b.startswith(("mcp:", "invoke:"))]
@@ -21,9 +25,9 @@ def test_the_yaml_examples_in_docs_mcp_load(tmp_path):
     for i, block in enumerate(blocks):
         path = tmp_path / f"example{i}.yaml"
         path.write_text(block)
-        config = load_config(path)
+        config = load_config(path, POD)
         assert config.mcp.upstreams or config.invoke.tools
-    config = load_config(tmp_path / "example0.yaml")
+    config = load_config(tmp_path / "example0.yaml", POD)
     assert config.mcp.upstreams["docs"].credential.kind == "jwt_svid"
     assert config.mcp.upstreams["notes"].command == ["python", "-m", "notes_server"]
 

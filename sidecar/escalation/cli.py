@@ -299,10 +299,14 @@ def cmd_console(args: argparse.Namespace) -> int:
         overrides["console.listen"] = args.listen
     if args.sidecar:
         overrides["console.sidecar"] = args.sidecar
-    from sidecar.cli import not_dev_mode_hint
+    from sidecar.cli import load_sidecar_config, not_dev_mode_hint
 
-    # The console serves no agent: with no file only its own settings are checked (validate_console, at start).
-    config = load_config(args.config, overrides, runs_sidecar=False)
+    # The console serves no agent: with no file only its own settings matter (validate_console, at start);
+    # a file is a sidecar's config, refused where `serve` would refuse it.
+    if args.config is None:
+        config = load_config(None, overrides, runs_sidecar=False)
+    else:
+        config = load_sidecar_config("console", args.config, overrides)
     try:
         asyncio.run(run_console(config))
     except ConsoleError as exc:
@@ -310,7 +314,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         if config.dev_mode:
             raise
-        raise ConfigError(f"{exc}\n{not_dev_mode_hint('console', args.config)}") from None
+        raise ConfigError(f"{exc}\n{not_dev_mode_hint('console', args.config, config.identity.sources)}") from None
     return 0
 
 

@@ -124,6 +124,7 @@ def make_config(tmp_path: Path, store: dict[str, Any] | None = None, **overrides
         "telemetry.exporter": "none",
         "escalation.sweep_interval_seconds": 0.1,
         "escalation.poll_interval_ms": 100,
+        "identity.sources": ["dev"],  # dev mode on purpose: the default is workload_api
     }
     settings.update(store or store_settings("sqlite", tmp_path))
     settings.update(overrides)
