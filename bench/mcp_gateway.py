@@ -83,6 +83,7 @@ async def main(calls: int) -> dict:
         config = load_config(None, {
             "listen.tcp": "127.0.0.1:0", "policy.dir": f"{tmp}/policy", "policy.reload": False,
             "evidence.dir": f"{tmp}/evidence", "telemetry.exporter": "none",
+            "identity.sources": ["dev"],  # dev mode on purpose: the default is workload_api
             "mcp.listen": "127.0.0.1:0", "mcp.upstreams": {"bench": {"url": direct_url}},
         })
         sidecar = await start_sidecar(config)

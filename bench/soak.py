@@ -73,6 +73,7 @@ def main() -> int:
         "evidence": {"dir": str(workdir / "evidence")},
         "telemetry": {"exporter": "none"},
         "sidecar": {"instance_id": "soak"},
+        "identity": {"sources": ["dev"]},  # dev mode on purpose: the default is workload_api
     }
     (workdir / "soak.yaml").write_text(yaml.safe_dump(config))
     sidecar = start([PYTHON, "-m", "sidecar", "serve", "--config", str(workdir / "soak.yaml")], "serving",

@@ -288,6 +288,7 @@ def test_a_float_past_2_53_is_denied_recorded_described_and_survives_kill_9(tmp_
         "policy": {"dir": str(REGO), "reload": False},
         "evidence": {"dir": str(tmp_path / "ev")},
         "telemetry": {"exporter": "none"},
+        "identity": {"sources": ["dev"]},
     }
     process = _serve(tmp_path, config)
     try:

@@ -107,6 +107,7 @@ def sidecar_files(tmp_path):
             sidecar: {{instance_id: crash-test}}
             evidence: {{dir: "{tmp_path / 'ev'}", checkpoint_every: 100}}
             telemetry: {{exporter: none}}
+            identity: {{sources: [dev]}}
             """
         )
     )

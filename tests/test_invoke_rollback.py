@@ -48,6 +48,7 @@ async def world(tmp_path, sidecar_config, running_sidecar):
         "policy": {"dir": str(policy), "reload": False},
         "evidence": {"dir": str(tmp_path / "evidence")},
         "telemetry": {"exporter": "none"},
+        "identity": {"sources": ["dev"]},  # the running sidecar's (sidecar_config: dev)
         "mcp": {"listen": "127.0.0.1:0", "upstreams": {"docs": {"url": upstream.url}}},
     }
     path = tmp_path / "sidecar.yaml"
@@ -125,7 +126,7 @@ async def test_rollback_of_an_http_tool_goes_through_invoke(tmp_path, sidecar_co
     tools = {"open_ticket": {"url": base + "/open"}, "close_ticket": {"url": base + "/close"}}
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump({"policy": {"dir": str(policy)}, "evidence": {"dir": str(tmp_path / "evidence")},
-                                    "invoke": {"tools": tools}}))
+                                    "identity": {"sources": ["dev"]}, "invoke": {"tools": tools}}))
     sidecar = await running_sidecar(sidecar_config(**{
         "listen.unix": "", "policy.dir": str(policy), "evidence.dir": str(tmp_path / "evidence"), "invoke.tools": tools,
     }))

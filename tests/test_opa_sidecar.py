@@ -226,6 +226,7 @@ def test_check_decides_like_the_server_and_names_an_older_served_revision(tmp_pa
         policy: {{dir: {directory}, reload: false}}
         evidence: {{dir: {tmp_path / 'evidence'}}}
         telemetry: {{exporter: none}}
+        identity: {{sources: [dev]}}
     """))
     cli = [sys.executable, "-m", "sidecar"]
     check = [*cli, "check", "--config", str(config), "--subject", "spiffe://dev.local/agent", "--tool", "ping"]

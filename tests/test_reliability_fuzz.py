@@ -81,6 +81,7 @@ def serve_fuzz_sidecar(workdir):
         "policy": {"dir": str(bundle), "reload": False},
         "evidence": {"dir": str(workdir / "evidence")},
         "telemetry": {"exporter": "none"},
+        "identity": {"sources": ["dev"]},
     }
     (workdir / "c.yaml").write_text(yaml.safe_dump(config))
     process = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--config", str(workdir / "c.yaml")],

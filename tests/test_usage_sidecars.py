@@ -164,6 +164,7 @@ async def test_two_sidecar_processes_share_the_window_across_a_process_restart(t
             evidence: {{dir: "{tmp_path / name / 'evidence'}"}}
             telemetry: {{exporter: none}}
             usage: {{store: postgres, dsn: "{dsn}", timeout_ms: 2000}}
+            identity: {{sources: [dev]}}
         """))
         sidecars[name] = (config, socket_path)
     processes = {name: await asyncio.to_thread(serve_process, *files) for name, files in sidecars.items()}
