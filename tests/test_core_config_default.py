@@ -72,6 +72,11 @@ def test_serve_with_no_config_refuses_to_start_and_says_how_to_try_it(tmp_path):
     assert not (tmp_path / "var").exists()
     helped = run("serve", "--help")
     assert helped.returncode == 0 and TRY_LOCALLY in helped.stdout and "workload_api" in helped.stdout
+    # The console with no config: outside dev mode it needs the auth proxy's header (and its own JWT-SVID).
+    console = run("console", "--listen", "127.0.0.1:0", cwd=tmp_path)
+    assert console.returncode == 2 and console.stdout == "", console.stderr
+    assert console.stderr.startswith("agent-sidecar: console.trusted_header: required outside dev mode")
+    assert f"agent-sidecar console {TRY_LOCALLY}" in console.stderr
 
 
 def test_the_workload_api_without_a_socket_refuses_to_start_never_dev(tmp_path):
