@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +33,7 @@ from sidecar.evidence.records import KINDS, default_mirror_path
 from sidecar.evidence.redaction import REDACTED, Redactor
 from sidecar.evidence.verify import verify_dir
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import REPO
 from tests.doubles.escalation import ALICE, BOB, make_config, records
 from tests.doubles.otlp_receiver import OtlpReceiver
 
@@ -123,6 +126,58 @@ def test_secrets_inside_strings(text):
     clean, paths = Redactor().value({"body": text})
     assert "PLANT-1" not in clean["body"] and "UExBTlQtMTpQTEFOVC0x" not in clean["body"], clean
     assert paths == ["body"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('token="PLANT-1 never closed', 'token="[REDACTED]'),  # a quote never closed: the rest of the text
+        ("token='PLANT-1 never closed\nnext line", "token='[REDACTED]\nnext line"),  # ...of the line
+        ("a" * 100 + "_token=PLANT-1", "a" * 100 + "_token=[REDACTED]"),  # a key of any length
+        ("9token=PLANT-1", "9token=[REDACTED]"),  # a key is the whole token, digits first too
+        ("x-eyJhbGciOi.eyJzdWIiOi.PLANT-1", "x-[REDACTED]"),  # a JWT after a hyphen
+        ("token=a token=b token=PLANT-1", "token=[REDACTED] token=[REDACTED] token=[REDACTED]"),
+    ],
+)
+def test_text_rule_edges(text, expected):
+    assert Redactor().text(text) == expected
+
+
+HOSTILE_TEXTS = {  # shapes that made a text rule rescan the same run from every position (time quadratic in size)
+    "assignment chain": "token " + "x=" * 500_000,
+    "one long token": "token " + "a" * 1_000_000,
+    "repeated key": "token=" * 170_000,
+    "unclosed quotes": 'token="' * 140_000,
+    "unclosed single quotes": "token='" * 140_000,
+    "percent-encoding layers": "token=" + "%25" * 330_000,
+    "URL scheme run": "password " + "a" * 1_000_000 + "://",
+    "JWT starts": "token eyJa-" * 90_000,
+    "JWT without its last dot": "token eyJaaaa.eyJ" + "a-" * 500_000,
+    "URL userinfo starts": "a://b:" * 170_000,
+    "bearer": "bearer " * 140_000,
+    "PEM labels": "-----BEGIN PRIVATE KEY-----" + "-----END AAAA " * 70_000,
+}
+
+
+def test_text_rules_take_time_linear_in_the_text():
+    """A caller's megabyte of text is redacted on the event loop: every rule must scan it in linear time.
+
+    A liveness bound, not a speed figure: each shape here took minutes to hours at this size
+    when a rule rescanned a run from every position, and takes well under a second now. They
+    run in a child process, so a regression fails this test instead of hanging the suite.
+    """
+    script = (
+        "import json, sys\n"
+        "from sidecar.evidence.redaction import Redactor\n"
+        "for name, text in json.load(sys.stdin).items():\n"
+        "    clean, paths = Redactor().value({'t': text})\n"
+        "    assert bool(paths) == (name not in ('assignment chain', 'one long token', 'URL userinfo starts')), name\n"
+        "    print(name, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(HOSTILE_TEXTS), capture_output=True,
+                          text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:-1] == list(HOSTILE_TEXTS)
 
 
 def test_text_without_secrets_is_left_as_it_is():

@@ -102,3 +102,26 @@ def test_shipped_rules_deny_hidden_traversal(path):
 def test_shipped_rules_allow_plain_urls_and_paths():
     assert decide("http_get", {"url": "https://docs.example.org/guide?x=1"})["outcome"] == "allow"
     assert decide("read_file", {"path": "/workspace/notes/a.txt"})["outcome"] == "allow"
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("read_file", {"path": "/workspace/" + "notes/" * 3000 + "a.txt"}),
+        ("http_get", {"url": "https://docs.example.org/guide?" + "x=1&" * 5000}),
+        ("run_sql", {"query": "select 1;" * 2000}),
+    ],
+)
+def test_text_too_long_to_parse_is_never_allowed(tool, arguments):
+    """Over MAX_PARSED_CHARS the sidecar does not parse (it would hold the event loop): policy sees
+    `parsed: false` with the reason, and the shipped rules do not allow what they cannot read."""
+    from sidecar.policy.facts import MAX_PARSED_CHARS, argument_facts
+    from tests.test_policy_facts_sql import CATALOG
+
+    (name, text), = arguments.items()
+    assert len(text) > MAX_PARSED_CHARS
+    facts = argument_facts(CATALOG[tool], arguments)[name]
+    assert facts["parsed"] is False and f"over the {MAX_PARSED_CHARS}" in facts["error"]
+    assert decide(tool, arguments)["outcome"] != "allow"
+    within = {name: text[: MAX_PARSED_CHARS - MAX_PARSED_CHARS % 9]}  # up to the limit it is parsed (9: "select 1;")
+    assert argument_facts(CATALOG[tool], within)[name]["parsed"] is True

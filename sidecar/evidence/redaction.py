@@ -14,7 +14,9 @@ through `Redactor.value`. The rules:
    (string, number, list, object), becomes "[REDACTED]".
 2. Secrets inside strings, in every string at any depth:
    - `<secret key>=<value>` and `<secret key>: <value>` (query strings,
-     header lines, `"token": "..."` in JSON text, `password=...` in prose);
+     header lines, `"token": "..."` in JSON text, `password=...` in prose;
+     a key is a whole token; a value in quotes never closed runs to the end
+     of the text, or of the line for single quotes);
    - `<secret key> <value>` in prose when the value looks like a credential
      (6 or more characters, with a digit or a symbol: `api-key sk-123abc`,
      `password hunter2`, not `token limit`);
@@ -85,7 +87,7 @@ MAX_JSON_STRING = 1 << 20
 
 _KEY_SPACE_VALUE = re.compile(
     # the value is only looked at (not consumed): it may be the next key ("use api-key sk-1...")
-    r"""(?<![A-Za-z0-9_.\-])(?P<key>[A-Za-z_][A-Za-z0-9_.\-]{0,63})[ \t]+"""
+    r"""(?<![A-Za-z0-9_.\-])(?P<key>[A-Za-z_][A-Za-z0-9_.\-]*+)[ \t]++"""
     r"""(?=(?P<value>(?=[^\s"'&;,)}\]]*[0-9\-_./+!@#$%^*~])[^\s"'&;,)}\]]{6,}))"""
 )
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
@@ -93,17 +95,25 @@ _NOT_ALNUM_BYTES = bytes(range(256)).translate(None, b"0123456789abcdefghijklmno
 _LETTER_ESCAPE = re.compile(rb"\\[bfnrtu]")  # a JSON escape that writes a letter: `\n`, `\u0041`
 _PERCENT_ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")  # percent-encoding (RFC 3986, section 2.1): `%6B` is `k`
 _IN_TOKEN = re.compile(r"[_.\-]+")  # what a key token holds besides letters and digits
-_PEM_PRIVATE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
-_JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*")
-_AUTH_SCHEME = re.compile(r"(?i)\b(bearer\s+)([A-Za-z0-9\-._~+/]+=*)|\b(basic\s+)([A-Za-z0-9+/]{8,}=*)")
-_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*):([^\s/@?#]+)@")
-_ASSIGNMENT = re.compile(
-    # the value is only looked at, not consumed: it may hold the next assignment ("note: password=...", "?token=...")
-    r"""(?P<key>[A-Za-z_][A-Za-z0-9_.\-]{0,63})["']?[ \t]*[:=][ \t]*"""
-    r"""(?=(?P<value>"(?:[^"\\]|\\.)*"|'[^'\n]*'|[^\s"'&;,)}\]]+))"""
+# The text rules run on caller text of up to a megabyte, on the event loop: each one takes time
+# linear in the text. A match starts only where the token it needs starts (a lookbehind), and its
+# runs never give back characters (possessive `*+`, `++`), so no attempt rescans a run another made.
+_PEM_PRIVATE = re.compile(  # (the label's run ends at a "-": giving back within it stays linear)
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S
 )
+_JWT_START = re.compile(r"(?<![A-Za-z0-9_])eyJ")  # where `\beyJ` would start a JSON Web Token
+_JWT_AT = re.compile(r"eyJ[A-Za-z0-9_\-]{4,}+\.eyJ[A-Za-z0-9_\-]{4,}+\.[A-Za-z0-9_\-]*+")
+_BASE64URL_RUN = re.compile(r"[A-Za-z0-9_\-]*+")
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer\s++)([A-Za-z0-9\-._~+/]++=*+)|\b(basic\s++)([A-Za-z0-9+/]{8,}+=*+)")
+_URL_USERINFO = re.compile(r"(?<![A-Za-z0-9+.\-])([A-Za-z][A-Za-z0-9+.\-]*+://[^\s:/@?#]*+):([^\s/@?#]++)@")
+# `<key>=` or `<key>:` where a token starts; the value is read only after a secret key (_VALUE).
+_ASSIGNMENT = re.compile(r"""(?<![A-Za-z0-9_.\-])(?P<key>[A-Za-z0-9_][A-Za-z0-9_.\-]*+)["']?[ \t]*+[:=][ \t]*+""")
+# A value: "quoted" (to the end of the text when never closed), 'quoted' (to the end of the
+# line when never closed), or bare up to a delimiter.
+_VALUE = re.compile(r""""(?P<dq>(?:[^"\\]|\\.)*+)(?:"|\Z)|'(?P<sq>[^'\n]*+)(?:'|(?=\n)|\Z)|(?P<bare>[^\s"'&;,)}\]]++)""", re.S)
 
 
+MAX_PERCENT_DECODES = 3  # layers of percent-encoding taken off one string (rule 2)
 _PLAIN_MAX_CHARS = 1024  # longest string remembered as needing no rule
 _PLAIN_MAX_STRINGS = 8192  # how many are remembered
 _MAX_CLONES = 64  # rule sets with extra keys remembered (with_keys)
@@ -158,7 +168,7 @@ class Redactor:
         if known is None:
             normal = normalize_key(key)
             known = bool(normal) and (normal in SECRET_KEY_NAMES or any(part in normal for part in self._parts))
-            if len(self._keys) < 4096:
+            if len(self._keys) < 4096 and len(key) <= 256:
                 self._keys[key] = known
         return known
 
@@ -171,7 +181,7 @@ class Redactor:
         if ("@" in text and "://" in text) or "PRIVATE KEY" in text or "eyJ" in text:
             return True
         if "%" in text:
-            decoded = unquote(text)
+            decoded = unquote(unquote(unquote(text)))  # as far as _string decodes (MAX_PERCENT_DECODES)
             if decoded != text and self._may_hold_secret(decoded):
                 return True
         looks_json = text.lstrip()[:1] in ("{", "[")
@@ -267,7 +277,8 @@ class Redactor:
             return node
         return node
 
-    def _string(self, text: str, where: Any, found: list[str], depth: int) -> str:
+    def _string(self, text: str, where: Any, found: list[str], depth: int, decodes: int = 0) -> str:
+        """Rule 2 on one string; `decodes` is how many times percent-encoding was taken off it already."""
         if not text or text in self._plain:
             return text
         if not self._may_hold_secret(text):
@@ -289,16 +300,16 @@ class Redactor:
                 if inner:
                     out = json.dumps(cleaned, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
         out = _PEM_PRIVATE.sub(REDACTED, out)
-        out = _JWT.sub(REDACTED, out)
+        out = _replaced(out, _jwt_spans(out))
         out = _AUTH_SCHEME.sub(_scheme_credential, out)
         out = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", out)
         out = self._assignments(out)
         out = self._key_space_value(out)
-        if "%" in out and depth < 64:
+        if "%" in out and decodes < MAX_PERCENT_DECODES:
             decoded = unquote(out)
             if decoded != out:  # a reader decodes `to%6Ben=...` to `token=...`: judge what it reads
                 inner = []
-                cleaned = self._string(decoded, "", inner, depth + 1)
+                cleaned = self._string(decoded, "", inner, depth, decodes + 1)
                 if inner:
                     out = cleaned
         if out != text:
@@ -314,17 +325,42 @@ class Redactor:
         ])
 
     def _assignments(self, text: str) -> str:
-        """`<secret key>=<value>` and `<secret key>: <value>`: the value becomes REDACTED (quotes kept)."""
+        """`<secret key>=<value>` and `<secret key>: <value>`: the value becomes REDACTED (quotes kept).
+
+        Keys are looked for inside the values of other keys too ("note: password=..."); the value
+        of a secret key is redacted whole, so the search goes on after it."""
         spans = []
-        for match in _ASSIGNMENT.finditer(text):
+        position = 0
+        while (match := _ASSIGNMENT.search(text, position)) is not None:
+            position = match.end()
             if not self.is_secret_key(match.group("key")):
                 continue
-            start, end = match.span("value")
-            if text[start] in "\"'":
-                start, end = start + 1, end - 1
+            value = _VALUE.match(text, position)
+            if value is None:
+                continue
+            kind = value.lastgroup
+            start, end = value.span(kind)
             if not text.startswith(REDACTED, start):
                 spans.append((start, end))
+            position = max(position, value.end())
         return _replaced(text, spans)
+
+
+def _jwt_spans(text: str) -> list[tuple[int, int]]:
+    """Where JSON Web Tokens (`eyJ….eyJ….…`, JWT-SVIDs among them) stand in `text`.
+
+    A token run that does not start one is skipped whole: every `eyJ` later in the same run
+    reaches the same end and the same next character, so it cannot start one either."""
+    spans = []
+    position = 0
+    while (start := _JWT_START.search(text, position)) is not None:
+        token = _JWT_AT.match(text, start.start())
+        if token is not None:
+            spans.append(token.span())
+            position = token.end()
+        else:
+            position = max(start.end(), _BASE64URL_RUN.match(text, start.start()).end())
+    return spans
 
 
 def _any_of(words: Iterable[str]) -> str:
@@ -341,15 +377,18 @@ def _any_of(words: Iterable[str]) -> str:
 
 def _replaced(text: str, spans: list[tuple[int, int]]) -> str:
     """`text` with each span, (start, end) offsets into it, replaced by REDACTED; overlapping spans count as one."""
-    merged: list[list[int]] = []
+    if not spans:
+        return text
+    pieces = []
+    kept_from = 0  # text before this offset is written (or replaced) already
     for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    for start, end in reversed(merged):  # later spans first, so earlier offsets stay right
-        text = text[:start] + REDACTED + text[end:]
-    return text
+        if start >= kept_from:
+            pieces += (text[kept_from:start], REDACTED)
+        elif end <= kept_from:
+            continue  # inside the span before
+        kept_from = max(kept_from, end)
+    pieces.append(text[kept_from:])
+    return "".join(pieces)
 
 
 # Values with nothing to redact in them: the walk copies them as they are.

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from sidecar.policy.facts.path import path_facts
-from sidecar.policy.facts.sql import sql_facts
-from sidecar.policy.facts.url import url_facts
+from sidecar.policy.facts import path, sql, url
 
-PARSERS: dict[str, Callable[[str], dict[str, Any]]] = {"sql": sql_facts, "url": url_facts, "path": path_facts}
+PARSERS: dict[str, Callable[[str], dict[str, Any]]] = {"sql": sql.sql_facts, "url": url.url_facts, "path": path.path_facts}
+# Each format's facts for text it did not parse (`parsed: false`, `error`, its lists empty).
+UNPARSED: dict[str, Callable[[str], dict[str, Any]]] = {"sql": sql.unparsed, "url": url.unparsed, "path": path.unparsed}
+# Longer text is not parsed: facts are computed on the event loop, and PostgreSQL's parser with
+# the walk of its tree takes a few microseconds a character (a megabyte of SQL held every other
+# call for seconds). Policy treats the text as unknown, like text that does not parse.
+MAX_PARSED_CHARS = 16 * 1024
 
 
 def argument_facts(catalog_entry: Mapping[str, Any] | None, arguments: Mapping[str, Any]) -> dict[str, dict]:
@@ -44,6 +48,10 @@ def argument_facts(catalog_entry: Mapping[str, Any] | None, arguments: Mapping[s
             facts[name] = {"format": str(fmt), "parsed": False, "error": f"no parser for format {fmt!r}"}
         elif not isinstance(value, str):
             facts[name] = {"format": fmt, "parsed": False, "error": "the argument is not a string"}
+        elif len(value) > MAX_PARSED_CHARS:
+            facts[name] = UNPARSED[fmt](
+                f"the text is {len(value)} characters, over the {MAX_PARSED_CHARS} the sidecar parses"
+            )
         else:
             facts[name] = parser(value)
     return facts

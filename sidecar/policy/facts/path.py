@@ -46,6 +46,12 @@ def path_facts(text: str) -> dict[str, Any]:
     }
 
 
+def unparsed(error: str) -> dict[str, Any]:
+    """The facts of text that was not parsed (too long): `error` says why."""
+    return {"format": FORMAT, "parsed": False, "error": error, "absolute": False, "segments": [], "traversal": False,
+            "ambiguous": False}
+
+
 def _is_parent(segment: str) -> bool:
     decoded = unquote(segment)
     return ".." in {segment, decoded, unicodedata.normalize("NFKC", segment), unicodedata.normalize("NFKC", decoded)}

@@ -61,15 +61,15 @@ def sql_facts(text: str) -> dict[str, Any]:
     if "\x00" in text:
         # libpg_query reads a C string: it would stop at the NUL and see less
         # than the server might be sent.
-        return _unparsed("the text contains U+0000")
+        return unparsed("the text contains U+0000")
     try:
         statements = pglast.parse_sql(text)
     except pglast.parser.ParseError as exc:
-        return _unparsed(str(exc))
+        return unparsed(str(exc))
     except (RecursionError, MemoryError, ValueError) as exc:
-        return _unparsed(f"the parser gave up ({type(exc).__name__})")
+        return unparsed(f"the parser gave up ({type(exc).__name__})")
     if not statements:
-        return _unparsed("no statement")
+        return unparsed("no statement")
 
     commands: set[str] = set()
     read: set[str] = set()
@@ -115,7 +115,8 @@ def sql_facts(text: str) -> dict[str, Any]:
     }
 
 
-def _unparsed(error: str) -> dict[str, Any]:
+def unparsed(error: str) -> dict[str, Any]:
+    """The facts of text that was not parsed: `error` says why."""
     return {
         "format": FORMAT,
         "parsed": False,

@@ -41,9 +41,9 @@ def url_facts(text: str) -> dict[str, Any]:
         scheme = url.scheme
         port = url.port
     except (ValueError, TypeError, UnicodeError) as exc:
-        return _unparsed(str(exc) or type(exc).__name__)
+        return unparsed(str(exc) or type(exc).__name__)
     if not url.is_absolute() or not scheme or not host:
-        return _unparsed("not an absolute URL with a scheme and a host")
+        return unparsed("not an absolute URL with a scheme and a host")
     authority = text.split("://", 1)[1] if "://" in text else text
     authority = re.split(r"[/?#]", authority, maxsplit=1)[0]
     return {
@@ -58,5 +58,6 @@ def url_facts(text: str) -> dict[str, Any]:
     }
 
 
-def _unparsed(error: str) -> dict[str, Any]:
+def unparsed(error: str) -> dict[str, Any]:
+    """The facts of text that was not parsed: `error` says why."""
     return {"format": FORMAT, "parsed": False, "error": error}
