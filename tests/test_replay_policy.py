@@ -192,6 +192,27 @@ async def test_the_record_carries_the_input_with_digests_for_what_must_not_be_cl
     assert "input" not in by_id[refused.decision_id]
 
 
+async def test_past_the_leaf_budget_digested_arguments_are_one_digest(running_sidecar, sidecar_config, tmp_path):
+    """A digest (71 characters) per small value made a record many times the call: past
+    MAX_DIGESTED_LEAVES values the arguments are recorded as the one digest of the whole."""
+    from sidecar.evidence.records import MAX_DIGESTED_LEAVES
+
+    evidence = tmp_path / "evidence"
+    sidecar = await running_sidecar(sidecar_config(**{"evidence.dir": str(evidence)}))
+    within = {"path": "/workspace/out.txt", "content": "x", "lines": list(range(MAX_DIGESTED_LEAVES - 2))}
+    past = {"path": "/workspace/out.txt", "content": "x", "lines": list(range(50_000))}
+    async with AsyncClient(sidecar.addresses[0]) as client:
+        kept = await client.authorize("write_file", within)
+        whole = await client.authorize("write_file", past)
+    by_id = {r["decision_id"]: r for r in records(evidence)}
+    shaped = by_id[kept.decision_id]["input"]["tool"]["arguments"]
+    assert shaped["lines"][7] == digest(7) and len(shaped["lines"]) == MAX_DIGESTED_LEAVES - 2  # one by one, shape kept
+    record = by_id[whole.decision_id]
+    assert "arguments" not in record
+    assert record["input"]["tool"]["arguments"] == record["arguments_digest"] == digest(past)
+    assert len(json.dumps(record)) < 20_000  # not 50,000 digests
+
+
 async def test_replay_refuses_what_it_cannot_replay(running_sidecar, sidecar_config, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(REGO, bundle)

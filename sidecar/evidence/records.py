@@ -235,14 +235,21 @@ def decision_fields(
     return fields
 
 
+# Leaves digested one by one at most; past this, the value is one digest of the whole. A digest
+# (71 characters) for every number of a megabyte of small ones made a record twelve times the call.
+MAX_DIGESTED_LEAVES = 1024
+
+
 def replay_input(document: dict, *, arguments_in_clear: bool) -> dict:
     """The policy input as a decision record keeps it (`input`, for `agent-sidecar policy replay`).
 
     `tool.arguments` and `tool.facts` are in clear exactly when the record's
     `arguments` are (arguments_in_clear); otherwise every scalar in them (string,
-    number, boolean, null) becomes `digest()` of it, keys and list lengths kept.
-    The writer then applies the one rule set with digests for what it picks
-    (redaction.py, rule 3). docs/evidence.md says what a replay can reproduce.
+    number, boolean, null) becomes `digest()` of it, keys and list lengths kept, or,
+    past MAX_DIGESTED_LEAVES scalars, the whole value becomes one `digest()` (the
+    record's `arguments_digest`, for the arguments). The writer then applies the one
+    rule set with digests for what it picks (redaction.py, rule 3). docs/evidence.md
+    says what a replay can reproduce.
     """
     if arguments_in_clear:
         return document
@@ -252,8 +259,26 @@ def replay_input(document: dict, *, arguments_in_clear: bool) -> dict:
     tool = dict(tool)
     for key in ("arguments", "facts"):
         if key in tool:
-            tool[key] = _digest_leaves(tool[key])
+            value = tool[key]
+            tool[key] = digest(value) if _more_leaves_than(value, MAX_DIGESTED_LEAVES) else _digest_leaves(value)
     return {**document, "tool": tool}
+
+
+def _more_leaves_than(value: Any, limit: int) -> bool:
+    """Does `value` hold more than `limit` scalars? (Stops counting past it.)"""
+    count = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        else:
+            count += 1
+            if count > limit:
+                return True
+    return False
 
 
 def _digest_leaves(node: Any) -> Any:
