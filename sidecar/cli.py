@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sidecar.config import Config, ConfigError, load_config
+from sidecar.config import TRY_LOCALLY, Config, ConfigError, load_config, load_sidecar_config, outside_dev_mode
 
 DESCRIPTION = """\
 agent-sidecar puts every AI-agent tool call through a verified SPIFFE
@@ -75,36 +75,6 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-# How to try a command locally: dev mode exists only where a config asks for it (identity.sources: [dev]).
-TRY_LOCALLY = "--config examples/dev.yaml (dev identity: every caller is spiffe://dev.local/agent, marked source: dev)"
-
-
-def not_dev_mode_hint(command: str, config_file: str | None, sources: list[str]) -> str:
-    """The line added under a refusal outside dev mode: which config and identity applied, how to try it locally."""
-    applied = "no --config was given, so the defaults apply" if config_file is None else f"{config_file} applies"
-    return (
-        f"  ({applied}: identity.sources is [{', '.join(sources)}], not dev mode, so what a sidecar needs "
-        f"outside dev mode must be set (docs/configuration.md#outside-dev-mode). "
-        f"To try it locally: agent-sidecar {command} {TRY_LOCALLY})"
-    )
-
-
-def load_sidecar_config(command: str, path: str | None, overrides: dict[str, Any]) -> Config:
-    """`load_config` of a sidecar's config (serve; check and console given a file), every check made.
-
-    A refusal of what only a serving sidecar needs (a listener, the settings required outside dev mode)
-    says which identity applied and how to try the command locally; a bad setting's own message is enough.
-    """
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        try:
-            config = load_config(path, overrides, runs_sidecar=False)
-        except ConfigError:
-            raise exc from None
-        raise ConfigError(f"{exc}\n{not_dev_mode_hint(command, path, config.identity.sources)}") from None
-
-
 def _refusal_problems(exc: Exception) -> list[str]:
     """The lines that say why a policy was refused: a rejection lists them, a start failure is one."""
     from sidecar.policy.opa.service import PolicyRejected
@@ -137,9 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # found at start, e.g. no Workload API socket
-        if config.dev_mode:
-            raise
-        raise ConfigError(f"{exc}\n{not_dev_mode_hint('serve', args.config, config.identity.sources)}") from None
+        raise outside_dev_mode(exc, "serve", args.config, config) from None
     except EvidenceError as exc:
         print(f"agent-sidecar: the evidence log cannot be opened: {exc}", file=sys.stderr)
         return 2

@@ -790,6 +790,40 @@ def _validate_opa(opa: OpaConfig) -> None:
             raise ConfigError(f"policy.opa.{key}: must be positive")
 
 
+# How to try a command locally: dev mode exists only where a config asks for it (identity.sources: [dev]).
+TRY_LOCALLY = "--config examples/dev.yaml (dev identity: every caller is spiffe://dev.local/agent, marked source: dev)"
+
+
+def outside_dev_mode(error: ConfigError, command: str, config_file: str | None, config: Config) -> ConfigError:
+    """`error` as `agent-sidecar <command>` reports it: outside dev mode, with a line saying which
+    config and identity applied and how to try the command locally; in dev mode, unchanged."""
+    if config.dev_mode:
+        return error
+    applied = "no --config was given, so the defaults apply" if config_file is None else f"{config_file} applies"
+    return ConfigError(
+        f"{error}\n  ({applied}: identity.sources is [{', '.join(config.identity.sources)}], not dev mode, so what "
+        f"a sidecar needs outside dev mode must be set (docs/configuration.md#outside-dev-mode). "
+        f"To try it locally: agent-sidecar {command} {TRY_LOCALLY})"
+    )
+
+
+def load_sidecar_config(command: str, path: str | None, overrides: dict[str, Any]) -> Config:
+    """`load_config` of a sidecar's config (serve; check and console given a file), every check made.
+
+    A refusal of what only a serving sidecar needs (a listener, the settings required outside dev mode)
+    says which identity applied and how to try the command locally (`outside_dev_mode`); a bad
+    setting's own message is enough.
+    """
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        try:
+            config = load_config(path, overrides, runs_sidecar=False)
+        except ConfigError:
+            raise exc from None
+        raise outside_dev_mode(exc, command, path, config) from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None, *, runs_sidecar: bool = True
 ) -> Config:

@@ -291,7 +291,7 @@ def cmd_deny(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from sidecar.config import ConfigError, load_config
+    from sidecar.config import ConfigError, load_config, load_sidecar_config, outside_dev_mode
     from sidecar.console.app import ConsoleError, run_console
 
     overrides: dict[str, Any] = {}
@@ -299,8 +299,6 @@ def cmd_console(args: argparse.Namespace) -> int:
         overrides["console.listen"] = args.listen
     if args.sidecar:
         overrides["console.sidecar"] = args.sidecar
-    from sidecar.cli import load_sidecar_config, not_dev_mode_hint
-
     # The console serves no agent: with no file only its own settings matter (validate_console, at start);
     # a file is a sidecar's config, refused where `serve` would refuse it.
     if args.config is None:
@@ -312,9 +310,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     except ConsoleError as exc:
         raise ConfigError(str(exc)) from None
     except ConfigError as exc:
-        if config.dev_mode:
-            raise
-        raise ConfigError(f"{exc}\n{not_dev_mode_hint('console', args.config, config.identity.sources)}") from None
+        raise outside_dev_mode(exc, "console", args.config, config) from None
     return 0
 
 
