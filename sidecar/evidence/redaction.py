@@ -181,7 +181,9 @@ class Redactor:
         if ("@" in text and "://" in text) or "PRIVATE KEY" in text or "eyJ" in text:
             return True
         if "%" in text:
-            decoded = unquote(unquote(unquote(text)))  # as far as _string decodes (MAX_PERCENT_DECODES)
+            decoded = text
+            for _ in range(MAX_PERCENT_DECODES):  # as far as _string decodes
+                decoded = unquote(decoded)
             if decoded != text and self._may_hold_secret(decoded):
                 return True
         looks_json = text.lstrip()[:1] in ("{", "[")
