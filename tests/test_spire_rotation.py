@@ -1,10 +1,13 @@
 """Short-lived SPIRE SVIDs: rotation without a restart, and the agent going away and coming back.
 
-The sidecar's registration here has `-x509SVIDTTL 20`: SPIRE backdates
-NotBefore by 10 s, so the agent rotates the SVID about 5 s after issuing it
-(less than half of its 30 s lifetime left) and every SVID the sidecar holds
-has between ~15 s and 20 s to live. Each test has its own agent, so stopping
-one disturbs no other test.
+The sidecar's registration here has `-x509SVIDTTL 14`: SPIRE backdates
+NotBefore by 10 s, so an SVID lives 24 s and the agent rotates it once no more
+than a jittered half of that (10.8-13.2 s) is left, i.e. 0.8-3.2 s after
+issuing it, checked at each sync (500 ms here); every SVID the sidecar holds
+has between ~10.5 s and 14 s to live. (At 12 s or less a fresh SVID could be
+due at once, and the agent would rotate again and again: spire
+pkg/common/rotationutil.) Each test has its own agent, so stopping one
+disturbs no other test.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from tests.test_spire_sidecar import (
     wait_health,
 )
 
-SHORT_TTL = 20  # seconds
+SHORT_TTL = 14  # seconds: short, yet a fresh SVID is never due at once (see above)
 
 
 def presented_certificate(target: str, svid) -> x509.Certificate:
@@ -113,7 +116,7 @@ async def test_agent_stopped_denies_once_the_svid_expires_and_serves_again_when_
     async with AsyncClient(unix_target(sidecar)) as client:
         assert (await client.authorize("echo", {})).outcome == "allow"
 
-        agent.stop()  # the held SVID has at least ~15 s left
+        agent.stop()  # the held SVID has at least ~10 s left
         held = seen(await client.authorize("echo", {}))
         assert held["spiffe_id"] == SIDECAR_ID
 

@@ -60,9 +60,12 @@ PLANNER_PATH = "/ns/agents/sa/planner"
 PLANNER_ID = f"spiffe://{TD}{PLANNER_PATH}"
 VAULT_AUD = f"spiffe://{TD}/ns/tools/sa/vault"
 TICKETS_AUD = "https://tickets.example.org"
-JWT_TTL = 16  # seconds: the sidecar's registration entry (-jwtSVIDTTL)
+JWT_TTL = 10  # seconds: the sidecar's registration entry (-jwtSVIDTTL); the tests wait most of it
 AGENTS = itertools.count(1)  # one agent per test: stopping it disturbs no other test
-REFRESH = 5  # invoke.jwt_refresh_before_seconds; below JWT_TTL / 2, where SPIRE's agent mints a new one
+# invoke.jwt_refresh_before_seconds: below 0.4 * JWT_TTL, so this margin (not the share of the lifetime,
+# sidecar/invoke/credentials.py) sets when the sidecar renews, and at REFRESH - 0.5 s left SPIRE's agent
+# (past a jittered half, 45-55 %, of the lifetime) mints a new one; 7 s of reuse before that.
+REFRESH = 3
 
 POLICY = """\
     package sidecar
