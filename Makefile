@@ -40,11 +40,12 @@ demo: install system-deps
 
 ## Install everything and run the whole test suite, on TEST_WORKERS pytest-xdist workers (CI's 2 cores;
 ## TEST_WORKERS=0 runs it in one process). `--dist loadfile` runs each test file whole on one worker, in
-## order, as one process would: its module fixtures (SPIRE, Jaeger, the fuzzed sidecar) start once.
+## order, as one process would: its module fixtures (SPIRE, Jaeger, the fuzzed sidecar) start once. Files
+## go to the workers longest first (tests/conftest.py LONG_FILES), not by their number of tests.
 TEST_WORKERS ?= 2
 test: install system-deps
 	$(BIN)/agent-sidecar policy test --lint rego/
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## Debian packages the tests run for real: PostgreSQL (escalation store, SPIRE's datastore) and
 ## Chromium (console browser test); a target that needs fewer names them in SYSTEM_PACKAGES.

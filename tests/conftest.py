@@ -23,6 +23,26 @@ REGO = REPO / "rego"
 os.environ["PATH"] = f"{REPO / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+# The test files that take 15 s or more of a run (per-file totals of `pytest --durations`, 2026-11-30),
+# longest first. Under pytest-xdist (`make test`: -n 2 --dist loadfile --no-loadscope-reorder) each
+# worker takes whole files in collection order, so these start first and the short files fill in at
+# the end, instead of one worker finishing the run alone on a long file that came up last.
+LONG_FILES = (
+    "test_reliability_fuzz.py", "test_spire_upstream_credentials.py", "test_mcp_malformed.py",
+    "test_mcp_gateway.py", "test_docs_examples.py", "test_mcp_elicitation.py", "test_replay_policy.py",
+    "test_mcp_mtls.py", "test_evidence_canonical.py", "test_spire_rotation.py", "test_policy_facts_sql.py",
+    "test_policy_docs.py", "test_escalation_flow.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker, LONG_FILES first (each file's tests keep their order); one process: unchanged."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+
+
 def write_policy(directory: Path, rego: str, tests: str | None = None, data: str | None = None) -> Path:
     """A one-file policy bundle for engine-mechanics tests (package sidecar)."""
     directory.mkdir(parents=True, exist_ok=True)
