@@ -17,7 +17,7 @@ as a canonicalizable value) and nesting deeper than MAX_DEPTH.
 
 Speed: `rfc8785` is pure Python (about 200 µs for a decision record). Values
 made only of plain JSON types whose RFC 8785 form orjson writes byte for byte
-(`_fast_form`: sorted keys, the same string escapes, integers within 2^53 - 1,
+(`plain_form`: sorted keys, the same string escapes, integers within 2^53 - 1,
 floats written the same in both) are serialized by orjson instead; anything
 else takes the `rfc8785` path. tests/test_evidence_canonical.py checks that
 both paths give the same bytes.
@@ -50,9 +50,9 @@ class NotCanonicalizable(ValueError):
 
 def canonical_json(value: Any) -> bytes:
     """RFC 8785 bytes of `value`; NotCanonicalizable when no reader would get them back unchanged."""
-    fast = _fast_form(value)
+    fast = plain_form(value)
     if fast is not None:
-        return fast
+        return fast[0]
     try:
         out = rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
@@ -63,18 +63,40 @@ def canonical_json(value: Any) -> bytes:
     return out
 
 
-def _fast_form(value: Any) -> bytes | None:
-    """orjson's bytes for `value` when they are its RFC 8785 form; None to take the rfc8785 path.
+def plain_form(value: Any) -> tuple[bytes, int] | None:
+    """(RFC 8785 bytes, nesting depth) of a plain value (`plain_depth`), written by orjson; None
+    when `value` is not plain or orjson's bytes are not its RFC 8785 form (the rfc8785 path decides).
 
-    Walks the value once and accepts only exact dict (str keys), list, str, bool, None,
-    int within 2^53 - 1, and floats that orjson and RFC 8785 (ECMAScript Number::toString,
-    RFC 8785 section 3.2.2.3) both write in plain decimal notation: finite, not
-    integer-valued, 1e-5 <= |x| < 1e15, where both print the same shortest round-trip
-    digits. Strings need no check: both escape exactly `"`, `\\` and U+0000-U+001F, the
-    same way (RFC 8785 section 3.2.2.2), and orjson refuses lone surrogates. Keys sort the
-    same (code points versus RFC 8785's UTF-16 code units, section 3.2.3) unless a key
-    set mixes U+E000-U+FFFF with characters past U+FFFF: such output is not used.
+    A caller that must check a value anyway (calls.check_call) learns from one walk that no
+    number rule is broken and how deep it nests, and gets the bytes it digests. Strings need no check: both escape exactly
+    `"`, `\\` and U+0000-U+001F, the same way (RFC 8785 section 3.2.2.2), and orjson refuses
+    lone surrogates. Keys sort the same (code points versus RFC 8785's UTF-16 code units,
+    section 3.2.3) unless a key set mixes U+E000-U+FFFF with characters past U+FFFF: such
+    output is not used.
     """
+    depth = plain_depth(value)
+    if depth is None:
+        return None
+    try:
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, ValueError):  # orjson.JSONEncodeError: lone surrogate, nesting
+        return None
+    if (b"\xee" in out or b"\xef" in out) and any(lead in out for lead in _ASTRAL_LEADS):
+        return None  # U+E000-U+FFFF and past U+FFFF: code point and UTF-16 orders may differ
+    return out, depth
+
+
+def plain_depth(value: Any) -> int | None:
+    """The nesting depth of a plain JSON value (a scalar 0, `{}` 1, `[[]]` 2), or None when it is not plain.
+
+    Plain: exact dict (str keys), list, str, bool, None, int within 2^53 - 1, and floats
+    that orjson and RFC 8785 (ECMAScript Number::toString, RFC 8785 section 3.2.2.3) both
+    write in plain decimal notation: finite, not integer-valued, 1e-5 <= |x| < 1e15, where
+    both print the same shortest round-trip digits; nested less than _FAST_DEPTH deep. So a
+    plain value breaks no number rule (jsonvalues.py: nothing to refuse, nothing to normalize)
+    and orjson writes it as RFC 8785 does. One walk, at C-loop speed for the common shapes.
+    """
+    deepest = 0
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -84,6 +106,8 @@ def _fast_form(value: Any) -> bytes | None:
         if kind is dict or kind is list:
             if depth >= _FAST_DEPTH:  # deeper (or a cycle): the rfc8785 path refuses it with a reason
                 return None
+            depth += 1
+            deepest = max(deepest, depth)
             if kind is dict:
                 for key in item:
                     if type(key) is not str:
@@ -91,7 +115,7 @@ def _fast_form(value: Any) -> bytes | None:
                 members = item.values()
             else:
                 members = item
-            stack.extend([(member, depth + 1) for member in members])
+            stack.extend([(member, depth) for member in members])
         elif kind is int:
             if not -_INT_MAX <= item <= _INT_MAX:
                 return None
@@ -100,13 +124,7 @@ def _fast_form(value: Any) -> bytes | None:
                 return None
         else:
             return None
-    try:
-        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except (TypeError, ValueError):  # orjson.JSONEncodeError: lone surrogate, nesting
-        return None
-    if (b"\xee" in out or b"\xef" in out) and any(lead in out for lead in _ASTRAL_LEADS):
-        return None  # U+E000-U+FFFF and past U+FFFF: code point and UTF-16 orders may differ
-    return out
+    return deepest
 
 
 _FAST_DEPTH = 64  # nesting the fast path walks; orjson itself stops at 254

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from sidecar.calls import ToolCall, check_call
 import rfc8785
 
-from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, _fast_form, canonical_json, parse_json, sha256_digest
+from sidecar.calls import depth_of
+from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, canonical_json, plain_form, parse_json, sha256_digest
 from sidecar.evidence import TraceContext
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.recorder import EvidenceRecorder
@@ -103,10 +104,11 @@ fast_values = st.recursive(
 @given(value=fast_values)
 def test_the_fast_path_writes_exactly_what_rfc8785_writes(value):
     """orjson is used only where its bytes are the RFC 8785 bytes; elsewhere rfc8785 decides."""
-    fast = _fast_form(value)
+    fast = plain_form(value)
     if fast is None:
         return
-    assert fast == rfc8785.dumps(value)
+    assert fast[0] == rfc8785.dumps(value)
+    assert fast[1] == depth_of(value, limit=10**6)  # and how deep it nests, as the gate counts it
 
 
 @pytest.mark.parametrize(
@@ -125,7 +127,7 @@ def test_values_the_fast_path_leaves_to_rfc8785():
     cyclic.append(cyclic)
     for value in (100.0, -0.0, 1e-6, 1e15 + 0.5, 1e21, float("nan"), float("inf"), 2**53, (1, 2), {1: "x"},
                   "\ud800", {"\ue000": 1, "\U0001f525": 2}, nested(65), cyclic, True.__class__):
-        assert _fast_form(value) is None, value
+        assert plain_form(value) is None, value
 
 
 @pytest.mark.parametrize(
