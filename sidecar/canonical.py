@@ -97,33 +97,34 @@ def plain_depth(value: Any) -> int | None:
     and orjson writes it as RFC 8785 does. One walk, at C-loop speed for the common shapes.
     """
     deepest = 0
-    stack = [(value, 0)]
+    stack = [([value], 0)]  # containers whose members are still to see, each with its depth
     while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is dict or kind is list:
-            if depth >= _FAST_DEPTH:  # deeper (or a cycle): the rfc8785 path refuses it with a reason
-                return None
-            depth += 1
-            deepest = max(deepest, depth)
-            if kind is dict:
+        members, depth = stack.pop()
+        for item in members:  # scalars are judged in place: only containers go on the stack
+            kind = type(item)
+            if kind is str or kind is bool or item is None:
+                continue
+            if kind is int:
+                if not -_INT_MAX <= item <= _INT_MAX:
+                    return None
+            elif kind is float:
+                if not (1e-5 <= abs(item) < 1e15) or item.is_integer():
+                    return None
+            elif kind is dict:
+                if depth >= _FAST_DEPTH:  # deeper (or a cycle): the rfc8785 path refuses it with a reason
+                    return None
                 for key in item:
                     if type(key) is not str:
                         return None
-                members = item.values()
+                stack.append((item.values(), depth + 1))
+                deepest = max(deepest, depth + 1)
+            elif kind is list:
+                if depth >= _FAST_DEPTH:
+                    return None
+                stack.append((item, depth + 1))
+                deepest = max(deepest, depth + 1)
             else:
-                members = item
-            stack.extend([(member, depth) for member in members])
-        elif kind is int:
-            if not -_INT_MAX <= item <= _INT_MAX:
                 return None
-        elif kind is float:
-            if not (1e-5 <= abs(item) < 1e15) or item.is_integer():
-                return None
-        else:
-            return None
     return deepest
 
 

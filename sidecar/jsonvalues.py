@@ -26,7 +26,10 @@ import json
 import math
 from typing import Any, Callable
 
+import orjson
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
+
+from sidecar.canonical import plain_depth
 
 SAFE_INTEGER = 2**53 - 1
 MAX_NAMED = 3
@@ -88,7 +91,14 @@ def normalize_number(value: float) -> int | float:
 def normalize(value: Any) -> Any:
     """A copy of the value with the numbers rule applied (integral floats → int); nothing is refused here.
 
-    Iterative, so input nested past Python's recursion limit (the gate refuses it later) cannot crash it."""
+    A plain value (canonical.plain_depth: no integral float in it) is copied by orjson, in C.
+    Otherwise iterative, so input nested past Python's recursion limit (the gate refuses it
+    later) cannot crash it."""
+    if plain_depth(value) is not None:
+        try:
+            return orjson.loads(orjson.dumps(value))
+        except (TypeError, ValueError):  # orjson.JSONEncodeError: a lone surrogate; copied below
+            pass
     root = [value]
     stack: list[tuple[Any, Any]] = [(root, 0)]
     while stack:
