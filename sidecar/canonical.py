@@ -37,6 +37,7 @@ import rfc8785
 # limit, so every reader (json's C decoder included) reads back what was written.
 MAX_DEPTH = 256
 _INT_MAX = 2**53 - 1
+_INFINITY = float("inf")
 # A JSON string in canonical output (control characters are always escaped there).
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 # Outside strings: an integer literal of 16 or more digits (not part of a fraction or exponent).
@@ -90,11 +91,14 @@ def plain_depth(value: Any) -> int | None:
     """The nesting depth of a plain JSON value (a scalar 0, `{}` 1, `[[]]` 2), or None when it is not plain.
 
     Plain: exact dict (str keys), list, str, bool, None, int within 2^53 - 1, and floats
-    that orjson and RFC 8785 (ECMAScript Number::toString, RFC 8785 section 3.2.2.3) both
-    write in plain decimal notation: finite, not integer-valued, 1e-5 <= |x| < 1e15, where
-    both print the same shortest round-trip digits; nested less than _FAST_DEPTH deep. So a
-    plain value breaks no number rule (jsonvalues.py: nothing to refuse, nothing to normalize)
-    and orjson writes it as RFC 8785 does. One walk, at C-loop speed for the common shapes.
+    that orjson and RFC 8785 (ECMAScript Number::toString, RFC 8785 section 3.2.2.3) write
+    alike: finite and not integer-valued (ECMAScript writes `1` for 1.0 and `1e+21`, orjson
+    `1.0` and `1e21`), and not in [1e-6, 1e-5) (ECMAScript `0.000001`, orjson `1e-6`). Both
+    print the same shortest round-trip digits, in plain decimal from 1e-5 on and as
+    `de-N` below 1e-6. Nested less than _FAST_DEPTH deep. So a plain value breaks no
+    number rule (jsonvalues.py: nothing to refuse, nothing to normalize) and orjson writes
+    it as RFC 8785 does (tests/test_evidence_canonical.py checks floats of every magnitude).
+    One walk, at C-loop speed for the common shapes.
     """
     deepest = 0
     stack = [([value], 0)]  # containers whose members are still to see, each with its depth
@@ -108,7 +112,8 @@ def plain_depth(value: Any) -> int | None:
                 if not -_INT_MAX <= item <= _INT_MAX:
                     return None
             elif kind is float:
-                if not (1e-5 <= abs(item) < 1e15) or item.is_integer():
+                magnitude = abs(item)
+                if not magnitude < _INFINITY or item.is_integer() or 1e-6 <= magnitude < 1e-5:  # NaN fails `<`
                     return None
             elif kind is dict:
                 if depth >= _FAST_DEPTH:  # deeper (or a cycle): the rfc8785 path refuses it with a reason
