@@ -122,12 +122,14 @@ def plain_depth(value: Any) -> int | None:
                     if type(key) is not str:
                         return None
                 stack.append((item.values(), depth + 1))
-                deepest = max(deepest, depth + 1)
+                if depth >= deepest:
+                    deepest = depth + 1
             elif kind is list:
                 if depth >= _FAST_DEPTH:
                     return None
                 stack.append((item, depth + 1))
-                deepest = max(deepest, depth + 1)
+                if depth >= deepest:
+                    deepest = depth + 1
             else:
                 return None
     return deepest
