@@ -101,10 +101,19 @@ def plain_depth(value: Any) -> int | None:
     One walk, at C-loop speed for the common shapes.
     """
     deepest = 0
-    stack = [([value], 0)]  # containers whose members are still to see, each with its depth
+    # Containers still to see and their depths, in two lists: no tuple per container, so a
+    # large value makes no garbage for the collector to chase through it.
+    stack: list = [[value]]
+    depths = [0]
     while stack:
-        members, depth = stack.pop()
-        for item in members:  # scalars are judged in place: only containers go on the stack
+        node = stack.pop()
+        depth = depths.pop()
+        if type(node) is dict:
+            for key in node:
+                if type(key) is not str:
+                    return None
+            node = node.values()
+        for item in node:  # scalars are judged in place: only containers go on the stack
             kind = type(item)
             if kind is str or kind is bool or item is None:
                 continue
@@ -115,19 +124,11 @@ def plain_depth(value: Any) -> int | None:
                 magnitude = abs(item)
                 if not magnitude < _INFINITY or item.is_integer() or 1e-6 <= magnitude < 1e-5:  # NaN fails `<`
                     return None
-            elif kind is dict:
+            elif kind is dict or kind is list:
                 if depth >= _FAST_DEPTH:  # deeper (or a cycle): the rfc8785 path refuses it with a reason
                     return None
-                for key in item:
-                    if type(key) is not str:
-                        return None
-                stack.append((item.values(), depth + 1))
-                if depth >= deepest:
-                    deepest = depth + 1
-            elif kind is list:
-                if depth >= _FAST_DEPTH:
-                    return None
-                stack.append((item, depth + 1))
+                stack.append(item)
+                depths.append(depth + 1)
                 if depth >= deepest:
                     deepest = depth + 1
             else:
