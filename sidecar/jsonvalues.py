@@ -100,18 +100,19 @@ def normalize(value: Any) -> Any:
         except (TypeError, ValueError):  # orjson.JSONEncodeError: a lone surrogate; copied below
             pass
     root = [value]
-    stack: list[tuple[Any, Any]] = [(root, 0)]
+    stack: list[list | dict] = [root]  # copies whose members are still to see (no tuple per member)
     while stack:
-        holder, key = stack.pop()
-        node = holder[key]
-        if isinstance(node, float):
-            holder[key] = normalize_number(node)
-        elif isinstance(node, dict):
-            holder[key] = node = dict(node)
-            stack.extend((node, k) for k in node)
-        elif isinstance(node, list):
-            holder[key] = node = list(node)
-            stack.extend((node, i) for i in range(len(node)))
+        holder = stack.pop()
+        for key in list(holder) if isinstance(holder, dict) else range(len(holder)):
+            node = holder[key]
+            if isinstance(node, float):
+                holder[key] = normalize_number(node)
+            elif isinstance(node, dict):
+                holder[key] = node = dict(node)
+                stack.append(node)
+            elif isinstance(node, list):
+                holder[key] = node = list(node)
+                stack.append(node)
     return root[0]
 
 
