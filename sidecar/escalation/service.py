@@ -248,8 +248,6 @@ class EscalationService:
         )
         stored, created, expired = await self.store.create(record, now)
         await self._expired(expired)
-        if not created:
-            await self.store.agent_seen(stored.id, now)
         return stored, created
 
     def escalation_record(self, record: EscalationRecord, decision_span_id: str) -> tuple[str, dict]:
