@@ -3,9 +3,11 @@
 Starts the sidecar (managed OPA over its private unix socket, durable
 evidence) and a bare floor server as separate processes, drives each from a
 separate load process (bench/loadgen, Go, sending bench/calls.py's call mix),
-and prints a table; then what the MCP gateway adds to a call over calling the
-MCP server directly (bench/mcp_gateway.py, its own process). `--out` writes the
-figures as JSON, with the machine's load average. See docs/performance.md.
+and prints a table; then what one large call costs the sidecar, by the shape of
+its arguments (bench/large_calls.py), and what the MCP gateway adds to a call
+over calling the MCP server directly (bench/mcp_gateway.py, its own process).
+`--out` writes the figures as JSON, with the machine's load average. See
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import large_calls  # noqa: E402
 from calls import call_mix, write_calls  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,6 +197,8 @@ def main() -> int:
                         "in-pod socket), mtls (X.509-SVIDs from a test Workload API); default both")
     parser.add_argument("--mcp-calls", type=int, default=300, help="calls direct and through the MCP gateway "
                         "(bench/mcp_gateway.py; default 300, 0 = skip)")
+    parser.add_argument("--large-calls", type=int, default=3, metavar="N", help="send each large-call shape N "
+                        "times (bench/large_calls.py; default 3, 0 = skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -258,6 +263,7 @@ def main() -> int:
         for api in fakes:
             api.stop()
 
+    large = large_call_costs(workdir, bundle, args.large_calls) if args.large_calls > 0 else None
     gateway = mcp_gateway(workdir, args.mcp_calls) if args.mcp_calls > 0 else None
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "processor": platform.processor() or platform.machine(),
@@ -265,6 +271,8 @@ def main() -> int:
                "load_average": {"start": [round(x, 2) for x in load_before],
                                 "end": [round(x, 2) for x in os.getloadavg()]}}
     report = {"machine": machine, "seconds_per_scenario": args.seconds, "results": results}
+    if large:
+        report["large_calls"] = large
     if gateway:
         report["mcp_gateway"] = gateway
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +280,21 @@ def main() -> int:
     print_table(report)
     print(f"\nJSON: {args.out}   (work dir with logs and evidence: {workdir})")
     return 0
+
+
+def large_call_costs(workdir: Path, bundle: Path, repeats: int) -> dict:
+    """bench/large_calls.py's figures, from a sidecar of its own (dev identity, unix socket)."""
+    import asyncio
+
+    socket_path = workdir / "large.sock"
+    config = write_config(workdir, "large", bundle, free_port(), {"sources": ["dev"]},
+                          {"tcp": "", "unix": str(socket_path)})
+    sidecar = start([PYTHON, "-m", "sidecar", "serve", "--config", str(config)], "serving", workdir / "sidecar-large.log")
+    try:
+        return asyncio.run(large_calls.measure(f"unix:{socket_path}", lambda: server_cpu(sidecar.pid), repeats=repeats))
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=15)
 
 
 def mcp_gateway(workdir: Path, calls: int) -> dict:
@@ -304,6 +327,8 @@ def print_table(report: dict) -> None:
         floor_cpu = row["floor"]["cpu_ms_per_call"]
         print(f"{'':<45} CPU ms per call: sidecar {cpu['sidecar']:.3f}, OPA {cpu['opa']:.3f}, load {cpu['load']:.3f} "
               f"(all {report['machine']['cpus']} cores busy at ~{ceiling:.0f} calls/s); floor server {floor_cpu['sidecar']:.3f}")
+    if report.get("large_calls"):
+        large_calls.print_table(report["large_calls"])
     gateway = report.get("mcp_gateway")
     if gateway:
         print(f"\nMCP tool call, {gateway['calls']} sequential calls (bench/mcp_gateway.py)")

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.canonical import NotCanonicalizable, canonical_json, plain_form, sha256_digest
 from sidecar.jsonvalues import normalize, number_problems, spelled
 from sidecar.reasons import (
     INPUT_TOO_DEEP,
@@ -102,8 +102,13 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
     A string holding U+0000 anywhere (a name, an id, the intent, argument and signal values
     and keys at any depth) is refused with a reason naming where: C-string code cuts text
     there, so the tool, an approver or a log could read less than policy decided on.
+
+    Arguments and signals that are plain (canonical.plain_form: no number to refuse, orjson's
+    bytes are canonical) and hold no `\\u0000` escape are checked from that one walk; any other
+    value takes the walks that name its problem.
     """
     problems: list[str] = []
+    forms = {"arguments": _clean_form(call.arguments, max_depth), "signals": _clean_form(call.signals, max_depth)}
     for label, code, value in (
         ("tool", INVALID_TOOL, call.tool),
         ("server", INVALID_SERVER, call.server),
@@ -114,7 +119,7 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         ("arguments", INVALID_ARGUMENTS, call.arguments),
         ("signals", INVALID_SIGNALS, call.signals),
     ):
-        where = find_nul(value, label)
+        where = find_nul(value, label) if forms.get(label) is None else None
         if where is not None:
             problems.append(str(Reason(code, f"{where} holds U+0000 (NUL), which is refused anywhere in a call")))
     tool_bytes = len(call.tool.encode("utf-8", "surrogatepass"))
@@ -151,6 +156,8 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         ("arguments", INVALID_ARGUMENTS, call.arguments),
         ("signals", INVALID_SIGNALS, call.signals),
     ):
+        if forms[label] is not None:
+            continue
         if depth_of(value, max_depth) > max_depth:
             too_deep.add(label)
             problems.append(str(Reason(INPUT_TOO_DEEP, f"{label} nest deeper than the limit of {max_depth} levels")))
@@ -160,7 +167,7 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
     # Too deep: digest what lies within the limit, so nothing below recurses past Python's limit.
     arguments = cut_depth(call.arguments, max_depth) if "arguments" in too_deep else call.arguments
     try:
-        encoded = canonical_json(arguments)
+        encoded = forms["arguments"] or canonical_json(arguments)
         digest = sha256_digest(encoded)
         if len(encoded) > max_bytes:
             problems.append(str(Reason(
@@ -172,11 +179,21 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
             problems.append(str(Reason(INVALID_ARGUMENTS, f"arguments are not valid JSON ({exc})")))
     if call.signals is not None and not problems:
         try:
-            if len(canonical_json(call.signals)) > max_bytes:
+            if len(forms["signals"] or canonical_json(call.signals)) > max_bytes:
                 problems.append(str(Reason(INPUT_TOO_LARGE, f"signals are over the limit of {max_bytes} bytes")))
         except NotCanonicalizable as exc:
             problems.append(str(Reason(INVALID_SIGNALS, f"signals are not valid JSON ({exc})")))
     return problems, digest
+
+
+def _clean_form(value: Any, max_depth: int) -> bytes | None:
+    """The canonical bytes of a plain `value` nested at most `max_depth` deep with no U+0000 in
+    any key or string (orjson writes U+0000 as `\\u0000`; a false alarm such as a backslash
+    followed by `u0000` just takes the naming walks); None otherwise."""
+    form = plain_form(value)
+    if form is None or form[1] > max_depth or b"\\u0000" in form[0]:
+        return None
+    return form[0]
 
 
 TOO_DEEP = "…[too deep]"

@@ -17,7 +17,7 @@ as a canonicalizable value) and nesting deeper than MAX_DEPTH.
 
 Speed: `rfc8785` is pure Python (about 200 µs for a decision record). Values
 made only of plain JSON types whose RFC 8785 form orjson writes byte for byte
-(`_fast_form`: sorted keys, the same string escapes, integers within 2^53 - 1,
+(`plain_form`: sorted keys, the same string escapes, integers within 2^53 - 1,
 floats written the same in both) are serialized by orjson instead; anything
 else takes the `rfc8785` path. tests/test_evidence_canonical.py checks that
 both paths give the same bytes.
@@ -37,6 +37,7 @@ import rfc8785
 # limit, so every reader (json's C decoder included) reads back what was written.
 MAX_DEPTH = 256
 _INT_MAX = 2**53 - 1
+_INFINITY = float("inf")
 # A JSON string in canonical output (control characters are always escaped there).
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 # Outside strings: an integer literal of 16 or more digits (not part of a fraction or exponent).
@@ -50,9 +51,9 @@ class NotCanonicalizable(ValueError):
 
 def canonical_json(value: Any) -> bytes:
     """RFC 8785 bytes of `value`; NotCanonicalizable when no reader would get them back unchanged."""
-    fast = _fast_form(value)
+    fast = plain_form(value)
     if fast is not None:
-        return fast
+        return fast[0]
     try:
         out = rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
@@ -63,50 +64,76 @@ def canonical_json(value: Any) -> bytes:
     return out
 
 
-def _fast_form(value: Any) -> bytes | None:
-    """orjson's bytes for `value` when they are its RFC 8785 form; None to take the rfc8785 path.
+def plain_form(value: Any) -> tuple[bytes, int] | None:
+    """(RFC 8785 bytes, nesting depth) of a plain value (`plain_depth`), written by orjson; None
+    when `value` is not plain or orjson's bytes are not its RFC 8785 form (the rfc8785 path decides).
 
-    Walks the value once and accepts only exact dict (str keys), list, str, bool, None,
-    int within 2^53 - 1, and floats that orjson and RFC 8785 (ECMAScript Number::toString,
-    RFC 8785 section 3.2.2.3) both write in plain decimal notation: finite, not
-    integer-valued, 1e-5 <= |x| < 1e15, where both print the same shortest round-trip
-    digits. Strings need no check: both escape exactly `"`, `\\` and U+0000-U+001F, the
-    same way (RFC 8785 section 3.2.2.2), and orjson refuses lone surrogates. Keys sort the
-    same (code points versus RFC 8785's UTF-16 code units, section 3.2.3) unless a key
-    set mixes U+E000-U+FFFF with characters past U+FFFF: such output is not used.
+    A caller that must check a value anyway (calls.check_call) learns from one walk that no
+    number rule is broken and how deep it nests, and gets the bytes it digests. Strings need no check: both escape exactly
+    `"`, `\\` and U+0000-U+001F, the same way (RFC 8785 section 3.2.2.2), and orjson refuses
+    lone surrogates. Keys sort the same (code points versus RFC 8785's UTF-16 code units,
+    section 3.2.3) unless a key set mixes U+E000-U+FFFF with characters past U+FFFF: such
+    output is not used.
     """
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is dict or kind is list:
-            if depth >= _FAST_DEPTH:  # deeper (or a cycle): the rfc8785 path refuses it with a reason
-                return None
-            if kind is dict:
-                for key in item:
-                    if type(key) is not str:
-                        return None
-                members = item.values()
-            else:
-                members = item
-            stack.extend([(member, depth + 1) for member in members])
-        elif kind is int:
-            if not -_INT_MAX <= item <= _INT_MAX:
-                return None
-        elif kind is float:
-            if not (1e-5 <= abs(item) < 1e15) or item.is_integer():
-                return None
-        else:
-            return None
+    depth = plain_depth(value)
+    if depth is None:
+        return None
     try:
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except (TypeError, ValueError):  # orjson.JSONEncodeError: lone surrogate, nesting
         return None
     if (b"\xee" in out or b"\xef" in out) and any(lead in out for lead in _ASTRAL_LEADS):
         return None  # U+E000-U+FFFF and past U+FFFF: code point and UTF-16 orders may differ
-    return out
+    return out, depth
+
+
+def plain_depth(value: Any) -> int | None:
+    """The nesting depth of a plain JSON value (a scalar 0, `{}` 1, `[[]]` 2), or None when it is not plain.
+
+    Plain: exact dict (str keys), list, str, bool, None, int within 2^53 - 1, and floats
+    that orjson and RFC 8785 (ECMAScript Number::toString, RFC 8785 section 3.2.2.3) write
+    alike: finite and not integer-valued (ECMAScript writes `1` for 1.0 and `1e+21`, orjson
+    `1.0` and `1e21`), and not in [1e-6, 1e-5) (ECMAScript `0.000001`, orjson `1e-6`). Both
+    print the same shortest round-trip digits, in plain decimal from 1e-5 on and as
+    `de-N` below 1e-6. Nested less than _FAST_DEPTH deep. So a plain value breaks no
+    number rule (jsonvalues.py: nothing to refuse, nothing to normalize) and orjson writes
+    it as RFC 8785 does (tests/test_evidence_canonical.py checks floats of every magnitude).
+    One walk, at C-loop speed for the common shapes.
+    """
+    deepest = 0
+    # Containers still to see and their depths, in two lists: no tuple per container, so a
+    # large value makes no garbage for the collector to chase through it.
+    stack: list = [[value]]
+    depths = [0]
+    while stack:
+        node = stack.pop()
+        depth = depths.pop()
+        if type(node) is dict:
+            for key in node:
+                if type(key) is not str:
+                    return None
+            node = node.values()
+        for item in node:  # scalars are judged in place: only containers go on the stack
+            kind = type(item)
+            if kind is str or kind is bool or item is None:
+                continue
+            if kind is int:
+                if not -_INT_MAX <= item <= _INT_MAX:
+                    return None
+            elif kind is float:
+                magnitude = abs(item)
+                if not magnitude < _INFINITY or item.is_integer() or 1e-6 <= magnitude < 1e-5:  # NaN fails `<`
+                    return None
+            elif kind is dict or kind is list:
+                if depth >= _FAST_DEPTH:  # deeper (or a cycle): the rfc8785 path refuses it with a reason
+                    return None
+                stack.append(item)
+                depths.append(depth + 1)
+                if depth >= deepest:
+                    deepest = depth + 1
+            else:
+                return None
+    return deepest
 
 
 _FAST_DEPTH = 64  # nesting the fast path walks; orjson itself stops at 254

@@ -168,7 +168,7 @@ class Gate:
         assert decision is not None  # the policy step always decides
         if state.new_escalation is not None and self.escalations is not None:
             if decision.outcome == "escalate":
-                await self.escalations.announce(state.new_escalation, state.trace.span_id)
+                self.escalations.announce(state.new_escalation)
             else:  # the escalating decision could not be recorded: nobody may approve it
                 await self.escalations.withdraw(state.new_escalation)
         state.timings["total"] = (time.perf_counter() - started) * 1000
@@ -186,7 +186,10 @@ class Gate:
         )
 
     async def _record(self, state: CallState) -> None:
-        """Record the decision (sets `state.receipt`); when that fails, the answer becomes a deny naming why."""
+        """Record the decision (sets `state.receipt`); when that fails, the answer becomes a deny naming why.
+
+        A new escalation's own record is written in one unit with the decision that raised it:
+        both are durable before anyone hears of the escalation, or neither is written."""
         if self._recorder is None:
             return
         call, identity, document = state.call, state.identity, state.document
@@ -227,7 +230,7 @@ class Gate:
         )
         evidence_started = time.perf_counter()
         try:
-            state.receipt = await self._recorder.record(event)
+            state.receipt = await self._recorder.record(event, followed_by=self._escalation_record(state))
         except EvidenceError as exc:
             state.decision = Decision.failed(
                 str(Reason(
@@ -237,6 +240,13 @@ class Gate:
                 policy_revision=decision.policy_revision,
             )
         state.timings["evidence"] = (time.perf_counter() - evidence_started) * 1000
+
+    def _escalation_record(self, state: CallState) -> tuple[tuple[str, dict], ...]:
+        """The evidence record of the escalation this call raised, if it raised one."""
+        raised, decision = state.new_escalation, state.decision
+        if raised is None or self.escalations is None or decision is None or decision.outcome != "escalate":
+            return ()
+        return (self.escalations.escalation_record(raised, state.trace.span_id),)
 
     async def visible(self, identity: CallerIdentity, tool: str, server: str) -> Decision:
         """Would policy let this caller see `tool` of `server` (MCP tools/list)?

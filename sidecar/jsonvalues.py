@@ -26,7 +26,10 @@ import json
 import math
 from typing import Any, Callable
 
+import orjson
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
+
+from sidecar.canonical import plain_depth
 
 SAFE_INTEGER = 2**53 - 1
 MAX_NAMED = 3
@@ -88,20 +91,28 @@ def normalize_number(value: float) -> int | float:
 def normalize(value: Any) -> Any:
     """A copy of the value with the numbers rule applied (integral floats → int); nothing is refused here.
 
-    Iterative, so input nested past Python's recursion limit (the gate refuses it later) cannot crash it."""
+    A plain value (canonical.plain_depth: no integral float in it) is copied by orjson, in C.
+    Otherwise iterative, so input nested past Python's recursion limit (the gate refuses it
+    later) cannot crash it."""
+    if plain_depth(value) is not None:
+        try:
+            return orjson.loads(orjson.dumps(value))
+        except (TypeError, ValueError):  # orjson.JSONEncodeError: a lone surrogate; copied below
+            pass
     root = [value]
-    stack: list[tuple[Any, Any]] = [(root, 0)]
+    stack: list[list | dict] = [root]  # copies whose members are still to see (no tuple per member)
     while stack:
-        holder, key = stack.pop()
-        node = holder[key]
-        if isinstance(node, float):
-            holder[key] = normalize_number(node)
-        elif isinstance(node, dict):
-            holder[key] = node = dict(node)
-            stack.extend((node, k) for k in node)
-        elif isinstance(node, list):
-            holder[key] = node = list(node)
-            stack.extend((node, i) for i in range(len(node)))
+        holder = stack.pop()
+        for key in list(holder) if isinstance(holder, dict) else range(len(holder)):
+            node = holder[key]
+            if isinstance(node, float):
+                holder[key] = normalize_number(node)
+            elif isinstance(node, dict):
+                holder[key] = node = dict(node)
+                stack.append(node)
+            elif isinstance(node, list):
+                holder[key] = node = list(node)
+                stack.append(node)
     return root[0]
 
 

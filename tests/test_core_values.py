@@ -21,8 +21,12 @@ import sys
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sidecar.canonical import canonical_json, sha256_digest
+import sidecar.calls as calls_module
+from sidecar.calls import ToolCall, check_call
 from sidecar.client import (
     ArgumentsChanged,
     AsyncClient,
@@ -35,6 +39,7 @@ from sidecar.escalation.client import ApprovalsClient
 from sidecar.jsonvalues import SAFE_INTEGER, from_struct, to_struct
 from sidecar.console import pages
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests import test_evidence_canonical
 from tests.conftest import REPO, write_policy
 from tests.doubles.escalation import ALICE, make_config, records, until_pending
 
@@ -316,3 +321,44 @@ def test_normalizing_input_nested_past_the_recursion_limit_does_not_crash():
     call = normalized(ToolCall("echo", {"deep": deep}))
     problems, _digest = check_call(call, max_bytes=1 << 20, max_depth=64)
     assert problems[0].startswith("input_too_deep: arguments nest deeper")
+
+
+# check_call's one-walk path (canonical.plain_form) must judge every value as the naming walks do.
+NUL_TEXT = st.sampled_from(["\x00", "a\x00", "\\u0000", "\\\\u0000", "\\\x00", "u0000", "\\"])
+checked_values = st.recursive(
+    st.one_of(test_evidence_canonical.scalars, test_evidence_canonical.any_magnitude, NUL_TEXT),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(test_evidence_canonical.awkward_text, NUL_TEXT), inner, max_size=4),
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(arguments=st.one_of(checked_values, st.dictionaries(st.text(max_size=5), checked_values, max_size=4)),
+       signals=st.one_of(st.none(), checked_values), max_depth=st.integers(min_value=1, max_value=6))
+def test_the_one_walk_check_judges_every_value_as_the_naming_walks_do(arguments, signals, max_depth, monkeypatch):
+    """Same problems (NUL, depth, numbers, size, shape) in the same order, and the same digest."""
+    call = ToolCall(tool="t", arguments=arguments, signals=signals)
+    fast = check_call(call, max_bytes=300, max_depth=max_depth)
+    with monkeypatch.context() as patched:
+        patched.setattr(calls_module, "_clean_form", lambda value, depth: None)
+        slow = check_call(call, max_bytes=300, max_depth=max_depth)
+    assert fast == slow
+
+
+def test_the_one_walk_check_still_names_nul_depth_and_numbers():
+    """The cases the fast path hands to the naming walks, each named as before."""
+    for arguments, reason in (
+        ({"a": ["x", {"k\x00": 1}]}, 'invalid_arguments: a key in arguments.a[1] holds U+0000'),
+        ({"a": "\\u0000\x00"}, "invalid_arguments: arguments.a holds U+0000"),
+        ({"a": [[[[1]]]]}, "input_too_deep: arguments nest deeper than the limit of 3 levels"),
+        ({"n": 2**53}, "invalid_arguments: arguments.n: 9007199254740992 is beyond"),
+        ({"n": float("nan")}, "invalid_arguments: arguments.n: nan is not a JSON number"),
+    ):
+        problems, _ = check_call(ToolCall(tool="t", arguments=arguments), max_bytes=1 << 20, max_depth=3)
+        assert problems and problems[0].startswith(reason), (arguments, problems)
+    clean, digest = check_call(ToolCall(tool="t", arguments={"a": "\\u0000", "b": [0.5, 1e-5]}), max_bytes=1 << 20,
+                               max_depth=3)
+    assert clean == [] and digest == sha256_digest(canonical_json({"a": "\\u0000", "b": [0.5, 1e-5]}))

@@ -112,6 +112,7 @@ async def test_full_flow_escalate_wait_approve_repeat_once(config, running_sidec
     retry_record = chain[4]
     assert {r["trace_id"] for r in chain[:2] + chain[3:5]} == {first.trace_id}
     assert escalation["parent_span_id"] == chain[0]["span_id"]
+    assert escalation["seq"] == chain[0]["seq"] + 1, "an escalation's record directly follows its decision's"
     assert approval["parent_span_id"] == escalation["span_id"]
     assert approval["links"] == [{"trace_id": first.trace_id, "span_id": escalation["span_id"], "type": "escalation"}]
     assert approval["approver"] == ALICE and approval["note"] == "ok for the board pack"

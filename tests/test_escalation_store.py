@@ -309,7 +309,8 @@ async def test_the_agents_waits_are_tracked_across_sidecars(stores):
     await store.agent_wait(one.id, NOW + 4, closed_until=NOW + 60, then_until=NOW + 4)
     gone = await other.get(one.id)
     assert not gone.agent_waiting(NOW + 5) and gone.agent_seen_at == NOW + 4
-    await store.agent_seen(one.id, NOW + 9)
+    again, created, _ = await store.create(record(), NOW + 9)  # the agent asks again: seen, in the same transaction
+    assert (again.id, created, again.agent_seen_at) == (one.id, False, NOW + 9)
     assert (await other.get(one.id)).agent_seen_at == NOW + 9
 
 

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from sidecar.calls import ToolCall, check_call
 import rfc8785
 
-from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, _fast_form, canonical_json, parse_json, sha256_digest
+from sidecar.calls import depth_of
+from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, canonical_json, plain_form, parse_json, sha256_digest
 from sidecar.evidence import TraceContext
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.recorder import EvidenceRecorder
@@ -86,8 +87,15 @@ def test_what_the_writer_accepts_the_reader_gets_back_byte_for_byte(value):
 
 
 # Floats of every magnitude, around where orjson and ECMAScript switch notation, and integer-valued ones.
-any_magnitude = st.builds(lambda m, e: m * 10.0**e, st.floats(min_value=-10, max_value=10, allow_nan=False),
-                          st.integers(min_value=-12, max_value=22))
+any_magnitude = st.one_of(
+    st.builds(lambda m, e: m * 10.0**e, st.floats(min_value=-10, max_value=10, allow_nan=False),
+              st.integers(min_value=-12, max_value=22)),
+    st.builds(lambda m, e: m * 10.0**e, st.floats(min_value=-10, max_value=10, allow_nan=False),
+              st.integers(min_value=-320, max_value=300)),
+    st.floats(min_value=-2e-5, max_value=2e-5),  # both sides of 1e-6 and 1e-5, subnormals
+    st.sampled_from([1e-6, 9.999999999999999e-7, 1.0000000000000002e-6, 1e-5, 9.999999999999999e-6, 5e-324,
+                     2.0**52 + 0.5, 4503599627370495.5, 1e15 + 0.5]),
+)
 # Keys that sort differently by code point and by UTF-16 code unit (U+E000-U+FFFF versus past U+FFFF).
 sort_sensitive_keys = st.text(alphabet=st.sampled_from(["a", "\ue000", "\uffff", "\U00010000", "\U0001f525", "z"]),
                               max_size=3)
@@ -103,15 +111,17 @@ fast_values = st.recursive(
 @given(value=fast_values)
 def test_the_fast_path_writes_exactly_what_rfc8785_writes(value):
     """orjson is used only where its bytes are the RFC 8785 bytes; elsewhere rfc8785 decides."""
-    fast = _fast_form(value)
+    fast = plain_form(value)
     if fast is None:
         return
-    assert fast == rfc8785.dumps(value)
+    assert fast[0] == rfc8785.dumps(value)
+    assert fast[1] == depth_of(value, limit=10**6)  # and how deep it nests, as the gate counts it
 
 
 @pytest.mark.parametrize(
     "value",
-    [0.1, 1e-5, 0.000025, 1234.5678, 123456789012345.6, -0.5, {"\ue000": 1, "\U0001f525": 2, "a": 0.1},
+    [0.1, 1e-5, 0.000025, 1234.5678, 123456789012345.6, -0.5, 1e15 + 0.5, 9.999999999999999e-7, -1e-7, 5e-324,
+     1.7e-300, {"\ue000": 1, "\U0001f525": 2, "a": 0.1},
      {"k": ["x" * 40, 2**53 - 1, -(2**53) + 1, True, None, "\u2028\x00\x1f\x7f"]}],
     ids=repr,
 )
@@ -123,9 +133,9 @@ def test_values_the_fast_path_leaves_to_rfc8785():
     """Each would be written differently by orjson (or not refused): the fast path steps aside."""
     cyclic: list = []
     cyclic.append(cyclic)
-    for value in (100.0, -0.0, 1e-6, 1e15 + 0.5, 1e21, float("nan"), float("inf"), 2**53, (1, 2), {1: "x"},
+    for value in (100.0, -0.0, 1e-6, 1.5e-6, -9.999999999999999e-6, 1e21, float("nan"), float("inf"), 2**53, (1, 2), {1: "x"},
                   "\ud800", {"\ue000": 1, "\U0001f525": 2}, nested(65), cyclic, True.__class__):
-        assert _fast_form(value) is None, value
+        assert plain_form(value) is None, value
 
 
 @pytest.mark.parametrize(

@@ -480,3 +480,61 @@ async def test_waiters_on_the_loop_and_on_threads_share_a_batch_and_one_that_gav
     finally:
         log.close()
     assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_a_decision_and_its_escalation_are_one_unit_consecutive_under_concurrent_load(recorder, tmp_path):
+    """`followed_by` records land right after their decision, in its sync, however many records race."""
+    units = [
+        recorder.record(make_event(i, **OUTCOMES["escalate"]), followed_by=[("escalation", {"escalation_id": f"esc-{i}"})])
+        for i in range(100)
+    ]
+    singles = [recorder.record(make_event(1000 + i)) for i in range(100)]
+    receipts = await asyncio.gather(*units, *singles)
+    by_seq = {r["seq"]: r for r in read_records(tmp_path / "ev")}
+    for i, receipt in enumerate(receipts[:100]):
+        decision, escalation = by_seq[receipt.seq], by_seq[receipt.seq + 1]
+        assert (decision["kind"], decision["decision_id"], decision["hash"]) == ("decision", f"decision-{i}", receipt.hash)
+        assert (escalation["kind"], escalation["escalation_id"]) == ("escalation", f"esc-{i}")
+    assert len(by_seq) == 1 + 300
+    assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_a_unit_is_refused_whole_when_one_of_its_records_cannot_be_written(recorder, tmp_path, monkeypatch):
+    """Neither record of a unit lands without the other: a follower that cannot be sealed (a fault
+    injected into `seal`; the placeholder rule leaves real values no way to get here) refuses its
+    decision too, and the chain goes on from the record before them."""
+    import sidecar.evidence.log as log_module
+    from sidecar.canonical import NotCanonicalizable
+
+    real_seal = log_module.seal
+
+    def seal(record):
+        if record.get("poison"):
+            raise NotCanonicalizable("injected")
+        return real_seal(record)
+
+    monkeypatch.setattr(log_module, "seal", seal)
+    with pytest.raises(EvidenceError, match="no canonical form"):
+        await recorder.record(make_event(1), followed_by=[("escalation", {"escalation_id": "esc-1", "poison": True})])
+    for follower in (("gossip", {}), ("escalation", {"seq": 9}), ("checkpoint", {})):
+        with pytest.raises(EvidenceError, match="kind|may not set"):
+            await recorder.record(make_event(2), followed_by=[follower])
+    after = await recorder.record(make_event(3))
+    records = read_records(tmp_path / "ev")
+    assert [r["kind"] for r in records] == ["startup", "decision"] and after.seq == 2
+    assert records[-1]["decision_id"] == "decision-3"
+    assert verify_dir(tmp_path / "ev").ok
+
+
+async def test_a_failed_sync_leaves_no_record_of_the_unit(faulty_disk, tmp_path):
+    recorder, disk = faulty_disk
+    disk.sync_error = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(EvidenceError, match="Input/output error"):
+        await recorder.record(make_event(1), followed_by=[("escalation", {"escalation_id": "esc-1"})])
+    disk.sync_error = None
+    receipt = await recorder.record(make_event(2), followed_by=[("escalation", {"escalation_id": "esc-2"})])
+    records = read_records(tmp_path / "ev")
+    assert [(r["kind"], r.get("escalation_id") or r.get("decision_id")) for r in records[1:]] == [
+        ("decision", "decision-2"), ("escalation", "esc-2"),
+    ]
+    assert receipt.seq == 2 and verify_dir(tmp_path / "ev").ok

@@ -43,8 +43,9 @@ class Journal:
         self._evidence_fails = evidence_fails
         self._store_fails = store_fails
 
-    async def record(self, event):
-        self.said.append(f"record {event.outcome} {event.escalation_id or '-'}")
+    async def record(self, event, *, followed_by=()):
+        then = "".join(f" + {kind} {fields['escalation_id']}" for kind, fields in followed_by)
+        self.said.append(f"record {event.outcome} {event.escalation_id or '-'}{then}")
         if self._evidence_fails:
             raise EvidenceError("disk full")
         return Receipt(1, "sha256:0")
@@ -55,7 +56,10 @@ class Journal:
             raise StoreError("store down")
         return SimpleNamespace(id="esc-1"), True
 
-    async def announce(self, record, span_id):
+    def escalation_record(self, record, decision_span_id):
+        return "escalation", {"escalation_id": record.id}
+
+    def announce(self, record):
         self.said.append(f"announce {record.id}")
 
     async def withdraw(self, record):
@@ -80,11 +84,11 @@ def test_default_steps_are_listed_in_the_order_they_run():
         Gate(steps=with_escalations[:1], policy=ask, recorder=None, instance_id="t")
 
 
-async def test_an_escalation_is_announced_only_after_its_decision_is_recorded():
+async def test_an_escalation_is_recorded_with_its_decision_and_announced_only_after():
     journal = Journal()
     verdict = await gate_over(journal).authorize(ToolCall("send_email", {}), CALLER)
     assert (verdict.decision.outcome, verdict.escalation_id) == ("escalate", "esc-1")
-    assert journal.said == ["escalate", "record escalate esc-1", "announce esc-1"]
+    assert journal.said == ["escalate", "record escalate esc-1 + escalation esc-1", "announce esc-1"]
 
 
 async def test_an_escalation_whose_decision_cannot_be_recorded_is_withdrawn():
@@ -92,7 +96,7 @@ async def test_an_escalation_whose_decision_cannot_be_recorded_is_withdrawn():
     verdict = await gate_over(journal).authorize(ToolCall("send_email", {}), CALLER)
     assert verdict.decision.outcome == "deny" and verdict.escalation_id == ""
     assert verdict.decision.reasons[0].startswith("evidence_unavailable: ")
-    assert journal.said == ["escalate", "record escalate esc-1", "withdraw esc-1"]
+    assert journal.said == ["escalate", "record escalate esc-1 + escalation esc-1", "withdraw esc-1"]
 
 
 async def test_a_failed_escalation_store_denies_and_names_no_escalation():

@@ -16,12 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sidecar.policy.opa import tools
-from sidecar.policy.opa.client import OpaClient, OpaClientOptions, revision_from_provenance
+from sidecar.policy.opa.client import OpaClient, OpaClientOptions, request_body, revision_from_provenance
 from sidecar.policy.opa.runner import OpaRunner, OpaRunOptions, find_opa
+from tests import test_evidence_canonical
 from tests.conftest import REGO, SIMPLE_POLICY, write_policy
 
 INPUT = {"version": "sidecar/v1", "tool": {"name": "echo", "arguments": {}}}
@@ -190,6 +194,8 @@ FIDELITY = r"""
     checks contains "nul" if input.nul == "a\u0000b"
     checks contains "nested" if input.deep.a[0].b == 1.5
     checks contains "key" if input.keys["k\u0000ey"] == true
+    checks contains "small" if input.small == 0.000000123
+    checks contains "exact" if input.exact == 9007199254740991
 
     decision := {"outcome": "allow", "reasons": sort([c | some c in checks]), "obligations": {}}
 """
@@ -208,10 +214,43 @@ async def test_opa_receives_the_input_exactly(tmp_path, serve_opa, make_client):
         "nul": "a\u0000b",
         "deep": {"a": [{"b": 1.5}]},
         "keys": {"k\u0000ey": True},
+        "small": 1.23e-7,
+        "exact": 2**53 - 1,
     }
     decision = await client.decide(document)
     assert decision.outcome == "allow", decision
-    assert decision.reasons == tuple(sorted(["big", "negative", "float", "tiny", "long", "emoji", "nul", "nested", "key"]))
+    every = ["big", "negative", "float", "tiny", "long", "emoji", "nul", "nested", "key", "small", "exact"]
+    assert decision.reasons == tuple(sorted(every))
+    # Without the integers past 64 bits the document is plain, and orjson writes it: the same values arrive.
+    plain = {k: v for k, v in document.items() if k not in ("big", "negative")}
+    assert request_body(plain) == orjson.dumps({"input": plain})
+    decision = await client.decide(plain)
+    assert decision.reasons == tuple(sorted(set(every) - {"big", "negative"}))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(document=st.dictionaries(st.text(max_size=5), test_evidence_canonical.fast_values, max_size=5))
+def test_the_request_body_carries_every_value_exactly(document):
+    """Whichever writer it takes, the body reads back to the document, every number exactly; what is not
+    JSON (NaN, infinities, lone surrogates, non-string keys) is refused, never sent changed."""
+    try:
+        body = request_body(document)
+    except (TypeError, ValueError):
+        with pytest.raises((TypeError, ValueError)):
+            json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return
+    assert same_json(json.loads(body), {"input": document})
+
+
+def same_json(a, b) -> bool:
+    """Equal as JSON values, numbers by value and type family (1 == 1.0, but True is not 1)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
 
 
 async def test_input_that_is_not_json_is_denied_without_calling_opa(tmp_path, serve_opa, make_client):

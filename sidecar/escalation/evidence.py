@@ -97,12 +97,12 @@ class EscalationEvidence:
                 "UNAVAILABLE",
             )
 
-    async def escalation(self, record: EscalationRecord, decision_span_id: str) -> None:
-        """The `escalation` record of a new escalation: its own span, a child of the decision's span."""
-        await self._append(
-            "escalation",
-            self._fields(record, outcome="escalate", reasons=list(record.reasons), span_id=record.span_id,
-                         parent_span_id=decision_span_id, links=False),
+    def escalation(self, record: EscalationRecord, decision_span_id: str) -> tuple[str, dict]:
+        """The (kind, fields) of a new escalation's `escalation` record: its own span, a child of
+        the decision's span. The gate writes it in one unit with that decision (log.EvidenceLog.append)."""
+        return "escalation", self._fields(
+            record, outcome="escalate", reasons=list(record.reasons), span_id=record.span_id,
+            parent_span_id=decision_span_id, links=False,
         )
 
     async def transition(self, kind: str, record: EscalationRecord, *, outcome: str, reasons: list[str],

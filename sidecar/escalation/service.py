@@ -207,8 +207,8 @@ class EscalationService:
         A new escalation keeps the call's intent, signals, that entry and (with
         escalation.preview_arguments) the unredacted arguments for approvers; a repeat of the
         call marks the agent as seen. Returns (record, created). Raises StoreError when the store fails.
-        A new escalation is announced (evidence, webhook, watchers) by `announce`
-        once the gate has recorded the decision that escalated.
+        A new escalation's evidence record (`escalation_record`) is written in one unit with the
+        decision that escalated; once that is durable, the gate `announce`s it (watchers, webhook).
         """
         shape = self.shape(identity, call.tool, call.server, arguments_digest, call.task_id)
         now = self.clock()
@@ -248,13 +248,15 @@ class EscalationService:
         )
         stored, created, expired = await self.store.create(record, now)
         await self._expired(expired)
-        if not created:
-            await self.store.agent_seen(stored.id, now)
         return stored, created
 
-    async def announce(self, record: EscalationRecord, decision_span_id: str) -> None:
-        """Record the new escalation, tell watchers, and fire the webhook (never waited for)."""
-        await self._evidence.escalation(record, decision_span_id)
+    def escalation_record(self, record: EscalationRecord, decision_span_id: str) -> tuple[str, dict]:
+        """The (kind, fields) of the `escalation` evidence record of the new escalation `record`, a
+        child of the decision span `decision_span_id`: the gate writes it with that decision."""
+        return self._evidence.escalation(record, decision_span_id)
+
+    def announce(self, record: EscalationRecord) -> None:
+        """Tell watchers of a new escalation whose records are durable, and fire the webhook (never waited for)."""
         self._feed.publish(record)
         if self.notifier is not None:
             self.notifier.notify(record)

@@ -27,6 +27,7 @@ import json
 import logging
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -194,7 +195,8 @@ class EscalationStore(Protocol):
     async def get(self, escalation_id: str) -> EscalationRecord | None: ...
 
     async def create(self, record: EscalationRecord, now: float) -> tuple[EscalationRecord, bool, list[EscalationRecord]]:
-        """Insert `record` unless the same call (fingerprint) has an active escalation.
+        """Insert `record` unless the same call (fingerprint) has an active escalation, whose
+        agent_seen_at becomes `now` instead (the agent asked again), in the same transaction.
 
         Returns (the escalation, True if it is new, the escalations of that
         fingerprint that this call found overdue and expired).
@@ -222,10 +224,6 @@ class EscalationStore(Protocol):
         ...
 
     async def changed_since(self, since: float, limit: int = 500) -> list[EscalationRecord]: ...
-
-    async def agent_seen(self, escalation_id: str, now: float) -> None:
-        """The agent asked about the call again: agent_seen_at = now."""
-        ...
 
     async def agent_wait(self, escalation_id: str, now: float, *, opened_until: float | None = None,
                          closed_until: float | None = None, then_until: float | None = None) -> None:
@@ -277,7 +275,9 @@ class _SqlStore:
             for attempt in range(2):
                 active = q(self._sql("find_active"), (record.fingerprint, now, now))
                 if active:
-                    return _from_row(active[0]), False, expired
+                    found = _from_row(active[0])
+                    q(self._sql("seen"), (now, found.id))
+                    return replace(found, agent_seen_at=now), False, expired
                 if attempt == 0:
                     inserted = q(self._sql("insert"), _to_row(record))
                     if inserted:
@@ -330,9 +330,6 @@ class _SqlStore:
     async def changed_since(self, since, limit=500):
         rows = await self._run(lambda q: q(self._sql("changed_since"), (since, limit)))
         return [_from_row(r) for r in rows]
-
-    async def agent_seen(self, escalation_id, now):
-        await self._run(lambda q: q(self._sql("seen"), (now, escalation_id)))
 
     async def agent_wait(self, escalation_id, now, *, opened_until=None, closed_until=None, then_until=None):
         if opened_until is not None:

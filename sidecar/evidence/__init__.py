@@ -110,7 +110,9 @@ class EvidenceSink(Protocol):
 
 
 class Recorder(Protocol):
-    async def record(self, event: DecisionEvent) -> Receipt: ...
+    """Records decisions (sidecar.evidence.recorder.EvidenceRecorder)."""
+
+    async def record(self, event: DecisionEvent, *, followed_by: Sequence[tuple[str, dict]] = ()) -> Receipt: ...
 
     def health(self) -> tuple[bool, str]: ...
 

@@ -35,6 +35,11 @@ end of the log is detectable up to the last checkpoint.
 Redaction: every record is redacted by the one rule set (redaction.py) in
 `submit`, before it is queued; a value with no canonical form is replaced by
 a placeholder (records.recordable) rather than sealed.
+
+Units: `submit` and `append` take one record and, in `followed_by`, the
+records that must stand or fall with it (a decision and the escalation it
+raised). A unit is written whole, its records consecutive in the chain and
+durable in the same sync, or not at all.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from sidecar.canonical import NotCanonicalizable, parse_json, sha256_digest
 from sidecar.evidence import EvidenceError, Receipt
@@ -89,9 +94,26 @@ Waiter = "concurrent.futures.Future[Receipt] | asyncio.Future[Receipt]"
 
 @dataclass
 class _Pending:
-    kind: str
-    fields: dict
+    """One unit: its (kind, fields) records, redacted, and the waiter for the first one's Receipt."""
+
+    records: list[tuple[str, dict]]
     future: Waiter
+
+
+def _sealed(kind: str, fields: dict, seq: int, prev_hash: str, now: str) -> tuple[bytes, str]:
+    """The sealed line of one record at `seq` after `prev_hash`, and its hash.
+
+    A value with no canonical JSON form is never written: a placeholder says what it was
+    (records.recordable). Raises NotCanonicalizable when even that has none."""
+    record = dict(fields)
+    record.update(kind=kind, seq=seq, prev_hash=prev_hash, logged_at=now)
+    try:
+        line = seal(record)
+    except NotCanonicalizable:
+        record = recordable(dict(fields))
+        record.update(kind=kind, seq=seq, prev_hash=prev_hash, logged_at=now)
+        line = seal(record)
+    return line, record["hash"]
 
 
 def _complete(future: Waiter, outcome: Receipt | BaseException) -> None:
@@ -459,32 +481,50 @@ class EvidenceLog:
 
     # -- appending ---------------------------------------------------------
 
-    def submit(self, kind: str, fields: dict, *, secret_keys: tuple[str, ...] = ()) -> concurrent.futures.Future:
-        """Queue a record; the future gives a Receipt once it is durable, or raises EvidenceError.
+    def submit(
+        self,
+        kind: str,
+        fields: dict,
+        *,
+        secret_keys: tuple[str, ...] = (),
+        followed_by: Sequence[tuple[str, dict]] = (),
+    ) -> concurrent.futures.Future:
+        """Queue a record; the future gives its Receipt once it is durable, or raises EvidenceError.
 
-        Every field is redacted first (redaction.py; `secret_keys` adds keys for this record only,
+        `followed_by` (kind, fields) records are written right after it, in the same sync, or
+        refused with it: one unit (a decision and the escalation it raised). Every field of
+        every record is redacted first (redaction.py; `secret_keys` adds keys for this unit only,
         e.g. a decision's `redact_arguments` obligation), so no secret reaches the disk or a span.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue(kind, fields, secret_keys, future)
+        self._queue([(kind, fields), *followed_by], secret_keys, future)
         return future
 
-    async def append(self, kind: str, fields: dict, *, secret_keys: tuple[str, ...] = ()) -> Receipt:
+    async def append(
+        self,
+        kind: str,
+        fields: dict,
+        *,
+        secret_keys: tuple[str, ...] = (),
+        followed_by: Sequence[tuple[str, dict]] = (),
+    ) -> Receipt:
         """`submit`, awaited on the running event loop."""
         future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
-        self._queue(kind, fields, secret_keys, future)
+        self._queue([(kind, fields), *followed_by], secret_keys, future)
         return await future
 
-    def _queue(self, kind: str, fields: dict, secret_keys: tuple[str, ...], future: Waiter) -> None:
-        if kind not in KINDS or kind in ("checkpoint",):
-            future.set_exception(EvidenceError(f"unknown or reserved record kind {kind!r}"))
-            return
-        clash = [k for k in fields if k in ("kind", "seq", "prev_hash", "logged_at", "hash")]
-        if clash:
-            future.set_exception(EvidenceError(f"record fields may not set {', '.join(clash)}"))
-            return
+    def _queue(self, unit: list[tuple[str, dict]], secret_keys: tuple[str, ...], future: Waiter) -> None:
+        for kind, fields in unit:
+            if kind not in KINDS or kind in ("checkpoint",):
+                future.set_exception(EvidenceError(f"unknown or reserved record kind {kind!r}"))
+                return
+            clash = [k for k in fields if k in ("kind", "seq", "prev_hash", "logged_at", "hash")]
+            if clash:
+                future.set_exception(EvidenceError(f"record fields may not set {', '.join(clash)}"))
+                return
+        redactor = self._redactor.with_keys(secret_keys)
         try:
-            fields = self._redactor.with_keys(secret_keys).record(fields)
+            unit = [(kind, redactor.record(fields)) for kind, fields in unit]
         except Exception as exc:  # a record we cannot redact is a record we do not write
             log.exception("evidence: redaction failed")
             future.set_exception(EvidenceError(f"the record could not be redacted: {exc}"))
@@ -501,7 +541,7 @@ class EvidenceLog:
                     EvidenceError(f"{len(self._pending)} records are waiting for the disk; the evidence log is overloaded")
                 )
                 return
-            self._pending.append(_Pending(kind, fields, future))
+            self._pending.append(_Pending(unit, future))
             self._cond.notify()
 
     def append_sync(self, kind: str, fields: dict, timeout: float | None = None) -> Receipt:
@@ -578,25 +618,24 @@ class EvidenceLog:
         buf = bytearray()
         receipts: list[Receipt] = []
         refused: list[tuple[Waiter, Receipt | BaseException]] = []
+        written = 0
         for item in batch:
-            record = dict(item.fields)
-            record.update(kind=item.kind, seq=seq + 1, prev_hash=head, logged_at=now)
+            lines: list[bytes] = []
+            unit_head = head
             try:
-                line = seal(record)
-            except NotCanonicalizable:
-                # a value with no canonical JSON form is never written: a placeholder says what it was
-                record = recordable(dict(item.fields))
-                record.update(kind=item.kind, seq=seq + 1, prev_hash=head, logged_at=now)
-                try:
-                    line = seal(record)
-                except NotCanonicalizable as exc:
-                    refused.append((item.future, EvidenceError(f"record has no canonical form: {exc}")))
-                    receipts.append(None)  # type: ignore[arg-type]
-                    continue
-            seq, head = record["seq"], record["hash"]
-            buf += line
-            receipts.append(Receipt(seq, head))
-        written = sum(1 for r in receipts if r is not None)
+                for kind, fields in item.records:
+                    line, unit_head = _sealed(kind, fields, seq + len(lines) + 1, unit_head, now)
+                    lines.append(line)
+                    if len(lines) == 1:
+                        receipt = Receipt(seq + 1, unit_head)
+            except NotCanonicalizable as exc:  # the whole unit is refused: its records stand or fall together
+                refused.append((item.future, EvidenceError(f"record has no canonical form: {exc}")))
+                receipts.append(None)  # type: ignore[arg-type]
+                continue
+            seq, head = seq + len(lines), unit_head
+            written += len(lines)
+            buf += b"".join(lines)
+            receipts.append(receipt)
         checkpoint_line = b""
         since = self._since_checkpoint + written
         if since > 0 and (

@@ -62,15 +62,20 @@ class EvidenceRecorder:
             tool_known=self._tool_known(event.tool),
         )
 
-    async def record(self, event: DecisionEvent) -> Receipt:
-        """Append the decision record; return once it is durable, or raise EvidenceError."""
+    async def record(self, event: DecisionEvent, *, followed_by: Sequence[tuple[str, dict]] = ()) -> Receipt:
+        """Append the decision record; return its Receipt once it is durable, or raise EvidenceError.
+
+        `followed_by` (kind, fields) records (the escalation the decision raised) are written in
+        one unit with it: right after it, in the same sync, or not at all (log.EvidenceLog.append)."""
         try:
             fields = self.fields_for(event)
         except Exception as exc:  # a record we cannot build is a record we do not have
             raise EvidenceError(f"could not build the evidence record: {exc}") from None
         try:
             async with asyncio.timeout(self.record_timeout):
-                return await self.log.append("decision", fields, secret_keys=tuple(obligation_keys(event.obligations)))
+                return await self.log.append(
+                    "decision", fields, secret_keys=tuple(obligation_keys(event.obligations)), followed_by=followed_by
+                )
         except TimeoutError:
             # The record may still land later: the log then holds a decision the agent
             # was told was denied. Over-recording is the safe side; never the reverse.
