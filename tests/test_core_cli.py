@@ -129,7 +129,10 @@ def test_policy_test_passes_on_the_shipped_bundle():
 def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
     config = tmp_path / "sidecar.yaml"
     socket_path = tmp_path / "s.sock"
-    config.write_text(f"listen:\n  tcp: ''\n  unix: {socket_path}\npolicy:\n  dir: {REGO}\nidentity:\n  sources: [dev]\n")
+    # The evidence log in tmp_path, not the default var/evidence of the working directory (the repo), which
+    # `make run` or a parallel test run may hold.
+    config.write_text(f"listen:\n  tcp: ''\n  unix: {socket_path}\npolicy:\n  dir: {REGO}\nidentity:\n  sources: [dev]\n"
+                      f"evidence:\n  dir: {tmp_path / 'evidence'}\n")
     process = subprocess.Popen([*CLI, "serve", "--config", str(config)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
