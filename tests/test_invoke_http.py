@@ -50,7 +50,7 @@ class Upstream:
     async def anything(self, request: web.Request) -> web.Response:
         self.requests.append({"path": request.path})
         if request.path == "/slow":
-            await asyncio.sleep(5)
+            await asyncio.sleep(2)  # 4x slow_tool's 0.5 s timeout; the upstream's teardown waits this out
         if request.path == "/broken":
             return web.Response(status=503, text="maintenance")
         if request.path == "/huge":
