@@ -15,7 +15,6 @@ about 12 bytes).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, Callable
 
@@ -73,7 +72,7 @@ async def measure(target: str, cpu: Callable[[], dict[str, float]], *, repeats: 
 
 
 def print_table(figures: dict[str, dict]) -> None:
-    print(f"\nLarge calls, one at a time (bench/large_calls.py)")
+    print("\nLarge calls, one at a time (bench/large_calls.py)")
     print(f"{'arguments':<24}{'KB':>6}{'sidecar CPU ms':>16}{'OPA CPU ms':>12}{'latency ms':>12}  outcome")
     for name, row in figures.items():
         cpu = row["cpu_ms_per_call"]

@@ -69,11 +69,12 @@ def plain_form(value: Any) -> tuple[bytes, int] | None:
     when `value` is not plain or orjson's bytes are not its RFC 8785 form (the rfc8785 path decides).
 
     A caller that must check a value anyway (calls.check_call) learns from one walk that no
-    number rule is broken and how deep it nests, and gets the bytes it digests. Strings need no check: both escape exactly
-    `"`, `\\` and U+0000-U+001F, the same way (RFC 8785 section 3.2.2.2), and orjson refuses
-    lone surrogates. Keys sort the same (code points versus RFC 8785's UTF-16 code units,
-    section 3.2.3) unless a key set mixes U+E000-U+FFFF with characters past U+FFFF: such
-    output is not used.
+    number rule is broken and how deep it nests, and gets the bytes it digests.
+
+    Strings need no check: both escape exactly `"`, `\\` and U+0000-U+001F, the same way
+    (RFC 8785 section 3.2.2.2), and orjson refuses lone surrogates. Keys sort the same (code
+    points versus RFC 8785's UTF-16 code units, section 3.2.3) unless a key set mixes
+    U+E000-U+FFFF with characters past U+FFFF: such output is not used.
     """
     depth = plain_depth(value)
     if depth is None:

@@ -17,7 +17,6 @@ processes (and a managed OPA each) on one directory, with the example config:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

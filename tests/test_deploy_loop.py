@@ -34,7 +34,6 @@ import json
 import re
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time

@@ -9,8 +9,6 @@ described, never written); recovery never refuses a record the writer made.
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +25,6 @@ import rfc8785
 
 from sidecar.calls import depth_of
 from sidecar.canonical import MAX_DEPTH, NotCanonicalizable, canonical_json, plain_form, parse_json, sha256_digest
-from sidecar.evidence import TraceContext
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.recorder import EvidenceRecorder
 from sidecar.evidence.records import recordable

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from sidecar.cli import main
 from sidecar.evidence.log import EvidenceLog
-from sidecar.evidence.records import default_mirror_path, dev_key_path, seal
+from sidecar.evidence.records import default_mirror_path, seal
 from sidecar.evidence.recorder import EvidenceRecorder
 from sidecar.evidence.signing import SigningKey, dev_signing_key, load_bundle
 from sidecar.evidence.verify import verify_dir

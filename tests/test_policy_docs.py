@@ -140,7 +140,7 @@ def test_the_new_tool_example_passes_its_tests_and_the_lint_and_decides_as_docum
     tested = cli("policy", "test", "--lint", "-v", str(candidate))
     assert tested.returncode == 0, tested.stdout[-3000:]
     for name in re.findall(r"^(test_\w+) if", block("test_export_report_allowed_for_the_data_agent"), flags=re.M):
-        assert f"PASS sidecar/tests/export_report_test.rego" in tested.stdout and f".{name}\n" in tested.stdout + "\n"
+        assert "PASS sidecar/tests/export_report_test.rego" in tested.stdout and f".{name}\n" in tested.stdout + "\n"
 
     # The documented `check` answers: outcome, exit status and the reason shown.
     console = block("--tool export_report --args", "console")

@@ -15,7 +15,6 @@ import base64
 import json
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2
 
 from sidecar.client import AsyncClient

@@ -19,7 +19,6 @@ import socket
 import ssl
 import tempfile
 
-import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2
 
