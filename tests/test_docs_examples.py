@@ -355,6 +355,19 @@ def run_console(block: Block, served: Served) -> None:
         starts = {m.group(1) for line in body.splitlines() if (m := LABEL.match(line))}
         missing = [label for label in labels(documented) if label not in starts]
         assert not missing, f"{block.where}: `{command}` printed no line starting {missing}:\n{body[-3000:]}"
+        # A revision shown is the one the shipped bundle has: it changes with every edit of rego/.
+        stale = set(REVISION.findall("\n".join(documented))) - set(REVISION.findall(body))
+        assert not stale, f"{block.where}: `{command}` shows policy_revision {stale}, not what it prints:\n{body[-3000:]}"
+
+
+REVISION = re.compile(r'"policy_revision": "(sha256:[0-9a-f]{16})"')
+
+
+def test_every_revision_the_docs_quote_for_the_shipped_bundle_is_the_same():
+    """README's console example checks its revision against `check`; the others quote the same bundle."""
+    quoted = {path: set(REVISION.findall((REPO / path).read_text())) for path in ("README.md", "docs/policy-authoring.md")}
+    assert all(quoted.values()), quoted
+    assert len(set().union(*quoted.values())) == 1, quoted
 
 
 PYTHON_RUNNER = r"""

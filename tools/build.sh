@@ -81,19 +81,19 @@ build_tool() {
       if reuse opa "Version: ${version#v}" opa; then :
       else
         command -v go >/dev/null || no_go opa "$version"
-        say "building opa $version (first build: about 2 minutes)"
+        say "building opa $version (first build: about 3 minutes on 2 cores)"
         LDFLAGS="" go_build "$OPA_MODULE" "$version" .
       fi;;
     spire)
       if reuse spire "${version#v}" spire-server spire-agent; then :
       else
         command -v go >/dev/null || no_go spire "$version"
-        say "building spire-server and spire-agent $version (first build: about 4 minutes)"
+        say "building spire-server and spire-agent $version (first build: about 5 minutes on 2 cores)"
         LDFLAGS="" go_build "$SPIRE_MODULE" "$version" ./cmd/spire-server ./cmd/spire-agent
       fi;;
     jaeger)
       command -v go >/dev/null || no_go jaeger "$version"
-      say "building jaeger from $JAEGER_MODULE $version (first build: about 4 minutes)"
+      say "building jaeger from $JAEGER_MODULE $version (first build: 6-9 minutes on 2 cores)"
       LDFLAGS="" go_build "$JAEGER_MODULE" "$version" ./cmd/jaeger;;
     loadgen)
       command -v go >/dev/null || no_go loadgen
