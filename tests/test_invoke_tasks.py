@@ -75,6 +75,28 @@ async def test_only_the_tasks_subject_may_end_it():
     assert await tasks.check("other", ALICE, call()) is None
 
 
+async def test_ending_more_tasks_than_are_kept_never_makes_an_ended_task_usable_again():
+    """Past usage.max_tracked the oldest endings leave memory, but their ids stay refused: an agent ending
+    fresh tasks (EndTask or the idle timeout) cannot make the sidecar forget one it must keep refusing."""
+    now = [0.0]
+    tasks = TaskRegistry(idle_seconds=60, max_tracked=3, clock=lambda: now[0], wall_clock=lambda: 0.0)
+    assert await tasks.check("ended-by-owner", ALICE, call()) is None
+    await tasks.end("ended-by-owner", ALICE)
+    assert await tasks.check("went-idle", ALICE, call()) is None
+    now[0] = 100
+    assert (await tasks.check("went-idle", ALICE, call())).startswith("task_ended: ")  # ended by the idle timeout
+    for i in range(10):  # EndTask of fresh ids, and calls under new tasks
+        await tasks.end(f"flood-{i}", ALICE)
+        assert await tasks.check(f"new-{i}", ALICE, call()) is None
+    for task_id in ("ended-by-owner", "went-idle", "flood-0"):
+        for who in (ALICE, BOB):
+            refusal = await tasks.check(task_id, who, call())
+            assert refusal == (f"task_ended: task '{task_id}' ended earlier, and this sidecar keeps only the last 3 "
+                               "endings in full (usage.max_tracked); start a new task"), refusal
+    assert (await tasks.check("flood-9", ALICE, call())).startswith("task_ended: task 'flood-9' was ended by EndTask")
+    assert [await tasks.check(f"brand-new-{i}", BOB, call()) for i in range(1000)] == [None] * 1000
+
+
 ORCHESTRATOR = Subject("spiffe://example.org/orchestrator", "jwt_svid")
 PLANNER = Subject("spiffe://example.org/planner", "jwt_svid")
 RESEARCHER = Subject("spiffe://example.org/researcher", "jwt_svid")
