@@ -11,15 +11,17 @@ agent it delegated to (whose verified chain starts with it); anyone else is
 refused `not_task_owner`, so another agent can neither spend a task's call
 budget, keep it from going idle, nor end it.
 
-Bounded: past `max_tracked` the least recently used tasks are forgotten. An
-ended task is never forgotten into use again: its id goes into a Bloom filter
-(`FORGOTTEN_ENDINGS` of them at a false-positive rate of FORGOTTEN_FALSE_POSITIVES,
-about 4 MB), and a call under an id the filter holds is denied `task_ended`.
-Otherwise an agent could end `max_tracked` fresh tasks to make the sidecar
-forget one it must keep refusing. The price is fail-closed: about one new task
-id in ten million, and more once the filter holds more than it was sized for,
-is taken for a forgotten ended task and refused. Memory only: a restart
-forgets every task (docs/mcp.md#tasks).
+Bounded: `max_tracked` open and `max_tracked` ended tasks are kept in full,
+the least recently used dropped past that. A dropped task never comes back
+into use: its id goes into a Bloom filter (FORGOTTEN_TASKS of them at a
+false-positive rate of FORGOTTEN_FALSE_POSITIVES, about 4 MB), and a call
+under an id the filter holds is denied `task_ended`. Otherwise an agent could
+end `max_tracked` fresh tasks to make the sidecar forget one it must keep
+refusing, or open as many to make it forget whose task one is (the next
+caller would own it) and what it has spent. The price is fail-closed: about
+one new task id in ten million, and more once the filter holds more than it
+was sized for, is taken for a dropped task and refused. Memory only: a
+restart forgets every task (docs/mcp.md#tasks).
 
 Every ending is written once to the evidence log as a `task_end` record
 (fields: `task_end_fields`; docs/mcp.md#tasks), through the same EvidenceSink
@@ -52,7 +54,7 @@ from sidecar.reasons import EVIDENCE_UNAVAILABLE, NOT_TASK_OWNER, TASK_ENDED, Re
 END_TASK = "end_task"
 IDLE_TIMEOUT = "idle_timeout"
 TASK_END = "task_end"  # the evidence record kind
-FORGOTTEN_ENDINGS = 1_000_000  # ended tasks evicted from memory that the Bloom filter is sized for
+FORGOTTEN_TASKS = 1_000_000  # tasks dropped from memory that the Bloom filter is sized for
 FORGOTTEN_FALSE_POSITIVES = 1e-7  # its false-positive rate at that size
 
 
@@ -175,9 +177,9 @@ class TaskRegistry:
         self._wall = wall_clock
         self._active: OrderedDict[str, _Active] = OrderedDict()
         self._ended: OrderedDict[str, _Ended] = OrderedDict()
-        # Ids of ended tasks evicted from _ended: still refused (module docstring). Python's hash of a
-        # str is keyed per process (SipHash), so nobody can choose ids that collide on purpose.
-        self._forgotten_endings = Bloom(FORGOTTEN_ENDINGS, FORGOTTEN_FALSE_POSITIVES)
+        # Ids of tasks dropped from _active or _ended: refused from then on (module docstring). Python's
+        # hash of a str is keyed per process (SipHash), so nobody can choose ids that collide on purpose.
+        self._forgotten = Bloom(FORGOTTEN_TASKS, FORGOTTEN_FALSE_POSITIVES)
 
     async def check(self, task_id: str, identity: CallerIdentity, trace: TraceContext) -> str | None:
         """Count a call under `task_id` (its span: `trace`); the reason to deny it when the task has ended, else None.
@@ -192,14 +194,15 @@ class TaskRegistry:
         now = self._clock()
         active = self._active.get(task_id)
         if active is None:
-            if task_id in self._forgotten_endings:
+            if task_id in self._forgotten:
                 return _refusal(task_id, (
-                    f"ended earlier, and this sidecar keeps only the last {self._max} endings in full "
-                    "(usage.max_tracked)"
+                    f"was dropped from memory: this sidecar keeps the last {self._max} open and {self._max} "
+                    "ended tasks in full (usage.max_tracked)"
                 ))
             self._active[task_id] = _Active(identity, owner(identity), now, self._wall(), trace)
             while len(self._active) > self._max:
-                self._active.popitem(last=False)
+                dropped, _ = self._active.popitem(last=False)
+                self._forgotten.add(dropped)
             return None
         if owner(identity) != active.owner:
             return _not_owner(task_id, active.owner, identity)
@@ -281,8 +284,8 @@ class TaskRegistry:
             ended.unrecorded, ended.lock = fields, asyncio.Lock()
         self._ended[task_id] = ended
         while len(self._ended) > self._max:
-            forgotten, _ = self._ended.popitem(last=False)
-            self._forgotten_endings.add(forgotten)
+            dropped, _ = self._ended.popitem(last=False)
+            self._forgotten.add(dropped)
         return ended
 
     async def _record(self, ended: _Ended) -> None:

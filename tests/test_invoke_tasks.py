@@ -75,9 +75,10 @@ async def test_only_the_tasks_subject_may_end_it():
     assert await tasks.check("other", ALICE, call()) is None
 
 
-async def test_ending_more_tasks_than_are_kept_never_makes_an_ended_task_usable_again():
-    """Past usage.max_tracked the oldest endings leave memory, but their ids stay refused: an agent ending
-    fresh tasks (EndTask or the idle timeout) cannot make the sidecar forget one it must keep refusing."""
+async def test_tasks_dropped_past_max_tracked_never_come_back_into_use():
+    """Past usage.max_tracked the least recently used tasks leave memory, but their ids stay refused: an agent
+    ending fresh tasks (EndTask or the idle timeout) cannot make the sidecar forget one it must keep refusing,
+    nor, opening fresh tasks, one whose owner and spending it must keep."""
     now = [0.0]
     tasks = TaskRegistry(idle_seconds=60, max_tracked=3, clock=lambda: now[0], wall_clock=lambda: 0.0)
     assert await tasks.check("ended-by-owner", ALICE, call()) is None
@@ -85,16 +86,19 @@ async def test_ending_more_tasks_than_are_kept_never_makes_an_ended_task_usable_
     assert await tasks.check("went-idle", ALICE, call()) is None
     now[0] = 100
     assert (await tasks.check("went-idle", ALICE, call())).startswith("task_ended: ")  # ended by the idle timeout
+    assert await tasks.check("alices-open-task", ALICE, call()) is None
     for i in range(10):  # EndTask of fresh ids, and calls under new tasks
-        await tasks.end(f"flood-{i}", ALICE)
-        assert await tasks.check(f"new-{i}", ALICE, call()) is None
-    for task_id in ("ended-by-owner", "went-idle", "flood-0"):
+        await tasks.end(f"flood-{i}", BOB)
+        assert await tasks.check(f"new-{i}", BOB, call()) is None
+    for task_id in ("ended-by-owner", "went-idle", "flood-0", "alices-open-task", "new-0"):
         for who in (ALICE, BOB):
             refusal = await tasks.check(task_id, who, call())
-            assert refusal == (f"task_ended: task '{task_id}' ended earlier, and this sidecar keeps only the last 3 "
-                               "endings in full (usage.max_tracked); start a new task"), refusal
-    assert (await tasks.check("flood-9", ALICE, call())).startswith("task_ended: task 'flood-9' was ended by EndTask")
-    assert [await tasks.check(f"brand-new-{i}", BOB, call()) for i in range(1000)] == [None] * 1000
+            assert refusal == (f"task_ended: task '{task_id}' was dropped from memory: this sidecar keeps the last 3 "
+                               "open and 3 ended tasks in full (usage.max_tracked); start a new task"), refusal
+    assert (await tasks.check("flood-9", BOB, call())).startswith("task_ended: task 'flood-9' was ended by EndTask")
+    assert await tasks.check("new-9", BOB, call()) is None  # still open, still Bob's
+    assert (await tasks.check("new-9", ALICE, call())).startswith("not_task_owner: ")
+    assert [await tasks.check(f"brand-new-{i}", ALICE, call()) for i in range(1000)] == [None] * 1000
 
 
 ORCHESTRATOR = Subject("spiffe://example.org/orchestrator", "jwt_svid")
