@@ -16,7 +16,15 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sidecar.config import TRY_LOCALLY, Config, ConfigError, load_config, load_sidecar_config, outside_dev_mode
+from sidecar.config import (
+    TRY_LOCALLY,
+    Config,
+    ConfigError,
+    load_command_config,
+    load_config,
+    load_sidecar_config,
+    outside_dev_mode,
+)
 
 DESCRIPTION = """\
 agent-sidecar puts every AI-agent tool call through a verified SPIFFE
@@ -137,13 +145,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
     from sidecar.server import build_gate, build_policy
 
-    # The subject is --subject/--source, not a verified caller: with no file, check needs nothing only a
-    # serving sidecar needs; a file is a sidecar's config, refused where `serve` would refuse it.
-    overrides = {**_config_overrides(args), "policy.reload": False}
-    if args.config is None:
-        config = load_config(None, overrides, runs_sidecar=False)
-    else:
-        config = load_sidecar_config("check", args.config, overrides)
+    # The subject is --subject/--source, not a verified caller.
+    config = load_command_config("check", args.config, {**_config_overrides(args), "policy.reload": False})
     try:
         subject = Subject(validate_spiffe_id(args.subject), source=args.source)
     except SpiffeIdError as exc:

@@ -824,6 +824,17 @@ def load_sidecar_config(command: str, path: str | None, overrides: dict[str, Any
         raise outside_dev_mode(exc, command, path, config) from None
 
 
+def load_command_config(command: str, path: str | None, overrides: dict[str, Any]) -> Config:
+    """The config of a command that serves no agent but may be given a sidecar's file (check, console).
+
+    With no file only each setting is checked (`runs_sidecar=False`): nothing a serving sidecar needs
+    applies. A file is a sidecar's config, refused where `serve` would refuse it (`load_sidecar_config`).
+    """
+    if path is None:
+        return load_config(None, overrides, runs_sidecar=False)
+    return load_sidecar_config(command, path, overrides)
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None, *, runs_sidecar: bool = True
 ) -> Config:

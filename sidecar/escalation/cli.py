@@ -291,7 +291,7 @@ def cmd_deny(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from sidecar.config import ConfigError, load_config, load_sidecar_config, outside_dev_mode
+    from sidecar.config import ConfigError, load_command_config, outside_dev_mode
     from sidecar.console.app import ConsoleError, run_console
 
     overrides: dict[str, Any] = {}
@@ -299,12 +299,8 @@ def cmd_console(args: argparse.Namespace) -> int:
         overrides["console.listen"] = args.listen
     if args.sidecar:
         overrides["console.sidecar"] = args.sidecar
-    # The console serves no agent: with no file only its own settings matter (validate_console, at start);
-    # a file is a sidecar's config, refused where `serve` would refuse it.
-    if args.config is None:
-        config = load_config(None, overrides, runs_sidecar=False)
-    else:
-        config = load_sidecar_config("console", args.config, overrides)
+    # The console serves no agent: its own settings are checked at start (validate_console).
+    config = load_command_config("console", args.config, overrides)
     try:
         asyncio.run(run_console(config))
     except ConsoleError as exc:
