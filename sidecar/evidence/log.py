@@ -36,8 +36,8 @@ Redaction: every record is redacted by the one rule set (redaction.py) in
 `submit`, before it is queued; a value with no canonical form is replaced by
 a placeholder (records.recordable) rather than sealed.
 
-Units: `submit` and `append` take one record and, in `followed_by`, the
-records that must stand or fall with it (a decision and the escalation it
+Units: `append` takes one record and, in `followed_by`, the records that
+must stand or fall with it (a decision and the escalation it
 raised). A unit is written whole, its records consecutive in the chain and
 durable in the same sync, or not at all.
 """
@@ -481,23 +481,14 @@ class EvidenceLog:
 
     # -- appending ---------------------------------------------------------
 
-    def submit(
-        self,
-        kind: str,
-        fields: dict,
-        *,
-        secret_keys: tuple[str, ...] = (),
-        followed_by: Sequence[tuple[str, dict]] = (),
-    ) -> concurrent.futures.Future:
-        """Queue a record; the future gives its Receipt once it is durable, or raises EvidenceError.
+    def submit(self, kind: str, fields: dict, *, secret_keys: tuple[str, ...] = ()) -> concurrent.futures.Future:
+        """Queue a record from any thread; the future gives its Receipt once it is durable, or raises EvidenceError.
 
-        `followed_by` (kind, fields) records are written right after it, in the same sync, or
-        refused with it: one unit (a decision and the escalation it raised). Every field of
-        every record is redacted first (redaction.py; `secret_keys` adds keys for this unit only,
+        Every field is redacted first (redaction.py; `secret_keys` adds keys for this record only,
         e.g. a decision's `redact_arguments` obligation), so no secret reaches the disk or a span.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue([(kind, fields), *followed_by], secret_keys, future)
+        self._queue([(kind, fields)], secret_keys, future)
         return future
 
     async def append(
@@ -508,7 +499,9 @@ class EvidenceLog:
         secret_keys: tuple[str, ...] = (),
         followed_by: Sequence[tuple[str, dict]] = (),
     ) -> Receipt:
-        """`submit`, awaited on the running event loop."""
+        """`submit`, awaited on the running event loop; `followed_by` (kind, fields) records are written
+        right after this one, in the same sync, or refused with it: one unit (a decision and the
+        escalation it raised), redacted with the same `secret_keys`."""
         future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
         self._queue([(kind, fields), *followed_by], secret_keys, future)
         return await future
