@@ -19,6 +19,7 @@ from sidecar.calls import ToolCall
 from sidecar.evidence import TraceContext
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
+from sidecar.identity.mtls import PEER_AUTH_KEYS
 from sidecar.jsonvalues import NotExact, from_struct, to_struct
 from sidecar.reasons import (
     EVIDENCE_UNAVAILABLE,
@@ -67,7 +68,9 @@ def _lenient(message_type: type) -> Any:
 
 def peer_info(context: grpc.aio.ServicerContext) -> PeerInfo:
     peer = context.peer() or ""
-    auth = {key: tuple(values) for key, values in (context.auth_context() or {}).items()}
+    # Only the entries identity reads (a TLS call's context has a dozen, PEM certificates among them).
+    auth_context = context.auth_context() or {}
+    auth = {key: tuple(auth_context[key]) for key in PEER_AUTH_KEYS if key in auth_context}
     if peer.startswith("unix:"):
         transport = "unix"
     elif auth.get("transport_security_type") == (b"ssl",):

@@ -243,6 +243,60 @@ def test_resolver_checks_what_grpc_does_not(tmp_path):
         remove_dir(directory)
 
 
+def test_resolver_rechecks_what_can_change_between_calls_on_one_connection():
+    """The checks that depend only on a certificate's bytes run once for it; the rest on every call.
+
+    A verdict is kept per certificate, grpc's verified SPIFFE ID and held SVID version: another grpc
+    verdict on the same certificate, the certificate's validity period at each call, and new bundles
+    are never answered from an earlier call's verdict."""
+    directory = short_dir()
+    agent = fake_agent(directory, path=SIDECAR_PATH)
+    source = WorkloadApiSource(agent.endpoint, jwt_bundles=False).start()
+    try:
+        assert source.wait_until_ready(30)
+        now = [utc_now()]
+        resolver = MtlsResolver(source, ("example.org", "partner.example"), clock=lambda: now[0])
+        client = agent.ca.issue("/agent", ttl=600)
+
+        def peer(spiffe_ids, svid=client):
+            return PeerInfo(transport="tls", auth_context={
+                "x509_pem_cert": (svid.cert.public_bytes(PEM),),
+                "x509_pem_cert_chain": (svid.chain_pem(),),
+                "peer_spiffe_id": tuple(s.encode() for s in spiffe_ids),
+            })
+
+        accepted = resolver.resolve(peer(["spiffe://example.org/agent"]))
+        assert accepted.subject.spiffe_id == "spiffe://example.org/agent"
+        # The same certificate with another verdict from grpc is refused, then accepted again.
+        with pytest.raises(IdentityError, match="verified SPIFFE ID"):
+            resolver.resolve(peer(["spiffe://example.org/other"]))
+        with pytest.raises(IdentityError, match="verified SPIFFE ID"):
+            resolver.resolve(peer(["spiffe://example.org/agent", "spiffe://example.org/agent"]))
+        assert resolver.resolve(peer(["spiffe://example.org/agent"])) == accepted
+        # The validity period is checked at each call.
+        not_after, not_before = client.cert.not_valid_after_utc, client.cert.not_valid_before_utc
+        now[0] = not_after
+        with pytest.raises(IdentityError, match="expired at"):
+            resolver.resolve(peer(["spiffe://example.org/agent"]))
+        now[0] = not_before - dt.timedelta(seconds=1)
+        with pytest.raises(IdentityError, match="not valid before"):
+            resolver.resolve(peer(["spiffe://example.org/agent"]))
+        now[0] = utc_now()
+        assert resolver.resolve(peer(["spiffe://example.org/agent"])) == accepted
+        # A refusal for want of a bundle does not outlive the bundle's arrival (a new SVID version).
+        partner_ca = TestCa("partner.example")
+        partner_peer = peer(["spiffe://partner.example/agent"], svid=partner_ca.issue("/agent"))
+        with pytest.raises(IdentityError, match="does not chain"):
+            resolver.resolve(partner_peer)
+        agent.federate_with("partner.example", ca=partner_ca)
+        assert await_until(lambda: "partner.example" in source.x509().bundles)
+        assert resolver.resolve(partner_peer).subject.spiffe_id == "spiffe://partner.example/agent"
+    finally:
+        source.close()
+        agent.stop()
+        remove_dir(directory)
+
+
 # ---------------------------------------------------------------- rotation and expiry
 
 

@@ -13,7 +13,11 @@ verified, and checks what grpc does not: exactly one URI SAN that is a
 strictly valid SPIFFE ID (and agrees with grpc's `peer_spiffe_id`), a trust
 domain from the accepted list, a chain that ends in *that* trust domain's
 bundle (grpc checks against the union of all roots), and that the peer
-certificate has not expired while its connection stayed open.
+certificate has not expired while its connection stayed open. All but the last
+depend only on the certificate's bytes, grpc's verdict and the held SVID, so
+they run once for each such combination (a new SVID or bundle checks again);
+the sidecar's own SVID and the certificate's validity period are checked on
+every call (docs/performance.md, "The mTLS path").
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -156,10 +159,15 @@ class SvidServerCredentials:
 
 @dataclass(frozen=True)
 class _Verified:
-    spiffe_id: str
-    trust_domain: str
+    """What a client certificate proves, checked once for its bytes, grpc's verdict and the held SVID."""
+
+    identity: CallerIdentity
     not_after: dt.datetime
     not_before: dt.datetime
+
+
+# The auth context entries the resolver reads: the servicer copies only these per call.
+PEER_AUTH_KEYS = ("transport_security_type", "x509_pem_cert", "x509_pem_cert_chain", "peer_spiffe_id")
 
 
 def _first(auth_context, key: str) -> bytes | None:
@@ -168,7 +176,15 @@ def _first(auth_context, key: str) -> bytes | None:
 
 
 class MtlsResolver:
-    """`mtls`: the subject is the SPIFFE ID of the verified client certificate."""
+    """`mtls`: the subject is the SPIFFE ID of the verified client certificate.
+
+    Per call only what can change between two calls on one connection is checked:
+    that the sidecar holds a valid SVID, and that the client certificate is valid
+    now. Everything that depends only on the certificate's bytes, grpc's verdict on
+    them and the held SVID's bundles (the URI SAN, the trust domain, the chain, the
+    agreement with grpc's `peer_spiffe_id`) is checked once for those inputs and
+    kept, keyed by all of them, so a new SVID or bundle (a new `version`) checks again.
+    """
 
     source_name = "mtls"
     _CACHE = 512
@@ -182,7 +198,8 @@ class MtlsResolver:
         self._source = source
         self._trust_domains = tuple(trust_domains)
         self._clock = clock
-        self._cache: OrderedDict[tuple[bytes, int], _Verified | str] = OrderedDict()
+        # (leaf PEM, chain PEM, grpc's peer_spiffe_id values, held SVID version) -> verdict; oldest dropped first
+        self._cache: dict[tuple[bytes, bytes, tuple[bytes, ...], int], _Verified | str] = {}
         self._cache_lock = threading.Lock()
 
     def applies(self, peer: PeerInfo) -> bool:
@@ -204,14 +221,12 @@ class MtlsResolver:
         leaf_pem = _first(ac, "x509_pem_cert")
         if not leaf_pem:
             raise IdentityError("mtls: the caller presented no client certificate")
-        verified = self._verify(leaf_pem, _first(ac, "x509_pem_cert_chain") or b"", held)
+        key = (leaf_pem, _first(ac, "x509_pem_cert_chain") or b"", tuple(ac.get("peer_spiffe_id") or ()), held.version)
+        verified = self._cache.get(key)
+        if verified is None:
+            verified = self._admit(key, held)
         if isinstance(verified, str):
             raise IdentityError(f"mtls: {verified}")
-        grpc_ids = [v.decode("utf-8", "replace") for v in ac.get("peer_spiffe_id") or ()]
-        if grpc_ids != [verified.spiffe_id]:
-            raise IdentityError(
-                f"mtls: the TLS layer verified SPIFFE ID {grpc_ids!r}, not the certificate's {verified.spiffe_id!r}"
-            )
         now = self._clock()
         if now >= verified.not_after:
             raise IdentityError(
@@ -220,23 +235,18 @@ class MtlsResolver:
             )
         if now < verified.not_before:
             raise IdentityError(f"mtls: the client certificate is not valid before {rfc3339(verified.not_before)}")
-        return CallerIdentity(Subject(verified.spiffe_id, source="mtls", svid_expires_at=rfc3339(verified.not_after)))
+        return verified.identity
 
-    def _verify(self, leaf_pem: bytes, chain_pem: bytes, held: HeldSvid) -> _Verified | str:
-        key = (leaf_pem + chain_pem, held.version)
-        with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        result = self._verify_uncached(leaf_pem, chain_pem, held)
+    def _admit(self, key: tuple[bytes, bytes, tuple[bytes, ...], int], held: HeldSvid) -> _Verified | str:
+        leaf_pem, chain_pem, grpc_values, _ = key
+        result = self._verify(leaf_pem, chain_pem, grpc_values, held)
         with self._cache_lock:
             self._cache[key] = result
             while len(self._cache) > self._CACHE:
-                self._cache.popitem(last=False)
+                del self._cache[next(iter(self._cache))]
         return result
 
-    def _verify_uncached(self, leaf_pem: bytes, chain_pem: bytes, held: HeldSvid) -> _Verified | str:
+    def _verify(self, leaf_pem: bytes, chain_pem: bytes, grpc_values: tuple[bytes, ...], held: HeldSvid) -> _Verified | str:
         try:
             leaves = load_pem_chain(leaf_pem)
             if len(leaves) != 1:
@@ -254,11 +264,14 @@ class MtlsResolver:
             return (
                 f"the client certificate for {parts.trust_domain} does not chain to that trust domain's X.509 bundle"
             )
+        spiffe_id = f"spiffe://{parts.trust_domain}{parts.path}"
+        grpc_ids = [v.decode("utf-8", "replace") for v in grpc_values]
+        if grpc_ids != [spiffe_id]:
+            return f"the TLS layer verified SPIFFE ID {grpc_ids!r}, not the certificate's {spiffe_id!r}"
         leaf = chain[0]
-        return _Verified(
-            f"spiffe://{parts.trust_domain}{parts.path}", parts.trust_domain,
-            leaf.not_valid_after_utc, leaf.not_valid_before_utc,
-        )
+        not_after = leaf.not_valid_after_utc
+        subject = Subject(spiffe_id, source="mtls", svid_expires_at=rfc3339(not_after))
+        return _Verified(CallerIdentity(subject), not_after, leaf.not_valid_before_utc)
 
 
 def x509_source_channel_credentials(source) -> grpc.ChannelCredentials:
