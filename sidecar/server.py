@@ -275,6 +275,7 @@ def build_credential(credential, config: Config):
             credential.audience,
             socket=config.identity.workload_api_socket,
             refresh_before_seconds=config.invoke.jwt_refresh_before_seconds,
+            fetch_timeout_seconds=config.invoke.jwt_fetch_timeout_seconds,
         )
     return None
 
