@@ -90,12 +90,13 @@ class JwtSvidCredential:
     before its expiry: the margin as configured for SPIRE's default 5-minute
     JWT-SVIDs, a share of the lifetime for tokens shorter than 2.5 margins.
 
-    `fetch_timeout_seconds` (seconds, > 0; invoke.jwt_fetch_timeout_seconds)
-    is the gRPC deadline of one FetchJWTSVID: an agent that hangs (or a fetch
-    that raises TimeoutError) makes `header()` raise CredentialError after
-    about that long, "... no answer within N s (invoke.jwt_fetch_timeout_seconds ...)",
-    and the call is not made. Callers of one audience queue behind its lock,
-    so each waits for the fetches before its own.
+    `fetch_timeout_seconds` (seconds, finite and > 0; the config key
+    invoke.jwt_fetch_timeout_seconds) is the gRPC deadline of one
+    FetchJWTSVID. When the agent does not answer by then (or an injected
+    `fetch` raises TimeoutError), `header()` raises CredentialError whose
+    reason names the timeout and the key, and the call is not made; the next
+    call asks again. Callers of one audience take turns (one lock), so a
+    caller behind a hung fetch waits for it, then for its own.
     """
 
     def __init__(
@@ -108,10 +109,10 @@ class JwtSvidCredential:
         fetch: Callable[[str], tuple[str, str, int]] | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.audience = audience
-        self._socket = socket
         if not math.isfinite(fetch_timeout_seconds) or fetch_timeout_seconds <= 0:
             raise ValueError(f"fetch_timeout_seconds must be a finite number > 0, not {fetch_timeout_seconds!r}")
+        self.audience = audience
+        self._socket = socket
         self._refresh_before = refresh_before_seconds
         self.fetch_timeout_seconds = fetch_timeout_seconds
         self._fetch = fetch or self._fetch_from_workload_api
