@@ -475,6 +475,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
         sources["evidence"] = recorder.health
     sources["escalation"] = escalations.health
     sources["usage"] = usage.health
+    sources["tasks"] = task_store.health
     if gate.shadow is not None:
         sources["shadow"] = gate.shadow.health
     health = SidecarHealth(sources, [TOOLGATE_SERVICE])

@@ -97,6 +97,7 @@ class TaskStore:
         self._timeout = timeout_ms / 1000
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._last_error: str | None = None  # the last operation's failure, cleared by the next success
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)
@@ -130,8 +131,20 @@ class TaskStore:
 
         await asyncio.to_thread(close)
 
+    def health(self) -> tuple[bool, str]:
+        """(ok, detail) for the health check: not ok while the last operation failed."""
+        if self._last_error:
+            return False, self._last_error
+        return True, f"task store sqlite {self.path}"
+
     async def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
-        return await asyncio.to_thread(self._run_sync, work)
+        try:
+            result = await asyncio.to_thread(self._run_sync, work)
+        except TaskStoreError as exc:
+            self._last_error = str(exc)
+            raise
+        self._last_error = None
+        return result
 
     def _run_sync(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         with self._lock:

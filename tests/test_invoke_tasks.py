@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -165,35 +166,37 @@ async def test_a_restart_keeps_endings_owners_and_idle_clocks(tmp_path):
     assert verify_dir(tmp_path / "ev").ok
 
 
-class FailingStore(TaskStore):
-    """TEST DOUBLE: the real task store behind a switch that makes every operation fail, then work again.
+class LockHolder:
+    """Another process's write lock on the task store (a real SQLite lock, held on another connection):
+    every operation of the store fails with `database is locked` until it is released."""
 
-    SQLite fails for real only when its disk or lock does, which a test cannot bring about and take away
-    portably; everything that does get through is stored for real."""
+    def __init__(self, path):
+        self._conn = sqlite3.connect(str(path), isolation_level=None)
 
-    failing = False
+    def hold(self) -> None:
+        self._conn.execute("BEGIN EXCLUSIVE")
 
-    async def _run(self, work):
-        if self.failing:
-            from sidecar.task_store import TaskStoreError
-            raise TaskStoreError(f"task store {self.path}: disk I/O error")
-        return await super()._run(work)
+    def release(self) -> None:
+        self._conn.execute("ROLLBACK")
 
 
 async def test_a_task_store_that_fails_denies_the_call_and_ends_nothing_for_good_until_it_works(tmp_path):
     from sidecar.tasks import TaskStateUnavailable
 
     log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
-    store = FailingStore(tmp_path / "tasks.db")
+    store = TaskStore(tmp_path / "tasks.db", timeout_ms=50)
     await store.open()
+    lock = LockHolder(tmp_path / "tasks.db")
     tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100, sink=SwitchableSink(log), instance_id="s")
     try:
         assert await tasks.check("t", ALICE, call()) is None
-        store.failing = True
+        lock.hold()
         # a task the sidecar has not seen cannot be opened: denied, and nothing is remembered for it
         refusal = await tasks.check("new", ALICE, call())
         assert refusal.startswith("task_state_unavailable: the state of task 'new' cannot be read or stored (")
-        assert "disk I/O error" in refusal
+        assert "database is locked" in refusal
+        ok, detail = store.health()
+        assert not ok and "database is locked" in detail
         with pytest.raises(TaskStateUnavailable) as unread:
             await tasks.end("unseen", ALICE)
         assert unread.value.reason.startswith("task_state_unavailable: ")
@@ -204,8 +207,9 @@ async def test_a_task_store_that_fails_denies_the_call_and_ends_nothing_for_good
         assert "could not be stored" in info.value.reason and "send EndTask again to store it" in info.value.reason
         refusal = await tasks.check("t", ALICE, call())
         assert refusal.startswith("task_state_unavailable: task 't' was ended by EndTask at ")
-        store.failing = False
+        lock.release()
         assert await tasks.check("new", ALICE, call()) is None
+        assert store.health() == (True, f"task store sqlite {tmp_path / 'tasks.db'}")
         assert (await tasks.check("t", ALICE, call())).startswith("task_ended: task 't' was ended by EndTask")
         again = await tasks.end("t", ALICE)
         assert again.already_ended and again.receipt is not None
