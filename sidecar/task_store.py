@@ -12,8 +12,7 @@ The registry (tasks.py) keeps recent tasks in memory and asks the store for any
 other: so a restart, or a task that left memory, never brings an ended task back
 into use or hands an open one to another agent.
 
-Durability: WAL mode with synchronous=FULL (SQLite docs, "PRAGMA synchronous"),
-so an opening or an ending is on disk before `open_task` or `end_task` returns,
+Durability: WAL mode with synchronous=FULL (sqlitedb.py), so an opening or an ending is on disk before `open_task` or `end_task` returns,
 as the decision record of the same call is before the agent's answer. The last
 call times (`calls_seen`) are written in batches and may lag; read back after a
 restart they make a task look idle for longer than it was, so an idle timeout can
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sidecar.evidence import Receipt
+from sidecar.sqlitedb import connect_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -111,12 +111,7 @@ class TaskStore:
 
     def _open_sync(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=self._timeout, isolation_level=None, check_same_thread=False)
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"could not switch to WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn = connect_durable(self.path, self._timeout)
             conn.execute(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise TaskStoreError(f"cannot open the task store {self.path}: {exc}") from None
