@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.escalation import StoreError
     from sidecar.evidence import EvidenceError
     from sidecar.server import serve
+    from sidecar.task_store import TaskStoreError
 
     config = load_sidecar_config("serve", args.config, _config_overrides(args))
     try:
@@ -121,6 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     except StoreError as exc:
         print(f"agent-sidecar: the escalation store cannot be opened: {exc}", file=sys.stderr)
+        return 2
+    except TaskStoreError as exc:
+        print(f"agent-sidecar: the task store cannot be opened: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         code = _policy_failure(config, exc)

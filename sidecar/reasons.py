@@ -67,6 +67,7 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
     task_ended              the call's task was ended (EndTask or idle timeout)
     not_task_owner          a call under, or EndTask of, a task another agent owns
     invalid_task            EndTask with an empty or over-long task id
+    task_state_unavailable  the task store (tasks.db in evidence.dir) could not be read or written
 
     invocation (invoke/, servicer.py Invoke, mcp/gateway.py), in InvocationResult.error or as a deny:
     unknown_tool            no upstream or HTTP tool serves this tool
@@ -136,6 +137,7 @@ ARGUMENTS_NOT_KEPT = "arguments_not_kept"
 TASK_ENDED = "task_ended"
 NOT_TASK_OWNER = "not_task_owner"
 INVALID_TASK = "invalid_task"
+TASK_STATE_UNAVAILABLE = "task_state_unavailable"
 
 UNKNOWN_TOOL = "unknown_tool"
 UPSTREAM_UNAVAILABLE = "upstream_unavailable"

@@ -40,6 +40,7 @@ from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, Policy
 from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
 from sidecar.steps import Admit, AskPolicy, Escalate
+from sidecar.task_store import TaskStore
 from sidecar.tasks import TaskRegistry
 from sidecar.usage import UsageCounter
 from sidecar.usage.memory import MemoryCounter
@@ -433,12 +434,14 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
     stages.callback(metrics.close)
     usage = await stages.enter_async_context(build_usage(config))
     escalations = await stages.enter_async_context(build_escalations(config, recorder))
-    tasks = TaskRegistry(
+    task_store = await stages.enter_async_context(TaskStore(Path(config.evidence.dir) / "tasks.db"))
+    tasks = await stages.enter_async_context(TaskRegistry(
+        store=task_store,
         idle_seconds=config.invoke.task_idle_seconds,
         max_tracked=config.usage.max_tracked,
         sink=recorder,
         instance_id=_instance_id(config),
-    )
+    ))
     overload = LoopLag(max_lag_seconds=config.sidecar.overload_lag_ms / 1000) if config.sidecar.overload_lag_ms else None
     gate = build_gate(
         config, policy, recorder, metrics, usage, tasks, shadow=shadow, overload=overload, escalations=escalations
@@ -473,6 +476,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
         sources["evidence"] = recorder.health
     sources["escalation"] = escalations.health
     sources["usage"] = usage.health
+    sources["tasks"] = task_store.health
     if gate.shadow is not None:
         sources["shadow"] = gate.shadow.health
     health = SidecarHealth(sources, [TOOLGATE_SERVICE])
