@@ -153,6 +153,12 @@ INVOKER_ERROR = "invoker_error"
 # Longest code `parse` accepts: past it, the text before ": " is prose, not a code.
 _MAX_CODE_CHARS = 64
 
+# Every code above: the sidecar's own, which the evidence redactor never reads as a secret key
+# (`credential_unavailable: no JWT-SVID …` is a reason, not a credential).
+SIDECAR_CODES = frozenset(
+    value for name, value in list(globals().items()) if name.isupper() and isinstance(value, str) and name[0] != "_"
+)
+
 
 @dataclass(frozen=True)
 class Reason:
