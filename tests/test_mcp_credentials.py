@@ -167,13 +167,24 @@ async def test_a_hung_workload_api_fails_closed_after_the_configured_fetch_timeo
     assert claims(value, workload_api, "docs")["sub"] == SIDECAR_ID
 
 
-async def test_callers_of_one_audience_wait_in_turn_and_each_is_refused(workload_api):
-    """docs/mcp.md#credentials: while a fetch hangs, the next caller waits for it, then makes its own."""
+async def test_callers_of_one_audience_share_one_fetch_and_its_outcome(workload_api):
+    """docs/mcp.md#credentials: callers that need a token at once share one fetch. Behind a hung agent
+    all are refused by that one fetch's timeout (not one timeout per caller queued before them); one
+    caller giving up does not stop the fetch for the others; the next caller after it asks again."""
     credential = JwtSvidCredential("docs", socket=workload_api.endpoint, fetch_timeout_seconds=0.3)
     workload_api.hang()
-    outcomes = await asyncio.gather(credential.header(), credential.header(), return_exceptions=True)
+    impatient = asyncio.create_task(credential.header())
+    waiting = [asyncio.create_task(credential.header()) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    impatient.cancel()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(o, CredentialError) and "no answer within 0.3 s" in o.reason for o in outcomes), outcomes
-    assert workload_api.calls.count("FetchJWTSVID") == 2
+    assert workload_api.calls.count("FetchJWTSVID") == 1  # one fetch for six callers
+
+    workload_api.hang(False)
+    values = await asyncio.gather(*(credential.header() for _ in range(5)))
+    assert workload_api.calls.count("FetchJWTSVID") == 2 and len({value for _, value, _ in values}) == 1
+    assert claims(values[0][1], workload_api, "docs")["sub"] == SIDECAR_ID
 
 
 @pytest.mark.parametrize("value", [0, -1, 0.0, float("nan"), float("inf")])

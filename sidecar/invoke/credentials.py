@@ -95,8 +95,9 @@ class JwtSvidCredential:
     FetchJWTSVID. When the agent does not answer by then (or an injected
     `fetch` raises TimeoutError), `header()` raises CredentialError whose
     reason names the timeout and the key, and the call is not made; the next
-    call asks again. Callers of one audience take turns (one lock), so a
-    caller behind a hung fetch waits for it, then for its own.
+    call asks again. Callers of one audience that need a token at the same
+    time share one fetch and its outcome: behind a hung agent each waits at
+    most one timeout, not one per caller queued before it.
     """
 
     def __init__(
@@ -119,7 +120,7 @@ class JwtSvidCredential:
         self._clock = clock
         self._cached: tuple[str, str, int] | None = None
         self._renew_at = 0.0  # unix seconds: from then on the cached token is replaced
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Future[tuple[str, str, int]] | None = None  # the one fetch in flight
 
     def _fetch_from_workload_api(self, audience: str) -> tuple[str, str, int]:
         import grpc
@@ -135,27 +136,41 @@ class JwtSvidCredential:
         return svid.token, str(svid.spiffe_id), int(svid.expiry)
 
     async def header(self) -> tuple[str, str, CredentialUse]:
-        async with self._lock:
-            cached = self._cached
-            if cached is None or self._renew_at <= self._clock():
-                try:
-                    cached = await asyncio.to_thread(self._fetch, self.audience)
-                except TimeoutError as exc:  # the agent hangs (SIGSTOP, wedged): no call, the next one asks again
-                    raise CredentialError(
-                        f"no JWT-SVID for audience {self.audience!r} from the Workload API: no answer within "
-                        f"{self.fetch_timeout_seconds:g} s ({FETCH_TIMEOUT_SETTING}; {exc or type(exc).__name__})"
-                    ) from None
-                except Exception as exc:  # py-spiffe raises several kinds; the message never holds a token
-                    raise CredentialError(
-                        f"no JWT-SVID for audience {self.audience!r} from the Workload API ({type(exc).__name__}: {exc})"
-                    ) from None
-                fetched_at, expiry = self._clock(), cached[2]
-                if expiry <= fetched_at:
-                    raise CredentialError(f"the Workload API gave an expired JWT-SVID for audience {self.audience!r}")
-                self._cached = cached
-                self._renew_at = expiry - min(self._refresh_before, RENEW_FRACTION * (expiry - fetched_at))
+        cached = self._cached
+        if cached is None or self._renew_at <= self._clock():
+            if self._fetching is None:
+                self._fetching = asyncio.ensure_future(self._renew())
+                self._fetching.add_done_callback(self._fetched)
+            cached = await asyncio.shield(self._fetching)  # a caller that gives up leaves the fetch to the others
         token, spiffe_id, _ = cached
         return "authorization", f"Bearer {token}", CredentialUse("jwt_svid", f"{spiffe_id} aud={self.audience}")
+
+    def _fetched(self, fetch: asyncio.Future) -> None:
+        """The fetch is over: the next caller that needs a token starts another. Its outcome was read
+        by its waiters, or by nobody when all gave up (then it is read here, not logged as lost)."""
+        self._fetching = None
+        if not fetch.cancelled():
+            fetch.exception()
+
+    async def _renew(self) -> tuple[str, str, int]:
+        """Fetch a token and cache it; raises CredentialError (the call is not made)."""
+        try:
+            fetched = await asyncio.to_thread(self._fetch, self.audience)
+        except TimeoutError as exc:  # the agent hangs (SIGSTOP, wedged): no call, the next one asks again
+            raise CredentialError(
+                f"no JWT-SVID for audience {self.audience!r} from the Workload API: no answer within "
+                f"{self.fetch_timeout_seconds:g} s ({FETCH_TIMEOUT_SETTING}; {exc or type(exc).__name__})"
+            ) from None
+        except Exception as exc:  # py-spiffe raises several kinds; the message never holds a token
+            raise CredentialError(
+                f"no JWT-SVID for audience {self.audience!r} from the Workload API ({type(exc).__name__}: {exc})"
+            ) from None
+        fetched_at, expiry = self._clock(), fetched[2]
+        if expiry <= fetched_at:
+            raise CredentialError(f"the Workload API gave an expired JWT-SVID for audience {self.audience!r}")
+        self._cached = fetched
+        self._renew_at = expiry - min(self._refresh_before, RENEW_FRACTION * (expiry - fetched_at))
+        return fetched
 
 
 def _grpc_code(exc: BaseException):
