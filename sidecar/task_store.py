@@ -1,22 +1,21 @@
 """Where task state outlives the sidecar process: a SQLite file, `tasks.db` in evidence.dir.
 
-    store = TaskStore(Path("var/evidence/tasks.db"))
-    await store.open()                        # or: async with TaskStore(path) as store
-    task, created = await store.open_task(StoredTask("t-1", owner, caller, first_call, at=time.time()))
-    await store.end_task("t-1", ending)        # the ending, with its task_end fields until they are logged
-    await store.ending_recorded("t-1", receipt)   # its task_end record is in the evidence log
-    await store.calls_seen([("t-1", time.time())])   # idle clocks, written in batches
-    await store.aclose()
+    async with TaskStore(Path("var/evidence/tasks.db")) as store:
+        task, created = await store.open_task(StoredTask("t-1", owner, caller, first_call, time.time()))
+        await store.end_task(replace(task, ending=StoredEnding(why, ended_at, trace_id, fields)))
+        await store.ending_recorded("t-1", receipt)        # its task_end record is in the evidence log
+        await store.calls_seen([("t-1", time.time())])     # last call times, written in batches
 
 The registry (tasks.py) keeps recent tasks in memory and asks the store for any
 other: so a restart, or a task that left memory, never brings an ended task back
 into use or hands an open one to another agent.
 
-Durability: WAL mode with synchronous=FULL (sqlitedb.py), so an opening or an ending is on disk before `open_task` or `end_task` returns,
-as the decision record of the same call is before the agent's answer. The last
-call times (`calls_seen`) are written in batches and may lag; read back after a
-restart they make a task look idle for longer than it was, so an idle timeout can
-come early after a restart, never late.
+Durability: WAL mode with synchronous=FULL (sqlitedb.py), so an opening or an
+ending is on disk before `open_task` or `end_task` returns, as the decision
+record of the same call is before the agent's answer. The last call times
+(`calls_seen`) are written in batches and may lag; read back after a restart
+they make a task look idle for longer than it was, so an idle timeout can come
+early after a restart, never late.
 
 Errors: every method raises TaskStoreError (a locked, unreadable or full
 database); the registry then denies the call `task_state_unavailable`.

@@ -86,10 +86,10 @@ class TaskEndUnrecorded(Exception):
     task_end record could not be written)."""
 
     def __init__(self, ending: TaskEnd, code: str, cause: Exception):
-        what = "stored" if code == TASK_STATE_UNAVAILABLE else "recorded"
+        verb = "store" if code == TASK_STATE_UNAVAILABLE else "record"
         super().__init__(
             f"task {ending.task_id!r} ended at {ending.ended_at} (calls under it are denied), but its "
-            f"ending could not be {what} ({cause}); send EndTask again to {what[:-1]} it"
+            f"ending could not be {verb}d ({cause}); send EndTask again to {verb} it"
         )
         self.ending = ending
         self.reason = str(Reason(code, str(self)))

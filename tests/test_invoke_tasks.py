@@ -307,7 +307,8 @@ async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_reco
         sink.failing = True
         with pytest.raises(TaskEndUnrecorded) as info:
             await tasks.end("t", ALICE)
-        assert "task 't' ended at" in str(info.value) and "send EndTask again" in str(info.value)
+        assert "task 't' ended at" in str(info.value) and "send EndTask again to record it" in str(info.value)
+        assert info.value.reason.startswith("evidence_unavailable: task 't' ended at ")
         ended_at = info.value.ending.ended_at
         refusal = await tasks.check("t", ALICE, call())  # ended all the same, and says why it is not task_ended
         assert refusal.startswith("evidence_unavailable: task 't' was ended by EndTask at " + ended_at)
