@@ -388,6 +388,7 @@ class RunningSidecar:
     metrics_port: int | None
     escalations: "EscalationService"
     usage: UsageCounter
+    task_store: TaskStore
     http_tools: "HttpInvoker"  # behind ToolGate.Invoke
     shadow: PolicyService | None  # policy.shadow_dir
     overload: LoopLag | None  # sidecar.overload_lag_ms
@@ -520,7 +521,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
         await stages.enter_async_context(overload)  # last: until the sidecar serves, nothing is shed
     return RunningSidecar(
         server, addresses, policy, identity, recorder, gate, health, identity_runtime, metrics, metrics_port,
-        escalations, usage, http_tools, shadow, overload, mcp, stages.pop_all(), serving,
+        escalations, usage, task_store, http_tools, shadow, overload, mcp, stages.pop_all(), serving,
     )
 
 
@@ -542,7 +543,9 @@ async def serve(config: Config) -> None:
     gc.collect()
     gc.freeze()
     _, ident_detail = sidecar.identity.health()
-    cli, python = _typed(Path(sys.executable).with_name("agent-sidecar")), _typed(Path(sys.executable))
+    plain_python = Path(sys.executable).with_name("python")  # the name the docs use, when the venv has it
+    cli = _typed(Path(sys.executable).with_name("agent-sidecar"))
+    python = _typed(plain_python if plain_python.exists() else Path(sys.executable))
     print(f"agent-sidecar {os.getpid()} serving", flush=True)
     for address in sidecar.addresses:
         print(f"  listening on  {address}", flush=True)
@@ -568,6 +571,7 @@ async def serve(config: Config) -> None:
         )
     if sidecar.usage is not None:
         print(f"  usage         {sidecar.usage.health()[1]} (input.usage counters)", flush=True)
+    print(f"  tasks         {sidecar.task_store.describe()} (owners and endings, kept across restarts)", flush=True)
     if sidecar.mcp is not None:
         where = " and ".join(x for x in (sidecar.mcp.url, f"unix:{config.mcp.unix}" if config.mcp.unix else "") if x)
         print(f"  mcp gateway   {where} ({len(config.mcp.upstreams)} upstreams; docs/mcp.md)", flush=True)

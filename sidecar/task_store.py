@@ -125,11 +125,14 @@ class TaskStore:
 
         await asyncio.to_thread(close)
 
+    def describe(self) -> str:
+        return f"sqlite {self.path}"
+
     def health(self) -> tuple[bool, str]:
         """(ok, detail) for the health check: not ok while the last operation failed."""
         if self._last_error:
             return False, self._last_error
-        return True, f"task store sqlite {self.path}"
+        return True, f"task store {self.describe()}"
 
     async def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         try:
