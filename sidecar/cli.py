@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.escalation import StoreError
     from sidecar.evidence import EvidenceError
     from sidecar.server import serve
+    from sidecar.task_store import TaskStoreError
 
     config = load_sidecar_config("serve", args.config, _config_overrides(args))
     try:
@@ -121,6 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     except StoreError as exc:
         print(f"agent-sidecar: the escalation store cannot be opened: {exc}", file=sys.stderr)
+        return 2
+    except TaskStoreError as exc:
+        print(f"agent-sidecar: the task store cannot be opened: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         code = _policy_failure(config, exc)
@@ -365,6 +369,8 @@ def cmd_evidence_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sidecar.evidence.records import KINDS
+
     parser = Parser(
         prog="agent-sidecar", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -414,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tool", required=True, metavar="NAME", help="tool name from the catalog")
     check.add_argument("--args", metavar="JSON", help="tool arguments as a JSON object")
     check.add_argument("--server", metavar="NAME", help="tool server the tool belongs to")
-    check.add_argument("--task", metavar="ID", help="task id")
+    check.add_argument(
+        "--task",
+        metavar="ID",
+        help="task id, given to policy as input.task.id only: check keeps no tasks, so a task the server "
+        "has ended is not refused here",
+    )
     check.add_argument("--intent", metavar="TEXT", help="what the agent is trying to do")
     check.add_argument("--signals", metavar="JSON", help='model signals as a JSON object, e.g. {"risk_score": 0.9}')
     check.add_argument("--compact", action="store_true", help="print the JSON on one line")
@@ -491,12 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0 (also when nothing matches), 2 when DIR holds no evidence log.",
     )
     show.add_argument("dir", help="the evidence directory (evidence.dir)")
-    show.add_argument("--tool", metavar="NAME")
+    show.add_argument("--tool", metavar="NAME", help="only records of this tool")
     show.add_argument("--subject", metavar="SPIFFE_ID", help="this SPIFFE ID or the IDs under it")
-    show.add_argument("--outcome", choices=["allow", "deny", "escalate"])
+    show.add_argument("--outcome", choices=["allow", "deny", "escalate"], help="only records with this outcome")
     show.add_argument("--since", metavar="TIME", help="RFC 3339 time or a duration back from now (15m, 2h, 7d)")
-    show.add_argument("--decision-id", metavar="ID")
-    show.add_argument("--kind", metavar="KIND", help="decision, escalation, approval, checkpoint, startup, ...")
+    show.add_argument("--decision-id", metavar="ID", help="only the records of this decision_id")
+    show.add_argument("--kind", metavar="KIND", help=f"only records of this kind: {', '.join(KINDS)}")
     show.add_argument("--limit", type=int, default=0, metavar="N", help="stop after N records")
     show.add_argument("--json", action="store_true", help="one canonical JSON record per line")
     show.set_defaults(run=cmd_evidence_show)

@@ -348,6 +348,9 @@ class InvokeConfig:
     # A cached JWT-SVID is replaced this long before it expires (at most 40 % of the time it
     # had left when fetched: docs/mcp.md#credentials).
     jwt_refresh_before_seconds: float = 30.0
+    # Seconds the Workload API has to answer one JWT-SVID fetch (a finite number > 0); past it the
+    # call is not made (credential_unavailable naming this key: docs/mcp.md#credentials).
+    jwt_fetch_timeout_seconds: float = 5.0
     # A task with no call for this long is ended (its later calls denied); 0 = no idle timeout.
     task_idle_seconds: float = 0.0
 
@@ -746,6 +749,11 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
 def _validate_invoke(invoke: InvokeConfig) -> None:
     if invoke.jwt_refresh_before_seconds < 0:
         raise ConfigError("invoke.jwt_refresh_before_seconds: must not be negative")
+    if not math.isfinite(invoke.jwt_fetch_timeout_seconds) or invoke.jwt_fetch_timeout_seconds <= 0:
+        raise ConfigError(
+            f"invoke.jwt_fetch_timeout_seconds: must be a finite number of seconds > 0, "
+            f"not {invoke.jwt_fetch_timeout_seconds:g}"
+        )
     if invoke.task_idle_seconds < 0:
         raise ConfigError("invoke.task_idle_seconds: must not be negative (0 turns the idle timeout off)")
     for name, tool in invoke.tools.items():

@@ -67,6 +67,7 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
     task_ended              the call's task was ended (EndTask or idle timeout)
     not_task_owner          a call under, or EndTask of, a task another agent owns
     invalid_task            EndTask with an empty or over-long task id
+    task_state_unavailable  the task store (tasks.db in evidence.dir) could not be read or written
 
     invocation (invoke/, servicer.py Invoke, mcp/gateway.py), in InvocationResult.error or as a deny:
     unknown_tool            no upstream or HTTP tool serves this tool
@@ -136,6 +137,7 @@ ARGUMENTS_NOT_KEPT = "arguments_not_kept"
 TASK_ENDED = "task_ended"
 NOT_TASK_OWNER = "not_task_owner"
 INVALID_TASK = "invalid_task"
+TASK_STATE_UNAVAILABLE = "task_state_unavailable"
 
 UNKNOWN_TOOL = "unknown_tool"
 UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -150,6 +152,12 @@ INVOKER_ERROR = "invoker_error"
 
 # Longest code `parse` accepts: past it, the text before ": " is prose, not a code.
 _MAX_CODE_CHARS = 64
+
+# Every code above: the sidecar's own, which the evidence redactor never reads as a secret key
+# (`credential_unavailable: no JWT-SVID …` is a reason, not a credential).
+SIDECAR_CODES = frozenset(
+    value for name, value in list(globals().items()) if name.isupper() and isinstance(value, str) and name[0] != "_"
+)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, Policy
 from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
 from sidecar.steps import Admit, AskPolicy, Escalate
+from sidecar.task_store import TaskStore
 from sidecar.tasks import TaskRegistry
 from sidecar.usage import UsageCounter
 from sidecar.usage.memory import MemoryCounter
@@ -275,6 +276,7 @@ def build_credential(credential, config: Config):
             credential.audience,
             socket=config.identity.workload_api_socket,
             refresh_before_seconds=config.invoke.jwt_refresh_before_seconds,
+            fetch_timeout_seconds=config.invoke.jwt_fetch_timeout_seconds,
         )
     return None
 
@@ -386,6 +388,7 @@ class RunningSidecar:
     metrics_port: int | None
     escalations: "EscalationService"
     usage: UsageCounter
+    task_store: TaskStore
     http_tools: "HttpInvoker"  # behind ToolGate.Invoke
     shadow: PolicyService | None  # policy.shadow_dir
     overload: LoopLag | None  # sidecar.overload_lag_ms
@@ -432,12 +435,14 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
     stages.callback(metrics.close)
     usage = await stages.enter_async_context(build_usage(config))
     escalations = await stages.enter_async_context(build_escalations(config, recorder))
-    tasks = TaskRegistry(
+    task_store = await stages.enter_async_context(TaskStore(Path(config.evidence.dir) / "tasks.db"))
+    tasks = await stages.enter_async_context(TaskRegistry(
+        store=task_store,
         idle_seconds=config.invoke.task_idle_seconds,
         max_tracked=config.usage.max_tracked,
         sink=recorder,
         instance_id=_instance_id(config),
-    )
+    ))
     overload = LoopLag(max_lag_seconds=config.sidecar.overload_lag_ms / 1000) if config.sidecar.overload_lag_ms else None
     gate = build_gate(
         config, policy, recorder, metrics, usage, tasks, shadow=shadow, overload=overload, escalations=escalations
@@ -472,6 +477,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
         sources["evidence"] = recorder.health
     sources["escalation"] = escalations.health
     sources["usage"] = usage.health
+    sources["tasks"] = task_store.health
     if gate.shadow is not None:
         sources["shadow"] = gate.shadow.health
     health = SidecarHealth(sources, [TOOLGATE_SERVICE])
@@ -515,7 +521,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
         await stages.enter_async_context(overload)  # last: until the sidecar serves, nothing is shed
     return RunningSidecar(
         server, addresses, policy, identity, recorder, gate, health, identity_runtime, metrics, metrics_port,
-        escalations, usage, http_tools, shadow, overload, mcp, stages.pop_all(), serving,
+        escalations, usage, task_store, http_tools, shadow, overload, mcp, stages.pop_all(), serving,
     )
 
 
@@ -537,7 +543,9 @@ async def serve(config: Config) -> None:
     gc.collect()
     gc.freeze()
     _, ident_detail = sidecar.identity.health()
-    cli, python = _typed(Path(sys.executable).with_name("agent-sidecar")), _typed(Path(sys.executable))
+    plain_python = Path(sys.executable).with_name("python")  # the name the docs use, when the venv has it
+    cli = _typed(Path(sys.executable).with_name("agent-sidecar"))
+    python = _typed(plain_python if plain_python.exists() else Path(sys.executable))
     print(f"agent-sidecar {os.getpid()} serving", flush=True)
     for address in sidecar.addresses:
         print(f"  listening on  {address}", flush=True)
@@ -563,6 +571,7 @@ async def serve(config: Config) -> None:
         )
     if sidecar.usage is not None:
         print(f"  usage         {sidecar.usage.health()[1]} (input.usage counters)", flush=True)
+    print(f"  tasks         {sidecar.task_store.describe()} (owners and endings, kept across restarts)", flush=True)
     if sidecar.mcp is not None:
         where = " and ".join(x for x in (sidecar.mcp.url, f"unix:{config.mcp.unix}" if config.mcp.unix else "") if x)
         print(f"  mcp gateway   {where} ({len(config.mcp.upstreams)} upstreams; docs/mcp.md)", flush=True)

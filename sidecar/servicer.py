@@ -22,7 +22,6 @@ from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, Pe
 from sidecar.identity.mtls import PEER_AUTH_KEYS
 from sidecar.jsonvalues import NotExact, from_struct, to_struct
 from sidecar.reasons import (
-    EVIDENCE_UNAVAILABLE,
     INVALID_TASK,
     MALFORMED_REQUEST,
     NOT_TASK_OWNER,
@@ -187,11 +186,13 @@ class ToolGateServicer:
     async def end_task(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.EndTaskResponse:
         """End a task for good, recorded as one task_end evidence record (docs/mcp.md#tasks).
 
-        Only the task's own subject may (PERMISSION_DENIED `not_task_owner`). When the record cannot be
-        written the task is ended all the same and the answer is UNAVAILABLE `evidence_unavailable`.
+        Only the task's own subject may (PERMISSION_DENIED `not_task_owner`). When the ending cannot be
+        stored or recorded the task is ended all the same and the answer is UNAVAILABLE
+        `task_state_unavailable` or `evidence_unavailable`; a task store that cannot be read answers
+        UNAVAILABLE `task_state_unavailable` and ends nothing.
         """
         from sidecar.calls import MAX_ID_BYTES
-        from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch
+        from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch, TaskStateUnavailable
 
         peer = peer_info(context)
         identity = resolve_caller(self._identity, peer)
@@ -212,8 +213,10 @@ class ToolGateServicer:
         except TaskOwnerMismatch as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(Reason(NOT_TASK_OWNER, str(exc))))
         except TaskEndUnrecorded as exc:
-            log.error("task %r ended by %s, not recorded: %s", task_id, identity.subject.spiffe_id, exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(Reason(EVIDENCE_UNAVAILABLE, str(exc))))
+            log.error("task %r ended by %s, not kept: %s", task_id, identity.subject.spiffe_id, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.reason)
+        except TaskStateUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.reason)
         receipt = ending.receipt
         return sidecar_pb2.EndTaskResponse(
             task_id=task_id,

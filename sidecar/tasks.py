@@ -1,8 +1,10 @@
 """Task lifetimes: `EndTask(task_id)` and an idle timeout end a task; calls under an ended task are denied.
 
-    tasks = TaskRegistry(idle_seconds=900, max_tracked=100_000, sink=recorder, instance_id="pod-7")
-    refusal = await tasks.check(task_id, identity, trace)   # None, or the reason the Gate denies with
-    ending = await tasks.end(task_id, identity, parent)     # TaskEnd; raises TaskOwnerMismatch, TaskEndUnrecorded
+    async with TaskStore(evidence_dir / "tasks.db") as store, \
+            TaskRegistry(store=store, idle_seconds=900, max_tracked=100_000, sink=recorder) as tasks:
+        refusal = await tasks.check(task_id, identity, trace)   # None, or the reason the Gate denies with
+        ending = await tasks.end(task_id, identity, parent)     # TaskEnd; raises TaskOwnerMismatch,
+                                                                # TaskEndUnrecorded, TaskStateUnavailable
 
 A task belongs to whoever started it: the outermost agent of its first
 call's delegation chain, or that call's caller when it has no chain (`owner`).
@@ -11,17 +13,14 @@ agent it delegated to (whose verified chain starts with it); anyone else is
 refused `not_task_owner`, so another agent can neither spend a task's call
 budget, keep it from going idle, nor end it.
 
-Bounded: `max_tracked` open and `max_tracked` ended tasks are kept in full,
-the least recently used dropped past that. A dropped task never comes back
-into use: its id goes into a Bloom filter (FORGOTTEN_TASKS of them at a
-false-positive rate of FORGOTTEN_FALSE_POSITIVES, about 4 MB), and a call
-under an id the filter holds is denied `task_ended`. Otherwise an agent could
-end `max_tracked` fresh tasks to make the sidecar forget one it must keep
-refusing, or open as many to make it forget whose task one is (the next
-caller would own it) and what it has spent. The price is fail-closed: about
-one new task id in ten million, and more once the filter holds more than it
-was sized for, is taken for a dropped task and refused. Memory only: a
-restart forgets every task (docs/mcp.md#tasks).
+Durable (task_store.py): a task's opening is stored before its first call goes
+on, and its ending before EndTask answers or a call is refused for it, so
+neither a restart nor memory pressure brings an ended task back into use or
+hands an open one to another agent. Memory holds the `max_tracked` most
+recently used open and ended tasks; any other is read back from the store when
+a call names it. Last call times are written every FLUSH_SECONDS: after a
+restart an idle timeout can come that much early, never late. A store that
+cannot be read or written denies the call `task_state_unavailable`.
 
 Every ending is written once to the evidence log as a `task_end` record
 (fields: `task_end_fields`; docs/mcp.md#tasks), through the same EvidenceSink
@@ -29,33 +28,35 @@ as the other kinds. An idle timeout is found, and recorded, by the first call
 under the task after it: that call is denied `task_ended`, and its decision
 record follows the task_end record (the record's span is a child of that
 call's span). A repeated EndTask writes no second record. Fail closed: a
-task whose record cannot be written is ended all the same (its calls are
-denied), the ending is kept unrecorded, and the next EndTask or call under
-the task writes it again; until then EndTask raises TaskEndUnrecorded and
-calls under the task are denied `evidence_unavailable`, so no recorded
+task whose ending cannot be stored or recorded is ended all the same (its
+calls are denied), and the next EndTask or call under the task tries again;
+until then EndTask raises TaskEndUnrecorded and calls under the task are
+denied `task_state_unavailable` or `evidence_unavailable`, so no recorded
 `task_ended` decision precedes its task_end record in the chain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
-
-from rbloom import Bloom
 
 from sidecar.evidence import EvidenceError, EvidenceSink, Receipt, TraceContext
 from sidecar.evidence.records import rfc3339
 from sidecar.identity import CallerIdentity
-from sidecar.reasons import EVIDENCE_UNAVAILABLE, NOT_TASK_OWNER, TASK_ENDED, Reason
+from sidecar.reasons import EVIDENCE_UNAVAILABLE, NOT_TASK_OWNER, TASK_ENDED, TASK_STATE_UNAVAILABLE, Reason
+from sidecar.task_store import StoredEnding, StoredTask, TaskStore, TaskStoreError
+
+log = logging.getLogger("sidecar.tasks")
 
 END_TASK = "end_task"
 IDLE_TIMEOUT = "idle_timeout"
 TASK_END = "task_end"  # the evidence record kind
-FORGOTTEN_TASKS = 1_000_000  # tasks dropped from memory that the Bloom filter is sized for
-FORGOTTEN_FALSE_POSITIVES = 1e-7  # its false-positive rate at that size
+FLUSH_SECONDS = 2.0  # how often last call times go to the store: how early an idle timeout may come after a restart
 
 
 class TaskOwnerMismatch(Exception):
@@ -79,23 +80,36 @@ class TaskEnd:
 
 
 class TaskEndUnrecorded(Exception):
-    """The task ended (calls under it are denied), but its task_end record could not be written."""
+    """The task ended (calls under it are denied), but its ending could not be stored or recorded.
 
-    def __init__(self, ending: TaskEnd, cause: EvidenceError):
+    `reason`: `task_state_unavailable: …` (the task store failed) or `evidence_unavailable: …` (the
+    task_end record could not be written)."""
+
+    def __init__(self, ending: TaskEnd, code: str, cause: Exception):
+        verb = "store" if code == TASK_STATE_UNAVAILABLE else "record"
         super().__init__(
             f"task {ending.task_id!r} ended at {ending.ended_at} (calls under it are denied), but its "
-            f"task_end record could not be written ({cause}); send EndTask again to record it"
+            f"ending could not be {verb}d ({cause}); send EndTask again to {verb} it"
         )
         self.ending = ending
+        self.reason = str(Reason(code, str(self)))
+
+
+class TaskStateUnavailable(Exception):
+    """The task store could not be read: nothing changed. `reason`: `task_state_unavailable: …`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(slots=True)
 class _Active:
-    identity: CallerIdentity  # the caller of the task's first call, as verified then
-    owner: str  # owner(identity): the agent the task belongs to
+    caller: dict  # caller_fields() of the task's first call, as verified then
+    owner: str  # the agent the task belongs to
     last_seen: float  # monotonic clock
     last_wall: float  # wall clock of the same moment
-    first_call: TraceContext  # the span of the task's first call, linked from its task_end record
+    first_call: tuple[str, str] | None  # (trace_id, span_id) of its first call, linked from its task_end record
 
 
 @dataclass(slots=True)
@@ -106,28 +120,34 @@ class _Ended:
     trace_id: str
     receipt: Receipt | None = None
     unrecorded: dict | None = None  # the task_end fields while they are not in the log
-    lock: asyncio.Lock | None = None  # one writer of those fields at a time
+    unstored: StoredTask | None = None  # the ending while it is not in the task store
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one writer of both at a time
+
+
+def caller_fields(identity: CallerIdentity) -> dict[str, Any]:
+    """Who made a call, as a task_end record names them: {"subject": {...}, "delegation": [{...}, ...]}."""
+    return {"subject": _subject(identity.subject), "delegation": [_subject(d) for d in identity.delegation]}
 
 
 def task_end_fields(
     *,
     task_id: str,
-    identity: CallerIdentity,
+    caller: dict,
     ended_by: str,
     ended_at: str,
     refusal: str,
     idle_seconds: float | None,
     last_call_at: str | None,
     trace: TraceContext,
-    first_call: TraceContext | None,
+    first_call: tuple[str, str] | None,
     sidecar: str,
 ) -> dict[str, Any]:
     """The fields of a `task_end` record (the log redacts them and adds kind, seq, prev_hash, logged_at, hash)."""
     fields: dict[str, Any] = {
         "ended_at": ended_at,
         "task_id": task_id,
-        "subject": _subject(identity.subject),
-        "delegation": [_subject(d) for d in identity.delegation],
+        "subject": caller["subject"],
+        "delegation": caller["delegation"],
         "ended_by": ended_by,
         "idle_seconds": idle_seconds,
         "last_call_at": last_call_at,
@@ -138,7 +158,7 @@ def task_end_fields(
         "sidecar": sidecar,
     }
     if first_call is not None:
-        fields["links"] = [{"trace_id": first_call.trace_id, "span_id": first_call.span_id, "type": "task_first_call"}]
+        fields["links"] = [{"trace_id": first_call[0], "span_id": first_call[1], "type": "task_first_call"}]
     return fields
 
 
@@ -161,6 +181,7 @@ class TaskRegistry:
     def __init__(
         self,
         *,
+        store: TaskStore,
         idle_seconds: float,
         max_tracked: int,
         sink: EvidenceSink | None = None,
@@ -168,7 +189,8 @@ class TaskRegistry:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ):
-        """`sink` None: endings are not recorded (a registry without an evidence log)."""
+        """`store` opened; `sink` None: endings are not recorded (a registry without an evidence log)."""
+        self._store = store
         self._idle = idle_seconds
         self._max = max_tracked
         self._sink = sink
@@ -177,74 +199,144 @@ class TaskRegistry:
         self._wall = wall_clock
         self._active: OrderedDict[str, _Active] = OrderedDict()
         self._ended: OrderedDict[str, _Ended] = OrderedDict()
-        # Ids of tasks dropped from _active or _ended: refused from then on (module docstring). Python's
-        # hash of a str is keyed per process (SipHash), so nobody can choose ids that collide on purpose.
-        self._forgotten = Bloom(FORGOTTEN_TASKS, FORGOTTEN_FALSE_POSITIVES)
+        self._loading: dict[str, asyncio.Event] = {}  # task ids being read from the store, set when done
+        self._seen: dict[str, float] = {}  # last call times (wall clock) not yet in the store
+        self._flusher: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "TaskRegistry":
+        self._flusher = asyncio.create_task(self._flush_every(FLUSH_SECONDS), name="task-flush")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the last call times gathered since the previous flush (a failure keeps them for the next)."""
+        seen, self._seen = self._seen, {}
+        try:
+            await self._store.calls_seen(seen.items())
+        except TaskStoreError as exc:
+            log.warning("tasks: last call times not stored, kept for the next try: %s", exc)
+            for task_id, at in seen.items():
+                self._seen.setdefault(task_id, at)
+
+    async def _flush_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self.flush()
 
     async def check(self, task_id: str, identity: CallerIdentity, trace: TraceContext) -> str | None:
-        """Count a call under `task_id` (its span: `trace`); the reason to deny it when the task has ended, else None.
+        """Count a call under `task_id` (its span: `trace`); the reason to deny it, else None.
 
-        `task_ended: …` for an ended task; `evidence_unavailable: …` while its task_end record cannot be written.
+        `task_ended: …` for an ended task; `not_task_owner: …` for another agent's;
+        `evidence_unavailable: …` or `task_state_unavailable: …` while the task's state cannot be kept.
         """
-        ended = self._ended.get(task_id)
-        if ended is not None:
-            if ended.unrecorded is not None:
-                return await self._refusal_once_recorded(task_id, ended)
-            return _refusal(task_id, ended.why)
+        entry = self._active.get(task_id) or self._ended.get(task_id)
+        if entry is None:  # not in memory: from the store, where an unknown task is stored as this call's
+            first = StoredTask(task_id, owner(identity), caller_fields(identity), (trace.trace_id, trace.span_id),
+                               self._wall())
+            entry = await self._entry(task_id, first)
+            if isinstance(entry, str):
+                return entry
+        if isinstance(entry, _Ended):
+            if entry.unrecorded is not None or entry.unstored is not None:
+                return await self._refusal_once_recorded(task_id, entry)
+            return _refusal(task_id, entry.why)
+        assert entry is not None  # `first` was stored when the store had no such task
+        if owner(identity) != entry.owner:
+            return _not_owner(task_id, entry.owner, identity)
         now = self._clock()
-        active = self._active.get(task_id)
-        if active is None:
-            if task_id in self._forgotten:
-                return _refusal(task_id, (
-                    f"was dropped from memory: this sidecar keeps the last {self._max} open and {self._max} "
-                    "ended tasks in full (usage.max_tracked)"
-                ))
-            self._active[task_id] = _Active(identity, owner(identity), now, self._wall(), trace)
-            while len(self._active) > self._max:
-                dropped, _ = self._active.popitem(last=False)
-                self._forgotten.add(dropped)
-            return None
-        if owner(identity) != active.owner:
-            return _not_owner(task_id, active.owner, identity)
-        if self._idle > 0 and now - active.last_seen > self._idle:
-            ended = self._end_idle(task_id, active, trace)
+        if self._idle > 0 and now - entry.last_seen > self._idle:
+            ended = self._end_idle(task_id, entry, trace)
             return await self._refusal_once_recorded(task_id, ended)
-        active.last_seen, active.last_wall = now, self._wall()
-        self._active.move_to_end(task_id)
+        entry.last_seen, entry.last_wall = now, self._wall()
+        self._seen[task_id] = entry.last_wall
+        if task_id in self._active:
+            self._active.move_to_end(task_id)
         return None
 
     async def end(self, task_id: str, identity: CallerIdentity, parent: TraceContext | None = None) -> TaskEnd:
         """End a task now (EndTask; `parent`: the caller's trace context, if it sent one).
 
         A task already ended (or idle past the timeout) answers `already_ended`; its one task_end record
-        is not written again. Raises TaskOwnerMismatch (nothing changes) or TaskEndUnrecorded (it ended).
+        is not written again. Raises TaskOwnerMismatch or TaskStateUnavailable (nothing changes), or
+        TaskEndUnrecorded (it ended).
         """
         caller = owner(identity)
-        ended = self._ended.get(task_id)
-        already = ended is not None
-        if ended is None:
-            active = self._active.get(task_id)
-            if active is not None and active.owner != caller:
-                raise TaskOwnerMismatch(f"task {task_id!r} belongs to {active.owner}")
-            if active is not None and self._idle > 0 and self._clock() - active.last_seen > self._idle:
-                ended, already = self._end_idle(task_id, active, parent), True
-            else:
-                ended = self._end_now(task_id, identity, active, TraceContext.new(parent))
-        elif ended.owner != caller:
-            raise TaskOwnerMismatch(f"task {task_id!r} belongs to {ended.owner}")
+        entry = await self._entry(task_id, None)
+        if isinstance(entry, str):
+            raise TaskStateUnavailable(entry)
+        already = isinstance(entry, _Ended)
+        if isinstance(entry, _Ended):
+            if entry.owner != caller:
+                raise TaskOwnerMismatch(f"task {task_id!r} belongs to {entry.owner}")
+            ended = entry
+        elif entry is not None and entry.owner != caller:
+            raise TaskOwnerMismatch(f"task {task_id!r} belongs to {entry.owner}")
+        elif entry is not None and self._idle > 0 and self._clock() - entry.last_seen > self._idle:
+            ended, already = self._end_idle(task_id, entry, parent), True
+        else:
+            ended = self._end_now(task_id, identity, entry, TraceContext.new(parent))
         try:
-            await self._record(ended)
-        except EvidenceError as exc:
-            raise TaskEndUnrecorded(TaskEnd(task_id, ended.ended_at, already, None, ended.trace_id), exc) from None
+            await self._record(task_id, ended)
+        except (TaskStoreError, EvidenceError) as exc:
+            code = TASK_STATE_UNAVAILABLE if isinstance(exc, TaskStoreError) else EVIDENCE_UNAVAILABLE
+            raise TaskEndUnrecorded(TaskEnd(task_id, ended.ended_at, already, None, ended.trace_id), code, exc) from None
         return TaskEnd(task_id, ended.ended_at, already, ended.receipt, ended.trace_id)
+
+    async def _entry(self, task_id: str, first: StoredTask | None) -> _Active | _Ended | str | None:
+        """The task from memory, else from the store; a task the store does not know is stored as `first`
+        (None: not stored, and None returned). A `task_state_unavailable: …` reason when the store fails."""
+        while True:
+            entry = self._active.get(task_id) or self._ended.get(task_id)
+            if entry is not None:
+                return entry
+            loading = self._loading.get(task_id)
+            if loading is None:
+                break
+            await loading.wait()  # another call is reading it; then look again (it may have failed)
+        loading = self._loading[task_id] = asyncio.Event()
+        try:
+            if first is None:
+                stored = await self._store.get(task_id)
+            else:
+                stored, _ = await self._store.open_task(first)
+        except TaskStoreError as exc:
+            log.error("tasks: %s", exc)
+            return str(Reason(TASK_STATE_UNAVAILABLE, f"the state of task {task_id!r} cannot be read or stored ({exc})"))
+        finally:
+            del self._loading[task_id]
+            loading.set()
+        return self._remember(stored) if stored is not None else None
+
+    def _remember(self, stored: StoredTask) -> _Active | _Ended:
+        """Hold a task read from the store in memory."""
+        ending = stored.ending
+        if ending is not None:
+            return self._remember_ended(stored.task_id, _Ended(
+                stored.owner, ending.why, ending.ended_at, ending.trace_id,
+                receipt=ending.receipt, unrecorded=ending.end_record if self._sink is not None else None,
+            ))
+        last_call_at = max(stored.last_call_at, self._seen.get(stored.task_id, 0.0))  # the newest, flushed or not
+        idle_for = max(0.0, self._wall() - last_call_at)
+        active = _Active(stored.caller, stored.owner, self._clock() - idle_for, last_call_at, stored.first_call)
+        self._active[stored.task_id] = active
+        while len(self._active) > self._max:
+            self._active.popitem(last=False)  # stored: read back when a call names it again
+        return active
 
     def _end_now(self, task_id: str, identity: CallerIdentity, active: _Active | None, trace: TraceContext) -> _Ended:
         self._active.pop(task_id, None)
         at = rfc3339(self._wall())
         why = f"was ended by EndTask at {at}"
+        caller = caller_fields(identity)
         fields = task_end_fields(
             task_id=task_id,
-            identity=identity,
+            caller=caller,
             ended_by=END_TASK,
             ended_at=at,
             refusal=_refusal(task_id, why),
@@ -254,17 +346,18 @@ class TaskRegistry:
             first_call=active.first_call if active is not None else None,
             sidecar=self._instance_id,
         )
-        return self._remember_ended(task_id, owner(identity), why, at, trace, fields)
+        task = StoredTask(task_id, owner(identity), caller, active.first_call if active else None, self._wall())
+        return self._new_ending(task, why, at, trace, fields)
 
     def _end_idle(self, task_id: str, active: _Active, parent: TraceContext | None) -> _Ended:
         """The task was idle past the timeout: ended now, found by the call (or EndTask) whose span is `parent`."""
-        del self._active[task_id]
+        self._active.pop(task_id, None)
         at = rfc3339(self._wall())
         trace = TraceContext.new(parent)
         why = f"ended after {self._idle:g} s without calls (idle timeout) at {at}"
         fields = task_end_fields(
             task_id=task_id,
-            identity=active.identity,
+            caller=active.caller,
             ended_by=IDLE_TIMEOUT,
             ended_at=at,
             refusal=_refusal(task_id, why),
@@ -274,33 +367,57 @@ class TaskRegistry:
             first_call=active.first_call,
             sidecar=self._instance_id,
         )
-        return self._remember_ended(task_id, active.owner, why, at, trace, fields)
+        task = StoredTask(task_id, active.owner, active.caller, active.first_call, active.last_wall)
+        return self._new_ending(task, why, at, trace, fields)
 
-    def _remember_ended(
-        self, task_id: str, task_owner: str, why: str, at: str, trace: TraceContext, fields: dict
-    ) -> _Ended:
-        ended = _Ended(task_owner, why, at, trace.trace_id)
-        if self._sink is not None:
-            ended.unrecorded, ended.lock = fields, asyncio.Lock()
+    def _new_ending(self, task: StoredTask, why: str, at: str, trace: TraceContext, fields: dict) -> _Ended:
+        """An ending that holds at once in memory; `_record` then stores it and writes its task_end record."""
+        unrecorded = fields if self._sink is not None else None
+        self._seen.pop(task.task_id, None)
+        stored = StoredTask(task.task_id, task.owner, task.caller, task.first_call, task.last_call_at,
+                            StoredEnding(why, at, trace.trace_id, unrecorded))
+        return self._remember_ended(task.task_id, _Ended(
+            task.owner, why, at, trace.trace_id, unrecorded=unrecorded, unstored=stored
+        ))
+
+    def _remember_ended(self, task_id: str, ended: _Ended) -> _Ended:
         self._ended[task_id] = ended
         while len(self._ended) > self._max:
-            dropped, _ = self._ended.popitem(last=False)
-            self._forgotten.add(dropped)
+            # the oldest stored ending leaves memory (read back when named again); unstored ones stay
+            dropped = next((k for k, e in self._ended.items() if e.unstored is None), None)
+            if dropped is None:
+                break
+            del self._ended[dropped]
         return ended
 
-    async def _record(self, ended: _Ended) -> None:
-        """Write the ending's task_end record unless it is written; raises EvidenceError (it stays unrecorded)."""
-        if ended.unrecorded is None or ended.lock is None or self._sink is None:
+    async def _record(self, task_id: str, ended: _Ended) -> None:
+        """Store the ending and write its task_end record, whichever is not done yet.
+
+        Raises TaskStoreError or EvidenceError (what is not done stays to do)."""
+        if ended.unstored is None and ended.unrecorded is None:
             return
-        async with ended.lock:  # a concurrent call or EndTask waits, then finds it written
-            if ended.unrecorded is None:
+        async with ended.lock:  # a concurrent call or EndTask waits, then finds it done
+            if ended.unstored is not None:
+                await self._store.end_task(ended.unstored)
+                ended.unstored = None
+            if ended.unrecorded is None or self._sink is None:
                 return
             ended.receipt = await self._sink.append(TASK_END, ended.unrecorded)
-            ended.unrecorded, ended.lock = None, None
+            ended.unrecorded = None
+            try:
+                await self._store.ending_recorded(task_id, ended.receipt)
+            except TaskStoreError as exc:  # the record stands; a restart may write it once more
+                log.warning("tasks: task %r: its task_end record (seq %d) is not marked in the store: %s",
+                            task_id, ended.receipt.seq, exc)
 
     async def _refusal_once_recorded(self, task_id: str, ended: _Ended) -> str:
         try:
-            await self._record(ended)
+            await self._record(task_id, ended)
+        except TaskStoreError as exc:
+            return str(Reason(
+                TASK_STATE_UNAVAILABLE,
+                f"task {task_id!r} {ended.why}, but its ending could not be stored ({exc}); denied until it is",
+            ))
         except EvidenceError as exc:
             return str(Reason(
                 EVIDENCE_UNAVAILABLE,

@@ -96,6 +96,11 @@ def test_sigkill_while_appending_loses_no_acknowledged_record(tmp_path):
 
 @pytest.fixture
 def sidecar_files(tmp_path):
+    return write_sidecar_files(tmp_path)
+
+
+def write_sidecar_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A dev-mode sidecar's config on a unix socket, SIMPLE_POLICY, evidence in tmp_path/ev: (config, socket, ev)."""
     policy = write_policy(tmp_path / "rego", SIMPLE_POLICY)
     socket_path = tmp_path / "s" / "sidecar.sock"
     config = tmp_path / "sidecar.yaml"

@@ -31,6 +31,7 @@ from sidecar.escalation.preview import argument_preview
 from sidecar.evidence.records import KINDS, default_mirror_path
 from sidecar.evidence.redaction import REDACTED, Redactor
 from sidecar.evidence.verify import verify_dir
+from sidecar.reasons import SIDECAR_CODES
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import REPO
 from tests.doubles.escalation import ALICE, BOB, make_config, records
@@ -189,6 +190,33 @@ def test_top_level_record_names_are_the_sidecar_schema_not_caller_keys():
     fields = {"credential_id": "cred-7", "session": "s", "signals": {"session": "PLANT-1"}}
     clean = Redactor().record(fields)
     assert clean["credential_id"] == "cred-7" and clean["session"] == "s" and clean["signals"]["session"] == REDACTED
+
+
+@pytest.mark.parametrize("code", sorted(c for c in SIDECAR_CODES if Redactor().is_secret_key(c)))
+def test_the_sidecars_own_reason_codes_are_not_read_as_secret_keys(code):
+    """A reason the sidecar writes keeps its code, even one a key rule would call secret
+    (`credential_unavailable: no JWT-SVID …`); its text is still redacted."""
+    reason = f"{code}: no JWT-SVID for audience 'closer' from the Workload API: no answer within 0.5 s"
+    assert Redactor().record({"reasons": [reason]}) == {"reasons": [reason]}
+    leaky = Redactor().record({"reasons": [f"{code}: fetch failed, token=PLANT-1x", f"{code}: retry with password PLANT-2x9"]})
+    assert leaks(leaky) == [] and all(r.startswith(f"{code}: ") for r in leaky["reasons"])
+    assert leaky["redacted"] == ["reasons[0]", "reasons[1]"]
+
+
+@pytest.mark.parametrize("reason", [
+    "password: PLANT-1",  # a code policy wrote (not the sidecar's): read as a key like any text
+    "api_key: PLANT-2",
+    "credential_unavailablex: PLANT-3",
+    " credential_unavailable : token=PLANT-4",
+])
+def test_codes_that_are_not_the_sidecars_own_get_the_text_rules(reason):
+    clean = Redactor().record({"reasons": [reason], "signals": {"note": reason}})
+    assert leaks(clean) == [], clean
+
+
+def test_a_sidecar_code_outside_reasons_is_not_exempt():
+    clean = Redactor().record({"arguments": {"note": "credential_unavailable: PLANT-1"}, "intent": "credential_unavailable: PLANT-2"})
+    assert leaks(clean) == [], clean
 
 
 def test_extra_keys_apply_to_the_record_that_names_them_only():

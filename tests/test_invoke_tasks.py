@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ from sidecar.evidence.records import dev_key_path, record_hash
 from sidecar.evidence.show import Filter, show
 from sidecar.evidence.verify import verify_dir
 from sidecar.identity import CallerIdentity, Subject
+from sidecar.task_store import TaskStore
 from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch, TaskRegistry
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import SIMPLE_POLICY, write_policy
@@ -42,9 +46,16 @@ def call() -> TraceContext:
     return TraceContext.new()
 
 
-async def test_idle_tasks_end_and_stay_ended():
+@pytest.fixture
+async def store(tmp_path):
+    """A real task store (SQLite) in the test's directory."""
+    async with TaskStore(tmp_path / "tasks.db") as opened:
+        yield opened
+
+
+async def test_idle_tasks_end_and_stay_ended(store):
     now = [0.0]
-    tasks = TaskRegistry(idle_seconds=60, max_tracked=100, clock=lambda: now[0], wall_clock=lambda: 0.0)
+    tasks = TaskRegistry(store=store, idle_seconds=60, max_tracked=100, clock=lambda: now[0], wall_clock=lambda: 0.0)
     assert await tasks.check("t", ALICE, call()) is None
     now[0] = 59
     assert await tasks.check("t", ALICE, call()) is None  # each call restarts the idle clock
@@ -59,8 +70,8 @@ async def test_idle_tasks_end_and_stay_ended():
     assert ending.already_ended and ending.ended_at == "1970-01-01T00:00:00.000000Z"
 
 
-async def test_only_the_tasks_subject_may_end_it():
-    tasks = TaskRegistry(idle_seconds=0, max_tracked=100)
+async def test_only_the_tasks_subject_may_end_it(store):
+    tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100)
     assert await tasks.check("t", ALICE, call()) is None
     with pytest.raises(TaskOwnerMismatch):
         await tasks.end("t", BOB)
@@ -75,30 +86,152 @@ async def test_only_the_tasks_subject_may_end_it():
     assert await tasks.check("other", ALICE, call()) is None
 
 
-async def test_tasks_dropped_past_max_tracked_never_come_back_into_use():
-    """Past usage.max_tracked the least recently used tasks leave memory, but their ids stay refused: an agent
-    ending fresh tasks (EndTask or the idle timeout) cannot make the sidecar forget one it must keep refusing,
-    nor, opening fresh tasks, one whose owner and spending it must keep."""
+async def test_tasks_that_leave_memory_are_read_back_from_the_store_as_they_were(store):
+    """Past usage.max_tracked the least recently used tasks leave memory, not the store: an agent ending fresh
+    tasks (EndTask or the idle timeout) cannot make the sidecar forget one it must keep refusing, nor, opening
+    fresh tasks, one whose owner it must keep; and a task that left memory comes back as it was."""
     now = [0.0]
-    tasks = TaskRegistry(idle_seconds=60, max_tracked=3, clock=lambda: now[0], wall_clock=lambda: 0.0)
+    tasks = TaskRegistry(store=store, idle_seconds=60, max_tracked=3, clock=lambda: now[0], wall_clock=lambda: now[0])
     assert await tasks.check("ended-by-owner", ALICE, call()) is None
-    await tasks.end("ended-by-owner", ALICE)
+    ended = await tasks.end("ended-by-owner", ALICE)
     assert await tasks.check("went-idle", ALICE, call()) is None
     now[0] = 100
-    assert (await tasks.check("went-idle", ALICE, call())).startswith("task_ended: ")  # ended by the idle timeout
+    went_idle = await tasks.check("went-idle", ALICE, call())
+    assert went_idle.startswith("task_ended: task 'went-idle' ended after 60 s without calls")
     assert await tasks.check("alices-open-task", ALICE, call()) is None
     for i in range(10):  # EndTask of fresh ids, and calls under new tasks
         await tasks.end(f"flood-{i}", BOB)
         assert await tasks.check(f"new-{i}", BOB, call()) is None
-    for task_id in ("ended-by-owner", "went-idle", "flood-0", "alices-open-task", "new-0"):
-        for who in (ALICE, BOB):
-            refusal = await tasks.check(task_id, who, call())
-            assert refusal == (f"task_ended: task '{task_id}' was dropped from memory: this sidecar keeps the last 3 "
-                               "open and 3 ended tasks in full (usage.max_tracked); start a new task"), refusal
-    assert (await tasks.check("flood-9", BOB, call())).startswith("task_ended: task 'flood-9' was ended by EndTask")
-    assert await tasks.check("new-9", BOB, call()) is None  # still open, still Bob's
-    assert (await tasks.check("new-9", ALICE, call())).startswith("not_task_owner: ")
-    assert [await tasks.check(f"brand-new-{i}", ALICE, call()) for i in range(1000)] == [None] * 1000
+    for who in (ALICE, BOB):
+        assert await tasks.check("ended-by-owner", who, call()) == (
+            f"task_ended: task 'ended-by-owner' was ended by EndTask at {ended.ended_at}; start a new task")
+        assert await tasks.check("went-idle", who, call()) == went_idle
+        assert (await tasks.check("flood-0", who, call())).startswith("task_ended: task 'flood-0' was ended by EndTask")
+    again = await tasks.end("ended-by-owner", ALICE)  # the same ending, no second record
+    assert again.already_ended and (again.ended_at, again.trace_id) == (ended.ended_at, ended.trace_id)
+    with pytest.raises(TaskOwnerMismatch):
+        await tasks.end("ended-by-owner", BOB)
+    assert (await tasks.check("alices-open-task", BOB, call())).startswith("not_task_owner: task 'alices-open-task'")
+    assert await tasks.check("alices-open-task", ALICE, call()) is None
+    assert (await tasks.check("new-0", ALICE, call())).startswith("not_task_owner: ")
+    assert await tasks.check("new-0", BOB, call()) is None
+    now[0] = 161  # idle clocks come back with the tasks: new-1 last saw a call at 100
+    assert (await tasks.check("new-1", BOB, call())).startswith("task_ended: task 'new-1' ended after 60 s")
+    assert [await tasks.check(f"brand-new-{i}", ALICE, call()) for i in range(50)] == [None] * 50
+
+
+async def restarted(path, **kwargs) -> tuple[TaskStore, TaskRegistry]:
+    store = TaskStore(path)
+    await store.open()
+    return store, TaskRegistry(store=store, **kwargs)
+
+
+async def test_a_restart_keeps_endings_owners_and_idle_clocks(tmp_path):
+    """A restart (a new store and registry on the same file, as the next sidecar process opens it) forgets
+    no task: an ended one stays ended with its first reason and record, an open one stays its owner's, and
+    its idle clock goes on from the last call stored before the restart."""
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    wall = [1_000.0]
+    try:
+        store, tasks = await restarted(tmp_path / "tasks.db", idle_seconds=60, max_tracked=100,
+                                       sink=SwitchableSink(log), instance_id="s", wall_clock=lambda: wall[0])
+        async with tasks:
+            assert await tasks.check("ended", ALICE, call()) is None
+            ending = await tasks.end("ended", ALICE)
+            assert await tasks.check("open", ALICE, call()) is None
+            assert await tasks.check("busy", BOB, call()) is None
+            wall[0] = 1_050.0
+            assert await tasks.check("busy", BOB, call()) is None  # its last call, written at the flush on exit
+        await store.aclose()
+
+        wall[0] = 1_080.0  # the next process, 30 s later
+        store, tasks = await restarted(tmp_path / "tasks.db", idle_seconds=60, max_tracked=100,
+                                       sink=SwitchableSink(log), instance_id="s", wall_clock=lambda: wall[0])
+        async with tasks:
+            for who in (ALICE, BOB):
+                assert await tasks.check("ended", who, call()) == (
+                    f"task_ended: task 'ended' was ended by EndTask at {ending.ended_at}; start a new task")
+            again = await tasks.end("ended", ALICE)
+            assert again.already_ended and again.receipt == ending.receipt and again.ended_at == ending.ended_at
+            assert (await tasks.check("open", BOB, call())).startswith(
+                "not_task_owner: task 'open' belongs to spiffe://example.org/alice")
+            # "open" last saw a call at 1,000: 80 s ago, past the 60 s idle timeout across the restart
+            assert (await tasks.check("open", ALICE, call())).startswith("task_ended: task 'open' ended after 60 s")
+            assert await tasks.check("busy", BOB, call()) is None  # 30 s since its last call at 1,050
+        await store.aclose()
+    finally:
+        log.close()
+    task_ends = [r for r in records(tmp_path / "ev") if r["kind"] == "task_end"]
+    assert [(r["task_id"], r["ended_by"]) for r in task_ends] == [("ended", "end_task"), ("open", "idle_timeout")]
+    assert verify_dir(tmp_path / "ev").ok
+
+
+class LockHolder:
+    """Another process's write lock on the task store (a real SQLite lock, held on another connection):
+    every operation of the store fails with `database is locked` until it is released."""
+
+    def __init__(self, path):
+        self._conn = sqlite3.connect(str(path), isolation_level=None)
+
+    def hold(self) -> None:
+        self._conn.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        self._conn.execute("ROLLBACK")
+
+
+async def test_a_task_store_that_fails_denies_the_call_and_ends_nothing_for_good_until_it_works(tmp_path):
+    from sidecar.tasks import TaskStateUnavailable
+
+    log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
+    store = TaskStore(tmp_path / "tasks.db", timeout_ms=50)
+    await store.open()
+    lock = LockHolder(tmp_path / "tasks.db")
+    tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100, sink=SwitchableSink(log), instance_id="s")
+    try:
+        assert await tasks.check("t", ALICE, call()) is None
+        lock.hold()
+        # a task the sidecar has not seen cannot be opened: denied, and nothing is remembered for it
+        refusal = await tasks.check("new", ALICE, call())
+        assert refusal.startswith("task_state_unavailable: the state of task 'new' cannot be read or stored (")
+        assert "database is locked" in refusal
+        ok, detail = store.health()
+        assert not ok and "database is locked" in detail
+        with pytest.raises(TaskStateUnavailable) as unread:
+            await tasks.end("unseen", ALICE)
+        assert unread.value.reason.startswith("task_state_unavailable: ")
+        # an ending that cannot be stored holds at once, and is neither recorded nor forgotten
+        with pytest.raises(TaskEndUnrecorded) as info:
+            await tasks.end("t", ALICE)
+        assert info.value.reason.startswith("task_state_unavailable: task 't' ended at ")
+        assert "could not be stored" in info.value.reason and "send EndTask again to store it" in info.value.reason
+        refusal = await tasks.check("t", ALICE, call())
+        assert refusal.startswith("task_state_unavailable: task 't' was ended by EndTask at ")
+        lock.release()
+        assert await tasks.check("new", ALICE, call()) is None
+        assert store.health() == (True, f"task store sqlite {tmp_path / 'tasks.db'}")
+        assert (await tasks.check("t", ALICE, call())).startswith("task_ended: task 't' was ended by EndTask")
+        again = await tasks.end("t", ALICE)
+        assert again.already_ended and again.receipt is not None
+    finally:
+        await store.aclose()
+        log.close()
+    # stored for real: a restart refuses it too, and the one task_end record was written once
+    store, tasks = await restarted(tmp_path / "tasks.db", idle_seconds=0, max_tracked=100)
+    try:
+        assert (await tasks.check("t", BOB, call())).startswith("task_ended: task 't' was ended by EndTask")
+    finally:
+        await store.aclose()
+    assert [r["task_id"] for r in records(tmp_path / "ev") if r["kind"] == "task_end"] == ["t"]
+
+
+async def test_calls_under_a_new_task_at_once_make_one_owner(store):
+    """Concurrent first calls under one unseen task id: the store is asked once, and the first caller owns it."""
+    tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100)
+    refusals = await asyncio.gather(*(tasks.check("race", who, call()) for who in (ALICE, BOB, ALICE, BOB)))
+    assert refusals[0] is None and refusals[2] is None
+    assert refusals[1].startswith("not_task_owner: task 'race' belongs to spiffe://example.org/alice")
+    assert refusals[3] == refusals[1]
 
 
 ORCHESTRATOR = Subject("spiffe://example.org/orchestrator", "jwt_svid")
@@ -110,9 +243,9 @@ def acting_for(caller: Subject, *chain: Subject) -> CallerIdentity:
     return CallerIdentity(caller, tuple(chain))
 
 
-async def test_another_agent_can_neither_call_under_a_task_nor_keep_it_alive():
+async def test_another_agent_can_neither_call_under_a_task_nor_keep_it_alive(store):
     now = [0.0]
-    tasks = TaskRegistry(idle_seconds=60, max_tracked=100, clock=lambda: now[0], wall_clock=lambda: 0.0)
+    tasks = TaskRegistry(store=store, idle_seconds=60, max_tracked=100, clock=lambda: now[0], wall_clock=lambda: 0.0)
     assert await tasks.check("t", ALICE, call()) is None
     for when in (30, 59, 90):  # Bob's calls are refused, and do not restart the task's idle clock
         now[0] = when
@@ -126,8 +259,8 @@ async def test_another_agent_can_neither_call_under_a_task_nor_keep_it_alive():
     assert (await tasks.check("u", acting_for(ALICE.subject, ORCHESTRATOR), call())).startswith("not_task_owner: ")
 
 
-async def test_a_task_belongs_to_the_agent_that_started_it_and_to_the_agents_it_delegated_to():
-    tasks = TaskRegistry(idle_seconds=0, max_tracked=100)
+async def test_a_task_belongs_to_the_agent_that_started_it_and_to_the_agents_it_delegated_to(store):
+    tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100)
     # the orchestrator hands the task to the planner: the planner's first call makes it the orchestrator's
     assert await tasks.check("t", acting_for(PLANNER, ORCHESTRATOR), call()) is None
     assert await tasks.check("t", acting_for(RESEARCHER, ORCHESTRATOR), call()) is None
@@ -164,17 +297,18 @@ class SwitchableSink:
         return await self.log.append(kind, fields)
 
 
-async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_recorded_once_evidence_works(tmp_path):
+async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_recorded_once_evidence_works(tmp_path, store):
     log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
     sink = SwitchableSink(log)
-    tasks = TaskRegistry(idle_seconds=0, max_tracked=100, sink=sink, instance_id="s")
+    tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100, sink=sink, instance_id="s")
     try:
         first = call()
         assert await tasks.check("t", ALICE, first) is None
         sink.failing = True
         with pytest.raises(TaskEndUnrecorded) as info:
             await tasks.end("t", ALICE)
-        assert "task 't' ended at" in str(info.value) and "send EndTask again" in str(info.value)
+        assert "task 't' ended at" in str(info.value) and "send EndTask again to record it" in str(info.value)
+        assert info.value.reason.startswith("evidence_unavailable: task 't' ended at ")
         ended_at = info.value.ending.ended_at
         refusal = await tasks.check("t", ALICE, call())  # ended all the same, and says why it is not task_ended
         assert refusal.startswith("evidence_unavailable: task 't' was ended by EndTask at " + ended_at)
@@ -196,10 +330,10 @@ async def test_an_ending_that_cannot_be_recorded_still_ends_the_task_and_is_reco
     assert verify_dir(tmp_path / "ev").ok
 
 
-async def test_end_task_on_a_task_idle_past_the_timeout_records_the_idle_timeout(tmp_path):
+async def test_end_task_on_a_task_idle_past_the_timeout_records_the_idle_timeout(tmp_path, store):
     log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
     now = [0.0]
-    tasks = TaskRegistry(idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
+    tasks = TaskRegistry(store=store, idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
                          clock=lambda: now[0])
     caller = call()
     try:
@@ -215,10 +349,10 @@ async def test_end_task_on_a_task_idle_past_the_timeout_records_the_idle_timeout
     assert task_end["seq"] == ending.receipt.seq and task_end["parent_span_id"] == caller.span_id
 
 
-async def test_evidence_show_lists_an_idle_ending_readably_whatever_the_task_id_holds(tmp_path):
+async def test_evidence_show_lists_an_idle_ending_readably_whatever_the_task_id_holds(tmp_path, store):
     log = EvidenceLog.open(tmp_path / "ev", instance_id="s", checkpoint_every=0, checkpoint_seconds=0)
     now = [0.0]
-    tasks = TaskRegistry(idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
+    tasks = TaskRegistry(store=store, idle_seconds=30, max_tracked=100, sink=SwitchableSink(log), instance_id="s",
                          clock=lambda: now[0])
     sneaky = "t-1\x1b[1A\r\x1b[2K\u202e"  # EndTask refuses such an id; a call under it may still use it
     try:
@@ -412,3 +546,35 @@ async def test_end_task_over_grpc_then_calls_under_it_are_denied_everywhere(tmp_
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await upstream.stop()
+
+
+async def test_sigkill_of_the_real_sidecar_brings_no_ended_task_back(tmp_path):
+    """The real sidecar, killed with -9 and started again on the same evidence directory: the task ended
+    before the kill is still refused with its first ending and record, and the open task goes on."""
+    from sidecar.client import AsyncClient
+    from tests.test_evidence_crash import start_sidecar_process, write_sidecar_files
+
+    config, socket_path, directory = write_sidecar_files(tmp_path)
+    process = start_sidecar_process(config, socket_path)
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+            stub = sidecar_pb2_grpc.ToolGateStub(channel)
+            assert (await stub.Authorize(build_request("echo", {"n": 1}, task_id="ended"))).outcome == sidecar_pb2.OUTCOME_ALLOW
+            ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="ended"))
+            assert (await stub.Authorize(build_request("echo", {"n": 2}, task_id="open"))).outcome == sidecar_pb2.OUTCOME_ALLOW
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(15)
+        process = start_sidecar_process(config, socket_path)
+        async with AsyncClient(f"unix:{socket_path}") as client:
+            refused = await client.authorize("echo", {"n": 3}, task_id="ended")
+            assert list(refused.reasons) == [
+                f"task_ended: task 'ended' was ended by EndTask at {ended.ended_at}; start a new task"]
+            assert (await client.authorize("echo", {"n": 4}, task_id="open")).outcome == "allow"
+        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+            again = await sidecar_pb2_grpc.ToolGateStub(channel).EndTask(sidecar_pb2.EndTaskRequest(task_id="ended"))
+        assert again.already_ended and (again.ended_at, again.evidence_seq, again.evidence_hash) == (
+            ended.ended_at, ended.evidence_seq, ended.evidence_hash)
+    finally:
+        process.kill()
+        process.wait()
+    assert [r["task_id"] for r in records(directory) if r["kind"] == "task_end"] == ["ended"]

@@ -245,6 +245,7 @@ class World:
 async def world(request, spire, tmp_path, running_sidecar):
     """The sidecar and both upstreams on an agent of its own. A test may parametrize `world`
     (indirect) with {"refresh": invoke.jwt_refresh_before_seconds (default REFRESH),
+    "fetch_timeout": invoke.jwt_fetch_timeout_seconds (default: the config's 5 s),
     "also_registered_as": the path of a second entry for this process}."""
     options = getattr(request, "param", {})
     agent = spire.agent(f"node{next(AGENTS)}", log_level="DEBUG")
@@ -280,6 +281,7 @@ async def world(request, spire, tmp_path, running_sidecar):
         "invoke.tools": {"create_ticket": {"method": "POST", "url": tickets_up.url + "/tickets",
                                            "credential": {"kind": "jwt_svid", "audience": TICKETS_AUD}}},
         "invoke.jwt_refresh_before_seconds": options.get("refresh", REFRESH),
+        **({"invoke.jwt_fetch_timeout_seconds": options["fetch_timeout"]} if "fetch_timeout" in options else {}),
     })
     sidecar = await running_sidecar(config)
     deadline = time.monotonic() + 30
@@ -374,10 +376,17 @@ async def test_the_jwt_svid_is_cached_and_refetched_shortly_before_it_expires(wo
     assert world.vault.refused == [] and world.tickets.refused == []  # never an expired or foreign token
 
 
-@pytest.mark.parametrize("outage, why", [
-    ("stop", "does not exist"),  # the agent's socket is gone
-    ("pause", "DEADLINE_EXCEEDED"),  # the agent hangs: py-spiffe gives up after the sidecar's 5 s deadline
-])
+# The hung agent's case: invoke.jwt_fetch_timeout_seconds well under the default 5 s, which each of its
+# two refused calls (one per audience) would otherwise wait out; roomy enough for SPIRE's answers.
+FETCH_TIMEOUT = 1.0
+
+
+@pytest.mark.parametrize("outage, why, world", [
+    ("stop", "does not exist", {}),  # the agent's socket is gone
+    # the agent hangs: py-spiffe gives up at the sidecar's deadline, invoke.jwt_fetch_timeout_seconds
+    ("pause", f"no answer within {FETCH_TIMEOUT:g} s (invoke.jwt_fetch_timeout_seconds; DEADLINE_EXCEEDED)",
+     {"fetch_timeout": FETCH_TIMEOUT}),
+], indirect=["world"], ids=["stop", "pause"])
 async def test_spire_agent_down_fails_closed_and_no_call_goes_out_without_a_credential(world, outage, why):
     down, back = {"stop": (world.agent.stop, world.agent.start),
                   "pause": (world.agent.pause, world.agent.resume)}[outage]
@@ -389,8 +398,12 @@ async def test_spire_agent_down_fails_closed_and_no_call_goes_out_without_a_cred
 
         down()
         await sleep_until(held - REFRESH + 0.5)  # both cached tokens are now due for renewal
+        started = time.monotonic()
         refused = await agent.call_tool("vault__read_secret", {"name": "b"})
         not_made = await world.invoke("during")
+        took = time.monotonic() - started
+        if outage == "pause":  # both refusals together, at the configured deadline each: well under 5 s
+            assert took < 5.0, took
 
         assert refused.is_error
         text = refused.content[0].text

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from sidecar.escalation import APPROVED, EXPIRED, PENDING, STATES, USED, EscalationRecord, StoreError
+from sidecar.sqlitedb import connect_durable
 
 log = logging.getLogger(__name__)
 
@@ -360,13 +361,7 @@ class SqliteStore(_SqlStore):
 
     def _open_sync(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=self._timeout, isolation_level=None, check_same_thread=False)
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"could not switch to WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+            conn = connect_durable(self.path, self._timeout)
             for statement in SCHEMA:
                 conn.execute(statement)
             present = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}

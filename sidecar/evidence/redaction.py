@@ -39,7 +39,10 @@ through `Redactor.value`. The rules:
    `arguments.items[2].password`, `intent`) in the record's `redacted` field.
    Top-level field names of a record are the sidecar's own schema (e.g. an
    invocation's `credential_id`), so rule 1 is not applied to them; their
-   values are redacted like everything else.
+   values are redacted like everything else. Likewise the code of a reason
+   in a record's `reasons` that is one of the sidecar's own (reasons.py
+   SIDECAR_CODES, e.g. `credential_unavailable`) is not read as a key: its
+   text is redacted, the code kept. A code policy wrote is not exempt.
 
 What no rule recognizes (a bare secret in free text with no key, scheme or
 URL around it) cannot be redacted: arguments are therefore recorded as a
@@ -58,6 +61,7 @@ import orjson
 
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
 from sidecar.jsonvalues import spelled
+from sidecar.reasons import SIDECAR_CODES, Reason, parse
 
 REDACTED = "[REDACTED]"
 # Record fields whose picked values become digests rather than REDACTED (rule 3).
@@ -230,11 +234,24 @@ class Redactor:
             return dict(fields)
         found: list[str] = []
         out = {
-            key: self._walk(value, key, found, 1, digest if key in DIGESTED_FIELDS else None)
+            key: self._reasons(value, found) if key == "reasons" and type(value) is list
+            else self._walk(value, key, found, 1, digest if key in DIGESTED_FIELDS else None)
             for key, value in fields.items()
         }
         if found:
             out["redacted"] = sorted(set(found) | set(fields.get("redacted") or ()))
+        return out
+
+    def _reasons(self, reasons: list, found: list[str]) -> list:
+        """A record's `reasons`: the sidecar's own code of each kept, its text and anything else redacted."""
+        out = []
+        for i, reason in enumerate(reasons):
+            parsed = parse(reason) if type(reason) is str else None
+            if parsed is not None and parsed.code in SIDECAR_CODES:
+                text = self._string(parsed.text, ("reasons", i, None), found, 1)
+                out.append(reason if text is parsed.text else str(Reason(parsed.code, text)))
+            else:
+                out.append(self._walk(reason, ("reasons", i, None), found, 1))
         return out
 
     def text(self, text: str) -> str:
