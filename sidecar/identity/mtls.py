@@ -246,7 +246,9 @@ class MtlsResolver:
                 del self._cache[next(iter(self._cache))]
         return result
 
-    def _verify(self, leaf_pem: bytes, chain_pem: bytes, grpc_values: tuple[bytes, ...], held: HeldSvid) -> _Verified | str:
+    def _verify(
+        self, leaf_pem: bytes, chain_pem: bytes, grpc_values: tuple[bytes, ...], held: HeldSvid
+    ) -> _Verified | str:
         try:
             leaves = load_pem_chain(leaf_pem)
             if len(leaves) != 1:
