@@ -18,8 +18,14 @@ from google.protobuf.message import DecodeError
 from sidecar.calls import ToolCall
 from sidecar.evidence import TraceContext
 from sidecar.gate import Gate, Verdict
-from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
-from sidecar.identity.mtls import PEER_AUTH_KEYS
+from sidecar.identity import (
+    PEER_AUTH_KEYS,
+    CallerIdentity,
+    IdentityError,
+    IdentityResolver,
+    PeerInfo,
+    resolve_caller,
+)
 from sidecar.jsonvalues import NotExact, from_struct, to_struct
 from sidecar.reasons import (
     INVALID_TASK,
@@ -67,7 +73,6 @@ def _lenient(message_type: type) -> Any:
 
 def peer_info(context: grpc.aio.ServicerContext) -> PeerInfo:
     peer = context.peer() or ""
-    # Only the entries identity reads (a TLS call's context has a dozen, PEM certificates among them).
     auth_context = context.auth_context() or {}
     auth = {key: tuple(auth_context[key]) for key in PEER_AUTH_KEYS if key in auth_context}
     if peer.startswith("unix:"):

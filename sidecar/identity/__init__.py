@@ -57,13 +57,18 @@ class CallerIdentity:
     delegation: tuple[Subject, ...] = ()
 
 
+# The entries of grpc's auth context that identity reads (mtls.py; mcp/tls.py writes the same keys):
+# a front door copies only these per call (a TLS call's context has a dozen, PEM certificates among them).
+PEER_AUTH_KEYS = ("transport_security_type", "x509_pem_cert", "x509_pem_cert_chain", "peer_spiffe_id")
+
+
 @dataclass(frozen=True)
 class PeerInfo:
     """What a transport tells about a caller, independent of grpcio."""
 
     transport: str  # "unix", "tcp" or "tls"
     metadata: Mapping[str, str] = field(default_factory=dict)
-    auth_context: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)
+    auth_context: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)  # PEER_AUTH_KEYS entries
 
 
 class IdentityError(Exception):

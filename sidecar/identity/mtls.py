@@ -166,10 +166,6 @@ class _Verified:
     not_before: dt.datetime
 
 
-# The auth context entries the resolver reads: the servicer copies only these per call.
-PEER_AUTH_KEYS = ("transport_security_type", "x509_pem_cert", "x509_pem_cert_chain", "peer_spiffe_id")
-
-
 def _first(auth_context, key: str) -> bytes | None:
     values = auth_context.get(key) or ()
     return values[0] if values else None
