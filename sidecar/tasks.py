@@ -42,7 +42,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from sidecar.evidence import EvidenceError, EvidenceSink, Receipt, TraceContext
@@ -188,8 +188,10 @@ class TaskRegistry:
         instance_id: str = "",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        flush_seconds: float = FLUSH_SECONDS,
     ):
-        """`store` opened; `sink` None: endings are not recorded (a registry without an evidence log)."""
+        """`store` opened; `sink` None: endings are not recorded (a registry without an evidence log);
+        `flush_seconds`: how often, inside `async with`, last call times go to the store."""
         self._store = store
         self._idle = idle_seconds
         self._max = max_tracked
@@ -201,10 +203,11 @@ class TaskRegistry:
         self._ended: OrderedDict[str, _Ended] = OrderedDict()
         self._loading: dict[str, asyncio.Event] = {}  # task ids being read from the store, set when done
         self._seen: dict[str, float] = {}  # last call times (wall clock) not yet in the store
+        self._flush_seconds = flush_seconds
         self._flusher: asyncio.Task | None = None
 
     async def __aenter__(self) -> "TaskRegistry":
-        self._flusher = asyncio.create_task(self._flush_every(FLUSH_SECONDS), name="task-flush")
+        self._flusher = asyncio.create_task(self._flush_every(self._flush_seconds), name="task-flush")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -374,8 +377,7 @@ class TaskRegistry:
         """An ending that holds at once in memory; `_record` then stores it and writes its task_end record."""
         unrecorded = fields if self._sink is not None else None
         self._seen.pop(task.task_id, None)
-        stored = StoredTask(task.task_id, task.owner, task.caller, task.first_call, task.last_call_at,
-                            StoredEnding(why, at, trace.trace_id, unrecorded))
+        stored = replace(task, ending=StoredEnding(why, at, trace.trace_id, unrecorded))
         return self._remember_ended(task.task_id, _Ended(
             task.owner, why, at, trace.trace_id, unrecorded=unrecorded, unstored=stored
         ))
