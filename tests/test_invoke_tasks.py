@@ -225,13 +225,43 @@ async def test_a_task_store_that_fails_denies_the_call_and_ends_nothing_for_good
     assert [r["task_id"] for r in records(tmp_path / "ev") if r["kind"] == "task_end"] == ["t"]
 
 
-async def test_calls_under_a_new_task_at_once_make_one_owner(store):
+class CountingStore(TaskStore):
+    """The real task store, counting the tasks it was asked to open."""
+
+    opened = 0
+
+    async def open_task(self, task):
+        self.opened += 1
+        return await super().open_task(task)
+
+
+async def test_calls_under_a_new_task_at_once_make_one_owner(tmp_path):
     """Concurrent first calls under one unseen task id: the store is asked once, and the first caller owns it."""
-    tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100)
-    refusals = await asyncio.gather(*(tasks.check("race", who, call()) for who in (ALICE, BOB, ALICE, BOB)))
+    async with CountingStore(tmp_path / "tasks.db") as store:
+        tasks = TaskRegistry(store=store, idle_seconds=0, max_tracked=100)
+        refusals = await asyncio.gather(*(tasks.check("race", who, call()) for who in (ALICE, BOB, ALICE, BOB)))
     assert refusals[0] is None and refusals[2] is None
     assert refusals[1].startswith("not_task_owner: task 'race' belongs to spiffe://example.org/alice")
     assert refusals[3] == refusals[1]
+    assert store.opened == 1
+
+
+async def test_last_call_times_reach_the_store_while_the_sidecar_runs(tmp_path):
+    """Inside `async with`, last call times are written every flush_seconds, not only at a clean stop:
+    a sidecar killed later still finds them (here: read back by a second store on the same file)."""
+    wall = [1_000.0]
+    async with TaskStore(tmp_path / "tasks.db") as store:
+        async with TaskRegistry(store=store, idle_seconds=60, max_tracked=100, wall_clock=lambda: wall[0],
+                                flush_seconds=0.05) as tasks:
+            assert await tasks.check("t", ALICE, call()) is None
+            wall[0] = 1_030.0
+            assert await tasks.check("t", ALICE, call()) is None
+            async with TaskStore(tmp_path / "tasks.db") as reader:
+                for _ in range(200):
+                    if (await reader.get("t")).last_call_at == 1_030.0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert (await reader.get("t")).last_call_at == 1_030.0
 
 
 ORCHESTRATOR = Subject("spiffe://example.org/orchestrator", "jwt_svid")
