@@ -608,3 +608,16 @@ async def test_sigkill_of_the_real_sidecar_brings_no_ended_task_back(tmp_path):
         process.kill()
         process.wait()
     assert [r["task_id"] for r in records(directory) if r["kind"] == "task_end"] == ["ended"]
+
+
+def test_serve_refuses_to_start_when_the_task_store_cannot_be_opened(tmp_path):
+    """A task store that cannot be opened stops the start: exit 2, saying which store and file, nothing served."""
+    from tests.test_evidence_crash import write_sidecar_files
+
+    config, socket_path, directory = write_sidecar_files(tmp_path)
+    (directory / "tasks.db").mkdir(parents=True)  # a directory where the SQLite file must be
+    done = run_cli("serve", "--config", str(config))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "agent-sidecar: the task store cannot be opened: cannot open the task store" in done.stderr
+    assert str(directory / "tasks.db") in done.stderr
+    assert not socket_path.exists()
