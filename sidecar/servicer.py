@@ -28,6 +28,7 @@ from sidecar.identity import (
 )
 from sidecar.jsonvalues import NotExact, from_struct, to_struct
 from sidecar.reasons import (
+    INVALID_SERVER,
     INVALID_TASK,
     MALFORMED_REQUEST,
     NOT_TASK_OWNER,
@@ -176,12 +177,19 @@ class ToolGateServicer:
         """Authorize, and when allowed make the HTTP call from the sidecar (deny / escalate: no call)."""
         identity, parent = await self._caller(request, context)
         call = call_from_request(request.call)
-        unknown = None
+        refused = None
         if self._http_tools is None or not self._http_tools.knows(call.tool):
-            unknown = str(Reason(
+            refused = str(Reason(
                 UNKNOWN_TOOL, f"{call.tool!r} is not an HTTP tool this sidecar invokes (invoke.tools)"
             ))
-        verdict = await self._gate.authorize(call, identity, parent, malformed=unknown)
+        elif call.server:
+            # The sidecar calls invoke.tools.<tool> itself: a server the caller names would reach policy,
+            # approvals and evidence but not the call (policy deciding on a server the call never goes to).
+            refused = str(Reason(
+                INVALID_SERVER, f"Invoke calls the HTTP tool invoke.tools.{call.tool} itself, which has no "
+                "server; leave server empty (a server the caller names is not where the call would go)"
+            ))
+        verdict = await self._gate.authorize(call, identity, parent, malformed=refused)
         if verdict.decision.outcome != "allow" or self._executor is None or self._http_tools is None:
             return invocation_to_response(verdict, None)
         assert isinstance(identity, CallerIdentity)
@@ -208,10 +216,11 @@ class ToolGateServicer:
                 grpc.StatusCode.INVALID_ARGUMENT, str(Reason(MALFORMED_REQUEST, "the request could not be parsed"))
             )
         task_id = request.task_id
-        if not task_id or len(task_id.encode()) > MAX_ID_BYTES or not task_id.isprintable():
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, str(Reason(INVALID_TASK, "task_id must be 1-256 printable bytes"))
-            )
+        # Exactly the ids a call may use (sidecar.calls.check_call): any task a call opened can be ended.
+        if not task_id or len(task_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES or "\x00" in task_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(Reason(
+                INVALID_TASK, f"task_id must be 1-{MAX_ID_BYTES} bytes without U+0000 (NUL), as a call's task_id"
+            )))
         parent = TraceContext.from_traceparent(peer.metadata.get("traceparent"))
         try:
             ending = await self._tasks.end(task_id, identity, parent)

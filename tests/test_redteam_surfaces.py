@@ -1,0 +1,136 @@
+"""Adversarial review of the serving surfaces: each test is a fault found by sending a real
+sidecar (real OPA, real evidence log) input it did not expect, kept so it stays fixed.
+
+- A task id every call accepts must be one EndTask accepts: else a task can be used but never
+  ended (tabs, no-break spaces, zero-width and escape characters in the id).
+- ToolGate.Invoke makes the call itself, to the HTTP tool `invoke.tools` names: a `server` the
+  caller names would reach policy, approvals and evidence but not the call, so policy could
+  decide on a server the call never goes to (and an approval for another server's tool of the
+  same name could be spent on the HTTP tool).
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from aiohttp import web
+
+from sidecar.evidence.verify import verify_dir
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import SIMPLE_POLICY, write_policy
+from tests.infra.http import serve_app
+from tests.infra.invoke import records
+
+ODD_TASK_IDS = ["task\t1", "task\u00a01", "t\u200b", "t\x1b[31m", "t\u202egnp.exe", "line\nbreak", "t\x7f"]
+
+
+@pytest.mark.parametrize("task_id", ODD_TASK_IDS)
+async def test_a_task_any_call_may_use_can_be_ended(tmp_path, sidecar_config, running_sidecar, task_id):
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        first = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+        assert first.outcome == sidecar_pb2.OUTCOME_ALLOW, first.reasons
+        ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id=task_id))
+        assert ended.task_id == task_id and not ended.already_ended and ended.evidence_hash
+        after = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+        assert after.outcome == sidecar_pb2.OUTCOME_DENY and after.reasons[0].startswith("task_ended:")
+    log = records(tmp_path / "evidence")
+    assert [r["task_id"] for r in log if r["kind"] == "task_end"] == [task_id]
+    assert verify_dir(tmp_path / "evidence").ok
+
+
+@pytest.mark.parametrize("task_id, code", [
+    ("", grpc.StatusCode.INVALID_ARGUMENT),
+    ("x" * 257, grpc.StatusCode.INVALID_ARGUMENT),
+    ("a\x00b", grpc.StatusCode.INVALID_ARGUMENT),  # no call may use it either (invalid_task_id)
+])
+async def test_end_task_still_refuses_ids_no_call_may_use(tmp_path, sidecar_config, running_sidecar, task_id, code):
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        if task_id:
+            call = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+            assert call.outcome == sidecar_pb2.OUTCOME_DENY and call.reasons[0].startswith("invalid_task_id:")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id=task_id))
+        assert info.value.code() == code and info.value.details().startswith("invalid_task:")
+
+
+INVOKE_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    # A policy that trusts tool.server: the sandbox copy of the tool may run freely.
+    decision := {"outcome": "allow", "reasons": ["sandbox: free to run"], "obligations": {}} if {
+        input.tool.name == "drop_table"
+        input.tool.server == "sandbox"
+    }
+
+    decision := {"outcome": "escalate", "reasons": ["production: needs approval"], "obligations": {}} if {
+        input.tool.name == "drop_table"
+        input.tool.server != "sandbox"
+        input.approval == null
+    }
+
+    decision := {"outcome": "allow", "reasons": ["approved"], "obligations": {}} if {
+        input.tool.name == "drop_table"
+        input.tool.server != "sandbox"
+        input.approval != null
+    }
+"""
+
+
+@pytest.fixture
+async def production_tool():
+    calls: list[dict] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        calls.append(await request.json())
+        return web.json_response({"dropped": True})
+
+    app = web.Application()
+    app.router.add_post("/drop", handle)
+    async with serve_app(app) as base:
+        yield base, calls
+
+
+async def invoke_sidecar(tmp_path, sidecar_config, running_sidecar, base):
+    return await running_sidecar(sidecar_config(**{
+        "listen.unix": "",
+        "policy.dir": str(write_policy(tmp_path / "policy", INVOKE_POLICY)),
+        "invoke.tools": {"drop_table": {"method": "POST", "url": base + "/drop"}},
+    }))
+
+
+@pytest.mark.parametrize("server", ["sandbox", "prod", "Sandbox", " "])
+async def test_invoke_refuses_a_server_the_caller_names(tmp_path, sidecar_config, running_sidecar, production_tool,
+                                                         server):
+    base, calls = production_tool
+    sidecar = await invoke_sidecar(tmp_path, sidecar_config, running_sidecar, base)
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        answer = await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(
+            tool="drop_table", server=server, call_id="c-1",
+        )))
+    assert answer.decision.outcome == sidecar_pb2.OUTCOME_DENY, answer
+    assert answer.decision.reasons[0].startswith("invalid_server:"), answer.decision.reasons
+    assert answer.status == "" and calls == []  # the production tool was never called
+    decision = next(r for r in records(tmp_path / "evidence") if r["kind"] == "decision")
+    assert decision["outcome"] == "deny" and decision["server"] == server and decision["call_id"] == "c-1"
+
+
+async def test_invoke_without_a_server_is_decided_as_the_http_tool_and_escalates(
+        tmp_path, sidecar_config, running_sidecar, production_tool):
+    base, calls = production_tool
+    sidecar = await invoke_sidecar(tmp_path, sidecar_config, running_sidecar, base)
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        answer = await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool="drop_table")))
+    assert answer.decision.outcome == sidecar_pb2.OUTCOME_ESCALATE, answer
+    assert answer.status == "" and calls == []
