@@ -234,9 +234,9 @@ def _json_kind(value: Any) -> str:
 class CallIdRegistry:
     """Remembers recent call ids with the digest of what they carried.
 
-    A call id reused for a different tool, server, other arguments or by
-    another caller (subject and delegation chain) is refused: it would let
-    one approval or one evidence entry stand for two calls.
+    A call id reused for a different tool, server, other arguments, another
+    task or by another caller (subject and delegation chain) is refused: it
+    would let one approval or one evidence entry stand for two calls.
     """
 
     def __init__(self, capacity: int):

@@ -13,6 +13,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Protocol
 
+import orjson
+
 from sidecar.calls import CallIdRegistry, check_call
 from sidecar.canonical import sha256_digest
 from sidecar.escalation import StoreError
@@ -92,9 +94,12 @@ class Admit:
         elif shed:
             problems.append(shed)
         elif call.call_id and not problems:
-            # One id, one caller's call: the verified caller and its chain are part of the call.
-            callers = "\n".join((identity.subject.spiffe_id, *(link.spiffe_id for link in identity.delegation)))
-            fingerprint = sha256_digest(f"{call.tool}\n{call.server}\n{state.arguments_digest}\n{callers}".encode())
+            # One id, one caller's call: the verified caller and its chain are part of the call, and so is
+            # its task (as in the exact call an approval holds for, escalation/fingerprint.py).
+            fingerprint = sha256_digest(orjson.dumps((
+                call.tool, call.server, state.arguments_digest, call.task_id,
+                identity.subject.spiffe_id, *(link.spiffe_id for link in identity.delegation),
+            )))
             if not self._call_ids.claim(call.call_id, fingerprint):
                 problems.append(str(Reason(
                     CALL_ID_REUSED, f"call_id {call.call_id!r} was already used for a different tool call"

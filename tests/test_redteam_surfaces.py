@@ -134,3 +134,29 @@ async def test_invoke_without_a_server_is_decided_as_the_http_tool_and_escalates
         answer = await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool="drop_table")))
     assert answer.decision.outcome == sidecar_pb2.OUTCOME_ESCALATE, answer
     assert answer.status == "" and calls == []
+
+
+async def test_a_call_id_is_one_tasks_call(tmp_path, sidecar_config, running_sidecar):
+    """The exact call an approval holds for includes its task (escalation/fingerprint.py); a call id
+    reused under another task named two calls, with two tasks' budgets and endings, in one id."""
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+
+        async def echo(task_id: str, call_id: str = "call-1") -> sidecar_pb2.AuthorizeResponse:
+            return await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", call_id=call_id, task_id=task_id))
+
+        assert (await echo("task-1")).outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert (await echo("task-1")).outcome == sidecar_pb2.OUTCOME_ALLOW  # the same call repeated: fine
+        other = await echo("task-2")
+        assert other.outcome == sidecar_pb2.OUTCOME_DENY and other.reasons[0].startswith("call_id_reused:")
+        untasked = await echo("")
+        assert untasked.outcome == sidecar_pb2.OUTCOME_DENY and untasked.reasons[0].startswith("call_id_reused:")
+        # A task id is not confused with the fields around it (it may hold a newline since calls take it).
+        assert (await echo("a\nb", "call-2")).outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert (await echo("a\nb", "call-2")).outcome == sidecar_pb2.OUTCOME_ALLOW
+    decisions = [r for r in records(tmp_path / "evidence") if r["kind"] == "decision" and r["call_id"] == "call-1"
+                 and r["outcome"] == "allow"]
+    assert {r["task_id"] for r in decisions} == {"task-1"}
