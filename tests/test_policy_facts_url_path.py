@@ -58,6 +58,16 @@ def test_unusable_urls_are_not_parsed(text):
         ("/workspace\\..\\x", True, True),
         ("/workspace/a..b/...", False, False),
         ("/workspace/a\nb", False, True),
+        # a reading that makes a separator: a tool that decodes reads "../.." (found by the redteam review)
+        ("/workspace/..%2f..%2fetc/passwd", True, False),
+        ("/workspace/%2e%2e%2f%2e%2e%2fetc/passwd", True, False),
+        ("/workspace/..%5C..%5Cetc", True, False),
+        ("/workspace/..\uff0f..\uff0fetc/passwd", True, False),  # U+FF0F fullwidth solidus folds to "/"
+        ("/workspace/\u2025\uff0fetc", True, False),
+        ("/workspace/%252e%252e/etc", True, False),  # decoded twice
+        ("/workspace/\uff05\uff12\uff45\uff05\uff12\uff45/etc", True, False),  # fullwidth "%2e%2e"
+        ("/workspace/%2e/x", False, False),
+        ("/workspace/50%25/a..b", False, False),
     ],
 )
 def test_path_facts(text, traversal, ambiguous):
@@ -92,7 +102,10 @@ def test_shipped_rules_deny_url_tricks(url):
     assert any(r.startswith('url_not_allowed: argument "url" of tool "http_get"') for r in decision["reasons"]), decision
 
 
-@pytest.mark.parametrize("path", ["/workspace/%2e%2e/etc/shadow", "/workspace/\u2025/etc/shadow", "/workspace\\..\\etc"])
+@pytest.mark.parametrize("path", [
+    "/workspace/%2e%2e/etc/shadow", "/workspace/\u2025/etc/shadow", "/workspace\\..\\etc",
+    "/workspace/..%2f..%2fetc/shadow", "/workspace/%2e%2e%2fetc/shadow", "/workspace/..\uff0f..\uff0fetc/shadow",
+])
 def test_shipped_rules_deny_hidden_traversal(path):
     decision = decide("read_file", {"path": path})
     assert decision["outcome"] == "deny"
