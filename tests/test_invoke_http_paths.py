@@ -60,6 +60,9 @@ async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
             "t_get": {**tool, "method": "GET", "url": base + "/api/items/{item}"},
             "t_suffix": {**tool, "url": base + "/api/files/{name}.json"},
             "t_query": {**tool, "method": "GET", "url": base + "/api/search?q={q}"},
+            "t_fixed": {**tool, "method": "GET", "url": base + "/api/search?mode=safe&q={q}"},
+            "t_fixed_post": {**tool, "url": base + "/api/reports?format=pdf"},
+            "t_twice": {**tool, "url": base + "/api/items/{item}/copy/{item}"},
         },
     })
     return await running_sidecar(config), seen, config
@@ -111,3 +114,36 @@ async def test_other_values_reach_the_segment_the_url_names(sidecar, tool, argum
     response = await invoke(running.addresses[0], tool, arguments)
     assert response.status == "ok", response
     assert seen == [path]
+
+
+# Found by the redteam review: an argument named like a query parameter the configured URL fixes was
+# sent as a second one (`?mode=safe&mode=admin`). Servers read a repeated parameter differently (the
+# first: aiohttp, Flask, Go; the last: Django, PHP; Rails merges body parameters over the query), so
+# the tool could run with the agent's value in place of the operator's. Such a call is not made.
+SHADOWS = [
+    ("t_fixed", {"q": "x", "mode": "admin"}),
+    ("t_fixed", {"q": "x", "MODE": "admin"}),  # ASP.NET reads query keys without case
+    ("t_fixed_post", {"title": "q3", "format": "html"}),  # in the JSON body: merged over the query by some
+]
+
+
+@pytest.mark.parametrize("tool, arguments", SHADOWS, ids=[f"{t}-{json.dumps(a)}" for t, a in SHADOWS])
+async def test_an_argument_cannot_shadow_a_query_parameter_the_url_fixes(sidecar, tool, arguments):
+    running, seen, config = sidecar
+    response = await invoke(running.addresses[0], tool, arguments)
+    assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+    assert response.status == "not_called", response
+    assert response.error.startswith("invalid_arguments:") and "query parameter" in response.error, response.error
+    assert seen == []
+    (invocation,) = invocations(config.evidence.dir)
+    assert invocation["status"] == "not_called"
+    assert verify_dir(Path(config.evidence.dir)).ok
+
+
+async def test_other_arguments_join_the_fixed_query_and_a_placeholder_may_repeat(sidecar):
+    running, seen, _ = sidecar
+    response = await invoke(running.addresses[0], "t_fixed", {"q": "x", "page": 2})
+    assert response.status == "ok", response
+    twice = await invoke(running.addresses[0], "t_twice", {"item": "a b", "note": "n"})
+    assert twice.status == "ok", twice  # was invoker_error: the second {item} found the argument taken
+    assert seen == ["/api/search?mode=safe&q=x&page=2", "/api/items/a%20b/copy/a%20b"]

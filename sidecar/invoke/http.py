@@ -10,7 +10,9 @@
 The request: `{name}` in the URL template takes the URL-quoted argument
 `name` (which is then not sent again; a path segment it would leave `.`, `..`
 or empty is refused, not_called invalid_arguments: the client would resolve
-it to another path); the other arguments go as the JSON
+it to another path; so is an argument named like a query parameter the URL
+fixes, compared without case: servers read a repeated parameter differently);
+the other arguments go as the JSON
 body (POST, PUT, PATCH) or the query string (GET, DELETE; objects and lists
 JSON-encoded). Headers: the configured ones, then the credential's. Redirects
 are not followed. The result is {"status": int, "body": JSON or text}:
@@ -30,7 +32,7 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import aiohttp
 
@@ -98,6 +100,24 @@ def _path_escape(template: str, url: str) -> str:
     return ""
 
 
+def _shadowed_query(url: str, arguments: dict[str, Any]) -> str:
+    """Why an argument would repeat a query parameter the URL fixes, or "".
+
+    Sent, it would make `?mode=safe&mode=admin` (or, in a JSON body, a parameter that frameworks
+    merging body over query read instead), and servers read a repeated parameter differently (the
+    first, the last, a list; some without case): the tool could run with the agent's value instead
+    of the operator's."""
+    query = url.split("#", 1)[0].partition("?")[2]
+    if not query:
+        return ""
+    fixed = {key.casefold() for key, _ in parse_qsl(query, keep_blank_values=True)}
+    clash = sorted(name for name in arguments if name.casefold() in fixed)
+    if not clash:
+        return ""
+    return (f"argument(s) {', '.join(clash)} would repeat a query parameter the tool's URL fixes, "
+            "which the tool could read in place of the URL's")
+
+
 class HttpInvoker:
     def __init__(self, tools: Sequence[HttpTool]):
         self.tools = {t.name: t for t in tools}
@@ -124,8 +144,11 @@ class HttpInvoker:
                 NOT_CALLED, tool.url,
                 error=str(Reason(INVALID_ARGUMENTS, f"the URL of {tool.name} needs argument(s) {', '.join(missing)}")),
             )
-        url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments.pop(m.group(1))), safe=""), tool.url)
-        escaped = _path_escape(tool.url, url)
+        placed = set(_PLACEHOLDER.findall(tool.url))  # a placeholder may appear more than once
+        url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments[m.group(1)]), safe=""), tool.url)
+        for name in placed:
+            del arguments[name]
+        escaped = _path_escape(tool.url, url) or _shadowed_query(url, arguments)
         if escaped:
             return InvocationResult(NOT_CALLED, tool.url, error=str(Reason(INVALID_ARGUMENTS, escaped)))
         upstream = url.split("?", 1)[0]
