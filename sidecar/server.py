@@ -229,7 +229,7 @@ def default_steps(
     return steps
 
 
-def build_escalations(config: Config, recorder: Recorder | None):
+def build_escalations(config: Config, recorder: "EvidenceRecorder | None"):
     """The escalation service on the configured store (docs/escalation.md); not started yet."""
     from sidecar.escalation.notify import WebhookNotifier
     from sidecar.escalation.service import EscalationService
@@ -250,6 +250,7 @@ def build_escalations(config: Config, recorder: Recorder | None):
     return EscalationService(
         open_store(esc, config.evidence.dir),
         recorder=recorder,
+        evidence_reader=recorder,  # what the store lost in a host crash is read back from the log
         ttl_seconds=esc.ttl_seconds,
         use_window_seconds=esc.use_window_seconds,
         await_max_seconds=esc.await_max_seconds,

@@ -83,6 +83,9 @@ class EscalationRecord:
     arguments: Any = None
     agent_seen_at: float | None = None  # the agent last asked about this call (escalating call, repeat, AwaitDecision)
     agent_waiting_until: float | None = None  # an AwaitDecision is open until then (set at its start, cut at its end)
+    # Put back from its evidence record after a host crash took it from the store (store.py, Durability);
+    # its unredacted arguments and preview were not in the log, so approvers see only the digest.
+    restored_at: float | None = None
 
     def agent_waiting(self, now: float) -> bool:
         """Whether the agent has an AwaitDecision open on this escalation at `now` (Unix seconds)."""

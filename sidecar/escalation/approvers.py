@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from sidecar.escalation import PENDING, Approver, EscalationRecord, EscalationRefused
+from sidecar.evidence.records import rfc3339
 from sidecar.reasons import (
     ARGUMENTS_NOT_KEPT,
     DELEGATION_APPROVAL,
@@ -124,6 +125,12 @@ class ApproverRules:
                 ARGUMENTS_NOT_KEPT,
                 f"escalation {record.id} is {record.state}; "
                 "the unredacted arguments are kept only while it is pending",
+            )), waiting)
+        if record.arguments is None and record.restored_at is not None:
+            return ReaderView(None, str(Reason(
+                ARGUMENTS_NOT_KEPT,
+                f"escalation {record.id} was restored from the evidence log at {rfc3339(record.restored_at)} "
+                "after a host crash took it from the store; its arguments were not in the log, only their digest",
             )), waiting)
         if record.arguments is None:
             return ReaderView(None, str(Reason(

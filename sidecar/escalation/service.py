@@ -44,7 +44,8 @@ from sidecar.escalation.fingerprint import CallShape, differences
 from sidecar.escalation.notify import Notifier
 from sidecar.escalation.preview import argument_preview
 from sidecar.escalation.store import EscalationStore
-from sidecar.evidence import EvidenceSink, TraceContext
+from sidecar.evidence import EvidenceReader, EvidenceSink, TraceContext
+from sidecar.evidence.records import parse_rfc3339
 from sidecar.evidence.redaction import Redactor
 from sidecar.jsonvalues import normalize
 from sidecar.policy.input import Approval
@@ -64,6 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"esc-[0-9a-f]{32}")
+# How far before the store's newest change the evidence log is read back at start: more than a
+# transaction can wait for the store's lock between taking its time and committing.
+RESTORE_MARGIN_SECONDS = 30.0
 
 
 def new_escalation_id() -> str:
@@ -78,6 +82,47 @@ def json_copy(value: Any, what: str) -> Any:
         return normalize(json.loads(json.dumps(value, allow_nan=False)))
     except (TypeError, ValueError) as exc:
         log.warning("escalation: %s is not JSON, not kept for approvers: %s", what, exc)
+        return None
+
+
+def _restorable(escalation: dict, decision: dict | None, now: float) -> EscalationRecord | None:
+    """The pending row of a new escalation from its `escalation` evidence record and, when found,
+    the decision record it was written with (intent, signals, catalog entry). The unredacted
+    arguments and the preview are not in the log. None when the record lacks what a row needs."""
+    try:
+        created_at = parse_rfc3339(escalation["created_at"]).timestamp()
+        decided = decision or {}
+        tool_input = (decided.get("input") or {}).get("tool") or {}
+        return EscalationRecord(
+            id=escalation["escalation_id"],
+            fingerprint=escalation["fingerprint"],
+            subject=escalation["subject"]["spiffe_id"],
+            subject_source=escalation["subject"].get("source", ""),
+            delegation=tuple(link["spiffe_id"] for link in escalation.get("delegation") or ()),
+            tool=escalation["tool"],
+            server=escalation.get("server", ""),
+            arguments_digest=escalation["arguments_digest"],
+            arguments_preview=None,
+            task_id=escalation.get("task_id", ""),
+            intent=decided.get("intent") or "",
+            call_id=escalation.get("call_id", ""),
+            decision_id=escalation.get("decision_id", ""),
+            reasons=tuple(escalation.get("reasons") or ()),
+            policy_revision=escalation.get("policy_revision", ""),
+            trace_id=escalation["trace_id"],
+            span_id=escalation["span_id"],
+            created_at=created_at,
+            expires_at=parse_rfc3339(escalation["expires_at"]).timestamp(),
+            state=PENDING,
+            updated_at=now,
+            sidecar=escalation.get("sidecar", ""),
+            signals=decided.get("signals"),
+            catalog=tool_input.get("catalog"),
+            agent_seen_at=created_at,
+            restored_at=now,
+        )
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        log.warning("escalations: cannot restore from record %s: %s", escalation.get("escalation_id"), exc)
         return None
 
 
@@ -102,7 +147,9 @@ class EscalationService:
 
     Composes the approver rules (approvers.ApproverRules), the evidence writer
     (evidence.EscalationEvidence) and the change feed (feed.ChangeFeed), each built once here.
-    Times are Unix seconds from `clock`; durations are seconds.
+    Times are Unix seconds from `clock`; durations are seconds. With `evidence_reader` (the log
+    `recorder` writes to), `start` puts back the new escalations a host crash took from a store
+    that does not sync them (store.py, Durability).
     """
 
     def __init__(
@@ -110,6 +157,7 @@ class EscalationService:
         store: EscalationStore,
         *,
         recorder: EvidenceSink | None = None,
+        evidence_reader: EvidenceReader | None = None,
         ttl_seconds: float = 900.0,
         use_window_seconds: float = 300.0,
         await_max_seconds: float = 60.0,
@@ -138,6 +186,7 @@ class EscalationService:
         self.notifier = notifier
         self.instance_id = instance_id
         self.clock = clock
+        self._evidence_reader = evidence_reader
         self._evidence = EscalationEvidence(recorder, instance_id=instance_id, clock=clock)
         self._feed = ChangeFeed(store, read=self.get, settle=self._settled, poll_interval=poll_interval_seconds,
                                 await_max=await_max_seconds, clock=clock)
@@ -157,6 +206,7 @@ class EscalationService:
 
     async def start(self) -> None:
         await self.store.open()
+        await self._restore_from_evidence()
         if self.sweep_interval > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="escalation-sweeper")
 
@@ -174,6 +224,37 @@ class EscalationService:
 
     def health(self) -> tuple[bool, str]:
         return self.store.health()
+
+    async def _restore_from_evidence(self) -> None:
+        """Put back the pending escalations whose `escalation` record is in the log but whose row the
+        store lost (a power loss after an unsynced create). Only escalations created within the TTL
+        and after the store's newest change (less RESTORE_MARGIN_SECONDS) can be lost, so only that
+        window of the log is read. A log that cannot be read is logged and restores nothing: an
+        escalation missing from the store is refused (`escalation_unknown`), never allowed."""
+        if self.store.syncs_new_escalations or self._evidence_reader is None:
+            return
+        now = self.clock()
+        latest = await self.store.latest_change()
+        since = now - self.ttl if latest is None else max(now - self.ttl, latest - RESTORE_MARGIN_SECONDS)
+        try:
+            records = await asyncio.to_thread(
+                self._evidence_reader.records_since, since, lambda line: b'"outcome":"escalate"' in line
+            )
+        except OSError as exc:
+            log.error("escalations: could not read the evidence log back to restore lost escalations: %s", exc)
+            return
+        decisions = {r.get("decision_id"): r for r in records if r.get("kind") == "decision"}
+        lost = (
+            _restorable(r, decisions.get(r.get("decision_id")), now)
+            for r in records if r.get("kind") == "escalation"
+        )
+        restored = await self.store.restore([record for record in lost if record is not None])
+        for record in restored:
+            log.warning(
+                "escalations: restored %s (%s by %s, created %s) from its evidence record: the store had lost it "
+                "(a host crash before its commit reached the disk); approvers see its digest, not its arguments",
+                record.id, record.tool, record.subject, iso(record.created_at),
+            )
 
     # --------------------------------------------------------------- gate side
 

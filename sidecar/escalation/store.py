@@ -15,6 +15,17 @@ partial unique index allows one pending escalation per fingerprint, so a
 repeated call gets the pending id back instead of a second escalation, even
 when two sidecars see it at once.
 
+Durability: every transition is committed durably (SQLite synchronous=FULL,
+PostgreSQL's default synchronous commit) before it is answered, except one.
+SQLite commits a *new* escalation without its own fsync (synchronous=NORMAL
+for that transaction: on disk at the next synced commit, lost only to a power
+loss or kernel crash, never to the process dying; SQLite docs, "PRAGMA
+synchronous"). What makes a new escalation durable is its `escalation`
+evidence record, synced before the agent hears of it; after a host crash the
+service puts back, from the log, what the store lost (`restore`,
+service.EscalationService.start, docs/escalation.md#durability). A create
+that expires an overdue escalation is synced like every other transition.
+
 Times are Unix seconds from the deciding sidecar's clock (sidecars keep NTP
 time anyway: SVIDs and JWTs depend on it). The store is synchronous
 underneath; the async methods run it on a worker thread.
@@ -43,6 +54,7 @@ COLUMNS = (
     "reasons", "policy_revision", "trace_id", "span_id", "created_at", "expires_at", "state",
     "approver", "approver_via", "decided_at", "note", "use_by", "used_at", "used_by_decision",
     "updated_at", "sidecar", "signals", "catalog", "arguments", "agent_seen_at", "agent_waiting_until",
+    "restored_at",
 )
 JSON_COLUMNS = ("delegation", "arguments_preview", "reasons", "signals", "catalog", "arguments")
 NULLABLE_JSON = ("arguments_preview", "signals", "catalog", "arguments")
@@ -53,6 +65,7 @@ ADDED_COLUMNS = (
     ("arguments", "TEXT"),
     ("agent_seen_at", "DOUBLE PRECISION"),
     ("agent_waiting_until", "DOUBLE PRECISION"),
+    ("restored_at", "DOUBLE PRECISION"),
 )
 SELECT = ", ".join(COLUMNS)
 _state_list = ", ".join(f"'{s}'" for s in STATES)
@@ -92,7 +105,8 @@ SCHEMA = (
         catalog TEXT,
         arguments TEXT,
         agent_seen_at DOUBLE PRECISION,
-        agent_waiting_until DOUBLE PRECISION
+        agent_waiting_until DOUBLE PRECISION,
+        restored_at DOUBLE PRECISION
     )""",
     f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_one_pending ON {TABLE} (fingerprint) WHERE state = '{PENDING}'",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_state_created ON {TABLE} (state, created_at)",
@@ -152,7 +166,12 @@ SQL = {
         "AND agent_waiting_until <= ? THEN ? ELSE agent_waiting_until END WHERE id = ?"
     ),
     "changed_since": f"SELECT {SELECT} FROM {TABLE} WHERE updated_at >= ? ORDER BY updated_at LIMIT ?",
+    "latest_change": f"SELECT MAX(updated_at) FROM {TABLE}",
 }
+
+
+class _ExpiryNeedsSync(Exception):
+    """A create that would commit unsynced found an overdue escalation to expire: it runs again, synced."""
 
 
 def _to_row(record: EscalationRecord) -> tuple:
@@ -176,7 +195,7 @@ def _from_row(row: Sequence[Any]) -> EscalationRecord:
     values["reasons"] = tuple(values["reasons"] or ())
     for column in ("created_at", "expires_at", "updated_at"):
         values[column] = float(values[column])
-    for column in ("decided_at", "use_by", "used_at", "agent_seen_at", "agent_waiting_until"):
+    for column in ("decided_at", "use_by", "used_at", "agent_seen_at", "agent_waiting_until", "restored_at"):
         if values[column] is not None:
             values[column] = float(values[column])
     return EscalationRecord(**values)
@@ -186,6 +205,8 @@ class EscalationStore(Protocol):
     """The store interface the EscalationService uses. Every method may raise StoreError."""
 
     name: str
+    # False: a new escalation's commit is not fsync'd on its own; `restore` mends a host crash (module docstring)
+    syncs_new_escalations: bool
 
     async def open(self) -> None: ...
 
@@ -226,6 +247,16 @@ class EscalationStore(Protocol):
 
     async def changed_since(self, since: float, limit: int = 500) -> list[EscalationRecord]: ...
 
+    async def latest_change(self) -> float | None:
+        """The newest `updated_at` in the store (Unix seconds), None when it is empty."""
+        ...
+
+    async def restore(self, records: Sequence[EscalationRecord]) -> list[EscalationRecord]:
+        """Insert those of `records` whose id the store lacks, in one synced transaction (a record
+        that conflicts with a stored one, by id or as a second pending escalation of its
+        fingerprint, is skipped); returns the ones inserted."""
+        ...
+
     async def agent_wait(self, escalation_id: str, now: float, *, opened_until: float | None = None,
                          closed_until: float | None = None, then_until: float | None = None) -> None:
         """An AwaitDecision opened (waiting until `opened_until`, or a later time already stored) or
@@ -238,6 +269,7 @@ class _SqlStore:
 
     name = "sql"
     placeholder = "?"
+    syncs_new_escalations = True
 
     def __init__(self) -> None:
         self._last_error: str | None = None
@@ -246,12 +278,14 @@ class _SqlStore:
         text = SQL[key]
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
-    def _run_sync(self, fn: Callable[[Callable[..., list]], Any], transaction: bool = False) -> Any:
+    def _run_sync(self, fn: Callable[[Callable[..., list]], Any], transaction: bool = False, synced: bool = True) -> Any:
+        """Run fn(execute), in one transaction if `transaction`, its commit fsync'd unless `synced` is False
+        (a store that cannot commit without a sync ignores it)."""
         raise NotImplementedError
 
-    async def _run(self, fn: Callable[[Callable[..., list]], Any], transaction: bool = False) -> Any:
+    async def _run(self, fn: Callable[[Callable[..., list]], Any], transaction: bool = False, synced: bool = True) -> Any:
         try:
-            result = await asyncio.to_thread(self._run_sync, fn, transaction)
+            result = await asyncio.to_thread(self._run_sync, fn, transaction, synced)
         except StoreError as exc:
             self._last_error = str(exc)
             raise
@@ -271,8 +305,10 @@ class _SqlStore:
         return _from_row(rows[0]) if rows else None
 
     async def create(self, record: EscalationRecord, now: float):
-        def work(q):
+        def work(q, synced: bool):
             expired = [_from_row(r) for r in q(self._sql("expire_fingerprint"), (now, record.fingerprint, now, now))]
+            if expired and not synced:
+                raise _ExpiryNeedsSync  # rolled back; run again, synced (below)
             for attempt in range(2):
                 active = q(self._sql("find_active"), (record.fingerprint, now, now))
                 if active:
@@ -285,7 +321,12 @@ class _SqlStore:
                         return _from_row(inserted[0]), True, expired
             raise StoreError("could not create or find the escalation (concurrent change); try again")
 
-        return await self._run(work, transaction=True)
+        if not self.syncs_new_escalations:
+            try:
+                return await self._run(lambda q: work(q, False), transaction=True, synced=False)
+            except _ExpiryNeedsSync:
+                pass
+        return await self._run(lambda q: work(q, True), transaction=True)
 
     async def list(self, *, state: str = "", subject: str = "", tool: str = "", limit: int = 100):
         where, params = [], []
@@ -332,6 +373,16 @@ class _SqlStore:
         rows = await self._run(lambda q: q(self._sql("changed_since"), (since, limit)))
         return [_from_row(r) for r in rows]
 
+    async def latest_change(self):
+        rows = await self._run(lambda q: q(self._sql("latest_change")))
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def restore(self, records):
+        def work(q):
+            return [_from_row(r) for record in records for r in q(self._sql("insert"), _to_row(record))]
+
+        return await self._run(work, transaction=True)
+
     async def agent_wait(self, escalation_id, now, *, opened_until=None, closed_until=None, then_until=None):
         if opened_until is not None:
             params = (now, opened_until, opened_until, escalation_id)
@@ -342,9 +393,11 @@ class _SqlStore:
 
 
 class SqliteStore(_SqlStore):
-    """A SQLite file in WAL mode, synchronous=FULL: a decided approval survives a crash."""
+    """A SQLite file in WAL mode, synchronous=FULL: a decided approval survives a crash. A new
+    escalation is committed with synchronous=NORMAL (module docstring)."""
 
     name = "sqlite"
+    syncs_new_escalations = False
 
     def __init__(self, path: str | Path, *, timeout_ms: int = 5000):
         super().__init__()
@@ -381,7 +434,7 @@ class SqliteStore(_SqlStore):
 
         await asyncio.to_thread(close_connection)
 
-    def _run_sync(self, fn, transaction=False):
+    def _run_sync(self, fn, transaction=False, synced=True):
         with self._lock:
             if self._conn is None:
                 raise StoreError("the escalation store is closed")
@@ -393,6 +446,8 @@ class SqliteStore(_SqlStore):
             try:
                 if not transaction:
                     return fn(execute)
+                if not synced:  # the level cannot change inside a transaction
+                    conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("BEGIN IMMEDIATE")
                 result = fn(execute)
                 conn.execute("COMMIT")
@@ -402,6 +457,8 @@ class SqliteStore(_SqlStore):
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if not synced:
+                    conn.execute("PRAGMA synchronous=FULL")  # outside a transaction, this cannot fail
 
 
 class PostgresStore(_SqlStore):
@@ -472,7 +529,7 @@ class PostgresStore(_SqlStore):
             await asyncio.to_thread(self._pool.close)
             self._pool = None
 
-    def _run_sync(self, fn, transaction=False):
+    def _run_sync(self, fn, transaction=False, synced=True):  # PostgreSQL commits synchronously
         import psycopg
         import psycopg_pool
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from sidecar.identity import CallerIdentity
 
@@ -107,6 +107,14 @@ class EvidenceSink(Protocol):
     async def append(self, kind: str, fields: dict) -> Receipt: ...
 
     def health(self) -> tuple[bool, str]: ...
+
+
+class EvidenceReader(Protocol):
+    """Reads the log back: `records_since(since, match)` is the records logged at or after `since`
+    (Unix seconds) whose raw line satisfies `match`, newest first; raises OSError
+    (sidecar.evidence.readback.records_since)."""
+
+    def records_since(self, since: float, match: Callable[[bytes], bool]) -> list[dict]: ...
 
 
 class Recorder(Protocol):

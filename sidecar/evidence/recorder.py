@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt
 from sidecar.evidence.log import EvidenceLog
+from sidecar.evidence.readback import records_since
 from sidecar.evidence.records import ARGUMENT_MODES, decision_fields, dev_key_path
 from sidecar.evidence.redaction import Redactor, obligation_keys
 from sidecar.evidence.shipper import Shipper
@@ -91,6 +92,11 @@ class EvidenceRecorder:
         (a fresh span in the call's trace) and `sidecar`, so they show as spans.
         """
         return await self.log.append(kind, fields)
+
+    def records_since(self, since: float, match: Callable[[bytes], bool]) -> list[dict]:
+        """The log's records logged at or after `since` whose line satisfies `match`, newest first
+        (readback.records_since); raises OSError."""
+        return records_since(self.log.directory, since, match)
 
     def health(self) -> tuple[bool, str]:
         ok, detail = self.log.health()

@@ -1,0 +1,222 @@
+"""A new escalation is durable through its evidence record: after a host crash the store is mended from the log.
+
+SQLite commits a new escalation without its own fsync (sidecar/escalation/store.py, Durability), so a
+power loss can take the row while the log, synced before the agent heard of it, keeps its
+`escalation` record. A real power loss cannot be produced in a test: here the rows are deleted from
+escalations.db between a sidecar's stop and its next start, which leaves the file exactly as such a
+loss would (the store without its newest commits, the log with them).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar.client import AsyncClient
+from sidecar.escalation import PENDING
+from sidecar.escalation.client import ApprovalsClient, ApprovalsError
+from sidecar.escalation.service import EscalationService, new_escalation_id
+from sidecar.escalation.store import SqliteStore
+from sidecar.evidence.log import EvidenceLog
+from sidecar.evidence.readback import records_since
+from sidecar.evidence.verify import verify_dir
+from tests.doubles.escalation import ALICE, CFO, make_config, records_of, store_settings
+from tests.test_escalation_store import NOW, record, stores  # noqa: F401  (fixture)
+
+EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers", "api_token": "s3cret-token"}
+INTENT = "Send the Q3 numbers to the CFO"
+SIGNALS = {"risk_score": 0.82, "model": "claude-test"}
+
+
+def lose_rows(database: Path, *escalation_ids: str) -> None:
+    """The host crash: the store comes back without these rows (module docstring)."""
+    with sqlite3.connect(database) as conn:
+        for escalation_id in escalation_ids:
+            assert conn.execute("DELETE FROM sidecar_escalations WHERE id = ?", (escalation_id,)).rowcount == 1
+
+
+@pytest.fixture
+def config(tmp_path):
+    def make(**overrides):
+        return make_config(tmp_path, store_settings("sqlite", tmp_path), **overrides)
+
+    return make
+
+
+async def test_a_lost_escalation_comes_back_pending_and_can_be_approved(config, running_sidecar, tmp_path, caplog):
+    cfg = config(**{"escalation.approvers": [ALICE, CFO]})
+    first = await running_sidecar(cfg)
+    async with AsyncClient(first.addresses[0]) as agent, ApprovalsClient(first.addresses[0]) as approvals:
+        kept = await agent.authorize("wire_money", {"amount": 12.5, "to": "acme"})
+        lost = await agent.authorize("send_email", EMAIL, task_id="t-1", intent=INTENT, signals=SIGNALS)
+        before = await approvals.get(lost.escalation_id, approver=ALICE)
+        kept_before = await approvals.get(kept.escalation_id, approver=ALICE)
+    await first.stop(grace=0)
+    lose_rows(tmp_path / "escalations.db", lost.escalation_id)
+
+    caplog.set_level(logging.WARNING, logger="sidecar.escalation.service")
+    second = await running_sidecar(cfg)
+    restored_lines = [r.getMessage() for r in caplog.records if "restored" in r.getMessage()]
+    assert len(restored_lines) == 1 and lost.escalation_id in restored_lines[0]
+    async with AsyncClient(second.addresses[0]) as agent, ApprovalsClient(second.addresses[0]) as approvals:
+        listed = [e["escalation_id"] for e in await approvals.list(state="pending")]
+        assert sorted(listed) == sorted([lost.escalation_id, kept.escalation_id])
+        assert await approvals.get(kept.escalation_id, approver=ALICE) == kept_before  # untouched
+
+        after = await approvals.get(lost.escalation_id, approver=ALICE)
+        # everything the log holds is as it was: who, what, why, when, the trace, intent, signals, catalog
+        for field in ("subject", "subject_source", "delegation", "tool", "server", "arguments_digest", "task_id",
+                      "intent", "reasons", "policy_revision", "trace_id", "created_at", "expires_at", "signals",
+                      "tool_catalog", "state"):
+            assert after[field] == before[field], field
+        assert after["intent"] == INTENT and after["signals"] == SIGNALS and after["state"] == PENDING
+        # the arguments were never in the log: approvers get the digest and the reason
+        assert before["arguments"] == EMAIL and after["arguments"] is None and after["arguments_preview"] is None
+        assert after["arguments_withheld"].startswith("arguments_not_kept: ")
+        assert "restored from the evidence log" in after["arguments_withheld"]
+
+        # the agent asking again finds it; an approval of it lets exactly that call run, once
+        again = await agent.authorize("send_email", EMAIL, task_id="t-1", intent=INTENT, signals=SIGNALS)
+        assert again.outcome == "escalate" and again.escalation_id == lost.escalation_id
+        await approvals.approve(lost.escalation_id, approver=ALICE)
+        allowed = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=lost.escalation_id)
+        assert allowed.outcome == "allow"
+    await second.stop(grace=0)
+
+    kinds = [r["kind"] for r in records_of(tmp_path / "evidence", lost.escalation_id) if r["kind"] != "decision"]
+    assert kinds[0] == "escalation" and kinds.count("escalation") == 1 and "approval" in kinds
+    assert verify_dir(tmp_path / "evidence").ok
+
+
+async def test_a_restart_that_lost_nothing_restores_nothing(config, running_sidecar, tmp_path, caplog):
+    cfg = config()
+    first = await running_sidecar(cfg)
+    async with AsyncClient(first.addresses[0]) as agent, ApprovalsClient(first.addresses[0]) as approvals:
+        escalated = await agent.authorize("send_email", EMAIL)
+        await approvals.deny(escalated.escalation_id, approver=ALICE)
+        denied = await approvals.get(escalated.escalation_id)
+    await first.stop(grace=0)
+
+    caplog.set_level(logging.WARNING, logger="sidecar.escalation.service")
+    second = await running_sidecar(cfg)
+    assert not [r for r in caplog.records if "restored" in r.getMessage()]
+    async with ApprovalsClient(second.addresses[0]) as approvals:
+        assert await approvals.get(escalated.escalation_id) == denied  # a denied one stays denied
+        assert await approvals.list(state="pending") == []
+
+
+async def test_an_escalation_lost_past_its_ttl_stays_unknown(config, running_sidecar, tmp_path):
+    """Only the TTL's window is read back: an older escalation had expired anyway, and a retry
+    that names it is refused, never allowed."""
+    cfg = config(**{"escalation.ttl_seconds": 1})
+    first = await running_sidecar(cfg)
+    async with AsyncClient(first.addresses[0]) as agent:
+        escalated = await agent.authorize("send_email", EMAIL)
+    await first.stop(grace=0)
+    lose_rows(tmp_path / "escalations.db", escalated.escalation_id)
+    time.sleep(1.2)
+
+    second = await running_sidecar(cfg)
+    async with AsyncClient(second.addresses[0]) as agent, ApprovalsClient(second.addresses[0]) as approvals:
+        with pytest.raises(ApprovalsError):
+            await approvals.get(escalated.escalation_id)
+        retry = await agent.authorize("send_email", EMAIL, escalation_id=escalated.escalation_id)
+        assert retry.outcome == "deny" and retry.reasons[0].startswith("escalation_unknown: ")
+
+
+async def test_restore_inserts_only_what_the_store_lacks(stores):  # noqa: F811
+    store, other, _ = stores
+    assert await store.latest_change() is None
+    present = record("sha256:present")
+    await store.create(present, NOW)
+    assert await other.latest_change() == NOW
+
+    missing = record("sha256:missing", now=NOW + 5)
+    rival = record("sha256:present", now=NOW + 6)  # a second pending escalation of a stored fingerprint
+    restored = await other.restore([present, missing, rival])
+    assert restored == [missing]
+    assert await store.get(missing.id) == missing and await store.get(rival.id) is None
+    assert await store.latest_change() == NOW + 5
+    assert await store.restore([missing]) == []
+
+
+def test_reading_back_goes_newest_first_across_files_and_stops_at_since(tmp_path):
+    directory = tmp_path / "evidence"
+    evidence_log = EvidenceLog.open(directory, instance_id="t", rotate_bytes=4096)
+    ids = []
+    try:
+        for n in range(40):
+            escalation_id = new_escalation_id()
+            ids.append(escalation_id)
+            evidence_log.append_sync("escalation", {"escalation_id": escalation_id, "outcome": "escalate", "n": n})
+        middle = time.time()
+        time.sleep(0.01)
+        for n in range(40, 60):
+            escalation_id = new_escalation_id()
+            ids.append(escalation_id)
+            evidence_log.append_sync("escalation", {"escalation_id": escalation_id, "outcome": "escalate", "n": n})
+    finally:
+        evidence_log.close()
+    assert len(list(directory.glob("evidence-*.jsonl"))) > 3  # the window spans several files
+
+    everything = records_since(directory, 0, lambda line: b'"kind":"escalation"' in line)
+    assert [r["escalation_id"] for r in everything] == ids[::-1]
+    recent = records_since(directory, middle, lambda line: b'"kind":"escalation"' in line)
+    assert [r["escalation_id"] for r in recent] == ids[40:][::-1]
+    assert records_since(directory, time.time() + 60, lambda line: True) == []
+
+
+def test_reading_back_skips_lines_it_cannot_read(tmp_path):
+    directory = tmp_path / "evidence"
+    evidence_log = EvidenceLog.open(directory, instance_id="t")
+    try:
+        evidence_log.append_sync("escalation", {"escalation_id": "esc-a", "outcome": "escalate"})
+    finally:
+        evidence_log.close()
+    path = sorted(directory.glob("evidence-*.jsonl"))[-1]
+    good = path.read_bytes()
+    garbage = b'{"kind":"escalation","logged_at":"not a time"}\n[1,2]\n{"logged_at":"2999-01-01T00:00:00Z", "kind":"escalation"\n'
+    path.write_bytes(good + garbage)
+    found = records_since(directory, 0, lambda line: b'"kind":"escalation"' in line)
+    assert [r["escalation_id"] for r in found] == ["esc-a"]
+
+
+class LogReader:
+    """The evidence log in `directory`, read back as the recorder reads it (EvidenceReader)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def records_since(self, since, match):
+        return records_since(self.directory, since, match)
+
+
+@pytest.mark.parametrize("latest_offset, restored", [(10.0, True), (50.0, False)])
+async def test_the_log_is_read_back_from_shortly_before_the_stores_newest_change(tmp_path, latest_offset, restored):
+    """A row the store still has, changed `latest_offset` s after the lost escalation's record was
+    logged: within RESTORE_MARGIN_SECONDS (30) of it the record is read back; past it, the store
+    cannot have lost it (its later commit was synced), and the log is not read that far."""
+    directory = tmp_path / "evidence"
+    logged = time.time()
+    store = SqliteStore(tmp_path / "escalations.db")
+    writer = EscalationService(store, clock=lambda: logged)
+    lost = record("sha256:lost", now=logged)
+    evidence_log = EvidenceLog.open(directory, instance_id="t")
+    try:
+        evidence_log.append_sync(*writer.escalation_record(lost, "f" * 16))
+    finally:
+        evidence_log.close()
+    await store.open()
+    await store.create(record("sha256:kept", now=logged + latest_offset), logged + latest_offset)
+    await store.aclose()
+    service = EscalationService(SqliteStore(tmp_path / "escalations.db"), evidence_reader=LogReader(directory),
+                                sweep_interval_seconds=0, clock=lambda: logged + 100)
+    async with service:
+        found = await service.store.get(lost.id)
+    assert (found is not None) == restored
+    if restored:
+        assert found.restored_at == logged + 100 and found.arguments is None and found.state == PENDING
