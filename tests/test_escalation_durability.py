@@ -220,3 +220,45 @@ async def test_the_log_is_read_back_from_shortly_before_the_stores_newest_change
     assert (found is not None) == restored
     if restored:
         assert found.restored_at == logged + 100 and found.arguments is None and found.state == PENDING
+
+
+# Found by the redteam review: the reader took a record's time from the first `"logged_at":"…"` in its
+# line, and an agent's own values come before the record's own field in canonical JSON (`input`, which
+# holds the call's signals and arguments, sorts before `logged_at`). One call with signals
+# {"logged_at": "2000-01-01T00:00:00Z"} made the reader stop there, so a host crash lost for good
+# every escalation logged before that call. A far-future time made it read the whole log.
+SPOOFS = [{"logged_at": "2000-01-01T00:00:00Z"}, {"kind": "decision", "logged_at": "2999-01-01T00:00:00Z"}]
+
+
+@pytest.mark.parametrize("spoof", SPOOFS)
+def test_reading_back_takes_each_records_own_time_not_one_an_agent_wrote(tmp_path, spoof):
+    directory = tmp_path / "evidence"
+    evidence_log = EvidenceLog.open(directory, instance_id="t")
+    try:
+        evidence_log.append_sync("escalation", {"escalation_id": "esc-old", "outcome": "escalate"})
+        middle = time.time()
+        time.sleep(0.01)
+        evidence_log.append_sync("escalation", {"escalation_id": "esc-new", "outcome": "escalate"})
+        evidence_log.append_sync("decision", {"outcome": "escalate", "input": {"signals": spoof}, "signals": spoof})
+    finally:
+        evidence_log.close()
+    found = records_since(directory, 0, lambda line: b'"kind":"escalation"' in line)
+    assert [r["escalation_id"] for r in found] == ["esc-new", "esc-old"]
+    recent = records_since(directory, middle, lambda line: b'"kind":"escalation"' in line)
+    assert [r["escalation_id"] for r in recent] == ["esc-new"]
+
+
+async def test_an_agents_signals_cannot_keep_a_lost_escalation_from_coming_back(config, running_sidecar, tmp_path):
+    cfg = config(**{"escalation.approvers": [ALICE, CFO]})
+    first = await running_sidecar(cfg)
+    async with AsyncClient(first.addresses[0]) as agent:
+        lost = await agent.authorize("send_email", EMAIL, task_id="t-1", intent=INTENT, signals=SIGNALS)
+        later = await agent.authorize("wire_money", {"amount": 1, "to": "acme"}, signals=SPOOFS[0])
+        assert lost.outcome == later.outcome == "escalate"
+    await first.stop(grace=0)
+    lose_rows(tmp_path / "escalations.db", lost.escalation_id)
+
+    second = await running_sidecar(cfg)
+    async with ApprovalsClient(second.addresses[0]) as approvals:
+        restored = await approvals.get(lost.escalation_id, approver=ALICE)
+        assert restored["state"] == PENDING and restored["intent"] == INTENT and restored["signals"] == SIGNALS

@@ -7,17 +7,20 @@ records; at the next start the store is mended from here.
 
 Records are read from the end of the newest file backwards, file after file, and reading stops
 at the first record logged (`logged_at`) before `since`, so a start reads only the window it
-needs however long the log is. `match` sees each raw line before it is parsed, so a caller that
-wants a few kinds parses only those.
+needs however long the log is. Each line in that window is parsed to read its own top-level
+`logged_at`: a record holds an agent's values (its signals and arguments in `input`, which sorts
+before `logged_at`), and a search of the raw line for `"logged_at":"…"` found an agent's key
+`logged_at` first, so one call could end the window early (a host crash then lost for good the
+escalations logged before that call). `match` sees each raw line and picks the records returned.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Callable, Iterator
+
+import orjson
 
 from sidecar.evidence.log import list_log_files
 from sidecar.evidence.records import parse_rfc3339
@@ -25,7 +28,6 @@ from sidecar.evidence.records import parse_rfc3339
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-_LOGGED_AT = re.compile(rb'"logged_at":"([^"]+)"')
 
 
 def records_since(directory: str | Path, since: float, match: Callable[[bytes], bool]) -> list[dict]:
@@ -36,28 +38,29 @@ def records_since(directory: str | Path, since: float, match: Callable[[bytes], 
     found: list[dict] = []
     for _, path in reversed(list_log_files(directory)):
         for line in _lines_backwards(path):
-            logged_at = _logged_at(line)
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            logged_at = _logged_at(record)
             if logged_at is None:
                 continue
             if logged_at < since:
                 return found
-            if not match(line):
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
+            if match(line):
                 found.append(record)
     return found
 
 
-def _logged_at(line: bytes) -> float | None:
-    found = _LOGGED_AT.search(line)
-    if found is None:
+def _logged_at(record: dict) -> float | None:
+    """The record's own `logged_at` (its top-level field) as Unix seconds, None when unreadable."""
+    value = record.get("logged_at")
+    if not isinstance(value, str):
         return None
     try:
-        return parse_rfc3339(found.group(1).decode()).timestamp()
+        return parse_rfc3339(value).timestamp()
     except ValueError:
         return None
 
