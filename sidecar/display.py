@@ -18,12 +18,22 @@ Hidden characters (`hidden`):
   joiner U+034F, Hangul fillers U+115F, U+1160, U+3164, U+FFA0, Khmer
   U+17B4/17B5, braille blank U+2800.
 
+Look-alike characters (`lookalikes`): what holds no hidden character yet reads as another value:
+- in text that is not in Unicode normalization form C, the marks (an `e` and U+0301 read as
+  U+00E9), Hangul conjoining jamo (read as the syllable) and the characters NFC replaces
+  (U+212A KELVIN SIGN reads as `K`): canonically equivalent text is the same text to a reader;
+- in a word (a run of letters and marks) that mixes Latin, Greek, Cyrillic, Armenian or
+  Cherokee letters, or compatibility letters that fold to ASCII (fullwidth `ｅ`, mathematical
+  `𝐞`), its non-ASCII letters: `exаmple.com` with a Cyrillic `а` reads as `example.com`.
+  A word written wholly in one script is shown unchanged (`Привет`, `Ελληνικά`, `日本語`).
+
 A value holding any of them is shown whole in escaped form (`visible`):
 `\\n \\r \\t`, `\\xNN`, `\\uNNNN`, `\\UNNNNNNNN`, with backslashes doubled so
 the escaped form cannot be mistaken for the same text typed out; and it is
-flagged (`FLAG`, `NOTICE`). So is a value that holds the flag itself, so no
-value can pose as another one's escaped form (`needs_flag`). Any other value is
-shown unchanged: two different values never read the same.
+flagged (`FLAG`, `NOTICE`), the look-alike characters escaped with them. So is a value
+that holds the flag itself, so no value can pose as another one's escaped form
+(`needs_flag`). Any other value is shown unchanged: two different values never read
+the same, short of whole words written in another script (`аре`, all Cyrillic).
 JSON for people (`json_text`) uses JSON's own `\\uNNNN` escapes, so it stays
 valid JSON with the same value; JSON for programs (`exact_json`) is ASCII-only.
 """
@@ -57,9 +67,59 @@ def has_hidden(text: str) -> bool:
     return any(hidden(ch) for ch in text)
 
 
+# Scripts whose letters look alike (a/а/α, e/е, o/о/ο, p/р/ρ, c/с, x/х, ...), by the first word of a
+# letter's Unicode name; COMPAT: a compatibility letter that folds to an ASCII one (fullwidth, mathematical).
+_LOOKALIKE_SCRIPTS = frozenset({"LATIN", "GREEK", "CYRILLIC", "ARMENIAN", "CHEROKEE"})
+_JAMO = ((0x1100, 0x11FF), (0xA960, 0xA97F), (0xD7B0, 0xD7FF))
+
+
+def _script(ch: str) -> str | None:
+    if ch.isascii():
+        return "LATIN"
+    folded = unicodedata.normalize("NFKC", ch)
+    if folded != ch and folded.isascii() and folded.isalnum():
+        return "COMPAT"
+    name = unicodedata.name(ch, "")
+    first = name.split(" ", 1)[0]
+    return first if first in _LOOKALIKE_SCRIPTS else None
+
+
+def _replaced_by_nfc(ch: str) -> bool:
+    code = ord(ch)
+    return (unicodedata.category(ch)[0] == "M" or any(low <= code <= high for low, high in _JAMO)
+            or unicodedata.normalize("NFC", ch) != ch)
+
+
+def lookalikes(text: str) -> set[int]:
+    """Positions in `text` of the look-alike characters (module docstring); empty for ASCII text."""
+    if text.isascii():
+        return set()
+    found: set[int] = set()
+    if not unicodedata.is_normalized("NFC", text):
+        found.update(i for i, ch in enumerate(text) if _replaced_by_nfc(ch))
+        if not found:  # not NFC, yet no character above: show every non-ASCII one
+            found.update(i for i, ch in enumerate(text) if not ch.isascii())
+    word: list[int] = []
+    scripts: set[str] = set()
+    for i, ch in enumerate(text):
+        kind = unicodedata.category(ch)[0]
+        if kind in "LM":
+            word.append(i)
+            script = _script(ch) if kind == "L" else None
+            if script is not None:
+                scripts.add(script)
+            continue
+        if len(scripts) > 1:
+            found.update(j for j in word if not text[j].isascii())
+        word, scripts = [], set()
+    if len(scripts) > 1:
+        found.update(j for j in word if not text[j].isascii())
+    return found
+
+
 def needs_flag(text: str) -> bool:
-    """True when the text must be shown escaped and flagged: hidden characters, or the flag itself in it."""
-    return FLAG in text or has_hidden(text)
+    """True when the text must be shown escaped and flagged: hidden or look-alike characters, or the flag itself."""
+    return FLAG in text or has_hidden(text) or bool(lookalikes(text))
 
 
 def _escape(ch: str) -> str:
@@ -78,7 +138,9 @@ def visible(text: Any) -> str:
     text = "" if text is None else str(text)
     if not needs_flag(text):
         return text
-    return "".join("\\\\" if ch == "\\" else _escape(ch) if hidden(ch) else ch for ch in text)
+    alike = lookalikes(text)
+    return "".join("\\\\" if ch == "\\" else _escape(ch) if hidden(ch) or i in alike else ch
+                   for i, ch in enumerate(text))
 
 
 def cell(text: Any) -> str:
@@ -117,8 +179,11 @@ def json_safe(text: str) -> str:
     """JSON text (compact or indented) with every hidden character inside its strings as a JSON escape.
 
     Parses to the same value; other characters, readable non-ASCII text included, are left as they are."""
-    # Outside strings JSON text is ASCII structure plus " " and "\n" of indentation, none of them hidden.
-    return "".join(_json_escape(ch) if ch not in " \n" and hidden(ch) else ch for ch in text)
+    # Outside strings JSON text is ASCII structure plus " " and "\n" of indentation, none of them hidden
+    # (nor a letter, so a word never runs from one string into the next).
+    alike = lookalikes(text)
+    return "".join(_json_escape(ch) if (ch not in " \n" and hidden(ch)) or i in alike else ch
+                   for i, ch in enumerate(text))
 
 
 def json_text(value: Any, *, indent: int | None = 2) -> str:

@@ -230,3 +230,40 @@ async def test_console_logs_show_request_values_escaped(tmp_path, running_sideca
     [line] = [r.getMessage() for r in caplog.records if "csrf" in r.getMessage()]
     assert no_hidden(line, newlines=False) and "of esc-\\x1b[2K\\rapproved\\u202e by" in line
     assert "refused approve\\x1b[1A of" in line
+
+
+# Found by the redteam review: values that hold no hidden character yet read as another value were
+# shown unchanged, so "two different values never read the same" did not hold. Canonically equivalent
+# text (an `e` and U+0301 reads as U+00E9, KELVIN SIGN as K) and a word mixing scripts whose letters
+# look alike (`exаmple.com` with a Cyrillic а) read exactly as the value an approver expects.
+READS_AS = [
+    ("cfo@cafe\u0301.fr", "cfo@caf\u00e9.fr"),  # decomposed vs composed: canonically equivalent
+    ("\u212aelvin", "Kelvin"),  # KELVIN SIGN
+    ("5 \u2126", "5 \u03a9"),  # OHM SIGN, GREEK CAPITAL OMEGA
+    ("\u1112\u1161\u11ab", "\ud55c"),  # Hangul jamo vs the syllable
+    ("\u0bc6\u0bbe", "\u0bca"),  # Tamil two-part vowel sign vs its precomposed form
+    ("cfo@ex\u0430mple.com", "cfo@example.com"),  # Cyrillic а in a Latin word
+    ("p\u0430yp\u0430l", "paypal"),
+    ("\u03bfpenai.com", "openai.com"),  # Greek omicron
+    ("\uff45xample", "example"),  # a fullwidth e in a Latin word
+    ("\U0001d41example", "example"),  # MATHEMATICAL BOLD SMALL E
+]
+STILL_AS_IS = ["café", "naïve Zürich", "Привет мир", "Ελληνικά", "日本語のテキスト", "한국어", "\u0b95\u0bca",
+               "Grüße, Мария and Γιώργος", "e\u0301"[:1]]
+
+
+@pytest.mark.parametrize("spoof, real", READS_AS)
+def test_a_value_that_reads_as_another_is_flagged_and_shown_apart(spoof, real):
+    assert spoof != real and needs_flag(spoof)
+    assert cell(spoof).startswith(FLAG) and cell(spoof) != cell(real)
+    assert visible(spoof) != visible(real) and "\\u" in visible(spoof).replace("\\U", "\\u")
+    shown = json_text({"to": spoof})
+    assert json.loads(shown) == {"to": spoof} and "\\u" in shown  # still the same value, readably apart
+    page = pages.detail_page({**row("x"), "arguments": {"to": spoof}, "task_id": spoof}, approver=ALICE,
+                             jaeger_url="", csrf_token="t")
+    assert 'data-testid="hidden-flag"' in page and spoof not in page
+
+
+@pytest.mark.parametrize("text", STILL_AS_IS)
+def test_ordinary_text_in_any_script_is_still_shown_unchanged(text):
+    assert not needs_flag(text) and visible(text) == text == cell(text) and json.loads(json_text(text)) == text
