@@ -248,9 +248,11 @@ def build_escalations(config: Config, recorder: "EvidenceRecorder | None"):
             console_url=esc.console_url,
         )
     return EscalationService(
-        open_store(esc, config.evidence.dir),
+        # a new escalation is durable through its evidence record; what a host crash took from
+        # the store is read back from the log at start (docs/escalation.md#durability)
+        open_store(esc, config.evidence.dir, sync_new_escalations=recorder is None),
         recorder=recorder,
-        evidence_reader=recorder,  # what the store lost in a host crash is read back from the log
+        evidence_reader=recorder,
         ttl_seconds=esc.ttl_seconds,
         use_window_seconds=esc.use_window_seconds,
         await_max_seconds=esc.await_max_seconds,

@@ -170,6 +170,11 @@ def test_reading_back_goes_newest_first_across_files_and_stops_at_since(tmp_path
     assert records_since(directory, time.time() + 60, lambda line: True) == []
 
 
+def test_a_store_that_does_not_sync_new_escalations_needs_the_log_to_mend_it(tmp_path):
+    with pytest.raises(ValueError, match="evidence_reader"):
+        EscalationService(SqliteStore(tmp_path / "escalations.db", sync_new_escalations=False))
+
+
 def test_reading_back_skips_lines_it_cannot_read(tmp_path):
     directory = tmp_path / "evidence"
     evidence_log = EvidenceLog.open(directory, instance_id="t")
@@ -213,7 +218,8 @@ async def test_the_log_is_read_back_from_shortly_before_the_stores_newest_change
     await store.open()
     await store.create(record("sha256:kept", now=logged + latest_offset), logged + latest_offset)
     await store.aclose()
-    service = EscalationService(SqliteStore(tmp_path / "escalations.db"), evidence_reader=LogReader(directory),
+    service = EscalationService(SqliteStore(tmp_path / "escalations.db", sync_new_escalations=False),
+                                evidence_reader=LogReader(directory),
                                 sweep_interval_seconds=0, clock=lambda: logged + 100)
     async with service:
         found = await service.store.get(lost.id)

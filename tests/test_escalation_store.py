@@ -36,11 +36,14 @@ def record(fingerprint: str = "sha256:aa", *, now: float = NOW, ttl: float = 900
     )
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=[*STORES, "sqlite-unsynced"])
 async def stores(request, tmp_path):
-    """Two store objects over the same data: two sidecars sharing it."""
+    """Two store objects over the same data: two sidecars sharing it. `sqlite-unsynced` commits new
+    escalations without their own sync, as the served sidecar does (store.py, Durability)."""
     if request.param == "sqlite":
         make = lambda: SqliteStore(tmp_path / "esc.db")  # noqa: E731
+    elif request.param == "sqlite-unsynced":
+        make = lambda: SqliteStore(tmp_path / "esc.db", sync_new_escalations=False)  # noqa: E731
     else:
         from tests.doubles.postgres import PostgresServer
 

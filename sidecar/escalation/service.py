@@ -172,6 +172,8 @@ class EscalationService:
         instance_id: str = "",
         clock: Callable[[], float] = time.time,
     ):
+        if not store.syncs_new_escalations and evidence_reader is None:
+            raise ValueError("a store that does not sync new escalations needs an evidence_reader to mend it after a crash")
         self.store = store
         self.ttl = ttl_seconds
         self.use_window = use_window_seconds

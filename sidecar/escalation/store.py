@@ -17,10 +17,10 @@ when two sidecars see it at once.
 
 Durability: every transition is committed durably (SQLite synchronous=FULL,
 PostgreSQL's default synchronous commit) before it is answered, except one.
-SQLite commits a *new* escalation without its own fsync (synchronous=NORMAL
-for that transaction: on disk at the next synced commit, lost only to a power
-loss or kernel crash, never to the process dying; SQLite docs, "PRAGMA
-synchronous"). What makes a new escalation durable is its `escalation`
+The served sidecar's SQLite store (`sync_new_escalations=False`) commits a
+*new* escalation without its own fsync (synchronous=NORMAL for that
+transaction: on disk at the next synced commit, lost only to a power loss or
+kernel crash, never to the process dying; SQLite docs, "PRAGMA synchronous"). What makes a new escalation durable is its `escalation`
 evidence record, synced before the agent hears of it; after a host crash the
 service puts back, from the log, what the store lost (`restore`,
 service.EscalationService.start, docs/escalation.md#durability). A create
@@ -393,14 +393,15 @@ class _SqlStore:
 
 
 class SqliteStore(_SqlStore):
-    """A SQLite file in WAL mode, synchronous=FULL: a decided approval survives a crash. A new
-    escalation is committed with synchronous=NORMAL (module docstring)."""
+    """A SQLite file in WAL mode, synchronous=FULL: a decided approval survives a crash. With
+    `sync_new_escalations=False` a new escalation is committed with synchronous=NORMAL, for an
+    owner that mends the store from the evidence log at start (module docstring)."""
 
     name = "sqlite"
-    syncs_new_escalations = False
 
-    def __init__(self, path: str | Path, *, timeout_ms: int = 5000):
+    def __init__(self, path: str | Path, *, timeout_ms: int = 5000, sync_new_escalations: bool = True):
         super().__init__()
+        self.syncs_new_escalations = sync_new_escalations
         self.path = Path(path)
         self._timeout = timeout_ms / 1000
         self._conn: sqlite3.Connection | None = None
@@ -552,8 +553,11 @@ class PostgresStore(_SqlStore):
             raise StoreError(f"postgres: {message}") from None
 
 
-def open_store(config: Any, default_dir: str | Path = ".") -> EscalationStore:
-    """The store `escalation.store` names (not opened yet); SQLite defaults to default_dir/escalations.db."""
+def open_store(config: Any, default_dir: str | Path = ".", *, sync_new_escalations: bool = True) -> EscalationStore:
+    """The store `escalation.store` names (not opened yet); SQLite defaults to default_dir/escalations.db.
+    `sync_new_escalations=False`: SQLite commits new escalations without their own sync (PostgreSQL
+    always syncs); the caller must then mend it from the evidence log (EscalationService evidence_reader)."""
     if config.store == "postgres":
         return PostgresStore(config.dsn, timeout_ms=config.store_timeout_ms, pool_size=config.pool_size)
-    return SqliteStore(config.path or Path(default_dir) / "escalations.db", timeout_ms=config.store_timeout_ms)
+    return SqliteStore(config.path or Path(default_dir) / "escalations.db", timeout_ms=config.store_timeout_ms,
+                       sync_new_escalations=sync_new_escalations)
