@@ -7,11 +7,12 @@ records; at the next start the store is mended from here.
 
 Records are read from the end of the newest file backwards, file after file, and reading stops
 at the first record logged (`logged_at`) before `since`, so a start reads only the window it
-needs however long the log is. Each line in that window is parsed to read its own top-level
-`logged_at`: a record holds an agent's values (its signals and arguments in `input`, which sorts
-before `logged_at`), and a search of the raw line for `"logged_at":"…"` found an agent's key
-`logged_at` first, so one call could end the window early (a host crash then lost for good the
-escalations logged before that call). `match` sees each raw line and picks the records returned.
+needs however long the log is. Each record's time is its own top-level `logged_at`: a record
+holds an agent's values (its signals and arguments in `input`, which sorts before `logged_at`),
+and taking the first `"logged_at":"…"` of the raw line read an agent's key `logged_at`, so one
+call could end the window early (a host crash then lost for good the escalations logged before
+that call). A line with that key more than once is parsed to tell (`_line_time`). `match` sees
+each raw line before it is parsed, so a caller that wants a few kinds parses only those.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sidecar.evidence.records import parse_rfc3339
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+_LOGGED_AT_KEY = b'"logged_at":"'
 
 
 def records_since(directory: str | Path, since: float, match: Callable[[bytes], bool]) -> list[dict]:
@@ -38,25 +40,45 @@ def records_since(directory: str | Path, since: float, match: Callable[[bytes], 
     found: list[dict] = []
     for _, path in reversed(list_log_files(directory)):
         for line in _lines_backwards(path):
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(record, dict):
-                continue
-            logged_at = _logged_at(record)
+            logged_at, record = _line_time(line)
             if logged_at is None:
                 continue
             if logged_at < since:
                 return found
-            if match(line):
+            if not match(line):
+                continue
+            if record is None:
+                record = _parsed(line)
+            if record is not None:
                 found.append(record)
     return found
 
 
-def _logged_at(record: dict) -> float | None:
-    """The record's own `logged_at` (its top-level field) as Unix seconds, None when unreadable."""
-    value = record.get("logged_at")
+def _line_time(line: bytes) -> tuple[float | None, dict | None]:
+    """(the record's own logged_at, the record when it had to be parsed to find it).
+
+    A sealed record has exactly one top-level `logged_at`. Inside a JSON string a quote is escaped,
+    so the bytes `"logged_at":"` occur only as a key: when they occur once, that is the record's
+    own field, read without parsing the line. More than once, an object the record holds (an
+    agent's signals or arguments) has a key `logged_at` too, and only parsing tells which is whose."""
+    if line.count(_LOGGED_AT_KEY) == 1:
+        start = line.index(_LOGGED_AT_KEY) + len(_LOGGED_AT_KEY)
+        end = line.find(b'"', start)
+        return (_time(line[start:end].decode("utf-8", "replace")) if end > 0 else None), None
+    record = _parsed(line)
+    return (_time(record.get("logged_at")) if record is not None else None), record
+
+
+def _parsed(line: bytes) -> dict | None:
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _time(value: object) -> float | None:
+    """An RFC 3339 time as Unix seconds, None when it is not one."""
     if not isinstance(value, str):
         return None
     try:
