@@ -160,3 +160,64 @@ async def test_a_call_id_is_one_tasks_call(tmp_path, sidecar_config, running_sid
     decisions = [r for r in records(tmp_path / "evidence") if r["kind"] == "decision" and r["call_id"] == "call-1"
                  and r["outcome"] == "allow"]
     assert {r["task_id"] for r in decisions} == {"task-1"}
+
+
+CLAMP_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: search, at most 5 results, no debug, no token"], "obligations": {
+        "clamp_arguments": {"limit": 5}, "drop_arguments": ["debug"], "redact_call_arguments": ["token"],
+        "cap_list_arguments": {"tags": 1},
+    }} if input.tool.name == "search"
+"""
+
+
+@pytest.fixture
+async def search_tool():
+    bodies: list[dict] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/search", handle)
+    async with serve_app(app) as base:
+        yield base, bodies
+
+
+# Many tools read argument names without case (ASP.NET's model binding, Jackson or System.Text.Json set
+# to be case-insensitive), some after NFKC folding: there `LIMIT` or a fullwidth `ｌｉｍｉｔ` is the
+# `limit` the obligation clamps, and a second spelling beside it may win. Such a call is not made.
+@pytest.mark.parametrize("arguments", [
+    {"LIMIT": 1000},
+    {"limit": 3, "Limit": 1000},
+    {"\uff4c\uff49\uff4d\uff49\uff54": 1000},  # fullwidth "limit"
+    {"Debug": True},
+    {"TOKEN": "secret-1"},
+    {"Tags": ["a", "b", "c"]},
+])
+async def test_an_obligation_cannot_be_sidestepped_by_another_spelling_of_the_argument(
+        tmp_path, sidecar_config, running_sidecar, search_tool, arguments):
+    base, bodies = search_tool
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", CLAMP_POLICY)),
+        "invoke.tools": {"search": {"method": "POST", "url": base + "/search"}},
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        request = sidecar_pb2.AuthorizeRequest(tool="search")
+        request.arguments.update({"query": "q", **arguments})
+        answer = await stub.Invoke(sidecar_pb2.InvokeRequest(call=request))
+        assert answer.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert answer.status == "not_called" and answer.error.startswith("obligation_inapplicable:"), answer
+        assert bodies == []
+        plain = sidecar_pb2.AuthorizeRequest(tool="search")
+        plain.arguments.update({"query": "q", "limit": 50, "debug": True, "token": "t", "tags": ["a", "b"]})
+        fine = await stub.Invoke(sidecar_pb2.InvokeRequest(call=plain))
+        assert fine.status == "ok", fine
+    assert bodies == [{"query": "q", "limit": 5, "token": "[REDACTED]", "tags": ["a"]}]
+    invocation = [r for r in records(tmp_path / "evidence") if r["kind"] == "invocation"][0]
+    assert invocation["status"] == "not_called"

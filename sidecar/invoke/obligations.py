@@ -10,14 +10,17 @@ Those that shape the call are applied here, to top-level argument names:
 
 `record_arguments` and `redact_arguments` are about what evidence and
 approvers show (docs/evidence.md); they are known and leave the call alone.
-Any other key, a malformed value, or an obligation that does not fit the
-argument (clamping a string) raises ObligationError: the call is not made
-(fail closed). A named argument that is absent is left absent.
+Any other key, a malformed value, an obligation that does not fit the
+argument (clamping a string), or an argument spelled as a named one but for
+case or compatibility forms (`LIMIT`, a fullwidth `ｌｉｍｉｔ`, which tools that
+read names without case take for `limit`) raises ObligationError: the call is
+not made (fail closed). A named argument that is absent is left absent.
 """
 
 from __future__ import annotations
 
 import copy
+import unicodedata
 from typing import Any
 
 from sidecar.reasons import OBLIGATION_INAPPLICABLE, OBLIGATION_UNKNOWN, Reason
@@ -53,6 +56,25 @@ def _limits(key: str, value: Any, *, integer: bool) -> dict[str, float]:
     return value
 
 
+def _folded(name: str) -> str:
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def _check_spellings(arguments: dict[str, Any], named: list[str]) -> None:
+    """Refuse a call with an argument that is another spelling of one an obligation names (`LIMIT`,
+    a fullwidth `ｌｉｍｉｔ` for `limit`): many tools read names without case, some after NFKC
+    folding, so the obligation would leave the argument the tool reads untouched."""
+    folded = {_folded(name): name for name in named}
+    for key in arguments:
+        name = folded.get(_folded(key)) if isinstance(key, str) else None
+        if name is not None and key != name:
+            raise ObligationError(str(Reason(
+                OBLIGATION_INAPPLICABLE,
+                f"argument {key!r} is another spelling of {name!r}, which the obligations name; a tool that "
+                "reads names without case would get it unchanged, so the call was not made",
+            )))
+
+
 def apply_obligations(arguments: dict[str, Any], obligations: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
     """Return (arguments to send, changes made). Never modifies `arguments`.
 
@@ -67,6 +89,12 @@ def apply_obligations(arguments: dict[str, Any], obligations: dict[str, Any]) ->
             f"policy asked for obligation(s) {', '.join(unknown)} that this sidecar "
             "cannot apply; the call was not made",
         )))
+    _check_spellings(arguments, [
+        *_names("drop_arguments", obligations.get("drop_arguments", [])),
+        *_names("redact_call_arguments", obligations.get("redact_call_arguments", [])),
+        *_limits("clamp_arguments", obligations.get("clamp_arguments", {}), integer=False),
+        *_limits("cap_list_arguments", obligations.get("cap_list_arguments", {}), integer=True),
+    ])
     out = copy.deepcopy(arguments)
     changes: list[dict] = []
     for name in _names("drop_arguments", obligations.get("drop_arguments", [])):
