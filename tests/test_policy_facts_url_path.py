@@ -138,3 +138,15 @@ def test_text_too_long_to_parse_is_never_allowed(tool, arguments):
     assert decide(tool, arguments)["outcome"] != "allow"
     within = {name: text[: MAX_PARSED_CHARS - MAX_PARSED_CHARS % 9]}  # up to the limit it is parsed (9: "select 1;")
     assert argument_facts(CATALOG[tool], within)[name]["parsed"] is True
+
+
+@pytest.mark.parametrize("arguments", [
+    {"path": "/workspace/notes/a.txt", "PATH": "/etc/shadow"},
+    {"path": "/workspace/notes/a.txt", "Path": "/etc/shadow"},
+])
+def test_shipped_rules_deny_another_spelling_of_a_judged_argument(arguments):
+    """Found by the redteam review: the rules judged `path` while a tool that reads names without case
+    (or whose last key wins) would open `PATH`; the call was allowed."""
+    decision = decide("read_file", arguments)
+    assert decision["outcome"] == "deny", decision
+    assert any(r.startswith('ambiguous_argument: argument "P') for r in decision["reasons"]), decision

@@ -28,6 +28,31 @@ argument_has_type(name, "array") if {
 
 argument_has_type(name, "object") if is_object(input.tool.arguments[name])
 
+# An argument spelled like one the rules judge by name but for case ("PATH" beside "path"): a tool
+# that reads argument names without case may take it in place of the one judged here.
+deny contains reason([
+	"ambiguous_argument: argument \"", show(key), "\" of tool \"", tool_label,
+	"\" is another spelling of \"", show(name), "\"",
+]) if {
+	judging_arguments
+	some key, _ in input.tool.arguments
+	some name in judged_argument_names
+	key != name
+	lower(key) == lower(name)
+}
+
+# The arguments rules judge by name: declared, formatted, and "path" (checked on any tool).
+judged_argument_names contains name if {
+	is_object(tool_entry.arguments)
+	some name, _ in tool_entry.arguments
+}
+
+judged_argument_names contains name if {
+	some name, _ in object.get(tool_entry, "formats", {})
+}
+
+judged_argument_names contains "path"
+
 argument_has_type(name, "number") if is_number(input.tool.arguments[name])
 
 argument_has_type(name, "boolean") if is_boolean(input.tool.arguments[name])

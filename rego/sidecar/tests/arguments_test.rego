@@ -40,6 +40,15 @@ test_other_declared_types if {
 	denies(call("t", {"o": [], "n": "0", "b": "false"}), "invalid_argument") with data.sidecar.catalog.tools as tools
 }
 
+test_another_spelling_of_a_judged_argument_denied if {
+	inp := call("read_file", {"path": "/workspace/a", "PATH": "/etc/shadow"})
+	"ambiguous_argument: argument \"PATH\" of tool \"read_file\" is another spelling of \"path\"" in decide(inp).reasons
+	denies(call("read_file", {"path": "/workspace/a", "Path": "x"}), "ambiguous_argument")
+	denies(call_as(data_agent, "write_file", {"path": "/workspace/x", "content": "c", "CONTENT": "d"}), "ambiguous_argument")
+	not denies(base_input, "ambiguous_argument")
+	not denies(call("read_file", {"path": "/workspace/a", "paths": "x"}), "ambiguous_argument")
+}
+
 # --- paths --------------------------------------------------------------------
 
 test_path_traversal_denied if {
