@@ -16,6 +16,7 @@ from sidecar.policy.opa.client import OpaClient
 from sidecar.policy.opa.runner import OpaNotFound, OpaRunner, OpaRunOptions, OpaStartError, find_opa
 from sidecar.policy.opa import runner as runner_module
 from tests.conftest import REPO, SIMPLE_POLICY, write_policy
+from tests.test_opa_client import stop
 
 INPUT = {"version": "sidecar/v1", "tool": {"name": "echo", "arguments": {}}}
 
@@ -163,7 +164,7 @@ async def test_without_liveness_a_stopped_opa_is_not_replaced(tmp_path, socket_d
     async with OpaRunner(options(bundle, socket_dir, health_timeout_seconds=0.2)) as runner:
         async with OpaClient(runner.url) as client:
             first = runner.pid
-            os.kill(first, signal.SIGSTOP)
+            stop(first)  # every thread stopped before the call: kill() returns before the stop is complete
             try:
                 denied = await client.decide(INPUT)  # answers only once OPA runs again
                 assert denied.outcome == "deny" and "OPA at" in denied.reasons[0]
