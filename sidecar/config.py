@@ -631,6 +631,10 @@ def _identity_pattern(value: str, key: str) -> None:
             raise ConfigError(f"{key}: {exc}") from None
 
 
+# Longest escalation.ttl_seconds / use_window_seconds: a time that far ahead is still a date.
+MAX_ESCALATION_SECONDS = 10 * 365 * 86_400
+
+
 def _validate_escalation(esc: "EscalationConfig") -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
@@ -638,6 +642,11 @@ def _validate_escalation(esc: "EscalationConfig") -> None:
                 "webhook_timeout_seconds", "webhook_backoff_seconds"):
         if not getattr(esc, key) > 0:
             raise ConfigError(f"escalation.{key}: must be positive")
+    for key in ("ttl_seconds", "use_window_seconds"):
+        if getattr(esc, key) > MAX_ESCALATION_SECONDS:
+            # they become RFC 3339 times (expires_at, use_by): past year 9999 none can be written,
+            # and every escalated call would fail instead of being answered
+            raise ConfigError(f"escalation.{key}: must be at most {MAX_ESCALATION_SECONDS} (10 years)")
     for key in ("pool_size", "store_timeout_ms", "poll_interval_ms", "webhook_attempts"):
         if getattr(esc, key) <= 0:
             raise ConfigError(f"escalation.{key}: must be positive")
@@ -941,6 +950,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, not {_kind(value)}")
+        if not math.isfinite(value):
+            # YAML's .nan and .inf: NaN passes every `<= 0` / `< 0` check below and then means
+            # "never" to one comparison and "at once" to another (a timeout, a checkpoint timer)
+            raise ConfigError(f"{key}: must be a finite number, not {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
