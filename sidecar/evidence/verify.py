@@ -51,7 +51,15 @@ from sidecar.evidence.records import (
     parse_rfc3339,
     record_hash,
 )
-from sidecar.evidence.signing import NamedKey, chain_trusted, key_id, spiffe_id_of, spiffe_id_matches, verify_signature
+from sidecar.evidence.signing import (
+    NamedKey,
+    chain_trusted,
+    key_id,
+    public_der,
+    spiffe_id_of,
+    spiffe_id_matches,
+    verify_signature,
+)
 
 INTACT = "intact"
 NOT_YET_COVERED = "not_yet_covered"
@@ -97,6 +105,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     truncated_problems: int = 0
+    startup_sidecar: Any = None  # `sidecar` of the latest startup record: every checkpoint after it names it
 
     @property
     def ok(self) -> bool:
@@ -225,7 +234,8 @@ def verify_dir(
             if report.first_seq is None:
                 report.first_seq = seq
             kind = record.get("kind")
-            report.kinds[kind] += 1
+            # counted under its JSON spelling when it is no string ([] or {} cannot be a Counter key)
+            report.kinds[kind if isinstance(kind, str) else canonical_json_or_repr(kind)] += 1
             try:
                 canonical = canonical_json(record) == line
                 computed = record_hash(record)
@@ -236,7 +246,7 @@ def verify_dir(
                 problem(seq, where, f"seq {seq}: hash mismatch: the record was changed after it was written")
             elif not canonical:
                 problem(seq, where, f"seq {seq}: not in canonical form: the line was rewritten after it was written")
-            if kind not in KINDS:
+            if not isinstance(kind, str) or kind not in KINDS:
                 problem(seq, where, f"seq {seq}: unknown kind {kind!r}")
             if seq != expected_seq:
                 if seq > expected_seq:
@@ -252,6 +262,7 @@ def verify_dir(
                     f"record {seq - 1} was changed or replaced, or records were reordered",
                 )
             if kind == "startup":
+                report.startup_sidecar = record.get("sidecar")
                 log_id = record.get("log_id")
                 if not report.log_id:
                     report.log_id = log_id or ""
@@ -276,6 +287,13 @@ def verify_dir(
             "the last checkpoint cannot be seen (pass --mirror)"
         )
     return report
+
+
+def canonical_json_or_repr(value: Any) -> str:
+    try:
+        return canonical_json(value).decode()
+    except NotCanonicalizable:
+        return repr(value)
 
 
 def _check_checkpoint(record, seq, where, report: VerifyReport, anchors: _Anchors, problem) -> None:
@@ -320,6 +338,12 @@ def _check_checkpoint(record, seq, where, report: VerifyReport, anchors: _Anchor
     if not verify_signature(key, alg, payload, value):
         problem(seq, where, f"seq {seq}: checkpoint signature is not valid (forged or altered)")
         return
+    unsigned = _unsigned_parts_wrong(record, payload, signature, signer, key, report.startup_sidecar)
+    if unsigned:
+        # what the signature does not cover must be what the writer derives from what it does: the
+        # last checkpoint is followed by nothing whose prev_hash would hold it
+        problem(seq, where, f"seq {seq}: checkpoint record altered outside its signed payload: {unsigned}")
+        return
     who = report.signers.setdefault(key_id(key), Signer(key_id(key), spiffe_id, str(signer.get("source") or "")))
     who.checkpoints += 1
     who.first_seq = seq if who.first_seq is None else who.first_seq
@@ -329,13 +353,54 @@ def _check_checkpoint(record, seq, where, report: VerifyReport, anchors: _Anchor
         report.covered_seq = seq
 
 
+_CHECKPOINT_KEYS = {"checkpoint", "hash", "kind", "logged_at", "prev_hash", "seq", "sidecar", "signature", "signer"}
+_PAYLOAD_KEYS = {"head_hash", "log_id", "seq", "time"}
+_SIGNATURE_KEYS = {"alg", "key_id", "value"}
+_SIGNER_KEYS = {"certificates", "key_id", "public_key", "source"}
+
+
+def _unsigned_parts_wrong(record: dict, payload: dict, signature: dict, signer: dict, key: Any,
+                          startup_sidecar: Any) -> str:
+    """Why the parts of a checkpoint record its signature does not cover are not the ones the writer
+    (log.py `_checkpoint_line`) derives from the signed payload and the key; "" when they are."""
+    if set(record) != _CHECKPOINT_KEYS:
+        return f"members {sorted(set(record) ^ _CHECKPOINT_KEYS)} added or removed"
+    if set(payload) != _PAYLOAD_KEYS or set(signature) != _SIGNATURE_KEYS or not set(signer) <= _SIGNER_KEYS:
+        return "members added to or removed from checkpoint, signature or signer"
+    if record.get("logged_at") != payload.get("time"):
+        return "logged_at is not the signed time"
+    kid = key_id(key)
+    if signature.get("key_id") != kid or signer.get("key_id") != kid:
+        return "key_id is not the signing key's"
+    if signer.get("public_key") != base64.b64encode(public_der(key)).decode():
+        return "public_key is not the signing key"
+    certificates = signer.get("certificates")
+    if certificates is not None:
+        try:
+            if not isinstance(certificates, list) or not certificates or not all(isinstance(c, str) for c in certificates):
+                raise ValueError("not a list of PEM strings")
+            leaf = x509.load_pem_x509_certificate(certificates[0].encode())
+        except ValueError:
+            return "certificates do not parse"
+        if public_der(leaf.public_key()) != public_der(key):
+            return "the signer certificate is not the signing key's"
+    if signer.get("source") not in (("svid",) if certificates is not None else ("file", "dev")):
+        return f"source {signer.get('source')!r} does not match the signer"
+    if startup_sidecar is not None and record.get("sidecar") != startup_sidecar:
+        return f"sidecar {record.get('sidecar')!r} is not the one that started the log ({startup_sidecar!r})"
+    return ""
+
+
 def _svid_signer(signer: dict, payload: dict, anchors: _Anchors) -> tuple[Any, str, str]:
     """(key, SPIFFE ID, "") for an SVID chaining to the bundle, named by --signer; else (None, "", why)."""
     try:
         at = parse_rfc3339(str(payload.get("time")))
     except ValueError:
         return None, "", "checkpoint time does not parse"
-    wrong = chain_trusted(signer.get("certificates") or [], anchors.bundle, at)
+    certificates = signer.get("certificates") or []
+    if not isinstance(certificates, list) or not all(isinstance(c, str) for c in certificates):
+        return None, "", "the signer certificates are not a list of PEM strings"
+    wrong = chain_trusted(certificates, anchors.bundle, at)
     if wrong:
         return None, "", wrong
     leaf = x509.load_pem_x509_certificate(signer["certificates"][0].encode())
@@ -355,6 +420,8 @@ def _check_outside_copies(directory, mirror, report, checkpoint_hashes, problem)
             try:
                 copy = parse_json(line)
                 seq, claimed = copy["seq"], copy["hash"]
+                if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(claimed, str):
+                    raise TypeError("seq is not an integer or hash not a string")
             except (ValueError, KeyError, TypeError):
                 report.warnings.append(f"{where}: unreadable checkpoint copy")
                 continue
