@@ -6,6 +6,11 @@ such log BROKEN; before this, a checkpoint whose signer certificates were not st
 (`certificates: [1]`) made `verify --bundle` crash with AttributeError, and a mirror line whose seq
 was a string (`{"seq": "9", ...}`) made every `verify` crash with TypeError, so `agent-sidecar
 evidence verify` printed a traceback instead of a verdict and the report named nothing.
+
+And the last record, when it is a checkpoint, is held by no later prev_hash while its signature
+covers only its payload: its logged_at, sidecar, signer (source, key ids, public key, certificates)
+could be changed, or members added (an `outcome` beside the payload), and `verify --bundle` still
+said INTACT (with no mirror to compare against).
 """
 
 from __future__ import annotations
