@@ -231,14 +231,14 @@ def default_steps(
 
 def build_escalations(config: Config, recorder: "EvidenceRecorder | None"):
     """The escalation service on the configured store (docs/escalation.md); not started yet."""
-    from sidecar.escalation.notify import WebhookNotifier
+    from sidecar.escalation.notify import WebhookNotifier, load_webhook_secret
     from sidecar.escalation.service import EscalationService
     from sidecar.escalation.store import open_store
 
     esc = config.escalation
     notifier = None
     if esc.webhook_url:
-        secret = Path(esc.webhook_secret_file).read_bytes().strip() if esc.webhook_secret_file else None
+        secret = load_webhook_secret(esc.webhook_secret_file) if esc.webhook_secret_file else None
         notifier = WebhookNotifier(
             esc.webhook_url,
             timeout_seconds=esc.webhook_timeout_seconds,

@@ -4,7 +4,7 @@ Sent in the background: the agent has its ESCALATE answer before the first
 attempt starts, and a webhook that is down never slows or fails a decision.
 Connection errors, timeouts, 429 and 5xx answers are retried with
 exponential backoff (tenacity) up to `escalation.webhook_attempts`; other
-answers are final. With a secret, the body is signed:
+answers are final. With a secret (at least 16 bytes), the body is signed:
 `X-Sidecar-Signature: sha256=<hex HMAC-SHA256 of the body>`.
 
 Payload (ASCII-only JSON: every non-ASCII and control character is a JSON escape):
@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -39,8 +40,29 @@ log = logging.getLogger(__name__)
 USER_AGENT = "agent-sidecar-webhook/1"
 
 
+# A shorter webhook secret is refused: b"" (an empty or blank secret file) sent every notice unsigned.
+MIN_SECRET_BYTES = 16
+
+
 class RetryableWebhookError(Exception):
     pass
+
+
+def load_webhook_secret(path: str) -> bytes:
+    """The secret in `path` (surrounding whitespace removed); ConfigError naming the key, never the
+    secret, when it cannot be read or is shorter than MIN_SECRET_BYTES."""
+    from sidecar.config import ConfigError
+
+    try:
+        data = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"escalation.webhook_secret_file: cannot read {path}: {exc.strerror}") from None
+    if len(data) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"escalation.webhook_secret_file: {path} holds {len(data)} bytes (after surrounding whitespace); "
+            f"at least {MIN_SECRET_BYTES} are needed, or notices go out unsigned or easy to forge"
+        )
+    return data
 
 
 class Notifier(Protocol):
@@ -69,6 +91,8 @@ class WebhookNotifier:
         console_url: str = "",
         max_in_flight: int = 100,
     ):
+        if secret is not None and len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"the webhook secret must be at least {MIN_SECRET_BYTES} bytes (an empty one signs nothing)")
         self.url = url
         self._timeout = timeout_seconds
         self._attempts = attempts

@@ -1,0 +1,88 @@
+"""Red team, round 2: the webhook secret.
+
+`escalation.webhook_secret_file` is required outside dev mode "so the receiver can tell the
+sidecar's notices from forged ones". A secret file that was empty or held only a newline (a
+Kubernetes Secret created with an empty value) gave the secret b"", and `if self._secret:` then
+sent every notice with no X-Sidecar-Signature at all: a receiver that checks a signature only
+when one is present took forged notices (and their console links) as the sidecar's. A 1-byte
+secret was accepted too. Now the sidecar does not start, and says why without the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from aiohttp import web
+
+from sidecar.client import AsyncClient
+from sidecar.config import ConfigError
+from sidecar.escalation.notify import MIN_SECRET_BYTES, WebhookNotifier
+from tests.doubles.escalation import make_config
+
+EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers"}
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \r\n\t", b"k", b"fifteen-bytes!!"])
+async def test_a_blank_or_short_secret_is_refused_at_start(tmp_path, running_sidecar, content):
+    secret = tmp_path / "webhook.secret"
+    secret.write_bytes(content)
+    config = make_config(tmp_path, **{
+        "escalation.webhook_url": "http://127.0.0.1:9/hook",
+        "escalation.webhook_secret_file": str(secret),
+    })
+    with pytest.raises(ConfigError) as info:
+        await running_sidecar(config)
+    message = str(info.value)
+    assert message.startswith("escalation.webhook_secret_file:") and str(secret) in message
+    assert f"at least {MIN_SECRET_BYTES}" in message
+    if len(content.strip()) >= 8:
+        assert content.strip().decode() not in message.replace(str(secret), "")  # the secret is never shown
+
+
+async def test_an_unreadable_secret_file_is_a_config_error(tmp_path, running_sidecar):
+    config = make_config(tmp_path, **{
+        "escalation.webhook_url": "http://127.0.0.1:9/hook",
+        "escalation.webhook_secret_file": str(tmp_path / "missing.secret"),
+    })
+    with pytest.raises(ConfigError, match="escalation.webhook_secret_file: cannot read"):
+        await running_sidecar(config)
+
+
+def test_the_notifier_itself_refuses_an_empty_secret():
+    with pytest.raises(ValueError):
+        WebhookNotifier("http://127.0.0.1:9/hook", secret=b"")
+    WebhookNotifier("http://127.0.0.1:9/hook", secret=None)  # no secret at all is dev mode's choice
+
+
+async def test_a_secret_of_the_minimum_length_signs_every_notice(tmp_path, running_sidecar):
+    received: list[tuple[dict, bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        key = b"x" * MIN_SECRET_BYTES
+        secret = tmp_path / "webhook.secret"
+        secret.write_bytes(key + b"\n")
+        sidecar = await running_sidecar(make_config(tmp_path, **{
+            "escalation.webhook_url": f"http://127.0.0.1:{port}/hook",
+            "escalation.webhook_secret_file": str(secret),
+        }))
+        async with AsyncClient(sidecar.addresses[0]) as agent:
+            assert (await agent.authorize("send_email", EMAIL, task_id="t-w")).outcome == "escalate"
+        await sidecar.escalations.notifier.drain(30)
+    finally:
+        await runner.cleanup()
+    assert len(received) == 1
+    headers, body = received[0]
+    assert headers["X-Sidecar-Signature"] == "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
