@@ -29,7 +29,7 @@ from sidecar.console.app import start_console
 from sidecar.display import FLAG, cell, exact_json, hidden, json_safe, json_text, needs_flag, visible
 from sidecar.escalation import EscalationRecord
 from sidecar.escalation.cli import format_detail, format_table
-from sidecar.escalation.notify import WebhookNotifier
+from sidecar.escalation.notify import WebhookNotifier, chat
 from sidecar.evidence.show import Filter, iter_lines, show
 from tests.conftest import REPO
 from tests.doubles.escalation import ALICE, make_config
@@ -115,7 +115,7 @@ def test_every_renderer_escapes_and_flags_every_field(text):
         intent="", call_id="c", decision_id="d", reasons=("high_risk_tool: x",), policy_revision="r",
         trace_id="t", span_id="s", created_at=0.0, expires_at=1.0)
     payload = notifier.payload(record)
-    assert no_hidden(payload["text"]) and payload["text"].startswith(cell("send_" + text) + " by ")
+    assert no_hidden(payload["text"]) and payload["text"].startswith(chat("send_" + text) + " by ")
     assert payload["hidden_characters"] == ["tool", "arguments_preview", "task_id"]
     assert payload["escalation"]["task_id"] == text  # programs get the exact value
 

@@ -86,3 +86,50 @@ async def test_a_secret_of_the_minimum_length_signs_every_notice(tmp_path, runni
     assert len(received) == 1
     headers, body = received[0]
     assert headers["X-Sidecar-Signature"] == "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+# -- agent-controlled text in the chat summary -------------------------------------------------------
+
+LINK_SERVER = "<https://evil.example/approve|mail> <!channel> & <@U024BE7LH>"
+
+
+async def test_no_link_or_mention_reaches_the_chat_text(tmp_path, running_sidecar):
+    """An agent names the server of its call (a catalog entry without `server` does not check it, and the
+    test policy checks none): `<https://evil.example/approve|mail>` reached Slack-style `text` as written,
+    shown as a link labelled "mail" to the attacker's page, and `<!channel>` paged everyone."""
+    received: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        secret = tmp_path / "webhook.secret"
+        secret.write_bytes(b"a-shared-webhook-secret")
+        sidecar = await running_sidecar(make_config(tmp_path, **{
+            "escalation.webhook_url": f"http://127.0.0.1:{port}/hook",
+            "escalation.webhook_secret_file": str(secret),
+        }))
+        async with AsyncClient(sidecar.addresses[0]) as agent:
+            result = await agent.authorize("send_email", EMAIL, task_id="t-link", server=LINK_SERVER)
+            assert result.outcome == "escalate", result.reasons
+        await sidecar.escalations.notifier.drain(30)
+    finally:
+        await runner.cleanup()
+    import json
+
+    payload = json.loads(received[0])
+    text = payload["text"]
+    assert "<" not in text and ">" not in text, text
+    assert "&lt;https://evil.example/approve|mail&gt; &lt;!channel&gt; &amp; &lt;@U024BE7LH&gt;" in text
+    # decoded as Slack decodes it, the text shows the server exactly as the agent sent it
+    shown = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    assert f" on {LINK_SERVER} by " in shown
+    assert payload["escalation"]["server"] == LINK_SERVER  # programs still get the exact value

@@ -15,8 +15,9 @@ Payload (ASCII-only JSON: every non-ASCII and control character is a JSON escape
      "console_url": "https://approvals.example.org/escalations/esc-..."}   # when console_url is set
 
 `text` is for chat tools that show a webhook's "text" (Slack-style): every value in it is
-shown with hidden characters escaped and flagged "[!]" (sidecar/display.py), so it reads as
-what will run. `escalation` keeps the exact values for programs.
+shown with hidden characters escaped and flagged "[!]" (sidecar/display.py), and with `&`, `<`
+and `>` as `&amp;`, `&lt;`, `&gt;` (Slack's escapes: no link, mention or @channel comes from
+a value), so it reads as what will run. `escalation` keeps the exact values for programs.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ class WebhookNotifier:
     def payload(self, record: EscalationRecord) -> dict[str, Any]:
         escalation = record.to_json()
         hidden = flagged(escalation)
-        codes = ", ".join(cell(_code_or_text(reason)) for reason in record.reasons)
-        text = (f"{cell(record.tool)}" + (f" on {cell(record.server)}" if record.server else "")
-                + f" by {cell(record.subject)} needs approval: {codes} ({cell(record.id)})")
+        codes = ", ".join(chat(_code_or_text(reason)) for reason in record.reasons)
+        text = (f"{chat(record.tool)}" + (f" on {chat(record.server)}" if record.server else "")
+                + f" by {chat(record.subject)} needs approval: {codes} ({chat(record.id)})")
         if hidden:
             text += f"\n{FLAG} {', '.join(hidden)} {NOTICE}"
         body: dict[str, Any] = {"type": "escalation.created", "escalation": escalation, "text": text,
@@ -182,6 +183,14 @@ class WebhookNotifier:
 
 class _Final(Exception):
     """An answer that retrying will not change."""
+
+
+def chat(value: str) -> str:
+    """A value for the `text` of a chat tool: `cell(value)`, with the three characters Slack-style
+    `text` reads as markup escaped the way it documents (&amp; &lt; &gt;), so it shows them as
+    written. Unescaped, `<https://x.example|mail>` became a link labelled `mail` and `<!channel>`
+    paged the channel: a server name or a policy's reason holds what an agent sent."""
+    return cell(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _code_or_text(reason: str) -> str:
