@@ -7,8 +7,27 @@ Logging" and "PRAGMA synchronous").
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
+
+# Like the evidence log's files: owner read-write, group read, nobody else. escalations.db holds
+# the arguments of pending calls in full (secrets too: they are what the approver reads), which
+# the evidence log itself never keeps in clear.
+FILE_MODE = 0o640
+
+
+def _private(path: Path) -> None:
+    """Create `path` with FILE_MODE (SQLite gives its -wal and -shm files the database's mode), and take
+    the bits for others off the database and those files when an earlier start left them readable."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = name.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if mode & 0o007:
+            os.chmod(name, mode & ~0o007)
 
 
 def connect_durable(path: Path, timeout_seconds: float) -> sqlite3.Connection:
@@ -16,6 +35,7 @@ def connect_durable(path: Path, timeout_seconds: float) -> sqlite3.Connection:
     (callers BEGIN and COMMIT), usable from any one thread at a time; waits up to `timeout_seconds`
     for another connection's lock. Raises sqlite3.Error or OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _private(path)
     conn = sqlite3.connect(str(path), timeout=timeout_seconds, isolation_level=None, check_same_thread=False)
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
