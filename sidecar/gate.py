@@ -66,6 +66,7 @@ class CallState:
     policy_decision: Decision | None = None  # what policy itself said, recorded when the answer differs
     approver: str = ""  # who approved the escalation this call carries out
     new_escalation: "EscalationRecord | None" = None  # raised by this call: announced once recorded
+    used_approval: "EscalationRecord | None" = None  # consumed by this call: released if its allow is not recorded
     receipt: Receipt | None = None  # of the decision's evidence record
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
 
@@ -171,6 +172,10 @@ class Gate:
                 self.escalations.announce(state.new_escalation)
             else:  # the escalating decision could not be recorded: nobody may approve it
                 await self.escalations.withdraw(state.new_escalation)
+        if state.used_approval is not None and self.escalations is not None and decision.outcome != "allow":
+            # the allow that used the approval could not be recorded (the agent hears a deny): the
+            # approval is the agent's again, not spent on a decision the log does not hold
+            await self.escalations.release(state.used_approval, state.decision_id)
         state.timings["total"] = (time.perf_counter() - started) * 1000
         if self._metrics is not None:
             self._metrics.observe(decision.outcome, decision.engine, decision.error is not None, state.timings)

@@ -265,6 +265,7 @@ class Escalate:
                     return
                 state.escalation_id = retry.record.id
                 state.approver = approval.approver
+                state.used_approval = retry.record
                 return
             state.approver = approval.approver
             if decision.outcome == "escalate":

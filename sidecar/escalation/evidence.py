@@ -106,9 +106,10 @@ class EscalationEvidence:
         )
 
     async def transition(self, kind: str, record: EscalationRecord, *, outcome: str, reasons: list[str],
-                         approver: Approver | None = None) -> None:
-        """The record of a transition (`approval`, `human_denial`) to `record`'s state."""
-        await self._append(kind, self._fields(record, outcome=outcome, reasons=reasons, approver=approver))
+                         approver: Approver | None = None) -> bool:
+        """The record of a transition (`approval`, `human_denial`) to `record`'s state; False when it
+        could not be written."""
+        return await self._append(kind, self._fields(record, outcome=outcome, reasons=reasons, approver=approver))
 
     async def expiry(self, record: EscalationRecord) -> None:
         """The `expiry` record of an escalation that just expired (reason from `expiry_reason`)."""
@@ -180,10 +181,12 @@ class EscalationEvidence:
             fields["links"] = [{"trace_id": record.trace_id, "span_id": record.span_id, "type": "escalation"}]
         return fields
 
-    async def _append(self, kind: str, fields: dict) -> None:
+    async def _append(self, kind: str, fields: dict) -> bool:
         if self._recorder is None:
-            return
+            return True
         try:
             await self._recorder.append(kind, fields)
         except EvidenceError as exc:
             log.error("evidence: could not record %s for escalation %s: %s", kind, fields.get("escalation_id"), exc)
+            return False
+        return True

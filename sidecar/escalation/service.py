@@ -55,6 +55,7 @@ from sidecar.reasons import (
     ESCALATION_EXPIRED,
     ESCALATION_MISMATCH,
     ESCALATION_UNKNOWN,
+    EVIDENCE_UNAVAILABLE,
     Reason,
 )
 
@@ -344,6 +345,18 @@ class EscalationService:
         if self.notifier is not None:
             self.notifier.notify(record)
 
+    async def release(self, record: EscalationRecord, decision_id: str) -> None:
+        """Give back the approval `decision_id` used: that decision could not be recorded (the gate
+        answered a deny). Logged, never raised, when the store fails too (the approval stays used:
+        closed)."""
+        try:
+            released = await self.store.release(record.id, decision_id, self.clock())
+        except Exception:
+            log.exception("could not give back the approval of escalation %s", record.id)
+            return
+        if released is not None:
+            self._feed.publish(released)
+
     async def withdraw(self, record: EscalationRecord) -> None:
         """A new escalation whose decision could not be recorded: expire it (best effort)."""
         try:
@@ -445,7 +458,7 @@ class EscalationService:
         except EscalationRefused as refusal:
             await self._evidence.refusal(kind, escalation_id, refusal.record or record, approver, refusal, note)
             raise
-        await self._evidence.transition(
+        recorded = await self._evidence.transition(
             kind,
             decided,
             approver=approver,
@@ -456,6 +469,19 @@ class EscalationService:
                 + (f" via {approver.via}" if approver.via else "")
             ],
         )
+        if not recorded and state == APPROVED:
+            # an approval the log does not hold must not carry out a call: withdrawn, like an
+            # escalation whose decision could not be recorded (a denial stands: it runs nothing)
+            withdrawn = await self.store.withdraw(decided.id, self.clock())
+            if withdrawn is not None:
+                self._feed.publish(withdrawn)
+            raise EscalationRefused(
+                EVIDENCE_UNAVAILABLE,
+                f"the approval of escalation {decided.id} could not be recorded, so it was withdrawn; "
+                "the agent must ask again once evidence works",
+                "UNAVAILABLE",
+                withdrawn or decided,
+            )
         self._feed.publish(decided)
         return decided
 

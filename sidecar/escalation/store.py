@@ -153,6 +153,12 @@ SQL = {
         f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE id = ? "
         f"AND state IN ('{PENDING}', '{APPROVED}') RETURNING {SELECT}"
     ),
+    # The decision that used an approval could not be recorded: used → approved again, only if that
+    # decision used it (the use window is unchanged).
+    "release": (
+        f"UPDATE {TABLE} SET state = '{APPROVED}', used_at = NULL, used_by_decision = '', updated_at = ? "
+        f"WHERE id = ? AND state = '{USED}' AND used_by_decision = ? RETURNING {SELECT}"
+    ),
     # The agent asked about the call again (a repeat): only the time it was last seen.
     "seen": f"UPDATE {TABLE} SET agent_seen_at = ? WHERE id = ?",
     # An AwaitDecision opens: seen now, waiting until its deadline (or a later one already there).
@@ -243,6 +249,11 @@ class EscalationStore(Protocol):
     async def withdraw(self, escalation_id: str, now: float) -> EscalationRecord | None:
         """pending or approved (unused) → expired at once: an escalation whose decision could not be
         recorded. None when it was neither (denied, expired, used)."""
+        ...
+
+    async def release(self, escalation_id: str, decision_id: str, now: float) -> EscalationRecord | None:
+        """used → approved, only when `decision_id` used it: that decision could not be recorded.
+        None when it was not so used."""
         ...
 
     async def changed_since(self, since: float, limit: int = 500) -> list[EscalationRecord]: ...
@@ -367,6 +378,10 @@ class _SqlStore:
 
     async def withdraw(self, escalation_id, now):
         rows = await self._run(lambda q: q(self._sql("withdraw"), (now, escalation_id)))
+        return _from_row(rows[0]) if rows else None
+
+    async def release(self, escalation_id, decision_id, now):
+        rows = await self._run(lambda q: q(self._sql("release"), (now, escalation_id, decision_id)))
         return _from_row(rows[0]) if rows else None
 
     async def changed_since(self, since, limit=500):

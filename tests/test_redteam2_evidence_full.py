@@ -1,0 +1,87 @@
+"""Red team, round 2: the evidence volume fills while approvals are given and used.
+
+Two ways a human decision took effect with no record of it, or was spent on one the log lacks:
+
+- an approval given when the disk had just filled (the recorder still healthy: nothing had
+  failed yet) was committed in the store, its `approval` record failed and was only logged, and
+  the approver heard "approved": the call could then run on an approval the log never held;
+- the approved retry was allowed and consumed the approval, its decision record failed, and the
+  agent heard deny (evidence_unavailable), yet the approval stayed `used` by that unrecorded
+  decision: the approval was spent, the repeat got `approval_used` naming a decision missing from
+  the chain.
+
+Now an approval that cannot be recorded is refused (evidence_unavailable) and withdrawn, and an
+approval whose allow could not be recorded is given back. Real sidecar, evidence on a real
+full tmpfs, the store off it, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.client import AsyncClient
+from sidecar.escalation.client import ApprovalsClient, ApprovalsError
+from sidecar.evidence.verify import verify_dir
+from tests.doubles.escalation import (  # noqa: F401  (store_kind is a fixture)
+    ALICE,
+    make_config,
+    records,
+    store_kind,
+    store_settings,
+)
+
+EMAIL = {"to": "cfo@example.com", "body": "Q3"}
+
+
+@pytest.fixture
+async def full_disk_sidecar(tmp_path, tiny_volume, running_sidecar, store_kind):
+    directory = tiny_volume.path / "ev"
+    config = make_config(tmp_path, store_settings(store_kind, tmp_path), **{
+        "evidence.dir": str(directory),
+        "evidence.checkpoint_mirror": str(tmp_path / "cp.jsonl"),
+    })
+    sidecar = await running_sidecar(config)
+    return sidecar.addresses[0], directory
+
+
+async def test_an_approval_that_cannot_be_recorded_is_refused_and_withdrawn(full_disk_sidecar, tiny_volume):
+    address, directory = full_disk_sidecar
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        escalated = await agent.authorize("send_email", EMAIL, task_id="t-1")
+        assert escalated.outcome == "escalate"
+        tiny_volume.fill()
+        with pytest.raises(ApprovalsError) as info:
+            await approvals.approve(escalated.escalation_id, note="n" * 1900, approver=ALICE)
+        assert "evidence_unavailable" in info.value.message and "withdrawn" in info.value.message
+        tiny_volume.free()
+        assert (await approvals.get(escalated.escalation_id))["state"] == "expired"
+        retry = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=escalated.escalation_id)
+        # the withdrawn approval carries out nothing (its reason, approval_unused, reads as an expiry)
+        assert retry.outcome == "deny" and escalated.escalation_id in retry.reasons[0], retry.reasons
+    kinds = [(r["kind"], r.get("escalation_id")) for r in records(directory)]
+    assert ("approval", escalated.escalation_id) not in kinds
+    assert not [r for r in records(directory) if r["kind"] == "decision" and r["outcome"] == "allow"]
+    assert verify_dir(directory).ok
+
+
+async def test_an_approval_spent_on_an_unrecorded_allow_is_given_back(full_disk_sidecar, tiny_volume):
+    address, directory = full_disk_sidecar
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        escalated = await agent.authorize("send_email", EMAIL, task_id="t-2")
+        await approvals.approve(escalated.escalation_id, note="ok", approver=ALICE)
+        tiny_volume.fill()
+        # an intent of 4 KiB: the record needs a new block, whatever room the file's last page has
+        lost = await agent.authorize("send_email", EMAIL, task_id="t-2", intent="x" * 4096,
+                                     escalation_id=escalated.escalation_id)
+        assert lost.outcome == "deny" and lost.reasons[0].startswith("evidence_unavailable"), lost.reasons
+        tiny_volume.free()
+        state = await approvals.get(escalated.escalation_id)
+        assert state["state"] == "approved", state
+        again = await agent.authorize("send_email", EMAIL, task_id="t-2", escalation_id=escalated.escalation_id)
+        assert again.outcome == "allow", again.reasons
+        once = await agent.authorize("send_email", EMAIL, task_id="t-2", escalation_id=escalated.escalation_id)
+        assert once.outcome == "deny" and once.reasons[0].startswith("approval_used")
+        assert again.decision_id in once.reasons[0]  # used by the decision the log holds
+    logged = {r.get("decision_id") for r in records(directory)}
+    assert lost.decision_id not in logged and again.decision_id in logged
+    assert verify_dir(directory).ok
