@@ -435,6 +435,10 @@ class Config:
             )
         if not self.dev_mode:
             _require_closed_escalation(self.escalation)
+        else:
+            for key, listen in (("listen.tcp", self.listen.tcp), ("mcp.listen", self.mcp.listen)):
+                if listen and not _loopback(listen):
+                    raise ConfigError(_dev_off_loopback(key, listen))
 
     def validate_console(self) -> None:
         """What `agent-sidecar console` needs on top of `validate` (raises ConfigError naming the key).
@@ -445,6 +449,8 @@ class Config:
         """
         console = self.console
         if self.dev_mode:
+            if not _loopback(console.listen):
+                raise ConfigError(_dev_off_loopback("console.listen", console.listen))
             return
         if console.dev_approver:
             raise ConfigError(
@@ -596,6 +602,15 @@ def _http_url(value: str, key: str) -> None:
         raise ConfigError(f"{key}: not a valid URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, not {value!r}")
+
+
+def _dev_off_loopback(key: str, listen: str) -> str:
+    return (
+        f"{key}: {listen} is not a loopback address, and in dev mode (identity.sources: [dev]) every caller is "
+        "the dev identity and any caller may approve, naming any approver: anyone who reaches the port would "
+        "run tools as the agent and approve them. Listen on 127.0.0.1 or ::1 (or the unix socket), or use a "
+        "real identity source"
+    )
 
 
 def _loopback(host_port: str) -> bool:
