@@ -147,6 +147,10 @@ SQL = {
         f"UPDATE {TABLE} SET state = '{USED}', used_at = ?, used_by_decision = ?, updated_at = ? "
         f"WHERE id = ? AND state = '{APPROVED}' AND fingerprint = ? AND use_by > ? RETURNING {SELECT}"
     ),
+    "release": (
+        f"UPDATE {TABLE} SET state = '{APPROVED}', used_at = NULL, used_by_decision = '', updated_at = ? "
+        f"WHERE id = ? AND state = '{USED}' AND used_by_decision = ? RETURNING {SELECT}"
+    ),
     # An approval can land between the insert and the withdraw (the escalation is listed from its
     # insert on): it goes too, unused, so no call runs on an escalation with no decision record.
     "withdraw": (
@@ -234,6 +238,11 @@ class EscalationStore(Protocol):
 
     async def consume(self, escalation_id: str, fingerprint: str, now: float, decision_id: str) -> EscalationRecord | None:
         """approved → used, only for that fingerprint and inside the use window; None otherwise."""
+        ...
+
+    async def release(self, escalation_id: str, decision_id: str, now: float) -> EscalationRecord | None:
+        """used → approved again, only when `decision_id` used it: the allow that used it could not be
+        recorded, so the call did not run. None when it was not so used."""
         ...
 
     async def expire(self, now: float, escalation_id: str | None = None) -> list[EscalationRecord]:
@@ -356,6 +365,10 @@ class _SqlStore:
         rows = await self._run(
             lambda q: q(self._sql("consume"), (now, decision_id, now, escalation_id, fingerprint, now))
         )
+        return _from_row(rows[0]) if rows else None
+
+    async def release(self, escalation_id, decision_id, now):
+        rows = await self._run(lambda q: q(self._sql("release"), (now, escalation_id, decision_id)))
         return _from_row(rows[0]) if rows else None
 
     async def expire(self, now, escalation_id=None):
