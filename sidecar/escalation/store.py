@@ -20,7 +20,8 @@ PostgreSQL's default synchronous commit) before it is answered, except one.
 The served sidecar's SQLite store (`sync_new_escalations=False`) commits a
 *new* escalation without its own fsync (synchronous=NORMAL for that
 transaction: on disk at the next synced commit, lost only to a power loss or
-kernel crash, never to the process dying; SQLite docs, "PRAGMA synchronous"). What makes a new escalation durable is its `escalation`
+kernel crash, never to the process dying; SQLite docs, "PRAGMA
+synchronous"). What makes a new escalation durable is its `escalation`
 evidence record, synced before the agent hears of it; after a host crash the
 service puts back, from the log, what the store lost (`restore`,
 service.EscalationService.start, docs/escalation.md#durability). A create
