@@ -66,7 +66,7 @@ class CallState:
     policy_decision: Decision | None = None  # what policy itself said, recorded when the answer differs
     approver: str = ""  # who approved the escalation this call carries out
     new_escalation: "EscalationRecord | None" = None  # raised by this call: announced once recorded
-    used_approval: "EscalationRecord | None" = None  # consumed by this call: released if its allow is not recorded
+    used_approval: "EscalationRecord | None" = None  # used by this call: given back when its allow is not recorded
     receipt: Receipt | None = None  # of the decision's evidence record
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
 
@@ -136,7 +136,8 @@ class Gate:
         """Decide one call. `malformed` is a reason the request could not be read at all.
 
         The steps run in order; then the decision is recorded, and an escalation is announced
-        only once the decision that raised it is recorded (withdrawn when it could not be).
+        only once the decision that raised it is recorded (withdrawn when it could not be); an
+        approval the call used is given back when its allow could not be recorded.
         A caller that goes away (a gRPC deadline or cancel, an MCP client's cancellation) stops
         only its own wait: the decision runs to its end, so nothing a step began (an escalation
         in the store, an approval used) is left without its records.
@@ -173,8 +174,7 @@ class Gate:
             else:  # the escalating decision could not be recorded: nobody may approve it
                 await self.escalations.withdraw(state.new_escalation)
         if state.used_approval is not None and self.escalations is not None and decision.outcome != "allow":
-            # the allow that used the approval could not be recorded (the agent hears a deny): the
-            # approval is the agent's again, not spent on a decision the log does not hold
+            # the allow that used it could not be recorded: the call does not run, and its approval holds
             await self.escalations.release(state.used_approval, state.decision_id)
         state.timings["total"] = (time.perf_counter() - started) * 1000
         if self._metrics is not None:

@@ -241,7 +241,8 @@ class Escalate:
 
     Sets `state.escalation_id` and `state.approver`, may replace `state.decision` with a deny,
     and leaves a new escalation in `state.new_escalation` for the Gate to announce once the
-    decision that raised it is recorded.
+    decision that raised it is recorded (an approval it used in `state.used_approval`, for the
+    Gate to give back when the allow could not be recorded).
     """
 
     def __init__(self, escalations: "EscalationService"):

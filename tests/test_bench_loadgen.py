@@ -36,7 +36,8 @@ ANSWERS = {
     "broken": None,
 }
 FIELDS = {"mode", "target_rate", "concurrency", "calls", "errors", "seconds", "throughput", "cpu_seconds",
-          "latency_ms", "outcomes", "fail_closed"}
+          "latency_ms", "latency_ms_by_outcome", "outcomes", "fail_closed"}
+ESCALATE_DELAY_MS = 20  # the server holds escalations this long, so their own percentiles stand apart
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +74,8 @@ class Server:
         if answer is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "broken on purpose")
         outcome, reasons = answer
+        if outcome == sidecar_pb2.OUTCOME_ESCALATE:
+            await asyncio.sleep(ESCALATE_DELAY_MS / 1000)
         return sidecar_pb2.AuthorizeResponse(outcome=outcome, reasons=reasons, decision_id="d")
 
 
@@ -100,6 +103,12 @@ def check_counts(result: dict) -> None:
     assert abs(outcomes["deny"] - 3 * share) <= 3, result
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"] < 10_000
+    by_outcome = result["latency_ms_by_outcome"]
+    assert set(by_outcome) == set(outcomes)
+    for each in by_outcome.values():
+        assert 0 < each["p50"] <= each["p90"] <= each["p99"] <= each["max"] <= latency["max"]
+    # every escalation was held, so its own median is at least that long (the mix's, five sixths fast, is not)
+    assert by_outcome["escalate"]["p50"] >= ESCALATE_DELAY_MS
     assert result["cpu_seconds"] > 0 and result["seconds"] > 0.9  # open loop: the last call starts at (n-1)/rate
     assert result["throughput"] == pytest.approx(result["calls"] / result["seconds"])
 

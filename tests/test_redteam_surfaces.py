@@ -11,6 +11,8 @@ sidecar (real OPA, real evidence log) input it did not expect, kept so it stays 
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 import pytest
 from aiohttp import web
@@ -86,18 +88,25 @@ INVOKE_POLICY = """\
 """
 
 
-@pytest.fixture
-async def production_tool():
-    calls: list[dict] = []
+@contextlib.asynccontextmanager
+async def recording_tool(path: str, answer: dict):
+    """A real HTTP tool on loopback that answers POST `path` with `answer`: (its base URL, the bodies it got)."""
+    bodies: list[dict] = []
 
     async def handle(request: web.Request) -> web.Response:
-        calls.append(await request.json())
-        return web.json_response({"dropped": True})
+        bodies.append(await request.json())
+        return web.json_response(answer)
 
     app = web.Application()
-    app.router.add_post("/drop", handle)
+    app.router.add_post(path, handle)
     async with serve_app(app) as base:
-        yield base, calls
+        yield base, bodies
+
+
+@pytest.fixture
+async def production_tool():
+    async with recording_tool("/drop", {"dropped": True}) as tool:
+        yield tool
 
 
 async def invoke_sidecar(tmp_path, sidecar_config, running_sidecar, base):
@@ -176,16 +185,8 @@ CLAMP_POLICY = """\
 
 @pytest.fixture
 async def search_tool():
-    bodies: list[dict] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        bodies.append(await request.json())
-        return web.json_response({"ok": True})
-
-    app = web.Application()
-    app.router.add_post("/search", handle)
-    async with serve_app(app) as base:
-        yield base, bodies
+    async with recording_tool("/search", {"ok": True}) as tool:
+        yield tool
 
 
 # Many tools read argument names without case (ASP.NET's model binding, Jackson or System.Text.Json set

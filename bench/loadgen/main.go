@@ -20,8 +20,8 @@
 // After 50 warm-up calls it prints "warmed" (bench/run.py starts its measurement window
 // there), then runs for --seconds and prints the result: calls, errors, seconds,
 // throughput, cpu_seconds (this process's user+system CPU over the measured window),
-// latency_ms {p50,p90,p99,max}, outcomes, and fail_closed (denies that stand in for a
-// decision, by reason code).
+// latency_ms {p50,p90,p99,max}, the same per outcome (latency_ms_by_outcome), outcomes,
+// and fail_closed (denies that stand in for a decision, by reason code).
 package main
 
 import (
@@ -164,20 +164,22 @@ func failClosedCode(reason string) string {
 // tally collects the answers of the measured window.
 type tally struct {
 	mu         sync.Mutex
-	latencies  []float64 // milliseconds
+	latencies  []float64            // milliseconds
+	byOutcome  map[string][]float64 // the same latencies, by the answer's outcome
 	outcomes   map[string]int
 	failClosed map[string]int
 	errors     int
 }
 
 func newTally() *tally {
-	return &tally{outcomes: map[string]int{}, failClosed: map[string]int{}}
+	return &tally{byOutcome: map[string][]float64{}, outcomes: map[string]int{}, failClosed: map[string]int{}}
 }
 
 func (t *tally) reset() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.latencies = t.latencies[:0]
+	clear(t.byOutcome)
 	clear(t.outcomes)
 	clear(t.failClosed)
 	t.errors = 0
@@ -209,11 +211,13 @@ func (l *loader) one(i int) {
 		t.errors++
 		return
 	}
-	t.latencies = append(t.latencies, float64(elapsed.Nanoseconds())/1e6)
+	ms := float64(elapsed.Nanoseconds()) / 1e6
+	t.latencies = append(t.latencies, ms)
 	name, ok := outcomeNames[outcome]
 	if !ok {
 		name = "unspecified"
 	}
+	t.byOutcome[name] = append(t.byOutcome[name], ms)
 	t.outcomes[name]++
 	if code := failClosedCode(reason); code != "" {
 		t.failClosed[code]++
@@ -318,8 +322,10 @@ type result struct {
 	Throughput  float64            `json:"throughput"`
 	CPUSeconds  float64            `json:"cpu_seconds"`
 	LatencyMs   map[string]float64 `json:"latency_ms"`
-	Outcomes    map[string]int     `json:"outcomes"`
-	FailClosed  map[string]int     `json:"fail_closed"`
+	// The percentiles of each outcome's answers alone: where the tail comes from.
+	LatencyByOutcome map[string]map[string]float64 `json:"latency_ms_by_outcome"`
+	Outcomes         map[string]int                `json:"outcomes"`
+	FailClosed       map[string]int                `json:"fail_closed"`
 }
 
 func run(o options) (*result, error) {
@@ -386,7 +392,11 @@ func run(o options) (*result, error) {
 	r := &result{
 		Mode: o.mode, Calls: len(t.latencies), Errors: t.errors, Seconds: elapsed,
 		Throughput: float64(len(t.latencies)) / elapsed, CPUSeconds: cpu,
-		LatencyMs: percentiles(t.latencies), Outcomes: t.outcomes, FailClosed: t.failClosed,
+		LatencyMs: percentiles(t.latencies), LatencyByOutcome: map[string]map[string]float64{},
+		Outcomes: t.outcomes, FailClosed: t.failClosed,
+	}
+	for name, latencies := range t.byOutcome {
+		r.LatencyByOutcome[name] = percentiles(latencies)
 	}
 	if o.mode == "open" {
 		r.TargetRate = &o.rate

@@ -1,7 +1,7 @@
 """The escalation state machine and its expiry sweeper.
 
     pending ──approve──▶ approved ──allowed retry──▶ used
-       │                    │
+       │                    │  ◀──allow not recorded──┘
        ├──deny──▶ denied    └──use window passes──▶ expired
        └──TTL passes──▶ expired
 
@@ -345,18 +345,6 @@ class EscalationService:
         if self.notifier is not None:
             self.notifier.notify(record)
 
-    async def release(self, record: EscalationRecord, decision_id: str) -> None:
-        """Give back the approval `decision_id` used: that decision could not be recorded (the gate
-        answered a deny). Logged, never raised, when the store fails too (the approval stays used:
-        closed)."""
-        try:
-            released = await self.store.release(record.id, decision_id, self.clock())
-        except Exception:
-            log.exception("could not give back the approval of escalation %s", record.id)
-            return
-        if released is not None:
-            self._feed.publish(released)
-
     async def withdraw(self, record: EscalationRecord) -> None:
         """A new escalation whose decision could not be recorded: expire it (best effort)."""
         try:
@@ -411,6 +399,20 @@ class EscalationService:
         if current.state == APPROVED and self._overdue(current, self.clock()):
             current = await self.expire_one(current) or current
         return False, final_reason(current)
+
+    async def release(self, record: EscalationRecord, decision_id: str) -> None:
+        """The approval `record` that decision `decision_id` used, whose allow could not be recorded:
+        approved again (the call did not run), so the same call can use it once the evidence works
+        (best effort: a store that fails leaves it used, which refuses, never allows)."""
+        try:
+            released = await self.store.release(record.id, decision_id, self.clock())
+        except StoreError:
+            log.exception("could not give back the approval of escalation %s", record.id)
+            return
+        if released is not None:
+            log.warning("escalation %s: the allow of decision %s could not be recorded; its approval holds again",
+                        record.id, decision_id)
+            self._feed.publish(released)
 
     # ----------------------------------------------------------- approvers side
 

@@ -20,7 +20,8 @@ PostgreSQL's default synchronous commit) before it is answered, except one.
 The served sidecar's SQLite store (`sync_new_escalations=False`) commits a
 *new* escalation without its own fsync (synchronous=NORMAL for that
 transaction: on disk at the next synced commit, lost only to a power loss or
-kernel crash, never to the process dying; SQLite docs, "PRAGMA synchronous"). What makes a new escalation durable is its `escalation`
+kernel crash, never to the process dying; SQLite docs, "PRAGMA
+synchronous"). What makes a new escalation durable is its `escalation`
 evidence record, synced before the agent hears of it; after a host crash the
 service puts back, from the log, what the store lost (`restore`,
 service.EscalationService.start, docs/escalation.md#durability). A create
@@ -147,17 +148,15 @@ SQL = {
         f"UPDATE {TABLE} SET state = '{USED}', used_at = ?, used_by_decision = ?, updated_at = ? "
         f"WHERE id = ? AND state = '{APPROVED}' AND fingerprint = ? AND use_by > ? RETURNING {SELECT}"
     ),
+    "release": (
+        f"UPDATE {TABLE} SET state = '{APPROVED}', used_at = NULL, used_by_decision = '', updated_at = ? "
+        f"WHERE id = ? AND state = '{USED}' AND used_by_decision = ? RETURNING {SELECT}"
+    ),
     # An approval can land between the insert and the withdraw (the escalation is listed from its
     # insert on): it goes too, unused, so no call runs on an escalation with no decision record.
     "withdraw": (
         f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE id = ? "
         f"AND state IN ('{PENDING}', '{APPROVED}') RETURNING {SELECT}"
-    ),
-    # The decision that used an approval could not be recorded: used → approved again, only if that
-    # decision used it (the use window is unchanged).
-    "release": (
-        f"UPDATE {TABLE} SET state = '{APPROVED}', used_at = NULL, used_by_decision = '', updated_at = ? "
-        f"WHERE id = ? AND state = '{USED}' AND used_by_decision = ? RETURNING {SELECT}"
     ),
     # The agent asked about the call again (a repeat): only the time it was last seen.
     "seen": f"UPDATE {TABLE} SET agent_seen_at = ? WHERE id = ?",
@@ -242,6 +241,11 @@ class EscalationStore(Protocol):
         """approved → used, only for that fingerprint and inside the use window; None otherwise."""
         ...
 
+    async def release(self, escalation_id: str, decision_id: str, now: float) -> EscalationRecord | None:
+        """used → approved again, only when `decision_id` used it: the allow that used it could not be
+        recorded, so the call did not run. None when it was not so used."""
+        ...
+
     async def expire(self, now: float, escalation_id: str | None = None) -> list[EscalationRecord]:
         """Overdue pending/approved → expired (one id, or all); returns the rows this call changed."""
         ...
@@ -249,11 +253,6 @@ class EscalationStore(Protocol):
     async def withdraw(self, escalation_id: str, now: float) -> EscalationRecord | None:
         """pending or approved (unused) → expired at once: an escalation whose decision could not be
         recorded. None when it was neither (denied, expired, used)."""
-        ...
-
-    async def release(self, escalation_id: str, decision_id: str, now: float) -> EscalationRecord | None:
-        """used → approved, only when `decision_id` used it: that decision could not be recorded.
-        None when it was not so used."""
         ...
 
     async def changed_since(self, since: float, limit: int = 500) -> list[EscalationRecord]: ...
@@ -369,6 +368,10 @@ class _SqlStore:
         )
         return _from_row(rows[0]) if rows else None
 
+    async def release(self, escalation_id, decision_id, now):
+        rows = await self._run(lambda q: q(self._sql("release"), (now, escalation_id, decision_id)))
+        return _from_row(rows[0]) if rows else None
+
     async def expire(self, now, escalation_id=None):
         if escalation_id is None:
             rows = await self._run(lambda q: q(self._sql("expire_due"), (now, now, now)))
@@ -378,10 +381,6 @@ class _SqlStore:
 
     async def withdraw(self, escalation_id, now):
         rows = await self._run(lambda q: q(self._sql("withdraw"), (now, escalation_id)))
-        return _from_row(rows[0]) if rows else None
-
-    async def release(self, escalation_id, decision_id, now):
-        rows = await self._run(lambda q: q(self._sql("release"), (now, escalation_id, decision_id)))
         return _from_row(rows[0]) if rows else None
 
     async def changed_since(self, since, limit=500):
