@@ -599,9 +599,34 @@ def _http_url(value: str, key: str) -> None:
         url = urlsplit(value)
         url.port  # raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigError(f"{key}: not a valid URL: {exc}") from None
+        raise ConfigError(f"{key}: not a valid URL ({type(exc).__name__}): {url_for_messages(value)}") from None
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, not {value!r}")
+        raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, not {url_for_messages(value)}")
+
+
+def url_for_messages(value: str) -> str:
+    """`value` as an error or a log line may show it: scheme and host only. The rest of a URL can be its
+    secret (a Slack or Teams incoming-webhook URL is a bearer credential in its path; a tool URL may
+    carry ?api_key=; user:password@), so it is shown as "/…", never written out."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(value)
+        host = url.hostname or ""
+    except ValueError:
+        url, host = None, ""
+    try:
+        port = f":{url.port}" if url is not None and url.port is not None else ""
+    except ValueError:
+        port = ":?"  # not a port number
+    if url is not None and url.scheme and url.netloc:
+        rest = "/…" if (url.path not in ("", "/") or url.query or url.fragment) else ""
+        secret = "…@" if "@" in url.netloc else ""
+        return repr(f"{url.scheme}://{secret}{host}{port}{rest}")
+    head = value.split("/", 1)[0].split("?", 1)[0]
+    if "@" in head:
+        head = "…@" + head.rpartition("@")[2]
+    return repr(head + ("/…" if len(head) < len(value) else ""))
 
 
 def _dev_off_loopback(key: str, listen: str) -> str:

@@ -133,3 +133,76 @@ async def test_no_link_or_mention_reaches_the_chat_text(tmp_path, running_sideca
     shown = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     assert f" on {LINK_SERVER} by " in shown
     assert payload["escalation"]["server"] == LINK_SERVER  # programs still get the exact value
+
+
+# -- webhook URLs are credentials -------------------------------------------------------------------
+
+SLACK_SECRET = "xq7Wb2Ln9SECRETpathPART"
+BAD_URLS = [
+    ("escalation.webhook_url", f"hooks.slack.com/services/T0AAA/B0BBB/{SLACK_SECRET}"),  # the scheme forgotten
+    ("escalation.webhook_url", f"ftp://bot:{SLACK_SECRET}@hooks.example.org/x"),
+    ("escalation.webhook_url", f"https://hooks.example.org:44x/services/{SLACK_SECRET}"),
+    ("escalation.console_url", f"approvals.example.org/?token={SLACK_SECRET}"),
+    ("console.jaeger_url", f"jaeger:16686/?api_key={SLACK_SECRET}"),
+]
+
+
+@pytest.mark.parametrize("key, url", BAD_URLS)
+def test_a_refused_url_is_named_without_its_secret(key: str, url: str):
+    """A Slack or Teams incoming-webhook URL is a bearer credential in its path: a mistyped one was
+    echoed whole in the start-up error (stderr, the pod's log)."""
+    from sidecar.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"identity.sources": ["dev"], key: url})
+    message = str(info.value)
+    assert message.startswith(f"{key}:") and SLACK_SECRET not in message, message
+
+
+@pytest.mark.parametrize("section", ["mcp.upstreams", "invoke.tools"])
+def test_a_refused_tool_url_is_named_without_its_query(tmp_path, section: str):
+    from sidecar.config import load_config
+
+    name = "docs" if section == "mcp.upstreams" else "lookup"
+    path = tmp_path / "sidecar.yaml"
+    mapping = section.split(".")[1]
+    path.write_text(f"identity:\n  sources: [dev]\n{section.split('.')[0]}:\n  {mapping}:\n    {name}:\n"
+                    f"      url: 'gopher://tools.example.org/q?api_key={SLACK_SECRET}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, runs_sidecar=False)
+    assert f"{section}.{name}.url:" in str(info.value) and SLACK_SECRET not in str(info.value)
+
+
+async def test_the_webhook_url_never_reaches_the_log(tmp_path, running_sidecar, caplog):
+    """A receiver answering 404 (a revoked Slack hook does) made the sidecar log the whole URL at WARNING."""
+    hits: list[str] = []
+
+    async def gone(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=404, text="no_service")
+
+    app = web.Application()
+    app.router.add_post("/services/T0AAA/B0BBB/{token}", gone)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        secret = tmp_path / "webhook.secret"
+        secret.write_bytes(b"a-shared-webhook-secret")
+        sidecar = await running_sidecar(make_config(tmp_path, **{
+            "escalation.webhook_url": f"http://127.0.0.1:{port}/services/T0AAA/B0BBB/{SLACK_SECRET}",
+            "escalation.webhook_secret_file": str(secret),
+        }))
+        caplog.set_level("INFO")
+        async with AsyncClient(sidecar.addresses[0]) as agent:
+            assert (await agent.authorize("send_email", EMAIL, task_id="t-404")).outcome == "escalate"
+        await sidecar.escalations.notifier.drain(30)
+    finally:
+        await runner.cleanup()
+    assert hits == [f"/services/T0AAA/B0BBB/{SLACK_SECRET}"]  # the notice went where configured
+    assert sidecar.escalations.notifier.failed == 1
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sidecar"))  # not the receiver's
+    assert f"http://127.0.0.1:{port}/…" in logged and "HTTP 404" in logged, logged
+    assert SLACK_SECRET not in logged

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from sidecar.config import url_for_messages
 from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged
 from sidecar.escalation import EscalationRecord
 from sidecar.reasons import parse
@@ -152,7 +153,9 @@ class WebhookNotifier:
             raise
         except Exception as exc:
             self.failed += 1
-            log.warning("webhook: giving up on %s after %d attempts: %s", record.id, self._attempts, exc)
+            # an aiohttp error can name the URL (InvalidURL, a redirect's Location): only its type and host here
+            log.warning("webhook: giving up on %s after %d attempts to %s: %s", record.id, self._attempts,
+                        url_for_messages(self.url), _without_url(exc, self.url))
 
     async def _post(self, body: bytes, headers: dict[str, str]) -> None:
         if self._session is None or self._session.closed:
@@ -162,7 +165,7 @@ class WebhookNotifier:
             if response.status == 429 or response.status >= 500:
                 raise RetryableWebhookError(f"HTTP {response.status}")
             if response.status >= 300:
-                log.warning("webhook: %s answered HTTP %d; not retried", self.url, response.status)
+                log.warning("webhook: %s answered HTTP %d; not retried", url_for_messages(self.url), response.status)
                 raise _Final(f"HTTP {response.status}")
 
     async def drain(self, timeout: float = 5.0) -> None:
@@ -191,6 +194,11 @@ def chat(value: str) -> str:
     written. Unescaped, `<https://x.example|mail>` became a link labelled `mail` and `<!channel>`
     paged the channel: a server name or a policy's reason holds what an agent sent."""
     return cell(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _without_url(exc: BaseException, url: str) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.replace(url, url_for_messages(url)) if url and url in text else text
 
 
 def _code_or_text(reason: str) -> str:
