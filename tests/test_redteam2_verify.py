@@ -159,3 +159,51 @@ def test_the_untouched_copies_still_verify(signed_log, tmp_path):
     mirror.write_bytes(default_mirror_path(original).read_bytes())
     report = verify_dir(directory, mirror=mirror, bundle=bundle, signer_ids=[SIDECAR_ID])
     assert report.verdict == "intact", report.problems
+
+
+# -- what sits where a log file or the mirror belongs -------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def _verify_cli(directory: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`agent-sidecar evidence verify` in its own process: a verify that blocks is killed, not waited on."""
+    return subprocess.run([sys.executable, "-m", "sidecar", "evidence", "verify", str(directory), *extra],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("shape", ["fifo", "directory"])
+def test_a_non_file_where_a_log_file_belongs_is_a_verdict(signed_log, tmp_path, shape):
+    """A FIFO named evidence-000002.jsonl made `verify` block forever (no verdict, ever); a directory
+    made it raise IsADirectoryError."""
+    original, _ = signed_log
+    directory = tmp_path / "ev"
+    directory.mkdir()
+    _write(directory, _records(original))
+    planted = directory / "evidence-000002.jsonl"
+    os.mkfifo(planted) if shape == "fifo" else planted.mkdir()
+    report = verify_dir(directory)
+    assert report.verdict == BROKEN
+    assert any(p.where == planted.name and "not a regular file" in p.message for p in report.problems), report.problems
+    done = _verify_cli(directory)
+    assert done.returncode == 1 and "BROKEN" in done.stdout and "not a regular file" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("shape", ["fifo", "directory"])
+def test_a_non_file_where_the_mirror_or_the_ship_state_belongs_is_a_verdict(signed_log, tmp_path, shape):
+    from sidecar.evidence.records import SHIP_STATE_NAME
+
+    original, bundle = signed_log
+    directory = tmp_path / "ev"
+    directory.mkdir()
+    _write(directory, _records(original))
+    mirror = tmp_path / "mirror.jsonl"
+    for planted in (mirror, directory / SHIP_STATE_NAME):
+        os.mkfifo(planted) if shape == "fifo" else planted.mkdir()
+    report = verify_dir(directory, mirror=mirror, bundle=bundle, signer_ids=[SIDECAR_ID])
+    assert report.verdict == BROKEN and "the checkpoint mirror is not a regular file" in report.problems[0].message
+    assert any(w.startswith(f"{SHIP_STATE_NAME}: unreadable") for w in report.warnings), report.warnings
+    done = _verify_cli(directory, "--mirror", str(mirror))
+    assert done.returncode == 1 and "BROKEN" in done.stdout, done.stderr

@@ -205,7 +205,10 @@ def verify_dir(
         if index != expected_index:
             problem(expected_seq, path.name, f"files {expected_index}..{index - 1} are missing before {path.name}")
         expected_index = index + 1
-        data = path.read_bytes()
+        data, unreadable = _read_regular(path)
+        if unreadable:
+            problem(expected_seq, path.name, f"{path.name} {unreadable}; record {expected_seq} or later is in it")
+            continue
         lines = data.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
         if tail:
@@ -412,10 +415,37 @@ def _svid_signer(signer: dict, payload: dict, anchors: _Anchors) -> tuple[Any, s
     return leaf.public_key(), spiffe_id, ""
 
 
+def _read_regular(path: Path) -> tuple[bytes, str]:
+    """(the bytes of `path`, "") when it is a regular file it can read; else (b"", why not). A FIFO
+    put where a log file or the mirror belongs would block a read forever; a directory or an
+    unreadable file made `verify` raise instead of giving a verdict."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return b"", f"cannot be read ({exc.strerror})"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b"", "is not a regular file"
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks), ""
+    except OSError as exc:
+        return b"", f"cannot be read ({exc.strerror})"
+    finally:
+        os.close(fd)
+
+
 def _check_outside_copies(directory, mirror, report, checkpoint_hashes, problem) -> None:
     last = report.last_seq or 0
-    if mirror.exists():
-        for number, line in enumerate(mirror.read_bytes().splitlines(), start=1):
+    mirror_data, unreadable = _read_regular(mirror) if mirror.exists() or mirror.is_symlink() else (b"", "")
+    if unreadable:
+        problem(None, mirror.name, f"the checkpoint mirror {unreadable}")
+    elif mirror.exists():
+        for number, line in enumerate(mirror_data.splitlines(), start=1):
             where = f"{mirror.name}:{number}"
             try:
                 copy = parse_json(line)
@@ -440,7 +470,10 @@ def _check_outside_copies(directory, mirror, report, checkpoint_hashes, problem)
     state = directory / SHIP_STATE_NAME
     if state.exists():
         try:
-            shipped = int(parse_json(state.read_text())["seq"])
+            data, unreadable = _read_regular(state)
+            if unreadable:
+                raise ValueError(unreadable)
+            shipped = int(parse_json(data)["seq"])
         except (ValueError, KeyError, TypeError, OSError):
             report.warnings.append(f"{SHIP_STATE_NAME}: unreadable")
         else:
