@@ -10,7 +10,10 @@ loss would (the store without its newest commits, the log with them).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sqlite3
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,7 +27,17 @@ from sidecar.escalation.store import SqliteStore
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.readback import records_since
 from sidecar.evidence.verify import verify_dir
-from tests.doubles.escalation import ALICE, CFO, make_config, records_of, store_settings
+from tests.conftest import write_policy
+from tests.doubles.escalation import (
+    ALICE,
+    CFO,
+    ESCALATION_DATA,
+    ESCALATION_POLICY,
+    make_config,
+    records_of,
+    store_settings,
+)
+from tests.test_evidence_crash import start_sidecar_process
 from tests.test_escalation_store import NOW, record, stores  # noqa: F401  (fixture)
 
 EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers", "api_token": "s3cret-token"}
@@ -317,3 +330,35 @@ async def test_release_gives_back_only_the_use_by_that_decision(stores):  # noqa
     assert released.updated_at == NOW + 3 and released.approver == "email:a@x" and released.use_by == NOW + 300
     assert await store.release(approved.id, "decision-1", NOW + 4) is None  # once
     assert (await store.consume(approved.id, approved.fingerprint, NOW + 5, "decision-3")).used_by_decision == "decision-3"
+
+
+async def test_a_killed_sidecar_loses_no_new_escalation(tmp_path):
+    """SIGKILL right after an escalation: its unsynced commit was in the kernel's hands, so the
+    restarted sidecar has the row as it was, arguments included, and restores nothing."""
+    policy = write_policy(tmp_path / "rego", ESCALATION_POLICY, data=ESCALATION_DATA)
+    socket_path = tmp_path / "s" / "sidecar.sock"
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(textwrap.dedent(f"""
+        listen: {{tcp: "", unix: "{socket_path}"}}
+        policy: {{dir: "{policy}", reload: false}}
+        sidecar: {{instance_id: kill-test}}
+        evidence: {{dir: "{tmp_path / 'ev'}"}}
+        telemetry: {{exporter: none}}
+        identity: {{sources: [dev]}}
+        escalation: {{approvers: ["{ALICE}"]}}
+    """))
+    process = start_sidecar_process(config, socket_path)
+    try:
+        async with AsyncClient(f"unix:{socket_path}") as agent:
+            escalated = await agent.authorize("send_email", EMAIL, task_id="t-1", intent=INTENT)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(15)
+        process = start_sidecar_process(config, socket_path)
+        async with ApprovalsClient(f"unix:{socket_path}") as approvals:
+            kept = await approvals.get(escalated.escalation_id, approver=ALICE)
+    finally:
+        process.kill()
+        stderr = process.communicate(timeout=15)[1].decode()
+    assert kept["state"] == "pending" and kept["arguments"] == EMAIL and kept["intent"] == INTENT
+    assert kept["arguments_preview"]["api_token"] == "[REDACTED]" and kept["arguments_withheld"] == ""
+    assert "restored" not in stderr
