@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from sidecar.config import url_for_messages
+from sidecar.config import ConfigError, url_for_messages
 from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged
 from sidecar.escalation import EscalationRecord
 from sidecar.reasons import parse
@@ -53,8 +53,6 @@ class RetryableWebhookError(Exception):
 def load_webhook_secret(path: str) -> bytes:
     """The secret in `path` (surrounding whitespace removed); ConfigError naming the key, never the
     secret, when it cannot be read or is shorter than MIN_SECRET_BYTES."""
-    from sidecar.config import ConfigError
-
     try:
         data = Path(path).read_bytes().strip()
     except OSError as exc:
