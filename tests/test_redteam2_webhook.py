@@ -12,26 +12,31 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 
 import pytest
 from aiohttp import web
 
 from sidecar.client import AsyncClient
-from sidecar.config import ConfigError
+from sidecar.config import ConfigError, load_config
 from sidecar.escalation.notify import MIN_SECRET_BYTES, WebhookNotifier
 from tests.doubles.escalation import make_config
+from tests.infra.http import serve_app
 
 EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers"}
 
 
+def webhook_config(tmp_path, url: str, secret: bytes = b"a-shared-webhook-secret"):
+    """The escalation test config with a webhook to `url`, signed with `secret` (written to a file as given)."""
+    secret_file = tmp_path / "webhook.secret"
+    secret_file.write_bytes(secret)
+    return make_config(tmp_path, **{"escalation.webhook_url": url, "escalation.webhook_secret_file": str(secret_file)})
+
+
 @pytest.mark.parametrize("content", [b"", b"\n", b"  \r\n\t", b"k", b"fifteen-bytes!!"])
 async def test_a_blank_or_short_secret_is_refused_at_start(tmp_path, running_sidecar, content):
-    secret = tmp_path / "webhook.secret"
-    secret.write_bytes(content)
-    config = make_config(tmp_path, **{
-        "escalation.webhook_url": "http://127.0.0.1:9/hook",
-        "escalation.webhook_secret_file": str(secret),
-    })
+    config = webhook_config(tmp_path, "http://127.0.0.1:9/hook", content)
+    secret = config.escalation.webhook_secret_file
     with pytest.raises(ConfigError) as info:
         await running_sidecar(config)
     message = str(info.value)
@@ -65,24 +70,12 @@ async def test_a_secret_of_the_minimum_length_signs_every_notice(tmp_path, runni
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with serve_app(app) as base:
         key = b"x" * MIN_SECRET_BYTES
-        secret = tmp_path / "webhook.secret"
-        secret.write_bytes(key + b"\n")
-        sidecar = await running_sidecar(make_config(tmp_path, **{
-            "escalation.webhook_url": f"http://127.0.0.1:{port}/hook",
-            "escalation.webhook_secret_file": str(secret),
-        }))
+        sidecar = await running_sidecar(webhook_config(tmp_path, f"{base}/hook", key + b"\n"))
         async with AsyncClient(sidecar.addresses[0]) as agent:
             assert (await agent.authorize("send_email", EMAIL, task_id="t-w")).outcome == "escalate"
         await sidecar.escalations.notifier.drain(30)
-    finally:
-        await runner.cleanup()
     assert len(received) == 1
     headers, body = received[0]
     assert headers["X-Sidecar-Signature"] == "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
@@ -105,25 +98,12 @@ async def test_no_link_or_mention_reaches_the_chat_text(tmp_path, running_sideca
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        secret = tmp_path / "webhook.secret"
-        secret.write_bytes(b"a-shared-webhook-secret")
-        sidecar = await running_sidecar(make_config(tmp_path, **{
-            "escalation.webhook_url": f"http://127.0.0.1:{port}/hook",
-            "escalation.webhook_secret_file": str(secret),
-        }))
+    async with serve_app(app) as base:
+        sidecar = await running_sidecar(webhook_config(tmp_path, f"{base}/hook"))
         async with AsyncClient(sidecar.addresses[0]) as agent:
             result = await agent.authorize("send_email", EMAIL, task_id="t-link", server=LINK_SERVER)
             assert result.outcome == "escalate", result.reasons
         await sidecar.escalations.notifier.drain(30)
-    finally:
-        await runner.cleanup()
-    import json
 
     payload = json.loads(received[0])
     text = payload["text"]
@@ -151,8 +131,6 @@ BAD_URLS = [
 def test_a_refused_url_is_named_without_its_secret(key: str, url: str):
     """A Slack or Teams incoming-webhook URL is a bearer credential in its path: a mistyped one was
     echoed whole in the start-up error (stderr, the pod's log)."""
-    from sidecar.config import load_config
-
     with pytest.raises(ConfigError) as info:
         load_config(None, {"identity.sources": ["dev"], key: url})
     message = str(info.value)
@@ -161,8 +139,6 @@ def test_a_refused_url_is_named_without_its_secret(key: str, url: str):
 
 @pytest.mark.parametrize("section", ["mcp.upstreams", "invoke.tools"])
 def test_a_refused_tool_url_is_named_without_its_query(tmp_path, section: str):
-    from sidecar.config import load_config
-
     name = "docs" if section == "mcp.upstreams" else "lookup"
     path = tmp_path / "sidecar.yaml"
     mapping = section.split(".")[1]
@@ -183,26 +159,14 @@ async def test_the_webhook_url_never_reaches_the_log(tmp_path, running_sidecar, 
 
     app = web.Application()
     app.router.add_post("/services/T0AAA/B0BBB/{token}", gone)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        secret = tmp_path / "webhook.secret"
-        secret.write_bytes(b"a-shared-webhook-secret")
-        sidecar = await running_sidecar(make_config(tmp_path, **{
-            "escalation.webhook_url": f"http://127.0.0.1:{port}/services/T0AAA/B0BBB/{SLACK_SECRET}",
-            "escalation.webhook_secret_file": str(secret),
-        }))
+    async with serve_app(app) as base:
+        sidecar = await running_sidecar(webhook_config(tmp_path, f"{base}/services/T0AAA/B0BBB/{SLACK_SECRET}"))
         caplog.set_level("INFO")
         async with AsyncClient(sidecar.addresses[0]) as agent:
             assert (await agent.authorize("send_email", EMAIL, task_id="t-404")).outcome == "escalate"
         await sidecar.escalations.notifier.drain(30)
-    finally:
-        await runner.cleanup()
     assert hits == [f"/services/T0AAA/B0BBB/{SLACK_SECRET}"]  # the notice went where configured
     assert sidecar.escalations.notifier.failed == 1
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sidecar"))  # not the receiver's
-    assert f"http://127.0.0.1:{port}/…" in logged and "HTTP 404" in logged, logged
+    assert f"{base}/…" in logged and "HTTP 404" in logged, logged
     assert SLACK_SECRET not in logged
