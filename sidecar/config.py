@@ -831,15 +831,24 @@ def _validate_opa(opa: OpaConfig) -> None:
         raise ConfigError("policy.opa.liveness_timeout_ms: must not be negative (0 disables it)")
     if not opa.url:
         return
-    try:
-        url = urlsplit(opa.url)
-        url.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"policy.opa.url: not a valid URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"policy.opa.url: must be an http:// or https:// URL with a host, not {opa.url!r}")
-    if url.query or url.fragment or url.path not in ("", "/"):
-        raise ConfigError(f"policy.opa.url: must be OPA's base URL (no path or query), not {opa.url!r}")
+    if opa.url.startswith("unix:"):
+        # OPA's --addr=unix:///path: reachable only by containers that mount the socket's volume
+        if not opa.url.startswith("unix:///") or "?" in opa.url or "#" in opa.url:
+            raise ConfigError(
+                f"policy.opa.url: a unix socket is unix:// and an absolute path (unix:///run/opa/opa.sock), not {opa.url!r}"
+            )
+    else:
+        try:
+            url = urlsplit(opa.url)
+            url.port  # raises ValueError on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"policy.opa.url: not a valid URL: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(
+                f"policy.opa.url: must be an http:// or https:// URL with a host, or unix:///path, not {opa.url!r}"
+            )
+        if url.query or url.fragment or url.path not in ("", "/"):
+            raise ConfigError(f"policy.opa.url: must be OPA's base URL (no path or query), not {opa.url!r}")
     if opa.retries < 0 or opa.retry_backoff_ms < 0:
         raise ConfigError("policy.opa.retries/retry_backoff_ms: must not be negative")
     for key in ("breaker_failures", "breaker_cooldown_ms", "health_interval_ms", "health_timeout_ms", "max_connections"):

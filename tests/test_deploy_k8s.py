@@ -395,7 +395,7 @@ def test_the_cluster_spiffe_id_selects_the_agent_pod_and_its_id_is_granted():
 
 def test_the_sidecar_config_loads_with_the_real_loader():
     config = sidecar_config()  # unknown keys or wrong types raise ConfigError
-    assert config.policy.opa.url == "http://127.0.0.1:8181"  # the OPA container, not a managed OPA
+    assert config.policy.opa.url == "unix:///run/opa/opa.sock"  # the OPA container, not a managed OPA
     assert config.policy.reload is False
     # The agent on the unix socket; the console over mutual TLS with a JWT-SVID naming the same ID.
     assert config.identity.sources == ["jwt_svid", "mtls", "workload_api"]
@@ -434,23 +434,25 @@ def pod_opa_command(root: Path) -> list[str]:
         config_map = volume(spec, name)["configMap"]["name"]
         target = kubelet_config_map_volume(root / name, config_map_files("agents", config_map))
         args = [arg.replace(mount_path(opa, name), str(target)) for arg in args]
-    port = free_port()
-    args = [f"--addr=127.0.0.1:{port}" if a.startswith("--addr=") else a for a in args]
+    # the socket's volume, under a short path: a unix socket's path is at most 107 bytes
+    socket_dir = Path(tempfile.mkdtemp(prefix="pod-opa-"))
+    args = [f"--addr=unix://{socket_dir / 'opa.sock'}" if a.startswith("--addr=") else a for a in args]
     args = [f"--diagnostic-addr=127.0.0.1:{free_port()}" if a.startswith("--diagnostic-addr=") else a for a in args]
     return [OPA, *args]
 
 
 @contextmanager
 def opa_serving(command: list[str]) -> Iterator[str]:
-    """Run `opa run --server` until it serves its bundle; yield its URL."""
-    url = f"http://{flag(command, '--addr')}"
+    """Run `opa run --server` (on its unix socket, as in the pod) until it serves its bundle; yield its URL."""
+    url = flag(command, "--addr")
+    assert url.startswith("unix:///"), url
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, f"OPA exited: {process.stderr.read()}"
             try:
-                probe = subprocess.run(["curl", "-sf", f"{url}/health?bundles=true"], capture_output=True, timeout=5)
+                probe = subprocess.run(curl(url, "/health?bundles=true"), capture_output=True, timeout=5)
                 if probe.returncode == 0:
                     break
             except subprocess.TimeoutExpired:
@@ -470,8 +472,13 @@ def opa_refuses(command: list[str]) -> str:
     return done.stdout + done.stderr  # OPA prints its start-up error on stdout
 
 
+def curl(url: str, path: str, *options: str) -> list[str]:
+    """The curl command for `path` of the OPA at `url` (unix:///socket)."""
+    return ["curl", "-sf", *options, "--unix-socket", url.removeprefix("unix://"), f"http://opa{path}"]
+
+
 def decide(url: str, document: dict) -> dict:
-    done = subprocess.run(["curl", "-sf", "-X", "POST", "--data-binary", "@-", f"{url}/v1/data/sidecar/decision?provenance"],
+    done = subprocess.run(curl(url, "/v1/data/sidecar/decision?provenance", "-X", "POST", "--data-binary", "@-"),
                           input=json.dumps({"input": document}), capture_output=True, text=True, timeout=30, check=True)
     return json.loads(done.stdout)
 
@@ -620,9 +627,15 @@ def test_opa_address_bundle_and_probes_agree_with_the_sidecar():
     assert re.fullmatch(r"openpolicyagent/opa:\d+\.\d+\.\d+(-static)?", opa["image"]), "OPA is pinned to a release"
     tested = subprocess.run([OPA, "version"], capture_output=True, text=True, check=True).stdout
     assert f"Version: {opa['image'].split(':')[1].removesuffix('-static')}" in tested, "the image runs the OPA the tests run"
-    url = urlsplit(config.policy.opa.url)
-    assert flag(opa["args"], "--addr") == f"{url.hostname}:{url.port}"
-    assert url.hostname == "127.0.0.1", "OPA's data API stays on the pod's loopback"
+    assert flag(opa["args"], "--addr") == config.policy.opa.url
+    # OPA's data API on a unix socket whose volume only OPA and the sidecar mount: the agent shares the
+    # pod's loopback, so a TCP port would let it read the policy and data and try calls against them
+    socket_dir = os.path.dirname(config.policy.opa.url.removeprefix("unix://"))
+    mounted = {c["name"] for c in all_containers(spec)
+               for m in c.get("volumeMounts", []) if m["mountPath"] == socket_dir}
+    assert mounted == {"opa", "agent-sidecar"}
+    assert "emptyDir" in volume(spec, mount(opa, "opa-socket")["name"])
+    assert flag(opa["args"], "--unix-socket-perm") == "700"
     assert flag(opa["args"], "--bundle") == f"{mount_path(opa, 'policy')}/bundle.tar.gz"
     assert flag(opa["args"], "--verification-key") == f"{mount_path(opa, 'policy-verification')}/bundle.pub.pem"
     assert "--skip-verify" not in " ".join(opa["args"])
@@ -865,7 +878,7 @@ def test_egress_policy_selects_the_agent_pods_and_denies_by_default():
 def test_in_pod_peers_need_no_egress_rule():
     """OPA and the SPIFFE Workload API are reached inside the pod: loopback and a unix socket."""
     config = sidecar_config()
-    assert urlsplit(config.policy.opa.url).hostname == "127.0.0.1"
+    assert config.policy.opa.url.startswith("unix:///")
     assert env(container(pod_spec("research-agent"), "agent-sidecar"), "SPIFFE_ENDPOINT_SOCKET")["value"].startswith("unix://")
     assert pod_spec("research-agent")["automountServiceAccountToken"] is False  # no Kubernetes API either
 

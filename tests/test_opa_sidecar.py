@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import AsyncClient
 from sidecar.policy.catalog import read_data
+from sidecar.policy.opa.runner import find_opa
 from tests.conftest import REPO, SIMPLE_POLICY, write_policy
 from tests.test_opa_client import stop
 
@@ -283,3 +284,31 @@ async def test_obligations_a_double_cannot_hold_deny_naming_the_field(running_si
             assert result.outcome == "deny", result
             assert result.reasons[0].startswith(f"policy_malformed: {where}: "), result.reasons
             assert "obligations must reach the agent exactly" in result.reasons[0]
+
+
+async def test_an_external_opa_on_a_unix_socket_decides(running_sidecar, sidecar_config, tmp_path):
+    """`policy.opa.url: unix:///path`, as the pod's OPA container serves it (deploy/k8s: a socket in a
+    volume the agent container does not mount): the real OPA on its own socket decides the sidecar's calls."""
+    socket_path = Path(tempfile.mkdtemp(prefix="ext-opa-")) / "opa.sock"  # a short path: at most 107 bytes
+    policy = write_policy(tmp_path / "rego", SIMPLE_POLICY)
+    opa = subprocess.Popen([str(find_opa("opa")), "run", "--server", f"--addr=unix://{socket_path}",
+                            "--unix-socket-perm=700", str(policy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60  # OPA first (the pod starts its OPA container before the sidecar)
+        while subprocess.run(["curl", "-sf", "--unix-socket", str(socket_path), "http://opa/health"],
+                             capture_output=True).returncode != 0:
+            assert opa.poll() is None and time.monotonic() < deadline, "OPA did not come up on its socket"
+            time.sleep(0.05)
+        sidecar = await running_sidecar(sidecar_config(**{
+            "policy.dir": str(policy), "policy.opa": {"url": f"unix://{socket_path}"},
+        }))
+        async with AsyncClient(sidecar.addresses[0]) as client:
+            allowed = await client.authorize("echo", {"text": "hi"})
+            denied = await client.authorize("rm", {"path": "/"})
+        assert allowed.outcome == "allow" and denied.outcome == "deny"
+        await sidecar.health.refresh()
+        ok, detail = sidecar.health.snapshot()
+        assert ok and f"OPA at unix://{socket_path} is healthy" in detail, detail
+    finally:
+        opa.terminate()
+        opa.wait(30)
