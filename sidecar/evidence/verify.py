@@ -33,6 +33,8 @@ collector) is the one change this cannot see.
 from __future__ import annotations
 
 import base64
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,9 +421,6 @@ def _read_regular(path: Path) -> tuple[bytes, str]:
     """(the bytes of `path`, "") when it is a regular file it can read; else (b"", why not). A FIFO
     put where a log file or the mirror belongs would block a read forever; a directory or an
     unreadable file made `verify` raise instead of giving a verdict."""
-    import os
-    import stat
-
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
