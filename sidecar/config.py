@@ -294,6 +294,9 @@ class CredentialConfig:
     # The request header carrying it, and the scheme before the value ("" = none).
     header: str = "authorization"
     scheme: str = "Bearer"
+    # Send it over plain http:// to a host that is not loopback: only where the network encrypts the
+    # hop itself (a service mesh's mutual TLS). Off, such an upstream is refused at load.
+    allow_plaintext: bool = False
 
 
 @dataclass
@@ -746,8 +749,11 @@ def _validate_console(console: "ConsoleConfig") -> None:
         raise ConfigError("console.history_limit: must be positive")
 
 
-def _validate_credential(credential: CredentialConfig, key: str) -> None:
+def _validate_credential(credential: CredentialConfig, key: str, url: str = "") -> None:
+    """`url`: where the credential goes; over plain http:// to a host that is not loopback only with
+    allow_plaintext (a bearer credential in clear can be read and replayed by anyone on the path)."""
     import re
+    from urllib.parse import urlsplit
 
     if credential.kind not in ("", "jwt_svid", "secret_file"):
         raise ConfigError(f"{key}.kind: must be jwt_svid or secret_file (or empty), not {credential.kind!r}")
@@ -759,6 +765,14 @@ def _validate_credential(credential: CredentialConfig, key: str) -> None:
         raise ConfigError(f"{key}.header: {credential.header!r} is not an HTTP header name")
     if credential.scheme and not re.fullmatch(r"[A-Za-z0-9._~+/-]{1,64}", credential.scheme):
         raise ConfigError(f"{key}.scheme: {credential.scheme!r} is not an authorization scheme")
+    if credential.kind and url and not credential.allow_plaintext:
+        parts = urlsplit(url)
+        if parts.scheme == "http" and not _loopback(f"{parts.hostname or ''}:0"):
+            raise ConfigError(
+                f"{key}: the {credential.kind} credential would go in clear over http:// to {parts.hostname} "
+                "(anyone on the path could read and replay it): use https://, or set "
+                f"{key}.allow_plaintext: true where the network encrypts the hop itself (a service mesh's mTLS)"
+            )
 
 
 def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
@@ -792,7 +806,7 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
             raise ConfigError(f"{key}.timeout_seconds/max_result_bytes: must be positive")
         if upstream.command and upstream.credential.kind:
             raise ConfigError(f"{key}.credential: credentials are attached to Streamable HTTP upstreams only (url)")
-        _validate_credential(upstream.credential, f"{key}.credential")
+        _validate_credential(upstream.credential, f"{key}.credential", upstream.url)
 
 
 def _validate_invoke(invoke: InvokeConfig) -> None:
@@ -812,7 +826,7 @@ def _validate_invoke(invoke: InvokeConfig) -> None:
         _http_url(tool.url.replace("{", "").replace("}", ""), f"{key}.url")
         if tool.timeout_seconds <= 0 or tool.max_response_bytes <= 0:
             raise ConfigError(f"{key}.timeout_seconds/max_response_bytes: must be positive")
-        _validate_credential(tool.credential, f"{key}.credential")
+        _validate_credential(tool.credential, f"{key}.credential", tool.url.replace("{", "").replace("}", ""))
 
 
 def _validate_opa(opa: OpaConfig) -> None:

@@ -165,3 +165,40 @@ async def test_the_list_phase_input_matches_the_schema_and_says_list():
     assert document["usage"] == {"calls_in_window": 1, "window_seconds": 60, "calls_in_task": 0}
     await gate.visible(CallerIdentity(Subject("spiffe://dev.local/agent", source="dev")), "read_file", "fs")
     assert seen[-1]["usage"]["calls_in_window"] == 1  # listing counts nothing
+
+
+JWT = {"kind": "jwt_svid", "audience": "spiffe://example.org/docs"}
+SECRET = {"kind": "secret_file", "file": "/var/run/secrets/token"}
+
+
+@pytest.mark.parametrize("credential", [JWT, SECRET], ids=["jwt_svid", "secret_file"])
+@pytest.mark.parametrize("surface", ["mcp.upstreams", "invoke.tools"])
+@pytest.mark.parametrize("url, in_clear", [
+    ("http://docs-mcp:8000/mcp", True),                 # a Service name
+    ("http://10.0.0.5/mcp", True),                      # an address off the pod
+    ("http://Docs.Example.ORG:80/mcp", True),
+    ("HTTP://docs.example.org/mcp", True),              # the scheme in capitals is http too
+    ("http://127.0.0.1:8000/mcp", False),               # loopback: the same pod
+    ("http://[::1]:8000/mcp", False),
+    ("http://localhost:8000/mcp", False),
+    ("https://docs-mcp:8443/mcp", False),
+])
+def test_a_credential_never_goes_in_clear_off_loopback(surface, credential, url, in_clear):
+    """A bearer credential over plain http:// to another host can be read and replayed by anyone on
+    the path: refused at load, naming the key, unless the operator says the network encrypts the hop."""
+    name = "docs" if surface == "mcp.upstreams" else "lookup"
+    key = f"{surface}.{name}.credential"
+
+    def settings(**extra):
+        return {"identity.sources": ["dev"], surface: {name: {"url": url, "credential": {**credential, **extra}}}}
+
+    if in_clear:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, settings())
+        assert str(info.value).startswith(f"{key}: the {credential['kind']} credential would go in clear")
+        assert f"{key}.allow_plaintext" in str(info.value)
+    else:
+        load_config(None, settings())
+    opted_in = load_config(None, settings(allow_plaintext=True))  # a service mesh's mTLS encrypts the hop
+    target = getattr(opted_in.mcp if surface == "mcp.upstreams" else opted_in.invoke, surface.split(".")[1])[name]
+    assert target.credential.allow_plaintext is True
