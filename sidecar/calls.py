@@ -217,6 +217,13 @@ def cut_depth(value: Any, limit: int) -> Any:
     return root[0]
 
 
+def usable_id(value: str) -> bool:
+    """Whether `value` passes check_call's rules for an id (call_id, task_id, escalation_id): no
+    U+0000, at most MAX_ID_BYTES, valid Unicode text. For a front door that takes an id alone
+    (ToolGate.EndTask), so that every id a call may use is one it accepts, and no other."""
+    return "\x00" not in value and len(value.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES and _is_text(value)
+
+
 def _is_text(value: str) -> bool:
     try:
         value.encode("utf-8")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from sidecar.calls import ToolCall
+from sidecar.calls import MAX_ID_BYTES, ToolCall, usable_id
 from sidecar.evidence import TraceContext
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import (
@@ -204,7 +204,6 @@ class ToolGateServicer:
         `task_state_unavailable` or `evidence_unavailable`; a task store that cannot be read answers
         UNAVAILABLE `task_state_unavailable` and ends nothing.
         """
-        from sidecar.calls import MAX_ID_BYTES
         from sidecar.tasks import TaskEndUnrecorded, TaskOwnerMismatch, TaskStateUnavailable
 
         peer = peer_info(context)
@@ -216,8 +215,8 @@ class ToolGateServicer:
                 grpc.StatusCode.INVALID_ARGUMENT, str(Reason(MALFORMED_REQUEST, "the request could not be parsed"))
             )
         task_id = request.task_id
-        # Exactly the ids a call may use (sidecar.calls.check_call): any task a call opened can be ended.
-        if not task_id or len(task_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES or "\x00" in task_id:
+        # Exactly the ids a call may use: any task a call opened can be ended.
+        if not task_id or not usable_id(task_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(Reason(
                 INVALID_TASK, f"task_id must be 1-{MAX_ID_BYTES} bytes without U+0000 (NUL), as a call's task_id"
             )))

@@ -222,3 +222,16 @@ async def test_an_obligation_cannot_be_sidestepped_by_another_spelling_of_the_ar
     assert bodies == [{"query": "q", "limit": 5, "token": "[REDACTED]", "tags": ["a"]}]
     invocation = [r for r in records(tmp_path / "evidence") if r["kind"] == "invocation"][0]
     assert invocation["status"] == "not_called"
+
+
+@pytest.mark.parametrize("task_id", [
+    "t", "a\tb", "a\u00a0b", "a\u200bb", "\x1b[31m", "x" * 256, "x" * 257, "ü" * 128, "ü" * 129,
+    "a\x00b", "\x00", "a\ud800", "",
+])
+def test_endtask_takes_exactly_the_task_ids_a_call_may_use(task_id):
+    """EndTask's rule (calls.usable_id, plus not empty) and check_call's agree on every id."""
+    from sidecar.calls import ToolCall, check_call, usable_id
+
+    problems, _ = check_call(ToolCall(tool="t", arguments={}, task_id=task_id), max_bytes=1 << 20, max_depth=32)
+    call_takes = bool(task_id) and not any(p.startswith("invalid_task_id: ") for p in problems)
+    assert (bool(task_id) and usable_id(task_id)) == call_takes
