@@ -823,10 +823,11 @@ def _validate_invoke(invoke: InvokeConfig) -> None:
         key = f"invoke.tools.{name}"
         if tool.method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ConfigError(f"{key}.method: must be GET, POST, PUT, PATCH or DELETE, not {tool.method!r}")
-        _http_url(tool.url.replace("{", "").replace("}", ""), f"{key}.url")
+        url = tool.url.replace("{", "").replace("}", "")  # the template's URL with its placeholders' names
+        _http_url(url, f"{key}.url")
         if tool.timeout_seconds <= 0 or tool.max_response_bytes <= 0:
             raise ConfigError(f"{key}.timeout_seconds/max_response_bytes: must be positive")
-        _validate_credential(tool.credential, f"{key}.credential", tool.url.replace("{", "").replace("}", ""))
+        _validate_credential(tool.credential, f"{key}.credential", url)
 
 
 def _validate_opa(opa: OpaConfig) -> None:
