@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 from sidecar.evidence import EvidenceError, EvidenceSink, Receipt, TraceContext
 from sidecar.evidence.records import rfc3339
-from sidecar.identity import CallerIdentity
+from sidecar.identity import CallerIdentity, Subject
 from sidecar.reasons import EVIDENCE_UNAVAILABLE, NOT_TASK_OWNER, TASK_ENDED, TASK_STATE_UNAVAILABLE, Reason
 from sidecar.task_store import StoredEnding, StoredTask, TaskStore, TaskStoreError
 
@@ -162,7 +162,7 @@ def task_end_fields(
     return fields
 
 
-def _subject(subject: Any) -> dict:
+def _subject(subject: Subject) -> dict:
     return {"spiffe_id": subject.spiffe_id, "source": subject.source, "svid_expires_at": subject.svid_expires_at}
 
 
