@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ import yaml
 from sidecar.client import Client
 from sidecar.config import load_config
 from tests.conftest import REGO, REPO
+from tests.infra.sidecar import SidecarProcess
 
 SIDECAR_YAML = REPO / "deploy" / "k8s" / "agent" / "sidecar.yaml"
 STATEFULSET = REPO / "deploy" / "k8s" / "agent" / "statefulset.yaml"
@@ -54,34 +54,13 @@ def pod_volume_config(tmp_path: Path, volume: Path, name: str) -> tuple[Path, Pa
     return path, socket_dir / "sidecar.sock"
 
 
-class Sidecar:
-    """One `agent-sidecar serve` process; its log in a file (read while it runs)."""
+class Sidecar(SidecarProcess):
+    """One `agent-sidecar serve` process on a pod's config, started at once; a call through it."""
 
     def __init__(self, config: Path, socket_path: Path, log: Path):
-        self.socket_path, self.log = socket_path, log
-        self._log_file = log.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
-                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log_file)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, condition, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.process.poll() is None, f"sidecar exited while waiting for {what}: {self.text()[-3000:]}"
-            assert time.monotonic() < deadline, f"{what} did not happen: {self.text()[-3000:]}"
-            time.sleep(0.05)
-
-    def wait_serving(self) -> None:
-        self.wait_for(self.socket_path.exists, "serving on the unix socket")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        code = self.process.wait(60)
-        self._log_file.close()
-        return code
+        super().__init__(config, log)
+        self.socket_path = socket_path
+        self.start()
 
     def call(self, n: int) -> str:
         with Client(f"unix:{self.socket_path}") as client:
@@ -131,10 +110,11 @@ def test_a_replacement_waits_for_the_draining_sidecar_then_continues_the_chain(t
         assert old.stop() == 0  # drains: closes the log with a checkpoint, releases the lock
         new.wait_serving()
         after = [new.call(n) for n in range(8, 11)]
+        assert new.stop() == 0
     finally:
         if new is not None:
-            new.stop()
-        old.stop(signal.SIGKILL)
+            new.close()
+        old.close()
     logged = records(directory)
     kinds = [r["kind"] for r in logged]
     assert kinds.count("startup") == 2
@@ -156,12 +136,14 @@ def test_a_replacement_after_a_sigkill_takes_the_lock_and_loses_nothing(tmp_path
         before = [old.call(n) for n in range(5)]
     finally:
         old.stop(signal.SIGKILL)  # the node died: no drain, no checkpoint
+        old.close()
     new = Sidecar(config_b, socket_b, tmp_path / "new.log")
     try:
         new.wait_serving()
         after = [new.call(n) for n in range(5, 8)]
-    finally:
         assert new.stop() == 0
+    finally:
+        new.close()
     assert "waiting up to" not in new.text(), "a dead writer's lock is free at once"
     logged = records(directory)
     assert [r["decision_id"] for r in logged if r["kind"] == "decision"] == before + after
@@ -181,8 +163,9 @@ def test_a_second_live_writer_is_refused_after_the_wait(tmp_path, volume):
         done = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(config_b)],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0
-        assert f"in use by another evidence writer (pid {old.process.pid}) after waiting 1 s" in done.stderr
+        assert f"in use by another evidence writer (pid {old.pid}) after waiting 1 s" in done.stderr
         old.call(0)  # the first writer is untouched
-    finally:
         assert old.stop() == 0
+    finally:
+        old.close()
     assert evidence_verify(Path(load_config(config_a).evidence.dir)).returncode == 0

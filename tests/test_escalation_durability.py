@@ -10,7 +10,6 @@ loss would (the store without its newest commits, the log with them).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sqlite3
 import textwrap
@@ -37,7 +36,7 @@ from tests.doubles.escalation import (
     records_of,
     store_settings,
 )
-from tests.test_evidence_crash import start_sidecar_process
+from tests.test_evidence_crash import serving_sidecar
 from tests.test_escalation_store import NOW, record, stores  # noqa: F401  (fixture)
 
 EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers", "api_token": "s3cret-token"}
@@ -347,18 +346,20 @@ async def test_a_killed_sidecar_loses_no_new_escalation(tmp_path):
         identity: {{sources: [dev]}}
         escalation: {{approvers: ["{ALICE}"]}}
     """))
-    process = start_sidecar_process(config, socket_path)
+    sidecar = serving_sidecar(config)
     try:
         async with AsyncClient(f"unix:{socket_path}") as agent:
             escalated = await agent.authorize("send_email", EMAIL, task_id="t-1", intent=INTENT)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(15)
-        process = start_sidecar_process(config, socket_path)
+        sidecar.send_signal(signal.SIGKILL)
+        sidecar.wait(15)
+        restarted_at = len(sidecar.text())
+        sidecar.start()
+        sidecar.wait_serving()
         async with ApprovalsClient(f"unix:{socket_path}") as approvals:
             kept = await approvals.get(escalated.escalation_id, approver=ALICE)
     finally:
-        process.kill()
-        stderr = process.communicate(timeout=15)[1].decode()
+        sidecar.close()
+    second_run = sidecar.text()[restarted_at:]
     assert kept["state"] == "pending" and kept["arguments"] == EMAIL and kept["intent"] == INTENT
     assert kept["arguments_preview"]["api_token"] == "[REDACTED]" and kept["arguments_withheld"] == ""
-    assert "restored" not in stderr
+    assert "serving" in second_run and "restored" not in second_run

@@ -23,6 +23,7 @@ import pytest
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.verify import verify_dir
 from tests.conftest import SIMPLE_POLICY, write_policy
+from tests.infra.sidecar import SidecarProcess
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
@@ -119,31 +120,19 @@ def write_sidecar_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     return config, socket_path, tmp_path / "ev"
 
 
-def start_sidecar_process(config: Path, socket_path: Path) -> subprocess.Popen:
-    if socket_path.exists():
-        socket_path.unlink()
-    process = subprocess.Popen(
-        [PY, "-m", "sidecar", "serve", "--config", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"sidecar exited: {process.stderr.read().decode()[-2000:]}")
-        if socket_path.exists():
-            return process
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError("sidecar did not start")
+def serving_sidecar(config: Path) -> SidecarProcess:
+    """The real sidecar on `config`, serving; its log beside the config (appended across restarts)."""
+    sidecar = SidecarProcess(config, config.with_suffix(".log"))
+    sidecar.start()
+    sidecar.wait_serving()
+    return sidecar
 
 
 async def test_sigkill_of_the_real_sidecar_under_load_loses_no_decision_a_client_received(sidecar_files):
     from sidecar.client import AsyncClient
 
     config, socket_path, directory = sidecar_files
-    process = start_sidecar_process(config, socket_path)
+    sidecar = serving_sidecar(config)
     received: dict[str, str] = {}  # decision_id -> trace_id
     stop = asyncio.Event()
     try:
@@ -164,12 +153,11 @@ async def test_sigkill_of_the_real_sidecar_under_load_loses_no_decision_a_client
             deadline = time.monotonic() + 30
             while len(received) < 300 and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            os.kill(process.pid, signal.SIGKILL)  # mid-flight: calls are still arriving
+            sidecar.send_signal(signal.SIGKILL)  # mid-flight: calls are still arriving
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 15)
     finally:
-        process.kill()
-        process.wait()
+        sidecar.close()
     assert len(received) >= 300
 
     ids, records = logged(directory)
@@ -179,13 +167,14 @@ async def test_sigkill_of_the_real_sidecar_under_load_loses_no_decision_a_client
     assert all(traces[d] == t for d, t in received.items()), "the response's trace_id is the record's"
 
     # restart the real sidecar on the same directory: the chain continues, and verifies
-    process = start_sidecar_process(config, socket_path)
+    sidecar.start()
     try:
+        sidecar.wait_serving()
         async with AsyncClient(f"unix:{socket_path}") as client:
             after = await client.authorize("echo", {"after": True})
+        assert sidecar.stop() == 0
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(15)
+        sidecar.close()
     ids, records = logged(directory)
     assert after.decision_id in ids
     assert [r["kind"] for r in records].count("startup") == 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -582,19 +581,20 @@ async def test_sigkill_of_the_real_sidecar_brings_no_ended_task_back(tmp_path):
     """The real sidecar, killed with -9 and started again on the same evidence directory: the task ended
     before the kill is still refused with its first ending and record, and the open task goes on."""
     from sidecar.client import AsyncClient
-    from tests.test_evidence_crash import start_sidecar_process, write_sidecar_files
+    from tests.test_evidence_crash import serving_sidecar, write_sidecar_files
 
     config, socket_path, directory = write_sidecar_files(tmp_path)
-    process = start_sidecar_process(config, socket_path)
+    sidecar = serving_sidecar(config)
     try:
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
             stub = sidecar_pb2_grpc.ToolGateStub(channel)
             assert (await stub.Authorize(build_request("echo", {"n": 1}, task_id="ended"))).outcome == sidecar_pb2.OUTCOME_ALLOW
             ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="ended"))
             assert (await stub.Authorize(build_request("echo", {"n": 2}, task_id="open"))).outcome == sidecar_pb2.OUTCOME_ALLOW
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(15)
-        process = start_sidecar_process(config, socket_path)
+        sidecar.send_signal(signal.SIGKILL)
+        sidecar.wait(15)
+        sidecar.start()
+        sidecar.wait_serving()
         async with AsyncClient(f"unix:{socket_path}") as client:
             refused = await client.authorize("echo", {"n": 3}, task_id="ended")
             assert list(refused.reasons) == [
@@ -605,8 +605,7 @@ async def test_sigkill_of_the_real_sidecar_brings_no_ended_task_back(tmp_path):
         assert again.already_ended and (again.ended_at, again.evidence_seq, again.evidence_hash) == (
             ended.ended_at, ended.evidence_seq, ended.evidence_hash)
     finally:
-        process.kill()
-        process.wait()
+        sidecar.close()
     assert [r["task_id"] for r in records(directory) if r["kind"] == "task_end"] == ["ended"]
 
 

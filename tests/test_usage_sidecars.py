@@ -9,12 +9,7 @@ caller is the same SPIFFE ID, so the calls below are replicas of one agent.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.client import AsyncClient
 from sidecar.evidence.show import iter_lines
 from sidecar.policy.catalog import read_data
-from tests.conftest import REGO, REPO
+from tests.conftest import REGO
 from tests.doubles.postgres import PostgresServer
+from tests.infra.sidecar import SidecarProcess
 
 UNREACHABLE = "host=/tmp/no-such-postgres-dir port=1 user=x dbname=x"
 
@@ -127,25 +123,6 @@ async def test_on_store_error_memory_keeps_serving_from_local_counts(running_sid
     assert not sidecar.usage.health()[0]
 
 
-def serve_process(config: Path, socket_path: Path) -> subprocess.Popen:
-    """`agent-sidecar serve --config CONFIG` as its own process; returns once its socket exists."""
-    if socket_path.exists():
-        socket_path.unlink()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 60
-    while not socket_path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"sidecar exited: {process.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("sidecar did not start")
-        time.sleep(0.05)
-    return process
-
-
 async def remote_calls(address: str, n: int) -> list:
     async with AsyncClient(address) as client:
         return [await client.authorize("create_ticket", {"title": f"t{i}"}) for i in range(n)]
@@ -166,21 +143,22 @@ async def test_two_sidecar_processes_share_the_window_across_a_process_restart(t
             usage: {{store: postgres, dsn: "{dsn}", timeout_ms: 2000}}
             identity: {{sources: [dev]}}
         """))
-        sidecars[name] = (config, socket_path)
-    processes = {name: await asyncio.to_thread(serve_process, *files) for name, files in sidecars.items()}
+        sidecars[name] = SidecarProcess(config, tmp_path / f"{name}.log")
+        sidecars[name].start()  # from this thread: the process dies with the thread that started it
     try:
-        address = {name: f"unix:{files[1]}" for name, files in sidecars.items()}
+        for sidecar in sidecars.values():
+            await asyncio.to_thread(sidecar.wait_serving)
+        address = {name: f"unix:{tmp_path / name / 'sidecar.sock'}" for name in sidecars}
         half = limit // 2
         first = await remote_calls(address["a"], half) + await remote_calls(address["b"], limit - half - 1)
-        processes["a"].send_signal(signal.SIGTERM)  # a restart: the same config, a new process
-        assert await asyncio.to_thread(processes["a"].wait, 30) == 0
-        processes["a"] = await asyncio.to_thread(serve_process, *sidecars["a"])
+        assert await asyncio.to_thread(sidecars["a"].stop) == 0  # a restart: the same config, a new process
+        sidecars["a"].start()
+        await asyncio.to_thread(sidecars["a"].wait_serving)
         last = await remote_calls(address["a"], 1)
         assert all(r.outcome == "allow" for r in first + last), [r.reasons for r in first + last if r.outcome != "allow"]
         for name in ("a", "b"):
             (over,) = await remote_calls(address[name], 1)
             assert over.outcome == "deny" and any(r.startswith("rate_limited:") for r in over.reasons), over.reasons
     finally:
-        for process in processes.values():
-            process.kill()
-            process.wait(10)
+        for sidecar in sidecars.values():
+            sidecar.close()

@@ -8,6 +8,7 @@ Shared by tests/infra/spire.py and tests/infra/jaeger.py:
     process.pause(); process.resume()  # SIGSTOP / SIGCONT to its group: a program that hangs
     process.stop(timeout=10.0)         # SIGTERM (+SIGCONT) to its group, SIGKILL after `timeout` s
     process.kill()                     # SIGKILL to its group at once
+    process.send_signal(signal.SIGTERM); process.wait(30)   # to the program alone, as a kubelet would
     process.log_tail(30); process.log_since(offset)
 
 Every process runs in its own session (process group), so stopping it stops
@@ -136,6 +137,18 @@ class Process:
         """SIGKILL to the group; waits for the exit."""
         self._signal(signal.SIGKILL)
         self._forget()
+
+    def send_signal(self, signum: int) -> None:
+        """`signum` to the program alone, not its group: what a kubelet (SIGTERM) or a crash (SIGKILL)
+        does to a container's main process, whose children must then follow by themselves."""
+        if self._popen is not None:
+            self._popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait up to `timeout` s for the program to exit (subprocess.TimeoutExpired after); its exit code."""
+        assert self._popen is not None, "not started"
+        self.returncode = self._popen.wait(timeout)
+        return self.returncode
 
     def _forget(self) -> None:
         popen, self._popen = self._popen, None
