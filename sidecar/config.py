@@ -243,6 +243,10 @@ class EscalationConfig:
     preview_max_bytes: int = 4096
     # POST a JSON notice of each new escalation here ("" = no webhook).
     webhook_url: str = ""
+    # Send notices (argument previews, approver-facing text) over plain http:// to a host that is not
+    # loopback: only where the network encrypts the hop itself (a service mesh's mutual TLS). Off, such
+    # a webhook_url is refused at load.
+    webhook_allow_plaintext: bool = False
     # File holding a secret: the webhook body is signed (X-Sidecar-Signature: sha256=HMAC).
     # Required with webhook_url outside dev mode.
     webhook_secret_file: str = ""
@@ -641,6 +645,22 @@ def _dev_off_loopback(key: str, listen: str) -> str:
     )
 
 
+def _refuse_in_clear(url: str, key: str, what: str, harm: str, allowed_by: str) -> None:
+    """ConfigError naming `key` when `url` is plain http:// to a host that is not loopback (127.0.0.0/8,
+    ::1, localhost: the same pod), so `what` would cross the network in clear; `allowed_by` is the
+    setting that says the network encrypts the hop itself. The one rule for every setting that sends
+    data out. The host is urllib's, which aiohttp (yarl) and httpx read alike: the scheme in any case,
+    the host after any userinfo (`http://127.0.0.1@evil.example`), `127.0.0.1.evil.example` a name."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not _loopback(f"{parts.hostname or ''}:0"):
+        raise ConfigError(
+            f"{key}: {what} would go in clear over http:// to {parts.hostname} ({harm}): use https://, or set "
+            f"{allowed_by}: true where the network encrypts the hop itself (a service mesh's mTLS)"
+        )
+
+
 def _loopback(host_port: str) -> bool:
     import ipaddress
 
@@ -697,6 +717,10 @@ def _validate_escalation(esc: "EscalationConfig") -> None:
         raise ConfigError("escalation.preview_max_bytes: must not be negative")
     if esc.webhook_url:
         _http_url(esc.webhook_url, "escalation.webhook_url")
+        if not esc.webhook_allow_plaintext:
+            _refuse_in_clear(esc.webhook_url, "escalation.webhook_url", "notices",
+                             "anyone on the path could read the arguments' preview and what approvers are told",
+                             "escalation.webhook_allow_plaintext")
     if esc.console_url:
         _http_url(esc.console_url, "escalation.console_url")
     for i, pattern in enumerate(esc.approvers):
@@ -753,7 +777,6 @@ def _validate_credential(credential: CredentialConfig, key: str, url: str = "") 
     """`url`: where the credential goes; over plain http:// to a host that is not loopback only with
     allow_plaintext (a bearer credential in clear can be read and replayed by anyone on the path)."""
     import re
-    from urllib.parse import urlsplit
 
     if credential.kind not in ("", "jwt_svid", "secret_file"):
         raise ConfigError(f"{key}.kind: must be jwt_svid or secret_file (or empty), not {credential.kind!r}")
@@ -766,13 +789,8 @@ def _validate_credential(credential: CredentialConfig, key: str, url: str = "") 
     if credential.scheme and not re.fullmatch(r"[A-Za-z0-9._~+/-]{1,64}", credential.scheme):
         raise ConfigError(f"{key}.scheme: {credential.scheme!r} is not an authorization scheme")
     if credential.kind and url and not credential.allow_plaintext:
-        parts = urlsplit(url)
-        if parts.scheme == "http" and not _loopback(f"{parts.hostname or ''}:0"):
-            raise ConfigError(
-                f"{key}: the {credential.kind} credential would go in clear over http:// to {parts.hostname} "
-                "(anyone on the path could read and replay it): use https://, or set "
-                f"{key}.allow_plaintext: true where the network encrypts the hop itself (a service mesh's mTLS)"
-            )
+        _refuse_in_clear(url, key, f"the {credential.kind} credential", "anyone on the path could read and replay it",
+                         f"{key}.allow_plaintext")
 
 
 def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
