@@ -247,8 +247,8 @@ class EscalationConfig:
     # loopback: only where the network encrypts the hop itself (a service mesh's mutual TLS). Off, such
     # a webhook_url is refused at load.
     webhook_allow_plaintext: bool = False
-    # File holding a secret: the webhook body is signed (X-Sidecar-Signature: sha256=HMAC).
-    # Required with webhook_url outside dev mode.
+    # File holding a secret: each notice is signed the Standard Webhooks way (webhook-id,
+    # webhook-timestamp, webhook-signature: v1,HMAC). Required with webhook_url outside dev mode.
     webhook_secret_file: str = ""
     webhook_timeout_seconds: float = 5.0
     # Attempts per notice (connection errors, timeouts, 429 and 5xx are retried).

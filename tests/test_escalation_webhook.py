@@ -1,22 +1,43 @@
-"""The webhook on new escalations, against a real local HTTP server (aiohttp on 127.0.0.1)."""
+"""The webhook on new escalations, against a real local HTTP server (aiohttp on 127.0.0.1).
+
+Signatures are checked by the receiver's check docs/escalation.md documents (Standard Webhooks):
+what a receiver runs takes every notice, retries included, and refuses a replay, a changed body or
+id, and another secret's signature.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import hashlib
 import hmac
 import json
 import time
+from typing import Callable
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar.client import AsyncClient
 from sidecar.escalation import EscalationRecord
-from sidecar.escalation.notify import WebhookNotifier
-from tests.doubles.escalation import make_config
+from sidecar.escalation.notify import WebhookNotifier, signature
+from tests.doubles.escalation import documented_webhook_verifier, make_config
+from tests.infra.http import serve_app
 
 EMAIL = {"to": "cfo@example.com", "body": "hi", "password": "hunter2"}
+SECRET = b"a-shared-webhook-secret"
+verify_webhook, WebhookRefused = documented_webhook_verifier()
+
+
+def record(**changes) -> EscalationRecord:
+    """A pending escalation as the store holds it, for the notifier on its own."""
+    return dataclasses.replace(EscalationRecord(
+        id="esc-1", fingerprint="f", subject="spiffe://dev.local/agent", subject_source="dev", delegation=(),
+        tool="send_email", server="mail", arguments_digest="sha256:0", arguments_preview={}, task_id="t",
+        intent="", call_id="c", decision_id="d", reasons=("high_risk_tool: a human approves this tool",),
+        policy_revision="r", trace_id="t", span_id="s", created_at=0.0, expires_at=1.0), **changes)
 
 
 class Receiver:
@@ -24,7 +45,7 @@ class Receiver:
 
     def __init__(self, failures: int = 0):
         self.failures = failures
-        self.requests: list[tuple[dict, bytes]] = []
+        self.requests: list[tuple[CIMultiDict, bytes]] = []
         self.release = asyncio.Event()
         self.release.set()
         self.runner: web.AppRunner | None = None
@@ -32,7 +53,7 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.requests.append((dict(request.headers), body))
+        self.requests.append((request.headers.copy(), body))
         await self.release.wait()
         if len(self.requests) <= self.failures:
             return web.Response(status=503, text="try later")
@@ -71,7 +92,7 @@ async def receiver():
 async def test_new_escalations_are_posted_retried_and_never_block_the_decision(tmp_path, receiver, running_sidecar):
     hook = await receiver(failures=1)
     secret = tmp_path / "webhook.secret"
-    secret.write_text("a-shared-webhook-secret\n")
+    secret.write_bytes(SECRET + b"\n")
     sidecar = await running_sidecar(make_config(tmp_path, **{
         "escalation.webhook_url": hook.url,
         "escalation.webhook_secret_file": str(secret),
@@ -112,8 +133,9 @@ async def test_new_escalations_are_posted_retried_and_never_block_the_decision(t
     assert escalation["arguments_preview"]["password"] == "[REDACTED]"
     assert b"hunter2" not in body
     assert headers["Content-Type"] == "application/json"
-    expected = hmac.new(b"a-shared-webhook-secret", body, hashlib.sha256).hexdigest()
-    assert headers["X-Sidecar-Signature"] == f"sha256={expected}"
+    for attempt, _ in hook.requests:
+        verify_webhook(SECRET, attempt, body)  # each attempt, the 503'd one too, is the receiver's to check
+    assert hook.requests[0][0]["webhook-id"] == headers["webhook-id"]  # the retry keeps the notice's id
 
 
 async def test_a_webhook_that_is_down_changes_nothing(tmp_path, receiver, running_sidecar):
@@ -160,11 +182,175 @@ def test_the_text_names_each_reason_by_its_code_or_whole_when_it_has_none():
     notifier = WebhookNotifier("http://127.0.0.1:1/")
     reasons = ("high_risk_tool: a human approves this tool", "no rule allows this call",
                "a reason with spaces: before its colon", " sql_write : padded code")
-    record = EscalationRecord(
-        id="esc-1", fingerprint="f", subject="spiffe://dev.local/agent", subject_source="dev", delegation=(),
-        tool="send_email", server="mail", arguments_digest="sha256:0", arguments_preview={}, task_id="t",
-        intent="", call_id="c", decision_id="d", reasons=reasons, policy_revision="r",
-        trace_id="t", span_id="s", created_at=0.0, expires_at=1.0)
-    assert notifier.payload(record)["text"] == (
+    assert notifier.payload(record(reasons=reasons))["text"] == (
         "send_email on mail by spiffe://dev.local/agent needs approval: high_risk_tool, "
         "no rule allows this call, a reason with spaces: before its colon, sql_write (esc-1)")
+
+
+# -- Standard Webhooks signatures, checked by the documented receiver ------------------------------------
+
+
+async def test_a_receiver_that_verifies_takes_every_notice_and_retries_keep_the_id(tmp_path, running_sidecar):
+    """The receiver runs the documented check on every request (401 when it refuses, which the sidecar
+    does not retry); the first attempt of each notice is answered 503, so each notice is sent twice."""
+    seen: list[tuple[CIMultiDict, bytes, bool]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            verify_webhook(SECRET, request.headers, body)
+        except WebhookRefused:
+            seen.append((request.headers.copy(), body, False))
+            return web.Response(status=401)
+        seen.append((request.headers.copy(), body, True))
+        first = sum(1 for h, _, _ in seen if h["webhook-id"] == request.headers["webhook-id"]) == 1
+        return web.Response(status=503 if first else 204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    secret = tmp_path / "webhook.secret"
+    secret.write_bytes(SECRET)
+    async with serve_app(app) as base:
+        sidecar = await running_sidecar(make_config(tmp_path, **{
+            "escalation.webhook_url": f"{base}/hook", "escalation.webhook_secret_file": str(secret),
+            "escalation.webhook_attempts": 3, "escalation.webhook_backoff_seconds": 0.05}))
+        async with AsyncClient(sidecar.addresses[0]) as agent:
+            escalated = [await agent.authorize("send_email", EMAIL, task_id=task) for task in ("t-a", "t-b")]
+            assert [e.outcome for e in escalated] == ["escalate", "escalate"]
+        await sidecar.escalations.notifier.drain(60)
+    assert [verified for _, _, verified in seen] == [True] * 4
+    assert sidecar.escalations.notifier.sent == 2 and sidecar.escalations.notifier.failed == 0
+    by_id: dict[str, list[bytes]] = {}
+    for headers, body, _ in seen:
+        by_id.setdefault(headers["webhook-id"], []).append(body)
+    assert len(by_id) == 2, by_id.keys()  # one id a notice, the same on its retry
+    notices = {json.loads(bodies[0])["escalation"]["escalation_id"] for bodies in by_id.values()}
+    assert notices == {e.escalation_id for e in escalated}
+    assert all(len(bodies) == 2 and bodies[0] == bodies[1] for bodies in by_id.values())
+
+
+async def test_each_attempt_is_signed_at_its_own_time():
+    """Retries 400 s apart (a long back-off): each attempt carries its own timestamp and passes the
+    receiver's 5-minute check when it arrives. Signed once at the first attempt, the third would be
+    refused as a replay (shown by checking the first attempt's headers at the third's time)."""
+    stamps: list[int] = []
+
+    def clock() -> float:
+        stamps.append(1_800_000_000 + 400 * len(stamps))
+        return stamps[-1] + 0.9  # a fraction: the header is whole seconds
+
+    seen: list[tuple[CIMultiDict, bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        verify_webhook(SECRET, request.headers, body, now=stamps[-1])  # the receiver's clock agrees with ours
+        seen.append((request.headers.copy(), body))
+        return web.Response(status=503 if len(seen) < 3 else 204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    async with serve_app(app) as base:
+        notifier = WebhookNotifier(f"{base}/hook", attempts=3, backoff_seconds=0.01, secret=SECRET, clock=clock)
+        notifier.notify(record())
+        await notifier.drain(30)
+        await notifier.aclose()
+    assert notifier.sent == 1 and len(seen) == 3
+    assert [int(h["webhook-timestamp"]) for h, _ in seen] == stamps
+    assert len({h["webhook-id"] for h, _ in seen}) == 1
+    with pytest.raises(WebhookRefused, match="outside the tolerance"):
+        verify_webhook(SECRET, seen[0][0], seen[0][1], now=stamps[-1])
+
+
+async def captured_notice() -> tuple[dict[str, str], bytes]:
+    """One notice as a receiver gets it: (its webhook-* headers, lower-case names; its body)."""
+    seen: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append(({k.lower(): v for k, v in request.headers.items() if k.lower().startswith("webhook-")},
+                     await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    async with serve_app(app) as base:
+        notifier = WebhookNotifier(f"{base}/hook", secret=SECRET)
+        notifier.notify(record())
+        await notifier.drain(30)
+        await notifier.aclose()
+    (notice,) = seen
+    return notice
+
+
+def _set(headers: dict[str, str], **changes: str) -> dict[str, str]:
+    return {**headers, **{name.replace("_", "-"): value for name, value in changes.items()}}
+
+
+def _resigned(headers: dict[str, str], body: bytes, key: bytes, **changes: str) -> dict[str, str]:
+    """The headers with `changes`, signed with `key`: what someone holding `key` could send."""
+    changed = _set(headers, **changes)
+    return _set(changed, webhook_signature=signature(key, changed["webhook-id"], int(changed["webhook-timestamp"]), body))
+
+
+OTHER_SECRET = b"another-webhook-secret-entirely"
+# name -> (headers, body, sent at) -> (headers, body, the receiver's now)
+TAMPERED: dict[str, Callable[[dict[str, str], bytes, int], tuple[dict[str, str], bytes, float]]] = {
+    "replayed 5 minutes and a second later": lambda h, b, t: (h, b, t + 301),
+    "replayed an hour later": lambda h, b, t: (h, b, t + 3600),
+    "dated 5 minutes and a second ahead": lambda h, b, t: (h, b, t - 301),
+    "replayed later under a new timestamp": lambda h, b, t: (_set(h, webhook_timestamp=str(t + 600)), b, t + 600),
+    "another webhook-id": lambda h, b, t: (_set(h, webhook_id="msg_" + "0" * 32), b, t),
+    "a webhook-id one character longer": lambda h, b, t: (_set(h, webhook_id=h["webhook-id"] + "0"), b, t),
+    "a webhook-id with a dot": lambda h, b, t: (_resigned(h, b, SECRET, webhook_id="msg_1.2"), b, t),
+    "a body one byte longer": lambda h, b, t: (h, b + b" ", t),
+    "a body one byte shorter": lambda h, b, t: (h, b[:-1], t),
+    "signed with another secret": lambda h, b, t: (_resigned(h, b, OTHER_SECRET), b, t),
+    "a body re-signed with another secret": lambda h, b, t: (
+        _resigned(h, b.replace(b"send_email", b"read_email"), OTHER_SECRET), b.replace(b"send_email", b"read_email"), t),
+    "the signature of the body alone (the scheme before)": lambda h, b, t: (_set(h, webhook_signature="v1," + base64.b64encode(
+        hmac.new(SECRET, b, hashlib.sha256).digest()).decode()), b, t),
+    "no signature": lambda h, b, t: ({k: v for k, v in h.items() if k != "webhook-signature"}, b, t),
+    "an empty signature": lambda h, b, t: (_set(h, webhook_signature=""), b, t),
+    "the signature under another version": lambda h, b, t: (_set(h, webhook_signature="v1a," + h["webhook-signature"][3:]), b, t),
+    "a non-ASCII signature": lambda h, b, t: (_set(h, webhook_signature=h["webhook-signature"] + "é"), b, t),
+    "no timestamp": lambda h, b, t: ({k: v for k, v in h.items() if k != "webhook-timestamp"}, b, t),
+    "a timestamp that is not an integer": lambda h, b, t: (_set(h, webhook_timestamp=f"{t}.0"), b, t),
+    "no webhook-id": lambda h, b, t: ({k: v for k, v in h.items() if k != "webhook-id"}, b, t),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERED, ids=str)
+async def test_the_documented_check_refuses(tamper: str):
+    headers, body = await captured_notice()
+    sent_at = int(headers["webhook-timestamp"])
+    verify_webhook(SECRET, headers, body, now=sent_at)  # the notice itself passes
+    verify_webhook(SECRET, headers, body, now=sent_at + 300)  # ... to the edge of the tolerance
+    changed, changed_body, now = TAMPERED[tamper](headers, body, sent_at)
+    with pytest.raises(WebhookRefused):
+        verify_webhook(SECRET, changed, changed_body, now=now)
+
+
+async def test_the_documented_check_refuses_a_change_of_any_one_byte():
+    headers, body = await captured_notice()
+    sent_at = int(headers["webhook-timestamp"])
+    for i in range(len(body)):
+        changed = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1:]
+        with pytest.raises(WebhookRefused):
+            verify_webhook(SECRET, headers, changed, now=sent_at)
+    for name in ("webhook-id", "webhook-timestamp"):
+        value = headers[name]
+        for i in range(len(value)):
+            flipped = value[:i] + chr(ord(value[i]) ^ 0x01) + value[i + 1:]
+            with pytest.raises(WebhookRefused):
+                verify_webhook(SECRET, {**headers, name: flipped}, body, now=sent_at)
+
+
+async def test_the_documented_check_verifies_with_the_secret_being_rotated_in():
+    """While a secret is rotated a sender may send both signatures, space-separated: either one passes."""
+    headers, body = await captured_notice()
+    sent_at = int(headers["webhook-timestamp"])
+    other = signature(OTHER_SECRET, headers["webhook-id"], sent_at, body)
+    verify_webhook(SECRET, _set(headers, webhook_signature=f"{other} {headers['webhook-signature']}"), body, now=sent_at)
+    verify_webhook(OTHER_SECRET, _set(headers, webhook_signature=f"{other} {headers['webhook-signature']}"), body,
+                   now=sent_at)
+    with pytest.raises(WebhookRefused):
+        verify_webhook(OTHER_SECRET, headers, body, now=sent_at)  # the sidecar's signature, another receiver's secret

@@ -3,24 +3,23 @@
 `escalation.webhook_secret_file` is required outside dev mode "so the receiver can tell the
 sidecar's notices from forged ones". A secret file that was empty or held only a newline (a
 Kubernetes Secret created with an empty value) gave the secret b"", and `if self._secret:` then
-sent every notice with no X-Sidecar-Signature at all: a receiver that checks a signature only
+sent every notice with no signature at all: a receiver that checks a signature only
 when one is present took forged notices (and their console links) as the sidecar's. A 1-byte
 secret was accepted too. Now the sidecar does not start, and says why without the secret.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar.client import AsyncClient
 from sidecar.config import ConfigError, load_config
 from sidecar.escalation.notify import MIN_SECRET_BYTES, WebhookNotifier
-from tests.doubles.escalation import make_config
+from tests.doubles.escalation import documented_webhook_verifier, make_config
 from tests.infra.http import serve_app
 
 EMAIL = {"to": "cfo@example.com", "body": "Q3 numbers"}
@@ -62,10 +61,10 @@ def test_the_notifier_itself_refuses_an_empty_secret():
 
 
 async def test_a_secret_of_the_minimum_length_signs_every_notice(tmp_path, running_sidecar):
-    received: list[tuple[dict, bytes]] = []
+    received: list[tuple[CIMultiDict, bytes]] = []
 
     async def hook(request: web.Request) -> web.Response:
-        received.append((dict(request.headers), await request.read()))
+        received.append((request.headers.copy(), await request.read()))
         return web.Response(text="ok")
 
     app = web.Application()
@@ -78,7 +77,8 @@ async def test_a_secret_of_the_minimum_length_signs_every_notice(tmp_path, runni
         await sidecar.escalations.notifier.drain(30)
     assert len(received) == 1
     headers, body = received[0]
-    assert headers["X-Sidecar-Signature"] == "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+    verify_webhook, _ = documented_webhook_verifier()
+    verify_webhook(key, headers, body)  # the receiver's check, keyed with the file's bytes less the newline
 
 
 # -- agent-controlled text in the chat summary -------------------------------------------------------

@@ -4,8 +4,12 @@ Sent in the background: the agent has its ESCALATE answer before the first
 attempt starts, and a webhook that is down never slows or fails a decision.
 Connection errors, timeouts, 429 and 5xx answers are retried with
 exponential backoff (tenacity) up to `escalation.webhook_attempts`; other
-answers are final. With a secret (at least 16 bytes), the body is signed:
-`X-Sidecar-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+answers are final. With a secret (at least 16 bytes), each attempt is signed the Standard
+Webhooks way (https://www.standardwebhooks.com): `webhook-id` (one per notice, the same on
+its retries: the receiver's idempotency key), `webhook-timestamp` (the attempt's, in integer
+Unix seconds, so a receiver refuses an old request replayed) and `webhook-signature:
+v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` (`signature`). docs/escalation.md
+has the receiver's check.
 
 Payload (ASCII-only JSON: every non-ASCII and control character is a JSON escape):
 
@@ -23,11 +27,14 @@ a value), so it reads as what will run. `escalation` keeps the exact values for 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
+import secrets
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -48,6 +55,14 @@ MIN_SECRET_BYTES = 16
 
 class RetryableWebhookError(Exception):
     pass
+
+
+def signature(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` of one attempt (Standard Webhooks, symmetric): the id and the
+    timestamp are signed with the body, so neither can be changed, nor the body sent again later
+    under a new timestamp, without the secret."""
+    mac = hmac.new(secret, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
 
 
 def load_webhook_secret(path: str) -> bytes:
@@ -90,6 +105,7 @@ class WebhookNotifier:
         secret: bytes | None = None,
         console_url: str = "",
         max_in_flight: int = 100,
+        clock: Callable[[], float] = time.time,
     ):
         if secret is not None and len(secret) < MIN_SECRET_BYTES:
             raise ValueError(f"the webhook secret must be at least {MIN_SECRET_BYTES} bytes (an empty one signs nothing)")
@@ -101,6 +117,7 @@ class WebhookNotifier:
         self._secret = secret
         self._console_url = console_url.rstrip("/")
         self._max_in_flight = max_in_flight
+        self._clock = clock  # the attempts' webhook-timestamp
         self._tasks: set[asyncio.Task] = set()
         self._session: aiohttp.ClientSession | None = None
         self.sent = 0
@@ -133,10 +150,7 @@ class WebhookNotifier:
 
     async def _deliver(self, record: EscalationRecord) -> None:
         body = exact_json(self.payload(record), sort_keys=True).encode()
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   "X-Sidecar-Escalation-Id": record.id}
-        if self._secret:
-            headers["X-Sidecar-Signature"] = "sha256=" + hmac.new(self._secret, body, hashlib.sha256).hexdigest()
+        webhook_id = "msg_" + secrets.token_hex(16)  # this notice's, kept by its retries (no "." in it)
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self._attempts),
@@ -145,7 +159,7 @@ class WebhookNotifier:
                 reraise=True,
             ):
                 with attempt:
-                    await self._post(body, headers)
+                    await self._post(body, self._headers(webhook_id, record.id, body))
             self.sent += 1
         except asyncio.CancelledError:
             raise
@@ -154,6 +168,17 @@ class WebhookNotifier:
             # an aiohttp error can name the URL (InvalidURL, a redirect's Location): only its type and host here
             log.warning("webhook: giving up on %s after %d attempts to %s: %s", record.id, self._attempts,
                         url_for_messages(self.url), _without_url(exc, self.url))
+
+    def _headers(self, webhook_id: str, escalation_id: str, body: bytes) -> dict[str, str]:
+        """One attempt's headers: signed anew with its own timestamp, so a retry late in a long
+        back-off is as fresh to the receiver as the first attempt."""
+        timestamp = int(self._clock())
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   "X-Sidecar-Escalation-Id": escalation_id,
+                   "webhook-id": webhook_id, "webhook-timestamp": str(timestamp)}
+        if self._secret:
+            headers["webhook-signature"] = signature(self._secret, webhook_id, timestamp, body)
+        return headers
 
     async def _post(self, body: bytes, headers: dict[str, str]) -> None:
         if self._session is None or self._session.closed:

@@ -20,7 +20,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -167,3 +167,14 @@ async def until_pending(approvals: Any, agent: "asyncio.Future | None" = None, *
         if time.monotonic() > deadline:
             raise AssertionError(f"no pending escalation{f' of {tool}' if tool else ''} after {timeout:.0f} s")
         await asyncio.sleep(0.05)
+
+
+def documented_webhook_verifier() -> tuple[Callable[..., None], type[Exception]]:
+    """`verify_webhook` and `WebhookRefused` exactly as docs/escalation.md gives them to receivers: notices
+    are checked by the documented check itself, never by a copy of the sender's code."""
+    from tests.test_docs_examples import ALL
+
+    (block,) = [b for b in ALL if b.kind == "python" and "def verify_webhook(" in b.text]
+    namespace: dict[str, Any] = {}
+    exec(compile(block.text, block.where, "exec"), namespace)
+    return namespace["verify_webhook"], namespace["WebhookRefused"]
