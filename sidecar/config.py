@@ -40,6 +40,9 @@ class OpaConfig:
     # (managed). An http(s) URL: decide through the OPA REST API there (the OPA container
     # beside the sidecar in Kubernetes), which loads its own bundle.
     url: str = ""
+    # Decide over plain http:// to an OPA that is not on loopback: only where the network encrypts
+    # the hop itself (a service mesh's mutual TLS). Off, such a url is refused at load.
+    allow_plaintext: bool = False
     # The OPA binary for the managed OPA and `policy test`: a path, or a name looked up on PATH.
     binary: str = "opa"
     # The managed OPA's own log level (debug, info, error); its lines go to the sidecar's log.
@@ -882,6 +885,10 @@ def _validate_opa(opa: OpaConfig) -> None:
             )
         if url.query or url.fragment or url.path not in ("", "/"):
             raise ConfigError(f"policy.opa.url: must be OPA's base URL (no path or query), not {opa.url!r}")
+        if not opa.allow_plaintext:
+            _refuse_in_clear(opa.url, "policy.opa.url", "every call's input (its arguments in full) and OPA's answer",
+                             "anyone on the path could read the input, and change a deny into an allow",
+                             "policy.opa.allow_plaintext")
     if opa.retries < 0 or opa.retry_backoff_ms < 0:
         raise ConfigError("policy.opa.retries/retry_backoff_ms: must not be negative")
     for key in ("breaker_failures", "breaker_cooldown_ms", "health_interval_ms", "health_timeout_ms", "max_connections"):

@@ -1,5 +1,5 @@
 """Nothing the sidecar sends out crosses a network in clear: every setting whose URL carries data
-(a credential, an escalation notice) refuses plain http:// to a host that is not loopback, by one rule,
+(a credential, an escalation notice, a call's input to an external OPA) refuses plain http:// to a host that is not loopback, by one rule,
 unless its opt-in says the network encrypts the hop (a service mesh's mTLS).
 
 Every surface is tried with every spelling of a host: what a reader takes for loopback and is not
@@ -63,6 +63,9 @@ def _credential_surface(section: str, name: str, kind: dict[str, str]) -> Surfac
 JWT = {"kind": "jwt_svid", "audience": "spiffe://example.org/docs"}
 SECRET = {"kind": "secret_file", "file": "/var/run/secrets/token"}
 SURFACES = [
+    Surface("policy.opa.url",
+            lambda url, opt_in: {**DEV, "policy.opa": {"url": url, "allow_plaintext": opt_in}},
+            "policy.opa.url", "every call's input (its arguments in full) and OPA's answer", "policy.opa.allow_plaintext"),
     Surface("escalation.webhook_url",
             lambda url, opt_in: {**DEV, "escalation.webhook_url": url, "escalation.webhook_allow_plaintext": opt_in},
             "escalation.webhook_url", "notices", "escalation.webhook_allow_plaintext"),
@@ -88,4 +91,4 @@ def test_nothing_goes_in_clear_off_loopback(surface: Surface, url: str, host: st
 
 def test_the_opt_ins_default_off():
     config = load_config(None, runs_sidecar=False)
-    assert config.escalation.webhook_allow_plaintext is False
+    assert config.escalation.webhook_allow_plaintext is False and config.policy.opa.allow_plaintext is False
