@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -575,48 +574,3 @@ async def test_end_task_over_grpc_then_calls_under_it_are_denied_everywhere(tmp_
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await upstream.stop()
-
-
-async def test_sigkill_of_the_real_sidecar_brings_no_ended_task_back(tmp_path):
-    """The real sidecar, killed with -9 and started again on the same evidence directory: the task ended
-    before the kill is still refused with its first ending and record, and the open task goes on."""
-    from sidecar.client import AsyncClient
-    from tests.test_evidence_crash import serving_sidecar, write_sidecar_files
-
-    config, socket_path, directory = write_sidecar_files(tmp_path)
-    sidecar = serving_sidecar(config)
-    try:
-        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
-            stub = sidecar_pb2_grpc.ToolGateStub(channel)
-            assert (await stub.Authorize(build_request("echo", {"n": 1}, task_id="ended"))).outcome == sidecar_pb2.OUTCOME_ALLOW
-            ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="ended"))
-            assert (await stub.Authorize(build_request("echo", {"n": 2}, task_id="open"))).outcome == sidecar_pb2.OUTCOME_ALLOW
-        sidecar.send_signal(signal.SIGKILL)
-        sidecar.wait(15)
-        sidecar.start()
-        sidecar.wait_serving()
-        async with AsyncClient(f"unix:{socket_path}") as client:
-            refused = await client.authorize("echo", {"n": 3}, task_id="ended")
-            assert list(refused.reasons) == [
-                f"task_ended: task 'ended' was ended by EndTask at {ended.ended_at}; start a new task"]
-            assert (await client.authorize("echo", {"n": 4}, task_id="open")).outcome == "allow"
-        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
-            again = await sidecar_pb2_grpc.ToolGateStub(channel).EndTask(sidecar_pb2.EndTaskRequest(task_id="ended"))
-        assert again.already_ended and (again.ended_at, again.evidence_seq, again.evidence_hash) == (
-            ended.ended_at, ended.evidence_seq, ended.evidence_hash)
-    finally:
-        sidecar.close()
-    assert [r["task_id"] for r in records(directory) if r["kind"] == "task_end"] == ["ended"]
-
-
-def test_serve_refuses_to_start_when_the_task_store_cannot_be_opened(tmp_path):
-    """A task store that cannot be opened stops the start: exit 2, saying which store and file, nothing served."""
-    from tests.test_evidence_crash import write_sidecar_files
-
-    config, socket_path, directory = write_sidecar_files(tmp_path)
-    (directory / "tasks.db").mkdir(parents=True)  # a directory where the SQLite file must be
-    done = run_cli("serve", "--config", str(config))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "agent-sidecar: the task store cannot be opened: cannot open the task store" in done.stderr
-    assert str(directory / "tasks.db") in done.stderr
-    assert not socket_path.exists()
