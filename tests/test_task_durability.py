@@ -65,9 +65,10 @@ async def test_sigkill_of_the_real_sidecar_brings_no_ended_task_back(tmp_path):
     try:
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
             stub = sidecar_pb2_grpc.ToolGateStub(channel)
-            assert (await stub.Authorize(build_request("echo", {"n": 1}, task_id="ended"))).outcome == sidecar_pb2.OUTCOME_ALLOW
+            for task_id in ("ended", "open"):
+                allowed = await stub.Authorize(build_request("echo", {"n": 1}, task_id=task_id))
+                assert allowed.outcome == sidecar_pb2.OUTCOME_ALLOW
             ended = await stub.EndTask(end_request("ended"))
-            assert (await stub.Authorize(build_request("echo", {"n": 2}, task_id="open"))).outcome == sidecar_pb2.OUTCOME_ALLOW
         sidecar.send_signal(signal.SIGKILL)
         sidecar.wait(15)
         sidecar.start()
@@ -96,7 +97,8 @@ async def test_a_lost_task_store_brings_no_ended_task_back(tmp_path, lose):
     try:
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
             stub = sidecar_pb2_grpc.ToolGateStub(channel)
-            assert (await stub.Authorize(build_request("echo", {"n": 1}, task_id="used"))).outcome == sidecar_pb2.OUTCOME_ALLOW
+            allowed = await stub.Authorize(build_request("echo", {"n": 1}, task_id="used"))
+            assert allowed.outcome == sidecar_pb2.OUTCOME_ALLOW
             first = {task_id: await stub.EndTask(end_request(task_id)) for task_id in ("used", "never-used")}
         assert sidecar.stop() == 0
         lose(directory / "tasks.db")
@@ -228,7 +230,9 @@ async def test_an_ending_is_restored_whatever_its_age(tmp_path):
 
 
 @pytest.mark.parametrize("changed_after, restored", [(10.0, True), (50.0, False)])
-async def test_the_log_is_read_back_from_shortly_before_the_stores_newest_change(tmp_path, changed_after, restored):
+async def test_the_log_is_read_back_from_shortly_before_the_task_stores_newest_change(
+    tmp_path, changed_after, restored
+):
     """A store that holds a change `changed_after` s after the endings were logged: within
     RESTORE_MARGIN_SECONDS (30) the endings are read back and restored; past it, the store held them
     (its later change was committed after theirs) unless someone deleted rows by hand, and the log is
