@@ -1,6 +1,8 @@
 """Task lifetimes: EndTask(task_id) and the idle timeout end a task; every later call under it is
 denied (task_ended) and recorded, through Authorize, Invoke and the MCP gateway alike. Each ending is
-one `task_end` evidence record, chained before the decisions it explains (docs/mcp.md#tasks)."""
+one `task_end` evidence record, chained before the decisions it explains (docs/mcp.md#tasks). EndTask
+takes exactly the task ids a call may use, so no task can be used yet never ended. What survives the loss
+of the task store is in tests/test_task_durability.py."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import grpc
 import pytest
 from mcp.client.client import Client
 
+from sidecar.calls import ToolCall, check_call, usable_id
 from sidecar.client import build_request
 from sidecar.display import FLAG
 from sidecar.evidence import EvidenceError, Receipt, TraceContext
@@ -574,3 +577,55 @@ async def test_end_task_over_grpc_then_calls_under_it_are_denied_everywhere(tmp_
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await upstream.stop()
+
+
+# A task id every call accepts must be one EndTask accepts: else a task can be used but never ended
+# (tabs, no-break spaces, zero-width and escape characters in the id).
+ODD_TASK_IDS = ["task\t1", "task\u00a01", "t\u200b", "t\x1b[31m", "t\u202egnp.exe", "line\nbreak", "t\x7f"]
+
+
+@pytest.mark.parametrize("task_id", ODD_TASK_IDS)
+async def test_a_task_any_call_may_use_can_be_ended(tmp_path, sidecar_config, running_sidecar, task_id):
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        first = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+        assert first.outcome == sidecar_pb2.OUTCOME_ALLOW, first.reasons
+        ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id=task_id))
+        assert ended.task_id == task_id and not ended.already_ended and ended.evidence_hash
+        after = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+        assert after.outcome == sidecar_pb2.OUTCOME_DENY and after.reasons[0].startswith("task_ended:")
+    assert [r["task_id"] for r in records(tmp_path / "evidence") if r["kind"] == "task_end"] == [task_id]
+    assert verify_dir(tmp_path / "evidence").ok
+
+
+@pytest.mark.parametrize("task_id, code", [
+    ("", grpc.StatusCode.INVALID_ARGUMENT),
+    ("x" * 257, grpc.StatusCode.INVALID_ARGUMENT),
+    ("a\x00b", grpc.StatusCode.INVALID_ARGUMENT),  # no call may use it either (invalid_task_id)
+])
+async def test_end_task_still_refuses_ids_no_call_may_use(tmp_path, sidecar_config, running_sidecar, task_id, code):
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        if task_id:
+            refused = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+            assert refused.outcome == sidecar_pb2.OUTCOME_DENY and refused.reasons[0].startswith("invalid_task_id:")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id=task_id))
+        assert info.value.code() == code and info.value.details().startswith("invalid_task:")
+
+
+@pytest.mark.parametrize("task_id", [
+    "t", "a\tb", "a\u00a0b", "a\u200bb", "\x1b[31m", "x" * 256, "x" * 257, "ü" * 128, "ü" * 129,
+    "a\x00b", "\x00", "a\ud800", "",
+])
+def test_endtask_takes_exactly_the_task_ids_a_call_may_use(task_id):
+    """EndTask's rule (calls.usable_id, plus not empty) and check_call's agree on every id."""
+    problems, _ = check_call(ToolCall(tool="t", arguments={}, task_id=task_id), max_bytes=1 << 20, max_depth=32)
+    call_takes = bool(task_id) and not any(p.startswith("invalid_task_id: ") for p in problems)
+    assert (bool(task_id) and usable_id(task_id)) == call_takes
