@@ -22,6 +22,7 @@ import pytest
 from sidecar.client import AsyncClient, build_request
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.verify import verify_dir
+from sidecar.sqlitedb import database_files
 from sidecar.task_store import StoredTask, TaskStore, TaskStoreError
 from sidecar.tasks import TaskOwnerMismatch, TaskRegistry, caller_fields
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -40,11 +41,6 @@ def end_request(task_id: str) -> sidecar_pb2.EndTaskRequest:
 def answer(ended: sidecar_pb2.EndTaskResponse) -> tuple[str, int, str, str]:
     """What EndTask said of an ending: the same after any restart or restore."""
     return ended.ended_at, ended.evidence_seq, ended.evidence_hash, ended.trace_id
-
-
-def database_files(database: Path) -> list[Path]:
-    """The task store as SQLite keeps it: the file, its write-ahead log and that log's index."""
-    return [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]
 
 
 def delete(database: Path) -> None:
