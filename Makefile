@@ -69,6 +69,8 @@ system-deps:
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/sidecar/v1/sidecar.proto
 
+## The policy tests and the lint (`opa test`, `opa check --strict`): they need OPA only.
+policy-test: TOOLS = opa
 policy-test: install
 	$(BIN)/agent-sidecar policy test --lint rego/
 
