@@ -47,6 +47,10 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> int:
                   file=sys.stderr)
             return 2
         print(f"agent-sidecar: refused: {visible(exc.message)}", file=sys.stderr)
+        if exc.code == "self_approval" and not getattr(args, "approver", None):
+            # The refusal a dev-mode newcomer meets first: name the fix, not only the rule.
+            print("  (in dev mode every caller is the dev identity, the agent's own: name the person deciding "
+                  "with --approver, e.g. --approver email:alice@example.org)", file=sys.stderr)
         return 1
     except BrokenPipeError:
         raise  # stdout's reader went away: sidecar.cli.main ends quietly
@@ -326,7 +330,9 @@ def _approver(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--approver",
         metavar="IDENTITY",
-        help="dev mode only: who you are (e.g. email:alice@example.org); otherwise your verified identity counts",
+        help="dev mode only: who you are (e.g. email:alice@example.org); without it you are the dev identity, "
+        "the agent's own, which may not decide its calls (self_approval). Outside dev mode your verified "
+        "identity counts",
     )
 
 
