@@ -392,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Workload API (identity.sources: [workload_api]), which also needs listen.unix and "
         f"escalation.approvers. To try it locally: {TRY_LOCALLY.replace('%', '%%')}",
     )
-    serve.add_argument("--listen", metavar="ADDR", help="host:port or unix:/path, overriding listen.* in the config")
+    serve.add_argument(
+        "--listen", metavar="ADDR",
+        help="host:port replaces listen.tcp (listen.unix stays); unix:/path replaces listen.unix and turns "
+        "listen.tcp off",
+    )
     serve.add_argument("--policy", metavar="DIR", help="policy bundle directory, overriding policy.dir")
     serve.set_defaults(run=cmd_serve)
 
