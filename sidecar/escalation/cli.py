@@ -319,10 +319,10 @@ def _common(parser: argparse.ArgumentParser, *, json_help: str = "print JSON") -
         "--address",
         default=os.environ.get("AGENT_SIDECAR_ADDRESS", DEFAULT_ADDRESS),
         metavar="ADDR",
-        help="the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS or %(default)s)",
+        help=f"the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS, else {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--token-file", metavar="FILE", help="a JWT-SVID to present (authorization: Bearer)")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline in seconds (default %(default)s)")
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
