@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -30,7 +28,8 @@ from sidecar.evidence.recorder import EvidenceRecorder
 from sidecar.evidence.records import recordable
 from sidecar.evidence.verify import verify_dir
 from sidecar.v1 import sidecar_pb2
-from tests.conftest import REGO, REPO
+from tests.conftest import REGO
+from tests.infra.sidecar import SidecarProcess
 from tests.test_evidence_log import make_event
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -278,15 +277,12 @@ def test_a_call_with_a_value_that_has_no_canonical_form_never_reaches_policy(
 # -- the example, through the real sidecar, with kill -9 ------------------------------------------
 
 
-def _serve(workdir: Path, config: dict) -> subprocess.Popen:
+def _serve(workdir: Path, config: dict) -> SidecarProcess:
     (workdir / "c.yaml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--config", str(workdir / "c.yaml")],
-        stdout=subprocess.PIPE, stderr=(workdir / "log").open("a"), text=True, cwd=REPO,
-    )
-    line = process.stdout.readline()
-    assert "serving" in line, (workdir / "log").read_text()
-    return process
+    sidecar = SidecarProcess(workdir / "c.yaml", workdir / "log")
+    sidecar.start()
+    sidecar.wait_serving()
+    return sidecar
 
 
 def test_a_float_past_2_53_is_denied_recorded_described_and_survives_kill_9(tmp_path):
@@ -297,7 +293,7 @@ def test_a_float_past_2_53_is_denied_recorded_described_and_survives_kill_9(tmp_
         "telemetry": {"exporter": "none"},
         "identity": {"sources": ["dev"]},
     }
-    process = _serve(tmp_path, config)
+    sidecar = _serve(tmp_path, config)
     try:
         request = sidecar_pb2.AuthorizeRequest(tool="search_docs")
         request.arguments.update({"query": "x"})
@@ -307,8 +303,7 @@ def test_a_float_past_2_53_is_denied_recorded_described_and_survives_kill_9(tmp_
                                          response_deserializer=sidecar_pb2.AuthorizeResponse.FromString)
             response = method(request, timeout=10)
     finally:
-        process.send_signal(signal.SIGKILL)  # the denial is the last record when it dies
-        process.wait(timeout=10)
+        sidecar.stop(signal.SIGKILL)  # the denial is the last record when it dies
     assert response.outcome == sidecar_pb2.OUTCOME_DENY
     assert any(r.startswith("invalid_signals:") and "2^53" in r for r in response.reasons), response.reasons
     lines = b"".join(p.read_bytes() for p in sorted((tmp_path / "ev").glob("evidence-*.jsonl"))).splitlines()
@@ -319,9 +314,7 @@ def test_a_float_past_2_53_is_denied_recorded_described_and_survives_kill_9(tmp_
     assert b"100000000000000000000" not in b"".join(lines)
     assert verify_dir(tmp_path / "ev").ok
 
-    process = _serve(tmp_path, config)  # recovery does not refuse the record the writer made
-    process.terminate()
-    process.wait(timeout=15)
+    assert _serve(tmp_path, config).stop() == 0  # recovery does not refuse the record the writer made
     report = verify_dir(tmp_path / "ev")
     assert report.ok, report.problems
     assert report.kinds["startup"] == 2

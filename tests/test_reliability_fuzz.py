@@ -14,8 +14,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import grpc
@@ -30,7 +28,8 @@ from sidecar.display import hidden, needs_flag
 from sidecar.evidence.show import Filter, iter_lines, show
 from sidecar.jsonvalues import SAFE_INTEGER, from_struct, number_problems
 from sidecar.v1 import sidecar_pb2
-from tests.conftest import REGO, REPO
+from tests.conftest import REGO
+from tests.infra.sidecar import SidecarProcess
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -84,15 +83,14 @@ def serve_fuzz_sidecar(workdir):
         "identity": {"sources": ["dev"]},
     }
     (workdir / "c.yaml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--config", str(workdir / "c.yaml")],
-                               stdout=subprocess.PIPE, stderr=(workdir / "log").open("w"), text=True, cwd=REPO)
-    assert "serving" in process.stdout.readline(), (workdir / "log").read_text()
+    sidecar = SidecarProcess(workdir / "c.yaml", workdir / "log")
+    sidecar.start()
+    sidecar.wait_serving()
     channel = grpc.insecure_channel(f"unix:{workdir / 's.sock'}")
-    state = {"channel": channel, "calls": 0, "process": process, "evidence": workdir / "evidence"}
+    state = {"channel": channel, "calls": 0, "sidecar": sidecar, "evidence": workdir / "evidence"}
     yield state
     channel.close()
-    process.terminate()
-    process.wait(timeout=15)
+    assert sidecar.stop() == 0
 
 
 def raw_authorize(state, payload: bytes, metadata=()) -> tuple[grpc.StatusCode, sidecar_pb2.AuthorizeResponse | None, str]:
@@ -295,7 +293,7 @@ def test_kind2_the_fuzzed_log_verifies_and_a_restart_accepts_it(fuzz_sidecar, tm
 
 def test_zz_every_fuzzed_call_was_recorded_and_the_server_is_alive(fuzz_sidecar, capsys):
     """Runs last in this module: the process survived and wrote one decision record per call."""
-    assert fuzz_sidecar["process"].poll() is None
+    assert fuzz_sidecar["sidecar"].alive
     code, response, _ = raw_authorize(fuzz_sidecar, sidecar_pb2.AuthorizeRequest(tool="search_docs").SerializeToString())
     assert code == grpc.StatusCode.OK
     deadline = time.monotonic() + 60  # as soon as all are recorded; room for a loaded machine

@@ -40,6 +40,10 @@ class SidecarProcess:
     def pid(self) -> int | None:
         return self.process.pid
 
+    @property
+    def alive(self) -> bool:
+        return self.process.alive
+
     def start(self) -> None:
         self._run_started_at = self.process.log_size()
         self.process.start()
