@@ -45,6 +45,7 @@ identity and Rego policy (allow / deny / escalate) before it runs.
 """
 
 
+EVIDENCE_DIR = "the evidence directory, evidence.dir"
 # `check`'s exit status per outcome: scripts can branch on the decision without parsing JSON.
 CHECK_EXIT = {"allow": 0, "deny": 3, "escalate": 4}
 # Exit status when stdout's reader went away (a shell reports a process killed by SIGPIPE the same way).
@@ -134,13 +135,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_object(text: str | None, option: str) -> Any:
+def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """The option's JSON object; anything else is bad usage (exit 2), not a call for policy to deny."""
     if text is None:
         return None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{option}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option}: must be a JSON object ({{...}}), not {json.dumps(value)[:40]}")
+    return value
+
+
+def _directory(path: str, what: str, option: str = "") -> str:
+    """`path` if it is a directory this process can read; else bad usage (exit 2), never a finding.
+
+    A finding (a failed test, a BROKEN log) must mean the thing examined is
+    wrong, so a script can tell it from a typo in the path.
+    """
+    named = f"{option}: {path}" if option else path
+    if not os.path.isdir(path):
+        problem = "no such directory" if not os.path.exists(path) else "not a directory"
+        raise ConfigError(f"{named}: {problem} (give {what})")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ConfigError(f"{named}: cannot read this directory (give {what})")
+    return path
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -237,13 +257,13 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from sidecar.policy.opa import tools
     from sidecar.policy.opa.runner import OpaNotFound, find_opa
 
+    directory = Path(_directory(args.dir, "the policy bundle directory"))
     config = load_config(args.config, {}, runs_sidecar=False)  # only policy.opa.binary is used
     try:
         binary = find_opa(config.policy.opa.binary)
     except OpaNotFound as exc:
         print(f"agent-sidecar: {exc}", file=sys.stderr)
         return 2
-    directory = Path(args.dir)
 
     async def run() -> tuple[tools.TestReport, list[str], dict[str, str]]:
         report = await tools.run_tests(binary, directory)
@@ -282,6 +302,8 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
     from sidecar.policy.opa.runner import OpaNotFound, OpaStartError, find_opa
     from sidecar.policy.opa.service import PolicyRejected
 
+    _directory(args.evidence, EVIDENCE_DIR, "--evidence")
+    _directory(args.policy, "the candidate bundle directory", "--policy")
     config = load_config(args.config, {}, runs_sidecar=False)  # only policy.opa.binary is used
     try:
         since = parse_since(args.since) if args.since else None
@@ -328,6 +350,7 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     from sidecar.evidence.signing import SigningError, load_bundle, load_public_keys
     from sidecar.evidence.verify import exit_code, format_report, verify_dir
 
+    _directory(args.dir, EVIDENCE_DIR)
     if args.signer and not args.bundle:
         raise ConfigError("--signer names SPIFFE IDs of SVIDs checked against --bundle; give --bundle too")
     try:
@@ -341,13 +364,10 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_evidence_show(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sidecar.evidence.log import list_log_files
     from sidecar.evidence.show import Filter, parse_since, show
 
-    if not Path(args.dir).is_dir():
-        raise ConfigError(f"{args.dir}: not a directory (give the evidence directory, evidence.dir)")
+    _directory(args.dir, EVIDENCE_DIR)
     if not list_log_files(args.dir):
         raise ConfigError(
             f"{args.dir}: no evidence log here (no evidence-NNNNNN.jsonl files); give the evidence directory, evidence.dir"
@@ -405,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="decide one call exactly as the server would (same OPA path) and print it as JSON (records no evidence)",
         description="Decide one tool call as if SUBJECT made it, and print "
         '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON. '
-        "Exit status: 0 allow, 3 deny, 4 escalate; 2 bad usage, configuration or policy.",
+        "Exit status: 0 allow, 3 deny, 4 escalate; 2 bad usage (e.g. --args not a JSON object), "
+        "configuration or policy.",
     )
     check.add_argument(
         "--config",
@@ -443,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run `opa test` on DIR: every test_* rule in its *_test.rego files. Each failing test is "
         "printed as FAIL file:line: rule, with OPA's values for the expression that failed; the last line is "
         "'N passed, M failed'. Exit status: 0 every test passed (and, with --lint, `opa check --strict` found "
-        "nothing), 1 a test or the lint failed, DIR could not be loaded or holds no test, 2 no OPA binary.",
+        "nothing), 1 a test or the lint failed, DIR could not be loaded or holds no test, 2 DIR is not a "
+        "directory or no OPA binary.",
     )
     policy_test.add_argument("--config", metavar="FILE", help="YAML config: only policy.opa.binary (OPA) is read from it")
     policy_test.add_argument("--lint", action="store_true", help="also run `opa check --strict` (a problem counts as a failure)")
@@ -459,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-decide recorded decisions with a candidate bundle and show what would change",
         description="Re-decide every recorded decision (evidence records with `input`) with OPA on a "
         "candidate bundle. Exit status: 0 done, 1 a decision changed to a --fail-on outcome (or the "
-        "candidate could not decide one), 2 bad usage or the candidate is refused (opa check/test/build), "
+        "candidate could not decide one), 2 bad usage (e.g. --evidence or --policy is not a directory) or the "
+        "candidate is refused (opa check/test/build), "
         "3 nothing to replay, 4 the evidence log fails verification.",
     )
     policy_replay.add_argument("--evidence", required=True, metavar="DIR", help="the evidence directory (an export of evidence.dir)")
@@ -485,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check an evidence directory (docs/evidence.md). With --key or --bundle every record must be "
         "covered by a checkpoint a trusted signer signed (INTACT, exit 0); records after the last one are NOT YET "
         "COVERED (exit 3). Without anchors only internal consistency is checked (CONSISTENT, exit 0). "
-        "BROKEN (exit 1) names the first broken seq and what is wrong. Exit 2: bad usage, e.g. a --key or "
-        "--bundle file that holds no key.",
+        "BROKEN (exit 1) names the first broken seq and what is wrong. Exit 2: bad usage, e.g. DIR is not a "
+        "directory or a --key or --bundle file holds no key.",
     )
     verify.add_argument("dir", help="the evidence directory (evidence.dir)")
     verify.add_argument(

@@ -155,7 +155,7 @@ async def test_evidence_show_refuses_a_directory_without_a_log(served, tmp_path)
     (tmp_path / "a-file").write_text("x")
     for where, message in (
         (tmp_path / "empty", "no evidence log here"),
-        (tmp_path / "missing", "not a directory"),
+        (tmp_path / "missing", "no such directory"),
         (tmp_path / "a-file", "not a directory"),
     ):
         code, out, err = await run("evidence", "show", str(where))
@@ -165,6 +165,26 @@ async def test_evidence_show_refuses_a_directory_without_a_log(served, tmp_path)
     assert code == 0 and len(out.splitlines()) == 3, err
     code, out, _ = await run("evidence", "show", evidence_dir, "--tool", "no_such_tool")
     assert code == 0 and len(out.splitlines()) == 1  # the header: a log with no match is not an error
+
+
+async def test_a_wrong_path_or_value_is_bad_usage_never_a_finding(tmp_path):
+    """Exit 1 (BROKEN, a failed test) and 3 (deny) are findings a script acts on: a typo must not look like one."""
+    (tmp_path / "a-file").write_text("x")
+    missing, a_file, here = str(tmp_path / "missing"), str(tmp_path / "a-file"), str(tmp_path)
+    for args, message in (
+        (["evidence", "verify", missing], f"{missing}: no such directory"),
+        (["evidence", "verify", a_file], f"{a_file}: not a directory"),
+        (["evidence", "show", missing], f"{missing}: no such directory"),
+        (["policy", "test", missing], f"{missing}: no such directory"),
+        (["policy", "test", a_file], f"{a_file}: not a directory"),
+        (["policy", "replay", "--evidence", missing, "--policy", str(REGO)], f"--evidence: {missing}: no such directory"),
+        (["policy", "replay", "--evidence", here, "--policy", a_file], f"--policy: {a_file}: not a directory"),
+        (["check", "--subject", AGENT, "--tool", "read_file", "--args", "[1]"], "--args: must be a JSON object"),
+        (["check", "--subject", AGENT, "--tool", "read_file", "--signals", '"high"'], "--signals: must be a JSON object"),
+    ):
+        code, out, err = await run(*args)
+        assert (code, out) == (2, ""), (args, code, out, err)
+        assert err.startswith("agent-sidecar: ") and err.count("\n") == 1 and message in err, (args, err)
 
 
 async def test_the_dev_config_exports_no_spans(running_sidecar, tmp_path, caplog):
