@@ -46,6 +46,7 @@ identity and Rego policy (allow / deny / escalate) before it runs.
 
 
 EVIDENCE_DIR = "the evidence directory, evidence.dir"
+LOG_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
 # `check`'s exit status per outcome: scripts can branch on the decision without parsing JSON.
 CHECK_EXIT = {"allow": 0, "deny": 3, "escalate": 4}
 # Exit status when stdout's reader went away (a shell reports a process killed by SIGPIPE the same way).
@@ -148,7 +149,7 @@ def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
     return value
 
 
-def _directory(path: str, what: str, option: str = "") -> str:
+def existing_directory(path: str, what: str, option: str = "") -> str:
     """`path` if it is a directory this process can read; else bad usage (exit 2), never a finding.
 
     A finding (a failed test, a BROKEN log) must mean the thing examined is
@@ -257,7 +258,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from sidecar.policy.opa import tools
     from sidecar.policy.opa.runner import OpaNotFound, find_opa
 
-    directory = Path(_directory(args.dir, "the policy bundle directory"))
+    directory = Path(existing_directory(args.dir, "the policy bundle directory"))
     config = load_config(args.config, {}, runs_sidecar=False)  # only policy.opa.binary is used
     try:
         binary = find_opa(config.policy.opa.binary)
@@ -302,8 +303,8 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
     from sidecar.policy.opa.runner import OpaNotFound, OpaStartError, find_opa
     from sidecar.policy.opa.service import PolicyRejected
 
-    _directory(args.evidence, EVIDENCE_DIR, "--evidence")
-    _directory(args.policy, "the candidate bundle directory", "--policy")
+    existing_directory(args.evidence, EVIDENCE_DIR, "--evidence")
+    existing_directory(args.policy, "the candidate bundle directory", "--policy")
     config = load_config(args.config, {}, runs_sidecar=False)  # only policy.opa.binary is used
     try:
         since = parse_since(args.since) if args.since else None
@@ -350,7 +351,7 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     from sidecar.evidence.signing import SigningError, load_bundle, load_public_keys
     from sidecar.evidence.verify import exit_code, format_report, verify_dir
 
-    _directory(args.dir, EVIDENCE_DIR)
+    existing_directory(args.dir, EVIDENCE_DIR)
     if args.signer and not args.bundle:
         raise ConfigError("--signer names SPIFFE IDs of SVIDs checked against --bundle; give --bundle too")
     try:
@@ -367,7 +368,7 @@ def cmd_evidence_show(args: argparse.Namespace) -> int:
     from sidecar.evidence.log import list_log_files
     from sidecar.evidence.show import Filter, parse_since, show
 
-    _directory(args.dir, EVIDENCE_DIR)
+    existing_directory(args.dir, EVIDENCE_DIR)
     if not list_log_files(args.dir):
         raise ConfigError(
             f"{args.dir}: no evidence log here (no evidence-NNNNNN.jsonl files); give the evidence directory, evidence.dir"
@@ -389,12 +390,16 @@ def cmd_evidence_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sidecar.evidence.records import KINDS
+    from sidecar.evidence.records import KINDS, OUTCOMES
 
     parser = Parser(
         prog="agent-sidecar", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO): the sidecar's own log lines; other libraries' "
+        "log only warnings and errors, except at DEBUG",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser(
@@ -536,10 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("dir", help="the evidence directory (evidence.dir)")
     show.add_argument("--tool", metavar="NAME", help="only records of this tool")
     show.add_argument("--subject", metavar="SPIFFE_ID", help="this SPIFFE ID or the IDs under it")
-    show.add_argument("--outcome", choices=["allow", "deny", "escalate"], help="only records with this outcome")
+    show.add_argument("--outcome", choices=OUTCOMES, metavar="OUTCOME",
+                      help=f"only records with this outcome: {', '.join(OUTCOMES)}")
     show.add_argument("--since", metavar="TIME", help="RFC 3339 time or a duration back from now (15m, 2h, 7d)")
     show.add_argument("--decision-id", metavar="ID", help="only the records of this decision_id")
-    show.add_argument("--kind", metavar="KIND", help=f"only records of this kind: {', '.join(KINDS)}")
+    show.add_argument("--kind", choices=KINDS, metavar="KIND", help=f"only records of this kind: {', '.join(KINDS)}")
     show.add_argument("--limit", type=int, default=0, metavar="N", help="stop after N records")
     show.add_argument("--json", action="store_true", help="one canonical JSON record per line")
     show.set_defaults(run=cmd_evidence_show)
@@ -556,11 +562,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = LOG_LEVELS[args.log_level]
+    # Libraries' INFO (httpx2's "HTTP Request: ...", aiohttp's access lines) is not ours to print among a
+    # command's output: they speak from WARNING up, unless DEBUG asks for everything.
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=level if level == logging.DEBUG else max(level, logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("sidecar").setLevel(level)
     try:
         status = args.run(args)
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit

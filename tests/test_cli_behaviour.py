@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import json
 import os
 import sys
 
@@ -19,6 +20,7 @@ from sidecar.cli import BROKEN_PIPE_EXIT, CHECK_EXIT, Parser, build_parser
 from sidecar.client import AsyncClient
 from sidecar.config import load_config
 from tests.conftest import REGO, REPO
+from tests.doubles.escalation import ALICE, make_config
 
 CLI = [sys.executable, "-m", "sidecar"]
 AGENT = "spiffe://dev.local/agent"
@@ -185,6 +187,34 @@ async def test_a_wrong_path_or_value_is_bad_usage_never_a_finding(tmp_path):
         code, out, err = await run(*args)
         assert (code, out) == (2, ""), (args, code, out, err)
         assert err.startswith("agent-sidecar: ") and err.count("\n") == 1 and message in err, (args, err)
+
+
+async def test_a_misspelt_choice_is_refused_not_read_as_no_match(running_sidecar, tmp_path):
+    """`--kind decisions` printed an empty table (exit 0); `--log-level bogus` logged at INFO; `--outcome`
+    could not pick an escalation's end, which the records hold."""
+    sidecar = await running_sidecar(make_config(tmp_path))
+    address, evidence_dir = sidecar.addresses[0], str(tmp_path / "evidence")
+    async with AsyncClient(address) as agent:
+        email = await agent.authorize("send_email", {"to": "cfo@example.com", "body": "hi"})
+        repo = await agent.authorize("delete_repo", {"repo": "acme/old"})
+    for verb, escalation in (("approve", email), ("deny", repo)):
+        code, _, err = await run("approvals", verb, escalation.escalation_id, "--address", address, "--approver", ALICE)
+        assert code == 0, err
+    for outcome, kind, escalation in (("approved", "approval", email), ("denied", "human_denial", repo)):
+        code, out, err = await run("evidence", "show", evidence_dir, "--outcome", outcome, "--json")
+        assert code == 0, err
+        records = [json.loads(line) for line in out.splitlines()]
+        assert [(r["kind"], r["escalation_id"]) for r in records] == [(kind, escalation.escalation_id)]
+    for args, wrong, valid in (
+        (["evidence", "show", evidence_dir, "--kind", "decisions"], "'decisions'", "decision"),
+        (["evidence", "show", evidence_dir, "--outcome", "allowed"], "'allowed'", "approved"),
+        (["--log-level", "bogus", "evidence", "show", evidence_dir], "'BOGUS'", "WARNING"),
+    ):
+        code, out, err = await run(*args)
+        assert (code, out) == (2, ""), (args, err)
+        assert "invalid choice: " + wrong in err and valid in err, err
+    code, out, err = await run("--log-level", "debug", "evidence", "show", evidence_dir, "--kind", "startup")
+    assert code == 0 and len(out.splitlines()) == 2, err  # the header and the one start
 
 
 async def test_the_dev_config_exports_no_spans(running_sidecar, tmp_path, caplog):

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 KINDS = (
     "decision", "escalation", "approval", "human_denial", "expiry", "invocation", "task_end", "checkpoint", "startup"
 )
+# Every `outcome` a record holds: a decision's (and its invocation's, escalation's), then an escalation's
+# end: `approval` approved, `human_denial` denied, `expiry` expired, a refused approve/deny refused.
+OUTCOMES = ("allow", "deny", "escalate", "approved", "denied", "expired", "refused")
 # Kinds that describe a tool call and so become an execute_tool span.
 CALL_KINDS = ("decision", "escalation", "approval", "human_denial", "expiry", "invocation")
 GENESIS = "sha256:" + "0" * 64
