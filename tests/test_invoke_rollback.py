@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
 
 import pytest
 import yaml
@@ -13,7 +15,7 @@ from mcp.client.client import Client
 from sidecar.cli import main
 from sidecar.evidence.verify import verify_dir
 from sidecar.invoke.rollback import RollbackError, plan_rollback
-from tests.conftest import write_policy
+from tests.conftest import REPO, write_policy
 from tests.mcp_upstreams import Seen, docs_server, serve_http
 
 POLICY = """\
@@ -82,6 +84,49 @@ async def test_rollback_calls_the_undo_tool_with_the_recorded_token(world, capsy
     assert undo_decision["intent"] == f"rollback of decision {decision_id}" and undo_decision["task_id"] == "task-9"
     assert [r["tool"] for r in log if r["kind"] == "invocation"] == ["send", "unsend"]
     assert verify_dir(evidence).ok
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """The real `agent-sidecar`, as a person runs it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", *args, cwd=REPO, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_rollback_without_a_sidecar_says_where_it_looked(world, tmp_path):
+    """Not running (or the wrong address): one line naming the address, exit 2, never a traceback; and
+    with the sidecar up, stdout is the JSON and stderr holds no library's INFO lines."""
+    sidecar, _, config_path, evidence = world
+    async with Client(sidecar.mcp.url) as agent:
+        first = await agent.call_tool("docs__send", {"to": ["a@example.com"], "body": "oops"})
+        second = await agent.call_tool("docs__send", {"to": ["b@example.com"], "body": "oops"})
+    port = _closed_port()
+    gateway = f"http://127.0.0.1:{port}/mcp"
+    through_invoke = tmp_path / "no-mcp.yaml"  # the same log and bundle, no MCP upstream: the undo goes to Invoke
+    settings = yaml.safe_load(config_path.read_text())
+    del settings["mcp"]
+    through_invoke.write_text(yaml.safe_dump(settings))
+    for args, address in (
+        (["--config", str(config_path), "--mcp-url", gateway], gateway),
+        (["--config", str(through_invoke), "--address", f"127.0.0.1:{port}"], f"127.0.0.1:{port}"),
+    ):
+        code, out, err = await run_cli("rollback", first.meta["sidecar/decision_id"], *args)
+        assert (code, out) == (2, ""), (args, err)
+        assert err.startswith(f"agent-sidecar rollback: cannot reach the sidecar at {address}: ")
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    code, out, err = await run_cli("rollback", second.meta["sidecar/decision_id"], "--config", str(config_path),
+                                   "--mcp-url", sidecar.mcp.url)
+    assert code == 0 and json.loads(out)["outcome"] == "allow", err
+    assert " INFO " not in err, err
 
 
 async def test_rollback_refuses_what_cannot_be_undone(world):

@@ -34,6 +34,25 @@ class RollbackError(Exception):
     """The decision cannot be rolled back; the message says why."""
 
 
+class SidecarUnreachable(Exception):
+    """The undo call never got an answer from the sidecar at `address` (not running, wrong address)."""
+
+    def __init__(self, address: str, cause: BaseException):
+        super().__init__(f"cannot reach the sidecar at {address}: {type(cause).__name__}: {cause}")
+
+
+def _transport_failure(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first of `kinds` in `exc` or, when the MCP client's task group wrapped it, among its leaves."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _transport_failure(inner, kinds)
+            if found is not None:
+                return found
+    return None
+
+
 @dataclass(frozen=True)
 class UndoCall:
     decision_id: str
@@ -91,8 +110,14 @@ async def undo_through_gateway(url: str, undo: UndoCall, token: str = "") -> dic
 
     headers = {"authorization": f"Bearer {token}"} if token else {}
     meta = {"sidecar/intent": undo.intent, "sidecar/task_id": undo.task_id}
-    async with Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers))) as client:
-        result = await client.call_tool(exposed_name(undo.server, undo.tool), undo.arguments, meta=meta)
+    try:
+        async with Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers))) as client:
+            result = await client.call_tool(exposed_name(undo.server, undo.tool), undo.arguments, meta=meta)
+    except Exception as exc:
+        cause = _transport_failure(exc, (httpx2.HTTPError, OSError))
+        if cause is None:
+            raise
+        raise SidecarUnreachable(url, cause) from None
     meta_out = result.meta or {}
     return {
         "outcome": meta_out.get("sidecar/outcome", ""),
@@ -111,14 +136,19 @@ async def undo_through_invoke(address: str, undo: UndoCall, token: str = "") -> 
     arguments = Struct()
     arguments.update(undo.arguments)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    async with grpc.aio.insecure_channel(address) as channel:
-        response = await sidecar_pb2_grpc.ToolGateStub(channel).Invoke(
-            sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(
-                tool=undo.tool, arguments=arguments, task_id=undo.task_id, intent=undo.intent,
-            )),
-            metadata=metadata,
-            timeout=60,
-        )
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            response = await sidecar_pb2_grpc.ToolGateStub(channel).Invoke(
+                sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(
+                    tool=undo.tool, arguments=arguments, task_id=undo.task_id, intent=undo.intent,
+                )),
+                metadata=metadata,
+                timeout=60,
+            )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise SidecarUnreachable(address, RuntimeError(exc.details() or exc.code().name)) from None
+        raise RollbackError(f"the sidecar at {address} refused the undo call: {exc.code().name}: {exc.details()}") from None
     return {
         "outcome": sidecar_pb2.Outcome.Name(response.decision.outcome).removeprefix("OUTCOME_").lower(),
         "decision_id": response.decision.decision_id,
@@ -129,22 +159,30 @@ async def undo_through_invoke(address: str, undo: UndoCall, token: str = "") -> 
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from sidecar.config import load_config
+    from sidecar.cli import EVIDENCE_DIR, existing_directory
+    from sidecar.config import ConfigError, load_config
 
     # A client of the running sidecar (its evidence.dir, policy.dir, mcp, listen): it serves nothing itself.
     config = load_config(args.config, runs_sidecar=False)
-    token = Path(args.token_file).read_text().strip() if args.token_file else ""
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else ""
+    except OSError as exc:
+        raise ConfigError(f"--token-file: {exc}") from None
+    existing_directory(config.evidence.dir, EVIDENCE_DIR, "evidence.dir")
     try:
         undo = plan_rollback(config.evidence.dir, config.policy.dir, args.decision_id)
+        if undo.server and undo.server in config.mcp.upstreams:
+            url = args.mcp_url or f"http://{config.mcp.listen}/mcp"
+            answer = asyncio.run(undo_through_gateway(url, undo, token))
+        else:
+            address = args.address or config.listen.tcp or f"unix:{config.listen.unix}"
+            answer = asyncio.run(undo_through_invoke(address, undo, token))
     except RollbackError as exc:
         print(f"agent-sidecar rollback: {exc}", file=sys.stderr)
         return 1
-    if undo.server and undo.server in config.mcp.upstreams:
-        url = args.mcp_url or f"http://{config.mcp.listen}/mcp"
-        answer = asyncio.run(undo_through_gateway(url, undo, token))
-    else:
-        address = args.address or config.listen.tcp or f"unix:{config.listen.unix}"
-        answer = asyncio.run(undo_through_invoke(address, undo, token))
+    except SidecarUnreachable as exc:
+        print(f"agent-sidecar rollback: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"undo_tool": undo.tool, "server": undo.server, **answer}, indent=2))
     done = answer.get("outcome") == "allow" and not answer.get("is_error") and not answer.get("error")
     return 0 if done else 1
@@ -156,7 +194,8 @@ def add_commands(commands: Any) -> None:
         help="undo a call the sidecar made, with its recorded rollback token (decided by policy, recorded)",
         description="Find the invocation of DECISION_ID in evidence.dir, look up the undo tool in the tool's "
         "catalog entry (undo: {tool, token_argument}) and make the undo call through the running sidecar. "
-        "Prints the undo call's decision as JSON; exit 0 when it was allowed and succeeded.",
+        "Prints the undo call's decision as JSON; exit 0 when it was allowed and succeeded, 1 when it was not "
+        "(or the call cannot be undone: the message says why), 2 bad usage or the sidecar could not be reached.",
     )
     rollback.add_argument("decision_id", metavar="DECISION_ID")
     rollback.add_argument("--config", metavar="FILE", help="the sidecar's YAML config (evidence.dir, policy.dir, mcp, listen)")
