@@ -192,6 +192,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             verdict = await build_gate(config, policy, recorder=None).authorize(call, CallerIdentity(subject))
         decision = verdict.decision
         result = {
+            "error": decision.error,
             "outcome": decision.outcome,
             "reasons": list(decision.reasons),
             "decision_id": verdict.decision_id,
@@ -218,7 +219,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         return code
     if "note" in result:
         print(f"agent-sidecar: note: {result['note']}", file=sys.stderr)
+    error = result.pop("error")
     print(json.dumps(result, indent=None if args.compact else 2, sort_keys=True))
+    if error:
+        # The fail-closed deny the server would give, but no verdict on the call: a script must not read it as one.
+        print(f"agent-sidecar: the policy could not decide: {error}", file=sys.stderr)
+        return 2
     return CHECK_EXIT[result["outcome"]]
 
 
@@ -431,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decide one tool call as if SUBJECT made it, and print "
         '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON. '
         "Exit status: 0 allow, 3 deny, 4 escalate; 2 bad usage (e.g. --args not a JSON object), "
-        "configuration or policy.",
+        "configuration, or a policy that cannot serve or decide (e.g. policy.opa.url unreachable: the JSON "
+        "shows the fail-closed deny the server would give).",
     )
     check.add_argument(
         "--config",

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import json
 import os
+import socket
 import sys
 
 import pytest
@@ -187,6 +188,20 @@ async def test_a_wrong_path_or_value_is_bad_usage_never_a_finding(tmp_path):
         code, out, err = await run(*args)
         assert (code, out) == (2, ""), (args, code, out, err)
         assert err.startswith("agent-sidecar: ") and err.count("\n") == 1 and message in err, (args, err)
+
+
+async def test_check_with_an_unreachable_opa_is_no_deny(tmp_path):
+    """The fail-closed deny is printed (it is what the server would answer), but exit 2: nothing was decided."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "external.yaml"
+    config.write_text(f"identity: {{sources: [dev]}}\npolicy: {{dir: {REGO}, opa: {{url: 'http://127.0.0.1:{port}'}}}}\n")
+    code, out, err = await run("check", "--config", str(config), "--subject", AGENT, "--tool", "read_file",
+                               "--args", '{"path": "/workspace/a.txt"}', "--compact")
+    assert code == 2, (out, err)
+    assert json.loads(out)["reasons"][0].startswith(f"policy_unavailable: OPA at http://127.0.0.1:{port}")
+    assert f"agent-sidecar: the policy could not decide: policy_unavailable: OPA at http://127.0.0.1:{port}" in err
 
 
 async def test_a_misspelt_choice_is_refused_not_read_as_no_match(running_sidecar, tmp_path):
