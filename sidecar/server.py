@@ -49,6 +49,7 @@ from sidecar.v1 import sidecar_pb2
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService
     from sidecar.evidence.recorder import EvidenceRecorder
+    from sidecar.evidence.signing import SigningKey
     from sidecar.invoke.http import HttpInvoker
     from sidecar.mcp.gateway import McpGateway
     from sidecar.usage.postgres import PostgresCounter
@@ -105,12 +106,13 @@ def build_identity(config: Config) -> IdentityRuntime:
 
 
 def build_recorder(
-    config: Config, policy: PolicyService | None = None, svid_source: object | None = None
+    config: Config, policy: PolicyService | None = None, svid_source: object | None = None,
+    signing_key: "SigningKey | None" = None,
 ) -> "EvidenceRecorder | None":
     """The evidence log in evidence.dir, shipping its spans over OTLP (docs/evidence.md).
 
-    Checkpoints are signed with evidence.signing_key, else the sidecar's SVID
-    (when the Workload API source is running), else a generated dev key.
+    Checkpoints are signed with evidence.signing_key (`signing_key`: read_start_files read it),
+    else the sidecar's SVID (when the Workload API source is running), else a generated dev key.
     """
     from sidecar.evidence.recorder import open_recorder
     from sidecar.evidence.signing import svid_key_provider
@@ -124,7 +126,7 @@ def build_recorder(
     return open_recorder(
         evidence.dir,
         instance_id=_instance_id(config),
-        signing_key=evidence.signing_key,
+        signing_key=signing_key or "",
         key_provider=svid_key_provider(svid_source) if svid_source is not None else None,
         checkpoint_mirror=evidence.checkpoint_mirror,
         rotate_bytes=evidence.rotate_bytes,
@@ -229,22 +231,24 @@ def default_steps(
     return steps
 
 
-def build_escalations(config: Config, recorder: "EvidenceRecorder | None"):
-    """The escalation service on the configured store (docs/escalation.md); not started yet."""
-    from sidecar.escalation.notify import WebhookNotifier, load_webhook_secret
+def build_escalations(config: Config, recorder: "EvidenceRecorder | None", webhook_secret: bytes | None):
+    """The escalation service on the configured store (docs/escalation.md); not started yet.
+
+    `webhook_secret`: escalation.webhook_secret_file's secret, as read_start_files read it.
+    """
+    from sidecar.escalation.notify import WebhookNotifier
     from sidecar.escalation.service import EscalationService
     from sidecar.escalation.store import open_store
 
     esc = config.escalation
     notifier = None
     if esc.webhook_url:
-        secret = load_webhook_secret(esc.webhook_secret_file) if esc.webhook_secret_file else None
         notifier = WebhookNotifier(
             esc.webhook_url,
             timeout_seconds=esc.webhook_timeout_seconds,
             attempts=esc.webhook_attempts,
             backoff_seconds=esc.webhook_backoff_seconds,
-            secret=secret,
+            secret=webhook_secret,
             console_url=esc.console_url,
         )
     return EscalationService(
@@ -405,6 +409,37 @@ class RunningSidecar:
         await self._stages.aclose()
 
 
+@dataclass(frozen=True)
+class StartFiles:
+    """What the files the config names hold, read before any stage starts (read_start_files)."""
+
+    webhook_secret: bytes | None  # escalation.webhook_secret_file
+    signing_key: "SigningKey | None"  # evidence.signing_key
+
+
+def read_start_files(config: Config) -> StartFiles:
+    """Read (and check) every file the start needs, or raise ConfigError naming the key.
+
+    A start refused for a config problem must leave nothing behind: no OPA started, no
+    `startup` record or checkpoint, no generated dev key, no span export. So what can be
+    found wrong without starting anything is found here, first.
+    """
+    from sidecar.config import ConfigError
+    from sidecar.escalation.notify import load_webhook_secret
+    from sidecar.evidence.signing import SigningError, load_private_key
+
+    esc, evidence = config.escalation, config.evidence
+    shadow = config.policy.shadow_dir
+    if shadow and not os.path.isdir(shadow):
+        raise ConfigError(f"policy.shadow_dir: {shadow}: {'not a' if os.path.exists(shadow) else 'no such'} directory")
+    secret = load_webhook_secret(esc.webhook_secret_file) if esc.webhook_url and esc.webhook_secret_file else None
+    try:
+        key = load_private_key(evidence.signing_key) if evidence.signing_key else None
+    except SigningError as exc:
+        raise ConfigError(f"evidence.signing_key: {exc}") from None
+    return StartFiles(webhook_secret=secret, signing_key=key)
+
+
 async def start_sidecar(config: Config) -> RunningSidecar:
     """Load policy, build every stage, bind the listeners and start serving.
 
@@ -412,11 +447,12 @@ async def start_sidecar(config: Config) -> RunningSidecar:
     that fails part way leaves the stack, closing what had started; a start that succeeds hands
     the stages to RunningSidecar (pop_all), whose `stop` closes them in reverse order.
     """
+    files = read_start_files(config)
     async with contextlib.AsyncExitStack() as stages:
-        return await _start(config, stages)
+        return await _start(config, files, stages)
 
 
-async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSidecar:
+async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExitStack) -> RunningSidecar:
     from sidecar.escalation.grpc_api import EscalationApi
     from sidecar.invoke.executor import Executor
 
@@ -431,13 +467,13 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
     identity_runtime = build_identity(config)
     stages.push_async_callback(asyncio.to_thread, identity_runtime.close)
     identity, tls_credentials = identity_runtime
-    recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source)
+    recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source, files.signing_key)
     if recorder is not None:
         await stages.enter_async_context(recorder)
     metrics = Metrics()
     stages.callback(metrics.close)
     usage = await stages.enter_async_context(build_usage(config))
-    escalations = await stages.enter_async_context(build_escalations(config, recorder))
+    escalations = await stages.enter_async_context(build_escalations(config, recorder, files.webhook_secret))
     task_store = await stages.enter_async_context(TaskStore(Path(config.evidence.dir) / "tasks.db"))
     tasks = await stages.enter_async_context(TaskRegistry(
         store=task_store,
