@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -42,6 +43,7 @@ identity and Rego policy (allow / deny / escalate) before it runs.
   agent-sidecar approvals approve ID --note TEXT     let one escalated call through, once
       [--approver email:alice@example.org]           (dev mode: who you are; never the caller)
   agent-sidecar console --config FILE                the approvers' web page
+  agent-sidecar --version                            this version, and the OPA it would run
 """
 
 
@@ -238,7 +240,6 @@ def _same_dir(policy: str | None, config_file: str | None) -> bool:
 
 async def _served_revision(config: Config) -> str:
     """The revision a sidecar running with this config serves (from its health detail), or "" if none answers."""
-    import re
 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -395,6 +396,39 @@ def cmd_evidence_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """`--version`: this package's version, and the OPA that `check`, `policy` and a managed OPA would
+    run without a config (policy.opa.binary's default), by its own `opa version`."""
+    import subprocess
+
+    from sidecar import package_version
+    from sidecar.policy.opa.runner import OpaNotFound, find_opa
+
+    lines = [f"agent-sidecar {package_version()}"]
+    try:
+        binary = find_opa()
+    except OpaNotFound as exc:
+        return "\n".join([*lines, f"opa: {exc}"])
+    try:
+        answer = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=10)
+        found = re.search(r"^Version: (\S+)", answer.stdout, re.MULTILINE)
+        opa_version = found.group(1) if found else f"unknown (`{binary} version` exit {answer.returncode})"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        opa_version = f"unknown ({exc})"
+    return "\n".join([*lines, f"opa {opa_version} ({binary})"])
+
+
+class _Version(argparse.Action):
+    """Print version_text and exit 0, like argparse's "version" action, but computed only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sidecar.evidence.records import KINDS, OUTCOMES
 
@@ -405,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR (default INFO): the sidecar's own log lines; other libraries' "
         "log only warnings and errors, except at DEBUG",
+    )
+    parser.add_argument(
+        "-V", "--version", action=_Version,
+        help="print agent-sidecar's version and the OPA binary (and its version) it would run, then exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

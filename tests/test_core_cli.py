@@ -27,6 +27,19 @@ def test_help_explains_each_command():
     assert "--subject" in check.stdout and "--tool" in check.stdout and "--args" in check.stdout
 
 
+def test_version_names_the_package_and_the_opa_it_would_run():
+    from importlib import metadata
+
+    from sidecar.policy.opa.runner import find_opa
+
+    opa = find_opa()
+    opa_says = subprocess.run([opa, "version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    expected = [f"agent-sidecar {metadata.version('agent-sidecar')}", f"opa {opa_says.split()[-1]} ({opa})"]
+    for flag in ("--version", "-V"):
+        done = run(flag, "check")  # before any command's own checks (check alone needs --subject)
+        assert (done.returncode, done.stdout.splitlines(), done.stderr) == (0, expected, ""), flag
+
+
 def test_check_prints_one_decision_as_json():
     allowed = run("check", "--policy", str(REGO), "--subject", "spiffe://dev.local/agent", "--tool", "read_file",
                   "--args", '{"path": "/workspace/notes.txt"}')

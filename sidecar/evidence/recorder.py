@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from sidecar import package_version
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.readback import records_since
@@ -135,13 +135,6 @@ class EvidenceRecorder:
         self.shipper.shutdown()
 
 
-def _version() -> str:
-    try:
-        return metadata.version("agent-sidecar")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def open_recorder(
     directory: str | Path,
     *,
@@ -221,7 +214,7 @@ def open_recorder(
             lock_wait_seconds=lock_wait_seconds,
             redactor=Redactor(redact_keys),
             startup_info={
-                "version": _version(),
+                "version": package_version(),
                 "settings": {
                     "rotate_bytes": rotate_bytes,
                     "checkpoint_every": checkpoint_every,
