@@ -169,6 +169,7 @@ def existing_directory(path: str, what: str, option: str = "") -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.calls import ToolCall
     from sidecar.identity import CallerIdentity, Subject
+    from sidecar.reasons import POLICY_UNAVAILABLE, parse
     from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
     from sidecar.server import build_gate, build_policy
 
@@ -223,8 +224,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"agent-sidecar: note: {result['note']}", file=sys.stderr)
     error = result.pop("error")
     print(json.dumps(result, indent=None if args.compact else 2, sort_keys=True))
-    if error:
-        # The fail-closed deny the server would give, but no verdict on the call: a script must not read it as one.
+    reason = parse(error) if error else None
+    if reason is not None and reason.code == POLICY_UNAVAILABLE:
+        # The fail-closed deny the server would give, but OPA was never asked: no verdict on the call, and a
+        # script must not read it as one. (A policy_error is the policy's own answer to this input: a deny.)
         print(f"agent-sidecar: the policy could not decide: {error}", file=sys.stderr)
         return 2
     return CHECK_EXIT[result["outcome"]]
@@ -475,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decide one tool call as if SUBJECT made it, and print "
         '{"outcome", "reasons", "decision_id", "policy_revision", ...} as JSON. '
         "Exit status: 0 allow, 3 deny, 4 escalate; 2 bad usage (e.g. --args not a JSON object), "
-        "configuration, or a policy that cannot serve or decide (e.g. policy.opa.url unreachable: the JSON "
+        "configuration, or a policy that cannot serve or be reached (policy.opa.url unreachable: the JSON "
         "shows the fail-closed deny the server would give).",
     )
     check.add_argument(
