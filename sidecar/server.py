@@ -92,6 +92,7 @@ def build_policy(config: Config, *, shadow: bool = False) -> PolicyService:
             gogc=opa.gogc,
         ),
         reload=policy.reload,
+        role="shadow policy" if shadow else "policy",
     )
 
 

@@ -309,6 +309,39 @@ async def test_a_stopped_shadow_never_changes_the_answer(running_sidecar, sideca
     assert sidecar.metrics.registry.get_sample_value("sidecar_shadow_errors_total") == 1
 
 
+async def test_a_rejected_shadow_reload_says_shadow_and_names_the_first_problems(running_sidecar, sidecar_config,
+                                                                               tmp_path, caplog):
+    """Which bundle did not change, in one short line: 14 failing tests once made one of several KB."""
+    import logging
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(REGO, candidate)
+    sidecar = await running_sidecar(sidecar_config(**{
+        "policy.shadow_dir": str(candidate), "policy.reload": True, "evidence.dir": str(tmp_path / "evidence"),
+    }))
+    caplog.set_level(logging.DEBUG, logger="sidecar.policy.opa.service")
+    failing = [f"test_broken_{i:02d}" for i in range(14)]
+    (candidate / "sidecar" / "tests" / "broken_test.rego").write_text(
+        "package sidecar.tests\n\n" + "".join(f"{name} if false\n\n" for name in failing))
+    deadline = time.monotonic() + 60
+    while not sidecar.shadow.last_reload_error and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    error = sidecar.shadow.last_reload_error or ""
+    assert error.startswith("opa test: sidecar/tests/broken_test.rego:3: data.sidecar.tests.test_broken_00 failed; ")
+    assert [name for name in failing if name in error] == failing[:3], error
+    assert error.endswith(f"; and 12 more (`agent-sidecar policy test {candidate}` lists them)"), error
+    (line,) = [r for r in caplog.records if r.levelno == logging.ERROR and "rejected" in r.getMessage()]
+    message = line.getMessage()
+    assert message.startswith(f"shadow policy reload of {candidate} rejected, revision {sidecar.shadow.revision} "
+                              "keeps serving:"), message
+    assert [name for name in failing if name in message] == failing[:3] and "and 12 more" in message
+    (everything,) = [r for r in caplog.records if r.levelno == logging.DEBUG and "every problem" in r.getMessage()]
+    assert all(name in everything.getMessage() for name in failing)
+    await sidecar.health.refresh()
+    _, detail = sidecar.health.snapshot()
+    assert "and 12 more" in detail.split("shadow: ", 1)[1] and len(detail) < 2000, detail
+
+
 async def test_the_shadow_bundle_hot_reloads_behind_the_same_test_gate(running_sidecar, sidecar_config, tmp_path):
     candidate = tmp_path / "candidate"
     shutil.copytree(REGO, candidate)

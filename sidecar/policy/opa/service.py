@@ -118,6 +118,20 @@ class _Generation:
     bundle: Path | None  # the built tarball the runner serves
 
 
+# A rejected reload's log line and health detail name this many problems, each cut to MAX_PROBLEM_CHARS;
+# the rest is counted (14 failing tests made a line of several KB). DEBUG logs them all.
+SHOWN_PROBLEMS = 3
+MAX_PROBLEM_CHARS = 300
+
+
+def first_problems(problems: list[str], where_all: str) -> list[str]:
+    """The first SHOWN_PROBLEMS problems (each at most MAX_PROBLEM_CHARS), then `and N more (<where_all>)`."""
+    shown = [p if len(p) <= MAX_PROBLEM_CHARS else p[: MAX_PROBLEM_CHARS - 1] + "…" for p in problems[:SHOWN_PROBLEMS]]
+    if len(problems) > SHOWN_PROBLEMS:
+        shown.append(f"and {len(problems) - SHOWN_PROBLEMS} more ({where_all})")
+    return shown
+
+
 class _ServingCatalog:
     """The catalog of the revision serving now (the Gate's `Catalog`)."""
 
@@ -141,7 +155,11 @@ class PolicyService:
         url: str = "",
         managed: ManagedOpaOptions = ManagedOpaOptions(),
         reload: bool = True,
+        role: str = "policy",
     ):
+        """`role` names this service in its log lines: "policy", or "shadow policy" for policy.shadow_dir,
+        so an operator reading `... reload of DIR rejected` knows which bundle did not change."""
+        self.role = role
         self.directory = Path(directory)
         self._client_options = client_options
         self._url = url
@@ -187,7 +205,7 @@ class PolicyService:
         except BaseException:
             self._remove_workdir()
             raise
-        log.info("policy %s serving revision %s (%s)", self.directory, self.revision, self._describe())
+        log.info("%s %s serving revision %s (%s)", self.role, self.directory, self.revision, self._describe())
         if self._watch_directory:
             self._watcher = asyncio.create_task(self._watch(), name="policy-reload")
 
@@ -298,11 +316,12 @@ class PolicyService:
             if report.problems:
                 raise PolicyRejected([f"opa test: {p}" for p in report.problems])
             if not report.results:
-                log.warning("policy %s has no test_* rules", self.directory)
+                log.warning("%s %s has no test_* rules", self.role, self.directory)
             if report.failed:
+                # In file order: a rejected reload's log line shows only the first few (first_problems).
                 raise PolicyRejected(
                     [f"opa test: {r.file}:{r.row}: {r.rule} {'errored: ' + r.error if r.error else 'failed'}"
-                     for r in report.failed]
+                     for r in sorted(report.failed, key=lambda r: (r.file, r.row))]
                     + [f"{len(report.failed)} of {len(report.results)} tests failed"]
                 )
             bundle = self._workdir / f"bundle-{number}.tar.gz"
@@ -346,7 +365,7 @@ class PolicyService:
             return self._rejected(exc.problems)
         if revision == current.catalog.revision:
             if self.last_reload_error is not None:
-                log.info("policy %s is back to the serving revision %s; nothing to reload", self.directory, revision)
+                log.info("%s %s is back to the serving revision %s; nothing to reload", self.role, self.directory, revision)
                 self.last_reload_error = None
                 self._rejected_revision = ""
             return True
@@ -361,7 +380,7 @@ class PolicyService:
             current.catalog = catalog
             self.last_reload_error = None
             self._rejected_revision = ""
-            log.info("policy catalog reloaded from %s: revision %s", self.directory, catalog.revision)
+            log.info("%s catalog reloaded from %s: revision %s", self.role, self.directory, catalog.revision)
             return True
         try:
             generation = await self._new_generation()
@@ -371,8 +390,8 @@ class PolicyService:
         self.last_reload_error = None
         self._rejected_revision = ""
         log.info(
-            "policy reloaded in %.2f s: now serving revision %s (was %s; %s)",
-            time.monotonic() - started, generation.catalog.revision, previous.catalog.revision, self._describe(),
+            "%s reloaded in %.2f s: now serving revision %s (was %s; %s)",
+            self.role, time.monotonic() - started, generation.catalog.revision, previous.catalog.revision, self._describe(),
         )
         task = asyncio.create_task(self._retire(previous), name=f"policy-retire-{previous.number}")
         self._retiring.add(task)
@@ -380,11 +399,14 @@ class PolicyService:
         return True
 
     def _rejected(self, problems: list[str]) -> bool:
-        self.last_reload_error = "; ".join(problems)
+        shown = first_problems(problems, f"`agent-sidecar policy test {self.directory}` lists them")
+        self.last_reload_error = "; ".join(shown)
         log.error(
-            "policy reload of %s rejected, revision %s keeps serving:\n  %s",
-            self.directory, self.revision, "\n  ".join(problems),
+            "%s reload of %s rejected, revision %s keeps serving:\n  %s",
+            self.role, self.directory, self.revision, "\n  ".join(shown),
         )
+        if len(shown) < len(problems) or any(len(p) > MAX_PROBLEM_CHARS for p in problems):
+            log.debug("%s reload of %s rejected: every problem:\n  %s", self.role, self.directory, "\n  ".join(problems))
         return False
 
     async def _watch(self) -> None:
@@ -396,7 +418,7 @@ class PolicyService:
             try:
                 await self.reload()
             except Exception:  # never let the watcher die
-                log.exception("policy reload failed unexpectedly")
+                log.exception("%s reload failed unexpectedly", self.role)
 
 
 def _read_catalog(directory: Path) -> Catalog:
