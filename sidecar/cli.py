@@ -87,6 +87,35 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def count(text: str) -> int:
+    """argparse type of a count (`--limit N`): a whole number, 0 or more; else a usage error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type of a duration in seconds (`--timeout`): a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
+def name(text: str) -> str:
+    """argparse type of a name (`--tool`): not empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _refusal_problems(exc: Exception) -> list[str]:
     """The lines that say why a policy was refused: a rejection lists them, a start failure is one."""
     from sidecar.policy.opa.service import PolicyRejected
@@ -495,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["workload_api", "mtls", "jwt_svid", "dev"],
         help="input.subject.source to pretend (default dev); no dev-mode config is needed for it",
     )
-    check.add_argument("--tool", required=True, metavar="NAME", help="tool name from the catalog")
+    check.add_argument("--tool", required=True, type=name, metavar="NAME", help="tool name from the catalog")
     check.add_argument("--args", metavar="JSON", help="tool arguments as a JSON object")
     check.add_argument("--server", metavar="NAME", help="tool server the tool belongs to")
     check.add_argument(
@@ -594,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--since", metavar="TIME", help="RFC 3339 time or a duration back from now (15m, 2h, 7d)")
     show.add_argument("--decision-id", metavar="ID", help="only the records of this decision_id")
     show.add_argument("--kind", choices=KINDS, metavar="KIND", help=f"only records of this kind: {', '.join(KINDS)}")
-    show.add_argument("--limit", type=int, default=0, metavar="N", help="stop after N records")
+    show.add_argument("--limit", type=count, default=0, metavar="N", help="stop after N records (default 0: all)")
     show.add_argument("--json", action="store_true", help="one canonical JSON record per line")
     show.set_defaults(run=cmd_evidence_show)
 

@@ -188,6 +188,15 @@ async def test_a_wrong_path_or_value_is_bad_usage_never_a_finding(tmp_path):
         code, out, err = await run(*args)
         assert (code, out) == (2, ""), (args, code, out, err)
         assert err.startswith("agent-sidecar: ") and err.count("\n") == 1 and message in err, (args, err)
+    for args, message in (  # refused by the parser: its usage line, then the option and why
+        (["evidence", "show", here, "--limit", "-3"], "argument --limit: must be 0 or more, not -3"),
+        (["approvals", "list", "--limit", "many"], "argument --limit: not a whole number: 'many'"),
+        (["approvals", "list", "--timeout", "0"], "argument --timeout: must be a number of seconds above 0, not 0"),
+        (["check", "--subject", AGENT, "--tool", ""], "argument --tool: must not be empty"),
+    ):
+        code, out, err = await run(*args)
+        assert (code, out) == (2, ""), (args, code, out, err)
+        assert err.startswith("usage: agent-sidecar ") and err.splitlines()[-1].endswith(message), (args, err)
 
 
 async def test_check_with_an_unreachable_opa_is_no_deny(tmp_path):

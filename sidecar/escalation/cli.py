@@ -18,6 +18,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from sidecar.cli import count, seconds
 from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged, needs_flag, json_text, value_needs_flag, visible
 from sidecar.reasons import parse
 
@@ -322,7 +323,7 @@ def _common(parser: argparse.ArgumentParser, *, json_help: str = "print JSON") -
         help=f"the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS, else {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--token-file", metavar="FILE", help="a JWT-SVID to present (authorization: Bearer)")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline in seconds (default %(default)s)")
+    parser.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS", help="per-call deadline in seconds (default %(default)s)")
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
@@ -351,7 +352,7 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--state", choices=STATE_CHOICES, default="pending", help="default pending; all for every state")
     listing.add_argument("--subject", metavar="SPIFFE_ID", help="only this caller's")
     listing.add_argument("--tool", metavar="NAME", help="only calls of this tool")
-    listing.add_argument("--limit", type=int, default=100, metavar="N", help="at most N, newest first")
+    listing.add_argument("--limit", type=count, default=100, metavar="N", help="at most N, newest first")
     _approver(listing)
     listing.set_defaults(run=cmd_list)
 
