@@ -252,3 +252,27 @@ async def test_the_decided_banner_shows_only_what_this_approver_really_decided(s
                 assert response.status == 200 and 'role="status"' not in page, (who, query)
                 assert "Approved esc-" not in page and "Denied esc-" not in page, (who, query)
     assert (await state_of(address, pending))["state"] == "pending"
+
+
+async def test_big_escalations_cannot_blind_the_console_and_are_decided_from_their_own_page(setup):
+    """Six 800 KB escalations made the pending page a 502 for every approver. Now it lists them all;
+    one too large for the list shows as a summary that cannot be decided there (its arguments are
+    not on the page), with a link to its own page, which shows it whole with the form."""
+    address, console = setup
+    base = await console(dev_approver=ALICE)
+    small = await escalate(address, to="cfo@example.com", body="small")
+    big = [await escalate(address, to=f"x{i}@example.com", body="y" * 800_000) for i in range(6)]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as response:
+            page = await response.text()
+        assert response.status == 200 and all(eid in page for eid in [small, *big])
+        cards = dict(re.findall(r'data-escalation-id="(esc-[0-9a-f]+)"(.*?)</section>', page, re.S))
+        assert 'name="csrf_token"' in cards[small] and "&quot;small&quot;" in cards[small]
+        summarized = [eid for eid in big if "too_large_to_list" in cards[eid]]
+        assert summarized
+        for eid in summarized:
+            assert 'name="decision"' not in cards[eid] and "y" * 1000 not in cards[eid]
+            assert f'href="/escalations/{eid}"' in cards[eid] and "to read it whole and decide" in cards[eid]
+        async with http.get(f"{base}/escalations/{summarized[0]}") as response:
+            alone = await response.text()
+        assert response.status == 200 and 'value="approve"' in alone and "y" * 800_000 in alone

@@ -530,3 +530,34 @@ async def test_no_unredacted_arguments_without_previews(config, running_sidecar)
         seen = await approvals.get(first.escalation_id, approver=ALICE)
     assert seen["arguments"] is None and seen["arguments_preview"] is None
     assert seen["arguments_withheld"].startswith("arguments_not_kept: escalation.preview_arguments is off")
+
+
+async def test_escalations_too_large_to_list_together_are_listed_in_summary_and_read_alone(tmp_path, running_sidecar):
+    """An agent's big escalations cannot blind the approvers: a List answer stays under the 4 MiB a gRPC
+    client receives by default, so the others still show (they did not: six calls of 800 KB each made
+    List fail for everyone, console and CLI). What does not fit comes as a summary saying why, without
+    arguments, preview or signals, never as an approve-able whole; Get reads any escalation whole."""
+    sidecar = await running_sidecar(make_config(tmp_path))
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        small = (await agent.authorize("send_email", EMAIL, intent="small")).escalation_id
+        big = [(await agent.authorize("send_email", {"to": f"x{i}@example.com", "body": "y" * 800_000},
+                                      signals={"big": "z" * 100_000})).escalation_id for i in range(6)]
+        # Struct-heavy: each 1 costs 11 bytes as protobuf, so this one alone is past 4 MiB when read whole
+        numbers = (await agent.authorize("delete_repo", {"repo": "acme/x", "ids": [1] * 382_000})).escalation_id
+
+        listed = await approvals.list(state="pending", limit=500, approver=ALICE)
+        assert [e["escalation_id"] for e in listed] == [numbers, *reversed(big), small]  # all, newest first
+        summaries = [e for e in listed if e["arguments_withheld"].startswith("too_large_to_list: ")]
+        whole = [e for e in listed if e not in summaries]
+        assert numbers in {e["escalation_id"] for e in summaries} and len(summaries) >= 4
+        assert {e["escalation_id"] for e in whole} >= {small}
+        for summary in summaries:
+            assert summary["arguments"] is None and summary["arguments_preview"] is None
+            assert summary["signals"] is None and summary["arguments_digest"].startswith("sha256:")
+            assert f"escalation {summary['escalation_id']} is " in summary["arguments_withheld"]
+        assert next(e for e in listed if e["escalation_id"] == small)["arguments"] == EMAIL
+
+        alone = await approvals.get(numbers, approver=ALICE)
+        assert alone["arguments"]["ids"] == [1] * 382_000 and alone["arguments_withheld"] == ""
+        assert (await approvals.get(big[0], approver=ALICE))["signals"] == {"big": "z" * 100_000}

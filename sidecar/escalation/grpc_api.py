@@ -23,6 +23,7 @@ UNAVAILABLE (the store or the evidence log is down). Each is recorded.
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
@@ -52,12 +53,18 @@ from sidecar.reasons import (
     MALFORMED_REQUEST,
     NOT_AN_APPROVER,
     NOT_YOUR_ESCALATION,
+    TOO_LARGE_TO_LIST,
     UNVERIFIED_CALLER,
     Reason,
 )
 from sidecar.v1 import sidecar_pb2
 
+log = logging.getLogger(__name__)
+
 APPROVALS_SERVICE = "sidecar.v1.Approvals"
+# A List answer stays under this, below the 4 MiB every gRPC client receives by default: an agent's
+# big escalations must not make the list fail for every approver (escalations_to_list).
+LIST_BUDGET_BYTES = 3 * 1024 * 1024
 
 STATE_TO_PROTO = {
     "pending": sidecar_pb2.ESCALATION_STATE_PENDING,
@@ -120,6 +127,37 @@ def record_to_proto(record: EscalationRecord, *, now: float, view: ReaderView | 
         if struct is not None:
             getattr(message, field).CopyFrom(struct)
     return message
+
+
+def escalations_to_list(messages: list[sidecar_pb2.Escalation],
+                        budget: int = LIST_BUDGET_BYTES) -> list[sidecar_pb2.Escalation]:
+    """The escalations of a List answer within `budget` bytes, in their order.
+
+    One that does not fit whole is listed as its summary: no arguments, preview or signals (what the
+    agent sizes), `arguments_withheld` saying `too_large_to_list` (Get reads it whole). Summaries are
+    bounded by the call's limits on names, ids and intent; should even one not fit, the rest (the oldest)
+    are left out and logged."""
+    listed = []
+    for message in messages:
+        size = message.ByteSize()
+        if size > budget:
+            summary = sidecar_pb2.Escalation()
+            summary.CopyFrom(message)
+            for field in ("arguments", "arguments_preview", "signals"):
+                summary.ClearField(field)
+            summary.arguments_withheld = str(Reason(
+                TOO_LARGE_TO_LIST,
+                f"escalation {message.escalation_id} is {size} bytes with its arguments, preview and signals, "
+                "more than this list has room for; read it alone (Get, `approvals show`, its console page)",
+            ))
+            message, size = summary, summary.ByteSize()
+            if size > budget:
+                log.warning("approvals: List answer full at %d escalations; %d older ones left out",
+                            len(listed), len(messages) - len(listed))
+                break
+        budget -= size
+        listed.append(message)
+    return listed
 
 
 def validate_approver(value: str) -> str:
@@ -273,7 +311,8 @@ class EscalationApi:
             await self.abort(context, refusal)
         except StoreError as exc:
             await self.unavailable(context, exc)
-        return sidecar_pb2.ListEscalationsResponse(escalations=[self._proto(r, reader) for r in records])
+        return sidecar_pb2.ListEscalationsResponse(escalations=escalations_to_list([self._proto(r, reader)
+                                                                                    for r in records]))
 
     async def get(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
         await self.malformed(context, request)
