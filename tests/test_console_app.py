@@ -140,6 +140,9 @@ async def test_trusted_header_names_the_approver(setup):
             assert response.status == 401  # a repeated header is not trusted
         async with http.get(base + "/", headers={HEADER: "has space@x.org"}) as response:
             assert response.status == 401
+        # a proxy that joins a client's header with its own sends one line holding both: not one person
+        async with http.get(base + "/", headers={HEADER: "eve@evil.org,bob@example.org"}) as response:
+            assert response.status == 401 and "cannot approve" in await response.text()
         bob = {HEADER: "bob@example.org"}
         async with http.get(base + "/", headers=bob) as response:
             page = await response.text()

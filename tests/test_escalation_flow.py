@@ -154,6 +154,14 @@ async def test_bad_approvals_are_refused_recorded_and_change_nothing(config, run
             "own call": (approvals.approve(eid), "PERMISSION_DENIED", "self_approval"),  # dev: the agent itself
             "own call named": (approvals.deny(eid, approver=AGENT), "PERMISSION_DENIED", "self_approval"),
             "bad approver": (approvals.approve(eid, approver="alice"), "INVALID_ARGUMENT", "invalid_approver"),
+            # one identity only: a proxy joins a repeated header with "," (the client's value, then its own)
+            "a list": (approvals.approve(eid, approver="email:eve@evil.org,alice@example.org"), "INVALID_ARGUMENT",
+                       "invalid_approver"),
+            # the agent's own SPIFFE ID spelled another way is not another approver
+            "own call in capitals": (approvals.deny(eid, approver="SPIFFE://dev.local/agent"), "INVALID_ARGUMENT",
+                                     "invalid_approver"),
+            "own call look-alike": (approvals.approve(eid, approver="spiffe://dev.local/\u0430gent"),
+                                    "INVALID_ARGUMENT", "invalid_approver"),
             "control chars in note": (approvals.approve(eid, approver=ALICE, note="ok\x1b[2J"), "INVALID_ARGUMENT",
                                       "invalid_note"),
             "huge note": (approvals.approve(eid, approver=ALICE, note="x" * 5000), "INVALID_ARGUMENT", "invalid_note"),
@@ -172,7 +180,8 @@ async def test_bad_approvals_are_refused_recorded_and_change_nothing(config, run
     refusals = [r for r in records(tmp_path / "evidence") if r.get("outcome") == "refused"]
     codes = sorted(r["reasons"][0].split(":")[0] for r in refusals)
     assert codes == sorted(["escalation_unknown", "escalation_unknown", "self_approval", "self_approval",
-                            "invalid_approver", "invalid_note", "invalid_note", "already_decided",
+                            "invalid_approver", "invalid_approver", "invalid_approver", "invalid_approver",
+                            "invalid_note", "invalid_note", "already_decided",
                             "already_decided", "approval_used"])
     assert {r["kind"] for r in refusals} == {"approval", "human_denial"}
 

@@ -161,11 +161,17 @@ def escalations_to_list(messages: list[sidecar_pb2.Escalation],
 
 
 def validate_approver(value: str) -> str:
-    """An approver identity string: a SPIFFE ID, or `scheme:value` (e.g. email:alice@example.org)."""
+    """An approver identity string: a SPIFFE ID, or `scheme:value` (e.g. email:alice@example.org).
+
+    One identity, spelled one way: no "," (a proxy joins a repeated header's values with it, so
+    `eve@evil.org,bob@example.org` is two people), and a scheme spelled `spiffe` in any case is a
+    SPIFFE ID (SPIFFE://... is refused, not taken for another approver than spiffe://...)."""
     if len(value.encode("utf-8", "surrogatepass")) > MAX_APPROVER_BYTES:
         raise EscalationRefused(INVALID_APPROVER, f"the approver is over {MAX_APPROVER_BYTES} bytes", "INVALID_ARGUMENT")
     if not value.isprintable() or any(c.isspace() for c in value):
         raise EscalationRefused(INVALID_APPROVER, "the approver holds spaces or control characters", "INVALID_ARGUMENT")
+    if "," in value:
+        raise EscalationRefused(INVALID_APPROVER, f"{value!r} is a list, not one identity", "INVALID_ARGUMENT")
     scheme, colon, rest = value.partition(":")
     if not colon or not scheme or not rest or not scheme.replace("-", "").replace("+", "").isalnum():
         raise EscalationRefused(
@@ -173,7 +179,7 @@ def validate_approver(value: str) -> str:
             f"{value!r} is not an identity: use a SPIFFE ID or scheme:value (e.g. email:alice@example.org)",
             "INVALID_ARGUMENT",
         )
-    if scheme == "spiffe":
+    if scheme.lower() == "spiffe":
         try:
             validate_spiffe_id(value)
         except SpiffeIdError as exc:
