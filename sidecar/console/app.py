@@ -13,7 +13,8 @@ reachable through that proxy, which must strip the header from clients. With
 no trusted header the console is in dev mode and everyone is
 `console.dev_approver`. The sidecar applies separation of duties, records the
 decision and answers refusals; the console shows them. The console names
-that person when it reads escalations too, so the sidecar sends the
+that person when it reads escalations too, so the sidecar answers only when
+that person is among the approvers (403 otherwise), and sends the
 unredacted arguments only for escalations that person may decide.
 
 Forms carry an HMAC CSRF token bound to the approver (csrf.py); a POST without
@@ -119,7 +120,7 @@ async def _render_pending(request: web.Request, approver: str, banner: tuple[str
     try:
         escalations = await _pending(request, approver)
     except ApprovalsError as exc:
-        return _html(pages.error_page("Sidecar unavailable", _sidecar_problem(exc), approver=approver), status=502)
+        return _read_refused(exc, approver)
     token = request.app[CSRF_KEY].issue(approver)
     jaeger = request.app[APPROVER_KEY]["jaeger_url"]
     return _html(pages.pending_page(escalations, approver=approver, jaeger_url=jaeger, csrf_token=token,
@@ -128,6 +129,14 @@ async def _render_pending(request: web.Request, approver: str, banner: tuple[str
 
 def _sidecar_problem(exc: ApprovalsError) -> str:
     return f"The sidecar answered: {exc.message}"
+
+
+def _read_refused(exc: ApprovalsError, approver: str) -> web.Response:
+    """The page for a List or Get the sidecar refused (this person may not read it: 403; no such
+    escalation: 404) or could not answer (502)."""
+    title, status = {"PERMISSION_DENIED": ("Not an approver", 403),
+                     "NOT_FOUND": ("Not found", 404)}.get(exc.status, ("Sidecar unavailable", 502))
+    return _html(pages.error_page(title, _sidecar_problem(exc), approver=approver), status=status)
 
 
 # The banner after a decision, by the query key the redirect sets: the states that key may announce.
@@ -163,9 +172,10 @@ async def history_view(request: web.Request) -> web.Response:
     client = request.app[CLIENT_KEY]
     limit = request.app[APPROVER_KEY]["history_limit"]
     try:
-        batches = await asyncio.gather(*(client.list(state=s, limit=limit) for s in HISTORY_STATES))
+        batches = await asyncio.gather(*(client.list(state=s, limit=limit, approver=approver)
+                                         for s in HISTORY_STATES))
     except ApprovalsError as exc:
-        return _html(pages.error_page("Sidecar unavailable", _sidecar_problem(exc), approver=approver), status=502)
+        return _read_refused(exc, approver)
     rows = [e for batch in batches for e in batch]
     rows.sort(key=lambda e: e["decided_at"] or e["expires_at"], reverse=True)
     jaeger = request.app[APPROVER_KEY]["jaeger_url"]
@@ -177,9 +187,7 @@ async def detail_view(request: web.Request) -> web.Response:
     try:
         escalation = await request.app[CLIENT_KEY].get(request.match_info["id"], approver=approver)
     except ApprovalsError as exc:
-        status = 404 if exc.status == "NOT_FOUND" else 502
-        return _html(pages.error_page("Not found" if status == 404 else "Sidecar unavailable",
-                                      _sidecar_problem(exc), approver=approver), status=status)
+        return _read_refused(exc, approver)
     token = request.app[CSRF_KEY].issue(approver)
     jaeger = request.app[APPROVER_KEY]["jaeger_url"]
     return _html(pages.detail_page(escalation, approver=approver, jaeger_url=jaeger, csrf_token=token))

@@ -246,6 +246,23 @@ class EscalationApi:
                 raise EscalationRefused(NOT_AN_APPROVER, f"{who} is not among escalation.approvers", "PERMISSION_DENIED")
         return who
 
+    def reader_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
+        """Who reads escalations with List or Get (`reader`), and for whom the unredacted arguments are judged.
+
+        A console reads for the person it names (`claimed`) only when that person is among the
+        approvers: a person its proxy signs in may not read escalations for that alone."""
+        self.reader(context)
+        reader = self.approver_for(context, claimed)
+        if (not self.dev_mode and self.service.approvers and reader.via
+                and not approver_matches(reader.identity, self.service.approvers)):
+            raise EscalationRefused(
+                NOT_AN_APPROVER,
+                f"{reader.identity} (signed in at the console {reader.via}) is not among escalation.approvers, "
+                "who alone may read escalations",
+                "PERMISSION_DENIED",
+            )
+        return reader
+
     # ---------------------------------------------------------------- errors
 
     @staticmethod
@@ -304,8 +321,7 @@ class EscalationApi:
     async def list(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.ListEscalationsResponse:
         await self.malformed(context, request)
         try:
-            self.reader(context)
-            reader = self.approver_for(context, request.approver)
+            reader = self.reader_for(context, request.approver)
             limit = request.limit if request.limit > 0 else 100
             records = await self.service.list(
                 state=PROTO_TO_STATE.get(request.state, ""),
@@ -323,8 +339,7 @@ class EscalationApi:
     async def get(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
         await self.malformed(context, request)
         try:
-            self.reader(context)
-            reader = self.approver_for(context, request.approver)
+            reader = self.reader_for(context, request.approver)
             record = await self.service.get(request.escalation_id)
         except EscalationRefused as refusal:
             await self.abort(context, refusal)
