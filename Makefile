@@ -65,10 +65,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
 	fi
 
-## Regenerate the gRPC stubs in sidecar/v1 from protos/.
-proto: install
+## Regenerate the gRPC stubs in sidecar/v1 from protos/ (grpc_tools from the venv; no Go tools needed).
+proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/sidecar/v1/sidecar.proto
 
+## The policy tests and the lint (`opa test`, `opa check --strict`): they need OPA only.
+policy-test: TOOLS = opa
 policy-test: install
 	$(BIN)/agent-sidecar policy test --lint rego/
 

@@ -392,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Workload API (identity.sources: [workload_api]), which also needs listen.unix and "
         f"escalation.approvers. To try it locally: {TRY_LOCALLY.replace('%', '%%')}",
     )
-    serve.add_argument("--listen", metavar="ADDR", help="host:port or unix:/path, overriding listen.* in the config")
+    serve.add_argument(
+        "--listen", metavar="ADDR",
+        help="host:port replaces listen.tcp (listen.unix stays); unix:/path replaces listen.unix and turns "
+        "listen.tcp off",
+    )
     serve.add_argument("--policy", metavar="DIR", help="policy bundle directory, overriding policy.dir")
     serve.set_defaults(run=cmd_serve)
 
@@ -436,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     policy_test = policy_commands.add_parser(
         "test",
         help="run every test_* rule in *_test.rego with `opa test`; ends with 'N passed, M failed'",
+        description="Run `opa test` on DIR: every test_* rule in its *_test.rego files. Each failing test is "
+        "printed as FAIL file:line: rule, with OPA's values for the expression that failed; the last line is "
+        "'N passed, M failed'. Exit status: 0 every test passed (and, with --lint, `opa check --strict` found "
+        "nothing), 1 a test or the lint failed, DIR could not be loaded or holds no test, 2 no OPA binary.",
     )
     policy_test.add_argument("--config", metavar="FILE", help="YAML config: only policy.opa.binary (OPA) is read from it")
     policy_test.add_argument("--lint", action="store_true", help="also run `opa check --strict` (a problem counts as a failure)")
@@ -477,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check an evidence directory (docs/evidence.md). With --key or --bundle every record must be "
         "covered by a checkpoint a trusted signer signed (INTACT, exit 0); records after the last one are NOT YET "
         "COVERED (exit 3). Without anchors only internal consistency is checked (CONSISTENT, exit 0). "
-        "BROKEN (exit 1) names the first broken seq and what is wrong.",
+        "BROKEN (exit 1) names the first broken seq and what is wrong. Exit 2: bad usage, e.g. a --key or "
+        "--bundle file that holds no key.",
     )
     verify.add_argument("dir", help="the evidence directory (evidence.dir)")
     verify.add_argument(

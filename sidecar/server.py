@@ -444,6 +444,7 @@ async def _start(config: Config, stages: contextlib.AsyncExitStack) -> RunningSi
         idle_seconds=config.invoke.task_idle_seconds,
         max_tracked=config.usage.max_tracked,
         sink=recorder,
+        evidence_reader=recorder,  # entering restores the endings tasks.db lost (docs/mcp.md#tasks)
         instance_id=_instance_id(config),
     ))
     overload = LoopLag(max_lag_seconds=config.sidecar.overload_lag_ms / 1000) if config.sidecar.overload_lag_ms else None

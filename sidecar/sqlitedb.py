@@ -17,11 +17,17 @@ from pathlib import Path
 FILE_MODE = 0o640
 
 
+def database_files(path: Path) -> tuple[Path, Path, Path]:
+    """The files one database is in WAL mode: the file, its write-ahead log and that log's index
+    (a copy, a removal or a mode takes all three)."""
+    return path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
 def _private(path: Path) -> None:
     """Create `path` with FILE_MODE (SQLite gives its -wal and -shm files the database's mode), and take
     the bits for others off the database and those files when an earlier start left them readable."""
     os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE))
-    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+    for name in database_files(path):
         try:
             mode = name.stat().st_mode & 0o777
         except FileNotFoundError:

@@ -5,6 +5,7 @@
         await store.end_task(replace(task, ending=StoredEnding(why, ended_at, trace_id, fields)))
         await store.ending_recorded("t-1", receipt)        # its task_end record is in the evidence log
         await store.calls_seen([("t-1", time.time())])     # last call times, written in batches
+        restored = await store.restore(endings, read_at)   # endings read back from the evidence log
 
 The registry (tasks.py) keeps recent tasks in memory and asks the store for any
 other: so a restart, or a task that left memory, never brings an ended task back
@@ -16,6 +17,13 @@ record of the same call is before the agent's answer. The last call times
 (`calls_seen`) are written in batches and may lag; read back after a restart
 they make a task look idle for longer than it was, so an idle timeout can come
 early after a restart, never late.
+
+Mended from the evidence log: a store deleted, emptied or put back from an older
+backup holds fewer endings than the log's `task_end` records. At start the
+registry reads the log back from shortly before the store's newest change
+(`latest_change`: its newest call, ending or read-back) and hands `restore`
+the endings it found; `restore` stores those the store lacks and stamps the
+read-back, so the next start reads only what came after it.
 
 Errors: every method raises TaskStoreError (a locked, unreadable or full
 database); the registry then denies the call `task_state_unavailable`.
@@ -29,12 +37,13 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from sidecar.evidence import Receipt
+from sidecar.evidence.records import parse_rfc3339
 from sidecar.sqlitedb import connect_durable
 
-SCHEMA = """
+SCHEMA = ("""
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -49,7 +58,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     end_seq INTEGER,
     end_hash TEXT
 )
-"""
+""", """
+CREATE TABLE IF NOT EXISTS evidence_read (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    read_at REAL NOT NULL
+)
+""")  # evidence_read: when the store last took in every ending the evidence log held (`restore`)
 COLUMNS = ("task_id, owner, caller, first_trace_id, first_span_id, last_call_at, ended_at, why, ended_trace_id, "
            "end_record, end_seq, end_hash")
 
@@ -111,7 +125,8 @@ class TaskStore:
     def _open_sync(self) -> None:
         try:
             conn = connect_durable(self.path, self._timeout)
-            conn.execute(SCHEMA)
+            for statement in SCHEMA:
+                conn.execute(statement)
         except (sqlite3.Error, OSError) as exc:
             raise TaskStoreError(f"cannot open the task store {self.path}: {exc}") from None
         self._conn = conn
@@ -217,3 +232,47 @@ class TaskStore:
             await self._run(lambda conn: conn.executemany(
                 "UPDATE tasks SET last_call_at = ? WHERE task_id = ? AND ended_at IS NULL AND last_call_at < ?", rows
             ))
+
+    async def latest_change(self) -> float | None:
+        """The newest time the store holds (Unix seconds): a call, an ending, or the last `restore`;
+        None for a store that holds none (new, emptied, or never used)."""
+
+        def work(conn: sqlite3.Connection) -> float | None:
+            last_call, ended_at = conn.execute("SELECT MAX(last_call_at), MAX(ended_at) FROM tasks").fetchone()
+            (read_at,) = conn.execute("SELECT MAX(read_at) FROM evidence_read").fetchone()
+            # ended_at is RFC 3339 with a fixed width (records.rfc3339), so its text order is time order
+            times = [t for t in (last_call, read_at) if t is not None]
+            if ended_at is not None:
+                times.append(parse_rfc3339(ended_at).timestamp())
+            return max(times) if times else None
+
+        return await self._run(work)
+
+    async def restore(self, endings: Sequence[StoredTask], read_at: float) -> list[StoredTask]:
+        """Store the endings (read back from the evidence log, each with its receipt) of the tasks the
+        store holds no ending for, and stamp `read_at`, the time the log was read from its end, as
+        the store's newest change; one transaction. A task stored open is ended with the log's
+        owner and caller (its first ending's); a stored ending is never replaced. Returns those stored."""
+
+        def work(conn: sqlite3.Connection) -> list[StoredTask]:
+            stored = []
+            for task in endings:
+                ending = task.ending
+                assert ending is not None and ending.receipt is not None
+                first_trace, first_span = task.first_call or (None, None)
+                changed = conn.execute(
+                    "INSERT INTO tasks (task_id, owner, caller, first_trace_id, first_span_id, last_call_at, ended_at, "
+                    "why, ended_trace_id, end_seq, end_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, caller = excluded.caller, "
+                    "ended_at = excluded.ended_at, why = excluded.why, ended_trace_id = excluded.ended_trace_id, "
+                    "end_seq = excluded.end_seq, end_hash = excluded.end_hash WHERE tasks.ended_at IS NULL",
+                    (task.task_id, task.owner, json.dumps(task.caller), first_trace, first_span, task.last_call_at,
+                     ending.ended_at, ending.why, ending.trace_id, ending.receipt.seq, ending.receipt.hash),
+                ).rowcount
+                if changed:
+                    stored.append(task)
+            conn.execute("INSERT INTO evidence_read (id, read_at) VALUES (1, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET read_at = excluded.read_at", (read_at,))
+            return stored
+
+        return await self._run(work)

@@ -33,6 +33,16 @@ calls are denied), and the next EndTask or call under the task tries again;
 until then EndTask raises TaskEndUnrecorded and calls under the task are
 denied `task_state_unavailable` or `evidence_unavailable`, so no recorded
 `task_ended` decision precedes its task_end record in the chain.
+
+Restored from the log: the task_end records outlive the store. A store that
+lost endings (tasks.db deleted, emptied, or put back from an older backup)
+would let an ended task's id work again, so entering the registry (`async
+with`, before any call) reads the log's task_end records back from shortly
+before the store's newest change (all of it for a store with none: an ending
+is restored whatever its age) and stores each ending the store lacks, with
+its first record's time and receipt: EndTask answers it as it first did. A
+log that cannot be read back then stops the start (TaskStoreError), since
+the store may lack endings that only the log holds.
 """
 
 from __future__ import annotations
@@ -45,8 +55,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from sidecar.evidence import EvidenceError, EvidenceSink, Receipt, TraceContext
-from sidecar.evidence.records import rfc3339
+from sidecar.evidence import EvidenceError, EvidenceReader, EvidenceSink, Receipt, TraceContext
+from sidecar.evidence.readback import restore_since
+from sidecar.evidence.records import parse_rfc3339, rfc3339
 from sidecar.identity import CallerIdentity, Subject
 from sidecar.reasons import EVIDENCE_UNAVAILABLE, NOT_TASK_OWNER, TASK_ENDED, TASK_STATE_UNAVAILABLE, Reason
 from sidecar.task_store import StoredEnding, StoredTask, TaskStore, TaskStoreError
@@ -162,6 +173,49 @@ def task_end_fields(
     return fields
 
 
+def ending_from_record(record: dict) -> StoredTask | None:
+    """The ending a `task_end` record holds (task_end_fields, read back), with the record's receipt:
+    what the store kept before it lost it. None when the record cannot tell it: a field missing or
+    of another type, or its task id or caller redacted (a task id that looked like a secret)."""
+    redacted = record.get("redacted") or ()
+    if any(path == "task_id" or path.startswith(("subject", "delegation")) for path in redacted):
+        return None
+    try:
+        task_id, at, trace_id = record["task_id"], record["ended_at"], record["trace_id"]
+        seq, digest = record["seq"], record["hash"]
+        caller = {"subject": record["subject"], "delegation": list(record["delegation"])}
+        task_owner = (caller["delegation"][0] if caller["delegation"] else caller["subject"])["spiffe_id"]
+        if record["ended_by"] == END_TASK:
+            why = _why_ended(at)
+        elif record["ended_by"] == IDLE_TIMEOUT:
+            why = _why_idle(float(record["idle_seconds"]), at)
+        else:
+            return None
+        last_call_at = parse_rfc3339(record.get("last_call_at") or at).timestamp()
+        first_call = next(((link["trace_id"], link["span_id"]) for link in record.get("links") or ()
+                           if link.get("type") == "task_first_call"), None)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
+    if not all(isinstance(v, str) for v in (task_id, at, trace_id, digest, task_owner)) or type(seq) is not int:
+        return None
+    return StoredTask(task_id, task_owner, caller, first_call, last_call_at,
+                      StoredEnding(why, at, trace_id, None, Receipt(seq, digest)))
+
+
+def _task_end_line(line: bytes) -> bool:
+    """A raw log line that may be a task_end record (an agent's values may hold the same bytes: the parsed
+    record's kind decides)."""
+    return b'"kind":"task_end"' in line
+
+
+def _why_ended(at: str) -> str:
+    return f"was ended by EndTask at {at}"
+
+
+def _why_idle(idle_seconds: float, at: str) -> str:
+    return f"ended after {idle_seconds:g} s without calls (idle timeout) at {at}"
+
+
 def _subject(subject: Subject) -> dict:
     return {"spiffe_id": subject.spiffe_id, "source": subject.source, "svid_expires_at": subject.svid_expires_at}
 
@@ -185,17 +239,20 @@ class TaskRegistry:
         idle_seconds: float,
         max_tracked: int,
         sink: EvidenceSink | None = None,
+        evidence_reader: EvidenceReader | None = None,
         instance_id: str = "",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         flush_seconds: float = FLUSH_SECONDS,
     ):
         """`store` opened; `sink` None: endings are not recorded (a registry without an evidence log);
-        `flush_seconds`: how often, inside `async with`, last call times go to the store."""
+        `evidence_reader`: the log the store's lost endings are restored from on entering (module
+        docstring); `flush_seconds`: how often, inside `async with`, last call times go to the store."""
         self._store = store
         self._idle = idle_seconds
         self._max = max_tracked
         self._sink = sink
+        self._reader = evidence_reader
         self._instance_id = instance_id
         self._clock = clock
         self._wall = wall_clock
@@ -207,6 +264,8 @@ class TaskRegistry:
         self._flusher: asyncio.Task | None = None
 
     async def __aenter__(self) -> "TaskRegistry":
+        """Restore the endings the store lost (raises TaskStoreError when it cannot), then start flushing."""
+        await self._restore_from_evidence()
         self._flusher = asyncio.create_task(self._flush_every(self._flush_seconds), name="task-flush")
         return self
 
@@ -226,6 +285,46 @@ class TaskRegistry:
             log.warning("tasks: last call times not stored, kept for the next try: %s", exc)
             for task_id, at in seen.items():
                 self._seen.setdefault(task_id, at)
+
+    async def _restore_from_evidence(self) -> None:
+        """Store the endings of the log's task_end records that the store lacks (module docstring).
+
+        Only what was logged after the store's newest change can be missing from it (readback.restore_since),
+        so only that window is read; a store with no change reads the whole log. Of several records of one
+        task (a crash between its record and the store's mark of it), the first is its ending."""
+        if self._reader is None:
+            return
+        now = self._wall()
+        since = restore_since(await self._store.latest_change(), now, oldest=0.0)
+        try:
+            records = await asyncio.to_thread(self._reader.records_since, since, _task_end_line)
+        except OSError as exc:
+            raise TaskStoreError(
+                f"the task store {self._store.path} may lack endings that only the evidence log holds, and the log "
+                f"could not be read back ({exc}); not starting, so that no ended task comes back"
+            ) from None
+        endings: dict[str, StoredTask] = {}
+        unreadable = []
+        for record in reversed(records):  # oldest first
+            if record.get("kind") != TASK_END:
+                continue
+            task = ending_from_record(record)
+            if task is None:
+                unreadable.append(record.get("seq"))
+            else:
+                endings.setdefault(task.task_id, task)
+        restored = await self._store.restore(list(endings.values()), now)
+        if restored:
+            seqs = sorted(task.ending.receipt.seq for task in restored if task.ending and task.ending.receipt)
+            log.warning(
+                "tasks: restored %d ended task(s) from their task_end records in the evidence log (seq %d to %d, "
+                "read back from %s): the task store %s had lost them (deleted, emptied, or put back from an older "
+                "backup); they stay ended", len(restored), seqs[0], seqs[-1], rfc3339(since), self._store.path,
+            )
+        if unreadable:
+            log.error("tasks: %d task_end record(s) read back from the evidence log name no task that can be "
+                      "restored (seq %s): a task id or caller redacted in the record, or the record damaged; if the "
+                      "task store lost those endings, they are not restored", len(unreadable), unreadable)
 
     async def _flush_every(self, seconds: float) -> None:
         while True:
@@ -335,7 +434,7 @@ class TaskRegistry:
     def _end_now(self, task_id: str, identity: CallerIdentity, active: _Active | None, trace: TraceContext) -> _Ended:
         self._active.pop(task_id, None)
         at = rfc3339(self._wall())
-        why = f"was ended by EndTask at {at}"
+        why = _why_ended(at)
         caller = caller_fields(identity)
         fields = task_end_fields(
             task_id=task_id,
@@ -357,7 +456,7 @@ class TaskRegistry:
         self._active.pop(task_id, None)
         at = rfc3339(self._wall())
         trace = TraceContext.new(parent)
-        why = f"ended after {self._idle:g} s without calls (idle timeout) at {at}"
+        why = _why_idle(self._idle, at)
         fields = task_end_fields(
             task_id=task_id,
             caller=active.caller,

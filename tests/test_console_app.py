@@ -165,7 +165,7 @@ async def test_sidecar_down_is_shown_not_crashed(setup):
     base = await console(dev_approver=ALICE, sidecar="127.0.0.1:1")
     async with aiohttp.ClientSession() as http:
         async with http.get(base + "/") as response:
-            assert response.status == 502 and "The sidecar answered" in await response.text()
+            assert response.status == 502 and "The sidecar could not be reached" in await response.text()
         async with http.get(base + "/healthz") as response:
             assert response.status == 200
 

@@ -4,7 +4,8 @@
 when asked for in config). So `agent-sidecar serve` with no config refuses to
 start, naming the key and how to try it locally; a config without `identity`
 never hands a caller the dev identity; and the commands that serve nothing
-(`check`, `policy test`) still run with no config.
+(`check`, `policy test`) still run with no config. And dev mode, where every
+caller is the agent and any caller approves, serves only on loopback.
 """
 
 from __future__ import annotations
@@ -158,3 +159,46 @@ def test_check_needs_no_dev_mode_config_the_subject_source_is_its_own_option(tmp
     # policy test reads only policy.opa.binary from a file: it needs no identity settings at all.
     tested = run("policy", "test", "--config", str(tiny), str(REGO))
     assert tested.returncode == 0, tested.stdout
+
+
+DEV_OFF_LOOPBACK = [
+    ("listen.tcp", "0.0.0.0:50051"),
+    ("listen.tcp", "192.0.2.2:50051"),
+    ("listen.tcp", "[::]:50051"),
+    ("listen.tcp", "sidecar.example.org:50051"),
+    ("mcp.listen", "0.0.0.0:8765"),
+    ("mcp.listen", "[::ffff:127.0.0.1]:8765"),
+]
+
+
+@pytest.mark.parametrize("key, listen", DEV_OFF_LOOPBACK)
+def test_dev_mode_serves_only_on_loopback(key: str, listen: str):
+    """In dev mode every caller is the agent and any caller approves, naming any approver: on 0.0.0.0 a
+    peer at 192.0.2.2 escalated send_email, approved it as email:cfo@example.org and ran it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"identity.sources": ["dev"], key: listen})
+    assert str(info.value).startswith(f"{key}: {listen} is not a loopback address"), str(info.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "[::1]:50051", "localhost:50051"])
+def test_dev_mode_on_loopback_still_loads(listen: str):
+    config = load_config(None, {"identity.sources": ["dev"], "listen.tcp": listen, "mcp.listen": listen})
+    assert config.dev_mode and config.listen.tcp == listen
+
+
+def test_outside_dev_mode_the_same_listeners_load():
+    config = load_config(None, {"identity.sources": ["mtls"], "listen.tcp": "0.0.0.0:50051",
+                                "escalation.approvers": ["email:*@example.org"]})
+    assert config.listen.tcp == "0.0.0.0:50051"
+
+
+def test_a_dev_console_serves_only_on_loopback():
+    config = load_config(None, {"identity.sources": ["dev"], "console.listen": "0.0.0.0:8080",
+                                "console.dev_approver": "email:dev@example.org"})
+    with pytest.raises(ConfigError, match=r"console.listen: 0.0.0.0:8080 is not a loopback address"):
+        config.validate_console()
+
+
+async def test_a_dev_sidecar_on_every_address_does_not_start(running_sidecar, sidecar_config):
+    with pytest.raises(ConfigError, match="is not a loopback address"):
+        await running_sidecar(sidecar_config(**{"listen.tcp": "0.0.0.0:0"}))

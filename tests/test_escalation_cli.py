@@ -103,6 +103,7 @@ async def test_refusals_and_unreachable_sidecars_exit_nonzero_with_the_reason(tm
     code, out, err = await run("approvals", "approve", escalated.escalation_id, "--address", address)
     assert code == 1
     assert err.startswith("agent-sidecar: refused: self_approval: spiffe://dev.local/agent cannot approve")
+    assert "name the person deciding with --approver" in err  # the refusal names its fix
     code, out, err = await run("approvals", "show", "esc-" + "0" * 32, "--address", address)
     assert code == 1 and "escalation_unknown" in err
     code, out, err = await run("approvals", "list", "--address", "127.0.0.1:1", "--timeout", "2")

@@ -282,41 +282,6 @@ async def test_an_agents_signals_cannot_keep_a_lost_escalation_from_coming_back(
         assert restored["state"] == PENDING and restored["intent"] == INTENT and restored["signals"] == SIGNALS
 
 
-async def test_an_approval_used_by_an_allow_that_cannot_be_recorded_holds_again(tmp_path, tiny_volume, running_sidecar):
-    """The disk is really full (a 256 KiB tmpfs) when the approved call comes back: its allow cannot
-    be recorded, so it is denied and the tool does not run; the approval it used is given back, and
-    the same call runs once the disk has room, once."""
-    cfg = make_config(tmp_path, store_settings("sqlite", tmp_path), **{
-        "evidence.dir": str(tiny_volume.path / "evidence"),
-        "evidence.checkpoint_mirror": str(tmp_path / "checkpoints.jsonl"),
-    })
-    sidecar = await running_sidecar(cfg)
-    async with AsyncClient(sidecar.addresses[0]) as agent, ApprovalsClient(sidecar.addresses[0]) as approvals:
-        escalated = await agent.authorize("send_email", EMAIL, task_id="t-1")
-        await approvals.approve(escalated.escalation_id, approver=ALICE)
-
-        tiny_volume.fill()
-        # an intent of a page: its record needs a new block of the volume, whatever room the last page has
-        refused = await agent.authorize("send_email", EMAIL, task_id="t-1", intent="x" * 4096,
-                                        escalation_id=escalated.escalation_id)
-        assert refused.outcome == "deny" and refused.reasons[0].startswith("evidence_unavailable: ")
-        given_back = await approvals.get(escalated.escalation_id)
-        assert given_back["state"] == "approved" and given_back["approver"] == ALICE
-
-        tiny_volume.free()
-        allowed = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=escalated.escalation_id)
-        assert allowed.outcome == "allow"
-        again = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=escalated.escalation_id)
-        assert again.outcome == "deny" and again.reasons[0].startswith("approval_used: ")
-        assert allowed.decision_id in again.reasons[0]
-
-    allows = [r for r in records_of(tiny_volume.path / "evidence", escalated.escalation_id)
-              if r["kind"] == "decision" and r["outcome"] == "allow"]
-    assert [r["decision_id"] for r in allows] == [allowed.decision_id]
-    assert refused.decision_id not in {r.get("decision_id") for r in records_of(tiny_volume.path / "evidence",
-                                                                                   escalated.escalation_id)}
-
-
 async def test_release_gives_back_only_the_use_by_that_decision(stores):  # noqa: F811
     store, _, _ = stores
     approved = record("sha256:given-back")

@@ -1,28 +1,26 @@
-"""`evidence verify` catches every kind of tampering it promises to, and `evidence show` finds records."""
+"""`evidence verify` catches every kind of tampering it promises to, gives a verdict (never a crash) on
+whatever a hostile writer puts in the log, and `evidence show` finds records."""
 
 from __future__ import annotations
 
-import datetime
+import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from sidecar.cli import main
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.records import default_mirror_path, seal
 from sidecar.evidence.recorder import EvidenceRecorder
 from sidecar.evidence.signing import SigningKey, dev_signing_key, load_bundle
-from sidecar.evidence.verify import verify_dir
+from sidecar.evidence.verify import BROKEN, verify_dir
 from tests.test_evidence_log import make_event
-
-PY = sys.executable
+from tests.test_evidence_trust import SIDECAR_ID, _ca, _svid, read, write_log
 
 
 def build_log(directory: Path, records: int = 30, checkpoint_every: int = 10, clean: bool = False, **kwargs) -> Path:
@@ -55,6 +53,12 @@ def lines_of(directory: Path) -> tuple[Path, list[bytes]]:
 
 def seq_of(line: bytes) -> int:
     return json.loads(line)["seq"]
+
+
+def verify_cli(directory: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`agent-sidecar evidence verify` in its own process: a verify that blocks is killed, not waited on."""
+    return subprocess.run([sys.executable, "-m", "sidecar", "evidence", "verify", str(directory), *extra],
+                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
@@ -208,54 +212,21 @@ def test_a_replaced_first_startup_record_is_caught(log_dir):
     assert not report.ok  # seq 2 no longer links, and checkpoints name the old log id
 
 
-def _ca_and_svid(tmp_path: Path):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "test trust domain")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    svid_key = ec.generate_private_key(ec.SECP256R1())
-    svid = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca_name)
-        .public_key(svid_key.public_key())
-        .serial_number(2)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://example.org/sidecar")]), critical=True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    return SigningKey(svid_key, "svid", (svid,)), bundle
-
-
 def test_checkpoints_signed_with_an_svid_verify_against_the_trust_bundle(tmp_path):
-    svid_key, bundle = _ca_and_svid(tmp_path)
+    ca_key, ca_cert, bundle = _ca(tmp_path, "td")
+    svid_key = _svid(ca_key, ca_cert, SIDECAR_ID)
     directory = build_log(tmp_path / "ev", key_provider=lambda: svid_key)
     report = verify_dir(directory, bundle=load_bundle(bundle))
     assert report.ok, report.problems
     checkpoint = next(json.loads(line) for line in lines_of(directory)[1] if b'"kind":"checkpoint"' in line)
     assert checkpoint["signer"]["source"] == "svid" and checkpoint["signature"]["alg"] == "ecdsa-sha256"
-    other_ca, other_bundle = _ca_and_svid(tmp_path / "other" if (tmp_path / "other").mkdir() is None else tmp_path)
+    _, _, other_bundle = _ca(tmp_path, "other")
     report = verify_dir(directory, bundle=load_bundle(other_bundle))
     assert not report.ok and "trust bundle" in report.first_broken.message
 
 
 def test_a_dev_signed_log_does_not_pass_a_bundle_check(tmp_path, log_dir):
-    _, bundle = _ca_and_svid(tmp_path)
+    _, _, bundle = _ca(tmp_path, "td")
     report = verify_dir(log_dir, bundle=load_bundle(bundle))
     assert not report.ok
 
@@ -294,6 +265,183 @@ def test_cli_show_filters_and_json(log_dir, capsys):
 
 
 def test_console_script_verify_runs(log_dir):
-    done = subprocess.run([PY, "-m", "sidecar", "evidence", "verify", str(log_dir)], capture_output=True, text=True)
+    done = verify_cli(log_dir)
     assert done.returncode == 0, done.stderr
     assert "CONSISTENT: internal consistency only" in done.stdout and "INTACT" not in done.stdout
+
+
+# -- a hostile writer ------------------------------------------------------------------------------------
+# Someone with write access to the log directory (not the signing key) can put any value in any field and
+# re-hash the record. `verify_dir` promises never to raise on a bad log and to call every such log BROKEN:
+# a checkpoint whose signer certificates were not strings (`certificates: [1]`) made `verify --bundle`
+# crash with AttributeError, and a mirror line whose seq was a string (`{"seq": "9", ...}`) made every
+# `verify` crash with TypeError. And the last record, when it is a checkpoint, is held by no later
+# prev_hash while its signature covers only its payload: its logged_at, sidecar or signer could be
+# changed, or members added (an `outcome` beside the payload), and `verify --bundle` still said INTACT.
+
+ODD = [None, True, 0, -1, 2**60, 1.5, "", "x", [], [1], ["x"], {}, {"a": 1}]
+
+
+def _write(directory: Path, records: list[dict]) -> None:
+    (directory / "evidence-000001.jsonl").write_bytes(b"".join(seal(copy.deepcopy(r)) for r in records))
+
+
+def _paths(value, prefix=()):
+    """Every (path to a member) inside a record, nested objects and arrays included."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield prefix + (key,)
+            yield from _paths(item, prefix + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield prefix + (i,)
+            yield from _paths(item, prefix + (i,))
+
+
+def _get(record: dict, path: tuple):
+    node = record
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _set(record: dict, path: tuple, value) -> dict:
+    out = copy.deepcopy(record)
+    node = out
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def signed_log(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hostile-verify")
+    ca_key, ca_cert, bundle = _ca(base, "td")
+    directory = write_log(base / "ev", _svid(ca_key, ca_cert, SIDECAR_ID), records=12)
+    return directory, load_bundle(bundle)
+
+
+def _mutations(records: list[dict]):
+    """(seq, path, value) for every member of the startup record, one decision and every checkpoint."""
+    chosen = [r for r in records if r["kind"] in ("startup", "checkpoint")] + [records[1]]
+    for record in chosen:
+        members = {k: v for k, v in record.items() if k != "hash"}
+        for path in _paths(members):
+            for value in ODD:
+                yield record["seq"], path, value
+        # members added, at the top and inside every object (an "outcome" beside the signed payload)
+        for path in [()] + [p for p in _paths(members) if isinstance(_get(record, p), dict)]:
+            for name in ("aa", "outcome", "zz"):
+                yield record["seq"], path + (name,), "allow"
+
+
+def test_any_value_in_any_field_is_a_verdict_never_a_crash(signed_log, tmp_path):
+    original, bundle = signed_log
+    records = read(original)
+    directory = tmp_path / "ev"
+    directory.mkdir()
+    crashes, not_broken, tried = [], [], 0
+    for seq, path, value in _mutations(records):
+        changed = [(_set(r, path, value) if r["seq"] == seq else r) for r in records]
+        if changed == records:
+            continue
+        try:
+            _write(directory, changed)
+        except ValueError:  # no canonical form: the writer of a line could not produce it either
+            continue
+        tried += 1
+        for anchors in ({}, {"bundle": bundle, "signer_ids": [SIDECAR_ID]}):
+            try:
+                report = verify_dir(directory, mirror=tmp_path / "no-mirror", **anchors)
+            except Exception as exc:  # noqa: BLE001 - the finding
+                crashes.append(f"seq {seq} {list(path)} = {value!r} ({'bundle' if anchors else 'no anchors'}): "
+                               f"{type(exc).__name__}: {exc}")
+                continue
+            if report.verdict != BROKEN:
+                not_broken.append(f"seq {seq} {list(path)} = {value!r}: {report.verdict}")
+    assert tried > 500
+    assert crashes == [], "\n".join(crashes)
+    assert not_broken == [], "\n".join(not_broken)
+
+
+@pytest.mark.parametrize("line", [
+    {"seq": "99", "hash": "sha256:x"},
+    {"seq": None, "hash": "sha256:x"},
+    {"seq": [99], "hash": "sha256:x"},
+    {"seq": True, "hash": "sha256:x"},
+    {"seq": 3.5, "hash": "sha256:x"},
+    {"seq": {"n": 1}, "hash": "sha256:x"},
+    ["seq", 99],
+    "99",
+])
+def test_a_mirror_line_of_any_shape_is_a_verdict_never_a_crash(signed_log, tmp_path, capsys, line):
+    original, bundle = signed_log
+    directory = tmp_path / "ev"
+    directory.mkdir()
+    records = read(original)
+    _write(directory, records)
+    mirror = tmp_path / "mirror.jsonl"
+    good = default_mirror_path(original).read_bytes()
+    mirror.write_bytes(json.dumps(line).encode() + b"\n" + good)
+    # a line that is no copy of a checkpoint is named (like an unreadable one); the others still count
+    report = verify_dir(directory, mirror=mirror, bundle=bundle, signer_ids=[SIDECAR_ID])
+    assert report.verdict == "intact", report.problems
+    assert any(w.startswith("mirror.jsonl:1: unreadable") for w in report.warnings), report.warnings
+    assert main(["evidence", "verify", str(directory), "--mirror", str(mirror)]) == 0
+    assert "mirror.jsonl:1: unreadable" in capsys.readouterr().out
+    # and a log cut before the last mirrored checkpoint is still caught behind such a line
+    last_checkpoint = max(r["seq"] for r in records if r["kind"] == "checkpoint")
+    _write(directory, [r for r in records if r["seq"] < last_checkpoint])
+    report = verify_dir(directory, mirror=mirror, bundle=bundle, signer_ids=[SIDECAR_ID])
+    assert report.verdict == BROKEN and "log truncated" in report.problems[0].message, report.problems
+    assert main(["evidence", "verify", str(directory), "--mirror", str(mirror)]) == 1
+
+
+def test_the_untouched_copies_still_verify(signed_log, tmp_path):
+    original, bundle = signed_log
+    directory = tmp_path / "ev"
+    directory.mkdir()
+    _write(directory, read(original))
+    mirror = tmp_path / "mirror.jsonl"
+    mirror.write_bytes(default_mirror_path(original).read_bytes())
+    report = verify_dir(directory, mirror=mirror, bundle=bundle, signer_ids=[SIDECAR_ID])
+    assert report.verdict == "intact", report.problems
+
+
+# -- what sits where a log file or the mirror belongs -------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["fifo", "directory"])
+def test_a_non_file_where_a_log_file_belongs_is_a_verdict(signed_log, tmp_path, shape):
+    """A FIFO named evidence-000002.jsonl made `verify` block forever (no verdict, ever); a directory
+    made it raise IsADirectoryError."""
+    original, _ = signed_log
+    directory = tmp_path / "ev"
+    directory.mkdir()
+    _write(directory, read(original))
+    planted = directory / "evidence-000002.jsonl"
+    os.mkfifo(planted) if shape == "fifo" else planted.mkdir()
+    report = verify_dir(directory)
+    assert report.verdict == BROKEN
+    assert any(p.where == planted.name and "not a regular file" in p.message for p in report.problems), report.problems
+    done = verify_cli(directory)
+    assert done.returncode == 1 and "BROKEN" in done.stdout and "not a regular file" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("shape", ["fifo", "directory"])
+def test_a_non_file_where_the_mirror_or_the_ship_state_belongs_is_a_verdict(signed_log, tmp_path, shape):
+    from sidecar.evidence.records import SHIP_STATE_NAME
+
+    original, bundle = signed_log
+    directory = tmp_path / "ev"
+    directory.mkdir()
+    _write(directory, read(original))
+    mirror = tmp_path / "mirror.jsonl"
+    for planted in (mirror, directory / SHIP_STATE_NAME):
+        os.mkfifo(planted) if shape == "fifo" else planted.mkdir()
+    report = verify_dir(directory, mirror=mirror, bundle=bundle, signer_ids=[SIDECAR_ID])
+    assert report.verdict == BROKEN and "the checkpoint mirror is not a regular file" in report.problems[0].message
+    assert any(w.startswith(f"{SHIP_STATE_NAME}: unreadable") for w in report.warnings), report.warnings
+    done = verify_cli(directory, "--mirror", str(mirror))
+    assert done.returncode == 1 and "BROKEN" in done.stdout, done.stderr

@@ -1,12 +1,15 @@
-"""A call id belongs to one caller's call: another caller reusing it is a different tool call.
+"""A call id belongs to one caller's call in one task: another caller, or another task, reusing it
+is a different tool call.
 
 `call_id_reused` refuses an id sent again for another tool, server or arguments. The same tool
 call sent by another subject (or by the same subject through another delegation chain) with the
 same id is a different call too: accepting it gives two callers' decisions, their spans
 (`gen_ai.tool.call.id`) and escalations one id, so one agent's call can pass for a repeat of
 another's in the evidence. Found by a review: the registry's fingerprint had no caller in it.
-A task belongs to the agent that started it in the same way (sidecar/tasks.py): another agent's
-calls under it were accepted, spending its budget and keeping it alive.
+The exact call an approval holds for includes its task (escalation/fingerprint.py), so an id
+reused under another task is refused too (a dev-mode sidecar is enough for that one). A task
+belongs to the agent that started it in the same way (sidecar/tasks.py): another agent's calls
+under it were accepted, spending its budget and keeping it alive.
 Real JWT-SVIDs from a fake SPIRE Workload API, as in tests/test_escalation_identity.py.
 """
 
@@ -18,6 +21,7 @@ import pytest
 from sidecar.client import DELEGATION_METADATA, AsyncClient, delegated_by
 from sidecar.identity.delegation import link_audience
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import SIMPLE_POLICY, write_policy
 from tests.doubles.escalation import make_config, records
 from tests.doubles.identity_harness import bearer, fake_agent, remove_dir, short_dir, until_serving
 
@@ -126,3 +130,29 @@ async def test_a_task_is_its_owners_and_its_delegates_and_nobody_elses(world):
     assert all(r["outcome"] == "deny" and "input" not in r for r in refused_records)  # denied before policy
     counted = [r["input"]["usage"]["calls_in_task"] for r in decisions if "input" in r]
     assert counted == [1, 2]  # the refused calls spent none of the task's budget
+
+
+async def test_a_call_id_is_one_tasks_call(tmp_path, sidecar_config, running_sidecar):
+    """The exact call an approval holds for includes its task (escalation/fingerprint.py); a call id
+    reused under another task named two calls, with two tasks' budgets and endings, in one id."""
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+
+        async def echo(task_id: str, call_id: str = "call-1") -> sidecar_pb2.AuthorizeResponse:
+            return await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", call_id=call_id, task_id=task_id))
+
+        assert (await echo("task-1")).outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert (await echo("task-1")).outcome == sidecar_pb2.OUTCOME_ALLOW  # the same call repeated: fine
+        other = await echo("task-2")
+        assert other.outcome == sidecar_pb2.OUTCOME_DENY and other.reasons[0].startswith("call_id_reused:")
+        untasked = await echo("")
+        assert untasked.outcome == sidecar_pb2.OUTCOME_DENY and untasked.reasons[0].startswith("call_id_reused:")
+        # A task id is not confused with the fields around it (it may hold a newline since calls take it).
+        assert (await echo("a\nb", "call-2")).outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert (await echo("a\nb", "call-2")).outcome == sidecar_pb2.OUTCOME_ALLOW
+    decisions = [r for r in records(tmp_path / "evidence") if r["kind"] == "decision" and r["call_id"] == "call-1"
+                 and r["outcome"] == "allow"]
+    assert {r["task_id"] for r in decisions} == {"task-1"}

@@ -1,18 +1,22 @@
 """ToolGate.Invoke against a real HTTP server on loopback: allow → the sidecar makes the call with
 the credential the agent never holds; deny / escalate → no call; upstream faults → clear errors,
-all recorded as invocation records chained to their decisions."""
+all recorded as invocation records chained to their decisions. The call goes only where config
+says (a `server` the caller names is refused) and only as policy's obligations shape it (another
+spelling of an argument does not sidestep one)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 from aiohttp import web
 
 from sidecar.evidence.verify import verify_dir
-from sidecar.v1 import sidecar_pb2
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import write_policy
 from tests.infra.http import serve_app
 from tests.infra.invoke import invoke, records
@@ -195,3 +199,141 @@ async def test_a_tls_failure_is_a_clear_error_and_nothing_is_sent(tmp_path, side
         assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
         assert response.error.startswith("upstream_unavailable: TLS with"), response.error
         assert not reached
+
+
+# Invoke makes the call itself, to the HTTP tool `invoke.tools` names: a `server` the caller names would
+# reach policy, approvals and evidence but not the call, so policy could decide on a server the call never
+# goes to (and an approval for another server's tool of the same name could be spent on the HTTP tool).
+INVOKE_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    # A policy that trusts tool.server: the sandbox copy of the tool may run freely.
+    decision := {"outcome": "allow", "reasons": ["sandbox: free to run"], "obligations": {}} if {
+        input.tool.name == "drop_table"
+        input.tool.server == "sandbox"
+    }
+
+    decision := {"outcome": "escalate", "reasons": ["production: needs approval"], "obligations": {}} if {
+        input.tool.name == "drop_table"
+        input.tool.server != "sandbox"
+        input.approval == null
+    }
+
+    decision := {"outcome": "allow", "reasons": ["approved"], "obligations": {}} if {
+        input.tool.name == "drop_table"
+        input.tool.server != "sandbox"
+        input.approval != null
+    }
+"""
+
+
+@contextlib.asynccontextmanager
+async def recording_tool(path: str, answer: dict):
+    """A real HTTP tool on loopback that answers POST `path` with `answer`: (its base URL, the bodies it got)."""
+    bodies: list[dict] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post(path, handle)
+    async with serve_app(app) as base:
+        yield base, bodies
+
+
+@pytest.fixture
+async def production_tool():
+    async with recording_tool("/drop", {"dropped": True}) as tool:
+        yield tool
+
+
+async def invoke_sidecar(tmp_path, sidecar_config, running_sidecar, base):
+    return await running_sidecar(sidecar_config(**{
+        "listen.unix": "",
+        "policy.dir": str(write_policy(tmp_path / "policy", INVOKE_POLICY)),
+        "invoke.tools": {"drop_table": {"method": "POST", "url": base + "/drop"}},
+    }))
+
+
+@pytest.mark.parametrize("server", ["sandbox", "prod", "Sandbox", " "])
+async def test_invoke_refuses_a_server_the_caller_names(tmp_path, sidecar_config, running_sidecar, production_tool,
+                                                         server):
+    base, calls = production_tool
+    sidecar = await invoke_sidecar(tmp_path, sidecar_config, running_sidecar, base)
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        answer = await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(
+            tool="drop_table", server=server, call_id="c-1",
+        )))
+    assert answer.decision.outcome == sidecar_pb2.OUTCOME_DENY, answer
+    assert answer.decision.reasons[0].startswith("invalid_server:"), answer.decision.reasons
+    assert answer.status == "" and calls == []  # the production tool was never called
+    decision = next(r for r in records(tmp_path / "evidence") if r["kind"] == "decision")
+    assert decision["outcome"] == "deny" and decision["server"] == server and decision["call_id"] == "c-1"
+
+
+async def test_invoke_without_a_server_is_decided_as_the_http_tool_and_escalates(
+        tmp_path, sidecar_config, running_sidecar, production_tool):
+    base, calls = production_tool
+    sidecar = await invoke_sidecar(tmp_path, sidecar_config, running_sidecar, base)
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        answer = await stub.Invoke(sidecar_pb2.InvokeRequest(call=sidecar_pb2.AuthorizeRequest(tool="drop_table")))
+    assert answer.decision.outcome == sidecar_pb2.OUTCOME_ESCALATE, answer
+    assert answer.status == "" and calls == []
+
+
+CLAMP_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["ok: search, at most 5 results, no debug, no token"], "obligations": {
+        "clamp_arguments": {"limit": 5}, "drop_arguments": ["debug"], "redact_call_arguments": ["token"],
+        "cap_list_arguments": {"tags": 1},
+    }} if input.tool.name == "search"
+"""
+
+
+@pytest.fixture
+async def search_tool():
+    async with recording_tool("/search", {"ok": True}) as tool:
+        yield tool
+
+
+# Many tools read argument names without case (ASP.NET's model binding, Jackson or System.Text.Json set
+# to be case-insensitive), some after NFKC folding: there `LIMIT` or a fullwidth `ｌｉｍｉｔ` is the
+# `limit` the obligation clamps, and a second spelling beside it may win. Such a call is not made.
+@pytest.mark.parametrize("arguments", [
+    {"LIMIT": 1000},
+    {"limit": 3, "Limit": 1000},
+    {"\uff4c\uff49\uff4d\uff49\uff54": 1000},  # fullwidth "limit"
+    {"Debug": True},
+    {"TOKEN": "secret-1"},
+    {"Tags": ["a", "b", "c"]},
+])
+async def test_an_obligation_cannot_be_sidestepped_by_another_spelling_of_the_argument(
+        tmp_path, sidecar_config, running_sidecar, search_tool, arguments):
+    base, bodies = search_tool
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", CLAMP_POLICY)),
+        "invoke.tools": {"search": {"method": "POST", "url": base + "/search"}},
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        request = sidecar_pb2.AuthorizeRequest(tool="search")
+        request.arguments.update({"query": "q", **arguments})
+        answer = await stub.Invoke(sidecar_pb2.InvokeRequest(call=request))
+        assert answer.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+        assert answer.status == "not_called" and answer.error.startswith("obligation_inapplicable:"), answer
+        assert bodies == []
+        plain = sidecar_pb2.AuthorizeRequest(tool="search")
+        plain.arguments.update({"query": "q", "limit": 50, "debug": True, "token": "t", "tags": ["a", "b"]})
+        fine = await stub.Invoke(sidecar_pb2.InvokeRequest(call=plain))
+        assert fine.status == "ok", fine
+    assert bodies == [{"query": "q", "limit": 5, "token": "[REDACTED]", "tags": ["a"]}]
+    invocation = [r for r in records(tmp_path / "evidence") if r["kind"] == "invocation"][0]
+    assert invocation["status"] == "not_called"

@@ -1,13 +1,14 @@
 """Task lifetimes: EndTask(task_id) and the idle timeout end a task; every later call under it is
 denied (task_ended) and recorded, through Authorize, Invoke and the MCP gateway alike. Each ending is
-one `task_end` evidence record, chained before the decisions it explains (docs/mcp.md#tasks)."""
+one `task_end` evidence record, chained before the decisions it explains (docs/mcp.md#tasks). EndTask
+takes exactly the task ids a call may use, so no task can be used yet never ended. What survives the loss
+of the task store is in tests/test_task_durability.py."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import grpc
 import pytest
 from mcp.client.client import Client
 
+from sidecar.calls import ToolCall, check_call, usable_id
 from sidecar.client import build_request
 from sidecar.display import FLAG
 from sidecar.evidence import EvidenceError, Receipt, TraceContext
@@ -577,46 +579,53 @@ async def test_end_task_over_grpc_then_calls_under_it_are_denied_everywhere(tmp_
         await upstream.stop()
 
 
-async def test_sigkill_of_the_real_sidecar_brings_no_ended_task_back(tmp_path):
-    """The real sidecar, killed with -9 and started again on the same evidence directory: the task ended
-    before the kill is still refused with its first ending and record, and the open task goes on."""
-    from sidecar.client import AsyncClient
-    from tests.test_evidence_crash import serving_sidecar, write_sidecar_files
-
-    config, socket_path, directory = write_sidecar_files(tmp_path)
-    sidecar = serving_sidecar(config)
-    try:
-        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
-            stub = sidecar_pb2_grpc.ToolGateStub(channel)
-            assert (await stub.Authorize(build_request("echo", {"n": 1}, task_id="ended"))).outcome == sidecar_pb2.OUTCOME_ALLOW
-            ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id="ended"))
-            assert (await stub.Authorize(build_request("echo", {"n": 2}, task_id="open"))).outcome == sidecar_pb2.OUTCOME_ALLOW
-        sidecar.send_signal(signal.SIGKILL)
-        sidecar.wait(15)
-        sidecar.start()
-        sidecar.wait_serving()
-        async with AsyncClient(f"unix:{socket_path}") as client:
-            refused = await client.authorize("echo", {"n": 3}, task_id="ended")
-            assert list(refused.reasons) == [
-                f"task_ended: task 'ended' was ended by EndTask at {ended.ended_at}; start a new task"]
-            assert (await client.authorize("echo", {"n": 4}, task_id="open")).outcome == "allow"
-        async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
-            again = await sidecar_pb2_grpc.ToolGateStub(channel).EndTask(sidecar_pb2.EndTaskRequest(task_id="ended"))
-        assert again.already_ended and (again.ended_at, again.evidence_seq, again.evidence_hash) == (
-            ended.ended_at, ended.evidence_seq, ended.evidence_hash)
-    finally:
-        sidecar.close()
-    assert [r["task_id"] for r in records(directory) if r["kind"] == "task_end"] == ["ended"]
+# A task id every call accepts must be one EndTask accepts: else a task can be used but never ended
+# (tabs, no-break spaces, zero-width and escape characters in the id).
+ODD_TASK_IDS = ["task\t1", "task\u00a01", "t\u200b", "t\x1b[31m", "t\u202egnp.exe", "line\nbreak", "t\x7f"]
 
 
-def test_serve_refuses_to_start_when_the_task_store_cannot_be_opened(tmp_path):
-    """A task store that cannot be opened stops the start: exit 2, saying which store and file, nothing served."""
-    from tests.test_evidence_crash import write_sidecar_files
+@pytest.mark.parametrize("task_id", ODD_TASK_IDS)
+async def test_a_task_any_call_may_use_can_be_ended(tmp_path, sidecar_config, running_sidecar, task_id):
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        first = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+        assert first.outcome == sidecar_pb2.OUTCOME_ALLOW, first.reasons
+        ended = await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id=task_id))
+        assert ended.task_id == task_id and not ended.already_ended and ended.evidence_hash
+        after = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+        assert after.outcome == sidecar_pb2.OUTCOME_DENY and after.reasons[0].startswith("task_ended:")
+    assert [r["task_id"] for r in records(tmp_path / "evidence") if r["kind"] == "task_end"] == [task_id]
+    assert verify_dir(tmp_path / "evidence").ok
 
-    config, socket_path, directory = write_sidecar_files(tmp_path)
-    (directory / "tasks.db").mkdir(parents=True)  # a directory where the SQLite file must be
-    done = run_cli("serve", "--config", str(config))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "agent-sidecar: the task store cannot be opened: cannot open the task store" in done.stderr
-    assert str(directory / "tasks.db") in done.stderr
-    assert not socket_path.exists()
+
+@pytest.mark.parametrize("task_id, code", [
+    ("", grpc.StatusCode.INVALID_ARGUMENT),
+    ("x" * 257, grpc.StatusCode.INVALID_ARGUMENT),
+    ("a\x00b", grpc.StatusCode.INVALID_ARGUMENT),  # no call may use it either (invalid_task_id)
+])
+async def test_end_task_still_refuses_ids_no_call_may_use(tmp_path, sidecar_config, running_sidecar, task_id, code):
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", SIMPLE_POLICY)),
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        stub = sidecar_pb2_grpc.ToolGateStub(channel)
+        if task_id:
+            refused = await stub.Authorize(sidecar_pb2.AuthorizeRequest(tool="echo", task_id=task_id))
+            assert refused.outcome == sidecar_pb2.OUTCOME_DENY and refused.reasons[0].startswith("invalid_task_id:")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.EndTask(sidecar_pb2.EndTaskRequest(task_id=task_id))
+        assert info.value.code() == code and info.value.details().startswith("invalid_task:")
+
+
+@pytest.mark.parametrize("task_id", [
+    "t", "a\tb", "a\u00a0b", "a\u200bb", "\x1b[31m", "x" * 256, "x" * 257, "ü" * 128, "ü" * 129,
+    "a\x00b", "\x00", "a\ud800", "",
+])
+def test_endtask_takes_exactly_the_task_ids_a_call_may_use(task_id):
+    """EndTask's rule (calls.usable_id, plus not empty) and check_call's agree on every id."""
+    problems, _ = check_call(ToolCall(tool="t", arguments={}, task_id=task_id), max_bytes=1 << 20, max_depth=32)
+    call_takes = bool(task_id) and not any(p.startswith("invalid_task_id: ") for p in problems)
+    assert (bool(task_id) and usable_id(task_id)) == call_takes

@@ -128,6 +128,8 @@ async def _render_pending(request: web.Request, approver: str, banner: tuple[str
 
 
 def _sidecar_problem(exc: ApprovalsError) -> str:
+    if exc.unreachable:  # nothing answered: say so, not "answered"
+        return f"The sidecar could not be reached (console.sidecar, --sidecar): {exc.message}"
     return f"The sidecar answered: {exc.message}"
 
 

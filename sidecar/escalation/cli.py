@@ -47,6 +47,10 @@ def _run(args: argparse.Namespace, work: Callable[[Any], Any]) -> int:
                   file=sys.stderr)
             return 2
         print(f"agent-sidecar: refused: {visible(exc.message)}", file=sys.stderr)
+        if exc.code == "self_approval" and not getattr(args, "approver", None):
+            # The refusal a dev-mode newcomer meets first: name the fix, not only the rule.
+            print("  (in dev mode every caller is the dev identity, the agent's own: name the person deciding "
+                  "with --approver, e.g. --approver email:alice@example.org)", file=sys.stderr)
         return 1
     except BrokenPipeError:
         raise  # stdout's reader went away: sidecar.cli.main ends quietly
@@ -315,10 +319,10 @@ def _common(parser: argparse.ArgumentParser, *, json_help: str = "print JSON") -
         "--address",
         default=os.environ.get("AGENT_SIDECAR_ADDRESS", DEFAULT_ADDRESS),
         metavar="ADDR",
-        help="the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS or %(default)s)",
+        help=f"the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS, else {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--token-file", metavar="FILE", help="a JWT-SVID to present (authorization: Bearer)")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per-call deadline in seconds (default %(default)s)")
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
@@ -326,7 +330,9 @@ def _approver(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--approver",
         metavar="IDENTITY",
-        help="dev mode only: who you are (e.g. email:alice@example.org); otherwise your verified identity counts",
+        help="dev mode only: who you are (e.g. email:alice@example.org); without it you are the dev identity, "
+        "the agent's own, which may not decide its calls (self_approval). Outside dev mode your verified "
+        "identity counts",
     )
 
 

@@ -45,6 +45,7 @@ from sidecar.escalation.notify import Notifier
 from sidecar.escalation.preview import argument_preview
 from sidecar.escalation.store import EscalationStore
 from sidecar.evidence import EvidenceReader, EvidenceSink, TraceContext
+from sidecar.evidence.readback import restore_since
 from sidecar.evidence.records import parse_rfc3339
 from sidecar.evidence.redaction import Redactor
 from sidecar.jsonvalues import normalize
@@ -66,9 +67,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"esc-[0-9a-f]{32}")
-# How far before the store's newest change the evidence log is read back at start: more than a
-# transaction can wait for the store's lock between taking its time and committing.
-RESTORE_MARGIN_SECONDS = 30.0
 
 
 def new_escalation_id() -> str:
@@ -231,14 +229,14 @@ class EscalationService:
     async def _restore_from_evidence(self) -> None:
         """Put back the pending escalations whose `escalation` record is in the log but whose row the
         store lost (a power loss after an unsynced create). Only escalations created within the TTL
-        and after the store's newest change (less RESTORE_MARGIN_SECONDS) can be lost, so only that
+        and after the store's newest change (readback.restore_since) can be lost, so only that
         window of the log is read. A log that cannot be read is logged and restores nothing: an
         escalation missing from the store is refused (`escalation_unknown`), never allowed."""
         if self.store.syncs_new_escalations or self._evidence_reader is None:
             return
         now = self.clock()
         latest = await self.store.latest_change()
-        since = now - self.ttl if latest is None else max(now - self.ttl, latest - RESTORE_MARGIN_SECONDS)
+        since = restore_since(latest, now, oldest=now - self.ttl)
         try:
             records = await asyncio.to_thread(
                 self._evidence_reader.records_since, since, lambda line: b'"outcome":"escalate"' in line

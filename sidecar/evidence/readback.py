@@ -1,4 +1,4 @@
-"""Reading the evidence log back, newest first: what a store recovers from after a host crash.
+"""Reading the evidence log back, newest first: what a store recovers from when it lost commits.
 
 The escalation store commits a new escalation without its own fsync (its record in this log,
 synced before the agent hears of it, is what makes it durable: docs/escalation.md#durability).
@@ -29,7 +29,20 @@ from sidecar.evidence.records import parse_rfc3339
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+# How far before a store's newest change the log is read back at start: more than a transaction
+# can wait for the store's lock between taking its time and committing.
+RESTORE_MARGIN_SECONDS = 30.0
 _LOGGED_AT_KEY = b'"logged_at":"'
+
+
+def restore_since(latest_change: float | None, now: float, oldest: float) -> float:
+    """Where a start reads the log back from (Unix seconds): RESTORE_MARGIN_SECONDS before the store's
+    `latest_change`, never before `oldest` (what the store could still need: an escalation's TTL;
+    0, the whole log, for task endings). No change at all (an empty or new store): `oldest`. A
+    change stamped after `now` (a clock that was ahead) counts as `now`, so it cannot hide the log."""
+    if latest_change is None:
+        return oldest
+    return max(oldest, min(latest_change, now) - RESTORE_MARGIN_SECONDS)
 
 
 def records_since(directory: str | Path, since: float, match: Callable[[bytes], bool]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Red team, round 2: config values that load but mean something unsafe.
+"""Numeric settings are finite and within range: a value that loads means what it says.
 
 Every float setting took YAML's `.nan` and `.inf`: NaN passes each `<= 0` / `< 0` check, so
 `evidence.checkpoint_every: 0` with `checkpoint_seconds: .nan` (the "both 0" refusal sidestepped)
@@ -103,48 +103,3 @@ async def test_the_longest_escalation_ttl_still_answers_the_agent(running_sideca
                                         task_id="t-ttl")
     assert result.outcome == "escalate", result.reasons
     assert result.escalation_id.startswith("esc-")
-
-
-# -- dev mode off loopback ---------------------------------------------------------------------------
-
-DEV_OFF_LOOPBACK = [
-    ("listen.tcp", "0.0.0.0:50051"),
-    ("listen.tcp", "192.0.2.2:50051"),
-    ("listen.tcp", "[::]:50051"),
-    ("listen.tcp", "sidecar.example.org:50051"),
-    ("mcp.listen", "0.0.0.0:8765"),
-    ("mcp.listen", "[::ffff:127.0.0.1]:8765"),
-]
-
-
-@pytest.mark.parametrize("key, listen", DEV_OFF_LOOPBACK)
-def test_dev_mode_serves_only_on_loopback(key: str, listen: str):
-    """In dev mode every caller is the agent and any caller approves, naming any approver: on 0.0.0.0 a
-    peer at 192.0.2.2 escalated send_email, approved it as email:cfo@example.org and ran it."""
-    with pytest.raises(ConfigError) as info:
-        load_config(None, {"identity.sources": ["dev"], key: listen})
-    assert str(info.value).startswith(f"{key}: {listen} is not a loopback address"), str(info.value)
-
-
-@pytest.mark.parametrize("listen", ["127.0.0.1:0", "[::1]:50051", "localhost:50051"])
-def test_dev_mode_on_loopback_still_loads(listen: str):
-    config = load_config(None, {"identity.sources": ["dev"], "listen.tcp": listen, "mcp.listen": listen})
-    assert config.dev_mode and config.listen.tcp == listen
-
-
-def test_outside_dev_mode_the_same_listeners_load():
-    config = load_config(None, {"identity.sources": ["mtls"], "listen.tcp": "0.0.0.0:50051",
-                                "escalation.approvers": ["email:*@example.org"]})
-    assert config.listen.tcp == "0.0.0.0:50051"
-
-
-def test_a_dev_console_serves_only_on_loopback():
-    config = load_config(None, {"identity.sources": ["dev"], "console.listen": "0.0.0.0:8080",
-                                "console.dev_approver": "email:dev@example.org"})
-    with pytest.raises(ConfigError, match=r"console.listen: 0.0.0.0:8080 is not a loopback address"):
-        config.validate_console()
-
-
-async def test_a_dev_sidecar_on_every_address_does_not_start(running_sidecar, sidecar_config):
-    with pytest.raises(ConfigError, match="is not a loopback address"):
-        await running_sidecar(sidecar_config(**{"listen.tcp": "0.0.0.0:0"}))

@@ -1,11 +1,13 @@
-"""Red team, round 2: the webhook secret.
+"""What the escalation webhook must keep secret, and from whom.
 
-`escalation.webhook_secret_file` is required outside dev mode "so the receiver can tell the
-sidecar's notices from forged ones". A secret file that was empty or held only a newline (a
-Kubernetes Secret created with an empty value) gave the secret b"", and `if self._secret:` then
-sent every notice with no signature at all: a receiver that checks a signature only
-when one is present took forged notices (and their console links) as the sidecar's. A 1-byte
-secret was accepted too. Now the sidecar does not start, and says why without the secret.
+- Its signing secret: a blank or short `escalation.webhook_secret_file` (a Kubernetes
+  Secret created with an empty value gave b"", and notices went out unsigned, so a
+  receiver that checks a signature only when one is present took forged notices as the
+  sidecar's) stops the start, saying why without the secret.
+- Its URL, a bearer credential for Slack- and Teams-style hooks: never whole in a
+  start-up error or in the log.
+- The chat text: what an agent wrote (its call's server) reaches it escaped, never as
+  a link or a mention.
 """
 
 from __future__ import annotations

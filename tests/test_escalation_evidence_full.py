@@ -1,4 +1,4 @@
-"""Red team, round 2: the evidence volume fills while approvals are given and used.
+"""Approvals while the evidence volume fills: none takes effect without its record.
 
 Two ways a human decision took effect with no record of it, or was spent on one the log lacks:
 
@@ -26,6 +26,7 @@ from tests.doubles.escalation import (  # noqa: F401  (store_kind is a fixture)
     ALICE,
     make_config,
     records,
+    records_of,
     store_kind,
     store_settings,
 )
@@ -85,3 +86,38 @@ async def test_an_approval_spent_on_an_unrecorded_allow_is_given_back(full_disk_
     logged = {r.get("decision_id") for r in records(directory)}
     assert lost.decision_id not in logged and again.decision_id in logged
     assert verify_dir(directory).ok
+
+
+async def test_an_approval_used_by_an_allow_that_cannot_be_recorded_holds_again(tmp_path, tiny_volume, running_sidecar):
+    """The disk is really full (a 256 KiB tmpfs) when the approved call comes back: its allow cannot
+    be recorded, so it is denied and the tool does not run; the approval it used is given back, and
+    the same call runs once the disk has room, once."""
+    cfg = make_config(tmp_path, store_settings("sqlite", tmp_path), **{
+        "evidence.dir": str(tiny_volume.path / "evidence"),
+        "evidence.checkpoint_mirror": str(tmp_path / "checkpoints.jsonl"),
+    })
+    sidecar = await running_sidecar(cfg)
+    async with AsyncClient(sidecar.addresses[0]) as agent, ApprovalsClient(sidecar.addresses[0]) as approvals:
+        escalated = await agent.authorize("send_email", EMAIL, task_id="t-1")
+        await approvals.approve(escalated.escalation_id, approver=ALICE)
+
+        tiny_volume.fill()
+        # an intent of a page: its record needs a new block of the volume, whatever room the last page has
+        refused = await agent.authorize("send_email", EMAIL, task_id="t-1", intent="x" * 4096,
+                                        escalation_id=escalated.escalation_id)
+        assert refused.outcome == "deny" and refused.reasons[0].startswith("evidence_unavailable: ")
+        given_back = await approvals.get(escalated.escalation_id)
+        assert given_back["state"] == "approved" and given_back["approver"] == ALICE
+
+        tiny_volume.free()
+        allowed = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=escalated.escalation_id)
+        assert allowed.outcome == "allow"
+        again = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=escalated.escalation_id)
+        assert again.outcome == "deny" and again.reasons[0].startswith("approval_used: ")
+        assert allowed.decision_id in again.reasons[0]
+
+    allows = [r for r in records_of(tiny_volume.path / "evidence", escalated.escalation_id)
+              if r["kind"] == "decision" and r["outcome"] == "allow"]
+    assert [r["decision_id"] for r in allows] == [allowed.decision_id]
+    assert refused.decision_id not in {r.get("decision_id") for r in records_of(tiny_volume.path / "evidence",
+                                                                                   escalated.escalation_id)}

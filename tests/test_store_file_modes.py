@@ -1,4 +1,4 @@
-"""Red team, round 2: who can read the sidecar's SQLite files.
+"""Who can read the sidecar's SQLite files: their owner and group, never others.
 
 The evidence log is written 0640 and never holds a secret in clear; escalations.db holds the
 arguments of every pending call in full (an approver reads them exactly as the tool will receive
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.client import AsyncClient
+from sidecar.sqlitedb import database_files
 from tests.doubles.escalation import make_config
 
 SECRET = "s3cret-token-0f4e2a"
@@ -38,10 +39,7 @@ async def test_the_stores_are_not_readable_by_others(tmp_path, running_sidecar, 
     sidecar = await running_sidecar(config)
     async with AsyncClient(sidecar.addresses[0]) as agent:
         assert (await agent.authorize("send_email", EMAIL, task_id="t-f")).outcome == "escalate"
-    db = Path(config.escalation.path)
-    files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
-    tasks = Path(config.evidence.dir) / "tasks.db"
-    files += [tasks, tasks.with_name("tasks.db-wal"), tasks.with_name("tasks.db-shm")]
+    files = [*database_files(Path(config.escalation.path)), *database_files(Path(config.evidence.dir) / "tasks.db")]
     # why it matters: the store holds the secret in clear (the evidence log does not)
     assert any(SECRET.encode() in f.read_bytes() for f in files[:3])
     for path in files:
@@ -54,12 +52,12 @@ async def test_a_store_left_readable_by_an_earlier_start_is_closed(tmp_path, run
     db = Path(config.escalation.path)
     sidecar = await running_sidecar(config)
     await sidecar.stop(grace=0)
-    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+    for path in database_files(db):
         if path.exists():
             os.chmod(path, 0o644)
     again = await running_sidecar(config)
     async with AsyncClient(again.addresses[0]) as agent:
         assert (await agent.authorize("send_email", EMAIL, task_id="t-g")).outcome == "escalate"
-    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+    for path in database_files(db):
         if path.exists():
             assert _mode(path) == 0o640, f"{path.name} is {oct(_mode(path))}"
