@@ -53,6 +53,11 @@ async def browser():
             await launched.close()
 
 
+async def signed_in_as_alice(browser):
+    """A browser context sending the header the auth proxy would set for alice (the approver APPROVER)."""
+    return await browser.new_context(viewport=VIEWPORT, extra_http_headers={"X-Auth-Request-Email": "alice@example.org"})
+
+
 async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, browser):
     config = make_config(tmp_path, **{
         "console.trusted_header": "X-Auth-Request-Email",
@@ -69,9 +74,7 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
     runner, port = await start_console(config, "127.0.0.1:0")
     base = f"http://127.0.0.1:{port}"
     try:
-        context = await browser.new_context(
-            viewport=VIEWPORT, extra_http_headers={"X-Auth-Request-Email": "alice@example.org"}
-        )
+        context = await signed_in_as_alice(browser)
         page = await context.new_page()
         await page.goto(base + "/")
         await page.screenshot(path=screenshot_path("console-pending.png"), full_page=True)
@@ -173,8 +176,7 @@ async def test_the_escalation_page_shows_what_the_approver_decides(tmp_path, run
         runner, port = await start_console(config, "127.0.0.1:0")
         base = f"http://127.0.0.1:{port}"
         try:
-            context = await browser.new_context(viewport=VIEWPORT,
-                                                extra_http_headers={"X-Auth-Request-Email": "alice@example.org"})
+            context = await signed_in_as_alice(browser)
             page = await context.new_page()
             await page.goto(f"{base}/escalations/{email.escalation_id}")
             await page.screenshot(path=screenshot_path("console-escalation.png"), full_page=True)
@@ -250,8 +252,7 @@ async def test_markup_in_what_agents_and_approvers_write_renders_as_text(tmp_pat
     runner, port = await start_console(config, "127.0.0.1:0")
     base = f"http://127.0.0.1:{port}"
     try:
-        context = await browser.new_context(viewport=VIEWPORT,
-                                            extra_http_headers={"X-Auth-Request-Email": "alice@example.org"})
+        context = await signed_in_as_alice(browser)
         page = await context.new_page()
         dialogs: list[str] = []
         page.on("dialog", lambda dialog: dialogs.append(dialog.message))
