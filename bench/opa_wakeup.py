@@ -77,7 +77,7 @@ async def _measure_one(bundle: Path, requests: list[bytes], batch: bool, count: 
     options = OpaRunOptions(binary=find_opa(), bundle=bundle, socket=socket_dir / "opa.sock", gogc=400,
                             batch_scheduling=batch)
     figures = {}
-    async with OpaRunner(options) as opa:
+    async with OpaRunner(options):
         with socket.socket(socket.AF_UNIX) as connection:
             connection.connect(str(options.socket))
             for request in requests:  # warm-up: every document once
