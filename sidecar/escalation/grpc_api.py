@@ -13,6 +13,9 @@ Who may then approve is the service's rule (service.approver_matches). The
 same `approver` field on List and Get names whom the unredacted arguments are
 judged for: they are in the answer only when that approver could decide the
 pending escalation (service.view_for); otherwise `arguments_withheld` says why.
+A console reads for that person only when they are among escalation.approvers
+(`reader_for`), and a List answer stays under LIST_BUDGET_BYTES
+(`escalations_to_list`).
 
 Refusals are answered with a gRPC status and a message "<code>: <text>":
 NOT_FOUND (unknown escalation), FAILED_PRECONDITION (expired, already
