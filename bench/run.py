@@ -5,7 +5,9 @@ evidence) and a bare floor server as separate processes, drives each from a
 separate load process (bench/loadgen, Go, sending bench/calls.py's call mix),
 and prints a table; then what one large call costs the sidecar, by the shape of
 its arguments (bench/large_calls.py), and what the MCP gateway adds to a call
-over calling the MCP server directly (bench/mcp_gateway.py, its own process).
+over calling the MCP server directly (bench/mcp_gateway.py, its own process),
+and how long waking the managed OPA holds the sender under each scheduling
+policy (bench/opa_wakeup.py).
 `--out` writes the figures as JSON, with the machine's load average. See
 docs/performance.md.
 """
@@ -30,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import large_calls  # noqa: E402
+import opa_wakeup  # noqa: E402
 from calls import call_mix, write_calls  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,6 +202,9 @@ def main() -> int:
                         "(bench/mcp_gateway.py; default 300, 0 = skip)")
     parser.add_argument("--large-calls", type=int, default=3, metavar="N", help="send each large-call shape N "
                         "times (bench/large_calls.py; default 3, 0 = skip)")
+    parser.add_argument("--opa-wakeups", type=int, default=300, metavar="N", help="decision requests sent "
+                        "to a lone managed OPA per scheduling policy and pause (bench/opa_wakeup.py; default 300, "
+                        "0 = skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -265,6 +271,7 @@ def main() -> int:
 
     large = large_call_costs(workdir, bundle, args.large_calls) if args.large_calls > 0 else None
     gateway = mcp_gateway(workdir, args.mcp_calls) if args.mcp_calls > 0 else None
+    wakeups = opa_wakeup.measure(bundle, args.opa_wakeups) if args.opa_wakeups > 0 else None
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "processor": platform.processor() or platform.machine(),
                # 1/5/15-minute load averages (os.getloadavg) at the start and the end: other work on the machine.
@@ -275,6 +282,8 @@ def main() -> int:
         report["large_calls"] = large
     if gateway:
         report["mcp_gateway"] = gateway
+    if wakeups:
+        report["opa_wakeup"] = wakeups
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_table(report)
@@ -340,6 +349,8 @@ def print_table(report: dict) -> None:
         for label in ("direct", "through_gateway", "overhead"):
             row = gateway[label]
             print(f"{label:<18}{row['p50_ms']:>10}{row['p99_ms']:>10}{row['mean_ms']:>10}")
+    if report.get("opa_wakeup"):
+        opa_wakeup.print_table(report["opa_wakeup"])
     load = report["machine"]["load_average"]
     print(f"\nload average (1/5/15 min) at start {load['start']}, at end {load['end']} on {report['machine']['cpus']} CPUs")
 

@@ -57,6 +57,10 @@ class OpaConfig:
     # The managed OPA's GOGC (Go's garbage-collection target, percent of live heap);
     # 0 leaves Go's default (100). Not used with an external OPA (url).
     gogc: int = 400
+    # Run the managed OPA under Linux's SCHED_BATCH policy (sched(7)), so that waking it for a
+    # decision never preempts the sidecar's own threads; false: the default policy (SCHED_OTHER).
+    # Not used with an external OPA (url).
+    batch_scheduling: bool = True
     # Extra attempts after a connection error or a 5xx, inside the budget.
     retries: int = 2
     # Pause before the first retry (doubled for each further one).

@@ -133,6 +133,7 @@ INVALID_NOTE = "invalid_note"
 INVALID_TIMEOUT = "invalid_timeout"
 NOT_YOUR_ESCALATION = "not_your_escalation"
 ARGUMENTS_NOT_KEPT = "arguments_not_kept"
+TOO_LARGE_TO_LIST = "too_large_to_list"
 
 TASK_ENDED = "task_ended"
 NOT_TASK_OWNER = "not_task_owner"

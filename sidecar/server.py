@@ -90,6 +90,7 @@ def build_policy(config: Config, *, shadow: bool = False) -> PolicyService:
             restart_backoff_max_seconds=opa.restart_backoff_max_ms / 1000,
             liveness_timeout_seconds=opa.liveness_timeout_ms / 1000,
             gogc=opa.gogc,
+            batch_scheduling=opa.batch_scheduling,
         ),
         reload=policy.reload,
         role="shadow policy" if shadow else "policy",

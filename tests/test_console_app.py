@@ -140,6 +140,9 @@ async def test_trusted_header_names_the_approver(setup):
             assert response.status == 401  # a repeated header is not trusted
         async with http.get(base + "/", headers={HEADER: "has space@x.org"}) as response:
             assert response.status == 401
+        # a proxy that joins a client's header with its own sends one line holding both: not one person
+        async with http.get(base + "/", headers={HEADER: "eve@evil.org,bob@example.org"}) as response:
+            assert response.status == 401 and "cannot approve" in await response.text()
         bob = {HEADER: "bob@example.org"}
         async with http.get(base + "/", headers=bob) as response:
             page = await response.text()
@@ -181,3 +184,98 @@ def test_csrf_tokens_expire_and_bind_to_the_approver():
         with pytest.raises(CsrfError) as info:
             tokens.check(token, approver, now=now)
         assert why in str(info.value)
+
+
+def _multipart(**fields) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in fields.items():
+        for one in value if isinstance(value, list) else [value]:
+            if isinstance(one, bytes):
+                form.add_field(name, one, filename=f"{name}.txt")
+            else:
+                form.add_field(name, one)
+    return form
+
+
+@pytest.mark.parametrize("case", [
+    "superscript digits in the token", "arabic-indic digits in the token", "multipart without a boundary",
+    "note sent as a file", "token sent as a file", "decision given twice", "note given twice", "token given twice",
+])
+async def test_a_decision_form_the_console_cannot_read_one_way_is_refused_and_nothing_changes(setup, case, caplog):
+    """A form field that is not plain text, is given twice, or a token with digits `int` reads another way
+    (or not at all) is refused with the console's refusal page, headers included, and never reaches the sidecar:
+    a decision must not go through with its note silently dropped, nor pick one of two answers."""
+    address, console = setup
+    base = await console(dev_approver=ALICE)
+    eid = await escalate(address)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as response:
+            token = token_in(await response.text())
+        forms = {
+            "superscript digits in the token": {"decision": "approve", "csrf_token": "\u00b2." + "0" * 64},
+            "arabic-indic digits in the token": {"decision": "approve", "csrf_token": "\u0661\u0662." + "0" * 64},
+            "multipart without a boundary": b"decision=approve",
+            "note sent as a file": _multipart(decision="approve", csrf_token=token, note=b"checked"),
+            "token sent as a file": _multipart(decision="approve", csrf_token=token.encode()),
+            "decision given twice": _multipart(decision=["deny", "approve"], csrf_token=token),
+            "note given twice": _multipart(decision="approve", csrf_token=token, note=["ok", "NOT ok"]),
+            "token given twice": _multipart(decision="approve", csrf_token=[token, token]),
+        }
+        headers = {"Content-Type": "multipart/form-data"} if case == "multipart without a boundary" else {}
+        async with http.post(f"{base}/escalations/{eid}/decide", data=forms[case], headers=headers,
+                             allow_redirects=False) as response:
+            page = await response.text()
+            assert response.status in (400, 403), (case, response.status, page[:300])
+            assert "Nothing was changed" in page
+            assert response.headers["Cache-Control"] == "no-store" and response.headers["X-Frame-Options"] == "DENY"
+    assert (await state_of(address, eid))["state"] == "pending"
+    assert any("nothing was sent to the sidecar" in r.getMessage() for r in caplog.records), case
+
+
+async def test_the_decided_banner_shows_only_what_this_approver_really_decided(setup):
+    """`/?approved=<id>` is a link anyone can send: the banner must not tell an approver that a pending
+    escalation is approved (or a denied one approved), nor claim someone else's decision as theirs."""
+    address, console = setup
+    base = await console(trusted_header=HEADER, approver_prefix="email:")
+    pending, decided = await escalate(address), await escalate(address, "delete_repo", repo="acme/x")
+    bob, carol = {HEADER: "bob@example.org"}, {HEADER: "carol@example.org"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/", headers=bob) as response:
+            token = token_in(await response.text())
+        async with http.post(f"{base}/escalations/{decided}/decide", headers=bob, allow_redirects=False,
+                             data={"decision": "deny", "csrf_token": token}) as response:
+            assert response.status == 303
+            location = response.headers["Location"]
+        async with http.get(base + location, headers=bob) as response:
+            assert f"Denied {decided}." in await response.text()  # the true banner still shows
+        for who, query in ((bob, f"approved={pending}"), (bob, f"denied={pending}"), (bob, f"approved={decided}"),
+                           (carol, f"denied={decided}"), (bob, f"approved=esc-{'0' * 32}")):
+            async with http.get(f"{base}/?{query}", headers=who) as response:
+                page = await response.text()
+                assert response.status == 200 and 'role="status"' not in page, (who, query)
+                assert "Approved esc-" not in page and "Denied esc-" not in page, (who, query)
+    assert (await state_of(address, pending))["state"] == "pending"
+
+
+async def test_big_escalations_cannot_blind_the_console_and_are_decided_from_their_own_page(setup):
+    """Six 800 KB escalations made the pending page a 502 for every approver. Now it lists them all;
+    one too large for the list shows as a summary that cannot be decided there (its arguments are
+    not on the page), with a link to its own page, which shows it whole with the form."""
+    address, console = setup
+    base = await console(dev_approver=ALICE)
+    small = await escalate(address, to="cfo@example.com", body="small")
+    big = [await escalate(address, to=f"x{i}@example.com", body="y" * 800_000) for i in range(6)]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as response:
+            page = await response.text()
+        assert response.status == 200 and all(eid in page for eid in [small, *big])
+        cards = dict(re.findall(r'data-escalation-id="(esc-[0-9a-f]+)"(.*?)</section>', page, re.S))
+        assert 'name="csrf_token"' in cards[small] and "&quot;small&quot;" in cards[small]
+        summarized = [eid for eid in big if "too_large_to_list" in cards[eid]]
+        assert summarized
+        for eid in summarized:
+            assert 'name="decision"' not in cards[eid] and "y" * 1000 not in cards[eid]
+            assert f'href="/escalations/{eid}"' in cards[eid] and "to read it whole and decide" in cards[eid]
+        async with http.get(f"{base}/escalations/{summarized[0]}") as response:
+            alone = await response.text()
+        assert response.status == 200 and 'value="approve"' in alone and "y" * 800_000 in alone

@@ -53,6 +53,11 @@ async def browser():
             await launched.close()
 
 
+async def signed_in_as_alice(browser):
+    """A browser context sending the header the auth proxy would set for alice (the approver APPROVER)."""
+    return await browser.new_context(viewport=VIEWPORT, extra_http_headers={"X-Auth-Request-Email": "alice@example.org"})
+
+
 async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, browser):
     config = make_config(tmp_path, **{
         "console.trusted_header": "X-Auth-Request-Email",
@@ -69,9 +74,7 @@ async def test_load_the_page_approve_one_deny_one(tmp_path, running_sidecar, bro
     runner, port = await start_console(config, "127.0.0.1:0")
     base = f"http://127.0.0.1:{port}"
     try:
-        context = await browser.new_context(
-            viewport=VIEWPORT, extra_http_headers={"X-Auth-Request-Email": "alice@example.org"}
-        )
+        context = await signed_in_as_alice(browser)
         page = await context.new_page()
         await page.goto(base + "/")
         await page.screenshot(path=screenshot_path("console-pending.png"), full_page=True)
@@ -173,8 +176,7 @@ async def test_the_escalation_page_shows_what_the_approver_decides(tmp_path, run
         runner, port = await start_console(config, "127.0.0.1:0")
         base = f"http://127.0.0.1:{port}"
         try:
-            context = await browser.new_context(viewport=VIEWPORT,
-                                                extra_http_headers={"X-Auth-Request-Email": "alice@example.org"})
+            context = await signed_in_as_alice(browser)
             page = await context.new_page()
             await page.goto(f"{base}/escalations/{email.escalation_id}")
             await page.screenshot(path=screenshot_path("console-escalation.png"), full_page=True)
@@ -226,3 +228,49 @@ async def test_a_form_with_a_tampered_csrf_token_is_refused(tmp_path, running_si
         await runner.cleanup()
     async with ApprovalsClient(sidecar.addresses[0]) as approvals:
         assert (await approvals.get(escalated.escalation_id))["state"] == "pending"
+
+
+MARKUP = '"><b id="pwn">x</b><img src=x onerror="document.title=\'pwned\'"><form action="https://evil.example">'
+
+
+async def test_markup_in_what_agents_and_approvers_write_renders_as_text(tmp_path, running_sidecar, browser):
+    """HTML in the server, task id, intent, arguments (keys and values), signals and an approver's note is
+    shown as the text it is on every page, in a real browser: no element of it exists, no handler runs,
+    and the only forms are the console's own."""
+    config = make_config(tmp_path, **{"console.trusted_header": "X-Auth-Request-Email"})
+    sidecar = await running_sidecar(config)
+    address = sidecar.addresses[0]
+    config.console.sidecar = address
+    arguments = {"to": MARKUP, MARKUP: "key", "nested": {"list": [MARKUP]}}
+    async with AsyncClient(address) as agent:
+        pending = await agent.authorize("send_email", arguments, task_id=MARKUP[:200], intent=MARKUP,
+                                        signals={"why": MARKUP}, server="mail" + MARKUP[:100])
+        decided = await agent.authorize("delete_repo", {"repo": MARKUP}, intent=MARKUP)
+    assert (pending.outcome, decided.outcome) == ("escalate", "escalate"), pending.reasons
+    async with ApprovalsClient(address) as approvals:
+        await approvals.deny(decided.escalation_id, approver=APPROVER, note=MARKUP + "\n" + MARKUP)
+    runner, port = await start_console(config, "127.0.0.1:0")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        context = await signed_in_as_alice(browser)
+        page = await context.new_page()
+        dialogs: list[str] = []
+        page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+        for path, shown in (("/", 1), (f"/escalations/{pending.escalation_id}", 1),
+                            (f"/escalations/{decided.escalation_id}", 0), ("/history", 0)):
+            await page.goto(base + path)
+            assert await page.locator("#pwn").count() == 0, path
+            assert await page.locator("img").count() == 0, path
+            assert await page.title() != "pwned", path
+            actions = await page.locator("form").evaluate_all("forms => forms.map(f => f.getAttribute('action'))")
+            assert actions == [f"/escalations/{pending.escalation_id}/decide"] * shown, (path, actions)
+            handlers = await page.evaluate(
+                "() => [...document.querySelectorAll('*')].flatMap(e => [...e.attributes].map(a => a.name))"
+                ".filter(n => n.startsWith('on'))")
+            assert handlers == [], (path, handlers)
+            body = await page.locator("main").inner_text()
+            assert '<b id="pwn">x</b>' in body, path  # the text itself, readable
+        await context.close()
+    finally:
+        await runner.cleanup()
+    assert dialogs == []

@@ -133,6 +133,10 @@ def test_postgres_store_may_take_its_connection_from_the_environment():
         ("spiffe://example.org/ns/agents/sa/x", ["spiffe:*"], False),
         ("email:alice@example.org", ["email:*@example.org"], True),
         ("email:alice@example.org.evil", ["email:*@example.org"], False),
+        # `*` stands for characters of one mailbox, never another address before the domain
+        ("email:eve@evil.org@example.org", ["email:*@example.org"], False),
+        ("email:eve@evil.org,bob@example.org", ["email:*@example.org"], False),
+        ("email:alice@mail.example.org", ["email:*@*.example.org"], True),
         ("email:alice@example.org", ["email:alice@example.org"], True),
         ("email:a.ice@example.org", ["email:alice@example.org"], False),
     ],

@@ -154,6 +154,14 @@ async def test_bad_approvals_are_refused_recorded_and_change_nothing(config, run
             "own call": (approvals.approve(eid), "PERMISSION_DENIED", "self_approval"),  # dev: the agent itself
             "own call named": (approvals.deny(eid, approver=AGENT), "PERMISSION_DENIED", "self_approval"),
             "bad approver": (approvals.approve(eid, approver="alice"), "INVALID_ARGUMENT", "invalid_approver"),
+            # one identity only: a proxy joins a repeated header with "," (the client's value, then its own)
+            "a list": (approvals.approve(eid, approver="email:eve@evil.org,alice@example.org"), "INVALID_ARGUMENT",
+                       "invalid_approver"),
+            # the agent's own SPIFFE ID spelled another way is not another approver
+            "own call in capitals": (approvals.deny(eid, approver="SPIFFE://dev.local/agent"), "INVALID_ARGUMENT",
+                                     "invalid_approver"),
+            "own call look-alike": (approvals.approve(eid, approver="spiffe://dev.local/\u0430gent"),
+                                    "INVALID_ARGUMENT", "invalid_approver"),
             "control chars in note": (approvals.approve(eid, approver=ALICE, note="ok\x1b[2J"), "INVALID_ARGUMENT",
                                       "invalid_note"),
             "huge note": (approvals.approve(eid, approver=ALICE, note="x" * 5000), "INVALID_ARGUMENT", "invalid_note"),
@@ -172,7 +180,8 @@ async def test_bad_approvals_are_refused_recorded_and_change_nothing(config, run
     refusals = [r for r in records(tmp_path / "evidence") if r.get("outcome") == "refused"]
     codes = sorted(r["reasons"][0].split(":")[0] for r in refusals)
     assert codes == sorted(["escalation_unknown", "escalation_unknown", "self_approval", "self_approval",
-                            "invalid_approver", "invalid_note", "invalid_note", "already_decided",
+                            "invalid_approver", "invalid_approver", "invalid_approver", "invalid_approver",
+                            "invalid_note", "invalid_note", "already_decided",
                             "already_decided", "approval_used"])
     assert {r["kind"] for r in refusals} == {"approval", "human_denial"}
 
@@ -530,3 +539,34 @@ async def test_no_unredacted_arguments_without_previews(config, running_sidecar)
         seen = await approvals.get(first.escalation_id, approver=ALICE)
     assert seen["arguments"] is None and seen["arguments_preview"] is None
     assert seen["arguments_withheld"].startswith("arguments_not_kept: escalation.preview_arguments is off")
+
+
+async def test_escalations_too_large_to_list_together_are_listed_in_summary_and_read_alone(tmp_path, running_sidecar):
+    """An agent's big escalations cannot blind the approvers: a List answer stays under the 4 MiB a gRPC
+    client receives by default, so the others still show (they did not: six calls of 800 KB each made
+    List fail for everyone, console and CLI). What does not fit comes as a summary saying why, without
+    arguments, preview or signals, never as an approve-able whole; Get reads any escalation whole."""
+    sidecar = await running_sidecar(make_config(tmp_path))
+    address = sidecar.addresses[0]
+    async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
+        small = (await agent.authorize("send_email", EMAIL, intent="small")).escalation_id
+        big = [(await agent.authorize("send_email", {"to": f"x{i}@example.com", "body": "y" * 800_000},
+                                      signals={"big": "z" * 100_000})).escalation_id for i in range(6)]
+        # Struct-heavy: each 1 costs 11 bytes as protobuf, so this one alone is past 4 MiB when read whole
+        numbers = (await agent.authorize("delete_repo", {"repo": "acme/x", "ids": [1] * 382_000})).escalation_id
+
+        listed = await approvals.list(state="pending", limit=500, approver=ALICE)
+        assert [e["escalation_id"] for e in listed] == [numbers, *reversed(big), small]  # all, newest first
+        summaries = [e for e in listed if e["arguments_withheld"].startswith("too_large_to_list: ")]
+        whole = [e for e in listed if e not in summaries]
+        assert numbers in {e["escalation_id"] for e in summaries} and len(summaries) >= 4
+        assert {e["escalation_id"] for e in whole} >= {small}
+        for summary in summaries:
+            assert summary["arguments"] is None and summary["arguments_preview"] is None
+            assert summary["signals"] is None and summary["arguments_digest"].startswith("sha256:")
+            assert f"escalation {summary['escalation_id']} is " in summary["arguments_withheld"]
+        assert next(e for e in listed if e["escalation_id"] == small)["arguments"] == EMAIL
+
+        alone = await approvals.get(numbers, approver=ALICE)
+        assert alone["arguments"]["ids"] == [1] * 382_000 and alone["arguments_withheld"] == ""
+        assert (await approvals.get(big[0], approver=ALICE))["signals"] == {"big": "z" * 100_000}

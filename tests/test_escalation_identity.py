@@ -172,6 +172,54 @@ async def test_approval_is_a_human_act_workloads_only_when_named_exactly(world):
     assert isinstance(approved, dict) and approved["approver"] == PLANNER
 
 
+async def test_a_console_reads_escalations_only_for_a_person_among_the_approvers(world, tmp_path):
+    """escalation.approvers says who may list and read escalations: a person signed in at the console's
+    proxy but not among them read every escalation's intent, signals and preview through the console.
+    Now the sidecar refuses the console's List and Get for that person (not_an_approver), and the console
+    shows them a 403 saying so, on every page, instead of the escalations."""
+    import aiohttp
+
+    from sidecar.console.app import start_console
+
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    tcp = sidecar.addresses[0]
+    token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
+        eid = (await planner.authorize("send_email", EMAIL, intent="the Q3 numbers")).escalation_id
+    async with ApprovalsClient(tcp, metadata=bearer(token(CONSOLE))) as console:
+        for read in (console.list(approver="email:eve@evil.org"), console.get(eid, approver="email:eve@evil.org")):
+            with pytest.raises(ApprovalsError) as info:
+                await read
+            assert (info.value.status, info.value.code) == ("PERMISSION_DENIED", "not_an_approver")
+            assert "email:eve@evil.org" in info.value.message
+        assert [e["escalation_id"] for e in await console.list(approver="email:bob@example.org")] == [eid]
+        assert (await console.get(eid, approver="email:bob@example.org"))["arguments"] == EMAIL
+
+    token_file = tmp_path / "console.jwt"
+    token_file.write_text(token(CONSOLE))
+    config = make_config(tmp_path, **{
+        "identity.sources": ["jwt_svid"], "identity.jwt_audience": AUD, "identity.max_delegation_links": 0,
+        "escalation.approvers": ["email:*@example.org"], "escalation.console_identities": [CONSOLE],
+        "console.trusted_header": "X-Auth-Request-Email", "console.token_file": str(token_file),
+        "console.sidecar": tcp,
+    })
+    runner, port = await start_console(config, "127.0.0.1:0")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/", "/history", f"/escalations/{eid}"):
+                async with http.get(f"http://127.0.0.1:{port}{path}",
+                                    headers={"X-Auth-Request-Email": "eve@evil.org"}) as response:
+                    page = await response.text()
+                assert response.status == 403 and "not_an_approver" in page, (path, response.status)
+                assert "the Q3 numbers" not in page and "send_email" not in page, path
+            async with http.get(f"http://127.0.0.1:{port}/",
+                                headers={"X-Auth-Request-Email": "bob@example.org"}) as response:
+                assert response.status == 200 and "the Q3 numbers" in await response.text()
+    finally:
+        await runner.cleanup()
+
+
 def test_serve_refuses_to_start_with_approvers_left_open(tmp_path):
     import subprocess
     import sys

@@ -116,6 +116,25 @@ async def test_gogc_reaches_opas_go_runtime_only_when_set(tmp_path, socket_dir, 
             assert (await client.decide(INPUT)).outcome == "allow"
 
 
+def scheduling_policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of `pid` (os.SCHED_*)."""
+    return {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+@pytest.mark.parametrize("batch, policy", [(True, os.SCHED_BATCH), (False, os.SCHED_OTHER)])
+async def test_batch_scheduling_reaches_every_opa_thread_and_survives_a_restart(tmp_path, socket_dir, batch, policy):
+    bundle = write_policy(tmp_path / "p", SIMPLE_POLICY)
+    async with OpaRunner(options(bundle, socket_dir, batch_scheduling=batch)) as runner:
+        async with OpaClient(runner.url) as client:
+            assert (await client.decide(INPUT)).outcome == "allow"  # its serving threads exist by now
+            first = runner.pid
+            assert scheduling_policies(first) == {policy}
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: runner.pid != first and runner.health()[0])
+            assert (await client.decide(INPUT)).outcome == "allow"
+            assert scheduling_policies(runner.pid) == {policy}
+
+
 async def test_a_bundle_that_does_not_compile_fails_the_start_with_opas_message(tmp_path, socket_dir):
     bundle = write_policy(tmp_path / "p", "package sidecar\ndecision := := 1\n")
     with pytest.raises(OpaStartError, match="exited with status") as failure:

@@ -13,12 +13,13 @@ reachable through that proxy, which must strip the header from clients. With
 no trusted header the console is in dev mode and everyone is
 `console.dev_approver`. The sidecar applies separation of duties, records the
 decision and answers refusals; the console shows them. The console names
-that person when it reads escalations too, so the sidecar sends the
+that person when it reads escalations too, so the sidecar answers only when
+that person is among the approvers (403 otherwise), and sends the
 unredacted arguments only for escalations that person may decide.
 
 Forms carry an HMAC CSRF token bound to the approver (csrf.py); a POST without
 a valid one, or from another origin, is refused (403), logged, and never
-reaches the sidecar. Values from requests are logged through display.visible,
+reaches the sidecar; so is (400) a form that cannot be read one way. Values from requests are logged through display.visible,
 so a path or form field cannot write terminal escapes into the log.
 """
 
@@ -119,7 +120,7 @@ async def _render_pending(request: web.Request, approver: str, banner: tuple[str
     try:
         escalations = await _pending(request, approver)
     except ApprovalsError as exc:
-        return _html(pages.error_page("Sidecar unavailable", _sidecar_problem(exc), approver=approver), status=502)
+        return _read_refused(exc, approver)
     token = request.app[CSRF_KEY].issue(approver)
     jaeger = request.app[APPROVER_KEY]["jaeger_url"]
     return _html(pages.pending_page(escalations, approver=approver, jaeger_url=jaeger, csrf_token=token,
@@ -132,15 +133,40 @@ def _sidecar_problem(exc: ApprovalsError) -> str:
     return f"The sidecar answered: {exc.message}"
 
 
+def _read_refused(exc: ApprovalsError, approver: str) -> web.Response:
+    """The page for a List or Get the sidecar refused (this person may not read it: 403; no such
+    escalation: 404) or could not answer (502)."""
+    title, status = {"PERMISSION_DENIED": ("Not an approver", 403),
+                     "NOT_FOUND": ("Not found", 404)}.get(exc.status, ("Sidecar unavailable", 502))
+    return _html(pages.error_page(title, _sidecar_problem(exc), approver=approver), status=status)
+
+
+# The banner after a decision, by the query key the redirect sets: the states that key may announce.
+DECIDED_STATES = {"approved": ("approved", "used"), "denied": ("denied",)}
+
+
+async def _decided_banner(request: web.Request, approver: str) -> tuple[str, str] | None:
+    """The banner for `/?approved=<id>` or `/?denied=<id>`, only when this approver did decide it so.
+
+    The query is a link anyone can send, so it is checked against the sidecar: a pending escalation,
+    another outcome or another approver's decision shows no banner."""
+    for verb, states in DECIDED_STATES.items():
+        eid = request.query.get(verb, "")
+        if not (eid.startswith("esc-") and len(eid) <= 64 and eid.isprintable()):
+            continue
+        try:
+            escalation = await request.app[CLIENT_KEY].get(eid, approver=approver)
+        except ApprovalsError:
+            continue
+        if escalation["state"] in states and escalation["approver"] == approver:
+            return ("ok", f"{verb.capitalize()} {eid}." + (" The agent may now repeat the call once."
+                                                         if verb == "approved" else ""))
+    return None
+
+
 async def pending_view(request: web.Request) -> web.Response:
     approver = approver_of(request)
-    banner = None
-    for verb in ("approved", "denied"):
-        eid = request.query.get(verb, "")
-        if eid.startswith("esc-") and len(eid) <= 64 and eid.isprintable():
-            banner = ("ok", f"{verb.capitalize()} {eid}." + (" The agent may now repeat the call once."
-                                                           if verb == "approved" else ""))
-    return await _render_pending(request, approver, banner)
+    return await _render_pending(request, approver, await _decided_banner(request, approver))
 
 
 async def history_view(request: web.Request) -> web.Response:
@@ -148,9 +174,10 @@ async def history_view(request: web.Request) -> web.Response:
     client = request.app[CLIENT_KEY]
     limit = request.app[APPROVER_KEY]["history_limit"]
     try:
-        batches = await asyncio.gather(*(client.list(state=s, limit=limit) for s in HISTORY_STATES))
+        batches = await asyncio.gather(*(client.list(state=s, limit=limit, approver=approver)
+                                         for s in HISTORY_STATES))
     except ApprovalsError as exc:
-        return _html(pages.error_page("Sidecar unavailable", _sidecar_problem(exc), approver=approver), status=502)
+        return _read_refused(exc, approver)
     rows = [e for batch in batches for e in batch]
     rows.sort(key=lambda e: e["decided_at"] or e["expires_at"], reverse=True)
     jaeger = request.app[APPROVER_KEY]["jaeger_url"]
@@ -162,9 +189,7 @@ async def detail_view(request: web.Request) -> web.Response:
     try:
         escalation = await request.app[CLIENT_KEY].get(request.match_info["id"], approver=approver)
     except ApprovalsError as exc:
-        status = 404 if exc.status == "NOT_FOUND" else 502
-        return _html(pages.error_page("Not found" if status == 404 else "Sidecar unavailable",
-                                      _sidecar_problem(exc), approver=approver), status=status)
+        return _read_refused(exc, approver)
     token = request.app[CSRF_KEY].issue(approver)
     jaeger = request.app[APPROVER_KEY]["jaeger_url"]
     return _html(pages.detail_page(escalation, approver=approver, jaeger_url=jaeger, csrf_token=token))
@@ -185,26 +210,54 @@ def _same_origin(request: web.Request) -> str | None:
     return None
 
 
+DECIDE_FIELDS = ("decision", "note", "csrf_token")
+
+
+class FormError(Exception):
+    pass
+
+
+async def _decide_form(request: web.Request) -> dict[str, str]:
+    """The decision form's fields as text; raises FormError when it cannot be read one way: a body
+    that does not parse, a field sent as a file, or a field given twice (which one would count?)."""
+    try:
+        form = await request.post()
+    except ValueError as exc:  # e.g. multipart without a boundary
+        raise FormError(f"the form could not be read ({exc})") from None
+    fields: dict[str, str] = {}
+    for name in DECIDE_FIELDS:
+        values = form.getall(name, [])
+        if len(values) > 1:
+            raise FormError(f"the form gives {name} {len(values)} times")
+        if values and not isinstance(values[0], str):
+            raise FormError(f"the form sends {name} as a file, not text")
+        fields[name] = values[0] if values else ""
+    return fields
+
+
 async def decide_view(request: web.Request) -> web.Response:
     approver = approver_of(request)
     escalation_id = request.match_info["id"]
-    form = await request.post()
-    decision = form.get("decision")
-    note = form.get("note", "")
-    note = note.replace("\r\n", "\n") if isinstance(note, str) else ""
+    decision: str | None = None
+    status = 403
     problem = _same_origin(request)
     if problem is None:
         try:
-            request.app[CSRF_KEY].check(form.get("csrf_token") if isinstance(form.get("csrf_token"), str) else None,
-                                        approver)
+            form = await _decide_form(request)
+            decision = form["decision"]
+            request.app[CSRF_KEY].check(form["csrf_token"] or None, approver)
+        except FormError as exc:
+            problem, status = str(exc), 400
         except CsrfError as exc:
             problem = str(exc)
     if problem is not None:
         log.warning(
-            "console: refused %s of %s by %s from %s: csrf: %s; nothing was sent to the sidecar",
-            visible(decision), visible(escalation_id), visible(approver), request.remote, visible(problem),
+            "console: refused %s of %s by %s from %s: %s: %s; nothing was sent to the sidecar",
+            visible(decision), visible(escalation_id), visible(approver), request.remote,
+            "form" if status == 400 else "csrf", visible(problem),
         )
-        return await _render_pending(request, approver, ("error", f"Refused: {problem}. Nothing was changed."), 403)
+        return await _render_pending(request, approver, ("error", f"Refused: {problem}. Nothing was changed."), status)
+    note = form["note"].replace("\r\n", "\n")
     if decision not in ("approve", "deny"):
         return await _render_pending(request, approver, ("error", "Refused: choose Approve or Deny."), 400)
     client = request.app[CLIENT_KEY]

@@ -51,7 +51,8 @@ class CsrfTokens:
         if not token:
             raise CsrfError("the form carries no CSRF token")
         issued_text, dot, mac = token.partition(".")
-        if not dot or not issued_text.isdigit() or len(mac) != 64:
+        # ASCII digits only: str.isdigit also passes '²' (which int() refuses) and '١٢' (which it reads as 12)
+        if not dot or not (issued_text.isascii() and issued_text.isdigit()) or len(mac) != 64:
             raise CsrfError("the CSRF token is malformed")
         issued = int(issued_text)
         if not hmac.compare_digest(mac, self._mac(approver, issued)):

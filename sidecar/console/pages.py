@@ -15,6 +15,7 @@ from urllib.parse import quote
 from sidecar.display import FLAG, NOTICE, needs_flag, json_text, value_needs_flag, visible
 from sidecar.escalation.cli import agent_presence, catalog_facts, human_duration, kept_out_of_the_log
 from sidecar.escalation.client import parse_time
+from sidecar.reasons import TOO_LARGE_TO_LIST, parse
 
 CSS = """
 :root { --fg:#1d2330; --muted:#5d6678; --line:#d9dee7; --bg:#f5f7fa; --card:#fff;
@@ -160,10 +161,19 @@ def _json_block(value: object, what: str, testid: str) -> str:
     return f'{flag}<pre data-testid="{testid}">{escape(json_text(value))}</pre>'
 
 
+def listed_in_summary(escalation: dict) -> bool:
+    """Whether the sidecar listed this escalation as its summary (too large for the list, Approvals List):
+    its arguments, preview and signals are left out, so it is not decided from where it is listed."""
+    withheld = parse(escalation.get("arguments_withheld") or "")
+    return withheld is not None and withheld.code == TOO_LARGE_TO_LIST
+
+
 def _arguments(escalation: dict) -> str:
     """The arguments in full when the sidecar sent them (this approver may decide), else the redacted preview."""
     digest = f'<div class="meta">digest <code>{text(escalation.get("arguments_digest", ""))}</code></div>'
     withheld = escalation.get("arguments_withheld") or ""
+    if listed_in_summary(escalation):
+        return f'<div class="meta" data-testid="withheld">{text(withheld)}</div>{digest}'
     if escalation.get("arguments") is not None:
         secret = kept_out_of_the_log(escalation["arguments"], escalation.get("arguments_preview"))
         secret_html = (f'<div class="meta" data-testid="kept-out">kept out of the evidence log: '
@@ -203,6 +213,8 @@ def _badges(escalation: dict) -> str:
 
 def _signals(escalation: dict) -> str:
     signals = escalation.get("signals")
+    if listed_in_summary(escalation):
+        return '<span class="meta">left out of this list, with the arguments</span>'
     if not signals:
         return '<span class="meta">none sent</span>'
     return _json_block(signals, "the signals", "signals")
@@ -254,7 +266,10 @@ def escalation_card(escalation: dict, *, now: datetime, jaeger_url: str, csrf_to
         rows.append(("note", note_html(escalation["note"])))
     details = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
     form = ""
-    if decidable and state == "pending":
+    if decidable and state == "pending" and listed_in_summary(escalation):
+        form = (f'<p class="decide">Too large to list with the others: <a href="/escalations/{quote(eid, safe="")}">'
+                "open it</a> to read it whole and decide.</p>")
+    elif decidable and state == "pending":
         action = f"/escalations/{quote(eid, safe='')}"
         form = (
             f'<form class="decide" method="post" action="{escape(action)}/decide">'

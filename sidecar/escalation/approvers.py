@@ -36,13 +36,14 @@ def approver_matches(identity: str, patterns: Iterable[str]) -> bool:
     SPIFFE ID: approval is a human act, and a workload approves only where the
     config names it on purpose. Any other identity (a person relayed by a
     console: email:alice@example.org) also matches patterns where `*` stands
-    for any run of characters (email:*@example.org).
+    for any run of characters but `@` and `,` (email:*@example.org): one
+    mailbox at that domain, never `eve@evil.org@example.org` nor a list.
     """
     for pattern in patterns:
         if "*" not in pattern or identity.startswith("spiffe://"):
             if identity == pattern:
                 return True
-        elif re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), identity):
+        elif re.fullmatch("[^@,]*".join(re.escape(part) for part in pattern.split("*")), identity):
             return True
     return False
 

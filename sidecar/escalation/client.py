@@ -119,6 +119,11 @@ class ApprovalsClient:
         options: Sequence[tuple[str, Any]] = (),
     ):
         self.target = target
+        # An escalation read whole (Get) may be past gRPC's default 4 MiB: its arguments and signals as
+        # Structs are up to ~4x the policy.max_input_bytes the sidecar received. The sidecar bounds what
+        # it answers (List by grpc_api.LIST_BUDGET_BYTES, Get by one escalation).
+        if not any(name == "grpc.max_receive_message_length" for name, _ in options):
+            options = (("grpc.max_receive_message_length", -1), *options)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=options)
             if credentials

@@ -13,6 +13,9 @@ Who may then approve is the service's rule (service.approver_matches). The
 same `approver` field on List and Get names whom the unredacted arguments are
 judged for: they are in the answer only when that approver could decide the
 pending escalation (service.view_for); otherwise `arguments_withheld` says why.
+A console reads for that person only when they are among escalation.approvers
+(`reader_for`), and a List answer stays under LIST_BUDGET_BYTES
+(`escalations_to_list`).
 
 Refusals are answered with a gRPC status and a message "<code>: <text>":
 NOT_FOUND (unknown escalation), FAILED_PRECONDITION (expired, already
@@ -23,6 +26,7 @@ UNAVAILABLE (the store or the evidence log is down). Each is recorded.
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
@@ -52,12 +56,18 @@ from sidecar.reasons import (
     MALFORMED_REQUEST,
     NOT_AN_APPROVER,
     NOT_YOUR_ESCALATION,
+    TOO_LARGE_TO_LIST,
     UNVERIFIED_CALLER,
     Reason,
 )
 from sidecar.v1 import sidecar_pb2
 
+log = logging.getLogger(__name__)
+
 APPROVALS_SERVICE = "sidecar.v1.Approvals"
+# A List answer stays under this, below the 4 MiB every gRPC client receives by default: an agent's
+# big escalations must not make the list fail for every approver (escalations_to_list).
+LIST_BUDGET_BYTES = 3 * 1024 * 1024
 
 STATE_TO_PROTO = {
     "pending": sidecar_pb2.ESCALATION_STATE_PENDING,
@@ -122,12 +132,49 @@ def record_to_proto(record: EscalationRecord, *, now: float, view: ReaderView | 
     return message
 
 
+def escalations_to_list(messages: list[sidecar_pb2.Escalation],
+                        budget: int = LIST_BUDGET_BYTES) -> list[sidecar_pb2.Escalation]:
+    """The escalations of a List answer within `budget` bytes, in their order.
+
+    One that does not fit whole is listed as its summary: no arguments, preview or signals (what the
+    agent sizes), `arguments_withheld` saying `too_large_to_list` (Get reads it whole). Summaries are
+    bounded by the call's limits on names, ids and intent; should even one not fit, the rest (the oldest)
+    are left out and logged."""
+    listed = []
+    for message in messages:
+        size = message.ByteSize()
+        if size > budget:
+            summary = sidecar_pb2.Escalation()
+            summary.CopyFrom(message)
+            for field in ("arguments", "arguments_preview", "signals"):
+                summary.ClearField(field)
+            summary.arguments_withheld = str(Reason(
+                TOO_LARGE_TO_LIST,
+                f"escalation {message.escalation_id} is {size} bytes with its arguments, preview and signals, "
+                "more than this list has room for; read it alone (Get, `approvals show`, its console page)",
+            ))
+            message, size = summary, summary.ByteSize()
+            if size > budget:
+                log.warning("approvals: List answer full at %d escalations; %d older ones left out",
+                            len(listed), len(messages) - len(listed))
+                break
+        budget -= size
+        listed.append(message)
+    return listed
+
+
 def validate_approver(value: str) -> str:
-    """An approver identity string: a SPIFFE ID, or `scheme:value` (e.g. email:alice@example.org)."""
+    """An approver identity string: a SPIFFE ID, or `scheme:value` (e.g. email:alice@example.org).
+
+    One identity, spelled one way: no "," (a proxy joins a repeated header's values with it, so
+    `eve@evil.org,bob@example.org` is two people), and a scheme spelled `spiffe` in any case is a
+    SPIFFE ID (SPIFFE://... is refused, not taken for another approver than spiffe://...)."""
     if len(value.encode("utf-8", "surrogatepass")) > MAX_APPROVER_BYTES:
         raise EscalationRefused(INVALID_APPROVER, f"the approver is over {MAX_APPROVER_BYTES} bytes", "INVALID_ARGUMENT")
     if not value.isprintable() or any(c.isspace() for c in value):
         raise EscalationRefused(INVALID_APPROVER, "the approver holds spaces or control characters", "INVALID_ARGUMENT")
+    if "," in value:
+        raise EscalationRefused(INVALID_APPROVER, f"{value!r} is a list, not one identity", "INVALID_ARGUMENT")
     scheme, colon, rest = value.partition(":")
     if not colon or not scheme or not rest or not scheme.replace("-", "").replace("+", "").isalnum():
         raise EscalationRefused(
@@ -135,7 +182,7 @@ def validate_approver(value: str) -> str:
             f"{value!r} is not an identity: use a SPIFFE ID or scheme:value (e.g. email:alice@example.org)",
             "INVALID_ARGUMENT",
         )
-    if scheme == "spiffe":
+    if scheme.lower() == "spiffe":
         try:
             validate_spiffe_id(value)
         except SpiffeIdError as exc:
@@ -202,6 +249,23 @@ class EscalationApi:
                 raise EscalationRefused(NOT_AN_APPROVER, f"{who} is not among escalation.approvers", "PERMISSION_DENIED")
         return who
 
+    def reader_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
+        """Who reads escalations with List or Get (`reader`), and for whom the unredacted arguments are judged.
+
+        A console reads for the person it names (`claimed`) only when that person is among the
+        approvers: a person its proxy signs in may not read escalations for that alone."""
+        self.reader(context)
+        reader = self.approver_for(context, claimed)
+        if (not self.dev_mode and self.service.approvers and reader.via
+                and not approver_matches(reader.identity, self.service.approvers)):
+            raise EscalationRefused(
+                NOT_AN_APPROVER,
+                f"{reader.identity} (signed in at the console {reader.via}) is not among escalation.approvers, "
+                "who alone may read escalations",
+                "PERMISSION_DENIED",
+            )
+        return reader
+
     # ---------------------------------------------------------------- errors
 
     @staticmethod
@@ -260,8 +324,7 @@ class EscalationApi:
     async def list(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.ListEscalationsResponse:
         await self.malformed(context, request)
         try:
-            self.reader(context)
-            reader = self.approver_for(context, request.approver)
+            reader = self.reader_for(context, request.approver)
             limit = request.limit if request.limit > 0 else 100
             records = await self.service.list(
                 state=PROTO_TO_STATE.get(request.state, ""),
@@ -273,13 +336,13 @@ class EscalationApi:
             await self.abort(context, refusal)
         except StoreError as exc:
             await self.unavailable(context, exc)
-        return sidecar_pb2.ListEscalationsResponse(escalations=[self._proto(r, reader) for r in records])
+        return sidecar_pb2.ListEscalationsResponse(escalations=escalations_to_list([self._proto(r, reader)
+                                                                                    for r in records]))
 
     async def get(self, request: Any, context: grpc.aio.ServicerContext) -> sidecar_pb2.Escalation:
         await self.malformed(context, request)
         try:
-            self.reader(context)
-            reader = self.approver_for(context, request.approver)
+            reader = self.reader_for(context, request.approver)
             record = await self.service.get(request.escalation_id)
         except EscalationRefused as refusal:
             await self.abort(context, refusal)

@@ -18,6 +18,8 @@ activated); `opa.url` is then `unix:///path/opa.sock` for `OpaClient`.
   started from the event loop's thread, which lives as long as the process
   (asyncio.run in the main thread). Without setpriv (not Linux) a warning
   says OPA may outlive a killed sidecar.
+- OPA runs under SCHED_BATCH when `batch_scheduling` is set (`chrt --batch
+  0`, util-linux too): waking it for a decision never preempts the sidecar.
 - When OPA dies while serving, it is started again after a capped
   exponential back-off (`restart_backoff_seconds` doubling up to
   `restart_backoff_max_seconds`; back to the first step once it has run
@@ -108,6 +110,13 @@ class OpaRunOptions:
     # some heap for less collection: 400 cut OPA's CPU per decision by about a quarter
     # on the shipped bundle (docs/performance.md).
     gogc: int = 0
+    # Start OPA under SCHED_BATCH (util-linux `chrt --batch 0`; sched(7)): a woken batch thread never
+    # preempts the running one. The sidecar wakes OPA with each decision's request, and under the
+    # default policy the kernel often ran OPA's thread at once on the sidecar's core, leaving the
+    # event loop stopped inside send() until OPA yielded: ~0.5 ms per decision when OPA had been
+    # idle (docs/performance.md, "OPA's wake-ups"). As a batch task OPA runs on an idle core, or
+    # once the loop waits for it. Unprivileged (only real-time policies need CAP_SYS_NICE).
+    batch_scheduling: bool = False
 
     def env(self) -> dict[str, str]:
         """The environment OPA runs with: the sidecar's, plus GOGC when set."""
@@ -149,6 +158,15 @@ def _die_with_parent() -> list[str]:
         log.warning("no setpriv (util-linux): a managed OPA may outlive a sidecar killed with SIGKILL")
         return []
     return [setpriv, "--pdeathsig", "KILL", "--"]
+
+
+def _batch_scheduled() -> list[str]:
+    """The command prefix that starts the child under SCHED_BATCH ([] with a warning if unavailable)."""
+    chrt = shutil.which("chrt") if sys.platform.startswith("linux") else None
+    if chrt is None:
+        log.warning("no chrt (util-linux): the managed OPA runs under the default scheduling policy")
+        return []
+    return [chrt, "--batch", "0"]
 
 
 class OpaRunner:
@@ -212,6 +230,7 @@ class OpaRunner:
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *_die_with_parent(),
+                *(_batch_scheduled() if self.options.batch_scheduling else ()),
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,

@@ -107,6 +107,7 @@ class ManagedOpaOptions:
     restart_backoff_max_seconds: float = 5.0
     liveness_timeout_seconds: float = 0.0  # 0: a hung OPA is not killed
     gogc: int = 0  # 0: Go's default
+    batch_scheduling: bool = False  # SCHED_BATCH (OpaRunOptions.batch_scheduling)
 
 
 @dataclass
@@ -289,6 +290,7 @@ class PolicyService:
                 restart_backoff_max_seconds=self._managed.restart_backoff_max_seconds,
                 liveness_timeout_seconds=self._managed.liveness_timeout_seconds,
                 gogc=self._managed.gogc,
+                batch_scheduling=self._managed.batch_scheduling,
             )
         )
         try:
