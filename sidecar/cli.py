@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sidecar.config import (
     TRY_LOCALLY,
@@ -87,26 +87,26 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def count(text: str) -> int:
-    """argparse type of a count (`--limit N`): a whole number, 0 or more; else a usage error naming the value."""
+def _number(text: str, parse: Callable[[str], Any], what: str, accept: Callable[[Any], bool], rule: str) -> Any:
+    """An argparse type's work: `parse(text)` when `accept` takes it, else a usage error naming the value."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
     return value
+
+
+def count(text: str) -> int:
+    """argparse type of a count (`--limit N`): a whole number, 0 or more."""
+    return _number(text, int, "a whole number", lambda value: value >= 0, "0 or more")
 
 
 def seconds(text: str) -> float:
-    """argparse type of a duration in seconds (`--timeout`): a number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
-    return value
+    """argparse type of a duration in seconds (`--timeout`): a number above 0 (and not inf or nan)."""
+    return _number(text, float, "a number of seconds", lambda value: 0 < value < float("inf"),
+                   "a number of seconds above 0")
 
 
 def name(text: str) -> str:
