@@ -465,7 +465,6 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
             shadow = await stages.enter_async_context(build_policy(config, shadow=True))
         except PolicyRejected as exc:
             raise PolicyRejected([f"policy.shadow_dir {config.policy.shadow_dir}: {p}" for p in exc.problems]) from None
-        log.info("shadow policy %s serving revision %s (never enforced)", shadow.directory, shadow.revision)
     identity_runtime = build_identity(config)
     stages.push_async_callback(asyncio.to_thread, identity_runtime.close)
     identity, tls_credentials = identity_runtime
