@@ -23,7 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar.accept import Acceptors
 from sidecar.calls import CallIdRegistry
-from sidecar.config import Config
+from sidecar.config import Config, ConfigError
+from sidecar.sockets import remove_stale_socket
 from sidecar.evidence import Recorder
 from sidecar.evidence.records import dev_key_path
 from sidecar.evidence.signing import dev_public_key_path
@@ -426,7 +427,6 @@ def read_start_files(config: Config) -> StartFiles:
     `startup` record or checkpoint, no generated dev key, no span export. So what can be
     found wrong without starting anything is found here, first.
     """
-    from sidecar.config import ConfigError
     from sidecar.escalation.notify import load_webhook_secret
     from sidecar.evidence.signing import SigningError, load_private_key
 
@@ -496,6 +496,9 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
             # not refused by the transport unseen (docs/api.md: RESOURCE_EXHAUSTED).
             ("grpc.max_receive_message_length", 4 * config.policy.max_input_bytes + 64 * 1024),
             *identity_runtime.grpc_options,  # room for JWT-SVIDs: an oversized one is denied and recorded
+            # grpc core sets SO_REUSEPORT on Linux by default: a second server on the same port (another
+            # sidecar, any process of this user) would then bind it too and take a share of the calls.
+            ("grpc.so_reuseport", 0),
         ]
     )
     escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
@@ -535,18 +538,14 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
 
     addresses = []
     if config.listen.tcp:
-        if tls_credentials is not None:
-            port = server.add_secure_port(config.listen.tcp, tls_credentials)
-        else:
-            port = server.add_insecure_port(config.listen.tcp)
+        port = _bind(server, "listen.tcp", config.listen.tcp, tls_credentials)
         host = config.listen.tcp.rsplit(":", 1)[0]
         addresses.append(f"{host}:{port}")
     if config.listen.unix:
         socket_path = Path(config.listen.unix)
         socket_path.parent.mkdir(parents=True, exist_ok=True)
-        if socket_path.exists():
-            socket_path.unlink()
-        server.add_insecure_port(f"unix:{socket_path}")
+        remove_stale_socket(socket_path, "listen.unix")
+        _bind(server, "listen.unix", f"unix:{socket_path}", None)
         addresses.append(f"unix:{socket_path}")
     serving = await stages.enter_async_context(_Serving(server, acceptors))
     await health.refresh()
@@ -564,6 +563,17 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
         server, addresses, policy, identity, recorder, gate, health, identity_runtime, metrics, metrics_port,
         escalations, usage, task_store, http_tools, shadow, overload, mcp, stages.pop_all(), serving,
     )
+
+
+def _bind(server: grpc.aio.Server, key: str, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Listen on `address` (the bound port); ConfigError naming `key` when it cannot be had."""
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address"
+        raise ConfigError(f"{key}: cannot listen on {address} ({exc}): is another server, another sidecar "
+                          "perhaps, already listening there?") from None
 
 
 def _typed(command: Path) -> str:

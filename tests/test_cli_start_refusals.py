@@ -17,7 +17,9 @@ import tempfile
 import pytest
 import yaml
 
+from sidecar.client import AsyncClient
 from tests.conftest import REGO, REPO
+from tests.infra.sidecar import SidecarProcess
 
 
 def settings(tmp_path, **sections) -> dict:
@@ -83,3 +85,79 @@ async def test_a_start_refused_for_a_locked_evidence_directory_removes_its_opa_d
     assert "is in use by another evidence writer" in err
     assert "serving revision" in err  # the managed OPA had started, in a directory under TMPDIR
     assert left == []
+
+
+async def test_a_tcp_port_another_sidecar_listens_on_is_refused(tmp_path, running_sidecar, sidecar_config):
+    """grpc core sets SO_REUSEPORT by default: a second sidecar would have bound the same port and taken a
+    share of the first one's calls. It is refused, naming the key, and leaves nothing behind."""
+    first = await running_sidecar(sidecar_config(**{"listen.unix": ""}))
+    port = first.addresses[0].rsplit(":", 1)[1]
+    code, err, left = await serve(tmp_path, settings(tmp_path, listen={"tcp": f"127.0.0.1:{port}", "unix": ""},
+                                                     telemetry={"exporter": "none"},
+                                                     evidence={"dir": str(tmp_path / "second")}))
+    assert code == 2, err
+    assert f"agent-sidecar: listen.tcp: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err, err
+    assert left == []
+    async with AsyncClient(first.addresses[0]) as client:  # the first one still has all its callers
+        assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
+
+
+async def test_a_unix_socket_a_server_answers_on_is_not_taken_over(tmp_path, running_sidecar, sidecar_config):
+    """The start used to unlink any file at listen.unix and bind anew, taking a running sidecar's callers."""
+    first = await running_sidecar(sidecar_config(**{"listen.tcp": ""}))
+    socket_path = first.addresses[0].removeprefix("unix:")
+    code, err, _ = await serve(tmp_path, settings(tmp_path, listen={"tcp": "", "unix": socket_path},
+                                                  telemetry={"exporter": "none"},
+                                                  evidence={"dir": str(tmp_path / "second")}))
+    assert code == 2, err
+    assert f"agent-sidecar: listen.unix: {socket_path} is in use: a server is listening on it" in err, err
+    async with AsyncClient(first.addresses[0]) as client:
+        assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
+
+
+async def test_listen_unix_naming_a_file_that_is_not_a_socket_leaves_it_alone(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    code, err, left = await serve(tmp_path, settings(tmp_path, listen={"tcp": "", "unix": str(precious)},
+                                                     telemetry={"exporter": "none"}))
+    assert code == 2, err
+    assert f"agent-sidecar: listen.unix: {precious} exists and is not a socket; not removing it" in err, err
+    assert precious.read_text() == "keep me"
+    assert left == []
+
+
+async def test_a_socket_file_left_by_a_killed_sidecar_is_replaced(tmp_path):
+    """Nobody answers on it: it is removed and the new sidecar serves there."""
+    import socket
+
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as left_behind:
+        left_behind.bind(str(stale))  # bound, never listening, closed: what a SIGKILL leaves
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump(settings(tmp_path, listen={"tcp": "", "unix": str(stale)},
+                                              telemetry={"exporter": "none"})))
+    sidecar = SidecarProcess(config, tmp_path / "sidecar.log")
+    sidecar.start()
+    try:
+        await asyncio.to_thread(sidecar.wait_serving)
+        async with AsyncClient(f"unix:{stale}") as client:
+            assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
+        assert sidecar.stop() == 0
+    finally:
+        sidecar.close()
+
+
+async def test_the_mcp_gateways_listeners_are_not_taken_over_either(tmp_path, running_sidecar, sidecar_config):
+    """The same rule for mcp.unix (it too unlinked whatever was there) and mcp.listen."""
+    first = await running_sidecar(sidecar_config())
+    tcp, unix = first.addresses[0], first.addresses[1].removeprefix("unix:")
+    for mcp, message in (({"unix": unix}, f"mcp.unix: {unix} is in use: a server is listening on it"),
+                         ({"listen": tcp}, f"mcp.listen: cannot listen on {tcp}")):
+        code, err, left = await serve(tmp_path, settings(tmp_path, listen={"tcp": "", "unix": str(tmp_path / "own.sock")},
+                                                         telemetry={"exporter": "none"}, mcp=mcp,
+                                                         evidence={"dir": str(tmp_path / "second")}))
+        assert code == 2, err
+        assert f"agent-sidecar: {message}" in err and "Traceback" not in err, err
+        assert left == []
+    async with AsyncClient(first.addresses[1]) as client:
+        assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar.client import AsyncClient, build_request
+from sidecar.config import ConfigError
 from sidecar.policy.catalog import read_data
 from sidecar.server import start_sidecar
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -146,7 +147,7 @@ async def test_a_start_that_fails_part_way_closes_what_had_started(sidecar_confi
     config = sidecar_config(**{"mcp.listen": f"127.0.0.1:{port}"})
     before = opa_children()
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(ConfigError, match=f"mcp.listen: cannot listen on 127.0.0.1:{port}"):
             await start_sidecar(config)
     finally:
         taken.close()

@@ -61,6 +61,7 @@ from starlette.requests import Request
 
 from sidecar.calls import ToolCall
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
+from sidecar.config import ConfigError
 from sidecar.escalation import EscalationRefused, StoreError
 from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
@@ -72,6 +73,7 @@ from sidecar.invoke.mcp import McpInvoker
 from sidecar.mcp import elicitation, names
 from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
 from sidecar.reasons import ESCALATION_PENDING, MALFORMED_REQUEST, UNKNOWN_TOOL, UNVERIFIED_CALLER, Reason
+from sidecar.sockets import remove_stale_socket
 
 log = logging.getLogger(__name__)
 META_PREFIX = "sidecar/"
@@ -195,7 +197,7 @@ class McpGateway:
         if self._unix:
             path = Path(self._unix)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)
+            remove_stale_socket(path, "mcp.unix")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(str(path))
             sock.listen(128)
@@ -468,7 +470,12 @@ def _tcp_socket(listen: str, scheme: str) -> tuple[socket.socket, str]:
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((bare, int(port)))
+    try:
+        sock.bind((bare, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"mcp.listen: cannot listen on {listen} ({exc.strerror}): is another server, another "
+                          "sidecar perhaps, already listening there?") from None
     sock.listen(128)
     sock.setblocking(False)
     bound_host, bound_port = sock.getsockname()[:2]
