@@ -15,8 +15,9 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+from sidecar.argtypes import EVIDENCE_DIR, count, existing_directory, name
 from sidecar.config import (
     TRY_LOCALLY,
     Config,
@@ -47,7 +48,6 @@ identity and Rego policy (allow / deny / escalate) before it runs.
 """
 
 
-EVIDENCE_DIR = "the evidence directory, evidence.dir"
 LOG_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
 # `check`'s exit status per outcome: scripts can branch on the decision without parsing JSON.
 CHECK_EXIT = {"allow": 0, "deny": 3, "escalate": 4}
@@ -85,35 +85,6 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         else:
             overrides["listen.tcp"] = args.listen
     return overrides
-
-
-def _number(text: str, parse: Callable[[str], Any], what: str, accept: Callable[[Any], bool], rule: str) -> Any:
-    """An argparse type's work: `parse(text)` when `accept` takes it, else a usage error naming the value."""
-    try:
-        value = parse(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-    if not accept(value):
-        raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
-    return value
-
-
-def count(text: str) -> int:
-    """argparse type of a count (`--limit N`): a whole number, 0 or more."""
-    return _number(text, int, "a whole number", lambda value: value >= 0, "0 or more")
-
-
-def seconds(text: str) -> float:
-    """argparse type of a duration in seconds (`--timeout`): a number above 0 (and not inf or nan)."""
-    return _number(text, float, "a number of seconds", lambda value: 0 < value < float("inf"),
-                   "a number of seconds above 0")
-
-
-def name(text: str) -> str:
-    """argparse type of a name (`--tool`): not empty."""
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
 
 
 def _refusal_problems(exc: Exception) -> list[str]:
@@ -180,26 +151,11 @@ def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
     return value
 
 
-def existing_directory(path: str, what: str, option: str = "") -> str:
-    """`path` if it is a directory this process can read; else bad usage (exit 2), never a finding.
-
-    A finding (a failed test, a BROKEN log) must mean the thing examined is
-    wrong, so a script can tell it from a typo in the path.
-    """
-    named = f"{option}: {path}" if option else path
-    if not os.path.isdir(path):
-        problem = "no such directory" if not os.path.exists(path) else "not a directory"
-        raise ConfigError(f"{named}: {problem} (give {what})")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise ConfigError(f"{named}: cannot read this directory (give {what})")
-    return path
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.calls import ToolCall
     from sidecar.identity import CallerIdentity, Subject
-    from sidecar.reasons import POLICY_UNAVAILABLE, parse
     from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
+    from sidecar.reasons import POLICY_UNAVAILABLE, parse
     from sidecar.server import build_gate, build_policy
 
     # The subject is --subject/--source, not a verified caller.
@@ -272,7 +228,6 @@ def _same_dir(policy: str | None, config_file: str | None) -> bool:
 
 async def _served_revision(config: Config) -> str:
     """The revision a sidecar running with this config serves (from its health detail), or "" if none answers."""
-
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

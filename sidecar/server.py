@@ -24,7 +24,6 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.accept import Acceptors
 from sidecar.calls import CallIdRegistry
 from sidecar.config import Config, ConfigError
-from sidecar.sockets import remove_stale_socket
 from sidecar.evidence import Recorder
 from sidecar.evidence.records import dev_key_path
 from sidecar.evidence.signing import dev_public_key_path
@@ -40,6 +39,7 @@ from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
 from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
+from sidecar.sockets import remove_stale_socket
 from sidecar.steps import Admit, AskPolicy, Escalate
 from sidecar.task_store import TaskStore
 from sidecar.tasks import TaskRegistry
@@ -109,8 +109,7 @@ def build_identity(config: Config) -> IdentityRuntime:
 
 
 def build_recorder(
-    config: Config, policy: PolicyService | None = None, svid_source: object | None = None,
-    signing_key: "SigningKey | None" = None,
+    config: Config, policy: PolicyService | None, svid_source: object | None, signing_key: "SigningKey | None",
 ) -> "EvidenceRecorder | None":
     """The evidence log in evidence.dir, shipping its spans over OTLP (docs/evidence.md).
 
@@ -129,7 +128,7 @@ def build_recorder(
     return open_recorder(
         evidence.dir,
         instance_id=_instance_id(config),
-        signing_key=signing_key or "",
+        signing_key=signing_key,
         key_provider=svid_key_provider(svid_source) if svid_source is not None else None,
         checkpoint_mirror=evidence.checkpoint_mirror,
         rotate_bytes=evidence.rotate_bytes,

@@ -266,8 +266,7 @@ async def test_damaged_complete_last_record_refuses_to_open(tmp_path):
 @pytest.fixture
 async def tiny_recorder(tiny_volume, tmp_path):
     """A recorder whose evidence directory is on the 256 KiB tmpfs; its key and mirror live off it."""
-    dev_signing_key(tmp_path / "key.pem")
-    rec = open_recorder(tiny_volume.path / "ev", instance_id="sidecar-test-1", signing_key=str(tmp_path / "key.pem"),
+    rec = open_recorder(tiny_volume.path / "ev", instance_id="sidecar-test-1", signing_key=dev_signing_key(tmp_path / "key.pem"),
                         checkpoint_mirror=str(tmp_path / "cp.jsonl"))
     yield rec
     await rec.aclose()
@@ -451,9 +450,11 @@ def test_open_recorder_defaults_are_the_config_defaults():
 
     parameters = inspect.signature(open_recorder).parameters
     evidence, telemetry = EvidenceConfig(), TelemetryConfig()
-    for name in ("signing_key", "checkpoint_mirror", "rotate_bytes", "checkpoint_every", "checkpoint_seconds",
+    for name in ("checkpoint_mirror", "rotate_bytes", "checkpoint_every", "checkpoint_seconds",
                  "max_pending", "lock_wait_seconds", "arguments"):
         assert parameters[name].default == getattr(evidence, name), name
+    # the key itself, read by server.read_start_files: none configured is none given
+    assert parameters["signing_key"].default is None and evidence.signing_key == ""
     assert list(parameters["redact_keys"].default) == evidence.redact_keys
     for name in ("service_name", "max_backoff_seconds"):
         assert parameters[name].default == getattr(telemetry, name), name

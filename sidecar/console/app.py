@@ -19,8 +19,9 @@ unredacted arguments only for escalations that person may decide.
 
 Forms carry an HMAC CSRF token bound to the approver (csrf.py); a POST without
 a valid one, or from another origin, is refused (403), logged, and never
-reaches the sidecar; so is (400) a form that cannot be read one way. Values from requests are logged through display.visible,
-so a path or form field cannot write terminal escapes into the log.
+reaches the sidecar; so is (400) a form that cannot be read one way. Values
+from requests are logged through display.visible, so a path or form field
+cannot write terminal escapes into the log.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from sidecar.cli import count, seconds
+from sidecar.argtypes import count, seconds
 from sidecar.display import FLAG, NOTICE, cell, exact_json, flagged, needs_flag, json_text, value_needs_flag, visible
 from sidecar.reasons import parse
 

@@ -23,7 +23,7 @@ from sidecar.evidence.readback import records_since
 from sidecar.evidence.records import ARGUMENT_MODES, decision_fields, dev_key_path
 from sidecar.evidence.redaction import Redactor, obligation_keys
 from sidecar.evidence.shipper import Shipper
-from sidecar.evidence.signing import KeyProvider, SigningError, SigningKey, dev_signing_key, load_private_key
+from sidecar.evidence.signing import KeyProvider, SigningError, SigningKey, dev_signing_key
 from sidecar.evidence.spans import ResourceCache
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def open_recorder(
     directory: str | Path,
     *,
     instance_id: str,
-    signing_key: str | SigningKey = "",
+    signing_key: SigningKey | None = None,
     key_provider: KeyProvider | None = None,
     checkpoint_mirror: str = "",
     rotate_bytes: int = 64 * 1024 * 1024,
@@ -162,7 +162,7 @@ def open_recorder(
 
     - `directory`: the log's directory, created if missing. `instance_id`: the sidecar
       instance written into every record (`sidecar`) and span (`service.instance.id`).
-    - Checkpoint signing: the PEM private key at `signing_key` (a path, or the key read from it) when set, else
+    - Checkpoint signing: `signing_key` (evidence.signing_key, read by server.read_start_files) when set, else
       `key_provider` (the SVID: signing.svid_key_provider), else a dev key generated as
       `<directory>-dev-key.pem`, beside (never in) the directory.
     - `checkpoint_mirror`: path of the checkpoint copy; "" = `<directory>-checkpoints.jsonl`.
@@ -186,15 +186,10 @@ def open_recorder(
         if arguments not in ARGUMENT_MODES:
             raise ValueError(f"arguments mode must be one of {', '.join(ARGUMENT_MODES)}")
         directory = Path(directory)
-        if signing_key or key_provider is None:
+        if signing_key is not None or key_provider is None:
             # an explicitly configured key wins; with neither, a generated dev key
             try:
-                if isinstance(signing_key, SigningKey):
-                    key = signing_key
-                elif signing_key:
-                    key = load_private_key(signing_key)
-                else:
-                    key = dev_signing_key(dev_key_path(directory))
+                key = signing_key if signing_key is not None else dev_signing_key(dev_key_path(directory))
             except (SigningError, OSError) as exc:
                 raise EvidenceError(f"evidence.signing_key: {exc}") from None
             provider: KeyProvider = lambda: key  # noqa: E731

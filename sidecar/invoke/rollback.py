@@ -159,7 +159,7 @@ async def undo_through_invoke(address: str, undo: UndoCall, token: str = "") -> 
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from sidecar.cli import EVIDENCE_DIR, existing_directory
+    from sidecar.argtypes import EVIDENCE_DIR, existing_directory
     from sidecar.config import ConfigError, load_config
 
     # A client of the running sidecar (its evidence.dir, policy.dir, mcp, listen): it serves nothing itself.
