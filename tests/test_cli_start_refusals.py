@@ -1,16 +1,20 @@
 """A refused `agent-sidecar serve` leaves nothing behind.
 
-A config problem the start can find without starting anything (a file it names that cannot
-be read) is found first: no OPA, no `startup` record or checkpoint, no generated dev key, no
-span export. A refusal found later (the evidence directory locked by another writer) still
-removes everything the start made, the managed OPA's `sidecar-opa-<pid>-*` directory included.
-Each case runs the real CLI, with its own TMPDIR so what it leaves there can be seen.
+A config problem the start can find without starting anything is found first: a file it
+names that cannot be read, a listener another server holds (listen.tcp, listen.unix,
+metrics.listen, mcp.listen, mcp.unix), the evidence directory locked by another writer, a
+store that cannot be opened. No OPA, no `startup` record or checkpoint, no generated dev key,
+no span export. A refusal found later (a policy OPA rejects) still removes everything the
+start made, the managed OPA's `sidecar-opa-<pid>-*` directory included; so does a SIGINT or
+SIGTERM while it starts (exit 130 or 143). Each case runs the real CLI, with its own TMPDIR
+so what it leaves there can be seen.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import tempfile
 
@@ -75,16 +79,75 @@ async def test_a_file_the_config_names_is_checked_before_anything_starts(tmp_pat
     assert left == []
 
 
-async def test_a_start_refused_for_a_locked_evidence_directory_removes_its_opa_directory(tmp_path, running_sidecar,
-                                                                                      sidecar_config):
+def logged(directory) -> list[str]:
+    """The evidence files in `directory` (a `startup` record would be in one)."""
+    return sorted(p.name for p in directory.glob("evidence-*.jsonl")) if directory.exists() else []
+
+
+async def test_a_locked_evidence_directory_is_refused_before_opa_starts(tmp_path, running_sidecar, sidecar_config):
     holder = await running_sidecar(sidecar_config(**{"evidence.dir": str(tmp_path / "evidence")}))
     assert holder.recorder is not None
+    before = (tmp_path / "evidence" / "evidence-000001.jsonl").read_bytes()
     config = settings(tmp_path, listen={"unix": str(tmp_path / "second.sock")}, telemetry={"exporter": "none"})
     code, err, left = await serve(tmp_path, config)
     assert code == 2, err
     assert "is in use by another evidence writer" in err
-    assert "serving revision" in err  # the managed OPA had started, in a directory under TMPDIR
+    assert "serving revision" not in err, err  # no managed OPA was started
     assert left == []
+    assert not (tmp_path / "second.sock").exists()  # its own listener, bound first, is gone again
+    assert (tmp_path / "evidence" / "evidence-000001.jsonl").read_bytes() == before
+
+
+def holding(kind: str, where) -> socket.socket:
+    """A listening socket another program holds: TCP on 127.0.0.1 (any port), or unix at `where`."""
+    if kind == "tcp":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(where))
+    sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize("key", ["listen.tcp", "listen.unix", "metrics.listen", "mcp.listen", "mcp.unix"])
+async def test_a_listener_another_server_holds_refuses_the_start_before_anything_is_written(tmp_path, key):
+    """Every listener is bound before OPA starts and before the `startup` record: a taken one is a
+    ConfigError naming its key (exit 2), the ones bound before it are let go, the holder keeps its own."""
+    theirs = tmp_path / "theirs.sock"
+    held = holding("unix" if key.endswith("unix") else "tcp", theirs)
+    with held:
+        taken = str(theirs) if key.endswith("unix") else "127.0.0.1:%d" % held.getsockname()[1]
+        ours = {"listen.tcp": "127.0.0.1:0", "listen.unix": str(tmp_path / "own.sock"), "metrics.listen": "127.0.0.1:0",
+                "mcp.listen": "127.0.0.1:0", "mcp.unix": str(tmp_path / "own-mcp.sock")}
+        ours[key] = taken
+        section, _, name = key.partition(".")
+        config = settings(tmp_path, telemetry={"exporter": "none"},
+                          listen={"tcp": ours["listen.tcp"], "unix": ours["listen.unix"]},
+                          metrics={"listen": ours["metrics.listen"]},
+                          mcp={"listen": ours["mcp.listen"], "unix": ours["mcp.unix"]})
+        config[section][name] = taken
+        code, err, left = await serve(tmp_path, config)
+        assert code == 2, err
+        assert f"agent-sidecar: {key}: " in err and taken in err and "Traceback" not in err, err
+        assert "serving revision" not in err and left == [], err  # no OPA
+        assert not (tmp_path / "evidence").exists()  # no lock taken, no startup record, no store
+        assert not (tmp_path / "own.sock").exists() and not (tmp_path / "own-mcp.sock").exists()
+        if key.endswith("unix"):
+            assert theirs.is_socket()  # not removed: its server still answers there
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(theirs))
+
+
+async def test_an_escalation_store_that_cannot_be_opened_is_refused_before_the_startup_record(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    config = settings(tmp_path, telemetry={"exporter": "none"},
+                      escalation={"path": str(tmp_path / "a-file" / "escalations.db")})
+    code, err, left = await serve(tmp_path, config)
+    assert code == 2, err
+    assert "agent-sidecar: the escalation store cannot be opened" in err, err
+    assert "serving revision" not in err and left == [], err
+    assert logged(tmp_path / "evidence") == []
 
 
 async def test_a_tcp_port_another_sidecar_listens_on_is_refused(tmp_path, running_sidecar, sidecar_config):
@@ -161,3 +224,4 @@ async def test_the_mcp_gateways_listeners_are_not_taken_over_either(tmp_path, ru
         assert left == []
     async with AsyncClient(first.addresses[1]) as client:
         assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
+
