@@ -498,7 +498,7 @@ async def _claim(config: Config, stages: contextlib.AsyncExitStack) -> _Claimed:
     """Take what another process can hold, so a start that cannot have it is refused before OPA starts
     or the evidence log writes its `startup` record: every listener (a port in use is a ConfigError
     naming its key; sidecar/listeners.py), evidence.dir's writer lock (waited for up to
-    evidence.lock_wait_seconds), then the stores in and beside
+    evidence.lock_wait_seconds; a SIGINT/SIGTERM cancels the wait), then the stores in and beside
     evidence.dir. Each is put on `stages`, so a refusal releases what was taken before it.
     """
     identity_runtime = build_identity(config)  # only watches the Workload API; the TLS listener needs it
@@ -534,11 +534,9 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
             shadow = await stages.enter_async_context(build_policy(config, shadow=True))
         except PolicyRejected as exc:
             raise PolicyRejected([f"policy.shadow_dir {config.policy.shadow_dir}: {p}" for p in exc.problems]) from None
-    recorder = await asyncio.to_thread(
-        build_recorder, config, policy, identity_runtime.source, files.signing_key, claimed.writer_lock
+    recorder = await _open_recorder(
+        stages, config, policy, identity_runtime.source, files.signing_key, claimed.writer_lock
     )
-    if recorder is not None:
-        await stages.enter_async_context(recorder)
     metrics = Metrics()
     stages.callback(metrics.close)
     usage = await stages.enter_async_context(build_usage(config))
@@ -613,6 +611,28 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
     )
 
 
+async def _open_recorder(
+    stages: contextlib.AsyncExitStack, config: Config, policy: PolicyService, svid_source: object | None,
+    signing_key: "SigningKey | None", lock: WriterLock,
+) -> "EvidenceRecorder | None":
+    """build_recorder in a thread (it writes and syncs the `startup` record), entered on `stages`.
+
+    A start interrupted meanwhile (serve: SIGINT/SIGTERM) still waits for the thread, so the log
+    it opened closes with the other stages (a closing checkpoint), not left open at exit.
+    """
+    opening = asyncio.ensure_future(asyncio.to_thread(build_recorder, config, policy, svid_source, signing_key, lock))
+    try:
+        recorder = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        await asyncio.wait([opening])
+        if not opening.cancelled() and opening.exception() is None and opening.result() is not None:
+            await stages.enter_async_context(opening.result())
+        raise
+    if recorder is not None:
+        await stages.enter_async_context(recorder)
+    return recorder
+
+
 def _typed(command: Path) -> str:
     """How a person types `command` (shown in the banner): its name when its directory is on
     PATH, else its path, relative to the working directory when below it (`.venv/bin/...`)."""
@@ -622,9 +642,41 @@ def _typed(command: Path) -> str:
     return str(command) if relative.startswith("..") else relative
 
 
+class StartInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while the sidecar was starting: the start was cancelled (a wait for
+    evidence.dir's lock included) and what it had started or taken was closed again."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} while starting: stopped; nothing was left running")
+
+
 async def serve(config: Config) -> None:
-    """Run until SIGINT / SIGTERM, then drain in-flight calls and close every stage."""
-    sidecar = await start_sidecar(config)
+    """Run until SIGINT / SIGTERM, then drain in-flight calls and close every stage.
+
+    A signal during the start cancels it (StartInterrupted): the wait for another writer's evidence
+    lock (a rolling restart) ends at once, and so does OPA's start, instead of running to its end first.
+    """
+    loop = asyncio.get_running_loop()
+    starting = asyncio.create_task(start_sidecar(config), name="start")
+    stop = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        if starting.done():
+            stop.set()
+        else:
+            starting.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        sidecar = await starting
+    except asyncio.CancelledError:
+        if signals and starting.cancelled():
+            raise StartInterrupted(signals[0]) from None
+        raise
     # What start-up built (modules, stages, the catalog) lives as long as the process: taken out of
     # the collector's view, a full collection no longer walks it, which held the event loop, and
     # every call in flight, for up to 28 ms under load (docs/performance.md; gc.freeze docs).
@@ -670,10 +722,6 @@ async def serve(config: Config) -> None:
         f"print(Client('{first}').authorize('search_docs', {{'query': 'sidecar'}}))\"",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     print("agent-sidecar: stopping, draining in-flight calls", flush=True)
     await sidecar.stop()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 import tempfile
+import time
 
 import pytest
 import yaml
@@ -225,3 +227,58 @@ async def test_the_mcp_gateways_listeners_are_not_taken_over_either(tmp_path, ru
     async with AsyncClient(first.addresses[1]) as client:
         assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
 
+
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, b"%d\\n" % os.getpid(), 0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_during_the_evidence_lock_wait_stops_the_start_at_once(tmp_path, signum):
+    """A rolling restart: the old pod still holds evidence.dir's lock and the new sidecar waits up to
+    evidence.lock_wait_seconds. SIGTERM (the pod deleted) or SIGINT (Ctrl-C) ends the wait at once: exit
+    128 + the signal, no `startup` record, no OPA, its listeners let go; the holder keeps its lock."""
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    holder = await asyncio.create_subprocess_exec(sys.executable, "-c", LOCK_HOLDER, str(evidence / "LOCK"),
+                                                  stdout=asyncio.subprocess.PIPE)
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(yaml.safe_dump(settings(tmp_path, telemetry={"exporter": "none"},
+                                                evidence={"lock_wait_seconds": 600})))
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmpdir:
+            sidecar = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sidecar", "serve", "--config", str(path), cwd=REPO,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": tmpdir},
+            )
+            err = b""
+            while b"waiting up to 600 s" not in err:
+                line = await asyncio.wait_for(sidecar.stderr.readline(), 60)
+                assert line, err.decode()  # it exited instead of waiting
+                err += line
+            assert f"locked by pid {holder.pid}".encode() in err
+            assert (tmp_path / "sidecar.sock").is_socket()  # its listeners are bound before the wait
+            sent = time.monotonic()
+            sidecar.send_signal(signum)
+            rest = await asyncio.wait_for(sidecar.stderr.read(), 30)
+            code = await sidecar.wait()
+            took = time.monotonic() - sent
+            err = (err + rest).decode()
+            assert took < 3, (took, err)
+            assert code == 128 + signum, err
+            name = signal.Signals(signum).name
+            assert f"agent-sidecar: {name} while starting: stopped; nothing was left running" in err, err
+            assert "Traceback" not in err and "serving revision" not in err, err
+            assert os.listdir(tmpdir) == []  # no OPA directory
+        assert logged(evidence) == [] and sorted(os.listdir(evidence)) == ["LOCK"]  # no startup record, no store
+        assert not (tmp_path / "sidecar.sock").exists()
+        assert holder.returncode is None  # the holder still holds it
+    finally:
+        holder.kill()
+        await holder.wait()
