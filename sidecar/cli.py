@@ -357,7 +357,8 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.bundle) if args.bundle else None
     except (SigningError, OSError) as exc:
         raise ConfigError(f"--key/--bundle: {exc}") from None
-    report = verify_dir(args.dir, public_keys=keys, bundle=bundle, signer_ids=args.signer or (), mirror=args.mirror)
+    report = verify_dir(args.dir, public_keys=keys, bundle=bundle, signer_ids=args.signer or (), mirror=args.mirror,
+                        log_id=args.log_id or "")
     print(format_report(report))
     return exit_code(report)
 
@@ -568,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --bundle: the SVID that signs must have this SPIFFE ID (* matches any run); may repeat",
     )
     verify.add_argument("--mirror", metavar="FILE", help="checkpoint mirror (default DIR-checkpoints.jsonl beside DIR)")
+    verify.add_argument(
+        "--log-id", type=name, metavar="ID",
+        help="the log_id the log must have (its startup records and checkpoints name it; `verify` prints it as "
+        "'log id:'): another log put in its place, even one signed with the same key, is BROKEN",
+    )
     verify.set_defaults(run=cmd_evidence_verify)
     show = evidence_commands.add_parser(
         "show",
