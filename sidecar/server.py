@@ -118,7 +118,7 @@ def build_recorder(
 
     Checkpoints are signed with evidence.signing_key (`signing_key`: read_start_files read it),
     else the sidecar's SVID (when the Workload API source is running), else a generated dev key.
-    `lock`: evidence.dir's writer lock, taken before any stage started (_start).
+    `lock`: evidence.dir's writer lock, taken before any stage started (_claim).
     """
     from sidecar.evidence.recorder import open_recorder
     from sidecar.evidence.signing import svid_key_provider
@@ -453,7 +453,8 @@ def read_start_files(config: Config) -> StartFiles:
 
     A start refused for a config problem must leave nothing behind: no OPA started, no
     `startup` record or checkpoint, no generated dev key, no span export. So what can be
-    found wrong without starting anything is found here, first.
+    found wrong without starting anything is found here, first; what another process may
+    hold (a port, the evidence lock, a store) is taken next, still before anything starts (_claim).
     """
     from sidecar.escalation.notify import load_webhook_secret
     from sidecar.evidence.signing import SigningError, load_private_key
@@ -471,7 +472,7 @@ def read_start_files(config: Config) -> StartFiles:
 
 
 async def start_sidecar(config: Config) -> RunningSidecar:
-    """Load policy, build every stage, bind the listeners and start serving.
+    """Take the listeners, the evidence lock and the stores (_claim), load policy, build every stage, serve.
 
     Each stage is an async context manager entered on one AsyncExitStack as it starts: a start
     that fails part way leaves the stack, closing what had started; a start that succeeds hands
