@@ -142,13 +142,19 @@ async def test_a_listener_another_server_holds_refuses_the_start_before_anything
                 probe.connect(str(theirs))
 
 
-async def test_an_escalation_store_that_cannot_be_opened_is_refused_before_the_startup_record(tmp_path):
-    (tmp_path / "a-file").write_text("not a directory")
-    config = settings(tmp_path, telemetry={"exporter": "none"},
-                      escalation={"path": str(tmp_path / "a-file" / "escalations.db")})
+@pytest.mark.parametrize("store", ["escalation", "task"])
+async def test_a_store_that_cannot_be_opened_is_refused_before_the_startup_record(tmp_path, store):
+    """escalation.path under a file; tasks.db (in evidence.dir) a directory."""
+    escalation = {}
+    if store == "escalation":
+        (tmp_path / "a-file").write_text("not a directory")
+        escalation = {"path": str(tmp_path / "a-file" / "escalations.db")}
+    else:
+        (tmp_path / "evidence" / "tasks.db").mkdir(parents=True)
+    config = settings(tmp_path, telemetry={"exporter": "none"}, escalation=escalation)
     code, err, left = await serve(tmp_path, config)
     assert code == 2, err
-    assert "agent-sidecar: the escalation store cannot be opened" in err, err
+    assert f"agent-sidecar: the {store} store cannot be opened" in err, err
     assert "serving revision" not in err and left == [], err
     assert logged(tmp_path / "evidence") == []
 
