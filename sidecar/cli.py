@@ -442,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the sidecar's gRPC server",
         description="Run the sidecar until SIGINT/SIGTERM (exit 0 after the drain; 130/143 when signalled "
-        "before it serves, e.g. while it waits for evidence.lock_wait_seconds). Dev mode (every caller the dev identity, marked "
+        "before it serves, e.g. while it waits for evidence.lock_wait_seconds). Exit 2 when it cannot start: "
+        "the config is refused, an address is in use (every listener is bound first), another process holds "
+        "evidence.dir, a store cannot be opened, or the policy fails its checks; the message names which, and "
+        "nothing is left running. Dev mode (every caller the dev identity, marked "
         "source: dev) only when the config says identity.sources: [dev], as examples/dev.yaml does (make run); "
         "without --config the defaults are not dev mode and, alone, are refused (they need listen.unix and "
         "escalation.approvers).",
