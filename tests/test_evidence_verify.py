@@ -298,6 +298,20 @@ def test_cli_verify_exit_codes_and_summary(log_dir, tmp_path, capsys):
     assert "BROKEN at seq 9" in out
 
 
+def test_a_directory_without_log_files_is_broken_and_names_a_log_below_it(log_dir, tmp_path, capsys):
+    """A log whose files were removed stays BROKEN; a reader who gave the parent (var/ for var/evidence)
+    is told where the log is; a subdirectory without log files names nothing."""
+    parent = log_dir.parent
+    (parent / "other").mkdir()
+    assert main(["evidence", "verify", str(parent)]) == 1
+    out = capsys.readouterr().out
+    assert f"no evidence files (evidence-NNNNNN.jsonl) here; an evidence log is in {log_dir}: give that" in out
+    emptied = tmp_path / "emptied"
+    (emptied / "nothing-here").mkdir(parents=True)
+    assert main(["evidence", "verify", str(emptied)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].endswith("no evidence files (evidence-NNNNNN.jsonl) here")
+
+
 def test_cli_show_filters_and_json(log_dir, capsys):
     assert main(["evidence", "show", str(log_dir), "--outcome", "deny", "--json"]) == 0
     shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -203,7 +203,11 @@ def verify_dir(
     files = list_log_files(directory)
     report.files = len(files)
     if not files:
-        problem(None, str(directory), "no evidence files (evidence-NNNNNN.jsonl) here")
+        # A log whose files were removed is BROKEN; a reader who named the wrong directory (var/ for
+        # var/evidence) is also told where a log is, not left with a verdict about nothing.
+        below = _logs_below(directory)
+        hint = f"; an evidence log is in {', '.join(below)}: give that directory" if below else ""
+        problem(None, str(directory), f"no evidence files (evidence-NNNNNN.jsonl) here{hint}")
         return report
     expected_index = files[0][0]
     if expected_index != 1:
@@ -425,6 +429,22 @@ def _svid_signer(signer: dict, payload: dict, anchors: _Anchors) -> tuple[Any, s
     if anchors.signer_ids and not spiffe_id_matches(spiffe_id, anchors.signer_ids):
         return None, "", f"signed by {spiffe_id}, not a SPIFFE ID named with --signer"
     return leaf.public_key(), spiffe_id, ""
+
+
+def _logs_below(directory: Path) -> list[str]:
+    """The subdirectories of `directory` that hold evidence files (unreadable ones skipped), sorted."""
+    found = []
+    try:
+        children = sorted(child for child in directory.iterdir() if child.is_dir())
+    except OSError:
+        return []
+    for child in children:
+        try:
+            if list_log_files(child):
+                found.append(str(child))
+        except OSError:
+            continue
+    return found
 
 
 def _read_regular(path: Path) -> tuple[bytes, str]:
