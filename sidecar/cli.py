@@ -71,8 +71,15 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         parsed, unknown = super().parse_known_args(args, namespace)
         if unknown:
-            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._misplaced_hint(unknown)}")
         return parsed, unknown
+
+    def _misplaced_hint(self, unknown: list[str]) -> str:
+        """Where a top-level option given after the command belongs (`serve --log-level DEBUG`)."""
+        command = self.prog.removeprefix("agent-sidecar").strip()
+        if command and any(arg == "--log-level" or arg.startswith("--log-level=") for arg in unknown):
+            return f" (--log-level goes before the command: agent-sidecar --log-level LEVEL {command} ...)"
+        return ""
 
 
 def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -106,6 +106,24 @@ async def test_an_unknown_or_abbreviated_option_is_refused_with_the_subcommands_
     assert f"agent-sidecar {command}: error: unrecognized arguments: {unknown}" in err
 
 
+@pytest.mark.parametrize(
+    "args, command",
+    [
+        (["serve", "--config", "examples/dev.yaml", "--log-level", "DEBUG"], "serve"),
+        (["evidence", "verify", "var/evidence", "--log-level=debug"], "evidence verify"),
+    ],
+)
+async def test_log_level_after_the_command_says_where_it_goes(args, command):
+    code, _, err = await run(*args)
+    assert code == 2
+    assert f"(--log-level goes before the command: agent-sidecar --log-level LEVEL {command} ...)" in err
+
+
+async def test_another_unknown_option_gets_no_log_level_hint():
+    code, _, err = await run("serve", "--log", "DEBUG")
+    assert code == 2 and "unrecognized arguments: --log DEBUG" in err and "goes before" not in err
+
+
 async def test_a_top_level_abbreviation_is_refused():
     code, _, err = await run("--log-lev", "DEBUG", "policy", "test")
     assert code == 2 and err.startswith("usage: agent-sidecar [-h]")
