@@ -74,6 +74,7 @@ async def test_list_show_approve_deny(tmp_path, running_sidecar):
                                "--approver", ALICE, env={"AGENT_SIDECAR_ADDRESS": address})
     assert code == 0, err
     assert out.startswith(f"approved {email.escalation_id} (send_email for spiffe://dev.local/agent) as {ALICE}")
+    assert "through the MCP gateway: the same call, which the gateway matches to it" in out  # MCP agents send no id
 
     code, out, err = await run("approvals", "deny", repo.escalation_id, "--note", "no", "--approver", BOB,
                                "--address", address, "--json")

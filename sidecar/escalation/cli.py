@@ -282,7 +282,9 @@ def _decide(args: argparse.Namespace, approve: bool) -> int:
             print(f"{verb} {cell(row['escalation_id'])} ({cell(row['tool'])} for {cell(row['subject'])}) "
                   f"as {cell(row['approver'])}")
             if approve:
-                print("the agent may now repeat the call once, with this escalation id")
+                # An MCP agent sends no id: the gateway matches the repeated call to its escalation.
+                print("the agent may now repeat the call once, with this escalation id "
+                      "(through the MCP gateway: the same call, which the gateway matches to it)")
 
     return _run(args, work)
 
