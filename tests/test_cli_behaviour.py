@@ -124,6 +124,18 @@ async def test_another_unknown_option_gets_no_log_level_hint():
     assert code == 2 and "unrecognized arguments: --log DEBUG" in err and "goes before" not in err
 
 
+async def test_the_console_on_a_port_in_use_is_refused_naming_the_key():
+    """Like the sidecar's listeners: a taken port is exit 2 naming console.listen, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        code, out, err = await run("console", "--config", "examples/dev.yaml", "--listen", address)
+    assert code == 2 and out == "", err
+    assert err.startswith(f"agent-sidecar: console.listen: cannot listen on {address} (Address already in use)")
+    assert "Traceback" not in err
+
+
 async def test_a_top_level_abbreviation_is_refused():
     code, _, err = await run("--log-lev", "DEBUG", "policy", "test")
     assert code == 2 and err.startswith("usage: agent-sidecar [-h]")

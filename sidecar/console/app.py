@@ -39,6 +39,7 @@ from sidecar.display import visible
 from sidecar.escalation import EscalationRefused
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError, token_file_metadata
 from sidecar.escalation.grpc_api import validate_approver
+from sidecar.sockets import tcp_listener
 
 log = logging.getLogger(__name__)
 
@@ -345,15 +346,21 @@ def app_from_config(config: Any) -> web.Application:
 
 
 async def start_console(config: Any, listen: str | None = None) -> tuple[web.AppRunner, int]:
-    """Serve the console; returns the runner (await runner.cleanup() to stop) and the bound port."""
+    """Serve the console; returns the runner (await runner.cleanup() to stop) and the bound port.
+
+    The port is bound the way the sidecar binds its own (sidecar/sockets.py), so a port in use is a
+    ConfigError naming console.listen (exit 2), not a traceback."""
     app = app_from_config(config)
-    host, _, port = (listen or config.console.listen).rpartition(":")
+    sock = tcp_listener("console.listen", listen or config.console.listen)
     runner = web.AppRunner(app, access_log=log)
-    await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, bound
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
+    return runner, sock.getsockname()[1]
 
 
 async def run_console(config: Any) -> None:
