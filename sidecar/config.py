@@ -305,9 +305,6 @@ class CredentialConfig:
     # The request header carrying it, and the scheme before the value ("" = none).
     header: str = "authorization"
     scheme: str = "Bearer"
-    # Send it over plain http:// to a host that is not loopback: only where the network encrypts the
-    # hop itself (a service mesh's mutual TLS). Off, such an upstream is refused at load.
-    allow_plaintext: bool = False
 
 
 @dataclass
@@ -321,6 +318,9 @@ class McpUpstreamConfig:
     # Largest tool result (canonical JSON) passed back to the agent.
     max_result_bytes: int = 1024 * 1024
     credential: CredentialConfig = field(default_factory=CredentialConfig)
+    # Call it over plain http:// to a host that is not loopback: only where the network encrypts the
+    # hop itself (a service mesh's mutual TLS). Off, such a url is refused at load (docs/mcp.md).
+    allow_plaintext: bool = False
 
 
 @dataclass
@@ -353,6 +353,9 @@ class HttpToolConfig:
     # Response header holding the rollback token, recorded in the invocation record.
     rollback_header: str = "x-rollback-token"
     credential: CredentialConfig = field(default_factory=CredentialConfig)
+    # Call it over plain http:// to a host that is not loopback: only where the network encrypts the
+    # hop itself (a service mesh's mutual TLS). Off, such a url is refused at load (docs/mcp.md).
+    allow_plaintext: bool = False
 
 
 @dataclass
@@ -780,9 +783,7 @@ def _validate_console(console: "ConsoleConfig") -> None:
         raise ConfigError("console.history_limit: must be positive")
 
 
-def _validate_credential(credential: CredentialConfig, key: str, url: str = "") -> None:
-    """`url`: where the credential goes; over plain http:// to a host that is not loopback only with
-    allow_plaintext (a bearer credential in clear can be read and replayed by anyone on the path)."""
+def _validate_credential(credential: CredentialConfig, key: str) -> None:
     import re
 
     if credential.kind not in ("", "jwt_svid", "secret_file"):
@@ -795,9 +796,20 @@ def _validate_credential(credential: CredentialConfig, key: str, url: str = "") 
         raise ConfigError(f"{key}.header: {credential.header!r} is not an HTTP header name")
     if credential.scheme and not re.fullmatch(r"[A-Za-z0-9._~+/-]{1,64}", credential.scheme):
         raise ConfigError(f"{key}.scheme: {credential.scheme!r} is not an authorization scheme")
-    if credential.kind and url and not credential.allow_plaintext:
-        _refuse_in_clear(url, key, f"the {credential.kind} credential", "anyone on the path could read and replay it",
-                         f"{key}.allow_plaintext")
+
+
+def _refuse_tool_in_clear(url: str, key: str, credential: CredentialConfig, allow_plaintext: bool) -> None:
+    """A tool's calls never cross a network in clear: policy decided on the arguments, and the tool must
+    receive exactly those, as the agent must receive the tool's own answer. Over plain http:// off loopback
+    anyone on the path could change either (or read and replay the credential) after the decision, so
+    `url` is refused unless `allow_plaintext` says the network encrypts the hop. One opt-in per upstream
+    or tool covers all three."""
+    if allow_plaintext:
+        return
+    what = "its calls' arguments and answers" + (f", and the {credential.kind} credential," if credential.kind else "")
+    harm = ("anyone on the path could read them, change the arguments after policy decided on them or the answer "
+            "the agent gets" + (", and replay the credential" if credential.kind else ""))
+    _refuse_in_clear(url, f"{key}.url", what, harm, f"{key}.allow_plaintext")
 
 
 def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
@@ -827,11 +839,14 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
             raise ConfigError(f"{key}: give exactly one of url (Streamable HTTP) and command (stdio)")
         if upstream.url:
             _http_url(upstream.url, f"{key}.url")
+            _refuse_tool_in_clear(upstream.url, key, upstream.credential, upstream.allow_plaintext)
+        elif upstream.allow_plaintext:
+            raise ConfigError(f"{key}.allow_plaintext: only for a Streamable HTTP upstream (url); stdio sends nothing on a network")
         if upstream.timeout_seconds <= 0 or upstream.max_result_bytes <= 0:
             raise ConfigError(f"{key}.timeout_seconds/max_result_bytes: must be positive")
         if upstream.command and upstream.credential.kind:
             raise ConfigError(f"{key}.credential: credentials are attached to Streamable HTTP upstreams only (url)")
-        _validate_credential(upstream.credential, f"{key}.credential", upstream.url)
+        _validate_credential(upstream.credential, f"{key}.credential")
 
 
 def _validate_invoke(invoke: InvokeConfig) -> None:
@@ -850,9 +865,10 @@ def _validate_invoke(invoke: InvokeConfig) -> None:
             raise ConfigError(f"{key}.method: must be GET, POST, PUT, PATCH or DELETE, not {tool.method!r}")
         url = tool.url.replace("{", "").replace("}", "")  # the template's URL with its placeholders' names
         _http_url(url, f"{key}.url")
+        _refuse_tool_in_clear(url, key, tool.credential, tool.allow_plaintext)
         if tool.timeout_seconds <= 0 or tool.max_response_bytes <= 0:
             raise ConfigError(f"{key}.timeout_seconds/max_response_bytes: must be positive")
-        _validate_credential(tool.credential, f"{key}.credential", url)
+        _validate_credential(tool.credential, f"{key}.credential")
 
 
 def _validate_opa(opa: OpaConfig) -> None:

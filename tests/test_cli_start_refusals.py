@@ -161,3 +161,19 @@ async def test_the_mcp_gateways_listeners_are_not_taken_over_either(tmp_path, ru
         assert left == []
     async with AsyncClient(first.addresses[1]) as client:
         assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
+
+
+@pytest.mark.parametrize("section, values, key", [
+    ("mcp", {"upstreams": {"docs": {"url": "http://docs-mcp.tools.svc:8000/mcp"}}}, "mcp.upstreams.docs"),
+    ("mcp", {"upstreams": {"docs": {"url": "http://127.0.0.1@docs-mcp.tools.svc/mcp",
+                                    "credential": {"kind": "secret_file", "file": "/nonexistent"}}}},
+     "mcp.upstreams.docs"),
+    ("invoke", {"tools": {"lookup": {"url": "HTTP://10.0.0.5:8080/items/{item}"}}}, "invoke.tools.lookup"),
+])
+async def test_a_tool_in_clear_off_loopback_stops_the_start_naming_its_key(tmp_path, section, values, key):
+    code, err, left = await serve(tmp_path, settings(tmp_path, **{section: values}))
+    assert code == 2, err
+    assert f"agent-sidecar: {key}.url: its calls' arguments and answers" in err, err
+    assert f"set {key}.allow_plaintext: true where the network encrypts the hop itself" in err, err
+    assert "OPA" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "evidence").exists() and left == []

@@ -1,9 +1,11 @@
 """Nothing the sidecar sends out crosses a network in clear: every setting whose URL carries data
-(a credential, an escalation notice, a call's input to an external OPA) refuses plain http:// to a host that is not loopback, by one rule,
-unless its opt-in says the network encrypts the hop (a service mesh's mTLS).
+(a tool's calls, arguments, answers and credential alike; an escalation notice; a call's input to an
+external OPA) refuses plain http:// to a host that is not loopback, by one rule, unless its opt-in
+says the network encrypts the hop (a service mesh's mTLS).
 
 Every surface is tried with every spelling of a host: what a reader takes for loopback and is not
-(`127.0.0.1.evil.example`, `127.0.0.1@evil.example`), and loopback written every way it can be.
+(`127.0.0.1.evil.example`, `127.0.0.1@evil.example`, `localhost.`, an IPv4-mapped address), and
+loopback written every way it can be.
 """
 
 from __future__ import annotations
@@ -29,11 +31,24 @@ SPELLINGS = [
     ("http://127.0.0.1@evil.example", "evil.example"),          # loopback as userinfo: the host is after @
     ("http://127.0.0.1:80@evil.example:8080", "evil.example"),
     ("http://bot:s3cret@hooks.example.org", "hooks.example.org"),
+    ("http://a@evil.example@127.0.0.1", None),                  # two @: every client reads the host after the last
+    ("http://127.0.0.1;@evil.example", "evil.example"),
+    ("http://[::1]@evil.example:8080", "evil.example"),         # IPv6 loopback as userinfo
+    ("http://localhost.:8080", "localhost."),                   # a name resolved by DNS, not the loopback name
+    ("http://LOCALHOST.evil.example", "localhost.evil.example"),
+    ("http://[::ffff:127.0.0.1]:8080", "::ffff:127.0.0.1"),     # IPv4-mapped: not counted as loopback
+    ("http://[::]:8080", "::"),                                 # the unspecified address
+    ("http://2130706433", "2130706433"),                        # 127.0.0.1 as a number: a name to us, refused
+    ("http://127.1:8080", "127.1"),                             # short form: refused, never guessed
+    ("http://0x7f.0.0.1", "0x7f.0.0.1"),
+    ("http://127.0.0.1%2e.evil.example", "127.0.0.1%2e.evil.example"),
     ("http://127.0.0.1:8080", None),
     ("http://127.9.8.7", None),                                 # all of 127.0.0.0/8
     ("http://localhost:8080", None),
     ("HTTP://LOCALHOST", None),
     ("http://[::1]:8080", None),
+    ("http://[0:0:0:0:0:0:0:1]:8080", None),                    # ::1 written out
+    ("http://[::1%25lo]:8080", None),                           # with a zone
     ("http://evil.example@127.0.0.1:8080", None),               # userinfo that names another host: still loopback
     ("https://hooks.example.org", None),
     ("HTTPS://10.0.0.5:8443", None),
@@ -52,12 +67,15 @@ class Surface:
         return self.name
 
 
-def _credential_surface(section: str, name: str, kind: dict[str, str]) -> Surface:
+def _tool_surface(section: str, name: str, kind: dict[str, str], path: str = "") -> Surface:
+    """An MCP upstream or an HTTP tool, with or without a credential: one opt-in per upstream or tool
+    covers its arguments, its answers and its credential alike."""
     def settings(url: str, opt_in: bool) -> dict[str, Any]:
-        return {**DEV, section: {name: {"url": url, "credential": {**kind, "allow_plaintext": opt_in}}}}
+        return {**DEV, section: {name: {"url": url + path, "credential": kind, "allow_plaintext": opt_in}}}
 
-    key = f"{section}.{name}.credential"
-    return Surface(f"{section} {kind['kind']}", settings, key, f"the {kind['kind']} credential", f"{key}.allow_plaintext")
+    what = "its calls' arguments and answers" + (f", and the {kind['kind']} credential," if kind else "")
+    return Surface(f"{section} {kind.get('kind', 'no credential')}", settings, f"{section}.{name}.url", what,
+                   f"{section}.{name}.allow_plaintext")
 
 
 JWT = {"kind": "jwt_svid", "audience": "spiffe://example.org/docs"}
@@ -69,8 +87,9 @@ SURFACES = [
     Surface("escalation.webhook_url",
             lambda url, opt_in: {**DEV, "escalation.webhook_url": url, "escalation.webhook_allow_plaintext": opt_in},
             "escalation.webhook_url", "notices", "escalation.webhook_allow_plaintext"),
-    *(_credential_surface(section, name, kind) for section, name in (("mcp.upstreams", "docs"), ("invoke.tools", "lookup"))
-      for kind in (JWT, SECRET)),
+    *(_tool_surface("mcp.upstreams", "docs", kind, "/mcp") for kind in ({}, JWT, SECRET)),
+    # a URL template: the host checked is the template's own (arguments only ever fill path and query)
+    *(_tool_surface("invoke.tools", "lookup", kind, "/items/{item}?q={query}") for kind in ({}, JWT, SECRET)),
 ]
 
 
@@ -90,5 +109,31 @@ def test_nothing_goes_in_clear_off_loopback(surface: Surface, url: str, host: st
 
 
 def test_the_opt_ins_default_off():
-    config = load_config(None, runs_sidecar=False)
+    config = load_config(None, {**DEV, "mcp.upstreams": {"docs": {"url": "https://docs.example/mcp"}},
+                                "invoke.tools": {"lookup": {"url": "https://lookup.example/items"}}})
     assert config.escalation.webhook_allow_plaintext is False and config.policy.opa.allow_plaintext is False
+    assert config.mcp.upstreams["docs"].allow_plaintext is False and config.invoke.tools["lookup"].allow_plaintext is False
+
+
+@pytest.mark.parametrize("section", ["mcp.upstreams", "invoke.tools"])
+def test_the_credential_has_no_opt_in_of_its_own(section: str):
+    """The upstream's or tool's one opt-in covers its credential: a second key could only disagree with it."""
+    with pytest.raises(ConfigError, match=rf"^{section}\.docs\.credential\.allow_plaintext: unknown key"):
+        load_config(None, {**DEV, section: {"docs": {"url": "https://docs.example/mcp",
+                                                     "credential": {**SECRET, "allow_plaintext": True}}}})
+
+
+def test_a_stdio_upstream_has_nothing_to_send_in_clear():
+    with pytest.raises(ConfigError, match=r"^mcp\.upstreams\.fs\.allow_plaintext: only for a Streamable HTTP upstream"):
+        load_config(None, {**DEV, "mcp.upstreams": {"fs": {"command": ["fs-server"], "allow_plaintext": True}}})
+    load_config(None, {**DEV, "mcp.upstreams": {"fs": {"command": ["fs-server"]}}})
+
+
+def test_docs_mcp_quotes_the_refusal_as_the_sidecar_writes_it():
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "mcp.md").read_text()
+    quoted = text.split("credential (the CLI exits 2):\n\n", 1)[1].split("\n\n", 1)[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {**DEV, "mcp.upstreams": {"docs": {"url": "http://docs-mcp:8000/mcp"}}})
+    assert " ".join(quoted.split()) == f"agent-sidecar: {info.value}"
