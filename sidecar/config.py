@@ -206,6 +206,10 @@ class TelemetryConfig:
     protocol: str = ""
     # Collector endpoint; "" = OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else the exporter default.
     endpoint: str = ""
+    # Export spans over plain http:// (or gRPC with OTEL_EXPORTER_OTLP_[TRACES_]INSECURE=true) to a
+    # collector that is not on loopback: only where the network encrypts the hop itself (a service
+    # mesh's mutual TLS). Off, such an endpoint is refused at start (docs/evidence.md).
+    allow_plaintext: bool = False
     # service.name of the spans; "" = OTEL_SERVICE_NAME, else agent-sidecar.
     service_name: str = ""
     # One export attempt's budget; failed exports are retried with backoff forever.
@@ -607,6 +611,8 @@ def _validate_evidence_sections(config: "Config") -> None:
         raise ConfigError(f"telemetry.protocol: must be grpc or http/protobuf, not {telemetry.protocol!r}")
     if telemetry.export_timeout_seconds <= 0 or telemetry.max_backoff_seconds <= 0:
         raise ConfigError("telemetry.export_timeout_seconds/max_backoff_seconds: must be positive")
+    if telemetry.endpoint and not telemetry.allow_plaintext:
+        refuse_spans_in_clear(telemetry.endpoint, "telemetry.endpoint")
 
 
 def _http_url(value: str, key: str) -> None:
@@ -669,6 +675,15 @@ def _refuse_in_clear(url: str, key: str, what: str, harm: str, allowed_by: str) 
             f"{key}: {what} would go in clear over http:// to {parts.hostname} ({harm}): use https://, or set "
             f"{allowed_by}: true where the network encrypts the hop itself (a service mesh's mTLS)"
         )
+
+
+def refuse_spans_in_clear(url: str, key: str) -> None:
+    """`_refuse_in_clear` for the OTLP span export: `key` is telemetry.endpoint, or the OTEL_* variable the
+    endpoint came from (checked where the exporter is built, sidecar/evidence/spans.py)."""
+    _refuse_in_clear(url, key, "the evidence spans (who called which tool, outcomes, reasons, approvers) and "
+                    "the exporter's headers (OTEL_EXPORTER_OTLP_HEADERS, often a collector's API key)",
+                    "anyone on the path could read them, and drop or change the collector's copy of the evidence",
+                    "telemetry.allow_plaintext")
 
 
 def _loopback(host_port: str) -> bool:

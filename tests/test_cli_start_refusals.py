@@ -36,19 +36,21 @@ def settings(tmp_path, **sections) -> dict:
     return base
 
 
-async def serve(tmp_path, config: dict) -> tuple[int, str, str]:
-    """`agent-sidecar serve` with a TMPDIR of its own; (exit status, stderr, what is left in that TMPDIR)."""
+async def serve(tmp_path, config: dict, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`agent-sidecar serve` with a TMPDIR of its own (and `env` added to its environment); (exit status,
+    stderr, what is left in that TMPDIR)."""
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump(config))
     with tempfile.TemporaryDirectory(dir="/tmp") as tmpdir:  # short: OPA's unix socket goes under it
-        code, err = await _run(path, tmpdir)
+        code, err = await _run(path, tmpdir, env or {})
         return code, err, sorted(os.listdir(tmpdir))
 
 
-async def _run(path, tmpdir: str) -> tuple[int, str]:
+async def _run(path, tmpdir: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", "serve", "--config", str(path), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmpdir)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {}), "TMPDIR": str(tmpdir)},
     )
     _, err = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode, err.decode()
@@ -177,3 +179,19 @@ async def test_a_tool_in_clear_off_loopback_stops_the_start_naming_its_key(tmp_p
     assert f"set {key}.allow_plaintext: true where the network encrypts the hop itself" in err, err
     assert "OPA" not in err and "Traceback" not in err, err
     assert not (tmp_path / "evidence").exists() and left == []
+
+
+@pytest.mark.parametrize("telemetry, env, key", [
+    ({"endpoint": "http://otel-collector.observability.svc:4317"}, {}, "telemetry.endpoint"),
+    ({"endpoint": ""}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc:4317"},
+     "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ({"endpoint": "", "protocol": "http/protobuf"},
+     {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "HTTP://10.0.0.7:4318/v1/traces"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+])
+async def test_spans_in_clear_off_loopback_stop_the_start_naming_where_the_endpoint_came_from(tmp_path, telemetry, env,
+                                                                                             key):
+    code, err, left = await serve(tmp_path, settings(tmp_path, telemetry=telemetry), env)
+    assert code == 2, err
+    assert f"agent-sidecar: {key}: the evidence spans" in err and "telemetry.allow_plaintext: true" in err, err
+    assert "Traceback" not in err, err
+    assert left == []  # whatever the start had begun (a variable is only read where the exporter is built) is undone

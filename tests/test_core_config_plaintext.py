@@ -1,6 +1,6 @@
 """Nothing the sidecar sends out crosses a network in clear: every setting whose URL carries data
 (a tool's calls, arguments, answers and credential alike; an escalation notice; a call's input to an
-external OPA) refuses plain http:// to a host that is not loopback, by one rule, unless its opt-in
+external OPA; the evidence spans to a collector) refuses plain http:// to a host that is not loopback, by one rule, unless its opt-in
 says the network encrypts the hop (a service mesh's mTLS).
 
 Every surface is tried with every spelling of a host: what a reader takes for loopback and is not
@@ -10,6 +10,7 @@ loopback written every way it can be.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import pytest
@@ -78,6 +79,8 @@ def _tool_surface(section: str, name: str, kind: dict[str, str], path: str = "")
                    f"{section}.{name}.allow_plaintext")
 
 
+SPANS = ("the evidence spans (who called which tool, outcomes, reasons, approvers) and the exporter's headers "
+         "(OTEL_EXPORTER_OTLP_HEADERS, often a collector's API key)")
 JWT = {"kind": "jwt_svid", "audience": "spiffe://example.org/docs"}
 SECRET = {"kind": "secret_file", "file": "/var/run/secrets/token"}
 SURFACES = [
@@ -87,6 +90,9 @@ SURFACES = [
     Surface("escalation.webhook_url",
             lambda url, opt_in: {**DEV, "escalation.webhook_url": url, "escalation.webhook_allow_plaintext": opt_in},
             "escalation.webhook_url", "notices", "escalation.webhook_allow_plaintext"),
+    Surface("telemetry.endpoint",
+            lambda url, opt_in: {**DEV, "telemetry.endpoint": url, "telemetry.allow_plaintext": opt_in},
+            "telemetry.endpoint", SPANS, "telemetry.allow_plaintext"),
     *(_tool_surface("mcp.upstreams", "docs", kind, "/mcp") for kind in ({}, JWT, SECRET)),
     # a URL template: the host checked is the template's own (arguments only ever fill path and query)
     *(_tool_surface("invoke.tools", "lookup", kind, "/items/{item}?q={query}") for kind in ({}, JWT, SECRET)),
@@ -108,10 +114,58 @@ def test_nothing_goes_in_clear_off_loopback(surface: Surface, url: str, host: st
     load_config(None, surface.settings(url, True))  # the opt-in: a service mesh's mTLS encrypts the hop
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"])
+@pytest.mark.parametrize("url, host", SPELLINGS)
+def test_spans_go_in_clear_off_loopback_from_the_environment_neither(protocol: str, variable: str, url: str,
+                                                                     host: str | None):
+    """telemetry.endpoint "" leaves the endpoint to the OTEL_* variables, checked where the exporter is built."""
+    from sidecar.evidence.spans import exporter_from_env
+
+    env = {variable: url}
+    if host is None:
+        exporter_from_env(protocol=protocol, environ=env).shutdown()
+    else:
+        with pytest.raises(ConfigError) as info:
+            exporter_from_env(protocol=protocol, environ=env)
+        message = str(info.value)
+        assert message.startswith(f"{variable}: {SPANS} would go in clear over http:// to {host} ("), message
+        assert "telemetry.allow_plaintext: true where the network encrypts the hop" in message and "s3cret" not in message
+    exporter_from_env(protocol=protocol, allow_plaintext=True, environ=env).shutdown()  # the opt-in
+
+
+@pytest.mark.parametrize("endpoint, env, refused_as", [
+    ("collector.example:4317", {}, None),  # no scheme: TLS, the gRPC exporter's default
+    ("collector.example:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "true"},
+     "telemetry.endpoint (with OTEL_EXPORTER_OTLP_INSECURE=true)"),
+    ("collector.example:4317", {"OTEL_EXPORTER_OTLP_TRACES_INSECURE": "TRUE", "OTEL_EXPORTER_OTLP_INSECURE": "false"},
+     "telemetry.endpoint (with OTEL_EXPORTER_OTLP_TRACES_INSECURE=true)"),
+    ("collector.example:4317", {"OTEL_EXPORTER_OTLP_TRACES_INSECURE": "false", "OTEL_EXPORTER_OTLP_INSECURE": "true"},
+     None),  # the traces variable wins, as in the exporter
+    ("", {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector.example:4317", "OTEL_EXPORTER_OTLP_INSECURE": "true"},
+     "OTEL_EXPORTER_OTLP_ENDPOINT (with OTEL_EXPORTER_OTLP_INSECURE=true)"),
+    ("localhost:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "true"}, None),  # in clear, on loopback
+    ("", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://collector.example:4317",
+          "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"}, None),  # the traces variable wins
+    ("https://collector.example:4317", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"}, None),
+    ("", {}, None),  # the default: localhost
+])
+def test_a_grpc_endpoint_without_a_scheme_is_in_clear_only_when_insecure_says_so(endpoint, env, refused_as):
+    from sidecar.evidence.spans import exporter_from_env
+
+    if refused_as is None:
+        exporter_from_env(endpoint=endpoint, environ=env).shutdown()
+        return
+    with pytest.raises(ConfigError, match=rf"^{re.escape(refused_as)}: the evidence spans .* to collector\.example \("):
+        exporter_from_env(endpoint=endpoint, environ=env)
+    exporter_from_env(endpoint=endpoint, allow_plaintext=True, environ=env).shutdown()
+
+
 def test_the_opt_ins_default_off():
     config = load_config(None, {**DEV, "mcp.upstreams": {"docs": {"url": "https://docs.example/mcp"}},
                                 "invoke.tools": {"lookup": {"url": "https://lookup.example/items"}}})
     assert config.escalation.webhook_allow_plaintext is False and config.policy.opa.allow_plaintext is False
+    assert config.telemetry.allow_plaintext is False
     assert config.mcp.upstreams["docs"].allow_plaintext is False and config.invoke.tools["lookup"].allow_plaintext is False
 
 

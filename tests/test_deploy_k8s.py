@@ -705,6 +705,7 @@ def test_otlp_goes_sidecar_to_collector_to_jaeger():
     config = sidecar_config()
     endpoint = urlsplit(config.telemetry.endpoint)
     assert config.telemetry.protocol == "grpc" and endpoint.scheme == "http"
+    assert config.telemetry.allow_plaintext  # in clear off loopback only by the opt-in docs/deploy.md explains
     _, collector, collector_port = service_target(endpoint.hostname, endpoint.port)
     collector_config = yaml.safe_load((K8S / "observability" / "collector.yaml").read_text())
     receiver = collector_config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
