@@ -865,6 +865,8 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
 
 
 def _validate_invoke(invoke: InvokeConfig) -> None:
+    from urllib.parse import urlsplit
+
     if invoke.jwt_refresh_before_seconds < 0:
         raise ConfigError("invoke.jwt_refresh_before_seconds: must not be negative")
     if not math.isfinite(invoke.jwt_fetch_timeout_seconds) or invoke.jwt_fetch_timeout_seconds <= 0:
@@ -878,6 +880,16 @@ def _validate_invoke(invoke: InvokeConfig) -> None:
         key = f"invoke.tools.{name}"
         if tool.method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ConfigError(f"{key}.method: must be GET, POST, PUT, PATCH or DELETE, not {tool.method!r}")
+        try:
+            written = urlsplit(tool.url)
+        except ValueError:
+            written = None  # _http_url names the problem
+        if written is not None and ("{" in written.scheme or "{" in written.netloc):
+            raise ConfigError(
+                f"{key}.url: a placeholder in the scheme, host or port of {url_for_messages(tool.url)} would let the "
+                "call's arguments choose where the call goes (its credential with it), and which host the rules "
+                "here were checked for; placeholders fill the path and the query only"
+            )
         url = tool.url.replace("{", "").replace("}", "")  # the template's URL with its placeholders' names
         _http_url(url, f"{key}.url")
         _refuse_tool_in_clear(url, key, tool.credential, tool.allow_plaintext)

@@ -54,6 +54,12 @@ def test_the_yaml_examples_in_docs_mcp_load(tmp_path):
         ({"invoke.tools": {"t": {"url": "https://x/{a}", "method": "TRACE"}}}, "invoke.tools.t.method"),
         ({"invoke.tools": {"t": {"url": "https://x", "credential": {"kind": "secret_file"}}}}, "invoke.tools.t.credential.file"),
         ({"invoke.tools": {"t": {"url": "https://x", "headers": {"a": 1}}}}, "invoke.tools.t.headers.a"),
+        # the operator names where a tool's calls go, never the agent: no placeholder before the path
+        *(({"invoke.tools": {"t": {"url": url}}}, "invoke.tools.t.url: a placeholder in the scheme, host or port")
+          for url in ("https://{host}/a", "https://{tenant}.tools.example/a", "https://tools.example:{port}/a",
+                      "https://{user}@tools.example/a", "http://127.0.0.1{x}/a")),
+        ({"invoke.tools": {"t": {"url": "{scheme}://tools.example/a"}}}, "invoke.tools.t.url: must be an http://"),
+        ({"invoke.tools": {"t": {"url": "https://[::1{x}]/a"}}}, "invoke.tools.t.url: not a valid URL"),
     ],
 )
 def test_bad_settings_name_their_key(settings, key):
