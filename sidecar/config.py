@@ -278,6 +278,10 @@ class ConsoleConfig:
     # The sidecar whose Approvals API the console uses (host:port or unix:/path);
     # "" = this config's listen.unix, else listen.tcp.
     sidecar: str = ""
+    # Reach a console.sidecar that is not on loopback over plaintext gRPC (the console speaks no TLS):
+    # only where the network encrypts the hop itself (a service mesh's mutual TLS). Off, such a
+    # console.sidecar is refused; put a TLS relay on loopback in front of it (deploy/k8s/console).
+    sidecar_allow_plaintext: bool = False
     # A file with a JWT-SVID the console presents to the sidecar (refreshed by
     # e.g. spiffe-helper); required outside dev mode; "" = none (dev mode only).
     token_file: str = ""
@@ -469,6 +473,15 @@ class Config:
         JWT-SVID); the dev approver is refused.
         """
         console = self.console
+        target = console.sidecar
+        if target and not target.startswith("unix:") and not _loopback(target) and not console.sidecar_allow_plaintext:
+            raise ConfigError(
+                f"console.sidecar: the console's JWT-SVID, the approver it names and every approval would go in "
+                f"clear over plaintext gRPC to {target!r} (the console speaks no TLS: anyone on the path could "
+                "read and replay the token, or change a denial into an approval): reach the sidecar on loopback "
+                "through a TLS relay (ghostunnel, deploy/k8s/console) or its unix socket, or set "
+                "console.sidecar_allow_plaintext: true where the network encrypts the hop itself (a service mesh's mTLS)"
+            )
         if self.dev_mode:
             if not _loopback(console.listen):
                 raise ConfigError(_dev_off_loopback("console.listen", console.listen))

@@ -195,3 +195,23 @@ async def test_spans_in_clear_off_loopback_stop_the_start_naming_where_the_endpo
     assert f"agent-sidecar: {key}: the evidence spans" in err and "telemetry.allow_plaintext: true" in err, err
     assert "Traceback" not in err, err
     assert left == []  # whatever the start had begun (a variable is only read where the exporter is built) is undone
+
+
+@pytest.mark.parametrize("flags", [[], ["--sidecar", "10.0.0.5:50051"]], ids=["console.sidecar", "--sidecar"])
+async def test_a_console_reaching_its_sidecar_in_clear_off_loopback_does_not_start(tmp_path, flags):
+    path = tmp_path / "console.yaml"
+    path.write_text(yaml.safe_dump({
+        "identity": {"sources": ["dev"]},
+        "console": {"listen": "127.0.0.1:0", "dev_approver": "email:dev@example.org",
+                    "sidecar": "agent-sidecars.agents.svc:50051"},
+    }))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "console", "--config", str(path), *flags, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2, err
+    target = flags[1] if flags else "agent-sidecars.agents.svc:50051"
+    assert err.decode().startswith(f"agent-sidecar: console.sidecar: the console's JWT-SVID, the approver it names "
+                                   f"and every approval would go in clear over plaintext gRPC to {target!r}"), err
+    assert out == b""

@@ -166,6 +166,7 @@ def test_the_opt_ins_default_off():
                                 "invoke.tools": {"lookup": {"url": "https://lookup.example/items"}}})
     assert config.escalation.webhook_allow_plaintext is False and config.policy.opa.allow_plaintext is False
     assert config.telemetry.allow_plaintext is False
+    assert config.console.sidecar_allow_plaintext is False
     assert config.mcp.upstreams["docs"].allow_plaintext is False and config.invoke.tools["lookup"].allow_plaintext is False
 
 
@@ -191,3 +192,43 @@ def test_docs_mcp_quotes_the_refusal_as_the_sidecar_writes_it():
     with pytest.raises(ConfigError) as info:
         load_config(None, {**DEV, "mcp.upstreams": {"docs": {"url": "http://docs-mcp:8000/mcp"}}})
     assert " ".join(quoted.split()) == f"agent-sidecar: {info.value}"
+
+
+# console.sidecar is a gRPC target (host:port, unix:/path), and the console speaks no TLS: only the
+# pod (loopback, a unix socket) is out of reach of the path.
+CONSOLE_TARGETS = [
+    ("agent-sidecars.agents.svc:50051", False),
+    ("10.0.0.5:50051", False),
+    ("0.0.0.0:50051", False),
+    ("[::]:50051", False),
+    ("[::ffff:127.0.0.1]:50051", False),
+    ("127.0.0.1.evil.example:50051", False),
+    ("localhost.:50051", False),
+    ("dns:///agent-sidecars.agents.svc:50051", False),   # gRPC's own target syntax, resolved by DNS
+    ("ipv4:127.0.0.1:50051", False),                     # loopback, but not a form we read: refused, never guessed
+    ("127.0.0.1", False),                                # no port: gRPC's default is 443, a name for TLS it lacks
+    ("127.0.0.1:50051", True),
+    ("127.3.2.1:50051", True),
+    ("localhost:50051", True),
+    ("[::1]:50051", True),
+    ("unix:/run/agent-sidecar/sidecar.sock", True),
+    ("unix:///run/agent-sidecar/sidecar.sock", True),
+]
+CONSOLE = {"identity.sources": ["workload_api"], "listen.unix": "/tmp/x.sock", "escalation.approvers": ["email:*@example.org"],
+           "console.trusted_header": "X-Email", "console.token_file": "/var/run/secrets/console/jwt"}
+
+
+@pytest.mark.parametrize("dev", [False, True], ids=["outside dev mode", "dev mode"])
+@pytest.mark.parametrize("target, in_the_pod", CONSOLE_TARGETS)
+def test_the_console_reaches_its_sidecar_in_clear_only_inside_the_pod(target: str, in_the_pod: bool, dev: bool):
+    base = {**DEV, "console.dev_approver": "email:dev@example.org"} if dev else CONSOLE
+    config = load_config(None, {**base, "console.sidecar": target})
+    if in_the_pod:
+        config.validate_console()
+    else:
+        with pytest.raises(ConfigError) as info:
+            config.validate_console()
+        assert str(info.value).startswith(f"console.sidecar: the console's JWT-SVID, the approver it names and every "
+                                          f"approval would go in clear over plaintext gRPC to {target!r} ("), info.value
+        assert "console.sidecar_allow_plaintext: true where the network encrypts the hop" in str(info.value)
+    load_config(None, {**base, "console.sidecar": target, "console.sidecar_allow_plaintext": True}).validate_console()
