@@ -113,6 +113,27 @@ def server_cpu(sidecar_pid: int) -> dict[str, float]:
     return {"sidecar": cpu_seconds(sidecar_pid), "opa": sum(cpu_seconds(c) for c in children(sidecar_pid))}
 
 
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds the whole machine has spent, all cores: `busy` (neither idle nor waiting for I/O)
+    and `steal` (a virtual machine's cores taken by its host), from the first line of /proc/stat (proc(5)),
+    with `at`, the monotonic clock when read."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle, iowait, steal = ticks[3], ticks[4], ticks[7]
+    return {"busy": (sum(ticks[:8]) - idle - iowait - steal) / hz, "steal": steal / hz, "at": time.monotonic()}
+
+
+def other_work(before: dict, after: dict, ours: dict[str, float], calls: int) -> dict[str, float]:
+    """Cores kept busy, on average over a scenario, by what the bench does not measure: `other` (every
+    process but the server, its OPA and the load process: other work on the machine) and `steal` (the
+    host). `ours` is cpu_per_call's split, in ms per call. A figure taken with either well above zero
+    shares its cores with something else, and is not comparable with a quiet run."""
+    wall = max(after["at"] - before["at"], 1e-9)
+    ours_seconds = (ours["total"] * max(calls, 1)) / 1000
+    return {"other": max(0.0, after["busy"] - before["busy"] - ours_seconds) / wall,
+            "steal": (after["steal"] - before["steal"]) / wall}
+
+
 def cpu_per_call(before: dict, after: dict, result: dict) -> dict[str, float]:
     """Milliseconds of CPU per answered call: sidecar, OPA, the load process, and their sum."""
     calls = max(result["calls"], 1)
@@ -244,20 +265,32 @@ def main() -> int:
                 time.sleep(1.0)  # identity fetched, health SERVING
                 for name, scenario in SCENARIOS:
                     floor_before: dict = {}
+                    floor_machine: dict = {}
+
+                    def on_floor_warm() -> None:
+                        floor_before.update(server_cpu(floor.pid))
+                        floor_machine.update(machine_cpu())
+
                     floor_result = load(f"unix:{workdir / 'floor.sock'}", scenario, args.seconds, calls_file,
-                                        on_warm=lambda: floor_before.update(server_cpu(floor.pid)))
+                                        on_warm=on_floor_warm)
                     floor_result["cpu_ms_per_call"] = cpu_per_call(floor_before, server_cpu(floor.pid), floor_result)
+                    floor_result["other_cores"] = other_work(floor_machine, machine_cpu(),
+                                                             floor_result["cpu_ms_per_call"], floor_result["calls"])
                     before: dict = {}
                     cpu_before: dict = {}
+                    machine_before: dict = {}
                     extra = ["--tls-dir", str(tls_dir)] if tls_dir else []
 
                     def on_warm() -> None:
                         before.update(stage_totals(metrics_port))
                         cpu_before.update(server_cpu(sidecar.pid))
+                        machine_before.update(machine_cpu())
 
                     sidecar_result = load(target, scenario + extra, args.seconds, calls_file, on_warm=on_warm)
                     sidecar_result["cost_split_ms"] = cost_split(before, stage_totals(metrics_port))
                     sidecar_result["cpu_ms_per_call"] = cpu_per_call(cpu_before, server_cpu(sidecar.pid), sidecar_result)
+                    sidecar_result["other_cores"] = other_work(machine_before, machine_cpu(),
+                                                               sidecar_result["cpu_ms_per_call"], sidecar_result["calls"])
                     results.append({"scenario": name, "identity": label, "floor": floor_result,
                                     "sidecar": sidecar_result})
             finally:
@@ -340,6 +373,9 @@ def print_table(report: dict) -> None:
         floor_cpu = row["floor"]["cpu_ms_per_call"]
         print(f"{'':<45} CPU ms per call: sidecar {cpu['sidecar']:.3f}, OPA {cpu['opa']:.3f}, load {cpu['load']:.3f} "
               f"(all {report['machine']['cpus']} cores busy at ~{ceiling:.0f} calls/s); floor server {floor_cpu['sidecar']:.3f}")
+        print(f"{'':<45} cores busy with other work (steal) meanwhile: "
+              + "; ".join(f"{label} {row[label]['other_cores']['other']:.2f} ({row[label]['other_cores']['steal']:.2f})"
+                          for label in ("floor", "sidecar")))
     if report.get("large_calls"):
         large_calls.print_table(report["large_calls"])
     gateway = report.get("mcp_gateway")
