@@ -139,6 +139,9 @@ class UsageConfig:
     # postgres: libpq connection string or URL; "" = the PG* environment
     # variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
     dsn: str = ""
+    # Reach a PostgreSQL off the pod without sslmode verify-ca/verify-full: only where the network
+    # encrypts the hop itself (a service mesh's mutual TLS). Off, such a dsn is refused at load.
+    dsn_allow_plaintext: bool = False
     # postgres: connections per sidecar.
     pool_size: int = 4
     # postgres: budget of one count (waiting for a connection included).
@@ -227,6 +230,9 @@ class EscalationConfig:
     # libpq connection string or URL, used when store is postgres; "" = the PG*
     # environment variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
     dsn: str = ""
+    # Reach a PostgreSQL off the pod without sslmode verify-ca/verify-full: only where the network
+    # encrypts the hop itself (a service mesh's mutual TLS). Off, such a dsn is refused at load.
+    dsn_allow_plaintext: bool = False
     # PostgreSQL connections per sidecar.
     pool_size: int = 4
     # Budget of one store operation (connect, lock wait, statement).
@@ -584,13 +590,11 @@ def _validate_usage(usage: UsageConfig) -> None:
             raise ConfigError(f"usage.{key}: must be positive")
     if not usage.task_idle_seconds > 0:
         raise ConfigError("usage.task_idle_seconds: must be positive")
-    if usage.store == "postgres":
-        from psycopg.conninfo import conninfo_to_dict
-
-        try:
-            conninfo_to_dict(usage.dsn)
-        except Exception:  # its message may quote the string, password included
-            raise ConfigError("usage.dsn: not a libpq connection string or postgresql:// URL") from None
+    if usage.store == "postgres" and not usage.dsn_allow_plaintext:
+        _refuse_postgres_in_clear(usage.dsn, "usage.dsn", "every call's usage counters (callers, tools, tasks)",
+                                  "anyone on the path could read them, or change the counts rate limits decide on")
+    elif usage.store == "postgres":
+        _conninfo(usage.dsn, "usage.dsn")
 
 
 def _validate_evidence_sections(config: "Config") -> None:
@@ -699,6 +703,48 @@ def refuse_spans_in_clear(url: str, key: str) -> None:
                     "telemetry.allow_plaintext")
 
 
+def _conninfo(dsn: str, key: str) -> dict[str, str]:
+    """The settings `dsn` gives (libpq's parse); ConfigError naming `key`, never the string, when it is not one."""
+    from psycopg import pq
+
+    try:
+        return {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.parse(dsn.encode()) if o.val}
+    except Exception:  # its message may quote the string, password included
+        raise ConfigError(f"{key}: not a libpq connection string or postgresql:// URL") from None
+
+
+def _refuse_postgres_in_clear(dsn: str, key: str, what: str, harm: str) -> None:
+    """ConfigError naming `key` when `dsn`, with the PG* variables libpq adds to it (read as libpq reads
+    them), reaches a PostgreSQL off the pod (neither a unix socket nor loopback) without sslmode verify-ca or
+    verify-full: under prefer or require whoever on the path answers first is the database. The rule of
+    `_refuse_in_clear` for a connection string; `{key}_allow_plaintext` is the opt-in. A service (service=,
+    PGSERVICE) may name any host from its file, so it needs a verifying sslmode too."""
+    import itertools
+
+    from psycopg import pq
+
+    defaults = {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.get_defaults() if o.val}
+    effective = {**defaults, **_conninfo(dsn, key)}
+    sslmode = effective.get("sslmode", "prefer")
+    if sslmode in ("verify-ca", "verify-full"):
+        return
+    hosts = effective.get("host", "").split(",")
+    addresses = effective.get("hostaddr", "").split(",")
+    off_pod = [
+        address or host for host, address in itertools.zip_longest(hosts, addresses, fillvalue="")
+        if not (_loopback(f"{address}:0") if address else not host or host.startswith(("/", "@")) or _loopback(f"{host}:0"))
+    ]
+    if effective.get("service") and not off_pod:
+        off_pod = [f"the hosts of service {effective['service']!r}"]
+    if off_pod:
+        raise ConfigError(
+            f"{key}{'' if dsn else ' (the PG* variables)'}: {what} would go to PostgreSQL at {', '.join(off_pod)} "
+            f"with sslmode={sslmode} ({harm}): use sslmode=verify-full (in {key} or PGSSLMODE, with the server's "
+            f"CA in sslrootcert), or set {key}_allow_plaintext: true where the network encrypts the hop itself "
+            "(a service mesh's mTLS)"
+        )
+
+
 def _loopback(host_port: str) -> bool:
     import ipaddress
 
@@ -739,6 +785,11 @@ MAX_ESCALATION_SECONDS = 10 * 365 * 86_400
 def _validate_escalation(esc: "EscalationConfig") -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
+    if esc.store == "postgres" and not esc.dsn_allow_plaintext:
+        _refuse_postgres_in_clear(esc.dsn, "escalation.dsn", "escalations (argument previews, approvers, decisions)",
+                                  "anyone on the path could read them, or turn a pending escalation into an approved one")
+    elif esc.store == "postgres":
+        _conninfo(esc.dsn, "escalation.dsn")
     for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
                 "webhook_timeout_seconds", "webhook_backoff_seconds"):
         if not getattr(esc, key) > 0:

@@ -215,3 +215,15 @@ async def test_a_console_reaching_its_sidecar_in_clear_off_loopback_does_not_sta
     assert err.decode().startswith(f"agent-sidecar: console.sidecar: the console's JWT-SVID, the approver it names "
                                    f"and every approval would go in clear over plaintext gRPC to {target!r}"), err
     assert out == b""
+
+
+async def test_a_postgres_off_the_pod_without_verified_tls_stops_the_start(tmp_path):
+    """The PG* variables (dsn "") are read as libpq reads them, at load: nothing is started."""
+    code, err, left = await serve(tmp_path, settings(tmp_path, escalation={"store": "postgres"}),
+                                  {"PGHOST": "agent-postgres.agents.svc", "PGSSLMODE": "prefer"})
+    assert code == 2, err
+    assert err.startswith("agent-sidecar: escalation.dsn (the PG* variables): escalations (argument previews, "
+                          "approvers, decisions) would go to PostgreSQL at agent-postgres.agents.svc with "
+                          "sslmode=prefer ("), err
+    assert "OPA" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "evidence").exists() and left == []

@@ -167,6 +167,7 @@ def test_the_opt_ins_default_off():
     assert config.escalation.webhook_allow_plaintext is False and config.policy.opa.allow_plaintext is False
     assert config.telemetry.allow_plaintext is False
     assert config.console.sidecar_allow_plaintext is False
+    assert config.escalation.dsn_allow_plaintext is False and config.usage.dsn_allow_plaintext is False
     assert config.mcp.upstreams["docs"].allow_plaintext is False and config.invoke.tools["lookup"].allow_plaintext is False
 
 
@@ -232,3 +233,67 @@ def test_the_console_reaches_its_sidecar_in_clear_only_inside_the_pod(target: st
                                           f"approval would go in clear over plaintext gRPC to {target!r} ("), info.value
         assert "console.sidecar_allow_plaintext: true where the network encrypts the hop" in str(info.value)
     load_config(None, {**base, "console.sidecar": target, "console.sidecar_allow_plaintext": True}).validate_console()
+
+
+# PostgreSQL (escalation.dsn, usage.dsn): the connection libpq will make, from the string and the PG*
+# variables it reads. Off the pod only with an sslmode that verifies the server (prefer and require give way
+# to whoever on the path answers first). (dsn, environment, where it is refused as going; None: allowed)
+POSTGRES = [
+    ("host=db.example dbname=sidecar", {}, "db.example"),
+    ("postgresql://sidecar:s3cret@10.0.0.5/sidecar", {}, "10.0.0.5"),
+    ("host=db.example sslmode=require", {}, "db.example"),               # encrypted, but to anyone who answers
+    ("host=db.example sslmode=disable", {}, "db.example"),
+    ("host=db.example", {"PGSSLMODE": "require"}, "db.example"),
+    ("", {"PGHOST": "agent-postgres.agents.svc"}, "agent-postgres.agents.svc"),
+    ("", {"PGHOSTADDR": "10.0.0.5"}, "10.0.0.5"),
+    ("host=127.0.0.1,db.example", {}, "db.example"),                     # any of several hosts
+    ("host=127.0.0.1.evil.example", {}, "127.0.0.1.evil.example"),
+    ("host=localhost. port=5432", {}, "localhost."),
+    ("host=::ffff:127.0.0.1", {}, "::ffff:127.0.0.1"),
+    ("host=/run/pg hostaddr=10.0.0.5", {}, "10.0.0.5"),                  # hostaddr is where libpq connects
+    ("service=prod", {}, "the hosts of service 'prod'"),                 # its file may name any host
+    ("", {"PGSERVICE": "prod"}, "the hosts of service 'prod'"),
+    ("host=/run/postgresql", {}, None),                                  # a unix socket
+    ("", {}, None),                                                      # libpq's default: the unix socket
+    ("host=@abstract", {}, None),
+    ("host=127.0.0.1 port=5432", {}, None),
+    ("postgresql://sidecar@[::1]:5432/sidecar", {}, None),
+    ("host=localhost", {}, None),
+    ("hostaddr=127.0.0.1 host=db.example", {}, None),                    # the name only for TLS; loopback
+    ("host=db.example sslmode=verify-full", {}, None),
+    ("host=db.example sslmode=verify-ca", {}, None),
+    ("host=db.example", {"PGSSLMODE": "verify-full"}, None),
+    ("service=prod sslmode=verify-full", {}, None),
+    ("", {"PGHOST": "/run/postgresql"}, None),
+]
+
+
+@pytest.mark.parametrize("section, what", [("escalation", "escalations (argument previews, approvers, decisions)"),
+                                           ("usage", "every call's usage counters (callers, tools, tasks)")])
+@pytest.mark.parametrize("dsn, env, host", POSTGRES)
+def test_postgres_is_reached_off_the_pod_only_over_verified_tls(monkeypatch, section, what, dsn, env, host):
+    for name in ("PGHOST", "PGHOSTADDR", "PGSSLMODE", "PGSERVICE", "PGREQUIRESSL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = {**DEV, f"{section}.store": "postgres", f"{section}.dsn": dsn}
+    if host is None:
+        load_config(None, settings)
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, settings)
+        message = str(info.value)
+        key = f"{section}.dsn" + ("" if dsn else " (the PG* variables)")
+        assert message.startswith(f"{key}: {what} would go to PostgreSQL at {host} with sslmode="), message
+        assert f"or set {section}.dsn_allow_plaintext: true where the network encrypts the hop" in message
+        assert "s3cret" not in message
+    load_config(None, {**settings, f"{section}.dsn_allow_plaintext": True})  # the opt-in
+
+
+@pytest.mark.parametrize("section", ["escalation", "usage"])
+def test_a_dsn_libpq_cannot_read_is_refused_without_quoting_it(section):
+    for opt_in in (False, True):
+        with pytest.raises(ConfigError, match=rf"^{section}\.dsn: not a libpq connection string") as info:
+            load_config(None, {**DEV, f"{section}.store": "postgres", f"{section}.dsn": "password=s3cret host",
+                               f"{section}.dsn_allow_plaintext": opt_in})
+        assert "s3cret" not in str(info.value)

@@ -44,7 +44,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sidecar.config import Config, load_config
+from sidecar.config import Config, ConfigError, load_config
 from tests.conftest import REGO, REPO
 
 SOURCE = REPO / "deploy" / "k8s"
@@ -699,6 +699,21 @@ def test_writable_paths_are_volumes():
                 if not m.get("readOnly") and (m["name"] in claims or "emptyDir" in volume(spec, m["name"]))]
     assert any(evidence.is_relative_to(path) for path in writable), "evidence.dir must be on a writable volume"
     assert "/tmp" in writable  # Python's tempfiles on a read-only root
+
+
+def test_the_sidecar_config_loads_with_its_containers_postgres_variables(monkeypatch):
+    """The PG* variables statefulset.yaml gives the sidecar name a PostgreSQL off the pod without TLS: the
+    config loads only because it opts in, for both stores, as docs/deploy.md explains."""
+    sidecar = container(pod_spec("research-agent"), "agent-sidecar")
+    for item in sidecar["env"]:
+        if item["name"].startswith("PG") and "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    config = sidecar_config()
+    assert config.escalation.store == config.usage.store == "postgres"
+    assert config.escalation.dsn_allow_plaintext and config.usage.dsn_allow_plaintext
+    for key in ("escalation.dsn_allow_plaintext", "usage.dsn_allow_plaintext"):
+        with pytest.raises(ConfigError, match=r"\(the PG\* variables\): .* PostgreSQL at agent-postgres"):
+            load_config(K8S / "agent" / "sidecar.yaml", {key: False})
 
 
 def test_otlp_goes_sidecar_to_collector_to_jaeger():
