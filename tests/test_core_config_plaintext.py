@@ -297,3 +297,13 @@ def test_a_dsn_libpq_cannot_read_is_refused_without_quoting_it(section):
             load_config(None, {**DEV, f"{section}.store": "postgres", f"{section}.dsn": "password=s3cret host",
                                f"{section}.dsn_allow_plaintext": opt_in})
         assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["escalation.console_url", "console.jaeger_url"])
+def test_links_are_not_sent_to_so_no_rule_applies(key: str):
+    """escalation.console_url and console.jaeger_url only build links (in a notice, on the console's page):
+    the sidecar sends nothing there, and the notice itself is what the webhook rule covers. An http:// link
+    off loopback loads; where a person's browser then goes is the page's server's to secure."""
+    config = load_config(None, {**DEV, key: "http://approvals.example.org"})
+    section, name = key.split(".")
+    assert getattr(getattr(config, section), name) == "http://approvals.example.org"
