@@ -1,7 +1,8 @@
-"""Nothing the sidecar sends out crosses a network in clear: every setting whose URL carries data
-(a tool's calls, arguments, answers and credential alike; an escalation notice; a call's input to an
-external OPA; the evidence spans to a collector) refuses plain http:// to a host that is not loopback, by one rule, unless its opt-in
-says the network encrypts the hop (a service mesh's mTLS).
+"""Nothing the sidecar sends out crosses a network in clear: every setting that carries data (a tool's
+calls, arguments, answers and credential alike; an escalation notice; a call's input to an external OPA;
+the evidence spans to a collector; the console's approvals; the PostgreSQL stores) refuses plain http://
+(plaintext gRPC, PostgreSQL without verified TLS) to a host that is not loopback, by one rule, unless its
+opt-in says the network encrypts the hop (a service mesh's mTLS).
 
 Every surface is tried with every spelling of a host: what a reader takes for loopback and is not
 (`127.0.0.1.evil.example`, `127.0.0.1@evil.example`, `localhost.`, an IPv4-mapped address), and
