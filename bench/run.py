@@ -7,7 +7,8 @@ and prints a table; then what one large call costs the sidecar, by the shape of
 its arguments (bench/large_calls.py), and what the MCP gateway adds to a call
 over calling the MCP server directly (bench/mcp_gateway.py, its own process),
 and how long waking the managed OPA holds the sender under each scheduling
-policy (bench/opa_wakeup.py).
+policy (bench/opa_wakeup.py); and each identity mode against the speed
+targets (bench/targets.py).
 `--out` writes the figures as JSON, with the machine's load average. See
 docs/performance.md.
 """
@@ -33,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import large_calls  # noqa: E402
 import opa_wakeup  # noqa: E402
+import targets  # noqa: E402
 from calls import call_mix, write_calls  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,7 +312,8 @@ def main() -> int:
                # 1/5/15-minute load averages (os.getloadavg) at the start and the end: other work on the machine.
                "load_average": {"start": [round(x, 2) for x in load_before],
                                 "end": [round(x, 2) for x in os.getloadavg()]}}
-    report = {"machine": machine, "seconds_per_scenario": args.seconds, "results": results}
+    report = {"machine": machine, "seconds_per_scenario": args.seconds, "results": results,
+              "targets": targets.judge(results)}
     if large:
         report["large_calls"] = large
     if gateway:
@@ -376,6 +379,7 @@ def print_table(report: dict) -> None:
         print(f"{'':<45} cores busy with other work (steal) meanwhile: "
               + "; ".join(f"{label} {row[label]['other_cores']['other']:.2f} ({row[label]['other_cores']['steal']:.2f})"
                           for label in ("floor", "sidecar")))
+    targets.print_table(report["targets"])
     if report.get("large_calls"):
         large_calls.print_table(report["large_calls"])
     gateway = report.get("mcp_gateway")

@@ -3,7 +3,8 @@
 Each subcommand is a small function over the same stages the server uses.
 Exit status: 0 success, 1 a check failed (e.g. policy tests), 2 bad usage or
 configuration; `check` exits 0 allow, 3 deny, 4 escalate (CHECK_EXIT); 141
-(128 + SIGPIPE) when whoever reads the output stops reading (`| head`).
+(128 + SIGPIPE) when whoever reads the output stops reading (`| head`);
+`serve` 130 or 143 (128 + SIGINT or SIGTERM) when signalled before it serves.
 """
 
 from __future__ import annotations
@@ -113,12 +114,15 @@ def _policy_failure(config: Any, exc: Exception) -> int | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.escalation import StoreError
     from sidecar.evidence import EvidenceError
-    from sidecar.server import serve
+    from sidecar.server import StartInterrupted, serve
     from sidecar.task_store import TaskStoreError
 
     config = load_sidecar_config("serve", args.config, _config_overrides(args))
     try:
         asyncio.run(serve(config))
+    except StartInterrupted as exc:  # as a shell reports a process its signal ended
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except ConfigError as exc:  # found at start, e.g. no Workload API socket
         raise outside_dev_mode(exc, "serve", args.config, config) from None
     except EvidenceError as exc:
@@ -353,7 +357,8 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.bundle) if args.bundle else None
     except (SigningError, OSError) as exc:
         raise ConfigError(f"--key/--bundle: {exc}") from None
-    report = verify_dir(args.dir, public_keys=keys, bundle=bundle, signer_ids=args.signer or (), mirror=args.mirror)
+    report = verify_dir(args.dir, public_keys=keys, bundle=bundle, signer_ids=args.signer or (), mirror=args.mirror,
+                        log_id=args.log_id or "")
     print(format_report(report))
     return exit_code(report)
 
@@ -436,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the sidecar's gRPC server",
-        description="Run the sidecar until SIGINT/SIGTERM. Dev mode (every caller the dev identity, marked "
+        description="Run the sidecar until SIGINT/SIGTERM (exit 0 after the drain; 130/143 when signalled "
+        "before it serves, e.g. while it waits for evidence.lock_wait_seconds). Dev mode (every caller the dev identity, marked "
         "source: dev) only when the config says identity.sources: [dev], as examples/dev.yaml does (make run); "
         "without --config the defaults are not dev mode and, alone, are refused (they need listen.unix and "
         "escalation.approvers).",
@@ -563,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --bundle: the SVID that signs must have this SPIFFE ID (* matches any run); may repeat",
     )
     verify.add_argument("--mirror", metavar="FILE", help="checkpoint mirror (default DIR-checkpoints.jsonl beside DIR)")
+    verify.add_argument(
+        "--log-id", type=name, metavar="ID",
+        help="the log_id the log must have (its startup records and checkpoints name it; `verify` prints it as "
+        "'log id:'): another log put in its place, even one signed with the same key, is BROKEN",
+    )
     verify.set_defaults(run=cmd_evidence_verify)
     show = evidence_commands.add_parser(
         "show",

@@ -1,14 +1,21 @@
 """Prometheus metrics: what SREs alert on, and the per-stage timing the benchmark reads.
 
 Served on `metrics.listen` (disabled when ""), from the sidecar's own
-registry so several sidecars can live in one test process.
+registry so several sidecars can live in one test process. The socket is
+bound before the sidecar starts anything (sidecar/listeners.py) and handed
+to `serve`, so a port in use refuses the start, not a half-started sidecar.
 """
 
 from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.metrics import MetricWrapperBase
 
 log = logging.getLogger(__name__)
@@ -78,16 +85,39 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def serve(self, listen: str) -> int:
-        """Serve /metrics on host:port in a background thread; return the bound port."""
-        host, _, port = listen.rpartition(":")
-        self._server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
-        bound = self._server.server_port
-        log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
-        return bound
+    def serve(self, sock: socket.socket) -> int:
+        """Serve /metrics on the bound, listening `sock` in a background thread; return its port."""
+        server = _MetricsServer(sock, make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        self._server = server
+        host, port = sock.getsockname()[:2]
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        return port
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """No access line per scrape on stderr."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """The WSGI server prometheus_client's start_http_server makes, on a socket bound beforehand."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, app: object):
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], _Quiet, bind_and_activate=False)
+        self.socket.close()  # the unbound one socketserver made
+        self.socket = sock
+        sock.setblocking(True)  # socketserver polls, then accepts on a blocking socket
+        self.server_address = sock.getsockname()
+        self.server_name, self.server_port = self.server_address[0], self.server_address[1]
+        self.setup_environ()
+        self.set_app(app)

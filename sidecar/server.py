@@ -25,6 +25,7 @@ from sidecar.accept import Acceptors
 from sidecar.calls import CallIdRegistry
 from sidecar.config import Config, ConfigError
 from sidecar.evidence import Recorder
+from sidecar.evidence.lock import WriterLock
 from sidecar.evidence.records import dev_key_path
 from sidecar.evidence.signing import dev_public_key_path
 from sidecar.gate import Gate, Step, default_instance_id
@@ -35,11 +36,11 @@ from sidecar.identity.workload_api import WorkloadApiSource
 from sidecar.metrics import Metrics
 from sidecar.overload import LoopLag
 from sidecar.identity.factory import build_identity as build_identity_runtime
+from sidecar.listeners import Listeners, bind_listeners
 from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
 from sidecar.policy.shadow import Shadow
 from sidecar.servicer import TOOLGATE_SERVICE, ToolGateServicer
-from sidecar.sockets import remove_stale_socket
 from sidecar.steps import Admit, AskPolicy, Escalate
 from sidecar.task_store import TaskStore
 from sidecar.tasks import TaskRegistry
@@ -49,6 +50,7 @@ from sidecar.v1 import sidecar_pb2
 
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService
+    from sidecar.escalation.store import EscalationStore
     from sidecar.evidence.recorder import EvidenceRecorder
     from sidecar.evidence.signing import SigningKey
     from sidecar.invoke.http import HttpInvoker
@@ -110,11 +112,13 @@ def build_identity(config: Config) -> IdentityRuntime:
 
 def build_recorder(
     config: Config, policy: PolicyService | None, svid_source: object | None, signing_key: "SigningKey | None",
+    lock: WriterLock,
 ) -> "EvidenceRecorder | None":
     """The evidence log in evidence.dir, shipping its spans over OTLP (docs/evidence.md).
 
     Checkpoints are signed with evidence.signing_key (`signing_key`: read_start_files read it),
     else the sidecar's SVID (when the Workload API source is running), else a generated dev key.
+    `lock`: evidence.dir's writer lock, taken before any stage started (_claim).
     """
     from sidecar.evidence.recorder import open_recorder
     from sidecar.evidence.signing import svid_key_provider
@@ -135,7 +139,7 @@ def build_recorder(
         checkpoint_every=evidence.checkpoint_every,
         checkpoint_seconds=evidence.checkpoint_seconds,
         max_pending=evidence.max_pending,
-        lock_wait_seconds=evidence.lock_wait_seconds,
+        lock=lock,
         redact_keys=evidence.redact_keys,
         arguments=evidence.arguments,
         known_tool=known_tool,
@@ -234,14 +238,24 @@ def default_steps(
     return steps
 
 
-def build_escalations(config: Config, recorder: "EvidenceRecorder | None", webhook_secret: bytes | None):
-    """The escalation service on the configured store (docs/escalation.md); not started yet.
+def build_escalation_store(config: Config) -> "EscalationStore":
+    """The configured escalation store (docs/escalation.md), not opened yet. A new escalation is durable
+    through its evidence record, so SQLite does not sync it: what a host crash took from the store is
+    read back from the log at start (docs/escalation.md#durability; the service's evidence_reader)."""
+    from sidecar.escalation.store import open_store
+
+    return open_store(config.escalation, config.evidence.dir, sync_new_escalations=False)
+
+
+def build_escalations(
+    config: Config, store: "EscalationStore", recorder: "EvidenceRecorder | None", webhook_secret: bytes | None
+):
+    """The escalation service on `store` (opened by the caller; build_escalation_store); not started yet.
 
     `webhook_secret`: escalation.webhook_secret_file's secret, as read_start_files read it.
     """
     from sidecar.escalation.notify import WebhookNotifier
     from sidecar.escalation.service import EscalationService
-    from sidecar.escalation.store import open_store
 
     esc = config.escalation
     notifier = None
@@ -255,9 +269,7 @@ def build_escalations(config: Config, recorder: "EvidenceRecorder | None", webho
             console_url=esc.console_url,
         )
     return EscalationService(
-        # a new escalation is durable through its evidence record; what a host crash took from
-        # the store is read back from the log at start (docs/escalation.md#durability)
-        open_store(esc, config.evidence.dir, sync_new_escalations=recorder is None),
+        store,
         recorder=recorder,
         evidence_reader=recorder,
         ttl_seconds=esc.ttl_seconds,
@@ -315,10 +327,12 @@ def build_mcp_gateway(
     gate: Gate,
     identity: IdentityResolver,
     recorder: Recorder | None,
+    listeners: Listeners,
     grpc_address: str = "",
     svid_source: WorkloadApiSource | None = None,
 ):
-    """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md); not started yet.
+    """The MCP gateway in front of `mcp.upstreams` (docs/mcp.md), on the bound `listeners.mcp_tcp`
+    and `listeners.mcp_unix`; not started yet.
 
     With `mtls` among identity.sources its TCP listener serves HTTPS with mutual TLS on the SVID
     and bundles of `svid_source` (the identity runtime's Workload API source; required then).
@@ -351,8 +365,8 @@ def build_mcp_gateway(
         identity=identity,
         executor=Executor(sink=recorder, instance_id=gate.instance_id),
         invoker=McpInvoker(upstreams),
-        listen=config.mcp.listen,
-        unix=config.mcp.unix,
+        tcp=listeners.mcp_tcp,
+        unix=listeners.mcp_unix,
         max_body_bytes=4 * config.policy.max_input_bytes + 64 * 1024,
         escalation_memory=config.mcp.escalation_memory,
         grpc_address=grpc_address,
@@ -360,6 +374,21 @@ def build_mcp_gateway(
         escalations=gate.escalations,
         elicitation_wait_seconds=config.mcp.elicitation_wait_seconds,
         tls=tls,
+    )
+
+
+def build_grpc_server(config: Config, identity_runtime: IdentityRuntime) -> grpc.aio.Server:
+    """The gRPC server, no port bound, no service added yet (sidecar/listeners.py binds its ports)."""
+    return grpc.aio.server(
+        options=[
+            # Room above the policy cap, so an oversized call is denied and recorded,
+            # not refused by the transport unseen (docs/api.md: RESOURCE_EXHAUSTED).
+            ("grpc.max_receive_message_length", 4 * config.policy.max_input_bytes + 64 * 1024),
+            *identity_runtime.grpc_options,  # room for JWT-SVIDs: an oversized one is denied and recorded
+            # grpc core sets SO_REUSEPORT on Linux by default: a second server on the same port (another
+            # sidecar, any process of this user) would then bind it too and take a share of the calls.
+            ("grpc.so_reuseport", 0),
+        ]
     )
 
 
@@ -425,7 +454,8 @@ def read_start_files(config: Config) -> StartFiles:
 
     A start refused for a config problem must leave nothing behind: no OPA started, no
     `startup` record or checkpoint, no generated dev key, no span export. So what can be
-    found wrong without starting anything is found here, first.
+    found wrong without starting anything is found here, first; what another process may
+    hold (a port, the evidence lock, a store) is taken next, still before anything starts (_claim).
     """
     from sidecar.escalation.notify import load_webhook_secret
     from sidecar.evidence.signing import SigningError, load_private_key
@@ -443,7 +473,7 @@ def read_start_files(config: Config) -> StartFiles:
 
 
 async def start_sidecar(config: Config) -> RunningSidecar:
-    """Load policy, build every stage, bind the listeners and start serving.
+    """Take the listeners, the evidence lock and the stores (_claim), load policy, build every stage, serve.
 
     Each stage is an async context manager entered on one AsyncExitStack as it starts: a start
     that fails part way leaves the stack, closing what had started; a start that succeeds hands
@@ -454,10 +484,51 @@ async def start_sidecar(config: Config) -> RunningSidecar:
         return await _start(config, files, stages)
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    """What the start holds before it starts or writes anything (_claim)."""
+
+    identity_runtime: IdentityRuntime
+    server: grpc.aio.Server  # its ports bound, no service added yet
+    listeners: Listeners
+    writer_lock: WriterLock  # evidence.dir's; handed to the evidence log
+    escalation_store: "EscalationStore"  # opened
+    task_store: TaskStore  # opened
+
+
+async def _claim(config: Config, stages: contextlib.AsyncExitStack) -> _Claimed:
+    """Take what another process can hold, so a start that cannot have it is refused before OPA starts
+    or the evidence log writes its `startup` record: every listener (a port in use is a ConfigError
+    naming its key; sidecar/listeners.py), evidence.dir's writer lock (waited for up to
+    evidence.lock_wait_seconds; a SIGINT/SIGTERM cancels the wait), then the stores in and beside
+    evidence.dir. Each is put on `stages`, so a refusal releases what was taken before it.
+    """
+    identity_runtime = build_identity(config)  # only watches the Workload API; the TLS listener needs it
+    stages.push_async_callback(asyncio.to_thread, identity_runtime.close)
+    server = build_grpc_server(config, identity_runtime)
+    listeners = bind_listeners(
+        server, tcp=config.listen.tcp, unix=config.listen.unix, tls=identity_runtime.server_credentials,
+        metrics=config.metrics.listen, mcp_tcp=config.mcp.listen, mcp_unix=config.mcp.unix,
+    )
+    stages.callback(listeners.close)
+    writer_lock = await WriterLock.acquire(config.evidence.dir, wait_seconds=config.evidence.lock_wait_seconds)
+    stages.callback(writer_lock.release)  # the evidence log releases it when it closes; this, when it never opened
+    escalation_store = build_escalation_store(config)
+    await escalation_store.open()
+    stages.push_async_callback(escalation_store.aclose)
+    task_store = await stages.enter_async_context(TaskStore(Path(config.evidence.dir) / "tasks.db"))
+    return _Claimed(identity_runtime, server, listeners, writer_lock, escalation_store, task_store)
+
+
 async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExitStack) -> RunningSidecar:
     from sidecar.escalation.grpc_api import EscalationApi
     from sidecar.invoke.executor import Executor
 
+    claimed = await _claim(config, stages)
+    identity_runtime, server, listeners, task_store = (
+        claimed.identity_runtime, claimed.server, claimed.listeners, claimed.task_store
+    )
+    identity = identity_runtime.resolver
     policy = await stages.enter_async_context(build_policy(config))
     shadow = None
     if config.policy.shadow_dir:
@@ -465,17 +536,15 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
             shadow = await stages.enter_async_context(build_policy(config, shadow=True))
         except PolicyRejected as exc:
             raise PolicyRejected([f"policy.shadow_dir {config.policy.shadow_dir}: {p}" for p in exc.problems]) from None
-    identity_runtime = build_identity(config)
-    stages.push_async_callback(asyncio.to_thread, identity_runtime.close)
-    identity, tls_credentials = identity_runtime
-    recorder = await asyncio.to_thread(build_recorder, config, policy, identity_runtime.source, files.signing_key)
-    if recorder is not None:
-        await stages.enter_async_context(recorder)
+    recorder = await _open_recorder(
+        stages, config, policy, identity_runtime.source, files.signing_key, claimed.writer_lock
+    )
     metrics = Metrics()
     stages.callback(metrics.close)
     usage = await stages.enter_async_context(build_usage(config))
-    escalations = await stages.enter_async_context(build_escalations(config, recorder, files.webhook_secret))
-    task_store = await stages.enter_async_context(TaskStore(Path(config.evidence.dir) / "tasks.db"))
+    escalations = await stages.enter_async_context(
+        build_escalations(config, claimed.escalation_store, recorder, files.webhook_secret)
+    )
     tasks = await stages.enter_async_context(TaskRegistry(
         store=task_store,
         idle_seconds=config.invoke.task_idle_seconds,
@@ -490,17 +559,6 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
     )
     http_tools = await stages.enter_async_context(build_http_tools(config))
 
-    server = grpc.aio.server(
-        options=[
-            # Room above the policy cap, so an oversized call is denied and recorded,
-            # not refused by the transport unseen (docs/api.md: RESOURCE_EXHAUSTED).
-            ("grpc.max_receive_message_length", 4 * config.policy.max_input_bytes + 64 * 1024),
-            *identity_runtime.grpc_options,  # room for JWT-SVIDs: an oversized one is denied and recorded
-            # grpc core sets SO_REUSEPORT on Linux by default: a second server on the same port (another
-            # sidecar, any process of this user) would then bind it too and take a share of the calls.
-            ("grpc.so_reuseport", 0),
-        ]
-    )
     escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
     executor = Executor(sink=recorder, instance_id=gate.instance_id)
     servicer = ToolGateServicer(
@@ -536,27 +594,17 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
         server,
     )
 
-    addresses = []
-    if config.listen.tcp:
-        port = _bind(server, "listen.tcp", config.listen.tcp, tls_credentials)
-        host = config.listen.tcp.rsplit(":", 1)[0]
-        addresses.append(f"{host}:{port}")
-    if config.listen.unix:
-        socket_path = Path(config.listen.unix)
-        socket_path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_socket(socket_path, "listen.unix")
-        _bind(server, "listen.unix", f"unix:{socket_path}", None)
-        addresses.append(f"unix:{socket_path}")
+    addresses = listeners.addresses
     serving = await stages.enter_async_context(_Serving(server, acceptors))
     await health.refresh()
     health_task = asyncio.create_task(health.run(), name="health")
     stages.callback(health_task.cancel)
-    metrics_port = metrics.serve(config.metrics.listen) if config.metrics.listen else None
+    metrics_port = metrics.serve(listeners.metrics) if listeners.metrics is not None else None
     mcp = None
-    if config.mcp.listen or config.mcp.unix:
-        mcp = await stages.enter_async_context(
-            build_mcp_gateway(config, gate, identity, recorder, addresses[0], svid_source=identity_runtime.source)
-        )
+    if listeners.mcp_tcp is not None or listeners.mcp_unix is not None:
+        mcp = await stages.enter_async_context(build_mcp_gateway(
+            config, gate, identity, recorder, listeners, addresses[0], svid_source=identity_runtime.source
+        ))
     if overload is not None:
         await stages.enter_async_context(overload)  # last: until the sidecar serves, nothing is shed
     return RunningSidecar(
@@ -565,15 +613,26 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
     )
 
 
-def _bind(server: grpc.aio.Server, key: str, address: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Listen on `address` (the bound port); ConfigError naming `key` when it cannot be had."""
+async def _open_recorder(
+    stages: contextlib.AsyncExitStack, config: Config, policy: PolicyService, svid_source: object | None,
+    signing_key: "SigningKey | None", lock: WriterLock,
+) -> "EvidenceRecorder | None":
+    """build_recorder in a thread (it writes and syncs the `startup` record), entered on `stages`.
+
+    A start interrupted meanwhile (serve: SIGINT/SIGTERM) still waits for the thread, so the log
+    it opened closes with the other stages (a closing checkpoint), not left open at exit.
+    """
+    opening = asyncio.ensure_future(asyncio.to_thread(build_recorder, config, policy, svid_source, signing_key, lock))
     try:
-        if credentials is not None:
-            return server.add_secure_port(address, credentials)
-        return server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc's "Failed to bind to address"
-        raise ConfigError(f"{key}: cannot listen on {address} ({exc}): is another server, another sidecar "
-                          "perhaps, already listening there?") from None
+        recorder = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        await asyncio.wait([opening])
+        if not opening.cancelled() and opening.exception() is None and opening.result() is not None:
+            await stages.enter_async_context(opening.result())
+        raise
+    if recorder is not None:
+        await stages.enter_async_context(recorder)
+    return recorder
 
 
 def _typed(command: Path) -> str:
@@ -585,9 +644,41 @@ def _typed(command: Path) -> str:
     return str(command) if relative.startswith("..") else relative
 
 
+class StartInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while the sidecar was starting: the start was cancelled (a wait for
+    evidence.dir's lock included) and what it had started or taken was closed again."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} while starting: stopped; nothing was left running")
+
+
 async def serve(config: Config) -> None:
-    """Run until SIGINT / SIGTERM, then drain in-flight calls and close every stage."""
-    sidecar = await start_sidecar(config)
+    """Run until SIGINT / SIGTERM, then drain in-flight calls and close every stage.
+
+    A signal during the start cancels it (StartInterrupted): the wait for another writer's evidence
+    lock (a rolling restart) ends at once, and so does OPA's start, instead of running to its end first.
+    """
+    loop = asyncio.get_running_loop()
+    starting = asyncio.create_task(start_sidecar(config), name="start")
+    stop = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        if starting.done():
+            stop.set()
+        else:
+            starting.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        sidecar = await starting
+    except asyncio.CancelledError:
+        if signals and starting.cancelled():
+            raise StartInterrupted(signals[0]) from None
+        raise
     # What start-up built (modules, stages, the catalog) lives as long as the process: taken out of
     # the collector's view, a full collection no longer walks it, which held the event loop, and
     # every call in flight, for up to 28 ms under load (docs/performance.md; gc.freeze docs).
@@ -633,10 +724,6 @@ async def serve(config: Config) -> None:
         f"print(Client('{first}').authorize('search_docs', {{'query': 'sidecar'}}))\"",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     print("agent-sidecar: stopping, draining in-flight calls", flush=True)
     await sidecar.stop()

@@ -1,18 +1,25 @@
 """A refused `agent-sidecar serve` leaves nothing behind.
 
-A config problem the start can find without starting anything (a file it names that cannot
-be read) is found first: no OPA, no `startup` record or checkpoint, no generated dev key, no
-span export. A refusal found later (the evidence directory locked by another writer) still
-removes everything the start made, the managed OPA's `sidecar-opa-<pid>-*` directory included.
-Each case runs the real CLI, with its own TMPDIR so what it leaves there can be seen.
+A config problem the start can find without starting anything is found first: a file it
+names that cannot be read, a listener another server holds (listen.tcp, listen.unix,
+metrics.listen, mcp.listen, mcp.unix), the evidence directory locked by another writer, a
+store that cannot be opened. No OPA, no `startup` record or checkpoint, no generated dev key,
+no span export. A refusal found later (a policy OPA rejects) still removes everything the
+start made, the managed OPA's `sidecar-opa-<pid>-*` directory included; so does a SIGINT or
+SIGTERM while it starts (exit 130 or 143). Each case runs the real CLI, with its own TMPDIR
+so what it leaves there can be seen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import socket
 import sys
 import tempfile
+import time
 
 import pytest
 import yaml
@@ -77,16 +84,81 @@ async def test_a_file_the_config_names_is_checked_before_anything_starts(tmp_pat
     assert left == []
 
 
-async def test_a_start_refused_for_a_locked_evidence_directory_removes_its_opa_directory(tmp_path, running_sidecar,
-                                                                                      sidecar_config):
+def logged(directory) -> list[str]:
+    """The evidence files in `directory` (a `startup` record would be in one)."""
+    return sorted(p.name for p in directory.glob("evidence-*.jsonl")) if directory.exists() else []
+
+
+async def test_a_locked_evidence_directory_is_refused_before_opa_starts(tmp_path, running_sidecar, sidecar_config):
     holder = await running_sidecar(sidecar_config(**{"evidence.dir": str(tmp_path / "evidence")}))
     assert holder.recorder is not None
+    before = (tmp_path / "evidence" / "evidence-000001.jsonl").read_bytes()
     config = settings(tmp_path, listen={"unix": str(tmp_path / "second.sock")}, telemetry={"exporter": "none"})
     code, err, left = await serve(tmp_path, config)
     assert code == 2, err
     assert "is in use by another evidence writer" in err
-    assert "serving revision" in err  # the managed OPA had started, in a directory under TMPDIR
+    assert "serving revision" not in err, err  # no managed OPA was started
     assert left == []
+    assert not (tmp_path / "second.sock").exists()  # its own listener, bound first, is gone again
+    assert (tmp_path / "evidence" / "evidence-000001.jsonl").read_bytes() == before
+
+
+def holding(kind: str, where) -> socket.socket:
+    """A listening socket another program holds: TCP on 127.0.0.1 (any port), or unix at `where`."""
+    if kind == "tcp":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(where))
+    sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize("key", ["listen.tcp", "listen.unix", "metrics.listen", "mcp.listen", "mcp.unix"])
+async def test_a_listener_another_server_holds_refuses_the_start_before_anything_is_written(tmp_path, key):
+    """Every listener is bound before OPA starts and before the `startup` record: a taken one is a
+    ConfigError naming its key (exit 2), the ones bound before it are let go, the holder keeps its own."""
+    theirs = tmp_path / "theirs.sock"
+    held = holding("unix" if key.endswith("unix") else "tcp", theirs)
+    with held:
+        taken = str(theirs) if key.endswith("unix") else "127.0.0.1:%d" % held.getsockname()[1]
+        ours = {"listen.tcp": "127.0.0.1:0", "listen.unix": str(tmp_path / "own.sock"), "metrics.listen": "127.0.0.1:0",
+                "mcp.listen": "127.0.0.1:0", "mcp.unix": str(tmp_path / "own-mcp.sock")}
+        ours[key] = taken
+        section, _, name = key.partition(".")
+        config = settings(tmp_path, telemetry={"exporter": "none"},
+                          listen={"tcp": ours["listen.tcp"], "unix": ours["listen.unix"]},
+                          metrics={"listen": ours["metrics.listen"]},
+                          mcp={"listen": ours["mcp.listen"], "unix": ours["mcp.unix"]})
+        config[section][name] = taken
+        code, err, left = await serve(tmp_path, config)
+        assert code == 2, err
+        assert f"agent-sidecar: {key}: " in err and taken in err and "Traceback" not in err, err
+        assert "serving revision" not in err and left == [], err  # no OPA
+        assert not (tmp_path / "evidence").exists()  # no lock taken, no startup record, no store
+        assert not (tmp_path / "own.sock").exists() and not (tmp_path / "own-mcp.sock").exists()
+        if key.endswith("unix"):
+            assert theirs.is_socket()  # not removed: its server still answers there
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(theirs))
+
+
+@pytest.mark.parametrize("store", ["escalation", "task"])
+async def test_a_store_that_cannot_be_opened_is_refused_before_the_startup_record(tmp_path, store):
+    """escalation.path under a file; tasks.db (in evidence.dir) a directory."""
+    escalation = {}
+    if store == "escalation":
+        (tmp_path / "a-file").write_text("not a directory")
+        escalation = {"path": str(tmp_path / "a-file" / "escalations.db")}
+    else:
+        (tmp_path / "evidence" / "tasks.db").mkdir(parents=True)
+    config = settings(tmp_path, telemetry={"exporter": "none"}, escalation=escalation)
+    code, err, left = await serve(tmp_path, config)
+    assert code == 2, err
+    assert f"agent-sidecar: the {store} store cannot be opened" in err, err
+    assert "serving revision" not in err and left == [], err
+    assert logged(tmp_path / "evidence") == []
 
 
 async def test_a_tcp_port_another_sidecar_listens_on_is_refused(tmp_path, running_sidecar, sidecar_config):
@@ -227,3 +299,98 @@ async def test_a_postgres_off_the_pod_without_verified_tls_stops_the_start(tmp_p
                           "sslmode=prefer ("), err
     assert "OPA" not in err and "Traceback" not in err, err
     assert not (tmp_path / "evidence").exists() and left == []
+
+
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, b"%d\\n" % os.getpid(), 0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_during_the_evidence_lock_wait_stops_the_start_at_once(tmp_path, signum):
+    """A rolling restart: the old pod still holds evidence.dir's lock and the new sidecar waits up to
+    evidence.lock_wait_seconds. SIGTERM (the pod deleted) or SIGINT (Ctrl-C) ends the wait at once: exit
+    128 + the signal, no `startup` record, no OPA, its listeners let go; the holder keeps its lock."""
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    holder = await asyncio.create_subprocess_exec(sys.executable, "-c", LOCK_HOLDER, str(evidence / "LOCK"),
+                                                  stdout=asyncio.subprocess.PIPE)
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(yaml.safe_dump(settings(tmp_path, telemetry={"exporter": "none"},
+                                                evidence={"lock_wait_seconds": 600})))
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmpdir:
+            sidecar = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sidecar", "serve", "--config", str(path), cwd=REPO,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": tmpdir},
+            )
+            err = b""
+            while b"waiting up to 600 s" not in err:
+                line = await asyncio.wait_for(sidecar.stderr.readline(), 60)
+                assert line, err.decode()  # it exited instead of waiting
+                err += line
+            assert f"locked by pid {holder.pid}".encode() in err
+            assert (tmp_path / "sidecar.sock").is_socket()  # its listeners are bound before the wait
+            sent = time.monotonic()
+            sidecar.send_signal(signum)
+            rest = await asyncio.wait_for(sidecar.stderr.read(), 30)
+            code = await sidecar.wait()
+            took = time.monotonic() - sent
+            err = (err + rest).decode()
+            assert took < 3, (took, err)
+            assert code == 128 + signum, err
+            name = signal.Signals(signum).name
+            assert f"agent-sidecar: {name} while starting: stopped; nothing was left running" in err, err
+            assert "Traceback" not in err and "serving revision" not in err, err
+            assert os.listdir(tmpdir) == []  # no OPA directory
+        assert logged(evidence) == [] and sorted(os.listdir(evidence)) == ["LOCK"]  # no startup record, no store
+        assert not (tmp_path / "sidecar.sock").exists()
+        assert holder.returncode is None  # the holder still holds it
+    finally:
+        holder.kill()
+        await holder.wait()
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs: not gone, nor a zombie (an orphan's, that this container's init has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_signal_while_opa_starts_stops_it_too(tmp_path):
+    """The same for any part of the start: SIGTERM once the managed OPA runs, before the sidecar serves.
+    OPA is stopped and its directory removed; a log opened meanwhile is closed with a checkpoint."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(settings(tmp_path, telemetry={"exporter": "none"})))
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmpdir:
+        sidecar = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "serve", "--config", str(path), cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": tmpdir},
+        )
+        err = b""
+        while b"OPA pid" not in err:
+            line = await asyncio.wait_for(sidecar.stderr.readline(), 60)
+            assert line, err.decode()
+            err += line
+        opa_pid = int(err.split(b"OPA pid ")[1].split()[0])
+        sidecar.send_signal(signal.SIGTERM)
+        out, rest = await asyncio.wait_for(sidecar.communicate(), 30)
+        err = (err + rest).decode()
+        assert sidecar.returncode == 143, err
+        assert "agent-sidecar: SIGTERM while starting: stopped; nothing was left running" in err, err
+        assert b"serving" not in out.split(b"\n", 1)[0] and "Traceback" not in err, (out, err)
+        assert os.listdir(tmpdir) == []
+    assert not running(opa_pid), err
+    if logged(tmp_path / "evidence"):  # the log had opened: it was closed, not left open
+        lines = (tmp_path / "evidence" / "evidence-000001.jsonl").read_text().splitlines()
+        assert [json.loads(line)["kind"] for line in lines][-1] == "checkpoint"
+    assert not (tmp_path / "sidecar.sock").exists()

@@ -42,7 +42,7 @@ async def setup(tmp_path, running_sidecar):
 async def escalate(address: str, tool: str = "send_email", **arguments) -> str:
     async with AsyncClient(address) as agent:
         result = await agent.authorize(tool, arguments or {"to": "cfo@example.com", "body": "hi"})
-    assert result.outcome == "escalate"
+    assert result.outcome == "escalate", result.reasons
     return result.escalation_id
 
 

@@ -18,6 +18,7 @@ from sidecar.policy.opa.client import OpaClientOptions
 from sidecar.policy.opa.runner import OpaNotFound, find_opa
 from sidecar.policy.opa.service import ManagedOpaOptions, PolicyRejected, PolicyService
 from tests.conftest import SIMPLE_POLICY, write_policy
+from tests.test_core_grpc import opa_children
 
 INPUT = {"version": "sidecar/v1", "tool": {"name": "echo", "arguments": {}}}
 PING = {**INPUT, "tool": {"name": "ping"}}
@@ -100,6 +101,16 @@ async def test_a_missing_opa_names_the_fix(tmp_path):
     policy = PolicyService(policy_dir(tmp_path), managed=ManagedOpaOptions(binary=str(tmp_path / "no-opa")))
     with pytest.raises(OpaNotFound, match="make install"):
         await policy.start()
+
+
+async def test_a_start_failing_once_opa_is_up_leaves_no_opa_running(tmp_path):
+    # The client's start fails after the managed OPA answered healthy (here: a connection
+    # limit no pool accepts); a cancelled start (a signal) takes the same path.
+    before = opa_children()
+    policy = PolicyService(policy_dir(tmp_path), OpaClientOptions(max_connections=-1), reload=False)
+    with pytest.raises(ValueError):
+        await policy.start()
+    assert opa_children() == before
 
 
 async def test_reload_swaps_good_rejects_bad_and_logs_a_return_to_the_serving_revision(tmp_path, service, caplog):

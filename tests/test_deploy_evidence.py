@@ -23,8 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.client import Client
 from sidecar.config import load_config
@@ -67,6 +69,16 @@ class Sidecar(SidecarProcess):
             return client.authorize("search_docs", {"query": f"q{n}"}, task_id="t").decision_id
 
 
+def answers(socket_path: Path) -> bool:
+    """Whether a gRPC server answers a health check on `socket_path` within a second."""
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return True
+
+
 def records(directory: Path) -> list[dict]:
     out = []
     for path in sorted(directory.glob("*.jsonl")):
@@ -105,7 +117,10 @@ def test_a_replacement_waits_for_the_draining_sidecar_then_continues_the_chain(t
         # The replacement starts on the same volume while the old sidecar still serves.
         new = Sidecar(config_b, socket_b, tmp_path / "new.log")
         new.wait_for(lambda: "waiting up to" in new.text(), "the new sidecar waiting for the lock")
-        assert not socket_b.exists(), "the new sidecar serves while the old one holds the log"
+        # Its listeners are bound first (a taken one refuses the start before anything is written), but
+        # nothing answers on them until it has the log.
+        assert answers(socket_a)
+        assert socket_b.exists() and not answers(socket_b), "the new sidecar serves while the old one holds the log"
         during = [old.call(n) for n in range(5, 8)]  # the old one still records while the new one waits
         assert old.stop() == 0  # drains: closes the log with a checkpoint, releases the lock
         new.wait_serving()

@@ -246,19 +246,11 @@ def served():
                                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     socket_path = root / config["listen"]["unix"]
     deadline = time.monotonic() + 120
-    while not socket_path.exists():
+    # Its banner: every stage up, the MCP gateway serving. (The listeners exist sooner: they are bound first.)
+    while f"agent-sidecar {process.pid} serving" not in (root / "serve.log").read_text():
         assert process.poll() is None, (root / "serve.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the sidecar did not start"
         time.sleep(0.1)
-    host, port = config["mcp"]["listen"].rsplit(":", 1)
-    while True:  # the MCP gateway too (it starts its upstreams first)
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None, (root / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the MCP gateway did not start"
-            time.sleep(0.1)
     # What a reader has after trying the sidecar a little: decisions of each outcome in var/evidence.
     with Client(f"unix:{socket_path}") as client:
         read = client.authorize("read_file", {"path": "/workspace/a.txt"}, task_id="t-1")

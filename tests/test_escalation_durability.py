@@ -230,11 +230,15 @@ async def test_the_log_is_read_back_from_shortly_before_the_stores_newest_change
     await store.open()
     await store.create(record("sha256:kept", now=logged + latest_offset), logged + latest_offset)
     await store.aclose()
-    service = EscalationService(SqliteStore(tmp_path / "escalations.db", sync_new_escalations=False),
-                                evidence_reader=LogReader(directory),
+    reopened = SqliteStore(tmp_path / "escalations.db", sync_new_escalations=False)
+    await reopened.open()  # the owner opens the store (the sidecar, before anything is written)
+    service = EscalationService(reopened, evidence_reader=LogReader(directory),
                                 sweep_interval_seconds=0, clock=lambda: logged + 100)
-    async with service:
-        found = await service.store.get(lost.id)
+    try:
+        async with service:
+            found = await service.store.get(lost.id)
+    finally:
+        await reopened.aclose()
     assert (found is not None) == restored
     if restored:
         assert found.restored_at == logged + 100 and found.arguments is None and found.state == PENDING

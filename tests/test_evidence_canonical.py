@@ -287,7 +287,7 @@ def _serve(workdir: Path, config: dict) -> SidecarProcess:
 
 def test_a_float_past_2_53_is_denied_recorded_described_and_survives_kill_9(tmp_path):
     config = {
-        "listen": {"unix": str(tmp_path / "s.sock")},
+        "listen": {"tcp": "", "unix": str(tmp_path / "s.sock")},  # not the default port another run may hold
         "policy": {"dir": str(REGO), "reload": False},
         "evidence": {"dir": str(tmp_path / "ev")},
         "telemetry": {"exporter": "none"},

@@ -451,7 +451,7 @@ def test_open_recorder_defaults_are_the_config_defaults():
     parameters = inspect.signature(open_recorder).parameters
     evidence, telemetry = EvidenceConfig(), TelemetryConfig()
     for name in ("checkpoint_mirror", "rotate_bytes", "checkpoint_every", "checkpoint_seconds",
-                 "max_pending", "lock_wait_seconds", "arguments"):
+                 "max_pending", "arguments"):
         assert parameters[name].default == getattr(evidence, name), name
     # the key itself, read by server.read_start_files: none configured is none given
     assert parameters["signing_key"].default is None and evidence.signing_key == ""

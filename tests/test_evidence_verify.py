@@ -17,10 +17,10 @@ from sidecar.cli import main
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.records import default_mirror_path, seal
 from sidecar.evidence.recorder import EvidenceRecorder
-from sidecar.evidence.signing import SigningKey, dev_signing_key, load_bundle
+from sidecar.evidence.signing import SigningKey, dev_signing_key, load_bundle, load_public_keys
 from sidecar.evidence.verify import BROKEN, verify_dir
 from tests.test_evidence_log import make_event
-from tests.test_evidence_trust import SIDECAR_ID, _ca, _svid, read, write_log
+from tests.test_evidence_trust import SIDECAR_ID, _ca, _svid, read, rewrite, write_log
 
 
 def build_log(directory: Path, records: int = 30, checkpoint_every: int = 10, clean: bool = False, **kwargs) -> Path:
@@ -144,7 +144,7 @@ def test_a_forged_checkpoint_signature_is_caught(log_dir):
 
 def test_a_forger_who_rewrites_everything_with_their_own_key_is_caught_with_key(log_dir, tmp_path):
     """Edit a record, re-seal the rest of the chain, re-sign every checkpoint, drop the mirror."""
-    from sidecar.evidence.signing import load_public_keys, sign_payload
+    from sidecar.evidence.signing import sign_payload
 
     forger = SigningKey(ed25519.Ed25519PrivateKey.generate(), "dev")
     path, lines = lines_of(log_dir)
@@ -229,6 +229,56 @@ def test_a_dev_signed_log_does_not_pass_a_bundle_check(tmp_path, log_dir):
     _, _, bundle = _ca(tmp_path, "td")
     report = verify_dir(log_dir, bundle=load_bundle(bundle))
     assert not report.ok
+
+
+def swap(place: Path, other: Path) -> None:
+    """Put the log in `other` (its files and mirror) where the log in `place` was."""
+    for path in place.glob("evidence-*.jsonl"):
+        path.unlink()
+    for path in other.glob("evidence-*.jsonl"):
+        (place / path.name).write_bytes(path.read_bytes())
+    default_mirror_path(place).write_bytes(default_mirror_path(other).read_bytes())
+
+
+def test_log_id_pins_the_log_a_whole_other_one_signed_with_the_same_key_is_caught(tmp_path):
+    """Checkpoints sign {log_id, seq, head_hash, time}: another log of the same signer (another run's
+    directory, an older export) put in the place of the expected one is intact by every other check."""
+    key = str(tmp_path / "ev-dev-key.pub.pem")
+    expected = build_log(tmp_path / "expected", clean=True)  # the real EvidenceLog, one dev key for both
+    other = build_log(tmp_path / "other", records=12, clean=True)
+    expected_id, other_id = read(expected)[0]["log_id"], read(other)[0]["log_id"]
+    assert expected_id != other_id
+    assert main(["evidence", "verify", str(expected), "--key", key, "--log-id", expected_id]) == 0
+    swap(expected, other)
+    assert main(["evidence", "verify", str(expected), "--key", key]) == 0  # the gap --log-id closes
+    result = verify_cli(expected, "--key", key, "--log-id", expected_id)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"log id:   {other_id} (--log-id expects {expected_id})" in result.stdout
+    assert (f"BROKEN at seq 1 (evidence-000001.jsonl:1): seq 1: this is log {other_id!r}, not {expected_id!r} "
+            "(--log-id): another log in the place of the one expected") in result.stdout
+
+
+def test_log_id_catches_records_of_another_log_part_way(tmp_path):
+    """The expected log with another log's records (its startup and checkpoints) spliced in, re-chained
+    and re-signed with the same key; or the other log first and the expected one after it."""
+    signer = dev_signing_key(tmp_path / "ev-dev-key.pem")
+    key = str(tmp_path / "ev-dev-key.pub.pem")
+    expected, other = read(build_log(tmp_path / "expected", clean=True)), read(build_log(tmp_path / "other", clean=True))
+    expected_id, other_id = expected[0]["log_id"], other[0]["log_id"]
+    for records, first_wrong in ((expected + other, len(expected) + 1), (other + expected, 1)):
+        rewrite(tmp_path / "expected", records, resign=signer)
+        default_mirror_path(tmp_path / "expected").unlink(missing_ok=True)
+        report = verify_dir(tmp_path / "expected", public_keys=load_public_keys([key]), log_id=expected_id)
+        assert report.verdict == BROKEN and report.first_broken.seq == first_wrong, report.problems
+        assert other_id in report.first_broken.message and expected_id in report.first_broken.message
+    rewrite(tmp_path / "expected", expected, resign=signer)  # the untouched records, re-written alike, pass
+    assert verify_dir(tmp_path / "expected", public_keys=load_public_keys([key]), log_id=expected_id).ok
+
+
+def test_cli_log_id_must_not_be_empty(log_dir, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["evidence", "verify", str(log_dir), "--log-id", ""])
+    assert exited.value.code == 2 and "--log-id: must not be empty" in capsys.readouterr().err
 
 
 def test_cli_verify_exit_codes_and_summary(log_dir, tmp_path, capsys):

@@ -146,6 +146,8 @@ class EscalationService:
 
     Composes the approver rules (approvers.ApproverRules), the evidence writer
     (evidence.EscalationEvidence) and the change feed (feed.ChangeFeed), each built once here.
+    `store` is opened and closed by its owner, around the service's `start` and `aclose`: the sidecar
+    opens it before anything is written, so a store that cannot be opened refuses the start first.
     Times are Unix seconds from `clock`; durations are seconds. With `evidence_reader` (the log
     `recorder` writes to), `start` puts back the new escalations a host crash took from a store
     that does not sync them (store.py, Durability).
@@ -206,7 +208,7 @@ class EscalationService:
         await self.aclose()
 
     async def start(self) -> None:
-        await self.store.open()
+        """Mend the (opened) store from the log, then start the sweeper."""
         await self._restore_from_evidence()
         if self.sweep_interval > 0:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="escalation-sweeper")
@@ -221,7 +223,6 @@ class EscalationService:
             self._sweeper = None
         if self.notifier is not None:
             await self.notifier.aclose()
-        await self.store.aclose()
 
     def health(self) -> tuple[bool, str]:
         return self.store.health()

@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -72,6 +71,7 @@ from sidecar.evidence.records import (
     rfc3339,
     seal,
 )
+from sidecar.evidence.lock import WriterLock
 from sidecar.evidence.redaction import Redactor
 from sidecar.evidence.signing import KeyProvider, SigningError, SigningKey, sign_payload
 
@@ -239,11 +239,9 @@ class EvidenceLog:
         max_pending: int = 10_000,
         startup_info: dict | None = None,
         redactor: Redactor | None = None,
-        lock_wait_seconds: float = 0.0,
         file_io: LogFileIO | None = None,
     ):
         self.directory = Path(directory)
-        self.lock_wait_seconds = lock_wait_seconds
         self.instance_id = instance_id
         self.rotate_bytes = rotate_bytes
         self.checkpoint_every = checkpoint_every
@@ -277,7 +275,7 @@ class EvidenceLog:
         self.syncs = 0  # number of data syncs (for tests and metrics)
         self.records_written = 0
         self._closed = False
-        self._lock_fd: int | None = None
+        self._writer_lock: WriterLock | None = None
 
         # the os calls the writer makes on the log file (LogFileIO)
         self._write = file_io.write if file_io is not None else os.write
@@ -286,12 +284,16 @@ class EvidenceLog:
     # -- opening -----------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: str | Path, **kwargs: Any) -> "EvidenceLog":
-        """Recover the chain head from the directory, start the writer, and write a startup record."""
+    def open(cls, directory: str | Path, *, lock: WriterLock | None = None, **kwargs: Any) -> "EvidenceLog":
+        """Recover the chain head from the directory, start the writer, and write a startup record.
+
+        `lock`: the directory's writer lock, already held (the sidecar takes it before any stage
+        starts: lock.py); None = take it now, refused when another writer holds it. The log owns
+        the lock from here: it is released when the log closes, or at once when opening fails.
+        """
         self = cls(directory, **kwargs)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            self._writer_lock = lock if lock is not None else WriterLock.take(self.directory)
             self._recover()
         except OSError as exc:
             self._unlock()
@@ -317,45 +319,9 @@ class EvidenceLog:
             raise
         return self
 
-    def _lock(self) -> None:
-        """One writer per directory: two sidecars appending to one chain would fork it.
-
-        A writer still holding the lock (a replaced pod draining on the same volume)
-        is waited for up to `lock_wait_seconds`, polling every 0.1 s; the lock is
-        released when that process closes the log or dies. EvidenceError after that.
-        """
-        fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o640)
-        deadline = time.monotonic() + self.lock_wait_seconds
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    waited = f" after waiting {self.lock_wait_seconds:g} s" if self.lock_wait_seconds else ""
-                    raise EvidenceError(
-                        f"{self.directory} is in use by another evidence writer (pid {holder}){waited}; "
-                        "each sidecar needs its own evidence.dir"
-                    ) from None
-                if not waiting:
-                    log.warning("evidence: %s is locked by pid %s; waiting up to %g s for it to close",
-                                self.directory, holder, self.lock_wait_seconds)
-                    waiting = True
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
     def _unlock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if self._writer_lock is not None:
+            self._writer_lock.release()
 
     def _recover(self) -> None:
         files = list_log_files(self.directory)

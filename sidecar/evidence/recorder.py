@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from sidecar import package_version
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt
+from sidecar.evidence.lock import WriterLock
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.readback import records_since
 from sidecar.evidence.records import ARGUMENT_MODES, decision_fields, dev_key_path
@@ -146,7 +147,7 @@ def open_recorder(
     checkpoint_every: int = 1000,
     checkpoint_seconds: float = 60.0,
     max_pending: int = 10_000,
-    lock_wait_seconds: float = 0.0,
+    lock: WriterLock | None = None,
     redact_keys: Sequence[str] = (),
     arguments: str = "policy",
     known_tool: Callable[[str], bool] | None = None,
@@ -168,8 +169,9 @@ def open_recorder(
     - `checkpoint_mirror`: path of the checkpoint copy; "" = `<directory>-checkpoints.jsonl`.
     - `rotate_bytes` (bytes), `checkpoint_every` (records; 0 = never by count),
       `checkpoint_seconds` (seconds; 0 = never by time), `max_pending` (records waiting
-      for the disk before new ones are refused), `lock_wait_seconds` (seconds to wait for
-      another writer's lock): see log.EvidenceLog.
+      for the disk before new ones are refused): see log.EvidenceLog.
+    - `lock`: the directory's writer lock, already held (lock.WriterLock.acquire, where the wait
+      for another writer is); None = taken now, refused when another writer holds it.
     - `redact_keys`: extra secret keys for the one redaction rule set (redaction.py).
     - `arguments`: "digest", "policy" or "clear" (records.ARGUMENT_MODES).
     - `known_tool(name)`: whether a tool is in the catalog (span names use only those).
@@ -206,7 +208,7 @@ def open_recorder(
             key_provider=provider,
             mirror_path=checkpoint_mirror or None,
             max_pending=max_pending,
-            lock_wait_seconds=lock_wait_seconds,
+            lock=lock,
             redactor=Redactor(redact_keys),
             startup_info={
                 "version": package_version(),

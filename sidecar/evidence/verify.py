@@ -22,6 +22,10 @@ Checks, in order of the log:
   (seq 1: GENESIS), across files;
 - every checkpoint covers exactly the record before it, names this log's
   log_id and carries a valid signature;
+- with `--log-id`, this log's log_id (its first startup record's, which every
+  later startup and checkpoint must repeat) is the one the auditor expects: a
+  log replaced whole by another one, signed with the same key, verifies
+  otherwise, since checkpoints sign only `{log_id, seq, head_hash, time}`;
 and then, against copies kept outside the chain:
 - every checkpoint in the mirror (default `<DIR>-checkpoints.jsonl`) is in the log, unchanged;
 - the span shipper never acknowledged a seq the log no longer has.
@@ -97,6 +101,7 @@ class VerifyReport:
     last_seq: int | None = None
     last_hash: str = ""
     log_id: str = ""
+    expected_log_id: str = ""  # --log-id: the log the auditor expects ("" = any)
     kinds: Counter = field(default_factory=Counter)
     checkpoints: int = 0
     last_checkpoint_seq: int | None = None
@@ -157,6 +162,7 @@ def verify_dir(
     bundle: list[x509.Certificate] | None = None,
     signer_ids: list[str] | tuple[str, ...] = (),
     mirror: str | Path | None = None,
+    log_id: str = "",
     max_problems: int = 50,
 ) -> VerifyReport:
     """Check the log in `directory` (see the module docstring); never raises on a bad log.
@@ -164,10 +170,11 @@ def verify_dir(
     public_keys: the operator's signer keys (NamedKey, or bare public keys);
     bundle: CA certificates an SVID signer must chain to; signer_ids: SPIFFE IDs
     (`*` matches any run of characters) such an SVID must have, () = any;
-    mirror: the checkpoint mirror, default `<directory>-checkpoints.jsonl`.
+    mirror: the checkpoint mirror, default `<directory>-checkpoints.jsonl`;
+    log_id: the log_id the log must have ("" = whichever its first startup record names).
     """
     directory = Path(directory)
-    report = VerifyReport(str(directory))
+    report = VerifyReport(str(directory), expected_log_id=log_id)
     named = [k if isinstance(k, NamedKey) else NamedKey(k) for k in public_keys or []]
     anchors = _Anchors({key_id(k.key): k for k in named}, list(bundle or []), tuple(signer_ids))
     report.anchored = anchors.given
@@ -273,6 +280,9 @@ def verify_dir(
                     report.log_id = log_id or ""
                     if seq != 1 and report.first_seq == seq:
                         problem(seq, where, "the log does not start at seq 1")
+                    if report.expected_log_id and log_id != report.expected_log_id:
+                        problem(seq, where, f"seq {seq}: this is log {log_id!r}, not {report.expected_log_id!r} "
+                                "(--log-id): another log in the place of the one expected")
                 elif log_id != report.log_id:
                     problem(seq, where, f"seq {seq}: startup record names log {log_id!r}, not {report.log_id!r}")
             elif report.records == 1:
@@ -487,7 +497,9 @@ def _check_outside_copies(directory, mirror, report, checkpoint_hashes, problem)
 
 def format_report(report: VerifyReport) -> str:
     out = [f"evidence: {report.directory}"]
-    out.append(f"log id:   {report.log_id or '-'}")
+    expected = report.expected_log_id
+    pinned = "" if not expected else " (as --log-id expects)" if expected == report.log_id else f" (--log-id expects {expected})"
+    out.append(f"log id:   {report.log_id or '-'}{pinned}")
     seqs = f"seq {report.first_seq}..{report.last_seq}" if report.records else "no records"
     out.append(f"records:  {report.records} in {report.files} file(s), {seqs}")
     if report.kinds:

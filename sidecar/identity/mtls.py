@@ -111,7 +111,6 @@ class SvidServerCredentials:
         self._trust_domains = tuple(trust_domains)  # empty: the sidecar's own
         self._lock = threading.Lock()
         self._served_version = -1
-        self.reloads = 0
 
     def accepted_trust_domains(self, held: HeldSvid) -> tuple[str, ...]:
         return self._trust_domains or (held.trust_domain,)
@@ -149,7 +148,6 @@ class SvidServerCredentials:
                 if held is None or held.version == self._served_version:
                     return None
                 self._served_version = held.version
-                self.reloads += 1
             log.info("identity: mTLS now serves SVID serial %x for new connections", held.serial)
             return self._configuration(held)
         except Exception:  # an exception here would fail the handshake obscurely

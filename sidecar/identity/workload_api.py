@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NoReturn
 
 import tenacity
@@ -168,7 +168,6 @@ class _StreamState:
     handle: Any = None
     client: Any = None
     thread: threading.Thread | None = None
-    listeners: list = field(default_factory=list)
 
 
 class WorkloadApiSource:

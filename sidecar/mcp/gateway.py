@@ -1,10 +1,14 @@
 """The MCP gateway: MCP over Streamable HTTP at http://<mcp.listen>/mcp, in front of upstream MCP servers.
 
-    gateway = McpGateway(gate=..., identity=..., executor=..., invoker=McpInvoker(...), listen="127.0.0.1:8765",
-                         tls=SvidSslContexts(source))   # tls: optional, HTTPS with mutual TLS on `listen`
-    await gateway.start()        # returns once the listener is bound; gateway.url is http(s)://host:port/mcp
+    gateway = McpGateway(gate=..., identity=..., executor=..., invoker=McpInvoker(...),
+                         tcp=tcp_listener("mcp.listen", "127.0.0.1:8765"),   # bound sockets (sidecar/sockets.py)
+                         tls=SvidSslContexts(source))   # tls: optional, HTTPS with mutual TLS on `tcp`
+    await gateway.start()        # returns once it serves; gateway.url is http(s)://host:port/mcp
     await gateway.aclose()
-    async with gateway: ...      # the same; a start that fails part way closes what it had bound
+    async with gateway: ...      # the same; a start that fails part way stops what it had started
+
+The listeners are bound by the caller (server.py, through sidecar/listeners.py) before the
+sidecar starts anything, so a port in use refuses the start before it writes evidence.
 
 - tools/list: every upstream's tools as `U__T` (sidecar.mcp.names), only those
   policy does not deny in the list phase (`input.request.phase: "list"`);
@@ -43,7 +47,6 @@ import socket
 from collections import OrderedDict
 from contextvars import ContextVar
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import mcp_types as types
@@ -61,7 +64,6 @@ from starlette.requests import Request
 
 from sidecar.calls import ToolCall
 from sidecar.canonical import NotCanonicalizable, canonical_json, sha256_digest
-from sidecar.config import ConfigError
 from sidecar.escalation import EscalationRefused, StoreError
 from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
@@ -73,7 +75,6 @@ from sidecar.invoke.mcp import McpInvoker
 from sidecar.mcp import elicitation, names
 from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
 from sidecar.reasons import ESCALATION_PENDING, MALFORMED_REQUEST, UNKNOWN_TOOL, UNVERIFIED_CALLER, Reason
-from sidecar.sockets import remove_stale_socket
 
 log = logging.getLogger(__name__)
 META_PREFIX = "sidecar/"
@@ -114,9 +115,9 @@ class McpGateway:
         identity: IdentityResolver,
         executor: Executor,
         invoker: McpInvoker,
-        listen: str,
         max_body_bytes: int,
-        unix: str = "",
+        tcp: socket.socket | None = None,
+        unix: socket.socket | None = None,
         escalation_memory: int = 10_000,
         grpc_address: str = "",
         list_ttl_ms: int = 0,
@@ -128,8 +129,8 @@ class McpGateway:
         self._identity = identity
         self._executor = executor
         self._invoker = invoker
-        self._listen = listen
-        self._unix = unix  # path of an in-pod unix socket also serving /mcp ("" = none)
+        self._tcp = tcp  # the listening TCP socket serving /mcp (mcp.listen; None = none)
+        self._unix = unix  # the listening in-pod unix socket also serving /mcp (mcp.unix; None = none)
         self._tls = tls  # the TCP listener serves HTTPS with mutual TLS (None = plain HTTP)
         self._max_body = max_body_bytes
         self._pending: OrderedDict[tuple, str] = OrderedDict()  # call shape → escalation id
@@ -169,11 +170,11 @@ class McpGateway:
         await self.aclose()
 
     async def start(self) -> str:
-        """Connect the upstreams (in the background) and bind the listeners; returns the TCP /mcp URL ("" without one)."""
+        """Connect the upstreams (in the background) and serve on the listeners; returns the TCP /mcp URL ("" without one)."""
         self._invoker.start()
-        host = self._listen.rpartition(":")[0] if self._listen else "127.0.0.1"
+        host = self._tcp.getsockname()[0] if self._tcp is not None else "127.0.0.1"
         security = None
-        if host.strip("[]") in ("127.0.0.1", "localhost", "::1"):
+        if host in ("127.0.0.1", "::1"):
             # The SDK's DNS-rebinding protection for loopback, also accepting a Host without a port
             # (http://localhost/mcp, what clients of the unix socket send).
             hosts = ["127.0.0.1", "localhost", "[::1]"]
@@ -187,24 +188,17 @@ class McpGateway:
             host=host, max_request_body_size=self._max_body, json_response=False, transport_security=security
         )
         recording = _RecordMalformed(app, gate=self._gate, resolve=self.resolve, max_body_bytes=self._max_body)
-        if self._listen:
-            sock, self.url = _tcp_socket(self._listen, "https" if self._tls is not None else "http")
+        if self._tcp is not None:
+            self.url = _url(self._tcp, "https" if self._tls is not None else "http")
             if self._tls is not None:
-                served = await _serve(_Transport(recording, "tls"), sock, lifespan="on", tls=self._tls)
+                served = await _serve(_Transport(recording, "tls"), self._tcp, lifespan="on", tls=self._tls)
             else:
-                served = await _serve(_Transport(recording, "tcp"), sock, lifespan="on")
+                served = await _serve(_Transport(recording, "tcp"), self._tcp, lifespan="on")
             self._servers.append(served)
-        if self._unix:
-            path = Path(self._unix)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_socket(path, "mcp.unix")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(str(path))
-            sock.listen(128)
-            sock.setblocking(False)
+        if self._unix is not None:
             # The session manager runs in the TCP server's lifespan; this one needs its own without TCP.
             lifespan = "off" if self._servers else "on"
-            self._servers.append(await _serve(_Transport(recording, "unix"), sock, lifespan=lifespan))
+            self._servers.append(await _serve(_Transport(recording, "unix"), self._unix, lifespan=lifespan))
         return self.url
 
     async def aclose(self) -> None:
@@ -464,23 +458,10 @@ class _Transport:
         await self._app(scope, receive, send)
 
 
-def _tcp_socket(listen: str, scheme: str) -> tuple[socket.socket, str]:
-    host, _, port = listen.rpartition(":")
-    bare = host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((bare, int(port)))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"mcp.listen: cannot listen on {listen} ({exc.strerror}): is another server, another "
-                          "sidecar perhaps, already listening there?") from None
-    sock.listen(128)
-    sock.setblocking(False)
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
-    return sock, f"{scheme}://{shown}:{bound_port}/mcp"
+def _url(sock: socket.socket, scheme: str) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
+    return f"{scheme}://{shown}:{port}/mcp"
 
 
 async def _serve(

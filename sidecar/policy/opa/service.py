@@ -300,9 +300,15 @@ class PolicyService:
             raise PolicyRejected([f"OPA would not serve revision {catalog.revision}: {exc}"]) from None
         # Built with `opa build --revision <catalog.revision>`: a decision that fails before OPA has answered once
         # (a policy_error on the first call) still names the revision that failed.
-        client = OpaClient(runner.url, self._client_options, revision=catalog.revision)
-        await client.start()
-        return _Generation(number, catalog, client, runner, bundle)
+        generation = _Generation(
+            number, catalog, OpaClient(runner.url, self._client_options, revision=catalog.revision), runner, bundle
+        )
+        try:
+            await generation.client.start()
+        except BaseException:  # failed or cancelled (a signal during the start): no OPA is left running
+            await asyncio.shield(self._stop_generation(generation))
+            raise
+        return generation
 
     async def _prepare(self, number: int) -> tuple[Catalog, Path]:
         """Snapshot the directory, lint, test and build it; PolicyRejected naming every problem."""

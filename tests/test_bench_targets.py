@@ -1,0 +1,50 @@
+"""bench/targets.py judges a bench report against the speed targets: each bound is met at its
+value and missed just past it, fail-closed denies of any kind count, each identity mode is
+judged on its own rows, and a scenario that was not run is never reported as met."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from targets import judge  # noqa: E402
+
+
+def row(identity: str, scenario: str, *, p50: float = 1.0, p99: float = 4.0, floor_p50: float = 0.5,
+        throughput: float = 1000.0, fail_closed: dict | None = None) -> dict:
+    return {"identity": identity, "scenario": scenario,
+            "floor": {"latency_ms": {"p50": floor_p50, "p99": 1.0}},
+            "sidecar": {"latency_ms": {"p50": p50, "p99": p99}, "throughput": throughput, "calls": 5000,
+                        "fail_closed": fail_closed or {}}}
+
+
+def verdicts(results: list[dict], identity: str = "unix") -> dict[str, bool | None]:
+    return {v["target"]: v["met"] for v in judge(results) if v["identity"] == identity}
+
+
+def test_each_bound_is_met_at_its_value_and_missed_past_it():
+    at = [row("unix", "open 1000/s", p50=2.5, p99=8.0), row("unix", "closed x64", throughput=1500),
+          row("unix", "open 100/s", p50=1.5, floor_p50=0.5)]
+    past = [row("unix", "open 1000/s", p50=2.51, p99=8.01), row("unix", "closed x64", throughput=1499),
+            row("unix", "open 100/s", p50=1.51, floor_p50=0.5)]
+    assert all(verdicts(at).values()) and len(verdicts(at)) == 5
+    assert verdicts(past) == {"1,000/s: no fail-closed deny": True, "1,000/s: p50 <= 2.5 ms": False,
+                              "1,000/s: p99 <= 8 ms": False, "closed loop >= 1,500 calls/s": False,
+                              "100/s: p50 <= 3x the floor's": False}
+
+
+def test_any_fail_closed_deny_at_1000_per_second_misses_and_is_counted():
+    for denies in ({"overloaded": 1}, {"policy_timeout": 2, "policy_unavailable": 3}):
+        (fast,) = [v for v in judge([row("unix", "open 1000/s", fail_closed=denies)])
+                   if v["target"] == "1,000/s: no fail-closed deny"]
+        assert fast["met"] is False and fast["measured"] == f"{sum(denies.values())} of 5000"
+
+
+def test_modes_are_judged_apart_and_an_unrun_scenario_is_not_met():
+    results = [row("unix", "open 1000/s", p50=2.0), row("mtls", "open 1000/s", p50=3.0)]
+    assert verdicts(results, "unix")["1,000/s: p50 <= 2.5 ms"] is True
+    assert verdicts(results, "mtls")["1,000/s: p50 <= 2.5 ms"] is False
+    assert verdicts(results, "unix")["closed loop >= 1,500 calls/s"] is None
+    assert verdicts(results, "mtls")["100/s: p50 <= 3x the floor's"] is None
