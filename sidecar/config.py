@@ -590,11 +590,10 @@ def _validate_usage(usage: UsageConfig) -> None:
             raise ConfigError(f"usage.{key}: must be positive")
     if not usage.task_idle_seconds > 0:
         raise ConfigError("usage.task_idle_seconds: must be positive")
-    if usage.store == "postgres" and not usage.dsn_allow_plaintext:
-        _refuse_postgres_in_clear(usage.dsn, "usage.dsn", "every call's usage counters (callers, tools, tasks)",
-                                  "anyone on the path could read them, or change the counts rate limits decide on")
-    elif usage.store == "postgres":
-        _conninfo(usage.dsn, "usage.dsn")
+    if usage.store == "postgres":
+        _validate_dsn(usage.dsn, "usage.dsn", usage.dsn_allow_plaintext,
+                      "every call's usage counters (callers, tools, tasks)",
+                      "anyone on the path could read them, or change the counts rate limits decide on")
 
 
 def _validate_evidence_sections(config: "Config") -> None:
@@ -703,28 +702,25 @@ def refuse_spans_in_clear(url: str, key: str) -> None:
                     "telemetry.allow_plaintext")
 
 
-def _conninfo(dsn: str, key: str) -> dict[str, str]:
-    """The settings `dsn` gives (libpq's parse); ConfigError naming `key`, never the string, when it is not one."""
-    from psycopg import pq
-
-    try:
-        return {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.parse(dsn.encode()) if o.val}
-    except Exception:  # its message may quote the string, password included
-        raise ConfigError(f"{key}: not a libpq connection string or postgresql:// URL") from None
-
-
-def _refuse_postgres_in_clear(dsn: str, key: str, what: str, harm: str) -> None:
-    """ConfigError naming `key` when `dsn`, with the PG* variables libpq adds to it (read as libpq reads
-    them), reaches a PostgreSQL off the pod (neither a unix socket nor loopback) without sslmode verify-ca or
-    verify-full: under prefer or require whoever on the path answers first is the database. The rule of
-    `_refuse_in_clear` for a connection string; `{key}_allow_plaintext` is the opt-in. A service (service=,
-    PGSERVICE) may name any host from its file, so it needs a verifying sslmode too."""
+def _validate_dsn(dsn: str, key: str, allow_plaintext: bool, what: str, harm: str) -> None:
+    """ConfigError naming `key`, never quoting the string (it may hold a password), when libpq cannot read
+    `dsn`; or when, with the PG* variables libpq adds to it (read as libpq reads them), it reaches a
+    PostgreSQL off the pod (neither a unix socket nor loopback) without sslmode verify-ca or verify-full and
+    `allow_plaintext` is off: under prefer or require whoever on the path answers first is the database.
+    The rule of `_refuse_in_clear` for a connection string. A service (service=, PGSERVICE) may name any
+    host from its file, so it needs a verifying sslmode too."""
     import itertools
 
     from psycopg import pq
 
+    try:
+        given = {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.parse(dsn.encode()) if o.val}
+    except Exception:  # its message may quote the string, password included
+        raise ConfigError(f"{key}: not a libpq connection string or postgresql:// URL") from None
+    if allow_plaintext:
+        return
     defaults = {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.get_defaults() if o.val}
-    effective = {**defaults, **_conninfo(dsn, key)}
+    effective = {**defaults, **given}
     sslmode = effective.get("sslmode", "prefer")
     if sslmode in ("verify-ca", "verify-full"):
         return
@@ -785,11 +781,10 @@ MAX_ESCALATION_SECONDS = 10 * 365 * 86_400
 def _validate_escalation(esc: "EscalationConfig") -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
-    if esc.store == "postgres" and not esc.dsn_allow_plaintext:
-        _refuse_postgres_in_clear(esc.dsn, "escalation.dsn", "escalations (argument previews, approvers, decisions)",
-                                  "anyone on the path could read them, or turn a pending escalation into an approved one")
-    elif esc.store == "postgres":
-        _conninfo(esc.dsn, "escalation.dsn")
+    if esc.store == "postgres":
+        _validate_dsn(esc.dsn, "escalation.dsn", esc.dsn_allow_plaintext,
+                      "escalations (argument previews, approvers, decisions)",
+                      "anyone on the path could read them, or turn a pending escalation into an approved one")
     for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
                 "webhook_timeout_seconds", "webhook_backoff_seconds"):
         if not getattr(esc, key) > 0:
