@@ -480,7 +480,7 @@ class Config:
         """
         console = self.console
         target = console.sidecar
-        if target and not target.startswith("unix:") and not _loopback(target) and not console.sidecar_allow_plaintext:
+        if target and not grpc_target_in_pod(target) and not console.sidecar_allow_plaintext:
             raise ConfigError(
                 f"console.sidecar: the console's JWT-SVID, the approver it names and every approval would go in "
                 f"clear over plaintext gRPC to {target!r} (the console speaks no TLS: anyone on the path could "
@@ -678,19 +678,28 @@ def _dev_off_loopback(key: str, listen: str) -> str:
 
 
 def _refuse_in_clear(url: str, key: str, what: str, harm: str, allowed_by: str) -> None:
-    """ConfigError naming `key` when `url` is plain http:// to a host that is not loopback (127.0.0.0/8,
-    ::1, localhost: the same pod), so `what` would cross the network in clear; `allowed_by` is the
-    setting that says the network encrypts the hop itself. The one rule for every setting that sends
-    data out. The host is urllib's, which aiohttp (yarl) and httpx read alike: the scheme in any case,
-    the host after any userinfo (`http://127.0.0.1@evil.example`), `127.0.0.1.evil.example` a name."""
+    """ConfigError naming `key` when `url` is plain http:// to a host that is not loopback (`host_in_clear`),
+    so `what` would cross the network in clear; `allowed_by` is the setting that says the network encrypts
+    the hop itself. The one rule for every setting that sends data out."""
+    host = host_in_clear(url)
+    if host is not None:
+        raise ConfigError(
+            f"{key}: {what} would go in clear over http:// to {host} ({harm}): use https://, or set "
+            f"{allowed_by}: true where the network encrypts the hop itself (a service mesh's mTLS)"
+        )
+
+
+def host_in_clear(url: str) -> str | None:
+    """The host `url` reaches in clear off the pod: plain http:// to a host that is not loopback (127.0.0.0/8,
+    ::1, localhost: the same pod); None otherwise. The host is urllib's, which aiohttp (yarl) and httpx read
+    alike: the scheme in any case, the host after any userinfo (`http://127.0.0.1@evil.example`),
+    `127.0.0.1.evil.example` a name."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     if parts.scheme == "http" and not _loopback(f"{parts.hostname or ''}:0"):
-        raise ConfigError(
-            f"{key}: {what} would go in clear over http:// to {parts.hostname} ({harm}): use https://, or set "
-            f"{allowed_by}: true where the network encrypts the hop itself (a service mesh's mTLS)"
-        )
+        return parts.hostname or ""
+    return None
 
 
 def refuse_spans_in_clear(url: str, key: str) -> None:
@@ -739,6 +748,23 @@ def _validate_dsn(dsn: str, key: str, allow_plaintext: bool, what: str, harm: st
             f"CA in sslrootcert), or set {key}_allow_plaintext: true where the network encrypts the hop itself "
             "(a service mesh's mTLS)"
         )
+
+
+def grpc_target_in_pod(target: str) -> bool:
+    """A gRPC target a plaintext channel may carry a bearer token to: a unix socket (unix:path, unix:///path),
+    or host:port on loopback. Any other form (dns:///, ipv4:, a name) is off the pod, never guessed."""
+    return target.startswith("unix:") or _loopback(target)
+
+
+def refuse_token_in_clear(target: str, option: str, over: str) -> None:
+    """ConfigError for a command-line client (approvals, rollback) about to send a bearer token (`option`,
+    --token-file) in clear over `over` to `target` off the pod: those clients speak no TLS, so a token sent
+    there could be read and replayed by anyone on the path. The unix socket, or a TLS relay on loopback."""
+    raise ConfigError(
+        f"{option}: the JWT-SVID would go in clear over {over} to {target!r} (this client speaks no TLS: anyone on "
+        "the path could read and replay it): reach the sidecar on its unix socket, or on loopback through a TLS "
+        "relay (ghostunnel, deploy/k8s/console)"
+    )
 
 
 def _loopback(host_port: str) -> bool:
