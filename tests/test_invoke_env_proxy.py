@@ -16,7 +16,7 @@ from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import write_policy
-from tests.infra.http import serve_app
+from tests.infra.http import PROXY_VARIABLES, recording_proxy, serve_app
 from tests.infra.invoke import invoke
 from tests.mcp_upstreams import Seen, docs_server, serve_http
 
@@ -26,23 +26,12 @@ POLICY = """\
     decision := {"outcome": "allow", "reasons": ["ok: test"], "obligations": {}}
 """
 
-PROXY_VARIABLES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
 @pytest.fixture
 async def proxy(monkeypatch):
-    """A server standing for a proxy: records every request and answers 502."""
-    seen: list[str] = []
-
-    async def record(request: web.Request) -> web.Response:
-        seen.append(f"{request.method} {request.raw_path} authorization={request.headers.get('authorization', '')}")
-        return web.Response(status=502)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    async with serve_app(app) as base:
+    """tests/infra/http.py's recording proxy, in this process's proxy variables (the sidecar runs in it)."""
+    async with recording_proxy() as (env, seen):
         for name in PROXY_VARIABLES:
-            monkeypatch.setenv(name, base)
+            monkeypatch.setenv(name, env[name])
         for name in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
         yield seen

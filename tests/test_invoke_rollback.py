@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import sys
 
 import pytest
 import yaml
-from aiohttp import web
 from mcp.client.client import Client
 
 from sidecar.cli import main
 from sidecar.evidence.verify import verify_dir
 from sidecar.invoke.rollback import RollbackError, plan_rollback
 from tests.conftest import REPO, write_policy
-from tests.infra.http import serve_app
+from tests.infra.http import recording_proxy
 from tests.mcp_upstreams import Seen, docs_server, serve_http
 
 POLICY = """\
@@ -221,17 +219,7 @@ async def test_rollback_sends_its_token_only_where_no_one_on_the_path_reads_it(w
         code, out, err = await run_cli("rollback", decision_id, "--token-file", str(token), *args)
         assert (code, out) == (2, ""), (args, err)
         assert err.startswith(f"agent-sidecar: --token-file: the JWT-SVID would go in clear over {over} to {target!r}"), err
-    proxied: list[str] = []
-
-    async def record(request: web.Request) -> web.Response:
-        proxied.append(f"{request.method} {request.raw_path} {request.headers.get('authorization', '')}")
-        return web.Response(status=502)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    async with serve_app(app) as proxy:
-        env = {**os.environ, **{name: proxy for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")}}
-        env.pop("NO_PROXY", None), env.pop("no_proxy", None)
+    async with recording_proxy() as (env, proxied):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sidecar", "rollback", decision_id, "--config", str(config_path),
             "--mcp-url", sidecar.mcp.url, "--token-file", str(token), cwd=REPO, env=env,
