@@ -139,6 +139,9 @@ class UsageConfig:
     # postgres: libpq connection string or URL; "" = the PG* environment
     # variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
     dsn: str = ""
+    # Reach a PostgreSQL off the pod without sslmode verify-ca/verify-full: only where the network
+    # encrypts the hop itself (a service mesh's mutual TLS). Off, such a dsn is refused at load.
+    dsn_allow_plaintext: bool = False
     # postgres: connections per sidecar.
     pool_size: int = 4
     # postgres: budget of one count (waiting for a connection included).
@@ -206,6 +209,10 @@ class TelemetryConfig:
     protocol: str = ""
     # Collector endpoint; "" = OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else the exporter default.
     endpoint: str = ""
+    # Export spans over plain http:// (or gRPC with OTEL_EXPORTER_OTLP_[TRACES_]INSECURE=true) to a
+    # collector that is not on loopback: only where the network encrypts the hop itself (a service
+    # mesh's mutual TLS). Off, such an endpoint is refused at start (docs/evidence.md).
+    allow_plaintext: bool = False
     # service.name of the spans; "" = OTEL_SERVICE_NAME, else agent-sidecar.
     service_name: str = ""
     # One export attempt's budget; failed exports are retried with backoff forever.
@@ -223,6 +230,9 @@ class EscalationConfig:
     # libpq connection string or URL, used when store is postgres; "" = the PG*
     # environment variables. Keep passwords in PGPASSFILE / PGPASSWORD, not here.
     dsn: str = ""
+    # Reach a PostgreSQL off the pod without sslmode verify-ca/verify-full: only where the network
+    # encrypts the hop itself (a service mesh's mutual TLS). Off, such a dsn is refused at load.
+    dsn_allow_plaintext: bool = False
     # PostgreSQL connections per sidecar.
     pool_size: int = 4
     # Budget of one store operation (connect, lock wait, statement).
@@ -274,6 +284,10 @@ class ConsoleConfig:
     # The sidecar whose Approvals API the console uses (host:port or unix:/path);
     # "" = this config's listen.unix, else listen.tcp.
     sidecar: str = ""
+    # Reach a console.sidecar that is not on loopback over plaintext gRPC (the console speaks no TLS):
+    # only where the network encrypts the hop itself (a service mesh's mutual TLS). Off, such a
+    # console.sidecar is refused; put a TLS relay on loopback in front of it (deploy/k8s/console).
+    sidecar_allow_plaintext: bool = False
     # A file with a JWT-SVID the console presents to the sidecar (refreshed by
     # e.g. spiffe-helper); required outside dev mode; "" = none (dev mode only).
     token_file: str = ""
@@ -305,9 +319,6 @@ class CredentialConfig:
     # The request header carrying it, and the scheme before the value ("" = none).
     header: str = "authorization"
     scheme: str = "Bearer"
-    # Send it over plain http:// to a host that is not loopback: only where the network encrypts the
-    # hop itself (a service mesh's mutual TLS). Off, such an upstream is refused at load.
-    allow_plaintext: bool = False
 
 
 @dataclass
@@ -321,6 +332,9 @@ class McpUpstreamConfig:
     # Largest tool result (canonical JSON) passed back to the agent.
     max_result_bytes: int = 1024 * 1024
     credential: CredentialConfig = field(default_factory=CredentialConfig)
+    # Call it over plain http:// to a host that is not loopback: only where the network encrypts the
+    # hop itself (a service mesh's mutual TLS). Off, such a url is refused at load (docs/mcp.md).
+    allow_plaintext: bool = False
 
 
 @dataclass
@@ -353,6 +367,9 @@ class HttpToolConfig:
     # Response header holding the rollback token, recorded in the invocation record.
     rollback_header: str = "x-rollback-token"
     credential: CredentialConfig = field(default_factory=CredentialConfig)
+    # Call it over plain http:// to a host that is not loopback: only where the network encrypts the
+    # hop itself (a service mesh's mutual TLS). Off, such a url is refused at load (docs/mcp.md).
+    allow_plaintext: bool = False
 
 
 @dataclass
@@ -462,6 +479,15 @@ class Config:
         JWT-SVID); the dev approver is refused.
         """
         console = self.console
+        target = console.sidecar
+        if target and not grpc_target_in_pod(target) and not console.sidecar_allow_plaintext:
+            raise ConfigError(
+                f"console.sidecar: the console's JWT-SVID, the approver it names and every approval would go in "
+                f"clear over plaintext gRPC to {target!r} (the console speaks no TLS: anyone on the path could "
+                "read and replay the token, or change a denial into an approval): reach the sidecar on loopback "
+                "through a TLS relay (ghostunnel, deploy/k8s/console) or its unix socket, or set "
+                "console.sidecar_allow_plaintext: true where the network encrypts the hop itself (a service mesh's mTLS)"
+            )
         if self.dev_mode:
             if not _loopback(console.listen):
                 raise ConfigError(_dev_off_loopback("console.listen", console.listen))
@@ -565,12 +591,9 @@ def _validate_usage(usage: UsageConfig) -> None:
     if not usage.task_idle_seconds > 0:
         raise ConfigError("usage.task_idle_seconds: must be positive")
     if usage.store == "postgres":
-        from psycopg.conninfo import conninfo_to_dict
-
-        try:
-            conninfo_to_dict(usage.dsn)
-        except Exception:  # its message may quote the string, password included
-            raise ConfigError("usage.dsn: not a libpq connection string or postgresql:// URL") from None
+        _validate_dsn(usage.dsn, "usage.dsn", usage.dsn_allow_plaintext,
+                      "every call's usage counters (callers, tools, tasks)",
+                      "anyone on the path could read them, or change the counts rate limits decide on")
 
 
 def _validate_evidence_sections(config: "Config") -> None:
@@ -604,6 +627,8 @@ def _validate_evidence_sections(config: "Config") -> None:
         raise ConfigError(f"telemetry.protocol: must be grpc or http/protobuf, not {telemetry.protocol!r}")
     if telemetry.export_timeout_seconds <= 0 or telemetry.max_backoff_seconds <= 0:
         raise ConfigError("telemetry.export_timeout_seconds/max_backoff_seconds: must be positive")
+    if telemetry.endpoint and not telemetry.allow_plaintext:
+        refuse_spans_in_clear(telemetry.endpoint, "telemetry.endpoint")
 
 
 def _http_url(value: str, key: str) -> None:
@@ -653,19 +678,93 @@ def _dev_off_loopback(key: str, listen: str) -> str:
 
 
 def _refuse_in_clear(url: str, key: str, what: str, harm: str, allowed_by: str) -> None:
-    """ConfigError naming `key` when `url` is plain http:// to a host that is not loopback (127.0.0.0/8,
-    ::1, localhost: the same pod), so `what` would cross the network in clear; `allowed_by` is the
-    setting that says the network encrypts the hop itself. The one rule for every setting that sends
-    data out. The host is urllib's, which aiohttp (yarl) and httpx read alike: the scheme in any case,
-    the host after any userinfo (`http://127.0.0.1@evil.example`), `127.0.0.1.evil.example` a name."""
+    """ConfigError naming `key` when `url` is plain http:// to a host that is not loopback (`host_in_clear`),
+    so `what` would cross the network in clear; `allowed_by` is the setting that says the network encrypts
+    the hop itself. The one rule for every setting that sends data out."""
+    host = host_in_clear(url)
+    if host is not None:
+        raise ConfigError(
+            f"{key}: {what} would go in clear over http:// to {host} ({harm}): use https://, or set "
+            f"{allowed_by}: true where the network encrypts the hop itself (a service mesh's mTLS)"
+        )
+
+
+def host_in_clear(url: str) -> str | None:
+    """The host `url` reaches in clear off the pod: plain http:// to a host that is not loopback (127.0.0.0/8,
+    ::1, localhost: the same pod); None otherwise. The host is urllib's, which aiohttp (yarl) and httpx read
+    alike: the scheme in any case, the host after any userinfo (`http://127.0.0.1@evil.example`),
+    `127.0.0.1.evil.example` a name."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     if parts.scheme == "http" and not _loopback(f"{parts.hostname or ''}:0"):
+        return parts.hostname or ""
+    return None
+
+
+def refuse_spans_in_clear(url: str, key: str) -> None:
+    """`_refuse_in_clear` for the OTLP span export: `key` is telemetry.endpoint, or the OTEL_* variable the
+    endpoint came from (checked where the exporter is built, sidecar/evidence/spans.py)."""
+    _refuse_in_clear(url, key, "the evidence spans (who called which tool, outcomes, reasons, approvers) and "
+                    "the exporter's headers (OTEL_EXPORTER_OTLP_HEADERS, often a collector's API key)",
+                    "anyone on the path could read them, and drop or change the collector's copy of the evidence",
+                    "telemetry.allow_plaintext")
+
+
+def _validate_dsn(dsn: str, key: str, allow_plaintext: bool, what: str, harm: str) -> None:
+    """ConfigError naming `key`, never quoting the string (it may hold a password), when libpq cannot read
+    `dsn`; or when, with the PG* variables libpq adds to it (read as libpq reads them), it reaches a
+    PostgreSQL off the pod (neither a unix socket nor loopback) without sslmode verify-ca or verify-full and
+    `allow_plaintext` is off: under prefer or require whoever on the path answers first is the database.
+    The rule of `_refuse_in_clear` for a connection string. A service (service=, PGSERVICE) may name any
+    host from its file, so it needs a verifying sslmode too."""
+    import itertools
+
+    from psycopg import pq
+
+    try:
+        given = {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.parse(dsn.encode()) if o.val}
+    except Exception:  # its message may quote the string, password included
+        raise ConfigError(f"{key}: not a libpq connection string or postgresql:// URL") from None
+    if allow_plaintext:
+        return
+    defaults = {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.get_defaults() if o.val}
+    effective = {**defaults, **given}
+    sslmode = effective.get("sslmode", "prefer")
+    if sslmode in ("verify-ca", "verify-full"):
+        return
+    hosts = effective.get("host", "").split(",")
+    addresses = effective.get("hostaddr", "").split(",")
+    off_pod = [
+        address or host for host, address in itertools.zip_longest(hosts, addresses, fillvalue="")
+        if not (_loopback(f"{address}:0") if address else not host or host.startswith(("/", "@")) or _loopback(f"{host}:0"))
+    ]
+    if effective.get("service") and not off_pod:
+        off_pod = [f"the hosts of service {effective['service']!r}"]
+    if off_pod:
         raise ConfigError(
-            f"{key}: {what} would go in clear over http:// to {parts.hostname} ({harm}): use https://, or set "
-            f"{allowed_by}: true where the network encrypts the hop itself (a service mesh's mTLS)"
+            f"{key}{'' if dsn else ' (the PG* variables)'}: {what} would go to PostgreSQL at {', '.join(off_pod)} "
+            f"with sslmode={sslmode} ({harm}): use sslmode=verify-full (in {key} or PGSSLMODE, with the server's "
+            f"CA in sslrootcert), or set {key}_allow_plaintext: true where the network encrypts the hop itself "
+            "(a service mesh's mTLS)"
         )
+
+
+def grpc_target_in_pod(target: str) -> bool:
+    """A gRPC target a plaintext channel may carry a bearer token to: a unix socket (unix:path, unix:///path),
+    or host:port on loopback. Any other form (dns:///, ipv4:, a name) is off the pod, never guessed."""
+    return target.startswith("unix:") or _loopback(target)
+
+
+def refuse_token_in_clear(target: str, option: str, over: str) -> None:
+    """ConfigError for a command-line client (approvals, rollback) about to send a bearer token (`option`,
+    --token-file) in clear over `over` to `target` off the pod: those clients speak no TLS, so a token sent
+    there could be read and replayed by anyone on the path. The unix socket, or a TLS relay on loopback."""
+    raise ConfigError(
+        f"{option}: the JWT-SVID would go in clear over {over} to {target!r} (this client speaks no TLS: anyone on "
+        "the path could read and replay it): reach the sidecar on its unix socket, or on loopback through a TLS "
+        "relay (ghostunnel, deploy/k8s/console)"
+    )
 
 
 def _loopback(host_port: str) -> bool:
@@ -708,6 +807,10 @@ MAX_ESCALATION_SECONDS = 10 * 365 * 86_400
 def _validate_escalation(esc: "EscalationConfig") -> None:
     if esc.store not in ("sqlite", "postgres"):
         raise ConfigError(f"escalation.store: must be sqlite or postgres, not {esc.store!r}")
+    if esc.store == "postgres":
+        _validate_dsn(esc.dsn, "escalation.dsn", esc.dsn_allow_plaintext,
+                      "escalations (argument previews, approvers, decisions)",
+                      "anyone on the path could read them, or turn a pending escalation into an approved one")
     for key in ("ttl_seconds", "use_window_seconds", "await_max_seconds", "sweep_interval_seconds",
                 "webhook_timeout_seconds", "webhook_backoff_seconds"):
         if not getattr(esc, key) > 0:
@@ -780,9 +883,7 @@ def _validate_console(console: "ConsoleConfig") -> None:
         raise ConfigError("console.history_limit: must be positive")
 
 
-def _validate_credential(credential: CredentialConfig, key: str, url: str = "") -> None:
-    """`url`: where the credential goes; over plain http:// to a host that is not loopback only with
-    allow_plaintext (a bearer credential in clear can be read and replayed by anyone on the path)."""
+def _validate_credential(credential: CredentialConfig, key: str) -> None:
     import re
 
     if credential.kind not in ("", "jwt_svid", "secret_file"):
@@ -795,9 +896,20 @@ def _validate_credential(credential: CredentialConfig, key: str, url: str = "") 
         raise ConfigError(f"{key}.header: {credential.header!r} is not an HTTP header name")
     if credential.scheme and not re.fullmatch(r"[A-Za-z0-9._~+/-]{1,64}", credential.scheme):
         raise ConfigError(f"{key}.scheme: {credential.scheme!r} is not an authorization scheme")
-    if credential.kind and url and not credential.allow_plaintext:
-        _refuse_in_clear(url, key, f"the {credential.kind} credential", "anyone on the path could read and replay it",
-                         f"{key}.allow_plaintext")
+
+
+def _refuse_tool_in_clear(url: str, key: str, credential: CredentialConfig, allow_plaintext: bool) -> None:
+    """A tool's calls never cross a network in clear: policy decided on the arguments, and the tool must
+    receive exactly those, as the agent must receive the tool's own answer. Over plain http:// off loopback
+    anyone on the path could change either (or read and replay the credential) after the decision, so
+    `url` is refused unless `allow_plaintext` says the network encrypts the hop. One opt-in per upstream
+    or tool covers all three."""
+    if allow_plaintext:
+        return
+    what = "its calls' arguments and answers" + (f", and the {credential.kind} credential," if credential.kind else "")
+    harm = ("anyone on the path could read them, change the arguments after policy decided on them or the answer "
+            "the agent gets" + (", and replay the credential" if credential.kind else ""))
+    _refuse_in_clear(url, f"{key}.url", what, harm, f"{key}.allow_plaintext")
 
 
 def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
@@ -827,14 +939,19 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
             raise ConfigError(f"{key}: give exactly one of url (Streamable HTTP) and command (stdio)")
         if upstream.url:
             _http_url(upstream.url, f"{key}.url")
+            _refuse_tool_in_clear(upstream.url, key, upstream.credential, upstream.allow_plaintext)
+        elif upstream.allow_plaintext:
+            raise ConfigError(f"{key}.allow_plaintext: only for a Streamable HTTP upstream (url); stdio sends nothing on a network")
         if upstream.timeout_seconds <= 0 or upstream.max_result_bytes <= 0:
             raise ConfigError(f"{key}.timeout_seconds/max_result_bytes: must be positive")
         if upstream.command and upstream.credential.kind:
             raise ConfigError(f"{key}.credential: credentials are attached to Streamable HTTP upstreams only (url)")
-        _validate_credential(upstream.credential, f"{key}.credential", upstream.url)
+        _validate_credential(upstream.credential, f"{key}.credential")
 
 
 def _validate_invoke(invoke: InvokeConfig) -> None:
+    from urllib.parse import urlsplit
+
     if invoke.jwt_refresh_before_seconds < 0:
         raise ConfigError("invoke.jwt_refresh_before_seconds: must not be negative")
     if not math.isfinite(invoke.jwt_fetch_timeout_seconds) or invoke.jwt_fetch_timeout_seconds <= 0:
@@ -848,11 +965,22 @@ def _validate_invoke(invoke: InvokeConfig) -> None:
         key = f"invoke.tools.{name}"
         if tool.method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise ConfigError(f"{key}.method: must be GET, POST, PUT, PATCH or DELETE, not {tool.method!r}")
+        try:
+            written = urlsplit(tool.url)
+        except ValueError:
+            written = None  # _http_url names the problem
+        if written is not None and ("{" in written.scheme or "{" in written.netloc):
+            raise ConfigError(
+                f"{key}.url: a placeholder in the scheme, host or port of {url_for_messages(tool.url)} would let the "
+                "call's arguments choose where the call goes (its credential with it), and which host the rules "
+                "here were checked for; placeholders fill the path and the query only"
+            )
         url = tool.url.replace("{", "").replace("}", "")  # the template's URL with its placeholders' names
         _http_url(url, f"{key}.url")
+        _refuse_tool_in_clear(url, key, tool.credential, tool.allow_plaintext)
         if tool.timeout_seconds <= 0 or tool.max_response_bytes <= 0:
             raise ConfigError(f"{key}.timeout_seconds/max_response_bytes: must be positive")
-        _validate_credential(tool.credential, f"{key}.credential", url)
+        _validate_credential(tool.credential, f"{key}.credential")
 
 
 def _validate_opa(opa: OpaConfig) -> None:

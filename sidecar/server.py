@@ -148,6 +148,7 @@ def build_recorder(
             protocol=telemetry.protocol,
             endpoint=telemetry.endpoint,
             timeout_seconds=telemetry.export_timeout_seconds,
+            allow_plaintext=telemetry.allow_plaintext,
         ),
         service_name=telemetry.service_name,
         max_backoff_seconds=telemetry.max_backoff_seconds,

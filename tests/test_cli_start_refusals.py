@@ -43,19 +43,21 @@ def settings(tmp_path, **sections) -> dict:
     return base
 
 
-async def serve(tmp_path, config: dict) -> tuple[int, str, str]:
-    """`agent-sidecar serve` with a TMPDIR of its own; (exit status, stderr, what is left in that TMPDIR)."""
+async def serve(tmp_path, config: dict, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`agent-sidecar serve` with a TMPDIR of its own (and `env` added to its environment); (exit status,
+    stderr, what is left in that TMPDIR)."""
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump(config))
     with tempfile.TemporaryDirectory(dir="/tmp") as tmpdir:  # short: OPA's unix socket goes under it
-        code, err = await _run(path, tmpdir)
+        code, err = await _run(path, tmpdir, env or {})
         return code, err, sorted(os.listdir(tmpdir))
 
 
-async def _run(path, tmpdir: str) -> tuple[int, str]:
+async def _run(path, tmpdir: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", "serve", "--config", str(path), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmpdir)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {}), "TMPDIR": str(tmpdir)},
     )
     _, err = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode, err.decode()
@@ -233,6 +235,70 @@ async def test_the_mcp_gateways_listeners_are_not_taken_over_either(tmp_path, ru
         assert left == []
     async with AsyncClient(first.addresses[1]) as client:
         assert (await client.authorize("search_docs", {"query": "x"})).outcome == "allow"
+
+
+@pytest.mark.parametrize("section, values, key", [
+    ("mcp", {"upstreams": {"docs": {"url": "http://docs-mcp.tools.svc:8000/mcp"}}}, "mcp.upstreams.docs"),
+    ("mcp", {"upstreams": {"docs": {"url": "http://127.0.0.1@docs-mcp.tools.svc/mcp",
+                                    "credential": {"kind": "secret_file", "file": "/nonexistent"}}}},
+     "mcp.upstreams.docs"),
+    ("invoke", {"tools": {"lookup": {"url": "HTTP://10.0.0.5:8080/items/{item}"}}}, "invoke.tools.lookup"),
+])
+async def test_a_tool_in_clear_off_loopback_stops_the_start_naming_its_key(tmp_path, section, values, key):
+    code, err, left = await serve(tmp_path, settings(tmp_path, **{section: values}))
+    assert code == 2, err
+    assert f"agent-sidecar: {key}.url: its calls' arguments and answers" in err, err
+    assert f"set {key}.allow_plaintext: true where the network encrypts the hop itself" in err, err
+    assert "OPA" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "evidence").exists() and left == []
+
+
+@pytest.mark.parametrize("telemetry, env, key", [
+    ({"endpoint": "http://otel-collector.observability.svc:4317"}, {}, "telemetry.endpoint"),
+    ({"endpoint": ""}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc:4317"},
+     "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ({"endpoint": "", "protocol": "http/protobuf"},
+     {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "HTTP://10.0.0.7:4318/v1/traces"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+])
+async def test_spans_in_clear_off_loopback_stop_the_start_naming_where_the_endpoint_came_from(tmp_path, telemetry, env,
+                                                                                             key):
+    code, err, left = await serve(tmp_path, settings(tmp_path, telemetry=telemetry), env)
+    assert code == 2, err
+    assert f"agent-sidecar: {key}: the evidence spans" in err and "telemetry.allow_plaintext: true" in err, err
+    assert "Traceback" not in err, err
+    assert left == []  # whatever the start had begun (a variable is only read where the exporter is built) is undone
+
+
+@pytest.mark.parametrize("flags", [[], ["--sidecar", "10.0.0.5:50051"]], ids=["console.sidecar", "--sidecar"])
+async def test_a_console_reaching_its_sidecar_in_clear_off_loopback_does_not_start(tmp_path, flags):
+    path = tmp_path / "console.yaml"
+    path.write_text(yaml.safe_dump({
+        "identity": {"sources": ["dev"]},
+        "console": {"listen": "127.0.0.1:0", "dev_approver": "email:dev@example.org",
+                    "sidecar": "agent-sidecars.agents.svc:50051"},
+    }))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "console", "--config", str(path), *flags, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2, err
+    target = flags[1] if flags else "agent-sidecars.agents.svc:50051"
+    assert err.decode().startswith(f"agent-sidecar: console.sidecar: the console's JWT-SVID, the approver it names "
+                                   f"and every approval would go in clear over plaintext gRPC to {target!r}"), err
+    assert out == b""
+
+
+async def test_a_postgres_off_the_pod_without_verified_tls_stops_the_start(tmp_path):
+    """The PG* variables (dsn "") are read as libpq reads them, at load: nothing is started."""
+    code, err, left = await serve(tmp_path, settings(tmp_path, escalation={"store": "postgres"}),
+                                  {"PGHOST": "agent-postgres.agents.svc", "PGSSLMODE": "prefer"})
+    assert code == 2, err
+    assert err.startswith("agent-sidecar: escalation.dsn (the PG* variables): escalations (argument previews, "
+                          "approvers, decisions) would go to PostgreSQL at agent-postgres.agents.svc with "
+                          "sslmode=prefer ("), err
+    assert "OPA" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "evidence").exists() and left == []
 
 
 LOCK_HOLDER = """

@@ -44,7 +44,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sidecar.config import Config, load_config
+from sidecar.config import Config, ConfigError, load_config
 from tests.conftest import REGO, REPO
 
 SOURCE = REPO / "deploy" / "k8s"
@@ -701,10 +701,26 @@ def test_writable_paths_are_volumes():
     assert "/tmp" in writable  # Python's tempfiles on a read-only root
 
 
+def test_the_sidecar_config_loads_with_its_containers_postgres_variables(monkeypatch):
+    """The PG* variables statefulset.yaml gives the sidecar name a PostgreSQL off the pod without TLS: the
+    config loads only because it opts in, for both stores, as docs/deploy.md explains."""
+    sidecar = container(pod_spec("research-agent"), "agent-sidecar")
+    for item in sidecar["env"]:
+        if item["name"].startswith("PG") and "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    config = sidecar_config()
+    assert config.escalation.store == config.usage.store == "postgres"
+    assert config.escalation.dsn_allow_plaintext and config.usage.dsn_allow_plaintext
+    for key in ("escalation.dsn_allow_plaintext", "usage.dsn_allow_plaintext"):
+        with pytest.raises(ConfigError, match=r"\(the PG\* variables\): .* PostgreSQL at agent-postgres"):
+            load_config(K8S / "agent" / "sidecar.yaml", {key: False})
+
+
 def test_otlp_goes_sidecar_to_collector_to_jaeger():
     config = sidecar_config()
     endpoint = urlsplit(config.telemetry.endpoint)
     assert config.telemetry.protocol == "grpc" and endpoint.scheme == "http"
+    assert config.telemetry.allow_plaintext  # in clear off loopback only by the opt-in docs/deploy.md explains
     _, collector, collector_port = service_target(endpoint.hostname, endpoint.port)
     collector_config = yaml.safe_load((K8S / "observability" / "collector.yaml").read_text())
     receiver = collector_config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]

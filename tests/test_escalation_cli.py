@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 
 from sidecar.client import AsyncClient
@@ -111,3 +112,26 @@ async def test_refusals_and_unreachable_sidecars_exit_nonzero_with_the_reason(tm
     assert code == 2 and "cannot reach the sidecar at 127.0.0.1:1" in err
     code, out, err = await run("approvals", "list", "--address", address, "--state", "bogus")
     assert code == 2 and "invalid choice" in err
+
+
+async def test_a_token_never_goes_in_clear_off_the_pod(tmp_path):
+    """The approvals commands speak plaintext gRPC: with --token-file, an address off the pod is refused
+    before anything is sent (exit 2); the unix socket and loopback are where a token may go (here nobody
+    answers, so the error is the connection's)."""
+    token = tmp_path / "token"
+    token.write_text("jwt-svid-must-stay-here")
+    for address in ("10.0.0.5:50051", "agent-sidecars.agents.svc:50051", "[::ffff:127.0.0.1]:50051",
+                    "127.0.0.1.evil.example:50051", "dns:///agent-sidecars.agents.svc:50051", "0.0.0.0:50051"):
+        code, out, err = await run("approvals", "list", "--address", address, "--token-file", str(token))
+        assert (code, out) == (2, ""), (address, err)
+        assert err.startswith(f"agent-sidecar: --token-file: the JWT-SVID would go in clear over plaintext gRPC to "
+                              f"{address!r} (this client speaks no TLS"), err
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{closed}", f"localhost:{closed}", f"unix:{tmp_path / 'none.sock'}"):
+        code, out, err = await run("approvals", "list", "--address", address, "--token-file", str(token),
+                                   "--timeout", "2")
+        assert code == 2 and "--token-file" not in err and "cannot reach the sidecar" in err, (address, err)
+    code, out, err = await run("approvals", "list", "--address", "192.0.2.1:50051", "--timeout", "0.5")
+    assert code == 2 and "--token-file" not in err, err  # no token, nothing to leak: tried, and unreachable

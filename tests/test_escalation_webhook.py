@@ -133,6 +133,7 @@ async def test_new_escalations_are_posted_retried_and_never_block_the_decision(t
     assert escalation["arguments_preview"]["password"] == "[REDACTED]"
     assert b"hunter2" not in body
     assert headers["Content-Type"] == "application/json"
+    assert {name.lower() for name in headers} == HTTP_OWN | CONSTANT.keys() | STANDARD_WEBHOOKS  # nothing else
     for attempt, _ in hook.requests:
         verify_webhook(SECRET, attempt, body)  # each attempt, the 503'd one too, is the receiver's to check
     assert hook.requests[0][0]["webhook-id"] == headers["webhook-id"]  # the retry keeps the notice's id
@@ -259,6 +260,49 @@ async def test_each_attempt_is_signed_at_its_own_time():
     assert len({h["webhook-id"] for h, _ in seen}) == 1
     with pytest.raises(WebhookRefused, match="outside the tolerance"):
         verify_webhook(SECRET, seen[0][0], seen[0][1], now=stamps[-1])
+
+
+# What a receiver may act on: the Standard Webhooks headers, each covered by the signature (webhook-signature
+# signs "{webhook-id}.{webhook-timestamp}.{body}"). Everything else a notice carries is HTTP's own framing or
+# a constant: nothing about the notice outside what is signed.
+STANDARD_WEBHOOKS = {"webhook-id", "webhook-timestamp", "webhook-signature"}
+HTTP_OWN = {"host", "content-length", "accept", "accept-encoding"}
+CONSTANT = {"content-type": "application/json", "user-agent": "agent-sidecar-webhook/1"}
+
+
+async def test_every_header_a_receiver_gets_is_signed_or_says_nothing_about_the_notice():
+    """Two notices for different escalations: outside the three signed headers, only HTTP's framing and
+    constants. An unsigned header naming the escalation (there was X-Sidecar-Escalation-Id) let anyone
+    on the path send a genuine notice under another escalation's name to a receiver routing on it."""
+    seen: list[tuple[CIMultiDict, bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append((request.headers.copy(), await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    async with serve_app(app) as base:
+        notifier = WebhookNotifier(f"{base}/hook", secret=SECRET)
+        notifier.notify(record(id="esc-1"))
+        notifier.notify(record(id="esc-2", tool="delete_repo", server="git", task_id="t-2"))
+        await notifier.drain(30)
+        await notifier.aclose()
+    assert len(seen) == 2
+    for headers, body in seen:
+        names = [name.lower() for name in headers]
+        assert len(names) == len(set(names))  # no header twice
+        assert set(names) == HTTP_OWN | CONSTANT.keys() | STANDARD_WEBHOOKS
+        for name, value in CONSTANT.items():
+            assert headers[name] == value
+        assert headers["host"] == base.removeprefix("http://") and headers["content-length"] == str(len(body))
+        verify_webhook(SECRET, headers, body)  # webhook-id and webhook-timestamp are signed with the body
+        escalation_id = json.loads(body)["escalation"]["escalation_id"]
+        assert not any(escalation_id in value for name, value in headers.items() if name.lower() not in STANDARD_WEBHOOKS)
+    assert {json.loads(body)["escalation"]["escalation_id"] for _, body in seen} == {"esc-1", "esc-2"}
+    (first, _), (second, _) = seen
+    for name in HTTP_OWN - {"content-length"}:
+        assert first[name] == second[name]  # the same for every notice: nothing in them to route on
 
 
 async def captured_notice() -> tuple[dict[str, str], bytes]:

@@ -16,6 +16,7 @@ from sidecar.cli import main
 from sidecar.evidence.verify import verify_dir
 from sidecar.invoke.rollback import RollbackError, plan_rollback
 from tests.conftest import REPO, write_policy
+from tests.infra.http import recording_proxy
 from tests.mcp_upstreams import Seen, docs_server, serve_http
 
 POLICY = """\
@@ -190,3 +191,40 @@ async def test_rollback_of_an_http_tool_goes_through_invoke(tmp_path, sidecar_co
         assert calls[-1] == ("/close", {"id": "ticket-7"})
     finally:
         await runner.cleanup()
+
+
+async def test_rollback_sends_its_token_only_where_no_one_on_the_path_reads_it(world, tmp_path):
+    """The rollback client speaks no TLS to gRPC and follows the URL it is given: with --token-file, a
+    gateway over http:// off loopback or a gRPC address off the pod is refused before anything is sent
+    (exit 2); on loopback the token goes straight there, never through a proxy from the environment."""
+    sidecar, _, config_path, evidence = world
+    async with Client(sidecar.mcp.url) as agent:
+        sent = await agent.call_tool("docs__send", {"to": ["a@example.com"], "body": "oops"})
+    decision_id = sent.meta["sidecar/decision_id"]
+    token = tmp_path / "token"
+    token.write_text("jwt-svid-must-stay-here")
+    through_invoke = tmp_path / "no-mcp.yaml"
+    settings = yaml.safe_load(config_path.read_text())
+    del settings["mcp"]
+    through_invoke.write_text(yaml.safe_dump(settings))
+    for args, target, over in (
+        (["--config", str(config_path), "--mcp-url", "http://agent-sidecar.agents.svc:8765/mcp"],
+         "http://agent-sidecar.agents.svc:8765/mcp", "http://"),
+        (["--config", str(config_path), "--mcp-url", "HTTP://127.0.0.1@evil.example:8765/mcp"],
+         "HTTP://127.0.0.1@evil.example:8765/mcp", "http://"),
+        (["--config", str(through_invoke), "--address", "10.0.0.5:50051"], "10.0.0.5:50051", "plaintext gRPC"),
+        (["--config", str(through_invoke), "--address", "dns:///agent-sidecar.agents.svc:50051"],
+         "dns:///agent-sidecar.agents.svc:50051", "plaintext gRPC"),
+    ):
+        code, out, err = await run_cli("rollback", decision_id, "--token-file", str(token), *args)
+        assert (code, out) == (2, ""), (args, err)
+        assert err.startswith(f"agent-sidecar: --token-file: the JWT-SVID would go in clear over {over} to {target!r}"), err
+    async with recording_proxy() as (env, proxied):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "rollback", decision_id, "--config", str(config_path),
+            "--mcp-url", sidecar.mcp.url, "--token-file", str(token), cwd=REPO, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert proxied == []
+    assert process.returncode == 0 and json.loads(out)["outcome"] == "allow", err

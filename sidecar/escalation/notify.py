@@ -5,11 +5,17 @@ attempt starts, and a webhook that is down never slows or fails a decision.
 Connection errors, timeouts, 429 and 5xx answers are retried with
 exponential backoff (tenacity) up to `escalation.webhook_attempts`; other
 answers are final. With a secret (at least 16 bytes), each attempt is signed the Standard
-Webhooks way (https://www.standardwebhooks.com): `webhook-id` (one per notice, the same on
-its retries: the receiver's idempotency key), `webhook-timestamp` (the attempt's, in integer
-Unix seconds, so a receiver refuses an old request replayed) and `webhook-signature:
-v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` (`signature`). docs/escalation.md
-has the receiver's check.
+Webhooks way (https://www.standardwebhooks.com): `webhook-id` (`msg_` and 32 random hex digits,
+one per notice, the same on its retries: the receiver's idempotency key, not the escalation's
+id), `webhook-timestamp` (the attempt's, in integer Unix seconds, so a receiver refuses an old
+request replayed) and `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`
+(`signature`). docs/escalation.md has the receiver's check.
+
+Nothing about the notice travels outside what is signed: besides those three headers the
+request carries only HTTP's own (Host, Content-Length, Accept, Accept-Encoding) and two
+constants (`Content-Type: application/json`, `User-Agent`). A receiver that routed on an
+unsigned header naming the escalation could be sent a genuine notice under another name, so
+the escalation's id is read from the signed body (`escalation.escalation_id`), never a header.
 
 Payload (ASCII-only JSON: every non-ASCII and control character is a JSON escape):
 
@@ -159,7 +165,7 @@ class WebhookNotifier:
                 reraise=True,
             ):
                 with attempt:
-                    await self._post(body, self._headers(webhook_id, record.id, body))
+                    await self._post(body, self._headers(webhook_id, body))
             self.sent += 1
         except asyncio.CancelledError:
             raise
@@ -169,12 +175,11 @@ class WebhookNotifier:
             log.warning("webhook: giving up on %s after %d attempts to %s: %s", record.id, self._attempts,
                         url_for_messages(self.url), _without_url(exc, self.url))
 
-    def _headers(self, webhook_id: str, escalation_id: str, body: bytes) -> dict[str, str]:
+    def _headers(self, webhook_id: str, body: bytes) -> dict[str, str]:
         """One attempt's headers: signed anew with its own timestamp, so a retry late in a long
         back-off is as fresh to the receiver as the first attempt."""
         timestamp = int(self._clock())
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                   "X-Sidecar-Escalation-Id": escalation_id,
                    "webhook-id": webhook_id, "webhook-timestamp": str(timestamp)}
         if self._secret:
             headers["webhook-signature"] = signature(self._secret, webhook_id, timestamp, body)

@@ -338,12 +338,15 @@ def exporter_from_env(
     protocol: str = "",
     endpoint: str = "",
     timeout_seconds: float = 10.0,
+    allow_plaintext: bool = False,
     environ: dict | None = None,
 ) -> SpanExporter | None:
     """The span exporter the standard OTEL_* variables ask for; None when export is off.
 
     Explicit arguments (from config) win over the environment. OTEL_SDK_DISABLED=true
-    or OTEL_TRACES_EXPORTER=none turn export off.
+    or OTEL_TRACES_EXPORTER=none turn export off. Spans never go in clear to a collector off
+    loopback unless `allow_plaintext` (telemetry.allow_plaintext): ConfigError naming where the
+    endpoint came from (`_check_in_clear`).
     """
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -365,6 +368,8 @@ def exporter_from_env(
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "grpc"
     ).strip().lower()
+    if not allow_plaintext:
+        _check_in_clear(proto, endpoint, env)
     kwargs: dict[str, Any] = {"timeout": timeout_seconds}
     if proto == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -381,3 +386,26 @@ def exporter_from_env(
             kwargs["endpoint"] = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
         return HttpExporter(**kwargs)
     raise ValueError(f"unsupported OTLP protocol {proto!r} (grpc or http/protobuf)")
+
+
+def _check_in_clear(proto: str, endpoint: str, env) -> None:
+    """The endpoint the exporter will use, as the OTLP exporters resolve it (telemetry.endpoint, else
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT; the default is loopback), put
+    through the rule every sending setting follows. config.py checks telemetry.endpoint at load; the
+    variables are only known here. gRPC also goes in clear to an endpoint without a scheme when
+    OTEL_EXPORTER_OTLP_[TRACES_]INSECURE is true."""
+    from sidecar.config import refuse_spans_in_clear
+
+    key, url = "telemetry.endpoint", endpoint
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if not url and env.get(name):
+            key, url = name, env[name]
+    if not url:
+        return
+    if proto == "grpc" and "://" not in url:
+        insecure = next((name for name in ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE")
+                         if env.get(name) is not None), None)
+        if insecure is None or env[insecure].strip().lower() != "true":
+            return  # TLS: the gRPC exporter's default for an endpoint without a scheme
+        key, url = f"{key} (with {insecure}=true)", f"http://{url}"
+    refuse_spans_in_clear(url, key)

@@ -121,7 +121,11 @@ class McpUpstream:
         while not self._stopping:
             http = None
             if self.url:  # ours to close: the SDK closes only the HTTP clients it made itself
-                http = httpx2.AsyncClient(auth=self._auth, timeout=httpx2.Timeout(self.timeout_seconds))
+                # A transport of our own: httpx would otherwise send the call through HTTP(S)_PROXY / ALL_PROXY,
+                # so an http:// URL config allowed as loopback would cross the network in clear to a proxy
+                # (the HTTP tools' aiohttp session ignores them alike). TLS settings still come from the environment.
+                http = httpx2.AsyncClient(auth=self._auth, timeout=httpx2.Timeout(self.timeout_seconds),
+                                          transport=httpx2.AsyncHTTPTransport())
             try:
                 if self._credential is not None:
                     await self._attach_credential()

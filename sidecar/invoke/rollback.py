@@ -110,8 +110,11 @@ async def undo_through_gateway(url: str, undo: UndoCall, token: str = "") -> dic
 
     headers = {"authorization": f"Bearer {token}"} if token else {}
     meta = {"sidecar/intent": undo.intent, "sidecar/task_id": undo.task_id}
+    # a transport of our own: no HTTP(S)_PROXY / ALL_PROXY, which would take an http:// gateway on loopback,
+    # the token with it, off the machine in clear (as for the sidecar's own upstream calls, invoke/mcp.py)
+    http = httpx2.AsyncClient(headers=headers, transport=httpx2.AsyncHTTPTransport())
     try:
-        async with Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers))) as client:
+        async with Client(streamable_http_client(url, http_client=http)) as client:
             result = await client.call_tool(exposed_name(undo.server, undo.tool), undo.arguments, meta=meta)
     except Exception as exc:
         cause = _transport_failure(exc, (httpx2.HTTPError, OSError))
@@ -160,7 +163,7 @@ async def undo_through_invoke(address: str, undo: UndoCall, token: str = "") -> 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from sidecar.argtypes import EVIDENCE_DIR, existing_directory
-    from sidecar.config import ConfigError, load_config
+    from sidecar.config import ConfigError, grpc_target_in_pod, host_in_clear, load_config, refuse_token_in_clear
 
     # A client of the running sidecar (its evidence.dir, policy.dir, mcp, listen): it serves nothing itself.
     config = load_config(args.config, runs_sidecar=False)
@@ -173,9 +176,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         undo = plan_rollback(config.evidence.dir, config.policy.dir, args.decision_id)
         if undo.server and undo.server in config.mcp.upstreams:
             url = args.mcp_url or f"http://{config.mcp.listen}/mcp"
+            if token and host_in_clear(url) is not None:
+                refuse_token_in_clear(url, "--token-file", "http://")
             answer = asyncio.run(undo_through_gateway(url, undo, token))
         else:
             address = args.address or config.listen.tcp or f"unix:{config.listen.unix}"
+            if token and not grpc_target_in_pod(address):
+                refuse_token_in_clear(address, "--token-file", "plaintext gRPC")
             answer = asyncio.run(undo_through_invoke(address, undo, token))
     except RollbackError as exc:
         print(f"agent-sidecar rollback: {exc}", file=sys.stderr)
