@@ -3,12 +3,12 @@
 Starts the sidecar (managed OPA over its private unix socket, durable
 evidence) and a bare floor server as separate processes, drives each from a
 separate load process (bench/loadgen, Go, sending bench/calls.py's call mix),
-and prints a table; then what one large call costs the sidecar, by the shape of
-its arguments (bench/large_calls.py), and what the MCP gateway adds to a call
+and prints a table and each identity mode against the speed targets
+(bench/targets.py); then what one large call costs the sidecar, by the shape
+of its arguments (bench/large_calls.py), what the MCP gateway adds to a call
 over calling the MCP server directly (bench/mcp_gateway.py, its own process),
 and how long waking the managed OPA holds the sender under each scheduling
-policy (bench/opa_wakeup.py); and each identity mode against the speed
-targets (bench/targets.py).
+policy (bench/opa_wakeup.py).
 `--out` writes the figures as JSON, with the machine's load average. See
 docs/performance.md.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, Callable
 
 from sidecar.config import ConfigError
@@ -39,6 +40,18 @@ def name(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def log_id(text: str) -> str:
+    """argparse type of an evidence log's id (`--log-id`): a UUID as the log writes it (8-4-4-4-12 hex
+    digits, RFC 9562 section 4), given in lower case. Anything else, a stray space included, is bad
+    usage (exit 2), never a log found BROKEN for naming another id."""
+    if not re.fullmatch(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log id (a UUID such as 0f8e2c1a-5b7d-4e3f-9a61-2d4c8b0e7f13, as `evidence verify` "
+            "prints it after 'log id:')"
+        )
+    return text.lower()
 
 
 def existing_directory(path: str, what: str, option: str = "") -> str:

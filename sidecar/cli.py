@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Any, Sequence
 
-from sidecar.argtypes import EVIDENCE_DIR, count, existing_directory, name
+from sidecar.argtypes import EVIDENCE_DIR, count, existing_directory, log_id, name
 from sidecar.config import (
     TRY_LOCALLY,
     Config,
@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--mirror", metavar="FILE", help="checkpoint mirror (default DIR-checkpoints.jsonl beside DIR)")
     verify.add_argument(
-        "--log-id", type=name, metavar="ID",
+        "--log-id", type=log_id, metavar="ID",
         help="the log_id the log must have (its startup records and checkpoints name it; `verify` prints it as "
         "'log id:'): another log put in its place, even one signed with the same key, is BROKEN",
     )

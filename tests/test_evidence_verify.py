@@ -275,10 +275,20 @@ def test_log_id_catches_records_of_another_log_part_way(tmp_path):
     assert verify_dir(tmp_path / "expected", public_keys=load_public_keys([key]), log_id=expected_id).ok
 
 
-def test_cli_log_id_must_not_be_empty(log_dir, capsys):
+@pytest.mark.parametrize("given", ["", " 0f8e2c1a-5b7d-4e3f-9a61-2d4c8b0e7f13", "0f8e2c1a-5b7d-4e3f-9a61-2d4c8b0e7f13\n",
+                                   "0f8e2c1a5b7d4e3f9a612d4c8b0e7f13", "{0f8e2c1a-5b7d-4e3f-9a61-2d4c8b0e7f13}",
+                                   "urn:uuid:0f8e2c1a-5b7d-4e3f-9a61-2d4c8b0e7f13", "another-log", "0f8e2c1a-5b7d"])
+def test_cli_a_log_id_that_is_not_one_is_bad_usage_not_a_broken_log(log_dir, capsys, given):
     with pytest.raises(SystemExit) as exited:
-        main(["evidence", "verify", str(log_dir), "--log-id", ""])
-    assert exited.value.code == 2 and "--log-id: must not be empty" in capsys.readouterr().err
+        main(["evidence", "verify", str(log_dir), "--log-id", given])
+    assert exited.value.code == 2 and "is not a log id" in capsys.readouterr().err
+
+
+def test_cli_log_id_in_upper_case_is_the_same_id(tmp_path):
+    key = str(tmp_path / "ev-dev-key.pub.pem")
+    log = build_log(tmp_path / "ev", clean=True)
+    log_id = read(log)[0]["log_id"]
+    assert main(["evidence", "verify", str(log), "--key", key, "--log-id", log_id.upper()]) == 0
 
 
 def test_cli_verify_exit_codes_and_summary(log_dir, tmp_path, capsys):
