@@ -325,9 +325,11 @@ def _common(parser: argparse.ArgumentParser, *, json_help: str = "print JSON") -
         "--address",
         default=os.environ.get("AGENT_SIDECAR_ADDRESS", DEFAULT_ADDRESS),
         metavar="ADDR",
-        help=f"the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS, else {DEFAULT_ADDRESS})",
+        help=f"the sidecar: host:port or unix:/path (default $AGENT_SIDECAR_ADDRESS, else {DEFAULT_ADDRESS}); "
+        "spoken in plaintext gRPC, so a sidecar off this pod is reached through a TLS relay on loopback",
     )
-    parser.add_argument("--token-file", metavar="FILE", help="a JWT-SVID to present (authorization: Bearer)")
+    parser.add_argument("--token-file", metavar="FILE", help="a JWT-SVID to present (authorization: Bearer); "
+                        "refused with an --address that is neither unix: nor loopback (it would go in clear)")
     parser.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS", help="per-call deadline in seconds (default %(default)s)")
     parser.add_argument("--json", action="store_true", help=json_help)
 
