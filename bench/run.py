@@ -367,6 +367,8 @@ def print_table(report: dict) -> None:
         split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["sidecar"]["cost_split_ms"].items()))
         print(f"{'':<45} ratio p50 sidecar/floor {ratio:.2f}x; sidecar mean ms per stage: {split}")
         print(f"{'':<45} outcomes {row['sidecar']['outcomes']}; fail-closed denies {row['sidecar'].get('fail_closed') or 'none'}")
+        if row["sidecar"]["errors"]:
+            print(f"{'':<45} calls that failed in gRPC, by status: {row['sidecar'].get('error_codes')}")
         by_outcome = row["sidecar"].get("latency_ms_by_outcome") or {}
         if by_outcome:
             each = ", ".join(f"{name} {p['p50']:.2f} / {p['p99']:.2f}" for name, p in sorted(by_outcome.items()))

@@ -35,7 +35,7 @@ ANSWERS = {
     "risky": (sidecar_pb2.OUTCOME_ESCALATE, ["needs_approval: send_email"]),
     "broken": None,
 }
-FIELDS = {"mode", "target_rate", "concurrency", "calls", "errors", "seconds", "throughput", "cpu_seconds",
+FIELDS = {"mode", "target_rate", "concurrency", "calls", "errors", "error_codes", "seconds", "throughput", "cpu_seconds",
           "latency_ms", "latency_ms_by_outcome", "outcomes", "fail_closed"}
 ESCALATE_DELAY_MS = 20  # the server holds escalations this long, so their own percentiles stand apart
 
@@ -101,6 +101,7 @@ def check_counts(result: dict) -> None:
                   result["errors"]):
         assert abs(count - share) <= 1, result
     assert abs(outcomes["deny"] - 3 * share) <= 3, result
+    assert result["error_codes"] == {"Unavailable": result["errors"]}  # the "broken" tool's, by grpc-go's code name
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"] < 10_000
     by_outcome = result["latency_ms_by_outcome"]

@@ -33,6 +33,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -46,6 +47,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
@@ -169,10 +171,12 @@ type tally struct {
 	outcomes   map[string]int
 	failClosed map[string]int
 	errors     int
+	errorCodes map[string]int // the calls that failed, by grpc-go's name of their status code (or malformed_answer)
 }
 
 func newTally() *tally {
-	return &tally{byOutcome: map[string][]float64{}, outcomes: map[string]int{}, failClosed: map[string]int{}}
+	return &tally{byOutcome: map[string][]float64{}, outcomes: map[string]int{}, failClosed: map[string]int{},
+		errorCodes: map[string]int{}}
 }
 
 func (t *tally) reset() {
@@ -182,6 +186,7 @@ func (t *tally) reset() {
 	clear(t.byOutcome)
 	clear(t.outcomes)
 	clear(t.failClosed)
+	clear(t.errorCodes)
 	t.errors = 0
 }
 
@@ -201,14 +206,18 @@ func (l *loader) one(i int) {
 	elapsed := time.Since(started)
 	var outcome uint64
 	var reason string
-	if err == nil {
-		outcome, reason, err = parseResponse(reply)
+	code := ""
+	if err != nil {
+		code = status.Code(err).String()
+	} else if outcome, reason, err = parseResponse(reply); err != nil {
+		code = "malformed_answer"
 	}
 	t := l.tally
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if err != nil {
 		t.errors++
+		t.errorCodes[code]++
 		return
 	}
 	ms := float64(elapsed.Nanoseconds()) / 1e6
@@ -318,6 +327,7 @@ type result struct {
 	Concurrency *int               `json:"concurrency"`
 	Calls       int                `json:"calls"`
 	Errors      int                `json:"errors"`
+	ErrorCodes  map[string]int     `json:"error_codes"`
 	Seconds     float64            `json:"seconds"`
 	Throughput  float64            `json:"throughput"`
 	CPUSeconds  float64            `json:"cpu_seconds"`
@@ -390,7 +400,7 @@ func run(o options) (*result, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	r := &result{
-		Mode: o.mode, Calls: len(t.latencies), Errors: t.errors, Seconds: elapsed,
+		Mode: o.mode, Calls: len(t.latencies), Errors: t.errors, ErrorCodes: maps.Clone(t.errorCodes), Seconds: elapsed,
 		Throughput: float64(len(t.latencies)) / elapsed, CPUSeconds: cpu,
 		LatencyMs: percentiles(t.latencies), LatencyByOutcome: map[string]map[string]float64{},
 		Outcomes: t.outcomes, FailClosed: t.failClosed,
