@@ -31,6 +31,9 @@ class ListenConfig:
     unix: str = ""
     # Extra accept loops for Authorize and Invoke each (sidecar/accept.py); 0 = grpcio's one loop.
     accept_loops: int = 4
+    # Calls gRPC may hold before the event loop takes them; past it new ones are refused at once
+    # (random early detection up to twice this, then all); 0 = gRPC's own 1000 / 3000. docs/performance.md#past-saturation
+    max_pending_calls: int = 128
 
 
 @dataclass
@@ -424,6 +427,8 @@ class Config:
         _validate_usage(self.usage)
         if not 0 <= self.listen.accept_loops <= 64:
             raise ConfigError("listen.accept_loops: must be 0 to 64 (0 leaves grpcio's one accept loop per method)")
+        if not 0 <= self.listen.max_pending_calls <= 100_000:
+            raise ConfigError("listen.max_pending_calls: must be 0 to 100000 (0 leaves gRPC's own limits)")
         if self.sidecar.overload_lag_ms < 0:
             raise ConfigError("sidecar.overload_lag_ms: must not be negative (0 turns load shedding off)")
         if not self.listen.tcp and not self.listen.unix:

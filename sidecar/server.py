@@ -388,8 +388,19 @@ def build_grpc_server(config: Config, identity_runtime: IdentityRuntime) -> grpc
             # grpc core sets SO_REUSEPORT on Linux by default: a second server on the same port (another
             # sidecar, any process of this user) would then bind it too and take a share of the calls.
             ("grpc.so_reuseport", 0),
+            *_pending_call_limits(config.listen.max_pending_calls),
         ]
     )
+
+
+def _pending_call_limits(limit: int) -> list[tuple[str, int]]:
+    """gRPC core's bound on calls received but not yet taken by the event loop (src/core/server/server.cc:
+    past the soft limit new calls are refused at random, more often as the queue grows, past the hard
+    limit always). Past saturation the loop takes calls slower than they come, and without a bound they
+    queue there unseen by the gate's own bounds (max_in_flight, the loop lag): a fast refusal instead."""
+    if limit == 0:
+        return []
+    return [("grpc.server.max_pending_requests", limit), ("grpc.server.max_pending_requests_hard_limit", 2 * limit)]
 
 
 class _Serving:
