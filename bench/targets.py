@@ -10,50 +10,54 @@ rows; a target whose scenario was not run is "not measured", never met.
 
 from __future__ import annotations
 
-OPEN_1000, OPEN_100, CLOSED = "open 1000/s", "open 100/s", "closed x64"
+from typing import Callable
 
 
-def _row(rows: list[dict], scenario: str) -> dict | None:
-    return next((row for row in rows if row["scenario"] == scenario), None)
+def _fail_closed(row: dict) -> tuple[str, bool]:
+    denied = sum((row["sidecar"].get("fail_closed") or {}).values())
+    return f"{denied} of {row['sidecar']['calls']}", denied == 0
+
+
+def _p50(row: dict) -> tuple[str, bool]:
+    value = row["sidecar"]["latency_ms"]["p50"]
+    return f"{value:.2f} ms", value <= 2.5
+
+
+def _p99(row: dict) -> tuple[str, bool]:
+    value = row["sidecar"]["latency_ms"]["p99"]
+    return f"{value:.2f} ms", value <= 8.0
+
+
+def _saturation(row: dict) -> tuple[str, bool]:
+    value = row["sidecar"]["throughput"]
+    return f"{value:,.0f} calls/s", value >= 1500
+
+
+def _ratio(row: dict) -> tuple[str, bool]:
+    value = row["sidecar"]["latency_ms"]["p50"] / row["floor"]["latency_ms"]["p50"]
+    return f"{value:.2f}x", value <= 3.0
+
+
+# (target, the scenario it is judged on, (what was measured, met?) from that scenario's row)
+TARGETS: list[tuple[str, str, Callable[[dict], tuple[str, bool]]]] = [
+    ("1,000/s: no fail-closed deny", "open 1000/s", _fail_closed),
+    ("1,000/s: p50 <= 2.5 ms", "open 1000/s", _p50),
+    ("1,000/s: p99 <= 8 ms", "open 1000/s", _p99),
+    ("closed loop >= 1,500 calls/s", "closed x64", _saturation),
+    ("100/s: p50 <= 3x the floor's", "open 100/s", _ratio),
+]
 
 
 def judge(results: list[dict]) -> list[dict]:
     """One verdict per identity mode and target: {"identity", "target", "measured", "met"}, where `met`
     is True, False, or None (the scenario was not run). `results` is bench/run.py's report["results"]."""
+    rows = {(row["identity"], row["scenario"]): row for row in results}
     verdicts = []
     for identity in dict.fromkeys(row["identity"] for row in results):
-        rows = [row for row in results if row["identity"] == identity]
-        fast, slow, closed = _row(rows, OPEN_1000), _row(rows, OPEN_100), _row(rows, CLOSED)
-
-        def verdict(target: str, row: dict | None, measure) -> None:
+        for target, scenario, measure in TARGETS:
+            row = rows.get((identity, scenario))
             measured, met = measure(row) if row is not None else ("not measured", None)
             verdicts.append({"identity": identity, "target": target, "measured": measured, "met": met})
-
-        def fail_closed(row: dict) -> tuple[str, bool]:
-            denied = sum((row["sidecar"].get("fail_closed") or {}).values())
-            return f"{denied} of {row['sidecar']['calls']}", denied == 0
-
-        def p50(row: dict) -> tuple[str, bool]:
-            value = row["sidecar"]["latency_ms"]["p50"]
-            return f"{value:.2f} ms", value <= 2.5
-
-        def p99(row: dict) -> tuple[str, bool]:
-            value = row["sidecar"]["latency_ms"]["p99"]
-            return f"{value:.2f} ms", value <= 8.0
-
-        def saturation(row: dict) -> tuple[str, bool]:
-            value = row["sidecar"]["throughput"]
-            return f"{value:,.0f} calls/s", value >= 1500
-
-        def ratio(row: dict) -> tuple[str, bool]:
-            value = row["sidecar"]["latency_ms"]["p50"] / row["floor"]["latency_ms"]["p50"]
-            return f"{value:.2f}x", value <= 3.0
-
-        verdict("1,000/s: no fail-closed deny", fast, fail_closed)
-        verdict("1,000/s: p50 <= 2.5 ms", fast, p50)
-        verdict("1,000/s: p99 <= 8 ms", fast, p99)
-        verdict("closed loop >= 1,500 calls/s", closed, saturation)
-        verdict("100/s: p50 <= 3x the floor's", slow, ratio)
     return verdicts
 
 

@@ -761,10 +761,14 @@ def grpc_target_in_pod(target: str) -> bool:
     return target.startswith("unix:") or _loopback(target)
 
 
-def refuse_token_in_clear(target: str, option: str, over: str) -> None:
-    """ConfigError for a command-line client (approvals, rollback) about to send a bearer token (`option`,
-    --token-file) in clear over `over` to `target` off the pod: those clients speak no TLS, so a token sent
-    there could be read and replayed by anyone on the path. The unix socket, or a TLS relay on loopback."""
+def refuse_token_in_clear(target: str, option: str, *, http: bool = False) -> None:
+    """ConfigError when a command-line client (approvals, rollback) would send a bearer token (`option`,
+    --token-file) in clear off the pod: to a gRPC `target` that is not in the pod (grpc_target_in_pod), or,
+    with `http`, to a plain http:// URL off loopback (host_in_clear). Those clients speak no TLS, so a token
+    sent there could be read and replayed by anyone on the path. The unix socket, or a TLS relay on loopback."""
+    if (host_in_clear(target) is None) if http else grpc_target_in_pod(target):
+        return
+    over = "http://" if http else "plaintext gRPC"
     raise ConfigError(
         f"{option}: the JWT-SVID would go in clear over {over} to {target!r} (this client speaks no TLS: anyone on "
         "the path could read and replay it): reach the sidecar on its unix socket, or on loopback through a TLS "

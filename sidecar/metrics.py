@@ -9,7 +9,6 @@ to `serve`, so a port in use refuses the start, not a half-started sidecar.
 from __future__ import annotations
 
 import logging
-
 import socket
 import threading
 from socketserver import ThreadingMixIn

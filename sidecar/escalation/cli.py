@@ -27,11 +27,11 @@ STATE_CHOICES = ["pending", "approved", "denied", "expired", "used", "all"]
 
 
 def _client(args: argparse.Namespace):
-    from sidecar.config import grpc_target_in_pod, refuse_token_in_clear
+    from sidecar.config import refuse_token_in_clear
     from sidecar.escalation.client import ApprovalsClient, token_file_metadata
 
-    if args.token_file and not grpc_target_in_pod(args.address):
-        refuse_token_in_clear(args.address, "--token-file", "plaintext gRPC")
+    if args.token_file:
+        refuse_token_in_clear(args.address, "--token-file")
     metadata = token_file_metadata(args.token_file) if args.token_file else None
     return ApprovalsClient(args.address, metadata=metadata, timeout=args.timeout)
 

@@ -163,7 +163,7 @@ async def undo_through_invoke(address: str, undo: UndoCall, token: str = "") -> 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from sidecar.argtypes import EVIDENCE_DIR, existing_directory
-    from sidecar.config import ConfigError, grpc_target_in_pod, host_in_clear, load_config, refuse_token_in_clear
+    from sidecar.config import ConfigError, load_config, refuse_token_in_clear
 
     # A client of the running sidecar (its evidence.dir, policy.dir, mcp, listen): it serves nothing itself.
     config = load_config(args.config, runs_sidecar=False)
@@ -176,13 +176,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         undo = plan_rollback(config.evidence.dir, config.policy.dir, args.decision_id)
         if undo.server and undo.server in config.mcp.upstreams:
             url = args.mcp_url or f"http://{config.mcp.listen}/mcp"
-            if token and host_in_clear(url) is not None:
-                refuse_token_in_clear(url, "--token-file", "http://")
+            if token:
+                refuse_token_in_clear(url, "--token-file", http=True)
             answer = asyncio.run(undo_through_gateway(url, undo, token))
         else:
             address = args.address or config.listen.tcp or f"unix:{config.listen.unix}"
-            if token and not grpc_target_in_pod(address):
-                refuse_token_in_clear(address, "--token-file", "plaintext gRPC")
+            if token:
+                refuse_token_in_clear(address, "--token-file")
             answer = asyncio.run(undo_through_invoke(address, undo, token))
     except RollbackError as exc:
         print(f"agent-sidecar rollback: {exc}", file=sys.stderr)
