@@ -78,3 +78,13 @@ def test_a_flood_past_the_bound_is_refused_at_once_and_the_rest_decided(tmp_path
 def test_without_a_bound_of_its_own_grpcs_holds_the_whole_flood(tmp_path):
     seen = stopped_sidecar_flooded(tmp_path, "max_pending_calls: 0")
     assert seen == {"OUTCOME_ALLOW": FLOOD}, seen
+
+
+@pytest.mark.parametrize("limit", [-1, 100_001])
+def test_max_pending_calls_out_of_range_is_a_config_error(limit):
+    from sidecar.config import Config, ConfigError
+
+    config = Config()
+    config.listen.max_pending_calls = limit
+    with pytest.raises(ConfigError, match="listen.max_pending_calls"):
+        config.validate()
