@@ -15,7 +15,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +26,7 @@ from sidecar.calls import CallIdRegistry
 from sidecar.config import Config, ConfigError
 from sidecar.evidence import Recorder
 from sidecar.evidence.lock import WriterLock
-from sidecar.evidence.records import dev_key_path
+from sidecar.evidence.records import dev_key_path, file_name
 from sidecar.evidence.signing import dev_public_key_path
 from sidecar.gate import Gate, Step, default_instance_id
 from sidecar.health import SidecarHealth
@@ -34,6 +34,7 @@ from sidecar.identity import IdentityResolver
 from sidecar.identity.factory import IdentityRuntime
 from sidecar.identity.workload_api import WorkloadApiSource
 from sidecar.metrics import Metrics
+from sidecar.newpaths import NewPaths
 from sidecar.overload import LoopLag
 from sidecar.identity.factory import build_identity as build_identity_runtime
 from sidecar.listeners import Listeners, bind_listeners
@@ -51,13 +52,15 @@ from sidecar.v1 import sidecar_pb2
 if TYPE_CHECKING:
     from sidecar.escalation.service import EscalationService
     from sidecar.escalation.store import EscalationStore
-    from sidecar.evidence.recorder import EvidenceRecorder
+    from sidecar.evidence.recorder import EvidenceRecorder, PreparedRecorder
     from sidecar.evidence.signing import SigningKey
     from sidecar.invoke.http import HttpInvoker
     from sidecar.mcp.gateway import McpGateway
     from sidecar.usage.postgres import PostgresCounter
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _instance_id(config: Config) -> str:
@@ -113,14 +116,16 @@ def build_identity(config: Config) -> IdentityRuntime:
 def build_recorder(
     config: Config, policy: PolicyService | None, svid_source: object | None, signing_key: "SigningKey | None",
     lock: WriterLock,
-) -> "EvidenceRecorder | None":
-    """The evidence log in evidence.dir, shipping its spans over OTLP (docs/evidence.md).
+) -> "PreparedRecorder":
+    """The evidence log in evidence.dir, read back but not written to yet, shipping its spans over OTLP
+    once started (docs/evidence.md; recorder.prepare_recorder): `start()` it once the start is committed.
 
     Checkpoints are signed with evidence.signing_key (`signing_key`: read_start_files read it),
     else the sidecar's SVID (when the Workload API source is running), else a generated dev key.
-    `lock`: evidence.dir's writer lock, taken before any stage started (_claim).
+    `lock`: evidence.dir's writer lock, taken before any stage started (_claim). `policy`: its catalog
+    names the known tools (the service need not be started yet).
     """
-    from sidecar.evidence.recorder import open_recorder
+    from sidecar.evidence.recorder import prepare_recorder
     from sidecar.evidence.signing import svid_key_provider
     from sidecar.evidence.spans import exporter_from_env
 
@@ -129,7 +134,7 @@ def build_recorder(
         catalog = policy.catalog
         known_tool = lambda tool: catalog.entry(tool) is not None  # noqa: E731
     evidence, telemetry = config.evidence, config.telemetry
-    return open_recorder(
+    return prepare_recorder(
         evidence.dir,
         instance_id=_instance_id(config),
         signing_key=signing_key,
@@ -483,36 +488,56 @@ def read_start_files(config: Config) -> StartFiles:
     return StartFiles(webhook_secret=secret, signing_key=key)
 
 
-async def start_sidecar(config: Config) -> RunningSidecar:
-    """Take the listeners, the evidence lock and the stores (_claim), load policy, build every stage, serve.
+async def start_sidecar(config: Config, *, committed: asyncio.Event | None = None) -> RunningSidecar:
+    """Take the listeners, the evidence lock, the log and the stores (_claim), start OPA, commit the
+    start with the `startup` record (_commit), build every other stage, serve.
 
     Each stage is an async context manager entered on one AsyncExitStack as it starts: a start
     that fails part way leaves the stack, closing what had started; a start that succeeds hands
-    the stages to RunningSidecar (pop_all), whose `stop` closes them in reverse order.
+    the stages to RunningSidecar (pop_all), whose `stop` closes them in reverse order. A start
+    refused before its commit leaves evidence.dir as it found it (_claim); `committed` is set
+    when the commit begins (serve: a signal from then on stops the sidecar once it serves).
     """
     files = read_start_files(config)
     async with contextlib.AsyncExitStack() as stages:
-        return await _start(config, files, stages)
+        return await _start(config, files, stages, committed)
 
 
 @dataclass(frozen=True)
 class _Claimed:
-    """What the start holds before it starts or writes anything (_claim)."""
+    """What the start holds before it starts anything (_claim)."""
 
     identity_runtime: IdentityRuntime
     server: grpc.aio.Server  # its ports bound, no service added yet
     listeners: Listeners
-    writer_lock: WriterLock  # evidence.dir's; handed to the evidence log
+    recorder: "PreparedRecorder"  # evidence.dir's log, read back; _commit starts it
     escalation_store: "EscalationStore"  # opened
     task_store: TaskStore  # opened
+    writer_lock: WriterLock  # evidence.dir's, held until every stage that writes there is closed
+    made: tuple[NewPaths, ...]  # what the start created there (and beside), removed if it is refused
+
+    def keep(self) -> None:
+        """The start is committed: what it created stays, and LOCK keeps this sidecar's pid."""
+        self.writer_lock.keep()
+        for paths in self.made:
+            paths.keep()
 
 
-async def _claim(config: Config, stages: contextlib.AsyncExitStack) -> _Claimed:
-    """Take what another process can hold, so a start that cannot have it is refused before OPA starts
-    or the evidence log writes its `startup` record: every listener (a port in use is a ConfigError
-    naming its key; sidecar/listeners.py), evidence.dir's writer lock (waited for up to
-    evidence.lock_wait_seconds; a SIGINT/SIGTERM cancels the wait), then the stores in and beside
-    evidence.dir. Each is put on `stages`, so a refusal releases what was taken before it.
+async def _claim(
+    config: Config, files: StartFiles, policy: PolicyService, stages: contextlib.AsyncExitStack
+) -> _Claimed:
+    """Take what another process can hold and check evidence.dir, so a start that cannot have them is
+    refused before OPA starts: every listener (a port in use is a ConfigError naming its key;
+    sidecar/listeners.py), evidence.dir's writer lock (waited for up to evidence.lock_wait_seconds; a
+    SIGINT/SIGTERM cancels the wait), the evidence log read back (a damaged one refuses; nothing is
+    written to it before _commit), then the stores in and beside evidence.dir. Each is put on `stages`,
+    so a refusal releases what was taken before it.
+
+    A refused start leaves evidence.dir as it found it: every file and directory it created (the
+    directory itself, LOCK, the stores' files, the dev key beside it) is noted before it may be created
+    and removed again unless the start is kept (_commit), and a LOCK that was there gets its content and
+    times back. The lock is released last of all (its callback is pushed before every stage that writes
+    in the directory), so nothing is written or removed there once another sidecar may hold it.
     """
     identity_runtime = build_identity(config)  # only watches the Workload API; the TLS listener needs it
     stages.push_async_callback(asyncio.to_thread, identity_runtime.close)
@@ -522,34 +547,56 @@ async def _claim(config: Config, stages: contextlib.AsyncExitStack) -> _Claimed:
         metrics=config.metrics.listen, mcp_tcp=config.mcp.listen, mcp_unix=config.mcp.unix,
     )
     stages.callback(listeners.close)
-    writer_lock = await WriterLock.acquire(config.evidence.dir, wait_seconds=config.evidence.lock_wait_seconds)
-    stages.callback(writer_lock.release)  # the evidence log releases it when it closes; this, when it never opened
+    evidence_dir = Path(config.evidence.dir)
+    made_dirs = NewPaths()
+    made_dirs.note(evidence_dir)
+    stages.callback(made_dirs.remove)  # once LOCK is put back and let go
+    writer_lock = await WriterLock.acquire(evidence_dir, wait_seconds=config.evidence.lock_wait_seconds)
+    stages.callback(writer_lock.release)  # after every stage below closed: the log's and the stores' last writes
+    made = NewPaths()
+    stages.callback(made.remove)  # under the lock, once the log and the stores are closed
     escalation_store = build_escalation_store(config)
-    await escalation_store.open()
-    stages.push_async_callback(escalation_store.aclose)
-    task_store = await stages.enter_async_context(TaskStore(Path(config.evidence.dir) / "tasks.db"))
-    return _Claimed(identity_runtime, server, listeners, writer_lock, escalation_store, task_store)
+    task_store = TaskStore(evidence_dir / "tasks.db")
+    dev_key = dev_key_path(evidence_dir)
+    made.note(dev_key, dev_public_key_path(dev_key), evidence_dir / file_name(1),
+              *escalation_store.files, *task_store.files)
+
+    async def read_back() -> "PreparedRecorder":
+        prepared = await asyncio.to_thread(
+            build_recorder, config, policy, identity_runtime.source, files.signing_key, writer_lock
+        )
+        stages.callback(prepared.close)  # writes nothing; once started, the recorder is its own stage
+        return prepared
+
+    recorder = await _through(read_back())
+    stages.push_async_callback(escalation_store.aclose)  # closing an unopened store does nothing
+    await _through(escalation_store.open())
+    await _through(stages.enter_async_context(task_store))
+    return _Claimed(
+        identity_runtime, server, listeners, recorder, escalation_store, task_store, writer_lock, (made_dirs, made)
+    )
 
 
-async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExitStack) -> RunningSidecar:
+async def _start(
+    config: Config, files: StartFiles, stages: contextlib.AsyncExitStack, committed: asyncio.Event | None
+) -> RunningSidecar:
     from sidecar.escalation.grpc_api import EscalationApi
     from sidecar.invoke.executor import Executor
 
-    claimed = await _claim(config, stages)
+    policy = build_policy(config)  # started after the claim; the recorder names tools from its catalog
+    claimed = await _claim(config, files, policy, stages)
     identity_runtime, server, listeners, task_store = (
         claimed.identity_runtime, claimed.server, claimed.listeners, claimed.task_store
     )
     identity = identity_runtime.resolver
-    policy = await stages.enter_async_context(build_policy(config))
+    await stages.enter_async_context(policy)
     shadow = None
     if config.policy.shadow_dir:
         try:  # a shadow bundle that fails check/test refuses the start, like policy.dir
             shadow = await stages.enter_async_context(build_policy(config, shadow=True))
         except PolicyRejected as exc:
             raise PolicyRejected([f"policy.shadow_dir {config.policy.shadow_dir}: {p}" for p in exc.problems]) from None
-    recorder = await _open_recorder(
-        stages, config, policy, identity_runtime.source, files.signing_key, claimed.writer_lock
-    )
+    recorder = await _commit(stages, claimed, committed)
     metrics = Metrics()
     stages.callback(metrics.close)
     usage = await stages.enter_async_context(build_usage(config))
@@ -624,26 +671,39 @@ async def _start(config: Config, files: StartFiles, stages: contextlib.AsyncExit
     )
 
 
-async def _open_recorder(
-    stages: contextlib.AsyncExitStack, config: Config, policy: PolicyService, svid_source: object | None,
-    signing_key: "SigningKey | None", lock: WriterLock,
-) -> "EvidenceRecorder | None":
-    """build_recorder in a thread (it writes and syncs the `startup` record), entered on `stages`.
+async def _commit(
+    stages: contextlib.AsyncExitStack, claimed: _Claimed, committed: asyncio.Event | None
+) -> "EvidenceRecorder":
+    """Write the `startup` record (after cutting a torn tail the log had: log.EvidenceLog.start), the
+    start's first write to the log, and keep what the start made in evidence.dir (_Claimed.keep).
 
-    A start interrupted meanwhile (serve: SIGINT/SIGTERM) still waits for the thread, so the log
-    it opened closes with the other stages (a closing checkpoint), not left open at exit.
+    `committed` is set first: from here a signal (serve) no longer cancels the start, which runs on
+    and then stops as a serving sidecar does, the log ending in a closing checkpoint. Should the
+    record itself fail, the start is refused and evidence.dir is still put back as it was found.
     """
-    opening = asyncio.ensure_future(asyncio.to_thread(build_recorder, config, policy, svid_source, signing_key, lock))
-    try:
-        recorder = await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        await asyncio.wait([opening])
-        if not opening.cancelled() and opening.exception() is None and opening.result() is not None:
-            await stages.enter_async_context(opening.result())
-        raise
-    if recorder is not None:
-        await stages.enter_async_context(recorder)
+    if committed is not None:
+        committed.set()
+
+    async def start() -> "EvidenceRecorder":
+        recorder = await asyncio.to_thread(claimed.recorder.start)
+        return await stages.enter_async_context(recorder)
+
+    recorder = await _through(start())
+    claimed.keep()
     return recorder
+
+
+async def _through(step: Awaitable[T]) -> T:
+    """Await `step` to its end even when the start is cancelled meanwhile (serve: SIGINT/SIGTERM), then
+    let the cancel go on. A step in a thread would otherwise run on after the stages were closed: a
+    store or the log opened, a file created, once nothing is left to close or remove it. `step`
+    puts what it opens on the stages itself, as soon as it has opened it."""
+    running = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait([running])
+        raise
 
 
 def _typed(command: Path) -> str:
@@ -656,8 +716,9 @@ def _typed(command: Path) -> str:
 
 
 class StartInterrupted(Exception):
-    """SIGINT or SIGTERM arrived while the sidecar was starting: the start was cancelled (a wait for
-    evidence.dir's lock included) and what it had started or taken was closed again."""
+    """SIGINT or SIGTERM arrived while the sidecar was starting, before its commit (_commit): the start
+    was cancelled (a wait for evidence.dir's lock included), what it had started or taken was closed
+    again and evidence.dir is as it was found."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -669,15 +730,18 @@ async def serve(config: Config) -> None:
 
     A signal during the start cancels it (StartInterrupted): the wait for another writer's evidence
     lock (a rolling restart) ends at once, and so does OPA's start, instead of running to its end first.
+    Once the start has committed (its `startup` record: _commit) a signal is a stop: the start runs
+    on, the sidecar serves and stops at once, and the log ends in a closing checkpoint (exit 0).
     """
     loop = asyncio.get_running_loop()
-    starting = asyncio.create_task(start_sidecar(config), name="start")
+    committed = asyncio.Event()
+    starting = asyncio.create_task(start_sidecar(config, committed=committed), name="start")
     stop = asyncio.Event()
     signals: list[int] = []
 
     def on_signal(signum: int) -> None:
         signals.append(signum)
-        if starting.done():
+        if starting.done() or committed.is_set():
             stop.set()
         else:
             starting.cancel()

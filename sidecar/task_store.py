@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from sidecar.evidence import Receipt
 from sidecar.evidence.records import parse_rfc3339
-from sidecar.sqlitedb import connect_durable
+from sidecar.sqlitedb import connect_durable, database_files
 
 SCHEMA = ("""
 CREATE TABLE IF NOT EXISTS tasks (
@@ -107,6 +107,7 @@ class TaskStore:
 
     def __init__(self, path: str | Path, *, timeout_ms: int = 5000):
         self.path = Path(path)
+        self.files = database_files(self.path)  # what a refused start removes when it created them (server._claim)
         self._timeout = timeout_ms / 1000
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()

@@ -7,13 +7,13 @@ store that cannot be opened. No OPA, no `startup` record or checkpoint, no gener
 no span export. A refusal found later (a policy OPA rejects) still removes everything the
 start made, the managed OPA's `sidecar-opa-<pid>-*` directory included; so does a SIGINT or
 SIGTERM while it starts (exit 130 or 143). Each case runs the real CLI, with its own TMPDIR
-so what it leaves there can be seen.
+so what it leaves there can be seen. What each refusal leaves in evidence.dir, and a signal
+while OPA starts: tests/test_cli_start_evidence_dir.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -355,42 +355,3 @@ async def test_a_signal_during_the_evidence_lock_wait_stops_the_start_at_once(tm
     finally:
         holder.kill()
         await holder.wait()
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` runs: not gone, nor a zombie (an orphan's, that this container's init has not reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-async def test_a_signal_while_opa_starts_stops_it_too(tmp_path):
-    """The same for any part of the start: SIGTERM once the managed OPA runs, before the sidecar serves.
-    OPA is stopped and its directory removed; a log opened meanwhile is closed with a checkpoint."""
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(settings(tmp_path, telemetry={"exporter": "none"})))
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmpdir:
-        sidecar = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", "serve", "--config", str(path), cwd=REPO,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "TMPDIR": tmpdir},
-        )
-        err = b""
-        while b"OPA pid" not in err:
-            line = await asyncio.wait_for(sidecar.stderr.readline(), 60)
-            assert line, err.decode()
-            err += line
-        opa_pid = int(err.split(b"OPA pid ")[1].split()[0])
-        sidecar.send_signal(signal.SIGTERM)
-        out, rest = await asyncio.wait_for(sidecar.communicate(), 30)
-        err = (err + rest).decode()
-        assert sidecar.returncode == 143, err
-        assert "agent-sidecar: SIGTERM while starting: stopped; nothing was left running" in err, err
-        assert b"serving" not in out.split(b"\n", 1)[0] and "Traceback" not in err, (out, err)
-        assert os.listdir(tmpdir) == []
-    assert not running(opa_pid), err
-    if logged(tmp_path / "evidence"):  # the log had opened: it was closed, not left open
-        lines = (tmp_path / "evidence" / "evidence-000001.jsonl").read_text().splitlines()
-        assert [json.loads(line)["kind"] for line in lines][-1] == "checkpoint"
-    assert not (tmp_path / "sidecar.sock").exists()

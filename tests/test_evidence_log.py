@@ -442,13 +442,15 @@ async def test_a_bug_in_the_writer_fails_the_batch_instead_of_hanging(recorder, 
     assert (await recorder.record(make_event(2))).seq == 2
 
 
-def test_open_recorder_defaults_are_the_config_defaults():
-    """open_recorder takes plain values; its defaults must not drift from config.py's (docs/configuration.md)."""
+def test_prepare_recorder_defaults_are_the_config_defaults():
+    """prepare_recorder (open_recorder's too) takes plain values; its defaults must not drift from config.py's
+    (docs/configuration.md)."""
     import inspect
 
     from sidecar.config import EvidenceConfig, TelemetryConfig
+    from sidecar.evidence.recorder import prepare_recorder
 
-    parameters = inspect.signature(open_recorder).parameters
+    parameters = inspect.signature(prepare_recorder).parameters
     evidence, telemetry = EvidenceConfig(), TelemetryConfig()
     for name in ("checkpoint_mirror", "rotate_bytes", "checkpoint_every", "checkpoint_seconds",
                  "max_pending", "arguments"):

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from sidecar.escalation import APPROVED, EXPIRED, PENDING, STATES, USED, EscalationRecord, StoreError
-from sidecar.sqlitedb import connect_durable
+from sidecar.sqlitedb import connect_durable, database_files
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,9 @@ class EscalationStore(Protocol):
     name: str
     # False: a new escalation's commit is not fsync'd on its own; `restore` mends a host crash (module docstring)
     syncs_new_escalations: bool
+    # The files the store keeps on this host (none for PostgreSQL): a start refused after opening it
+    # removes those it created (server._claim).
+    files: tuple[Path, ...]
 
     async def open(self) -> None: ...
 
@@ -417,6 +420,7 @@ class SqliteStore(_SqlStore):
         super().__init__()
         self.syncs_new_escalations = sync_new_escalations
         self.path = Path(path)
+        self.files = database_files(self.path)
         self._timeout = timeout_ms / 1000
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -481,6 +485,7 @@ class PostgresStore(_SqlStore):
 
     name = "postgres"
     placeholder = "%s"
+    files = ()
 
     def __init__(self, dsn: str, *, timeout_ms: int = 5000, pool_size: int = 4):
         super().__init__()

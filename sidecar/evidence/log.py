@@ -23,7 +23,9 @@ last line without its newline is the torn write of a batch that was never
 acknowledged (its sync never returned); it is cut off, kept aside as
 `torn-<file>-<offset>.bin`, and described in the startup record. A damaged
 *complete* last line is not guessed at: opening fails and `evidence verify`
-says what is wrong.
+says what is wrong. Reading back (`recover`) writes nothing; the cut and the
+startup record come with `start`, so a sidecar whose start is refused after
+reading the log back (its policy, say) leaves the log as it found it.
 
 Checkpoints: every `checkpoint_every` records or `checkpoint_seconds`
 seconds (and at a clean close), a signed `checkpoint` record over
@@ -275,7 +277,8 @@ class EvidenceLog:
         self.syncs = 0  # number of data syncs (for tests and metrics)
         self.records_written = 0
         self._closed = False
-        self._writer_lock: WriterLock | None = None
+        self._torn: tuple[Path, int, int] | None = None  # (file, end of its last complete line, size): `start` cuts
+        self._own_lock: WriterLock | None = None  # released by `close` (recover's owns_lock)
 
         # the os calls the writer makes on the log file (LogFileIO)
         self._write = file_io.write if file_io is not None else os.write
@@ -285,22 +288,62 @@ class EvidenceLog:
 
     @classmethod
     def open(cls, directory: str | Path, *, lock: WriterLock | None = None, **kwargs: Any) -> "EvidenceLog":
-        """Recover the chain head from the directory, start the writer, and write a startup record.
+        """`recover`, then `start`: read the chain back and write the startup record, in one step.
 
-        `lock`: the directory's writer lock, already held (the sidecar takes it before any stage
-        starts: lock.py); None = take it now, refused when another writer holds it. The log owns
-        the lock from here: it is released when the log closes, or at once when opening fails.
+        `lock`: the directory's writer lock, already held, which stays the caller's to release;
+        None = take it now (refused when another writer holds it), owned by the log: released
+        when the log closes, or at once when opening fails (LOCK then as it was found).
         """
-        self = cls(directory, **kwargs)
+        own = WriterLock.take(directory) if lock is None else None
         try:
-            self._writer_lock = lock if lock is not None else WriterLock.take(self.directory)
+            self = cls.recover(directory, lock=lock or own, owns_lock=own is not None, **kwargs)
+            self.start()
+        except BaseException:
+            if own is not None:
+                own.release()
+            raise
+        if own is not None:
+            own.keep()
+        return self
+
+    @classmethod
+    def recover(cls, directory: str | Path, *, lock: WriterLock, owns_lock: bool = False, **kwargs: Any) -> "EvidenceLog":
+        """Read the chain head back from the directory, writing nothing: `start` writes.
+
+        So whatever makes a log unusable (a damaged last record, a file that is not one, a torn
+        line that is not at the end, a newest file that cannot be written) refuses the start
+        (EvidenceError) before the sidecar starts anything else. A torn last line is found here
+        and cut by `start`. `lock`: the directory's writer lock, held by the caller, who releases
+        it after `close` (the sidecar: nothing may be written there once another one holds it);
+        `owns_lock`: `close` releases it (`open`). An unstarted log's `close()` writes nothing.
+        """
+        if not lock.held:
+            raise ValueError("EvidenceLog.recover: the directory's writer lock must be held")
+        self = cls(directory, **kwargs)
+        self._own_lock = lock if owns_lock else None
+        try:
             self._recover()
         except OSError as exc:
-            self._unlock()
+            self.close(checkpoint=False)
             raise EvidenceError(f"cannot open evidence log in {self.directory}: {exc.strerror or exc}") from None
         except BaseException:
-            self._unlock()
+            self.close(checkpoint=False)
             raise
+        return self
+
+    def start(self) -> None:
+        """Cut the torn tail `recover` found (kept aside), start the writer and write the startup record.
+
+        The first write of this log: a start refused before it leaves the directory's log as it was.
+        """
+        try:
+            if self._torn is not None:
+                self._cut_torn_tail(*self._torn)
+            if self._fd is None:
+                self._open_file(create=True)
+        except OSError as exc:
+            self.close(checkpoint=False)
+            raise EvidenceError(f"cannot open evidence log in {self.directory}: {exc.strerror or exc}") from None
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
         self._thread.start()
         startup = {
@@ -317,18 +360,14 @@ class EvidenceLog:
         except BaseException:
             self.close(checkpoint=False)
             raise
-        return self
-
-    def _unlock(self) -> None:
-        if self._writer_lock is not None:
-            self._writer_lock.release()
 
     def _recover(self) -> None:
         files = list_log_files(self.directory)
         if not files:
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise OSError(errno.EACCES, "the directory is not writable")
             self.log_id = str(uuid.uuid4())
             self._file_index = 1
-            self._open_file(create=True)
             self._offset = 0
             self._position = Position(1, 0, 0)
             return
@@ -356,7 +395,9 @@ class EvidenceLog:
             size = path.stat().st_size
             line, good_end = _last_line(path, size)
             if good_end < size and index == files[-1][0]:
-                self._cut_torn_tail(path, good_end, size)
+                if not os.access(self.directory, os.W_OK | os.X_OK):
+                    raise OSError(errno.EACCES, f"{path.name} ends in a torn line to cut, and the directory is not writable")
+                self._torn = (path, good_end, size)  # cut by `start`
             elif good_end < size:
                 raise EvidenceError(
                     f"{path}: ends in an unterminated line but is not the newest file; "
@@ -386,8 +427,8 @@ class EvidenceLog:
                 raise EvidenceError(f"{first_path}: the log has no startup record with a log_id")
             self.log_id = str(uuid.uuid4())
         self._file_index = files[-1][0]
-        self._open_file(create=False)
-        self._offset = os.fstat(self._fd).st_size
+        self._open_file(create=False)  # so a newest file that cannot be written refuses the start here
+        self._offset = self._torn[1] if self._torn is not None else os.fstat(self._fd).st_size
         self._position = Position(self._file_index, self._offset, self._seq)
         self._check_mirror()
 
@@ -752,7 +793,8 @@ class EvidenceLog:
             except OSError:
                 pass
             self._fd = None
-        self._unlock()
+        if self._own_lock is not None:
+            self._own_lock.release()
 
     async def aclose(self) -> None:
         """`close()` with its defaults, in a thread: joining the writer and the final fsync block."""

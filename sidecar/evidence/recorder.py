@@ -1,6 +1,8 @@
 """The Recorder the gate uses: evidence log + span shipper behind one object.
 
     recorder = open_recorder(directory, instance_id=..., exporter=exporter_from_env(...), known_tool=...)
+    prepared = prepare_recorder(directory, lock=held_lock, ...)   # the sidecar: read back, nothing written
+    recorder = prepared.start()                   # once its start is committed (or prepared.close())
     receipt = await recorder.record(event)        # durable (fsync'd) when it returns
     receipt = await recorder.append("approval", {...})   # other kinds (escalation stage)
     ok, detail = recorder.health()
@@ -136,9 +138,27 @@ class EvidenceRecorder:
         self.shipper.shutdown()
 
 
-def open_recorder(
+def open_recorder(directory: str | Path, *, lock: WriterLock | None = None, **options: Any) -> EvidenceRecorder:
+    """`prepare_recorder`, then `start`, in one step (tools and tests). `lock`: the directory's writer
+    lock, already held and the caller's to release; None = taken now (refused when another writer holds
+    it) and released when the log closes."""
+    own = WriterLock.take(directory) if lock is None else None
+    try:
+        recorder = prepare_recorder(directory, lock=lock or own, owns_lock=own is not None, **options).start()
+    except BaseException:
+        if own is not None:
+            own.release()
+        raise
+    if own is not None:
+        own.keep()
+    return recorder
+
+
+def prepare_recorder(
     directory: str | Path,
     *,
+    lock: WriterLock,
+    owns_lock: bool = False,
     instance_id: str,
     signing_key: SigningKey | None = None,
     key_provider: KeyProvider | None = None,
@@ -147,42 +167,44 @@ def open_recorder(
     checkpoint_every: int = 1000,
     checkpoint_seconds: float = 60.0,
     max_pending: int = 10_000,
-    lock: WriterLock | None = None,
     redact_keys: Sequence[str] = (),
     arguments: str = "policy",
     known_tool: Callable[[str], bool] | None = None,
     exporter: SpanExporter | None = None,
     service_name: str = "",
     max_backoff_seconds: float = 30.0,
-) -> EvidenceRecorder:
-    """Open the evidence log in `directory` and, with an `exporter`, start shipping its spans.
+) -> "PreparedRecorder":
+    """Read the evidence log in `directory` back and choose the checkpoint key, writing nothing in
+    `directory`: `start()` on the result writes the startup record and, with an `exporter`, starts
+    shipping spans. So a start refused in between (server.py: its policy) leaves the log as it was.
 
     Every argument is a plain value; the defaults are config.py's `evidence`/`telemetry`
     defaults (docs/configuration.md; tests/test_evidence_log.py checks they agree), and
     the composition root (server.build_recorder) passes the configured ones.
 
-    - `directory`: the log's directory, created if missing. `instance_id`: the sidecar
+    - `directory`: the log's directory. `instance_id`: the sidecar
       instance written into every record (`sidecar`) and span (`service.instance.id`).
+    - `lock`: the directory's writer lock, held by the caller (lock.WriterLock.acquire, where the
+      wait for another writer is), who releases it once the recorder is closed; `owns_lock`: the
+      log releases it instead, when it closes (open_recorder's own).
     - Checkpoint signing: `signing_key` (evidence.signing_key, read by server.read_start_files) when set, else
-      `key_provider` (the SVID: signing.svid_key_provider), else a dev key generated as
+      `key_provider` (the SVID: signing.svid_key_provider), else a dev key generated here as
       `<directory>-dev-key.pem`, beside (never in) the directory.
     - `checkpoint_mirror`: path of the checkpoint copy; "" = `<directory>-checkpoints.jsonl`.
     - `rotate_bytes` (bytes), `checkpoint_every` (records; 0 = never by count),
       `checkpoint_seconds` (seconds; 0 = never by time), `max_pending` (records waiting
       for the disk before new ones are refused): see log.EvidenceLog.
-    - `lock`: the directory's writer lock, already held (lock.WriterLock.acquire, where the wait
-      for another writer is); None = taken now, refused when another writer holds it.
     - `redact_keys`: extra secret keys for the one redaction rule set (redaction.py).
     - `arguments`: "digest", "policy" or "clear" (records.ARGUMENT_MODES).
     - `known_tool(name)`: whether a tool is in the catalog (span names use only those).
     - `exporter`: where spans go (spans.exporter_from_env builds it from config and the
       OTEL_* environment); None = no span export. The recorder owns it: it is shut down
-      by `aclose()`, and at once when opening fails. `service_name` ("" = OTEL_SERVICE_NAME,
-      else agent-sidecar) and `max_backoff_seconds` (the longest wait between export
-      retries, seconds) apply to the shipper.
+      by `aclose()` (or the prepared recorder's `close()`), and at once when opening fails.
+      `service_name` ("" = OTEL_SERVICE_NAME, else agent-sidecar) and `max_backoff_seconds`
+      (the longest wait between export retries, seconds) apply to the shipper.
 
     Raises EvidenceError when the signing key cannot be read or made, or the log cannot be
-    opened; ValueError for an `arguments` mode not in ARGUMENT_MODES.
+    read back (log.EvidenceLog.recover); ValueError for an `arguments` mode not in ARGUMENT_MODES.
     """
     try:
         if arguments not in ARGUMENT_MODES:
@@ -199,7 +221,7 @@ def open_recorder(
         else:
             provider = key_provider
             key_source = "svid"
-        evidence_log = EvidenceLog.open(
+        evidence_log = EvidenceLog.recover(
             directory,
             instance_id=instance_id,
             rotate_bytes=rotate_bytes,
@@ -209,6 +231,7 @@ def open_recorder(
             mirror_path=checkpoint_mirror or None,
             max_pending=max_pending,
             lock=lock,
+            owns_lock=owns_lock,
             redactor=Redactor(redact_keys),
             startup_info={
                 "version": package_version(),
@@ -225,26 +248,62 @@ def open_recorder(
         if exporter is not None:
             exporter.shutdown()
         raise
-    shipper = None
-    try:
-        if exporter is not None:
-            shipper = Shipper(
-                directory,
-                exporter,
-                durable=lambda: evidence_log.position,
-                resources=ResourceCache(service_name),
-                backoff_max=max_backoff_seconds,
-            )
-            evidence_log.add_listener(shipper.wake)
-            shipper.start()
-    except BaseException:
-        evidence_log.close()
+    return PreparedRecorder(
+        evidence_log, exporter, service_name=service_name, max_backoff_seconds=max_backoff_seconds,
+        arguments=arguments, known_tool=known_tool,
+    )
+
+
+class PreparedRecorder:
+    """A recorder whose log was read back but not written to (prepare_recorder): `start()` once the
+    start is committed, or `close()` (which writes nothing) when it is refused first."""
+
+    def __init__(
+        self, evidence_log: EvidenceLog, exporter: SpanExporter | None, *, service_name: str,
+        max_backoff_seconds: float, arguments: str, known_tool: Callable[[str], bool] | None,
+    ):
+        self._log: EvidenceLog | None = evidence_log
+        self._exporter = exporter
+        self._service_name = service_name
+        self._max_backoff_seconds = max_backoff_seconds
+        self._arguments = arguments
+        self._known_tool = known_tool
+
+    def start(self) -> EvidenceRecorder:
+        """Write the startup record (cutting a torn tail first: log.EvidenceLog.start) and start the
+        shipper: the recorder, which owns the log and the exporter from here. Raises EvidenceError."""
+        evidence_log, exporter, self._log, self._exporter = self._log, self._exporter, None, None
+        if evidence_log is None:
+            raise EvidenceError("the prepared recorder was closed or started already")
+        try:
+            evidence_log.start()
+        except BaseException:
+            if exporter is not None:
+                exporter.shutdown()
+            raise
+        shipper = None
+        try:
+            if exporter is not None:
+                shipper = Shipper(
+                    evidence_log.directory,
+                    exporter,
+                    durable=lambda: evidence_log.position,
+                    resources=ResourceCache(self._service_name),
+                    backoff_max=self._max_backoff_seconds,
+                )
+                evidence_log.add_listener(shipper.wake)
+                shipper.start()
+        except BaseException:
+            evidence_log.close()
+            if exporter is not None:
+                exporter.shutdown()
+            raise
+        return EvidenceRecorder(evidence_log, shipper, arguments_mode=self._arguments, known_tool=self._known_tool)
+
+    def close(self) -> None:
+        """Unless started: close the unstarted log (nothing is written) and shut the exporter down. Idempotent."""
+        evidence_log, exporter, self._log, self._exporter = self._log, self._exporter, None, None
+        if evidence_log is not None:
+            evidence_log.close(checkpoint=False)
         if exporter is not None:
             exporter.shutdown()
-        raise
-    return EvidenceRecorder(
-        evidence_log,
-        shipper,
-        arguments_mode=arguments,
-        known_tool=known_tool,
-    )
