@@ -4,7 +4,8 @@ Each subcommand is a small function over the same stages the server uses.
 Exit status: 0 success, 1 a check failed (e.g. policy tests), 2 bad usage or
 configuration; `check` exits 0 allow, 3 deny, 4 escalate (CHECK_EXIT); 141
 (128 + SIGPIPE) when whoever reads the output stops reading (`| head`);
-`serve` 130 or 143 (128 + SIGINT or SIGTERM) when signalled before it serves.
+`serve` 130 or 143 (128 + SIGINT or SIGTERM) when signalled before its start commits
+(its `startup` record).
 """
 
 from __future__ import annotations
@@ -449,10 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the sidecar's gRPC server",
         description="Run the sidecar until SIGINT/SIGTERM (exit 0 after the drain; 130/143 when signalled "
-        "before it serves, e.g. while it waits for evidence.lock_wait_seconds). Exit 2 when it cannot start: "
-        "the config is refused, an address is in use (every listener is bound first), another process holds "
-        "evidence.dir, a store cannot be opened, or the policy fails its checks; the message names which, and "
-        "nothing is left running. Dev mode (every caller the dev identity, marked "
+        "before it writes its startup record, e.g. while it waits for evidence.lock_wait_seconds or OPA starts). "
+        "Exit 2 when it cannot start: the config is refused, an address is in use (every listener is bound "
+        "first), another process holds evidence.dir, the evidence log cannot be read back, a store cannot be "
+        "opened, or the policy fails its checks; the message names which, nothing is left running, and "
+        "evidence.dir is as it was found (docs/evidence.md#a-refused-start). Dev mode (every caller the dev identity, marked "
         "source: dev) only when the config says identity.sources: [dev], as examples/dev.yaml does (make run); "
         "without --config the defaults are not dev mode and, alone, are refused (they need listen.unix and "
         "escalation.approvers).",
