@@ -3,7 +3,7 @@
     lock = await WriterLock.acquire(directory, wait_seconds=60)   # the sidecar, before any stage starts
     log = EvidenceLog.recover(directory, lock=lock, ...)          # read back under it; the sidecar releases it
     lock.keep()                                                   # the start is committed: its pid stays in LOCK
-    log = EvidenceLog.open(directory, ...)                        # tools and tests: WriterLock.take, no wait
+    log = EvidenceLog.open(directory, ...)                        # tools and tests: `opening`, WriterLock.take, no wait
 
 The lock is an flock on `<directory>/LOCK`, which holds the holder's pid. It is
 released when the holder closes it or dies. A writer still holding it (a replaced
@@ -23,6 +23,7 @@ writer waiting on the removed file never believes it holds the directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -30,6 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from sidecar.evidence import EvidenceError
 
@@ -145,6 +147,23 @@ class WriterLock:
             os.utime(fd, ns=(self._found.atime_ns, self._found.mtime_ns))
         except OSError as exc:
             log.warning("evidence: could not put %s back as it was found: %s", self.directory / LOCK_NAME, exc)
+
+
+@contextlib.contextmanager
+def opening(directory: str | Path, lock: WriterLock | None) -> Iterator[tuple[WriterLock, bool]]:
+    """(`lock`, False) when the caller holds one; else (the directory's lock, taken now, True) for a log
+    that is opened and written at once (tools and tests): released if the opening fails, LOCK then as
+    it was found, and kept once it succeeded (the log releases it when it closes)."""
+    if lock is not None:
+        yield lock, False
+        return
+    own = WriterLock.take(directory)
+    try:
+        yield own, True
+    except BaseException:
+        own.release()
+        raise
+    own.keep()
 
 
 def _open(directory: Path) -> tuple[int, bool]:

@@ -73,7 +73,7 @@ from sidecar.evidence.records import (
     rfc3339,
     seal,
 )
-from sidecar.evidence.lock import WriterLock
+from sidecar.evidence.lock import WriterLock, opening
 from sidecar.evidence.redaction import Redactor
 from sidecar.evidence.signing import KeyProvider, SigningError, SigningKey, sign_payload
 
@@ -294,16 +294,9 @@ class EvidenceLog:
         None = take it now (refused when another writer holds it), owned by the log: released
         when the log closes, or at once when opening fails (LOCK then as it was found).
         """
-        own = WriterLock.take(directory) if lock is None else None
-        try:
-            self = cls.recover(directory, lock=lock or own, owns_lock=own is not None, **kwargs)
+        with opening(directory, lock) as (held, owned):
+            self = cls.recover(directory, lock=held, owns_lock=owned, **kwargs)
             self.start()
-        except BaseException:
-            if own is not None:
-                own.release()
-            raise
-        if own is not None:
-            own.keep()
         return self
 
     @classmethod

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from sidecar import package_version
 from sidecar.evidence import DecisionEvent, EvidenceError, Receipt
-from sidecar.evidence.lock import WriterLock
+from sidecar.evidence.lock import WriterLock, opening
 from sidecar.evidence.log import EvidenceLog
 from sidecar.evidence.readback import records_since
 from sidecar.evidence.records import ARGUMENT_MODES, decision_fields, dev_key_path
@@ -142,16 +142,8 @@ def open_recorder(directory: str | Path, *, lock: WriterLock | None = None, **op
     """`prepare_recorder`, then `start`, in one step (tools and tests). `lock`: the directory's writer
     lock, already held and the caller's to release; None = taken now (refused when another writer holds
     it) and released when the log closes."""
-    own = WriterLock.take(directory) if lock is None else None
-    try:
-        recorder = prepare_recorder(directory, lock=lock or own, owns_lock=own is not None, **options).start()
-    except BaseException:
-        if own is not None:
-            own.release()
-        raise
-    if own is not None:
-        own.keep()
-    return recorder
+    with opening(directory, lock) as (held, owned):
+        return prepare_recorder(directory, lock=held, owns_lock=owned, **options).start()
 
 
 def prepare_recorder(
