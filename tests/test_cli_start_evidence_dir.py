@@ -345,3 +345,17 @@ async def test_a_writer_waiting_on_a_lock_file_a_refused_start_removed_does_not_
     finally:
         waiter.release()
     assert not directory.joinpath("LOCK").exists()  # the waiter, never kept, created it: gone too
+
+
+async def test_a_full_volume_refuses_the_start_at_the_lock_and_leaves_no_directory(tmp_path, tiny_volume):
+    """LOCK cannot take the starting sidecar's pid: refused (the evidence log cannot be opened), with the
+    directory it made and the empty LOCK removed again, before OPA."""
+    tiny_volume.fill()
+    before = listing(tiny_volume.path)
+    config = settings(tmp_path, evidence={"dir": str(tiny_volume.path / EVIDENCE)})
+    status, err = await refused(tmp_path, config)
+    assert status == 2, err
+    assert f"agent-sidecar: the evidence log cannot be opened: cannot open evidence log in {tiny_volume.path / EVIDENCE}: " \
+           "No space left on device" in err, err
+    assert "OPA pid" not in err, err
+    assert listing(tiny_volume.path) == before

@@ -105,13 +105,20 @@ class WriterLock:
 
     @classmethod
     def _held(cls, directory: Path, fd: int, created: bool) -> "WriterLock":
+        """The lock whose flock `fd` holds, LOCK naming this pid (EvidenceError, the lock let go, when it
+        cannot be written: a full volume, say)."""
         found = None
         if not created:
             stat = os.fstat(fd)
             found = _Found(os.pread(fd, 4096, 0), stat.st_atime_ns, stat.st_mtime_ns)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(directory, fd, found)
+        lock = cls(directory, fd, found)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            lock.release()
+            raise _cannot_open(directory, exc) from None
+        return lock
 
     @property
     def held(self) -> bool:
