@@ -679,7 +679,8 @@ async def _commit(
 
     `committed` is set first: from here a signal (serve) no longer cancels the start, which runs on
     and then stops as a serving sidecar does, the log ending in a closing checkpoint. Should the
-    record itself fail, the start is refused and evidence.dir is still put back as it was found.
+    record itself fail, the start is refused and what it created in evidence.dir is removed (a torn
+    tail it had cut stays cut, its bytes kept aside).
     """
     if committed is not None:
         committed.set()
