@@ -31,12 +31,13 @@ class CountingRelay:
     once a request is counted and nothing is left in the relay's buffer, it waits in the sidecar's socket:
     the flood is sent before the sidecar runs again, however slowly a loaded machine runs the client."""
 
-    PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # what a client sends before its first frame
     DATA, HEADERS, END_STREAM = 0x0, 0x1, 0x1
 
     def __init__(self, target: Path, path: Path):
         self.target, self.path = target, path
         self.ended = 0
+        self._to_sidecar: list[asyncio.StreamWriter] = []
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: list[asyncio.Task] = []
 
@@ -52,13 +53,14 @@ class CountingRelay:
 
     async def until_in_socket(self, requests: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.ended < requests or any(w.transport.get_write_buffer_size() for w in self._writers):
+        while self.ended < requests or any(w.transport.get_write_buffer_size() for w in self._to_sidecar):
             assert time.monotonic() < deadline, f"{self.ended} of {requests} requests sent after {timeout:g} s"
             await asyncio.sleep(0.01)
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self._tasks.append(asyncio.current_task())
         sidecar_reader, sidecar_writer = await asyncio.open_unix_connection(self.target)
+        self._to_sidecar.append(sidecar_writer)
         self._writers += [client_writer, sidecar_writer]
         self._tasks.append(asyncio.create_task(self._pipe(sidecar_reader, client_writer)))
         unread, skip, ends_stream = b"", self.PREFACE, False
@@ -133,8 +135,8 @@ def stopped_sidecar_flooded(tmp_path: Path, listen: str) -> collections.Counter:
                 try:
                     answer = await call
                     outcome = sidecar_pb2.Outcome.Name(answer.outcome)
-                    # a call not allowed is counted with its first reason, so a failure says why
-                    seen[outcome if answer.outcome == sidecar_pb2.OUTCOME_ALLOW else f"{outcome}: {answer.reasons[0]}"] += 1
+                    allowed = answer.outcome == sidecar_pb2.OUTCOME_ALLOW
+                    seen[outcome if allowed else f"{outcome}: {answer.reasons[0]}"] += 1  # a failure says why
                 except grpc.aio.AioRpcError as error:
                     seen[error.code().name] += 1
             return seen
