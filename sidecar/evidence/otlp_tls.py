@@ -14,7 +14,9 @@ later connection, for as long as it runs.
 read; before each export it looks at the files again (stat: size, mtime, inode)
 and, when one changed, builds a new exporter from the new contents. A file that
 cannot be read fails the export (the shipper retries with backoff, the spans
-stay in the log) instead of falling back to other roots.
+stay in the log) instead of falling back to other roots. Over HTTP the exporter
+gets a `PinnedCaSession`, so that REQUESTS_CA_BUNDLE cannot put the public
+roots in the CA file's place.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import requests
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -76,6 +79,18 @@ def tls_files(environ: Mapping[str, str]) -> TlsFiles | None:
         if ca:
             return TlsFiles(ca, certificate, key)
     return None
+
+
+class PinnedCaSession(requests.Session):
+    """A requests Session whose `verify` (the CA file the HTTP exporter sets) is the one that verifies.
+
+    Plain requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, often set machine-wide to the public
+    roots, replace a session's `verify` on every request (psf/requests#3829): the collector would be
+    checked against those roots and never against the configured CA. A CA given for one request still
+    wins, and proxies and the rest of the environment apply as usual."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        return super().merge_environment_settings(url, proxies, stream, self.verify if verify is None else verify, cert)
 
 
 def _stamp(paths: Sequence[str]) -> tuple:

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from sidecar.evidence.otlp_tls import RereadingExporter, tls_files
+from sidecar.evidence.otlp_tls import PinnedCaSession, RereadingExporter, tls_files
 from sidecar.evidence.records import CALL_KINDS, derived_id, parse_rfc3339, reason_code
 
 DEFAULT_SERVICE_NAME = "agent-sidecar"
@@ -399,7 +399,7 @@ def exporter_from_env(
         # change all the same, so that an unreadable file fails the export here as it does for gRPC.
         return RereadingExporter(files, lambda ca, chain, key: HttpExporter(
             certificate_file=files.ca, client_certificate_file=files.client_certificate or None,
-            client_key_file=files.client_key or None, **kwargs))
+            client_key_file=files.client_key or None, session=PinnedCaSession(), **kwargs))
     raise ValueError(f"unsupported OTLP protocol {proto!r} (grpc or http/protobuf)")
 
 
