@@ -35,7 +35,7 @@ import inspect
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grpc
 from google.protobuf.struct_pb2 import Struct
@@ -44,6 +44,9 @@ from sidecar.canonical import canonical_json, sha256_digest
 from sidecar.invoke.obligations import CALL_OBLIGATIONS
 from sidecar.jsonvalues import NotExact, from_struct, to_json_value, to_struct
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+if TYPE_CHECKING:  # py-spiffe is imported only by the agents that use these helpers
+    from spiffe import JwtSource, WorkloadApiClient, X509Source
 
 __all__ = [
     "ArgumentsChanged", "AsyncClient", "AuthorizationDenied", "AuthorizationResult", "Client", "EscalationDecision",
@@ -91,7 +94,7 @@ class SpiffeMtls:
     client builds a new channel before its next call.
     """
 
-    def __init__(self, x509_source: Any, server_name: str):
+    def __init__(self, x509_source: "X509Source", server_name: str):
         if not server_name:
             raise ValueError("server_name: a DNS SAN of the sidecar's SVID is needed (grpc checks hostnames)")
         self._source = x509_source
@@ -120,6 +123,17 @@ def _channel_settings(
     return credentials, options, 0
 
 
+def _jwt_svid_fetch(source: "JwtSource | WorkloadApiClient") -> Callable[..., Any]:
+    """The JWT-SVID fetch of a py-spiffe source: the two name the same call differently."""
+    from spiffe import JwtSource, WorkloadApiClient
+
+    if isinstance(source, JwtSource):
+        return source.fetch_svid
+    if isinstance(source, WorkloadApiClient):
+        return source.fetch_jwt_svid
+    raise TypeError(f"source: a py-spiffe JwtSource or WorkloadApiClient, not {type(source).__name__}")
+
+
 class JwtSvidAuth:
     """`authorization: Bearer <JWT-SVID>` metadata from the Workload API, cached until near expiry.
 
@@ -133,11 +147,13 @@ class JwtSvidAuth:
     seconds of expiry.
     """
 
-    def __init__(self, audience: str, *, source: Any = None, refresh_margin: float = 30.0):
+    def __init__(
+        self, audience: str, *, source: "JwtSource | WorkloadApiClient | None" = None, refresh_margin: float = 30.0
+    ):
         if not audience:
             raise ValueError("audience: the sidecar's identity.jwt_audience is needed")
+        self._fetch = None if source is None else _jwt_svid_fetch(source)  # None: the default source, made at first use
         self.audience = audience
-        self._source = source
         self._margin = refresh_margin
         self._lock = threading.Lock()
         self._token = ""
@@ -146,12 +162,11 @@ class JwtSvidAuth:
     def token(self) -> str:
         with self._lock:
             if not self._token or time.time() >= self._expiry - self._margin:
-                if self._source is None:
+                if self._fetch is None:
                     from spiffe import WorkloadApiClient
 
-                    self._source = WorkloadApiClient(default_timeout=5)
-                fetch = getattr(self._source, "fetch_svid", None) or self._source.fetch_jwt_svid
-                svid = fetch(audience={self.audience})
+                    self._fetch = WorkloadApiClient(default_timeout=5).fetch_jwt_svid
+                svid = self._fetch(audience={self.audience})
                 self._token, self._expiry = svid.token, float(svid.expiry)
             return self._token
 

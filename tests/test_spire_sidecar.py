@@ -29,7 +29,7 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from spiffe import WorkloadApiClient, X509Source
+from spiffe import JwtSource, WorkloadApiClient, X509Source
 
 from sidecar.client import AsyncClient, JwtSvidAuth, SpiffeMtls, delegated_by
 from sidecar.config import Config, load_config
@@ -329,6 +329,16 @@ async def test_the_agent_side_client_library_with_spire(node, sidecar):
         async with AsyncClient(unix_target(sidecar), metadata=JwtSvidAuth(AUD, source=workload_api)) as client:
             got = seen(await client.authorize("echo", {}))
     assert (got["spiffe_id"], got["source"]) == (SIDECAR_ID, "jwt_svid")
+    # py-spiffe's other JWT source names its fetch differently; JwtSvidAuth takes either.
+    jwt_source = await asyncio.to_thread(JwtSource, socket_path=agent.endpoint, timeout_in_seconds=10)
+    try:
+        async with AsyncClient(unix_target(sidecar), metadata=JwtSvidAuth(AUD, source=jwt_source)) as client:
+            got = seen(await client.authorize("echo", {}))
+        assert (got["spiffe_id"], got["source"]) == (SIDECAR_ID, "jwt_svid")
+    finally:
+        jwt_source.close()
+    with pytest.raises(TypeError, match="JwtSource or WorkloadApiClient, not X509Source"):
+        JwtSvidAuth(AUD, source=source)
 
 
 async def test_the_sidecar_starts_before_the_agent_and_serves_once_it_is_up(
