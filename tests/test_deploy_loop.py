@@ -44,7 +44,6 @@ from pathlib import Path
 
 import aiohttp
 import grpc
-import pytest
 import yaml
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,8 +53,9 @@ import tests.test_deploy_tls as tls
 from sidecar.client import AsyncClient
 from sidecar.config import load_config
 from tests.conftest import REPO
-from tests.infra.spire import SpireServer, SpireUnavailable, X509Svid, own_process_selectors
+from tests.infra.spire import X509Svid, own_process_selectors
 from tests.test_deploy_k8s import built  # noqa: F401  (module fixture: deploy/k8s with a signed bundle)
+from tests.test_deploy_tls import spire  # noqa: F401  (module fixture: SPIRE in the manifests' trust domain)
 
 TD = "example.org"
 APPROVER = "alice@example.org"
@@ -214,16 +214,6 @@ class MtlsRelay:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-
-
-@pytest.fixture(scope="module")
-def spire():
-    try:
-        server = SpireServer(TD).start()
-    except SpireUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.close()
 
 
 def sidecar_config_for(tmp_path: Path, name: str, spire_agent, opa_url: str, catalog: Path):
