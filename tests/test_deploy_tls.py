@@ -296,9 +296,13 @@ def test_ssl_reload_makes_postgres_serve_the_rewritten_svid(node):
         user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         reloader = subprocess.Popen([*user, *reload_["command"], script], env=environment, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = server.dir / "server.log"
         try:
-            time.sleep(1)  # its first round: reloads what is there (the same files)
-            assert reloader.poll() is None, reloader.stderr.read()
+            # Its first round reloads what is there (the same files); the rewrite below is then a change it must see.
+            deadline = time.monotonic() + 30
+            while "received SIGHUP" not in log.read_text():
+                assert time.monotonic() < deadline and reloader.poll() is None, reloader.stderr.read()
+                time.sleep(0.2)
             write_svid_files(second, ("agents", "agent-postgres-spiffe-helper"), files["svid"].parent,
                              "postgres" if os.geteuid() == 0 else None)
             renewed = leaf(files["svid"].read_bytes())

@@ -113,8 +113,11 @@ def test_the_exporter_reads_its_tls_files_again_when_they_change(pki, collector,
         files["svid"].write_bytes(renewed.chain_pem())
         files["key"].write_bytes(renewed.key_pem())
         assert export(exporter, record()) == "SUCCESS"
-        # An unreadable file fails the export (the spans wait in the log), never the system's roots instead.
+        # An unreadable or empty file (caught mid-rewrite) fails the export (the spans wait in the log),
+        # never the system's roots instead.
         files["bundle"].unlink()
+        assert export(exporter, record()) == "FAILURE"
+        files["bundle"].write_bytes(b"")
         assert export(exporter, record()) == "FAILURE"
         files["bundle"].write_bytes(right["bundle"])
         assert export(exporter, record()) == "SUCCESS"
@@ -135,6 +138,13 @@ def test_the_collector_refuses_an_exporter_without_a_client_certificate(pki, col
             assert export(exporter, record()) == "FAILURE", protocol
         finally:
             exporter.shutdown()
+
+
+def test_an_empty_tls_file_is_unreadable(tmp_path):
+    """Caught between spiffe-helper's truncate and write: gRPC would take empty roots for its default ones."""
+    (tmp_path / "ca.pem").write_bytes(b"\n")
+    with pytest.raises(OSError, match="ca.pem is empty"):
+        TlsFiles(str(tmp_path / "ca.pem")).read()
 
 
 def test_tls_files_are_picked_as_the_sdk_picks_them_and_half_a_client_pair_is_refused():

@@ -52,12 +52,16 @@ class TlsFiles:
         return tuple(p for p in (self.ca, self.client_certificate, self.client_key) if p)
 
     def read(self) -> tuple[bytes, bytes | None, bytes | None]:
-        """(CA, client certificate chain or None, client key or None); OSError when one cannot be read."""
+        """(CA, client certificate chain or None, client key or None); OSError when one cannot be read
+        or is empty (being rewritten: gRPC would take empty roots for its default ones)."""
         def content(path: str) -> bytes | None:
             if not path:
                 return None
             with open(path, "rb") as f:
-                return f.read()
+                data = f.read()
+            if not data.strip():
+                raise OSError(f"{path} is empty")
+            return data
 
         return content(self.ca) or b"", content(self.client_certificate), content(self.client_key)
 
