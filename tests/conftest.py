@@ -61,6 +61,12 @@ def write_policy(directory: Path, rego: str, tests: str | None = None, data: str
 # budget tests set their own). sidecar_config here and tests/doubles/escalation.make_config use it.
 LOADED_MACHINE = {"policy.timeout_ms": 1000, "sidecar.overload_lag_ms": 0}
 
+# On top of LOADED_MACHINE for a sidecar that decides calls near policy.max_input_bytes (800 KB of
+# arguments, a list of 382,000 numbers): on a busy 2-core machine OPA takes 40-250 ms to read and decide
+# one (an ordinary call 1-2 ms), so a load spike can pass the 1 s budget and turn the escalation or allow
+# the test needs into a policy_timeout deny. Not for tests about the budget.
+BIG_CALLS = {"policy.timeout_ms": 10_000}
+
 
 SIMPLE_POLICY = """\
     package sidecar

@@ -129,6 +129,13 @@ def notes_server() -> MCPServer:
         return {"notes": [f"note about {query}"]}
 
     @srv.tool()
+    def pid() -> str:
+        """Its process id: which process answered, the first or a restarted one."""
+        import os
+
+        return str(os.getpid())
+
+    @srv.tool()
     def crash() -> str:
         """Ends the server process mid-call."""
         import os

@@ -15,6 +15,7 @@ from sidecar.client import AsyncClient
 from sidecar.console.app import ConsoleError, build_app, start_console
 from sidecar.console.csrf import CsrfError, CsrfTokens
 from sidecar.escalation.client import ApprovalsClient
+from tests.conftest import BIG_CALLS
 from tests.doubles.escalation import ALICE, make_config, records
 
 HEADER = "X-Auth-Request-Email"
@@ -24,7 +25,7 @@ HEADER = "X-Auth-Request-Email"
 async def setup(tmp_path, running_sidecar):
     """(sidecar address, start_console(**console settings) -> base URL)."""
     runners = []
-    sidecar = await running_sidecar(make_config(tmp_path))
+    sidecar = await running_sidecar(make_config(tmp_path, **BIG_CALLS))  # the big-escalations test's
     address = sidecar.addresses[0]
 
     async def console(**settings) -> str:

@@ -701,26 +701,239 @@ def test_writable_paths_are_volumes():
     assert "/tmp" in writable  # Python's tempfiles on a read-only root
 
 
-def test_the_sidecar_config_loads_with_its_containers_postgres_variables(monkeypatch):
-    """The PG* variables statefulset.yaml gives the sidecar name a PostgreSQL off the pod without TLS: the
-    config loads only because it opts in, for both stores, as docs/deploy.md explains."""
-    sidecar = container(pod_spec("research-agent"), "agent-sidecar")
-    for item in sidecar["env"]:
-        if item["name"].startswith("PG") and "value" in item:
-            monkeypatch.setenv(item["name"], item["value"])
+def sidecar_environment(monkeypatch) -> dict[str, str]:
+    """The agent-sidecar container's literal env values (PG*, OTEL_*), set in this process as the pod sets them."""
+    values = {e["name"]: e["value"] for e in container(pod_spec("research-agent"), "agent-sidecar")["env"] if "value" in e}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+def plaintext_opt_ins(section, where: str = "") -> list[str]:
+    """Every *allow_plaintext* key of a loaded config that is on, by dotted name."""
+    found = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{where}{f.name}"
+        if "allow_plaintext" in f.name and value:
+            found.append(key)
+        elif dataclasses.is_dataclass(value):
+            found += plaintext_opt_ins(value, f"{key}.")
+        elif isinstance(value, dict):
+            found += [hit for k, v in value.items() if dataclasses.is_dataclass(v) for hit in plaintext_opt_ins(v, f"{key}.{k}.")]
+    return found
+
+
+def test_the_sidecar_config_opts_into_no_plaintext_hop(monkeypatch):
+    """The example is secure as given: no allow_plaintext anywhere, and the PG* variables the StatefulSet sets
+    pass the sidecar's own check (a PostgreSQL off the pod only with sslmode verify-ca/verify-full)."""
+    variables = sidecar_environment(monkeypatch)
     config = sidecar_config()
-    assert config.escalation.store == config.usage.store == "postgres"
-    assert config.escalation.dsn_allow_plaintext and config.usage.dsn_allow_plaintext
-    for key in ("escalation.dsn_allow_plaintext", "usage.dsn_allow_plaintext"):
-        with pytest.raises(ConfigError, match=r"\(the PG\* variables\): .* PostgreSQL at agent-postgres"):
-            load_config(K8S / "agent" / "sidecar.yaml", {key: False})
+    assert plaintext_opt_ins(config) == []
+    assert "allow_plaintext" not in (K8S / "agent" / "sidecar.yaml").read_text()
+    assert config.escalation.store == config.usage.store == "postgres" and config.escalation.dsn == config.usage.dsn == ""
+    assert variables["PGSSLMODE"] == "verify-full"
+    # The check is live: the same variables with a non-verifying sslmode are refused, for both stores.
+    monkeypatch.setenv("PGSSLMODE", "require")
+    with pytest.raises(ConfigError, match=r"usage.dsn \(the PG\* variables\): .* PostgreSQL at agent-postgres"):
+        sidecar_config()
+    with pytest.raises(ConfigError, match=r"escalation.dsn \(the PG\* variables\): .* PostgreSQL at agent-postgres"):
+        load_config(K8S / "agent" / "sidecar.yaml", {"usage.store": "memory"})
 
 
-def test_otlp_goes_sidecar_to_collector_to_jaeger():
+# --- TLS: SVIDs as files, written by spiffe-helper, for each hop's both ends -----------------------------------
+
+# spiffe-helper's configuration keys (cmd/spiffe-helper/config/config.go; it refuses unknown ones).
+SPIFFE_HELPER_KEYS = {
+    "agent_address", "cmd", "cmd_args", "pid_file_name", "cert_dir", "cert_file_mode", "key_file_mode",
+    "jwt_bundle_file_mode", "jwt_svid_file_mode", "include_federated_domains", "renew_signal", "daemon_mode",
+    "svid_file_name", "svid_key_file_name", "svid_bundle_file_name", "jwt_svids", "jwt_bundle_file_name",
+    "add_intermediates_to_bundle", "hint", "health_checks",
+}
+SPIFFE_HELPER_HEALTH_KEYS = {"listener_enabled", "bind_port", "liveness_path", "readiness_path"}
+
+
+def spiffe_helper_config(text: str) -> dict:
+    """The HCL subset the example's helper.conf files use: `key = "string" | number | true/false | [...]`,
+    one `health_checks { ... }` block, # comments. Anything else, or an unknown key, fails."""
+    config: dict = {}
+    block: dict | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line == "}" and block is not None:
+            block = None
+            continue
+        opened = re.fullmatch(r"(\w+) \{", line)
+        if opened and block is None:
+            assert opened.group(1) == "health_checks", f"line {number}: unknown block {opened.group(1)}"
+            block = config.setdefault("health_checks", {})
+            continue
+        match = re.fullmatch(r"(\w+)\s*=\s*(.+)", line)
+        assert match, f"line {number}: not key = value: {raw!r}"
+        key, value = match.groups()
+        known = SPIFFE_HELPER_HEALTH_KEYS if block is not None else SPIFFE_HELPER_KEYS
+        assert key in known, f"line {number}: spiffe-helper has no key {key!r}"
+        if value in ("true", "false"):
+            parsed = value == "true"
+        elif re.fullmatch(r"\d+", value):
+            parsed = int(value)
+        elif re.fullmatch(r'"[^"]*"', value):
+            parsed = value[1:-1]
+        else:
+            parsed = value  # a list (jwt_svids): kept as text
+        (block if block is not None else config)[key] = parsed
+    assert block is None, "unclosed block"
+    return config
+
+
+# pod, spiffe-helper's ConfigMap, the emptyDir it writes, the container that uses the files
+TLS_PODS = [
+    ("research-agent", ("agents", "agent-sidecar-spiffe-helper"), "sidecar-svid", "agent-sidecar"),
+    ("agent-postgres", ("agents", "agent-postgres-spiffe-helper"), "postgres-svid", "postgres"),
+    ("otel-collector", ("observability", "otel-collector-spiffe-helper"), "collector-svid", "otel-collector"),
+]
+
+
+def svid_files(pod: str) -> dict[str, str]:
+    """{"svid", "key", "bundle"}: where spiffe-helper writes them, as the consumer container sees them."""
+    spec = pod_spec(pod)
+    _, config_map, svid_volume, consumer = next(entry for entry in TLS_PODS if entry[0] == pod)
+    helper = spiffe_helper_config(config_map_files(*config_map)["helper.conf"].decode())
+    assert helper["cert_dir"] == mount_path(container(spec, "spiffe-helper"), svid_volume)
+    directory = mount_path(container(spec, consumer), svid_volume)
+    return {"svid": f"{directory}/{helper['svid_file_name']}", "key": f"{directory}/{helper['svid_key_file_name']}",
+            "bundle": f"{directory}/{helper['svid_bundle_file_name']}"}
+
+
+@pytest.mark.parametrize("pod, config_map, svid_volume, consumer", TLS_PODS)
+def test_spiffe_helper_writes_each_pods_svid_before_its_user_starts(pod, config_map, svid_volume, consumer):
+    spec = pod_spec(pod)
+    helper = container(spec, "spiffe-helper")
+    config = spiffe_helper_config(config_map_files(*config_map)["helper.conf"].decode())
+    assert config["daemon_mode"] is True, "one-shot files would expire with the SVID"
+    assert {"svid_file_name", "svid_key_file_name", "svid_bundle_file_name"} <= set(config)
+    assert "key_file_mode" not in config, "the default 0600: PostgreSQL and libpq refuse a key others can read"
+    # The Workload API: the CSI driver's socket, where the helper mounts it.
+    socket = Path(config["agent_address"])
+    assert str(socket.parent) == mount_path(helper, "spiffe-workload-api")
+    assert volume(spec, "spiffe-workload-api")["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
+    configured = Path(flag(helper["args"], "-config"))
+    assert str(configured.parent) == mount_path(helper, "spiffe-helper-config")
+    assert volume(spec, "spiffe-helper-config")["configMap"]["name"] == config_map[1]
+    assert config_map_files(*config_map).keys() == {configured.name}
+    # A native sidecar, started before the container that reads the files; started = the files are written.
+    order = [c["name"] for c in all_containers(spec)]
+    assert helper["restartPolicy"] == "Always" and order.index("spiffe-helper") < order.index(consumer)
+    health = config["health_checks"]
+    assert health["listener_enabled"] is True
+    assert helper["startupProbe"]["httpGet"]["path"] == health["readiness_path"]
+    assert port_number(helper, helper["startupProbe"]["httpGet"]["port"]) == health["bind_port"]
+    assert helper["livenessProbe"]["httpGet"]["path"] == health["liveness_path"]
+    # The key is in memory, and only the helper and the container that uses it mount it.
+    assert volume(spec, svid_volume)["emptyDir"]["medium"] == "Memory"
+    assert {c["name"] for c in all_containers(spec) if any(m["name"] == svid_volume for m in c.get("volumeMounts", []))} \
+        >= {"spiffe-helper", consumer}
+    readers = {c["name"] for c in all_containers(spec)
+               if any(m["name"] == svid_volume for m in c.get("volumeMounts", [])) and c["name"] != "spiffe-helper"}
+    assert all(mount(container(spec, name), svid_volume).get("readOnly") for name in readers)
+    if pod == "research-agent":
+        assert readers == {"agent-sidecar"}, "the agent must not read the pod's SVID key"
+
+
+def rendered_registration(name: str) -> tuple[str, list[str], dict]:
+    """(SPIFFE ID, DNS names, the selected workload) of a ClusterSPIFFEID, as the controller manager renders it."""
+    registration = find("ClusterSPIFFEID", name)["spec"]
+    selected = [d for d in deployments()
+                if registration["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": d["metadata"]["namespace"]}
+                and registration["podSelector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    assert len(selected) == 1, f"ClusterSPIFFEID {name} selects {len(selected)} workloads"
+    (workload_,) = selected
+    account = workload_["spec"]["template"]["spec"]["serviceAccountName"]
+    assert find("ServiceAccount", account)["metadata"]["namespace"] == workload_["metadata"]["namespace"]
+    spiffe_id = (registration["spiffeIDTemplate"].replace("{{ .TrustDomain }}", "example.org")
+                 .replace("{{ .PodMeta.Namespace }}", workload_["metadata"]["namespace"])
+                 .replace("{{ .PodSpec.ServiceAccountName }}", account))
+    dns = registration.get("dnsNameTemplates", [])
+    assert "{{" not in spiffe_id and not any("{{" in d for d in dns), "only the templates rendered here"
+    return spiffe_id, dns, workload_
+
+
+def test_postgres_serves_tls_only_with_an_svid_naming_the_host_the_sidecars_dial(monkeypatch):
+    variables = sidecar_environment(monkeypatch)
+    _, dns, selected = rendered_registration("agent-postgres")
+    assert selected["metadata"]["name"] == "agent-postgres"
+    assert variables["PGHOST"] in dns, "verify-full checks PGHOST against the SVID's DNS names"
+    # The sidecar: verify-full against the trust bundle, the pod's SVID as its client certificate.
+    files = svid_files("research-agent")
+    assert (variables["PGSSLROOTCERT"], variables["PGSSLCERT"], variables["PGSSLKEY"]) == (
+        files["bundle"], files["svid"], files["key"])
+    # The server: ssl on with its SVID, client certificates checked against the bundle, and pg_hba.conf from its ConfigMap.
+    spec = pod_spec("agent-postgres")
+    postgres = container(spec, "postgres")
+    settings = dict(value.split("=", 1) for flag_, value in zip(postgres["args"][::2], postgres["args"][1::2]) if flag_ == "-c")
+    assert len(settings) * 2 == len(postgres["args"]), postgres["args"]
+    server = svid_files("agent-postgres")
+    assert settings["ssl"] == "on"
+    assert (settings["ssl_cert_file"], settings["ssl_key_file"], settings["ssl_ca_file"]) == (
+        server["svid"], server["key"], server["bundle"])
+    hba = Path(settings["hba_file"])
+    assert str(hba.parent) == mount_path(postgres, "hba")
+    assert volume(spec, "hba")["configMap"]["name"] == "agent-postgres-hba"
+    assert config_map_files("agents", "agent-postgres-hba").keys() == {hba.name}
+    # The probe asks on the unix socket (TCP needs a client certificate).
+    probe = postgres["readinessProbe"]["exec"]["command"]
+    assert flag(probe, "-h") == mount_path(postgres, "run")
+
+
+def hba_rules(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_pg_hba_admits_the_network_only_over_tls_with_a_client_certificate():
+    rules = hba_rules(config_map_files("agents", "agent-postgres-hba")["pg_hba.conf"].decode())
+    assert rules, "an empty pg_hba.conf refuses everyone"
+    for rule in rules:
+        kind = rule[0]
+        assert kind in ("local", "hostssl"), f"{rule}: host and hostnossl admit plaintext over the network"
+        assert "trust" not in rule and "password" not in rule, rule  # a password, and never in clear
+        if kind == "hostssl":
+            database, user, method, *options = rule[1:3] + rule[4:]
+            assert (database, user) == ("sidecar", "sidecar"), rule
+            assert method == "scram-sha-256", rule
+            assert any(o in ("clientcert=verify-ca", "clientcert=verify-full") for o in options), rule
+    variables = {e["name"]: e for e in container(pod_spec("agent-postgres"), "postgres")["env"]}
+    assert variables["POSTGRES_DB"]["value"] == variables["POSTGRES_USER"]["value"] == "sidecar"
+
+
+def test_postgres_reloads_its_certificate_after_spiffe_helper_rewrites_it():
+    """PostgreSQL reads ssl_cert_file & co. only at start and on reload: ssl-reload runs pg_ctl reload, which
+    finds the postmaster in postmaster.pid and signals it across containers (shared process namespace)."""
+    spec = pod_spec("agent-postgres")
+    reload_ = container(spec, "ssl-reload")
+    postgres = container(spec, "postgres")
+    assert spec["shareProcessNamespace"] is True
+    assert reload_["image"] == postgres["image"], "the same pg_ctl as the server"
+    script = reload_["args"][0]
+    directory = re.search(r"^dir=(\S+)$", script, re.M).group(1)
+    assert directory == mount_path(reload_, "postgres-svid") == mount_path(postgres, "postgres-svid")
+    files = svid_files("agent-postgres")
+    for path in files.values():  # all three: a reload needs the certificate, the key and the CA consistent
+        assert f'"$dir/{Path(path).relative_to(directory)}"' in script, path
+    data = env(postgres, "PGDATA")["value"]
+    assert env(reload_, "PGDATA")["value"] == data
+    assert Path(data).is_relative_to(mount_path(reload_, "data")) and mount(reload_, "data").get("readOnly")
+    # The same user as the server: a signal to another user's process is refused without CAP_KILL.
+    assert "runAsUser" not in reload_.get("securityContext", {}) and "runAsUser" not in postgres.get("securityContext", {})
+
+
+def test_otlp_goes_sidecar_to_collector_to_jaeger(monkeypatch):
+    variables = sidecar_environment(monkeypatch)
     config = sidecar_config()
     endpoint = urlsplit(config.telemetry.endpoint)
-    assert config.telemetry.protocol == "grpc" and endpoint.scheme == "http"
-    assert config.telemetry.allow_plaintext  # in clear off loopback only by the opt-in docs/deploy.md explains
+    assert config.telemetry.protocol == "grpc" and endpoint.scheme == "https"
+    assert not config.telemetry.allow_plaintext
     _, collector, collector_port = service_target(endpoint.hostname, endpoint.port)
     collector_config = yaml.safe_load((K8S / "observability" / "collector.yaml").read_text())
     receiver = collector_config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
@@ -741,6 +954,21 @@ def test_otlp_goes_sidecar_to_collector_to_jaeger():
     assert jaeger_port == 4317
     query, _, ui_port = service_target("jaeger-query.observability.svc", 16686)
     assert ui_port == 16686 and query["spec"].get("type", "ClusterIP") == "ClusterIP"
+    # Mutual TLS: the collector's SVID names the endpoint's host; each end checks the other against the bundle.
+    _, dns, selected = rendered_registration("otel-collector")
+    assert selected["metadata"]["name"] == "otel-collector" and endpoint.hostname in dns
+    sidecar_files = svid_files("research-agent")
+    assert (variables["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE"], variables["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE"],
+            variables["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY"]) == (
+        sidecar_files["bundle"], sidecar_files["svid"], sidecar_files["key"])
+    server_files = svid_files("otel-collector")
+    for protocol, receiver_config in collector_config["receivers"]["otlp"]["protocols"].items():
+        tls = receiver_config.get("tls")
+        assert tls, f"the {protocol} receiver serves plaintext"
+        assert (tls["cert_file"], tls["key_file"], tls["client_ca_file"]) == (
+            server_files["svid"], server_files["key"], server_files["bundle"]), protocol
+        assert tls["client_ca_file_reload"] is True and tls["reload_interval"], "the SVID is rewritten hourly"
+        assert not tls.get("insecure") and not tls.get("include_system_ca_certs_pool"), protocol
 
 
 def test_the_demo_agent_runs_from_its_config_map_with_the_image_python():
@@ -791,8 +1019,8 @@ def test_the_sidecar_gets_pod_name_and_namespace_from_the_downward_api():
 
 def test_start_order_opa_then_sidecar_then_agent():
     spec = pod_spec("research-agent")
-    assert [c["name"] for c in spec["initContainers"]] == ["opa", "agent-sidecar"]
-    for name in ("opa", "agent-sidecar"):  # native sidecars: up before the agent, down after it
+    assert [c["name"] for c in spec["initContainers"]] == ["opa", "spiffe-helper", "agent-sidecar"]
+    for name in ("opa", "spiffe-helper", "agent-sidecar"):  # native sidecars: up before the agent, down after it
         c = container(spec, name)
         assert c["restartPolicy"] == "Always" and "startupProbe" in c
     assert [c["name"] for c in spec["containers"]] == ["agent"]

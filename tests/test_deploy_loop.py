@@ -11,9 +11,12 @@ on loopback, from the same files the ConfigMaps carry:
 - OPA run with the OPA container's arguments on the signed bundle (ConfigMaps
   agent-policy, agent-policy-verification), built by `make deploy-bundle`'s
   code with a throwaway key;
-- PostgreSQL (tests/doubles/postgres.py, the real server) reached through the
-  PG* variables the StatefulSet sets, shared by both sidecars for escalations
-  and usage counters;
+- PostgreSQL (tests/doubles/postgres.py, the real server) as agent-postgres
+  runs it: TLS only with its X.509-SVID from SPIRE, client certificates
+  required (tests/test_deploy_tls.py `manifest_postgres`); reached through the
+  PG* variables the StatefulSet sets (verify-full, the agent pod's SVID as the
+  client certificate), shared by both sidecars for escalations and usage
+  counters;
 - `agent-sidecar console` with the console's config (ConfigMap
   approvals-console-config): its JWT-SVID file written from SPIRE for the
   console's own SPIFFE ID (what spiffe-helper does in the pod), people named
@@ -41,19 +44,18 @@ from pathlib import Path
 
 import aiohttp
 import grpc
-import pytest
 import yaml
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from psycopg.conninfo import conninfo_to_dict
 
 import tests.test_deploy_k8s as k8s
+import tests.test_deploy_tls as tls
 from sidecar.client import AsyncClient
 from sidecar.config import load_config
 from tests.conftest import REPO
-from tests.doubles.postgres import PostgresServer
-from tests.infra.spire import SpireServer, SpireUnavailable, X509Svid, own_process_selectors
+from tests.infra.spire import X509Svid, own_process_selectors
 from tests.test_deploy_k8s import built  # noqa: F401  (module fixture: deploy/k8s with a signed bundle)
+from tests.test_deploy_tls import spire  # noqa: F401  (module fixture: SPIRE in the manifests' trust domain)
 
 TD = "example.org"
 APPROVER = "alice@example.org"
@@ -214,16 +216,6 @@ class MtlsRelay:
             await self.server.wait_closed()
 
 
-@pytest.fixture(scope="module")
-def spire():
-    try:
-        server = SpireServer(TD).start()
-    except SpireUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.close()
-
-
 def sidecar_config_for(tmp_path: Path, name: str, spire_agent, opa_url: str, catalog: Path):
     """The ConfigMap's sidecar.yaml with this machine's paths and ports (every other key as shipped)."""
     socket_dir = Path(tempfile.mkdtemp(prefix=f"lp-{name}-", dir="/tmp"))
@@ -275,14 +267,11 @@ async def test_an_escalated_call_is_approved_through_the_console_and_retried_onc
     node.register("/ns/approvals/sa/approvals-console", *console_workload.selectors)
     console_svid = console_workload.wait_for_identity()
 
-    # PostgreSQL through the PG* variables, as the StatefulSet sets them (the password aside: trust auth here).
-    variables = statefulset_env()
-    dsn = conninfo_to_dict(PostgresServer.shared().new_database())
-    monkeypatch.setenv("PGHOST", dsn["host"])
-    monkeypatch.setenv("PGPORT", str(dsn["port"]))
-    monkeypatch.setenv("PGDATABASE", dsn["dbname"])
-    monkeypatch.setenv("PGUSER", dsn["user"])
-    monkeypatch.setenv("PGCONNECT_TIMEOUT", variables["PGCONNECT_TIMEOUT"]["value"])
+    # PostgreSQL over mutual TLS, through the PG* variables as the StatefulSet sets them (tests/test_deploy_tls.py):
+    # the database's SVID names agent-postgres's host; the sidecars' client files are what the pod's spiffe-helper writes.
+    postgres_svid = tls.registered(node, node.workload("agent-postgres"), "agent-postgres")
+    client_files = tls.write_svid_files(tls.registered_agent(node, "agent-helper"),
+                                        ("agents", "agent-sidecar-spiffe-helper"), tmp_path / "sidecar-svid")
 
     # The sidecar reads the catalog where its subPath mount puts it.
     catalog = tmp_path / "policy"
@@ -292,7 +281,8 @@ async def test_an_escalated_call_is_approved_through_the_console_and_retried_onc
 
     console_process = None
     relay = None
-    with k8s.opa_serving(k8s.pod_opa_command(tmp_path / "pod")) as opa_url:
+    with tls.manifest_postgres(postgres_svid) as (server, _), k8s.opa_serving(k8s.pod_opa_command(tmp_path / "pod")) as opa_url:
+        tls.apply_environment(monkeypatch, tls.sidecar_pg_environment(server, client_files))
         first = await running_sidecar(sidecar_config_for(tmp_path, "agent-0", node, opa_url, catalog))
         second = await running_sidecar(sidecar_config_for(tmp_path, "agent-1", node, opa_url, catalog))
         try:
@@ -357,6 +347,9 @@ async def test_an_escalated_call_is_approved_through_the_console_and_retried_onc
                 again = await agent.authorize(*call, **fields, escalation_id=escalated.escalation_id)
             assert retried.outcome == "allow", retried.reasons
             assert again.outcome != "allow", again.reasons
+            # Every connection the sidecars hold is TLS 1.3 with a client certificate.
+            connections = tls.ssl_connections(server)
+            assert connections and all(c[0] and c[1] == "TLSv1.3" and c[3] for c in connections), connections
         finally:
             if console_process is not None and console_process.returncode is None:
                 console_process.terminate()

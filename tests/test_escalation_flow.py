@@ -19,6 +19,7 @@ from sidecar.client import AsyncClient, AuthorizationDenied, Client, EscalationR
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError
 from sidecar.evidence.verify import verify_dir
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import BIG_CALLS
 from tests.doubles.escalation import (
     AGENT,
     ALICE,
@@ -546,7 +547,7 @@ async def test_escalations_too_large_to_list_together_are_listed_in_summary_and_
     client receives by default, so the others still show (they did not: six calls of 800 KB each made
     List fail for everyone, console and CLI). What does not fit comes as a summary saying why, without
     arguments, preview or signals, never as an approve-able whole; Get reads any escalation whole."""
-    sidecar = await running_sidecar(make_config(tmp_path))
+    sidecar = await running_sidecar(make_config(tmp_path, **BIG_CALLS))
     address = sidecar.addresses[0]
     async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
         small = (await agent.authorize("send_email", EMAIL, intent="small")).escalation_id

@@ -15,6 +15,8 @@ from aiohttp import web
 from mcp.client.client import Client
 
 from sidecar.evidence.verify import verify_dir
+from sidecar.invoke import FAILED, OK
+from sidecar.invoke.mcp import McpUpstream
 from tests.conftest import write_policy
 from tests.infra.http import serve_app
 from tests.mcp_upstreams import STDIO_SERVER, Seen, docs_server, serve_http
@@ -59,10 +61,22 @@ async def gateway(tmp_path, sidecar_config, running_sidecar, garbage_upstream):
     await docs.stop()
 
 
+async def until_listed(agent: Client, name: str, timeout: float = 60) -> None:
+    """Until the gateway lists `name`: a stdio upstream's process is started with the sidecar and on
+    a loaded machine takes longer than its timeout_seconds to answer the handshake, and a call that
+    waited that long for it fails (upstream_unavailable). Each listing asks the upstreams afresh."""
+    deadline = time.monotonic() + timeout
+    while name not in {t.name for t in (await agent.list_tools()).tools}:
+        assert time.monotonic() < deadline, f"{name} not listed after {timeout:g} s"
+        await asyncio.sleep(0.2)
+
+
 async def test_a_stdio_upstream_that_dies_is_an_error_then_restarted(gateway):
     sidecar, _, config = gateway
     async with Client(sidecar.mcp.url) as agent:
-        assert not (await agent.call_tool("notes__search", {"query": "a"})).is_error
+        await until_listed(agent, "notes__search")
+        first = await agent.call_tool("notes__search", {"query": "a"})
+        assert not first.is_error, first
         died = await agent.call_tool("notes__crash", {})
         assert died.is_error and "upstream_" in died.content[0].text, died
         deadline = time.monotonic() + 60  # the session is reconnected (the process restarted) in the background
@@ -70,6 +84,27 @@ async def test_a_stdio_upstream_that_dies_is_an_error_then_restarted(gateway):
             await asyncio.sleep(0.2)
         assert not again.is_error, again
     assert verify_dir(Path(config.evidence.dir)).ok
+
+
+async def test_calls_made_as_a_stdio_upstream_dies_wait_for_its_one_restart():
+    """Once a call finds the process gone, the calls after it wait for the restarted process: none is
+    handed the dead session while it is torn down (seconds, on a loaded machine), and none that fails
+    on it ends the new session, which would restart the process again and again while calls come."""
+    upstream = McpUpstream("notes", command=[sys.executable, STDIO_SERVER], timeout_seconds=60)
+    upstream.start()
+    try:
+        first = await upstream.call("pid", {})
+        assert first.status == OK, first
+        died = await upstream.call("crash", {})
+        assert died.status == FAILED and "upstream_unavailable" in died.error, died
+        after = await asyncio.gather(*(upstream.call("pid", {}) for _ in range(8)))
+        assert all(r.status == OK for r in after), [r.error for r in after if r.status != OK]
+        (restarted,) = {r.result["content"][0]["text"] for r in after}
+        assert restarted != first.result["content"][0]["text"]
+        later = await upstream.call("pid", {})
+        assert later.status == OK and later.result["content"][0]["text"] == restarted, later
+    finally:
+        await upstream.aclose()
 
 
 async def test_an_upstream_answering_garbage_is_an_error_and_others_keep_serving(gateway):

@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from sidecar.evidence.otlp_tls import PinnedCaSession, RereadingExporter, tls_files
 from sidecar.evidence.records import CALL_KINDS, derived_id, parse_rfc3339, reason_code
 
 DEFAULT_SERVICE_NAME = "agent-sidecar"
@@ -346,7 +347,9 @@ def exporter_from_env(
     Explicit arguments (from config) win over the environment. OTEL_SDK_DISABLED=true
     or OTEL_TRACES_EXPORTER=none turn export off. Spans never go in clear to a collector off
     loopback unless `allow_plaintext` (telemetry.allow_plaintext): ConfigError naming where the
-    endpoint came from (`_check_in_clear`).
+    endpoint came from (`_check_in_clear`). With a CA file in OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE
+    (and a client certificate and key for mutual TLS), the exporter is a `RereadingExporter`: the files are
+    read again whenever they change (an SVID spiffe-helper rewrites), and an unreadable one fails the export.
     """
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -371,20 +374,32 @@ def exporter_from_env(
     if not allow_plaintext:
         _check_in_clear(proto, endpoint, env)
     kwargs: dict[str, Any] = {"timeout": timeout_seconds}
+    files = tls_files(env)
     if proto == "grpc":
+        import grpc
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         if endpoint:
             kwargs["endpoint"] = endpoint
             if endpoint.startswith("http://"):
                 kwargs["insecure"] = True
-        return OTLPSpanExporter(**kwargs)
+        if files is None or kwargs.get("insecure"):
+            return OTLPSpanExporter(**kwargs)
+        return RereadingExporter(files, lambda ca, chain, key: OTLPSpanExporter(
+            credentials=grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain),
+            **kwargs))
     if proto in ("http/protobuf", "http"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         if endpoint:
             kwargs["endpoint"] = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
-        return HttpExporter(**kwargs)
+        if files is None:
+            return HttpExporter(**kwargs)
+        # The HTTP exporter takes file names, read by its HTTP client when it connects: rebuilt on a
+        # change all the same, so that an unreadable file fails the export here as it does for gRPC.
+        return RereadingExporter(files, lambda ca, chain, key: HttpExporter(
+            certificate_file=files.ca, client_certificate_file=files.client_certificate or None,
+            client_key_file=files.client_key or None, session=PinnedCaSession(), **kwargs))
     raise ValueError(f"unsupported OTLP protocol {proto!r} (grpc or http/protobuf)")
 
 

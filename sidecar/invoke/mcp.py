@@ -9,7 +9,8 @@
 
 Each upstream's session runs in its own task (the SDK's anyio task groups
 must be entered and left in one task) and reconnects with capped backoff
-when it breaks; a call meanwhile fails with upstream_unavailable. Every call
+when it breaks; a call meanwhile waits for the new session (at most the
+upstream's timeout), then fails with upstream_unavailable. Every call
 has the upstream's timeout; a result larger than `max_result_bytes` (its
 canonical JSON) is refused with upstream_too_large. The rollback token is
 the result's `_meta.rollback_token` (a string), when the tool gives one.
@@ -168,6 +169,17 @@ class McpUpstream:
             return None
         return self._client
 
+    def _reconnect(self, client: Client) -> None:
+        """Have `_run` replace the session `client` belongs to, if it is still the current one.
+
+        From now on calls wait for the next session: the broken one stays `_client` until its
+        teardown is over (seconds, for a stdio process), and a call handed it meanwhile would only
+        fail. A call that failed on an older session, after `_run` had already replaced it, must not
+        end the healthy session that replaced it (and then the next, as calls keep coming)."""
+        if client is self._client:
+            self._connected.clear()
+            self._broken.set()
+
     async def tools(self) -> list[types.Tool]:
         """The upstream's tools (every page). Raises on failure."""
         client = await self._session()
@@ -187,7 +199,7 @@ class McpUpstream:
                     break
         except MCPError as exc:
             if exc.code not in _SESSION_INTACT:
-                self._broken.set()
+                self._reconnect(client)
             raise
         return tools
 
@@ -215,7 +227,7 @@ class McpUpstream:
             )
         except MCPError as exc:
             if exc.code not in _SESSION_INTACT:
-                self._broken.set()  # the process exited, the stream ended or the session expired: reconnect
+                self._reconnect(client)  # the process exited, the stream ended or the session expired
             if exc.code == types.CONNECTION_CLOSED:
                 code = UPSTREAM_UNAVAILABLE
             else:
@@ -226,7 +238,7 @@ class McpUpstream:
                 ))
             )
         except Exception as exc:
-            self._broken.set()  # the session is in an unknown state: reconnect
+            self._reconnect(client)  # the session is in an unknown state
             return InvocationResult(
                 FAILED, self.name, credential=credential,
                 error=str(Reason(UPSTREAM_UNAVAILABLE, f"upstream {self.name} failed ({_describe(exc)})")),

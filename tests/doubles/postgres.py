@@ -7,6 +7,11 @@ authentication, fsync off (tests do not need durability across power loss).
     server = PostgresServer.shared()        # started once per test process
     dsn = server.new_database()             # a fresh, empty database per test
 
+A server configured like a deployment's (tests/test_deploy_tls.py) also listens
+on 127.0.0.1:`tcp_port`, takes `settings` as `-c name=value` (ssl, hba_file,
+...), and gives the superuser `password` at initdb, as the postgres image does
+with POSTGRES_PASSWORD; its own DSNs then carry the password.
+
 initdb refuses to run as root, so as root the server runs as the `postgres`
 system user (created by the Debian package) through `runuser`. `make test`
 installs the package (Makefile target `system-deps`).
@@ -51,7 +56,8 @@ class PostgresServer:
     _shared: "PostgresServer | None" = None
     _lock = threading.Lock()
 
-    def __init__(self) -> None:
+    def __init__(self, *, tcp_port: int | None = None, settings: dict[str, str] | None = None,
+                 password: str | None = None) -> None:
         bindir = find_bindir()
         if bindir is None:
             raise PostgresUnavailable(
@@ -62,7 +68,11 @@ class PostgresServer:
         self.dir = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
         self.data = self.dir / "data"
         self.socket_dir = self.dir
-        self.port = 20000 + secrets.randbelow(40000)  # names the socket file only: no TCP listener
+        # Without tcp_port, the port names the socket file only: no TCP listener.
+        self.port = tcp_port or 20000 + secrets.randbelow(40000)
+        self.tcp = tcp_port is not None
+        self.settings = dict(settings or {})
+        self.password = password
         self._as_user: list[str] = []
         if os.geteuid() == 0:
             self._as_user = ["runuser", "-u", "postgres", "--"]
@@ -79,14 +89,22 @@ class PostgresServer:
         return result
 
     def start(self) -> "PostgresServer":
+        password_file = []
+        if self.password is not None:
+            (self.dir / "pwfile").write_text(self.password + "\n")
+            if self._as_user:
+                shutil.chown(self.dir / "pwfile", "postgres", "postgres")
+            password_file = [f"--pwfile={self.dir / 'pwfile'}"]
         self._run(
             str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
-            "-E", "UTF8", "--locale=C", "--no-sync",
+            "-E", "UTF8", "--locale=C", "--no-sync", *password_file,
         )
+        listen = "127.0.0.1" if self.tcp else ""
         options = (
-            f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' -c fsync=off "
+            f"-k {self.socket_dir} -p {self.port} -c listen_addresses='{listen}' -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
         )
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._options = options
         self.resume()
         return self
@@ -115,7 +133,8 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def dsn(self, dbname: str = "postgres") -> str:
-        return f"host={self.socket_dir} port={self.port} user={SUPERUSER} dbname={dbname}"
+        password = f" password={self.password}" if self.password is not None else ""
+        return f"host={self.socket_dir} port={self.port} user={SUPERUSER} dbname={dbname}{password}"
 
     def new_database(self) -> str:
         """Create an empty database and return its DSN."""

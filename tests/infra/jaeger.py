@@ -16,6 +16,9 @@ stop()/start().
         jaeger.stop(); jaeger.start()                    # an outage; same ports
         jaeger.pause(); jaeger.resume()                  # SIGSTOP/SIGCONT: a collector that hangs
 
+`otlp_tls` serves both OTLP receivers over TLS, with the `tls` block a
+collector's config would give them (cert_file, key_file, client_ca_file, ...).
+
 `log_spans=True` adds Jaeger's `debug` exporter (verbosity normal) beside the
 storage exporter: every span its pipeline receives is logged as one line
 `<name> <trace id> <span id> ...`, in `jaeger.log`, kept across restarts.
@@ -181,6 +184,7 @@ class Jaeger:
         ports: dict[str, int] | None = None,  # fixed ports by PORT_NAMES name; the others are free ones
         start_timeout: float = 90.0,
         stop_timeout: float = 15.0,
+        otlp_tls: dict[str, Any] | None = None,  # the OTLP receivers' `tls` block (configtls), as a collector's
     ):
         if storage not in ("memory", "badger"):
             raise ValueError("storage must be 'memory' or 'badger'")
@@ -192,6 +196,7 @@ class Jaeger:
         self.log_spans = log_spans
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.otlp_tls = otlp_tls
         self.config_path = self.dir / "config.yaml"
         self.log_path = self.dir / "jaeger.log"
         self._fixed_ports = dict(ports or {})
@@ -246,6 +251,7 @@ class Jaeger:
         if self.log_spans:
             exporters["debug"] = {"verbosity": "normal"}
         host = "127.0.0.1"
+        tls = {"tls": self.otlp_tls} if self.otlp_tls else {}
         return {
             "service": {
                 "extensions": ["jaeger_storage", "jaeger_query"],
@@ -265,8 +271,8 @@ class Jaeger:
             "receivers": {
                 "otlp": {
                     "protocols": {
-                        "grpc": {"endpoint": f"{host}:{self.ports['otlp_grpc']}"},
-                        "http": {"endpoint": f"{host}:{self.ports['otlp_http']}"},
+                        "grpc": {"endpoint": f"{host}:{self.ports['otlp_grpc']}", **tls},
+                        "http": {"endpoint": f"{host}:{self.ports['otlp_http']}", **tls},
                     }
                 }
             },
