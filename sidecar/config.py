@@ -725,16 +725,14 @@ def _validate_dsn(dsn: str, key: str, allow_plaintext: bool, what: str, harm: st
     host from its file, so it needs a verifying sslmode too."""
     import itertools
 
-    from psycopg import pq
+    from sidecar.pgconninfo import effective_conninfo
 
     try:
-        given = {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.parse(dsn.encode()) if o.val}
-    except Exception:  # its message may quote the string, password included
-        raise ConfigError(f"{key}: not a libpq connection string or postgresql:// URL") from None
+        effective = effective_conninfo(dsn)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     if allow_plaintext:
         return
-    defaults = {o.keyword.decode(): o.val.decode() for o in pq.Conninfo.get_defaults() if o.val}
-    effective = {**defaults, **given}
     sslmode = effective.get("sslmode", "prefer")
     if sslmode in ("verify-ca", "verify-full"):
         return

@@ -208,6 +208,26 @@ async def test_an_unreachable_database_raises_and_health_says_why():
         await counter.aclose()
 
 
+async def test_the_message_names_the_server_the_pg_variables_pick(monkeypatch):
+    """dsn "" (the example's: PG* variables only): the refusal and the health detail name the server libpq
+    was sent to, as the config's plaintext rule read it, never a default libpq did not use."""
+    monkeypatch.setenv("PGHOST", "/tmp/no-such-postgres-dir")
+    monkeypatch.setenv("PGPORT", "2")
+    monkeypatch.setenv("PGDATABASE", "usage")
+    monkeypatch.setenv("PGPASSWORD", "s3cret-pw")
+    counter = postgres("", Clock(), timeout_ms=300)
+    await counter.open()
+    try:
+        with pytest.raises(UsageUnavailable) as info:
+            await counter.count(SUBJECT, "send_email", "")
+        assert "postgres /tmp/no-such-postgres-dir:2/usage" in str(info.value)
+        ok, detail = counter.health()
+        assert not ok and "/tmp/no-such-postgres-dir:2/usage" in detail
+        assert "s3cret-pw" not in str(info.value) + detail
+    finally:
+        await counter.aclose()
+
+
 async def test_memory_fallback_counts_while_the_database_is_down():
     fallback = MemoryCounter(window_seconds=60, max_tracked=100, clock=Clock())
     counter = postgres("host=/tmp/no-such-postgres-dir port=1 user=x dbname=x", Clock(), timeout_ms=300,

@@ -497,14 +497,9 @@ class PostgresStore(_SqlStore):
         self._schema_lock = threading.Lock()
 
     def describe(self) -> str:
-        try:
-            from psycopg.conninfo import conninfo_to_dict
+        from sidecar.pgconninfo import where
 
-            info = conninfo_to_dict(self.dsn)
-            where = f"{info.get('host', 'default host')}:{info.get('port', '5432')}/{info.get('dbname', '')}"
-        except Exception:
-            where = "(dsn)"
-        return f"postgres {where}"
+        return f"postgres {where(self.dsn)}"
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)

@@ -39,8 +39,8 @@ from typing import Any, Callable
 
 import psycopg
 import psycopg_pool
-from psycopg.conninfo import conninfo_to_dict
 
+from sidecar.pgconninfo import where
 from sidecar.policy.input import Usage
 from sidecar.usage import UsageCounter, UsageUnavailable
 
@@ -114,11 +114,7 @@ class PostgresCounter:
         self._last_error: str | None = None
 
     def describe(self) -> str:
-        try:
-            info = conninfo_to_dict(self._dsn)
-        except Exception:
-            return "postgres (dsn)"
-        return f"postgres {info.get('host', 'default host')}:{info.get('port', '5432')}/{info.get('dbname', '')}"
+        return f"postgres {where(self._dsn)}"
 
     async def __aenter__(self) -> "PostgresCounter":
         try:
