@@ -164,7 +164,11 @@ def opa_children() -> set[int]:
     """This process's child processes that run OPA."""
     found = set()
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # that thread ended meanwhile (an executor's, the evidence writer's)
+            continue
+        for child in children:
             try:
                 if "opa" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode():
                     found.add(int(child))
