@@ -117,8 +117,14 @@ async def test_gogc_reaches_opas_go_runtime_only_when_set(tmp_path, socket_dir, 
 
 
 def scheduling_policies(pid: int) -> set[int]:
-    """The scheduling policy of every thread of `pid` (os.SCHED_*)."""
-    return {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+    """The scheduling policy of every thread of `pid` (os.SCHED_*) that is still there once asked."""
+    policies = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            policies.add(os.sched_getscheduler(int(task.name)))
+        except ProcessLookupError:  # that thread ended since the listing
+            continue
+    return policies
 
 
 @pytest.mark.parametrize("batch, policy", [(True, os.SCHED_BATCH), (False, os.SCHED_OTHER)])
