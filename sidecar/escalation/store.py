@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from sidecar.escalation import APPROVED, EXPIRED, PENDING, STATES, USED, EscalationRecord, StoreError
+from sidecar.pgconninfo import where
 from sidecar.sqlitedb import connect_durable, database_files
 
 log = logging.getLogger(__name__)
@@ -490,6 +491,7 @@ class PostgresStore(_SqlStore):
     def __init__(self, dsn: str, *, timeout_ms: int = 5000, pool_size: int = 4):
         super().__init__()
         self.dsn = dsn
+        self._where = f"postgres {where(dsn)}"  # the PG* variables are the process's: read once
         self._timeout_ms = timeout_ms
         self._pool_size = pool_size
         self._pool: Any = None
@@ -497,9 +499,7 @@ class PostgresStore(_SqlStore):
         self._schema_lock = threading.Lock()
 
     def describe(self) -> str:
-        from sidecar.pgconninfo import where
-
-        return f"postgres {where(self.dsn)}"
+        return self._where
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)

@@ -101,6 +101,7 @@ class PostgresCounter:
         clock: Callable[[], float] = time.time,
     ):
         self._dsn = dsn
+        self._where = f"postgres {where(dsn)}"  # the PG* variables are the process's: read once
         self._window = window_seconds
         self._task_idle = task_idle_seconds
         self._timeout = timeout_ms / 1000
@@ -114,7 +115,7 @@ class PostgresCounter:
         self._last_error: str | None = None
 
     def describe(self) -> str:
-        return f"postgres {where(self._dsn)}"
+        return self._where
 
     async def __aenter__(self) -> "PostgresCounter":
         try:
