@@ -123,15 +123,82 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
     assert [d["spiffe_id"] for d in approval["delegation"]] == [ORCHESTRATOR]
 
 
-async def test_on_the_pod_socket_an_approver_without_a_token_is_the_pod_itself(world):
+async def _refusal(attempt) -> ApprovalsError:
+    try:
+        await attempt
+    except ApprovalsError as exc:
+        return exc
+    raise AssertionError("the pod identity was answered")
+
+
+async def _first_watched(approvals: ApprovalsClient) -> dict:
+    async for escalation in approvals.watch():
+        return escalation
+    raise AssertionError("Watch ended without an answer")
+
+
+async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, running_sidecar):
+    """On the pod's unix socket every process of the agent's pod is the pod identity (workload_api), the
+    agent included. Listed as an approver (as here: SIDECAR_ID), it let the planner, which escalates with its
+    own JWT-SVID, drop the token and approve its own call, then run it; listed as a console, it let the agent
+    relay any person. Now the pod identity is refused on every Approvals call outside dev mode
+    (approver_not_verified), recorded, and the agent can only await its own escalation."""
     agent, sidecar = world
     unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
-    async with AsyncClient(unix) as pod:  # the workload_api identity: the pod's own SVID
-        escalated = await pod.authorize("send_email", EMAIL)
-    async with ApprovalsClient(unix) as same_pod:
-        with pytest.raises(ApprovalsError) as info:
-            await same_pod.approve(escalated.escalation_id)
-    assert info.value.code == "self_approval" and SIDECAR_ID in info.value.message
+    token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    async with AsyncClient(unix) as pod:  # the pod's own call: its own subject
+        own = (await pod.authorize("send_email", EMAIL)).escalation_id
+    async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
+        escalated = await planner.authorize("send_email", EMAIL)
+    assert escalated.outcome == "escalate", escalated.reasons
+    eid = escalated.escalation_id
+
+    async with ApprovalsClient(unix) as pod:
+        for name, attempt in {
+            "approve the planner's call": pod.approve(eid, note="me"),
+            "deny it": pod.deny(eid, note="me"),
+            "approve its own call": pod.approve(own),
+            "relay a person": pod.approve(eid, approver="email:bob@example.org"),
+            "list": pod.list(),
+            "get": pod.get(eid),
+            "watch": _first_watched(pod),
+        }.items():
+            refusal = await _refusal(attempt)
+            assert (refusal.status, refusal.code) == ("PERMISSION_DENIED", "approver_not_verified"), (name, refusal)
+            assert "pod identity" in refusal.message and SIDECAR_ID in refusal.message, name
+    async with AsyncClient(unix) as pod:  # AwaitDecision is the agent's own: still open to it for its own call
+        assert (await pod.await_decision(own, timeout=0)).state == "pending"
+
+    async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
+        retry = await planner.authorize("send_email", EMAIL, escalation_id=eid)
+    assert retry.outcome == "escalate", retry.reasons  # nothing was approved
+    async with ApprovalsClient(unix, metadata=bearer(token(ALICE))) as alice:  # a presented credential decides
+        assert (await alice.approve(eid, note="checked"))["approver"] == ALICE
+    refused = [r for r in records(tmp_path / "evidence")
+               if r["kind"] in ("approval", "human_denial") and r["outcome"] == "refused"]
+    assert [r["reasons"][0].split(":")[0] for r in refused] == ["approver_not_verified"] * 4
+
+    # The pod identity named as a console: a pod caller relaying a person is refused all the same.
+    as_console = make_config(tmp_path / "console", **{
+        "listen.unix": unix.removeprefix("unix:") + "2",
+        "identity.sources": ["workload_api", "jwt_svid"],
+        "identity.workload_api_socket": f"unix://{agent.socket_path}",
+        "identity.jwt_audience": AUD,
+        "identity.max_delegation_links": 0,
+        "escalation.approvers": ["email:*@example.org"],
+        "escalation.console_identities": [SIDECAR_ID],
+    })
+    second = await running_sidecar(as_console)
+    second_unix = next(a for a in second.addresses if a.startswith("unix:"))
+    await until_serving(second.addresses[0])
+    async with AsyncClient(second_unix, metadata=bearer(token(PLANNER))) as planner:
+        # with workload_api first, the planner's token on the unix socket is the pod's call
+        eid = (await planner.authorize("send_email", EMAIL)).escalation_id
+    async with ApprovalsClient(second_unix, metadata=bearer(token(CONSOLE))) as pod_as_console:
+        refusal = await _refusal(pod_as_console.approve(eid, approver="email:bob@example.org"))
+        assert refusal.code == "approver_not_verified", refusal
+        refusal = await _refusal(pod_as_console.list(approver="email:bob@example.org"))
+        assert refusal.code == "approver_not_verified", refusal
 
 
 async def test_approval_is_a_human_act_workloads_only_when_named_exactly(world):

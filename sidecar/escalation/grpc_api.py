@@ -1,8 +1,10 @@
 """The gRPC face of escalations: ToolGate.AwaitDecision and the Approvals service.
 
 Approvers are callers like any other: their identity comes from the same
-resolver as an agent's (Workload API, mTLS, JWT-SVID), through the
-servicer's `peer_info`. The request's `approver` field is honoured only
+resolver as an agent's (mTLS, JWT-SVID), through the servicer's `peer_info`,
+but outside dev mode never the pod identity of the unix socket
+(`workload_api`, which the agent shares: `_approvals_caller`). The request's
+`approver` field is honoured only
 
 - in dev mode (identity.sources == [dev]), where it names the approver, or
 - from a caller listed in escalation.console_identities (the web console
@@ -208,8 +210,25 @@ class EscalationApi:
             raise EscalationRefused(UNVERIFIED_CALLER, caller.reason, "UNAUTHENTICATED")
         return caller
 
-    def approver_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
+    def _approvals_caller(self, context: grpc.aio.ServicerContext) -> CallerIdentity:
+        """The verified caller of an Approvals call (deciding or reading): outside dev mode never the pod
+        identity. `workload_api` gives every caller on the pod's unix socket the pod's SVID, so it names
+        whichever process of the agent's pod called, the agent included: listed as an approver or a console,
+        it would let the agent approve its own calls (or relay any person) and read every escalation in full.
+        An approver or a console presents a credential of its own (JWT-SVID, client certificate)."""
         caller = self._caller(context)
+        if not self.dev_mode and caller.subject.source == "workload_api":
+            raise EscalationRefused(
+                APPROVER_NOT_VERIFIED,
+                f"{caller.subject.spiffe_id} is the pod identity of the sidecar's unix socket (workload_api), "
+                "which every process in the agent's pod shares, the agent included; an approver or a console "
+                "presents its own JWT-SVID or client certificate",
+                "PERMISSION_DENIED",
+            )
+        return caller
+
+    def approver_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
+        caller = self._approvals_caller(context)
         claimed = claimed.strip() if isinstance(claimed, str) else ""
         subject = caller.subject
         if self.dev_mode:
@@ -242,7 +261,7 @@ class EscalationApi:
 
     def reader(self, context: grpc.aio.ServicerContext) -> str:
         """Who may read escalations: any verified caller, or only approvers/consoles when approvers are configured."""
-        caller = self._caller(context)
+        caller = self._approvals_caller(context)
         who = caller.subject.spiffe_id
         if not self.dev_mode and self.service.approvers:
             if not (approver_matches(who, self.service.approvers) or who in self.service.console_identities):
