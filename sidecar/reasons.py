@@ -55,7 +55,7 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
     delegation_approval     the approver is in the call's delegation chain
     not_an_approver         the caller is not among escalation.approvers
     approver_not_verified   the approver field was given by a caller not allowed to name one, or the
-                            caller is the pod identity (workload_api), which the agent shares
+                            caller is the pod identity (the sidecar's own ID), which the agent shares
     approver_not_a_person   a console relayed a workload (spiffe://) as the approver
     delegated_approval      an approval sent through a delegation chain
     invalid_approver        the approver field is not an identity

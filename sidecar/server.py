@@ -617,7 +617,8 @@ async def _start(
     )
     http_tools = await stages.enter_async_context(build_http_tools(config))
 
-    escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"])
+    escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"],
+                                   own_spiffe_id=identity_runtime.own_spiffe_id)
     executor = Executor(sink=recorder, instance_id=gate.instance_id)
     servicer = ToolGateServicer(
         gate, identity, escalation_api, executor=executor, http_tools=http_tools, tasks=tasks

@@ -139,10 +139,11 @@ async def _first_watched(approvals: ApprovalsClient) -> dict:
 
 async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, running_sidecar):
     """On the pod's unix socket every process of the agent's pod is the pod identity (workload_api), the
-    agent included. Listed as an approver (as here: SIDECAR_ID), it let the planner, which escalates with its
-    own JWT-SVID, drop the token and approve its own call, then run it; listed as a console, it let the agent
-    relay any person. Now the pod identity is refused on every Approvals call outside dev mode
-    (approver_not_verified), recorded, and the agent can only await its own escalation."""
+    agent included, and any of them may fetch it from the Workload API as a JWT-SVID too. Listed as an
+    approver (as here: SIDECAR_ID), it let the planner, which escalates with its own JWT-SVID, drop the token
+    (or present the pod's) and approve its own call, then run it; listed as a console, it let the agent relay
+    any person. Now the pod identity, the sidecar's own, is refused on every Approvals call outside dev mode
+    however it is presented (approver_not_verified), recorded, and the agent can only await its own escalation."""
     agent, sidecar = world
     unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
     token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
@@ -153,19 +154,25 @@ async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, 
     assert escalated.outcome == "escalate", escalated.reasons
     eid = escalated.escalation_id
 
-    async with ApprovalsClient(unix) as pod:
-        for name, attempt in {
-            "approve the planner's call": pod.approve(eid, note="me"),
-            "deny it": pod.deny(eid, note="me"),
-            "approve its own call": pod.approve(own),
-            "relay a person": pod.approve(eid, approver="email:bob@example.org"),
-            "list": pod.list(),
-            "get": pod.get(eid),
-            "watch": _first_watched(pod),
-        }.items():
-            refusal = await _refusal(attempt)
-            assert (refusal.status, refusal.code) == ("PERMISSION_DENIED", "approver_not_verified"), (name, refusal)
-            assert "pod identity" in refusal.message and SIDECAR_ID in refusal.message, name
+    # On the unix socket without a token; and with the pod's own JWT-SVID, which SPIRE hands any container
+    # of the pod that asks its Workload API (registered for the pod): here minted by the same fake agent.
+    tcp = sidecar.addresses[0]
+    for way, (address, metadata) in {"workload_api": (unix, None),
+                                     "jwt_svid": (tcp, bearer(token(SIDECAR_ID)))}.items():
+        async with ApprovalsClient(address, metadata=metadata) as pod:
+            for name, attempt in {
+                "approve the planner's call": pod.approve(eid, note="me"),
+                "deny it": pod.deny(eid, note="me"),
+                "approve its own call": pod.approve(own),
+                "relay a person": pod.approve(eid, approver="email:bob@example.org"),
+                "list": pod.list(),
+                "get": pod.get(eid),
+                "watch": _first_watched(pod),
+            }.items():
+                refusal = await _refusal(attempt)
+                assert (refusal.status, refusal.code) == ("PERMISSION_DENIED", "approver_not_verified"), \
+                    (way, name, refusal)
+                assert f"{SIDECAR_ID} ({way}) is the pod identity" in refusal.message, (way, name)
     async with AsyncClient(unix) as pod:  # AwaitDecision is the agent's own: still open to it for its own call
         assert (await pod.await_decision(own, timeout=0)).state == "pending"
 
@@ -176,7 +183,7 @@ async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, 
         assert (await alice.approve(eid, note="checked"))["approver"] == ALICE
     refused = [r for r in records(tmp_path / "evidence")
                if r["kind"] in ("approval", "human_denial") and r["outcome"] == "refused"]
-    assert [r["reasons"][0].split(":")[0] for r in refused] == ["approver_not_verified"] * 4
+    assert [r["reasons"][0].split(":")[0] for r in refused] == ["approver_not_verified"] * 8
 
     # The pod identity named as a console: a pod caller relaying a person is refused all the same.
     as_console = make_config(tmp_path / "console", **{

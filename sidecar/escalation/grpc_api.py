@@ -2,8 +2,8 @@
 
 Approvers are callers like any other: their identity comes from the same
 resolver as an agent's (mTLS, JWT-SVID), through the servicer's `peer_info`,
-but outside dev mode never the pod identity of the unix socket
-(`workload_api`, which the agent shares: `_approvals_caller`). The request's
+but outside dev mode never the pod identity (the sidecar's own SPIFFE ID, on
+the unix socket or in an SVID: the agent shares it, `_approvals_caller`). The request's
 `approver` field is honoured only
 
 - in dev mode (identity.sources == [dev]), where it names the approver, or
@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from google.protobuf.struct_pb2 import Struct
@@ -195,10 +195,12 @@ def validate_approver(value: str) -> str:
 class EscalationApi:
     """Resolves who is calling and turns service answers and refusals into gRPC."""
 
-    def __init__(self, service: EscalationService, identity: IdentityResolver, *, dev_mode: bool):
+    def __init__(self, service: EscalationService, identity: IdentityResolver, *, dev_mode: bool,
+                 own_spiffe_id: Callable[[], str | None] = lambda: None):
         self.service = service
         self._identity = identity
         self.dev_mode = dev_mode
+        self._own_spiffe_id = own_spiffe_id  # the sidecar's own SVID's ID now (IdentityRuntime.own_spiffe_id)
 
     # ------------------------------------------------------------- identity
 
@@ -212,17 +214,20 @@ class EscalationApi:
 
     def _approvals_caller(self, context: grpc.aio.ServicerContext) -> CallerIdentity:
         """The verified caller of an Approvals call (deciding or reading): outside dev mode never the pod
-        identity. `workload_api` gives every caller on the pod's unix socket the pod's SVID, so it names
-        whichever process of the agent's pod called, the agent included: listed as an approver or a console,
-        it would let the agent approve its own calls (or relay any person) and read every escalation in full.
-        An approver or a console presents a credential of its own (JWT-SVID, client certificate)."""
+        identity. `workload_api` gives every caller on the pod's unix socket the pod's SVID, which is the
+        sidecar's own, and SPIRE registers the pod for it, so any container of the agent's pod can also fetch
+        it as an X.509- or JWT-SVID and present it over mTLS or as a token. Whichever way it comes, it names
+        the agent as much as anyone: listed as an approver or a console, it would let the agent approve its
+        own calls (or relay any person) and read every escalation in full. An approver or a console presents
+        a credential of an identity of its own."""
         caller = self._caller(context)
-        if not self.dev_mode and caller.subject.source == "workload_api":
+        who = caller.subject
+        if not self.dev_mode and (who.source == "workload_api" or who.spiffe_id == self._own_spiffe_id()):
             raise EscalationRefused(
                 APPROVER_NOT_VERIFIED,
-                f"{caller.subject.spiffe_id} is the pod identity of the sidecar's unix socket (workload_api), "
-                "which every process in the agent's pod shares, the agent included; an approver or a console "
-                "presents its own JWT-SVID or client certificate",
+                f"{who.spiffe_id} ({who.source}) is the pod identity, the sidecar's own, which every process in "
+                "the agent's pod may hold, the agent included; an approver or a console presents a JWT-SVID "
+                "or client certificate of an identity of its own",
                 "PERMISSION_DENIED",
             )
         return caller

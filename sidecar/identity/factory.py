@@ -26,7 +26,7 @@ from sidecar.identity.delegation import DelegationVerifier
 from sidecar.identity.dev import DevIdentityResolver
 from sidecar.identity.jwt_svid import MAX_TOKEN_BYTES, JwtSvidResolver, JwtSvidValidator
 from sidecar.identity.mtls import MtlsResolver, SvidServerCredentials
-from sidecar.identity.workload_api import WorkloadApiResolver, WorkloadApiSource
+from sidecar.identity.workload_api import SvidUnavailable, WorkloadApiResolver, WorkloadApiSource
 
 # grpc refuses metadata over 8 KiB by default (RESOURCE_EXHAUSTED before the
 # servicer runs, so nothing is recorded). Room for an 8 KiB token plus a
@@ -47,6 +47,18 @@ class IdentityRuntime:
     def __iter__(self) -> Iterator:
         """`resolver, server_credentials = build_identity(...)` works too."""
         return iter((self.resolver, self.server_credentials))
+
+    def own_spiffe_id(self) -> str | None:
+        """The SPIFFE ID of the sidecar's own X.509-SVID now; None in dev mode or while it holds none.
+
+        With `workload_api` SPIRE registers the pod, so every container of the agent's pod can fetch
+        this identity (as an X.509- or a JWT-SVID) from its own Workload API: it is the agent's too."""
+        if self.source is None:
+            return None
+        try:
+            return self.source.x509().spiffe_id
+        except SvidUnavailable:
+            return None
 
     def close(self) -> None:
         if self.source is not None:
