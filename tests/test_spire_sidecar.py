@@ -28,10 +28,12 @@ from typing import Callable
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 
 from sidecar.client import AsyncClient, JwtSvidAuth, SpiffeMtls, delegated_by
+from sidecar.escalation.client import ApprovalsClient, ApprovalsError
 from sidecar.config import Config, load_config
 from sidecar.identity.delegation import link_audience
 from tests.conftest import write_policy
@@ -158,7 +160,7 @@ def register_sidecar(agent: SpireAgent, **options) -> None:
     agent.register(SIDECAR_PATH, *own_process_selectors(), dns=(SIDECAR_DNS,), **options)
 
 
-def sidecar_settings(tmp_path: Path, agent: SpireAgent, **identity) -> Config:
+def sidecar_settings(tmp_path: Path, agent: SpireAgent, overrides: dict | None = None, **identity) -> Config:
     sock = Path(agent.server.directory) / f"sc-{tmp_path.name[-12:]}"
     sock.mkdir(exist_ok=True)
     settings = {
@@ -179,6 +181,7 @@ def sidecar_settings(tmp_path: Path, agent: SpireAgent, **identity) -> Config:
         "escalation.approvers": ["email:*@example.org"],
     }
     settings.update({f"identity.{k}": v for k, v in identity.items()})
+    settings.update(overrides or {})
     return load_config(None, settings)
 
 
@@ -339,6 +342,73 @@ async def test_the_agent_side_client_library_with_spire(node, sidecar):
         jwt_source.close()
     with pytest.raises(TypeError, match="JwtSource or WorkloadApiClient, not X509Source"):
         JwtSvidAuth(AUD, source=source)
+
+
+# Escalates every call; allows a call that carries an approval.
+APPROVAL_POLICY = """\
+    package sidecar
+
+    default decision := {"outcome": "escalate", "reasons": ["needs_person: a person decides"], "obligations": {}}
+
+    decision := {"outcome": "allow", "reasons": ["approved"], "obligations": {}} if input.approval != null
+"""
+
+
+async def test_the_pod_identity_spire_gives_every_container_never_approves(node, tmp_path, running_sidecar):
+    """SPIRE registers the pod for the sidecar's identity, so every process of the pod, the agent included,
+    gets it from its Workload API (here this process, which the registration matches as it does the
+    sidecar): it is the caller on the unix socket, and it is what an X.509-SVID over mTLS or a JWT-SVID
+    of its own names. Even listed in escalation.approvers it never decides, relays nor reads an escalation
+    (approver_not_verified); the planner's own call is decided by a person with an identity of their own."""
+    agent, callers = node
+    approver = agent.workload("approver")
+    agent.register("/humans/approver-bot", *approver.selectors)
+    approver.wait_for_identity()
+    started = await running_sidecar(sidecar_settings(tmp_path, agent, overrides={
+        "policy.dir": str(write_policy(tmp_path / "approval-rego", APPROVAL_POLICY)),
+        "escalation.approvers": [SIDECAR_ID, f"spiffe://{TD}/humans/approver-bot"],
+        "escalation.console_identities": [SIDECAR_ID],
+    }))
+    await wait_health(started, health_pb2.HealthCheckResponse.SERVING)
+    planner = bearer(callers["planner"].fetch_jwt(AUD))
+    async with AsyncClient(unix_target(started), metadata=planner) as client:
+        escalated = await client.authorize("send_email", {"to": "cfo@example.com"})
+    assert escalated.outcome == "escalate", escalated.reasons
+
+    with WorkloadApiClient(agent.endpoint) as workload_api:
+        own_jwt = workload_api.fetch_jwt_svid(audience={AUD}).token
+        own = workload_api.fetch_x509_svid()
+        bundle = workload_api.fetch_x509_bundles().get_bundle_for_trust_domain(own.spiffe_id.trust_domain)
+    pem = serialization.Encoding.PEM
+    mtls = grpc.ssl_channel_credentials(
+        b"".join(ca.public_bytes(pem) for ca in bundle.x509_authorities),
+        own.private_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        b"".join(cert.public_bytes(pem) for cert in own.cert_chain),
+    )
+    ways = {
+        "workload_api": ApprovalsClient(unix_target(started)),
+        "jwt_svid": ApprovalsClient(unix_target(started), metadata=bearer(own_jwt)),
+        "mtls": ApprovalsClient(tls_target(started), credentials=mtls,
+                                options=[("grpc.ssl_target_name_override", SIDECAR_DNS)]),
+    }
+    for way, pod in ways.items():
+        async with pod:
+            for name, attempt in {"approve": pod.approve(escalated.escalation_id, note="me"),
+                                  "relay a person": pod.approve(escalated.escalation_id, approver="email:a@example.org"),
+                                  "list": pod.list()}.items():
+                with pytest.raises(ApprovalsError) as info:
+                    await attempt
+                assert info.value.code == "approver_not_verified", (way, name, info.value)
+                assert f"{SIDECAR_ID} ({way}) is the pod identity" in info.value.message, (way, name)
+
+    async with AsyncClient(unix_target(started), metadata=planner) as client:
+        assert (await client.authorize("send_email", {"to": "cfo@example.com"},
+                                       escalation_id=escalated.escalation_id)).outcome == "escalate"
+    async with ApprovalsClient(unix_target(started), metadata=bearer(approver.fetch_jwt(AUD))) as person:
+        await person.approve(escalated.escalation_id, note="checked")
+    async with AsyncClient(unix_target(started), metadata=planner) as client:
+        assert (await client.authorize("send_email", {"to": "cfo@example.com"},
+                                       escalation_id=escalated.escalation_id)).outcome == "allow"
 
 
 async def test_the_sidecar_starts_before_the_agent_and_serves_once_it_is_up(
