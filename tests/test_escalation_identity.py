@@ -8,13 +8,26 @@ JWT-SVIDs. The agent (planner) calls on behalf of an orchestrator
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import time
+
+import jwt
 import pytest
 
 from sidecar.client import AsyncClient, delegated_by
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError
 from sidecar.identity.delegation import link_audience
 from tests.doubles.escalation import make_config, records
-from tests.doubles.identity_harness import bearer, fake_agent, remove_dir, short_dir, until_serving
+from tests.doubles.identity_harness import (
+    SIDECAR_DNS,
+    bearer,
+    client_credentials,
+    fake_agent,
+    remove_dir,
+    short_dir,
+    until_serving,
+)
 
 SIDECAR_ID = "spiffe://example.org/ns/agents/sa/sidecar"
 AUD = SIDECAR_ID
@@ -206,6 +219,63 @@ async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, 
         assert refusal.code == "approver_not_verified", refusal
         refusal = await _refusal(pod_as_console.list(approver="email:bob@example.org"))
         assert refusal.code == "approver_not_verified", refusal
+
+
+async def test_a_watch_stream_ends_when_the_credential_that_opened_it_does(world):
+    """Watch checked its reader once, as the stream opened: a JWT-SVID valid for seconds kept a stream of
+    every escalation (subject, tool, intent, argument preview) flowing for as long as the connection
+    lasted, where any new call with that token was refused. Now each escalation goes only to a reader
+    whose credential still verifies: past the token's exp the stream ends, unverified_caller."""
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    planner = bearer(agent.jwt_authority.mint(PLANNER, AUD))
+    short = agent.jwt_authority.mint(ALICE, AUD, ttl=3)
+    expires_at = jwt.decode(short, options={"verify_signature": False})["exp"]
+    async with ApprovalsClient(sidecar.addresses[0], metadata=bearer(short)) as alice, \
+            AsyncClient(unix, metadata=planner) as agent_client:
+        stream = alice.watch()
+        first = await agent_client.authorize("send_email", EMAIL)
+        assert (await anext(stream))["escalation_id"] == first.escalation_id  # read while the token is good
+        await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.5)
+        later = await agent_client.authorize("send_email", {**EMAIL, "body": "after the token expired"})
+        assert later.outcome == "escalate", later.reasons
+        with pytest.raises(ApprovalsError) as info:
+            leaked = await anext(stream)
+            raise AssertionError(f"sent to an expired token: {leaked}")
+        assert (info.value.status, info.value.code) == ("UNAUTHENTICATED", "unverified_caller"), info.value
+        assert "the token expired at" in info.value.message
+        with pytest.raises(ApprovalsError) as again:  # as a new call with the same token is
+            await alice.list()
+        assert again.value.code == "unverified_caller"
+
+
+async def test_a_watch_stream_ends_when_its_client_certificate_expires(world, tmp_path, running_sidecar):
+    """The same over mutual TLS: the connection outlives the client certificate it was opened with."""
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    mtls = await running_sidecar(make_config(tmp_path / "mtls", **{
+        "listen.unix": unix.removeprefix("unix:") + "-mtls",
+        "identity.sources": ["mtls", "workload_api"],
+        "identity.workload_api_socket": f"unix://{agent.socket_path}",
+        "identity.max_delegation_links": 0,
+        "escalation.approvers": [ALICE],
+    }))
+    pod_socket = next(a for a in mtls.addresses if a.startswith("unix:"))
+    await until_serving(pod_socket)  # the TCP listener serves mutual TLS only
+    short = agent.ca.issue("/humans/alice", ttl=3.0)
+    async with ApprovalsClient(mtls.addresses[0], credentials=client_credentials(short, agent.ca.bundle_pem()),
+                               options=[("grpc.ssl_target_name_override", SIDECAR_DNS)]) as alice:
+        stream = alice.watch()
+        async with AsyncClient(pod_socket) as pod:
+            first = await pod.authorize("send_email", EMAIL)
+            assert (await anext(stream))["escalation_id"] == first.escalation_id
+            delay = (short.cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds() + 0.5
+            await asyncio.sleep(max(delay, 0.0))
+            assert (await pod.authorize("send_email", {**EMAIL, "body": "later"})).outcome == "escalate"
+        with pytest.raises(ApprovalsError) as info:
+            leaked = await anext(stream)
+            raise AssertionError(f"sent over an expired client certificate: {leaked}")
+    assert info.value.code == "unverified_caller" and "while its connection stayed open" in info.value.message
 
 
 async def test_approval_is_a_human_act_workloads_only_when_named_exactly(world):

@@ -409,14 +409,18 @@ class EscalationApi:
         return self._proto(record)
 
     async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[sidecar_pb2.Escalation]:
+        """The escalations, then every change, each sent only to a reader `reader` admits at that moment:
+        a stream outlives the credential that opened it (a JWT-SVID past its `exp`, a client certificate
+        that expired on the open connection), so the stream ends the moment that credential no longer
+        verifies, as a new call with it would be refused."""
         await self.malformed(context, request)
         try:
             self.reader(context)
+            async for record in self.service.watch(PROTO_TO_STATE.get(request.state, "")):
+                self.reader(context)
+                yield self._proto(record)
         except EscalationRefused as refusal:
             await self.abort(context, refusal)
-        try:
-            async for record in self.service.watch(PROTO_TO_STATE.get(request.state, "")):
-                yield self._proto(record)
         except StoreError as exc:
             await self.unavailable(context, exc)
 
