@@ -5,6 +5,7 @@ tools and every call is denied and recorded. Workload API: tests/doubles/fake_wo
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from sidecar.config import load_config
+from sidecar.escalation.client import ApprovalsClient
 from sidecar.identity.delegation import link_audience
 from tests.conftest import LOADED_MACHINE, write_policy
 from tests.doubles.identity_harness import fake_agent, remove_dir, short_dir
@@ -165,3 +167,67 @@ async def test_two_authorization_headers_are_refused_not_one_picked(world):
     assert not seen.calls
     record = decisions(evidence)[-1]
     assert record["outcome"] == "deny" and record["subject"] is None
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_call_approved_while_the_gateway_waits_is_decided_on_the_caller_as_it_is_then(
+        tmp_path, running_sidecar, mode):
+    """With elicitation the gateway waits for the approver inside the agent's tools/call, then decides the
+    call again as its approved repeat. It did so on the identity it had resolved before the wait: a JWT-SVID
+    that expired meanwhile still ran the call. Now the caller is verified again from the request before
+    the repeat is decided: an expired token is denied unverified_caller, recorded, and the upstream is not
+    called; the approval stays unused."""
+    from tests.test_mcp_elicitation import User, until_waiting
+
+    sockdir = short_dir()
+    agent = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
+    seen = Seen()
+    upstream = await serve_http(docs_server(seen))
+    approver = "spiffe://example.org/humans/alice"
+    try:
+        config = load_config(None, {
+            **LOADED_MACHINE,
+            "listen.tcp": "127.0.0.1:0",
+            "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
+            "policy.reload": False,
+            "evidence.dir": str(tmp_path / "evidence"),
+            "telemetry.exporter": "none",
+            "identity.sources": ["jwt_svid"],
+            "identity.workload_api_socket": agent.endpoint,
+            "identity.jwt_audience": AUD,
+            "identity.max_delegation_links": 0,
+            "escalation.approvers": [approver],
+            "mcp.listen": "127.0.0.1:0",
+            "mcp.elicitation_wait_seconds": 60,
+            "mcp.upstreams": {"docs": {"url": upstream.url}},
+        })
+        sidecar = await running_sidecar(config)
+        await until_identity(sidecar)
+        short = agent.jwt_authority.mint(PLANNER, AUD, ttl=4)
+        expires_at = json.loads(base64.urlsafe_b64decode(short.split(".")[1] + "=="))["exp"]
+        user = User()
+        http = httpx2.AsyncClient(headers={"authorization": f"Bearer {short}"})
+        async with Client(streamable_http_client(sidecar.mcp.url, http_client=http), elicitation_callback=user,
+                          mode=mode) as client, \
+                ApprovalsClient(sidecar.addresses[0],
+                                metadata=lambda: [("authorization",
+                                                   f"Bearer {agent.jwt_authority.mint(approver, AUD)}")]) as approvals:
+            call = asyncio.create_task(client.call_tool("docs__send", {"to": ["cfo@example.com"], "body": "Q3"}))
+            escalation_id = await until_waiting(approvals, user)
+            await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.5)
+            await approvals.approve(escalation_id, note="fine")
+            try:
+                result = await call
+                answer = result.content[0].text if result.is_error else f"the call ran: {result}"
+            except MCPError as exc:  # the SDK client lists tools after a result (to check its output schema),
+                answer = str(exc)    # refused as unverified too: what ran is told by the approval and the upstream
+            assert "unverified_caller: jwt_svid: the token expired at" in answer, answer
+            assert (await approvals.get(escalation_id))["state"] == "approved"  # not used
+        assert not seen.calls
+        repeat = [r for r in decisions(tmp_path / "evidence") if r.get("escalation_id") == escalation_id][-1]
+        assert repeat["outcome"] == "deny" and repeat["subject"] is None, repeat
+        assert repeat["reasons"][0].startswith("unverified_caller: jwt_svid: the token expired at")
+    finally:
+        await upstream.stop()
+        agent.stop()
+        remove_dir(sockdir)

@@ -335,6 +335,9 @@ class McpGateway:
                 left = self._wait_seconds - (asyncio.get_running_loop().time() - started)  # question and wait together
                 if await elicitation.wait_for_decision(self._escalations, call.escalation_id, left) is None:
                     return self._still_pending(call, verdict)
+                # The repeat is a new decision: its caller is verified again, as it stands after the wait
+                # (a JWT-SVID or client certificate may have expired meanwhile), never taken from before it.
+                identity = self.resolve(self._peer(ctx))
                 verdict = await self._decide(call, identity, parent, "", shape, True)
         return await self._answer(call, identity, verdict)
 
