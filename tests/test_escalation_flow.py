@@ -221,7 +221,8 @@ async def test_an_approval_holds_only_for_the_exact_call(config, running_sidecar
     async with AsyncClient(stranger.addresses[0]) as intruder:
         stolen = await intruder.authorize("send_email", EMAIL, task_id="t-1", escalation_id=one.escalation_id)
         assert stolen.outcome == "deny"
-        assert "another subject (spiffe://dev.local/other-agent" in stolen.reasons[0]
+        assert "another subject (spiffe://dev.local/other-agent)" in stolen.reasons[0]
+        assert "spiffe://dev.local/agent" not in stolen.reasons[0]  # whose it is stays untold
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await await_decision(stranger.addresses[0], one.escalation_id)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -221,6 +221,29 @@ async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, 
         assert refusal.code == "approver_not_verified", refusal
 
 
+async def test_another_callers_escalation_id_tells_nothing_of_its_call(world, tmp_path):
+    """A call carrying another subject's escalation id is denied escalation_mismatch; the reason named that
+    escalation's subject, tool, server and task ("another tool ('x', escalated for 'y')"), so whoever got
+    hold of an id (a webhook, a trace, a log line) could read what the call was by presenting it. Now it
+    says only that the escalation is another caller's; the call's own caller still hears every difference."""
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    token = lambda who: agent.jwt_authority.mint(who, AUD)  # noqa: E731
+    async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
+        eid = (await planner.authorize("send_email", EMAIL, task_id="q3-close", server="mail-eu")).escalation_id
+        own = await planner.authorize("send_email", EMAIL, task_id="q4", server="mail-eu", escalation_id=eid)
+    assert own.outcome == "deny" and "another task ('q4', escalated for 'q3-close')" in own.reasons[0]
+    async with AsyncClient(unix, metadata=bearer(token(MALLORY))) as mallory:
+        probe = await mallory.authorize("read_file", {"path": "/x"}, task_id="t", escalation_id=eid)
+    assert probe.outcome == "deny" and probe.reasons[0].startswith(f"escalation_mismatch: escalation {eid} was made "
+                                                                  "for another call"), probe.reasons
+    assert f"another subject ({MALLORY}): the escalation is another caller's" in probe.reasons[0]
+    for secret in (PLANNER, "send_email", "q3-close", "mail-eu", "escalated for"):
+        assert secret not in probe.reasons[0], (secret, probe.reasons)
+    record = next(r for r in records(tmp_path / "evidence") if r.get("decision_id") == probe.decision_id)
+    assert record["outcome"] == "deny" and record["reasons"] == list(probe.reasons)
+
+
 async def test_a_watch_stream_ends_when_the_credential_that_opened_it_does(world):
     """Watch checked its reader once, as the stream opened: a JWT-SVID valid for seconds kept a stream of
     every escalation (subject, tool, intent, argument preview) flowing for as long as the connection

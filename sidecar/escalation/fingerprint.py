@@ -42,10 +42,13 @@ class CallShape:
 
 
 def differences(approved: CallShape, retry: CallShape) -> list[str]:
-    """Human words for how a retry differs from the call that was escalated."""
-    out = []
+    """Human words for how a retry differs from the call that was escalated.
+
+    Another subject's escalation is only said to be another caller's: what that call was (its
+    subject, tool, server, task) is not for whoever presents its id to learn."""
     if retry.subject != approved.subject:
-        out.append(f"another subject ({retry.subject}, escalated for {approved.subject})")
+        return [f"another subject ({retry.subject}): the escalation is another caller's"]
+    out = []
     if retry.delegation != approved.delegation:
         out.append("another delegation chain")
     if retry.tool != approved.tool:
