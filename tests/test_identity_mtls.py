@@ -143,6 +143,22 @@ async def test_expired_certificate_is_refused_at_handshake(env):
 
 
 @pytest.mark.parametrize(
+    "authority",
+    [{"ca": True, "key_cert_sign": True}, {"ca": False, "key_cert_sign": True}, {"ca": False, "crl_sign": True},
+     {"ca": None, "key_cert_sign": True}],
+    ids=["ca", "key-cert-sign", "crl-sign", "key-cert-sign-without-basic-constraints"],
+)
+async def test_a_certificate_that_can_sign_certificates_is_not_a_leaf(env, authority):
+    """X.509-SVID spec 4.3: a leaf is not a CA and sets neither keyCertSign nor cRLSign. Only basic
+    constraints CA:TRUE was refused; a client certificate with keyCertSign or cRLSign (with CA:FALSE, or
+    without basic constraints) was taken as a caller."""
+    reply = await env.call(env.agent.ca.issue("/ns/spire/nested", **authority))
+    assert "subject" not in reply, reply
+    assert reply["denied"].startswith("mtls: client certificate: an X.509-SVID leaf must not "), reply
+    await assert_alive(env)
+
+
+@pytest.mark.parametrize(
     "uris, reason",
     [
         (["spiffe://example.org/a", "spiffe://example.org/b"], "exactly one URI SAN; this certificate has 2"),

@@ -69,6 +69,14 @@ def svid_spiffe_id(cert: x509.Certificate) -> SpiffeIdParts:
             raise SvidError("an X.509-SVID leaf must not be a CA certificate")
     except x509.ExtensionNotFound:
         pass
+    # A certificate that may sign certificates or CRLs is an authority whatever its basic constraints say
+    # (X.509-SVID spec section 4.3: a leaf sets neither keyCertSign nor cRLSign).
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if usage.key_cert_sign or usage.crl_sign:
+            raise SvidError("an X.509-SVID leaf must not be able to sign certificates (keyCertSign or cRLSign)")
+    except x509.ExtensionNotFound:
+        pass
     return parts
 
 

@@ -142,8 +142,12 @@ class TestCa:
         dns_names: tuple[str, ...] = (),
         ttl: float = 3600.0,
         not_before: dt.datetime | None = None,
+        ca: bool | None = False,
+        key_cert_sign: bool = False,
+        crl_sign: bool = False,
     ) -> TestSvid:
-        """An X.509-SVID. `uris` overrides the URI SANs (none, two, ...) for bad-input tests."""
+        """An X.509-SVID. `uris` overrides the URI SANs (none, two, ...) for bad-input tests; `ca` (None: no
+        basic constraints), `key_cert_sign` and `crl_sign` make it an authority, which no SVID leaf may be."""
         sid = spiffe_id or f"spiffe://{self.trust_domain}{path}"
         san_uris = [sid] if uris is None else uris
         key = ec.generate_private_key(ec.SECP256R1())
@@ -162,11 +166,10 @@ class TestCa:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(_now() + dt.timedelta(seconds=ttl))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True, content_commitment=False, key_encipherment=True,
-                    data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+                    data_encipherment=False, key_agreement=True, key_cert_sign=key_cert_sign, crl_sign=crl_sign,
                     encipher_only=False, decipher_only=False,
                 ),
                 critical=True,
@@ -181,6 +184,8 @@ class TestCa:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if ca is not None:
+            builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         cert = builder.sign(signer_key, hashes.SHA256())
         chain = [cert] + ([self.intermediate[0]] if self.intermediate else [])
         return TestSvid(sid, key, chain)
