@@ -104,6 +104,51 @@ async def test_a_lost_escalation_comes_back_pending_and_can_be_approved(config, 
     assert verify_dir(tmp_path / "evidence").ok
 
 
+async def test_a_lost_row_comes_back_as_the_log_last_saw_it_never_pending_again(config, running_sidecar, tmp_path):
+    """The store was mended from the log's `escalation` records alone, so a row lost after it was decided
+    (escalations.db deleted, emptied or put back from an older backup) came back pending: a denial was
+    undone, and an approval already used could be approved again and the call run twice. Now each lost
+    row comes back in the state of the newest record the log holds for it: denied by its approver, used by
+    its decision, expired, or approved (usable once, within its use window); only an undecided one is pending."""
+    cfg = config(**{"escalation.approvers": [ALICE, CFO]})
+    first = await running_sidecar(cfg)
+    async with AsyncClient(first.addresses[0]) as agent, ApprovalsClient(first.addresses[0]) as approvals:
+        denied = (await agent.authorize("send_email", EMAIL, task_id="denied")).escalation_id
+        used = (await agent.authorize("send_email", EMAIL, task_id="used")).escalation_id
+        approved = (await agent.authorize("send_email", EMAIL, task_id="approved")).escalation_id
+        undecided = (await agent.authorize("send_email", EMAIL, task_id="undecided")).escalation_id
+        await approvals.deny(denied, approver=ALICE, note="not during the freeze")
+        await approvals.approve(used, approver=ALICE)
+        await approvals.approve(approved, approver=CFO, note="fine")
+        ran = await agent.authorize("send_email", EMAIL, task_id="used", escalation_id=used)
+        assert ran.outcome == "allow"
+        before = {eid: await approvals.get(eid) for eid in (denied, used, approved, undecided)}
+    await first.stop(grace=0)
+    lose_rows(tmp_path / "escalations.db", denied, used, approved, undecided)
+
+    second = await running_sidecar(cfg)
+    async with AsyncClient(second.addresses[0]) as agent, ApprovalsClient(second.addresses[0]) as approvals:
+        after = {eid: await approvals.get(eid) for eid in before}
+        for eid, was in before.items():
+            for field in ("state", "approver", "note", "decided_at", "subject", "tool", "task_id", "expires_at"):
+                assert after[eid][field] == was[field], (was["task_id"], field)
+        assert [e["escalation_id"] for e in await approvals.list(state="pending")] == [undecided]
+        for eid in (denied, used):
+            with pytest.raises(ApprovalsError) as info:
+                await approvals.approve(eid, approver=CFO)
+            assert info.value.code in ("already_decided", "approval_used"), info.value
+        refused = await agent.authorize("send_email", EMAIL, task_id="denied", escalation_id=denied)
+        assert refused.outcome == "deny" and refused.reasons[0].startswith("escalation_denied: "), refused.reasons
+        assert "not during the freeze" in refused.reasons[0]
+        again = await agent.authorize("send_email", EMAIL, task_id="used", escalation_id=used)
+        assert again.outcome == "deny" and again.reasons[0].startswith("approval_used: "), again.reasons
+        assert ran.decision_id in again.reasons[0]
+        once = await agent.authorize("send_email", EMAIL, task_id="approved", escalation_id=approved)
+        assert once.outcome == "allow", once.reasons
+    await second.stop(grace=0)
+    assert verify_dir(tmp_path / "evidence").ok
+
+
 async def test_a_restart_that_lost_nothing_restores_nothing(config, running_sidecar, tmp_path, caplog):
     cfg = config()
     first = await running_sidecar(cfg)

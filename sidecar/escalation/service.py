@@ -84,10 +84,46 @@ def json_copy(value: Any, what: str) -> Any:
         return None
 
 
-def _restorable(escalation: dict, decision: dict | None, now: float) -> EscalationRecord | None:
-    """The pending row of a new escalation from its `escalation` evidence record and, when found,
-    the decision record it was written with (intent, signals, catalog entry). The unredacted
-    arguments and the preview are not in the log. None when the record lacks what a row needs."""
+# What became of an escalation after its `escalation` record: the records that change its state.
+_TRANSITIONS = {"approval": APPROVED, "human_denial": DENIED, "expiry": EXPIRED}
+
+
+def _later_state(newest_first: list[dict]) -> dict[str, Any]:
+    """The row fields the newest record of a change to one escalation gives, from that escalation's
+    records newest first (none: still pending).
+
+    A transition record (`approval`, `human_denial`, `expiry`) holds the escalation as it left it: its
+    state, approver, note, decision and use-by times. An allowed decision that names the escalation and
+    an approver is its use. Refused attempts change nothing, nor does a decision without an approver."""
+    used: dict | None = None
+    for record in newest_first:
+        kind, outcome = record.get("kind"), record.get("outcome")
+        if kind == "decision" and outcome == "allow" and record.get("approver"):
+            used = used or record
+        elif kind in _TRANSITIONS and outcome == _TRANSITIONS[kind] == record.get("state"):
+            fields = {
+                "state": USED if used is not None and outcome == APPROVED else outcome,
+                "approver": record.get("approver") or "",
+                "approver_via": record.get("approver_via") or "",
+                "note": record.get("note") or "",
+                "decided_at": _time(record.get("decided_at")),
+                "use_by": _time(record.get("use_by")),
+            }
+            if fields["state"] == USED and used is not None:
+                fields.update(used_at=_time(used.get("time")), used_by_decision=used.get("decision_id") or "")
+            return fields
+    return {}
+
+
+def _time(value: Any) -> float | None:
+    return parse_rfc3339(value).timestamp() if isinstance(value, str) and value else None
+
+
+def _restorable(escalation: dict, decision: dict | None, later: dict[str, Any], now: float) -> EscalationRecord | None:
+    """The row of an escalation from its `escalation` evidence record, the decision record it was
+    written with (intent, signals, catalog entry) when found, and what the log says became of it
+    later (`_later_state`: denied, approved, used, expired; nothing: pending). The unredacted
+    arguments and the preview are not in the log. None when the records lack what a row needs."""
     try:
         created_at = parse_rfc3339(escalation["created_at"]).timestamp()
         decided = decision or {}
@@ -112,13 +148,13 @@ def _restorable(escalation: dict, decision: dict | None, now: float) -> Escalati
             span_id=escalation["span_id"],
             created_at=created_at,
             expires_at=parse_rfc3339(escalation["expires_at"]).timestamp(),
-            state=PENDING,
             updated_at=now,
             sidecar=escalation.get("sidecar", ""),
             signals=decided.get("signals"),
             catalog=tool_input.get("catalog"),
             agent_seen_at=created_at,
             restored_at=now,
+            **{"state": PENDING, **later},
         )
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         log.warning("escalations: cannot restore from record %s: %s", escalation.get("escalation_id"), exc)
@@ -228,11 +264,13 @@ class EscalationService:
         return self.store.health()
 
     async def _restore_from_evidence(self) -> None:
-        """Put back the pending escalations whose `escalation` record is in the log but whose row the
-        store lost (a power loss after an unsynced create). Only escalations created within the TTL
-        and after the store's newest change (readback.restore_since) can be lost, so only that
-        window of the log is read. A log that cannot be read is logged and restores nothing: an
-        escalation missing from the store is refused (`escalation_unknown`), never allowed."""
+        """Put back the escalations whose `escalation` record is in the log but whose row the store lost
+        (a power loss after an unsynced create; a store deleted or put back from an older copy), each in
+        the state the log's later records give it (`_later_state`): a denial, an approval, its use or an
+        expiry is never undone into pending. Only escalations created within the TTL and after the
+        store's newest change (readback.restore_since) can be lost, so only that window of the log is
+        read. A log that cannot be read is logged and restores nothing: an escalation missing from the
+        store is refused (`escalation_unknown`), never allowed."""
         if self.store.syncs_new_escalations or self._evidence_reader is None:
             return
         now = self.clock()
@@ -240,22 +278,34 @@ class EscalationService:
         since = restore_since(latest, now, oldest=now - self.ttl)
         try:
             records = await asyncio.to_thread(
-                self._evidence_reader.records_since, since, lambda line: b'"outcome":"escalate"' in line
+                self._evidence_reader.records_since, since, lambda line: b'"escalation_id":"esc-' in line
             )
         except OSError as exc:
             log.error("escalations: could not read the evidence log back to restore lost escalations: %s", exc)
             return
-        decisions = {r.get("decision_id"): r for r in records if r.get("kind") == "decision"}
-        lost = (
-            _restorable(r, decisions.get(r.get("decision_id")), now)
-            for r in records if r.get("kind") == "escalation"
-        )
+        decisions = {r.get("decision_id"): r for r in records
+                     if r.get("kind") == "decision" and r.get("outcome") == "escalate"}
+        by_escalation: dict[Any, list[dict]] = {}
+        for r in records:  # newest first, as read
+            by_escalation.setdefault(r.get("escalation_id"), []).append(r)
+        lost = []
+        for r in records:
+            if r.get("kind") != "escalation":
+                continue
+            try:
+                later = _later_state(by_escalation[r.get("escalation_id")])
+            except (TypeError, ValueError) as exc:  # a time that does not parse: left out, never taken for pending
+                log.warning("escalations: cannot restore %s: its later records do not read: %s",
+                            r.get("escalation_id"), exc)
+                continue
+            lost.append(_restorable(r, decisions.get(r.get("decision_id")), later, now))
         restored = await self.store.restore([record for record in lost if record is not None])
         for record in restored:
             log.warning(
-                "escalations: restored %s (%s by %s, created %s) from its evidence record: the store had lost it "
-                "(a host crash before its commit reached the disk); approvers see its digest, not its arguments",
-                record.id, record.tool, record.subject, iso(record.created_at),
+                "escalations: restored %s (%s by %s, created %s, %s) from its evidence records: the store had "
+                "lost it (a host crash before its commit reached the disk, or a store put back from an older "
+                "copy); approvers see its digest, not its arguments",
+                record.id, record.tool, record.subject, iso(record.created_at), record.state,
             )
 
     # --------------------------------------------------------------- gate side
