@@ -258,6 +258,38 @@ async def test_two_approvers_racing_exactly_one_wins(config, running_sidecar):
     assert (final["state"], final["approver"]) == (winners[0]["state"], winners[0]["approver"])
 
 
+async def test_repeats_racing_through_two_sidecars_run_the_approved_call_exactly_once(config, running_sidecar,
+                                                                                     tmp_path):
+    """An approval is used by one repeat: eight repeats of the approved call sent at once, half through a
+    second sidecar sharing the store, give one allow; the rest are denied approval_used and recorded."""
+    first = await running_sidecar(config())
+    second = await running_sidecar(config(**{"evidence.dir": str(tmp_path / "evidence-2")}))
+    async with AsyncClient(first.addresses[0]) as agent, ApprovalsClient(first.addresses[0]) as approvals:
+        escalated = await agent.authorize("send_email", EMAIL, task_id="t-race")
+        await approvals.approve(escalated.escalation_id, approver=ALICE)
+    agents = [AsyncClient(s.addresses[0]) for s in (first, second) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(
+            a.authorize("send_email", EMAIL, task_id="t-race", escalation_id=escalated.escalation_id)
+            for a in agents
+        ))
+    finally:
+        for a in agents:
+            await a.aclose()
+    outcomes = sorted(r.outcome for r in results)
+    assert outcomes == ["allow"] + ["deny"] * 7, [r.reasons for r in results]
+    allowed = next(r for r in results if r.outcome == "allow")
+    for denied in (r for r in results if r.outcome == "deny"):
+        assert denied.reasons[0].startswith("approval_used: "), denied.reasons
+    async with ApprovalsClient(first.addresses[0]) as approvals:
+        used = await approvals.get(escalated.escalation_id)
+    assert used["state"] == "used"
+    log = records(tmp_path / "evidence") + records(tmp_path / "evidence-2")
+    uses = [r for r in log if r["kind"] == "decision" and r["outcome"] == "allow"
+            and r.get("escalation_id") == escalated.escalation_id]
+    assert [r["decision_id"] for r in uses] == [allowed.decision_id] and uses[0]["approver"] == ALICE
+
+
 async def test_expiry_of_pending_escalations_and_unused_approvals(config, running_sidecar, tmp_path):
     # The TTL leaves a loaded machine time to approve `fresh` below before it lapses too (approving
     # within 0.5 s was a race); the use window is the one waited out.
