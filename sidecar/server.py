@@ -618,7 +618,7 @@ async def _start(
     http_tools = await stages.enter_async_context(build_http_tools(config))
 
     escalation_api = EscalationApi(escalations, identity, dev_mode=config.identity.sources == ["dev"],
-                                   own_spiffe_id=identity_runtime.own_spiffe_id)
+                                   own_spiffe_ids=identity_runtime.own_spiffe_ids)
     executor = Executor(sink=recorder, instance_id=gate.instance_id)
     servicer = ToolGateServicer(
         gate, identity, escalation_api, executor=executor, http_tools=http_tools, tasks=tasks

@@ -189,6 +189,21 @@ async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, 
     async with AsyncClient(unix) as pod:  # AwaitDecision is the agent's own: still open to it for its own call
         assert (await pod.await_decision(own, timeout=0)).state == "pending"
 
+    # A second registration matching the pod: the Workload API gives the sidecar both SVIDs, and the agent
+    # may hold either; the second is refused like the first (it is not listed: an unlisted caller is
+    # refused not_an_approver until the sidecar holds the new SVIDs, then approver_not_verified).
+    sidekick = "spiffe://example.org/ns/agents/sa/pod-sidekick"
+    agent.set_identity("/ns/agents/sa/sidecar", "/ns/agents/sa/pod-sidekick", dns_names=("sidecar.local",))
+    deadline = time.monotonic() + 60
+    async with ApprovalsClient(tcp, metadata=lambda: bearer(token(sidekick))()) as pod:
+        while (refusal := await _refusal(pod.list())).code == "not_an_approver":
+            assert time.monotonic() < deadline, "the sidecar never held the second SVID"
+            await asyncio.sleep(0.05)
+        assert refusal.code == "approver_not_verified" and f"{sidekick} (jwt_svid) is the pod identity" in \
+            refusal.message, refusal
+        refusal = await _refusal(pod.approve(eid))
+        assert refusal.code == "approver_not_verified", refusal
+
     async with AsyncClient(unix, metadata=bearer(token(PLANNER))) as planner:
         retry = await planner.authorize("send_email", EMAIL, escalation_id=eid)
     assert retry.outcome == "escalate", retry.reasons  # nothing was approved
@@ -196,7 +211,7 @@ async def test_the_pod_identity_never_approves_relays_or_reads(world, tmp_path, 
         assert (await alice.approve(eid, note="checked"))["approver"] == ALICE
     refused = [r for r in records(tmp_path / "evidence")
                if r["kind"] in ("approval", "human_denial") and r["outcome"] == "refused"]
-    assert [r["reasons"][0].split(":")[0] for r in refused] == ["approver_not_verified"] * 8
+    assert [r["reasons"][0].split(":")[0] for r in refused] == ["approver_not_verified"] * 9
 
     # The pod identity named as a console: a pod caller relaying a person is refused all the same.
     as_console = make_config(tmp_path / "console", **{

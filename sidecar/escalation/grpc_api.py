@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Collection
 
 import grpc
 from google.protobuf.struct_pb2 import Struct
@@ -196,11 +196,11 @@ class EscalationApi:
     """Resolves who is calling and turns service answers and refusals into gRPC."""
 
     def __init__(self, service: EscalationService, identity: IdentityResolver, *, dev_mode: bool,
-                 own_spiffe_id: Callable[[], str | None] = lambda: None):
+                 own_spiffe_ids: Callable[[], Collection[str]] = frozenset):
         self.service = service
         self._identity = identity
         self.dev_mode = dev_mode
-        self._own_spiffe_id = own_spiffe_id  # the sidecar's own SVID's ID now (IdentityRuntime.own_spiffe_id)
+        self._own_spiffe_ids = own_spiffe_ids  # the IDs of the sidecar's own SVIDs now (IdentityRuntime.own_spiffe_ids)
 
     # ------------------------------------------------------------- identity
 
@@ -216,13 +216,14 @@ class EscalationApi:
         """The verified caller of an Approvals call (deciding or reading): outside dev mode never the pod
         identity. `workload_api` gives every caller on the pod's unix socket the pod's SVID, which is the
         sidecar's own, and SPIRE registers the pod for it, so any container of the agent's pod can also fetch
-        it as an X.509- or JWT-SVID and present it over mTLS or as a token. Whichever way it comes, it names
+        it (and any other SVID the Workload API gives the sidecar) as an X.509- or JWT-SVID and present it
+        over mTLS or as a token. Whichever way it comes, it names
         the agent as much as anyone: listed as an approver or a console, it would let the agent approve its
         own calls (or relay any person) and read every escalation in full. An approver or a console presents
         a credential of an identity of its own."""
         caller = self._caller(context)
         who = caller.subject
-        if not self.dev_mode and (who.source == "workload_api" or who.spiffe_id == self._own_spiffe_id()):
+        if not self.dev_mode and (who.source == "workload_api" or who.spiffe_id in self._own_spiffe_ids()):
             raise EscalationRefused(
                 APPROVER_NOT_VERIFIED,
                 f"{who.spiffe_id} ({who.source}) is the pod identity, the sidecar's own, which every process in "

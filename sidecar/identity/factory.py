@@ -48,17 +48,19 @@ class IdentityRuntime:
         """`resolver, server_credentials = build_identity(...)` works too."""
         return iter((self.resolver, self.server_credentials))
 
-    def own_spiffe_id(self) -> str | None:
-        """The SPIFFE ID of the sidecar's own X.509-SVID now; None in dev mode or while it holds none.
+    def own_spiffe_ids(self) -> frozenset[str]:
+        """The SPIFFE IDs of the X.509-SVIDs the Workload API gives the sidecar now (its own first, then
+        any other registration matching it); empty in dev mode or while it holds none.
 
         With `workload_api` SPIRE registers the pod, so every container of the agent's pod can fetch
-        this identity (as an X.509- or a JWT-SVID) from its own Workload API: it is the agent's too."""
+        these identities (as X.509- or JWT-SVIDs) from its own Workload API: they are the agent's too."""
         if self.source is None:
-            return None
+            return frozenset()
         try:
-            return self.source.x509().spiffe_id
+            held = self.source.x509()
         except SvidUnavailable:
-            return None
+            return frozenset()
+        return frozenset((held.spiffe_id, *held.also))
 
     def close(self) -> None:
         if self.source is not None:

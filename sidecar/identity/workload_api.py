@@ -62,6 +62,9 @@ class HeldSvid:
     private_key: Any
     bundles: Mapping[str, tuple[x509.Certificate, ...]]  # trust domain -> authorities
     version: int
+    # The SPIFFE IDs of the other X.509-SVIDs the Workload API gave with it (every registration that
+    # matches the sidecar's process, pod-level ones included, so the agent may hold them too).
+    also: tuple[str, ...] = ()
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -312,9 +315,16 @@ class WorkloadApiSource:
         if parts.trust_domain not in bundles:
             raise SvidError(f"the Workload API sent no X.509 bundle for the SVID's trust domain {parts.trust_domain}")
         spiffe_id = f"spiffe://{parts.trust_domain}{parts.path}"
+        also = []
+        for other in svids[1:]:
+            try:
+                other_parts = svid_spiffe_id(other.cert_chain[0])
+            except SvidError:  # not a valid SVID: no resolver takes it from anyone
+                continue
+            also.append(f"spiffe://{other_parts.trust_domain}{other_parts.path}")
         with self._lock:
             self._version += 1
-            held = HeldSvid(spiffe_id, parts, chain, svid.private_key, bundles, self._version)
+            held = HeldSvid(spiffe_id, parts, chain, svid.private_key, bundles, self._version, tuple(also))
             previous = self._svid
             self._svid = held
             self._svid_gone = ""
