@@ -40,13 +40,9 @@ AUD = SIDECAR_ID
 DELEGATION_AUD = "spiffe://example.org/delegation"
 
 
-@pytest.fixture
-async def world(tmp_path, running_sidecar):
-    sockdir = short_dir()
-    agent = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
-    seen = Seen()
-    upstream = await serve_http(docs_server(seen))
-    config = load_config(None, {
+def gateway_settings(tmp_path: Path, agent, upstream_url: str) -> dict:
+    """A sidecar whose callers present JWT-SVIDs, with the MCP gateway in front of the `docs` upstream."""
+    return {
         **LOADED_MACHINE,  # room for a loaded machine: identity is under test, not policy speed
         "listen.tcp": "127.0.0.1:0",
         "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
@@ -59,9 +55,17 @@ async def world(tmp_path, running_sidecar):
         "identity.delegation_audience": DELEGATION_AUD,
         "escalation.approvers": ["email:*@example.org"],
         "mcp.listen": "127.0.0.1:0",
-        "mcp.upstreams": {"docs": {"url": upstream.url}},
-    })
-    sidecar = await running_sidecar(config)
+        "mcp.upstreams": {"docs": {"url": upstream_url}},
+    }
+
+
+@pytest.fixture
+async def world(tmp_path, running_sidecar):
+    sockdir = short_dir()
+    agent = fake_agent(sockdir, path="/ns/agents/sa/sidecar")
+    seen = Seen()
+    upstream = await serve_http(docs_server(seen))
+    sidecar = await running_sidecar(load_config(None, gateway_settings(tmp_path, agent, upstream.url)))
     await until_identity(sidecar)  # the JWT bundle arrives from the Workload API in the background
     yield agent, sidecar, seen, tmp_path / "evidence"
     await upstream.stop()
@@ -185,23 +189,10 @@ async def test_a_call_approved_while_the_gateway_waits_is_decided_on_the_caller_
     upstream = await serve_http(docs_server(seen))
     approver = "spiffe://example.org/humans/alice"
     try:
-        config = load_config(None, {
-            **LOADED_MACHINE,
-            "listen.tcp": "127.0.0.1:0",
-            "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-            "policy.reload": False,
-            "evidence.dir": str(tmp_path / "evidence"),
-            "telemetry.exporter": "none",
-            "identity.sources": ["jwt_svid"],
-            "identity.workload_api_socket": agent.endpoint,
-            "identity.jwt_audience": AUD,
-            "identity.max_delegation_links": 0,
-            "escalation.approvers": [approver],
-            "mcp.listen": "127.0.0.1:0",
-            "mcp.elicitation_wait_seconds": 60,
-            "mcp.upstreams": {"docs": {"url": upstream.url}},
-        })
-        sidecar = await running_sidecar(config)
+        sidecar = await running_sidecar(load_config(None, {
+            **gateway_settings(tmp_path, agent, upstream.url),
+            "escalation.approvers": [approver], "mcp.elicitation_wait_seconds": 60,
+        }))
         await until_identity(sidecar)
         short = agent.jwt_authority.mint(PLANNER, AUD, ttl=4)
         expires_at = json.loads(base64.urlsafe_b64decode(short.split(".")[1] + "=="))["exp"]
