@@ -14,16 +14,19 @@ import signal
 import sqlite3
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from sidecar.client import AsyncClient
-from sidecar.escalation import PENDING
+from sidecar.escalation import APPROVED, PENDING, USED
+from sidecar.escalation.evidence import EscalationEvidence
 from sidecar.escalation.client import ApprovalsClient, ApprovalsError
 from sidecar.escalation.service import EscalationService, new_escalation_id
 from sidecar.escalation.store import SqliteStore
 from sidecar.evidence.log import EvidenceLog
+from sidecar.evidence.records import rfc3339
 from sidecar.evidence.readback import records_since
 from sidecar.evidence.verify import verify_dir
 from tests.conftest import write_policy
@@ -287,6 +290,43 @@ async def test_the_log_is_read_back_from_shortly_before_the_stores_newest_change
     assert (found is not None) == restored
     if restored:
         assert found.restored_at == logged + 100 and found.arguments is None and found.state == PENDING
+
+
+@pytest.mark.parametrize("order", ["approval, use", "use, approval", "use alone"])
+async def test_a_lost_used_approval_comes_back_used_whatever_the_log_holds_first(tmp_path, order):
+    """A repeat that read the approval from the store can be logged before the approval's own record,
+    and the approval's record can lie outside what is read back: the use alone makes the row `used`."""
+    directory = tmp_path / "evidence"
+    logged = float(int(time.time()))  # whole seconds: the times go through RFC 3339 in the records
+    writer = EscalationService(SqliteStore(tmp_path / "writer.db"), clock=lambda: logged)
+    lost = record("sha256:lost", now=logged)
+    approved = replace(lost, state=APPROVED, approver=ALICE, note="checked", decided_at=logged + 1,
+                       use_by=logged + 301)
+    use = {"escalation_id": lost.id, "decision_id": "d-use", "outcome": "allow", "approver": ALICE,
+           "time": rfc3339(logged + 2)}
+    evidence_log = EvidenceLog.open(directory, instance_id="t")
+    try:
+        evidence_log.append_sync(*writer.escalation_record(lost, "f" * 16))
+        for step in order.split(", "):
+            if step == "approval":
+                await EscalationEvidence(evidence_log, instance_id="t", clock=lambda: logged + 1).transition(
+                    "approval", approved, outcome=APPROVED, reasons=[f"approved: by {ALICE}"])
+            else:
+                evidence_log.append_sync("decision", use)
+    finally:
+        evidence_log.close()
+    store = SqliteStore(tmp_path / "escalations.db", sync_new_escalations=False)
+    await store.open()
+    service = EscalationService(store, evidence_reader=LogReader(directory), sweep_interval_seconds=0,
+                                clock=lambda: logged + 100)
+    try:
+        async with service:
+            found = await service.store.get(lost.id)
+    finally:
+        await store.aclose()
+    assert (found.state, found.used_by_decision, found.used_at, found.approver) == (USED, "d-use", logged + 2, ALICE)
+    if order != "use alone":
+        assert (found.note, found.decided_at, found.use_by) == ("checked", logged + 1, logged + 301)
 
 
 # Found by the redteam review: the reader took a record's time from the first `"logged_at":"…"` in its

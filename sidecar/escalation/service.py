@@ -94,25 +94,30 @@ def _later_state(newest_first: list[dict]) -> dict[str, Any]:
 
     A transition record (`approval`, `human_denial`, `expiry`) holds the escalation as it left it: its
     state, approver, note, decision and use-by times. An allowed decision that names the escalation and
-    an approver is its use. Refused attempts change nothing, nor does a decision without an approver."""
-    used: dict | None = None
-    for record in newest_first:
-        kind, outcome = record.get("kind"), record.get("outcome")
-        if kind == "decision" and outcome == "allow" and record.get("approver"):
-            used = used or record
-        elif kind in _TRANSITIONS and outcome == _TRANSITIONS[kind] == record.get("state"):
-            fields = {
-                "state": USED if used is not None and outcome == APPROVED else outcome,
-                "approver": record.get("approver") or "",
-                "approver_via": record.get("approver_via") or "",
-                "note": record.get("note") or "",
-                "decided_at": _time(record.get("decided_at")),
-                "use_by": _time(record.get("use_by")),
-            }
-            if fields["state"] == USED and used is not None:
-                fields.update(used_at=_time(used.get("time")), used_by_decision=used.get("decision_id") or "")
-            return fields
-    return {}
+    an approver is its use, whichever record the log holds first (a repeat that read the approval from
+    the store can be logged before the approval's own record). Refused attempts change nothing, nor
+    does a decision without an approver."""
+    uses = [r for r in newest_first
+            if r.get("kind") == "decision" and r.get("outcome") == "allow" and r.get("approver")]
+    transitions = [r for r in newest_first
+                   if r.get("kind") in _TRANSITIONS and r.get("outcome") == _TRANSITIONS[r["kind"]] == r.get("state")]
+    if uses:  # the approval's record, when the log holds it, says who approved and when
+        record = next((r for r in transitions if r["kind"] == "approval"), uses[0])
+    elif transitions:
+        record = transitions[0]
+    else:
+        return {}
+    fields = {
+        "state": record["outcome"],
+        "approver": record.get("approver") or "",
+        "approver_via": record.get("approver_via") or "",
+        "note": record.get("note") or "",
+        "decided_at": _time(record.get("decided_at")),
+        "use_by": _time(record.get("use_by")),
+    }
+    if uses:
+        fields.update(state=USED, used_at=_time(uses[0].get("time")), used_by_decision=uses[0].get("decision_id") or "")
+    return fields
 
 
 def _time(value: Any) -> float | None:
