@@ -57,7 +57,7 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
     approver_not_verified   the approver field was given by a caller not allowed to name one, or the
                             caller is the pod identity (the sidecar's own ID), which the agent shares
     approver_not_a_person   a console relayed a workload (spiffe://) as the approver
-    delegated_approval      an approval sent through a delegation chain
+    delegated_approval      an Approvals call (an approval or a read) sent through a delegation chain
     invalid_approver        the approver field is not an identity
     invalid_note            the note is too long or holds control characters
     invalid_timeout         AwaitDecision's timeout_seconds is not a finite number >= 0

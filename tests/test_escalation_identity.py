@@ -105,6 +105,9 @@ async def test_approver_is_never_the_subject_nor_its_delegation_chain(world, tmp
         with pytest.raises(ApprovalsError) as info:
             await through_chain.approve(eid)
         assert (info.value.status, info.value.code) == ("PERMISSION_DENIED", "delegated_approval")
+        # nor read through one: Watch (which List and Get already refused) as much as List and Get
+        for read in (through_chain.list(), through_chain.get(eid), _first_watched(through_chain)):
+            assert (await _refusal(read)).code == "delegated_approval"
 
     async with ApprovalsClient(tcp, metadata=bearer(token(MALLORY))) as nosy:
         with pytest.raises(ApprovalsError) as info:
@@ -141,7 +144,7 @@ async def _refusal(attempt) -> ApprovalsError:
         await attempt
     except ApprovalsError as exc:
         return exc
-    raise AssertionError("the pod identity was answered")
+    raise AssertionError("answered where it should have been refused")
 
 
 async def _first_watched(approvals: ApprovalsClient) -> dict:

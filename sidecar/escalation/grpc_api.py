@@ -223,6 +223,13 @@ class EscalationApi:
         a credential of an identity of its own."""
         caller = self._caller(context)
         who = caller.subject
+        if not self.dev_mode and caller.delegation:  # Watch, List and Get as much as Approve and Deny
+            raise EscalationRefused(
+                DELEGATED_APPROVAL,
+                "the Approvals service is not used through a delegation chain (no approval, nor a read of "
+                "escalations, on behalf of upstream agents); call as the approver itself",
+                "PERMISSION_DENIED",
+            )
         if not self.dev_mode and (who.source == "workload_api" or who.spiffe_id in self._own_spiffe_ids()):
             raise EscalationRefused(
                 APPROVER_NOT_VERIFIED,
@@ -241,12 +248,6 @@ class EscalationApi:
             if claimed:
                 return Approver(validate_approver(claimed), "dev")
             return Approver(subject.spiffe_id, "dev")
-        if caller.delegation:
-            raise EscalationRefused(
-                DELEGATED_APPROVAL,
-                "an approval cannot be given through a delegation chain; call as the approver itself",
-                "PERMISSION_DENIED",
-            )
         if claimed and claimed != subject.spiffe_id:
             if subject.spiffe_id in self.service.console_identities:
                 if claimed.lower().startswith("spiffe:"):
