@@ -28,6 +28,7 @@ UNAVAILABLE (the store or the evidence log is down). Each is recorded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from datetime import datetime, timezone
@@ -418,9 +419,11 @@ class EscalationApi:
         await self.malformed(context, request)
         try:
             self.reader(context)
-            async for record in self.service.watch(PROTO_TO_STATE.get(request.state, "")):
-                self.reader(context)
-                yield self._proto(record)
+            # closed at once when the reader is refused between two changes (its feed subscription ends)
+            async with contextlib.aclosing(self.service.watch(PROTO_TO_STATE.get(request.state, ""))) as changes:
+                async for record in changes:
+                    self.reader(context)
+                    yield self._proto(record)
         except EscalationRefused as refusal:
             await self.abort(context, refusal)
         except StoreError as exc:
