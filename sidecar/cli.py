@@ -362,13 +362,23 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
         raise ConfigError("--signer names SPIFFE IDs of SVIDs checked against --bundle; give --bundle too")
     try:
         keys = load_public_keys(args.key or [])
+    except (SigningError, OSError) as exc:
+        raise ConfigError(f"--key: {_file_problem(exc)}") from None
+    try:
         bundle = load_bundle(args.bundle) if args.bundle else None
     except (SigningError, OSError) as exc:
-        raise ConfigError(f"--key/--bundle: {exc}") from None
+        raise ConfigError(f"--bundle: {_file_problem(exc)}") from None
     report = verify_dir(args.dir, public_keys=keys, bundle=bundle, signer_ids=args.signer or (), mirror=args.mirror,
                         log_id=args.log_id or "")
     print(format_report(report))
     return exit_code(report)
+
+
+def _file_problem(exc: Exception) -> str:
+    """`PATH: No such file or directory`, not Python's `[Errno 2] ...: 'PATH'`."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 def cmd_evidence_show(args: argparse.Namespace) -> int:
