@@ -433,6 +433,9 @@ class Config:
             raise ConfigError("sidecar.overload_lag_ms: must not be negative (0 turns load shedding off)")
         if not self.listen.tcp and not self.listen.unix:
             raise ConfigError("listen: at least one of listen.tcp and listen.unix is needed")
+        for key, address in (("listen.tcp", self.listen.tcp), ("metrics.listen", self.metrics.listen)):
+            if address:
+                _host_port(address, key)
         sources = self.identity.sources
         known = ("workload_api", "mtls", "jwt_svid", "dev")
         for source in sources:
@@ -774,6 +777,15 @@ def refuse_token_in_clear(target: str, option: str, *, http: bool = False) -> No
     )
 
 
+def _host_port(address: str, key: str) -> None:
+    """A TCP listener's address is host:port ([v6]:port), the port 0 to 65535, refused at load otherwise:
+    gRPC would serve listen.tcp 127.0.0.1:99999 on port 34463 (the port modulo 65536), and a listener
+    bound by the sidecar itself would fail with a traceback."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535 or host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"{key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6), not {address!r}")
+
+
 def _loopback(host_port: str) -> bool:
     import ipaddress
 
@@ -867,9 +879,7 @@ def _require_closed_escalation(esc: "EscalationConfig") -> None:
 def _validate_console(console: "ConsoleConfig") -> None:
     import re
 
-    host, colon, port = console.listen.rpartition(":")
-    if not colon or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"console.listen: must be host:port, not {console.listen!r}")
+    _host_port(console.listen, "console.listen")
     if console.trusted_header and not re.fullmatch(r"[A-Za-z0-9-]{1,128}", console.trusted_header):
         raise ConfigError(f"console.trusted_header: {console.trusted_header!r} is not an HTTP header name")
     if console.jaeger_url:
@@ -923,9 +933,7 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
     from sidecar.mcp.names import UPSTREAM_NAME
 
     if mcp.listen:
-        host, colon, port = mcp.listen.rpartition(":")
-        if not colon or not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"mcp.listen: must be host:port, not {mcp.listen!r}")
+        _host_port(mcp.listen, "mcp.listen")
         if "jwt_svid" in identity_sources and "mtls" not in identity_sources and not _loopback(mcp.listen):
             raise ConfigError(
                 f"mcp.listen: {mcp.listen} is plain HTTP (mtls is not among identity.sources), so JWT-SVIDs sent "

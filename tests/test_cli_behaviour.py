@@ -12,6 +12,7 @@ import asyncio
 import logging
 import json
 import os
+import re
 import socket
 import sys
 
@@ -19,7 +20,7 @@ import pytest
 
 from sidecar.cli import BROKEN_PIPE_EXIT, CHECK_EXIT, Parser, build_parser
 from sidecar.client import AsyncClient
-from sidecar.config import load_config
+from sidecar.config import ConfigError, load_config
 from tests.conftest import REGO, REPO
 from tests.doubles.escalation import ALICE, make_config
 
@@ -289,3 +290,30 @@ async def test_the_dev_config_exports_no_spans(running_sidecar, tmp_path, caplog
             await agent.authorize("read_file", {"path": "/workspace/a.txt"})
     assert getattr(sidecar.recorder, "shipper", None) is None  # nothing ships spans: nothing can fail to
     assert not [r for r in caplog.records if r.name.startswith(("sidecar.evidence.shipper", "opentelemetry"))]
+
+
+@pytest.mark.parametrize("key", ["listen.tcp", "metrics.listen", "mcp.listen", "console.listen"])
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:65536", "localhost", "9464", ":9464",
+                                     "[::1:50051", "127.0.0.1:50051x", "127.0.0.1:"])
+def test_a_tcp_address_that_is_not_host_port_is_refused_naming_the_key(key, address):
+    """Every TCP listener's address, alike: gRPC served listen.tcp 127.0.0.1:99999 on port 34463, and
+    metrics.listen with that port ended the start in a traceback (OverflowError, exit 1)."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: must be host:port \(a port from 0 to 65535"):
+        load_config(None, {"identity.sources": ["dev"], key: address})
+    for good in ("127.0.0.1:0", "[::1]:65535", "localhost:8080"):
+        assert load_config(None, {"identity.sources": ["dev"], key: good})
+
+
+async def test_serve_refuses_a_port_beyond_65535_before_it_listens(tmp_path):
+    config = tmp_path / "dev.yaml"
+    config.write_text(f"identity: {{sources: [dev]}}\npolicy: {{dir: {REGO}}}\nevidence: {{dir: {tmp_path / 'ev'}}}\n"
+                      "telemetry: {exporter: none}\n")
+    for args, key in ((["--listen", "127.0.0.1:99999"], "listen.tcp"), ([], "metrics.listen")):
+        if not args:
+            config.write_text(config.read_text() + "listen: {tcp: '127.0.0.1:0', unix: ''}\n"
+                              "metrics: {listen: '127.0.0.1:99999'}\n")
+        code, out, err = await run("serve", "--config", str(config), *args)
+        assert (code, out) == (2, ""), (code, out, err)
+        assert err == f"agent-sidecar: {key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6), " \
+                      f"not '127.0.0.1:99999'\n"
+    assert not (tmp_path / "ev").exists()
