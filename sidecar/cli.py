@@ -384,11 +384,13 @@ def _file_problem(exc: Exception) -> str:
 def cmd_evidence_show(args: argparse.Namespace) -> int:
     from sidecar.evidence.log import list_log_files
     from sidecar.evidence.show import Filter, parse_since, show
+    from sidecar.evidence.verify import where_logs_are
 
     existing_directory(args.dir, EVIDENCE_DIR)
     if not list_log_files(args.dir):
         raise ConfigError(
-            f"{args.dir}: no evidence log here (no evidence-NNNNNN.jsonl files); give the evidence directory, evidence.dir"
+            f"{args.dir}: no evidence log here (no evidence-NNNNNN.jsonl files)"
+            + (where_logs_are(args.dir) or "; give the evidence directory, evidence.dir")
         )
     try:
         since = parse_since(args.since) if args.since else None

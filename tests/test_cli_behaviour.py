@@ -195,6 +195,15 @@ async def test_evidence_show_refuses_a_directory_without_a_log(served, tmp_path)
         code, out, err = await run("evidence", "show", str(where))
         assert code == 2 and out == "", (where, out)
         assert message in err and str(where) in err
+    # The parent given for evidence.dir (var/ for var/evidence): show and replay name where the log is, as verify does.
+    parent = os.path.dirname(evidence_dir)
+    hint = f"an evidence log is in {evidence_dir}: give that directory"
+    code, out, err = await run("evidence", "show", parent)
+    assert (code, out) == (2, "") and err.rstrip().endswith(hint), err
+    code, out, err = await run("policy", "replay", "--evidence", parent, "--policy", str(REGO))
+    assert (code, out) == (3, "") and err.rstrip().endswith(hint), err  # 3: nothing to replay, as documented
+    code, out, err = await run("evidence", "verify", parent)
+    assert code == 1 and out.rstrip().endswith(hint), out
     code, out, err = await run("evidence", "show", evidence_dir, "--tool", "send_email", "--kind", "decision", "--json")
     assert code == 0 and len(out.splitlines()) == 3, err
     code, out, _ = await run("evidence", "show", evidence_dir, "--tool", "no_such_tool")
