@@ -326,3 +326,22 @@ async def test_serve_refuses_a_port_beyond_65535_before_it_listens(tmp_path):
         assert err == f"agent-sidecar: {key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6), " \
                       f"not '127.0.0.1:99999'\n"
     assert not (tmp_path / "ev").exists()
+
+
+def test_every_command_says_what_it_does_and_its_exit_statuses():
+    """Each command's own --help (a leaf of the tree: serve, check, policy test, approvals approve, ...) has a
+    description naming its exit statuses: a script's author should not have to read the source for them."""
+    leaves = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not children:
+            leaves.append(parser)
+        for action in children:
+            for child in action.choices.values():
+                walk(child)
+
+    walk(build_parser())
+    assert len(leaves) >= 12
+    missing = [p.prog for p in leaves if not re.search(r"\bexit\b", p.description or "", re.IGNORECASE)]
+    assert not missing, missing

@@ -406,7 +406,9 @@ def add_commands(commands: Any) -> None:
         "console",
         help="serve the approvers' web page (behind an auth proxy; docs/escalation.md)",
         description="Serve the approvers' web console: pending escalations with Approve/Deny and a history. "
-        "It talks to the sidecar's Approvals API; configure it under `console:` (docs/configuration.md).",
+        "It talks to the sidecar's Approvals API; configure it under `console:` (docs/configuration.md). "
+        "Serves until SIGINT/SIGTERM (exit 0); exit 2 when it cannot start: the config is refused (outside "
+        "dev mode it needs console.trusted_header and console.token_file) or console.listen is in use.",
     )
     console.add_argument(
         "--config",
