@@ -115,6 +115,10 @@ def _policy_failure(config: Any, exc: Exception) -> int | None:
         print(f"agent-sidecar: the policy in {config.policy.dir} cannot be served:", file=sys.stderr)
         for problem in _refusal_problems(exc):
             print(f"  {problem}", file=sys.stderr)
+        if not os.path.isabs(config.policy.dir) and not os.path.exists(config.policy.dir):
+            # examples/dev.yaml run from outside the checkout: say where a relative path was looked for.
+            print(f"  (a relative path in the config is taken from the working directory, {os.getcwd()}, not "
+                  "from the config file's; run from the checkout's root or give absolute paths)", file=sys.stderr)
         return 2
     return None
 

@@ -345,3 +345,21 @@ def test_every_command_says_what_it_does_and_its_exit_statuses():
     assert len(leaves) >= 12
     missing = [p.prog for p in leaves if not re.search(r"\bexit\b", p.description or "", re.IGNORECASE)]
     assert not missing, missing
+
+
+async def test_examples_dev_yaml_from_outside_the_checkout_says_where_relative_paths_were_looked_for(tmp_path):
+    """docs/configuration.md: relative paths are the working directory's; a reader who ran the example from
+    elsewhere is told so, not only that `rego` does not exist. Nothing is left in that directory."""
+    for command in (["serve", "--config", str(REPO / "examples" / "dev.yaml")],
+                    ["check", "--subject", AGENT, "--tool", "read_file"]):
+        process = await asyncio.create_subprocess_exec(*CLI, *command, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert (process.returncode, out) == (2, b""), err
+        assert err.decode().splitlines()[-3:] == [
+            "agent-sidecar: the policy in rego cannot be served:",
+            "  rego: policy directory does not exist",
+            f"  (a relative path in the config is taken from the working directory, {tmp_path}, not from the "
+            "config file's; run from the checkout's root or give absolute paths)",
+        ], err.decode()
+    assert list(tmp_path.iterdir()) == []
