@@ -75,6 +75,13 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(unknown)}{self._misplaced_hint(unknown)}")
         return parsed, unknown
 
+    def error(self, message: str) -> Any:
+        """A missing command names the commands there are (argparse's says only `required: COMMAND`)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and message.endswith(f"required: {action.metavar}"):
+                message += f" (one of {', '.join(action.choices)}; {self.prog} --help says what each does)"
+        super().error(message)
+
     def _misplaced_hint(self, unknown: list[str]) -> str:
         """Where a top-level option given after the command belongs (`serve --log-level DEBUG`)."""
         command = self.prog.removeprefix("agent-sidecar").strip()

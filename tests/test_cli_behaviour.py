@@ -363,3 +363,17 @@ async def test_examples_dev_yaml_from_outside_the_checkout_says_where_relative_p
             "config file's; run from the checkout's root or give absolute paths)",
         ], err.decode()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, prog, commands", [
+    ([], "agent-sidecar", "serve, check, policy, evidence, approvals, console, rollback"),
+    (["policy"], "agent-sidecar policy", "test, replay"),
+    (["evidence"], "agent-sidecar evidence", "verify, show"),
+    (["approvals"], "agent-sidecar approvals", "list, show, approve, deny"),
+])
+def test_a_missing_command_names_the_commands_there_are(args, prog, commands, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(args)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"required: {'SUBCOMMAND' if args else 'COMMAND'} (one of {commands}; {prog} --help says what each does)")
