@@ -488,6 +488,8 @@ class Config:
         """
         console = self.console
         target = console.sidecar
+        if target:
+            check_grpc_target(target, "console.sidecar")
         if target and not grpc_target_in_pod(target) and not console.sidecar_allow_plaintext:
             raise ConfigError(
                 f"console.sidecar: the console's JWT-SVID, the approver it names and every approval would go in "
@@ -777,13 +779,29 @@ def refuse_token_in_clear(target: str, option: str, *, http: bool = False) -> No
     )
 
 
+def check_grpc_target(target: str, key: str) -> None:
+    """A gRPC target a client dials: a name-resolver scheme (unix:, dns:, ipv4:, ...) as gRPC reads it, or
+    host:port with a port 0-65535, refused otherwise (ConfigError naming `key`): gRPC dials 127.0.0.1:99999
+    as port 34463, another server, perhaps one the client's token then goes to."""
+    import re
+
+    if not re.match(r"(unix|unix-abstract|dns|ipv4|ipv6|vsock):", target) and not _is_host_port(target):
+        raise ConfigError(f"{key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6) or unix:/path, "
+                          f"not {target!r}")
+
+
 def _host_port(address: str, key: str) -> None:
-    """A TCP listener's address is host:port ([v6]:port), the port 0 to 65535, refused at load otherwise:
-    gRPC would serve listen.tcp 127.0.0.1:99999 on port 34463 (the port modulo 65536), and a listener
-    bound by the sidecar itself would fail with a traceback."""
-    host, colon, port = address.rpartition(":")
-    if not colon or not host or not port.isdigit() or int(port) > 65535 or host.startswith("[") != host.endswith("]"):
+    """A TCP listener's address is host:port, refused at load otherwise: gRPC would serve listen.tcp
+    127.0.0.1:99999 on port 34463 (the port modulo 65536), and a listener the sidecar binds itself would
+    fail with a traceback."""
+    if not _is_host_port(address):
         raise ConfigError(f"{key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6), not {address!r}")
+
+
+def _is_host_port(address: str) -> bool:
+    """host:port or [v6]:port, the port 0 to 65535."""
+    host, colon, port = address.rpartition(":")
+    return bool(colon and host and port.isdigit() and int(port) <= 65535 and host.startswith("[") == host.endswith("]"))
 
 
 def _loopback(host_port: str) -> bool:

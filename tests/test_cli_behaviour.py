@@ -377,3 +377,22 @@ def test_a_missing_command_names_the_commands_there_are(args, prog, commands, ca
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"required: {'SUBCOMMAND' if args else 'COMMAND'} (one of {commands}; {prog} --help says what each does)")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "localhost", "127.0.0.1:5005x", "[::1:50051"])
+async def test_a_client_address_that_is_not_a_grpc_target_is_bad_usage(address, tmp_path):
+    """gRPC dialled 127.0.0.1:99999 as port 34463: the approvals commands, rollback and the console would reach
+    (and hand a token to) whatever listens there. Refused before anything is sent, naming the option."""
+    expected = (f"must be host:port (a port from 0 to 65535; [v6]:port for IPv6) or unix:/path, not {address!r}\n")
+    for args, option in ((["approvals", "list", "--address", address], "--address (or $AGENT_SIDECAR_ADDRESS)"),
+                         (["approvals", "approve", "esc-1", "--address", address],
+                          "--address (or $AGENT_SIDECAR_ADDRESS)"),
+                         (["rollback", "d-1", "--address", address], "--address"),
+                         (["console", "--config", "examples/dev.yaml", "--sidecar", address], "console.sidecar")):
+        code, out, err = await run(*args)
+        assert (code, out) == (2, ""), (args, err)
+        assert err == f"agent-sidecar: {option}: {expected}", (args, err)
+    for good in ("127.0.0.1:50051", "[::1]:50051", "unix:/run/agent-sidecar/sidecar.sock", "dns:///localhost:50051"):
+        config = load_config(None, {"identity.sources": ["dev"], "console.sidecar": good,
+                                    "console.sidecar_allow_plaintext": True})  # dns:/// is off the pod
+        config.validate_console()

@@ -208,7 +208,6 @@ CONSOLE_TARGETS = [
     ("localhost.:50051", False),
     ("dns:///agent-sidecars.agents.svc:50051", False),   # gRPC's own target syntax, resolved by DNS
     ("ipv4:127.0.0.1:50051", False),                     # loopback, but not a form we read: refused, never guessed
-    ("127.0.0.1", False),                                # no port: gRPC's default is 443, a name for TLS it lacks
     ("127.0.0.1:50051", True),
     ("127.3.2.1:50051", True),
     ("localhost:50051", True),
@@ -234,6 +233,16 @@ def test_the_console_reaches_its_sidecar_in_clear_only_inside_the_pod(target: st
                                           f"approval would go in clear over plaintext gRPC to {target!r} ("), info.value
         assert "console.sidecar_allow_plaintext: true where the network encrypts the hop" in str(info.value)
     load_config(None, {**base, "console.sidecar": target, "console.sidecar_allow_plaintext": True}).validate_console()
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1", "localhost", "127.0.0.1:99999"])
+def test_a_console_sidecar_without_a_port_or_with_one_past_65535_is_refused_even_with_the_opt_in(target: str):
+    """No port is gRPC's default 443 (a name for TLS the console lacks); 99999 is dialled as 34463: neither is the
+    sidecar the operator meant, in clear or not."""
+    for opt_in in (False, True):
+        config = load_config(None, {**CONSOLE, "console.sidecar": target, "console.sidecar_allow_plaintext": opt_in})
+        with pytest.raises(ConfigError, match=r"^console\.sidecar: must be host:port .* or unix:/path, not "):
+            config.validate_console()
 
 
 # PostgreSQL (escalation.dsn, usage.dsn): the connection libpq will make, from the string and the PG*

@@ -27,9 +27,10 @@ STATE_CHOICES = ["pending", "approved", "denied", "expired", "used", "all"]
 
 
 def _client(args: argparse.Namespace):
-    from sidecar.config import refuse_token_in_clear
+    from sidecar.config import check_grpc_target, refuse_token_in_clear
     from sidecar.escalation.client import ApprovalsClient, token_file_metadata
 
+    check_grpc_target(args.address, "--address (or $AGENT_SIDECAR_ADDRESS)")
     if args.token_file:
         refuse_token_in_clear(args.address, "--token-file")
     metadata = token_file_metadata(args.token_file) if args.token_file else None
