@@ -637,6 +637,13 @@ def _validate_evidence_sections(config: "Config") -> None:
         raise ConfigError(f"telemetry.protocol: must be grpc or http/protobuf, not {telemetry.protocol!r}")
     if telemetry.export_timeout_seconds <= 0 or telemetry.max_backoff_seconds <= 0:
         raise ConfigError("telemetry.export_timeout_seconds/max_backoff_seconds: must be positive")
+    if telemetry.endpoint:
+        # http(s)://host[:port][/path], or host:port for gRPC: a port past 65535 would be dialled modulo 65536.
+        if "://" in telemetry.endpoint:
+            _http_url(telemetry.endpoint, "telemetry.endpoint")
+        elif not _is_host_port(telemetry.endpoint):
+            raise ConfigError(f"telemetry.endpoint: must be an http:// or https:// URL, or host:port for gRPC (a port "
+                              f"from 0 to 65535), not {url_for_messages(telemetry.endpoint)}")
     if telemetry.endpoint and not telemetry.allow_plaintext:
         refuse_spans_in_clear(telemetry.endpoint, "telemetry.endpoint")
 

@@ -317,3 +317,16 @@ def test_links_are_not_sent_to_so_no_rule_applies(key: str):
     config = load_config(None, {**DEV, key: "http://approvals.example.org"})
     section, name = key.split(".")
     assert getattr(getattr(config, section), name) == "http://approvals.example.org"
+
+
+@pytest.mark.parametrize("endpoint", ["https://collector:99999", "collector:99999", "collector", "127.0.0.1:",
+                                      "ftp://collector:4317"])
+def test_a_telemetry_endpoint_with_no_port_or_one_past_65535_is_refused(endpoint: str):
+    """The exporter would dial a port past 65535 modulo 65536 (another server gets the spans) or fail at every
+    export; refused at load with the forms that work, whatever the plaintext opt-in."""
+    for opt_in in (False, True):
+        with pytest.raises(ConfigError, match=r"^telemetry\.endpoint: (not a valid URL|must be an http)"):
+            load_config(None, {**DEV, "telemetry.endpoint": endpoint, "telemetry.allow_plaintext": opt_in})
+    for good in ("https://otel-collector.observability.svc:4317", "localhost:4317", "[::1]:4317",
+                 "http://127.0.0.1:4318/v1/traces"):
+        load_config(None, {**DEV, "telemetry.endpoint": good})
