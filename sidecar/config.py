@@ -436,6 +436,10 @@ class Config:
         for key, address in (("listen.tcp", self.listen.tcp), ("metrics.listen", self.metrics.listen)):
             if address:
                 _host_port(address, key)
+        for key, path in (("listen.unix", self.listen.unix), ("mcp.unix", self.mcp.unix)):
+            if len(os.fsencode(path)) > UNIX_PATH_MAX:
+                raise ConfigError(f"{key}: {path} is {len(os.fsencode(path))} bytes; a unix socket's path holds at "
+                                  f"most {UNIX_PATH_MAX} (Linux's sun_path): choose a shorter one")
         sources = self.identity.sources
         known = ("workload_api", "mtls", "jwt_svid", "dev")
         for source in sources:
@@ -784,6 +788,10 @@ def refuse_token_in_clear(target: str, option: str, *, http: bool = False) -> No
         "the path could read and replay it): reach the sidecar on its unix socket, or on loopback through a TLS "
         "relay (ghostunnel, deploy/k8s/console)"
     )
+
+
+# The longest path a unix socket binds to: sockaddr_un's sun_path is 108 bytes with the final NUL (unix(7)).
+UNIX_PATH_MAX = 107
 
 
 def check_grpc_target(target: str, key: str) -> None:

@@ -23,7 +23,7 @@ import grpc
 
 from sidecar.config import ConfigError
 from sidecar.newpaths import NewPaths
-from sidecar.sockets import ALREADY_LISTENING, SocketFile, prepare_socket_path, tcp_listener, unix_listener
+from sidecar.sockets import SocketFile, cannot_listen, prepare_socket_path, tcp_bind_error, tcp_listener, unix_listener
 
 
 @dataclass
@@ -94,5 +94,8 @@ def _add_port(server: grpc.aio.Server, key: str, address: str, credentials: grpc
         if credentials is not None:
             return server.add_secure_port(address, credentials)
         return server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc's "Failed to bind to address"
-        raise ConfigError(f"{key}: cannot listen on {address} ({exc}): {ALREADY_LISTENING}") from None
+    except RuntimeError as exc:  # grpc's "Failed to bind to address", whatever the cause: find it for TCP
+        cause = None if address.startswith("unix:") else tcp_bind_error(address)
+        if cause is not None:
+            raise cannot_listen(key, address, cause) from None
+        raise ConfigError(f"{key}: cannot listen on {address} ({exc})") from None

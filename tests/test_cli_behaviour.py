@@ -396,3 +396,25 @@ async def test_a_client_address_that_is_not_a_grpc_target_is_bad_usage(address, 
         config = load_config(None, {"identity.sources": ["dev"], "console.sidecar": good,
                                     "console.sidecar_allow_plaintext": True})  # dns:/// is off the pod
         config.validate_console()
+
+
+@pytest.mark.parametrize("key", ["listen.unix", "mcp.unix"])
+def test_a_unix_socket_path_too_long_to_bind_is_refused_at_load(key, tmp_path):
+    """grpc logged the reason on its own line and the sidecar asked whether another server listened there;
+    mcp.unix said `cannot listen on ... (None)`. 107 bytes is the most a path may have."""
+    fits, too_long = (str(tmp_path / ("a" * (n - len(str(tmp_path)) - 1))) for n in (107, 108))
+    assert len(fits) == 107 and len(too_long) == 108
+    load_config(None, {"identity.sources": ["dev"], key: fits})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .* is 108 bytes; a unix socket's path holds at most 107"):
+        load_config(None, {"identity.sources": ["dev"], key: too_long})
+
+
+async def test_a_listener_address_this_host_does_not_have_is_not_called_in_use(tmp_path):
+    """EADDRNOTAVAIL is not another server: the message gives the cause and does not ask about one."""
+    config = tmp_path / "dev.yaml"
+    config.write_text(f"identity: {{sources: [dev]}}\npolicy: {{dir: {REGO}}}\nevidence: {{dir: {tmp_path / 'ev'}}}\n"
+                      "telemetry: {exporter: none}\nlisten: {tcp: '127.0.0.1:0', unix: ''}\n"
+                      "metrics: {listen: '192.0.2.1:9464'}\n")  # TEST-NET-1: on no interface here
+    code, out, err = await run("serve", "--config", str(config))
+    assert (code, out) == (2, "")
+    assert err == "agent-sidecar: metrics.listen: cannot listen on 192.0.2.1:9464 (Cannot assign requested address)\n"
