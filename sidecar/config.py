@@ -642,12 +642,7 @@ def _validate_evidence_sections(config: "Config") -> None:
     if telemetry.export_timeout_seconds <= 0 or telemetry.max_backoff_seconds <= 0:
         raise ConfigError("telemetry.export_timeout_seconds/max_backoff_seconds: must be positive")
     if telemetry.endpoint:
-        # http(s)://host[:port][/path], or host:port for gRPC: a port past 65535 would be dialled modulo 65536.
-        if "://" in telemetry.endpoint:
-            _http_url(telemetry.endpoint, "telemetry.endpoint")
-        elif not _is_host_port(telemetry.endpoint):
-            raise ConfigError(f"telemetry.endpoint: must be an http:// or https:// URL, or host:port for gRPC (a port "
-                              f"from 0 to 65535), not {url_for_messages(telemetry.endpoint)}")
+        check_otlp_endpoint(telemetry.endpoint, "telemetry.endpoint")
     if telemetry.endpoint and not telemetry.allow_plaintext:
         refuse_spans_in_clear(telemetry.endpoint, "telemetry.endpoint")
 
@@ -721,6 +716,17 @@ def host_in_clear(url: str) -> str | None:
     if parts.scheme == "http" and not _loopback(f"{parts.hostname or ''}:0"):
         return parts.hostname or ""
     return None
+
+
+def check_otlp_endpoint(value: str, key: str) -> None:
+    """ConfigError naming `key` unless `value` is an http(s)://host[:port][/path] URL, or host:port for
+    gRPC, with a port from 0 to 65535 (one past it would be dialled modulo 65536). `key` is
+    telemetry.endpoint, or the OTEL_* variable the endpoint came from (sidecar/evidence/spans.py)."""
+    if "://" in value:
+        _http_url(value, key)
+    elif not _is_host_port(value):
+        raise ConfigError(f"{key}: must be an http:// or https:// URL, or host:port for gRPC (a port "
+                          f"from 0 to 65535), not {url_for_messages(value)}")
 
 
 def refuse_spans_in_clear(url: str, key: str) -> None:

@@ -327,6 +327,25 @@ def test_a_telemetry_endpoint_with_no_port_or_one_past_65535_is_refused(endpoint
     for opt_in in (False, True):
         with pytest.raises(ConfigError, match=r"^telemetry\.endpoint: (not a valid URL|must be an http)"):
             load_config(None, {**DEV, "telemetry.endpoint": endpoint, "telemetry.allow_plaintext": opt_in})
-    for good in ("https://otel-collector.observability.svc:4317", "localhost:4317", "[::1]:4317",
-                 "http://127.0.0.1:4318/v1/traces"):
+    for good in GOOD_ENDPOINTS:
         load_config(None, {**DEV, "telemetry.endpoint": good})
+
+
+GOOD_ENDPOINTS = ("https://otel-collector.observability.svc:4317", "localhost:4317", "[::1]:4317",
+                  "http://127.0.0.1:4318/v1/traces")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"])
+@pytest.mark.parametrize("endpoint", ["https://collector:99999", "collector:99999", "collector", "127.0.0.1:",
+                                      "ftp://collector:4317", "http://:4318"])
+def test_an_endpoint_from_the_environment_is_held_to_the_same_shape(protocol: str, variable: str, endpoint: str):
+    """telemetry.endpoint "" leaves the endpoint to the OTEL_* variables: the same forms are refused where the
+    exporter is built (at start), naming the variable, whatever the plaintext opt-in."""
+    from sidecar.evidence.spans import exporter_from_env
+
+    for opt_in in (False, True):
+        with pytest.raises(ConfigError, match=rf"^{variable}: (not a valid URL|must be an http)"):
+            exporter_from_env(protocol=protocol, allow_plaintext=opt_in, environ={variable: endpoint})
+    for good in GOOD_ENDPOINTS:
+        exporter_from_env(protocol=protocol, environ={variable: good}).shutdown()
