@@ -72,9 +72,18 @@ from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, Pe
 from sidecar.invoke import FAILED, NOT_CALLED
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
-from sidecar.mcp import elicitation, names
+from sidecar.jsonvalues import normalize
+from sidecar.mcp import elicitation, names, schemas
 from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
-from sidecar.reasons import ESCALATION_PENDING, MALFORMED_REQUEST, UNKNOWN_TOOL, UNVERIFIED_CALLER, Reason
+from sidecar.reasons import (
+    ESCALATION_PENDING,
+    INVALID_ARGUMENTS,
+    MALFORMED_REQUEST,
+    UNKNOWN_TOOL,
+    UNVERIFIED_CALLER,
+    UPSTREAM_UNAVAILABLE,
+    Reason,
+)
 
 log = logging.getLogger(__name__)
 META_PREFIX = "sidecar/"
@@ -302,6 +311,8 @@ class McpGateway:
                 refused = names.refusal(upstream, tool, self._invoker.upstreams)
                 if refused:
                     problem = str(Reason(UNKNOWN_TOOL, refused))
+                elif isinstance(arguments, dict):  # anything else is the Gate's invalid_arguments
+                    problem = await self._schema_problem(upstream, tool, arguments)
         call = ToolCall(
             tool=tool,
             server=upstream,
@@ -337,6 +348,20 @@ class McpGateway:
                     return self._still_pending(call, verdict)
                 verdict = await self._decide(call, identity, parent, "", shape, True)
         return await self._answer(call, identity, verdict)
+
+    async def _schema_problem(self, upstream: str, tool: str, arguments: dict[str, Any]) -> str:
+        """Why the upstream tool would not read these arguments as decided (sidecar/mcp/schemas.py), or "".
+        Judged on the arguments as the Gate decides on them (the numbers rule: 1.0 is 1)."""
+        try:
+            schema = await self._invoker.input_schema(upstream, tool)
+        except Exception as exc:  # the upstream cannot list its tools: nothing to judge the call by
+            detail = (str(exc) or type(exc).__name__)[:300]
+            return str(Reason(UPSTREAM_UNAVAILABLE, f"the input schema of {tool} could not be read from upstream "
+                                                    f"{upstream}, so the call is not decided ({detail})"))
+        if schema is None:
+            return str(Reason(UNKNOWN_TOOL, f"upstream {upstream} lists no tool {tool!r}"))
+        refused = schemas.problem(schema, normalize(arguments))
+        return str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
 
     async def _decide(self, call: ToolCall, identity: CallerIdentity | IdentityError, parent: TraceContext | None,
                       problem: str, shape: tuple | None, remembered: bool) -> Verdict:
