@@ -79,6 +79,14 @@ ESCAPES = [
     ("t_nested", {"org": "..", "project": ".."}),  # two levels up: /api/v1/issues
     ("t_nested", {"org": "acme", "project": ".."}),
     ("t_get", {"item": ".."}),  # a GET: the rest goes in the query, the path still escapes
+    # one segment to the client, but servers and proxies that decode %2F / %5C before routing (nginx
+    # normalizing a URI it proxies, IIS) see separators again, and resolve what stands between them
+    ("t_create", {"project": "../admin"}),  # /api/projects/../admin/issues: /api/admin/issues
+    ("t_create", {"project": "..\\admin"}),  # a backslash is a slash to IIS
+    ("t_create", {"project": "a/./b"}),
+    ("t_create", {"project": "a//b"}),  # merged slashes
+    ("t_create", {"project": "/etc"}),  # /api/projects//etc/issues
+    ("t_suffix", {"name": "../../secrets"}),  # /api/files/../../secrets.json
 ]
 
 
@@ -100,7 +108,8 @@ ARRIVES = [
     ("t_create", {"project": "..."}, "/api/projects/.../issues"),  # not a dot segment
     ("t_create", {"project": "..a"}, "/api/projects/..a/issues"),
     ("t_create", {"project": "%2e%2e"}, "/api/projects/%252e%252e/issues"),  # quoted: the text, not a dot segment
-    ("t_create", {"project": "../admin"}, "/api/projects/..%2Fadmin/issues"),  # one segment
+    ("t_create", {"project": "group/project"}, "/api/projects/group%2Fproject/issues"),  # one segment (GitLab ids)
+    ("t_create", {"project": "a/.b"}, "/api/projects/a%2F.b/issues"),  # no dot segment, decoded or not
     ("t_suffix", {"name": "."}, "/api/files/..json"),  # part of a segment
     ("t_suffix", {"name": ".."}, "/api/files/...json"),
     ("t_query", {"q": ".."}, "/api/search?q=.."),  # in the query: no path meaning
@@ -147,3 +156,52 @@ async def test_other_arguments_join_the_fixed_query_and_a_placeholder_may_repeat
     twice = await invoke(running.addresses[0], "t_twice", {"item": "a b", "note": "n"})
     assert twice.status == "ok", twice  # was invoker_error: the second {item} found the argument taken
     assert seen == ["/api/search?mode=safe&q=x&page=2", "/api/items/a%20b/copy/a%20b"]
+
+
+# The URL carries text: the boolean true and the string "true" both arrive as `true`, 5 and "5" as `5`.
+# Policy tells them apart (a rule denying `force == true` let "true" through), the tool cannot: a
+# string whose text is exactly how another value is written there is not sent.
+SAME_TEXT = [
+    # (tool, arguments, the argument refused)
+    ("t_get", {"item": "5"}, "item"),  # a placeholder: /api/items/5 for 5 too
+    ("t_create", {"project": "7", "title": "x"}, "project"),  # a placeholder of a POST
+    ("t_get", {"item": "x", "force": "true"}, "force"),  # the query of a GET: force=true
+    ("t_get", {"item": "x", "force": "false"}, "force"),
+    ("t_get", {"item": "x", "owner": "null"}, "owner"),
+    ("t_get", {"item": "x", "ids": "[1,2]"}, "ids"),  # a list goes as its JSON text
+    ("t_get", {"item": "x", "filter": '{"a":1}'}, "filter"),
+    ("t_query", {"q": "-2.5"}, "q"),
+]
+
+
+@pytest.mark.parametrize("tool, arguments, name", SAME_TEXT, ids=[f"{t}-{json.dumps(a)}" for t, a, _ in SAME_TEXT])
+async def test_a_string_the_url_would_carry_as_another_value_is_not_sent(sidecar, tool, arguments, name):
+    running, seen, config = sidecar
+    response = await invoke(running.addresses[0], tool, arguments)
+    assert response.decision.outcome == sidecar_pb2.OUTCOME_ALLOW
+    assert response.status == "not_called", response
+    assert response.error.startswith(f"invalid_arguments: arguments.{name} is a string whose text"), response.error
+    assert seen == []
+    (invocation,) = invocations(config.evidence.dir)
+    assert invocation["status"] == "not_called" and invocation["reasons"] == [response.error]
+    assert verify_dir(Path(config.evidence.dir)).ok
+
+
+TEXT_ARRIVES = [
+    ("t_get", {"item": "x", "force": True}, "/api/items/x?force=true"),  # the value itself
+    ("t_get", {"item": 5, "ids": [1, 2]}, "/api/items/5?ids=%5B1,2%5D"),
+    ("t_get", {"item": "x", "id": "9007199254740993"}, "/api/items/x?id=9007199254740993"),  # no number carries it
+    ("t_get", {"item": "x", "v": "1.0"}, "/api/items/x?v=1.0"),  # 1.0 is decided as 1, sent as `1`
+    ("t_get", {"item": "x", "w": "[1, 2]"}, "/api/items/x?w=%5B1,+2%5D"),  # [1,2] is sent without the space
+    ("t_get", {"item": "007"}, "/api/items/007"),  # not JSON
+    ("t_create", {"project": "p", "force": "true"}, "/api/projects/p/issues"),  # a JSON body keeps the string
+]
+
+
+@pytest.mark.parametrize("tool, arguments, path", TEXT_ARRIVES,
+                         ids=[f"{t}-{json.dumps(a)}" for t, a, _ in TEXT_ARRIVES])
+async def test_strings_no_other_value_is_written_as_and_values_themselves_are_sent(sidecar, tool, arguments, path):
+    running, seen, _ = sidecar
+    response = await invoke(running.addresses[0], tool, arguments)
+    assert response.status == "ok", response
+    assert seen == [path]
