@@ -1,4 +1,4 @@
-"""The MCP gateway decides only on arguments the upstream tool reads as they are.
+"""The MCP gateway decides only on arguments the upstream tool reads as they are, defaults included.
 
 Tools built with the MCP SDK (MCPServer) validate their arguments with pydantic in lax mode:
 `"true"`, `"yes"` and `1` run as the boolean true, `"5000"` and `"5_000"` as the integer 5000,
@@ -7,7 +7,9 @@ Tools built with the MCP SDK (MCPServer) validate their arguments with pydantic 
 rule denying `recursive == true` let `"recursive": "true"` through and the tool ran recursive.
 Now the gateway checks each call against the input schema the upstream declared for the tool,
 without coercion, and denies what does not match (`invalid_arguments`, naming the field, never the
-value): recorded, and the upstream is never called. Real servers: the SDK's client, the sidecar,
+value): recorded, and the upstream is never called. And a tool ran an argument the call left out
+with its own default, which policy never saw (`recursive: bool = True`): the gateway fills in the
+defaults the schema declares, so policy decides on them and the tool is sent them. Real servers: the SDK's client, the sidecar,
 OPA, and MCPServer upstreams over Streamable HTTP and stdio.
 """
 
@@ -39,13 +41,17 @@ POLICY = """\
     } else := {"outcome": "deny", "reasons": ["too_wide: never on"], "obligations": {}} if {
         input.tool.arguments.on == true
     } else := {"outcome": "allow", "reasons": ["ok: files"], "obligations": {}} if {
-        input.tool.name in {"remove", "flag"}
+        input.tool.name in {"remove", "flag", "purge"}
     }
 """
 
 
 class Options(BaseModel):
     force: bool = False
+
+
+class Forceful(BaseModel):
+    force: bool = True
 
 
 def files_server(received: list[dict[str, Any]]) -> MCPServer:
@@ -57,6 +63,13 @@ def files_server(received: list[dict[str, Any]]) -> MCPServer:
         """Removes files; keeps what it ran with."""
         ran = {"path": path, "recursive": recursive, "amount": amount, "ratio": ratio, "ids": ids, "note": note,
                "targets": targets, "options": options.model_dump() if options else None}
+        received.append(ran)
+        return json.dumps(ran)
+
+    @srv.tool()
+    def purge(path: str, recursive: bool = True, options: Forceful | None = None) -> str:
+        """Purges files, recursive unless told otherwise; keeps what it ran with."""
+        ran = {"path": path, "recursive": recursive, "options": options.model_dump() if options else None}
         received.append(ran)
         return json.dumps(ran)
 
@@ -148,3 +161,24 @@ async def test_over_stdio_too_and_a_tool_the_upstream_does_not_list_is_unknown(g
     assert unlisted.is_error and "unknown_tool: upstream files lists no tool 'shred'" in unlisted.content[0].text
     outcomes = [(d["tool"], d["outcome"]) for d in records(config) if d["kind"] == "decision"]
     assert outcomes == [("flag", "deny"), ("flag", "deny"), ("flag", "allow"), ("shred", "deny")]
+
+
+async def test_defaults_the_tool_would_run_with_are_decided_on_and_sent(gateway):
+    from sidecar.canonical import canonical_json, sha256_digest
+
+    sidecar, received, config = gateway
+    async with Client(sidecar.mcp.url) as agent:
+        left_out = await agent.call_tool("files__purge", {"path": "/srv"})  # recursive defaults to true
+        nested = await agent.call_tool("files__purge", {"path": "/srv", "recursive": False, "options": {}})
+        explicit = await agent.call_tool("files__purge", {"path": "/srv", "recursive": False, "options": None})
+    assert left_out.is_error and "too_wide: never recursive" in left_out.content[0].text, left_out
+    assert nested.is_error and "too_wide: never forced" in nested.content[0].text, nested
+    assert not explicit.is_error, explicit
+    ran = {"path": "/srv", "recursive": False, "options": None}
+    assert received == [ran]  # only the call policy allowed, with what it decided on
+    decisions = [r for r in records(config) if r["kind"] == "decision"]
+    (invocation,) = [r for r in records(config) if r["kind"] == "invocation"]
+    decided = [{"path": "/srv", "recursive": True},  # a null default stays left out: the tool's "not given"
+               {"path": "/srv", "recursive": False, "options": {"force": True}}, ran]
+    assert [d["arguments_digest"] for d in decisions] == [sha256_digest(canonical_json(a)) for a in decided]
+    assert invocation["arguments_digest"] == decisions[2]["arguments_digest"]

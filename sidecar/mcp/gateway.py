@@ -312,7 +312,7 @@ class McpGateway:
                 if refused:
                     problem = str(Reason(UNKNOWN_TOOL, refused))
                 elif isinstance(arguments, dict):  # anything else is the Gate's invalid_arguments
-                    problem = await self._schema_problem(upstream, tool, arguments)
+                    arguments, problem = await self._as_the_tool_reads(upstream, tool, arguments)
         call = ToolCall(
             tool=tool,
             server=upstream,
@@ -349,19 +349,22 @@ class McpGateway:
                 verdict = await self._decide(call, identity, parent, "", shape, True)
         return await self._answer(call, identity, verdict)
 
-    async def _schema_problem(self, upstream: str, tool: str, arguments: dict[str, Any]) -> str:
-        """Why the upstream tool would not read these arguments as decided (sidecar/mcp/schemas.py), or "".
-        Judged on the arguments as the Gate decides on them (the numbers rule: 1.0 is 1)."""
+    async def _as_the_tool_reads(self, upstream: str, tool: str,
+                                 arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The arguments as the upstream tool will read them (its schema's defaults filled in), and why
+        the tool would not read them as decided or "" (sidecar/mcp/schemas.py). Judged on the arguments
+        as the Gate decides on them (the numbers rule: 1.0 is 1)."""
         try:
             schema = await self._invoker.input_schema(upstream, tool)
         except Exception as exc:  # the upstream cannot list its tools: nothing to judge the call by
             detail = (str(exc) or type(exc).__name__)[:300]
-            return str(Reason(UPSTREAM_UNAVAILABLE, f"the input schema of {tool} could not be read from upstream "
-                                                    f"{upstream}, so the call is not decided ({detail})"))
+            return arguments, str(Reason(UPSTREAM_UNAVAILABLE, f"the input schema of {tool} could not be read "
+                                                               f"from upstream {upstream}, so the call is not "
+                                                               f"decided ({detail})"))
         if schema is None:
-            return str(Reason(UNKNOWN_TOOL, f"upstream {upstream} lists no tool {tool!r}"))
-        refused = schemas.problem(schema, normalize(arguments))
-        return str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
+            return arguments, str(Reason(UNKNOWN_TOOL, f"upstream {upstream} lists no tool {tool!r}"))
+        filled, refused = schemas.as_the_tool_reads(schema, normalize(arguments))
+        return filled, str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
 
     async def _decide(self, call: ToolCall, identity: CallerIdentity | IdentityError, parent: TraceContext | None,
                       problem: str, shape: tuple | None, remembered: bool) -> Verdict:

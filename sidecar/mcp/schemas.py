@@ -1,4 +1,4 @@
-"""A tools/call's arguments judged against the upstream tool's own input schema, before policy.
+"""A tools/call's arguments as the upstream tool will read them, judged before policy.
 
 Policy, the approver and the evidence see the arguments as JSON values; an upstream tool
 reads them through its own validation, and the MCP SDK's tools (MCPServer, FastMCP) validate
@@ -8,7 +8,15 @@ and a string holding JSON text (`"[1, 2]"`, `'{"path": "/etc"}'`) as the array o
 spells. A policy that denies `recursive == true` would let `"recursive": "true"` through, and
 the tool would run recursive.
 
+And a tool runs an argument the call leaves out with its own default: a policy that denies
+`recursive == true` saw no `recursive`, and a tool whose `recursive` defaults to true ran
+recursive.
+
 So a call is decided only on arguments the tool reads as they are:
+- every property the schema gives a `default` for (at any depth the schema describes, through
+  `$ref`) that the call leaves out is filled in with that default, so policy, the approver and
+  the evidence see it, and the tool is sent it and needs no default of its own; a `null`
+  default is the tool's "not given" and stays left out (obligations skip an absent argument);
 - they must validate, without coercion, against the input schema the upstream declared for
   the tool in its listing (JSON Schema as its `$schema` names it, 2020-12 by default, the
   MCP default); a string is not a boolean or a number there, nor a boolean an integer;
@@ -16,12 +24,15 @@ So a call is decided only on arguments the tool reads as they are:
   the schema would also accept that value in its place: the SDK's tools parse such a string
   before validating it (`"null"` runs as None where the tool takes `str | None`).
 
-`problem` returns why not ("arguments.recursive: …", naming the field, never the value), or
-None. The gateway denies the call with `invalid_arguments` and records it (docs/mcp.md).
+`as_the_tool_reads` returns the arguments with the defaults filled in, and why the tool would
+not read them as they are ("arguments.recursive …", naming the field, never the value) or None.
+The gateway decides on those arguments, or denies the call with `invalid_arguments` and records
+it (docs/mcp.md).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -33,30 +44,47 @@ from sidecar.jsonvalues import child_path
 _DEFAULT = jsonschema.Draft202012Validator
 
 
-def problem(schema: Any, arguments: dict[str, Any]) -> str | None:
-    """Why the tool would not read `arguments` as they are (module docstring), or None."""
+def as_the_tool_reads(schema: Any, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """(`arguments` with the schema's defaults filled in, why the tool would not read them as they
+    are or None); module docstring. `arguments` is not changed."""
     if not isinstance(schema, dict):
-        return "the tool's input schema is not a JSON Schema object, so its arguments cannot be checked"
+        return arguments, "the tool's input schema is not a JSON Schema object, so its arguments cannot be checked"
     validator_class = jsonschema.validators.validator_for(schema, default=_DEFAULT)
     try:
         validator_class.check_schema(schema)
     except SchemaError:
-        return "the tool's input schema is not valid JSON Schema, so its arguments cannot be checked"
-    validator = validator_class(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+        return arguments, "the tool's input schema is not valid JSON Schema, so its arguments cannot be checked"
+    filled = copy.deepcopy(arguments)
+    error = jsonschema.exceptions.best_match(_filling(validator_class)(schema).iter_errors(filled))
     if error is not None:
         where = "arguments"
         for step in error.absolute_path:
             where = child_path(where, step)
-        return (f"{where} does not match the tool's input schema ({error.validator}: "
-                f"{_shown(error.validator_value)}); the tool would read it as another value or refuse it")
-    for name, value in sorted(arguments.items()):
+        return filled, (f"{where} does not match the tool's input schema ({error.validator}: "
+                        f"{_shown(error.validator_value)}); the tool would read it as another value or refuse it")
+    validator = validator_class(schema)
+    for name, value in sorted(filled.items()):
         parsed = _json_text(value)
-        if parsed is not _NOT_PARSED and validator.is_valid({**arguments, name: parsed}):
-            return (f"{child_path('arguments', name)} is a string holding JSON text (an array, object or null), which the tool's input schema "
-                    "also accepts parsed; tools built with the MCP SDK read such a string parsed, as another value "
-                    "than the one decided: send the value itself")
-    return None
+        if parsed is not _NOT_PARSED and validator.is_valid({**filled, name: parsed}):
+            return filled, (f"{child_path('arguments', name)} is a string holding JSON text (an array, object or "
+                            "null), which the tool's input schema also accepts parsed; tools built with the MCP SDK "
+                            "read such a string parsed, as another value than the one decided: send the value itself")
+    return filled, None
+
+
+def _filling(validator_class: Any) -> Any:
+    """`validator_class` whose `properties` keyword first fills in each absent property's `default`
+    (the instance it validates is changed), wherever validation descends: nested objects, `$ref`."""
+    properties = validator_class.VALIDATORS["properties"]
+
+    def fill_then_check(validator: Any, declared: Any, instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict) and isinstance(declared, dict):
+            for name, subschema in declared.items():
+                if name not in instance and isinstance(subschema, dict) and subschema.get("default") is not None:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from properties(validator, declared, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": fill_then_check})
 
 
 _NOT_PARSED = object()
