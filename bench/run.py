@@ -7,8 +7,10 @@ and prints a table and each identity mode against the speed targets
 (bench/targets.py); then what one large call costs the sidecar, by the shape
 of its arguments (bench/large_calls.py), what the MCP gateway adds to a call
 over calling the MCP server directly (bench/mcp_gateway.py, its own process),
-and how long waking the managed OPA holds the sender under each scheduling
-policy (bench/opa_wakeup.py).
+how long waking the managed OPA holds the sender under each scheduling
+policy (bench/opa_wakeup.py), and what one durable evidence write takes from
+idle (bench/durable_write.py): with the floor, the fixed hops of a call at
+100 calls/s (bench/targets.py).
 `--out` writes the figures as JSON, with the machine's load average. See
 docs/performance.md.
 """
@@ -32,6 +34,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import durable_write  # noqa: E402
 import large_calls  # noqa: E402
 import opa_wakeup  # noqa: E402
 import targets  # noqa: E402
@@ -228,6 +231,8 @@ def main() -> int:
     parser.add_argument("--opa-wakeups", type=int, default=300, metavar="N", help="decision requests sent "
                         "to a lone managed OPA per scheduling policy and pause (bench/opa_wakeup.py; default 300, "
                         "0 = skip)")
+    parser.add_argument("--durable-writes", type=int, default=300, metavar="N", help="record-sized appends, "
+                        "each synced, per pause (bench/durable_write.py; default 300, 0 = skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -307,6 +312,7 @@ def main() -> int:
     large = large_call_costs(workdir, bundle, args.large_calls) if args.large_calls > 0 else None
     gateway = mcp_gateway(workdir, args.mcp_calls) if args.mcp_calls > 0 else None
     wakeups = opa_wakeup.measure(bundle, args.opa_wakeups) if args.opa_wakeups > 0 else None
+    writes = durable_write.measure(workdir, args.durable_writes) if args.durable_writes > 0 else None
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "processor": platform.processor() or platform.machine(),
                # 1/5/15-minute load averages (os.getloadavg) at the start and the end: other work on the machine.
@@ -320,6 +326,10 @@ def main() -> int:
         report["mcp_gateway"] = gateway
     if wakeups:
         report["opa_wakeup"] = wakeups
+    if writes:
+        report["durable_write"] = writes
+    if wakeups and writes:
+        report["fixed_hops"] = targets.fixed_hops(results, wakeups, writes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_table(report)
@@ -381,7 +391,7 @@ def print_table(report: dict) -> None:
         print(f"{'':<45} cores busy with other work (steal) meanwhile: "
               + "; ".join(f"{label} {row[label]['other_cores']['other']:.2f} ({row[label]['other_cores']['steal']:.2f})"
                           for label in ("floor", "sidecar")))
-    targets.print_table(report["targets"])
+    targets.print_table(report["targets"], report.get("fixed_hops"))
     if report.get("large_calls"):
         large_calls.print_table(report["large_calls"])
     gateway = report.get("mcp_gateway")
@@ -393,6 +403,8 @@ def print_table(report: dict) -> None:
             print(f"{label:<18}{row['p50_ms']:>10}{row['p99_ms']:>10}{row['mean_ms']:>10}")
     if report.get("opa_wakeup"):
         opa_wakeup.print_table(report["opa_wakeup"])
+    if report.get("durable_write"):
+        durable_write.print_table(report["durable_write"])
     load = report["machine"]["load_average"]
     print(f"\nload average (1/5/15 min) at start {load['start']}, at end {load['end']} on {report['machine']['cpus']} CPUs")
 

@@ -6,6 +6,10 @@ and a p99 of at most 8 ms; a closed-loop saturation of at least 1,500
 calls/s on 2 cores; at 100 calls/s a p50 of at most 3 times the bare
 floor's, measured in the same run. Each identity mode is judged on its own
 rows; a target whose scenario was not run is "not measured", never met.
+
+`fixed_hops` says what the 100/s ratio leaves to the sidecar's own code on
+the machine of the run: the hops every decision makes whatever that code
+does (gRPC, OPA, the durable record), each measured from idle.
 """
 
 from __future__ import annotations
@@ -61,8 +65,31 @@ def judge(results: list[dict]) -> list[dict]:
     return verdicts
 
 
-def print_table(verdicts: list[dict]) -> None:
+def fixed_hops(results: list[dict], opa_wakeup: dict, durable_write: dict) -> list[dict]:
+    """The least a call at 100 calls/s can take, per identity mode, in ms: the floor's p50 (the client and
+    gRPC), OPA's round trip from idle (bench/opa_wakeup.py: the default batch scheduling, a request every
+    10 ms) and one durable write from idle (bench/durable_write.py, every 10 ms), none of them the
+    sidecar's own code. [{"identity", "floor_ms", "opa_ms", "write_ms", "sum_ms", "ratio"}], `ratio` being
+    the sum over the floor's p50: what is left of the 3x target for everything else."""
+    opa_ms = opa_wakeup["batch"]["every 10 ms"]["round_trip_p50_us"] / 1000
+    write_ms = durable_write["every 10 ms"]["p50_us"] / 1000
+    bounds = []
+    for row in results:
+        if row["scenario"] != "open 100/s":
+            continue
+        floor_ms = row["floor"]["latency_ms"]["p50"]
+        total = floor_ms + opa_ms + write_ms
+        bounds.append({"identity": row["identity"], "floor_ms": round(floor_ms, 3), "opa_ms": round(opa_ms, 3),
+                       "write_ms": round(write_ms, 3), "sum_ms": round(total, 3), "ratio": round(total / floor_ms, 2)})
+    return bounds
+
+
+def print_table(verdicts: list[dict], hops: list[dict] | None = None) -> None:
     print("\nAgainst the targets (docs/performance.md#against-the-targets)")
     for item in verdicts:
         met = {True: "met", False: "NOT met", None: "-"}[item["met"]]
         print(f"{item['identity']:<31} {item['target']:<32} {item['measured']:>18}  {met}")
+    for bound in hops or []:
+        print(f"{bound['identity']:<31} 100/s, the fixed hops alone: floor {bound['floor_ms']:.2f} + OPA from idle "
+              f"{bound['opa_ms']:.2f} + durable write from idle {bound['write_ms']:.2f} = {bound['sum_ms']:.2f} ms, "
+              f"{bound['ratio']:.2f}x the floor's")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from targets import judge  # noqa: E402
+from targets import fixed_hops, judge  # noqa: E402
 
 
 def row(identity: str, scenario: str, *, p50: float = 1.0, p99: float = 4.0, floor_p50: float = 0.5,
@@ -48,3 +48,17 @@ def test_modes_are_judged_apart_and_an_unrun_scenario_is_not_met():
     assert verdicts(results, "mtls")["1,000/s: p50 <= 2.5 ms"] is False
     assert verdicts(results, "unix")["closed loop >= 1,500 calls/s"] is None
     assert verdicts(results, "mtls")["100/s: p50 <= 3x the floor's"] is None
+
+
+def test_fixed_hops_add_the_floor_opa_from_idle_and_a_durable_write_per_mode():
+    """The 100/s rows only, each with its own floor; OPA's figure is the default (batch) scheduling's
+    round trip every 10 ms, the write's its p50 every 10 ms, both from microseconds to ms."""
+    results = [row("unix", "open 100/s", floor_p50=0.5), row("mtls", "open 100/s", floor_p50=0.4),
+               row("unix", "open 1000/s")]
+    wakeup = {"normal": {"every 10 ms": {"round_trip_p50_us": 9000.0}},
+              "batch": {"every 10 ms": {"round_trip_p50_us": 700.0}, "every 1 ms": {"round_trip_p50_us": 1.0}}}
+    writes = {"every 10 ms": {"p50_us": 300.0}, "every 1 ms": {"p50_us": 1.0}}
+    assert fixed_hops(results, wakeup, writes) == [
+        {"identity": "unix", "floor_ms": 0.5, "opa_ms": 0.7, "write_ms": 0.3, "sum_ms": 1.5, "ratio": 3.0},
+        {"identity": "mtls", "floor_ms": 0.4, "opa_ms": 0.7, "write_ms": 0.3, "sum_ms": 1.4, "ratio": 3.5},
+    ]
