@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from sidecar.evidence.verify import verify_dir
 from tests.conftest import write_policy
+from tests.infra.invoke import records
 from tests.mcp_upstreams import STDIO_SERVER, serve_http
 
 POLICY = """\
@@ -92,13 +93,6 @@ async def gateway(tmp_path, sidecar_config, running_sidecar):
     await upstream.stop()
 
 
-def records(config) -> list[dict]:
-    out = []
-    for path in sorted(Path(config.evidence.dir).glob("evidence-*.jsonl")):
-        out += [json.loads(line) for line in path.read_text().splitlines() if line]
-    return out
-
-
 COERCED = {
     # the argument as sent → the field the refusal names (what the SDK's tool would have run with)
     "a string for a boolean": ({"recursive": "true"}, "arguments.recursive"),  # True
@@ -126,10 +120,10 @@ async def test_arguments_the_tool_would_read_as_another_value_are_denied_naming_
     text = result.content[0].text
     assert result.is_error and f"invalid_arguments: {field} " in text, text
     assert received == []  # the tool never ran
-    decisions = [r for r in records(config) if r["kind"] == "decision"]
+    decisions = [r for r in records(config.evidence.dir) if r["kind"] == "decision"]
     assert [d["outcome"] for d in decisions] == ["deny"]
     assert decisions[0]["reasons"][0].startswith(f"invalid_arguments: {field} ")
-    assert not [r for r in records(config) if r["kind"] == "invocation"]
+    assert not [r for r in records(config.evidence.dir) if r["kind"] == "invocation"]
     for value in sent.values():  # the reason names the field, never the value (short ones are words of its text)
         if isinstance(value, str) and len(value) > 4:
             assert value not in decisions[0]["reasons"][0]
@@ -159,7 +153,7 @@ async def test_over_stdio_too_and_a_tool_the_upstream_does_not_list_is_unknown(g
     assert policy_said.is_error and "too_wide: never on" in policy_said.content[0].text
     assert off.content[0].text == "on=False"
     assert unlisted.is_error and "unknown_tool: upstream files lists no tool 'shred'" in unlisted.content[0].text
-    outcomes = [(d["tool"], d["outcome"]) for d in records(config) if d["kind"] == "decision"]
+    outcomes = [(d["tool"], d["outcome"]) for d in records(config.evidence.dir) if d["kind"] == "decision"]
     assert outcomes == [("flag", "deny"), ("flag", "deny"), ("flag", "allow"), ("shred", "deny")]
 
 
@@ -176,8 +170,8 @@ async def test_defaults_the_tool_would_run_with_are_decided_on_and_sent(gateway)
     assert not explicit.is_error, explicit
     ran = {"path": "/srv", "recursive": False, "options": None}
     assert received == [ran]  # only the call policy allowed, with what it decided on
-    decisions = [r for r in records(config) if r["kind"] == "decision"]
-    (invocation,) = [r for r in records(config) if r["kind"] == "invocation"]
+    decisions = [r for r in records(config.evidence.dir) if r["kind"] == "decision"]
+    (invocation,) = [r for r in records(config.evidence.dir) if r["kind"] == "invocation"]
     decided = [{"path": "/srv", "recursive": True},  # a null default stays left out: the tool's "not given"
                {"path": "/srv", "recursive": False, "options": {"force": True}}, ran]
     assert [d["arguments_digest"] for d in decisions] == [sha256_digest(canonical_json(a)) for a in decided]
