@@ -16,7 +16,7 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
     invalid_escalation_id   the escalation id is too long, not text, or holds NUL
     invalid_intent          the intent is too long, not text, or holds NUL
     invalid_arguments       arguments are not a JSON object, hold NUL or an inexact number (also invoke/http.py:
-                            the URL needs an argument the call lacks; mcp/schemas.py: the upstream tool's input
+                            the URL needs an argument the call lacks; invoke/schemas.py: the tool's input
                             schema would read them as another value)
     invalid_signals         signals are not a JSON object, hold NUL or an inexact number
     input_too_large         arguments or signals over policy.max_input_bytes

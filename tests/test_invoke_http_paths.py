@@ -27,10 +27,18 @@ POLICY = """\
 
     default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
 
-    decision := {"outcome": "allow", "reasons": ["ok: tickets"], "obligations": {}} if {
+    decision := {"outcome": "deny", "reasons": ["too_wide: never forced"], "obligations": {}} if {
+        input.tool.arguments.force == true
+    } else := {"outcome": "allow", "reasons": ["ok: tickets"], "obligations": {}} if {
         startswith(input.tool.name, "t_")
     }
 """
+SEARCH_SCHEMA = {
+    "type": "object",
+    "properties": {"q": {"type": "string"}, "force": {"type": "boolean", "default": False},
+                   "limit": {"type": "integer", "default": 10}},
+    "required": ["q"],
+}
 
 
 @pytest.fixture
@@ -63,6 +71,7 @@ async def sidecar(tmp_path, sidecar_config, running_sidecar, upstream):
             "t_fixed": {**tool, "method": "GET", "url": base + "/api/search?mode=safe&q={q}"},
             "t_fixed_post": {**tool, "url": base + "/api/reports?format=pdf"},
             "t_twice": {**tool, "url": base + "/api/items/{item}/copy/{item}"},
+            "t_schema": {**tool, "method": "GET", "url": base + "/api/find", "input_schema": SEARCH_SCHEMA},
         },
     })
     return await running_sidecar(config), seen, config
@@ -188,7 +197,7 @@ async def test_a_string_the_url_would_carry_as_another_value_is_not_sent(sidecar
 
 
 TEXT_ARRIVES = [
-    ("t_get", {"item": "x", "force": True}, "/api/items/x?force=true"),  # the value itself
+    ("t_get", {"item": "x", "flag": True}, "/api/items/x?flag=true"),  # the value itself
     ("t_get", {"item": 5, "ids": [1, 2]}, "/api/items/5?ids=%5B1,2%5D"),
     ("t_get", {"item": "x", "id": "9007199254740993"}, "/api/items/x?id=9007199254740993"),  # no number carries it
     ("t_get", {"item": "x", "v": "1.0"}, "/api/items/x?v=1.0"),  # 1.0 is decided as 1, sent as `1`
@@ -205,3 +214,50 @@ async def test_strings_no_other_value_is_written_as_and_values_themselves_are_se
     response = await invoke(running.addresses[0], tool, arguments)
     assert response.status == "ok", response
     assert seen == [path]
+
+
+# A tool's framework reads URL text its own way (FastAPI takes `?force=yes` for true) and runs a left-out
+# argument with its own default: with the tool's input_schema configured, calls are judged by it before
+# policy, as the MCP gateway judges an upstream tool's (sidecar/invoke/schemas.py).
+SCHEMA_REFUSED = [
+    ({"q": "x", "force": "yes"}, "arguments.force"),  # policy would not see force == true; the tool would
+    ({"q": "x", "force": 1}, "arguments.force"),
+    ({"q": "x", "limit": "5"}, "arguments.limit"),
+    ({"q": "x", "limit": 2.5}, "arguments.limit"),
+    ({"limit": 5}, "arguments"),  # q is required
+]
+
+
+@pytest.mark.parametrize("arguments, field", SCHEMA_REFUSED, ids=[json.dumps(a) for a, _ in SCHEMA_REFUSED])
+async def test_arguments_against_the_tools_input_schema_are_denied_before_policy(sidecar, arguments, field):
+    running, seen, config = sidecar
+    response = await invoke(running.addresses[0], "t_schema", arguments)
+    assert response.decision.outcome == sidecar_pb2.OUTCOME_DENY and response.status == "", response
+    assert response.decision.reasons[0].startswith(f"invalid_arguments: {field} does not match"), response
+    assert seen == []
+    (decision,) = [r for r in records(config.evidence.dir) if r["kind"] == "decision"]
+    assert decision["outcome"] == "deny" and decision["reasons"] == list(response.decision.reasons)
+    assert verify_dir(Path(config.evidence.dir)).ok
+
+
+async def test_the_schemas_defaults_are_decided_on_and_sent(sidecar):
+    from sidecar.canonical import canonical_json, sha256_digest
+
+    running, seen, config = sidecar
+    left_out = await invoke(running.addresses[0], "t_schema", {"q": "x"})
+    assert left_out.status == "ok", left_out
+    decided = {"q": "x", "force": False, "limit": 10}
+    assert left_out.decision.arguments_digest == sha256_digest(canonical_json(decided))
+    forced = await invoke(running.addresses[0], "t_schema", {"q": "x", "force": True})
+    assert forced.decision.reasons == ["too_wide: never forced"]
+    assert seen == ["/api/find?q=x&force=false&limit=10"]
+    (invocation,) = invocations(config.evidence.dir)
+    assert invocation["arguments_digest"] == left_out.decision.arguments_digest
+
+
+def test_an_input_schema_that_is_not_json_schema_is_refused_at_load(sidecar_config):
+    from sidecar.config import ConfigError
+
+    tool = {"url": "http://127.0.0.1:9/api", "input_schema": {"type": "object", "properties": {"q": {"type": 5}}}}
+    with pytest.raises(ConfigError, match=r"invoke\.tools\.t_bad\.input_schema: the tool's input schema is not valid"):
+        sidecar_config(**{"invoke.tools": {"t_bad": tool}})

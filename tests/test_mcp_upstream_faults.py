@@ -116,7 +116,7 @@ async def test_an_upstream_answering_garbage_is_an_error_and_others_keep_serving
         assert result.is_error and "upstream_unavailable" in result.content[0].text
         assert not (await agent.call_tool("docs__whoami", {})).is_error
     log = [json.loads(line) for line in (Path(config.evidence.dir) / "evidence-000001.jsonl").read_text().splitlines()]
-    # its tools' input schemas cannot be read, so the call is denied before policy (sidecar/mcp/schemas.py)
+    # its tools' input schemas cannot be read, so the call is denied before policy (sidecar/invoke/schemas.py)
     refused = [r for r in log if r["kind"] == "decision" and r["server"] == "junk"]
     assert [r["outcome"] for r in refused] == ["deny"] and refused[0]["reasons"][0].startswith("upstream_unavailable:")
 

@@ -36,13 +36,13 @@ import asyncio
 import json
 import re
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import parse_qsl, quote
 
 import aiohttp
 
-from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult
+from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult, schemas
 from sidecar.invoke.credentials import CredentialError, CredentialProvider
 from sidecar.canonical import parse_json
 from sidecar.jsonvalues import child_path, normalize, number_problems
@@ -74,6 +74,7 @@ class HttpTool:
     max_response_bytes: int = 1024 * 1024
     rollback_header: str = "x-rollback-token"
     credential: CredentialProvider | None = None
+    input_schema: dict[str, Any] = field(default_factory=dict)  # {} = none (sidecar/invoke/schemas.py)
 
 
 def _query_value(value: Any) -> str:
@@ -171,6 +172,16 @@ class HttpInvoker:
 
     def knows(self, tool: str) -> bool:
         return tool in self.tools
+
+    def as_the_tool_reads(self, call: "ToolCall") -> tuple["ToolCall", str]:
+        """The call with its arguments as the tool reads them by its `input_schema` (defaults filled
+        in), and why the tool would read them as another value ("invalid_arguments: …") or "";
+        the call unchanged when the tool has no schema (sidecar/invoke/schemas.py). Before policy."""
+        schema = self.tools[call.tool].input_schema
+        if not schema or not isinstance(call.arguments, dict):
+            return call, ""
+        filled, refused = schemas.as_the_tool_reads(schema, normalize(call.arguments))
+        return replace(call, arguments=filled), str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

@@ -16,7 +16,7 @@ has the upstream's timeout; a result larger than `max_result_bytes` (its
 canonical JSON) is refused with upstream_too_large. The rollback token is
 the result's `_meta.rollback_token` (a string), when the tool gives one.
 Each upstream keeps its tools' input schemas from its last listing (the gateway
-checks a call against them before policy, sidecar/mcp/schemas.py); they are
+checks a call against them before policy, sidecar/invoke/schemas.py); they are
 forgotten when the session is replaced or the upstream says its tools changed
 (`notifications/tools/list_changed`), and a tool not among them lists afresh.
 """

@@ -69,11 +69,11 @@ from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
-from sidecar.invoke import FAILED, NOT_CALLED
+from sidecar.invoke import FAILED, NOT_CALLED, schemas
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
 from sidecar.jsonvalues import normalize
-from sidecar.mcp import elicitation, names, schemas
+from sidecar.mcp import elicitation, names
 from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
 from sidecar.reasons import (
     ESCALATION_PENDING,
@@ -352,7 +352,7 @@ class McpGateway:
     async def _as_the_tool_reads(self, upstream: str, tool: str,
                                  arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """The arguments as the upstream tool will read them (its schema's defaults filled in), and why
-        the tool would not read them as decided or "" (sidecar/mcp/schemas.py). Judged on the arguments
+        the tool would not read them as decided or "" (sidecar/invoke/schemas.py). Judged on the arguments
         as the Gate decides on them (the numbers rule: 1.0 is 1)."""
         try:
             schema = await self._invoker.input_schema(upstream, tool)

@@ -1,33 +1,34 @@
-"""A tools/call's arguments as the upstream tool will read them, judged before policy.
+"""A call's arguments as the tool will read them, judged before policy against its input schema.
 
-Policy, the approver and the evidence see the arguments as JSON values; an upstream tool
-reads them through its own validation, and the MCP SDK's tools (MCPServer, FastMCP) validate
-with pydantic in lax mode: `"true"`, `"yes"` and `1` run as the boolean true, `"5000"`,
-`" 5000 "` and `"5_000"` as the integer 5000, `"inf"` as Infinity, `true` as the integer 1,
-and a string holding JSON text (`"[1, 2]"`, `'{"path": "/etc"}'`) as the array or object it
-spells. A policy that denies `recursive == true` would let `"recursive": "true"` through, and
-the tool would run recursive.
+Policy, the approver and the evidence see the arguments as JSON values; a tool reads them
+through its own validation, which often coerces. The MCP SDK's tools (MCPServer, FastMCP)
+validate with pydantic in lax mode: `"true"`, `"yes"` and `1` run as the boolean true,
+`"5000"`, `" 5000 "` and `"5_000"` as the integer 5000, `"inf"` as Infinity, `true` as the
+integer 1, and a string holding JSON text (`"[1, 2]"`, `'{"path": "/etc"}'`, `"null"`) as the
+value it spells; HTTP frameworks read query text the same way (FastAPI: `?force=yes` is
+true). A policy that denies `recursive == true` would let `"recursive": "true"` through, and
+the tool would run recursive. And a tool runs an argument the call leaves out with its own
+default: a policy that denies `recursive == true` saw no `recursive`, and a tool whose
+`recursive` defaults to true ran recursive.
 
-And a tool runs an argument the call leaves out with its own default: a policy that denies
-`recursive == true` saw no `recursive`, and a tool whose `recursive` defaults to true ran
-recursive.
-
-So a call is decided only on arguments the tool reads as they are:
+So where the tool's input schema is known (an MCP upstream's listing; `invoke.tools.<name>.
+input_schema` for an HTTP tool) a call is decided only on arguments the tool reads as they are:
 - every property the schema gives a `default` for (at any depth the schema describes, through
   `$ref`) that the call leaves out is filled in with that default, so policy, the approver and
   the evidence see it, and the tool is sent it and needs no default of its own; a `null`
   default is the tool's "not given" and stays left out (obligations skip an absent argument);
-- they must validate, without coercion, against the input schema the upstream declared for
-  the tool in its listing (JSON Schema as its `$schema` names it, 2020-12 by default, the
-  MCP default); a string is not a boolean or a number there, nor a boolean an integer;
+- they must validate, without coercion, against the schema (JSON Schema as its `$schema`
+  names it, 2020-12 by default, the MCP default); a string is not a boolean or a number
+  there, nor a boolean an integer;
 - a top-level string argument whose text is a JSON array, object or `null` is refused when
   the schema would also accept that value in its place: the SDK's tools parse such a string
   before validating it (`"null"` runs as None where the tool takes `str | None`).
 
 `as_the_tool_reads` returns the arguments with the defaults filled in, and why the tool would
 not read them as they are ("arguments.recursive …", naming the field, never the value) or None.
-The gateway decides on those arguments, or denies the call with `invalid_arguments` and records
-it (docs/mcp.md).
+The front doors (the MCP gateway, ToolGate.Invoke) decide on those arguments, or deny the call
+with `invalid_arguments` and record it (docs/mcp.md). `schema_problem` is the load-time check
+of a configured schema.
 """
 
 from __future__ import annotations
@@ -44,16 +45,32 @@ from sidecar.jsonvalues import child_path
 _DEFAULT = jsonschema.Draft202012Validator
 
 
+def schema_problem(schema: Any) -> str | None:
+    """Why `schema` is not a JSON Schema object arguments can be judged by, or None."""
+    if not isinstance(schema, dict):
+        return "the tool's input schema is not a JSON Schema object, so its arguments cannot be checked"
+    try:
+        jsonschema.validators.validator_for(schema, default=_DEFAULT).check_schema(schema)
+    except SchemaError as exc:
+        return (f"the tool's input schema is not valid JSON Schema ({exc.message[:200]}), "
+                "so its arguments cannot be checked")
+    return None
+
+
 def as_the_tool_reads(schema: Any, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """(`arguments` with the schema's defaults filled in, why the tool would not read them as they
     are or None); module docstring. `arguments` is not changed."""
-    if not isinstance(schema, dict):
-        return arguments, "the tool's input schema is not a JSON Schema object, so its arguments cannot be checked"
-    validator_class = jsonschema.validators.validator_for(schema, default=_DEFAULT)
+    refused = schema_problem(schema)
+    if refused is not None:
+        return arguments, refused
     try:
-        validator_class.check_schema(schema)
-    except SchemaError:
-        return arguments, "the tool's input schema is not valid JSON Schema, so its arguments cannot be checked"
+        return _judged(schema, arguments)
+    except RecursionError:  # a recursive schema ($ref to itself) walked down deeply nested arguments
+        return arguments, "arguments nest too deep to be checked against the tool's input schema"
+
+
+def _judged(schema: dict, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    validator_class = jsonschema.validators.validator_for(schema, default=_DEFAULT)
     filled = copy.deepcopy(arguments)
     error = jsonschema.exceptions.best_match(_filling(validator_class)(schema).iter_errors(filled))
     if error is not None:
