@@ -35,7 +35,14 @@ POLICY = """\
 
     default decision := {"outcome": "deny", "reasons": ["no rule allows this call"], "obligations": {}}
 
-    decision := {"outcome": "deny", "reasons": ["too_wide: never recursive"], "obligations": {}} if {
+    decision := {"outcome": "escalate", "reasons": ["needs_approval: a recursive purge"], "obligations": {}} if {
+        input.tool.name == "purge"
+        input.tool.arguments.recursive == true
+        input.approval == null
+    } else := {"outcome": "allow", "reasons": ["approved: recursive purge"], "obligations": {}} if {
+        input.tool.name == "purge"
+        input.tool.arguments.recursive == true
+    } else := {"outcome": "deny", "reasons": ["too_wide: never recursive"], "obligations": {}} if {
         input.tool.arguments.recursive == true
     } else := {"outcome": "deny", "reasons": ["too_wide: never forced"], "obligations": {}} if {
         input.tool.arguments.options.force == true
@@ -157,22 +164,33 @@ async def test_over_stdio_too_and_a_tool_the_upstream_does_not_list_is_unknown(g
     assert outcomes == [("flag", "deny"), ("flag", "deny"), ("flag", "allow"), ("shred", "deny")]
 
 
-async def test_defaults_the_tool_would_run_with_are_decided_on_and_sent(gateway):
+async def test_defaults_the_tool_would_run_with_are_decided_on_approved_and_sent(gateway):
+    """A purge left without `recursive` runs recursive (the tool's default): policy escalates it,
+    the approver reads `recursive: true`, and the approved call runs with exactly that."""
     from sidecar.canonical import canonical_json, sha256_digest
+    from sidecar.escalation.client import ApprovalsClient
 
     sidecar, received, config = gateway
-    async with Client(sidecar.mcp.url) as agent:
-        left_out = await agent.call_tool("files__purge", {"path": "/srv"})  # recursive defaults to true
+    async with Client(sidecar.mcp.url) as agent, ApprovalsClient(sidecar.addresses[0]) as approvals:
+        left_out = await agent.call_tool("files__purge", {"path": "/srv"})
         nested = await agent.call_tool("files__purge", {"path": "/srv", "recursive": False, "options": {}})
         explicit = await agent.call_tool("files__purge", {"path": "/srv", "recursive": False, "options": None})
-    assert left_out.is_error and "too_wide: never recursive" in left_out.content[0].text, left_out
+        assert left_out.is_error and "needs_approval: a recursive purge" in left_out.content[0].text, left_out
+        escalation_id = left_out.meta["sidecar/escalation_id"]
+        shown = await approvals.get(escalation_id, approver="email:alice@example.org")
+        assert shown["arguments"] == {"path": "/srv", "recursive": True}  # a null default stays left out
+        await approvals.approve(escalation_id, approver="email:alice@example.org")
+        approved = await agent.call_tool("files__purge", {"path": "/srv"})
+        assert not approved.is_error, approved
     assert nested.is_error and "too_wide: never forced" in nested.content[0].text, nested
     assert not explicit.is_error, explicit
-    ran = {"path": "/srv", "recursive": False, "options": None}
-    assert received == [ran]  # only the call policy allowed, with what it decided on
+    assert received == [{"path": "/srv", "recursive": False, "options": None},
+                        {"path": "/srv", "recursive": True, "options": None}]
     decisions = [r for r in records(config.evidence.dir) if r["kind"] == "decision"]
-    (invocation,) = [r for r in records(config.evidence.dir) if r["kind"] == "invocation"]
-    decided = [{"path": "/srv", "recursive": True},  # a null default stays left out: the tool's "not given"
-               {"path": "/srv", "recursive": False, "options": {"force": True}}, ran]
+    invocations = [r for r in records(config.evidence.dir) if r["kind"] == "invocation"]
+    decided = [{"path": "/srv", "recursive": True}, {"path": "/srv", "recursive": False, "options": {"force": True}},
+               {"path": "/srv", "recursive": False, "options": None}, {"path": "/srv", "recursive": True}]
     assert [d["arguments_digest"] for d in decisions] == [sha256_digest(canonical_json(a)) for a in decided]
-    assert invocation["arguments_digest"] == decisions[2]["arguments_digest"]
+    assert [i["arguments_digest"] for i in invocations] == [decisions[2]["arguments_digest"],
+                                                            decisions[3]["arguments_digest"]]
+    assert invocations[1]["approver"] == "email:alice@example.org"
