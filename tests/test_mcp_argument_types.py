@@ -114,6 +114,7 @@ COERCED = {
     "JSON text where a list is also taken": ({"targets": '["/", "/etc"]'}, "arguments.targets"),  # a list
     "a string for a nested boolean": ({"options": {"force": "on"}}, "arguments.options.force"),  # True
     "a required argument missing": ({"path": None}, "arguments"),
+    "two spellings of one name": ({"recursive": False, "RECURSIVE": True}, "arguments"),  # the gate's check
 }
 
 
