@@ -39,10 +39,12 @@ from typing import Any
 
 import jsonschema
 from jsonschema.exceptions import SchemaError
+from referencing import Registry
 
 from sidecar.jsonvalues import child_path
 
 _DEFAULT = jsonschema.Draft202012Validator
+_LOCAL: Registry = Registry()
 
 
 def schema_problem(schema: Any) -> str | None:
@@ -64,22 +66,56 @@ def as_the_tool_reads(schema: Any, arguments: dict[str, Any]) -> tuple[dict[str,
     if refused is not None:
         return arguments, refused
     try:
-        return _judged(schema, arguments)
+        return _judged(_without_regex(schema), arguments)
     except RecursionError:  # a recursive schema ($ref to itself) walked down deeply nested arguments
         return arguments, "arguments nest too deep to be checked against the tool's input schema"
+    except Exception as exc:  # a $ref that resolves nowhere in the schema (others are never fetched), ...
+        return arguments, (f"the tool's input schema cannot be applied here ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}), so its arguments cannot be checked")
+
+
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+_SCHEMA = frozenset({"items", "additionalItems", "not", "if", "then", "else", "additionalProperties", "contains",
+                     "propertyNames", "unevaluatedItems", "unevaluatedProperties"})
+_SCHEMAS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_NAMED = frozenset({"properties", "$defs", "definitions", "dependentSchemas"})
+# Regular expressions run on the agent's strings and keys: one that backtracks catastrophically
+# ("(a+)+$") would hold the event loop, and every call with it. What they constrain is no reading
+# of a value as another; the tool applies them itself.
+_REGEX = frozenset({"pattern", "patternProperties"})
+
+
+def _without_regex(schema: Any) -> Any:
+    """A copy of `schema` without the _REGEX keywords, at every place that holds a schema."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for keyword, value in schema.items():
+        if keyword in _REGEX:
+            continue
+        if keyword in _NAMED and isinstance(value, dict):
+            value = {name: _without_regex(child) for name, child in value.items()}
+        elif keyword in _SCHEMAS and isinstance(value, list) or keyword == "items" and isinstance(value, list):
+            value = [_without_regex(child) for child in value]
+        elif keyword in _SCHEMA:
+            value = _without_regex(value)
+        out[keyword] = value
+    return out
 
 
 def _judged(schema: dict, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     validator_class = jsonschema.validators.validator_for(schema, default=_DEFAULT)
     filled = copy.deepcopy(arguments)
-    error = jsonschema.exceptions.best_match(_filling(validator_class)(schema).iter_errors(filled))
+    # An empty registry: a `$ref` resolves within the schema or nowhere. jsonschema's default would fetch
+    # any other (http://, file://) from the sidecar, at the schema's word.
+    error = jsonschema.exceptions.best_match(_filling(validator_class)(schema, registry=_LOCAL).iter_errors(filled))
     if error is not None:
         where = "arguments"
         for step in error.absolute_path:
             where = child_path(where, step)
         return filled, (f"{where} does not match the tool's input schema ({error.validator}: "
                         f"{_shown(error.validator_value)}); the tool would read it as another value or refuse it")
-    validator = validator_class(schema)
+    validator = validator_class(schema, registry=_LOCAL)
     for name, value in sorted(filled.items()):
         parsed = _json_text(value)
         if parsed is not _NOT_PARSED and validator.is_valid({**filled, name: parsed}):
