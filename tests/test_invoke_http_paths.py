@@ -250,9 +250,10 @@ async def test_the_schemas_defaults_are_decided_on_and_sent(sidecar):
     assert left_out.decision.arguments_digest == sha256_digest(canonical_json(decided))
     forced = await invoke(running.addresses[0], "t_schema", {"q": "x", "force": True})
     assert forced.decision.reasons == ["too_wide: never forced"]
-    assert seen == ["/api/find?q=x&force=false&limit=10"]
-    (invocation,) = invocations(config.evidence.dir)
-    assert invocation["arguments_digest"] == left_out.decision.arguments_digest
+    numeric = await invoke(running.addresses[0], "t_schema", {"q": "5"})
+    assert numeric.status == "ok", numeric  # its schema says q is a string: "5" is no other value here
+    assert seen == ["/api/find?q=x&force=false&limit=10", "/api/find?q=5&force=false&limit=10"]
+    assert invocations(config.evidence.dir)[0]["arguments_digest"] == left_out.decision.arguments_digest
 
 
 def test_an_input_schema_that_is_not_json_schema_is_refused_at_load(sidecar_config):

@@ -18,7 +18,8 @@ JSON-encoded). A string argument sent as URL text (a placeholder; the query of
 a GET or DELETE) whose text is exactly how another JSON value is written there
 (`"true"`, `"5"`, `"[1,2]"`, `"null"`) is refused, not_called
 invalid_arguments: the tool would get the same text for both values, policy
-decided on one. So is a placeholder value whose `/` or `\\` would stand next to
+decided on one; unless the tool has an `input_schema`, whose types decided
+which value it is. So is a placeholder value whose `/` or `\\` would stand next to
 a dot segment or another separator (`../admin`): servers that decode `%2F`
 before routing take the request elsewhere. Headers: the configured ones, then the credential's. Redirects
 are not followed. The result is {"status": int, "body": JSON or text}:
@@ -205,7 +206,8 @@ class HttpInvoker:
         method = tool.method.upper()
         as_text = sorted(placed | (set(arguments) if method in ("GET", "DELETE") else set()))
         url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments[m.group(1)]), safe=""), tool.url)
-        ambiguous = _text_of_another_value(arguments, as_text)
+        # A tool with an input schema was judged by it (as_the_tool_reads): its types say how the text reads.
+        ambiguous = "" if tool.input_schema else _text_of_another_value(arguments, as_text)
         for name in placed:
             del arguments[name]
         escaped = _path_escape(tool.url, url) or _shadowed_query(url, arguments) or ambiguous
