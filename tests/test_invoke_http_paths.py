@@ -123,6 +123,14 @@ ARRIVES = [
     ("t_suffix", {"name": ".."}, "/api/files/...json"),
     ("t_query", {"q": ".."}, "/api/search?q=.."),  # in the query: no path meaning
     ("t_query", {"q": ""}, "/api/search?q="),
+    # URL text no other value is written as, and values themselves (the URL-text rule below)
+    ("t_get", {"item": "x", "flag": True}, "/api/items/x?flag=true"),  # the value itself
+    ("t_get", {"item": 5, "ids": [1, 2]}, "/api/items/5?ids=%5B1,2%5D"),
+    ("t_get", {"item": "x", "id": "9007199254740993"}, "/api/items/x?id=9007199254740993"),  # no number carries it
+    ("t_get", {"item": "x", "v": "1.0"}, "/api/items/x?v=1.0"),  # 1.0 is decided as 1, sent as `1`
+    ("t_get", {"item": "x", "w": "[1, 2]"}, "/api/items/x?w=%5B1,+2%5D"),  # [1,2] is sent without the space
+    ("t_get", {"item": "007"}, "/api/items/007"),  # not JSON
+    ("t_create", {"project": "p", "force": "true"}, "/api/projects/p/issues"),  # a JSON body keeps the string
 ]
 
 
@@ -194,26 +202,6 @@ async def test_a_string_the_url_would_carry_as_another_value_is_not_sent(sidecar
     (invocation,) = invocations(config.evidence.dir)
     assert invocation["status"] == "not_called" and invocation["reasons"] == [response.error]
     assert verify_dir(Path(config.evidence.dir)).ok
-
-
-TEXT_ARRIVES = [
-    ("t_get", {"item": "x", "flag": True}, "/api/items/x?flag=true"),  # the value itself
-    ("t_get", {"item": 5, "ids": [1, 2]}, "/api/items/5?ids=%5B1,2%5D"),
-    ("t_get", {"item": "x", "id": "9007199254740993"}, "/api/items/x?id=9007199254740993"),  # no number carries it
-    ("t_get", {"item": "x", "v": "1.0"}, "/api/items/x?v=1.0"),  # 1.0 is decided as 1, sent as `1`
-    ("t_get", {"item": "x", "w": "[1, 2]"}, "/api/items/x?w=%5B1,+2%5D"),  # [1,2] is sent without the space
-    ("t_get", {"item": "007"}, "/api/items/007"),  # not JSON
-    ("t_create", {"project": "p", "force": "true"}, "/api/projects/p/issues"),  # a JSON body keeps the string
-]
-
-
-@pytest.mark.parametrize("tool, arguments, path", TEXT_ARRIVES,
-                         ids=[f"{t}-{json.dumps(a)}" for t, a, _ in TEXT_ARRIVES])
-async def test_strings_no_other_value_is_written_as_and_values_themselves_are_sent(sidecar, tool, arguments, path):
-    running, seen, _ = sidecar
-    response = await invoke(running.addresses[0], tool, arguments)
-    assert response.status == "ok", response
-    assert seen == [path]
 
 
 # A tool's framework reads URL text its own way (FastAPI takes `?force=yes` for true) and runs a left-out
