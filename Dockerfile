@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # The agent-sidecar image: the `sidecar` package in a venv on a pinned slim
 # Python, run as a non-root user. deploy/k8s uses it for the sidecar, the
-# policy-bundle init container and the demo agent.
+# approvers' console and the demo agent (the policy bundle is a ConfigMap
+# that OPA's own image serves).
 #
 #   docker build -t registry.example.com/platform/agent-sidecar:0.1.0 .
 #

@@ -97,5 +97,5 @@ bench: install
 ## signed with SIGNING_KEY (an RSA private key in PEM, kept out of the repository; docs/deploy.md).
 deploy-bundle: TOOLS = opa
 deploy-bundle: install
-	@test -n "$(SIGNING_KEY)" || { echo "make deploy-bundle SIGNING_KEY=path/to/bundle-signing.pem (docs/deploy.md)"; exit 2; }
+	@test -n "$(SIGNING_KEY)" || { echo "deploy-bundle: SIGNING_KEY is required, the RSA key (PEM) that signs the bundle: make deploy-bundle SIGNING_KEY=path/to/bundle-signing.pem (docs/deploy.md#the-policy-bundle-signed)" >&2; exit 2; }
 	$(BIN)/python deploy/sync_bundle.py --signing-key "$(SIGNING_KEY)"

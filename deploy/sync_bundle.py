@@ -81,8 +81,12 @@ def revision(stage: Path, files: list[Path]) -> str:
 def public_key_pem(signing_key: Path) -> bytes:
     """The PEM public key of an RSA private key (BuildError for anything else)."""
     try:
-        key = serialization.load_pem_private_key(signing_key.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        data = signing_key.read_bytes()
+    except OSError as exc:
+        raise BuildError(f"{signing_key}: cannot read the signing key: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
         raise BuildError(f"{signing_key}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise BuildError(f"{signing_key}: an RSA key is needed (the pod's OPA verifies RS256)")
@@ -135,9 +139,9 @@ def _refuse_dev_grants(stage: Path, files: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--signing-key", required=True, type=Path, help="RSA private key (PEM) that signs the bundle")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT.relative_to(REPO)})")
-    parser.add_argument("--opa", default=str(DEFAULT_OPA), help="the opa binary (default .tools/bin/opa)")
+    parser.add_argument("--signing-key", required=True, type=Path, metavar="PEM", help="RSA private key (PEM) that signs the bundle")
+    parser.add_argument("--out", type=Path, default=OUT, metavar="DIR", help=f"output directory (default {OUT.relative_to(REPO)})")
+    parser.add_argument("--opa", default=str(DEFAULT_OPA), metavar="BINARY", help="the opa binary (default .tools/bin/opa)")
     args = parser.parse_args(argv)
     try:
         rev = build(args.signing_key, out=args.out, opa=args.opa)

@@ -26,8 +26,11 @@ them all, and prints how to verify the evidence against SPIRE's bundle
 (DIR/bundle.pem). With --once it stops everything right away; without, it
 waits for Ctrl-C. Either way it then runs `evidence verify` itself.
 
-DIR (default var/demo) is emptied at start. Exit status 0 when every call got
-the outcome the policy promises and every trace reached Jaeger, else 1.
+DIR (default var/demo) is emptied at start: only a directory the demo made
+(it leaves a .agent-sidecar-demo file there), the default one, or an empty or
+new one; any other is refused (exit 2), so a mistyped --dir empties nothing.
+Exit status 0 when every call got the outcome the policy promises and every
+trace reached Jaeger, else 1.
 """
 
 from __future__ import annotations
@@ -211,17 +214,36 @@ def verify(sidecar: Sidecar) -> bool:
     return result.returncode == 0
 
 
+DEFAULT_DIR = REPO / "var" / "demo"
+MARKER = ".agent-sidecar-demo"
+
+
+def _ours(directory: Path) -> bool:
+    """Whether --dir may be emptied: the default, new or empty, or made by an earlier demo."""
+    if directory == DEFAULT_DIR.resolve() or not directory.exists():
+        return True
+    return directory.is_dir() and (not any(directory.iterdir()) or (directory / MARKER).is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--dir", default=str(REPO / "var" / "demo"), help="working directory, emptied at start")
-    parser.add_argument("--query-port", type=int, default=16686,
+    parser.add_argument("--dir", default=str(DEFAULT_DIR), metavar="DIR",
+                        help=f"working directory, emptied at start (default {DEFAULT_DIR.relative_to(REPO)}); one "
+                        f"holding anything but an earlier demo's files ({MARKER}) is refused")
+    parser.add_argument("--query-port", type=int, default=16686, metavar="PORT",
                         help="Jaeger query port when free (0: any free port)")
     parser.add_argument("--once", action="store_true", help="stop after the calls instead of waiting for Ctrl-C")
     args = parser.parse_args(argv)
 
     directory = Path(args.dir).resolve()
+    if not _ours(directory):
+        why = (f"it holds files and no {MARKER} (a directory an earlier demo made)" if directory.is_dir()
+               else "not a directory")
+        print(f"demo: --dir {args.dir}: {why}, so it is not emptied; give a new or empty directory", file=sys.stderr)
+        return 2
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+    (directory / MARKER).write_text("made by scripts/demo.py, which empties this directory at its next start\n")
 
     def on_signal(_signum, _frame):
         raise KeyboardInterrupt

@@ -75,6 +75,13 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(unknown)}{self._misplaced_hint(unknown)}")
         return parsed, unknown
 
+    def error(self, message: str) -> Any:
+        """A missing command names the commands there are (argparse's says only `required: COMMAND`)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and message.endswith(f"required: {action.metavar}"):
+                message += f" (one of {', '.join(action.choices)}; {self.prog} --help says what each does)"
+        super().error(message)
+
     def _misplaced_hint(self, unknown: list[str]) -> str:
         """Where a top-level option given after the command belongs (`serve --log-level DEBUG`)."""
         command = self.prog.removeprefix("agent-sidecar").strip()
@@ -115,6 +122,10 @@ def _policy_failure(config: Any, exc: Exception) -> int | None:
         print(f"agent-sidecar: the policy in {config.policy.dir} cannot be served:", file=sys.stderr)
         for problem in _refusal_problems(exc):
             print(f"  {problem}", file=sys.stderr)
+        if not os.path.isabs(config.policy.dir) and not os.path.exists(config.policy.dir):
+            # examples/dev.yaml run from outside the checkout: say where a relative path was looked for.
+            print(f"  (a relative path in the config is taken from the working directory, {os.getcwd()}, not "
+                  "from the config file's; run from the checkout's root or give absolute paths)", file=sys.stderr)
         return 2
     return None
 
@@ -362,23 +373,35 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
         raise ConfigError("--signer names SPIFFE IDs of SVIDs checked against --bundle; give --bundle too")
     try:
         keys = load_public_keys(args.key or [])
+    except (SigningError, OSError) as exc:
+        raise ConfigError(f"--key: {_file_problem(exc)}") from None
+    try:
         bundle = load_bundle(args.bundle) if args.bundle else None
     except (SigningError, OSError) as exc:
-        raise ConfigError(f"--key/--bundle: {exc}") from None
+        raise ConfigError(f"--bundle: {_file_problem(exc)}") from None
     report = verify_dir(args.dir, public_keys=keys, bundle=bundle, signer_ids=args.signer or (), mirror=args.mirror,
                         log_id=args.log_id or "")
     print(format_report(report))
     return exit_code(report)
 
 
+def _file_problem(exc: Exception) -> str:
+    """`PATH: No such file or directory`, not Python's `[Errno 2] ...: 'PATH'`."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def cmd_evidence_show(args: argparse.Namespace) -> int:
     from sidecar.evidence.log import list_log_files
     from sidecar.evidence.show import Filter, parse_since, show
+    from sidecar.evidence.verify import where_logs_are
 
     existing_directory(args.dir, EVIDENCE_DIR)
     if not list_log_files(args.dir):
         raise ConfigError(
-            f"{args.dir}: no evidence log here (no evidence-NNNNNN.jsonl files); give the evidence directory, evidence.dir"
+            f"{args.dir}: no evidence log here (no evidence-NNNNNN.jsonl files)"
+            + (where_logs_are(args.dir) or "; give the evidence directory, evidence.dir")
         )
     try:
         since = parse_since(args.since) if args.since else None

@@ -436,6 +436,13 @@ class Config:
             raise ConfigError("sidecar.overload_lag_ms: must not be negative (0 turns load shedding off)")
         if not self.listen.tcp and not self.listen.unix:
             raise ConfigError("listen: at least one of listen.tcp and listen.unix is needed")
+        for key, address in (("listen.tcp", self.listen.tcp), ("metrics.listen", self.metrics.listen)):
+            if address:
+                _host_port(address, key)
+        for key, path in (("listen.unix", self.listen.unix), ("mcp.unix", self.mcp.unix)):
+            if len(os.fsencode(path)) > UNIX_PATH_MAX:
+                raise ConfigError(f"{key}: {path} is {len(os.fsencode(path))} bytes; a unix socket's path holds at "
+                                  f"most {UNIX_PATH_MAX} (Linux's sun_path): choose a shorter one")
         sources = self.identity.sources
         known = ("workload_api", "mtls", "jwt_svid", "dev")
         for source in sources:
@@ -488,6 +495,8 @@ class Config:
         """
         console = self.console
         target = console.sidecar
+        if target:
+            check_grpc_target(target, "console.sidecar")
         if target and not grpc_target_in_pod(target) and not console.sidecar_allow_plaintext:
             raise ConfigError(
                 f"console.sidecar: the console's JWT-SVID, the approver it names and every approval would go in "
@@ -635,6 +644,8 @@ def _validate_evidence_sections(config: "Config") -> None:
         raise ConfigError(f"telemetry.protocol: must be grpc or http/protobuf, not {telemetry.protocol!r}")
     if telemetry.export_timeout_seconds <= 0 or telemetry.max_backoff_seconds <= 0:
         raise ConfigError("telemetry.export_timeout_seconds/max_backoff_seconds: must be positive")
+    if telemetry.endpoint:
+        check_otlp_endpoint(telemetry.endpoint, "telemetry.endpoint")
     if telemetry.endpoint and not telemetry.allow_plaintext:
         refuse_spans_in_clear(telemetry.endpoint, "telemetry.endpoint")
 
@@ -710,6 +721,17 @@ def host_in_clear(url: str) -> str | None:
     return None
 
 
+def check_otlp_endpoint(value: str, key: str) -> None:
+    """ConfigError naming `key` unless `value` is an http(s)://host[:port][/path] URL, or host:port for
+    gRPC, with a port from 0 to 65535 (one past it would be dialled modulo 65536). `key` is
+    telemetry.endpoint, or the OTEL_* variable the endpoint came from (sidecar/evidence/spans.py)."""
+    if "://" in value:
+        _http_url(value, key)
+    elif not _is_host_port(value):
+        raise ConfigError(f"{key}: must be an http:// or https:// URL, or host:port for gRPC (a port "
+                          f"from 0 to 65535), not {url_for_messages(value)}")
+
+
 def refuse_spans_in_clear(url: str, key: str) -> None:
     """`_refuse_in_clear` for the OTLP span export: `key` is telemetry.endpoint, or the OTEL_* variable the
     endpoint came from (checked where the exporter is built, sidecar/evidence/spans.py)."""
@@ -775,6 +797,35 @@ def refuse_token_in_clear(target: str, option: str, *, http: bool = False) -> No
         "the path could read and replay it): reach the sidecar on its unix socket, or on loopback through a TLS "
         "relay (ghostunnel, deploy/k8s/console)"
     )
+
+
+# The longest path a unix socket binds to: sockaddr_un's sun_path is 108 bytes with the final NUL (unix(7)).
+UNIX_PATH_MAX = 107
+
+
+def check_grpc_target(target: str, key: str) -> None:
+    """A gRPC target a client dials: a name-resolver scheme (unix:, dns:, ipv4:, ...) as gRPC reads it, or
+    host:port with a port 0-65535, refused otherwise (ConfigError naming `key`): gRPC dials 127.0.0.1:99999
+    as port 34463, another server, perhaps one the client's token then goes to."""
+    import re
+
+    if not re.match(r"(unix|unix-abstract|dns|ipv4|ipv6|vsock):", target) and not _is_host_port(target):
+        raise ConfigError(f"{key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6) or unix:/path, "
+                          f"not {target!r}")
+
+
+def _host_port(address: str, key: str) -> None:
+    """A TCP listener's address is host:port, refused at load otherwise: gRPC would serve listen.tcp
+    127.0.0.1:99999 on port 34463 (the port modulo 65536), and a listener the sidecar binds itself would
+    fail with a traceback."""
+    if not _is_host_port(address):
+        raise ConfigError(f"{key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6), not {address!r}")
+
+
+def _is_host_port(address: str) -> bool:
+    """host:port or [v6]:port, the port 0 to 65535."""
+    host, colon, port = address.rpartition(":")
+    return bool(colon and host and port.isdigit() and int(port) <= 65535 and host.startswith("[") == host.endswith("]"))
 
 
 def _loopback(host_port: str) -> bool:
@@ -870,9 +921,7 @@ def _require_closed_escalation(esc: "EscalationConfig") -> None:
 def _validate_console(console: "ConsoleConfig") -> None:
     import re
 
-    host, colon, port = console.listen.rpartition(":")
-    if not colon or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"console.listen: must be host:port, not {console.listen!r}")
+    _host_port(console.listen, "console.listen")
     if console.trusted_header and not re.fullmatch(r"[A-Za-z0-9-]{1,128}", console.trusted_header):
         raise ConfigError(f"console.trusted_header: {console.trusted_header!r} is not an HTTP header name")
     if console.jaeger_url:
@@ -926,9 +975,7 @@ def _validate_mcp(mcp: McpConfig, identity_sources: list[str]) -> None:
     from sidecar.mcp.names import UPSTREAM_NAME
 
     if mcp.listen:
-        host, colon, port = mcp.listen.rpartition(":")
-        if not colon or not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"mcp.listen: must be host:port, not {mcp.listen!r}")
+        _host_port(mcp.listen, "mcp.listen")
         if "jwt_svid" in identity_sources and "mtls" not in identity_sources and not _loopback(mcp.listen):
             raise ConfigError(
                 f"mcp.listen: {mcp.listen} is plain HTTP (mtls is not among identity.sources), so JWT-SVIDs sent "

@@ -22,7 +22,8 @@ from pathlib import Path
 import grpc
 
 from sidecar.config import ConfigError
-from sidecar.sockets import ALREADY_LISTENING, SocketFile, prepare_socket_path, tcp_listener, unix_listener
+from sidecar.newpaths import NewPaths
+from sidecar.sockets import SocketFile, cannot_listen, prepare_socket_path, tcp_bind_error, tcp_listener, unix_listener
 
 
 @dataclass
@@ -34,6 +35,9 @@ class Listeners:
     mcp_tcp: socket.socket | None = None  # mcp.listen
     mcp_unix: socket.socket | None = None  # mcp.unix
     _files: list[SocketFile] = field(default_factory=list)
+    # The socket files' directories binding created (var/run for var/run/agent-sidecar.sock): removed by
+    # close() unless the start committed (made.keep()), as server._claim does with evidence.dir's.
+    made: NewPaths = field(default_factory=NewPaths)
 
     def close(self) -> None:
         """Idempotent. The gRPC server's own sockets are its to close (grpc stops, or the process exits)."""
@@ -42,6 +46,7 @@ class Listeners:
                 sock.close()
         for bound in self._files:
             bound.remove()
+        self.made.remove()
 
 
 def bind_listeners(
@@ -63,6 +68,7 @@ def bind_listeners(
             listeners.addresses.append(f"{tcp.rsplit(':', 1)[0]}:{port}")
         if unix:
             path = Path(unix)
+            listeners.made.note(path.parent)
             prepare_socket_path(path, "listen.unix")
             _add_port(server, "listen.unix", f"unix:{path}", None)
             listeners._files.append(SocketFile.bound_at(path))
@@ -72,6 +78,7 @@ def bind_listeners(
         if mcp_tcp:
             listeners.mcp_tcp = tcp_listener("mcp.listen", mcp_tcp)
         if mcp_unix:
+            listeners.made.note(Path(mcp_unix).parent)
             listeners.mcp_unix, bound = unix_listener("mcp.unix", Path(mcp_unix))
             listeners._files.append(bound)
     except BaseException:
@@ -87,5 +94,8 @@ def _add_port(server: grpc.aio.Server, key: str, address: str, credentials: grpc
         if credentials is not None:
             return server.add_secure_port(address, credentials)
         return server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc's "Failed to bind to address"
-        raise ConfigError(f"{key}: cannot listen on {address} ({exc}): {ALREADY_LISTENING}") from None
+    except RuntimeError as exc:  # grpc's "Failed to bind to address", whatever the cause: find it for TCP
+        cause = None if address.startswith("unix:") else tcp_bind_error(address)
+        if cause is not None:
+            raise cannot_listen(key, address, cause) from None
+        raise ConfigError(f"{key}: cannot listen on {address} ({exc})") from None

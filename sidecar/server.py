@@ -574,7 +574,8 @@ async def _claim(
     await _through(escalation_store.open())
     await _through(stages.enter_async_context(task_store))
     return _Claimed(
-        identity_runtime, server, listeners, recorder, escalation_store, task_store, writer_lock, (made_dirs, made)
+        identity_runtime, server, listeners, recorder, escalation_store, task_store, writer_lock,
+        (made_dirs, made, listeners.made),
     )
 
 

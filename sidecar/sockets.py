@@ -12,6 +12,7 @@ is left to it.
 
 from __future__ import annotations
 
+import errno
 import socket
 import stat
 from dataclasses import dataclass
@@ -19,8 +20,25 @@ from pathlib import Path
 
 from sidecar.config import ConfigError
 
-# What a ConfigError for a listener that cannot be had adds after the key, address and cause.
+# What a ConfigError for a listener whose address is in use adds after the key, address and cause.
 ALREADY_LISTENING = "is another server, another sidecar perhaps, already listening there?"
+
+
+def cannot_listen(key: str, address: object, exc: OSError) -> ConfigError:
+    """`key: cannot listen on ADDRESS (cause)`, asking about another server only when the address is in use
+    (not for an address this host does not have, a permission, a path too long for a unix socket)."""
+    hint = f": {ALREADY_LISTENING}" if exc.errno == errno.EADDRINUSE else ""
+    return ConfigError(f"{key}: cannot listen on {address} ({exc.strerror or exc}){hint}")
+
+
+def tcp_bind_error(address: str) -> OSError | None:
+    """Why `address` (host:port) cannot be bound now, found by binding a throwaway socket there; None if it can.
+    grpc's own bind failure says only "Failed to bind", whatever the cause."""
+    try:
+        _bound_tcp(address).close()
+    except OSError as exc:
+        return exc
+    return None
 
 
 def remove_stale_socket(path: Path, key: str) -> None:
@@ -69,6 +87,16 @@ class SocketFile:
 def tcp_listener(key: str, address: str) -> socket.socket:
     """A listening, non-blocking TCP socket on `address` (host:port, [v6]:port; port 0 = any);
     ConfigError naming `key` when it cannot be had."""
+    try:
+        sock = _bound_tcp(address)
+    except OSError as exc:
+        raise cannot_listen(key, address, exc) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _bound_tcp(address: str) -> socket.socket:
+    """A socket bound to `address` and listening (OSError when it cannot be)."""
     host, _, port = address.rpartition(":")
     bare = host.strip("[]") or "127.0.0.1"
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
@@ -79,10 +107,9 @@ def tcp_listener(key: str, address: str) -> socket.socket:
     try:
         sock.bind((bare, int(port)))
         sock.listen(128)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise ConfigError(f"{key}: cannot listen on {address} ({exc.strerror}): {ALREADY_LISTENING}") from None
-    sock.setblocking(False)
+        raise
     return sock
 
 
@@ -96,7 +123,7 @@ def unix_listener(key: str, path: Path) -> tuple[socket.socket, SocketFile]:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"{key}: cannot listen on {path} ({exc.strerror}): {ALREADY_LISTENING}") from None
+        raise cannot_listen(key, path, exc) from None
     sock.setblocking(False)
     return sock, SocketFile.bound_at(path)
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import json
 import os
+import re
 import socket
 import sys
 
@@ -19,7 +20,7 @@ import pytest
 
 from sidecar.cli import BROKEN_PIPE_EXIT, CHECK_EXIT, Parser, build_parser
 from sidecar.client import AsyncClient
-from sidecar.config import load_config
+from sidecar.config import ConfigError, load_config
 from tests.conftest import REGO, REPO
 from tests.doubles.escalation import ALICE, make_config
 
@@ -194,6 +195,15 @@ async def test_evidence_show_refuses_a_directory_without_a_log(served, tmp_path)
         code, out, err = await run("evidence", "show", str(where))
         assert code == 2 and out == "", (where, out)
         assert message in err and str(where) in err
+    # The parent given for evidence.dir (var/ for var/evidence): show and replay name where the log is, as verify does.
+    parent = os.path.dirname(evidence_dir)
+    hint = f"an evidence log is in {evidence_dir}: give that directory"
+    code, out, err = await run("evidence", "show", parent)
+    assert (code, out) == (2, "") and err.rstrip().endswith(hint), err
+    code, out, err = await run("policy", "replay", "--evidence", parent, "--policy", str(REGO))
+    assert (code, out) == (3, "") and err.rstrip().endswith(hint), err  # 3: nothing to replay, as documented
+    code, out, err = await run("evidence", "verify", parent)
+    assert code == 1 and out.rstrip().endswith(hint), out
     code, out, err = await run("evidence", "show", evidence_dir, "--tool", "send_email", "--kind", "decision", "--json")
     assert code == 0 and len(out.splitlines()) == 3, err
     code, out, _ = await run("evidence", "show", evidence_dir, "--tool", "no_such_tool")
@@ -208,6 +218,11 @@ async def test_a_wrong_path_or_value_is_bad_usage_never_a_finding(tmp_path):
         (["evidence", "verify", missing], f"{missing}: no such directory"),
         (["evidence", "verify", a_file], f"{a_file}: not a directory"),
         (["evidence", "show", missing], f"{missing}: no such directory"),
+        (["evidence", "verify", here, "--key", missing], f"--key: {missing}: No such file or directory"),
+        (["evidence", "verify", here, "--key", a_file], f"--key: {a_file}: no PEM public key, private key or certificate"),
+        (["evidence", "verify", here, "--bundle", missing], f"--bundle: {missing}: No such file or directory"),
+        (["evidence", "verify", here, "--bundle", here], f"--bundle: {here}: Is a directory"),
+        (["evidence", "verify", here, "--bundle", a_file], f"--bundle: {a_file}: no PEM certificate found"),
         (["policy", "test", missing], f"{missing}: no such directory"),
         (["policy", "test", a_file], f"{a_file}: not a directory"),
         (["policy", "replay", "--evidence", missing, "--policy", str(REGO)], f"--evidence: {missing}: no such directory"),
@@ -284,3 +299,122 @@ async def test_the_dev_config_exports_no_spans(running_sidecar, tmp_path, caplog
             await agent.authorize("read_file", {"path": "/workspace/a.txt"})
     assert getattr(sidecar.recorder, "shipper", None) is None  # nothing ships spans: nothing can fail to
     assert not [r for r in caplog.records if r.name.startswith(("sidecar.evidence.shipper", "opentelemetry"))]
+
+
+@pytest.mark.parametrize("key", ["listen.tcp", "metrics.listen", "mcp.listen", "console.listen"])
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:65536", "localhost", "9464", ":9464",
+                                     "[::1:50051", "127.0.0.1:50051x", "127.0.0.1:"])
+def test_a_tcp_address_that_is_not_host_port_is_refused_naming_the_key(key, address):
+    """Every TCP listener's address, alike: gRPC served listen.tcp 127.0.0.1:99999 on port 34463, and
+    metrics.listen with that port ended the start in a traceback (OverflowError, exit 1)."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: must be host:port \(a port from 0 to 65535"):
+        load_config(None, {"identity.sources": ["dev"], key: address})
+    for good in ("127.0.0.1:0", "[::1]:65535", "localhost:8080"):
+        assert load_config(None, {"identity.sources": ["dev"], key: good})
+
+
+async def test_serve_refuses_a_port_beyond_65535_before_it_listens(tmp_path):
+    config = tmp_path / "dev.yaml"
+    config.write_text(f"identity: {{sources: [dev]}}\npolicy: {{dir: {REGO}}}\nevidence: {{dir: {tmp_path / 'ev'}}}\n"
+                      "telemetry: {exporter: none}\n")
+    for args, key in ((["--listen", "127.0.0.1:99999"], "listen.tcp"), ([], "metrics.listen")):
+        if not args:
+            config.write_text(config.read_text() + "listen: {tcp: '127.0.0.1:0', unix: ''}\n"
+                              "metrics: {listen: '127.0.0.1:99999'}\n")
+        code, out, err = await run("serve", "--config", str(config), *args)
+        assert (code, out) == (2, ""), (code, out, err)
+        assert err == f"agent-sidecar: {key}: must be host:port (a port from 0 to 65535; [v6]:port for IPv6), " \
+                      f"not '127.0.0.1:99999'\n"
+    assert not (tmp_path / "ev").exists()
+
+
+def test_every_command_says_what_it_does_and_its_exit_statuses():
+    """Each command's own --help (a leaf of the tree: serve, check, policy test, approvals approve, ...) has a
+    description naming its exit statuses: a script's author should not have to read the source for them."""
+    leaves = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not children:
+            leaves.append(parser)
+        for action in children:
+            for child in action.choices.values():
+                walk(child)
+
+    walk(build_parser())
+    assert len(leaves) >= 12
+    missing = [p.prog for p in leaves if not re.search(r"\bexit\b", p.description or "", re.IGNORECASE)]
+    assert not missing, missing
+
+
+async def test_examples_dev_yaml_from_outside_the_checkout_says_where_relative_paths_were_looked_for(tmp_path):
+    """docs/configuration.md: relative paths are the working directory's; a reader who ran the example from
+    elsewhere is told so, not only that `rego` does not exist. Nothing is left in that directory."""
+    for command in (["serve", "--config", str(REPO / "examples" / "dev.yaml")],
+                    ["check", "--subject", AGENT, "--tool", "read_file"]):
+        process = await asyncio.create_subprocess_exec(*CLI, *command, cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert (process.returncode, out) == (2, b""), err
+        assert err.decode().splitlines()[-3:] == [
+            "agent-sidecar: the policy in rego cannot be served:",
+            "  rego: policy directory does not exist",
+            f"  (a relative path in the config is taken from the working directory, {tmp_path}, not from the "
+            "config file's; run from the checkout's root or give absolute paths)",
+        ], err.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, prog, commands", [
+    ([], "agent-sidecar", "serve, check, policy, evidence, approvals, console, rollback"),
+    (["policy"], "agent-sidecar policy", "test, replay"),
+    (["evidence"], "agent-sidecar evidence", "verify, show"),
+    (["approvals"], "agent-sidecar approvals", "list, show, approve, deny"),
+])
+def test_a_missing_command_names_the_commands_there_are(args, prog, commands, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(args)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"required: {'SUBCOMMAND' if args else 'COMMAND'} (one of {commands}; {prog} --help says what each does)")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "localhost", "127.0.0.1:5005x", "[::1:50051"])
+async def test_a_client_address_that_is_not_a_grpc_target_is_bad_usage(address, tmp_path):
+    """gRPC dialled 127.0.0.1:99999 as port 34463: the approvals commands, rollback and the console would reach
+    (and hand a token to) whatever listens there. Refused before anything is sent, naming the option."""
+    expected = (f"must be host:port (a port from 0 to 65535; [v6]:port for IPv6) or unix:/path, not {address!r}\n")
+    for args, option in ((["approvals", "list", "--address", address], "--address (or $AGENT_SIDECAR_ADDRESS)"),
+                         (["approvals", "approve", "esc-1", "--address", address],
+                          "--address (or $AGENT_SIDECAR_ADDRESS)"),
+                         (["rollback", "d-1", "--address", address], "--address"),
+                         (["console", "--config", "examples/dev.yaml", "--sidecar", address], "console.sidecar")):
+        code, out, err = await run(*args)
+        assert (code, out) == (2, ""), (args, err)
+        assert err == f"agent-sidecar: {option}: {expected}", (args, err)
+    for good in ("127.0.0.1:50051", "[::1]:50051", "unix:/run/agent-sidecar/sidecar.sock", "dns:///localhost:50051"):
+        config = load_config(None, {"identity.sources": ["dev"], "console.sidecar": good,
+                                    "console.sidecar_allow_plaintext": True})  # dns:/// is off the pod
+        config.validate_console()
+
+
+@pytest.mark.parametrize("key", ["listen.unix", "mcp.unix"])
+def test_a_unix_socket_path_too_long_to_bind_is_refused_at_load(key, tmp_path):
+    """grpc logged the reason on its own line and the sidecar asked whether another server listened there;
+    mcp.unix said `cannot listen on ... (None)`. 107 bytes is the most a path may have."""
+    fits, too_long = (str(tmp_path / ("a" * (n - len(str(tmp_path)) - 1))) for n in (107, 108))
+    assert len(fits) == 107 and len(too_long) == 108
+    load_config(None, {"identity.sources": ["dev"], key: fits})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .* is 108 bytes; a unix socket's path holds at most 107"):
+        load_config(None, {"identity.sources": ["dev"], key: too_long})
+
+
+async def test_a_listener_address_this_host_does_not_have_is_not_called_in_use(tmp_path):
+    """EADDRNOTAVAIL is not another server: the message gives the cause and does not ask about one."""
+    config = tmp_path / "dev.yaml"
+    config.write_text(f"identity: {{sources: [dev]}}\npolicy: {{dir: {REGO}}}\nevidence: {{dir: {tmp_path / 'ev'}}}\n"
+                      "telemetry: {exporter: none}\nlisten: {tcp: '127.0.0.1:0', unix: ''}\n"
+                      "metrics: {listen: '192.0.2.1:9464'}\n")  # TEST-NET-1: on no interface here
+    code, out, err = await run("serve", "--config", str(config))
+    assert (code, out) == (2, "")
+    assert err == "agent-sidecar: metrics.listen: cannot listen on 192.0.2.1:9464 (Cannot assign requested address)\n"

@@ -207,6 +207,22 @@ async def test_a_refused_start_leaves_the_evidence_directory_as_it_found_it(tmp_
     assert not (tmp_path / "sidecar.sock").exists()
 
 
+@pytest.mark.parametrize("state", ["absent", "used"])
+async def test_the_sockets_directories_a_refused_start_made_are_removed(tmp_path, used_template, state):
+    """examples/dev.yaml's layout: the sockets in var/run beside var/evidence (make run in a fresh checkout).
+    Binding them made var/run (and var); a refused start removed the evidence directory but left those."""
+    prepare(tmp_path, state, used_template)
+    broken_policy(tmp_path)
+    before = listing(tmp_path / "var")
+    config = settings(tmp_path, listen={"unix": str(tmp_path / "var" / "run" / "agent-sidecar.sock")},
+                      mcp={"unix": str(tmp_path / "var" / "run" / "mcp" / "mcp.sock")},
+                      policy={"dir": str(tmp_path / "broken")})
+    status, err = await refused(tmp_path, config)
+    assert status == 2 and "cannot be served:" in err, err
+    assert listing(tmp_path / "var") == before
+    assert (tmp_path / "var").exists() == (state == "used")
+
+
 async def test_a_listener_in_use_refuses_before_the_evidence_directory_is_touched(tmp_path, used_template):
     shutil.copytree(used_template, tmp_path / "var", copy_function=shutil.copy2)
     before = listing(tmp_path / "var")

@@ -208,7 +208,6 @@ CONSOLE_TARGETS = [
     ("localhost.:50051", False),
     ("dns:///agent-sidecars.agents.svc:50051", False),   # gRPC's own target syntax, resolved by DNS
     ("ipv4:127.0.0.1:50051", False),                     # loopback, but not a form we read: refused, never guessed
-    ("127.0.0.1", False),                                # no port: gRPC's default is 443, a name for TLS it lacks
     ("127.0.0.1:50051", True),
     ("127.3.2.1:50051", True),
     ("localhost:50051", True),
@@ -234,6 +233,16 @@ def test_the_console_reaches_its_sidecar_in_clear_only_inside_the_pod(target: st
                                           f"approval would go in clear over plaintext gRPC to {target!r} ("), info.value
         assert "console.sidecar_allow_plaintext: true where the network encrypts the hop" in str(info.value)
     load_config(None, {**base, "console.sidecar": target, "console.sidecar_allow_plaintext": True}).validate_console()
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1", "localhost", "127.0.0.1:99999"])
+def test_a_console_sidecar_without_a_port_or_with_one_past_65535_is_refused_even_with_the_opt_in(target: str):
+    """No port is gRPC's default 443 (a name for TLS the console lacks); 99999 is dialled as 34463: neither is the
+    sidecar the operator meant, in clear or not."""
+    for opt_in in (False, True):
+        config = load_config(None, {**CONSOLE, "console.sidecar": target, "console.sidecar_allow_plaintext": opt_in})
+        with pytest.raises(ConfigError, match=r"^console\.sidecar: must be host:port .* or unix:/path, not "):
+            config.validate_console()
 
 
 # PostgreSQL (escalation.dsn, usage.dsn): the connection libpq will make, from the string and the PG*
@@ -308,3 +317,35 @@ def test_links_are_not_sent_to_so_no_rule_applies(key: str):
     config = load_config(None, {**DEV, key: "http://approvals.example.org"})
     section, name = key.split(".")
     assert getattr(getattr(config, section), name) == "http://approvals.example.org"
+
+
+@pytest.mark.parametrize("endpoint", ["https://collector:99999", "collector:99999", "collector", "127.0.0.1:",
+                                      "ftp://collector:4317"])
+def test_a_telemetry_endpoint_with_no_port_or_one_past_65535_is_refused(endpoint: str):
+    """The exporter would dial a port past 65535 modulo 65536 (another server gets the spans) or fail at every
+    export; refused at load with the forms that work, whatever the plaintext opt-in."""
+    for opt_in in (False, True):
+        with pytest.raises(ConfigError, match=r"^telemetry\.endpoint: (not a valid URL|must be an http)"):
+            load_config(None, {**DEV, "telemetry.endpoint": endpoint, "telemetry.allow_plaintext": opt_in})
+    for good in GOOD_ENDPOINTS:
+        load_config(None, {**DEV, "telemetry.endpoint": good})
+
+
+GOOD_ENDPOINTS = ("https://otel-collector.observability.svc:4317", "localhost:4317", "[::1]:4317",
+                  "http://127.0.0.1:4318/v1/traces")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"])
+@pytest.mark.parametrize("endpoint", ["https://collector:99999", "collector:99999", "collector", "127.0.0.1:",
+                                      "ftp://collector:4317", "http://:4318"])
+def test_an_endpoint_from_the_environment_is_held_to_the_same_shape(protocol: str, variable: str, endpoint: str):
+    """telemetry.endpoint "" leaves the endpoint to the OTEL_* variables: the same forms are refused where the
+    exporter is built (at start), naming the variable, whatever the plaintext opt-in."""
+    from sidecar.evidence.spans import exporter_from_env
+
+    for opt_in in (False, True):
+        with pytest.raises(ConfigError, match=rf"^{variable}: (not a valid URL|must be an http)"):
+            exporter_from_env(protocol=protocol, allow_plaintext=opt_in, environ={variable: endpoint})
+    for good in GOOD_ENDPOINTS:
+        exporter_from_env(protocol=protocol, environ={variable: good}).shutdown()

@@ -588,7 +588,10 @@ def test_deploy_bundle_refuses_without_a_usable_key(tmp_path):
     ec_key = tmp_path / "ec.pem"
     ec_key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    for key, message in ((ec_key, "an RSA key is needed"), (tmp_path / "missing.pem", "not an unencrypted PEM private key")):
+    (tmp_path / "not-a-key.pem").write_text("-----BEGIN PUBLIC KEY-----\n")
+    for key, message in ((ec_key, "an RSA key is needed"),
+                         (tmp_path / "missing.pem", "missing.pem: cannot read the signing key: No such file or directory$"),
+                         (tmp_path / "not-a-key.pem", "not an unencrypted PEM private key")):
         with pytest.raises(sync_bundle.BuildError, match=message):
             sync_bundle.build(key, out=tmp_path / "out", opa=OPA)
     assert not (tmp_path / "out").exists()

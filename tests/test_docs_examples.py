@@ -438,3 +438,22 @@ def test_example_records_show_reasons_the_policy_or_sidecar_produce():
     assert shown, "the docs show example records"
     unknown = [(name, code) for name, code in shown if code not in produced]
     assert not unknown, f"example records show reasons nothing produces: {unknown}"
+
+
+def test_the_client_signature_in_the_api_docs_is_the_clients():
+    """docs/api.md writes out Client's parameters and defaults: a parameter added, renamed or made
+    keyword-only in sidecar/client.py shows here, for AsyncClient too (which the docs say takes the same)."""
+    import inspect
+
+    from sidecar.client import AsyncClient
+
+    documented = re.search(r"`Client\((target, \*, .*?)\)`", (REPO / "docs" / "api.md").read_text(), re.S)
+    assert documented, "docs/api.md writes out Client(...)"
+    text = " ".join(documented.group(1).split())
+    for cls in (Client, AsyncClient):
+        actual = ", ".join(
+            p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+            for p in inspect.signature(cls).parameters.values()
+        )
+        actual = actual.replace("target, ", "target, *, ", 1)
+        assert sorted(text.split(", ")) == sorted(actual.split(", ")), (cls.__name__, text, actual)

@@ -123,3 +123,16 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path):
     assert "demo: stopping" in output and "INTACT" in output
     assert all(gone(pid) for pid in started.values())
     assert not processes_mentioning(spire_dir(output)), "a SPIRE process outlived the demo"
+
+
+def test_demo_empties_only_a_directory_it_made(tmp_path):
+    """--dir is emptied at start: a mistyped one (the checkout, a home directory) must be refused untouched."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("mine")
+    for where, why in ((tmp_path / "work", "it holds files and no .agent-sidecar-demo (a directory an earlier demo made)"),
+                       (tmp_path / "a-file", "not a directory")):
+        run = subprocess.run([*DEMO, "--once", "--dir", str(where)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and run.stdout == "", run
+        assert run.stderr == f"demo: --dir {where}: {why}, so it is not emptied; give a new or empty directory\n"
+    assert (tmp_path / "work" / "notes.txt").read_text() == (tmp_path / "a-file").read_text() == "mine"

@@ -268,3 +268,18 @@ def test_a_key_written_twice_in_a_data_file_silently_replaces_the_first(tmp_path
     assert loaded.returncode == 0 and json.loads(loaded.stdout) == {"export_report": ["/exports/"]}, loaded.stderr
     tested = cli("policy", "test", str(bundle))
     assert tested.returncode == 1 and "FAIL sidecar/tests/arguments_test.rego" in tested.stdout
+
+
+def test_the_failing_test_shown_under_running_is_what_policy_test_prints(tmp_path):
+    """docs/policy-authoring.md "Running" shows `policy test` on the new tool's candidate with its rule's `>`
+    mistyped as `>=`: the same FAIL lines and the same count (which grows with every test added to rego/)."""
+    candidate = apply_new_tool_example(shutil.copytree(REGO, tmp_path / "candidate"))
+    refresh(candidate)
+    risk = candidate / "sidecar" / "risk.rego"
+    assert risk.read_text().count("\tscore > threshold\n") == 1
+    risk.write_text(risk.read_text().replace("\tscore > threshold\n", "\tscore >= threshold\n"))
+    (shown,) = [body for kind, body in FENCED if kind == "" and body.startswith("FAIL ")]
+    done = subprocess.run([*CLI, "policy", "test", "candidate/"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == shown.splitlines(), done.stdout

@@ -27,9 +27,10 @@ STATE_CHOICES = ["pending", "approved", "denied", "expired", "used", "all"]
 
 
 def _client(args: argparse.Namespace):
-    from sidecar.config import refuse_token_in_clear
+    from sidecar.config import check_grpc_target, refuse_token_in_clear
     from sidecar.escalation.client import ApprovalsClient, token_file_metadata
 
+    check_grpc_target(args.address, "--address (or $AGENT_SIDECAR_ADDRESS)")
     if args.token_file:
         refuse_token_in_clear(args.address, "--token-file")
     metadata = token_file_metadata(args.token_file) if args.token_file else None
@@ -354,7 +355,14 @@ def add_commands(commands: Any) -> None:
     )
     sub = approvals.add_subparsers(dest="approvals_command", metavar="SUBCOMMAND", required=True)
 
-    listing = sub.add_parser("list", help="a table of escalations (pending by default)")
+    listing = sub.add_parser(
+        "list",
+        help="a table of escalations (pending by default)",
+        description="The sidecar's escalations, newest first, as a table (--json: one object per line): the "
+        "pending ones unless --state says otherwise; AGENT says `waiting` while the agent waits for the "
+        "decision. Exit 0 listed (none too), 1 refused (the message says why: not_an_approver, ...), 2 the "
+        "sidecar unreachable or bad usage.",
+    )
     _common(listing, json_help="one JSON object per line")
     listing.add_argument("--state", choices=STATE_CHOICES, default="pending", help="default pending; all for every state")
     listing.add_argument("--subject", metavar="SPIFFE_ID", help="only this caller's")
@@ -363,10 +371,17 @@ def add_commands(commands: Any) -> None:
     _approver(listing)
     listing.set_defaults(run=cmd_list)
 
-    show = sub.add_parser("show", help="one escalation: who, what, why, the tool, the agent's intent and the "
-                                       "arguments (in full when you may decide it)")
+    show = sub.add_parser(
+        "show",
+        help="one escalation: who, what, why, the tool, the agent's intent and the arguments (in full when you "
+        "may decide it)",
+        description="One escalation whole: who asked, for which tool, why policy escalated it, the agent's "
+        "intent and signals, and the arguments (in full only to someone who may decide it, else why not). "
+        "Exit 0 shown, 1 refused (the message says why: escalation_unknown, ...), 2 the sidecar unreachable "
+        "or bad usage.",
+    )
     _common(show)
-    show.add_argument("id", help="escalation id (esc-...)")
+    show.add_argument("id", metavar="ID", help="escalation id (esc-...)")
     _approver(show)
     show.set_defaults(run=cmd_show)
 
@@ -374,9 +389,16 @@ def add_commands(commands: Any) -> None:
         decide = sub.add_parser(
             name,
             help=f"{verb} a pending escalation" + (" (the agent may repeat the call once)" if name == "approve" else ""),
+            description=(
+                "Approve a pending escalation: the agent may repeat the same call once, within "
+                "escalation.use_window_seconds. " if name == "approve" else
+                "Deny a pending escalation, for good: the agent's repeated call is denied (escalation_denied, "
+                "with your note). "
+            ) + "Exit 0 done, 1 refused (the message says why: already_decided, self_approval, not_an_approver, "
+            "...), 2 the sidecar unreachable or bad usage.",
         )
         _common(decide)
-        decide.add_argument("id", help="escalation id (esc-...)")
+        decide.add_argument("id", metavar="ID", help="escalation id (esc-...)")
         decide.add_argument("--note", metavar="TEXT", help="why; kept with the decision and in the evidence log")
         _approver(decide)
         decide.set_defaults(run=run)
@@ -385,7 +407,9 @@ def add_commands(commands: Any) -> None:
         "console",
         help="serve the approvers' web page (behind an auth proxy; docs/escalation.md)",
         description="Serve the approvers' web console: pending escalations with Approve/Deny and a history. "
-        "It talks to the sidecar's Approvals API; configure it under `console:` (docs/configuration.md).",
+        "It talks to the sidecar's Approvals API; configure it under `console:` (docs/configuration.md). "
+        "Serves until SIGINT/SIGTERM (exit 0); exit 2 when it cannot start: the config is refused (outside "
+        "dev mode it needs console.trusted_header and console.token_file) or console.listen is in use.",
     )
     console.add_argument(
         "--config",

@@ -255,10 +255,12 @@ def load_public_keys(paths: Iterable[str | Path]) -> list[NamedKey]:
 
 
 def load_bundle(path: str | Path) -> list[x509.Certificate]:
+    """The CA certificates of a PEM trust bundle; OSError when it cannot be read, as load_public_keys."""
+    data = Path(path).read_bytes()
     try:
-        return x509.load_pem_x509_certificates(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise SigningError(f"{path}: not a PEM bundle of CA certificates ({exc})") from None
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise SigningError(f"{path}: no PEM certificate found (a trust bundle is CA certificates in PEM)") from None
 
 
 def chain_trusted(chain_pem: list[str], bundle: list[x509.Certificate], at: datetime) -> str | None:

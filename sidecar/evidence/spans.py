@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from sidecar.config import check_otlp_endpoint, refuse_spans_in_clear
 from sidecar.evidence.otlp_tls import PinnedCaSession, RereadingExporter, tls_files
 from sidecar.evidence.records import CALL_KINDS, derived_id, parse_rfc3339, reason_code
 
@@ -371,8 +372,11 @@ def exporter_from_env(
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "grpc"
     ).strip().lower()
-    if not allow_plaintext:
-        _check_in_clear(proto, endpoint, env)
+    key, url = _resolved_endpoint(endpoint, env)
+    if url:
+        check_otlp_endpoint(url, key)
+        if not allow_plaintext:
+            _check_in_clear(proto, key, url, env)
     kwargs: dict[str, Any] = {"timeout": timeout_seconds}
     files = tls_files(env)
     if proto == "grpc":
@@ -403,20 +407,21 @@ def exporter_from_env(
     raise ValueError(f"unsupported OTLP protocol {proto!r} (grpc or http/protobuf)")
 
 
-def _check_in_clear(proto: str, endpoint: str, env) -> None:
-    """The endpoint the exporter will use, as the OTLP exporters resolve it (telemetry.endpoint, else
-    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT; the default is loopback), put
-    through the rule every sending setting follows. config.py checks telemetry.endpoint at load; the
-    variables are only known here. gRPC also goes in clear to an endpoint without a scheme when
-    OTEL_EXPORTER_OTLP_[TRACES_]INSECURE is true."""
-    from sidecar.config import refuse_spans_in_clear
-
-    key, url = "telemetry.endpoint", endpoint
+def _resolved_endpoint(endpoint: str, env) -> tuple[str, str]:
+    """(where it came from, the endpoint) as the OTLP exporters resolve it: telemetry.endpoint, else
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT; ("", "") for the exporter's
+    default (loopback). config.py checks telemetry.endpoint at load; the variables are only known here."""
+    if endpoint:
+        return "telemetry.endpoint", endpoint
     for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
-        if not url and env.get(name):
-            key, url = name, env[name]
-    if not url:
-        return
+        if env.get(name):
+            return name, env[name]
+    return "", ""
+
+
+def _check_in_clear(proto: str, key: str, url: str, env) -> None:
+    """The endpoint `url` (from `key`) put through the rule every sending setting follows. gRPC also goes
+    in clear to an endpoint without a scheme when OTEL_EXPORTER_OTLP_[TRACES_]INSECURE is true."""
     if proto == "grpc" and "://" not in url:
         insecure = next((name for name in ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE")
                          if env.get(name) is not None), None)

@@ -205,9 +205,7 @@ def verify_dir(
     if not files:
         # A log whose files were removed is BROKEN; a reader who named the wrong directory (var/ for
         # var/evidence) is also told where a log is, not left with a verdict about nothing.
-        below = _logs_below(directory)
-        hint = f"; an evidence log is in {', '.join(below)}: give that directory" if below else ""
-        problem(None, str(directory), f"no evidence files (evidence-NNNNNN.jsonl) here{hint}")
+        problem(None, str(directory), f"no evidence files (evidence-NNNNNN.jsonl) here{where_logs_are(directory)}")
         return report
     expected_index = files[0][0]
     if expected_index != 1:
@@ -429,6 +427,13 @@ def _svid_signer(signer: dict, payload: dict, anchors: _Anchors) -> tuple[Any, s
     if anchors.signer_ids and not spiffe_id_matches(spiffe_id, anchors.signer_ids):
         return None, "", f"signed by {spiffe_id}, not a SPIFFE ID named with --signer"
     return leaf.public_key(), spiffe_id, ""
+
+
+def where_logs_are(directory: str | Path) -> str:
+    """For a directory that holds no log: "; an evidence log is in D: give that directory" when a
+    subdirectory holds one (var/ given for var/evidence), else "". verify, show and replay say it alike."""
+    below = _logs_below(Path(directory))
+    return f"; an evidence log is in {', '.join(below)}: give that directory" if below else ""
 
 
 def _logs_below(directory: Path) -> list[str]:

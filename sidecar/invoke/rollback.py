@@ -163,10 +163,12 @@ async def undo_through_invoke(address: str, undo: UndoCall, token: str = "") -> 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from sidecar.argtypes import EVIDENCE_DIR, existing_directory
-    from sidecar.config import ConfigError, load_config, refuse_token_in_clear
+    from sidecar.config import ConfigError, check_grpc_target, load_config, refuse_token_in_clear
 
     # A client of the running sidecar (its evidence.dir, policy.dir, mcp, listen): it serves nothing itself.
     config = load_config(args.config, runs_sidecar=False)
+    if args.address:
+        check_grpc_target(args.address, "--address")
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else ""
     except OSError as exc:

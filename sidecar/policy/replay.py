@@ -40,7 +40,7 @@ from typing import Iterable
 from sidecar.evidence.log import list_log_files
 from sidecar.evidence.records import parse_rfc3339
 from sidecar.evidence.show import Filter, iter_lines
-from sidecar.evidence.verify import BROKEN, verify_dir
+from sidecar.evidence.verify import BROKEN, verify_dir, where_logs_are
 from sidecar.evidence.verify import format_report as verify_text
 from sidecar.policy.input import with_catalog_entry
 from sidecar.policy.opa.client import OpaClientOptions
@@ -142,7 +142,9 @@ def read_decisions(directory: str | Path, selection: Selection, *, verify: bool 
     """
     directory = Path(directory)
     if not directory.is_dir() or not list_log_files(directory):
-        raise ReplayError(f"no evidence log in {directory} (no evidence-NNNNNN.jsonl files)", EXIT_NOTHING)
+        raise ReplayError(
+            f"no evidence log in {directory} (no evidence-NNNNNN.jsonl files){where_logs_are(directory)}", EXIT_NOTHING
+        )
     if verify:
         report = verify_dir(directory)
         if report.verdict == BROKEN:
