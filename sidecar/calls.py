@@ -7,9 +7,11 @@ understands) and still recorded; it just never reaches the policy engine.
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterator
 
 from sidecar.canonical import NotCanonicalizable, canonical_json, plain_form, sha256_digest
 from sidecar.jsonvalues import normalize, number_problems, spelled
@@ -64,10 +66,15 @@ def depth_of(value: Any, limit: int) -> int:
     return deepest
 
 
-def _key_path(parent: str, key: Any) -> str:
-    """`arguments` + "path" → `arguments.path`; other keys quoted and escaped (ASCII), at most 64 characters."""
+def _key_text(key: Any) -> str:
+    """A key escaped (ASCII, JSON escapes), at most 64 characters."""
     text = json.dumps(str(key), ensure_ascii=True)[1:-1]
-    text = text if len(text) <= 64 else text[:63] + "…"
+    return text if len(text) <= 64 else text[:63] + "…"
+
+
+def _key_path(parent: str, key: Any) -> str:
+    """`arguments` + "path" → `arguments.path`; other keys quoted and escaped (_key_text)."""
+    text = _key_text(key)
     return f"{parent}.{text}" if isinstance(key, str) and key.isascii() and key.isidentifier() else f'{parent}["{text}"]'
 
 
@@ -94,6 +101,61 @@ def find_nul(value: Any, label: str) -> str | None:
 
 
 _NO_TEXT = (int, float, type(None))  # bool is an int
+# Bytes of canonical JSON text without which no two distinct keys fold to one name: ASCII letters in
+# upper case, and any non-ASCII character (NFKC and case folding leave lower-case ASCII as it is).
+_FOLDABLE = re.compile(rb"[A-Z\x80-\xff]")
+
+
+def folded_name(key: str) -> str:
+    """`key` as tools that read names without case, some after Unicode compatibility folding, read it
+    (ASP.NET's binding, System.Text.Json or Jackson set case-insensitive): `LIMIT`, a fullwidth
+    `ｌｉｍｉｔ` and `limit` are one name."""
+    return key.casefold() if key.isascii() else unicodedata.normalize("NFKC", key).casefold()
+
+
+def find_key_collision(value: Any, label: str) -> str | None:
+    """Where the first object in `value` (keys in sorted order, so not the order a Struct's map
+    arrived in) has two keys that are one name to a tool reading names without case
+    (`arguments.options has the keys "FORCE" and "force"`), or None. Iterative."""
+    if not _any_collision(value):
+        return None
+    for node, where in _objects(value, label):
+        seen: dict[str, str] = {}
+        for key in sorted(k for k in node if isinstance(k, str)):
+            other = seen.setdefault(folded_name(key), key)
+            if other != key:
+                return f'{spelled(where, _key_path)} has the keys "{_key_text(other)}" and "{_key_text(key)}"'
+    return None
+
+
+def _any_collision(value: Any) -> bool:
+    """Whether any object in `value` has two keys of one folded name: the quick walk (no positions)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if len(node) > 1:
+                keys = [key for key in node if isinstance(key, str)]  # other keys are not JSON: refused as such
+                if len({key.lower() if key.isascii() else folded_name(key) for key in keys}) < len(keys):
+                    return True
+            stack.extend(child for child in node.values() if isinstance(child, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(child for child in node if isinstance(child, (dict, list)))
+    return False
+
+
+def _objects(value: Any, label: str) -> Iterator[tuple[dict, Any]]:
+    """Every object in `value` with its position, depth first, by sorted keys."""
+    stack: list[tuple[Any, Any]] = [(value, label)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            yield node, where
+            keys = sorted((k for k in node if isinstance(k, str)), reverse=True)
+            stack.extend((node[key], (where, key)) for key in keys if isinstance(node[key], (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((child, (where, i, None)) for i, child in reversed(list(enumerate(node)))
+                         if isinstance(child, (dict, list)))
 
 
 def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[str], str]:
@@ -101,7 +163,10 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
 
     A string holding U+0000 anywhere (a name, an id, the intent, argument and signal values
     and keys at any depth) is refused with a reason naming where: C-string code cuts text
-    there, so the tool, an approver or a log could read less than policy decided on.
+    there, so the tool, an approver or a log could read less than policy decided on. So are
+    arguments with an object whose keys are one name but for case or compatibility forms
+    (`force` and `FORCE`): a tool reading names without case could run with the one policy
+    did not take for that name.
 
     Arguments and signals that are plain (canonical.plain_form: no number to refuse, orjson's
     bytes are canonical) and hold no `\\u0000` escape are checked from that one walk; any other
@@ -122,6 +187,14 @@ def check_call(call: ToolCall, *, max_bytes: int, max_depth: int) -> tuple[list[
         where = find_nul(value, label) if forms.get(label) is None else None
         if where is not None:
             problems.append(str(Reason(code, f"{where} holds U+0000 (NUL), which is refused anywhere in a call")))
+    form = forms["arguments"]
+    if form is None or _FOLDABLE.search(form):
+        collision = find_key_collision(call.arguments, "arguments")
+        if collision is not None:
+            problems.append(str(Reason(INVALID_ARGUMENTS, (
+                f"{collision}, one name to tools that read names without case or after Unicode "
+                "compatibility folding: the tool could read either, policy decided on both"
+            ))))
     tool_bytes = len(call.tool.encode("utf-8", "surrogatepass"))
     if tool_bytes == 0:
         problems.append(str(Reason(INVALID_TOOL, "the tool name is empty")))

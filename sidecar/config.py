@@ -373,6 +373,9 @@ class HttpToolConfig:
     # Call it over plain http:// to a host that is not loopback: only where the network encrypts the
     # hop itself (a service mesh's mutual TLS). Off, such a url is refused at load (docs/mcp.md).
     allow_plaintext: bool = False
+    # The tool's JSON Schema for its arguments ({} = none): calls are judged by it before policy, without
+    # coercion, its defaults filled in (sidecar/invoke/schemas.py, docs/mcp.md#invoke-for-http-tools).
+    input_schema: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -1035,6 +1038,12 @@ def _validate_invoke(invoke: InvokeConfig) -> None:
         if tool.timeout_seconds <= 0 or tool.max_response_bytes <= 0:
             raise ConfigError(f"{key}.timeout_seconds/max_response_bytes: must be positive")
         _validate_credential(tool.credential, f"{key}.credential")
+        if tool.input_schema:
+            from sidecar.invoke.schemas import schema_problem
+
+            problem = schema_problem(tool.input_schema)
+            if problem is not None:
+                raise ConfigError(f"{key}.input_schema: {problem}")
 
 
 def _validate_opa(opa: OpaConfig) -> None:
@@ -1202,7 +1211,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be a list, not {_kind(value)}")
         (item,) = typing.get_args(hint)
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a mapping, not {_kind(value)}")
         args = typing.get_args(hint)

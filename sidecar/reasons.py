@@ -15,8 +15,9 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
     invalid_task_id         the task id is too long, not text, or holds NUL
     invalid_escalation_id   the escalation id is too long, not text, or holds NUL
     invalid_intent          the intent is too long, not text, or holds NUL
-    invalid_arguments       arguments are not a JSON object, hold NUL or an inexact number (also invoke/http.py:
-                            the URL needs an argument the call lacks)
+    invalid_arguments       arguments are not a JSON object, hold NUL, an inexact number or two spellings of one key
+                            name (also invoke/http.py: the URL needs an argument the call lacks; invoke/schemas.py:
+                            the tool's input schema would read them as another value)
     invalid_signals         signals are not a JSON object, hold NUL or an inexact number
     input_too_large         arguments or signals over policy.max_input_bytes
     input_too_deep          arguments or signals nested past policy.max_depth
@@ -72,7 +73,8 @@ are the policy's and stay plain strings. docs/api.md has the table for users.
 
     invocation (invoke/, servicer.py Invoke, mcp/gateway.py), in InvocationResult.error or as a deny:
     unknown_tool            no upstream or HTTP tool serves this tool
-    upstream_unavailable    connection refused or reset, TLS failure, upstream process gone
+    upstream_unavailable    connection refused or reset, TLS failure, upstream process gone (also a deny: the
+                            gateway could not read the tool's input schema)
     upstream_timeout        no answer within the upstream's timeout
     upstream_malformed      an answer that is not the protocol's, or cannot reach the agent exactly
     upstream_too_large      a result over the configured size cap

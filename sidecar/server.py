@@ -322,6 +322,7 @@ def build_http_tools(config: Config):
             max_response_bytes=tool.max_response_bytes,
             rollback_header=tool.rollback_header.lower(),
             credential=build_credential(tool.credential, config),
+            input_schema=dict(tool.input_schema),
         )
         for name, tool in config.invoke.tools.items()
     ])

@@ -177,7 +177,7 @@ class ToolGateServicer:
         """Authorize, and when allowed make the HTTP call from the sidecar (deny / escalate: no call)."""
         identity, parent = await self._caller(request, context)
         call = call_from_request(request.call)
-        refused = None
+        refused: str | None = None
         if self._http_tools is None or not self._http_tools.knows(call.tool):
             refused = str(Reason(
                 UNKNOWN_TOOL, f"{call.tool!r} is not an HTTP tool this sidecar invokes (invoke.tools)"
@@ -189,6 +189,9 @@ class ToolGateServicer:
                 INVALID_SERVER, f"Invoke calls the HTTP tool invoke.tools.{call.tool} itself, which has no "
                 "server; leave server empty (a server the caller names is not where the call would go)"
             ))
+        else:  # decided on, and sent, as the tool reads them by its input schema (defaults filled in)
+            call, refused = self._http_tools.as_the_tool_reads(call)
+            refused = refused or None
         verdict = await self._gate.authorize(call, identity, parent, malformed=refused)
         if verdict.decision.outcome != "allow" or self._executor is None or self._http_tools is None:
             return invocation_to_response(verdict, None)

@@ -309,7 +309,6 @@ async def search_tool():
 # `limit` the obligation clamps, and a second spelling beside it may win. Such a call is not made.
 @pytest.mark.parametrize("arguments", [
     {"LIMIT": 1000},
-    {"limit": 3, "Limit": 1000},
     {"\uff4c\uff49\uff4d\uff49\uff54": 1000},  # fullwidth "limit"
     {"Debug": True},
     {"TOKEN": "secret-1"},
@@ -337,3 +336,23 @@ async def test_an_obligation_cannot_be_sidestepped_by_another_spelling_of_the_ar
     assert bodies == [{"query": "q", "limit": 5, "token": "[REDACTED]", "tags": ["a"]}]
     invocation = [r for r in records(tmp_path / "evidence") if r["kind"] == "invocation"][0]
     assert invocation["status"] == "not_called"
+
+
+async def test_two_spellings_of_one_argument_are_denied_before_policy_and_nothing_is_sent(
+        tmp_path, sidecar_config, running_sidecar, search_tool):
+    """`limit` and `Limit` side by side: a tool reading names without case runs with either, so the call
+    is decided on neither (tests/test_core_key_spellings.py), with or without an obligation naming it."""
+    base, bodies = search_tool
+    sidecar = await running_sidecar(sidecar_config(**{
+        "listen.unix": "", "policy.dir": str(write_policy(tmp_path / "policy", CLAMP_POLICY)),
+        "invoke.tools": {"search": {"method": "POST", "url": base + "/search"}},
+    }))
+    async with grpc.aio.insecure_channel(sidecar.addresses[0]) as channel:
+        request = sidecar_pb2.AuthorizeRequest(tool="search")
+        request.arguments.update({"query": "q", "limit": 3, "Limit": 1000})
+        answer = await sidecar_pb2_grpc.ToolGateStub(channel).Invoke(sidecar_pb2.InvokeRequest(call=request))
+    assert answer.decision.outcome == sidecar_pb2.OUTCOME_DENY and answer.status == "", answer
+    assert answer.decision.reasons[0].startswith("invalid_arguments: arguments has the keys"), answer
+    assert bodies == []
+    decisions = [r for r in records(tmp_path / "evidence") if r["kind"] == "decision"]
+    assert [d["outcome"] for d in decisions] == ["deny"]

@@ -14,7 +14,14 @@ it to another path; so is an argument named like a query parameter the URL
 fixes, compared without case: servers read a repeated parameter differently);
 the other arguments go as the JSON
 body (POST, PUT, PATCH) or the query string (GET, DELETE; objects and lists
-JSON-encoded). Headers: the configured ones, then the credential's. Redirects
+JSON-encoded). A string argument sent as URL text (a placeholder; the query of
+a GET or DELETE) whose text is exactly how another JSON value is written there
+(`"true"`, `"5"`, `"[1,2]"`, `"null"`) is refused, not_called
+invalid_arguments: the tool would get the same text for both values, policy
+decided on one; unless the tool has an `input_schema`, whose types decided
+which value it is. So is a placeholder value whose `/` or `\\` would stand next to
+a dot segment or another separator (`../admin`): servers that decode `%2F`
+before routing take the request elsewhere. Headers: the configured ones, then the credential's. Redirects
 are not followed. The result is {"status": int, "body": JSON or text}:
 2xx → ok, other statuses below 500 → tool_error, 5xx → failed
 (upstream_error). A body over `max_response_bytes` → failed
@@ -30,15 +37,16 @@ import asyncio
 import json
 import re
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import parse_qsl, quote
 
 import aiohttp
 
-from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult
+from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult, schemas
 from sidecar.invoke.credentials import CredentialError, CredentialProvider
-from sidecar.jsonvalues import number_problems
+from sidecar.canonical import parse_json
+from sidecar.jsonvalues import child_path, normalize, number_problems
 from sidecar.reasons import (
     INVALID_ARGUMENTS,
     UNKNOWN_TOOL,
@@ -67,6 +75,7 @@ class HttpTool:
     max_response_bytes: int = 1024 * 1024
     rollback_header: str = "x-rollback-token"
     credential: CredentialProvider | None = None
+    input_schema: dict[str, Any] = field(default_factory=dict)  # {} = none (sidecar/invoke/schemas.py)
 
 
 def _query_value(value: Any) -> str:
@@ -97,7 +106,46 @@ def _path_escape(template: str, url: str) -> str:
             shown = "empty" if not filled else repr(filled)
             return (f"argument(s) {', '.join(names)} would make the path segment {written!r} {shown}, "
                     "which sends the request to another path than the tool's URL names")
+        # Servers and proxies that decode %2F (or %5C) before routing (nginx normalizing a URI it
+        # proxies, IIS reading a backslash as a slash) see the quoted separators again: a piece
+        # between them that is a dot segment or empty takes the request elsewhere there.
+        pieces = re.split(r"%2F|%5C", filled)
+        if names and len(pieces) > 1 and any(piece in _DOT_SEGMENTS for piece in pieces):
+            return (f"argument(s) {', '.join(names)} would put a '/' or '\\' next to a '.', '..' or another "
+                    f"separator in the path segment {written!r}, which servers that decode it before routing "
+                    "resolve to another path than the tool's URL names")
     return ""
+
+
+def _text_of_another_value(arguments: dict[str, Any], names: Sequence[str]) -> str:
+    """Why an argument sent as URL text (a path placeholder; the query of a GET or DELETE) would
+    arrive as text another JSON value also arrives as, or "".
+
+    The URL carries text: the boolean true and the string "true" both arrive as `true`, 5 and "5"
+    as `5`, [1,2] and "[1,2]" as `[1,2]`. Policy tells them apart (a rule denying `force == true`
+    lets "true" through) and the tool cannot, so a string whose text is exactly how another value
+    the sidecar would carry is written is refused: the agent sends that value itself."""
+    for name in names:
+        value = arguments[name]
+        if not isinstance(value, str):
+            continue
+        try:
+            parsed = normalize(parse_json(value))
+        except ValueError:
+            continue
+        if not isinstance(parsed, str) and not number_problems(parsed, name) and _query_value(parsed) == value:
+            return (f"{child_path('arguments', name)} is a string whose text the URL would carry exactly as it "
+                    f"carries the {_json_kind(parsed)} it spells, so the tool could not tell which was decided; "
+                    "send that value itself, not as a string")
+    return ""
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return {dict: "object", list: "array"}.get(type(value), "number")
 
 
 def _shadowed_query(url: str, arguments: dict[str, Any]) -> str:
@@ -126,6 +174,16 @@ class HttpInvoker:
     def knows(self, tool: str) -> bool:
         return tool in self.tools
 
+    def as_the_tool_reads(self, call: "ToolCall") -> tuple["ToolCall", str]:
+        """The call with its arguments as the tool reads them by its `input_schema` (defaults filled
+        in), and why the tool would read them as another value ("invalid_arguments: …") or "";
+        the call unchanged when the tool has no schema (sidecar/invoke/schemas.py). Before policy."""
+        schema = self.tools[call.tool].input_schema
+        if not schema or not isinstance(call.arguments, dict):
+            return call, ""
+        filled, refused = schemas.as_the_tool_reads(schema, normalize(call.arguments))
+        return replace(call, arguments=filled), str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(auto_decompress=True, trust_env=False)
@@ -145,10 +203,14 @@ class HttpInvoker:
                 error=str(Reason(INVALID_ARGUMENTS, f"the URL of {tool.name} needs argument(s) {', '.join(missing)}")),
             )
         placed = set(_PLACEHOLDER.findall(tool.url))  # a placeholder may appear more than once
+        method = tool.method.upper()
+        as_text = sorted(placed | (set(arguments) if method in ("GET", "DELETE") else set()))
         url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments[m.group(1)]), safe=""), tool.url)
+        # A tool with an input schema was judged by it (as_the_tool_reads): its types say how the text reads.
+        ambiguous = "" if tool.input_schema else _text_of_another_value(arguments, as_text)
         for name in placed:
             del arguments[name]
-        escaped = _path_escape(tool.url, url) or _shadowed_query(url, arguments)
+        escaped = _path_escape(tool.url, url) or _shadowed_query(url, arguments) or ambiguous
         if escaped:
             return InvocationResult(NOT_CALLED, tool.url, error=str(Reason(INVALID_ARGUMENTS, escaped)))
         upstream = url.split("?", 1)[0]
@@ -161,7 +223,6 @@ class HttpInvoker:
             except CredentialError as exc:
                 return InvocationResult(NOT_CALLED, upstream, error=exc.reason)
             headers[name] = value
-        method = tool.method.upper()
         kwargs: dict[str, Any] = {}
         if method in ("GET", "DELETE"):
             kwargs["params"] = {k: _query_value(v) for k, v in arguments.items()}

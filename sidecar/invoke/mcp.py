@@ -4,6 +4,7 @@
     upstream = McpUpstream("fs", command=["python", "fs_server.py"])      # stdio
     invoker = McpInvoker([upstream, ...]); await invoker.start()
     await invoker.tools()                -> [(upstream name, mcp_types.Tool)]
+    await invoker.input_schema(upstream, tool) -> the tool's input schema, None when not listed
     await invoker.invoke(call, verdict)  -> InvocationResult  (call.server names the upstream)
     await invoker.aclose()
 
@@ -14,6 +15,10 @@ upstream's timeout), then fails with upstream_unavailable. Every call
 has the upstream's timeout; a result larger than `max_result_bytes` (its
 canonical JSON) is refused with upstream_too_large. The rollback token is
 the result's `_meta.rollback_token` (a string), when the tool gives one.
+Each upstream keeps its tools' input schemas from its last listing (the gateway
+checks a call against them before policy, sidecar/invoke/schemas.py); they are
+forgotten when the session is replaced or the upstream says its tools changed
+(`notifications/tools/list_changed`), and a tool not among them lists afresh.
 """
 
 from __future__ import annotations
@@ -104,15 +109,21 @@ class McpUpstream:
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.last_error = ""
+        self._schemas: dict[str, Any] | None = None  # tool name → input schema, from the last listing
 
     def describe(self) -> str:
         return self.url or " ".join(self.command)
 
     def _new_client(self, http: httpx2.AsyncClient | None) -> Client:
         if http is not None:
-            return Client(streamable_http_client(self.url, http_client=http), cache=None)
+            return Client(streamable_http_client(self.url, http_client=http), cache=None,
+                          message_handler=self._on_message)
         params = StdioServerParameters(command=self.command[0], args=self.command[1:], env=self._env)
-        return Client(params, cache=None)
+        return Client(params, cache=None, message_handler=self._on_message)
+
+    async def _on_message(self, message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            self._schemas = None  # the next call lists afresh
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"mcp-upstream-{self.name}")
@@ -131,6 +142,7 @@ class McpUpstream:
                 if self._credential is not None:
                     await self._attach_credential()
                 async with self._new_client(http) as client:
+                    self._schemas = None  # another session: its listing may differ
                     self._client = client
                     self.last_error = ""
                     backoff = 0.2
@@ -201,7 +213,15 @@ class McpUpstream:
             if exc.code not in _SESSION_INTACT:
                 self._reconnect(client)
             raise
+        self._schemas = {tool.name: tool.input_schema for tool in tools}
         return tools
+
+    async def input_schema(self, tool: str) -> Any:
+        """The input schema `tool` declared in the last listing (listing afresh when it is not there),
+        None when the upstream does not list it. Raises as `tools` does when it cannot list."""
+        if self._schemas is None or tool not in self._schemas:
+            await self.tools()
+        return (self._schemas or {}).get(tool)
 
     async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> InvocationResult:
         client = await self._session()
@@ -310,6 +330,10 @@ class McpInvoker:
 
         listed = await asyncio.gather(*(one(u) for u in self.upstreams.values()))
         return [item for group in listed for item in group]
+
+    async def input_schema(self, upstream: str, tool: str) -> Any:
+        """Upstream `upstream`'s input schema for `tool` (McpUpstream.input_schema); KeyError for no such upstream."""
+        return await self.upstreams[upstream].input_schema(tool)
 
     async def invoke(self, call: "ToolCall", verdict: "Verdict") -> InvocationResult:
         upstream = self.upstreams.get(call.server)

@@ -20,9 +20,9 @@ not made (fail closed). A named argument that is absent is left absent.
 from __future__ import annotations
 
 import copy
-import unicodedata
 from typing import Any
 
+from sidecar.calls import folded_name
 from sidecar.reasons import OBLIGATION_INAPPLICABLE, OBLIGATION_UNKNOWN, Reason
 
 REDACTED = "[REDACTED]"
@@ -56,17 +56,13 @@ def _limits(key: str, value: Any, *, integer: bool) -> dict[str, float]:
     return value
 
 
-def _folded(name: str) -> str:
-    return unicodedata.normalize("NFKC", name).casefold()
-
-
 def _check_spellings(arguments: dict[str, Any], named: list[str]) -> None:
     """Refuse a call with an argument that is another spelling of one an obligation names (`LIMIT`,
     a fullwidth `ｌｉｍｉｔ` for `limit`): many tools read names without case, some after NFKC
     folding, so the obligation would leave the argument the tool reads untouched."""
-    folded = {_folded(name): name for name in named}
+    folded = {folded_name(name): name for name in named}
     for key in arguments:
-        name = folded.get(_folded(key)) if isinstance(key, str) else None
+        name = folded.get(folded_name(key)) if isinstance(key, str) else None
         if name is not None and key != name:
             raise ObligationError(str(Reason(
                 OBLIGATION_INAPPLICABLE,

@@ -69,12 +69,21 @@ from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
-from sidecar.invoke import FAILED, NOT_CALLED
+from sidecar.invoke import FAILED, NOT_CALLED, schemas
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
+from sidecar.jsonvalues import normalize
 from sidecar.mcp import elicitation, names
 from sidecar.mcp.tls import SvidSslContexts, TlsH11Protocol, peer_auth_context
-from sidecar.reasons import ESCALATION_PENDING, MALFORMED_REQUEST, UNKNOWN_TOOL, UNVERIFIED_CALLER, Reason
+from sidecar.reasons import (
+    ESCALATION_PENDING,
+    INVALID_ARGUMENTS,
+    MALFORMED_REQUEST,
+    UNKNOWN_TOOL,
+    UNVERIFIED_CALLER,
+    UPSTREAM_UNAVAILABLE,
+    Reason,
+)
 
 log = logging.getLogger(__name__)
 META_PREFIX = "sidecar/"
@@ -302,6 +311,8 @@ class McpGateway:
                 refused = names.refusal(upstream, tool, self._invoker.upstreams)
                 if refused:
                     problem = str(Reason(UNKNOWN_TOOL, refused))
+                elif isinstance(arguments, dict):  # anything else is the Gate's invalid_arguments
+                    arguments, problem = await self._as_the_tool_reads(upstream, tool, arguments)
         call = ToolCall(
             tool=tool,
             server=upstream,
@@ -340,6 +351,23 @@ class McpGateway:
                 identity = self.resolve(self._peer(ctx))
                 verdict = await self._decide(call, identity, parent, "", shape, True)
         return await self._answer(call, identity, verdict)
+
+    async def _as_the_tool_reads(self, upstream: str, tool: str,
+                                 arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The arguments as the upstream tool will read them (its schema's defaults filled in), and why
+        the tool would not read them as decided or "" (sidecar/invoke/schemas.py). Judged on the arguments
+        as the Gate decides on them (the numbers rule: 1.0 is 1)."""
+        try:
+            schema = await self._invoker.input_schema(upstream, tool)
+        except Exception as exc:  # the upstream cannot list its tools: nothing to judge the call by
+            detail = (str(exc) or type(exc).__name__)[:300]
+            return arguments, str(Reason(UPSTREAM_UNAVAILABLE, f"the input schema of {tool} could not be read "
+                                                               f"from upstream {upstream}, so the call is not "
+                                                               f"decided ({detail})"))
+        if schema is None:
+            return arguments, str(Reason(UNKNOWN_TOOL, f"upstream {upstream} lists no tool {tool!r}"))
+        filled, refused = schemas.as_the_tool_reads(schema, normalize(arguments))
+        return filled, str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
 
     async def _decide(self, call: ToolCall, identity: CallerIdentity | IdentityError, parent: TraceContext | None,
                       problem: str, shape: tuple | None, remembered: bool) -> Verdict:
