@@ -35,6 +35,7 @@ from tests.doubles.escalation import (
     CFO,
     ESCALATION_DATA,
     ESCALATION_POLICY,
+    decide,
     make_config,
     records_of,
     store_settings,
@@ -375,7 +376,7 @@ async def test_release_gives_back_only_the_use_by_that_decision(stores):  # noqa
     store, _, _ = stores
     approved = record("sha256:given-back")
     await store.create(approved, NOW)
-    await store.decide(approved.id, "approved", approver="email:a@x", via="", note="", now=NOW + 1, use_by=NOW + 300)
+    await decide(store, approved.id, "approved", approver="email:a@x", via="", note="", now=NOW + 1, use_by=NOW + 300)
     await store.consume(approved.id, approved.fingerprint, NOW + 2, "decision-1")
     assert await store.release(approved.id, "decision-2", NOW + 3) is None  # another decision's use stays
     released = await store.release(approved.id, "decision-1", NOW + 3)

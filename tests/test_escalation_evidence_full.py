@@ -10,8 +10,9 @@ Two ways a human decision took effect with no record of it, or was spent on one 
   decision: the approval was spent, the repeat got `approval_used` naming a decision missing from
   the chain.
 
-Now an approval that cannot be recorded is refused (evidence_unavailable) and withdrawn, and an
-approval whose allow could not be recorded is given back. Real sidecar, evidence on a real
+Now an approval that cannot be recorded is refused (evidence_unavailable) and not made: the
+escalation stays pending, to be approved once the disk has room (test_escalation_record_first.py
+races its record); an approval whose allow could not be recorded is given back. Real sidecar, evidence on a real
 full tmpfs, the store off it, on SQLite and PostgreSQL.
 """
 
@@ -45,7 +46,7 @@ async def full_disk_sidecar(tmp_path, tiny_volume, running_sidecar, store_kind):
     return sidecar.addresses[0], directory
 
 
-async def test_an_approval_that_cannot_be_recorded_is_refused_and_withdrawn(full_disk_sidecar, tiny_volume):
+async def test_an_approval_that_cannot_be_recorded_is_refused_and_stays_pending(full_disk_sidecar, tiny_volume):
     address, directory = full_disk_sidecar
     async with AsyncClient(address) as agent, ApprovalsClient(address) as approvals:
         escalated = await agent.authorize("send_email", EMAIL, task_id="t-1")
@@ -53,15 +54,20 @@ async def test_an_approval_that_cannot_be_recorded_is_refused_and_withdrawn(full
         tiny_volume.fill()
         with pytest.raises(ApprovalsError) as info:
             await approvals.approve(escalated.escalation_id, note="n" * 1900, approver=ALICE)
-        assert "evidence_unavailable" in info.value.message and "withdrawn" in info.value.message
+        assert info.value.message.startswith("evidence_unavailable: ") and "still pending" in info.value.message
         tiny_volume.free()
-        assert (await approvals.get(escalated.escalation_id))["state"] == "expired"
+        assert (await approvals.get(escalated.escalation_id))["state"] == "pending"
         retry = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=escalated.escalation_id)
-        # the withdrawn approval carries out nothing (its reason, approval_unused, reads as an expiry)
-        assert retry.outcome == "deny" and escalated.escalation_id in retry.reasons[0], retry.reasons
-    kinds = [(r["kind"], r.get("escalation_id")) for r in records(directory)]
-    assert ("approval", escalated.escalation_id) not in kinds
-    assert not [r for r in records(directory) if r["kind"] == "decision" and r["outcome"] == "allow"]
+        # the approval that was not made carries out nothing: the call is still escalated
+        assert (retry.outcome, retry.escalation_id) == ("escalate", escalated.escalation_id), retry.reasons
+        assert not [r for r in records(directory) if r["kind"] == "decision" and r["outcome"] == "allow"]
+        assert ("approval", escalated.escalation_id) not in [(r["kind"], r.get("escalation_id"))
+                                                             for r in records(directory)]
+        approved = await approvals.approve(escalated.escalation_id, note="again", approver=ALICE)
+        assert approved["state"] == "approved"
+        allowed = await agent.authorize("send_email", EMAIL, task_id="t-1", escalation_id=escalated.escalation_id)
+        assert allowed.outcome == "allow", allowed.reasons
+    assert [r["note"] for r in records(directory) if r["kind"] == "approval"] == ["again"]
     assert verify_dir(directory).ok
 
 

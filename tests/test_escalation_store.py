@@ -17,7 +17,7 @@ from sidecar.escalation import APPROVED, DENIED, EXPIRED, PENDING, USED, Escalat
 from sidecar.escalation.feed import ChangeFeed
 from sidecar.escalation.service import new_escalation_id
 from sidecar.escalation.store import PostgresStore, SqliteStore
-from tests.doubles.escalation import STORES
+from tests.doubles.escalation import STORES, decide
 
 NOW = 1_800_000_000.0
 
@@ -74,7 +74,7 @@ async def test_same_call_while_active_gets_the_same_escalation(stores):
     different, created_other, _ = await store.create(record("sha256:other"), NOW + 1)
     assert created_other and different.id != first.id
     # approved but unused: still the same escalation for the same call
-    await store.decide(first.id, APPROVED, approver="email:a@x", via="", note="", now=NOW + 2, use_by=NOW + 300)
+    await decide(store, first.id, APPROVED, approver="email:a@x", via="", note="", now=NOW + 2, use_by=NOW + 300)
     reused, created3, _ = await store.create(record("sha256:same"), NOW + 3)
     assert not created3 and reused.id == first.id and reused.state == APPROVED
 
@@ -104,7 +104,7 @@ async def test_racing_approvers_exactly_one_decision_wins(stores):
     for i in range(10):
         target = store if i % 2 else other
         state = APPROVED if i % 3 else DENIED
-        attempts.append(target.decide(escalation.id, state, approver=f"email:approver{i}@x", via="", note=f"n{i}",
+        attempts.append(decide(target, escalation.id, state, approver=f"email:approver{i}@x", via="", note=f"n{i}",
                                       now=NOW + 1, use_by=NOW + 301 if state == APPROVED else None))
     results = await asyncio.gather(*attempts)
     winners = [r for r in results if r is not None]
@@ -113,23 +113,52 @@ async def test_racing_approvers_exactly_one_decision_wins(stores):
     assert final.state == winners[0].state and final.approver == winners[0].approver and final.note == winners[0].note
 
 
+async def test_a_claimed_escalation_stays_pending_and_unusable_until_decided_under_its_claim(stores):
+    """The approval's record is written between the claim and the decision (service._decide): meanwhile the
+    row is pending to every reader, no retry can use it and no one else can decide it; a dropped claim
+    leaves it as it was, and an expiry meanwhile wins over the late decision."""
+    store, other, _ = stores
+    escalation, _, _ = await store.create(record("sha256:claimed"), NOW)
+    claimed = await store.claim(escalation.id, "token-1", NOW + 1)
+    assert claimed == escalation
+    assert await other.claim(escalation.id, "token-2", NOW + 1) is None  # one claim at a time, across sidecars
+    assert (await other.get(escalation.id)) == escalation  # pending, arguments kept, no change to watch
+    assert await other.consume(escalation.id, "sha256:claimed", NOW + 2, "d-retry") is None
+    again, created, _ = await other.create(record("sha256:claimed"), NOW + 2)
+    assert (again.id, again.state, created) == (escalation.id, PENDING, False)  # the repeat gets the same one
+    assert await other.decide(escalation.id, "token-2", APPROVED, approver="a:c", via="", note="", now=NOW + 2,
+                              use_by=NOW + 60) is None  # not its claim
+    await store.unclaim(escalation.id, "token-2")  # not its claim either: the claim stays
+    assert await other.claim(escalation.id, "token-3", NOW + 2) is None
+    await store.unclaim(escalation.id, "token-1")
+    assert (await other.get(escalation.id)).state == PENDING
+    assert await decide(other, escalation.id, DENIED, note="no", now=NOW + 3) is not None  # decidable again
+
+    late, _, _ = await store.create(record("sha256:late-claim", ttl=10), NOW)
+    await store.claim(late.id, "token-4", NOW + 9)
+    assert [e.id for e in await other.expire(NOW + 11)] == [late.id]
+    assert await store.decide(late.id, "token-4", APPROVED, approver="a:b", via="", note="", now=NOW + 9,
+                              use_by=NOW + 60) is None
+    assert (await store.get(late.id)).state == EXPIRED
+
+
 async def test_decide_refuses_what_is_not_pending_or_is_overdue(stores):
     store, _, _ = stores
     late, _, _ = await store.create(record("sha256:late", ttl=5), NOW)
-    assert await store.decide(late.id, APPROVED, approver="a:b", via="", note="", now=NOW + 5, use_by=NOW + 9) is None
+    assert await decide(store, late.id, APPROVED, approver="a:b", via="", note="", now=NOW + 5, use_by=NOW + 9) is None
     assert (await store.get(late.id)).state == PENDING  # nothing changed
     done, _, _ = await store.create(record("sha256:done"), NOW)
-    assert await store.decide(done.id, DENIED, approver="a:b", via="", note="no", now=NOW + 1, use_by=None)
-    assert await store.decide(done.id, APPROVED, approver="a:c", via="", note="", now=NOW + 2, use_by=NOW + 9) is None
+    assert await decide(store, done.id, DENIED, approver="a:b", via="", note="no", now=NOW + 1, use_by=None)
+    assert await decide(store, done.id, APPROVED, approver="a:c", via="", note="", now=NOW + 2, use_by=NOW + 9) is None
     assert (await store.get(done.id)).approver == "a:b"
-    assert await store.decide("esc-" + "f" * 32, APPROVED, approver="a:b", via="", note="", now=NOW, use_by=NOW) is None
+    assert await decide(store, "esc-" + "f" * 32, APPROVED, approver="a:b", via="", note="", now=NOW, use_by=NOW) is None
 
 
 async def test_an_approval_is_consumed_once_for_its_fingerprint_inside_the_window(stores):
     store, other, _ = stores
     escalation, _, _ = await store.create(record("sha256:fp"), NOW)
     assert await store.consume(escalation.id, "sha256:fp", NOW + 1, "d-x") is None  # pending: nothing to use
-    await store.decide(escalation.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 100)
+    await decide(store, escalation.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 100)
     assert await store.consume(escalation.id, "sha256:other", NOW + 2, "d-x") is None  # another call
     results = await asyncio.gather(*(s.consume(escalation.id, "sha256:fp", NOW + 3, f"d-{i}")
                                      for i, s in enumerate((store, other, store, other))))
@@ -142,7 +171,7 @@ async def test_unused_approval_and_undecided_escalation_expire_exactly_once(stor
     store, other, _ = stores
     pending, _, _ = await store.create(record("sha256:p", ttl=10), NOW)
     approved, _, _ = await store.create(record("sha256:a", ttl=10), NOW)
-    await store.decide(approved.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 20)
+    await decide(store, approved.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 20)
     assert await store.expire(NOW + 5) == []
     first, second = await asyncio.gather(store.expire(NOW + 30), other.expire(NOW + 30))
     expired = first + second
@@ -165,15 +194,15 @@ async def test_withdraw_voids_an_approval_given_before_it_and_nothing_after_use_
     it (its decision could not be recorded). The approval must not outlive the withdraw."""
     store, other, _ = stores
     approved, _, _ = await store.create(record("sha256:ap"), NOW)
-    await other.decide(approved.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 60)
+    await decide(other, approved.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 60)
     withdrawn = await store.withdraw(approved.id, NOW + 2)
     assert withdrawn.state == EXPIRED and withdrawn.arguments is None
     assert await store.consume(approved.id, "sha256:ap", NOW + 3, "d-retry") is None
     used, _, _ = await store.create(record("sha256:us"), NOW)
-    await store.decide(used.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 60)
+    await decide(store, used.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 60)
     assert (await store.consume(used.id, "sha256:us", NOW + 2, "d-retry")).state == USED
     denied, _, _ = await store.create(record("sha256:de"), NOW)
-    await store.decide(denied.id, DENIED, approver="a:b", via="", note="", now=NOW + 1, use_by=None)
+    await decide(store, denied.id, DENIED, approver="a:b", via="", note="", now=NOW + 1, use_by=None)
     for done in (used, denied):
         assert await store.withdraw(done.id, NOW + 3) is None
     assert (await store.get(used.id)).state == USED and (await store.get(denied.id)).state == DENIED
@@ -185,7 +214,7 @@ async def test_list_filters_and_changes_since(stores):
     b, _, _ = await store.create(record("sha256:2", tool="delete_repo", now=NOW + 1), NOW + 1)
     c, _, _ = await store.create(record("sha256:3", tool="delete_repo", subject="spiffe://example.org/other",
                                         now=NOW + 2), NOW + 2)
-    await store.decide(a.id, DENIED, approver="a:b", via="", note="", now=NOW + 3, use_by=None)
+    await decide(store, a.id, DENIED, approver="a:b", via="", note="", now=NOW + 3, use_by=None)
     assert [e.id for e in await store.list()] == [c.id, b.id, a.id]  # newest first
     assert [e.id for e in await store.list(state=PENDING)] == [c.id, b.id]
     assert [e.id for e in await store.list(tool="delete_repo", subject="spiffe://example.org/other")] == [c.id]
@@ -202,7 +231,7 @@ async def test_pending_escalations_survive_a_restart(stores):
     await reopened.open()
     try:
         assert (await reopened.get(escalation.id)) == escalation
-        assert await reopened.decide(escalation.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1,
+        assert await decide(reopened, escalation.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1,
                                      use_by=NOW + 10)
     finally:
         await reopened.aclose()
@@ -288,8 +317,8 @@ async def test_leaving_pending_drops_the_unredacted_arguments(stores):
     kept = [record("sha256:a"), record("sha256:b"), record("sha256:c", ttl=10), record("sha256:d")]
     for one in kept:
         await store.create(one, NOW)
-    approved = await store.decide(kept[0].id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 100)
-    denied = await other.decide(kept[1].id, DENIED, approver="a:b", via="", note="", now=NOW + 1, use_by=None)
+    approved = await decide(store, kept[0].id, APPROVED, approver="a:b", via="", note="", now=NOW + 1, use_by=NOW + 100)
+    denied = await decide(other, kept[1].id, DENIED, approver="a:b", via="", note="", now=NOW + 1, use_by=None)
     expired = await store.expire(NOW + 11)
     withdrawn = await store.withdraw(kept[3].id, NOW + 12)
     assert [approved.arguments, denied.arguments, withdrawn.arguments] == [None, None, None]
@@ -333,7 +362,7 @@ async def test_watch_never_steps_an_escalation_back_to_an_older_version(tmp_path
         watch = feed.watch()
         first = await anext(watch)
         seen.append((first.state, first.updated_at))
-        approved = await store.decide(pending.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1,
+        approved = await decide(store, pending.id, APPROVED, approver="a:b", via="", note="", now=NOW + 1,
                                       use_by=NOW + 60)
         used = await store.consume(pending.id, "sha256:aa", NOW + 2, "d-retry")
         for version in (approved, pending, used, approved):  # the announcement's pending arrives late

@@ -8,7 +8,11 @@
 Every transition is one compare-and-set in the store (store.py), so it
 happens at most once however many approvers, retries or sidecars race, and
 every transition and every refused attempt becomes a chained evidence record
-(evidence.py) in the escalated call's trace; the approved retry's decision uses
+(evidence.py) in the escalated call's trace. A human decision's record is
+durable before the decision takes effect (claimed, recorded, then decided:
+`_decide`), as an approval's use is recorded before its call runs (the gate's
+allow record, `release` when it fails); an expiry only takes away, so its
+record follows it; the approved retry's decision uses
 the escalation's span as its parent. Who may decide is approvers.py's rule,
 and waiters and watchers hear of every change through the feed (feed.py).
 """
@@ -21,7 +25,7 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping
 
 from sidecar.concurrency import RunToEnd
@@ -94,8 +98,8 @@ def _later_state(newest_first: list[dict]) -> dict[str, Any]:
 
     A transition record (`approval`, `human_denial`, `expiry`) holds the escalation as it left it: its
     state, approver, note, decision and use-by times. An allowed decision that names the escalation and
-    an approver is its use, whichever record the log holds first (a repeat that read the approval from
-    the store can be logged before the approval's own record). Refused attempts change nothing, nor
+    an approver is its use, whichever record the log holds first (a log written by a sidecar that let an
+    approval take effect before its record can hold the use first). Refused attempts change nothing, nor
     does a decision without an approver."""
     uses = [r for r in newest_first
             if r.get("kind") == "decision" and r.get("outcome") == "allow" and r.get("approver")]
@@ -486,6 +490,10 @@ class EscalationService:
         return await self._to_the_end(self._decide(escalation_id, approver, note, DENIED))
 
     async def _decide(self, escalation_id: str, approver: Approver, note: str, state: str) -> EscalationRecord:
+        """Claim the pending escalation, write the decision's evidence record, and only then decide it in
+        the store: until its record is durable a decision is not one (the escalation stays pending, so a
+        retry racing the record cannot use an approval the log may never hold), and a record that
+        cannot be written drops the claim, leaving the escalation pending for anyone to decide again."""
         kind = "approval" if state == APPROVED else "human_denial"
         verb = "approve" if state == APPROVED else "deny"
         record: EscalationRecord | None = None
@@ -501,45 +509,71 @@ class EscalationService:
                 record = await self.expire_one(record) or record
             if record.state != PENDING:
                 raise self._not_pending(record, verb)
-            use_by = now + self.use_window if state == APPROVED else None
-            decided = await self.store.decide(
-                record.id, state, approver=approver.identity, via=approver.via, note=self._redactor.text(note), now=now,
-                use_by=use_by
-            )
-            if decided is None:  # someone else decided first, or it expired this instant
-                current = await self.store.get(record.id) or record
-                if current.state == PENDING and self._overdue(current, self.clock()):
-                    current = await self.expire_one(current) or current
-                raise self._not_pending(current, verb)
+            token = secrets.token_hex(16)
+            claimed = await self.store.claim(record.id, token, now)
+            if claimed is None:  # someone else is deciding or decided first, or it expired this instant
+                raise await self._not_claimable(record, verb)
         except EscalationRefused as refusal:
             await self._evidence.refusal(kind, escalation_id, refusal.record or record, approver, refusal, note)
             raise
+        decision = replace(
+            claimed, state=state, approver=approver.identity, approver_via=approver.via,
+            note=self._redactor.text(note), decided_at=now, use_by=now + self.use_window if state == APPROVED else None,
+            arguments=None,
+        )
         recorded = await self._evidence.transition(
             kind,
-            decided,
+            decision,
             approver=approver,
             outcome=state,
             reasons=[
-                f"{'approved' if state == APPROVED else 'denied_by_human'}: escalation {decided.id} "
+                f"{'approved' if state == APPROVED else 'denied_by_human'}: escalation {decision.id} "
                 f"{'approved' if state == APPROVED else 'denied'} by {approver.identity}"
                 + (f" via {approver.via}" if approver.via else "")
             ],
         )
-        if not recorded and state == APPROVED:
-            # an approval the log does not hold must not carry out a call: withdrawn, like an
-            # escalation whose decision could not be recorded (a denial stands: it runs nothing)
-            withdrawn = await self.store.withdraw(decided.id, self.clock())
-            if withdrawn is not None:
-                self._feed.publish(withdrawn)
+        if not recorded:
+            await self._unclaim(claimed, token)
             raise EscalationRefused(
                 EVIDENCE_UNAVAILABLE,
-                f"the approval of escalation {decided.id} could not be recorded, so it was withdrawn; "
-                "the agent must ask again once evidence works",
+                f"the {'approval' if state == APPROVED else 'denial'} of escalation {claimed.id} could not be "
+                "recorded, so it was not made: the escalation is still pending and can be decided once "
+                "evidence works",
                 "UNAVAILABLE",
-                withdrawn or decided,
+                claimed,
             )
+        decided = await self.store.decide(
+            decision.id, token, state, approver=decision.approver, via=decision.approver_via, note=decision.note,
+            now=now, use_by=decision.use_by,
+        )
+        if decided is None:  # expired (or withdrawn) while its record was written: its expiry record follows
+            raise self._not_pending(await self.store.get(decision.id) or claimed, verb)
         self._feed.publish(decided)
         return decided
+
+    async def _not_claimable(self, record: EscalationRecord, verb: str) -> EscalationRefused:
+        """Why `record`, pending a moment ago, could not be claimed: expired, decided, or still pending
+        under another approver's claim."""
+        current = await self.store.get(record.id) or record
+        if current.state == PENDING and self._overdue(current, self.clock()):
+            current = await self.expire_one(current) or current
+        if current.state != PENDING:
+            return self._not_pending(current, verb)
+        return EscalationRefused(
+            ALREADY_DECIDED,
+            f"escalation {current.id} is being decided by another approver (its record is being written); "
+            "it is pending again if that decision cannot be recorded",
+            "FAILED_PRECONDITION",
+            current,
+        )
+
+    async def _unclaim(self, record: EscalationRecord, token: str) -> None:
+        """Drop the claim of a decision that could not be recorded (best effort: a store that fails
+        leaves the escalation claimed, which refuses every decision, never allows, until it expires)."""
+        try:
+            await self.store.unclaim(record.id, token)
+        except StoreError:
+            log.exception("could not drop the claim on escalation %s", record.id)
 
     def view_for(self, record: EscalationRecord, reader: Approver) -> ReaderView:
         """What `reader` is shown of `record` now besides its stored fields (approvers.ApproverRules.view)."""

@@ -3,12 +3,19 @@
 Every state change is one compare-and-set UPDATE whose WHERE clause names the
 state it leaves (and, where it matters, the expiry, the fingerprint):
 
-    approve/deny   ... WHERE id = ? AND state = 'pending'  AND expires_at > now
+    claim          ... WHERE id = ? AND state = 'pending'  AND decision_claim IS NULL AND expires_at > now
+    approve/deny   ... WHERE id = ? AND state = 'pending'  AND decision_claim = <the claim's token>
     consume        ... WHERE id = ? AND state = 'approved' AND fingerprint = ? AND use_by > now
     expire         ... WHERE (state = 'pending' AND expires_at <= now) OR (state = 'approved' AND use_by <= now)
 
 so when two approvers race (in one sidecar or in many sharing PostgreSQL)
 exactly one UPDATE matches the row and the other finds nothing to change.
+A human decision takes two: the claim marks the pending row as being decided
+(no one else may decide it, and it stays `pending`, so no retry can use it),
+the decision's evidence record is written, and only then does the decision
+itself set the state; a record that fails drops the claim (`unclaim`) and the
+row is pending as before (service.EscalationService._decide). A claim whose
+holder died stays until the escalation's TTL expires it: it only ever refuses.
 Every UPDATE that takes a row out of `pending` also clears its unredacted
 `arguments` (kept only while someone may still decide: docs/escalation.md). A
 partial unique index allows one pending escalation per fingerprint, so a
@@ -58,6 +65,8 @@ COLUMNS = (
     "updated_at", "sidecar", "signals", "catalog", "arguments", "agent_seen_at", "agent_waiting_until",
     "restored_at",
 )
+# Not in COLUMNS (nor in EscalationRecord): only the claim/decide/unclaim compare-and-sets read it.
+CLAIM_COLUMN = "decision_claim"
 JSON_COLUMNS = ("delegation", "arguments_preview", "reasons", "signals", "catalog", "arguments")
 NULLABLE_JSON = ("arguments_preview", "signals", "catalog", "arguments")
 # Columns added after the first schema: a store created by an older sidecar gets them on open.
@@ -68,6 +77,7 @@ ADDED_COLUMNS = (
     ("agent_seen_at", "DOUBLE PRECISION"),
     ("agent_waiting_until", "DOUBLE PRECISION"),
     ("restored_at", "DOUBLE PRECISION"),
+    (CLAIM_COLUMN, "TEXT"),
 )
 SELECT = ", ".join(COLUMNS)
 _state_list = ", ".join(f"'{s}'" for s in STATES)
@@ -108,7 +118,8 @@ SCHEMA = (
         arguments TEXT,
         agent_seen_at DOUBLE PRECISION,
         agent_waiting_until DOUBLE PRECISION,
-        restored_at DOUBLE PRECISION
+        restored_at DOUBLE PRECISION,
+        {CLAIM_COLUMN} TEXT
     )""",
     f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_one_pending ON {TABLE} (fingerprint) WHERE state = '{PENDING}'",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_state_created ON {TABLE} (state, created_at)",
@@ -140,11 +151,18 @@ SQL = {
     "expire_due": (
         f"UPDATE {TABLE} SET state = '{EXPIRED}', arguments = NULL, updated_at = ? WHERE {_DUE} RETURNING {SELECT}"
     ),
+    # A claim changes nothing anyone reads (not updated_at: watchers hear of the decision, not of it).
+    "claim": (
+        f"UPDATE {TABLE} SET {CLAIM_COLUMN} = ? WHERE id = ? AND state = '{PENDING}' AND {CLAIM_COLUMN} IS NULL "
+        f"AND expires_at > ? RETURNING {SELECT}"
+    ),
+    # No expiry test: the claim was made in time; an expiry or withdrawal since then leaves the row not pending.
     "decide": (
         f"UPDATE {TABLE} SET state = ?, approver = ?, approver_via = ?, note = ?, decided_at = ?, "
-        f"use_by = ?, arguments = NULL, updated_at = ? WHERE id = ? AND state = '{PENDING}' AND expires_at > ? "
-        f"RETURNING {SELECT}"
+        f"use_by = ?, arguments = NULL, {CLAIM_COLUMN} = NULL, updated_at = ? "
+        f"WHERE id = ? AND state = '{PENDING}' AND {CLAIM_COLUMN} = ? RETURNING {SELECT}"
     ),
+    "unclaim": f"UPDATE {TABLE} SET {CLAIM_COLUMN} = NULL WHERE id = ? AND {CLAIM_COLUMN} = ?",
     "consume": (
         f"UPDATE {TABLE} SET state = '{USED}', used_at = ?, used_by_decision = ?, updated_at = ? "
         f"WHERE id = ? AND state = '{APPROVED}' AND fingerprint = ? AND use_by > ? RETURNING {SELECT}"
@@ -236,9 +254,19 @@ class EscalationStore(Protocol):
 
     async def list(self, *, state: str = "", subject: str = "", tool: str = "", limit: int = 100) -> list[EscalationRecord]: ...
 
-    async def decide(self, escalation_id: str, state: str, *, approver: str, via: str, note: str,
+    async def claim(self, escalation_id: str, token: str, now: float) -> EscalationRecord | None:
+        """Mark a pending, unexpired, unclaimed escalation as being decided under `token` (its state stays
+        pending); None when it was not all three."""
+        ...
+
+    async def decide(self, escalation_id: str, token: str, state: str, *, approver: str, via: str, note: str,
                      now: float, use_by: float | None) -> EscalationRecord | None:
-        """pending → approved|denied, only while pending and unexpired; None when it was not."""
+        """pending → approved|denied, only while still pending under the claim `token`; None when it was not
+        (expired or withdrawn since the claim)."""
+        ...
+
+    async def unclaim(self, escalation_id: str, token: str) -> None:
+        """Drop the claim `token` (its decision could not be recorded): the escalation can be decided again."""
         ...
 
     async def consume(self, escalation_id: str, fingerprint: str, now: float, decision_id: str) -> EscalationRecord | None:
@@ -358,13 +386,20 @@ class _SqlStore:
         rows = await self._run(lambda q: q(sql, tuple(params)))
         return [_from_row(r) for r in rows]
 
-    async def decide(self, escalation_id, state, *, approver, via, note, now, use_by):
+    async def claim(self, escalation_id, token, now):
+        rows = await self._run(lambda q: q(self._sql("claim"), (token, escalation_id, now)))
+        return _from_row(rows[0]) if rows else None
+
+    async def decide(self, escalation_id, token, state, *, approver, via, note, now, use_by):
         if state not in (APPROVED, "denied"):
             raise ValueError(f"decide: state must be approved or denied, not {state!r}")
         rows = await self._run(
-            lambda q: q(self._sql("decide"), (state, approver, via, note, now, use_by, now, escalation_id, now))
+            lambda q: q(self._sql("decide"), (state, approver, via, note, now, use_by, now, escalation_id, token))
         )
         return _from_row(rows[0]) if rows else None
+
+    async def unclaim(self, escalation_id, token):
+        await self._run(lambda q: q(self._sql("unclaim"), (escalation_id, token)))
 
     async def consume(self, escalation_id, fingerprint, now, decision_id):
         rows = await self._run(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -102,6 +103,17 @@ STORES = ["sqlite", "postgres"]
 
 def policy_dir(tmp_path: Path) -> Path:
     return write_policy(tmp_path / "escalation-policy", ESCALATION_POLICY, data=ESCALATION_DATA)
+
+
+async def decide(store: Any, escalation_id: str, state: str, *, now: float, use_by: float | None = None,
+                 approver: str = "a:b", via: str = "", note: str = "") -> Any:
+    """A human decision made as the service makes it (claim, then decide), for the store tests; None
+    when either finds the escalation not decidable. Its evidence record is the service's, not here."""
+    token = secrets.token_hex(8)
+    if await store.claim(escalation_id, token, now) is None:
+        return None
+    return await store.decide(escalation_id, token, state, approver=approver, via=via, note=note, now=now,
+                              use_by=use_by)
 
 
 def store_settings(kind: str, tmp_path: Path) -> dict[str, Any]:
