@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import time
 
+import grpc
 import jwt
 import pytest
 
@@ -420,3 +421,63 @@ def test_serve_refuses_to_start_with_approvers_left_open(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "escalation.approvers: required outside dev mode" in done.stderr
     assert not (tmp_path / "evidence").exists()  # refused before anything started
+
+
+async def test_an_idle_watch_stream_ends_when_its_token_expires_not_at_the_next_change(world):
+    """A stream with nothing to send checked its reader only at the next change: one opened with a token
+    valid for seconds stayed open past its exp for as long as nothing changed. Now it ends at the exp."""
+    agent, sidecar = world
+    short = agent.jwt_authority.mint(ALICE, AUD, ttl=3)
+    expires_at = jwt.decode(short, options={"verify_signature": False})["exp"]
+    async with ApprovalsClient(sidecar.addresses[0], metadata=bearer(short)) as alice:
+        with pytest.raises(ApprovalsError) as info:
+            leaked = await asyncio.wait_for(anext(alice.watch()), expires_at - time.time() + 10)
+            raise AssertionError(f"an escalation with nothing escalated: {leaked}")
+    ended = time.time()
+    assert (info.value.status, info.value.code) == ("UNAUTHENTICATED", "unverified_caller"), info.value
+    assert expires_at - 0.1 <= ended <= expires_at + 3, (ended, expires_at)
+
+
+async def test_an_idle_watch_stream_ends_when_its_client_certificate_expires(world, tmp_path, running_sidecar):
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    mtls = await running_sidecar(make_config(tmp_path / "mtls", **{
+        "listen.unix": unix.removeprefix("unix:") + "-mtls",
+        "identity.sources": ["mtls", "workload_api"],
+        "identity.workload_api_socket": f"unix://{agent.socket_path}",
+        "identity.max_delegation_links": 0,
+        "escalation.approvers": [ALICE],
+    }))
+    await until_serving(next(a for a in mtls.addresses if a.startswith("unix:")))
+    short = agent.ca.issue("/humans/alice", ttl=3.0)
+    expires_at = short.cert.not_valid_after_utc.timestamp()
+    async with ApprovalsClient(mtls.addresses[0], credentials=client_credentials(short, agent.ca.bundle_pem()),
+                               options=[("grpc.ssl_target_name_override", SIDECAR_DNS)]) as alice:
+        with pytest.raises(ApprovalsError) as info:
+            leaked = await asyncio.wait_for(anext(alice.watch()), expires_at - time.time() + 10)
+            raise AssertionError(f"an escalation with nothing escalated: {leaked}")
+    ended = time.time()
+    assert (info.value.status, info.value.code) == ("UNAUTHENTICATED", "unverified_caller"), info.value
+    assert expires_at - 0.1 <= ended <= expires_at + 3, (ended, expires_at)
+
+
+async def test_await_decision_answers_only_a_caller_whose_token_still_verifies(world):
+    """AwaitDecision verified its caller as the wait began: a JWT-SVID that expired during the wait (up to
+    escalation.await_max_seconds) still got the answer, an approval among them. Now the wait ends at the
+    token's exp and the caller is verified again before any answer: refused, unverified_caller."""
+    agent, sidecar = world
+    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
+    short = agent.jwt_authority.mint(PLANNER, AUD, ttl=3)
+    expires_at = jwt.decode(short, options={"verify_signature": False})["exp"]
+    async with AsyncClient(unix, metadata=bearer(short)) as planner, \
+            ApprovalsClient(sidecar.addresses[0], metadata=bearer(agent.jwt_authority.mint(ALICE, AUD))) as alice:
+        eid = (await planner.authorize("send_email", EMAIL)).escalation_id
+        waiting = asyncio.create_task(planner.await_decision(eid, 30))
+        await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.5)
+        approved = await alice.approve(eid)
+        assert approved["state"] == "approved"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            answered = await asyncio.wait_for(waiting, 40)
+            raise AssertionError(f"answered an expired token: {answered}")
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.details().startswith("unverified_caller: ") and "expired" in info.value.details()

@@ -19,6 +19,11 @@ A console reads for that person only when they are among escalation.approvers
 (`reader_for`), and a List answer stays under LIST_BUDGET_BYTES
 (`escalations_to_list`).
 
+A long call outlives nothing of its caller's: AwaitDecision's wait and an idle
+Watch stream end when the credential that opened them expires
+(`credentials_expire_at`), and the caller is verified again before an
+answer or a change is sent.
+
 Refusals are answered with a gRPC status and a message "<code>: <text>":
 NOT_FOUND (unknown escalation), FAILED_PRECONDITION (expired, already
 decided, already used), PERMISSION_DENIED (separation of duties, not an
@@ -28,6 +33,7 @@ UNAVAILABLE (the store or the evidence log is down). Each is recorded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -46,7 +52,9 @@ from sidecar.escalation import (
     StoreError,
 )
 from sidecar.escalation.approvers import MAX_APPROVER_BYTES, ReaderView, approver_matches
+from sidecar.escalation.evidence import iso
 from sidecar.escalation.service import EscalationService
+from sidecar.evidence.records import parse_rfc3339
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, resolve_caller
 from sidecar.identity.spiffe_id import SpiffeIdError, validate_spiffe_id
 from sidecar.reasons import (
@@ -81,6 +89,14 @@ STATE_TO_PROTO = {
 }
 PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
 assert set(STATE_TO_PROTO) == set(STATES)
+
+
+def credentials_expire_at(caller: CallerIdentity) -> float | None:
+    """When the first of the caller's credentials (its own, its delegation's) expires, in Unix seconds;
+    None when none expires (dev)."""
+    times = [parse_rfc3339(s.svid_expires_at).timestamp()
+             for s in (caller.subject, *caller.delegation) if s.svid_expires_at]
+    return min(times, default=None)
 
 
 def _timestamp(ts: float | None) -> Timestamp | None:
@@ -267,14 +283,15 @@ class EscalationApi:
             )
         return Approver(subject.spiffe_id, subject.source)
 
-    def reader(self, context: grpc.aio.ServicerContext) -> str:
-        """Who may read escalations: any verified caller, or only approvers/consoles when approvers are configured."""
+    def reader(self, context: grpc.aio.ServicerContext) -> CallerIdentity:
+        """The caller, if it may read escalations: any verified caller, or only approvers/consoles when
+        approvers are configured."""
         caller = self._approvals_caller(context)
         who = caller.subject.spiffe_id
         if not self.dev_mode and self.service.approvers:
             if not (approver_matches(who, self.service.approvers) or who in self.service.console_identities):
                 raise EscalationRefused(NOT_AN_APPROVER, f"{who} is not among escalation.approvers", "PERMISSION_DENIED")
-        return who
+        return caller
 
     def reader_for(self, context: grpc.aio.ServicerContext, claimed: str) -> Approver:
         """Who reads escalations with List or Get (`reader`), and for whom the unredacted arguments are judged.
@@ -326,21 +343,32 @@ class EscalationApi:
             if not math.isfinite(timeout) or timeout < 0:
                 raise EscalationRefused(INVALID_TIMEOUT, "timeout_seconds must be a finite number >= 0", "INVALID_ARGUMENT")
             record = await self.service.get(request.escalation_id)
-            if record.subject != caller.subject.spiffe_id:
-                raise EscalationRefused(
-                    NOT_YOUR_ESCALATION,
-                    f"escalation {record.id} belongs to another subject; only its caller may await it",
-                    "PERMISSION_DENIED",
-                )
+            self._own(caller, record)
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = min(timeout, max(0.0, remaining - 0.2))
+            expires_at = credentials_expire_at(caller)
+            if expires_at is not None:  # no longer than the credential verifies: then refused, below
+                timeout = min(timeout, max(0.0, expires_at - self.service.clock()))
             record, timed_out = await self.service.wait(record.id, timeout)
+            # the wait can outlast the credential that asked (a JWT-SVID's exp, a client certificate's
+            # notAfter): the answer goes only to a caller that verifies now, as a new call would
+            self._own(self._caller(context), record)
         except EscalationRefused as refusal:
             await self.abort(context, refusal)
         except StoreError as exc:
             await self.unavailable(context, exc)
         return sidecar_pb2.AwaitDecisionResponse(escalation=self._proto(record), timed_out=timed_out)
+
+    @staticmethod
+    def _own(caller: CallerIdentity, record: EscalationRecord) -> None:
+        """Only the escalation's own subject may await it."""
+        if record.subject != caller.subject.spiffe_id:
+            raise EscalationRefused(
+                NOT_YOUR_ESCALATION,
+                f"escalation {record.id} belongs to another subject; only its caller may await it",
+                "PERMISSION_DENIED",
+            )
 
     # -------------------------------------------------------------- Approvals
 
@@ -414,14 +442,28 @@ class EscalationApi:
     async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[sidecar_pb2.Escalation]:
         """The escalations, then every change, each sent only to a reader `reader` admits at that moment:
         a stream outlives the credential that opened it (a JWT-SVID past its `exp`, a client certificate
-        that expired on the open connection), so the stream ends the moment that credential no longer
-        verifies, as a new call with it would be refused."""
+        that expired on the open connection), so it ends when that credential expires, idle or not, and
+        before any change the caller no longer verifies for, as a new call with it would be refused."""
         await self.malformed(context, request)
         try:
-            self.reader(context)
-            # closed at once when the reader is refused between two changes (its feed subscription ends)
+            expires_at = credentials_expire_at(self.reader(context))
+            ends = None if expires_at is None else (
+                asyncio.get_running_loop().time() + max(0.0, expires_at - self.service.clock()))
+            # closed at once when the reader is refused (its feed subscription ends)
             async with contextlib.aclosing(self.service.watch(PROTO_TO_STATE.get(request.state, ""))) as changes:
-                async for record in changes:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(ends):
+                            record = await anext(changes)
+                    except TimeoutError:
+                        self.reader(context)  # refused now, for the verifier's own reason
+                        raise EscalationRefused(
+                            UNVERIFIED_CALLER,
+                            f"the credential that opened this stream expired at {iso(expires_at)}",
+                            "UNAUTHENTICATED",
+                        ) from None
+                    except StopAsyncIteration:
+                        return
                     self.reader(context)
                     yield self._proto(record)
         except EscalationRefused as refusal:
