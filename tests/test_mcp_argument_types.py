@@ -26,7 +26,6 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel
 
 from sidecar.evidence.verify import verify_dir
-from tests.conftest import write_policy
 from tests.infra.invoke import records
 from tests.mcp_upstreams import STDIO_SERVER, serve_http
 
@@ -85,16 +84,11 @@ def files_server(received: list[dict[str, Any]]) -> MCPServer:
 
 
 @pytest.fixture
-async def gateway(tmp_path, sidecar_config, running_sidecar):
+async def gateway(gateway_config, running_sidecar):
     received: list[dict[str, Any]] = []
     upstream = await serve_http(files_server(received))
-    config = sidecar_config(**{
-        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-        "listen.unix": "",
-        "mcp.listen": "127.0.0.1:0",
-        "mcp.upstreams": {"files": {"url": upstream.url, "timeout_seconds": 4},
-                          "notes": {"command": [sys.executable, STDIO_SERVER], "timeout_seconds": 10}},
-    })
+    config = gateway_config(POLICY, {"files": {"url": upstream.url, "timeout_seconds": 4},
+                                     "notes": {"command": [sys.executable, STDIO_SERVER], "timeout_seconds": 10}})
     sidecar = await running_sidecar(config)
     yield sidecar, received, config
     await upstream.stop()
