@@ -162,12 +162,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
-    """The option's JSON object; anything else is bad usage (exit 2), not a call for policy to deny."""
+    """The option's JSON object; anything else is bad usage (exit 2), not a call for policy to deny.
+    Read strictly (`canonical.parse_json`): a repeated key or NaN/Infinity is refused, not read as one of
+    its values, so the call decided is the one written."""
+    from sidecar.canonical import parse_json
+
     if text is None:
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
+        value = parse_json(text)
+    except ValueError as exc:
         raise ConfigError(f"{option}: not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{option}: must be a JSON object ({{...}}), not {json.dumps(value)[:40]}")

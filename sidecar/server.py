@@ -311,6 +311,7 @@ def build_credential(credential, config: Config):
 def build_http_tools(config: Config):
     """The HTTP invoker for ToolGate.Invoke over `invoke.tools` (docs/mcp.md#invoke-for-http-tools)."""
     from sidecar.invoke.http import HttpInvoker, HttpTool
+    from sidecar.invoke.schemas import InputSchema
 
     return HttpInvoker([
         HttpTool(
@@ -322,7 +323,7 @@ def build_http_tools(config: Config):
             max_response_bytes=tool.max_response_bytes,
             rollback_header=tool.rollback_header.lower(),
             credential=build_credential(tool.credential, config),
-            input_schema=dict(tool.input_schema),
+            input_schema=InputSchema(tool.input_schema) if tool.input_schema else None,
         )
         for name, tool in config.invoke.tools.items()
     ])

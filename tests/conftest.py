@@ -109,6 +109,22 @@ def sidecar_config(tmp_path: Path) -> Callable[..., Config]:
 
 
 @pytest.fixture
+def gateway_config(tmp_path: Path, sidecar_config) -> Callable[..., Config]:
+    """`sidecar_config` for a sidecar reached through its MCP gateway: `policy` (Rego text) as its bundle,
+    `upstreams` as mcp.upstreams, the gateway on a free loopback port and no unix socket."""
+    def make(policy: str, upstreams: dict, **overrides) -> Config:
+        return sidecar_config(**{
+            "policy.dir": str(write_policy(tmp_path / "policy", policy)),
+            "listen.unix": "",
+            "mcp.listen": "127.0.0.1:0",
+            "mcp.upstreams": upstreams,
+            **overrides,
+        })
+
+    return make
+
+
+@pytest.fixture
 def tiny_volume(tmp_path: Path):
     """A real 256 KiB tmpfs at tmp_path/tiny that the test can fill (tests/infra/volume.py; needs root)."""
     with TinyVolume(tmp_path / "tiny", size_kib=256) as volume:

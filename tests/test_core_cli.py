@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from sidecar.client import Client
 from tests.conftest import REGO, REPO, SIMPLE_POLICY, write_policy
 
@@ -60,6 +62,21 @@ def test_check_refuses_bad_options_with_exit_2():
     assert not_an_object.returncode == 2 and "--args: must be a JSON object" in not_an_object.stderr
     bad_json = run("check", "--subject", "spiffe://dev.local/agent", "--tool", "x", "--args", "{nope")
     assert bad_json.returncode == 2 and "--args: not valid JSON" in bad_json.stderr
+
+
+@pytest.mark.parametrize("option, text, problem", [
+    ("--args", '{"path": "/workspace/a", "path": "/etc/shadow"}', "duplicate key 'path'"),
+    ("--args", '{"query": {"limit": 1, "limit": 1e9}}', "duplicate key 'limit'"),
+    ("--args", '{"n": NaN}', "NaN is not JSON"),
+    ("--signals", '{"risk_score": -Infinity}', "-Infinity is not JSON"),
+    ("--signals", '{"risk_score": 0.1, "risk_score": 0.9}', "duplicate key 'risk_score'"),
+])
+def test_check_refuses_json_that_reads_two_ways(option: str, text: str, problem: str):
+    """A repeated key (which of its values is the call?) or a number JSON has no spelling for is bad usage,
+    not read as one of its values: the call decided is the one written."""
+    done = run("check", "--subject", "spiffe://dev.local/agent", "--tool", "read_file", option, text)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert f"{option}: not valid JSON: {problem}" in done.stderr
 
 
 def test_config_errors_name_the_key(tmp_path):

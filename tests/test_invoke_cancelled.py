@@ -124,16 +124,11 @@ def slow_server(state: dict) -> MCPServer:
     return srv
 
 
-async def test_mcp_call_whose_client_times_out_is_still_recorded(tmp_path, sidecar_config, running_sidecar):
+async def test_mcp_call_whose_client_times_out_is_still_recorded(gateway_config, running_sidecar):
     state = {"received": 0, "answered": 0}
     upstream = await serve_http(slow_server(state))
     try:
-        config = sidecar_config(**{
-            "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-            "listen.unix": "",
-            "mcp.listen": "127.0.0.1:0",
-            "mcp.upstreams": {"work": {"url": upstream.url, "timeout_seconds": 10}},
-        })
+        config = gateway_config(POLICY, {"work": {"url": upstream.url, "timeout_seconds": 10}})
         sidecar = await running_sidecar(config)
         async with Client(sidecar.mcp.url) as agent:
             with pytest.raises(Exception):  # the client gives up and sends notifications/cancelled

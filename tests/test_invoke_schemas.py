@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from sidecar.invoke.schemas import as_the_tool_reads
+from sidecar.invoke.schemas import InputSchema
 
 EVIL = "(a+)+$"  # catastrophic backtracking on "aaaa…!"
 
@@ -28,7 +28,7 @@ def test_regular_expressions_are_left_to_the_tool_and_cannot_hold_the_loop():
     }
     hostile = "a" * 40 + "!"
     started = time.monotonic()
-    filled, problem = as_the_tool_reads(schema, {"a": hostile, "keys": {hostile: 1}, hostile: True, "pattern": "5"})
+    filled, problem = InputSchema(schema).read({"a": hostile, "keys": {hostile: 1}, hostile: True, "pattern": "5"})
     assert time.monotonic() - started < 2
     # a property named like the keyword is still judged, by its own schema
     assert problem is not None and problem.startswith('arguments.pattern does not match the tool\'s input schema')
@@ -36,13 +36,13 @@ def test_regular_expressions_are_left_to_the_tool_and_cannot_hold_the_loop():
 
 def test_defaults_keep_their_data_whatever_their_keys():
     schema = {"type": "object", "properties": {"d": {"type": "object", "default": {"pattern": "kept"}}}}
-    assert as_the_tool_reads(schema, {}) == ({"d": {"pattern": "kept"}}, None)
+    assert InputSchema(schema).read({}) == ({"d": {"pattern": "kept"}}, None)
 
 
 @pytest.mark.parametrize("ref", ["http://127.0.0.1:9/schema.json", "file:///etc/passwd", "#/$defs/missing", "urn:x"])
 def test_a_reference_that_resolves_nowhere_refuses_the_call(ref):
     arguments = {"a": 1}
-    filled, problem = as_the_tool_reads({"type": "object", "properties": {"a": {"$ref": ref}}}, arguments)
+    filled, problem = InputSchema({"type": "object", "properties": {"a": {"$ref": ref}}}).read(arguments)
     assert filled == arguments
     assert problem is not None and problem.startswith("the tool's input schema cannot be applied here"), problem
 
@@ -67,7 +67,7 @@ def test_a_remote_reference_is_never_fetched():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         ref = f"http://127.0.0.1:{server.server_port}/s.json"
-        filled, problem = as_the_tool_reads({"type": "object", "properties": {"a": {"$ref": ref}}}, {"a": "x"})
+        filled, problem = InputSchema({"type": "object", "properties": {"a": {"$ref": ref}}}).read({"a": "x"})
     finally:
         server.shutdown()
         server.server_close()

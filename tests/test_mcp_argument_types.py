@@ -26,7 +26,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel
 
 from sidecar.evidence.verify import verify_dir
-from tests.conftest import write_policy
+from sidecar.invoke.mcp import McpUpstream
 from tests.infra.invoke import records
 from tests.mcp_upstreams import STDIO_SERVER, serve_http
 
@@ -85,16 +85,11 @@ def files_server(received: list[dict[str, Any]]) -> MCPServer:
 
 
 @pytest.fixture
-async def gateway(tmp_path, sidecar_config, running_sidecar):
+async def gateway(gateway_config, running_sidecar):
     received: list[dict[str, Any]] = []
     upstream = await serve_http(files_server(received))
-    config = sidecar_config(**{
-        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-        "listen.unix": "",
-        "mcp.listen": "127.0.0.1:0",
-        "mcp.upstreams": {"files": {"url": upstream.url, "timeout_seconds": 4},
-                          "notes": {"command": [sys.executable, STDIO_SERVER], "timeout_seconds": 10}},
-    })
+    config = gateway_config(POLICY, {"files": {"url": upstream.url, "timeout_seconds": 4},
+                                     "notes": {"command": [sys.executable, STDIO_SERVER], "timeout_seconds": 10}})
     sidecar = await running_sidecar(config)
     yield sidecar, received, config
     await upstream.stop()
@@ -195,3 +190,25 @@ async def test_defaults_the_tool_would_run_with_are_decided_on_approved_and_sent
     assert [i["arguments_digest"] for i in invocations] == [decisions[2]["arguments_digest"],
                                                             decisions[3]["arguments_digest"]]
     assert invocations[1]["approver"] == "email:alice@example.org"
+
+
+async def test_a_tools_schema_is_made_ready_once_per_listing_not_per_call():
+    """Checking a schema against its meta-schema and building its validators costs milliseconds of the
+    event loop: an upstream makes it once for the schema its listing gives and reuses it for every call,
+    until a listing gives another schema for that tool."""
+    upstream_server = await serve_http(files_server([]))
+    upstream = McpUpstream("files", url=upstream_server.url, timeout_seconds=10)
+    upstream.start()
+    try:
+        first = await upstream.input_schema("remove")
+        assert first is not None and first.problem is None
+        assert await upstream.input_schema("remove") is first
+        await upstream.tools()  # listed again, the same schema: still the one made before
+        assert await upstream.input_schema("remove") is first
+        assert await upstream.input_schema("purge") is not first
+        assert await upstream.input_schema("no_such_tool") is None
+        filled, problem = first.read({"path": "/srv", "recursive": "true"})
+        assert problem is not None and problem.startswith("arguments.recursive does not match"), problem
+    finally:
+        await upstream.aclose()
+        await upstream_server.stop()

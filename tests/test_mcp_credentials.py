@@ -95,18 +95,13 @@ async def test_a_rotated_secret_file_is_used_at_once_and_its_id_changes(tmp_path
     assert first_use.id != second_use.id and "one" not in first_use.id
 
 
-async def test_gateway_attaches_a_jwt_svid_the_agent_never_sees(tmp_path, sidecar_config, running_sidecar,
+async def test_gateway_attaches_a_jwt_svid_the_agent_never_sees(gateway_config, running_sidecar,
                                                                 workload_api):
     seen = Seen()
     upstream = await serve_http(docs_server(seen))
     try:
-        config = sidecar_config(**{
-            "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-            "listen.unix": "",
-            "identity.workload_api_socket": workload_api.endpoint,
-            "mcp.listen": "127.0.0.1:0",
-            "mcp.upstreams": {"docs": {"url": upstream.url, "credential": {"kind": "jwt_svid", "audience": "docs"}}},
-        })
+        config = gateway_config(POLICY, {"docs": {"url": upstream.url, "credential": {"kind": "jwt_svid", "audience": "docs"}}},
+                                **{"identity.workload_api_socket": workload_api.endpoint})
         sidecar = await running_sidecar(config)
         async with Client(sidecar.mcp.url) as agent:
             result = await agent.call_tool("docs__search", {"query": "q"})
@@ -123,19 +118,14 @@ async def test_gateway_attaches_a_jwt_svid_the_agent_never_sees(tmp_path, sideca
         await upstream.stop()
 
 
-async def test_the_agents_own_authorization_header_is_not_forwarded(tmp_path, sidecar_config, running_sidecar):
+async def test_the_agents_own_authorization_header_is_not_forwarded(gateway_config, running_sidecar):
     import httpx2
     from mcp.client.streamable_http import streamable_http_client
 
     seen = Seen()
     upstream = await serve_http(docs_server(seen))
     try:
-        config = sidecar_config(**{
-            "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-            "listen.unix": "",
-            "mcp.listen": "127.0.0.1:0",
-            "mcp.upstreams": {"docs": {"url": upstream.url}},
-        })
+        config = gateway_config(POLICY, {"docs": {"url": upstream.url}})
         sidecar = await running_sidecar(config)
         http = httpx2.AsyncClient(headers={"authorization": "Bearer agent-held-token"})
         async with Client(streamable_http_client(sidecar.mcp.url, http_client=http)) as agent:

@@ -23,7 +23,6 @@ from mcp.client.client import Client
 
 from sidecar.escalation.client import ApprovalsClient
 from sidecar.evidence.verify import verify_dir
-from tests.conftest import write_policy
 from tests.test_mcp_gateway import ALICE, POLICY, docs_upstream, evidence  # noqa: F401 (fixture)
 
 MODES = ["auto", "legacy"]  # 2026-07-28 (InputRequiredResult) and the initialize handshake (elicitation/create)
@@ -52,22 +51,13 @@ class User:
         return match.group(0)
 
 
-def gateway_config(tmp_path, sidecar_config, upstream_url: str, wait_seconds: float, **overrides):
-    return sidecar_config(**overrides, **{
-        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-        "listen.unix": "",
-        "mcp.listen": "127.0.0.1:0",
-        "mcp.elicitation_wait_seconds": wait_seconds,
-        "mcp.upstreams": {"docs": {"url": upstream_url, "timeout_seconds": 4}},
-    })
-
-
 @pytest.fixture
-def start_gateway(tmp_path, sidecar_config, running_sidecar, docs_upstream):  # noqa: F811
+def start_gateway(gateway_config, running_sidecar, docs_upstream):  # noqa: F811
     upstream, seen = docs_upstream
 
     async def start(wait_seconds: float = 30, **overrides):
-        config = gateway_config(tmp_path, sidecar_config, upstream.url, wait_seconds, **overrides)
+        config = gateway_config(POLICY, {"docs": {"url": upstream.url, "timeout_seconds": 4}},
+                                **{"mcp.elicitation_wait_seconds": wait_seconds, **overrides})
         return await running_sidecar(config), seen, config
 
     return start

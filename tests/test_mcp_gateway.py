@@ -14,7 +14,6 @@ from mcp.client.client import Client
 
 from sidecar.escalation.client import ApprovalsClient
 from sidecar.evidence.verify import verify_dir
-from tests.conftest import write_policy
 from tests.mcp_upstreams import STDIO_SERVER, Seen, docs_server, serve_http
 
 SECRET = "upstream-secret-7f3a"
@@ -78,19 +77,14 @@ async def docs_upstream():
 
 
 @pytest.fixture
-async def gateway(tmp_path, sidecar_config, running_sidecar, docs_upstream):
+async def gateway(tmp_path, gateway_config, running_sidecar, docs_upstream):
     upstream, seen = docs_upstream
     secret = tmp_path / "docs-token"
     secret.write_text(SECRET + "\n")
-    config = sidecar_config(**{
-        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-        "listen.unix": "",
-        "mcp.listen": "127.0.0.1:0",
-        "mcp.upstreams": {
-            "docs": {"url": upstream.url, "timeout_seconds": 4, "max_result_bytes": 20_000,
-                     "credential": {"kind": "secret_file", "file": str(secret)}},
-            "notes": {"command": [sys.executable, STDIO_SERVER]},
-        },
+    config = gateway_config(POLICY, {
+        "docs": {"url": upstream.url, "timeout_seconds": 4, "max_result_bytes": 20_000,
+                 "credential": {"kind": "secret_file", "file": str(secret)}},
+        "notes": {"command": [sys.executable, STDIO_SERVER]},
     })
     sidecar = await running_sidecar(config)
     return sidecar, seen, config
@@ -242,21 +236,15 @@ async def test_malformed_json_rpc_is_answered_recorded_and_serving_goes_on(gatew
         assert not (await agent.call_tool("docs__whoami", {})).is_error
 
 
-async def test_upstream_down_is_an_error_result_and_other_upstreams_keep_serving(tmp_path, sidecar_config,
-                                                                                running_sidecar):
+async def test_upstream_down_is_an_error_result_and_other_upstreams_keep_serving(gateway_config, running_sidecar):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    config = sidecar_config(**{
-        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-        "listen.unix": "",
-        "mcp.listen": "127.0.0.1:0",
-        "mcp.upstreams": {
-            "docs": {"url": f"http://127.0.0.1:{dead_port}/mcp", "timeout_seconds": 1},
-            "notes": {"command": [sys.executable, STDIO_SERVER]},
-        },
+    config = gateway_config(POLICY, {
+        "docs": {"url": f"http://127.0.0.1:{dead_port}/mcp", "timeout_seconds": 1},
+        "notes": {"command": [sys.executable, STDIO_SERVER]},
     })
     sidecar = await running_sidecar(config)
     async with Client(sidecar.mcp.url) as agent:

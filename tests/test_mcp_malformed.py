@@ -23,7 +23,6 @@ from mcp.client.client import Client
 from mcp.server.mcpserver import MCPServer
 
 from sidecar.evidence.verify import verify_dir
-from tests.conftest import write_policy
 from tests.mcp_upstreams import Seen, docs_server, serve_http
 
 VERSION = "2025-06-18"
@@ -70,18 +69,13 @@ def raw_server(received: list[Any]) -> MCPServer:
 
 
 @pytest.fixture
-async def gateway(tmp_path, sidecar_config, running_sidecar):
+async def gateway(gateway_config, running_sidecar):
     seen = Seen()
     received: list[Any] = []
     docs = await serve_http(docs_server(seen))
     raw = await serve_http(raw_server(received))
-    config = sidecar_config(**{
-        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-        "listen.unix": "",
-        "mcp.listen": "127.0.0.1:0",
-        "mcp.upstreams": {"docs": {"url": docs.url, "timeout_seconds": 4},
-                          "raw": {"url": raw.url, "timeout_seconds": 4}},
-    })
+    config = gateway_config(POLICY, {"docs": {"url": docs.url, "timeout_seconds": 4},
+                                     "raw": {"url": raw.url, "timeout_seconds": 4}})
     sidecar = await running_sidecar(config)
     yield sidecar, seen, received, config
     await docs.stop()
@@ -250,16 +244,11 @@ async def _post_raw(url: str, head: dict[str, str], chunks, *, read_timeout: flo
 
 
 @pytest.fixture
-async def small_gateway(tmp_path, sidecar_config, running_sidecar):
+async def small_gateway(gateway_config, running_sidecar):
     seen = Seen()
     docs = await serve_http(docs_server(seen))
-    config = sidecar_config(**{
-        "policy.dir": str(write_policy(tmp_path / "policy", POLICY)),
-        "policy.max_input_bytes": 16 * 1024,  # bodies up to 4 × 16 KiB + 64 KiB = 128 KiB
-        "listen.unix": "",
-        "mcp.listen": "127.0.0.1:0",
-        "mcp.upstreams": {"docs": {"url": docs.url, "timeout_seconds": 4}},
-    })
+    config = gateway_config(POLICY, {"docs": {"url": docs.url, "timeout_seconds": 4}},
+                            **{"policy.max_input_bytes": 16 * 1024})  # bodies up to 4 × 16 KiB + 64 KiB = 128 KiB
     sidecar = await running_sidecar(config)
     yield sidecar, config
     await docs.stop()

@@ -43,8 +43,9 @@ from urllib.parse import parse_qsl, quote
 
 import aiohttp
 
-from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult, schemas
+from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult
 from sidecar.invoke.credentials import CredentialError, CredentialProvider
+from sidecar.invoke.schemas import InputSchema
 from sidecar.canonical import parse_json
 from sidecar.jsonvalues import child_path, normalize, number_problems
 from sidecar.reasons import (
@@ -75,7 +76,7 @@ class HttpTool:
     max_response_bytes: int = 1024 * 1024
     rollback_header: str = "x-rollback-token"
     credential: CredentialProvider | None = None
-    input_schema: dict[str, Any] = field(default_factory=dict)  # {} = none (sidecar/invoke/schemas.py)
+    input_schema: InputSchema | None = None  # sidecar/invoke/schemas.py
 
 
 def _query_value(value: Any) -> str:
@@ -179,9 +180,9 @@ class HttpInvoker:
         in), and why the tool would read them as another value ("invalid_arguments: …") or "";
         the call unchanged when the tool has no schema (sidecar/invoke/schemas.py). Before policy."""
         schema = self.tools[call.tool].input_schema
-        if not schema or not isinstance(call.arguments, dict):
+        if schema is None or not isinstance(call.arguments, dict):
             return call, ""
-        filled, refused = schemas.as_the_tool_reads(schema, normalize(call.arguments))
+        filled, refused = schema.read(normalize(call.arguments))
         return replace(call, arguments=filled), str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
 
     def _client(self) -> aiohttp.ClientSession:
@@ -206,8 +207,8 @@ class HttpInvoker:
         method = tool.method.upper()
         as_text = sorted(placed | (set(arguments) if method in ("GET", "DELETE") else set()))
         url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments[m.group(1)]), safe=""), tool.url)
-        # A tool with an input schema was judged by it (as_the_tool_reads): its types say how the text reads.
-        ambiguous = "" if tool.input_schema else _text_of_another_value(arguments, as_text)
+        # A tool with an input schema was judged by it (InputSchema.read, as_the_tool_reads): its types say how the text reads.
+        ambiguous = "" if tool.input_schema is not None else _text_of_another_value(arguments, as_text)
         for name in placed:
             del arguments[name]
         escaped = _path_escape(tool.url, url) or _shadowed_query(url, arguments) or ambiguous

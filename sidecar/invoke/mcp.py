@@ -4,7 +4,7 @@
     upstream = McpUpstream("fs", command=["python", "fs_server.py"])      # stdio
     invoker = McpInvoker([upstream, ...]); await invoker.start()
     await invoker.tools()                -> [(upstream name, mcp_types.Tool)]
-    await invoker.input_schema(upstream, tool) -> the tool's input schema, None when not listed
+    await invoker.input_schema(upstream, tool) -> the tool's InputSchema, None when not listed
     await invoker.invoke(call, verdict)  -> InvocationResult  (call.server names the upstream)
     await invoker.aclose()
 
@@ -37,6 +37,7 @@ from mcp.shared.exceptions import MCPError
 from sidecar.canonical import NotCanonicalizable, canonical_json
 from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, CredentialUse, InvocationResult
 from sidecar.invoke.credentials import CredentialError, CredentialProvider
+from sidecar.invoke.schemas import InputSchema
 from sidecar.reasons import (
     UNKNOWN_TOOL,
     UPSTREAM_ERROR,
@@ -110,6 +111,7 @@ class McpUpstream:
         self._task: asyncio.Task | None = None
         self.last_error = ""
         self._schemas: dict[str, Any] | None = None  # tool name → input schema, from the last listing
+        self._ready: dict[str, tuple[Any, InputSchema]] = {}  # tool name → (schema, made ready), once used
 
     def describe(self) -> str:
         return self.url or " ".join(self.command)
@@ -216,12 +218,19 @@ class McpUpstream:
         self._schemas = {tool.name: tool.input_schema for tool in tools}
         return tools
 
-    async def input_schema(self, tool: str) -> Any:
+    async def input_schema(self, tool: str) -> InputSchema | None:
         """The input schema `tool` declared in the last listing (listing afresh when it is not there),
-        None when the upstream does not list it. Raises as `tools` does when it cannot list."""
+        None when the upstream does not list it. Raises as `tools` does when it cannot list. Made ready
+        once per schema the listing gives (sidecar/invoke/schemas.py), not once per call."""
         if self._schemas is None or tool not in self._schemas:
             await self.tools()
-        return (self._schemas or {}).get(tool)
+        schema = (self._schemas or {}).get(tool)
+        if schema is None:
+            return None
+        ready = self._ready.get(tool)
+        if ready is None or ready[0] != schema:
+            ready = self._ready[tool] = (schema, InputSchema(schema))
+        return ready[1]
 
     async def call(self, tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> InvocationResult:
         client = await self._session()
@@ -331,7 +340,7 @@ class McpInvoker:
         listed = await asyncio.gather(*(one(u) for u in self.upstreams.values()))
         return [item for group in listed for item in group]
 
-    async def input_schema(self, upstream: str, tool: str) -> Any:
+    async def input_schema(self, upstream: str, tool: str) -> InputSchema | None:
         """Upstream `upstream`'s input schema for `tool` (McpUpstream.input_schema); KeyError for no such upstream."""
         return await self.upstreams[upstream].input_schema(tool)
 

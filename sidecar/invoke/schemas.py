@@ -24,8 +24,10 @@ input_schema` for an HTTP tool) a call is decided only on arguments the tool rea
   the schema would also accept that value in its place: the SDK's tools parse such a string
   before validating it (`"null"` runs as None where the tool takes `str | None`).
 
-`as_the_tool_reads` returns the arguments with the defaults filled in, and why the tool would
-not read them as they are ("arguments.recursive …", naming the field, never the value) or None.
+`InputSchema(schema).read(arguments)` returns the arguments with the defaults filled in, and why
+the tool would not read them as they are ("arguments.recursive …", naming the field, never the
+value) or None. An `InputSchema` is made once per schema (checked against its meta-schema, its
+validators built: about 3 ms of CPU), and `read` judges each call with it (tens of µs).
 The front doors (the MCP gateway, ToolGate.Invoke) decide on those arguments, or deny the call
 with `invalid_arguments` and record it (docs/mcp.md). `schema_problem` is the load-time check
 of a configured schema.
@@ -34,6 +36,7 @@ of a configured schema.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from typing import Any
 
@@ -59,19 +62,51 @@ def schema_problem(schema: Any) -> str | None:
     return None
 
 
-def as_the_tool_reads(schema: Any, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """(`arguments` with the schema's defaults filled in, why the tool would not read them as they
-    are or None); module docstring. `arguments` is not changed."""
-    refused = schema_problem(schema)
-    if refused is not None:
-        return arguments, refused
-    try:
-        return _judged(_without_regex(schema), arguments)
-    except RecursionError:  # a recursive schema ($ref to itself) walked down deeply nested arguments
-        return arguments, "arguments nest too deep to be checked against the tool's input schema"
-    except Exception as exc:  # a $ref that resolves nowhere in the schema (others are never fetched), ...
-        return arguments, (f"the tool's input schema cannot be applied here ({type(exc).__name__}: "
-                           f"{str(exc)[:200]}), so its arguments cannot be checked")
+class InputSchema:
+    """One tool's input schema, made ready to judge calls by (module docstring): checked against its
+    meta-schema and its validators built once, here, so that each call pays only for its validation.
+    A schema that cannot be applied is kept with its `problem`, and every call is refused with it."""
+
+    def __init__(self, schema: Any):
+        self.problem = schema_problem(schema)
+        if self.problem is None:
+            usable = _without_regex(schema)
+            validator_class = jsonschema.validators.validator_for(usable, default=_DEFAULT)
+            # An empty registry: a `$ref` resolves within the schema or nowhere. jsonschema's default would
+            # fetch any other (http://, file://) from the sidecar, at the schema's word.
+            self._filling = _filling(validator_class)(usable, registry=_LOCAL)
+            self._plain = validator_class(usable, registry=_LOCAL)
+
+    def read(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """(`arguments` with the schema's defaults filled in, why the tool would not read them as they
+        are or None). `arguments` is not changed."""
+        if self.problem is not None:
+            return arguments, self.problem
+        try:
+            return self._judged(arguments)
+        except RecursionError:  # a recursive schema ($ref to itself) walked down deeply nested arguments
+            return arguments, "arguments nest too deep to be checked against the tool's input schema"
+        except Exception as exc:  # a $ref that resolves nowhere in the schema (others are never fetched), ...
+            return arguments, (f"the tool's input schema cannot be applied here ({type(exc).__name__}: "
+                               f"{str(exc)[:200]}), so its arguments cannot be checked")
+
+    def _judged(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        filled = copy.deepcopy(arguments)
+        error = jsonschema.exceptions.best_match(self._filling.iter_errors(filled))
+        if error is not None:
+            where = "arguments"
+            for step in error.absolute_path:
+                where = child_path(where, step)
+            return filled, (f"{where} does not match the tool's input schema ({error.validator}: "
+                            f"{_shown(error.validator_value)}); the tool would read it as another value or refuse it")
+        for name, value in sorted(filled.items()):
+            parsed = _json_text(value)
+            if parsed is not _NOT_PARSED and self._plain.is_valid({**filled, name: parsed}):
+                return filled, (f"{child_path('arguments', name)} is a string holding JSON text (an array, object "
+                                "or null), which the tool's input schema also accepts parsed; tools built with the "
+                                "MCP SDK read such a string parsed, as another value than the one decided: send "
+                                "the value itself")
+        return filled, None
 
 
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
@@ -103,28 +138,7 @@ def _without_regex(schema: Any) -> Any:
     return out
 
 
-def _judged(schema: dict, arguments: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    validator_class = jsonschema.validators.validator_for(schema, default=_DEFAULT)
-    filled = copy.deepcopy(arguments)
-    # An empty registry: a `$ref` resolves within the schema or nowhere. jsonschema's default would fetch
-    # any other (http://, file://) from the sidecar, at the schema's word.
-    error = jsonschema.exceptions.best_match(_filling(validator_class)(schema, registry=_LOCAL).iter_errors(filled))
-    if error is not None:
-        where = "arguments"
-        for step in error.absolute_path:
-            where = child_path(where, step)
-        return filled, (f"{where} does not match the tool's input schema ({error.validator}: "
-                        f"{_shown(error.validator_value)}); the tool would read it as another value or refuse it")
-    validator = validator_class(schema, registry=_LOCAL)
-    for name, value in sorted(filled.items()):
-        parsed = _json_text(value)
-        if parsed is not _NOT_PARSED and validator.is_valid({**filled, name: parsed}):
-            return filled, (f"{child_path('arguments', name)} is a string holding JSON text (an array, object or "
-                            "null), which the tool's input schema also accepts parsed; tools built with the MCP SDK "
-                            "read such a string parsed, as another value than the one decided: send the value itself")
-    return filled, None
-
-
+@functools.cache
 def _filling(validator_class: Any) -> Any:
     """`validator_class` whose `properties` keyword first fills in each absent property's `default`
     (the instance it validates is changed), wherever validation descends: nested objects, `$ref`."""

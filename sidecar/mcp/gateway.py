@@ -69,7 +69,7 @@ from sidecar.evidence import TraceContext
 from sidecar.evidence.records import reason_code
 from sidecar.gate import Gate, Verdict
 from sidecar.identity import CallerIdentity, IdentityError, IdentityResolver, PeerInfo, resolve_caller
-from sidecar.invoke import FAILED, NOT_CALLED, schemas
+from sidecar.invoke import FAILED, NOT_CALLED
 from sidecar.invoke.executor import Executor
 from sidecar.invoke.mcp import McpInvoker
 from sidecar.jsonvalues import normalize
@@ -366,7 +366,7 @@ class McpGateway:
                                                                f"decided ({detail})"))
         if schema is None:
             return arguments, str(Reason(UNKNOWN_TOOL, f"upstream {upstream} lists no tool {tool!r}"))
-        filled, refused = schemas.as_the_tool_reads(schema, normalize(arguments))
+        filled, refused = schema.read(normalize(arguments))
         return filled, str(Reason(INVALID_ARGUMENTS, refused)) if refused else ""
 
     async def _decide(self, call: ToolCall, identity: CallerIdentity | IdentityError, parent: TraceContext | None,
