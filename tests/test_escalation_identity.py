@@ -291,8 +291,9 @@ async def test_a_watch_stream_ends_when_the_credential_that_opened_it_does(world
         assert again.value.code == "unverified_caller"
 
 
-async def test_a_watch_stream_ends_when_its_client_certificate_expires(world, tmp_path, running_sidecar):
-    """The same over mutual TLS: the connection outlives the client certificate it was opened with."""
+async def alice_over_mtls(world, tmp_path, running_sidecar):
+    """A sidecar beside the world's serving mutual TLS on TCP (Alice approves), its pod socket, and a
+    client certificate of Alice's valid for 3 seconds."""
     agent, sidecar = world
     unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
     mtls = await running_sidecar(make_config(tmp_path / "mtls", **{
@@ -304,7 +305,13 @@ async def test_a_watch_stream_ends_when_its_client_certificate_expires(world, tm
     }))
     pod_socket = next(a for a in mtls.addresses if a.startswith("unix:"))
     await until_serving(pod_socket)  # the TCP listener serves mutual TLS only
-    short = agent.ca.issue("/humans/alice", ttl=3.0)
+    return mtls, pod_socket, agent.ca.issue("/humans/alice", ttl=3.0)
+
+
+async def test_a_watch_stream_ends_when_its_client_certificate_expires(world, tmp_path, running_sidecar):
+    """The same over mutual TLS: the connection outlives the client certificate it was opened with."""
+    agent, _ = world
+    mtls, pod_socket, short = await alice_over_mtls(world, tmp_path, running_sidecar)
     async with ApprovalsClient(mtls.addresses[0], credentials=client_credentials(short, agent.ca.bundle_pem()),
                                options=[("grpc.ssl_target_name_override", SIDECAR_DNS)]) as alice:
         stream = alice.watch()
@@ -423,36 +430,23 @@ def test_serve_refuses_to_start_with_approvers_left_open(tmp_path):
     assert not (tmp_path / "evidence").exists()  # refused before anything started
 
 
-async def test_an_idle_watch_stream_ends_when_its_token_expires_not_at_the_next_change(world):
-    """A stream with nothing to send checked its reader only at the next change: one opened with a token
-    valid for seconds stayed open past its exp for as long as nothing changed. Now it ends at the exp."""
+@pytest.mark.parametrize("credential", ["jwt_svid", "mtls"])
+async def test_an_idle_watch_stream_ends_when_its_credential_expires_not_at_the_next_change(
+        world, tmp_path, running_sidecar, credential):
+    """A stream with nothing to send checked its reader only at the next change: one opened with a
+    credential valid for seconds (a JWT-SVID, a client certificate) stayed open past its expiry for as
+    long as nothing changed. Now it ends at the expiry."""
     agent, sidecar = world
-    short = agent.jwt_authority.mint(ALICE, AUD, ttl=3)
-    expires_at = jwt.decode(short, options={"verify_signature": False})["exp"]
-    async with ApprovalsClient(sidecar.addresses[0], metadata=bearer(short)) as alice:
-        with pytest.raises(ApprovalsError) as info:
-            leaked = await asyncio.wait_for(anext(alice.watch()), expires_at - time.time() + 10)
-            raise AssertionError(f"an escalation with nothing escalated: {leaked}")
-    ended = time.time()
-    assert (info.value.status, info.value.code) == ("UNAUTHENTICATED", "unverified_caller"), info.value
-    assert expires_at - 0.1 <= ended <= expires_at + 3, (ended, expires_at)
-
-
-async def test_an_idle_watch_stream_ends_when_its_client_certificate_expires(world, tmp_path, running_sidecar):
-    agent, sidecar = world
-    unix = next(a for a in sidecar.addresses if a.startswith("unix:"))
-    mtls = await running_sidecar(make_config(tmp_path / "mtls", **{
-        "listen.unix": unix.removeprefix("unix:") + "-mtls",
-        "identity.sources": ["mtls", "workload_api"],
-        "identity.workload_api_socket": f"unix://{agent.socket_path}",
-        "identity.max_delegation_links": 0,
-        "escalation.approvers": [ALICE],
-    }))
-    await until_serving(next(a for a in mtls.addresses if a.startswith("unix:")))
-    short = agent.ca.issue("/humans/alice", ttl=3.0)
-    expires_at = short.cert.not_valid_after_utc.timestamp()
-    async with ApprovalsClient(mtls.addresses[0], credentials=client_credentials(short, agent.ca.bundle_pem()),
-                               options=[("grpc.ssl_target_name_override", SIDECAR_DNS)]) as alice:
+    if credential == "jwt_svid":
+        short = agent.jwt_authority.mint(ALICE, AUD, ttl=3)
+        expires_at = jwt.decode(short, options={"verify_signature": False})["exp"]
+        opened = ApprovalsClient(sidecar.addresses[0], metadata=bearer(short))
+    else:
+        mtls, _, short = await alice_over_mtls(world, tmp_path, running_sidecar)
+        expires_at = short.cert.not_valid_after_utc.timestamp()
+        opened = ApprovalsClient(mtls.addresses[0], credentials=client_credentials(short, agent.ca.bundle_pem()),
+                                 options=[("grpc.ssl_target_name_override", SIDECAR_DNS)])
+    async with opened as alice:
         with pytest.raises(ApprovalsError) as info:
             leaked = await asyncio.wait_for(anext(alice.watch()), expires_at - time.time() + 10)
             raise AssertionError(f"an escalation with nothing escalated: {leaked}")
