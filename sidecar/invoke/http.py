@@ -19,16 +19,16 @@ a GET or DELETE) whose text is exactly how another JSON value is written there
 (`"true"`, `"5"`, `"[1,2]"`, `"null"`) is refused, not_called
 invalid_arguments: the tool would get the same text for both values, policy
 decided on one; unless the tool has an `input_schema`, whose types decided
-which value it is. So is a placeholder value whose `/` or `\\` would stand next to
-a dot segment or another separator (`../admin`): servers that decode `%2F`
-before routing take the request elsewhere. Headers: the configured ones, then the credential's. Redirects
-are not followed. The result is {"status": int, "body": JSON or text}:
-2xx → ok, other statuses below 500 → tool_error, 5xx → failed
-(upstream_error). A body over `max_response_bytes` → failed
-(upstream_too_large); a JSON content type with a body that does not parse,
-or with numbers the numbers rule refuses (sidecar/jsonvalues.py: they would
-reach the agent changed) → failed (upstream_malformed). The rollback token is the `rollback_header`
-response header, when present.
+which value it is. So is a placeholder value whose `/` or `\\` would stand
+next to a dot segment or another separator (`../admin`): servers that decode
+`%2F` before routing take the request elsewhere. Headers: the configured ones,
+then the credential's. Redirects are not followed. The result is
+{"status": int, "body": JSON or text}: 2xx → ok, other statuses below 500 →
+tool_error, 5xx → failed (upstream_error). A body over `max_response_bytes` →
+failed (upstream_too_large); a JSON content type with a body that does not
+parse, or with numbers the numbers rule refuses (sidecar/jsonvalues.py: they
+would reach the agent changed) → failed (upstream_malformed). The rollback
+token is the `rollback_header` response header, when present.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from urllib.parse import parse_qsl, quote
 
 import aiohttp
 
+from sidecar.canonical import parse_json
 from sidecar.invoke import FAILED, NOT_CALLED, OK, TOOL_ERROR, InvocationResult
 from sidecar.invoke.credentials import CredentialError, CredentialProvider
 from sidecar.invoke.schemas import InputSchema
-from sidecar.canonical import parse_json
 from sidecar.jsonvalues import child_path, normalize, number_problems
 from sidecar.reasons import (
     INVALID_ARGUMENTS,
@@ -207,7 +207,8 @@ class HttpInvoker:
         method = tool.method.upper()
         as_text = sorted(placed | (set(arguments) if method in ("GET", "DELETE") else set()))
         url = _PLACEHOLDER.sub(lambda m: quote(_query_value(arguments[m.group(1)]), safe=""), tool.url)
-        # A tool with an input schema was judged by it (InputSchema.read, as_the_tool_reads): its types say how the text reads.
+        # A tool with an input schema was judged by it before policy (as_the_tool_reads): its types say
+        # how the text reads.
         ambiguous = "" if tool.input_schema is not None else _text_of_another_value(arguments, as_text)
         for name in placed:
             del arguments[name]
