@@ -13,11 +13,11 @@ from targets import fixed_hops, judge  # noqa: E402
 
 
 def row(identity: str, scenario: str, *, p50: float = 1.0, p99: float = 4.0, floor_p50: float = 0.5,
-        throughput: float = 1000.0, fail_closed: dict | None = None) -> dict:
+        throughput: float = 1000.0, fail_closed: dict | None = None, errors: int = 0) -> dict:
     return {"identity": identity, "scenario": scenario,
             "floor": {"latency_ms": {"p50": floor_p50, "p99": 1.0}},
             "sidecar": {"latency_ms": {"p50": p50, "p99": p99}, "throughput": throughput, "calls": 5000,
-                        "fail_closed": fail_closed or {}}}
+                        "fail_closed": fail_closed or {}, "errors": errors}}
 
 
 def verdicts(results: list[dict], identity: str = "unix") -> dict[str, bool | None]:
@@ -40,6 +40,13 @@ def test_any_fail_closed_deny_at_1000_per_second_misses_and_is_counted():
         (fast,) = [v for v in judge([row("unix", "open 1000/s", fail_closed=denies)])
                    if v["target"] == "1,000/s: no fail-closed deny"]
         assert fast["met"] is False and fast["measured"] == f"{sum(denies.values())} of 5000"
+
+
+def test_calls_grpc_refused_past_max_pending_calls_miss_the_target_too():
+    """Refused before the sidecar took them (listen.max_pending_calls): overload, though unrecorded."""
+    (fast,) = [v for v in judge([row("unix", "open 1000/s", errors=679)])
+               if v["target"] == "1,000/s: no fail-closed deny"]
+    assert fast["met"] is False and fast["measured"] == "0 of 5000, 679 refused by gRPC"
 
 
 def test_modes_are_judged_apart_and_an_unrun_scenario_is_not_met():
